@@ -1,0 +1,57 @@
+//! Local APIC (xAPIC, MMIO at its base MSR address): enable, EOI, and a periodic timer.
+//! The SVM backend intercepts this timer's interrupt to preempt a running guest.
+
+use core::sync::atomic::{AtomicU64, Ordering};
+
+static TICKS: AtomicU64 = AtomicU64::new(0);
+
+/// Counts a timer interrupt and acknowledges it.
+pub fn timer_interrupt() {
+    TICKS.fetch_add(1, Ordering::Relaxed);
+    eoi();
+}
+
+/// Timer interrupts seen so far.
+pub fn ticks() -> u64 {
+    TICKS.load(Ordering::Relaxed)
+}
+
+const IA32_APIC_BASE: u32 = 0x1b;
+const REG_EOI: u64 = 0xb0;
+const REG_SPURIOUS: u64 = 0xf0;
+const REG_LVT_TIMER: u64 = 0x320;
+const REG_TIMER_INIT: u64 = 0x380;
+const REG_TIMER_DIVIDE: u64 = 0x3e0;
+
+fn base() -> u64 {
+    // SAFETY: IA32_APIC_BASE exists on every x86-64 CPU; reading it has no side effects.
+    unsafe { x86::msr::rdmsr(IA32_APIC_BASE) & 0xf_ffff_f000 }
+}
+
+fn write(reg: u64, value: u32) {
+    // SAFETY: the APIC page is identity-mapped (below 4 GiB) and `reg` is a register offset.
+    unsafe { ((base() + reg) as *mut u32).write_volatile(value) }
+}
+
+/// Signals end of interrupt.
+pub fn eoi() {
+    write(REG_EOI, 0);
+}
+
+/// Software-enables the APIC with the spurious vector.
+pub fn init() {
+    write(REG_SPURIOUS, 0x100 | crate::arch::idt::SPURIOUS_VECTOR as u32);
+}
+
+/// Starts the periodic timer with `count` bus ticks (divide by 16) per interrupt.
+pub fn start_periodic_timer(count: u32) {
+    write(REG_TIMER_DIVIDE, 0b0011); // divide by 16
+    write(REG_LVT_TIMER, (1 << 17) | crate::arch::idt::TIMER_VECTOR as u32); // periodic
+    write(REG_TIMER_INIT, count);
+}
+
+/// Stops the timer.
+pub fn stop_timer() {
+    write(REG_LVT_TIMER, 1 << 16); // masked
+    write(REG_TIMER_INIT, 0);
+}

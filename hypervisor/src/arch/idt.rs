@@ -1,0 +1,209 @@
+//! IDT: one assembly stub per vector pushes a uniform frame and calls `interrupt_dispatch`.
+//! Exceptions stop the hypervisor with a full report; the LAPIC timer and spurious
+//! vectors return. Every gate uses an IST stack (see `gdt`).
+
+use super::gdt::{self, KERNEL_CS};
+use core::arch::{asm, global_asm};
+use core::mem::size_of;
+use static_assertions::const_assert_eq;
+
+/// Vector of the LAPIC timer (host side; SVM exits on it to preempt guests).
+pub const TIMER_VECTOR: u8 = 0x20;
+/// Vector of the LAPIC spurious interrupt.
+pub const SPURIOUS_VECTOR: u8 = 0xff;
+
+/// What the stubs push: general registers, vector, error code, then the CPU's frame.
+#[repr(C)]
+#[derive(Debug)]
+pub struct InterruptFrame {
+    pub r15: u64,
+    pub r14: u64,
+    pub r13: u64,
+    pub r12: u64,
+    pub r11: u64,
+    pub r10: u64,
+    pub r9: u64,
+    pub r8: u64,
+    pub rbp: u64,
+    pub rdi: u64,
+    pub rsi: u64,
+    pub rdx: u64,
+    pub rcx: u64,
+    pub rbx: u64,
+    pub rax: u64,
+    pub vector: u64,
+    pub error_code: u64,
+    pub rip: u64,
+    pub cs: u64,
+    pub rflags: u64,
+    pub rsp: u64,
+    pub ss: u64,
+}
+const_assert_eq!(size_of::<InterruptFrame>(), 22 * 8);
+
+// Exceptions that push an error code (Intel SDM Vol. 3A 6.15): 8, 10-14, 17, 21, 29, 30.
+global_asm!(
+    r#"
+    .macro STUB n, err
+    .balign 16
+isr_stub_\n:
+    .if \err == 0
+    push $0
+    .endif
+    push $\n
+    jmp isr_common
+    .endm
+
+    .section .text
+    .irp n, 0,1,2,3,4,5,6,7,9,15,16,18,19,20,22,23,24,25,26,27,28,31,32,255
+    STUB \n, 0
+    .endr
+    .irp n, 8,10,11,12,13,14,17,21,29,30
+    STUB \n, 1
+    .endr
+
+isr_common:
+    push %rax
+    push %rbx
+    push %rcx
+    push %rdx
+    push %rsi
+    push %rdi
+    push %rbp
+    push %r8
+    push %r9
+    push %r10
+    push %r11
+    push %r12
+    push %r13
+    push %r14
+    push %r15
+    mov %rsp, %rdi
+    cld
+    call interrupt_dispatch
+    pop %r15
+    pop %r14
+    pop %r13
+    pop %r12
+    pop %r11
+    pop %r10
+    pop %r9
+    pop %r8
+    pop %rbp
+    pop %rdi
+    pop %rsi
+    pop %rdx
+    pop %rcx
+    pop %rbx
+    pop %rax
+    add $16, %rsp
+    iretq
+
+    .section .rodata
+    .balign 8
+    .global isr_stub_table
+isr_stub_table:
+    .irp n, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31,32,255
+    .quad isr_stub_\n
+    .endr
+"#,
+    options(att_syntax)
+);
+
+extern "C" {
+    static isr_stub_table: [u64; 34];
+}
+
+/// 16-byte interrupt gate (Intel SDM Vol. 3A 6.14.1).
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct Gate {
+    offset_low: u16,
+    selector: u16,
+    ist: u8,
+    type_attr: u8,
+    offset_mid: u16,
+    offset_high: u32,
+    _reserved: u32,
+}
+const_assert_eq!(size_of::<Gate>(), 16);
+
+impl Gate {
+    const EMPTY: Gate =
+        Gate { offset_low: 0, selector: 0, ist: 0, type_attr: 0, offset_mid: 0, offset_high: 0, _reserved: 0 };
+
+    fn interrupt(handler: u64, ist: u8) -> Gate {
+        Gate {
+            offset_low: handler as u16,
+            selector: KERNEL_CS,
+            ist,
+            type_attr: 0x8e, // present, DPL 0, 64-bit interrupt gate
+            offset_mid: (handler >> 16) as u16,
+            offset_high: (handler >> 32) as u32,
+            _reserved: 0,
+        }
+    }
+}
+
+static mut IDT: [Gate; 256] = [Gate::EMPTY; 256];
+
+#[repr(C, packed)]
+struct Pointer {
+    limit: u16,
+    base: u64,
+}
+
+/// Fills and loads the IDT. Call once after `gdt::init`.
+pub fn init() {
+    // SAFETY: runs once on the boot CPU before any interrupt is enabled; the stub table
+    // is defined above with 34 entries: vectors 0-32 and 255.
+    unsafe {
+        let stubs = &*(&raw const isr_stub_table);
+        for (vector, &stub) in stubs.iter().enumerate().take(33) {
+            let ist = match vector {
+                2 => gdt::IST_NMI,
+                8 => gdt::IST_DOUBLE_FAULT,
+                18 => gdt::IST_MACHINE_CHECK,
+                32 => gdt::IST_INTERRUPT,
+                _ => gdt::IST_EXCEPTION,
+            };
+            IDT[vector] = Gate::interrupt(stub, ist);
+        }
+        IDT[SPURIOUS_VECTOR as usize] = Gate::interrupt(stubs[33], gdt::IST_INTERRUPT);
+        let ptr = Pointer { limit: (size_of::<[Gate; 256]>() - 1) as u16, base: (&raw const IDT) as u64 };
+        asm!("lidt [{}]", in(reg) &ptr, options(nostack));
+    }
+}
+
+const NAMES: [&str; 32] = [
+    "#DE", "#DB", "NMI", "#BP", "#OF", "#BR", "#UD", "#NM", "#DF", "CSO", "#TS", "#NP", "#SS", "#GP",
+    "#PF", "RES", "#MF", "#AC", "#MC", "#XM", "#VE", "#CP", "RES", "RES", "RES", "RES", "RES", "RES",
+    "#HV", "#VC", "#SX", "RES",
+];
+
+#[no_mangle]
+extern "C" fn interrupt_dispatch(frame: &mut InterruptFrame) {
+    match frame.vector {
+        v if v < 32 => exception(frame),
+        v if v == TIMER_VECTOR as u64 => crate::apic::timer_interrupt(),
+        _ => {} // spurious: no EOI (Intel SDM Vol. 3A 11.9)
+    }
+}
+
+fn exception(f: &InterruptFrame) -> ! {
+    let cr2: u64;
+    // SAFETY: reading CR2 has no side effects.
+    unsafe { asm!("mov {}, cr2", out(reg) cr2, options(nomem, nostack)) };
+    let p = crate::serial::print_unlocked;
+    p(format_args!(
+        "\nEXCEPTION {} (vector {}) error code {:#x} at RIP {:#018x} CR2 {:#018x}\n",
+        NAMES[f.vector as usize], f.vector, f.error_code, f.rip, cr2
+    ));
+    p(format_args!("  CS {:#x} RFLAGS {:#x} RSP {:#018x} SS {:#x}\n", f.cs, f.rflags, f.rsp, f.ss));
+    p(format_args!("  RAX {:#018x} RBX {:#018x} RCX {:#018x} RDX {:#018x}\n", f.rax, f.rbx, f.rcx, f.rdx));
+    p(format_args!("  RSI {:#018x} RDI {:#018x} RBP {:#018x} R8  {:#018x}\n", f.rsi, f.rdi, f.rbp, f.r8));
+    p(format_args!("  R9  {:#018x} R10 {:#018x} R11 {:#018x} R12 {:#018x}\n", f.r9, f.r10, f.r11, f.r12));
+    p(format_args!("  R13 {:#018x} R14 {:#018x} R15 {:#018x}\n", f.r13, f.r14, f.r15));
+    p(format_args!("hypervisor stopped by an exception\n"));
+    crate::exit::exit(crate::exit::Status::Failure)
+}

@@ -1,0 +1,98 @@
+//! COM1 (16550 UART at 0x3f8): the console, and the `log` backend with level and time stamp.
+
+use crate::arch::port::{inb, outb};
+use crate::time;
+use core::fmt::{self, Write};
+use spin::Mutex;
+
+const COM1: u16 = 0x3f8;
+
+/// The UART; `Mutex` keeps lines from interleaving.
+static PORT: Mutex<Serial> = Mutex::new(Serial);
+
+/// Writes to COM1 once `init` has run.
+pub struct Serial;
+
+impl Serial {
+    fn put(&mut self, byte: u8) {
+        // Line status register bit 5: transmit holding register empty (16550 data sheet).
+        while inb(COM1 + 5) & 0x20 == 0 {}
+        outb(COM1, byte);
+    }
+}
+
+impl Write for Serial {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        for b in s.bytes() {
+            if b == b'\n' {
+                self.put(b'\r');
+            }
+            self.put(b);
+        }
+        Ok(())
+    }
+}
+
+/// Programs COM1 for 115200 baud, 8N1, FIFOs on, no interrupts.
+pub fn init() {
+    outb(COM1 + 1, 0x00); // no interrupts
+    outb(COM1 + 3, 0x80); // DLAB on
+    outb(COM1, 0x01); // divisor 1 = 115200 baud
+    outb(COM1 + 1, 0x00);
+    outb(COM1 + 3, 0x03); // 8 bits, no parity, one stop bit
+    outb(COM1 + 2, 0xc7); // FIFO on, cleared, 14-byte threshold
+    outb(COM1 + 4, 0x03); // DTR, RTS
+}
+
+/// Prints without a prefix (used for guest console output and the final lines).
+pub fn print(args: fmt::Arguments) {
+    let _ = PORT.lock().write_fmt(args);
+}
+
+/// Prints on the fault path, where the lock may be held by the code that faulted.
+pub fn print_unlocked(args: fmt::Arguments) {
+    let _ = Serial.write_fmt(args);
+}
+
+struct Logger;
+
+impl log::Log for Logger {
+    fn enabled(&self, _: &log::Metadata) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record) {
+        let us = time::micros();
+        let _ = writeln!(
+            PORT.lock(),
+            "[{:5}.{:06}] {:5} {}: {}",
+            us / 1_000_000,
+            us % 1_000_000,
+            record.level(),
+            record.target(),
+            record.args()
+        );
+    }
+
+    fn flush(&self) {}
+}
+
+static LOGGER: Logger = Logger;
+
+/// Installs COM1 as the `log` backend at the given level.
+pub fn init_logger(level: log::LevelFilter) {
+    let _ = log::set_logger(&LOGGER);
+    log::set_max_level(level);
+}
+
+/// `print!` to the console without a log prefix.
+#[macro_export]
+macro_rules! print {
+    ($($arg:tt)*) => { $crate::serial::print(format_args!($($arg)*)) };
+}
+
+/// `println!` to the console without a log prefix.
+#[macro_export]
+macro_rules! println {
+    ($($arg:tt)*) => { $crate::serial::print(format_args!("{}\n", format_args!($($arg)*))) };
+}
