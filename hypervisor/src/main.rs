@@ -64,7 +64,7 @@ extern "C" fn kmain(magic: u32, info: u64) -> ! {
     if args.test == Some(cmdline::Test::Fault) {
         log::info!(target: "boot", "test=fault: reading an unmapped address");
         // SAFETY: deliberately not safe: the fault path is what this test exercises.
-        let value = unsafe { (0x0000_dead_0000_0000 as *const u64).read_volatile() };
+        let value = unsafe { (0x0000_0040_dead_0000 as *const u64).read_volatile() };
         log::error!(target: "boot", "read of an unmapped address returned {value:#x}");
     }
 
