@@ -1,0 +1,1 @@
+//! Morsels from the guest side (filled in with the morsel hypercalls).
