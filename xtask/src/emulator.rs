@@ -1,0 +1,217 @@
+//! Emulator setups from `qemu-configs/`: `NAME.args` (QEMU argument files) and `NAME.bochsrc`
+//! (Bochs configurations with `@ISO@`/`@SERIAL@` placeholders), the choice between KVM and
+//! software emulation, and the command lines built from them.
+//!
+//! Argument file format: one argument or `-flag value` pair per line; blank lines and `#`
+//! comments (whole line, or after a blank) are skipped; a line prefixed `tcg:` or `kvm:` is
+//! used only under that accelerator.
+
+use crate::{bail, tools, Context, Result};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub const CONFIG_DIR: &str = "qemu-configs";
+/// Bochs' internal-debugger commands for unattended runs (`c`, then `quit`).
+pub const BOCHS_DEBUGGER_RC: &str = "qemu-configs/bochs-debugger.rc";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Emulator {
+    Qemu,
+    Bochs,
+}
+
+/// One emulator setup, a file in `qemu-configs/`.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub name: String,
+    pub emulator: Emulator,
+    pub path: PathBuf,
+}
+
+impl Config {
+    pub fn resolve(root: &Path, name: &str) -> Result<Config> {
+        let name = crate::scenario::config_name(name);
+        let dir = root.join(CONFIG_DIR);
+        let args = dir.join(format!("{name}.args"));
+        let rc = dir.join(format!("{name}.bochsrc"));
+        match (args.is_file(), rc.is_file()) {
+            (true, false) => Ok(Config { name, emulator: Emulator::Qemu, path: args }),
+            (false, true) => Ok(Config { name, emulator: Emulator::Bochs, path: rc }),
+            (true, true) => bail!("config `{name}` is ambiguous: both {name}.args and {name}.bochsrc exist"),
+            (false, false) => bail!("no config `{name}` in {CONFIG_DIR}/ (have: {})", available(&dir).join(", ")),
+        }
+    }
+}
+
+fn available(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            (n.ends_with(".args") || n.ends_with(".bochsrc")).then(|| crate::scenario::config_name(&n))
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+/// KVM only where `/dev/kvm` opens read-write AND the CPU flags show vmx or svm (on these
+/// build machines `/dev/kvm` opens but is a paravirtual module that cannot run us).
+/// Returns the choice and a one-line reason.
+pub fn detect_accel() -> (Accel, String) {
+    let kvm = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm");
+    if let Err(e) = kvm {
+        return (Accel::Tcg, format!("TCG software emulation (/dev/kvm not usable: {e})"));
+    }
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let flag = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .flat_map(|l| l.split_whitespace())
+        .find(|f| *f == "vmx" || *f == "svm");
+    match flag {
+        Some(f) => (Accel::Kvm, format!("KVM (-accel kvm -cpu host: /dev/kvm usable, cpu has {f})")),
+        None => (Accel::Tcg, "TCG software emulation (/dev/kvm opens but the cpu shows no vmx/svm)".into()),
+    }
+}
+
+/// Parse a QEMU argument file for `accel`.
+pub fn parse_args_file(text: &str, accel: Accel) -> Vec<String> {
+    let mut out = Vec::new();
+    for raw in text.lines() {
+        let mut line = raw.trim();
+        if let Some(i) = line.find(" #").or_else(|| line.find("\t#")) {
+            line = line[..i].trim_end();
+        }
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("tcg:") {
+            if accel != Accel::Tcg {
+                continue;
+            }
+            line = rest.trim();
+        } else if let Some(rest) = line.strip_prefix("kvm:") {
+            if accel != Accel::Kvm {
+                continue;
+            }
+            line = rest.trim();
+        }
+        match line.split_once(char::is_whitespace) {
+            Some((flag, value)) => {
+                out.push(flag.to_string());
+                out.push(value.trim().to_string());
+            }
+            None => out.push(line.to_string()),
+        }
+    }
+    out
+}
+
+pub fn qemu_args(config: &Config, accel: Accel) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(&config.path).context(|| format!("cannot read {}", config.path.display()))?;
+    Ok(parse_args_file(&text, accel))
+}
+
+/// The QEMU command for `config` booting `kernel` with `initrd`; the caller adds serial
+/// and extra arguments.
+pub fn qemu_command(config: &Config, accel: Accel, kernel: &Path, cmdline: &str, initrd: &Path) -> Result<Command> {
+    let qemu = tools::require(&tools::QEMU)?;
+    let mut cmd = Command::new(qemu);
+    cmd.args(qemu_args(config, accel)?)
+        .arg("-kernel")
+        .arg(kernel)
+        .arg("-append")
+        .arg(cmdline)
+        .arg("-initrd")
+        .arg(initrd);
+    Ok(cmd)
+}
+
+/// Copy the Bochs configuration to `out` with `@ISO@` and `@SERIAL@` filled in, after
+/// checking that the ROM images it names exist.
+pub fn write_bochsrc(config: &Config, iso: &Path, serial: &Path, out: &Path) -> Result<()> {
+    let text = std::fs::read_to_string(&config.path).context(|| format!("cannot read {}", config.path.display()))?;
+    for needed in ["@ISO@", "@SERIAL@"] {
+        if !text.contains(needed) {
+            bail!("{} lacks the placeholder {needed}", config.path.display());
+        }
+    }
+    for line in text.lines().map(str::trim).filter(|l| !l.starts_with('#')) {
+        if line.starts_with("romimage:") || line.starts_with("vgaromimage:") {
+            if let Some(file) = line.split([',', ' ']).find_map(|w| w.strip_prefix("file=")) {
+                tools::require_bochs_file(Path::new(file.trim_matches('"')))?;
+            }
+        }
+    }
+    let filled = text.replace("@ISO@", &iso.to_string_lossy()).replace("@SERIAL@", &serial.to_string_lossy());
+    std::fs::write(out, filled).context(|| format!("cannot write {}", out.display()))
+}
+
+/// `bochs -q -f <rc> [-rc <debugger commands>]`; without commands Bochs stops at its
+/// debugger prompt (interactive use).
+pub fn bochs_command(root: &Path, bochsrc: &Path, unattended: bool) -> Result<Command> {
+    let bochs = tools::require(&tools::BOCHS)?;
+    let mut cmd = Command::new(bochs);
+    cmd.arg("-q").arg("-f").arg(bochsrc);
+    if unattended {
+        cmd.arg("-rc").arg(root.join(BOCHS_DEBUGGER_RC));
+    }
+    Ok(cmd)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FILE: &str = "\
+# comment
+-machine q35
+tcg: -accel tcg
+tcg: -cpu max,+svm,+npt
+kvm: -accel kvm
+kvm: -cpu host   # host cpu
+-no-reboot
+
+-append a b
+";
+
+    #[test]
+    fn args_file_per_accel() {
+        assert_eq!(
+            parse_args_file(FILE, Accel::Tcg),
+            ["-machine", "q35", "-accel", "tcg", "-cpu", "max,+svm,+npt", "-no-reboot", "-append", "a b"]
+        );
+        assert_eq!(
+            parse_args_file(FILE, Accel::Kvm),
+            ["-machine", "q35", "-accel", "kvm", "-cpu", "host", "-no-reboot", "-append", "a b"]
+        );
+    }
+
+    #[test]
+    fn shipped_configs_parse_and_resolve() {
+        let root = crate::root();
+        for name in ["qemu-svm", "qemu-iommu"] {
+            let c = Config::resolve(&root, name).unwrap();
+            assert_eq!(c.emulator, Emulator::Qemu);
+            let tcg = qemu_args(&c, Accel::Tcg).unwrap();
+            assert!(tcg.windows(2).any(|w| w == ["-cpu", "max,+svm,+npt,enforce"]), "{tcg:?}");
+            assert!(tcg.iter().any(|a| a == "isa-debug-exit,iobase=0xf4,iosize=0x04"));
+            let kvm = qemu_args(&c, Accel::Kvm).unwrap();
+            assert!(kvm.windows(2).any(|w| w == ["-cpu", "host"]), "{kvm:?}");
+        }
+        for name in ["bochs-vmx", "bochs-svm.bochsrc"] {
+            assert_eq!(Config::resolve(&root, name).unwrap().emulator, Emulator::Bochs);
+        }
+        let e = Config::resolve(&root, "nope").unwrap_err().0;
+        assert!(e.contains("qemu-svm"), "{e}");
+    }
+}

@@ -1,0 +1,165 @@
+//! Building what the emulators boot: the freestanding hypervisor and guest ELFs (with the one
+//! set of link flags below), the guest archive `build/guests.ar`, and per-scenario GRUB ISOs
+//! for Bochs. Also the benchmark runs, which are plain cargo invocations.
+
+use crate::{archive, bail, tools, Context, Result};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+/// The host target the freestanding crates are built for (the only one installed).
+pub const TARGET: &str = "x86_64-unknown-linux-gnu";
+
+/// Code generation and link flags for the freestanding crates (hypervisor, guests). The
+/// linker scripts are added by each crate's build.rs. Keep every flag here, nowhere else.
+pub const FREESTANDING_RUSTFLAGS: &str = "-C relocation-model=static -C code-model=small \
+    -C target-feature=+crt-static -C link-arg=-nostartfiles -C link-arg=-nostdlib \
+    -C link-arg=-static -C link-arg=-no-pie -C link-arg=-Wl,--build-id=none \
+    -C link-arg=-Wl,-z,max-page-size=0x1000 -C link-arg=-Wl,--gc-sections";
+
+/// Where the guest binaries come from: one ELF per `tests/guests/src/bin/*.rs`.
+const GUESTS_BIN_DIR: &str = "tests/guests/src/bin";
+pub const BUILD_DIR: &str = "build";
+
+pub struct Built {
+    pub hypervisor: PathBuf,
+    pub archive: PathBuf,
+    pub guests: Vec<(String, PathBuf)>,
+}
+
+impl Built {
+    pub fn guest_names(&self) -> Vec<&str> {
+        self.guests.iter().map(|(n, _)| n.as_str()).collect()
+    }
+}
+
+/// `cargo` as invoked by the user, with the user's RUSTFLAGS removed so that only the flags
+/// chosen here apply, run from the workspace root.
+pub fn cargo(root: &Path) -> Command {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(root)
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env_remove("CARGO_BUILD_RUSTFLAGS");
+    cmd
+}
+
+/// `$CARGO_TARGET_DIR` or `<root>/target`.
+pub fn target_dir(root: &Path) -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => root.join(dir),
+        None => root.join("target"),
+    }
+}
+
+/// Names of the guest binaries: `src/bin/NAME.rs` and `src/bin/NAME/main.rs`.
+pub fn guest_bins(root: &Path) -> Result<Vec<String>> {
+    let dir = root.join(GUESTS_BIN_DIR);
+    let entries = std::fs::read_dir(&dir).context(|| format!("cannot list {}", dir.display()))?;
+    let mut names = Vec::new();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(stem) = name.strip_suffix(".rs") {
+            names.push(stem.to_string());
+        } else if path.join("main.rs").is_file() {
+            names.push(name);
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// Build the hypervisor and all guests, then write `build/guests.ar`.
+pub fn build_all() -> Result<Built> {
+    let root = crate::root();
+    let status = cargo(&root)
+        .args(["build", "--release", "-p", "hypervisor", "-p", "guests", "--target", TARGET])
+        .env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS", FREESTANDING_RUSTFLAGS)
+        .status()
+        .context(|| "cannot start cargo".to_string())?;
+    if !status.success() {
+        bail!("building the hypervisor and guests failed ({status}); see the compiler output above");
+    }
+    let out = target_dir(&root).join(TARGET).join("release");
+    let hypervisor = out.join("hypervisor");
+    if !hypervisor.is_file() {
+        bail!("the build did not produce {}", hypervisor.display());
+    }
+    let mut guests = Vec::new();
+    let mut files = Vec::new();
+    for name in guest_bins(&root)? {
+        let path = out.join(&name);
+        let data = std::fs::read(&path).context(|| format!("guest `{name}`: cannot read {}", path.display()))?;
+        files.push((name.clone(), data));
+        guests.push((name, path));
+    }
+    let build = root.join(BUILD_DIR);
+    std::fs::create_dir_all(&build).context(|| format!("cannot create {}", build.display()))?;
+    let archive = build.join("guests.ar");
+    std::fs::write(&archive, archive::build(&files)?).context(|| format!("cannot write {}", archive.display()))?;
+    Ok(Built { hypervisor, archive, guests })
+}
+
+/// Make `build/<name>.iso` from `build/iso/<name>/`: GRUB (multiboot2) loads the hypervisor
+/// with `cmdline` and the guest archive as module `guests`, console on COM1.
+pub fn make_iso(built: &Built, name: &str, cmdline: &str) -> Result<PathBuf> {
+    tools::require_iso_tools()?;
+    let root = crate::root();
+    let tree = root.join(BUILD_DIR).join("iso").join(name);
+    let boot = tree.join("boot");
+    let grub = boot.join("grub");
+    std::fs::create_dir_all(&grub).context(|| format!("cannot create {}", grub.display()))?;
+    let copy = |from: &Path, to: PathBuf| -> Result<()> {
+        std::fs::copy(from, &to).map(drop).context(|| format!("cannot copy {} to {}", from.display(), to.display()))
+    };
+    copy(&built.hypervisor, boot.join("hypervisor.elf"))?;
+    copy(&built.archive, boot.join("guests.ar"))?;
+    let cfg = format!(
+        "serial --unit=0 --speed=115200\n\
+         terminal_input serial\n\
+         terminal_output serial\n\
+         set timeout=0\n\
+         menuentry \"parperos\" {{\n\
+         \x20 multiboot2 /boot/hypervisor.elf {cmdline}\n\
+         \x20 module2 /boot/guests.ar guests\n\
+         \x20 boot\n\
+         }}\n"
+    );
+    std::fs::write(grub.join("grub.cfg"), cfg).context(|| "cannot write grub.cfg".to_string())?;
+    let iso = root.join(BUILD_DIR).join(format!("{name}.iso"));
+    let output = Command::new("grub-mkrescue")
+        .arg("-o")
+        .arg(&iso)
+        .arg(&tree)
+        .output()
+        .context(|| "cannot start grub-mkrescue".to_string())?;
+    if !output.status.success() {
+        bail!(
+            "grub-mkrescue failed ({}):\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim_end()
+        );
+    }
+    Ok(iso)
+}
+
+/// `cargo xtask bench`: the allocator and morsel bench examples, release builds.
+pub fn bench() -> Result<ExitCode> {
+    let root = crate::root();
+    let mut failed = Vec::new();
+    for krate in ["allocator", "morsel"] {
+        println!("== bench: {krate}");
+        let status = cargo(&root)
+            .args(["run", "--release", "-p", krate, "--example", "bench"])
+            .status()
+            .context(|| "cannot start cargo".to_string())?;
+        if !status.success() {
+            failed.push(krate);
+        }
+    }
+    if !failed.is_empty() {
+        bail!("bench failed for {}", failed.join(", "));
+    }
+    Ok(ExitCode::SUCCESS)
+}
