@@ -1,2 +1,25 @@
-//! Morsels: large memory objects as second-level page-table subtrees.
-#![cfg_attr(not(feature = "std"), no_std)]
+//! Morsels: large memory objects as second-level page-table subtrees (EPT, NPT, VT-d second
+//! level), and the second-level tables they are mounted into.
+//!
+//! Host-testable and `no_std` without `alloc`: hardware is reached only through `PhysMem`
+//! (table frames) and `FrameAlloc` (frames). The `std` feature adds `SimMem`, a simulated
+//! machine for tests and the benchmark. See README.md.
+#![cfg_attr(not(any(test, feature = "std")), no_std)]
+
+pub mod addr;
+pub mod error;
+pub mod format;
+pub mod mem;
+pub mod morsel;
+#[cfg(any(test, feature = "std"))]
+pub mod sim;
+pub mod table;
+
+pub use addr::{GuestPhysAddr, HostPhysAddr, InputAddr, IoVirtAddr, Level, PageSize};
+pub use error::Error;
+pub use format::{can_share, Decoded, Entry, Ept, Family, Format, Npt, Perm, VtdSl};
+pub use mem::{FrameAlloc, PhysMem};
+pub use morsel::{Morsel, MountStats, MAX_MORSEL};
+#[cfg(any(test, feature = "std"))]
+pub use sim::SimMem;
+pub use table::{SecondLevelTable, TableStats, Translation};

@@ -1,0 +1,514 @@
+//! Second-level page-table entry formats: Intel EPT, AMD NPT, Intel VT-d second level.
+//!
+//! A `Format` says only how permissions, presence and the extra leaf/table bits are encoded;
+//! the typed `Entry<F>` builds and decodes entries on top of it, and the table code in
+//! `table.rs` is written once over `Entry<F>`. All three formats share the x86 geometry:
+//! 512 eight-byte entries per 4 KiB table, address bits 51:12, large-page bit 7.
+
+use core::fmt;
+use core::marker::PhantomData;
+
+use crate::addr::{
+    entry_span, GuestPhysAddr, HostPhysAddr, InputAddr, IoVirtAddr, Level, PageSize,
+};
+
+/// Access rights of a mapping. Along a walk they AND: a right is granted only if every entry on
+/// the way grants it, which is what makes a read-only mount one cleared bit.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Hash, Default)]
+pub struct Perm {
+    /// Reads (and, for NPT, presence).
+    pub read: bool,
+    /// Writes; requires `read`.
+    pub write: bool,
+    /// Instruction fetches; requires `read`.
+    pub exec: bool,
+}
+
+impl Perm {
+    /// No access (what a non-present entry decodes to).
+    pub const NONE: Perm = Perm {
+        read: false,
+        write: false,
+        exec: false,
+    };
+    /// Read-only.
+    pub const RO: Perm = Perm {
+        read: true,
+        write: false,
+        exec: false,
+    };
+    /// Read-write.
+    pub const RW: Perm = Perm {
+        read: true,
+        write: true,
+        exec: false,
+    };
+    /// Read-execute.
+    pub const RX: Perm = Perm {
+        read: true,
+        write: false,
+        exec: true,
+    };
+    /// Everything.
+    pub const RWX: Perm = Perm {
+        read: true,
+        write: true,
+        exec: true,
+    };
+
+    /// The rights granted by both.
+    pub const fn and(self, other: Perm) -> Perm {
+        Perm {
+            read: self.read && other.read,
+            write: self.write && other.write,
+            exec: self.exec && other.exec,
+        }
+    }
+
+    /// Whether every format can encode it: readable (NPT cannot express "present but not
+    /// readable", and EPT write-without-read is a misconfiguration, SDM Vol 3C 29.3.3.1).
+    pub const fn is_encodable(self) -> bool {
+        self.read
+    }
+}
+
+impl fmt::Display for Perm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let c = |b: bool, ch: char| if b { ch } else { '-' };
+        write!(
+            f,
+            "{}{}{}",
+            c(self.read, 'r'),
+            c(self.write, 'w'),
+            c(self.exec, 'x')
+        )
+    }
+}
+
+/// Formats in the same family read each other's entries with the same meaning, so a subtree
+/// built in one can be pointed at from a table of the other.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Family {
+    /// EPT and VT-d second level: R/W/X in bits 2:0 (VT-d ignores what it does not use).
+    IntelSecondLevel,
+    /// Ordinary x86-64 long-mode paging (AMD NPT).
+    X86Paging,
+}
+
+/// One second-level page-table format (a zero-sized type).
+pub trait Format: 'static {
+    /// Name for messages.
+    const NAME: &'static str;
+    /// What the table translates: `GuestPhysAddr` (EPT, NPT) or `IoVirtAddr` (VT-d).
+    type Input: InputAddr;
+    /// Which formats can share a subtree with this one.
+    const FAMILY: Family;
+    /// Smallest supported number of levels.
+    const MIN_LEVELS: Level;
+    /// Largest supported number of levels.
+    const MAX_LEVELS: Level;
+    /// Levels a table gets from `SecondLevelTable::new`.
+    const DEFAULT_LEVELS: Level;
+    /// Physical address bits 51:12 of the next table or of a 4 KiB page (all three formats).
+    const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
+    /// Large-page bit 7 in L2 and L3 leaves (all three formats).
+    const LARGE: u64 = 1 << 7;
+    /// Software bit marking a mount entry (a pointer to a morsel root). Must be ignored by the
+    /// hardware in non-leaf entries; bit 52 is in every format's ignored/available range.
+    const SW_MOUNT: u64 = 1 << 52;
+    /// Bits set in every leaf besides permissions, address and the large-page bit.
+    const LEAF_BITS: u64;
+    /// Bits set in every table pointer besides permissions and address.
+    const TABLE_BITS: u64;
+
+    /// Presence and permission bits for `perm` (which is readable).
+    fn perm_bits(perm: Perm) -> u64;
+    /// The permission an entry grants at its level (`Perm::NONE` if not present).
+    fn perm_of(raw: u64) -> Perm;
+    /// Whether the hardware treats the entry as present.
+    fn is_present(raw: u64) -> bool;
+}
+
+/// Whether a subtree built in format `A` can be mounted into a table of format `B`
+/// (EPT and VT-d second level: yes, the `iommu=sharept` of Xen; NPT with either: no).
+pub const fn can_share<A: Format, B: Format>() -> bool {
+    matches!(
+        (A::FAMILY, B::FAMILY),
+        (Family::IntelSecondLevel, Family::IntelSecondLevel)
+            | (Family::X86Paging, Family::X86Paging)
+    )
+}
+
+/// Intel Extended Page Tables (SDM Vol 3C 29.3.2).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Ept;
+
+/// EPT bit 0: read access (SDM Vol 3C 29.3.2, tables 29-1..29-6).
+const EPT_R: u64 = 1 << 0;
+/// EPT bit 1: write access (SDM Vol 3C 29.3.2).
+const EPT_W: u64 = 1 << 1;
+/// EPT bit 2: execute access (supervisor-mode execute with MBEC) (SDM Vol 3C 29.3.2).
+const EPT_X: u64 = 1 << 2;
+/// EPT leaf bits 5:3: memory type, 6 = write-back (SDM Vol 3C 29.3.7).
+const EPT_MT_WB: u64 = 6 << 3;
+
+impl Format for Ept {
+    const NAME: &'static str = "EPT";
+    type Input = GuestPhysAddr;
+    const FAMILY: Family = Family::IntelSecondLevel;
+    // 4-level EPT (EPTP bits 5:3 = 3); 5-level EPT is not used here (SDM Vol 3C 25.6.11).
+    const MIN_LEVELS: Level = 4;
+    const MAX_LEVELS: Level = 4;
+    const DEFAULT_LEVELS: Level = 4;
+    const LEAF_BITS: u64 = EPT_MT_WB;
+    // Non-leaf bits 7:3 are reserved and stay 0 (SDM Vol 3C 29.3.2).
+    const TABLE_BITS: u64 = 0;
+
+    fn perm_bits(perm: Perm) -> u64 {
+        bit(perm.read, EPT_R) | bit(perm.write, EPT_W) | bit(perm.exec, EPT_X)
+    }
+    fn perm_of(raw: u64) -> Perm {
+        Perm {
+            read: raw & EPT_R != 0,
+            write: raw & EPT_W != 0,
+            exec: raw & EPT_X != 0,
+        }
+    }
+    // Not present iff bits 2:0 are all 0 (SDM Vol 3C 29.3.2).
+    fn is_present(raw: u64) -> bool {
+        raw & (EPT_R | EPT_W | EPT_X) != 0
+    }
+}
+
+/// AMD nested paging: ordinary x86-64 long-mode paging (AMD APM Vol 2 15.25, 5.3).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Npt;
+
+/// NPT bit 0: present (APM Vol 2 5.4.1).
+const NPT_P: u64 = 1 << 0;
+/// NPT bit 1: read/write (APM Vol 2 5.4.1).
+const NPT_RW: u64 = 1 << 1;
+/// NPT bit 2: user/supervisor; nested walks are user accesses, so it is set at every level
+/// (APM Vol 2 15.25.5).
+const NPT_US: u64 = 1 << 2;
+/// NPT bit 63: no-execute; needs host EFER.NXE=1, which nested paging uses (APM Vol 2 15.25.5).
+const NPT_NX: u64 = 1 << 63;
+
+impl Format for Npt {
+    const NAME: &'static str = "NPT";
+    type Input = GuestPhysAddr;
+    const FAMILY: Family = Family::X86Paging;
+    // Long-mode 4-level paging in the host (APM Vol 2 15.25.3).
+    const MIN_LEVELS: Level = 4;
+    const MAX_LEVELS: Level = 4;
+    const DEFAULT_LEVELS: Level = 4;
+    // PWT=PCD=PAT=0 selects PAT entry 0 = write-back by default (APM Vol 2 7.8.2).
+    const LEAF_BITS: u64 = 0;
+    const TABLE_BITS: u64 = 0;
+
+    fn perm_bits(perm: Perm) -> u64 {
+        bit(perm.read, NPT_P | NPT_US) | bit(perm.write, NPT_RW) | bit(!perm.exec, NPT_NX)
+    }
+    fn perm_of(raw: u64) -> Perm {
+        let p = raw & NPT_P != 0;
+        Perm {
+            read: p,
+            write: p && raw & NPT_RW != 0,
+            exec: p && raw & NPT_NX == 0,
+        }
+    }
+    fn is_present(raw: u64) -> bool {
+        raw & NPT_P != 0
+    }
+}
+
+/// Intel VT-d second-level translation (VT-d spec 3.7, 9.8).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VtdSl;
+
+/// VT-d second level bit 0: read (VT-d spec 9.8).
+const VTD_R: u64 = 1 << 0;
+/// VT-d second level bit 1: write (VT-d spec 9.8).
+const VTD_W: u64 = 1 << 1;
+/// VT-d second level bit 2: execute, used only with second-level execute enabled, else
+/// ignored (VT-d spec 9.8); set like EPT so subtrees stay shareable.
+const VTD_X: u64 = 1 << 2;
+
+impl Format for VtdSl {
+    const NAME: &'static str = "VT-d SL";
+    type Input = IoVirtAddr;
+    const FAMILY: Family = Family::IntelSecondLevel;
+    // 3-level (39-bit AGAW) or 4-level (48-bit AGAW) per CAP_REG.SAGAW (VT-d spec 3.7, 10.4.2).
+    const MIN_LEVELS: Level = 3;
+    const MAX_LEVELS: Level = 4;
+    const DEFAULT_LEVELS: Level = 4;
+    // Bits 6:3 (EMT, IPAT) matter only with extended memory types; SNP (bit 11) stays 0
+    // (VT-d spec 9.8).
+    const LEAF_BITS: u64 = 0;
+    const TABLE_BITS: u64 = 0;
+
+    fn perm_bits(perm: Perm) -> u64 {
+        bit(perm.read, VTD_R) | bit(perm.write, VTD_W) | bit(perm.exec, VTD_X)
+    }
+    fn perm_of(raw: u64) -> Perm {
+        Perm {
+            read: raw & VTD_R != 0,
+            write: raw & VTD_W != 0,
+            exec: raw & VTD_X != 0,
+        }
+    }
+    // Not present iff R and W are both 0 (VT-d spec 9.8).
+    fn is_present(raw: u64) -> bool {
+        raw & (VTD_R | VTD_W) != 0
+    }
+}
+
+const fn bit(on: bool, mask: u64) -> u64 {
+    if on {
+        mask
+    } else {
+        0
+    }
+}
+
+/// One 64-bit entry of a format-`F` table.
+#[repr(transparent)]
+pub struct Entry<F: Format> {
+    raw: u64,
+    _format: PhantomData<fn() -> F>,
+}
+
+static_assertions::const_assert_eq!(core::mem::size_of::<Entry<Ept>>(), 8);
+
+impl<F: Format> Clone for Entry<F> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<F: Format> Copy for Entry<F> {}
+impl<F: Format> PartialEq for Entry<F> {
+    fn eq(&self, other: &Self) -> bool {
+        self.raw == other.raw
+    }
+}
+impl<F: Format> Eq for Entry<F> {}
+
+impl<F: Format> fmt::Debug for Entry<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}Entry({:#018x})", F::NAME, self.raw)
+    }
+}
+
+/// What an entry at a known level means.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Decoded {
+    /// Not present.
+    Empty,
+    /// Points at the table of the next lower level; `mount` if it is a morsel mount entry.
+    Table {
+        next: HostPhysAddr,
+        perm: Perm,
+        mount: bool,
+    },
+    /// Maps a page.
+    Leaf {
+        frame: HostPhysAddr,
+        perm: Perm,
+        size: PageSize,
+    },
+}
+
+impl<F: Format> Entry<F> {
+    /// The non-present entry.
+    pub const EMPTY: Self = Self::from_raw(0);
+
+    /// Wraps a raw entry read from a table.
+    pub const fn from_raw(raw: u64) -> Self {
+        Self {
+            raw,
+            _format: PhantomData,
+        }
+    }
+    /// The raw bits to store in a table.
+    pub const fn raw(self) -> u64 {
+        self.raw
+    }
+
+    /// A pointer to the next lower table at `next` (4 KiB aligned), limiting rights to `perm`.
+    pub fn table(next: HostPhysAddr, perm: Perm) -> Self {
+        debug_assert!(next.is_aligned(4096) && next.as_u64() & !F::ADDR_MASK == 0);
+        Self::from_raw((next.as_u64() & F::ADDR_MASK) | F::perm_bits(perm) | F::TABLE_BITS)
+    }
+
+    /// A mount entry: a table pointer to a morsel root, marked so table code never frees or
+    /// edits below it.
+    pub fn mount(root: HostPhysAddr, perm: Perm) -> Self {
+        Self::from_raw(Self::table(root, perm).raw | F::SW_MOUNT)
+    }
+
+    /// A leaf mapping `frame` with a page of `size`, (`frame` aligned to `size`).
+    pub fn leaf(size: PageSize, frame: HostPhysAddr, perm: Perm) -> Self {
+        debug_assert!(frame.is_aligned(size.bytes()) && frame.as_u64() & !F::ADDR_MASK == 0);
+        let large = if size == PageSize::Size4K {
+            0
+        } else {
+            F::LARGE
+        };
+        Self::from_raw((frame.as_u64() & F::ADDR_MASK) | F::perm_bits(perm) | F::LEAF_BITS | large)
+    }
+
+    /// Whether the hardware treats the entry as present.
+    pub fn is_present(self) -> bool {
+        F::is_present(self.raw)
+    }
+    /// Whether the entry, at `level`, maps a page (L1 always; L2/L3 with the large-page bit).
+    pub fn is_leaf(self, level: Level) -> bool {
+        self.is_present() && (level == 1 || self.raw & F::LARGE != 0)
+    }
+    /// Whether the entry is a morsel mount entry.
+    pub fn is_mount(self) -> bool {
+        self.is_present() && self.raw & F::SW_MOUNT != 0
+    }
+    /// The rights this entry grants.
+    pub fn perm(self) -> Perm {
+        F::perm_of(self.raw)
+    }
+    /// The same entry with its rights replaced by `perm`.
+    pub fn with_perm(self, perm: Perm) -> Self {
+        // Every bit any permission sets (NPT: P, RW, US, NX; Intel: R, W, X).
+        let mask = F::perm_bits(Perm::RWX) | F::perm_bits(Perm::RO);
+        Self::from_raw((self.raw & !mask) | F::perm_bits(perm))
+    }
+    /// The physical address the entry points at, for an entry of a table at `level`: the next
+    /// table, or the page frame of a leaf (large leaves: bits 20:12 or 29:12 are not address).
+    pub fn addr(self, level: Level) -> HostPhysAddr {
+        let mask = if self.is_leaf(level) {
+            F::ADDR_MASK & !(entry_span(level) - 1)
+        } else {
+            F::ADDR_MASK
+        };
+        HostPhysAddr::new(self.raw & mask)
+    }
+    /// The meaning of the entry in a table of `level` (1..=4).
+    pub fn decode(self, level: Level) -> Decoded {
+        if !self.is_present() {
+            Decoded::Empty
+        } else if self.is_leaf(level) {
+            match PageSize::from_leaf_level(level) {
+                Some(size) => Decoded::Leaf {
+                    frame: self.addr(level),
+                    perm: self.perm(),
+                    size,
+                },
+                // A large bit in an L4 entry is reserved: treat it as a pointer.
+                None => self.decode_table(level),
+            }
+        } else {
+            self.decode_table(level)
+        }
+    }
+    fn decode_table(self, level: Level) -> Decoded {
+        Decoded::Table {
+            next: self.addr(level),
+            perm: self.perm(),
+            mount: self.is_mount(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn perms() -> impl Strategy<Value = Perm> {
+        (any::<bool>(), any::<bool>()).prop_map(|(write, exec)| Perm {
+            read: true,
+            write,
+            exec,
+        })
+    }
+
+    fn round_trip<F: Format>(level: Level, pfn: u64, perm: Perm) {
+        let size = PageSize::from_leaf_level(level).unwrap();
+        let frame = HostPhysAddr::new((pfn << 12) & F::ADDR_MASK & !(size.bytes() - 1));
+        let leaf = Entry::<F>::leaf(size, frame, perm);
+        assert!(leaf.is_present() && leaf.is_leaf(level) && !leaf.is_mount());
+        assert_eq!(leaf.decode(level), Decoded::Leaf { frame, perm, size });
+        assert_eq!(Entry::<F>::from_raw(leaf.raw()), leaf);
+
+        let next = HostPhysAddr::new((pfn << 12) & F::ADDR_MASK);
+        for tl in 2..=4 {
+            let t = Entry::<F>::table(next, perm);
+            assert_eq!(
+                t.decode(tl),
+                Decoded::Table {
+                    next,
+                    perm,
+                    mount: false
+                }
+            );
+            let m = Entry::<F>::mount(next, perm);
+            assert_eq!(
+                m.decode(tl),
+                Decoded::Table {
+                    next,
+                    perm,
+                    mount: true
+                }
+            );
+            assert_eq!(
+                m.with_perm(Perm::RO).decode(tl),
+                Decoded::Table {
+                    next,
+                    perm: Perm::RO,
+                    mount: true
+                }
+            );
+        }
+        assert_eq!(Entry::<F>::EMPTY.decode(level), Decoded::Empty);
+    }
+
+    proptest! {
+        #[test]
+        fn formats_round_trip(level in 1u8..=3, pfn in 0u64..(1 << 40), perm in perms()) {
+            round_trip::<Ept>(level, pfn, perm);
+            round_trip::<Npt>(level, pfn, perm);
+            round_trip::<VtdSl>(level, pfn, perm);
+        }
+
+        #[test]
+        fn intel_formats_read_each_other(level in 1u8..=3, pfn in 0u64..(1 << 40), perm in perms()) {
+            let size = PageSize::from_leaf_level(level).unwrap();
+            let frame = HostPhysAddr::new((pfn << 12) & Ept::ADDR_MASK & !(size.bytes() - 1));
+            let e = Entry::<Ept>::leaf(size, frame, perm);
+            prop_assert_eq!(Entry::<VtdSl>::from_raw(e.raw()).decode(level), e.decode(level));
+            let v = Entry::<VtdSl>::leaf(size, frame, perm);
+            prop_assert_eq!(Entry::<Ept>::from_raw(v.raw()).decode(level), v.decode(level));
+        }
+    }
+
+    #[test]
+    fn hardware_bits() {
+        let f = HostPhysAddr::new(0x20_0000);
+        // EPT 2 MiB RW leaf, WB: R|W|MT=6|PS.
+        assert_eq!(
+            Entry::<Ept>::leaf(PageSize::Size2M, f, Perm::RW).raw(),
+            0x20_0000 | 0b11 | 6 << 3 | 1 << 7
+        );
+        // NPT 2 MiB RO leaf without exec: P|US|PS|NX.
+        assert_eq!(
+            Entry::<Npt>::leaf(PageSize::Size2M, f, Perm::RO).raw(),
+            0x20_0000 | 0b101 | 1 << 7 | 1 << 63
+        );
+        // NPT table pointers carry US.
+        assert_eq!(Entry::<Npt>::table(f, Perm::RWX).raw(), 0x20_0000 | 0b111);
+        // VT-d 4 KiB RW leaf.
+        assert_eq!(
+            Entry::<VtdSl>::leaf(PageSize::Size4K, f, Perm::RW).raw(),
+            0x20_0000 | 0b11
+        );
+        assert!(can_share::<Ept, VtdSl>() && can_share::<VtdSl, Ept>() && can_share::<Npt, Npt>());
+        assert!(!can_share::<Ept, Npt>() && !can_share::<Npt, VtdSl>());
+    }
+}

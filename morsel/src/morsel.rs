@@ -1,0 +1,681 @@
+//! `Morsel<F>`: a memory object that is a self-contained second-level subtree (root table,
+//! tables below it, data frames). Mounting writes one entry into a target table that points at
+//! the root; the entry's rights limit the whole subtree, whatever the object's size.
+
+use core::marker::PhantomData;
+use core::sync::atomic::{AtomicU32, Ordering};
+
+use crate::addr::{index, table_span, HostPhysAddr, InputAddr, Level, PageSize};
+use crate::error::Error;
+use crate::format::{can_share, Decoded, Entry, Format, Perm};
+use crate::mem::{FrameAlloc, PhysMem};
+use crate::table::{
+    check_aligned, free_tree, new_table, walk_create, walk_existing, SecondLevelTable, TableStats,
+};
+
+/// Largest morsel: one L3 root (512 GiB).
+pub const MAX_MORSEL: u64 = table_span(3);
+
+/// What one mount or unmount wrote into the target table.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct MountStats {
+    /// The mount entry itself: always exactly 1.
+    pub entry_writes: u32,
+    /// Entries written to create missing intermediate tables on the way to the mount slot
+    /// (only the first mount into an empty region of the target; always 0 on unmount).
+    pub path_writes: u32,
+}
+
+impl MountStats {
+    /// All entries written.
+    pub fn pte_writes(&self) -> u32 {
+        self.entry_writes + self.path_writes
+    }
+}
+
+/// A morsel whose subtree is in format `F`. It can be mounted into tables of `F` and of every
+/// format that `can_share` with `F` (EPT subtrees into VT-d domains and back).
+pub struct Morsel<F: Format> {
+    root: HostPhysAddr,
+    root_level: Level,
+    len: u64,
+    page: PageSize,
+    tables: u32,
+    mounts: AtomicU32,
+    _format: PhantomData<fn() -> F>,
+}
+
+impl<F: Format> core::fmt::Debug for Morsel<F> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Morsel")
+            .field("format", &F::NAME)
+            .field("root", &self.root)
+            .field("root_level", &self.root_level)
+            .field("len", &self.len)
+            .field("page", &self.page)
+            .field("mounts", &self.mount_count())
+            .finish()
+    }
+}
+
+impl<F: Format> Morsel<F> {
+    /// A morsel of `len` bytes (rounded up to `page`) backed by zeroed frames of `page` size.
+    /// Its root level is the lowest that spans `len` and can hold `page` leaves: L1 up to
+    /// 2 MiB of 4 KiB pages, L2 up to 1 GiB, L3 up to 512 GiB. On error nothing is kept.
+    pub fn create(
+        len: u64,
+        page: PageSize,
+        alloc: &impl FrameAlloc,
+        mem: &impl PhysMem,
+    ) -> Result<Self, Error> {
+        if len == 0 || len > MAX_MORSEL {
+            return Err(Error::BadSize {
+                size: len,
+                max: MAX_MORSEL,
+            });
+        }
+        let len = (len + page.bytes() - 1) & !(page.bytes() - 1);
+        let mut root_level = page.leaf_level();
+        while table_span(root_level) < len {
+            root_level += 1;
+        }
+        let root = new_table(alloc, mem)?;
+        let mut stats = TableStats::default();
+        let mut offset = 0;
+        while offset < len {
+            let filled = walk_create::<F>(
+                root,
+                root_level,
+                page.leaf_level(),
+                offset,
+                alloc,
+                mem,
+                &mut stats,
+            )
+            .and_then(|slot| {
+                alloc
+                    .alloc(page.order())
+                    .map(|f| (slot, f))
+                    .ok_or(Error::OutOfMemory)
+            });
+            let ((table, i), frame) = match filled {
+                Ok(x) => x,
+                Err(e) => {
+                    free_tree::<F>(root, root_level, true, alloc, mem);
+                    return Err(e);
+                }
+            };
+            mem.zero_data(frame, page.order());
+            mem.write(table, i, Entry::<F>::leaf(page, frame, Perm::RWX).raw());
+            offset += page.bytes();
+        }
+        Ok(Self {
+            root,
+            root_level,
+            len,
+            page,
+            tables: 1 + stats.tables as u32,
+            mounts: AtomicU32::new(0),
+            _format: PhantomData,
+        })
+    }
+
+    /// Bytes in the object (a multiple of the page size).
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+    /// Never true (a morsel has at least one page); for clippy's `len` convention.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// Size of its data frames.
+    pub fn page_size(&self) -> PageSize {
+        self.page
+    }
+    /// The root table.
+    pub fn root(&self) -> HostPhysAddr {
+        self.root
+    }
+    /// Level of the root table (1..=3).
+    pub fn root_level(&self) -> Level {
+        self.root_level
+    }
+    /// Size and alignment of a mount window: what the root table spans (2 MiB, 1 GiB, 512 GiB).
+    /// Bytes of the window past `len` are not mapped.
+    pub fn window_size(&self) -> u64 {
+        table_span(self.root_level)
+    }
+    /// Table frames of the subtree (root included).
+    pub fn table_count(&self) -> u32 {
+        self.tables
+    }
+    /// In how many tables it is mounted now.
+    pub fn mount_count(&self) -> u32 {
+        self.mounts.load(Ordering::Acquire)
+    }
+
+    /// Host-physical address of byte `offset` of the object.
+    pub fn translate(&self, offset: u64, mem: &impl PhysMem) -> Option<HostPhysAddr> {
+        if offset >= self.len {
+            return None;
+        }
+        let (table, i) = walk_existing::<F>(
+            self.root,
+            self.root_level,
+            self.page.leaf_level(),
+            offset,
+            mem,
+        )
+        .ok()?;
+        match Entry::<F>::from_raw(mem.read(table, i)).decode(self.page.leaf_level()) {
+            Decoded::Leaf { frame, size, .. } => Some(HostPhysAddr::new(
+                frame.as_u64() + (offset & (size.bytes() - 1)),
+            )),
+            _ => None,
+        }
+    }
+
+    /// The data frame that holds byte `offset`.
+    pub fn data_frame(&self, offset: u64, mem: &impl PhysMem) -> Option<HostPhysAddr> {
+        self.translate(offset & !(self.page.bytes() - 1), mem)
+    }
+
+    /// Mounts the morsel into `target` at `window` with rights `perm`: writes ONE entry at level
+    /// `root_level() + 1` of the target (plus, the first time a region of the target is used,
+    /// the intermediate tables leading to it; see `MountStats`). `window` must be aligned to
+    /// `window_size()`, inside the target, and free. The caller needs no invalidation.
+    pub fn mount<G: Format>(
+        &self,
+        target: &mut SecondLevelTable<G>,
+        window: G::Input,
+        perm: Perm,
+        alloc: &impl FrameAlloc,
+        mem: &impl PhysMem,
+    ) -> Result<MountStats, Error> {
+        let at = window.to_u64();
+        let slot_level = self.check_window(target, at)?;
+        if !perm.is_encodable() {
+            return Err(Error::BadPerm);
+        }
+        let before = target.stats.pte_writes;
+        let (table, i) = walk_create::<G>(
+            target.root,
+            target.levels,
+            slot_level,
+            at,
+            alloc,
+            mem,
+            &mut target.stats,
+        )?;
+        let path_writes = (target.stats.pte_writes - before) as u32;
+        if Entry::<G>::from_raw(mem.read(table, i)).is_present() {
+            return Err(Error::Occupied { addr: at });
+        }
+        mem.write(table, i, Entry::<G>::mount(self.root, perm).raw());
+        target.stats.pte_writes += 1;
+        target.mounts += 1;
+        self.mounts.fetch_add(1, Ordering::AcqRel);
+        Ok(MountStats {
+            entry_writes: 1,
+            path_writes,
+        })
+    }
+
+    /// Clears this morsel's mount entry at `window` in `target` (one entry write). The caller
+    /// then invalidates (INVEPT, ASID flush or IOTLB) everywhere `target` may be cached.
+    pub fn unmount<G: Format>(
+        &self,
+        target: &mut SecondLevelTable<G>,
+        window: G::Input,
+        mem: &impl PhysMem,
+    ) -> Result<MountStats, Error> {
+        let at = window.to_u64();
+        let slot_level = self.check_window(target, at)?;
+        let not_mounted = Error::NotMounted { addr: at };
+        let (table, i) = walk_existing::<G>(target.root, target.levels, slot_level, at, mem)
+            .map_err(|_| not_mounted)?;
+        match Entry::<G>::from_raw(mem.read(table, i)).decode(slot_level) {
+            Decoded::Table {
+                next, mount: true, ..
+            } if next == self.root => {}
+            _ => return Err(not_mounted),
+        }
+        mem.write(table, i, Entry::<G>::EMPTY.raw());
+        target.stats.pte_writes += 1;
+        target.mounts -= 1;
+        self.mounts.fetch_sub(1, Ordering::AcqRel);
+        Ok(MountStats {
+            entry_writes: 1,
+            path_writes: 0,
+        })
+    }
+
+    /// Gives every data frame and table back to `alloc`. Refused (the morsel is handed back)
+    /// while it is mounted anywhere.
+    pub fn destroy(self, alloc: &impl FrameAlloc, mem: &impl PhysMem) -> Result<(), (Self, Error)> {
+        let count = self.mount_count();
+        if count > 0 {
+            return Err((self, Error::StillMounted { count }));
+        }
+        free_tree::<F>(self.root, self.root_level, true, alloc, mem);
+        Ok(())
+    }
+
+    /// Checks a mount window and returns the level of the mount slot in the target.
+    fn check_window<G: Format>(
+        &self,
+        target: &SecondLevelTable<G>,
+        at: u64,
+    ) -> Result<Level, Error> {
+        if !can_share::<F, G>() {
+            return Err(Error::IncompatibleFormats {
+                morsel: F::NAME,
+                table: G::NAME,
+            });
+        }
+        let slot_level = self.root_level + 1;
+        if slot_level > target.levels {
+            return Err(Error::RootTooHigh {
+                root: self.root_level,
+                levels: target.levels,
+            });
+        }
+        check_aligned(at, self.window_size())?;
+        match at.checked_add(self.window_size()) {
+            Some(end) if end <= target.limit() => {}
+            _ => {
+                return Err(Error::OutOfRange {
+                    addr: at,
+                    limit: target.limit(),
+                })
+            }
+        }
+        debug_assert_eq!(
+            index(slot_level, at) as u64,
+            (at / self.window_size()) % 512
+        );
+        Ok(slot_level)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::{Ept, Npt, VtdSl};
+    use crate::sim::SimMem;
+    use proptest::prelude::*;
+    use std::collections::HashSet;
+    use std::vec::Vec;
+
+    const GIB: u64 = 1 << 30;
+
+    fn input<F: Format>(a: u64) -> F::Input {
+        F::Input::from_u64(a)
+    }
+
+    /// One guest's mount: window slot number (in units of the window size) and rights.
+    type Guest = (u64, bool);
+
+    /// Creates a morsel, mounts it into every guest, checks every page of every window,
+    /// unmounts, destroys, and checks the allocator is back where it started.
+    fn mount_everywhere<F: Format>(pages: u64, page: PageSize, guests: &[Guest], levels: Level) {
+        let mem = SimMem::new(2048 * GIB);
+        let free0 = mem.free_pages();
+        let m = Morsel::<F>::create(pages * page.bytes(), page, &mem, &mem).unwrap();
+        assert_eq!(m.len(), pages * page.bytes());
+        assert!(
+            m.window_size() >= m.len()
+                && (m.root_level() == page.leaf_level() || m.window_size() / 512 < m.len())
+        );
+
+        // Every page has its own data frame.
+        let frames: HashSet<u64> = (0..pages)
+            .map(|p| m.data_frame(p * page.bytes(), &mem).unwrap().as_u64())
+            .collect();
+        assert_eq!(frames.len() as u64, pages);
+        assert_eq!(m.translate(m.len(), &mem), None);
+
+        let mut tables: Vec<SecondLevelTable<F>> = Vec::new();
+        let mut windows = Vec::new();
+        for &(slot, ro) in guests {
+            let mut t = SecondLevelTable::<F>::with_levels(levels, &mem, &mem).unwrap();
+            let window = (slot * m.window_size()) % t.limit();
+            let perm = if ro { Perm::RO } else { Perm::RWX };
+            let writes0 = mem.writes();
+            match m.mount(&mut t, input::<F>(window), perm, &mem, &mem) {
+                Ok(stats) => {
+                    assert_eq!(stats.entry_writes, 1);
+                    assert_eq!(mem.writes() - writes0, u64::from(stats.pte_writes()));
+                    // Unmount and mount again: now the path exists and it is one write each.
+                    let w = mem.writes();
+                    assert_eq!(
+                        m.unmount(&mut t, input::<F>(window), &mem)
+                            .unwrap()
+                            .pte_writes(),
+                        1
+                    );
+                    assert_eq!(
+                        m.mount(&mut t, input::<F>(window), perm, &mem, &mem)
+                            .unwrap()
+                            .pte_writes(),
+                        1
+                    );
+                    assert_eq!(mem.writes() - w, 2);
+                }
+                Err(Error::RootTooHigh { .. }) => {
+                    assert!(m.root_level() + 1 > levels);
+                    t.destroy(&mem, &mem).unwrap();
+                    continue;
+                }
+                Err(e) => panic!("{e}"),
+            }
+            // A second mount of the same window is refused.
+            assert_eq!(
+                m.mount(&mut t, input::<F>(window), perm, &mem, &mem),
+                Err(Error::Occupied { addr: window })
+            );
+            tables.push(t);
+            windows.push((window, perm));
+        }
+        assert_eq!(m.mount_count() as usize, tables.len());
+
+        for (t, &(window, perm)) in tables.iter().zip(&windows) {
+            for p in 0..pages {
+                for off in [0, 8 * p % page.bytes(), page.bytes() - 1] {
+                    let o = p * page.bytes() + off;
+                    let tr = t.translate(input::<F>(window + o), &mem).unwrap();
+                    assert_eq!(tr.addr, m.translate(o, &mem).unwrap());
+                    assert_eq!(tr.size, page);
+                    assert_eq!(tr.perm, perm, "read-only mounts have no write anywhere");
+                }
+            }
+            // The rest of the window is empty.
+            if m.len() < m.window_size() {
+                assert_eq!(t.translate(input::<F>(window + m.len()), &mem), None);
+                assert_eq!(
+                    t.translate(input::<F>(window + m.window_size() - 1), &mem),
+                    None
+                );
+            }
+        }
+
+        // Destroy is refused while mounted anywhere; the table refuses too.
+        let m = match m.destroy(&mem, &mem) {
+            Err((m, e)) if !tables.is_empty() => {
+                assert_eq!(
+                    e,
+                    Error::StillMounted {
+                        count: tables.len() as u32
+                    }
+                );
+                m
+            }
+            Ok(()) if tables.is_empty() => {
+                assert_eq!(mem.free_pages(), free0);
+                return;
+            }
+            r => panic!("destroy: {:?}", r.map_err(|(_, e)| e)),
+        };
+        let mut tables: Vec<_> = tables
+            .into_iter()
+            .map(|t| {
+                t.destroy(&mem, &mem)
+                    .map(|_| panic!("table destroyed while mounted"))
+                    .unwrap_err()
+                    .0
+            })
+            .collect();
+
+        for (t, &(window, _)) in tables.iter_mut().zip(&windows) {
+            let w = mem.writes();
+            assert_eq!(
+                m.unmount(t, input::<F>(window), &mem),
+                Ok(MountStats {
+                    entry_writes: 1,
+                    path_writes: 0
+                })
+            );
+            assert_eq!(mem.writes() - w, 1);
+            for p in 0..pages {
+                assert_eq!(
+                    t.translate(input::<F>(window + p * page.bytes()), &mem),
+                    None
+                );
+            }
+            assert_eq!(
+                m.unmount(t, input::<F>(window), &mem),
+                Err(Error::NotMounted { addr: window })
+            );
+        }
+        assert_eq!(m.mount_count(), 0);
+        m.destroy(&mem, &mem).unwrap();
+        for t in tables {
+            t.destroy(&mem, &mem).unwrap();
+        }
+        assert_eq!(mem.free_pages(), free0);
+        assert_eq!(mem.allocated_frames(), 0);
+    }
+
+    fn guests() -> impl Strategy<Value = Vec<Guest>> {
+        prop::collection::vec((0u64..1024, any::<bool>()), 1..4)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+
+        #[test]
+        fn small_pages(pages in 1u64..1100, g in guests()) {
+            mount_everywhere::<Ept>(pages, PageSize::Size4K, &g, 4);
+            mount_everywhere::<Npt>(pages, PageSize::Size4K, &g, 4);
+            mount_everywhere::<VtdSl>(pages, PageSize::Size4K, &g, 3);
+        }
+
+        #[test]
+        fn large_pages(pages in 1u64..1100, g in guests()) {
+            mount_everywhere::<Ept>(pages, PageSize::Size2M, &g, 4);
+            mount_everywhere::<Npt>(pages, PageSize::Size2M, &g, 4);
+            mount_everywhere::<VtdSl>(pages, PageSize::Size2M, &g, 3);
+            mount_everywhere::<VtdSl>(pages, PageSize::Size2M, &g, 4);
+        }
+
+        #[test]
+        fn failed_create_keeps_nothing(pages in 1u64..1100, big in any::<bool>(), budget in 0u64..1200) {
+            let page = if big { PageSize::Size2M } else { PageSize::Size4K };
+            let mem = SimMem::new(4096 * GIB);
+            mem.limit_free(budget << page.order());
+            match Morsel::<Npt>::create(pages * page.bytes(), page, &mem, &mem) {
+                Ok(m) => m.destroy(&mem, &mem).unwrap(),
+                Err(e) => prop_assert_eq!(e, Error::OutOfMemory),
+            }
+            prop_assert_eq!(mem.allocated_frames(), 0);
+        }
+    }
+
+    #[test]
+    fn root_level_by_size() {
+        let mem = SimMem::new(1024 * GIB);
+        let cases = [
+            (4096, PageSize::Size4K, 1),
+            (2 << 20, PageSize::Size4K, 1),
+            ((2 << 20) + 1, PageSize::Size4K, 2),
+            (1, PageSize::Size2M, 2),
+            (GIB, PageSize::Size2M, 2),
+            (GIB + 1, PageSize::Size2M, 3),
+            (64 * GIB, PageSize::Size2M, 3),
+            (GIB, PageSize::Size1G, 3),
+        ];
+        for (len, page, level) in cases {
+            let m = Morsel::<Ept>::create(len, page, &mem, &mem).unwrap();
+            assert_eq!(m.root_level(), level, "{len:#x} of {page}");
+            m.destroy(&mem, &mem).unwrap();
+        }
+        assert_eq!(
+            Morsel::<Ept>::create(0, PageSize::Size4K, &mem, &mem).unwrap_err(),
+            Error::BadSize {
+                size: 0,
+                max: MAX_MORSEL
+            }
+        );
+        assert!(Morsel::<Ept>::create(MAX_MORSEL + 1, PageSize::Size2M, &mem, &mem).is_err());
+        // 64 GiB of 2 MiB pages: 1 L3 root and 64 L2 tables.
+        let m = Morsel::<Ept>::create(64 * GIB, PageSize::Size2M, &mem, &mem).unwrap();
+        assert_eq!((m.table_count(), mem.table_frames()), (65, 65));
+        m.destroy(&mem, &mem).unwrap();
+        assert_eq!(mem.allocated_frames(), 0);
+    }
+
+    #[test]
+    fn refuses_bad_mounts() {
+        let mem = SimMem::new(64 * GIB);
+        let m = Morsel::<Ept>::create(4 << 20, PageSize::Size2M, &mem, &mem).unwrap(); // L2 root, 1 GiB window
+        let other = Morsel::<Ept>::create(4 << 20, PageSize::Size2M, &mem, &mem).unwrap();
+        let mut t = SecondLevelTable::<Ept>::new(&mem, &mem).unwrap();
+        let g = crate::GuestPhysAddr::new;
+        assert_eq!(
+            m.mount(&mut t, g(GIB / 2), Perm::RW, &mem, &mem),
+            Err(Error::Misaligned {
+                addr: GIB / 2,
+                align: GIB
+            })
+        );
+        assert_eq!(
+            m.mount(&mut t, g(1 << 48), Perm::RW, &mem, &mem),
+            Err(Error::OutOfRange {
+                addr: 1 << 48,
+                limit: 1 << 48
+            })
+        );
+        assert_eq!(
+            m.mount(&mut t, g(!(GIB - 1)), Perm::RW, &mem, &mem)
+                .unwrap_err(),
+            Error::OutOfRange {
+                addr: !(GIB - 1),
+                limit: 1 << 48
+            }
+        );
+        assert_eq!(
+            m.mount(&mut t, g(GIB), Perm::NONE, &mem, &mem),
+            Err(Error::BadPerm)
+        );
+        // Ordinary memory in the window: occupied.
+        t.map(
+            g(0x1000),
+            HostPhysAddr::new(0x1000),
+            PageSize::Size4K,
+            Perm::RW,
+            &mem,
+            &mem,
+        )
+        .unwrap();
+        assert_eq!(
+            m.mount(&mut t, g(0), Perm::RW, &mem, &mem),
+            Err(Error::Occupied { addr: 0 })
+        );
+        // Mounted window: table edits refused, the other morsel cannot unmount or overmount it.
+        m.mount(&mut t, g(GIB), Perm::RO, &mem, &mem).unwrap();
+        assert_eq!(
+            t.map(
+                g(GIB),
+                HostPhysAddr::new(0),
+                PageSize::Size4K,
+                Perm::RW,
+                &mem,
+                &mem
+            ),
+            Err(Error::InsideMount { addr: GIB })
+        );
+        assert_eq!(
+            t.unmap(g(GIB), PageSize::Size2M, &mem),
+            Err(Error::InsideMount { addr: GIB })
+        );
+        assert_eq!(
+            t.unmap(g(GIB + 4096), PageSize::Size4K, &mem),
+            Err(Error::InsideMount { addr: GIB + 4096 })
+        );
+        assert_eq!(
+            other.unmount(&mut t, g(GIB), &mem),
+            Err(Error::NotMounted { addr: GIB })
+        );
+        assert_eq!(
+            other.mount(&mut t, g(GIB), Perm::RW, &mem, &mem),
+            Err(Error::Occupied { addr: GIB })
+        );
+        assert_eq!(
+            m.unmount(&mut t, g(2 * GIB), &mem),
+            Err(Error::NotMounted { addr: 2 * GIB })
+        );
+        assert_eq!(
+            m.unmount(&mut t, g(0), &mem),
+            Err(Error::NotMounted { addr: 0 })
+        );
+        // A morsel cannot be mounted inside another morsel's window.
+        let small = Morsel::<Ept>::create(4096, PageSize::Size4K, &mem, &mem).unwrap(); // 2 MiB window
+        assert_eq!(
+            small.mount(&mut t, g(GIB + (2 << 20)), Perm::RW, &mem, &mem),
+            Err(Error::InsideMount {
+                addr: GIB + (2 << 20)
+            })
+        );
+        // Formats: NPT cannot read an EPT subtree; a 512 GiB root does not fit a 3-level VT-d table.
+        let mut npt = SecondLevelTable::<Npt>::new(&mem, &mem).unwrap();
+        assert_eq!(
+            m.mount(&mut npt, g(0), Perm::RW, &mem, &mem)
+                .unwrap_err()
+                .to_string(),
+            "a EPT subtree cannot be mounted into a NPT table"
+        );
+        let big = Morsel::<Ept>::create(2 * GIB, PageSize::Size2M, &mem, &mem).unwrap();
+        let mut vtd3 = SecondLevelTable::<VtdSl>::with_levels(3, &mem, &mem).unwrap();
+        assert_eq!(
+            big.mount(&mut vtd3, crate::IoVirtAddr::new(0), Perm::RW, &mem, &mem),
+            Err(Error::RootTooHigh { root: 3, levels: 3 })
+        );
+
+        m.unmount(&mut t, g(GIB), &mem).unwrap();
+        for x in [m, other, small, big] {
+            x.destroy(&mem, &mem).unwrap();
+        }
+        t.destroy(&mem, &mem).unwrap();
+        npt.destroy(&mem, &mem).unwrap();
+        vtd3.destroy(&mem, &mem).unwrap();
+        assert_eq!(mem.allocated_frames(), 0);
+    }
+
+    #[test]
+    fn ept_subtree_shared_with_iommu() {
+        let mem = SimMem::new(64 * GIB);
+        let m = Morsel::<Ept>::create(3 * GIB, PageSize::Size2M, &mem, &mem).unwrap();
+        let mut guest = SecondLevelTable::<Ept>::new(&mem, &mem).unwrap();
+        let mut dev = SecondLevelTable::<VtdSl>::new(&mem, &mem).unwrap();
+        let w = 512 * GIB;
+        m.mount(
+            &mut guest,
+            crate::GuestPhysAddr::new(w),
+            Perm::RO,
+            &mem,
+            &mem,
+        )
+        .unwrap();
+        m.mount(&mut dev, crate::IoVirtAddr::new(w), Perm::RW, &mem, &mem)
+            .unwrap();
+        for off in [0, GIB + 12345, 3 * GIB - 1] {
+            let g = guest
+                .translate(crate::GuestPhysAddr::new(w + off), &mem)
+                .unwrap();
+            let d = dev
+                .translate(crate::IoVirtAddr::new(w + off), &mem)
+                .unwrap();
+            assert_eq!(g.addr, d.addr);
+            assert_eq!((g.perm, d.perm), (Perm::RO, Perm::RW));
+        }
+        assert_eq!(m.mount_count(), 2);
+        m.unmount(&mut guest, crate::GuestPhysAddr::new(w), &mem)
+            .unwrap();
+        m.unmount(&mut dev, crate::IoVirtAddr::new(w), &mem)
+            .unwrap();
+        m.destroy(&mem, &mem).unwrap();
+        guest.destroy(&mem, &mem).unwrap();
+        dev.destroy(&mem, &mem).unwrap();
+        assert_eq!(mem.allocated_frames(), 0);
+    }
+}
