@@ -20,6 +20,15 @@ pub enum Emulator {
     Bochs,
 }
 
+impl Emulator {
+    pub fn word(self) -> &'static str {
+        match self {
+            Emulator::Qemu => "qemu",
+            Emulator::Bochs => "bochs",
+        }
+    }
+}
+
 /// One emulator setup, a file in `qemu-configs/`.
 #[derive(Debug, Clone)]
 pub struct Config {

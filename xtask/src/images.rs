@@ -70,16 +70,25 @@ pub fn guest_bins(root: &Path) -> Result<Vec<String>> {
     Ok(names)
 }
 
-/// Build the hypervisor and all guests, then write `build/guests.ar`.
-pub fn build_all() -> Result<Built> {
+/// Build the hypervisor and all guests, then write `build/guests.ar`. With `quiet`, the
+/// compiler output is kept back and only its tail is shown if the build fails.
+pub fn build_all(quiet: bool) -> Result<Built> {
     let root = crate::root();
-    let status = cargo(&root)
-        .args(["build", "--release", "-p", "hypervisor", "-p", "guests", "--target", TARGET])
-        .env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS", FREESTANDING_RUSTFLAGS)
-        .status()
-        .context(|| "cannot start cargo".to_string())?;
-    if !status.success() {
-        bail!("building the hypervisor and guests failed ({status}); see the compiler output above");
+    let mut cmd = cargo(&root);
+    cmd.args(["build", "--release", "-p", "hypervisor", "-p", "guests", "--target", TARGET])
+        .env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS", FREESTANDING_RUSTFLAGS);
+    if quiet {
+        let (status, output) = crate::output_merged(cmd).context(|| "cannot start cargo".to_string())?;
+        if !status.success() {
+            let lines: Vec<&str> = output.lines().collect();
+            let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+            bail!("building the hypervisor and guests failed ({status}):\n{tail}");
+        }
+    } else {
+        let status = cmd.status().context(|| "cannot start cargo".to_string())?;
+        if !status.success() {
+            bail!("building the hypervisor and guests failed ({status}); see the compiler output above");
+        }
     }
     let out = target_dir(&root).join(TARGET).join("release");
     let hypervisor = out.join("hypervisor");

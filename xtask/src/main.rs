@@ -70,6 +70,18 @@ pub fn root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
+/// Run `cmd` to the end with stdout and stderr merged into one pipe, returning both.
+pub fn output_merged(mut cmd: std::process::Command) -> std::io::Result<(std::process::ExitStatus, String)> {
+    use std::io::Read;
+    let (mut reader, writer) = std::io::pipe()?;
+    cmd.stdin(std::process::Stdio::null()).stdout(writer.try_clone()?).stderr(writer);
+    let mut child = cmd.spawn()?;
+    drop(cmd); // close our copies of the write end, or the read below never ends
+    let mut out = Vec::new();
+    reader.read_to_end(&mut out)?;
+    Ok((child.wait()?, String::from_utf8_lossy(&out).into_owned()))
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match dispatch(&args) {
@@ -91,7 +103,7 @@ fn dispatch(args: &[String]) -> Result<ExitCode> {
             if let Some(extra) = rest.first() {
                 bail!("`build` takes no arguments (got `{extra}`)");
             }
-            let built = images::build_all()?;
+            let built = images::build_all(false)?;
             println!("hypervisor: {}", built.hypervisor.display());
             println!("guests:     {} ({})", built.archive.display(), built.guest_names().join(", "));
             Ok(ExitCode::SUCCESS)

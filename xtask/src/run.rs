@@ -66,7 +66,7 @@ pub fn run(o: &Options) -> Result<ExitCode> {
     let config = Config::resolve(&root, &name)?;
     if let Some(e) = o.emulator {
         if e != config.emulator {
-            bail!("config `{}` is for {:?}, not --emulator {:?}", config.name, config.emulator, e);
+            bail!("config `{}` is for {}, not --emulator {}", config.name, config.emulator.word(), e.word());
         }
     }
     let cmdline = match &o.cmdline {
@@ -84,7 +84,7 @@ pub fn run(o: &Options) -> Result<ExitCode> {
             crate::tools::require_iso_tools()?;
         }
     }
-    let built = images::build_all()?;
+    let built = images::build_all(false)?;
     match config.emulator {
         Emulator::Qemu => run_qemu(&config, &built, &cmdline, o),
         Emulator::Bochs => run_bochs(&root, &config, &built, &cmdline, o),
@@ -178,6 +178,9 @@ fn run_bochs(root: &Path, config: &Config, built: &images::Built, cmdline: &str,
         std::thread::sleep(Duration::from_millis(50));
     }
     let log = std::fs::read_to_string(&serial).unwrap_or_default();
+    if !log.is_empty() && !log.ends_with('\n') {
+        println!();
+    }
     let ok = log.lines().any(|l| l.contains("parperos: exit success"));
     println!("bochs: stopped; its log is {}", log_path.display());
     Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })

@@ -11,7 +11,7 @@ use crate::emulator::{self, Accel, Config, Emulator};
 use crate::scenario::{self, ExitKind, Scenario};
 use crate::{bail, images, tools, Context, Result};
 use std::collections::VecDeque;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::{Arc, Mutex};
@@ -27,6 +27,8 @@ const QEMU_EXIT_SUCCESS: i32 = 33;
 const QEMU_EXIT_FAILURE: i32 = 35;
 /// Lines of serial log (and of host test output) shown for a failure.
 const TAIL_LINES: usize = 40;
+const HOST_TESTS: &str = "host: cargo test (allocator morsel xtask)";
+const HOST_LOOM: &str = "host: loom (allocator)";
 /// After Bochs printed its exit line, how long it may take to power off before it is stopped.
 const BOCHS_GRACE: Duration = Duration::from_secs(3);
 
@@ -102,15 +104,15 @@ pub fn test(o: &Options) -> Result<ExitCode> {
         tools::require(&tools::BOCHS)?;
         tools::require_iso_tools()?;
     }
-    tally.width = jobs.iter().map(|j| j.label.len()).chain([26]).max().unwrap_or(0);
+    tally.width = jobs.iter().map(|j| j.label.len()).chain([HOST_TESTS.len(), HOST_LOOM.len()]).max().unwrap_or(0);
 
     if host {
         println!("== host tests");
-        run_host(&root, &mut tally, "host: cargo test (allocator morsel xtask)", |c| {
+        run_host(&root, &mut tally, HOST_TESTS, |c| {
             c.args(["test", "--release", "-p", "allocator", "-p", "morsel", "-p", "xtask"]);
         });
         let loom_dir = images::target_dir(&root).join("loom");
-        run_host(&root, &mut tally, "host: loom (allocator)", |c| {
+        run_host(&root, &mut tally, HOST_LOOM, |c| {
             c.args(["test", "--release", "-p", "allocator", "--lib", "loom"])
                 .env("RUSTFLAGS", "--cfg loom")
                 .env("CARGO_TARGET_DIR", &loom_dir);
@@ -122,10 +124,11 @@ pub fn test(o: &Options) -> Result<ExitCode> {
 
     if !jobs.is_empty() {
         println!("== scenarios ({} runs, {} at a time; QEMU under TCG)", jobs.len(), o.jobs);
-        match images::build_all() {
+        match images::build_all(true) {
             Ok(built) => run_jobs(&root, jobs, built, o.jobs, &mut tally),
             Err(e) => {
-                tally.report(false, "build: hypervisor and guests", "", &format!("    {e}\n"));
+                let details: String = e.0.lines().map(|l| format!("    {l}\n")).collect();
+                tally.report(false, "build: hypervisor and guests", "", &details);
                 for j in &jobs {
                     tally.report(false, &j.label, "not run (build failed)", "");
                 }
@@ -177,24 +180,28 @@ fn run_host(root: &Path, tally: &mut Tally, name: &str, setup: impl FnOnce(&mut 
     let start = Instant::now();
     let mut cmd = images::cargo(root);
     setup(&mut cmd);
-    let result = (|| -> std::io::Result<(std::process::ExitStatus, String)> {
-        let (mut reader, writer) = std::io::pipe()?;
-        cmd.stdin(Stdio::null()).stdout(writer.try_clone()?).stderr(writer);
-        let mut child = cmd.spawn()?;
-        drop(cmd); // close our copies of the pipe's write end
-        let mut out = Vec::new();
-        reader.read_to_end(&mut out)?;
-        Ok((child.wait()?, String::from_utf8_lossy(&out).into_owned()))
-    })();
+    let cmd_line = cmd_text(&cmd);
+    let result = crate::output_merged(cmd);
     let secs = start.elapsed().as_secs_f64();
     match result {
         Ok((status, _)) if status.success() => tally.report(true, name, &format!("{secs:7.2} s"), ""),
         Ok((status, out)) => {
-            let details = tail_block(&out, &format!("output tail ({status})"));
+            // Progress lines would push the compiler's or the tests' messages out of the tail.
+            let progress = ["Compiling ", "Downloaded ", "Downloading ", "Locking ", "Adding "];
+            let kept: Vec<&str> =
+                out.lines().filter(|l| !progress.iter().any(|p| l.trim_start().starts_with(p))).collect();
+            let details = tail_block(&kept.join("\n"), &format!("output of `{}` ({status})", cmd_line));
             tally.report(false, name, &format!("{secs:7.2} s"), &details)
         }
         Err(e) => tally.report(false, name, "", &format!("    cannot run cargo: {e}\n")),
     }
+}
+
+/// `VAR=value cargo args...` as a user would type it (the env that xtask set, not inherited).
+fn cmd_text(cmd: &Command) -> String {
+    let envs = cmd.get_envs().filter_map(|(k, v)| Some(format!("{}={:?}", k.to_string_lossy(), v?)));
+    let args = cmd.get_args().map(|a| a.to_string_lossy().into_owned());
+    envs.chain(["cargo".to_string()]).chain(args).collect::<Vec<_>>().join(" ")
 }
 
 fn tail_block(text: &str, title: &str) -> String {
