@@ -1,2 +1,741 @@
-//! Lock-free, log-free page-frame allocator (LLFree design). See the crate docs.
-#![cfg_attr(not(feature = "std"), no_std)]
+//! Lock-free, log-free page-frame allocator after the LLFree design (Wrenger et al., USENIX
+//! ATC'23), written from its description, with a persistent mode.
+//!
+//! # Structure
+//! * Lower level, per 2 MiB area: a 512-bit field (one bit per 4 KiB frame, [`bitfield`]) and
+//!   one `u16` entry with the area's unclaimed free frames and a huge flag ([`child`]).
+//! * Upper level, per tree of 32 areas (64 MiB): a reservation word ([`tree`]). Each CPU
+//!   reserves one tree for small and one for huge frames, so CPUs work in different cache
+//!   lines; a tree's free count is the sum of its 32 area entries (one cache line).
+//! * Per CPU ([`local`]): the reserved trees and a *credit*: frames claimed in one CAS from
+//!   the entry of the area the CPU takes small frames from. A small `get` then costs one atomic
+//!   bit set; a `put` one atomic bit clear, plus one entry increment when the frame lies outside
+//!   the CPU's current area.
+//!
+//! Every state change is one atomic instruction on one word; there are no locks and no log.
+//! The bits and huge flags are the persistent truth; everything else is recounted by
+//! [`Init::Recover`].
+//!
+//! # Use
+//! ```
+//! use allocator::{Allocator, Init, Order, Pfn};
+//! let frames = 1 << 18; // 1 GiB
+//! let size = Allocator::metadata_size(2, frames);
+//! #[repr(C, align(64))]
+//! struct Line([u8; 64]);
+//! let mut buf: Vec<Line> = (0..size.div_ceil(64)).map(|_| Line([0; 64])).collect();
+//! // SAFETY: `buf` has at least `size` bytes, 64-aligned, and outlives `alloc`.
+//! let meta = unsafe { core::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<u8>(), size) };
+//! // Start with every frame allocated, then free the usable ranges of the memory map.
+//! let alloc = Allocator::new(2, Pfn(0), frames, meta, Init::Allocated).unwrap();
+//! alloc.free_range(Pfn(256), frames - 256).unwrap();
+//! let f = alloc.get(0, Order::BASE).unwrap();
+//! let h = alloc.get(1, Order::HUGE).unwrap();
+//! alloc.put(0, f, Order::BASE).unwrap();
+//! alloc.put(1, h, Order::HUGE).unwrap();
+//! assert_eq!(alloc.free_frames(), frames - 256);
+//! ```
+//! * [`Allocator::metadata_size`]`(cores, frames)`: bytes of metadata; the memory must be
+//!   aligned to [`META_ALIGN`] (64 bytes; page alignment is a good choice).
+//! * [`Allocator::new`]`(cores, first_pfn, frames, meta, init)`: the allocator manages frames
+//!   `first_pfn .. first_pfn + frames`; `first_pfn` must be 2 MiB aligned (a multiple of 512)
+//!   so huge frames are physically aligned. The hypervisor covers all of RAM from frame 0 with
+//!   [`Init::Allocated`] and hands the usable ranges of its memory map to
+//!   [`Allocator::free_range`] (one atomic per 64 frames). [`Init::Free`] starts all free.
+//!   [`Init::Recover`] rebuilds the state found in `meta` after a crash or reboot.
+//! * [`Allocator::get`] / [`Allocator::put`] for a CPU index `core < cores`: each index must be
+//!   used by one thread at a time (its CPU). Breaking that cannot hand a frame out twice or
+//!   break memory safety, but may make the free counts drift.
+//! * [`Allocator::drain`]`(core)` gives the CPU's reservations back.
+//!
+//! Persistent mode is this allocator with `meta` in persistent memory: every allocation and
+//! free is committed by its one bit/flag update, so after a crash [`Init::Recover`] over the
+//! same memory keeps every allocated frame allocated and loses no free frame.
+#![cfg_attr(not(any(test, feature = "std")), no_std)]
+
+mod bitfield;
+mod child;
+mod hook;
+mod local;
+mod sync;
+mod tree;
+
+#[cfg(all(test, loom))]
+mod loom_tests;
+#[cfg(all(test, not(loom)))]
+mod tests;
+
+use core::fmt;
+
+use child::AREA_FRAMES;
+use local::{Local, NONE};
+use sync::{AtomicU16, AtomicU32, AtomicU64, Ordering::*};
+
+/// A host-physical frame number (address / 4096).
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+pub struct Pfn(pub usize);
+
+impl Pfn {
+    /// The frame's first byte address.
+    pub const fn addr(self) -> u64 {
+        (self.0 as u64) << 12
+    }
+    /// The frame containing `addr`.
+    pub const fn from_addr(addr: u64) -> Self {
+        Pfn((addr >> 12) as usize)
+    }
+}
+
+/// Size of an allocation: 2^order frames of 4 KiB.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Order(pub u8);
+
+impl Order {
+    /// One 4 KiB frame.
+    pub const BASE: Order = Order(0);
+    /// One 2 MiB frame (512 aligned 4 KiB frames).
+    pub const HUGE: Order = Order(9);
+    /// Number of 4 KiB frames.
+    pub const fn frames(self) -> usize {
+        1 << self.0
+    }
+}
+
+/// Why an operation failed.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Error {
+    /// No free frame of the order (other CPUs' credits may still hold a few; see `drain`).
+    Memory,
+    /// The frame lies outside the managed range.
+    AddressOutOfRange,
+    /// The frame is not allocated (double free).
+    DoubleFree,
+    /// Unsupported order, a misaligned huge frame, or a frame allocated with the other order.
+    WrongOrder,
+    /// CPU index not below `cores`.
+    InvalidCore,
+    /// Bad geometry or metadata memory, or `Recover` found no valid metadata.
+    Initialization,
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Error::Memory => "out of memory",
+            Error::AddressOutOfRange => "frame outside the managed range",
+            Error::DoubleFree => "frame is not allocated (double free)",
+            Error::WrongOrder => "wrong order (unsupported, misaligned or allocated with another order)",
+            Error::InvalidCore => "CPU index out of range",
+            Error::Initialization => "invalid allocator geometry or metadata",
+        })
+    }
+}
+
+#[cfg(any(test, feature = "std"))]
+impl std::error::Error for Error {}
+
+/// How [`Allocator::new`] treats the metadata memory.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Init {
+    /// Fresh metadata, every frame free.
+    Free,
+    /// Fresh metadata, every frame allocated; free usable memory with `free_range`.
+    Allocated,
+    /// Metadata written earlier by this allocator (persistent memory after a crash or reboot):
+    /// validate it, recount the area entries from the bit fields, drop every reservation.
+    Recover,
+}
+
+/// Alignment the metadata memory needs.
+pub const META_ALIGN: usize = 64;
+
+const MAGIC: u64 = u64::from_le_bytes(*b"LLFreePP");
+const VERSION: u64 = 1;
+const HEADER_WORDS: usize = 8;
+const TREE_FRAMES: usize = tree::AREAS * AREA_FRAMES;
+/// A tree with at least this many free frames (and not all free) is the best pick for small
+/// frames: it is partly used already, so fully free trees stay whole for huge frames.
+const PARTIAL_MIN: usize = TREE_FRAMES / 16;
+/// Bound on retries of the fast paths before the slow (stealing) path.
+const ROUNDS: usize = 64;
+/// Largest frame count (area indices must fit the `u32` per-CPU fields).
+const MAX_FRAMES: usize = 1 << 40;
+
+/// Byte offsets of the metadata parts. Persistent parts first, per-CPU state last, so the
+/// number of CPUs may change across a recovery.
+struct Layout {
+    trees: usize,
+    areas: usize,
+    off_trees: usize,
+    off_children: usize,
+    off_bits: usize,
+    off_locals: usize,
+    size: usize,
+}
+
+const fn round64(x: usize) -> usize {
+    x.div_ceil(64) * 64
+}
+
+impl Layout {
+    const fn new(cores: usize, frames: usize) -> Self {
+        let areas = frames.div_ceil(AREA_FRAMES);
+        let trees = areas.div_ceil(tree::AREAS);
+        let off_trees = HEADER_WORDS * 8;
+        let off_children = off_trees + round64(trees * 4);
+        let off_bits = off_children + trees * tree::AREAS * 2;
+        let off_locals = off_bits + areas * bitfield::WORDS * 8;
+        let size = off_locals + cores * local::SIZE;
+        Layout { trees, areas, off_trees, off_children, off_bits, off_locals, size }
+    }
+}
+
+/// The allocator over caller-provided metadata memory. `Sync`: share it between CPUs.
+pub struct Allocator<'a> {
+    base: usize,
+    frames: usize,
+    header: &'a [AtomicU64],
+    trees: &'a [AtomicU32],
+    children: &'a [AtomicU16],
+    bits: &'a [AtomicU64],
+    locals: &'a [Local],
+}
+
+impl<'a> Allocator<'a> {
+    /// Bytes of metadata for `cores` CPUs and `frames` 4 KiB frames (about 33 KiB per GiB plus
+    /// 128 bytes per CPU), to be aligned to [`META_ALIGN`].
+    pub const fn metadata_size(cores: usize, frames: usize) -> usize {
+        Layout::new(cores, frames).size
+    }
+
+    /// Creates the allocator for frames `first .. first + frames` with its metadata in `meta`
+    /// (at least `metadata_size(cores, frames)` bytes, aligned to [`META_ALIGN`]). `first`
+    /// must be a multiple of 512. Any content of `meta` is safe: `Recover` validates it and
+    /// fails with [`Error::Initialization`] when it does not match.
+    #[cfg(not(loom))]
+    pub fn new(cores: usize, first: Pfn, frames: usize, meta: &'a mut [u8], init: Init) -> Result<Self, Error> {
+        if cores == 0 || cores >= NONE as usize || frames == 0 || frames > MAX_FRAMES || first.0 % AREA_FRAMES != 0 {
+            return Err(Error::Initialization);
+        }
+        let l = Layout::new(cores, frames);
+        if meta.len() < l.size || meta.as_ptr() as usize % META_ALIGN != 0 {
+            return Err(Error::Initialization);
+        }
+        let p = meta.as_mut_ptr();
+        // SAFETY: every part lies inside `meta` (length checked) at an offset that is a multiple
+        // of 64 from a 64-aligned start; the atomics have the size and alignment of their
+        // integers and every bit pattern is valid for them, `Local` is 8 `AtomicU32` plus padding
+        // (repr(C)); `meta` is borrowed exclusively for 'a, so nothing else accesses it.
+        let (header, trees, children, bits, locals) = unsafe {
+            (
+                core::slice::from_raw_parts(p.cast::<AtomicU64>(), HEADER_WORDS),
+                core::slice::from_raw_parts(p.add(l.off_trees).cast::<AtomicU32>(), l.trees),
+                core::slice::from_raw_parts(p.add(l.off_children).cast::<AtomicU16>(), l.trees * tree::AREAS),
+                core::slice::from_raw_parts(p.add(l.off_bits).cast::<AtomicU64>(), l.areas * bitfield::WORDS),
+                core::slice::from_raw_parts(p.add(l.off_locals).cast::<Local>(), cores),
+            )
+        };
+        let a = Allocator { base: first.0, frames, header, trees, children, bits, locals };
+        a.init(init)?;
+        Ok(a)
+    }
+
+    /// The same over metadata the caller built as typed slices (loom models: loom's atomics
+    /// cannot live in raw memory).
+    #[cfg(loom)]
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn from_parts(
+        first: Pfn,
+        frames: usize,
+        header: &'a [AtomicU64],
+        trees: &'a [AtomicU32],
+        children: &'a [AtomicU16],
+        bits: &'a [AtomicU64],
+        locals: &'a [Local],
+        init: Init,
+    ) -> Result<Self, Error> {
+        let a = Allocator { base: first.0, frames, header, trees, children, bits, locals };
+        a.init(init)?;
+        Ok(a)
+    }
+
+    fn init(&self, init: Init) -> Result<(), Error> {
+        let areas = self.areas();
+        match init {
+            Init::Free | Init::Allocated => {
+                self.header[0].store(0, Relaxed);
+                for t in self.trees {
+                    t.store(0, Relaxed);
+                }
+                for c in &self.children[areas..] {
+                    c.store(0, Relaxed);
+                }
+                for a in 0..areas {
+                    let n = self.area_frames(a);
+                    let (word, entry) = if init == Init::Free { (0, n as u16) } else { (u64::MAX, 0) };
+                    for (w, bits) in self.area_bits(a).iter().enumerate() {
+                        bits.store(word | out_of_range_mask(n, w), Relaxed);
+                    }
+                    self.children[a].store(entry, Relaxed);
+                }
+                self.header[1].store(VERSION, Relaxed);
+                self.header[2].store(self.base as u64, Relaxed);
+                self.header[3].store(self.frames as u64, Relaxed);
+                // Written last: metadata is valid for `Recover` only once complete.
+                self.header[0].store(MAGIC, Release);
+            }
+            Init::Recover => {
+                if self.header[0].load(Acquire) != MAGIC
+                    || self.header[1].load(Relaxed) != VERSION
+                    || self.header[2].load(Relaxed) != self.base as u64
+                    || self.header[3].load(Relaxed) != self.frames as u64
+                {
+                    return Err(Error::Initialization);
+                }
+                for t in self.trees {
+                    t.store(0, Relaxed);
+                }
+                for c in &self.children[areas..] {
+                    c.store(0, Relaxed);
+                }
+                for a in 0..areas {
+                    let n = self.area_frames(a);
+                    let bits = self.area_bits(a);
+                    for (w, word) in bits.iter().enumerate() {
+                        word.fetch_or(out_of_range_mask(n, w), Relaxed);
+                    }
+                    let set = bitfield::count_set(bits);
+                    let e = child::load(&self.children[a]);
+                    let entry = if e.huge() {
+                        // A huge frame is taken only from an area whose frames are all free and
+                        // unclaimed, so its bits are clear; anything else is corruption.
+                        if set != 0 || n != AREA_FRAMES {
+                            return Err(Error::Initialization);
+                        }
+                        child::ALLOCATED_HUGE
+                    } else {
+                        (AREA_FRAMES - set) as u16
+                    };
+                    self.children[a].store(entry, Relaxed);
+                }
+            }
+        }
+        for (core, l) in self.locals.iter().enumerate() {
+            l.reset(self.search_start(core));
+        }
+        core::sync::atomic::fence(SeqCst);
+        Ok(())
+    }
+
+    /// Allocates 2^order frames (order 0 or 9) for CPU `core`.
+    #[inline]
+    pub fn get(&self, core: usize, order: Order) -> Result<Pfn, Error> {
+        let l = self.locals.get(core).ok_or(Error::InvalidCore)?;
+        let i = match order {
+            Order::BASE => self.get_small(l, core)?,
+            Order::HUGE => self.get_huge(l, core)?,
+            _ => return Err(Error::WrongOrder),
+        };
+        Ok(Pfn(self.base + i))
+    }
+
+    /// Frees 2^order frames at `pfn`, allocated earlier with the same order (by any CPU).
+    #[inline]
+    pub fn put(&self, core: usize, pfn: Pfn, order: Order) -> Result<(), Error> {
+        let l = self.locals.get(core).ok_or(Error::InvalidCore)?;
+        let i = pfn.0.wrapping_sub(self.base);
+        if i >= self.frames {
+            return Err(Error::AddressOutOfRange);
+        }
+        let area = i / AREA_FRAMES;
+        match order {
+            Order::BASE => {
+                if !bitfield::clear(self.area_bits(area), i % AREA_FRAMES) {
+                    return Err(if child::load(&self.children[area]).huge() {
+                        Error::WrongOrder
+                    } else {
+                        Error::DoubleFree
+                    });
+                }
+                hook::point();
+                if area as u32 == l.area.get() {
+                    // The CPU's current area: the frame joins its credit, no atomic needed.
+                    l.credit.set(l.credit.get() + 1);
+                } else {
+                    child::add(&self.children[area], 1);
+                    hook::point();
+                }
+                Ok(())
+            }
+            Order::HUGE => {
+                if i % AREA_FRAMES != 0 {
+                    return Err(Error::WrongOrder);
+                }
+                if self.area_frames(area) != AREA_FRAMES {
+                    return Err(Error::AddressOutOfRange);
+                }
+                match child::put_huge(&self.children[area]) {
+                    Ok(()) => {
+                        hook::point();
+                        Ok(())
+                    }
+                    Err(_) if bitfield::count_set(self.area_bits(area)) != 0 => Err(Error::WrongOrder),
+                    Err(_) => Err(Error::DoubleFree),
+                }
+            }
+            _ => Err(Error::WrongOrder),
+        }
+    }
+
+    /// Frees `count` frames from `first` on, all allocated as 4 KiB frames (initialisation with
+    /// [`Init::Allocated`]: hand over the usable ranges). Checks first, then frees with one
+    /// atomic per 64-frame word; fails without change if a frame is free or out of range.
+    pub fn free_range(&self, first: Pfn, count: usize) -> Result<(), Error> {
+        let start = first.0.wrapping_sub(self.base);
+        if start >= self.frames || count > self.frames - start {
+            return Err(Error::AddressOutOfRange);
+        }
+        let end = start + count;
+        for pass in 0..2 {
+            let mut i = start;
+            while i < end {
+                let w = i / 64;
+                let hi = end.min((w + 1) * 64);
+                let mask = bit_range(i % 64, hi - w * 64);
+                if pass == 0 {
+                    if self.bits[w].load(Acquire) & mask != mask {
+                        return Err(Error::DoubleFree);
+                    }
+                } else {
+                    self.bits[w].fetch_and(!mask, AcqRel);
+                    hook::point();
+                }
+                i = hi;
+            }
+            if pass == 1 {
+                let mut a = start / AREA_FRAMES;
+                while a * AREA_FRAMES < end {
+                    let lo = start.max(a * AREA_FRAMES);
+                    let hi = end.min((a + 1) * AREA_FRAMES);
+                    child::add(&self.children[a], hi - lo);
+                    hook::point();
+                    a += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives CPU `core`'s credit and tree reservations back (call on that CPU, or when it is
+    /// idle), so other CPUs can use its frames and huge frames can form there.
+    pub fn drain(&self, core: usize) -> Result<(), Error> {
+        let l = self.locals.get(core).ok_or(Error::InvalidCore)?;
+        let credit = l.credit.get();
+        if credit > 0 {
+            child::add(&self.children[l.area.get() as usize], credit as usize);
+            hook::point();
+        }
+        l.credit.set(0);
+        l.area.set(NONE);
+        for t in [&l.small_tree, &l.huge_tree] {
+            if t.get() != NONE {
+                tree::release(&self.trees[t.get() as usize]);
+                t.set(NONE);
+                hook::point();
+            }
+        }
+        Ok(())
+    }
+
+    /// Free 4 KiB frames (huge frames count 512 each). Exact when no operation runs.
+    pub fn free_frames(&self) -> usize {
+        let areas: usize = self.children.iter().map(|c| child::load(c).free()).sum();
+        let credits: usize = self.locals.iter().map(|l| l.credit.get() as usize).sum();
+        areas + credits
+    }
+
+    /// Free 2 MiB frames: areas that are free and unclaimed (O(areas) scan).
+    pub fn free_huge(&self) -> usize {
+        self.children.iter().filter(|c| child::load(c).0 == child::FREE).count()
+    }
+
+    /// Free frames of `order`: [`Self::free_frames`] for order 0, [`Self::free_huge`] for 9.
+    pub fn free(&self, order: Order) -> Result<usize, Error> {
+        match order {
+            Order::BASE => Ok(self.free_frames()),
+            Order::HUGE => Ok(self.free_huge()),
+            _ => Err(Error::WrongOrder),
+        }
+    }
+
+    /// Managed 4 KiB frames.
+    pub fn frames(&self) -> usize {
+        self.frames
+    }
+
+    /// First managed frame.
+    pub fn first(&self) -> Pfn {
+        Pfn(self.base)
+    }
+
+    /// CPUs the allocator was made for.
+    pub fn cores(&self) -> usize {
+        self.locals.len()
+    }
+
+    /// Whether `pfn` is allocated (as a 4 KiB frame or inside a huge frame).
+    pub fn is_allocated(&self, pfn: Pfn) -> Result<bool, Error> {
+        let i = pfn.0.wrapping_sub(self.base);
+        if i >= self.frames {
+            return Err(Error::AddressOutOfRange);
+        }
+        let area = i / AREA_FRAMES;
+        let word = self.bits[i / 64].load(Acquire);
+        Ok(word & (1 << (i % 64)) != 0 || child::load(&self.children[area]).huge())
+    }
+
+    // ---- small frames ----
+
+    #[inline]
+    fn get_small(&self, l: &Local, core: usize) -> Result<usize, Error> {
+        for _ in 0..ROUNDS {
+            let credit = l.credit.get();
+            if credit > 0 {
+                let area = l.area.get() as usize;
+                l.credit.set(credit - 1);
+                if let Some(i) = self.take_bit(area, l.hint.get() as usize) {
+                    hook::point();
+                    l.hint.set((i / 64) as u32);
+                    return Ok(area * AREA_FRAMES + i);
+                }
+                // Unreachable while the claims are consistent: give the credit back.
+                child::add(&self.children[area], credit as usize);
+                l.credit.set(0);
+                l.area.set(NONE);
+                hook::point();
+            }
+            if self.claim_area(l) || self.reserve(l, core, false) {
+                continue;
+            }
+            break;
+        }
+        self.steal_small(core)
+    }
+
+    /// Takes a bit of `area`, after the caller claimed one of its frames.
+    #[inline]
+    fn take_bit(&self, area: usize, hint: usize) -> Option<usize> {
+        let bits = self.area_bits(area);
+        (0..ROUNDS).find_map(|_| bitfield::take(bits, hint))
+    }
+
+    /// Claims all free frames of an area of the CPU's small tree (partly used areas first, so
+    /// free areas stay whole); releases the tree when it has none.
+    fn claim_area(&self, l: &Local) -> bool {
+        let t = l.small_tree.get();
+        if t == NONE {
+            return false;
+        }
+        let first = t as usize * tree::AREAS;
+        let children = &self.children[first..first + tree::AREAS];
+        let start = (l.area.get() as usize).wrapping_sub(first).wrapping_add(1) % tree::AREAS;
+        for _ in 0..ROUNDS {
+            let mut whole = None;
+            let mut partial = None;
+            for k in 0..tree::AREAS {
+                let i = (start + k) % tree::AREAS;
+                let e = child::load(&children[i]);
+                if e.huge() || e.free() == 0 {
+                    continue;
+                }
+                if e.free() < AREA_FRAMES {
+                    partial = Some(i);
+                    break;
+                }
+                whole = whole.or(Some(i));
+            }
+            let Some(i) = partial.or(whole) else { break };
+            if let Some(n) = child::claim_all(&children[i]) {
+                hook::point();
+                l.area.set((first + i) as u32);
+                l.credit.set(n as u32);
+                l.hint.set(0);
+                return true;
+            }
+        }
+        l.small_tree.set(NONE);
+        l.area.set(NONE);
+        tree::release(&self.trees[t as usize]);
+        hook::point();
+        false
+    }
+
+    /// Outside any reservation: claim one frame of any area.
+    #[cold]
+    fn steal_small(&self, core: usize) -> Result<usize, Error> {
+        let n = self.areas();
+        let start = core * n / self.locals.len();
+        for k in 0..n {
+            let a = (start + k) % n;
+            if child::claim_one(&self.children[a]) {
+                hook::point();
+                if let Some(i) = self.take_bit(a, 0) {
+                    hook::point();
+                    return Ok(a * AREA_FRAMES + i);
+                }
+                child::add(&self.children[a], 1);
+                hook::point();
+            }
+        }
+        Err(Error::Memory)
+    }
+
+    // ---- huge frames ----
+
+    #[inline]
+    fn get_huge(&self, l: &Local, core: usize) -> Result<usize, Error> {
+        for _ in 0..ROUNDS {
+            let t = l.huge_tree.get();
+            if t != NONE {
+                let first = t as usize * tree::AREAS;
+                let next = l.huge_next.get() as usize;
+                for k in 0..tree::AREAS {
+                    let i = (next + k) % tree::AREAS;
+                    let c = &self.children[first + i];
+                    if child::load(c).0 == child::FREE && child::take_huge(c) {
+                        hook::point();
+                        l.huge_next.set(((i + 1) % tree::AREAS) as u32);
+                        return Ok((first + i) * AREA_FRAMES);
+                    }
+                }
+                l.huge_tree.set(NONE);
+                tree::release(&self.trees[t as usize]);
+                hook::point();
+            }
+            if !self.reserve(l, core, true) {
+                break;
+            }
+        }
+        // Outside any reservation.
+        let n = self.areas();
+        let start = core * n / self.locals.len();
+        for k in 0..n {
+            let a = (start + k) % n;
+            let c = &self.children[a];
+            if child::load(c).0 == child::FREE && child::take_huge(c) {
+                hook::point();
+                return Ok(a * AREA_FRAMES);
+            }
+        }
+        Err(Error::Memory)
+    }
+
+    // ---- trees ----
+
+    /// Reserves a tree for small (`huge` false) or huge frames, by fill level: for small frames
+    /// a partly used tree, else a free one, else any with free frames; for huge frames a free
+    /// tree, else any with a free area.
+    fn reserve(&self, l: &Local, core: usize, huge: bool) -> bool {
+        let n = self.trees.len();
+        for _ in 0..4 {
+            let search = if huge { &l.huge_search } else { &l.search };
+            let start = search.get() as usize % n;
+            let (mut best, mut whole, mut any) = (None, None, None);
+            for k in 0..n {
+                let t = (start + k) % n;
+                if tree::reserved(&self.trees[t]) {
+                    continue;
+                }
+                let (free, free_areas) = self.tree_stat(t);
+                let all = free == self.tree_frames(t);
+                if huge {
+                    if free_areas == 0 {
+                        continue;
+                    }
+                    if all {
+                        best = Some(t);
+                        break;
+                    }
+                    any = any.or(Some(t));
+                } else {
+                    if free == 0 {
+                        continue;
+                    }
+                    if !all && free >= PARTIAL_MIN {
+                        best = Some(t);
+                        break;
+                    }
+                    if all {
+                        whole = whole.or(Some(t));
+                    }
+                    any = any.or(Some(t));
+                }
+            }
+            let Some(t) = best.or(whole).or(any) else { return false };
+            if tree::reserve(&self.trees[t], core) {
+                hook::point();
+                search.set(t as u32);
+                if huge {
+                    l.huge_tree.set(t as u32);
+                    l.huge_next.set(0);
+                } else {
+                    l.small_tree.set(t as u32);
+                    l.area.set(NONE);
+                    l.credit.set(0);
+                }
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Free frames of tree `t` outside credits, and its free areas.
+    fn tree_stat(&self, t: usize) -> (usize, usize) {
+        let first = t * tree::AREAS;
+        self.children[first..first + tree::AREAS].iter().fold((0, 0), |(free, whole), c| {
+            let e = child::load(c);
+            (free + e.free(), whole + (e.0 == child::FREE) as usize)
+        })
+    }
+
+    // ---- geometry ----
+
+    fn areas(&self) -> usize {
+        self.frames.div_ceil(AREA_FRAMES)
+    }
+
+    /// Managed frames of area `a` (512 except maybe in the last).
+    fn area_frames(&self, a: usize) -> usize {
+        (self.frames - a * AREA_FRAMES).min(AREA_FRAMES)
+    }
+
+    fn tree_frames(&self, t: usize) -> usize {
+        (self.frames - t * TREE_FRAMES).min(TREE_FRAMES)
+    }
+
+    #[inline(always)]
+    fn area_bits(&self, a: usize) -> &[AtomicU64] {
+        &self.bits[a * bitfield::WORDS..(a + 1) * bitfield::WORDS]
+    }
+
+    fn search_start(&self, core: usize) -> u32 {
+        (core * self.trees.len() / self.locals.len()) as u32
+    }
+}
+
+/// Bits `lo..hi` of a word (hi <= 64).
+const fn bit_range(lo: usize, hi: usize) -> u64 {
+    let upper = if hi == 64 { u64::MAX } else { (1u64 << hi) - 1 };
+    upper & !((1u64 << lo) - 1)
+}
+
+/// Bits of word `w` of an area with `n` managed frames that lie beyond them (kept set).
+const fn out_of_range_mask(n: usize, w: usize) -> u64 {
+    if n >= (w + 1) * 64 {
+        0
+    } else if n <= w * 64 {
+        u64::MAX
+    } else {
+        !bit_range(0, n - w * 64)
+    }
+}

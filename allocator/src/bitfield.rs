@@ -1,0 +1,47 @@
+//! Lower level, part 1: the bit field of one 2 MiB area, 512 bits (one per 4 KiB frame, set =
+//! allocated) in eight 64-bit words, one cache line. Each frame changes state with one atomic
+//! read-modify-write on its word (`lock bts` / `lock btr` on x86-64); this is the persistent
+//! truth of which small frames are allocated.
+
+use crate::sync::{AtomicU64, Ordering::*};
+
+/// Words per area (512 frames / 64 bits).
+pub const WORDS: usize = 8;
+
+/// Sets one clear bit of the area, searching from word `hint`; returns the frame's index in the
+/// area (0..512), or `None` when one pass saw every bit set. The caller has claimed a frame of
+/// the area in its entry (see `child`), so a clear bit exists; a pass can still miss it when
+/// bits are cleared behind the search, so callers retry.
+#[inline]
+pub fn take(words: &[AtomicU64], hint: usize) -> Option<usize> {
+    debug_assert_eq!(words.len(), WORDS);
+    for k in 0..WORDS {
+        let w = (hint + k) % WORDS;
+        let word = &words[w];
+        let mut v = word.load(Relaxed);
+        while v != u64::MAX {
+            let bit = (!v).trailing_zeros() as usize;
+            let mask = 1u64 << bit;
+            // The one step that allocates the frame: it is ours iff we flipped the bit.
+            let old = word.fetch_or(mask, AcqRel);
+            if old & mask == 0 {
+                return Some(w * 64 + bit);
+            }
+            v = old | mask;
+        }
+    }
+    None
+}
+
+/// Clears bit `i`; returns whether it was set (false: the frame was not allocated as a small
+/// frame, and nothing changed).
+#[inline]
+pub fn clear(words: &[AtomicU64], i: usize) -> bool {
+    let mask = 1u64 << (i % 64);
+    words[i / 64].fetch_and(!mask, AcqRel) & mask != 0
+}
+
+/// Number of set bits (allocated frames) of the area.
+pub fn count_set(words: &[AtomicU64]) -> usize {
+    words.iter().map(|w| w.load(Acquire).count_ones() as usize).sum()
+}

@@ -1,0 +1,83 @@
+//! Per-CPU state: the CPU's reserved tree for small frames, the area it currently takes small
+//! frames from and how many of that area's frames it has claimed ("credit"), and its reserved
+//! tree for huge frames. Only the owning CPU writes it, with plain (relaxed) loads and stores,
+//! so the fast paths spend no atomic read-modify-write here. Other CPUs only read `credit` for
+//! statistics. It lives in the metadata memory but is volatile: recovery resets it.
+
+use crate::sync::{AtomicU32, Ordering::Relaxed};
+
+/// "No tree / no area".
+pub const NONE: u32 = u32::MAX;
+
+/// Bytes per CPU in the metadata (two cache lines, so adjacent-line prefetch does not make
+/// neighbouring CPUs share).
+pub const SIZE: usize = 128;
+
+#[cfg_attr(not(loom), repr(C, align(128)))]
+pub struct Local {
+    /// Tree reserved for small frames.
+    pub small_tree: Cell,
+    /// Area the credit belongs to.
+    pub area: Cell,
+    /// Frames of `area` claimed from its entry and not yet handed out.
+    pub credit: Cell,
+    /// Word of `area` to start the next bit search at.
+    pub hint: Cell,
+    /// Tree reserved for huge frames.
+    pub huge_tree: Cell,
+    /// Area (index in `huge_tree`) to start the next huge search at.
+    pub huge_next: Cell,
+    /// Tree to start the next search for a small-frame tree at.
+    pub search: Cell,
+    /// Tree to start the next search for a huge-frame tree at.
+    pub huge_search: Cell,
+}
+
+#[cfg(not(loom))]
+const _: () = assert!(core::mem::size_of::<Local>() == SIZE);
+
+/// A `u32` that only its owning CPU writes.
+pub struct Cell(AtomicU32);
+
+impl Cell {
+    #[cfg_attr(not(loom), allow(dead_code))]
+    pub fn new(v: u32) -> Self {
+        Cell(AtomicU32::new(v))
+    }
+    #[inline(always)]
+    pub fn get(&self) -> u32 {
+        self.0.load(Relaxed)
+    }
+    #[inline(always)]
+    pub fn set(&self, v: u32) {
+        self.0.store(v, Relaxed)
+    }
+}
+
+impl Local {
+    #[cfg_attr(not(loom), allow(dead_code))]
+    pub fn new(search: u32) -> Self {
+        Local {
+            small_tree: Cell::new(NONE),
+            area: Cell::new(NONE),
+            credit: Cell::new(0),
+            hint: Cell::new(0),
+            huge_tree: Cell::new(NONE),
+            huge_next: Cell::new(0),
+            search: Cell::new(search),
+            huge_search: Cell::new(search),
+        }
+    }
+
+    /// Resets to "nothing reserved" (recovery, initialisation).
+    pub fn reset(&self, search: u32) {
+        self.small_tree.set(NONE);
+        self.area.set(NONE);
+        self.credit.set(0);
+        self.hint.set(0);
+        self.huge_tree.set(NONE);
+        self.huge_next.set(0);
+        self.search.set(search);
+        self.huge_search.set(search);
+    }
+}

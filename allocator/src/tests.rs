@@ -1,0 +1,600 @@
+//! Host tests: every operation and error, a property test against a model, a multi-threaded
+//! stress test against a shadow bitmap, and crash injection with recovery.
+
+use super::*;
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64 as StdU64, Ordering as O};
+use std::sync::{Arc, Barrier};
+
+const GIB: usize = 1 << 18; // frames
+
+/// Tiny xorshift generator (no dependency).
+pub struct Rng(u64);
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
+    }
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// Zeroed, 64-aligned metadata memory that lives as long as the test binary.
+fn meta(size: usize) -> &'static mut [u8] {
+    let words: &'static mut [u64] = Box::leak(vec![0u64; size.div_ceil(8) + 8].into_boxed_slice());
+    let p = words.as_mut_ptr() as usize;
+    let off = p.next_multiple_of(64) - p;
+    // SAFETY: the leaked buffer has `size + 64` bytes from `p`, never freed or aliased.
+    unsafe { std::slice::from_raw_parts_mut((p + off) as *mut u8, size) }
+}
+
+fn new(cores: usize, frames: usize, init: Init) -> Allocator<'static> {
+    Allocator::new(cores, Pfn(0), frames, meta(Allocator::metadata_size(cores, frames)), init).unwrap()
+}
+
+#[test]
+fn init_counts() {
+    for frames in [1, 511, 512, 513, 3 * TREE_FRAMES + 700, GIB] {
+        let a = new(2, frames, Init::Free);
+        assert_eq!(a.frames(), frames);
+        assert_eq!(a.free_frames(), frames);
+        assert_eq!(a.free_huge(), frames / 512);
+        let b = new(2, frames, Init::Allocated);
+        assert_eq!(b.free_frames(), 0);
+        assert_eq!(b.free_huge(), 0);
+    }
+}
+
+#[test]
+fn metadata_per_gib() {
+    let size = Allocator::metadata_size(0, GIB);
+    assert!(size <= 33 * 1024 + 1024, "{size} bytes per GiB");
+}
+
+#[test]
+fn init_errors() {
+    let size = Allocator::metadata_size(2, 4096);
+    assert_eq!(Allocator::new(2, Pfn(1), 4096, meta(size), Init::Free).err(), Some(Error::Initialization));
+    assert_eq!(Allocator::new(0, Pfn(0), 4096, meta(size), Init::Free).err(), Some(Error::Initialization));
+    assert_eq!(Allocator::new(2, Pfn(0), 0, meta(size), Init::Free).err(), Some(Error::Initialization));
+    assert_eq!(Allocator::new(2, Pfn(0), 4096, meta(size - 1), Init::Free).err(), Some(Error::Initialization));
+    let m = meta(size + 64);
+    assert_eq!(Allocator::new(2, Pfn(0), 4096, &mut m[8..], Init::Free).err(), Some(Error::Initialization));
+    // Recover over memory that never held metadata, or with another geometry.
+    assert_eq!(Allocator::new(2, Pfn(0), 4096, meta(size), Init::Recover).err(), Some(Error::Initialization));
+    let m = meta(size);
+    let p = m.as_mut_ptr();
+    drop(Allocator::new(2, Pfn(0), 4096, m, Init::Free).unwrap());
+    // SAFETY: the allocator over `m` is gone; the leaked memory is ours again.
+    let m = unsafe { std::slice::from_raw_parts_mut(p, size) };
+    assert_eq!(Allocator::new(2, Pfn(512), 4096, m, Init::Recover).err(), Some(Error::Initialization));
+}
+
+#[test]
+fn get_put_small_and_huge() {
+    let a = new(2, GIB, Init::Free);
+    let f = a.get(0, Order::BASE).unwrap();
+    assert!(a.is_allocated(f).unwrap());
+    assert_eq!(a.free_frames(), GIB - 1);
+    let h = a.get(1, Order::HUGE).unwrap();
+    assert_eq!(h.0 % 512, 0);
+    assert!(a.is_allocated(Pfn(h.0 + 100)).unwrap());
+    assert_eq!(a.free_frames(), GIB - 513);
+    assert_ne!(h.0 / 512, f.0 / 512);
+    a.put(0, f, Order::BASE).unwrap();
+    a.put(0, h, Order::HUGE).unwrap();
+    assert!(!a.is_allocated(f).unwrap());
+    assert_eq!(a.free_frames(), GIB);
+    a.drain(0).unwrap();
+    a.drain(1).unwrap();
+    assert_eq!(a.free_huge(), GIB / 512);
+}
+
+#[test]
+fn errors() {
+    let a = new(2, 4 * 512 + 100, Init::Free);
+    // The last area (100 frames) is partly free, so small frames come from it first.
+    let small: Vec<_> = (0..200).map(|_| a.get(0, Order::BASE).unwrap()).collect();
+    let f = *small.iter().find(|f| f.0 < 4 * 512).unwrap();
+    let h = a.get(0, Order::HUGE).unwrap();
+    assert_eq!(a.get(2, Order::BASE), Err(Error::InvalidCore));
+    assert_eq!(a.put(2, f, Order::BASE), Err(Error::InvalidCore));
+    assert_eq!(a.get(0, Order(3)), Err(Error::WrongOrder));
+    assert_eq!(a.put(0, f, Order(3)), Err(Error::WrongOrder));
+    assert_eq!(a.put(0, Pfn(a.frames()), Order::BASE), Err(Error::AddressOutOfRange));
+    assert_eq!(a.put(0, Pfn(usize::MAX), Order::BASE), Err(Error::AddressOutOfRange));
+    // The last, partial area can never be a huge frame.
+    assert_eq!(a.put(0, Pfn(4 * 512), Order::HUGE), Err(Error::AddressOutOfRange));
+    // Small frame freed as huge, huge frame freed as small, misaligned huge.
+    assert_eq!(a.put(0, Pfn(f.0 / 512 * 512), Order::HUGE), Err(Error::WrongOrder));
+    assert_eq!(a.put(0, Pfn(h.0 + 3), Order::BASE), Err(Error::WrongOrder));
+    assert_eq!(a.put(0, Pfn(h.0 + 3), Order::HUGE), Err(Error::WrongOrder));
+    // Double frees.
+    a.put(0, f, Order::BASE).unwrap();
+    assert_eq!(a.put(0, f, Order::BASE), Err(Error::DoubleFree));
+    assert_eq!(a.put(1, f, Order::BASE), Err(Error::DoubleFree));
+    a.put(1, h, Order::HUGE).unwrap();
+    assert_eq!(a.put(0, h, Order::HUGE), Err(Error::DoubleFree));
+    for g in small.into_iter().filter(|&g| g != f) {
+        a.put(0, g, Order::BASE).unwrap();
+    }
+    assert_eq!(a.free_frames(), a.frames());
+    for e in [Error::Memory, Error::DoubleFree, Error::WrongOrder] {
+        assert!(!e.to_string().is_empty());
+    }
+}
+
+#[test]
+fn exhaust_small_then_huge() {
+    let frames = 3 * TREE_FRAMES + 700;
+    let a = new(2, frames, Init::Free);
+    let mut seen = HashSet::new();
+    loop {
+        match a.get((seen.len() / 1000) % 2, Order::BASE) {
+            Ok(f) => assert!(seen.insert(f.0) && f.0 < frames),
+            Err(e) => {
+                assert_eq!(e, Error::Memory);
+                break;
+            }
+        }
+    }
+    // Every frame, including the credit of the other CPU (claimed by steal... drained here).
+    a.drain(0).unwrap();
+    a.drain(1).unwrap();
+    while let Ok(f) = a.get(0, Order::BASE) {
+        assert!(seen.insert(f.0));
+    }
+    assert_eq!(seen.len(), frames);
+    assert_eq!(a.free_frames(), 0);
+    assert_eq!(a.get(1, Order::HUGE), Err(Error::Memory));
+    for &f in &seen {
+        a.put(1, Pfn(f), Order::BASE).unwrap();
+    }
+    a.drain(1).unwrap();
+    assert_eq!(a.free_frames(), frames);
+    let mut huge = HashSet::new();
+    while let Ok(h) = a.get(huge.len() % 2, Order::HUGE) {
+        assert!(huge.insert(h.0) && h.0 % 512 == 0);
+    }
+    assert_eq!(huge.len(), frames / 512);
+    assert_eq!(a.free_frames(), frames % 512);
+}
+
+#[test]
+fn free_range_after_allocated() {
+    let frames = 2 * TREE_FRAMES + 1000;
+    let a = new(2, frames, Init::Allocated);
+    assert_eq!(a.get(0, Order::BASE), Err(Error::Memory));
+    a.free_range(Pfn(3), 70).unwrap();
+    a.free_range(Pfn(512), 1024).unwrap();
+    assert_eq!(a.free_range(Pfn(500), 20), Err(Error::DoubleFree));
+    assert_eq!(a.free_range(Pfn(frames - 5), 6), Err(Error::AddressOutOfRange));
+    assert_eq!(a.free_frames(), 1094);
+    assert_eq!(a.free_huge(), 2);
+    a.free_range(Pfn(TREE_FRAMES), frames - TREE_FRAMES).unwrap();
+    assert_eq!(a.free_frames(), 1094 + frames - TREE_FRAMES);
+    assert!(!a.is_allocated(Pfn(3)).unwrap() && a.is_allocated(Pfn(2)).unwrap() && a.is_allocated(Pfn(73)).unwrap());
+    let h = a.get(0, Order::HUGE).unwrap();
+    assert!(h.0 >= 512);
+}
+
+#[test]
+fn base_offset() {
+    let base = 512 * 77;
+    let size = Allocator::metadata_size(1, 4096);
+    let a = Allocator::new(1, Pfn(base), 4096, meta(size), Init::Free).unwrap();
+    let f = a.get(0, Order::BASE).unwrap();
+    assert!(f.0 >= base && f.0 < base + 4096);
+    assert_eq!(a.put(0, Pfn(base - 1), Order::BASE), Err(Error::AddressOutOfRange));
+    assert_eq!(Pfn(5).addr(), 5 * 4096);
+    assert_eq!(Pfn::from_addr(5 * 4096 + 7), Pfn(5));
+}
+
+#[test]
+fn drain_returns_credit_and_trees() {
+    let a = new(2, 2 * TREE_FRAMES, Init::Free);
+    let f = a.get(0, Order::BASE).unwrap();
+    a.put(0, f, Order::BASE).unwrap();
+    // The area is held as CPU 0's credit: not a free huge frame until drained.
+    assert_eq!(a.free_huge(), 2 * 32 - 1);
+    assert_eq!(a.free_frames(), 2 * TREE_FRAMES);
+    a.drain(0).unwrap();
+    assert_eq!(a.free_huge(), 2 * 32);
+    assert!(a.trees.iter().all(|t| !tree::reserved(t)));
+    assert_eq!(a.drain(5), Err(Error::InvalidCore));
+}
+
+#[test]
+fn fill_level_keeps_free_trees_for_huge() {
+    let a = new(1, 4 * TREE_FRAMES, Init::Free);
+    // Small frames fill one tree; huge frames come from a different, free tree.
+    let small: Vec<_> = (0..2000).map(|_| a.get(0, Order::BASE).unwrap()).collect();
+    let h = a.get(0, Order::HUGE).unwrap();
+    assert_ne!(h.0 / TREE_FRAMES, small[0].0 / TREE_FRAMES);
+    assert!(small.iter().all(|f| f.0 / TREE_FRAMES == small[0].0 / TREE_FRAMES));
+    // A partly used tree is preferred for small frames over free ones after a drain.
+    a.drain(0).unwrap();
+    let f = a.get(0, Order::BASE).unwrap();
+    assert_eq!(f.0 / TREE_FRAMES, small[0].0 / TREE_FRAMES);
+}
+
+#[test]
+fn recover_volatile_state() {
+    let frames = 2 * TREE_FRAMES + 300;
+    let size = Allocator::metadata_size(2, frames);
+    let m = meta(size);
+    let p = m.as_mut_ptr();
+    let a = Allocator::new(2, Pfn(0), frames, m, Init::Free).unwrap();
+    let small: Vec<_> = (0..1500).map(|i| a.get(i % 2, Order::BASE).unwrap()).collect();
+    let huge: Vec<_> = (0..5).map(|i| a.get(i % 2, Order::HUGE).unwrap()).collect();
+    a.put(0, small[7], Order::BASE).unwrap();
+    drop(a);
+    // SAFETY: the allocator over the buffer is gone.
+    let m = unsafe { std::slice::from_raw_parts_mut(p, size) };
+    let r = Allocator::new(2, Pfn(0), frames, m, Init::Recover).unwrap();
+    assert_eq!(r.free_frames(), frames - 1499 - 5 * 512);
+    for (i, f) in small.iter().enumerate() {
+        assert_eq!(r.is_allocated(*f).unwrap(), i != 7);
+    }
+    for h in &huge {
+        r.put(1, *h, Order::HUGE).unwrap();
+    }
+    assert_eq!(r.put(1, small[7], Order::BASE), Err(Error::DoubleFree));
+}
+
+// ---- property test against a model ----
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+    #[test]
+    fn model(ops in proptest::collection::vec((0u8..8, 0usize..3, 0usize..10_000), 1..400),
+             frames in 1usize..(2 * TREE_FRAMES + 600)) {
+        let a = new(3, frames, Init::Free);
+        let mut held: Vec<(Pfn, Order)> = Vec::new();
+        let mut used = 0usize;
+        for (op, core, pick) in ops {
+            match op {
+                0..=2 => match a.get(core, Order::BASE) {
+                    Ok(f) => { held.push((f, Order::BASE)); used += 1; }
+                    Err(e) => { proptest::prop_assert_eq!(e, Error::Memory); }
+                },
+                3 => match a.get(core, Order::HUGE) {
+                    Ok(f) => { proptest::prop_assert_eq!(f.0 % 512, 0); held.push((f, Order::HUGE)); used += 512; }
+                    Err(e) => { proptest::prop_assert_eq!(e, Error::Memory); }
+                },
+                4..=6 if !held.is_empty() => {
+                    let (f, o) = held.swap_remove(pick % held.len());
+                    a.put(core, f, o).unwrap();
+                    used -= o.frames();
+                    proptest::prop_assert_eq!(a.put(core, f, o), Err(Error::DoubleFree));
+                }
+                _ => { a.drain(core).unwrap(); }
+            }
+            proptest::prop_assert_eq!(a.free_frames(), frames - used);
+        }
+        let mut all = HashSet::new();
+        for (f, o) in &held {
+            for i in 0..o.frames() {
+                proptest::prop_assert!(all.insert(f.0 + i));
+                proptest::prop_assert!(f.0 + i < frames);
+            }
+        }
+    }
+}
+
+// ---- multi-threaded stress against a shadow bitmap ----
+
+struct Shadow(Vec<StdU64>);
+impl Shadow {
+    fn new(frames: usize) -> Self {
+        Shadow((0..frames.div_ceil(64)).map(|_| StdU64::new(0)).collect())
+    }
+    /// Marks the frames taken; panics when one was taken already.
+    fn take(&self, f: Pfn, o: Order) {
+        for (w, m) in words(f, o) {
+            let old = self.0[w].fetch_or(m, O::SeqCst);
+            assert_eq!(old & m, 0, "frame {:?} (order {}) handed out twice", f, o.0);
+        }
+    }
+    fn give(&self, f: Pfn, o: Order) {
+        for (w, m) in words(f, o) {
+            let old = self.0[w].fetch_and(!m, O::SeqCst);
+            assert_eq!(old & m, m);
+        }
+    }
+}
+
+fn words(f: Pfn, o: Order) -> impl Iterator<Item = (usize, u64)> {
+    let n = o.frames();
+    let lo = f.0;
+    (lo / 64..(lo + n).div_ceil(64)).map(move |w| {
+        let a = lo.max(w * 64) - w * 64;
+        let b = (lo + n).min(w * 64 + 64) - w * 64;
+        (w, bit_range(a, b))
+    })
+}
+
+fn stress(threads: usize, frames: usize, rounds: usize, ops: usize) {
+    let a: &'static Allocator<'static> = Box::leak(Box::new(new(threads, frames, Init::Free)));
+    let shadow = Arc::new(Shadow::new(frames));
+    let barrier = Arc::new(Barrier::new(threads + 1));
+    let held_total = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            let (shadow, barrier, held_total) = (shadow.clone(), barrier.clone(), held_total.clone());
+            std::thread::spawn(move || {
+                let mut rng = Rng::new(t as u64 + 1);
+                let mut held: Vec<(Pfn, Order)> = Vec::new();
+                let mut frames_held = 0usize;
+                let cap = frames / threads;
+                for round in 0..rounds {
+                    // Alternate between filling up (to near exhaustion) and draining down.
+                    let target = if round % 2 == 0 { cap * 9 / 10 } else { cap / 4 };
+                    for _ in 0..ops {
+                        let grow = frames_held < target || rng.below(8) == 0;
+                        if grow || held.is_empty() {
+                            let o = if rng.below(16) == 0 { Order::HUGE } else { Order::BASE };
+                            match a.get(t, o) {
+                                Ok(f) => {
+                                    shadow.take(f, o);
+                                    held.push((f, o));
+                                    frames_held += o.frames();
+                                }
+                                Err(e) => assert_eq!(e, Error::Memory),
+                            }
+                        } else {
+                            let (f, o) = held.swap_remove(rng.below(held.len()));
+                            shadow.give(f, o);
+                            a.put(t, f, o).unwrap();
+                            frames_held -= o.frames();
+                        }
+                    }
+                    held_total.fetch_add(frames_held, O::SeqCst);
+                    barrier.wait(); // quiescent: main checks the counts
+                    barrier.wait();
+                }
+                for (f, o) in held {
+                    shadow.give(f, o);
+                    a.put(t, f, o).unwrap();
+                }
+                a.drain(t).unwrap();
+            })
+        })
+        .collect();
+    for _ in 0..rounds {
+        barrier.wait();
+        let held = held_total.swap(0, O::SeqCst);
+        assert_eq!(a.free_frames() + held, frames, "counts do not add up");
+        let set: usize = shadow.0.iter().map(|w| w.load(O::SeqCst).count_ones() as usize).sum();
+        assert_eq!(set, held);
+        barrier.wait();
+    }
+    for h in handles {
+        h.join().unwrap();
+    }
+    assert_eq!(a.free_frames(), frames);
+    assert_eq!(a.free_huge(), frames / 512);
+}
+
+#[test]
+fn stress_2_threads() {
+    // 256 MiB: small enough that the threads run out, steal and share trees.
+    stress(2, GIB / 4, 8, 250_000);
+}
+
+#[test]
+fn stress_4_threads() {
+    stress(4, GIB / 8 + 1000, 6, 150_000);
+}
+
+// ---- crash injection ----
+
+#[derive(Clone, Debug)]
+enum Op {
+    Get(Order),
+    Put(Pfn, Order),
+    Drain,
+    FreeRange(Pfn, usize),
+}
+
+struct Crash {
+    frames: usize,
+    cores: usize,
+    meta: *const u8,
+    size: usize,
+    /// Frame -> allocated, as known before the operation in flight.
+    model: Vec<bool>,
+    op: Option<Op>,
+    rng: Rng,
+    every: usize,
+    checks: usize,
+}
+
+impl Crash {
+    /// A crash here: recover from a copy of the metadata and check it against the model.
+    fn check(&mut self) {
+        if self.rng.below(self.every) != 0 {
+            return;
+        }
+        self.checks += 1;
+        let mut copy = vec![0u64; self.size / 8 + 8];
+        let p = copy.as_mut_ptr().cast::<u8>();
+        // SAFETY: `copy` has 64 spare bytes, enough to start at a 64-byte boundary.
+        let dst = unsafe { p.add((p as usize).next_multiple_of(64) - p as usize) };
+        // SAFETY: `meta` is `size` bytes of live metadata, and this thread runs the only
+        // operation on it, so the copy is the state a crash at this instant leaves.
+        unsafe { std::ptr::copy_nonoverlapping(self.meta, dst, self.size) };
+        // SAFETY: `size` bytes from `dst` lie inside `copy`, which outlives `m`.
+        let m = unsafe { std::slice::from_raw_parts_mut(dst, self.size) };
+        self.verify(m)
+    }
+
+    fn verify(&mut self, m: &mut [u8]) {
+        let r = Allocator::new(self.cores, Pfn(0), self.frames, m, Init::Recover).expect("recover");
+        // Frames the operation in flight may have changed.
+        let (lo, hi, get) = match &self.op {
+            Some(Op::Put(f, o)) => (f.0, f.0 + o.frames(), None),
+            Some(Op::FreeRange(f, n)) => (f.0, f.0 + n, None),
+            Some(Op::Get(o)) => (0, 0, Some(*o)),
+            _ => (0, 0, None),
+        };
+        let mut extra = Vec::new();
+        let mut free = 0;
+        for f in 0..self.frames {
+            let now = r.is_allocated(Pfn(f)).unwrap();
+            free += !now as usize;
+            let was = self.model[f];
+            if now == was || (f >= lo && f < hi) {
+                continue;
+            }
+            assert!(now && !was, "frame {f} allocated before the crash is free after recovery ({:?})", self.op);
+            extra.push(f);
+        }
+        // At most the one allocation in flight appeared.
+        match get {
+            Some(o) if !extra.is_empty() => {
+                assert_eq!(extra.len(), o.frames(), "{:?}", self.op);
+                assert_eq!(extra[0] % o.frames(), 0);
+                assert_eq!(extra[extra.len() - 1], extra[0] + o.frames() - 1);
+            }
+            _ => assert!(extra.is_empty(), "frames {extra:?} allocated out of nowhere ({:?})", self.op),
+        }
+        // Counts agree with the bits: no free frame lost.
+        assert_eq!(r.free_frames(), free);
+        // Now and then, hand out everything: each frame once, only free ones.
+        if self.checks % 8 == 0 {
+            let mut got = 0;
+            while let Ok(h) = r.get(0, Order::HUGE) {
+                assert!((0..512).all(|i| !self.model[h.0 + i] || (h.0 + i >= lo && h.0 + i < hi)));
+                got += 512;
+            }
+            let mut seen = HashSet::new();
+            while let Ok(f) = r.get(self.cores - 1, Order::BASE) {
+                assert!(seen.insert(f.0));
+                assert!(!self.model[f.0] || (f.0 >= lo && f.0 < hi));
+                got += 1;
+            }
+            assert_eq!(got, free);
+        }
+    }
+}
+
+fn crash_run(init: Init, seed: u64) -> usize {
+    let frames = 2 * TREE_FRAMES + 777;
+    let cores = 3;
+    let size = Allocator::metadata_size(cores, frames);
+    let m = meta(size);
+    let ptr = m.as_ptr();
+    let a = Allocator::new(cores, Pfn(0), frames, m, init).unwrap();
+    let state = std::rc::Rc::new(std::cell::RefCell::new(Crash {
+        frames,
+        cores,
+        meta: ptr,
+        size,
+        model: vec![init == Init::Allocated; frames],
+        op: None,
+        rng: Rng::new(seed),
+        every: 20,
+        checks: 0,
+    }));
+    let s = state.clone();
+    hook::set(Some(Box::new(move || s.borrow_mut().check())));
+    let set_op = |op: Option<Op>| state.borrow_mut().op = op;
+    let mut rng = Rng::new(seed ^ 0xabcdef);
+    let mut held: Vec<(Pfn, Order)> = Vec::new();
+    if init == Init::Allocated {
+        let mut f = 0;
+        while f < frames {
+            let n = (1 + rng.below(3000)).min(frames - f);
+            set_op(Some(Op::FreeRange(Pfn(f), n)));
+            a.free_range(Pfn(f), n).unwrap();
+            state.borrow_mut().model[f..f + n].fill(false);
+            f += n + rng.below(4);
+        }
+        set_op(None);
+    }
+    let mut used = state.borrow().model.iter().filter(|&&b| b).count();
+    for step in 0..12_000 {
+        let core = rng.below(cores);
+        let fill = used * 100 / frames;
+        let r = rng.below(100);
+        if r < 2 {
+            set_op(Some(Op::Drain));
+            a.drain(core).unwrap();
+        } else if (r < 55 && fill < 95) || held.is_empty() {
+            let o = if rng.below(10) == 0 { Order::HUGE } else { Order::BASE };
+            set_op(Some(Op::Get(o)));
+            if let Ok(f) = a.get(core, o) {
+                state.borrow_mut().model[f.0..f.0 + o.frames()].fill(true);
+                held.push((f, o));
+                used += o.frames();
+            }
+        } else {
+            let (f, o) = held.swap_remove(rng.below(held.len()));
+            set_op(Some(Op::Put(f, o)));
+            a.put(core, f, o).unwrap();
+            state.borrow_mut().model[f.0..f.0 + o.frames()].fill(false);
+            used -= o.frames();
+        }
+        set_op(None);
+        // Bulk phases: a few long runs of one kind, so reservations change hands.
+        if step % 3000 == 2999 {
+            for _ in 0..rng.below(held.len() + 1) {
+                let (f, o) = held.swap_remove(0);
+                set_op(Some(Op::Put(f, o)));
+                a.put(rng.below(cores), f, o).unwrap();
+                state.borrow_mut().model[f.0..f.0 + o.frames()].fill(false);
+                used -= o.frames();
+            }
+            set_op(None);
+        }
+    }
+    hook::set(None);
+    let checks = state.borrow().checks;
+    checks
+}
+
+#[test]
+fn crash_recovery_free_start() {
+    let checks = crash_run(Init::Free, 1) + crash_run(Init::Free, 2);
+    assert!(checks > 1000, "{checks} crash points checked");
+}
+
+#[test]
+fn crash_recovery_allocated_start() {
+    let checks = crash_run(Init::Allocated, 3);
+    assert!(checks > 500, "{checks} crash points checked");
+}
+
+/// The crash checker itself must catch a lost frame: corrupt a snapshot on purpose.
+#[test]
+fn crash_checker_detects_lost_frame() {
+    let frames = 4096;
+    let size = Allocator::metadata_size(1, frames);
+    let m = meta(size);
+    let ptr = m.as_mut_ptr();
+    let a = Allocator::new(1, Pfn(0), frames, m, Init::Free).unwrap();
+    let f = a.get(0, Order::BASE).unwrap();
+    let mut c = Crash {
+        frames,
+        cores: 1,
+        meta: ptr,
+        size,
+        model: vec![false; frames],
+        op: None,
+        rng: Rng::new(1),
+        every: 1,
+        checks: 0,
+    };
+    c.model[f.0] = true;
+    c.check(); // consistent
+    c.model[f.0 + 1] = true; // the model says allocated, the metadata says free
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| c.check()));
+    assert!(r.is_err());
+}
