@@ -71,7 +71,7 @@ impl fmt::Display for Error {
             Error::IncompatibleFormats { morsel, table } => {
                 write!(
                     f,
-                    "a {morsel} subtree cannot be mounted into a {table} table"
+                    "a subtree in {morsel} format cannot be mounted into a {table} table"
                 )
             }
         }

@@ -361,9 +361,10 @@ impl<F: Format> Entry<F> {
     pub fn is_present(self) -> bool {
         F::is_present(self.raw)
     }
-    /// Whether the entry, at `level`, maps a page (L1 always; L2/L3 with the large-page bit).
+    /// Whether the entry, at `level`, maps a page (L1 always; L2/L3 with the large-page bit;
+    /// bit 7 of an L4 entry is reserved and never means a leaf).
     pub fn is_leaf(self, level: Level) -> bool {
-        self.is_present() && (level == 1 || self.raw & F::LARGE != 0)
+        self.is_present() && (level == 1 || (level <= 3 && self.raw & F::LARGE != 0))
     }
     /// Whether the entry is a morsel mount entry.
     pub fn is_mount(self) -> bool {
@@ -393,25 +394,18 @@ impl<F: Format> Entry<F> {
     pub fn decode(self, level: Level) -> Decoded {
         if !self.is_present() {
             Decoded::Empty
-        } else if self.is_leaf(level) {
-            match PageSize::from_leaf_level(level) {
-                Some(size) => Decoded::Leaf {
-                    frame: self.addr(level),
-                    perm: self.perm(),
-                    size,
-                },
-                // A large bit in an L4 entry is reserved: treat it as a pointer.
-                None => self.decode_table(level),
+        } else if let (true, Some(size)) = (self.is_leaf(level), PageSize::from_leaf_level(level)) {
+            Decoded::Leaf {
+                frame: self.addr(level),
+                perm: self.perm(),
+                size,
             }
         } else {
-            self.decode_table(level)
-        }
-    }
-    fn decode_table(self, level: Level) -> Decoded {
-        Decoded::Table {
-            next: self.addr(level),
-            perm: self.perm(),
-            mount: self.is_mount(),
+            Decoded::Table {
+                next: self.addr(level),
+                perm: self.perm(),
+                mount: self.is_mount(),
+            }
         }
     }
 }

@@ -622,7 +622,7 @@ mod tests {
             m.mount(&mut npt, g(0), Perm::RW, &mem, &mem)
                 .unwrap_err()
                 .to_string(),
-            "a EPT subtree cannot be mounted into a NPT table"
+            "a subtree in EPT format cannot be mounted into a NPT table"
         );
         let big = Morsel::<Ept>::create(2 * GIB, PageSize::Size2M, &mem, &mem).unwrap();
         let mut vtd3 = SecondLevelTable::<VtdSl>::with_levels(3, &mem, &mem).unwrap();
