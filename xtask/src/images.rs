@@ -32,7 +32,7 @@ impl Built {
     }
 }
 
-/// `cargo` as invoked by the user, with the user's RUSTFLAGS removed so that only the flags
+/// `cargo` as invoked by the user, with the user's RUSTFLAGS (all spellings) removed so that only the flags
 /// chosen here apply, run from the workspace root.
 pub fn cargo(root: &Path) -> Command {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
@@ -40,7 +40,8 @@ pub fn cargo(root: &Path) -> Command {
     cmd.current_dir(root)
         .env_remove("RUSTFLAGS")
         .env_remove("CARGO_ENCODED_RUSTFLAGS")
-        .env_remove("CARGO_BUILD_RUSTFLAGS");
+        .env_remove("CARGO_BUILD_RUSTFLAGS")
+        .env_remove("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS");
     cmd
 }
 

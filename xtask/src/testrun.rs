@@ -210,10 +210,34 @@ fn tail_block(text: &str, title: &str) -> String {
     let mut s = format!("    --- {title}, last {} of {} lines ---\n", lines.len() - from, lines.len());
     for l in &lines[from..] {
         s.push_str("    | ");
-        s.push_str(l.trim_end_matches('\r'));
+        s.push_str(&printable(l));
         s.push('\n');
     }
     s
+}
+
+/// `line` without terminal control: ANSI escape sequences (GRUB clears the screen over serial)
+/// are dropped, other control characters shown as `?`.
+fn printable(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\x1b' => {
+                // CSI: ESC [ parameters... final byte in @..~; other escapes: ESC + one char.
+                if chars.next_if_eq(&'[').is_some() {
+                    while chars.next().is_some_and(|c| !('@'..='~').contains(&c)) {}
+                } else {
+                    chars.next();
+                }
+            }
+            '\r' => {}
+            '\t' => out.push(c),
+            c if c.is_control() => out.push('?'),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 struct Job {
@@ -440,4 +464,23 @@ fn run_bochs(root: &Path, job: &Job, built: &images::Built, logs: &Path) -> Resu
         ready = Some(wall); // appeared after the last poll
     }
     Ok(Outcome { wall, ready, timed_out, code: None, serial, serial_path, emulator_log })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn printable_drops_terminal_control() {
+        assert_eq!(printable("\x1b[H\x1b[J\x1b[1;1H  Booting `parperos'\r"), "  Booting `parperos'");
+        assert_eq!(printable("a\x07b\tc"), "a?b\tc");
+    }
+
+    #[test]
+    fn options() {
+        let o = Options::parse(&["boot".into(), "-j3".into()]).unwrap();
+        assert_eq!((o.filter.as_deref(), o.jobs), (Some("boot"), 3));
+        assert!(Options::parse(&["-j".into(), "0".into()]).is_err());
+        assert!(Options::parse(&["a".into(), "b".into()]).is_err());
+    }
 }
