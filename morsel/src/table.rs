@@ -160,6 +160,15 @@ impl<F: Format> SecondLevelTable<F> {
         check_aligned(frame.as_u64(), 4096)?;
         check_aligned(len, 4096)?;
         self.check_range(gpa, len)?;
+        match frame.as_u64().checked_add(len) {
+            Some(end) if end <= F::ADDR_MASK + 4096 => {}
+            _ => {
+                return Err(Error::OutOfRange {
+                    addr: frame.as_u64(),
+                    limit: F::ADDR_MASK + 4096,
+                })
+            }
+        }
         let mut done = 0;
         while done < len {
             let size = self.range_page(gpa + done, frame.as_u64() + done, len - done);
@@ -570,6 +579,10 @@ mod tests {
         );
         assert!(!t.accessible(io(u64::MAX), 2, Perm::RO, &mem));
         assert!(SecondLevelTable::<Ept>::with_levels(3, &mem, &mem).is_err());
+        let huge = HostPhysAddr::new(!4095);
+        assert!(t
+            .map_range(io(0), huge, 8192, Perm::RW, &mem, &mem)
+            .is_err());
         t.destroy(&mem, &mem).unwrap();
         assert_eq!(mem.allocated_frames(), 0);
     }
