@@ -21,11 +21,17 @@ const REG_EOI: u64 = 0xb0;
 const REG_SPURIOUS: u64 = 0xf0;
 const REG_LVT_TIMER: u64 = 0x320;
 const REG_TIMER_INIT: u64 = 0x380;
+const REG_TIMER_CURRENT: u64 = 0x390;
 const REG_TIMER_DIVIDE: u64 = 0x3e0;
 
 fn base() -> u64 {
     // SAFETY: IA32_APIC_BASE exists on every x86-64 CPU; reading it has no side effects.
     unsafe { x86::msr::rdmsr(IA32_APIC_BASE) & 0xf_ffff_f000 }
+}
+
+fn read(reg: u64) -> u32 {
+    // SAFETY: as for `write`.
+    unsafe { ((base() + reg) as *const u32).read_volatile() }
 }
 
 fn write(reg: u64, value: u32) {
@@ -43,8 +49,22 @@ pub fn init() {
     write(REG_SPURIOUS, 0x100 | crate::arch::idt::SPURIOUS_VECTOR as u32);
 }
 
-/// Starts the periodic timer with `count` bus ticks (divide by 16) per interrupt.
-pub fn start_periodic_timer(count: u32) {
+/// Starts a periodic timer interrupt every `period_us` microseconds (the timer's rate is
+/// measured against the TSC first).
+pub fn start_periodic_timer_us(period_us: u64) {
+    write(REG_LVT_TIMER, 1 << 16); // masked while measuring
+    write(REG_TIMER_DIVIDE, 0b0011); // divide by 16
+    write(REG_TIMER_INIT, u32::MAX);
+    let t0 = crate::time::micros();
+    while crate::time::micros() < t0 + 1000 {}
+    let per_ms = u32::MAX - read(REG_TIMER_CURRENT);
+    let count = (per_ms as u64 * period_us / 1000).clamp(1, u32::MAX as u64) as u32;
+    log::info!(target: "apic", "LAPIC timer: {per_ms} ticks/ms (divide 16), period {period_us} us");
+    start_periodic_timer(count);
+}
+
+/// Starts the periodic timer with `count` ticks (divide by 16) per interrupt.
+fn start_periodic_timer(count: u32) {
     write(REG_TIMER_DIVIDE, 0b0011); // divide by 16
     write(REG_LVT_TIMER, (1 << 17) | crate::arch::idt::TIMER_VECTOR as u32); // periodic
     write(REG_TIMER_INIT, count);

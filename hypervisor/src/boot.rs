@@ -41,6 +41,7 @@ mb2_header_end:
     .section .bss.boot_tables, "aw", @nobits
     .balign 4096
 boot_pml4: .skip 4096
+    .global boot_pdpt
 boot_pdpt: .skip 4096
 boot_pd:   .skip 4 * 4096
     .balign 16
@@ -97,7 +98,7 @@ _start32:
     mov %eax, %cr4
     mov $0xc0000080, %ecx                 /* IA32_EFER */
     rdmsr
-    or $(1 << 8), %eax                    /* LME */
+    or $((1 << 8) | (1 << 11)), %eax       /* LME, NXE (NPT entries use NX) */
     wrmsr
     mov %cr0, %eax
     and $~(1 << 2), %eax                  /* clear EM: SSE instructions run natively */

@@ -1,8 +1,13 @@
 //! The hypervisor command line: space-separated `key=value` words.
-//! `guests=a,b,...` names the guests to run from the boot archive (a guest may appear
-//! more than once), `log=error|warn|info|debug|trace`, `test=fault` (a test build fault).
+//! * `guests=SPEC,SPEC,...` runs these guests from the boot archive (a name may repeat);
+//!   a SPEC is `name[:mem=SIZE][:code=N|:stopped]`: memory (`16M`, `1G`; default 16 MiB)
+//!   and how the guest is expected to end (default: exit code 0). The run succeeds only
+//!   if every guest ends as expected.
+//! * `log=error|warn|info|debug|trace`
+//! * `test=fault`: a deliberate hypervisor fault after boot (proves the exception path).
 
-use heapless_words::Words;
+use crate::vm::guest::{Expect, GuestSpec};
+use alloc::vec::Vec;
 
 /// A deliberate misbehaviour for the test scenarios.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -11,58 +16,65 @@ pub enum Test {
     Fault,
 }
 
+/// Default guest memory.
+pub const DEFAULT_GUEST_MEMORY: u64 = 16 << 20;
+
 /// Parsed command line.
 pub struct Args {
-    pub guests: Words,
+    pub guests: Vec<GuestSpec>,
     pub log_level: log::LevelFilter,
     pub test: Option<Test>,
-    unknown: Words,
+    /// Words that were not understood, with the reason.
+    pub errors: Vec<(&'static str, &'static str)>,
 }
 
 impl Args {
     pub fn parse(line: &'static str) -> Args {
-        let mut a = Args { guests: Words::new(), log_level: log::LevelFilter::Info, test: None, unknown: Words::new() };
+        let mut a = Args { guests: Vec::new(), log_level: log::LevelFilter::Info, test: None, errors: Vec::new() };
         for word in line.split_ascii_whitespace() {
             match word.split_once('=') {
-                Some(("guests", list)) => list.split(',').filter(|g| !g.is_empty()).for_each(|g| a.guests.push(g)),
+                Some(("guests", list)) => {
+                    for spec in list.split(',').filter(|g| !g.is_empty()) {
+                        match guest_spec(spec) {
+                            Ok(g) => a.guests.push(g),
+                            Err(why) => a.errors.push((spec, why)),
+                        }
+                    }
+                }
                 Some(("log", level)) => match level.parse() {
                     Ok(l) => a.log_level = l,
-                    Err(_) => a.unknown.push(word),
+                    Err(_) => a.errors.push((word, "unknown log level")),
                 },
                 Some(("test", "fault")) => a.test = Some(Test::Fault),
-                _ => a.unknown.push(word),
+                _ => a.errors.push((word, "unknown option")),
             }
         }
         a
     }
-
-    /// Words that were not understood.
-    pub fn warnings(&self) -> impl Iterator<Item = &&'static str> {
-        self.unknown.iter()
-    }
 }
 
-mod heapless_words {
-    /// Up to 32 words of the command line, without the heap.
-    pub struct Words {
-        items: [&'static str; 32],
-        len: usize,
-    }
-
-    impl Words {
-        pub const fn new() -> Self {
-            Words { items: [""; 32], len: 0 }
-        }
-
-        pub fn push(&mut self, w: &'static str) {
-            if self.len < self.items.len() {
-                self.items[self.len] = w;
-                self.len += 1;
-            }
-        }
-
-        pub fn iter(&self) -> core::slice::Iter<'_, &'static str> {
-            self.items[..self.len].iter()
+fn guest_spec(spec: &'static str) -> Result<GuestSpec, &'static str> {
+    let mut parts = spec.split(':');
+    let name = parts.next().filter(|n| !n.is_empty()).ok_or("empty guest name")?;
+    let mut g = GuestSpec { name, memory: DEFAULT_GUEST_MEMORY, expect: Expect::Code(0) };
+    for part in parts {
+        match part.split_once('=') {
+            Some(("mem", size)) => g.memory = parse_size(size).ok_or("bad memory size")?,
+            Some(("code", n)) => g.expect = Expect::Code(n.parse().map_err(|_| "bad exit code")?),
+            None if part == "stopped" => g.expect = Expect::Stopped,
+            _ => return Err("unknown guest option"),
         }
     }
+    Ok(g)
+}
+
+/// `16M`, `2G`, `4096K` or plain bytes.
+fn parse_size(s: &str) -> Option<u64> {
+    let (num, shift) = match s.as_bytes().last()? {
+        b'K' | b'k' => (&s[..s.len() - 1], 10),
+        b'M' | b'm' => (&s[..s.len() - 1], 20),
+        b'G' | b'g' => (&s[..s.len() - 1], 30),
+        _ => (s, 0),
+    };
+    num.parse::<u64>().ok()?.checked_mul(1 << shift)
 }

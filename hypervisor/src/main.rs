@@ -14,10 +14,13 @@ mod bootinfo;
 mod cmdline;
 mod cpu;
 mod exit;
+mod frames;
 mod heap;
 mod memory;
 mod serial;
+mod svm;
 mod time;
+mod vm;
 mod vmx_caps;
 
 use exit::Status;
@@ -44,19 +47,23 @@ extern "C" fn kmain(magic: u32, info: u64) -> ! {
     let args = cmdline::Args::parse(bi.cmdline);
     log::set_max_level(args.log_level);
     log::info!(target: "boot", "booted by {}, command line {:?}", bi.protocol, bi.cmdline);
-    for warning in args.warnings() {
-        log::warn!(target: "boot", "command line: {warning}");
+    for (word, why) in &args.errors {
+        log::error!(target: "boot", "command line: {word:?}: {why}");
     }
     let (k0, k1) = memory::kernel_range();
     log::info!(target: "boot", "image at {k0:#x}-{k1:#x} ({} KiB)", (k1 - k0) / 1024);
 
     memory::log_map(&bi);
-    let mut free = 0;
-    memory::for_each_free_range(&bi, |s, e| free += e - s);
-    log::info!(target: "mem", "free for the frame allocator: {} MiB", free >> 20);
-
     let facts = cpu::CpuFacts::detect();
     facts.log();
+    let mapped = memory::identity_map_up_to(memory::top_of_ram(&bi), facts.gib_pages);
+    let frames = match frames::init(&bi, mapped) {
+        Ok(f) => f,
+        Err(e) => {
+            log::error!(target: "alloc", "{e}");
+            exit::exit(Status::Failure)
+        }
+    };
     let platform = acpi::discover(bi.rsdp);
     platform.log();
     apic::init();
@@ -69,7 +76,48 @@ extern "C" fn kmain(magic: u32, info: u64) -> ! {
     }
 
     println!("parperos: ready ({} ms after start)", time::micros() / 1000);
-    exit::exit(Status::Success)
+    let ok = args.errors.is_empty() && (args.guests.is_empty() || run_guests(&bi, &args, &facts, &frames));
+    exit::exit(if ok { Status::Success } else { Status::Failure })
+}
+
+/// Enables the backend this CPU offers and runs the command line's guests.
+fn run_guests(bi: &bootinfo::BootInfo, args: &cmdline::Args, facts: &cpu::CpuFacts, frames: &frames::Frames) -> bool {
+    let Some(module) = bi.module else {
+        log::error!(target: "vm", "guests requested but no boot module (guest archive) was loaded");
+        return false;
+    };
+    // SAFETY: the loader placed the module in RAM that the allocator does not manage.
+    let bytes = unsafe { core::slice::from_raw_parts(module.start as *const u8, module.len as usize) };
+    let archive = match hypervisor::archive::Archive::parse(bytes) {
+        Ok(a) => a,
+        Err(e) => {
+            log::error!(target: "vm", "boot module: {e}");
+            return false;
+        }
+    };
+    log::info!(target: "vm", "guest archive: {} images", archive.len());
+    match facts.extension {
+        cpu::Extension::Svm => run_backend::<svm::Svm>(facts, frames, archive, &args.guests),
+        cpu::Extension::Vmx | cpu::Extension::None => {
+            log::error!(target: "vm", "no usable virtualization backend on this CPU (vendor {})", facts.vendor());
+            false
+        }
+    }
+}
+
+fn run_backend<B: vm::Backend>(
+    facts: &cpu::CpuFacts,
+    frames: &frames::Frames,
+    archive: hypervisor::archive::Archive,
+    specs: &[vm::guest::GuestSpec],
+) -> bool {
+    match B::enable(facts, frames) {
+        Ok(mut backend) => vm::sched::run_guests(&mut backend, frames, archive, specs),
+        Err(e) => {
+            log::error!(target: B::NAME, "cannot run guests: {e}");
+            false
+        }
+    }
 }
 
 #[panic_handler]

@@ -65,3 +65,34 @@ fn split(start: u64, end: u64, taken: &[(u64, u64)], f: &mut impl FnMut(u64, u64
     }
     f(start, end);
 }
+
+extern "C" {
+    /// The boot PDPT (boot.rs): entries 0-3 map the first 4 GiB through 2 MiB pages.
+    static mut boot_pdpt: [u64; 512];
+}
+
+/// Highest end of usable RAM.
+pub fn top_of_ram(bi: &BootInfo) -> u64 {
+    bi.regions().iter().filter(|r| r.kind == RegionKind::Usable).map(|r| r.start + r.len).max().unwrap_or(0)
+}
+
+/// Extends the identity map beyond 4 GiB up to `top` with 1 GiB pages (up to 512 GiB);
+/// returns how far memory is now mapped. Without 1 GiB pages memory stays at 4 GiB.
+pub fn identity_map_up_to(top: u64, gib_pages: bool) -> u64 {
+    const GIB: u64 = 1 << 30;
+    let top = top.min(512 * GIB);
+    if top <= 4 * GIB || !gib_pages {
+        return top.min(4 * GIB);
+    }
+    let gibs = top.div_ceil(GIB) as usize;
+    // SAFETY: boot_pdpt is the live PDPT; entries 4.. are unused, and each new entry is a
+    // present, writable 1 GiB identity page (PS, bit 7). Nothing maps them yet, so no TLB
+    // entry can be stale.
+    unsafe {
+        let pdpt = &raw mut boot_pdpt;
+        for i in 4..gibs {
+            (*pdpt)[i] = (i as u64 * GIB) | 0x83;
+        }
+    }
+    gibs as u64 * GIB
+}

@@ -75,3 +75,12 @@ pub unsafe extern "C" fn bcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
 /// Referenced by the precompiled `core`; never called with `panic = "abort"`.
 #[no_mangle]
 pub extern "C" fn rust_eh_personality() {}
+
+/// Referenced by the precompiled `alloc` (built with unwinding); with `panic = "abort"`
+/// nothing unwinds, so it is never reached.
+#[no_mangle]
+pub extern "C" fn _Unwind_Resume() -> ! {
+    loop {
+        core::hint::spin_loop();
+    }
+}

@@ -153,8 +153,24 @@ struct Pointer {
     base: u64,
 }
 
-/// Fills and loads the IDT. Call once after `gdt::init`.
+/// Moves the legacy 8259 PICs to vectors 0xe0-0xef and masks every line: the BIOS leaves
+/// IRQ 0 on vector 8, where a PIT tick would look like a double fault. The LAPIC is used
+/// instead.
+fn disable_pic() {
+    use super::port::outb;
+    // ICW1-ICW4 (8259A data sheet): init, vector base, cascade wiring, 8086 mode.
+    for (cmd, data, base, cascade) in [(0x20, 0x21, 0xe0, 4), (0xa0, 0xa1, 0xe8, 2)] {
+        outb(cmd, 0x11);
+        outb(data, base);
+        outb(data, cascade);
+        outb(data, 0x01);
+        outb(data, 0xff); // mask all lines
+    }
+}
+
+/// Fills and loads the IDT and silences the legacy PICs. Call once after `gdt::init`.
 pub fn init() {
+    disable_pic();
     // SAFETY: runs once on the boot CPU before any interrupt is enabled; the stub table
     // is defined above with 34 entries: vectors 0-32 and 255.
     unsafe {
@@ -169,7 +185,10 @@ pub fn init() {
             };
             IDT[vector] = Gate::interrupt(stub, ist);
         }
-        IDT[SPURIOUS_VECTOR as usize] = Gate::interrupt(stubs[33], gdt::IST_INTERRUPT);
+        // Every other vector (the masked 8259's, stray ones) is acknowledged and ignored.
+        for gate in IDT.iter_mut().skip(33) {
+            *gate = Gate::interrupt(stubs[33], gdt::IST_INTERRUPT);
+        }
         let ptr = Pointer { limit: (size_of::<[Gate; 256]>() - 1) as u16, base: (&raw const IDT) as u64 };
         asm!("lidt [{}]", in(reg) &ptr, options(nostack));
     }

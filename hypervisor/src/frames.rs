@@ -1,0 +1,135 @@
+//! Every host-physical frame the hypervisor hands out comes from here: the LLFree allocator
+//! (crate `allocator`) over all RAM, its metadata carved from the first free range that
+//! fits, and the usable ranges of the memory map freed into it. Also the identity-mapped
+//! `PhysMem` through which the morsel crate edits page tables.
+
+use crate::bootinfo::BootInfo;
+use crate::memory::{self, PAGE_SIZE};
+use allocator::{Allocator, Init, Order, Pfn};
+use morsel::{FrameAlloc, HostPhysAddr, PhysMem};
+use spin::Once;
+
+static ALLOCATOR: Once<Allocator<'static>> = Once::new();
+
+/// The one CPU that runs the hypervisor (allocator CPU index).
+const CORE: usize = 0;
+
+/// Handle to the frame allocator (cheap to copy).
+#[derive(Clone, Copy)]
+pub struct Frames(&'static Allocator<'static>);
+
+/// Why the allocator could not be set up.
+#[derive(Debug)]
+pub enum InitError {
+    NoRoomForMetadata(usize),
+    Allocator(allocator::Error),
+}
+
+impl core::fmt::Display for InitError {
+    fn fmt(&self, f: &mut core::fmt::Formatter) -> core::fmt::Result {
+        match self {
+            InitError::NoRoomForMetadata(n) => write!(f, "no free range holds the {n} bytes of allocator metadata"),
+            InitError::Allocator(e) => write!(f, "allocator: {e}"),
+        }
+    }
+}
+
+/// Puts all free memory under the allocator. Call once; memory must be identity-mapped
+/// up to `top` (see `memory::identity_map_up_to`).
+pub fn init(bi: &BootInfo, top: u64) -> Result<Frames, InitError> {
+    let frames = (top / PAGE_SIZE) as usize;
+    let meta_size = Allocator::metadata_size(1, frames);
+    let meta_bytes = (meta_size as u64).next_multiple_of(PAGE_SIZE);
+    let mut meta_at = None;
+    memory::for_each_free_range(bi, |s, e| {
+        if meta_at.is_none() && e - s >= meta_bytes {
+            meta_at = Some(s);
+        }
+    });
+    let meta_at = meta_at.ok_or(InitError::NoRoomForMetadata(meta_size))?;
+    // SAFETY: [meta_at, meta_at + meta_bytes) is free RAM, identity-mapped, page aligned, and
+    // from now on used only as allocator metadata (it is not freed into the allocator below).
+    let meta = unsafe { core::slice::from_raw_parts_mut(meta_at as *mut u8, meta_size) };
+    let alloc = Allocator::new(1, Pfn(0), frames, meta, Init::Allocated).map_err(InitError::Allocator)?;
+    let mut free = 0u64;
+    let mut result = Ok(());
+    memory::for_each_free_range(bi, |s, e| {
+        let s = if s == meta_at { s + meta_bytes } else { s };
+        if s < e && result.is_ok() {
+            free += e - s;
+            result = alloc.free_range(Pfn((s / PAGE_SIZE) as usize), ((e - s) / PAGE_SIZE) as usize);
+        }
+    });
+    result.map_err(InitError::Allocator)?;
+    let alloc = ALLOCATOR.call_once(|| alloc);
+    log::info!(target: "alloc", "LLFree allocator: {} frames managed ({} MiB free, {} huge frames), metadata {} KiB at {:#x} ({} bytes per GiB)",
+        frames, free >> 20, alloc.free_huge(), meta_size / 1024, meta_at,
+        meta_size as u64 * (1 << 30) / top.max(1));
+    Ok(Frames(alloc))
+}
+
+impl Frames {
+    /// A zeroed frame of `1 << order` pages.
+    pub fn alloc_zeroed(&self, order: u32) -> Option<HostPhysAddr> {
+        let pa = self.alloc(order)?;
+        IDENTITY.zero_data(pa, order);
+        Some(pa)
+    }
+
+    /// Free 4 KiB frames right now (all orders).
+    pub fn free_frames(&self) -> usize {
+        self.0.free_frames()
+    }
+}
+
+impl FrameAlloc for Frames {
+    fn alloc(&self, order: u32) -> Option<HostPhysAddr> {
+        let pfn = self.0.get(CORE, Order(order as u8)).ok()?;
+        Some(HostPhysAddr::new(pfn.0 as u64 * PAGE_SIZE))
+    }
+
+    fn free(&self, frame: HostPhysAddr, order: u32) {
+        if let Err(e) = self.0.put(CORE, Pfn((frame.as_u64() / PAGE_SIZE) as usize), Order(order as u8)) {
+            log::error!(target: "alloc", "freeing frame {:#x} (order {order}): {e}", frame.as_u64());
+        }
+    }
+}
+
+/// Physical memory seen through the hypervisor's identity map.
+pub struct Identity;
+
+/// The identity-mapped physical memory.
+pub static IDENTITY: Identity = Identity;
+
+impl PhysMem for Identity {
+    fn read(&self, table: HostPhysAddr, index: usize) -> u64 {
+        // SAFETY: the morsel crate passes only table frames it allocated, index < 512, and
+        // all RAM is identity-mapped.
+        unsafe { ((table.as_u64() as *const u64).add(index)).read_volatile() }
+    }
+
+    fn write(&self, table: HostPhysAddr, index: usize, value: u64) {
+        // SAFETY: as for read; one 8-byte volatile store, atomic for the hardware walker.
+        unsafe { ((table.as_u64() as *mut u64).add(index)).write_volatile(value) }
+    }
+
+    fn zero_table(&self, table: HostPhysAddr) {
+        // SAFETY: as for read; the frame is 4 KiB.
+        unsafe { core::ptr::write_bytes(table.as_u64() as *mut u8, 0, PAGE_SIZE as usize) }
+    }
+
+    fn zero_data(&self, frame: HostPhysAddr, order: u32) {
+        // SAFETY: a frame of `1 << order` pages that the caller owns, identity-mapped.
+        unsafe { core::ptr::write_bytes(frame.as_u64() as *mut u8, 0, (PAGE_SIZE << order) as usize) }
+    }
+}
+
+/// A byte view of guest-owned host memory: `len` bytes at `pa`.
+///
+/// # Safety
+/// The range must be RAM owned by the caller's guest (obtained by translating through the
+/// guest's second-level table) and not be accessed through another live reference.
+pub unsafe fn host_bytes_mut<'a>(pa: u64, len: usize) -> &'a mut [u8] {
+    // SAFETY: forwarded from the caller.
+    unsafe { core::slice::from_raw_parts_mut(pa as *mut u8, len) }
+}

@@ -1,0 +1,80 @@
+//! Hypercall dispatch (ABI v1, `guest_lib::abi`). Every argument is checked here: guest
+//! pointers are read through the guest's own second-level table, lengths are bounded, and
+//! anything wrong is an error code in rax, never a fault in the hypervisor.
+
+use super::guest::{Guest, State};
+use super::{Backend, Regs};
+use guest_lib::abi::{self, Error};
+
+/// What the scheduler does after a hypercall.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    Continue,
+    Yield,
+    /// The guest asked to exit.
+    Exit,
+}
+
+/// Facts about the whole run that `info` reports.
+pub struct Context {
+    pub guest_count: u64,
+}
+
+/// Handles the hypercall in `regs` (already past the instruction), writing status and value.
+pub fn handle<B: Backend>(guest: &mut Guest<B>, regs: &mut Regs, cx: &mut Context) -> Action {
+    let (nr, a0, a1) = (regs.rax, regs.rdi, regs.rsi);
+    let result = match nr {
+        abi::HC_INFO => info(guest, cx, a0),
+        abi::HC_CONSOLE_WRITE => console_write(guest, a0, a1),
+        abi::HC_EXIT => {
+            guest.state = State::Exited(a0 as u32 as i32);
+            return Action::Exit;
+        }
+        abi::HC_YIELD => {
+            set(regs, Ok(0));
+            return Action::Yield;
+        }
+        _ => Err(Error::NoSuchCall),
+    };
+    if let Err(e) = result {
+        log::debug!(target: "vm", "guest {}: hypercall {nr:#x} failed: {e}", guest.id);
+    }
+    set(regs, result);
+    Action::Continue
+}
+
+fn set(regs: &mut Regs, result: Result<u64, Error>) {
+    match result {
+        Ok(v) => {
+            regs.rax = 0;
+            regs.rdx = v;
+        }
+        Err(e) => {
+            regs.rax = e as i64 as u64;
+            regs.rdx = 0;
+        }
+    }
+}
+
+fn info<B: Backend>(guest: &Guest<B>, cx: &Context, what: u64) -> Result<u64, Error> {
+    match what {
+        abi::INFO_ABI_VERSION => Ok(abi::ABI_VERSION),
+        abi::INFO_GUEST_ID => Ok(guest.id as u64),
+        abi::INFO_MEMORY_SIZE => Ok(guest.spec.memory),
+        abi::INFO_GUEST_COUNT => Ok(cx.guest_count),
+        _ => Err(Error::NoSuchCall),
+    }
+}
+
+fn console_write<B: Backend>(guest: &mut Guest<B>, ptr: u64, len: u64) -> Result<u64, Error> {
+    if len > abi::CONSOLE_MAX {
+        return Err(Error::TooLarge);
+    }
+    let mut buf = [0u8; abi::CONSOLE_MAX as usize];
+    let buf = &mut buf[..len as usize];
+    if ptr.checked_add(len).is_none() || !guest.read(ptr, buf) {
+        return Err(Error::BadAddress);
+    }
+    guest.console(buf);
+    Ok(len)
+}

@@ -1,0 +1,186 @@
+//! Everything above the vendor backends: the `Backend` trait with the one exit enum both
+//! backends translate into, guest setup, the round-robin vCPU loop and the hypercalls.
+//! Nothing here tests the vendor; `main` picks VMX or SVM once from CPUID.
+
+pub mod fpu;
+pub mod guest;
+pub mod hypercall;
+pub mod sched;
+
+use crate::cpu::CpuFacts;
+use crate::frames::Frames;
+use core::fmt;
+use morsel::{Format, GuestPhysAddr, HostPhysAddr};
+
+/// Guest general registers as the world switches save and load them. `rsp` and `rip`
+/// live in the VMCB/VMCS; backends copy them in and out around a run.
+#[derive(Clone, Copy, Debug, Default)]
+#[repr(C)]
+pub struct Regs {
+    pub rax: u64,
+    pub rbx: u64,
+    pub rcx: u64,
+    pub rdx: u64,
+    pub rsi: u64,
+    pub rdi: u64,
+    pub rbp: u64,
+    pub r8: u64,
+    pub r9: u64,
+    pub r10: u64,
+    pub r11: u64,
+    pub r12: u64,
+    pub r13: u64,
+    pub r14: u64,
+    pub r15: u64,
+    pub rsp: u64,
+    pub rip: u64,
+}
+
+/// Initial state of a vCPU: 64-bit mode, paging on with `cr3`, at `rip` with `rsp`, and
+/// `rdi` holding the boot information.
+pub struct VcpuSetup {
+    pub rip: u64,
+    pub rsp: u64,
+    pub rdi: u64,
+    pub cr3: u64,
+    pub second_level_root: HostPhysAddr,
+    /// Small guest number, unique among running guests (ASID / VPID source).
+    pub id: u32,
+}
+
+/// Why a guest stopped running, in vendor-neutral terms.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// VMCALL / VMMCALL; the guest continues at `next_rip`.
+    Hypercall { next_rip: u64 },
+    /// CPUID (VMX exits on it unconditionally); emulate and continue at `next_rip`.
+    Cpuid { next_rip: u64 },
+    /// HLT: with interrupts off it would never wake; treated as a yield.
+    Halt { next_rip: u64 },
+    /// The time slice ended (VMX preemption timer, SVM physical timer interrupt).
+    Preempted,
+    /// An access the second-level table does not allow.
+    SecondLevelFault { gpa: u64, write: bool, fetch: bool, present: bool },
+    /// A guest exception (all are intercepted: guests have no IDT).
+    Exception { vector: u8, error_code: u32 },
+    /// Triple fault / shutdown.
+    TripleFault,
+    /// Port I/O (not allowed for guests).
+    Io { port: u16, write: bool },
+    /// MSR access (not allowed for guests).
+    Msr { msr: u32, write: bool },
+    /// An instruction the guest may not use (VMX/SVM instructions, INVD, ...).
+    Forbidden { code: u64 },
+    /// VM entry failed: the backend's state is inconsistent (a hypervisor bug).
+    EntryFailed { code: u64, qualification: u64 },
+    /// Any other exit, with the raw vendor code.
+    Other { code: u64 },
+}
+
+impl Exit {
+    /// Short name for the per-guest exit statistics.
+    pub fn kind(&self) -> ExitKind {
+        match self {
+            Exit::Hypercall { .. } => ExitKind::Hypercall,
+            Exit::Cpuid { .. } => ExitKind::Cpuid,
+            Exit::Halt { .. } => ExitKind::Halt,
+            Exit::Preempted => ExitKind::Preempted,
+            Exit::SecondLevelFault { .. } => ExitKind::SecondLevelFault,
+            Exit::Exception { .. } => ExitKind::Exception,
+            Exit::TripleFault => ExitKind::TripleFault,
+            Exit::Io { .. } | Exit::Msr { .. } | Exit::Forbidden { .. } => ExitKind::Forbidden,
+            Exit::EntryFailed { .. } | Exit::Other { .. } => ExitKind::Other,
+        }
+    }
+}
+
+/// Exit classes counted per guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(usize)]
+pub enum ExitKind {
+    Hypercall,
+    Cpuid,
+    Halt,
+    Preempted,
+    SecondLevelFault,
+    Exception,
+    TripleFault,
+    Forbidden,
+    Other,
+}
+
+impl ExitKind {
+    pub const COUNT: usize = 9;
+    pub const ALL: [ExitKind; Self::COUNT] = [
+        ExitKind::Hypercall,
+        ExitKind::Cpuid,
+        ExitKind::Halt,
+        ExitKind::Preempted,
+        ExitKind::SecondLevelFault,
+        ExitKind::Exception,
+        ExitKind::TripleFault,
+        ExitKind::Forbidden,
+        ExitKind::Other,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ExitKind::Hypercall => "hypercall",
+            ExitKind::Cpuid => "cpuid",
+            ExitKind::Halt => "hlt",
+            ExitKind::Preempted => "preempted",
+            ExitKind::SecondLevelFault => "second-level-fault",
+            ExitKind::Exception => "exception",
+            ExitKind::TripleFault => "triple-fault",
+            ExitKind::Forbidden => "forbidden",
+            ExitKind::Other => "other",
+        }
+    }
+}
+
+/// Why a backend cannot run on this CPU.
+#[derive(Debug)]
+pub enum BackendError {
+    /// A required feature is missing (named).
+    Missing(&'static str),
+    /// The firmware locked the feature off.
+    Disabled(&'static str),
+    /// Frames for control structures could not be allocated.
+    NoMemory,
+    /// The hardware refused an instruction (named) with a status.
+    Failed(&'static str, u64),
+}
+
+impl fmt::Display for BackendError {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        match self {
+            BackendError::Missing(what) => write!(f, "the CPU lacks {what}"),
+            BackendError::Disabled(what) => write!(f, "{what} is disabled by the firmware"),
+            BackendError::NoMemory => write!(f, "out of memory for control structures"),
+            BackendError::Failed(what, status) => write!(f, "{what} failed (status {status:#x})"),
+        }
+    }
+}
+
+/// A vendor's hardware virtualization: VMX with EPT, or SVM with NPT.
+pub trait Backend: Sized {
+    /// The second-level table format of this vendor.
+    type Format: Format<Input = GuestPhysAddr>;
+    /// Per-guest control state (VMCS or VMCB).
+    type Vcpu;
+    /// "vmx" or "svm" (also the log target).
+    const NAME: &'static str;
+
+    /// Checks the capabilities this backend needs and turns the extension on.
+    fn enable(facts: &CpuFacts, frames: &Frames) -> Result<Self, BackendError>;
+    /// Creates a vCPU in the state `setup` describes.
+    fn create_vcpu(&mut self, setup: &VcpuSetup, frames: &Frames) -> Result<Self::Vcpu, BackendError>;
+    /// Runs the vCPU for at most one time slice of `slice_us` microseconds.
+    fn run(&mut self, vcpu: &mut Self::Vcpu, slice_us: u64) -> Exit;
+    /// The guest's registers (valid between runs).
+    fn regs(vcpu: &mut Self::Vcpu) -> &mut Regs;
+    /// Drops cached second-level translations of this vCPU (after an unmount).
+    fn flush_second_level(&mut self, vcpu: &mut Self::Vcpu);
+    /// Gives the vCPU's control structures back.
+    fn destroy_vcpu(&mut self, vcpu: Self::Vcpu, frames: &Frames);
+}

@@ -1,0 +1,145 @@
+//! The vCPU loop, written once for both backends: guests run round-robin on this CPU, each
+//! for a time slice or until it yields; a misbehaving guest is stopped and reported while
+//! the others go on; at the end every guest's exit code and exit counts are printed.
+
+use super::guest::{Guest, GuestSpec, State, Summary};
+use super::hypercall::{self, Action, Context};
+use super::{Backend, Exit, ExitKind};
+use crate::frames::Frames;
+use alloc::vec::Vec;
+use hypervisor::archive::Archive;
+
+/// Length of a time slice.
+pub const SLICE_US: u64 = 10_000;
+
+/// Runs the guests `specs` from `archive` to completion; true if every guest ended as expected.
+pub fn run_guests<B: Backend>(backend: &mut B, frames: &Frames, archive: Archive, specs: &[GuestSpec]) -> bool {
+    let free_before = frames.free_frames();
+    let mut guests: Vec<Option<Guest<B>>> = Vec::new();
+    let mut done: Vec<Summary> = Vec::new();
+    let mut all_created = true;
+    for (id, spec) in specs.iter().enumerate() {
+        let Some(image) = archive.get(spec.name) else {
+            log::error!(target: "vm", "guest {id} ({}): no such guest in the boot archive", spec.name);
+            all_created = false;
+            continue;
+        };
+        match Guest::create(id as u32, *spec, image, backend, frames) {
+            Ok(g) => {
+                log::info!(target: "vm", "guest {id} ({}): {} MiB, image {} KiB, started",
+                    spec.name, spec.memory >> 20, image.len() / 1024);
+                guests.push(Some(g));
+            }
+            Err(e) => {
+                log::error!(target: "vm", "guest {id} ({}): cannot create: {e}", spec.name);
+                all_created = false;
+            }
+        }
+    }
+    let mut cx = Context { guest_count: guests.len() as u64 };
+    let mut live = guests.len();
+    while live > 0 {
+        for slot in guests.iter_mut() {
+            let Some(guest) = slot else { continue };
+            run_slice(backend, guest, &mut cx);
+            if guest.state != State::Runnable {
+                if let Some(g) = slot.take() {
+                    done.push(g.destroy(backend, frames));
+                }
+                live -= 1;
+            }
+        }
+    }
+    report::<B>(&done, frames.free_frames() as i64 - free_before as i64) && all_created
+}
+
+/// Runs `guest` until its slice ends, it yields, exits or is stopped.
+fn run_slice<B: Backend>(backend: &mut B, guest: &mut Guest<B>, cx: &mut Context) {
+    loop {
+        let Some(vcpu) = guest.vcpu.as_mut() else { return };
+        let exit = backend.run(vcpu, SLICE_US);
+        let mut regs = *B::regs(vcpu);
+        guest.exits[exit.kind() as usize] += 1;
+        let go_on = match exit {
+            Exit::Hypercall { next_rip } => {
+                regs.rip = next_rip;
+                hypercall::handle(guest, &mut regs, cx) == Action::Continue
+            }
+            Exit::Cpuid { next_rip } => {
+                // CPUID has no side effects; the guest sees the host's leaves.
+                let r = core::arch::x86_64::__cpuid_count(regs.rax as u32, regs.rcx as u32);
+                (regs.rax, regs.rbx, regs.rcx, regs.rdx) = (r.eax as u64, r.ebx as u64, r.ecx as u64, r.edx as u64);
+                regs.rip = next_rip;
+                true
+            }
+            Exit::Halt { next_rip } => {
+                regs.rip = next_rip;
+                false
+            }
+            Exit::Preempted => false,
+            other => {
+                stop(guest, other, regs.rip);
+                false
+            }
+        };
+        if let Some(vcpu) = guest.vcpu.as_mut() {
+            *B::regs(vcpu) = regs;
+        }
+        if !go_on || guest.state != State::Runnable {
+            return;
+        }
+    }
+}
+
+/// Stops a misbehaving guest with a report naming the guest, the exit and the address.
+fn stop<B: Backend>(guest: &mut Guest<B>, exit: Exit, rip: u64) {
+    guest.flush_console();
+    let (id, name) = (guest.id, guest.spec.name);
+    match exit {
+        Exit::SecondLevelFault { gpa, write, fetch, .. } => {
+            let access = if fetch { "fetch" } else if write { "write" } else { "read" };
+            let what = if gpa < guest.spec.memory { "violation" } else { "outside its memory" };
+            log::error!(target: "vm", "guest {id} ({name}) stopped: {access} {what} at guest-physical {gpa:#x}, RIP {rip:#x}");
+        }
+        Exit::Exception { vector, error_code } => log::error!(target: "vm",
+            "guest {id} ({name}) stopped: unhandled exception {vector} (error code {error_code:#x}), RIP {rip:#x}"),
+        Exit::TripleFault => log::error!(target: "vm", "guest {id} ({name}) stopped: triple fault, RIP {rip:#x}"),
+        Exit::Io { port, write } => log::error!(target: "vm",
+            "guest {id} ({name}) stopped: port I/O ({} port {port:#x}) is not allowed, RIP {rip:#x}",
+            if write { "out" } else { "in" }),
+        Exit::Msr { msr, write } => log::error!(target: "vm",
+            "guest {id} ({name}) stopped: MSR {} {msr:#x} is not allowed, RIP {rip:#x}",
+            if write { "write" } else { "read" }),
+        Exit::Forbidden { code } => log::error!(target: "vm",
+            "guest {id} ({name}) stopped: forbidden instruction (exit {code:#x}), RIP {rip:#x}"),
+        Exit::EntryFailed { code, qualification } => log::error!(target: "vm",
+            "guest {id} ({name}) stopped: VM entry failed (reason {code:#x}, qualification {qualification:#x}), RIP {rip:#x}"),
+        other => log::error!(target: "vm", "guest {id} ({name}) stopped: unexpected exit {other:?}, RIP {rip:#x}"),
+    }
+    guest.state = State::Stopped;
+}
+
+/// Prints the end-of-run table; true if every guest ended as expected.
+fn report<B: Backend>(done: &[Summary], frames_delta: i64) -> bool {
+    let mut ok = true;
+    for s in done {
+        let end = match s.state {
+            State::Exited(code) => alloc::format!("exited with code {code}"),
+            State::Stopped => "stopped by the hypervisor".into(),
+            State::Runnable => "still runnable".into(),
+        };
+        let verdict = if s.as_expected() { "as expected" } else { "UNEXPECTED" };
+        ok &= s.as_expected();
+        log::info!(target: B::NAME, "guest {} ({}): {end} ({verdict})", s.id, s.spec.name);
+        let mut line = alloc::string::String::new();
+        for kind in ExitKind::ALL {
+            let n = s.exits[kind as usize];
+            if n > 0 {
+                line.push_str(&alloc::format!(" {}={n}", kind.name()));
+            }
+        }
+        log::info!(target: B::NAME, "guest {} ({}): exits:{line}", s.id, s.spec.name);
+    }
+    log::info!(target: "alloc", "frames not returned after all guests ended: {}", -frames_delta.min(0));
+    ok && frames_delta >= 0
+}
