@@ -1,8 +1,9 @@
 //! The hypervisor command line: space-separated `key=value` words.
 //! * `guests=SPEC,SPEC,...` runs these guests from the boot archive (a name may repeat);
-//!   a SPEC is `name[:mem=SIZE][:code=N|:stopped]`: memory (`16M`, `1G`; default 16 MiB)
-//!   and how the guest is expected to end (default: exit code 0). The run succeeds only
-//!   if every guest ends as expected.
+//!   a SPEC is `name[:mem=SIZE][:slices=N][:code=N|:stopped]`: memory (`16M`, `1G`;
+//!   default 16 MiB), a CPU budget of N time slices after which the guest is stopped, and
+//!   how the guest is expected to end (default: exit code 0). The run succeeds only if
+//!   every guest ends as expected.
 //! * `log=error|warn|info|debug|trace`
 //! * `test=fault`: a deliberate hypervisor fault after boot (proves the exception path).
 
@@ -56,10 +57,11 @@ impl Args {
 fn guest_spec(spec: &'static str) -> Result<GuestSpec, &'static str> {
     let mut parts = spec.split(':');
     let name = parts.next().filter(|n| !n.is_empty()).ok_or("empty guest name")?;
-    let mut g = GuestSpec { name, memory: DEFAULT_GUEST_MEMORY, expect: Expect::Code(0) };
+    let mut g = GuestSpec { name, memory: DEFAULT_GUEST_MEMORY, max_slices: None, expect: Expect::Code(0) };
     for part in parts {
         match part.split_once('=') {
             Some(("mem", size)) => g.memory = parse_size(size).ok_or("bad memory size")?,
+            Some(("slices", n)) => g.max_slices = Some(n.parse().map_err(|_| "bad slice count")?),
             Some(("code", n)) => g.expect = Expect::Code(n.parse().map_err(|_| "bad exit code")?),
             None if part == "stopped" => g.expect = Expect::Stopped,
             _ => return Err("unknown guest option"),

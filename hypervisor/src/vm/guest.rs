@@ -18,6 +18,8 @@ const STACK_RESERVE: u64 = 64 * 1024;
 pub struct GuestSpec {
     pub name: &'static str,
     pub memory: u64,
+    /// Stop the guest after this many preemptions (a CPU-time budget), if set.
+    pub max_slices: Option<u64>,
     /// The run counts as a success only if the guest ends this way.
     pub expect: Expect,
 }
@@ -227,7 +229,7 @@ impl<B: Backend> Guest<B> {
     pub fn console(&mut self, bytes: &[u8]) {
         for &b in bytes {
             if b == b'\n' || self.line_len == self.line.len() {
-                self.flush_console();
+                self.flush_line();
             }
             if b != b'\n' {
                 self.line[self.line_len] = if b.is_ascii_graphic() || b == b' ' { b } else { b'?' };
@@ -236,11 +238,17 @@ impl<B: Backend> Guest<B> {
         }
     }
 
-    /// Prints a pending partial line.
-    pub fn flush_console(&mut self) {
+    fn flush_line(&mut self) {
         let text = core::str::from_utf8(&self.line[..self.line_len]).unwrap_or("");
         crate::println!("[guest {} {}] {}", self.id, self.spec.name, text);
         self.line_len = 0;
+    }
+
+    /// Prints a pending partial line.
+    pub fn flush_console(&mut self) {
+        if self.line_len > 0 {
+            self.flush_line();
+        }
     }
 
     /// What is left of the guest after `destroy`.

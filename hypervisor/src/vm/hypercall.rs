@@ -27,7 +27,10 @@ pub fn handle<B: Backend>(guest: &mut Guest<B>, regs: &mut Regs, cx: &mut Contex
         abi::HC_INFO => info(guest, cx, a0),
         abi::HC_CONSOLE_WRITE => console_write(guest, a0, a1),
         abi::HC_EXIT => {
-            guest.state = State::Exited(a0 as u32 as i32);
+            let code = a0 as u32 as i32;
+            guest.flush_console();
+            log::info!(target: "vm", "guest {} ({}) exited with code {code}", guest.id, guest.spec.name);
+            guest.state = State::Exited(code);
             return Action::Exit;
         }
         abi::HC_YIELD => {

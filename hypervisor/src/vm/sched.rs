@@ -76,7 +76,16 @@ fn run_slice<B: Backend>(backend: &mut B, guest: &mut Guest<B>, cx: &mut Context
                 regs.rip = next_rip;
                 false
             }
-            Exit::Preempted => false,
+            Exit::Preempted => {
+                let slices = guest.exits[ExitKind::Preempted as usize];
+                if guest.spec.max_slices.is_some_and(|max| slices >= max) {
+                    guest.flush_console();
+                    log::error!(target: "vm", "guest {} ({}) stopped: used its budget of {slices} time slices, RIP {:#x}",
+                        guest.id, guest.spec.name, regs.rip);
+                    guest.state = State::Stopped;
+                }
+                false
+            }
             other => {
                 stop(guest, other, regs.rip);
                 false

@@ -1,0 +1,35 @@
+//! Issues garbage hypercalls (unknown numbers, pointers outside its memory, huge and
+//! wrapping lengths) and checks that each one returns the right error code.
+#![no_std]
+#![no_main]
+
+use guest_lib::abi::{self, Error};
+use guest_lib::hypercall::call;
+use guest_lib::{println, BootInfo};
+
+guest_lib::entry!(main);
+
+fn main(info: &BootInfo) -> i32 {
+    let mem = info.memory_size;
+    let msg = b"a good line\n";
+    let good = msg.as_ptr() as u64;
+    let cases: [(&str, u64, [u64; 6], Result<u64, Error>); 9] = [
+        ("unknown number", 0x9999, [0; 6], Err(Error::NoSuchCall)),
+        ("negative number", u64::MAX, [0; 6], Err(Error::NoSuchCall)),
+        ("unknown info selector", abi::HC_INFO, [999, 0, 0, 0, 0, 0], Err(Error::NoSuchCall)),
+        ("console ptr outside memory", abi::HC_CONSOLE_WRITE, [mem + 4096, 8, 0, 0, 0, 0], Err(Error::BadAddress)),
+        ("console range crossing the end", abi::HC_CONSOLE_WRITE, [mem - 8, 64, 0, 0, 0, 0], Err(Error::BadAddress)),
+        ("console huge length", abi::HC_CONSOLE_WRITE, [good, 1 << 40, 0, 0, 0, 0], Err(Error::TooLarge)),
+        ("console wrapping range", abi::HC_CONSOLE_WRITE, [u64::MAX - 2, 16, 0, 0, 0, 0], Err(Error::BadAddress)),
+        ("console ptr in the morsel window", abi::HC_CONSOLE_WRITE, [info.morsel_window, 8, 0, 0, 0, 0], Err(Error::BadAddress)),
+        ("console good line", abi::HC_CONSOLE_WRITE, [good, msg.len() as u64, 0, 0, 0, 0], Ok(msg.len() as u64)),
+    ];
+    let mut failures = 0;
+    for (what, nr, args, want) in cases {
+        let got = call(nr, args);
+        let verdict = if got == want { "ok" } else { failures += 1; "WRONG" };
+        println!("{what}: got {got:?}, want {want:?}: {verdict}");
+    }
+    println!("garbage hypercalls: {failures} wrong answers");
+    if failures == 0 { 0 } else { 1 }
+}
