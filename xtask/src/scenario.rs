@@ -12,7 +12,7 @@ use std::time::Duration;
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 
 const KEYS_HELP: &str = "description, configs, cmdline, timeout, timeout.<config>, \
-    expect, expect.<config>, reject, reject.<config>, expect_count, expect_count.<config>, exit";
+    expect, expect.<config>, reject, reject.<config>, expect_count, expect_count.<config>, expect_order, expect_order.<config>, exit";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExitKind {
@@ -47,6 +47,8 @@ pub struct Scenario {
     pub expect: Vec<Check<String>>,
     pub reject: Vec<Check<String>>,
     pub expect_count: Vec<Check<(usize, String)>>,
+    /// `A | B | C`: lines containing A, B, C appear in this order.
+    pub expect_order: Vec<Check<Vec<String>>>,
     pub exit: ExitKind,
 }
 
@@ -77,6 +79,15 @@ impl Scenario {
                 problems.push(format!("expected {want} lines with `{text}`, found {got}"));
             }
         }
+        for c in self.expect_order.iter().filter(|c| applies(&c.config)) {
+            let mut lines = log.lines();
+            for text in &c.what {
+                if !lines.any(|l| l.contains(text.as_str())) {
+                    problems.push(format!("expected `{text}` in this order: `{}`", c.what.join(" | ")));
+                    break;
+                }
+            }
+        }
         problems
     }
 }
@@ -93,6 +104,7 @@ pub fn parse(name: &str, path: &Path, text: &str) -> Result<Scenario> {
         expect: Vec::new(),
         reject: Vec::new(),
         expect_count: Vec::new(),
+        expect_order: Vec::new(),
         exit: ExitKind::Success,
     };
     let mut seen: Vec<&str> = Vec::new();
@@ -116,7 +128,7 @@ pub fn parse(name: &str, path: &Path, text: &str) -> Result<Scenario> {
             None => (key, None),
         };
         if let Some(c) = &config {
-            if c.is_empty() || !matches!(base, "timeout" | "expect" | "reject" | "expect_count") {
+            if c.is_empty() || !matches!(base, "timeout" | "expect" | "reject" | "expect_count" | "expect_order") {
                 crate::bail!("{}: unknown key `{key}` (keys: {KEYS_HELP})", at());
             }
             config_refs.push((lineno, c.clone()));
@@ -185,6 +197,13 @@ pub fn parse(name: &str, path: &Path, text: &str) -> Result<Scenario> {
                     crate::bail!("{}: expect_count wants `N <text>`, the text is missing", at());
                 }
                 s.expect_count.push(Check { config, what: (n, text.to_string()) });
+            }
+            "expect_order" => {
+                let texts: Vec<String> = value.split(" | ").map(|t| t.trim().to_string()).collect();
+                if texts.len() < 2 || texts.iter().any(|t| t.is_empty()) {
+                    crate::bail!("{}: expect_order wants `A | B [| ...]` with non-empty texts", at());
+                }
+                s.expect_order.push(Check { config, what: texts });
             }
             "exit" => {
                 once(&mut seen, "exit")?;
@@ -299,6 +318,15 @@ exit = failure
         assert!(p("configs = a\nexpect_count = 2\n").is_err());
         let e = p("configs = a\nexpect.b = x\n").unwrap_err().0;
         assert!(e.contains(":2: config `b` is not in `configs`"), "{e}");
+    }
+
+    #[test]
+    fn checks_the_order() {
+        let s = parse("t", Path::new("t.scn"), "configs = a\nexpect_order = one | two | three\n").unwrap();
+        assert!(s.check_log("a", "x one\ny two\nz three\n").is_empty());
+        assert_eq!(s.check_log("a", "two\none\nthree\n").len(), 1);
+        assert_eq!(s.check_log("a", "one\nthree\ntwo\n").len(), 1);
+        assert!(parse("t", Path::new("t.scn"), "configs = a\nexpect_order = lonely\n").is_err());
     }
 
     #[test]
