@@ -79,7 +79,10 @@ pub fn build_all(quiet: bool) -> Result<Built> {
     cmd.args(["build", "--release", "-p", "hypervisor", "-p", "guests", "--target", TARGET])
         .env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS", FREESTANDING_RUSTFLAGS);
     if quiet {
-        let (status, output) = crate::output_merged(cmd).context(|| "cannot start cargo".to_string())?;
+        let done = crate::output_merged(cmd, None).context(|| "cannot start cargo".to_string())?;
+        let (Some(status), output) = (done.status, done.output) else {
+            bail!("building the hypervisor and guests: cargo did not finish");
+        };
         if !status.success() {
             let lines: Vec<&str> = output.lines().collect();
             let tail = lines[lines.len().saturating_sub(40)..].join("\n");

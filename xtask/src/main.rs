@@ -70,16 +70,66 @@ pub fn root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
-/// Run `cmd` to the end with stdout and stderr merged into one pipe, returning both.
-pub fn output_merged(mut cmd: std::process::Command) -> std::io::Result<(std::process::ExitStatus, String)> {
+/// What `output_merged` saw: the exit status (None if stopped at the time limit) and the
+/// merged stdout and stderr.
+pub struct Merged {
+    pub status: Option<std::process::ExitStatus>,
+    pub output: String,
+}
+
+/// Run `cmd` with stdout and stderr merged into one pipe; past `limit` stop it and all its
+/// descendants (found through /proc, each killed by its pid).
+pub fn output_merged(mut cmd: std::process::Command, limit: Option<std::time::Duration>) -> std::io::Result<Merged> {
     use std::io::Read;
     let (mut reader, writer) = std::io::pipe()?;
     cmd.stdin(std::process::Stdio::null()).stdout(writer.try_clone()?).stderr(writer);
     let mut child = cmd.spawn()?;
-    drop(cmd); // close our copies of the write end, or the read below never ends
-    let mut out = Vec::new();
-    reader.read_to_end(&mut out)?;
-    Ok((child.wait()?, String::from_utf8_lossy(&out).into_owned()))
+    drop(cmd); // close our copies of the write end, or the reader never sees EOF
+    let collect = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        let _ = reader.read_to_end(&mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    });
+    let deadline = limit.map(|l| std::time::Instant::now() + l);
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break Some(status);
+        }
+        if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+            kill_tree(child.id());
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let output = collect.join().unwrap_or_default();
+    Ok(Merged { status, output })
+}
+
+/// SIGKILL every descendant of `pid` (not `pid` itself), by pid.
+fn kill_tree(pid: u32) {
+    let mut parents = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(p) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        // `pid (comm) state ppid ...`; comm may hold spaces, so read after the last ')'.
+        let ppid = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
+        if let Some(ppid) = ppid {
+            parents.push((p, ppid));
+        }
+    }
+    let mut victims = vec![pid];
+    let mut i = 0;
+    while i < victims.len() {
+        let parent = victims[i];
+        victims.extend(parents.iter().filter(|(_, pp)| *pp == parent).map(|(p, _)| *p));
+        i += 1;
+    }
+    let pids: Vec<String> = victims[1..].iter().map(u32::to_string).collect();
+    if !pids.is_empty() {
+        let _ = std::process::Command::new("kill").arg("-KILL").args(&pids).status();
+    }
 }
 
 fn main() -> ExitCode {
@@ -128,5 +178,31 @@ fn dispatch(args: &[String]) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         other => bail!("unknown command `{other}` (try `cargo xtask help`)"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn output_merged_stops_a_whole_tree_at_its_limit() {
+        let mut cmd = std::process::Command::new("sh");
+        // The grandchild holds the pipe open too: it must be killed for the read to end.
+        cmd.args(["-c", "echo out; echo err >&2; sleep 30 & sleep 30"]);
+        let start = Instant::now();
+        let m = super::output_merged(cmd, Some(Duration::from_millis(500))).unwrap();
+        assert!(start.elapsed() < Duration::from_secs(10));
+        assert!(m.status.is_none());
+        assert!(m.output.contains("out") && m.output.contains("err"), "{}", m.output);
+    }
+
+    #[test]
+    fn output_merged_returns_the_status() {
+        let mut cmd = std::process::Command::new("sh");
+        cmd.args(["-c", "echo hi; exit 3"]);
+        let m = super::output_merged(cmd, None).unwrap();
+        assert_eq!(m.status.and_then(|s| s.code()), Some(3));
+        assert_eq!(m.output, "hi\n");
     }
 }

@@ -29,6 +29,8 @@ const QEMU_EXIT_FAILURE: i32 = 35;
 const TAIL_LINES: usize = 40;
 const HOST_TESTS: &str = "host: cargo test (allocator morsel xtask)";
 const HOST_LOOM: &str = "host: loom (allocator)";
+/// Time limit for each host test command (a hung test must not hang CI).
+const HOST_TIMEOUT: Duration = Duration::from_secs(20 * 60);
 /// After Bochs printed its exit line, how long it may take to power off before it is stopped.
 const BOCHS_GRACE: Duration = Duration::from_secs(3);
 
@@ -181,11 +183,15 @@ fn run_host(root: &Path, tally: &mut Tally, name: &str, setup: impl FnOnce(&mut 
     let mut cmd = images::cargo(root);
     setup(&mut cmd);
     let cmd_line = cmd_text(&cmd);
-    let result = crate::output_merged(cmd);
+    let result = crate::output_merged(cmd, Some(HOST_TIMEOUT));
     let secs = start.elapsed().as_secs_f64();
     match result {
-        Ok((status, _)) if status.success() => tally.report(true, name, &format!("{secs:7.2} s"), ""),
-        Ok((status, out)) => {
+        Ok(m) if m.status.is_some_and(|s| s.success()) => tally.report(true, name, &format!("{secs:7.2} s"), ""),
+        Ok(crate::Merged { status, output: out }) => {
+            let status = match status {
+                Some(s) => s.to_string(),
+                None => format!("stopped after the {} s limit", HOST_TIMEOUT.as_secs()),
+            };
             // Progress lines would push the compiler's or the tests' messages out of the tail.
             let progress = ["Compiling ", "Downloaded ", "Downloading ", "Locking ", "Adding "];
             let kept: Vec<&str> =
