@@ -15,11 +15,15 @@ pub const HC_EXIT: u64 = 2;
 /// `yield()`: gives the CPU to the next guest.
 pub const HC_YIELD: u64 = 3;
 /// `morsel_create(name_ptr, name_len, size, flags)`: creates and mounts read-write a named
-/// morsel; returns its guest-physical address. flags bit 0: 2 MiB pages (else 4 KiB);
-/// bit 1: others may open it read-write (else read-only).
+/// morsel; returns its guest-physical address. Flags: `MORSEL_HUGE_PAGES`,
+/// `MORSEL_SHARE_WRITABLE`.
 pub const HC_MORSEL_CREATE: u64 = 0x10;
-/// `morsel_open(name_ptr, name_len, writable)`: mounts an existing morsel; returns its
-/// guest-physical address; the size is returned by `morsel_size`.
+/// `morsel_create` flag: back the morsel with 2 MiB pages (else 4 KiB).
+pub const MORSEL_HUGE_PAGES: u64 = 1 << 0;
+/// `morsel_create` flag: other guests may open it read-write (else read-only).
+pub const MORSEL_SHARE_WRITABLE: u64 = 1 << 1;
+/// `morsel_open(name_ptr, name_len, writable)`: mounts an existing morsel (writable: 0 or 1);
+/// returns its guest-physical address; the size is returned by `morsel_size`.
 pub const HC_MORSEL_OPEN: u64 = 0x11;
 /// `morsel_unmount(gpa)`: unmounts the morsel mounted at `gpa`.
 pub const HC_MORSEL_UNMOUNT: u64 = 0x12;
@@ -101,6 +105,8 @@ pub struct BootInfo {
     /// Morsels are mounted in [morsel_window, morsel_window + morsel_window_size).
     pub morsel_window: u64,
     pub morsel_window_size: u64,
+    /// A number from the command line (`:arg=N`), 0 if none.
+    pub arg: u64,
     /// The guest's name, NUL-padded.
     pub name: [u8; 32],
 }

@@ -1,1 +1,109 @@
-//! Morsels from the guest side (filled in with the morsel hypercalls).
+//! Morsels from the guest side: create a named morsel and get `&mut [u8]`, open one by name
+//! read-only (`&[u8]`) or read-write (`&mut [u8]`). The hypervisor mounts it into this
+//! guest's morsel window, which the guest's identity paging already covers, so the object
+//! is plain memory; dropping the handle unmounts it.
+
+use crate::abi::{self, Error};
+use crate::hypercall::call;
+use core::ops::{Deref, DerefMut};
+
+/// Page size of a morsel's frames.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PageSize {
+    Size4K,
+    Size2M,
+}
+
+/// A mounted morsel (read-only unless obtained as `MorselMut`).
+pub struct MorselRef {
+    gpa: u64,
+    len: usize,
+}
+
+/// A morsel mounted read-write.
+pub struct MorselMut(MorselRef);
+
+fn mounted(gpa: u64) -> Result<MorselRef, Error> {
+    let len = call(abi::HC_MORSEL_SIZE, [gpa, 0, 0, 0, 0, 0])? as usize;
+    Ok(MorselRef { gpa, len })
+}
+
+/// Creates the morsel `name` of `size` bytes and mounts it read-write. `share_writable`
+/// lets other guests open it read-write too.
+pub fn create(name: &str, size: u64, page: PageSize, share_writable: bool) -> Result<MorselMut, Error> {
+    let mut flags = 0;
+    if page == PageSize::Size2M {
+        flags |= abi::MORSEL_HUGE_PAGES;
+    }
+    if share_writable {
+        flags |= abi::MORSEL_SHARE_WRITABLE;
+    }
+    let gpa = call(abi::HC_MORSEL_CREATE, [name.as_ptr() as u64, name.len() as u64, size, flags, 0, 0])?;
+    Ok(MorselMut(mounted(gpa)?))
+}
+
+/// Mounts the morsel `name` read-only.
+pub fn open(name: &str) -> Result<MorselRef, Error> {
+    let gpa = call(abi::HC_MORSEL_OPEN, [name.as_ptr() as u64, name.len() as u64, 0, 0, 0, 0])?;
+    mounted(gpa)
+}
+
+/// Mounts the morsel `name` read-write (if its owner allows).
+pub fn open_mut(name: &str) -> Result<MorselMut, Error> {
+    let gpa = call(abi::HC_MORSEL_OPEN, [name.as_ptr() as u64, name.len() as u64, 1, 0, 0, 0])?;
+    Ok(MorselMut(mounted(gpa)?))
+}
+
+/// Destroys the morsel `name` (the owner's, mounted nowhere).
+pub fn destroy(name: &str) -> Result<(), Error> {
+    call(abi::HC_MORSEL_DESTROY, [name.as_ptr() as u64, name.len() as u64, 0, 0, 0, 0]).map(|_| ())
+}
+
+/// Asks the hypervisor to print its morsel counters.
+pub fn print_stats() {
+    let _ = call(abi::HC_MORSEL_STATS, [0; 6]);
+}
+
+impl MorselRef {
+    /// Guest-physical address of the mount.
+    pub fn addr(&self) -> u64 {
+        self.gpa
+    }
+}
+
+impl Deref for MorselRef {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: the hypervisor mounted `len` bytes at `gpa`, identity-mapped in this
+        // guest, and keeps them mounted until this handle is dropped.
+        unsafe { core::slice::from_raw_parts(self.gpa as *const u8, self.len) }
+    }
+}
+
+impl Drop for MorselRef {
+    fn drop(&mut self) {
+        let _ = call(abi::HC_MORSEL_UNMOUNT, [self.gpa, 0, 0, 0, 0, 0]);
+    }
+}
+
+impl MorselMut {
+    /// Guest-physical address of the mount.
+    pub fn addr(&self) -> u64 {
+        self.0.gpa
+    }
+}
+
+impl Deref for MorselMut {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl DerefMut for MorselMut {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as for MorselRef::deref; the mount is writable and this handle is the
+        // only one of this guest for this mount.
+        unsafe { core::slice::from_raw_parts_mut(self.0.gpa as *mut u8, self.0.len) }
+    }
+}

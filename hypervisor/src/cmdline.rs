@@ -1,7 +1,8 @@
 //! The hypervisor command line: space-separated `key=value` words.
 //! * `guests=SPEC,SPEC,...` runs these guests from the boot archive (a name may repeat);
-//!   a SPEC is `name[:mem=SIZE][:slices=N][:code=N|:stopped]`: memory (`16M`, `1G`;
-//!   default 16 MiB), a CPU budget of N time slices after which the guest is stopped, and
+//!   a SPEC is `name[:mem=SIZE][:slices=N][:arg=N][:code=N|:stopped]`: memory (`16M`,
+//!   `1G`; default 16 MiB), a CPU budget of N time slices after which the guest is stopped,
+//!   a number for the guest (its boot information's `arg`; sizes like `256M` allowed), and
 //!   how the guest is expected to end (default: exit code 0). The run succeeds only if
 //!   every guest ends as expected.
 //! * `log=error|warn|info|debug|trace`
@@ -57,10 +58,11 @@ impl Args {
 fn guest_spec(spec: &'static str) -> Result<GuestSpec, &'static str> {
     let mut parts = spec.split(':');
     let name = parts.next().filter(|n| !n.is_empty()).ok_or("empty guest name")?;
-    let mut g = GuestSpec { name, memory: DEFAULT_GUEST_MEMORY, max_slices: None, expect: Expect::Code(0) };
+    let mut g = GuestSpec { name, memory: DEFAULT_GUEST_MEMORY, max_slices: None, arg: 0, expect: Expect::Code(0) };
     for part in parts {
         match part.split_once('=') {
             Some(("mem", size)) => g.memory = parse_size(size).ok_or("bad memory size")?,
+            Some(("arg", n)) => g.arg = parse_size(n).ok_or("bad guest argument")?,
             Some(("slices", n)) => g.max_slices = Some(n.parse().map_err(|_| "bad slice count")?),
             Some(("code", n)) => g.expect = Expect::Code(n.parse().map_err(|_| "bad exit code")?),
             None if part == "stopped" => g.expect = Expect::Stopped,

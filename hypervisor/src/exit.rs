@@ -19,6 +19,7 @@ pub fn exit(status: Status) -> ! {
         Status::Failure => ("failure", 0x11), // QEMU exit status 35
     };
     crate::serial::print_unlocked(format_args!("parperos: exit {word}\n"));
+    crate::serial::drain();
     outb(0xf4, code);
     for b in b"Shutdown" {
         outb(0x8900, *b);

@@ -44,6 +44,12 @@ pub fn init() {
     outb(COM1 + 4, 0x03); // DTR, RTS
 }
 
+/// Waits until the UART has sent every byte (LSR bit 6: transmitter empty), so that a
+/// shutdown right after loses nothing.
+pub fn drain() {
+    while inb(COM1 + 5) & 0x40 == 0 {}
+}
+
 /// Prints without a prefix (used for guest console output and the final lines).
 pub fn print(args: fmt::Arguments) {
     let _ = PORT.lock().write_fmt(args);

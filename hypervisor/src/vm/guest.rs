@@ -20,6 +20,8 @@ pub struct GuestSpec {
     pub memory: u64,
     /// Stop the guest after this many preemptions (a CPU-time budget), if set.
     pub max_slices: Option<u64>,
+    /// A number handed to the guest in its boot information (`:arg=N`).
+    pub arg: u64,
     /// The run counts as a success only if the guest ends this way.
     pub expect: Expect,
 }
@@ -93,6 +95,8 @@ pub struct Guest<B: Backend> {
     pub vcpu: Option<B::Vcpu>,
     pub state: State,
     pub exits: [u64; ExitKind::COUNT],
+    /// Morsels mounted in this guest's window.
+    pub mounts: alloc::vec::Vec<super::morsels::Mount>,
     line: [u8; 160],
     line_len: usize,
 }
@@ -119,6 +123,7 @@ impl<B: Backend> Guest<B> {
             vcpu: None,
             state: State::Runnable,
             exits: [0; ExitKind::COUNT],
+            mounts: alloc::vec::Vec::new(),
             line: [0; 160],
             line_len: 0,
         };
@@ -150,6 +155,7 @@ impl<B: Backend> Guest<B> {
             memory_size: self.spec.memory,
             morsel_window: abi::MORSEL_WINDOW_GPA,
             morsel_window_size: abi::MORSEL_WINDOW_SIZE,
+            arg: self.spec.arg,
             name,
         };
         // SAFETY: BootInfo is plain old data without padding (u64s and a byte array).

@@ -3,7 +3,9 @@
 //! anything wrong is an error code in rax, never a fault in the hypervisor.
 
 use super::guest::{Guest, State};
+use super::morsels::Directory;
 use super::{Backend, Regs};
+use crate::frames::Frames;
 use guest_lib::abi::{self, Error};
 
 /// What the scheduler does after a hypercall.
@@ -15,15 +17,27 @@ pub enum Action {
     Exit,
 }
 
-/// Facts about the whole run that `info` reports.
-pub struct Context {
+/// What hypercalls share across guests.
+pub struct Context<B: Backend> {
     pub guest_count: u64,
+    pub morsels: Directory<B::Format>,
+    pub frames: Frames,
 }
 
 /// Handles the hypercall in `regs` (already past the instruction), writing status and value.
-pub fn handle<B: Backend>(guest: &mut Guest<B>, regs: &mut Regs, cx: &mut Context) -> Action {
-    let (nr, a0, a1) = (regs.rax, regs.rdi, regs.rsi);
+pub fn handle<B: Backend>(guest: &mut Guest<B>, backend: &mut B, regs: &mut Regs, cx: &mut Context<B>) -> Action {
+    let (nr, a0, a1, a2, a3) = (regs.rax, regs.rdi, regs.rsi, regs.rdx, regs.r10);
+    let frames = cx.frames;
     let result = match nr {
+        abi::HC_MORSEL_CREATE => cx.morsels.create(guest, &frames, [a0, a1, a2, a3]),
+        abi::HC_MORSEL_OPEN => cx.morsels.open(guest, &frames, [a0, a1, a2]),
+        abi::HC_MORSEL_UNMOUNT => cx.morsels.unmount(guest, backend, a0),
+        abi::HC_MORSEL_DESTROY => cx.morsels.destroy(guest, &frames, [a0, a1]),
+        abi::HC_MORSEL_SIZE => cx.morsels.size(guest, a0),
+        abi::HC_MORSEL_STATS => {
+            cx.morsels.log_stats();
+            Ok(0)
+        }
         abi::HC_INFO => info(guest, cx, a0),
         abi::HC_CONSOLE_WRITE => console_write(guest, a0, a1),
         abi::HC_EXIT => {
@@ -59,7 +73,7 @@ fn set(regs: &mut Regs, result: Result<u64, Error>) {
     }
 }
 
-fn info<B: Backend>(guest: &Guest<B>, cx: &Context, what: u64) -> Result<u64, Error> {
+fn info<B: Backend>(guest: &Guest<B>, cx: &Context<B>, what: u64) -> Result<u64, Error> {
     match what {
         abi::INFO_ABI_VERSION => Ok(abi::ABI_VERSION),
         abi::INFO_GUEST_ID => Ok(guest.id as u64),

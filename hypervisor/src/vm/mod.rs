@@ -5,6 +5,7 @@
 pub mod fpu;
 pub mod guest;
 pub mod hypercall;
+pub mod morsels;
 pub mod sched;
 
 use crate::cpu::CpuFacts;

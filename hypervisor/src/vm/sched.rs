@@ -4,6 +4,7 @@
 
 use super::guest::{Guest, GuestSpec, State, Summary};
 use super::hypercall::{self, Action, Context};
+use super::morsels::Directory;
 use super::{Backend, Exit, ExitKind};
 use crate::frames::Frames;
 use alloc::vec::Vec;
@@ -36,13 +37,14 @@ pub fn run_guests<B: Backend>(backend: &mut B, frames: &Frames, archive: Archive
             }
         }
     }
-    let mut cx = Context { guest_count: guests.len() as u64 };
+    let mut cx = Context { guest_count: guests.len() as u64, morsels: Directory::new(), frames: *frames };
     let mut live = guests.len();
     while live > 0 {
         for slot in guests.iter_mut() {
             let Some(guest) = slot else { continue };
             run_slice(backend, guest, &mut cx);
             if guest.state != State::Runnable {
+                cx.morsels.drop_mounts(guest, backend);
                 if let Some(g) = slot.take() {
                     done.push(g.destroy(backend, frames));
                 }
@@ -50,11 +52,13 @@ pub fn run_guests<B: Backend>(backend: &mut B, frames: &Frames, archive: Archive
             }
         }
     }
+    cx.morsels.log_stats();
+    cx.morsels.destroy_all(frames);
     report::<B>(&done, frames.free_frames() as i64 - free_before as i64) && all_created
 }
 
 /// Runs `guest` until its slice ends, it yields, exits or is stopped.
-fn run_slice<B: Backend>(backend: &mut B, guest: &mut Guest<B>, cx: &mut Context) {
+fn run_slice<B: Backend>(backend: &mut B, guest: &mut Guest<B>, cx: &mut Context<B>) {
     loop {
         let Some(vcpu) = guest.vcpu.as_mut() else { return };
         let exit = backend.run(vcpu, SLICE_US);
@@ -63,7 +67,7 @@ fn run_slice<B: Backend>(backend: &mut B, guest: &mut Guest<B>, cx: &mut Context
         let go_on = match exit {
             Exit::Hypercall { next_rip } => {
                 regs.rip = next_rip;
-                hypercall::handle(guest, &mut regs, cx) == Action::Continue
+                hypercall::handle(guest, backend, &mut regs, cx) == Action::Continue
             }
             Exit::Cpuid { next_rip } => {
                 // CPUID has no side effects; the guest sees the host's leaves.
@@ -107,7 +111,11 @@ fn stop<B: Backend>(guest: &mut Guest<B>, exit: Exit, rip: u64) {
     match exit {
         Exit::SecondLevelFault { gpa, write, fetch, .. } => {
             let access = if fetch { "fetch" } else if write { "write" } else { "read" };
-            let what = if gpa < guest.spec.memory { "violation" } else { "outside its memory" };
+            let what = match guest.translate(gpa, morsel::Perm::NONE) {
+                Some(_) if write => "violation of a read-only mapping",
+                Some(_) => "violation",
+                None => "outside its memory",
+            };
             log::error!(target: "vm", "guest {id} ({name}) stopped: {access} {what} at guest-physical {gpa:#x}, RIP {rip:#x}");
         }
         Exit::Exception { vector, error_code } => log::error!(target: "vm",
