@@ -11,7 +11,7 @@ use std::time::Duration;
 
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 
-const KEYS_HELP: &str = "description, configs, cmdline, timeout, timeout.<config>, \
+const KEYS_HELP: &str = "description, configs, cmdline, cmdline.<config>, timeout, timeout.<config>, \
     expect, expect.<config>, reject, reject.<config>, expect_count, expect_count.<config>, expect_order, expect_order.<config>, exit";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +42,7 @@ pub struct Scenario {
     pub description: String,
     pub configs: Vec<String>,
     pub cmdline: String,
+    cmdlines: Vec<(String, String)>,
     timeout: Duration,
     timeouts: Vec<(String, Duration)>,
     pub expect: Vec<Check<String>>,
@@ -53,6 +54,11 @@ pub struct Scenario {
 }
 
 impl Scenario {
+    /// The hypervisor command line for a run under `config`.
+    pub fn cmdline(&self, config: &str) -> &str {
+        self.cmdlines.iter().find(|(c, _)| c == config).map_or(self.cmdline.as_str(), |(_, l)| l.as_str())
+    }
+
     pub fn timeout(&self, config: &str) -> Duration {
         self.timeouts.iter().find(|(c, _)| c == config).map_or(self.timeout, |(_, t)| *t)
     }
@@ -99,6 +105,7 @@ pub fn parse(name: &str, path: &Path, text: &str) -> Result<Scenario> {
         description: String::new(),
         configs: Vec::new(),
         cmdline: String::new(),
+        cmdlines: Vec::new(),
         timeout: DEFAULT_TIMEOUT,
         timeouts: Vec::new(),
         expect: Vec::new(),
@@ -128,7 +135,7 @@ pub fn parse(name: &str, path: &Path, text: &str) -> Result<Scenario> {
             None => (key, None),
         };
         if let Some(c) = &config {
-            if c.is_empty() || !matches!(base, "timeout" | "expect" | "reject" | "expect_count" | "expect_order") {
+            if c.is_empty() || !matches!(base, "cmdline" | "timeout" | "expect" | "reject" | "expect_count" | "expect_order") {
                 crate::bail!("{}: unknown key `{key}` (keys: {KEYS_HELP})", at());
             }
             config_refs.push((lineno, c.clone()));
@@ -157,10 +164,18 @@ pub fn parse(name: &str, path: &Path, text: &str) -> Result<Scenario> {
                     }
                 }
             }
-            "cmdline" => {
-                once(&mut seen, "cmdline")?;
-                s.cmdline = value.to_string();
-            }
+            "cmdline" => match config {
+                None => {
+                    once(&mut seen, "cmdline")?;
+                    s.cmdline = value.to_string();
+                }
+                Some(c) => {
+                    if s.cmdlines.iter().any(|(k, _)| *k == c) {
+                        crate::bail!("{}: `{key}` given twice", at());
+                    }
+                    s.cmdlines.push((c, value.to_string()));
+                }
+            },
             "timeout" => {
                 let secs: u64 = match value.parse() {
                     Ok(n) if n > 0 => n,

@@ -384,7 +384,7 @@ fn run_qemu(job: &Job, built: &images::Built, logs: &Path) -> Result<Outcome> {
     let serial_path = logs.join(format!("{}.serial.log", file_stem(job)));
     let emulator_log = logs.join(format!("{}.qemu.log", file_stem(job)));
     let mut cmd =
-        emulator::qemu_command(&job.config, Accel::Tcg, &built.hypervisor, &job.scenario.cmdline, &built.archive)?;
+        emulator::qemu_command(&job.config, Accel::Tcg, &built.hypervisor, job.scenario.cmdline(&job.config.name), &built.archive)?;
     cmd.args(["-serial", "stdio"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -429,7 +429,7 @@ fn run_qemu(job: &Job, built: &images::Built, logs: &Path) -> Result<Outcome> {
 }
 
 fn run_bochs(root: &Path, job: &Job, built: &images::Built, logs: &Path) -> Result<Outcome> {
-    let iso = images::make_iso(built, &job.scenario.name, &job.scenario.cmdline)?;
+    let iso = images::make_iso(built, &format!("{}.{}", job.scenario.name, job.config.name), job.scenario.cmdline(&job.config.name))?;
     let serial_path = logs.join(format!("{}.serial.log", file_stem(job)));
     let emulator_log = logs.join(format!("{}.bochs.log", file_stem(job)));
     let rc = logs.join(format!("{}.bochsrc", file_stem(job)));
