@@ -57,10 +57,10 @@ impl CpuFacts {
         };
         if vmx {
             facts.extension = Extension::Vmx;
-            let procbased = crate::vmx_caps::read(crate::vmx_caps::IA32_VMX_PROCBASED_CTLS);
+            let procbased = crate::vmx::caps::read(crate::vmx::caps::IA32_VMX_PROCBASED_CTLS);
             // Allowed-1 settings live in the high half (Intel SDM Vol. 3D A.3.2, A.3.3).
             if procbased & (1 << (32 + 31)) != 0 {
-                let secondary = crate::vmx_caps::read(crate::vmx_caps::IA32_VMX_PROCBASED_CTLS2);
+                let secondary = crate::vmx::caps::read(crate::vmx::caps::IA32_VMX_PROCBASED_CTLS2);
                 facts.second_level = secondary & (1 << (32 + 1)) != 0;
                 facts.tagged_tlb = secondary & (1 << (32 + 5)) != 0;
                 facts.unrestricted_guest = secondary & (1 << (32 + 7)) != 0;

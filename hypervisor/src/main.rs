@@ -21,7 +21,7 @@ mod serial;
 mod svm;
 mod time;
 mod vm;
-mod vmx_caps;
+mod vmx;
 
 use exit::Status;
 
@@ -98,7 +98,8 @@ fn run_guests(bi: &bootinfo::BootInfo, args: &cmdline::Args, facts: &cpu::CpuFac
     log::info!(target: "vm", "guest archive: {} images", archive.len());
     match facts.extension {
         cpu::Extension::Svm => run_backend::<svm::Svm>(facts, frames, archive, &args.guests),
-        cpu::Extension::Vmx | cpu::Extension::None => {
+        cpu::Extension::Vmx => run_backend::<vmx::Vmx>(facts, frames, archive, &args.guests),
+        cpu::Extension::None => {
             log::error!(target: "vm", "no usable virtualization backend on this CPU (vendor {})", facts.vendor());
             false
         }
