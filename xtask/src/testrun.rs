@@ -29,6 +29,7 @@ const QEMU_EXIT_FAILURE: i32 = 35;
 const TAIL_LINES: usize = 40;
 const HOST_TESTS: &str = "host: cargo test (allocator morsel xtask)";
 const HOST_LOOM: &str = "host: loom (allocator)";
+const HOST_HV: &str = "host: cargo test (hypervisor lib: archive, ELF)";
 /// Time limit for each host test command (a hung test must not hang CI).
 const HOST_TIMEOUT: Duration = Duration::from_secs(20 * 60);
 /// After Bochs printed its exit line, how long it may take to power off before it is stopped.
@@ -106,12 +107,15 @@ pub fn test(o: &Options) -> Result<ExitCode> {
         tools::require(&tools::BOCHS)?;
         tools::require_iso_tools()?;
     }
-    tally.width = jobs.iter().map(|j| j.label.len()).chain([HOST_TESTS.len(), HOST_LOOM.len()]).max().unwrap_or(0);
+    tally.width = jobs.iter().map(|j| j.label.len()).chain([HOST_TESTS.len(), HOST_LOOM.len(), HOST_HV.len()]).max().unwrap_or(0);
 
     if host {
         println!("== host tests");
         run_host(&root, &mut tally, HOST_TESTS, |c| {
             c.args(["test", "--release", "-p", "allocator", "-p", "morsel", "-p", "xtask"]);
+        });
+        run_host(&root, &mut tally, HOST_HV, |c| {
+            c.args(["test", "--release", "-p", "hypervisor", "--lib"]);
         });
         let loom_dir = images::target_dir(&root).join("loom");
         run_host(&root, &mut tally, HOST_LOOM, |c| {
