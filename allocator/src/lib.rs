@@ -159,10 +159,12 @@ const PARTIAL_MIN: usize = TREE_FRAMES / 16;
 /// Bound on retries of the fast paths before the slow (stealing) path.
 const ROUNDS: usize = 64;
 /// Largest frame count (area indices must fit the `u32` per-CPU fields).
+#[cfg(not(loom))]
 const MAX_FRAMES: usize = 1 << 40;
 
 /// Byte offsets of the metadata parts. Persistent parts first, per-CPU state last, so the
 /// number of CPUs may change across a recovery.
+#[cfg_attr(loom, allow(dead_code))]
 struct Layout {
     trees: usize,
     areas: usize,
@@ -323,7 +325,7 @@ impl<'a> Allocator<'a> {
         for (core, l) in self.locals.iter().enumerate() {
             l.reset(self.search_start(core));
         }
-        core::sync::atomic::fence(SeqCst);
+        sync::fence(SeqCst);
         Ok(())
     }
 

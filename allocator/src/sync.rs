@@ -2,7 +2,7 @@
 //! loom models explore exactly the code that runs in the hypervisor.
 
 #[cfg(loom)]
-pub use loom::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, Ordering};
+pub use loom::sync::atomic::{fence, AtomicU16, AtomicU32, AtomicU64, Ordering};
 
 #[cfg(not(loom))]
-pub use core::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, Ordering};
+pub use core::sync::atomic::{fence, AtomicU16, AtomicU32, AtomicU64, Ordering};

@@ -1,0 +1,201 @@
+//! loom models of the CAS protocols, run with
+//! `RUSTFLAGS="--cfg loom" cargo test --release -p allocator --lib loom`:
+//! the bit field (two takers never get the same bit), the 2 MiB entry (a huge frame never
+//! overlaps a small one, in either order of alloc and free), the tree reservation (one owner at a
+//! time), and small end-to-end models of the whole allocator. Bounded preemptions keep them short.
+
+use crate::local::Local;
+use crate::sync::{AtomicU16, AtomicU32, AtomicU64, Ordering::*};
+use crate::{bitfield, child, tree, Allocator, Init, Order, Pfn};
+use loom::thread;
+
+fn model(f: impl Fn() + Sync + Send + 'static) {
+    let mut b = loom::model::Builder::new();
+    b.preemption_bound = Some(3);
+    b.check(f);
+}
+
+fn leak<T>(v: Vec<T>) -> &'static [T] {
+    Box::leak(v.into_boxed_slice())
+}
+
+/// An area whose bits are all set except `free` (a list of frame indices).
+fn area(free: &[usize]) -> &'static [AtomicU64] {
+    let mut words = [u64::MAX; bitfield::WORDS];
+    for &i in free {
+        words[i / 64] &= !(1 << (i % 64));
+    }
+    leak(words.iter().map(|&w| AtomicU64::new(w)).collect())
+}
+
+#[test]
+fn loom_bitfield_two_takers_distinct_bits() {
+    model(|| {
+        let bits = area(&[3, 5]);
+        let t = thread::spawn(move || bitfield::take(bits, 0));
+        let mine = bitfield::take(bits, 0);
+        let theirs = t.join().unwrap();
+        let (a, b) = (mine.unwrap(), theirs.unwrap());
+        assert_ne!(a, b);
+        assert_eq!(bitfield::count_set(bits), 512);
+    });
+}
+
+#[test]
+fn loom_bitfield_take_races_clear() {
+    model(|| {
+        // One free bit; the other thread frees a second one and the taker may get either.
+        let bits = area(&[10]);
+        let t = thread::spawn(move || assert!(bitfield::clear(bits, 200)));
+        let got = bitfield::take(bits, 0);
+        t.join().unwrap();
+        let got = got.unwrap();
+        assert!(got == 10 || got == 200);
+        assert_eq!(bitfield::count_set(bits), 511);
+        // The free call on a clear bit reports it and changes nothing.
+        let other = if got == 10 { 200 } else { 10 };
+        assert!(!bitfield::clear(bits, other));
+        assert_eq!(bitfield::count_set(bits), 511);
+    });
+}
+
+/// Small frame: claim in the entry, take a bit, then free (clear bit, count it back). Huge frame:
+/// take the entry from (512, small) to huge, check that no bit is set, free it. Whatever the
+/// interleaving, a huge frame never coexists with a small one.
+#[test]
+fn loom_entry_small_vs_huge() {
+    model(|| {
+        let bits = area(&(0..512).collect::<Vec<_>>());
+        let entry: &'static AtomicU16 = Box::leak(Box::new(AtomicU16::new(child::FREE)));
+        let t = thread::spawn(move || {
+            if child::claim_one(entry) {
+                let i = bitfield::take(bits, 0).unwrap();
+                assert!(!child::load(entry).huge());
+                assert!(bitfield::clear(bits, i));
+                child::add(entry, 1);
+            }
+        });
+        if child::take_huge(entry) {
+            assert_eq!(bitfield::count_set(bits), 0, "huge frame over a small one");
+            child::put_huge(entry).unwrap();
+        }
+        t.join().unwrap();
+        assert_eq!(entry.load(Relaxed), child::FREE);
+    });
+}
+
+/// Credit claims: two CPUs claim all free frames of an area while a third frees one; the frames
+/// claimed plus those left in the entry always equal the free frames.
+#[test]
+fn loom_entry_claim_all_vs_free() {
+    model(|| {
+        let entry: &'static AtomicU16 = Box::leak(Box::new(AtomicU16::new(5)));
+        let t1 = thread::spawn(move || child::claim_all(entry).unwrap_or(0));
+        let t2 = thread::spawn(move || child::add(entry, 1));
+        let mine = child::claim_all(entry).unwrap_or(0);
+        let theirs = t1.join().unwrap();
+        t2.join().unwrap();
+        assert_eq!(mine + theirs + child::load(entry).free(), 6);
+    });
+}
+
+#[test]
+fn loom_tree_reservation_exclusive() {
+    model(|| {
+        let t: &'static AtomicU32 = Box::leak(Box::new(AtomicU32::new(0)));
+        let owners: &'static AtomicU32 = Box::leak(Box::new(AtomicU32::new(0)));
+        let h = thread::spawn(move || {
+            if tree::reserve(t, 1) {
+                assert_eq!(owners.fetch_add(1, AcqRel), 0);
+                owners.fetch_sub(1, AcqRel);
+                tree::release(t);
+                true
+            } else {
+                false
+            }
+        });
+        let mine = tree::reserve(t, 0);
+        if mine {
+            assert_eq!(owners.fetch_add(1, AcqRel), 0);
+            owners.fetch_sub(1, AcqRel);
+            tree::release(t);
+        }
+        let theirs = h.join().unwrap();
+        assert!(mine || theirs);
+        assert!(!tree::reserved(t));
+    });
+}
+
+/// The whole allocator over two areas (one tree) and two CPUs.
+fn tiny(cores: usize, init: Init) -> &'static Allocator<'static> {
+    let frames = 2 * 512;
+    let header = leak((0..8).map(|_| AtomicU64::new(0)).collect());
+    let trees = leak(vec![AtomicU32::new(0)]);
+    let children = leak((0..tree::AREAS).map(|_| AtomicU16::new(0)).collect());
+    let bits = leak((0..2 * bitfield::WORDS).map(|_| AtomicU64::new(0)).collect());
+    let locals = leak((0..cores).map(|_| Local::new(0)).collect());
+    let a = Allocator::from_parts(Pfn(0), frames, header, trees, children, bits, locals, init).unwrap();
+    Box::leak(Box::new(a))
+}
+
+/// CPU 0 takes and frees a small frame while CPU 1 takes a huge frame: they never overlap, both
+/// succeed (there are two areas), and afterwards the counts add up.
+#[test]
+fn loom_allocator_small_and_huge() {
+    model(|| {
+        let a = tiny(2, Init::Free);
+        let t = thread::spawn(move || {
+            let h = a.get(1, Order::HUGE).unwrap();
+            h
+        });
+        let f = a.get(0, Order::BASE).unwrap();
+        let h = t.join().unwrap();
+        assert_ne!(f.0 / 512, h.0 / 512);
+        a.put(0, f, Order::BASE).unwrap();
+        a.put(0, h, Order::HUGE).unwrap();
+        a.drain(0).unwrap();
+        a.drain(1).unwrap();
+        assert_eq!(a.free_frames(), 1024);
+        assert_eq!(a.free_huge(), 2);
+    });
+}
+
+/// Two CPUs allocate small frames while one frees a frame of the other's area: no frame twice.
+#[test]
+fn loom_allocator_two_cpus_small() {
+    model(|| {
+        let a = tiny(2, Init::Free);
+        let f0 = a.get(0, Order::BASE).unwrap();
+        let t = thread::spawn(move || {
+            let g = a.get(1, Order::BASE).unwrap();
+            a.put(1, f0, Order::BASE).unwrap();
+            g
+        });
+        let f1 = a.get(0, Order::BASE).unwrap();
+        let g = t.join().unwrap();
+        assert_ne!(f1, g);
+        assert_ne!(f0, g);
+        assert_eq!(a.free_frames(), 1024 - 2);
+    });
+}
+
+/// CPU 0 allocates a small frame and CPU 2's code path frees it (outside CPU 0's credit) while
+/// CPU 1 grabs every huge frame it can: a huge frame never covers a set bit.
+#[test]
+fn loom_allocator_free_races_huge() {
+    model(|| {
+        let a = tiny(3, Init::Free);
+        let t = thread::spawn(move || {
+            // Memory when CPU 1 took both areas first.
+            if let Ok(f) = a.get(0, Order::BASE) {
+                a.put(2, f, Order::BASE).unwrap();
+            }
+        });
+        for _ in 0..2 {
+            if let Ok(h) = a.get(1, Order::HUGE) {
+                assert_eq!(bitfield::count_set(a.area_bits(h.0 / 512)), 0, "huge frame over a small one");
+            }
+        }
+        t.join().unwrap();
+    });
+}
