@@ -42,6 +42,9 @@ pub struct Morsel<F: Format> {
     page: PageSize,
     tables: u32,
     mounts: AtomicU32,
+    /// False for a view (`Morsel::view`): the data frames belong to another morsel, and
+    /// `destroy` frees only this subtree's tables.
+    owns_data: bool,
     _format: PhantomData<fn() -> F>,
 }
 
@@ -54,6 +57,7 @@ impl<F: Format> core::fmt::Debug for Morsel<F> {
             .field("len", &self.len)
             .field("page", &self.page)
             .field("mounts", &self.mount_count())
+            .field("view", &!self.owns_data)
             .finish()
     }
 }
@@ -116,8 +120,44 @@ impl<F: Format> Morsel<F> {
             page,
             tables: 1 + stats.tables as u32,
             mounts: AtomicU32::new(0),
+            owns_data: true,
             _format: PhantomData,
         })
+    }
+
+    /// A view of this morsel in format `G`: a new subtree of the same shape (root level, page
+    /// size) whose leaves point at this morsel's data frames with the same rights. Used where
+    /// the formats cannot share one subtree (an NPT morsel seen by a VT-d domain). The view
+    /// owns only its tables: its `destroy` frees them and never a data frame. The caller keeps
+    /// the view no longer than this morsel and destroys it first (unmounted, like any morsel).
+    /// On error nothing is kept.
+    pub fn view<G: Format>(
+        &self,
+        alloc: &impl FrameAlloc,
+        mem: &impl PhysMem,
+    ) -> Result<Morsel<G>, Error> {
+        let root = new_table(alloc, mem)?;
+        let mut tables = 1;
+        if let Err(e) = copy_tree::<F, G>(self.root, root, self.root_level, alloc, mem, &mut tables)
+        {
+            free_tree::<G>(root, self.root_level, false, alloc, mem);
+            return Err(e);
+        }
+        Ok(Morsel {
+            root,
+            root_level: self.root_level,
+            len: self.len,
+            page: self.page,
+            tables,
+            mounts: AtomicU32::new(0),
+            owns_data: false,
+            _format: PhantomData,
+        })
+    }
+
+    /// Whether this is a view over another morsel's data frames (see `view`).
+    pub fn is_view(&self) -> bool {
+        !self.owns_data
     }
 
     /// Bytes in the object (a multiple of the page size).
@@ -257,7 +297,7 @@ impl<F: Format> Morsel<F> {
         if count > 0 {
             return Err((self, Error::StillMounted { count }));
         }
-        free_tree::<F>(self.root, self.root_level, true, alloc, mem);
+        free_tree::<F>(self.root, self.root_level, self.owns_data, alloc, mem);
         Ok(())
     }
 
@@ -296,6 +336,34 @@ impl<F: Format> Morsel<F> {
         );
         Ok(slot_level)
     }
+}
+
+/// Rebuilds the format-`F` table `from` (of `level`) as the format-`G` table `to` (zeroed):
+/// same leaves (frame, size, rights), new tables below. Counts new tables in `tables`; on
+/// error the caller frees `to`'s subtree (never the leaves).
+fn copy_tree<F: Format, G: Format>(
+    from: HostPhysAddr,
+    to: HostPhysAddr,
+    level: Level,
+    alloc: &impl FrameAlloc,
+    mem: &impl PhysMem,
+    tables: &mut u32,
+) -> Result<(), Error> {
+    for i in 0..crate::addr::ENTRIES {
+        match Entry::<F>::from_raw(mem.read(from, i)).decode(level) {
+            Decoded::Empty => {}
+            Decoded::Leaf { frame, perm, size } => {
+                mem.write(to, i, Entry::<G>::leaf(size, frame, perm).raw())
+            }
+            Decoded::Table { next, perm, .. } => {
+                let t = new_table(alloc, mem)?;
+                mem.write(to, i, Entry::<G>::table(t, perm).raw());
+                *tables += 1;
+                copy_tree::<F, G>(next, t, level - 1, alloc, mem, tables)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -677,5 +745,91 @@ mod tests {
         guest.destroy(&mem, &mem).unwrap();
         dev.destroy(&mem, &mem).unwrap();
         assert_eq!(mem.allocated_frames(), 0);
+    }
+
+    /// A VT-d view of an NPT morsel maps every page to the same frame, mounts like a morsel,
+    /// and its destroy frees only its own tables.
+    fn view_matches<F: Format, G: Format>(pages: u64, page: PageSize, levels: Level) {
+        let mem = SimMem::new(2048 * GIB);
+        let m = Morsel::<F>::create(pages * page.bytes(), page, &mem, &mem).unwrap();
+        let before = mem.allocated_frames();
+        let v = m.view::<G>(&mem, &mem).unwrap();
+        assert!(v.is_view() && !m.is_view());
+        assert_eq!(
+            (v.len(), v.page_size(), v.root_level()),
+            (m.len(), m.page_size(), m.root_level())
+        );
+        assert_eq!(v.table_count(), m.table_count());
+        assert_eq!(mem.allocated_frames() - before, v.table_count() as usize);
+        assert_ne!(v.root(), m.root());
+        for p in 0..pages {
+            let o = p * page.bytes() + 8 * p % page.bytes();
+            assert_eq!(v.translate(o, &mem), m.translate(o, &mem));
+        }
+        let mut t = SecondLevelTable::<G>::with_levels(levels, &mem, &mem).unwrap();
+        let w = input::<G>(v.window_size() % t.limit());
+        match v.mount(&mut t, w, Perm::RW, &mem, &mem) {
+            Ok(_) => {
+                let tr = t
+                    .translate(input::<G>(w.to_u64() + m.len() - 1), &mem)
+                    .unwrap();
+                assert_eq!(tr.addr, m.translate(m.len() - 1, &mem).unwrap());
+                assert_eq!(tr.perm, Perm::RW);
+                assert_eq!(
+                    m.mount_count(),
+                    0,
+                    "mounting the view does not count on the morsel"
+                );
+                let v = match v.destroy(&mem, &mem) {
+                    Err((v, Error::StillMounted { count: 1 })) => v,
+                    r => panic!("destroy of a mounted view: {:?}", r.map_err(|(_, e)| e)),
+                };
+                v.unmount(&mut t, w, &mem).unwrap();
+                v.destroy(&mem, &mem).unwrap();
+            }
+            Err(Error::RootTooHigh { .. }) => {
+                assert!(v.root_level() + 1 > levels);
+                v.destroy(&mem, &mem).unwrap();
+            }
+            Err(e) => panic!("{e}"),
+        }
+        t.destroy(&mem, &mem).unwrap();
+        let v = m.view::<G>(&mem, &mem).unwrap();
+        v.destroy(&mem, &mem).unwrap();
+        assert_eq!(
+            mem.allocated_frames(),
+            before,
+            "the view gave back exactly its tables"
+        );
+        m.destroy(&mem, &mem).unwrap();
+        assert_eq!(mem.allocated_frames(), 0);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        #[test]
+        fn views_match(pages in 1u64..1100, big in any::<bool>()) {
+            let page = if big { PageSize::Size2M } else { PageSize::Size4K };
+            view_matches::<Npt, VtdSl>(pages, page, 3);
+            view_matches::<Npt, VtdSl>(pages, page, 4);
+            view_matches::<Ept, Npt>(pages, page, 4);
+        }
+
+        #[test]
+        fn failed_view_keeps_nothing(pages in 1u64..1100, big in any::<bool>(), budget in 0u64..8) {
+            let page = if big { PageSize::Size2M } else { PageSize::Size4K };
+            let mem = SimMem::new(4096 * GIB);
+            let m = Morsel::<Npt>::create(pages * page.bytes(), page, &mem, &mem).unwrap();
+            let before = mem.allocated_frames();
+            mem.limit_free(budget);
+            match m.view::<VtdSl>(&mem, &mem) {
+                Ok(v) => v.destroy(&mem, &mem).unwrap(),
+                Err(e) => prop_assert_eq!(e, Error::OutOfMemory),
+            }
+            prop_assert_eq!(mem.allocated_frames(), before);
+            m.destroy(&mem, &mem).unwrap();
+            prop_assert_eq!(mem.allocated_frames(), 0);
+        }
     }
 }
