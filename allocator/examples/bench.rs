@@ -1,0 +1,331 @@
+//! Allocator benchmark with the LLFree paper's patterns (bulk, repeat, random), against a
+//! spinlock-protected bitmap allocator as a baseline. Frames are not touched (metadata only);
+//! threads are pinned to CPUs.
+//!
+//! `cargo run --release -p allocator --example bench -- --threads 1,2 --order 0 --memory 8 --pattern bulk`
+
+use allocator::{Allocator, Init, Order, Pfn};
+use std::cell::UnsafeCell;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Barrier;
+use std::time::Instant;
+
+/// What the patterns need from an allocator.
+trait Frames: Sync {
+    fn get(&self, core: usize, order: Order) -> Option<usize>;
+    fn put(&self, core: usize, pfn: usize, order: Order);
+}
+
+impl Frames for Allocator<'_> {
+    #[inline]
+    fn get(&self, core: usize, order: Order) -> Option<usize> {
+        Allocator::get(self, core, order).ok().map(|p| p.0)
+    }
+    #[inline]
+    fn put(&self, core: usize, pfn: usize, order: Order) {
+        Allocator::put(self, core, Pfn(pfn), order).expect("put");
+    }
+}
+
+/// Baseline: one bitmap behind one test-and-test-and-set spinlock, next-fit search.
+struct Spin {
+    lock: AtomicBool,
+    inner: UnsafeCell<(Vec<u64>, usize)>,
+}
+
+// SAFETY: `inner` is only accessed with `lock` held.
+unsafe impl Sync for Spin {}
+
+impl Spin {
+    fn new(frames: usize) -> Self {
+        Spin { lock: AtomicBool::new(false), inner: UnsafeCell::new((vec![0; frames / 64], 0)) }
+    }
+    fn with<R>(&self, f: impl FnOnce(&mut (Vec<u64>, usize)) -> R) -> R {
+        while self.lock.compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed).is_err() {
+            while self.lock.load(Ordering::Relaxed) {
+                std::hint::spin_loop();
+            }
+        }
+        // SAFETY: the lock is held.
+        let r = f(unsafe { &mut *self.inner.get() });
+        self.lock.store(false, Ordering::Release);
+        r
+    }
+}
+
+impl Frames for Spin {
+    fn get(&self, _core: usize, order: Order) -> Option<usize> {
+        self.with(|(bits, next)| {
+            let n = bits.len();
+            if order == Order::BASE {
+                for k in 0..n {
+                    let w = (*next + k) % n;
+                    if bits[w] != u64::MAX {
+                        let b = (!bits[w]).trailing_zeros() as usize;
+                        bits[w] |= 1 << b;
+                        *next = w;
+                        return Some(w * 64 + b);
+                    }
+                }
+            } else {
+                let areas = n / 8;
+                for k in 0..areas {
+                    let a = (*next / 8 + k) % areas;
+                    if bits[a * 8..a * 8 + 8].iter().all(|&w| w == 0) {
+                        bits[a * 8..a * 8 + 8].fill(u64::MAX);
+                        return Some(a * 512);
+                    }
+                }
+            }
+            None
+        })
+    }
+    fn put(&self, _core: usize, pfn: usize, order: Order) {
+        self.with(|(bits, _)| {
+            if order == Order::BASE {
+                assert!(bits[pfn / 64] & (1 << (pfn % 64)) != 0);
+                bits[pfn / 64] &= !(1 << (pfn % 64));
+            } else {
+                bits[pfn / 64..pfn / 64 + 8].fill(0);
+            }
+        })
+    }
+}
+
+fn pin(cpu: usize) {
+    // SAFETY: plain libc calls on a zeroed cpu_set_t owned here.
+    unsafe {
+        let n = libc::sysconf(libc::_SC_NPROCESSORS_ONLN).max(1) as usize;
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu % n, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+struct Rng(u64);
+impl Rng {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 % n as u64) as usize
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Pattern {
+    Bulk,
+    Repeat,
+    Random,
+}
+
+/// Per-thread result: ns per get, ns per put (or per get+put pair for `repeat`), operations.
+#[derive(Default, Clone, Copy)]
+struct Res {
+    get: f64,
+    put: f64,
+    ops: f64,
+    secs: f64,
+}
+
+fn run<A: Frames>(a: &A, threads: usize, order: Order, frames: usize, pattern: Pattern, ops: usize) -> Res {
+    let per = frames / order.frames() / threads / 2;
+    let barrier = Barrier::new(threads);
+    let results: Vec<Res> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..threads)
+            .map(|t| {
+                let barrier = &barrier;
+                s.spawn(move || {
+                    pin(t);
+                    let mut held = Vec::with_capacity(per);
+                    let mut r = Res::default();
+                    match pattern {
+                        Pattern::Bulk => {
+                            barrier.wait();
+                            let t0 = Instant::now();
+                            for _ in 0..per {
+                                held.push(a.get(t, order).expect("out of memory"));
+                            }
+                            let t1 = Instant::now();
+                            barrier.wait();
+                            let t2 = Instant::now();
+                            for &f in &held {
+                                a.put(t, f, order);
+                            }
+                            let t3 = Instant::now();
+                            r.get = (t1 - t0).as_nanos() as f64 / per as f64;
+                            r.put = (t3 - t2).as_nanos() as f64 / per as f64;
+                            r.ops = 2.0 * per as f64;
+                            r.secs = (t1 - t0 + (t3 - t2)).as_secs_f64();
+                        }
+                        Pattern::Repeat => {
+                            for _ in 0..per {
+                                held.push(a.get(t, order).expect("out of memory"));
+                            }
+                            barrier.wait();
+                            let t0 = Instant::now();
+                            for _ in 0..ops {
+                                let f = a.get(t, order).expect("out of memory");
+                                a.put(t, std::hint::black_box(f), order);
+                            }
+                            let d = t0.elapsed();
+                            r.get = d.as_nanos() as f64 / ops as f64; // per pair
+                            r.ops = 2.0 * ops as f64;
+                            r.secs = d.as_secs_f64();
+                            barrier.wait();
+                        }
+                        Pattern::Random => {
+                            for _ in 0..per {
+                                held.push(a.get(t, order).expect("out of memory"));
+                            }
+                            let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (t as u64 + 1));
+                            // Batches of frees of random own frames, then as many allocations,
+                            // each timed as a whole (a timer per call would cost more than it).
+                            let batch = 256.min(per);
+                            let mut slots = Vec::with_capacity(batch);
+                            let (mut tg, mut tp) = (0u128, 0u128);
+                            barrier.wait();
+                            let rounds = ops.div_ceil(batch);
+                            for _ in 0..rounds {
+                                slots.clear();
+                                let t0 = Instant::now();
+                                for _ in 0..batch {
+                                    let i = rng.below(per);
+                                    if held[i] != usize::MAX {
+                                        a.put(t, held[i], order);
+                                        held[i] = usize::MAX;
+                                        slots.push(i);
+                                    }
+                                }
+                                let t1 = Instant::now();
+                                for &i in &slots {
+                                    held[i] = a.get(t, order).expect("out of memory");
+                                }
+                                let t2 = Instant::now();
+                                tp += (t1 - t0).as_nanos();
+                                tg += (t2 - t1).as_nanos();
+                                r.ops += 2.0 * slots.len() as f64;
+                            }
+                            r.get = tg as f64 / (r.ops / 2.0);
+                            r.put = tp as f64 / (r.ops / 2.0);
+                            r.secs = (tg + tp) as f64 / 1e9;
+                            barrier.wait();
+                        }
+                    }
+                    for &f in &held {
+                        if f != usize::MAX && pattern != Pattern::Bulk {
+                            a.put(t, f, order);
+                        }
+                    }
+                    r
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let n = threads as f64;
+    Res {
+        get: results.iter().map(|r| r.get).sum::<f64>() / n,
+        put: results.iter().map(|r| r.put).sum::<f64>() / n,
+        ops: results.iter().map(|r| r.ops).sum(),
+        secs: results.iter().map(|r| r.secs).fold(0.0, f64::max),
+    }
+}
+
+fn median(mut v: Vec<Res>) -> Res {
+    v.sort_by(|a, b| (a.get + a.put).total_cmp(&(b.get + b.put)));
+    v[v.len() / 2]
+}
+
+fn main() {
+    let mut threads = vec![1, 2];
+    let mut order = 0u8;
+    let mut gib = 8usize;
+    let mut pattern = Pattern::Bulk;
+    let mut runs = 5;
+    let mut ops = 0usize;
+    let mut baseline = true;
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut i = 0;
+    while i < args.len() {
+        let v = args.get(i + 1).cloned().unwrap_or_default();
+        match args[i].as_str() {
+            "--threads" => threads = v.split(',').map(|x| x.parse().expect("--threads")).collect(),
+            "--order" => order = v.parse().expect("--order 0|9"),
+            "--memory" => gib = v.parse().expect("--memory GIB"),
+            "--runs" => runs = v.parse().expect("--runs N"),
+            "--ops" => ops = v.parse().expect("--ops N"),
+            "--pattern" => {
+                pattern = match v.as_str() {
+                    "bulk" => Pattern::Bulk,
+                    "repeat" => Pattern::Repeat,
+                    "random" => Pattern::Random,
+                    _ => panic!("--pattern bulk|repeat|random"),
+                }
+            }
+            "--no-baseline" => {
+                baseline = false;
+                i -= 1;
+            }
+            a => panic!("unknown argument {a}; see the file header"),
+        }
+        i += 2;
+    }
+    let order = Order(order);
+    assert!(order == Order::BASE || order == Order::HUGE, "--order 0|9");
+    if ops == 0 {
+        ops = if order == Order::BASE { 4_000_000 } else { 1_000_000 };
+    }
+    let frames = gib << 18;
+    let name = match pattern {
+        Pattern::Bulk => "bulk",
+        Pattern::Repeat => "repeat",
+        Pattern::Random => "random",
+    };
+    let max_t = *threads.iter().max().unwrap();
+    let size = Allocator::metadata_size(max_t, frames);
+    println!(
+        "pattern {name}, order {}, {gib} GiB ({frames} frames), metadata {} bytes = {:.1} KiB per GiB ({} CPUs)",
+        order.0,
+        size,
+        size as f64 / gib as f64 / 1024.0,
+        max_t
+    );
+    let what = if pattern == Pattern::Repeat { "get+put ns" } else { "get ns    put ns" };
+    println!("threads  allocator  {what}   Mops/s total   (median of {runs} runs, ns per op per thread)");
+    #[repr(C, align(4096))]
+    struct Page([u8; 4096]);
+    let mut buf: Vec<Page> = (0..size.div_ceil(4096)).map(|_| Page([0; 4096])).collect();
+    for &t in &threads {
+        let mut ours = Vec::new();
+        let mut base = Vec::new();
+        for _ in 0..runs {
+            // SAFETY: `buf` holds `size` bytes, page aligned, and outlives the allocator.
+            let meta = unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<u8>(), size) };
+            let a = Allocator::new(t, Pfn(0), frames, meta, Init::Free).expect("init");
+            ours.push(run(&a, t, order, frames, pattern, ops));
+            if baseline {
+                base.push(run(&Spin::new(frames), t, order, frames, pattern, ops / 4));
+            }
+        }
+        let line = |who: &str, r: Res| {
+            let mops = r.ops / r.secs / 1e6;
+            if pattern == Pattern::Repeat {
+                println!("{t:>7}  {who:<9}  {:>10.1}   {mops:>12.1}", r.get);
+            } else {
+                println!("{t:>7}  {who:<9}  {:>6.1}  {:>8.1}   {mops:>12.1}", r.get, r.put);
+            }
+        };
+        let o = median(ours);
+        line("llfree-pp", o);
+        if baseline {
+            let b = median(base);
+            line("spinlock", b);
+            if pattern == Pattern::Repeat {
+                println!("{t:>7}  ratio      spinlock / ours: {:.2}x per pair", b.get / o.get);
+            } else {
+                println!("{t:>7}  ratio      spinlock / ours: get {:.2}x, put {:.2}x", b.get / o.get, b.put / o.put);
+            }
+        }
+    }
+}
