@@ -100,7 +100,9 @@ fn run_guests(bi: &bootinfo::BootInfo, args: &cmdline::Args, facts: &cpu::CpuFac
         cpu::Extension::Svm => run_backend::<svm::Svm>(facts, frames, archive, &args.guests),
         cpu::Extension::Vmx => run_backend::<vmx::Vmx>(facts, frames, archive, &args.guests),
         cpu::Extension::None => {
-            log::error!(target: "vm", "no usable virtualization backend on this CPU (vendor {})", facts.vendor());
+            log::error!(target: "vm",
+                "cannot run guests: the CPU ({}) has neither VMX (CPUID.1:ECX bit 5) nor SVM (CPUID.8000_0001:ECX bit 2)",
+                facts.vendor());
             false
         }
     }
