@@ -179,29 +179,39 @@ fn run<A: Frames>(a: &A, threads: usize, order: Order, frames: usize, pattern: P
                                 held.push(a.get(t, order).expect("out of memory"));
                             }
                             let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (t as u64 + 1));
-                            // Batches of frees of random own frames, then as many allocations,
-                            // each timed as a whole (a timer per call would cost more than it).
+                            // Batches: pick random own frames (untimed), free them (timed),
+                            // allocate as many (timed), store them back (untimed). A timer per
+                            // call would cost more than the call; the random picks miss the
+                            // cache and are not the allocator's cost.
                             let batch = 256.min(per);
                             let mut slots = Vec::with_capacity(batch);
+                            let mut frames = Vec::with_capacity(batch);
                             let (mut tg, mut tp) = (0u128, 0u128);
                             barrier.wait();
                             let rounds = ops.div_ceil(batch);
                             for _ in 0..rounds {
                                 slots.clear();
-                                let t0 = Instant::now();
+                                frames.clear();
                                 for _ in 0..batch {
                                     let i = rng.below(per);
                                     if held[i] != usize::MAX {
-                                        a.put(t, held[i], order);
+                                        frames.push(held[i]);
                                         held[i] = usize::MAX;
                                         slots.push(i);
                                     }
                                 }
+                                let t0 = Instant::now();
+                                for &f in &frames {
+                                    a.put(t, f, order);
+                                }
                                 let t1 = Instant::now();
-                                for &i in &slots {
-                                    held[i] = a.get(t, order).expect("out of memory");
+                                for f in frames.iter_mut() {
+                                    *f = a.get(t, order).expect("out of memory");
                                 }
                                 let t2 = Instant::now();
+                                for (&i, &f) in slots.iter().zip(&frames) {
+                                    held[i] = f;
+                                }
                                 tp += (t1 - t0).as_nanos();
                                 tg += (t2 - t1).as_nanos();
                                 r.ops += 2.0 * slots.len() as f64;

@@ -156,6 +156,9 @@ const TREE_FRAMES: usize = tree::AREAS * AREA_FRAMES;
 /// A tree with at least this many free frames (and not all free) is the best pick for small
 /// frames: it is partly used already, so fully free trees stay whole for huge frames.
 const PARTIAL_MIN: usize = TREE_FRAMES / 16;
+/// Usable trees a reservation search looks at before it settles for the best seen (huge
+/// frames: fewer free areas than a whole tree; small frames: no partly used tree).
+const SEARCH_CANDIDATES: usize = 8;
 /// Bound on retries of the fast paths before the slow (stealing) path.
 const ROUNDS: usize = 64;
 /// Largest frame count (area indices must fit the `u32` per-CPU fields).
@@ -226,7 +229,7 @@ impl<'a> Allocator<'a> {
         let p = meta.as_mut_ptr();
         // SAFETY: every part lies inside `meta` (length checked) at an offset that is a multiple
         // of 64 from a 64-aligned start; the atomics have the size and alignment of their
-        // integers and every bit pattern is valid for them, `Local` is 8 `AtomicU32` plus padding
+        // integers and every bit pattern is valid for them, `Local` is 10 `AtomicU32` plus padding
         // (repr(C)); `meta` is borrowed exclusively for 'a, so nothing else accesses it.
         let (header, trees, children, bits, locals) = unsafe {
             (
@@ -360,12 +363,17 @@ impl<'a> Allocator<'a> {
                     });
                 }
                 hook::point();
-                if area as u32 == l.area.get() {
+                let area = area as u32;
+                if area == l.area.get() {
                     // The CPU's current area: the frame joins its credit, no atomic needed.
                     l.credit.set(l.credit.get() + 1);
+                } else if area == l.put_area.get() {
+                    // Same area as the last free: counted in its entry with the next flush.
+                    l.put_count.set(l.put_count.get() + 1);
                 } else {
-                    child::add(&self.children[area], 1);
-                    hook::point();
+                    self.flush_puts(l);
+                    l.put_area.set(area);
+                    l.put_count.set(1);
                 }
                 Ok(())
             }
@@ -428,10 +436,11 @@ impl<'a> Allocator<'a> {
         Ok(())
     }
 
-    /// Gives CPU `core`'s credit and tree reservations back (call on that CPU, or when it is
-    /// idle), so other CPUs can use its frames and huge frames can form there.
+    /// Gives CPU `core`'s credit, uncounted frees and tree reservations back (call on that CPU,
+    /// or when it is idle), so other CPUs can use its frames and huge frames can form there.
     pub fn drain(&self, core: usize) -> Result<(), Error> {
         let l = self.locals.get(core).ok_or(Error::InvalidCore)?;
+        self.flush_puts(l);
         let credit = l.credit.get();
         if credit > 0 {
             child::add(&self.children[l.area.get() as usize], credit as usize);
@@ -452,7 +461,7 @@ impl<'a> Allocator<'a> {
     /// Free 4 KiB frames (huge frames count 512 each). Exact when no operation runs.
     pub fn free_frames(&self) -> usize {
         let areas: usize = self.children.iter().map(|c| child::load(c).free()).sum();
-        let credits: usize = self.locals.iter().map(|l| l.credit.get() as usize).sum();
+        let credits: usize = self.locals.iter().map(|l| (l.credit.get() + l.put_count.get()) as usize).sum();
         areas + credits
     }
 
@@ -524,6 +533,18 @@ impl<'a> Allocator<'a> {
         self.steal_small(core)
     }
 
+    /// Counts the CPU's pending frees into their area's entry.
+    #[inline]
+    fn flush_puts(&self, l: &Local) {
+        let n = l.put_count.get();
+        if n > 0 {
+            child::add(&self.children[l.put_area.get() as usize], n as usize);
+            hook::point();
+            l.put_count.set(0);
+        }
+        l.put_area.set(NONE);
+    }
+
     /// Takes a bit of `area`, after the caller claimed one of its frames.
     #[inline]
     fn take_bit(&self, area: usize, hint: usize) -> Option<usize> {
@@ -534,6 +555,8 @@ impl<'a> Allocator<'a> {
     /// Claims all free frames of an area of the CPU's small tree (partly used areas first, so
     /// free areas stay whole); releases the tree when it has none.
     fn claim_area(&self, l: &Local) -> bool {
+        // Own frees not yet counted may be all that is left.
+        self.flush_puts(l);
         let t = l.small_tree.get();
         if t == NONE {
             return false;
@@ -614,6 +637,8 @@ impl<'a> Allocator<'a> {
                 tree::release(&self.trees[t as usize]);
                 hook::point();
             }
+            // Own frees not yet counted may complete a free area.
+            self.flush_puts(l);
             if !self.reserve(l, core, true) {
                 break;
             }
@@ -643,10 +668,15 @@ impl<'a> Allocator<'a> {
             let search = if huge { &l.huge_search } else { &l.search };
             let start = search.get() as usize % n;
             let (mut best, mut whole, mut any) = (None, None, None);
+            let (mut most, mut candidates) = (0, 0);
             for k in 0..n {
                 let t = (start + k) % n;
                 if tree::reserved(&self.trees[t]) {
                     continue;
+                }
+                // Bound the search on large memories: after enough usable trees take the best.
+                if candidates >= SEARCH_CANDIDATES && (whole.is_some() || any.is_some()) {
+                    break;
                 }
                 let (free, free_areas) = self.tree_stat(t);
                 let all = free == self.tree_frames(t);
@@ -658,8 +688,14 @@ impl<'a> Allocator<'a> {
                         best = Some(t);
                         break;
                     }
-                    any = any.or(Some(t));
+                    // Otherwise the tree with the most free areas among the first candidates.
+                    candidates += 1;
+                    if free_areas > most {
+                        most = free_areas;
+                        any = Some(t);
+                    }
                 } else {
+                    candidates += (free > 0) as usize;
                     if free == 0 {
                         continue;
                     }
