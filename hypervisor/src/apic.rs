@@ -1,19 +1,9 @@
 //! Local APIC (xAPIC, MMIO at its base MSR address): enable, EOI, and a periodic timer.
 //! The SVM backend intercepts this timer's interrupt to preempt a running guest.
 
-use core::sync::atomic::{AtomicU64, Ordering};
-
-static TICKS: AtomicU64 = AtomicU64::new(0);
-
-/// Counts a timer interrupt and acknowledges it.
+/// Acknowledges a timer interrupt (its work, ending a guest's slice, is done by the exit).
 pub fn timer_interrupt() {
-    TICKS.fetch_add(1, Ordering::Relaxed);
     eoi();
-}
-
-/// Timer interrupts seen so far.
-pub fn ticks() -> u64 {
-    TICKS.load(Ordering::Relaxed)
 }
 
 const IA32_APIC_BASE: u32 = 0x1b;
@@ -70,8 +60,3 @@ fn start_periodic_timer(count: u32) {
     write(REG_TIMER_INIT, count);
 }
 
-/// Stops the timer.
-pub fn stop_timer() {
-    write(REG_LVT_TIMER, 1 << 16); // masked
-    write(REG_TIMER_INIT, 0);
-}

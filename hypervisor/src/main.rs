@@ -77,6 +77,7 @@ extern "C" fn kmain(magic: u32, info: u64) -> ! {
 
     println!("parperos: ready ({} ms after start)", time::micros() / 1000);
     let ok = args.errors.is_empty() && (args.guests.is_empty() || run_guests(&bi, &args, &facts, &frames));
+    log::info!(target: "mem", "heap high-water mark: {} KiB", heap::used() / 1024);
     exit::exit(if ok { Status::Success } else { Status::Failure })
 }
 

@@ -186,7 +186,7 @@ pub fn init() {
             IDT[vector] = Gate::interrupt(stub, ist);
         }
         // Every other vector (the masked 8259's, stray ones) is acknowledged and ignored.
-        for gate in IDT.iter_mut().skip(33) {
+        for gate in (*(&raw mut IDT)).iter_mut().skip(33) {
             *gate = Gate::interrupt(stubs[33], gdt::IST_INTERRUPT);
         }
         let ptr = Pointer { limit: (size_of::<[Gate; 256]>() - 1) as u16, base: (&raw const IDT) as u64 };

@@ -4,7 +4,6 @@
 use morsel::HostPhysAddr;
 
 // Control area (APM Vol. 2 table B-1).
-pub const INTERCEPT_CR_READ: usize = 0x000;
 pub const INTERCEPT_EXCEPTIONS: usize = 0x008;
 pub const INTERCEPT_MISC1: usize = 0x00c;
 pub const INTERCEPT_MISC2: usize = 0x010;

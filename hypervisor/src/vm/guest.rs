@@ -46,7 +46,6 @@ pub enum State {
 /// Why a guest could not be created.
 #[derive(Debug)]
 pub enum CreateError {
-    NotInArchive,
     BadMemorySize(u64),
     NoMemory,
     Image(elf::Error),
@@ -57,7 +56,6 @@ pub enum CreateError {
 impl core::fmt::Display for CreateError {
     fn fmt(&self, f: &mut core::fmt::Formatter) -> core::fmt::Result {
         match self {
-            CreateError::NotInArchive => write!(f, "no such guest in the boot archive"),
             CreateError::BadMemorySize(m) => write!(f, "memory size {m:#x} must be a multiple of 2 MiB between 4 MiB and 512 GiB"),
             CreateError::NoMemory => write!(f, "out of host memory"),
             CreateError::Image(e) => write!(f, "bad image: {e}"),

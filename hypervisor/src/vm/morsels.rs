@@ -37,7 +37,6 @@ pub struct Mount {
     /// The guest-physical span the mount occupies (the span of the morsel's root table).
     pub window: u64,
     pub name: String,
-    pub writable: bool,
 }
 
 /// All morsels of the run.
@@ -127,7 +126,7 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         n.path_pte_writes += stats.path_writes as u64;
         log::info!(target: "morsel", "'{name}' mounted {} into guest {} at {gpa:#x}: {} PTE write (+{} for new intermediate tables)",
             if writable { "read-write" } else { "read-only" }, g.id, stats.entry_writes, stats.path_writes);
-        g.mounts.push(Mount { gpa, size: n.morsel.len(), window: size, name: name.into(), writable });
+        g.mounts.push(Mount { gpa, size: n.morsel.len(), window: size, name: name.into() });
         Ok(gpa)
     }
 
