@@ -27,10 +27,11 @@ impl Frames for Allocator<'_> {
     }
 }
 
-/// Baseline: one bitmap behind one test-and-test-and-set spinlock, next-fit search.
+/// Baseline: one bitmap behind one test-and-test-and-set spinlock, next-fit search (one cursor
+/// for 4 KiB and one for 2 MiB frames).
 struct Spin {
     lock: AtomicBool,
-    inner: UnsafeCell<(Vec<u64>, usize)>,
+    inner: UnsafeCell<(Vec<u64>, usize, usize)>,
 }
 
 // SAFETY: `inner` is only accessed with `lock` held.
@@ -38,9 +39,9 @@ unsafe impl Sync for Spin {}
 
 impl Spin {
     fn new(frames: usize) -> Self {
-        Spin { lock: AtomicBool::new(false), inner: UnsafeCell::new((vec![0; frames / 64], 0)) }
+        Spin { lock: AtomicBool::new(false), inner: UnsafeCell::new((vec![0; frames / 64], 0, 0)) }
     }
-    fn with<R>(&self, f: impl FnOnce(&mut (Vec<u64>, usize)) -> R) -> R {
+    fn with<R>(&self, f: impl FnOnce(&mut (Vec<u64>, usize, usize)) -> R) -> R {
         while self.lock.compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed).is_err() {
             while self.lock.load(Ordering::Relaxed) {
                 std::hint::spin_loop();
@@ -55,7 +56,7 @@ impl Spin {
 
 impl Frames for Spin {
     fn get(&self, _core: usize, order: Order) -> Option<usize> {
-        self.with(|(bits, next)| {
+        self.with(|(bits, next, next_huge)| {
             let n = bits.len();
             if order == Order::BASE {
                 for k in 0..n {
@@ -70,9 +71,10 @@ impl Frames for Spin {
             } else {
                 let areas = n / 8;
                 for k in 0..areas {
-                    let a = (*next / 8 + k) % areas;
+                    let a = (*next_huge + k) % areas;
                     if bits[a * 8..a * 8 + 8].iter().all(|&w| w == 0) {
                         bits[a * 8..a * 8 + 8].fill(u64::MAX);
+                        *next_huge = a;
                         return Some(a * 512);
                     }
                 }
@@ -81,7 +83,7 @@ impl Frames for Spin {
         })
     }
     fn put(&self, _core: usize, pfn: usize, order: Order) {
-        self.with(|(bits, _)| {
+        self.with(|(bits, _, _)| {
             if order == Order::BASE {
                 assert!(bits[pfn / 64] & (1 << (pfn % 64)) != 0);
                 bits[pfn / 64] &= !(1 << (pfn % 64));

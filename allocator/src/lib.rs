@@ -406,8 +406,10 @@ impl<'a> Allocator<'a> {
             return Err(Error::AddressOutOfRange);
         }
         let end = start + count;
+        // Pass 1: everything must be allocated. Pass 2: clear, and count into each area only
+        // the bits this call cleared (a concurrent call over the same range cannot double-count).
         for pass in 0..2 {
-            let mut i = start;
+            let (mut i, mut cleared) = (start, 0);
             while i < end {
                 let w = i / 64;
                 let hi = end.min((w + 1) * 64);
@@ -417,20 +419,15 @@ impl<'a> Allocator<'a> {
                         return Err(Error::DoubleFree);
                     }
                 } else {
-                    self.bits[w].fetch_and(!mask, AcqRel);
+                    cleared += (self.bits[w].fetch_and(!mask, AcqRel) & mask).count_ones() as usize;
                     hook::point();
+                    if hi == end || hi % AREA_FRAMES == 0 {
+                        child::add(&self.children[(hi - 1) / AREA_FRAMES], cleared);
+                        hook::point();
+                        cleared = 0;
+                    }
                 }
                 i = hi;
-            }
-            if pass == 1 {
-                let mut a = start / AREA_FRAMES;
-                while a * AREA_FRAMES < end {
-                    let lo = start.max(a * AREA_FRAMES);
-                    let hi = end.min((a + 1) * AREA_FRAMES);
-                    child::add(&self.children[a], hi - lo);
-                    hook::point();
-                    a += 1;
-                }
             }
         }
         Ok(())
