@@ -58,7 +58,9 @@ pub struct Vcpu {
     eptp: u64,
     regs: Regs,
     fpu: FpuState,
+    /// VMLAUNCH succeeded once: VMRESUME from now on (SDM Vol. 3C 25.11.3).
     launched: bool,
+    /// INVEPT before the next entry: the EPT root frame may have served an earlier guest.
     flush: bool,
 }
 
@@ -183,6 +185,9 @@ impl Backend for Vmx {
                 "VMX enabled: VMCS revision {revision:#x}, EPT 4-level WB, VPID, preemption timer at TSC/2^{rate}, INVEPT {}",
                 if invept_type == INVEPT_SINGLE { "single-context" } else { "all-context" }),
             None => {
+                // External-interrupt exiting then ends the slice. Bochs 2.7 leaves INTR masked
+                // in a guest entered with RFLAGS.IF = 0 (as ours are) although the SDM says IF
+                // does not block it (26.3): this path was seen to work there only with IF = 1.
                 crate::apic::start_periodic_timer_us(crate::vm::sched::SLICE_US);
                 log::info!(target: "vmx",
                     "VMX enabled: VMCS revision {revision:#x}, EPT 4-level WB, VPID, no preemption timer (LAPIC timer slices)")
