@@ -9,7 +9,15 @@ use crate::sync::{AtomicU16, AtomicU32, AtomicU64, Ordering::*};
 use crate::{bitfield, child, tree, Allocator, Init, Order, Pfn};
 use loom::thread;
 
+/// Exhaustive: these models are small enough to explore every interleaving.
 fn model(f: impl Fn() + Sync + Send + 'static) {
+    let mut b = loom::model::Builder::new();
+    b.preemption_bound = None;
+    b.check(f);
+}
+
+/// Bounded to 3 preemptions, for the three-thread model.
+fn bounded(f: impl Fn() + Sync + Send + 'static) {
     let mut b = loom::model::Builder::new();
     b.preemption_bound = Some(3);
     b.check(f);
@@ -197,5 +205,35 @@ fn loom_allocator_free_races_huge() {
             }
         }
         t.join().unwrap();
+    });
+}
+
+/// Three CPUs at once: two take small frames (one frees its frame again), one takes huge frames.
+/// No frame is handed out twice and no huge frame covers a small one.
+#[test]
+fn loom_allocator_three_cpus() {
+    bounded(|| {
+        let a = tiny(3, Init::Free);
+        let t1 = thread::spawn(move || {
+            let f = a.get(0, Order::BASE).ok();
+            if let Some(f) = f {
+                a.put(0, f, Order::BASE).unwrap();
+            }
+            a.get(0, Order::BASE).ok()
+        });
+        let t2 = thread::spawn(move || a.get(1, Order::BASE).ok());
+        let h = a.get(2, Order::HUGE).ok();
+        if let Some(h) = h {
+            assert_eq!(bitfield::count_set(a.area_bits(h.0 / 512)), 0);
+        }
+        let (f1, f2) = (t1.join().unwrap(), t2.join().unwrap());
+        if let (Some(x), Some(y)) = (f1, f2) {
+            assert_ne!(x, y);
+        }
+        for f in [f1, f2].into_iter().flatten() {
+            if let Some(h) = h {
+                assert_ne!(f.0 / 512, h.0 / 512);
+            }
+        }
     });
 }
