@@ -7,6 +7,7 @@ pub mod guest;
 pub mod hypercall;
 pub mod morsels;
 pub mod sched;
+pub mod switch;
 
 use crate::cpu::CpuFacts;
 use crate::frames::Frames;

@@ -6,8 +6,8 @@
 
 use crate::vm::fpu::FpuState;
 use crate::vm::Regs;
+use crate::vm::switch::{load_guest_gprs, save_guest_gprs};
 use core::arch::global_asm;
-use core::mem::offset_of;
 
 /// `vmx_world_switch` results.
 pub const EXITED: u64 = 0;
@@ -34,11 +34,8 @@ global_asm!(
     "lea rbx, [rip + 2f]",
     "vmwrite rax, rbx",
     "test rsi, rsi", // MOVs below keep the flags for the jump
-    "mov rax, [rdi + {rax}]", "mov rbx, [rdi + {rbx}]", "mov rcx, [rdi + {rcx}]", "mov rdx, [rdi + {rdx}]",
-    "mov rsi, [rdi + {rsi}]", "mov rbp, [rdi + {rbp}]",
-    "mov r8, [rdi + {r8}]", "mov r9, [rdi + {r9}]", "mov r10, [rdi + {r10}]", "mov r11, [rdi + {r11}]",
-    "mov r12, [rdi + {r12}]", "mov r13, [rdi + {r13}]", "mov r14, [rdi + {r14}]", "mov r15, [rdi + {r15}]",
-    "mov rdi, [rdi + {rdi}]",
+    "mov rax, [rdi]",
+    load_guest_gprs!(),
     "jnz 5f",
     "vmlaunch",
     "jmp 3f",
@@ -53,13 +50,10 @@ global_asm!(
     // VM exit: the guest's registers are live, RFLAGS = 0x2 (interrupts off).
     "2:",
     "push rdi",
-    "mov rdi, [rsp + 24]",
-    "mov [rdi + {rax}], rax", "mov [rdi + {rbx}], rbx", "mov [rdi + {rcx}], rcx", "mov [rdi + {rdx}], rdx",
-    "mov [rdi + {rsi}], rsi", "mov [rdi + {rbp}], rbp",
-    "mov [rdi + {r8}], r8", "mov [rdi + {r9}], r9", "mov [rdi + {r10}], r10", "mov [rdi + {r11}], r11",
-    "mov [rdi + {r12}], r12", "mov [rdi + {r13}], r13", "mov [rdi + {r14}], r14", "mov [rdi + {r15}], r15",
+    save_guest_gprs!(),
+    "mov [rdi], rax",
     "pop rax",
-    "mov [rdi + {rdi}], rax",
+    "mov [rdi + 40], rax",
     "xor eax, eax",
     "4:",
     "pop rdx",
@@ -71,12 +65,6 @@ global_asm!(
     "ret",
     host_rsp = const super::vmcs::HOST_RSP.0, host_rip = const super::vmcs::HOST_RIP.0,
     fail_valid = const FAIL_VALID, fail_invalid = const FAIL_INVALID,
-    rax = const offset_of!(Regs, rax),
-    rbx = const offset_of!(Regs, rbx), rcx = const offset_of!(Regs, rcx), rdx = const offset_of!(Regs, rdx),
-    rsi = const offset_of!(Regs, rsi), rdi = const offset_of!(Regs, rdi), rbp = const offset_of!(Regs, rbp),
-    r8 = const offset_of!(Regs, r8), r9 = const offset_of!(Regs, r9), r10 = const offset_of!(Regs, r10),
-    r11 = const offset_of!(Regs, r11), r12 = const offset_of!(Regs, r12), r13 = const offset_of!(Regs, r13),
-    r14 = const offset_of!(Regs, r14), r15 = const offset_of!(Regs, r15),
 );
 
 extern "C" {
