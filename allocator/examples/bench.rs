@@ -39,10 +39,17 @@ unsafe impl Sync for Spin {}
 
 impl Spin {
     fn new(frames: usize) -> Self {
-        Spin { lock: AtomicBool::new(false), inner: UnsafeCell::new((vec![0; frames / 64], 0, 0)) }
+        Spin {
+            lock: AtomicBool::new(false),
+            inner: UnsafeCell::new((vec![0; frames / 64], 0, 0)),
+        }
     }
     fn with<R>(&self, f: impl FnOnce(&mut (Vec<u64>, usize, usize)) -> R) -> R {
-        while self.lock.compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed).is_err() {
+        while self
+            .lock
+            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
             while self.lock.load(Ordering::Relaxed) {
                 std::hint::spin_loop();
             }
@@ -130,7 +137,14 @@ struct Res {
     secs: f64,
 }
 
-fn run<A: Frames>(a: &A, threads: usize, order: Order, frames: usize, pattern: Pattern, ops: usize) -> Res {
+fn run<A: Frames>(
+    a: &A,
+    threads: usize,
+    order: Order,
+    frames: usize,
+    pattern: Pattern,
+    ops: usize,
+) -> Res {
     let per = frames / order.frames() / threads / 2;
     let barrier = Barrier::new(threads);
     let results: Vec<Res> = std::thread::scope(|s| {
@@ -262,7 +276,12 @@ fn main() {
     while i < args.len() {
         let v = args.get(i + 1).cloned().unwrap_or_default();
         match args[i].as_str() {
-            "--threads" => threads = v.split(',').map(|x| x.parse().expect("--threads")).collect(),
+            "--threads" => {
+                threads = v
+                    .split(',')
+                    .map(|x| x.parse().expect("--threads"))
+                    .collect()
+            }
             "--order" => order = v.parse().expect("--order 0|9"),
             "--memory" => gib = v.parse().expect("--memory GIB"),
             "--runs" => runs = v.parse().expect("--runs N"),
@@ -286,7 +305,11 @@ fn main() {
     let order = Order(order);
     assert!(order == Order::BASE || order == Order::HUGE, "--order 0|9");
     if ops == 0 {
-        ops = if order == Order::BASE { 4_000_000 } else { 1_000_000 };
+        ops = if order == Order::BASE {
+            4_000_000
+        } else {
+            1_000_000
+        };
     }
     let frames = gib << 18;
     let name = match pattern {
@@ -303,8 +326,14 @@ fn main() {
         size as f64 / gib as f64 / 1024.0,
         max_t
     );
-    let what = if pattern == Pattern::Repeat { "get+put ns" } else { "get ns    put ns" };
-    println!("threads  allocator  {what}   Mops/s total   (median of {runs} runs, ns per op per thread)");
+    let what = if pattern == Pattern::Repeat {
+        "get+put ns"
+    } else {
+        "get ns    put ns"
+    };
+    println!(
+        "threads  allocator  {what}   Mops/s total   (median of {runs} runs, ns per op per thread)"
+    );
     #[repr(C, align(4096))]
     struct Page([u8; 4096]);
     let mut buf: Vec<Page> = (0..size.div_ceil(4096)).map(|_| Page([0; 4096])).collect();
@@ -313,7 +342,8 @@ fn main() {
         let mut base = Vec::new();
         for _ in 0..runs {
             // SAFETY: `buf` holds `size` bytes, page aligned, and outlives the allocator.
-            let meta = unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<u8>(), size) };
+            let meta =
+                unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<u8>(), size) };
             let a = Allocator::new(t, Pfn(0), frames, meta, Init::Free).expect("init");
             ours.push(run(&a, t, order, frames, pattern, ops));
             if baseline {
@@ -325,7 +355,10 @@ fn main() {
             if pattern == Pattern::Repeat {
                 println!("{t:>7}  {who:<9}  {:>10.1}   {mops:>12.1}", r.get);
             } else {
-                println!("{t:>7}  {who:<9}  {:>6.1}  {:>8.1}   {mops:>12.1}", r.get, r.put);
+                println!(
+                    "{t:>7}  {who:<9}  {:>6.1}  {:>8.1}   {mops:>12.1}",
+                    r.get, r.put
+                );
             }
         };
         let o = median(ours);
@@ -334,9 +367,16 @@ fn main() {
             let b = median(base);
             line("spinlock", b);
             if pattern == Pattern::Repeat {
-                println!("{t:>7}  ratio      spinlock / ours: {:.2}x per pair", b.get / o.get);
+                println!(
+                    "{t:>7}  ratio      spinlock / ours: {:.2}x per pair",
+                    b.get / o.get
+                );
             } else {
-                println!("{t:>7}  ratio      spinlock / ours: get {:.2}x, put {:.2}x", b.get / o.get, b.put / o.put);
+                println!(
+                    "{t:>7}  ratio      spinlock / ours: get {:.2}x, put {:.2}x",
+                    b.get / o.get,
+                    b.put / o.put
+                );
             }
         }
     }

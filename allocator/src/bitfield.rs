@@ -43,5 +43,8 @@ pub fn clear(words: &[AtomicU64], i: usize) -> bool {
 
 /// Number of set bits (allocated frames) of the area.
 pub fn count_set(words: &[AtomicU64]) -> usize {
-    words.iter().map(|w| w.load(Acquire).count_ones() as usize).sum()
+    words
+        .iter()
+        .map(|w| w.load(Acquire).count_ones() as usize)
+        .sum()
 }

@@ -78,7 +78,8 @@ pub fn add(a: &AtomicU16, n: usize) {
 /// Allocates the whole area as a huge frame: (512, small) -> (0, huge).
 #[inline]
 pub fn take_huge(a: &AtomicU16) -> bool {
-    a.compare_exchange(FREE, ALLOCATED_HUGE, AcqRel, Relaxed).is_ok()
+    a.compare_exchange(FREE, ALLOCATED_HUGE, AcqRel, Relaxed)
+        .is_ok()
 }
 
 /// Frees a huge frame: (0, huge) -> (512, small). Returns the entry seen when it was not huge.

@@ -124,7 +124,9 @@ impl fmt::Display for Error {
             Error::Memory => "out of memory",
             Error::AddressOutOfRange => "frame outside the managed range",
             Error::DoubleFree => "frame is not allocated (double free)",
-            Error::WrongOrder => "wrong order (unsupported, misaligned or allocated with another order)",
+            Error::WrongOrder => {
+                "wrong order (unsupported, misaligned or allocated with another order)"
+            }
             Error::InvalidCore => "CPU index out of range",
             Error::Initialization => "invalid allocator geometry or metadata",
         })
@@ -191,7 +193,15 @@ impl Layout {
         let off_bits = off_children + trees * tree::AREAS * 2;
         let off_locals = off_bits + areas * bitfield::WORDS * 8;
         let size = off_locals + cores * local::SIZE;
-        Layout { trees, areas, off_trees, off_children, off_bits, off_locals, size }
+        Layout {
+            trees,
+            areas,
+            off_trees,
+            off_children,
+            off_bits,
+            off_locals,
+            size,
+        }
     }
 }
 
@@ -218,12 +228,23 @@ impl<'a> Allocator<'a> {
     /// must be a multiple of 512. Any content of `meta` is safe: `Recover` validates it and
     /// fails with [`Error::Initialization`] when it does not match.
     #[cfg(not(loom))]
-    pub fn new(cores: usize, first: Pfn, frames: usize, meta: &'a mut [u8], init: Init) -> Result<Self, Error> {
-        if cores == 0 || cores >= NONE as usize || frames == 0 || frames > MAX_FRAMES || first.0 % AREA_FRAMES != 0 {
+    pub fn new(
+        cores: usize,
+        first: Pfn,
+        frames: usize,
+        meta: &'a mut [u8],
+        init: Init,
+    ) -> Result<Self, Error> {
+        if cores == 0
+            || cores >= NONE as usize
+            || frames == 0
+            || frames > MAX_FRAMES
+            || !first.0.is_multiple_of(AREA_FRAMES)
+        {
             return Err(Error::Initialization);
         }
         let l = Layout::new(cores, frames);
-        if meta.len() < l.size || meta.as_ptr() as usize % META_ALIGN != 0 {
+        if meta.len() < l.size || !(meta.as_ptr() as usize).is_multiple_of(META_ALIGN) {
             return Err(Error::Initialization);
         }
         let p = meta.as_mut_ptr();
@@ -235,12 +256,26 @@ impl<'a> Allocator<'a> {
             (
                 core::slice::from_raw_parts(p.cast::<AtomicU64>(), HEADER_WORDS),
                 core::slice::from_raw_parts(p.add(l.off_trees).cast::<AtomicU32>(), l.trees),
-                core::slice::from_raw_parts(p.add(l.off_children).cast::<AtomicU16>(), l.trees * tree::AREAS),
-                core::slice::from_raw_parts(p.add(l.off_bits).cast::<AtomicU64>(), l.areas * bitfield::WORDS),
+                core::slice::from_raw_parts(
+                    p.add(l.off_children).cast::<AtomicU16>(),
+                    l.trees * tree::AREAS,
+                ),
+                core::slice::from_raw_parts(
+                    p.add(l.off_bits).cast::<AtomicU64>(),
+                    l.areas * bitfield::WORDS,
+                ),
                 core::slice::from_raw_parts(p.add(l.off_locals).cast::<Local>(), cores),
             )
         };
-        let a = Allocator { base: first.0, frames, header, trees, children, bits, locals };
+        let a = Allocator {
+            base: first.0,
+            frames,
+            header,
+            trees,
+            children,
+            bits,
+            locals,
+        };
         a.init(init)?;
         Ok(a)
     }
@@ -259,7 +294,15 @@ impl<'a> Allocator<'a> {
         locals: &'a [Local],
         init: Init,
     ) -> Result<Self, Error> {
-        let a = Allocator { base: first.0, frames, header, trees, children, bits, locals };
+        let a = Allocator {
+            base: first.0,
+            frames,
+            header,
+            trees,
+            children,
+            bits,
+            locals,
+        };
         a.init(init)?;
         Ok(a)
     }
@@ -277,7 +320,11 @@ impl<'a> Allocator<'a> {
                 }
                 for a in 0..areas {
                     let n = self.area_frames(a);
-                    let (word, entry) = if init == Init::Free { (0, n as u16) } else { (u64::MAX, 0) };
+                    let (word, entry) = if init == Init::Free {
+                        (0, n as u16)
+                    } else {
+                        (u64::MAX, 0)
+                    };
                     for (w, bits) in self.area_bits(a).iter().enumerate() {
                         bits.store(word | out_of_range_mask(n, w), Relaxed);
                     }
@@ -378,7 +425,7 @@ impl<'a> Allocator<'a> {
                 Ok(())
             }
             Order::HUGE => {
-                if i % AREA_FRAMES != 0 {
+                if !i.is_multiple_of(AREA_FRAMES) {
                     return Err(Error::WrongOrder);
                 }
                 if self.area_frames(area) != AREA_FRAMES {
@@ -389,7 +436,9 @@ impl<'a> Allocator<'a> {
                         hook::point();
                         Ok(())
                     }
-                    Err(_) if bitfield::count_set(self.area_bits(area)) != 0 => Err(Error::WrongOrder),
+                    Err(_) if bitfield::count_set(self.area_bits(area)) != 0 => {
+                        Err(Error::WrongOrder)
+                    }
                     Err(_) => Err(Error::DoubleFree),
                 }
             }
@@ -421,7 +470,7 @@ impl<'a> Allocator<'a> {
                 } else {
                     cleared += (self.bits[w].fetch_and(!mask, AcqRel) & mask).count_ones() as usize;
                     hook::point();
-                    if hi == end || hi % AREA_FRAMES == 0 {
+                    if hi == end || hi.is_multiple_of(AREA_FRAMES) {
                         child::add(&self.children[(hi - 1) / AREA_FRAMES], cleared);
                         hook::point();
                         cleared = 0;
@@ -458,13 +507,20 @@ impl<'a> Allocator<'a> {
     /// Free 4 KiB frames (huge frames count 512 each). Exact when no operation runs.
     pub fn free_frames(&self) -> usize {
         let areas: usize = self.children.iter().map(|c| child::load(c).free()).sum();
-        let credits: usize = self.locals.iter().map(|l| (l.credit.get() + l.put_count.get()) as usize).sum();
+        let credits: usize = self
+            .locals
+            .iter()
+            .map(|l| (l.credit.get() + l.put_count.get()) as usize)
+            .sum();
         areas + credits
     }
 
     /// Free 2 MiB frames: areas that are free and unclaimed (O(areas) scan).
     pub fn free_huge(&self) -> usize {
-        self.children.iter().filter(|c| child::load(c).0 == child::FREE).count()
+        self.children
+            .iter()
+            .filter(|c| child::load(c).0 == child::FREE)
+            .count()
     }
 
     /// Free frames of `order`: [`Self::free_frames`] for order 0, [`Self::free_huge`] for 9.
@@ -706,7 +762,9 @@ impl<'a> Allocator<'a> {
                     any = any.or(Some(t));
                 }
             }
-            let Some(t) = best.or(whole).or(any) else { return false };
+            let Some(t) = best.or(whole).or(any) else {
+                return false;
+            };
             if tree::reserve(&self.trees[t], core) {
                 hook::point();
                 search.set(t as u32);
@@ -727,10 +785,12 @@ impl<'a> Allocator<'a> {
     /// Free frames of tree `t` outside credits, and its free areas.
     fn tree_stat(&self, t: usize) -> (usize, usize) {
         let first = t * tree::AREAS;
-        self.children[first..first + tree::AREAS].iter().fold((0, 0), |(free, whole), c| {
-            let e = child::load(c);
-            (free + e.free(), whole + (e.0 == child::FREE) as usize)
-        })
+        self.children[first..first + tree::AREAS]
+            .iter()
+            .fold((0, 0), |(free, whole), c| {
+                let e = child::load(c);
+                (free + e.free(), whole + (e.0 == child::FREE) as usize)
+            })
     }
 
     // ---- geometry ----

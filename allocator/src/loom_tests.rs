@@ -140,9 +140,14 @@ fn tiny(cores: usize, init: Init) -> &'static Allocator<'static> {
     let header = leak((0..8).map(|_| AtomicU64::new(0)).collect());
     let trees = leak(vec![AtomicU32::new(0)]);
     let children = leak((0..tree::AREAS).map(|_| AtomicU16::new(0)).collect());
-    let bits = leak((0..2 * bitfield::WORDS).map(|_| AtomicU64::new(0)).collect());
+    let bits = leak(
+        (0..2 * bitfield::WORDS)
+            .map(|_| AtomicU64::new(0))
+            .collect(),
+    );
     let locals = leak((0..cores).map(|_| Local::new(0)).collect());
-    let a = Allocator::from_parts(Pfn(0), frames, header, trees, children, bits, locals, init).unwrap();
+    let a =
+        Allocator::from_parts(Pfn(0), frames, header, trees, children, bits, locals, init).unwrap();
     Box::leak(Box::new(a))
 }
 
@@ -201,7 +206,11 @@ fn loom_allocator_free_races_huge() {
         });
         for _ in 0..2 {
             if let Ok(h) = a.get(1, Order::HUGE) {
-                assert_eq!(bitfield::count_set(a.area_bits(h.0 / 512)), 0, "huge frame over a small one");
+                assert_eq!(
+                    bitfield::count_set(a.area_bits(h.0 / 512)),
+                    0,
+                    "huge frame over a small one"
+                );
             }
         }
         t.join().unwrap();

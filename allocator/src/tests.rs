@@ -35,7 +35,14 @@ fn meta(size: usize) -> &'static mut [u8] {
 }
 
 fn new(cores: usize, frames: usize, init: Init) -> Allocator<'static> {
-    Allocator::new(cores, Pfn(0), frames, meta(Allocator::metadata_size(cores, frames)), init).unwrap()
+    Allocator::new(
+        cores,
+        Pfn(0),
+        frames,
+        meta(Allocator::metadata_size(cores, frames)),
+        init,
+    )
+    .unwrap()
 }
 
 #[test]
@@ -60,20 +67,41 @@ fn metadata_per_gib() {
 #[test]
 fn init_errors() {
     let size = Allocator::metadata_size(2, 4096);
-    assert_eq!(Allocator::new(2, Pfn(1), 4096, meta(size), Init::Free).err(), Some(Error::Initialization));
-    assert_eq!(Allocator::new(0, Pfn(0), 4096, meta(size), Init::Free).err(), Some(Error::Initialization));
-    assert_eq!(Allocator::new(2, Pfn(0), 0, meta(size), Init::Free).err(), Some(Error::Initialization));
-    assert_eq!(Allocator::new(2, Pfn(0), 4096, meta(size - 1), Init::Free).err(), Some(Error::Initialization));
+    assert_eq!(
+        Allocator::new(2, Pfn(1), 4096, meta(size), Init::Free).err(),
+        Some(Error::Initialization)
+    );
+    assert_eq!(
+        Allocator::new(0, Pfn(0), 4096, meta(size), Init::Free).err(),
+        Some(Error::Initialization)
+    );
+    assert_eq!(
+        Allocator::new(2, Pfn(0), 0, meta(size), Init::Free).err(),
+        Some(Error::Initialization)
+    );
+    assert_eq!(
+        Allocator::new(2, Pfn(0), 4096, meta(size - 1), Init::Free).err(),
+        Some(Error::Initialization)
+    );
     let m = meta(size + 64);
-    assert_eq!(Allocator::new(2, Pfn(0), 4096, &mut m[8..], Init::Free).err(), Some(Error::Initialization));
+    assert_eq!(
+        Allocator::new(2, Pfn(0), 4096, &mut m[8..], Init::Free).err(),
+        Some(Error::Initialization)
+    );
     // Recover over memory that never held metadata, or with another geometry.
-    assert_eq!(Allocator::new(2, Pfn(0), 4096, meta(size), Init::Recover).err(), Some(Error::Initialization));
+    assert_eq!(
+        Allocator::new(2, Pfn(0), 4096, meta(size), Init::Recover).err(),
+        Some(Error::Initialization)
+    );
     let m = meta(size);
     let p = m.as_mut_ptr();
-    drop(Allocator::new(2, Pfn(0), 4096, m, Init::Free).unwrap());
+    let _ = Allocator::new(2, Pfn(0), 4096, m, Init::Free).unwrap();
     // SAFETY: the allocator over `m` is gone; the leaked memory is ours again.
     let m = unsafe { std::slice::from_raw_parts_mut(p, size) };
-    assert_eq!(Allocator::new(2, Pfn(512), 4096, m, Init::Recover).err(), Some(Error::Initialization));
+    assert_eq!(
+        Allocator::new(2, Pfn(512), 4096, m, Init::Recover).err(),
+        Some(Error::Initialization)
+    );
 }
 
 #[test]
@@ -107,12 +135,24 @@ fn errors() {
     assert_eq!(a.put(2, f, Order::BASE), Err(Error::InvalidCore));
     assert_eq!(a.get(0, Order(3)), Err(Error::WrongOrder));
     assert_eq!(a.put(0, f, Order(3)), Err(Error::WrongOrder));
-    assert_eq!(a.put(0, Pfn(a.frames()), Order::BASE), Err(Error::AddressOutOfRange));
-    assert_eq!(a.put(0, Pfn(usize::MAX), Order::BASE), Err(Error::AddressOutOfRange));
+    assert_eq!(
+        a.put(0, Pfn(a.frames()), Order::BASE),
+        Err(Error::AddressOutOfRange)
+    );
+    assert_eq!(
+        a.put(0, Pfn(usize::MAX), Order::BASE),
+        Err(Error::AddressOutOfRange)
+    );
     // The last, partial area can never be a huge frame.
-    assert_eq!(a.put(0, Pfn(4 * 512), Order::HUGE), Err(Error::AddressOutOfRange));
+    assert_eq!(
+        a.put(0, Pfn(4 * 512), Order::HUGE),
+        Err(Error::AddressOutOfRange)
+    );
     // Small frame freed as huge, huge frame freed as small, misaligned huge.
-    assert_eq!(a.put(0, Pfn(f.0 / 512 * 512), Order::HUGE), Err(Error::WrongOrder));
+    assert_eq!(
+        a.put(0, Pfn(f.0 / 512 * 512), Order::HUGE),
+        Err(Error::WrongOrder)
+    );
     assert_eq!(a.put(0, Pfn(h.0 + 3), Order::BASE), Err(Error::WrongOrder));
     assert_eq!(a.put(0, Pfn(h.0 + 3), Order::HUGE), Err(Error::WrongOrder));
     // Double frees.
@@ -174,12 +214,20 @@ fn free_range_after_allocated() {
     a.free_range(Pfn(3), 70).unwrap();
     a.free_range(Pfn(512), 1024).unwrap();
     assert_eq!(a.free_range(Pfn(500), 20), Err(Error::DoubleFree));
-    assert_eq!(a.free_range(Pfn(frames - 5), 6), Err(Error::AddressOutOfRange));
+    assert_eq!(
+        a.free_range(Pfn(frames - 5), 6),
+        Err(Error::AddressOutOfRange)
+    );
     assert_eq!(a.free_frames(), 1094);
     assert_eq!(a.free_huge(), 2);
-    a.free_range(Pfn(TREE_FRAMES), frames - TREE_FRAMES).unwrap();
+    a.free_range(Pfn(TREE_FRAMES), frames - TREE_FRAMES)
+        .unwrap();
     assert_eq!(a.free_frames(), 1094 + frames - TREE_FRAMES);
-    assert!(!a.is_allocated(Pfn(3)).unwrap() && a.is_allocated(Pfn(2)).unwrap() && a.is_allocated(Pfn(73)).unwrap());
+    assert!(
+        !a.is_allocated(Pfn(3)).unwrap()
+            && a.is_allocated(Pfn(2)).unwrap()
+            && a.is_allocated(Pfn(73)).unwrap()
+    );
     let h = a.get(0, Order::HUGE).unwrap();
     assert!(h.0 >= 512);
 }
@@ -191,7 +239,10 @@ fn base_offset() {
     let a = Allocator::new(1, Pfn(base), 4096, meta(size), Init::Free).unwrap();
     let f = a.get(0, Order::BASE).unwrap();
     assert!(f.0 >= base && f.0 < base + 4096);
-    assert_eq!(a.put(0, Pfn(base - 1), Order::BASE), Err(Error::AddressOutOfRange));
+    assert_eq!(
+        a.put(0, Pfn(base - 1), Order::BASE),
+        Err(Error::AddressOutOfRange)
+    );
     assert_eq!(Pfn(5).addr(), 5 * 4096);
     assert_eq!(Pfn::from_addr(5 * 4096 + 7), Pfn(5));
 }
@@ -217,7 +268,9 @@ fn fill_level_keeps_free_trees_for_huge() {
     let small: Vec<_> = (0..2000).map(|_| a.get(0, Order::BASE).unwrap()).collect();
     let h = a.get(0, Order::HUGE).unwrap();
     assert_ne!(h.0 / TREE_FRAMES, small[0].0 / TREE_FRAMES);
-    assert!(small.iter().all(|f| f.0 / TREE_FRAMES == small[0].0 / TREE_FRAMES));
+    assert!(small
+        .iter()
+        .all(|f| f.0 / TREE_FRAMES == small[0].0 / TREE_FRAMES));
     // A partly used tree is preferred for small frames over free ones after a drain.
     a.drain(0).unwrap();
     let f = a.get(0, Order::BASE).unwrap();
@@ -231,10 +284,12 @@ fn recover_volatile_state() {
     let m = meta(size);
     let p = m.as_mut_ptr();
     let a = Allocator::new(2, Pfn(0), frames, m, Init::Free).unwrap();
-    let small: Vec<_> = (0..1500).map(|i| a.get(i % 2, Order::BASE).unwrap()).collect();
+    let small: Vec<_> = (0..1500)
+        .map(|i| a.get(i % 2, Order::BASE).unwrap())
+        .collect();
     let huge: Vec<_> = (0..5).map(|i| a.get(i % 2, Order::HUGE).unwrap()).collect();
     a.put(0, small[7], Order::BASE).unwrap();
-    drop(a);
+    let _ = a;
     // SAFETY: the allocator over the buffer is gone.
     let m = unsafe { std::slice::from_raw_parts_mut(p, size) };
     let r = Allocator::new(2, Pfn(0), frames, m, Init::Recover).unwrap();
@@ -329,11 +384,16 @@ fn stress(threads: usize, frames: usize, rounds: usize, ops: usize) {
     let shadow = Arc::new(Shadow::new(frames));
     let barrier = Arc::new(Barrier::new(threads + 1));
     let held_total = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let mailboxes: Arc<Vec<std::sync::Mutex<Vec<(Pfn, Order)>>>> =
-        Arc::new((0..threads).map(|_| Default::default()).collect());
+    type Mailboxes = Vec<std::sync::Mutex<Vec<(Pfn, Order)>>>;
+    let mailboxes: Arc<Mailboxes> = Arc::new((0..threads).map(|_| Default::default()).collect());
     let handles: Vec<_> = (0..threads)
         .map(|t| {
-            let (shadow, barrier, held_total, mail) = (shadow.clone(), barrier.clone(), held_total.clone(), mailboxes.clone());
+            let (shadow, barrier, held_total, mail) = (
+                shadow.clone(),
+                barrier.clone(),
+                held_total.clone(),
+                mailboxes.clone(),
+            );
             std::thread::spawn(move || {
                 // A failed check must fail the test, not leave the others waiting at the barrier.
                 let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -341,9 +401,17 @@ fn stress(threads: usize, frames: usize, rounds: usize, ops: usize) {
                     let mut held: Vec<(Pfn, Order)> = Vec::new();
                     let cap = frames / threads;
                     for round in 0..rounds {
-                        let target = if round % 2 == 0 { cap * 19 / 20 } else { cap / 4 };
+                        let target = if round % 2 == 0 {
+                            cap * 19 / 20
+                        } else {
+                            cap / 4
+                        };
                         for i in 0..ops {
-                            let frames_held: usize = if i % 64 == 0 { held.iter().map(|h| h.1.frames()).sum() } else { 0 };
+                            let frames_held: usize = if i % 64 == 0 {
+                                held.iter().map(|h| h.1.frames()).sum()
+                            } else {
+                                0
+                            };
                             if i % 64 == 0 {
                                 // Free what the previous thread passed us.
                                 let mut inbox = std::mem::take(&mut *mail[t].lock().unwrap());
@@ -359,7 +427,11 @@ fn stress(threads: usize, frames: usize, rounds: usize, ops: usize) {
                             }
                             let grow = rng.below(2) == 0 && (i % 128 < 64 || round % 2 == 0);
                             if grow || held.is_empty() {
-                                let o = if rng.below(16) == 0 { Order::HUGE } else { Order::BASE };
+                                let o = if rng.below(16) == 0 {
+                                    Order::HUGE
+                                } else {
+                                    Order::BASE
+                                };
                                 match a.get(t, o) {
                                     Ok(f) => {
                                         shadow.take(f, o);
@@ -375,16 +447,30 @@ fn stress(threads: usize, frames: usize, rounds: usize, ops: usize) {
                         }
                         barrier.wait(); // everybody has stopped: count the mailboxes once
                         let mailed: usize = if t == 0 {
-                            mail.iter().map(|m| m.lock().unwrap().iter().map(|h| h.1.frames()).sum::<usize>()).sum()
+                            mail.iter()
+                                .map(|m| {
+                                    m.lock()
+                                        .unwrap()
+                                        .iter()
+                                        .map(|h| h.1.frames())
+                                        .sum::<usize>()
+                                })
+                                .sum()
                         } else {
                             0
                         };
-                        held_total.fetch_add(mailed + held.iter().map(|h| h.1.frames()).sum::<usize>(), O::SeqCst);
+                        held_total.fetch_add(
+                            mailed + held.iter().map(|h| h.1.frames()).sum::<usize>(),
+                            O::SeqCst,
+                        );
                         barrier.wait(); // main checks the counts
                         barrier.wait();
                     }
                     barrier.wait();
-                    for (f, o) in held.into_iter().chain(std::mem::take(&mut *mail[t].lock().unwrap())) {
+                    for (f, o) in held
+                        .into_iter()
+                        .chain(std::mem::take(&mut *mail[t].lock().unwrap()))
+                    {
                         shadow.give(f, o);
                         a.put(t, f, o).unwrap();
                     }
@@ -402,7 +488,11 @@ fn stress(threads: usize, frames: usize, rounds: usize, ops: usize) {
         barrier.wait();
         let held = held_total.swap(0, O::SeqCst);
         assert_eq!(a.free_frames() + held, frames, "counts do not add up");
-        let set: usize = shadow.0.iter().map(|w| w.load(O::SeqCst).count_ones() as usize).sum();
+        let set: usize = shadow
+            .0
+            .iter()
+            .map(|w| w.load(O::SeqCst).count_ones() as usize)
+            .sum();
         assert_eq!(set, held);
         barrier.wait();
     }
@@ -486,7 +576,11 @@ impl Crash {
             if now == was || (f >= lo && f < hi) {
                 continue;
             }
-            assert!(now && !was, "frame {f} allocated before the crash is free after recovery ({:?})", self.op);
+            assert!(
+                now && !was,
+                "frame {f} allocated before the crash is free after recovery ({:?})",
+                self.op
+            );
             extra.push(f);
         }
         // At most the one allocation in flight appeared.
@@ -496,12 +590,16 @@ impl Crash {
                 assert_eq!(extra[0] % o.frames(), 0);
                 assert_eq!(extra[extra.len() - 1], extra[0] + o.frames() - 1);
             }
-            _ => assert!(extra.is_empty(), "frames {extra:?} allocated out of nowhere ({:?})", self.op),
+            _ => assert!(
+                extra.is_empty(),
+                "frames {extra:?} allocated out of nowhere ({:?})",
+                self.op
+            ),
         }
         // Counts agree with the bits: no free frame lost.
         assert_eq!(r.free_frames(), free);
         // Now and then, hand out everything: each frame once, only free ones.
-        if self.checks % 8 == 0 {
+        if self.checks.is_multiple_of(8) {
             let mut got = 0;
             while let Ok(h) = r.get(0, Order::HUGE) {
                 assert!((0..512).all(|i| !self.model[h.0 + i] || (h.0 + i >= lo && h.0 + i < hi)));
@@ -533,7 +631,7 @@ fn crash_run(init: Init, seed: u64) -> usize {
         model: vec![init == Init::Allocated; frames],
         op: None,
         rng: Rng::new(seed),
-        every: 20,
+        every: 8,
         checks: 0,
     }));
     let s = state.clone();
@@ -561,7 +659,11 @@ fn crash_run(init: Init, seed: u64) -> usize {
             set_op(Some(Op::Drain));
             a.drain(core).unwrap();
         } else if (r < 55 && fill < 95) || held.is_empty() {
-            let o = if rng.below(10) == 0 { Order::HUGE } else { Order::BASE };
+            let o = if rng.below(10) == 0 {
+                Order::HUGE
+            } else {
+                Order::BASE
+            };
             set_op(Some(Op::Get(o)));
             if let Ok(f) = a.get(core, o) {
                 state.borrow_mut().model[f.0..f.0 + o.frames()].fill(true);
@@ -590,19 +692,20 @@ fn crash_run(init: Init, seed: u64) -> usize {
     }
     hook::set(None);
     let checks = state.borrow().checks;
+    eprintln!("crash run {init:?} seed {seed}: {checks} crash points checked");
     checks
 }
 
 #[test]
 fn crash_recovery_free_start() {
     let checks = crash_run(Init::Free, 1) + crash_run(Init::Free, 2);
-    assert!(checks > 1000, "{checks} crash points checked");
+    assert!(checks > 3000, "{checks} crash points checked");
 }
 
 #[test]
 fn crash_recovery_allocated_start() {
     let checks = crash_run(Init::Allocated, 3);
-    assert!(checks > 500, "{checks} crash points checked");
+    assert!(checks > 1500, "{checks} crash points checked");
 }
 
 /// The crash checker itself must catch a lost frame: corrupt a snapshot on purpose.

@@ -11,7 +11,8 @@ pub const AREAS: usize = 32;
 /// Reserves the tree for `core`; false when another CPU holds it.
 #[inline]
 pub fn reserve(t: &AtomicU32, core: usize) -> bool {
-    t.compare_exchange(0, core as u32 + 1, AcqRel, Relaxed).is_ok()
+    t.compare_exchange(0, core as u32 + 1, AcqRel, Relaxed)
+        .is_ok()
 }
 
 /// Gives the reservation back.
