@@ -35,6 +35,44 @@ pub const HC_MORSEL_SIZE: u64 = 0x14;
 /// `morsel_stats()`: prints the morsel manager's counters to the console.
 pub const HC_MORSEL_STATS: u64 = 0x15;
 
+/// `device_mount(name_ptr, name_len, bdf, iova, writable)`: mounts the named morsel into the
+/// DMA domain (VT-d) of the PCI function `bdf` (`device_bdf`) at I/O virtual address `iova`
+/// (aligned to the morsel's window: 2 MiB, 1 GiB or 512 GiB), read-write if `writable` is 1
+/// and the owner allows it as for `morsel_open`. One entry write in the domain's table and one
+/// IOTLB invalidation; the mount is dropped when the calling guest ends. Returns `iova`.
+pub const HC_DEVICE_MOUNT: u64 = 0x20;
+/// `device_unmount(bdf, iova)`: undoes the caller's `device_mount` at `iova`.
+pub const HC_DEVICE_UNMOUNT: u64 = 0x21;
+/// `edu_dma(direction, iova, len)`: QEMU's edu device copies `len` (1..=4095, see
+/// `EDU_MAX_TRANSFER`) bytes between
+/// its 4 KiB buffer and I/O virtual address `iova` (below 256 MiB, edu's DMA mask), in the
+/// `direction` `EDU_TO_DEVICE` or `EDU_TO_MEMORY`, and waits for it. Returns the
+/// microseconds it took; `DeviceFault` if the IOMMU blocked the access (the fault is logged).
+pub const HC_EDU_DMA: u64 = 0x22;
+/// Longest `edu_dma`: QEMU 7.2's edu aborts on a transfer that ends exactly at the end of
+/// its 4 KiB buffer.
+pub const EDU_MAX_TRANSFER: u64 = 4095;
+/// `edu_dma` direction: memory at `iova` into the device's buffer.
+pub const EDU_TO_DEVICE: u64 = 0;
+/// `edu_dma` direction: the device's buffer out to memory at `iova`.
+pub const EDU_TO_MEMORY: u64 = 1;
+/// `nvme_read(gpa, offset, lba, count)`: the NVMe proxy (ExMap's pread, done by the device):
+/// reads `count` blocks of `NVME_BLOCK` bytes from `lba` on into the caller's morsel mounted
+/// at `gpa` (read-write), at byte `offset` (block aligned). The proxy mounts the morsel into
+/// the NVMe domain for the call (one entry write), the device DMAs straight into the morsel's
+/// frames. Returns the number of blocks.
+pub const HC_NVME_READ: u64 = 0x23;
+/// `nvme_write(gpa, offset, lba, count)`: the same in the other direction (the morsel may be
+/// mounted read-only).
+pub const HC_NVME_WRITE: u64 = 0x24;
+/// Block size of the NVMe proxy's LBAs.
+pub const NVME_BLOCK: u64 = 512;
+
+/// The `bdf` argument of device calls: PCI bus, device, function as a 16-bit source id.
+pub const fn device_bdf(bus: u8, dev: u8, func: u8) -> u64 {
+    (bus as u64) << 8 | (dev as u64) << 3 | func as u64
+}
+
 /// `info` selectors.
 pub const INFO_ABI_VERSION: u64 = 0;
 pub const INFO_GUEST_ID: u64 = 1;
@@ -64,12 +102,14 @@ pub enum Error {
     Busy = -7,
     /// A length is larger than the call accepts.
     TooLarge = -8,
+    /// A device failed the request or the IOMMU blocked its DMA.
+    DeviceFault = -9,
 }
 
 impl Error {
     pub fn from_status(status: i64) -> Option<Error> {
         use Error::*;
-        [NoSuchCall, BadAddress, Invalid, NoMemory, NotFound, Denied, Busy, TooLarge]
+        [NoSuchCall, BadAddress, Invalid, NoMemory, NotFound, Denied, Busy, TooLarge, DeviceFault]
             .into_iter()
             .find(|e| *e as i64 == status)
     }
@@ -84,6 +124,7 @@ impl Error {
             Error::Denied => "access denied",
             Error::Busy => "busy",
             Error::TooLarge => "too large",
+            Error::DeviceFault => "device fault",
         }
     }
 }

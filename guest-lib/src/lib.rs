@@ -16,6 +16,7 @@ extern crate freestanding;
 
 pub mod abi;
 pub mod console;
+pub mod device;
 pub mod hypercall;
 pub mod morsel;
 

@@ -7,6 +7,8 @@
 //!   every guest ends as expected.
 //! * `log=error|warn|info|debug|trace`
 //! * `test=fault`: a deliberate hypervisor fault after boot (proves the exception path).
+//! * `test=dma-fault`: edu DMAs to an address its IOMMU domain does not map (proves the
+//!   fault is reported and a canary page stays unchanged).
 
 use crate::vm::guest::{Expect, GuestSpec};
 use alloc::vec::Vec;
@@ -16,6 +18,8 @@ use alloc::vec::Vec;
 pub enum Test {
     /// Read an unmapped address after boot: proves the exception path.
     Fault,
+    /// Let a device DMA outside its domain: proves the IOMMU blocks and reports it.
+    DmaFault,
 }
 
 /// Default guest memory.
@@ -48,6 +52,7 @@ impl Args {
                     Err(_) => a.errors.push((word, "unknown log level")),
                 },
                 Some(("test", "fault")) => a.test = Some(Test::Fault),
+                Some(("test", "dma-fault")) => a.test = Some(Test::DmaFault),
                 _ => a.errors.push((word, "unknown option")),
             }
         }

@@ -13,10 +13,13 @@ mod boot;
 mod bootinfo;
 mod cmdline;
 mod cpu;
+mod devices;
 mod exit;
 mod frames;
 mod heap;
+mod iommu;
 mod memory;
+mod pci;
 mod serial;
 mod svm;
 mod time;
@@ -67,6 +70,7 @@ extern "C" fn kmain(magic: u32, info: u64) -> ! {
     let platform = acpi::discover(bi.rsdp);
     platform.log();
     apic::init();
+    let devices_ok = devices::init(&platform, &frames);
 
     if args.test == Some(cmdline::Test::Fault) {
         log::info!(target: "boot", "test=fault: reading an unmapped address");
@@ -75,8 +79,9 @@ extern "C" fn kmain(magic: u32, info: u64) -> ! {
         log::error!(target: "boot", "read of an unmapped address returned {value:#x}");
     }
 
+    let devices_ok = devices_ok && (args.test != Some(cmdline::Test::DmaFault) || devices::dma_fault_test(&frames));
     println!("parperos: ready ({} ms after start)", time::micros() / 1000);
-    let ok = args.errors.is_empty() && (args.guests.is_empty() || run_guests(&bi, &args, &facts, &frames));
+    let ok = args.errors.is_empty() && devices_ok && (args.guests.is_empty() || run_guests(&bi, &args, &facts, &frames));
     log::info!(target: "mem", "heap high-water mark: {} KiB", heap::used() / 1024);
     exit::exit(if ok { Status::Success } else { Status::Failure })
 }

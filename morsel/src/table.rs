@@ -280,6 +280,23 @@ impl<F: Format> SecondLevelTable<F> {
         true
     }
 
+    /// Frees the intermediate tables that map nothing any more (left behind by `unmap` and
+    /// morsel unmounts); the root stays, and nothing at or below a mount entry is touched.
+    /// Returns the number of tables freed. The caller invalidates cached translations
+    /// (paging-structure caches may still hold the freed tables) before reusing the frames.
+    pub fn prune(&mut self, alloc: &impl FrameAlloc, mem: &impl PhysMem) -> u32 {
+        let mut freed = 0;
+        prune_below::<F>(
+            self.root,
+            self.levels,
+            alloc,
+            mem,
+            &mut self.stats,
+            &mut freed,
+        );
+        freed
+    }
+
     /// Frees the table frames; refused (the table is handed back) while morsels are mounted.
     pub fn destroy(self, alloc: &impl FrameAlloc, mem: &impl PhysMem) -> Result<(), (Self, Error)> {
         if self.mounts > 0 {
@@ -371,6 +388,38 @@ pub(crate) fn walk_existing<F: Format>(
         level -= 1;
     }
     Ok((table, index(level, addr)))
+}
+
+/// Frees the empty tables below `table` (of `level`); true if `table` is empty afterwards.
+fn prune_below<F: Format>(
+    table: HostPhysAddr,
+    level: Level,
+    alloc: &impl FrameAlloc,
+    mem: &impl PhysMem,
+    stats: &mut TableStats,
+    freed: &mut u32,
+) -> bool {
+    let mut empty = true;
+    for i in 0..ENTRIES {
+        match Entry::<F>::from_raw(mem.read(table, i)).decode(level) {
+            Decoded::Empty => {}
+            Decoded::Table {
+                next, mount: false, ..
+            } if level > 1 => {
+                if prune_below::<F>(next, level - 1, alloc, mem, stats, freed) {
+                    mem.write(table, i, Entry::<F>::EMPTY.raw());
+                    alloc.free(next, 0);
+                    stats.pte_writes += 1;
+                    stats.tables -= 1;
+                    *freed += 1;
+                } else {
+                    empty = false;
+                }
+            }
+            _ => empty = false,
+        }
+    }
+    empty
 }
 
 /// Frees the table at `table` (of `level`) and the tables below it, and with `free_leaves`
@@ -602,6 +651,40 @@ mod tests {
         );
         assert_eq!(r, Err(Error::OutOfMemory));
         assert_eq!(t.translate(GuestPhysAddr::new(0), &mem), None);
+        t.destroy(&mem, &mem).unwrap();
+        assert_eq!(mem.allocated_frames(), 0);
+    }
+
+    #[test]
+    fn prune_frees_only_empty_tables() {
+        let mem = SimMem::new(64 * GIB);
+        let mut t = SecondLevelTable::<VtdSl>::with_levels(3, &mem, &mem).unwrap();
+        let io = crate::IoVirtAddr::new;
+        let f = HostPhysAddr::new(0x1000);
+        t.map(io(0x1000), f, PageSize::Size4K, Perm::RW, &mem, &mem)
+            .unwrap();
+        t.map(io(GIB + 0x1000), f, PageSize::Size4K, Perm::RW, &mem, &mem)
+            .unwrap();
+        let m = crate::Morsel::<VtdSl>::create(4096, PageSize::Size4K, &mem, &mem).unwrap();
+        m.mount(&mut t, io(2 * GIB + (2 << 20)), Perm::RW, &mem, &mem)
+            .unwrap();
+        let tables = mem.table_frames();
+        assert_eq!(t.prune(&mem, &mem), 0, "everything still maps something");
+        t.unmap(io(GIB + 0x1000), PageSize::Size4K, &mem).unwrap();
+        assert_eq!(t.prune(&mem, &mem), 2, "the L2 and L1 tables under 1 GiB");
+        assert_eq!(mem.table_frames(), tables - 2);
+        assert_eq!(t.translate(io(0x1000), &mem).unwrap().addr, f);
+        m.unmount(&mut t, io(2 * GIB + (2 << 20)), &mem).unwrap();
+        assert_eq!(
+            t.prune(&mem, &mem),
+            1,
+            "the L2 table that held the mount; never the morsel"
+        );
+        assert!(m.translate(0, &mem).is_some());
+        t.unmap(io(0x1000), PageSize::Size4K, &mem).unwrap();
+        assert_eq!(t.prune(&mem, &mem), 2);
+        assert_eq!(t.stats().tables, 1);
+        m.destroy(&mem, &mem).unwrap();
         t.destroy(&mem, &mem).unwrap();
         assert_eq!(mem.allocated_frames(), 0);
     }

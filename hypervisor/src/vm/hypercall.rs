@@ -26,7 +26,7 @@ pub struct Context<B: Backend> {
 
 /// Handles the hypercall in `regs` (already past the instruction), writing status and value.
 pub fn handle<B: Backend>(guest: &mut Guest<B>, backend: &mut B, regs: &mut Regs, cx: &mut Context<B>) -> Action {
-    let (nr, a0, a1, a2, a3) = (regs.rax, regs.rdi, regs.rsi, regs.rdx, regs.r10);
+    let (nr, a0, a1, a2, a3, a4) = (regs.rax, regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8);
     let frames = cx.frames;
     let result = match nr {
         abi::HC_MORSEL_CREATE => cx.morsels.create(guest, &frames, [a0, a1, a2, a3]),
@@ -38,6 +38,11 @@ pub fn handle<B: Backend>(guest: &mut Guest<B>, backend: &mut B, regs: &mut Regs
             cx.morsels.log_stats();
             Ok(0)
         }
+        abi::HC_DEVICE_MOUNT => cx.morsels.device_mount(guest, &frames, [a0, a1, a2, a3, a4]),
+        abi::HC_DEVICE_UNMOUNT => cx.morsels.device_unmount(guest, [a0, a1]),
+        abi::HC_EDU_DMA => crate::devices::edu_dma(a0, a1, a2),
+        abi::HC_NVME_READ => cx.morsels.nvme_io(guest, &frames, false, [a0, a1, a2, a3]),
+        abi::HC_NVME_WRITE => cx.morsels.nvme_io(guest, &frames, true, [a0, a1, a2, a3]),
         abi::HC_INFO => info(guest, cx, a0),
         abi::HC_CONSOLE_WRITE => console_write(guest, a0, a1),
         abi::HC_EXIT => {

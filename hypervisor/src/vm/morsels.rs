@@ -2,6 +2,12 @@
 //! counts (the morsel's mount count) and the hypercalls that create, open (mount), unmount,
 //! size, destroy and report them. Mounting writes one entry in the guest's second-level
 //! table; unmounting clears it and invalidates the guest's cached translations.
+//!
+//! Devices get morsels the same way: `device_mount` writes one entry in the device's VT-d
+//! domain and flushes its IOTLB. EPT subtrees are mounted into the domain as they are (the
+//! formats share, Xen's `iommu=sharept`); an NPT morsel gets a VT-d view over the same data
+//! frames (`Morsel::view`), built on its first device mount and kept with the morsel. The
+//! NVMe proxy (`nvme_io`) mounts the caller's morsel into the NVMe domain for one call.
 
 use super::guest::Guest;
 use super::Backend;
@@ -10,7 +16,9 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use guest_lib::abi::{self, Error};
 use hashbrown::HashMap;
-use morsel::{Format, GuestPhysAddr, Morsel, PageSize, Perm};
+use crate::devices;
+use crate::pci::Bdf;
+use morsel::{can_share, Format, GuestPhysAddr, IoVirtAddr, Morsel, MountStats, PageSize, Perm, SecondLevelTable, VtdSl};
 
 /// Longest morsel name.
 pub const NAME_MAX: usize = 32;
@@ -27,6 +35,18 @@ struct Named<F: Format> {
     path_pte_writes: u64,
     unmount_pte_writes: u64,
     invalidations: u64,
+    /// The VT-d view of a morsel whose format the IOMMU cannot walk (NPT), built on the
+    /// first device mount; destroyed with the morsel.
+    vtd_view: Option<Morsel<VtdSl>>,
+}
+
+/// A morsel mounted into a device's DMA domain on behalf of a guest.
+#[derive(Clone, Debug)]
+pub struct DeviceMount {
+    pub name: String,
+    pub bdf: Bdf,
+    pub iova: u64,
+    pub guest: u32,
 }
 
 /// A mount in one guest.
@@ -42,11 +62,12 @@ pub struct Mount {
 /// All morsels of the run.
 pub struct Directory<F: Format> {
     named: HashMap<String, Named<F>>,
+    devices: Vec<DeviceMount>,
 }
 
 impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     pub fn new() -> Self {
-        Directory { named: HashMap::new() }
+        Directory { named: HashMap::new(), devices: Vec::new() }
     }
 
     /// `morsel_create(name_ptr, name_len, size, flags)`.
@@ -83,6 +104,7 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
             path_pte_writes: 0,
             unmount_pte_writes: 0,
             invalidations: 0,
+            vtd_view: None,
         });
         let gpa = self.mount(g, frames, &name, true);
         if gpa.is_err() {
@@ -159,7 +181,7 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         if n.owner != g.id {
             return Err(Error::Denied);
         }
-        if n.morsel.mount_count() > 0 {
+        if n.morsel.mount_count() > 0 || self.devices.iter().any(|d| d.name == name) {
             return Err(Error::Busy);
         }
         self.remove(&name, frames);
@@ -168,7 +190,14 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
 
     /// Destroys a morsel that is mounted nowhere (the callers check).
     fn remove(&mut self, name: &str, frames: &Frames) {
-        if let Some(n) = self.named.remove(name) {
+        if let Some(mut n) = self.named.remove(name) {
+            if let Some(view) = n.vtd_view.take() {
+                let tables = view.table_count();
+                match view.destroy(frames, &IDENTITY) {
+                    Ok(()) => log::info!(target: "morsel", "'{name}': VT-d view destroyed, {tables} tables given back"),
+                    Err((_, e)) => log::error!(target: "morsel", "'{name}': VT-d view cannot be destroyed: {e}"),
+                }
+            }
             let len = n.morsel.len();
             match n.morsel.destroy(frames, &IDENTITY) {
                 Ok(()) => log::info!(target: "morsel", "'{name}' destroyed, {} MiB given back", len >> 20),
@@ -177,8 +206,12 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         }
     }
 
-    /// Drops every mount of a guest that is leaving.
+    /// Drops every mount of a guest that is leaving (device mounts too).
     pub fn drop_mounts<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, backend: &mut B) {
+        let mine: Vec<DeviceMount> = self.devices.iter().filter(|d| d.guest == g.id).cloned().collect();
+        for d in mine {
+            let _ = self.device_unmount_one(&d);
+        }
         while let Some(m) = g.mounts.last().cloned() {
             if self.unmount(g, backend, m.gpa).is_err() {
                 g.mounts.pop();
@@ -199,11 +232,190 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
 
     /// Destroys every morsel left at the end of the run (all guests are gone).
     pub fn destroy_all(&mut self, frames: &Frames) {
+        for d in core::mem::take(&mut self.devices) {
+            let _ = self.device_unmount_one(&d);
+        }
+        devices::with(|d| {
+            d.vtd.prune_domains(frames);
+            d.vtd.poll_faults();
+            log::info!(target: "iommu", "end of run: {} DMA fault(s) reported, {} IOTLB invalidations",
+                d.vtd.faults_seen, d.vtd.invalidations);
+        });
         let names: Vec<String> = self.named.keys().cloned().collect();
         for name in names {
             self.remove(&name, frames);
         }
     }
+}
+
+impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
+    /// `device_mount(name_ptr, name_len, bdf, iova, writable)`.
+    pub fn device_mount<B: Backend<Format = F>>(&mut self, g: &Guest<B>, frames: &Frames, a: [u64; 5]) -> Result<u64, Error> {
+        let name = read_name(g, a[0], a[1])?;
+        let bdf = device(a[2])?;
+        let iova = a[3];
+        let writable = match a[4] {
+            0 => false,
+            1 => true,
+            _ => return Err(Error::Invalid),
+        };
+        let n = self.named.get_mut(&name).ok_or(Error::NotFound)?;
+        if writable && n.owner != g.id && !n.others_may_write {
+            return Err(Error::Denied);
+        }
+        let perm = if writable { Perm::RW } else { Perm::RO };
+        let (stats, how) = devices::with(|d| {
+            let mem = d.vtd.mem;
+            if !d.functions.iter().any(|f| f.bdf == bdf) {
+                return Err(Error::NotFound);
+            }
+            let di = d.vtd.attach(bdf, frames).map_err(|_| Error::NoMemory)?;
+            let dom = &mut d.vtd.domains[di];
+            let r = mount_in_domain(n, &mut dom.table, iova, perm, frames, &mem)?;
+            let id = dom.id;
+            d.vtd.flush_domain(id).map_err(|_| Error::DeviceFault)?;
+            Ok((r.0, r.1))
+        })
+        .unwrap_or(Err(Error::NotFound))?;
+        n.mounts += 1;
+        n.mount_pte_writes += stats.entry_writes as u64;
+        n.path_pte_writes += stats.path_writes as u64;
+        n.invalidations += 1;
+        log::info!(target: "morsel", "'{name}' mounted {} into device {bdf} at I/O virtual address {iova:#x} for guest {}: {} PTE write (+{} for new intermediate tables), 1 IOTLB invalidation, {how}",
+            if writable { "read-write" } else { "read-only" }, g.id, stats.entry_writes, stats.path_writes);
+        self.devices.push(DeviceMount { name, bdf, iova, guest: g.id });
+        Ok(iova)
+    }
+
+    /// `device_unmount(bdf, iova)`: the caller's own device mounts only.
+    pub fn device_unmount<B: Backend<Format = F>>(&mut self, g: &Guest<B>, a: [u64; 2]) -> Result<u64, Error> {
+        let bdf = device(a[0])?;
+        let i = self.devices.iter().position(|d| d.bdf == bdf && d.iova == a[1] && d.guest == g.id).ok_or(Error::NotFound)?;
+        let d = self.devices.remove(i);
+        self.device_unmount_one(&d)
+    }
+
+    /// Clears a device mount's entry and flushes the domain's IOTLB.
+    fn device_unmount_one(&mut self, m: &DeviceMount) -> Result<u64, Error> {
+        self.devices.retain(|d| !(d.bdf == m.bdf && d.iova == m.iova));
+        let n = self.named.get_mut(&m.name).ok_or(Error::NotFound)?;
+        let stats = devices::with(|d| {
+            let mem = d.vtd.mem;
+            let dom = d.vtd.domain_of(m.bdf).ok_or(Error::NotFound)?;
+            let s = unmount_in_domain(n, &mut dom.table, m.iova, &mem)?;
+            let id = dom.id;
+            d.vtd.flush_domain(id).map_err(|_| Error::DeviceFault)?;
+            Ok(s)
+        })
+        .unwrap_or(Err(Error::NotFound))?;
+        n.unmounts += 1;
+        n.unmount_pte_writes += stats.entry_writes as u64;
+        n.invalidations += 1;
+        log::info!(target: "morsel", "'{}' unmounted from device {} at I/O virtual address {:#x}: {} PTE write, 1 IOTLB invalidation",
+            m.name, m.bdf, m.iova, stats.entry_writes);
+        Ok(0)
+    }
+
+    /// `nvme_read` / `nvme_write(gpa, offset, lba, count)`: the caller's morsel mounted at
+    /// `gpa` is mounted into the NVMe domain for this call; the device moves the blocks.
+    pub fn nvme_io<B: Backend<Format = F>>(&mut self, g: &Guest<B>, frames: &Frames, write: bool, a: [u64; 4]) -> Result<u64, Error> {
+        let (gpa, offset, lba, count) = (a[0], a[1], a[2], a[3]);
+        let m = g.mounts.iter().find(|m| m.gpa == gpa).ok_or(Error::NotFound)?;
+        let bytes = count.checked_mul(abi::NVME_BLOCK).ok_or(Error::TooLarge)?;
+        if count == 0 || offset % abi::NVME_BLOCK != 0 {
+            return Err(Error::Invalid);
+        }
+        if offset.checked_add(bytes).is_none_or(|end| end > m.size) {
+            return Err(Error::TooLarge);
+        }
+        // The device writes the morsel on a read: the caller must hold it writable.
+        if !write && g.translate(gpa, Perm::RW).is_none() {
+            return Err(Error::Denied);
+        }
+        let perm = if write { Perm::RO } else { Perm::RW };
+        let name = m.name.clone();
+        let n = self.named.get_mut(&name).ok_or(Error::NotFound)?;
+        let window = n.morsel.window_size();
+        devices::with(|d| {
+            let mem = d.vtd.mem;
+            let bdf = d.nvme.as_ref().ok_or(Error::NotFound)?.bdf;
+            let dom = d.vtd.domain_of(bdf).ok_or(Error::NotFound)?;
+            let iova = devices::nvme::PROXY_IOVA.next_multiple_of(window);
+            if iova.checked_add(window).is_none_or(|end| end > dom.table.limit()) {
+                return Err(Error::TooLarge);
+            }
+            let (stats, how) = mount_in_domain(n, &mut dom.table, iova, perm, frames, &mem)?;
+            let id = dom.id;
+            d.vtd.flush_domain(id).map_err(|_| Error::DeviceFault)?;
+            log::info!(target: "morsel", "'{name}' mounted {} into device {bdf} at I/O virtual address {iova:#x} for the NVMe proxy: {} PTE write (+{}), {how}",
+                if write { "read-only" } else { "read-write" }, stats.entry_writes, stats.path_writes);
+            let done = match d.nvme.as_mut() {
+                Some(nv) => nv.io(write, iova + offset, lba, count),
+                None => Err(devices::nvme::IoError::Invalid),
+            };
+            let faulted = devices::faults_of(d, bdf);
+            if let Some(dom) = d.vtd.domain_of(bdf) {
+                let _ = unmount_in_domain(n, &mut dom.table, iova, &mem);
+            }
+            d.vtd.flush_domain(id).map_err(|_| Error::DeviceFault)?;
+            log::info!(target: "morsel", "'{name}' unmounted from device {bdf} at {iova:#x}: 1 PTE write, 1 IOTLB invalidation");
+            match done {
+                Ok(_) if faulted => Err(Error::DeviceFault),
+                Ok(blocks) => Ok(blocks),
+                Err(devices::nvme::IoError::Range) => Err(Error::TooLarge),
+                Err(devices::nvme::IoError::Invalid) => Err(Error::Invalid),
+                Err(devices::nvme::IoError::Device(_)) => Err(Error::DeviceFault),
+            }
+        })
+        .unwrap_or(Err(Error::NotFound))
+    }
+}
+
+/// Mounts a morsel into a device domain's table: its own subtree where the IOMMU can walk
+/// the format (EPT), else its VT-d view (built on first use). Returns what it wrote and how.
+fn mount_in_domain<F: Format>(
+    n: &mut Named<F>,
+    table: &mut SecondLevelTable<VtdSl>,
+    iova: u64,
+    perm: Perm,
+    frames: &Frames,
+    mem: &crate::iommu::vtd::VtdMem,
+) -> Result<(MountStats, &'static str), Error> {
+    let at = IoVirtAddr::new(iova);
+    let r = if can_share::<F, VtdSl>() {
+        n.morsel.mount(table, at, perm, frames, mem).map(|s| (s, "the morsel's own subtree (shared with EPT)"))
+    } else {
+        let view = match &mut n.vtd_view {
+            Some(v) => v,
+            slot @ None => {
+                let v = n.morsel.view::<VtdSl>(frames, mem).map_err(|_| Error::NoMemory)?;
+                log::info!(target: "morsel", "VT-d view of a {} MiB {} morsel built: {} tables over the same data frames",
+                    v.len() >> 20, F::NAME, v.table_count());
+                slot.insert(v)
+            }
+        };
+        view.mount(table, at, perm, frames, mem).map(|s| (s, "its VT-d view over the same frames"))
+    };
+    r.map_err(|e| match e {
+        morsel::Error::Occupied { .. } | morsel::Error::InsideMount { .. } => Error::Busy,
+        morsel::Error::OutOfMemory => Error::NoMemory,
+        _ => Error::Invalid,
+    })
+}
+
+fn unmount_in_domain<F: Format>(n: &mut Named<F>, table: &mut SecondLevelTable<VtdSl>, iova: u64, mem: &crate::iommu::vtd::VtdMem) -> Result<MountStats, Error> {
+    let at = IoVirtAddr::new(iova);
+    let r = if can_share::<F, VtdSl>() {
+        n.morsel.unmount(table, at, mem)
+    } else {
+        n.vtd_view.as_ref().ok_or(Error::NotFound)?.unmount(table, at, mem)
+    };
+    r.map_err(|_| Error::Invalid)
+}
+
+/// A `bdf` argument: a 16-bit source id.
+fn device(bdf: u64) -> Result<Bdf, Error> {
+    u16::try_from(bdf).map(Bdf::from_source_id).map_err(|_| Error::Invalid)
 }
 
 /// The lowest window slot of `size` alignment that overlaps no mount.

@@ -1,0 +1,188 @@
+//! The devices the hypervisor drives and the IOMMU in front of them: found at boot (PCI bus 0
+//! through ECAM, the VT-d unit through the DMAR), kept in one global because both the boot
+//! path and the hypercalls (through the morsel directory, generic over the backend) reach
+//! them, and the hypervisor runs on one CPU. Also the boot-time `test=dma-fault` check.
+
+pub mod edu;
+pub mod nvme;
+
+use crate::acpi::Platform;
+use crate::frames::Frames;
+use crate::iommu::{self, Vtd};
+use crate::pci::{Bdf, Function, Pci};
+use alloc::vec::Vec;
+use guest_lib::abi::Error;
+use morsel::{IoVirtAddr, PageSize, Perm};
+use spin::Mutex;
+
+/// Everything found at boot.
+pub struct Devices {
+    pub pci: Pci,
+    pub functions: Vec<Function>,
+    pub vtd: Vtd,
+    pub edu: Option<edu::Edu>,
+    pub nvme: Option<nvme::Nvme>,
+}
+
+static DEVICES: Mutex<Option<Devices>> = Mutex::new(None);
+
+/// Runs `f` on the devices, or returns `None` where there is no IOMMU (or it failed).
+pub fn with<R>(f: impl FnOnce(&mut Devices) -> R) -> Option<R> {
+    DEVICES.lock().as_mut().map(f)
+}
+
+/// Enumerates PCI bus 0, brings up the VT-d unit with translation on (every device blocked
+/// until it gets a domain) and the edu and NVMe drivers. Without a DMAR or ECAM it does
+/// nothing; returns false if an IOMMU is there but could not be set up.
+pub fn init(platform: &Platform, frames: &Frames) -> bool {
+    let (Some(ecam), Some(dmar_at)) = (platform.ecam, platform.dmar) else {
+        return true;
+    };
+    let pci = Pci::new(ecam);
+    let functions = pci.enumerate();
+    // SAFETY: the address comes from the RSDT and points at the DMAR's header.
+    let dmar = match unsafe { iommu::dmar::read(dmar_at) } {
+        Ok(d) => d,
+        Err(e) => {
+            log::error!(target: "iommu", "DMAR at {dmar_at:#x}: {e}");
+            return false;
+        }
+    };
+    for u in &dmar.units {
+        let scope: Vec<alloc::string::String> = u.devices.iter().map(|b| alloc::format!("{b}")).collect();
+        log::info!(target: "iommu", "DMAR: host address width {} bits, unit at {:#x}, segment {}, {}",
+            dmar.host_address_width, u.register_base, u.segment,
+            if u.include_all { "all devices".into() } else { alloc::format!("devices {}", scope.join(" ")) });
+    }
+    // One unit on q35; with several, the first (every device we drive sits behind it there).
+    let Some(unit) = dmar.units.first() else {
+        log::error!(target: "iommu", "DMAR lists no remapping unit");
+        return false;
+    };
+    let mut vtd = match Vtd::new(unit.register_base, frames) {
+        Ok(v) => v,
+        Err(e) => {
+            log::error!(target: "iommu", "VT-d unit at {:#x}: {e}", unit.register_base);
+            return false;
+        }
+    };
+    if let Err(e) = vtd.enable() {
+        log::error!(target: "iommu", "cannot enable translation: {e}");
+        return false;
+    }
+    let mut edu = None;
+    let mut nvme = None;
+    for f in &functions {
+        let bar0 = f.bars.iter().find(|b| b.index == 0).map(|b| b.addr);
+        match (f.vendor, f.device, f.class, bar0) {
+            (edu::VENDOR, edu::DEVICE, _, Some(bar)) if edu.is_none() => {
+                pci.enable(f.bdf);
+                if vtd.attach(f.bdf, frames).is_ok() {
+                    edu = Some(edu::Edu::new(f.bdf, bar));
+                }
+            }
+            (_, _, nvme::CLASS, Some(bar)) if nvme.is_none() => {
+                pci.enable(f.bdf);
+                match vtd.attach(f.bdf, frames) {
+                    Ok(d) => match nvme::Nvme::new(f.bdf, bar, &mut vtd, d, frames) {
+                        Ok(n) => nvme = Some(n),
+                        Err(e) => log::error!(target: "nvme", "device {}: {e}", f.bdf),
+                    },
+                    Err(e) => log::error!(target: "iommu", "device {}: no domain: {e}", f.bdf),
+                }
+            }
+            _ => {}
+        }
+    }
+    vtd.poll_faults();
+    *DEVICES.lock() = Some(Devices { pci, functions, vtd, edu, nvme });
+    true
+}
+
+/// Checks for DMA faults (after a DMA and at the end of the run); true if `bdf` caused one.
+pub fn faults_of(d: &mut Devices, bdf: Bdf) -> bool {
+    d.vtd.poll_faults().iter().any(|f| f.source == bdf)
+}
+
+/// `edu_dma(direction, iova, len)`: runs edu's DMA engine; `DeviceFault` if the IOMMU blocked it.
+pub fn edu_dma(direction: u64, iova: u64, len: u64) -> Result<u64, Error> {
+    let to_device = match direction {
+        guest_lib::abi::EDU_TO_DEVICE => true,
+        guest_lib::abi::EDU_TO_MEMORY => false,
+        _ => return Err(Error::Invalid),
+    };
+    with(|d| {
+        let edu = d.edu.as_mut().ok_or(Error::NotFound)?;
+        let bdf = edu.bdf;
+        let us = edu.dma(to_device, iova, len).map_err(|e| match e {
+            edu::Error::BadLength => Error::TooLarge,
+            edu::Error::BadAddress => Error::Invalid,
+            edu::Error::Timeout => Error::DeviceFault,
+        })?;
+        if faults_of(d, bdf) {
+            return Err(Error::DeviceFault);
+        }
+        Ok(us)
+    })
+    .unwrap_or(Err(Error::NotFound))
+}
+
+/// A page in the hypervisor image (so below edu's 256 MiB DMA limit) that no device domain maps.
+#[repr(C, align(4096))]
+struct Page([u8; 4096]);
+static CANARY: Mutex<Page> = Mutex::new(Page([0; 4096]));
+const CANARY_BYTE: u8 = 0xc5;
+/// Where `test=dma-fault` maps its source page for edu (inside edu's 28-bit reach).
+const SCRATCH_IOVA: u64 = 0x0ff0_0000;
+/// Bytes the test DMAs (the most edu takes, `edu::MAX_TRANSFER`).
+const TEST_LEN: u64 = edu::MAX_TRANSFER;
+
+/// `test=dma-fault`: edu DMAs 4 KiB of a known pattern to the I/O virtual address equal to a
+/// canary page's host-physical address, which edu's domain does not map. Without the IOMMU
+/// (or with pass-through) the canary would be overwritten. Expects a fault naming edu and
+/// that address, and the canary unchanged. True if so.
+pub fn dma_fault_test(frames: &Frames) -> bool {
+    let result = with(|d| {
+        let Some(edu) = d.edu.as_mut() else {
+            log::error!(target: "iommu", "dma-fault test: no edu device");
+            return false;
+        };
+        let bdf = edu.bdf;
+        let mem = d.vtd.mem;
+        let Some(dom) = d.vtd.domain_of(bdf) else { return false };
+        // Load edu's buffer with 0x5a from a scratch page mapped for this only.
+        let Some(src) = frames.alloc_zeroed(0) else { return false };
+        // SAFETY: a frame we own, identity-mapped.
+        unsafe { core::ptr::write_bytes(src.as_u64() as *mut u8, 0x5a, 4096) };
+        let id = dom.id;
+        let mapped = dom.table.map(IoVirtAddr::new(SCRATCH_IOVA), src, PageSize::Size4K, Perm::RO, frames, &mem);
+        let _ = d.vtd.flush_domain(id);
+        let loaded = mapped.is_ok() && d.edu.as_mut().is_some_and(|e| e.dma(true, SCRATCH_IOVA, TEST_LEN).is_ok());
+        if let Some(dom) = d.vtd.domain_of(bdf) {
+            let _ = dom.table.unmap(IoVirtAddr::new(SCRATCH_IOVA), PageSize::Size4K, &mem);
+        }
+        let _ = d.vtd.flush_domain(id);
+        morsel::FrameAlloc::free(frames, src, 0);
+        if !loaded || faults_of(d, bdf) {
+            log::error!(target: "iommu", "dma-fault test: could not load edu's buffer through a mapped page");
+            return false;
+        }
+        let mut canary = CANARY.lock();
+        canary.0.fill(CANARY_BYTE);
+        let target = canary.0.as_ptr() as u64;
+        log::info!(target: "iommu", "dma-fault test: canary of 4096 bytes at host-physical {target:#x}; edu DMAs {TEST_LEN} bytes to I/O virtual address {target:#x} (not mapped in its domain)");
+        let dma = d.edu.as_mut().map(|e| e.dma(false, target, TEST_LEN));
+        let faults = d.vtd.poll_faults();
+        let blocked = faults.iter().any(|f| f.source == bdf && f.address == target);
+        // SAFETY: reading our own static through a volatile pointer: the device may have
+        // written it behind the compiler's back if the IOMMU failed.
+        let intact = (0..4096).all(|i| unsafe { core::ptr::read_volatile(canary.0.as_ptr().add(i)) } == CANARY_BYTE);
+        log::info!(target: "iommu", "dma-fault test: DMA {:?}, fault reported for device {bdf} at {target:#x}: {}, canary {}",
+            dma, if blocked { "yes" } else { "NO" }, if intact { "unchanged" } else { "CHANGED" });
+        blocked && intact
+    });
+    result.unwrap_or_else(|| {
+        log::error!(target: "iommu", "dma-fault test: no IOMMU");
+        false
+    })
+}

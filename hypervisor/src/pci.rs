@@ -1,0 +1,212 @@
+//! PCI Express configuration through the ECAM window from the MCFG table: config space
+//! reads and writes, enumeration of bus 0, BAR sizing, and BAR programming for memory BARs
+//! the firmware left unassigned (or placed above the identity-mapped 4 GiB).
+
+use crate::acpi::Ecam;
+use alloc::vec::Vec;
+use core::fmt;
+
+/// A PCI function address: bus, device, function.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Hash)]
+pub struct Bdf {
+    pub bus: u8,
+    pub dev: u8,
+    pub func: u8,
+}
+
+impl Bdf {
+    pub const fn new(bus: u8, dev: u8, func: u8) -> Bdf {
+        Bdf { bus, dev, func }
+    }
+    /// The 16-bit requester/source id: bus 15:8, device 7:3, function 2:0 (PCIe base spec 2.2.6.2).
+    pub const fn source_id(self) -> u16 {
+        (self.bus as u16) << 8 | (self.dev as u16) << 3 | self.func as u16
+    }
+    pub const fn from_source_id(sid: u16) -> Bdf {
+        Bdf { bus: (sid >> 8) as u8, dev: (sid >> 3 & 0x1f) as u8, func: (sid & 7) as u8 }
+    }
+    /// Device and function as one byte (the VT-d context table index, VT-d spec 3.4.3).
+    pub const fn devfn(self) -> u8 {
+        self.dev << 3 | self.func
+    }
+}
+
+impl fmt::Display for Bdf {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "{:02x}:{:02x}.{:x}", self.bus, self.dev, self.func)
+    }
+}
+
+/// Config space register offsets (PCI Local Bus spec 3.0, 6.1).
+const VENDOR_ID: u16 = 0x00;
+const COMMAND: u16 = 0x04;
+const CLASS_REV: u16 = 0x08;
+/// Dword 0x0c: header type in bits 23:16 (byte 0x0e).
+const HEADER_DWORD: u16 = 0x0c;
+const BAR0: u16 = 0x10;
+/// Command register bit 1: memory space enable; bit 2: bus master enable (PCI 3.0, 6.2.2).
+const CMD_MEMORY: u16 = 1 << 1;
+const CMD_BUS_MASTER: u16 = 1 << 2;
+
+/// Where unassigned memory BARs go: a part of q35's 32-bit PCI hole (below the 0xfe.. device
+/// MMIO, above the ECAM window) that the firmware does not use for 2 GiB of RAM.
+const BAR_WINDOW: (u64, u64) = (0xd000_0000, 0xe000_0000);
+
+/// A memory BAR.
+#[derive(Clone, Copy, Debug)]
+pub struct Bar {
+    pub index: u8,
+    pub addr: u64,
+    pub size: u64,
+    pub is_64: bool,
+}
+
+/// One function found on bus 0.
+#[derive(Clone, Debug)]
+pub struct Function {
+    pub bdf: Bdf,
+    pub vendor: u16,
+    pub device: u16,
+    pub class: u32,
+    pub bars: Vec<Bar>,
+}
+
+/// The ECAM window (all of it lies in the identity-mapped low 4 GiB on q35).
+#[derive(Clone, Copy)]
+pub struct Pci {
+    ecam: Ecam,
+}
+
+impl Pci {
+    pub fn new(ecam: Ecam) -> Pci {
+        Pci { ecam }
+    }
+
+    fn addr(&self, bdf: Bdf, off: u16) -> Option<u64> {
+        if bdf.bus < self.ecam.bus_start || bdf.bus > self.ecam.bus_end || bdf.dev >= 32 || bdf.func >= 8 || off >= 4096 {
+            return None;
+        }
+        // ECAM: bus 27:20, device 19:15, function 14:12, register 11:0 (PCIe base spec 7.2.2).
+        let rel = ((bdf.bus - self.ecam.bus_start) as u64) << 20 | (bdf.dev as u64) << 15 | (bdf.func as u64) << 12;
+        Some(self.ecam.base + rel + off as u64)
+    }
+
+    pub fn read32(&self, bdf: Bdf, off: u16) -> u32 {
+        match self.addr(bdf, off & !3) {
+            // SAFETY: an aligned register inside the ECAM window, identity-mapped MMIO.
+            Some(a) => unsafe { (a as *const u32).read_volatile() },
+            None => u32::MAX,
+        }
+    }
+
+    pub fn write32(&self, bdf: Bdf, off: u16, value: u32) {
+        if let Some(a) = self.addr(bdf, off & !3) {
+            // SAFETY: as for read32.
+            unsafe { (a as *mut u32).write_volatile(value) }
+        }
+    }
+
+    pub fn read16(&self, bdf: Bdf, off: u16) -> u16 {
+        (self.read32(bdf, off) >> ((off & 2) * 8)) as u16
+    }
+
+    pub fn write16(&self, bdf: Bdf, off: u16, value: u16) {
+        let shift = (off & 2) * 8;
+        let old = self.read32(bdf, off);
+        self.write32(bdf, off, (old & !(0xffff << shift)) | (value as u32) << shift);
+    }
+
+    /// Every function on bus 0 with its memory BARs; unassigned BARs get an address.
+    pub fn enumerate(&self) -> Vec<Function> {
+        let mut found = Vec::new();
+        let mut next_free = BAR_WINDOW.0;
+        for dev in 0..32 {
+            for func in 0..8 {
+                let bdf = Bdf::new(self.ecam.bus_start, dev, func);
+                let id = self.read32(bdf, VENDOR_ID);
+                if id & 0xffff == 0xffff {
+                    if func == 0 {
+                        break;
+                    }
+                    continue;
+                }
+                let class = self.read32(bdf, CLASS_REV) >> 8;
+                let header = (self.read32(bdf, HEADER_DWORD) >> 16) as u8;
+                let bars = if header & 0x7f == 0 { self.bars(bdf, &mut next_free) } else { Vec::new() };
+                let f = Function { bdf, vendor: id as u16, device: (id >> 16) as u16, class, bars };
+                let mut line = alloc::string::String::new();
+                for b in &f.bars {
+                    line.push_str(&alloc::format!(", BAR{} {:#x} ({} KiB{})", b.index, b.addr, b.size >> 10,
+                        if b.is_64 { ", 64-bit" } else { "" }));
+                }
+                log::info!(target: "pci", "{bdf}: vendor {:04x} device {:04x} class {:06x}{line}", f.vendor, f.device, f.class);
+                found.push(f);
+                if func == 0 && header & 0x80 == 0 {
+                    break;
+                }
+            }
+        }
+        found
+    }
+
+    /// Sizes the memory BARs of a type-0 header (PCI 3.0, 6.2.5.1) and programs those that are
+    /// unassigned or above 4 GiB into `BAR_WINDOW`.
+    fn bars(&self, bdf: Bdf, next_free: &mut u64) -> Vec<Bar> {
+        let mut bars = Vec::new();
+        let cmd = self.read16(bdf, COMMAND);
+        // Decoding off while the BARs read back their size masks.
+        self.write16(bdf, COMMAND, cmd & !CMD_MEMORY);
+        let mut i = 0u8;
+        while i < 6 {
+            let off = BAR0 + 4 * i as u16;
+            let low = self.read32(bdf, off);
+            // Bit 0: I/O space; bits 2:1 = 2: 64-bit memory BAR (PCI 3.0, 6.2.5.1).
+            if low & 1 != 0 {
+                i += 1;
+                continue;
+            }
+            let is_64 = low >> 1 & 3 == 2;
+            self.write32(bdf, off, u32::MAX);
+            let mut mask = (self.read32(bdf, off) & !0xf) as u64;
+            self.write32(bdf, off, low);
+            let mut addr = (low & !0xf) as u64;
+            if is_64 {
+                let high = self.read32(bdf, off + 4);
+                self.write32(bdf, off + 4, u32::MAX);
+                mask |= (self.read32(bdf, off + 4) as u64) << 32;
+                self.write32(bdf, off + 4, high);
+                addr |= (high as u64) << 32;
+            } else {
+                mask |= 0xffff_ffff_0000_0000;
+            }
+            // A BAR that reads back 0 after the all-ones write is not implemented.
+            let size = if mask as u32 == 0 && mask >> 32 == if is_64 { 0 } else { 0xffff_ffff } { 0 } else { (!mask).wrapping_add(1) };
+            if size != 0 {
+                if addr == 0 || addr + size > 1 << 32 {
+                    let at = next_free.next_multiple_of(size);
+                    if at + size <= BAR_WINDOW.1 {
+                        self.write32(bdf, off, at as u32 | (low & 0xf));
+                        if is_64 {
+                            self.write32(bdf, off + 4, 0);
+                        }
+                        log::info!(target: "pci", "{bdf}: BAR{i} programmed at {at:#x} ({} KiB, was {addr:#x})", size >> 10);
+                        addr = at;
+                        *next_free = at + size;
+                    } else {
+                        log::warn!(target: "pci", "{bdf}: BAR{i} ({} KiB) does not fit the BAR window", size >> 10);
+                    }
+                }
+                bars.push(Bar { index: i, addr, size, is_64 });
+            }
+            i += if is_64 { 2 } else { 1 };
+        }
+        self.write16(bdf, COMMAND, cmd);
+        bars
+    }
+
+    /// Turns on memory decoding and bus mastering (DMA) for a function we drive.
+    pub fn enable(&self, bdf: Bdf) {
+        let cmd = self.read16(bdf, COMMAND);
+        self.write16(bdf, COMMAND, cmd | CMD_MEMORY | CMD_BUS_MASTER);
+    }
+}

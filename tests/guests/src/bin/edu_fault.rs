@@ -1,0 +1,57 @@
+//! Scenario devices_dma_outside_domain_is_blocked. Shares a 16 KiB morsel filled with a canary
+//! byte with the edu device, loads edu's buffer from it with other bytes, then has edu DMA to
+//! an I/O virtual address just past the mount (not mapped: blocked, reported) and into a
+//! read-only device mount of the same morsel (blocked: no write permission). The morsel must
+//! be unchanged after both.
+#![no_std]
+#![no_main]
+
+use guest_lib::device::{self, EDU};
+use guest_lib::morsel::{self, PageSize};
+use guest_lib::{println, BootInfo, Error};
+
+guest_lib::entry!(main);
+
+const NAME: &str = "fence";
+const IOVA: u64 = 2 << 20;
+const RO_IOVA: u64 = 6 << 20;
+const UNMAPPED: u64 = 4 << 20;
+const SIZE: usize = 16 * 1024;
+const LEN: u64 = guest_lib::abi::EDU_MAX_TRANSFER;
+const CANARY: u8 = 0xc5;
+
+fn main(_: &BootInfo) -> i32 {
+    let mut m = match morsel::create(NAME, SIZE as u64, PageSize::Size4K, false) {
+        Ok(m) => m,
+        Err(e) => {
+            println!("edu fault: create failed: {e}");
+            return 1;
+        }
+    };
+    if let Err(e) = device::mount(NAME, EDU, IOVA, true).and_then(|_| device::mount(NAME, EDU, RO_IOVA, false)) {
+        println!("edu fault: device mount failed: {e}");
+        return 1;
+    }
+    m[..4096].fill(0x77);
+    if let Err(e) = device::edu_to_device(IOVA, LEN) {
+        println!("edu fault: loading the device failed: {e}");
+        return 1;
+    }
+    m.fill(CANARY);
+    for (what, iova) in [("an unmapped I/O virtual address", UNMAPPED), ("a read-only device mount", RO_IOVA)] {
+        match device::edu_to_memory(iova, LEN) {
+            Err(Error::DeviceFault) => println!("edu fault: DMA to {what} ({iova:#x}) was blocked: device fault"),
+            other => {
+                println!("edu fault: DMA to {what} ({iova:#x}) was NOT blocked: {other:?}");
+                return 1;
+            }
+        }
+    }
+    if m.iter().all(|&b| b == CANARY) {
+        println!("edu fault: canary morsel of {SIZE} bytes unchanged");
+        0
+    } else {
+        println!("edu fault: canary morsel CHANGED");
+        1
+    }
+}
