@@ -5,6 +5,7 @@
 //! the user can cause ends as one `error: ...` line and exit status 1, never a backtrace.
 
 mod archive;
+mod disk;
 mod emulator;
 mod images;
 mod run;

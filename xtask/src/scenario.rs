@@ -12,7 +12,7 @@ use std::time::Duration;
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 
 const KEYS_HELP: &str = "description, configs, cmdline, cmdline.<config>, timeout, timeout.<config>, \
-    expect, expect.<config>, reject, reject.<config>, expect_count, expect_count.<config>, expect_order, expect_order.<config>, exit";
+    expect, expect.<config>, reject, reject.<config>, expect_count, expect_count.<config>, expect_order, expect_order.<config>, exit, disk, check_disk";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExitKind {
@@ -51,12 +51,28 @@ pub struct Scenario {
     /// `A | B | C`: lines containing A, B, C appear in this order.
     pub expect_order: Vec<Check<Vec<String>>>,
     pub exit: ExitKind,
+    /// `disk = SIZE`: a fresh pattern image of SIZE bytes attached as an NVMe drive.
+    pub disk: Option<u64>,
+    /// `check_disk = LBA BYTE`: after the run, block LBA holds only BYTE (hex).
+    pub check_disk: Vec<(u64, u8)>,
 }
 
 impl Scenario {
     /// The hypervisor command line for a run under `config`.
     pub fn cmdline(&self, config: &str) -> &str {
         self.cmdlines.iter().find(|(c, _)| c == config).map_or(self.cmdline.as_str(), |(_, l)| l.as_str())
+    }
+
+    /// The scenario with `placeholder` replaced by `value` in the command lines and checks.
+    pub fn substitute(&self, placeholder: &str, value: &str) -> Scenario {
+        let mut s = self.clone();
+        let r = |t: &mut String| *t = t.replace(placeholder, value);
+        r(&mut s.cmdline);
+        s.cmdlines.iter_mut().for_each(|(_, l)| r(l));
+        s.expect.iter_mut().chain(s.reject.iter_mut()).for_each(|c| r(&mut c.what));
+        s.expect_count.iter_mut().for_each(|c| r(&mut c.what.1));
+        s.expect_order.iter_mut().for_each(|c| c.what.iter_mut().for_each(|t| r(t)));
+        s
     }
 
     pub fn timeout(&self, config: &str) -> Duration {
@@ -113,6 +129,8 @@ pub fn parse(name: &str, path: &Path, text: &str) -> Result<Scenario> {
         expect_count: Vec::new(),
         expect_order: Vec::new(),
         exit: ExitKind::Success,
+        disk: None,
+        check_disk: Vec::new(),
     };
     let mut seen: Vec<&str> = Vec::new();
     // Per-config keys are checked against `configs` at the end: remember where they were.
@@ -220,6 +238,23 @@ pub fn parse(name: &str, path: &Path, text: &str) -> Result<Scenario> {
                 }
                 s.expect_order.push(Check { config, what: texts });
             }
+            "disk" => {
+                once(&mut seen, "disk")?;
+                match parse_size(value) {
+                    Some(n) if n > 0 && n % 512 == 0 => s.disk = Some(n),
+                    _ => crate::bail!("{}: disk wants a size that is a multiple of 512 (`64M`), got `{value}`", at()),
+                }
+            }
+            "check_disk" => {
+                let parsed = value.split_once(char::is_whitespace).and_then(|(lba, byte)| {
+                    let byte = byte.trim();
+                    Some((lba.parse::<u64>().ok()?, u8::from_str_radix(byte.strip_prefix("0x").unwrap_or(byte), 16).ok()?))
+                });
+                match parsed {
+                    Some(c) => s.check_disk.push(c),
+                    None => crate::bail!("{}: check_disk wants `LBA BYTE` (`5 ab`), got `{value}`", at()),
+                }
+            }
             "exit" => {
                 once(&mut seen, "exit")?;
                 s.exit = match value {
@@ -235,6 +270,9 @@ pub fn parse(name: &str, path: &Path, text: &str) -> Result<Scenario> {
     if s.configs.is_empty() {
         crate::bail!("{}: no `configs = ...` line", path.display());
     }
+    if !s.check_disk.is_empty() && s.disk.is_none() {
+        crate::bail!("{}: check_disk without a `disk = SIZE` line", path.display());
+    }
     for (lineno, c) in config_refs {
         if !s.configs.contains(&config_name(&c)) {
             crate::bail!(
@@ -245,6 +283,17 @@ pub fn parse(name: &str, path: &Path, text: &str) -> Result<Scenario> {
         }
     }
     Ok(s)
+}
+
+/// `64M`, `1G`, `4096K` or plain bytes.
+fn parse_size(s: &str) -> Option<u64> {
+    let (num, shift) = match s.as_bytes().last()? {
+        b'K' | b'k' => (&s[..s.len() - 1], 10),
+        b'M' | b'm' => (&s[..s.len() - 1], 20),
+        b'G' | b'g' => (&s[..s.len() - 1], 30),
+        _ => (s, 0),
+    };
+    num.parse::<u64>().ok()?.checked_mul(1 << shift)
 }
 
 /// `qemu-svm.args` and `qemu-svm` name the same config.
@@ -333,6 +382,18 @@ exit = failure
         assert!(p("configs = a\nexpect_count = 2\n").is_err());
         let e = p("configs = a\nexpect.b = x\n").unwrap_err().0;
         assert!(e.contains(":2: config `b` is not in `configs`"), "{e}");
+    }
+
+    #[test]
+    fn disk_keys() {
+        let s = p("configs = a\ndisk = 64M\ncheck_disk = 5 ab\ncheck_disk = 7 0x00\ncmdline = x:arg=@DISK_SUM@\nexpect = sum @DISK_SUM@\n").unwrap();
+        assert_eq!(s.disk, Some(64 << 20));
+        assert_eq!(s.check_disk, [(5, 0xab), (7, 0)]);
+        let t = s.substitute("@DISK_SUM@", "42");
+        assert_eq!((t.cmdline("a"), t.expect[0].what.as_str()), ("x:arg=42", "sum 42"));
+        assert!(p("configs = a\ndisk = 100\n").is_err());
+        assert!(p("configs = a\ncheck_disk = 5 ab\n").is_err());
+        assert!(p("configs = a\ndisk = 1M\ncheck_disk = x\n").is_err());
     }
 
     #[test]

@@ -20,6 +20,8 @@ use std::time::{Duration, Instant};
 const SCENARIO_DIR: &str = "tests/scenarios";
 const LOG_DIR: &str = "build/test-logs";
 const READY_LINE: &str = "parperos: ready";
+/// Stands for the disk image's checksum (decimal) in a scenario with `disk = SIZE`.
+const DISK_SUM: &str = "@DISK_SUM@";
 const EXIT_SUCCESS_LINE: &str = "parperos: exit success";
 const EXIT_FAILURE_LINE: &str = "parperos: exit failure";
 /// isa-debug-exit status: (value << 1) | 1 for the hypervisor's 0x10 and 0x11.
@@ -266,6 +268,8 @@ struct Outcome {
     serial: String,
     serial_path: PathBuf,
     emulator_log: PathBuf,
+    /// `disk = SIZE`: the image and its checksum before the run.
+    disk: Option<(PathBuf, u64)>,
 }
 
 fn run_jobs(root: &Path, jobs: Vec<Job>, built: images::Built, workers: usize, tally: &mut Tally) {
@@ -306,7 +310,14 @@ fn judge(job: &Job, outcome: Result<Outcome>) -> (bool, String, String) {
         Ok(o) => o,
         Err(e) => return (false, String::new(), format!("    {e}\n")),
     };
-    let s = &job.scenario;
+    let substituted;
+    let s = match &o.disk {
+        Some((_, sum)) => {
+            substituted = job.scenario.substitute(DISK_SUM, &sum.to_string());
+            &substituted
+        }
+        None => &job.scenario,
+    };
     let mut facts = format!("{:7.2} s", o.wall.as_secs_f64());
     match o.ready {
         Some(r) => facts.push_str(&format!("  boot {:.2} s", r.as_secs_f64())),
@@ -343,6 +354,12 @@ fn judge(job: &Job, outcome: Result<Outcome>) -> (bool, String, String) {
         Err(_) => {}
     }
     problems.extend(s.check_log(&job.config.name, &o.serial));
+    if let Some((path, _)) = &o.disk {
+        match crate::disk::check(path, &s.check_disk) {
+            Ok(p) => problems.extend(p),
+            Err(e) => problems.push(e.to_string()),
+        }
+    }
     if problems.is_empty() {
         return (true, facts, String::new());
     }
@@ -387,8 +404,23 @@ fn supervise(child: &mut Child, deadline: Instant, mut poll: impl FnMut() -> boo
 fn run_qemu(job: &Job, built: &images::Built, logs: &Path) -> Result<Outcome> {
     let serial_path = logs.join(format!("{}.serial.log", file_stem(job)));
     let emulator_log = logs.join(format!("{}.qemu.log", file_stem(job)));
-    let mut cmd =
-        emulator::qemu_command(&job.config, Accel::Tcg, &built.hypervisor, job.scenario.cmdline(&job.config.name), &built.archive)?;
+    let disk = match job.scenario.disk {
+        Some(size) => {
+            let path = logs.parent().unwrap_or(logs).join("disks").join(format!("{}.img", file_stem(job)));
+            let sum = crate::disk::create(&path, size)?;
+            Some((path, sum))
+        }
+        None => None,
+    };
+    let cmdline = match &disk {
+        Some((_, sum)) => job.scenario.cmdline(&job.config.name).replace(DISK_SUM, &sum.to_string()),
+        None => job.scenario.cmdline(&job.config.name).to_string(),
+    };
+    let mut cmd = emulator::qemu_command(&job.config, Accel::Tcg, &built.hypervisor, &cmdline, &built.archive)?;
+    if let Some((path, _)) = &disk {
+        cmd.arg("-drive").arg(format!("file={},if=none,id=disk0,format=raw", path.display()));
+        cmd.args(["-device", "nvme,serial=parperos0,drive=disk0"]);
+    }
     cmd.args(["-serial", "stdio"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -429,10 +461,14 @@ fn run_qemu(job: &Job, built: &images::Built, logs: &Path) -> Result<Outcome> {
         serial: String::from_utf8_lossy(&serial).into_owned(),
         serial_path,
         emulator_log,
+        disk,
     })
 }
 
 fn run_bochs(root: &Path, job: &Job, built: &images::Built, logs: &Path) -> Result<Outcome> {
+    if job.scenario.disk.is_some() {
+        bail!("`disk` needs a QEMU config (Bochs has no NVMe)");
+    }
     let iso = images::make_iso(built, &format!("{}.{}", job.scenario.name, job.config.name), job.scenario.cmdline(&job.config.name))?;
     let serial_path = logs.join(format!("{}.serial.log", file_stem(job)));
     let emulator_log = logs.join(format!("{}.bochs.log", file_stem(job)));
@@ -473,7 +509,7 @@ fn run_bochs(root: &Path, job: &Job, built: &images::Built, logs: &Path) -> Resu
     if ready.is_none() && serial.contains(READY_LINE) {
         ready = Some(wall); // appeared after the last poll
     }
-    Ok(Outcome { wall, ready, timed_out, code: None, serial, serial_path, emulator_log })
+    Ok(Outcome { wall, ready, timed_out, code: None, serial, serial_path, emulator_log, disk: None })
 }
 
 #[cfg(test)]
