@@ -18,10 +18,8 @@ impl Bdf {
     pub const fn new(bus: u8, dev: u8, func: u8) -> Bdf {
         Bdf { bus, dev, func }
     }
-    /// The 16-bit requester/source id: bus 15:8, device 7:3, function 2:0 (PCIe base spec 2.2.6.2).
-    pub const fn source_id(self) -> u16 {
-        (self.bus as u16) << 8 | (self.dev as u16) << 3 | self.func as u16
-    }
+    /// From a 16-bit requester/source id: bus 15:8, device 7:3, function 2:0 (PCIe base
+    /// spec 2.2.6.2); the device calls' `bdf` argument and VT-d fault records use it.
     pub const fn from_source_id(sid: u16) -> Bdf {
         Bdf { bus: (sid >> 8) as u8, dev: (sid >> 3 & 0x1f) as u8, func: (sid & 7) as u8 }
     }

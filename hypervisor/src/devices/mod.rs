@@ -17,7 +17,6 @@ use spin::Mutex;
 
 /// Everything found at boot.
 pub struct Devices {
-    pub pci: Pci,
     pub functions: Vec<Function>,
     pub vtd: Vtd,
     pub edu: Option<edu::Edu>,
@@ -95,7 +94,7 @@ pub fn init(platform: &Platform, frames: &Frames) -> bool {
         }
     }
     vtd.poll_faults();
-    *DEVICES.lock() = Some(Devices { pci, functions, vtd, edu, nvme });
+    *DEVICES.lock() = Some(Devices { functions, vtd, edu, nvme });
     true
 }
 

@@ -364,7 +364,10 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
                 Ok(blocks) => Ok(blocks),
                 Err(devices::nvme::IoError::Range) => Err(Error::TooLarge),
                 Err(devices::nvme::IoError::Invalid) => Err(Error::Invalid),
-                Err(devices::nvme::IoError::Device(_)) => Err(Error::DeviceFault),
+                Err(devices::nvme::IoError::Device(status)) => {
+                    log::error!(target: "nvme", "device {bdf}: command failed with status {status:#x} (0xffff: timeout)");
+                    Err(Error::DeviceFault)
+                }
             }
         })
         .unwrap_or(Err(Error::NotFound))
