@@ -6,6 +6,8 @@ pub fn timer_interrupt() {
     eoi();
 }
 
+use hypervisor::mmio::Mmio;
+
 const IA32_APIC_BASE: u32 = 0x1b;
 const REG_EOI: u64 = 0xb0;
 const REG_SPURIOUS: u64 = 0xf0;
@@ -19,14 +21,17 @@ fn base() -> u64 {
     unsafe { x86::msr::rdmsr(IA32_APIC_BASE) & 0xf_ffff_f000 }
 }
 
+fn regs() -> Mmio {
+    // SAFETY: the page IA32_APIC_BASE names holds the local APIC's registers (SDM 3A 11.4.1).
+    unsafe { Mmio::new(base(), 4096) }.expect("the local APIC page lies above 4 GiB")
+}
+
 fn read(reg: u64) -> u32 {
-    // SAFETY: as for `write`.
-    unsafe { ((base() + reg) as *const u32).read_volatile() }
+    regs().read32(reg)
 }
 
 fn write(reg: u64, value: u32) {
-    // SAFETY: the APIC page is identity-mapped (below 4 GiB) and `reg` is a register offset.
-    unsafe { ((base() + reg) as *mut u32).write_volatile(value) }
+    regs().write32(reg, value)
 }
 
 /// Signals end of interrupt.

@@ -6,6 +6,7 @@ use crate::acpi::Ecam;
 use alloc::vec::Vec;
 
 pub use hypervisor::bdf::Bdf;
+use hypervisor::mmio::Mmio;
 
 /// Config space register offsets (PCI Local Bus spec 3.0, 6.1).
 const VENDOR_ID: u16 = 0x00;
@@ -41,38 +42,41 @@ pub struct Function {
     pub bars: Vec<Bar>,
 }
 
-/// The ECAM window (all of it lies in the identity-mapped low 4 GiB on q35).
+/// Configuration space through the MCFG's ECAM window.
 #[derive(Clone, Copy)]
 pub struct Pci {
     ecam: Ecam,
+    /// 1 MiB per bus from `bus_start` to `bus_end`.
+    regs: Mmio,
 }
 
 impl Pci {
-    pub fn new(ecam: Ecam) -> Pci {
-        Pci { ecam }
+    /// `None` where the window does not lie in the identity-mapped low 4 GiB (as it does on q35).
+    pub fn new(ecam: Ecam) -> Option<Pci> {
+        let len = (ecam.bus_end.saturating_sub(ecam.bus_start) as u64 + 1) << 20;
+        // SAFETY: the MCFG names this range as the segment's configuration space.
+        let regs = unsafe { Mmio::new(ecam.base, len) }?;
+        Some(Pci { ecam, regs })
     }
 
-    fn addr(&self, bdf: Bdf, off: u16) -> Option<u64> {
+    /// The offset of register `off` of `bdf` in the window.
+    fn offset(&self, bdf: Bdf, off: u16) -> Option<u64> {
         if bdf.bus < self.ecam.bus_start || bdf.bus > self.ecam.bus_end || bdf.dev >= 32 || bdf.func >= 8 || off >= 4096 {
             return None;
         }
         // ECAM: bus 27:20, device 19:15, function 14:12, register 11:0 (PCIe base spec 7.2.2).
         let rel = ((bdf.bus - self.ecam.bus_start) as u64) << 20 | (bdf.dev as u64) << 15 | (bdf.func as u64) << 12;
-        Some(self.ecam.base + rel + off as u64)
+        Some(rel + off as u64)
     }
 
+    /// All ones for a function outside the window, as an absent function reads.
     pub fn read32(&self, bdf: Bdf, off: u16) -> u32 {
-        match self.addr(bdf, off & !3) {
-            // SAFETY: an aligned register inside the ECAM window, identity-mapped MMIO.
-            Some(a) => unsafe { (a as *const u32).read_volatile() },
-            None => u32::MAX,
-        }
+        self.offset(bdf, off & !3).map_or(u32::MAX, |o| self.regs.read32(o))
     }
 
     pub fn write32(&self, bdf: Bdf, off: u16, value: u32) {
-        if let Some(a) = self.addr(bdf, off & !3) {
-            // SAFETY: as for read32.
-            unsafe { (a as *mut u32).write_volatile(value) }
+        if let Some(o) = self.offset(bdf, off & !3) {
+            self.regs.write32(o, value)
         }
     }
 

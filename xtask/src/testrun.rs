@@ -31,7 +31,7 @@ const QEMU_EXIT_FAILURE: i32 = 35;
 const TAIL_LINES: usize = 40;
 const HOST_TESTS: &str = "host: cargo test (allocator morsel xtask)";
 const HOST_LOOM: &str = "host: loom (allocator)";
-const HOST_HV: &str = "host: cargo test (hypervisor lib: archive, ELF)";
+const HOST_HV: &str = "host: cargo test (hypervisor lib: archive, ELF, DMAR, MMIO)";
 /// Time limit for each host test command (a hung test must not hang CI).
 const HOST_TIMEOUT: Duration = Duration::from_secs(20 * 60);
 /// After Bochs printed its exit line, how long it may take to power off before it is stopped.

@@ -2,6 +2,7 @@
 //! buffer at device address 0x40000 and a DMA engine that copies between it and an I/O
 //! virtual address. Every DMA goes through the device's IOMMU domain.
 
+use hypervisor::mmio::Mmio;
 use crate::pci::Bdf;
 
 pub const VENDOR: u16 = 0x1234;
@@ -40,32 +41,27 @@ pub enum Error {
 
 pub struct Edu {
     pub bdf: Bdf,
-    mmio: u64,
+    regs: Mmio,
     pub transfers: u64,
 }
 
 impl Edu {
-    /// The device at `bdf` with BAR0 at `mmio` (identity-mapped, decoding and bus mastering on).
-    pub fn new(bdf: Bdf, mmio: u64) -> Edu {
-        let e = Edu { bdf, mmio, transfers: 0 };
+    /// The device at `bdf` with BAR0 `regs` (decoding and bus mastering on).
+    pub fn new(bdf: Bdf, regs: Mmio) -> Edu {
+        let e = Edu { bdf, regs, transfers: 0 };
         let id = e.r64(ID) as u32;
-        log::info!(target: "edu", "device {bdf}: edu version {}.{} at {mmio:#x}, 4 KiB buffer at device address {BUFFER:#x}",
-            id >> 24, id >> 16 & 0xff);
+        log::info!(target: "edu", "device {bdf}: edu version {}.{} at {:#x}, 4 KiB buffer at device address {BUFFER:#x}",
+            e.regs.base(), id >> 24, id >> 16 & 0xff);
         e
     }
 
     fn r64(&self, off: u64) -> u64 {
-        if off == ID {
-            // SAFETY: BAR0 register of the edu device (identity-mapped MMIO); ID is 32-bit.
-            return unsafe { ((self.mmio + off) as *const u32).read_volatile() } as u64;
-        }
-        // SAFETY: as above; the DMA registers take 64-bit accesses.
-        unsafe { ((self.mmio + off) as *const u64).read_volatile() }
+        // ID is a 32-bit register; the DMA registers take 64-bit accesses.
+        if off == ID { self.regs.read32(off) as u64 } else { self.regs.read64(off) }
     }
 
     fn w64(&self, off: u64, v: u64) {
-        // SAFETY: as for r64.
-        unsafe { ((self.mmio + off) as *mut u64).write_volatile(v) }
+        self.regs.write64(off, v)
     }
 
     /// Copies `len` bytes between the start of the device's buffer and `iova`: into the

@@ -9,6 +9,7 @@ pub mod nvme;
 use crate::acpi::Platform;
 use crate::frames::Frames;
 use crate::iommu::{self, Vtd};
+use hypervisor::mmio::Mmio;
 use crate::pci::{Bdf, Function, Pci};
 use alloc::vec::Vec;
 use guest_lib::abi::Error;
@@ -37,7 +38,10 @@ pub fn init(platform: &Platform, frames: &Frames) -> bool {
     let (Some(ecam), Some(dmar_at)) = (platform.ecam, platform.dmar) else {
         return true;
     };
-    let pci = Pci::new(ecam);
+    let Some(pci) = Pci::new(ecam) else {
+        log::error!(target: "pci", "ECAM window at {:#x} (buses {}-{}) is not below 4 GiB", ecam.base, ecam.bus_start, ecam.bus_end);
+        return false;
+    };
     let functions = pci.enumerate();
     // SAFETY: the address comes from the RSDT and points at the DMAR's header.
     let dmar = match unsafe { iommu::dmar::read(dmar_at) } {
@@ -72,7 +76,8 @@ pub fn init(platform: &Platform, frames: &Frames) -> bool {
     let mut edu = None;
     let mut nvme = None;
     for f in &functions {
-        let bar0 = f.bars.iter().find(|b| b.index == 0).map(|b| b.addr);
+        // SAFETY: a memory BAR as `Pci::enumerate` sized and placed it: device registers.
+        let bar0 = f.bars.iter().find(|b| b.index == 0).and_then(|b| unsafe { Mmio::new(b.addr, b.size) });
         match (f.vendor, f.device, f.class, bar0) {
             (edu::VENDOR, edu::DEVICE, _, Some(bar)) if edu.is_none() => {
                 pci.enable(f.bdf);

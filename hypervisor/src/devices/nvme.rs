@@ -6,6 +6,7 @@
 
 use crate::frames::Frames;
 use crate::iommu::Vtd;
+use hypervisor::mmio::Mmio;
 use crate::pci::Bdf;
 use morsel::{HostPhysAddr, IoVirtAddr, PageSize, Perm};
 
@@ -71,7 +72,7 @@ struct Queue {
 
 pub struct Nvme {
     pub bdf: Bdf,
-    mmio: u64,
+    regs: Mmio,
     stride: u64,
     admin: Queue,
     io: Queue,
@@ -84,21 +85,19 @@ pub struct Nvme {
 
 impl Nvme {
     fn r32(&self, off: u64) -> u32 {
-        // SAFETY: a register in BAR0 (identity-mapped MMIO below 4 GiB).
-        unsafe { ((self.mmio + off) as *const u32).read_volatile() }
+        self.regs.read32(off)
     }
     fn w32(&self, off: u64, v: u32) {
-        // SAFETY: as for r32.
-        unsafe { ((self.mmio + off) as *mut u32).write_volatile(v) }
+        self.regs.write32(off, v)
     }
     fn w64(&self, off: u64, v: u64) {
         self.w32(off, v as u32);
         self.w32(off + 4, (v >> 32) as u32);
     }
 
-    /// Resets and enables the controller at BAR0 `mmio`, maps its queues into domain
+    /// Resets and enables the controller with BAR0 `regs`, maps its queues into domain
     /// `domain` of `vtd`, creates the I/O queue pair and identifies namespace 1.
-    pub fn new(bdf: Bdf, mmio: u64, vtd: &mut Vtd, domain: usize, frames: &Frames) -> Result<Nvme, &'static str> {
+    pub fn new(bdf: Bdf, regs: Mmio, vtd: &mut Vtd, domain: usize, frames: &Frames) -> Result<Nvme, &'static str> {
         let mut pages = [HostPhysAddr::new(0); 5];
         let mem = vtd.mem;
         let dom = &mut vtd.domains[domain];
@@ -111,10 +110,10 @@ impl Nvme {
         vtd.flush_domain(id).map_err(|_| "IOTLB flush failed")?;
         let queue = |id, sq, cq, entries| Queue { id, sq, cq, entries, tail: 0, head: 0, phase: true, next_cid: 0 };
         let mut n = Nvme {
-            bdf, mmio, stride: 4, admin: queue(0, pages[0], pages[1], ADMIN_ENTRIES),
+            bdf, regs, stride: 4, admin: queue(0, pages[0], pages[1], ADMIN_ENTRIES),
             io: queue(1, pages[2], pages[3], IO_ENTRIES), scratch: pages[4], blocks: 0, max_chunk: MAX_CHUNK, commands: 0,
         };
-        // SAFETY: CAP is a 64-bit register; read as two halves.
+        // CAP is a 64-bit register; read as two halves.
         let cap = n.r32(CAP) as u64 | (n.r32(CAP + 4) as u64) << 32;
         // CAP: MQES 15:0, TO 31:24 (500 ms units), DSTRD 35:32 (NVMe 1.4, 3.1.1).
         n.stride = 4 << (cap >> 32 & 0xf);
@@ -201,8 +200,7 @@ impl Nvme {
         q.tail = (q.tail + 1) % q.entries;
         let (qid, tail) = (q.id as u64, q.tail);
         // SQ y tail doorbell at 0x1000 + 2y * stride (NVMe 1.4, 3.1.24).
-        // SAFETY: BAR0 doorbell register.
-        unsafe { ((self.mmio + DOORBELLS + 2 * qid * stride) as *mut u32).write_volatile(tail as u32) };
+        self.w32(DOORBELLS + 2 * qid * stride, tail as u32);
         let q = if admin { &mut self.admin } else { &mut self.io };
         let cqe = q.cq.as_u64() + 16 * q.head as u64;
         let start = crate::time::micros();
@@ -224,8 +222,7 @@ impl Nvme {
         }
         let head = q.head;
         // CQ y head doorbell at 0x1000 + (2y + 1) * stride.
-        // SAFETY: BAR0 doorbell register.
-        unsafe { ((self.mmio + DOORBELLS + (2 * qid + 1) * stride) as *mut u32).write_volatile(head as u32) };
+        self.w32(DOORBELLS + (2 * qid + 1) * stride, head as u32);
         self.commands += 1;
         match (dw3 >> 17) as u16 & 0x7ff {
             0 => Ok(()),

@@ -4,6 +4,7 @@
 
 use super::domain::Domain;
 use crate::frames::{Frames, IDENTITY};
+use hypervisor::mmio::Mmio;
 use crate::pci::Bdf;
 use alloc::vec::Vec;
 use morsel::{HostPhysAddr, PhysMem, SecondLevelTable, VtdSl};
@@ -81,6 +82,7 @@ pub enum Error {
     NoMemory,
     Timeout(&'static str),
     TooManyDomains,
+    BadBase(u64),
 }
 
 impl core::fmt::Display for Error {
@@ -90,6 +92,7 @@ impl core::fmt::Display for Error {
             Error::NoMemory => write!(f, "out of memory for tables"),
             Error::Timeout(what) => write!(f, "{what} did not complete"),
             Error::TooManyDomains => write!(f, "out of domain ids"),
+            Error::BadBase(base) => write!(f, "register page {base:#x} is not below 4 GiB"),
         }
     }
 }
@@ -128,7 +131,8 @@ impl PhysMem for VtdMem {
 
 /// A remapping unit with its tables and domains.
 pub struct Vtd {
-    base: u64,
+    /// The unit's 4 KiB register page.
+    regs: Mmio,
     cap: u64,
     ecap: u64,
     /// Second-level table depth of every domain (3 or 4).
@@ -146,25 +150,24 @@ pub struct Vtd {
 
 impl Vtd {
     fn r32(&self, off: u64) -> u32 {
-        // SAFETY: a register of the unit's 4 KiB MMIO page (identity-mapped, below 4 GiB).
-        unsafe { ((self.base + off) as *const u32).read_volatile() }
+        self.regs.read32(off)
     }
     fn w32(&self, off: u64, v: u32) {
-        // SAFETY: as for r32.
-        unsafe { ((self.base + off) as *mut u32).write_volatile(v) }
+        self.regs.write32(off, v)
     }
     fn r64(&self, off: u64) -> u64 {
-        // SAFETY: as for r32; 64-bit registers are 8-byte aligned.
-        unsafe { ((self.base + off) as *const u64).read_volatile() }
+        self.regs.read64(off)
     }
     fn w64(&self, off: u64, v: u64) {
-        // SAFETY: as for r64.
-        unsafe { ((self.base + off) as *mut u64).write_volatile(v) }
+        self.regs.write64(off, v)
     }
 
     /// Reads the capabilities of the unit at `base` and builds an empty root table.
     pub fn new(base: u64, frames: &Frames) -> Result<Vtd, Error> {
-        let mut v = Vtd { base, cap: 0, ecap: 0, levels: 0, root: HostPhysAddr::new(0), context: Vec::new(),
+        // SAFETY: the DMAR names `base` as the unit's 4 KiB register page (VT-d spec 8.3),
+        // not RAM.
+        let regs = unsafe { Mmio::new(base, 4096) }.ok_or(Error::BadBase(base))?;
+        let mut v = Vtd { regs, cap: 0, ecap: 0, levels: 0, root: HostPhysAddr::new(0), context: Vec::new(),
             domains: Vec::new(), gcmd: 0, mem: VtdMem { coherent: true }, faults_seen: 0, invalidations: 0 };
         v.cap = v.r64(CAP);
         v.ecap = v.r64(ECAP);

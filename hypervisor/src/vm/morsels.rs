@@ -392,8 +392,8 @@ fn mount_in_domain<F: Format>(
             Some(v) => v,
             slot @ None => {
                 let v = n.morsel.view::<VtdSl>(frames, mem).map_err(|_| Error::NoMemory)?;
-                log::info!(target: "morsel", "VT-d view of a {} MiB {} morsel built: {} tables over the same data frames",
-                    v.len() >> 20, F::NAME, v.table_count());
+                log::info!(target: "morsel", "VT-d view of a {} KiB {} morsel built: {} tables over the same data frames",
+                    v.len() >> 10, F::NAME, v.table_count());
                 slot.insert(v)
             }
         };
