@@ -384,6 +384,18 @@ exit = failure
         assert!(e.contains(":2: config `b` is not in `configs`"), "{e}");
     }
 
+    /// `cargo xtask run` boots `qemu-configs/demo.cmdline`; the `demo` scenario tests it.
+    #[test]
+    fn the_demo_scenario_runs_the_demo_command_line() {
+        let root = crate::root();
+        let demo = std::fs::read_to_string(root.join("qemu-configs/demo.cmdline")).unwrap();
+        let path = root.join("tests/scenarios/demo.scn");
+        let s = parse("demo", &path, &std::fs::read_to_string(&path).unwrap()).unwrap();
+        for config in &s.configs {
+            assert_eq!(s.cmdline(config), demo.trim(), "{config}");
+        }
+    }
+
     #[test]
     fn disk_keys() {
         let s = p("configs = a\ndisk = 64M\ncheck_disk = 5 ab\ncheck_disk = 7 0x00\ncmdline = x:arg=@DISK_SUM@\nexpect = sum @DISK_SUM@\n").unwrap();
