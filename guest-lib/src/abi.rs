@@ -46,8 +46,10 @@ pub const HC_DEVICE_UNMOUNT: u64 = 0x21;
 /// `edu_dma(direction, iova, len)`: QEMU's edu device copies `len` (1..=4095, see
 /// `EDU_MAX_TRANSFER`) bytes between
 /// its 4 KiB buffer and I/O virtual address `iova` (below 256 MiB, edu's DMA mask), in the
-/// `direction` `EDU_TO_DEVICE` or `EDU_TO_MEMORY`, and waits for it. Returns the
-/// microseconds it took; `DeviceFault` if the IOMMU blocked the access (the fault is logged).
+/// `direction` `EDU_TO_DEVICE` or `EDU_TO_MEMORY`, and waits for it. `iova..iova + len` must
+/// lie inside the window of one of the caller's own edu mounts (`Denied` otherwise: the device
+/// is shared). Returns the microseconds it took; `DeviceFault` if the IOMMU blocked the access
+/// (past the end of the morsel, or a write through a read-only mount; the fault is logged).
 pub const HC_EDU_DMA: u64 = 0x22;
 /// Longest `edu_dma`: QEMU 7.2's edu aborts on a transfer that ends exactly at the end of
 /// its 4 KiB buffer.

@@ -40,7 +40,7 @@ pub fn handle<B: Backend>(guest: &mut Guest<B>, backend: &mut B, regs: &mut Regs
         }
         abi::HC_DEVICE_MOUNT => cx.morsels.device_mount(guest, &frames, [a0, a1, a2, a3, a4]),
         abi::HC_DEVICE_UNMOUNT => cx.morsels.device_unmount(guest, [a0, a1]),
-        abi::HC_EDU_DMA => crate::devices::edu_dma(a0, a1, a2),
+        abi::HC_EDU_DMA => cx.morsels.edu_dma(guest, [a0, a1, a2]),
         abi::HC_NVME_READ => cx.morsels.nvme_io(guest, &frames, false, [a0, a1, a2, a3]),
         abi::HC_NVME_WRITE => cx.morsels.nvme_io(guest, &frames, true, [a0, a1, a2, a3]),
         abi::HC_INFO => info(guest, cx, a0),

@@ -46,6 +46,8 @@ pub struct DeviceMount {
     pub name: String,
     pub bdf: Bdf,
     pub iova: u64,
+    /// The I/O virtual span the mount occupies (the span of the morsel's root table).
+    pub window: u64,
     pub guest: u32,
 }
 
@@ -263,6 +265,7 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         if writable && n.owner != g.id && !n.others_may_write {
             return Err(Error::Denied);
         }
+        let window = n.morsel.window_size();
         let perm = if writable { Perm::RW } else { Perm::RO };
         let (stats, how) = devices::with(|d| {
             let mem = d.vtd.mem;
@@ -283,8 +286,23 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         n.invalidations += 1;
         log::info!(target: "morsel", "'{name}' mounted {} into device {bdf} at I/O virtual address {iova:#x} for guest {}: {} PTE write (+{} for new intermediate tables), 1 IOTLB invalidation, {how}",
             if writable { "read-write" } else { "read-only" }, g.id, stats.entry_writes, stats.path_writes);
-        self.devices.push(DeviceMount { name, bdf, iova, guest: g.id });
+        self.devices.push(DeviceMount { name, bdf, iova, window, guest: g.id });
         Ok(iova)
+    }
+
+    /// `edu_dma(direction, iova, len)`: the device is shared, so a guest may only have it
+    /// move bytes inside the window of one of its own mounts in edu's domain (else any guest
+    /// could read or overwrite another's). Inside the window the IOMMU decides: past the end
+    /// of the morsel, or a write through a read-only mount, is blocked and reported.
+    pub fn edu_dma<B: Backend<Format = F>>(&self, g: &Guest<B>, a: [u64; 3]) -> Result<u64, Error> {
+        let [direction, iova, len] = a;
+        let edu = devices::with(|d| d.edu.as_ref().map(|e| e.bdf)).flatten().ok_or(Error::NotFound)?;
+        let end = iova.checked_add(len).ok_or(Error::TooLarge)?;
+        let inside = |d: &DeviceMount| d.guest == g.id && d.bdf == edu && d.iova <= iova && end <= d.iova + d.window;
+        if !self.devices.iter().any(inside) {
+            return Err(Error::Denied);
+        }
+        devices::edu_dma(direction, iova, len)
     }
 
     /// `device_unmount(bdf, iova)`: the caller's own device mounts only.

@@ -1,8 +1,10 @@
 //! Scenario devices_dma_outside_domain_is_blocked. Shares a 16 KiB morsel filled with a canary
-//! byte with the edu device, loads edu's buffer from it with other bytes, then has edu DMA to
-//! an I/O virtual address just past the mount (not mapped: blocked, reported) and into a
-//! read-only device mount of the same morsel (blocked: no write permission). The morsel must
-//! be unchanged after both.
+//! byte with the edu device and loads edu's buffer from it with other bytes. Then: a DMA to
+//! an I/O virtual address outside its mounts is refused by the hypervisor (the device is
+//! shared: another guest's mount could be there); a DMA just past the end of the morsel,
+//! inside its mount window (not mapped), and one into a read-only device mount of the same
+//! morsel (no write permission) reach the device and are blocked by the IOMMU. The morsel
+//! must be unchanged after all three.
 #![no_std]
 #![no_main]
 
@@ -15,8 +17,9 @@ guest_lib::entry!(main);
 const NAME: &str = "fence";
 const IOVA: u64 = 2 << 20;
 const RO_IOVA: u64 = 6 << 20;
-const UNMAPPED: u64 = 4 << 20;
+const OUTSIDE: u64 = 4 << 20;
 const SIZE: usize = 16 * 1024;
+const PAST_END: u64 = IOVA + SIZE as u64;
 const LEN: u64 = guest_lib::abi::EDU_MAX_TRANSFER;
 const CANARY: u8 = 0xc5;
 
@@ -38,7 +41,14 @@ fn main(_: &BootInfo) -> i32 {
         return 1;
     }
     m.fill(CANARY);
-    for (what, iova) in [("an unmapped I/O virtual address", UNMAPPED), ("a read-only device mount", RO_IOVA)] {
+    match device::edu_to_memory(OUTSIDE, LEN) {
+        Err(Error::Denied) => println!("edu fault: DMA outside its device mounts ({OUTSIDE:#x}) was refused: access denied"),
+        other => {
+            println!("edu fault: DMA outside its device mounts ({OUTSIDE:#x}) was NOT refused: {other:?}");
+            return 1;
+        }
+    }
+    for (what, iova) in [("past the end of the morsel", PAST_END), ("a read-only device mount", RO_IOVA)] {
         match device::edu_to_memory(iova, LEN) {
             Err(Error::DeviceFault) => println!("edu fault: DMA to {what} ({iova:#x}) was blocked: device fault"),
             other => {

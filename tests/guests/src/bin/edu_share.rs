@@ -2,8 +2,8 @@
 //! shares it with the edu device (one entry in the device's VT-d domain), has the device DMA a
 //! known buffer into page 1, checks it, then has the device read page 1 back out (into its
 //! buffer, and from there into page 2) and checks it is unchanged. `arg=1` opens the morsel
-//! read-only, checks pages 1 and 2 as the owner publishes them, and is refused a writable
-//! device mount.
+//! read-only, checks pages 1 and 2 as the owner publishes them, is refused a writable
+//! device mount and is refused DMA into the owner's device mount.
 #![no_std]
 #![no_main]
 
@@ -119,6 +119,16 @@ fn reader() -> i32 {
         // SAFETY: inside the read-only mount; the owner writes it.
         while unsafe { read_volatile(m.as_ptr().add(flag) as *const u64) } != MAGIC {
             yield_now();
+        }
+        if page == 1 {
+            // The owner's device mount is in place until it sets OUT_DONE.
+            match device::edu_to_memory(IOVA, LEN as u64) {
+                Err(Error::Denied) => println!("edu reader: DMA into the owner's device mount refused: access denied"),
+                other => {
+                    println!("edu reader: DMA into the owner's device mount was NOT refused: {other:?}");
+                    return 1;
+                }
+            }
         }
         if !matches(&m, page) {
             println!("edu reader: page {page} does NOT hold the device's data");
