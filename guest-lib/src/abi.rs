@@ -14,6 +14,8 @@ pub const HC_CONSOLE_WRITE: u64 = 1;
 pub const HC_EXIT: u64 = 2;
 /// `yield()`: gives the CPU to the next guest.
 pub const HC_YIELD: u64 = 3;
+/// Morsel names: 1 to 32 bytes of printable ASCII without spaces (else `Invalid`).
+pub const MORSEL_NAME_MAX: usize = 32;
 /// `morsel_create(name_ptr, name_len, size, flags)`: creates and mounts read-write a named
 /// morsel; returns its guest-physical address. Flags: `MORSEL_HUGE_PAGES`,
 /// `MORSEL_SHARE_WRITABLE`.

@@ -24,6 +24,17 @@ fn vendor() -> u8 {
 
 /// Issues hypercall `nr` with up to six arguments; returns the value or the error.
 pub fn call(nr: u64, args: [u64; 6]) -> Result<u64, Error> {
+    let (status, value) = call_raw(nr, args);
+    if status >= 0 {
+        Ok(value)
+    } else {
+        Err(Error::from_status(status).unwrap_or(Error::Invalid))
+    }
+}
+
+/// The same, returning the raw status (rax) and value (rdx): for tests that check that the
+/// hypervisor answers only with statuses the ABI defines.
+pub fn call_raw(nr: u64, args: [u64; 6]) -> (i64, u64) {
     let (status, value): (i64, u64);
     // SAFETY: the hypercall instruction transfers control to the hypervisor, which reads
     // the argument registers and writes rax and rdx only; memory it writes on our behalf
@@ -39,9 +50,5 @@ pub fn call(nr: u64, args: [u64; 6]) -> Result<u64, Error> {
                  inout("r8") args[4] => _, inout("r9") args[5] => _, options(nostack));
         }
     }
-    if status >= 0 {
-        Ok(value)
-    } else {
-        Err(Error::from_status(status).unwrap_or(Error::Invalid))
-    }
+    (status, value)
 }

@@ -13,3 +13,4 @@ pub mod bdf;
 pub mod dmar;
 pub mod elf;
 pub mod mmio;
+pub mod units;

@@ -16,12 +16,13 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use guest_lib::abi::{self, Error};
 use hashbrown::HashMap;
+use hypervisor::units::Bytes;
 use crate::devices;
 use crate::pci::Bdf;
 use morsel::{can_share, Format, GuestPhysAddr, IoVirtAddr, Morsel, MountStats, PageSize, Perm, SecondLevelTable, VtdSl};
 
 /// Longest morsel name.
-pub const NAME_MAX: usize = 32;
+pub const NAME_MAX: usize = abi::MORSEL_NAME_MAX;
 
 /// One named morsel.
 struct Named<F: Format> {
@@ -93,8 +94,8 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
             morsel::Error::OutOfMemory => Error::NoMemory,
             _ => Error::Invalid,
         })?;
-        log::info!(target: "morsel", "guest {} created '{name}': {} MiB of {} pages, root L{}, {} tables",
-            g.id, size >> 20, if page == PageSize::Size2M { "2 MiB" } else { "4 KiB" },
+        log::info!(target: "morsel", "guest {} created '{name}': {} of {} pages, root L{}, {} tables",
+            g.id, Bytes(size), if page == PageSize::Size2M { "2 MiB" } else { "4 KiB" },
             morsel.root_level(), morsel.table_count());
         self.named.insert(name.clone(), Named {
             morsel,
@@ -202,7 +203,7 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
             }
             let len = n.morsel.len();
             match n.morsel.destroy(frames, &IDENTITY) {
-                Ok(()) => log::info!(target: "morsel", "'{name}' destroyed, {} MiB given back", len >> 20),
+                Ok(()) => log::info!(target: "morsel", "'{name}' destroyed, {} given back", Bytes(len)),
                 Err((_, e)) => log::error!(target: "morsel", "'{name}' cannot be destroyed: {e}"),
             }
         }
@@ -225,8 +226,8 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     pub fn log_stats(&self) {
         for (name, n) in &self.named {
             log::info!(target: "morsel",
-                "stats '{name}': {} MiB, owner guest {}, mounted now {}, mounts {} ({} PTE writes, {} per mount; +{} for intermediate tables), unmounts {} ({} PTE writes), invalidations {}",
-                n.morsel.len() >> 20, n.owner, n.morsel.mount_count(), n.mounts, n.mount_pte_writes,
+                "stats '{name}': {}, owner guest {}, mounted now {}, mounts {} ({} PTE writes, {} per mount; +{} for intermediate tables), unmounts {} ({} PTE writes), invalidations {}",
+                Bytes(n.morsel.len()), n.owner, n.morsel.mount_count(), n.mounts, n.mount_pte_writes,
                 if n.mounts > 0 { n.mount_pte_writes / n.mounts } else { 0 }, n.path_pte_writes,
                 n.unmounts, n.unmount_pte_writes, n.invalidations);
         }
@@ -410,8 +411,8 @@ fn mount_in_domain<F: Format>(
             Some(v) => v,
             slot @ None => {
                 let v = n.morsel.view::<VtdSl>(frames, mem).map_err(|_| Error::NoMemory)?;
-                log::info!(target: "morsel", "VT-d view of a {} KiB {} morsel built: {} tables over the same data frames",
-                    v.len() >> 10, F::NAME, v.table_count());
+                log::info!(target: "morsel", "VT-d view of a {} {} morsel built: {} tables over the same data frames",
+                    Bytes(v.len()), F::NAME, v.table_count());
                 slot.insert(v)
             }
         };
@@ -460,6 +461,10 @@ fn read_name<B: Backend>(g: &Guest<B>, ptr: u64, len: u64) -> Result<String, Err
     let buf = &mut buf[..len as usize];
     if ptr.checked_add(len).is_none() || !g.read(ptr, buf) {
         return Err(Error::BadAddress);
+    }
+    // Printable ASCII without spaces: names appear in logs and in other guests' calls.
+    if !buf.iter().all(u8::is_ascii_graphic) {
+        return Err(Error::Invalid);
     }
     core::str::from_utf8(buf).map(String::from).map_err(|_| Error::Invalid)
 }

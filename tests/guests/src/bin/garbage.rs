@@ -13,7 +13,10 @@ fn main(info: &BootInfo) -> i32 {
     let mem = info.memory_size;
     let msg = b"a good line\n";
     let good = msg.as_ptr() as u64;
-    let cases: [(&str, u64, [u64; 6], Result<u64, Error>); 9] = [
+    let names = b"a name\0nul\x07bell-and-a-name-of-33-bytes-long!";
+    let n = names.as_ptr() as u64;
+    let create = |ptr: u64, len: u64| [ptr, len, 4096, 0, 0, 0];
+    let cases: [(&str, u64, [u64; 6], Result<u64, Error>); 14] = [
         ("unknown number", 0x9999, [0; 6], Err(Error::NoSuchCall)),
         ("negative number", u64::MAX, [0; 6], Err(Error::NoSuchCall)),
         ("unknown info selector", abi::HC_INFO, [999, 0, 0, 0, 0, 0], Err(Error::NoSuchCall)),
@@ -23,6 +26,11 @@ fn main(info: &BootInfo) -> i32 {
         ("console wrapping range", abi::HC_CONSOLE_WRITE, [u64::MAX - 2, 16, 0, 0, 0, 0], Err(Error::BadAddress)),
         ("console ptr in the morsel window", abi::HC_CONSOLE_WRITE, [info.morsel_window, 8, 0, 0, 0, 0], Err(Error::BadAddress)),
         ("console good line", abi::HC_CONSOLE_WRITE, [good, msg.len() as u64, 0, 0, 0, 0], Ok(msg.len() as u64)),
+        ("morsel name with a space", abi::HC_MORSEL_CREATE, create(n, 6), Err(Error::Invalid)),
+        ("morsel name with a NUL", abi::HC_MORSEL_CREATE, create(n + 6, 4), Err(Error::Invalid)),
+        ("morsel name with a control byte", abi::HC_MORSEL_CREATE, create(n + 10, 5), Err(Error::Invalid)),
+        ("morsel name of 33 bytes", abi::HC_MORSEL_CREATE, create(n + 11, 33), Err(Error::Invalid)),
+        ("morsel name empty", abi::HC_MORSEL_CREATE, create(n + 11, 0), Err(Error::Invalid)),
     ];
     let mut failures = 0;
     for (what, nr, args, want) in cases {
