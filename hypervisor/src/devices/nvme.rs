@@ -7,6 +7,7 @@
 use crate::frames::Frames;
 use crate::iommu::Vtd;
 use hypervisor::mmio::Mmio;
+use hypervisor::units::Bytes;
 use crate::pci::Bdf;
 use morsel::{HostPhysAddr, IoVirtAddr, PageSize, Perm};
 
@@ -274,8 +275,8 @@ impl Nvme {
             done += n;
         }
         let us = (crate::time::micros() - start).max(1);
-        log::info!(target: "nvme", "{} {count} blocks ({} KiB) {} LBA {lba} {} I/O virtual address {iova:#x}: {} commands, {} ms, {} MiB/s",
-            if write { "wrote" } else { "read" }, count * BLOCK >> 10, if write { "to" } else { "from" },
+        log::info!(target: "nvme", "{} {count} blocks ({}) {} LBA {lba} {} I/O virtual address {iova:#x}: {} commands, {} ms, {} MiB/s",
+            if write { "wrote" } else { "read" }, Bytes(count * BLOCK), if write { "to" } else { "from" },
             if write { "from" } else { "into" }, self.commands - commands0, us / 1000, count * BLOCK * 1_000_000 / us >> 20);
         Ok(count)
     }
