@@ -113,7 +113,11 @@ impl Backend for Svm {
         v.write64(CR4, (1 << 5) | (1 << 9) | (1 << 10)); // PAE, OSFXSR, OSXMMEXCPT
         v.write64(DR6, 0xffff_0ff0);
         v.write64(DR7, 0x400);
-        v.write64(RFLAGS, 0x2);
+        // IF = 1: with V_INTR_MASKING the guest's IF gates only virtual interrupts, which we
+        // never inject (AMD APM Vol. 2 15.21.1), so this changes nothing on hardware or QEMU;
+        // Bochs 2.7 instead masks physical interrupts while the guest's IF is 0, and a guest
+        // entered with IF = 0 could not be preempted there.
+        v.write64(RFLAGS, 0x202);
         v.write64(G_PAT, 0x0007_0406_0007_0406);
         let regs = Regs { rip: s.rip, rsp: s.rsp, rdi: s.rdi, ..Regs::default() };
         Ok(Vcpu { vmcb: v, regs, fpu: FpuState::initial(), first_run: true })
