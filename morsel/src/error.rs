@@ -35,6 +35,8 @@ pub enum Error {
         morsel: &'static str,
         table: &'static str,
     },
+    /// A recorded subtree does not have the shape its record says (entry at `addr`).
+    Corrupt { addr: u64 },
 }
 
 impl fmt::Display for Error {
@@ -73,6 +75,9 @@ impl fmt::Display for Error {
                     f,
                     "a subtree in {morsel} format cannot be mounted into a {table} table"
                 )
+            }
+            Error::Corrupt { addr } => {
+                write!(f, "the subtree does not match its record (entry at {addr:#x})")
             }
         }
     }

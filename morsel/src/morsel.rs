@@ -72,17 +72,7 @@ impl<F: Format> Morsel<F> {
         alloc: &impl FrameAlloc,
         mem: &impl PhysMem,
     ) -> Result<Self, Error> {
-        if len == 0 || len > MAX_MORSEL {
-            return Err(Error::BadSize {
-                size: len,
-                max: MAX_MORSEL,
-            });
-        }
-        let len = (len + page.bytes() - 1) & !(page.bytes() - 1);
-        let mut root_level = page.leaf_level();
-        while table_span(root_level) < len {
-            root_level += 1;
-        }
+        let (len, root_level) = Self::create_shape(len, page)?;
         let root = new_table(alloc, mem)?;
         let mut stats = TableStats::default();
         let mut offset = 0;
@@ -153,6 +143,70 @@ impl<F: Format> Morsel<F> {
             owns_data: false,
             _format: PhantomData,
         })
+    }
+
+    /// The handle of a morsel whose subtree outlived the handle (persistent memory): `root`,
+    /// `len` and `page` as they were recorded when it was created. Nothing is written; the
+    /// subtree is checked to have exactly the shape `create` builds: every entry covering
+    /// `len` present and read-write-execute, leaves of `page` size at the leaf level, nothing
+    /// past `len`, and every frame (tables order 0, data `page.order()`) accepted by `valid`
+    /// (the caller checks that each lies in its region and is allocated). Not mounted.
+    pub fn restore(
+        root: HostPhysAddr,
+        len: u64,
+        page: PageSize,
+        mem: &impl PhysMem,
+        mut valid: impl FnMut(HostPhysAddr, u32) -> bool,
+    ) -> Result<Self, Error> {
+        let shape = Self::create_shape(len, page)?;
+        if shape.0 != len || !valid(root, 0) {
+            return Err(Error::Corrupt { addr: root.as_u64() });
+        }
+        let mut tables = 1;
+        check_tree::<F>(root, shape.1, 0, len, page, mem, &mut valid, &mut tables)?;
+        Ok(Self {
+            root,
+            root_level: shape.1,
+            len,
+            page,
+            tables,
+            mounts: AtomicU32::new(0),
+            owns_data: true,
+            _format: PhantomData,
+        })
+    }
+
+    /// Calls `f` for every frame of the subtree: tables (order 0), then, unless this is a
+    /// view, data frames (their page order).
+    pub fn for_each_frame(&self, mem: &impl PhysMem, mut f: impl FnMut(HostPhysAddr, u32)) {
+        fn walk<F: Format>(t: HostPhysAddr, level: Level, data: bool, mem: &impl PhysMem, f: &mut impl FnMut(HostPhysAddr, u32)) {
+            f(t, 0);
+            for i in 0..crate::addr::ENTRIES {
+                match Entry::<F>::from_raw(mem.read(t, i)).decode(level) {
+                    Decoded::Empty => {}
+                    Decoded::Leaf { frame, size, .. } => {
+                        if data {
+                            f(frame, size.order())
+                        }
+                    }
+                    Decoded::Table { next, .. } => walk::<F>(next, level - 1, data, mem, f),
+                }
+            }
+        }
+        walk::<F>(self.root, self.root_level, self.owns_data, mem, &mut f);
+    }
+
+    /// The size `create` rounds `len` to, and the root level it picks.
+    fn create_shape(len: u64, page: PageSize) -> Result<(u64, Level), Error> {
+        if len == 0 || len > MAX_MORSEL {
+            return Err(Error::BadSize { size: len, max: MAX_MORSEL });
+        }
+        let len = (len + page.bytes() - 1) & !(page.bytes() - 1);
+        let mut root_level = page.leaf_level();
+        while table_span(root_level) < len {
+            root_level += 1;
+        }
+        Ok((len, root_level))
     }
 
     /// Whether this is a view over another morsel's data frames (see `view`).
@@ -341,6 +395,47 @@ impl<F: Format> Morsel<F> {
 /// Rebuilds the format-`F` table `from` (of `level`) as the format-`G` table `to` (zeroed):
 /// same leaves (frame, size, rights), new tables below. Counts new tables in `tables`; on
 /// error the caller frees `to`'s subtree (never the leaves).
+/// Checks the subtree below `t` (level `level`, covering object offsets from `base`) against
+/// the shape `Morsel::create` builds for `len` bytes of `page` pages (see `Morsel::restore`).
+#[allow(clippy::too_many_arguments)]
+fn check_tree<F: Format>(
+    t: HostPhysAddr,
+    level: Level,
+    base: u64,
+    len: u64,
+    page: PageSize,
+    mem: &impl PhysMem,
+    valid: &mut impl FnMut(HostPhysAddr, u32) -> bool,
+    tables: &mut u32,
+) -> Result<(), Error> {
+    let span = table_span(level) / crate::addr::ENTRIES as u64;
+    for i in 0..crate::addr::ENTRIES {
+        let at = base + i as u64 * span;
+        let bad = Error::Corrupt { addr: t.as_u64() + 8 * i as u64 };
+        match Entry::<F>::from_raw(mem.read(t, i)).decode(level) {
+            Decoded::Empty if at >= len => {}
+            Decoded::Leaf { frame, perm, size }
+                if at < len && level == page.leaf_level() && size == page && perm == Perm::RWX =>
+            {
+                if !valid(frame, size.order()) {
+                    return Err(bad);
+                }
+            }
+            Decoded::Table { next, perm, mount: false }
+                if at < len && level > page.leaf_level() && perm == Perm::RWX =>
+            {
+                if !valid(next, 0) {
+                    return Err(bad);
+                }
+                *tables += 1;
+                check_tree::<F>(next, level - 1, at, len, page, mem, valid, tables)?;
+            }
+            _ => return Err(bad),
+        }
+    }
+    Ok(())
+}
+
 fn copy_tree<F: Format, G: Format>(
     from: HostPhysAddr,
     to: HostPhysAddr,
@@ -831,5 +926,67 @@ mod tests {
             m.destroy(&mem, &mem).unwrap();
             prop_assert_eq!(mem.allocated_frames(), 0);
         }
+    }
+
+    /// Restores `m`'s subtree from its record and checks it is the same object.
+    fn restore_same<F: Format>(m: &Morsel<F>, mem: &SimMem) {
+        let mut seen = Vec::new();
+        m.for_each_frame(mem, |f, o| seen.push((f, o)));
+        let r = Morsel::<F>::restore(m.root(), m.len(), m.page_size(), mem, |f, o| seen.contains(&(f, o)))
+            .unwrap();
+        assert_eq!((r.root_level(), r.table_count(), r.len()), (m.root_level(), m.table_count(), m.len()));
+        // Every table and data frame once.
+        let data = m.len().div_ceil(m.page_size().bytes()) as usize;
+        assert_eq!(seen.len(), m.table_count() as usize + data);
+        seen.sort();
+        seen.dedup();
+        assert_eq!(seen.len(), m.table_count() as usize + data);
+        for off in (0..m.len()).step_by(4096) {
+            assert_eq!(r.translate(off, mem), m.translate(off, mem));
+        }
+        // `r` names the same frames as `m`; they are destroyed once, through `m`.
+    }
+
+    proptest! {
+        #[test]
+        fn restore_finds_what_create_built(pages in 1u64..1100, big in any::<bool>()) {
+            let mem = SimMem::new(8 * GIB);
+            let page = if big { PageSize::Size2M } else { PageSize::Size4K };
+            let m = Morsel::<Npt>::create(pages * page.bytes(), page, &mem, &mem).unwrap();
+            restore_same(&m, &mem);
+            let e = Morsel::<Ept>::create(pages * page.bytes(), page, &mem, &mem).unwrap();
+            restore_same(&e, &mem);
+            m.destroy(&mem, &mem).unwrap();
+            e.destroy(&mem, &mem).unwrap();
+            prop_assert_eq!(mem.allocated_frames(), 0);
+        }
+    }
+
+    #[test]
+    fn restore_refuses_a_subtree_that_does_not_match_its_record() {
+        let mem = SimMem::new(8 * GIB);
+        let m = Morsel::<Npt>::create(16 << 12, PageSize::Size4K, &mem, &mem).unwrap();
+        let ok = |_: HostPhysAddr, _: u32| true;
+        let (root, len, page) = (m.root(), m.len(), m.page_size());
+        assert!(Morsel::<Npt>::restore(root, len, page, &mem, ok).is_ok());
+        // A record with another size, page size, or a frame the caller does not vouch for.
+        assert!(matches!(Morsel::<Npt>::restore(root, len + 4096, page, &mem, ok), Err(Error::Corrupt { .. })));
+        assert!(matches!(Morsel::<Npt>::restore(root, len - 4096, page, &mem, ok), Err(Error::Corrupt { .. })));
+        assert!(Morsel::<Npt>::restore(root, len, PageSize::Size2M, &mem, ok).is_err());
+        let data = m.translate(5 * 4096, &mem).unwrap();
+        assert!(matches!(Morsel::<Npt>::restore(root, len, page, &mem, |f, _| f != data), Err(Error::Corrupt { .. })));
+        assert!(matches!(Morsel::<Npt>::restore(root, len, page, &mem, |f, _| f != root), Err(Error::Corrupt { .. })));
+        // An entry changed behind its back: cleared, made read-only, or pointing past the end.
+        let saved = mem.read(root, 3);
+        mem.write(root, 3, 0);
+        assert!(matches!(Morsel::<Npt>::restore(root, len, page, &mem, ok), Err(Error::Corrupt { .. })));
+        mem.write(root, 3, Entry::<Npt>::leaf(PageSize::Size4K, data, Perm::RO).raw());
+        assert!(matches!(Morsel::<Npt>::restore(root, len, page, &mem, ok), Err(Error::Corrupt { .. })));
+        mem.write(root, 3, saved);
+        mem.write(root, 100, saved);
+        assert!(matches!(Morsel::<Npt>::restore(root, len, page, &mem, ok), Err(Error::Corrupt { .. })));
+        mem.write(root, 100, 0);
+        assert!(Morsel::<Npt>::restore(root, len, page, &mem, ok).is_ok());
+        m.destroy(&mem, &mem).unwrap();
     }
 }
