@@ -24,6 +24,11 @@ pub const HC_MORSEL_CREATE: u64 = 0x10;
 pub const MORSEL_HUGE_PAGES: u64 = 1 << 0;
 /// `morsel_create` flag: other guests may open it read-write (else read-only).
 pub const MORSEL_SHARE_WRITABLE: u64 = 1 << 1;
+/// `morsel_create` flag: put it in persistent memory, where it outlives the run (and a crash)
+/// until it is destroyed; `Invalid` where the machine has none. After a reboot it has no
+/// owner: any guest may open it (read-write if it was created with `MORSEL_SHARE_WRITABLE`)
+/// and destroy it if it may write it.
+pub const MORSEL_PERSISTENT: u64 = 1 << 2;
 /// `morsel_open(name_ptr, name_len, writable)`: mounts an existing morsel (writable: 0 or 1);
 /// returns its guest-physical address; the size is returned by `morsel_size`.
 pub const HC_MORSEL_OPEN: u64 = 0x11;

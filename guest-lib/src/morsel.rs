@@ -31,7 +31,17 @@ fn mounted(gpa: u64) -> Result<MorselRef, Error> {
 /// Creates the morsel `name` of `size` bytes and mounts it read-write. `share_writable`
 /// lets other guests open it read-write too.
 pub fn create(name: &str, size: u64, page: PageSize, share_writable: bool) -> Result<MorselMut, Error> {
-    let mut flags = 0;
+    create_with(name, size, page, share_writable, 0)
+}
+
+/// The same in persistent memory: the morsel outlives this run (and a crash) until someone
+/// destroys it; after a reboot any guest may open it (read-write if `share_writable`).
+/// `Invalid` where the machine has no persistent memory.
+pub fn create_persistent(name: &str, size: u64, page: PageSize, share_writable: bool) -> Result<MorselMut, Error> {
+    create_with(name, size, page, share_writable, abi::MORSEL_PERSISTENT)
+}
+
+fn create_with(name: &str, size: u64, page: PageSize, share_writable: bool, mut flags: u64) -> Result<MorselMut, Error> {
     if page == PageSize::Size2M {
         flags |= abi::MORSEL_HUGE_PAGES;
     }

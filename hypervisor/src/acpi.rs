@@ -1,5 +1,6 @@
 //! ACPI through the `acpi` crate: processors and the APIC from the MADT, the PCIe ECAM
-//! window from the MCFG, and whether a DMAR table (an Intel IOMMU) is present.
+//! window from the MCFG, and whether a DMAR table (an Intel IOMMU) or an NFIT (persistent
+//! memory) is present.
 
 use acpi::madt::{Madt, MadtEntry};
 use acpi::mcfg::Mcfg;
@@ -38,6 +39,8 @@ pub struct Platform {
     pub ecam: Option<Ecam>,
     /// Physical address of the DMAR table, if there is one.
     pub dmar: Option<u64>,
+    /// Physical address of the NFIT (persistent memory), if there is one.
+    pub nfit: Option<u64>,
 }
 
 /// Reads the tables behind `rsdp`; errors are logged and leave the fields empty.
@@ -76,6 +79,7 @@ pub fn discover(rsdp: Option<u64>) -> Platform {
         });
     }
     p.dmar = tables.find_table::<Dmar>().ok().map(|m| m.physical_start() as u64);
+    p.nfit = tables.find_table::<Nfit>().ok().map(|m| m.physical_start() as u64);
     p
 }
 
@@ -95,6 +99,21 @@ unsafe impl AcpiTable for Dmar {
     }
 }
 
+/// The NVDIMM Firmware Interface Table's header (ACPI 6.4 5.2.25); `pmem` reads the rest.
+#[repr(C, packed)]
+pub struct Nfit {
+    header: SdtHeader,
+}
+
+// SAFETY: `Nfit` starts with the SDT header and claims no more than that.
+unsafe impl AcpiTable for Nfit {
+    const SIGNATURE: Signature = Signature::NFIT;
+
+    fn header(&self) -> &SdtHeader {
+        &self.header
+    }
+}
+
 impl Platform {
     pub fn log(&self) {
         log::info!(target: "acpi", "MADT: {} CPU(s), local APIC at {:#x}, {} I/O APIC(s)",
@@ -107,6 +126,9 @@ impl Platform {
         match self.dmar {
             Some(a) => log::info!(target: "acpi", "DMAR: present at {a:#x} (IOMMU)"),
             None => log::info!(target: "acpi", "DMAR: none (no IOMMU)"),
+        }
+        if let Some(a) = self.nfit {
+            log::info!(target: "acpi", "NFIT: present at {a:#x} (persistent memory)");
         }
     }
 }

@@ -13,4 +13,5 @@ pub mod bdf;
 pub mod dmar;
 pub mod elf;
 pub mod mmio;
+pub mod nfit;
 pub mod units;

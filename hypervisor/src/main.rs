@@ -20,6 +20,7 @@ mod heap;
 mod iommu;
 mod memory;
 mod pci;
+mod pmem;
 mod serial;
 mod svm;
 mod time;
@@ -70,6 +71,7 @@ extern "C" fn kmain(magic: u32, info: u64) -> ! {
     let platform = acpi::discover(bi.rsdp);
     platform.log();
     apic::init();
+    pmem::init(&platform, facts.gib_pages);
     let devices_ok = devices::init(&platform, &frames);
 
     if args.test == Some(cmdline::Test::Fault) {

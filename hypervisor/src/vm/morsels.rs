@@ -12,6 +12,7 @@
 use super::guest::Guest;
 use super::Backend;
 use crate::frames::{Frames, IDENTITY};
+use crate::pmem;
 use alloc::string::String;
 use alloc::vec::Vec;
 use guest_lib::abi::{self, Error};
@@ -39,6 +40,34 @@ struct Named<F: Format> {
     /// The VT-d view of a morsel whose format the IOMMU cannot walk (NPT), built on the
     /// first device mount; destroyed with the morsel.
     vtd_view: Option<Morsel<VtdSl>>,
+    /// Its directory slot in persistent memory, for a persistent morsel.
+    slot: Option<usize>,
+}
+
+/// The owner of a persistent morsel restored after a reboot: no guest.
+const RESTORED: u32 = u32::MAX;
+
+/// Frames of the run's RAM or of the persistent region.
+#[derive(Clone, Copy)]
+enum Source {
+    Ram(Frames),
+    Pmem(crate::pmem::PmemFrames),
+}
+
+impl morsel::FrameAlloc for Source {
+    fn alloc(&self, order: u32) -> Option<morsel::HostPhysAddr> {
+        match self {
+            Source::Ram(f) => f.alloc(order),
+            Source::Pmem(p) => p.alloc(order),
+        }
+    }
+
+    fn free(&self, frame: morsel::HostPhysAddr, order: u32) {
+        match self {
+            Source::Ram(f) => f.free(frame, order),
+            Source::Pmem(p) => p.free(frame, order),
+        }
+    }
 }
 
 /// A morsel mounted into a device's DMA domain on behalf of a guest.
@@ -73,11 +102,12 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         Directory { named: HashMap::new(), devices: Vec::new() }
     }
 
-    /// `morsel_create(name_ptr, name_len, size, flags)`.
+    /// `morsel_create(name_ptr, name_len, size, flags)`. A persistent morsel takes its frames
+    /// from the persistent region and gets a directory record after its subtree is complete.
     pub fn create<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, frames: &Frames, a: [u64; 4]) -> Result<u64, Error> {
         let name = read_name(g, a[0], a[1])?;
         let (size, flags) = (a[2], a[3]);
-        if flags & !(abi::MORSEL_HUGE_PAGES | abi::MORSEL_SHARE_WRITABLE) != 0 {
+        if flags & !(abi::MORSEL_HUGE_PAGES | abi::MORSEL_SHARE_WRITABLE | abi::MORSEL_PERSISTENT) != 0 {
             return Err(Error::Invalid);
         }
         let page = if flags & abi::MORSEL_HUGE_PAGES != 0 { PageSize::Size2M } else { PageSize::Size4K };
@@ -90,17 +120,39 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         if self.named.contains_key(&name) {
             return Err(Error::Busy);
         }
-        let morsel = Morsel::<F>::create(size, page, frames, &IDENTITY).map_err(|e| match e {
+        let others_may_write = flags & abi::MORSEL_SHARE_WRITABLE != 0;
+        let source = if flags & abi::MORSEL_PERSISTENT != 0 {
+            let pm = pmem::get().ok_or(Error::Invalid)?;
+            pm.claim_format(F::NAME).map_err(|_| Error::Invalid)?;
+            Source::Pmem(pm.frames())
+        } else {
+            Source::Ram(*frames)
+        };
+        let morsel = Morsel::<F>::create(size, page, &source, &IDENTITY).map_err(|e| match e {
             morsel::Error::OutOfMemory => Error::NoMemory,
             _ => Error::Invalid,
         })?;
-        log::info!(target: "morsel", "guest {} created '{name}': {} of {} pages, root L{}, {} tables",
+        let slot = match (source, pmem::get()) {
+            (Source::Pmem(_), Some(pm)) => {
+                let record = pmem::Record { name: name.clone(), root: morsel.root(), len: morsel.len(), page, others_may_write };
+                match pm.add_record(&record) {
+                    Some(slot) => Some(slot),
+                    None => {
+                        let _ = morsel.destroy(&source, &IDENTITY);
+                        return Err(Error::NoMemory);
+                    }
+                }
+            }
+            _ => None,
+        };
+        log::info!(target: "morsel", "guest {} created '{name}': {} of {} pages, root L{}, {} tables{}",
             g.id, Bytes(size), if page == PageSize::Size2M { "2 MiB" } else { "4 KiB" },
-            morsel.root_level(), morsel.table_count());
+            morsel.root_level(), morsel.table_count(),
+            if let Some(i) = slot { alloc::format!(", in persistent memory (record {i})") } else { String::new() });
         self.named.insert(name.clone(), Named {
             morsel,
             owner: g.id,
-            others_may_write: flags & abi::MORSEL_SHARE_WRITABLE != 0,
+            others_may_write,
             mounts: 0,
             unmounts: 0,
             mount_pte_writes: 0,
@@ -108,15 +160,72 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
             unmount_pte_writes: 0,
             invalidations: 0,
             vtd_view: None,
+            slot,
         });
         let gpa = self.mount(g, frames, &name, true);
         if gpa.is_err() {
             // Nobody can have mounted it yet: give the frames back.
-            if let Some(n) = self.named.remove(&name) {
-                let _ = n.morsel.destroy(frames, &IDENTITY);
-            }
+            self.remove(&name, frames);
         }
         gpa
+    }
+
+    /// Restores the persistent region's morsels (after a reboot or a crash) and frees the
+    /// region's frames that no record reaches. Call once, before any guest runs.
+    pub fn load_persistent(&mut self) {
+        let Some(pm) = pmem::get() else { return };
+        if let Err(other) = pm.claim_format(F::NAME) {
+            log::warn!(target: "pmem", "its morsels are {other} subtrees and this backend uses {}: left untouched", F::NAME);
+            return;
+        }
+        let mut damaged = 0;
+        for r in pm.records() {
+            let (slot, r) = match r {
+                Ok(x) => x,
+                Err(slot) => {
+                    log::error!(target: "pmem", "record {slot} is unreadable: left as it is");
+                    damaged += 1;
+                    continue;
+                }
+            };
+            match Morsel::<F>::restore(r.root, r.len, r.page, &IDENTITY, |f, o| pm.holds(f, o)) {
+                Ok(morsel) if !self.named.contains_key(&r.name) => {
+                    log::info!(target: "pmem", "'{}' restored from record {slot}: {} of {} pages, root L{} at {:#x}, {} tables",
+                        r.name, Bytes(r.len), if r.page == PageSize::Size2M { "2 MiB" } else { "4 KiB" },
+                        morsel.root_level(), r.root.as_u64(), morsel.table_count());
+                    self.named.insert(r.name, Named {
+                        morsel, owner: RESTORED, others_may_write: r.others_may_write, mounts: 0, unmounts: 0,
+                        mount_pte_writes: 0, path_pte_writes: 0, unmount_pte_writes: 0, invalidations: 0,
+                        vtd_view: None, slot: Some(slot),
+                    });
+                }
+                Ok(_) => {
+                    log::error!(target: "pmem", "record {slot}: a second morsel named '{}': left as it is", r.name);
+                    damaged += 1;
+                }
+                Err(e) => {
+                    log::error!(target: "pmem", "record {slot} ('{}'): {e}: left as it is", r.name);
+                    damaged += 1;
+                }
+            }
+        }
+        if damaged > 0 {
+            // Which frames belong to a damaged record is unknown: free nothing.
+            log::error!(target: "pmem", "{damaged} damaged record(s): no frames reclaimed");
+            return;
+        }
+        let named = &self.named;
+        let freed = pm.sweep(|mark| {
+            for n in named.values().filter(|n| n.slot.is_some()) {
+                n.morsel.for_each_frame(&IDENTITY, &mut *mark);
+            }
+        });
+        let held: u64 = self.named.values().filter(|n| n.slot.is_some())
+            .map(|n| n.morsel.table_count() as u64 + n.morsel.len() / 4096).sum();
+        let allocated = pm.allocated_frames();
+        log::info!(target: "pmem", "{} persistent morsel(s); {freed} frames freed that no record reached; {allocated} frames allocated, {held} held by records: {}",
+            self.named.values().filter(|n| n.slot.is_some()).count(),
+            if allocated == held { "nothing lost, nothing shared" } else { "MISMATCH" });
     }
 
     /// `morsel_open(name_ptr, name_len, writable)`.
@@ -181,7 +290,7 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     pub fn destroy<B: Backend<Format = F>>(&mut self, g: &Guest<B>, frames: &Frames, a: [u64; 2]) -> Result<u64, Error> {
         let name = read_name(g, a[0], a[1])?;
         let n = self.named.get(&name).ok_or(Error::NotFound)?;
-        if n.owner != g.id {
+        if n.owner != g.id && !(n.owner == RESTORED && n.others_may_write) {
             return Err(Error::Denied);
         }
         if n.morsel.mount_count() > 0 || self.devices.iter().any(|d| d.name == name) {
@@ -191,20 +300,34 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         Ok(0)
     }
 
-    /// Destroys a morsel that is mounted nowhere (the callers check).
+    /// Destroys a morsel that is mounted nowhere (the callers check). A persistent one loses
+    /// its record first, then its frames.
     fn remove(&mut self, name: &str, frames: &Frames) {
         if let Some(mut n) = self.named.remove(name) {
-            if let Some(view) = n.vtd_view.take() {
-                let tables = view.table_count();
-                match view.destroy(frames, &IDENTITY) {
-                    Ok(()) => log::info!(target: "morsel", "'{name}': VT-d view destroyed, {tables} tables given back"),
-                    Err((_, e)) => log::error!(target: "morsel", "'{name}': VT-d view cannot be destroyed: {e}"),
+            self.drop_view(name, &mut n, frames);
+            let source = match (n.slot, pmem::get()) {
+                (Some(slot), Some(pm)) => {
+                    pm.remove_record(slot);
+                    Source::Pmem(pm.frames())
                 }
-            }
+                _ => Source::Ram(*frames),
+            };
             let len = n.morsel.len();
-            match n.morsel.destroy(frames, &IDENTITY) {
-                Ok(()) => log::info!(target: "morsel", "'{name}' destroyed, {} given back", Bytes(len)),
+            match n.morsel.destroy(&source, &IDENTITY) {
+                Ok(()) => log::info!(target: "morsel", "'{name}' destroyed, {} given back{}", Bytes(len),
+                    if n.slot.is_some() { " to persistent memory" } else { "" }),
                 Err((_, e)) => log::error!(target: "morsel", "'{name}' cannot be destroyed: {e}"),
+            }
+        }
+    }
+
+    /// Destroys a morsel's VT-d view (its tables are RAM frames, also for a persistent morsel).
+    fn drop_view(&self, name: &str, n: &mut Named<F>, frames: &Frames) {
+        if let Some(view) = n.vtd_view.take() {
+            let tables = view.table_count();
+            match view.destroy(frames, &IDENTITY) {
+                Ok(()) => log::info!(target: "morsel", "'{name}': VT-d view destroyed, {tables} tables given back"),
+                Err((_, e)) => log::error!(target: "morsel", "'{name}': VT-d view cannot be destroyed: {e}"),
             }
         }
     }
@@ -226,8 +349,10 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     pub fn log_stats(&self) {
         for (name, n) in &self.named {
             log::info!(target: "morsel",
-                "stats '{name}': {}, owner guest {}, mounted now {}, mounts {} ({} PTE writes, {} per mount; +{} for intermediate tables), unmounts {} ({} PTE writes), invalidations {}",
-                Bytes(n.morsel.len()), n.owner, n.morsel.mount_count(), n.mounts, n.mount_pte_writes,
+                "stats '{name}': {}, owner {}, mounted now {}, mounts {} ({} PTE writes, {} per mount; +{} for intermediate tables), unmounts {} ({} PTE writes), invalidations {}",
+                Bytes(n.morsel.len()),
+                if n.owner == RESTORED { alloc::format!("none (restored from persistent memory)") } else { alloc::format!("guest {}", n.owner) },
+                n.morsel.mount_count(), n.mounts, n.mount_pte_writes,
                 if n.mounts > 0 { n.mount_pte_writes / n.mounts } else { 0 }, n.path_pte_writes,
                 n.unmounts, n.unmount_pte_writes, n.invalidations);
         }
@@ -246,7 +371,16 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         });
         let names: Vec<String> = self.named.keys().cloned().collect();
         for name in names {
-            self.remove(&name, frames);
+            let persistent = self.named.get(&name).is_some_and(|n| n.slot.is_some());
+            if !persistent {
+                self.remove(&name, frames);
+            } else if let Some(mut n) = self.named.remove(&name) {
+                self.drop_view(&name, &mut n, frames);
+                log::info!(target: "pmem", "'{name}' stays in persistent memory ({})", Bytes(n.morsel.len()));
+            }
+        }
+        if let Some(pm) = pmem::get() {
+            log::info!(target: "pmem", "end of run: {} allocated, {} free", Bytes(pm.allocated_frames() * 4096), Bytes(pm.free_bytes()));
         }
     }
 }

@@ -38,6 +38,7 @@ pub fn run_guests<B: Backend>(backend: &mut B, frames: &Frames, archive: Archive
         }
     }
     let mut cx = Context { guest_count: guests.len() as u64, morsels: Directory::new(), frames: *frames };
+    cx.morsels.load_persistent();
     let mut live = guests.len();
     while live > 0 {
         for slot in guests.iter_mut() {
