@@ -4,7 +4,8 @@
 //!
 //! Argument file format: one argument or `-flag value` pair per line; blank lines and `#`
 //! comments (whole line, or after a blank) are skipped; a line prefixed `tcg:` or `kvm:` is
-//! used only under that accelerator.
+//! used only under that accelerator; `@ROOT@` stands for the repository root (for files a
+//! config names, such as the persistent-memory image of `qemu-pmem`).
 
 use crate::{bail, tools, Context, Result};
 use std::path::{Path, PathBuf};
@@ -127,7 +128,9 @@ pub fn parse_args_file(text: &str, accel: Accel) -> Vec<String> {
 
 pub fn qemu_args(config: &Config, accel: Accel) -> Result<Vec<String>> {
     let text = std::fs::read_to_string(&config.path).context(|| format!("cannot read {}", config.path.display()))?;
-    Ok(parse_args_file(&text, accel))
+    let root = crate::root();
+    let root = root.to_string_lossy();
+    Ok(parse_args_file(&text, accel).into_iter().map(|a| a.replace("@ROOT@", &root)).collect())
 }
 
 /// The QEMU command for `config` booting `kernel` with `initrd`; the caller adds serial
@@ -220,6 +223,9 @@ kvm: -cpu host   # host cpu
         for name in ["bochs-vmx", "bochs-svm.bochsrc"] {
             assert_eq!(Config::resolve(&root, name).unwrap().emulator, Emulator::Bochs);
         }
+        let pmem = qemu_args(&Config::resolve(&root, "qemu-pmem").unwrap(), Accel::Tcg).unwrap();
+        let file = format!("mem-path={}/build/pmem.img,", root.display());
+        assert!(pmem.iter().any(|a| a.contains(&file)), "{pmem:?}");
         let e = Config::resolve(&root, "nope").unwrap_err().0;
         assert!(e.contains("qemu-svm"), "{e}");
     }

@@ -8,6 +8,7 @@ mod archive;
 mod disk;
 mod emulator;
 mod images;
+mod pmem;
 mod run;
 mod scenario;
 mod testrun;
@@ -30,6 +31,7 @@ commands:
       -- ARGS                extra arguments for the emulator (QEMU only)
   test [FILTER] [-j N]       host tests, then every scenario in tests/scenarios/
                              FILTER: substring of `name [config]`; `host` = host tests only
+                             PARPEROS_SEED=N: the seed of crash runs (kill@K), as printed
   bench                      allocator and morsel benchmarks (release builds)
   setup                      install the apt packages the emulators need
 ";

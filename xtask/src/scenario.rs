@@ -2,22 +2,42 @@
 //!
 //! `key = value` lines; lines whose first non-blank character is `#` are comments (there are
 //! no trailing comments, so values may contain `#`, as in `EXCEPTION #PF`). A value wrapped in
-//! double quotes keeps its inner blanks. Keys are listed in `KEYS_HELP`; `expect`, `reject` and
-//! `expect_count` repeat, and take a `.<config>` suffix to apply to one config only.
+//! double quotes keeps its inner blanks. Keys are listed in `KEYS_HELP`; `expect`, `reject`,
+//! `expect_count` and `expect_order` repeat. A key may be narrowed to one config (`PER_CONFIG`)
+//! and to one boot of a multi-boot scenario (`boots = N`, `PER_BOOT`), written in this order:
+//! `key.<config>@K`. Where several lines set one value, the most specific wins (`PerRun`).
 
+use crate::emulator::Emulator;
 use crate::Result;
 use std::path::Path;
 use std::time::Duration;
 
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Stands for the disk image's checksum (decimal) in a scenario with `disk = SIZE`.
+pub const DISK_SUM: &str = "@DISK_SUM@";
+/// Stands for the boot number (1..=boots) in command lines and checks.
+pub const BOOT: &str = "@BOOT@";
+/// Stands for the run's seed (decimal u64; `PARPEROS_SEED`) in command lines and checks.
+pub const SEED: &str = "@SEED@";
+/// `pmem = SIZE` must be a multiple of this (QEMU NVDIMMs are placed in 2 MiB steps).
+pub const PMEM_ALIGN: u64 = 2 << 20;
 
-const KEYS_HELP: &str = "description, configs, cmdline, cmdline.<config>, timeout, timeout.<config>, \
-    expect, expect.<config>, reject, reject.<config>, expect_count, expect_count.<config>, expect_order, expect_order.<config>, exit, disk, check_disk";
+const KEYS_HELP: &str = "description, configs, boots, cmdline, timeout, expect, reject, expect_count, expect_order, \
+    exit, kill@K, kill_delay, disk, check_disk, pmem; `.<config>` after cmdline, timeout, expect, reject, expect_count, \
+    expect_order; `@K` (boot K) after those, exit, kill and kill_delay";
+
+/// Keys that take a `.<config>` suffix.
+const PER_CONFIG: &[&str] = &["cmdline", "timeout", "expect", "reject", "expect_count", "expect_order"];
+/// Keys that take a `@K` suffix: boot K only (1-based).
+const PER_BOOT: &[&str] =
+    &["cmdline", "timeout", "expect", "reject", "expect_count", "expect_order", "exit", "kill", "kill_delay"];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExitKind {
     Success,
     Failure,
+    /// SIGKILLed by xtask after the `kill@K` text appeared: a crash (power loss).
+    Killed,
 }
 
 impl ExitKind {
@@ -25,15 +45,66 @@ impl ExitKind {
         match self {
             ExitKind::Success => "success",
             ExitKind::Failure => "failure",
+            ExitKind::Killed => "killed",
         }
     }
 }
 
-/// A check that applies to every config (`config: None`) or to one.
+/// A check that applies to every config (`config: None`) or to one, and to every boot
+/// (`boot: None`) or to one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Check<T> {
     pub config: Option<String>,
+    pub boot: Option<usize>,
     pub what: T,
+}
+
+impl<T> Check<T> {
+    fn applies(&self, config: &str, boot: usize) -> bool {
+        self.config.as_deref().is_none_or(|c| c == config) && self.boot.is_none_or(|b| b == boot)
+    }
+}
+
+/// A value that `key`, `key.<config>`, `key@K` and `key.<config>@K` lines set; for one run the
+/// most specific wins, in that order from last to first, else the default.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct PerRun<T> {
+    default: T,
+    set: Vec<(Option<String>, Option<usize>, T)>,
+}
+
+impl<T> PerRun<T> {
+    fn new(default: T) -> Self {
+        PerRun { default, set: Vec::new() }
+    }
+
+    fn get(&self, config: &str, boot: usize) -> &T {
+        let find = |c: Option<&str>, b: Option<usize>| {
+            self.set.iter().find(|(sc, sb, _)| sc.as_deref() == c && *sb == b).map(|(_, _, v)| v)
+        };
+        find(Some(config), Some(boot))
+            .or_else(|| find(None, Some(boot)))
+            .or_else(|| find(Some(config), None))
+            .or_else(|| find(None, None))
+            .unwrap_or(&self.default)
+    }
+
+    /// Sets the value for one scope; false if that scope was set before.
+    fn set(&mut self, config: Option<String>, boot: Option<usize>, value: T) -> bool {
+        if self.set.iter().any(|(c, b, _)| *c == config && *b == boot) {
+            return false;
+        }
+        self.set.push((config, boot, value));
+        true
+    }
+
+    fn values(&self) -> impl Iterator<Item = &T> {
+        std::iter::once(&self.default).chain(self.set.iter().map(|(_, _, v)| v))
+    }
+
+    fn values_mut(&mut self) -> impl Iterator<Item = &mut T> {
+        std::iter::once(&mut self.default).chain(self.set.iter_mut().map(|(_, _, v)| v))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,67 +112,113 @@ pub struct Scenario {
     pub name: String,
     pub description: String,
     pub configs: Vec<String>,
-    pub cmdline: String,
-    cmdlines: Vec<(String, String)>,
-    timeout: Duration,
-    timeouts: Vec<(String, Duration)>,
+    /// `boots = N`: each config boots N times in sequence, with the same disk and pmem files.
+    pub boots: usize,
+    cmdline: PerRun<String>,
+    timeout: PerRun<Duration>,
+    exit: PerRun<ExitKind>,
     pub expect: Vec<Check<String>>,
     pub reject: Vec<Check<String>>,
     pub expect_count: Vec<Check<(usize, String)>>,
     /// `A | B | C`: lines containing A, B, C appear in this order.
     pub expect_order: Vec<Check<Vec<String>>>,
-    pub exit: ExitKind,
+    /// `kill@K = TEXT`: (K, TEXT); boot K is SIGKILLed once TEXT appears.
+    kills: Vec<(usize, String)>,
+    /// `kill_delay = MIN-MAX`: milliseconds between the kill text and the kill.
+    kill_delay: PerRun<(u64, u64)>,
     /// `disk = SIZE`: a fresh pattern image of SIZE bytes attached as an NVMe drive.
     pub disk: Option<u64>,
     /// `check_disk = LBA BYTE`: after the run, block LBA holds only BYTE (hex).
     pub check_disk: Vec<(u64, u8)>,
+    /// `pmem = SIZE`: a fresh zero-filled file of SIZE bytes, an NVDIMM in every boot.
+    pub pmem: Option<u64>,
+    /// (line, key) of the keys that need a QEMU config (`disk`, `pmem`).
+    qemu_only: Vec<(usize, &'static str)>,
 }
 
 impl Scenario {
-    /// The hypervisor command line for a run under `config`.
-    pub fn cmdline(&self, config: &str) -> &str {
-        self.cmdlines.iter().find(|(c, _)| c == config).map_or(self.cmdline.as_str(), |(_, l)| l.as_str())
+    /// The hypervisor command line for boot `boot` under `config`.
+    pub fn cmdline(&self, config: &str, boot: usize) -> &str {
+        self.cmdline.get(config, boot)
     }
 
-    /// The scenario with `placeholder` replaced by `value` in the command lines and checks.
+    pub fn timeout(&self, config: &str, boot: usize) -> Duration {
+        *self.timeout.get(config, boot)
+    }
+
+    /// How boot `boot` must end: `Killed` where it has `kill@K`.
+    pub fn exit(&self, config: &str, boot: usize) -> ExitKind {
+        match self.kill(boot) {
+            Some(_) => ExitKind::Killed,
+            None => *self.exit.get(config, boot),
+        }
+    }
+
+    /// The `kill@K` text of boot `boot`.
+    pub fn kill(&self, boot: usize) -> Option<&str> {
+        self.kills.iter().find(|(k, _)| *k == boot).map(|(_, t)| t.as_str())
+    }
+
+    /// The delay between the kill text and the kill in boot `boot`: drawn from `kill_delay`
+    /// by a PRNG seeded with `seed` and the boot number, so a seed replays every boot's delay.
+    pub fn kill_delay(&self, boot: usize, seed: u64) -> Duration {
+        // kill_delay has no `.<config>` form: no config name matches "".
+        let (min, max) = *self.kill_delay.get("", boot);
+        let mut rng = SplitMix64::new(seed ^ (boot as u64).wrapping_mul(0xd6e8_feb8_6659_fd93));
+        Duration::from_millis(rng.in_range(min, max))
+    }
+
+    /// Whether the seed changes the run (a kill delay, `@SEED@`): then it is printed.
+    pub fn uses_seed(&self) -> bool {
+        !self.kills.is_empty() || self.cmdline.values().any(|c| c.contains(SEED))
+    }
+
+    /// The scenario with `placeholder` replaced by `value` in the command lines, the checks
+    /// and the kill texts.
     pub fn substitute(&self, placeholder: &str, value: &str) -> Scenario {
         let mut s = self.clone();
         let r = |t: &mut String| *t = t.replace(placeholder, value);
-        r(&mut s.cmdline);
-        s.cmdlines.iter_mut().for_each(|(_, l)| r(l));
+        s.cmdline.values_mut().for_each(r);
         s.expect.iter_mut().chain(s.reject.iter_mut()).for_each(|c| r(&mut c.what));
         s.expect_count.iter_mut().for_each(|c| r(&mut c.what.1));
-        s.expect_order.iter_mut().for_each(|c| c.what.iter_mut().for_each(|t| r(t)));
+        s.expect_order.iter_mut().for_each(|c| c.what.iter_mut().for_each(r));
+        s.kills.iter_mut().for_each(|(_, t)| r(t));
         s
     }
 
-    pub fn timeout(&self, config: &str) -> Duration {
-        self.timeouts.iter().find(|(c, _)| c == config).map_or(self.timeout, |(_, t)| *t)
+    /// Refuses a Bochs config for a scenario with QEMU devices (`disk`, `pmem`); `path` is
+    /// only for the message.
+    pub fn check_emulator(&self, path: &Path, config: &str, emulator: Emulator) -> Result<()> {
+        match (emulator, self.qemu_only.first()) {
+            (Emulator::Bochs, Some((line, key))) => {
+                crate::bail!("{}:{line}: `{key}` needs a QEMU config, but `{config}` is Bochs", path.display())
+            }
+            _ => Ok(()),
+        }
     }
 
-    /// Everything wrong with `log` (the serial output of one run under `config`); empty = good.
-    /// The exit status is judged by the caller, which knows the emulator.
-    pub fn check_log(&self, config: &str, log: &str) -> Vec<String> {
-        let applies = |c: &Option<String>| c.as_deref().is_none_or(|c| c == config);
+    /// Everything wrong with `log` (the serial output of boot `boot` under `config`); empty =
+    /// good. The exit status is judged by the caller, which knows the emulator.
+    pub fn check_log(&self, config: &str, boot: usize, log: &str) -> Vec<String> {
         let mut problems = Vec::new();
-        for e in self.expect.iter().filter(|e| applies(&e.config)) {
+        for e in self.expect.iter().filter(|e| e.applies(config, boot)) {
             if !log.contains(e.what.as_str()) {
                 problems.push(format!("expected `{}` in the serial log", e.what));
             }
         }
-        for r in self.reject.iter().filter(|r| applies(&r.config)) {
+        for r in self.reject.iter().filter(|r| r.applies(config, boot)) {
             if log.contains(r.what.as_str()) {
                 problems.push(format!("rejected `{}` found in the serial log", r.what));
             }
         }
-        for c in self.expect_count.iter().filter(|c| applies(&c.config)) {
+        for c in self.expect_count.iter().filter(|c| c.applies(config, boot)) {
             let (want, text) = &c.what;
             let got = log.lines().filter(|l| l.contains(text.as_str())).count();
             if got != *want {
                 problems.push(format!("expected {want} lines with `{text}`, found {got}"));
             }
         }
-        for c in self.expect_order.iter().filter(|c| applies(&c.config)) {
+        for c in self.expect_order.iter().filter(|c| c.applies(config, boot)) {
             let mut lines = log.lines();
             for text in &c.what {
                 if !lines.any(|l| l.contains(text.as_str())) {
@@ -114,27 +231,87 @@ impl Scenario {
     }
 }
 
+/// SplitMix64 (Steele, Lea, Flood 2014): the tiny PRNG behind the kill delays.
+pub struct SplitMix64(u64);
+
+impl SplitMix64 {
+    pub fn new(seed: u64) -> Self {
+        SplitMix64(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// A number in `min..=max` (`min <= max`; the modulo bias does not matter for delays).
+    pub fn in_range(&mut self, min: u64, max: u64) -> u64 {
+        match (max - min).checked_add(1) {
+            Some(span) => min + self.next_u64() % span,
+            None => self.next_u64(),
+        }
+    }
+}
+
+/// `key`, `key.<config>`, `key@K` or `key.<config>@K` split into its parts; Err: why not.
+fn split_key(key: &str) -> std::result::Result<(&str, Option<String>, Option<usize>), String> {
+    let (rest, boot) = match key.rsplit_once('@') {
+        None => (key, None),
+        Some((rest, k)) => match k.parse::<usize>() {
+            Ok(0) => return Err(format!("`{key}`: boots count from 1 (`@1` is the first)")),
+            Ok(k) => (rest, Some(k)),
+            Err(_) => return Err(format!("`{key}`: `@K` wants a boot number, as in `expect.<config>@2`")),
+        },
+    };
+    let (base, config) = match rest.split_once('.') {
+        Some((base, config)) => (base, Some(config.to_string())),
+        None => (rest, None),
+    };
+    let bad_config = config.as_ref().is_some_and(|c| c.is_empty() || !PER_CONFIG.contains(&base));
+    if bad_config || (boot.is_some() && !PER_BOOT.contains(&base)) {
+        return Err(format!("unknown key `{key}` (keys: {KEYS_HELP})"));
+    }
+    Ok((base, config, boot))
+}
+
+/// `MIN-MAX` milliseconds with MIN <= MAX.
+fn parse_delay(value: &str) -> Option<(u64, u64)> {
+    let (min, max) = value.split_once('-')?;
+    let (min, max) = (min.trim().parse::<u64>().ok()?, max.trim().parse::<u64>().ok()?);
+    (min <= max).then_some((min, max))
+}
+
 /// Parse one scenario; `name` comes from the file name, `path` is only for messages.
 pub fn parse(name: &str, path: &Path, text: &str) -> Result<Scenario> {
     let mut s = Scenario {
         name: name.to_string(),
         description: String::new(),
         configs: Vec::new(),
-        cmdline: String::new(),
-        cmdlines: Vec::new(),
-        timeout: DEFAULT_TIMEOUT,
-        timeouts: Vec::new(),
+        boots: 1,
+        cmdline: PerRun::new(String::new()),
+        timeout: PerRun::new(DEFAULT_TIMEOUT),
+        exit: PerRun::new(ExitKind::Success),
         expect: Vec::new(),
         reject: Vec::new(),
         expect_count: Vec::new(),
         expect_order: Vec::new(),
-        exit: ExitKind::Success,
+        kills: Vec::new(),
+        kill_delay: PerRun::new((0, 0)),
         disk: None,
         check_disk: Vec::new(),
+        pmem: None,
+        qemu_only: Vec::new(),
     };
     let mut seen: Vec<&str> = Vec::new();
-    // Per-config keys are checked against `configs` at the end: remember where they were.
+    // Checked at the end, when `configs` and `boots` are known: remember where they were.
     let mut config_refs: Vec<(usize, String)> = Vec::new();
+    let mut boot_refs: Vec<(usize, String, usize)> = Vec::new();
+    let mut exits: Vec<(usize, Option<usize>, ExitKind)> = Vec::new();
+    let mut delays: Vec<(usize, Option<usize>)> = Vec::new();
+    let mut first_kill: Option<(usize, usize)> = None;
 
     for (index, raw) in text.lines().enumerate() {
         let lineno = index + 1;
@@ -148,15 +325,12 @@ pub fn parse(name: &str, path: &Path, text: &str) -> Result<Scenario> {
         };
         let key = key.trim();
         let value = unquote(value.trim());
-        let (base, config) = match key.split_once('.') {
-            Some((base, config)) => (base, Some(config.to_string())),
-            None => (key, None),
-        };
+        let (base, config, boot) = split_key(key).map_err(|why| crate::Error(format!("{}: {why}", at())))?;
         if let Some(c) = &config {
-            if c.is_empty() || !matches!(base, "cmdline" | "timeout" | "expect" | "reject" | "expect_count" | "expect_order") {
-                crate::bail!("{}: unknown key `{key}` (keys: {KEYS_HELP})", at());
-            }
             config_refs.push((lineno, c.clone()));
+        }
+        if let Some(k) = boot {
+            boot_refs.push((lineno, key.to_string(), k));
         }
         let once = |seen: &mut Vec<&str>, k: &'static str| -> Result<()> {
             if seen.contains(&k) {
@@ -165,6 +339,7 @@ pub fn parse(name: &str, path: &Path, text: &str) -> Result<Scenario> {
             seen.push(k);
             Ok(())
         };
+        let twice = || crate::Error(format!("{}: `{key}` given twice", at()));
         match base {
             "description" => {
                 once(&mut seen, "description")?;
@@ -182,42 +357,32 @@ pub fn parse(name: &str, path: &Path, text: &str) -> Result<Scenario> {
                     }
                 }
             }
-            "cmdline" => match config {
-                None => {
-                    once(&mut seen, "cmdline")?;
-                    s.cmdline = value.to_string();
+            "boots" => {
+                once(&mut seen, "boots")?;
+                s.boots = match value.parse() {
+                    Ok(n) if n > 0 => n,
+                    _ => crate::bail!("{}: boots must be a positive number, got `{value}`", at()),
+                };
+            }
+            "cmdline" => {
+                if !s.cmdline.set(config, boot, value.to_string()) {
+                    return Err(twice());
                 }
-                Some(c) => {
-                    if s.cmdlines.iter().any(|(k, _)| *k == c) {
-                        crate::bail!("{}: `{key}` given twice", at());
-                    }
-                    s.cmdlines.push((c, value.to_string()));
-                }
-            },
+            }
             "timeout" => {
                 let secs: u64 = match value.parse() {
                     Ok(n) if n > 0 => n,
                     _ => crate::bail!("{}: timeout must be a positive number of seconds, got `{value}`", at()),
                 };
-                let t = Duration::from_secs(secs);
-                match config {
-                    None => {
-                        once(&mut seen, "timeout")?;
-                        s.timeout = t;
-                    }
-                    Some(c) => {
-                        if s.timeouts.iter().any(|(k, _)| *k == c) {
-                            crate::bail!("{}: `{key}` given twice", at());
-                        }
-                        s.timeouts.push((c, t));
-                    }
+                if !s.timeout.set(config, boot, Duration::from_secs(secs)) {
+                    return Err(twice());
                 }
             }
             "expect" | "reject" => {
                 if value.is_empty() {
                     crate::bail!("{}: `{key}` needs a non-empty text", at());
                 }
-                let check = Check { config, what: value.to_string() };
+                let check = Check { config, boot, what: value.to_string() };
                 if base == "expect" { s.expect.push(check) } else { s.reject.push(check) }
             }
             "expect_count" => {
@@ -229,14 +394,14 @@ pub fn parse(name: &str, path: &Path, text: &str) -> Result<Scenario> {
                 if text.is_empty() {
                     crate::bail!("{}: expect_count wants `N <text>`, the text is missing", at());
                 }
-                s.expect_count.push(Check { config, what: (n, text.to_string()) });
+                s.expect_count.push(Check { config, boot, what: (n, text.to_string()) });
             }
             "expect_order" => {
                 let texts: Vec<String> = value.split(" | ").map(|t| t.trim().to_string()).collect();
                 if texts.len() < 2 || texts.iter().any(|t| t.is_empty()) {
                     crate::bail!("{}: expect_order wants `A | B [| ...]` with non-empty texts", at());
                 }
-                s.expect_order.push(Check { config, what: texts });
+                s.expect_order.push(Check { config, boot, what: texts });
             }
             "disk" => {
                 once(&mut seen, "disk")?;
@@ -244,6 +409,15 @@ pub fn parse(name: &str, path: &Path, text: &str) -> Result<Scenario> {
                     Some(n) if n > 0 && n % 512 == 0 => s.disk = Some(n),
                     _ => crate::bail!("{}: disk wants a size that is a multiple of 512 (`64M`), got `{value}`", at()),
                 }
+                s.qemu_only.push((lineno, "disk"));
+            }
+            "pmem" => {
+                once(&mut seen, "pmem")?;
+                match parse_size(value) {
+                    Some(n) if n > 0 && n % PMEM_ALIGN == 0 => s.pmem = Some(n),
+                    _ => crate::bail!("{}: pmem wants a size that is a multiple of 2 MiB (`64M`), got `{value}`", at()),
+                }
+                s.qemu_only.push((lineno, "pmem"));
             }
             "check_disk" => {
                 let parsed = value.split_once(char::is_whitespace).and_then(|(lba, byte)| {
@@ -256,30 +430,85 @@ pub fn parse(name: &str, path: &Path, text: &str) -> Result<Scenario> {
                 }
             }
             "exit" => {
-                once(&mut seen, "exit")?;
-                s.exit = match value {
+                let kind = match value {
                     "success" => ExitKind::Success,
                     "failure" => ExitKind::Failure,
-                    _ => crate::bail!("{}: exit must be `success` or `failure`, got `{value}`", at()),
+                    "killed" => ExitKind::Killed,
+                    _ => crate::bail!("{}: exit must be `success`, `failure` or `killed`, got `{value}`", at()),
                 };
+                if !s.exit.set(config, boot, kind) {
+                    return Err(twice());
+                }
+                exits.push((lineno, boot, kind));
+            }
+            "kill" => {
+                let Some(k) = boot else {
+                    crate::bail!("{}: `kill` needs a boot number: `kill@K = TEXT`", at());
+                };
+                if value.is_empty() {
+                    crate::bail!("{}: `{key}` needs a non-empty text", at());
+                }
+                if s.kill(k).is_some() {
+                    return Err(twice());
+                }
+                s.kills.push((k, value.to_string()));
+                first_kill.get_or_insert((lineno, k));
+            }
+            "kill_delay" => {
+                let Some(range) = parse_delay(value) else {
+                    crate::bail!("{}: kill_delay wants `MIN-MAX` milliseconds with MIN <= MAX (`0-50`), got `{value}`", at());
+                };
+                if !s.kill_delay.set(None, boot, range) {
+                    return Err(twice());
+                }
+                delays.push((lineno, boot));
             }
             _ => crate::bail!("{}: unknown key `{key}` (keys: {KEYS_HELP})", at()),
         }
     }
 
+    let p = path.display();
     if s.configs.is_empty() {
-        crate::bail!("{}: no `configs = ...` line", path.display());
+        crate::bail!("{p}: no `configs = ...` line");
     }
     if !s.check_disk.is_empty() && s.disk.is_none() {
-        crate::bail!("{}: check_disk without a `disk = SIZE` line", path.display());
+        crate::bail!("{p}: check_disk without a `disk = SIZE` line");
     }
     for (lineno, c) in config_refs {
         if !s.configs.contains(&config_name(&c)) {
-            crate::bail!(
-                "{}:{lineno}: config `{c}` is not in `configs` ({})",
-                path.display(),
-                s.configs.join(" ")
-            );
+            crate::bail!("{p}:{lineno}: config `{c}` is not in `configs` ({})", s.configs.join(" "));
+        }
+    }
+    for (lineno, key, k) in boot_refs {
+        if k > s.boots {
+            crate::bail!("{p}:{lineno}: `{key}` is for boot {k}, but the scenario boots {} time(s) (`boots = N`)", s.boots);
+        }
+    }
+    if let (false, Some((lineno, k))) = (seen.contains(&"boots"), first_kill) {
+        crate::bail!("{p}:{lineno}: `kill@{k}` needs a `boots = N` line (a later boot shows what survived the crash)");
+    }
+    for (lineno, boot) in delays {
+        match boot {
+            Some(k) if s.kill(k).is_none() => crate::bail!("{p}:{lineno}: `kill_delay@{k}` without `kill@{k} = TEXT`"),
+            None if s.kills.is_empty() => crate::bail!("{p}:{lineno}: `kill_delay` without any `kill@K = TEXT`"),
+            _ => {}
+        }
+    }
+    for (lineno, boot, kind) in exits {
+        match (boot, kind) {
+            (Some(k), ExitKind::Killed) if s.kill(k).is_none() => {
+                crate::bail!("{p}:{lineno}: `exit@{k} = killed` needs `kill@{k} = TEXT`")
+            }
+            (Some(k), other) if other != ExitKind::Killed && s.kill(k).is_some() => crate::bail!(
+                "{p}:{lineno}: boot {k} has `kill@{k}`, so it ends killed: `exit@{k}` must be `killed`, not `{}`",
+                other.word()
+            ),
+            (None, ExitKind::Killed) => {
+                if let Some(k) = (1..=s.boots).find(|&k| s.kill(k).is_none()) {
+                    crate::bail!("{p}:{lineno}: `exit = killed`, but boot {k} has no `kill@{k} = TEXT`");
+                }
+            }
+            _ => {}
         }
     }
     Ok(s)
@@ -338,24 +567,27 @@ exit = failure
         let s = p(FULL).unwrap();
         assert_eq!(s.description, "boots and says ready");
         assert_eq!(s.configs, ["qemu-svm", "bochs-vmx"]);
-        assert_eq!(s.cmdline, "guests=hello test=x");
-        assert_eq!(s.timeout("qemu-svm"), Duration::from_secs(20));
-        assert_eq!(s.timeout("bochs-vmx"), Duration::from_secs(90));
+        assert_eq!(s.cmdline("qemu-svm", 1), "guests=hello test=x");
+        assert_eq!(s.timeout("qemu-svm", 1), Duration::from_secs(20));
+        assert_eq!(s.timeout("bochs-vmx", 1), Duration::from_secs(90));
         assert_eq!(s.expect.len(), 3);
         assert_eq!(s.expect[1].config.as_deref(), Some("qemu-svm"));
         assert_eq!(s.expect[2].what, "EXCEPTION #PF");
         assert_eq!(s.reject[0].what, "panic");
         assert_eq!(s.expect_count[0].what, (2, "hello from".to_string()));
         assert_eq!(s.expect_count[1].what, (1, "  spaced  ".to_string()));
-        assert_eq!(s.exit, ExitKind::Failure);
+        assert_eq!(s.exit("qemu-svm", 1), ExitKind::Failure);
     }
 
     #[test]
     fn defaults() {
         let s = p("configs = qemu-svm\ncmdline =\n").unwrap();
-        assert_eq!(s.cmdline, "");
-        assert_eq!(s.timeout("qemu-svm"), DEFAULT_TIMEOUT);
-        assert_eq!(s.exit, ExitKind::Success);
+        assert_eq!(s.cmdline("qemu-svm", 1), "");
+        assert_eq!(s.timeout("qemu-svm", 1), DEFAULT_TIMEOUT);
+        assert_eq!(s.exit("qemu-svm", 1), ExitKind::Success);
+        assert_eq!((s.boots, s.pmem, s.kill(1)), (1, None, None));
+        assert_eq!(s.kill_delay(1, 42), Duration::ZERO);
+        assert!(!s.uses_seed());
     }
 
     #[test]
@@ -392,7 +624,7 @@ exit = failure
         let path = root.join("tests/scenarios/demo.scn");
         let s = parse("demo", &path, &std::fs::read_to_string(&path).unwrap()).unwrap();
         for config in &s.configs {
-            assert_eq!(s.cmdline(config), demo.trim(), "{config}");
+            assert_eq!(s.cmdline(config, 1), demo.trim(), "{config}");
         }
     }
 
@@ -402,7 +634,7 @@ exit = failure
         assert_eq!(s.disk, Some(64 << 20));
         assert_eq!(s.check_disk, [(5, 0xab), (7, 0)]);
         let t = s.substitute("@DISK_SUM@", "42");
-        assert_eq!((t.cmdline("a"), t.expect[0].what.as_str()), ("x:arg=42", "sum 42"));
+        assert_eq!((t.cmdline("a", 1), t.expect[0].what.as_str()), ("x:arg=42", "sum 42"));
         assert!(p("configs = a\ndisk = 100\n").is_err());
         assert!(p("configs = a\ncheck_disk = 5 ab\n").is_err());
         assert!(p("configs = a\ndisk = 1M\ncheck_disk = x\n").is_err());
@@ -411,9 +643,9 @@ exit = failure
     #[test]
     fn checks_the_order() {
         let s = parse("t", Path::new("t.scn"), "configs = a\nexpect_order = one | two | three\n").unwrap();
-        assert!(s.check_log("a", "x one\ny two\nz three\n").is_empty());
-        assert_eq!(s.check_log("a", "two\none\nthree\n").len(), 1);
-        assert_eq!(s.check_log("a", "one\nthree\ntwo\n").len(), 1);
+        assert!(s.check_log("a", 1, "x one\ny two\nz three\n").is_empty());
+        assert_eq!(s.check_log("a", 1, "two\none\nthree\n").len(), 1);
+        assert_eq!(s.check_log("a", 1, "one\nthree\ntwo\n").len(), 1);
         assert!(parse("t", Path::new("t.scn"), "configs = a\nexpect_order = lonely\n").is_err());
     }
 
@@ -422,12 +654,160 @@ exit = failure
         let s = p(FULL).unwrap();
         let good = "cpu: vendor AuthenticAMD svm=yes npt=yes\r\nparperos: ready\r\n\
                     hello from a\nhello from b\nEXCEPTION #PF at RIP 0x10\n";
-        assert!(s.check_log("qemu-svm", good).is_empty(), "{:?}", s.check_log("qemu-svm", good));
+        assert!(s.check_log("qemu-svm", 1, good).is_empty(), "{:?}", s.check_log("qemu-svm", 1, good));
         // bochs-vmx does not need the AMD line but wants one `  spaced  ` line.
-        let problems = s.check_log("bochs-vmx", good);
+        let problems = s.check_log("bochs-vmx", 1, good);
         assert_eq!(problems, ["expected 1 lines with `  spaced  `, found 0"]);
         let bad = "parperos: ready\nhello from a\npanic: oops\n";
-        let problems = s.check_log("qemu-svm", bad);
+        let problems = s.check_log("qemu-svm", 1, bad);
         assert_eq!(problems.len(), 4, "{problems:?}");
+    }
+
+    const MULTI: &str = r#"
+configs = qemu-svm qemu-iommu
+pmem = 64M
+boots = 3
+cmdline = guests=pm:arg=@BOOT@
+cmdline@2 = guests=pm:arg=2 seed=@SEED@
+cmdline.qemu-iommu = iommu
+cmdline.qemu-iommu@3 = iommu three
+timeout = 30
+timeout@3 = 90
+kill@1 = pm: writing
+kill@2 = pm: boot @BOOT@ writing
+kill_delay = 0-50
+kill_delay@2 = 5-5
+exit@1 = killed
+exit = failure
+expect = pm: boot @BOOT@
+expect@3 = pm: recovered
+expect.qemu-iommu@3 = iommu on
+reject@1 = recovered
+expect_count@2 = 1 pm: writing
+expect_order@3 = pm: boot | pm: recovered
+"#;
+
+    #[test]
+    fn boot_keys() {
+        let s = p(MULTI).unwrap();
+        assert_eq!((s.boots, s.pmem), (3, Some(64 << 20)));
+        // The most specific value wins: key.<config>@K, key@K, key.<config>, key.
+        assert_eq!(s.cmdline("qemu-svm", 1), "guests=pm:arg=@BOOT@");
+        assert_eq!(s.cmdline("qemu-svm", 2), "guests=pm:arg=2 seed=@SEED@");
+        assert_eq!(s.cmdline("qemu-iommu", 1), "iommu");
+        assert_eq!(s.cmdline("qemu-iommu", 2), "guests=pm:arg=2 seed=@SEED@");
+        assert_eq!(s.cmdline("qemu-iommu", 3), "iommu three");
+        assert_eq!(s.timeout("qemu-svm", 2), Duration::from_secs(30));
+        assert_eq!(s.timeout("qemu-svm", 3), Duration::from_secs(90));
+        // A boot with kill@K ends killed, the others as `exit` says.
+        assert_eq!(s.exit("qemu-svm", 1), ExitKind::Killed);
+        assert_eq!(s.exit("qemu-svm", 2), ExitKind::Killed);
+        assert_eq!(s.exit("qemu-svm", 3), ExitKind::Failure);
+        assert_eq!((s.kill(1), s.kill(3)), (Some("pm: writing"), None));
+        assert_eq!(s.kill_delay(2, 7), Duration::from_millis(5));
+        assert!(s.uses_seed());
+        let t = s.substitute(BOOT, "2").substitute(SEED, "99");
+        assert_eq!(t.cmdline("qemu-svm", 2), "guests=pm:arg=2 seed=99");
+        assert_eq!(t.kill(2), Some("pm: boot 2 writing"));
+        assert_eq!(t.expect[0].what, "pm: boot 2");
+        assert!(p("configs = a\ncmdline = x @SEED@\n").unwrap().uses_seed());
+    }
+
+    #[test]
+    fn checks_select_the_boot() {
+        let s = p(MULTI).unwrap().substitute(BOOT, "3");
+        let third = "pm: boot 3\npm: recovered\niommu on\n";
+        assert!(s.check_log("qemu-iommu", 3, third).is_empty(), "{:?}", s.check_log("qemu-iommu", 3, third));
+        // `expect.qemu-iommu@3` is not for qemu-svm; `reject@1` is not for boot 3.
+        assert!(s.check_log("qemu-svm", 3, "pm: boot 3\npm: recovered\n").is_empty());
+        assert_eq!(s.check_log("qemu-iommu", 3, "pm: boot 3\npm: recovered\n"), ["expected `iommu on` in the serial log"]);
+        // Boot 1 rejects `recovered` and needs none of boot 3's lines.
+        assert_eq!(s.check_log("qemu-svm", 1, "pm: boot 3\nrecovered\n"), ["rejected `recovered` found in the serial log"]);
+        assert!(s.check_log("qemu-svm", 1, "pm: boot 3\n").is_empty());
+        // Boot 2 counts its `writing` lines.
+        assert_eq!(s.check_log("qemu-svm", 2, "pm: boot 3\npm: writing\npm: writing\n").len(), 1);
+    }
+
+    #[test]
+    fn boot_key_errors_name_file_and_line() {
+        let e = |text: &str| p(text).unwrap_err().0;
+        let err = e("configs = a\nboots = 2\nexpect@0 = x\n");
+        assert!(err.contains("t.scn:3: `expect@0`: boots count from 1"), "{err}");
+        let err = e("configs = a\nboots = 2\nexpect@x = y\n");
+        assert!(err.contains("t.scn:3: `expect@x`: `@K` wants a boot number"), "{err}");
+        let err = e("configs = a\nexpect@2 = x\nboots = 2\ncmdline@3 = y\n");
+        assert!(err.contains("t.scn:4: `cmdline@3` is for boot 3, but the scenario boots 2 time(s)"), "{err}");
+        let err = e("configs = a\nexpect@2 = x\n");
+        assert!(err.contains("t.scn:2: `expect@2` is for boot 2, but the scenario boots 1 time(s)"), "{err}");
+        let err = e("configs = a\nkill@1 = x\n");
+        assert!(err.contains("t.scn:2: `kill@1` needs a `boots = N` line"), "{err}");
+        let err = e("configs = a\nboots = 2\nkill = x\n");
+        assert!(err.contains("t.scn:3: `kill` needs a boot number"), "{err}");
+        let err = e("configs = a\nboots = 2\nkill@1 = x\nkill_delay = 50-10\n");
+        assert!(err.contains("t.scn:4: kill_delay wants `MIN-MAX`"), "{err}");
+        let err = e("configs = a\nboots = 2\nkill@1 = x\nkill_delay@2 = 1-2\n");
+        assert!(err.contains("t.scn:4: `kill_delay@2` without `kill@2"), "{err}");
+        let err = e("configs = a\nboots = 2\nkill_delay = 1-2\n");
+        assert!(err.contains("t.scn:3: `kill_delay` without any `kill@K"), "{err}");
+        let err = e("configs = a\nboots = 2\nexit@2 = killed\n");
+        assert!(err.contains("t.scn:3: `exit@2 = killed` needs `kill@2 = TEXT`"), "{err}");
+        let err = e("configs = a\nboots = 2\nkill@1 = x\nexit@1 = success\n");
+        assert!(err.contains("t.scn:4: boot 1 has `kill@1`"), "{err}");
+        let err = e("configs = a\nboots = 2\nkill@1 = x\nexit = killed\n");
+        assert!(err.contains("t.scn:4: `exit = killed`, but boot 2 has no `kill@2"), "{err}");
+        let err = e("configs = a\nboots = 2\nkill@1 = x\nkill@1 = y\n");
+        assert!(err.contains("t.scn:4: `kill@1` given twice"), "{err}");
+        let err = e("configs = a\nboots = 2\ndisk@1 = 64M\n");
+        assert!(err.contains("t.scn:3: unknown key `disk@1`"), "{err}");
+        let err = e("configs = a\nboots = 2\nexpect@1.a = x\n");
+        assert!(err.contains("t.scn:3: `expect@1.a`: `@K` wants a boot number"), "{err}");
+        let err = e("configs = a\nboots = 2\ncmdline@2 = x\ncmdline@2 = y\n");
+        assert!(err.contains("t.scn:4: `cmdline@2` given twice"), "{err}");
+        assert!(p("configs = a\nboots = 0\n").is_err());
+        assert!(p("configs = a\nboots = 2\nboots = 2\n").is_err());
+        assert!(p("configs = a\nboots = 2\nkill@1 = x\nkill_delay = 5\n").is_err());
+        assert!(p("configs = a\nboots = 2\nkill@1 =\n").is_err());
+        // `cmdline.a@2` and `cmdline@2` are different scopes; `exit = killed` where every boot is killed.
+        assert!(p("configs = a\nboots = 2\ncmdline.a@2 = x\ncmdline@2 = y\n").is_ok());
+        assert!(p("configs = a\nboots = 1\nkill@1 = x\nexit = killed\n").is_ok());
+    }
+
+    #[test]
+    fn pmem_key() {
+        assert_eq!(p("configs = a\npmem = 2M\n").unwrap().pmem, Some(2 << 20));
+        let err = p("configs = a\npmem = 3M\n").unwrap_err().0;
+        assert!(err.contains("t.scn:2: pmem wants a size that is a multiple of 2 MiB"), "{err}");
+        assert!(p("configs = a\npmem = 0\n").is_err());
+        assert!(p("configs = a\npmem = 2M\npmem = 2M\n").is_err());
+        let path = Path::new("tests/scenarios/t.scn");
+        let s = p("configs = qemu-svm bochs-vmx\n\npmem = 64M\n").unwrap();
+        assert!(s.check_emulator(path, "qemu-svm", Emulator::Qemu).is_ok());
+        let err = s.check_emulator(path, "bochs-vmx", Emulator::Bochs).unwrap_err().0;
+        assert_eq!(err, "tests/scenarios/t.scn:3: `pmem` needs a QEMU config, but `bochs-vmx` is Bochs");
+        let s = p("configs = bochs-vmx\ndisk = 1M\n").unwrap();
+        assert!(s.check_emulator(path, "bochs-vmx", Emulator::Bochs).unwrap_err().0.contains(":2: `disk` needs a QEMU"));
+        assert!(p("configs = bochs-vmx\n").unwrap().check_emulator(path, "bochs-vmx", Emulator::Bochs).is_ok());
+    }
+
+    #[test]
+    fn kill_delays_stay_in_range_and_replay() {
+        let s = p("configs = a\nboots = 4\nkill@1 = x\nkill@2 = x\nkill@3 = x\nkill_delay = 10-50\nkill_delay@3 = 7-7\n").unwrap();
+        let mut seen = std::collections::BTreeSet::new();
+        for seed in 0..500u64 {
+            for boot in 1..=2 {
+                let d = s.kill_delay(boot, seed).as_millis() as u64;
+                assert!((10..=50).contains(&d), "seed {seed} boot {boot}: {d} ms");
+                seen.insert(d);
+            }
+            assert_eq!(s.kill_delay(3, seed), Duration::from_millis(7));
+            assert_eq!(s.kill_delay(1, seed), s.kill_delay(1, seed), "a seed replays");
+        }
+        assert!(seen.len() > 35, "delays spread over the range: {seen:?}");
+        let mut r = SplitMix64::new(1);
+        assert!((0..1000).all(|_| r.in_range(3, 5).wrapping_sub(3) <= 2));
+        assert_eq!(r.in_range(9, 9), 9);
+        let _ = r.in_range(0, u64::MAX);
+        // The published SplitMix64 sequence for seed 0.
+        assert_eq!(SplitMix64::new(0).next_u64(), 0xe220_a839_7b1d_cdaf);
     }
 }

@@ -3,25 +3,32 @@
 //! serial log and the exit status. One PASS/FAIL line per host command and per
 //! `scenario [config]`, the log tail of each failure, then `N passed, N failed`.
 //!
+//! A scenario with `boots = N` boots its config N times in sequence in one job, with the same
+//! disk image and pmem file; `kill@K` SIGKILLs boot K a seeded random delay after a text
+//! appears (a crash). The seed is `PARPEROS_SEED` or from the clock, printed where it matters.
+//!
 //! QEMU runs always use TCG (the scenarios expect the emulated AMD CPU); its serial port is a
 //! pipe read while QEMU runs, so the time to `parperos: ready` is measured. Bochs writes its
 //! serial port to a file that is polled. Bochs runs one at a time; QEMU runs in parallel (-j).
 
 use crate::emulator::{self, Accel, Config, Emulator};
-use crate::scenario::{self, ExitKind, Scenario};
-use crate::{bail, images, tools, Context, Result};
+use crate::scenario::{self, ExitKind, Scenario, SplitMix64, BOOT, DISK_SUM, SEED};
+use crate::{bail, images, pmem, tools, Context, Result};
 use std::collections::VecDeque;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const SCENARIO_DIR: &str = "tests/scenarios";
 const LOG_DIR: &str = "build/test-logs";
+/// Beside `LOG_DIR`: `disk = SIZE` images and `pmem = SIZE` files, `<scenario>.<config>.img`.
+const DISK_DIR: &str = "disks";
+const PMEM_DIR: &str = "pmem";
+/// Fixes the seed of every run (decimal u64); otherwise each run takes one from the clock.
+const SEED_VAR: &str = "PARPEROS_SEED";
 const READY_LINE: &str = "parperos: ready";
-/// Stands for the disk image's checksum (decimal) in a scenario with `disk = SIZE`.
-const DISK_SUM: &str = "@DISK_SUM@";
 const EXIT_SUCCESS_LINE: &str = "parperos: exit success";
 const EXIT_FAILURE_LINE: &str = "parperos: exit failure";
 /// isa-debug-exit status: (value << 1) | 1 for the hypervisor's 0x10 and 0x11.
@@ -36,6 +43,8 @@ const HOST_HV: &str = "host: cargo test (hypervisor lib: archive, ELF, DMAR, MMI
 const HOST_TIMEOUT: Duration = Duration::from_secs(20 * 60);
 /// After Bochs printed its exit line, how long it may take to power off before it is stopped.
 const BOCHS_GRACE: Duration = Duration::from_secs(3);
+/// How often a running emulator is looked at (QEMU's kill text wakes the supervisor at once).
+const TICK: Duration = Duration::from_millis(10);
 
 pub struct Options {
     filter: Option<String>,
@@ -93,12 +102,14 @@ pub fn test(o: &Options) -> Result<ExitCode> {
 
     // Load every scenario first, so that a broken file or a missing tool stops us early.
     let (scenarios, broken) = load_scenarios(&root)?;
+    let fixed_seed = seed_from_env()?;
     let mut jobs = Vec::new();
     for s in &scenarios {
         for c in &s.configs {
             let label = format!("{} [{c}]", s.name);
             if o.filter.as_deref().is_none_or(|f| label.contains(f)) {
-                jobs.push(Job { scenario: s.clone(), config: Config::resolve(&root, c)?, label });
+                let seed = fixed_seed.unwrap_or_else(|| clock_seed(&label));
+                jobs.push(Job { scenario: s.clone(), config: Config::resolve(&root, c)?, label, seed });
             }
         }
     }
@@ -171,7 +182,8 @@ fn load_scenarios(root: &Path) -> Result<(Vec<Scenario>, Broken)> {
             .and_then(|text| scenario::parse(&name, &shown, &text))
             .and_then(|s| {
                 for c in &s.configs {
-                    Config::resolve(root, c).map_err(|e| crate::Error(format!("{}: {e}", shown.display())))?;
+                    let config = Config::resolve(root, c).map_err(|e| crate::Error(format!("{}: {e}", shown.display())))?;
+                    s.check_emulator(&shown, c, config.emulator)?;
                 }
                 Ok(s)
             });
@@ -181,6 +193,25 @@ fn load_scenarios(root: &Path) -> Result<(Vec<Scenario>, Broken)> {
         }
     }
     Ok((good, broken))
+}
+
+/// `PARPEROS_SEED`, if set: the seed of every run.
+fn seed_from_env() -> Result<Option<u64>> {
+    match std::env::var(SEED_VAR) {
+        Ok(v) => match v.trim().parse::<u64>() {
+            Ok(seed) => Ok(Some(seed)),
+            Err(_) => bail!("{SEED_VAR} must be a decimal u64 (as printed by a run), got `{v}`"),
+        },
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(e) => bail!("{SEED_VAR}: {e}"),
+    }
+}
+
+/// A seed from the clock, different for runs started in the same nanosecond (FNV-1a of `label`).
+fn clock_seed(label: &str) -> u64 {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    let fnv = label.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+    SplitMix64::new(nanos ^ fnv).next_u64()
 }
 
 /// Run one host test command; its stdout and stderr go to one pipe, shown in part on failure.
@@ -256,20 +287,41 @@ struct Job {
     scenario: Scenario,
     config: Config,
     label: String,
+    /// The run's seed: kill delays and `@SEED@` (`PARPEROS_SEED`, else from the clock).
+    seed: u64,
 }
 
-/// What one emulator run produced.
+/// How an emulator run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// On its own, with this exit status code (None: a signal from elsewhere).
+    Exited(Option<i32>),
+    /// Stopped with SIGKILL at the time the watcher asked for (`kill@K`, Bochs' grace time).
+    Stopped,
+    /// Stopped with SIGKILL at the time limit.
+    TimedOut,
+}
+
+/// What one boot produced.
 struct Outcome {
     wall: Duration,
     ready: Option<Duration>,
-    timed_out: bool,
-    /// QEMU: the exit status code; Bochs: None (it always exits 1).
-    code: Option<i32>,
+    end: End,
+    /// `kill@K`: the delay drawn for the kill after the text.
+    kill_delay: Duration,
+    /// Whether the emulator was killed (after `kill_delay`).
+    killed: bool,
     serial: String,
     serial_path: PathBuf,
     emulator_log: PathBuf,
-    /// `disk = SIZE`: the image and its checksum before the run.
+}
+
+/// The files that every boot of a job shares, made fresh before the first.
+struct Media {
+    /// `disk = SIZE`: the image and its checksum when fresh.
     disk: Option<(PathBuf, u64)>,
+    /// `pmem = SIZE`: the zero-filled file and its size.
+    pmem: Option<(PathBuf, u64)>,
 }
 
 fn run_jobs(root: &Path, jobs: Vec<Job>, built: images::Built, workers: usize, tally: &mut Tally) {
@@ -287,14 +339,10 @@ fn run_jobs(root: &Path, jobs: Vec<Job>, built: images::Built, workers: usize, t
         for _ in 0..workers.max(1) {
             s.spawn(|| loop {
                 let Some(job) = queue.lock().unwrap_or_else(|p| p.into_inner()).pop_front() else { break };
-                let outcome = match job.config.emulator {
-                    Emulator::Qemu => run_qemu(&job, &built, &logs),
-                    Emulator::Bochs => {
-                        let _one_at_a_time = bochs_lane.lock().unwrap_or_else(|p| p.into_inner());
-                        run_bochs(root, &job, &built, &logs)
-                    }
-                };
-                let (ok, facts, details) = judge(&job, outcome);
+                // Bochs runs one at a time: every boot of a job holds the lane.
+                let _one_at_a_time = (job.config.emulator == Emulator::Bochs)
+                    .then(|| bochs_lane.lock().unwrap_or_else(|p| p.into_inner()));
+                let (ok, facts, details) = run_job(root, &job, &built, &logs);
                 shared.lock().unwrap_or_else(|p| p.into_inner()).report(ok, &job.label, &facts, &details);
             });
         }
@@ -304,36 +352,138 @@ fn run_jobs(root: &Path, jobs: Vec<Job>, built: images::Built, workers: usize, t
         .unwrap_or_else(|_| unreachable!("all workers joined"));
 }
 
+/// Boots the job's config `boots` times in sequence with the same disk and pmem files, each
+/// boot judged by the keys that apply to it; the first failing boot ends the job. Returns
 /// PASS/FAIL, the facts for the result line, and the details shown for a failure.
-fn judge(job: &Job, outcome: Result<Outcome>) -> (bool, String, String) {
-    let o = match outcome {
-        Ok(o) => o,
+fn run_job(root: &Path, job: &Job, built: &images::Built, logs: &Path) -> (bool, String, String) {
+    let media = match prepare_media(job, logs) {
+        Ok(m) => m,
         Err(e) => return (false, String::new(), format!("    {e}\n")),
     };
-    let substituted;
-    let s = match &o.disk {
-        Some((_, sum)) => {
-            substituted = job.scenario.substitute(DISK_SUM, &sum.to_string());
-            &substituted
+    let boots = job.scenario.boots;
+    let mut wall = Duration::ZERO;
+    let mut readies = Vec::new();
+    let mut kills = Vec::new();
+    for boot in 1..=boots {
+        let s = scenario_for(job, &media, boot);
+        let outcome = match job.config.emulator {
+            Emulator::Qemu => run_qemu(job, &s, boot, built, logs, &media),
+            Emulator::Bochs => run_bochs(root, job, &s, boot, built, logs),
+        };
+        let o = match outcome {
+            Ok(o) => o,
+            Err(e) => {
+                let details = format!("    {}{e}\n{}", which_boot(job, boot), replay_hint(job));
+                return (false, facts(job, wall, &readies, &kills), details);
+            }
+        };
+        wall += o.wall;
+        readies.push(o.ready);
+        if o.killed {
+            kills.push((boot, o.kill_delay));
         }
-        None => &job.scenario,
+        let mut problems = judge(job, &s, boot, &o);
+        if let (true, Some((path, _))) = (boot == boots, &media.disk) {
+            match crate::disk::check(path, &s.check_disk) {
+                Ok(p) => problems.extend(p),
+                Err(e) => problems.push(e.to_string()),
+            }
+        }
+        if !problems.is_empty() {
+            return (false, facts(job, wall, &readies, &kills), failure_details(job, boot, &o, &problems));
+        }
+    }
+    (true, facts(job, wall, &readies, &kills), String::new())
+}
+
+/// Makes the fresh disk image and pmem file of a job.
+fn prepare_media(job: &Job, logs: &Path) -> Result<Media> {
+    let build = logs.parent().unwrap_or(logs);
+    let file = |dir: &str| build.join(dir).join(format!("{}.img", job_stem(job)));
+    let disk = match job.scenario.disk {
+        Some(size) => {
+            let path = file(DISK_DIR);
+            let sum = crate::disk::create(&path, size)?;
+            Some((path, sum))
+        }
+        None => None,
     };
-    let mut facts = format!("{:7.2} s", o.wall.as_secs_f64());
-    match o.ready {
-        Some(r) => facts.push_str(&format!("  boot {:.2} s", r.as_secs_f64())),
-        None => facts.push_str("  boot -"),
+    let pmem = match job.scenario.pmem {
+        Some(size) => {
+            let path = file(PMEM_DIR);
+            pmem::create(&path, size)?;
+            Some((path, size))
+        }
+        None => None,
+    };
+    Ok(Media { disk, pmem })
+}
+
+/// The scenario as boot `boot` sees it: `@BOOT@`, `@SEED@` and `@DISK_SUM@` filled in.
+fn scenario_for(job: &Job, media: &Media, boot: usize) -> Scenario {
+    let s = job.scenario.substitute(BOOT, &boot.to_string()).substitute(SEED, &job.seed.to_string());
+    match &media.disk {
+        Some((_, sum)) => s.substitute(DISK_SUM, &sum.to_string()),
+        None => s,
     }
+}
+
+/// The result line's facts: wall time of all boots, time to `ready` per boot, how many boots
+/// and kills, the seed where it matters.
+fn facts(job: &Job, wall: Duration, readies: &[Option<Duration>], kills: &[(usize, Duration)]) -> String {
+    let mut f = format!("{:7.2} s", wall.as_secs_f64());
+    if readies.iter().all(Option::is_none) {
+        f.push_str("  boot -");
+    } else {
+        let times: Vec<String> = readies.iter().map(|r| r.map_or("-".into(), |r| format!("{:.2}", r.as_secs_f64()))).collect();
+        f.push_str(&format!("  boot {} s", times.join("/")));
+    }
+    if job.scenario.boots > 1 {
+        f.push_str(&format!("  {} boots", job.scenario.boots));
+    }
+    if !kills.is_empty() {
+        let k: Vec<String> = kills.iter().map(|(b, d)| format!("boot {b} killed +{} ms", d.as_millis())).collect();
+        f.push_str(&format!(" ({})", k.join(", ")));
+    }
+    if job.scenario.uses_seed() {
+        f.push_str(&format!("  seed {}", job.seed));
+    }
+    f
+}
+
+/// `boot K of N: ` for a multi-boot scenario, else nothing.
+fn which_boot(job: &Job, boot: usize) -> String {
+    match job.scenario.boots {
+        1 => String::new(),
+        n => format!("boot {boot} of {n}: "),
+    }
+}
+
+/// How to run a seeded job again with the same seed.
+fn replay_hint(job: &Job) -> String {
+    match job.scenario.uses_seed() {
+        true => format!("    replay: {SEED_VAR}={} cargo xtask test '{}'\n", job.seed, job.label),
+        false => String::new(),
+    }
+}
+
+/// Everything wrong with one boot: how it ended against `exit`/`kill@K`, and its serial log.
+fn judge(job: &Job, s: &Scenario, boot: usize, o: &Outcome) -> Vec<String> {
+    let config = &job.config.name;
+    let want = s.exit(config, boot);
+    let timed_out = o.end == End::TimedOut;
     let mut problems = Vec::new();
-    if o.timed_out {
-        problems.push(format!("timed out after {} s (stopped)", s.timeout(&job.config.name).as_secs()));
+    if timed_out {
+        problems.push(format!("timed out after {} s (stopped)", s.timeout(config, boot).as_secs()));
     }
-    // How the hypervisor ended: QEMU by isa-debug-exit status, Bochs by its last serial line.
-    let ended = match (job.config.emulator, o.code) {
-        (Emulator::Qemu, Some(QEMU_EXIT_SUCCESS)) => Ok(ExitKind::Success),
-        (Emulator::Qemu, Some(QEMU_EXIT_FAILURE)) => Ok(ExitKind::Failure),
-        (Emulator::Qemu, Some(0)) => Err("QEMU exited 0: reset or triple fault (-no-reboot), not isa-debug-exit".into()),
-        (Emulator::Qemu, Some(c)) => Err(format!("QEMU exited with status {c}")),
-        (Emulator::Qemu, None) => Err("QEMU was stopped by a signal".to_string()),
+    // How the hypervisor ended: killed by us, QEMU by isa-debug-exit status, Bochs by its last serial line.
+    let ended = match (job.config.emulator, o.end) {
+        _ if o.killed => Ok(ExitKind::Killed),
+        (Emulator::Qemu, End::Exited(Some(QEMU_EXIT_SUCCESS))) => Ok(ExitKind::Success),
+        (Emulator::Qemu, End::Exited(Some(QEMU_EXIT_FAILURE))) => Ok(ExitKind::Failure),
+        (Emulator::Qemu, End::Exited(Some(0))) => Err("QEMU exited 0: reset or triple fault (-no-reboot), not isa-debug-exit".into()),
+        (Emulator::Qemu, End::Exited(Some(c))) => Err(format!("QEMU exited with status {c}")),
+        (Emulator::Qemu, _) => Err("QEMU was stopped by a signal".to_string()),
         (Emulator::Bochs, _) => {
             let last = o.serial.lines().rev().find_map(|l| {
                 if l.contains(EXIT_SUCCESS_LINE) {
@@ -348,22 +498,35 @@ fn judge(job: &Job, outcome: Result<Outcome>) -> (bool, String, String) {
         }
     };
     match ended {
-        Ok(kind) if kind == s.exit => {}
-        Ok(kind) => problems.push(format!("hypervisor exited with {}, expected {}", kind.word(), s.exit.word())),
-        Err(why) if !o.timed_out => problems.push(format!("{why}; expected exit {}", s.exit.word())),
+        Ok(kind) if kind == want => {}
+        _ if want == ExitKind::Killed => {
+            let text = s.kill(boot).unwrap_or_default();
+            let why = match o.serial.contains(text) {
+                false => format!("kill text `{text}` never appeared (kill@{boot})"),
+                true => format!(
+                    "kill text `{text}` appeared, but the run ended before the kill {} ms later (kill@{boot}, kill_delay)",
+                    o.kill_delay.as_millis()
+                ),
+            };
+            match ended {
+                _ if timed_out => problems.push(why),
+                Ok(kind) => problems.push(format!("{why}; the hypervisor exited with {}", kind.word())),
+                Err(how) => problems.push(format!("{why}; {how}")),
+            }
+        }
+        Ok(kind) => problems.push(format!("hypervisor exited with {}, expected {}", kind.word(), want.word())),
+        Err(why) if !timed_out => problems.push(format!("{why}; expected exit {}", want.word())),
         Err(_) => {}
     }
-    problems.extend(s.check_log(&job.config.name, &o.serial));
-    if let Some((path, _)) = &o.disk {
-        match crate::disk::check(path, &s.check_disk) {
-            Ok(p) => problems.extend(p),
-            Err(e) => problems.push(e.to_string()),
-        }
-    }
-    if problems.is_empty() {
-        return (true, facts, String::new());
-    }
-    let mut details: String = problems.iter().map(|p| format!("    {p}\n")).collect();
+    problems.extend(s.check_log(config, boot, &o.serial));
+    problems
+}
+
+/// The problems of the failing boot, its serial log tail, the emulator's own output, and how
+/// to replay the seed.
+fn failure_details(job: &Job, boot: usize, o: &Outcome, problems: &[String]) -> String {
+    let which = which_boot(job, boot);
+    let mut details: String = problems.iter().map(|p| format!("    {which}{p}\n")).collect();
     details.push_str(&tail_block(&o.serial, &format!("serial log {}", o.serial_path.display())));
     if let Ok(text) = std::fs::read_to_string(&o.emulator_log) {
         let useful: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
@@ -377,102 +540,160 @@ fn judge(job: &Job, outcome: Result<Outcome>) -> (bool, String, String) {
             details.push_str(&format!("    (Bochs' own log: {})\n", o.emulator_log.display()));
         }
     }
-    (false, facts, details)
+    details.push_str(&replay_hint(job));
+    details
 }
 
-fn file_stem(job: &Job) -> String {
+/// `<scenario>.<config>`: the name of a job's disk image and pmem file.
+fn job_stem(job: &Job) -> String {
     format!("{}.{}", job.scenario.name, job.config.name)
 }
 
-/// Wait for `child` until it exits or `deadline`; `poll` runs every tick and may ask to stop
-/// it early (returns true). Returns (exit code, timed out).
-fn supervise(child: &mut Child, deadline: Instant, mut poll: impl FnMut() -> bool) -> Result<(Option<i32>, bool)> {
-    loop {
-        if let Some(status) = child.try_wait().context(|| "waiting for the emulator".to_string())? {
-            return Ok((status.code(), false));
-        }
-        let stop = poll();
-        if stop || Instant::now() >= deadline {
-            let _ = child.kill();
-            let status = child.wait().context(|| "waiting for the emulator".to_string())?;
-            return Ok((if stop { status.code() } else { None }, !stop));
-        }
-        std::thread::sleep(Duration::from_millis(10));
+/// The name of a boot's logs (and Bochs ISO): the job's, with `.boot<K>` where the scenario
+/// boots more than once.
+fn file_stem(job: &Job, boot: usize) -> String {
+    match job.scenario.boots {
+        1 => job_stem(job),
+        _ => format!("{}.boot{boot}", job_stem(job)),
     }
 }
 
-fn run_qemu(job: &Job, built: &images::Built, logs: &Path) -> Result<Outcome> {
-    let serial_path = logs.join(format!("{}.serial.log", file_stem(job)));
-    let emulator_log = logs.join(format!("{}.qemu.log", file_stem(job)));
-    let disk = match job.scenario.disk {
-        Some(size) => {
-            let path = logs.parent().unwrap_or(logs).join("disks").join(format!("{}.img", file_stem(job)));
-            let sum = crate::disk::create(&path, size)?;
-            Some((path, sum))
+/// Wait for `child` until it exits or `deadline`. Between looks at the child, `watch(d)` waits
+/// at most `d` for news (serial output) and returns when the emulator is to be stopped, if it
+/// is. Stopping is SIGKILL followed by a wait: the emulator is gone when this returns.
+fn supervise(child: &mut Child, deadline: Instant, mut watch: impl FnMut(Duration) -> Option<Instant>) -> Result<End> {
+    let mut stop_at: Option<Instant> = None;
+    loop {
+        let status = match child.try_wait() {
+            Ok(status) => status,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("waiting for the emulator: {e}");
+            }
+        };
+        if let Some(status) = status {
+            return Ok(End::Exited(status.code()));
         }
-        None => None,
-    };
-    let cmdline = match &disk {
-        Some((_, sum)) => job.scenario.cmdline(&job.config.name).replace(DISK_SUM, &sum.to_string()),
-        None => job.scenario.cmdline(&job.config.name).to_string(),
-    };
-    let mut cmd = emulator::qemu_command(&job.config, Accel::Tcg, &built.hypervisor, &cmdline, &built.archive)?;
-    if let Some((path, _)) = &disk {
+        let now = Instant::now();
+        let timed_out = now >= deadline;
+        if timed_out || stop_at.is_some_and(|t| now >= t) {
+            let _ = child.kill();
+            let status = child.wait().context(|| "waiting for the emulator".to_string())?;
+            return Ok(match status.code() {
+                Some(code) => End::Exited(Some(code)), // it ended on its own just before
+                None if timed_out => End::TimedOut,
+                None => End::Stopped,
+            });
+        }
+        let until = stop_at.map_or(deadline, |t| t.min(deadline));
+        stop_at = watch(TICK.min(until - now));
+    }
+}
+
+/// Copies QEMU's serial output to `file` until EOF, as it comes (not line by line, so a kill
+/// text is seen at once). Returns when `parperos: ready` appeared and all the output; sends
+/// the moment `kill` first appears on `seen`.
+fn read_serial(
+    mut out: impl Read,
+    mut file: std::fs::File,
+    start: Instant,
+    mut kill: Option<String>,
+    seen: mpsc::Sender<Instant>,
+) -> (Option<Duration>, Vec<u8>) {
+    let mut ready = None;
+    let mut all = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = match out.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        };
+        let from = all.len();
+        all.extend_from_slice(&buf[..n]);
+        if kill.as_deref().is_some_and(|k| appeared(&all, from, k.as_bytes())) {
+            let _ = seen.send(Instant::now());
+            kill = None;
+        }
+        if ready.is_none() && appeared(&all, from, READY_LINE.as_bytes()) {
+            ready = Some(start.elapsed());
+        }
+        let _ = file.write_all(&buf[..n]);
+    }
+    (ready, all)
+}
+
+/// Whether `needle` occurs in `all` ending at or after `from` (in the bytes new since `from`).
+fn appeared(all: &[u8], from: usize, needle: &[u8]) -> bool {
+    let start = from.saturating_sub(needle.len().saturating_sub(1));
+    !needle.is_empty() && all[start..].windows(needle.len()).any(|w| w == needle)
+}
+
+fn run_qemu(job: &Job, s: &Scenario, boot: usize, built: &images::Built, logs: &Path, media: &Media) -> Result<Outcome> {
+    let config = &job.config.name;
+    let serial_path = logs.join(format!("{}.serial.log", file_stem(job, boot)));
+    let emulator_log = logs.join(format!("{}.qemu.log", file_stem(job, boot)));
+    let mut cmd = emulator::qemu_command(&job.config, Accel::Tcg, &built.hypervisor, s.cmdline(config, boot), &built.archive)?;
+    if let Some((path, _)) = &media.disk {
         cmd.arg("-drive").arg(format!("file={},if=none,id=disk0,format=raw", path.display()));
         cmd.args(["-device", "nvme,serial=parperos0,drive=disk0"]);
+    }
+    if let Some((path, size)) = &media.pmem {
+        cmd.args(pmem::qemu_args(&emulator::qemu_args(&job.config, Accel::Tcg)?, path, *size)?);
     }
     cmd.args(["-serial", "stdio"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(&emulator_log).context(|| format!("cannot create {}", emulator_log.display()))?);
-    let mut file = std::fs::File::create(&serial_path).context(|| format!("cannot create {}", serial_path.display()))?;
+    let file = std::fs::File::create(&serial_path).context(|| format!("cannot create {}", serial_path.display()))?;
 
     let start = Instant::now();
     let mut child = cmd.spawn().context(|| "cannot start qemu-system-x86_64".to_string())?;
     let stdout = child.stdout.take();
-    // The reader keeps the log and notes when `ready` appears; it ends at QEMU's EOF.
-    let reader = std::thread::spawn(move || {
-        let mut ready = None;
-        let mut all = Vec::new();
-        if let Some(out) = stdout {
-            let mut r = BufReader::new(out);
-            let mut line = Vec::new();
-            while r.read_until(b'\n', &mut line).map(|n| n > 0).unwrap_or(false) {
-                if ready.is_none() && String::from_utf8_lossy(&line).contains(READY_LINE) {
-                    ready = Some(start.elapsed());
-                }
-                let _ = file.write_all(&line);
-                all.extend_from_slice(&line);
-                line.clear();
-            }
-        }
-        (ready, all)
+    let kill = s.kill(boot).map(str::to_string);
+    let (seen_tx, seen) = mpsc::channel();
+    // The reader keeps the log and watches for `ready` and the kill text; it ends at QEMU's EOF.
+    let reader = std::thread::spawn(move || match stdout {
+        Some(out) => read_serial(out, file, start, kill, seen_tx),
+        None => (None, Vec::new()),
     });
-    let deadline = start + job.scenario.timeout(&job.config.name);
-    let supervised = supervise(&mut child, deadline, || false);
+    let delay = s.kill_delay(boot, job.seed);
+    let mut kill_at = None;
+    let supervised = supervise(&mut child, start + s.timeout(config, boot), |wait| {
+        match seen.recv_timeout(wait) {
+            Ok(at) => kill_at = Some(at + delay),
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => std::thread::sleep(wait),
+        }
+        kill_at
+    });
     let wall = start.elapsed();
     let (ready, serial) = reader.join().unwrap_or_default();
-    let (code, timed_out) = supervised?;
+    let end = supervised?;
     Ok(Outcome {
         wall,
         ready,
-        timed_out,
-        code,
+        end,
+        kill_delay: delay,
+        killed: end == End::Stopped,
         serial: String::from_utf8_lossy(&serial).into_owned(),
         serial_path,
         emulator_log,
-        disk,
     })
 }
 
-fn run_bochs(root: &Path, job: &Job, built: &images::Built, logs: &Path) -> Result<Outcome> {
-    if job.scenario.disk.is_some() {
-        bail!("`disk` needs a QEMU config (Bochs has no NVMe)");
+fn run_bochs(root: &Path, job: &Job, s: &Scenario, boot: usize, built: &images::Built, logs: &Path) -> Result<Outcome> {
+    if job.scenario.disk.is_some() || job.scenario.pmem.is_some() {
+        bail!("`disk` and `pmem` need a QEMU config (Bochs has no NVMe or NVDIMM)");
     }
-    let iso = images::make_iso(built, &format!("{}.{}", job.scenario.name, job.config.name), job.scenario.cmdline(&job.config.name))?;
-    let serial_path = logs.join(format!("{}.serial.log", file_stem(job)));
-    let emulator_log = logs.join(format!("{}.bochs.log", file_stem(job)));
-    let rc = logs.join(format!("{}.bochsrc", file_stem(job)));
+    let config = &job.config.name;
+    let stem = file_stem(job, boot);
+    let iso = images::make_iso(built, &stem, s.cmdline(config, boot))?;
+    let serial_path = logs.join(format!("{stem}.serial.log"));
+    let emulator_log = logs.join(format!("{stem}.bochs.log"));
+    let rc = logs.join(format!("{stem}.bochsrc"));
     let _ = std::fs::remove_file(&serial_path);
     emulator::write_bochsrc(&job.config, &iso, &serial_path, &rc)?;
     let log = std::fs::File::create(&emulator_log).context(|| format!("cannot create {}", emulator_log.display()))?;
@@ -482,34 +703,42 @@ fn run_bochs(root: &Path, job: &Job, built: &images::Built, logs: &Path) -> Resu
         .stdout(log.try_clone().context(|| "cannot dup log".to_string())?)
         .stderr(log);
 
+    let read = |path: &Path| std::fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
     let start = Instant::now();
     let mut child = cmd.spawn().context(|| "cannot start bochs".to_string())?;
     let mut ready = None;
     let mut ended_at: Option<Instant> = None;
+    let mut kill_at: Option<Instant> = None;
+    let delay = s.kill_delay(boot, job.seed);
     let mut seen_len = 0u64;
-    let deadline = start + job.scenario.timeout(&job.config.name);
-    let supervised = supervise(&mut child, deadline, || {
+    let supervised = supervise(&mut child, start + s.timeout(config, boot), |wait| {
+        std::thread::sleep(wait);
         // Read the serial file only when it grew.
         let len = std::fs::metadata(&serial_path).map_or(0, |m| m.len());
         if len != seen_len {
             seen_len = len;
-            let text = std::fs::read_to_string(&serial_path).unwrap_or_default();
+            let text = read(&serial_path);
             if ready.is_none() && text.contains(READY_LINE) {
                 ready = Some(start.elapsed());
             }
             if ended_at.is_none() && (text.contains(EXIT_SUCCESS_LINE) || text.contains(EXIT_FAILURE_LINE)) {
                 ended_at = Some(Instant::now());
             }
+            if kill_at.is_none() && s.kill(boot).is_some_and(|k| text.contains(k)) {
+                kill_at = Some(Instant::now() + delay);
+            }
         }
-        ended_at.is_some_and(|t| t.elapsed() > BOCHS_GRACE)
+        [ended_at.map(|t| t + BOCHS_GRACE), kill_at].into_iter().flatten().min()
     });
     let wall = start.elapsed();
-    let (_, timed_out) = supervised?;
-    let serial = std::fs::read(&serial_path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+    let end = supervised?;
+    let serial = read(&serial_path);
     if ready.is_none() && serial.contains(READY_LINE) {
         ready = Some(wall); // appeared after the last poll
     }
-    Ok(Outcome { wall, ready, timed_out, code: None, serial, serial_path, emulator_log, disk: None })
+    // Stopped: by the kill if that came before the grace time after the exit line ran out.
+    let killed = end == End::Stopped && kill_at.is_some_and(|k| ended_at.is_none_or(|e| k <= e + BOCHS_GRACE));
+    Ok(Outcome { wall, ready, end, kill_delay: delay, killed, serial, serial_path, emulator_log })
 }
 
 #[cfg(test)]
@@ -528,5 +757,52 @@ mod tests {
         assert_eq!((o.filter.as_deref(), o.jobs), (Some("boot"), 3));
         assert!(Options::parse(&["-j".into(), "0".into()]).is_err());
         assert!(Options::parse(&["a".into(), "b".into()]).is_err());
+    }
+
+    #[test]
+    fn kill_text_is_seen_across_reads() {
+        // A reader that hands out its bytes in small pieces, as a pipe may.
+        struct Pieces(Vec<&'static [u8]>);
+        impl Read for Pieces {
+            fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+                if self.0.is_empty() {
+                    return Ok(0);
+                }
+                let piece = self.0.remove(0);
+                buf[..piece.len()].copy_from_slice(piece);
+                Ok(piece.len())
+            }
+        }
+        let path = std::env::temp_dir().join(format!("parperos-serial-{}.log", std::process::id()));
+        let file = std::fs::File::create(&path).unwrap();
+        let (tx, rx) = mpsc::channel();
+        let out = Pieces(vec![b"parperos: re", b"ady\npm: wri", b"ting\n", b"pm: writing\n"]);
+        let (ready, all) = read_serial(out, file, Instant::now(), Some("pm: writing".into()), tx);
+        assert!(ready.is_some());
+        assert_eq!(rx.try_iter().count(), 1, "sent once");
+        assert_eq!(std::fs::read(&path).unwrap(), all);
+        let _ = std::fs::remove_file(path);
+        assert!(appeared(b"abcdef", 4, b"cde") && !appeared(b"abcdef", 5, b"abc"));
+    }
+
+    #[test]
+    fn supervise_kills_when_asked_and_waits() {
+        let mut child = Command::new("sleep").arg("30").spawn().unwrap();
+        let start = Instant::now();
+        let stop = start + Duration::from_millis(50);
+        let end = supervise(&mut child, start + Duration::from_secs(20), |wait| {
+            std::thread::sleep(wait);
+            Some(stop)
+        })
+        .unwrap();
+        assert_eq!(end, End::Stopped);
+        let took = start.elapsed();
+        assert!(took >= Duration::from_millis(50) && took < Duration::from_secs(5), "{took:?}");
+        assert!(child.try_wait().unwrap().is_some(), "reaped");
+        let mut child = Command::new("sleep").arg("30").spawn().unwrap();
+        let end = supervise(&mut child, Instant::now() + Duration::from_millis(30), |_| None).unwrap();
+        assert_eq!(end, End::TimedOut);
+        let mut child = Command::new("true").spawn().unwrap();
+        assert_eq!(supervise(&mut child, Instant::now() + Duration::from_secs(20), |_| None).unwrap(), End::Exited(Some(0)));
     }
 }

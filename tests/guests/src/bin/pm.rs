@@ -4,9 +4,10 @@
 //!   "ledger" (64 KiB of 4 KiB pages, three entries);
 //! 2 check: after a reboot, open both read-only and verify them;
 //! 3 clean up: verify, destroy both, and check that they are gone;
-//! 4 churn: create "ledger", then create, fill and destroy persistent morsels of changing
-//!   sizes forever, appending one ledger entry per round (entry, then count): the scenario
-//!   kills the machine at a random moment;
+//! 4 churn: create "ledger" (or open it after an earlier crash, and destroy a "churn" that
+//!   crash left), then create, fill and destroy persistent morsels of changing sizes
+//!   forever, appending one ledger entry per round (entry, then count): the scenario kills
+//!   the machine at a random moment;
 //! 5 after the crash: verify every counted ledger entry, destroy what is left.
 #![no_std]
 #![no_main]
@@ -130,9 +131,20 @@ fn clean_up() -> Result<(), &'static str> {
 }
 
 fn churn() -> Result<(), &'static str> {
-    let mut ledger = create(LEDGER, LEDGER_SIZE, PageSize::Size4K)?;
-    println!("pm: churning");
-    let mut round: u64 = 0;
+    let mut ledger = match morsel::open_mut(LEDGER) {
+        Ok(l) => l,
+        Err(Error::NotFound) => create(LEDGER, LEDGER_SIZE, PageSize::Size4K)?,
+        Err(e) => {
+            println!("pm: opening '{LEDGER}' failed: {e}");
+            return Err("open");
+        }
+    };
+    let _ = morsel::destroy(CHURN);
+    let mut round = count(&ledger);
+    if round as usize > ENTRIES || !(0..round as usize).all(|i| word(&ledger, i) == entry(i as u64)) {
+        return Err("a counted ledger entry is wrong");
+    }
+    println!("pm: churning from round {round}");
     loop {
         let (size, page) = match round % 4 {
             0 => (4096 * (1 + round % 5), PageSize::Size4K),
