@@ -3,6 +3,7 @@
 //! checked, so a malformed table is an error, never an out-of-bounds read.
 
 use crate::bdf::Bdf;
+use crate::le::{u16_at, u64_at};
 use alloc::vec::Vec;
 
 /// One DMA remapping hardware unit (DRHD, VT-d spec 8.3).
@@ -22,14 +23,6 @@ pub struct Dmar {
     /// Host address width: N + 1 bits (VT-d spec 8.1).
     pub host_address_width: u8,
     pub units: Vec<Drhd>,
-}
-
-fn u16_at(b: &[u8], i: usize) -> Option<u16> {
-    Some(u16::from_le_bytes(b.get(i..i + 2)?.try_into().ok()?))
-}
-
-fn u64_at(b: &[u8], i: usize) -> Option<u64> {
-    Some(u64::from_le_bytes(b.get(i..i + 8)?.try_into().ok()?))
 }
 
 /// Parses the whole table (header included).

@@ -12,6 +12,7 @@ pub mod archive;
 pub mod bdf;
 pub mod dmar;
 pub mod elf;
+pub mod le;
 pub mod mmio;
 pub mod nfit;
 pub mod units;

@@ -3,6 +3,7 @@
 //! Parsed from bytes with every length checked, so a malformed table is an error, never an
 //! out-of-bounds read.
 
+use crate::le::{u16_at, u64_at};
 use alloc::vec::Vec;
 
 /// One persistent-memory range (an SPA Range Structure, ACPI 6.4 5.2.25.2).
@@ -16,14 +17,6 @@ pub struct PmemRange {
 /// 66F0D379-B4F3-4074-AC43-0D3318B78CDB, as stored (ACPI 6.4 Table 5.135).
 const PERSISTENT_MEMORY: [u8; 16] =
     [0x79, 0xd3, 0xf0, 0x66, 0xf3, 0xb4, 0x74, 0x40, 0xac, 0x43, 0x0d, 0x33, 0x18, 0xb7, 0x8c, 0xdb];
-
-fn u16_at(b: &[u8], i: usize) -> Option<u16> {
-    Some(u16::from_le_bytes(b.get(i..i + 2)?.try_into().ok()?))
-}
-
-fn u64_at(b: &[u8], i: usize) -> Option<u64> {
-    Some(u64::from_le_bytes(b.get(i..i + 8)?.try_into().ok()?))
-}
 
 /// The persistent-memory ranges of a whole NFIT (header included).
 pub fn parse(t: &[u8]) -> Result<Vec<PmemRange>, &'static str> {
