@@ -180,7 +180,7 @@ pub fn get() -> Option<&'static Pmem> {
 
 impl Pmem {
     fn word(&self, off: u64) -> *mut u64 {
-        debug_assert!(off % 8 == 0 && off < self.reserved);
+        debug_assert!(off.is_multiple_of(8) && off < self.reserved);
         (self.base + off) as *mut u64
     }
 

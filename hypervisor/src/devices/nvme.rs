@@ -159,7 +159,7 @@ impl Nvme {
         n.admin_cmd(OP_CREATE_SQ, 0, n.io.sq.as_u64(), [qsize | 1, 1 << 16 | 1]).map_err(|_| "create I/O submission queue failed")?;
         let model = core::str::from_utf8(&model).unwrap_or("?").trim_end();
         log::info!(target: "nvme", "device {bdf}: NVMe {}.{} '{model}', namespace 1: {} blocks of {BLOCK} bytes ({} MiB), max transfer {} KiB, queues {ADMIN_ENTRIES}+{} entries mapped in its domain",
-            vs >> 16, vs >> 8 & 0xff, n.blocks, n.blocks * BLOCK >> 20, n.max_chunk >> 10, n.io.entries);
+            vs >> 16, vs >> 8 & 0xff, n.blocks, (n.blocks * BLOCK) >> 20, n.max_chunk >> 10, n.io.entries);
         Ok(n)
     }
 
@@ -236,7 +236,7 @@ impl Nvme {
     /// a read writes memory). Splits into commands of at most `max_chunk` bytes, each with
     /// PRP1 and a PRP2 entry or PRP list built from IOVAs. Returns `count`.
     pub fn io(&mut self, write: bool, iova: u64, lba: u64, count: u64) -> Result<u64, IoError> {
-        if count == 0 || iova % BLOCK != 0 {
+        if count == 0 || !iova.is_multiple_of(BLOCK) {
             return Err(IoError::Invalid);
         }
         if lba.checked_add(count).is_none_or(|end| end > self.blocks) {
@@ -277,7 +277,7 @@ impl Nvme {
         let us = (crate::time::micros() - start).max(1);
         log::info!(target: "nvme", "{} {count} blocks ({}) {} LBA {lba} {} I/O virtual address {iova:#x}: {} commands, {} ms, {} MiB/s",
             if write { "wrote" } else { "read" }, Bytes(count * BLOCK), if write { "to" } else { "from" },
-            if write { "from" } else { "into" }, self.commands - commands0, us / 1000, count * BLOCK * 1_000_000 / us >> 20);
+            if write { "from" } else { "into" }, self.commands - commands0, us / 1000, (count * BLOCK * 1_000_000 / us) >> 20);
         Ok(count)
     }
 }

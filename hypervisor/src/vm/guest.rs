@@ -108,7 +108,7 @@ impl<B: Backend> Guest<B> {
         backend: &mut B,
         frames: &Frames,
     ) -> Result<Self, CreateError> {
-        if spec.memory % (2 * MIB) != 0 || !(4 * MIB..=512 * GIB).contains(&spec.memory) {
+        if !spec.memory.is_multiple_of(2 * MIB) || !(4 * MIB..=512 * GIB).contains(&spec.memory) {
             return Err(CreateError::BadMemorySize(spec.memory));
         }
         let image = elf::Image::parse(image, abi::IMAGE_BASE_GPA, spec.memory - STACK_RESERVE)

@@ -351,9 +351,9 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
             log::info!(target: "morsel",
                 "stats '{name}': {}, owner {}, mounted now {}, mounts {} ({} PTE writes, {} per mount; +{} for intermediate tables), unmounts {} ({} PTE writes), invalidations {}",
                 Bytes(n.morsel.len()),
-                if n.owner == RESTORED { alloc::format!("none (restored from persistent memory)") } else { alloc::format!("guest {}", n.owner) },
+                if n.owner == RESTORED { "none (restored from persistent memory)".into() } else { alloc::format!("guest {}", n.owner) },
                 n.morsel.mount_count(), n.mounts, n.mount_pte_writes,
-                if n.mounts > 0 { n.mount_pte_writes / n.mounts } else { 0 }, n.path_pte_writes,
+                n.mount_pte_writes.checked_div(n.mounts).unwrap_or(0), n.path_pte_writes,
                 n.unmounts, n.unmount_pte_writes, n.invalidations);
         }
     }

@@ -52,7 +52,7 @@ fn main(info: &BootInfo) -> i32 {
     for round in 0..20u64 {
         let mut input = Xmm([0; 32]);
         for (i, w) in input.0.iter_mut().enumerate() {
-            *w = (info.guest_id + 1) << 56 | round << 32 | i as u64 * 0x0101_0101;
+            *w = ((info.guest_id + 1) << 56) | (round << 32) | (i as u64 * 0x0101_0101);
         }
         let mut output = Xmm([0; 32]);
         // Round toward zero (MXCSR.RC = 11b) and flush-to-zero, unlike the host's default.

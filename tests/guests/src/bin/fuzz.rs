@@ -63,8 +63,8 @@ fn main(info: &BootInfo) -> i32 {
     for _ in 0..calls {
         let nr = rng.pick(&NUMBERS);
         // Mostly plausible arguments so that calls get deep, sometimes edges or noise.
-        let name = if rng.next() % 4 != 0 { names + 4 * (rng.next() % 3) } else { rng.pick(&edge) };
-        let len = if rng.next() % 4 != 0 { 4 } else { rng.pick(&[0, 3, 32, 33, 4096, u64::MAX]) };
+        let name = if !rng.next().is_multiple_of(4) { names + 4 * (rng.next() % 3) } else { rng.pick(&edge) };
+        let len = if !rng.next().is_multiple_of(4) { 4 } else { rng.pick(&[0, 3, 32, 33, 4096, u64::MAX]) };
         let mut args = match nr {
             abi::HC_MORSEL_CREATE => [name, len, rng.pick(&sizes), rng.pick(&[0, 1, 2, 3, 4, u64::MAX]), 0, 0],
             abi::HC_MORSEL_OPEN => [name, len, rng.pick(&[0, 1, 1, 2]), 0, 0, 0],
@@ -78,7 +78,7 @@ fn main(info: &BootInfo) -> i32 {
             }
             _ => [rng.pick(&edge), rng.pick(&edge), rng.pick(&edge), 0, 0, 0],
         };
-        if rng.next() % 8 == 0 {
+        if rng.next().is_multiple_of(8) {
             let i = (rng.next() % 6) as usize;
             args[i] = rng.next();
         }

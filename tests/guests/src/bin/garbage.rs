@@ -9,6 +9,9 @@ use guest_lib::{println, BootInfo};
 
 guest_lib::entry!(main);
 
+/// What is tried, hypercall number, arguments, the answer it must get.
+type Case = (&'static str, u64, [u64; 6], Result<u64, Error>);
+
 fn main(info: &BootInfo) -> i32 {
     let mem = info.memory_size;
     let msg = b"a good line\n";
@@ -16,7 +19,7 @@ fn main(info: &BootInfo) -> i32 {
     let names = b"a name\0nul\x07bell-and-a-name-of-33-bytes-long!";
     let n = names.as_ptr() as u64;
     let create = |ptr: u64, len: u64| [ptr, len, 4096, 0, 0, 0];
-    let cases: [(&str, u64, [u64; 6], Result<u64, Error>); 14] = [
+    let cases: [Case; 14] = [
         ("unknown number", 0x9999, [0; 6], Err(Error::NoSuchCall)),
         ("negative number", u64::MAX, [0; 6], Err(Error::NoSuchCall)),
         ("unknown info selector", abi::HC_INFO, [999, 0, 0, 0, 0, 0], Err(Error::NoSuchCall)),

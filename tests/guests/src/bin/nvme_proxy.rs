@@ -36,7 +36,7 @@ fn main(info: &BootInfo) -> i32 {
     };
     let gpa = m.addr();
     match device::nvme_read(gpa, 0, 0, BLOCKS) {
-        Ok(n) => println!("nvme guest: the proxy read {n} blocks ({} MiB) into the morsel", n * NVME_BLOCK >> 20),
+        Ok(n) => println!("nvme guest: the proxy read {n} blocks ({} MiB) into the morsel", (n * NVME_BLOCK) >> 20),
         Err(e) => {
             println!("nvme guest: read failed: {e}");
             return 1;

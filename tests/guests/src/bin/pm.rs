@@ -160,7 +160,7 @@ fn churn() -> Result<(), &'static str> {
             append(&mut ledger, round);
         }
         round += 1;
-        if round % 100 == 0 {
+        if round.is_multiple_of(100) {
             println!("pm: round {round}");
         }
     }
