@@ -6,6 +6,8 @@ mod switch;
 mod vmcb;
 
 use crate::cpu::{CpuFacts, Extension};
+use alloc::vec;
+use alloc::vec::Vec;
 use crate::frames::Frames;
 use crate::vm::fpu::FpuState;
 use crate::vm::{Backend, BackendError, Exit, Regs, VcpuSetup};
@@ -22,12 +24,18 @@ const VM_HSAVE_PA: u32 = 0xc001_0117;
 pub struct Svm {
     nrip_save: bool,
     asids: u32,
+    /// By ASID: the guest whose translations the TLB may hold under it. With more guests than
+    /// ASIDs they share (guest id modulo), and a guest whose ASID another guest used last
+    /// runs after a flush of that ASID.
+    asid_user: Vec<u32>,
     iopm: HostPhysAddr,
     msrpm: HostPhysAddr,
 }
 
 /// A guest's VMCB and its saved registers.
 pub struct Vcpu {
+    guest: u32,
+    asid: u32,
     vmcb: Vmcb,
     regs: Regs,
     fpu: FpuState,
@@ -76,13 +84,12 @@ impl Backend for Svm {
         crate::apic::start_periodic_timer_us(crate::vm::sched::SLICE_US);
         log::info!(target: "svm", "SVM enabled: {} ASIDs, NPT, next-RIP save {}",
             facts.asids, if facts.nrip_save { "yes" } else { "no (VMMCALL length is used)" });
-        Ok(Svm { nrip_save: facts.nrip_save, asids: facts.asids, iopm, msrpm })
+        Ok(Svm { nrip_save: facts.nrip_save, asids: facts.asids, asid_user: vec![u32::MAX; facts.asids as usize], iopm, msrpm })
     }
 
     fn create_vcpu(&mut self, s: &VcpuSetup, frames: &Frames) -> Result<Vcpu, BackendError> {
-        if s.id + 1 >= self.asids {
-            return Err(BackendError::Missing("a free ASID"));
-        }
+        // ASID 0 belongs to the host.
+        let asid = 1 + s.id % (self.asids - 1);
         let mut v = Vmcb::new(frames.alloc_zeroed(0).ok_or(BackendError::NoMemory)?);
         // Intercept every exception: guests have no IDT, any exception is a failure.
         v.write32(INTERCEPT_EXCEPTIONS, 0xffff_ffff);
@@ -91,7 +98,7 @@ impl Backend for Svm {
         v.write32(INTERCEPT_MISC2, MISC2_ALL_SVM);
         v.write64(IOPM_BASE, self.iopm.as_u64());
         v.write64(MSRPM_BASE, self.msrpm.as_u64());
-        v.write32(GUEST_ASID, s.id + 1); // ASID 0 belongs to the host
+        v.write32(GUEST_ASID, asid);
         v.write64(VINTR, VINTR_MASKING);
         v.write64(NP_ENABLE, 1);
         v.write64(N_CR3, s.second_level_root.as_u64());
@@ -120,7 +127,7 @@ impl Backend for Svm {
         v.write64(RFLAGS, 0x202);
         v.write64(G_PAT, 0x0007_0406_0007_0406);
         let regs = Regs { rip: s.rip, rsp: s.rsp, rdi: s.rdi, ..Regs::default() };
-        Ok(Vcpu { vmcb: v, regs, fpu: FpuState::initial(), first_run: true })
+        Ok(Vcpu { guest: s.id, asid, vmcb: v, regs, fpu: FpuState::initial(), first_run: true })
     }
 
     fn run(&mut self, vcpu: &mut Vcpu, _slice_us: u64) -> Exit {
@@ -128,9 +135,11 @@ impl Backend for Svm {
         v.write64(RIP, vcpu.regs.rip);
         v.write64(RSP, vcpu.regs.rsp);
         v.write64(RAX, vcpu.regs.rax);
-        if vcpu.first_run {
+        let user = &mut self.asid_user[vcpu.asid as usize];
+        if vcpu.first_run || *user != vcpu.guest {
             v.write8(TLB_CONTROL, 3); // flush this guest's ASID
             vcpu.first_run = false;
+            *user = vcpu.guest;
         }
         // SAFETY: the VMCB was set up by create_vcpu with a nested table that maps only the
         // guest's memory, and SVM is enabled.
