@@ -286,17 +286,24 @@ impl Pmem {
     }
 
     /// Frees every allocated frame that `reachable` does not name (it calls its argument for
-    /// every frame of every record). Returns the frames (4 KiB) freed.
-    pub fn sweep(&self, reachable: impl FnOnce(&mut dyn FnMut(HostPhysAddr, u32))) -> u64 {
+    /// every frame of every record). Returns the frames (4 KiB) freed, or, when some frame is
+    /// named twice (two records claim it: the directory is damaged), that count and frees
+    /// nothing.
+    pub fn sweep(&self, reachable: impl FnOnce(&mut dyn FnMut(HostPhysAddr, u32))) -> Result<u64, u64> {
         let frames = (self.len / PAGE_SIZE) as usize;
         let mut seen = vec![0u64; frames.div_ceil(64)];
+        let mut twice = 0;
         let mut mark = |f: HostPhysAddr, order: u32| {
             let first = ((f.as_u64() - self.base) / PAGE_SIZE) as usize;
             for i in first..(first + (1 << order)).min(frames) {
+                twice += (seen[i / 64] >> (i % 64) & 1) as u64;
                 seen[i / 64] |= 1 << (i % 64);
             }
         };
         reachable(&mut mark);
+        if twice > 0 {
+            return Err(twice);
+        }
         let skip = (self.reserved / PAGE_SIZE) as usize;
         let first_pfn = (self.base / PAGE_SIZE) as usize;
         let is_seen = |i: usize| seen[i / 64] & (1 << (i % 64)) != 0;
@@ -317,7 +324,7 @@ impl Pmem {
             }
             area += 512;
         }
-        freed
+        Ok(freed)
     }
 
     fn free_unseen(&self, pfn: usize, seen: bool) -> u64 {

@@ -215,11 +215,19 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
             return;
         }
         let named = &self.named;
-        let freed = pm.sweep(|mark| {
+        let freed = match pm.sweep(|mark| {
             for n in named.values().filter(|n| n.slot.is_some()) {
                 n.morsel.for_each_frame(&IDENTITY, &mut *mark);
             }
-        });
+        }) {
+            Ok(freed) => freed,
+            Err(twice) => {
+                // Destroying one would free frames the other still maps: use none of them.
+                log::error!(target: "pmem", "records share {twice} frames (damaged directory): persistent morsels not loaded, no frames reclaimed");
+                self.named.retain(|_, n| n.slot.is_none());
+                return;
+            }
+        };
         let held: u64 = self.named.values().filter(|n| n.slot.is_some())
             .map(|n| n.morsel.table_count() as u64 + n.morsel.len() / 4096).sum();
         let allocated = pm.allocated_frames();
