@@ -21,6 +21,32 @@ pub fn create(path: &Path, size: u64) -> Result<()> {
     file.set_len(size).context(|| format!("cannot size {} to {size} bytes", path.display()))
 }
 
+/// Applies a `pmem_write` to the file (between boots: no QEMU maps it then).
+pub fn apply(path: &Path, w: &crate::scenario::PmemWrite) -> Result<()> {
+    use crate::scenario::PmemWrite;
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let mut f = std::fs::OpenOptions::new().read(true).write(true).open(path)
+        .context(|| format!("cannot open {}", path.display()))?;
+    let size = f.metadata().context(|| format!("cannot stat {}", path.display()))?.len();
+    let (at, bytes) = match *w {
+        PmemWrite::Word { at, value } => (at, value.to_le_bytes().to_vec()),
+        PmemWrite::Copy { at, from, len } => {
+            if from.checked_add(len).is_none_or(|end| end > size) {
+                bail!("pmem_write: {len} bytes from {from:#x} lie outside the {size}-byte file");
+            }
+            let mut b = vec![0u8; len as usize];
+            f.seek(SeekFrom::Start(from)).and_then(|_| f.read_exact(&mut b))
+                .context(|| format!("cannot read {}", path.display()))?;
+            (at, b)
+        }
+    };
+    if at.checked_add(bytes.len() as u64).is_none_or(|end| end > size) {
+        bail!("pmem_write: {} bytes at {at:#x} lie outside the {size}-byte file", bytes.len());
+    }
+    f.seek(SeekFrom::Start(at)).and_then(|_| f.write_all(&bytes))
+        .context(|| format!("cannot write {}", path.display()))
+}
+
 /// The QEMU arguments that add `path` as NVDIMM `nvdimm0` of `size` bytes to the machine that
 /// `config_args` (a config's arguments) describe: its `-m RAM` becomes
 /// `-m RAM,slots=2,maxmem=RAM+size rounded up to 2 GiB` (2G and 64M: `maxmem=4G`); QEMU
@@ -102,6 +128,23 @@ mod tests {
         let bytes = std::fs::read(&path).unwrap();
         assert_eq!(bytes.len(), 2 << 20);
         assert!(bytes.iter().all(|&b| b == 0));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn writes_words_and_copies_inside_the_file() {
+        use crate::scenario::PmemWrite;
+        let dir = std::env::temp_dir().join(format!("parperos-pmem-w-{}", std::process::id()));
+        let path = dir.join("t.img");
+        create(&path, 4096).unwrap();
+        apply(&path, &PmemWrite::Word { at: 0x10, value: 0x1122_3344_5566_7788 }).unwrap();
+        apply(&path, &PmemWrite::Copy { at: 0x100, from: 0x10, len: 8 }).unwrap();
+        let b = std::fs::read(&path).unwrap();
+        assert_eq!(b[0x10..0x18], 0x1122_3344_5566_7788u64.to_le_bytes());
+        assert_eq!(b[0x100..0x108], b[0x10..0x18]);
+        assert!(apply(&path, &PmemWrite::Word { at: 4090, value: 1 }).is_err());
+        assert!(apply(&path, &PmemWrite::Copy { at: 0, from: 4000, len: 100 }).is_err());
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 4096);
         let _ = std::fs::remove_dir_all(dir);
     }
 }

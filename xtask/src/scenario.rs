@@ -23,14 +23,37 @@ pub const SEED: &str = "@SEED@";
 pub const PMEM_ALIGN: u64 = 2 << 20;
 
 const KEYS_HELP: &str = "description, configs, boots, cmdline, timeout, expect, reject, expect_count, expect_order, \
-    exit, kill@K, kill_delay, disk, check_disk, pmem; `.<config>` after cmdline, timeout, expect, reject, expect_count, \
+    exit, kill@K, kill_delay, disk, check_disk, pmem, pmem_write@K; `.<config>` after cmdline, timeout, expect, reject, expect_count, \
     expect_order; `@K` (boot K) after those, exit, kill and kill_delay";
 
 /// Keys that take a `.<config>` suffix.
 const PER_CONFIG: &[&str] = &["cmdline", "timeout", "expect", "reject", "expect_count", "expect_order"];
 /// Keys that take a `@K` suffix: boot K only (1-based).
 const PER_BOOT: &[&str] =
-    &["cmdline", "timeout", "expect", "reject", "expect_count", "expect_order", "exit", "kill", "kill_delay"];
+    &["cmdline", "timeout", "expect", "reject", "expect_count", "expect_order", "exit", "kill", "kill_delay", "pmem_write"];
+
+/// A change to the pmem file between boots (offsets in the file, hex in the scenario).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PmemWrite {
+    /// `pmem_write@K = OFFSET = VALUE`: a little-endian u64.
+    Word { at: u64, value: u64 },
+    /// `pmem_write@K = OFFSET <- FROM LEN`: LEN bytes copied from FROM.
+    Copy { at: u64, from: u64, len: u64 },
+}
+
+fn hex(v: &str) -> Option<u64> {
+    u64::from_str_radix(v.trim().strip_prefix("0x")?, 16).ok()
+}
+
+/// `0x1048 = 0x200000000` or `0x1048 <- 0x1008 24` (length decimal).
+fn parse_pmem_write(value: &str) -> Option<PmemWrite> {
+    if let Some((at, v)) = value.split_once(" = ") {
+        return Some(PmemWrite::Word { at: hex(at)?, value: hex(v)? });
+    }
+    let (at, rest) = value.split_once(" <- ")?;
+    let (from, len) = rest.trim().split_once(' ')?;
+    Some(PmemWrite::Copy { at: hex(at)?, from: hex(from)?, len: len.trim().parse().ok()? })
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExitKind {
@@ -132,6 +155,8 @@ pub struct Scenario {
     pub check_disk: Vec<(u64, u8)>,
     /// `pmem = SIZE`: a fresh zero-filled file of SIZE bytes, an NVDIMM in every boot.
     pub pmem: Option<u64>,
+    /// `pmem_write@K`: changes to the pmem file before boot K (damage for recovery tests).
+    pub pmem_writes: Vec<(usize, PmemWrite)>,
     /// (line, key) of the keys that need a QEMU config (`disk`, `pmem`).
     qemu_only: Vec<(usize, &'static str)>,
 }
@@ -303,6 +328,7 @@ pub fn parse(name: &str, path: &Path, text: &str) -> Result<Scenario> {
         disk: None,
         check_disk: Vec::new(),
         pmem: None,
+        pmem_writes: Vec::new(),
         qemu_only: Vec::new(),
     };
     let mut seen: Vec<&str> = Vec::new();
@@ -419,6 +445,14 @@ pub fn parse(name: &str, path: &Path, text: &str) -> Result<Scenario> {
                 }
                 s.qemu_only.push((lineno, "pmem"));
             }
+            "pmem_write" => match (boot, parse_pmem_write(value)) {
+                (Some(k), Some(w)) => {
+                    s.pmem_writes.push((k, w));
+                    s.qemu_only.push((lineno, "pmem_write"));
+                }
+                (None, _) => crate::bail!("{}: pmem_write needs `@K`: the boot before which the file changes", at()),
+                (_, None) => crate::bail!("{}: pmem_write wants `0xOFFSET = 0xVALUE` or `0xOFFSET <- 0xFROM LEN`, got `{value}`", at()),
+            },
             "check_disk" => {
                 let parsed = value.split_once(char::is_whitespace).and_then(|(lba, byte)| {
                     let byte = byte.trim();
@@ -473,6 +507,9 @@ pub fn parse(name: &str, path: &Path, text: &str) -> Result<Scenario> {
     }
     if !s.check_disk.is_empty() && s.disk.is_none() {
         crate::bail!("{p}: check_disk without a `disk = SIZE` line");
+    }
+    if !s.pmem_writes.is_empty() && s.pmem.is_none() {
+        crate::bail!("{p}: pmem_write without a `pmem = SIZE` line");
     }
     for (lineno, c) in config_refs {
         if !s.configs.contains(&config_name(&c)) {
@@ -770,6 +807,19 @@ expect_order@3 = pm: boot | pm: recovered
         // `cmdline.a@2` and `cmdline@2` are different scopes; `exit = killed` where every boot is killed.
         assert!(p("configs = a\nboots = 2\ncmdline.a@2 = x\ncmdline@2 = y\n").is_ok());
         assert!(p("configs = a\nboots = 1\nkill@1 = x\nexit = killed\n").is_ok());
+    }
+
+    #[test]
+    fn pmem_write_key() {
+        let s = p("configs = a\npmem = 2M\nboots = 2\npmem_write@2 = 0x1048 = 0x200000000\npmem_write@2 = 0x1048 <- 0x1008 24\n").unwrap();
+        assert_eq!(s.pmem_writes, [
+            (2, PmemWrite::Word { at: 0x1048, value: 0x2_0000_0000 }),
+            (2, PmemWrite::Copy { at: 0x1048, from: 0x1008, len: 24 }),
+        ]);
+        assert!(p("configs = a\npmem = 2M\npmem_write = 0x10 = 0x1\n").is_err(), "no @K");
+        assert!(p("configs = a\npmem = 2M\nboots = 2\npmem_write@2 = 16 = 1\n").is_err(), "not hex");
+        assert!(p("configs = a\nboots = 2\npmem_write@2 = 0x10 = 0x1\n").is_err(), "no pmem");
+        assert!(p("configs = a\npmem = 2M\npmem_write@3 = 0x10 = 0x1\n").is_err(), "no such boot");
     }
 
     #[test]

@@ -365,6 +365,13 @@ fn run_job(root: &Path, job: &Job, built: &images::Built, logs: &Path) -> (bool,
     let mut readies = Vec::new();
     let mut kills = Vec::new();
     for boot in 1..=boots {
+        if let Some((path, _)) = &media.pmem {
+            for (_, w) in job.scenario.pmem_writes.iter().filter(|(k, _)| *k == boot) {
+                if let Err(e) = pmem::apply(path, w) {
+                    return (false, facts(job, wall, &readies, &kills), format!("    {}{e}\n", which_boot(job, boot)));
+                }
+            }
+        }
         let s = scenario_for(job, &media, boot);
         let outcome = match job.config.emulator {
             Emulator::Qemu => run_qemu(job, &s, boot, built, logs, &media),
