@@ -9,6 +9,8 @@
 //! * `test=fault`: a deliberate hypervisor fault after boot (proves the exception path).
 //! * `test=dma-fault`: edu DMAs to an address its IOMMU domain does not map (proves the
 //!   fault is reported and a canary page stays unchanged).
+//! * `pmem=format`: format the persistent-memory region even if it holds something other
+//!   than a fresh (all-zero) region or ours.
 
 use crate::vm::guest::{Expect, GuestSpec};
 use alloc::vec::Vec;
@@ -30,13 +32,15 @@ pub struct Args {
     pub guests: Vec<GuestSpec>,
     pub log_level: log::LevelFilter,
     pub test: Option<Test>,
+    /// `pmem=format`: overwrite a persistent-memory region with unknown contents.
+    pub pmem_format: bool,
     /// Words that were not understood, with the reason.
     pub errors: Vec<(&'static str, &'static str)>,
 }
 
 impl Args {
     pub fn parse(line: &'static str) -> Args {
-        let mut a = Args { guests: Vec::new(), log_level: log::LevelFilter::Info, test: None, errors: Vec::new() };
+        let mut a = Args { guests: Vec::new(), log_level: log::LevelFilter::Info, test: None, pmem_format: false, errors: Vec::new() };
         for word in line.split_ascii_whitespace() {
             match word.split_once('=') {
                 Some(("guests", list)) => {
@@ -53,6 +57,7 @@ impl Args {
                 },
                 Some(("test", "fault")) => a.test = Some(Test::Fault),
                 Some(("test", "dma-fault")) => a.test = Some(Test::DmaFault),
+                Some(("pmem", "format")) => a.pmem_format = true,
                 _ => a.errors.push((word, "unknown option")),
             }
         }

@@ -82,8 +82,10 @@ fn persist(pa: u64, len: u64) {
 }
 
 /// Finds, maps and formats or recovers the region. `None` without one (or when it cannot be
-/// used: the reason is logged, and the region is left untouched).
-pub fn init(platform: &Platform, gib_pages: bool) -> Option<&'static Pmem> {
+/// used: the reason is logged, and the region is left untouched). A region is formatted only
+/// when its first page is all zero (fresh) or `format` says so (`pmem=format`): unknown
+/// contents are not overwritten.
+pub fn init(platform: &Platform, gib_pages: bool, format: bool) -> Option<&'static Pmem> {
     let at = platform.nfit?;
     // SAFETY: the address comes from the RSDT and points at the NFIT's header.
     let ranges = match unsafe { read_nfit(at) } {
@@ -114,6 +116,11 @@ pub fn init(platform: &Platform, gib_pages: bool) -> Option<&'static Pmem> {
     // uses; the superblock is its first page.
     let sb = unsafe { core::slice::from_raw_parts_mut(r.base as *mut u64, 512) };
     let known = sb[SB_MAGIC] == MAGIC && sb[SB_VERSION] == VERSION && sb[SB_LEN] == r.len;
+    if !known && !format && sb.iter().any(|&w| w != 0) {
+        log::error!(target: "pmem", "{} at {:#x} holds something else (superblock {:#018x}, version {}, length {:#x}): left untouched; `pmem=format` overwrites it",
+            Bytes(r.len), r.base, sb[SB_MAGIC], sb[SB_VERSION], sb[SB_LEN]);
+        return None;
+    }
     // SAFETY: as above; [META, META + meta_size) holds only the allocator's metadata.
     let meta = unsafe { core::slice::from_raw_parts_mut((r.base + META) as *mut u8, meta_size) };
     let pfn = Pfn((r.base / PAGE_SIZE) as usize);
