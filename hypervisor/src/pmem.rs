@@ -83,8 +83,8 @@ fn persist(pa: u64, len: u64) {
 
 /// Finds, maps and formats or recovers the region. `None` without one (or when it cannot be
 /// used: the reason is logged, and the region is left untouched). A region is formatted only
-/// when its first page is all zero (fresh) or `format` says so (`pmem=format`): unknown
-/// contents are not overwritten.
+/// when its superblock is all zero (fresh, or a format a crash cut short) or `format` says so
+/// (`pmem=format`): unknown contents are not overwritten.
 pub fn init(platform: &Platform, gib_pages: bool, format: bool) -> Option<&'static Pmem> {
     let at = platform.nfit?;
     // SAFETY: the address comes from the RSDT and points at the NFIT's header.
@@ -116,7 +116,10 @@ pub fn init(platform: &Platform, gib_pages: bool, format: bool) -> Option<&'stat
     // uses; the superblock is its first page.
     let sb = unsafe { core::slice::from_raw_parts_mut(r.base as *mut u64, 512) };
     let known = sb[SB_MAGIC] == MAGIC && sb[SB_VERSION] == VERSION && sb[SB_LEN] == r.len;
-    if !known && !format && sb.iter().any(|&w| w != 0) {
+    // Fresh: all zero, or a format that a crash interrupted (it writes the magic last).
+    let fresh = sb[SB_MAGIC] == 0 && [0, VERSION].contains(&sb[SB_VERSION]) && [0, r.len].contains(&sb[SB_LEN])
+        && sb[SB_FORMAT..].iter().all(|&w| w == 0);
+    if !known && !fresh && !format {
         log::error!(target: "pmem", "{} at {:#x} holds something else (superblock {:#018x}, version {}, length {:#x}): left untouched; `pmem=format` overwrites it",
             Bytes(r.len), r.base, sb[SB_MAGIC], sb[SB_VERSION], sb[SB_LEN]);
         return None;
