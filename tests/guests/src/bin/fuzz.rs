@@ -66,7 +66,7 @@ fn main(info: &BootInfo) -> i32 {
         let name = if !rng.next().is_multiple_of(4) { names + 4 * (rng.next() % 3) } else { rng.pick(&edge) };
         let len = if !rng.next().is_multiple_of(4) { 4 } else { rng.pick(&[0, 3, 32, 33, 4096, u64::MAX]) };
         let mut args = match nr {
-            abi::HC_MORSEL_CREATE => [name, len, rng.pick(&sizes), rng.pick(&[0, 1, 2, 3, 4, u64::MAX]), 0, 0],
+            abi::HC_MORSEL_CREATE => [name, len, rng.pick(&sizes), rng.pick(&[0, 1, 2, 3, 4, 5, 7, 8, u64::MAX]), 0, 0],
             abi::HC_MORSEL_OPEN => [name, len, rng.pick(&[0, 1, 1, 2]), 0, 0, 0],
             abi::HC_MORSEL_UNMOUNT | abi::HC_MORSEL_SIZE => [rng.pick(&gpas), 0, 0, 0, 0, 0],
             abi::HC_MORSEL_DESTROY => [name, len, 0, 0, 0, 0],
