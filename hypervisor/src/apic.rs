@@ -7,6 +7,7 @@ pub fn timer_interrupt() {
 }
 
 use hypervisor::mmio::Mmio;
+use spin::Once;
 
 const IA32_APIC_BASE: u32 = 0x1b;
 const REG_EOI: u64 = 0xb0;
@@ -21,9 +22,12 @@ fn base() -> u64 {
     unsafe { x86::msr::rdmsr(IA32_APIC_BASE) & 0xf_ffff_f000 }
 }
 
-fn regs() -> Mmio {
+static REGS: Once<Mmio> = Once::new();
+
+/// The APIC's register page, read from IA32_APIC_BASE on first use.
+fn regs() -> &'static Mmio {
     // SAFETY: the page IA32_APIC_BASE names holds the local APIC's registers (SDM 3A 11.4.1).
-    unsafe { Mmio::new(base(), 4096) }.expect("the local APIC page lies above 4 GiB")
+    REGS.call_once(|| unsafe { Mmio::new(base(), 4096) }.expect("the local APIC page lies above 4 GiB"))
 }
 
 fn read(reg: u64) -> u32 {

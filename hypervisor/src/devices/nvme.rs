@@ -85,15 +85,10 @@ pub struct Nvme {
 }
 
 impl Nvme {
-    fn r32(&self, off: u64) -> u32 {
-        self.regs.read32(off)
-    }
-    fn w32(&self, off: u64, v: u32) {
-        self.regs.write32(off, v)
-    }
+    /// A 64-bit register written as two 32-bit halves.
     fn w64(&self, off: u64, v: u64) {
-        self.w32(off, v as u32);
-        self.w32(off + 4, (v >> 32) as u32);
+        self.regs.write32(off, v as u32);
+        self.regs.write32(off + 4, (v >> 32) as u32);
     }
 
     /// Resets and enables the controller with BAR0 `regs`, maps its queues into domain
@@ -115,21 +110,21 @@ impl Nvme {
             io: queue(1, pages[2], pages[3], IO_ENTRIES), scratch: pages[4], blocks: 0, max_chunk: MAX_CHUNK, commands: 0,
         };
         // CAP is a 64-bit register; read as two halves.
-        let cap = n.r32(CAP) as u64 | (n.r32(CAP + 4) as u64) << 32;
+        let cap = n.regs.read32(CAP) as u64 | (n.regs.read32(CAP + 4) as u64) << 32;
         // CAP: MQES 15:0, TO 31:24 (500 ms units), DSTRD 35:32 (NVMe 1.4, 3.1.1).
         n.stride = 4 << (cap >> 32 & 0xf);
         let max_entries = (cap & 0xffff) as u16 + 1;
         n.io.entries = n.io.entries.min(max_entries);
         let ready_us = ((cap >> 24 & 0xff) + 1) * 500_000;
         // Disable, program the admin queue, enable (NVMe 1.4, 7.6.1).
-        n.w32(CC, 0);
+        n.regs.write32(CC, 0);
         n.wait_ready(false, ready_us)?;
-        n.w32(AQA, (ADMIN_ENTRIES as u32 - 1) << 16 | (ADMIN_ENTRIES as u32 - 1));
+        n.regs.write32(AQA, (ADMIN_ENTRIES as u32 - 1) << 16 | (ADMIN_ENTRIES as u32 - 1));
         n.w64(ASQ, n.admin.sq.as_u64());
         n.w64(ACQ, n.admin.cq.as_u64());
-        n.w32(CC, CC_QUEUE_SIZES | CC_EN);
+        n.regs.write32(CC, CC_QUEUE_SIZES | CC_EN);
         n.wait_ready(true, ready_us)?;
-        let vs = n.r32(VS);
+        let vs = n.regs.read32(VS);
         // Identify controller (CNS 1): MDTS at byte 77, in units of the 4 KiB minimum page.
         n.admin_cmd(OP_IDENTIFY, 0, n.scratch.as_u64(), [1, 0]).map_err(|_| "identify controller failed")?;
         let ident = n.scratch.as_u64() as *const u8;
@@ -165,8 +160,8 @@ impl Nvme {
 
     fn wait_ready(&self, ready: bool, us: u64) -> Result<(), &'static str> {
         let start = crate::time::micros();
-        while (self.r32(CSTS) & CSTS_RDY != 0) != ready {
-            if self.r32(CSTS) & CSTS_CFS != 0 {
+        while (self.regs.read32(CSTS) & CSTS_RDY != 0) != ready {
+            if self.regs.read32(CSTS) & CSTS_CFS != 0 {
                 return Err("controller fatal status");
             }
             if crate::time::micros() - start > us {
@@ -201,7 +196,7 @@ impl Nvme {
         q.tail = (q.tail + 1) % q.entries;
         let (qid, tail) = (q.id as u64, q.tail);
         // SQ y tail doorbell at 0x1000 + 2y * stride (NVMe 1.4, 3.1.24).
-        self.w32(DOORBELLS + 2 * qid * stride, tail as u32);
+        self.regs.write32(DOORBELLS + 2 * qid * stride, tail as u32);
         let q = if admin { &mut self.admin } else { &mut self.io };
         let cqe = q.cq.as_u64() + 16 * q.head as u64;
         let start = crate::time::micros();
@@ -223,7 +218,7 @@ impl Nvme {
         }
         let head = q.head;
         // CQ y head doorbell at 0x1000 + (2y + 1) * stride.
-        self.w32(DOORBELLS + (2 * qid + 1) * stride, head as u32);
+        self.regs.write32(DOORBELLS + (2 * qid + 1) * stride, head as u32);
         self.commands += 1;
         match (dw3 >> 17) as u16 & 0x7ff {
             0 => Ok(()),

@@ -149,19 +149,6 @@ pub struct Vtd {
 }
 
 impl Vtd {
-    fn r32(&self, off: u64) -> u32 {
-        self.regs.read32(off)
-    }
-    fn w32(&self, off: u64, v: u32) {
-        self.regs.write32(off, v)
-    }
-    fn r64(&self, off: u64) -> u64 {
-        self.regs.read64(off)
-    }
-    fn w64(&self, off: u64, v: u64) {
-        self.regs.write64(off, v)
-    }
-
     /// Reads the capabilities of the unit at `base` and builds an empty root table.
     pub fn new(base: u64, frames: &Frames) -> Result<Vtd, Error> {
         // SAFETY: the DMAR names `base` as the unit's 4 KiB register page (VT-d spec 8.3),
@@ -169,16 +156,16 @@ impl Vtd {
         let regs = unsafe { Mmio::new(base, 4096) }.ok_or(Error::BadBase(base))?;
         let mut v = Vtd { regs, cap: 0, ecap: 0, levels: 0, root: HostPhysAddr::new(0), context: Vec::new(),
             domains: Vec::new(), gcmd: 0, mem: VtdMem { coherent: true }, faults_seen: 0, invalidations: 0 };
-        v.cap = v.r64(CAP);
-        v.ecap = v.r64(ECAP);
+        v.cap = v.regs.read64(CAP);
+        v.ecap = v.regs.read64(ECAP);
         // SAGAW bits 12:8: bit 1 = 39-bit 3-level, bit 2 = 48-bit 4-level (VT-d spec 10.4.2).
         let sagaw = v.cap >> 8 & 0x1f;
         v.levels = if sagaw & 4 != 0 { 4 } else if sagaw & 2 != 0 { 3 } else { return Err(Error::NoLevels(sagaw)) };
         // ECAP.C bit 0: page walks snoop the CPU caches (VT-d spec 10.4.3).
         v.mem.coherent = v.ecap & 1 != 0;
-        v.gcmd = v.r32(GSTS) & GCMD_PERSISTENT;
+        v.gcmd = v.regs.read32(GSTS) & GCMD_PERSISTENT;
         v.root = frames.alloc_zeroed(0).ok_or(Error::NoMemory)?;
-        let ver = v.r32(VER);
+        let ver = v.regs.read32(VER);
         log::info!(target: "iommu", "VT-d unit at {base:#x}: version {}.{}, {} domains, MGAW {} bits, SAGAW {sagaw:#x} -> {}-level tables, {} fault records, coherent walks {}, caching mode {}",
             ver >> 4 & 0xf, ver & 0xf, self::domains(v.cap), (v.cap >> 16 & 0x3f) + 1, v.levels,
             (v.cap >> 40 & 0xff) + 1, v.mem.coherent, v.cap >> 7 & 1 == 1);
@@ -188,8 +175,8 @@ impl Vtd {
     /// Points the unit at the root table, invalidates everything, and turns translation on:
     /// from now on a device without a context entry cannot reach memory.
     pub fn enable(&mut self) -> Result<(), Error> {
-        self.w32(FECTL, FECTL_IM);
-        self.w64(RTADDR, self.root.as_u64());
+        self.regs.write32(FECTL, FECTL_IM);
+        self.regs.write64(RTADDR, self.root.as_u64());
         self.command(GCMD_SRTP, true, "set root table pointer")?;
         self.invalidate_all()?;
         self.write_buffer_flush()?;
@@ -201,9 +188,9 @@ impl Vtd {
 
     /// Writes GCMD with `bit` (plus the persistent bits) and waits until GSTS shows it `set`.
     fn command(&mut self, bit: u32, set: bool, what: &'static str) -> Result<(), Error> {
-        self.w32(GCMD, self.gcmd | bit);
+        self.regs.write32(GCMD, self.gcmd | bit);
         for _ in 0..1_000_000 {
-            if (self.r32(GSTS) & bit != 0) == set {
+            if (self.regs.read32(GSTS) & bit != 0) == set {
                 return Ok(());
             }
             core::hint::spin_loop();
@@ -216,9 +203,9 @@ impl Vtd {
         if self.cap >> 4 & 1 == 0 {
             return Ok(());
         }
-        self.w32(GCMD, self.gcmd | GCMD_WBF);
+        self.regs.write32(GCMD, self.gcmd | GCMD_WBF);
         for _ in 0..1_000_000 {
-            if self.r32(GSTS) & GCMD_WBF == 0 {
+            if self.regs.read32(GSTS) & GCMD_WBF == 0 {
                 return Ok(());
             }
         }
@@ -227,7 +214,7 @@ impl Vtd {
 
     /// Global context-cache and IOTLB invalidation.
     fn invalidate_all(&mut self) -> Result<(), Error> {
-        self.w64(CCMD, CCMD_ICC | CCMD_GLOBAL);
+        self.regs.write64(CCMD, CCMD_ICC | CCMD_GLOBAL);
         self.wait64(CCMD, CCMD_ICC, "context-cache invalidation")?;
         self.iotlb(IOTLB_GLOBAL)
     }
@@ -236,14 +223,14 @@ impl Vtd {
     /// IOTLB registers in units of 16 bytes (VT-d spec 10.4.3).
     fn iotlb(&mut self, granularity: u64) -> Result<(), Error> {
         let reg = ((self.ecap >> 8) & 0x3ff) * 16 + 8;
-        self.w64(reg, IOTLB_IVT | IOTLB_DRAIN | granularity);
+        self.regs.write64(reg, IOTLB_IVT | IOTLB_DRAIN | granularity);
         self.invalidations += 1;
         self.wait64(reg, IOTLB_IVT, "IOTLB invalidation")
     }
 
     fn wait64(&self, reg: u64, busy: u64, what: &'static str) -> Result<(), Error> {
         for _ in 0..1_000_000 {
-            if self.r64(reg) & busy == 0 {
+            if self.regs.read64(reg) & busy == 0 {
                 return Ok(());
             }
             core::hint::spin_loop();
@@ -318,28 +305,28 @@ impl Vtd {
     /// Reads, logs and clears every recorded fault (VT-d spec 7.1.3, 10.4.14).
     pub fn poll_faults(&mut self) -> Vec<Fault> {
         let mut out = Vec::new();
-        let fsts = self.r32(FSTS);
+        let fsts = self.regs.read32(FSTS);
         let first = (self.cap >> 24 & 0x3ff) * 16;
         let count = (self.cap >> 40 & 0xff) + 1;
         for n in 0..count {
             let at = first + 16 * n;
-            let high = self.r64(at + 8);
+            let high = self.regs.read64(at + 8);
             // High half: F bit 63, T bit 62 (0 = write), FR 39:32, SID 15:0.
             if high >> 63 == 0 {
                 continue;
             }
-            let low = self.r64(at);
+            let low = self.regs.read64(at);
             let f = Fault { source: Bdf::from_source_id(high as u16), address: low & !0xfff,
                 reason: (high >> 32) as u8, write: high >> 62 & 1 == 0 };
             log::error!(target: "iommu", "DMA fault: device {}, address {:#x}, reason {} ({}), {}",
                 f.source, f.address, f.reason, f.reason_text(), if f.write { "write" } else { "read" });
             // F is write-1-to-clear.
-            self.w64(at + 8, 1 << 63);
+            self.regs.write64(at + 8, 1 << 63);
             out.push(f);
         }
         if fsts & FSTS_PFO != 0 {
             log::error!(target: "iommu", "fault records overflowed: some faults were not recorded");
-            self.w32(FSTS, FSTS_PFO);
+            self.regs.write32(FSTS, FSTS_PFO);
         }
         self.faults_seen += out.len() as u64;
         out

@@ -39,7 +39,6 @@ pub struct Vcpu {
     vmcb: Vmcb,
     regs: Regs,
     fpu: FpuState,
-    first_run: bool,
 }
 
 /// Segment attributes in VMCB form (descriptor bits 40-47 in 0-7, 52-55 in 8-11).
@@ -127,7 +126,7 @@ impl Backend for Svm {
         v.write64(RFLAGS, 0x202);
         v.write64(G_PAT, 0x0007_0406_0007_0406);
         let regs = Regs { rip: s.rip, rsp: s.rsp, rdi: s.rdi, ..Regs::default() };
-        Ok(Vcpu { guest: s.id, asid, vmcb: v, regs, fpu: FpuState::initial(), first_run: true })
+        Ok(Vcpu { guest: s.id, asid, vmcb: v, regs, fpu: FpuState::initial() })
     }
 
     fn run(&mut self, vcpu: &mut Vcpu, _slice_us: u64) -> Exit {
@@ -136,9 +135,9 @@ impl Backend for Svm {
         v.write64(RSP, vcpu.regs.rsp);
         v.write64(RAX, vcpu.regs.rax);
         let user = &mut self.asid_user[vcpu.asid as usize];
-        if vcpu.first_run || *user != vcpu.guest {
+        // Also the first run: no ASID starts with a user.
+        if *user != vcpu.guest {
             v.write8(TLB_CONTROL, 3); // flush this guest's ASID
-            vcpu.first_run = false;
             *user = vcpu.guest;
         }
         // SAFETY: the VMCB was set up by create_vcpu with a nested table that maps only the

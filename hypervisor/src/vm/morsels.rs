@@ -121,19 +121,20 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
             return Err(Error::Busy);
         }
         let others_may_write = flags & abi::MORSEL_SHARE_WRITABLE != 0;
-        let source = if flags & abi::MORSEL_PERSISTENT != 0 {
+        let pm = if flags & abi::MORSEL_PERSISTENT != 0 {
             let pm = pmem::get().ok_or(Error::Invalid)?;
             pm.claim_format(F::NAME).map_err(|_| Error::Invalid)?;
-            Source::Pmem(pm.frames())
+            Some(pm)
         } else {
-            Source::Ram(*frames)
+            None
         };
+        let source = pm.map_or(Source::Ram(*frames), |pm| Source::Pmem(pm.frames()));
         let morsel = Morsel::<F>::create(size, page, &source, &IDENTITY).map_err(|e| match e {
             morsel::Error::OutOfMemory => Error::NoMemory,
             _ => Error::Invalid,
         })?;
-        let slot = match (source, pmem::get()) {
-            (Source::Pmem(_), Some(pm)) => {
+        let slot = match pm {
+            Some(pm) => {
                 let record = pmem::Record { name: name.clone(), root: morsel.root(), len: morsel.len(), page, others_may_write };
                 match pm.add_record(&record) {
                     Some(slot) => Some(slot),
@@ -143,7 +144,7 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
                     }
                 }
             }
-            _ => None,
+            None => None,
         };
         log::info!(target: "morsel", "guest {} created '{name}': {} of {} pages, root L{}, {} tables{}",
             g.id, Bytes(size), if page == PageSize::Size2M { "2 MiB" } else { "4 KiB" },
@@ -228,11 +229,11 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
                 return;
             }
         };
-        let held: u64 = self.named.values().filter(|n| n.slot.is_some())
-            .map(|n| n.morsel.table_count() as u64 + n.morsel.len() / 4096).sum();
+        let persistent: Vec<&Named<F>> = self.named.values().filter(|n| n.slot.is_some()).collect();
+        let held: u64 = persistent.iter().map(|n| n.morsel.table_count() as u64 + n.morsel.len() / 4096).sum();
         let allocated = pm.allocated_frames();
         log::info!(target: "pmem", "{} persistent morsel(s); {freed} frames freed that no record reached; {allocated} frames allocated, {held} held by records: {}",
-            self.named.values().filter(|n| n.slot.is_some()).count(),
+            persistent.len(),
             if allocated == held { "nothing lost, nothing shared" } else { "MISMATCH" });
     }
 
