@@ -10,7 +10,7 @@ use alloc::vec;
 use alloc::vec::Vec;
 use crate::frames::Frames;
 use crate::vm::fpu::FpuState;
-use crate::vm::{Backend, BackendError, Exit, Regs, VcpuSetup};
+use crate::vm::{Backend, BackendError, Exit, Regs, Resume, VcpuSetup};
 use morsel::{FrameAlloc, HostPhysAddr, Npt};
 use vmcb::*;
 
@@ -19,6 +19,9 @@ const EFER_SVME: u64 = 1 << 12;
 const VM_CR: u32 = 0xc001_0114;
 const VM_CR_SVMDIS: u64 = 1 << 4;
 const VM_HSAVE_PA: u32 = 0xc001_0117;
+const EFER_LMA: u64 = 1 << 10;
+const CR0_PG: u64 = 1 << 31;
+const CR4_LA57: u64 = 1 << 12;
 
 /// SVM enabled on this CPU, with the shared I/O and MSR permission maps.
 pub struct Svm {
@@ -30,6 +33,11 @@ pub struct Svm {
     asid_user: Vec<u32>,
     iopm: HostPhysAddr,
     msrpm: HostPhysAddr,
+    /// VMSAVE/VMLOAD area for the host's FS, GS, TR, LDTR (with their hidden parts),
+    /// KERNEL_GS_BASE, STAR/LSTAR/CSTAR/SFMASK and SYSENTER_*: VMRUN and #VMEXIT switch
+    /// none of these (APM Vol. 2 15.5.2), so the world switch saves the host's here and
+    /// loads the guest's from its VMCB, and back after the exit.
+    host_state: HostPhysAddr,
 }
 
 /// A guest's VMCB and its saved registers.
@@ -67,6 +75,7 @@ impl Backend for Svm {
             return Err(BackendError::Disabled("SVM (VM_CR.SVMDIS)"));
         }
         let hsave = frames.alloc_zeroed(0).ok_or(BackendError::NoMemory)?;
+        let host_state = frames.alloc_zeroed(0).ok_or(BackendError::NoMemory)?;
         // The I/O permission map is 12 KiB, the MSR permission map 8 KiB (APM 15.10, 15.11):
         // all ones intercepts every port and MSR. A 2 MiB frame holds both contiguously.
         let maps = frames.alloc_zeroed(9).ok_or(BackendError::NoMemory)?;
@@ -83,7 +92,14 @@ impl Backend for Svm {
         crate::apic::start_periodic_timer_us(crate::vm::sched::SLICE_US);
         log::info!(target: "svm", "SVM enabled: {} ASIDs, NPT, next-RIP save {}",
             facts.asids, if facts.nrip_save { "yes" } else { "no (VMMCALL length is used)" });
-        Ok(Svm { nrip_save: facts.nrip_save, asids: facts.asids, asid_user: vec![u32::MAX; facts.asids as usize], iopm, msrpm })
+        Ok(Svm {
+            nrip_save: facts.nrip_save,
+            asids: facts.asids,
+            asid_user: vec![u32::MAX; facts.asids as usize],
+            iopm,
+            msrpm,
+            host_state,
+        })
     }
 
     fn create_vcpu(&mut self, s: &VcpuSetup, frames: &Frames) -> Result<Vcpu, BackendError> {
@@ -92,9 +108,14 @@ impl Backend for Svm {
         let mut v = Vmcb::new(frames.alloc_zeroed(0).ok_or(BackendError::NoMemory)?);
         // Intercept every exception: guests have no IDT, any exception is a failure.
         v.write32(INTERCEPT_EXCEPTIONS, 0xffff_ffff);
-        v.write32(INTERCEPT_MISC1,
-            MISC1_INTR | MISC1_NMI | MISC1_INVD | MISC1_HLT | MISC1_IOIO | MISC1_MSR | MISC1_SHUTDOWN);
-        v.write32(INTERCEPT_MISC2, MISC2_ALL_SVM);
+        // CPU state that VMRUN does not switch and a guest could otherwise write: debug
+        // registers, XCR0 (XSETBV), CR4 (which would enable PKRU); INVLPGA would reach
+        // other ASIDs. Each of these exits and stops the guest.
+        v.write32(INTERCEPT_CR, CR_WRITE_CR4);
+        v.write32(INTERCEPT_DR, 0xffff_ffff);
+        v.write32(INTERCEPT_MISC1, MISC1_INTR | MISC1_NMI | MISC1_INVD | MISC1_HLT | MISC1_INVLPGA
+            | MISC1_IOIO | MISC1_MSR | MISC1_SHUTDOWN);
+        v.write32(INTERCEPT_MISC2, MISC2_ALL_SVM | MISC2_XSETBV);
         v.write64(IOPM_BASE, self.iopm.as_u64());
         v.write64(MSRPM_BASE, self.msrpm.as_u64());
         v.write32(GUEST_ASID, asid);
@@ -129,7 +150,9 @@ impl Backend for Svm {
         Ok(Vcpu { guest: s.id, asid, vmcb: v, regs, fpu: FpuState::initial() })
     }
 
-    fn run(&mut self, vcpu: &mut Vcpu, _slice_us: u64) -> Exit {
+    /// The budget is kept by the host's periodic LAPIC timer (an INTR exit every slice) and
+    /// by the scheduler's own deadline check between exits.
+    fn run(&mut self, vcpu: &mut Vcpu, _budget_us: u64) -> Exit {
         let v = &mut vcpu.vmcb;
         v.write64(RIP, vcpu.regs.rip);
         v.write64(RSP, vcpu.regs.rsp);
@@ -141,20 +164,21 @@ impl Backend for Svm {
             *user = vcpu.guest;
         }
         // SAFETY: the VMCB was set up by create_vcpu with a nested table that maps only the
-        // guest's memory, and SVM is enabled.
-        unsafe { switch::run(&mut vcpu.regs, v.pa().as_u64(), &mut vcpu.fpu) };
+        // guest's memory, and SVM is enabled; host_state is a page of ours.
+        unsafe { switch::run(&mut vcpu.regs, v.pa().as_u64(), self.host_state.as_u64(), &mut vcpu.fpu) };
         let v = &mut vcpu.vmcb;
         v.write8(TLB_CONTROL, 0);
         vcpu.regs.rip = v.read64(RIP);
         vcpu.regs.rsp = v.read64(RSP);
         vcpu.regs.rax = v.read64(RAX);
         let (code, info1, info2) = (v.read64(EXITCODE), v.read64(EXITINFO1), v.read64(EXITINFO2));
-        // Next RIP: from the VMCB where the CPU saves it, else the instruction length.
-        let next = |len: u64| if self.nrip_save { v.read64(NRIP) } else { vcpu.regs.rip + len };
+        // Next RIP: from the VMCB where the CPU saves it, else decoded from guest memory (an
+        // instruction may carry prefixes: `66 0f 01 d9` is a 4-byte VMMCALL).
+        let resume = if self.nrip_save { Resume::At(v.read64(NRIP)) } else { Resume::Decode };
         match code {
-            EXIT_VMMCALL => Exit::Hypercall { next_rip: next(3) },
-            EXIT_CPUID => Exit::Cpuid { next_rip: next(2) },
-            EXIT_HLT => Exit::Halt { next_rip: next(1) },
+            EXIT_VMMCALL => Exit::Hypercall { resume, cpl: v.read8(CPL) & 3 },
+            EXIT_CPUID => Exit::Cpuid { resume },
+            EXIT_HLT => Exit::Halt { resume, interrupts: v.read64(RFLAGS) & RFLAGS_IF != 0 },
             EXIT_INTR | EXIT_NMI => Exit::Preempted,
             // EXITINFO1: #PF-style error code, EXITINFO2: guest-physical address (APM 15.25.6).
             EXIT_NPF => Exit::SecondLevelFault {
@@ -169,7 +193,8 @@ impl Backend for Svm {
             EXIT_SHUTDOWN => Exit::TripleFault,
             EXIT_IOIO => Exit::Io { port: (info1 >> 16) as u16, write: info1 & 1 == 0 },
             EXIT_MSR => Exit::Msr { msr: vcpu.regs.rcx as u32, write: info1 & 1 != 0 },
-            EXIT_INVD | EXIT_VMRUN..=0x86 => Exit::Forbidden { code },
+            EXIT_INVD | EXIT_INVLPGA | EXIT_VMRUN..=0x86 | EXIT_XSETBV | EXIT_CR4_WRITE
+            | EXIT_DR_FIRST..=EXIT_DR_LAST => Exit::Forbidden { code },
             EXIT_INVALID => Exit::EntryFailed { code, qualification: 0 },
             _ => Exit::Other { code },
         }
@@ -177,6 +202,12 @@ impl Backend for Svm {
 
     fn regs(vcpu: &mut Vcpu) -> &mut Regs {
         &mut vcpu.regs
+    }
+
+    fn guest_cr3(vcpu: &mut Vcpu) -> Option<u64> {
+        let v = &vcpu.vmcb;
+        let long_paging = v.read64(EFER) & EFER_LMA != 0 && v.read64(CR0) & CR0_PG != 0;
+        (long_paging && v.read64(CR4) & CR4_LA57 == 0).then(|| v.read64(CR3))
     }
 
     fn flush_second_level(&mut self, vcpu: &mut Vcpu) {

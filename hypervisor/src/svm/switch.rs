@@ -1,8 +1,13 @@
 //! The SVM world switch: load the guest's general registers and FPU state, VMRUN, and save
-//! them again on #VMEXIT. RAX, RSP and RIP travel in the VMCB. Interrupts: CLGI, then STI,
-//! so that a physical interrupt during the guest run causes an INTR intercept; after the
-//! exit (GIF = 0) STGI lets the host take that interrupt (its handler acknowledges it on an
-//! IST stack), then CLI.
+//! them again on #VMEXIT. RAX, RSP and RIP travel in the VMCB. VMRUN and #VMEXIT do not
+//! switch FS, GS, TR, LDTR (with their hidden bases and limits), KERNEL_GS_BASE,
+//! STAR/LSTAR/CSTAR/SFMASK and SYSENTER_* (AMD APM Vol. 2 15.5.2, 15.5.3): VMSAVE stores
+//! the host's into its own area and VMLOAD loads the guest's from its VMCB before VMRUN;
+//! after the exit VMSAVE keeps the guest's and VMLOAD brings the host's back, all with
+//! GIF = 0, so no interrupt or NMI ever runs on a guest's TR (whose IST stacks it names).
+//! Interrupts: CLGI, then STI, so that a physical interrupt during the guest run causes an
+//! INTR intercept; after the exit STGI lets the host take that interrupt (its handler
+//! acknowledges it on an IST stack), then CLI.
 
 use crate::vm::fpu::FpuState;
 use crate::vm::Regs;
@@ -12,19 +17,25 @@ use core::arch::global_asm;
 global_asm!(
     ".global svm_world_switch",
     "svm_world_switch:",
-    // rdi = &mut Regs, rsi = VMCB physical address, rdx = guest FPU, rcx = host FPU
+    // rdi = &mut Regs, rsi = VMCB physical address, rdx = guest FPU, rcx = host FPU,
+    // r8 = host VMSAVE area physical address
     "push rbx", "push rbp", "push r12", "push r13", "push r14", "push r15",
+    "push r8",
     "push rdi",
     "push rcx",
     "fxsave64 [rcx]",
     "fxrstor64 [rdx]",
     "push rdx",
-    "mov rax, rsi",
-    load_guest_gprs!(),
     "clgi",
+    "mov rax, r8",
+    "vmsave rax",
+    "mov rax, rsi",
+    "vmload rax",
+    load_guest_gprs!(),
     "sti",
     "vmrun rax",
     // #VMEXIT: GIF = 0, rax = VMCB address again; the guest's registers are live.
+    "vmsave rax",
     "push rdi",
     save_guest_gprs!(),
     "pop rax",
@@ -33,24 +44,27 @@ global_asm!(
     "pop rcx",
     "fxsave64 [rdx]",
     "fxrstor64 [rcx]",
+    "pop rdi",
+    "pop rax",
+    "vmload rax",
     "stgi",
     "cli",
-    "pop rdi",
     "pop r15", "pop r14", "pop r13", "pop r12", "pop rbp", "pop rbx",
     "ret",
 );
 
 extern "C" {
-    fn svm_world_switch(regs: *mut Regs, vmcb: u64, guest_fpu: *mut FpuState, host_fpu: *mut FpuState);
+    fn svm_world_switch(regs: *mut Regs, vmcb: u64, guest_fpu: *mut FpuState, host_fpu: *mut FpuState, host_state: u64);
 }
 
 /// Runs the guest until the next #VMEXIT.
 ///
 /// # Safety
 /// `vmcb` must be a valid, fully initialised VMCB whose guest state and nested page table
-/// only grant the guest its own memory; SVM must be enabled with a host save area.
-pub unsafe fn run(regs: &mut Regs, vmcb: u64, guest_fpu: &mut FpuState) {
+/// only grant the guest its own memory; SVM must be enabled with a host save area;
+/// `host_state` must be a 4 KiB-aligned page that nothing else uses.
+pub unsafe fn run(regs: &mut Regs, vmcb: u64, host_state: u64, guest_fpu: &mut FpuState) {
     // SAFETY: forwarded from the caller; HOST_FPU is only used here, on the one CPU that
     // runs guests.
-    unsafe { svm_world_switch(regs, vmcb, guest_fpu, &raw mut crate::vm::fpu::HOST_FPU) }
+    unsafe { svm_world_switch(regs, vmcb, guest_fpu, &raw mut crate::vm::fpu::HOST_FPU, host_state) }
 }

@@ -65,6 +65,11 @@ pub fn handle<B: Backend>(guest: &mut Guest<B>, backend: &mut B, regs: &mut Regs
     Action::Continue
 }
 
+/// Answers a hypercall that is not handled at all (e.g. one from user mode) with `error`.
+pub fn refuse(regs: &mut Regs, error: Error) {
+    set(regs, Err(error));
+}
+
 fn set(regs: &mut Regs, result: Result<u64, Error>) {
     match result {
         Ok(v) => {

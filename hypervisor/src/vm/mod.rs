@@ -50,15 +50,25 @@ pub struct VcpuSetup {
     pub id: u32,
 }
 
+/// Where the guest goes on after an instruction the hypervisor emulates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resume {
+    /// The CPU reported the next RIP (VMX exit instruction length, SVM next-RIP save).
+    At(u64),
+    /// The CPU did not say (SVM without next-RIP save): the instruction at RIP is decoded
+    /// from guest memory (`hypervisor::decode`), prefixes included.
+    Decode,
+}
+
 /// Why a guest stopped running, in vendor-neutral terms.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Exit {
-    /// VMCALL / VMMCALL; the guest continues at `next_rip`.
-    Hypercall { next_rip: u64 },
-    /// CPUID (VMX exits on it unconditionally); emulate and continue at `next_rip`.
-    Cpuid { next_rip: u64 },
-    /// HLT: with interrupts off it would never wake; treated as a yield.
-    Halt { next_rip: u64 },
+    /// VMCALL / VMMCALL from privilege level `cpl`.
+    Hypercall { resume: Resume, cpl: u8 },
+    /// CPUID (VMX exits on it unconditionally); emulated.
+    Cpuid { resume: Resume },
+    /// HLT; `interrupts` is the guest's RFLAGS.IF (with IF = 0 it could never wake).
+    Halt { resume: Resume, interrupts: bool },
     /// The time slice ended (VMX preemption timer, SVM physical timer interrupt).
     Preempted,
     /// An access the second-level table does not allow.
@@ -177,10 +187,14 @@ pub trait Backend: Sized {
     fn enable(facts: &CpuFacts, frames: &Frames) -> Result<Self, BackendError>;
     /// Creates a vCPU in the state `setup` describes.
     fn create_vcpu(&mut self, setup: &VcpuSetup, frames: &Frames) -> Result<Self::Vcpu, BackendError>;
-    /// Runs the vCPU for at most one time slice of `slice_us` microseconds.
-    fn run(&mut self, vcpu: &mut Self::Vcpu, slice_us: u64) -> Exit;
+    /// Runs the vCPU until its next exit, for at most `budget_us` microseconds (what is left
+    /// of its time slice).
+    fn run(&mut self, vcpu: &mut Self::Vcpu, budget_us: u64) -> Exit;
     /// The guest's registers (valid between runs).
     fn regs(vcpu: &mut Self::Vcpu) -> &mut Regs;
+    /// The guest's CR3 if it runs in 64-bit mode with 4-level paging (valid between runs):
+    /// what decoding an instruction at a guest-virtual RIP needs.
+    fn guest_cr3(vcpu: &mut Self::Vcpu) -> Option<u64>;
     /// Drops cached second-level translations of this vCPU (after an unmount).
     fn flush_second_level(&mut self, vcpu: &mut Self::Vcpu);
     /// Gives the vCPU's control structures back.

@@ -5,13 +5,19 @@
 use super::guest::{Guest, GuestSpec, State, Summary};
 use super::hypercall::{self, Action, Context};
 use super::morsels::Directory;
-use super::{Backend, Exit, ExitKind};
+use super::{Backend, Exit, ExitKind, Regs, Resume};
+use guest_lib::abi;
+use hypervisor::decode;
 use crate::frames::Frames;
 use alloc::vec::Vec;
 use hypervisor::archive::Archive;
 
 /// Length of a time slice.
 pub const SLICE_US: u64 = 10_000;
+
+/// The hypercall instruction whose length is decoded where the CPU does not report it
+/// (only SVM lacks next-RIP save; VMCALL is `0f 01 c1`).
+const VMMCALL: [u8; 3] = [0x0f, 0x01, 0xd9];
 
 /// Runs the guests `specs` from `archive` to completion; true if every guest ended as expected.
 pub fn run_guests<B: Backend>(backend: &mut B, frames: &Frames, archive: Archive, specs: &[GuestSpec]) -> bool {
@@ -58,37 +64,66 @@ pub fn run_guests<B: Backend>(backend: &mut B, frames: &Frames, archive: Archive
     report::<B>(&done, frames.free_frames() as i64 - free_before as i64) && all_created
 }
 
-/// Runs `guest` until its slice ends, it yields, exits or is stopped.
+/// Runs `guest` until its slice ends, it yields, exits or is stopped. The slice is a budget
+/// of time across exits: every exit the hypervisor handles in place (hypercall, CPUID) is
+/// charged to it, so a guest that loops on them is preempted like one that spins.
 fn run_slice<B: Backend>(backend: &mut B, guest: &mut Guest<B>, cx: &mut Context<B>) {
+    let per_us = crate::time::tsc_per_us().max(1);
+    let deadline = crate::time::tsc() + SLICE_US * per_us;
     loop {
         let Some(vcpu) = guest.vcpu.as_mut() else { return };
-        let exit = backend.run(vcpu, SLICE_US);
+        let now = crate::time::tsc();
+        if now >= deadline {
+            let rip = B::regs(vcpu).rip;
+            end_slice(guest, rip);
+            return;
+        }
+        let exit = backend.run(vcpu, (deadline - now).div_ceil(per_us));
+        let cr3 = B::guest_cr3(vcpu);
         let mut regs = *B::regs(vcpu);
         guest.exits[exit.kind() as usize] += 1;
         let go_on = match exit {
-            Exit::Hypercall { next_rip } => {
-                regs.rip = next_rip;
-                hypercall::handle(guest, backend, &mut regs, cx) == Action::Continue
+            Exit::Hypercall { resume, cpl } => match resume_at(guest, &regs, cr3, resume, &VMMCALL) {
+                None => false,
+                Some(next_rip) => {
+                    regs.rip = next_rip;
+                    if cpl == 0 {
+                        hypercall::handle(guest, backend, &mut regs, cx) == Action::Continue
+                    } else {
+                        // The guest kernel decides what its user mode may do.
+                        hypercall::refuse(&mut regs, abi::Error::Denied);
+                        true
+                    }
+                }
+            },
+            Exit::Cpuid { resume } => match resume_at(guest, &regs, cr3, resume, &[0x0f, 0xa2]) {
+                None => false,
+                Some(next_rip) => {
+                    // CPUID has no side effects; the guest sees the host's leaves.
+                    let r = core::arch::x86_64::__cpuid_count(regs.rax as u32, regs.rcx as u32);
+                    (regs.rax, regs.rbx, regs.rcx, regs.rdx) = (r.eax as u64, r.ebx as u64, r.ecx as u64, r.edx as u64);
+                    regs.rip = next_rip;
+                    true
+                }
+            },
+            Exit::Halt { interrupts: false, .. } => {
+                // No interrupt is ever delivered to it: on hardware it would halt forever.
+                guest.flush_console();
+                log::error!(target: "vm", "guest {} ({}) stopped: HLT with interrupts disabled would never wake, RIP {:#x}",
+                    guest.id, guest.spec.name, regs.rip);
+                guest.state = State::Stopped;
+                false
             }
-            Exit::Cpuid { next_rip } => {
-                // CPUID has no side effects; the guest sees the host's leaves.
-                let r = core::arch::x86_64::__cpuid_count(regs.rax as u32, regs.rcx as u32);
-                (regs.rax, regs.rbx, regs.rcx, regs.rdx) = (r.eax as u64, r.ebx as u64, r.ecx as u64, r.edx as u64);
-                regs.rip = next_rip;
-                true
-            }
-            Exit::Halt { next_rip } => {
-                regs.rip = next_rip;
+            Exit::Halt { resume, interrupts: true } => {
+                // A yield that still pays for its slice: halting in a loop uses the budget.
+                if let Some(next_rip) = resume_at(guest, &regs, cr3, resume, &[0xf4]) {
+                    regs.rip = next_rip;
+                    end_slice(guest, regs.rip);
+                }
                 false
             }
             Exit::Preempted => {
-                let slices = guest.exits[ExitKind::Preempted as usize];
-                if guest.spec.max_slices.is_some_and(|max| slices >= max) {
-                    guest.flush_console();
-                    log::error!(target: "vm", "guest {} ({}) stopped: used its budget of {slices} time slices, RIP {:#x}",
-                        guest.id, guest.spec.name, regs.rip);
-                    guest.state = State::Stopped;
-                }
+                check_budget(guest, regs.rip);
                 false
             }
             other => {
@@ -103,6 +138,57 @@ fn run_slice<B: Backend>(backend: &mut B, guest: &mut Guest<B>, cx: &mut Context
             return;
         }
     }
+}
+
+/// Ends the slice of a guest that used it up without a timer exit (hypercall or CPUID loops,
+/// HLT): counted as a preemption, so `slices=N` sees it.
+fn end_slice<B: Backend>(guest: &mut Guest<B>, rip: u64) {
+    guest.exits[ExitKind::Preempted as usize] += 1;
+    check_budget(guest, rip);
+}
+
+/// Stops the guest once it has used its budget of slices.
+fn check_budget<B: Backend>(guest: &mut Guest<B>, rip: u64) {
+    let slices = guest.exits[ExitKind::Preempted as usize];
+    if guest.spec.max_slices.is_some_and(|max| slices >= max) {
+        guest.flush_console();
+        log::error!(target: "vm", "guest {} ({}) stopped: used its budget of {slices} time slices, RIP {rip:#x}",
+            guest.id, guest.spec.name);
+        guest.state = State::Stopped;
+    }
+}
+
+/// Where the guest continues after the instruction `opcode` at its RIP: what the CPU said,
+/// or the length decoded from guest memory. A guest whose instruction cannot be read or is
+/// not the one that exited is stopped (None).
+fn resume_at<B: Backend>(guest: &mut Guest<B>, regs: &Regs, cr3: Option<u64>, resume: Resume, opcode: &[u8]) -> Option<u64> {
+    if let Resume::At(rip) = resume {
+        return Some(rip);
+    }
+    let mut bytes = [0u8; decode::MAX_INSTRUCTION];
+    let mut got = 0;
+    if let Some(cr3) = cr3 {
+        let entry = |gpa: u64| {
+            let mut e = [0u8; 8];
+            guest.read(gpa, &mut e).then(|| u64::from_le_bytes(e))
+        };
+        while got < bytes.len() {
+            let va = regs.rip.wrapping_add(got as u64);
+            let Some(gpa) = decode::translate(cr3, va, entry) else { break };
+            if !guest.read(gpa, &mut bytes[got..got + 1]) {
+                break;
+            }
+            got += 1;
+        }
+    }
+    if let Some(len) = decode::length_of(&bytes[..got], opcode) {
+        return Some(regs.rip.wrapping_add(len as u64));
+    }
+    guest.flush_console();
+    log::error!(target: "vm", "guest {} ({}) stopped: the instruction at RIP {:#x} cannot be decoded ({} bytes readable: {:02x?})",
+        guest.id, guest.spec.name, regs.rip, got, &bytes[..got]);
+    guest.state = State::Stopped;
+    None
 }
 
 /// Stops a misbehaving guest with a report naming the guest, the exit and the address.

@@ -11,7 +11,7 @@ use crate::arch::gdt;
 use crate::cpu::{CpuFacts, Extension};
 use crate::frames::Frames;
 use crate::vm::fpu::FpuState;
-use crate::vm::{Backend, BackendError, Exit, Regs, VcpuSetup};
+use crate::vm::{Backend, BackendError, Exit, Regs, Resume, VcpuSetup};
 use caps::{
     adjust, allowed0, allowed1, fix_cr, BASIC_32BIT_ADDRESSES, BASIC_REVISION_MASK, BASIC_TRUE_CONTROLS,
     EPT_2M_PAGES, EPT_INVEPT, EPT_INVEPT_ALL, EPT_INVEPT_SINGLE, EPT_MEMTYPE_WB, EPT_WALK_4,
@@ -29,7 +29,14 @@ const IA32_EFER: u32 = 0xc000_0080;
 const IA32_FS_BASE: u32 = 0xc000_0100;
 const IA32_GS_BASE: u32 = 0xc000_0101;
 const IA32_PAT: u32 = 0x277;
+/// SWAPGS exchanges GS.base with this MSR, which VM entry and exit do not switch: it is
+/// saved and loaded around every run so that no guest sees another's (or the host's).
+const IA32_KERNEL_GS_BASE: u32 = 0xc000_0102;
 const CR4_VMXE: u64 = 1 << 13;
+const CR4_LA57: u64 = 1 << 12;
+const CR0_PG: u64 = 1 << 31;
+const EFER_LMA: u64 = 1 << 10;
+const RFLAGS_IF: u64 = 1 << 9;
 
 /// INVEPT types (SDM Vol. 3C 31.3, INVEPT).
 const INVEPT_SINGLE: u64 = 1;
@@ -62,6 +69,8 @@ pub struct Vcpu {
     launched: bool,
     /// INVEPT before the next entry: the EPT root frame may have served an earlier guest.
     flush: bool,
+    /// The guest's IA32_KERNEL_GS_BASE (see the constant).
+    kernel_gs_base: u64,
 }
 
 /// Says which control a capability MSR does not allow.
@@ -122,9 +131,12 @@ impl Backend for Vmx {
         }
         let pin = adjust(pin_cap, pin);
         // Primary: HLT and every port exit, no I/O or MSR bitmaps (so every RDMSR/WRMSR
-        // exits), secondary controls on (SDM Vol. 3C 26.1.3).
-        let want = PROC_HLT_EXITING | PROC_UNCONDITIONAL_IO_EXITING | PROC_SECONDARY_CONTROLS;
-        require(allowed1(proc_cap, want), "HLT exiting, unconditional I/O exiting and secondary controls")?;
+        // exits), secondary controls on (SDM Vol. 3C 26.1.3). CR8 and debug-register moves
+        // exit too: the TPR and DR0-DR3/DR6 are CPU state that entry and exit do not switch.
+        let want = PROC_HLT_EXITING | PROC_UNCONDITIONAL_IO_EXITING | PROC_SECONDARY_CONTROLS
+            | PROC_CR8_LOAD_EXITING | PROC_CR8_STORE_EXITING | PROC_MOV_DR_EXITING;
+        require(allowed1(proc_cap, want),
+            "HLT, unconditional I/O, CR8 and MOV-DR exiting and secondary controls")?;
         require(allowed0(proc_cap, PROC_USE_IO_BITMAPS | PROC_USE_MSR_BITMAPS), "VMX without I/O and MSR bitmaps")?;
         // Bits not asked for (CR3 load/store exiting among them) stay 0 where allowed.
         let proc = adjust(proc_cap, want);
@@ -186,8 +198,8 @@ impl Backend for Vmx {
                 if invept_type == INVEPT_SINGLE { "single-context" } else { "all-context" }),
             None => {
                 // External-interrupt exiting then ends the slice. Bochs 2.7 leaves INTR masked
-                // in a guest entered with RFLAGS.IF = 0 (as ours are) although the SDM says IF
-                // does not block it (26.3): this path was seen to work there only with IF = 1.
+                // in a guest with RFLAGS.IF = 0 although the SDM says IF does not block it
+                // (26.3): guests start with IF = 1, and one that runs CLI is not preempted there.
                 crate::apic::start_periodic_timer_us(crate::vm::sched::SLICE_US);
                 log::info!(target: "vmx",
                     "VMX enabled: VMCS revision {revision:#x}, EPT 4-level WB, VPID, no preemption timer (LAPIC timer slices)")
@@ -218,6 +230,7 @@ impl Backend for Vmx {
             fpu: FpuState::initial(),
             launched: false,
             flush: true,
+            kernel_gs_base: 0,
         };
         if let Err(e) = self.init_vmcs(s, vpid as u64, eptp) {
             self.destroy_vcpu_inner(&mut vcpu);
@@ -227,7 +240,7 @@ impl Backend for Vmx {
         Ok(vcpu)
     }
 
-    fn run(&mut self, vcpu: &mut Vcpu, slice_us: u64) -> Exit {
+    fn run(&mut self, vcpu: &mut Vcpu, budget_us: u64) -> Exit {
         if let Err(e) = self.make_current(vcpu) {
             log::error!(target: "vmx", "VMPTRLD failed: {e}");
             return Exit::EntryFailed { code: e.code(), qualification: 0 };
@@ -236,7 +249,7 @@ impl Backend for Vmx {
             self.invept(vcpu.eptp);
             vcpu.flush = false;
         }
-        let timer = self.timer_rate.map(|rate| ((slice_us * crate::time::tsc_per_us()) >> rate).clamp(1, u32::MAX as u64));
+        let timer = self.timer_rate.map(|rate| ((budget_us * crate::time::tsc_per_us()) >> rate).clamp(1, u32::MAX as u64));
         let prepared = write(GUEST_RIP, vcpu.regs.rip)
             .and_then(|()| write(GUEST_RSP, vcpu.regs.rsp))
             .and_then(|()| timer.map_or(Ok(()), |t| write(PREEMPTION_TIMER_VALUE, t)));
@@ -244,9 +257,17 @@ impl Backend for Vmx {
             log::error!(target: "vmx", "VMWRITE before entry failed: {e}");
             return Exit::EntryFailed { code: e.code(), qualification: 0 };
         }
+        // SAFETY: IA32_KERNEL_GS_BASE exists on every x86-64 CPU; the host never uses it
+        // (no SWAPGS), so it may hold the guest's value while the guest runs.
+        unsafe { x86::msr::wrmsr(IA32_KERNEL_GS_BASE, vcpu.kernel_gs_base) };
         // SAFETY: the VMCS is current and was set up by create_vcpu (host state, guest state,
         // an EPT that maps only the guest's memory); `launched` tracks its launch state.
         let status = unsafe { switch::run(&mut vcpu.regs, vcpu.launched, &mut vcpu.fpu) };
+        // SAFETY: as above; the host's value is 0.
+        unsafe {
+            vcpu.kernel_gs_base = x86::msr::rdmsr(IA32_KERNEL_GS_BASE);
+            x86::msr::wrmsr(IA32_KERNEL_GS_BASE, 0);
+        }
         match status {
             switch::EXITED => {}
             switch::FAIL_VALID => {
@@ -271,12 +292,13 @@ impl Backend for Vmx {
         vcpu.launched = true;
         vcpu.regs.rip = read(GUEST_RIP);
         vcpu.regs.rsp = read(GUEST_RSP);
-        let next_rip = vcpu.regs.rip + read(EXIT_INSTRUCTION_LEN);
+        let resume = Resume::At(vcpu.regs.rip + read(EXIT_INSTRUCTION_LEN));
         let basic = (reason & 0xffff) as u32;
         match basic {
-            EXIT_VMCALL => Exit::Hypercall { next_rip },
-            EXIT_CPUID => Exit::Cpuid { next_rip },
-            EXIT_HLT => Exit::Halt { next_rip },
+            // CPL = SS.DPL, access-rights bits 6:5 (SDM Vol. 3C 25.4.1).
+            EXIT_VMCALL => Exit::Hypercall { resume, cpl: ((read(GUEST_SS_AR) >> 5) & 3) as u8 },
+            EXIT_CPUID => Exit::Cpuid { resume },
+            EXIT_HLT => Exit::Halt { resume, interrupts: read(GUEST_RFLAGS) & RFLAGS_IF != 0 },
             EXIT_PREEMPTION_TIMER => Exit::Preempted,
             EXIT_EXTERNAL_INTERRUPT => {
                 // Not acknowledged on exit: open a one-instruction window so the host's
@@ -310,7 +332,8 @@ impl Backend for Vmx {
             // Qualification bit 3: 1 = IN; bits 31:16: the port (SDM Vol. 3C 28.2.1, table 28-5).
             EXIT_IO => Exit::Io { port: (qualification >> 16) as u16, write: qualification & (1 << 3) == 0 },
             EXIT_RDMSR | EXIT_WRMSR => Exit::Msr { msr: vcpu.regs.rcx as u32, write: basic == EXIT_WRMSR },
-            EXIT_INVD | EXIT_VMX_FIRST..=EXIT_VMX_LAST | EXIT_INVEPT | EXIT_INVVPID => Exit::Forbidden { code: basic as u64 },
+            EXIT_INVD | EXIT_VMX_FIRST..=EXIT_VMX_LAST | EXIT_INVEPT | EXIT_INVVPID | EXIT_CR_ACCESS
+            | EXIT_MOV_DR | EXIT_XSETBV => Exit::Forbidden { code: basic as u64 },
             EXIT_EPT_MISCONFIG => Exit::Other { code: basic as u64 },
             _ => Exit::Other { code: reason },
         }
@@ -318,6 +341,13 @@ impl Backend for Vmx {
 
     fn regs(vcpu: &mut Vcpu) -> &mut Regs {
         &mut vcpu.regs
+    }
+
+    fn guest_cr3(vcpu: &mut Vcpu) -> Option<u64> {
+        // Only ever asked after an exit of this vCPU, whose VMCS is then current.
+        let _ = vcpu;
+        let long_paging = read(GUEST_EFER) & EFER_LMA != 0 && read(GUEST_CR0) & CR0_PG != 0;
+        (long_paging && read(GUEST_CR4) & CR4_LA57 == 0).then(|| read(GUEST_CR3))
     }
 
     fn flush_second_level(&mut self, vcpu: &mut Vcpu) {
@@ -429,7 +459,10 @@ impl Vmx {
             (GUEST_CR4, cr4),
             (CR0_GUEST_HOST_MASK, 0),
             (CR0_READ_SHADOW, cr0),
-            (CR4_GUEST_HOST_MASK, CR4_VMXE),
+            // Every CR4 bit is host-owned: a guest's MOV to CR4 that changes one exits and
+            // stops the guest (CR4 would enable state that VM exits do not switch: PKRU
+            // with PKE). CR4.VMXE is hidden by the shadow.
+            (CR4_GUEST_HOST_MASK, u64::MAX),
             (CR4_READ_SHADOW, cr4 & !CR4_VMXE),
             (GUEST_EFER, (1 << 8) | (1 << 10)), // LME, LMA
             (GUEST_CS_SEL, 0x08),
@@ -450,7 +483,10 @@ impl Vmx {
             (GUEST_IDTR_LIMIT, 0),
             (GUEST_DR7, 0x400),
             (GUEST_DEBUGCTL, 0),
-            (GUEST_RFLAGS, 0x2),
+            // IF = 1 (as under SVM): no interrupt is ever injected, so the guest's IF only
+            // matters to HLT (IF = 0 would never wake) and to Bochs, which does not take the
+            // external-interrupt exit while a guest has IF = 0.
+            (GUEST_RFLAGS, 0x202),
             (GUEST_RSP, s.rsp),
             (GUEST_RIP, s.rip),
             (GUEST_PENDING_DEBUG, 0),

@@ -130,6 +130,11 @@ pub const PIN_PREEMPTION_TIMER: u32 = 1 << 6;
 
 // Primary processor-based controls (SDM Vol. 3C 25.6.2, table 25-6).
 pub const PROC_HLT_EXITING: u32 = 1 << 7;
+/// MOV to / from CR8 exit: without it a guest writes the host's task priority (TPR).
+pub const PROC_CR8_LOAD_EXITING: u32 = 1 << 19;
+pub const PROC_CR8_STORE_EXITING: u32 = 1 << 20;
+/// MOV to / from DR0-DR7 exit: debug registers are not switched per guest.
+pub const PROC_MOV_DR_EXITING: u32 = 1 << 23;
 pub const PROC_UNCONDITIONAL_IO_EXITING: u32 = 1 << 24;
 pub const PROC_USE_IO_BITMAPS: u32 = 1 << 25;
 pub const PROC_USE_MSR_BITMAPS: u32 = 1 << 28;
@@ -166,6 +171,11 @@ pub const EXIT_EXTERNAL_INTERRUPT: u32 = 1;
 pub const EXIT_TRIPLE_FAULT: u32 = 2;
 pub const EXIT_CPUID: u32 = 10;
 pub const EXIT_HLT: u32 = 12;
+/// Control-register access (here: CR8, with CR8 load/store exiting).
+pub const EXIT_CR_ACCESS: u32 = 28;
+pub const EXIT_MOV_DR: u32 = 29;
+/// XSETBV exits unconditionally (SDM Vol. 3C 26.1.2).
+pub const EXIT_XSETBV: u32 = 55;
 pub const EXIT_INVD: u32 = 13;
 pub const EXIT_VMCALL: u32 = 18;
 /// VMCLEAR (19) through VMXON (27): every VMX instruction except VMCALL.
