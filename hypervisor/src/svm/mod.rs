@@ -105,80 +105,81 @@ impl Backend for Svm {
     fn create_vcpu(&mut self, s: &VcpuSetup, frames: &Frames) -> Result<Vcpu, BackendError> {
         // ASID 0 belongs to the host.
         let asid = 1 + s.id % (self.asids - 1);
-        let mut v = Vmcb::new(frames.alloc_zeroed(0).ok_or(BackendError::NoMemory)?);
+        let mut vmcb = Vmcb::new(frames.alloc_zeroed(0).ok_or(BackendError::NoMemory)?);
+        let Area { control: c, save: v } = vmcb.get_mut();
         // Intercept every exception: guests have no IDT, any exception is a failure.
-        v.write32(INTERCEPT_EXCEPTIONS, 0xffff_ffff);
+        c.intercept_exceptions = 0xffff_ffff;
         // CPU state that VMRUN does not switch and a guest could otherwise write: debug
         // registers, XCR0 (XSETBV), CR4 (which would enable PKRU); INVLPGA would reach
         // other ASIDs. Each of these exits and stops the guest.
-        v.write32(INTERCEPT_CR, CR_WRITE_CR4);
-        v.write32(INTERCEPT_DR, 0xffff_ffff);
-        v.write32(INTERCEPT_MISC1, MISC1_INTR | MISC1_NMI | MISC1_INVD | MISC1_HLT | MISC1_INVLPGA
-            | MISC1_IOIO | MISC1_MSR | MISC1_SHUTDOWN);
-        v.write32(INTERCEPT_MISC2, MISC2_ALL_SVM | MISC2_XSETBV);
-        v.write64(IOPM_BASE, self.iopm.as_u64());
-        v.write64(MSRPM_BASE, self.msrpm.as_u64());
-        v.write32(GUEST_ASID, asid);
-        v.write64(VINTR, VINTR_MASKING);
-        v.write64(NP_ENABLE, 1);
-        v.write64(N_CR3, s.second_level_root.as_u64());
-        v.write64(CLEAN_BITS, 0);
+        c.intercept_cr = CR_WRITE_CR4;
+        c.intercept_dr = 0xffff_ffff;
+        c.intercept_misc1 = MISC1_INTR | MISC1_NMI | MISC1_INVD | MISC1_HLT | MISC1_INVLPGA
+            | MISC1_IOIO | MISC1_MSR | MISC1_SHUTDOWN;
+        c.intercept_misc2 = MISC2_ALL_SVM | MISC2_XSETBV;
+        c.iopm_base_pa = self.iopm.as_u64();
+        c.msrpm_base_pa = self.msrpm.as_u64();
+        c.guest_asid = asid;
+        c.vintr = VINTR_MASKING;
+        c.np_enable = 1;
+        c.n_cr3 = s.second_level_root.as_u64();
+        c.clean_bits = 0;
 
         // 64-bit mode, paging with the guest's identity map (APM 15.5: VMRUN checks).
-        v.segment(CS, 0x08, CODE64, 0xffff_ffff, 0);
-        for seg in [DS, ES, SS, FS, GS] {
-            v.segment(seg, 0x10, DATA, 0xffff_ffff, 0);
+        v.cs = Segment::new(0x08, CODE64, 0xffff_ffff, 0);
+        for seg in [&mut v.ds, &mut v.es, &mut v.ss, &mut v.fs, &mut v.gs] {
+            *seg = Segment::new(0x10, DATA, 0xffff_ffff, 0);
         }
-        v.segment(TR, 0x18, TSS64, 0x67, 0);
-        v.segment(LDTR, 0, LDT, 0, 0);
-        v.segment(GDTR, 0, 0, 0, 0);
-        v.segment(IDTR, 0, 0, 0, 0);
-        v.write8(CPL, 0);
-        v.write64(EFER, (1 << 8) | (1 << 10) | EFER_SVME); // LME, LMA, SVME (required)
-        v.write64(CR0, 0x8000_0033); // PG, NE, ET, MP, PE
-        v.write64(CR3, s.cr3);
-        v.write64(CR4, (1 << 5) | (1 << 9) | (1 << 10)); // PAE, OSFXSR, OSXMMEXCPT
-        v.write64(DR6, 0xffff_0ff0);
-        v.write64(DR7, 0x400);
+        v.tr = Segment::new(0x18, TSS64, 0x67, 0);
+        v.ldtr = Segment::new(0, LDT, 0, 0);
+        v.gdtr = Segment::default();
+        v.idtr = Segment::default();
+        v.cpl = 0;
+        v.efer = (1 << 8) | (1 << 10) | EFER_SVME; // LME, LMA, SVME (required)
+        v.cr0 = 0x8000_0033; // PG, NE, ET, MP, PE
+        v.cr3 = s.cr3;
+        v.cr4 = (1 << 5) | (1 << 9) | (1 << 10); // PAE, OSFXSR, OSXMMEXCPT
+        v.dr6 = 0xffff_0ff0;
+        v.dr7 = 0x400;
         // IF = 1: with V_INTR_MASKING the guest's IF gates only virtual interrupts, which we
         // never inject (AMD APM Vol. 2 15.21.1), so this changes nothing on hardware or QEMU;
         // Bochs 2.7 instead masks physical interrupts while the guest's IF is 0, and a guest
         // entered with IF = 0 could not be preempted there.
-        v.write64(RFLAGS, 0x202);
-        v.write64(G_PAT, 0x0007_0406_0007_0406);
+        v.rflags = 0x202;
+        v.g_pat = 0x0007_0406_0007_0406;
         let regs = Regs { rip: s.rip, rsp: s.rsp, rdi: s.rdi, ..Regs::default() };
-        Ok(Vcpu { guest: s.id, asid, vmcb: v, regs, fpu: FpuState::initial() })
+        Ok(Vcpu { guest: s.id, asid, vmcb, regs, fpu: FpuState::initial() })
     }
 
     /// The budget is kept by the host's periodic LAPIC timer (an INTR exit every slice) and
     /// by the scheduler's own deadline check between exits.
     fn run(&mut self, vcpu: &mut Vcpu, _budget_us: u64) -> Exit {
-        let v = &mut vcpu.vmcb;
-        v.write64(RIP, vcpu.regs.rip);
-        v.write64(RSP, vcpu.regs.rsp);
-        v.write64(RAX, vcpu.regs.rax);
         let user = &mut self.asid_user[vcpu.asid as usize];
+        let Area { control: c, save: v } = vcpu.vmcb.get_mut();
+        v.rip = vcpu.regs.rip;
+        v.rsp = vcpu.regs.rsp;
+        v.rax = vcpu.regs.rax;
         // Also the first run: no ASID starts with a user.
         if *user != vcpu.guest {
-            v.write8(TLB_CONTROL, 3); // flush this guest's ASID
+            c.tlb_control = 3; // flush this guest's ASID
             *user = vcpu.guest;
         }
         // SAFETY: the VMCB was set up by create_vcpu with a nested table that maps only the
         // guest's memory, and SVM is enabled; host_state is a page of ours.
-        unsafe { switch::run(&mut vcpu.regs, v.pa().as_u64(), self.host_state.as_u64(), &mut vcpu.fpu) };
-        let v = &mut vcpu.vmcb;
-        v.write8(TLB_CONTROL, 0);
-        vcpu.regs.rip = v.read64(RIP);
-        vcpu.regs.rsp = v.read64(RSP);
-        vcpu.regs.rax = v.read64(RAX);
-        let (code, info1, info2) = (v.read64(EXITCODE), v.read64(EXITINFO1), v.read64(EXITINFO2));
+        unsafe { switch::run(&mut vcpu.regs, vcpu.vmcb.pa().as_u64(), self.host_state.as_u64(), &mut vcpu.fpu) };
+        let Area { control: c, save: v } = vcpu.vmcb.get_mut();
+        c.tlb_control = 0;
+        vcpu.regs.rip = v.rip;
+        vcpu.regs.rsp = v.rsp;
+        vcpu.regs.rax = v.rax;
+        let (code, info1, info2) = (c.exitcode, c.exitinfo1, c.exitinfo2);
         // Next RIP: from the VMCB where the CPU saves it, else decoded from guest memory (an
         // instruction may carry prefixes: `66 0f 01 d9` is a 4-byte VMMCALL).
-        let resume = if self.nrip_save { Resume::At(v.read64(NRIP)) } else { Resume::Decode };
+        let resume = if self.nrip_save { Resume::At(c.nrip) } else { Resume::Decode };
         match code {
-            EXIT_VMMCALL => Exit::Hypercall { resume, cpl: v.read8(CPL) & 3 },
+            EXIT_VMMCALL => Exit::Hypercall { resume, cpl: v.cpl & 3 },
             EXIT_CPUID => Exit::Cpuid { resume },
-            EXIT_HLT => Exit::Halt { resume, interrupts: v.read64(RFLAGS) & RFLAGS_IF != 0 },
+            EXIT_HLT => Exit::Halt { resume, interrupts: v.rflags & RFLAGS_IF != 0 },
             EXIT_INTR | EXIT_NMI => Exit::Preempted,
             // EXITINFO1: #PF-style error code, EXITINFO2: guest-physical address (APM 15.25.6).
             EXIT_NPF => Exit::SecondLevelFault {
@@ -205,13 +206,13 @@ impl Backend for Svm {
     }
 
     fn guest_cr3(vcpu: &mut Vcpu) -> Option<u64> {
-        let v = &vcpu.vmcb;
-        let long_paging = v.read64(EFER) & EFER_LMA != 0 && v.read64(CR0) & CR0_PG != 0;
-        (long_paging && v.read64(CR4) & CR4_LA57 == 0).then(|| v.read64(CR3))
+        let v = &vcpu.vmcb.get().save;
+        let long_paging = v.efer & EFER_LMA != 0 && v.cr0 & CR0_PG != 0;
+        (long_paging && v.cr4 & CR4_LA57 == 0).then_some(v.cr3)
     }
 
     fn flush_second_level(&mut self, vcpu: &mut Vcpu) {
-        vcpu.vmcb.write8(TLB_CONTROL, 3); // flush this guest's ASID on the next VMRUN
+        vcpu.vmcb.get_mut().control.tlb_control = 3; // flush this guest's ASID on the next VMRUN
     }
 
     fn destroy_vcpu(&mut self, vcpu: Vcpu, frames: &Frames) {

@@ -1,28 +1,10 @@
 //! The VMCB (AMD APM Vol. 2 appendix B): a 4 KiB page, control area at 0x000, state save
-//! area at 0x400. Fields are accessed by offset through one typed wrapper.
+//! area at 0x400, as `repr(C)` structs whose offsets are checked against the APM at compile
+//! time; intercept bits and exit codes beside them.
 
+use core::mem::offset_of;
 use morsel::HostPhysAddr;
-
-// Control area (APM Vol. 2 table B-1).
-/// CR reads (bits 0-15) and writes (bits 16-31).
-pub const INTERCEPT_CR: usize = 0x000;
-/// DR reads (bits 0-15) and writes (bits 16-31).
-pub const INTERCEPT_DR: usize = 0x004;
-pub const INTERCEPT_EXCEPTIONS: usize = 0x008;
-pub const INTERCEPT_MISC1: usize = 0x00c;
-pub const INTERCEPT_MISC2: usize = 0x010;
-pub const IOPM_BASE: usize = 0x040;
-pub const MSRPM_BASE: usize = 0x048;
-pub const GUEST_ASID: usize = 0x058;
-pub const TLB_CONTROL: usize = 0x05c;
-pub const VINTR: usize = 0x060;
-pub const EXITCODE: usize = 0x070;
-pub const EXITINFO1: usize = 0x078;
-pub const EXITINFO2: usize = 0x080;
-pub const NP_ENABLE: usize = 0x090;
-pub const N_CR3: usize = 0x0b0;
-pub const CLEAN_BITS: usize = 0x0c0;
-pub const NRIP: usize = 0x0c8;
+use static_assertions::const_assert_eq;
 
 // MISC1 intercept bits (APM Vol. 2 table B-1, offset 0x0c).
 pub const MISC1_INTR: u32 = 1 << 0;
@@ -43,30 +25,7 @@ pub const CR_WRITE_CR4: u32 = 1 << 20;
 /// VINTR bit 24: V_INTR_MASKING, so physical interrupts follow the host's RFLAGS.IF.
 pub const VINTR_MASKING: u64 = 1 << 24;
 
-// State save area (APM Vol. 2 table B-2).
-pub const ES: usize = 0x400;
-pub const CS: usize = 0x410;
-pub const SS: usize = 0x420;
-pub const DS: usize = 0x430;
-pub const FS: usize = 0x440;
-pub const GS: usize = 0x450;
-pub const GDTR: usize = 0x460;
-pub const LDTR: usize = 0x470;
-pub const IDTR: usize = 0x480;
-pub const TR: usize = 0x490;
-pub const CPL: usize = 0x4cb;
-pub const EFER: usize = 0x4d0;
-pub const CR4: usize = 0x548;
-pub const CR3: usize = 0x550;
-pub const CR0: usize = 0x558;
-pub const DR7: usize = 0x560;
-pub const DR6: usize = 0x568;
-pub const RFLAGS: usize = 0x570;
 pub const RFLAGS_IF: u64 = 1 << 9;
-pub const RIP: usize = 0x578;
-pub const RSP: usize = 0x5d8;
-pub const RAX: usize = 0x5f8;
-pub const G_PAT: usize = 0x668;
 
 // Exit codes (APM Vol. 2 appendix C).
 pub const EXIT_CR4_WRITE: u64 = 0x14;
@@ -88,7 +47,150 @@ pub const EXIT_XSETBV: u64 = 0x8d;
 pub const EXIT_NPF: u64 = 0x400;
 pub const EXIT_INVALID: u64 = u64::MAX;
 
-/// A VMCB page, owned by one vCPU.
+/// Control area (APM Vol. 2 appendix B, table B-1), at offset 0 of the VMCB.
+#[repr(C)]
+pub struct Control {
+    /// CR reads (bits 0-15) and writes (bits 16-31).
+    pub intercept_cr: u32,
+    /// DR reads (bits 0-15) and writes (bits 16-31).
+    pub intercept_dr: u32,
+    /// Exception vectors 0-31.
+    pub intercept_exceptions: u32,
+    pub intercept_misc1: u32,
+    pub intercept_misc2: u32,
+    pub intercept_misc3: u32,
+    _reserved_018: [u8; 0x24],
+    pub pause_filter_threshold: u16,
+    pub pause_filter_count: u16,
+    pub iopm_base_pa: u64,
+    pub msrpm_base_pa: u64,
+    pub tsc_offset: u64,
+    pub guest_asid: u32,
+    /// 0: nothing, 1: flush all ASIDs, 3: flush this guest's ASID (APM 15.16.1).
+    pub tlb_control: u8,
+    _reserved_05d: [u8; 3],
+    /// V_TPR, V_IRQ, V_INTR_MASKING (bit 24), V_INTR_VECTOR (bits 32-39).
+    pub vintr: u64,
+    pub interrupt_shadow: u64,
+    pub exitcode: u64,
+    pub exitinfo1: u64,
+    pub exitinfo2: u64,
+    pub exitintinfo: u64,
+    /// Bit 0: nested paging.
+    pub np_enable: u64,
+    pub avic_apic_bar: u64,
+    pub ghcb_pa: u64,
+    pub eventinj: u64,
+    pub n_cr3: u64,
+    pub lbr_virtualization: u64,
+    /// VMCB clean bits: 0 = everything reloaded on VMRUN.
+    pub clean_bits: u64,
+    /// Next RIP, with next-RIP save (CPUID 8000_000A EDX bit 3).
+    pub nrip: u64,
+    pub bytes_fetched: u8,
+    pub instruction_bytes: [u8; 15],
+    _reserved_0e0: [u8; 0x400 - 0xe0],
+}
+
+/// A segment register in the save area: selector, attributes (descriptor bits 40-47 in 0-7,
+/// 52-55 in 8-11), limit, base (APM Vol. 2 table B-2).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+pub struct Segment {
+    pub selector: u16,
+    pub attrib: u16,
+    pub limit: u32,
+    pub base: u64,
+}
+
+impl Segment {
+    pub const fn new(selector: u16, attrib: u16, limit: u32, base: u64) -> Segment {
+        Segment { selector, attrib, limit, base }
+    }
+}
+
+/// State save area (APM Vol. 2 appendix B, table B-2), at offset 0x400 of the VMCB.
+/// FS, GS, TR, LDTR, KERNEL_GS_BASE, STAR..SFMASK and SYSENTER_* are loaded by VMLOAD and
+/// stored by VMSAVE, the rest by VMRUN and #VMEXIT.
+#[repr(C)]
+pub struct Save {
+    pub es: Segment,
+    pub cs: Segment,
+    pub ss: Segment,
+    pub ds: Segment,
+    pub fs: Segment,
+    pub gs: Segment,
+    pub gdtr: Segment,
+    pub ldtr: Segment,
+    pub idtr: Segment,
+    pub tr: Segment,
+    _reserved_0a0: [u8; 0x2b],
+    pub cpl: u8,
+    _reserved_0cc: u32,
+    pub efer: u64,
+    _reserved_0d8: [u8; 0x148 - 0xd8],
+    pub cr4: u64,
+    pub cr3: u64,
+    pub cr0: u64,
+    pub dr7: u64,
+    pub dr6: u64,
+    pub rflags: u64,
+    pub rip: u64,
+    _reserved_180: [u8; 0x1d8 - 0x180],
+    pub rsp: u64,
+    _reserved_1e0: [u8; 0x1f8 - 0x1e0],
+    pub rax: u64,
+    pub star: u64,
+    pub lstar: u64,
+    pub cstar: u64,
+    pub sfmask: u64,
+    pub kernel_gs_base: u64,
+    pub sysenter_cs: u64,
+    pub sysenter_esp: u64,
+    pub sysenter_eip: u64,
+    pub cr2: u64,
+    _reserved_248: [u8; 0x268 - 0x248],
+    pub g_pat: u64,
+    pub dbgctl: u64,
+    _reserved_278: [u8; 0xc00 - 0x278],
+}
+
+/// The whole 4 KiB VMCB.
+#[repr(C, align(4096))]
+pub struct Area {
+    pub control: Control,
+    pub save: Save,
+}
+
+// Offsets from APM Vol. 2 tables B-1 and B-2.
+const_assert_eq!(size_of::<Area>(), 4096);
+const_assert_eq!(size_of::<Control>(), 0x400);
+const_assert_eq!(offset_of!(Control, iopm_base_pa), 0x040);
+const_assert_eq!(offset_of!(Control, guest_asid), 0x058);
+const_assert_eq!(offset_of!(Control, tlb_control), 0x05c);
+const_assert_eq!(offset_of!(Control, vintr), 0x060);
+const_assert_eq!(offset_of!(Control, exitcode), 0x070);
+const_assert_eq!(offset_of!(Control, np_enable), 0x090);
+const_assert_eq!(offset_of!(Control, eventinj), 0x0a8);
+const_assert_eq!(offset_of!(Control, n_cr3), 0x0b0);
+const_assert_eq!(offset_of!(Control, clean_bits), 0x0c0);
+const_assert_eq!(offset_of!(Control, nrip), 0x0c8);
+const_assert_eq!(offset_of!(Area, save), 0x400);
+const_assert_eq!(offset_of!(Save, tr), 0x090);
+const_assert_eq!(offset_of!(Save, cpl), 0x0cb);
+const_assert_eq!(offset_of!(Save, efer), 0x0d0);
+const_assert_eq!(offset_of!(Save, cr4), 0x148);
+const_assert_eq!(offset_of!(Save, rip), 0x178);
+const_assert_eq!(offset_of!(Save, rsp), 0x1d8);
+const_assert_eq!(offset_of!(Save, rax), 0x1f8);
+const_assert_eq!(offset_of!(Save, star), 0x200);
+const_assert_eq!(offset_of!(Save, kernel_gs_base), 0x220);
+const_assert_eq!(offset_of!(Save, cr2), 0x240);
+const_assert_eq!(offset_of!(Save, g_pat), 0x268);
+
+/// A VMCB page, owned by one vCPU. The CPU reads and writes it only inside VMRUN (and
+/// VMLOAD/VMSAVE), which the world switch reaches through the physical address alone, so
+/// between runs the hypervisor may hold ordinary references to it.
 pub struct Vmcb {
     pa: HostPhysAddr,
 }
@@ -103,39 +205,14 @@ impl Vmcb {
         self.pa
     }
 
-    fn ptr(&self, off: usize) -> *mut u8 {
-        (self.pa.as_u64() as usize + off) as *mut u8
+    pub fn get(&self) -> &Area {
+        // SAFETY: the frame is identity-mapped, 4 KiB-aligned, exclusively this VMCB's, and
+        // all-zero bytes are a valid Area (plain integers).
+        unsafe { &*(self.pa.as_u64() as *const Area) }
     }
 
-    pub fn write64(&mut self, off: usize, v: u64) {
-        // SAFETY: the VMCB frame is identity-mapped and exclusively ours; off < 4096.
-        unsafe { (self.ptr(off) as *mut u64).write_volatile(v) }
-    }
-
-    pub fn read64(&self, off: usize) -> u64 {
-        // SAFETY: as for write64.
-        unsafe { (self.ptr(off) as *const u64).read_volatile() }
-    }
-
-    pub fn write32(&mut self, off: usize, v: u32) {
-        // SAFETY: as for write64.
-        unsafe { (self.ptr(off) as *mut u32).write_volatile(v) }
-    }
-
-    pub fn read8(&self, off: usize) -> u8 {
-        // SAFETY: as for write64.
-        unsafe { self.ptr(off).read_volatile() }
-    }
-
-    pub fn write8(&mut self, off: usize, v: u8) {
-        // SAFETY: as for write64.
-        unsafe { self.ptr(off).write_volatile(v) }
-    }
-
-    /// A segment register: selector, attributes (descriptor bits 40-47 and 52-55), limit, base.
-    pub fn segment(&mut self, off: usize, selector: u16, attrib: u16, limit: u32, base: u64) {
-        let word = selector as u64 | (attrib as u64) << 16 | (limit as u64) << 32;
-        self.write64(off, word);
-        self.write64(off + 8, base);
+    pub fn get_mut(&mut self) -> &mut Area {
+        // SAFETY: as for get; &mut self makes the reference unique.
+        unsafe { &mut *(self.pa.as_u64() as *mut Area) }
     }
 }
