@@ -6,26 +6,21 @@
 extern crate alloc;
 extern crate freestanding;
 
-mod acpi;
-mod apic;
 mod arch;
-mod boot;
-mod bootinfo;
-mod cmdline;
-mod cpu;
 mod devices;
-mod exit;
-mod frames;
-mod heap;
 mod iommu;
-mod memory;
-mod pci;
-mod pmem;
-mod serial;
+mod mm;
+mod platform;
 mod svm;
-mod time;
 mod vm;
 mod vmx;
+
+// The modules' paths before they moved into folders: kept for one step so that work based
+// on the old layout still builds; the next commit names every module by its folder.
+use arch::{apic, cpu};
+use devices::pci;
+use mm::{frames, pmem};
+use platform::{acpi, boot, bootinfo, cmdline, exit, heap, memory, serial, time};
 
 use exit::Status;
 
@@ -96,7 +91,7 @@ fn run_guests(bi: &bootinfo::BootInfo, args: &cmdline::Args, facts: &cpu::CpuFac
     };
     // SAFETY: the loader placed the module in RAM that the allocator does not manage.
     let bytes = unsafe { core::slice::from_raw_parts(module.start as *const u8, module.len as usize) };
-    let archive = match hypervisor::archive::Archive::parse(bytes) {
+    let archive = match formats::archive::Archive::parse(bytes) {
         Ok(a) => a,
         Err(e) => {
             log::error!(target: "vm", "boot module: {e}");
@@ -119,7 +114,7 @@ fn run_guests(bi: &bootinfo::BootInfo, args: &cmdline::Args, facts: &cpu::CpuFac
 fn run_backend<B: vm::Backend>(
     facts: &cpu::CpuFacts,
     frames: &frames::Frames,
-    archive: hypervisor::archive::Archive,
+    archive: formats::archive::Archive,
     specs: &[vm::guest::GuestSpec],
 ) -> bool {
     match B::enable(facts, frames) {

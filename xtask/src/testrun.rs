@@ -38,7 +38,7 @@ const QEMU_EXIT_FAILURE: i32 = 35;
 const TAIL_LINES: usize = 40;
 const HOST_TESTS: &str = "host: cargo test (allocator morsel xtask)";
 const HOST_LOOM: &str = "host: loom (allocator)";
-const HOST_HV: &str = "host: cargo test (hypervisor lib: archive, ELF, DMAR, MMIO)";
+const HOST_HV: &str = "host: cargo test (formats: archive, ELF, DMAR, NFIT, decode, MMIO)";
 /// Time limit for each host test command (a hung test must not hang CI).
 const HOST_TIMEOUT: Duration = Duration::from_secs(20 * 60);
 /// After Bochs printed its exit line, how long it may take to power off before it is stopped.
@@ -128,7 +128,7 @@ pub fn test(o: &Options) -> Result<ExitCode> {
             c.args(["test", "--release", "-p", "allocator", "-p", "morsel", "-p", "xtask"]);
         });
         run_host(&root, &mut tally, HOST_HV, |c| {
-            c.args(["test", "--release", "-p", "hypervisor", "--lib"]);
+            c.args(["test", "--release", "-p", "formats"]);
         });
         let loom_dir = images::target_dir(&root).join("loom");
         run_host(&root, &mut tally, HOST_LOOM, |c| {

@@ -1,4 +1,7 @@
-//! x86-64 host plumbing: ports, descriptor tables, interrupts.
+//! x86-64 host plumbing: ports, descriptor tables, interrupts, the local APIC, and the
+//! vendor-neutral CPU facts.
+pub mod apic;
+pub mod cpu;
 pub mod gdt;
 pub mod idt;
 pub mod port;

@@ -2,7 +2,7 @@
 //! buffer at device address 0x40000 and a DMA engine that copies between it and an I/O
 //! virtual address. Every DMA goes through the device's IOMMU domain.
 
-use hypervisor::mmio::Mmio;
+use formats::mmio::Mmio;
 use crate::pci::Bdf;
 
 pub const VENDOR: u16 = 0x1234;

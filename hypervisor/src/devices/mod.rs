@@ -5,11 +5,12 @@
 
 pub mod edu;
 pub mod nvme;
+pub mod pci;
 
 use crate::acpi::Platform;
 use crate::frames::Frames;
 use crate::iommu::{self, Vtd};
-use hypervisor::mmio::Mmio;
+use formats::mmio::Mmio;
 use crate::pci::{Bdf, Function, Pci};
 use alloc::vec::Vec;
 use guest_lib::abi::Error;

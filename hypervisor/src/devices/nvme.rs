@@ -6,8 +6,8 @@
 
 use crate::frames::Frames;
 use crate::iommu::Vtd;
-use hypervisor::mmio::Mmio;
-use hypervisor::units::Bytes;
+use formats::mmio::Mmio;
+use formats::units::Bytes;
 use crate::pci::Bdf;
 use morsel::{HostPhysAddr, IoVirtAddr, PageSize, Perm};
 

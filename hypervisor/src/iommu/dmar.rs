@@ -1,7 +1,7 @@
 //! Reading the ACPI DMA Remapping table from firmware memory; the checked parser lives in
-//! the host-tested library (`hypervisor::dmar`).
+//! the host-tested library (`formats::dmar`).
 
-pub use hypervisor::dmar::{parse, Dmar};
+pub use formats::dmar::{parse, Dmar};
 
 /// Reads the DMAR at physical address `pa` (identity-mapped).
 ///

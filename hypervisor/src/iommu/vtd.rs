@@ -4,7 +4,7 @@
 
 use super::domain::Domain;
 use crate::frames::{Frames, IDENTITY};
-use hypervisor::mmio::Mmio;
+use formats::mmio::Mmio;
 use crate::pci::Bdf;
 use alloc::vec::Vec;
 use morsel::{HostPhysAddr, PhysMem, SecondLevelTable, VtdSl};

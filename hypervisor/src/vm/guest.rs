@@ -5,7 +5,7 @@
 use super::{Backend, BackendError, ExitKind, VcpuSetup};
 use crate::frames::{Frames, IDENTITY};
 use guest_lib::abi;
-use hypervisor::elf;
+use formats::elf;
 use morsel::{FrameAlloc, GuestPhysAddr, HostPhysAddr, PageSize, Perm, SecondLevelTable};
 
 const MIB: u64 = 1 << 20;

@@ -56,7 +56,7 @@ pub enum Resume {
     /// The CPU reported the next RIP (VMX exit instruction length, SVM next-RIP save).
     At(u64),
     /// The CPU did not say (SVM without next-RIP save): the instruction at RIP is decoded
-    /// from guest memory (`hypervisor::decode`), prefixes included.
+    /// from guest memory (`formats::decode`), prefixes included.
     Decode,
 }
 

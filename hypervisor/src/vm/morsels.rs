@@ -17,7 +17,7 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use guest_lib::abi::{self, Error};
 use hashbrown::HashMap;
-use hypervisor::units::Bytes;
+use formats::units::Bytes;
 use crate::devices;
 use crate::pci::Bdf;
 use morsel::{can_share, Format, GuestPhysAddr, IoVirtAddr, Morsel, MountStats, PageSize, Perm, SecondLevelTable, VtdSl};

@@ -7,10 +7,10 @@ use super::hypercall::{self, Action, Context};
 use super::morsels::Directory;
 use super::{Backend, Exit, ExitKind, Regs, Resume};
 use guest_lib::abi;
-use hypervisor::decode;
+use formats::decode;
 use crate::frames::Frames;
 use alloc::vec::Vec;
-use hypervisor::archive::Archive;
+use formats::archive::Archive;
 
 /// Length of a time slice.
 pub const SLICE_US: u64 = 10_000;

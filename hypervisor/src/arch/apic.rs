@@ -6,7 +6,7 @@ pub fn timer_interrupt() {
     eoi();
 }
 
-use hypervisor::mmio::Mmio;
+use formats::mmio::Mmio;
 use spin::Once;
 
 const IA32_APIC_BASE: u32 = 0x1b;

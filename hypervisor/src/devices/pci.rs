@@ -5,8 +5,8 @@
 use crate::acpi::Ecam;
 use alloc::vec::Vec;
 
-pub use hypervisor::bdf::Bdf;
-use hypervisor::mmio::Mmio;
+pub use formats::bdf::Bdf;
+use formats::mmio::Mmio;
 
 /// Config space register offsets (PCI Local Bus spec 3.0, 6.1).
 const VENDOR_ID: u16 = 0x00;

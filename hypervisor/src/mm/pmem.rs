@@ -13,8 +13,8 @@ use alloc::string::String;
 use alloc::vec;
 use alloc::vec::Vec;
 use allocator::{Allocator, Init, Order, Pfn};
-use hypervisor::nfit;
-use hypervisor::units::Bytes;
+use formats::nfit;
+use formats::units::Bytes;
 use morsel::{FrameAlloc, HostPhysAddr, PageSize};
 use spin::Once;
 
