@@ -66,7 +66,7 @@ extern "C" fn kmain(magic: u32, info: u64) -> ! {
     let platform = acpi::discover(bi.rsdp);
     platform.log();
     apic::init();
-    pmem::init(&platform, facts.gib_pages, args.pmem_format);
+    pmem::init(&platform, facts.gib_pages, &args.pmem);
     let devices_ok = devices::init(&platform, &frames);
 
     if args.test == Some(cmdline::Test::Fault) {

@@ -196,6 +196,34 @@ impl<F: Format> Morsel<F> {
         walk::<F>(self.root, self.root_level, self.owns_data, mem, &mut f);
     }
 
+    /// Offers `take` every frame that a subtree `restore` refused still reaches: the root
+    /// table (order 0), then every entry as the format decodes it at its level, the root's
+    /// level taken from `len` and `page` where they describe a morsel, else the largest
+    /// morsel's. A table is read only if `take` takes it; `take` must refuse frames outside
+    /// the caller's region and frames it took before, which bounds the walk on a cyclic or
+    /// shared tree. Nothing is written.
+    pub fn salvage(root: HostPhysAddr, len: u64, page: Option<PageSize>, mem: &impl PhysMem, mut take: impl FnMut(HostPhysAddr, u32) -> bool) {
+        fn walk<F: Format>(t: HostPhysAddr, level: Level, mem: &impl PhysMem, take: &mut impl FnMut(HostPhysAddr, u32) -> bool) {
+            for i in 0..crate::addr::ENTRIES {
+                match Entry::<F>::from_raw(mem.read(t, i)).decode(level) {
+                    Decoded::Empty => {}
+                    Decoded::Leaf { frame, size, .. } => {
+                        take(frame, size.order());
+                    }
+                    Decoded::Table { next, .. } if level > 1 && take(next, 0) => walk::<F>(next, level - 1, mem, take),
+                    Decoded::Table { .. } => {}
+                }
+            }
+        }
+        let level = page
+            .and_then(|p| Self::create_shape(len, p).ok())
+            .or_else(|| Self::create_shape(MAX_MORSEL, PageSize::Size4K).ok())
+            .map_or(3, |s| s.1);
+        if take(root, 0) {
+            walk::<F>(root, level, mem, &mut take);
+        }
+    }
+
     /// The size `create` rounds `len` to, and the root level it picks.
     fn create_shape(len: u64, page: PageSize) -> Result<(u64, Level), Error> {
         if len == 0 || len > MAX_MORSEL {
@@ -988,5 +1016,50 @@ mod tests {
         mem.write(root, 100, 0);
         assert!(Morsel::<Npt>::restore(root, len, page, &mem, ok).is_ok());
         m.destroy(&mem, &mem).unwrap();
+    }
+
+    #[test]
+    fn salvage_reaches_what_a_damaged_subtree_still_names() {
+        let mem = SimMem::new(8 * GIB);
+        // 3 MiB of 4 KiB pages: an L2 root, two L1 tables, 768 data pages.
+        let m = Morsel::<Ept>::create(3 << 20, PageSize::Size4K, &mem, &mem).unwrap();
+        let mut all = Vec::new();
+        m.for_each_frame(&mem, |f, o| all.push((f, o)));
+        let salvage = |len: u64, page: Option<PageSize>, refuse: &[HostPhysAddr]| {
+            let mut got: Vec<(HostPhysAddr, u32)> = Vec::new();
+            Morsel::<Ept>::salvage(m.root(), len, page, &mem, |f, o| {
+                let take = all.contains(&(f, o)) && !refuse.contains(&f) && !got.contains(&(f, o));
+                if take {
+                    got.push((f, o));
+                }
+                take
+            });
+            got.sort();
+            got
+        };
+        let mut want = all.clone();
+        want.sort();
+        // A record with a wrong length still reaches every frame.
+        assert_eq!(salvage(5 << 20, Some(PageSize::Size4K), &[]), want);
+        // A table the caller refuses (outside its region) is not read: its 256 pages are not offered.
+        let second = HostPhysAddr::new(Entry::<Ept>::from_raw(mem.read(m.root(), 1)).raw() & 0x000f_ffff_ffff_f000);
+        let got = salvage(m.len(), Some(PageSize::Size4K), &[second]);
+        assert_eq!(got.len(), all.len() - 1 - 256);
+        // A cycle (an L1 entry turned into a pointer to the root) ends: the root is taken once.
+        let saved = mem.read(second, 7);
+        mem.write(second, 7, Entry::<Ept>::table(m.root(), Perm::RWX).raw());
+        assert_eq!(salvage(m.len(), Some(PageSize::Size2M), &[]).len(), all.len() - 1);
+        mem.write(second, 7, saved);
+        assert!(Morsel::<Ept>::restore(m.root(), m.len(), PageSize::Size4K, &mem, |_, _| true).is_ok());
+        m.destroy(&mem, &mem).unwrap();
+        // With an unknown page size the root is read at the largest morsel's level (L3).
+        let big = Morsel::<Ept>::create(2 * GIB, PageSize::Size2M, &mem, &mem).unwrap();
+        let mut n = 0;
+        Morsel::<Ept>::salvage(big.root(), 7, None, &mem, |_, _| {
+            n += 1;
+            true
+        });
+        assert_eq!(n, big.table_count() as usize + 1024);
+        big.destroy(&mem, &mem).unwrap();
     }
 }

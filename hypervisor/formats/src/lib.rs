@@ -16,4 +16,5 @@ pub mod elf;
 pub mod le;
 pub mod mmio;
 pub mod nfit;
+pub mod pmem_layout;
 pub mod units;

@@ -3,9 +3,10 @@
 //! a second LLFree allocator whose metadata lives in the region and which hands out the
 //! region's frames. The first boot formats it; a later boot recovers it (the allocator
 //! recounts from its bit fields, `Init::Recover`), and the morsel manager then restores the
-//! directory's morsels and frees what no record reaches (`sweep`): an operation cut short by
-//! a crash. QEMU's file-backed memory keeps every store that happened before the emulator
-//! dies; on an NVDIMM without eADR, `persist` (cache-line flush + fence) orders the records.
+//! directory's morsels, quarantines what damaged records still reach and frees the rest
+//! (`sweep`): an operation cut short by a crash. The layout and the order in which writes must
+//! reach the media (cache-line write-back + fence, `formats::pmem_layout`) are host-tested;
+//! QEMU's file-backed memory keeps every store that happened before the emulator dies.
 
 use crate::acpi::Platform;
 use crate::memory::{self, PAGE_SIZE};
@@ -14,6 +15,7 @@ use alloc::vec;
 use alloc::vec::Vec;
 use allocator::{Allocator, Init, Order, Pfn};
 use formats::nfit;
+use formats::pmem_layout::{self as layout, Media, DIRECTORY, FORMATTING, MAGIC, META, R_LEN, R_NAME, R_PAGE, R_ROOT, R_STATE, SB_BOOTS, SB_FORMAT, SB_LEN, SB_MAGIC, SB_VERSION, SLOT, SLOTS, VALID, VERSION};
 use formats::units::Bytes;
 use morsel::{FrameAlloc, HostPhysAddr, PageSize};
 use spin::Once;
@@ -28,33 +30,46 @@ pub struct Pmem {
     /// Bytes at the start the region keeps for itself: superblock, directory, allocator
     /// metadata.
     reserved: u64,
+    meta_size: u64,
+    flush: FlushOp,
+    /// `pmem=drop:...`: records to drop at recovery.
+    pub drop: DropList,
 }
 
-/// Superblock words (at the region's base).
-const SB_MAGIC: usize = 0;
-const SB_VERSION: usize = 1;
-const SB_LEN: usize = 2;
-/// The second-level format the directory's morsels are built in (`Format::NAME`, 8 bytes).
-const SB_FORMAT: usize = 3;
-const SB_BOOTS: usize = 4;
-const MAGIC: u64 = u64::from_le_bytes(*b"PPOSPMEM");
-const VERSION: u64 = 1;
+/// What the command line asks of persistent memory.
+#[derive(Clone, Copy, Default, Debug)]
+pub struct Options {
+    /// `pmem=format`: overwrite a region with unknown contents.
+    pub format: bool,
+    pub drop: DropList,
+    /// `test=pmem-crash:...`: stop the machine at this point (a power loss there).
+    pub crash: Option<CrashPoint>,
+}
 
-/// The directory page: `SLOTS` records of 64 bytes.
-const DIRECTORY: u64 = 0x1000;
-const SLOTS: usize = 64;
-const SLOT: u64 = 64;
-/// A record: state (0 free, `VALID`), root, length, page size and flags, name length, name.
-const R_STATE: u64 = 0;
-const R_ROOT: u64 = 8;
-const R_LEN: u64 = 16;
-const R_PAGE: u64 = 24;
-const R_WRITABLE: u64 = 25;
-const R_NAME_LEN: u64 = 26;
-const R_NAME: u64 = 32;
-const VALID: u64 = u64::from_le_bytes(*b"MORSEL01");
-/// Allocator metadata from here on.
-const META: u64 = 0x2000;
+/// `pmem=drop:N,...` and `pmem=drop:damaged`: directory records that recovery removes
+/// (their frames are then freed like any that no record reaches).
+#[derive(Clone, Copy, Default, Debug)]
+pub struct DropList {
+    /// Slot numbers, one bit each (`SLOTS` = 64).
+    pub slots: u64,
+    /// Every record that does not restore.
+    pub damaged: bool,
+}
+
+impl DropList {
+    pub fn has(&self, slot: usize) -> bool {
+        slot < SLOTS && self.slots >> slot & 1 == 1
+    }
+}
+
+/// Where `test=pmem-crash:` stops a format.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum CrashPoint {
+    /// `format`: right after the format's first write (its marker).
+    Format,
+    /// `magic`: right after the superblock's magic.
+    Magic,
+}
 
 /// The one CPU (allocator index).
 const CORE: usize = 0;
@@ -69,23 +84,86 @@ pub struct Record {
     pub others_may_write: bool,
 }
 
-/// Writes back the cache lines of `len` bytes at `pa` and orders them before later stores.
-fn persist(pa: u64, len: u64) {
-    let mut line = pa & !63;
-    while line < pa + len {
-        // SAFETY: `line` is identity-mapped region memory; CLFLUSH only writes back a line.
-        unsafe { core::arch::x86_64::_mm_clflush(line as *const u8) };
-        line += 64;
+/// A valid slot whose record does not read back (bad page size, flags or name): what it says.
+#[derive(Clone, Debug)]
+pub struct Unreadable {
+    pub slot: usize,
+    pub root: HostPhysAddr,
+    pub len: u64,
+    pub page: Option<PageSize>,
+}
+
+/// How this CPU writes a cache line back to the media: CLWB (the line may stay cached),
+/// CLFLUSHOPT, else CLFLUSH (CPUID.(EAX=7,ECX=0):EBX bit 24 CLWB, bit 23 CLFLUSHOPT; Intel SDM
+/// Vol. 2A "CLWB", "CLFLUSHOPT"). The first two are unordered among themselves: `fence`.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum FlushOp {
+    Clwb,
+    Clflushopt,
+    Clflush,
+}
+
+impl FlushOp {
+    fn detect() -> FlushOp {
+        let f = raw_cpuid::CpuId::new().get_extended_feature_info();
+        match f {
+            Some(f) if f.has_clwb() => FlushOp::Clwb,
+            Some(f) if f.has_clflushopt() => FlushOp::Clflushopt,
+            _ => FlushOp::Clflush,
+        }
     }
-    // SAFETY: a store fence has no operands.
-    unsafe { core::arch::x86_64::_mm_sfence() };
+}
+
+/// The region's memory through the identity map, written back with `FlushOp`.
+struct Cpu {
+    op: FlushOp,
+    /// The region: every store and flush lies inside.
+    base: u64,
+    len: u64,
+}
+
+impl Media for Cpu {
+    fn store(&mut self, pa: u64, value: u64) {
+        assert!(pa >= self.base && pa + 8 <= self.base + self.len && pa % 8 == 0);
+        // SAFETY: an aligned word of the region (checked above), identity-mapped; only the
+        // pmem code writes the superblock and the directory.
+        unsafe { (pa as *mut u64).write_volatile(value) }
+    }
+
+    fn flush(&mut self, pa: u64) {
+        // SAFETY: `pa` is an identity-mapped address; these only write back its cache line.
+        unsafe {
+            match self.op {
+                FlushOp::Clwb => core::arch::asm!("clwb [{}]", in(reg) pa, options(nostack, preserves_flags)),
+                FlushOp::Clflushopt => core::arch::asm!("clflushopt [{}]", in(reg) pa, options(nostack, preserves_flags)),
+                FlushOp::Clflush => core::arch::x86_64::_mm_clflush(pa as *const u8),
+            }
+        }
+    }
+
+    fn fence(&mut self) {
+        // SAFETY: a store fence has no operands.
+        unsafe { core::arch::x86_64::_mm_sfence() };
+    }
+}
+
+/// `test=pmem-crash:...`: stops the machine here, as a power loss would.
+fn crash_here(opts: &Options, at: CrashPoint) {
+    if opts.crash == Some(at) {
+        log::warn!(target: "pmem", "test=pmem-crash: stopping the machine {}", match at {
+            CrashPoint::Format => "right after the format's first write",
+            CrashPoint::Magic => "right after the superblock's magic",
+        });
+        crate::exit::exit(crate::exit::Status::Failure)
+    }
 }
 
 /// Finds, maps and formats or recovers the region. `None` without one (or when it cannot be
 /// used: the reason is logged, and the region is left untouched). A region is formatted only
-/// when its superblock is all zero (fresh, or a format a crash cut short) or `format` says so
-/// (`pmem=format`): unknown contents are not overwritten.
-pub fn init(platform: &Platform, gib_pages: bool, format: bool) -> Option<&'static Pmem> {
+/// when its superblock is all zero (fresh), says a format was under way (`FORMATTING`: a crash
+/// cut it short), or `opts.format` says so (`pmem=format`): unknown contents are not
+/// overwritten.
+pub fn init(platform: &Platform, gib_pages: bool, opts: &Options) -> Option<&'static Pmem> {
     let at = platform.nfit?;
     // SAFETY: the address comes from the RSDT and points at the NFIT's header.
     let ranges = match unsafe { read_nfit(at) } {
@@ -112,59 +190,67 @@ pub fn init(platform: &Platform, gib_pages: bool, format: bool) -> Option<&'stat
     let frames = (r.len / PAGE_SIZE) as usize;
     let meta_size = Allocator::metadata_size(1, frames);
     let reserved = META + (meta_size as u64).next_multiple_of(PAGE_SIZE);
-    // SAFETY: the region is identity-mapped (above), persistent memory that nothing else
-    // uses; the superblock is its first page.
-    let sb = unsafe { core::slice::from_raw_parts_mut(r.base as *mut u64, 512) };
+    let mut sb = [0u64; 512];
+    for (i, w) in sb.iter_mut().enumerate() {
+        // SAFETY: the region is identity-mapped (above); the superblock is its first page.
+        *w = unsafe { ((r.base + 8 * i as u64) as *const u64).read_volatile() };
+    }
     let known = sb[SB_MAGIC] == MAGIC && sb[SB_VERSION] == VERSION && sb[SB_LEN] == r.len;
-    // Fresh: all zero, or a format that a crash interrupted (it writes the magic last).
+    let interrupted = sb[SB_MAGIC] == FORMATTING;
+    // Fresh: all zero (or the same with version and length: an older format's crash).
     let fresh = sb[SB_MAGIC] == 0 && [0, VERSION].contains(&sb[SB_VERSION]) && [0, r.len].contains(&sb[SB_LEN])
         && sb[SB_FORMAT..].iter().all(|&w| w == 0);
-    if !known && !fresh && !format {
-        log::error!(target: "pmem", "{} at {:#x} holds something else (superblock {:#018x}, version {}, length {:#x}): left untouched; `pmem=format` overwrites it",
+    if !known && !fresh && !interrupted && !opts.format {
+        log::error!(target: "pmem", "{} at {:#x} holds something else (superblock {:#018x}, version {}, length {:#x}): left untouched; `pmem=format` overwrites it (a `pmem=format` that stopped before its first write left it so too: give it again)",
             Bytes(r.len), r.base, sb[SB_MAGIC], sb[SB_VERSION], sb[SB_LEN]);
         return None;
     }
+    if interrupted {
+        log::warn!(target: "pmem", "a format of {} at {:#x} was cut short (the machine stopped): formatting it again", Bytes(r.len), r.base);
+    }
+    let mut media = Cpu { op: FlushOp::detect(), base: r.base, len: r.len };
     // SAFETY: as above; [META, META + meta_size) holds only the allocator's metadata.
     let meta = unsafe { core::slice::from_raw_parts_mut((r.base + META) as *mut u8, meta_size) };
     let pfn = Pfn((r.base / PAGE_SIZE) as usize);
-    let alloc = if known {
+    let (alloc, boots) = if known {
         match Allocator::new(1, pfn, frames, meta, Init::Recover) {
-            Ok(a) => a,
+            Ok(a) => {
+                let boots = sb[SB_BOOTS] + 1;
+                layout::count_boot(&mut media, r.base, boots);
+                (a, boots)
+            }
             Err(e) => {
                 log::error!(target: "pmem", "{} at {:#x}: allocator metadata does not recover ({e}): left untouched", Bytes(r.len), r.base);
                 return None;
             }
         }
     } else {
-        sb[SB_MAGIC] = 0;
-        persist(r.base, 8);
-        // SAFETY: superblock and directory pages of the region.
-        unsafe { core::ptr::write_bytes(r.base as *mut u8, 0, META as usize) };
-        let a = match Allocator::new(1, pfn, frames, meta, Init::Allocated) {
-            Ok(a) => a,
-            Err(e) => {
+        layout::begin_format(&mut media, r.base);
+        crash_here(opts, CrashPoint::Format);
+        let mut made = None;
+        let first = Pfn(pfn.0 + (reserved / PAGE_SIZE) as usize);
+        let done = layout::finish_format(&mut media, r.base, r.len, (r.base + META, meta_size as u64), |_| -> Result<(), allocator::Error> {
+            let a = Allocator::new(1, pfn, frames, meta, Init::Allocated)?;
+            a.free_range(first, frames - (reserved / PAGE_SIZE) as usize)?;
+            made = Some(a);
+            Ok(())
+        });
+        match (done, made) {
+            (Ok(()), Some(a)) => {
+                crash_here(opts, CrashPoint::Magic);
+                (a, 1)
+            }
+            (Err(e), _) => {
                 log::error!(target: "pmem", "cannot format {}: {e}", Bytes(r.len));
                 return None;
             }
-        };
-        let first = Pfn(pfn.0 + (reserved / PAGE_SIZE) as usize);
-        if let Err(e) = a.free_range(first, frames - (reserved / PAGE_SIZE) as usize) {
-            log::error!(target: "pmem", "cannot format {}: {e}", Bytes(r.len));
-            return None;
+            (Ok(()), None) => return None,
         }
-        sb[SB_VERSION] = VERSION;
-        sb[SB_LEN] = r.len;
-        persist(r.base, 4096);
-        persist(r.base + META, meta_size as u64);
-        sb[SB_MAGIC] = MAGIC;
-        persist(r.base, 8);
-        a
     };
-    sb[SB_BOOTS] += 1;
-    persist(r.base + 8 * SB_BOOTS as u64, 8);
-    let p = PMEM.call_once(|| Pmem { base: r.base, len: r.len, alloc, reserved });
-    log::info!(target: "pmem", "{} of persistent memory at {:#x}: {} (boot {} of this region), {} free, allocator metadata {}",
-        Bytes(r.len), r.base, if known { "recovered" } else { "formatted" }, sb[SB_BOOTS],
+    let flush = media.op;
+    let p = PMEM.call_once(|| Pmem { base: r.base, len: r.len, alloc, reserved, meta_size: meta_size as u64, flush, drop: opts.drop });
+    log::info!(target: "pmem", "{} of persistent memory at {:#x}: {} (boot {boots} of this region), {} free, allocator metadata {}, cache lines written back with {flush:?}",
+        Bytes(r.len), r.base, if known { "recovered" } else { "formatted" },
         Bytes(p.alloc.free_frames() as u64 * PAGE_SIZE), Bytes(meta_size as u64));
     Some(p)
 }
@@ -199,9 +285,8 @@ impl Pmem {
         unsafe { self.word(off).read_volatile() }
     }
 
-    fn write(&self, off: u64, v: u64) {
-        // SAFETY: as for read.
-        unsafe { self.word(off).write_volatile(v) }
+    fn media(&self) -> Cpu {
+        Cpu { op: self.flush, base: self.base, len: self.len }
     }
 
     /// Ties the directory to one second-level format (the first backend that uses it), or
@@ -214,8 +299,9 @@ impl Pmem {
         let off = 8 * SB_FORMAT as u64;
         match self.read(off) {
             0 => {
-                self.write(off, want);
-                persist(self.base + off, 8);
+                let mut m = self.media();
+                m.store(self.base + off, want);
+                layout::persist(&mut m, self.base + off, 8);
                 Ok(())
             }
             w if w == want => Ok(()),
@@ -224,8 +310,8 @@ impl Pmem {
     }
 
     /// The valid records with their slot numbers; a slot that is valid but unreadable is
-    /// returned as an error with its number.
-    pub fn records(&self) -> Vec<Result<(usize, Record), usize>> {
+    /// returned as an error with what it says.
+    pub fn records(&self) -> Vec<Result<(usize, Record), Unreadable>> {
         let mut out = Vec::new();
         for i in 0..SLOTS {
             let s = DIRECTORY + i as u64 * SLOT;
@@ -244,79 +330,60 @@ impl Pmem {
                 1 => Some(PageSize::Size2M),
                 _ => None,
             };
+            let (root, len) = (HostPhysAddr::new(self.read(s + R_ROOT)), self.read(s + R_LEN));
             let ok_name = (1..=32).contains(&name_len) && name.iter().all(u8::is_ascii_graphic);
             match (page, ok_name, writable <= 1) {
                 (Some(page), true, true) => out.push(Ok((i, Record {
                     name: String::from_utf8(name).unwrap_or_default(),
-                    root: HostPhysAddr::new(self.read(s + R_ROOT)),
-                    len: self.read(s + R_LEN),
+                    root,
+                    len,
                     page,
                     others_may_write: writable == 1,
                 }))),
-                _ => out.push(Err(i)),
+                _ => out.push(Err(Unreadable { slot: i, root, len, page })),
             }
         }
         out
     }
 
-    /// Writes `r` into a free slot, fields first, then the state word: a crash leaves either
-    /// no record or the whole record. `None` when the directory is full.
-    pub fn add_record(&self, r: &Record) -> Option<usize> {
+    /// Writes `r` into a free slot: first every line of the morsel's subtree (`subtree` names
+    /// its frames, as `Morsel::for_each_frame` does) and of the allocator metadata, then the
+    /// fields, then the state word (`layout::commit_record`): a power loss leaves either no
+    /// record or the whole record over a subtree on the media. `None` when the directory is full.
+    pub fn add_record(&self, r: &Record, subtree: impl FnOnce(&mut dyn FnMut(HostPhysAddr, u32))) -> Option<usize> {
         let i = (0..SLOTS).find(|&i| self.read(DIRECTORY + i as u64 * SLOT + R_STATE) != VALID)?;
-        let s = DIRECTORY + i as u64 * SLOT;
-        self.write(s + R_ROOT, r.root.as_u64());
-        self.write(s + R_LEN, r.len);
-        let page = if r.page == PageSize::Size2M { 1u64 } else { 0 };
-        self.write(s + R_PAGE, page | (r.others_may_write as u64) << 8 | (r.name.len() as u64) << 16);
-        debug_assert_eq!((R_WRITABLE, R_NAME_LEN), (R_PAGE + 1, R_PAGE + 2));
-        let mut name = [0u8; 32];
-        name[..r.name.len()].copy_from_slice(r.name.as_bytes());
-        for (w, chunk) in name.chunks(8).enumerate() {
-            self.write(s + R_NAME + 8 * w as u64, u64::from_le_bytes(chunk.try_into().unwrap_or_default()));
-        }
-        persist(self.base + s, SLOT);
-        self.write(s + R_STATE, VALID);
-        persist(self.base + s, 8);
+        let words = layout::record_words(r.root, r.len, r.page == PageSize::Size2M, r.others_may_write, r.name.as_bytes());
+        layout::commit_record(&mut self.media(), self.base + DIRECTORY + i as u64 * SLOT, &words, (self.base + META, self.meta_size), subtree);
         Some(i)
     }
 
     /// Drops the record in `slot` (before its frames are freed: a crash in between leaves
     /// frames that no record reaches, which the next boot's sweep frees).
     pub fn remove_record(&self, slot: usize) {
-        let s = DIRECTORY + slot as u64 * SLOT;
-        self.write(s + R_STATE, 0);
-        persist(self.base + s, 8);
+        layout::clear_record(&mut self.media(), self.base + DIRECTORY + slot as u64 * SLOT);
     }
 
     /// Whether `frame` (of order `order`) lies in the region's managed part and is allocated.
     pub fn holds(&self, frame: HostPhysAddr, order: u32) -> bool {
         let (pa, size) = (frame.as_u64(), PAGE_SIZE << order);
-        pa % size == 0 && pa >= self.base + self.reserved && pa + size <= self.base + self.len
+        order <= 18 && pa % size == 0 && pa >= self.base + self.reserved && pa.checked_add(size).is_some_and(|e| e <= self.base + self.len)
             && (0..1u64 << order).all(|k| self.alloc.is_allocated(Pfn(((pa + k * PAGE_SIZE) / PAGE_SIZE) as usize)) == Ok(true))
     }
 
-    /// Frees every allocated frame that `reachable` does not name (it calls its argument for
-    /// every frame of every record). Returns the frames (4 KiB) freed, or, when some frame is
-    /// named twice (two records claim it: the directory is damaged), that count and frees
-    /// nothing.
-    pub fn sweep(&self, reachable: impl FnOnce(&mut dyn FnMut(HostPhysAddr, u32))) -> Result<u64, u64> {
+    /// An empty set of the region's frames.
+    pub fn frame_set(&self) -> FrameSet {
         let frames = (self.len / PAGE_SIZE) as usize;
-        let mut seen = vec![0u64; frames.div_ceil(64)];
-        let mut twice = 0;
-        let mut mark = |f: HostPhysAddr, order: u32| {
-            let first = ((f.as_u64() - self.base) / PAGE_SIZE) as usize;
-            for i in first..(first + (1 << order)).min(frames) {
-                twice += (seen[i / 64] >> (i % 64) & 1) as u64;
-                seen[i / 64] |= 1 << (i % 64);
-            }
-        };
-        reachable(&mut mark);
-        if twice > 0 {
-            return Err(twice);
-        }
+        FrameSet { base: self.base, frames, bits: vec![0u64; frames.div_ceil(64)] }
+    }
+
+    /// Frees every allocated frame of the managed part that neither `held` (the loaded
+    /// records' frames) nor `kept` (the quarantined frames of damaged records) contains.
+    /// Returns the frames (4 KiB) freed.
+    pub fn sweep(&self, held: &FrameSet, kept: &FrameSet) -> u64 {
+        let frames = (self.len / PAGE_SIZE) as usize;
         let skip = (self.reserved / PAGE_SIZE) as usize;
         let first_pfn = (self.base / PAGE_SIZE) as usize;
-        let is_seen = |i: usize| seen[i / 64] & (1 << (i % 64)) != 0;
+        let is_seen = |i: usize| held.has(i) || kept.has(i);
         let mut freed = 0;
         let mut area = skip.next_multiple_of(512).min(frames);
         // The partial first area (after the reserved pages) holds small frames only.
@@ -334,7 +401,7 @@ impl Pmem {
             }
             area += 512;
         }
-        Ok(freed)
+        freed
     }
 
     fn free_unseen(&self, pfn: usize, seen: bool) -> u64 {
@@ -371,5 +438,45 @@ impl FrameAlloc for PmemFrames {
         if let Err(e) = self.0.alloc.put(CORE, Pfn((frame.as_u64() / PAGE_SIZE) as usize), Order(order as u8)) {
             log::error!(target: "pmem", "freeing frame {:#x} (order {order}): {e}", frame.as_u64());
         }
+    }
+}
+
+/// A set of the region's 4 KiB frames (one bit each); frames outside the region are never in it.
+pub struct FrameSet {
+    base: u64,
+    frames: usize,
+    bits: Vec<u64>,
+}
+
+impl FrameSet {
+    /// The frame indexes `frame` of `order` covers inside the region.
+    fn span(&self, frame: HostPhysAddr, order: u32) -> core::ops::Range<usize> {
+        let Some(off) = frame.as_u64().checked_sub(self.base) else { return 0..0 };
+        let first = usize::try_from(off / PAGE_SIZE).unwrap_or(usize::MAX).min(self.frames);
+        first..first.saturating_add(1usize << order.min(30)).min(self.frames)
+    }
+
+    fn has(&self, i: usize) -> bool {
+        self.bits[i / 64] >> (i % 64) & 1 == 1
+    }
+
+    /// Adds the frames; returns how many of them were in the set already.
+    pub fn mark(&mut self, frame: HostPhysAddr, order: u32) -> u64 {
+        let mut before = 0;
+        for i in self.span(frame, order) {
+            before += self.has(i) as u64;
+            self.bits[i / 64] |= 1 << (i % 64);
+        }
+        before
+    }
+
+    /// Whether any of the frames is in the set.
+    pub fn any(&self, frame: HostPhysAddr, order: u32) -> bool {
+        self.span(frame, order).any(|i| self.has(i))
+    }
+
+    /// Frames in the set.
+    pub fn count(&self) -> u64 {
+        self.bits.iter().map(|w| w.count_ones() as u64).sum()
     }
 }

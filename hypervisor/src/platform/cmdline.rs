@@ -11,7 +11,13 @@
 //!   fault is reported and a canary page stays unchanged).
 //! * `pmem=format`: format the persistent-memory region even if it holds something other
 //!   than a fresh (all-zero) region or ours.
+//! * `pmem=drop:N[,N...]`, `pmem=drop:damaged`: recovery removes these directory records
+//!   (slot numbers as the boot log prints them), or every record that does not restore; their
+//!   frames are freed. Repeatable, and combines with `pmem=format`.
+//! * `test=pmem-crash:format|magic`: stop the machine right after a format's first write, or
+//!   right after its superblock magic (a power loss there; the crash scenarios use it).
 
+use crate::pmem::{self, CrashPoint};
 use crate::vm::guest::{Expect, GuestSpec};
 use alloc::vec::Vec;
 
@@ -32,15 +38,15 @@ pub struct Args {
     pub guests: Vec<GuestSpec>,
     pub log_level: log::LevelFilter,
     pub test: Option<Test>,
-    /// `pmem=format`: overwrite a persistent-memory region with unknown contents.
-    pub pmem_format: bool,
+    /// `pmem=format`, `pmem=drop:...`, `test=pmem-crash:...`.
+    pub pmem: pmem::Options,
     /// Words that were not understood, with the reason.
     pub errors: Vec<(&'static str, &'static str)>,
 }
 
 impl Args {
     pub fn parse(line: &'static str) -> Args {
-        let mut a = Args { guests: Vec::new(), log_level: log::LevelFilter::Info, test: None, pmem_format: false, errors: Vec::new() };
+        let mut a = Args { guests: Vec::new(), log_level: log::LevelFilter::Info, test: None, pmem: pmem::Options::default(), errors: Vec::new() };
         for word in line.split_ascii_whitespace() {
             match word.split_once('=') {
                 Some(("guests", list)) => {
@@ -57,12 +63,27 @@ impl Args {
                 },
                 Some(("test", "fault")) => a.test = Some(Test::Fault),
                 Some(("test", "dma-fault")) => a.test = Some(Test::DmaFault),
-                Some(("pmem", "format")) => a.pmem_format = true,
+                Some(("pmem", "format")) => a.pmem.format = true,
+                Some(("pmem", "drop:damaged")) => a.pmem.drop.damaged = true,
+                Some(("pmem", drop)) if drop.starts_with("drop:") => match drop_slots(&drop[5..]) {
+                    Some(slots) => a.pmem.drop.slots |= slots,
+                    None => a.errors.push((word, "pmem=drop: wants slot numbers 0-63 (`pmem=drop:1,5`) or `damaged`")),
+                },
+                Some(("test", "pmem-crash:format")) => a.pmem.crash = Some(CrashPoint::Format),
+                Some(("test", "pmem-crash:magic")) => a.pmem.crash = Some(CrashPoint::Magic),
                 _ => a.errors.push((word, "unknown option")),
             }
         }
         a
     }
+}
+
+/// `1,5,7`: one bit per slot; `None` for anything else (a slot beyond the directory's 64).
+fn drop_slots(list: &str) -> Option<u64> {
+    list.split(',').try_fold(0u64, |bits, n| {
+        let n: u32 = n.parse().ok()?;
+        (n < 64).then(|| bits | 1 << n)
+    })
 }
 
 fn guest_spec(spec: &'static str) -> Result<GuestSpec, &'static str> {

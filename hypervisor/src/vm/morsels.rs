@@ -136,7 +136,7 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         let slot = match pm {
             Some(pm) => {
                 let record = pmem::Record { name: name.clone(), root: morsel.root(), len: morsel.len(), page, others_may_write };
-                match pm.add_record(&record) {
+                match pm.add_record(&record, |mark| morsel.for_each_frame(&IDENTITY, mark)) {
                     Some(slot) => Some(slot),
                     None => {
                         let _ = morsel.destroy(&source, &IDENTITY);
@@ -171,70 +171,116 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         gpa
     }
 
-    /// Restores the persistent region's morsels (after a reboot or a crash) and frees the
-    /// region's frames that no record reaches. Call once, before any guest runs.
+    /// Restores the persistent region's morsels (after a reboot or a crash), drops the records
+    /// the command line names (`pmem=drop:...`), quarantines the frames that each damaged
+    /// record still reaches (kept, never handed out, until the record is dropped) and frees
+    /// the region's frames that nothing reaches. Call once, before any guest runs.
     pub fn load_persistent(&mut self) {
         let Some(pm) = pmem::get() else { return };
         if let Err(other) = pm.claim_format(F::NAME) {
             log::warn!(target: "pmem", "its morsels are {other} subtrees and this backend uses {}: left untouched", F::NAME);
             return;
         }
-        let mut damaged = 0;
+        // A damaged record: slot, name (if readable), what it says (root, length, page size).
+        let mut damaged: Vec<(usize, String, morsel::HostPhysAddr, u64, Option<PageSize>)> = Vec::new();
+        let mut restored: Vec<(usize, pmem::Record, Morsel<F>)> = Vec::new();
         for r in pm.records() {
+            let slot = match &r {
+                Ok((slot, _)) | Err(pmem::Unreadable { slot, .. }) => *slot,
+            };
+            if pm.drop.has(slot) {
+                pm.remove_record(slot);
+                log::warn!(target: "pmem", "record {slot}{} dropped (pmem=drop:{slot})",
+                    r.as_ref().map_or(String::new(), |(_, r)| alloc::format!(" ('{}')", r.name)));
+                continue;
+            }
             let (slot, r) = match r {
                 Ok(x) => x,
-                Err(slot) => {
-                    log::error!(target: "pmem", "record {slot} is unreadable: left as it is");
-                    damaged += 1;
+                Err(u) => {
+                    log::error!(target: "pmem", "record {slot} is unreadable");
+                    damaged.push((slot, String::new(), u.root, u.len, u.page));
                     continue;
                 }
             };
             match Morsel::<F>::restore(r.root, r.len, r.page, &IDENTITY, |f, o| pm.holds(f, o)) {
-                Ok(morsel) if !self.named.contains_key(&r.name) => {
-                    log::info!(target: "pmem", "'{}' restored from record {slot}: {} of {} pages, root L{} at {:#x}, {} tables",
-                        r.name, Bytes(r.len), if r.page == PageSize::Size2M { "2 MiB" } else { "4 KiB" },
-                        morsel.root_level(), r.root.as_u64(), morsel.table_count());
-                    self.named.insert(r.name, Named {
-                        morsel, owner: RESTORED, others_may_write: r.others_may_write, mounts: 0, unmounts: 0,
-                        mount_pte_writes: 0, path_pte_writes: 0, unmount_pte_writes: 0, invalidations: 0,
-                        vtd_view: None, slot: Some(slot),
-                    });
-                }
+                Ok(morsel) if !restored.iter().any(|(_, o, _)| o.name == r.name) => restored.push((slot, r, morsel)),
                 Ok(_) => {
-                    log::error!(target: "pmem", "record {slot}: a second morsel named '{}': left as it is", r.name);
-                    damaged += 1;
+                    log::error!(target: "pmem", "record {slot}: a second morsel named '{}'", r.name);
+                    damaged.push((slot, r.name, r.root, r.len, Some(r.page)));
                 }
                 Err(e) => {
-                    log::error!(target: "pmem", "record {slot} ('{}'): {e}: left as it is", r.name);
-                    damaged += 1;
+                    log::error!(target: "pmem", "record {slot} ('{}'): {e}", r.name);
+                    damaged.push((slot, r.name, r.root, r.len, Some(r.page)));
                 }
             }
         }
-        if damaged > 0 {
-            // Which frames belong to a damaged record is unknown: free nothing.
-            log::error!(target: "pmem", "{damaged} damaged record(s): no frames reclaimed");
-            return;
+        // Records that share frames: destroying one would free frames the other maps.
+        let (mut seen, mut twice) = (pm.frame_set(), pm.frame_set());
+        for (_, _, m) in &restored {
+            m.for_each_frame(&IDENTITY, |f, o| {
+                if seen.mark(f, o) > 0 {
+                    twice.mark(f, o);
+                }
+            });
         }
-        let named = &self.named;
-        let freed = match pm.sweep(|mark| {
-            for n in named.values().filter(|n| n.slot.is_some()) {
-                n.morsel.for_each_frame(&IDENTITY, &mut *mark);
+        if twice.count() > 0 {
+            log::error!(target: "pmem", "records share {} frames (damaged directory): those records are not loaded", twice.count());
+            for (slot, r, m) in core::mem::take(&mut restored) {
+                let mut shares = false;
+                m.for_each_frame(&IDENTITY, |f, o| shares |= twice.any(f, o));
+                if shares {
+                    log::error!(target: "pmem", "record {slot} ('{}'): shares frames with another record", r.name);
+                    damaged.push((slot, r.name, r.root, r.len, Some(r.page)));
+                } else {
+                    restored.push((slot, r, m));
+                }
             }
-        }) {
-            Ok(freed) => freed,
-            Err(twice) => {
-                // Destroying one would free frames the other still maps: use none of them.
-                log::error!(target: "pmem", "records share {twice} frames (damaged directory): persistent morsels not loaded, no frames reclaimed");
-                self.named.retain(|_, n| n.slot.is_none());
-                return;
+        }
+        let mut held = pm.frame_set();
+        for (slot, r, morsel) in restored {
+            morsel.for_each_frame(&IDENTITY, |f, o| {
+                held.mark(f, o);
+            });
+            log::info!(target: "pmem", "'{}' restored from record {slot}: {} of {} pages, root L{} at {:#x}, {} tables",
+                r.name, Bytes(r.len), if r.page == PageSize::Size2M { "2 MiB" } else { "4 KiB" },
+                morsel.root_level(), r.root.as_u64(), morsel.table_count());
+            self.named.insert(r.name, Named {
+                morsel, owner: RESTORED, others_may_write: r.others_may_write, mounts: 0, unmounts: 0,
+                mount_pte_writes: 0, path_pte_writes: 0, unmount_pte_writes: 0, invalidations: 0,
+                vtd_view: None, slot: Some(slot),
+            });
+        }
+        // Quarantine: what a damaged record still reaches (inside the region, allocated, not a
+        // loaded record's) stays allocated, for the operator to repair or drop.
+        let mut kept = pm.frame_set();
+        let mut quarantined = 0;
+        for (slot, name, root, len, page) in damaged {
+            let what = if name.is_empty() { String::new() } else { alloc::format!(" ('{name}')") };
+            if pm.drop.damaged {
+                pm.remove_record(slot);
+                log::warn!(target: "pmem", "record {slot}{what} dropped (pmem=drop:damaged)");
+                continue;
             }
-        };
+            let before = kept.count();
+            Morsel::<F>::salvage(root, len, page, &IDENTITY, |f, o| {
+                let take = pm.holds(f, o) && !held.any(f, o) && !kept.any(f, o);
+                if take {
+                    kept.mark(f, o);
+                }
+                take
+            });
+            quarantined += 1;
+            log::error!(target: "pmem", "record {slot}{what}: {} frames it reaches quarantined; `pmem=drop:{slot}` drops the record and frees them",
+                kept.count() - before);
+        }
+        let freed = pm.sweep(&held, &kept);
         let persistent: Vec<&Named<F>> = self.named.values().filter(|n| n.slot.is_some()).collect();
-        let held: u64 = persistent.iter().map(|n| n.morsel.table_count() as u64 + n.morsel.len() / 4096).sum();
+        let holding: u64 = persistent.iter().map(|n| n.morsel.table_count() as u64 + n.morsel.len() / 4096).sum();
         let allocated = pm.allocated_frames();
-        log::info!(target: "pmem", "{} persistent morsel(s); {freed} frames freed that no record reached; {allocated} frames allocated, {held} held by records: {}",
+        log::info!(target: "pmem", "{} persistent morsel(s); {freed} frames freed that no record reached; {allocated} frames allocated, {holding} held by records{}: {}",
             persistent.len(),
-            if allocated == held { "nothing lost, nothing shared" } else { "MISMATCH" });
+            if quarantined > 0 { alloc::format!(", {} quarantined for {quarantined} damaged record(s)", kept.count()) } else { String::new() },
+            if allocated == holding + kept.count() { "nothing lost, nothing shared" } else { "MISMATCH" });
     }
 
     /// `morsel_open(name_ptr, name_len, writable)`.

@@ -9,6 +9,10 @@
 //!   forever, appending one ledger entry per round (entry, then count): the scenario kills
 //!   the machine at a random moment;
 //! 5 after the crash: verify every counted ledger entry, destroy what is left.
+//! 6 fill as 1, then "private" (64 KiB, not share-writable) and "scratch" (64 KiB);
+//! 7 after a reboot: 'blob' intact, and 'private' (restored: no owner) can be neither
+//!   destroyed nor opened writable by any guest;
+//! 8 after `pmem=drop:...` removed 'private' and 'ledger': both gone; destroy 'blob'.
 #![no_std]
 #![no_main]
 
@@ -60,6 +64,9 @@ fn main(info: &BootInfo) -> i32 {
         3 => check().and_then(|_| clean_up()),
         4 => churn(),
         5 => after_crash(),
+        6 => fill().and_then(|_| fill_private()),
+        7 => private_is_stuck(),
+        8 => dropped(),
         _ => Err("unknown mode"),
     };
     match r {
@@ -183,4 +190,52 @@ fn after_crash() -> Result<(), &'static str> {
         }
     }
     destroy(LEDGER)
+}
+
+const PRIVATE: &str = "private";
+const SCRATCH: &str = "scratch";
+
+fn fill_private() -> Result<(), &'static str> {
+    let mut p = morsel::create_persistent(PRIVATE, LEDGER_SIZE, PageSize::Size4K, false).map_err(|e| {
+        println!("pm: creating '{PRIVATE}' failed: {e}");
+        "create"
+    })?;
+    p[0] = 0x5a;
+    create(SCRATCH, LEDGER_SIZE, PageSize::Size4K)?;
+    println!("pm: created '{PRIVATE}' (not share-writable) and '{SCRATCH}' in persistent memory");
+    Ok(())
+}
+
+fn private_is_stuck() -> Result<(), &'static str> {
+    let blob = open(BLOB)?;
+    if !blob.iter().enumerate().all(|(i, &b)| b == blob_byte(i)) {
+        return Err("the blob's pattern did not survive");
+    }
+    drop(blob);
+    let p = open(PRIVATE)?;
+    if p[0] != 0x5a {
+        return Err("'private' lost its byte");
+    }
+    drop(p);
+    match (morsel::destroy(PRIVATE), morsel::open_mut(PRIVATE).map(|_| ())) {
+        (Err(Error::Denied), Err(Error::Denied)) => {}
+        (d, o) => {
+            println!("pm: destroying '{PRIVATE}': {d:?}, opening it writable: {o:?}");
+            return Err("a restored private morsel was not protected");
+        }
+    }
+    println!("pm: after the reboot '{BLOB}' is intact; '{PRIVATE}' can be neither destroyed nor written (denied)");
+    Ok(())
+}
+
+fn dropped() -> Result<(), &'static str> {
+    for name in [PRIVATE, LEDGER] {
+        if !matches!(morsel::open(name), Err(Error::NotFound)) {
+            println!("pm: '{name}' is still there");
+            return Err("a dropped record's morsel is still there");
+        }
+    }
+    destroy(BLOB)?;
+    println!("pm: '{PRIVATE}' and '{LEDGER}' are gone; '{BLOB}' destroyed");
+    Ok(())
 }
