@@ -14,7 +14,8 @@
 
 extern crate freestanding;
 
-pub mod abi;
+/// The hypercall ABI (its own crate, shared with the hypervisor).
+pub use abi;
 pub mod console;
 pub mod device;
 pub mod hypercall;

@@ -13,7 +13,7 @@ use crate::iommu::{self, Vtd};
 use formats::mmio::Mmio;
 use crate::pci::{Bdf, Function, Pci};
 use alloc::vec::Vec;
-use guest_lib::abi::Error;
+use abi::Error;
 use morsel::{IoVirtAddr, PageSize, Perm};
 use spin::Mutex;
 
@@ -112,8 +112,8 @@ pub fn faults_of(d: &mut Devices, bdf: Bdf) -> bool {
 /// `edu_dma(direction, iova, len)`: runs edu's DMA engine; `DeviceFault` if the IOMMU blocked it.
 pub fn edu_dma(direction: u64, iova: u64, len: u64) -> Result<u64, Error> {
     let to_device = match direction {
-        guest_lib::abi::EDU_TO_DEVICE => true,
-        guest_lib::abi::EDU_TO_MEMORY => false,
+        abi::EDU_TO_DEVICE => true,
+        abi::EDU_TO_MEMORY => false,
         _ => return Err(Error::Invalid),
     };
     with(|d| {

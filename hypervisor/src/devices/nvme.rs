@@ -16,7 +16,7 @@ pub const CLASS: u32 = 0x01_08_02;
 /// Where the proxy mounts a morsel in the NVMe domain: above the driver's own pages, which are
 /// mapped at their host-physical addresses (RAM below 64 GiB).
 pub const PROXY_IOVA: u64 = 1 << 36;
-const BLOCK: u64 = guest_lib::abi::NVME_BLOCK;
+const BLOCK: u64 = abi::NVME_BLOCK;
 const PAGE: u64 = 4096;
 
 /// Controller registers (NVMe 1.4, 3.1).

@@ -4,7 +4,7 @@
 
 use super::{Backend, BackendError, ExitKind, VcpuSetup};
 use crate::frames::{Frames, IDENTITY};
-use guest_lib::abi;
+use abi;
 use formats::elf;
 use morsel::{FrameAlloc, GuestPhysAddr, HostPhysAddr, PageSize, Perm, SecondLevelTable};
 

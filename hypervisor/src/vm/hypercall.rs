@@ -1,4 +1,4 @@
-//! Hypercall dispatch (ABI v1, `guest_lib::abi`). Every argument is checked here: guest
+//! Hypercall dispatch (ABI v1, `abi`). Every argument is checked here: guest
 //! pointers are read through the guest's own second-level table, lengths are bounded, and
 //! anything wrong is an error code in rax, never a fault in the hypervisor.
 
@@ -6,7 +6,7 @@ use super::guest::{Guest, State};
 use super::morsels::Directory;
 use super::{Backend, Regs};
 use crate::frames::Frames;
-use guest_lib::abi::{self, Error};
+use abi::{self, Error};
 
 /// What the scheduler does after a hypercall.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -15,7 +15,7 @@ use crate::frames::{Frames, IDENTITY};
 use crate::pmem;
 use alloc::string::String;
 use alloc::vec::Vec;
-use guest_lib::abi::{self, Error};
+use abi::{self, Error};
 use hashbrown::HashMap;
 use formats::units::Bytes;
 use crate::devices;

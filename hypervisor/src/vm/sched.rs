@@ -6,7 +6,7 @@ use super::guest::{Guest, GuestSpec, State, Summary};
 use super::hypercall::{self, Action, Context};
 use super::morsels::Directory;
 use super::{Backend, Exit, ExitKind, Regs, Resume};
-use guest_lib::abi;
+use abi;
 use formats::decode;
 use crate::frames::Frames;
 use alloc::vec::Vec;

@@ -1,7 +1,9 @@
-//! Hypercall ABI v1, shared by guests and the hypervisor (which depends on this module).
+//! Hypercall ABI v1, shared by guests (through `guest-lib`) and the hypervisor: its own crate,
+//! so that the hypervisor does not link the guest library.
 //!
 //! Number in rax; arguments in rdi, rsi, rdx, r10, r8, r9; status in rax (0 = ok,
 //! negative = `Error`), value in rdx. The instruction is VMCALL on Intel, VMMCALL on AMD.
+#![no_std]
 
 /// ABI version reported by `INFO_ABI_VERSION`.
 pub const ABI_VERSION: u64 = 1;
