@@ -54,7 +54,11 @@ extern "C" fn kmain(magic: u32, info: u64) -> ! {
 
     memory::log_map(&bi);
     let facts = cpu::CpuFacts::detect();
-    facts.log();
+    facts.log(&match facts.extension {
+        cpu::Extension::Vmx => vmx::caps::summary(&vmx::caps::snapshot()),
+        cpu::Extension::Svm => svm::caps::summary(&svm::caps::snapshot()),
+        cpu::Extension::None => "vmx=no svm=no".into(),
+    });
     let mapped = memory::identity_map_up_to(memory::top_of_ram(&bi), facts.gib_pages);
     let frames = match frames::init(&bi, mapped) {
         Ok(f) => f,
@@ -117,7 +121,7 @@ fn run_backend<B: vm::Backend>(
     archive: formats::archive::Archive,
     specs: &[vm::guest::GuestSpec],
 ) -> bool {
-    match B::enable(facts, frames) {
+    match B::probe(facts).and_then(|caps| B::enable(&caps, frames)) {
         Ok(mut backend) => vm::sched::run_guests(&mut backend, frames, archive, specs),
         Err(e) => {
             log::error!(target: B::NAME, "cannot run guests: {e}");

@@ -2,10 +2,12 @@
 //! Preemption: the host's LAPIC timer interrupt is intercepted (INTR exit).
 //! References: AMD APM Vol. 2 chapter 15.
 
+pub mod caps;
 mod switch;
 mod vmcb;
 
 use crate::cpu::{CpuFacts, Extension};
+use caps::Caps;
 use alloc::vec;
 use alloc::vec::Vec;
 use crate::frames::Frames;
@@ -16,8 +18,6 @@ use vmcb::*;
 
 const EFER_MSR: u32 = 0xc000_0080;
 const EFER_SVME: u64 = 1 << 12;
-const VM_CR: u32 = 0xc001_0114;
-const VM_CR_SVMDIS: u64 = 1 << 4;
 const VM_HSAVE_PA: u32 = 0xc001_0117;
 const EFER_LMA: u64 = 1 << 10;
 const CR0_PG: u64 = 1 << 31;
@@ -60,20 +60,16 @@ impl Backend for Svm {
     type Vcpu = Vcpu;
     const NAME: &'static str = "svm";
 
-    fn enable(facts: &CpuFacts, frames: &Frames) -> Result<Self, BackendError> {
+    type Caps = Caps;
+
+    fn probe(facts: &CpuFacts) -> Result<Caps, BackendError> {
         if facts.extension != Extension::Svm {
             return Err(BackendError::Missing("SVM (CPUID 8000_0001 ECX bit 2)"));
         }
-        if !facts.second_level {
-            return Err(BackendError::Missing("nested paging (CPUID 8000_000A EDX bit 0)"));
-        }
-        if facts.asids < 2 {
-            return Err(BackendError::Missing("ASIDs for guests"));
-        }
-        // SAFETY: VM_CR exists on CPUs with SVM (APM 15.30.1); reading has no side effects.
-        if unsafe { x86::msr::rdmsr(VM_CR) } & VM_CR_SVMDIS != 0 {
-            return Err(BackendError::Disabled("SVM (VM_CR.SVMDIS)"));
-        }
+        caps::snapshot().caps().map_err(BackendError::from)
+    }
+
+    fn enable(caps: &Caps, frames: &Frames) -> Result<Self, BackendError> {
         let hsave = frames.alloc_zeroed(0).ok_or(BackendError::NoMemory)?;
         let host_state = frames.alloc_zeroed(0).ok_or(BackendError::NoMemory)?;
         // The I/O permission map is 12 KiB, the MSR permission map 8 KiB (APM 15.10, 15.11):
@@ -91,11 +87,11 @@ impl Backend for Svm {
         }
         crate::apic::start_periodic_timer_us(crate::vm::sched::SLICE_US);
         log::info!(target: "svm", "SVM enabled: {} ASIDs, NPT, next-RIP save {}",
-            facts.asids, if facts.nrip_save { "yes" } else { "no (VMMCALL length is used)" });
+            caps.asids, if caps.nrip_save { "yes" } else { "no (instructions are decoded)" });
         Ok(Svm {
-            nrip_save: facts.nrip_save,
-            asids: facts.asids,
-            asid_user: vec![u32::MAX; facts.asids as usize],
+            nrip_save: caps.nrip_save,
+            asids: caps.asids,
+            asid_user: vec![u32::MAX; caps.asids as usize],
             iopm,
             msrpm,
             host_state,

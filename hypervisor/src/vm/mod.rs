@@ -163,6 +163,15 @@ pub enum BackendError {
     Failed(&'static str, u64),
 }
 
+impl From<formats::vmx_caps::Refusal> for BackendError {
+    fn from(r: formats::vmx_caps::Refusal) -> Self {
+        match r {
+            formats::vmx_caps::Refusal::Missing(what) => BackendError::Missing(what),
+            formats::vmx_caps::Refusal::Disabled(what) => BackendError::Disabled(what),
+        }
+    }
+}
+
 impl fmt::Display for BackendError {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
         match self {
@@ -183,8 +192,14 @@ pub trait Backend: Sized {
     /// "vmx" or "svm" (also the log target).
     const NAME: &'static str;
 
-    /// Checks the capabilities this backend needs and turns the extension on.
-    fn enable(facts: &CpuFacts, frames: &Frames) -> Result<Self, BackendError>;
+    /// What `probe` found: the controls and features every CPU enables the backend with.
+    type Caps;
+
+    /// Checks that this CPU offers what the backend needs (a pure decision over a snapshot of
+    /// its CPUID leaves and capability MSRs, host-tested in `formats`); changes nothing.
+    fn probe(facts: &CpuFacts) -> Result<Self::Caps, BackendError>;
+    /// Turns the extension on with what `probe` decided.
+    fn enable(caps: &Self::Caps, frames: &Frames) -> Result<Self, BackendError>;
     /// Creates a vCPU in the state `setup` describes.
     fn create_vcpu(&mut self, setup: &VcpuSetup, frames: &Frames) -> Result<Self::Vcpu, BackendError>;
     /// Runs the vCPU until its next exit, for at most `budget_us` microseconds (what is left

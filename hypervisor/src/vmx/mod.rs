@@ -12,15 +12,7 @@ use crate::cpu::{CpuFacts, Extension};
 use crate::frames::Frames;
 use crate::vm::fpu::FpuState;
 use crate::vm::{Backend, BackendError, Exit, Regs, Resume, VcpuSetup};
-use caps::{
-    adjust, allowed0, allowed1, fix_cr, BASIC_32BIT_ADDRESSES, BASIC_REVISION_MASK, BASIC_TRUE_CONTROLS,
-    EPT_2M_PAGES, EPT_INVEPT, EPT_INVEPT_ALL, EPT_INVEPT_SINGLE, EPT_MEMTYPE_WB, EPT_WALK_4,
-    FEATURE_CONTROL_LOCK, FEATURE_CONTROL_VMX_OUTSIDE_SMX, IA32_FEATURE_CONTROL, IA32_VMX_BASIC,
-    IA32_VMX_CR0_FIXED0, IA32_VMX_CR0_FIXED1, IA32_VMX_CR4_FIXED0, IA32_VMX_CR4_FIXED1, IA32_VMX_ENTRY_CTLS,
-    IA32_VMX_EPT_VPID_CAP, IA32_VMX_EXIT_CTLS, IA32_VMX_MISC, IA32_VMX_PINBASED_CTLS, IA32_VMX_PROCBASED_CTLS,
-    IA32_VMX_PROCBASED_CTLS2, IA32_VMX_TRUE_ENTRY_CTLS, IA32_VMX_TRUE_EXIT_CTLS, IA32_VMX_TRUE_PINBASED_CTLS,
-    IA32_VMX_TRUE_PROCBASED_CTLS, MISC_TIMER_RATE_MASK,
-};
+use caps::{fix_cr, Controls, ENTRY_LOAD_PAT, FEATURE_CONTROL_LOCK, FEATURE_CONTROL_VMX_OUTSIDE_SMX, IA32_FEATURE_CONTROL};
 use core::arch::asm;
 use morsel::{Ept, FrameAlloc, HostPhysAddr};
 use vmcs::*;
@@ -83,88 +75,28 @@ impl Backend for Vmx {
     type Vcpu = Vcpu;
     const NAME: &'static str = "vmx";
 
-    fn enable(facts: &CpuFacts, frames: &Frames) -> Result<Self, BackendError> {
-        require(facts.extension == Extension::Vmx, "VMX (CPUID.1:ECX bit 5)")?;
-        require(facts.second_level, "EPT (IA32_VMX_PROCBASED_CTLS2 bit 1)")?;
-        require(facts.tagged_tlb, "VPID (IA32_VMX_PROCBASED_CTLS2 bit 5)")?;
+    type Caps = Controls;
+
+    fn probe(facts: &CpuFacts) -> Result<Controls, BackendError> {
+        if facts.extension != Extension::Vmx {
+            return Err(BackendError::Missing("VMX (CPUID.1:ECX bit 5)"));
+        }
+        caps::snapshot().controls().map_err(BackendError::from)
+    }
+
+    fn enable(c: &Controls, frames: &Frames) -> Result<Self, BackendError> {
         // IA32_FEATURE_CONTROL: lock it with VMX on if the firmware left it open (SDM Vol. 3C 24.7).
-        let fc = caps::read(IA32_FEATURE_CONTROL);
-        if fc & FEATURE_CONTROL_LOCK == 0 {
-            // SAFETY: the MSR exists with VMX (checked) and is unlocked; setting the enable
-            // and lock bits has no other effect.
+        if c.lock_feature_control {
+            // SAFETY: the MSR exists with VMX and is unlocked (the snapshot said so);
+            // setting the enable and lock bits has no other effect.
             unsafe {
+                let fc = x86::msr::rdmsr(IA32_FEATURE_CONTROL);
                 x86::msr::wrmsr(IA32_FEATURE_CONTROL, fc | FEATURE_CONTROL_LOCK | FEATURE_CONTROL_VMX_OUTSIDE_SMX)
             };
-        } else if fc & FEATURE_CONTROL_VMX_OUTSIDE_SMX == 0 {
-            return Err(BackendError::Disabled("VMX outside SMX (IA32_FEATURE_CONTROL bit 2)"));
         }
-
-        // VMCS layout and memory type (SDM Vol. 3D A.1).
-        let basic = caps::read(IA32_VMX_BASIC);
-        let revision = (basic & BASIC_REVISION_MASK) as u32;
-        require((basic >> 32) & 0x1fff <= 4096, "a VMCS that fits in 4 KiB (IA32_VMX_BASIC[44:32])")?;
-        require(basic & BASIC_32BIT_ADDRESSES == 0, "64-bit VMCS addresses (IA32_VMX_BASIC bit 48)")?;
-        require((basic >> 50) & 0xf == 6, "write-back VMCS memory (IA32_VMX_BASIC[53:50])")?;
-        let true_ctls = basic & BASIC_TRUE_CONTROLS != 0;
-        let cap = |plain, true_msr| caps::read(if true_ctls { true_msr } else { plain });
-        let pin_cap = cap(IA32_VMX_PINBASED_CTLS, IA32_VMX_TRUE_PINBASED_CTLS);
-        let proc_cap = cap(IA32_VMX_PROCBASED_CTLS, IA32_VMX_TRUE_PROCBASED_CTLS);
-        let exit_cap = cap(IA32_VMX_EXIT_CTLS, IA32_VMX_TRUE_EXIT_CTLS);
-        let entry_cap = cap(IA32_VMX_ENTRY_CTLS, IA32_VMX_TRUE_ENTRY_CTLS);
-        let proc2_cap = caps::read(IA32_VMX_PROCBASED_CTLS2);
-
-        // EPT as the morsel tables are built: 4 levels, write-back, 2 MiB leaves (SDM Vol. 3D A.10).
-        let ept = caps::read(IA32_VMX_EPT_VPID_CAP);
-        require(ept & EPT_WALK_4 != 0, "4-level EPT (IA32_VMX_EPT_VPID_CAP bit 6)")?;
-        require(ept & EPT_MEMTYPE_WB != 0, "write-back EPT (IA32_VMX_EPT_VPID_CAP bit 14)")?;
-        require(ept & EPT_2M_PAGES != 0, "2 MiB EPT pages (IA32_VMX_EPT_VPID_CAP bit 16)")?;
-        require(ept & EPT_INVEPT != 0 && ept & (EPT_INVEPT_SINGLE | EPT_INVEPT_ALL) != 0,
-            "INVEPT (IA32_VMX_EPT_VPID_CAP bits 20, 25, 26)")?;
-        let invept_type = if ept & EPT_INVEPT_SINGLE != 0 { INVEPT_SINGLE } else { INVEPT_ALL };
-
-        // Pin-based: external interrupts and NMIs exit; the preemption timer ends the slice.
-        require(allowed1(pin_cap, PIN_EXTERNAL_INTERRUPT_EXITING), "external-interrupt exiting")?;
-        let has_timer = allowed1(pin_cap, PIN_PREEMPTION_TIMER);
-        let mut pin = PIN_EXTERNAL_INTERRUPT_EXITING | PIN_NMI_EXITING;
-        if has_timer {
-            pin |= PIN_PREEMPTION_TIMER;
-        }
-        let pin = adjust(pin_cap, pin);
-        // Primary: HLT and every port exit, no I/O or MSR bitmaps (so every RDMSR/WRMSR
-        // exits), secondary controls on (SDM Vol. 3C 26.1.3). CR8 and debug-register moves
-        // exit too: the TPR and DR0-DR3/DR6 are CPU state that entry and exit do not switch.
-        let want = PROC_HLT_EXITING | PROC_UNCONDITIONAL_IO_EXITING | PROC_SECONDARY_CONTROLS
-            | PROC_CR8_LOAD_EXITING | PROC_CR8_STORE_EXITING | PROC_MOV_DR_EXITING;
-        require(allowed1(proc_cap, want),
-            "HLT, unconditional I/O, CR8 and MOV-DR exiting and secondary controls")?;
-        require(allowed0(proc_cap, PROC_USE_IO_BITMAPS | PROC_USE_MSR_BITMAPS), "VMX without I/O and MSR bitmaps")?;
-        // Bits not asked for (CR3 load/store exiting among them) stay 0 where allowed.
-        let proc = adjust(proc_cap, want);
-        let proc2 = PROC2_ENABLE_EPT | PROC2_ENABLE_VPID;
-        require(allowed1(proc2_cap, proc2), "EPT and VPID secondary controls")?;
-        let proc2 = adjust(proc2_cap, proc2);
-        // Exit: return to 64-bit mode, swap EFER (and PAT where possible); no interrupt
-        // acknowledge, so a pending interrupt stays with the APIC for the host's handler.
-        let want = EXIT_HOST_ADDRESS_SPACE_SIZE | EXIT_SAVE_EFER | EXIT_LOAD_EFER;
-        require(allowed1(exit_cap, want), "64-bit host and EFER switching on VM exit")?;
-        let pat = allowed1(exit_cap, EXIT_SAVE_PAT | EXIT_LOAD_PAT) && allowed1(entry_cap, ENTRY_LOAD_PAT);
-        let mut exit = want;
-        if pat {
-            exit |= EXIT_SAVE_PAT | EXIT_LOAD_PAT;
-        }
-        if has_timer && allowed1(exit_cap, EXIT_SAVE_PREEMPTION_TIMER) {
-            exit |= EXIT_SAVE_PREEMPTION_TIMER;
-        }
-        require(allowed0(exit_cap, EXIT_ACK_INTERRUPT), "VM exits without interrupt acknowledge")?;
-        let exit = adjust(exit_cap, exit);
-        // Entry: IA-32e mode guest with its own EFER (SDM Vol. 3C 27.3.1.1).
-        let want = ENTRY_IA32E_MODE_GUEST | ENTRY_LOAD_EFER;
-        require(allowed1(entry_cap, want), "IA-32e mode guests and EFER loading on VM entry")?;
-        let entry = adjust(entry_cap, want | if pat { ENTRY_LOAD_PAT } else { 0 });
-
+        let Controls { revision, pin, proc, proc2, exit, entry, cr0_fixed, cr4_fixed, timer_rate, .. } = *c;
+        let invept_type = if c.invept_single { INVEPT_SINGLE } else { INVEPT_ALL };
         // CR0/CR4 fixed bits, CR4.VMXE, then VMXON (SDM Vol. 3C 24.8).
-        let cr0_fixed = (caps::read(IA32_VMX_CR0_FIXED0), caps::read(IA32_VMX_CR0_FIXED1));
-        let cr4_fixed = (caps::read(IA32_VMX_CR4_FIXED0), caps::read(IA32_VMX_CR4_FIXED1));
         let cr0 = fix_cr(read_cr0(), cr0_fixed.0, cr0_fixed.1);
         let cr4 = fix_cr(read_cr4() | CR4_VMXE, cr4_fixed.0, cr4_fixed.1);
         // SAFETY: the fixed bits only force what VMX operation requires of a host that
@@ -190,8 +122,6 @@ impl Backend for Vmx {
             return Err(BackendError::Failed("VMXON", if cf != 0 { u64::MAX } else { 0 }));
         }
 
-        let misc = caps::read(IA32_VMX_MISC);
-        let timer_rate = has_timer.then_some((misc & MISC_TIMER_RATE_MASK) as u32);
         match timer_rate {
             Some(rate) => log::info!(target: "vmx",
                 "VMX enabled: VMCS revision {revision:#x}, EPT 4-level WB, VPID, preemption timer at TSC/2^{rate}, INVEPT {}",

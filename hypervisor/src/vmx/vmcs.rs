@@ -123,40 +123,7 @@ pub const HOST_RSP: Field = Field(0x6c14);
 /// Written by the world switch: the label after VMLAUNCH/VMRESUME.
 pub const HOST_RIP: Field = Field(0x6c16);
 
-// Pin-based controls (SDM Vol. 3C 25.6.1, table 25-5).
-pub const PIN_EXTERNAL_INTERRUPT_EXITING: u32 = 1 << 0;
-pub const PIN_NMI_EXITING: u32 = 1 << 3;
-pub const PIN_PREEMPTION_TIMER: u32 = 1 << 6;
-
-// Primary processor-based controls (SDM Vol. 3C 25.6.2, table 25-6).
-pub const PROC_HLT_EXITING: u32 = 1 << 7;
-/// MOV to / from CR8 exit: without it a guest writes the host's task priority (TPR).
-pub const PROC_CR8_LOAD_EXITING: u32 = 1 << 19;
-pub const PROC_CR8_STORE_EXITING: u32 = 1 << 20;
-/// MOV to / from DR0-DR7 exit: debug registers are not switched per guest.
-pub const PROC_MOV_DR_EXITING: u32 = 1 << 23;
-pub const PROC_UNCONDITIONAL_IO_EXITING: u32 = 1 << 24;
-pub const PROC_USE_IO_BITMAPS: u32 = 1 << 25;
-pub const PROC_USE_MSR_BITMAPS: u32 = 1 << 28;
-pub const PROC_SECONDARY_CONTROLS: u32 = 1 << 31;
-
-// Secondary processor-based controls (SDM Vol. 3C 25.6.2, table 25-7).
-pub const PROC2_ENABLE_EPT: u32 = 1 << 1;
-pub const PROC2_ENABLE_VPID: u32 = 1 << 5;
-
-// VM-exit controls (SDM Vol. 3C 25.7.1, table 25-13).
-pub const EXIT_HOST_ADDRESS_SPACE_SIZE: u32 = 1 << 9;
-pub const EXIT_ACK_INTERRUPT: u32 = 1 << 15;
-pub const EXIT_SAVE_PAT: u32 = 1 << 18;
-pub const EXIT_LOAD_PAT: u32 = 1 << 19;
-pub const EXIT_SAVE_EFER: u32 = 1 << 20;
-pub const EXIT_LOAD_EFER: u32 = 1 << 21;
-pub const EXIT_SAVE_PREEMPTION_TIMER: u32 = 1 << 22;
-
-// VM-entry controls (SDM Vol. 3C 25.8.1, table 25-15).
-pub const ENTRY_IA32E_MODE_GUEST: u32 = 1 << 9;
-pub const ENTRY_LOAD_PAT: u32 = 1 << 14;
-pub const ENTRY_LOAD_EFER: u32 = 1 << 15;
+// The control bits live with the capability decision (formats::vmx_caps).
 
 /// Guest segment access rights: descriptor bits 40-47 in 7:0, 52-55 in 15:12, bit 16
 /// "unusable" (SDM Vol. 3C 25.4.1, table 25-2).
