@@ -38,6 +38,8 @@ pub struct Svm {
     /// none of these (APM Vol. 2 15.5.2), so the world switch saves the host's here and
     /// loads the guest's from its VMCB, and back after the exit.
     host_state: HostPhysAddr,
+    /// The host's FPU/SSE state while a guest runs on this CPU.
+    host_fpu: alloc::boxed::Box<FpuState>,
 }
 
 /// A guest's VMCB and its saved registers.
@@ -95,6 +97,7 @@ impl Backend for Svm {
             iopm,
             msrpm,
             host_state,
+            host_fpu: alloc::boxed::Box::new(FpuState::initial()),
         })
     }
 
@@ -162,7 +165,9 @@ impl Backend for Svm {
         }
         // SAFETY: the VMCB was set up by create_vcpu with a nested table that maps only the
         // guest's memory, and SVM is enabled; host_state is a page of ours.
-        unsafe { switch::run(&mut vcpu.regs, vcpu.vmcb.pa().as_u64(), self.host_state.as_u64(), &mut vcpu.fpu) };
+        unsafe {
+            switch::run(&mut vcpu.regs, vcpu.vmcb.pa().as_u64(), self.host_state.as_u64(), &mut vcpu.fpu, &mut self.host_fpu)
+        };
         let Area { control: c, save: v } = vcpu.vmcb.get_mut();
         c.tlb_control = 0;
         vcpu.regs.rip = v.rip;

@@ -63,8 +63,7 @@ extern "C" {
 /// `vmcb` must be a valid, fully initialised VMCB whose guest state and nested page table
 /// only grant the guest its own memory; SVM must be enabled with a host save area;
 /// `host_state` must be a 4 KiB-aligned page that nothing else uses.
-pub unsafe fn run(regs: &mut Regs, vmcb: u64, host_state: u64, guest_fpu: &mut FpuState) {
-    // SAFETY: forwarded from the caller; HOST_FPU is only used here, on the one CPU that
-    // runs guests.
-    unsafe { svm_world_switch(regs, vmcb, guest_fpu, &raw mut crate::vm::fpu::HOST_FPU, host_state) }
+pub unsafe fn run(regs: &mut Regs, vmcb: u64, host_state: u64, guest_fpu: &mut FpuState, host_fpu: &mut FpuState) {
+    // SAFETY: forwarded from the caller; both FPU areas are exclusive borrows.
+    unsafe { svm_world_switch(regs, vmcb, guest_fpu, host_fpu, host_state) }
 }

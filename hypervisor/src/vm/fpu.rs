@@ -1,6 +1,7 @@
 //! Guest FPU/SSE state. Each backend's world switch does FXSAVE (host) / FXRSTOR (guest)
 //! right before entry and the reverse right after exit, inside its assembly, so no compiled
-//! code (the precompiled `core` uses SSE) runs between them and clobbers either side.
+//! code (the precompiled `core` uses SSE) runs between them and clobbers either side. The
+//! host's area belongs to the backend instance (one per CPU), the guest's to its vCPU.
 
 /// A 512-byte FXSAVE area (Intel SDM Vol. 1 10.5.1), 16-byte aligned.
 #[repr(C, align(16))]
@@ -16,5 +17,3 @@ impl FpuState {
     }
 }
 
-/// The host's FPU state while a guest runs (one CPU runs guests).
-pub static mut HOST_FPU: FpuState = FpuState([0; 512]);

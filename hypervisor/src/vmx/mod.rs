@@ -49,6 +49,8 @@ pub struct Vmx {
     invept_type: u64,
     /// The VMCS that VMPTRLD made current last.
     current: Option<HostPhysAddr>,
+    /// The host's FPU/SSE state while a guest runs on this CPU.
+    host_fpu: alloc::boxed::Box<FpuState>,
 }
 
 /// A guest's VMCS and its saved registers.
@@ -136,7 +138,20 @@ impl Backend for Vmx {
             }
         }
         log::info!(target: "vmx", "controls: pin {pin:#x} proc {proc:#x} proc2 {proc2:#x} exit {exit:#x} entry {entry:#x}");
-        Ok(Vmx { revision, pin, proc, proc2, exit, entry, cr0_fixed, cr4_fixed, timer_rate, invept_type, current: None })
+        Ok(Vmx {
+            revision,
+            pin,
+            proc,
+            proc2,
+            exit,
+            entry,
+            cr0_fixed,
+            cr4_fixed,
+            timer_rate,
+            invept_type,
+            current: None,
+            host_fpu: alloc::boxed::Box::new(FpuState::initial()),
+        })
     }
 
     fn create_vcpu(&mut self, s: &VcpuSetup, frames: &Frames) -> Result<Vcpu, BackendError> {
@@ -192,7 +207,7 @@ impl Backend for Vmx {
         unsafe { x86::msr::wrmsr(IA32_KERNEL_GS_BASE, vcpu.kernel_gs_base) };
         // SAFETY: the VMCS is current and was set up by create_vcpu (host state, guest state,
         // an EPT that maps only the guest's memory); `launched` tracks its launch state.
-        let status = unsafe { switch::run(&mut vcpu.regs, vcpu.launched, &mut vcpu.fpu) };
+        let status = unsafe { switch::run(&mut vcpu.regs, vcpu.launched, &mut vcpu.fpu, &mut self.host_fpu) };
         // SAFETY: as above; the host's value is 0.
         unsafe {
             vcpu.kernel_gs_base = x86::msr::rdmsr(IA32_KERNEL_GS_BASE);

@@ -77,8 +77,7 @@ extern "C" {
 /// # Safety
 /// The current VMCS must be fully initialised (host state included) with an EPT that only
 /// grants the guest its own memory; `launched` must be the VMCS's launch state.
-pub unsafe fn run(regs: &mut Regs, launched: bool, guest_fpu: &mut FpuState) -> u64 {
-    // SAFETY: forwarded from the caller; HOST_FPU is only used here and in the SVM switch,
-    // on the one CPU that runs guests.
-    unsafe { vmx_world_switch(regs, launched as u64, guest_fpu, &raw mut crate::vm::fpu::HOST_FPU) }
+pub unsafe fn run(regs: &mut Regs, launched: bool, guest_fpu: &mut FpuState, host_fpu: &mut FpuState) -> u64 {
+    // SAFETY: forwarded from the caller; both FPU areas are exclusive borrows.
+    unsafe { vmx_world_switch(regs, launched as u64, guest_fpu, host_fpu) }
 }
