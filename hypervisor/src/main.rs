@@ -22,6 +22,7 @@ mod memory;
 mod pci;
 mod pmem;
 mod serial;
+mod smp;
 mod svm;
 mod time;
 mod vm;
@@ -61,14 +62,15 @@ extern "C" fn kmain(magic: u32, info: u64) -> ! {
     let facts = cpu::CpuFacts::detect();
     facts.log();
     let mapped = memory::identity_map_up_to(memory::top_of_ram(&bi), facts.gib_pages);
-    let frames = match frames::init(&bi, mapped) {
+    // The MADT first: the allocator needs a core index per CPU.
+    let platform = acpi::discover(bi.rsdp);
+    let frames = match frames::init(&bi, mapped, smp::planned(&platform, args.cpus)) {
         Ok(f) => f,
         Err(e) => {
             log::error!(target: "alloc", "{e}");
             exit::exit(Status::Failure)
         }
     };
-    let platform = acpi::discover(bi.rsdp);
     platform.log();
     apic::init();
     pmem::init(&platform, facts.gib_pages, args.pmem_format);
@@ -82,6 +84,8 @@ extern "C" fn kmain(magic: u32, info: u64) -> ! {
     }
 
     let devices_ok = devices_ok && (args.test != Some(cmdline::Test::DmaFault) || devices::dma_fault_test(&frames));
+    let cpus = smp::start(&bi, &platform, &frames, args.cpus);
+    cpus.log();
     println!("parperos: ready ({} ms after start)", time::micros() / 1000);
     let ok = args.errors.is_empty() && devices_ok && (args.guests.is_empty() || run_guests(&bi, &args, &facts, &frames));
     log::info!(target: "mem", "heap high-water mark: {} KiB", heap::used() / 1024);
