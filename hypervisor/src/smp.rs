@@ -32,7 +32,7 @@ use morsel::{FrameAlloc, HostPhysAddr};
 /// frame allocator (`memory::for_each_free_range`), and 4 KiB aligned as a STARTUP vector
 /// requires.
 const TRAMPOLINE: u64 = 0x8000;
-const _: () = assert!(TRAMPOLINE % 4096 == 0 && TRAMPOLINE + 4096 <= 1 << 20);
+const _: () = assert!(TRAMPOLINE.is_multiple_of(4096) && TRAMPOLINE + 4096 <= 1 << 20);
 
 /// Each AP's stack in long mode (`ap_entry` and everything it calls).
 const AP_STACK_SIZE: usize = 64 * 1024;
@@ -251,7 +251,7 @@ fn trampoline_page_is_free(bi: &BootInfo) -> Result<(), &'static str> {
 
 /// Copies the trampoline to its page.
 fn install_trampoline() {
-    let from = (&raw const ap_trampoline) as *const u8;
+    let from = &raw const ap_trampoline;
     let len = (&raw const ap_trampoline_end) as usize - from as usize;
     assert!(len <= 4096, "the AP trampoline exceeds its page");
     // SAFETY: the page at TRAMPOLINE is usable RAM that nothing else uses (checked by

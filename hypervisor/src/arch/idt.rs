@@ -187,7 +187,7 @@ impl Idt {
     fn fill(&mut self) {
         // SAFETY: the stub table is defined above with 34 entries: vectors 0-32 and 255;
         // reading an immutable extern static.
-        let stubs = unsafe { &*(&raw const isr_stub_table) };
+        let stubs = unsafe { &isr_stub_table };
         for (vector, &stub) in stubs.iter().enumerate().take(33) {
             let ist = match vector {
                 2 => gdt::IST_NMI,
