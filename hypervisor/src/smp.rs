@@ -213,11 +213,18 @@ pub fn start(bi: &BootInfo, platform: &Platform, frames: &Frames, limit: Option<
     }
     for (i, &apic_id) in aps.iter().take(wanted).enumerate() {
         let index = i + 1;
-        match start_ap(index, apic_id, frames) {
+        let started = if apic_id > 0xfe {
+            Err("its APIC ID needs x2APIC mode, which the hypervisor does not use")
+        } else {
+            start_ap(index, apic_id, frames)
+        };
+        match started {
             Ok(cpu) => cpus.online.push(cpu),
             Err(why) => {
                 log::error!(target: "smp", "cpu {index} (apic id {apic_id}) left out: {why}");
-                apic::send_init(apic_id); // park it, whatever state it reached
+                if apic_id <= 0xfe {
+                    apic::send_init(apic_id); // park it, whatever state it reached
+                }
             }
         }
     }
