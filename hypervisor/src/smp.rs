@@ -37,6 +37,10 @@ const _: () = assert!(TRAMPOLINE.is_multiple_of(4096) && TRAMPOLINE + 4096 <= 1 
 /// Each AP's stack in long mode (`ap_entry` and everything it calls).
 const AP_STACK_SIZE: usize = 64 * 1024;
 
+/// An AP's stack; 16-byte aligned as the ABI wants it at a call.
+#[repr(C, align(16))]
+struct Stack([u8; AP_STACK_SIZE]);
+
 /// How long a CPU may take from the STARTUP IPI to the trampoline's first store, and from
 /// there to online (or failed). Emulated CPUs were seen at ~11 ms (QEMU) and ~17 ms (Bochs).
 const START_TIMEOUT_US: u64 = 100_000;
@@ -297,7 +301,7 @@ fn wait_for(us: u64, done: impl Fn() -> bool) -> bool {
 fn start_ap(index: usize, apic_id: u32, frames: &Frames) -> Result<&'static Cpu, &'static str> {
     let cpu_frames = frames.for_cpu(index).ok_or("no allocator core index for it")?;
     // SAFETY: an all-zero byte array is a valid stack.
-    let stack: &'static mut [u8; AP_STACK_SIZE] = Box::leak(unsafe { Box::new_zeroed().assume_init() });
+    let stack: &'static mut Stack = Box::leak(unsafe { Box::<Stack>::new_zeroed().assume_init() });
     let cpu: &'static Cpu = Box::leak(Box::new(Cpu {
         index,
         apic_id,
@@ -319,7 +323,7 @@ fn start_ap(index: usize, apic_id: u32, frames: &Frames) -> Result<&'static Cpu,
     // INIT); plain stores before the IPIs, which order them for the target CPU.
     unsafe {
         (*data_ptr).cr3 = cr3;
-        (*data_ptr).stack = stack.as_ptr() as u64 + AP_STACK_SIZE as u64;
+        (*data_ptr).stack = stack.0.as_ptr() as u64 + AP_STACK_SIZE as u64;
         (*data_ptr).entry = ap_entry as extern "C" fn(&'static Cpu) -> ! as usize as u64;
         (*data_ptr).arg = cpu as *const Cpu as u64;
     }
