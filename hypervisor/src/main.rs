@@ -17,7 +17,7 @@ mod vmx;
 
 // The modules' paths before they moved into folders: kept for one step so that work based
 // on the old layout still builds; the next commit names every module by its folder.
-use arch::{apic, cpu};
+use arch::{apic, cpu, smp};
 use devices::pci;
 use mm::{frames, pmem};
 use platform::{acpi, boot, bootinfo, cmdline, exit, heap, memory, serial, time};
@@ -60,14 +60,15 @@ extern "C" fn kmain(magic: u32, info: u64) -> ! {
         cpu::Extension::None => "vmx=no svm=no".into(),
     });
     let mapped = memory::identity_map_up_to(memory::top_of_ram(&bi), facts.gib_pages);
-    let frames = match frames::init(&bi, mapped) {
+    // The MADT first: the allocator needs a core index per CPU.
+    let platform = acpi::discover(bi.rsdp);
+    let frames = match frames::init(&bi, mapped, smp::planned(&platform, args.cpus)) {
         Ok(f) => f,
         Err(e) => {
             log::error!(target: "alloc", "{e}");
             exit::exit(Status::Failure)
         }
     };
-    let platform = acpi::discover(bi.rsdp);
     platform.log();
     apic::init();
     pmem::init(&platform, facts.gib_pages, &args.pmem);
@@ -81,6 +82,8 @@ extern "C" fn kmain(magic: u32, info: u64) -> ! {
     }
 
     let devices_ok = devices_ok && (args.test != Some(cmdline::Test::DmaFault) || devices::dma_fault_test(&frames));
+    let cpus = smp::start(&bi, &platform, &frames, args.cpus);
+    cpus.log();
     println!("parperos: ready ({} ms after start)", time::micros() / 1000);
     let ok = args.errors.is_empty() && devices_ok && (args.guests.is_empty() || run_guests(&bi, &args, &facts, &frames));
     log::info!(target: "mem", "heap high-water mark: {} KiB", heap::used() / 1024);

@@ -148,9 +148,35 @@ pub fn qemu_command(config: &Config, accel: Accel, kernel: &Path, cmdline: &str,
     Ok(cmd)
 }
 
-/// Copy the Bochs configuration to `out` with `@ISO@` and `@SERIAL@` filled in, after
-/// checking that the ROM images it names exist.
-pub fn write_bochsrc(config: &Config, iso: &Path, serial: &Path, out: &Path) -> Result<()> {
+/// QEMU arguments for `cpus` CPUs (after the config's own `-smp`, which they override).
+pub fn qemu_cpus_args(cpus: usize) -> [String; 2] {
+    ["-smp".into(), cpus.to_string()]
+}
+
+/// The bochsrc text with `count=N` in its `cpu:` line (replacing a count it has).
+pub fn bochsrc_with_cpus(text: &str, cpus: usize) -> Result<String> {
+    let mut found = false;
+    let lines: Vec<String> = text
+        .lines()
+        .map(|line| match line.trim_start().strip_prefix("cpu:") {
+            Some(rest) if !line.trim_start().starts_with('#') => {
+                found = true;
+                let others = rest.split(',').map(str::trim).filter(|w| !w.is_empty() && !w.starts_with("count="));
+                let words: Vec<String> = std::iter::once(format!("count={cpus}")).chain(others.map(String::from)).collect();
+                format!("cpu: {}", words.join(", "))
+            }
+            _ => line.to_string(),
+        })
+        .collect();
+    if !found {
+        bail!("the bochsrc has no `cpu:` line to set count={cpus} in");
+    }
+    Ok(lines.join("\n") + "\n")
+}
+
+/// Copy the Bochs configuration to `out` with `@ISO@` and `@SERIAL@` filled in (and
+/// `count=N` in its `cpu:` line with `cpus`), after checking that the ROM images it names exist.
+pub fn write_bochsrc(config: &Config, iso: &Path, serial: &Path, out: &Path, cpus: Option<usize>) -> Result<()> {
     let text = std::fs::read_to_string(&config.path).context(|| format!("cannot read {}", config.path.display()))?;
     for needed in ["@ISO@", "@SERIAL@"] {
         if !text.contains(needed) {
@@ -164,7 +190,10 @@ pub fn write_bochsrc(config: &Config, iso: &Path, serial: &Path, out: &Path) -> 
             }
         }
     }
-    let filled = text.replace("@ISO@", &iso.to_string_lossy()).replace("@SERIAL@", &serial.to_string_lossy());
+    let mut filled = text.replace("@ISO@", &iso.to_string_lossy()).replace("@SERIAL@", &serial.to_string_lossy());
+    if let Some(n) = cpus {
+        filled = bochsrc_with_cpus(&filled, n)?;
+    }
     std::fs::write(out, filled).context(|| format!("cannot write {}", out.display()))
 }
 
@@ -228,5 +257,17 @@ kvm: -cpu host   # host cpu
         assert!(pmem.iter().any(|a| a.contains(&file)), "{pmem:?}");
         let e = Config::resolve(&root, "nope").unwrap_err().0;
         assert!(e.contains("qemu-svm"), "{e}");
+    }
+
+    #[test]
+    fn bochs_cpu_count() {
+        let rc = "megs: 2048\n# cpu: not this\ncpu: model=ryzen, reset_on_triple_fault=0\n";
+        assert_eq!(
+            bochsrc_with_cpus(rc, 2).unwrap(),
+            "megs: 2048\n# cpu: not this\ncpu: count=2, model=ryzen, reset_on_triple_fault=0\n"
+        );
+        let twice = bochsrc_with_cpus(&bochsrc_with_cpus(rc, 2).unwrap(), 4).unwrap();
+        assert!(twice.contains("cpu: count=4, model=ryzen, reset_on_triple_fault=0\n"), "{twice}");
+        assert!(bochsrc_with_cpus("megs: 2048\n", 2).is_err());
     }
 }

@@ -27,6 +27,7 @@ commands:
       --emulator qemu|bochs  emulator (default qemu; bochs uses config bochs-vmx)
       --config NAME          a setup from qemu-configs/ (NAME.args or NAME.bochsrc)
       --cmdline TEXT         hypervisor command line (default: qemu-configs/demo.cmdline)
+      --cpus N               N CPUs (QEMU -smp N, Bochs cpu: count=N)
       --gdb                  QEMU: wait for a debugger on :1234 (-s -S)
       -- ARGS                extra arguments for the emulator (QEMU only)
   test [FILTER] [-j N]       host tests, then every scenario in tests/scenarios/

@@ -16,13 +16,14 @@ pub struct Options {
     emulator: Option<Emulator>,
     config: Option<String>,
     cmdline: Option<String>,
+    cpus: Option<usize>,
     gdb: bool,
     extra: Vec<String>,
 }
 
 impl Options {
     pub fn parse(args: &[String]) -> Result<Options> {
-        let mut o = Options { emulator: None, config: None, cmdline: None, gdb: false, extra: Vec::new() };
+        let mut o = Options { emulator: None, config: None, cmdline: None, cpus: None, gdb: false, extra: Vec::new() };
         let mut it = args.iter();
         while let Some(arg) = it.next() {
             let (flag, inline) = match arg.split_once('=') {
@@ -45,6 +46,12 @@ impl Options {
                 }
                 "--config" => o.config = Some(value("--config")?),
                 "--cmdline" => o.cmdline = Some(value("--cmdline")?),
+                "--cpus" => {
+                    o.cpus = match value("--cpus")?.parse() {
+                        Ok(n) if n >= 1 => Some(n),
+                        _ => bail!("`--cpus` wants a number of CPUs, at least 1"),
+                    }
+                }
                 "--gdb" => o.gdb = true,
                 "--" => {
                     o.extra = it.by_ref().cloned().collect();
@@ -96,6 +103,9 @@ fn run_qemu(config: &Config, built: &images::Built, cmdline: &str, o: &Options) 
     println!("accel: {why}");
     let mut cmd = emulator::qemu_command(config, accel, &built.hypervisor, cmdline, &built.archive)?;
     cmd.args(["-serial", "mon:stdio"]);
+    if let Some(n) = o.cpus {
+        cmd.args(emulator::qemu_cpus_args(n));
+    }
     if o.gdb {
         cmd.args(["-s", "-S"]);
         println!(
@@ -132,7 +142,7 @@ fn run_bochs(root: &Path, config: &Config, built: &images::Built, cmdline: &str,
     let serial = root.join(images::BUILD_DIR).join("run.serial.log");
     let rc = root.join(images::BUILD_DIR).join(format!("run.{}.bochsrc", config.name));
     let _ = std::fs::remove_file(&serial);
-    emulator::write_bochsrc(config, &iso, &serial, &rc)?;
+    emulator::write_bochsrc(config, &iso, &serial, &rc, o.cpus)?;
     // Debian's Bochs is built with the internal debugger, which excludes the GDB stub.
     let mut cmd = emulator::bochs_command(root, &rc, !o.gdb)?;
     if o.gdb {

@@ -23,11 +23,11 @@ pub const SEED: &str = "@SEED@";
 pub const PMEM_ALIGN: u64 = 2 << 20;
 
 const KEYS_HELP: &str = "description, configs, boots, cmdline, timeout, expect, reject, expect_count, expect_order, \
-    exit, kill@K, kill_delay, disk, check_disk, pmem, pmem_write@K; `.<config>` after cmdline, timeout, expect, reject, expect_count, \
-    expect_order; `@K` (boot K) after those, exit, kill and kill_delay";
+    exit, kill@K, kill_delay, disk, check_disk, pmem, pmem_write@K, cpus; `.<config>` after cmdline, timeout, expect, reject, expect_count, \
+    expect_order, cpus; `@K` (boot K) after those, exit, kill and kill_delay";
 
 /// Keys that take a `.<config>` suffix.
-const PER_CONFIG: &[&str] = &["cmdline", "timeout", "expect", "reject", "expect_count", "expect_order"];
+const PER_CONFIG: &[&str] = &["cmdline", "timeout", "expect", "reject", "expect_count", "expect_order", "cpus"];
 /// Keys that take a `@K` suffix: boot K only (1-based).
 const PER_BOOT: &[&str] =
     &["cmdline", "timeout", "expect", "reject", "expect_count", "expect_order", "exit", "kill", "kill_delay", "pmem_write"];
@@ -159,12 +159,19 @@ pub struct Scenario {
     pub pmem_writes: Vec<(usize, PmemWrite)>,
     /// (line, key) of the keys that need a QEMU config (`disk`, `pmem`).
     qemu_only: Vec<(usize, &'static str)>,
+    /// `cpus = N`, `cpus.<config> = N`: the machine's CPU count (None: the config's own).
+    cpus: PerRun<Option<usize>>,
 }
 
 impl Scenario {
     /// The hypervisor command line for boot `boot` under `config`.
     pub fn cmdline(&self, config: &str, boot: usize) -> &str {
         self.cmdline.get(config, boot)
+    }
+
+    /// `cpus` for `config`: QEMU `-smp N`, Bochs `cpu: count=N`; None keeps the config's.
+    pub fn cpus(&self, config: &str) -> Option<usize> {
+        *self.cpus.get(config, 1)
     }
 
     pub fn timeout(&self, config: &str, boot: usize) -> Duration {
@@ -330,6 +337,7 @@ pub fn parse(name: &str, path: &Path, text: &str) -> Result<Scenario> {
         pmem: None,
         pmem_writes: Vec::new(),
         qemu_only: Vec::new(),
+        cpus: PerRun::new(None),
     };
     let mut seen: Vec<&str> = Vec::new();
     // Checked at the end, when `configs` and `boots` are known: remember where they were.
@@ -428,6 +436,15 @@ pub fn parse(name: &str, path: &Path, text: &str) -> Result<Scenario> {
                     crate::bail!("{}: expect_order wants `A | B [| ...]` with non-empty texts", at());
                 }
                 s.expect_order.push(Check { config, boot, what: texts });
+            }
+            "cpus" => {
+                let n = match value.parse::<usize>() {
+                    Ok(n) if (1..=255).contains(&n) => n,
+                    _ => crate::bail!("{}: cpus wants a number of CPUs from 1 to 255, got `{value}`", at()),
+                };
+                if !s.cpus.set(config, None, Some(n)) {
+                    return Err(twice());
+                }
             }
             "disk" => {
                 once(&mut seen, "disk")?;
@@ -625,6 +642,17 @@ exit = failure
         assert_eq!((s.boots, s.pmem, s.kill(1)), (1, None, None));
         assert_eq!(s.kill_delay(1, 42), Duration::ZERO);
         assert!(!s.uses_seed());
+    }
+
+    #[test]
+    fn cpus_per_config() {
+        let s = p("configs = qemu-svm bochs-vmx\ncpus = 2\ncpus.qemu-svm = 4\n").unwrap();
+        assert_eq!((s.cpus("qemu-svm"), s.cpus("bochs-vmx")), (Some(4), Some(2)));
+        assert_eq!(p("configs = qemu-svm\n").unwrap().cpus("qemu-svm"), None);
+        for bad in ["cpus = 0", "cpus = x", "cpus = 256", "cpus@1 = 2", "cpus.bochs-vmx = 2"] {
+            assert!(p(&format!("configs = qemu-svm\n{bad}\n")).is_err(), "{bad}");
+        }
+        assert!(p("configs = qemu-svm\ncpus = 2\ncpus = 3\n").is_err(), "twice");
     }
 
     #[test]

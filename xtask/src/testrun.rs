@@ -650,6 +650,9 @@ fn run_qemu(job: &Job, s: &Scenario, boot: usize, built: &images::Built, logs: &
     if let Some((path, size)) = &media.pmem {
         cmd.args(pmem::qemu_args(&emulator::qemu_args(&job.config, Accel::Tcg)?, path, *size)?);
     }
+    if let Some(n) = s.cpus(config) {
+        cmd.args(emulator::qemu_cpus_args(n));
+    }
     cmd.args(["-serial", "stdio"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -702,7 +705,7 @@ fn run_bochs(root: &Path, job: &Job, s: &Scenario, boot: usize, built: &images::
     let emulator_log = logs.join(format!("{stem}.bochs.log"));
     let rc = logs.join(format!("{stem}.bochsrc"));
     let _ = std::fs::remove_file(&serial_path);
-    emulator::write_bochsrc(&job.config, &iso, &serial_path, &rc)?;
+    emulator::write_bochsrc(&job.config, &iso, &serial_path, &rc, s.cpus(config))?;
     let log = std::fs::File::create(&emulator_log).context(|| format!("cannot create {}", emulator_log.display()))?;
     let mut cmd = emulator::bochs_command(root, &rc, true)?;
     cmd.current_dir(logs)

@@ -1,17 +1,23 @@
-//! Local APIC (xAPIC, MMIO at its base MSR address): enable, EOI, and a periodic timer.
-//! The SVM backend intercepts this timer's interrupt to preempt a running guest.
+//! Local APIC (xAPIC, MMIO at its base MSR address): enable, EOI, a periodic timer, and
+//! the INIT and STARTUP IPIs that start the other CPUs. The SVM backend intercepts this
+//! timer's interrupt to preempt a running guest. Every CPU's APIC sits at the same address
+//! and each CPU reaches its own there (SDM Vol. 3A 11.4.1), so one register window serves all.
 
 /// Acknowledges a timer interrupt (its work, ending a guest's slice, is done by the exit).
 pub fn timer_interrupt() {
     eoi();
 }
 
+use core::sync::atomic::{AtomicU32, Ordering};
 use formats::mmio::Mmio;
 use spin::Once;
 
 const IA32_APIC_BASE: u32 = 0x1b;
+const REG_ID: u64 = 0x20;
 const REG_EOI: u64 = 0xb0;
 const REG_SPURIOUS: u64 = 0xf0;
+const REG_ICR_LOW: u64 = 0x300;
+const REG_ICR_HIGH: u64 = 0x310;
 const REG_LVT_TIMER: u64 = 0x320;
 const REG_TIMER_INIT: u64 = 0x380;
 const REG_TIMER_CURRENT: u64 = 0x390;
@@ -48,17 +54,66 @@ pub fn init() {
     write(REG_SPURIOUS, 0x100 | crate::arch::idt::SPURIOUS_VECTOR as u32);
 }
 
-/// Starts a periodic timer interrupt every `period_us` microseconds (the timer's rate is
-/// measured against the TSC first).
-pub fn start_periodic_timer_us(period_us: u64) {
+/// This CPU's APIC ID (xAPIC ID register bits 31:24, SDM Vol. 3A 11.4.6).
+pub fn id() -> u32 {
+    read(REG_ID) >> 24
+}
+
+/// ICR delivery modes and flags (SDM Vol. 3A 11.6.1, figure 11-12).
+const ICR_INIT: u32 = 0b101 << 8;
+const ICR_STARTUP: u32 = 0b110 << 8;
+const ICR_LEVEL_ASSERT: u32 = 1 << 14;
+const ICR_SEND_PENDING: u32 = 1 << 12;
+
+/// Sends an IPI with ICR low word `low` to the CPU with APIC ID `apic_id` and waits until
+/// the APIC has sent it (delivery status idle). Physical destination mode, no shorthand.
+fn send_ipi(apic_id: u32, low: u32) {
+    write(REG_ICR_HIGH, apic_id << 24);
+    write(REG_ICR_LOW, low); // writing the low word sends it
+    while read(REG_ICR_LOW) & ICR_SEND_PENDING != 0 {
+        core::hint::spin_loop();
+    }
+}
+
+/// INIT IPI: the target CPU resets into wait-for-SIPI (SDM Vol. 3A 9.4.4).
+pub fn send_init(apic_id: u32) {
+    send_ipi(apic_id, ICR_INIT | ICR_LEVEL_ASSERT);
+}
+
+/// STARTUP IPI: the target starts in real mode at `vector << 12` (SDM Vol. 3A 9.4.4.1).
+pub fn send_startup(apic_id: u32, vector: u8) {
+    send_ipi(apic_id, ICR_STARTUP | ICR_LEVEL_ASSERT | vector as u32);
+}
+
+/// LAPIC timer ticks per millisecond at divide 16, measured once (0: not yet).
+static TICKS_PER_MS: AtomicU32 = AtomicU32::new(0);
+
+/// Measures the LAPIC timer against the TSC over 1 ms, once: every CPU's timer runs at the
+/// bus clock, and a second measurement on a loaded emulator host can be far off, so the
+/// boot CPU measures and the others reuse the figure.
+pub fn calibrate_timer() -> u32 {
+    let known = TICKS_PER_MS.load(Ordering::Relaxed);
+    if known != 0 {
+        return known;
+    }
     write(REG_LVT_TIMER, 1 << 16); // masked while measuring
     write(REG_TIMER_DIVIDE, 0b0011); // divide by 16
     write(REG_TIMER_INIT, u32::MAX);
     let t0 = crate::time::micros();
     while crate::time::micros() < t0 + 1000 {}
-    let per_ms = u32::MAX - read(REG_TIMER_CURRENT);
+    let per_ms = (u32::MAX - read(REG_TIMER_CURRENT)).max(1);
+    write(REG_TIMER_INIT, 0); // stopped
+    TICKS_PER_MS.store(per_ms, Ordering::Relaxed);
+    log::info!(target: "apic", "LAPIC timer: {per_ms} ticks/ms (divide 16)");
+    per_ms
+}
+
+/// Starts a periodic timer interrupt every `period_us` microseconds on this CPU (with the
+/// figure `calibrate_timer` measured).
+pub fn start_periodic_timer_us(period_us: u64) {
+    let per_ms = calibrate_timer();
     let count = (per_ms as u64 * period_us / 1000).clamp(1, u32::MAX as u64) as u32;
-    log::info!(target: "apic", "LAPIC timer: {per_ms} ticks/ms (divide 16), period {period_us} us");
+    log::info!(target: "apic", "LAPIC timer: period {period_us} us ({count} ticks)");
     start_periodic_timer(count);
 }
 
@@ -68,4 +123,3 @@ fn start_periodic_timer(count: u32) {
     write(REG_LVT_TIMER, (1 << 17) | crate::arch::idt::TIMER_VECTOR as u32); // periodic
     write(REG_TIMER_INIT, count);
 }
-

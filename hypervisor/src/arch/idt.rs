@@ -145,7 +145,13 @@ impl Gate {
     }
 }
 
-static mut IDT: [Gate; 256] = [Gate::EMPTY; 256];
+/// An interrupt descriptor table. Every CPU loads its own (the same gates: each IST slot
+/// then means that CPU's own stack).
+#[repr(C, align(16))]
+pub struct Idt([Gate; 256]);
+
+/// The boot CPU's IDT.
+static mut BSP_IDT: Idt = Idt([Gate::EMPTY; 256]);
 
 #[repr(C, packed)]
 struct Pointer {
@@ -168,16 +174,20 @@ fn disable_pic() {
     }
 }
 
-/// Fills and loads the IDT and silences the legacy PICs. Call once after `gdt::init`.
-pub fn init() {
-    disable_pic();
-    // SAFETY: runs once on the boot CPU before any interrupt is enabled; the stub table
-    // is defined above with 34 entries: vectors 0-32 and 255.
-    // `&*(&raw ...)` instead of `&STATIC`: a plain reference to a `static mut` is what the
-    // static_mut_refs lint forbids; this one is taken once, before interrupts are on.
-    #[allow(clippy::deref_addrof)]
-    unsafe {
-        let stubs = &*(&raw const isr_stub_table);
+impl Idt {
+    /// A filled IDT on the heap, for an application processor.
+    pub fn new() -> alloc::boxed::Box<Idt> {
+        let mut idt = alloc::boxed::Box::new(Idt([Gate::EMPTY; 256]));
+        idt.fill();
+        idt
+    }
+
+    /// Points every gate at its stub: exceptions 0-31 and the timer (32) each have one,
+    /// every other vector (the masked 8259's, stray ones) is acknowledged and ignored.
+    fn fill(&mut self) {
+        // SAFETY: the stub table is defined above with 34 entries: vectors 0-32 and 255;
+        // reading an immutable extern static.
+        let stubs = unsafe { &isr_stub_table };
         for (vector, &stub) in stubs.iter().enumerate().take(33) {
             let ist = match vector {
                 2 => gdt::IST_NMI,
@@ -186,14 +196,32 @@ pub fn init() {
                 32 => gdt::IST_INTERRUPT,
                 _ => gdt::IST_EXCEPTION,
             };
-            IDT[vector] = Gate::interrupt(stub, ist);
+            self.0[vector] = Gate::interrupt(stub, ist);
         }
-        // Every other vector (the masked 8259's, stray ones) is acknowledged and ignored.
-        for gate in (*(&raw mut IDT)).iter_mut().skip(33) {
+        for gate in self.0.iter_mut().skip(33) {
             *gate = Gate::interrupt(stubs[33], gdt::IST_INTERRUPT);
         }
-        let ptr = Pointer { limit: (size_of::<[Gate; 256]>() - 1) as u16, base: (&raw const IDT) as u64 };
-        asm!("lidt [{}]", in(reg) &ptr, options(nostack));
+    }
+
+    /// Loads this table on the calling CPU (LIDT); it must live for the rest of the run.
+    pub fn load(&'static self) {
+        let ptr = Pointer { limit: (size_of::<[Gate; 256]>() - 1) as u16, base: self.0.as_ptr() as u64 };
+        // SAFETY: the table is filled with gates to our stubs and lives forever.
+        unsafe { asm!("lidt [{}]", in(reg) &ptr, options(nostack)) };
+    }
+}
+
+/// Fills and loads the boot CPU's IDT and silences the legacy PICs. Call once after `gdt::init`.
+pub fn init() {
+    disable_pic();
+    // SAFETY: runs once on the boot CPU before any interrupt is enabled; nothing else
+    // touches BSP_IDT, which is only read (by the CPU) from now on.
+    // `&*(&raw ...)` instead of `&STATIC`: a plain reference to a `static mut` is what the
+    // static_mut_refs lint forbids; these are taken once, before interrupts are on.
+    #[allow(clippy::deref_addrof)]
+    unsafe {
+        (*(&raw mut BSP_IDT)).fill();
+        (&*(&raw const BSP_IDT)).load();
     }
 }
 

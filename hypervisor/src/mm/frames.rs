@@ -11,12 +11,15 @@ use spin::Once;
 
 static ALLOCATOR: Once<Allocator<'static>> = Once::new();
 
-/// The one CPU that runs the hypervisor (allocator CPU index).
-const CORE: usize = 0;
-
-/// Handle to the frame allocator (cheap to copy).
+/// Handle to the frame allocator for one CPU (cheap to copy): every CPU allocates and
+/// frees through its own allocator core index (`Frames::for_cpu`), so that its reservations
+/// are its own (the allocator's contract: one user per index at a time). A frame may be freed
+/// through any CPU's handle, not only the one that allocated it.
 #[derive(Clone, Copy)]
-pub struct Frames(&'static Allocator<'static>);
+pub struct Frames {
+    alloc: &'static Allocator<'static>,
+    core: usize,
+}
 
 /// Why the allocator could not be set up.
 #[derive(Debug)]
@@ -34,11 +37,13 @@ impl core::fmt::Display for InitError {
     }
 }
 
-/// Puts all free memory under the allocator. Call once; memory must be identity-mapped
-/// up to `top` (see `memory::identity_map_up_to`).
-pub fn init(bi: &BootInfo, top: u64) -> Result<Frames, InitError> {
+/// Puts all free memory under the allocator, with `cpus` core indices (at least 1). Call
+/// once; memory must be identity-mapped up to `top` (see `memory::identity_map_up_to`).
+/// The handle returned is the boot CPU's (index 0).
+pub fn init(bi: &BootInfo, top: u64, cpus: usize) -> Result<Frames, InitError> {
+    let cpus = cpus.max(1);
     let frames = (top / PAGE_SIZE) as usize;
-    let meta_size = Allocator::metadata_size(1, frames);
+    let meta_size = Allocator::metadata_size(cpus, frames);
     let meta_bytes = (meta_size as u64).next_multiple_of(PAGE_SIZE);
     let mut meta_at = None;
     memory::for_each_free_range(bi, |s, e| {
@@ -50,7 +55,7 @@ pub fn init(bi: &BootInfo, top: u64) -> Result<Frames, InitError> {
     // SAFETY: [meta_at, meta_at + meta_bytes) is free RAM, identity-mapped, page aligned, and
     // from now on used only as allocator metadata (it is not freed into the allocator below).
     let meta = unsafe { core::slice::from_raw_parts_mut(meta_at as *mut u8, meta_size) };
-    let alloc = Allocator::new(1, Pfn(0), frames, meta, Init::Allocated).map_err(InitError::Allocator)?;
+    let alloc = Allocator::new(cpus, Pfn(0), frames, meta, Init::Allocated).map_err(InitError::Allocator)?;
     let mut free = 0u64;
     let mut result = Ok(());
     memory::for_each_free_range(bi, |s, e| {
@@ -62,13 +67,19 @@ pub fn init(bi: &BootInfo, top: u64) -> Result<Frames, InitError> {
     });
     result.map_err(InitError::Allocator)?;
     let alloc = ALLOCATOR.call_once(|| alloc);
-    log::info!(target: "alloc", "LLFree allocator: {} frames managed ({} MiB free, {} huge frames), metadata {} KiB at {:#x} ({} bytes per GiB)",
+    log::info!(target: "alloc", "LLFree allocator: {} frames managed ({} MiB free, {} huge frames), metadata {} KiB at {:#x} ({} bytes per GiB), {} CPU(s)",
         frames, free >> 20, alloc.free_huge(), meta_size / 1024, meta_at,
-        meta_size as u64 * (1 << 30) / top.max(1));
-    Ok(Frames(alloc))
+        meta_size as u64 * (1 << 30) / top.max(1), cpus);
+    Ok(Frames { alloc, core: 0 })
 }
 
 impl Frames {
+    /// The handle for the CPU with allocator index `core`, or None past the indices `init`
+    /// made room for.
+    pub fn for_cpu(&self, core: usize) -> Option<Frames> {
+        (core < self.alloc.cores()).then_some(Frames { alloc: self.alloc, core })
+    }
+
     /// A zeroed frame of `1 << order` pages.
     pub fn alloc_zeroed(&self, order: u32) -> Option<HostPhysAddr> {
         let pa = self.alloc(order)?;
@@ -78,18 +89,18 @@ impl Frames {
 
     /// Free 4 KiB frames right now (all orders).
     pub fn free_frames(&self) -> usize {
-        self.0.free_frames()
+        self.alloc.free_frames()
     }
 }
 
 impl FrameAlloc for Frames {
     fn alloc(&self, order: u32) -> Option<HostPhysAddr> {
-        let pfn = self.0.get(CORE, Order(order as u8)).ok()?;
+        let pfn = self.alloc.get(self.core, Order(order as u8)).ok()?;
         Some(HostPhysAddr::new(pfn.0 as u64 * PAGE_SIZE))
     }
 
     fn free(&self, frame: HostPhysAddr, order: u32) {
-        if let Err(e) = self.0.put(CORE, Pfn((frame.as_u64() / PAGE_SIZE) as usize), Order(order as u8)) {
+        if let Err(e) = self.alloc.put(self.core, Pfn((frame.as_u64() / PAGE_SIZE) as usize), Order(order as u8)) {
             log::error!(target: "alloc", "freeing frame {:#x} (order {order}): {e}", frame.as_u64());
         }
     }

@@ -33,7 +33,10 @@ pub struct Ecam {
 /// What the hypervisor uses from ACPI.
 #[derive(Debug, Default)]
 pub struct Platform {
+    /// Enabled processors in the MADT (local APIC and local x2APIC entries with flag bit 0).
     pub cpus: usize,
+    /// Their APIC IDs, in MADT order (the boot CPU among them).
+    pub apic_ids: alloc::vec::Vec<u32>,
     pub local_apic: u64,
     pub io_apics: usize,
     pub ecam: Option<Ecam>,
@@ -63,12 +66,13 @@ pub fn discover(rsdp: Option<u64>) -> Platform {
         p.local_apic = madt.get().local_apic_address as u64;
         for entry in madt.get().entries() {
             match entry {
-                MadtEntry::LocalApic(e) if e.flags & 1 != 0 => p.cpus += 1,
-                MadtEntry::LocalX2Apic(e) if e.flags & 1 != 0 => p.cpus += 1,
+                MadtEntry::LocalApic(e) if e.flags & 1 != 0 => p.apic_ids.push(e.apic_id as u32),
+                MadtEntry::LocalX2Apic(e) if e.flags & 1 != 0 => p.apic_ids.push(e.x2apic_id),
                 MadtEntry::IoApic(_) => p.io_apics += 1,
                 _ => {}
             }
         }
+        p.cpus = p.apic_ids.len();
     }
     if let Ok(mcfg) = tables.find_table::<Mcfg>() {
         p.ecam = mcfg.entries().first().map(|e| Ecam {

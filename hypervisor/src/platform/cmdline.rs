@@ -9,6 +9,7 @@
 //! * `test=fault`: a deliberate hypervisor fault after boot (proves the exception path).
 //! * `test=dma-fault`: edu DMAs to an address its IOMMU domain does not map (proves the
 //!   fault is reported and a canary page stays unchanged).
+//! * `cpus=N`: bring at most N CPUs online (the boot CPU counts; N >= 1).
 //! * `pmem=format`: format the persistent-memory region even if it holds something other
 //!   than a fresh (all-zero) region or ours.
 //! * `pmem=drop:N[,N...]`, `pmem=drop:damaged`: recovery removes these directory records
@@ -40,13 +41,15 @@ pub struct Args {
     pub test: Option<Test>,
     /// `pmem=format`, `pmem=drop:...`, `test=pmem-crash:...`.
     pub pmem: pmem::Options,
+    /// `cpus=N`: at most N CPUs online (None: every enabled CPU of the MADT).
+    pub cpus: Option<usize>,
     /// Words that were not understood, with the reason.
     pub errors: Vec<(&'static str, &'static str)>,
 }
 
 impl Args {
     pub fn parse(line: &'static str) -> Args {
-        let mut a = Args { guests: Vec::new(), log_level: log::LevelFilter::Info, test: None, pmem: pmem::Options::default(), errors: Vec::new() };
+        let mut a = Args { guests: Vec::new(), log_level: log::LevelFilter::Info, test: None, pmem: pmem::Options::default(), cpus: None, errors: Vec::new() };
         for word in line.split_ascii_whitespace() {
             match word.split_once('=') {
                 Some(("guests", list)) => {
@@ -71,6 +74,10 @@ impl Args {
                 },
                 Some(("test", "pmem-crash:format")) => a.pmem.crash = Some(CrashPoint::Format),
                 Some(("test", "pmem-crash:magic")) => a.pmem.crash = Some(CrashPoint::Magic),
+                Some(("cpus", n)) => match n.parse::<usize>() {
+                    Ok(n) if n >= 1 => a.cpus = Some(n),
+                    _ => a.errors.push((word, "cpus wants a number of CPUs, at least 1")),
+                },
                 _ => a.errors.push((word, "unknown option")),
             }
         }
