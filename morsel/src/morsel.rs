@@ -360,7 +360,7 @@ impl<F: Format> Morsel<F> {
         let mut path_writes = 0;
         for k in (1..=depth).rev() {
             let t = path[k];
-            if (0..crate::addr::ENTRIES).any(|e| mem.read(t, e) != 0) {
+            if !table_empty(t, index(target.levels - k as Level, at), mem) {
                 break;
             }
             let level = target.levels - (k as Level - 1);
@@ -422,6 +422,14 @@ impl<F: Format> Morsel<F> {
         );
         Ok(slot_level)
     }
+}
+
+/// Whether every entry of `table` is zero. Looks outward from `near` (the entry just
+/// cleared): mounts sit side by side (the hypervisor takes the lowest free slot), so a table
+/// still in use usually shows it within a few reads.
+fn table_empty(table: HostPhysAddr, near: usize, mem: &impl PhysMem) -> bool {
+    let n = crate::addr::ENTRIES;
+    (1..=n / 2).all(|d| mem.read(table, (near + d) % n) == 0 && mem.read(table, (near + n - d) % n) == 0)
 }
 
 /// Rebuilds the format-`F` table `from` (of `level`) as the format-`G` table `to` (zeroed):
