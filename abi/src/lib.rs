@@ -31,6 +31,13 @@ pub const MORSEL_SHARE_WRITABLE: u64 = 1 << 1;
 /// owner: any guest may open it (read-write if it was created with `MORSEL_SHARE_WRITABLE`)
 /// and destroy it if it may write it.
 pub const MORSEL_PERSISTENT: u64 = 1 << 2;
+/// Per-guest quotas: a call that would pass one gets `NoMemory`. Morsels a guest owns at
+/// once (created and not destroyed).
+pub const MORSEL_QUOTA: u64 = 64;
+/// Morsels mounted in one guest at once (its own and others', `morsel_create` included).
+pub const MOUNT_QUOTA: u64 = 128;
+/// Device mounts (`device_mount`) of one guest at once.
+pub const DEVICE_MOUNT_QUOTA: u64 = 16;
 /// `morsel_open(name_ptr, name_len, writable)`: mounts an existing morsel (writable: 0 or 1);
 /// returns its guest-physical address; the size is returned by `morsel_size`.
 pub const HC_MORSEL_OPEN: u64 = 0x11;
@@ -49,6 +56,11 @@ pub const HC_MORSEL_STATS: u64 = 0x15;
 /// (aligned to the morsel's window: 2 MiB, 1 GiB or 512 GiB), read-write if `writable` is 1
 /// and the owner allows it as for `morsel_open`. One entry write in the domain's table and one
 /// IOTLB invalidation; the mount is dropped when the calling guest ends. Returns `iova`.
+/// Only edu is offered: another existing function (host bridge, LPC, the NVMe controller,
+/// which the hypervisor drives for the proxy) is `Denied`, a `bdf` nobody answers `NotFound`.
+/// edu is lent to one guest at a time: `Busy` while another guest has a mount there; before
+/// it goes to a new guest the hypervisor zeroes its buffer. `NoMemory` past
+/// `DEVICE_MOUNT_QUOTA`.
 pub const HC_DEVICE_MOUNT: u64 = 0x20;
 /// `device_unmount(bdf, iova)`: undoes the caller's `device_mount` at `iova`.
 pub const HC_DEVICE_UNMOUNT: u64 = 0x21;
@@ -103,13 +115,15 @@ pub enum Error {
     BadAddress = -2,
     /// An argument is invalid (size, flags, alignment).
     Invalid = -3,
-    /// Out of memory (frames or window space).
+    /// Out of memory: frames, the hypervisor's heap, or a per-guest quota (`MORSEL_QUOTA`,
+    /// `MOUNT_QUOTA`, `DEVICE_MOUNT_QUOTA`).
     NoMemory = -4,
-    /// No such morsel.
+    /// No such morsel, mount or device.
     NotFound = -5,
-    /// The owner did not grant this access.
+    /// The owner did not grant this access, or the device is not offered to guests.
     Denied = -6,
-    /// The object is in use (mounted) or the name is taken.
+    /// The object is in use (mounted), the name is taken, the morsel window has no free slot
+    /// of the needed size, or the device is lent to another guest.
     Busy = -7,
     /// A length is larger than the call accepts.
     TooLarge = -8,

@@ -39,7 +39,7 @@ fn bench(size: u64, target_ops: u64) -> Row {
             .expect("mount");
     }
     for i in 0..WINDOWS {
-        m.unmount(&mut t, window(i), &mem).expect("unmount");
+        m.unmount(&mut t, window(i), &mem, &mem).expect("unmount");
     }
     let rounds = (target_ops / WINDOWS).max(1);
     let (mut mount_t, mut unmount_t) = (0u128, 0u128);
@@ -56,7 +56,7 @@ fn bench(size: u64, target_ops: u64) -> Row {
         let mid = Instant::now();
         let w1 = mem.writes();
         for i in 0..WINDOWS {
-            black_box(m.unmount(&mut t, window(i), &mem).expect("unmount"));
+            black_box(m.unmount(&mut t, window(i), &mem, &mem).expect("unmount"));
         }
         unmount_t += mid.elapsed().as_nanos();
         mount_t += (mid - s).as_nanos();

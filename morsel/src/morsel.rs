@@ -21,8 +21,9 @@ pub const MAX_MORSEL: u64 = table_span(3);
 pub struct MountStats {
     /// The mount entry itself: always exactly 1.
     pub entry_writes: u32,
-    /// Entries written to create missing intermediate tables on the way to the mount slot
-    /// (only the first mount into an empty region of the target; always 0 on unmount).
+    /// Mount: entries written to create missing intermediate tables on the way to the mount
+    /// slot (only the first mount into an empty region of the target). Unmount: entries
+    /// cleared to free the intermediate tables the unmount left empty (one per table freed).
     pub path_writes: u32,
 }
 
@@ -343,19 +344,37 @@ impl<F: Format> Morsel<F> {
         })
     }
 
-    /// Clears this morsel's mount entry at `window` in `target` (one entry write). The caller
-    /// then invalidates (INVEPT, ASID flush or IOTLB) everywhere `target` may be cached.
+    /// Clears this morsel's mount entry at `window` in `target` (one entry write), then frees
+    /// the intermediate tables on the way to it that are left empty (bottom up, never the
+    /// root, never a table that still maps anything): what a mount created, an unmount takes
+    /// away, so a later mount of a larger window finds its slot free. The caller then
+    /// invalidates (INVEPT, ASID flush or IOTLB) everywhere `target` may be cached, before the
+    /// freed table frames can be reused (paging-structure caches may still hold them).
     pub fn unmount<G: Format>(
         &self,
         target: &mut SecondLevelTable<G>,
         window: G::Input,
+        alloc: &impl FrameAlloc,
         mem: &impl PhysMem,
     ) -> Result<MountStats, Error> {
         let at = window.to_u64();
         let slot_level = self.check_window(target, at)?;
         let not_mounted = Error::NotMounted { addr: at };
-        let (table, i) = walk_existing::<G>(target.root, target.levels, slot_level, at, mem)
-            .map_err(|_| not_mounted)?;
+        // The tables on the walk, root first: path[k] is the table of level `levels - k`.
+        let mut path = [HostPhysAddr::new(0); 4];
+        let mut table = target.root;
+        for (k, level) in (slot_level + 1..=target.levels).rev().enumerate() {
+            path[k] = table;
+            table = match Entry::<G>::from_raw(mem.read(table, index(level, at))).decode(level) {
+                Decoded::Table {
+                    next, mount: false, ..
+                } => next,
+                _ => return Err(not_mounted),
+            };
+        }
+        let depth = (target.levels - slot_level) as usize;
+        path[depth] = table;
+        let i = index(slot_level, at);
         match Entry::<G>::from_raw(mem.read(table, i)).decode(slot_level) {
             Decoded::Table {
                 next, mount: true, ..
@@ -366,9 +385,22 @@ impl<F: Format> Morsel<F> {
         target.stats.pte_writes += 1;
         target.mounts -= 1;
         self.mounts.fetch_sub(1, Ordering::AcqRel);
+        let mut path_writes = 0;
+        for k in (1..=depth).rev() {
+            let t = path[k];
+            if !table_empty(t, index(target.levels - k as Level, at), mem) {
+                break;
+            }
+            let level = target.levels - (k as Level - 1);
+            mem.write(path[k - 1], index(level, at), Entry::<G>::EMPTY.raw());
+            alloc.free(t, 0);
+            target.stats.pte_writes += 1;
+            target.stats.tables -= 1;
+            path_writes += 1;
+        }
         Ok(MountStats {
             entry_writes: 1,
-            path_writes: 0,
+            path_writes,
         })
     }
 
@@ -418,6 +450,14 @@ impl<F: Format> Morsel<F> {
         );
         Ok(slot_level)
     }
+}
+
+/// Whether every entry of `table` is zero. Looks outward from `near` (the entry just
+/// cleared): mounts sit side by side (the hypervisor takes the lowest free slot), so a table
+/// still in use usually shows it within a few reads.
+fn table_empty(table: HostPhysAddr, near: usize, mem: &impl PhysMem) -> bool {
+    let n = crate::addr::ENTRIES;
+    (1..=n / 2).all(|d| mem.read(table, (near + d) % n) == 0 && mem.read(table, (near + n - d) % n) == 0)
 }
 
 /// Rebuilds the format-`F` table `from` (of `level`) as the format-`G` table `to` (zeroed):
@@ -537,21 +577,22 @@ mod tests {
                 Ok(stats) => {
                     assert_eq!(stats.entry_writes, 1);
                     assert_eq!(mem.writes() - writes0, u64::from(stats.pte_writes()));
-                    // Unmount and mount again: now the path exists and it is one write each.
-                    let w = mem.writes();
+                    // Unmount frees the path tables the mount created (the table holds
+                    // nothing else), so the table is as before and mounting again costs
+                    // the same.
+                    let (w, tables0) = (mem.writes(), t.stats().tables);
                     assert_eq!(
-                        m.unmount(&mut t, input::<F>(window), &mem)
-                            .unwrap()
-                            .pte_writes(),
-                        1
+                        m.unmount(&mut t, input::<F>(window), &mem, &mem),
+                        Ok(stats)
                     );
+                    assert_eq!(t.stats().tables, tables0 - u64::from(stats.path_writes));
+                    assert_eq!(t.stats().tables, 1, "only the root is left");
                     assert_eq!(
-                        m.mount(&mut t, input::<F>(window), perm, &mem, &mem)
-                            .unwrap()
-                            .pte_writes(),
-                        1
+                        m.mount(&mut t, input::<F>(window), perm, &mem, &mem),
+                        Ok(stats)
                     );
-                    assert_eq!(mem.writes() - w, 2);
+                    assert_eq!(mem.writes() - w, 2 * u64::from(stats.pte_writes()));
+                    windows.push((window, perm, stats.path_writes));
                 }
                 Err(Error::RootTooHigh { .. }) => {
                     assert!(m.root_level() + 1 > levels);
@@ -566,11 +607,10 @@ mod tests {
                 Err(Error::Occupied { addr: window })
             );
             tables.push(t);
-            windows.push((window, perm));
         }
         assert_eq!(m.mount_count() as usize, tables.len());
 
-        for (t, &(window, perm)) in tables.iter().zip(&windows) {
+        for (t, &(window, perm, _)) in tables.iter().zip(&windows) {
             for p in 0..pages {
                 for off in [0, 8 * p % page.bytes(), page.bytes() - 1] {
                     let o = p * page.bytes() + off;
@@ -617,16 +657,17 @@ mod tests {
             })
             .collect();
 
-        for (t, &(window, _)) in tables.iter_mut().zip(&windows) {
+        for (t, &(window, _, path)) in tables.iter_mut().zip(&windows) {
             let w = mem.writes();
             assert_eq!(
-                m.unmount(t, input::<F>(window), &mem),
+                m.unmount(t, input::<F>(window), &mem, &mem),
                 Ok(MountStats {
                     entry_writes: 1,
-                    path_writes: 0
+                    path_writes: path
                 })
             );
-            assert_eq!(mem.writes() - w, 1);
+            assert_eq!(mem.writes() - w, 1 + u64::from(path));
+            assert_eq!(t.stats().tables, 1, "the path tables are freed");
             for p in 0..pages {
                 assert_eq!(
                     t.translate(input::<F>(window + p * page.bytes()), &mem),
@@ -634,7 +675,7 @@ mod tests {
                 );
             }
             assert_eq!(
-                m.unmount(t, input::<F>(window), &mem),
+                m.unmount(t, input::<F>(window), &mem, &mem),
                 Err(Error::NotMounted { addr: window })
             );
         }
@@ -784,7 +825,7 @@ mod tests {
             Err(Error::InsideMount { addr: GIB + 4096 })
         );
         assert_eq!(
-            other.unmount(&mut t, g(GIB), &mem),
+            other.unmount(&mut t, g(GIB), &mem, &mem),
             Err(Error::NotMounted { addr: GIB })
         );
         assert_eq!(
@@ -792,11 +833,11 @@ mod tests {
             Err(Error::Occupied { addr: GIB })
         );
         assert_eq!(
-            m.unmount(&mut t, g(2 * GIB), &mem),
+            m.unmount(&mut t, g(2 * GIB), &mem, &mem),
             Err(Error::NotMounted { addr: 2 * GIB })
         );
         assert_eq!(
-            m.unmount(&mut t, g(0), &mem),
+            m.unmount(&mut t, g(0), &mem, &mem),
             Err(Error::NotMounted { addr: 0 })
         );
         // A morsel cannot be mounted inside another morsel's window.
@@ -822,7 +863,7 @@ mod tests {
             Err(Error::RootTooHigh { root: 3, levels: 3 })
         );
 
-        m.unmount(&mut t, g(GIB), &mem).unwrap();
+        m.unmount(&mut t, g(GIB), &mem, &mem).unwrap();
         for x in [m, other, small, big] {
             x.destroy(&mem, &mem).unwrap();
         }
@@ -860,13 +901,52 @@ mod tests {
             assert_eq!((g.perm, d.perm), (Perm::RO, Perm::RW));
         }
         assert_eq!(m.mount_count(), 2);
-        m.unmount(&mut guest, crate::GuestPhysAddr::new(w), &mem)
+        m.unmount(&mut guest, crate::GuestPhysAddr::new(w), &mem, &mem)
             .unwrap();
-        m.unmount(&mut dev, crate::IoVirtAddr::new(w), &mem)
+        m.unmount(&mut dev, crate::IoVirtAddr::new(w), &mem, &mem)
             .unwrap();
         m.destroy(&mem, &mem).unwrap();
         guest.destroy(&mem, &mem).unwrap();
         dev.destroy(&mem, &mem).unwrap();
+        assert_eq!(mem.allocated_frames(), 0);
+    }
+
+    /// An unmount frees the path tables its mount created once nothing else uses them, so a
+    /// morsel with a larger window can take the slot afterwards (the window's first 2 MiB
+    /// mounted, unmounted, then a 1 GiB window and a 512 GiB window at the same address);
+    /// a path table that still holds a neighbour's mount stays.
+    #[test]
+    fn unmount_frees_the_path_it_created() {
+        let mem = SimMem::new(2048 * GIB);
+        let g = crate::GuestPhysAddr::new;
+        let mut t = SecondLevelTable::<Npt>::new(&mem, &mem).unwrap();
+        let base = 512 * GIB;
+        let a = Morsel::<Npt>::create(4096, PageSize::Size4K, &mem, &mem).unwrap();
+        let b = Morsel::<Npt>::create(4096, PageSize::Size4K, &mem, &mem).unwrap();
+        let mid = Morsel::<Npt>::create(4 << 20, PageSize::Size2M, &mem, &mem).unwrap();
+        let big = Morsel::<Npt>::create(GIB + (2 << 20), PageSize::Size2M, &mem, &mem).unwrap();
+        assert_eq!((mid.window_size(), big.window_size()), (GIB, 512 * GIB));
+        let s = a.mount(&mut t, g(base), Perm::RW, &mem, &mem).unwrap();
+        assert_eq!(s.path_writes, 2, "the L3 and L2 tables");
+        b.mount(&mut t, g(base + (2 << 20)), Perm::RW, &mem, &mem).unwrap();
+        // b still uses the L2 table: nothing is freed, and the 1 GiB slot stays taken.
+        assert_eq!(a.unmount(&mut t, g(base), &mem, &mem).unwrap().path_writes, 0);
+        assert_eq!(
+            mid.mount(&mut t, g(base), Perm::RW, &mem, &mem),
+            Err(Error::Occupied { addr: base })
+        );
+        assert!(t.translate(g(base + (2 << 20)), &mem).is_some());
+        assert_eq!(b.unmount(&mut t, g(base + (2 << 20)), &mem, &mem).unwrap().path_writes, 2);
+        assert_eq!(t.stats().tables, 1);
+        // Now both larger windows fit where the small ones were.
+        assert_eq!(mid.mount(&mut t, g(base), Perm::RW, &mem, &mem).unwrap().path_writes, 1);
+        assert_eq!(mid.unmount(&mut t, g(base), &mem, &mem).unwrap().path_writes, 1);
+        assert_eq!(big.mount(&mut t, g(base), Perm::RW, &mem, &mem).unwrap().path_writes, 0);
+        assert_eq!(big.unmount(&mut t, g(base), &mem, &mem).unwrap().path_writes, 0);
+        for x in [a, b, mid, big] {
+            x.destroy(&mem, &mem).unwrap();
+        }
+        t.destroy(&mem, &mem).unwrap();
         assert_eq!(mem.allocated_frames(), 0);
     }
 
@@ -907,7 +987,7 @@ mod tests {
                     Err((v, Error::StillMounted { count: 1 })) => v,
                     r => panic!("destroy of a mounted view: {:?}", r.map_err(|(_, e)| e)),
                 };
-                v.unmount(&mut t, w, &mem).unwrap();
+                v.unmount(&mut t, w, &mem, &mem).unwrap();
                 v.destroy(&mem, &mem).unwrap();
             }
             Err(Error::RootTooHigh { .. }) => {

@@ -674,12 +674,16 @@ mod tests {
         assert_eq!(t.prune(&mem, &mem), 2, "the L2 and L1 tables under 1 GiB");
         assert_eq!(mem.table_frames(), tables - 2);
         assert_eq!(t.translate(io(0x1000), &mem).unwrap().addr, f);
-        m.unmount(&mut t, io(2 * GIB + (2 << 20)), &mem).unwrap();
+        let tables = mem.table_frames();
         assert_eq!(
-            t.prune(&mem, &mem),
+            m.unmount(&mut t, io(2 * GIB + (2 << 20)), &mem, &mem)
+                .unwrap()
+                .path_writes,
             1,
-            "the L2 table that held the mount; never the morsel"
+            "the unmount frees the L2 table that held the mount; never the morsel"
         );
+        assert_eq!(mem.table_frames(), tables - 1);
+        assert_eq!(t.prune(&mem, &mem), 0, "nothing left for prune");
         assert!(m.translate(0, &mem).is_some());
         t.unmap(io(0x1000), PageSize::Size4K, &mem).unwrap();
         assert_eq!(t.prune(&mem, &mem), 2);

@@ -43,12 +43,15 @@ pub struct Edu {
     pub bdf: Bdf,
     regs: Mmio,
     pub transfers: u64,
+    /// Whether the buffer may hold bytes from memory (a DMA into the device since the last
+    /// `scrub`): the next guest to get the device must not see them.
+    pub holds_data: bool,
 }
 
 impl Edu {
     /// The device at `bdf` with BAR0 `regs` (decoding and bus mastering on).
     pub fn new(bdf: Bdf, regs: Mmio) -> Edu {
-        let e = Edu { bdf, regs, transfers: 0 };
+        let e = Edu { bdf, regs, transfers: 0, holds_data: false };
         let id = e.r64(ID) as u32;
         log::info!(target: "edu", "device {bdf}: edu version {}.{} at {:#x}, 4 KiB buffer at device address {BUFFER:#x}",
             e.regs.base(), id >> 24, id >> 16 & 0xff);
@@ -75,6 +78,8 @@ impl Edu {
             return Err(Error::BadAddress);
         }
         let (src, dst, dir) = if to_device { (iova, BUFFER, 0) } else { (BUFFER, iova, CMD_TO_RAM) };
+        // Even a transfer that faults or times out may have loaded part of the buffer.
+        self.holds_data |= to_device;
         self.w64(DMA_SRC, src);
         self.w64(DMA_DST, dst);
         self.w64(DMA_COUNT, len);
@@ -90,6 +95,14 @@ impl Edu {
         let us = crate::time::micros() - start;
         log::info!(target: "edu", "DMA {} bytes {} I/O virtual address {iova:#x} in {us} us",
             len, if to_device { "into the device from" } else { "out of the device to" });
+        Ok(us)
+    }
+
+    /// Overwrites every byte a transfer can reach (the first `MAX_TRANSFER`; the buffer's last
+    /// byte is out of every transfer's reach) with the zeros the caller mapped at `zeros`.
+    pub fn scrub(&mut self, zeros: u64) -> Result<u64, Error> {
+        let us = self.dma(true, zeros, MAX_TRANSFER)?;
+        self.holds_data = false;
         Ok(us)
     }
 }

@@ -132,12 +132,49 @@ pub fn edu_dma(direction: u64, iova: u64, len: u64) -> Result<u64, Error> {
     .unwrap_or(Err(Error::NotFound))
 }
 
+/// Zeroes edu's buffer if it may hold someone's bytes, before the device goes to another
+/// guest (the caller checks that no guest has a mount in edu's domain, so `SCRATCH_IOVA` is
+/// free): a zeroed frame is mapped read-only there for the one transfer, then unmapped, the
+/// tables that leaves empty are freed and the IOTLB flushed.
+pub fn edu_scrub(d: &mut Devices, frames: &Frames) -> Result<(), Error> {
+    let Some(edu) = d.edu.as_ref().filter(|e| e.holds_data) else { return Ok(()) };
+    let bdf = edu.bdf;
+    let mem = d.vtd.mem;
+    let dom = d.vtd.domain_of(bdf).ok_or(Error::NotFound)?;
+    let id = dom.id;
+    let zeros = frames.alloc_zeroed(0).ok_or(Error::NoMemory)?;
+    let mapped = dom.table.map(IoVirtAddr::new(SCRATCH_IOVA), zeros, PageSize::Size4K, Perm::RO, frames, &mem);
+    let _ = d.vtd.flush_domain(id);
+    let scrubbed = match (&mapped, d.edu.as_mut()) {
+        (Ok(()), Some(e)) => e.scrub(SCRATCH_IOVA).ok(),
+        _ => None,
+    };
+    if let Some(dom) = d.vtd.domain_of(bdf) {
+        let _ = dom.table.unmap(IoVirtAddr::new(SCRATCH_IOVA), PageSize::Size4K, &mem);
+        dom.table.prune(frames, &mem);
+    }
+    let _ = d.vtd.flush_domain(id);
+    morsel::FrameAlloc::free(frames, zeros, 0);
+    let faulted = faults_of(d, bdf);
+    match scrubbed {
+        Some(us) if !faulted => {
+            log::info!(target: "edu", "device {bdf}: buffer scrubbed ({TEST_LEN} bytes zeroed in {us} us) before it goes to the next guest");
+            Ok(())
+        }
+        _ => {
+            log::error!(target: "edu", "device {bdf}: buffer could not be scrubbed; the device is not lent out");
+            Err(Error::DeviceFault)
+        }
+    }
+}
+
 /// A page in the hypervisor image (so below edu's 256 MiB DMA limit) that no device domain maps.
 #[repr(C, align(4096))]
 struct Page([u8; 4096]);
 static CANARY: Mutex<Page> = Mutex::new(Page([0; 4096]));
 const CANARY_BYTE: u8 = 0xc5;
-/// Where `test=dma-fault` maps its source page for edu (inside edu's 28-bit reach).
+/// Where `test=dma-fault` and `edu_scrub` map their source page for edu (inside edu's 28-bit
+/// reach; only while no guest has a mount in edu's domain).
 const SCRATCH_IOVA: u64 = 0x0ff0_0000;
 /// Bytes the test DMAs (the most edu takes, `edu::MAX_TRANSFER`).
 const TEST_LEN: u64 = edu::MAX_TRANSFER;
@@ -165,6 +202,8 @@ pub fn dma_fault_test(frames: &Frames) -> bool {
         let loaded = mapped.is_ok() && d.edu.as_mut().is_some_and(|e| e.dma(true, SCRATCH_IOVA, TEST_LEN).is_ok());
         if let Some(dom) = d.vtd.domain_of(bdf) {
             let _ = dom.table.unmap(IoVirtAddr::new(SCRATCH_IOVA), PageSize::Size4K, &mem);
+            // Leave no empty tables that would take a guest's mount slot.
+            dom.table.prune(frames, &mem);
         }
         let _ = d.vtd.flush_domain(id);
         morsel::FrameAlloc::free(frames, src, 0);

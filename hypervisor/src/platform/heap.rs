@@ -1,6 +1,10 @@
 //! The hypervisor's heap (`alloc` for hashbrown and the morsel directory): power-of-two
 //! size classes from 16 B to 1 MiB over a fixed region, each with a free list. Small and
 //! predictable; page frames for guests and tables come from the frame allocator instead.
+//! What guests make the hypervisor keep here is bounded by the per-guest quotas
+//! (`abi::MORSEL_QUOTA` and the mount quotas) and allocated with `try_reserve`,
+//! so a full heap is an error code: the largest block, the morsel directory's hash table
+//! (160 B per slot), holds 3584 morsels in 1 MiB, the others are small.
 
 use core::alloc::{GlobalAlloc, Layout};
 use core::ptr::null_mut;

@@ -31,7 +31,7 @@ pub fn handle<B: Backend>(guest: &mut Guest<B>, backend: &mut B, regs: &mut Regs
     let result = match nr {
         abi::HC_MORSEL_CREATE => cx.morsels.create(guest, &frames, [a0, a1, a2, a3]),
         abi::HC_MORSEL_OPEN => cx.morsels.open(guest, &frames, [a0, a1, a2]),
-        abi::HC_MORSEL_UNMOUNT => cx.morsels.unmount(guest, backend, a0),
+        abi::HC_MORSEL_UNMOUNT => cx.morsels.unmount(guest, backend, &frames, a0),
         abi::HC_MORSEL_DESTROY => cx.morsels.destroy(guest, &frames, [a0, a1]),
         abi::HC_MORSEL_SIZE => cx.morsels.size(guest, a0),
         abi::HC_MORSEL_STATS => {
@@ -39,7 +39,7 @@ pub fn handle<B: Backend>(guest: &mut Guest<B>, backend: &mut B, regs: &mut Regs
             Ok(0)
         }
         abi::HC_DEVICE_MOUNT => cx.morsels.device_mount(guest, &frames, [a0, a1, a2, a3, a4]),
-        abi::HC_DEVICE_UNMOUNT => cx.morsels.device_unmount(guest, [a0, a1]),
+        abi::HC_DEVICE_UNMOUNT => cx.morsels.device_unmount(guest, &frames, [a0, a1]),
         abi::HC_EDU_DMA => cx.morsels.edu_dma(guest, [a0, a1, a2]),
         abi::HC_NVME_READ => cx.morsels.nvme_io(guest, &frames, false, [a0, a1, a2, a3]),
         abi::HC_NVME_WRITE => cx.morsels.nvme_io(guest, &frames, true, [a0, a1, a2, a3]),

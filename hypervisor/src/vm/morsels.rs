@@ -8,6 +8,10 @@
 //! formats share, Xen's `iommu=sharept`); an NPT morsel gets a VT-d view over the same data
 //! frames (`Morsel::view`), built on its first device mount and kept with the morsel. The
 //! NVMe proxy (`nvme_io`) mounts the caller's morsel into the NVMe domain for one call.
+//!
+//! What a guest makes the hypervisor keep is bounded per guest (`abi::MORSEL_QUOTA` morsels,
+//! `abi::MOUNT_QUOTA` mounts, `abi::DEVICE_MOUNT_QUOTA` device mounts) and every heap
+//! allocation on those paths is fallible (`try_reserve`): `NoMemory`, never a panic.
 
 use super::guest::Guest;
 use super::Backend;
@@ -120,6 +124,12 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         if self.named.contains_key(&name) {
             return Err(Error::Busy);
         }
+        if self.named.values().filter(|n| n.owner == g.id).count() >= abi::MORSEL_QUOTA as usize
+            || g.mounts.len() >= abi::MOUNT_QUOTA as usize
+        {
+            return Err(Error::NoMemory);
+        }
+        self.named.try_reserve(1).map_err(|_| Error::NoMemory)?;
         let others_may_write = flags & abi::MORSEL_SHARE_WRITABLE != 0;
         let pm = if flags & abi::MORSEL_PERSISTENT != 0 {
             let pm = pmem::get().ok_or(Error::Invalid)?;
@@ -303,36 +313,44 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
 
     fn mount<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, frames: &Frames, name: &str, writable: bool) -> Result<u64, Error> {
         let n = self.named.get_mut(name).ok_or(Error::NotFound)?;
+        if g.mounts.len() >= abi::MOUNT_QUOTA as usize {
+            return Err(Error::NoMemory);
+        }
+        g.mounts.try_reserve(1).map_err(|_| Error::NoMemory)?;
+        let mount_name = try_string(name)?;
         let size = n.morsel.window_size();
-        let gpa = free_slot(&g.mounts, size).ok_or(Error::NoMemory)?;
+        // No free slot of this size: the window is full, not the memory.
+        let gpa = free_slot(&g.mounts, size).ok_or(Error::Busy)?;
         let perm = if writable { Perm::RW } else { Perm::RO };
-        let stats = n
-            .morsel
-            .mount(&mut g.mem, GuestPhysAddr::new(gpa), perm, frames, &IDENTITY)
-            .map_err(|_| Error::NoMemory)?;
+        let stats = n.morsel.mount(&mut g.mem, GuestPhysAddr::new(gpa), perm, frames, &IDENTITY).map_err(|e| match e {
+            morsel::Error::OutOfMemory => Error::NoMemory,
+            morsel::Error::Occupied { .. } | morsel::Error::InsideMount { .. } => Error::Busy,
+            _ => Error::Invalid,
+        })?;
         n.mounts += 1;
         n.mount_pte_writes += stats.entry_writes as u64;
         n.path_pte_writes += stats.path_writes as u64;
         log::info!(target: "morsel", "'{name}' mounted {} into guest {} at {gpa:#x}: {} PTE write (+{} for new intermediate tables)",
             if writable { "read-write" } else { "read-only" }, g.id, stats.entry_writes, stats.path_writes);
-        g.mounts.push(Mount { gpa, size: n.morsel.len(), window: size, name: name.into() });
+        g.mounts.push(Mount { gpa, size: n.morsel.len(), window: size, name: mount_name });
         Ok(gpa)
     }
 
-    /// `morsel_unmount(gpa)`.
-    pub fn unmount<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, backend: &mut B, gpa: u64) -> Result<u64, Error> {
+    /// `morsel_unmount(gpa)`. The intermediate tables the mount created go with it (else a
+    /// later morsel with a larger window would find its slot taken).
+    pub fn unmount<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, backend: &mut B, frames: &Frames, gpa: u64) -> Result<u64, Error> {
         let i = g.mounts.iter().position(|m| m.gpa == gpa).ok_or(Error::NotFound)?;
         let m = g.mounts.remove(i);
         let n = self.named.get_mut(&m.name).ok_or(Error::NotFound)?;
-        let stats = n.morsel.unmount(&mut g.mem, GuestPhysAddr::new(gpa), &IDENTITY).map_err(|_| Error::Invalid)?;
+        let stats = n.morsel.unmount(&mut g.mem, GuestPhysAddr::new(gpa), frames, &IDENTITY).map_err(|_| Error::Invalid)?;
         if let Some(vcpu) = g.vcpu.as_mut() {
             backend.flush_second_level(vcpu);
         }
         n.unmounts += 1;
         n.unmount_pte_writes += stats.entry_writes as u64;
         n.invalidations += 1;
-        log::info!(target: "morsel", "'{}' unmounted from guest {} at {gpa:#x}: {} PTE write, 1 invalidation",
-            m.name, g.id, stats.entry_writes);
+        log::info!(target: "morsel", "'{}' unmounted from guest {} at {gpa:#x}: {} PTE write, 1 invalidation, {} empty intermediate tables freed",
+            m.name, g.id, stats.entry_writes, stats.path_writes);
         Ok(0)
     }
 
@@ -388,13 +406,12 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     }
 
     /// Drops every mount of a guest that is leaving (device mounts too).
-    pub fn drop_mounts<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, backend: &mut B) {
-        let mine: Vec<DeviceMount> = self.devices.iter().filter(|d| d.guest == g.id).cloned().collect();
-        for d in mine {
-            let _ = self.device_unmount_one(&d);
+    pub fn drop_mounts<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, backend: &mut B, frames: &Frames) {
+        while let Some(d) = self.devices.iter().find(|d| d.guest == g.id).cloned() {
+            let _ = self.device_unmount_one(&d, frames);
         }
         while let Some(m) = g.mounts.last().cloned() {
-            if self.unmount(g, backend, m.gpa).is_err() {
+            if self.unmount(g, backend, frames, m.gpa).is_err() {
                 g.mounts.pop();
             }
         }
@@ -416,7 +433,7 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     /// Destroys every morsel left at the end of the run (all guests are gone).
     pub fn destroy_all(&mut self, frames: &Frames) {
         for d in core::mem::take(&mut self.devices) {
-            let _ = self.device_unmount_one(&d);
+            let _ = self.device_unmount_one(&d, frames);
         }
         devices::with(|d| {
             d.vtd.prune_domains(frames);
@@ -441,7 +458,12 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
 }
 
 impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
-    /// `device_mount(name_ptr, name_len, bdf, iova, writable)`.
+    /// `device_mount(name_ptr, name_len, bdf, iova, writable)`. Only edu is offered: the
+    /// hypervisor drives the NVMe controller itself (its domain is the proxy's), and other
+    /// functions (host bridge, LPC, ...) it does not drive at all (`Denied`; `NotFound` where
+    /// no function answers). edu is lent to one guest at a time: while one guest has a
+    /// morsel mounted there, others get `Busy`; when a guest takes it over, its buffer is
+    /// scrubbed first, so no guest's bytes reach another.
     pub fn device_mount<B: Backend<Format = F>>(&mut self, g: &Guest<B>, frames: &Frames, a: [u64; 5]) -> Result<u64, Error> {
         let name = read_name(g, a[0], a[1])?;
         let bdf = device(a[2])?;
@@ -457,13 +479,25 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         }
         let window = n.morsel.window_size();
         let perm = if writable { Perm::RW } else { Perm::RO };
+        if self.devices.iter().filter(|d| d.guest == g.id).count() >= abi::DEVICE_MOUNT_QUOTA as usize {
+            return Err(Error::NoMemory);
+        }
+        self.devices.try_reserve(1).map_err(|_| Error::NoMemory)?;
+        let lent_to = self.devices.iter().find(|d| d.bdf == bdf).map(|d| d.guest);
         let (stats, how) = devices::with(|d| {
             let mem = d.vtd.mem;
             if !d.functions.iter().any(|f| f.bdf == bdf) {
                 return Err(Error::NotFound);
             }
-            let di = d.vtd.attach(bdf, frames).map_err(|_| Error::NoMemory)?;
-            let dom = &mut d.vtd.domains[di];
+            if d.edu.as_ref().map(|e| e.bdf) != Some(bdf) {
+                return Err(Error::Denied);
+            }
+            match lent_to {
+                Some(other) if other != g.id => return Err(Error::Busy),
+                Some(_) => {}
+                None => devices::edu_scrub(d, frames)?,
+            }
+            let dom = d.vtd.domain_of(bdf).ok_or(Error::NotFound)?;
             let r = mount_in_domain(n, &mut dom.table, iova, perm, frames, &mem)?;
             let id = dom.id;
             d.vtd.flush_domain(id).map_err(|_| Error::DeviceFault)?;
@@ -480,10 +514,11 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         Ok(iova)
     }
 
-    /// `edu_dma(direction, iova, len)`: the device is shared, so a guest may only have it
-    /// move bytes inside the window of one of its own mounts in edu's domain (else any guest
-    /// could read or overwrite another's). Inside the window the IOMMU decides: past the end
-    /// of the morsel, or a write through a read-only mount, is blocked and reported.
+    /// `edu_dma(direction, iova, len)`: a guest may only have edu move bytes inside the window
+    /// of one of its own mounts in edu's domain (else it could read or overwrite morsels it
+    /// did not mount there); only the guest edu is lent to has such mounts. Inside the window
+    /// the IOMMU decides: past the end of the morsel, or a write through a read-only mount, is
+    /// blocked and reported.
     pub fn edu_dma<B: Backend<Format = F>>(&self, g: &Guest<B>, a: [u64; 3]) -> Result<u64, Error> {
         let [direction, iova, len] = a;
         let edu = devices::with(|d| d.edu.as_ref().map(|e| e.bdf)).flatten().ok_or(Error::NotFound)?;
@@ -496,21 +531,22 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     }
 
     /// `device_unmount(bdf, iova)`: the caller's own device mounts only.
-    pub fn device_unmount<B: Backend<Format = F>>(&mut self, g: &Guest<B>, a: [u64; 2]) -> Result<u64, Error> {
+    pub fn device_unmount<B: Backend<Format = F>>(&mut self, g: &Guest<B>, frames: &Frames, a: [u64; 2]) -> Result<u64, Error> {
         let bdf = device(a[0])?;
         let i = self.devices.iter().position(|d| d.bdf == bdf && d.iova == a[1] && d.guest == g.id).ok_or(Error::NotFound)?;
         let d = self.devices.remove(i);
-        self.device_unmount_one(&d)
+        self.device_unmount_one(&d, frames)
     }
 
-    /// Clears a device mount's entry and flushes the domain's IOTLB.
-    fn device_unmount_one(&mut self, m: &DeviceMount) -> Result<u64, Error> {
+    /// Clears a device mount's entry (and the intermediate tables it leaves empty) and
+    /// flushes the domain's IOTLB.
+    fn device_unmount_one(&mut self, m: &DeviceMount, frames: &Frames) -> Result<u64, Error> {
         self.devices.retain(|d| !(d.bdf == m.bdf && d.iova == m.iova));
         let n = self.named.get_mut(&m.name).ok_or(Error::NotFound)?;
         let stats = devices::with(|d| {
             let mem = d.vtd.mem;
             let dom = d.vtd.domain_of(m.bdf).ok_or(Error::NotFound)?;
-            let s = unmount_in_domain(n, &mut dom.table, m.iova, &mem)?;
+            let s = unmount_in_domain(n, &mut dom.table, m.iova, frames, &mem)?;
             let id = dom.id;
             d.vtd.flush_domain(id).map_err(|_| Error::DeviceFault)?;
             Ok(s)
@@ -519,13 +555,16 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         n.unmounts += 1;
         n.unmount_pte_writes += stats.entry_writes as u64;
         n.invalidations += 1;
-        log::info!(target: "morsel", "'{}' unmounted from device {} at I/O virtual address {:#x}: {} PTE write, 1 IOTLB invalidation",
-            m.name, m.bdf, m.iova, stats.entry_writes);
+        log::info!(target: "morsel", "'{}' unmounted from device {} at I/O virtual address {:#x}: {} PTE write, 1 IOTLB invalidation, {} empty intermediate tables freed",
+            m.name, m.bdf, m.iova, stats.entry_writes, stats.path_writes);
         Ok(0)
     }
 
     /// `nvme_read` / `nvme_write(gpa, offset, lba, count)`: the caller's morsel mounted at
-    /// `gpa` is mounted into the NVMe domain for this call; the device moves the blocks.
+    /// `gpa` is mounted into the NVMe domain for this call; the device moves the blocks. No
+    /// guest can mount anything into that domain (`device_mount` does not offer NVMe), and the
+    /// unmount takes the tables its mount created, so every call finds the proxy's I/O virtual
+    /// addresses free.
     pub fn nvme_io<B: Backend<Format = F>>(&mut self, g: &Guest<B>, frames: &Frames, write: bool, a: [u64; 4]) -> Result<u64, Error> {
         let (gpa, offset, lba, count) = (a[0], a[1], a[2], a[3]);
         let m = g.mounts.iter().find(|m| m.gpa == gpa).ok_or(Error::NotFound)?;
@@ -562,11 +601,12 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
                 None => Err(devices::nvme::IoError::Invalid),
             };
             let faulted = devices::faults_of(d, bdf);
-            if let Some(dom) = d.vtd.domain_of(bdf) {
-                let _ = unmount_in_domain(n, &mut dom.table, iova, &mem);
-            }
+            let freed = match d.vtd.domain_of(bdf) {
+                Some(dom) => unmount_in_domain(n, &mut dom.table, iova, frames, &mem).map_or(0, |s| s.path_writes),
+                None => 0,
+            };
             d.vtd.flush_domain(id).map_err(|_| Error::DeviceFault)?;
-            log::info!(target: "morsel", "'{name}' unmounted from device {bdf} at {iova:#x}: 1 PTE write, 1 IOTLB invalidation");
+            log::info!(target: "morsel", "'{name}' unmounted from device {bdf} at {iova:#x}: 1 PTE write, 1 IOTLB invalidation, {freed} empty intermediate tables freed");
             match done {
                 Ok(_) if faulted => Err(Error::DeviceFault),
                 Ok(blocks) => Ok(blocks),
@@ -614,12 +654,14 @@ fn mount_in_domain<F: Format>(
     })
 }
 
-fn unmount_in_domain<F: Format>(n: &mut Named<F>, table: &mut SecondLevelTable<VtdSl>, iova: u64, mem: &crate::iommu::vtd::VtdMem) -> Result<MountStats, Error> {
+/// Undoes `mount_in_domain`, with the intermediate tables the mount left empty; the caller
+/// flushes the domain's IOTLB.
+fn unmount_in_domain<F: Format>(n: &mut Named<F>, table: &mut SecondLevelTable<VtdSl>, iova: u64, frames: &Frames, mem: &crate::iommu::vtd::VtdMem) -> Result<MountStats, Error> {
     let at = IoVirtAddr::new(iova);
     let r = if can_share::<F, VtdSl>() {
-        n.morsel.unmount(table, at, mem)
+        n.morsel.unmount(table, at, frames, mem)
     } else {
-        n.vtd_view.as_ref().ok_or(Error::NotFound)?.unmount(table, at, mem)
+        n.vtd_view.as_ref().ok_or(Error::NotFound)?.unmount(table, at, frames, mem)
     };
     r.map_err(|_| Error::Invalid)
 }
@@ -655,5 +697,13 @@ fn read_name<B: Backend>(g: &Guest<B>, ptr: u64, len: u64) -> Result<String, Err
     if !buf.iter().all(u8::is_ascii_graphic) {
         return Err(Error::Invalid);
     }
-    core::str::from_utf8(buf).map(String::from).map_err(|_| Error::Invalid)
+    try_string(core::str::from_utf8(buf).map_err(|_| Error::Invalid)?)
+}
+
+/// A copy of `s` on the heap, or `NoMemory` (never the allocation-failure panic).
+fn try_string(s: &str) -> Result<String, Error> {
+    let mut out = String::new();
+    out.try_reserve_exact(s.len()).map_err(|_| Error::NoMemory)?;
+    out.push_str(s);
+    Ok(out)
 }

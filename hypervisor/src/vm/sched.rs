@@ -51,7 +51,7 @@ pub fn run_guests<B: Backend>(backend: &mut B, frames: &Frames, archive: Archive
             let Some(guest) = slot else { continue };
             run_slice(backend, guest, &mut cx);
             if guest.state != State::Runnable {
-                cx.morsels.drop_mounts(guest, backend);
+                cx.morsels.drop_mounts(guest, backend, frames);
                 if let Some(g) = slot.take() {
                     done.push(g.destroy(backend, frames));
                 }
