@@ -87,6 +87,8 @@ pub const INFO_ABI_VERSION: u64 = 0;
 pub const INFO_GUEST_ID: u64 = 1;
 pub const INFO_MEMORY_SIZE: u64 = 2;
 pub const INFO_GUEST_COUNT: u64 = 3;
+/// The command line's `log=` level: 0 off, 1 error, 2 warn, 3 info, 4 debug, 5 trace.
+pub const INFO_LOG_LEVEL: u64 = 4;
 
 /// Longest console write accepted in one call.
 pub const CONSOLE_MAX: u64 = 4096;

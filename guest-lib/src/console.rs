@@ -64,10 +64,19 @@ impl log::Log for Logger {
 
 static LOGGER: Logger = Logger;
 
-/// Installs the console as the `log` backend (the entry does this).
+/// Installs the console as the `log` backend (the entry does this), at the level of the
+/// hypervisor's command line (`log=`; info where the hypervisor does not say).
 pub fn init_logger() {
     let _ = log::set_logger(&LOGGER);
-    log::set_max_level(log::LevelFilter::Info);
+    let level = match crate::info(crate::abi::INFO_LOG_LEVEL) {
+        Ok(0) => log::LevelFilter::Off,
+        Ok(1) => log::LevelFilter::Error,
+        Ok(2) => log::LevelFilter::Warn,
+        Ok(4) => log::LevelFilter::Debug,
+        Ok(5) => log::LevelFilter::Trace,
+        _ => log::LevelFilter::Info,
+    };
+    log::set_max_level(level);
 }
 
 /// Prints to the guest console.

@@ -84,6 +84,7 @@ fn info<B: Backend>(guest: &Guest<B>, cx: &Context<B>, what: u64) -> Result<u64,
         abi::INFO_GUEST_ID => Ok(guest.id as u64),
         abi::INFO_MEMORY_SIZE => Ok(guest.spec.memory),
         abi::INFO_GUEST_COUNT => Ok(cx.guest_count),
+        abi::INFO_LOG_LEVEL => Ok(log::max_level() as u64),
         _ => Err(Error::NoSuchCall),
     }
 }
