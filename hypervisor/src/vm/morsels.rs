@@ -128,6 +128,10 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         } else {
             None
         };
+        // More than the free RAM fails at once, not after taking (and giving back) all of it.
+        if pm.is_none() && size / 4096 > frames.free_frames() as u64 {
+            return Err(Error::NoMemory);
+        }
         let source = pm.map_or(Source::Ram(*frames), |pm| Source::Pmem(pm.frames()));
         let morsel = Morsel::<F>::create(size, page, &source, &IDENTITY).map_err(|e| match e {
             morsel::Error::OutOfMemory => Error::NoMemory,
