@@ -11,6 +11,7 @@
 //! and the morsel window, a stack, and the boot information in rdi. `main`'s return value
 //! is the exit code; a panic prints its message and exits with code 101.
 #![no_std]
+#![warn(missing_docs)]
 
 extern crate freestanding;
 
