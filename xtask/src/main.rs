@@ -29,6 +29,7 @@ commands:
   run       boot the demo, a command line or your own guest ELF, console on this terminal
   test      host tests, then every scenario in tests/scenarios/ (or those FILTER selects)
   list      the guests, configs and scenarios there are
+  guest-flags  print the RUSTFLAGS that build a guest crate of your own
   bench     allocator and morsel benchmarks: a table, CSV under build/bench/, SVG plots
   setup     install the apt packages the emulators need
 
@@ -71,6 +72,13 @@ const HELP_LIST: &str = "\
 usage: cargo xtask list
   the guests of tests/guests/ (the archive's names), the configs of qemu-configs/ with the
   first line of each, and the scenarios of tests/scenarios/ with their description
+";
+
+const HELP_GUEST_FLAGS: &str = "\
+usage: cargo xtask guest-flags
+  prints the RUSTFLAGS for a guest crate outside this repository (freestanding flags and
+  guest-lib/guest.ld):  RUSTFLAGS=\"$(cargo xtask guest-flags)\" cargo build --release \\
+  --target x86_64-unknown-linux-gnu; then `cargo xtask run --guest path/to/elf`
 ";
 
 const HELP_BENCH: &str = "\
@@ -260,6 +268,7 @@ fn dispatch(args: &[String]) -> std::result::Result<ExitCode, Fail> {
         "test" => HELP_TEST,
         "list" => HELP_LIST,
         "bench" => HELP_BENCH,
+        "guest-flags" => HELP_GUEST_FLAGS,
         "setup" => HELP_SETUP,
         _ => USAGE,
     };
@@ -287,6 +296,11 @@ fn dispatch(args: &[String]) -> std::result::Result<ExitCode, Fail> {
         "list" => {
             no_arguments(cmd, rest)?;
             list(&root)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        "guest-flags" => {
+            no_arguments(cmd, rest)?;
+            println!("{} -C link-arg=-T{}", images::FREESTANDING_RUSTFLAGS, root.join("guest-lib/guest.ld").display());
             Ok(ExitCode::SUCCESS)
         }
         "bench" => {
