@@ -169,6 +169,8 @@ pub struct BootInfo {
     pub arg: u64,
     /// The guest's name, NUL-padded.
     pub name: [u8; 32],
+    /// The command line's `log=` level, as `INFO_LOG_LEVEL` returns it (0 off .. 5 trace).
+    pub log_level: u64,
 }
 
 /// Guest-physical address of the boot information.

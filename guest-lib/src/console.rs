@@ -65,15 +65,15 @@ impl log::Log for Logger {
 static LOGGER: Logger = Logger;
 
 /// Installs the console as the `log` backend (the entry does this), at the level of the
-/// hypervisor's command line (`log=`; info where the hypervisor does not say).
-pub fn init_logger() {
+/// hypervisor's command line (`log=`, from the boot information; no hypercall).
+pub fn init_logger(info: &crate::BootInfo) {
     let _ = log::set_logger(&LOGGER);
-    let level = match crate::info(crate::abi::INFO_LOG_LEVEL) {
-        Ok(0) => log::LevelFilter::Off,
-        Ok(1) => log::LevelFilter::Error,
-        Ok(2) => log::LevelFilter::Warn,
-        Ok(4) => log::LevelFilter::Debug,
-        Ok(5) => log::LevelFilter::Trace,
+    let level = match info.log_level {
+        0 => log::LevelFilter::Off,
+        1 => log::LevelFilter::Error,
+        2 => log::LevelFilter::Warn,
+        4 => log::LevelFilter::Debug,
+        5 => log::LevelFilter::Trace,
         _ => log::LevelFilter::Info,
     };
     log::set_max_level(level);

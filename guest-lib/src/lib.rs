@@ -53,7 +53,7 @@ pub fn name(info: &BootInfo) -> &str {
 
 #[doc(hidden)]
 pub fn start(info: &BootInfo, main: fn(&BootInfo) -> i32) -> ! {
-    console::init_logger();
+    console::init_logger(info);
     exit(main(info))
 }
 
