@@ -96,11 +96,16 @@ pub const fn device_bdf(bus: u8, dev: u8, func: u8) -> u64 {
     (bus as u64) << 8 | (dev as u64) << 3 | func as u64
 }
 
-/// `info` selectors.
+/// `info` selector: the ABI version (`ABI_VERSION`).
 pub const INFO_ABI_VERSION: u64 = 0;
+/// `info` selector: this guest's id (its place on the command line, from 0).
 pub const INFO_GUEST_ID: u64 = 1;
+/// `info` selector: this guest's RAM in bytes.
 pub const INFO_MEMORY_SIZE: u64 = 2;
+/// `info` selector: how many guests the command line starts.
 pub const INFO_GUEST_COUNT: u64 = 3;
+/// The command line's `log=` level: 0 off, 1 error, 2 warn, 3 info, 4 debug, 5 trace.
+pub const INFO_LOG_LEVEL: u64 = 4;
 
 /// Longest console write accepted in one call.
 pub const CONSOLE_MAX: u64 = 4096;
@@ -132,6 +137,7 @@ pub enum Error {
 }
 
 impl Error {
+    /// The error a negative status stands for (None for 0, positive or unknown statuses).
     pub fn from_status(status: i64) -> Option<Error> {
         use Error::*;
         [NoSuchCall, BadAddress, Invalid, NoMemory, NotFound, Denied, Busy, TooLarge, DeviceFault]
@@ -139,6 +145,7 @@ impl Error {
             .find(|e| *e as i64 == status)
     }
 
+    /// A short description (`"bad address"`), for messages.
     pub fn name(self) -> &'static str {
         match self {
             Error::NoSuchCall => "no such call",
@@ -164,17 +171,22 @@ impl core::fmt::Display for Error {
 #[derive(Clone, Copy, Debug)]
 #[repr(C)]
 pub struct BootInfo {
+    /// The ABI the hypervisor speaks (`ABI_VERSION`).
     pub abi_version: u64,
+    /// This guest's id (its place on the command line, from 0).
     pub guest_id: u64,
     /// Guest RAM is [0, memory_size).
     pub memory_size: u64,
     /// Morsels are mounted in [morsel_window, morsel_window + morsel_window_size).
     pub morsel_window: u64,
+    /// Bytes in the morsel window.
     pub morsel_window_size: u64,
     /// A number from the command line (`:arg=N`), 0 if none.
     pub arg: u64,
     /// The guest's name, NUL-padded.
     pub name: [u8; 32],
+    /// The command line's `log=` level, as `INFO_LOG_LEVEL` returns it (0 off .. 5 trace).
+    pub log_level: u64,
 }
 
 /// Guest-physical address of the boot information.

@@ -2,12 +2,12 @@
 //! ATC'23), written from its description, with a persistent mode.
 //!
 //! # Structure
-//! * Lower level, per 2 MiB area: a 512-bit field (one bit per 4 KiB frame, [`bitfield`]) and
-//!   one `u16` entry with the area's unclaimed free frames and a huge flag ([`child`]).
-//! * Upper level, per tree of 32 areas (64 MiB): a reservation word ([`tree`]). Each CPU
+//! * Lower level, per 2 MiB area: a 512-bit field (one bit per 4 KiB frame, module `bitfield`) and
+//!   one `u16` entry with the area's unclaimed free frames and a huge flag (module `child`).
+//! * Upper level, per tree of 32 areas (64 MiB): a reservation word (module `tree`). Each CPU
 //!   reserves one tree for small and one for huge frames, so CPUs work in different cache
 //!   lines; a tree's free count is the sum of its 32 area entries (one cache line).
-//! * Per CPU ([`local`]): the reserved trees and a *credit*: frames claimed in one CAS from
+//! * Per CPU (module `local`): the reserved trees and a *credit*: frames claimed in one CAS from
 //!   the entry of the area the CPU takes small frames from. A small `get` then costs one atomic
 //!   bit set; a `put` one atomic bit clear, plus one entry increment when the frame lies outside
 //!   the CPU's current area.

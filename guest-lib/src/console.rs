@@ -64,10 +64,19 @@ impl log::Log for Logger {
 
 static LOGGER: Logger = Logger;
 
-/// Installs the console as the `log` backend (the entry does this).
-pub fn init_logger() {
+/// Installs the console as the `log` backend (the entry does this), at the level of the
+/// hypervisor's command line (`log=`, from the boot information; no hypercall).
+pub fn init_logger(info: &crate::BootInfo) {
     let _ = log::set_logger(&LOGGER);
-    log::set_max_level(log::LevelFilter::Info);
+    let level = match info.log_level {
+        0 => log::LevelFilter::Off,
+        1 => log::LevelFilter::Error,
+        2 => log::LevelFilter::Warn,
+        4 => log::LevelFilter::Debug,
+        5 => log::LevelFilter::Trace,
+        _ => log::LevelFilter::Info,
+    };
+    log::set_max_level(level);
 }
 
 /// Prints to the guest console.

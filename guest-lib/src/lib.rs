@@ -11,6 +11,7 @@
 //! and the morsel window, a stack, and the boot information in rdi. `main`'s return value
 //! is the exit code; a panic prints its message and exits with code 101.
 #![no_std]
+#![warn(missing_docs)]
 
 extern crate freestanding;
 
@@ -53,7 +54,7 @@ pub fn name(info: &BootInfo) -> &str {
 
 #[doc(hidden)]
 pub fn start(info: &BootInfo, main: fn(&BootInfo) -> i32) -> ! {
-    console::init_logger();
+    console::init_logger(info);
     exit(main(info))
 }
 

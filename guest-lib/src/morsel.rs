@@ -10,7 +10,9 @@ use core::ops::{Deref, DerefMut};
 /// Page size of a morsel's frames.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PageSize {
+    /// 4 KiB frames (any size that is a multiple of 4 KiB).
     Size4K,
+    /// 2 MiB frames (`MORSEL_HUGE_PAGES`; sizes a multiple of 2 MiB).
     Size2M,
 }
 

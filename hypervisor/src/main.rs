@@ -32,8 +32,10 @@ extern "C" fn kmain(magic: u32, info: u64) -> ! {
     serial::init_logger(log::LevelFilter::Info);
     arch::gdt::init();
     arch::idt::init();
-    log::info!(target: "boot", "ParPerOS hypervisor {} starting (TSC {} MHz)",
-        env!("CARGO_PKG_VERSION"), time::tsc_per_us());
+    log::info!(target: "boot",
+        "ParPerOS hypervisor {} starting (TSC {} MHz, calibrated against the PIT over {} ms of machine time; \
+         time stamps are machine time, which an emulator's virtual clock may run faster than the wall clock)",
+        env!("CARGO_PKG_VERSION"), time::tsc_per_us(), time::CALIBRATION_MS);
 
     // SAFETY: magic and info are the loader's eax and ebx, passed through by the entry.
     let bi = match unsafe { bootinfo::BootInfo::parse(magic, info) } {
@@ -48,6 +50,11 @@ extern "C" fn kmain(magic: u32, info: u64) -> ! {
     log::info!(target: "boot", "booted by {}, command line {:?}", bi.protocol, bi.cmdline);
     for (word, why) in &args.errors {
         log::error!(target: "boot", "command line: {word:?}: {why}");
+    }
+    if !args.errors.is_empty() {
+        // A configuration error is fatal: stop before `ready`, so nothing runs half-configured.
+        log::error!(target: "boot", "stopping: {} command-line error(s); valid words: {}", args.errors.len(), cmdline::VALID);
+        exit::exit(Status::Failure)
     }
     let (k0, k1) = memory::kernel_range();
     log::info!(target: "boot", "image at {k0:#x}-{k1:#x} ({} KiB)", (k1 - k0) / 1024);
@@ -85,7 +92,7 @@ extern "C" fn kmain(magic: u32, info: u64) -> ! {
     let cpus = smp::start(&bi, &platform, &frames, args.cpus);
     cpus.log();
     println!("parperos: ready ({} ms after start)", time::micros() / 1000);
-    let ok = args.errors.is_empty() && devices_ok && (args.guests.is_empty() || run_guests(&bi, &args, &facts, &frames));
+    let ok = devices_ok && (args.guests.is_empty() || run_guests(&bi, &args, &facts, &frames));
     log::info!(target: "mem", "heap high-water mark: {} KiB", heap::used() / 1024);
     exit::exit(if ok { Status::Success } else { Status::Failure })
 }

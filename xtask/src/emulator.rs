@@ -53,6 +53,22 @@ impl Config {
     }
 }
 
+/// Every config with the first comment line of its file (for `cargo xtask list`).
+pub fn describe_configs(root: &Path) -> Vec<(String, String)> {
+    let dir = root.join(CONFIG_DIR);
+    available(&dir)
+        .into_iter()
+        .map(|name| {
+            let line = Config::resolve(root, &name)
+                .ok()
+                .and_then(|c| std::fs::read_to_string(c.path).ok())
+                .and_then(|t| t.lines().next().map(|l| l.trim_start_matches('#').trim().to_string()))
+                .unwrap_or_default();
+            (name, line)
+        })
+        .collect()
+}
+
 fn available(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
         .into_iter()
@@ -134,10 +150,11 @@ pub fn qemu_args(config: &Config, accel: Accel) -> Result<Vec<String>> {
 }
 
 /// The QEMU command for `config` booting `kernel` with `initrd`; the caller adds serial
-/// and extra arguments.
+/// and extra arguments. QEMU dies with the thread that spawns it (`die_with_parent`).
 pub fn qemu_command(config: &Config, accel: Accel, kernel: &Path, cmdline: &str, initrd: &Path) -> Result<Command> {
     let qemu = tools::require(&tools::QEMU)?;
     let mut cmd = Command::new(qemu);
+    crate::die_with_parent(&mut cmd);
     cmd.args(qemu_args(config, accel)?)
         .arg("-kernel")
         .arg(kernel)
@@ -194,14 +211,15 @@ pub fn write_bochsrc(config: &Config, iso: &Path, serial: &Path, out: &Path, cpu
     if let Some(n) = cpus {
         filled = bochsrc_with_cpus(&filled, n)?;
     }
-    std::fs::write(out, filled).context(|| format!("cannot write {}", out.display()))
+    crate::images::write_atomic(out, filled.as_bytes())
 }
 
 /// `bochs -q -f <rc> [-rc <debugger commands>]`; without commands Bochs stops at its
-/// debugger prompt (interactive use).
+/// debugger prompt (interactive use). Bochs dies with the thread that spawns it.
 pub fn bochs_command(root: &Path, bochsrc: &Path, unattended: bool) -> Result<Command> {
     let bochs = tools::require(&tools::BOCHS)?;
     let mut cmd = Command::new(bochs);
+    crate::die_with_parent(&mut cmd);
     cmd.arg("-q").arg("-f").arg(bochsrc);
     if unattended {
         cmd.arg("-rc").arg(root.join(BOCHS_DEBUGGER_RC));

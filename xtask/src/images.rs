@@ -71,6 +71,51 @@ pub fn guest_bins(root: &Path) -> Result<Vec<String>> {
     Ok(names)
 }
 
+/// Write `path` as a whole or not at all: the bytes go to a temporary file beside it, which
+/// is then renamed over `path`. A reader (an emulator started by another xtask) sees either
+/// the old file or the new one, never a half-written one.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = temp_beside(path);
+    std::fs::write(&tmp, bytes).context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
+}
+
+/// `<path>.tmp.<pid>`: a name no other xtask process writes.
+fn temp_beside(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".tmp.{}", std::process::id()));
+    path.with_file_name(name)
+}
+
+/// An exclusive lock on `build/` (the file `build/.lock`), held until the file is dropped.
+/// Builds and test runs take it, so two `cargo xtask` in one checkout take turns instead of
+/// overwriting each other's archive, ISOs and logs; the second says whom it waits for.
+pub fn lock_build(root: &Path) -> Result<std::fs::File> {
+    let dir = root.join(BUILD_DIR);
+    std::fs::create_dir_all(&dir).context(|| format!("cannot create {}", dir.display()))?;
+    let path = dir.join(".lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .context(|| format!("cannot open {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let holder = std::fs::read_to_string(&path).unwrap_or_default();
+            eprintln!("waiting for {} (held by another cargo xtask in this checkout: {})", path.display(), holder.trim());
+            file.lock().context(|| format!("cannot lock {}", path.display()))?;
+        }
+        Err(std::fs::TryLockError::Error(e)) => bail!("cannot lock {}: {e}", path.display()),
+    }
+    let me = format!("pid {} ({})\n", std::process::id(), std::env::args().skip(1).collect::<Vec<_>>().join(" "));
+    let _ = file.set_len(0);
+    let _ = std::io::Write::write_all(&mut &file, me.as_bytes());
+    Ok(file)
+}
+
 /// Build the hypervisor and all guests, then write `build/guests.ar`. With `quiet`, the
 /// compiler output is kept back and only its tail is shown if the build fails.
 pub fn build_all(quiet: bool) -> Result<Built> {
@@ -110,8 +155,30 @@ pub fn build_all(quiet: bool) -> Result<Built> {
     let build = root.join(BUILD_DIR);
     std::fs::create_dir_all(&build).context(|| format!("cannot create {}", build.display()))?;
     let archive = build.join("guests.ar");
-    std::fs::write(&archive, archive::build(&files)?).context(|| format!("cannot write {}", archive.display()))?;
+    write_atomic(&archive, &archive::build(&files)?)?;
     Ok(Built { hypervisor, archive, guests })
+}
+
+/// `built` plus guest ELFs from elsewhere (`run --guest PATH`), each under its file name, in
+/// a new archive `build/<name>`. The repository's guests stay in it, so both can be booted.
+pub fn with_extra_guests(built: &Built, name: &str, extra: &[(String, PathBuf)]) -> Result<Built> {
+    let mut guests = built.guests.clone();
+    for (guest, path) in extra {
+        if guests.iter().any(|(g, p)| g == guest && p != path) {
+            bail!("--guest {}: the name `{guest}` is taken (by {}); rename the file", path.display(), guests.iter().find(|(g, _)| g == guest).map_or(String::new(), |(_, p)| p.display().to_string()));
+        }
+        if !guests.iter().any(|(g, _)| g == guest) {
+            guests.push((guest.clone(), path.clone()));
+        }
+    }
+    let mut files = Vec::new();
+    for (guest, path) in &guests {
+        let data = std::fs::read(path).context(|| format!("guest `{guest}`: cannot read {}", path.display()))?;
+        files.push((guest.clone(), data));
+    }
+    let archive = crate::root().join(BUILD_DIR).join(name);
+    write_atomic(&archive, &archive::build(&files)?)?;
+    Ok(Built { hypervisor: built.hypervisor.clone(), archive, guests })
 }
 
 /// Make `build/<name>.iso` from `build/iso/<name>/`: GRUB (multiboot2) loads the hypervisor
@@ -139,11 +206,12 @@ pub fn make_iso(built: &Built, name: &str, cmdline: &str) -> Result<PathBuf> {
          \x20 boot\n\
          }}\n"
     );
-    std::fs::write(grub.join("grub.cfg"), cfg).context(|| "cannot write grub.cfg".to_string())?;
+    write_atomic(&grub.join("grub.cfg"), cfg.as_bytes())?;
     let iso = root.join(BUILD_DIR).join(format!("{name}.iso"));
+    let tmp = temp_beside(&iso);
     let output = Command::new("grub-mkrescue")
         .arg("-o")
-        .arg(&iso)
+        .arg(&tmp)
         .arg(&tree)
         .output()
         .context(|| "cannot start grub-mkrescue".to_string())?;
@@ -154,6 +222,7 @@ pub fn make_iso(built: &Built, name: &str, cmdline: &str) -> Result<PathBuf> {
             String::from_utf8_lossy(&output.stderr).trim_end()
         );
     }
+    std::fs::rename(&tmp, &iso).context(|| format!("cannot rename {} to {}", tmp.display(), iso.display()))?;
     Ok(iso)
 }
 

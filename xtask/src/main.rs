@@ -1,16 +1,19 @@
 //! `cargo xtask`: the one entry point for building, booting and testing ParPerOS.
 //!
-//! Subcommands: `build`, `run`, `test`, `bench`, `setup` (see `USAGE`). Build flags live in
-//! `images`, emulator setups in `qemu-configs/`, scenarios in `tests/scenarios/`. Every error
-//! the user can cause ends as one `error: ...` line and exit status 1, never a backtrace.
+//! Subcommands: `build`, `run`, `test`, `list`, `bench`, `setup` (see `USAGE`; each has
+//! `--help`). Build flags live in `images`, emulator setups in `qemu-configs/`, scenarios in
+//! `tests/scenarios/`. Every error the user can cause ends as one `error: ...` line, never a
+//! backtrace: exit status 2 for a usage error (bad option, unknown name), 1 for a failure.
 
 mod archive;
+mod cmdline;
 mod disk;
 mod emulator;
 mod images;
 mod pmem;
 mod run;
 mod scenario;
+mod symbolize;
 mod testrun;
 mod tools;
 
@@ -19,23 +22,79 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 const USAGE: &str = "\
-usage: cargo xtask <command> [options]
+usage: cargo xtask <command> [options]   (`cargo xtask <command> --help` for one command)
 
 commands:
-  build                      build the hypervisor, the guests and build/guests.ar
-  run [options] [-- ARGS]    boot the demo with the serial console on this terminal
-      --emulator qemu|bochs  emulator (default qemu; bochs uses config bochs-vmx)
-      --config NAME          a setup from qemu-configs/ (NAME.args or NAME.bochsrc)
-      --cmdline TEXT         hypervisor command line (default: qemu-configs/demo.cmdline)
-      --cpus N               N CPUs (QEMU -smp N, Bochs cpu: count=N)
-      --gdb                  QEMU: wait for a debugger on :1234 (-s -S)
-      -- ARGS                extra arguments for the emulator (QEMU only)
-  test [FILTER] [-j N]       host tests, then every scenario in tests/scenarios/
-                             FILTER: substring of `name [config]`; `host` = host tests only
-                             PARPEROS_SEED=N: the seed of crash runs (kill@K), as printed
-  bench                      allocator and morsel benchmarks (release builds)
-  setup                      install the apt packages the emulators need
+  build     build the hypervisor, the guests and build/guests.ar
+  run       boot the demo, a command line or your own guest ELF, console on this terminal
+  test      host tests, then every scenario in tests/scenarios/ (or those FILTER selects)
+  list      the guests, configs and scenarios there are
+  guest-flags  print the RUSTFLAGS that build a guest crate of your own
+  bench     allocator and morsel benchmarks: a table, CSV under build/bench/, SVG plots
+  setup     install the apt packages the emulators need
+
+exit status: 0 success, 1 failure, 2 usage error
 ";
+
+const HELP_BUILD: &str = "\
+usage: cargo xtask build
+  builds the hypervisor and the guests of tests/guests/ (release, freestanding flags) and
+  writes the guest archive build/guests.ar
+";
+
+const HELP_RUN: &str = "\
+usage: cargo xtask run [options] [-- EMULATOR-ARGS]
+  builds, checks the command line, then boots it with the serial console on this terminal;
+  RIPs in the log are shown with `<function (file:line)>` from the ELF's debug info
+
+  --emulator qemu|bochs  emulator (default qemu; bochs uses config bochs-vmx)
+  --config NAME          a setup from qemu-configs/ (NAME.args or NAME.bochsrc; `cargo xtask list`)
+  --cmdline TEXT         hypervisor command line (default: qemu-configs/demo.cmdline)
+  --cpus N               N CPUs (QEMU -smp N, Bochs cpu: count=N)
+  --guest PATH[:OPTS]    a guest ELF built anywhere, booted under its file name with the
+                         guest options OPTS (`:mem=32M:arg=1`); repeatable; added to the
+                         command line's guests= (without --cmdline: only these guests)
+  --timeout SECONDS      stop the emulator after this long (exit status 1)
+  --gdb                  QEMU: wait for a debugger on :1234 (-s -S); README \"Debugging\"
+  -- ARGS                extra arguments for the emulator (QEMU only)
+";
+
+const HELP_TEST: &str = "\
+usage: cargo xtask test [FILTER] [-j N] [--junit FILE]
+  host tests, then every scenario of tests/scenarios/ under each of its configs
+  FILTER        only runs whose `name [config]` contains FILTER; `host`: host tests only;
+                a FILTER that matches nothing is an error (exit status 2) listing what exists
+  -j N          QEMU runs at a time (default: the CPU count; Bochs runs one at a time)
+  --junit FILE  also write a JUnit XML report to FILE
+  PARPEROS_SEED=N  the seed of crash runs (kill@K), as a failure prints it
+";
+
+const HELP_LIST: &str = "\
+usage: cargo xtask list
+  the guests of tests/guests/ (the archive's names), the configs of qemu-configs/ with the
+  first line of each, and the scenarios of tests/scenarios/ with their description
+";
+
+const HELP_GUEST_FLAGS: &str = "\
+usage: cargo xtask guest-flags
+  prints the RUSTFLAGS for a guest crate outside this repository (freestanding flags and
+  guest-lib/guest.ld):  RUSTFLAGS=\"$(cargo xtask guest-flags)\" cargo build --release \\
+  --target x86_64-unknown-linux-gnu; then `cargo xtask run --guest path/to/elf`
+";
+
+const HELP_BENCH: &str = "\
+usage: cargo xtask bench
+  the allocator and morsel benchmarks (release builds); prints one table, writes
+  build/bench/*.csv and draws build/bench/*.svg
+";
+
+const HELP_SETUP: &str = "\
+usage: cargo xtask setup
+  apt-get install qemu-system-x86 bochs bochsbios vgabios grub-pc-bin grub-common xorriso mtools
+";
+
+/// Exit status of a usage error (a bad option, a filter that selects nothing).
+pub const EXIT_USAGE: u8 = 2;
 
 /// One readable message; printed as `error: <message>`.
 #[derive(Debug)]
@@ -74,6 +133,29 @@ pub fn root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
+/// Make `cmd`'s process die with SIGKILL when the thread that spawns it ends, however that
+/// happens (SIGTERM or SIGINT to xtask alone, a panic, SIGKILL): an emulator never outlives
+/// the xtask that started it (Linux `PR_SET_PDEATHSIG`). Spawn from a thread that waits for
+/// the child (the signal follows the spawning thread, not the process).
+pub fn die_with_parent(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the child between fork and exec and only makes two
+    // async-signal-safe system calls (prctl, getppid) and kills itself.
+    unsafe {
+        let parent = libc::getpid();
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died before prctl: then nobody would send the signal.
+            if libc::getppid() != parent {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+}
+
 /// What `output_merged` saw: the exit status (None if stopped at the time limit) and the
 /// merged stdout and stderr.
 pub struct Merged {
@@ -87,6 +169,7 @@ pub fn output_merged(mut cmd: std::process::Command, limit: Option<std::time::Du
     use std::io::Read;
     let (mut reader, writer) = std::io::pipe()?;
     cmd.stdin(std::process::Stdio::null()).stdout(writer.try_clone()?).stderr(writer);
+    die_with_parent(&mut cmd);
     let mut child = cmd.spawn()?;
     drop(cmd); // close our copies of the write end, or the reader never sees EOF
     let collect = std::thread::spawn(move || {
@@ -140,49 +223,123 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match dispatch(&args) {
         Ok(code) => code,
-        Err(e) => {
+        Err(Fail::Usage(e)) => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_USAGE)
+        }
+        Err(Fail::Failed(e)) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE
         }
     }
 }
 
-fn dispatch(args: &[String]) -> Result<ExitCode> {
+/// Why a command did not succeed: the user asked for something that does not exist (exit
+/// status 2), or what was asked for failed (1).
+enum Fail {
+    Usage(Error),
+    Failed(Error),
+}
+
+impl From<Error> for Fail {
+    fn from(e: Error) -> Fail {
+        Fail::Failed(e)
+    }
+}
+
+fn usage<T>(r: Result<T>) -> std::result::Result<T, Fail> {
+    r.map_err(Fail::Usage)
+}
+
+fn no_arguments(cmd: &str, rest: &[String]) -> std::result::Result<(), Fail> {
+    match rest.first() {
+        Some(extra) => Err(Fail::Usage(Error(format!("`{cmd}` takes no arguments (got `{extra}`; see `cargo xtask {cmd} --help`)")))),
+        None => Ok(()),
+    }
+}
+
+fn dispatch(args: &[String]) -> std::result::Result<ExitCode, Fail> {
     let Some((cmd, rest)) = args.split_first() else {
         eprint!("{USAGE}");
-        return Ok(ExitCode::FAILURE);
+        return Ok(ExitCode::from(EXIT_USAGE));
     };
+    let help = match cmd.as_str() {
+        "build" => HELP_BUILD,
+        "run" => HELP_RUN,
+        "test" => HELP_TEST,
+        "list" => HELP_LIST,
+        "bench" => HELP_BENCH,
+        "guest-flags" => HELP_GUEST_FLAGS,
+        "setup" => HELP_SETUP,
+        _ => USAGE,
+    };
+    if rest.iter().take_while(|a| *a != "--").any(|a| a == "--help" || a == "-h") {
+        print!("{help}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let root = root();
     match cmd.as_str() {
         "build" => {
-            if let Some(extra) = rest.first() {
-                bail!("`build` takes no arguments (got `{extra}`)");
-            }
+            no_arguments(cmd, rest)?;
+            let _lock = images::lock_build(&root)?;
             let built = images::build_all(false)?;
             println!("hypervisor: {}", built.hypervisor.display());
             println!("guests:     {} ({})", built.archive.display(), built.guest_names().join(", "));
             Ok(ExitCode::SUCCESS)
         }
-        "run" => run::run(&run::Options::parse(rest)?),
-        "test" => testrun::test(&testrun::Options::parse(rest)?),
+        "run" => Ok(run::run(&usage(run::Options::parse(rest))?)?),
+        "test" => {
+            let o = usage(testrun::Options::parse(rest))?;
+            // The whole test run: its ISOs, logs, disk and pmem files are under build/ too.
+            let _lock = images::lock_build(&root)?;
+            Ok(testrun::test(&o)?)
+        }
+        "list" => {
+            no_arguments(cmd, rest)?;
+            list(&root)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        "guest-flags" => {
+            no_arguments(cmd, rest)?;
+            println!("{} -C link-arg=-T{}", images::FREESTANDING_RUSTFLAGS, root.join("guest-lib/guest.ld").display());
+            Ok(ExitCode::SUCCESS)
+        }
         "bench" => {
-            if let Some(extra) = rest.first() {
-                bail!("`bench` takes no arguments (got `{extra}`)");
-            }
-            images::bench()
+            no_arguments(cmd, rest)?;
+            Ok(images::bench()?)
         }
         "setup" => {
-            if let Some(extra) = rest.first() {
-                bail!("`setup` takes no arguments (got `{extra}`)");
-            }
+            no_arguments(cmd, rest)?;
             tools::setup()?;
             Ok(ExitCode::SUCCESS)
         }
-        "help" | "-h" | "--help" => {
+        "help" => {
             print!("{USAGE}");
             Ok(ExitCode::SUCCESS)
         }
-        other => bail!("unknown command `{other}` (try `cargo xtask help`)"),
+        "-h" | "--help" => {
+            print!("{USAGE}");
+            Ok(ExitCode::SUCCESS)
+        }
+        other => Err(Fail::Usage(Error(format!("unknown command `{other}` (try `cargo xtask help`)")))),
     }
+}
+
+/// `cargo xtask list`: guests, configs, scenarios, one line each.
+fn list(root: &Path) -> Result<()> {
+    println!("guests (tests/guests/src/bin/, archived under these names; `run --guest PATH` adds your own):");
+    for g in images::guest_bins(root)? {
+        println!("  {g}");
+    }
+    println!("configs (qemu-configs/, for --config):");
+    for (name, line) in emulator::describe_configs(root) {
+        println!("  {name:<16} {line}");
+    }
+    println!("scenarios (tests/scenarios/, `cargo xtask test NAME`):");
+    for (name, configs, description) in testrun::describe_scenarios(root)? {
+        println!("  {name:<44} [{configs}] {description}");
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -199,6 +356,59 @@ mod tests {
         assert!(start.elapsed() < Duration::from_secs(10));
         assert!(m.status.is_none());
         assert!(m.output.contains("out") && m.output.contains("err"), "{}", m.output);
+    }
+
+    /// Helper for the test below, run in a child process of its own: spawns an "emulator"
+    /// (`sleep`) the way xtask spawns QEMU and Bochs, prints its pid, and waits to be killed.
+    #[test]
+    #[ignore = "run by a_killed_xtask_leaves_no_emulator_behind"]
+    fn helper_spawns_an_emulator_and_waits() {
+        if std::env::var_os("PARPEROS_KILL_HELPER").is_none() {
+            return;
+        }
+        let mut cmd = std::process::Command::new("sleep");
+        cmd.arg("300");
+        super::die_with_parent(&mut cmd);
+        let mut child = cmd.spawn().unwrap();
+        println!("EMULATOR {}", child.id());
+        std::thread::sleep(Duration::from_secs(300));
+        let _ = child.wait();
+    }
+
+    #[test]
+    fn a_killed_xtask_leaves_no_emulator_behind() {
+        use std::io::BufRead;
+        for signal in [libc::SIGTERM, libc::SIGINT, libc::SIGKILL] {
+            let mut helper = std::process::Command::new(std::env::current_exe().unwrap())
+                .args(["--exact", "tests::helper_spawns_an_emulator_and_waits", "--ignored", "--nocapture"])
+                .env("PARPEROS_KILL_HELPER", "1")
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            let out = std::io::BufReader::new(helper.stdout.take().unwrap());
+            let pid: i32 = out
+                .lines()
+                .map_while(|l| l.ok())
+                .find_map(|l| l.strip_prefix("EMULATOR ").map(|p| p.trim().parse().unwrap()))
+                .expect("the helper reports its emulator");
+            assert!(alive(pid), "the emulator runs");
+            // SAFETY: kill(2) on the helper, our own child.
+            unsafe { libc::kill(helper.id() as i32, signal) };
+            let _ = helper.wait();
+            let start = Instant::now();
+            while alive(pid) && start.elapsed() < Duration::from_secs(10) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            assert!(!alive(pid), "signal {signal}: the emulator {pid} outlived xtask");
+        }
+    }
+
+    /// Whether `pid` exists and is not a zombie.
+    fn alive(pid: i32) -> bool {
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Ok(stat) => stat.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().next()) != Some("Z"),
+            Err(_) => false,
+        }
     }
 
     #[test]

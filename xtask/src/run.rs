@@ -3,11 +3,12 @@
 //! build/ that is echoed here while Bochs runs).
 
 use crate::emulator::{self, Config, Emulator};
+use crate::symbolize::Symbolizer;
 use crate::{bail, images, Context, Result};
 use std::io::{Read, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The default hypervisor command line for `run`.
 const DEMO_CMDLINE: &str = "qemu-configs/demo.cmdline";
@@ -18,12 +19,16 @@ pub struct Options {
     cmdline: Option<String>,
     cpus: Option<usize>,
     gdb: bool,
+    /// `--timeout SECONDS`: stop the emulator then (the run fails).
+    timeout: Option<Duration>,
+    /// `--guest PATH[:OPTS]`: guest ELFs from outside this repository, booted in this order.
+    guests: Vec<(PathBuf, String)>,
     extra: Vec<String>,
 }
 
 impl Options {
     pub fn parse(args: &[String]) -> Result<Options> {
-        let mut o = Options { emulator: None, config: None, cmdline: None, cpus: None, gdb: false, extra: Vec::new() };
+        let mut o = Options { emulator: None, config: None, cmdline: None, cpus: None, gdb: false, timeout: None, guests: Vec::new(), extra: Vec::new() };
         let mut it = args.iter();
         while let Some(arg) = it.next() {
             let (flag, inline) = match arg.split_once('=') {
@@ -53,14 +58,67 @@ impl Options {
                     }
                 }
                 "--gdb" => o.gdb = true,
+                "--timeout" => {
+                    let v = value("--timeout")?;
+                    match v.parse::<f64>() {
+                        Ok(secs) if secs > 0.0 && secs.is_finite() => o.timeout = Some(Duration::from_secs_f64(secs)),
+                        _ => bail!("`--timeout {v}`: a positive number of seconds"),
+                    }
+                }
+                "--guest" => {
+                    let v = value("--guest")?;
+                    // PATH[:OPTS]: the options start at the first `:` after the file name.
+                    let name_start = v.rfind('/').map_or(0, |i| i + 1);
+                    let (path, opts) = match v[name_start..].find(':') {
+                        Some(i) => (&v[..name_start + i], &v[name_start + i..]),
+                        None => (v.as_str(), ""),
+                    };
+                    o.guests.push((PathBuf::from(path), opts.to_string()));
+                }
                 "--" => {
                     o.extra = it.by_ref().cloned().collect();
                 }
-                other => bail!("unknown option `{other}` for `run` (see `cargo xtask help`)"),
+                other => bail!("unknown option `{other}` for `run` (see `cargo xtask run --help`)"),
             }
         }
         Ok(o)
     }
+}
+
+/// The archive name of a `--guest` ELF: its file name, which must work in `guests=`.
+fn guest_file_name(path: &Path) -> Result<String> {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    if name.is_empty() || name.len() >= crate::archive::NAME_SIZE || name.contains([':', ',', '=']) || name.contains(char::is_whitespace) {
+        bail!("--guest {}: the file name must be 1 to {} characters without `:`, `,`, `=` or blanks (it becomes the guest's name)", path.display(), crate::archive::NAME_SIZE - 1);
+    }
+    Ok(name)
+}
+
+/// Refuses what is not an x86-64 ELF64 executable before anything boots it.
+fn check_guest_elf(path: &Path) -> Result<()> {
+    let data = std::fs::read(path).context(|| format!("--guest {}: cannot read it", path.display()))?;
+    if data.len() < 20 || &data[..4] != b"\x7fELF" || data[4] != 2 || u16::from_le_bytes([data[18], data[19]]) != 0x3e {
+        bail!("--guest {}: not an x86-64 ELF64 file (build it as in README \"Writing a guest\")", path.display());
+    }
+    Ok(())
+}
+
+/// `cmdline` with `specs` appended to its `guests=` word (or a new one).
+fn add_guests(cmdline: &str, specs: &[String]) -> String {
+    if specs.is_empty() {
+        return cmdline.to_string();
+    }
+    let mut words: Vec<String> = cmdline.split_ascii_whitespace().map(str::to_string).collect();
+    match words.iter_mut().find(|w| w.starts_with("guests=")) {
+        Some(w) => {
+            if w.len() > "guests=".len() {
+                w.push(',');
+            }
+            w.push_str(&specs.join(","));
+        }
+        None => words.push(format!("guests={}", specs.join(","))),
+    }
+    words.join(" ")
 }
 
 pub fn run(o: &Options) -> Result<ExitCode> {
@@ -76,13 +134,23 @@ pub fn run(o: &Options) -> Result<ExitCode> {
             bail!("config `{}` is for {}, not --emulator {}", config.name, config.emulator.word(), e.word());
         }
     }
-    let cmdline = match &o.cmdline {
-        Some(c) => c.clone(),
-        None => {
+    let mut specs = Vec::new();
+    let mut extra_guests = Vec::new();
+    for (path, opts) in &o.guests {
+        check_guest_elf(path)?;
+        let name = guest_file_name(path)?;
+        specs.push(format!("{name}{opts}"));
+        extra_guests.push((name, path.canonicalize().unwrap_or_else(|_| path.clone())));
+    }
+    let cmdline = match (&o.cmdline, specs.is_empty()) {
+        (Some(c), _) => c.clone(),
+        (None, false) => String::new(), // --guest alone: just those guests
+        (None, true) => {
             let path = root.join(DEMO_CMDLINE);
             std::fs::read_to_string(&path).context(|| format!("cannot read {}", path.display()))?.trim().to_string()
         }
     };
+    let cmdline = add_guests(&cmdline, &specs);
     // Check the emulator before the (longer) build.
     match config.emulator {
         Emulator::Qemu => drop(crate::tools::require(&crate::tools::QEMU)?),
@@ -91,14 +159,55 @@ pub fn run(o: &Options) -> Result<ExitCode> {
             crate::tools::require_iso_tools()?;
         }
     }
-    let built = images::build_all(false)?;
-    match config.emulator {
-        Emulator::Qemu => run_qemu(&config, &built, &cmdline, o),
-        Emulator::Bochs => run_bochs(&root, &config, &built, &cmdline, o),
+    // build/ is locked while we write into it; the emulator then runs on files of its own.
+    let lock = images::lock_build(&root)?;
+    let mut built = images::build_all(false)?;
+    if !extra_guests.is_empty() {
+        built = images::with_extra_guests(&built, "run.guests.ar", &extra_guests)?;
+    }
+    crate::cmdline::check(&cmdline, &built.guest_names())?;
+    let iso = match config.emulator {
+        Emulator::Bochs => Some(images::make_iso(&built, "run", &cmdline)?),
+        Emulator::Qemu => None,
+    };
+    drop(lock);
+    let mut symbols = Symbolizer::new(&built.hypervisor, &built.guests);
+    match iso {
+        None => run_qemu(&config, &built, &cmdline, o, &mut symbols),
+        Some(iso) => run_bochs(&root, &config, &iso, &cmdline, o, &mut symbols),
     }
 }
 
-fn run_qemu(config: &Config, built: &images::Built, cmdline: &str, o: &Options) -> Result<ExitCode> {
+/// Copies the emulator's serial output to this terminal a line at a time, each RIP named.
+fn echo_lines(pending: &mut Vec<u8>, new: &[u8], symbols: &mut Symbolizer, clean: bool) {
+    pending.extend_from_slice(new);
+    let Some(end) = pending.iter().rposition(|&b| b == b'\n') else { return };
+    let text = String::from_utf8_lossy(&pending[..=end]).into_owned();
+    pending.drain(..=end);
+    let mut out = std::io::stdout().lock();
+    for line in text.lines() {
+        // GRUB's terminal control (screen clearing over serial) would wipe the user's terminal.
+        let line = if clean { crate::testrun::printable(line) } else { line.trim_end_matches('\r').to_string() };
+        let _ = writeln!(out, "{}", symbols.line(&line));
+    }
+    let _ = out.flush();
+}
+
+/// Stop `child` gently (SIGTERM, so QEMU restores the terminal), then for good.
+fn stop(child: &mut std::process::Child) {
+    // SAFETY: kill(2) on our own child's pid; no memory is involved.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    for _ in 0..40 {
+        if matches!(child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn run_qemu(config: &Config, built: &images::Built, cmdline: &str, o: &Options, symbols: &mut Symbolizer) -> Result<ExitCode> {
     let (accel, why) = emulator::detect_accel();
     println!("accel: {why}");
     let mut cmd = emulator::qemu_command(config, accel, &built.hypervisor, cmdline, &built.archive)?;
@@ -110,13 +219,55 @@ fn run_qemu(config: &Config, built: &images::Built, cmdline: &str, o: &Options) 
         cmd.args(["-s", "-S"]);
         println!(
             "gdb: QEMU waits for a debugger on tcp::1234; attach with\n  \
-             gdb {} -ex 'target remote :1234'",
+             gdb {} -ex 'target remote :1234'   (README \"Debugging\": guests)",
             built.hypervisor.display()
         );
     }
     cmd.args(&o.extra);
+    // The serial output comes through us (to name RIPs); the terminal stays QEMU's input.
+    cmd.stdout(std::process::Stdio::piped());
     println!("qemu: config {} ({}), cmdline `{cmdline}`; Ctrl-A X quits", config.name, config.path.display());
-    let status = cmd.status().context(|| "cannot start qemu-system-x86_64".to_string())?;
+    let start = Instant::now();
+    let mut child = cmd.spawn().context(|| "cannot start qemu-system-x86_64".to_string())?;
+    let mut stdout = child.stdout.take();
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    let reader = std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Some(Ok(n @ 1..)) = stdout.as_mut().map(|s| s.read(&mut buf)) {
+            if tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut pending = Vec::new();
+    let mut timed_out = false;
+    let status = loop {
+        while let Ok(chunk) = rx.try_recv() {
+            echo_lines(&mut pending, &chunk, symbols, false);
+        }
+        if let Some(status) = child.try_wait().context(|| "waiting for qemu".to_string())? {
+            break status;
+        }
+        if o.timeout.is_some_and(|t| start.elapsed() >= t) {
+            timed_out = true;
+            stop(&mut child);
+            break child.wait().context(|| "waiting for qemu".to_string())?;
+        }
+        if let Ok(chunk) = rx.recv_timeout(Duration::from_millis(50)) {
+            echo_lines(&mut pending, &chunk, symbols, false);
+        }
+    };
+    let _ = reader.join();
+    while let Ok(chunk) = rx.try_recv() {
+        echo_lines(&mut pending, &chunk, symbols, false);
+    }
+    if !pending.is_empty() {
+        echo_lines(&mut pending, b"\n", symbols, false);
+    }
+    if timed_out {
+        println!("qemu: stopped after --timeout {:.0} s", o.timeout.unwrap_or_default().as_secs_f64());
+        return Ok(ExitCode::FAILURE);
+    }
     Ok(match status.code() {
         Some(33) => {
             println!("qemu: hypervisor reported success (exit 33)");
@@ -126,7 +277,10 @@ fn run_qemu(config: &Config, built: &images::Built, cmdline: &str, o: &Options) 
             println!("qemu: hypervisor reported failure (exit 35)");
             ExitCode::FAILURE
         }
-        Some(0) => ExitCode::SUCCESS, // quit by the user (or a reset with -no-reboot)
+        Some(0) => {
+            println!("qemu: quit (by the user, or a reset under -no-reboot: no exit status from the hypervisor)");
+            ExitCode::SUCCESS
+        }
         _ => {
             println!("qemu: exited with {status}");
             ExitCode::FAILURE
@@ -134,15 +288,14 @@ fn run_qemu(config: &Config, built: &images::Built, cmdline: &str, o: &Options) 
     })
 }
 
-fn run_bochs(root: &Path, config: &Config, built: &images::Built, cmdline: &str, o: &Options) -> Result<ExitCode> {
+fn run_bochs(root: &Path, config: &Config, iso: &Path, cmdline: &str, o: &Options, symbols: &mut Symbolizer) -> Result<ExitCode> {
     if !o.extra.is_empty() {
         bail!("extra emulator arguments are for QEMU; edit {} for Bochs", config.path.display());
     }
-    let iso = images::make_iso(built, "run", cmdline)?;
     let serial = root.join(images::BUILD_DIR).join("run.serial.log");
     let rc = root.join(images::BUILD_DIR).join(format!("run.{}.bochsrc", config.name));
     let _ = std::fs::remove_file(&serial);
-    emulator::write_bochsrc(config, &iso, &serial, &rc, o.cpus)?;
+    emulator::write_bochsrc(config, iso, &serial, &rc, o.cpus)?;
     // Debian's Bochs is built with the internal debugger, which excludes the GDB stub.
     let mut cmd = emulator::bochs_command(root, &rc, !o.gdb)?;
     if o.gdb {
@@ -159,6 +312,7 @@ fn run_bochs(root: &Path, config: &Config, built: &images::Built, cmdline: &str,
         config.path.display(),
         serial.display()
     );
+    println!("bochs: the log's time stamps are Bochs' virtual time (clock: sync=none), which runs faster than the wall clock");
     // Bochs' own log goes to build/run.bochs.log; the serial file is echoed here.
     let log_path = root.join(images::BUILD_DIR).join("run.bochs.log");
     let log = std::fs::File::create(&log_path).context(|| format!("cannot create {}", log_path.display()))?;
@@ -166,32 +320,101 @@ fn run_bochs(root: &Path, config: &Config, built: &images::Built, cmdline: &str,
         cmd.stdout(log.try_clone().context(|| "cannot dup log".to_string())?);
     }
     cmd.stderr(log);
+    let start = Instant::now();
     let mut child = cmd.spawn().context(|| "cannot start bochs".to_string())?;
     let mut shown = 0usize;
-    let echo = |shown: &mut usize| {
+    let mut pending = Vec::new();
+    let mut echo = |shown: &mut usize, pending: &mut Vec<u8>| {
         if let Ok(mut f) = std::fs::File::open(&serial) {
             let mut buf = Vec::new();
             if f.read_to_end(&mut buf).is_ok() && buf.len() > *shown {
-                let mut out = std::io::stdout().lock();
-                let _ = out.write_all(&buf[*shown..]);
-                let _ = out.flush();
+                echo_lines(pending, &buf[*shown..], symbols, true);
                 *shown = buf.len();
             }
         }
     };
+    let mut timed_out = false;
     loop {
-        echo(&mut shown);
+        echo(&mut shown, &mut pending);
         if child.try_wait().context(|| "waiting for bochs".to_string())?.is_some() {
-            echo(&mut shown);
+            echo(&mut shown, &mut pending);
+            break;
+        }
+        if o.timeout.is_some_and(|t| start.elapsed() >= t) {
+            timed_out = true;
+            stop(&mut child);
+            echo(&mut shown, &mut pending);
             break;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let log = std::fs::read_to_string(&serial).unwrap_or_default();
-    if !log.is_empty() && !log.ends_with('\n') {
-        println!();
+    let wall = start.elapsed();
+    if !pending.is_empty() {
+        echo_lines(&mut pending, b"\n", symbols, true);
     }
-    let ok = log.lines().any(|l| l.contains("parperos: exit success"));
-    println!("bochs: stopped; its log is {}", log_path.display());
-    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    let log = std::fs::read_to_string(&serial).unwrap_or_default();
+    if let Some(virtual_secs) = last_stamp(&log) {
+        println!(
+            "bochs: {virtual_secs:.1} s of Bochs' virtual time in {:.1} s of wall time ({:.1}x)",
+            wall.as_secs_f64(),
+            virtual_secs / wall.as_secs_f64().max(0.001)
+        );
+    }
+    println!("bochs: its own log is {}", log_path.display());
+    let ended = log.lines().rev().find_map(|l| {
+        if l.contains("parperos: exit success") {
+            Some(true)
+        } else if l.contains("parperos: exit failure") {
+            Some(false)
+        } else {
+            None
+        }
+    });
+    Ok(match (timed_out, ended) {
+        (true, _) => {
+            println!("bochs: stopped after --timeout {:.0} s", o.timeout.unwrap_or_default().as_secs_f64());
+            ExitCode::FAILURE
+        }
+        (false, Some(true)) => {
+            println!("bochs: hypervisor reported success");
+            ExitCode::SUCCESS
+        }
+        (false, Some(false)) => {
+            println!("bochs: hypervisor reported failure");
+            ExitCode::FAILURE
+        }
+        (false, None) => {
+            println!("bochs: stopped without an exit line from the hypervisor (quit by the user, or it never got that far)");
+            ExitCode::FAILURE
+        }
+    })
+}
+
+/// The last `[   12.345678]` time stamp of a serial log, in seconds.
+fn last_stamp(log: &str) -> Option<f64> {
+    log.lines().rev().find_map(|l| l.trim_start().strip_prefix('[')?.split_once(']')?.0.trim().parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn guest_paths_and_options() {
+        let o = Options::parse(&args(&["--guest", "../my/app:mem=32M:arg=2", "--guest=x/y", "--timeout", "2.5"])).unwrap();
+        assert_eq!(o.guests, [(PathBuf::from("../my/app"), ":mem=32M:arg=2".to_string()), (PathBuf::from("x/y"), String::new())]);
+        assert_eq!(o.timeout, Some(Duration::from_millis(2500)));
+        assert!(Options::parse(&args(&["--timeout", "0"])).is_err());
+        assert!(Options::parse(&args(&["--timeout"])).is_err());
+        assert_eq!(add_guests("log=debug", &["app:arg=1".into()]), "log=debug guests=app:arg=1");
+        assert_eq!(add_guests("guests=hello log=debug", &["app".into(), "b".into()]), "guests=hello,app,b log=debug");
+        assert_eq!(add_guests("guests=", &["app".into()]), "guests=app");
+        assert!(guest_file_name(Path::new("a/b:c")).is_err());
+        assert_eq!(guest_file_name(Path::new("a/app")).unwrap(), "app");
+        assert_eq!(last_stamp("[    1.5] x\n[  349.17] INFO y\nparperos: exit success\n"), Some(349.17));
+    }
 }

@@ -49,15 +49,23 @@ const TICK: Duration = Duration::from_millis(10);
 pub struct Options {
     filter: Option<String>,
     jobs: usize,
+    /// `--junit FILE`: a JUnit XML report of every result line.
+    junit: Option<PathBuf>,
 }
 
 impl Options {
     pub fn parse(args: &[String]) -> Result<Options> {
         let mut filter = None;
+        let mut junit = None;
         let mut jobs = std::thread::available_parallelism().map_or(1, |n| n.get());
         let mut it = args.iter();
         while let Some(arg) = it.next() {
-            if arg == "-j" || arg == "--jobs" {
+            if arg == "--junit" {
+                let Some(file) = it.next() else { bail!("`--junit` needs a file name") };
+                junit = Some(PathBuf::from(file));
+            } else if let Some(file) = arg.strip_prefix("--junit=") {
+                junit = Some(PathBuf::from(file));
+            } else if arg == "-j" || arg == "--jobs" {
                 let Some(n) = it.next().and_then(|v| v.parse::<usize>().ok()).filter(|&n| n > 0) else {
                     bail!("`{arg}` needs a positive number");
                 };
@@ -68,12 +76,12 @@ impl Options {
                     _ => bail!("`{arg}`: -j needs a positive number"),
                 };
             } else if arg.starts_with('-') {
-                bail!("unknown option `{arg}` for `test` (usage: cargo xtask test [FILTER] [-j N])");
+                bail!("unknown option `{arg}` for `test` (usage: cargo xtask test [FILTER] [-j N] [--junit FILE])");
             } else if filter.replace(arg.clone()).is_some() {
                 bail!("`test` takes one FILTER (got `{arg}` too)");
             }
         }
-        Ok(Options { filter, jobs })
+        Ok(Options { filter, jobs, junit })
     }
 }
 
@@ -81,12 +89,15 @@ struct Tally {
     passed: usize,
     failed: usize,
     width: usize,
+    /// Every result: name, passed, facts, details (for `--junit`).
+    results: Vec<(String, bool, String, String)>,
 }
 
 impl Tally {
     /// Print one result line (and the details of a failure) in one write.
     fn report(&mut self, ok: bool, name: &str, facts: &str, details: &str) {
         if ok { self.passed += 1 } else { self.failed += 1 }
+        self.results.push((name.to_string(), ok, facts.to_string(), details.to_string()));
         let mut text = format!("{} {name:<w$}  {facts}\n", if ok { "PASS" } else { "FAIL" }, w = self.width);
         text.push_str(details);
         let mut out = std::io::stdout().lock();
@@ -98,7 +109,7 @@ impl Tally {
 pub fn test(o: &Options) -> Result<ExitCode> {
     let root = crate::root();
     let host = o.filter.as_deref().is_none_or(|f| f == "host");
-    let mut tally = Tally { passed: 0, failed: 0, width: 0 };
+    let mut tally = Tally { passed: 0, failed: 0, width: 0, results: Vec::new() };
 
     // Load every scenario first, so that a broken file or a missing tool stops us early.
     let (scenarios, broken) = load_scenarios(&root)?;
@@ -112,6 +123,10 @@ pub fn test(o: &Options) -> Result<ExitCode> {
                 jobs.push(Job { scenario: s.clone(), config: Config::resolve(&root, c)?, label, seed });
             }
         }
+    }
+    if let Some(message) = no_match(o.filter.as_deref(), &all_labels(&scenarios), jobs.len()) {
+        eprintln!("error: {message}");
+        return Ok(ExitCode::from(crate::EXIT_USAGE));
     }
     if jobs.iter().any(|j| j.config.emulator == Emulator::Qemu) {
         tools::require(&tools::QEMU)?;
@@ -142,8 +157,14 @@ pub fn test(o: &Options) -> Result<ExitCode> {
     }
 
     if !jobs.is_empty() {
+        println!("== building the hypervisor and {} guests (cargo build --release, freestanding; output kept back unless it fails)", images::guest_bins(&root)?.len());
+        let build_start = Instant::now();
+        let built = images::build_all(true);
+        if built.is_ok() {
+            println!("   built in {:.1} s", build_start.elapsed().as_secs_f64());
+        }
         println!("== scenarios ({} runs, {} at a time; QEMU under TCG)", jobs.len(), o.jobs);
-        match images::build_all(true) {
+        match built {
             Ok(built) => run_jobs(&root, jobs, built, o.jobs, &mut tally),
             Err(e) => {
                 let details: String = e.0.lines().map(|l| format!("    {l}\n")).collect();
@@ -156,7 +177,72 @@ pub fn test(o: &Options) -> Result<ExitCode> {
     }
 
     println!("{} passed, {} failed", tally.passed, tally.failed);
+    if let Some(path) = &o.junit {
+        std::fs::write(path, junit_xml(&tally.results)).context(|| format!("cannot write {}", path.display()))?;
+        println!("JUnit report: {}", path.display());
+    }
     Ok(if tally.failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// A JUnit XML report: one `testcase` per result line, failures with their details.
+fn junit_xml(results: &[(String, bool, String, String)]) -> String {
+    fn esc(s: &str) -> String {
+        printable(s).replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+    }
+    let failures = results.iter().filter(|r| !r.1).count();
+    let mut x = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<testsuites>\n<testsuite name=\"parperos\" tests=\"{}\" failures=\"{failures}\">\n",
+        results.len()
+    );
+    for (name, ok, facts, details) in results {
+        // The wall time leads the facts (`  1.23 s ...`) where there is one.
+        let secs = facts.split_whitespace().next().and_then(|t| t.parse::<f64>().ok()).unwrap_or(0.0);
+        let (class, case) = match name.split_once(" [") {
+            Some((n, c)) => (c.trim_end_matches(']'), n),
+            None => ("host", name.as_str()),
+        };
+        x.push_str(&format!("  <testcase classname=\"{}\" name=\"{}\" time=\"{secs:.2}\">", esc(class), esc(case)));
+        if !ok {
+            let text: String = details.lines().map(|l| esc(l) + "\n").collect();
+            x.push_str(&format!("\n    <failure message=\"{}\">{text}</failure>\n  ", esc(facts.trim())));
+        }
+        x.push_str("</testcase>\n");
+    }
+    x.push_str("</testsuite>\n</testsuites>\n");
+    x
+}
+
+/// (name, configs, description) of every scenario that parses, for `cargo xtask list`.
+pub fn describe_scenarios(root: &Path) -> Result<Vec<(String, String, String)>> {
+    let (good, broken) = load_scenarios(root)?;
+    let mut out: Vec<_> = good.into_iter().map(|s| (s.name.clone(), s.configs.join(" "), s.description.clone())).collect();
+    out.extend(broken.into_iter().map(|(p, e)| (p.display().to_string(), String::new(), format!("BROKEN: {e}"))));
+    Ok(out)
+}
+
+/// Every `name [config]` the scenarios define, in order.
+fn all_labels(scenarios: &[Scenario]) -> Vec<String> {
+    scenarios.iter().flat_map(|s| s.configs.iter().map(move |c| format!("{} [{c}]", s.name))).collect()
+}
+
+/// A FILTER that selects nothing is an error (a typo in CI must not be a green build): the
+/// message lists what exists. `host` selects the host tests.
+fn no_match(filter: Option<&str>, labels: &[String], selected: usize) -> Option<String> {
+    let f = filter?;
+    if selected > 0 || f == "host" {
+        return None;
+    }
+    let mut names: Vec<&str> = labels.iter().map(|l| l.split(" [").next().unwrap_or(l)).collect();
+    names.dedup();
+    let mut configs: Vec<&str> = labels.iter().filter_map(|l| l.split(" [").nth(1)?.strip_suffix(']')).collect();
+    configs.sort();
+    configs.dedup();
+    Some(format!(
+        "FILTER `{f}` matches no run: it must be `host` or a substring of `scenario [config]`.\n  \
+         scenarios: {}\n  configs: {}\n  (`cargo xtask list` describes them)",
+        names.join(", "),
+        configs.join(", ")
+    ))
 }
 
 /// All `*.scn` files, sorted; files that do not parse are returned as (path, error).
@@ -261,7 +347,7 @@ fn tail_block(text: &str, title: &str) -> String {
 
 /// `line` without terminal control: ANSI escape sequences (GRUB clears the screen over serial)
 /// are dropped, other control characters shown as `?`.
-fn printable(line: &str) -> String {
+pub(crate) fn printable(line: &str) -> String {
     let mut out = String::with_capacity(line.len());
     let mut chars = line.chars().peekable();
     while let Some(c) = chars.next() {
@@ -334,7 +420,7 @@ fn run_jobs(root: &Path, jobs: Vec<Job>, built: images::Built, workers: usize, t
     }
     let queue = Mutex::new(jobs.into_iter().collect::<VecDeque<_>>());
     let bochs_lane = Mutex::new(());
-    let shared = Arc::new(Mutex::new(std::mem::replace(tally, Tally { passed: 0, failed: 0, width: 0 })));
+    let shared = Arc::new(Mutex::new(std::mem::replace(tally, Tally { passed: 0, failed: 0, width: 0, results: Vec::new() })));
     std::thread::scope(|s| {
         for _ in 0..workers.max(1) {
             s.spawn(|| loop {
@@ -759,6 +845,34 @@ mod tests {
     fn printable_drops_terminal_control() {
         assert_eq!(printable("\x1b[H\x1b[J\x1b[1;1H  Booting `parperos'\r"), "  Booting `parperos'");
         assert_eq!(printable("a\x07b\tc"), "a?b\tc");
+    }
+
+    #[test]
+    fn a_filter_that_matches_nothing_is_an_error_listing_what_exists() {
+        let labels = vec!["boot_ready [qemu-svm]".to_string(), "boot_ready [bochs-vmx]".into(), "demo [qemu-svm]".into()];
+        let m = no_match(Some("NOPE"), &labels, 0).expect("an error");
+        assert!(m.contains("`NOPE`") && m.contains("boot_ready, demo") && m.contains("bochs-vmx, qemu-svm"), "{m}");
+        assert_eq!(no_match(Some("boot"), &labels, 2), None);
+        assert_eq!(no_match(Some("host"), &labels, 0), None);
+        assert_eq!(no_match(None, &labels, 0), None);
+        // The shipped scenarios: a typo matches nothing, a real name something.
+        let (scenarios, _) = load_scenarios(&crate::root()).unwrap();
+        let all = all_labels(&scenarios);
+        assert!(all.iter().any(|l| l.contains("boot_ready")));
+        assert!(!all.iter().any(|l| l.contains("NOPE")));
+    }
+
+    #[test]
+    fn junit_report() {
+        let x = junit_xml(&[
+            ("boot_ready [qemu-svm]".into(), true, "   0.20 s  boot 0.09 s".into(), String::new()),
+            ("host: loom".into(), false, "  12.00 s".into(), "    a <b> & \x1b[2Jc\n".into()),
+        ]);
+        assert!(x.contains("tests=\"2\" failures=\"1\""), "{x}");
+        assert!(x.contains("<testcase classname=\"qemu-svm\" name=\"boot_ready\" time=\"0.20\"></testcase>"), "{x}");
+        assert!(x.contains("<failure message=\"12.00 s\">    a &lt;b&gt; &amp; c\n</failure>"), "{x}");
+        let o = Options::parse(&["--junit".into(), "r.xml".into()]).unwrap();
+        assert_eq!(o.junit, Some(PathBuf::from("r.xml")));
     }
 
     #[test]

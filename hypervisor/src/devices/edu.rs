@@ -54,7 +54,7 @@ impl Edu {
         let e = Edu { bdf, regs, transfers: 0, holds_data: false };
         let id = e.r64(ID) as u32;
         log::info!(target: "edu", "device {bdf}: edu version {}.{} at {:#x}, 4 KiB buffer at device address {BUFFER:#x}",
-            e.regs.base(), id >> 24, id >> 16 & 0xff);
+            id >> 24, id >> 16 & 0xff, e.regs.base());
         e
     }
 

@@ -31,6 +31,11 @@ pub enum Test {
     DmaFault,
 }
 
+/// The words this parser understands, for error messages.
+pub const VALID: &str = "guests=NAME[:mem=SIZE][:slices=N][:arg=N][:code=N|:stopped],... \
+    log=error|warn|info|debug|trace test=fault|dma-fault|pmem-crash:format|pmem-crash:magic \
+    pmem=format|drop:N[,N...]|drop:damaged cpus=N (SIZE: bytes or K, M, G)";
+
 /// Default guest memory.
 pub const DEFAULT_GUEST_MEMORY: u64 = 16 << 20;
 

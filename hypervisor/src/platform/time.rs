@@ -13,11 +13,16 @@ pub fn tsc() -> u64 {
     unsafe { _rdtsc() }
 }
 
-/// Calibrates the TSC over 10 ms of PIT time; call once, early.
+/// How long `init` counts TSC ticks against the PIT, in PIT (machine) milliseconds.
+pub const CALIBRATION_MS: u64 = 10;
+
+/// Calibrates the TSC over `CALIBRATION_MS` of PIT time; call once, early. The PIT is the
+/// machine's clock: under an emulator whose virtual time is not tied to the host's (Bochs
+/// `clock: sync=none`), TSC and PIT both follow the emulator, and so do our time stamps.
 pub fn init() {
     BOOT_TSC.store(tsc(), Ordering::Relaxed);
     const PIT_HZ: u64 = 1_193_182;
-    const MS: u64 = 10;
+    const MS: u64 = CALIBRATION_MS;
     let count = (PIT_HZ * MS / 1000) as u16;
     // Port 0x61 bit 0 gates channel 2, bit 1 would drive the speaker (keep it off).
     outb(0x61, (inb(0x61) & !0x02) | 0x01);

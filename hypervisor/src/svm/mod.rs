@@ -189,8 +189,10 @@ impl Backend for Svm {
                 fetch: info1 & 0x10 != 0,
                 present: info1 & 1 != 0,
             },
+            // EXITINFO2 of an intercepted #PF: the faulting address; CR2 is not written (APM Vol. 2, 15.12 Exception Intercepts).
             c if (EXIT_EXCEPTION_0..EXIT_EXCEPTION_0 + 32).contains(&c) => {
-                Exit::Exception { vector: (c - EXIT_EXCEPTION_0) as u8, error_code: info1 as u32 }
+                let vector = (c - EXIT_EXCEPTION_0) as u8;
+                Exit::Exception { vector, error_code: info1 as u32, address: if vector == 14 { info2 } else { 0 } }
             }
             EXIT_SHUTDOWN => Exit::TripleFault,
             EXIT_IOIO => Exit::Io { port: (info1 >> 16) as u16, write: info1 & 1 == 0 },

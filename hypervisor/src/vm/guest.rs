@@ -155,6 +155,7 @@ impl<B: Backend> Guest<B> {
             morsel_window_size: abi::MORSEL_WINDOW_SIZE,
             arg: self.spec.arg,
             name,
+            log_level: log::max_level() as u64,
         };
         // SAFETY: BootInfo is plain old data without padding (u64s and a byte array).
         let bytes = unsafe {

@@ -7,6 +7,40 @@ use super::morsels::Directory;
 use super::{Backend, Regs};
 use crate::frames::Frames;
 use abi::{self, Error};
+use alloc::string::String;
+
+/// Why the hypercall being handled was refused, in words the guest's author can act on; set
+/// by the handler that refuses it (`refuse`), printed and cleared by `handle`.
+static REASON: spin::Mutex<Option<String>> = spin::Mutex::new(None);
+/// Failed hypercalls per guest id (the first `LOUD_FAILURES` of each guest are logged at INFO,
+/// later ones at DEBUG, so a guest that loops on a bad call does not flood the log).
+static FAILURES: spin::Mutex<alloc::collections::BTreeMap<u32, u32>> = spin::Mutex::new(alloc::collections::BTreeMap::new());
+const LOUD_FAILURES: u32 = 8;
+
+/// `e`, with the reason (`format_args!`) that `handle` logs beside it.
+pub fn refuse(e: Error, why: core::fmt::Arguments) -> Error {
+    *REASON.lock() = Some(alloc::format!("{why}"));
+    e
+}
+
+/// The ABI name of hypercall `nr`.
+fn call_name(nr: u64) -> &'static str {
+    match nr {
+        abi::HC_INFO => "info",
+        abi::HC_CONSOLE_WRITE => "console_write",
+        abi::HC_MORSEL_CREATE => "morsel_create",
+        abi::HC_MORSEL_OPEN => "morsel_open",
+        abi::HC_MORSEL_UNMOUNT => "morsel_unmount",
+        abi::HC_MORSEL_DESTROY => "morsel_destroy",
+        abi::HC_MORSEL_SIZE => "morsel_size",
+        abi::HC_DEVICE_MOUNT => "device_mount",
+        abi::HC_DEVICE_UNMOUNT => "device_unmount",
+        abi::HC_EDU_DMA => "edu_dma",
+        abi::HC_NVME_READ => "nvme_read",
+        abi::HC_NVME_WRITE => "nvme_write",
+        _ => "unknown call",
+    }
+}
 
 /// What the scheduler does after a hypercall.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,16 +92,28 @@ pub fn handle<B: Backend>(guest: &mut Guest<B>, backend: &mut B, regs: &mut Regs
         }
         _ => Err(Error::NoSuchCall),
     };
+    let reason = REASON.lock().take();
     if let Err(e) = result {
-        log::debug!(target: "vm", "guest {}: hypercall {nr:#x} failed: {e}", guest.id);
+        let n = {
+            let mut f = FAILURES.lock();
+            let n = f.entry(guest.id).or_insert(0);
+            *n = n.saturating_add(1);
+            *n
+        };
+        let level = if n <= LOUD_FAILURES { log::Level::Info } else { log::Level::Debug };
+        let why = reason.as_deref().unwrap_or("");
+        let sep = if why.is_empty() { "" } else { ": " };
+        log::log!(target: "vm", level, "guest {} ({}): {} ({nr:#x}) refused ({e}){sep}{why}{}",
+            guest.id, guest.spec.name, call_name(nr), if n == LOUD_FAILURES { " (later refusals of this guest at log=debug)" } else { "" });
     }
     set(regs, result);
     Action::Continue
 }
 
-/// Answers a hypercall that is not handled at all (e.g. one from user mode) with `error`.
-pub fn refuse(regs: &mut Regs, error: Error) {
-    set(regs, Err(error));
+/// Answers a hypercall from guest user mode (CPL > 0) with `Denied` without handling it: the
+/// guest kernel decides what its user mode may do.
+pub fn deny_user_mode(regs: &mut Regs) {
+    set(regs, Err(Error::Denied));
 }
 
 fn set(regs: &mut Regs, result: Result<u64, Error>) {
@@ -89,6 +135,7 @@ fn info<B: Backend>(guest: &Guest<B>, cx: &Context<B>, what: u64) -> Result<u64,
         abi::INFO_GUEST_ID => Ok(guest.id as u64),
         abi::INFO_MEMORY_SIZE => Ok(guest.spec.memory),
         abi::INFO_GUEST_COUNT => Ok(cx.guest_count),
+        abi::INFO_LOG_LEVEL => Ok(log::max_level() as u64),
         _ => Err(Error::NoSuchCall),
     }
 }

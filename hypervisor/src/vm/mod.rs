@@ -73,8 +73,9 @@ pub enum Exit {
     Preempted,
     /// An access the second-level table does not allow.
     SecondLevelFault { gpa: u64, write: bool, fetch: bool, present: bool },
-    /// A guest exception (all are intercepted: guests have no IDT).
-    Exception { vector: u8, error_code: u32 },
+    /// A guest exception (all are intercepted: guests have no IDT). `address`: for #PF the
+    /// faulting linear address, which the guest's CR2 would have held; 0 for other vectors.
+    Exception { vector: u8, error_code: u32, address: u64 },
     /// Triple fault / shutdown.
     TripleFault,
     /// Port I/O (not allowed for guests).

@@ -14,6 +14,7 @@
 //! allocation on those paths is fallible (`try_reserve`): `NoMemory`, never a panic.
 
 use super::guest::Guest;
+use super::hypercall::refuse;
 use super::Backend;
 use crate::frames::{Frames, IDENTITY};
 use crate::pmem;
@@ -116,13 +117,13 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         }
         let page = if flags & abi::MORSEL_HUGE_PAGES != 0 { PageSize::Size2M } else { PageSize::Size4K };
         if size == 0 || size % page.bytes() != 0 {
-            return Err(Error::Invalid);
+            return Err(refuse(Error::Invalid, format_args!("size {} is not a positive multiple of the {} page", Bytes(size), Bytes(page.bytes()))));
         }
         if size > morsel::MAX_MORSEL || size > abi::MORSEL_WINDOW_SIZE {
-            return Err(Error::TooLarge);
+            return Err(refuse(Error::TooLarge, format_args!("size {} is above the largest morsel, {}", Bytes(size), Bytes(morsel::MAX_MORSEL.min(abi::MORSEL_WINDOW_SIZE)))));
         }
         if self.named.contains_key(&name) {
-            return Err(Error::Busy);
+            return Err(refuse(Error::Busy, format_args!("the name {name:?} is taken")));
         }
         if self.named.values().filter(|n| n.owner == g.id).count() >= abi::MORSEL_QUOTA as usize
             || g.mounts.len() >= abi::MOUNT_QUOTA as usize
@@ -138,6 +139,11 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         } else {
             None
         };
+        // More than the free RAM fails at once, not after taking (and giving back) all of it.
+        if pm.is_none() && size / 4096 > frames.free_frames() as u64 {
+            let free = Bytes(frames.free_frames() as u64 * 4096);
+            return Err(refuse(Error::NoMemory, format_args!("size {} is more than the free memory, {free}", Bytes(size))));
+        }
         let source = pm.map_or(Source::Ram(*frames), |pm| Source::Pmem(pm.frames()));
         let morsel = Morsel::<F>::create(size, page, &source, &IDENTITY).map_err(|e| match e {
             morsel::Error::OutOfMemory => Error::NoMemory,
@@ -306,7 +312,7 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
             return Err(Error::Denied);
         }
         if g.mounts.iter().any(|m| m.name == name) {
-            return Err(Error::Busy);
+            return Err(refuse(Error::Busy, format_args!("{name:?} is already mounted in this guest")));
         }
         self.mount(g, frames, &name, writable)
     }
@@ -367,7 +373,8 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
             return Err(Error::Denied);
         }
         if n.morsel.mount_count() > 0 || self.devices.iter().any(|d| d.name == name) {
-            return Err(Error::Busy);
+            let devices = self.devices.iter().filter(|d| d.name == name).count();
+            return Err(refuse(Error::Busy, format_args!("{name:?} is still mounted ({} guest, {devices} device mounts)", n.morsel.mount_count())));
         }
         self.remove(&name, frames);
         Ok(0)

@@ -6,7 +6,6 @@ use super::guest::{Guest, GuestSpec, State, Summary};
 use super::hypercall::{self, Action, Context};
 use super::morsels::Directory;
 use super::{Backend, Exit, ExitKind, Regs, Resume};
-use abi;
 use formats::decode;
 use crate::frames::Frames;
 use alloc::vec::Vec;
@@ -91,7 +90,7 @@ fn run_slice<B: Backend>(backend: &mut B, guest: &mut Guest<B>, cx: &mut Context
                         hypercall::handle(guest, backend, &mut regs, cx) == Action::Continue
                     } else {
                         // The guest kernel decides what its user mode may do.
-                        hypercall::refuse(&mut regs, abi::Error::Denied);
+                        hypercall::deny_user_mode(&mut regs);
                         true
                     }
                 }
@@ -205,7 +204,9 @@ fn stop<B: Backend>(guest: &mut Guest<B>, exit: Exit, rip: u64) {
             };
             log::error!(target: "vm", "guest {id} ({name}) stopped: {access} {what} at guest-physical {gpa:#x}, RIP {rip:#x}");
         }
-        Exit::Exception { vector, error_code } => log::error!(target: "vm",
+        Exit::Exception { vector: 14, error_code, address } => log::error!(target: "vm",
+            "guest {id} ({name}) stopped: unhandled exception 14 #PF (error code {error_code:#x}), CR2 {address:#x}, RIP {rip:#x}"),
+        Exit::Exception { vector, error_code, .. } => log::error!(target: "vm",
             "guest {id} ({name}) stopped: unhandled exception {vector} (error code {error_code:#x}), RIP {rip:#x}"),
         Exit::TripleFault => log::error!(target: "vm", "guest {id} ({name}) stopped: triple fault, RIP {rip:#x}"),
         Exit::Io { port, write } => log::error!(target: "vm",
@@ -234,7 +235,11 @@ fn report<B: Backend>(done: &[Summary], frames_delta: i64) -> bool {
         };
         let verdict = if s.as_expected() { "as expected" } else { "UNEXPECTED" };
         ok &= s.as_expected();
-        log::info!(target: B::NAME, "guest {} ({}): {end} ({verdict})", s.id, s.spec.name);
+        // Why a run failed is a warning, so `log=warn` still shows it.
+        match s.as_expected() {
+            true => log::info!(target: B::NAME, "guest {} ({}): {end} ({verdict})", s.id, s.spec.name),
+            false => log::warn!(target: B::NAME, "guest {} ({}): {end} ({verdict})", s.id, s.spec.name),
+        }
         let mut line = alloc::string::String::new();
         for kind in ExitKind::ALL {
             let n = s.exits[kind as usize];
@@ -244,6 +249,9 @@ fn report<B: Backend>(done: &[Summary], frames_delta: i64) -> bool {
         }
         log::info!(target: B::NAME, "guest {} ({}): exits:{line}", s.id, s.spec.name);
     }
-    log::info!(target: "alloc", "frames not returned after all guests ended: {}", -frames_delta.min(0));
+    match -frames_delta.min(0) {
+        0 => log::info!(target: "alloc", "frames not returned after all guests ended: 0"),
+        n => log::warn!(target: "alloc", "frames not returned after all guests ended: {n}"),
+    }
     ok && frames_delta >= 0
 }

@@ -270,7 +270,9 @@ impl Backend for Vmx {
                     } else {
                         0
                     };
-                    Exit::Exception { vector: info as u8, error_code }
+                    // A #PF's exit qualification is its linear address (SDM Vol. 3C 28.2.1).
+                    let address = if info as u8 == 14 { qualification } else { 0 };
+                    Exit::Exception { vector: info as u8, error_code, address }
                 }
             }
             EXIT_TRIPLE_FAULT => Exit::TripleFault,

@@ -19,7 +19,11 @@ fn main(info: &BootInfo) -> i32 {
     let names = b"a name\0nul\x07bell-and-a-name-of-33-bytes-long!";
     let n = names.as_ptr() as u64;
     let create = |ptr: u64, len: u64| [ptr, len, 4096, 0, 0, 0];
-    let cases: [Case; 14] = [
+    let cases: [Case; 16] = [
+        // First, so that the hypervisor's reasons are among the refusals it logs at INFO.
+        ("morsel size not a multiple of its page", abi::HC_MORSEL_CREATE, [n + 2, 4, 3 << 20, abi::MORSEL_HUGE_PAGES, 0, 0], Err(Error::Invalid)),
+        // 64 GiB on a 2 GiB machine: refused before any frame is taken.
+        ("morsel larger than free memory", abi::HC_MORSEL_CREATE, [n + 2, 4, 64 << 30, abi::MORSEL_HUGE_PAGES, 0, 0], Err(Error::NoMemory)),
         ("unknown number", 0x9999, [0; 6], Err(Error::NoSuchCall)),
         ("negative number", u64::MAX, [0; 6], Err(Error::NoSuchCall)),
         ("unknown info selector", abi::HC_INFO, [999, 0, 0, 0, 0, 0], Err(Error::NoSuchCall)),

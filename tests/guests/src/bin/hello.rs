@@ -10,5 +10,7 @@ fn main(info: &BootInfo) -> i32 {
     let version = guest_lib::info(abi::INFO_ABI_VERSION).unwrap_or(0);
     println!("hello from guest {} ({}), {} MiB of memory, ABI v{}",
         info.guest_id, guest_lib::name(info), info.memory_size >> 20, version);
+    // Shown only with the hypervisor's `log=debug` (or trace): the guest logger follows it.
+    log::debug!(target: "hello", "debug output is on");
     0
 }

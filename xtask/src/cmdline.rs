@@ -1,0 +1,152 @@
+//! Checks a hypervisor command line before `cargo xtask run` boots it, so that a typo is one
+//! `error:` line naming what is valid instead of a boot that fails. The rules are the
+//! hypervisor's (`hypervisor/src/cmdline.rs`, which keeps its own checks: it also boots from
+//! GRUB); change both together. Guest names are checked against the archive being booted.
+
+use crate::{bail, Result};
+
+/// The keys the hypervisor understands, with their values.
+pub const KEYS: &str = "guests=SPEC,SPEC,...  log=error|warn|info|debug|trace  \
+    test=fault|dma-fault|pmem-crash:format|pmem-crash:magic  pmem=format|drop:N[,N...]|drop:damaged  cpus=N";
+/// The options of one guest SPEC after its name.
+pub const GUEST_OPTIONS: &str = "mem=SIZE, slices=N, arg=N (or SIZE), code=N, stopped";
+/// What a SIZE may end with.
+pub const SIZE_SUFFIXES: &str = "none (bytes), K, M or G (KiB, MiB, GiB; either case)";
+const LEVELS: &[&str] = &["off", "error", "warn", "info", "debug", "trace"];
+
+/// Checks every word of `line`; `guests` are the names in the archive.
+pub fn check(line: &str, guests: &[&str]) -> Result<()> {
+    let mut problems = Vec::new();
+    for word in line.split_ascii_whitespace() {
+        if let Err(e) = check_word(word, guests) {
+            problems.push(format!("`{word}`: {e}"));
+        }
+    }
+    match problems.len() {
+        0 => Ok(()),
+        _ => bail!("command line `{line}`:\n  {}", problems.join("\n  ")),
+    }
+}
+
+fn check_word(word: &str, guests: &[&str]) -> std::result::Result<(), String> {
+    let Some((key, value)) = word.split_once('=') else {
+        return Err(format!("not `key=value`; the keys are {KEYS}"));
+    };
+    match key {
+        "guests" => {
+            let mut errors = Vec::new();
+            for spec in value.split(',').filter(|s| !s.is_empty()) {
+                if let Err(e) = check_guest(spec, guests) {
+                    errors.push(format!("guest `{spec}`: {e}"));
+                }
+            }
+            match errors.is_empty() {
+                true => Ok(()),
+                false => Err(errors.join("; ")),
+            }
+        }
+        "log" if LEVELS.contains(&value.to_ascii_lowercase().as_str()) => Ok(()),
+        "log" => Err(format!("unknown log level; valid: {}", LEVELS[1..].join(", "))),
+        "test" if ["fault", "dma-fault", "pmem-crash:format", "pmem-crash:magic"].contains(&value) => Ok(()),
+        "test" => Err("unknown test; valid: fault, dma-fault, pmem-crash:format, pmem-crash:magic".into()),
+        "pmem" if value == "format" || value == "drop:damaged" => Ok(()),
+        "pmem" if value.strip_prefix("drop:").is_some_and(|slots| {
+            slots.split(',').all(|n| n.parse::<u8>().is_ok_and(|n| n < 64))
+        }) => Ok(()),
+        "pmem" => Err("valid: `format`, `drop:damaged`, `drop:N[,N...]` with slots 0-63".into()),
+        "cpus" if value.parse::<usize>().is_ok_and(|n| n >= 1) => Ok(()),
+        "cpus" => Err("a number of CPUs, at least 1".into()),
+        _ => Err(format!("unknown key `{key}`; the keys are {KEYS}")),
+    }
+}
+
+fn check_guest(spec: &str, guests: &[&str]) -> std::result::Result<(), String> {
+    let mut parts = spec.split(':');
+    let name = parts.next().unwrap_or_default();
+    let mut problems = Vec::new();
+    if name.is_empty() {
+        problems.push("empty guest name".to_string());
+    } else if !guests.contains(&name) {
+        problems.push(format!("no guest `{name}` in the archive (have: {})", guests.join(", ")));
+    }
+    for part in parts {
+        let problem = match part.split_once('=') {
+            Some(("mem", size)) => parse_size(size).err().map(|e| format!("mem={size}: {e}")),
+            Some(("arg", n)) => parse_size(n).err().map(|e| format!("arg={n}: {e}")),
+            Some(("slices", n)) => n.parse::<u64>().err().map(|_| format!("slices={n}: not a whole number")),
+            Some(("code", n)) => n.parse::<i32>().err().map(|_| format!("code={n}: not a 32-bit whole number")),
+            None if part == "stopped" => None,
+            _ => Some(format!("unknown option `{part}`; valid: {GUEST_OPTIONS}")),
+        };
+        problems.extend(problem);
+    }
+    match problems.is_empty() {
+        true => Ok(()),
+        false => Err(problems.join("; ")),
+    }
+}
+
+/// `16M`, `2G`, `4096K` or plain bytes, as the hypervisor reads them.
+pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let (num, shift) = match s.as_bytes().last() {
+        Some(b'K' | b'k') => (&s[..s.len() - 1], 10),
+        Some(b'M' | b'm') => (&s[..s.len() - 1], 20),
+        Some(b'G' | b'g') => (&s[..s.len() - 1], 30),
+        Some(b'0'..=b'9') => (s, 0),
+        _ => return Err(format!("not a size; a number with suffix {SIZE_SUFFIXES}")),
+    };
+    let n = num.parse::<u64>().map_err(|_| format!("not a size; a number with suffix {SIZE_SUFFIXES}"))?;
+    n.checked_mul(1 << shift).ok_or_else(|| "too large for 64 bits".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GUESTS: &[&str] = &["hello", "counter"];
+
+    fn err(line: &str) -> String {
+        check(line, GUESTS).unwrap_err().0
+    }
+
+    #[test]
+    fn valid_lines_pass() {
+        check("", GUESTS).unwrap();
+        check("guests=hello,counter:mem=32M:slices=5:arg=1:code=3,hello:stopped log=debug", GUESTS).unwrap();
+        check("test=fault pmem=format log=WARN", GUESTS).unwrap();
+    }
+
+    #[test]
+    fn unknown_keys_name_the_valid_ones() {
+        let e = err("foo=bar");
+        assert!(e.contains("unknown key `foo`") && e.contains("guests=SPEC") && e.contains("log="), "{e}");
+        assert!(err("verbose").contains("not `key=value`"));
+        assert!(err("log=loud").contains("error, warn, info, debug, trace"));
+        assert!(err("test=oops").contains("fault, dma-fault"));
+        assert!(check("cpus=2 pmem=drop:1,63 pmem=drop:damaged test=pmem-crash:magic", &[]).is_ok());
+        assert!(err("cpus=0").contains("at least 1"));
+        assert!(err("pmem=drop:64").contains("slots 0-63"));
+    }
+
+    #[test]
+    fn bad_sizes_name_the_suffixes() {
+        let e = err("guests=hello:mem=12Q");
+        assert!(e.contains("mem=12Q") && e.contains("K, M or G"), "{e}");
+        assert!(err("guests=hello:mem=99999999999G").contains("too large"));
+        assert_eq!(parse_size("16M"), Ok(16 << 20));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("2g"), Ok(2 << 30));
+    }
+
+    #[test]
+    fn unknown_guest_options_and_names_list_what_exists() {
+        let e = err("guests=hello:memory=1M");
+        assert!(e.contains("unknown option `memory=1M`") && e.contains("mem=SIZE, slices=N"), "{e}");
+        let e = err("guests=helo");
+        assert!(e.contains("no guest `helo`") && e.contains("have: hello, counter"), "{e}");
+        assert!(err("guests=hello:slices=x").contains("slices=x"));
+        // Every problem is listed, not only the first.
+        let e = err("foo=1 guests=nope:mem=12Q");
+        assert!(e.contains("`foo=1`") && e.contains("no guest `nope`") && e.contains("mem=12Q"), "{e}");
+    }
+}
