@@ -17,6 +17,7 @@ use crate::arch::gdt::CpuTables;
 use crate::arch::idt::Idt;
 use crate::bootinfo::{BootInfo, RegionKind};
 use crate::cpu::{CpuFacts, Extension};
+use allocator::Order;
 use crate::frames::Frames;
 use crate::vm::{Backend, BackendError};
 use crate::{apic, time};
@@ -24,7 +25,7 @@ use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::arch::{asm, global_asm};
 use core::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
-use morsel::{FrameAlloc, HostPhysAddr};
+use morsel::HostPhysAddr;
 
 /// Physical address of the trampoline page: free under both loaders (PVH start info and
 /// command line lie lower, GRUB's boot information above 16 MiB; checked at run time
@@ -356,11 +357,11 @@ fn start_ap(index: usize, apic_id: u32, frames: &Frames) -> Result<&'static Cpu,
 fn take_back_probe(cpu: &Cpu, frames: &Frames) {
     let before = frames.free_frames();
     let mut pages = 0;
-    for (slot, order) in cpu.probe.iter().zip([0u32, 9]) {
+    for (slot, order) in cpu.probe.iter().zip([Order::BASE, Order::HUGE]) {
         let pa = slot.swap(0, Ordering::AcqRel);
         if pa != 0 {
             frames.free(HostPhysAddr::new(pa), order);
-            pages += 1usize << order;
+            pages += order.frames();
         }
     }
     let back = frames.free_frames() - before;
@@ -384,8 +385,8 @@ extern "C" fn ap_entry(cpu: &'static Cpu) -> ! {
         log::warn!(target: "smp", "cpu {} reports apic id {}, the MADT said {}", cpu.index, apic::id(), cpu.apic_id);
     }
     // The probe: one small and one huge frame through this CPU's own core index.
-    for (slot, order) in cpu.probe.iter().zip([0u32, 9]) {
-        if let Some(pa) = cpu.frames.alloc(order) {
+    for (slot, order) in cpu.probe.iter().zip([Order::BASE, Order::HUGE]) {
+        if let Some(pa) = cpu.frames.alloc_zeroed(order) {
             slot.store(pa.as_u64(), Ordering::Release);
         }
     }

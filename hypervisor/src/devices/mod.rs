@@ -7,6 +7,7 @@ pub mod edu;
 pub mod nvme;
 pub mod pci;
 
+use allocator::Order;
 use crate::acpi::Platform;
 use crate::frames::Frames;
 use crate::iommu::{self, Vtd};
@@ -142,7 +143,7 @@ pub fn edu_scrub(d: &mut Devices, frames: &Frames) -> Result<(), Error> {
     let mem = d.vtd.mem;
     let dom = d.vtd.domain_of(bdf).ok_or(Error::NotFound)?;
     let id = dom.id;
-    let zeros = frames.alloc_zeroed(0).ok_or(Error::NoMemory)?;
+    let zeros = frames.alloc_zeroed(Order::BASE).ok_or(Error::NoMemory)?;
     let mapped = dom.table.map(IoVirtAddr::new(SCRATCH_IOVA), zeros, PageSize::Size4K, Perm::RO, frames, &mem);
     let _ = d.vtd.flush_domain(id);
     let scrubbed = match (&mapped, d.edu.as_mut()) {
@@ -193,7 +194,7 @@ pub fn dma_fault_test(frames: &Frames) -> bool {
         let mem = d.vtd.mem;
         let Some(dom) = d.vtd.domain_of(bdf) else { return false };
         // Load edu's buffer with 0x5a from a scratch page mapped for this only.
-        let Some(src) = frames.alloc_zeroed(0) else { return false };
+        let Some(src) = frames.alloc_zeroed(Order::BASE) else { return false };
         // SAFETY: a frame we own, identity-mapped.
         unsafe { core::ptr::write_bytes(src.as_u64() as *mut u8, 0x5a, 4096) };
         let id = dom.id;

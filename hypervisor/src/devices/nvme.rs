@@ -4,6 +4,7 @@
 //! host-physical address, and the proxy mounts the caller's morsel at `PROXY_IOVA`, so the
 //! data pointers (PRPs) are IOVAs inside the morsel.
 
+use allocator::Order;
 use crate::frames::Frames;
 use crate::iommu::Vtd;
 use formats::mmio::Mmio;
@@ -98,7 +99,7 @@ impl Nvme {
         let mem = vtd.mem;
         let dom = &mut vtd.domains[domain];
         for p in pages.iter_mut() {
-            *p = frames.alloc_zeroed(0).ok_or("out of memory for queues")?;
+            *p = frames.alloc_zeroed(Order::BASE).ok_or("out of memory for queues")?;
             dom.table.map(IoVirtAddr::new(p.as_u64()), *p, PageSize::Size4K, Perm::RW, frames, &mem)
                 .map_err(|_| "cannot map queues in the domain")?;
         }

@@ -2,6 +2,7 @@
 //! translation on, context-cache and IOTLB invalidation (register-based), and the fault
 //! recording registers. Devices without a context entry are blocked once translation is on.
 
+use allocator::Order;
 use super::domain::Domain;
 use crate::frames::{Frames, IDENTITY};
 use formats::mmio::Mmio;
@@ -164,7 +165,7 @@ impl Vtd {
         // ECAP.C bit 0: page walks snoop the CPU caches (VT-d spec 10.4.3).
         v.mem.coherent = v.ecap & 1 != 0;
         v.gcmd = v.regs.read32(GSTS) & GCMD_PERSISTENT;
-        v.root = frames.alloc_zeroed(0).ok_or(Error::NoMemory)?;
+        v.root = frames.alloc_zeroed(Order::BASE).ok_or(Error::NoMemory)?;
         let ver = v.regs.read32(VER);
         log::info!(target: "iommu", "VT-d unit at {base:#x}: version {}.{}, {} domains, MGAW {} bits, SAGAW {sagaw:#x} -> {}-level tables, {} fault records, coherent walks {}, caching mode {}",
             ver >> 4 & 0xf, ver & 0xf, self::domains(v.cap), (v.cap >> 16 & 0x3f) + 1, v.levels,
@@ -259,7 +260,7 @@ impl Vtd {
         let ctx = match self.context.iter().find(|(b, _)| *b == bdf.bus) {
             Some(&(_, t)) => t,
             None => {
-                let t = frames.alloc_zeroed(0).ok_or(Error::NoMemory)?;
+                let t = frames.alloc_zeroed(Order::BASE).ok_or(Error::NoMemory)?;
                 // Root entry: 16 bytes per bus, context table pointer 63:12 | P (VT-d spec 9.1).
                 self.mem.write(self.root, 2 * bdf.bus as usize + 1, 0);
                 self.mem.write(self.root, 2 * bdf.bus as usize, t.as_u64() | PRESENT);

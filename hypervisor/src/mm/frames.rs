@@ -80,11 +80,16 @@ impl Frames {
         (core < self.alloc.cores()).then_some(Frames { alloc: self.alloc, core })
     }
 
-    /// A zeroed frame of `1 << order` pages.
-    pub fn alloc_zeroed(&self, order: u32) -> Option<HostPhysAddr> {
-        let pa = self.alloc(order)?;
-        IDENTITY.zero_data(pa, order);
+    /// A zeroed frame of `order` (`Order::BASE`: 4 KiB, `Order::HUGE`: 2 MiB).
+    pub fn alloc_zeroed(&self, order: Order) -> Option<HostPhysAddr> {
+        let pa = FrameAlloc::alloc(self, order.0 as u32)?;
+        IDENTITY.zero_data(pa, order.0 as u32);
         Some(pa)
+    }
+
+    /// Gives back a frame of `order` that `alloc_zeroed` (through any CPU's handle) returned.
+    pub fn free(&self, frame: HostPhysAddr, order: Order) {
+        FrameAlloc::free(self, frame, order.0 as u32)
     }
 
     /// Free 4 KiB frames right now (all orders).

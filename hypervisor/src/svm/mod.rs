@@ -6,6 +6,7 @@ pub mod caps;
 mod switch;
 mod vmcb;
 
+use allocator::Order;
 use crate::cpu::{CpuFacts, Extension};
 use caps::Caps;
 use alloc::vec;
@@ -13,7 +14,7 @@ use alloc::vec::Vec;
 use crate::frames::Frames;
 use crate::vm::fpu::FpuState;
 use crate::vm::{Backend, BackendError, Exit, Regs, Resume, VcpuSetup};
-use morsel::{FrameAlloc, HostPhysAddr, Npt};
+use morsel::{HostPhysAddr, Npt};
 use vmcb::*;
 
 const EFER_MSR: u32 = 0xc000_0080;
@@ -72,11 +73,11 @@ impl Backend for Svm {
     }
 
     fn enable(caps: &Caps, frames: &Frames) -> Result<Self, BackendError> {
-        let hsave = frames.alloc_zeroed(0).ok_or(BackendError::NoMemory)?;
-        let host_state = frames.alloc_zeroed(0).ok_or(BackendError::NoMemory)?;
+        let hsave = frames.alloc_zeroed(Order::BASE).ok_or(BackendError::NoMemory)?;
+        let host_state = frames.alloc_zeroed(Order::BASE).ok_or(BackendError::NoMemory)?;
         // The I/O permission map is 12 KiB, the MSR permission map 8 KiB (APM 15.10, 15.11):
         // all ones intercepts every port and MSR. A 2 MiB frame holds both contiguously.
-        let maps = frames.alloc_zeroed(9).ok_or(BackendError::NoMemory)?;
+        let maps = frames.alloc_zeroed(Order::HUGE).ok_or(BackendError::NoMemory)?;
         let iopm = maps;
         let msrpm = HostPhysAddr::new(maps.as_u64() + 0x4000);
         // SAFETY: the 2 MiB frame is ours and identity-mapped; 0x6000 bytes lie inside it.
@@ -104,7 +105,7 @@ impl Backend for Svm {
     fn create_vcpu(&mut self, s: &VcpuSetup, frames: &Frames) -> Result<Vcpu, BackendError> {
         // ASID 0 belongs to the host.
         let asid = 1 + s.id % (self.asids - 1);
-        let mut vmcb = Vmcb::new(frames.alloc_zeroed(0).ok_or(BackendError::NoMemory)?);
+        let mut vmcb = Vmcb::new(frames.alloc_zeroed(Order::BASE).ok_or(BackendError::NoMemory)?);
         let Area { control: c, save: v } = vmcb.get_mut();
         // Intercept every exception: guests have no IDT, any exception is a failure.
         c.intercept_exceptions = 0xffff_ffff;
@@ -219,6 +220,6 @@ impl Backend for Svm {
     }
 
     fn destroy_vcpu(&mut self, vcpu: Vcpu, frames: &Frames) {
-        frames.free(vcpu.vmcb.pa(), 0);
+        frames.free(vcpu.vmcb.pa(), Order::BASE);
     }
 }

@@ -7,6 +7,7 @@ use super::morsels::Directory;
 use super::{Backend, Regs};
 use crate::frames::Frames;
 use abi::{self, Error};
+use morsel::GuestPhysAddr;
 use alloc::string::String;
 
 /// Why the hypercall being handled was refused, in words the guest's author can act on; set
@@ -146,9 +147,7 @@ fn console_write<B: Backend>(guest: &mut Guest<B>, ptr: u64, len: u64) -> Result
     }
     let mut buf = [0u8; abi::CONSOLE_MAX as usize];
     let buf = &mut buf[..len as usize];
-    if ptr.checked_add(len).is_none() || !guest.read(ptr, buf) {
-        return Err(Error::BadAddress);
-    }
+    guest.mem.read(GuestPhysAddr::new(ptr), buf)?;
     guest.console(buf);
     Ok(len)
 }

@@ -2,9 +2,12 @@
 //! backends translate into, guest setup, the round-robin vCPU loop and the hypercalls.
 //! Nothing here tests the vendor; `main` picks VMX or SVM once from CPUID.
 
+pub mod console;
 pub mod fpu;
 pub mod guest;
 pub mod hypercall;
+pub mod loader;
+pub mod memory;
 pub mod morsels;
 pub mod sched;
 pub mod switch;

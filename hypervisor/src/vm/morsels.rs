@@ -62,14 +62,14 @@ enum Source {
 impl morsel::FrameAlloc for Source {
     fn alloc(&self, order: u32) -> Option<morsel::HostPhysAddr> {
         match self {
-            Source::Ram(f) => f.alloc(order),
+            Source::Ram(f) => morsel::FrameAlloc::alloc(f, order),
             Source::Pmem(p) => p.alloc(order),
         }
     }
 
     fn free(&self, frame: morsel::HostPhysAddr, order: u32) {
         match self {
-            Source::Ram(f) => f.free(frame, order),
+            Source::Ram(f) => morsel::FrameAlloc::free(f, frame, order),
             Source::Pmem(p) => p.free(frame, order),
         }
     }
@@ -328,7 +328,7 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         // No free slot of this size: the window is full, not the memory.
         let gpa = free_slot(&g.mounts, size).ok_or(Error::Busy)?;
         let perm = if writable { Perm::RW } else { Perm::RO };
-        let stats = n.morsel.mount(&mut g.mem, GuestPhysAddr::new(gpa), perm, frames, &IDENTITY).map_err(|e| match e {
+        let stats = n.morsel.mount(g.mem.table_mut(), GuestPhysAddr::new(gpa), perm, frames, &IDENTITY).map_err(|e| match e {
             morsel::Error::OutOfMemory => Error::NoMemory,
             morsel::Error::Occupied { .. } | morsel::Error::InsideMount { .. } => Error::Busy,
             _ => Error::Invalid,
@@ -348,7 +348,7 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         let i = g.mounts.iter().position(|m| m.gpa == gpa).ok_or(Error::NotFound)?;
         let m = g.mounts.remove(i);
         let n = self.named.get_mut(&m.name).ok_or(Error::NotFound)?;
-        let stats = n.morsel.unmount(&mut g.mem, GuestPhysAddr::new(gpa), frames, &IDENTITY).map_err(|_| Error::Invalid)?;
+        let stats = n.morsel.unmount(g.mem.table_mut(), GuestPhysAddr::new(gpa), frames, &IDENTITY).map_err(|_| Error::Invalid)?;
         if let Some(vcpu) = g.vcpu.as_mut() {
             backend.flush_second_level(vcpu);
         }
@@ -583,7 +583,7 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
             return Err(Error::TooLarge);
         }
         // The device writes the morsel on a read: the caller must hold it writable.
-        if !write && g.translate(gpa, Perm::RW).is_none() {
+        if !write && g.mem.translate(GuestPhysAddr::new(gpa), Perm::RW).is_err() {
             return Err(Error::Denied);
         }
         let perm = if write { Perm::RO } else { Perm::RW };
@@ -697,9 +697,7 @@ fn read_name<B: Backend>(g: &Guest<B>, ptr: u64, len: u64) -> Result<String, Err
     }
     let mut buf = [0u8; NAME_MAX];
     let buf = &mut buf[..len as usize];
-    if ptr.checked_add(len).is_none() || !g.read(ptr, buf) {
-        return Err(Error::BadAddress);
-    }
+    g.mem.read(GuestPhysAddr::new(ptr), buf)?;
     // Printable ASCII without spaces: names appear in logs and in other guests' calls.
     if !buf.iter().all(u8::is_ascii_graphic) {
         return Err(Error::Invalid);

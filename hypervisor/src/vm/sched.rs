@@ -7,6 +7,7 @@ use super::hypercall::{self, Action, Context};
 use super::morsels::Directory;
 use super::{Backend, Exit, ExitKind, Regs, Resume};
 use formats::decode;
+use morsel::GuestPhysAddr;
 use crate::frames::Frames;
 use alloc::vec::Vec;
 use formats::archive::Archive;
@@ -89,7 +90,6 @@ fn run_slice<B: Backend>(backend: &mut B, guest: &mut Guest<B>, cx: &mut Context
                     if cpl == 0 {
                         hypercall::handle(guest, backend, &mut regs, cx) == Action::Continue
                     } else {
-                        // The guest kernel decides what its user mode may do.
                         hypercall::deny_user_mode(&mut regs);
                         true
                     }
@@ -167,14 +167,11 @@ fn resume_at<B: Backend>(guest: &mut Guest<B>, regs: &Regs, cr3: Option<u64>, re
     let mut bytes = [0u8; decode::MAX_INSTRUCTION];
     let mut got = 0;
     if let Some(cr3) = cr3 {
-        let entry = |gpa: u64| {
-            let mut e = [0u8; 8];
-            guest.read(gpa, &mut e).then(|| u64::from_le_bytes(e))
-        };
+        let entry = |gpa: u64| guest.mem.read_u64(GuestPhysAddr::new(gpa)).ok();
         while got < bytes.len() {
             let va = regs.rip.wrapping_add(got as u64);
             let Some(gpa) = decode::translate(cr3, va, entry) else { break };
-            if !guest.read(gpa, &mut bytes[got..got + 1]) {
+            if guest.mem.read(GuestPhysAddr::new(gpa), &mut bytes[got..got + 1]).is_err() {
                 break;
             }
             got += 1;
@@ -197,10 +194,10 @@ fn stop<B: Backend>(guest: &mut Guest<B>, exit: Exit, rip: u64) {
     match exit {
         Exit::SecondLevelFault { gpa, write, fetch, .. } => {
             let access = if fetch { "fetch" } else if write { "write" } else { "read" };
-            let what = match guest.translate(gpa, morsel::Perm::NONE) {
-                Some(_) if write => "violation of a read-only mapping",
-                Some(_) => "violation",
-                None => "outside its memory",
+            let what = match guest.mem.is_mapped(GuestPhysAddr::new(gpa)) {
+                true if write => "violation of a read-only mapping",
+                true => "violation",
+                false => "outside its memory",
             };
             log::error!(target: "vm", "guest {id} ({name}) stopped: {access} {what} at guest-physical {gpa:#x}, RIP {rip:#x}");
         }

@@ -7,6 +7,7 @@ pub mod caps;
 mod switch;
 mod vmcs;
 
+use allocator::Order;
 use crate::arch::gdt;
 use crate::cpu::{CpuFacts, Extension};
 use crate::frames::Frames;
@@ -14,7 +15,7 @@ use crate::vm::fpu::FpuState;
 use crate::vm::{Backend, BackendError, Exit, Regs, Resume, VcpuSetup};
 use caps::{fix_cr, Controls, ENTRY_LOAD_PAT, FEATURE_CONTROL_LOCK, FEATURE_CONTROL_VMX_OUTSIDE_SMX, IA32_FEATURE_CONTROL};
 use core::arch::asm;
-use morsel::{Ept, FrameAlloc, HostPhysAddr};
+use morsel::{Ept, HostPhysAddr};
 use vmcs::*;
 
 const IA32_EFER: u32 = 0xc000_0080;
@@ -107,7 +108,7 @@ impl Backend for Vmx {
             asm!("mov cr0, {}", in(reg) cr0, options(nostack));
             asm!("mov cr4, {}", in(reg) cr4, options(nostack));
         }
-        let region = frames.alloc_zeroed(0).ok_or(BackendError::NoMemory)?;
+        let region = frames.alloc_zeroed(Order::BASE).ok_or(BackendError::NoMemory)?;
         // SAFETY: the VMXON region is a zeroed frame we own for the rest of the run; its
         // first dword takes the revision identifier (SDM Vol. 3C 25.11.5).
         unsafe { (region.as_u64() as *mut u32).write_volatile(revision) };
@@ -120,7 +121,7 @@ impl Backend for Vmx {
                 cf = out(reg_byte) cf, zf = out(reg_byte) zf, options(nostack))
         };
         if cf != 0 || zf != 0 {
-            frames.free(region, 0);
+            frames.free(region, Order::BASE);
             return Err(BackendError::Failed("VMXON", if cf != 0 { u64::MAX } else { 0 }));
         }
 
@@ -157,11 +158,11 @@ impl Backend for Vmx {
     fn create_vcpu(&mut self, s: &VcpuSetup, frames: &Frames) -> Result<Vcpu, BackendError> {
         let vpid = s.id + 1; // VPID 0 belongs to the host (SDM Vol. 3C 29.1)
         require(vpid <= 0xffff, "a free VPID")?;
-        let frame = frames.alloc_zeroed(0).ok_or(BackendError::NoMemory)?;
+        let frame = frames.alloc_zeroed(Order::BASE).ok_or(BackendError::NoMemory)?;
         let vmcs = match Vmcs::new(frame, self.revision).and_then(|v| v.load().map(|()| v)) {
             Ok(v) => v,
             Err(e) => {
-                frames.free(frame, 0);
+                frames.free(frame, Order::BASE);
                 return Err(BackendError::Failed("VMCLEAR/VMPTRLD", e.code()));
             }
         };
@@ -179,7 +180,7 @@ impl Backend for Vmx {
         };
         if let Err(e) = self.init_vmcs(s, vpid as u64, eptp) {
             self.destroy_vcpu_inner(&mut vcpu);
-            frames.free(vcpu.vmcs.pa(), 0);
+            frames.free(vcpu.vmcs.pa(), Order::BASE);
             return Err(e);
         }
         Ok(vcpu)
@@ -303,7 +304,7 @@ impl Backend for Vmx {
 
     fn destroy_vcpu(&mut self, mut vcpu: Vcpu, frames: &Frames) {
         self.destroy_vcpu_inner(&mut vcpu);
-        frames.free(vcpu.vmcs.pa(), 0);
+        frames.free(vcpu.vmcs.pa(), Order::BASE);
     }
 }
 

@@ -1,0 +1,153 @@
+//! A guest's memory: its second-level table (EPT or NPT) over 2 MiB frames of RAM, with
+//! typed, checked access for the hypervisor (vm-memory's `GuestMemory` + `Bytes` are the
+//! model): every read or write of guest memory goes through `translate`, which honours the
+//! guest's own rights, and fails with a `MemError` instead of stopping silently.
+
+use allocator::Order;
+use crate::frames::{Frames, IDENTITY};
+use core::fmt;
+use morsel::{Format, GuestPhysAddr, HostPhysAddr, PageSize, Perm, SecondLevelTable};
+
+/// Why guest memory could not be accessed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemError {
+    /// Nothing is mapped there (outside guest RAM and its mounts).
+    Unmapped(GuestPhysAddr),
+    /// Mapped, but not with the rights the access needs (a write to a read-only mount).
+    Denied(GuestPhysAddr),
+    /// The range wraps around the end of the address space.
+    Overflow,
+}
+
+impl fmt::Display for MemError {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        match self {
+            MemError::Unmapped(at) => write!(f, "nothing mapped at guest-physical {at}"),
+            MemError::Denied(at) => write!(f, "no access at guest-physical {at}"),
+            MemError::Overflow => write!(f, "the range wraps around"),
+        }
+    }
+}
+
+impl From<MemError> for abi::Error {
+    fn from(_: MemError) -> abi::Error {
+        abi::Error::BadAddress
+    }
+}
+
+/// The guest-physical address space of one guest.
+pub struct GuestMemory<F: Format<Input = GuestPhysAddr>> {
+    table: SecondLevelTable<F>,
+    /// Guest RAM is [0, ram): 2 MiB frames mapped read-write-execute.
+    ram: u64,
+}
+
+const MIB2: u64 = 2 << 20;
+
+impl<F: Format<Input = GuestPhysAddr>> GuestMemory<F> {
+    /// An empty table; `map_ram` fills it.
+    pub fn new(frames: &Frames) -> Result<Self, morsel::Error> {
+        Ok(GuestMemory { table: SecondLevelTable::new(frames, &IDENTITY)?, ram: 0 })
+    }
+
+    /// Maps `size` bytes of zeroed RAM at guest-physical 0 in 2 MiB frames. On failure what
+    /// was mapped stays mapped (and `release` frees it).
+    pub fn map_ram(&mut self, size: u64, frames: &Frames) -> Result<(), MapError> {
+        while self.ram < size {
+            let frame = frames.alloc_zeroed(Order::HUGE).ok_or(MapError::NoMemory)?;
+            if let Err(e) = self.table.map(GuestPhysAddr::new(self.ram), frame, PageSize::Size2M, Perm::RWX, frames, &IDENTITY) {
+                frames.free(frame, Order::HUGE);
+                return Err(MapError::Table(e));
+            }
+            self.ram += MIB2;
+        }
+        Ok(())
+    }
+
+    /// The table's root (the EPTP / nCR3 target).
+    pub fn root(&self) -> HostPhysAddr {
+        self.table.root()
+    }
+
+    /// The table itself, for mounting and unmounting morsels.
+    pub fn table_mut(&mut self) -> &mut SecondLevelTable<F> {
+        &mut self.table
+    }
+
+    /// The host-physical address of `gpa` if the guest may access it with `need` rights, and
+    /// how many bytes from there on are contiguous (to the end of that page).
+    pub fn translate(&self, gpa: GuestPhysAddr, need: Perm) -> Result<(HostPhysAddr, u64), MemError> {
+        let t = self.table.translate(gpa, &IDENTITY).ok_or(MemError::Unmapped(gpa))?;
+        if (need.read && !t.perm.read) || (need.write && !t.perm.write) {
+            return Err(MemError::Denied(gpa));
+        }
+        let page_left = t.size.bytes() - (gpa.as_u64() & (t.size.bytes() - 1));
+        Ok((t.addr, page_left))
+    }
+
+    /// Whether anything is mapped at `gpa` (with any rights).
+    pub fn is_mapped(&self, gpa: GuestPhysAddr) -> bool {
+        self.translate(gpa, Perm::NONE).is_ok()
+    }
+
+    /// Copies guest memory at `gpa` into `out`; fails, having copied part, if any byte is not
+    /// readable by the guest. This is how hypercall pointers are read.
+    pub fn read(&self, gpa: GuestPhysAddr, out: &mut [u8]) -> Result<(), MemError> {
+        self.walk(gpa, out.len(), Perm::RO, |hpa, done, n| {
+            // SAFETY: hpa..hpa+n is guest memory the guest may read, translated through its
+            // table; guest RAM and mounted morsels are identity-mapped in the host.
+            out[done..done + n].copy_from_slice(unsafe { crate::frames::host_bytes_mut(hpa.as_u64(), n) });
+        })
+    }
+
+    /// Copies `bytes` into guest memory at `gpa`; fails, having copied part, if any byte is
+    /// not writable by the guest.
+    pub fn write(&mut self, gpa: GuestPhysAddr, bytes: &[u8]) -> Result<(), MemError> {
+        self.walk(gpa, bytes.len(), Perm::RW, |hpa, done, n| {
+            // SAFETY: hpa..hpa+n is guest memory the guest may write (translated as above).
+            unsafe { crate::frames::host_bytes_mut(hpa.as_u64(), n) }.copy_from_slice(&bytes[done..done + n]);
+        })
+    }
+
+    /// A little-endian u64 at `gpa`.
+    pub fn read_u64(&self, gpa: GuestPhysAddr) -> Result<u64, MemError> {
+        let mut b = [0u8; 8];
+        self.read(gpa, &mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    /// Calls `each(host address, offset, length)` for the host-contiguous pieces of
+    /// `gpa..gpa+len`, checking `need` on each.
+    fn walk(&self, gpa: GuestPhysAddr, len: usize, need: Perm, mut each: impl FnMut(HostPhysAddr, usize, usize)) -> Result<(), MemError> {
+        gpa.as_u64().checked_add(len as u64).ok_or(MemError::Overflow)?;
+        let mut done = 0;
+        while done < len {
+            let at = GuestPhysAddr::new(gpa.as_u64() + done as u64);
+            let (hpa, left) = self.translate(at, need)?;
+            let n = (left as usize).min(len - done);
+            each(hpa, done, n);
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Gives guest RAM and the tables back (mounts must be gone: their subtrees are the
+    /// morsels', not this table's).
+    pub fn release(mut self, frames: &Frames) -> Result<(), morsel::Error> {
+        let mut gpa = 0;
+        while gpa < self.ram {
+            if let Ok(frame) = self.table.unmap(GuestPhysAddr::new(gpa), PageSize::Size2M, &IDENTITY) {
+                frames.free(frame, Order::HUGE);
+            }
+            gpa += MIB2;
+        }
+        self.table.destroy(frames, &IDENTITY).map_err(|(_, e)| e)
+    }
+}
+
+/// Why guest RAM could not be mapped.
+#[derive(Debug)]
+pub enum MapError {
+    NoMemory,
+    Table(morsel::Error),
+}
