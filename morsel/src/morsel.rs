@@ -1216,8 +1216,8 @@ mod tests {
         assert!(view.is_sparse() && view.translate(400 * 4096, &mem).is_some());
         view.destroy(&mem, &mem).unwrap();
         // Destroy frees the tables and the 579 pages still populated; we free the evicted 21.
-        for k in 100..121 {
-            mem.free(frames[k], 0);
+        for f in &frames[100..121] {
+            mem.free(*f, 0);
         }
         m.destroy(&mem, &mem).unwrap();
         dense.destroy(&mem, &mem).unwrap();

@@ -32,7 +32,7 @@ commands:
   test [FILTER] [-j N]       host tests, then every scenario in tests/scenarios/
                              FILTER: substring of `name [config]`; `host` = host tests only
                              PARPEROS_SEED=N: the seed of crash runs (kill@K), as printed
-  bench                      allocator and morsel benchmarks (release builds)
+  bench [allocator|morsel|exmap]  the host benchmarks (release builds), all or one
   setup                      install the apt packages the emulators need
 ";
 
@@ -163,12 +163,11 @@ fn dispatch(args: &[String]) -> Result<ExitCode> {
         }
         "run" => run::run(&run::Options::parse(rest)?),
         "test" => testrun::test(&testrun::Options::parse(rest)?),
-        "bench" => {
-            if let Some(extra) = rest.first() {
-                bail!("`bench` takes no arguments (got `{extra}`)");
-            }
-            images::bench()
-        }
+        "bench" => match rest {
+            [] => images::bench(&["allocator", "morsel", "exmap"]),
+            [one] if ["allocator", "morsel", "exmap"].contains(&one.as_str()) => images::bench(&[one.as_str()]),
+            [extra, ..] => bail!("`bench` takes allocator, morsel or exmap (got `{extra}`)"),
+        },
         "setup" => {
             if let Some(extra) = rest.first() {
                 bail!("`setup` takes no arguments (got `{extra}`)");
