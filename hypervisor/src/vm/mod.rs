@@ -2,6 +2,7 @@
 //! backends translate into, guest setup, the round-robin vCPU loop and the hypercalls.
 //! Nothing here tests the vendor; `main` picks VMX or SVM once from CPUID.
 
+pub mod exmap;
 pub mod fpu;
 pub mod guest;
 pub mod hypercall;
