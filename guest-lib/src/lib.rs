@@ -17,6 +17,7 @@ extern crate freestanding;
 pub mod abi;
 pub mod console;
 pub mod device;
+pub mod exmap;
 pub mod hypercall;
 pub mod morsel;
 
