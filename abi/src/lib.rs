@@ -91,6 +91,54 @@ pub const HC_NVME_WRITE: u64 = 0x24;
 /// Block size of the NVMe proxy's LBAs.
 pub const NVME_BLOCK: u64 = 512;
 
+/// `exmap_create(name_ptr, name_len, size, flags)`: an ExMap region of `size` bytes (a
+/// multiple of 4 KiB, at most `EXMAP_MAX_SIZE`): a morsel with its tables and no data frame,
+/// mounted read-write like `morsel_create`'s; every page starts unpopulated (touching one
+/// stops the guest). Flag `MORSEL_SHARE_WRITABLE` as for morsels; others `morsel_open` it
+/// (read-only sharers see pages as they are populated) and devices mount it as any morsel.
+/// Returns its guest-physical address.
+pub const HC_EXMAP_CREATE: u64 = 0x30;
+/// `exmap_action(region_gpa, iov_gpa, count, opcode)`: one batch over the region mounted
+/// read-write at `region_gpa`. `iov_gpa` is a 4 KiB-aligned page of guest RAM holding
+/// `count` (1..=`EXMAP_MAX_ENTRIES`) entries `exmap_entry(page, pages)`; each is done or
+/// fails on its own, and its u64 is overwritten with its result: pages changed (>= 0) or
+/// the negative `Error` (a count of 0: `Invalid`; a first page past the region: `BadAddress`;
+/// a range that runs past it: `TooLarge`; overlapping an earlier entry: `Busy`; no frame
+/// left: `NoMemory`, with nothing of that entry kept; WRITE of an unpopulated page:
+/// `NotFound`; the device failed: `DeviceFault`). Returns the number of failed entries.
+/// `Denied` for a read-only mount, `Invalid` for a mount that is not an ExMap region.
+pub const HC_EXMAP_ACTION: u64 = 0x31;
+/// `exmap_info(region_gpa, what)`: a counter of the region mounted at `region_gpa`
+/// (`EXMAP_INFO_*`), for any guest that has it mounted.
+pub const HC_EXMAP_INFO: u64 = 0x32;
+/// `exmap_action` opcodes: populate pages (present ones are skipped), evict pages (absent
+/// ones are skipped; one invalidation for the whole call), populate and read from the NVMe
+/// disk at the same byte offset, write populated pages to the disk at their offset.
+pub const EXMAP_ALLOC: u64 = 0;
+pub const EXMAP_FREE: u64 = 1;
+pub const EXMAP_READ: u64 = 2;
+pub const EXMAP_WRITE: u64 = 3;
+/// Entries in one iovec page.
+pub const EXMAP_MAX_ENTRIES: u64 = 512;
+/// Largest page count of one entry (12 bits).
+pub const EXMAP_MAX_COUNT: u64 = 4095;
+/// Largest region.
+pub const EXMAP_MAX_SIZE: u64 = 16 << 30;
+/// An iovec entry: `pages` (1..=4095) pages from page index `page` (below 2^52).
+pub const fn exmap_entry(page: u64, pages: u64) -> u64 {
+    page << 12 | (pages & EXMAP_MAX_COUNT)
+}
+/// `exmap_info` selectors: pages populated now, `exmap_action` calls, invalidations (TLB
+/// flushes of the caller plus IOTLB flushes of device domains), pages populated and evicted
+/// so far, frames zeroed on the way in, failed entries.
+pub const EXMAP_INFO_POPULATED: u64 = 0;
+pub const EXMAP_INFO_CALLS: u64 = 1;
+pub const EXMAP_INFO_INVALIDATIONS: u64 = 2;
+pub const EXMAP_INFO_ALLOCATED: u64 = 3;
+pub const EXMAP_INFO_FREED: u64 = 4;
+pub const EXMAP_INFO_ZEROED: u64 = 5;
+pub const EXMAP_INFO_FAILED: u64 = 6;
+
 /// The `bdf` argument of device calls: PCI bus, device, function as a 16-bit source id.
 pub const fn device_bdf(bus: u8, dev: u8, func: u8) -> u64 {
     (bus as u64) << 8 | (dev as u64) << 3 | func as u64

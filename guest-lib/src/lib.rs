@@ -19,6 +19,7 @@ extern crate freestanding;
 pub use abi;
 pub mod console;
 pub mod device;
+pub mod exmap;
 pub mod hypercall;
 pub mod morsel;
 

@@ -37,6 +37,8 @@ pub enum Error {
     },
     /// A recorded subtree does not have the shape its record says (entry at `addr`).
     Corrupt { addr: u64 },
+    /// A page-by-page edit of a morsel that is not sparse (`Morsel::create_sparse`).
+    NotSparse,
 }
 
 impl fmt::Display for Error {
@@ -76,6 +78,7 @@ impl fmt::Display for Error {
                     "a subtree in {morsel} format cannot be mounted into a {table} table"
                 )
             }
+            Error::NotSparse => f.write_str("the morsel is not sparse (ExMap)"),
             Error::Corrupt { addr } => {
                 write!(f, "the subtree does not match its record (entry at {addr:#x})")
             }

@@ -19,7 +19,7 @@ pub use addr::{GuestPhysAddr, HostPhysAddr, InputAddr, IoVirtAddr, Level, PageSi
 pub use error::Error;
 pub use format::{can_share, Decoded, Entry, Ept, Family, Format, Npt, Perm, VtdSl};
 pub use mem::{FrameAlloc, PhysMem};
-pub use morsel::{Morsel, MountStats, MAX_MORSEL};
+pub use morsel::{LeafEdit, Morsel, MountStats, MAX_MORSEL};
 #[cfg(any(test, feature = "std"))]
 pub use sim::SimMem;
 pub use table::{SecondLevelTable, TableStats, Translation};

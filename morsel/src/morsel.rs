@@ -13,6 +13,19 @@ use crate::table::{
     check_aligned, free_tree, new_table, walk_create, walk_existing, SecondLevelTable, TableStats,
 };
 
+/// What `Morsel::edit_leaves` does with one page.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum LeafEdit {
+    /// Leave the entry as it is.
+    Keep,
+    /// Map this 4 KiB frame.
+    Map(HostPhysAddr),
+    /// Make the entry not present.
+    Clear,
+    /// Stop the walk before this page.
+    Stop,
+}
+
 /// Largest morsel: one L3 root (512 GiB).
 pub const MAX_MORSEL: u64 = table_span(3);
 
@@ -46,6 +59,8 @@ pub struct Morsel<F: Format> {
     /// False for a view (`Morsel::view`): the data frames belong to another morsel, and
     /// `destroy` frees only this subtree's tables.
     owns_data: bool,
+    /// True for a sparse morsel (`create_sparse`): all tables, leaves only where populated.
+    sparse: bool,
     _format: PhantomData<fn() -> F>,
 }
 
@@ -112,8 +127,106 @@ impl<F: Format> Morsel<F> {
             tables: 1 + stats.tables as u32,
             mounts: AtomicU32::new(0),
             owns_data: true,
+            sparse: false,
             _format: PhantomData,
         })
+    }
+
+    /// A sparse morsel of `len` bytes (rounded up to 4 KiB) for ExMap: every table down to
+    /// the L1 tables, but no data frame; pages are populated and evicted one by one with
+    /// `edit_leaves` / `set_leaf`, so the tables never change shape after creation. An
+    /// unpopulated page is not present: a guest that touches it gets a second-level fault.
+    /// `destroy` frees the tables and whatever is populated then. On error nothing is kept.
+    pub fn create_sparse(len: u64, alloc: &impl FrameAlloc, mem: &impl PhysMem) -> Result<Self, Error> {
+        let page = PageSize::Size4K;
+        let (len, root_level) = Self::create_shape(len, page)?;
+        let root = new_table(alloc, mem)?;
+        let mut stats = TableStats::default();
+        let mut offset = 0;
+        while offset < len {
+            if let Err(e) = walk_create::<F>(root, root_level, 1, offset, alloc, mem, &mut stats) {
+                free_tree::<F>(root, root_level, true, alloc, mem);
+                return Err(e);
+            }
+            offset += table_span(1);
+        }
+        Ok(Self {
+            root,
+            root_level,
+            len,
+            page,
+            tables: 1 + stats.tables as u32,
+            mounts: AtomicU32::new(0),
+            owns_data: true,
+            sparse: true,
+            _format: PhantomData,
+        })
+    }
+
+    /// Whether this is a sparse (ExMap) morsel, or a view of one.
+    pub fn is_sparse(&self) -> bool {
+        self.sparse
+    }
+
+    /// Number of 4 KiB pages a sparse morsel spans.
+    pub fn pages(&self) -> u64 {
+        self.len / PageSize::Size4K.bytes()
+    }
+
+    /// Walks the 4 KiB leaves of pages `first .. first + count` of a sparse morsel, one table
+    /// walk per L1 table, and lets `f(page, current)` decide each one: keep it, map a frame
+    /// (read-write-execute; the mount entry limits the rights), clear it, or stop (the pages
+    /// after it stay untouched). Returns how many pages `f` saw. `NotSparse` on a morsel
+    /// with data pages of another size, `OutOfRange` past its end. The caller invalidates
+    /// after clearing.
+    pub fn edit_leaves(
+        &self,
+        first: u64,
+        count: u64,
+        mem: &impl PhysMem,
+        mut f: impl FnMut(u64, Option<HostPhysAddr>) -> LeafEdit,
+    ) -> Result<u64, Error> {
+        if !self.sparse {
+            return Err(Error::NotSparse);
+        }
+        match first.checked_add(count) {
+            Some(end) if end <= self.pages() => {}
+            _ => return Err(Error::OutOfRange { addr: first.saturating_mul(4096), limit: self.len }),
+        }
+        let mut page = first;
+        let end = first + count;
+        while page < end {
+            let (table, mut i) = walk_existing::<F>(self.root, self.root_level, 1, page * 4096, mem)?;
+            while i < crate::addr::ENTRIES && page < end {
+                let e = Entry::<F>::from_raw(mem.read(table, i));
+                let current = match e.decode(1) {
+                    Decoded::Leaf { frame, .. } => Some(frame),
+                    _ => None,
+                };
+                match f(page, current) {
+                    LeafEdit::Keep => {}
+                    LeafEdit::Map(frame) => {
+                        mem.write(table, i, Entry::<F>::leaf(PageSize::Size4K, frame, Perm::RWX).raw())
+                    }
+                    LeafEdit::Clear => mem.write(table, i, Entry::<F>::EMPTY.raw()),
+                    LeafEdit::Stop => return Ok(page - first),
+                }
+                i += 1;
+                page += 1;
+            }
+        }
+        Ok(count)
+    }
+
+    /// Maps (`Some`) or clears (`None`) the leaf of one page of a sparse morsel (a view kept
+    /// in step with the morsel it mirrors). Returns what was there.
+    pub fn set_leaf(&self, page: u64, frame: Option<HostPhysAddr>, mem: &impl PhysMem) -> Result<Option<HostPhysAddr>, Error> {
+        let mut was = None;
+        self.edit_leaves(page, 1, mem, |_, cur| {
+            was = cur;
+            frame.map_or(LeafEdit::Clear, LeafEdit::Map)
+        })?;
+        Ok(was)
     }
 
     /// A view of this morsel in format `G`: a new subtree of the same shape (root level, page
@@ -142,6 +255,7 @@ impl<F: Format> Morsel<F> {
             tables,
             mounts: AtomicU32::new(0),
             owns_data: false,
+            sparse: self.sparse,
             _format: PhantomData,
         })
     }
@@ -173,6 +287,7 @@ impl<F: Format> Morsel<F> {
             tables,
             mounts: AtomicU32::new(0),
             owns_data: true,
+            sparse: false,
             _format: PhantomData,
         })
     }
@@ -1141,5 +1256,51 @@ mod tests {
         });
         assert_eq!(n, big.table_count() as usize + 1024);
         big.destroy(&mem, &mem).unwrap();
+    }
+
+    #[test]
+    fn sparse_morsel_populates_and_evicts_page_by_page() {
+        let mem = SimMem::new(64 * GIB);
+        let m = Morsel::<Npt>::create_sparse(6 << 20, &mem, &mem).unwrap();
+        assert!(m.is_sparse() && m.pages() == 1536);
+        // Root L2 plus three L1 tables, no data frame.
+        assert_eq!((m.root_level(), m.table_count()), (2, 4));
+        assert_eq!(mem.allocated_frames(), 4);
+        assert_eq!(m.translate(0, &mem), None);
+        let frames: Vec<HostPhysAddr> = (0..600).map(|_| mem.alloc(0).unwrap()).collect();
+        // Pages 400..1000 cross an L1 table boundary at 512.
+        let mut next = frames.iter();
+        let seen = m
+            .edit_leaves(400, 600, &mem, |_, cur| {
+                assert_eq!(cur, None);
+                LeafEdit::Map(*next.next().unwrap())
+            })
+            .unwrap();
+        assert_eq!(seen, 600);
+        for (k, f) in frames.iter().enumerate() {
+            assert_eq!(m.translate((400 + k as u64) * 4096 + 8, &mem), Some(HostPhysAddr::new(f.as_u64() + 8)));
+        }
+        assert_eq!(m.translate(399 * 4096, &mem), None);
+        // Stop leaves the rest alone; Clear evicts.
+        let seen = m.edit_leaves(500, 100, &mem, |p, _| if p == 520 { LeafEdit::Stop } else { LeafEdit::Clear }).unwrap();
+        assert_eq!(seen, 20);
+        assert_eq!(m.translate(519 * 4096, &mem), None);
+        assert!(m.translate(520 * 4096, &mem).is_some());
+        assert_eq!(m.set_leaf(520, None, &mem), Ok(Some(frames[120])));
+        assert_eq!(m.edit_leaves(1500, 37, &mem, |_, _| LeafEdit::Keep), Err(Error::OutOfRange { addr: 1500 * 4096, limit: 6 << 20 }));
+        assert_eq!(m.edit_leaves(u64::MAX, 2, &mem, |_, _| LeafEdit::Keep).unwrap_err(), Error::OutOfRange { addr: u64::MAX, limit: 6 << 20 });
+        let dense = Morsel::<Npt>::create(4096, PageSize::Size4K, &mem, &mem).unwrap();
+        assert_eq!(dense.edit_leaves(0, 1, &mem, |_, _| LeafEdit::Keep), Err(Error::NotSparse));
+        // A VT-d view mirrors what is populated and stays sparse.
+        let view = m.view::<VtdSl>(&mem, &mem).unwrap();
+        assert!(view.is_sparse() && view.translate(400 * 4096, &mem).is_some());
+        view.destroy(&mem, &mem).unwrap();
+        // Destroy frees the tables and the 579 pages still populated; we free the evicted 21.
+        for f in &frames[100..121] {
+            mem.free(*f, 0);
+        }
+        m.destroy(&mem, &mem).unwrap();
+        dense.destroy(&mem, &mem).unwrap();
+        assert_eq!(mem.allocated_frames(), 0);
     }
 }

@@ -226,11 +226,11 @@ pub fn make_iso(built: &Built, name: &str, cmdline: &str) -> Result<PathBuf> {
     Ok(iso)
 }
 
-/// `cargo xtask bench`: the allocator and morsel bench examples, release builds.
-pub fn bench() -> Result<ExitCode> {
+/// `cargo xtask bench [crate]`: the bench examples of these crates, release builds.
+pub fn bench(crates: &[&str]) -> Result<ExitCode> {
     let root = crate::root();
     let mut failed = Vec::new();
-    for krate in ["allocator", "morsel"] {
+    for &krate in crates {
         println!("== bench: {krate}");
         let status = cargo(&root)
             .args(["run", "--release", "-p", krate, "--example", "bench"])

@@ -30,7 +30,7 @@ commands:
   test      host tests, then every scenario in tests/scenarios/ (or those FILTER selects)
   list      the guests, configs and scenarios there are
   guest-flags  print the RUSTFLAGS that build a guest crate of your own
-  bench     allocator and morsel benchmarks: a table, CSV under build/bench/, SVG plots
+  bench     the host benchmarks (allocator, morsel, exmap), all or the one named
   setup     install the apt packages the emulators need
 
 exit status: 0 success, 1 failure, 2 usage error
@@ -83,9 +83,8 @@ usage: cargo xtask guest-flags
 ";
 
 const HELP_BENCH: &str = "\
-usage: cargo xtask bench
-  the allocator and morsel benchmarks (release builds); prints one table, writes
-  build/bench/*.csv and draws build/bench/*.svg
+usage: cargo xtask bench [allocator|morsel|exmap]
+  the host benchmarks (release builds): all of them, or the one named
 ";
 
 const HELP_SETUP: &str = "\
@@ -304,10 +303,11 @@ fn dispatch(args: &[String]) -> std::result::Result<ExitCode, Fail> {
             println!("{} -C link-arg=-T{}", images::FREESTANDING_RUSTFLAGS, root.join("guest-lib/guest.ld").display());
             Ok(ExitCode::SUCCESS)
         }
-        "bench" => {
-            no_arguments(cmd, rest)?;
-            Ok(images::bench()?)
-        }
+        "bench" => match rest {
+            [] => Ok(images::bench(&["allocator", "morsel", "exmap"])?),
+            [one] if ["allocator", "morsel", "exmap"].contains(&one.as_str()) => Ok(images::bench(&[one.as_str()])?),
+            [extra, ..] => Err(Fail::Usage(Error(format!("`bench` takes allocator, morsel or exmap (got `{extra}`)")))),
+        },
         "setup" => {
             no_arguments(cmd, rest)?;
             tools::setup()?;

@@ -56,6 +56,7 @@ pub enum Action {
 pub struct Context<B: Backend> {
     pub guest_count: u64,
     pub morsels: Directory<B::Format>,
+    pub exmaps: super::exmap::Exmaps,
     pub frames: Frames,
 }
 
@@ -71,8 +72,12 @@ pub fn handle<B: Backend>(guest: &mut Guest<B>, backend: &mut B, regs: &mut Regs
         abi::HC_MORSEL_SIZE => cx.morsels.size(guest, a0),
         abi::HC_MORSEL_STATS => {
             cx.morsels.log_stats();
+            cx.exmaps.log_stats();
             Ok(0)
         }
+        abi::HC_EXMAP_CREATE => cx.exmaps.create(&mut cx.morsels, guest, &frames, [a0, a1, a2, a3]),
+        abi::HC_EXMAP_ACTION => cx.exmaps.action(&mut cx.morsels, guest, backend, &frames, [a0, a1, a2, a3]),
+        abi::HC_EXMAP_INFO => cx.exmaps.info(&cx.morsels, guest, [a0, a1]),
         abi::HC_DEVICE_MOUNT => cx.morsels.device_mount(guest, &frames, [a0, a1, a2, a3, a4]),
         abi::HC_DEVICE_UNMOUNT => cx.morsels.device_unmount(guest, &frames, [a0, a1]),
         abi::HC_EDU_DMA => cx.morsels.edu_dma(guest, [a0, a1, a2]),

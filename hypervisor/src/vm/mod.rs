@@ -3,6 +3,7 @@
 //! Nothing here tests the vendor; `main` picks VMX or SVM once from CPUID.
 
 pub mod console;
+pub mod exmap;
 pub mod fpu;
 pub mod guest;
 pub mod hypercall;

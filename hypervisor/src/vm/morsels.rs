@@ -31,8 +31,8 @@ use morsel::{can_share, Format, GuestPhysAddr, IoVirtAddr, Morsel, MountStats, P
 pub const NAME_MAX: usize = abi::MORSEL_NAME_MAX;
 
 /// One named morsel.
-struct Named<F: Format> {
-    morsel: Morsel<F>,
+pub(super) struct Named<F: Format> {
+    pub(super) morsel: Morsel<F>,
     owner: u32,
     others_may_write: bool,
     /// PTE writes for mounts, unmounts; TLB invalidations.
@@ -44,7 +44,7 @@ struct Named<F: Format> {
     invalidations: u64,
     /// The VT-d view of a morsel whose format the IOMMU cannot walk (NPT), built on the
     /// first device mount; destroyed with the morsel.
-    vtd_view: Option<Morsel<VtdSl>>,
+    pub(super) vtd_view: Option<Morsel<VtdSl>>,
     /// Its directory slot in persistent memory, for a persistent morsel.
     slot: Option<usize>,
 }
@@ -94,12 +94,14 @@ pub struct Mount {
     /// The guest-physical span the mount occupies (the span of the morsel's root table).
     pub window: u64,
     pub name: String,
+    /// Mounted read-write (else read-only).
+    pub writable: bool,
 }
 
 /// All morsels of the run.
 pub struct Directory<F: Format> {
-    named: HashMap<String, Named<F>>,
-    devices: Vec<DeviceMount>,
+    pub(super) named: HashMap<String, Named<F>>,
+    pub(super) devices: Vec<DeviceMount>,
 }
 
 impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
@@ -182,6 +184,24 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         let gpa = self.mount(g, frames, &name, true);
         if gpa.is_err() {
             // Nobody can have mounted it yet: give the frames back.
+            self.remove(&name, frames);
+        }
+        gpa
+    }
+
+    /// Adds an ExMap region (a sparse morsel, see `vm/exmap.rs`) named `name`, owned by `g`,
+    /// and mounts it read-write there; from then on it is shared like any morsel.
+    pub(super) fn add_region<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, frames: &Frames, name: String, morsel: Morsel<F>, others_may_write: bool) -> Result<u64, Error> {
+        if self.named.contains_key(&name) {
+            let _ = morsel.destroy(frames, &IDENTITY);
+            return Err(Error::Busy);
+        }
+        self.named.insert(name.clone(), Named {
+            morsel, owner: g.id, others_may_write, mounts: 0, unmounts: 0, mount_pte_writes: 0,
+            path_pte_writes: 0, unmount_pte_writes: 0, invalidations: 0, vtd_view: None, slot: None,
+        });
+        let gpa = self.mount(g, frames, &name, true);
+        if gpa.is_err() {
             self.remove(&name, frames);
         }
         gpa
@@ -338,7 +358,7 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         n.path_pte_writes += stats.path_writes as u64;
         log::info!(target: "morsel", "'{name}' mounted {} into guest {} at {gpa:#x}: {} PTE write (+{} for new intermediate tables)",
             if writable { "read-write" } else { "read-only" }, g.id, stats.entry_writes, stats.path_writes);
-        g.mounts.push(Mount { gpa, size: n.morsel.len(), window: size, name: mount_name });
+        g.mounts.push(Mount { gpa, size: n.morsel.len(), window: size, name: mount_name, writable });
         Ok(gpa)
     }
 
@@ -691,7 +711,7 @@ fn free_slot(mounts: &[Mount], size: u64) -> Option<u64> {
     None
 }
 
-fn read_name<B: Backend>(g: &Guest<B>, ptr: u64, len: u64) -> Result<String, Error> {
+pub(super) fn read_name<B: Backend>(g: &Guest<B>, ptr: u64, len: u64) -> Result<String, Error> {
     if len == 0 || len > NAME_MAX as u64 {
         return Err(Error::Invalid);
     }

@@ -43,7 +43,7 @@ pub fn run_guests<B: Backend>(backend: &mut B, frames: &Frames, archive: Archive
             }
         }
     }
-    let mut cx = Context { guest_count: guests.len() as u64, morsels: Directory::new(), frames: *frames };
+    let mut cx = Context { guest_count: guests.len() as u64, morsels: Directory::new(), exmaps: Default::default(), frames: *frames };
     cx.morsels.load_persistent();
     let mut live = guests.len();
     while live > 0 {
@@ -52,6 +52,7 @@ pub fn run_guests<B: Backend>(backend: &mut B, frames: &Frames, archive: Archive
             run_slice(backend, guest, &mut cx);
             if guest.state != State::Runnable {
                 cx.morsels.drop_mounts(guest, backend, frames);
+                cx.exmaps.guest_ended(guest.id, frames);
                 if let Some(g) = slot.take() {
                     done.push(g.destroy(backend, frames));
                 }
@@ -60,6 +61,7 @@ pub fn run_guests<B: Backend>(backend: &mut B, frames: &Frames, archive: Archive
         }
     }
     cx.morsels.log_stats();
+    cx.exmaps.log_stats();
     cx.morsels.destroy_all(frames);
     report::<B>(&done, frames.free_frames() as i64 - free_before as i64) && all_created
 }
@@ -78,6 +80,8 @@ fn run_slice<B: Backend>(backend: &mut B, guest: &mut Guest<B>, cx: &mut Context
             end_slice(guest, rip);
             return;
         }
+        cx.exmaps.before_run(guest, backend);
+        let Some(vcpu) = guest.vcpu.as_mut() else { return };
         let exit = backend.run(vcpu, (deadline - now).div_ceil(per_us));
         let cr3 = B::guest_cr3(vcpu);
         let mut regs = *B::regs(vcpu);
@@ -195,9 +199,9 @@ fn stop<B: Backend>(guest: &mut Guest<B>, exit: Exit, rip: u64) {
         Exit::SecondLevelFault { gpa, write, fetch, .. } => {
             let access = if fetch { "fetch" } else if write { "write" } else { "read" };
             let what = match guest.mem.is_mapped(GuestPhysAddr::new(gpa)) {
-                true if write => "violation of a read-only mapping",
-                true => "violation",
-                false => "outside its memory",
+                true if write => "violation of a read-only mapping".into(),
+                true => "violation".into(),
+                false => super::exmap::describe_fault(guest, gpa).unwrap_or_else(|| "outside its memory".into()),
             };
             log::error!(target: "vm", "guest {id} ({name}) stopped: {access} {what} at guest-physical {gpa:#x}, RIP {rip:#x}");
         }

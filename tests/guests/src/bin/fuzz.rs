@@ -33,13 +33,19 @@ impl Rng {
 
 /// Calls worth fuzzing: all of ABI v1 except exit, console write (it would print garbage)
 /// and stats (it prints), the morsel and device calls twice as often, and numbers beside them.
-const NUMBERS: [u64; 24] = [
+const NUMBERS: [u64; 28] = [
     abi::HC_INFO, abi::HC_YIELD, 0x04, 0x0f, 0x16, 0x25, u64::MAX,
     abi::HC_MORSEL_CREATE, abi::HC_MORSEL_OPEN, abi::HC_MORSEL_UNMOUNT, abi::HC_MORSEL_DESTROY, abi::HC_MORSEL_SIZE,
     abi::HC_MORSEL_CREATE, abi::HC_MORSEL_OPEN, abi::HC_MORSEL_UNMOUNT, abi::HC_MORSEL_DESTROY, abi::HC_MORSEL_SIZE,
     abi::HC_DEVICE_MOUNT, abi::HC_DEVICE_UNMOUNT, abi::HC_EDU_DMA, abi::HC_NVME_READ, abi::HC_NVME_WRITE,
     abi::HC_DEVICE_MOUNT, abi::HC_EDU_DMA,
+    abi::HC_EXMAP_CREATE, abi::HC_EXMAP_ACTION, abi::HC_EXMAP_ACTION, abi::HC_EXMAP_INFO,
 ];
+
+/// The iovec page of the ExMap calls: refilled with random entries before each.
+#[repr(C, align(4096))]
+struct Iov([u64; 512]);
+static mut IOV: Iov = Iov([0; 512]);
 
 /// Names the calls may use: three real ones, stored in this static so their address is valid.
 static NAMES: [u8; 16] = *b"fz-afz-bfz-c\0\0\0\0";
@@ -77,6 +83,19 @@ fn main(info: &BootInfo) -> i32 {
             abi::HC_DEVICE_MOUNT => [name, len, rng.pick(&bdfs), rng.pick(&iovas), rng.pick(&[0, 1, 1, 2]), 0],
             abi::HC_DEVICE_UNMOUNT => [rng.pick(&bdfs), rng.pick(&iovas), 0, 0, 0, 0],
             abi::HC_EDU_DMA => [rng.pick(&[0, 1, 2]), rng.pick(&iovas), rng.pick(&[1, 64, 4095, 4096, 0, u64::MAX]), 0, 0, 0],
+            abi::HC_EXMAP_CREATE => [name, len, rng.pick(&sizes), rng.pick(&[0, 0, 2, 1, 4, u64::MAX]), 0, 0],
+            abi::HC_EXMAP_ACTION => {
+                let iov = core::ptr::addr_of_mut!(IOV);
+                for k in 0..8 {
+                    let page = rng.pick(&[0, 1, 511, 512, 1023, 16383, 16384, 1 << 40, (1 << 52) - 1]);
+                    let count = rng.pick(&[0, 1, 2, 512, 4095]);
+                    // SAFETY: a static only this loop and the hypervisor (during the call) touch.
+                    unsafe { (*iov).0[k] = abi::exmap_entry(page, count) };
+                }
+                let ptr = rng.pick(&[iov as u64, iov as u64, iov as u64 + 8, mem, win, 0]);
+                [rng.pick(&gpas), ptr, rng.pick(&[1, 8, 8, 0, 512, 513]), rng.pick(&[0, 1, 0, 1, 2, 3, 4, u64::MAX]), 0, 0]
+            }
+            abi::HC_EXMAP_INFO => [rng.pick(&gpas), rng.pick(&[0, 1, 2, 5, 6, 7, u64::MAX]), 0, 0, 0, 0],
             abi::HC_NVME_READ | abi::HC_NVME_WRITE => {
                 [rng.pick(&gpas), rng.pick(&[0, 512, 1, 1 << 40]), rng.pick(&[0, 1, 1 << 40]), rng.pick(&[0, 1, 8, 1 << 20]), 0, 0]
             }

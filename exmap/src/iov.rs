@@ -1,0 +1,181 @@
+//! The iovec page: up to `MAX_ENTRIES` little-endian u64 entries, each `page << 12 | count`
+//! (page index inside the region: 52 bits; page count: 12 bits, 1..=4095), and their
+//! validation. Every entry is checked on its own: a count of 0, a first page past the region
+//! (`OutOfRange`), a range that runs past its end (`Overflow`) and a range that overlaps an
+//! entry earlier in the page (`Duplicate`) fail that entry alone.
+
+use alloc::vec::Vec;
+use core::fmt;
+
+/// Entries in one 4 KiB iovec page.
+pub const MAX_ENTRIES: usize = 512;
+/// Bits of the page count in an entry.
+pub const COUNT_BITS: u32 = 12;
+/// Largest page count of one entry.
+pub const MAX_COUNT: u64 = (1 << COUNT_BITS) - 1;
+
+/// The entry for `count` pages from page `page` (`page` below 2^52, `count` up to `MAX_COUNT`;
+/// higher bits are cut off).
+pub const fn encode(page: u64, count: u64) -> u64 {
+    page << COUNT_BITS | (count & MAX_COUNT)
+}
+
+/// (page, count) of an entry.
+pub const fn decode(raw: u64) -> (u64, u64) {
+    (raw >> COUNT_BITS, raw & MAX_COUNT)
+}
+
+/// Pages `first .. first + count` of a region.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Range {
+    pub first: u64,
+    pub count: u64,
+}
+
+impl Range {
+    /// One past the last page.
+    pub fn end(&self) -> u64 {
+        self.first + self.count
+    }
+}
+
+/// Why one entry failed (the others are done regardless).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum EntryError {
+    /// A page count of 0.
+    Empty,
+    /// The first page is past the region's end.
+    OutOfRange,
+    /// The range starts inside the region but runs past its end.
+    Overflow,
+    /// The range overlaps an entry earlier in the same page.
+    Duplicate,
+    /// No frame left for this entry (its pages are given back; earlier entries stay done).
+    NoMemory,
+    /// WRITE of a page that is not populated.
+    NotPopulated,
+    /// The device failed the entry's I/O.
+    Device,
+}
+
+impl fmt::Display for EntryError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            EntryError::Empty => "page count 0",
+            EntryError::OutOfRange => "first page past the region",
+            EntryError::Overflow => "range runs past the region",
+            EntryError::Duplicate => "overlaps an earlier entry",
+            EntryError::NoMemory => "out of frames",
+            EntryError::NotPopulated => "a page is not populated",
+            EntryError::Device => "device error",
+        })
+    }
+}
+
+/// Validates iovec pages; keeps its buffers between calls (one per vCPU, no allocation in
+/// the steady state).
+#[derive(Default)]
+pub struct Validator {
+    checked: Vec<Result<Range, EntryError>>,
+    sorted: Vec<(u64, u64, u16)>,
+}
+
+impl Validator {
+    /// A validator with room for a full page.
+    pub fn new() -> Self {
+        Self { checked: Vec::with_capacity(MAX_ENTRIES), sorted: Vec::with_capacity(MAX_ENTRIES) }
+    }
+
+    /// Checks every entry of `raw` (at most `MAX_ENTRIES`; more are cut off) against a region
+    /// of `pages` pages. An entry that overlaps an entry with a smaller index fails as
+    /// `Duplicate`, whether that one is valid or itself a duplicate; the first stays valid.
+    /// Costs O(n) for entries sorted by page (the usual case), else O(n log n + overlaps).
+    pub fn validate(&mut self, raw: &[u64], pages: u64) -> &[Result<Range, EntryError>] {
+        let raw = &raw[..raw.len().min(MAX_ENTRIES)];
+        self.checked.clear();
+        self.sorted.clear();
+        let mut in_order = true;
+        let mut last_end = 0;
+        for (i, &r) in raw.iter().enumerate() {
+            let (first, count) = decode(r);
+            let c = if count == 0 {
+                Err(EntryError::Empty)
+            } else if first >= pages {
+                Err(EntryError::OutOfRange)
+            } else if first + count > pages {
+                // `first` < 2^52 and `count` < 2^12: the sum cannot wrap.
+                Err(EntryError::Overflow)
+            } else {
+                in_order &= first >= last_end;
+                last_end = first + count;
+                self.sorted.push((first, first + count, i as u16));
+                Ok(Range { first, count })
+            };
+            self.checked.push(c);
+        }
+        if !in_order {
+            self.sorted.sort_unstable();
+            let s = &self.sorted;
+            for i in 0..s.len() {
+                let mut j = i + 1;
+                while j < s.len() && s[j].0 < s[i].1 {
+                    let later = s[i].2.max(s[j].2) as usize;
+                    self.checked[later] = Err(EntryError::Duplicate);
+                    j += 1;
+                }
+            }
+        }
+        &self.checked
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn encoding_round_trips_and_cuts_off() {
+        assert_eq!(decode(encode(7, 3)), (7, 3));
+        assert_eq!(decode(encode((1 << 52) - 1, MAX_COUNT)), ((1 << 52) - 1, 4095));
+        assert_eq!(encode(1, 4096), 1 << 12, "count 4096 does not fit: it reads as 0");
+    }
+
+    #[test]
+    fn bad_entries_fail_alone() {
+        let mut v = Validator::new();
+        let raw = [encode(0, 4), encode(0, 0), encode(100, 1), encode(98, 4), encode(2, 1), encode(10, 2), u64::MAX];
+        let c = v.validate(&raw, 100).to_vec();
+        assert_eq!(c[0], Ok(Range { first: 0, count: 4 }));
+        assert_eq!(c[1], Err(EntryError::Empty));
+        assert_eq!(c[2], Err(EntryError::OutOfRange));
+        assert_eq!(c[3], Err(EntryError::Overflow));
+        assert_eq!(c[4], Err(EntryError::Duplicate), "page 2 is inside entry 0");
+        assert_eq!(c[5], Ok(Range { first: 10, count: 2 }));
+        assert_eq!(c[6], Err(EntryError::OutOfRange));
+        // The earlier entry wins even when it comes later in page order.
+        let c = v.validate(&[encode(50, 10), encode(45, 6), encode(60, 1)], 100).to_vec();
+        assert_eq!(c, [Ok(Range { first: 50, count: 10 }), Err(EntryError::Duplicate), Ok(Range { first: 60, count: 1 })]);
+        // More than a page's worth is cut off.
+        assert_eq!(v.validate(&[encode(0, 1); 600], 10).len(), MAX_ENTRIES);
+    }
+
+    proptest! {
+        /// The validator agrees with the definition, checked pair by pair.
+        #[test]
+        fn matches_the_definition(entries in prop::collection::vec((0u64..80, 0u64..12), 0..80), pages in 1u64..80) {
+            let raw: Vec<u64> = entries.iter().map(|&(p, c)| encode(p, c)).collect();
+            let mut v = Validator::new();
+            let got = v.validate(&raw, pages).to_vec();
+            for (i, &(p, c)) in entries.iter().enumerate() {
+                let valid = |p: u64, c: u64| c > 0 && p + c <= pages;
+                let want = if c == 0 { Err(EntryError::Empty) }
+                    else if p >= pages { Err(EntryError::OutOfRange) }
+                    else if p + c > pages { Err(EntryError::Overflow) }
+                    else if entries[..i].iter().any(|&(q, d)| valid(q, d) && q < p + c && p < q + d) { Err(EntryError::Duplicate) }
+                    else { Ok(Range { first: p, count: c }) };
+                prop_assert_eq!(got[i], want, "entry {}", i);
+            }
+        }
+    }
+}

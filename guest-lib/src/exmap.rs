@@ -1,0 +1,159 @@
+//! ExMap from the guest side: a region whose 4 KiB pages this guest populates and evicts
+//! explicitly, in batches (`alloc`, `free`), instead of faulting. `ExMap` keeps the iovec
+//! page (4 KiB, aligned, in guest RAM: on the stack or in a static) and fills it from
+//! `Range`s; after a call `results()` holds one result per range: pages changed, or the
+//! `Error` of that range alone.
+//!
+//! ```ignore
+//! use guest_lib::exmap::{ExMap, Range};
+//! let mut pool = ExMap::create("pool", 64 << 20, false)?;
+//! pool.alloc(&[Range::new(0, 16), Range::new(100, 1)])?;   // one hypercall
+//! unsafe { pool.page_mut(3)[0] = 7 };                        // populated: plain memory
+//! assert_eq!(pool.free(&[Range::new(0, 16)])?, 0);          // 0 failed, one invalidation
+//! // touching page 3 now would stop the guest with a fault naming 'pool' and page 3
+//! ```
+//!
+//! Other guests open the region with `morsel::open` (read-only: they see pages as they are
+//! populated) or `ExMap::open_mut` if the owner shared it writable.
+
+use crate::abi::{self, Error};
+use crate::hypercall::call;
+
+/// Pages `page .. page + count` of a region (count 1..=4095 per range).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Range {
+    /// The first page, counted in 4 KiB pages from the region's start.
+    pub page: u64,
+    /// How many pages (1..=4095).
+    pub count: u64,
+}
+
+impl Range {
+    /// Pages `page .. page + count`.
+    pub const fn new(page: u64, count: u64) -> Self {
+        Range { page, count }
+    }
+}
+
+/// The iovec page handed to the hypervisor.
+#[repr(C, align(4096))]
+struct IovPage([u64; abi::EXMAP_MAX_ENTRIES as usize]);
+
+/// A region mounted read-write in this guest; dropping it unmounts.
+pub struct ExMap {
+    gpa: u64,
+    len: u64,
+    iov: IovPage,
+    used: usize,
+}
+
+impl ExMap {
+    /// Creates the region `name` of `size` bytes (every page unpopulated); `share_writable`
+    /// lets other guests open it read-write.
+    pub fn create(name: &str, size: u64, share_writable: bool) -> Result<ExMap, Error> {
+        let flags = if share_writable { abi::MORSEL_SHARE_WRITABLE } else { 0 };
+        let gpa = call(abi::HC_EXMAP_CREATE, [name.as_ptr() as u64, name.len() as u64, size, flags, 0, 0])?;
+        Self::mounted(gpa)
+    }
+
+    /// Opens another guest's region read-write (if its owner shared it writable).
+    pub fn open_mut(name: &str) -> Result<ExMap, Error> {
+        let gpa = call(abi::HC_MORSEL_OPEN, [name.as_ptr() as u64, name.len() as u64, 1, 0, 0, 0])?;
+        Self::mounted(gpa)
+    }
+
+    fn mounted(gpa: u64) -> Result<ExMap, Error> {
+        let len = call(abi::HC_MORSEL_SIZE, [gpa, 0, 0, 0, 0, 0])?;
+        Ok(ExMap { gpa, len, iov: IovPage([0; abi::EXMAP_MAX_ENTRIES as usize]), used: 0 })
+    }
+
+    /// Guest-physical address of the region.
+    pub fn addr(&self) -> u64 {
+        self.gpa
+    }
+    /// Bytes in the region.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+    /// Never true.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// Pages in the region.
+    pub fn pages(&self) -> u64 {
+        self.len / 4096
+    }
+
+    /// Populates the pages of `ranges` (present ones are skipped); returns how many ranges
+    /// failed (see `results`).
+    pub fn alloc(&mut self, ranges: &[Range]) -> Result<u64, Error> {
+        self.action(abi::EXMAP_ALLOC, ranges)
+    }
+    /// Evicts the pages of `ranges` (absent ones are skipped), with one invalidation.
+    pub fn free(&mut self, ranges: &[Range]) -> Result<u64, Error> {
+        self.action(abi::EXMAP_FREE, ranges)
+    }
+    /// Populates and reads from the NVMe disk at the same byte offsets.
+    pub fn read(&mut self, ranges: &[Range]) -> Result<u64, Error> {
+        self.action(abi::EXMAP_READ, ranges)
+    }
+    /// Writes populated pages to the NVMe disk at their byte offsets.
+    pub fn write(&mut self, ranges: &[Range]) -> Result<u64, Error> {
+        self.action(abi::EXMAP_WRITE, ranges)
+    }
+
+    /// Any opcode over raw entries (tests use it to send what `Range` cannot express).
+    pub fn action_raw(&mut self, op: u64, entries: &[u64]) -> Result<u64, Error> {
+        if entries.len() > self.iov.0.len() {
+            return Err(Error::TooLarge);
+        }
+        self.iov.0[..entries.len()].copy_from_slice(entries);
+        self.used = entries.len();
+        call(abi::HC_EXMAP_ACTION, [self.gpa, self.iov.0.as_ptr() as u64, entries.len() as u64, op, 0, 0])
+    }
+
+    fn action(&mut self, op: u64, ranges: &[Range]) -> Result<u64, Error> {
+        if ranges.len() > self.iov.0.len() {
+            return Err(Error::TooLarge);
+        }
+        for (e, r) in self.iov.0.iter_mut().zip(ranges) {
+            *e = abi::exmap_entry(r.page, r.count);
+        }
+        self.used = ranges.len();
+        call(abi::HC_EXMAP_ACTION, [self.gpa, self.iov.0.as_ptr() as u64, ranges.len() as u64, op, 0, 0])
+    }
+
+    /// Per-range results of the last call: pages changed (>= 0) or a negative `Error` code.
+    pub fn results(&self) -> impl Iterator<Item = Result<u64, Error>> + '_ {
+        self.iov.0[..self.used].iter().map(|&r| {
+            let r = r as i64;
+            if r >= 0 { Ok(r as u64) } else { Err(Error::from_status(r).unwrap_or(Error::Invalid)) }
+        })
+    }
+
+    /// A counter of the region (`abi::EXMAP_INFO_*`).
+    pub fn info(&self, what: u64) -> Result<u64, Error> {
+        call(abi::HC_EXMAP_INFO, [self.gpa, what, 0, 0, 0, 0])
+    }
+
+    /// Pages populated now.
+    pub fn populated(&self) -> u64 {
+        self.info(abi::EXMAP_INFO_POPULATED).unwrap_or(0)
+    }
+
+    /// The bytes of page `page`.
+    ///
+    /// # Safety
+    /// The page must be populated for as long as the slice is used (else the hypervisor
+    /// stops the guest at the first touch), and `page < pages()`.
+    pub unsafe fn page_mut(&mut self, page: u64) -> &mut [u8; 4096] {
+        // SAFETY: forwarded from the caller; the region is mounted read-write at `gpa`.
+        unsafe { &mut *((self.gpa + page * 4096) as *mut [u8; 4096]) }
+    }
+}
+
+impl Drop for ExMap {
+    fn drop(&mut self) {
+        let _ = call(abi::HC_MORSEL_UNMOUNT, [self.gpa, 0, 0, 0, 0, 0]);
+    }
+}

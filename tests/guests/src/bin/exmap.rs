@@ -1,0 +1,301 @@
+//! Scenarios exmap_*: an ExMap region from the guest side.
+//! - arg 0: batched ALLOC / FREE (1000 pages in batches of 512 and of 1, with the calls and
+//!   invalidations counted by the hypervisor), data kept while populated, zeroing only when
+//!   a frame comes fresh, bad entries failing alone, bad calls refused, every page freed.
+//! - arg 1: frees page 5 and touches it: the hypervisor must stop this guest naming the page.
+//! - arg 2: owner of the shared pool 'pool' (read-only for others): populates pages in two
+//!   steps, waiting (yielding) between them, then frees everything.
+//! - arg 3: reader of 'pool': sees the pages as they are populated, is refused ALLOC / FREE,
+//!   and is stopped when it writes.
+#![no_std]
+#![no_main]
+
+use guest_lib::abi::{self, exmap_entry, Error};
+use guest_lib::exmap::{ExMap, Range};
+use guest_lib::{morsel, println, BootInfo};
+
+guest_lib::entry!(main);
+
+const MIB: u64 = 1 << 20;
+
+fn main(info: &BootInfo) -> i32 {
+    match info.arg {
+        0 => batches(info),
+        1 => touch_freed(),
+        2 => owner(),
+        3 => reader(),
+        _ => 2,
+    }
+}
+
+fn check(ok: bool, what: &str) -> bool {
+    if !ok {
+        println!("exmap: FAILED: {what}");
+    }
+    ok
+}
+
+fn stamp(page: u64) -> u64 {
+    page.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1
+}
+
+/// ALLOC + FREE of 1000 pages as single-page entries, `batch` per call.
+fn alloc_free(x: &mut ExMap, batch: u64) -> (u64, u64) {
+    let calls0 = x.info(abi::EXMAP_INFO_CALLS).unwrap_or(0);
+    let inv0 = x.info(abi::EXMAP_INFO_INVALIDATIONS).unwrap_or(0);
+    let mut ranges = [Range::new(0, 1); 512];
+    for op in [0, 1] {
+        let mut p = 0;
+        while p < 1000 {
+            let n = batch.min(1000 - p);
+            for (k, r) in ranges[..n as usize].iter_mut().enumerate() {
+                *r = Range::new(p + k as u64, 1);
+            }
+            let failed = if op == 0 { x.alloc(&ranges[..n as usize]) } else { x.free(&ranges[..n as usize]) };
+            if failed != Ok(0) {
+                println!("exmap: FAILED: batch at page {p}: {failed:?}");
+            }
+            p += n;
+        }
+        if op == 0 {
+            // Populated pages are plain memory.
+            for page in (0..1000).step_by(37) {
+                // SAFETY: pages 0..1000 are populated now.
+                unsafe { x.page_mut(page)[8..16].copy_from_slice(&stamp(page).to_le_bytes()) };
+            }
+        }
+    }
+    let calls = x.info(abi::EXMAP_INFO_CALLS).unwrap_or(0) - calls0;
+    let inv = x.info(abi::EXMAP_INFO_INVALIDATIONS).unwrap_or(0) - inv0;
+    println!("exmap: 1000 pages allocated and freed in batches of {batch}: {calls} calls (VM exits), {inv} invalidations");
+    (calls, inv)
+}
+
+fn batches(info: &BootInfo) -> i32 {
+    let mut ok = true;
+    let mut x = match ExMap::create("pool", 64 * MIB, false) {
+        Ok(x) => x,
+        Err(e) => {
+            println!("exmap: FAILED: create: {e}");
+            return 1;
+        }
+    };
+    println!("exmap: region 'pool' of {} pages at {:#x}, {} populated", x.pages(), x.addr(), x.populated());
+    let (c512, i512) = alloc_free(&mut x, 512);
+    let (c1, i1) = alloc_free(&mut x, 1);
+    ok &= check((c512, i512) == (4, 2) && (c1, i1) == (2000, 1000), "calls and invalidations per batch size");
+
+    // The first 1000 pages came fresh from the allocator (zeroed); the batch-1 round reused
+    // the same region's frames (not zeroed).
+    let zeroed = x.info(abi::EXMAP_INFO_ZEROED).unwrap_or(0);
+    ok &= check(zeroed == 1000, "fresh frames zeroed, frames of the same region reused as they are");
+    // Contents stay while populated and over an ALLOC of present pages.
+    ok &= check(x.alloc(&[Range::new(2000, 4)]) == Ok(0), "alloc 2000..2004");
+    for p in 2000..2004 {
+        // SAFETY: pages 2000..2004 are populated.
+        unsafe { x.page_mut(p).fill(0xab) };
+    }
+    ok &= check(x.alloc(&[Range::new(2000, 8)]) == Ok(0), "alloc over present pages");
+    let r: [_; 1] = core::array::from_fn(|_| x.results().next());
+    ok &= check(r[0] == Some(Ok(4)), "alloc skips the 4 present pages");
+    // SAFETY: still populated.
+    ok &= check(unsafe { x.page_mut(2001)[100] } == 0xab, "data kept over a second alloc");
+    // Frames that leave 'pool' for another region are zeroed on the way in.
+    ok &= check(x.free(&[Range::new(2000, 4)]) == Ok(0) && x.alloc(&[Range::new(2000, 4)]) == Ok(0), "free and alloc again");
+    // SAFETY: populated again; the same region's frame may come back as it was.
+    unsafe { x.page_mut(2001).fill(0xab) };
+    ok &= check(x.free(&[Range::new(2000, 4)]) == Ok(0), "free 2000..2004");
+    if let Ok(mut y) = ExMap::create("other", 2 * MIB, false) {
+        ok &= check(y.alloc(&[Range::new(0, 4)]) == Ok(0), "alloc in 'other'");
+        // SAFETY: pages 0..4 of 'other' are populated.
+        let clean = (0..4).all(|p| unsafe { y.page_mut(p).iter().all(|&b| b == 0) });
+        let z = y.info(abi::EXMAP_INFO_ZEROED).unwrap_or(0);
+        println!("exmap: frames moved from 'pool' to 'other': zeroed {z} of 4, contents clean: {clean}");
+        ok &= check(clean && z == 4, "zeroed across regions");
+        ok &= check(x.alloc(&[Range::new(2000, 4)]) == Ok(0), "alloc 2000..2004 again");
+    } else {
+        ok = check(false, "create 'other'");
+    }
+
+    // Bad entries fail alone: [ok, count 0, past the end, overflowing, duplicate, ok].
+    let pages = x.pages();
+    let entries = [
+        exmap_entry(3000, 2),
+        exmap_entry(3010, 0),
+        exmap_entry(pages, 1),
+        exmap_entry(pages - 1, 2),
+        exmap_entry(3001, 1),
+        exmap_entry(3100, 3),
+    ];
+    let failed = x.action_raw(abi::EXMAP_ALLOC, &entries);
+    let mut res = [Ok(0); 6];
+    for (slot, r) in res.iter_mut().zip(x.results()) {
+        *slot = r;
+    }
+    println!("exmap: bad entries: {failed:?} failed, results {res:?}");
+    ok &= check(failed == Ok(4), "4 entries fail");
+    ok &= check(res == [Ok(2), Err(Error::Invalid), Err(Error::BadAddress), Err(Error::TooLarge), Err(Error::Busy), Ok(3)], "per-entry results");
+    ok &= check(x.populated() == 8 + 5, "only the good entries populated");
+
+    // Bad calls change nothing.
+    let call = |a: [u64; 4]| guest_lib::hypercall::call(abi::HC_EXMAP_ACTION, [a[0], a[1], a[2], a[3], 0, 0]);
+    static mut PAGE: Aligned = Aligned([exmap_entry(4000, 1); 512]);
+    let page = core::ptr::addr_of!(PAGE) as u64;
+    let mem = info.memory_size;
+    let cases: [([u64; 4], Error, &str); 10] = [
+        ([x.addr(), page + 8, 1, abi::EXMAP_ALLOC], Error::Invalid, "unaligned iovec page"),
+        ([x.addr(), mem, 1, abi::EXMAP_ALLOC], Error::BadAddress, "iovec page past guest RAM"),
+        ([x.addr(), u64::MAX & !4095, 1, abi::EXMAP_ALLOC], Error::BadAddress, "iovec page wrapping"),
+        ([x.addr(), x.addr(), 1, abi::EXMAP_ALLOC], Error::BadAddress, "iovec page inside the region"),
+        ([x.addr(), page, 0, abi::EXMAP_ALLOC], Error::Invalid, "count 0"),
+        ([x.addr(), page, 513, abi::EXMAP_ALLOC], Error::Invalid, "count 513"),
+        ([x.addr(), page, 1, 9], Error::Invalid, "unknown opcode"),
+        ([x.addr() + 4096, page, 1, abi::EXMAP_ALLOC], Error::NotFound, "not a mount"),
+        ([0, page, 1, abi::EXMAP_FREE], Error::NotFound, "guest RAM is no region"),
+        ([x.addr(), page, 1, abi::EXMAP_READ], Error::NoSuchCall, "READ (not done yet)"),
+    ];
+    for (a, want, what) in cases {
+        let got = call(a);
+        ok &= check(got == Err(want), what);
+        if got != Err(want) {
+            println!("exmap: {what}: {got:?}");
+        }
+    }
+    // A plain morsel is no ExMap region.
+    if let Ok(m) = morsel::create("plain", 2 * MIB, morsel::PageSize::Size4K, false) {
+        ok &= check(call([m.addr(), page, 1, abi::EXMAP_ALLOC]) == Err(Error::Invalid), "a plain morsel");
+    }
+    // Bad creates.
+    let mk = |name: &str, size: u64, flags: u64| guest_lib::hypercall::call(abi::HC_EXMAP_CREATE, [name.as_ptr() as u64, name.len() as u64, size, flags, 0, 0]);
+    ok &= check(mk("pool", 4096, 0) == Err(Error::Busy), "name taken");
+    ok &= check(mk("r2", 0, 0) == Err(Error::Invalid), "size 0");
+    ok &= check(mk("r2", 4097, 0) == Err(Error::Invalid), "size unaligned");
+    ok &= check(mk("r2", abi::EXMAP_MAX_SIZE + 4096, 0) == Err(Error::TooLarge), "size too large");
+    ok &= check(mk("r2", 4096, 4) == Err(Error::Invalid), "unknown flag");
+    ok &= check(guest_lib::hypercall::call(abi::HC_EXMAP_CREATE, [mem, 4, 4096, 0, 0, 0]) == Err(Error::BadAddress), "name outside memory");
+    ok &= check(x.populated() == 13, "bad calls changed nothing");
+
+    // Everything goes: one call, one invalidation.
+    let inv0 = x.info(abi::EXMAP_INFO_INVALIDATIONS).unwrap_or(0);
+    let mut all = [Range::new(0, 1); 8];
+    let mut n = 0;
+    let mut p = 0;
+    while p < pages {
+        all[n] = Range::new(p, abi::EXMAP_MAX_COUNT.min(pages - p));
+        p += all[n].count;
+        n += 1;
+    }
+    ok &= check(x.free(&all[..n]) == Ok(0), "free all");
+    ok &= check(x.info(abi::EXMAP_INFO_INVALIDATIONS).unwrap_or(0) == inv0 + 1, "one invalidation for the whole free");
+    ok &= check(x.populated() == 0, "nothing populated at the end");
+    println!("exmap: all pages freed, {} populated", x.populated());
+    morsel::print_stats();
+    if ok {
+        println!("exmap: batches done");
+        0
+    } else {
+        1
+    }
+}
+
+#[repr(C, align(4096))]
+struct Aligned([u64; 512]);
+
+fn touch_freed() -> i32 {
+    let Ok(mut x) = ExMap::create("pool", 4 * MIB, false) else { return 1 };
+    if x.alloc(&[Range::new(0, 8)]) != Ok(0) {
+        return 1;
+    }
+    // SAFETY: page 5 is populated here.
+    unsafe { x.page_mut(5)[0] = 1 };
+    if x.free(&[Range::new(5, 1)]) != Ok(0) {
+        return 1;
+    }
+    println!("exmap: page 5 freed, touching it");
+    // SAFETY: none: page 5 is not populated; the hypervisor must stop this guest here.
+    let v = unsafe { core::ptr::read_volatile((x.addr() + 5 * 4096) as *const u8) };
+    println!("exmap: FAILED: read {v} from a freed page");
+    1
+}
+
+fn wait(n: u32) {
+    for _ in 0..n {
+        guest_lib::yield_now();
+    }
+}
+
+fn owner() -> i32 {
+    let Ok(mut x) = ExMap::create("pool", 4 * MIB, false) else { return 1 };
+    let mut ok = x.alloc(&[Range::new(0, 4)]) == Ok(0);
+    for p in 1..4 {
+        // SAFETY: pages 0..4 are populated.
+        unsafe { x.page_mut(p)[..8].copy_from_slice(&stamp(p).to_le_bytes()) };
+    }
+    unsafe { x.page_mut(0)[0] = 1 };
+    println!("exmap owner: pages 0..4 populated");
+    wait(40);
+    ok &= x.alloc(&[Range::new(4, 4)]) == Ok(0);
+    for p in 4..8 {
+        // SAFETY: pages 4..8 are populated now.
+        unsafe { x.page_mut(p)[..8].copy_from_slice(&stamp(p).to_le_bytes()) };
+    }
+    unsafe { x.page_mut(0)[0] = 2 };
+    println!("exmap owner: pages 4..8 populated");
+    // Long enough for the reader to check and be stopped even when timer preemptions
+    // interleave with the yields (a loaded host).
+    wait(400);
+    ok &= x.free(&[Range::new(0, 8)]) == Ok(0) && x.populated() == 0;
+    println!("exmap owner: all freed ({})", if ok { "ok" } else { "FAILED" });
+    if ok { 0 } else { 1 }
+}
+
+fn reader() -> i32 {
+    let mut tries = 0;
+    let pool = loop {
+        match morsel::open("pool") {
+            Ok(p) => break p,
+            Err(_) if tries < 100 => {
+                tries += 1;
+                guest_lib::yield_now();
+            }
+            Err(e) => {
+                println!("exmap reader: FAILED: open: {e}");
+                return 1;
+            }
+        }
+    };
+    let phase = |want: u8| {
+        for _ in 0..5000 {
+            // SAFETY: page 0 is populated from the owner's first step until it frees all,
+            // which it does only after waiting for us.
+            if unsafe { core::ptr::read_volatile(pool.as_ptr()) } >= want {
+                return true;
+            }
+            guest_lib::yield_now();
+        }
+        false
+    };
+    let word = |p: usize| u64::from_le_bytes(pool[p * 4096..p * 4096 + 8].try_into().unwrap());
+    let mut ok = phase(1) && (1..4).all(|p| word(p) == stamp(p as u64));
+    println!("exmap reader: sees pages 1..4 as populated: {ok}");
+    ok &= phase(2) && (4..8).all(|p| word(p) == stamp(p as u64));
+    println!("exmap reader: sees pages 4..8 as populated: {ok}");
+    // ALLOC and FREE through a read-only mount are refused.
+    #[repr(C, align(4096))]
+    struct P([u64; 512]);
+    let iov = P([exmap_entry(9, 1); 512]);
+    let a = guest_lib::hypercall::call(abi::HC_EXMAP_ACTION, [pool.addr(), iov.0.as_ptr() as u64, 1, abi::EXMAP_ALLOC, 0, 0]);
+    let f = guest_lib::hypercall::call(abi::HC_EXMAP_ACTION, [pool.addr(), iov.0.as_ptr() as u64, 1, abi::EXMAP_FREE, 0, 0]);
+    let w = ExMap::open_mut("pool").err();
+    println!("exmap reader: alloc {a:?}, free {f:?}, open read-write {w:?}");
+    ok &= a == Err(Error::Denied) && f == Err(Error::Denied) && w == Some(Error::Denied);
+    if !ok {
+        println!("exmap reader: FAILED");
+        return 1;
+    }
+    println!("exmap reader: writing to page 1");
+    // SAFETY: none: the mount is read-only; the hypervisor must stop this guest.
+    unsafe { core::ptr::write_volatile((pool.addr() + 4096) as *mut u8, 1) };
+    println!("exmap reader: FAILED: wrote through a read-only mount");
+    1
+}
