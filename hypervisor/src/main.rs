@@ -10,6 +10,7 @@ mod arch;
 mod devices;
 mod iommu;
 mod mm;
+mod morsels;
 mod platform;
 mod svm;
 mod vm;

@@ -93,7 +93,7 @@ pub struct Guest<B: Backend> {
     pub state: State,
     pub exits: [u64; ExitKind::COUNT],
     /// Morsels mounted in this guest's window.
-    pub mounts: alloc::vec::Vec<super::morsels::Mount>,
+    pub mounts: alloc::vec::Vec<crate::morsels::Mount>,
     console: Console,
 }
 

@@ -3,7 +3,7 @@
 //! anything wrong is an error code in rax, never a fault in the hypervisor.
 
 use super::guest::{Guest, State};
-use super::morsels::Directory;
+use crate::morsels::Directory;
 use super::{Backend, Regs};
 use crate::frames::Frames;
 use abi::{self, Error};
@@ -56,7 +56,7 @@ pub enum Action {
 pub struct Context<B: Backend> {
     pub guest_count: u64,
     pub morsels: Directory<B::Format>,
-    pub exmaps: super::exmap::Exmaps,
+    pub exmaps: crate::morsels::exmap::Exmaps,
     pub frames: Frames,
 }
 

@@ -3,13 +3,11 @@
 //! Nothing here tests the vendor; `main` picks VMX or SVM once from CPUID.
 
 pub mod console;
-pub mod exmap;
 pub mod fpu;
 pub mod guest;
 pub mod hypercall;
 pub mod loader;
 pub mod memory;
-pub mod morsels;
 pub mod sched;
 pub mod switch;
 

@@ -4,7 +4,7 @@
 
 use super::guest::{Guest, GuestSpec, State, Summary};
 use super::hypercall::{self, Action, Context};
-use super::morsels::Directory;
+use crate::morsels::Directory;
 use super::{Backend, Exit, ExitKind, Regs, Resume};
 use formats::decode;
 use morsel::GuestPhysAddr;
@@ -201,7 +201,7 @@ fn stop<B: Backend>(guest: &mut Guest<B>, exit: Exit, rip: u64) {
             let what = match guest.mem.is_mapped(GuestPhysAddr::new(gpa)) {
                 true if write => "violation of a read-only mapping".into(),
                 true => "violation".into(),
-                false => super::exmap::describe_fault(guest, gpa).unwrap_or_else(|| "outside its memory".into()),
+                false => crate::morsels::exmap::describe_fault(guest, gpa).unwrap_or_else(|| "outside its memory".into()),
             };
             log::error!(target: "vm", "guest {id} ({name}) stopped: {access} {what} at guest-physical {gpa:#x}, RIP {rip:#x}");
         }

@@ -11,9 +11,9 @@
 //! of them flush before it next runs (`before_run`). On one CPU no other guest runs during
 //! the call, so that is a complete shootdown; with SMP the epoch becomes the IPI shootdown.
 
-use super::guest::Guest;
-use super::morsels::{read_name, Directory};
-use super::Backend;
+use crate::vm::guest::Guest;
+use super::{read_name, Directory};
+use crate::vm::Backend;
 use crate::frames::{Frames, IDENTITY};
 use alloc::boxed::Box;
 use alloc::string::String;

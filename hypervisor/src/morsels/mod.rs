@@ -1,0 +1,152 @@
+//! The morsel manager: named morsels with an owner, a grant (may others write?), counters,
+//! and the hypercalls on them. Mounting writes one entry in the guest's second-level table
+//! (or a device domain's); unmounting clears it and invalidates the cached translations.
+//!
+//! - `directory`: create, open (mount), unmount, size, destroy, stats, end of run;
+//! - `persist`: persistent morsels (frames and records in the persistent region, recovery);
+//! - `device_mounts`: morsels in device DMA domains (VT-d; an NPT morsel through its VT-d view);
+//! - `proxy`: calls that make a device move a guest's morsel (edu DMA, the NVMe proxy);
+//! - `exmap`: ExMap regions (sparse morsels populated and evicted in batches).
+//!
+//! What a guest makes the hypervisor keep is bounded per guest (`abi::MORSEL_QUOTA` morsels,
+//! `abi::MOUNT_QUOTA` mounts, `abi::DEVICE_MOUNT_QUOTA` device mounts) and every heap
+//! allocation on those paths is fallible (`try_reserve`): `NoMemory`, never a panic.
+
+mod device_mounts;
+mod directory;
+pub mod exmap;
+mod persist;
+mod proxy;
+
+use crate::pci::Bdf;
+use alloc::string::String;
+use alloc::vec::Vec;
+use abi::Error;
+use hashbrown::HashMap;
+use crate::vm::guest::Guest;
+use crate::vm::Backend;
+use morsel::{Format, GuestPhysAddr, Morsel, MountStats, VtdSl};
+
+
+/// Longest morsel name.
+pub const NAME_MAX: usize = abi::MORSEL_NAME_MAX;
+
+/// One named morsel.
+pub(crate) struct Named<F: Format> {
+    pub(crate) morsel: Morsel<F>,
+    pub(crate) owner: u32,
+    pub(crate) others_may_write: bool,
+    /// PTE writes for mounts, unmounts; TLB invalidations.
+    mounts: u64,
+    unmounts: u64,
+    mount_pte_writes: u64,
+    path_pte_writes: u64,
+    unmount_pte_writes: u64,
+    invalidations: u64,
+    /// The VT-d view of a morsel whose format the IOMMU cannot walk (NPT), built on the
+    /// first device mount; destroyed with the morsel.
+    pub(crate) vtd_view: Option<Morsel<VtdSl>>,
+    /// Its directory slot in persistent memory, for a persistent morsel.
+    pub(crate) slot: Option<usize>,
+}
+
+impl<F: Format> Named<F> {
+    pub(crate) fn new(morsel: Morsel<F>, owner: u32, others_may_write: bool, slot: Option<usize>) -> Self {
+        Named {
+            morsel,
+            owner,
+            others_may_write,
+            mounts: 0,
+            unmounts: 0,
+            mount_pte_writes: 0,
+            path_pte_writes: 0,
+            unmount_pte_writes: 0,
+            invalidations: 0,
+            vtd_view: None,
+            slot,
+        }
+    }
+
+    /// Counts a mount (into a guest or a device domain) and what it wrote.
+    fn count_mount(&mut self, stats: &MountStats, invalidations: u64) {
+        self.mounts += 1;
+        self.mount_pte_writes += stats.entry_writes as u64;
+        self.path_pte_writes += stats.path_writes as u64;
+        self.invalidations += invalidations;
+    }
+
+    /// Counts an unmount and its invalidation.
+    fn count_unmount(&mut self, stats: &MountStats) {
+        self.unmounts += 1;
+        self.unmount_pte_writes += stats.entry_writes as u64;
+        self.invalidations += 1;
+    }
+
+    /// Whether `guest` may mount it read-write.
+    fn writable_by(&self, guest: u32) -> bool {
+        self.owner == guest || self.others_may_write
+    }
+}
+
+/// The owner of a persistent morsel restored after a reboot: no guest.
+pub(crate) const RESTORED: u32 = u32::MAX;
+
+/// A morsel mounted into a device's DMA domain on behalf of a guest.
+#[derive(Clone, Debug)]
+pub struct DeviceMount {
+    pub name: String,
+    pub bdf: Bdf,
+    pub iova: u64,
+    /// The I/O virtual span the mount occupies (the span of the morsel's root table).
+    pub window: u64,
+    pub guest: u32,
+}
+
+/// A mount in one guest.
+#[derive(Clone, Debug)]
+pub struct Mount {
+    pub gpa: u64,
+    pub size: u64,
+    /// The guest-physical span the mount occupies (the span of the morsel's root table).
+    pub window: u64,
+    pub name: String,
+    /// Mounted read-write (else read-only).
+    pub writable: bool,
+}
+
+/// All morsels of the run.
+pub struct Directory<F: Format> {
+    pub(crate) named: HashMap<String, Named<F>>,
+    pub(crate) devices: Vec<DeviceMount>,
+}
+
+impl<F: Format> Directory<F> {
+    pub fn new() -> Self {
+        Directory { named: HashMap::new(), devices: Vec::new() }
+    }
+
+}
+
+/// A copy of `s` on the heap, or `NoMemory` (never the allocation-failure panic).
+pub(crate) fn try_string(s: &str) -> Result<String, Error> {
+    let mut out = String::new();
+    out.try_reserve_exact(s.len()).map_err(|_| Error::NoMemory)?;
+    out.push_str(s);
+    Ok(out)
+}
+
+/// A morsel name from guest memory: 1 to `NAME_MAX` printable ASCII bytes, no spaces.
+pub(crate) fn read_name<B: Backend>(g: &Guest<B>, ptr: u64, len: u64) -> Result<String, Error> {
+    if len == 0 || len > NAME_MAX as u64 {
+        return Err(Error::Invalid);
+    }
+    let mut buf = [0u8; NAME_MAX];
+    let buf = &mut buf[..len as usize];
+    g.mem.read(GuestPhysAddr::new(ptr), buf)?;
+    // Printable ASCII without spaces: names appear in logs and in other guests' calls.
+    if !buf.iter().all(u8::is_ascii_graphic) {
+        return Err(Error::Invalid);
+    }
+    try_string(core::str::from_utf8(buf).map_err(|_| Error::Invalid)?)
+}
+
