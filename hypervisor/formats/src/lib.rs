@@ -21,3 +21,4 @@ pub mod pmem_layout;
 pub mod svm_caps;
 pub mod units;
 pub mod vmx_caps;
+pub mod vtd_qi;

@@ -35,7 +35,7 @@ pub fn with<R>(f: impl FnOnce(&mut Devices) -> R) -> Option<R> {
 /// Enumerates PCI bus 0, brings up the VT-d unit with translation on (every device blocked
 /// until it gets a domain) and the edu and NVMe drivers. Without a DMAR or ECAM it does
 /// nothing; returns false if an IOMMU is there but could not be set up.
-pub fn init(platform: &Platform, frames: &Frames) -> bool {
+pub fn init(platform: &Platform, frames: &Frames, options: crate::cmdline::IommuOptions) -> bool {
     let (Some(ecam), Some(dmar_at)) = (platform.ecam, platform.dmar) else {
         return true;
     };
@@ -70,7 +70,7 @@ pub fn init(platform: &Platform, frames: &Frames) -> bool {
             return false;
         }
     };
-    if let Err(e) = vtd.enable() {
+    if let Err(e) = vtd.enable(options.register_invalidation, frames) {
         log::error!(target: "iommu", "cannot enable translation: {e}");
         return false;
     }

@@ -1,10 +1,12 @@
 //! One Intel VT-d remapping unit: its registers, the root and context tables, turning
-//! translation on, context-cache and IOTLB invalidation (register-based), and the fault
-//! recording registers. Devices without a context entry are blocked once translation is on.
+//! translation on, context-cache and IOTLB invalidation (queued where the unit offers it,
+//! ECAP.QI, else register-based), and the fault recording registers. Devices without a
+//! context entry are blocked once translation is on.
 
 use super::domain::Domain;
 use crate::frames::{Frames, IDENTITY};
 use formats::mmio::Mmio;
+use formats::vtd_qi::{self, Descriptor, Scope};
 use crate::pci::Bdf;
 use alloc::vec::Vec;
 use morsel::{HostPhysAddr, PhysMem, SecondLevelTable, VtdSl};
@@ -19,12 +21,18 @@ const RTADDR: u64 = 0x20;
 const CCMD: u64 = 0x28;
 const FSTS: u64 = 0x34;
 const FECTL: u64 = 0x38;
+/// Invalidation queue head, tail and address registers (VT-d spec 10.4.23-25).
+const IQH: u64 = 0x80;
+const IQT: u64 = 0x88;
+const IQA: u64 = 0x90;
 
 /// GCMD/GSTS bits (VT-d spec 10.4.4, 10.4.5): translation enable, set root table pointer,
 /// write buffer flush; the persistent ones a GCMD write must repeat.
 const GCMD_TE: u32 = 1 << 31;
 const GCMD_SRTP: u32 = 1 << 30;
 const GCMD_WBF: u32 = 1 << 27;
+/// Queued invalidation enable, GCMD/GSTS bit 26 (VT-d spec 10.4.4).
+const GCMD_QIE: u32 = 1 << 26;
 const GCMD_PERSISTENT: u32 = GCMD_TE | 1 << 26 | 1 << 25 | 1 << 23;
 
 /// CCMD: ICC bit 63 (busy), CIRG 62:61 = 1 global (VT-d spec 10.4.7).
@@ -39,6 +47,8 @@ const IOTLB_DRAIN: u64 = 1 << 49 | 1 << 48;
 
 /// FSTS: primary fault overflow bit 0, primary pending fault bit 1 (VT-d spec 10.4.9).
 const FSTS_PFO: u32 = 1 << 0;
+/// FSTS: invalidation queue error bit 4 (VT-d spec 10.4.9): a descriptor the unit rejected.
+const FSTS_IQE: u32 = 1 << 4;
 /// FECTL: interrupt mask bit 31 (VT-d spec 10.4.10): faults are polled, not signalled.
 const FECTL_IM: u32 = 1 << 31;
 
@@ -83,6 +93,8 @@ pub enum Error {
     Timeout(&'static str),
     TooManyDomains,
     BadBase(u64),
+    /// The unit rejected a queued descriptor (FSTS.IQE) at this queue offset.
+    QueueError(u64),
 }
 
 impl core::fmt::Display for Error {
@@ -93,6 +105,7 @@ impl core::fmt::Display for Error {
             Error::Timeout(what) => write!(f, "{what} did not complete"),
             Error::TooManyDomains => write!(f, "out of domain ids"),
             Error::BadBase(base) => write!(f, "register page {base:#x} is not below 4 GiB"),
+            Error::QueueError(at) => write!(f, "invalidation queue error at descriptor offset {at:#x}"),
         }
     }
 }
@@ -146,7 +159,23 @@ pub struct Vtd {
     /// Faults seen so far.
     pub faults_seen: u64,
     pub invalidations: u64,
+    /// The invalidation queue, once queued invalidation is on.
+    queue: Option<Queue>,
 }
+
+/// The invalidation queue (VT-d spec 6.5.2): one 4 KiB page of 256 descriptors, and a status
+/// word the unit writes when a wait descriptor completes.
+struct Queue {
+    base: HostPhysAddr,
+    /// Next free slot (the software tail).
+    tail: u64,
+    status: HostPhysAddr,
+    /// Status data of the last wait descriptor.
+    seq: u32,
+}
+
+/// Queue size: 2^0 pages.
+const QUEUE_QS: u8 = 0;
 
 impl Vtd {
     /// Reads the capabilities of the unit at `base` and builds an empty root table.
@@ -155,7 +184,7 @@ impl Vtd {
         // not RAM.
         let regs = unsafe { Mmio::new(base, 4096) }.ok_or(Error::BadBase(base))?;
         let mut v = Vtd { regs, cap: 0, ecap: 0, levels: 0, root: HostPhysAddr::new(0), context: Vec::new(),
-            domains: Vec::new(), gcmd: 0, mem: VtdMem { coherent: true }, faults_seen: 0, invalidations: 0 };
+            domains: Vec::new(), gcmd: 0, mem: VtdMem { coherent: true }, faults_seen: 0, invalidations: 0, queue: None };
         v.cap = v.regs.read64(CAP);
         v.ecap = v.regs.read64(ECAP);
         // SAGAW bits 12:8: bit 1 = 39-bit 3-level, bit 2 = 48-bit 4-level (VT-d spec 10.4.2).
@@ -172,12 +201,21 @@ impl Vtd {
         Ok(v)
     }
 
-    /// Points the unit at the root table, invalidates everything, and turns translation on:
-    /// from now on a device without a context entry cannot reach memory.
-    pub fn enable(&mut self) -> Result<(), Error> {
+    /// Points the unit at the root table, turns queued invalidation on where the unit offers
+    /// it (ECAP.QI bit 1, VT-d spec 10.4.3) unless `register_only`, invalidates everything,
+    /// and turns translation on: from now on a device without a context entry cannot reach
+    /// memory.
+    pub fn enable(&mut self, register_only: bool, frames: &Frames) -> Result<(), Error> {
         self.regs.write32(FECTL, FECTL_IM);
         self.regs.write64(RTADDR, self.root.as_u64());
         self.command(GCMD_SRTP, true, "set root table pointer")?;
+        if self.ecap >> 1 & 1 == 0 {
+            log::info!(target: "iommu", "invalidation: register-based (the unit has no queued invalidation)");
+        } else if register_only {
+            log::info!(target: "iommu", "invalidation: register-based (iommu=register)");
+        } else {
+            self.enable_queue(frames)?;
+        }
         self.invalidate_all()?;
         self.write_buffer_flush()?;
         self.gcmd |= GCMD_TE;
@@ -212,8 +250,68 @@ impl Vtd {
         Err(Error::Timeout("write buffer flush"))
     }
 
+    /// Sets up the invalidation queue (VT-d spec 6.5.2: IQT = 0, IQA, then GCMD.QIE and wait
+    /// for GSTS.QIES). From then on the register-based interface must not be used.
+    fn enable_queue(&mut self, frames: &Frames) -> Result<(), Error> {
+        let base = frames.alloc_zeroed(0).ok_or(Error::NoMemory)?;
+        let status = frames.alloc_zeroed(0).ok_or(Error::NoMemory)?;
+        self.regs.write64(IQT, 0);
+        self.regs.write64(IQA, vtd_qi::iqa(base.as_u64(), QUEUE_QS));
+        self.gcmd |= GCMD_QIE;
+        self.command(GCMD_QIE, true, "queued invalidation enable")?;
+        self.queue = Some(Queue { base, tail: 0, status, seq: 0 });
+        log::info!(target: "iommu", "invalidation: queued (queue of {} descriptors at {:#x}, completion by invalidation wait descriptor with status write)",
+            vtd_qi::entries(QUEUE_QS), base.as_u64());
+        Ok(())
+    }
+
+    /// Queues `descs` followed by an invalidation wait descriptor, moves the tail, and polls
+    /// until the unit has written the wait's status (every descriptor before it is done).
+    fn submit(&mut self, descs: &[Descriptor]) -> Result<(), Error> {
+        let regs = &self.regs;
+        let Some(q) = self.queue.as_mut() else { return Err(Error::Timeout("invalidation queue (not on)")) };
+        let n = vtd_qi::entries(QUEUE_QS);
+        q.seq = q.seq.wrapping_add(1);
+        let status = q.status.as_u64() as *mut u32;
+        // SAFETY: the status frame is ours and identity-mapped; the unit writes it by DMA.
+        unsafe { core::ptr::write_volatile(status, 0) };
+        for d in descs.iter().chain(core::iter::once(&vtd_qi::wait(q.status.as_u64(), q.seq))) {
+            let at = q.base.as_u64() + vtd_qi::slot_offset(q.tail);
+            // SAFETY: slot `tail` lies inside the queue page we own; the unit reads it only
+            // once the tail register moves past it.
+            unsafe {
+                core::ptr::write_volatile(at as *mut u64, d.lo);
+                core::ptr::write_volatile((at + 8) as *mut u64, d.hi);
+            }
+            if !self.mem.coherent {
+                // SAFETY: as above; clflush of our own line.
+                unsafe { core::arch::x86_64::_mm_clflush(at as *const u8) };
+            }
+            q.tail = (q.tail + 1) % n;
+        }
+        core::sync::atomic::fence(core::sync::atomic::Ordering::SeqCst);
+        regs.write64(IQT, vtd_qi::slot_offset(q.tail));
+        for _ in 0..1_000_000 {
+            // SAFETY: as above.
+            if unsafe { core::ptr::read_volatile(status) } == q.seq {
+                return Ok(());
+            }
+            if regs.read32(FSTS) & FSTS_IQE != 0 {
+                let head = regs.read64(IQH);
+                regs.write32(FSTS, FSTS_IQE);
+                return Err(Error::QueueError(head));
+            }
+            core::hint::spin_loop();
+        }
+        Err(Error::Timeout("invalidation wait"))
+    }
+
     /// Global context-cache and IOTLB invalidation.
     fn invalidate_all(&mut self) -> Result<(), Error> {
+        if self.queue.is_some() {
+            self.invalidations += 1;
+            return self.submit(&[vtd_qi::context(Scope::Global), vtd_qi::iotlb(Scope::Global)]);
+        }
         self.regs.write64(CCMD, CCMD_ICC | CCMD_GLOBAL);
         self.wait64(CCMD, CCMD_ICC, "context-cache invalidation")?;
         self.iotlb(IOTLB_GLOBAL)
@@ -241,6 +339,10 @@ impl Vtd {
     /// Drops the cached translations of one domain (after a mount or unmount in its table).
     pub fn flush_domain(&mut self, id: u16) -> Result<(), Error> {
         self.write_buffer_flush()?;
+        if self.queue.is_some() {
+            self.invalidations += 1;
+            return self.submit(&[vtd_qi::iotlb(Scope::Domain(id))]);
+        }
         self.iotlb(IOTLB_DOMAIN | (id as u64) << 32)
     }
 
