@@ -14,6 +14,7 @@ pub mod bdf;
 pub mod decode;
 pub mod dmar;
 pub mod elf;
+pub mod ivrs;
 pub mod le;
 pub mod mmio;
 pub mod nfit;

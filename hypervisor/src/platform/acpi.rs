@@ -152,12 +152,6 @@ impl Platform {
         }
         if let Some(a) = self.ivrs {
             log::info!(target: "acpi", "IVRS: present at {a:#x} (AMD IOMMU)");
-            // SAFETY: TEMP dump
-            let len = unsafe { ((a + 4) as *const u32).read_unaligned() } as usize;
-            let b = unsafe { core::slice::from_raw_parts(a as *const u8, len) };
-            for (i, c) in b.chunks(16).enumerate() {
-                log::info!(target: "acpi", "IVRS {:03x}: {:02x?}", i * 16, c);
-            }
         }
         if let Some(a) = self.nfit {
             log::info!(target: "acpi", "NFIT: present at {a:#x} (persistent memory)");
