@@ -9,6 +9,7 @@ extern crate alloc;
 #[cfg(test)]
 extern crate std;
 
+pub mod amdvi;
 pub mod archive;
 pub mod bdf;
 pub mod decode;
