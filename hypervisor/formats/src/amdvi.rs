@@ -15,7 +15,7 @@ const DTE_IW: u64 = 1 << 62;
 /// A device translated through a `levels`-level page table at `root` in domain `domain`:
 /// V, TV, Mode = levels, IR and IW (the page tables narrow the rights).
 pub fn dte_translated(root: u64, levels: u8, domain: u16) -> Dte {
-    debug_assert!(root % 4096 == 0 && (1..=6).contains(&levels));
+    debug_assert!(root.is_multiple_of(4096) && (1..=6).contains(&levels));
     [DTE_V | DTE_TV | (levels as u64) << 9 | root | DTE_IR | DTE_IW, domain as u64, 0, 0]
 }
 
@@ -29,14 +29,14 @@ pub fn dte_blocked() -> Dte {
 /// Device table size field for 65536 entries of 32 bytes: 2 MiB = 512 pages, the register
 /// holds pages - 1 in bits 8:0 (spec 3.4.1, Device Table Base Address Register).
 pub fn devtab_register(base: u64) -> u64 {
-    debug_assert!(base % 4096 == 0);
+    debug_assert!(base.is_multiple_of(4096));
     base | 0x1ff
 }
 
 /// Command buffer / event log base registers: base bits 51:12, length bits 59:56 as log2 of
 /// the number of 16-byte entries, at least 8 (spec 3.4.2, 3.4.3).
 pub fn ring_register(base: u64, log2_entries: u8) -> u64 {
-    debug_assert!(base % 4096 == 0 && (8..=15).contains(&log2_entries));
+    debug_assert!(base.is_multiple_of(4096) && (8..=15).contains(&log2_entries));
     base | (log2_entries as u64) << 56
 }
 
@@ -51,7 +51,7 @@ pub const OP_INVALIDATE_IOMMU_PAGES: u64 = 0x3;
 /// COMPLETION_WAIT (spec 2.4.1): S bit 0 (store `data` at `addr` when every earlier command
 /// has completed), store address bits 51:3, data in the second quadword. No interrupt (I).
 pub fn completion_wait(addr: u64, data: u64) -> Command {
-    debug_assert!(addr % 8 == 0 && addr >> 52 == 0);
+    debug_assert!(addr.is_multiple_of(8) && addr >> 52 == 0);
     Command([OP_COMPLETION_WAIT << 60 | addr | 1, data])
 }
 

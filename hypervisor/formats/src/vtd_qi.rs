@@ -52,14 +52,14 @@ pub fn iotlb(scope: Scope) -> Descriptor {
 /// (FN: later descriptors wait for this one), status data bits 63:32; `hi` holds the status
 /// address, 4-byte aligned (bits 63:2). No interrupt (IF bit 4 = 0): the driver polls.
 pub fn wait(status_addr: u64, data: u32) -> Descriptor {
-    debug_assert!(status_addr % 4 == 0);
+    debug_assert!(status_addr.is_multiple_of(4));
     Descriptor { lo: TYPE_WAIT | 1 << 5 | 1 << 6 | (data as u64) << 32, hi: status_addr & !3 }
 }
 
 /// IQA_REG (VT-d spec 10.4.25): queue base bits 63:12, descriptor width bit 11 (0 = 128-bit),
 /// queue size bits 2:0 (2^QS pages of 4 KiB, 256 descriptors each).
 pub fn iqa(base: u64, qs: u8) -> u64 {
-    debug_assert!(base % 4096 == 0 && qs <= 7);
+    debug_assert!(base.is_multiple_of(4096) && qs <= 7);
     base | qs as u64
 }
 

@@ -4,12 +4,13 @@
 //! context entry are blocked once translation is on.
 
 use super::domain::Domain;
+use super::{Error, Fault, Iommu, Views};
 use crate::frames::{Frames, IDENTITY};
 use formats::mmio::Mmio;
 use formats::vtd_qi::{self, Descriptor, Scope};
 use crate::pci::Bdf;
 use alloc::vec::Vec;
-use morsel::{HostPhysAddr, PhysMem, SecondLevelTable, VtdSl};
+use morsel::{HostPhysAddr, Morsel, PhysMem, SecondLevelTable, VtdSl};
 
 /// Register offsets (VT-d spec 10.4).
 const VER: u64 = 0x00;
@@ -54,61 +55,6 @@ const FECTL_IM: u32 = 1 << 31;
 
 /// Root and context entries: present bit 0 (VT-d spec 9.1, 9.3).
 const PRESENT: u64 = 1;
-
-/// One fault record (VT-d spec 10.4.14).
-#[derive(Clone, Copy, Debug)]
-pub struct Fault {
-    pub source: Bdf,
-    /// Page address of the faulting request (bits 63:12 of the fault info).
-    pub address: u64,
-    pub reason: u8,
-    pub write: bool,
-}
-
-impl Fault {
-    /// The fault reason's meaning (VT-d spec 7.1.3, table of non-recoverable fault reasons).
-    pub fn reason_text(&self) -> &'static str {
-        match self.reason {
-            1 => "root entry not present",
-            2 => "context entry not present",
-            3 => "invalid context entry",
-            4 => "address beyond the domain's address width",
-            5 => "write to a page without write permission",
-            6 => "page not present or not readable",
-            7 => "error reading a second-level table",
-            8 => "error reading the root table",
-            9 => "error reading the context table",
-            0xa..=0xc => "reserved bit set in a table entry",
-            0xd => "blocked by the context entry's translation type",
-            _ => "other",
-        }
-    }
-}
-
-/// Why the unit cannot be used.
-#[derive(Debug)]
-pub enum Error {
-    NoLevels(u64),
-    NoMemory,
-    Timeout(&'static str),
-    TooManyDomains,
-    BadBase(u64),
-    /// The unit rejected a queued descriptor (FSTS.IQE) at this queue offset.
-    QueueError(u64),
-}
-
-impl core::fmt::Display for Error {
-    fn fmt(&self, f: &mut core::fmt::Formatter) -> core::fmt::Result {
-        match self {
-            Error::NoLevels(sagaw) => write!(f, "no supported second-level table depth (SAGAW {sagaw:#x})"),
-            Error::NoMemory => write!(f, "out of memory for tables"),
-            Error::Timeout(what) => write!(f, "{what} did not complete"),
-            Error::TooManyDomains => write!(f, "out of domain ids"),
-            Error::BadBase(base) => write!(f, "register page {base:#x} is not below 4 GiB"),
-            Error::QueueError(at) => write!(f, "invalidation queue error at descriptor offset {at:#x}"),
-        }
-    }
-}
 
 /// Page-table stores as the remapping hardware must see them: with a cache-line flush where
 /// its walks are not coherent with the CPU caches (ECAP.C = 0, VT-d spec 10.4.3).
@@ -418,10 +364,10 @@ impl Vtd {
                 continue;
             }
             let low = self.regs.read64(at);
-            let f = Fault { source: Bdf::from_source_id(high as u16), address: low & !0xfff,
-                reason: (high >> 32) as u8, write: high >> 62 & 1 == 0 };
-            log::error!(target: "iommu", "DMA fault: device {}, address {:#x}, reason {} ({}), {}",
-                f.source, f.address, f.reason, f.reason_text(), if f.write { "write" } else { "read" });
+            let f = Fault { source: Bdf::from_source_id(high as u16), address: low & !0xfff, write: high >> 62 & 1 == 0 };
+            let reason = (high >> 32) as u8;
+            log::error!(target: "iommu", "DMA fault: device {}, address {:#x}, reason {reason} ({}), {}",
+                f.source, f.address, reason_text(reason), if f.write { "write" } else { "read" });
             // F is write-1-to-clear.
             self.regs.write64(at + 8, 1 << 63);
             out.push(f);
@@ -438,4 +384,54 @@ impl Vtd {
 /// CAP.ND bits 2:0: 2^(4 + 2 ND) domain ids (VT-d spec 10.4.2).
 fn domains(cap: u64) -> u64 {
     1 << (4 + 2 * (cap & 7))
+}
+
+/// A fault reason's meaning (VT-d spec 7.1.3, table of non-recoverable fault reasons).
+fn reason_text(reason: u8) -> &'static str {
+    match reason {
+        1 => "root entry not present",
+        2 => "context entry not present",
+        3 => "invalid context entry",
+        4 => "address beyond the domain's address width",
+        5 => "write to a page without write permission",
+        6 => "page not present or not readable",
+        7 => "error reading a second-level table",
+        8 => "error reading the root table",
+        9 => "error reading the context table",
+        0xa..=0xc => "reserved bit set in a table entry",
+        0xd => "blocked by the context entry's translation type",
+        _ => "other",
+    }
+}
+
+impl Iommu for Vtd {
+    type Format = VtdSl;
+    type Mem = VtdMem;
+    const NAME: &'static str = "VT-d";
+
+    fn mem(&self) -> VtdMem {
+        self.mem
+    }
+    fn attach(&mut self, bdf: Bdf, frames: &Frames) -> Result<(), Error> {
+        Vtd::attach(self, bdf, frames).map(|_| ())
+    }
+    fn table(&mut self, bdf: Bdf) -> Option<&mut SecondLevelTable<VtdSl>> {
+        self.domain_of(bdf).map(|d| &mut d.table)
+    }
+    fn invalidate(&mut self, bdf: Bdf) -> Result<(), Error> {
+        let id = self.domain_of(bdf).ok_or(Error::NoDomain)?.id;
+        self.flush_domain(id)
+    }
+    fn poll_faults(&mut self) -> Vec<Fault> {
+        Vtd::poll_faults(self)
+    }
+    fn prune_domains(&mut self, frames: &Frames) {
+        Vtd::prune_domains(self, frames)
+    }
+    fn counters(&self) -> (u64, u64) {
+        (self.faults_seen, self.invalidations)
+    }
+    fn view_slot(views: &mut Views) -> &mut Option<Morsel<VtdSl>> {
+        &mut views.vtd
+    }
 }

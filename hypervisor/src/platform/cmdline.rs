@@ -37,9 +37,6 @@ pub enum Test {
 pub struct IommuOptions {
     /// `iommu=register`: VT-d register-based invalidation even where the unit has a queue.
     pub register_invalidation: bool,
-    /// `iommu=sharept`: device-mounted morsels are built in the EPT format and their own
-    /// subtree is mounted into the VT-d domain (the VMX backend's path), not a VT-d view.
-    pub sharept: bool,
 }
 
 pub const DEFAULT_GUEST_MEMORY: u64 = 16 << 20;
@@ -53,7 +50,7 @@ pub struct Args {
     pub pmem: pmem::Options,
     /// `cpus=N`: at most N CPUs online (None: every enabled CPU of the MADT).
     pub cpus: Option<usize>,
-    /// `iommu=register`, `iommu=sharept`.
+    /// `iommu=register`.
     pub iommu: IommuOptions,
     /// Words that were not understood, with the reason.
     pub errors: Vec<(&'static str, &'static str)>,
@@ -87,7 +84,6 @@ impl Args {
                 Some(("test", "pmem-crash:format")) => a.pmem.crash = Some(CrashPoint::Format),
                 Some(("test", "pmem-crash:magic")) => a.pmem.crash = Some(CrashPoint::Magic),
                 Some(("iommu", "register")) => a.iommu.register_invalidation = true,
-                Some(("iommu", "sharept")) => a.iommu.sharept = true,
                 Some(("cpus", n)) => match n.parse::<usize>() {
                     Ok(n) if n >= 1 => a.cpus = Some(n),
                     _ => a.errors.push((word, "cpus wants a number of CPUs, at least 1")),

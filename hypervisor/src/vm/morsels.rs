@@ -3,10 +3,11 @@
 //! size, destroy and report them. Mounting writes one entry in the guest's second-level
 //! table; unmounting clears it and invalidates the guest's cached translations.
 //!
-//! Devices get morsels the same way: `device_mount` writes one entry in the device's VT-d
-//! domain and flushes its IOTLB. EPT subtrees are mounted into the domain as they are (the
-//! formats share, Xen's `iommu=sharept`); an NPT morsel gets a VT-d view over the same data
-//! frames (`Morsel::view`), built on its first device mount and kept with the morsel. The
+//! Devices get morsels the same way: `device_mount` writes one entry in the device's IOMMU
+//! domain (VT-d or AMD-Vi, `crate::iommu`) and invalidates its IOTLB. EPT subtrees are
+//! mounted into a VT-d domain as they are (the formats share, Xen's `iommu=sharept`);
+//! otherwise the morsel gets a view in the IOMMU's format over the same data frames
+//! (`Morsel::view`), built on its first device mount and kept with the morsel. The
 //! NVMe proxy (`nvme_io`) mounts the caller's morsel into the NVMe domain for one call.
 //!
 //! What a guest makes the hypervisor keep is bounded per guest (`abi::MORSEL_QUOTA` morsels,
@@ -24,7 +25,7 @@ use hashbrown::HashMap;
 use formats::units::Bytes;
 use crate::devices;
 use crate::pci::Bdf;
-use morsel::{can_share, Format, GuestPhysAddr, IoVirtAddr, Morsel, MountStats, PageSize, Perm, SecondLevelTable, VtdSl};
+use morsel::{Format, GuestPhysAddr, Morsel, PageSize, Perm};
 
 /// Longest morsel name.
 pub const NAME_MAX: usize = abi::MORSEL_NAME_MAX;
@@ -41,9 +42,9 @@ struct Named<F: Format> {
     path_pte_writes: u64,
     unmount_pte_writes: u64,
     invalidations: u64,
-    /// The VT-d view of a morsel whose format the IOMMU cannot walk (NPT), built on the
-    /// first device mount; destroyed with the morsel.
-    vtd_view: Option<Morsel<VtdSl>>,
+    /// The views of a morsel whose format the IOMMU cannot walk (NPT), built on the first
+    /// device mount; destroyed with the morsel.
+    views: crate::iommu::Views,
     /// Its directory slot in persistent memory, for a persistent morsel.
     slot: Option<usize>,
 }
@@ -170,7 +171,7 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
             path_pte_writes: 0,
             unmount_pte_writes: 0,
             invalidations: 0,
-            vtd_view: None,
+            views: Default::default(),
             slot,
         });
         let gpa = self.mount(g, frames, &name, true);
@@ -257,7 +258,7 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
             self.named.insert(r.name, Named {
                 morsel, owner: RESTORED, others_may_write: r.others_may_write, mounts: 0, unmounts: 0,
                 mount_pte_writes: 0, path_pte_writes: 0, unmount_pte_writes: 0, invalidations: 0,
-                vtd_view: None, slot: Some(slot),
+                views: Default::default(), slot: Some(slot),
             });
         }
         // Quarantine: what a damaged record still reaches (inside the region, allocated, not a
@@ -394,14 +395,11 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         }
     }
 
-    /// Destroys a morsel's VT-d view (its tables are RAM frames, also for a persistent morsel).
+    /// Destroys a morsel's device views (their tables are RAM frames, also for a persistent
+    /// morsel).
     fn drop_view(&self, name: &str, n: &mut Named<F>, frames: &Frames) {
-        if let Some(view) = n.vtd_view.take() {
-            let tables = view.table_count();
-            match view.destroy(frames, &IDENTITY) {
-                Ok(()) => log::info!(target: "morsel", "'{name}': VT-d view destroyed, {tables} tables given back"),
-                Err((_, e)) => log::error!(target: "morsel", "'{name}': VT-d view cannot be destroyed: {e}"),
-            }
+        if let Some((tables, format)) = n.views.destroy(frames) {
+            log::info!(target: "morsel", "'{name}': {format} view destroyed, {tables} tables given back");
         }
     }
 
@@ -436,10 +434,10 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
             let _ = self.device_unmount_one(&d, frames);
         }
         devices::with(|d| {
-            d.vtd.prune_domains(frames);
-            d.vtd.poll_faults();
-            log::info!(target: "iommu", "end of run: {} DMA fault(s) reported, {} IOTLB invalidations",
-                d.vtd.faults_seen, d.vtd.invalidations);
+            d.iommu.prune_domains(frames);
+            d.iommu.poll_faults();
+            let (faults, invalidations) = d.iommu.counters();
+            log::info!(target: "iommu", "end of run: {faults} DMA fault(s) reported, {invalidations} IOTLB invalidations ({})", d.iommu.name());
         });
         let names: Vec<String> = self.named.keys().cloned().collect();
         for name in names {
@@ -485,7 +483,6 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         self.devices.try_reserve(1).map_err(|_| Error::NoMemory)?;
         let lent_to = self.devices.iter().find(|d| d.bdf == bdf).map(|d| d.guest);
         let (stats, how) = devices::with(|d| {
-            let mem = d.vtd.mem;
             if !d.functions.iter().any(|f| f.bdf == bdf) {
                 return Err(Error::NotFound);
             }
@@ -497,11 +494,9 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
                 Some(_) => {}
                 None => devices::edu_scrub(d, frames)?,
             }
-            let dom = d.vtd.domain_of(bdf).ok_or(Error::NotFound)?;
-            let r = mount_in_domain(n, &mut dom.table, iova, perm, frames, &mem)?;
-            let id = dom.id;
-            d.vtd.flush_domain(id).map_err(|_| Error::DeviceFault)?;
-            Ok((r.0, r.1))
+            let r = d.iommu.mount(bdf, &n.morsel, &mut n.views, iova, perm, frames).map_err(mount_error)?;
+            d.iommu.invalidate(bdf).map_err(|_| Error::DeviceFault)?;
+            Ok(r)
         })
         .unwrap_or(Err(Error::NotFound))?;
         n.mounts += 1;
@@ -544,11 +539,8 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         self.devices.retain(|d| !(d.bdf == m.bdf && d.iova == m.iova));
         let n = self.named.get_mut(&m.name).ok_or(Error::NotFound)?;
         let stats = devices::with(|d| {
-            let mem = d.vtd.mem;
-            let dom = d.vtd.domain_of(m.bdf).ok_or(Error::NotFound)?;
-            let s = unmount_in_domain(n, &mut dom.table, m.iova, frames, &mem)?;
-            let id = dom.id;
-            d.vtd.flush_domain(id).map_err(|_| Error::DeviceFault)?;
+            let s = d.iommu.unmount(m.bdf, &n.morsel, &mut n.views, m.iova, frames).map_err(|_| Error::Invalid)?;
+            d.iommu.invalidate(m.bdf).map_err(|_| Error::DeviceFault)?;
             Ok(s)
         })
         .unwrap_or(Err(Error::NotFound))?;
@@ -584,16 +576,14 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         let n = self.named.get_mut(&name).ok_or(Error::NotFound)?;
         let window = n.morsel.window_size();
         devices::with(|d| {
-            let mem = d.vtd.mem;
             let bdf = d.nvme.as_ref().ok_or(Error::NotFound)?.bdf;
-            let dom = d.vtd.domain_of(bdf).ok_or(Error::NotFound)?;
+            let limit = d.iommu.limit(bdf).ok_or(Error::NotFound)?;
             let iova = devices::nvme::PROXY_IOVA.next_multiple_of(window);
-            if iova.checked_add(window).is_none_or(|end| end > dom.table.limit()) {
+            if iova.checked_add(window).is_none_or(|end| end > limit) {
                 return Err(Error::TooLarge);
             }
-            let (stats, how) = mount_in_domain(n, &mut dom.table, iova, perm, frames, &mem)?;
-            let id = dom.id;
-            d.vtd.flush_domain(id).map_err(|_| Error::DeviceFault)?;
+            let (stats, how) = d.iommu.mount(bdf, &n.morsel, &mut n.views, iova, perm, frames).map_err(mount_error)?;
+            d.iommu.invalidate(bdf).map_err(|_| Error::DeviceFault)?;
             log::info!(target: "morsel", "'{name}' mounted {} into device {bdf} at I/O virtual address {iova:#x} for the NVMe proxy: {} PTE write (+{}), {how}",
                 if write { "read-only" } else { "read-write" }, stats.entry_writes, stats.path_writes);
             let done = match d.nvme.as_mut() {
@@ -601,11 +591,8 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
                 None => Err(devices::nvme::IoError::Invalid),
             };
             let faulted = devices::faults_of(d, bdf);
-            let freed = match d.vtd.domain_of(bdf) {
-                Some(dom) => unmount_in_domain(n, &mut dom.table, iova, frames, &mem).map_or(0, |s| s.path_writes),
-                None => 0,
-            };
-            d.vtd.flush_domain(id).map_err(|_| Error::DeviceFault)?;
+            let freed = d.iommu.unmount(bdf, &n.morsel, &mut n.views, iova, frames).map_or(0, |s| s.path_writes);
+            d.iommu.invalidate(bdf).map_err(|_| Error::DeviceFault)?;
             log::info!(target: "morsel", "'{name}' unmounted from device {bdf} at {iova:#x}: 1 PTE write, 1 IOTLB invalidation, {freed} empty intermediate tables freed");
             match done {
                 Ok(_) if faulted => Err(Error::DeviceFault),
@@ -622,48 +609,14 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     }
 }
 
-/// Mounts a morsel into a device domain's table: its own subtree where the IOMMU can walk
-/// the format (EPT), else its VT-d view (built on first use). Returns what it wrote and how.
-fn mount_in_domain<F: Format>(
-    n: &mut Named<F>,
-    table: &mut SecondLevelTable<VtdSl>,
-    iova: u64,
-    perm: Perm,
-    frames: &Frames,
-    mem: &crate::iommu::vtd::VtdMem,
-) -> Result<(MountStats, &'static str), Error> {
-    let at = IoVirtAddr::new(iova);
-    let r = if can_share::<F, VtdSl>() {
-        n.morsel.mount(table, at, perm, frames, mem).map(|s| (s, "the morsel's own subtree (shared with EPT)"))
-    } else {
-        let view = match &mut n.vtd_view {
-            Some(v) => v,
-            slot @ None => {
-                let v = n.morsel.view::<VtdSl>(frames, mem).map_err(|_| Error::NoMemory)?;
-                log::info!(target: "morsel", "VT-d view of a {} {} morsel built: {} tables over the same data frames",
-                    Bytes(v.len()), F::NAME, v.table_count());
-                slot.insert(v)
-            }
-        };
-        view.mount(table, at, perm, frames, mem).map(|s| (s, "its VT-d view over the same frames"))
-    };
-    r.map_err(|e| match e {
-        morsel::Error::Occupied { .. } | morsel::Error::InsideMount { .. } => Error::Busy,
-        morsel::Error::OutOfMemory => Error::NoMemory,
-        _ => Error::Invalid,
-    })
-}
-
-/// Undoes `mount_in_domain`, with the intermediate tables the mount left empty; the caller
-/// flushes the domain's IOTLB.
-fn unmount_in_domain<F: Format>(n: &mut Named<F>, table: &mut SecondLevelTable<VtdSl>, iova: u64, frames: &Frames, mem: &crate::iommu::vtd::VtdMem) -> Result<MountStats, Error> {
-    let at = IoVirtAddr::new(iova);
-    let r = if can_share::<F, VtdSl>() {
-        n.morsel.unmount(table, at, frames, mem)
-    } else {
-        n.vtd_view.as_ref().ok_or(Error::NotFound)?.unmount(table, at, frames, mem)
-    };
-    r.map_err(|_| Error::Invalid)
+/// A failed mount into a device domain, as the guest sees it.
+fn mount_error(e: crate::iommu::MountError) -> Error {
+    match e {
+        crate::iommu::MountError::NoDomain => Error::NotFound,
+        crate::iommu::MountError::Morsel(morsel::Error::Occupied { .. } | morsel::Error::InsideMount { .. }) => Error::Busy,
+        crate::iommu::MountError::Morsel(morsel::Error::OutOfMemory) => Error::NoMemory,
+        crate::iommu::MountError::Morsel(_) => Error::Invalid,
+    }
 }
 
 /// A `bdf` argument: a 16-bit source id.
