@@ -80,7 +80,7 @@ extern "C" fn kmain(magic: u32, info: u64) -> ! {
     platform.log();
     apic::init();
     pmem::init(&platform, facts.gib_pages, &args.pmem);
-    let devices_ok = devices::init(&platform, &frames);
+    let devices_ok = devices::init(&platform, &frames, args.iommu);
 
     if args.test == Some(cmdline::Test::Fault) {
         log::info!(target: "boot", "test=fault: reading an unmapped address");

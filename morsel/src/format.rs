@@ -1,4 +1,5 @@
-//! Second-level page-table entry formats: Intel EPT, AMD NPT, Intel VT-d second level.
+//! Second-level page-table entry formats: Intel EPT, AMD NPT, Intel VT-d second level, and
+//! the AMD IOMMU's own (AMD-Vi host) page tables.
 //!
 //! A `Format` says only how permissions, presence and the extra leaf/table bits are encoded;
 //! the typed `Entry<F>` builds and decodes entries on top of it, and the table code in
@@ -93,6 +94,8 @@ pub enum Family {
     IntelSecondLevel,
     /// Ordinary x86-64 long-mode paging (AMD NPT).
     X86Paging,
+    /// The AMD IOMMU's host page tables: the level of the next table in every pointer.
+    AmdIommu,
 }
 
 /// One second-level page-table format (a zero-sized type).
@@ -127,6 +130,11 @@ pub trait Format: 'static {
     fn perm_of(raw: u64) -> Perm;
     /// Whether the hardware treats the entry as present.
     fn is_present(raw: u64) -> bool;
+    /// Bits a pointer to a table of `next_level` carries besides `TABLE_BITS` (AMD-Vi: the
+    /// Next Level field); 0 for the formats whose pointers do not name the level.
+    fn pointer_bits(_next_level: Level) -> u64 {
+        0
+    }
 }
 
 /// Whether a subtree built in format `A` can be mounted into a table of format `B`
@@ -136,6 +144,7 @@ pub const fn can_share<A: Format, B: Format>() -> bool {
         (A::FAMILY, B::FAMILY),
         (Family::IntelSecondLevel, Family::IntelSecondLevel)
             | (Family::X86Paging, Family::X86Paging)
+            | (Family::AmdIommu, Family::AmdIommu)
     )
 }
 
@@ -263,6 +272,55 @@ impl Format for VtdSl {
     }
 }
 
+/// The AMD IOMMU's host page tables ("AMD-Vi v1", AMD I/O Virtualization Technology (IOMMU)
+/// Specification 48882, 2.2.3 "I/O Page Tables for Host Translations", tables "PDE" and
+/// "PTE"): PR bit 0, Next Level bits 11:9 (the level of the table a PDE points at; 0 in a
+/// PTE, whose page size is then that of the level it sits in), address bits 51:12, IR bit
+/// 61, IW bit 62. There is no execute right (a DMA read is a read). The spec leaves bits 4:1
+/// ignored: bit 1 marks a mount entry, bit 2 a large leaf (the walker reads neither).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AmdV1;
+
+/// AMD-Vi PR: present (IOMMU spec 2.2.3).
+const AMD_PR: u64 = 1 << 0;
+/// AMD-Vi IR / IW: DMA read / write permission (IOMMU spec 2.2.3).
+const AMD_IR: u64 = 1 << 61;
+const AMD_IW: u64 = 1 << 62;
+
+impl Format for AmdV1 {
+    const NAME: &'static str = "AMD-Vi";
+    type Input = IoVirtAddr;
+    const FAMILY: Family = Family::AmdIommu;
+    // DTE Mode 1-6 selects 1 to 6 levels; 4 levels translate 48 bits (IOMMU spec 2.2.2).
+    const MIN_LEVELS: Level = 3;
+    const MAX_LEVELS: Level = 4;
+    const DEFAULT_LEVELS: Level = 4;
+    const LARGE: u64 = 1 << 2;
+    const SW_MOUNT: u64 = 1 << 1;
+    const LEAF_BITS: u64 = 0;
+    const TABLE_BITS: u64 = 0;
+
+    fn perm_bits(perm: Perm) -> u64 {
+        bit(perm.read, AMD_PR | AMD_IR) | bit(perm.write, AMD_IW)
+    }
+    fn perm_of(raw: u64) -> Perm {
+        let read = raw & AMD_PR != 0 && raw & AMD_IR != 0;
+        Perm {
+            read,
+            write: raw & AMD_PR != 0 && raw & AMD_IW != 0,
+            // No execute control: whatever a device may read it may "fetch".
+            exec: read,
+        }
+    }
+    fn is_present(raw: u64) -> bool {
+        raw & AMD_PR != 0
+    }
+    // Next Level, bits 11:9 (IOMMU spec 2.2.3).
+    fn pointer_bits(next_level: Level) -> u64 {
+        (next_level as u64 & 7) << 9
+    }
+}
+
 const fn bit(on: bool, mask: u64) -> u64 {
     if on {
         mask
@@ -344,6 +402,16 @@ impl<F: Format> Entry<F> {
     /// edits below it.
     pub fn mount(root: HostPhysAddr, perm: Perm) -> Self {
         Self::from_raw(Self::table(root, perm).raw | F::SW_MOUNT)
+    }
+
+    /// `table` for a next table of `next_level`, with the bits formats that name it need.
+    pub fn table_to(next: HostPhysAddr, next_level: Level, perm: Perm) -> Self {
+        Self::from_raw(Self::table(next, perm).raw | F::pointer_bits(next_level))
+    }
+
+    /// `mount` for a morsel root of `root_level`.
+    pub fn mount_to(root: HostPhysAddr, root_level: Level, perm: Perm) -> Self {
+        Self::from_raw(Self::mount(root, perm).raw | F::pointer_bits(root_level))
     }
 
     /// A leaf mapping `frame` with a page of `size`, (`frame` aligned to `size`).
@@ -504,5 +572,27 @@ mod tests {
         );
         assert!(can_share::<Ept, VtdSl>() && can_share::<VtdSl, Ept>() && can_share::<Npt, Npt>());
         assert!(!can_share::<Ept, Npt>() && !can_share::<Npt, VtdSl>());
+        assert!(!can_share::<Npt, AmdV1>() && !can_share::<Ept, AmdV1>() && can_share::<AmdV1, AmdV1>());
+    }
+
+    #[test]
+    fn amd_iommu_bits() {
+        let f = HostPhysAddr::new(0x20_0000);
+        // 4 KiB PTE, read-write: PR | IR | IW, Next Level 0.
+        assert_eq!(Entry::<AmdV1>::leaf(PageSize::Size4K, f, Perm::RW).raw(), 0x20_0000 | 1 | 3 << 61);
+        // 2 MiB PTE, read-only: PR | IR, Next Level 0, the ignored bit 2 marks it large.
+        let big = Entry::<AmdV1>::leaf(PageSize::Size2M, f, Perm::RO);
+        assert_eq!(big.raw(), 0x20_0000 | 1 | 1 << 2 | 1 << 61);
+        assert!(big.is_leaf(2) && big.raw() >> 9 & 7 == 0);
+        // A PDE at level 4 pointing at a level-3 table: Next Level 3.
+        let pde = Entry::<AmdV1>::table_to(f, 3, Perm::RWX);
+        assert_eq!(pde.raw(), 0x20_0000 | 1 | 3 << 9 | 3 << 61);
+        assert_eq!(pde.decode(4), Decoded::Table { next: f, perm: Perm::RWX, mount: false });
+        // A read-only mount of a level-1 morsel root: Next Level 1, no IW, bit 1 marks it.
+        let m = Entry::<AmdV1>::mount_to(f, 1, Perm::RO);
+        assert_eq!(m.raw(), 0x20_0000 | 1 | 1 << 1 | 1 << 9 | 1 << 61);
+        assert_eq!(m.decode(2), Decoded::Table { next: f, perm: Perm::RX, mount: true });
+        // The Intel formats ignore pointer levels.
+        assert_eq!(Entry::<VtdSl>::table_to(f, 3, Perm::RW), Entry::<VtdSl>::table(f, Perm::RW));
     }
 }

@@ -449,7 +449,7 @@ impl<F: Format> Morsel<F> {
         if Entry::<G>::from_raw(mem.read(table, i)).is_present() {
             return Err(Error::Occupied { addr: at });
         }
-        mem.write(table, i, Entry::<G>::mount(self.root, perm).raw());
+        mem.write(table, i, Entry::<G>::mount_to(self.root, self.root_level, perm).raw());
         target.stats.pte_writes += 1;
         target.mounts += 1;
         self.mounts.fetch_add(1, Ordering::AcqRel);
@@ -635,7 +635,7 @@ fn copy_tree<F: Format, G: Format>(
             }
             Decoded::Table { next, perm, .. } => {
                 let t = new_table(alloc, mem)?;
-                mem.write(to, i, Entry::<G>::table(t, perm).raw());
+                mem.write(to, i, Entry::<G>::table_to(t, level - 1, perm).raw());
                 *tables += 1;
                 copy_tree::<F, G>(next, t, level - 1, alloc, mem, tables)?;
             }

@@ -356,7 +356,7 @@ pub(crate) fn walk_create<F: Format>(
             } => next,
             Decoded::Empty => {
                 let next = new_table(alloc, mem)?;
-                mem.write(table, i, Entry::<F>::table(next, Perm::RWX).raw());
+                mem.write(table, i, Entry::<F>::table_to(next, level - 1, Perm::RWX).raw());
                 stats.pte_writes += 1;
                 stats.tables += 1;
                 next

@@ -20,6 +20,11 @@ impl Bdf {
         Bdf { bus: (sid >> 8) as u8, dev: (sid >> 3 & 0x1f) as u8, func: (sid & 7) as u8 }
     }
     /// Device and function as one byte (the VT-d context table index, VT-d spec 3.4.3).
+    /// The 16-bit requester / source id (bus << 8 | devfn), the inverse of `from_source_id`.
+    pub const fn source_id(self) -> u16 {
+        (self.bus as u16) << 8 | self.devfn() as u16
+    }
+
     pub const fn devfn(self) -> u8 {
         self.dev << 3 | self.func
     }

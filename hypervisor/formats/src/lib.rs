@@ -9,11 +9,13 @@ extern crate alloc;
 #[cfg(test)]
 extern crate std;
 
+pub mod amdvi;
 pub mod archive;
 pub mod bdf;
 pub mod decode;
 pub mod dmar;
 pub mod elf;
+pub mod ivrs;
 pub mod le;
 pub mod mmio;
 pub mod nfit;
@@ -21,3 +23,4 @@ pub mod pmem_layout;
 pub mod svm_caps;
 pub mod units;
 pub mod vmx_caps;
+pub mod vtd_qi;

@@ -1,5 +1,5 @@
 //! The devices the hypervisor drives and the IOMMU in front of them: found at boot (PCI bus 0
-//! through ECAM, the VT-d unit through the DMAR), kept in one global because both the boot
+//! through ECAM, the VT-d unit through the DMAR or the AMD IOMMU through the IVRS), kept in one global because both the boot
 //! path and the hypercalls (through the morsel directory, generic over the backend) reach
 //! them, and the hypervisor runs on one CPU. Also the boot-time `test=dma-fault` check.
 
@@ -10,18 +10,18 @@ pub mod pci;
 use allocator::Order;
 use crate::acpi::Platform;
 use crate::frames::Frames;
-use crate::iommu::{self, Vtd};
+use crate::iommu::{self, AmdVi, Unit, Vtd};
 use formats::mmio::Mmio;
 use crate::pci::{Bdf, Function, Pci};
 use alloc::vec::Vec;
 use abi::Error;
-use morsel::{IoVirtAddr, PageSize, Perm};
+use morsel::Perm;
 use spin::Mutex;
 
 /// Everything found at boot.
 pub struct Devices {
     pub functions: Vec<Function>,
-    pub vtd: Vtd,
+    pub iommu: Unit,
     pub edu: Option<edu::Edu>,
     pub nvme: Option<nvme::Nvme>,
 }
@@ -33,24 +33,65 @@ pub fn with<R>(f: impl FnOnce(&mut Devices) -> R) -> Option<R> {
     DEVICES.lock().as_mut().map(f)
 }
 
-/// Enumerates PCI bus 0, brings up the VT-d unit with translation on (every device blocked
-/// until it gets a domain) and the edu and NVMe drivers. Without a DMAR or ECAM it does
-/// nothing; returns false if an IOMMU is there but could not be set up.
-pub fn init(platform: &Platform, frames: &Frames) -> bool {
-    let (Some(ecam), Some(dmar_at)) = (platform.ecam, platform.dmar) else {
+/// Enumerates PCI bus 0, brings up the IOMMU the ACPI tables name (VT-d through the DMAR,
+/// the AMD IOMMU through the IVRS: the tables decide, not the CPU vendor) with translation
+/// on (every device blocked until it gets a domain), and the edu and NVMe drivers. Without
+/// an IOMMU or ECAM it does nothing; returns false if an IOMMU is there but could not be set
+/// up.
+pub fn init(platform: &Platform, frames: &Frames, options: crate::cmdline::IommuOptions) -> bool {
+    let Some(ecam) = platform.ecam else { return true };
+    if platform.dmar.is_none() && platform.ivrs.is_none() {
         return true;
-    };
+    }
     let Some(pci) = Pci::new(ecam) else {
         log::error!(target: "pci", "ECAM window at {:#x} (buses {}-{}) is not below 4 GiB", ecam.base, ecam.bus_start, ecam.bus_end);
         return false;
     };
     let functions = pci.enumerate();
+    let unit = match (platform.dmar, platform.ivrs) {
+        (Some(dmar_at), _) => init_vtd(dmar_at, options, frames),
+        (None, Some(ivrs_at)) => init_amdvi(ivrs_at, frames),
+        (None, None) => None,
+    };
+    let Some(mut iommu) = unit else { return false };
+    let mut edu = None;
+    let mut nvme = None;
+    for f in &functions {
+        // SAFETY: a memory BAR as `Pci::enumerate` sized and placed it: device registers.
+        let bar0 = f.bars.iter().find(|b| b.index == 0).and_then(|b| unsafe { Mmio::new(b.addr, b.size) });
+        match (f.vendor, f.device, f.class, bar0) {
+            (edu::VENDOR, edu::DEVICE, _, Some(bar)) if edu.is_none() => {
+                pci.enable(f.bdf);
+                if iommu.attach(f.bdf, frames).is_ok() {
+                    edu = Some(edu::Edu::new(f.bdf, bar));
+                }
+            }
+            (_, _, nvme::CLASS, Some(bar)) if nvme.is_none() => {
+                pci.enable(f.bdf);
+                match iommu.attach(f.bdf, frames) {
+                    Ok(()) => match nvme::Nvme::new(f.bdf, bar, &mut iommu, frames) {
+                        Ok(n) => nvme = Some(n),
+                        Err(e) => log::error!(target: "nvme", "device {}: {e}", f.bdf),
+                    },
+                    Err(e) => log::error!(target: "iommu", "device {}: no domain: {e}", f.bdf),
+                }
+            }
+            _ => {}
+        }
+    }
+    iommu.poll_faults();
+    *DEVICES.lock() = Some(Devices { functions, iommu, edu, nvme });
+    true
+}
+
+/// The VT-d unit of the DMAR, translation on.
+fn init_vtd(dmar_at: u64, options: crate::cmdline::IommuOptions, frames: &Frames) -> Option<Unit> {
     // SAFETY: the address comes from the RSDT and points at the DMAR's header.
     let dmar = match unsafe { iommu::dmar::read(dmar_at) } {
         Ok(d) => d,
         Err(e) => {
             log::error!(target: "iommu", "DMAR at {dmar_at:#x}: {e}");
-            return false;
+            return None;
         }
     };
     for u in &dmar.units {
@@ -62,52 +103,55 @@ pub fn init(platform: &Platform, frames: &Frames) -> bool {
     // One unit on q35; with several, the first (every device we drive sits behind it there).
     let Some(unit) = dmar.units.first() else {
         log::error!(target: "iommu", "DMAR lists no remapping unit");
-        return false;
+        return None;
     };
     let mut vtd = match Vtd::new(unit.register_base, frames) {
         Ok(v) => v,
         Err(e) => {
             log::error!(target: "iommu", "VT-d unit at {:#x}: {e}", unit.register_base);
-            return false;
+            return None;
         }
     };
-    if let Err(e) = vtd.enable() {
+    if let Err(e) = vtd.enable(options.register_invalidation, frames) {
         log::error!(target: "iommu", "cannot enable translation: {e}");
-        return false;
+        return None;
     }
-    let mut edu = None;
-    let mut nvme = None;
-    for f in &functions {
-        // SAFETY: a memory BAR as `Pci::enumerate` sized and placed it: device registers.
-        let bar0 = f.bars.iter().find(|b| b.index == 0).and_then(|b| unsafe { Mmio::new(b.addr, b.size) });
-        match (f.vendor, f.device, f.class, bar0) {
-            (edu::VENDOR, edu::DEVICE, _, Some(bar)) if edu.is_none() => {
-                pci.enable(f.bdf);
-                if vtd.attach(f.bdf, frames).is_ok() {
-                    edu = Some(edu::Edu::new(f.bdf, bar));
-                }
-            }
-            (_, _, nvme::CLASS, Some(bar)) if nvme.is_none() => {
-                pci.enable(f.bdf);
-                match vtd.attach(f.bdf, frames) {
-                    Ok(d) => match nvme::Nvme::new(f.bdf, bar, &mut vtd, d, frames) {
-                        Ok(n) => nvme = Some(n),
-                        Err(e) => log::error!(target: "nvme", "device {}: {e}", f.bdf),
-                    },
-                    Err(e) => log::error!(target: "iommu", "device {}: no domain: {e}", f.bdf),
-                }
-            }
-            _ => {}
+    Some(Unit::Vtd(vtd))
+}
+
+/// The AMD IOMMU of the IVRS, translation on.
+fn init_amdvi(ivrs_at: u64, frames: &Frames) -> Option<Unit> {
+    // SAFETY: the address comes from the RSDT and points at the IVRS's header.
+    let ivrs = match unsafe { iommu::dmar::read_table(ivrs_at, formats::ivrs::parse) } {
+        Ok(i) => i,
+        Err(e) => {
+            log::error!(target: "iommu", "IVRS at {ivrs_at:#x}: {e}");
+            return None;
+        }
+    };
+    for u in &ivrs.units {
+        let devices: Vec<alloc::string::String> = u.devices.iter()
+            .map(|&(a, b)| if a == b { alloc::format!("{}", Bdf::from_source_id(a)) } else { alloc::format!("{}-{}", Bdf::from_source_id(a), Bdf::from_source_id(b)) })
+            .collect();
+        log::info!(target: "iommu", "IVRS: IVHD type {:#x}, IOMMU {} (capability at {:#x}), registers at {:#x}, segment {}, devices {}",
+            u.kind, u.device, u.capability_offset, u.register_base, u.segment, devices.join(" "));
+    }
+    let Some(unit) = ivrs.units.first() else {
+        log::error!(target: "iommu", "IVRS lists no IOMMU");
+        return None;
+    };
+    match AmdVi::new(unit.register_base, frames) {
+        Ok(a) => Some(Unit::AmdVi(a)),
+        Err(e) => {
+            log::error!(target: "iommu", "AMD IOMMU at {:#x}: {e}", unit.register_base);
+            None
         }
     }
-    vtd.poll_faults();
-    *DEVICES.lock() = Some(Devices { functions, vtd, edu, nvme });
-    true
 }
 
 /// Checks for DMA faults (after a DMA and at the end of the run); true if `bdf` caused one.
 pub fn faults_of(d: &mut Devices, bdf: Bdf) -> bool {
-    d.vtd.poll_faults().iter().any(|f| f.source == bdf)
+    d.iommu.poll_faults().iter().any(|f| f.source == bdf)
 }
 
 /// `edu_dma(direction, iova, len)`: runs edu's DMA engine; `DeviceFault` if the IOMMU blocked it.
@@ -140,21 +184,16 @@ pub fn edu_dma(direction: u64, iova: u64, len: u64) -> Result<u64, Error> {
 pub fn edu_scrub(d: &mut Devices, frames: &Frames) -> Result<(), Error> {
     let Some(edu) = d.edu.as_ref().filter(|e| e.holds_data) else { return Ok(()) };
     let bdf = edu.bdf;
-    let mem = d.vtd.mem;
-    let dom = d.vtd.domain_of(bdf).ok_or(Error::NotFound)?;
-    let id = dom.id;
+    if !d.iommu.has_domain(bdf) {
+        return Err(Error::NotFound);
+    }
     let zeros = frames.alloc_zeroed(Order::BASE).ok_or(Error::NoMemory)?;
-    let mapped = dom.table.map(IoVirtAddr::new(SCRATCH_IOVA), zeros, PageSize::Size4K, Perm::RO, frames, &mem);
-    let _ = d.vtd.flush_domain(id);
+    let mapped = d.iommu.map_page(bdf, SCRATCH_IOVA, zeros, Perm::RO, frames);
     let scrubbed = match (&mapped, d.edu.as_mut()) {
         (Ok(()), Some(e)) => e.scrub(SCRATCH_IOVA).ok(),
         _ => None,
     };
-    if let Some(dom) = d.vtd.domain_of(bdf) {
-        let _ = dom.table.unmap(IoVirtAddr::new(SCRATCH_IOVA), PageSize::Size4K, &mem);
-        dom.table.prune(frames, &mem);
-    }
-    let _ = d.vtd.flush_domain(id);
+    let _ = d.iommu.unmap_page(bdf, SCRATCH_IOVA, frames);
     morsel::FrameAlloc::free(frames, zeros, 0);
     let faulted = faults_of(d, bdf);
     match scrubbed {
@@ -191,22 +230,17 @@ pub fn dma_fault_test(frames: &Frames) -> bool {
             return false;
         };
         let bdf = edu.bdf;
-        let mem = d.vtd.mem;
-        let Some(dom) = d.vtd.domain_of(bdf) else { return false };
+        if !d.iommu.has_domain(bdf) {
+            return false;
+        }
         // Load edu's buffer with 0x5a from a scratch page mapped for this only.
         let Some(src) = frames.alloc_zeroed(Order::BASE) else { return false };
         // SAFETY: a frame we own, identity-mapped.
         unsafe { core::ptr::write_bytes(src.as_u64() as *mut u8, 0x5a, 4096) };
-        let id = dom.id;
-        let mapped = dom.table.map(IoVirtAddr::new(SCRATCH_IOVA), src, PageSize::Size4K, Perm::RO, frames, &mem);
-        let _ = d.vtd.flush_domain(id);
+        let mapped = d.iommu.map_page(bdf, SCRATCH_IOVA, src, Perm::RO, frames);
         let loaded = mapped.is_ok() && d.edu.as_mut().is_some_and(|e| e.dma(true, SCRATCH_IOVA, TEST_LEN).is_ok());
-        if let Some(dom) = d.vtd.domain_of(bdf) {
-            let _ = dom.table.unmap(IoVirtAddr::new(SCRATCH_IOVA), PageSize::Size4K, &mem);
-            // Leave no empty tables that would take a guest's mount slot.
-            dom.table.prune(frames, &mem);
-        }
-        let _ = d.vtd.flush_domain(id);
+        // Leaves no empty tables that would take a guest's mount slot.
+        let _ = d.iommu.unmap_page(bdf, SCRATCH_IOVA, frames);
         morsel::FrameAlloc::free(frames, src, 0);
         if !loaded || faults_of(d, bdf) {
             log::error!(target: "iommu", "dma-fault test: could not load edu's buffer through a mapped page");
@@ -217,7 +251,7 @@ pub fn dma_fault_test(frames: &Frames) -> bool {
         let target = canary.0.as_ptr() as u64;
         log::info!(target: "iommu", "dma-fault test: canary of 4096 bytes at host-physical {target:#x}; edu DMAs {TEST_LEN} bytes to I/O virtual address {target:#x} (not mapped in its domain)");
         let dma = d.edu.as_mut().map(|e| e.dma(false, target, TEST_LEN));
-        let faults = d.vtd.poll_faults();
+        let faults = d.iommu.poll_faults();
         let blocked = faults.iter().any(|f| f.source == bdf && f.address == target);
         // SAFETY: reading our own static through a volatile pointer: the device may have
         // written it behind the compiler's back if the IOMMU failed.

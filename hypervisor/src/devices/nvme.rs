@@ -6,11 +6,11 @@
 
 use allocator::Order;
 use crate::frames::Frames;
-use crate::iommu::Vtd;
+use crate::iommu::Unit;
 use formats::mmio::Mmio;
 use formats::units::Bytes;
 use crate::pci::Bdf;
-use morsel::{HostPhysAddr, IoVirtAddr, PageSize, Perm};
+use morsel::{HostPhysAddr, Perm};
 
 /// Class code 01 08 02: mass storage, non-volatile memory, NVM Express (PCI code and ID spec).
 pub const CLASS: u32 = 0x01_08_02;
@@ -92,19 +92,14 @@ impl Nvme {
         self.regs.write32(off + 4, (v >> 32) as u32);
     }
 
-    /// Resets and enables the controller with BAR0 `regs`, maps its queues into domain
-    /// `domain` of `vtd`, creates the I/O queue pair and identifies namespace 1.
-    pub fn new(bdf: Bdf, regs: Mmio, vtd: &mut Vtd, domain: usize, frames: &Frames) -> Result<Nvme, &'static str> {
+    /// Resets and enables the controller with BAR0 `regs`, maps its queues into its domain
+    /// of `iommu`, creates the I/O queue pair and identifies namespace 1.
+    pub fn new(bdf: Bdf, regs: Mmio, iommu: &mut Unit, frames: &Frames) -> Result<Nvme, &'static str> {
         let mut pages = [HostPhysAddr::new(0); 5];
-        let mem = vtd.mem;
-        let dom = &mut vtd.domains[domain];
         for p in pages.iter_mut() {
             *p = frames.alloc_zeroed(Order::BASE).ok_or("out of memory for queues")?;
-            dom.table.map(IoVirtAddr::new(p.as_u64()), *p, PageSize::Size4K, Perm::RW, frames, &mem)
-                .map_err(|_| "cannot map queues in the domain")?;
+            iommu.map_page(bdf, p.as_u64(), *p, Perm::RW, frames).map_err(|_| "cannot map queues in the domain")?;
         }
-        let id = dom.id;
-        vtd.flush_domain(id).map_err(|_| "IOTLB flush failed")?;
         let queue = |id, sq, cq, entries| Queue { id, sq, cq, entries, tail: 0, head: 0, phase: true, next_cid: 0 };
         let mut n = Nvme {
             bdf, regs, stride: 4, admin: queue(0, pages[0], pages[1], ADMIN_ENTRIES),

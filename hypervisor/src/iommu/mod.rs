@@ -1,8 +1,231 @@
-//! The Intel IOMMU (VT-d): the DMAR table that names the remapping units, one unit's driver,
-//! and per-device domains whose second-level tables hold mounted morsels.
+//! The IOMMU, vendor-neutral: the `Iommu` trait over Intel VT-d (`vtd`, found through the
+//! ACPI DMAR) and the AMD IOMMU (`amdvi`, found through the IVRS), and the device-mount
+//! operations written once over it: a morsel goes into a device's domain with one entry,
+//! its own subtree where the IOMMU walks the morsel's format, else a view in the IOMMU's
+//! format over the same data frames (built on first use and kept with the morsel).
+//! `Unit` is the one found at boot; which one comes from the ACPI tables, not the CPU.
 
+pub mod amdvi;
 pub mod dmar;
 pub mod domain;
 pub mod vtd;
 
+use crate::frames::Frames;
+use crate::pci::Bdf;
+use alloc::vec::Vec;
+use morsel::{can_share, AmdV1, Format, HostPhysAddr, IoVirtAddr, Morsel, MountStats, PageSize, Perm, PhysMem, SecondLevelTable, VtdSl};
+
+pub use amdvi::AmdVi;
 pub use vtd::Vtd;
+
+/// Why an IOMMU cannot be used, or an operation on it failed.
+#[derive(Debug)]
+pub enum Error {
+    NoLevels(u64),
+    NoMemory,
+    Timeout(&'static str),
+    TooManyDomains,
+    BadBase(u64),
+    /// The unit rejected a queued descriptor or command at this offset.
+    QueueError(u64),
+    /// No domain for that device.
+    NoDomain,
+}
+
+impl core::fmt::Display for Error {
+    fn fmt(&self, f: &mut core::fmt::Formatter) -> core::fmt::Result {
+        match self {
+            Error::NoLevels(sagaw) => write!(f, "no supported second-level table depth (SAGAW {sagaw:#x})"),
+            Error::NoMemory => write!(f, "out of memory for tables"),
+            Error::Timeout(what) => write!(f, "{what} did not complete"),
+            Error::TooManyDomains => write!(f, "out of domain ids"),
+            Error::BadBase(base) => write!(f, "register page {base:#x} is not below 4 GiB"),
+            Error::QueueError(at) => write!(f, "invalidation queue error at offset {at:#x}"),
+            Error::NoDomain => write!(f, "the device has no domain"),
+        }
+    }
+}
+
+/// A DMA the IOMMU blocked, from VT-d's fault records or the AMD IOMMU's event log.
+#[derive(Clone, Copy, Debug)]
+pub struct Fault {
+    pub source: Bdf,
+    /// The I/O virtual address (VT-d: its page).
+    pub address: u64,
+    pub write: bool,
+}
+
+/// What one IOMMU offers: per-device domains whose tables are in `Format`, invalidation,
+/// faults. Everything else (mounting morsels) is written once over it, below.
+pub trait Iommu {
+    /// The domain tables' format.
+    type Format: Format<Input = IoVirtAddr>;
+    /// How the unit sees table stores (cache flushes where its walks do not snoop).
+    type Mem: PhysMem + Copy;
+    /// "VT-d" or "AMD-Vi".
+    const NAME: &'static str;
+
+    fn mem(&self) -> Self::Mem;
+    /// Gives `bdf` its own domain with an empty table (idempotent); from then on it reaches
+    /// only what is mounted or mapped there.
+    fn attach(&mut self, bdf: Bdf, frames: &Frames) -> Result<(), Error>;
+    /// The domain table of `bdf`.
+    fn table(&mut self, bdf: Bdf) -> Option<&mut SecondLevelTable<Self::Format>>;
+    /// Drops the cached translations of `bdf`'s domain (after one or a batch of changes).
+    fn invalidate(&mut self, bdf: Bdf) -> Result<(), Error>;
+    /// Reads, logs and clears every fault reported since the last call.
+    fn poll_faults(&mut self) -> Vec<Fault>;
+    /// Gives back the tables that unmounts left empty in every domain (end of run).
+    fn prune_domains(&mut self, frames: &Frames);
+    /// Faults reported and invalidations issued so far.
+    fn counters(&self) -> (u64, u64);
+    /// Where a morsel keeps its view in this IOMMU's format.
+    fn view_slot(views: &mut Views) -> &mut Option<Morsel<Self::Format>>;
+}
+
+/// A morsel's views for device domains whose IOMMU cannot walk its format.
+#[derive(Default)]
+pub struct Views {
+    pub vtd: Option<Morsel<VtdSl>>,
+    pub amd: Option<Morsel<AmdV1>>,
+}
+
+impl Views {
+    /// Destroys the views (their tables are RAM frames, never data); returns how many tables
+    /// went back, with the format's name.
+    pub fn destroy(&mut self, frames: &Frames) -> Option<(u32, &'static str)> {
+        fn one<G: Format>(v: &mut Option<Morsel<G>>, frames: &Frames) -> Option<(u32, &'static str)> {
+            let view = v.take()?;
+            let tables = view.table_count();
+            match view.destroy(frames, &crate::frames::IDENTITY) {
+                Ok(()) => Some((tables, G::NAME)),
+                Err((_, e)) => {
+                    log::error!(target: "morsel", "{} view cannot be destroyed: {e}", G::NAME);
+                    None
+                }
+            }
+        }
+        one(&mut self.vtd, frames).or(one(&mut self.amd, frames))
+    }
+}
+
+/// Why a mount into a device domain failed.
+#[derive(Debug)]
+pub enum MountError {
+    NoDomain,
+    Morsel(morsel::Error),
+}
+
+/// Mounts `morsel` into `bdf`'s domain at `iova` with one entry: its own subtree where the
+/// IOMMU walks the morsel's format (EPT into VT-d: Xen's `iommu=sharept`), else its view in
+/// the IOMMU's format. The caller invalidates. Returns what it wrote and how.
+pub fn mount<I: Iommu, F: Format>(unit: &mut I, bdf: Bdf, morsel: &Morsel<F>, views: &mut Views, iova: u64, perm: Perm, frames: &Frames) -> Result<(MountStats, &'static str), MountError> {
+    let mem = unit.mem();
+    let table = unit.table(bdf).ok_or(MountError::NoDomain)?;
+    let at = IoVirtAddr::new(iova);
+    if can_share::<F, I::Format>() {
+        let how = if F::NAME == "EPT" { "the morsel's own EPT subtree (shared with the IOMMU, no view)" } else { "the morsel's own subtree" };
+        return morsel.mount(table, at, perm, frames, &mem).map(|s| (s, how)).map_err(MountError::Morsel);
+    }
+    let view = match I::view_slot(views) {
+        Some(v) => v,
+        slot @ None => {
+            let v = morsel.view::<I::Format>(frames, &mem).map_err(MountError::Morsel)?;
+            log::info!(target: "morsel", "{} view of a {} {} morsel built: {} tables over the same data frames",
+                I::NAME, formats::units::Bytes(v.len()), F::NAME, v.table_count());
+            slot.insert(v)
+        }
+    };
+    let how = if I::NAME == "VT-d" { "its VT-d view over the same frames" } else { "its AMD-Vi view over the same frames" };
+    view.mount(table, at, perm, frames, &mem).map(|s| (s, how)).map_err(MountError::Morsel)
+}
+
+/// Undoes `mount`, with the intermediate tables it left empty; the caller invalidates.
+pub fn unmount<I: Iommu, F: Format>(unit: &mut I, bdf: Bdf, morsel: &Morsel<F>, views: &mut Views, iova: u64, frames: &Frames) -> Result<MountStats, MountError> {
+    let mem = unit.mem();
+    let table = unit.table(bdf).ok_or(MountError::NoDomain)?;
+    let at = IoVirtAddr::new(iova);
+    if can_share::<F, I::Format>() {
+        return morsel.unmount(table, at, frames, &mem).map_err(MountError::Morsel);
+    }
+    I::view_slot(views).as_ref().ok_or(MountError::NoDomain)?.unmount(table, at, frames, &mem).map_err(MountError::Morsel)
+}
+
+/// Maps one 4 KiB frame at `iova` in `bdf`'s domain with `perm` and invalidates (the
+/// hypervisor's own transfers: NVMe queues, edu's scrub, the DMA-fault test).
+pub fn map_page<I: Iommu>(unit: &mut I, bdf: Bdf, iova: u64, frame: HostPhysAddr, perm: Perm, frames: &Frames) -> Result<(), Error> {
+    let mem = unit.mem();
+    let table = unit.table(bdf).ok_or(Error::NoDomain)?;
+    table.map(IoVirtAddr::new(iova), frame, PageSize::Size4K, perm, frames, &mem).map_err(|_| Error::NoMemory)?;
+    unit.invalidate(bdf)
+}
+
+/// Undoes `map_page`, frees the tables it leaves empty and invalidates.
+pub fn unmap_page<I: Iommu>(unit: &mut I, bdf: Bdf, iova: u64, frames: &Frames) -> Result<(), Error> {
+    let mem = unit.mem();
+    if let Some(table) = unit.table(bdf) {
+        let _ = table.unmap(IoVirtAddr::new(iova), PageSize::Size4K, &mem);
+        table.prune(frames, &mem);
+    }
+    unit.invalidate(bdf)
+}
+
+/// The IOMMU found at boot.
+pub enum Unit {
+    Vtd(Vtd),
+    AmdVi(AmdVi),
+}
+
+/// Runs `$body` with `$u` bound to the unit's driver, whichever it is.
+#[macro_export]
+macro_rules! with_unit {
+    ($unit:expr, $u:ident => $body:expr) => {
+        match $unit {
+            $crate::iommu::Unit::Vtd($u) => $body,
+            $crate::iommu::Unit::AmdVi($u) => $body,
+        }
+    };
+}
+
+impl Unit {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Unit::Vtd(_) => Vtd::NAME,
+            Unit::AmdVi(_) => AmdVi::NAME,
+        }
+    }
+    pub fn attach(&mut self, bdf: Bdf, frames: &Frames) -> Result<(), Error> {
+        with_unit!(self, u => Iommu::attach(u, bdf, frames))
+    }
+    pub fn invalidate(&mut self, bdf: Bdf) -> Result<(), Error> {
+        with_unit!(self, u => Iommu::invalidate(u, bdf))
+    }
+    pub fn poll_faults(&mut self) -> Vec<Fault> {
+        with_unit!(self, u => Iommu::poll_faults(u))
+    }
+    pub fn prune_domains(&mut self, frames: &Frames) {
+        with_unit!(self, u => Iommu::prune_domains(u, frames))
+    }
+    pub fn counters(&self) -> (u64, u64) {
+        with_unit!(self, u => u.counters())
+    }
+    pub fn has_domain(&mut self, bdf: Bdf) -> bool {
+        with_unit!(self, u => Iommu::table(u, bdf).is_some())
+    }
+    /// The I/O virtual span of `bdf`'s domain table.
+    pub fn limit(&mut self, bdf: Bdf) -> Option<u64> {
+        with_unit!(self, u => Iommu::table(u, bdf).map(|t| t.limit()))
+    }
+    pub fn mount<F: Format>(&mut self, bdf: Bdf, morsel: &Morsel<F>, views: &mut Views, iova: u64, perm: Perm, frames: &Frames) -> Result<(MountStats, &'static str), MountError> {
+        with_unit!(self, u => mount(u, bdf, morsel, views, iova, perm, frames))
+    }
+    pub fn unmount<F: Format>(&mut self, bdf: Bdf, morsel: &Morsel<F>, views: &mut Views, iova: u64, frames: &Frames) -> Result<MountStats, MountError> {
+        with_unit!(self, u => unmount(u, bdf, morsel, views, iova, frames))
+    }
+    pub fn map_page(&mut self, bdf: Bdf, iova: u64, frame: HostPhysAddr, perm: Perm, frames: &Frames) -> Result<(), Error> {
+        with_unit!(self, u => map_page(u, bdf, iova, frame, perm, frames))
+    }
+    pub fn unmap_page(&mut self, bdf: Bdf, iova: u64, frames: &Frames) -> Result<(), Error> {
+        with_unit!(self, u => unmap_page(u, bdf, iova, frames))
+    }
+}

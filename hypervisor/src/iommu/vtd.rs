@@ -1,14 +1,17 @@
 //! One Intel VT-d remapping unit: its registers, the root and context tables, turning
-//! translation on, context-cache and IOTLB invalidation (register-based), and the fault
-//! recording registers. Devices without a context entry are blocked once translation is on.
+//! translation on, context-cache and IOTLB invalidation (queued where the unit offers it,
+//! ECAP.QI, else register-based), and the fault recording registers. Devices without a
+//! context entry are blocked once translation is on.
 
 use allocator::Order;
 use super::domain::Domain;
+use super::{Error, Fault, Iommu, Views};
 use crate::frames::{Frames, IDENTITY};
 use formats::mmio::Mmio;
+use formats::vtd_qi::{self, Descriptor, Scope};
 use crate::pci::Bdf;
 use alloc::vec::Vec;
-use morsel::{HostPhysAddr, PhysMem, SecondLevelTable, VtdSl};
+use morsel::{HostPhysAddr, Morsel, PhysMem, SecondLevelTable, VtdSl};
 
 /// Register offsets (VT-d spec 10.4).
 const VER: u64 = 0x00;
@@ -20,12 +23,18 @@ const RTADDR: u64 = 0x20;
 const CCMD: u64 = 0x28;
 const FSTS: u64 = 0x34;
 const FECTL: u64 = 0x38;
+/// Invalidation queue head, tail and address registers (VT-d spec 10.4.23-25).
+const IQH: u64 = 0x80;
+const IQT: u64 = 0x88;
+const IQA: u64 = 0x90;
 
 /// GCMD/GSTS bits (VT-d spec 10.4.4, 10.4.5): translation enable, set root table pointer,
 /// write buffer flush; the persistent ones a GCMD write must repeat.
 const GCMD_TE: u32 = 1 << 31;
 const GCMD_SRTP: u32 = 1 << 30;
 const GCMD_WBF: u32 = 1 << 27;
+/// Queued invalidation enable, GCMD/GSTS bit 26 (VT-d spec 10.4.4).
+const GCMD_QIE: u32 = 1 << 26;
 const GCMD_PERSISTENT: u32 = GCMD_TE | 1 << 26 | 1 << 25 | 1 << 23;
 
 /// CCMD: ICC bit 63 (busy), CIRG 62:61 = 1 global (VT-d spec 10.4.7).
@@ -40,63 +49,13 @@ const IOTLB_DRAIN: u64 = 1 << 49 | 1 << 48;
 
 /// FSTS: primary fault overflow bit 0, primary pending fault bit 1 (VT-d spec 10.4.9).
 const FSTS_PFO: u32 = 1 << 0;
+/// FSTS: invalidation queue error bit 4 (VT-d spec 10.4.9): a descriptor the unit rejected.
+const FSTS_IQE: u32 = 1 << 4;
 /// FECTL: interrupt mask bit 31 (VT-d spec 10.4.10): faults are polled, not signalled.
 const FECTL_IM: u32 = 1 << 31;
 
 /// Root and context entries: present bit 0 (VT-d spec 9.1, 9.3).
 const PRESENT: u64 = 1;
-
-/// One fault record (VT-d spec 10.4.14).
-#[derive(Clone, Copy, Debug)]
-pub struct Fault {
-    pub source: Bdf,
-    /// Page address of the faulting request (bits 63:12 of the fault info).
-    pub address: u64,
-    pub reason: u8,
-    pub write: bool,
-}
-
-impl Fault {
-    /// The fault reason's meaning (VT-d spec 7.1.3, table of non-recoverable fault reasons).
-    pub fn reason_text(&self) -> &'static str {
-        match self.reason {
-            1 => "root entry not present",
-            2 => "context entry not present",
-            3 => "invalid context entry",
-            4 => "address beyond the domain's address width",
-            5 => "write to a page without write permission",
-            6 => "page not present or not readable",
-            7 => "error reading a second-level table",
-            8 => "error reading the root table",
-            9 => "error reading the context table",
-            0xa..=0xc => "reserved bit set in a table entry",
-            0xd => "blocked by the context entry's translation type",
-            _ => "other",
-        }
-    }
-}
-
-/// Why the unit cannot be used.
-#[derive(Debug)]
-pub enum Error {
-    NoLevels(u64),
-    NoMemory,
-    Timeout(&'static str),
-    TooManyDomains,
-    BadBase(u64),
-}
-
-impl core::fmt::Display for Error {
-    fn fmt(&self, f: &mut core::fmt::Formatter) -> core::fmt::Result {
-        match self {
-            Error::NoLevels(sagaw) => write!(f, "no supported second-level table depth (SAGAW {sagaw:#x})"),
-            Error::NoMemory => write!(f, "out of memory for tables"),
-            Error::Timeout(what) => write!(f, "{what} did not complete"),
-            Error::TooManyDomains => write!(f, "out of domain ids"),
-            Error::BadBase(base) => write!(f, "register page {base:#x} is not below 4 GiB"),
-        }
-    }
-}
 
 /// Page-table stores as the remapping hardware must see them: with a cache-line flush where
 /// its walks are not coherent with the CPU caches (ECAP.C = 0, VT-d spec 10.4.3).
@@ -147,7 +106,23 @@ pub struct Vtd {
     /// Faults seen so far.
     pub faults_seen: u64,
     pub invalidations: u64,
+    /// The invalidation queue, once queued invalidation is on.
+    queue: Option<Queue>,
 }
+
+/// The invalidation queue (VT-d spec 6.5.2): one 4 KiB page of 256 descriptors, and a status
+/// word the unit writes when a wait descriptor completes.
+struct Queue {
+    base: HostPhysAddr,
+    /// Next free slot (the software tail).
+    tail: u64,
+    status: HostPhysAddr,
+    /// Status data of the last wait descriptor.
+    seq: u32,
+}
+
+/// Queue size: 2^0 pages.
+const QUEUE_QS: u8 = 0;
 
 impl Vtd {
     /// Reads the capabilities of the unit at `base` and builds an empty root table.
@@ -156,7 +131,7 @@ impl Vtd {
         // not RAM.
         let regs = unsafe { Mmio::new(base, 4096) }.ok_or(Error::BadBase(base))?;
         let mut v = Vtd { regs, cap: 0, ecap: 0, levels: 0, root: HostPhysAddr::new(0), context: Vec::new(),
-            domains: Vec::new(), gcmd: 0, mem: VtdMem { coherent: true }, faults_seen: 0, invalidations: 0 };
+            domains: Vec::new(), gcmd: 0, mem: VtdMem { coherent: true }, faults_seen: 0, invalidations: 0, queue: None };
         v.cap = v.regs.read64(CAP);
         v.ecap = v.regs.read64(ECAP);
         // SAGAW bits 12:8: bit 1 = 39-bit 3-level, bit 2 = 48-bit 4-level (VT-d spec 10.4.2).
@@ -173,12 +148,21 @@ impl Vtd {
         Ok(v)
     }
 
-    /// Points the unit at the root table, invalidates everything, and turns translation on:
-    /// from now on a device without a context entry cannot reach memory.
-    pub fn enable(&mut self) -> Result<(), Error> {
+    /// Points the unit at the root table, turns queued invalidation on where the unit offers
+    /// it (ECAP.QI bit 1, VT-d spec 10.4.3) unless `register_only`, invalidates everything,
+    /// and turns translation on: from now on a device without a context entry cannot reach
+    /// memory.
+    pub fn enable(&mut self, register_only: bool, frames: &Frames) -> Result<(), Error> {
         self.regs.write32(FECTL, FECTL_IM);
         self.regs.write64(RTADDR, self.root.as_u64());
         self.command(GCMD_SRTP, true, "set root table pointer")?;
+        if self.ecap >> 1 & 1 == 0 {
+            log::info!(target: "iommu", "invalidation: register-based (the unit has no queued invalidation)");
+        } else if register_only {
+            log::info!(target: "iommu", "invalidation: register-based (iommu=register)");
+        } else {
+            self.enable_queue(frames)?;
+        }
         self.invalidate_all()?;
         self.write_buffer_flush()?;
         self.gcmd |= GCMD_TE;
@@ -213,8 +197,68 @@ impl Vtd {
         Err(Error::Timeout("write buffer flush"))
     }
 
+    /// Sets up the invalidation queue (VT-d spec 6.5.2: IQT = 0, IQA, then GCMD.QIE and wait
+    /// for GSTS.QIES). From then on the register-based interface must not be used.
+    fn enable_queue(&mut self, frames: &Frames) -> Result<(), Error> {
+        let base = frames.alloc_zeroed(Order::BASE).ok_or(Error::NoMemory)?;
+        let status = frames.alloc_zeroed(Order::BASE).ok_or(Error::NoMemory)?;
+        self.regs.write64(IQT, 0);
+        self.regs.write64(IQA, vtd_qi::iqa(base.as_u64(), QUEUE_QS));
+        self.gcmd |= GCMD_QIE;
+        self.command(GCMD_QIE, true, "queued invalidation enable")?;
+        self.queue = Some(Queue { base, tail: 0, status, seq: 0 });
+        log::info!(target: "iommu", "invalidation: queued (queue of {} descriptors at {:#x}, completion by invalidation wait descriptor with status write)",
+            vtd_qi::entries(QUEUE_QS), base.as_u64());
+        Ok(())
+    }
+
+    /// Queues `descs` followed by an invalidation wait descriptor, moves the tail, and polls
+    /// until the unit has written the wait's status (every descriptor before it is done).
+    fn submit(&mut self, descs: &[Descriptor]) -> Result<(), Error> {
+        let regs = &self.regs;
+        let Some(q) = self.queue.as_mut() else { return Err(Error::Timeout("invalidation queue (not on)")) };
+        let n = vtd_qi::entries(QUEUE_QS);
+        q.seq = q.seq.wrapping_add(1);
+        let status = q.status.as_u64() as *mut u32;
+        // SAFETY: the status frame is ours and identity-mapped; the unit writes it by DMA.
+        unsafe { core::ptr::write_volatile(status, 0) };
+        for d in descs.iter().chain(core::iter::once(&vtd_qi::wait(q.status.as_u64(), q.seq))) {
+            let at = q.base.as_u64() + vtd_qi::slot_offset(q.tail);
+            // SAFETY: slot `tail` lies inside the queue page we own; the unit reads it only
+            // once the tail register moves past it.
+            unsafe {
+                core::ptr::write_volatile(at as *mut u64, d.lo);
+                core::ptr::write_volatile((at + 8) as *mut u64, d.hi);
+            }
+            if !self.mem.coherent {
+                // SAFETY: as above; clflush of our own line.
+                unsafe { core::arch::x86_64::_mm_clflush(at as *const u8) };
+            }
+            q.tail = (q.tail + 1) % n;
+        }
+        core::sync::atomic::fence(core::sync::atomic::Ordering::SeqCst);
+        regs.write64(IQT, vtd_qi::slot_offset(q.tail));
+        for _ in 0..1_000_000 {
+            // SAFETY: as above.
+            if unsafe { core::ptr::read_volatile(status) } == q.seq {
+                return Ok(());
+            }
+            if regs.read32(FSTS) & FSTS_IQE != 0 {
+                let head = regs.read64(IQH);
+                regs.write32(FSTS, FSTS_IQE);
+                return Err(Error::QueueError(head));
+            }
+            core::hint::spin_loop();
+        }
+        Err(Error::Timeout("invalidation wait"))
+    }
+
     /// Global context-cache and IOTLB invalidation.
     fn invalidate_all(&mut self) -> Result<(), Error> {
+        if self.queue.is_some() {
+            self.invalidations += 1;
+            return self.submit(&[vtd_qi::context(Scope::Global), vtd_qi::iotlb(Scope::Global)]);
+        }
         self.regs.write64(CCMD, CCMD_ICC | CCMD_GLOBAL);
         self.wait64(CCMD, CCMD_ICC, "context-cache invalidation")?;
         self.iotlb(IOTLB_GLOBAL)
@@ -242,6 +286,10 @@ impl Vtd {
     /// Drops the cached translations of one domain (after a mount or unmount in its table).
     pub fn flush_domain(&mut self, id: u16) -> Result<(), Error> {
         self.write_buffer_flush()?;
+        if self.queue.is_some() {
+            self.invalidations += 1;
+            return self.submit(&[vtd_qi::iotlb(Scope::Domain(id))]);
+        }
         self.iotlb(IOTLB_DOMAIN | (id as u64) << 32)
     }
 
@@ -317,10 +365,10 @@ impl Vtd {
                 continue;
             }
             let low = self.regs.read64(at);
-            let f = Fault { source: Bdf::from_source_id(high as u16), address: low & !0xfff,
-                reason: (high >> 32) as u8, write: high >> 62 & 1 == 0 };
-            log::error!(target: "iommu", "DMA fault: device {}, address {:#x}, reason {} ({}), {}",
-                f.source, f.address, f.reason, f.reason_text(), if f.write { "write" } else { "read" });
+            let f = Fault { source: Bdf::from_source_id(high as u16), address: low & !0xfff, write: high >> 62 & 1 == 0 };
+            let reason = (high >> 32) as u8;
+            log::error!(target: "iommu", "DMA fault: device {}, address {:#x}, reason {reason} ({}), {}",
+                f.source, f.address, reason_text(reason), if f.write { "write" } else { "read" });
             // F is write-1-to-clear.
             self.regs.write64(at + 8, 1 << 63);
             out.push(f);
@@ -337,4 +385,54 @@ impl Vtd {
 /// CAP.ND bits 2:0: 2^(4 + 2 ND) domain ids (VT-d spec 10.4.2).
 fn domains(cap: u64) -> u64 {
     1 << (4 + 2 * (cap & 7))
+}
+
+/// A fault reason's meaning (VT-d spec 7.1.3, table of non-recoverable fault reasons).
+fn reason_text(reason: u8) -> &'static str {
+    match reason {
+        1 => "root entry not present",
+        2 => "context entry not present",
+        3 => "invalid context entry",
+        4 => "address beyond the domain's address width",
+        5 => "write to a page without write permission",
+        6 => "page not present or not readable",
+        7 => "error reading a second-level table",
+        8 => "error reading the root table",
+        9 => "error reading the context table",
+        0xa..=0xc => "reserved bit set in a table entry",
+        0xd => "blocked by the context entry's translation type",
+        _ => "other",
+    }
+}
+
+impl Iommu for Vtd {
+    type Format = VtdSl;
+    type Mem = VtdMem;
+    const NAME: &'static str = "VT-d";
+
+    fn mem(&self) -> VtdMem {
+        self.mem
+    }
+    fn attach(&mut self, bdf: Bdf, frames: &Frames) -> Result<(), Error> {
+        Vtd::attach(self, bdf, frames).map(|_| ())
+    }
+    fn table(&mut self, bdf: Bdf) -> Option<&mut SecondLevelTable<VtdSl>> {
+        self.domain_of(bdf).map(|d| &mut d.table)
+    }
+    fn invalidate(&mut self, bdf: Bdf) -> Result<(), Error> {
+        let id = self.domain_of(bdf).ok_or(Error::NoDomain)?.id;
+        self.flush_domain(id)
+    }
+    fn poll_faults(&mut self) -> Vec<Fault> {
+        Vtd::poll_faults(self)
+    }
+    fn prune_domains(&mut self, frames: &Frames) {
+        Vtd::prune_domains(self, frames)
+    }
+    fn counters(&self) -> (u64, u64) {
+        (self.faults_seen, self.invalidations)
+    }
+    fn view_slot(views: &mut Views) -> &mut Option<Morsel<VtdSl>> {
+        &mut views.vtd
+    }
 }

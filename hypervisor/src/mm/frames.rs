@@ -112,6 +112,7 @@ impl FrameAlloc for Frames {
 }
 
 /// Physical memory seen through the hypervisor's identity map.
+#[derive(Clone, Copy)]
 pub struct Identity;
 
 /// The identity-mapped physical memory.

@@ -1,17 +1,17 @@
-//! Morsels in device DMA domains: `device_mount` writes one entry in the device's VT-d
-//! domain and flushes its IOTLB. EPT subtrees are mounted into the domain as they are (the
-//! formats share, Xen's `iommu=sharept`); an NPT morsel gets a VT-d view over the same data
-//! frames (`Morsel::view`), built on its first device mount and kept with the morsel.
+//! Morsels in device DMA domains: `device_mount` writes one entry in the device's IOMMU
+//! domain (VT-d or AMD-Vi, `crate::iommu`) and invalidates its IOTLB. EPT subtrees are
+//! mounted into a VT-d domain as they are (the formats share, Xen's `iommu=sharept`);
+//! otherwise the morsel gets a view in the IOMMU's format over the same data frames
+//! (`Morsel::view`), built on its first device mount and kept with the morsel.
 
-use super::{read_name, Directory, DeviceMount, Named};
+use super::{read_name, Directory, DeviceMount};
 use crate::devices;
 use crate::frames::Frames;
 use crate::pci::Bdf;
 use crate::vm::guest::Guest;
 use crate::vm::Backend;
 use abi::{self, Error};
-use formats::units::Bytes;
-use morsel::{can_share, Format, GuestPhysAddr, IoVirtAddr, MountStats, Perm, SecondLevelTable, VtdSl};
+use morsel::{Format, GuestPhysAddr, Perm};
 
 impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     /// `device_mount(name_ptr, name_len, bdf, iova, writable)`. Only edu is offered: the
@@ -41,7 +41,6 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         self.devices.try_reserve(1).map_err(|_| Error::NoMemory)?;
         let lent_to = self.devices.iter().find(|d| d.bdf == bdf).map(|d| d.guest);
         let (stats, how) = devices::with(|d| {
-            let mem = d.vtd.mem;
             if !d.functions.iter().any(|f| f.bdf == bdf) {
                 return Err(Error::NotFound);
             }
@@ -53,11 +52,9 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
                 Some(_) => {}
                 None => devices::edu_scrub(d, frames)?,
             }
-            let dom = d.vtd.domain_of(bdf).ok_or(Error::NotFound)?;
-            let r = mount_in_domain(n, &mut dom.table, iova, perm, frames, &mem)?;
-            let id = dom.id;
-            d.vtd.flush_domain(id).map_err(|_| Error::DeviceFault)?;
-            Ok((r.0, r.1))
+            let r = d.iommu.mount(bdf, &n.morsel, &mut n.views, iova, perm, frames).map_err(mount_error)?;
+            d.iommu.invalidate(bdf).map_err(|_| Error::DeviceFault)?;
+            Ok(r)
         })
         .unwrap_or(Err(Error::NotFound))?;
         n.count_mount(&stats, 1);
@@ -81,11 +78,8 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         self.devices.retain(|d| !(d.bdf == m.bdf && d.iova == m.iova));
         let n = self.named.get_mut(&m.name).ok_or(Error::NotFound)?;
         let stats = devices::with(|d| {
-            let mem = d.vtd.mem;
-            let dom = d.vtd.domain_of(m.bdf).ok_or(Error::NotFound)?;
-            let s = unmount_in_domain(n, &mut dom.table, m.iova, frames, &mem)?;
-            let id = dom.id;
-            d.vtd.flush_domain(id).map_err(|_| Error::DeviceFault)?;
+            let s = d.iommu.unmount(m.bdf, &n.morsel, &mut n.views, m.iova, frames).map_err(|_| Error::Invalid)?;
+            d.iommu.invalidate(m.bdf).map_err(|_| Error::DeviceFault)?;
             Ok(s)
         })
         .unwrap_or(Err(Error::NotFound))?;
@@ -97,48 +91,14 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
 
 }
 
-/// Mounts a morsel into a device domain's table: its own subtree where the IOMMU can walk
-/// the format (EPT), else its VT-d view (built on first use). Returns what it wrote and how.
-pub(crate) fn mount_in_domain<F: Format>(
-    n: &mut Named<F>,
-    table: &mut SecondLevelTable<VtdSl>,
-    iova: u64,
-    perm: Perm,
-    frames: &Frames,
-    mem: &crate::iommu::vtd::VtdMem,
-) -> Result<(MountStats, &'static str), Error> {
-    let at = IoVirtAddr::new(iova);
-    let r = if can_share::<F, VtdSl>() {
-        n.morsel.mount(table, at, perm, frames, mem).map(|s| (s, "the morsel's own subtree (shared with EPT)"))
-    } else {
-        let view = match &mut n.vtd_view {
-            Some(v) => v,
-            slot @ None => {
-                let v = n.morsel.view::<VtdSl>(frames, mem).map_err(|_| Error::NoMemory)?;
-                log::info!(target: "morsel", "VT-d view of a {} {} morsel built: {} tables over the same data frames",
-                    Bytes(v.len()), F::NAME, v.table_count());
-                slot.insert(v)
-            }
-        };
-        view.mount(table, at, perm, frames, mem).map(|s| (s, "its VT-d view over the same frames"))
-    };
-    r.map_err(|e| match e {
-        morsel::Error::Occupied { .. } | morsel::Error::InsideMount { .. } => Error::Busy,
-        morsel::Error::OutOfMemory => Error::NoMemory,
-        _ => Error::Invalid,
-    })
-}
-
-/// Undoes `mount_in_domain`, with the intermediate tables the mount left empty; the caller
-/// flushes the domain's IOTLB.
-pub(crate) fn unmount_in_domain<F: Format>(n: &mut Named<F>, table: &mut SecondLevelTable<VtdSl>, iova: u64, frames: &Frames, mem: &crate::iommu::vtd::VtdMem) -> Result<MountStats, Error> {
-    let at = IoVirtAddr::new(iova);
-    let r = if can_share::<F, VtdSl>() {
-        n.morsel.unmount(table, at, frames, mem)
-    } else {
-        n.vtd_view.as_ref().ok_or(Error::NotFound)?.unmount(table, at, frames, mem)
-    };
-    r.map_err(|_| Error::Invalid)
+/// A failed mount into a device domain, as the guest sees it.
+pub(crate) fn mount_error(e: crate::iommu::MountError) -> Error {
+    match e {
+        crate::iommu::MountError::NoDomain => Error::NotFound,
+        crate::iommu::MountError::Morsel(morsel::Error::Occupied { .. } | morsel::Error::InsideMount { .. }) => Error::Busy,
+        crate::iommu::MountError::Morsel(morsel::Error::OutOfMemory) => Error::NoMemory,
+        crate::iommu::MountError::Morsel(_) => Error::Invalid,
+    }
 }
 
 /// A `bdf` argument: a 16-bit source id.

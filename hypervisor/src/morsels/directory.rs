@@ -193,14 +193,11 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         }
     }
 
-    /// Destroys a morsel's VT-d view (its tables are RAM frames, also for a persistent morsel).
+    /// Destroys a morsel's device views (their tables are RAM frames, also for a persistent
+    /// morsel).
     pub(crate) fn drop_view(&self, name: &str, n: &mut Named<F>, frames: &Frames) {
-        if let Some(view) = n.vtd_view.take() {
-            let tables = view.table_count();
-            match view.destroy(frames, &IDENTITY) {
-                Ok(()) => log::info!(target: "morsel", "'{name}': VT-d view destroyed, {tables} tables given back"),
-                Err((_, e)) => log::error!(target: "morsel", "'{name}': VT-d view cannot be destroyed: {e}"),
-            }
+        if let Some((tables, format)) = n.views.destroy(frames) {
+            log::info!(target: "morsel", "'{name}': {format} view destroyed, {tables} tables given back");
         }
     }
 
@@ -235,10 +232,10 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
             let _ = self.device_unmount_one(&d, frames);
         }
         devices::with(|d| {
-            d.vtd.prune_domains(frames);
-            d.vtd.poll_faults();
-            log::info!(target: "iommu", "end of run: {} DMA fault(s) reported, {} IOTLB invalidations",
-                d.vtd.faults_seen, d.vtd.invalidations);
+            d.iommu.prune_domains(frames);
+            d.iommu.poll_faults();
+            let (faults, invalidations) = d.iommu.counters();
+            log::info!(target: "iommu", "end of run: {faults} DMA fault(s) reported, {invalidations} IOTLB invalidations ({})", d.iommu.name());
         });
         let names: Vec<String> = self.named.keys().cloned().collect();
         for name in names {

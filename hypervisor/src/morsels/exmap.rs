@@ -155,10 +155,18 @@ impl Exmaps {
         } else {
             exmap::free(&n.morsel, stats.id, checked, &mut v.out, &mut v.cache, &IDENTITY, &mut v.changed)
         };
-        // A VT-d view (NPT region mounted into a device) follows the region page by page.
-        if let Some(view) = &n.vtd_view {
+        // A device view (NPT region mounted into a device) follows the region page by page.
+        let leaf = |p, f| (op == abi::EXMAP_ALLOC).then_some(f).map_or((p, None), |f| (p, Some(f)));
+        if let Some(view) = &n.views.vtd {
             for &(p, f) in &v.changed {
-                let _ = view.set_leaf(p, (op == abi::EXMAP_ALLOC).then_some(f), &IDENTITY);
+                let (p, f) = leaf(p, f);
+                let _ = view.set_leaf(p, f, &IDENTITY);
+            }
+        }
+        if let Some(view) = &n.views.amd {
+            for &(p, f) in &v.changed {
+                let (p, f) = leaf(p, f);
+                let _ = view.set_leaf(p, f, &IDENTITY);
             }
         }
         stats.calls += 1;
@@ -180,8 +188,7 @@ impl Exmaps {
             if !domains.is_empty() {
                 crate::devices::with(|d| {
                     for bdf in domains {
-                        if let Some(id) = d.vtd.domain_of(bdf).map(|dom| dom.id) {
-                            let _ = d.vtd.flush_domain(id);
+                        if d.iommu.invalidate(bdf).is_ok() {
                             stats.invalidations += 1;
                         }
                     }

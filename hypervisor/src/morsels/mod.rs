@@ -4,7 +4,8 @@
 //!
 //! - `directory`: create, open (mount), unmount, size, destroy, stats, end of run;
 //! - `persist`: persistent morsels (frames and records in the persistent region, recovery);
-//! - `device_mounts`: morsels in device DMA domains (VT-d; an NPT morsel through its VT-d view);
+//! - `device_mounts`: morsels in device DMA domains (VT-d or AMD-Vi, `crate::iommu`; an NPT
+//!   morsel through a view in the IOMMU's format);
 //! - `proxy`: calls that make a device move a guest's morsel (edu DMA, the NVMe proxy);
 //! - `exmap`: ExMap regions (sparse morsels populated and evicted in batches).
 //!
@@ -25,7 +26,7 @@ use abi::Error;
 use hashbrown::HashMap;
 use crate::vm::guest::Guest;
 use crate::vm::Backend;
-use morsel::{Format, GuestPhysAddr, Morsel, MountStats, VtdSl};
+use morsel::{Format, GuestPhysAddr, Morsel, MountStats};
 
 
 /// Longest morsel name.
@@ -43,9 +44,9 @@ pub(crate) struct Named<F: Format> {
     path_pte_writes: u64,
     unmount_pte_writes: u64,
     invalidations: u64,
-    /// The VT-d view of a morsel whose format the IOMMU cannot walk (NPT), built on the
-    /// first device mount; destroyed with the morsel.
-    pub(crate) vtd_view: Option<Morsel<VtdSl>>,
+    /// The views of a morsel whose format the IOMMU cannot walk (NPT), built on the first
+    /// device mount; destroyed with the morsel.
+    pub(crate) views: crate::iommu::Views,
     /// Its directory slot in persistent memory, for a persistent morsel.
     pub(crate) slot: Option<usize>,
 }
@@ -62,7 +63,7 @@ impl<F: Format> Named<F> {
             path_pte_writes: 0,
             unmount_pte_writes: 0,
             invalidations: 0,
-            vtd_view: None,
+            views: Default::default(),
             slot,
         }
     }

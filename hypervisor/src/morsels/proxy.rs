@@ -2,7 +2,7 @@
 //! edu mounts) and the NVMe proxy (`nvme_io`: ExMap's pread done by hardware: the caller's
 //! morsel is mounted into the NVMe domain for one call, the device DMAs into its frames).
 
-use super::device_mounts::{mount_in_domain, unmount_in_domain};
+use super::device_mounts::mount_error;
 use super::{DeviceMount, Directory};
 use crate::devices;
 use crate::frames::Frames;
@@ -52,16 +52,14 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         let n = self.named.get_mut(&name).ok_or(Error::NotFound)?;
         let window = n.morsel.window_size();
         devices::with(|d| {
-            let mem = d.vtd.mem;
             let bdf = d.nvme.as_ref().ok_or(Error::NotFound)?.bdf;
-            let dom = d.vtd.domain_of(bdf).ok_or(Error::NotFound)?;
+            let limit = d.iommu.limit(bdf).ok_or(Error::NotFound)?;
             let iova = devices::nvme::PROXY_IOVA.next_multiple_of(window);
-            if iova.checked_add(window).is_none_or(|end| end > dom.table.limit()) {
+            if iova.checked_add(window).is_none_or(|end| end > limit) {
                 return Err(Error::TooLarge);
             }
-            let (stats, how) = mount_in_domain(n, &mut dom.table, iova, perm, frames, &mem)?;
-            let id = dom.id;
-            d.vtd.flush_domain(id).map_err(|_| Error::DeviceFault)?;
+            let (stats, how) = d.iommu.mount(bdf, &n.morsel, &mut n.views, iova, perm, frames).map_err(mount_error)?;
+            d.iommu.invalidate(bdf).map_err(|_| Error::DeviceFault)?;
             log::info!(target: "morsel", "'{name}' mounted {} into device {bdf} at I/O virtual address {iova:#x} for the NVMe proxy: {} PTE write (+{}), {how}",
                 if write { "read-only" } else { "read-write" }, stats.entry_writes, stats.path_writes);
             let done = match d.nvme.as_mut() {
@@ -69,11 +67,8 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
                 None => Err(devices::nvme::IoError::Invalid),
             };
             let faulted = devices::faults_of(d, bdf);
-            let freed = match d.vtd.domain_of(bdf) {
-                Some(dom) => unmount_in_domain(n, &mut dom.table, iova, frames, &mem).map_or(0, |s| s.path_writes),
-                None => 0,
-            };
-            d.vtd.flush_domain(id).map_err(|_| Error::DeviceFault)?;
+            let freed = d.iommu.unmount(bdf, &n.morsel, &mut n.views, iova, frames).map_or(0, |s| s.path_writes);
+            d.iommu.invalidate(bdf).map_err(|_| Error::DeviceFault)?;
             log::info!(target: "morsel", "'{name}' unmounted from device {bdf} at {iova:#x}: 1 PTE write, 1 IOTLB invalidation, {freed} empty intermediate tables freed");
             match done {
                 Ok(_) if faulted => Err(Error::DeviceFault),

@@ -42,6 +42,8 @@ pub struct Platform {
     pub ecam: Option<Ecam>,
     /// Physical address of the DMAR table, if there is one.
     pub dmar: Option<u64>,
+    /// Physical address of the IVRS table (AMD IOMMU), if there is one.
+    pub ivrs: Option<u64>,
     /// Physical address of the NFIT (persistent memory), if there is one.
     pub nfit: Option<u64>,
 }
@@ -83,6 +85,7 @@ pub fn discover(rsdp: Option<u64>) -> Platform {
         });
     }
     p.dmar = tables.find_table::<Dmar>().ok().map(|m| m.physical_start() as u64);
+    p.ivrs = tables.find_table::<Ivrs>().ok().map(|m| m.physical_start() as u64);
     p.nfit = tables.find_table::<Nfit>().ok().map(|m| m.physical_start() as u64);
     p
 }
@@ -97,6 +100,22 @@ pub struct Dmar {
 // SAFETY: `Dmar` starts with the SDT header and claims no more than that.
 unsafe impl AcpiTable for Dmar {
     const SIGNATURE: Signature = Signature::DMAR;
+
+    fn header(&self) -> &SdtHeader {
+        &self.header
+    }
+}
+
+/// The I/O Virtualization Reporting Structure's header (AMD IOMMU spec 5.2); the `acpi`
+/// crate has no IVRS type, and the AMD-Vi driver reads the rest itself.
+#[repr(C, packed)]
+pub struct Ivrs {
+    header: SdtHeader,
+}
+
+// SAFETY: `Ivrs` starts with the SDT header and claims no more than that.
+unsafe impl AcpiTable for Ivrs {
+    const SIGNATURE: Signature = Signature::IVRS;
 
     fn header(&self) -> &SdtHeader {
         &self.header
@@ -130,6 +149,9 @@ impl Platform {
         match self.dmar {
             Some(a) => log::info!(target: "acpi", "DMAR: present at {a:#x} (IOMMU)"),
             None => log::info!(target: "acpi", "DMAR: none (no IOMMU)"),
+        }
+        if let Some(a) = self.ivrs {
+            log::info!(target: "acpi", "IVRS: present at {a:#x} (AMD IOMMU)");
         }
         if let Some(a) = self.nfit {
             log::info!(target: "acpi", "NFIT: present at {a:#x} (persistent memory)");

@@ -37,6 +37,13 @@ pub const VALID: &str = "guests=NAME[:mem=SIZE][:slices=N][:arg=N][:code=N|:stop
     pmem=format|drop:N[,N...]|drop:damaged cpus=N (SIZE: bytes or K, M, G)";
 
 /// Default guest memory.
+/// How the IOMMU is driven (`iommu=...`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct IommuOptions {
+    /// `iommu=register`: VT-d register-based invalidation even where the unit has a queue.
+    pub register_invalidation: bool,
+}
+
 pub const DEFAULT_GUEST_MEMORY: u64 = 16 << 20;
 
 /// Parsed command line.
@@ -48,13 +55,15 @@ pub struct Args {
     pub pmem: pmem::Options,
     /// `cpus=N`: at most N CPUs online (None: every enabled CPU of the MADT).
     pub cpus: Option<usize>,
+    /// `iommu=register`.
+    pub iommu: IommuOptions,
     /// Words that were not understood, with the reason.
     pub errors: Vec<(&'static str, &'static str)>,
 }
 
 impl Args {
     pub fn parse(line: &'static str) -> Args {
-        let mut a = Args { guests: Vec::new(), log_level: log::LevelFilter::Info, test: None, pmem: pmem::Options::default(), cpus: None, errors: Vec::new() };
+        let mut a = Args { guests: Vec::new(), log_level: log::LevelFilter::Info, test: None, pmem: pmem::Options::default(), cpus: None, iommu: IommuOptions::default(), errors: Vec::new() };
         for word in line.split_ascii_whitespace() {
             match word.split_once('=') {
                 Some(("guests", list)) => {
@@ -79,6 +88,7 @@ impl Args {
                 },
                 Some(("test", "pmem-crash:format")) => a.pmem.crash = Some(CrashPoint::Format),
                 Some(("test", "pmem-crash:magic")) => a.pmem.crash = Some(CrashPoint::Magic),
+                Some(("iommu", "register")) => a.iommu.register_invalidation = true,
                 Some(("cpus", n)) => match n.parse::<usize>() {
                     Ok(n) if n >= 1 => a.cpus = Some(n),
                     _ => a.errors.push((word, "cpus wants a number of CPUs, at least 1")),
