@@ -5,6 +5,9 @@
 //! negative = `Error`), value in rdx. The instruction is VMCALL on Intel, VMMCALL on AMD.
 #![no_std]
 
+mod call;
+pub use call::{Call, CreateFlags, ExmapOp, GuestSlice, Name};
+
 /// ABI version reported by `INFO_ABI_VERSION`.
 pub const ABI_VERSION: u64 = 1;
 

@@ -155,12 +155,7 @@ pub fn faults_of(d: &mut Devices, bdf: Bdf) -> bool {
 }
 
 /// `edu_dma(direction, iova, len)`: runs edu's DMA engine; `DeviceFault` if the IOMMU blocked it.
-pub fn edu_dma(direction: u64, iova: u64, len: u64) -> Result<u64, Error> {
-    let to_device = match direction {
-        abi::EDU_TO_DEVICE => true,
-        abi::EDU_TO_MEMORY => false,
-        _ => return Err(Error::Invalid),
-    };
+pub fn edu_dma(to_device: bool, iova: u64, len: u64) -> Result<u64, Error> {
     with(|d| {
         let edu = d.edu.as_mut().ok_or(Error::NotFound)?;
         let bdf = edu.bdf;

@@ -20,15 +20,8 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     /// no function answers). edu is lent to one guest at a time: while one guest has a
     /// morsel mounted there, others get `Busy`; when a guest takes it over, its buffer is
     /// scrubbed first, so no guest's bytes reach another.
-    pub fn device_mount<B: Backend<Format = F>>(&mut self, g: &Guest<B>, frames: &Frames, a: [u64; 5]) -> Result<u64, Error> {
-        let name = read_name(g, a[0], a[1])?;
-        let bdf = device(a[2])?;
-        let iova = a[3];
-        let writable = match a[4] {
-            0 => false,
-            1 => true,
-            _ => return Err(Error::Invalid),
-        };
+    pub fn device_mount<B: Backend<Format = F>>(&mut self, g: &Guest<B>, frames: &Frames, name: abi::Name, bdf: Bdf, iova: u64, writable: bool) -> Result<u64, Error> {
+        let name = read_name(g, name)?;
         let n = self.named.get_mut(&name).ok_or(Error::NotFound)?;
         if writable && !n.writable_by(g.id) {
             return Err(Error::Denied);
@@ -65,9 +58,8 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     }
 
     /// `device_unmount(bdf, iova)`: the caller's own device mounts only.
-    pub fn device_unmount<B: Backend<Format = F>>(&mut self, g: &Guest<B>, frames: &Frames, a: [u64; 2]) -> Result<u64, Error> {
-        let bdf = device(a[0])?;
-        let i = self.devices.iter().position(|d| d.bdf == bdf && d.iova == a[1] && d.guest == g.id).ok_or(Error::NotFound)?;
+    pub fn device_unmount<B: Backend<Format = F>>(&mut self, g: &Guest<B>, frames: &Frames, bdf: Bdf, iova: u64) -> Result<u64, Error> {
+        let i = self.devices.iter().position(|d| d.bdf == bdf && d.iova == iova && d.guest == g.id).ok_or(Error::NotFound)?;
         let d = self.devices.remove(i);
         self.device_unmount_one(&d, frames)
     }
@@ -100,9 +92,3 @@ pub(crate) fn mount_error(e: crate::iommu::MountError) -> Error {
         crate::iommu::MountError::Morsel(_) => Error::Invalid,
     }
 }
-
-/// A `bdf` argument: a 16-bit source id.
-pub(crate) fn device(bdf: u64) -> Result<Bdf, Error> {
-    u16::try_from(bdf).map(Bdf::from_source_id).map_err(|_| Error::Invalid)
-}
-

@@ -20,13 +20,9 @@ use morsel::{Format, GuestPhysAddr, Morsel, PageSize, Perm};
 impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     /// `morsel_create(name_ptr, name_len, size, flags)`. A persistent morsel takes its frames
     /// from the persistent region and gets a directory record after its subtree is complete.
-    pub fn create<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, frames: &Frames, a: [u64; 4]) -> Result<u64, Error> {
-        let name = read_name(g, a[0], a[1])?;
-        let (size, flags) = (a[2], a[3]);
-        if flags & !(abi::MORSEL_HUGE_PAGES | abi::MORSEL_SHARE_WRITABLE | abi::MORSEL_PERSISTENT) != 0 {
-            return Err(Error::Invalid);
-        }
-        let page = if flags & abi::MORSEL_HUGE_PAGES != 0 { PageSize::Size2M } else { PageSize::Size4K };
+    pub fn create<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, frames: &Frames, name: abi::Name, size: u64, flags: abi::CreateFlags) -> Result<u64, Error> {
+        let name = read_name(g, name)?;
+        let page = if flags.huge_pages { PageSize::Size2M } else { PageSize::Size4K };
         if size == 0 || size % page.bytes() != 0 {
             return Err(refuse(Error::Invalid, format_args!("size {} is not a positive multiple of the {} page", Bytes(size), Bytes(page.bytes()))));
         }
@@ -42,8 +38,8 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
             return Err(Error::NoMemory);
         }
         self.named.try_reserve(1).map_err(|_| Error::NoMemory)?;
-        let others_may_write = flags & abi::MORSEL_SHARE_WRITABLE != 0;
-        let pm = if flags & abi::MORSEL_PERSISTENT != 0 {
+        let others_may_write = flags.share_writable;
+        let pm = if flags.persistent {
             let pm = pmem::get().ok_or(Error::Invalid)?;
             pm.claim_format(F::NAME).map_err(|_| Error::Invalid)?;
             Some(pm)
@@ -96,13 +92,8 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     }
 
     /// `morsel_open(name_ptr, name_len, writable)`.
-    pub fn open<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, frames: &Frames, a: [u64; 3]) -> Result<u64, Error> {
-        let name = read_name(g, a[0], a[1])?;
-        let writable = match a[2] {
-            0 => false,
-            1 => true,
-            _ => return Err(Error::Invalid),
-        };
+    pub fn open<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, frames: &Frames, name: abi::Name, writable: bool) -> Result<u64, Error> {
+        let name = read_name(g, name)?;
         let n = self.named.get(&name).ok_or(Error::NotFound)?;
         if writable && !n.writable_by(g.id) {
             return Err(Error::Denied);
@@ -158,8 +149,8 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     }
 
     /// `morsel_destroy(name_ptr, name_len)`: the owner only, and only while unmounted.
-    pub fn destroy<B: Backend<Format = F>>(&mut self, g: &Guest<B>, frames: &Frames, a: [u64; 2]) -> Result<u64, Error> {
-        let name = read_name(g, a[0], a[1])?;
+    pub fn destroy<B: Backend<Format = F>>(&mut self, g: &Guest<B>, frames: &Frames, name: abi::Name) -> Result<u64, Error> {
+        let name = read_name(g, name)?;
         let n = self.named.get(&name).ok_or(Error::NotFound)?;
         if n.owner != g.id && !(n.owner == RESTORED && n.others_may_write) {
             return Err(Error::Denied);

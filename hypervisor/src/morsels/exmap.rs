@@ -74,10 +74,10 @@ impl Exmaps {
     }
 
     /// `exmap_create(name_ptr, name_len, size, flags)`.
-    pub fn create<B: Backend>(&mut self, dir: &mut Directory<B::Format>, g: &mut Guest<B>, frames: &Frames, a: [u64; 4]) -> Result<u64, Error> {
-        let name = read_name(g, a[0], a[1])?;
-        let (size, flags) = (a[2], a[3]);
-        if flags & !abi::MORSEL_SHARE_WRITABLE != 0 || size == 0 || size % 4096 != 0 {
+    #[allow(clippy::too_many_arguments)]
+    pub fn create<B: Backend>(&mut self, dir: &mut Directory<B::Format>, g: &mut Guest<B>, frames: &Frames, name: abi::Name, size: u64, share_writable: bool) -> Result<u64, Error> {
+        let name = read_name(g, name)?;
+        if size == 0 || size % 4096 != 0 {
             return Err(Error::Invalid);
         }
         if size > abi::EXMAP_MAX_SIZE {
@@ -91,7 +91,7 @@ impl Exmaps {
             _ => Error::Invalid,
         })?;
         let tables = m.table_count();
-        let gpa = dir.add_region(g, frames, name.clone(), m, flags & abi::MORSEL_SHARE_WRITABLE != 0)?;
+        let gpa = dir.add_region(g, frames, name.clone(), m, share_writable)?;
         log::info!(target: "exmap", "guest {} created region '{name}': {} ({} pages), {tables} tables, no data frame, at {gpa:#x}",
             g.id, Bytes(size), size / 4096);
         let id = self.next_id;
@@ -101,20 +101,20 @@ impl Exmaps {
     }
 
     /// `exmap_action(region_gpa, iov_gpa, count, opcode)`.
-    pub fn action<B: Backend>(&mut self, dir: &mut Directory<B::Format>, g: &mut Guest<B>, backend: &mut B, frames: &Frames, a: [u64; 4]) -> Result<u64, Error> {
-        let [gpa, iov_gpa, count, op] = a;
+    #[allow(clippy::too_many_arguments)] // the call's four arguments and what it works on
+    pub fn action<B: Backend>(&mut self, dir: &mut Directory<B::Format>, g: &mut Guest<B>, backend: &mut B, frames: &Frames, gpa: u64, iov_gpa: u64, count: u64, op: abi::ExmapOp) -> Result<u64, Error> {
+        let op = match op {
+            abi::ExmapOp::Alloc => abi::EXMAP_ALLOC,
+            abi::ExmapOp::Free => abi::EXMAP_FREE,
+            abi::ExmapOp::Read => abi::EXMAP_READ,
+            abi::ExmapOp::Write => abi::EXMAP_WRITE,
+        };
         let mount = g.mounts.iter().find(|m| m.gpa == gpa).ok_or(Error::NotFound)?;
         let name = mount.name.clone();
         let writable = mount.writable;
         let stats = self.regions.get_mut(&name).ok_or(Error::Invalid)?;
         if !writable {
             return Err(Error::Denied);
-        }
-        if !(1..=abi::EXMAP_MAX_ENTRIES).contains(&count) {
-            return Err(Error::Invalid);
-        }
-        if op > abi::EXMAP_WRITE {
-            return Err(Error::Invalid);
         }
         if op == abi::EXMAP_READ || op == abi::EXMAP_WRITE {
             // Not done yet: the batched NVMe path (README, ExMap).
@@ -215,10 +215,10 @@ impl Exmaps {
     }
 
     /// `exmap_info(region_gpa, what)`.
-    pub fn info<B: Backend>(&self, dir: &Directory<B::Format>, g: &Guest<B>, a: [u64; 2]) -> Result<u64, Error> {
-        let m = g.mounts.iter().find(|m| m.gpa == a[0]).ok_or(Error::NotFound)?;
+    pub fn info<B: Backend>(&self, g: &Guest<B>, region: u64, what: u64) -> Result<u64, Error> {
+        let m = g.mounts.iter().find(|m| m.gpa == region).ok_or(Error::NotFound)?;
         let s = self.regions.get(&m.name).ok_or(Error::Invalid)?;
-        match a[1] {
+        match what {
             abi::EXMAP_INFO_POPULATED => Ok(s.allocated - s.freed),
             abi::EXMAP_INFO_CALLS => Ok(s.calls),
             abi::EXMAP_INFO_INVALIDATIONS => Ok(s.invalidations),
@@ -226,10 +226,7 @@ impl Exmaps {
             abi::EXMAP_INFO_FREED => Ok(s.freed),
             abi::EXMAP_INFO_ZEROED => Ok(s.zeroed),
             abi::EXMAP_INFO_FAILED => Ok(s.failed),
-            _ => {
-                let _ = dir;
-                Err(Error::NoSuchCall)
-            }
+            _ => Err(Error::NoSuchCall),
         }
     }
 

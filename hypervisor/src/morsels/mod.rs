@@ -136,18 +136,14 @@ pub(crate) fn try_string(s: &str) -> Result<String, Error> {
     Ok(out)
 }
 
-/// A morsel name from guest memory: 1 to `NAME_MAX` printable ASCII bytes, no spaces.
-pub(crate) fn read_name<B: Backend>(g: &Guest<B>, ptr: u64, len: u64) -> Result<String, Error> {
-    if len == 0 || len > NAME_MAX as u64 {
-        return Err(Error::Invalid);
-    }
+/// A morsel name from guest memory (its length was checked by `abi::Call::decode`): printable
+/// ASCII without spaces, since names appear in logs and in other guests' calls.
+pub(crate) fn read_name<B: Backend>(g: &Guest<B>, name: abi::Name) -> Result<String, Error> {
     let mut buf = [0u8; NAME_MAX];
-    let buf = &mut buf[..len as usize];
-    g.mem.read(GuestPhysAddr::new(ptr), buf)?;
-    // Printable ASCII without spaces: names appear in logs and in other guests' calls.
+    let buf = buf.get_mut(..name.0.len as usize).ok_or(Error::Invalid)?;
+    g.mem.read(GuestPhysAddr::new(name.0.ptr), buf)?;
     if !buf.iter().all(u8::is_ascii_graphic) {
         return Err(Error::Invalid);
     }
     try_string(core::str::from_utf8(buf).map_err(|_| Error::Invalid)?)
 }
-

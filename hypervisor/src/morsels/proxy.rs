@@ -17,15 +17,14 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     /// did not mount there); only the guest edu is lent to has such mounts. Inside the window
     /// the IOMMU decides: past the end of the morsel, or a write through a read-only mount, is
     /// blocked and reported.
-    pub fn edu_dma<B: Backend<Format = F>>(&self, g: &Guest<B>, a: [u64; 3]) -> Result<u64, Error> {
-        let [direction, iova, len] = a;
+    pub fn edu_dma<B: Backend<Format = F>>(&self, g: &Guest<B>, to_device: bool, iova: u64, len: u64) -> Result<u64, Error> {
         let edu = devices::with(|d| d.edu.as_ref().map(|e| e.bdf)).flatten().ok_or(Error::NotFound)?;
         let end = iova.checked_add(len).ok_or(Error::TooLarge)?;
         let inside = |d: &DeviceMount| d.guest == g.id && d.bdf == edu && d.iova <= iova && end <= d.iova + d.window;
         if !self.devices.iter().any(inside) {
             return Err(Error::Denied);
         }
-        devices::edu_dma(direction, iova, len)
+        devices::edu_dma(to_device, iova, len)
     }
 
     /// `nvme_read` / `nvme_write(gpa, offset, lba, count)`: the caller's morsel mounted at
@@ -33,8 +32,8 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     /// guest can mount anything into that domain (`device_mount` does not offer NVMe), and the
     /// unmount takes the tables its mount created, so every call finds the proxy's I/O virtual
     /// addresses free.
-    pub fn nvme_io<B: Backend<Format = F>>(&mut self, g: &Guest<B>, frames: &Frames, write: bool, a: [u64; 4]) -> Result<u64, Error> {
-        let (gpa, offset, lba, count) = (a[0], a[1], a[2], a[3]);
+    #[allow(clippy::too_many_arguments)] // the call's four arguments, the caller and the direction
+    pub fn nvme_io<B: Backend<Format = F>>(&mut self, g: &Guest<B>, frames: &Frames, write: bool, gpa: u64, offset: u64, lba: u64, count: u64) -> Result<u64, Error> {
         let m = g.mounts.iter().find(|m| m.gpa == gpa).ok_or(Error::NotFound)?;
         let bytes = count.checked_mul(abi::NVME_BLOCK).ok_or(Error::TooLarge)?;
         if count == 0 || offset % abi::NVME_BLOCK != 0 {

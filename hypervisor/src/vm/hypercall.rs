@@ -1,12 +1,15 @@
-//! Hypercall dispatch (ABI v1, `abi`). Every argument is checked here: guest
-//! pointers are read through the guest's own second-level table, lengths are bounded, and
-//! anything wrong is an error code in rax, never a fault in the hypervisor.
+//! Hypercall dispatch (ABI v1, `abi`): the raw call is decoded into a typed `abi::Call`
+//! (numbers, flags, lengths, wrapping ranges checked, host-tested in the abi crate) before any
+//! handler runs; handlers check the rest against the guest's memory (read through its own
+//! second-level table) and the hypervisor's state. Anything wrong is an error code in rax,
+//! never a fault in the hypervisor.
 
 use super::guest::{Guest, State};
 use crate::morsels::Directory;
 use super::{Backend, Regs};
 use crate::frames::Frames;
-use abi::{self, Error};
+use crate::pci::Bdf;
+use abi::{self, Call, Error, GuestSlice};
 use morsel::GuestPhysAddr;
 use alloc::string::String;
 
@@ -22,25 +25,6 @@ const LOUD_FAILURES: u32 = 8;
 pub fn refuse(e: Error, why: core::fmt::Arguments) -> Error {
     *REASON.lock() = Some(alloc::format!("{why}"));
     e
-}
-
-/// The ABI name of hypercall `nr`.
-fn call_name(nr: u64) -> &'static str {
-    match nr {
-        abi::HC_INFO => "info",
-        abi::HC_CONSOLE_WRITE => "console_write",
-        abi::HC_MORSEL_CREATE => "morsel_create",
-        abi::HC_MORSEL_OPEN => "morsel_open",
-        abi::HC_MORSEL_UNMOUNT => "morsel_unmount",
-        abi::HC_MORSEL_DESTROY => "morsel_destroy",
-        abi::HC_MORSEL_SIZE => "morsel_size",
-        abi::HC_DEVICE_MOUNT => "device_mount",
-        abi::HC_DEVICE_UNMOUNT => "device_unmount",
-        abi::HC_EDU_DMA => "edu_dma",
-        abi::HC_NVME_READ => "nvme_read",
-        abi::HC_NVME_WRITE => "nvme_write",
-        _ => "unknown call",
-    }
 }
 
 /// What the scheduler does after a hypercall.
@@ -62,41 +46,22 @@ pub struct Context<B: Backend> {
 
 /// Handles the hypercall in `regs` (already past the instruction), writing status and value.
 pub fn handle<B: Backend>(guest: &mut Guest<B>, backend: &mut B, regs: &mut Regs, cx: &mut Context<B>) -> Action {
-    let (nr, a0, a1, a2, a3, a4) = (regs.rax, regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8);
+    let nr = regs.rax;
     let frames = cx.frames;
-    let result = match nr {
-        abi::HC_MORSEL_CREATE => cx.morsels.create(guest, &frames, [a0, a1, a2, a3]),
-        abi::HC_MORSEL_OPEN => cx.morsels.open(guest, &frames, [a0, a1, a2]),
-        abi::HC_MORSEL_UNMOUNT => cx.morsels.unmount(guest, backend, &frames, a0),
-        abi::HC_MORSEL_DESTROY => cx.morsels.destroy(guest, &frames, [a0, a1]),
-        abi::HC_MORSEL_SIZE => cx.morsels.size(guest, a0),
-        abi::HC_MORSEL_STATS => {
-            cx.morsels.log_stats();
-            cx.exmaps.log_stats();
-            Ok(0)
-        }
-        abi::HC_EXMAP_CREATE => cx.exmaps.create(&mut cx.morsels, guest, &frames, [a0, a1, a2, a3]),
-        abi::HC_EXMAP_ACTION => cx.exmaps.action(&mut cx.morsels, guest, backend, &frames, [a0, a1, a2, a3]),
-        abi::HC_EXMAP_INFO => cx.exmaps.info(&cx.morsels, guest, [a0, a1]),
-        abi::HC_DEVICE_MOUNT => cx.morsels.device_mount(guest, &frames, [a0, a1, a2, a3, a4]),
-        abi::HC_DEVICE_UNMOUNT => cx.morsels.device_unmount(guest, &frames, [a0, a1]),
-        abi::HC_EDU_DMA => cx.morsels.edu_dma(guest, [a0, a1, a2]),
-        abi::HC_NVME_READ => cx.morsels.nvme_io(guest, &frames, false, [a0, a1, a2, a3]),
-        abi::HC_NVME_WRITE => cx.morsels.nvme_io(guest, &frames, true, [a0, a1, a2, a3]),
-        abi::HC_INFO => info(guest, cx, a0),
-        abi::HC_CONSOLE_WRITE => console_write(guest, a0, a1),
-        abi::HC_EXIT => {
-            let code = a0 as u32 as i32;
+    let call = Call::decode(nr, [regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9]);
+    let result = match call {
+        Err(e) => Err(e),
+        Ok(Call::Exit { code }) => {
             guest.flush_console();
             log::info!(target: "vm", "guest {} ({}) exited with code {code}", guest.id, guest.spec.name);
             guest.state = State::Exited(code);
             return Action::Exit;
         }
-        abi::HC_YIELD => {
+        Ok(Call::Yield) => {
             set(regs, Ok(0));
             return Action::Yield;
         }
-        _ => Err(Error::NoSuchCall),
+        Ok(call) => dispatch(call, guest, backend, cx, &frames),
     };
     let reason = REASON.lock().take();
     if let Err(e) = result {
@@ -110,10 +75,37 @@ pub fn handle<B: Backend>(guest: &mut Guest<B>, backend: &mut B, regs: &mut Regs
         let why = reason.as_deref().unwrap_or("");
         let sep = if why.is_empty() { "" } else { ": " };
         log::log!(target: "vm", level, "guest {} ({}): {} ({nr:#x}) refused ({e}){sep}{why}{}",
-            guest.id, guest.spec.name, call_name(nr), if n == LOUD_FAILURES { " (later refusals of this guest at log=debug)" } else { "" });
+            guest.id, guest.spec.name, Call::name_of(nr), if n == LOUD_FAILURES { " (later refusals of this guest at log=debug)" } else { "" });
     }
     set(regs, result);
     Action::Continue
+}
+
+/// Runs a decoded call that returns to the guest.
+fn dispatch<B: Backend>(call: Call, guest: &mut Guest<B>, backend: &mut B, cx: &mut Context<B>, frames: &Frames) -> Result<u64, Error> {
+    let morsels = &mut cx.morsels;
+    match call {
+        Call::Info { what } => info(guest, cx.guest_count, what),
+        Call::ConsoleWrite { text } => console_write(guest, text),
+        Call::MorselCreate { name, size, flags } => morsels.create(guest, frames, name, size, flags),
+        Call::MorselOpen { name, writable } => morsels.open(guest, frames, name, writable),
+        Call::MorselUnmount { gpa } => morsels.unmount(guest, backend, frames, gpa),
+        Call::MorselDestroy { name } => morsels.destroy(guest, frames, name),
+        Call::MorselSize { gpa } => morsels.size(guest, gpa),
+        Call::MorselStats => {
+            morsels.log_stats();
+            cx.exmaps.log_stats();
+            Ok(0)
+        }
+        Call::ExmapCreate { name, size, share_writable } => cx.exmaps.create(morsels, guest, frames, name, size, share_writable),
+        Call::ExmapAction { region, iov, count, op } => cx.exmaps.action(morsels, guest, backend, frames, region, iov, count, op),
+        Call::ExmapInfo { region, what } => cx.exmaps.info(guest, region, what),
+        Call::DeviceMount { name, bdf, iova, writable } => morsels.device_mount(guest, frames, name, Bdf::from_source_id(bdf), iova, writable),
+        Call::DeviceUnmount { bdf, iova } => morsels.device_unmount(guest, frames, Bdf::from_source_id(bdf), iova),
+        Call::EduDma { to_device, iova, len } => morsels.edu_dma(guest, to_device, iova, len),
+        Call::Nvme { write, gpa, offset, lba, count } => morsels.nvme_io(guest, frames, write, gpa, offset, lba, count),
+        Call::Exit { .. } | Call::Yield => Err(Error::Invalid),
+    }
 }
 
 /// Answers a hypercall from guest user mode (CPL > 0) with `Denied` without handling it: the
@@ -135,24 +127,21 @@ fn set(regs: &mut Regs, result: Result<u64, Error>) {
     }
 }
 
-fn info<B: Backend>(guest: &Guest<B>, cx: &Context<B>, what: u64) -> Result<u64, Error> {
+fn info<B: Backend>(guest: &Guest<B>, guest_count: u64, what: u64) -> Result<u64, Error> {
     match what {
         abi::INFO_ABI_VERSION => Ok(abi::ABI_VERSION),
         abi::INFO_GUEST_ID => Ok(guest.id as u64),
         abi::INFO_MEMORY_SIZE => Ok(guest.spec.memory),
-        abi::INFO_GUEST_COUNT => Ok(cx.guest_count),
+        abi::INFO_GUEST_COUNT => Ok(guest_count),
         abi::INFO_LOG_LEVEL => Ok(log::max_level() as u64),
         _ => Err(Error::NoSuchCall),
     }
 }
 
-fn console_write<B: Backend>(guest: &mut Guest<B>, ptr: u64, len: u64) -> Result<u64, Error> {
-    if len > abi::CONSOLE_MAX {
-        return Err(Error::TooLarge);
-    }
+fn console_write<B: Backend>(guest: &mut Guest<B>, text: GuestSlice) -> Result<u64, Error> {
     let mut buf = [0u8; abi::CONSOLE_MAX as usize];
-    let buf = &mut buf[..len as usize];
-    guest.mem.read(GuestPhysAddr::new(ptr), buf)?;
+    let buf = &mut buf[..text.len as usize];
+    guest.mem.read(GuestPhysAddr::new(text.ptr), buf)?;
     guest.console(buf);
-    Ok(len)
+    Ok(text.len)
 }
