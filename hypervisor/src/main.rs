@@ -79,8 +79,11 @@ extern "C" fn kmain(magic: u32, info: u64) -> ! {
     };
     platform.log();
     apic::init();
-    pmem::init(&platform, facts.gib_pages, &args.pmem);
-    let devices_ok = devices::init(&platform, &frames, args.iommu);
+    let pmem = pmem::init(&platform, facts.gib_pages, &args.pmem);
+    let (mut devices, devices_ok) = match devices::init(&platform, &frames, args.iommu) {
+        Ok(d) => (d, true),
+        Err(devices::InitFailed) => (None, false),
+    };
 
     if args.test == Some(cmdline::Test::Fault) {
         log::info!(target: "boot", "test=fault: reading an unmapped address");
@@ -89,17 +92,17 @@ extern "C" fn kmain(magic: u32, info: u64) -> ! {
         log::error!(target: "boot", "read of an unmapped address returned {value:#x}");
     }
 
-    let devices_ok = devices_ok && (args.test != Some(cmdline::Test::DmaFault) || devices::dma_fault_test(&frames));
+    let devices_ok = devices_ok && (args.test != Some(cmdline::Test::DmaFault) || devices::dma_fault_test(devices.as_mut(), &frames));
     let cpus = smp::start(&bi, &platform, &frames, args.cpus);
     cpus.log();
     println!("parperos: ready ({} ms after start)", time::micros() / 1000);
-    let ok = devices_ok && (args.guests.is_empty() || run_guests(&bi, &args, &facts, &frames));
+    let ok = devices_ok && (args.guests.is_empty() || run_guests(&bi, &args, &facts, &frames, vm::Drivers { devices, pmem }));
     log::info!(target: "mem", "heap high-water mark: {} KiB", heap::used() / 1024);
     exit::exit(if ok { Status::Success } else { Status::Failure })
 }
 
 /// Enables the backend this CPU offers and runs the command line's guests.
-fn run_guests(bi: &bootinfo::BootInfo, args: &cmdline::Args, facts: &cpu::CpuFacts, frames: &frames::Frames) -> bool {
+fn run_guests(bi: &bootinfo::BootInfo, args: &cmdline::Args, facts: &cpu::CpuFacts, frames: &frames::Frames, drivers: vm::Drivers) -> bool {
     let Some(module) = bi.module else {
         log::error!(target: "vm", "guests requested but no boot module (guest archive) was loaded");
         return false;
@@ -115,8 +118,8 @@ fn run_guests(bi: &bootinfo::BootInfo, args: &cmdline::Args, facts: &cpu::CpuFac
     };
     log::info!(target: "vm", "guest archive: {} images", archive.len());
     match facts.extension {
-        cpu::Extension::Svm => run_backend::<svm::Svm>(facts, frames, archive, &args.guests),
-        cpu::Extension::Vmx => run_backend::<vmx::Vmx>(facts, frames, archive, &args.guests),
+        cpu::Extension::Svm => run_backend::<svm::Svm>(facts, frames, archive, &args.guests, drivers),
+        cpu::Extension::Vmx => run_backend::<vmx::Vmx>(facts, frames, archive, &args.guests, drivers),
         cpu::Extension::None => {
             log::error!(target: "vm",
                 "cannot run guests: the CPU ({}) has neither VMX (CPUID.1:ECX bit 5) nor SVM (CPUID.8000_0001:ECX bit 2)",
@@ -131,9 +134,10 @@ fn run_backend<B: vm::Backend>(
     frames: &frames::Frames,
     archive: formats::archive::Archive,
     specs: &[vm::guest::GuestSpec],
+    drivers: vm::Drivers,
 ) -> bool {
     match B::probe(facts).and_then(|caps| B::enable(&caps, frames)) {
-        Ok(mut backend) => vm::sched::run_guests(&mut backend, frames, archive, specs),
+        Ok(mut backend) => vm::sched::run_guests(&mut backend, frames, archive, specs, drivers),
         Err(e) => {
             log::error!(target: B::NAME, "cannot run guests: {e}");
             false

@@ -1,7 +1,8 @@
 //! The devices the hypervisor drives and the IOMMU in front of them: found at boot (PCI bus 0
-//! through ECAM, the VT-d unit through the DMAR or the AMD IOMMU through the IVRS), kept in one global because both the boot
-//! path and the hypercalls (through the morsel directory, generic over the backend) reach
-//! them, and the hypervisor runs on one CPU. Also the boot-time `test=dma-fault` check.
+//! through ECAM, the VT-d unit through the DMAR or the AMD IOMMU through the IVRS) into one
+//! `Devices` value that `main` owns and hands to the vCPU loop's context: hypercalls reach
+//! the drivers only through that context, never through a global. Also the boot-time
+//! `test=dma-fault` check.
 
 pub mod edu;
 pub mod nvme;
@@ -16,7 +17,6 @@ use crate::pci::{Bdf, Function, Pci};
 use alloc::vec::Vec;
 use abi::Error;
 use morsel::Perm;
-use spin::Mutex;
 
 /// Everything found at boot.
 pub struct Devices {
@@ -26,26 +26,22 @@ pub struct Devices {
     pub nvme: Option<nvme::Nvme>,
 }
 
-static DEVICES: Mutex<Option<Devices>> = Mutex::new(None);
-
-/// Runs `f` on the devices, or returns `None` where there is no IOMMU (or it failed).
-pub fn with<R>(f: impl FnOnce(&mut Devices) -> R) -> Option<R> {
-    DEVICES.lock().as_mut().map(f)
-}
+/// An IOMMU is there but could not be set up (the reason was logged).
+#[derive(Debug)]
+pub struct InitFailed;
 
 /// Enumerates PCI bus 0, brings up the IOMMU the ACPI tables name (VT-d through the DMAR,
 /// the AMD IOMMU through the IVRS: the tables decide, not the CPU vendor) with translation
 /// on (every device blocked until it gets a domain), and the edu and NVMe drivers. Without
-/// an IOMMU or ECAM it does nothing; returns false if an IOMMU is there but could not be set
-/// up.
-pub fn init(platform: &Platform, frames: &Frames, options: crate::cmdline::IommuOptions) -> bool {
-    let Some(ecam) = platform.ecam else { return true };
+/// an IOMMU or ECAM there is nothing (None).
+pub fn init(platform: &Platform, frames: &Frames, options: crate::cmdline::IommuOptions) -> Result<Option<Devices>, InitFailed> {
+    let Some(ecam) = platform.ecam else { return Ok(None) };
     if platform.dmar.is_none() && platform.ivrs.is_none() {
-        return true;
+        return Ok(None);
     }
     let Some(pci) = Pci::new(ecam) else {
         log::error!(target: "pci", "ECAM window at {:#x} (buses {}-{}) is not below 4 GiB", ecam.base, ecam.bus_start, ecam.bus_end);
-        return false;
+        return Err(InitFailed);
     };
     let functions = pci.enumerate();
     let unit = match (platform.dmar, platform.ivrs) {
@@ -53,7 +49,7 @@ pub fn init(platform: &Platform, frames: &Frames, options: crate::cmdline::Iommu
         (None, Some(ivrs_at)) => init_amdvi(ivrs_at, frames),
         (None, None) => None,
     };
-    let Some(mut iommu) = unit else { return false };
+    let Some(mut iommu) = unit else { return Err(InitFailed) };
     let mut edu = None;
     let mut nvme = None;
     for f in &functions {
@@ -80,8 +76,7 @@ pub fn init(platform: &Platform, frames: &Frames, options: crate::cmdline::Iommu
         }
     }
     iommu.poll_faults();
-    *DEVICES.lock() = Some(Devices { functions, iommu, edu, nvme });
-    true
+    Ok(Some(Devices { functions, iommu, edu, nvme }))
 }
 
 /// The VT-d unit of the DMAR, translation on.
@@ -155,21 +150,18 @@ pub fn faults_of(d: &mut Devices, bdf: Bdf) -> bool {
 }
 
 /// `edu_dma(direction, iova, len)`: runs edu's DMA engine; `DeviceFault` if the IOMMU blocked it.
-pub fn edu_dma(to_device: bool, iova: u64, len: u64) -> Result<u64, Error> {
-    with(|d| {
-        let edu = d.edu.as_mut().ok_or(Error::NotFound)?;
-        let bdf = edu.bdf;
-        let us = edu.dma(to_device, iova, len).map_err(|e| match e {
-            edu::Error::BadLength => Error::TooLarge,
-            edu::Error::BadAddress => Error::Invalid,
-            edu::Error::Timeout => Error::DeviceFault,
-        })?;
-        if faults_of(d, bdf) {
-            return Err(Error::DeviceFault);
-        }
-        Ok(us)
-    })
-    .unwrap_or(Err(Error::NotFound))
+pub fn edu_dma(d: &mut Devices, to_device: bool, iova: u64, len: u64) -> Result<u64, Error> {
+    let edu = d.edu.as_mut().ok_or(Error::NotFound)?;
+    let bdf = edu.bdf;
+    let us = edu.dma(to_device, iova, len).map_err(|e| match e {
+        edu::Error::BadLength => Error::TooLarge,
+        edu::Error::BadAddress => Error::Invalid,
+        edu::Error::Timeout => Error::DeviceFault,
+    })?;
+    if faults_of(d, bdf) {
+        return Err(Error::DeviceFault);
+    }
+    Ok(us)
 }
 
 /// Zeroes edu's buffer if it may hold someone's bytes, before the device goes to another
@@ -206,7 +198,7 @@ pub fn edu_scrub(d: &mut Devices, frames: &Frames) -> Result<(), Error> {
 /// A page in the hypervisor image (so below edu's 256 MiB DMA limit) that no device domain maps.
 #[repr(C, align(4096))]
 struct Page([u8; 4096]);
-static CANARY: Mutex<Page> = Mutex::new(Page([0; 4096]));
+static CANARY: spin::Mutex<Page> = spin::Mutex::new(Page([0; 4096]));
 const CANARY_BYTE: u8 = 0xc5;
 /// Where `test=dma-fault` and `edu_scrub` map their source page for edu (inside edu's 28-bit
 /// reach; only while no guest has a mount in edu's domain).
@@ -218,8 +210,8 @@ const TEST_LEN: u64 = edu::MAX_TRANSFER;
 /// canary page's host-physical address, which edu's domain does not map. Without the IOMMU
 /// (or with pass-through) the canary would be overwritten. Expects a fault naming edu and
 /// that address, and the canary unchanged. True if so.
-pub fn dma_fault_test(frames: &Frames) -> bool {
-    let result = with(|d| {
+pub fn dma_fault_test(devices: Option<&mut Devices>, frames: &Frames) -> bool {
+    let result = devices.map(|d| {
         let Some(edu) = d.edu.as_mut() else {
             log::error!(target: "iommu", "dma-fault test: no edu device");
             return false;

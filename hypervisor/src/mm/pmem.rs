@@ -269,11 +269,6 @@ unsafe fn read_nfit(pa: u64) -> Result<Vec<nfit::PmemRange>, &'static str> {
     nfit::parse(unsafe { core::slice::from_raw_parts(pa as *const u8, len) })
 }
 
-/// The region, if `init` set one up.
-pub fn get() -> Option<&'static Pmem> {
-    PMEM.get()
-}
-
 impl Pmem {
     fn word(&self, off: u64) -> *mut u64 {
         debug_assert!(off.is_multiple_of(8) && off < self.reserved);

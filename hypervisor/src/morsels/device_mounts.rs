@@ -5,7 +5,7 @@
 //! (`Morsel::view`), built on its first device mount and kept with the morsel.
 
 use super::{read_name, Directory, DeviceMount};
-use crate::devices;
+use crate::devices::{self, Devices};
 use crate::frames::Frames;
 use crate::pci::Bdf;
 use crate::vm::guest::Guest;
@@ -20,7 +20,8 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     /// no function answers). edu is lent to one guest at a time: while one guest has a
     /// morsel mounted there, others get `Busy`; when a guest takes it over, its buffer is
     /// scrubbed first, so no guest's bytes reach another.
-    pub fn device_mount<B: Backend<Format = F>>(&mut self, g: &Guest<B>, frames: &Frames, name: abi::Name, bdf: Bdf, iova: u64, writable: bool) -> Result<u64, Error> {
+    #[allow(clippy::too_many_arguments)] // the call's four arguments and what it works on
+    pub fn device_mount<B: Backend<Format = F>>(&mut self, g: &Guest<B>, devices: Option<&mut Devices>, frames: &Frames, name: abi::Name, bdf: Bdf, iova: u64, writable: bool) -> Result<u64, Error> {
         let name = read_name(g, name)?;
         let n = self.named.get_mut(&name).ok_or(Error::NotFound)?;
         if writable && !n.writable_by(g.id) {
@@ -33,7 +34,7 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         }
         self.devices.try_reserve(1).map_err(|_| Error::NoMemory)?;
         let lent_to = self.devices.iter().find(|d| d.bdf == bdf).map(|d| d.guest);
-        let (stats, how) = devices::with(|d| {
+        let (stats, how) = devices.ok_or(Error::NotFound).and_then(|d| {
             if !d.functions.iter().any(|f| f.bdf == bdf) {
                 return Err(Error::NotFound);
             }
@@ -48,8 +49,7 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
             let r = d.iommu.mount(bdf, &n.morsel, &mut n.views, iova, perm, frames).map_err(mount_error)?;
             d.iommu.invalidate(bdf).map_err(|_| Error::DeviceFault)?;
             Ok(r)
-        })
-        .unwrap_or(Err(Error::NotFound))?;
+        })?;
         n.count_mount(&stats, 1);
         log::info!(target: "morsel", "'{name}' mounted {} into device {bdf} at I/O virtual address {iova:#x} for guest {}: {} PTE write (+{} for new intermediate tables), 1 IOTLB invalidation, {how}",
             if writable { "read-write" } else { "read-only" }, g.id, stats.entry_writes, stats.path_writes);
@@ -58,23 +58,19 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     }
 
     /// `device_unmount(bdf, iova)`: the caller's own device mounts only.
-    pub fn device_unmount<B: Backend<Format = F>>(&mut self, g: &Guest<B>, frames: &Frames, bdf: Bdf, iova: u64) -> Result<u64, Error> {
+    pub fn device_unmount<B: Backend<Format = F>>(&mut self, g: &Guest<B>, devices: Option<&mut Devices>, frames: &Frames, bdf: Bdf, iova: u64) -> Result<u64, Error> {
         let i = self.devices.iter().position(|d| d.bdf == bdf && d.iova == iova && d.guest == g.id).ok_or(Error::NotFound)?;
         let d = self.devices.remove(i);
-        self.device_unmount_one(&d, frames)
+        self.device_unmount_one(&d, devices.ok_or(Error::NotFound)?, frames)
     }
 
     /// Clears a device mount's entry (and the intermediate tables it leaves empty) and
     /// flushes the domain's IOTLB.
-    pub(crate) fn device_unmount_one(&mut self, m: &DeviceMount, frames: &Frames) -> Result<u64, Error> {
+    pub(crate) fn device_unmount_one(&mut self, m: &DeviceMount, d: &mut Devices, frames: &Frames) -> Result<u64, Error> {
         self.devices.retain(|d| !(d.bdf == m.bdf && d.iova == m.iova));
         let n = self.named.get_mut(&m.name).ok_or(Error::NotFound)?;
-        let stats = devices::with(|d| {
-            let s = d.iommu.unmount(m.bdf, &n.morsel, &mut n.views, m.iova, frames).map_err(|_| Error::Invalid)?;
-            d.iommu.invalidate(m.bdf).map_err(|_| Error::DeviceFault)?;
-            Ok(s)
-        })
-        .unwrap_or(Err(Error::NotFound))?;
+        let stats = d.iommu.unmount(m.bdf, &n.morsel, &mut n.views, m.iova, frames).map_err(|_| Error::Invalid)?;
+        d.iommu.invalidate(m.bdf).map_err(|_| Error::DeviceFault)?;
         n.count_unmount(&stats);
         log::info!(target: "morsel", "'{}' unmounted from device {} at I/O virtual address {:#x}: {} PTE write, 1 IOTLB invalidation, {} empty intermediate tables freed",
             m.name, m.bdf, m.iova, stats.entry_writes, stats.path_writes);

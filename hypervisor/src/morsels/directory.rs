@@ -5,11 +5,9 @@
 
 use super::persist::{self, Source};
 use super::{read_name, try_string, Directory, Mount, Named, RESTORED};
-use crate::devices;
+use crate::devices::Devices;
 use crate::frames::{Frames, IDENTITY};
-use crate::pmem;
 use crate::vm::guest::Guest;
-use crate::vm::hypercall::refuse;
 use crate::vm::Backend;
 use abi::{self, Error};
 use alloc::string::String;
@@ -24,13 +22,13 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         let name = read_name(g, name)?;
         let page = if flags.huge_pages { PageSize::Size2M } else { PageSize::Size4K };
         if size == 0 || size % page.bytes() != 0 {
-            return Err(refuse(Error::Invalid, format_args!("size {} is not a positive multiple of the {} page", Bytes(size), Bytes(page.bytes()))));
+            return Err(g.refuse(Error::Invalid, format_args!("size {} is not a positive multiple of the {} page", Bytes(size), Bytes(page.bytes()))));
         }
         if size > morsel::MAX_MORSEL || size > abi::MORSEL_WINDOW_SIZE {
-            return Err(refuse(Error::TooLarge, format_args!("size {} is above the largest morsel, {}", Bytes(size), Bytes(morsel::MAX_MORSEL.min(abi::MORSEL_WINDOW_SIZE)))));
+            return Err(g.refuse(Error::TooLarge, format_args!("size {} is above the largest morsel, {}", Bytes(size), Bytes(morsel::MAX_MORSEL.min(abi::MORSEL_WINDOW_SIZE)))));
         }
         if self.named.contains_key(&name) {
-            return Err(refuse(Error::Busy, format_args!("the name {name:?} is taken")));
+            return Err(g.refuse(Error::Busy, format_args!("the name {name:?} is taken")));
         }
         if self.named.values().filter(|n| n.owner == g.id).count() >= abi::MORSEL_QUOTA as usize
             || g.mounts.len() >= abi::MOUNT_QUOTA as usize
@@ -40,7 +38,7 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         self.named.try_reserve(1).map_err(|_| Error::NoMemory)?;
         let others_may_write = flags.share_writable;
         let pm = if flags.persistent {
-            let pm = pmem::get().ok_or(Error::Invalid)?;
+            let pm = self.pmem.ok_or(Error::Invalid)?;
             pm.claim_format(F::NAME).map_err(|_| Error::Invalid)?;
             Some(pm)
         } else {
@@ -49,7 +47,7 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         // More than the free RAM fails at once, not after taking (and giving back) all of it.
         if pm.is_none() && size / 4096 > frames.free_frames() as u64 {
             let free = Bytes(frames.free_frames() as u64 * 4096);
-            return Err(refuse(Error::NoMemory, format_args!("size {} is more than the free memory, {free}", Bytes(size))));
+            return Err(g.refuse(Error::NoMemory, format_args!("size {} is more than the free memory, {free}", Bytes(size))));
         }
         let source = pm.map_or(Source::Ram(*frames), |pm| Source::Pmem(pm.frames()));
         let morsel = Morsel::<F>::create(size, page, &source, &IDENTITY).map_err(|e| match e {
@@ -99,7 +97,7 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
             return Err(Error::Denied);
         }
         if g.mounts.iter().any(|m| m.name == name) {
-            return Err(refuse(Error::Busy, format_args!("{name:?} is already mounted in this guest")));
+            return Err(g.refuse(Error::Busy, format_args!("{name:?} is already mounted in this guest")));
         }
         self.mount(g, frames, &name, writable)
     }
@@ -149,7 +147,7 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     }
 
     /// `morsel_destroy(name_ptr, name_len)`: the owner only, and only while unmounted.
-    pub fn destroy<B: Backend<Format = F>>(&mut self, g: &Guest<B>, frames: &Frames, name: abi::Name) -> Result<u64, Error> {
+    pub fn destroy<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, frames: &Frames, name: abi::Name) -> Result<u64, Error> {
         let name = read_name(g, name)?;
         let n = self.named.get(&name).ok_or(Error::NotFound)?;
         if n.owner != g.id && !(n.owner == RESTORED && n.others_may_write) {
@@ -157,7 +155,7 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         }
         if n.morsel.mount_count() > 0 || self.devices.iter().any(|d| d.name == name) {
             let devices = self.devices.iter().filter(|d| d.name == name).count();
-            return Err(refuse(Error::Busy, format_args!("{name:?} is still mounted ({} guest, {devices} device mounts)", n.morsel.mount_count())));
+            return Err(g.refuse(Error::Busy, format_args!("{name:?} is still mounted ({} guest, {devices} device mounts)", n.morsel.mount_count())));
         }
         self.remove(&name, frames);
         Ok(0)
@@ -168,7 +166,7 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     pub(crate) fn remove(&mut self, name: &str, frames: &Frames) {
         if let Some(mut n) = self.named.remove(name) {
             self.drop_view(name, &mut n, frames);
-            let source = match (n.slot, pmem::get()) {
+            let source = match (n.slot, self.pmem) {
                 (Some(slot), Some(pm)) => {
                     pm.remove_record(slot);
                     Source::Pmem(pm.frames())
@@ -193,9 +191,14 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     }
 
     /// Drops every mount of a guest that is leaving (device mounts too).
-    pub fn drop_mounts<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, backend: &mut B, frames: &Frames) {
-        while let Some(d) = self.devices.iter().find(|d| d.guest == g.id).cloned() {
-            let _ = self.device_unmount_one(&d, frames);
+    pub fn drop_mounts<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, backend: &mut B, mut devices: Option<&mut Devices>, frames: &Frames) {
+        while let Some(m) = self.devices.iter().find(|d| d.guest == g.id).cloned() {
+            match devices.as_deref_mut() {
+                Some(d) => {
+                    let _ = self.device_unmount_one(&m, d, frames);
+                }
+                None => self.devices.retain(|d| d.guest != g.id),
+            }
         }
         while let Some(m) = g.mounts.last().cloned() {
             if self.unmount(g, backend, frames, m.gpa).is_err() {
@@ -218,16 +221,17 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     }
 
     /// Destroys every morsel left at the end of the run (all guests are gone).
-    pub fn destroy_all(&mut self, frames: &Frames) {
-        for d in core::mem::take(&mut self.devices) {
-            let _ = self.device_unmount_one(&d, frames);
-        }
-        devices::with(|d| {
+    pub fn destroy_all(&mut self, devices: Option<&mut Devices>, frames: &Frames) {
+        let mounts = core::mem::take(&mut self.devices);
+        if let Some(d) = devices {
+            for m in mounts {
+                let _ = self.device_unmount_one(&m, d, frames);
+            }
             d.iommu.prune_domains(frames);
             d.iommu.poll_faults();
             let (faults, invalidations) = d.iommu.counters();
             log::info!(target: "iommu", "end of run: {faults} DMA fault(s) reported, {invalidations} IOTLB invalidations ({})", d.iommu.name());
-        });
+        }
         let names: Vec<String> = self.named.keys().cloned().collect();
         for name in names {
             let persistent = self.named.get(&name).is_some_and(|n| n.slot.is_some());
@@ -238,7 +242,7 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
                 log::info!(target: "pmem", "'{name}' stays in persistent memory ({})", Bytes(n.morsel.len()));
             }
         }
-        if let Some(pm) = pmem::get() {
+        if let Some(pm) = self.pmem {
             log::info!(target: "pmem", "end of run: {} allocated, {} free", Bytes(pm.allocated_frames() * 4096), Bytes(pm.free_bytes()));
         }
     }

@@ -102,7 +102,7 @@ impl Exmaps {
 
     /// `exmap_action(region_gpa, iov_gpa, count, opcode)`.
     #[allow(clippy::too_many_arguments)] // the call's four arguments and what it works on
-    pub fn action<B: Backend>(&mut self, dir: &mut Directory<B::Format>, g: &mut Guest<B>, backend: &mut B, frames: &Frames, gpa: u64, iov_gpa: u64, count: u64, op: abi::ExmapOp) -> Result<u64, Error> {
+    pub fn action<B: Backend>(&mut self, dir: &mut Directory<B::Format>, devices: Option<&mut crate::devices::Devices>, g: &mut Guest<B>, backend: &mut B, frames: &Frames, gpa: u64, iov_gpa: u64, count: u64, op: abi::ExmapOp) -> Result<u64, Error> {
         let op = match op {
             abi::ExmapOp::Alloc => abi::EXMAP_ALLOC,
             abi::ExmapOp::Free => abi::EXMAP_FREE,
@@ -185,14 +185,12 @@ impl Exmaps {
             }
             stats.invalidations += 1;
             let domains: Vec<_> = dir.devices.iter().filter(|d| d.name == name).map(|d| d.bdf).collect();
-            if !domains.is_empty() {
-                crate::devices::with(|d| {
-                    for bdf in domains {
-                        if d.iommu.invalidate(bdf).is_ok() {
-                            stats.invalidations += 1;
-                        }
+            if let Some(d) = devices {
+                for bdf in domains {
+                    if d.iommu.invalidate(bdf).is_ok() {
+                        stats.invalidations += 1;
                     }
-                });
+                }
             }
             if n.morsel.mount_count() > 1 {
                 // Other guests may cache the cleared translations: they flush before they run.

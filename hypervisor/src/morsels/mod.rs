@@ -119,13 +119,14 @@ pub struct Mount {
 pub struct Directory<F: Format> {
     pub(crate) named: HashMap<String, Named<F>>,
     pub(crate) devices: Vec<DeviceMount>,
+    /// The persistent region (from `main` through the context), for persistent morsels.
+    pub(crate) pmem: Option<&'static crate::pmem::Pmem>,
 }
 
 impl<F: Format> Directory<F> {
-    pub fn new() -> Self {
-        Directory { named: HashMap::new(), devices: Vec::new() }
+    pub fn new(pmem: Option<&'static crate::pmem::Pmem>) -> Self {
+        Directory { named: HashMap::new(), devices: Vec::new(), pmem }
     }
-
 }
 
 /// A copy of `s` on the heap, or `NoMemory` (never the allocation-failure panic).

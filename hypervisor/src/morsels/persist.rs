@@ -47,7 +47,7 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     /// record still reaches (kept, never handed out, until the record is dropped) and frees
     /// the region's frames that nothing reaches. Call once, before any guest runs.
     pub fn load_persistent(&mut self) {
-        let Some(pm) = pmem::get() else { return };
+        let Some(pm) = self.pmem else { return };
         if let Err(other) = pm.claim_format(F::NAME) {
             log::warn!(target: "pmem", "its morsels are {other} subtrees and this backend uses {}: left untouched", F::NAME);
             return;

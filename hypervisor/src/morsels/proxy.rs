@@ -4,7 +4,7 @@
 
 use super::device_mounts::mount_error;
 use super::{DeviceMount, Directory};
-use crate::devices;
+use crate::devices::{self, Devices};
 use crate::frames::Frames;
 use crate::vm::guest::Guest;
 use crate::vm::Backend;
@@ -17,14 +17,15 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     /// did not mount there); only the guest edu is lent to has such mounts. Inside the window
     /// the IOMMU decides: past the end of the morsel, or a write through a read-only mount, is
     /// blocked and reported.
-    pub fn edu_dma<B: Backend<Format = F>>(&self, g: &Guest<B>, to_device: bool, iova: u64, len: u64) -> Result<u64, Error> {
-        let edu = devices::with(|d| d.edu.as_ref().map(|e| e.bdf)).flatten().ok_or(Error::NotFound)?;
+    pub fn edu_dma<B: Backend<Format = F>>(&self, g: &Guest<B>, devices: Option<&mut Devices>, to_device: bool, iova: u64, len: u64) -> Result<u64, Error> {
+        let d = devices.ok_or(Error::NotFound)?;
+        let edu = d.edu.as_ref().map(|e| e.bdf).ok_or(Error::NotFound)?;
         let end = iova.checked_add(len).ok_or(Error::TooLarge)?;
         let inside = |d: &DeviceMount| d.guest == g.id && d.bdf == edu && d.iova <= iova && end <= d.iova + d.window;
         if !self.devices.iter().any(inside) {
             return Err(Error::Denied);
         }
-        devices::edu_dma(to_device, iova, len)
+        devices::edu_dma(d, to_device, iova, len)
     }
 
     /// `nvme_read` / `nvme_write(gpa, offset, lba, count)`: the caller's morsel mounted at
@@ -33,7 +34,7 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     /// unmount takes the tables its mount created, so every call finds the proxy's I/O virtual
     /// addresses free.
     #[allow(clippy::too_many_arguments)] // the call's four arguments, the caller and the direction
-    pub fn nvme_io<B: Backend<Format = F>>(&mut self, g: &Guest<B>, frames: &Frames, write: bool, gpa: u64, offset: u64, lba: u64, count: u64) -> Result<u64, Error> {
+    pub fn nvme_io<B: Backend<Format = F>>(&mut self, g: &Guest<B>, devices: Option<&mut Devices>, frames: &Frames, write: bool, gpa: u64, offset: u64, lba: u64, count: u64) -> Result<u64, Error> {
         let m = g.mounts.iter().find(|m| m.gpa == gpa).ok_or(Error::NotFound)?;
         let bytes = count.checked_mul(abi::NVME_BLOCK).ok_or(Error::TooLarge)?;
         if count == 0 || offset % abi::NVME_BLOCK != 0 {
@@ -50,7 +51,7 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         let name = m.name.clone();
         let n = self.named.get_mut(&name).ok_or(Error::NotFound)?;
         let window = n.morsel.window_size();
-        devices::with(|d| {
+        devices.ok_or(Error::NotFound).and_then(|d| {
             let bdf = d.nvme.as_ref().ok_or(Error::NotFound)?.bdf;
             let limit = d.iommu.limit(bdf).ok_or(Error::NotFound)?;
             let iova = devices::nvme::PROXY_IOVA.next_multiple_of(window);
@@ -80,6 +81,5 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
                 }
             }
         })
-        .unwrap_or(Err(Error::NotFound))
     }
 }

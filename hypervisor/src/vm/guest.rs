@@ -95,6 +95,11 @@ pub struct Guest<B: Backend> {
     /// Morsels mounted in this guest's window.
     pub mounts: alloc::vec::Vec<crate::morsels::Mount>,
     console: Console,
+    /// Why the hypercall being handled was refused, in words the guest's author can act on:
+    /// set by the handler (`refuse`), logged and cleared by the dispatcher.
+    pub refusal: Option<alloc::string::String>,
+    /// Refused hypercalls so far (the first few are logged at INFO, the rest at DEBUG).
+    pub refusals: u32,
 }
 
 impl<B: Backend> Guest<B> {
@@ -121,6 +126,8 @@ impl<B: Backend> Guest<B> {
             exits: [0; ExitKind::COUNT],
             mounts: alloc::vec::Vec::new(),
             console: Console::new(),
+            refusal: None,
+            refusals: 0,
         };
         let load = Load { id, name: spec.name, memory: spec.memory, arg: spec.arg };
         let built = loader::load(&mut g.mem, &image, &load, frames)
@@ -137,6 +144,12 @@ impl<B: Backend> Guest<B> {
             }
         }
         Ok(g)
+    }
+
+    /// `e`, with the reason (`format_args!`) the dispatcher logs beside it.
+    pub fn refuse(&mut self, e: abi::Error, why: core::fmt::Arguments) -> abi::Error {
+        self.refusal = Some(alloc::format!("{why}"));
+        e
     }
 
     /// Appends console bytes; complete lines are printed with the guest's prefix.

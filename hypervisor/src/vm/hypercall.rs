@@ -11,21 +11,10 @@ use crate::frames::Frames;
 use crate::pci::Bdf;
 use abi::{self, Call, Error, GuestSlice};
 use morsel::GuestPhysAddr;
-use alloc::string::String;
 
-/// Why the hypercall being handled was refused, in words the guest's author can act on; set
-/// by the handler that refuses it (`refuse`), printed and cleared by `handle`.
-static REASON: spin::Mutex<Option<String>> = spin::Mutex::new(None);
-/// Failed hypercalls per guest id (the first `LOUD_FAILURES` of each guest are logged at INFO,
-/// later ones at DEBUG, so a guest that loops on a bad call does not flood the log).
-static FAILURES: spin::Mutex<alloc::collections::BTreeMap<u32, u32>> = spin::Mutex::new(alloc::collections::BTreeMap::new());
+/// The first refusals of each guest that are logged at INFO; later ones at DEBUG, so a
+/// guest that loops on a bad call does not flood the log.
 const LOUD_FAILURES: u32 = 8;
-
-/// `e`, with the reason (`format_args!`) that `handle` logs beside it.
-pub fn refuse(e: Error, why: core::fmt::Arguments) -> Error {
-    *REASON.lock() = Some(alloc::format!("{why}"));
-    e
-}
 
 /// What the scheduler does after a hypercall.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,6 +30,8 @@ pub struct Context<B: Backend> {
     pub guest_count: u64,
     pub morsels: Directory<B::Format>,
     pub exmaps: crate::morsels::exmap::Exmaps,
+    /// The devices behind the IOMMU, reached only through here (None without an IOMMU).
+    pub devices: Option<crate::devices::Devices>,
     pub frames: Frames,
 }
 
@@ -63,14 +54,10 @@ pub fn handle<B: Backend>(guest: &mut Guest<B>, backend: &mut B, regs: &mut Regs
         }
         Ok(call) => dispatch(call, guest, backend, cx, &frames),
     };
-    let reason = REASON.lock().take();
+    let reason = guest.refusal.take();
     if let Err(e) = result {
-        let n = {
-            let mut f = FAILURES.lock();
-            let n = f.entry(guest.id).or_insert(0);
-            *n = n.saturating_add(1);
-            *n
-        };
+        guest.refusals = guest.refusals.saturating_add(1);
+        let n = guest.refusals;
         let level = if n <= LOUD_FAILURES { log::Level::Info } else { log::Level::Debug };
         let why = reason.as_deref().unwrap_or("");
         let sep = if why.is_empty() { "" } else { ": " };
@@ -84,6 +71,7 @@ pub fn handle<B: Backend>(guest: &mut Guest<B>, backend: &mut B, regs: &mut Regs
 /// Runs a decoded call that returns to the guest.
 fn dispatch<B: Backend>(call: Call, guest: &mut Guest<B>, backend: &mut B, cx: &mut Context<B>, frames: &Frames) -> Result<u64, Error> {
     let morsels = &mut cx.morsels;
+    let devices = cx.devices.as_mut();
     match call {
         Call::Info { what } => info(guest, cx.guest_count, what),
         Call::ConsoleWrite { text } => console_write(guest, text),
@@ -98,12 +86,12 @@ fn dispatch<B: Backend>(call: Call, guest: &mut Guest<B>, backend: &mut B, cx: &
             Ok(0)
         }
         Call::ExmapCreate { name, size, share_writable } => cx.exmaps.create(morsels, guest, frames, name, size, share_writable),
-        Call::ExmapAction { region, iov, count, op } => cx.exmaps.action(morsels, guest, backend, frames, region, iov, count, op),
+        Call::ExmapAction { region, iov, count, op } => cx.exmaps.action(morsels, devices, guest, backend, frames, region, iov, count, op),
         Call::ExmapInfo { region, what } => cx.exmaps.info(guest, region, what),
-        Call::DeviceMount { name, bdf, iova, writable } => morsels.device_mount(guest, frames, name, Bdf::from_source_id(bdf), iova, writable),
-        Call::DeviceUnmount { bdf, iova } => morsels.device_unmount(guest, frames, Bdf::from_source_id(bdf), iova),
-        Call::EduDma { to_device, iova, len } => morsels.edu_dma(guest, to_device, iova, len),
-        Call::Nvme { write, gpa, offset, lba, count } => morsels.nvme_io(guest, frames, write, gpa, offset, lba, count),
+        Call::DeviceMount { name, bdf, iova, writable } => morsels.device_mount(guest, devices, frames, name, Bdf::from_source_id(bdf), iova, writable),
+        Call::DeviceUnmount { bdf, iova } => morsels.device_unmount(guest, devices, frames, Bdf::from_source_id(bdf), iova),
+        Call::EduDma { to_device, iova, len } => morsels.edu_dma(guest, devices, to_device, iova, len),
+        Call::Nvme { write, gpa, offset, lba, count } => morsels.nvme_io(guest, devices, frames, write, gpa, offset, lba, count),
         Call::Exit { .. } | Call::Yield => Err(Error::Invalid),
     }
 }

@@ -16,6 +16,15 @@ use crate::frames::Frames;
 use core::fmt;
 use morsel::{Format, GuestPhysAddr, HostPhysAddr};
 
+/// The drivers the hypercalls reach, owned by the vCPU loop's context and passed down from
+/// `main`: there are no driver globals above the platform layer.
+pub struct Drivers {
+    /// The devices behind the IOMMU (None without one).
+    pub devices: Option<crate::devices::Devices>,
+    /// The persistent-memory region (None without an NVDIMM).
+    pub pmem: Option<&'static crate::pmem::Pmem>,
+}
+
 /// Guest general registers as the world switches save and load them. `rsp` and `rip`
 /// live in the VMCB/VMCS; backends copy them in and out around a run.
 #[derive(Clone, Copy, Debug, Default)]

@@ -20,7 +20,7 @@ pub const SLICE_US: u64 = 10_000;
 const VMMCALL: [u8; 3] = [0x0f, 0x01, 0xd9];
 
 /// Runs the guests `specs` from `archive` to completion; true if every guest ended as expected.
-pub fn run_guests<B: Backend>(backend: &mut B, frames: &Frames, archive: Archive, specs: &[GuestSpec]) -> bool {
+pub fn run_guests<B: Backend>(backend: &mut B, frames: &Frames, archive: Archive, specs: &[GuestSpec], drivers: super::Drivers) -> bool {
     let free_before = frames.free_frames();
     let mut guests: Vec<Option<Guest<B>>> = Vec::new();
     let mut done: Vec<Summary> = Vec::new();
@@ -43,7 +43,13 @@ pub fn run_guests<B: Backend>(backend: &mut B, frames: &Frames, archive: Archive
             }
         }
     }
-    let mut cx = Context { guest_count: guests.len() as u64, morsels: Directory::new(), exmaps: Default::default(), frames: *frames };
+    let mut cx = Context {
+        guest_count: guests.len() as u64,
+        morsels: Directory::new(drivers.pmem),
+        exmaps: Default::default(),
+        devices: drivers.devices,
+        frames: *frames,
+    };
     cx.morsels.load_persistent();
     let mut live = guests.len();
     while live > 0 {
@@ -51,7 +57,7 @@ pub fn run_guests<B: Backend>(backend: &mut B, frames: &Frames, archive: Archive
             let Some(guest) = slot else { continue };
             run_slice(backend, guest, &mut cx);
             if guest.state != State::Runnable {
-                cx.morsels.drop_mounts(guest, backend, frames);
+                cx.morsels.drop_mounts(guest, backend, cx.devices.as_mut(), frames);
                 cx.exmaps.guest_ended(guest.id, frames);
                 if let Some(g) = slot.take() {
                     done.push(g.destroy(backend, frames));
@@ -62,7 +68,7 @@ pub fn run_guests<B: Backend>(backend: &mut B, frames: &Frames, archive: Archive
     }
     cx.morsels.log_stats();
     cx.exmaps.log_stats();
-    cx.morsels.destroy_all(frames);
+    cx.morsels.destroy_all(cx.devices.as_mut(), frames);
     report::<B>(&done, frames.free_frames() as i64 - free_before as i64) && all_created
 }
 
