@@ -16,12 +16,9 @@ mod svm;
 mod vm;
 mod vmx;
 
-// The modules' paths before they moved into folders: kept for one step so that work based
-// on the old layout still builds; the next commit names every module by its folder.
 use arch::{apic, cpu, smp};
-use devices::pci;
 use mm::{frames, pmem};
-use platform::{acpi, boot, bootinfo, cmdline, exit, heap, memory, serial, time};
+use platform::{acpi, bootinfo, cmdline, exit, heap, memory, serial, time};
 
 use exit::Status;
 

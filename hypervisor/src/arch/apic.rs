@@ -99,8 +99,8 @@ pub fn calibrate_timer() -> u32 {
     write(REG_LVT_TIMER, 1 << 16); // masked while measuring
     write(REG_TIMER_DIVIDE, 0b0011); // divide by 16
     write(REG_TIMER_INIT, u32::MAX);
-    let t0 = crate::time::micros();
-    while crate::time::micros() < t0 + 1000 {}
+    let t0 = crate::platform::time::micros();
+    while crate::platform::time::micros() < t0 + 1000 {}
     let per_ms = (u32::MAX - read(REG_TIMER_CURRENT)).max(1);
     write(REG_TIMER_INIT, 0); // stopped
     TICKS_PER_MS.store(per_ms, Ordering::Relaxed);

@@ -235,7 +235,7 @@ const NAMES: [&str; 32] = [
 extern "C" fn interrupt_dispatch(frame: &mut InterruptFrame) {
     match frame.vector {
         v if v < 32 => exception(frame),
-        v if v == TIMER_VECTOR as u64 => crate::apic::timer_interrupt(),
+        v if v == TIMER_VECTOR as u64 => crate::arch::apic::timer_interrupt(),
         _ => {} // spurious: no EOI (Intel SDM Vol. 3A 11.9)
     }
 }
@@ -244,7 +244,7 @@ fn exception(f: &InterruptFrame) -> ! {
     let cr2: u64;
     // SAFETY: reading CR2 has no side effects.
     unsafe { asm!("mov {}, cr2", out(reg) cr2, options(nomem, nostack)) };
-    let p = crate::serial::print_unlocked;
+    let p = crate::platform::serial::print_unlocked;
     p(format_args!(
         "\nEXCEPTION {} (vector {}) error code {:#x} at RIP {:#018x} CR2 {:#018x}\n",
         NAMES[f.vector as usize], f.vector, f.error_code, f.rip, cr2
@@ -255,5 +255,5 @@ fn exception(f: &InterruptFrame) -> ! {
     p(format_args!("  R9  {:#018x} R10 {:#018x} R11 {:#018x} R12 {:#018x}\n", f.r9, f.r10, f.r11, f.r12));
     p(format_args!("  R13 {:#018x} R14 {:#018x} R15 {:#018x}\n", f.r13, f.r14, f.r15));
     p(format_args!("hypervisor stopped by an exception\n"));
-    crate::exit::exit(crate::exit::Status::Failure)
+    crate::platform::exit::exit(crate::platform::exit::Status::Failure)
 }

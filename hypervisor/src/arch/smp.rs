@@ -12,13 +12,13 @@
 //! `frames` handle carries the CPU's own allocator core index. Guests still run on the boot
 //! CPU only.
 
-use crate::acpi::Platform;
+use crate::platform::acpi::Platform;
 use crate::arch::gdt::CpuTables;
 use crate::arch::idt::Idt;
-use crate::bootinfo::{BootInfo, RegionKind};
-use crate::cpu::{CpuFacts, Extension};
+use crate::platform::bootinfo::{BootInfo, RegionKind};
+use crate::arch::cpu::{CpuFacts, Extension};
 use allocator::Order;
-use crate::frames::Frames;
+use crate::mm::frames::Frames;
 use crate::vm::{Backend, BackendError};
 use crate::{apic, time};
 use alloc::boxed::Box;
@@ -401,7 +401,7 @@ extern "C" fn ap_entry(cpu: &'static Cpu) -> ! {
     };
     if !enabled {
         cpu.state.store(State::Failed as u8, Ordering::Release);
-        crate::exit::halt_forever();
+        crate::platform::exit::halt_forever();
     }
     log::info!(target: "smp", "cpu {} online (apic id {})", cpu.index, cpu.apic_id);
     cpu.state.store(State::Online as u8, Ordering::Release);

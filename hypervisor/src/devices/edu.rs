@@ -3,7 +3,7 @@
 //! virtual address. Every DMA goes through the device's IOMMU domain.
 
 use formats::mmio::Mmio;
-use crate::pci::Bdf;
+use crate::devices::pci::Bdf;
 
 pub const VENDOR: u16 = 0x1234;
 pub const DEVICE: u16 = 0x11e8;
@@ -83,16 +83,16 @@ impl Edu {
         self.w64(DMA_SRC, src);
         self.w64(DMA_DST, dst);
         self.w64(DMA_COUNT, len);
-        let start = crate::time::micros();
+        let start = crate::platform::time::micros();
         self.w64(DMA_CMD, CMD_START | dir);
         while self.r64(DMA_CMD) & CMD_START != 0 {
-            if crate::time::micros() - start > DMA_TIMEOUT_US {
+            if crate::platform::time::micros() - start > DMA_TIMEOUT_US {
                 return Err(Error::Timeout);
             }
             core::hint::spin_loop();
         }
         self.transfers += 1;
-        let us = crate::time::micros() - start;
+        let us = crate::platform::time::micros() - start;
         log::info!(target: "edu", "DMA {} bytes {} I/O virtual address {iova:#x} in {us} us",
             len, if to_device { "into the device from" } else { "out of the device to" });
         Ok(us)

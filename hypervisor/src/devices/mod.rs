@@ -9,11 +9,11 @@ pub mod nvme;
 pub mod pci;
 
 use allocator::Order;
-use crate::acpi::Platform;
-use crate::frames::Frames;
+use crate::platform::acpi::Platform;
+use crate::mm::frames::Frames;
 use crate::iommu::{self, AmdVi, Unit, Vtd};
 use formats::mmio::Mmio;
-use crate::pci::{Bdf, Function, Pci};
+use crate::devices::pci::{Bdf, Function, Pci};
 use alloc::vec::Vec;
 use abi::Error;
 use morsel::Perm;
@@ -34,7 +34,7 @@ pub struct InitFailed;
 /// the AMD IOMMU through the IVRS: the tables decide, not the CPU vendor) with translation
 /// on (every device blocked until it gets a domain), and the edu and NVMe drivers. Without
 /// an IOMMU or ECAM there is nothing (None).
-pub fn init(platform: &Platform, frames: &Frames, options: crate::cmdline::IommuOptions) -> Result<Option<Devices>, InitFailed> {
+pub fn init(platform: &Platform, frames: &Frames, options: crate::platform::cmdline::IommuOptions) -> Result<Option<Devices>, InitFailed> {
     let Some(ecam) = platform.ecam else { return Ok(None) };
     if platform.dmar.is_none() && platform.ivrs.is_none() {
         return Ok(None);
@@ -80,7 +80,7 @@ pub fn init(platform: &Platform, frames: &Frames, options: crate::cmdline::Iommu
 }
 
 /// The VT-d unit of the DMAR, translation on.
-fn init_vtd(dmar_at: u64, options: crate::cmdline::IommuOptions, frames: &Frames) -> Option<Unit> {
+fn init_vtd(dmar_at: u64, options: crate::platform::cmdline::IommuOptions, frames: &Frames) -> Option<Unit> {
     // SAFETY: the address comes from the RSDT and points at the DMAR's header.
     let dmar = match unsafe { iommu::dmar::read(dmar_at) } {
         Ok(d) => d,

@@ -5,11 +5,11 @@
 //! data pointers (PRPs) are IOVAs inside the morsel.
 
 use allocator::Order;
-use crate::frames::Frames;
+use crate::mm::frames::Frames;
 use crate::iommu::Unit;
 use formats::mmio::Mmio;
 use formats::units::Bytes;
-use crate::pci::Bdf;
+use crate::devices::pci::Bdf;
 use morsel::{HostPhysAddr, Perm};
 
 /// Class code 01 08 02: mass storage, non-volatile memory, NVM Express (PCI code and ID spec).
@@ -155,12 +155,12 @@ impl Nvme {
     }
 
     fn wait_ready(&self, ready: bool, us: u64) -> Result<(), &'static str> {
-        let start = crate::time::micros();
+        let start = crate::platform::time::micros();
         while (self.regs.read32(CSTS) & CSTS_RDY != 0) != ready {
             if self.regs.read32(CSTS) & CSTS_CFS != 0 {
                 return Err("controller fatal status");
             }
-            if crate::time::micros() - start > us {
+            if crate::platform::time::micros() - start > us {
                 return Err("controller did not become ready");
             }
             core::hint::spin_loop();
@@ -195,7 +195,7 @@ impl Nvme {
         self.regs.write32(DOORBELLS + 2 * qid * stride, tail as u32);
         let q = if admin { &mut self.admin } else { &mut self.io };
         let cqe = q.cq.as_u64() + 16 * q.head as u64;
-        let start = crate::time::micros();
+        let start = crate::platform::time::micros();
         let dw3 = loop {
             // SAFETY: entry `head` of the identity-mapped completion queue page we own.
             let dw3 = unsafe { ((cqe + 12) as *const u32).read_volatile() };
@@ -203,7 +203,7 @@ impl Nvme {
             if (dw3 >> 16 & 1 != 0) == q.phase {
                 break dw3;
             }
-            if crate::time::micros() - start > TIMEOUT_US {
+            if crate::platform::time::micros() - start > TIMEOUT_US {
                 return Err(0xffff);
             }
             core::hint::spin_loop();
@@ -233,7 +233,7 @@ impl Nvme {
         if lba.checked_add(count).is_none_or(|end| end > self.blocks) {
             return Err(IoError::Range);
         }
-        let start = crate::time::micros();
+        let start = crate::platform::time::micros();
         let commands0 = self.commands;
         let per_cmd = self.max_chunk / BLOCK;
         let mut done = 0;
@@ -265,7 +265,7 @@ impl Nvme {
             self.submit(false, if write { OP_WRITE } else { OP_READ }, sqe).map_err(IoError::Device)?;
             done += n;
         }
-        let us = (crate::time::micros() - start).max(1);
+        let us = (crate::platform::time::micros() - start).max(1);
         log::info!(target: "nvme", "{} {count} blocks ({}) {} LBA {lba} {} I/O virtual address {iova:#x}: {} commands, {} ms, {} MiB/s",
             if write { "wrote" } else { "read" }, Bytes(count * BLOCK), if write { "to" } else { "from" },
             if write { "from" } else { "into" }, self.commands - commands0, us / 1000, (count * BLOCK * 1_000_000 / us) >> 20);

@@ -2,7 +2,7 @@
 //! reads and writes, enumeration of bus 0, BAR sizing, and BAR programming for memory BARs
 //! the firmware left unassigned (or placed above the identity-mapped 4 GiB).
 
-use crate::acpi::Ecam;
+use crate::platform::acpi::Ecam;
 use alloc::vec::Vec;
 
 pub use formats::bdf::Bdf;

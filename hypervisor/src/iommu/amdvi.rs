@@ -6,8 +6,8 @@
 
 use allocator::Order;
 use super::{Error, Fault, Iommu, Views};
-use crate::frames::{Frames, IDENTITY};
-use crate::pci::Bdf;
+use crate::mm::frames::{Frames, IDENTITY};
+use crate::devices::pci::Bdf;
 use alloc::vec::Vec;
 use formats::amdvi::{self as fmt, Command, Event};
 use formats::mmio::Mmio;

@@ -2,7 +2,7 @@
 //! translates its I/O virtual addresses. Morsels are mounted into `table` like into a guest's
 //! second-level table (one entry write), after which the unit's IOTLB is flushed for `id`.
 
-use crate::pci::Bdf;
+use crate::devices::pci::Bdf;
 use morsel::{SecondLevelTable, VtdSl};
 
 pub struct Domain {

@@ -10,8 +10,8 @@ pub mod dmar;
 pub mod domain;
 pub mod vtd;
 
-use crate::frames::Frames;
-use crate::pci::Bdf;
+use crate::mm::frames::Frames;
+use crate::devices::pci::Bdf;
 use alloc::vec::Vec;
 use morsel::{can_share, AmdV1, Format, HostPhysAddr, IoVirtAddr, Morsel, MountStats, PageSize, Perm, PhysMem, SecondLevelTable, VtdSl};
 
@@ -97,7 +97,7 @@ impl Views {
         fn one<G: Format>(v: &mut Option<Morsel<G>>, frames: &Frames) -> Option<(u32, &'static str)> {
             let view = v.take()?;
             let tables = view.table_count();
-            match view.destroy(frames, &crate::frames::IDENTITY) {
+            match view.destroy(frames, &crate::mm::frames::IDENTITY) {
                 Ok(()) => Some((tables, G::NAME)),
                 Err((_, e)) => {
                     log::error!(target: "morsel", "{} view cannot be destroyed: {e}", G::NAME);

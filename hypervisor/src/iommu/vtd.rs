@@ -6,10 +6,10 @@
 use allocator::Order;
 use super::domain::Domain;
 use super::{Error, Fault, Iommu, Views};
-use crate::frames::{Frames, IDENTITY};
+use crate::mm::frames::{Frames, IDENTITY};
 use formats::mmio::Mmio;
 use formats::vtd_qi::{self, Descriptor, Scope};
-use crate::pci::Bdf;
+use crate::devices::pci::Bdf;
 use alloc::vec::Vec;
 use morsel::{HostPhysAddr, Morsel, PhysMem, SecondLevelTable, VtdSl};
 

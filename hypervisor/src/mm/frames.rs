@@ -3,8 +3,8 @@
 //! fits, and the usable ranges of the memory map freed into it. Also the identity-mapped
 //! `PhysMem` through which the morsel crate edits page tables.
 
-use crate::bootinfo::BootInfo;
-use crate::memory::{self, PAGE_SIZE};
+use crate::platform::bootinfo::BootInfo;
+use crate::platform::memory::{self, PAGE_SIZE};
 use allocator::{Allocator, Init, Order, Pfn};
 use morsel::{FrameAlloc, HostPhysAddr, PhysMem};
 use spin::Once;

@@ -8,8 +8,8 @@
 //! reach the media (cache-line write-back + fence, `formats::pmem_layout`) are host-tested;
 //! QEMU's file-backed memory keeps every store that happened before the emulator dies.
 
-use crate::acpi::Platform;
-use crate::memory::{self, PAGE_SIZE};
+use crate::platform::acpi::Platform;
+use crate::platform::memory::{self, PAGE_SIZE};
 use alloc::string::String;
 use alloc::vec;
 use alloc::vec::Vec;
@@ -154,7 +154,7 @@ fn crash_here(opts: &Options, at: CrashPoint) {
             CrashPoint::Format => "right after the format's first write",
             CrashPoint::Magic => "right after the superblock's magic",
         });
-        crate::exit::exit(crate::exit::Status::Failure)
+        crate::platform::exit::exit(crate::platform::exit::Status::Failure)
     }
 }
 

@@ -6,8 +6,8 @@
 
 use super::{read_name, Directory, DeviceMount};
 use crate::devices::{self, Devices};
-use crate::frames::Frames;
-use crate::pci::Bdf;
+use crate::mm::frames::Frames;
+use crate::devices::pci::Bdf;
 use crate::vm::guest::Guest;
 use crate::vm::Backend;
 use abi::{self, Error};

@@ -6,7 +6,7 @@
 use super::persist::{self, Source};
 use super::{read_name, try_string, Directory, Mount, Named, RESTORED};
 use crate::devices::Devices;
-use crate::frames::{Frames, IDENTITY};
+use crate::mm::frames::{Frames, IDENTITY};
 use crate::vm::guest::Guest;
 use crate::vm::Backend;
 use abi::{self, Error};

@@ -14,7 +14,7 @@
 use crate::vm::guest::Guest;
 use super::{read_name, Directory};
 use crate::vm::Backend;
-use crate::frames::{Frames, IDENTITY};
+use crate::mm::frames::{Frames, IDENTITY};
 use alloc::boxed::Box;
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -143,7 +143,7 @@ impl Exmaps {
         let count = count as usize;
         // SAFETY: iov_hpa..+4096 is guest RAM of this guest (translated above, aligned, so
         // inside one page), read-write; the guest does not run during the call.
-        let page = unsafe { crate::frames::host_bytes_mut(iov_hpa.as_u64(), 4096) };
+        let page = unsafe { crate::mm::frames::host_bytes_mut(iov_hpa.as_u64(), 4096) };
         for (k, e) in v.iov[..count].iter_mut().enumerate() {
             *e = u64::from_le_bytes(page[8 * k..8 * k + 8].try_into().unwrap_or([0; 8]));
         }

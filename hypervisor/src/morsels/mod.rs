@@ -19,7 +19,7 @@ pub mod exmap;
 mod persist;
 mod proxy;
 
-use crate::pci::Bdf;
+use crate::devices::pci::Bdf;
 use alloc::string::String;
 use alloc::vec::Vec;
 use abi::Error;
@@ -120,11 +120,11 @@ pub struct Directory<F: Format> {
     pub(crate) named: HashMap<String, Named<F>>,
     pub(crate) devices: Vec<DeviceMount>,
     /// The persistent region (from `main` through the context), for persistent morsels.
-    pub(crate) pmem: Option<&'static crate::pmem::Pmem>,
+    pub(crate) pmem: Option<&'static crate::mm::pmem::Pmem>,
 }
 
 impl<F: Format> Directory<F> {
-    pub fn new(pmem: Option<&'static crate::pmem::Pmem>) -> Self {
+    pub fn new(pmem: Option<&'static crate::mm::pmem::Pmem>) -> Self {
         Directory { named: HashMap::new(), devices: Vec::new(), pmem }
     }
 }

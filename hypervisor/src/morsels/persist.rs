@@ -3,8 +3,8 @@
 //! after a reboot or a crash `load_persistent` restores them and reclaims what nothing reaches.
 
 use super::{Directory, Named, RESTORED};
-use crate::frames::{Frames, IDENTITY};
-use crate::pmem;
+use crate::mm::frames::{Frames, IDENTITY};
+use crate::mm::pmem;
 use alloc::string::String;
 use alloc::vec::Vec;
 use formats::units::Bytes;
@@ -14,7 +14,7 @@ use morsel::{Format, GuestPhysAddr, Morsel, PageSize};
 #[derive(Clone, Copy)]
 pub(crate) enum Source {
     Ram(Frames),
-    Pmem(crate::pmem::PmemFrames),
+    Pmem(crate::mm::pmem::PmemFrames),
 }
 
 impl morsel::FrameAlloc for Source {

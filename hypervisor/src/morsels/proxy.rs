@@ -5,7 +5,7 @@
 use super::device_mounts::mount_error;
 use super::{DeviceMount, Directory};
 use crate::devices::{self, Devices};
-use crate::frames::Frames;
+use crate::mm::frames::Frames;
 use crate::vm::guest::Guest;
 use crate::vm::Backend;
 use abi::{self, Error};

@@ -2,7 +2,7 @@
 //! multiboot2 (GRUB; spec "Boot information format") or PVH (QEMU `-kernel`;
 //! Xen `hvm_start_info`). Both are read in place: the structures stay identity-mapped.
 
-use crate::boot::{MULTIBOOT2_MAGIC, PVH_MAGIC};
+use crate::platform::boot::{MULTIBOOT2_MAGIC, PVH_MAGIC};
 use core::{slice, str};
 
 /// Kind of a memory-map region (ACPI/E820 numbering, shared by both protocols).

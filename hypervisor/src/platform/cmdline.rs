@@ -18,7 +18,7 @@
 //! * `test=pmem-crash:format|magic`: stop the machine right after a format's first write, or
 //!   right after its superblock magic (a power loss there; the crash scenarios use it).
 
-use crate::pmem::{self, CrashPoint};
+use crate::mm::pmem::{self, CrashPoint};
 use crate::vm::guest::{Expect, GuestSpec};
 use alloc::vec::Vec;
 

@@ -18,8 +18,8 @@ pub fn exit(status: Status) -> ! {
         Status::Success => ("success", 0x10), // QEMU exit status 33
         Status::Failure => ("failure", 0x11), // QEMU exit status 35
     };
-    crate::serial::print_unlocked(format_args!("parperos: exit {word}\n"));
-    crate::serial::drain();
+    crate::platform::serial::print_unlocked(format_args!("parperos: exit {word}\n"));
+    crate::platform::serial::drain();
     outb(0xf4, code);
     for b in b"Shutdown" {
         outb(0x8900, *b);

@@ -2,7 +2,7 @@
 //! ranges (usable RAM minus low memory, the image, the loader's structures and modules)
 //! that the frame allocator manages.
 
-use crate::bootinfo::{BootInfo, RegionKind};
+use crate::platform::bootinfo::{BootInfo, RegionKind};
 
 pub const PAGE_SIZE: u64 = 4096;
 const MIB: u64 = 1 << 20;

@@ -1,7 +1,7 @@
 //! COM1 (16550 UART at 0x3f8): the console, and the `log` backend with level and time stamp.
 
 use crate::arch::port::{inb, outb};
-use crate::time;
+use crate::platform::time;
 use core::fmt::{self, Write};
 use spin::Mutex;
 
@@ -94,11 +94,11 @@ pub fn init_logger(level: log::LevelFilter) {
 /// `print!` to the console without a log prefix.
 #[macro_export]
 macro_rules! print {
-    ($($arg:tt)*) => { $crate::serial::print(format_args!($($arg)*)) };
+    ($($arg:tt)*) => { $crate::platform::serial::print(format_args!($($arg)*)) };
 }
 
 /// `println!` to the console without a log prefix.
 #[macro_export]
 macro_rules! println {
-    ($($arg:tt)*) => { $crate::serial::print(format_args!("{}\n", format_args!($($arg)*))) };
+    ($($arg:tt)*) => { $crate::platform::serial::print(format_args!("{}\n", format_args!($($arg)*))) };
 }

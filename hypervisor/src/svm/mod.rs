@@ -7,11 +7,11 @@ mod switch;
 mod vmcb;
 
 use allocator::Order;
-use crate::cpu::{CpuFacts, Extension};
+use crate::arch::cpu::{CpuFacts, Extension};
 use caps::Caps;
 use alloc::vec;
 use alloc::vec::Vec;
-use crate::frames::Frames;
+use crate::mm::frames::Frames;
 use crate::vm::fpu::FpuState;
 use crate::vm::{Backend, BackendError, Exit, Regs, Resume, VcpuSetup};
 use morsel::{HostPhysAddr, Npt};
@@ -88,7 +88,7 @@ impl Backend for Svm {
             x86::msr::wrmsr(EFER_MSR, x86::msr::rdmsr(EFER_MSR) | EFER_SVME);
             x86::msr::wrmsr(VM_HSAVE_PA, hsave.as_u64());
         }
-        crate::apic::start_periodic_timer_us(crate::vm::sched::SLICE_US);
+        crate::arch::apic::start_periodic_timer_us(crate::vm::sched::SLICE_US);
         log::info!(target: "svm", "SVM enabled: {} ASIDs, NPT, next-RIP save {}",
             caps.asids, if caps.nrip_save { "yes" } else { "no (instructions are decoded)" });
         Ok(Svm {

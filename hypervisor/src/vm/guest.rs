@@ -6,7 +6,7 @@ use super::console::Console;
 use super::loader::{self, Load, STACK_RESERVE};
 use super::memory::{GuestMemory, MapError};
 use super::{Backend, BackendError, ExitKind};
-use crate::frames::Frames;
+use crate::mm::frames::Frames;
 use formats::elf;
 
 const MIB: u64 = 1 << 20;

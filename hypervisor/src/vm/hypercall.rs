@@ -7,8 +7,8 @@
 use super::guest::{Guest, State};
 use crate::morsels::Directory;
 use super::{Backend, Regs};
-use crate::frames::Frames;
-use crate::pci::Bdf;
+use crate::mm::frames::Frames;
+use crate::devices::pci::Bdf;
 use abi::{self, Call, Error, GuestSlice};
 use morsel::GuestPhysAddr;
 

@@ -4,7 +4,7 @@
 
 use super::memory::{GuestMemory, MapError};
 use super::VcpuSetup;
-use crate::frames::Frames;
+use crate::mm::frames::Frames;
 use formats::elf;
 use morsel::{Format, GuestPhysAddr};
 

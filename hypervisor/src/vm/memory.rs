@@ -4,7 +4,7 @@
 //! guest's own rights, and fails with a `MemError` instead of stopping silently.
 
 use allocator::Order;
-use crate::frames::{Frames, IDENTITY};
+use crate::mm::frames::{Frames, IDENTITY};
 use core::fmt;
 use morsel::{Format, GuestPhysAddr, HostPhysAddr, PageSize, Perm, SecondLevelTable};
 
@@ -96,7 +96,7 @@ impl<F: Format<Input = GuestPhysAddr>> GuestMemory<F> {
         self.walk(gpa, out.len(), Perm::RO, |hpa, done, n| {
             // SAFETY: hpa..hpa+n is guest memory the guest may read, translated through its
             // table; guest RAM and mounted morsels are identity-mapped in the host.
-            out[done..done + n].copy_from_slice(unsafe { crate::frames::host_bytes_mut(hpa.as_u64(), n) });
+            out[done..done + n].copy_from_slice(unsafe { crate::mm::frames::host_bytes_mut(hpa.as_u64(), n) });
         })
     }
 
@@ -105,7 +105,7 @@ impl<F: Format<Input = GuestPhysAddr>> GuestMemory<F> {
     pub fn write(&mut self, gpa: GuestPhysAddr, bytes: &[u8]) -> Result<(), MemError> {
         self.walk(gpa, bytes.len(), Perm::RW, |hpa, done, n| {
             // SAFETY: hpa..hpa+n is guest memory the guest may write (translated as above).
-            unsafe { crate::frames::host_bytes_mut(hpa.as_u64(), n) }.copy_from_slice(&bytes[done..done + n]);
+            unsafe { crate::mm::frames::host_bytes_mut(hpa.as_u64(), n) }.copy_from_slice(&bytes[done..done + n]);
         })
     }
 

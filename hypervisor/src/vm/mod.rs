@@ -11,8 +11,8 @@ pub mod memory;
 pub mod sched;
 pub mod switch;
 
-use crate::cpu::CpuFacts;
-use crate::frames::Frames;
+use crate::arch::cpu::CpuFacts;
+use crate::mm::frames::Frames;
 use core::fmt;
 use morsel::{Format, GuestPhysAddr, HostPhysAddr};
 
@@ -22,7 +22,7 @@ pub struct Drivers {
     /// The devices behind the IOMMU (None without one).
     pub devices: Option<crate::devices::Devices>,
     /// The persistent-memory region (None without an NVDIMM).
-    pub pmem: Option<&'static crate::pmem::Pmem>,
+    pub pmem: Option<&'static crate::mm::pmem::Pmem>,
 }
 
 /// Guest general registers as the world switches save and load them. `rsp` and `rip`

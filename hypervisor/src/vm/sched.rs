@@ -8,7 +8,7 @@ use crate::morsels::Directory;
 use super::{Backend, Exit, ExitKind, Regs, Resume};
 use formats::decode;
 use morsel::GuestPhysAddr;
-use crate::frames::Frames;
+use crate::mm::frames::Frames;
 use alloc::vec::Vec;
 use formats::archive::Archive;
 
@@ -76,11 +76,11 @@ pub fn run_guests<B: Backend>(backend: &mut B, frames: &Frames, archive: Archive
 /// of time across exits: every exit the hypervisor handles in place (hypercall, CPUID) is
 /// charged to it, so a guest that loops on them is preempted like one that spins.
 fn run_slice<B: Backend>(backend: &mut B, guest: &mut Guest<B>, cx: &mut Context<B>) {
-    let per_us = crate::time::tsc_per_us().max(1);
-    let deadline = crate::time::tsc() + SLICE_US * per_us;
+    let per_us = crate::platform::time::tsc_per_us().max(1);
+    let deadline = crate::platform::time::tsc() + SLICE_US * per_us;
     loop {
         let Some(vcpu) = guest.vcpu.as_mut() else { return };
-        let now = crate::time::tsc();
+        let now = crate::platform::time::tsc();
         if now >= deadline {
             let rip = B::regs(vcpu).rip;
             end_slice(guest, rip);

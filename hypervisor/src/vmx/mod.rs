@@ -9,8 +9,8 @@ mod vmcs;
 
 use allocator::Order;
 use crate::arch::gdt;
-use crate::cpu::{CpuFacts, Extension};
-use crate::frames::Frames;
+use crate::arch::cpu::{CpuFacts, Extension};
+use crate::mm::frames::Frames;
 use crate::vm::fpu::FpuState;
 use crate::vm::{Backend, BackendError, Exit, Regs, Resume, VcpuSetup};
 use caps::{fix_cr, Controls, ENTRY_LOAD_PAT, FEATURE_CONTROL_LOCK, FEATURE_CONTROL_VMX_OUTSIDE_SMX, IA32_FEATURE_CONTROL};
@@ -133,7 +133,7 @@ impl Backend for Vmx {
                 // External-interrupt exiting then ends the slice. Bochs 2.7 leaves INTR masked
                 // in a guest with RFLAGS.IF = 0 although the SDM says IF does not block it
                 // (26.3): guests start with IF = 1, and one that runs CLI is not preempted there.
-                crate::apic::start_periodic_timer_us(crate::vm::sched::SLICE_US);
+                crate::arch::apic::start_periodic_timer_us(crate::vm::sched::SLICE_US);
                 log::info!(target: "vmx",
                     "VMX enabled: VMCS revision {revision:#x}, EPT 4-level WB, VPID, no preemption timer (LAPIC timer slices)")
             }
@@ -195,7 +195,7 @@ impl Backend for Vmx {
             self.invept(vcpu.eptp);
             vcpu.flush = false;
         }
-        let timer = self.timer_rate.map(|rate| ((budget_us * crate::time::tsc_per_us()) >> rate).clamp(1, u32::MAX as u64));
+        let timer = self.timer_rate.map(|rate| ((budget_us * crate::platform::time::tsc_per_us()) >> rate).clamp(1, u32::MAX as u64));
         let prepared = write(GUEST_RIP, vcpu.regs.rip)
             .and_then(|()| write(GUEST_RSP, vcpu.regs.rsp))
             .and_then(|()| timer.map_or(Ok(()), |t| write(PREEMPTION_TIMER_VALUE, t)));
