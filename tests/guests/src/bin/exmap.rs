@@ -266,9 +266,12 @@ fn reader() -> i32 {
     };
     let phase = |want: u8| {
         for _ in 0..5000 {
+            // Page 0 may not be populated yet (the owner creates the region, then allocates:
+            // a preemption between the two lets us in first): ask before touching it.
+            let populated = guest_lib::hypercall::call(abi::HC_EXMAP_INFO, [pool.addr(), abi::EXMAP_INFO_POPULATED, 0, 0, 0, 0]);
             // SAFETY: page 0 is populated from the owner's first step until it frees all,
             // which it does only after waiting for us.
-            if unsafe { core::ptr::read_volatile(pool.as_ptr()) } >= want {
+            if populated.is_ok_and(|n| n >= 4) && unsafe { core::ptr::read_volatile(pool.as_ptr()) } >= want {
                 return true;
             }
             guest_lib::yield_now();
