@@ -9,6 +9,7 @@
 
 use crate::emulator::Emulator;
 use crate::Result;
+use formats::units::parse_size;
 use std::path::Path;
 use std::time::Duration;
 
@@ -566,17 +567,6 @@ pub fn parse(name: &str, path: &Path, text: &str) -> Result<Scenario> {
         }
     }
     Ok(s)
-}
-
-/// `64M`, `1G`, `4096K` or plain bytes.
-fn parse_size(s: &str) -> Option<u64> {
-    let (num, shift) = match s.as_bytes().last()? {
-        b'K' | b'k' => (&s[..s.len() - 1], 10),
-        b'M' | b'm' => (&s[..s.len() - 1], 20),
-        b'G' | b'g' => (&s[..s.len() - 1], 30),
-        _ => (s, 0),
-    };
-    num.parse::<u64>().ok()?.checked_mul(1 << shift)
 }
 
 /// `qemu-svm.args` and `qemu-svm` name the same config.
