@@ -1,6 +1,7 @@
 //! Mount + unmount of a morsel versus mapping the same object page by page into a fresh table
 //! (what a conventional hypervisor does to give a guest memory), over simulated memory: only
-//! the tables are real. `cargo run --release -p morsel --example bench`.
+//! the tables are real. `cargo run --release -p morsel --example bench [OPS] [--sizes 2M,1G,64G]`
+//! (sizes are multiples of 2 MiB, suffix M or G; `cargo xtask bench morsel` asks for more).
 
 use std::hint::black_box;
 use std::time::Instant;
@@ -113,11 +114,28 @@ fn human(bytes: u64) -> String {
     }
 }
 
+/// `2M`, `1G`: a morsel size.
+fn size_arg(v: &str) -> u64 {
+    let (n, unit) = v.split_at(v.len() - 1);
+    let n: u64 = n.parse().expect("--sizes: numbers with suffix M or G");
+    match unit {
+        "M" => n * MIB,
+        "G" => n * GIB,
+        _ => panic!("--sizes: suffix M or G"),
+    }
+}
+
 fn main() {
-    let target_ops = std::env::args()
-        .nth(1)
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(4 << 20);
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut target_ops = 4 << 20;
+    let mut sizes = vec![2 * MIB, GIB, 64 * GIB];
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--sizes" => sizes = it.next().expect("--sizes LIST").split(',').map(size_arg).collect(),
+            n => target_ops = n.parse().expect("OPS: a number of mount+unmount pairs"),
+        }
+    }
     println!("morsel bench: EPT format, 2 MiB pages, simulated memory (only tables are real)");
     println!("mount/unmount: ns per operation; page-by-page: ns per whole object (map every page into a fresh table, then tear the table down)");
     println!();
@@ -138,7 +156,7 @@ fn main() {
         "|{:-<9}|{:-<8}|{:-<8}|{:-<10}|{:-<12}|{:-<13}|{:-<14}|{:-<16}|{:-<13}|{:-<18}|",
         "", "", "", "", "", "", "", "", "", ""
     );
-    for size in [2 * MIB, GIB, 64 * GIB] {
+    for size in sizes {
         let r = bench(size, target_ops);
         let ratio = (r.map_ns + r.teardown_ns) / (r.mount_ns + r.unmount_ns);
         println!(

@@ -86,17 +86,19 @@ fn check_guest(spec: &str, guests: &[&str]) -> std::result::Result<(), String> {
     }
 }
 
-/// `16M`, `2G`, `4096K` or plain bytes, as the hypervisor reads them.
+/// `16M`, `2G`, `4096K` or plain bytes, as the hypervisor reads them (`formats::units`).
 pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
-    let (num, shift) = match s.as_bytes().last() {
-        Some(b'K' | b'k') => (&s[..s.len() - 1], 10),
-        Some(b'M' | b'm') => (&s[..s.len() - 1], 20),
-        Some(b'G' | b'g') => (&s[..s.len() - 1], 30),
-        Some(b'0'..=b'9') => (s, 0),
-        _ => return Err(format!("not a size; a number with suffix {SIZE_SUFFIXES}")),
-    };
-    let n = num.parse::<u64>().map_err(|_| format!("not a size; a number with suffix {SIZE_SUFFIXES}"))?;
-    n.checked_mul(1 << shift).ok_or_else(|| "too large for 64 bits".to_string())
+    match formats::units::parse_size(s) {
+        Some(n) => Ok(n),
+        // Digits with at most one suffix that still fail: the number does not fit.
+        None if s.trim_end_matches(['K', 'k', 'M', 'm', 'G', 'g']).len() + 1 >= s.len()
+            && s.trim_end_matches(['K', 'k', 'M', 'm', 'G', 'g']).bytes().all(|b| b.is_ascii_digit())
+            && !s.is_empty() =>
+        {
+            Err("too large for 64 bits".to_string())
+        }
+        None => Err(format!("not a size; a number with suffix {SIZE_SUFFIXES}")),
+    }
 }
 
 #[cfg(test)]

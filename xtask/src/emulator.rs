@@ -149,25 +149,56 @@ pub fn qemu_args(config: &Config, accel: Accel) -> Result<Vec<String>> {
     Ok(parse_args_file(&text, accel).into_iter().map(|a| a.replace("@ROOT@", &root)).collect())
 }
 
-/// The QEMU command for `config` booting `kernel` with `initrd`; the caller adds serial
-/// and extra arguments. QEMU dies with the thread that spawns it (`die_with_parent`).
-pub fn qemu_command(config: &Config, accel: Accel, kernel: &Path, cmdline: &str, initrd: &Path) -> Result<Command> {
-    let qemu = tools::require(&tools::QEMU)?;
-    let mut cmd = Command::new(qemu);
-    crate::die_with_parent(&mut cmd);
-    cmd.args(qemu_args(config, accel)?)
-        .arg("-kernel")
-        .arg(kernel)
-        .arg("-append")
-        .arg(cmdline)
-        .arg("-initrd")
-        .arg(initrd);
-    Ok(cmd)
+/// Everything a QEMU boot adds to its config's arguments. `qemu_command` is the one place
+/// the QEMU command line is assembled (`run` and `test` fill this in).
+pub struct QemuBoot<'a> {
+    pub kernel: &'a Path,
+    pub cmdline: &'a str,
+    pub initrd: &'a Path,
+    /// `-serial` value: `stdio` (tests, a pipe) or `mon:stdio` (`run`, the terminal).
+    pub serial: &'a str,
+    /// `-smp N` after the config's own, which it overrides.
+    pub cpus: Option<usize>,
+    /// `disk = SIZE`: an image attached as NVMe drive `disk0`.
+    pub disk: Option<&'a Path>,
+    /// `pmem = SIZE`: a file and its size, an NVDIMM (`pmem::qemu_args`).
+    pub pmem: Option<(&'a Path, u64)>,
+    /// Anything else, last (`run --gdb`, `run -- ARGS`).
+    pub extra: Vec<String>,
 }
 
-/// QEMU arguments for `cpus` CPUs (after the config's own `-smp`, which they override).
-pub fn qemu_cpus_args(cpus: usize) -> [String; 2] {
-    ["-smp".into(), cpus.to_string()]
+impl<'a> QemuBoot<'a> {
+    pub fn new(kernel: &'a Path, cmdline: &'a str, initrd: &'a Path, serial: &'a str) -> Self {
+        QemuBoot { kernel, cmdline, initrd, serial, cpus: None, disk: None, pmem: None, extra: Vec::new() }
+    }
+}
+
+/// The QEMU command for `config` and `boot`. QEMU dies with the thread that spawns it
+/// (`die_with_parent`).
+pub fn qemu_command(config: &Config, accel: Accel, boot: &QemuBoot) -> Result<Command> {
+    let qemu = tools::require(&tools::QEMU)?;
+    let config_args = qemu_args(config, accel)?;
+    let mut cmd = Command::new(qemu);
+    crate::die_with_parent(&mut cmd);
+    cmd.args(&config_args)
+        .arg("-kernel")
+        .arg(boot.kernel)
+        .arg("-append")
+        .arg(boot.cmdline)
+        .arg("-initrd")
+        .arg(boot.initrd);
+    if let Some(path) = boot.disk {
+        cmd.arg("-drive").arg(format!("file={},if=none,id=disk0,format=raw", path.display()));
+        cmd.args(["-device", "nvme,serial=parperos0,drive=disk0"]);
+    }
+    if let Some((path, size)) = boot.pmem {
+        cmd.args(crate::pmem::qemu_args(&config_args, path, size)?);
+    }
+    if let Some(n) = boot.cpus {
+        cmd.args(["-smp".to_string(), n.to_string()]);
+    }
+    cmd.args(["-serial", boot.serial]).args(&boot.extra);
+    Ok(cmd)
 }
 
 /// The bochsrc text with `count=N` in its `cpu:` line (replacing a count it has).

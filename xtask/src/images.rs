@@ -4,7 +4,7 @@
 
 use crate::{archive, bail, tools, Context, Result};
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode};
+use std::process::Command;
 
 /// The host target the freestanding crates are built for (the only one installed).
 pub const TARGET: &str = "x86_64-unknown-linux-gnu";
@@ -224,24 +224,4 @@ pub fn make_iso(built: &Built, name: &str, cmdline: &str) -> Result<PathBuf> {
     }
     std::fs::rename(&tmp, &iso).context(|| format!("cannot rename {} to {}", tmp.display(), iso.display()))?;
     Ok(iso)
-}
-
-/// `cargo xtask bench [crate]`: the bench examples of these crates, release builds.
-pub fn bench(crates: &[&str]) -> Result<ExitCode> {
-    let root = crate::root();
-    let mut failed = Vec::new();
-    for &krate in crates {
-        println!("== bench: {krate}");
-        let status = cargo(&root)
-            .args(["run", "--release", "-p", krate, "--example", "bench"])
-            .status()
-            .context(|| "cannot start cargo".to_string())?;
-        if !status.success() {
-            failed.push(krate);
-        }
-    }
-    if !failed.is_empty() {
-        bail!("bench failed for {}", failed.join(", "));
-    }
-    Ok(ExitCode::SUCCESS)
 }

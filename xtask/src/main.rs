@@ -6,6 +6,7 @@
 //! backtrace: exit status 2 for a usage error (bad option, unknown name), 1 for a failure.
 
 mod archive;
+mod bench;
 mod cmdline;
 mod disk;
 mod emulator;
@@ -30,7 +31,7 @@ commands:
   test      host tests, then every scenario in tests/scenarios/ (or those FILTER selects)
   list      the guests, configs and scenarios there are
   guest-flags  print the RUSTFLAGS that build a guest crate of your own
-  bench     the host benchmarks (allocator, morsel, exmap), all or the one named
+  bench     the host benchmarks (allocator, morsel, exmap): table, CSV and SVG plots
   setup     install the apt packages the emulators need
 
 exit status: 0 success, 1 failure, 2 usage error
@@ -83,8 +84,11 @@ usage: cargo xtask guest-flags
 ";
 
 const HELP_BENCH: &str = "\
-usage: cargo xtask bench [allocator|morsel|exmap]
-  the host benchmarks (release builds): all of them, or the one named
+usage: cargo xtask bench [allocator|morsel|exmap] [--rounds N] [--docs]
+  the host benchmarks (release builds of each crate's examples/bench.rs): all of them, or
+  those named, in N interleaved rounds (default 5; exmap runs once, interleaving its own 5).
+  Prints one table (median, min..max per case), writes build/bench/<bench>.csv and
+  build/bench/<bench>.svg; --docs also writes the plots to docs/bench/ (shown in README.md)
 ";
 
 const HELP_SETUP: &str = "\
@@ -303,11 +307,10 @@ fn dispatch(args: &[String]) -> std::result::Result<ExitCode, Fail> {
             println!("{} -C link-arg=-T{}", images::FREESTANDING_RUSTFLAGS, root.join("guest-lib/guest.ld").display());
             Ok(ExitCode::SUCCESS)
         }
-        "bench" => match rest {
-            [] => Ok(images::bench(&["allocator", "morsel", "exmap"])?),
-            [one] if ["allocator", "morsel", "exmap"].contains(&one.as_str()) => Ok(images::bench(&[one.as_str()])?),
-            [extra, ..] => Err(Fail::Usage(Error(format!("`bench` takes allocator, morsel or exmap (got `{extra}`)")))),
-        },
+        "bench" => {
+            let o = usage(bench::Options::parse(rest))?;
+            Ok(bench::bench(&o)?)
+        }
         "setup" => {
             no_arguments(cmd, rest)?;
             tools::setup()?;

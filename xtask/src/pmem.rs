@@ -5,6 +5,7 @@
 //! `build/pmem/<scenario>.<config>.img`, made fresh at the start of the run and kept by every boot.
 
 use crate::{bail, Context, Result};
+use formats::pmem_layout as layout;
 use std::path::Path;
 
 const GIB: u64 = 1 << 30;
@@ -19,6 +20,48 @@ pub fn create(path: &Path, size: u64) -> Result<()> {
     let _ = std::fs::remove_file(path);
     let file = std::fs::File::create(path).context(|| format!("cannot create {}", path.display()))?;
     file.set_len(size).context(|| format!("cannot size {} to {size} bytes", path.display()))
+}
+
+/// The superblock words a `pmem_write` may name as `sb.WORD`.
+const SB_WORDS: &[(&str, usize)] = &[
+    ("magic", layout::SB_MAGIC),
+    ("version", layout::SB_VERSION),
+    ("len", layout::SB_LEN),
+    ("format", layout::SB_FORMAT),
+    ("boots", layout::SB_BOOTS),
+];
+/// The directory record fields a `pmem_write` may name as `slot(N).FIELD`.
+const RECORD_FIELDS: &[(&str, u64)] = &[
+    ("state", layout::R_STATE),
+    ("root", layout::R_ROOT),
+    ("len", layout::R_LEN),
+    ("page", layout::R_PAGE),
+    ("writable", layout::R_WRITABLE),
+    ("name_len", layout::R_NAME_LEN),
+    ("name", layout::R_NAME),
+];
+/// What an OFFSET may be, for messages.
+pub const OFFSET_FORMS: &str = "0xHEX, sb.magic|version|len|format|boots, slot(N) or slot(N).state|root|len|page|writable|name_len|name";
+
+/// An offset in the pmem file (whose byte 0 is the region's base: the superblock) written as
+/// hex (`0x1048`) or by its name in the on-media layout (`formats::pmem_layout`):
+/// `sb.magic` (superblock word), `slot(1)` (directory record 1), `slot(1).root` (a field).
+pub fn offset(word: &str) -> Option<u64> {
+    let word = word.trim();
+    if let Some(hex) = word.strip_prefix("0x") {
+        return u64::from_str_radix(hex, 16).ok();
+    }
+    if let Some(name) = word.strip_prefix("sb.") {
+        return SB_WORDS.iter().find(|(n, _)| *n == name).map(|&(_, w)| 8 * w as u64);
+    }
+    let rest = word.strip_prefix("slot(")?;
+    let (n, field) = rest.split_once(')')?;
+    let n = n.parse::<usize>().ok().filter(|&n| n < layout::SLOTS)?;
+    let slot = layout::DIRECTORY + n as u64 * layout::SLOT;
+    match field {
+        "" => Some(slot),
+        f => RECORD_FIELDS.iter().find(|(name, _)| Some(*name) == f.strip_prefix('.')).map(|&(_, off)| slot + off),
+    }
 }
 
 /// Applies a `pmem_write` to the file (between boots: no QEMU maps it then).
@@ -129,6 +172,63 @@ mod tests {
         assert_eq!(bytes.len(), 2 << 20);
         assert!(bytes.iter().all(|&b| b == 0));
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn offsets_by_name_follow_the_layout() {
+        assert_eq!(offset("0x1048"), Some(0x1048));
+        assert_eq!(offset("sb.magic"), Some(8 * layout::SB_MAGIC as u64));
+        assert_eq!(offset("sb.boots"), Some(8 * layout::SB_BOOTS as u64));
+        assert_eq!(offset("slot(0)"), Some(layout::DIRECTORY));
+        assert_eq!(offset("slot(1).root"), Some(layout::DIRECTORY + layout::SLOT + layout::R_ROOT));
+        assert_eq!(offset("slot(63).name"), Some(layout::DIRECTORY + 63 * layout::SLOT + layout::R_NAME));
+        // Every name lies inside the superblock and directory, before the allocator's metadata.
+        for (name, _) in SB_WORDS {
+            assert!(offset(&format!("sb.{name}")).unwrap() < layout::DIRECTORY, "{name}");
+        }
+        for (name, _) in RECORD_FIELDS {
+            let at = offset(&format!("slot({}).{name}", layout::SLOTS - 1)).unwrap();
+            assert!(at < layout::META, "{name}");
+        }
+        for bad in ["slot(64)", "slot(1).rooot", "slot(1)root", "slot(x)", "sb.nope", "1048", "0x", "slot(-1)", ""] {
+            assert_eq!(offset(bad), None, "{bad}");
+        }
+    }
+
+    /// The shipped damage scenarios name their offsets; here they are pinned to the numbers the
+    /// layout gives today, so a change of `formats::pmem_layout` shows up as a failing host
+    /// test and a reviewed update of these numbers, never as a scenario that quietly damages
+    /// something else.
+    #[test]
+    fn shipped_damage_scenarios_hit_the_fields_they_name() {
+        use crate::scenario::PmemWrite::{Copy, Word};
+        let root = crate::root();
+        let writes = |name: &str| {
+            let path = root.join(format!("tests/scenarios/{name}.scn"));
+            crate::scenario::parse(name, &path, &std::fs::read_to_string(&path).unwrap()).unwrap().pmem_writes
+        };
+        let record = |n: u64, field: u64| layout::DIRECTORY + n * layout::SLOT + field;
+        // Record 1 takes record 0's root, length and page word (24 bytes).
+        assert_eq!(layout::R_PAGE + 8 - layout::R_ROOT, 24);
+        let contained = [
+            (2, Copy { at: record(1, layout::R_ROOT), from: record(0, layout::R_ROOT), len: 24 }),
+            (3, Word { at: record(1, layout::R_STATE), value: 0 }),
+            (4, Word { at: record(0, layout::R_ROOT), value: 0x2_0000_0000 }),
+            (5, Word { at: 8 * layout::SB_MAGIC as u64, value: 0x1234 }),
+            (7, Word { at: 8 * layout::SB_MAGIC as u64, value: 0 }),
+            (7, Word { at: 8 * layout::SB_FORMAT as u64, value: 0 }),
+            (7, Word { at: 8 * layout::SB_BOOTS as u64, value: 0 }),
+        ];
+        assert_eq!(writes("persistent_directory_damage_is_contained"), contained);
+        let raw = [0x1048, 0x1040, 0x1008, 0x0, 0x0, 0x18, 0x20];
+        assert_eq!(contained.map(|(_, w)| match w { Word { at, .. } | Copy { at, .. } => at }), raw);
+        let quarantined = [
+            (2, Word { at: record(1, layout::R_LEN), value: 0x11000 }),
+            (2, Word { at: record(3, layout::R_STATE), value: 0 }),
+        ];
+        assert_eq!(writes("persistent_damaged_record_is_quarantined"), quarantined);
+        assert_eq!(quarantined.map(|(_, w)| match w { Word { at, .. } | Copy { at, .. } => at }), [0x1050, 0x10c0]);
+        assert_eq!(writes("persistent_format_survives_a_crash"), [(3, Word { at: 0, value: 0x1234 })]);
     }
 
     #[test]

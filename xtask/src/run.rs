@@ -210,20 +210,18 @@ fn stop(child: &mut std::process::Child) {
 fn run_qemu(config: &Config, built: &images::Built, cmdline: &str, o: &Options, symbols: &mut Symbolizer) -> Result<ExitCode> {
     let (accel, why) = emulator::detect_accel();
     println!("accel: {why}");
-    let mut cmd = emulator::qemu_command(config, accel, &built.hypervisor, cmdline, &built.archive)?;
-    cmd.args(["-serial", "mon:stdio"]);
-    if let Some(n) = o.cpus {
-        cmd.args(emulator::qemu_cpus_args(n));
-    }
+    let mut boot = emulator::QemuBoot::new(&built.hypervisor, cmdline, &built.archive, "mon:stdio");
+    boot.cpus = o.cpus;
     if o.gdb {
-        cmd.args(["-s", "-S"]);
+        boot.extra.extend(["-s".to_string(), "-S".to_string()]);
         println!(
             "gdb: QEMU waits for a debugger on tcp::1234; attach with\n  \
              gdb {} -ex 'target remote :1234'   (README \"Debugging\": guests)",
             built.hypervisor.display()
         );
     }
-    cmd.args(&o.extra);
+    boot.extra.extend(o.extra.iter().cloned());
+    let mut cmd = emulator::qemu_command(config, accel, &boot)?;
     // The serial output comes through us (to name RIPs); the terminal stays QEMU's input.
     cmd.stdout(std::process::Stdio::piped());
     println!("qemu: config {} ({}), cmdline `{cmdline}`; Ctrl-A X quits", config.name, config.path.display());

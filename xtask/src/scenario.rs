@@ -9,6 +9,7 @@
 
 use crate::emulator::Emulator;
 use crate::Result;
+use formats::units::parse_size;
 use std::path::Path;
 use std::time::Duration;
 
@@ -32,7 +33,8 @@ const PER_CONFIG: &[&str] = &["cmdline", "timeout", "expect", "reject", "expect_
 const PER_BOOT: &[&str] =
     &["cmdline", "timeout", "expect", "reject", "expect_count", "expect_order", "exit", "kill", "kill_delay", "pmem_write"];
 
-/// A change to the pmem file between boots (offsets in the file, hex in the scenario).
+/// A change to the pmem file between boots (offsets in the file: hex, or named after
+/// `formats::pmem_layout` as `crate::pmem::offset` reads them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PmemWrite {
     /// `pmem_write@K = OFFSET = VALUE`: a little-endian u64.
@@ -45,14 +47,16 @@ fn hex(v: &str) -> Option<u64> {
     u64::from_str_radix(v.trim().strip_prefix("0x")?, 16).ok()
 }
 
-/// `0x1048 = 0x200000000` or `0x1048 <- 0x1008 24` (length decimal).
+/// `0x1048 = 0x200000000` or `slot(1).root <- slot(0).root 24` (offsets hex or by name,
+/// value hex, length decimal).
 fn parse_pmem_write(value: &str) -> Option<PmemWrite> {
+    use crate::pmem::offset;
     if let Some((at, v)) = value.split_once(" = ") {
-        return Some(PmemWrite::Word { at: hex(at)?, value: hex(v)? });
+        return Some(PmemWrite::Word { at: offset(at)?, value: hex(v)? });
     }
     let (at, rest) = value.split_once(" <- ")?;
     let (from, len) = rest.trim().split_once(' ')?;
-    Some(PmemWrite::Copy { at: hex(at)?, from: hex(from)?, len: len.trim().parse().ok()? })
+    Some(PmemWrite::Copy { at: offset(at)?, from: offset(from)?, len: len.trim().parse().ok()? })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -468,7 +472,11 @@ pub fn parse(name: &str, path: &Path, text: &str) -> Result<Scenario> {
                     s.qemu_only.push((lineno, "pmem_write"));
                 }
                 (None, _) => crate::bail!("{}: pmem_write needs `@K`: the boot before which the file changes", at()),
-                (_, None) => crate::bail!("{}: pmem_write wants `0xOFFSET = 0xVALUE` or `0xOFFSET <- 0xFROM LEN`, got `{value}`", at()),
+                (_, None) => crate::bail!(
+                    "{}: pmem_write wants `OFFSET = 0xVALUE` or `OFFSET <- FROM LEN` (OFFSET, FROM: {}), got `{value}`",
+                    at(),
+                    crate::pmem::OFFSET_FORMS
+                ),
             },
             "check_disk" => {
                 let parsed = value.split_once(char::is_whitespace).and_then(|(lba, byte)| {
@@ -566,17 +574,6 @@ pub fn parse(name: &str, path: &Path, text: &str) -> Result<Scenario> {
         }
     }
     Ok(s)
-}
-
-/// `64M`, `1G`, `4096K` or plain bytes.
-fn parse_size(s: &str) -> Option<u64> {
-    let (num, shift) = match s.as_bytes().last()? {
-        b'K' | b'k' => (&s[..s.len() - 1], 10),
-        b'M' | b'm' => (&s[..s.len() - 1], 20),
-        b'G' | b'g' => (&s[..s.len() - 1], 30),
-        _ => (s, 0),
-    };
-    num.parse::<u64>().ok()?.checked_mul(1 << shift)
 }
 
 /// `qemu-svm.args` and `qemu-svm` name the same config.
@@ -846,6 +843,13 @@ expect_order@3 = pm: boot | pm: recovered
         ]);
         assert!(p("configs = a\npmem = 2M\npmem_write = 0x10 = 0x1\n").is_err(), "no @K");
         assert!(p("configs = a\npmem = 2M\nboots = 2\npmem_write@2 = 16 = 1\n").is_err(), "not hex");
+        let s = p("configs = a\npmem = 2M\nboots = 2\npmem_write@2 = slot(1).len = 0x11000\npmem_write@2 = slot(1).root <- slot(0).root 24\n").unwrap();
+        assert_eq!(s.pmem_writes, [
+            (2, PmemWrite::Word { at: 0x1050, value: 0x11000 }),
+            (2, PmemWrite::Copy { at: 0x1048, from: 0x1008, len: 24 }),
+        ]);
+        let e = p("configs = a\npmem = 2M\nboots = 2\npmem_write@2 = slot(1).size = 0x1\n").unwrap_err().0;
+        assert!(e.contains(":4: pmem_write wants") && e.contains("slot(N).state|root"), "{e}");
         assert!(p("configs = a\nboots = 2\npmem_write@2 = 0x10 = 0x1\n").is_err(), "no pmem");
         assert!(p("configs = a\npmem = 2M\npmem_write@3 = 0x10 = 0x1\n").is_err(), "no such boot");
     }

@@ -459,10 +459,9 @@ fn run_job(root: &Path, job: &Job, built: &images::Built, logs: &Path) -> (bool,
             }
         }
         let s = scenario_for(job, &media, boot);
-        let outcome = match job.config.emulator {
-            Emulator::Qemu => run_qemu(job, &s, boot, built, logs, &media),
-            Emulator::Bochs => run_bochs(root, job, &s, boot, built, logs),
-        };
+        let d = driver(job.config.emulator);
+        let b = Boot { root, job, s: &s, boot, built, logs, media: &media };
+        let outcome = d.build_command(&b).and_then(|launch| d.boot(&b, launch));
         let o = match outcome {
             Ok(o) => o,
             Err(e) => {
@@ -570,25 +569,9 @@ fn judge(job: &Job, s: &Scenario, boot: usize, o: &Outcome) -> Vec<String> {
         problems.push(format!("timed out after {} s (stopped)", s.timeout(config, boot).as_secs()));
     }
     // How the hypervisor ended: killed by us, QEMU by isa-debug-exit status, Bochs by its last serial line.
-    let ended = match (job.config.emulator, o.end) {
-        _ if o.killed => Ok(ExitKind::Killed),
-        (Emulator::Qemu, End::Exited(Some(QEMU_EXIT_SUCCESS))) => Ok(ExitKind::Success),
-        (Emulator::Qemu, End::Exited(Some(QEMU_EXIT_FAILURE))) => Ok(ExitKind::Failure),
-        (Emulator::Qemu, End::Exited(Some(0))) => Err("QEMU exited 0: reset or triple fault (-no-reboot), not isa-debug-exit".into()),
-        (Emulator::Qemu, End::Exited(Some(c))) => Err(format!("QEMU exited with status {c}")),
-        (Emulator::Qemu, _) => Err("QEMU was stopped by a signal".to_string()),
-        (Emulator::Bochs, _) => {
-            let last = o.serial.lines().rev().find_map(|l| {
-                if l.contains(EXIT_SUCCESS_LINE) {
-                    Some(ExitKind::Success)
-                } else if l.contains(EXIT_FAILURE_LINE) {
-                    Some(ExitKind::Failure)
-                } else {
-                    None
-                }
-            });
-            last.ok_or_else(|| format!("no `{EXIT_SUCCESS_LINE}`/`failure` line in the serial log"))
-        }
+    let ended = match o.killed {
+        true => Ok(ExitKind::Killed),
+        false => driver(job.config.emulator).judge(o.end, &o.serial),
     };
     match ended {
         Ok(kind) if kind == want => {}
@@ -724,25 +707,121 @@ fn appeared(all: &[u8], from: usize, needle: &[u8]) -> bool {
     !needle.is_empty() && all[start..].windows(needle.len()).any(|w| w == needle)
 }
 
-fn run_qemu(job: &Job, s: &Scenario, boot: usize, built: &images::Built, logs: &Path, media: &Media) -> Result<Outcome> {
+/// One emulator as the test runner drives it: the command line of one boot (and the files it
+/// needs), the boot itself (started, watched for `ready` and the kill text, stopped), and how
+/// the way a boot ended reads as the hypervisor's exit.
+trait Driver: Sync {
+    fn build_command(&self, b: &Boot) -> Result<Launch>;
+    fn boot(&self, b: &Boot, launch: Launch) -> Result<Outcome>;
+    /// How the hypervisor ended, from the emulator's end and the serial log (not for kills).
+    fn judge(&self, end: End, serial: &str) -> std::result::Result<ExitKind, String>;
+}
+
+/// One boot of a job: the scenario as that boot sees it, and what it boots.
+struct Boot<'a> {
+    root: &'a Path,
+    job: &'a Job,
+    s: &'a Scenario,
+    boot: usize,
+    built: &'a images::Built,
+    logs: &'a Path,
+    media: &'a Media,
+}
+
+/// A boot's command and where its serial output and the emulator's own output go.
+struct Launch {
+    cmd: Command,
+    serial_path: PathBuf,
+    emulator_log: PathBuf,
+}
+
+struct Qemu;
+struct Bochs;
+
+fn driver(e: Emulator) -> &'static dyn Driver {
+    match e {
+        Emulator::Qemu => &Qemu,
+        Emulator::Bochs => &Bochs,
+    }
+}
+
+impl Driver for Qemu {
+    fn build_command(&self, b: &Boot) -> Result<Launch> {
+        let Boot { job, s, boot, built, logs, media, .. } = *b;
+        let config = &job.config.name;
+        let serial_path = logs.join(format!("{}.serial.log", file_stem(job, boot)));
+        let emulator_log = logs.join(format!("{}.qemu.log", file_stem(job, boot)));
+        let mut qemu = emulator::QemuBoot::new(&built.hypervisor, s.cmdline(config, boot), &built.archive, "stdio");
+        qemu.cpus = s.cpus(config);
+        qemu.disk = media.disk.as_ref().map(|(path, _)| path.as_path());
+        qemu.pmem = media.pmem.as_ref().map(|(path, size)| (path.as_path(), *size));
+        let mut cmd = emulator::qemu_command(&job.config, Accel::Tcg, &qemu)?;
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&emulator_log).context(|| format!("cannot create {}", emulator_log.display()))?);
+        Ok(Launch { cmd, serial_path, emulator_log })
+    }
+
+    fn boot(&self, b: &Boot, launch: Launch) -> Result<Outcome> {
+        run_qemu(b.job, b.s, b.boot, launch)
+    }
+
+    fn judge(&self, end: End, _serial: &str) -> std::result::Result<ExitKind, String> {
+        match end {
+            End::Exited(Some(QEMU_EXIT_SUCCESS)) => Ok(ExitKind::Success),
+            End::Exited(Some(QEMU_EXIT_FAILURE)) => Ok(ExitKind::Failure),
+            End::Exited(Some(0)) => Err("QEMU exited 0: reset or triple fault (-no-reboot), not isa-debug-exit".into()),
+            End::Exited(Some(c)) => Err(format!("QEMU exited with status {c}")),
+            _ => Err("QEMU was stopped by a signal".to_string()),
+        }
+    }
+}
+
+impl Driver for Bochs {
+    fn build_command(&self, b: &Boot) -> Result<Launch> {
+        let Boot { root, job, s, boot, built, logs, .. } = *b;
+        if job.scenario.disk.is_some() || job.scenario.pmem.is_some() {
+            bail!("`disk` and `pmem` need a QEMU config (Bochs has no NVMe or NVDIMM)");
+        }
+        let config = &job.config.name;
+        let stem = file_stem(job, boot);
+        let iso = images::make_iso(built, &stem, s.cmdline(config, boot))?;
+        let serial_path = logs.join(format!("{stem}.serial.log"));
+        let emulator_log = logs.join(format!("{stem}.bochs.log"));
+        let rc = logs.join(format!("{stem}.bochsrc"));
+        let _ = std::fs::remove_file(&serial_path);
+        emulator::write_bochsrc(&job.config, &iso, &serial_path, &rc, s.cpus(config))?;
+        let log = std::fs::File::create(&emulator_log).context(|| format!("cannot create {}", emulator_log.display()))?;
+        let mut cmd = emulator::bochs_command(root, &rc, true)?;
+        cmd.current_dir(logs)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().context(|| "cannot dup log".to_string())?)
+            .stderr(log);
+        Ok(Launch { cmd, serial_path, emulator_log })
+    }
+
+    fn boot(&self, b: &Boot, launch: Launch) -> Result<Outcome> {
+        run_bochs(b.job, b.s, b.boot, launch)
+    }
+
+    /// Bochs always exits 1: the last `parperos: exit` line of the serial log says.
+    fn judge(&self, _end: End, serial: &str) -> std::result::Result<ExitKind, String> {
+        let last = serial.lines().rev().find_map(|l| {
+            if l.contains(EXIT_SUCCESS_LINE) {
+                Some(ExitKind::Success)
+            } else if l.contains(EXIT_FAILURE_LINE) {
+                Some(ExitKind::Failure)
+            } else {
+                None
+            }
+        });
+        last.ok_or_else(|| format!("no `{EXIT_SUCCESS_LINE}`/`failure` line in the serial log"))
+    }
+}
+
+fn run_qemu(job: &Job, s: &Scenario, boot: usize, launch: Launch) -> Result<Outcome> {
     let config = &job.config.name;
-    let serial_path = logs.join(format!("{}.serial.log", file_stem(job, boot)));
-    let emulator_log = logs.join(format!("{}.qemu.log", file_stem(job, boot)));
-    let mut cmd = emulator::qemu_command(&job.config, Accel::Tcg, &built.hypervisor, s.cmdline(config, boot), &built.archive)?;
-    if let Some((path, _)) = &media.disk {
-        cmd.arg("-drive").arg(format!("file={},if=none,id=disk0,format=raw", path.display()));
-        cmd.args(["-device", "nvme,serial=parperos0,drive=disk0"]);
-    }
-    if let Some((path, size)) = &media.pmem {
-        cmd.args(pmem::qemu_args(&emulator::qemu_args(&job.config, Accel::Tcg)?, path, *size)?);
-    }
-    if let Some(n) = s.cpus(config) {
-        cmd.args(emulator::qemu_cpus_args(n));
-    }
-    cmd.args(["-serial", "stdio"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&emulator_log).context(|| format!("cannot create {}", emulator_log.display()))?);
+    let Launch { mut cmd, serial_path, emulator_log } = launch;
     let file = std::fs::File::create(&serial_path).context(|| format!("cannot create {}", serial_path.display()))?;
 
     let start = Instant::now();
@@ -780,25 +859,9 @@ fn run_qemu(job: &Job, s: &Scenario, boot: usize, built: &images::Built, logs: &
     })
 }
 
-fn run_bochs(root: &Path, job: &Job, s: &Scenario, boot: usize, built: &images::Built, logs: &Path) -> Result<Outcome> {
-    if job.scenario.disk.is_some() || job.scenario.pmem.is_some() {
-        bail!("`disk` and `pmem` need a QEMU config (Bochs has no NVMe or NVDIMM)");
-    }
+fn run_bochs(job: &Job, s: &Scenario, boot: usize, launch: Launch) -> Result<Outcome> {
     let config = &job.config.name;
-    let stem = file_stem(job, boot);
-    let iso = images::make_iso(built, &stem, s.cmdline(config, boot))?;
-    let serial_path = logs.join(format!("{stem}.serial.log"));
-    let emulator_log = logs.join(format!("{stem}.bochs.log"));
-    let rc = logs.join(format!("{stem}.bochsrc"));
-    let _ = std::fs::remove_file(&serial_path);
-    emulator::write_bochsrc(&job.config, &iso, &serial_path, &rc, s.cpus(config))?;
-    let log = std::fs::File::create(&emulator_log).context(|| format!("cannot create {}", emulator_log.display()))?;
-    let mut cmd = emulator::bochs_command(root, &rc, true)?;
-    cmd.current_dir(logs)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().context(|| "cannot dup log".to_string())?)
-        .stderr(log);
-
+    let Launch { mut cmd, serial_path, emulator_log } = launch;
     let read = |path: &Path| std::fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
     let start = Instant::now();
     let mut child = cmd.spawn().context(|| "cannot start bochs".to_string())?;

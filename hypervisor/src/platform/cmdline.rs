@@ -21,6 +21,7 @@
 use crate::mm::pmem::{self, CrashPoint};
 use crate::vm::guest::{Expect, GuestSpec};
 use alloc::vec::Vec;
+use formats::units::parse_size;
 
 /// A deliberate misbehaviour for the test scenarios.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -123,15 +124,4 @@ fn guest_spec(spec: &'static str) -> Result<GuestSpec, &'static str> {
         }
     }
     Ok(g)
-}
-
-/// `16M`, `2G`, `4096K` or plain bytes.
-fn parse_size(s: &str) -> Option<u64> {
-    let (num, shift) = match s.as_bytes().last()? {
-        b'K' | b'k' => (&s[..s.len() - 1], 10),
-        b'M' | b'm' => (&s[..s.len() - 1], 20),
-        b'G' | b'g' => (&s[..s.len() - 1], 30),
-        _ => (s, 0),
-    };
-    num.parse::<u64>().ok()?.checked_mul(1 << shift)
 }

@@ -1,0 +1,663 @@
+//! `cargo xtask bench [allocator|morsel|exmap] [--rounds N] [--docs]`: runs the host
+//! benchmarks the READMEs quote (release builds of each crate's `examples/bench.rs`), in
+//! interleaved rounds, and reports medians in one table format, as CSV under `build/bench/`
+//! and as SVG plots drawn here (no plotting crate, no fonts: plain SVG text); `--docs` also
+//! copies the plots to `docs/bench/`, where the README shows them.
+
+use crate::{bail, images, Context, Result};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+pub const BENCHES: &[&str] = &["allocator", "morsel", "exmap"];
+const OUT_DIR: &str = "build/bench";
+const DOCS_DIR: &str = "docs/bench";
+const DEFAULT_ROUNDS: usize = 5;
+/// The allocator patterns of the LLFree paper, each at 4 KiB and 2 MiB, at 1 and 2 threads.
+const PATTERNS: &[&str] = &["bulk", "repeat", "random"];
+const ORDERS: &[(u8, &str)] = &[(0, "4 KiB"), (9, "2 MiB")];
+/// Morsel sizes for the mount-cost plot (2 MiB pages).
+const MORSEL_SIZES: &str = "2M,8M,32M,128M,512M,1G,4G,16G,64G";
+/// Mount+unmount pairs per morsel size and round (the example's default is 4 Mi).
+const MORSEL_OPS: &str = "1048576";
+
+pub struct Options {
+    pub benches: Vec<&'static str>,
+    pub rounds: usize,
+    pub docs: bool,
+}
+
+impl Options {
+    pub fn parse(args: &[String]) -> Result<Options> {
+        let mut o = Options { benches: Vec::new(), rounds: DEFAULT_ROUNDS, docs: false };
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            match a.as_str() {
+                "--docs" => o.docs = true,
+                "--rounds" => {
+                    o.rounds = match it.next().map(|v| v.parse::<usize>()) {
+                        Some(Ok(n)) if n >= 1 => n,
+                        _ => bail!("`--rounds` wants a number of rounds, at least 1"),
+                    }
+                }
+                name => match BENCHES.iter().find(|b| **b == name) {
+                    Some(b) if !o.benches.contains(b) => o.benches.push(b),
+                    Some(_) => bail!("`{name}` named twice"),
+                    None => bail!("`bench` takes allocator, morsel or exmap, --rounds N, --docs (got `{name}`)"),
+                },
+            }
+        }
+        if o.benches.is_empty() {
+            o.benches = BENCHES.to_vec();
+        }
+        Ok(o)
+    }
+}
+
+/// One measured figure of one run: which benchmark, which case, how many threads, which
+/// implementation (ours or the comparison), its unit, and the value.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub bench: &'static str,
+    pub case: String,
+    pub threads: u32,
+    pub imp: String,
+    pub unit: &'static str,
+    pub value: f64,
+    /// Where the bench took its own median over runs (exmap): how many; None: one run.
+    pub runs: Option<usize>,
+}
+
+/// The figures of one key over every round: median, min and max.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    pub bench: &'static str,
+    pub case: String,
+    pub threads: u32,
+    pub imp: String,
+    pub unit: &'static str,
+    pub values: Vec<f64>,
+    /// The runs behind `values` where that is not one per value (exmap's min, median, max).
+    pub runs: Option<usize>,
+}
+
+impl Row {
+    pub fn median(&self) -> f64 {
+        let mut v = self.values.clone();
+        v.sort_by(f64::total_cmp);
+        match v.len() {
+            0 => f64::NAN,
+            n if n % 2 == 1 => v[n / 2],
+            n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+        }
+    }
+    pub fn runs(&self) -> usize {
+        self.runs.unwrap_or(self.values.len())
+    }
+    fn min(&self) -> f64 {
+        self.values.iter().copied().fold(f64::INFINITY, f64::min)
+    }
+    fn max(&self) -> f64 {
+        self.values.iter().copied().fold(f64::NEG_INFINITY, f64::max)
+    }
+}
+
+/// Groups samples by (bench, case, threads, implementation), in the order first seen.
+pub fn collect(samples: &[Sample]) -> Vec<Row> {
+    let mut rows: Vec<Row> = Vec::new();
+    for s in samples {
+        match rows.iter_mut().find(|r| r.bench == s.bench && r.case == s.case && r.threads == s.threads && r.imp == s.imp) {
+            Some(r) => r.values.push(s.value),
+            None => rows.push(Row {
+                bench: s.bench,
+                case: s.case.clone(),
+                threads: s.threads,
+                imp: s.imp.clone(),
+                unit: s.unit,
+                values: vec![s.value],
+                runs: s.runs,
+            }),
+        }
+    }
+    rows
+}
+
+pub fn bench(o: &Options) -> Result<ExitCode> {
+    let root = crate::root();
+    let mut exes = Vec::new();
+    for &b in &o.benches {
+        exes.push((b, build_example(&root, b)?));
+    }
+    let mut samples = Vec::new();
+    // Rounds interleave the benchmarks (and the allocator's patterns), so a noisy moment on
+    // this shared machine spreads over all of them instead of spoiling one.
+    for round in 1..=o.rounds {
+        for (b, exe) in &exes {
+            match *b {
+                "allocator" => {
+                    for p in PATTERNS {
+                        for (order, _) in ORDERS {
+                            let out = run(exe, &["--threads", "1,2", "--order", &order.to_string(), "--memory", "8", "--pattern", p, "--runs", "1"])?;
+                            samples.extend(parse_allocator(&out)?);
+                        }
+                    }
+                }
+                "morsel" => samples.extend(parse_morsel(&run(exe, &[MORSEL_OPS, "--sizes", MORSEL_SIZES])?)?),
+                // ExMap's bench interleaves its own cases over 5 runs: run it once.
+                "exmap" if round == 1 => samples.extend(parse_exmap(&run(exe, &[])?)?),
+                _ => {}
+            }
+        }
+        eprintln!("bench: round {round} of {} done", o.rounds);
+    }
+    let rows = collect(&samples);
+    print!("{}", table(&rows));
+    let out = root.join(OUT_DIR);
+    std::fs::create_dir_all(&out).context(|| format!("cannot create {}", out.display()))?;
+    let mut written = Vec::new();
+    for &b in &o.benches {
+        let mine: Vec<Row> = rows.iter().filter(|r| r.bench == b).cloned().collect();
+        let csv_path = out.join(format!("{b}.csv"));
+        images::write_atomic(&csv_path, csv(&mine).as_bytes())?;
+        written.push(csv_path);
+        let svg = match b {
+            "allocator" => allocator_svg(&mine),
+            "morsel" => morsel_svg(&mine),
+            _ => exmap_svg(&mine),
+        };
+        let svg_path = out.join(format!("{b}.svg"));
+        images::write_atomic(&svg_path, svg.as_bytes())?;
+        written.push(svg_path.clone());
+        if o.docs {
+            let doc = root.join(DOCS_DIR).join(format!("{b}.svg"));
+            std::fs::create_dir_all(root.join(DOCS_DIR)).context(|| format!("cannot create {DOCS_DIR}"))?;
+            images::write_atomic(&doc, svg.as_bytes())?;
+            written.push(doc);
+        }
+    }
+    let names: Vec<String> = written.iter().map(|p| p.strip_prefix(&root).unwrap_or(p).display().to_string()).collect();
+    println!("\nmedian of {} interleaved round(s) (exmap: of its own 5 interleaved runs); this machine is shared and noisy", o.rounds);
+    println!("wrote {}", names.join(", "));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Builds `krate`'s bench example and copies it to `build/bench/bin/<krate>-bench`: the three
+/// crates' examples are all called `bench` and share the `target/release/examples/bench` link.
+fn build_example(root: &Path, krate: &str) -> Result<PathBuf> {
+    let out = images::cargo(root)
+        .args(["build", "--release", "-p", krate, "--example", "bench", "--message-format=json"])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context(|| "cannot start cargo".to_string())?;
+    if !out.status.success() {
+        bail!("building the {krate} bench failed");
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let Some(exe) = text
+        .lines()
+        .filter(|l| l.contains("\"reason\":\"compiler-artifact\"") && l.contains("\"kind\":[\"example\"]"))
+        .filter_map(|l| l.split("\"executable\":\"").nth(1)?.split('"').next().map(str::to_string))
+        .next_back()
+    else {
+        bail!("cargo did not say where the {krate} bench is");
+    };
+    let bin = root.join(OUT_DIR).join("bin");
+    std::fs::create_dir_all(&bin).context(|| format!("cannot create {}", bin.display()))?;
+    let copy = bin.join(format!("{krate}-bench"));
+    std::fs::copy(&exe, &copy).context(|| format!("cannot copy {exe} to {}", copy.display()))?;
+    Ok(copy)
+}
+
+fn run(exe: &Path, args: &[&str]) -> Result<String> {
+    let out = Command::new(exe).args(args).output().context(|| format!("cannot start {}", exe.display()))?;
+    if !out.status.success() {
+        bail!("{} {} failed: {}", exe.display(), args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The allocator bench's lines: a `pattern P, order O, ...` header, then
+/// `T  llfree-pp|spinlock  GET PUT  MOPS` (or `T  who  PAIR  MOPS` for `repeat`).
+pub fn parse_allocator(out: &str) -> Result<Vec<Sample>> {
+    let mut pattern = None;
+    let mut size = None;
+    let mut samples = Vec::new();
+    for line in out.lines() {
+        if let Some(rest) = line.strip_prefix("pattern ") {
+            let mut words = rest.split([',', ' ']).filter(|w| !w.is_empty());
+            pattern = words.next().map(str::to_string);
+            size = match words.nth(1) {
+                Some("0") => Some("4 KiB"),
+                Some("9") => Some("2 MiB"),
+                _ => None,
+            };
+            continue;
+        }
+        let w: Vec<&str> = line.split_whitespace().collect();
+        let imp = match w.get(1) {
+            Some(&"llfree-pp") => "ours",
+            Some(&"spinlock") => "spinlock",
+            _ => continue,
+        };
+        let (Some(p), Some(sz), Ok(threads)) = (&pattern, size, w[0].parse::<u32>()) else {
+            bail!("allocator bench: a result line before its header: `{line}`");
+        };
+        let num = |i: usize| w.get(i).and_then(|v| v.parse::<f64>().ok());
+        let mut push = |op: &str, unit: &'static str, v: Option<f64>| match v {
+            Some(value) => {
+                samples.push(Sample { bench: "allocator", case: format!("{p} {sz} {op}"), threads, imp: imp.into(), unit, value, runs: None });
+                Ok(())
+            }
+            None => bail!("allocator bench: cannot read `{line}`"),
+        };
+        if p == "repeat" {
+            push("get+put", "ns/pair", num(2))?;
+        } else {
+            push("get", "ns/op", num(2))?;
+            push("put", "ns/op", num(3))?;
+        }
+    }
+    if samples.is_empty() {
+        bail!("allocator bench: no result lines in its output");
+    }
+    Ok(samples)
+}
+
+/// The morsel bench's table rows: `| 2 MiB | pages | tables | mount | unmount | writes |
+/// map-all | teardown | writes | ratio |`.
+pub fn parse_morsel(out: &str) -> Result<Vec<Sample>> {
+    let mut samples = Vec::new();
+    for line in out.lines() {
+        let cells: Vec<&str> = line.trim().trim_matches('|').split('|').map(str::trim).collect();
+        if cells.len() != 10 || !(cells[0].ends_with("MiB") || cells[0].ends_with("GiB")) {
+            continue;
+        }
+        let f = |i: usize| cells[i].parse::<f64>().map_err(|_| crate::Error(format!("morsel bench: cannot read `{line}`")));
+        for (imp, unit, value) in [
+            ("mount", "ns/op", f(3)?),
+            ("unmount", "ns/op", f(4)?),
+            ("map page by page", "ns/object", f(6)?),
+            ("teardown", "ns/object", f(7)?),
+        ] {
+            samples.push(Sample { bench: "morsel", case: cells[0].to_string(), threads: 1, imp: imp.into(), unit, value, runs: None });
+        }
+    }
+    if samples.is_empty() {
+        bail!("morsel bench: no table rows in its output");
+    }
+    Ok(samples)
+}
+
+/// Bytes of a morsel size as the bench prints it (`2 MiB`, `64 GiB`).
+pub fn size_bytes(case: &str) -> Option<u64> {
+    let (n, unit) = case.split_once(' ')?;
+    let n: u64 = n.parse().ok()?;
+    match unit {
+        "MiB" => Some(n << 20),
+        "GiB" => Some(n << 30),
+        _ => None,
+    }
+}
+
+/// The exmap bench's lines: a header `... median of N interleaved runs`, then
+/// `NAME batch B, T thread(s): X ns/page (per thread; runs A..B)`: the median it took over its
+/// N runs, with the runs' extremes (three values, so min, median and max come out as printed).
+pub fn parse_exmap(out: &str) -> Result<Vec<Sample>> {
+    let mut samples = Vec::new();
+    let runs = out.split("median of ").nth(1).and_then(|r| r.split_whitespace().next()?.parse::<usize>().ok());
+    for line in out.lines() {
+        let Some((name, rest)) = line.split_once(": ") else { continue };
+        let Some((median, range)) = rest.split_once(" ns/page") else { continue };
+        let Some((what, threads)) = name.rsplit_once(", ") else { continue };
+        let Some((imp, batch)) = what.rsplit_once(" batch ") else { continue };
+        let bad = || crate::Error(format!("exmap bench: cannot read `{line}`"));
+        let threads: u32 = threads.split_whitespace().next().and_then(|t| t.parse().ok()).ok_or_else(bad)?;
+        let imp = if imp.starts_with("per-page") { "per-page path" } else { "exmap" };
+        let median: f64 = median.trim().parse().map_err(|_| bad())?;
+        let (lo, hi) = range
+            .split("runs ")
+            .nth(1)
+            .and_then(|r| r.trim_end_matches(')').split_once(".."))
+            .and_then(|(a, b)| Some((a.parse::<f64>().ok()?, b.parse::<f64>().ok()?)))
+            .ok_or_else(bad)?;
+        for value in [lo, median, hi] {
+            samples.push(Sample { bench: "exmap", case: format!("alloc+free batch {batch}"), threads, imp: imp.into(), unit: "ns/page", value, runs });
+        }
+    }
+    if samples.is_empty() {
+        bail!("exmap bench: no result lines in its output");
+    }
+    Ok(samples)
+}
+
+/// One table for every benchmark: case, threads, implementation, median, min..max, runs.
+pub fn table(rows: &[Row]) -> String {
+    let w = rows.iter().map(|r| r.case.len()).chain([4]).max().unwrap_or(4);
+    let iw = rows.iter().map(|r| r.imp.len()).chain([14]).max().unwrap_or(14);
+    let mut t = String::new();
+    let _ = writeln!(t, "| bench     | {:<w$} | threads | {:<iw$} | median     | min..max          | runs | unit      |", "case", "implementation");
+    let _ = writeln!(t, "|-----------|-{}-|---------|-{}-|------------|-------------------|------|-----------|", "-".repeat(w), "-".repeat(iw));
+    for r in rows {
+        let _ = writeln!(
+            t,
+            "| {:<9} | {:<w$} | {:>7} | {:<iw$} | {:>10.1} | {:>17} | {:>4} | {:<9} |",
+            r.bench,
+            r.case,
+            r.threads,
+            r.imp,
+            r.median(),
+            format!("{:.1}..{:.1}", r.min(), r.max()),
+            r.runs(),
+            r.unit
+        );
+    }
+    t
+}
+
+pub fn csv(rows: &[Row]) -> String {
+    let mut t = String::from("bench,case,threads,implementation,unit,median,min,max,runs\n");
+    for r in rows {
+        let _ = writeln!(t, "{},{},{},{},{},{:.2},{:.2},{:.2},{}", r.bench, r.case, r.threads, r.imp, r.unit, r.median(), r.min(), r.max(), r.runs());
+    }
+    t
+}
+
+/// Text for SVG: `&`, `<`, `>` escaped.
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
+const COLORS: &[&str] = &["#1f77b4", "#aec7e8", "#d62728", "#ff9896", "#2ca02c", "#98df8a"];
+
+/// A grouped bar chart: one group per category (its label on two lines: first word, rest), one
+/// bar per series (None: no bar), a log y axis (bars from the lowest decade) so that 5 ns and
+/// 500 ns both read, the median written over each bar.
+fn bar_chart(title: &str, y_label: &str, categories: &[String], series: &[(String, Vec<Option<f64>>)], note: &str) -> String {
+    let (left, top, bottom, right) = (70.0, 60.0, 120.0, 20.0);
+    let group_w = 26.0 * series.len() as f64 + 24.0;
+    let width = (left + right + group_w * categories.len() as f64).max(760.0);
+    let height = 460.0;
+    let plot_h = height - top - bottom;
+    let (lo, hi) = decades(series.iter().flat_map(|(_, v)| v.iter().flatten()).copied());
+    let y = |v: f64| top + plot_h * (1.0 - (v.max(10f64.powf(lo)).log10() - lo) / (hi - lo));
+    let mut s = svg_head(width, height, title);
+    let _ = writeln!(s, r#"<text x="14" y="{:.0}" transform="rotate(-90 14 {:.0})" text-anchor="middle">{}</text>"#, top + plot_h / 2.0, top + plot_h / 2.0, esc(y_label));
+    for e in (lo as i32)..=(hi as i32) {
+        for m in [1.0, 2.0, 5.0] {
+            let v = m * 10f64.powi(e);
+            if v.log10() > hi + 1e-9 {
+                break;
+            }
+            let stroke = if m == 1.0 { "#ccc" } else { "#eee" };
+            let _ = writeln!(s, r#"<line x1="{left}" x2="{:.0}" y1="{:.1}" y2="{:.1}" stroke="{stroke}"/><text x="{:.0}" y="{:.1}" text-anchor="end" font-size="10">{}</text>"#, width - right, y(v), y(v), left - 6.0, y(v) + 4.0, fmt_num(v));
+        }
+    }
+    for (c, cat) in categories.iter().enumerate() {
+        let x0 = left + group_w * c as f64 + 12.0;
+        for (k, (_, values)) in series.iter().enumerate() {
+            let Some(val) = values[c] else { continue };
+            let x = x0 + 26.0 * k as f64;
+            let base = y(10f64.powf(lo));
+            let _ = writeln!(s, r#"<rect x="{x:.1}" y="{:.1}" width="22" height="{:.1}" fill="{}"><title>{}</title></rect>"#, y(val), base - y(val), COLORS[k % COLORS.len()], esc(&format!("{cat}, {}: {val:.1}", series[k].0)));
+            let _ = writeln!(s, r#"<text x="{:.1}" y="{:.1}" font-size="9" text-anchor="middle">{}</text>"#, x + 11.0, y(val) - 3.0, fmt_num(val));
+        }
+        let cx = x0 + 13.0 * series.len() as f64 - 6.0;
+        let (first, rest) = cat.split_once(' ').unwrap_or((cat, ""));
+        let _ = writeln!(s, r#"<text x="{cx:.1}" y="{:.0}" text-anchor="middle">{}</text>"#, y(10f64.powf(lo)) + 16.0, esc(first));
+        let _ = writeln!(s, r#"<text x="{cx:.1}" y="{:.0}" text-anchor="middle" font-size="11">{}</text>"#, y(10f64.powf(lo)) + 30.0, esc(rest));
+    }
+    let _ = writeln!(s, r##"<line x1="{left}" x2="{:.0}" y1="{:.1}" y2="{:.1}" stroke="#333"/>"##, width - right, y(10f64.powf(lo)), y(10f64.powf(lo)));
+    legend(&mut s, left, height - 50.0, &series.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>());
+    let _ = writeln!(s, r##"<text x="{left}" y="{:.0}" font-size="10" fill="#555">{}</text>"##, height - 14.0, esc(note));
+    s.push_str("</svg>\n");
+    s
+}
+
+fn svg_head(width: f64, height: f64, title: &str) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0}" height="{height:.0}" viewBox="0 0 {width:.0} {height:.0}" font-family="sans-serif" font-size="12">"#);
+    let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let _ = writeln!(s, r#"<text x="{:.0}" y="24" font-size="15" text-anchor="middle" font-weight="bold">{}</text>"#, width / 2.0, esc(title));
+    s
+}
+
+fn legend(s: &mut String, x: f64, y: f64, names: &[String]) {
+    let mut cx = x;
+    for (k, n) in names.iter().enumerate() {
+        let _ = writeln!(s, r#"<rect x="{cx:.0}" y="{:.0}" width="12" height="12" fill="{}"/><text x="{:.0}" y="{:.0}">{}</text>"#, y - 10.0, COLORS[k % COLORS.len()], cx + 16.0, y, esc(n));
+        cx += 24.0 + 7.0 * n.len() as f64;
+    }
+}
+
+fn fmt_num(v: f64) -> String {
+    if v >= 1e6 {
+        format!("{:.1}M", v / 1e6)
+    } else if v >= 1e4 {
+        format!("{:.0}k", v / 1e3)
+    } else if v >= 100.0 || v == v.trunc() {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.1}")
+    }
+}
+
+/// Allocator ns per operation by pattern and thread count, ours against the spinlock bitmap.
+pub fn allocator_svg(rows: &[Row]) -> String {
+    let mut cases: Vec<String> = Vec::new();
+    for r in rows {
+        if !cases.contains(&r.case) {
+            cases.push(r.case.clone());
+        }
+    }
+    let find = |case: &str, t: u32, imp: &str| rows.iter().find(|r| r.case == case && r.threads == t && r.imp == imp).map(Row::median);
+    let series: Vec<(String, Vec<Option<f64>>)> = [("ours", 1), ("ours", 2), ("spinlock", 1), ("spinlock", 2)]
+        .iter()
+        .map(|&(imp, t)| {
+            let name = format!("{} {t} thread{}", if imp == "ours" { "llfree-pp (ours)" } else { "spinlock bitmap" }, if t > 1 { "s" } else { "" });
+            (name, cases.iter().map(|c| find(c, t, imp)).collect())
+        })
+        .collect();
+    let runs = rows.first().map_or(0, Row::runs);
+    bar_chart(
+        "Frame allocator: ns per operation per thread (lower is better)",
+        "ns per op, log scale (repeat: per get+put pair)",
+        &cases,
+        &series,
+        &format!("cargo xtask bench allocator: 8 GiB, frames untouched, median of {runs} interleaved rounds; shared 2-core machine, noisy"),
+    )
+}
+
+/// ExMap ns per page by batch size and thread count, against the per-page path.
+pub fn exmap_svg(rows: &[Row]) -> String {
+    let mut cases: Vec<String> = Vec::new();
+    for r in rows.iter().filter(|r| r.imp == "exmap") {
+        if !cases.contains(&r.case) {
+            cases.push(r.case.clone());
+        }
+    }
+    let find = |case: &str, t: u32, imp: &str| rows.iter().find(|r| r.case == case && r.threads == t && r.imp == imp).map(Row::median);
+    let series: Vec<(String, Vec<Option<f64>>)> = [("exmap", 1), ("exmap", 2), ("per-page path", 1), ("per-page path", 2)]
+        .iter()
+        .map(|&(imp, t)| (format!("{imp} {t} thread{}", if t > 1 { "s" } else { "" }), cases.iter().map(|c| find(c, t, imp)).collect()))
+        .collect();
+    bar_chart(
+        "ExMap: ns per page of ALLOC+FREE (lower is better)",
+        "ns per page per thread, log scale",
+        &cases.iter().map(|c| c.replace("alloc+free ", "")).collect::<Vec<_>>(),
+        &series,
+        "cargo xtask bench exmap: 512 MiB real memory, sparse NPT region, median of 5 interleaved runs; no TLB flush; noisy machine",
+    )
+}
+
+/// Morsel mount+unmount against mapping the object page by page (+ teardown), both axes log.
+pub fn morsel_svg(rows: &[Row]) -> String {
+    let mut sizes: Vec<(u64, String)> = Vec::new();
+    for r in rows {
+        if let Some(b) = size_bytes(&r.case) {
+            if !sizes.iter().any(|(s, _)| *s == b) {
+                sizes.push((b, r.case.clone()));
+            }
+        }
+    }
+    sizes.sort();
+    let get = |case: &str, imp: &str| rows.iter().find(|r| r.case == case && r.imp == imp).map(Row::median);
+    let lines: Vec<(String, Vec<(f64, f64)>)> = vec![
+        (
+            "morsel mount + unmount".into(),
+            sizes.iter().filter_map(|(b, c)| Some((*b as f64, get(c, "mount")? + get(c, "unmount")?))).collect(),
+        ),
+        (
+            "map page by page (2 MiB pages)".into(),
+            sizes.iter().filter_map(|(b, c)| Some((*b as f64, get(c, "map page by page")?))).collect(),
+        ),
+        (
+            "map page by page + teardown".into(),
+            sizes.iter().filter_map(|(b, c)| Some((*b as f64, get(c, "map page by page")? + get(c, "teardown")?))).collect(),
+        ),
+    ];
+    let (width, height, left, right, top, bottom) = (720.0, 440.0, 80.0, 30.0, 60.0, 90.0);
+    let all: Vec<(f64, f64)> = lines.iter().flat_map(|(_, p)| p.iter().copied()).collect();
+    let (x_lo, x_hi) = decades(all.iter().map(|p| p.0));
+    let (y_lo, y_hi) = decades(all.iter().map(|p| p.1));
+    let px = |x: f64| left + (width - left - right) * (x.log10() - x_lo) / (x_hi - x_lo);
+    let py = |y: f64| top + (height - top - bottom) * (1.0 - (y.log10() - y_lo) / (y_hi - y_lo));
+    let mut s = svg_head(width, height, "Morsel: cost to give a guest an object, by object size (log-log)");
+    for e in (y_lo as i32)..=(y_hi as i32) {
+        let v = 10f64.powi(e);
+        let _ = writeln!(s, r##"<line x1="{left}" x2="{:.0}" y1="{:.1}" y2="{:.1}" stroke="#ddd"/><text x="{:.0}" y="{:.1}" text-anchor="end">{}</text>"##, width - right, py(v), py(v), left - 6.0, py(v) + 4.0, ns_label(v));
+    }
+    for (b, label) in &sizes {
+        let x = px(*b as f64);
+        let _ = writeln!(s, r##"<line x1="{x:.1}" x2="{x:.1}" y1="{top}" y2="{:.0}" stroke="#eee"/><text x="{x:.1}" y="{:.0}" text-anchor="middle" font-size="10">{}</text>"##, height - bottom, height - bottom + 16.0, esc(label));
+    }
+    let _ = writeln!(s, r#"<text x="{:.0}" y="{:.0}" text-anchor="middle">object size</text>"#, (left + width - right) / 2.0, height - bottom + 34.0);
+    let _ = writeln!(s, r#"<text x="16" y="{:.0}" transform="rotate(-90 16 {:.0})" text-anchor="middle">time per object (ns, log)</text>"#, (top + height - bottom) / 2.0, (top + height - bottom) / 2.0);
+    for (k, (name, points)) in lines.iter().enumerate() {
+        let color = [COLORS[0], COLORS[4], COLORS[2]][k % 3];
+        let path: Vec<String> = points.iter().map(|&(x, y)| format!("{:.1},{:.1}", px(x), py(y))).collect();
+        let _ = writeln!(s, r#"<polyline points="{}" fill="none" stroke="{color}" stroke-width="2"/>"#, path.join(" "));
+        for &(x, y) in points {
+            let _ = writeln!(s, r#"<circle cx="{:.1}" cy="{:.1}" r="3.5" fill="{color}"><title>{}</title></circle>"#, px(x), py(y), esc(&format!("{name}: {y:.1} ns")));
+        }
+        if let Some(&(x, y)) = points.last() {
+            let _ = writeln!(s, r#"<text x="{:.1}" y="{:.1}" text-anchor="end" font-size="10" fill="{color}">{}</text>"#, px(x) - 6.0, py(y) - 8.0, ns_label(y));
+        }
+    }
+    let names: Vec<String> = lines.iter().map(|(n, _)| n.clone()).collect();
+    let mut cx = left;
+    for (k, n) in names.iter().enumerate() {
+        let _ = writeln!(s, r#"<rect x="{cx:.0}" y="{:.0}" width="12" height="12" fill="{}"/><text x="{:.0}" y="{:.0}">{}</text>"#, height - 40.0, [COLORS[0], COLORS[4], COLORS[2]][k % 3], cx + 16.0, height - 30.0, esc(n));
+        cx += 30.0 + 7.0 * n.len() as f64;
+    }
+    let runs = rows.first().map_or(0, Row::runs);
+    let _ = writeln!(s, r##"<text x="{left}" y="{:.0}" font-size="10" fill="#555">cargo xtask bench morsel: EPT, simulated memory (tables only), no TLB flush; median of {runs} interleaved rounds; noisy machine</text>"##, height - 10.0);
+    s.push_str("</svg>\n");
+    s
+}
+
+/// The whole decades (log10) that cover `values` (positive).
+fn decades(values: impl Iterator<Item = f64>) -> (f64, f64) {
+    let (lo, hi) = values.filter(|v| *v > 0.0).fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| (lo.min(v), hi.max(v)));
+    if !lo.is_finite() {
+        return (0.0, 1.0);
+    }
+    let (a, b) = (lo.log10().floor(), hi.log10().ceil());
+    (a, if b > a { b } else { a + 1.0 })
+}
+
+fn ns_label(ns: f64) -> String {
+    if ns >= 1e6 {
+        format!("{} ms", fmt_num(ns / 1e6))
+    } else if ns >= 1e3 {
+        format!("{} µs", fmt_num(ns / 1e3))
+    } else {
+        format!("{} ns", fmt_num(ns))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ALLOC: &str = "\
+pattern bulk, order 0, 8 GiB (2097152 frames), metadata 271168 bytes = 33.1 KiB per GiB (2 CPUs)
+threads  allocator  get ns    put ns   Mops/s total   (median of 1 runs, ns per op per thread)
+      1  llfree-pp    45.4      13.0           34.2
+      1  spinlock      8.3       5.7          143.4
+      1  ratio      spinlock / ours: get 0.18x, put 0.44x
+      2  llfree-pp    20.4      13.0           74.6
+pattern repeat, order 9, 8 GiB (2097152 frames), metadata 271168 bytes = 33.1 KiB per GiB (2 CPUs)
+threads  allocator  get+put ns   Mops/s total   (median of 1 runs, ns per op per thread)
+      1  llfree-pp        12.1          165.8
+";
+
+    #[test]
+    fn reads_the_allocator_bench() {
+        let s = parse_allocator(ALLOC).unwrap();
+        let got: Vec<(String, u32, &str, f64)> = s.iter().map(|s| (s.case.clone(), s.threads, s.imp.as_str(), s.value)).collect();
+        assert_eq!(
+            got,
+            [
+                ("bulk 4 KiB get".to_string(), 1, "ours", 45.4),
+                ("bulk 4 KiB put".into(), 1, "ours", 13.0),
+                ("bulk 4 KiB get".into(), 1, "spinlock", 8.3),
+                ("bulk 4 KiB put".into(), 1, "spinlock", 5.7),
+                ("bulk 4 KiB get".into(), 2, "ours", 20.4),
+                ("bulk 4 KiB put".into(), 2, "ours", 13.0),
+                ("repeat 2 MiB get+put".into(), 1, "ours", 12.1),
+            ]
+        );
+        assert!(parse_allocator("nothing\n").is_err());
+        assert!(parse_allocator("      1  llfree-pp    45.4      13.0           34.2\n").is_err(), "no header");
+    }
+
+    #[test]
+    fn reads_the_morsel_and_exmap_benches() {
+        let m = "|   2 MiB |      1 |      1 |     17.5 |       22.6 |       1 + 1 |          222 |           2908 |           3 |              78x |\n\
+                 |  64 GiB |  32768 |     65 |     14.6 |       13.9 |       1 + 1 |       555673 |          75347 |       32833 |           22071x |\n";
+        let s = parse_morsel(m).unwrap();
+        assert_eq!(s.len(), 8);
+        assert_eq!((s[0].case.as_str(), s[0].imp.as_str(), s[0].value), ("2 MiB", "mount", 17.5));
+        assert_eq!((s[6].imp.as_str(), s[6].value, s[6].unit), ("map page by page", 555673.0, "ns/object"));
+        assert_eq!(size_bytes("64 GiB"), Some(64 << 30));
+        let e = "exmap host benchmark: 512 MiB of real memory, median of 5 interleaved runs\n\
+                 exmap alloc+free batch 64, 2 threads: 24.0 ns/page (per thread; runs 20.7..27.0)\n\
+                 per-page path (allocator call + zeroing per page, no cache) batch 512, 1 thread: 63.8 ns/page (per thread; runs 60.1..65.7)\n";
+        let rows = collect(&parse_exmap(e).unwrap());
+        let r = &rows[0];
+        assert_eq!((r.case.as_str(), r.threads, r.imp.as_str()), ("alloc+free batch 64", 2, "exmap"));
+        assert_eq!((r.median(), r.min(), r.max(), r.runs()), (24.0, 20.7, 27.0, 5));
+        assert_eq!((rows[1].case.as_str(), rows[1].threads, rows[1].imp.as_str()), ("alloc+free batch 512", 1, "per-page path"));
+        assert!(parse_exmap("exmap alloc+free batch 1, x threads: 1.0 ns/page (per thread; runs 1.0..2.0)\n").is_err());
+    }
+
+    #[test]
+    fn medians_tables_csv_and_plots() {
+        let mk = |v: f64| Sample { bench: "allocator", case: "bulk 4 KiB get".into(), threads: 1, imp: "ours".into(), unit: "ns/op", value: v, runs: None };
+        let rows = collect(&[mk(9.0), mk(7.0), mk(30.0), Sample { threads: 2, ..mk(5.0) }]);
+        assert_eq!(rows.len(), 2);
+        assert_eq!((rows[0].median(), rows[0].min(), rows[0].max()), (9.0, 7.0, 30.0));
+        assert_eq!(collect(&[mk(1.0), mk(2.0)])[0].median(), 1.5);
+        let t = table(&rows);
+        assert!(t.lines().nth(2).unwrap().contains("|        9.0 |         7.0..30.0 |    3 | ns/op"), "{t}");
+        assert_eq!(csv(&rows).lines().nth(1), Some("allocator,bulk 4 KiB get,1,ours,ns/op,9.00,7.00,30.00,3"));
+        let svg = allocator_svg(&rows);
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>") && svg.contains("llfree-pp (ours) 1 thread"), "{svg}");
+        let m = parse_morsel("|   2 MiB | 1 | 1 | 17.5 | 22.6 | 1 + 1 | 222 | 2908 | 3 | 78x |\n|  64 GiB | 1 | 1 | 14.6 | 13.9 | 1 + 1 | 555673 | 75347 | 3 | 1x |\n").unwrap();
+        let svg = morsel_svg(&collect(&m));
+        assert_eq!(svg.matches("<polyline").count(), 3);
+        assert!(svg.contains("(log-log)") && svg.contains("64 GiB"), "{svg}");
+        assert_eq!(decades([17.0, 630000.0].into_iter()), (1.0, 6.0));
+    }
+
+    #[test]
+    fn options() {
+        let o = Options::parse(&[]).unwrap();
+        assert_eq!((o.benches, o.rounds, o.docs), (BENCHES.to_vec(), DEFAULT_ROUNDS, false));
+        let o = Options::parse(&["morsel".into(), "--rounds".into(), "3".into(), "--docs".into()]).unwrap();
+        assert_eq!((o.benches, o.rounds, o.docs), (vec!["morsel"], 3, true));
+        assert!(Options::parse(&["nope".into()]).is_err());
+        assert!(Options::parse(&["--rounds".into(), "0".into()]).is_err());
+        assert!(Options::parse(&["exmap".into(), "exmap".into()]).is_err());
+    }
+}
