@@ -321,259 +321,421 @@ fn parse_delay(value: &str) -> Option<(u64, u64)> {
 }
 
 /// Parse one scenario; `name` comes from the file name, `path` is only for messages.
-pub fn parse(name: &str, path: &Path, text: &str) -> Result<Scenario> {
-    let mut s = Scenario {
-        name: name.to_string(),
-        description: String::new(),
-        configs: Vec::new(),
-        boots: 1,
-        cmdline: PerRun::new(String::new()),
-        timeout: PerRun::new(DEFAULT_TIMEOUT),
-        exit: PerRun::new(ExitKind::Success),
-        expect: Vec::new(),
-        reject: Vec::new(),
-        expect_count: Vec::new(),
-        expect_order: Vec::new(),
-        kills: Vec::new(),
-        kill_delay: PerRun::new((0, 0)),
-        disk: None,
-        check_disk: Vec::new(),
-        pmem: None,
-        pmem_writes: Vec::new(),
-        qemu_only: Vec::new(),
-        cpus: PerRun::new(None),
-    };
-    let mut seen: Vec<&str> = Vec::new();
-    // Checked at the end, when `configs` and `boots` are known: remember where they were.
-    let mut config_refs: Vec<(usize, String)> = Vec::new();
-    let mut boot_refs: Vec<(usize, String, usize)> = Vec::new();
-    let mut exits: Vec<(usize, Option<usize>, ExitKind)> = Vec::new();
-    let mut delays: Vec<(usize, Option<usize>)> = Vec::new();
-    let mut first_kill: Option<(usize, usize)> = None;
+/// One `key = value` line of a scenario file, its key split into base, config and boot.
+struct Line<'a> {
+    path: &'a Path,
+    lineno: usize,
+    key: &'a str,
+    base: &'a str,
+    value: &'a str,
+    config: Option<String>,
+    boot: Option<usize>,
+}
 
+impl Line<'_> {
+    /// `file:line`, the prefix of every error about this line.
+    fn at(&self) -> String {
+        format!("{}:{}", self.path.display(), self.lineno)
+    }
+
+    fn twice(&self) -> crate::Error {
+        crate::Error(format!("{}: `{}` given twice", self.at(), self.key))
+    }
+}
+
+/// A scenario being parsed: what the lines said so far, and what can only be checked at the
+/// end (when `configs` and `boots` are known).
+struct Parser {
+    s: Scenario,
+    seen: Vec<&'static str>,
+    config_refs: Vec<(usize, String)>,
+    boot_refs: Vec<(usize, String, usize)>,
+    exits: Vec<(usize, Option<usize>, ExitKind)>,
+    delays: Vec<(usize, Option<usize>)>,
+    first_kill: Option<(usize, usize)>,
+}
+
+/// One handler per key.
+type Handler = fn(&mut Parser, &Line) -> Result<()>;
+const HANDLERS: &[(&str, Handler)] = &[
+    ("description", Parser::description),
+    ("configs", Parser::configs),
+    ("boots", Parser::boots),
+    ("cmdline", Parser::cmdline),
+    ("timeout", Parser::timeout),
+    ("expect", Parser::expect_or_reject),
+    ("reject", Parser::expect_or_reject),
+    ("expect_count", Parser::expect_count),
+    ("expect_order", Parser::expect_order),
+    ("cpus", Parser::cpus),
+    ("disk", Parser::disk),
+    ("pmem", Parser::pmem),
+    ("pmem_write", Parser::pmem_write),
+    ("check_disk", Parser::check_disk),
+    ("exit", Parser::exit),
+    ("kill", Parser::kill),
+    ("kill_delay", Parser::kill_delay),
+];
+
+pub fn parse(name: &str, path: &Path, text: &str) -> Result<Scenario> {
+    let mut parser = Parser::new(name);
     for (index, raw) in text.lines().enumerate() {
         let lineno = index + 1;
-        let at = || format!("{}:{lineno}", path.display());
         let line = raw.trim();
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
         let Some((key, value)) = line.split_once('=') else {
-            crate::bail!("{}: expected `key = value`, got `{line}`", at());
+            crate::bail!("{}:{lineno}: expected `key = value`, got `{line}`", path.display());
         };
         let key = key.trim();
         let value = unquote(value.trim());
-        let (base, config, boot) = split_key(key).map_err(|why| crate::Error(format!("{}: {why}", at())))?;
-        if let Some(c) = &config {
-            config_refs.push((lineno, c.clone()));
-        }
-        if let Some(k) = boot {
-            boot_refs.push((lineno, key.to_string(), k));
-        }
-        let once = |seen: &mut Vec<&str>, k: &'static str| -> Result<()> {
-            if seen.contains(&k) {
-                crate::bail!("{}: `{k}` given twice", at());
-            }
-            seen.push(k);
-            Ok(())
+        let (base, config, boot) = split_key(key).map_err(|why| crate::Error(format!("{}:{lineno}: {why}", path.display())))?;
+        let l = Line { path, lineno, key, base, value, config, boot };
+        parser.line(&l)?;
+    }
+    parser.finish(path)
+}
+
+impl Parser {
+    fn new(name: &str) -> Parser {
+        let s = Scenario {
+            name: name.to_string(),
+            description: String::new(),
+            configs: Vec::new(),
+            boots: 1,
+            cmdline: PerRun::new(String::new()),
+            timeout: PerRun::new(DEFAULT_TIMEOUT),
+            exit: PerRun::new(ExitKind::Success),
+            expect: Vec::new(),
+            reject: Vec::new(),
+            expect_count: Vec::new(),
+            expect_order: Vec::new(),
+            kills: Vec::new(),
+            kill_delay: PerRun::new((0, 0)),
+            disk: None,
+            check_disk: Vec::new(),
+            pmem: None,
+            pmem_writes: Vec::new(),
+            qemu_only: Vec::new(),
+            cpus: PerRun::new(None),
         };
-        let twice = || crate::Error(format!("{}: `{key}` given twice", at()));
-        match base {
-            "description" => {
-                once(&mut seen, "description")?;
-                s.description = value.to_string();
-            }
-            "configs" => {
-                once(&mut seen, "configs")?;
-                s.configs = value.split_whitespace().map(config_name).collect();
-                if s.configs.is_empty() {
-                    crate::bail!("{}: `configs` is empty", at());
-                }
-                for (i, c) in s.configs.iter().enumerate() {
-                    if s.configs[..i].contains(c) {
-                        crate::bail!("{}: config `{c}` listed twice", at());
-                    }
-                }
-            }
-            "boots" => {
-                once(&mut seen, "boots")?;
-                s.boots = match value.parse() {
-                    Ok(n) if n > 0 => n,
-                    _ => crate::bail!("{}: boots must be a positive number, got `{value}`", at()),
-                };
-            }
-            "cmdline" => {
-                if !s.cmdline.set(config, boot, value.to_string()) {
-                    return Err(twice());
-                }
-            }
-            "timeout" => {
-                let secs: u64 = match value.parse() {
-                    Ok(n) if n > 0 => n,
-                    _ => crate::bail!("{}: timeout must be a positive number of seconds, got `{value}`", at()),
-                };
-                if !s.timeout.set(config, boot, Duration::from_secs(secs)) {
-                    return Err(twice());
-                }
-            }
-            "expect" | "reject" => {
-                if value.is_empty() {
-                    crate::bail!("{}: `{key}` needs a non-empty text", at());
-                }
-                let check = Check { config, boot, what: value.to_string() };
-                if base == "expect" { s.expect.push(check) } else { s.reject.push(check) }
-            }
-            "expect_count" => {
-                let (n, text) = value.split_once(char::is_whitespace).unwrap_or((value, ""));
-                let text = unquote(text.trim());
-                let Ok(n) = n.parse::<usize>() else {
-                    crate::bail!("{}: expect_count wants `N <text>`, got `{value}`", at());
-                };
-                if text.is_empty() {
-                    crate::bail!("{}: expect_count wants `N <text>`, the text is missing", at());
-                }
-                s.expect_count.push(Check { config, boot, what: (n, text.to_string()) });
-            }
-            "expect_order" => {
-                let texts: Vec<String> = value.split(" | ").map(|t| t.trim().to_string()).collect();
-                if texts.len() < 2 || texts.iter().any(|t| t.is_empty()) {
-                    crate::bail!("{}: expect_order wants `A | B [| ...]` with non-empty texts", at());
-                }
-                s.expect_order.push(Check { config, boot, what: texts });
-            }
-            "cpus" => {
-                let n = match value.parse::<usize>() {
-                    Ok(n) if (1..=255).contains(&n) => n,
-                    _ => crate::bail!("{}: cpus wants a number of CPUs from 1 to 255, got `{value}`", at()),
-                };
-                if !s.cpus.set(config, None, Some(n)) {
-                    return Err(twice());
-                }
-            }
-            "disk" => {
-                once(&mut seen, "disk")?;
-                match parse_size(value) {
-                    Some(n) if n > 0 && n % 512 == 0 => s.disk = Some(n),
-                    _ => crate::bail!("{}: disk wants a size that is a multiple of 512 (`64M`), got `{value}`", at()),
-                }
-                s.qemu_only.push((lineno, "disk"));
-            }
-            "pmem" => {
-                once(&mut seen, "pmem")?;
-                match parse_size(value) {
-                    Some(n) if n > 0 && n % PMEM_ALIGN == 0 => s.pmem = Some(n),
-                    _ => crate::bail!("{}: pmem wants a size that is a multiple of 2 MiB (`64M`), got `{value}`", at()),
-                }
-                s.qemu_only.push((lineno, "pmem"));
-            }
-            "pmem_write" => match (boot, parse_pmem_write(value)) {
-                (Some(k), Some(w)) => {
-                    s.pmem_writes.push((k, w));
-                    s.qemu_only.push((lineno, "pmem_write"));
-                }
-                (None, _) => crate::bail!("{}: pmem_write needs `@K`: the boot before which the file changes", at()),
-                (_, None) => crate::bail!(
-                    "{}: pmem_write wants `OFFSET = 0xVALUE` or `OFFSET <- FROM LEN` (OFFSET, FROM: {}), got `{value}`",
-                    at(),
-                    crate::pmem::OFFSET_FORMS
-                ),
-            },
-            "check_disk" => {
-                let parsed = value.split_once(char::is_whitespace).and_then(|(lba, byte)| {
-                    let byte = byte.trim();
-                    Some((lba.parse::<u64>().ok()?, u8::from_str_radix(byte.strip_prefix("0x").unwrap_or(byte), 16).ok()?))
-                });
-                match parsed {
-                    Some(c) => s.check_disk.push(c),
-                    None => crate::bail!("{}: check_disk wants `LBA BYTE` (`5 ab`), got `{value}`", at()),
-                }
-            }
-            "exit" => {
-                let kind = match value {
-                    "success" => ExitKind::Success,
-                    "failure" => ExitKind::Failure,
-                    "killed" => ExitKind::Killed,
-                    _ => crate::bail!("{}: exit must be `success`, `failure` or `killed`, got `{value}`", at()),
-                };
-                if !s.exit.set(config, boot, kind) {
-                    return Err(twice());
-                }
-                exits.push((lineno, boot, kind));
-            }
-            "kill" => {
-                let Some(k) = boot else {
-                    crate::bail!("{}: `kill` needs a boot number: `kill@K = TEXT`", at());
-                };
-                if value.is_empty() {
-                    crate::bail!("{}: `{key}` needs a non-empty text", at());
-                }
-                if s.kill(k).is_some() {
-                    return Err(twice());
-                }
-                s.kills.push((k, value.to_string()));
-                first_kill.get_or_insert((lineno, k));
-            }
-            "kill_delay" => {
-                let Some(range) = parse_delay(value) else {
-                    crate::bail!("{}: kill_delay wants `MIN-MAX` milliseconds with MIN <= MAX (`0-50`), got `{value}`", at());
-                };
-                if !s.kill_delay.set(None, boot, range) {
-                    return Err(twice());
-                }
-                delays.push((lineno, boot));
-            }
-            _ => crate::bail!("{}: unknown key `{key}` (keys: {KEYS_HELP})", at()),
+        Parser {
+            s,
+            seen: Vec::new(),
+            config_refs: Vec::new(),
+            boot_refs: Vec::new(),
+            exits: Vec::new(),
+            delays: Vec::new(),
+            first_kill: None,
         }
     }
 
-    let p = path.display();
-    if s.configs.is_empty() {
-        crate::bail!("{p}: no `configs = ...` line");
-    }
-    if !s.check_disk.is_empty() && s.disk.is_none() {
-        crate::bail!("{p}: check_disk without a `disk = SIZE` line");
-    }
-    if !s.pmem_writes.is_empty() && s.pmem.is_none() {
-        crate::bail!("{p}: pmem_write without a `pmem = SIZE` line");
-    }
-    for (lineno, c) in config_refs {
-        if !s.configs.contains(&config_name(&c)) {
-            crate::bail!("{p}:{lineno}: config `{c}` is not in `configs` ({})", s.configs.join(" "));
+    fn line(&mut self, l: &Line) -> Result<()> {
+        if let Some(c) = &l.config {
+            self.config_refs.push((l.lineno, c.clone()));
+        }
+        if let Some(k) = l.boot {
+            self.boot_refs.push((l.lineno, l.key.to_string(), k));
+        }
+        match HANDLERS.iter().find(|(k, _)| *k == l.base) {
+            Some((_, handle)) => handle(self, l),
+            None => crate::bail!("{}: unknown key `{}` (keys: {KEYS_HELP})", l.at(), l.key),
         }
     }
-    for (lineno, key, k) in boot_refs {
-        if k > s.boots {
-            crate::bail!("{p}:{lineno}: `{key}` is for boot {k}, but the scenario boots {} time(s) (`boots = N`)", s.boots);
+
+    /// A key that may appear once.
+    fn once(&mut self, l: &Line, k: &'static str) -> Result<()> {
+        if self.seen.contains(&k) {
+            crate::bail!("{}: `{k}` given twice", l.at());
         }
+        self.seen.push(k);
+        Ok(())
     }
-    if let (false, Some((lineno, k))) = (seen.contains(&"boots"), first_kill) {
-        crate::bail!("{p}:{lineno}: `kill@{k}` needs a `boots = N` line (a later boot shows what survived the crash)");
+
+    fn description(&mut self, l: &Line) -> Result<()> {
+        let value = l.value;
+        self.once(l, "description")?;
+        self.s.description = value.to_string();
+        Ok(())
     }
-    for (lineno, boot) in delays {
-        match boot {
-            Some(k) if s.kill(k).is_none() => crate::bail!("{p}:{lineno}: `kill_delay@{k}` without `kill@{k} = TEXT`"),
-            None if s.kills.is_empty() => crate::bail!("{p}:{lineno}: `kill_delay` without any `kill@K = TEXT`"),
-            _ => {}
+
+    fn configs(&mut self, l: &Line) -> Result<()> {
+        let value = l.value;
+        let at = || l.at();
+        self.once(l, "configs")?;
+        self.s.configs = value.split_whitespace().map(config_name).collect();
+        if self.s.configs.is_empty() {
+            crate::bail!("{}: `configs` is empty", at());
         }
-    }
-    for (lineno, boot, kind) in exits {
-        match (boot, kind) {
-            (Some(k), ExitKind::Killed) if s.kill(k).is_none() => {
-                crate::bail!("{p}:{lineno}: `exit@{k} = killed` needs `kill@{k} = TEXT`")
+        for (i, c) in self.s.configs.iter().enumerate() {
+            if self.s.configs[..i].contains(c) {
+                crate::bail!("{}: config `{c}` listed twice", at());
             }
-            (Some(k), other) if other != ExitKind::Killed && s.kill(k).is_some() => crate::bail!(
-                "{p}:{lineno}: boot {k} has `kill@{k}`, so it ends killed: `exit@{k}` must be `killed`, not `{}`",
-                other.word()
+        }
+        Ok(())
+    }
+
+    fn boots(&mut self, l: &Line) -> Result<()> {
+        let value = l.value;
+        let at = || l.at();
+        self.once(l, "boots")?;
+        self.s.boots = match value.parse() {
+            Ok(n) if n > 0 => n,
+            _ => crate::bail!("{}: boots must be a positive number, got `{value}`", at()),
+        };
+        Ok(())
+    }
+
+    fn cmdline(&mut self, l: &Line) -> Result<()> {
+        let value = l.value;
+        let config = l.config.clone();
+        let boot = l.boot;
+        if !self.s.cmdline.set(config, boot, value.to_string()) {
+            return Err(l.twice());
+        }
+        Ok(())
+    }
+
+    fn timeout(&mut self, l: &Line) -> Result<()> {
+        let value = l.value;
+        let config = l.config.clone();
+        let boot = l.boot;
+        let at = || l.at();
+        let secs: u64 = match value.parse() {
+            Ok(n) if n > 0 => n,
+            _ => crate::bail!("{}: timeout must be a positive number of seconds, got `{value}`", at()),
+        };
+        if !self.s.timeout.set(config, boot, Duration::from_secs(secs)) {
+            return Err(l.twice());
+        }
+        Ok(())
+    }
+
+    fn expect_or_reject(&mut self, l: &Line) -> Result<()> {
+        let key = l.key;
+        let base = l.base;
+        let value = l.value;
+        let config = l.config.clone();
+        let boot = l.boot;
+        let at = || l.at();
+        if value.is_empty() {
+            crate::bail!("{}: `{key}` needs a non-empty text", at());
+        }
+        let check = Check { config, boot, what: value.to_string() };
+        if base == "expect" { self.s.expect.push(check) } else { self.s.reject.push(check) }
+        Ok(())
+    }
+
+    fn expect_count(&mut self, l: &Line) -> Result<()> {
+        let value = l.value;
+        let config = l.config.clone();
+        let boot = l.boot;
+        let at = || l.at();
+        let (n, text) = value.split_once(char::is_whitespace).unwrap_or((value, ""));
+        let text = unquote(text.trim());
+        let Ok(n) = n.parse::<usize>() else {
+            crate::bail!("{}: expect_count wants `N <text>`, got `{value}`", at());
+        };
+        if text.is_empty() {
+            crate::bail!("{}: expect_count wants `N <text>`, the text is missing", at());
+        }
+        self.s.expect_count.push(Check { config, boot, what: (n, text.to_string()) });
+        Ok(())
+    }
+
+    fn expect_order(&mut self, l: &Line) -> Result<()> {
+        let value = l.value;
+        let config = l.config.clone();
+        let boot = l.boot;
+        let at = || l.at();
+        let texts: Vec<String> = value.split(" | ").map(|t| t.trim().to_string()).collect();
+        if texts.len() < 2 || texts.iter().any(|t| t.is_empty()) {
+            crate::bail!("{}: expect_order wants `A | B [| ...]` with non-empty texts", at());
+        }
+        self.s.expect_order.push(Check { config, boot, what: texts });
+        Ok(())
+    }
+
+    fn cpus(&mut self, l: &Line) -> Result<()> {
+        let value = l.value;
+        let config = l.config.clone();
+        let at = || l.at();
+        let n = match value.parse::<usize>() {
+            Ok(n) if (1..=255).contains(&n) => n,
+            _ => crate::bail!("{}: cpus wants a number of CPUs from 1 to 255, got `{value}`", at()),
+        };
+        if !self.s.cpus.set(config, None, Some(n)) {
+            return Err(l.twice());
+        }
+        Ok(())
+    }
+
+    fn disk(&mut self, l: &Line) -> Result<()> {
+        let lineno = l.lineno;
+        let value = l.value;
+        let at = || l.at();
+        self.once(l, "disk")?;
+        match parse_size(value) {
+            Some(n) if n > 0 && n % 512 == 0 => self.s.disk = Some(n),
+            _ => crate::bail!("{}: disk wants a size that is a multiple of 512 (`64M`), got `{value}`", at()),
+        }
+        self.s.qemu_only.push((lineno, "disk"));
+        Ok(())
+    }
+
+    fn pmem(&mut self, l: &Line) -> Result<()> {
+        let lineno = l.lineno;
+        let value = l.value;
+        let at = || l.at();
+        self.once(l, "pmem")?;
+        match parse_size(value) {
+            Some(n) if n > 0 && n % PMEM_ALIGN == 0 => self.s.pmem = Some(n),
+            _ => crate::bail!("{}: pmem wants a size that is a multiple of 2 MiB (`64M`), got `{value}`", at()),
+        }
+        self.s.qemu_only.push((lineno, "pmem"));
+        Ok(())
+    }
+
+    fn pmem_write(&mut self, l: &Line) -> Result<()> {
+        let lineno = l.lineno;
+        let value = l.value;
+        let boot = l.boot;
+        let at = || l.at();
+        match (boot, parse_pmem_write(value)) {
+            (Some(k), Some(w)) => {
+                self.s.pmem_writes.push((k, w));
+                self.s.qemu_only.push((lineno, "pmem_write"));
+            }
+            (None, _) => crate::bail!("{}: pmem_write needs `@K`: the boot before which the file changes", at()),
+            (_, None) => crate::bail!(
+                "{}: pmem_write wants `OFFSET = 0xVALUE` or `OFFSET <- FROM LEN` (OFFSET, FROM: {}), got `{value}`",
+                at(),
+                crate::pmem::OFFSET_FORMS
             ),
-            (None, ExitKind::Killed) => {
-                if let Some(k) = (1..=s.boots).find(|&k| s.kill(k).is_none()) {
-                    crate::bail!("{p}:{lineno}: `exit = killed`, but boot {k} has no `kill@{k} = TEXT`");
-                }
-            }
-            _ => {}
-        }
+        };
+        Ok(())
     }
-    Ok(s)
+
+    fn check_disk(&mut self, l: &Line) -> Result<()> {
+        let value = l.value;
+        let at = || l.at();
+        let parsed = value.split_once(char::is_whitespace).and_then(|(lba, byte)| {
+            let byte = byte.trim();
+            Some((lba.parse::<u64>().ok()?, u8::from_str_radix(byte.strip_prefix("0x").unwrap_or(byte), 16).ok()?))
+        });
+        match parsed {
+            Some(c) => self.s.check_disk.push(c),
+            None => crate::bail!("{}: check_disk wants `LBA BYTE` (`5 ab`), got `{value}`", at()),
+        }
+        Ok(())
+    }
+
+    fn exit(&mut self, l: &Line) -> Result<()> {
+        let lineno = l.lineno;
+        let value = l.value;
+        let config = l.config.clone();
+        let boot = l.boot;
+        let at = || l.at();
+        let kind = match value {
+            "success" => ExitKind::Success,
+            "failure" => ExitKind::Failure,
+            "killed" => ExitKind::Killed,
+            _ => crate::bail!("{}: exit must be `success`, `failure` or `killed`, got `{value}`", at()),
+        };
+        if !self.s.exit.set(config, boot, kind) {
+            return Err(l.twice());
+        }
+        self.exits.push((lineno, boot, kind));
+        Ok(())
+    }
+
+    fn kill(&mut self, l: &Line) -> Result<()> {
+        let lineno = l.lineno;
+        let key = l.key;
+        let value = l.value;
+        let boot = l.boot;
+        let at = || l.at();
+        let Some(k) = boot else {
+            crate::bail!("{}: `kill` needs a boot number: `kill@K = TEXT`", at());
+        };
+        if value.is_empty() {
+            crate::bail!("{}: `{key}` needs a non-empty text", at());
+        }
+        if self.s.kill(k).is_some() {
+            return Err(l.twice());
+        }
+        self.s.kills.push((k, value.to_string()));
+        self.first_kill.get_or_insert((lineno, k));
+        Ok(())
+    }
+
+    fn kill_delay(&mut self, l: &Line) -> Result<()> {
+        let lineno = l.lineno;
+        let value = l.value;
+        let boot = l.boot;
+        let at = || l.at();
+        let Some(range) = parse_delay(value) else {
+            crate::bail!("{}: kill_delay wants `MIN-MAX` milliseconds with MIN <= MAX (`0-50`), got `{value}`", at());
+        };
+        if !self.s.kill_delay.set(None, boot, range) {
+            return Err(l.twice());
+        }
+        self.delays.push((lineno, boot));
+        Ok(())
+    }
+
+    /// The checks that need the whole file.
+    fn finish(self, path: &Path) -> Result<Scenario> {
+    let p = path.display();
+        if self.s.configs.is_empty() {
+            crate::bail!("{p}: no `configs = ...` line");
+        }
+        if !self.s.check_disk.is_empty() && self.s.disk.is_none() {
+            crate::bail!("{p}: check_disk without a `disk = SIZE` line");
+        }
+        if !self.s.pmem_writes.is_empty() && self.s.pmem.is_none() {
+            crate::bail!("{p}: pmem_write without a `pmem = SIZE` line");
+        }
+        for (lineno, c) in self.config_refs {
+            if !self.s.configs.contains(&config_name(&c)) {
+                crate::bail!("{p}:{lineno}: config `{c}` is not in `configs` ({})", self.s.configs.join(" "));
+            }
+        }
+        for (lineno, key, k) in self.boot_refs {
+            if k > self.s.boots {
+                crate::bail!("{p}:{lineno}: `{key}` is for boot {k}, but the scenario boots {} time(s) (`boots = N`)", self.s.boots);
+            }
+        }
+        if let (false, Some((lineno, k))) = (self.seen.contains(&"boots"), self.first_kill) {
+            crate::bail!("{p}:{lineno}: `kill@{k}` needs a `boots = N` line (a later boot shows what survived the crash)");
+        }
+        for (lineno, boot) in self.delays {
+            match boot {
+                Some(k) if self.s.kill(k).is_none() => crate::bail!("{p}:{lineno}: `kill_delay@{k}` without `kill@{k} = TEXT`"),
+                None if self.s.kills.is_empty() => crate::bail!("{p}:{lineno}: `kill_delay` without any `kill@K = TEXT`"),
+                _ => {}
+            }
+        }
+        for (lineno, boot, kind) in self.exits {
+            match (boot, kind) {
+                (Some(k), ExitKind::Killed) if self.s.kill(k).is_none() => {
+                    crate::bail!("{p}:{lineno}: `exit@{k} = killed` needs `kill@{k} = TEXT`")
+                }
+                (Some(k), other) if other != ExitKind::Killed && self.s.kill(k).is_some() => crate::bail!(
+                    "{p}:{lineno}: boot {k} has `kill@{k}`, so it ends killed: `exit@{k}` must be `killed`, not `{}`",
+                    other.word()
+                ),
+                (None, ExitKind::Killed) => {
+                    if let Some(k) = (1..=self.s.boots).find(|&k| self.s.kill(k).is_none()) {
+                        crate::bail!("{p}:{lineno}: `exit = killed`, but boot {k} has no `kill@{k} = TEXT`");
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(self.s)
+    }
 }
 
 /// `qemu-svm.args` and `qemu-svm` name the same config.
