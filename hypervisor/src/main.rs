@@ -89,7 +89,11 @@ extern "C" fn kmain(magic: u32, info: u64) -> ! {
         log::error!(target: "boot", "read of an unmapped address returned {value:#x}");
     }
 
-    let devices_ok = devices_ok && (args.test != Some(cmdline::Test::DmaFault) || devices::dma_fault_test(devices.as_mut(), &frames));
+    let devices_ok = devices_ok && match args.test {
+        Some(cmdline::Test::DmaFault) => devices::selftest::dma_fault_test(devices.as_mut(), &frames),
+        Some(cmdline::Test::SharePt) => devices::selftest::sharept_test(devices.as_mut(), &frames),
+        _ => true,
+    };
     let cpus = smp::start(&bi, &platform, &frames, args.cpus);
     cpus.log();
     println!("parperos: ready ({} ms after start)", time::micros() / 1000);

@@ -1,12 +1,13 @@
 //! The devices the hypervisor drives and the IOMMU in front of them: found at boot (PCI bus 0
 //! through ECAM, the VT-d unit through the DMAR or the AMD IOMMU through the IVRS) into one
 //! `Devices` value that `main` owns and hands to the vCPU loop's context: hypercalls reach
-//! the drivers only through that context, never through a global. Also the boot-time
-//! `test=dma-fault` check.
+//! the drivers only through that context, never through a global. The boot-time
+//! self-tests are in `selftest`.
 
 pub mod edu;
 pub mod nvme;
 pub mod pci;
+pub mod selftest;
 
 use allocator::Order;
 use crate::platform::acpi::Platform;
@@ -195,60 +196,8 @@ pub fn edu_scrub(d: &mut Devices, frames: &Frames) -> Result<(), Error> {
     }
 }
 
-/// A page in the hypervisor image (so below edu's 256 MiB DMA limit) that no device domain maps.
-#[repr(C, align(4096))]
-struct Page([u8; 4096]);
-static CANARY: spin::Mutex<Page> = spin::Mutex::new(Page([0; 4096]));
-const CANARY_BYTE: u8 = 0xc5;
 /// Where `test=dma-fault` and `edu_scrub` map their source page for edu (inside edu's 28-bit
 /// reach; only while no guest has a mount in edu's domain).
-const SCRATCH_IOVA: u64 = 0x0ff0_0000;
-/// Bytes the test DMAs (the most edu takes, `edu::MAX_TRANSFER`).
-const TEST_LEN: u64 = edu::MAX_TRANSFER;
-
-/// `test=dma-fault`: edu DMAs 4 KiB of a known pattern to the I/O virtual address equal to a
-/// canary page's host-physical address, which edu's domain does not map. Without the IOMMU
-/// (or with pass-through) the canary would be overwritten. Expects a fault naming edu and
-/// that address, and the canary unchanged. True if so.
-pub fn dma_fault_test(devices: Option<&mut Devices>, frames: &Frames) -> bool {
-    let result = devices.map(|d| {
-        let Some(edu) = d.edu.as_mut() else {
-            log::error!(target: "iommu", "dma-fault test: no edu device");
-            return false;
-        };
-        let bdf = edu.bdf;
-        if !d.iommu.has_domain(bdf) {
-            return false;
-        }
-        // Load edu's buffer with 0x5a from a scratch page mapped for this only.
-        let Some(src) = frames.alloc_zeroed(Order::BASE) else { return false };
-        // SAFETY: a frame we own, identity-mapped.
-        unsafe { core::ptr::write_bytes(src.as_u64() as *mut u8, 0x5a, 4096) };
-        let mapped = d.iommu.map_page(bdf, SCRATCH_IOVA, src, Perm::RO, frames);
-        let loaded = mapped.is_ok() && d.edu.as_mut().is_some_and(|e| e.dma(true, SCRATCH_IOVA, TEST_LEN).is_ok());
-        // Leaves no empty tables that would take a guest's mount slot.
-        let _ = d.iommu.unmap_page(bdf, SCRATCH_IOVA, frames);
-        morsel::FrameAlloc::free(frames, src, 0);
-        if !loaded || faults_of(d, bdf) {
-            log::error!(target: "iommu", "dma-fault test: could not load edu's buffer through a mapped page");
-            return false;
-        }
-        let mut canary = CANARY.lock();
-        canary.0.fill(CANARY_BYTE);
-        let target = canary.0.as_ptr() as u64;
-        log::info!(target: "iommu", "dma-fault test: canary of 4096 bytes at host-physical {target:#x}; edu DMAs {TEST_LEN} bytes to I/O virtual address {target:#x} (not mapped in its domain)");
-        let dma = d.edu.as_mut().map(|e| e.dma(false, target, TEST_LEN));
-        let faults = d.iommu.poll_faults();
-        let blocked = faults.iter().any(|f| f.source == bdf && f.address == target);
-        // SAFETY: reading our own static through a volatile pointer: the device may have
-        // written it behind the compiler's back if the IOMMU failed.
-        let intact = (0..4096).all(|i| unsafe { core::ptr::read_volatile(canary.0.as_ptr().add(i)) } == CANARY_BYTE);
-        log::info!(target: "iommu", "dma-fault test: DMA {:?}, fault reported for device {bdf} at {target:#x}: {}, canary {}",
-            dma, if blocked { "yes" } else { "NO" }, if intact { "unchanged" } else { "CHANGED" });
-        blocked && intact
-    });
-    result.unwrap_or_else(|| {
-        log::error!(target: "iommu", "dma-fault test: no IOMMU");
-        false
-    })
-}
+pub(crate) const SCRATCH_IOVA: u64 = 0x0ff0_0000;
+/// Bytes the self-tests and the scrub DMA (the most edu takes, `edu::MAX_TRANSFER`).
+pub(crate) const TEST_LEN: u64 = edu::MAX_TRANSFER;

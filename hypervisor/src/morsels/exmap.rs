@@ -184,13 +184,23 @@ impl Exmaps {
                 backend.flush_second_level(vcpu);
             }
             stats.invalidations += 1;
-            let domains: Vec<_> = dir.devices.iter().filter(|d| d.name == name).map(|d| d.bdf).collect();
-            if let Some(d) = devices {
-                for bdf in domains {
-                    if d.iommu.invalidate(bdf).is_ok() {
-                        stats.invalidations += 1;
+            // Each device domain the region is mounted in is invalidated once for the batch,
+            // however many of its mounts (windows) are there.
+            let mut domains: Vec<_> = dir.devices.iter().filter(|d| d.name == name).map(|d| d.bdf).collect();
+            let mounts = domains.len();
+            domains.sort_unstable_by_key(|b| b.source_id());
+            domains.dedup();
+            if !domains.is_empty() {
+                let mut flushed = 0;
+                if let Some(d) = devices {
+                    for &bdf in &domains {
+                        if d.iommu.invalidate(bdf).is_ok() {
+                            flushed += 1;
+                        }
                     }
                 }
+                stats.invalidations += flushed;
+                log::info!(target: "exmap", "guest {} '{name}' free of {} pages: IOTLB invalidated once in each of {flushed} device domain(s) ({mounts} device mounts)", g.id, b.pages);
             }
             if n.morsel.mount_count() > 1 {
                 // Other guests may cache the cleared translations: they flush before they run.

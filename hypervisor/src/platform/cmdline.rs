@@ -9,6 +9,8 @@
 //! * `test=fault`: a deliberate hypervisor fault after boot (proves the exception path).
 //! * `test=dma-fault`: edu DMAs to an address its IOMMU domain does not map (proves the
 //!   fault is reported and a canary page stays unchanged).
+//! * `test=sharept`: an EPT-format morsel's own subtree mounted into edu's and the NVMe
+//!   controller's VT-d domains, DMA through it checked (`devices::selftest`).
 //! * `cpus=N`: bring at most N CPUs online (the boot CPU counts; N >= 1).
 //! * `pmem=format`: format the persistent-memory region even if it holds something other
 //!   than a fresh (all-zero) region or ours.
@@ -30,11 +32,13 @@ pub enum Test {
     Fault,
     /// Let a device DMA outside its domain: proves the IOMMU blocks and reports it.
     DmaFault,
+    /// Mount an EPT-format morsel's own subtree into VT-d domains and DMA through it.
+    SharePt,
 }
 
 /// The words this parser understands, for error messages.
 pub const VALID: &str = "guests=NAME[:mem=SIZE][:slices=N][:arg=N][:code=N|:stopped],... \
-    log=error|warn|info|debug|trace test=fault|dma-fault|pmem-crash:format|pmem-crash:magic \
+    log=error|warn|info|debug|trace test=fault|dma-fault|sharept|pmem-crash:format|pmem-crash:magic \
     pmem=format|drop:N[,N...]|drop:damaged cpus=N (SIZE: bytes or K, M, G)";
 
 /// Default guest memory.
@@ -81,6 +85,7 @@ impl Args {
                 },
                 Some(("test", "fault")) => a.test = Some(Test::Fault),
                 Some(("test", "dma-fault")) => a.test = Some(Test::DmaFault),
+                Some(("test", "sharept")) => a.test = Some(Test::SharePt),
                 Some(("pmem", "format")) => a.pmem.format = true,
                 Some(("pmem", "drop:damaged")) => a.pmem.drop.damaged = true,
                 Some(("pmem", drop)) if drop.starts_with("drop:") => match drop_slots(&drop[5..]) {
