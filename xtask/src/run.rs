@@ -151,14 +151,12 @@ pub fn run(o: &Options) -> Result<ExitCode> {
         }
     };
     let cmdline = add_guests(&cmdline, &specs);
+    let emulator: &dyn Interactive = match config.emulator {
+        Emulator::Qemu => &Qemu,
+        Emulator::Bochs => &Bochs,
+    };
     // Check the emulator before the (longer) build.
-    match config.emulator {
-        Emulator::Qemu => drop(crate::tools::require(&crate::tools::QEMU)?),
-        Emulator::Bochs => {
-            crate::tools::require(&crate::tools::BOCHS)?;
-            crate::tools::require_iso_tools()?;
-        }
-    }
+    emulator.require()?;
     // build/ is locked while we write into it; the emulator then runs on files of its own.
     let lock = images::lock_build(&root)?;
     let mut built = images::build_all(false)?;
@@ -166,15 +164,65 @@ pub fn run(o: &Options) -> Result<ExitCode> {
         built = images::with_extra_guests(&built, "run.guests.ar", &extra_guests)?;
     }
     crate::cmdline::check(&cmdline, &built.guest_names())?;
-    let iso = match config.emulator {
-        Emulator::Bochs => Some(images::make_iso(&built, "run", &cmdline)?),
-        Emulator::Qemu => None,
-    };
+    let media = emulator.prepare(&built, &cmdline)?;
     drop(lock);
     let mut symbols = Symbolizer::new(&built.hypervisor, &built.guests);
-    match iso {
-        None => run_qemu(&config, &built, &cmdline, o, &mut symbols),
-        Some(iso) => run_bochs(&root, &config, &iso, &cmdline, o, &mut symbols),
+    let run = Run { root: &root, config: &config, built: &built, cmdline: &cmdline, o, media };
+    emulator.run(&run, &mut symbols)
+}
+
+/// What `run` boots, once built.
+struct Run<'a> {
+    root: &'a Path,
+    config: &'a Config,
+    built: &'a images::Built,
+    cmdline: &'a str,
+    o: &'a Options,
+    /// What `prepare` made (Bochs: the GRUB ISO).
+    media: Option<PathBuf>,
+}
+
+/// An emulator as `cargo xtask run` drives it: with the serial console on this terminal (the
+/// test runner's counterpart is `testrun::Driver`).
+trait Interactive {
+    /// Fails with the apt packages to install if the emulator or its tools are missing.
+    fn require(&self) -> Result<()>;
+    /// Boot media beside the build outputs (while `build/` is locked).
+    fn prepare(&self, built: &images::Built, cmdline: &str) -> Result<Option<PathBuf>>;
+    /// Boots, echoes the serial console with RIPs named, and says how the hypervisor ended.
+    fn run(&self, r: &Run, symbols: &mut Symbolizer) -> Result<ExitCode>;
+}
+
+struct Qemu;
+struct Bochs;
+
+impl Interactive for Qemu {
+    fn require(&self) -> Result<()> {
+        crate::tools::require(&crate::tools::QEMU).map(drop)
+    }
+
+    fn prepare(&self, _: &images::Built, _: &str) -> Result<Option<PathBuf>> {
+        Ok(None)
+    }
+
+    fn run(&self, r: &Run, symbols: &mut Symbolizer) -> Result<ExitCode> {
+        run_qemu(r.config, r.built, r.cmdline, r.o, symbols)
+    }
+}
+
+impl Interactive for Bochs {
+    fn require(&self) -> Result<()> {
+        crate::tools::require(&crate::tools::BOCHS)?;
+        crate::tools::require_iso_tools()
+    }
+
+    fn prepare(&self, built: &images::Built, cmdline: &str) -> Result<Option<PathBuf>> {
+        images::make_iso(built, "run", cmdline).map(Some)
+    }
+
+    fn run(&self, r: &Run, symbols: &mut Symbolizer) -> Result<ExitCode> {
+        let iso = r.media.as_deref().ok_or_else(|| crate::Error("no ISO was made".into()))?;
+        run_bochs(r.root, r.config, iso, r.cmdline, r.o, symbols)
     }
 }
 

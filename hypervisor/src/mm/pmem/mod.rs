@@ -20,6 +20,13 @@ use formats::units::Bytes;
 use morsel::{FrameAlloc, HostPhysAddr, PageSize};
 use spin::Once;
 
+mod frameset;
+mod media;
+
+pub use frameset::FrameSet;
+pub use media::FlushOp;
+use media::Cpu;
+
 static PMEM: Once<Pmem> = Once::new();
 
 /// The region in use.
@@ -91,60 +98,6 @@ pub struct Unreadable {
     pub root: HostPhysAddr,
     pub len: u64,
     pub page: Option<PageSize>,
-}
-
-/// How this CPU writes a cache line back to the media: CLWB (the line may stay cached),
-/// CLFLUSHOPT, else CLFLUSH (CPUID.(EAX=7,ECX=0):EBX bit 24 CLWB, bit 23 CLFLUSHOPT; Intel SDM
-/// Vol. 2A "CLWB", "CLFLUSHOPT"). The first two are unordered among themselves: `fence`.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub enum FlushOp {
-    Clwb,
-    Clflushopt,
-    Clflush,
-}
-
-impl FlushOp {
-    fn detect() -> FlushOp {
-        let f = raw_cpuid::CpuId::new().get_extended_feature_info();
-        match f {
-            Some(f) if f.has_clwb() => FlushOp::Clwb,
-            Some(f) if f.has_clflushopt() => FlushOp::Clflushopt,
-            _ => FlushOp::Clflush,
-        }
-    }
-}
-
-/// The region's memory through the identity map, written back with `FlushOp`.
-struct Cpu {
-    op: FlushOp,
-    /// The region: every store and flush lies inside.
-    base: u64,
-    len: u64,
-}
-
-impl Media for Cpu {
-    fn store(&mut self, pa: u64, value: u64) {
-        assert!(pa >= self.base && pa + 8 <= self.base + self.len && pa % 8 == 0);
-        // SAFETY: an aligned word of the region (checked above), identity-mapped; only the
-        // pmem code writes the superblock and the directory.
-        unsafe { (pa as *mut u64).write_volatile(value) }
-    }
-
-    fn flush(&mut self, pa: u64) {
-        // SAFETY: `pa` is an identity-mapped address; these only write back its cache line.
-        unsafe {
-            match self.op {
-                FlushOp::Clwb => core::arch::asm!("clwb [{}]", in(reg) pa, options(nostack, preserves_flags)),
-                FlushOp::Clflushopt => core::arch::asm!("clflushopt [{}]", in(reg) pa, options(nostack, preserves_flags)),
-                FlushOp::Clflush => core::arch::x86_64::_mm_clflush(pa as *const u8),
-            }
-        }
-    }
-
-    fn fence(&mut self) {
-        // SAFETY: a store fence has no operands.
-        unsafe { core::arch::x86_64::_mm_sfence() };
-    }
 }
 
 /// `test=pmem-crash:...`: stops the machine here, as a power loss would.
@@ -433,45 +386,5 @@ impl FrameAlloc for PmemFrames {
         if let Err(e) = self.0.alloc.put(CORE, Pfn((frame.as_u64() / PAGE_SIZE) as usize), Order(order as u8)) {
             log::error!(target: "pmem", "freeing frame {:#x} (order {order}): {e}", frame.as_u64());
         }
-    }
-}
-
-/// A set of the region's 4 KiB frames (one bit each); frames outside the region are never in it.
-pub struct FrameSet {
-    base: u64,
-    frames: usize,
-    bits: Vec<u64>,
-}
-
-impl FrameSet {
-    /// The frame indexes `frame` of `order` covers inside the region.
-    fn span(&self, frame: HostPhysAddr, order: u32) -> core::ops::Range<usize> {
-        let Some(off) = frame.as_u64().checked_sub(self.base) else { return 0..0 };
-        let first = usize::try_from(off / PAGE_SIZE).unwrap_or(usize::MAX).min(self.frames);
-        first..first.saturating_add(1usize << order.min(30)).min(self.frames)
-    }
-
-    fn has(&self, i: usize) -> bool {
-        self.bits[i / 64] >> (i % 64) & 1 == 1
-    }
-
-    /// Adds the frames; returns how many of them were in the set already.
-    pub fn mark(&mut self, frame: HostPhysAddr, order: u32) -> u64 {
-        let mut before = 0;
-        for i in self.span(frame, order) {
-            before += self.has(i) as u64;
-            self.bits[i / 64] |= 1 << (i % 64);
-        }
-        before
-    }
-
-    /// Whether any of the frames is in the set.
-    pub fn any(&self, frame: HostPhysAddr, order: u32) -> bool {
-        self.span(frame, order).any(|i| self.has(i))
-    }
-
-    /// Frames in the set.
-    pub fn count(&self) -> u64 {
-        self.bits.iter().map(|w| w.count_ones() as u64).sum()
     }
 }
