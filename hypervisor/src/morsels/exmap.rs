@@ -1,7 +1,7 @@
 //! ExMap in the hypervisor: `exmap_create` makes a region (a sparse morsel in the morsel
 //! directory, so it is opened, shared read-only or read-write, device-mounted and destroyed
 //! like any morsel), `exmap_action` runs one batch of up to 512 iovec entries over it
-//! (ALLOC, FREE; READ and WRITE are refused as not done yet), `exmap_info` reads its counters.
+//! (ALLOC, FREE, READ and WRITE through the NVMe disk), `exmap_info` reads its counters.
 //! The host-tested core (validation, frame cache, table edits) is the `exmap` crate.
 //!
 //! Per vCPU: a frame cache, a validator and result buffers (`VcpuState`); one vCPU per guest

@@ -271,6 +271,15 @@ fn reader() -> i32 {
             }
         }
     };
+    // The owner may not have populated page 0 yet when the open succeeds (it creates the
+    // region, then allocates): wait for its first 4 pages before touching any.
+    for _ in 0..5000 {
+        let populated = guest_lib::hypercall::call(abi::HC_EXMAP_INFO, [pool.addr(), abi::EXMAP_INFO_POPULATED, 0, 0, 0, 0]);
+        if populated.is_ok_and(|n| n >= 4) {
+            break;
+        }
+        guest_lib::yield_now();
+    }
     let phase = |want: u8| {
         for _ in 0..5000 {
             // SAFETY: page 0 is populated from the owner's first step until it frees all,
