@@ -108,8 +108,11 @@ pub const HC_EXMAP_CREATE: u64 = 0x30;
 /// the negative `Error` (a count of 0: `Invalid`; a first page past the region: `BadAddress`;
 /// a range that runs past it: `TooLarge`; overlapping an earlier entry: `Busy`; no frame
 /// left: `NoMemory`, with nothing of that entry kept; WRITE of an unpopulated page:
-/// `NotFound`; the device failed: `DeviceFault`). Returns the number of failed entries.
-/// `Denied` for a read-only mount, `Invalid` for a mount that is not an ExMap region.
+/// `NotFound`; READ of a page already populated: `Busy`; READ or WRITE of a range past the
+/// disk's end: `TooLarge`; the device failed: `DeviceFault`, and a READ entry's pages are
+/// unmapped again). Returns the number of failed entries. `Denied` for a read-only mount,
+/// `Invalid` for a mount that is not an ExMap region, `NotFound` for READ / WRITE without
+/// an NVMe disk.
 pub const HC_EXMAP_ACTION: u64 = 0x31;
 /// `exmap_info(region_gpa, what)`: a counter of the region mounted at `region_gpa`
 /// (`EXMAP_INFO_*`), for any guest that has it mounted.
@@ -141,6 +144,12 @@ pub const EXMAP_INFO_ALLOCATED: u64 = 3;
 pub const EXMAP_INFO_FREED: u64 = 4;
 pub const EXMAP_INFO_ZEROED: u64 = 5;
 pub const EXMAP_INFO_FAILED: u64 = 6;
+/// Pages the disk read into (READ) and wrote from (WRITE); NVMe commands of READ / WRITE;
+/// the most commands the device held at once.
+pub const EXMAP_INFO_READ: u64 = 7;
+pub const EXMAP_INFO_WRITTEN: u64 = 8;
+pub const EXMAP_INFO_COMMANDS: u64 = 9;
+pub const EXMAP_INFO_MAX_DEPTH: u64 = 10;
 
 /// The `bdf` argument of device calls: PCI bus, device, function as a 16-bit source id.
 pub const fn device_bdf(bus: u8, dev: u8, func: u8) -> u64 {

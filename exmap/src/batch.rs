@@ -7,6 +7,9 @@
 //!   back and it fails with `NoMemory` (entries before it stay done).
 //! - `free`: clears every present page of the entry and gives its frame to the cache. The
 //!   caller invalidates ONCE for the batch (if `BatchStats::pages` > 0), then trims the cache.
+//! - `alloc_fresh` (READ): as `alloc`, but every page of the entry must be unpopulated: an
+//!   entry with a present page fails with `Present` and changes nothing, so that `changed`
+//!   lists exactly the entry's pages, in order, for the device to read into.
 //! - `collect`: the frames of the entry's pages, all of which must be present (WRITE).
 
 use alloc::vec::Vec;
@@ -42,6 +45,36 @@ pub fn alloc<F: Format>(
     mem: &impl PhysMem,
     changed: &mut Vec<(u64, HostPhysAddr)>,
 ) -> BatchStats {
+    populate(m, region, checked, out, cache, frames, mem, changed, false)
+}
+
+/// READ's first half (see the module doc): ALLOC of entries whose pages are all unpopulated.
+#[allow(clippy::too_many_arguments)]
+pub fn alloc_fresh<F: Format>(
+    m: &Morsel<F>,
+    region: Origin,
+    checked: &[Result<Range, EntryError>],
+    out: &mut Vec<Outcome>,
+    cache: &mut FrameCache,
+    frames: &impl FrameAlloc,
+    mem: &impl PhysMem,
+    changed: &mut Vec<(u64, HostPhysAddr)>,
+) -> BatchStats {
+    populate(m, region, checked, out, cache, frames, mem, changed, true)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn populate<F: Format>(
+    m: &Morsel<F>,
+    region: Origin,
+    checked: &[Result<Range, EntryError>],
+    out: &mut Vec<Outcome>,
+    cache: &mut FrameCache,
+    frames: &impl FrameAlloc,
+    mem: &impl PhysMem,
+    changed: &mut Vec<(u64, HostPhysAddr)>,
+    fresh_only: bool,
+) -> BatchStats {
     let mut stats = BatchStats::default();
     out.clear();
     for c in checked {
@@ -55,7 +88,12 @@ pub fn alloc<F: Format>(
         };
         let start = changed.len();
         let mut dry = false;
+        let mut present = false;
         let walked = m.edit_leaves(r.first, r.count, mem, |page, cur| {
+            if cur.is_some() && fresh_only {
+                present = true;
+                return LeafEdit::Stop;
+            }
             if cur.is_some() {
                 return LeafEdit::Keep;
             }
@@ -73,7 +111,7 @@ pub fn alloc<F: Format>(
                 }
             }
         });
-        if walked.is_err() || dry {
+        if walked.is_err() || dry || present {
             // Undo this entry only: its pages were not present before.
             for &(page, f) in &changed[start..] {
                 let _ = m.set_leaf(page, None, mem);
@@ -81,7 +119,13 @@ pub fn alloc<F: Format>(
             }
             stats.rolled_back += (changed.len() - start) as u64;
             changed.truncate(start);
-            out.push(Err(if dry { EntryError::NoMemory } else { EntryError::OutOfRange }));
+            out.push(Err(if dry {
+                EntryError::NoMemory
+            } else if present {
+                EntryError::Present
+            } else {
+                EntryError::OutOfRange
+            }));
             stats.failed += 1;
         } else {
             let n = (changed.len() - start) as u64;
@@ -307,6 +351,30 @@ mod tests {
         assert_eq!(out, [Ok(8), Err(EntryError::NotPopulated), Ok(2), Err(EntryError::Overflow)]);
         assert_eq!((s.pages, ch.len()), (10, 10));
         let all = v.validate(&[encode(0, 4095)], 4096).to_vec();
+        free(&m, 1, &all, &mut out, &mut cache, &sim, &mut ch);
+        cache.drain(&sim);
+        m.destroy(&sim, &sim).unwrap();
+        assert_eq!(sim.allocated_frames(), 0);
+    }
+
+    #[test]
+    fn alloc_fresh_refuses_present_pages_and_lists_every_page_in_order() {
+        let sim = SimMem::new(4 << 30);
+        let m = Morsel::<Npt>::create_sparse(64 << 12, &sim, &sim).unwrap();
+        let (mut v, mut cache, mut out, mut ch) = (Validator::new(), FrameCache::new(), Vec::new(), Vec::new());
+        let c = v.validate(&[encode(6, 1)], 64).to_vec();
+        alloc(&m, 1, &c, &mut out, &mut cache, &sim, &sim, &mut ch);
+        let six = m.translate(6 << 12, &sim);
+        ch.clear();
+        let c = v.validate(&[encode(0, 4), encode(4, 4), encode(10, 2), encode(70, 1)], 64).to_vec();
+        let s = alloc_fresh(&m, 1, &c, &mut out, &mut cache, &sim, &sim, &mut ch);
+        assert_eq!(out, [Ok(4), Err(EntryError::Present), Ok(2), Err(EntryError::OutOfRange)]);
+        assert_eq!((s.pages, s.failed), (6, 2));
+        assert_eq!(ch.iter().map(|&(p, _)| p).collect::<Vec<_>>(), [0, 1, 2, 3, 10, 11]);
+        assert!(ch.iter().all(|&(p, f)| m.translate(p << 12, &sim) == Some(f)));
+        assert_eq!(m.translate(4 << 12, &sim), None, "the refused entry mapped nothing");
+        assert_eq!(m.translate(6 << 12, &sim), six, "and kept the present page");
+        let all = v.validate(&[encode(0, 64)], 64).to_vec();
         free(&m, 1, &all, &mut out, &mut cache, &sim, &mut ch);
         cache.drain(&sim);
         m.destroy(&sim, &sim).unwrap();

@@ -56,6 +56,10 @@ pub enum EntryError {
     NotPopulated,
     /// The device failed the entry's I/O.
     Device,
+    /// READ of a range with a page that is already populated.
+    Present,
+    /// READ or WRITE of a range that reaches past the disk's end.
+    PastDisk,
 }
 
 impl fmt::Display for EntryError {
@@ -68,6 +72,8 @@ impl fmt::Display for EntryError {
             EntryError::NoMemory => "out of frames",
             EntryError::NotPopulated => "a page is not populated",
             EntryError::Device => "device error",
+            EntryError::Present => "a page is already populated",
+            EntryError::PastDisk => "range runs past the disk",
         })
     }
 }

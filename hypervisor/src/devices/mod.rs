@@ -66,7 +66,7 @@ pub fn init(platform: &Platform, frames: &Frames, options: crate::platform::cmdl
             (_, _, nvme::CLASS, Some(bar)) if nvme.is_none() => {
                 pci.enable(f.bdf);
                 match iommu.attach(f.bdf, frames) {
-                    Ok(()) => match nvme::Nvme::new(f.bdf, bar, &mut iommu, frames) {
+                    Ok(()) => match nvme::Nvme::new(f.bdf, bar, &mut iommu, frames, &platform.apic_ids) {
                         Ok(n) => nvme = Some(n),
                         Err(e) => log::error!(target: "nvme", "device {}: {e}", f.bdf),
                     },

@@ -7,6 +7,11 @@
 //!   steps, waiting (yielding) between them, then frees everything.
 //! - arg 3: reader of 'pool': sees the pages as they are populated, is refused ALLOC / FREE,
 //!   and is stopped when it writes.
+//! - arg 4: READ / WRITE against the NVMe pattern disk (64 MiB): READ fills pages with the
+//!   disk pattern (checked per page), bad entries fail alone, WRITE changes exactly pages 7
+//!   and 300 (the scenario's `check_disk`), a failed READ/WRITE changes nothing; then random
+//!   4 KiB reads at queue depth 1 and 64, timed.
+//! - arg 5: read-only sharer of 'disk': READ, WRITE, FREE through its mount are refused.
 #![no_std]
 #![no_main]
 
@@ -24,6 +29,8 @@ fn main(info: &BootInfo) -> i32 {
         1 => touch_freed(),
         2 => owner(),
         3 => reader(),
+        4 => disk(),
+        5 => disk_sharer(),
         _ => 2,
     }
 }
@@ -152,7 +159,7 @@ fn batches(info: &BootInfo) -> i32 {
         ([x.addr(), page, 1, 9], Error::Invalid, "unknown opcode"),
         ([x.addr() + 4096, page, 1, abi::EXMAP_ALLOC], Error::NotFound, "not a mount"),
         ([0, page, 1, abi::EXMAP_FREE], Error::NotFound, "guest RAM is no region"),
-        ([x.addr(), page, 1, abi::EXMAP_READ], Error::NoSuchCall, "READ (not done yet)"),
+        ([x.addr(), page, 1, abi::EXMAP_READ], Error::NotFound, "READ without an NVMe disk"),
     ];
     for (a, want, what) in cases {
         let got = call(a);
@@ -264,6 +271,15 @@ fn reader() -> i32 {
             }
         }
     };
+    // The owner may not have populated page 0 yet when the open succeeds (it creates the
+    // region, then allocates): wait for its first 4 pages before touching any.
+    for _ in 0..5000 {
+        let populated = guest_lib::hypercall::call(abi::HC_EXMAP_INFO, [pool.addr(), abi::EXMAP_INFO_POPULATED, 0, 0, 0, 0]);
+        if populated.is_ok_and(|n| n >= 4) {
+            break;
+        }
+        guest_lib::yield_now();
+    }
     let phase = |want: u8| {
         for _ in 0..5000 {
             // Page 0 may not be populated yet (the owner creates the region, then allocates:
@@ -301,4 +317,191 @@ fn reader() -> i32 {
     unsafe { core::ptr::write_volatile((pool.addr() + 4096) as *mut u8, 1) };
     println!("exmap reader: FAILED: wrote through a read-only mount");
     1
+}
+
+/// Word `i` of the fresh disk image (tests/scenarios/README.md).
+fn pattern(i: u64) -> u64 {
+    i.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x0d15_c0de_5eed
+}
+
+/// Whether region page `page` holds the disk pattern of disk page `page`.
+fn holds_pattern(x: &mut ExMap, page: u64) -> bool {
+    // SAFETY: the caller read `page` in; it stays populated while this runs.
+    let p = unsafe { x.page_mut(page) };
+    p.chunks_exact(8).enumerate().all(|(i, w)| u64::from_le_bytes(w.try_into().unwrap()) == pattern(page * 512 + i as u64))
+}
+
+fn results<const N: usize>(x: &ExMap) -> [Result<u64, Error>; N] {
+    let mut r = [Ok(0); N];
+    for (slot, got) in r.iter_mut().zip(x.results()) {
+        *slot = got;
+    }
+    r
+}
+
+fn rdtsc() -> u64 {
+    // SAFETY: RDTSC has no side effects.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+/// The disk: 64 MiB = 16384 pages; the region is larger (32768 pages), so entries can run
+/// past the disk while inside the region.
+const DISK_PAGES: u64 = 16384;
+
+fn disk() -> i32 {
+    let mut ok = true;
+    let Ok(mut x) = ExMap::create("disk", 2 * DISK_PAGES * 4096, false) else { return 1 };
+    // READ: [0..16, 100, 200..264] in one call; every page must hold the pattern.
+    ok &= check(x.read(&[Range::new(0, 16), Range::new(100, 1), Range::new(200, 64)]) == Ok(0), "read 3 entries");
+    ok &= check(results::<3>(&x) == [Ok(16), Ok(1), Ok(64)], "read results");
+    let good = (0..16).chain([100]).chain(200..264).all(|p| holds_pattern(&mut x, p));
+    println!("exmap disk: READ of 81 pages in one call: every page holds the disk pattern: {good}");
+    ok &= check(good, "pattern per page");
+    ok &= check(x.populated() == 81, "81 populated");
+    // Bad entries fail alone: [ok, present page, past the disk, count 0, duplicate, past the
+    // region, running past the disk's end, ok].
+    let entries = [
+        exmap_entry(1000, 2),
+        exmap_entry(15, 2),
+        exmap_entry(DISK_PAGES + 5, 1),
+        exmap_entry(1010, 0),
+        exmap_entry(1001, 1),
+        exmap_entry(2 * DISK_PAGES, 1),
+        exmap_entry(DISK_PAGES - 1, 2),
+        exmap_entry(DISK_PAGES - 2, 1),
+    ];
+    let failed = x.action_raw(abi::EXMAP_READ, &entries);
+    let res = results::<8>(&x);
+    println!("exmap disk: READ with bad entries: {failed:?} failed, results {res:?}");
+    ok &= check(failed == Ok(6), "6 entries fail");
+    ok &= check(res == [Ok(2), Err(Error::Busy), Err(Error::TooLarge), Err(Error::Invalid), Err(Error::Busy), Err(Error::BadAddress), Err(Error::TooLarge), Ok(1)], "READ per-entry results");
+    ok &= check(x.populated() == 81 + 3, "only the good READ entries populated");
+    ok &= check(holds_pattern(&mut x, 1000) && holds_pattern(&mut x, 1001) && holds_pattern(&mut x, DISK_PAGES - 2), "good entries read");
+    // SAFETY: page 15 is populated; the refused READ must have left it as it was.
+    ok &= check(holds_pattern(&mut x, 15), "the present page is untouched");
+
+    // WRITE: pages 7 and 300 changed in memory and written; the rest of the disk stays.
+    ok &= check(x.read(&[Range::new(300, 1)]) == Ok(0), "read 300");
+    // SAFETY: pages 7 and 300 are populated.
+    unsafe {
+        x.page_mut(7).fill(0x5a);
+        x.page_mut(300).fill(0xc3);
+    }
+    // Bad entries of a WRITE: [page 7, unpopulated, past the disk, overlapping, page 300].
+    let entries = [exmap_entry(7, 1), exmap_entry(5000, 1), exmap_entry(DISK_PAGES - 1, 2), exmap_entry(7, 1), exmap_entry(300, 1)];
+    let failed = x.action_raw(abi::EXMAP_WRITE, &entries);
+    let res = results::<5>(&x);
+    println!("exmap disk: WRITE with bad entries: {failed:?} failed, results {res:?}");
+    ok &= check(failed == Ok(3), "3 WRITE entries fail");
+    ok &= check(res == [Ok(1), Err(Error::NotFound), Err(Error::TooLarge), Err(Error::Busy), Ok(1)], "WRITE per-entry results");
+    ok &= check(x.populated() == 85, "WRITE changes no mapping");
+    // Evict page 7 and READ it back: the disk holds what was written.
+    ok &= check(x.free(&[Range::new(7, 1), Range::new(300, 1)]) == Ok(0), "free 7, 300");
+    ok &= check(x.read(&[Range::new(7, 1), Range::new(300, 1)]) == Ok(0), "read 7, 300 again");
+    // SAFETY: populated again.
+    let back = unsafe { x.page_mut(7).iter().all(|&b| b == 0x5a) && x.page_mut(300).iter().all(|&b| b == 0xc3) };
+    println!("exmap disk: WRITE of pages 7 and 300 read back from the disk: {back}");
+    ok &= check(back, "written pages read back");
+
+    // Bad calls.
+    let call = |a: [u64; 4]| guest_lib::hypercall::call(abi::HC_EXMAP_ACTION, [a[0], a[1], a[2], a[3], 0, 0]);
+    static mut PAGE: Aligned = Aligned([exmap_entry(4000, 1); 512]);
+    let page = core::ptr::addr_of!(PAGE) as u64;
+    let cases: [([u64; 4], Error, &str); 4] = [
+        ([x.addr(), page, 513, abi::EXMAP_READ], Error::Invalid, "READ count 513"),
+        ([x.addr(), page, u64::MAX, abi::EXMAP_WRITE], Error::Invalid, "WRITE count overflowing"),
+        ([x.addr(), x.addr() + 7 * 4096, 1, abi::EXMAP_READ], Error::BadAddress, "READ iovec inside the region"),
+        ([x.addr(), 0xdead_0000_0000, 1, abi::EXMAP_WRITE], Error::BadAddress, "WRITE iovec outside guest RAM"),
+    ];
+    for (a, want, what) in cases {
+        let got = call(a);
+        ok &= check(got == Err(want), what);
+    }
+    ok &= check(x.populated() == 85, "bad calls changed nothing");
+    let mut all = [Range::new(0, 1); 9];
+    for (k, r) in all.iter_mut().enumerate() {
+        let first = k as u64 * abi::EXMAP_MAX_COUNT;
+        *r = Range::new(first, abi::EXMAP_MAX_COUNT.min(x.pages() - first));
+    }
+    ok &= check(x.free(&all) == Ok(0) && x.populated() == 0, "free all");
+
+    // Random 4 KiB reads at queue depth 1 (a call per page) and 64 (64 pages per call).
+    let mut rng = 0x1234_5678_9abc_def1u64;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    const N: u64 = 1024;
+    let mut per_depth = [0u64; 2];
+    for (slot, depth) in [1u64, 64].into_iter().enumerate() {
+        let calls0 = x.info(abi::EXMAP_INFO_CALLS).unwrap_or(0);
+        let mut cycles = 0;
+        let mut pages = [Range::new(0, 1); 64];
+        let mut done = 0;
+        while done < N {
+            // Distinct random pages of the disk.
+            let mut k = 0;
+            while k < depth as usize {
+                let p = next() % DISK_PAGES;
+                if !pages[..k].iter().any(|r| r.page == p) {
+                    pages[k] = Range::new(p, 1);
+                    k += 1;
+                }
+            }
+            let t = rdtsc();
+            let r = x.read(&pages[..k]);
+            cycles += rdtsc() - t;
+            ok &= check(r == Ok(0), "random read");
+            for r in &pages[..k] {
+                ok &= check(holds_pattern(&mut x, r.page), "random page holds the pattern");
+            }
+            ok &= check(x.free(&pages[..k]) == Ok(0), "evict");
+            done += depth;
+        }
+        let calls = x.info(abi::EXMAP_INFO_CALLS).unwrap_or(0) - calls0;
+        per_depth[slot] = cycles / N;
+        println!("exmap disk: {N} random 4 KiB READs at queue depth {depth}: {} TSC cycles per page, {calls} calls (READ + FREE)", cycles / N);
+    }
+    let depth = x.info(abi::EXMAP_INFO_MAX_DEPTH).unwrap_or(0);
+    println!("exmap disk: queue depth 64 is {}.{:02}x the pages/s of queue depth 1 (device held up to {depth} commands at once)",
+        per_depth[0] / per_depth[1].max(1), per_depth[0] * 100 / per_depth[1].max(1) % 100);
+    ok &= check(depth >= 32, "commands overlapped in the device");
+    ok &= check(x.populated() == 0, "nothing populated at the end");
+    // Wait for the read-only sharer's attacks, keeping page 0 populated for it.
+    ok &= check(x.read(&[Range::new(0, 1)]) == Ok(0), "read 0 for the sharer");
+    wait(200);
+    println!("exmap disk: {} pages read, {} written, {} NVMe commands", x.info(abi::EXMAP_INFO_READ).unwrap_or(0),
+        x.info(abi::EXMAP_INFO_WRITTEN).unwrap_or(0), x.info(abi::EXMAP_INFO_COMMANDS).unwrap_or(0));
+    if ok {
+        println!("exmap disk: done");
+        0
+    } else {
+        1
+    }
+}
+
+fn disk_sharer() -> i32 {
+    let mut tries = 0;
+    let pool = loop {
+        match morsel::open("disk") {
+            Ok(p) => break p,
+            Err(_) if tries < 200 => {
+                tries += 1;
+                guest_lib::yield_now();
+            }
+            Err(e) => {
+                println!("exmap disk sharer: FAILED: open: {e}");
+                return 1;
+            }
+        }
+    };
+    #[repr(C, align(4096))]
+    struct P([u64; 512]);
+    let iov = P([exmap_entry(9, 1); 512]);
+    let act = |op| guest_lib::hypercall::call(abi::HC_EXMAP_ACTION, [pool.addr(), iov.0.as_ptr() as u64, 1, op, 0, 0]);
+    let (r, w, f) = (act(abi::EXMAP_READ), act(abi::EXMAP_WRITE), act(abi::EXMAP_FREE));
+    println!("exmap disk sharer: READ {r:?}, WRITE {w:?}, FREE {f:?} through a read-only mount");
+    if (r, w, f) == (Err(Error::Denied), Err(Error::Denied), Err(Error::Denied)) { 0 } else { 1 }
 }

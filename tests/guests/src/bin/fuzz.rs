@@ -87,7 +87,7 @@ fn main(info: &BootInfo) -> i32 {
             abi::HC_EXMAP_ACTION => {
                 let iov = core::ptr::addr_of_mut!(IOV);
                 for k in 0..8 {
-                    let page = rng.pick(&[0, 1, 511, 512, 1023, 16383, 16384, 1 << 40, (1 << 52) - 1]);
+                    let page = rng.pick(&[0, 1, 511, 512, 1023, 4095, 4096, 16383, 16384, 1 << 40, (1 << 52) - 1]);
                     let count = rng.pick(&[0, 1, 2, 512, 4095]);
                     // SAFETY: a static only this loop and the hypervisor (during the call) touch.
                     unsafe { (*iov).0[k] = abi::exmap_entry(page, count) };
@@ -95,7 +95,7 @@ fn main(info: &BootInfo) -> i32 {
                 let ptr = rng.pick(&[iov as u64, iov as u64, iov as u64 + 8, mem, win, 0]);
                 [rng.pick(&gpas), ptr, rng.pick(&[1, 8, 8, 0, 512, 513]), rng.pick(&[0, 1, 0, 1, 2, 3, 4, u64::MAX]), 0, 0]
             }
-            abi::HC_EXMAP_INFO => [rng.pick(&gpas), rng.pick(&[0, 1, 2, 5, 6, 7, u64::MAX]), 0, 0, 0, 0],
+            abi::HC_EXMAP_INFO => [rng.pick(&gpas), rng.pick(&[0, 1, 2, 5, 6, 7, 8, 9, 10, 11, u64::MAX]), 0, 0, 0, 0],
             abi::HC_NVME_READ | abi::HC_NVME_WRITE => {
                 [rng.pick(&gpas), rng.pick(&[0, 512, 1, 1 << 40]), rng.pick(&[0, 1, 1 << 40]), rng.pick(&[0, 1, 8, 1 << 20]), 0, 0]
             }
