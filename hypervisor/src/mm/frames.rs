@@ -92,6 +92,14 @@ impl Frames {
         FrameAlloc::free(self, frame, order.0 as u32)
     }
 
+    /// Gives this CPU's reservations (credit, uncounted frees, trees) back to all CPUs: when
+    /// its work is done, so that other CPUs and the end-of-run count see every frame.
+    pub fn drain(&self) {
+        if let Err(e) = self.alloc.drain(self.core) {
+            log::error!(target: "alloc", "drain of core {}: {e}", self.core);
+        }
+    }
+
     /// Free 4 KiB frames right now (all orders).
     pub fn free_frames(&self) -> usize {
         self.alloc.free_frames()

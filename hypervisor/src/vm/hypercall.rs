@@ -2,7 +2,7 @@
 //! pointers are read through the guest's own second-level table, lengths are bounded, and
 //! anything wrong is an error code in rax, never a fault in the hypervisor.
 
-use super::guest::{Guest, State};
+use super::guest::Guest;
 use super::morsels::Directory;
 use super::{Backend, Regs};
 use crate::frames::Frames;
@@ -11,8 +11,11 @@ use morsel::GuestPhysAddr;
 use alloc::string::String;
 
 /// Why the hypercall being handled was refused, in words the guest's author can act on; set
-/// by the handler that refuses it (`refuse`), printed and cleared by `handle`.
-static REASON: spin::Mutex<Option<String>> = spin::Mutex::new(None);
+/// by the handler that refuses it (`refuse`), printed and cleared by `handle`. One slot per
+/// CPU: a call runs on one CPU from start to end, so another CPU's refusal never mixes in.
+#[allow(clippy::declare_interior_mutable_const)]
+const NO_REASON: spin::Mutex<Option<String>> = spin::Mutex::new(None);
+static REASON: [spin::Mutex<Option<String>>; crate::arch::ipi::MAX_CPUS] = [NO_REASON; crate::arch::ipi::MAX_CPUS];
 /// Failed hypercalls per guest id (the first `LOUD_FAILURES` of each guest are logged at INFO,
 /// later ones at DEBUG, so a guest that loops on a bad call does not flood the log).
 static FAILURES: spin::Mutex<alloc::collections::BTreeMap<u32, u32>> = spin::Mutex::new(alloc::collections::BTreeMap::new());
@@ -20,7 +23,7 @@ const LOUD_FAILURES: u32 = 8;
 
 /// `e`, with the reason (`format_args!`) that `handle` logs beside it.
 pub fn refuse(e: Error, why: core::fmt::Arguments) -> Error {
-    *REASON.lock() = Some(alloc::format!("{why}"));
+    *REASON[crate::arch::ipi::me()].lock() = Some(alloc::format!("{why}"));
     e
 }
 
@@ -48,11 +51,21 @@ fn call_name(nr: u64) -> &'static str {
 pub enum Action {
     Continue,
     Yield,
-    /// The guest asked to exit.
-    Exit,
+    /// The calling vCPU asked to exit, with this code.
+    Exit(i32),
 }
 
-/// What hypercalls share across guests.
+/// Which vCPU makes the call, on which CPU.
+#[derive(Clone, Copy, Debug)]
+pub struct Caller {
+    pub vcpu: u32,
+    pub cpu: usize,
+}
+
+/// What hypercalls share across guests. Lives in the run's `World`, behind its one lock
+/// (`runqueue`): every hypercall, on any CPU, runs with that lock held, so the morsel
+/// directory, device mounts, persistence records and ExMap state are only ever changed by
+/// one CPU at a time; no guest instruction runs on a CPU while it holds the lock.
 pub struct Context<B: Backend> {
     pub guest_count: u64,
     pub morsels: Directory<B::Format>,
@@ -61,7 +74,8 @@ pub struct Context<B: Backend> {
 }
 
 /// Handles the hypercall in `regs` (already past the instruction), writing status and value.
-pub fn handle<B: Backend>(guest: &mut Guest<B>, backend: &mut B, regs: &mut Regs, cx: &mut Context<B>) -> Action {
+pub fn handle<B: Backend>(guest: &mut Guest<B>, caller: Caller, backend: &mut B, regs: &mut Regs, cx: &mut Context<B>) -> Action {
+    REASON[caller.cpu % crate::arch::ipi::MAX_CPUS].lock().take();
     let (nr, a0, a1, a2, a3, a4) = (regs.rax, regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8);
     let frames = cx.frames;
     let result = match nr {
@@ -73,6 +87,7 @@ pub fn handle<B: Backend>(guest: &mut Guest<B>, backend: &mut B, regs: &mut Regs
         abi::HC_MORSEL_STATS => {
             cx.morsels.log_stats();
             cx.exmaps.log_stats();
+            super::shootdown::log_stats();
             Ok(0)
         }
         abi::HC_EXMAP_CREATE => cx.exmaps.create(&mut cx.morsels, guest, &frames, [a0, a1, a2, a3]),
@@ -83,14 +98,16 @@ pub fn handle<B: Backend>(guest: &mut Guest<B>, backend: &mut B, regs: &mut Regs
         abi::HC_EDU_DMA => cx.morsels.edu_dma(guest, [a0, a1, a2]),
         abi::HC_NVME_READ => cx.morsels.nvme_io(guest, &frames, false, [a0, a1, a2, a3]),
         abi::HC_NVME_WRITE => cx.morsels.nvme_io(guest, &frames, true, [a0, a1, a2, a3]),
-        abi::HC_INFO => info(guest, cx, a0),
-        abi::HC_CONSOLE_WRITE => console_write(guest, a0, a1),
+        abi::HC_INFO => info(guest, caller, cx, a0),
+        abi::HC_CONSOLE_WRITE => console_write(guest, caller, a0, a1),
         abi::HC_EXIT => {
             let code = a0 as u32 as i32;
             guest.flush_console();
-            log::info!(target: "vm", "guest {} ({}) exited with code {code}", guest.id, guest.spec.name);
-            guest.state = State::Exited(code);
-            return Action::Exit;
+            match caller.vcpu {
+                0 => log::info!(target: "vm", "guest {} ({}) exited with code {code}", guest.id, guest.spec.name),
+                v => log::info!(target: "vm", "guest {} ({}) vcpu {v} exited with code {code}", guest.id, guest.spec.name),
+            }
+            return Action::Exit(code);
         }
         abi::HC_YIELD => {
             set(regs, Ok(0));
@@ -98,7 +115,7 @@ pub fn handle<B: Backend>(guest: &mut Guest<B>, backend: &mut B, regs: &mut Regs
         }
         _ => Err(Error::NoSuchCall),
     };
-    let reason = REASON.lock().take();
+    let reason = REASON[caller.cpu % crate::arch::ipi::MAX_CPUS].lock().take();
     if let Err(e) = result {
         let n = {
             let mut f = FAILURES.lock();
@@ -135,24 +152,27 @@ fn set(regs: &mut Regs, result: Result<u64, Error>) {
     }
 }
 
-fn info<B: Backend>(guest: &Guest<B>, cx: &Context<B>, what: u64) -> Result<u64, Error> {
+fn info<B: Backend>(guest: &Guest<B>, caller: Caller, cx: &Context<B>, what: u64) -> Result<u64, Error> {
     match what {
         abi::INFO_ABI_VERSION => Ok(abi::ABI_VERSION),
         abi::INFO_GUEST_ID => Ok(guest.id as u64),
         abi::INFO_MEMORY_SIZE => Ok(guest.spec.memory),
         abi::INFO_GUEST_COUNT => Ok(cx.guest_count),
         abi::INFO_LOG_LEVEL => Ok(log::max_level() as u64),
+        abi::INFO_VCPU_INDEX => Ok(caller.vcpu as u64),
+        abi::INFO_VCPU_COUNT => Ok(guest.spec.vcpus as u64),
+        abi::INFO_CPU_INDEX => Ok(caller.cpu as u64),
         _ => Err(Error::NoSuchCall),
     }
 }
 
-fn console_write<B: Backend>(guest: &mut Guest<B>, ptr: u64, len: u64) -> Result<u64, Error> {
+fn console_write<B: Backend>(guest: &mut Guest<B>, caller: Caller, ptr: u64, len: u64) -> Result<u64, Error> {
     if len > abi::CONSOLE_MAX {
         return Err(Error::TooLarge);
     }
     let mut buf = [0u8; abi::CONSOLE_MAX as usize];
     let buf = &mut buf[..len as usize];
     guest.mem.read(GuestPhysAddr::new(ptr), buf)?;
-    guest.console(buf);
+    guest.console(caller.vcpu, buf);
     Ok(len)
 }
