@@ -8,7 +8,8 @@
 //! * 3 (two vCPUs) + 4 (a second guest, the witness): vCPU 1 reads "victim" in a tight loop;
 //!   vCPU 0 unmounts it, then sets FLAG in the shared "witness" morsel. vCPU 1 counts reads it
 //!   started after it saw FLAG (into "witness"); a complete shootdown stops it at the first
-//!   such read. Guest 4 waits, then prints the count (must be 0).
+//!   such read. Guest 4 waits until the unmount began and a while longer, then prints the
+//!   count (must be 0).
 //! * 5 (one guest, N vCPUs): all CPUs create, fill, check and destroy morsels of 4 KiB and
 //!   2 MiB pages in a loop; every page carries a tag of its owner, checked before destroy.
 //! * 6 (one guest, N vCPUs): vCPUs 1.. spin, vCPU 0 waits for them and then reads outside its
@@ -193,6 +194,7 @@ fn unmount_main() -> i32 {
         yield_now();
     }
     println!("smp: unmounting 'victim' while vcpu 1 reads it on another CPU");
+    wa[3].store(1, SeqCst);
     drop(victim); // morsel_unmount: returns after the shootdown
     wa[0].store(1, SeqCst); // FLAG, only after the call returned
     println!("smp: unmount returned, flag set");
@@ -233,14 +235,16 @@ fn witness() -> i32 {
         }
     };
     let wa = w.atomics();
-    while wa[0].load(SeqCst) == 0 {
+    // The unmount began; the reader may be stopped before vCPU 0 gets to set the flag.
+    while wa[3].load(SeqCst) == 0 {
         yield_now();
     }
-    for _ in 0..50 {
+    for _ in 0..200 {
         yield_now();
     }
     let after = wa[1].load(SeqCst);
-    println!("witness: reads started after the unmount returned: {after} ({} before)", wa[2].load(SeqCst));
+    println!("witness: reads started after the unmount returned: {after} ({} before; flag {})", wa[2].load(SeqCst),
+        if wa[0].load(SeqCst) != 0 { "set" } else { "not set yet: the reader was stopped first" });
     (after != 0) as i32
 }
 
