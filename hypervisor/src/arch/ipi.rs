@@ -33,10 +33,19 @@ struct Mailbox {
     request: AtomicU64,
     done: AtomicU64,
     flush_gen: AtomicU64,
+    /// The same protocol for "give your allocator reservations back" (`frames::drain_core`).
+    drain_request: AtomicU64,
+    drain_done: AtomicU64,
 }
 
 #[allow(clippy::declare_interior_mutable_const)]
-const MAILBOX: Mailbox = Mailbox { request: AtomicU64::new(0), done: AtomicU64::new(0), flush_gen: AtomicU64::new(0) };
+const MAILBOX: Mailbox = Mailbox {
+    request: AtomicU64::new(0),
+    done: AtomicU64::new(0),
+    flush_gen: AtomicU64::new(0),
+    drain_request: AtomicU64::new(0),
+    drain_done: AtomicU64::new(0),
+};
 static MAILBOXES: [Mailbox; MAX_CPUS] = [MAILBOX; MAX_CPUS];
 
 #[allow(clippy::declare_interior_mutable_const)]
@@ -80,14 +89,44 @@ pub fn flush_local(index: usize) {
     MAILBOXES[index % MAX_CPUS].flush_gen.fetch_add(1, Ordering::AcqRel);
 }
 
-/// Acknowledges a pending flush request to this CPU (see the protocol above).
+/// Acknowledges a pending flush request to this CPU (see the protocol above), and drains
+/// this CPU's allocator core where another CPU asked (it ran out of memory). Never runs
+/// inside an allocator call of this CPU: only from the places listed above.
 pub fn service() {
-    let m = &MAILBOXES[me()];
+    let me = me();
+    let m = &MAILBOXES[me];
     let want = m.request.load(Ordering::Acquire);
     if m.done.load(Ordering::Acquire) < want {
         m.flush_gen.fetch_add(1, Ordering::AcqRel);
         m.done.store(want, Ordering::Release);
     }
+    let want = m.drain_request.load(Ordering::Acquire);
+    if m.drain_done.load(Ordering::Acquire) < want {
+        crate::frames::drain_core(me);
+        m.drain_done.store(want, Ordering::Release);
+    }
+}
+
+/// Asks every other registered CPU to drain its allocator core and waits until each did
+/// (an out-of-memory `get` while others hold reservations). Returns how many were asked.
+pub fn drain_others() -> u32 {
+    let me = me();
+    let mut waiting = [0u64; MAX_CPUS];
+    let mut sent = 0;
+    for (cpu, want) in waiting.iter_mut().enumerate() {
+        if cpu != me && APIC_OF[cpu].load(Ordering::Acquire) != u32::MAX {
+            *want = MAILBOXES[cpu].drain_request.fetch_add(1, Ordering::AcqRel) + 1;
+            send(cpu);
+            sent += 1;
+        }
+    }
+    for (cpu, &want) in waiting.iter().enumerate() {
+        while want != 0 && MAILBOXES[cpu].drain_done.load(Ordering::Acquire) < want {
+            service();
+            core::hint::spin_loop();
+        }
+    }
+    sent
 }
 
 /// The IPI handler: acknowledge, then EOI.

@@ -90,6 +90,11 @@ pub fn run_guests<B: Backend>(backend: &mut B, frames: &Frames, archive: Archive
     cx.exmaps.log_stats();
     super::shootdown::log_stats();
     cx.morsels.destroy_all(frames);
+    frames.drain();
+    let reclaims = crate::frames::RECLAIMS.load(Ordering::Relaxed);
+    if reclaims > 0 {
+        log::info!(target: "alloc", "out-of-memory allocations that drained the other CPUs first: {reclaims}");
+    }
     done.sort_by_key(|s| s.id);
     // Every CPU drained its allocator core when its queue emptied: the count is exact.
     report::<B>(done, frames.free_frames() as i64 - free_before as i64) && all_created
