@@ -166,6 +166,12 @@ pub const INFO_MEMORY_SIZE: u64 = 2;
 pub const INFO_GUEST_COUNT: u64 = 3;
 /// The command line's `log=` level: 0 off, 1 error, 2 warn, 3 info, 4 debug, 5 trace.
 pub const INFO_LOG_LEVEL: u64 = 4;
+/// `info` selector: the calling vCPU's index in its guest (0 .. vCPU count).
+pub const INFO_VCPU_INDEX: u64 = 5;
+/// `info` selector: the guest's vCPU count.
+pub const INFO_VCPU_COUNT: u64 = 6;
+/// `info` selector: the index of the CPU the calling vCPU runs on.
+pub const INFO_CPU_INDEX: u64 = 7;
 
 /// Longest console write accepted in one call.
 pub const CONSOLE_MAX: u64 = 4096;
@@ -247,6 +253,9 @@ pub struct BootInfo {
     pub name: [u8; 32],
     /// The command line's `log=` level, as `INFO_LOG_LEVEL` returns it (0 off .. 5 trace).
     pub log_level: u64,
+    /// The guest's vCPUs (`:vcpus=N`, default 1). vCPU 0 starts at the entry with rsi = 0,
+    /// every other vCPU v at the same entry with rsi = v and its own stack.
+    pub vcpu_count: u64,
 }
 
 /// Guest-physical address of the boot information.

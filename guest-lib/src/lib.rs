@@ -9,7 +9,16 @@
 //!
 //! The hypervisor starts the guest in 64-bit mode with identity paging over its memory
 //! and the morsel window, a stack, and the boot information in rdi. `main`'s return value
-//! is the exit code; a panic prints its message and exits with code 101.
+//! is the exit code; a panic prints its message and exits with code 101 (that vCPU).
+//!
+//! A guest with several vCPUs (`:vcpus=N` on the hypervisor's command line) names a second
+//! function for them: `entry!(main, vcpu_main)` with `fn vcpu_main(info: &BootInfo, vcpu:
+//! u32) -> i32`; vCPU 0 runs `main`, every other vCPU `vcpu_main` on its own stack, all at
+//! the same time on different CPUs where there are several. The guest ends when the last
+//! vCPU returned; its exit code is `main`'s unless another vCPU returned non-zero first.
+//! With `entry!(main)` alone the other vCPUs return 0 at once. `vcpu_index()` and
+//! `BootInfo::vcpu_count` say which and how many; memory that vCPUs (or guests) use at the
+//! same time is shared soundly through atomics (`morsel::MorselRef::atomics`).
 #![no_std]
 #![warn(missing_docs)]
 
@@ -47,6 +56,16 @@ pub fn info(what: u64) -> Result<u64, Error> {
     call(HC_INFO, [what, 0, 0, 0, 0, 0])
 }
 
+/// The calling vCPU's index in this guest (0 for the vCPU that runs `main`).
+pub fn vcpu_index() -> u32 {
+    info(INFO_VCPU_INDEX).unwrap_or(0) as u32
+}
+
+/// The index of the CPU the calling vCPU runs on.
+pub fn cpu_index() -> u32 {
+    info(INFO_CPU_INDEX).unwrap_or(0) as u32
+}
+
 /// The guest's name from the boot information.
 pub fn name(info: &BootInfo) -> &str {
     let len = info.name.iter().position(|&b| b == 0).unwrap_or(info.name.len());
@@ -54,9 +73,17 @@ pub fn name(info: &BootInfo) -> &str {
 }
 
 #[doc(hidden)]
-pub fn start(info: &BootInfo, main: fn(&BootInfo) -> i32) -> ! {
-    console::init_logger(info);
-    exit(main(info))
+pub fn start(info: &BootInfo, vcpu: u64, main: fn(&BootInfo) -> i32, secondary: fn(&BootInfo, u32) -> i32) -> ! {
+    if vcpu == 0 {
+        console::init_logger(info);
+        exit(main(info))
+    }
+    exit(secondary(info, vcpu as u32))
+}
+
+#[doc(hidden)]
+pub fn no_secondary(_: &BootInfo, _: u32) -> i32 {
+    0
 }
 
 #[doc(hidden)]
@@ -65,11 +92,14 @@ pub fn panic(info: &core::panic::PanicInfo) -> ! {
     exit(101)
 }
 
-/// Defines the guest's entry point (`_start`, which aligns the stack and calls `main`)
-/// and its panic handler.
+/// Defines the guest's entry point (`_start`, which aligns the stack and calls `main` on
+/// vCPU 0, and `vcpu_main` on the others if given) and its panic handler.
 #[macro_export]
 macro_rules! entry {
     ($main:path) => {
+        $crate::entry!($main, $crate::no_secondary);
+    };
+    ($main:path, $secondary:path) => {
         core::arch::global_asm!(
             ".section .text._start, \"ax\"",
             ".global _start",
@@ -80,8 +110,8 @@ macro_rules! entry {
             start = sym __guest_start,
         );
 
-        extern "C" fn __guest_start(info: &'static $crate::BootInfo) -> ! {
-            $crate::start(info, $main)
+        extern "C" fn __guest_start(info: &'static $crate::BootInfo, vcpu: u64) -> ! {
+            $crate::start(info, vcpu, $main, $secondary)
         }
 
         #[panic_handler]

@@ -6,6 +6,7 @@
 use crate::abi::{self, Error};
 use crate::hypercall::call;
 use core::ops::{Deref, DerefMut};
+use core::sync::atomic::AtomicU64;
 
 /// Page size of a morsel's frames.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -81,6 +82,16 @@ impl MorselRef {
     pub fn addr(&self) -> u64 {
         self.gpa
     }
+
+    /// The morsel as 64-bit atomics: the sound view of memory that other vCPUs or guests
+    /// change while this one reads (a `&[u8]` promises that nobody writes it). On a
+    /// read-only mount a store through it is a second-level fault that stops the guest.
+    pub fn atomics(&self) -> &[AtomicU64] {
+        // SAFETY: the mount is `len` bytes at `gpa` (4 KiB aligned, so 8-byte aligned),
+        // mounted until this handle drops; AtomicU64 has the layout of u64 and allows
+        // concurrent access from anywhere.
+        unsafe { core::slice::from_raw_parts(self.gpa as *const AtomicU64, self.len / 8) }
+    }
 }
 
 impl Deref for MorselRef {
@@ -103,6 +114,23 @@ impl MorselMut {
     pub fn addr(&self) -> u64 {
         self.0.gpa
     }
+
+    /// The morsel as 64-bit atomics (see `MorselRef::atomics`), for a morsel that others
+    /// write at the same time; stores through it reach every party.
+    pub fn atomics(&self) -> &[AtomicU64] {
+        self.0.atomics()
+    }
+}
+
+/// The morsel mounted at `gpa` in this guest, as atomics, for a vCPU that did not mount it
+/// itself (another vCPU of the same guest holds the handle, and must keep it until this
+/// vCPU is done with the view): `None` if nothing is mounted there.
+pub fn atomics_at(gpa: u64) -> Option<&'static [AtomicU64]> {
+    let len = call(abi::HC_MORSEL_SIZE, [gpa, 0, 0, 0, 0, 0]).ok()? as usize;
+    // SAFETY: the hypervisor says a morsel of `len` bytes is mounted at `gpa` in this guest;
+    // atomics allow concurrent access; the caller keeps the mount (documented above) —
+    // after an unmount an access is a second-level fault, never another object's memory.
+    Some(unsafe { core::slice::from_raw_parts(gpa as *const AtomicU64, len / 8) })
 }
 
 impl Deref for MorselMut {

@@ -9,7 +9,7 @@ use crate::{bail, Result};
 pub const KEYS: &str = "guests=SPEC,SPEC,...  log=error|warn|info|debug|trace  \
     test=fault|dma-fault|sharept|pmem-crash:format|pmem-crash:magic  pmem=format|drop:N[,N...]|drop:damaged  cpus=N";
 /// The options of one guest SPEC after its name.
-pub const GUEST_OPTIONS: &str = "mem=SIZE, slices=N, arg=N (or SIZE), code=N, stopped";
+pub const GUEST_OPTIONS: &str = "mem=SIZE, slices=N, arg=N (or SIZE), vcpus=N, cpu=K, code=N, stopped";
 /// What a SIZE may end with.
 pub const SIZE_SUFFIXES: &str = "none (bytes), K, M or G (KiB, MiB, GiB; either case)";
 const LEVELS: &[&str] = &["off", "error", "warn", "info", "debug", "trace"];
@@ -74,6 +74,8 @@ fn check_guest(spec: &str, guests: &[&str]) -> std::result::Result<(), String> {
             Some(("mem", size)) => parse_size(size).err().map(|e| format!("mem={size}: {e}")),
             Some(("arg", n)) => parse_size(n).err().map(|e| format!("arg={n}: {e}")),
             Some(("slices", n)) => n.parse::<u64>().err().map(|_| format!("slices={n}: not a whole number")),
+            Some(("vcpus", n)) => n.parse::<u32>().ok().filter(|n| (1..=16).contains(n)).is_none().then(|| format!("vcpus={n}: 1 to 16")),
+            Some(("cpu", n)) => n.parse::<usize>().err().map(|_| format!("cpu={n}: not a CPU index")),
             Some(("code", n)) => n.parse::<i32>().err().map(|_| format!("code={n}: not a 32-bit whole number")),
             None if part == "stopped" => None,
             _ => Some(format!("unknown option `{part}`; valid: {GUEST_OPTIONS}")),

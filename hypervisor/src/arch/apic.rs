@@ -75,6 +75,11 @@ fn send_ipi(apic_id: u32, low: u32) {
     }
 }
 
+/// A fixed-delivery IPI with `vector` to the CPU with APIC ID `apic_id` (edge).
+pub fn send_fixed(apic_id: u32, vector: u8) {
+    send_ipi(apic_id, vector as u32);
+}
+
 /// INIT IPI: the target CPU resets into wait-for-SIPI (SDM Vol. 3A 9.4.4).
 pub fn send_init(apic_id: u32) {
     send_ipi(apic_id, ICR_INIT | ICR_LEVEL_ASSERT);

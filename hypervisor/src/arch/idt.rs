@@ -55,7 +55,7 @@ isr_stub_\n:
     .endm
 
     .section .text
-    .irp n, 0,1,2,3,4,5,6,7,9,15,16,18,19,20,22,23,24,25,26,27,28,31,32,255
+    .irp n, 0,1,2,3,4,5,6,7,9,15,16,18,19,20,22,23,24,25,26,27,28,31,32,33,255
     STUB \n, 0
     .endr
     .irp n, 8,10,11,12,13,14,17,21,29,30
@@ -103,7 +103,7 @@ isr_common:
     .balign 8
     .global isr_stub_table
 isr_stub_table:
-    .irp n, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31,32,255
+    .irp n, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31,32,33,255
     .quad isr_stub_\n
     .endr
 "#,
@@ -111,7 +111,7 @@ isr_stub_table:
 );
 
 extern "C" {
-    static isr_stub_table: [u64; 34];
+    static isr_stub_table: [u64; 35];
 }
 
 /// 16-byte interrupt gate (Intel SDM Vol. 3A 6.14.1).
@@ -182,24 +182,24 @@ impl Idt {
         idt
     }
 
-    /// Points every gate at its stub: exceptions 0-31 and the timer (32) each have one,
-    /// every other vector (the masked 8259's, stray ones) is acknowledged and ignored.
+    /// Points every gate at its stub: exceptions 0-31, the timer (32) and the IPI vector (33)
+    /// each have one, every other vector (the masked 8259's, stray ones) is ignored.
     fn fill(&mut self) {
-        // SAFETY: the stub table is defined above with 34 entries: vectors 0-32 and 255;
+        // SAFETY: the stub table is defined above with 35 entries: vectors 0-33 and 255;
         // reading an immutable extern static.
         let stubs = unsafe { &isr_stub_table };
-        for (vector, &stub) in stubs.iter().enumerate().take(33) {
+        for gate in self.0.iter_mut() {
+            *gate = Gate::interrupt(stubs[34], gdt::IST_INTERRUPT);
+        }
+        for (vector, &stub) in stubs.iter().enumerate().take(34) {
             let ist = match vector {
                 2 => gdt::IST_NMI,
                 8 => gdt::IST_DOUBLE_FAULT,
                 18 => gdt::IST_MACHINE_CHECK,
-                32 => gdt::IST_INTERRUPT,
+                32 | 33 => gdt::IST_INTERRUPT,
                 _ => gdt::IST_EXCEPTION,
             };
             self.0[vector] = Gate::interrupt(stub, ist);
-        }
-        for gate in self.0.iter_mut().skip(33) {
-            *gate = Gate::interrupt(stubs[33], gdt::IST_INTERRUPT);
         }
     }
 
@@ -236,6 +236,7 @@ extern "C" fn interrupt_dispatch(frame: &mut InterruptFrame) {
     match frame.vector {
         v if v < 32 => exception(frame),
         v if v == TIMER_VECTOR as u64 => crate::arch::apic::timer_interrupt(),
+        v if v == super::ipi::IPI_VECTOR as u64 => super::ipi::interrupt(),
         _ => {} // spurious: no EOI (Intel SDM Vol. 3A 11.9)
     }
 }

@@ -4,5 +4,6 @@ pub mod apic;
 pub mod cpu;
 pub mod gdt;
 pub mod idt;
+pub mod ipi;
 pub mod port;
 pub mod smp;

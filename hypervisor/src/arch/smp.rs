@@ -6,11 +6,12 @@
 //! own stack. There each CPU loads its own GDT, TSS (IST stacks) and IDT, enables its local
 //! APIC, checks and enables VMX or SVM itself (`Backend::enable`, the same code as on the
 //! boot CPU: its own VMXON region or host save area, its own LAPIC timer where the backend
-//! uses one), and ends idle: `hlt` with interrupts on, ready for work and IPIs later.
+//! uses one), and waits (`hlt`) for the run of guests, in which it takes part with its own
+//! backend instance and run queue (`vm::runqueue`).
 //!
 //! Per-CPU state is one type, `Cpu`, handed to the CPU by its start (no global lookup); its
-//! `frames` handle carries the CPU's own allocator core index. Guests still run on the boot
-//! CPU only.
+//! `frames` handle carries the CPU's own allocator core index; `arch::ipi` maps CPU indices
+//! to APIC IDs for IPIs.
 
 use crate::platform::acpi::Platform;
 use crate::arch::gdt::CpuTables;
@@ -201,10 +202,11 @@ pub fn start(bi: &BootInfo, platform: &Platform, frames: &Frames, limit: Option<
         state: AtomicU8::new(State::Online as u8),
         probe: [AtomicU64::new(0), AtomicU64::new(0)],
     }));
+    crate::arch::ipi::register(0, bsp_id);
     log::info!(target: "smp", "cpu 0 online (apic id {bsp_id})");
     let mut cpus = Cpus { online: alloc::vec![&*bsp], listed: platform.cpus.max(1) };
     let aps: Vec<u32> = platform.apic_ids.iter().copied().filter(|&id| id != bsp_id).collect();
-    let wanted = planned(platform, limit) - 1;
+    let wanted = planned(platform, limit).min(crate::arch::ipi::MAX_CPUS) - 1;
     if let (Some(limit), true) = (limit, aps.len() > wanted) {
         log::info!(target: "smp", "cpus={limit}: starting {wanted} of {} other CPUs", aps.len());
     }
@@ -390,36 +392,37 @@ extern "C" fn ap_entry(cpu: &'static Cpu) -> ! {
             slot.store(pa.as_u64(), Ordering::Release);
         }
     }
+    crate::arch::ipi::register(cpu.index, cpu.apic_id);
     let facts = CpuFacts::detect();
-    let enabled = match facts.extension {
-        Extension::Svm => enable::<crate::svm::Svm>(cpu, &facts),
-        Extension::Vmx => enable::<crate::vmx::Vmx>(cpu, &facts),
+    match facts.extension {
+        Extension::Svm => enable_and_serve::<crate::svm::Svm>(cpu, &facts),
+        Extension::Vmx => enable_and_serve::<crate::vmx::Vmx>(cpu, &facts),
         Extension::None => {
             log::warn!(target: "smp", "cpu {}: vmx=no svm=no, no backend", cpu.index);
-            true
+            online(cpu);
+            idle()
         }
-    };
-    if !enabled {
-        cpu.state.store(State::Failed as u8, Ordering::Release);
-        crate::platform::exit::halt_forever();
     }
-    log::info!(target: "smp", "cpu {} online (apic id {})", cpu.index, cpu.apic_id);
-    cpu.state.store(State::Online as u8, Ordering::Release);
-    idle()
 }
 
-/// Checks and enables the backend on this AP (the code the boot CPU runs for its own);
-/// the backend's per-CPU state stays with the CPU for good.
-fn enable<B: Backend>(cpu: &Cpu, facts: &CpuFacts) -> bool {
+fn online(cpu: &Cpu) {
+    log::info!(target: "smp", "cpu {} online (apic id {})", cpu.index, cpu.apic_id);
+    cpu.state.store(State::Online as u8, Ordering::Release);
+}
+
+/// Checks and enables the backend on this AP (the code the boot CPU runs for its own); the
+/// CPU keeps its backend instance and takes part in the run of guests (`runqueue::serve`).
+fn enable_and_serve<B: Backend>(cpu: &'static Cpu, facts: &CpuFacts) -> ! {
     match B::probe(facts).and_then(|caps| B::enable(&caps, &cpu.frames)) {
         Ok(backend) => {
-            core::mem::forget::<B>(backend); // this CPU's VMXON region / host save area, kept
-            true
+            online(cpu);
+            crate::vm::runqueue::serve(cpu.index, cpu.frames, backend)
         }
         Err(e) => {
             let e: BackendError = e;
             log::error!(target: B::NAME, "cpu {}: cannot enable: {e}", cpu.index);
-            false
+            cpu.state.store(State::Failed as u8, Ordering::Release);
+            crate::platform::exit::halt_forever()
         }
     }
 }

@@ -10,6 +10,8 @@ use morsel::{FrameAlloc, HostPhysAddr, PhysMem};
 use spin::Once;
 
 static ALLOCATOR: Once<Allocator<'static>> = Once::new();
+/// Out-of-memory `get`s that asked the other CPUs to drain.
+pub static RECLAIMS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
 
 /// Handle to the frame allocator for one CPU (cheap to copy): every CPU allocates and
 /// frees through its own allocator core index (`Frames::for_cpu`), so that its reservations
@@ -92,15 +94,44 @@ impl Frames {
         FrameAlloc::free(self, frame, order.0 as u32)
     }
 
+    /// Gives this CPU's reservations (credit, uncounted frees, trees) back to all CPUs: when
+    /// its work is done, so that other CPUs and the end-of-run count see every frame.
+    pub fn drain(&self) {
+        if let Err(e) = self.alloc.drain(self.core) {
+            log::error!(target: "alloc", "drain of core {}: {e}", self.core);
+        }
+    }
+
     /// Free 4 KiB frames right now (all orders).
     pub fn free_frames(&self) -> usize {
         self.alloc.free_frames()
     }
 }
 
+/// Drains allocator core `core` (called on that CPU, by `arch::ipi::service`).
+pub fn drain_core(core: usize) {
+    if let Some(a) = ALLOCATOR.get() {
+        let _ = a.drain(core);
+    }
+}
+
 impl FrameAlloc for Frames {
+    /// Out of memory with several CPUs: up to one 2 MiB area per other CPU (its credit and
+    /// uncounted frees) may be reserved there; every other CPU is asked to drain (IPI,
+    /// acknowledged) and the allocation is tried once more, so `None` means no frame of that
+    /// order is free anywhere.
     fn alloc(&self, order: u32) -> Option<HostPhysAddr> {
-        let pfn = self.alloc.get(self.core, Order(order as u8)).ok()?;
+        let pfn = match self.alloc.get(self.core, Order(order as u8)) {
+            Ok(pfn) => pfn,
+            Err(allocator::Error::Memory) if self.alloc.cores() > 1 => {
+                let _ = self.alloc.drain(self.core);
+                let asked = crate::arch::ipi::drain_others();
+                RECLAIMS.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+                log::debug!(target: "alloc", "out of memory on core {}: {asked} other CPUs drained, trying again", self.core);
+                self.alloc.get(self.core, Order(order as u8)).ok()?
+            }
+            Err(_) => return None,
+        };
         Some(HostPhysAddr::new(pfn.0 as u64 * PAGE_SIZE))
     }
 

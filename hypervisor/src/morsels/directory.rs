@@ -127,14 +127,12 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
 
     /// `morsel_unmount(gpa)`. The intermediate tables the mount created go with it (else a
     /// later morsel with a larger window would find its slot taken).
-    pub fn unmount<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, backend: &mut B, frames: &Frames, gpa: u64) -> Result<u64, Error> {
+    pub fn unmount<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, _backend: &mut B, frames: &Frames, gpa: u64) -> Result<u64, Error> {
         let i = g.mounts.iter().position(|m| m.gpa == gpa).ok_or(Error::NotFound)?;
         let m = g.mounts.remove(i);
         let n = self.named.get_mut(&m.name).ok_or(Error::NotFound)?;
         let stats = n.morsel.unmount(g.mem.table_mut(), GuestPhysAddr::new(gpa), frames, &IDENTITY).map_err(|_| Error::Invalid)?;
-        if let Some(vcpu) = g.vcpu.as_mut() {
-            backend.flush_second_level(vcpu);
-        }
+        crate::vm::shootdown::guest(g);
         n.count_unmount(&stats);
         log::info!(target: "morsel", "'{}' unmounted from guest {} at {gpa:#x}: {} PTE write, 1 invalidation, {} empty intermediate tables freed",
             m.name, g.id, stats.entry_writes, stats.path_writes);

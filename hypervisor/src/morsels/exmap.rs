@@ -4,12 +4,12 @@
 //! (ALLOC, FREE, READ and WRITE through the NVMe disk), `exmap_info` reads its counters.
 //! The host-tested core (validation, frame cache, table edits) is the `exmap` crate.
 //!
-//! Per vCPU: a frame cache, a validator and result buffers (`VcpuState`); one vCPU per guest
-//! today, keyed by guest id. Invalidation: FREE clears all its PTEs, then flushes ONCE: the
-//! caller's vCPU (`Backend::flush_second_level`), the IOTLB of every device domain that has
-//! the region mounted, and, where other guests have it mounted, a flush epoch that makes each
-//! of them flush before it next runs (`before_run`). On one CPU no other guest runs during
-//! the call, so that is a complete shootdown; with SMP the epoch becomes the IPI shootdown.
+//! Per guest: a frame cache, a validator and result buffers (`VcpuState`), keyed by guest id
+//! (all of ExMap's state is behind the world lock, so a guest's vCPUs take turns on it).
+//! Invalidation: FREE clears all its PTEs, then shoots down ONCE (`vm/shootdown.rs`): the
+//! CPUs that ran the caller's vCPUs, or every CPU that ran any guest where other guests have
+//! the region mounted, and the IOTLB of every device domain that has it mounted; the call
+//! returns after every CPU acknowledged.
 
 use crate::vm::guest::Guest;
 use super::{read_name, Directory};
@@ -72,10 +72,6 @@ pub struct Exmaps {
     vcpus: HashMap<u32, VcpuState>,
     regions: HashMap<String, RegionStats>,
     next_id: Origin,
-    /// Bumped by a FREE of a region that other guests have mounted: every guest whose
-    /// `flushed` is older flushes before it runs again.
-    epoch: u64,
-    flushed: HashMap<u32, u64>,
 }
 
 impl Default for Exmaps {
@@ -86,7 +82,7 @@ impl Default for Exmaps {
 
 impl Exmaps {
     pub fn new() -> Self {
-        Exmaps { vcpus: HashMap::new(), regions: HashMap::new(), next_id: 1, epoch: 0, flushed: HashMap::new() }
+        Exmaps { vcpus: HashMap::new(), regions: HashMap::new(), next_id: 1 }
     }
 
     /// `exmap_create(name_ptr, name_len, size, flags)`.
@@ -118,7 +114,7 @@ impl Exmaps {
 
     /// `exmap_action(region_gpa, iov_gpa, count, opcode)`.
     #[allow(clippy::too_many_arguments)] // the call's four arguments and what it works on
-    pub fn action<B: Backend>(&mut self, dir: &mut Directory<B::Format>, mut devices: Option<&mut crate::devices::Devices>, g: &mut Guest<B>, backend: &mut B, frames: &Frames, gpa: u64, iov_gpa: u64, count: u64, op: abi::ExmapOp) -> Result<u64, Error> {
+    pub fn action<B: Backend>(&mut self, dir: &mut Directory<B::Format>, mut devices: Option<&mut crate::devices::Devices>, g: &mut Guest<B>, _backend: &mut B, frames: &Frames, gpa: u64, iov_gpa: u64, count: u64, op: abi::ExmapOp) -> Result<u64, Error> {
         let op = match op {
             abi::ExmapOp::Alloc => abi::EXMAP_ALLOC,
             abi::ExmapOp::Free => abi::EXMAP_FREE,
@@ -235,9 +231,14 @@ impl Exmaps {
             }
         }
         if op == abi::EXMAP_FREE && b.pages > 0 || b.rolled_back > 0 {
-            // ONE invalidation for the whole batch, then the frames may leave the cache.
-            if let Some(vcpu) = g.vcpu.as_mut() {
-                backend.flush_second_level(vcpu);
+            // ONE shootdown for the whole batch, then the frames may leave the cache: the
+            // caller's CPUs, or, where other guests have the region mounted, every CPU that
+            // ran any guest.
+            if n.morsel.mount_count() > 1 {
+                crate::vm::shootdown::cpus(crate::vm::shootdown::any_ran_on());
+                stats.remote_flushes += 1;
+            } else {
+                crate::vm::shootdown::guest(g);
             }
             stats.invalidations += 1;
             // Each device domain the region is mounted in is invalidated once for the batch,
@@ -257,12 +258,6 @@ impl Exmaps {
                 }
                 stats.invalidations += flushed;
                 log::info!(target: "exmap", "guest {} '{name}' free of {} pages: IOTLB invalidated once in each of {flushed} device domain(s) ({mounts} device mounts)", g.id, b.pages);
-            }
-            if n.morsel.mount_count() > 1 {
-                // Other guests may cache the cleared translations: they flush before they run.
-                self.epoch += 1;
-                self.flushed.insert(g.id, self.epoch);
-                stats.remote_flushes += 1;
             }
             v.cache.trim(frames);
         }
@@ -298,20 +293,6 @@ impl Exmaps {
         }
     }
 
-    /// Before `g` runs: the flush that a FREE by another guest left for it.
-    pub fn before_run<B: Backend>(&mut self, g: &mut Guest<B>, backend: &mut B) {
-        if self.epoch == 0 {
-            return;
-        }
-        let seen = self.flushed.entry(g.id).or_insert(0);
-        if *seen < self.epoch {
-            *seen = self.epoch;
-            if let Some(vcpu) = g.vcpu.as_mut() {
-                backend.flush_second_level(vcpu);
-            }
-        }
-    }
-
     /// A guest ended: its vCPU's cache goes back to the allocator.
     pub fn guest_ended(&mut self, id: u32, frames: &Frames) {
         if let Some(mut v) = self.vcpus.remove(&id) {
@@ -327,7 +308,7 @@ impl Exmaps {
     pub fn log_stats(&self) {
         for (name, s) in &self.regions {
             log::info!(target: "exmap",
-                "stats '{name}': {} calls, {} pages allocated, {} freed ({} FREE calls, {} invalidations, {} remote flush epochs), {} zeroed, {} failed entries; disk: {} pages read, {} written, {} NVMe commands, up to {} in flight",
+                "stats '{name}': {} calls, {} pages allocated, {} freed ({} FREE calls, {} invalidations, {} of them shot down for other guests), {} zeroed, {} failed entries; disk: {} pages read, {} written, {} NVMe commands, up to {} in flight",
                 s.calls, s.allocated, s.freed, s.free_calls, s.invalidations, s.remote_flushes, s.zeroed, s.failed, s.read, s.written, s.commands, s.max_depth);
         }
     }

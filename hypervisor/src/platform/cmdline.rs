@@ -1,6 +1,7 @@
 //! The hypervisor command line: space-separated `key=value` words.
 //! * `guests=SPEC,SPEC,...` runs these guests from the boot archive (a name may repeat);
-//!   a SPEC is `name[:mem=SIZE][:slices=N][:arg=N][:code=N|:stopped]`: memory (`16M`,
+//!   a SPEC is `name[:mem=SIZE][:slices=N][:arg=N][:vcpus=N][:cpu=K][:code=N|:stopped]`
+//!   (vCPUs, default 1, at most 16; `cpu=K` runs every vCPU of the guest on CPU K): memory (`16M`,
 //!   `1G`; default 16 MiB), a CPU budget of N time slices after which the guest is stopped,
 //!   a number for the guest (its boot information's `arg`; sizes like `256M` allowed), and
 //!   how the guest is expected to end (default: exit code 0). The run succeeds only if
@@ -37,7 +38,7 @@ pub enum Test {
 }
 
 /// The words this parser understands, for error messages.
-pub const VALID: &str = "guests=NAME[:mem=SIZE][:slices=N][:arg=N][:code=N|:stopped],... \
+pub const VALID: &str = "guests=NAME[:mem=SIZE][:slices=N][:arg=N][:vcpus=N][:cpu=K][:code=N|:stopped],... \
     log=error|warn|info|debug|trace test=fault|dma-fault|sharept|pmem-crash:format|pmem-crash:magic \
     pmem=format|drop:N[,N...]|drop:damaged cpus=N (SIZE: bytes or K, M, G)";
 
@@ -117,12 +118,17 @@ fn drop_slots(list: &str) -> Option<u64> {
 fn guest_spec(spec: &'static str) -> Result<GuestSpec, &'static str> {
     let mut parts = spec.split(':');
     let name = parts.next().filter(|n| !n.is_empty()).ok_or("empty guest name")?;
-    let mut g = GuestSpec { name, memory: DEFAULT_GUEST_MEMORY, max_slices: None, arg: 0, expect: Expect::Code(0) };
+    let mut g = GuestSpec { name, memory: DEFAULT_GUEST_MEMORY, max_slices: None, arg: 0, expect: Expect::Code(0), vcpus: 1, cpu: None };
     for part in parts {
         match part.split_once('=') {
             Some(("mem", size)) => g.memory = parse_size(size).ok_or("bad memory size")?,
             Some(("arg", n)) => g.arg = parse_size(n).ok_or("bad guest argument")?,
             Some(("slices", n)) => g.max_slices = Some(n.parse().map_err(|_| "bad slice count")?),
+            Some(("vcpus", n)) => match n.parse::<u32>() {
+                Ok(n) if (1..=crate::vm::guest::MAX_VCPUS).contains(&n) => g.vcpus = n,
+                _ => return Err("vcpus wants 1 to 16"),
+            },
+            Some(("cpu", n)) => g.cpu = Some(n.parse().map_err(|_| "bad CPU index")?),
             Some(("code", n)) => g.expect = Expect::Code(n.parse().map_err(|_| "bad exit code")?),
             None if part == "stopped" => g.expect = Expect::Stopped,
             _ => return Err("unknown guest option"),

@@ -147,7 +147,7 @@ impl Backend for Svm {
         // entered with IF = 0 could not be preempted there.
         v.rflags = 0x202;
         v.g_pat = 0x0007_0406_0007_0406;
-        let regs = Regs { rip: s.rip, rsp: s.rsp, rdi: s.rdi, ..Regs::default() };
+        let regs = Regs { rip: s.rip, rsp: s.rsp, rdi: s.rdi, rsi: s.rsi, ..Regs::default() };
         Ok(Vcpu { guest: s.id, asid, vmcb, regs, fpu: FpuState::initial() })
     }
 

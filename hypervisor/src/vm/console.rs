@@ -17,10 +17,10 @@ impl Console {
     }
 
     /// Appends `bytes`; complete lines are printed with `prefix` (guest id and name).
-    pub fn write(&mut self, bytes: &[u8], id: u32, name: &str) {
+    pub fn write(&mut self, bytes: &[u8], id: u32, name: &str, vcpu: u32) {
         for &b in bytes {
             if b == b'\n' || self.len == LINE_MAX {
-                self.print(id, name);
+                self.print(id, name, vcpu);
             }
             if b != b'\n' {
                 self.line[self.len] = if b.is_ascii_graphic() || b == b' ' { b } else { b'?' };
@@ -30,15 +30,20 @@ impl Console {
     }
 
     /// Prints a pending partial line (before a report about the guest).
-    pub fn flush(&mut self, id: u32, name: &str) {
+    pub fn flush(&mut self, id: u32, name: &str, vcpu: u32) {
         if self.len > 0 {
-            self.print(id, name);
+            self.print(id, name, vcpu);
         }
     }
 
-    fn print(&mut self, id: u32, name: &str) {
+    /// One line, printed whole under the serial lock (lines of different CPUs never mix);
+    /// a secondary vCPU's lines say which vCPU wrote them.
+    fn print(&mut self, id: u32, name: &str, vcpu: u32) {
         let text = core::str::from_utf8(&self.line[..self.len]).unwrap_or("");
-        crate::println!("[guest {id} {name}] {text}");
+        match vcpu {
+            0 => crate::println!("[guest {id} {name}] {text}"),
+            v => crate::println!("[guest {id} {name} vcpu {v}] {text}"),
+        }
         self.len = 0;
     }
 }

@@ -4,7 +4,7 @@
 //! second-level table) and the hypervisor's state. Anything wrong is an error code in rax,
 //! never a fault in the hypervisor.
 
-use super::guest::{Guest, State};
+use super::guest::Guest;
 use crate::morsels::Directory;
 use super::{Backend, Regs};
 use crate::mm::frames::Frames;
@@ -21,11 +21,21 @@ const LOUD_FAILURES: u32 = 8;
 pub enum Action {
     Continue,
     Yield,
-    /// The guest asked to exit.
-    Exit,
+    /// The calling vCPU asked to exit, with this code.
+    Exit(i32),
 }
 
-/// What hypercalls share across guests.
+/// Which vCPU makes the call, on which CPU.
+#[derive(Clone, Copy, Debug)]
+pub struct Caller {
+    pub vcpu: u32,
+    pub cpu: usize,
+}
+
+/// What hypercalls share across guests. Lives in the run's `World`, behind its one lock
+/// (`runqueue`): every hypercall, on any CPU, runs with that lock held, so the morsel
+/// directory, device mounts, persistence records, ExMap state and the drivers are only ever
+/// changed by one CPU at a time; no guest instruction runs on a CPU while it holds the lock.
 pub struct Context<B: Backend> {
     pub guest_count: u64,
     pub morsels: Directory<B::Format>,
@@ -36,7 +46,7 @@ pub struct Context<B: Backend> {
 }
 
 /// Handles the hypercall in `regs` (already past the instruction), writing status and value.
-pub fn handle<B: Backend>(guest: &mut Guest<B>, backend: &mut B, regs: &mut Regs, cx: &mut Context<B>) -> Action {
+pub fn handle<B: Backend>(guest: &mut Guest<B>, caller: Caller, backend: &mut B, regs: &mut Regs, cx: &mut Context<B>) -> Action {
     let nr = regs.rax;
     let frames = cx.frames;
     let call = Call::decode(nr, [regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9]);
@@ -44,15 +54,17 @@ pub fn handle<B: Backend>(guest: &mut Guest<B>, backend: &mut B, regs: &mut Regs
         Err(e) => Err(e),
         Ok(Call::Exit { code }) => {
             guest.flush_console();
-            log::info!(target: "vm", "guest {} ({}) exited with code {code}", guest.id, guest.spec.name);
-            guest.state = State::Exited(code);
-            return Action::Exit;
+            match caller.vcpu {
+                0 => log::info!(target: "vm", "guest {} ({}) exited with code {code}", guest.id, guest.spec.name),
+                v => log::info!(target: "vm", "guest {} ({}) vcpu {v} exited with code {code}", guest.id, guest.spec.name),
+            }
+            return Action::Exit(code);
         }
         Ok(Call::Yield) => {
             set(regs, Ok(0));
             return Action::Yield;
         }
-        Ok(call) => dispatch(call, guest, backend, cx, &frames),
+        Ok(call) => dispatch(call, guest, caller, backend, cx, &frames),
     };
     let reason = guest.refusal.take();
     if let Err(e) = result {
@@ -69,12 +81,12 @@ pub fn handle<B: Backend>(guest: &mut Guest<B>, backend: &mut B, regs: &mut Regs
 }
 
 /// Runs a decoded call that returns to the guest.
-fn dispatch<B: Backend>(call: Call, guest: &mut Guest<B>, backend: &mut B, cx: &mut Context<B>, frames: &Frames) -> Result<u64, Error> {
+fn dispatch<B: Backend>(call: Call, guest: &mut Guest<B>, caller: Caller, backend: &mut B, cx: &mut Context<B>, frames: &Frames) -> Result<u64, Error> {
     let morsels = &mut cx.morsels;
     let devices = cx.devices.as_mut();
     match call {
-        Call::Info { what } => info(guest, cx.guest_count, what),
-        Call::ConsoleWrite { text } => console_write(guest, text),
+        Call::Info { what } => info(guest, caller, cx.guest_count, what),
+        Call::ConsoleWrite { text } => console_write(guest, caller, text),
         Call::MorselCreate { name, size, flags } => morsels.create(guest, frames, name, size, flags),
         Call::MorselOpen { name, writable } => morsels.open(guest, frames, name, writable),
         Call::MorselUnmount { gpa } => morsels.unmount(guest, backend, frames, gpa),
@@ -83,6 +95,7 @@ fn dispatch<B: Backend>(call: Call, guest: &mut Guest<B>, backend: &mut B, cx: &
         Call::MorselStats => {
             morsels.log_stats();
             cx.exmaps.log_stats();
+            super::shootdown::log_stats();
             Ok(0)
         }
         Call::ExmapCreate { name, size, share_writable } => cx.exmaps.create(morsels, guest, frames, name, size, share_writable),
@@ -115,21 +128,24 @@ fn set(regs: &mut Regs, result: Result<u64, Error>) {
     }
 }
 
-fn info<B: Backend>(guest: &Guest<B>, guest_count: u64, what: u64) -> Result<u64, Error> {
+fn info<B: Backend>(guest: &Guest<B>, caller: Caller, guest_count: u64, what: u64) -> Result<u64, Error> {
     match what {
         abi::INFO_ABI_VERSION => Ok(abi::ABI_VERSION),
         abi::INFO_GUEST_ID => Ok(guest.id as u64),
         abi::INFO_MEMORY_SIZE => Ok(guest.spec.memory),
         abi::INFO_GUEST_COUNT => Ok(guest_count),
         abi::INFO_LOG_LEVEL => Ok(log::max_level() as u64),
+        abi::INFO_VCPU_INDEX => Ok(caller.vcpu as u64),
+        abi::INFO_VCPU_COUNT => Ok(guest.spec.vcpus as u64),
+        abi::INFO_CPU_INDEX => Ok(caller.cpu as u64),
         _ => Err(Error::NoSuchCall),
     }
 }
 
-fn console_write<B: Backend>(guest: &mut Guest<B>, text: GuestSlice) -> Result<u64, Error> {
+fn console_write<B: Backend>(guest: &mut Guest<B>, caller: Caller, text: GuestSlice) -> Result<u64, Error> {
     let mut buf = [0u8; abi::CONSOLE_MAX as usize];
     let buf = &mut buf[..text.len as usize];
     guest.mem.read(GuestPhysAddr::new(text.ptr), buf)?;
-    guest.console(buf);
+    guest.console(caller.vcpu, buf);
     Ok(text.len)
 }

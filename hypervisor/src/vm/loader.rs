@@ -9,7 +9,8 @@ use formats::elf;
 use morsel::{Format, GuestPhysAddr};
 
 const GIB: u64 = 1 << 30;
-/// Stack space kept free of image segments below the top of guest memory.
+/// Stack space per vCPU kept free of image segments below the top of guest memory (vCPU v's
+/// stack starts `v * STACK_RESERVE` below the top).
 pub const STACK_RESERVE: u64 = 64 * 1024;
 
 /// What the loader needs to know about the guest.
@@ -18,6 +19,7 @@ pub struct Load<'a> {
     pub name: &'a str,
     pub memory: u64,
     pub arg: u64,
+    pub vcpus: u32,
 }
 
 /// Maps the guest's RAM into `mem` and loads `image` (already checked to lie inside it);
@@ -47,6 +49,7 @@ pub fn load<F: Format<Input = GuestPhysAddr>>(
         arg: g.arg,
         log_level: log::max_level() as u64,
         name,
+        vcpu_count: g.vcpus as u64,
     };
     // SAFETY: BootInfo is plain old data without padding (u64s and a byte array).
     let bytes = unsafe { core::slice::from_raw_parts((&raw const info).cast::<u8>(), size_of::<abi::BootInfo>()) };
@@ -55,6 +58,7 @@ pub fn load<F: Format<Input = GuestPhysAddr>>(
         rip: image.entry,
         rsp: g.memory,
         rdi: abi::BOOT_INFO_GPA,
+        rsi: 0,
         cr3: abi::PAGE_TABLES_GPA,
         second_level_root: mem.root(),
         id: g.id,

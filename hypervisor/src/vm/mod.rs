@@ -8,7 +8,9 @@ pub mod guest;
 pub mod hypercall;
 pub mod loader;
 pub mod memory;
+pub mod runqueue;
 pub mod sched;
+pub mod shootdown;
 pub mod switch;
 
 use crate::arch::cpu::CpuFacts;
@@ -49,12 +51,14 @@ pub struct Regs {
     pub rip: u64,
 }
 
-/// Initial state of a vCPU: 64-bit mode, paging on with `cr3`, at `rip` with `rsp`, and
-/// `rdi` holding the boot information.
+/// Initial state of a vCPU: 64-bit mode, paging on with `cr3`, at `rip` with `rsp`, `rdi`
+/// holding the boot information and `rsi` the vCPU's index in its guest.
+#[derive(Clone, Copy)]
 pub struct VcpuSetup {
     pub rip: u64,
     pub rsp: u64,
     pub rdi: u64,
+    pub rsi: u64,
     pub cr3: u64,
     pub second_level_root: HostPhysAddr,
     /// Small guest number, unique among running guests (ASID / VPID source).
@@ -196,7 +200,7 @@ impl fmt::Display for BackendError {
 }
 
 /// A vendor's hardware virtualization: VMX with EPT, or SVM with NPT.
-pub trait Backend: Sized {
+pub trait Backend: Sized + 'static {
     /// The second-level table format of this vendor.
     type Format: Format<Input = GuestPhysAddr>;
     /// Per-guest control state (VMCS or VMCB).

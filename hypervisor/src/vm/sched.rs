@@ -1,15 +1,22 @@
-//! The vCPU loop, written once for both backends: guests run round-robin on this CPU, each
-//! for a time slice or until it yields; a misbehaving guest is stopped and reported while
-//! the others go on; at the end every guest's exit code and exit counts are printed.
+//! The vCPU loop, written once for both backends and run by every CPU over its own run
+//! queue (`runqueue`: static placement, the world lock): each vCPU runs for a time slice or
+//! until it yields; a misbehaving vCPU stops its whole guest (the guest's other vCPUs are
+//! kicked by IPI and end at their next exit; reported once) while the other guests go on; a
+//! guest ends when its last vCPU ends; at the end every guest's exit code and exit counts
+//! are printed, per vCPU for guests with several.
 
-use super::guest::{Guest, GuestSpec, State, Summary};
-use super::hypercall::{self, Action, Context};
+use super::guest::{Guest, GuestSpec, State, Summary, VcpuSummary};
+use super::hypercall::{self, Action, Caller, Context};
 use crate::morsels::Directory;
+use super::runqueue::{self, Placement, Run, World};
 use super::{Backend, Exit, ExitKind, Regs, Resume};
+use crate::arch::ipi;
 use formats::decode;
 use morsel::GuestPhysAddr;
 use crate::mm::frames::Frames;
+use alloc::boxed::Box;
 use alloc::vec::Vec;
+use core::sync::atomic::Ordering;
 use formats::archive::Archive;
 
 /// Length of a time slice.
@@ -19,23 +26,45 @@ pub const SLICE_US: u64 = 10_000;
 /// (only SVM lacks next-RIP save; VMCALL is `0f 01 c1`).
 const VMMCALL: [u8; 3] = [0x0f, 0x01, 0xd9];
 
-/// Runs the guests `specs` from `archive` to completion; true if every guest ended as expected.
-pub fn run_guests<B: Backend>(backend: &mut B, frames: &Frames, archive: Archive, specs: &[GuestSpec], drivers: super::Drivers) -> bool {
+/// Runs the guests `specs` from `archive` to completion on the `cpus` online CPUs (this is
+/// the boot CPU, index 0); true if every guest ended as expected.
+pub fn run_guests<B: Backend>(backend: &mut B, frames: &Frames, archive: Archive, specs: &[GuestSpec], drivers: super::Drivers, cpus: usize) -> bool {
+    let cpus = cpus.clamp(1, ipi::MAX_CPUS);
     let free_before = frames.free_frames();
     let mut guests: Vec<Option<Guest<B>>> = Vec::new();
-    let mut done: Vec<Summary> = Vec::new();
+    let mut placements = Vec::new();
     let mut all_created = true;
+    let mut next_cpu = 0;
     for (id, spec) in specs.iter().enumerate() {
+        guests.push(None);
         let Some(image) = archive.get(spec.name) else {
             log::error!(target: "vm", "guest {id} ({}): no such guest in the boot archive", spec.name);
             all_created = false;
             continue;
         };
-        match Guest::create(id as u32, *spec, image, backend, frames) {
-            Ok(g) => {
-                log::info!(target: "vm", "guest {id} ({}): {} MiB, image {} KiB, started",
-                    spec.name, spec.memory >> 20, image.len() / 1024);
-                guests.push(Some(g));
+        if let Some(k) = spec.cpu.filter(|&k| k >= cpus) {
+            log::error!(target: "vm", "guest {id} ({}): cpu={k}, but only CPUs 0-{} are online", spec.name, cpus - 1);
+            all_created = false;
+            continue;
+        }
+        match Guest::create(id as u32, *spec, image, frames) {
+            Ok((g, setups)) => {
+                let mut on = Vec::new();
+                for setup in setups {
+                    let cpu = spec.cpu.unwrap_or_else(|| {
+                        next_cpu += 1;
+                        (next_cpu - 1) % cpus
+                    });
+                    on.push(cpu);
+                    placements.push(Placement { cpu, guest: id as u32, setup });
+                }
+                match spec.vcpus {
+                    1 => log::info!(target: "vm", "guest {id} ({}): {} MiB, image {} KiB, started on cpu {}",
+                        spec.name, spec.memory >> 20, image.len() / 1024, on[0]),
+                    n => log::info!(target: "vm", "guest {id} ({}): {} MiB, image {} KiB, {n} vCPUs on cpus {on:?}, started",
+                        spec.name, spec.memory >> 20, image.len() / 1024),
+                }
+                guests[id] = Some(g);
             }
             Err(e) => {
                 log::error!(target: "vm", "guest {id} ({}): cannot create: {e}", spec.name);
@@ -43,62 +72,184 @@ pub fn run_guests<B: Backend>(backend: &mut B, frames: &Frames, archive: Archive
             }
         }
     }
+    let created = guests.iter().filter(|g| g.is_some()).count();
     let mut cx = Context {
-        guest_count: guests.len() as u64,
+        guest_count: created as u64,
         morsels: Directory::new(drivers.pmem),
         exmaps: Default::default(),
         devices: drivers.devices,
         frames: *frames,
     };
     cx.morsels.load_persistent();
-    let mut live = guests.len();
-    while live > 0 {
-        for slot in guests.iter_mut() {
-            let Some(guest) = slot else { continue };
-            run_slice(backend, guest, &mut cx);
-            if guest.state != State::Runnable {
-                cx.morsels.drop_mounts(guest, backend, cx.devices.as_mut(), frames);
-                cx.exmaps.guest_ended(guest.id, frames);
-                if let Some(g) = slot.take() {
-                    done.push(g.destroy(backend, frames));
+    let run: &'static Run<B> = Box::leak(Box::new(Run {
+        world: spin::Mutex::new(World { guests, cx, done: Vec::new() }),
+        placements,
+        cpus,
+        finished: core::sync::atomic::AtomicUsize::new(0),
+    }));
+    runqueue::publish(run);
+    cpu_loop(run, backend, 0, frames);
+    runqueue::wait_all_finished(run);
+    let mut w = runqueue::lock(run);
+    let World { cx, done, .. } = &mut *w;
+    cx.morsels.log_stats();
+    cx.exmaps.log_stats();
+    super::shootdown::log_stats();
+    cx.morsels.destroy_all(cx.devices.as_mut(), frames);
+    frames.drain();
+    let reclaims = crate::mm::frames::RECLAIMS.load(Ordering::Relaxed);
+    if reclaims > 0 {
+        log::info!(target: "alloc", "out-of-memory allocations that drained the other CPUs first: {reclaims}");
+    }
+    done.sort_by_key(|s| s.id);
+    // Every CPU drained its allocator core when its queue emptied: the count is exact.
+    report::<B>(done, frames.free_frames() as i64 - free_before as i64) && all_created
+}
+
+/// One vCPU in a CPU's run queue.
+struct Slot<B: Backend> {
+    guest: u32,
+    index: u32,
+    vcpu: B::Vcpu,
+    /// The CPU's flush generation this vCPU last flushed at (`arch::ipi`).
+    seen_flush: u64,
+    exits: [u64; ExitKind::COUNT],
+    /// Set when the vCPU is done.
+    end: Option<State>,
+}
+
+/// Creates this CPU's vCPUs, runs them round-robin until every one ended, and drains this
+/// CPU's allocator core.
+pub fn cpu_loop<B: Backend>(run: &Run<B>, backend: &mut B, me: usize, frames: &Frames) {
+    let mut queue: Vec<Slot<B>> = Vec::new();
+    for p in run.placements.iter().filter(|p| p.cpu == me) {
+        match backend.create_vcpu(&p.setup, frames) {
+            Ok(vcpu) => queue.push(Slot {
+                guest: p.guest,
+                index: p.setup.rsi as u32,
+                vcpu,
+                seen_flush: u64::MAX,
+                exits: [0; ExitKind::COUNT],
+                end: None,
+            }),
+            Err(e) => {
+                let mut w = runqueue::lock(run);
+                let World { guests, cx, done } = &mut *w;
+                if let Some(g) = guests.get_mut(p.guest as usize).and_then(|g| g.as_mut()) {
+                    log::error!(target: "vm", "guest {} ({}) stopped: vcpu {} cannot be created on cpu {me}: {e}", g.id, g.spec.name, p.setup.rsi);
+                    g.state = State::Stopped;
                 }
-                live -= 1;
+                let v = VcpuSummary { index: p.setup.rsi as u32, cpu: me, state: State::Stopped, exits: [0; ExitKind::COUNT] };
+                vcpu_done(guests, cx, done, p.guest, v, backend, frames, me);
             }
         }
     }
-    cx.morsels.log_stats();
-    cx.exmaps.log_stats();
-    cx.morsels.destroy_all(cx.devices.as_mut(), frames);
-    report::<B>(&done, frames.free_frames() as i64 - free_before as i64) && all_created
+    while !queue.is_empty() {
+        let mut i = 0;
+        while i < queue.len() {
+            run_slice(backend, &mut queue[i], run, me);
+            if queue[i].end.is_some() {
+                let s = queue.swap_remove(i);
+                let state = s.end.unwrap_or(State::Stopped);
+                backend.destroy_vcpu(s.vcpu, frames);
+                let v = VcpuSummary { index: s.index, cpu: me, state, exits: s.exits };
+                let mut w = runqueue::lock(run);
+                let World { guests, cx, done } = &mut *w;
+                vcpu_done(guests, cx, done, s.guest, v, backend, frames, me);
+            } else {
+                i += 1;
+            }
+        }
+    }
+    frames.drain();
+    run.finished.fetch_add(1, Ordering::AcqRel);
 }
 
-/// Runs `guest` until its slice ends, it yields, exits or is stopped. The slice is a budget
-/// of time across exits: every exit the hypervisor handles in place (hypercall, CPUID) is
-/// charged to it, so a guest that loops on them is preempted like one that spins.
-fn run_slice<B: Backend>(backend: &mut B, guest: &mut Guest<B>, cx: &mut Context<B>) {
+/// A vCPU ended (its control structures are gone); the last one of its guest takes the
+/// guest down: mounts, ExMap caches, memory.
+#[allow(clippy::too_many_arguments)]
+fn vcpu_done<B: Backend>(guests: &mut [Option<Guest<B>>], cx: &mut Context<B>, done: &mut Vec<Summary>, id: u32, v: VcpuSummary, backend: &mut B, frames: &Frames, _me: usize) {
+    let Some(slot) = guests.get_mut(id as usize) else { return };
+    let Some(g) = slot.as_mut() else { return };
+    if !g.vcpu_ended(v) {
+        return;
+    }
+    cx.morsels.drop_mounts(g, backend, cx.devices.as_mut(), frames);
+    cx.exmaps.guest_ended(g.id, frames);
+    if let Some(g) = slot.take() {
+        done.push(g.destroy(frames));
+    }
+}
+
+/// Runs vCPU `s` until its slice ends, it yields, exits or its guest is stopped. The slice
+/// is a budget of time across exits: every exit the hypervisor handles in place (hypercall,
+/// CPUID) is charged to it, so a guest that loops on them is preempted like one that spins.
+fn run_slice<B: Backend>(backend: &mut B, s: &mut Slot<B>, run: &Run<B>, me: usize) {
     let per_us = crate::platform::time::tsc_per_us().max(1);
     let deadline = crate::platform::time::tsc() + SLICE_US * per_us;
+    let mut w = runqueue::lock(run);
     loop {
-        let Some(vcpu) = guest.vcpu.as_mut() else { return };
+        {
+            let World { guests, .. } = &mut *w;
+            let Some(guest) = guests.get_mut(s.guest as usize).and_then(|g| g.as_mut()) else {
+                s.end = Some(State::Stopped);
+                return;
+            };
+            if guest.state != State::Runnable {
+                // Stopped by another vCPU (reported there) while this one ran or waited.
+                s.end = Some(State::Stopped);
+                return;
+            }
+            let now = crate::platform::time::tsc();
+            if now >= deadline {
+                let rip = B::regs(&mut s.vcpu).rip;
+                s.exits[ExitKind::Preempted as usize] += 1;
+                end_slice(guest, rip);
+                kick_if_stopped(guest, me);
+                return;
+            }
+            guest.ran_on |= 1 << me;
+            super::shootdown::note_ran(me);
+        }
+        drop(w);
+        // The host runs with interrupts off: a shootdown IPI that arrives after this check
+        // is taken in guest mode (an exit), so no entry misses a flush it was asked for.
+        let gen = ipi::flush_gen(me);
+        if s.seen_flush != gen {
+            backend.flush_second_level(&mut s.vcpu);
+            s.seen_flush = gen;
+        }
         let now = crate::platform::time::tsc();
-        if now >= deadline {
-            let rip = B::regs(vcpu).rip;
-            end_slice(guest, rip);
+        let exit = backend.run(&mut s.vcpu, deadline.saturating_sub(now).div_ceil(per_us).max(1));
+        let cr3 = B::guest_cr3(&mut s.vcpu);
+        let mut regs = *B::regs(&mut s.vcpu);
+        s.exits[exit.kind() as usize] += 1;
+        w = runqueue::lock(run);
+        let World { guests, cx, .. } = &mut *w;
+        let Some(guest) = guests.get_mut(s.guest as usize).and_then(|g| g.as_mut()) else {
+            s.end = Some(State::Stopped);
+            return;
+        };
+        guest.exits[exit.kind() as usize] += 1;
+        if guest.state != State::Runnable {
+            s.end = Some(State::Stopped);
             return;
         }
-        cx.exmaps.before_run(guest, backend);
-        let Some(vcpu) = guest.vcpu.as_mut() else { return };
-        let exit = backend.run(vcpu, (deadline - now).div_ceil(per_us));
-        let cr3 = B::guest_cr3(vcpu);
-        let mut regs = *B::regs(vcpu);
-        guest.exits[exit.kind() as usize] += 1;
+        let caller = Caller { vcpu: s.index, cpu: me };
         let go_on = match exit {
             Exit::Hypercall { resume, cpl } => match resume_at(guest, &regs, cr3, resume, &VMMCALL) {
                 None => false,
                 Some(next_rip) => {
                     regs.rip = next_rip;
                     if cpl == 0 {
-                        hypercall::handle(guest, backend, &mut regs, cx) == Action::Continue
+                        match hypercall::handle(guest, caller, backend, &mut regs, cx) {
+                            Action::Continue => true,
+                            Action::Yield => false,
+                            Action::Exit(code) => {
+                                s.end = Some(State::Exited(code));
+                                false
+                            }
+                        }
                     } else {
                         hypercall::deny_user_mode(&mut regs);
                         true
@@ -127,6 +278,7 @@ fn run_slice<B: Backend>(backend: &mut B, guest: &mut Guest<B>, cx: &mut Context
                 // A yield that still pays for its slice: halting in a loop uses the budget.
                 if let Some(next_rip) = resume_at(guest, &regs, cr3, resume, &[0xf4]) {
                     regs.rip = next_rip;
+                    s.exits[ExitKind::Preempted as usize] += 1;
                     end_slice(guest, regs.rip);
                 }
                 false
@@ -140,11 +292,28 @@ fn run_slice<B: Backend>(backend: &mut B, guest: &mut Guest<B>, cx: &mut Context
                 false
             }
         };
-        if let Some(vcpu) = guest.vcpu.as_mut() {
-            *B::regs(vcpu) = regs;
-        }
-        if !go_on || guest.state != State::Runnable {
+        *B::regs(&mut s.vcpu) = regs;
+        if guest.state != State::Runnable {
+            kick_if_stopped(guest, me);
+            if s.end.is_none() {
+                s.end = Some(State::Stopped);
+            }
             return;
+        }
+        if !go_on || s.end.is_some() {
+            return;
+        }
+    }
+}
+
+/// A guest stopped by this CPU: its vCPUs on other CPUs leave guest mode now (the IPI
+/// forces an exit) and end there at once.
+fn kick_if_stopped<B: Backend>(guest: &Guest<B>, me: usize) {
+    if guest.state == State::Stopped {
+        for cpu in 0..ipi::MAX_CPUS {
+            if cpu != me && guest.ran_on & (1 << cpu) != 0 {
+                ipi::send(cpu);
+            }
         }
     }
 }
@@ -255,6 +424,24 @@ fn report<B: Backend>(done: &[Summary], frames_delta: i64) -> bool {
             }
         }
         log::info!(target: B::NAME, "guest {} ({}): exits:{line}", s.id, s.spec.name);
+        if s.spec.vcpus > 1 {
+            let mut vcpus = s.vcpus.clone();
+            vcpus.sort_by_key(|v| v.index);
+            for v in vcpus {
+                let end = match v.state {
+                    State::Exited(code) => alloc::format!("exited with code {code}"),
+                    _ => "stopped".into(),
+                };
+                let mut line = alloc::string::String::new();
+                for kind in ExitKind::ALL {
+                    let n = v.exits[kind as usize];
+                    if n > 0 {
+                        line.push_str(&alloc::format!(" {}={n}", kind.name()));
+                    }
+                }
+                log::info!(target: B::NAME, "guest {} ({}) vcpu {} on cpu {}: {end}; exits:{line}", s.id, s.spec.name, v.index, v.cpu);
+            }
+        }
     }
     match -frames_delta.min(0) {
         0 => log::info!(target: "alloc", "frames not returned after all guests ended: 0"),

@@ -173,7 +173,7 @@ impl Backend for Vmx {
         let mut vcpu = Vcpu {
             vmcs,
             eptp,
-            regs: Regs { rip: s.rip, rsp: s.rsp, rdi: s.rdi, ..Regs::default() },
+            regs: Regs { rip: s.rip, rsp: s.rsp, rdi: s.rdi, rsi: s.rsi, ..Regs::default() },
             fpu: FpuState::initial(),
             launched: false,
             flush: true,

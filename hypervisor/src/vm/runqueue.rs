@@ -1,0 +1,122 @@
+//! The run every CPU takes part in, and each CPU's own run queue.
+//!
+//! Placement is static (documented, no work stealing): the boot CPU builds every guest and
+//! decides, per vCPU, the CPU it runs on: `:cpu=K` puts all of a guest's vCPUs on CPU K,
+//! otherwise the vCPUs of all guests are dealt round-robin over the online CPUs in command
+//! line order. Each CPU then creates its own vCPUs with its own backend instance (a VMCS is
+//! bound to the CPU that loaded it; the VMCS host state and SVM's ASID bookkeeping are that
+//! CPU's) and keeps them in its run queue, a plain vector only it touches; it runs them
+//! round-robin, a time slice each, preempted by its own timer (SVM: its LAPIC timer, VMX:
+//! the preemption timer).
+//!
+//! What the vCPUs share (the guests' memory tables, mounts, consoles and states, the
+//! hypercall `Context`) is the `World`, behind ONE spin lock: taken for every exit a CPU
+//! handles, never while a guest runs. A CPU spinning for it keeps acknowledging shootdown
+//! requests (`lock`), so the holder may wait for acknowledgments inside a hypercall.
+
+use super::guest::{Guest, Summary};
+use super::hypercall::Context;
+use super::{Backend, VcpuSetup};
+use crate::arch::ipi;
+use crate::mm::frames::Frames;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicUsize, Ordering};
+
+/// What all CPUs share during the run (behind `Run::world`).
+pub struct World<B: Backend> {
+    /// By guest id; None once it ended (or if it could not be created).
+    pub guests: Vec<Option<Guest<B>>>,
+    pub cx: Context<B>,
+    /// Guests that ended, for the final report.
+    pub done: Vec<Summary>,
+}
+
+/// One vCPU to create: on CPU `cpu`, for guest `guest`, with `setup` (its index in rsi).
+pub struct Placement {
+    pub cpu: usize,
+    pub guest: u32,
+    pub setup: VcpuSetup,
+}
+
+/// One run of the command line's guests.
+pub struct Run<B: Backend> {
+    pub world: spin::Mutex<World<B>>,
+    pub placements: Vec<Placement>,
+    /// CPUs taking part (indices 0..cpus).
+    pub cpus: usize,
+    /// CPUs whose run queue is empty for good (and whose allocator core is drained).
+    pub finished: AtomicUsize,
+}
+
+// SAFETY: the vCPU setups are plain data; everything mutable is behind the world lock
+// or atomic. `B::Format` tables are only edited under the lock.
+unsafe impl<B: Backend> Sync for Run<B> {}
+// SAFETY: as above.
+unsafe impl<B: Backend> Send for Run<B> {}
+
+/// Takes the world lock, acknowledging shootdowns while it waits.
+pub fn lock<B: Backend>(run: &Run<B>) -> spin::MutexGuard<'_, World<B>> {
+    loop {
+        if let Some(w) = run.world.try_lock() {
+            return w;
+        }
+        ipi::service();
+        core::hint::spin_loop();
+    }
+}
+
+/// The published run (address) and the backend name it was made for.
+static PUBLISHED: AtomicUsize = AtomicUsize::new(0);
+static PUBLISHED_FOR: spin::Once<&'static str> = spin::Once::new();
+
+/// Makes `run` visible to the other CPUs and wakes them (IPI).
+pub fn publish<B: Backend>(run: &'static Run<B>) {
+    PUBLISHED_FOR.call_once(|| B::NAME);
+    PUBLISHED.store(run as *const Run<B> as usize, Ordering::Release);
+    for cpu in 1..run.cpus {
+        ipi::send(cpu);
+    }
+}
+
+/// The run the boot CPU published, if it was made for this CPU's backend `B`.
+pub fn published<B: Backend>() -> Option<&'static Run<B>> {
+    let at = PUBLISHED.load(Ordering::Acquire);
+    if at == 0 || PUBLISHED_FOR.get().copied() != Some(B::NAME) {
+        return None;
+    }
+    // SAFETY: `publish` stored the address of a leaked `Run<B>` for a backend of the same
+    // name, which is the same type (one type per name), and it is never freed.
+    Some(unsafe { &*(at as *const Run<B>) })
+}
+
+/// Waits, acknowledging shootdowns, until every CPU finished its run queue.
+pub fn wait_all_finished<B: Backend>(run: &Run<B>) {
+    while run.finished.load(Ordering::Acquire) < run.cpus {
+        ipi::service();
+        core::hint::spin_loop();
+    }
+}
+
+/// An AP with nothing to do: halt until an interrupt (interrupts off again after it).
+pub fn idle_once() {
+    ipi::service();
+    // SAFETY: STI takes effect after HLT starts (one-instruction shadow), so no interrupt is
+    // lost between them; every vector has a handler; CLI restores the host's IF = 0.
+    unsafe { core::arch::asm!("sti", "hlt", "cli", options(nomem, nostack)) };
+}
+
+/// What an AP does once its backend is enabled: wait for the run, take part, then idle.
+pub fn serve<B: Backend>(cpu: usize, frames: Frames, mut backend: B) -> ! {
+    let mut served = false;
+    loop {
+        if !served {
+            if let Some(run) = published::<B>() {
+                if cpu < run.cpus {
+                    super::sched::cpu_loop(run, &mut backend, cpu, &frames);
+                }
+                served = true;
+            }
+        }
+        idle_once();
+    }
+}

@@ -1,0 +1,324 @@
+//! SMP checks, one per `arg`:
+//! * 0 / 1 (two guests, one per CPU): "race" shared read-write; each adds to its own counter
+//!   without ever yielding and counts how often it sees the other's counter move between two
+//!   of its own reads that lie close in time (no preemption between them). Only possible if
+//!   both run at once; after 3 such sightings each it exits 0 (1 if it never gets them).
+//! * 2 (one guest, N vCPUs): every vCPU adds 1 with `fetch_add` `ADDS` times into one counter
+//!   of a private morsel; vCPU 0 checks the exact total N * ADDS.
+//! * 3 (two vCPUs) + 4 (a second guest, the witness): vCPU 1 reads "victim" in a tight loop;
+//!   vCPU 0 unmounts it, then sets FLAG in the shared "witness" morsel. vCPU 1 counts reads it
+//!   started after it saw FLAG (into "witness"); a complete shootdown stops it at the first
+//!   such read. Guest 4 waits until the unmount began and a while longer, then prints the
+//!   count (must be 0).
+//! * 5 (one guest, N vCPUs): all CPUs create, fill, check and destroy morsels of 4 KiB and
+//!   2 MiB pages in a loop; every page carries a tag of its owner, checked before destroy.
+//! * 6 (one guest, N vCPUs): vCPUs 1.. spin, vCPU 0 waits for them and then reads outside its
+//!   memory: the whole guest is stopped.
+#![no_std]
+#![no_main]
+
+use core::ptr::read_volatile;
+use core::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use guest_lib::morsel::{self, PageSize};
+use guest_lib::{println, yield_now, BootInfo, Error};
+
+guest_lib::entry!(main, vcpu_main);
+
+/// The mount other vCPUs of this guest use (0: not yet).
+static SHARED: AtomicU64 = AtomicU64::new(0);
+/// A second mount (the witness of arg 3).
+static WITNESS: AtomicU64 = AtomicU64::new(0);
+/// vCPUs that are done (or, for arg 6, spinning).
+static READY: AtomicU64 = AtomicU64::new(0);
+
+const ADDS: u64 = 20_000;
+
+fn main(info: &BootInfo) -> i32 {
+    match info.arg {
+        0 | 1 => at_once(info.arg as usize),
+        2 => sum_main(info),
+        3 => unmount_main(),
+        4 => witness(),
+        5 => churn(info, 0),
+        6 => fault_main(info),
+        _ => 2,
+    }
+}
+
+fn vcpu_main(info: &BootInfo, vcpu: u32) -> i32 {
+    match info.arg {
+        2 => sum_vcpu(),
+        3 => reader(),
+        5 => churn(info, vcpu),
+        6 => {
+            READY.fetch_add(1, SeqCst);
+            loop {
+                core::hint::spin_loop();
+            }
+        }
+        _ => 0,
+    }
+}
+
+/// Waits (yielding) for the mount another vCPU of this guest publishes in `slot`.
+fn wait_for(slot: &AtomicU64) -> &'static [AtomicU64] {
+    loop {
+        let gpa = slot.load(SeqCst);
+        if gpa != 0 {
+            if let Some(a) = morsel::atomics_at(gpa) {
+                return a;
+            }
+        }
+        yield_now();
+    }
+}
+
+fn open_shared(name: &str, create: bool) -> Result<morsel::MorselMut, Error> {
+    if create {
+        return morsel::create(name, 1 << 20, PageSize::Size4K, true);
+    }
+    loop {
+        match morsel::open_mut(name) {
+            Err(Error::NotFound) => yield_now(),
+            other => return other,
+        }
+    }
+}
+
+fn tsc() -> u64 {
+    // SAFETY: RDTSC only reads the time stamp counter.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+/// A gap this long between two of our own reads means we were not running in between.
+const GAP: u64 = 200_000;
+
+fn at_once(me: usize) -> i32 {
+    let other = 1 - me;
+    let m = match open_shared("race", me == 0) {
+        Ok(m) => m,
+        Err(e) => {
+            println!("smp {me}: race: {e}");
+            return 1;
+        }
+    };
+    let a = m.atomics();
+    a[8 + me].store(1, SeqCst); // present
+    let (mut sightings, mut gaps) = (0u32, 0u32);
+    let mut last = (tsc(), a[other].load(SeqCst));
+    let mut spins: u64 = 0;
+    // Never yields: runs until it saw the other move 3 times and the other is done too.
+    loop {
+        a[me].fetch_add(1, SeqCst);
+        spins += 1;
+        let now = (tsc(), a[other].load(SeqCst));
+        if now.0 - last.0 > GAP {
+            gaps += 1; // preempted (or the host stalled us): this pair does not count
+        } else if now.1 != last.1 && a[8 + other].load(SeqCst) != 0 && sightings < 3 {
+            sightings += 1;
+            if sightings == 3 {
+                println!("smp {me}: saw the other guest's counter move 3 times while running without a yield ({spins} spins, {gaps} gaps)");
+                a[16 + me].store(1, SeqCst);
+            }
+        }
+        last = now;
+        if sightings == 3 && a[16 + other].load(SeqCst) != 0 {
+            return 0;
+        }
+        if sightings < 3 && (gaps > 200 || spins > 40_000_000) {
+            println!("smp {me}: never saw the other guest's counter move while running ({sightings} sightings, {gaps} gaps, {spins} spins)");
+            a[16 + me].store(1, SeqCst);
+            return 1;
+        }
+        if sightings == 3 && gaps > 400 {
+            println!("smp {me}: the other guest never finished");
+            return 1;
+        }
+    }
+}
+
+fn sum_main(info: &BootInfo) -> i32 {
+    let m = match morsel::create("sum", 4096, PageSize::Size4K, false) {
+        Ok(m) => m,
+        Err(e) => {
+            println!("smp: sum: {e}");
+            return 1;
+        }
+    };
+    SHARED.store(m.addr(), SeqCst);
+    let a = m.atomics();
+    for _ in 0..ADDS {
+        a[0].fetch_add(1, SeqCst);
+    }
+    let others = info.vcpu_count - 1;
+    while READY.load(SeqCst) < others {
+        yield_now();
+    }
+    let want = info.vcpu_count * ADDS;
+    let got = a[0].load(SeqCst);
+    println!("smp: {} vCPUs added {ADDS} each: total {got}, expected {want}: {}", info.vcpu_count,
+        if got == want { "exact" } else { "WRONG" });
+    (got != want) as i32
+}
+
+fn sum_vcpu() -> i32 {
+    let a = wait_for(&SHARED);
+    println!("smp: vcpu {} adding on cpu {}", guest_lib::vcpu_index(), guest_lib::cpu_index());
+    for _ in 0..ADDS {
+        a[0].fetch_add(1, SeqCst);
+    }
+    READY.fetch_add(1, SeqCst);
+    0
+}
+
+fn unmount_main() -> i32 {
+    let w = match open_shared("witness", true) {
+        Ok(w) => w,
+        Err(e) => {
+            println!("smp: witness: {e}");
+            return 1;
+        }
+    };
+    let victim = match morsel::create("victim", 4096, PageSize::Size4K, false) {
+        Ok(v) => v,
+        Err(e) => {
+            println!("smp: victim: {e}");
+            return 1;
+        }
+    };
+    WITNESS.store(w.addr(), SeqCst);
+    SHARED.store(victim.addr(), SeqCst);
+    let wa = w.atomics();
+    // The reader is reading (its count of reads before FLAG moves).
+    while wa[2].load(SeqCst) < 1000 {
+        yield_now();
+    }
+    println!("smp: unmounting 'victim' while vcpu 1 reads it on another CPU");
+    wa[3].store(1, SeqCst);
+    drop(victim); // morsel_unmount: returns after the shootdown
+    wa[0].store(1, SeqCst); // FLAG, only after the call returned
+    println!("smp: unmount returned, flag set");
+    loop {
+        core::hint::spin_loop(); // the reader's fault stops this guest
+    }
+}
+
+fn reader() -> i32 {
+    let wa = wait_for(&WITNESS);
+    let gpa = loop {
+        let g = SHARED.load(SeqCst);
+        if g != 0 {
+            break g;
+        }
+        yield_now();
+    };
+    println!("smp: vcpu 1 reading 'victim' at {gpa:#x} on cpu {}", guest_lib::cpu_index());
+    loop {
+        let after = wa[0].load(SeqCst) != 0;
+        // SAFETY: the victim is mounted at gpa until vCPU 0 unmounts it; after that the read
+        // is a second-level fault (what this checks), never other memory.
+        let _ = unsafe { read_volatile(gpa as *const u64) };
+        if after {
+            wa[1].fetch_add(1, SeqCst);
+        } else {
+            wa[2].fetch_add(1, SeqCst);
+        }
+    }
+}
+
+fn witness() -> i32 {
+    let w = match open_shared("witness", false) {
+        Ok(w) => w,
+        Err(e) => {
+            println!("witness: {e}");
+            return 1;
+        }
+    };
+    let wa = w.atomics();
+    // The unmount began; the reader may be stopped before vCPU 0 gets to set the flag.
+    while wa[3].load(SeqCst) == 0 {
+        yield_now();
+    }
+    for _ in 0..200 {
+        yield_now();
+    }
+    let after = wa[1].load(SeqCst);
+    println!("witness: reads started after the unmount returned: {after} ({} before; flag {})", wa[2].load(SeqCst),
+        if wa[0].load(SeqCst) != 0 { "set" } else { "not set yet: the reader was stopped first" });
+    (after != 0) as i32
+}
+
+fn churn(info: &BootInfo, vcpu: u32) -> i32 {
+    let mut name = [0u8; 16];
+    for i in 0..16u64 {
+        for (page, size) in [(PageSize::Size4K, 64u64 << 10), (PageSize::Size2M, 4 << 20)] {
+            let n = fmt_name(&mut name, vcpu, i, page == PageSize::Size2M);
+            let m = loop {
+                match morsel::create(n, size, page, false) {
+                    Ok(m) => break m,
+                    Err(Error::NoMemory) => yield_now(),
+                    Err(e) => {
+                        println!("smp: vcpu {vcpu}: create {n}: {e}");
+                        return 1;
+                    }
+                }
+            };
+            let a = m.atomics();
+            let tag = ((vcpu as u64) << 48) | (i << 8) | 0xa5;
+            let step = if page == PageSize::Size2M { 2 << 20 } else { 4096 } / 8;
+            for k in (0..a.len()).step_by(step) {
+                a[k].store(tag ^ k as u64, SeqCst);
+            }
+            yield_now(); // let the others allocate in between
+            for k in (0..a.len()).step_by(step) {
+                let got = a[k].load(SeqCst);
+                if got != tag ^ k as u64 {
+                    println!("smp: vcpu {vcpu}: {n} word {k} holds {got:#x}, not its own tag: a frame handed out twice");
+                    return 1;
+                }
+            }
+            drop(m);
+            if let Err(e) = morsel::destroy(n) {
+                println!("smp: vcpu {vcpu}: destroy {n}: {e}");
+                return 1;
+            }
+        }
+    }
+    println!("smp: vcpu {vcpu} on cpu {}: 32 morsels created, checked, destroyed", guest_lib::cpu_index());
+    if vcpu == 0 {
+        while READY.load(SeqCst) < info.vcpu_count - 1 {
+            yield_now();
+        }
+    } else {
+        READY.fetch_add(1, SeqCst);
+    }
+    0
+}
+
+/// "cV-I-s" / "cV-I-h" in `buf`.
+fn fmt_name(buf: &mut [u8; 16], vcpu: u32, i: u64, huge: bool) -> &str {
+    let mut n = 0;
+    let mut put = |b: u8| {
+        buf[n] = b;
+        n += 1;
+    };
+    put(b'c');
+    put(b'0' + (vcpu % 10) as u8);
+    put(b'-');
+    put(b'0' + (i / 10 % 10) as u8);
+    put(b'0' + (i % 10) as u8);
+    put(b'-');
+    put(if huge { b'h' } else { b's' });
+    core::str::from_utf8(&buf[..n]).unwrap_or("c")
+}
+
+fn fault_main(info: &BootInfo) -> i32 {
+    while READY.load(SeqCst) < info.vcpu_count - 1 {
+        yield_now();
+    }
+    println!("smp: {} other vCPUs spin; vcpu 0 now reads outside its memory", info.vcpu_count - 1);
+    // SAFETY: deliberately not safe: the second-level fault is what this checks.
+    let v = unsafe { read_volatile((info.memory_size + (64 << 20)) as *const u64) };
+    println!("smp: the read returned {v:#x}");
+    1
+}
