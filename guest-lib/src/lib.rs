@@ -21,7 +21,9 @@ pub mod console;
 pub mod device;
 pub mod exmap;
 pub mod hypercall;
+pub mod interrupts;
 pub mod morsel;
+pub mod notify;
 
 pub use abi::{BootInfo, Error};
 

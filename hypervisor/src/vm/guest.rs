@@ -100,6 +100,8 @@ pub struct Guest<B: Backend> {
     pub refusal: Option<alloc::string::String>,
     /// Refused hypercalls so far (the first few are logged at INFO, the rest at DEBUG).
     pub refusals: u32,
+    /// The exception vectors this guest takes through its own IDT (`guest_exceptions`).
+    pub handled_exceptions: u32,
 }
 
 impl<B: Backend> Guest<B> {
@@ -128,6 +130,7 @@ impl<B: Backend> Guest<B> {
             console: Console::new(),
             refusal: None,
             refusals: 0,
+            handled_exceptions: 0,
         };
         let load = Load { id, name: spec.name, memory: spec.memory, arg: spec.arg };
         let built = loader::load(&mut g.mem, &image, &load, frames)

@@ -33,6 +33,8 @@ pub struct Context<B: Backend> {
     /// The devices behind the IOMMU, reached only through here (None without an IOMMU).
     pub devices: Option<crate::devices::Devices>,
     pub frames: Frames,
+    /// Doorbells, wait states and timers of the vCPUs (`notify`).
+    pub notify: super::notify::Notify,
 }
 
 /// Handles the hypercall in `regs` (already past the instruction), writing status and value.
@@ -52,6 +54,15 @@ pub fn handle<B: Backend>(guest: &mut Guest<B>, backend: &mut B, regs: &mut Regs
             set(regs, Ok(0));
             return Action::Yield;
         }
+        // A parked vCPU gives up the CPU; `Notify::ready` writes its result when it wakes.
+        Ok(Call::Wait { mask, timeout }) => match cx.notify.wait(guest.id, mask, timeout) {
+            Ok(None) => return Action::Yield,
+            other => other.map(|got| got.unwrap_or(0)),
+        },
+        Ok(Call::Sleep { us }) => match cx.notify.wait(guest.id, 0, abi::Timeout::Micros(us)) {
+            Ok(None) => return Action::Yield,
+            other => other.map(|got| got.unwrap_or(0)),
+        },
         Ok(call) => dispatch(call, guest, backend, cx, &frames),
     };
     let reason = guest.refusal.take();
@@ -73,11 +84,18 @@ fn dispatch<B: Backend>(call: Call, guest: &mut Guest<B>, backend: &mut B, cx: &
     let morsels = &mut cx.morsels;
     let devices = cx.devices.as_mut();
     match call {
-        Call::Info { what } => info(guest, cx.guest_count, what),
+        Call::Info { what } => info(guest, cx.guest_count, what, cx.notify.injected(guest.id)),
         Call::ConsoleWrite { text } => console_write(guest, text),
         Call::MorselCreate { name, size, flags } => morsels.create(guest, frames, name, size, flags),
         Call::MorselOpen { name, writable } => morsels.open(guest, frames, name, writable),
-        Call::MorselUnmount { gpa } => morsels.unmount(guest, backend, frames, gpa),
+        Call::MorselUnmount { gpa } => {
+            let name = guest.mounts.iter().find(|m| m.gpa == gpa).and_then(|m| crate::morsels::try_string(&m.name).ok());
+            let done = morsels.unmount(guest, backend, frames, gpa);
+            if let (Ok(_), Some(name)) = (&done, name) {
+                cx.notify.unmounted(guest.id, &name);
+            }
+            done
+        }
         Call::MorselDestroy { name } => morsels.destroy(guest, frames, name),
         Call::MorselSize { gpa } => morsels.size(guest, gpa),
         Call::MorselStats => {
@@ -92,7 +110,17 @@ fn dispatch<B: Backend>(call: Call, guest: &mut Guest<B>, backend: &mut B, cx: &
         Call::DeviceUnmount { bdf, iova } => morsels.device_unmount(guest, devices, frames, Bdf::from_source_id(bdf), iova),
         Call::EduDma { to_device, iova, len } => morsels.edu_dma(guest, devices, to_device, iova, len),
         Call::Nvme { write, gpa, offset, lba, count } => morsels.nvme_io(guest, devices, frames, write, gpa, offset, lba, count),
-        Call::Exit { .. } | Call::Yield => Err(Error::Invalid),
+        Call::GuestExceptions { mask } => {
+            let old = core::mem::replace(&mut guest.handled_exceptions, mask);
+            if let Some(vcpu) = guest.vcpu.as_mut() {
+                B::guest_exceptions(vcpu, mask);
+            }
+            Ok(old as u64)
+        }
+        Call::NotifySubscribe { gpa, vector } => cx.notify.subscribe(guest, gpa, vector),
+        Call::Notify { gpa, bits } => cx.notify.notify(guest, gpa, bits),
+        Call::Timer { us, vector } => cx.notify.timer(guest.id, us, vector),
+        Call::Exit { .. } | Call::Yield | Call::Wait { .. } | Call::Sleep { .. } => Err(Error::Invalid),
     }
 }
 
@@ -115,13 +143,17 @@ fn set(regs: &mut Regs, result: Result<u64, Error>) {
     }
 }
 
-fn info<B: Backend>(guest: &Guest<B>, guest_count: u64, what: u64) -> Result<u64, Error> {
+fn info<B: Backend>(guest: &Guest<B>, guest_count: u64, what: u64, injected: u64) -> Result<u64, Error> {
     match what {
         abi::INFO_ABI_VERSION => Ok(abi::ABI_VERSION),
         abi::INFO_GUEST_ID => Ok(guest.id as u64),
         abi::INFO_MEMORY_SIZE => Ok(guest.spec.memory),
         abi::INFO_GUEST_COUNT => Ok(guest_count),
         abi::INFO_LOG_LEVEL => Ok(log::max_level() as u64),
+        abi::INFO_EXITS => Ok(guest.exits.iter().sum()),
+        abi::INFO_SLICES => Ok(guest.exits[super::ExitKind::Preempted as usize]),
+        abi::INFO_INTERRUPTS => Ok(injected),
+        abi::INFO_TSC_PER_US => Ok(crate::platform::time::tsc_per_us()),
         _ => Err(Error::NoSuchCall),
     }
 }

@@ -49,23 +49,35 @@ pub fn run_guests<B: Backend>(backend: &mut B, frames: &Frames, archive: Archive
         exmaps: Default::default(),
         devices: drivers.devices,
         frames: *frames,
+        notify: Default::default(),
     };
     cx.morsels.load_persistent();
     let mut live = guests.len();
     while live > 0 {
+        let mut ran = false;
         for slot in guests.iter_mut() {
             let Some(guest) = slot else { continue };
-            run_slice(backend, guest, &mut cx);
+            // notify hook: a waiting vCPU is not run (vm/notify.rs).
+            if cx.notify.ready(guest) {
+                run_slice(backend, guest, &mut cx);
+                ran = true;
+            }
             if guest.state != State::Runnable {
                 cx.morsels.drop_mounts(guest, backend, cx.devices.as_mut(), frames);
                 cx.exmaps.guest_ended(guest.id, frames);
+                cx.notify.guest_ended(guest.id);
                 if let Some(g) = slot.take() {
                     done.push(g.destroy(backend, frames));
                 }
                 live -= 1;
             }
         }
+        // notify hook: every live vCPU waits: halt until a deadline or report a deadlock.
+        if !ran && live > 0 {
+            cx.notify.idle(&mut guests);
+        }
     }
+    cx.notify.log_stats();
     cx.morsels.log_stats();
     cx.exmaps.log_stats();
     cx.morsels.destroy_all(cx.devices.as_mut(), frames);
@@ -87,6 +99,8 @@ fn run_slice<B: Backend>(backend: &mut B, guest: &mut Guest<B>, cx: &mut Context
             return;
         }
         cx.exmaps.before_run(guest, backend);
+        // notify hook: inject a pending virtual interrupt or ask for a window (vm/notify.rs).
+        cx.notify.before_run(guest);
         let Some(vcpu) = guest.vcpu.as_mut() else { return };
         let exit = backend.run(vcpu, (deadline - now).div_ceil(per_us));
         let cr3 = B::guest_cr3(vcpu);
@@ -135,6 +149,8 @@ fn run_slice<B: Backend>(backend: &mut B, guest: &mut Guest<B>, cx: &mut Context
                 check_budget(guest, regs.rip);
                 false
             }
+            // notify hook: the guest can take its interrupt now; the next entry injects it.
+            Exit::InterruptWindow => true,
             other => {
                 stop(guest, other, regs.rip);
                 false
