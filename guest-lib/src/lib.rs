@@ -17,6 +17,7 @@ extern crate freestanding;
 
 /// The hypercall ABI (its own crate, shared with the hypervisor).
 pub use abi;
+pub mod channel;
 pub mod console;
 pub mod device;
 pub mod exmap;
