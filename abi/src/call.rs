@@ -51,6 +51,34 @@ pub enum ExmapOp {
     Write,
 }
 
+/// How long `wait` may block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Timeout {
+    /// Do not block: take what is pending.
+    Poll,
+    /// At most this many microseconds (1..=`WAIT_MAX_US`).
+    Micros(u64),
+    /// Until a doorbell or an interrupt.
+    Forever,
+}
+
+/// A virtual interrupt vector: 32..=255.
+fn vector(v: u64) -> Result<u8, Error> {
+    match v {
+        FIRST_INTERRUPT_VECTOR..=255 => Ok(v as u8),
+        _ => Err(Error::Invalid),
+    }
+}
+
+/// A finite duration: 1..=`WAIT_MAX_US` microseconds.
+fn micros(us: u64) -> Result<u64, Error> {
+    match us {
+        0 => Err(Error::Invalid),
+        1..=WAIT_MAX_US => Ok(us),
+        _ => Err(Error::TooLarge),
+    }
+}
+
 /// A hypercall with its arguments, as the guest meant it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Call {
@@ -71,6 +99,14 @@ pub enum Call {
     ExmapCreate { name: Name, size: u64, share_writable: bool },
     ExmapAction { region: u64, iov: u64, count: u64, op: ExmapOp },
     ExmapInfo { region: u64, what: u64 },
+    GuestExceptions { mask: u32 },
+    /// `vector`: None for bits only.
+    NotifySubscribe { gpa: u64, vector: Option<u8> },
+    Notify { gpa: u64, bits: u64 },
+    Wait { mask: u64, timeout: Timeout },
+    Sleep { us: u64 },
+    /// `us` 0: cancel.
+    Timer { us: u64, vector: u8 },
 }
 
 fn flag(v: u64) -> Result<bool, Error> {
@@ -154,6 +190,35 @@ impl Call {
                 Call::ExmapAction { region: a[0], iov: a[1], count: a[2], op }
             }
             HC_EXMAP_INFO => Call::ExmapInfo { region: a[0], what: a[1] },
+            HC_GUEST_EXCEPTIONS => {
+                if a[0] & !GUEST_EXCEPTIONS != 0 {
+                    return Err(Error::Invalid);
+                }
+                Call::GuestExceptions { mask: a[0] as u32 }
+            }
+            HC_NOTIFY_SUBSCRIBE => Call::NotifySubscribe { gpa: a[0], vector: if a[1] == 0 { None } else { Some(vector(a[1])?) } },
+            HC_NOTIFY => {
+                if a[1] == 0 {
+                    return Err(Error::Invalid);
+                }
+                Call::Notify { gpa: a[0], bits: a[1] }
+            }
+            HC_WAIT => {
+                if a[0] == 0 {
+                    return Err(Error::Invalid);
+                }
+                let timeout = match a[1] {
+                    0 => Timeout::Poll,
+                    WAIT_FOREVER => Timeout::Forever,
+                    us => Timeout::Micros(micros(us)?),
+                };
+                Call::Wait { mask: a[0], timeout }
+            }
+            HC_SLEEP => Call::Sleep { us: micros(a[0])? },
+            HC_TIMER => match a[0] {
+                0 => Call::Timer { us: 0, vector: 0 },
+                us => Call::Timer { us: micros(us)?, vector: vector(a[1])? },
+            },
             _ => return Err(Error::NoSuchCall),
         })
     }
@@ -179,6 +244,12 @@ impl Call {
             HC_EXMAP_CREATE => "exmap_create",
             HC_EXMAP_ACTION => "exmap_action",
             HC_EXMAP_INFO => "exmap_info",
+            HC_GUEST_EXCEPTIONS => "guest_exceptions",
+            HC_NOTIFY_SUBSCRIBE => "notify_subscribe",
+            HC_NOTIFY => "notify",
+            HC_WAIT => "wait",
+            HC_SLEEP => "sleep",
+            HC_TIMER => "timer",
             _ => "unknown call",
         }
     }
@@ -238,10 +309,39 @@ mod tests {
     }
 
     #[test]
+    fn exception_masks_vectors_and_timeouts() {
+        assert_eq!(d(HC_GUEST_EXCEPTIONS, [1 << 14, 0, 0, 0, 0, 0]), Ok(Call::GuestExceptions { mask: 1 << 14 }));
+        assert_eq!(d(HC_GUEST_EXCEPTIONS, [GUEST_EXCEPTIONS, 0, 0, 0, 0, 0]), Ok(Call::GuestExceptions { mask: GUEST_EXCEPTIONS as u32 }));
+        for bad in [1 << 1, 1 << 2, 1 << 8, 1 << 17, 1 << 18, 1 << 31, 1 << 32, u64::MAX] {
+            assert_eq!(d(HC_GUEST_EXCEPTIONS, [bad, 0, 0, 0, 0, 0]), Err(Error::Invalid), "{bad:#x}");
+        }
+        assert_eq!(d(HC_NOTIFY_SUBSCRIBE, [7, 0, 0, 0, 0, 0]), Ok(Call::NotifySubscribe { gpa: 7, vector: None }));
+        assert_eq!(d(HC_NOTIFY_SUBSCRIBE, [7, 255, 0, 0, 0, 0]), Ok(Call::NotifySubscribe { gpa: 7, vector: Some(255) }));
+        for bad in [1, 14, 31, 256, u64::MAX] {
+            assert_eq!(d(HC_NOTIFY_SUBSCRIBE, [7, bad, 0, 0, 0, 0]), Err(Error::Invalid), "{bad}");
+            assert_eq!(d(HC_TIMER, [10, bad, 0, 0, 0, 0]), Err(Error::Invalid), "{bad}");
+        }
+        assert_eq!(d(HC_NOTIFY, [7, 0, 0, 0, 0, 0]), Err(Error::Invalid));
+        assert_eq!(d(HC_NOTIFY, [7, u64::MAX, 0, 0, 0, 0]), Ok(Call::Notify { gpa: 7, bits: u64::MAX }));
+        assert_eq!(d(HC_WAIT, [0, 10, 0, 0, 0, 0]), Err(Error::Invalid));
+        assert_eq!(d(HC_WAIT, [1, 0, 0, 0, 0, 0]), Ok(Call::Wait { mask: 1, timeout: Timeout::Poll }));
+        assert_eq!(d(HC_WAIT, [1, WAIT_MAX_US, 0, 0, 0, 0]), Ok(Call::Wait { mask: 1, timeout: Timeout::Micros(WAIT_MAX_US) }));
+        assert_eq!(d(HC_WAIT, [1, WAIT_MAX_US + 1, 0, 0, 0, 0]), Err(Error::TooLarge));
+        assert_eq!(d(HC_WAIT, [1, WAIT_FOREVER, 0, 0, 0, 0]), Ok(Call::Wait { mask: 1, timeout: Timeout::Forever }));
+        assert_eq!(d(HC_SLEEP, [0, 0, 0, 0, 0, 0]), Err(Error::Invalid));
+        assert_eq!(d(HC_SLEEP, [u64::MAX, 0, 0, 0, 0, 0]), Err(Error::TooLarge));
+        assert_eq!(d(HC_SLEEP, [500, 0, 0, 0, 0, 0]), Ok(Call::Sleep { us: 500 }));
+        assert_eq!(d(HC_TIMER, [0, 3, 0, 0, 0, 0]), Ok(Call::Timer { us: 0, vector: 0 }));
+        assert_eq!(d(HC_TIMER, [WAIT_MAX_US + 1, 40, 0, 0, 0, 0]), Err(Error::TooLarge));
+        assert_eq!(d(HC_TIMER, [100, 40, 0, 0, 0, 0]), Ok(Call::Timer { us: 100, vector: 40 }));
+    }
+
+    #[test]
     fn every_number_has_a_name() {
         for nr in [HC_INFO, HC_CONSOLE_WRITE, HC_EXIT, HC_YIELD, HC_MORSEL_CREATE, HC_MORSEL_OPEN, HC_MORSEL_UNMOUNT,
             HC_MORSEL_DESTROY, HC_MORSEL_SIZE, HC_MORSEL_STATS, HC_DEVICE_MOUNT, HC_DEVICE_UNMOUNT, HC_EDU_DMA,
-            HC_NVME_READ, HC_NVME_WRITE, HC_EXMAP_CREATE, HC_EXMAP_ACTION, HC_EXMAP_INFO]
+            HC_NVME_READ, HC_NVME_WRITE, HC_EXMAP_CREATE, HC_EXMAP_ACTION, HC_EXMAP_INFO, HC_GUEST_EXCEPTIONS,
+            HC_NOTIFY_SUBSCRIBE, HC_NOTIFY, HC_WAIT, HC_SLEEP, HC_TIMER]
         {
             assert_ne!(Call::name_of(nr), "unknown call", "{nr:#x}");
             assert_ne!(Call::decode(nr, [0x1000, 1, 4096, 0, 0, 0]), Err(Error::NoSuchCall), "{nr:#x}");

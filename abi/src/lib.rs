@@ -6,7 +6,7 @@
 #![no_std]
 
 mod call;
-pub use call::{Call, CreateFlags, ExmapOp, GuestSlice, Name};
+pub use call::{Call, CreateFlags, ExmapOp, GuestSlice, Name, Timeout};
 
 /// ABI version reported by `INFO_ABI_VERSION`.
 pub const ABI_VERSION: u64 = 1;
@@ -151,6 +151,44 @@ pub const EXMAP_INFO_WRITTEN: u64 = 8;
 pub const EXMAP_INFO_COMMANDS: u64 = 9;
 pub const EXMAP_INFO_MAX_DEPTH: u64 = 10;
 
+/// `guest_exceptions(mask)`: the exception vectors (bit N = vector N) this guest handles
+/// itself through its own IDT; every other exception still stops the guest. Only the bits in
+/// `GUEST_EXCEPTIONS` may be set (else `Invalid`). Returns the previous mask.
+pub const HC_GUEST_EXCEPTIONS: u64 = 0x40;
+/// Exceptions a guest may take itself: #DE, #BP, #OF, #BR, #UD, #NP, #SS, #GP, #PF, #MF, #XM.
+/// #DB and #AC stay intercepted (a guest could loop the CPU on them in microcode), as do NMI,
+/// #DF, #TS and #MC (their delivery is the hypervisor's business).
+pub const GUEST_EXCEPTIONS: u64 = 1 << 0 | 1 << 3 | 1 << 4 | 1 << 5 | 1 << 6 | 1 << 11 | 1 << 12 | 1 << 13 | 1 << 14 | 1 << 16 | 1 << 19;
+/// `notify_subscribe(mount_gpa, vector)`: this guest wants the doorbell bits others ring on
+/// the morsel it has mounted at `mount_gpa` (`NotFound` if it has none there); `vector` 0:
+/// bits only (for `wait`), 32..=255: also a virtual interrupt with that vector (else
+/// `Invalid`). Again for the same morsel replaces the vector. Ends with the mount.
+pub const HC_NOTIFY_SUBSCRIBE: u64 = 0x41;
+/// `notify(mount_gpa, bits)`: rings `bits` (non-zero, else `Invalid`) on the morsel the caller
+/// has mounted at `mount_gpa` (`NotFound` if none): every other guest that mounted it and
+/// subscribed gets the bits ORed into its pending set, and its interrupt if it asked for one.
+/// Returns how many guests it reached; `NoReceiver` if none subscribed.
+pub const HC_NOTIFY: u64 = 0x42;
+/// `wait(mask, timeout_us)`: blocks until a pending doorbell bit in `mask` (non-zero) is
+/// set, a virtual interrupt is pending for this guest, or `timeout_us` passed (0: do not
+/// block, `WAIT_FOREVER`: no timeout, else at most `WAIT_MAX_US`, else `TooLarge`). Returns
+/// the pending bits in `mask` (cleared by the call; 0 on a timeout or an interrupt). The
+/// scheduler does not run a waiting guest.
+pub const HC_WAIT: u64 = 0x43;
+/// `sleep(us)`: blocks for at least `us` (1..=`WAIT_MAX_US`) microseconds; doorbell bits
+/// stay pending, a virtual interrupt ends it early. Returns 0.
+pub const HC_SLEEP: u64 = 0x44;
+/// `timer(us, vector)`: a one-shot timer: after at least `us` microseconds (1..=`WAIT_MAX_US`)
+/// the guest gets a virtual interrupt with `vector` (32..=255); `us` = 0 cancels (vector
+/// ignored). One per vCPU: a new one replaces the old. Returns 0.
+pub const HC_TIMER: u64 = 0x45;
+/// `wait`'s timeout that never ends (only a doorbell or an interrupt wakes).
+pub const WAIT_FOREVER: u64 = u64::MAX;
+/// Longest finite timeout of `wait`, `sleep` and `timer`: 60 s.
+pub const WAIT_MAX_US: u64 = 60_000_000;
+/// Lowest vector a virtual interrupt may use (0-31 are exceptions).
+pub const FIRST_INTERRUPT_VECTOR: u64 = 32;
+
 /// The `bdf` argument of device calls: PCI bus, device, function as a 16-bit source id.
 pub const fn device_bdf(bus: u8, dev: u8, func: u8) -> u64 {
     (bus as u64) << 8 | (dev as u64) << 3 | func as u64
@@ -172,6 +210,15 @@ pub const INFO_VCPU_INDEX: u64 = 5;
 pub const INFO_VCPU_COUNT: u64 = 6;
 /// `info` selector: the index of the CPU the calling vCPU runs on.
 pub const INFO_CPU_INDEX: u64 = 7;
+/// `info` selector: VM exits of this guest so far (all kinds).
+pub const INFO_EXITS: u64 = 8;
+/// `info` selector: time slices this guest used up so far (preemptions).
+pub const INFO_SLICES: u64 = 9;
+/// `info` selector: virtual interrupts injected into this guest so far.
+pub const INFO_INTERRUPTS: u64 = 10;
+/// `info` selector: TSC ticks per microsecond as the hypervisor measured them (guests may
+/// read the TSC; `sleep` and `wait` deadlines are kept on it).
+pub const INFO_TSC_PER_US: u64 = 11;
 
 /// Longest console write accepted in one call.
 pub const CONSOLE_MAX: u64 = 4096;
@@ -200,13 +247,15 @@ pub enum Error {
     TooLarge = -8,
     /// A device failed the request or the IOMMU blocked its DMA.
     DeviceFault = -9,
+    /// A doorbell nobody listens to: no other guest subscribed to that morsel.
+    NoReceiver = -10,
 }
 
 impl Error {
     /// The error a negative status stands for (None for 0, positive or unknown statuses).
     pub fn from_status(status: i64) -> Option<Error> {
         use Error::*;
-        [NoSuchCall, BadAddress, Invalid, NoMemory, NotFound, Denied, Busy, TooLarge, DeviceFault]
+        [NoSuchCall, BadAddress, Invalid, NoMemory, NotFound, Denied, Busy, TooLarge, DeviceFault, NoReceiver]
             .into_iter()
             .find(|e| *e as i64 == status)
     }
@@ -223,6 +272,7 @@ impl Error {
             Error::Busy => "busy",
             Error::TooLarge => "too large",
             Error::DeviceFault => "device fault",
+            Error::NoReceiver => "no receiver",
         }
     }
 }

@@ -26,11 +26,14 @@ extern crate freestanding;
 
 /// The hypercall ABI (its own crate, shared with the hypervisor).
 pub use abi;
+pub mod channel;
 pub mod console;
 pub mod device;
 pub mod exmap;
 pub mod hypercall;
+pub mod interrupts;
 pub mod morsel;
+pub mod notify;
 
 pub use abi::{BootInfo, Error};
 

@@ -52,6 +52,10 @@ pub const PIN_NMI_EXITING: u32 = 1 << 3;
 pub const PIN_PREEMPTION_TIMER: u32 = 1 << 6;
 
 // Primary processor-based controls (SDM Vol. 3C 25.6.2, table 25-6).
+/// Interrupt-window exiting (bit 2): exit at the first instruction boundary where RFLAGS.IF
+/// = 1 and no STI / MOV SS blocking (SDM Vol. 3C 26.2, 26.6.5). Required (every VMX CPU has
+/// it), off in the words decided here, turned on per vCPU while a virtual interrupt waits.
+pub const PROC_INTERRUPT_WINDOW_EXITING: u32 = 1 << 2;
 pub const PROC_HLT_EXITING: u32 = 1 << 7;
 /// MOV to / from CR8 exit: without it a guest writes the host's task priority (TPR).
 pub const PROC_CR8_LOAD_EXITING: u32 = 1 << 19;
@@ -226,6 +230,8 @@ impl Snapshot {
         require(allowed1(proc_cap, want),
             "HLT, unconditional I/O, CR8 and MOV-DR exiting and secondary controls")?;
         require(allowed0(proc_cap, PROC_USE_IO_BITMAPS | PROC_USE_MSR_BITMAPS), "VMX without I/O and MSR bitmaps")?;
+        require(allowed1(proc_cap, PROC_INTERRUPT_WINDOW_EXITING) && allowed0(proc_cap, PROC_INTERRUPT_WINDOW_EXITING),
+            "interrupt-window exiting (primary processor-based controls bit 2)")?;
         // Bits not asked for (CR3 load/store exiting among them) stay 0 where allowed.
         let proc = adjust(proc_cap, want);
         let proc2 = PROC2_ENABLE_EPT | PROC2_ENABLE_VPID;
@@ -312,6 +318,9 @@ mod tests {
             | PROC_CR8_STORE_EXITING | PROC_MOV_DR_EXITING | PROC_SECONDARY_CONTROLS;
         assert_eq!(c.proc & exits, exits);
         assert_eq!(c.proc & (PROC_USE_IO_BITMAPS | PROC_USE_MSR_BITMAPS), 0);
+        // Interrupt-window exiting is allowed but off until a vCPU asks for a window.
+        assert_eq!(c.proc & PROC_INTERRUPT_WINDOW_EXITING, 0);
+        assert!(allowed1(BOCHS_SKYLAKE_X.true_procbased, PROC_INTERRUPT_WINDOW_EXITING));
         assert_eq!(c.proc2 & (PROC2_ENABLE_EPT | PROC2_ENABLE_VPID), PROC2_ENABLE_EPT | PROC2_ENABLE_VPID);
         assert_eq!(c.exit & EXIT_ACK_INTERRUPT, 0);
         assert!(c.entry & ENTRY_IA32E_MODE_GUEST != 0);

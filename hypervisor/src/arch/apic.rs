@@ -122,8 +122,33 @@ pub fn start_periodic_timer_us(period_us: u64) {
     start_periodic_timer(count);
 }
 
+/// Whether this CPU's timer runs periodically (the slice timer of SVM, and of VMX without a
+/// preemption timer). One per CPU; each CPU reads only its own.
+static PERIODIC: [core::sync::atomic::AtomicBool; 256] = [const { core::sync::atomic::AtomicBool::new(false) }; 256];
+
+/// One HLT with interrupts on, until the next interrupt (an IPI, the periodic timer) or at
+/// the latest `deadline` (a one-shot timer where this CPU has no periodic one).
+pub fn halt_once(deadline: u64) {
+    let periodic = PERIODIC[id() as usize & 255].load(Ordering::Relaxed);
+    let now = crate::platform::time::tsc();
+    if now >= deadline {
+        return;
+    }
+    if !periodic {
+        let us = (deadline - now) / crate::platform::time::tsc_per_us().max(1) + 1;
+        let count = (calibrate_timer() as u64 * us / 1000).clamp(1, u32::MAX as u64) as u32;
+        write(REG_TIMER_DIVIDE, 0b0011); // divide by 16
+        write(REG_LVT_TIMER, crate::arch::idt::TIMER_VECTOR as u32); // one-shot
+        write(REG_TIMER_INIT, count);
+    }
+    // SAFETY: the host's IDT handles every vector (the timer's with an EOI); STI takes
+    // effect after HLT, so no interrupt is lost between the two (SDM Vol. 2B STI).
+    unsafe { core::arch::asm!("sti", "hlt", "cli", options(nomem, nostack)) };
+}
+
 /// Starts the periodic timer with `count` ticks (divide by 16) per interrupt.
 fn start_periodic_timer(count: u32) {
+    PERIODIC[id() as usize & 255].store(true, Ordering::Relaxed);
     write(REG_TIMER_DIVIDE, 0b0011); // divide by 16
     write(REG_LVT_TIMER, (1 << 17) | crate::arch::idt::TIMER_VECTOR as u32); // periodic
     write(REG_TIMER_INIT, count);

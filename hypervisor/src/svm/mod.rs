@@ -107,7 +107,8 @@ impl Backend for Svm {
         let asid = 1 + s.id % (self.asids - 1);
         let mut vmcb = Vmcb::new(frames.alloc_zeroed(Order::BASE).ok_or(BackendError::NoMemory)?);
         let Area { control: c, save: v } = vmcb.get_mut();
-        // Intercept every exception: guests have no IDT, any exception is a failure.
+        // Intercept every exception (each stops the guest) until the guest says which it
+        // handles itself (`guest_exceptions`).
         c.intercept_exceptions = 0xffff_ffff;
         // CPU state that VMRUN does not switch and a guest could otherwise write: debug
         // registers, XCR0 (XSETBV), CR4 (which would enable PKRU); INVLPGA would reach
@@ -141,10 +142,10 @@ impl Backend for Svm {
         v.cr4 = (1 << 5) | (1 << 9) | (1 << 10); // PAE, OSFXSR, OSXMMEXCPT
         v.dr6 = 0xffff_0ff0;
         v.dr7 = 0x400;
-        // IF = 1: with V_INTR_MASKING the guest's IF gates only virtual interrupts, which we
-        // never inject (AMD APM Vol. 2 15.21.1), so this changes nothing on hardware or QEMU;
-        // Bochs 2.7 instead masks physical interrupts while the guest's IF is 0, and a guest
-        // entered with IF = 0 could not be preempted there.
+        // IF = 1: with V_INTR_MASKING the guest's IF gates only virtual interrupts (AMD APM
+        // Vol. 2 15.21.1), which are injected only while it is 1; Bochs 2.7 instead masks
+        // physical interrupts while the guest's IF is 0, and a guest entered with IF = 0
+        // could not be preempted there.
         v.rflags = 0x202;
         v.g_pat = 0x0007_0406_0007_0406;
         let regs = Regs { rip: s.rip, rsp: s.rsp, rdi: s.rdi, rsi: s.rsi, ..Regs::default() };
@@ -171,6 +172,9 @@ impl Backend for Svm {
         };
         let Area { control: c, save: v } = vcpu.vmcb.get_mut();
         c.tlb_control = 0;
+        // An event whose delivery the exit interrupted goes in again at the next entry (APM
+        // Vol. 2 15.7.2: EXITINTINFO has EVENTINJ's format); otherwise nothing is queued.
+        c.eventinj = if c.exitintinfo & EVENT_VALID != 0 { c.exitintinfo } else { 0 };
         vcpu.regs.rip = v.rip;
         vcpu.regs.rsp = v.rsp;
         vcpu.regs.rax = v.rax;
@@ -183,6 +187,10 @@ impl Backend for Svm {
             EXIT_CPUID => Exit::Cpuid { resume },
             EXIT_HLT => Exit::Halt { resume, interrupts: v.rflags & RFLAGS_IF != 0 },
             EXIT_INTR | EXIT_NMI => Exit::Preempted,
+            EXIT_VINTR => {
+                Self::interrupt_window(vcpu, false);
+                Exit::InterruptWindow
+            }
             // EXITINFO1: #PF-style error code, EXITINFO2: guest-physical address (APM 15.25.6).
             EXIT_NPF => Exit::SecondLevelFault {
                 gpa: info2,
@@ -217,6 +225,30 @@ impl Backend for Svm {
 
     fn flush_second_level(&mut self, vcpu: &mut Vcpu) {
         vcpu.vmcb.get_mut().control.tlb_control = 3; // flush this guest's ASID on the next VMRUN
+    }
+
+    fn interruptible(vcpu: &mut Vcpu) -> bool {
+        let Area { control: c, save: v } = vcpu.vmcb.get_mut();
+        v.rflags & RFLAGS_IF != 0 && c.interrupt_shadow & INTERRUPT_SHADOW == 0 && c.eventinj & EVENT_VALID == 0
+    }
+
+    fn inject_interrupt(vcpu: &mut Vcpu, vector: u8) {
+        vcpu.vmcb.get_mut().control.eventinj = EVENT_VALID | vector as u64; // type 0: INTR
+    }
+
+    fn interrupt_window(vcpu: &mut Vcpu, on: bool) {
+        let c = &mut vcpu.vmcb.get_mut().control;
+        if on {
+            c.vintr |= VINTR_IRQ | VINTR_IGN_TPR;
+            c.intercept_misc1 |= MISC1_VINTR;
+        } else {
+            c.vintr &= !(VINTR_IRQ | VINTR_IGN_TPR);
+            c.intercept_misc1 &= !MISC1_VINTR;
+        }
+    }
+
+    fn guest_exceptions(vcpu: &mut Vcpu, mask: u32) {
+        vcpu.vmcb.get_mut().control.intercept_exceptions = !mask;
     }
 
     fn destroy_vcpu(&mut self, vcpu: Vcpu, frames: &Frames) {

@@ -9,6 +9,8 @@ use static_assertions::const_assert_eq;
 // MISC1 intercept bits (APM Vol. 2 table B-1, offset 0x0c).
 pub const MISC1_INTR: u32 = 1 << 0;
 pub const MISC1_NMI: u32 = 1 << 1;
+/// VINTR (bit 4): exit when a pending V_IRQ could be taken (APM Vol. 2 15.21.4).
+pub const MISC1_VINTR: u32 = 1 << 4;
 pub const MISC1_INVD: u32 = 1 << 22;
 pub const MISC1_HLT: u32 = 1 << 24;
 pub const MISC1_INVLPGA: u32 = 1 << 26;
@@ -24,6 +26,16 @@ pub const CR_WRITE_CR4: u32 = 1 << 20;
 
 /// VINTR bit 24: V_INTR_MASKING, so physical interrupts follow the host's RFLAGS.IF.
 pub const VINTR_MASKING: u64 = 1 << 24;
+/// VINTR bit 8: V_IRQ, a virtual interrupt is pending; bit 20: V_IGN_TPR (APM Vol. 2 15.21.1).
+/// Used only as a window request with the VINTR intercept: the interrupt itself goes in
+/// through EVENTINJ.
+pub const VINTR_IRQ: u64 = 1 << 8;
+pub const VINTR_IGN_TPR: u64 = 1 << 20;
+/// EVENTINJ / EXITINTINFO: vector 7:0, type 10:8 (0 = external interrupt), error code valid
+/// bit 11, valid bit 31, error code 63:32 (APM Vol. 2 15.20).
+pub const EVENT_VALID: u64 = 1 << 31;
+/// Interrupt shadow bit 0 (after STI / MOV SS, APM Vol. 2 15.21.5).
+pub const INTERRUPT_SHADOW: u64 = 1;
 
 pub const RFLAGS_IF: u64 = 1 << 9;
 
@@ -34,6 +46,7 @@ pub const EXIT_DR_LAST: u64 = 0x3f;
 pub const EXIT_EXCEPTION_0: u64 = 0x40;
 pub const EXIT_INTR: u64 = 0x60;
 pub const EXIT_NMI: u64 = 0x61;
+pub const EXIT_VINTR: u64 = 0x64;
 pub const EXIT_CPUID: u64 = 0x72;
 pub const EXIT_INVD: u64 = 0x76;
 pub const EXIT_HLT: u64 = 0x78;

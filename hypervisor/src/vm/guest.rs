@@ -130,6 +130,8 @@ pub struct Guest<B: Backend> {
     pub refusal: Option<alloc::string::String>,
     /// Refused hypercalls so far (the first few are logged at INFO, the rest at DEBUG).
     pub refusals: u32,
+    /// The exception vectors this guest takes through its own IDT (`guest_exceptions`).
+    pub handled_exceptions: u32,
     _backend: core::marker::PhantomData<B>,
 }
 
@@ -165,6 +167,7 @@ impl<B: Backend> Guest<B> {
             consoles,
             refusal: None,
             refusals: 0,
+            handled_exceptions: 0,
             _backend: core::marker::PhantomData,
         };
         let load = Load { id, name: spec.name, memory: spec.memory, arg: spec.arg, vcpus: spec.vcpus.max(1) };

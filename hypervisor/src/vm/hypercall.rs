@@ -40,6 +40,8 @@ pub struct Context<B: Backend> {
     pub guest_count: u64,
     pub morsels: Directory<B::Format>,
     pub exmaps: crate::morsels::exmap::Exmaps,
+    /// Doorbells, wait states, timers and pending virtual interrupts (`vm/notify.rs`).
+    pub notify: super::notify::Notify,
     /// The devices behind the IOMMU, reached only through here (None without an IOMMU).
     pub devices: Option<crate::devices::Devices>,
     pub frames: Frames,
@@ -64,6 +66,15 @@ pub fn handle<B: Backend>(guest: &mut Guest<B>, caller: Caller, backend: &mut B,
             set(regs, Ok(0));
             return Action::Yield;
         }
+        // A parked vCPU gives up the CPU; `Notify::ready` writes its result when it wakes.
+        Ok(Call::Wait { mask, timeout }) => match cx.notify.wait(guest.id, mask, timeout) {
+            Ok(None) => return Action::Yield,
+            other => other.map(|got| got.unwrap_or(0)),
+        },
+        Ok(Call::Sleep { us }) => match cx.notify.wait(guest.id, 0, abi::Timeout::Micros(us)) {
+            Ok(None) => return Action::Yield,
+            other => other.map(|got| got.unwrap_or(0)),
+        },
         Ok(call) => dispatch(call, guest, caller, backend, cx, &frames),
     };
     let reason = guest.refusal.take();
@@ -85,11 +96,18 @@ fn dispatch<B: Backend>(call: Call, guest: &mut Guest<B>, caller: Caller, backen
     let morsels = &mut cx.morsels;
     let devices = cx.devices.as_mut();
     match call {
-        Call::Info { what } => info(guest, caller, cx.guest_count, what),
+        Call::Info { what } => info(guest, caller, cx.guest_count, what, cx.notify.injected(guest.id)),
         Call::ConsoleWrite { text } => console_write(guest, caller, text),
         Call::MorselCreate { name, size, flags } => morsels.create(guest, frames, name, size, flags),
         Call::MorselOpen { name, writable } => morsels.open(guest, frames, name, writable),
-        Call::MorselUnmount { gpa } => morsels.unmount(guest, backend, frames, gpa),
+        Call::MorselUnmount { gpa } => {
+            let name = guest.mounts.iter().find(|m| m.gpa == gpa).and_then(|m| crate::morsels::try_string(&m.name).ok());
+            let done = morsels.unmount(guest, backend, frames, gpa);
+            if let (Ok(_), Some(name)) = (&done, name) {
+                cx.notify.unmounted(guest.id, &name);
+            }
+            done
+        }
         Call::MorselDestroy { name } => morsels.destroy(guest, frames, name),
         Call::MorselSize { gpa } => morsels.size(guest, gpa),
         Call::MorselStats => {
@@ -105,7 +123,14 @@ fn dispatch<B: Backend>(call: Call, guest: &mut Guest<B>, caller: Caller, backen
         Call::DeviceUnmount { bdf, iova } => morsels.device_unmount(guest, devices, frames, Bdf::from_source_id(bdf), iova),
         Call::EduDma { to_device, iova, len } => morsels.edu_dma(guest, devices, to_device, iova, len),
         Call::Nvme { write, gpa, offset, lba, count } => morsels.nvme_io(guest, devices, frames, write, gpa, offset, lba, count),
-        Call::Exit { .. } | Call::Yield => Err(Error::Invalid),
+        Call::GuestExceptions { mask } => {
+            // Every vCPU of the guest takes the new bitmap before its next entry (`sched`).
+            Ok(core::mem::replace(&mut guest.handled_exceptions, mask) as u64)
+        }
+        Call::NotifySubscribe { gpa, vector } => cx.notify.subscribe(guest, gpa, vector),
+        Call::Notify { gpa, bits } => cx.notify.notify(guest, gpa, bits),
+        Call::Timer { us, vector } => cx.notify.timer(guest.id, us, vector),
+        Call::Exit { .. } | Call::Yield | Call::Wait { .. } | Call::Sleep { .. } => Err(Error::Invalid),
     }
 }
 
@@ -128,7 +153,7 @@ fn set(regs: &mut Regs, result: Result<u64, Error>) {
     }
 }
 
-fn info<B: Backend>(guest: &Guest<B>, caller: Caller, guest_count: u64, what: u64) -> Result<u64, Error> {
+fn info<B: Backend>(guest: &Guest<B>, caller: Caller, guest_count: u64, what: u64, injected: u64) -> Result<u64, Error> {
     match what {
         abi::INFO_ABI_VERSION => Ok(abi::ABI_VERSION),
         abi::INFO_GUEST_ID => Ok(guest.id as u64),
@@ -138,6 +163,10 @@ fn info<B: Backend>(guest: &Guest<B>, caller: Caller, guest_count: u64, what: u6
         abi::INFO_VCPU_INDEX => Ok(caller.vcpu as u64),
         abi::INFO_VCPU_COUNT => Ok(guest.spec.vcpus as u64),
         abi::INFO_CPU_INDEX => Ok(caller.cpu as u64),
+        abi::INFO_EXITS => Ok(guest.exits.iter().sum()),
+        abi::INFO_SLICES => Ok(guest.exits[super::ExitKind::Preempted as usize]),
+        abi::INFO_INTERRUPTS => Ok(injected),
+        abi::INFO_TSC_PER_US => Ok(crate::platform::time::tsc_per_us()),
         _ => Err(Error::NoSuchCall),
     }
 }

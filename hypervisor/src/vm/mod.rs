@@ -8,6 +8,7 @@ pub mod guest;
 pub mod hypercall;
 pub mod loader;
 pub mod memory;
+pub mod notify;
 pub mod runqueue;
 pub mod sched;
 pub mod shootdown;
@@ -101,6 +102,9 @@ pub enum Exit {
     Forbidden { code: u64 },
     /// VM entry failed: the backend's state is inconsistent (a hypervisor bug).
     EntryFailed { code: u64, qualification: u64 },
+    /// The guest can take an interrupt now (VMX interrupt-window exiting, SVM VINTR): asked
+    /// for with `Backend::interrupt_window` while a virtual interrupt waits for RFLAGS.IF.
+    InterruptWindow,
     /// Any other exit, with the raw vendor code.
     Other { code: u64 },
 }
@@ -117,6 +121,7 @@ impl Exit {
             Exit::Exception { .. } => ExitKind::Exception,
             Exit::TripleFault => ExitKind::TripleFault,
             Exit::Io { .. } | Exit::Msr { .. } | Exit::Forbidden { .. } => ExitKind::Forbidden,
+            Exit::InterruptWindow => ExitKind::InterruptWindow,
             Exit::EntryFailed { .. } | Exit::Other { .. } => ExitKind::Other,
         }
     }
@@ -134,11 +139,12 @@ pub enum ExitKind {
     Exception,
     TripleFault,
     Forbidden,
+    InterruptWindow,
     Other,
 }
 
 impl ExitKind {
-    pub const COUNT: usize = 9;
+    pub const COUNT: usize = 10;
     pub const ALL: [ExitKind; Self::COUNT] = [
         ExitKind::Hypercall,
         ExitKind::Cpuid,
@@ -148,6 +154,7 @@ impl ExitKind {
         ExitKind::Exception,
         ExitKind::TripleFault,
         ExitKind::Forbidden,
+        ExitKind::InterruptWindow,
         ExitKind::Other,
     ];
 
@@ -161,6 +168,7 @@ impl ExitKind {
             ExitKind::Exception => "exception",
             ExitKind::TripleFault => "triple-fault",
             ExitKind::Forbidden => "forbidden",
+            ExitKind::InterruptWindow => "interrupt-window",
             ExitKind::Other => "other",
         }
     }
@@ -228,6 +236,19 @@ pub trait Backend: Sized + 'static {
     fn guest_cr3(vcpu: &mut Self::Vcpu) -> Option<u64>;
     /// Drops cached second-level translations of this vCPU (after an unmount).
     fn flush_second_level(&mut self, vcpu: &mut Self::Vcpu);
+    /// Whether the guest can take an external interrupt at its next entry: RFLAGS.IF = 1, no
+    /// STI / MOV SS shadow, and no event already queued for that entry (valid between runs).
+    fn interruptible(vcpu: &mut Self::Vcpu) -> bool;
+    /// Queues external interrupt `vector` (32..=255) for delivery through the guest's IDT at
+    /// the next entry (VMX VM-entry interruption information, SVM EVENTINJ); only when
+    /// `interruptible`.
+    fn inject_interrupt(vcpu: &mut Self::Vcpu, vector: u8);
+    /// Exit with `Exit::InterruptWindow` as soon as the guest can take an interrupt (`on`),
+    /// or not.
+    fn interrupt_window(vcpu: &mut Self::Vcpu, on: bool);
+    /// The exception vectors (bit N = vector N) the guest takes through its own IDT; every
+    /// other exception exits (and stops the guest).
+    fn guest_exceptions(vcpu: &mut Self::Vcpu, mask: u32);
     /// Gives the vCPU's control structures back.
     fn destroy_vcpu(&mut self, vcpu: Self::Vcpu, frames: &Frames);
 }

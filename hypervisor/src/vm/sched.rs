@@ -77,6 +77,7 @@ pub fn run_guests<B: Backend>(backend: &mut B, frames: &Frames, archive: Archive
         guest_count: created as u64,
         morsels: Directory::new(drivers.pmem),
         exmaps: Default::default(),
+        notify: Default::default(),
         devices: drivers.devices,
         frames: *frames,
     };
@@ -92,6 +93,7 @@ pub fn run_guests<B: Backend>(backend: &mut B, frames: &Frames, archive: Archive
     runqueue::wait_all_finished(run);
     let mut w = runqueue::lock(run);
     let World { cx, done, .. } = &mut *w;
+    cx.notify.log_stats();
     cx.morsels.log_stats();
     cx.exmaps.log_stats();
     super::shootdown::log_stats();
@@ -114,6 +116,8 @@ struct Slot<B: Backend> {
     /// The CPU's flush generation this vCPU last flushed at (`arch::ipi`).
     seen_flush: u64,
     exits: [u64; ExitKind::COUNT],
+    /// The guest's exception bitmap (`guest_exceptions`) as this vCPU's intercepts have it.
+    exceptions: u32,
     /// Set when the vCPU is done.
     end: Option<State>,
 }
@@ -130,6 +134,7 @@ pub fn cpu_loop<B: Backend>(run: &Run<B>, backend: &mut B, me: usize, frames: &F
                 vcpu,
                 seen_flush: u64::MAX,
                 exits: [0; ExitKind::COUNT],
+                exceptions: 0,
                 end: None,
             }),
             Err(e) => {
@@ -146,8 +151,9 @@ pub fn cpu_loop<B: Backend>(run: &Run<B>, backend: &mut B, me: usize, frames: &F
     }
     while !queue.is_empty() {
         let mut i = 0;
+        let mut ran = false;
         while i < queue.len() {
-            run_slice(backend, &mut queue[i], run, me);
+            ran |= run_slice(backend, &mut queue[i], run, me);
             if queue[i].end.is_some() {
                 let s = queue.swap_remove(i);
                 let state = s.end.unwrap_or(State::Stopped);
@@ -158,6 +164,20 @@ pub fn cpu_loop<B: Backend>(run: &Run<B>, backend: &mut B, me: usize, frames: &F
                 vcpu_done(guests, cx, done, s.guest, v, backend, frames, me);
             } else {
                 i += 1;
+            }
+        }
+        // notify hook: every vCPU of this CPU waits: halt (the world lock let go) until the
+        // earliest deadline or a slice, or report a deadlock (vm/notify.rs).
+        if !ran && !queue.is_empty() {
+            let slice_end = crate::platform::time::tsc() + SLICE_US * crate::platform::time::tsc_per_us().max(1);
+            let until = {
+                let mut w = runqueue::lock(run);
+                let World { guests, cx, .. } = &mut *w;
+                cx.notify.idle_until(guests, slice_end)
+            };
+            if let Some(t) = until {
+                // Until the deadline, or an IPI (a doorbell rung on another CPU, a shootdown).
+                crate::arch::apic::halt_once(t);
             }
         }
     }
@@ -176,6 +196,7 @@ fn vcpu_done<B: Backend>(guests: &mut [Option<Guest<B>>], cx: &mut Context<B>, d
     }
     cx.morsels.drop_mounts(g, backend, cx.devices.as_mut(), frames);
     cx.exmaps.guest_ended(g.id, frames);
+    cx.notify.guest_ended(g.id);
     if let Some(g) = slot.take() {
         done.push(g.destroy(frames));
     }
@@ -184,32 +205,45 @@ fn vcpu_done<B: Backend>(guests: &mut [Option<Guest<B>>], cx: &mut Context<B>, d
 /// Runs vCPU `s` until its slice ends, it yields, exits or its guest is stopped. The slice
 /// is a budget of time across exits: every exit the hypervisor handles in place (hypercall,
 /// CPUID) is charged to it, so a guest that loops on them is preempted like one that spins.
-fn run_slice<B: Backend>(backend: &mut B, s: &mut Slot<B>, run: &Run<B>, me: usize) {
+/// False if the vCPU waits (`notify`) and did not run.
+fn run_slice<B: Backend>(backend: &mut B, s: &mut Slot<B>, run: &Run<B>, me: usize) -> bool {
     let per_us = crate::platform::time::tsc_per_us().max(1);
     let deadline = crate::platform::time::tsc() + SLICE_US * per_us;
     let mut w = runqueue::lock(run);
+    let mut first = true;
     loop {
         {
-            let World { guests, .. } = &mut *w;
+            let World { guests, cx, .. } = &mut *w;
             let Some(guest) = guests.get_mut(s.guest as usize).and_then(|g| g.as_mut()) else {
                 s.end = Some(State::Stopped);
-                return;
+                return true;
             };
             if guest.state != State::Runnable {
                 // Stopped by another vCPU (reported there) while this one ran or waited.
                 s.end = Some(State::Stopped);
-                return;
+                return true;
             }
+            // notify hook: a waiting vCPU is not run (vm/notify.rs).
+            if first && !cx.notify.ready(guest, &mut s.vcpu) {
+                return false;
+            }
+            first = false;
             let now = crate::platform::time::tsc();
             if now >= deadline {
                 let rip = B::regs(&mut s.vcpu).rip;
                 s.exits[ExitKind::Preempted as usize] += 1;
                 end_slice(guest, rip);
                 kick_if_stopped(guest, me);
-                return;
+                return true;
             }
             guest.ran_on |= 1 << me;
             super::shootdown::note_ran(me);
+            if s.exceptions != guest.handled_exceptions {
+                B::guest_exceptions(&mut s.vcpu, guest.handled_exceptions);
+                s.exceptions = guest.handled_exceptions;
+            }
+            // notify hook: inject a pending virtual interrupt or ask for a window (vm/notify.rs).
+            cx.notify.before_run(guest, &mut s.vcpu);
         }
         drop(w);
         // The host runs with interrupts off: a shootdown IPI that arrives after this check
@@ -228,12 +262,12 @@ fn run_slice<B: Backend>(backend: &mut B, s: &mut Slot<B>, run: &Run<B>, me: usi
         let World { guests, cx, .. } = &mut *w;
         let Some(guest) = guests.get_mut(s.guest as usize).and_then(|g| g.as_mut()) else {
             s.end = Some(State::Stopped);
-            return;
+            return true;
         };
         guest.exits[exit.kind() as usize] += 1;
         if guest.state != State::Runnable {
             s.end = Some(State::Stopped);
-            return;
+            return true;
         }
         let caller = Caller { vcpu: s.index, cpu: me };
         let go_on = match exit {
@@ -287,6 +321,8 @@ fn run_slice<B: Backend>(backend: &mut B, s: &mut Slot<B>, run: &Run<B>, me: usi
                 check_budget(guest, regs.rip);
                 false
             }
+            // notify hook: the guest can take its interrupt now; the next entry injects it.
+            Exit::InterruptWindow => true,
             other => {
                 stop(guest, other, regs.rip);
                 false
@@ -298,10 +334,10 @@ fn run_slice<B: Backend>(backend: &mut B, s: &mut Slot<B>, run: &Run<B>, me: usi
             if s.end.is_none() {
                 s.end = Some(State::Stopped);
             }
-            return;
+            return true;
         }
         if !go_on || s.end.is_some() {
-            return;
+            return true;
         }
     }
 }

@@ -67,6 +67,16 @@ pub struct Vcpu {
     flush: bool,
     /// The guest's IA32_KERNEL_GS_BASE (see the constant).
     kernel_gs_base: u64,
+    /// RFLAGS and interruptibility state at the last exit (whether it can take an interrupt).
+    rflags: u64,
+    interruptibility: u64,
+    /// The event to inject at the next entry (VM-entry interruption-information format, 0:
+    /// none), its error code and instruction length.
+    inject: (u64, u64, u64),
+    /// Interrupt-window exiting wanted.
+    window: bool,
+    /// The exception vectors the guest takes itself (cleared in EXCEPTION_BITMAP).
+    exceptions: u32,
 }
 
 /// Says which control a capability MSR does not allow.
@@ -178,6 +188,11 @@ impl Backend for Vmx {
             launched: false,
             flush: true,
             kernel_gs_base: 0,
+            rflags: 0x202,
+            interruptibility: 0,
+            inject: (0, 0, 0),
+            window: false,
+            exceptions: 0,
         };
         if let Err(e) = self.init_vmcs(s, vpid as u64, eptp) {
             self.destroy_vcpu_inner(&mut vcpu);
@@ -199,7 +214,8 @@ impl Backend for Vmx {
         let timer = self.timer_rate.map(|rate| ((budget_us * crate::platform::time::tsc_per_us()) >> rate).clamp(1, u32::MAX as u64));
         let prepared = write(GUEST_RIP, vcpu.regs.rip)
             .and_then(|()| write(GUEST_RSP, vcpu.regs.rsp))
-            .and_then(|()| timer.map_or(Ok(()), |t| write(PREEMPTION_TIMER_VALUE, t)));
+            .and_then(|()| timer.map_or(Ok(()), |t| write(PREEMPTION_TIMER_VALUE, t)))
+            .and_then(|()| self.write_events(vcpu));
         if let Err(e) = prepared {
             log::error!(target: "vmx", "VMWRITE before entry failed: {e}");
             return Exit::EntryFailed { code: e.code(), qualification: 0 };
@@ -237,6 +253,15 @@ impl Backend for Vmx {
             return Exit::EntryFailed { code: reason, qualification };
         }
         vcpu.launched = true;
+        vcpu.rflags = read(GUEST_RFLAGS);
+        vcpu.interruptibility = read(GUEST_INTERRUPTIBILITY);
+        // An event whose delivery the exit interrupted goes in again at the next entry (SDM
+        // Vol. 3C 28.2.4, 27.6.1.1: IDT-vectoring information has the entry format).
+        let vectoring = read(IDT_VECTORING_INFO);
+        vcpu.inject = match vectoring & INTR_INFO_VALID != 0 {
+            true => (vectoring & 0x8000_0fff, read(IDT_VECTORING_ERROR_CODE), read(EXIT_INSTRUCTION_LEN)),
+            false => (0, 0, 0),
+        };
         vcpu.regs.rip = read(GUEST_RIP);
         vcpu.regs.rsp = read(GUEST_RSP);
         let resume = Resume::At(vcpu.regs.rip + read(EXIT_INSTRUCTION_LEN));
@@ -247,6 +272,10 @@ impl Backend for Vmx {
             EXIT_CPUID => Exit::Cpuid { resume },
             EXIT_HLT => Exit::Halt { resume, interrupts: read(GUEST_RFLAGS) & RFLAGS_IF != 0 },
             EXIT_PREEMPTION_TIMER => Exit::Preempted,
+            EXIT_INTERRUPT_WINDOW => {
+                vcpu.window = false;
+                Exit::InterruptWindow
+            }
             EXIT_EXTERNAL_INTERRUPT => {
                 // Not acknowledged on exit: open a one-instruction window so the host's
                 // handler takes it (and sends EOI), then close it again.
@@ -303,6 +332,22 @@ impl Backend for Vmx {
         self.invept(vcpu.eptp);
     }
 
+    fn interruptible(vcpu: &mut Vcpu) -> bool {
+        vcpu.rflags & RFLAGS_IF != 0 && vcpu.interruptibility & INTERRUPTIBILITY_STI_MOV_SS == 0 && vcpu.inject.0 == 0
+    }
+
+    fn inject_interrupt(vcpu: &mut Vcpu, vector: u8) {
+        vcpu.inject = (INTR_INFO_VALID | vector as u64, 0, 0); // type 0: external interrupt
+    }
+
+    fn interrupt_window(vcpu: &mut Vcpu, on: bool) {
+        vcpu.window = on;
+    }
+
+    fn guest_exceptions(vcpu: &mut Vcpu, mask: u32) {
+        vcpu.exceptions = mask;
+    }
+
     fn destroy_vcpu(&mut self, mut vcpu: Vcpu, frames: &Frames) {
         self.destroy_vcpu_inner(&mut vcpu);
         frames.free(vcpu.vmcs.pa(), Order::BASE);
@@ -317,6 +362,24 @@ impl Vmx {
             self.current = Some(vcpu.vmcs.pa());
         }
         Ok(())
+    }
+
+    /// Writes what the vCPU's events ask of the next entry into its (current) VMCS: the
+    /// event to inject, interrupt-window exiting, the exception bitmap (SDM Vol. 3C 26.6).
+    fn write_events(&self, vcpu: &mut Vcpu) -> Result<(), VmFail> {
+        let (info, error, len) = vcpu.inject;
+        write(ENTRY_INTERRUPTION_INFO, info)?;
+        if info != 0 {
+            write(ENTRY_EXCEPTION_ERROR_CODE, error)?;
+            if (info >> 8) & 7 >= INTR_INFO_TYPE_SOFTWARE_FIRST {
+                write(ENTRY_INSTRUCTION_LEN, len)?;
+            }
+        }
+        // VM entry delivers it or the exit reports it again as IDT-vectoring information.
+        vcpu.inject = (0, 0, 0);
+        let window = if vcpu.window { formats::vmx_caps::PROC_INTERRUPT_WINDOW_EXITING } else { 0 };
+        write(PROC_CONTROLS, (self.proc | window) as u64)?;
+        write(EXCEPTION_BITMAP, !vcpu.exceptions as u64)
     }
 
     /// VMCLEAR: the CPU lets go of the VMCS before its frame is freed (SDM Vol. 3C 25.11.1).

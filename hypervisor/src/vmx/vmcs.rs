@@ -52,11 +52,15 @@ pub const EXIT_MSR_LOAD_COUNT: Field = Field(0x4010);
 pub const ENTRY_CONTROLS: Field = Field(0x4012);
 pub const ENTRY_MSR_LOAD_COUNT: Field = Field(0x4014);
 pub const ENTRY_INTERRUPTION_INFO: Field = Field(0x4016);
+pub const ENTRY_EXCEPTION_ERROR_CODE: Field = Field(0x4018);
+pub const ENTRY_INSTRUCTION_LEN: Field = Field(0x401a);
 pub const PROC_CONTROLS2: Field = Field(0x401e);
 pub const VM_INSTRUCTION_ERROR: Field = Field(0x4400);
 pub const EXIT_REASON: Field = Field(0x4402);
 pub const EXIT_INTERRUPTION_INFO: Field = Field(0x4404);
 pub const EXIT_INTERRUPTION_ERROR_CODE: Field = Field(0x4406);
+pub const IDT_VECTORING_INFO: Field = Field(0x4408);
+pub const IDT_VECTORING_ERROR_CODE: Field = Field(0x440a);
 pub const EXIT_INSTRUCTION_LEN: Field = Field(0x440c);
 pub const GUEST_ES_LIMIT: Field = Field(0x4800);
 pub const GUEST_CS_LIMIT: Field = Field(0x4802);
@@ -136,6 +140,7 @@ pub const AR_UNUSABLE: u32 = 1 << 16;
 pub const EXIT_EXCEPTION_OR_NMI: u32 = 0;
 pub const EXIT_EXTERNAL_INTERRUPT: u32 = 1;
 pub const EXIT_TRIPLE_FAULT: u32 = 2;
+pub const EXIT_INTERRUPT_WINDOW: u32 = 7;
 pub const EXIT_CPUID: u32 = 10;
 pub const EXIT_HLT: u32 = 12;
 /// Control-register access (here: CR8, with CR8 load/store exiting).
@@ -163,6 +168,13 @@ pub const EXIT_REASON_ENTRY_FAILURE: u64 = 1 << 31;
 /// 10:8 (2 = NMI), error code valid in bit 11.
 pub const INTR_INFO_TYPE_NMI: u64 = 2;
 pub const INTR_INFO_ERROR_VALID: u64 = 1 << 11;
+/// Bit 31: the information is valid; the VM-entry and IDT-vectoring information fields have
+/// the same format (SDM Vol. 3C 25.8.3, 25.9.3). Types 4-6 (software interrupt, privileged
+/// and software exception) need the instruction length at entry.
+pub const INTR_INFO_VALID: u64 = 1 << 31;
+pub const INTR_INFO_TYPE_SOFTWARE_FIRST: u64 = 4;
+/// GUEST_INTERRUPTIBILITY bits 0-1: blocking by STI, by MOV SS (SDM Vol. 3C 25.4.2).
+pub const INTERRUPTIBILITY_STI_MOV_SS: u64 = 0b11;
 
 /// Why a VMX instruction failed (SDM Vol. 3C 31.2: VMfailInvalid sets CF, VMfailValid
 /// sets ZF and stores an error number, listed in 31.4).

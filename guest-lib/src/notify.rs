@@ -1,0 +1,89 @@
+//! Doorbells on morsels, waiting and timers (issue 16): a `Doorbell` on a mount rings the
+//! other guests that subscribed to the same morsel; `wait` blocks until bits arrive (the
+//! scheduler does not run a waiting guest), `sleep` for a time, `timer` raises a virtual
+//! interrupt later. Bits of all subscribed morsels land in one pending set per guest: give
+//! each morsel its own bits where a guest listens to several.
+
+use crate::abi::{self, Error};
+use crate::hypercall::call;
+
+/// How long `wait` blocks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Timeout {
+    /// Not at all: take what is pending.
+    Poll,
+    /// At most this many microseconds (1..=`abi::WAIT_MAX_US`).
+    Micros(u64),
+    /// Until bits or an interrupt arrive.
+    Forever,
+}
+
+/// Event bits (a doorbell's payload, `wait`'s mask and result).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Event(pub u64);
+
+/// The doorbell of a mounted morsel: its guest-physical address (`MorselRef::addr`,
+/// `MorselMut::addr`).
+#[derive(Clone, Copy, Debug)]
+pub struct Doorbell {
+    mount: u64,
+}
+
+impl Doorbell {
+    /// The doorbell of the morsel mounted at `mount`.
+    pub fn new(mount: u64) -> Doorbell {
+        Doorbell { mount }
+    }
+
+    /// Asks for the bits others ring here; with `vector`, also a virtual interrupt with
+    /// that vector (32..=255; install a handler first: `interrupts::set_handler`).
+    pub fn subscribe(&self, vector: Option<u8>) -> Result<(), Error> {
+        call(abi::HC_NOTIFY_SUBSCRIBE, [self.mount, vector.map_or(0, u64::from), 0, 0, 0, 0]).map(|_| ())
+    }
+
+    /// Rings `bits` for every other subscriber; returns how many it reached
+    /// (`NoReceiver` if none).
+    pub fn ring(&self, bits: Event) -> Result<u64, Error> {
+        call(abi::HC_NOTIFY, [self.mount, bits.0, 0, 0, 0, 0])
+    }
+}
+
+/// Blocks until a pending bit in `mask` is set, an interrupt is pending, or `timeout`
+/// passed; returns the bits taken (0: timeout or interrupt).
+pub fn wait(mask: Event, timeout: Timeout) -> Result<Event, Error> {
+    let t = match timeout {
+        Timeout::Poll => 0,
+        Timeout::Micros(us) => us.max(1),
+        Timeout::Forever => abi::WAIT_FOREVER,
+    };
+    call(abi::HC_WAIT, [mask.0, t, 0, 0, 0, 0]).map(Event)
+}
+
+/// Blocks for at least `us` microseconds (1..=`abi::WAIT_MAX_US`).
+pub fn sleep(us: u64) -> Result<(), Error> {
+    call(abi::HC_SLEEP, [us, 0, 0, 0, 0, 0]).map(|_| ())
+}
+
+/// Arms the one-shot timer: a virtual interrupt with `vector` after at least `us`
+/// microseconds (a new one replaces it); `cancel_timer` disarms it. For periodic work, arm
+/// it again from the handler.
+pub fn timer(us: u64, vector: u8) -> Result<(), Error> {
+    call(abi::HC_TIMER, [us, vector as u64, 0, 0, 0, 0]).map(|_| ())
+}
+
+/// Disarms the one-shot timer.
+pub fn cancel_timer() -> Result<(), Error> {
+    call(abi::HC_TIMER, [0, 0, 0, 0, 0, 0]).map(|_| ())
+}
+
+/// Microseconds since an arbitrary start, from the TSC at the rate the hypervisor measured.
+pub fn micros() -> u64 {
+    static PER_US: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+    let mut per_us = PER_US.load(core::sync::atomic::Ordering::Relaxed);
+    if per_us == 0 {
+        per_us = crate::info(abi::INFO_TSC_PER_US).unwrap_or(1).max(1);
+        PER_US.store(per_us, core::sync::atomic::Ordering::Relaxed);
+    }
+    // SAFETY: RDTSC has no side effects (not intercepted for guests).
+    unsafe { core::arch::x86_64::_rdtsc() / per_us }
+}

@@ -1,0 +1,156 @@
+//! Doorbells on a shared morsel (issue 16), one role per `arg`:
+//! - 0 ringer: creates "bell", spins through 20 time slices, then rings bits 0x5 until two
+//!   subscribers got them;
+//! - 1 listener: opens "bell", subscribes (bits only) and waits forever for bit 0x1; checks
+//!   that it used at most one slice while it waited;
+//! - 2 bystander: opens "bell" without subscribing: a wait of 300 ms ends with nothing;
+//! - 3 attacker: bad doorbell calls, each with the error the ABI defines;
+//! - 4 deadlock: creates or opens "lock", subscribes and waits forever (two of them deadlock).
+#![no_std]
+#![no_main]
+
+use guest_lib::morsel::{self, PageSize};
+use guest_lib::notify::{self, micros, Doorbell, Event, Timeout};
+use guest_lib::hypercall::call;
+use guest_lib::{abi, info, println, yield_now, BootInfo, Error};
+
+guest_lib::entry!(main);
+
+fn open_retry(name: &str) -> Result<morsel::MorselMut, Error> {
+    loop {
+        match morsel::open_mut(name) {
+            Err(Error::NotFound) => yield_now(),
+            other => return other,
+        }
+    }
+}
+
+fn main(info_: &BootInfo) -> i32 {
+    let me = info_.guest_id;
+    match info_.arg {
+        0 => ringer(),
+        1 => listener(me),
+        2 => bystander(me),
+        3 => attacker(info_),
+        _ => deadlock(me),
+    }
+}
+
+fn ringer() -> i32 {
+    let Ok(m) = morsel::create("bell", 4096, PageSize::Size4K, true) else { return 1 };
+    let bell = Doorbell::new(m.addr());
+    let slices = info(abi::INFO_SLICES).unwrap_or(0);
+    while info(abi::INFO_SLICES).unwrap_or(0) < slices + 20 {
+        core::hint::spin_loop();
+    }
+    let mut tries = 0u64;
+    loop {
+        match bell.ring(Event(0x5)) {
+            Ok(2) => break,
+            Ok(_) | Err(Error::NoReceiver) => {
+                tries += 1;
+                yield_now();
+            }
+            Err(e) => {
+                println!("bell ringer: ring failed: {e}");
+                return 1;
+            }
+        }
+    }
+    println!("bell ringer: rang 0x5 after 20 slices of work, reached 2 subscribers ({tries} early tries)");
+    // Keep the morsel until the others are done with it.
+    for _ in 0..200 {
+        yield_now();
+    }
+    0
+}
+
+fn listener(me: u64) -> i32 {
+    let Ok(m) = open_retry("bell") else { return 1 };
+    let bell = Doorbell::new(m.addr());
+    if let Err(e) = bell.subscribe(None) {
+        println!("bell {me}: subscribe failed: {e}");
+        return 1;
+    }
+    let (slices, exits) = (info(abi::INFO_SLICES).unwrap_or(0), info(abi::INFO_EXITS).unwrap_or(0));
+    let got = notify::wait(Event(0x1), Timeout::Forever);
+    let used = info(abi::INFO_SLICES).unwrap_or(0) - slices;
+    let exited = info(abi::INFO_EXITS).unwrap_or(0) - exits;
+    println!("bell {me}: woke with {got:?}, {used} time slices and {exited} exits while waiting");
+    // The ring's other bit (0x4) stays pending until asked for.
+    let rest = notify::wait(Event(0x4), Timeout::Poll);
+    println!("bell {me}: bit 0x4 still pending: {rest:?}");
+    if got != Ok(Event(0x1)) || rest != Ok(Event(0x4)) || used > 1 || exited > 4 {
+        println!("bell {me}: WRONG");
+        return 1;
+    }
+    0
+}
+
+fn bystander(me: u64) -> i32 {
+    let Ok(_m) = open_retry("bell") else { return 1 };
+    let t0 = micros();
+    let got = notify::wait(Event(u64::MAX), Timeout::Micros(300_000));
+    let waited = micros() - t0;
+    println!("bell {me}: not subscribed: wait ended with {got:?} after {} ms", waited / 1000);
+    if got != Ok(Event(0)) || waited < 300_000 {
+        println!("bell {me}: WRONG");
+        return 1;
+    }
+    0
+}
+
+fn attacker(info_: &BootInfo) -> i32 {
+    let window = info_.morsel_window;
+    let mut bad = 0;
+    let mut check = |what: &str, nr: u64, args: [u64; 6], want: Result<u64, Error>| {
+        let got = call(nr, args);
+        let verdict = if got == want { "ok" } else { bad += 1; "WRONG" };
+        println!("bell attack: {what}: {got:?} ({verdict})");
+    };
+    // The ringer's morsel sits at the start of *its* window; nothing is mounted there here.
+    check("notify at another guest's mount address", abi::HC_NOTIFY, [window, 1, 0, 0, 0, 0], Err(Error::NotFound));
+    check("notify at a RAM address", abi::HC_NOTIFY, [0x20_0000, 1, 0, 0, 0, 0], Err(Error::NotFound));
+    check("subscribe at an unmounted address", abi::HC_NOTIFY_SUBSCRIBE, [u64::MAX, 0, 0, 0, 0, 0], Err(Error::NotFound));
+    let Ok(m) = morsel::create("atk", 4096, PageSize::Size4K, false) else { return 1 };
+    let gpa = m.addr();
+    check("notify with no bits", abi::HC_NOTIFY, [gpa, 0, 0, 0, 0, 0], Err(Error::Invalid));
+    check("notify nobody listens to", abi::HC_NOTIFY, [gpa, 1, 0, 0, 0, 0], Err(Error::NoReceiver));
+    check("notify inside the mount, not at it", abi::HC_NOTIFY, [gpa + 8, 1, 0, 0, 0, 0], Err(Error::NotFound));
+    check("subscribe with exception vector 14", abi::HC_NOTIFY_SUBSCRIBE, [gpa, 14, 0, 0, 0, 0], Err(Error::Invalid));
+    check("subscribe with vector 256", abi::HC_NOTIFY_SUBSCRIBE, [gpa, 256, 0, 0, 0, 0], Err(Error::Invalid));
+    check("subscribe to own morsel", abi::HC_NOTIFY_SUBSCRIBE, [gpa, 0, 0, 0, 0, 0], Ok(0));
+    check("notify self only", abi::HC_NOTIFY, [gpa, 1, 0, 0, 0, 0], Err(Error::NoReceiver));
+    check("wait with an empty mask", abi::HC_WAIT, [0, 10, 0, 0, 0, 0], Err(Error::Invalid));
+    check("wait with a huge timeout", abi::HC_WAIT, [1, abi::WAIT_MAX_US + 1, 0, 0, 0, 0], Err(Error::TooLarge));
+    check("wait polling", abi::HC_WAIT, [1, 0, 0, 0, 0, 0], Ok(0));
+    check("sleep 0", abi::HC_SLEEP, [0, 0, 0, 0, 0, 0], Err(Error::Invalid));
+    check("sleep forever", abi::HC_SLEEP, [u64::MAX, 0, 0, 0, 0, 0], Err(Error::TooLarge));
+    check("timer with vector 2 (NMI)", abi::HC_TIMER, [100, 2, 0, 0, 0, 0], Err(Error::Invalid));
+    check("timer of 2^63 us", abi::HC_TIMER, [1 << 63, 0x40, 0, 0, 0, 0], Err(Error::TooLarge));
+    check("timer cancel", abi::HC_TIMER, [0, 0, 0, 0, 0, 0], Ok(0));
+    check("take #DF", abi::HC_GUEST_EXCEPTIONS, [1 << 8, 0, 0, 0, 0, 0], Err(Error::Invalid));
+    check("take #MC", abi::HC_GUEST_EXCEPTIONS, [1 << 18, 0, 0, 0, 0, 0], Err(Error::Invalid));
+    check("take vector 40 as an exception", abi::HC_GUEST_EXCEPTIONS, [1 << 40, 0, 0, 0, 0, 0], Err(Error::Invalid));
+    drop(m);
+    check("notify after unmount", abi::HC_NOTIFY, [gpa, 1, 0, 0, 0, 0], Err(Error::NotFound));
+    let _ = morsel::destroy("atk");
+    // A wait for a timer interrupt that nobody handles would stop us: none is armed.
+    if bad == 0 { 0 } else { 1 }
+}
+
+fn deadlock(me: u64) -> i32 {
+    let m = match morsel::create("lock", 4096, PageSize::Size4K, true) {
+        Ok(m) => m,
+        Err(Error::Busy) => match open_retry("lock") {
+            Ok(m) => m,
+            Err(_) => return 1,
+        },
+        Err(_) => return 1,
+    };
+    let _ = Doorbell::new(m.addr()).subscribe(None);
+    println!("bell {me}: waiting forever for the other to ring");
+    let got = notify::wait(Event(1), Timeout::Forever);
+    println!("bell {me}: woke with {got:?}: WRONG");
+    1
+}
