@@ -23,13 +23,15 @@ const MORSEL_OPS: &str = "1048576";
 
 pub struct Options {
     pub benches: Vec<&'static str>,
+    /// `smp`: the in-emulator SMP bench (`bench_smp`), only when named.
+    pub smp: bool,
     pub rounds: usize,
     pub docs: bool,
 }
 
 impl Options {
     pub fn parse(args: &[String]) -> Result<Options> {
-        let mut o = Options { benches: Vec::new(), rounds: DEFAULT_ROUNDS, docs: false };
+        let mut o = Options { benches: Vec::new(), smp: false, rounds: DEFAULT_ROUNDS, docs: false };
         let mut it = args.iter();
         while let Some(a) = it.next() {
             match a.as_str() {
@@ -40,14 +42,15 @@ impl Options {
                         _ => bail!("`--rounds` wants a number of rounds, at least 1"),
                     }
                 }
+                "smp" => o.smp = true,
                 name => match BENCHES.iter().find(|b| **b == name) {
                     Some(b) if !o.benches.contains(b) => o.benches.push(b),
                     Some(_) => bail!("`{name}` named twice"),
-                    None => bail!("`bench` takes allocator, morsel or exmap, --rounds N, --docs (got `{name}`)"),
+                    None => bail!("`bench` takes allocator, morsel, exmap or smp, --rounds N, --docs (got `{name}`)"),
                 },
             }
         }
-        if o.benches.is_empty() {
+        if o.benches.is_empty() && !o.smp {
             o.benches = BENCHES.to_vec();
         }
         Ok(o)
@@ -123,6 +126,12 @@ pub fn collect(samples: &[Sample]) -> Vec<Row> {
 }
 
 pub fn bench(o: &Options) -> Result<ExitCode> {
+    if o.smp && o.benches.is_empty() {
+        return crate::bench_smp::bench(o.rounds.min(3));
+    }
+    if o.smp {
+        bail!("`bench smp` runs on its own (it boots QEMU): `cargo xtask bench smp`");
+    }
     let root = crate::root();
     let mut exes = Vec::new();
     for &b in &o.benches {

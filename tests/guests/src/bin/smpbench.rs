@@ -1,0 +1,92 @@
+//! `cargo xtask bench smp`: every vCPU of this guest (one per CPU) measures, at the same
+//! time as the others, what the hypervisor's allocator and morsel manager cost per call:
+//! create + destroy of a 64 KiB morsel of 4 KiB pages and of a 2 MiB morsel of one 2 MiB
+//! page (each one hypercall pair, frames from the CPU's own allocator core), and unmount +
+//! open of a mounted morsel (every unmount is a TLB shootdown to the CPUs the guest ran on).
+//! Prints one line per vCPU with calls per second, from the TSC (`info` TSC rate).
+//! `arg`: calls per measurement (default 200).
+#![no_std]
+#![no_main]
+
+use core::sync::atomic::{AtomicU32, Ordering::SeqCst};
+use guest_lib::abi;
+use guest_lib::morsel::{self, PageSize};
+use guest_lib::{println, BootInfo};
+
+guest_lib::entry!(main, vcpu_main);
+
+/// vCPUs that finished measuring.
+static DONE: AtomicU32 = AtomicU32::new(0);
+
+fn main(info: &BootInfo) -> i32 {
+    let ok = measure(info, 0);
+    let vcpus = info.vcpu_count.max(1) as u32;
+    while DONE.load(SeqCst) < vcpus {
+        core::hint::spin_loop();
+    }
+    // The hypervisor prints its counters, the shootdown figures among them.
+    morsel::print_stats();
+    if ok { 0 } else { 1 }
+}
+
+fn vcpu_main(info: &BootInfo, vcpu: u32) -> i32 {
+    if measure(info, vcpu) { 0 } else { 1 }
+}
+
+fn tsc() -> u64 {
+    // SAFETY: RDTSC has no side effects; the hypervisor does not trap it.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+/// Calls per second from `calls` calls in `ticks` TSC ticks.
+fn rate(calls: u64, ticks: u64, per_us: u64) -> u64 {
+    calls * 1_000_000 * per_us / ticks.max(1)
+}
+
+fn measure(info: &BootInfo, vcpu: u32) -> bool {
+    let calls = if info.arg == 0 { 200 } else { info.arg };
+    let per_us = guest_lib::info(abi::INFO_TSC_PER_US).unwrap_or(1).max(1);
+    let cpu = guest_lib::cpu_index();
+    let mut name = [b'b', b'-', b'0' + (vcpu % 10) as u8, b'x'];
+    let mut ok = true;
+    let mut pair = |page: PageSize, size: u64, tag: u8| {
+        name[3] = tag;
+        let n = core::str::from_utf8(&name).unwrap_or("b-0x");
+        let start = tsc();
+        for _ in 0..calls {
+            match morsel::create(n, size, page, false) {
+                Ok(m) => {
+                    drop(m);
+                    ok &= morsel::destroy(n).is_ok();
+                }
+                Err(_) => ok = false,
+            }
+        }
+        rate(calls, tsc() - start, per_us)
+    };
+    let small = pair(PageSize::Size4K, 64 * 1024, b's');
+    let huge = pair(PageSize::Size2M, 2 << 20, b'h');
+    // Unmount + open: the unmount shoots the guest's translations down on every CPU it ran on.
+    name[3] = b'm';
+    let n = core::str::from_utf8(&name).unwrap_or("b-0m");
+    let mut mounts = 0;
+    let start = tsc();
+    if let Ok(m) = morsel::create(n, 64 * 1024, PageSize::Size4K, false) {
+        drop(m);
+        for _ in 0..calls {
+            match morsel::open(n) {
+                Ok(r) => {
+                    drop(r);
+                    mounts += 1;
+                }
+                Err(_) => ok = false,
+            }
+        }
+        ok &= morsel::destroy(n).is_ok();
+    }
+    let remount = rate(mounts, tsc() - start, per_us);
+    println!("smpbench vcpu {vcpu} cpu {cpu}: 4 KiB morsel create+destroy {small}/s, 2 MiB morsel create+destroy {huge}/s, unmount+open {remount}/s ({calls} calls each){}",
+        if ok { "" } else { " FAILED" });
+    DONE.fetch_add(1, SeqCst);
+    ok
+}

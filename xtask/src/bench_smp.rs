@@ -1,0 +1,113 @@
+//! `cargo xtask bench smp`: boots the `smpbench` guest under QEMU TCG (the SVM backend) with
+//! 1 CPU (one vCPU) and with 2 CPUs (two vCPUs, one on each, measuring at once), in
+//! interleaved rounds, and prints per CPU the hypervisor's morsel create+destroy rate (4 KiB
+//! and 2 MiB pages: the frame allocator through that CPU's core index, table writes) and
+//! unmount+open rate (each unmount one TLB shootdown), and the hypervisor's shootdown figures
+//! (IPIs per shootdown, microseconds per shootdown). Medians over the rounds; the host's
+//! core count beside them: TCG's vCPUs compete for those cores with everything else.
+
+use crate::emulator::{self, Accel, Config};
+use crate::{bail, images, Context, Result};
+use std::process::ExitCode;
+
+/// One boot's figures: per vCPU (4 KiB, 2 MiB, unmount+open per second), shootdown line.
+struct Boot {
+    vcpus: Vec<[u64; 3]>,
+    ipis_per_shootdown: Option<f64>,
+    us_per_shootdown: Option<u64>,
+}
+
+fn number_before(line: &str, suffix: &str) -> Option<u64> {
+    let end = line.find(suffix)?;
+    let start = line[..end].rfind(' ')? + 1;
+    line[start..end].parse().ok()
+}
+
+fn parse(serial: &str) -> Result<Boot> {
+    let mut vcpus = Vec::new();
+    let mut b = Boot { vcpus: Vec::new(), ipis_per_shootdown: None, us_per_shootdown: None };
+    for line in serial.lines() {
+        // The console prefix of a vCPU's line (`[guest 0 smpbench vcpu 1]`) says it too.
+        if let Some(rest) = line.rfind("smpbench vcpu ").map(|i| &line[i..]).filter(|r| r.contains("create+destroy")) {
+            if rest.contains("FAILED") {
+                bail!("the bench guest failed: {line}");
+            }
+            let small = number_before(rest, "/s, 2 MiB");
+            let huge = number_before(rest, "/s, unmount");
+            let remount = number_before(rest, "/s (");
+            match (small, huge, remount) {
+                (Some(s), Some(h), Some(r)) => vcpus.push([s, h, r]),
+                _ => bail!("cannot read `{line}`"),
+            }
+        }
+        if let Some(rest) = line.split("stats shootdowns: ").nth(1) {
+            // `N (M IPIs, a.bc IPIs per shootdown, T us per shootdown)`
+            b.ipis_per_shootdown = rest.split(", ").nth(1).and_then(|w| w.split(' ').next()).and_then(|v| v.parse().ok());
+            b.us_per_shootdown = rest.split(", ").nth(2).and_then(|w| w.split(' ').next()).and_then(|v| v.parse().ok());
+        }
+    }
+    b.vcpus = vcpus;
+    Ok(b)
+}
+
+fn median(mut v: Vec<u64>) -> u64 {
+    v.sort_unstable();
+    v.get(v.len() / 2).copied().unwrap_or(0)
+}
+
+pub fn bench(rounds: usize) -> Result<ExitCode> {
+    let root = crate::root();
+    crate::tools::require(&crate::tools::QEMU)?;
+    let built = {
+        let _lock = images::lock_build(&root)?;
+        images::build_all(false)?
+    };
+    let config = Config::resolve(&root, "qemu-svm")?;
+    let mut runs: Vec<(usize, Boot)> = Vec::new();
+    for round in 1..=rounds {
+        for cpus in [1usize, 2] {
+            let cmdline = format!("guests=smpbench:vcpus={cpus}:mem=64M");
+            let mut boot = emulator::QemuBoot::new(&built.hypervisor, &cmdline, &built.archive, "stdio");
+            boot.cpus = Some(cpus);
+            let mut cmd = emulator::qemu_command(&config, Accel::Tcg, &boot)?;
+            let out = cmd.stdin(std::process::Stdio::null()).output().context(|| "cannot start qemu-system-x86_64".to_string())?;
+            let serial = String::from_utf8_lossy(&out.stdout);
+            if out.status.code() != Some(33) {
+                bail!("the bench boot with {cpus} CPU(s) did not end with success:\n{serial}");
+            }
+            runs.push((cpus, parse(&serial)?));
+        }
+        eprintln!("bench smp: round {round} of {rounds} done");
+    }
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    println!("bench smp: QEMU TCG, SVM backend; medians of {rounds} interleaved round(s); this host has {cores} core(s), shared");
+    println!("{:<22} {:>22} {:>22} {:>18} {:>14} {:>14}", "run", "4 KiB create+destroy/s", "2 MiB create+destroy/s", "unmount+open/s", "IPIs/shootdown", "us/shootdown");
+    for cpus in [1usize, 2] {
+        let boots: Vec<&Boot> = runs.iter().filter(|(c, _)| *c == cpus).map(|(_, b)| b).collect();
+        for v in 0..cpus {
+            let col = |k: usize| median(boots.iter().filter_map(|b| b.vcpus.get(v).map(|r| r[k])).collect());
+            let ipis = boots.iter().filter_map(|b| b.ipis_per_shootdown).fold(0.0, f64::max);
+            let us = median(boots.iter().filter_map(|b| b.us_per_shootdown).collect());
+            println!("{:<22} {:>22} {:>22} {:>18} {:>14.2} {:>14}", format!("{cpus} CPU(s), vCPU {v}"), col(0), col(1), col(2), ipis, us);
+        }
+    }
+    println!("(per CPU; with 2 CPUs both measure at the same time. The hypervisor's own counters: `stats shootdowns` in the serial log.)");
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_guest_and_hypervisor_lines() {
+        let serial = "[guest 0 smpbench] smpbench vcpu 0 cpu 0: 4 KiB morsel create+destroy 1234/s, 2 MiB morsel create+destroy 567/s, unmount+open 89/s (200 calls each)\n\
+                      [guest 0 smpbench vcpu 1] smpbench vcpu 1 cpu 1: 4 KiB morsel create+destroy 1000/s, 2 MiB morsel create+destroy 500/s, unmount+open 80/s (200 calls each)\n\
+                      [    1.0] INFO  morsel: stats shootdowns: 400 (400 IPIs, 1.00 IPIs per shootdown, 35 us per shootdown)\n";
+        let b = parse(serial).expect("parses");
+        assert_eq!(b.vcpus, vec![[1234, 567, 89], [1000, 500, 80]]);
+        assert_eq!(b.ipis_per_shootdown, Some(1.0));
+        assert_eq!(b.us_per_shootdown, Some(35));
+        assert!(parse("smpbench vcpu 0 cpu 0: 4 KiB morsel create+destroy 1/s, 2 MiB morsel create+destroy 1/s, unmount+open 1/s (2 calls each) FAILED").is_err());
+    }
+}
