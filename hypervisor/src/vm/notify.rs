@@ -28,8 +28,6 @@ struct Events {
     timer: Option<(u64, u8)>,
     /// Virtual interrupts injected so far.
     injected: u64,
-    /// CPUs (bit per index) that ran this guest: a doorbell wakes them by IPI if they halt.
-    cpus: u64,
 }
 
 #[derive(Clone, Copy)]
@@ -123,11 +121,6 @@ impl Notify {
             if let Some(v) = vector {
                 e.raise(v);
             }
-            // A CPU idling in HLT for this guest looks again now (`sched`, `apic::halt_once`).
-            let me = crate::arch::ipi::me();
-            for cpu in (0..64).filter(|&c| c != me && e.cpus & (1 << c) != 0) {
-                crate::arch::ipi::send(cpu);
-            }
             reached += 1;
         }
         if reached == 0 {
@@ -213,7 +206,6 @@ impl Notify {
     /// can take it, else an interrupt window is asked for; an expired timer fires first.
     pub fn before_run<B: Backend>(&mut self, g: &mut Guest<B>, vcpu: &mut B::Vcpu) {
         let Some(e) = self.vcpus.get_mut(g.id as usize) else { return };
-        e.cpus |= 1 << (crate::arch::ipi::me() % 64);
         if let Some((deadline, vector)) = e.timer {
             if time::tsc() >= deadline {
                 e.timer = None;

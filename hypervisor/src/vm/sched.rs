@@ -176,7 +176,9 @@ pub fn cpu_loop<B: Backend>(run: &Run<B>, backend: &mut B, me: usize, frames: &F
                 cx.notify.idle_until(guests, slice_end)
             };
             if let Some(t) = until {
-                // Until the deadline, or an IPI (a doorbell rung on another CPU, a shootdown).
+                // Until the deadline or the next interrupt (the slice timer, a shootdown IPI):
+                // a doorbell rung on another CPU is seen within a slice (no wake-up IPI: it
+                // would end the slice of whatever runs there, see README).
                 crate::arch::apic::halt_once(t);
             }
         }
