@@ -9,6 +9,7 @@ pub mod hypercall;
 pub mod loader;
 pub mod memory;
 pub mod notify;
+mod report;
 pub mod runqueue;
 pub mod sched;
 pub mod shootdown;
