@@ -80,7 +80,10 @@ fn listener(me: u64) -> i32 {
     // The ring's other bit (0x4) stays pending until asked for.
     let rest = notify::wait(Event(0x4), Timeout::Poll);
     println!("bell {me}: bit 0x4 still pending: {rest:?}");
-    if got != Ok(Event(0x1)) || rest != Ok(Event(0x4)) || used > 1 || exited > 4 {
+    // While the ringer works through 20 slices this guest must use none: the window around the
+    // wait may still take an interrupt exit on each side (a timer tick, or with 2 CPUs another
+    // CPU's IPI, both counted as preemptions), hence up to 2 slices and 6 exits.
+    if got != Ok(Event(0x1)) || rest != Ok(Event(0x4)) || used > 2 || exited > 6 {
         println!("bell {me}: WRONG");
         return 1;
     }
