@@ -119,17 +119,7 @@ impl<F: Format> Morsel<F> {
             mem.write(table, i, Entry::<F>::leaf(page, frame, Perm::RWX).raw());
             offset += page.bytes();
         }
-        Ok(Self {
-            root,
-            root_level,
-            len,
-            page,
-            tables: 1 + stats.tables as u32,
-            mounts: AtomicU32::new(0),
-            owns_data: true,
-            sparse: false,
-            _format: PhantomData,
-        })
+        Ok(Self::owning(root, root_level, len, page, 1 + stats.tables as u32, false))
     }
 
     /// A sparse morsel of `len` bytes (rounded up to 4 KiB) for ExMap: every table down to
@@ -150,17 +140,12 @@ impl<F: Format> Morsel<F> {
             }
             offset += table_span(1);
         }
-        Ok(Self {
-            root,
-            root_level,
-            len,
-            page,
-            tables: 1 + stats.tables as u32,
-            mounts: AtomicU32::new(0),
-            owns_data: true,
-            sparse: true,
-            _format: PhantomData,
-        })
+        Ok(Self::owning(root, root_level, len, page, 1 + stats.tables as u32, true))
+    }
+
+    /// A morsel that owns its tables and data frames, not mounted anywhere yet.
+    fn owning(root: HostPhysAddr, root_level: Level, len: u64, page: PageSize, tables: u32, sparse: bool) -> Self {
+        Self { root, root_level, len, page, tables, mounts: AtomicU32::new(0), owns_data: true, sparse, _format: PhantomData }
     }
 
     /// Whether this is a sparse (ExMap) morsel, or a view of one.
@@ -279,17 +264,7 @@ impl<F: Format> Morsel<F> {
         }
         let mut tables = 1;
         check_tree::<F>(root, shape.1, 0, len, page, mem, &mut valid, &mut tables)?;
-        Ok(Self {
-            root,
-            root_level: shape.1,
-            len,
-            page,
-            tables,
-            mounts: AtomicU32::new(0),
-            owns_data: true,
-            sparse: false,
-            _format: PhantomData,
-        })
+        Ok(Self::owning(root, shape.1, len, page, tables, false))
     }
 
     /// Calls `f` for every frame of the subtree: tables (order 0), then, unless this is a

@@ -127,7 +127,7 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
 
     /// `morsel_unmount(gpa)`. The intermediate tables the mount created go with it (else a
     /// later morsel with a larger window would find its slot taken).
-    pub fn unmount<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, _backend: &mut B, frames: &Frames, gpa: u64) -> Result<u64, Error> {
+    pub fn unmount<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, frames: &Frames, gpa: u64) -> Result<u64, Error> {
         let i = g.mounts.iter().position(|m| m.gpa == gpa).ok_or(Error::NotFound)?;
         let m = g.mounts.remove(i);
         let n = self.named.get_mut(&m.name).ok_or(Error::NotFound)?;
@@ -189,7 +189,7 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     }
 
     /// Drops every mount of a guest that is leaving (device mounts too).
-    pub fn drop_mounts<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, backend: &mut B, mut devices: Option<&mut Devices>, frames: &Frames) {
+    pub fn drop_mounts<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, mut devices: Option<&mut Devices>, frames: &Frames) {
         while let Some(m) = self.devices.iter().find(|d| d.guest == g.id).cloned() {
             match devices.as_deref_mut() {
                 Some(d) => {
@@ -199,7 +199,7 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
             }
         }
         while let Some(m) = g.mounts.last().cloned() {
-            if self.unmount(g, backend, frames, m.gpa).is_err() {
+            if self.unmount(g, frames, m.gpa).is_err() {
                 g.mounts.pop();
             }
         }

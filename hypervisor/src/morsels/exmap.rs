@@ -114,7 +114,7 @@ impl Exmaps {
 
     /// `exmap_action(region_gpa, iov_gpa, count, opcode)`.
     #[allow(clippy::too_many_arguments)] // the call's four arguments and what it works on
-    pub fn action<B: Backend>(&mut self, dir: &mut Directory<B::Format>, mut devices: Option<&mut crate::devices::Devices>, g: &mut Guest<B>, _backend: &mut B, frames: &Frames, gpa: u64, iov_gpa: u64, count: u64, op: abi::ExmapOp) -> Result<u64, Error> {
+    pub fn action<B: Backend>(&mut self, dir: &mut Directory<B::Format>, mut devices: Option<&mut crate::devices::Devices>, g: &mut Guest<B>, frames: &Frames, gpa: u64, iov_gpa: u64, count: u64, op: abi::ExmapOp) -> Result<u64, Error> {
         let op = match op {
             abi::ExmapOp::Alloc => abi::EXMAP_ALLOC,
             abi::ExmapOp::Free => abi::EXMAP_FREE,

@@ -48,7 +48,7 @@ pub struct Context<B: Backend> {
 }
 
 /// Handles the hypercall in `regs` (already past the instruction), writing status and value.
-pub fn handle<B: Backend>(guest: &mut Guest<B>, caller: Caller, backend: &mut B, regs: &mut Regs, cx: &mut Context<B>) -> Action {
+pub fn handle<B: Backend>(guest: &mut Guest<B>, caller: Caller, regs: &mut Regs, cx: &mut Context<B>) -> Action {
     let nr = regs.rax;
     let frames = cx.frames;
     let call = Call::decode(nr, [regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9]);
@@ -75,7 +75,7 @@ pub fn handle<B: Backend>(guest: &mut Guest<B>, caller: Caller, backend: &mut B,
             Ok(None) => return Action::Yield,
             other => other.map(|got| got.unwrap_or(0)),
         },
-        Ok(call) => dispatch(call, guest, caller, backend, cx, &frames),
+        Ok(call) => dispatch(call, guest, caller, cx, &frames),
     };
     let reason = guest.refusal.take();
     if let Err(e) = result {
@@ -92,7 +92,7 @@ pub fn handle<B: Backend>(guest: &mut Guest<B>, caller: Caller, backend: &mut B,
 }
 
 /// Runs a decoded call that returns to the guest.
-fn dispatch<B: Backend>(call: Call, guest: &mut Guest<B>, caller: Caller, backend: &mut B, cx: &mut Context<B>, frames: &Frames) -> Result<u64, Error> {
+fn dispatch<B: Backend>(call: Call, guest: &mut Guest<B>, caller: Caller, cx: &mut Context<B>, frames: &Frames) -> Result<u64, Error> {
     let morsels = &mut cx.morsels;
     let devices = cx.devices.as_mut();
     match call {
@@ -102,7 +102,7 @@ fn dispatch<B: Backend>(call: Call, guest: &mut Guest<B>, caller: Caller, backen
         Call::MorselOpen { name, writable } => morsels.open(guest, frames, name, writable),
         Call::MorselUnmount { gpa } => {
             let name = guest.mounts.iter().find(|m| m.gpa == gpa).and_then(|m| crate::morsels::try_string(&m.name).ok());
-            let done = morsels.unmount(guest, backend, frames, gpa);
+            let done = morsels.unmount(guest, frames, gpa);
             if let (Ok(_), Some(name)) = (&done, name) {
                 cx.notify.unmounted(guest.id, &name);
             }
@@ -117,7 +117,7 @@ fn dispatch<B: Backend>(call: Call, guest: &mut Guest<B>, caller: Caller, backen
             Ok(0)
         }
         Call::ExmapCreate { name, size, share_writable } => cx.exmaps.create(morsels, guest, frames, name, size, share_writable),
-        Call::ExmapAction { region, iov, count, op } => cx.exmaps.action(morsels, devices, guest, backend, frames, region, iov, count, op),
+        Call::ExmapAction { region, iov, count, op } => cx.exmaps.action(morsels, devices, guest, frames, region, iov, count, op),
         Call::ExmapInfo { region, what } => cx.exmaps.info(guest, region, what),
         Call::DeviceMount { name, bdf, iova, writable } => morsels.device_mount(guest, devices, frames, name, Bdf::from_source_id(bdf), iova, writable),
         Call::DeviceUnmount { bdf, iova } => morsels.device_unmount(guest, devices, frames, Bdf::from_source_id(bdf), iova),

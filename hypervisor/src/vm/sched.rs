@@ -146,7 +146,7 @@ pub fn cpu_loop<B: Backend>(run: &Run<B>, backend: &mut B, me: usize, frames: &F
                     g.state = State::Stopped;
                 }
                 let v = VcpuSummary { index: p.setup.rsi as u32, cpu: me, state: State::Stopped, exits: [0; ExitKind::COUNT] };
-                vcpu_done(guests, cx, done, p.guest, v, backend, frames, me);
+                vcpu_done(guests, cx, done, p.guest, v, frames);
             }
         }
     }
@@ -162,7 +162,7 @@ pub fn cpu_loop<B: Backend>(run: &Run<B>, backend: &mut B, me: usize, frames: &F
                 let v = VcpuSummary { index: s.index, cpu: me, state, exits: s.exits };
                 let mut w = runqueue::lock(run);
                 let World { guests, cx, done } = &mut *w;
-                vcpu_done(guests, cx, done, s.guest, v, backend, frames, me);
+                vcpu_done(guests, cx, done, s.guest, v, frames);
             } else {
                 i += 1;
             }
@@ -190,14 +190,13 @@ pub fn cpu_loop<B: Backend>(run: &Run<B>, backend: &mut B, me: usize, frames: &F
 
 /// A vCPU ended (its control structures are gone); the last one of its guest takes the
 /// guest down: mounts, ExMap caches, memory.
-#[allow(clippy::too_many_arguments)]
-fn vcpu_done<B: Backend>(guests: &mut [Option<Guest<B>>], cx: &mut Context<B>, done: &mut Vec<Summary>, id: u32, v: VcpuSummary, backend: &mut B, frames: &Frames, _me: usize) {
+fn vcpu_done<B: Backend>(guests: &mut [Option<Guest<B>>], cx: &mut Context<B>, done: &mut Vec<Summary>, id: u32, v: VcpuSummary, frames: &Frames) {
     let Some(slot) = guests.get_mut(id as usize) else { return };
     let Some(g) = slot.as_mut() else { return };
     if !g.vcpu_ended(v) {
         return;
     }
-    cx.morsels.drop_mounts(g, backend, cx.devices.as_mut(), frames);
+    cx.morsels.drop_mounts(g, cx.devices.as_mut(), frames);
     cx.exmaps.guest_ended(g.id, frames);
     cx.notify.guest_ended(g.id);
     if let Some(g) = slot.take() {
@@ -279,7 +278,7 @@ fn run_slice<B: Backend>(backend: &mut B, s: &mut Slot<B>, run: &Run<B>, me: usi
                 Some(next_rip) => {
                     regs.rip = next_rip;
                     if cpl == 0 {
-                        match hypercall::handle(guest, caller, backend, &mut regs, cx) {
+                        match hypercall::handle(guest, caller, &mut regs, cx) {
                             Action::Continue => true,
                             Action::Yield => false,
                             Action::Exit(code) => {
