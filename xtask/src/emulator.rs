@@ -5,7 +5,9 @@
 //! Argument file format: one argument or `-flag value` pair per line; blank lines and `#`
 //! comments (whole line, or after a blank) are skipped; a line prefixed `tcg:` or `kvm:` is
 //! used only under that accelerator; `@ROOT@` stands for the repository root (for files a
-//! config names, such as the persistent-memory image of `qemu-pmem`).
+//! config names, such as the persistent-memory image of `qemu-pmem`). A line `hypervisor:
+//! WORDS` is no QEMU argument: WORDS go at the end of every hypervisor command line booted
+//! with the config (`qemu-iommu-sharept`: `iommu=sharept`).
 
 use crate::{bail, tools, Context, Result};
 use std::path::{Path, PathBuf};
@@ -120,6 +122,9 @@ pub fn parse_args_file(text: &str, accel: Accel) -> Vec<String> {
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
+        if line.starts_with(HYPERVISOR) {
+            continue;
+        }
         if let Some(rest) = line.strip_prefix("tcg:") {
             if accel != Accel::Tcg {
                 continue;
@@ -140,6 +145,34 @@ pub fn parse_args_file(text: &str, accel: Accel) -> Vec<String> {
         }
     }
     out
+}
+
+/// The prefix of an argument-file line that adds words to the hypervisor command line.
+const HYPERVISOR: &str = "hypervisor:";
+
+/// The words of the `hypervisor:` lines of an argument file, space-separated.
+pub fn hypervisor_words(text: &str) -> String {
+    let words: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix(HYPERVISOR))
+        .map(|w| w.split(" #").next().unwrap_or_default().trim())
+        .filter(|w| !w.is_empty())
+        .collect();
+    words.join(" ")
+}
+
+/// `cmdline` with the config's `hypervisor:` words at its end.
+pub fn config_cmdline(config: &Config, cmdline: &str) -> Result<String> {
+    if config.emulator != Emulator::Qemu {
+        return Ok(cmdline.to_string());
+    }
+    let text = std::fs::read_to_string(&config.path).context(|| format!("cannot read {}", config.path.display()))?;
+    let words = hypervisor_words(&text);
+    Ok(match (cmdline.trim().is_empty(), words.is_empty()) {
+        (_, true) => cmdline.to_string(),
+        (true, false) => words,
+        (false, false) => format!("{} {words}", cmdline.trim_end()),
+    })
 }
 
 pub fn qemu_args(config: &Config, accel: Accel) -> Result<Vec<String>> {
@@ -178,13 +211,14 @@ impl<'a> QemuBoot<'a> {
 pub fn qemu_command(config: &Config, accel: Accel, boot: &QemuBoot) -> Result<Command> {
     let qemu = tools::require(&tools::QEMU)?;
     let config_args = qemu_args(config, accel)?;
+    let cmdline = config_cmdline(config, boot.cmdline)?;
     let mut cmd = Command::new(qemu);
     crate::die_with_parent(&mut cmd);
     cmd.args(&config_args)
         .arg("-kernel")
         .arg(boot.kernel)
         .arg("-append")
-        .arg(boot.cmdline)
+        .arg(&cmdline)
         .arg("-initrd")
         .arg(boot.initrd);
     if let Some(path) = boot.disk {
@@ -272,7 +306,15 @@ kvm: -cpu host   # host cpu
 -no-reboot
 
 -append a b
+hypervisor: iommu=sharept   # not for QEMU
 ";
+
+    #[test]
+    fn hypervisor_lines_are_words_not_arguments() {
+        assert_eq!(hypervisor_words(FILE), "iommu=sharept");
+        assert_eq!(hypervisor_words("hypervisor: a b\n  hypervisor:c\n-m 2G\n"), "a b c");
+        assert_eq!(hypervisor_words("-m 2G\n"), "");
+    }
 
     #[test]
     fn args_file_per_accel() {
@@ -304,6 +346,11 @@ kvm: -cpu host   # host cpu
         let pmem = qemu_args(&Config::resolve(&root, "qemu-pmem").unwrap(), Accel::Tcg).unwrap();
         let file = format!("mem-path={}/build/pmem.img,", root.display());
         assert!(pmem.iter().any(|a| a.contains(&file)), "{pmem:?}");
+        let sharept = Config::resolve(&root, "qemu-iommu-sharept").unwrap();
+        assert_eq!(qemu_args(&sharept, Accel::Tcg).unwrap(), qemu_args(&Config::resolve(&root, "qemu-iommu").unwrap(), Accel::Tcg).unwrap());
+        assert_eq!(config_cmdline(&sharept, "guests=hello ").unwrap(), "guests=hello iommu=sharept");
+        assert_eq!(config_cmdline(&sharept, "").unwrap(), "iommu=sharept");
+        assert_eq!(config_cmdline(&Config::resolve(&root, "qemu-iommu").unwrap(), "guests=hello").unwrap(), "guests=hello");
         let e = Config::resolve(&root, "nope").unwrap_err().0;
         assert!(e.contains("qemu-svm"), "{e}");
     }

@@ -272,7 +272,7 @@ fn run_qemu(config: &Config, built: &images::Built, cmdline: &str, o: &Options, 
     let mut cmd = emulator::qemu_command(config, accel, &boot)?;
     // The serial output comes through us (to name RIPs); the terminal stays QEMU's input.
     cmd.stdout(std::process::Stdio::piped());
-    println!("qemu: config {} ({}), cmdline `{cmdline}`; Ctrl-A X quits", config.name, config.path.display());
+    println!("qemu: config {} ({}), cmdline `{}`; Ctrl-A X quits", config.name, config.path.display(), emulator::config_cmdline(config, cmdline)?);
     let start = Instant::now();
     let mut child = cmd.spawn().context(|| "cannot start qemu-system-x86_64".to_string())?;
     let mut stdout = child.stdout.take();

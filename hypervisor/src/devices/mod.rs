@@ -47,7 +47,12 @@ pub fn init(platform: &Platform, frames: &Frames, options: crate::platform::cmdl
     let functions = pci.enumerate();
     let unit = match (platform.dmar, platform.ivrs) {
         (Some(dmar_at), _) => init_vtd(dmar_at, options, frames),
-        (None, Some(ivrs_at)) => init_amdvi(ivrs_at, frames),
+        (None, Some(ivrs_at)) => {
+            if options.share_ept {
+                log::warn!(target: "iommu", "iommu=sharept ignored: the AMD IOMMU cannot walk EPT tables (AMD-Vi views are used)");
+            }
+            init_amdvi(ivrs_at, frames)
+        }
         (None, None) => None,
     };
     let Some(mut iommu) = unit else { return Err(InitFailed) };
@@ -111,6 +116,10 @@ fn init_vtd(dmar_at: u64, options: crate::platform::cmdline::IommuOptions, frame
     if let Err(e) = vtd.enable(options.register_invalidation, frames) {
         log::error!(target: "iommu", "cannot enable translation: {e}");
         return None;
+    }
+    vtd.share_ept = options.share_ept;
+    if options.share_ept {
+        log::info!(target: "iommu", "iommu=sharept: an NPT morsel's device mounts go through its EPT twin (the morsel in the EPT format over the same data frames), whose own subtree is mounted with one entry, as a VMX guest's EPT morsel is; no VT-d views");
     }
     Some(Unit::Vtd(vtd))
 }

@@ -13,7 +13,7 @@ pub mod vtd;
 use crate::mm::frames::Frames;
 use crate::devices::pci::Bdf;
 use alloc::vec::Vec;
-use morsel::{can_share, AmdV1, Format, HostPhysAddr, IoVirtAddr, Morsel, MountStats, PageSize, Perm, PhysMem, SecondLevelTable, VtdSl};
+use morsel::{can_share, AmdV1, Ept, Format, HostPhysAddr, IoVirtAddr, Morsel, MountStats, PageSize, Perm, PhysMem, SecondLevelTable, VtdSl};
 
 pub use amdvi::AmdVi;
 pub use vtd::Vtd;
@@ -81,6 +81,11 @@ pub trait Iommu {
     fn counters(&self) -> (u64, u64);
     /// Where a morsel keeps its view in this IOMMU's format.
     fn view_slot(views: &mut Views) -> &mut Option<Morsel<Self::Format>>;
+    /// Whether a morsel whose format this IOMMU cannot walk goes through its EPT twin (VT-d
+    /// with `iommu=sharept`) rather than a view in the IOMMU's own format.
+    fn shares_ept(&self) -> bool {
+        false
+    }
 }
 
 /// A morsel's views for device domains whose IOMMU cannot walk its format.
@@ -88,6 +93,10 @@ pub trait Iommu {
 pub struct Views {
     pub vtd: Option<Morsel<VtdSl>>,
     pub amd: Option<Morsel<AmdV1>>,
+    /// `iommu=sharept`: the morsel in the EPT format (the entries `Morsel::<Ept>::create`
+    /// writes for a VMX guest's morsel) over the same data frames, whose own subtree goes
+    /// into VT-d domains as an EPT morsel's does. Kept in step with ExMap like the views.
+    pub ept: Option<Morsel<Ept>>,
 }
 
 impl Views {
@@ -105,7 +114,7 @@ impl Views {
                 }
             }
         }
-        one(&mut self.vtd, frames).or(one(&mut self.amd, frames))
+        one(&mut self.vtd, frames).or(one(&mut self.amd, frames)).or(one(&mut self.ept, frames))
     }
 }
 
@@ -116,17 +125,37 @@ pub enum MountError {
     Morsel(morsel::Error),
 }
 
+/// What the log says of a mount through an EPT twin (`iommu=sharept`).
+pub const EPT_TWIN_MOUNT: &str = "the EPT subtree itself was mounted (iommu=sharept: the morsel's EPT twin over the same data frames, no VT-d view)";
+
 /// Mounts `morsel` into `bdf`'s domain at `iova` with one entry: its own subtree where the
-/// IOMMU walks the morsel's format (EPT into VT-d: Xen's `iommu=sharept`), else its view in
-/// the IOMMU's format. The caller invalidates. Returns what it wrote and how.
+/// IOMMU walks the morsel's format (EPT into VT-d: Xen's `iommu=sharept`), else, with
+/// `shares_ept` (VT-d and `iommu=sharept`), the own subtree of its EPT twin through that same
+/// path, else its view in the IOMMU's format. The caller invalidates. Returns what it wrote
+/// and how.
 pub fn mount<I: Iommu, F: Format>(unit: &mut I, bdf: Bdf, morsel: &Morsel<F>, views: &mut Views, iova: u64, perm: Perm, frames: &Frames) -> Result<(MountStats, &'static str), MountError> {
     let mem = unit.mem();
+    if can_share::<F, I::Format>() {
+        let table = unit.table(bdf).ok_or(MountError::NoDomain)?;
+        let how = if F::NAME == "EPT" { "the morsel's own EPT subtree (shared with the IOMMU, no view)" } else { "the morsel's own subtree" };
+        return morsel.mount(table, IoVirtAddr::new(iova), perm, frames, &mem).map(|s| (s, how)).map_err(MountError::Morsel);
+    }
+    if unit.shares_ept() && can_share::<Ept, I::Format>() {
+        unit.table(bdf).ok_or(MountError::NoDomain)?;
+        let twin = match &mut views.ept {
+            Some(t) => t,
+            slot @ None => {
+                let t = morsel.view::<Ept>(frames, &mem).map_err(MountError::Morsel)?;
+                log::info!(target: "morsel", "EPT twin of a {} {} morsel built (iommu=sharept): {} tables over the same data frames",
+                    formats::units::Bytes(t.len()), F::NAME, t.table_count());
+                slot.insert(t)
+            }
+        };
+        // The path a VMX guest's EPT morsel takes (the branch above).
+        return mount(unit, bdf, twin, &mut Views::default(), iova, perm, frames).map(|(s, _)| (s, EPT_TWIN_MOUNT));
+    }
     let table = unit.table(bdf).ok_or(MountError::NoDomain)?;
     let at = IoVirtAddr::new(iova);
-    if can_share::<F, I::Format>() {
-        let how = if F::NAME == "EPT" { "the morsel's own EPT subtree (shared with the IOMMU, no view)" } else { "the morsel's own subtree" };
-        return morsel.mount(table, at, perm, frames, &mem).map(|s| (s, how)).map_err(MountError::Morsel);
-    }
     let view = match I::view_slot(views) {
         Some(v) => v,
         slot @ None => {
@@ -140,15 +169,20 @@ pub fn mount<I: Iommu, F: Format>(unit: &mut I, bdf: Bdf, morsel: &Morsel<F>, vi
     view.mount(table, at, perm, frames, &mem).map(|s| (s, how)).map_err(MountError::Morsel)
 }
 
-/// Undoes `mount`, with the intermediate tables it left empty; the caller invalidates.
+/// Undoes `mount` (the same subtree: the morsel's own, its EPT twin's or its view's), with
+/// the intermediate tables it left empty; the caller invalidates.
 pub fn unmount<I: Iommu, F: Format>(unit: &mut I, bdf: Bdf, morsel: &Morsel<F>, views: &mut Views, iova: u64, frames: &Frames) -> Result<MountStats, MountError> {
     let mem = unit.mem();
-    let table = unit.table(bdf).ok_or(MountError::NoDomain)?;
-    let at = IoVirtAddr::new(iova);
     if can_share::<F, I::Format>() {
-        return morsel.unmount(table, at, frames, &mem).map_err(MountError::Morsel);
+        let table = unit.table(bdf).ok_or(MountError::NoDomain)?;
+        return morsel.unmount(table, IoVirtAddr::new(iova), frames, &mem).map_err(MountError::Morsel);
     }
-    I::view_slot(views).as_ref().ok_or(MountError::NoDomain)?.unmount(table, at, frames, &mem).map_err(MountError::Morsel)
+    if unit.shares_ept() && can_share::<Ept, I::Format>() {
+        let twin = views.ept.as_ref().ok_or(MountError::NoDomain)?;
+        return unmount(unit, bdf, twin, &mut Views::default(), iova, frames);
+    }
+    let table = unit.table(bdf).ok_or(MountError::NoDomain)?;
+    I::view_slot(views).as_ref().ok_or(MountError::NoDomain)?.unmount(table, IoVirtAddr::new(iova), frames, &mem).map_err(MountError::Morsel)
 }
 
 /// Maps one 4 KiB frame at `iova` in `bdf`'s domain with `perm` and invalidates (the

@@ -108,6 +108,9 @@ pub struct Vtd {
     pub invalidations: u64,
     /// The invalidation queue, once queued invalidation is on.
     queue: Option<Queue>,
+    /// `iommu=sharept`: an NPT morsel reaches a domain through its EPT twin's own subtree
+    /// (`iommu::mount`), not through a VT-d view.
+    pub share_ept: bool,
 }
 
 /// The invalidation queue (VT-d spec 6.5.2): one 4 KiB page of 256 descriptors, and a status
@@ -131,7 +134,7 @@ impl Vtd {
         // not RAM.
         let regs = unsafe { Mmio::new(base, 4096) }.ok_or(Error::BadBase(base))?;
         let mut v = Vtd { regs, cap: 0, ecap: 0, levels: 0, root: HostPhysAddr::new(0), context: Vec::new(),
-            domains: Vec::new(), gcmd: 0, mem: VtdMem { coherent: true }, faults_seen: 0, invalidations: 0, queue: None };
+            domains: Vec::new(), gcmd: 0, mem: VtdMem { coherent: true }, faults_seen: 0, invalidations: 0, queue: None, share_ept: false };
         v.cap = v.regs.read64(CAP);
         v.ecap = v.regs.read64(ECAP);
         // SAGAW bits 12:8: bit 1 = 39-bit 3-level, bit 2 = 48-bit 4-level (VT-d spec 10.4.2).
@@ -434,5 +437,8 @@ impl Iommu for Vtd {
     }
     fn view_slot(views: &mut Views) -> &mut Option<Morsel<VtdSl>> {
         &mut views.vtd
+    }
+    fn shares_ept(&self) -> bool {
+        self.share_ept
     }
 }

@@ -332,8 +332,8 @@ fn entry_error(e: EntryError) -> Error {
 /// 512-byte blocks per 4 KiB page.
 const PAGE_BLOCKS: u64 = 4096 / abi::NVME_BLOCK;
 
-/// A device view (NPT region mounted into a device domain) follows the region: `changed`
-/// pages mapped to their frames (`mapped`) or cleared.
+/// A device view or EPT twin (NPT region mounted into a device domain) follows the region:
+/// `changed` pages mapped to their frames (`mapped`) or cleared.
 fn follow_views<F: morsel::Format>(n: &Named<F>, changed: &[(u64, HostPhysAddr)], mapped: bool) {
     if let Some(view) = &n.views.vtd {
         for &(p, f) in changed {
@@ -343,6 +343,11 @@ fn follow_views<F: morsel::Format>(n: &Named<F>, changed: &[(u64, HostPhysAddr)]
     if let Some(view) = &n.views.amd {
         for &(p, f) in changed {
             let _ = view.set_leaf(p, mapped.then_some(f), &IDENTITY);
+        }
+    }
+    if let Some(twin) = &n.views.ept {
+        for &(p, f) in changed {
+            let _ = twin.set_leaf(p, mapped.then_some(f), &IDENTITY);
         }
     }
 }

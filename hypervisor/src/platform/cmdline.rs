@@ -12,6 +12,10 @@
 //!   fault is reported and a canary page stays unchanged).
 //! * `test=sharept`: an EPT-format morsel's own subtree mounted into edu's and the NVMe
 //!   controller's VT-d domains, DMA through it checked (`devices::selftest`).
+//! * `iommu=register`: VT-d register-based invalidation even where the unit has a queue.
+//! * `iommu=sharept`: on VT-d, an NPT morsel's device mounts go through an EPT twin (the
+//!   morsel in the EPT format over the same data frames), whose subtree is mounted itself,
+//!   as a VMX guest's EPT morsel is (`iommu::mount`); default: a VT-d view.
 //! * `cpus=N`: bring at most N CPUs online (the boot CPU counts; N >= 1).
 //! * `pmem=format`: format the persistent-memory region even if it holds something other
 //!   than a fresh (all-zero) region or ours.
@@ -40,7 +44,7 @@ pub enum Test {
 /// The words this parser understands, for error messages.
 pub const VALID: &str = "guests=NAME[:mem=SIZE][:slices=N][:arg=N][:vcpus=N][:cpu=K][:code=N|:stopped],... \
     log=error|warn|info|debug|trace test=fault|dma-fault|sharept|pmem-crash:format|pmem-crash:magic \
-    pmem=format|drop:N[,N...]|drop:damaged cpus=N (SIZE: bytes or K, M, G)";
+    pmem=format|drop:N[,N...]|drop:damaged iommu=register|sharept cpus=N (SIZE: bytes or K, M, G)";
 
 /// Default guest memory.
 /// How the IOMMU is driven (`iommu=...`).
@@ -48,6 +52,8 @@ pub const VALID: &str = "guests=NAME[:mem=SIZE][:slices=N][:arg=N][:vcpus=N][:cp
 pub struct IommuOptions {
     /// `iommu=register`: VT-d register-based invalidation even where the unit has a queue.
     pub register_invalidation: bool,
+    /// `iommu=sharept`: NPT morsels reach VT-d domains through their EPT twin's own subtree.
+    pub share_ept: bool,
 }
 
 pub const DEFAULT_GUEST_MEMORY: u64 = 16 << 20;
@@ -61,7 +67,7 @@ pub struct Args {
     pub pmem: pmem::Options,
     /// `cpus=N`: at most N CPUs online (None: every enabled CPU of the MADT).
     pub cpus: Option<usize>,
-    /// `iommu=register`.
+    /// `iommu=register`, `iommu=sharept`.
     pub iommu: IommuOptions,
     /// Words that were not understood, with the reason.
     pub errors: Vec<(&'static str, &'static str)>,
@@ -96,6 +102,7 @@ impl Args {
                 Some(("test", "pmem-crash:format")) => a.pmem.crash = Some(CrashPoint::Format),
                 Some(("test", "pmem-crash:magic")) => a.pmem.crash = Some(CrashPoint::Magic),
                 Some(("iommu", "register")) => a.iommu.register_invalidation = true,
+                Some(("iommu", "sharept")) => a.iommu.share_ept = true,
                 Some(("cpus", n)) => match n.parse::<usize>() {
                     Ok(n) if n >= 1 => a.cpus = Some(n),
                     _ => a.errors.push((word, "cpus wants a number of CPUs, at least 1")),
