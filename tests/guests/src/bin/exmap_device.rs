@@ -1,8 +1,9 @@
 //! Scenario exmap_free_invalidates_each_device_domain_once: an ExMap region mounted twice
 //! into edu's domain (two windows, read-write and read-only) is populated and evicted in one
 //! FREE batch of 8 pages; the hypervisor must invalidate edu's IOTLB once for the batch, not
-//! once per mount or page. edu then reads a page through the read-write window while it is
-//! populated (the device view follows the region).
+//! once per mount or page. edu reads a page through the read-write window while it is
+//! populated, and is blocked after the FREE (the device view or EPT twin follows the region,
+//! and its stale translation is gone).
 #![no_std]
 #![no_main]
 
@@ -51,5 +52,12 @@ fn main(_: &BootInfo) -> i32 {
     let after = x.info(guest_lib::abi::EXMAP_INFO_INVALIDATIONS).unwrap_or(u64::MAX);
     // One second-level flush for the guest plus one IOTLB invalidation for edu's domain.
     println!("exmap device: one FREE of 8 pages with 2 device mounts cost {} invalidations", after.wrapping_sub(before));
+    match device::edu_to_device(RW_IOVA, 4095) {
+        Err(guest_lib::abi::Error::DeviceFault) => println!("exmap device: edu read of the freed page 0 blocked: device fault"),
+        other => {
+            println!("exmap device: edu read of the freed page 0 UNEXPECTED: {other:?}");
+            return 1;
+        }
+    }
     0
 }
