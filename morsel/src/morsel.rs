@@ -1039,6 +1039,53 @@ mod tests {
         assert_eq!(mem.allocated_frames(), 0);
     }
 
+    /// `iommu=sharept` on an SVM CPU: an NPT morsel's EPT twin (`view::<Ept>`) holds, entry by
+    /// entry, what `Morsel::<Ept>::create` writes for a VMX guest's morsel of the same shape
+    /// (addresses aside), its leaves are the NPT morsel's data frames, a sparse twin follows
+    /// `set_leaf`, and destroying the twin gives back only its tables.
+    #[test]
+    fn npt_morsel_ept_twin_is_what_create_builds() {
+        const ADDR: u64 = ((1 << 52) - 1) & !0xfff;
+        fn same(a: HostPhysAddr, b: HostPhysAddr, level: Level, mem: &SimMem) {
+            for i in 0..512 {
+                let (x, y) = (mem.read(a, i), mem.read(b, i));
+                assert_eq!(x & !ADDR, y & !ADDR, "L{level} entry {i}: {x:#x} vs {y:#x}");
+                if let Decoded::Table { next, .. } = Entry::<Ept>::from_raw(x).decode(level) {
+                    let Decoded::Table { next: other, .. } = Entry::<Ept>::from_raw(y).decode(level) else { panic!() };
+                    same(next, other, level - 1, mem);
+                }
+            }
+        }
+        let mem = SimMem::new(8 * GIB);
+        for (len, page) in [(16 << 10, PageSize::Size4K), (5 << 20, PageSize::Size4K), (3 * GIB, PageSize::Size2M)] {
+            let npt = Morsel::<Npt>::create(len, page, &mem, &mem).unwrap();
+            let before = mem.allocated_frames();
+            let twin = npt.view::<Ept>(&mem, &mem).unwrap();
+            assert_eq!((twin.root_level(), twin.len(), twin.table_count()), (npt.root_level(), npt.len(), npt.table_count()));
+            let ept = Morsel::<Ept>::create(len, page, &mem, &mem).unwrap();
+            same(twin.root(), ept.root(), twin.root_level(), &mem);
+            for off in [0, len / 2 + 123, len - 1] {
+                assert_eq!(twin.translate(off, &mem), npt.translate(off, &mem));
+            }
+            ept.destroy(&mem, &mem).unwrap();
+            twin.destroy(&mem, &mem).unwrap();
+            assert_eq!(mem.allocated_frames(), before);
+            npt.destroy(&mem, &mem).unwrap();
+        }
+        let sparse = Morsel::<Npt>::create_sparse(64 << 10, &mem, &mem).unwrap();
+        let frame = mem.alloc(0).unwrap();
+        sparse.set_leaf(3, Some(frame), &mem).unwrap();
+        let twin = sparse.view::<Ept>(&mem, &mem).unwrap();
+        assert!(twin.is_sparse() && twin.is_view());
+        assert_eq!(twin.translate(3 * 4096, &mem), Some(frame));
+        assert_eq!(twin.translate(0, &mem), None);
+        assert_eq!(twin.set_leaf(3, None, &mem).unwrap(), Some(frame));
+        assert_eq!(twin.translate(3 * 4096, &mem), None);
+        twin.destroy(&mem, &mem).unwrap();
+        sparse.destroy(&mem, &mem).unwrap();
+        assert_eq!(mem.allocated_frames(), 0);
+    }
+
     /// An unmount frees the path tables its mount created once nothing else uses them, so a
     /// morsel with a larger window can take the slot afterwards (the window's first 2 MiB
     /// mounted, unmounted, then a 1 GiB window and a 512 GiB window at the same address);
