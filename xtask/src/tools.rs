@@ -114,6 +114,13 @@ pub fn setup() -> Result<()> {
     install.extend(apt_packages());
     apt(&install)?;
     println!("setup: installed {}", apt_packages().join(" "));
+    // The QEMU of `qemu-amd-iommu-evlog`, unpacked under build/ (never fails: says why not).
+    let fetch = crate::root().join(".ci/fetch-qemu-evlog");
+    println!("$ {}", fetch.display());
+    let status = Command::new(&fetch).status().context(|| format!("cannot start {}", fetch.display()))?;
+    if !status.success() {
+        bail!("{} failed ({status})", fetch.display());
+    }
     Ok(())
 }
 
