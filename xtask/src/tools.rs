@@ -1,6 +1,7 @@
 //! External programs xtask needs (emulators, GRUB, xorriso, mtools), the apt packages that
-//! provide them, and `cargo xtask setup` which installs those packages. A missing program
-//! is reported in one line that names the packages to install.
+//! provide them, and `cargo xtask setup` which installs those packages and then runs
+//! `.ci/fetch-qemu-evlog` (a second QEMU unpacked under `build/`). A missing program is
+//! reported in one line that names the packages to install.
 
 use crate::{bail, Context, Result};
 use std::path::{Path, PathBuf};
