@@ -60,6 +60,8 @@ pub struct AmdDomain {
 pub struct AmdVi {
     regs: Mmio,
     devtab: HostPhysAddr,
+    /// The root table, all entries not present, of every blocked device-table entry.
+    empty_root: HostPhysAddr,
     cmd: HostPhysAddr,
     /// Next command slot.
     cmd_tail: u64,
@@ -93,7 +95,7 @@ impl AmdVi {
         let cmd = frames.alloc_zeroed(Order::BASE).ok_or(Error::NoMemory)?;
         let events = frames.alloc_zeroed(EVENT_ORDER).ok_or(Error::NoMemory)?;
         let completion = frames.alloc_zeroed(Order::BASE).ok_or(Error::NoMemory)?;
-        let mut a = AmdVi { regs, devtab, cmd, cmd_tail: 0, events, event_head: 0, completion, seq: 0,
+        let mut a = AmdVi { regs, devtab, empty_root, cmd, cmd_tail: 0, events, event_head: 0, completion, seq: 0,
             domains: Vec::new(), faults_seen: 0, invalidations: 0 };
         let efr = a.regs.read64(EXT_FEATURES);
         a.regs.write64(CONTROL, 0);
@@ -167,6 +169,19 @@ impl AmdVi {
         log::info!(target: "iommu", "device {bdf}: domain {id}, {LEVELS}-level AMD-Vi page table at {:#x}", table.root().as_u64());
         self.domains.push(AmdDomain { id, bdf, table });
         Ok(())
+    }
+
+    /// Points `bdf`'s device-table entry at the blocked entry every device without a domain
+    /// has (`blocked`), or back at its domain, and invalidates it (`test=dma-nodomain`).
+    pub fn set_blocked(&mut self, bdf: Bdf, blocked: bool) -> Result<(), Error> {
+        let dte = if blocked {
+            fmt::dte_blocked(self.empty_root.as_u64(), LEVELS)
+        } else {
+            let d = self.domains.iter().find(|d| d.bdf == bdf).ok_or(Error::NoDomain)?;
+            fmt::dte_translated(d.table.root().as_u64(), LEVELS, d.id)
+        };
+        write_dte(self.devtab, bdf.source_id(), dte);
+        self.run(&[fmt::invalidate_devtab_entry(bdf.source_id())])
     }
 
     /// Reads, logs and clears every event since the last call (spec 2.5); the page faults
