@@ -91,6 +91,7 @@ extern "C" fn kmain(magic: u32, info: u64) -> ! {
 
     let devices_ok = devices_ok && match args.test {
         Some(cmdline::Test::DmaFault) => devices::selftest::dma_fault_test(devices.as_mut(), &frames),
+        Some(cmdline::Test::DmaNoDomain) => devices::selftest::dma_nodomain_test(devices.as_mut()),
         Some(cmdline::Test::SharePt) => devices::selftest::sharept_test(devices.as_mut(), &frames),
         _ => true,
     };

@@ -7,7 +7,9 @@
 //! used only under that accelerator; `@ROOT@` stands for the repository root (for files a
 //! config names, such as the persistent-memory image of `qemu-pmem`). A line `hypervisor:
 //! WORDS` is no QEMU argument: WORDS go at the end of every hypervisor command line booted
-//! with the config (`qemu-iommu-sharept`: `iommu=sharept`).
+//! with the config (`qemu-iommu-sharept`: `iommu=sharept`); a line `binary: PATH`
+//! runs that QEMU instead of the one on PATH (`qemu-amd-iommu-evlog`: the QEMU that
+//! `.ci/fetch-qemu-evlog` unpacks under `build/`).
 
 use crate::{bail, tools, Context, Result};
 use std::path::{Path, PathBuf};
@@ -119,7 +121,7 @@ pub fn parse_args_file(text: &str, accel: Accel) -> Vec<String> {
         if let Some(i) = line.find(" #").or_else(|| line.find("\t#")) {
             line = line[..i].trim_end();
         }
-        if line.is_empty() || line.starts_with('#') {
+        if line.is_empty() || line.starts_with('#') || line.starts_with("binary:") {
             continue;
         }
         if line.starts_with(HYPERVISOR) {
@@ -182,6 +184,33 @@ pub fn qemu_args(config: &Config, accel: Accel) -> Result<Vec<String>> {
     Ok(parse_args_file(&text, accel).into_iter().map(|a| a.replace("@ROOT@", &root)).collect())
 }
 
+/// The `binary: PATH` line of a QEMU argument file, if any.
+pub fn parse_binary(text: &str) -> Option<String> {
+    text.lines().find_map(|l| l.trim().strip_prefix("binary:")).map(|p| p.trim().to_string())
+}
+
+/// The QEMU a config runs: its `binary:` (with `@ROOT@` filled in), else the one on PATH.
+/// `Ok(Err(message))`: the config names a QEMU that is not there (the message says how to
+/// get it); `cargo xtask test` skips such a config.
+pub fn qemu_binary(config: &Config) -> Result<std::result::Result<PathBuf, String>> {
+    let text = std::fs::read_to_string(&config.path).context(|| format!("cannot read {}", config.path.display()))?;
+    match parse_binary(&text) {
+        None => Ok(Ok(tools::require(&tools::QEMU)?)),
+        Some(p) => {
+            let path = PathBuf::from(p.replace("@ROOT@", &crate::root().to_string_lossy()));
+            if path.is_file() {
+                Ok(Ok(path))
+            } else {
+                Ok(Err(format!(
+                    "config `{}` runs {}, which is not there: `cargo xtask setup` (or .ci/fetch-qemu-evlog) fetches it",
+                    config.name,
+                    path.display()
+                )))
+            }
+        }
+    }
+}
+
 /// Everything a QEMU boot adds to its config's arguments. `qemu_command` is the one place
 /// the QEMU command line is assembled (`run` and `test` fill this in).
 pub struct QemuBoot<'a> {
@@ -209,7 +238,7 @@ impl<'a> QemuBoot<'a> {
 /// The QEMU command for `config` and `boot`. QEMU dies with the thread that spawns it
 /// (`die_with_parent`).
 pub fn qemu_command(config: &Config, accel: Accel, boot: &QemuBoot) -> Result<Command> {
-    let qemu = tools::require(&tools::QEMU)?;
+    let qemu = qemu_binary(config)?.map_err(crate::Error)?;
     let config_args = qemu_args(config, accel)?;
     let cmdline = config_cmdline(config, boot.cmdline)?;
     let mut cmd = Command::new(qemu);
@@ -353,6 +382,19 @@ hypervisor: iommu=sharept   # not for QEMU
         assert_eq!(config_cmdline(&Config::resolve(&root, "qemu-iommu").unwrap(), "guests=hello").unwrap(), "guests=hello");
         let e = Config::resolve(&root, "nope").unwrap_err().0;
         assert!(e.contains("qemu-svm"), "{e}");
+    }
+
+    #[test]
+    fn binary_line() {
+        let text = "-machine q35\nbinary: @ROOT@/build/q/qemu\n-m 2G\n";
+        assert_eq!(parse_args_file(text, Accel::Tcg), ["-machine", "q35", "-m", "2G"]);
+        assert_eq!(parse_binary(text).as_deref(), Some("@ROOT@/build/q/qemu"));
+        assert_eq!(parse_binary(FILE), None);
+        let root = crate::root();
+        let evlog = Config::resolve(&root, "qemu-amd-iommu-evlog").unwrap();
+        let text = std::fs::read_to_string(&evlog.path).unwrap();
+        assert_eq!(parse_binary(&text).as_deref(), Some("@ROOT@/build/qemu-evlog/qemu-system-x86_64"));
+        assert!(qemu_args(&evlog, Accel::Tcg).unwrap().iter().any(|a| a == "amd-iommu,dma-remap=on"));
     }
 
     #[test]

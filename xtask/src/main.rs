@@ -96,7 +96,9 @@ usage: cargo xtask bench [allocator|morsel|exmap|smp] [--rounds N] [--docs]
 
 const HELP_SETUP: &str = "\
 usage: cargo xtask setup
-  apt-get install qemu-system-x86 bochs bochsbios vgabios grub-pc-bin grub-common xorriso mtools
+  apt-get install qemu-system-x86 bochs bochsbios vgabios grub-pc-bin grub-common xorriso mtools,
+  then .ci/fetch-qemu-evlog: QEMU 11.1 from Debian trixie-backports unpacked under
+  build/qemu-evlog (the qemu-amd-iommu-evlog config; nothing installed on the system)
 ";
 
 /// Exit status of a usage error (a bad option, a filter that selects nothing).

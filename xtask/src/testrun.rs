@@ -128,6 +128,25 @@ pub fn test(o: &Options) -> Result<ExitCode> {
         eprintln!("error: {message}");
         return Ok(ExitCode::from(crate::EXIT_USAGE));
     }
+    // A config whose `binary:` QEMU is not there is skipped, with why (.ci/fetch-qemu-evlog).
+    let mut skipped = Vec::new();
+    for j in &jobs {
+        if j.config.emulator == Emulator::Qemu && !skipped.iter().any(|(c, _): &(String, String)| *c == j.config.name) {
+            if let Err(why) = crate::emulator::qemu_binary(&j.config)? {
+                skipped.push((j.config.name.clone(), why));
+            }
+        }
+    }
+    for (_, why) in &skipped {
+        println!("skipped: {why}");
+    }
+    jobs.retain(|j| {
+        let skip = skipped.iter().any(|(c, _)| *c == j.config.name);
+        if skip {
+            println!("skip  {}", j.label);
+        }
+        !skip
+    });
     if jobs.iter().any(|j| j.config.emulator == Emulator::Qemu) {
         tools::require(&tools::QEMU)?;
     }

@@ -1,6 +1,7 @@
 //! External programs xtask needs (emulators, GRUB, xorriso, mtools), the apt packages that
-//! provide them, and `cargo xtask setup` which installs those packages. A missing program
-//! is reported in one line that names the packages to install.
+//! provide them, and `cargo xtask setup` which installs those packages and then runs
+//! `.ci/fetch-qemu-evlog` (a second QEMU unpacked under `build/`). A missing program is
+//! reported in one line that names the packages to install.
 
 use crate::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -114,6 +115,13 @@ pub fn setup() -> Result<()> {
     install.extend(apt_packages());
     apt(&install)?;
     println!("setup: installed {}", apt_packages().join(" "));
+    // The QEMU of `qemu-amd-iommu-evlog`, unpacked under build/ (never fails: says why not).
+    let fetch = crate::root().join(".ci/fetch-qemu-evlog");
+    println!("$ {}", fetch.display());
+    let status = Command::new(&fetch).status().context(|| format!("cannot start {}", fetch.display()))?;
+    if !status.success() {
+        bail!("{} failed ({status})", fetch.display());
+    }
     Ok(())
 }
 

@@ -19,11 +19,16 @@ pub fn dte_translated(root: u64, levels: u8, domain: u16) -> Dte {
     [DTE_V | DTE_TV | (levels as u64) << 9 | root | DTE_IR | DTE_IW, domain as u64, 0, 0]
 }
 
-/// A device that may not reach memory: V, TV, Mode 0 (no translation: IR and IW decide)
-/// with IR = IW = 0 (spec 2.2.2.1: "Mode 0 ... access controlled by IR and IW"). An entry
-/// with V = 0 would let the device through untranslated.
-pub fn dte_blocked() -> Dte {
-    [DTE_V | DTE_TV, 0, 0, 0]
+/// A device that may not reach memory: translated (V, TV, Mode = `levels`, IR, IW) through the
+/// table at `empty_root`, whose entries are all not present, in DomainID 0 (no domain uses
+/// it). Every access walks to a PR = 0 entry: an IO_PAGE_FAULT, target-aborted and logged
+/// (spec 2.2.3, 2.5.3). The spec's other blocking form, Mode 0 with IR = IW = 0 ("access
+/// controlled by IR and IW", spec 2.2.2.1), is not used: QEMU 10.1 and later (with
+/// `dma-remap=on`) treat every Mode 0 entry as pass-through whatever IR and IW say
+/// (`amdvi_update_addr_translation_mode`), so that entry would block on silicon and let
+/// everything through there. An entry with V = 0 would let the device through untranslated.
+pub fn dte_blocked(empty_root: u64, levels: u8) -> Dte {
+    dte_translated(empty_root, levels, 0)
 }
 
 /// Device table size field for 65536 entries of 32 bytes: 2 MiB = 512 pages, the register
@@ -118,6 +123,20 @@ impl Event {
     }
 }
 
+/// Runs of equal consecutive events, each with its length. A unit may log one event per
+/// access of a blocked DMA (QEMU logs one per 4-byte store: about 1024 for a 4 KiB transfer),
+/// so the driver logs and returns one fault per run.
+pub fn coalesce(events: impl IntoIterator<Item = Event>) -> alloc::vec::Vec<(Event, u32)> {
+    let mut runs: alloc::vec::Vec<(Event, u32)> = alloc::vec::Vec::new();
+    for e in events {
+        match runs.last_mut() {
+            Some((last, n)) if *last == e => *n = n.saturating_add(1),
+            _ => runs.push((e, 1)),
+        }
+    }
+    runs
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -126,11 +145,13 @@ mod tests {
     fn device_table_entries() {
         // 4-level table at 0x1234000, domain 2: V | TV | Mode 4 | root | IR | IW.
         assert_eq!(dte_translated(0x123_4000, 4, 2), [0x6000_0000_0123_4803, 2, 0, 0]);
-        // Blocked: V | TV, Mode 0, no rights; never V = 0 (that would be pass-through).
-        assert_eq!(dte_blocked(), [0b11, 0, 0, 0]);
+        // Blocked: translated through an empty table in domain 0; never V = 0 (that would
+        // be pass-through) and never Mode 0 (pass-through under QEMU 10.1+).
+        assert_eq!(dte_blocked(0x5000, 4), [0x6000_0000_0000_5803, 0, 0, 0]);
+        assert_ne!(dte_blocked(0x5000, 4)[0] >> 9 & 7, 0);
         // QEMU 7.2 rejects DTEs with reserved bits (its AMDVI_DTE_*_RESERVED masks,
         // quadword 0: 0x80300000000000fc; quadword 3 entirely).
-        for d in [dte_translated(0xf_ffff_f000, 6, u16::MAX), dte_blocked()] {
+        for d in [dte_translated(0xf_ffff_f000, 6, u16::MAX), dte_blocked(0xf_ffff_f000, 4)] {
             assert_eq!(d[0] & 0x8030_0000_0000_00fc, 0);
             assert_eq!(d[3], 0);
         }
@@ -166,5 +187,13 @@ mod tests {
         assert_eq!((e.code, e.device_id, e.flags, e.address), (2, 0x20, 0x020, 0x20_4000));
         assert!(e.is_page_fault());
         assert_eq!(e.name(), "IO_PAGE_FAULT");
+    }
+
+    #[test]
+    fn equal_consecutive_events_coalesce() {
+        let a = Event::decode([0x2020_0000_0000_0018, 0x20_4000]).unwrap();
+        let b = Event { address: 0x60_0000, ..a };
+        assert_eq!(coalesce([a, a, a, b, a]), [(a, 3), (b, 1), (a, 1)]);
+        assert_eq!(coalesce([]), []);
     }
 }

@@ -1,5 +1,5 @@
-//! Boot-time device self-tests (`test=dma-fault`, `test=sharept`): the IOMMU blocks and
-//! reports a DMA outside a domain, and an EPT-format morsel mounted into a VT-d domain as
+//! Boot-time device self-tests (`test=dma-fault`, `test=dma-nodomain`, `test=sharept`): the
+//! IOMMU blocks and reports a DMA outside a domain and one by a device without a domain, and an EPT-format morsel mounted into a VT-d domain as
 //! its own subtree (no view) is walked by the unit exactly as the design relies on. They run
 //! before any guest, on the devices `super::init` set up, and leave no mapping behind.
 
@@ -63,6 +63,45 @@ pub fn dma_fault_test(devices: Option<&mut Devices>, frames: &Frames) -> bool {
         log::error!(target: "iommu", "dma-fault test: no IOMMU");
         false
     })
+}
+
+/// `test=dma-nodomain` (AMD-Vi): edu's device-table entry becomes the blocked one every
+/// device without a domain has (`formats::amdvi::dte_blocked`), edu DMAs 4 KiB to the
+/// canary page's host-physical address (where it lands if the entry lets it through
+/// untranslated), and its entry is restored. Expects a fault from edu (any address: QEMU
+/// writes 0 there, README "What is not done") and the canary unchanged. True if so.
+pub fn dma_nodomain_test(devices: Option<&mut Devices>) -> bool {
+    let Some(d) = devices else {
+        log::error!(target: "iommu", "dma-nodomain test: no IOMMU");
+        return false;
+    };
+    let Some(bdf) = d.edu.as_ref().map(|e| e.bdf) else {
+        log::error!(target: "iommu", "dma-nodomain test: no edu device");
+        return false;
+    };
+    let Unit::AmdVi(amd) = &mut d.iommu else {
+        log::error!(target: "iommu", "dma-nodomain test: AMD-Vi only");
+        return false;
+    };
+    let mut canary = CANARY.lock();
+    canary.0.fill(CANARY_BYTE);
+    let target = canary.0.as_ptr() as u64;
+    if let Err(e) = amd.set_blocked(bdf, true) {
+        log::error!(target: "iommu", "dma-nodomain test: cannot block device {bdf}: {e}");
+        return false;
+    }
+    log::info!(target: "iommu", "dma-nodomain test: device {bdf} has the blocked device-table entry; edu DMAs {TEST_LEN} bytes to I/O virtual address {target:#x} (a canary's host-physical address)");
+    let dma = d.edu.as_mut().map(|e| e.dma(false, target, TEST_LEN));
+    let reported = faults_of(d, bdf);
+    // SAFETY: as in `dma_fault_test`.
+    let intact = (0..4096).all(|i| unsafe { core::ptr::read_volatile(canary.0.as_ptr().add(i)) } == CANARY_BYTE);
+    let restored = match &mut d.iommu {
+        Unit::AmdVi(amd) => amd.set_blocked(bdf, false).is_ok(),
+        Unit::Vtd(_) => false,
+    };
+    log::info!(target: "iommu", "dma-nodomain test: DMA {:?}, fault reported for device {bdf}: {}, canary {}, domain restored: {}",
+        dma, if reported { "yes" } else { "NO" }, if intact { "unchanged" } else { "CHANGED" }, if restored { "yes" } else { "NO" });
+    reported && intact && restored
 }
 
 /// `test=sharept`: edu's buffer window. Two 2 MiB windows (the 16 KiB morsel's root is an L1

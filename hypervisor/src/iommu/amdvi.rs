@@ -42,6 +42,9 @@ const CMD_LOG2: u8 = 8;
 /// be this long to hold more than a few events there.
 const EVENT_LOG2: u8 = 15;
 const EVENT_ORDER: Order = Order::HUGE;
+/// INVALIDATE_DEVTAB_ENTRY commands per batch at start-up: with its COMPLETION_WAIT well
+/// under the 256 slots of the command buffer (a full ring would read as empty).
+const INVALIDATE_BATCH: usize = 128;
 /// Page-table depth of every domain: 4 levels, 48-bit I/O virtual addresses (DTE Mode 4).
 const LEVELS: u8 = 4;
 
@@ -57,6 +60,8 @@ pub struct AmdDomain {
 pub struct AmdVi {
     regs: Mmio,
     devtab: HostPhysAddr,
+    /// The root table, all entries not present, of every blocked device-table entry.
+    empty_root: HostPhysAddr,
     cmd: HostPhysAddr,
     /// Next command slot.
     cmd_tail: u64,
@@ -79,15 +84,18 @@ impl AmdVi {
         // SAFETY: the IVRS names `base` as the IOMMU's 16 KiB register window (spec 3.4),
         // not RAM.
         let regs = unsafe { Mmio::new(base, MMIO_SIZE) }.ok_or(Error::BadBase(base))?;
-        // 65536 entries of 32 bytes: one 2 MiB frame.
+        // 65536 entries of 32 bytes: one 2 MiB frame. Each points at one shared root table
+        // whose entries are all not present (`fmt::dte_blocked`).
         let devtab = frames.alloc_zeroed(Order::HUGE).ok_or(Error::NoMemory)?;
+        let empty_root = frames.alloc_zeroed(Order::BASE).ok_or(Error::NoMemory)?;
+        AmdMem.zero_table(empty_root);
         for id in 0..=u16::MAX as u64 {
-            write_dte(devtab, id as u16, fmt::dte_blocked());
+            write_dte(devtab, id as u16, fmt::dte_blocked(empty_root.as_u64(), LEVELS));
         }
         let cmd = frames.alloc_zeroed(Order::BASE).ok_or(Error::NoMemory)?;
         let events = frames.alloc_zeroed(EVENT_ORDER).ok_or(Error::NoMemory)?;
         let completion = frames.alloc_zeroed(Order::BASE).ok_or(Error::NoMemory)?;
-        let mut a = AmdVi { regs, devtab, cmd, cmd_tail: 0, events, event_head: 0, completion, seq: 0,
+        let mut a = AmdVi { regs, devtab, empty_root, cmd, cmd_tail: 0, events, event_head: 0, completion, seq: 0,
             domains: Vec::new(), faults_seen: 0, invalidations: 0 };
         let efr = a.regs.read64(EXT_FEATURES);
         a.regs.write64(CONTROL, 0);
@@ -101,7 +109,18 @@ impl AmdVi {
         a.regs.write64(STATUS, STATUS_EVENT_OVERFLOW);
         a.regs.write64(CONTROL, CONTROL_IOMMU_EN | CONTROL_EVENT_LOG_EN | CONTROL_CMD_BUF_EN);
         a.run(&[])?;
-        log::info!(target: "iommu", "AMD-Vi unit at {base:#x}: extended features {efr:#x}, device table at {:#x} (65536 entries, all blocked), command buffer of {} entries, event log of {} entries",
+        // INVALIDATE_DEVTAB_ENTRY for every device id, as Linux does after enabling
+        // (`iommu_flush_dte_all`). The spec needs none (nothing is cached yet), but QEMU 10.1
+        // and later apply a device's entry only when this command names it: until then its DMA
+        // passes through untranslated, whatever the table says.
+        let mut batch = [Command([0, 0]); INVALIDATE_BATCH];
+        for first in (0..=u16::MAX as usize).step_by(INVALIDATE_BATCH) {
+            for (i, c) in batch.iter_mut().enumerate() {
+                *c = fmt::invalidate_devtab_entry((first + i) as u16);
+            }
+            a.run(&batch)?;
+        }
+        log::info!(target: "iommu", "AMD-Vi unit at {base:#x}: extended features {efr:#x}, device table at {:#x} (65536 entries, all blocked: translated through an empty table, each invalidated), command buffer of {} entries, event log of {} entries",
             devtab.as_u64(), 1u32 << CMD_LOG2, 1u32 << EVENT_LOG2);
         log::info!(target: "iommu", "translation enabled: devices without a domain are blocked");
         Ok(a)
@@ -152,12 +171,26 @@ impl AmdVi {
         Ok(())
     }
 
+    /// Points `bdf`'s device-table entry at the blocked entry every device without a domain
+    /// has (`blocked`), or back at its domain, and invalidates it (`test=dma-nodomain`).
+    pub fn set_blocked(&mut self, bdf: Bdf, blocked: bool) -> Result<(), Error> {
+        let dte = if blocked {
+            fmt::dte_blocked(self.empty_root.as_u64(), LEVELS)
+        } else {
+            let d = self.domains.iter().find(|d| d.bdf == bdf).ok_or(Error::NoDomain)?;
+            fmt::dte_translated(d.table.root().as_u64(), LEVELS, d.id)
+        };
+        write_dte(self.devtab, bdf.source_id(), dte);
+        self.run(&[fmt::invalidate_devtab_entry(bdf.source_id())])
+    }
+
     /// Reads, logs and clears every event since the last call (spec 2.5); the page faults
-    /// among them are returned.
+    /// among them are returned, one per run of equal consecutive events (`fmt::coalesce`).
     pub fn poll_faults(&mut self) -> Vec<Fault> {
-        let mut out = Vec::new();
+        let mut events = Vec::new();
         let n = 1u64 << EVENT_LOG2;
-        loop {
+        // At most one pass over the log: a unit that kept writing could not hold us here.
+        for _ in 0..n {
             let at = self.events.as_u64() + 16 * self.event_head;
             // SAFETY: slot `event_head` lies in the event log we own; the unit writes it.
             let raw = unsafe { [core::ptr::read_volatile(at as *const u64), core::ptr::read_volatile((at + 8) as *const u64)] };
@@ -168,15 +201,20 @@ impl AmdVi {
                 core::ptr::write_volatile((at + 8) as *mut u64, 0);
             }
             self.event_head = (self.event_head + 1) % n;
+            events.push(e);
+        }
+        let mut out = Vec::new();
+        for (e, count) in fmt::coalesce(events) {
             let source = Bdf::from_source_id(e.device_id);
+            let times = if count > 1 { alloc::format!(", {count} events") } else { alloc::string::String::new() };
             // RW flag, bit 5 of the flags (spec 2.5.3, IO_PAGE_FAULT).
             let write = e.flags & 1 << 5 != 0;
             if e.is_page_fault() {
-                log::error!(target: "iommu", "DMA fault: device {source}, address {:#x}, reason {} (event log flags {:#05x})",
+                log::error!(target: "iommu", "DMA fault: device {source}, address {:#x}, reason {} (event log flags {:#05x}{times})",
                     e.address, e.name(), e.flags);
                 out.push(Fault { source, address: e.address, write });
             } else {
-                log::error!(target: "iommu", "IOMMU event {}: device {source}, address {:#x}, flags {:#05x}", e.name(), e.address, e.flags);
+                log::error!(target: "iommu", "IOMMU event {}: device {source}, address {:#x}, flags {:#05x}{times}", e.name(), e.address, e.flags);
             }
         }
         self.regs.write64(EVENT_HEAD, 16 * self.event_head);

@@ -10,6 +10,8 @@
 //! * `test=fault`: a deliberate hypervisor fault after boot (proves the exception path).
 //! * `test=dma-fault`: edu DMAs to an address its IOMMU domain does not map (proves the
 //!   fault is reported and a canary page stays unchanged).
+//! * `test=dma-nodomain` (AMD-Vi): edu's device-table entry is set to the one every device
+//!   without a domain has, edu DMAs to a canary page, and the block and its report are checked.
 //! * `test=sharept`: an EPT-format morsel's own subtree mounted into edu's and the NVMe
 //!   controller's VT-d domains, DMA through it checked (`devices::selftest`).
 //! * `iommu=register`: VT-d register-based invalidation even where the unit has a queue.
@@ -37,13 +39,15 @@ pub enum Test {
     Fault,
     /// Let a device DMA outside its domain: proves the IOMMU blocks and reports it.
     DmaFault,
+    /// Give edu the blocked device-table entry and let it DMA (AMD-Vi).
+    DmaNoDomain,
     /// Mount an EPT-format morsel's own subtree into VT-d domains and DMA through it.
     SharePt,
 }
 
 /// The words this parser understands, for error messages.
 pub const VALID: &str = "guests=NAME[:mem=SIZE][:slices=N][:arg=N][:vcpus=N][:cpu=K][:code=N|:stopped],... \
-    log=error|warn|info|debug|trace test=fault|dma-fault|sharept|pmem-crash:format|pmem-crash:magic \
+    log=error|warn|info|debug|trace test=fault|dma-fault|dma-nodomain|sharept|pmem-crash:format|pmem-crash:magic \
     pmem=format|drop:N[,N...]|drop:damaged iommu=register|sharept cpus=N (SIZE: bytes or K, M, G)";
 
 /// Default guest memory.
@@ -92,6 +96,7 @@ impl Args {
                 },
                 Some(("test", "fault")) => a.test = Some(Test::Fault),
                 Some(("test", "dma-fault")) => a.test = Some(Test::DmaFault),
+                Some(("test", "dma-nodomain")) => a.test = Some(Test::DmaNoDomain),
                 Some(("test", "sharept")) => a.test = Some(Test::SharePt),
                 Some(("pmem", "format")) => a.pmem.format = true,
                 Some(("pmem", "drop:damaged")) => a.pmem.drop.damaged = true,
