@@ -256,7 +256,15 @@ fn run_slice<B: Backend>(backend: &mut B, s: &mut Slot<B>, run: &Run<B>, me: usi
             s.seen_flush = gen;
         }
         let now = crate::platform::time::tsc();
+        let ticks = crate::arch::apic::ticks();
         let exit = backend.run(&mut s.vcpu, deadline.saturating_sub(now).div_ceil(per_us).max(1));
+        // An interrupt exit ends the slice only if the slice timer caused it (this CPU's tick
+        // count moved) or the slice is over; an IPI before that (a shootdown, a wake-up, a
+        // kick) resumes this vCPU and counts as `interrupt`, not as a used slice.
+        let exit = match exit {
+            Exit::Interrupt if crate::arch::apic::ticks() != ticks || crate::platform::time::tsc() >= deadline => Exit::Preempted,
+            other => other,
+        };
         let cr3 = B::guest_cr3(&mut s.vcpu);
         let mut regs = *B::regs(&mut s.vcpu);
         s.exits[exit.kind() as usize] += 1;
@@ -325,6 +333,10 @@ fn run_slice<B: Backend>(backend: &mut B, s: &mut Slot<B>, run: &Run<B>, me: usi
             }
             // notify hook: the guest can take its interrupt now; the next entry injects it.
             Exit::InterruptWindow => true,
+            // An IPI inside the slice: its work (a flush, a pending virtual interrupt) is done
+            // at the next entry; a stopped guest ended above; the deadline check above bounds
+            // how long IPIs can keep a vCPU going.
+            Exit::Interrupt => true,
             other => {
                 stop(guest, other, regs.rip);
                 false
