@@ -147,8 +147,8 @@ fn listener(me: u64) -> i32 {
     let rest = notify::wait(Event(0x4), Timeout::Poll);
     println!("bell {me}: bit 0x4 still pending: {rest:?}");
     // While the ringer works through 20 slices this guest must use none: the window around the
-    // wait may still take an interrupt exit on each side (a timer tick, or with 2 CPUs another
-    // CPU's IPI, both counted as preemptions), hence up to 2 slices and 6 exits.
+    // wait may still take an exit on each side (a timer tick, a preemption; or with 2 CPUs
+    // another CPU's IPI, an interrupt exit), hence up to 2 slices and 6 exits.
     if got != Ok(Event(0x1)) || rest != Ok(Event(0x4)) || used > 2 || exited > 6 {
         println!("bell {me}: WRONG");
         return 1;
