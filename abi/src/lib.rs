@@ -165,21 +165,22 @@ pub const GUEST_EXCEPTIONS: u64 = 1 << 0 | 1 << 3 | 1 << 4 | 1 << 5 | 1 << 6 | 1
 /// `Invalid`). Again for the same morsel replaces the vector. Ends with the mount.
 pub const HC_NOTIFY_SUBSCRIBE: u64 = 0x41;
 /// `notify(mount_gpa, bits)`: rings `bits` (non-zero, else `Invalid`) on the morsel the caller
-/// has mounted at `mount_gpa` (`NotFound` if none): every other guest that mounted it and
-/// subscribed gets the bits ORed into its pending set, and its interrupt if it asked for one.
-/// Returns how many guests it reached; `NoReceiver` if none subscribed.
+/// has mounted at `mount_gpa` (`NotFound` if none): every vCPU of every guest that mounted
+/// it and subscribed, but the calling vCPU, gets the bits ORed into its pending set, and the
+/// interrupt if its guest asked for one. Returns how many guests it reached (the caller's own
+/// counts if another of its vCPUs was reached); `NoReceiver` if none.
 pub const HC_NOTIFY: u64 = 0x42;
 /// `wait(mask, timeout_us)`: blocks until a pending doorbell bit in `mask` (non-zero) is
-/// set, a virtual interrupt is pending for this guest, or `timeout_us` passed (0: do not
+/// set, a virtual interrupt is pending for this vCPU, or `timeout_us` passed (0: do not
 /// block, `WAIT_FOREVER`: no timeout, else at most `WAIT_MAX_US`, else `TooLarge`). Returns
-/// the pending bits in `mask` (cleared by the call; 0 on a timeout or an interrupt). The
-/// scheduler does not run a waiting guest.
+/// the pending bits in `mask` (the calling vCPU's; cleared by the call; 0 on a timeout or an
+/// interrupt). The scheduler does not run the waiting vCPU; the guest's others run on.
 pub const HC_WAIT: u64 = 0x43;
 /// `sleep(us)`: blocks for at least `us` (1..=`WAIT_MAX_US`) microseconds; doorbell bits
 /// stay pending, a virtual interrupt ends it early. Returns 0.
 pub const HC_SLEEP: u64 = 0x44;
 /// `timer(us, vector)`: a one-shot timer: after at least `us` microseconds (1..=`WAIT_MAX_US`)
-/// the guest gets a virtual interrupt with `vector` (32..=255); `us` = 0 cancels (vector
+/// the calling vCPU gets a virtual interrupt with `vector` (32..=255); `us` = 0 cancels (vector
 /// ignored). One per vCPU: a new one replaces the old. Returns 0.
 pub const HC_TIMER: u64 = 0x45;
 /// `wait`'s timeout that never ends (only a doorbell or an interrupt wakes).

@@ -1,8 +1,10 @@
-//! Doorbells on morsels, waiting and timers (issue 16): a `Doorbell` on a mount rings the
-//! other guests that subscribed to the same morsel; `wait` blocks until bits arrive (the
-//! scheduler does not run a waiting guest), `sleep` for a time, `timer` raises a virtual
-//! interrupt later. Bits of all subscribed morsels land in one pending set per guest: give
-//! each morsel its own bits where a guest listens to several.
+//! Doorbells on morsels, waiting and timers (issue 16): a `Doorbell` on a mount rings every
+//! vCPU of the guests that subscribed to the same morsel (the caller's own other vCPUs too,
+//! where its guest subscribed); `wait` blocks the calling vCPU until bits arrive (the
+//! scheduler does not run a waiting vCPU; the guest's others run on), `sleep` for a time,
+//! `timer` raises a virtual interrupt in the calling vCPU later. Bits of all subscribed
+//! morsels land in one pending set per vCPU: give each morsel its own bits where a guest
+//! listens to several.
 
 use crate::abi::{self, Error};
 use crate::hypercall::call;
@@ -41,8 +43,8 @@ impl Doorbell {
         call(abi::HC_NOTIFY_SUBSCRIBE, [self.mount, vector.map_or(0, u64::from), 0, 0, 0, 0]).map(|_| ())
     }
 
-    /// Rings `bits` for every other subscriber; returns how many it reached
-    /// (`NoReceiver` if none).
+    /// Rings `bits` for every subscriber but the calling vCPU; returns how many guests it
+    /// reached (`NoReceiver` if none).
     pub fn ring(&self, bits: Event) -> Result<u64, Error> {
         call(abi::HC_NOTIFY, [self.mount, bits.0, 0, 0, 0, 0])
     }

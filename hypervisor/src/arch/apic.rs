@@ -3,9 +3,20 @@
 //! timer's interrupt to preempt a running guest. Every CPU's APIC sits at the same address
 //! and each CPU reaches its own there (SDM Vol. 3A 11.4.1), so one register window serves all.
 
-/// Acknowledges a timer interrupt (its work, ending a guest's slice, is done by the exit).
+/// Acknowledges a timer interrupt (its work, ending a guest's slice, is done by the exit)
+/// and counts it for this CPU (`ticks`).
 pub fn timer_interrupt() {
+    TICKS[id() as usize & 255].fetch_add(1, Ordering::Relaxed);
     eoi();
+}
+
+/// Timer interrupts this CPU took so far: the scheduler compares the count across a guest
+/// entry to tell a slice-timer exit from an IPI's. One per APIC ID; each CPU its own.
+static TICKS: [core::sync::atomic::AtomicU64; 256] = [const { core::sync::atomic::AtomicU64::new(0) }; 256];
+
+/// This CPU's timer interrupt count (see `TICKS`).
+pub fn ticks() -> u64 {
+    TICKS[id() as usize & 255].load(Ordering::Relaxed)
 }
 
 use core::sync::atomic::{AtomicU32, Ordering};
@@ -144,6 +155,11 @@ pub fn halt_once(deadline: u64) {
     // SAFETY: the host's IDT handles every vector (the timer's with an EOI); STI takes
     // effect after HLT, so no interrupt is lost between the two (SDM Vol. 2B STI).
     unsafe { core::arch::asm!("sti", "hlt", "cli", options(nomem, nostack)) };
+    if !periodic {
+        // Woken earlier (an IPI): the one-shot must not fire later inside a guest's slice,
+        // where its exit would count as the slice timer's.
+        write(REG_TIMER_INIT, 0);
+    }
 }
 
 /// Starts the periodic timer with `count` ticks (divide by 16) per interrupt.

@@ -20,7 +20,8 @@
 use super::apic;
 use core::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 
-/// The vector of every IPI the hypervisor sends (kicks and shootdowns alike).
+/// The vector of every IPI the hypervisor sends (kicks, shootdowns and doorbell wake-ups
+/// alike; a guest it interrupts inside its slice resumes, see `vm/sched.rs`).
 pub const IPI_VECTOR: u8 = 0x21;
 
 /// CPUs the hypervisor handles (the shootdown masks are u64).

@@ -186,7 +186,10 @@ impl Backend for Svm {
             EXIT_VMMCALL => Exit::Hypercall { resume, cpl: v.cpl & 3 },
             EXIT_CPUID => Exit::Cpuid { resume },
             EXIT_HLT => Exit::Halt { resume, interrupts: v.rflags & RFLAGS_IF != 0 },
-            EXIT_INTR | EXIT_NMI => Exit::Preempted,
+            // The host took the interrupt after the exit (STGI in `switch`): the slice timer
+            // or an IPI; the scheduler tells which (`vm/sched.rs`).
+            EXIT_INTR => Exit::Interrupt,
+            EXIT_NMI => Exit::Preempted,
             EXIT_VINTR => {
                 Self::interrupt_window(vcpu, false);
                 Exit::InterruptWindow

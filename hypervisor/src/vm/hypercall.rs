@@ -67,11 +67,11 @@ pub fn handle<B: Backend>(guest: &mut Guest<B>, caller: Caller, regs: &mut Regs,
             return Action::Yield;
         }
         // A parked vCPU gives up the CPU; `Notify::ready` writes its result when it wakes.
-        Ok(Call::Wait { mask, timeout }) => match cx.notify.wait(guest.id, mask, timeout) {
+        Ok(Call::Wait { mask, timeout }) => match cx.notify.wait(guest, caller.vcpu, mask, timeout) {
             Ok(None) => return Action::Yield,
             other => other.map(|got| got.unwrap_or(0)),
         },
-        Ok(Call::Sleep { us }) => match cx.notify.wait(guest.id, 0, abi::Timeout::Micros(us)) {
+        Ok(Call::Sleep { us }) => match cx.notify.wait(guest, caller.vcpu, 0, abi::Timeout::Micros(us)) {
             Ok(None) => return Action::Yield,
             other => other.map(|got| got.unwrap_or(0)),
         },
@@ -128,8 +128,8 @@ fn dispatch<B: Backend>(call: Call, guest: &mut Guest<B>, caller: Caller, cx: &m
             Ok(core::mem::replace(&mut guest.handled_exceptions, mask) as u64)
         }
         Call::NotifySubscribe { gpa, vector } => cx.notify.subscribe(guest, gpa, vector),
-        Call::Notify { gpa, bits } => cx.notify.notify(guest, gpa, bits),
-        Call::Timer { us, vector } => cx.notify.timer(guest.id, us, vector),
+        Call::Notify { gpa, bits } => cx.notify.notify(guest, caller.vcpu, caller.cpu, gpa, bits),
+        Call::Timer { us, vector } => cx.notify.timer(guest, caller.vcpu, us, vector),
         Call::Exit { .. } | Call::Yield | Call::Wait { .. } | Call::Sleep { .. } => Err(Error::Invalid),
     }
 }

@@ -86,8 +86,13 @@ pub enum Exit {
     Cpuid { resume: Resume },
     /// HLT; `interrupts` is the guest's RFLAGS.IF (with IF = 0 it could never wake).
     Halt { resume: Resume, interrupts: bool },
-    /// The time slice ended (VMX preemption timer, SVM physical timer interrupt).
+    /// The time slice ended (VMX preemption timer; the scheduler also turns an `Interrupt`
+    /// that the slice timer caused, or that came at or after the slice's end, into this).
     Preempted,
+    /// A physical interrupt made the guest leave (SVM INTR intercept, VMX external-interrupt
+    /// exiting): the host's handler has run. An IPI (a shootdown, a wake-up, a kick) before
+    /// the slice's end resumes the same vCPU (`vm/sched.rs`).
+    Interrupt,
     /// An access the second-level table does not allow.
     SecondLevelFault { gpa: u64, write: bool, fetch: bool, present: bool },
     /// A guest exception (all are intercepted: guests have no IDT). `address`: for #PF the
@@ -118,6 +123,7 @@ impl Exit {
             Exit::Cpuid { .. } => ExitKind::Cpuid,
             Exit::Halt { .. } => ExitKind::Halt,
             Exit::Preempted => ExitKind::Preempted,
+            Exit::Interrupt => ExitKind::Interrupt,
             Exit::SecondLevelFault { .. } => ExitKind::SecondLevelFault,
             Exit::Exception { .. } => ExitKind::Exception,
             Exit::TripleFault => ExitKind::TripleFault,
@@ -141,11 +147,12 @@ pub enum ExitKind {
     TripleFault,
     Forbidden,
     InterruptWindow,
+    Interrupt,
     Other,
 }
 
 impl ExitKind {
-    pub const COUNT: usize = 10;
+    pub const COUNT: usize = 11;
     pub const ALL: [ExitKind; Self::COUNT] = [
         ExitKind::Hypercall,
         ExitKind::Cpuid,
@@ -156,6 +163,7 @@ impl ExitKind {
         ExitKind::TripleFault,
         ExitKind::Forbidden,
         ExitKind::InterruptWindow,
+        ExitKind::Interrupt,
         ExitKind::Other,
     ];
 
@@ -170,6 +178,7 @@ impl ExitKind {
             ExitKind::TripleFault => "triple-fault",
             ExitKind::Forbidden => "forbidden",
             ExitKind::InterruptWindow => "interrupt-window",
+            ExitKind::Interrupt => "interrupt",
             ExitKind::Other => "other",
         }
     }

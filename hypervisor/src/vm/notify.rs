@@ -1,21 +1,28 @@
-//! Doorbells, wait states, one-shot timers and virtual interrupts of the vCPUs on this CPU
-//! (issue 16): `notify` ORs bits into every subscriber of a morsel, `wait` and `sleep` park a
-//! vCPU until bits, an interrupt or a deadline arrive, `timer` raises a virtual interrupt
-//! later. The scheduler asks `ready` before it runs a vCPU, `before_run` before every entry
-//! (injection or an interrupt window) and `idle` when nothing could run: halt until the next
-//! deadline, or report a deadlock and stop the guests that wait forever.
+//! Doorbells, wait states, one-shot timers and virtual interrupts of every vCPU (issue 16):
+//! `notify` ORs bits into every vCPU of every subscriber of a morsel, `wait` and `sleep`
+//! park the calling vCPU until bits, an interrupt or a deadline arrive, `timer` raises a
+//! virtual interrupt in the calling vCPU later. The scheduler asks `ready` before it runs a
+//! vCPU, `before_run` before every entry (injection or an interrupt window) and `idle` when
+//! nothing could run on its CPU: halt until the next deadline, or report a deadlock and stop
+//! the guests that wait forever.
 //!
-//! One vCPU per guest, all on one CPU: the state is owned by the vCPU loop's context and
-//! reached only from it (no lock). Deadlines are TSC values.
+//! The state is per vCPU (a `wait` parks only the vCPU that called it; the others of its
+//! guest run on); subscriptions are per guest. It lives in the run's `World`, behind the
+//! world lock. Deadlines are TSC values. Wake-ups across CPUs: a `notify` that makes a
+//! waiting vCPU's wait succeed (bits it waits for newly pending) or newly raises a vector
+//! sends that vCPU's CPU one IPI (`arch::ipi`): an idle CPU leaves HLT, one that runs a guest
+//! takes an interrupt exit and re-enters (injecting). Only on that edge: ringing bits that are
+//! already pending sends nothing, so a guest ringing in a loop causes no IPI storm.
 
 use super::guest::{Guest, State};
 use super::{Backend, Regs};
+use crate::arch::ipi;
 use crate::platform::time;
 use abi::{Error, Timeout};
 use alloc::string::String;
 use alloc::vec::Vec;
 
-/// What one guest's vCPU waits for and has pending.
+/// What one vCPU waits for and has pending.
 #[derive(Default)]
 struct Events {
     /// Doorbell bits rung and not yet taken by `wait`.
@@ -28,6 +35,10 @@ struct Events {
     timer: Option<(u64, u8)>,
     /// Virtual interrupts injected so far.
     injected: u64,
+    /// The CPU the vCPU runs on (placement is static), once the scheduler looked at it.
+    cpu: Option<usize>,
+    /// The vCPU ended (its guest's others may still run).
+    ended: bool,
 }
 
 #[derive(Clone, Copy)]
@@ -41,6 +52,10 @@ impl Events {
         self.irqs[vector as usize / 64] |= 1 << (vector % 64);
     }
 
+    fn raised(&self, vector: u8) -> bool {
+        self.irqs[vector as usize / 64] & (1 << (vector % 64)) != 0
+    }
+
     /// The highest pending vector (the highest priority class first, as an APIC would).
     fn highest(&self) -> Option<u8> {
         (0..4).rev().find(|&w| self.irqs[w] != 0).map(|w| (w * 64 + 63 - self.irqs[w].leading_zeros() as usize) as u8)
@@ -48,6 +63,26 @@ impl Events {
 
     fn clear(&mut self, vector: u8) {
         self.irqs[vector as usize / 64] &= !(1 << (vector % 64));
+    }
+
+    /// Fires the timer if it expired.
+    fn fire_timer(&mut self, now: u64) {
+        if let Some((deadline, vector)) = self.timer {
+            if now >= deadline {
+                self.timer = None;
+                self.raise(vector);
+            }
+        }
+    }
+
+    /// Waits, and nothing has ended the wait yet (bits, an interrupt, its deadline).
+    fn stuck(&self, now: u64) -> bool {
+        self.wait.is_some_and(|w| self.bits & w.mask == 0 && self.highest().is_none() && w.deadline.is_none_or(|d| now < d))
+    }
+
+    /// Can never run again by itself: ended, or waits forever with no timer armed.
+    fn blocked(&self, now: u64) -> bool {
+        self.ended || (self.stuck(now) && self.wait.is_some_and(|w| w.deadline.is_none()) && self.timer.is_none())
     }
 }
 
@@ -61,12 +96,14 @@ struct Subscription {
 /// The doorbell and timer state of every vCPU of the run.
 #[derive(Default)]
 pub struct Notify {
-    vcpus: Vec<Events>,
+    /// By guest id, then vCPU index.
+    vcpus: Vec<Vec<Events>>,
     subs: Vec<Subscription>,
-    /// Doorbells rung, guests reached, wake-ups, idle halts.
+    /// Doorbells rung, vCPUs reached, wake-ups, wake-up IPIs sent, idle halts.
     rung: u64,
     delivered: u64,
     wakeups: u64,
+    ipis: u64,
     halts: u64,
 }
 
@@ -83,19 +120,30 @@ fn deadline_in(us: u64) -> u64 {
 }
 
 impl Notify {
-    fn events(&mut self, guest: u32) -> Result<&mut Events, Error> {
-        let i = guest as usize;
+    /// The events of every vCPU of `g` (made on first use).
+    fn guest<B: Backend>(&mut self, g: &Guest<B>) -> Result<&mut Vec<Events>, Error> {
+        let (i, n) = (g.id as usize, g.spec.vcpus.max(1) as usize);
         if i >= self.vcpus.len() {
             self.vcpus.try_reserve(i + 1 - self.vcpus.len()).map_err(|_| Error::NoMemory)?;
-            self.vcpus.resize_with(i + 1, Events::default);
+            self.vcpus.resize_with(i + 1, Vec::new);
         }
-        Ok(&mut self.vcpus[i])
+        let v = &mut self.vcpus[i];
+        if v.len() < n {
+            v.try_reserve(n - v.len()).map_err(|_| Error::NoMemory)?;
+            v.resize_with(n, Events::default);
+        }
+        Ok(v)
+    }
+
+    /// The events of vCPU `vcpu` of `g`.
+    fn events<B: Backend>(&mut self, g: &Guest<B>, vcpu: u32) -> Result<&mut Events, Error> {
+        self.guest(g)?.get_mut(vcpu as usize).ok_or(Error::Invalid)
     }
 
     /// `notify_subscribe`: `g` wants the doorbells of the morsel mounted at `gpa`.
     pub fn subscribe<B: Backend>(&mut self, g: &mut Guest<B>, gpa: u64, vector: Option<u8>) -> Result<u64, Error> {
         let morsel = mounted(g, gpa)?;
-        self.events(g.id)?;
+        self.guest(g)?;
         if let Some(s) = self.subs.iter_mut().find(|s| s.guest == g.id && s.morsel == morsel) {
             s.vector = vector;
             return Ok(0);
@@ -107,34 +155,59 @@ impl Notify {
         Ok(0)
     }
 
-    /// `notify`: rings `bits` for every other subscriber of the morsel `g` has at `gpa`.
-    pub fn notify<B: Backend>(&mut self, g: &mut Guest<B>, gpa: u64, bits: u64) -> Result<u64, Error> {
+    /// `notify` from vCPU `vcpu` of `g` on CPU `me`: rings `bits` in every vCPU of every
+    /// subscriber of the morsel `g` has at `gpa`, but the caller itself (the caller's other
+    /// vCPUs are reached where its guest subscribed). Returns the subscribers (guests)
+    /// reached; wakes vCPUs on other CPUs by IPI on the edge (module comment).
+    pub fn notify<B: Backend>(&mut self, g: &mut Guest<B>, vcpu: u32, me: usize, gpa: u64, bits: u64) -> Result<u64, Error> {
         let morsel = mounted(g, gpa)?;
         let mut reached = 0;
+        let mut kick = 0u64;
         for i in 0..self.subs.len() {
             let (guest, vector) = (self.subs[i].guest, self.subs[i].vector);
-            if guest == g.id || self.subs[i].morsel != morsel {
+            if self.subs[i].morsel != morsel {
                 continue;
             }
-            let e = self.events(guest)?;
-            e.bits |= bits;
-            if let Some(v) = vector {
-                e.raise(v);
+            // Subscribing made the guest's events.
+            let Some(all) = self.vcpus.get_mut(guest as usize) else { continue };
+            let mut hit = 0;
+            for (index, e) in all.iter_mut().enumerate() {
+                if e.ended || (guest == g.id && index as u32 == vcpu) {
+                    continue;
+                }
+                let new = bits & !e.bits;
+                e.bits |= bits;
+                let mut wake = e.wait.is_some_and(|w| new & w.mask != 0);
+                if let Some(v) = vector {
+                    wake |= !e.raised(v);
+                    e.raise(v);
+                }
+                if let Some(cpu) = e.cpu.filter(|&c| wake && c != me && c < ipi::MAX_CPUS) {
+                    kick |= 1 << cpu;
+                }
+                hit += 1;
             }
-            reached += 1;
+            if hit > 0 {
+                reached += 1;
+                self.delivered += hit;
+            }
         }
         if reached == 0 {
             return Err(g.refuse(Error::NoReceiver, format_args!("nobody else subscribed to '{morsel}'")));
         }
         self.rung += 1;
-        self.delivered += reached;
+        for cpu in (0..ipi::MAX_CPUS).filter(|c| kick & (1 << c) != 0) {
+            ipi::send(cpu);
+            self.ipis += 1;
+        }
         Ok(reached)
     }
 
-    /// `wait` / `sleep` (`mask` 0): takes pending bits at once (`Some`) or parks the vCPU
-    /// (`None`: the scheduler moves on; `ready` writes the result when it wakes).
-    pub fn wait(&mut self, guest: u32, mask: u64, timeout: Timeout) -> Result<Option<u64>, Error> {
-        let e = self.events(guest)?;
+    /// `wait` / `sleep` (`mask` 0) of vCPU `vcpu`: takes pending bits at once (`Some`) or
+    /// parks that vCPU only (`None`: the scheduler moves on; `ready` writes the result when
+    /// it wakes).
+    pub fn wait<B: Backend>(&mut self, g: &Guest<B>, vcpu: u32, mask: u64, timeout: Timeout) -> Result<Option<u64>, Error> {
+        let e = self.events(g, vcpu)?;
         let got = e.bits & mask;
         if got != 0 || timeout == Timeout::Poll {
             e.bits &= !got;
@@ -148,16 +221,16 @@ impl Notify {
         Ok(None)
     }
 
-    /// `timer`: arms (or with `us` 0 cancels) the one-shot timer of `guest`.
-    pub fn timer(&mut self, guest: u32, us: u64, vector: u8) -> Result<u64, Error> {
-        let e = self.events(guest)?;
+    /// `timer`: arms (or with `us` 0 cancels) the one-shot timer of vCPU `vcpu` of `g`.
+    pub fn timer<B: Backend>(&mut self, g: &Guest<B>, vcpu: u32, us: u64, vector: u8) -> Result<u64, Error> {
+        let e = self.events(g, vcpu)?;
         e.timer = (us != 0).then(|| (deadline_in(us), vector));
         Ok(0)
     }
 
-    /// Interrupts injected into `guest` so far.
+    /// Interrupts injected into `guest` so far (all its vCPUs).
     pub fn injected(&self, guest: u32) -> u64 {
-        self.vcpus.get(guest as usize).map_or(0, |e| e.injected)
+        self.vcpus.get(guest as usize).map_or(0, |v| v.iter().map(|e| e.injected).sum())
     }
 
     /// `g` unmounted `morsel`: its subscription ends.
@@ -165,28 +238,33 @@ impl Notify {
         self.subs.retain(|s| !(s.guest == guest && s.morsel == morsel));
     }
 
-    /// `guest` ended: its subscriptions and events go.
-    pub fn guest_ended(&mut self, guest: u32) {
-        self.subs.retain(|s| s.guest != guest);
-        if let Some(e) = self.vcpus.get_mut(guest as usize) {
-            *e = Events::default();
+    /// vCPU `vcpu` of `guest` ended: nothing reaches it any more, and it waits for nothing.
+    pub fn vcpu_ended(&mut self, guest: u32, vcpu: u32) {
+        if let Some(e) = self.vcpus.get_mut(guest as usize).and_then(|v| v.get_mut(vcpu as usize)) {
+            *e = Events { ended: true, ..Events::default() };
         }
     }
 
-    /// Whether the scheduler may run `g` now: fires its expired timer, and wakes it from a
-    /// wait that bits, an interrupt or its deadline ended (writing the call's result).
-    pub fn ready<B: Backend>(&mut self, g: &mut Guest<B>, vcpu: &mut B::Vcpu) -> bool {
+    /// `guest` ended: its subscriptions and events go.
+    pub fn guest_ended(&mut self, guest: u32) {
+        self.subs.retain(|s| s.guest != guest);
+        if let Some(v) = self.vcpus.get_mut(guest as usize) {
+            *v = Vec::new();
+        }
+    }
+
+    /// Whether the scheduler of CPU `me` may run vCPU `index` of `g` now: fires its expired
+    /// timer, and wakes it from a wait that bits, an interrupt or its deadline ended (writing
+    /// the call's result).
+    pub fn ready<B: Backend>(&mut self, g: &mut Guest<B>, index: u32, me: usize, vcpu: &mut B::Vcpu) -> bool {
         if g.state != State::Runnable {
             return false;
         }
-        let Some(e) = self.vcpus.get_mut(g.id as usize) else { return true };
+        // Out of memory for the table: run it (it cannot have waited).
+        let Ok(e) = self.events(g, index) else { return true };
+        e.cpu = Some(me);
         let now = time::tsc();
-        if let Some((deadline, vector)) = e.timer {
-            if now >= deadline {
-                e.timer = None;
-                e.raise(vector);
-            }
-        }
+        e.fire_timer(now);
         let Some(w) = e.wait else { return true };
         let got = e.bits & w.mask;
         let timed_out = w.deadline.is_some_and(|d| now >= d);
@@ -202,16 +280,12 @@ impl Notify {
         true
     }
 
-    /// Before an entry of `g`: the highest pending virtual interrupt goes in if the guest
-    /// can take it, else an interrupt window is asked for; an expired timer fires first.
-    pub fn before_run<B: Backend>(&mut self, g: &mut Guest<B>, vcpu: &mut B::Vcpu) {
-        let Some(e) = self.vcpus.get_mut(g.id as usize) else { return };
-        if let Some((deadline, vector)) = e.timer {
-            if time::tsc() >= deadline {
-                e.timer = None;
-                e.raise(vector);
-            }
-        }
+    /// Before an entry of vCPU `index` of `g`: the highest pending virtual interrupt goes in
+    /// if the guest can take it, else an interrupt window is asked for; an expired timer
+    /// fires first.
+    pub fn before_run<B: Backend>(&mut self, g: &Guest<B>, index: u32, vcpu: &mut B::Vcpu) {
+        let Some(e) = self.vcpus.get_mut(g.id as usize).and_then(|v| v.get_mut(index as usize)) else { return };
+        e.fire_timer(time::tsc());
         let Some(vector) = e.highest() else {
             B::interrupt_window(vcpu, false);
             return;
@@ -226,58 +300,55 @@ impl Notify {
         }
     }
 
-    /// Nothing could run on this CPU in a whole round: its vCPUs all wait. Returns until when
+    /// Nothing could run on CPU `me` in a whole round: its vCPUs all wait. Returns until when
     /// the CPU may halt (HLT with interrupts on; the caller first lets go of the world lock):
-    /// the earliest deadline of any guest, and at most one slice, so that a doorbell rung on
-    /// another CPU is seen within a slice. If every live guest on every CPU waits and none has
-    /// a deadline, nothing can ever wake them (no runnable guest could notify, no timer is
-    /// armed; device completions do not ring doorbells): reports the deadlock and stops them
-    /// (None).
-    pub fn idle_until<B: Backend>(&mut self, guests: &mut [Option<Guest<B>>], slice_end: u64) -> Option<u64> {
-        let live = || guests.iter().flatten().filter(|g| g.state == State::Runnable);
+    /// the earliest deadline of its own vCPUs, and at most one slice (a safety net: a
+    /// doorbell for one of them sends an IPI). If every vCPU of every live guest on every CPU
+    /// ended or waits forever with no deadline and no timer, nothing can ever wake them (no
+    /// running vCPU could notify; device completions do not ring doorbells): reports the
+    /// deadlock and stops them (None), kicking their other CPUs.
+    pub fn idle_until<B: Backend>(&mut self, guests: &mut [Option<Guest<B>>], me: usize, slice_end: u64) -> Option<u64> {
         let now = time::tsc();
-        // A guest whose wait is already over (bits, an interrupt or its deadline arrived, and
-        // the CPU it runs on has not looked yet) is not waiting: do not halt.
-        let stuck = |e: &Events| e.wait.is_some_and(|w| e.bits & w.mask == 0 && e.highest().is_none() && w.deadline.is_none_or(|d| now < d));
-        if live().any(|g| self.vcpus.get(g.id as usize).is_some_and(|e| e.wait.is_some() && !stuck(e))) {
+        let live = || guests.iter().flatten().filter(|g| g.state == State::Runnable);
+        let own = || {
+            live().filter_map(|g| self.vcpus.get(g.id as usize)).flatten().filter(|e| e.cpu == Some(me) && !e.ended)
+        };
+        // A vCPU here whose wait is already over (bits, an interrupt or its deadline arrived
+        // after the scheduler looked) is not waiting: do not halt.
+        if own().any(|e| e.wait.is_some() && !e.stuck(now)) {
             return Some(now);
         }
-        let all_wait = live().all(|g| self.vcpus.get(g.id as usize).is_some_and(stuck));
-        let earliest = live()
-            .filter_map(|g| self.vcpus.get(g.id as usize))
-            .flat_map(|e| [e.wait.and_then(|w| w.deadline), e.timer.map(|t| t.0)])
-            .flatten()
-            .min();
-        match (earliest, all_wait) {
-            (Some(deadline), _) => {
-                self.halts += 1;
-                Some(deadline.min(slice_end))
-            }
-            (None, false) => {
-                self.halts += 1;
-                Some(slice_end)
-            }
-            (None, true) => {
-                let mut names = String::new();
-                for g in live() {
-                    use core::fmt::Write;
-                    let _ = write!(names, "{}guest {} ({})", if names.is_empty() { "" } else { ", " }, g.id, g.spec.name);
-                }
-                log::error!(target: "notify", "deadlock: {names} wait forever with no timer and no possible notifier: stopped");
-                for g in guests.iter_mut().flatten().filter(|g| g.state == State::Runnable) {
-                    g.flush_console();
-                    g.state = State::Stopped;
-                }
-                None
+        let earliest = own().flat_map(|e| [e.wait.and_then(|w| w.deadline), e.timer.map(|t| t.0)]).flatten().min();
+        // Every vCPU of every live guest (one the scheduler never looked at is runnable).
+        let all_blocked = live().all(|g| {
+            let v = self.vcpus.get(g.id as usize);
+            (0..g.spec.vcpus.max(1) as usize).all(|i| v.and_then(|v| v.get(i)).is_some_and(|e| e.blocked(now)))
+        });
+        if earliest.is_some() || !all_blocked {
+            self.halts += 1;
+            return Some(earliest.map_or(slice_end, |d| d.min(slice_end)));
+        }
+        let mut names = String::new();
+        for g in live() {
+            use core::fmt::Write;
+            let _ = write!(names, "{}guest {} ({})", if names.is_empty() { "" } else { ", " }, g.id, g.spec.name);
+        }
+        log::error!(target: "notify", "deadlock: {names} wait forever with no timer and no possible notifier: stopped");
+        for g in guests.iter_mut().flatten().filter(|g| g.state == State::Runnable) {
+            g.flush_console();
+            g.state = State::Stopped;
+            for cpu in (0..ipi::MAX_CPUS).filter(|&c| c != me && g.ran_on & (1 << c) != 0) {
+                ipi::send(cpu);
             }
         }
+        None
     }
 
     /// Prints the counters (end of run).
     pub fn log_stats(&self) {
         if self.rung + self.wakeups + self.halts > 0 {
-            log::info!(target: "notify", "doorbells: {} rung, {} deliveries, {} wake-ups, {} idle halts",
-                self.rung, self.delivered, self.wakeups, self.halts);
+            log::info!(target: "notify", "doorbells: {} rung, {} deliveries, {} wake-ups, {} wake-up IPIs, {} idle halts",
+                self.rung, self.delivered, self.wakeups, self.ipis, self.halts);
         }
     }
 }

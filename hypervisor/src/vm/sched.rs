@@ -168,18 +168,17 @@ pub fn cpu_loop<B: Backend>(run: &Run<B>, backend: &mut B, me: usize, frames: &F
             }
         }
         // notify hook: every vCPU of this CPU waits: halt (the world lock let go) until the
-        // earliest deadline or a slice, or report a deadlock (vm/notify.rs).
+        // earliest deadline, a wake-up IPI or a slice, or report a deadlock (vm/notify.rs).
         if !ran && !queue.is_empty() {
             let slice_end = crate::platform::time::tsc() + SLICE_US * crate::platform::time::tsc_per_us().max(1);
             let until = {
                 let mut w = runqueue::lock(run);
                 let World { guests, cx, .. } = &mut *w;
-                cx.notify.idle_until(guests, slice_end)
+                cx.notify.idle_until(guests, me, slice_end)
             };
             if let Some(t) = until {
-                // Until the deadline or the next interrupt (the slice timer, a shootdown IPI):
-                // a doorbell rung on another CPU is seen within a slice (no wake-up IPI: it
-                // would end the slice of whatever runs there, see README).
+                // Until the deadline or the next interrupt (the slice timer, a shootdown IPI,
+                // the wake-up IPI of a doorbell rung on another CPU for a vCPU here).
                 crate::arch::apic::halt_once(t);
             }
         }
@@ -193,6 +192,7 @@ pub fn cpu_loop<B: Backend>(run: &Run<B>, backend: &mut B, me: usize, frames: &F
 fn vcpu_done<B: Backend>(guests: &mut [Option<Guest<B>>], cx: &mut Context<B>, done: &mut Vec<Summary>, id: u32, v: VcpuSummary, frames: &Frames) {
     let Some(slot) = guests.get_mut(id as usize) else { return };
     let Some(g) = slot.as_mut() else { return };
+    cx.notify.vcpu_ended(id, v.index);
     if !g.vcpu_ended(v) {
         return;
     }
@@ -226,7 +226,7 @@ fn run_slice<B: Backend>(backend: &mut B, s: &mut Slot<B>, run: &Run<B>, me: usi
                 return true;
             }
             // notify hook: a waiting vCPU is not run (vm/notify.rs).
-            if first && !cx.notify.ready(guest, &mut s.vcpu) {
+            if first && !cx.notify.ready(guest, s.index, me, &mut s.vcpu) {
                 return false;
             }
             first = false;
@@ -245,7 +245,7 @@ fn run_slice<B: Backend>(backend: &mut B, s: &mut Slot<B>, run: &Run<B>, me: usi
                 s.exceptions = guest.handled_exceptions;
             }
             // notify hook: inject a pending virtual interrupt or ask for a window (vm/notify.rs).
-            cx.notify.before_run(guest, &mut s.vcpu);
+            cx.notify.before_run(guest, s.index, &mut s.vcpu);
         }
         drop(w);
         // The host runs with interrupts off: a shootdown IPI that arrives after this check
@@ -256,7 +256,15 @@ fn run_slice<B: Backend>(backend: &mut B, s: &mut Slot<B>, run: &Run<B>, me: usi
             s.seen_flush = gen;
         }
         let now = crate::platform::time::tsc();
+        let ticks = crate::arch::apic::ticks();
         let exit = backend.run(&mut s.vcpu, deadline.saturating_sub(now).div_ceil(per_us).max(1));
+        // An interrupt exit ends the slice only if the slice timer caused it (this CPU's tick
+        // count moved) or the slice is over; an IPI before that (a shootdown, a wake-up, a
+        // kick) resumes this vCPU and counts as `interrupt`, not as a used slice.
+        let exit = match exit {
+            Exit::Interrupt if crate::arch::apic::ticks() != ticks || crate::platform::time::tsc() >= deadline => Exit::Preempted,
+            other => other,
+        };
         let cr3 = B::guest_cr3(&mut s.vcpu);
         let mut regs = *B::regs(&mut s.vcpu);
         s.exits[exit.kind() as usize] += 1;
@@ -325,6 +333,10 @@ fn run_slice<B: Backend>(backend: &mut B, s: &mut Slot<B>, run: &Run<B>, me: usi
             }
             // notify hook: the guest can take its interrupt now; the next entry injects it.
             Exit::InterruptWindow => true,
+            // An IPI inside the slice: its work (a flush, a pending virtual interrupt) is done
+            // at the next entry; a stopped guest ended above; the deadline check above bounds
+            // how long IPIs can keep a vCPU going.
+            Exit::Interrupt => true,
             other => {
                 stop(guest, other, regs.rip);
                 false

@@ -281,7 +281,8 @@ impl Backend for Vmx {
                 // handler takes it (and sends EOI), then close it again.
                 // SAFETY: the host's IDT handles every vector on IST stacks.
                 unsafe { asm!("sti", "nop", "cli", options(nomem, nostack)) };
-                Exit::Preempted
+                // The LAPIC slice timer (no preemption timer) or an IPI: the scheduler tells.
+                Exit::Interrupt
             }
             // Qualification bits 0-2: read/write/fetch, 3-5: what the entry allowed; the
             // guest-physical address field holds the address (SDM Vol. 3C 28.2.1, table 28-7).

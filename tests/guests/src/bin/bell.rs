@@ -5,16 +5,28 @@
 //!   that it used at most one slice while it waited;
 //! - 2 bystander: opens "bell" without subscribing: a wait of 300 ms ends with nothing;
 //! - 3 attacker: bad doorbell calls, each with the error the ABI defines;
-//! - 4 deadlock: creates or opens "lock", subscribes and waits forever (two of them deadlock).
+//! - 4 deadlock: creates or opens "lock", subscribes and waits forever (two of them deadlock);
+//! - 5 pair (`:vcpus=2`): vCPU 1 waits forever for bit 0x1 of the guest's own private morsel
+//!   while vCPU 0 works through 5 time slices and then rings it: a wait parks only the vCPU
+//!   that called it, and a notify reaches the caller's other vCPUs.
 #![no_std]
 #![no_main]
 
 use guest_lib::morsel::{self, PageSize};
 use guest_lib::notify::{self, micros, Doorbell, Event, Timeout};
 use guest_lib::hypercall::call;
+use core::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use guest_lib::{abi, info, println, yield_now, BootInfo, Error};
 
-guest_lib::entry!(main);
+guest_lib::entry!(main, vcpu_main);
+
+/// arg 5: the private morsel's mount (0: not yet), vCPU 1 about to wait, slices vCPU 0
+/// worked before it rang, when it rang (guest micros), vCPU 1's verdict (1 ok, 2 wrong).
+static PAIR: AtomicU64 = AtomicU64::new(0);
+static WAITING: AtomicU64 = AtomicU64::new(0);
+static WORKED: AtomicU64 = AtomicU64::new(0);
+static RANG_AT: AtomicU64 = AtomicU64::new(0);
+static VERDICT: AtomicU64 = AtomicU64::new(0);
 
 fn open_retry(name: &str) -> Result<morsel::MorselMut, Error> {
     loop {
@@ -32,8 +44,62 @@ fn main(info_: &BootInfo) -> i32 {
         1 => listener(me),
         2 => bystander(me),
         3 => attacker(info_),
+        5 => pair_main(),
         _ => deadlock(me),
     }
+}
+
+fn vcpu_main(info_: &BootInfo, vcpu: u32) -> i32 {
+    match (info_.arg, vcpu) {
+        (5, 1) => pair_waiter(),
+        _ => 0,
+    }
+}
+
+fn pair_main() -> i32 {
+    let Ok(m) = morsel::create("pair", 4096, PageSize::Size4K, false) else { return 1 };
+    let bell = Doorbell::new(m.addr());
+    if let Err(e) = bell.subscribe(None) {
+        println!("bell pair: subscribe failed: {e}");
+        return 1;
+    }
+    PAIR.store(m.addr(), SeqCst);
+    while WAITING.load(SeqCst) == 0 {
+        yield_now();
+    }
+    // vCPU 1 is parked (or about to be): this vCPU must still get its slices.
+    let slices = info(abi::INFO_SLICES).unwrap_or(0);
+    while info(abi::INFO_SLICES).unwrap_or(0) < slices + 5 {
+        core::hint::spin_loop();
+    }
+    WORKED.store(5, SeqCst);
+    RANG_AT.store(micros(), SeqCst);
+    let rang = bell.ring(Event(0x1));
+    println!("bell pair: vcpu 0 worked through 5 slices while vcpu 1 waited, then rang: {rang:?}");
+    let t0 = micros();
+    while VERDICT.load(SeqCst) == 0 && micros() - t0 < 5_000_000 {
+        yield_now();
+    }
+    match (rang, VERDICT.load(SeqCst)) {
+        (Ok(1), 1) => 0,
+        _ => {
+            println!("bell pair: WRONG");
+            1
+        }
+    }
+}
+
+fn pair_waiter() -> i32 {
+    while PAIR.load(SeqCst) == 0 {
+        yield_now();
+    }
+    WAITING.store(1, SeqCst);
+    let got = notify::wait(Event(0x1), Timeout::Forever);
+    let (worked, after) = (WORKED.load(SeqCst), micros().saturating_sub(RANG_AT.load(SeqCst)));
+    println!("bell pair: vcpu 1 woke with {got:?} after vcpu 0 worked {worked} slices, {after} us after the ring");
+    let ok = got == Ok(Event(0x1)) && worked == 5;
+    VERDICT.store(if ok { 1 } else { 2 }, SeqCst);
+    if ok { 0 } else { 1 }
 }
 
 fn ringer() -> i32 {
@@ -81,8 +147,8 @@ fn listener(me: u64) -> i32 {
     let rest = notify::wait(Event(0x4), Timeout::Poll);
     println!("bell {me}: bit 0x4 still pending: {rest:?}");
     // While the ringer works through 20 slices this guest must use none: the window around the
-    // wait may still take an interrupt exit on each side (a timer tick, or with 2 CPUs another
-    // CPU's IPI, both counted as preemptions), hence up to 2 slices and 6 exits.
+    // wait may still take an exit on each side (a timer tick, a preemption; or with 2 CPUs
+    // another CPU's IPI, an interrupt exit), hence up to 2 slices and 6 exits.
     if got != Ok(Event(0x1)) || rest != Ok(Event(0x4)) || used > 2 || exited > 6 {
         println!("bell {me}: WRONG");
         return 1;

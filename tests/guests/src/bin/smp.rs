@@ -14,6 +14,10 @@
 //!   2 MiB pages in a loop; every page carries a tag of its owner, checked before destroy.
 //! * 6 (one guest, N vCPUs): vCPUs 1.. spin, vCPU 0 waits for them and then reads outside its
 //!   memory: the whole guest is stopped.
+//! * 7 (one guest, 2 vCPUs on 2 CPUs): vCPU 1 spins in guest mode while vCPU 0 unmounts a
+//!   morsel `KICKS` times, each a shootdown IPI into vCPU 1's CPU, sleeping 1 ms between
+//!   (a sleep parks only vCPU 0); an IPI exit inside a slice is no preemption: vCPU 1 goes
+//!   on and its exit table counts `interrupt=N` (the scenario checks).
 #![no_std]
 #![no_main]
 
@@ -41,6 +45,7 @@ fn main(info: &BootInfo) -> i32 {
         4 => witness(),
         5 => churn(info, 0),
         6 => fault_main(info),
+        7 => kicks_main(),
         _ => 2,
     }
 }
@@ -50,6 +55,7 @@ fn vcpu_main(info: &BootInfo, vcpu: u32) -> i32 {
         2 => sum_vcpu(),
         3 => reader(),
         5 => churn(info, vcpu),
+        7 => kicks_spinner(),
         6 => {
             READY.fetch_add(1, SeqCst);
             loop {
@@ -321,4 +327,43 @@ fn fault_main(info: &BootInfo) -> i32 {
     let v = unsafe { read_volatile((info.memory_size + (64 << 20)) as *const u64) };
     println!("smp: the read returned {v:#x}");
     1
+}
+
+/// Shootdown IPIs arg 7 sends into the spinning vCPU.
+const KICKS: u64 = 100;
+
+fn kicks_main() -> i32 {
+    while READY.load(SeqCst) == 0 {
+        yield_now();
+    }
+    let per_us = guest_lib::info(guest_lib::abi::INFO_TSC_PER_US).unwrap_or(1).max(1);
+    let slices = || guest_lib::info(guest_lib::abi::INFO_SLICES).unwrap_or(0);
+    let (t0, s0) = (tsc(), slices());
+    for _ in 0..KICKS {
+        // The unmount (drop) shoots down on every CPU this guest ran on: vCPU 1's too.
+        match morsel::create("kick", 4096, PageSize::Size4K, false) {
+            Ok(m) => drop(m),
+            Err(e) => {
+                println!("smp kicks: create failed: {e}: WRONG");
+                return 1;
+            }
+        }
+        let _ = morsel::destroy("kick");
+        let _ = guest_lib::notify::sleep(1000);
+    }
+    let (used, ms) = (slices() - s0, (tsc() - t0) / per_us / 1000);
+    READY.store(2, SeqCst);
+    // With a host that deschedules the emulator's CPU threads for longer than a slice, an
+    // IPI often lands together with a slice timer tick (one exit, a preemption): the figures
+    // are printed, and the exit table shows the IPI exits that came inside a slice.
+    println!("smp kicks: {KICKS} unmounts (shootdown IPIs into the spinning vCPU) in {ms} ms: {used} slices used");
+    0
+}
+
+fn kicks_spinner() -> i32 {
+    READY.store(1, SeqCst);
+    while READY.load(SeqCst) != 2 {
+        core::hint::spin_loop();
+    }
+    0
 }
