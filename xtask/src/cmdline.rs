@@ -7,7 +7,7 @@ use crate::{bail, Result};
 
 /// The keys the hypervisor understands, with their values.
 pub const KEYS: &str = "guests=SPEC,SPEC,...  log=error|warn|info|debug|trace  \
-    test=fault|dma-fault|sharept|pmem-crash:format|pmem-crash:magic  pmem=format|drop:N[,N...]|drop:damaged  cpus=N";
+    test=fault|dma-fault|sharept|pmem-crash:format|pmem-crash:magic  pmem=format|drop:N[,N...]|drop:damaged  cpus=N  iommu=register  nvme=poll";
 /// The options of one guest SPEC after its name.
 pub const GUEST_OPTIONS: &str = "mem=SIZE, slices=N, arg=N (or SIZE), vcpus=N, cpu=K, code=N, stopped";
 /// What a SIZE may end with.
@@ -56,6 +56,10 @@ fn check_word(word: &str, guests: &[&str]) -> std::result::Result<(), String> {
         "pmem" => Err("valid: `format`, `drop:damaged`, `drop:N[,N...]` with slots 0-63".into()),
         "cpus" if value.parse::<usize>().is_ok_and(|n| n >= 1) => Ok(()),
         "cpus" => Err("a number of CPUs, at least 1".into()),
+        "iommu" if value == "register" => Ok(()),
+        "iommu" => Err("valid: `register` (VT-d register-based invalidation)".into()),
+        "nvme" if value == "poll" => Ok(()),
+        "nvme" => Err("valid: `poll` (NVMe completions polled, not by MSI-X interrupt)".into()),
         _ => Err(format!("unknown key `{key}`; the keys are {KEYS}")),
     }
 }
@@ -130,6 +134,8 @@ mod tests {
         assert!(check("cpus=2 pmem=drop:1,63 pmem=drop:damaged test=pmem-crash:magic", &[]).is_ok());
         assert!(err("cpus=0").contains("at least 1"));
         assert!(err("pmem=drop:64").contains("slots 0-63"));
+        assert!(check("nvme=poll iommu=register", &[]).is_ok());
+        assert!(err("nvme=msi").contains("`poll`"));
     }
 
     #[test]
