@@ -77,7 +77,7 @@ extern "C" fn kmain(magic: u32, info: u64) -> ! {
     platform.log();
     apic::init();
     let pmem = pmem::init(&platform, facts.gib_pages, &args.pmem);
-    let (mut devices, devices_ok) = match devices::init(&platform, &frames, args.iommu) {
+    let (mut devices, devices_ok) = match devices::init(&platform, &frames, args.iommu, args.nvme_poll) {
         Ok(d) => (d, true),
         Err(devices::InitFailed) => (None, false),
     };

@@ -7,7 +7,7 @@ use crate::{bail, Result};
 
 /// The keys the hypervisor understands, with their values.
 pub const KEYS: &str = "guests=SPEC,SPEC,...  log=error|warn|info|debug|trace  \
-    test=fault|dma-fault|dma-nodomain|sharept|pmem-crash:format|pmem-crash:magic  pmem=format|drop:N[,N...]|drop:damaged  iommu=register|sharept  cpus=N";
+    test=fault|dma-fault|dma-nodomain|sharept|pmem-crash:format|pmem-crash:magic  pmem=format|drop:N[,N...]|drop:damaged  iommu=register|sharept  nvme=poll  cpus=N";
 /// The options of one guest SPEC after its name.
 pub const GUEST_OPTIONS: &str = "mem=SIZE, slices=N, arg=N (or SIZE), vcpus=N, cpu=K, code=N, stopped";
 /// What a SIZE may end with.
@@ -58,6 +58,8 @@ fn check_word(word: &str, guests: &[&str]) -> std::result::Result<(), String> {
         "iommu" => Err("valid: `register` (VT-d register-based invalidation), `sharept` (device mounts through the EPT subtree)".into()),
         "cpus" if value.parse::<usize>().is_ok_and(|n| n >= 1) => Ok(()),
         "cpus" => Err("a number of CPUs, at least 1".into()),
+        "nvme" if value == "poll" => Ok(()),
+        "nvme" => Err("valid: `poll` (NVMe completions polled, not by MSI-X interrupt)".into()),
         _ => Err(format!("unknown key `{key}`; the keys are {KEYS}")),
     }
 }
@@ -134,6 +136,8 @@ mod tests {
         assert!(err("pmem=drop:64").contains("slots 0-63"));
         assert!(check("iommu=register iommu=sharept", &[]).is_ok());
         assert!(err("iommu=shared").contains("`sharept`"));
+        assert!(check("nvme=poll iommu=register", &[]).is_ok());
+        assert!(err("nvme=msi").contains("`poll`"));
     }
 
     #[test]

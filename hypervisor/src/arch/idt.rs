@@ -1,14 +1,28 @@
 //! IDT: one assembly stub per vector pushes a uniform frame and calls `interrupt_dispatch`.
-//! Exceptions stop the hypervisor with a full report; the LAPIC timer and spurious
-//! vectors return. Every gate uses an IST stack (see `gdt`).
+//! Exceptions stop the hypervisor with a full report; the LAPIC timer, the IPI, the device
+//! completion vector (counted per CPU) and spurious vectors return. Every gate uses an IST stack (see `gdt`).
 
 use super::gdt::{self, KERNEL_CS};
 use core::arch::{asm, global_asm};
 use core::mem::size_of;
+use core::sync::atomic::{AtomicU64, Ordering};
 use static_assertions::const_assert_eq;
 
 /// Vector of the LAPIC timer (host side; SVM exits on it to preempt guests).
 pub const TIMER_VECTOR: u8 = 0x20;
+/// Vector of device completion interrupts (NVMe MSI-X, one per I/O queue pair, each to the
+/// CPU that owns the pair): the handler counts them per CPU and sends EOI; the waiting driver
+/// re-reads its completion queue after every wake-up.
+pub const DEVICE_VECTOR: u8 = 0x22;
+
+/// Device completion interrupts taken, per CPU index (`ipi::me`).
+static DEVICE_INTERRUPTS: [AtomicU64; super::ipi::MAX_CPUS] = [const { AtomicU64::new(0) }; super::ipi::MAX_CPUS];
+
+/// How many `DEVICE_VECTOR` interrupts CPU `cpu` has taken so far.
+pub fn device_interrupts(cpu: usize) -> u64 {
+    DEVICE_INTERRUPTS.get(cpu).map_or(0, |c| c.load(Ordering::Acquire))
+}
+
 /// Vector of the LAPIC spurious interrupt.
 pub const SPURIOUS_VECTOR: u8 = 0xff;
 
@@ -55,7 +69,7 @@ isr_stub_\n:
     .endm
 
     .section .text
-    .irp n, 0,1,2,3,4,5,6,7,9,15,16,18,19,20,22,23,24,25,26,27,28,31,32,33,255
+    .irp n, 0,1,2,3,4,5,6,7,9,15,16,18,19,20,22,23,24,25,26,27,28,31,32,33,34,255
     STUB \n, 0
     .endr
     .irp n, 8,10,11,12,13,14,17,21,29,30
@@ -103,7 +117,7 @@ isr_common:
     .balign 8
     .global isr_stub_table
 isr_stub_table:
-    .irp n, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31,32,33,255
+    .irp n, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31,32,33,34,255
     .quad isr_stub_\n
     .endr
 "#,
@@ -111,7 +125,7 @@ isr_stub_table:
 );
 
 extern "C" {
-    static isr_stub_table: [u64; 35];
+    static isr_stub_table: [u64; 36];
 }
 
 /// 16-byte interrupt gate (Intel SDM Vol. 3A 6.14.1).
@@ -182,21 +196,22 @@ impl Idt {
         idt
     }
 
-    /// Points every gate at its stub: exceptions 0-31, the timer (32) and the IPI vector (33)
-    /// each have one, every other vector (the masked 8259's, stray ones) is ignored.
+    /// Points every gate at its stub: exceptions 0-31, the timer (32), the IPI vector (33)
+    /// and the device vector (34) each have one, every other vector (the masked 8259's, stray
+    /// ones) is ignored.
     fn fill(&mut self) {
-        // SAFETY: the stub table is defined above with 35 entries: vectors 0-33 and 255;
+        // SAFETY: the stub table is defined above with 36 entries: vectors 0-34 and 255;
         // reading an immutable extern static.
         let stubs = unsafe { &isr_stub_table };
         for gate in self.0.iter_mut() {
-            *gate = Gate::interrupt(stubs[34], gdt::IST_INTERRUPT);
+            *gate = Gate::interrupt(stubs[35], gdt::IST_INTERRUPT);
         }
-        for (vector, &stub) in stubs.iter().enumerate().take(34) {
+        for (vector, &stub) in stubs.iter().enumerate().take(35) {
             let ist = match vector {
                 2 => gdt::IST_NMI,
                 8 => gdt::IST_DOUBLE_FAULT,
                 18 => gdt::IST_MACHINE_CHECK,
-                32 | 33 => gdt::IST_INTERRUPT,
+                32..=34 => gdt::IST_INTERRUPT,
                 _ => gdt::IST_EXCEPTION,
             };
             self.0[vector] = Gate::interrupt(stub, ist);
@@ -237,6 +252,10 @@ extern "C" fn interrupt_dispatch(frame: &mut InterruptFrame) {
         v if v < 32 => exception(frame),
         v if v == TIMER_VECTOR as u64 => crate::arch::apic::timer_interrupt(),
         v if v == super::ipi::IPI_VECTOR as u64 => super::ipi::interrupt(),
+        v if v == DEVICE_VECTOR as u64 => {
+            DEVICE_INTERRUPTS[super::ipi::me() % super::ipi::MAX_CPUS].fetch_add(1, Ordering::AcqRel);
+            crate::arch::apic::eoi();
+        }
         _ => {} // spurious: no EOI (Intel SDM Vol. 3A 11.9)
     }
 }

@@ -34,8 +34,9 @@ pub struct InitFailed;
 /// Enumerates PCI bus 0, brings up the IOMMU the ACPI tables name (VT-d through the DMAR,
 /// the AMD IOMMU through the IVRS: the tables decide, not the CPU vendor) with translation
 /// on (every device blocked until it gets a domain), and the edu and NVMe drivers. Without
-/// an IOMMU or ECAM there is nothing (None).
-pub fn init(platform: &Platform, frames: &Frames, options: crate::platform::cmdline::IommuOptions) -> Result<Option<Devices>, InitFailed> {
+/// an IOMMU or ECAM there is nothing (None). NVMe completes by MSI-X interrupt where the
+/// device has the capability, unless `nvme_poll` (`nvme=poll`).
+pub fn init(platform: &Platform, frames: &Frames, options: crate::platform::cmdline::IommuOptions, nvme_poll: bool) -> Result<Option<Devices>, InitFailed> {
     let Some(ecam) = platform.ecam else { return Ok(None) };
     if platform.dmar.is_none() && platform.ivrs.is_none() {
         return Ok(None);
@@ -70,8 +71,19 @@ pub fn init(platform: &Platform, frames: &Frames, options: crate::platform::cmdl
             }
             (_, _, nvme::CLASS, Some(bar)) if nvme.is_none() => {
                 pci.enable(f.bdf);
+                // MSIs pass the IOMMU untranslated, so the DMA domain needs no mapping for
+                // 0xFEEx_xxxx: writes there are interrupt requests, not DMA (VT-d spec,
+                // "Handling Requests to Interrupt Address Range"), and no interrupt remapping
+                // is enabled (VT-d: GSTS.IRES = 0, compatibility format passes through, spec
+                // chapter 5; AMD-Vi: DTE.IV = 0, interrupts pass unremapped, AMD IOMMU spec
+                // 48882 2.2.2 "Device Table Entry Format"). Seen working under QEMU with both.
+                let completions = match (nvme_poll, pci.msix(f)) {
+                    (true, _) => nvme::Completions::Poll("nvme=poll"),
+                    (false, Some(m)) => nvme::Completions::Msix(m),
+                    (false, None) => nvme::Completions::Poll("the device has no usable MSI-X capability"),
+                };
                 match iommu.attach(f.bdf, frames) {
-                    Ok(()) => match nvme::Nvme::new(f.bdf, bar, &mut iommu, frames, &platform.apic_ids) {
+                    Ok(()) => match nvme::Nvme::new(f.bdf, bar, &mut iommu, frames, &platform.apic_ids, completions) {
                         Ok(n) => nvme = Some(n),
                         Err(e) => log::error!(target: "nvme", "device {}: {e}", f.bdf),
                     },

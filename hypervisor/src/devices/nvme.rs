@@ -1,5 +1,8 @@
 //! A minimal NVMe driver (NVMe base spec 1.4): the admin queue, one I/O queue pair per CPU,
-//! identify, and batches of reads or writes (many commands in flight, completions polled). Every address the controller sees is an I/O virtual
+//! identify, and batches of reads or writes (many commands in flight). Completions come by
+//! MSI-X interrupt where the device offers it (one table entry per I/O completion queue, to
+//! the CPU that owns the pair; that CPU halts while its batch is out and re-reads the queue
+//! after every wake-up), else (or with `nvme=poll`) they are polled. Every address the controller sees is an I/O virtual
 //! address of its VT-d domain: its queues and PRP list page are mapped there at their
 //! host-physical address, and the proxy mounts the caller's morsel at `PROXY_IOVA`, so the
 //! data pointers (PRPs) are IOVAs inside the morsel.
@@ -9,7 +12,8 @@ use crate::mm::frames::Frames;
 use crate::iommu::Unit;
 use formats::mmio::Mmio;
 use formats::units::Bytes;
-use crate::devices::pci::Bdf;
+use crate::devices::pci::{Bdf, Msix};
+use crate::arch::idt::DEVICE_VECTOR;
 use alloc::vec::Vec;
 use morsel::{HostPhysAddr, Perm};
 
@@ -57,6 +61,9 @@ const MAX_IO_QUEUES: usize = 64;
 /// Longest transfer per command (also capped by MDTS): 512 KiB = 128 pages, one PRP list page.
 const MAX_CHUNK: u64 = 512 << 10;
 const TIMEOUT_US: u64 = 5_000_000;
+/// The longest halt while interrupt-driven commands are out (where the CPU has no periodic
+/// timer): a lost interrupt costs at most this before the queue is read again.
+const HALT_BACKSTOP_US: u64 = 1_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IoError {
@@ -84,6 +91,13 @@ pub struct BatchStats {
     /// The most commands the controller held at once (the queue depth reached).
     pub max_depth: u64,
     pub us: u64,
+    /// Completion interrupts this CPU took during the batch, and the halts it waited in
+    /// (both 0 when the queue pair polls).
+    pub interrupts: u64,
+    pub halts: u64,
+    /// The I/O queue pair it ran on (its id) and the CPU index that issued it.
+    pub queue: u16,
+    pub cpu: usize,
 }
 
 /// One submission/completion queue pair in identity-mapped frames.
@@ -104,6 +118,8 @@ struct IoQueue {
     q: Queue,
     /// The CPU (APIC ID) this pair belongs to.
     apic_id: u32,
+    /// Its completion queue interrupts (MSI-X entry = queue id, to `apic_id`); else polled.
+    irq: bool,
     prp: Vec<HostPhysAddr>,
     /// The request each busy slot serves.
     owner: Vec<Option<usize>>,
@@ -121,8 +137,18 @@ pub struct Nvme {
     pub blocks: u64,
     max_chunk: u64,
     pub commands: u64,
+    /// Completion interrupts taken and halts waited in, over all batches.
+    pub interrupts: u64,
+    pub halts: u64,
     /// Set after a command timed out: the controller may still own pages, no more I/O.
     broken: bool,
+}
+
+/// How the I/O completion queues signal: MSI-X (the function's table, MSI-X not yet
+/// enabled) or polling, with the reason (`nvme=poll`, no MSI-X capability).
+pub enum Completions {
+    Msix(Msix),
+    Poll(&'static str),
 }
 
 /// DW3 of a completion entry: CID 15:0, phase tag bit 16, status 31:17 (NVMe 1.4, 4.6).
@@ -177,8 +203,10 @@ impl Nvme {
 
     /// Resets and enables the controller with BAR0 `regs`, maps its queues into its domain
     /// of `iommu`, creates one I/O queue pair per CPU of `apic_ids` (as many as the
-    /// controller grants; the others share them) and identifies namespace 1.
-    pub fn new(bdf: Bdf, regs: Mmio, iommu: &mut Unit, frames: &Frames, apic_ids: &[u32]) -> Result<Nvme, &'static str> {
+    /// controller grants; the others share them) and identifies namespace 1. With
+    /// `Completions::Msix` each I/O completion queue y gets MSI-X entry y, `DEVICE_VECTOR` on
+    /// its CPU (entry 0, the admin queue's, stays masked: admin commands are polled).
+    pub fn new(bdf: Bdf, regs: Mmio, iommu: &mut Unit, frames: &Frames, apic_ids: &[u32], completions: Completions) -> Result<Nvme, &'static str> {
         let mut page = || -> Result<HostPhysAddr, &'static str> {
             let p = frames.alloc_zeroed(Order::BASE).ok_or("out of memory for queues")?;
             iommu.map_page(bdf, p.as_u64(), p, Perm::RW, frames).map_err(|_| "cannot map queues in the domain")?;
@@ -188,7 +216,7 @@ impl Nvme {
         let (asq, acq, scratch) = (page()?, page()?, page()?);
         let mut n = Nvme {
             bdf, regs, stride: 4, admin: queue(0, asq, acq, ADMIN_ENTRIES),
-            io: Vec::new(), scratch, blocks: 0, max_chunk: MAX_CHUNK, commands: 0, broken: false,
+            io: Vec::new(), scratch, blocks: 0, max_chunk: MAX_CHUNK, commands: 0, interrupts: 0, halts: 0, broken: false,
         };
         // CAP is a 64-bit register; read as two halves.
         let cap = n.regs.read32(CAP) as u64 | (n.regs.read32(CAP + 4) as u64) << 32;
@@ -235,24 +263,53 @@ impl Nvme {
             Ok(dw0) => ((dw0 & 0xffff).min(dw0 >> 16) + 1).min(want),
             Err(_) => 1,
         };
+        let (msix, why) = match completions {
+            Completions::Msix(m) => {
+                m.mask(0);
+                m.enable();
+                (Some(m), "the MSI-X table has no entry for any I/O queue")
+            }
+            Completions::Poll(why) => (None, why),
+        };
         for k in 0..granted as u16 {
             let id = k + 1;
+            let apic_id = apic_ids.get(k as usize).copied().unwrap_or(0);
+            let irq = msix.as_ref().is_some_and(|m| m.route(id, apic_id, DEVICE_VECTOR));
             let (sq, cq) = (page()?, page()?);
             let mut prp = Vec::with_capacity(io_entries as usize);
             for _ in 1..io_entries {
                 prp.push(page()?);
             }
-            // Create the completion queue (PC = 1, no interrupts), then its submission queue
-            // (CQID 31:16, PC) (NVMe 1.4, 5.3 and 5.4).
+            // Create the completion queue (CDW11: PC bit 0; IEN bit 1 and IV 31:16, the MSI-X
+            // entry, where it interrupts), then its submission queue (CQID 31:16, PC)
+            // (NVMe 1.4, 5.3 and 5.4).
             let qsize = (io_entries as u32 - 1) << 16;
-            n.admin_cmd(OP_CREATE_CQ, 0, cq.as_u64(), [qsize | id as u32, 1]).map_err(|_| "create I/O completion queue failed")?;
+            let cdw11 = if irq { (id as u32) << 16 | 1 << 1 | 1 } else { 1 };
+            n.admin_cmd(OP_CREATE_CQ, 0, cq.as_u64(), [qsize | id as u32, cdw11]).map_err(|_| "create I/O completion queue failed")?;
             n.admin_cmd(OP_CREATE_SQ, 0, sq.as_u64(), [qsize | id as u32, (id as u32) << 16 | 1]).map_err(|_| "create I/O submission queue failed")?;
-            let apic_id = apic_ids.get(k as usize).copied().unwrap_or(0);
-            n.io.push(IoQueue { q: queue(id, sq, cq, io_entries), apic_id, prp, owner: alloc::vec![None; io_entries as usize - 1] });
+            n.io.push(IoQueue { q: queue(id, sq, cq, io_entries), apic_id, irq, prp, owner: alloc::vec![None; io_entries as usize - 1] });
         }
         let model = core::str::from_utf8(&model).unwrap_or("?").trim_end();
         log::info!(target: "nvme", "device {bdf}: NVMe {}.{} '{model}', namespace 1: {} blocks of {BLOCK} bytes ({} MiB), max transfer {} KiB, admin queue {ADMIN_ENTRIES} entries, {} I/O queue pair(s) of {io_entries} entries (one per CPU, {} CPUs), mapped in its domain",
             vs >> 16, vs >> 8 & 0xff, n.blocks, (n.blocks * BLOCK) >> 20, n.max_chunk >> 10, n.io.len(), apic_ids.len());
+        match &msix {
+            Some(m) if n.io.iter().any(|q| q.irq) => {
+                let mut routes = alloc::string::String::new();
+                for q in n.io.iter().filter(|q| q.irq) {
+                    let cpu = apic_ids.iter().position(|&a| a == q.apic_id).unwrap_or(0);
+                    routes.push_str(&alloc::format!("{}queue {} on CPU {cpu} (APIC {})", if routes.is_empty() { "" } else { ", " }, q.q.id, q.apic_id));
+                }
+                let polled = n.io.iter().filter(|q| !q.irq).count();
+                log::info!(target: "nvme", "device {bdf}: completions by MSI-X interrupt (vector {DEVICE_VECTOR:#x}: {routes}; table of {} entries in BAR{} at {:#x}; {polled} queue pair(s) polled)",
+                    m.entries, m.bar, m.offset);
+            }
+            _ => {
+                if let Some(m) = &msix {
+                    m.disable();
+                }
+                log::info!(target: "nvme", "device {bdf}: completions by polling ({why})");
+            }
+        }
         Ok(n)
     }
 
@@ -313,9 +370,9 @@ impl Nvme {
     pub fn io(&mut self, write: bool, iova: u64, lba: u64, count: u64) -> Result<u64, IoError> {
         let mut out = [Ok(0)];
         let s = self.batch(write, &[Request { iova, lba, blocks: count }], &mut out);
-        log::info!(target: "nvme", "{} {count} blocks ({}) {} LBA {lba} {} I/O virtual address {iova:#x}: {} commands, {} ms, {} MiB/s",
+        log::info!(target: "nvme", "{} {count} blocks ({}) {} LBA {lba} {} I/O virtual address {iova:#x} on queue {} (CPU {}): {} commands, {} completion interrupts ({} halts), {} ms, {} MiB/s",
             if write { "wrote" } else { "read" }, Bytes(count * BLOCK), if write { "to" } else { "from" },
-            if write { "from" } else { "into" }, s.commands, s.us / 1000, (count * BLOCK * 1_000_000 / s.us.max(1)) >> 20);
+            if write { "from" } else { "into" }, s.queue, s.cpu, s.commands, s.interrupts, s.halts, s.us / 1000, (count * BLOCK * 1_000_000 / s.us.max(1)) >> 20);
         out[0]
     }
 
@@ -323,10 +380,16 @@ impl Nvme {
     /// blocks or why it failed (a failed request fails alone). Commands are submitted as
     /// long as the queue has a free slot (one doorbell write for all that fit), then every
     /// posted completion is taken and its slot refilled, until all are done: the device
-    /// works on up to `entries - 1` commands at once. Polling, no interrupts.
+    /// works on up to `entries - 1` commands at once. While commands are out and nothing is
+    /// posted, a pair with an interrupt halts this CPU (HLT with interrupts on) until the next
+    /// interrupt (its completion, a timer, an IPI; at the latest `HALT_BACKSTOP_US`) and
+    /// reads the queue again, so a lost interrupt costs time, never the batch; a polled pair
+    /// spins. Runs on the CPU the caller runs on, with host interrupts off.
     pub fn batch(&mut self, write: bool, reqs: &[Request], out: &mut [Result<u64, IoError>]) -> BatchStats {
         let start = crate::platform::time::micros();
-        let mut stats = BatchStats::default();
+        let cpu = crate::arch::ipi::me();
+        let interrupts_before = crate::arch::idt::device_interrupts(cpu);
+        let mut stats = BatchStats { cpu, ..BatchStats::default() };
         for (r, o) in reqs.iter().zip(out.iter_mut()) {
             *o = if self.broken {
                 Err(IoError::Device(0xffff))
@@ -343,6 +406,7 @@ impl Nvme {
             out.iter_mut().for_each(|o| *o = Err(IoError::Device(0xffff)));
             return stats;
         };
+        stats.queue = ioq.q.id;
         let per_cmd = self.max_chunk / BLOCK;
         let op = if write { OP_WRITE } else { OP_READ };
         // The next chunk to submit: request `next`, `done` blocks into it.
@@ -423,10 +487,18 @@ impl Nvme {
                 self.broken = true;
                 log::error!(target: "nvme", "device {}: {in_flight} commands timed out; no more I/O on it", self.bdf);
                 break;
+            } else if ioq.irq {
+                // The queue was read with interrupts off: a completion posted since then has
+                // its message pending in the local APIC, which ends this HLT at once.
+                let per_us = crate::platform::time::tsc_per_us().max(1);
+                crate::arch::apic::halt_once(crate::platform::time::tsc() + HALT_BACKSTOP_US * per_us);
+                stats.halts += 1;
             } else {
                 core::hint::spin_loop();
             }
         }
+        stats.interrupts = crate::arch::idt::device_interrupts(cpu) - interrupts_before;
+        (self.interrupts, self.halts) = (self.interrupts + stats.interrupts, self.halts + stats.halts);
         self.commands += stats.commands;
         stats.us = (crate::platform::time::micros() - start).max(1);
         stats

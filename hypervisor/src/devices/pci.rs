@@ -11,6 +11,13 @@ use formats::mmio::Mmio;
 /// Config space register offsets (PCI Local Bus spec 3.0, 6.1).
 const VENDOR_ID: u16 = 0x00;
 const COMMAND: u16 = 0x04;
+/// Status register bit 4: the function has a capability list (PCI 3.0, 6.2.3).
+const STATUS: u16 = 0x06;
+const STATUS_CAPABILITIES: u16 = 1 << 4;
+/// The first capability's offset, bits 7:2 (PCI 3.0, 6.7).
+const CAPABILITIES_POINTER: u16 = 0x34;
+/// Capability ID of MSI-X (PCI 3.0, 6.8.2).
+const CAP_MSIX: u8 = 0x11;
 const CLASS_REV: u16 = 0x08;
 /// Dword 0x0c: header type in bits 23:16 (byte 0x0e).
 const HEADER_DWORD: u16 = 0x0c;
@@ -178,9 +185,108 @@ impl Pci {
         bars
     }
 
+    /// The config-space offset of the first capability of `bdf` with ID `id`, walking the
+    /// capability list (at most 48 entries: a looped list ends the walk).
+    pub fn capability(&self, bdf: Bdf, id: u8) -> Option<u16> {
+        if self.read16(bdf, STATUS) & STATUS_CAPABILITIES == 0 {
+            return None;
+        }
+        let mut at = self.read32(bdf, CAPABILITIES_POINTER) as u16 & 0xfc;
+        for _ in 0..48 {
+            if at < 0x40 {
+                return None;
+            }
+            // Each capability: ID in byte 0, next pointer in byte 1 (PCI 3.0, 6.7).
+            let head = self.read16(bdf, at);
+            if head as u8 == id {
+                return Some(at);
+            }
+            at = (head >> 8) & 0xfc;
+        }
+        None
+    }
+
+    /// The MSI-X capability of `f` with its table mapped, if it has one whose table lies in
+    /// one of its memory BARs (PCI 3.0, 6.8.2). MSI-X stays disabled until `Msix::enable`.
+    pub fn msix(&self, f: &Function) -> Option<Msix> {
+        let cap = self.capability(f.bdf, CAP_MSIX)?;
+        // Message Control (cap + 2): table size N - 1 in bits 10:0; Table Offset/BIR
+        // (cap + 4): BAR indicator 2:0, offset 31:3 (qword aligned) (PCI 3.0, 6.8.2.3-4).
+        let entries = (self.read16(f.bdf, cap + 2) & 0x7ff) + 1;
+        let table = self.read32(f.bdf, cap + 4);
+        let bar = f.bars.iter().find(|b| b.index == (table & 7) as u8)?;
+        let offset = (table & !7) as u64;
+        let len = 16 * entries as u64;
+        if offset.checked_add(len).is_none_or(|end| end > bar.size) {
+            return None;
+        }
+        // SAFETY: `len` bytes at `offset` inside a memory BAR that `enumerate` sized and
+        // placed: the device's MSI-X table, registers only.
+        let regs = unsafe { Mmio::new(bar.addr + offset, len) }?;
+        Some(Msix { pci: *self, bdf: f.bdf, cap, entries, regs, bar: bar.index, offset })
+    }
+
     /// Turns on memory decoding and bus mastering (DMA) for a function we drive.
     pub fn enable(&self, bdf: Bdf) {
         let cmd = self.read16(bdf, COMMAND);
         self.write16(bdf, COMMAND, cmd | CMD_MEMORY | CMD_BUS_MASTER);
+    }
+}
+
+/// A function's MSI-X table (PCI 3.0, 6.8.2): 16-byte entries of message address (low,
+/// high), message data and vector control (bit 0: masked). Every entry is masked at reset.
+pub struct Msix {
+    pci: Pci,
+    pub bdf: Bdf,
+    cap: u16,
+    /// Table entries (vectors) the function offers.
+    pub entries: u16,
+    regs: Mmio,
+    /// Where the table lies: BAR index and offset in it (for the log).
+    pub bar: u8,
+    pub offset: u64,
+}
+
+/// MSI address: 0xFEE in bits 31:20, destination APIC ID 19:12, redirection hint (bit 3) and
+/// destination mode (bit 2) 0: physical, to that one CPU (Intel SDM Vol. 3A 11.11.1).
+const MSI_ADDRESS: u32 = 0xfee0_0000;
+/// Message Control bit 15: MSI-X enable; bit 14: function mask (PCI 3.0, 6.8.2.3).
+const MSIX_ENABLE: u16 = 1 << 15;
+const MSIX_FUNCTION_MASK: u16 = 1 << 14;
+
+impl Msix {
+    /// Points entry `entry` at `vector` on the CPU with xAPIC ID `apic_id` and unmasks it.
+    /// Data: vector 7:0, delivery mode 10:8 = 000 (fixed), trigger bit 15 = 0 (edge)
+    /// (Intel SDM Vol. 3A 11.11.2). False if the entry or the ID is out of range.
+    pub fn route(&self, entry: u16, apic_id: u32, vector: u8) -> bool {
+        if entry >= self.entries || apic_id > 0xff {
+            return false;
+        }
+        let at = 16 * entry as u64;
+        self.regs.write32(at + 12, 1); // masked while it changes
+        self.regs.write32(at, MSI_ADDRESS | apic_id << 12);
+        self.regs.write32(at + 4, 0);
+        self.regs.write32(at + 8, vector as u32);
+        self.regs.write32(at + 12, 0);
+        true
+    }
+
+    /// Masks entry `entry` (a message it would send stays pending in the PBA).
+    pub fn mask(&self, entry: u16) {
+        if entry < self.entries {
+            self.regs.write32(16 * entry as u64 + 12, 1);
+        }
+    }
+
+    /// Turns MSI-X on for the function (INTx is then off: PCI 3.0, 6.8.2), function mask off.
+    pub fn enable(&self) {
+        let control = self.pci.read16(self.bdf, self.cap + 2);
+        self.pci.write16(self.bdf, self.cap + 2, (control | MSIX_ENABLE) & !MSIX_FUNCTION_MASK);
+    }
+
+    /// Turns MSI-X off again (the function falls back to INTx, which nothing here routes).
+    pub fn disable(&self) {
+        let control = self.pci.read16(self.bdf, self.cap + 2);
+        self.pci.write16(self.bdf, self.cap + 2, control & !MSIX_ENABLE);
     }
 }

@@ -65,6 +65,8 @@ struct RegionStats {
     written: u64,
     commands: u64,
     max_depth: u64,
+    /// NVMe completion interrupts taken during its batches.
+    interrupts: u64,
 }
 
 /// ExMap's state for the run.
@@ -199,6 +201,7 @@ impl Exmaps {
             moved = d.pages;
             stats.commands += d.commands;
             stats.max_depth = stats.max_depth.max(d.max_depth);
+            stats.interrupts += d.interrupts;
             b.failed += d.failed;
             if op == abi::EXMAP_READ && d.failed > 0 {
                 // A failed read leaves nothing behind: its fresh pages are unmapped again.
@@ -308,8 +311,8 @@ impl Exmaps {
     pub fn log_stats(&self) {
         for (name, s) in &self.regions {
             log::info!(target: "exmap",
-                "stats '{name}': {} calls, {} pages allocated, {} freed ({} FREE calls, {} invalidations, {} of them shot down for other guests), {} zeroed, {} failed entries; disk: {} pages read, {} written, {} NVMe commands, up to {} in flight",
-                s.calls, s.allocated, s.freed, s.free_calls, s.invalidations, s.remote_flushes, s.zeroed, s.failed, s.read, s.written, s.commands, s.max_depth);
+                "stats '{name}': {} calls, {} pages allocated, {} freed ({} FREE calls, {} invalidations, {} of them shot down for other guests), {} zeroed, {} failed entries; disk: {} pages read, {} written, {} NVMe commands, up to {} in flight, {} completion interrupts",
+                s.calls, s.allocated, s.freed, s.free_calls, s.invalidations, s.remote_flushes, s.zeroed, s.failed, s.read, s.written, s.commands, s.max_depth, s.interrupts);
         }
     }
 }
@@ -359,6 +362,7 @@ struct DiskStats {
     failed: u32,
     commands: u64,
     max_depth: u64,
+    interrupts: u64,
 }
 
 /// READ's and WRITE's device half, for the entries that are `Ok` in `out`: the region is
@@ -408,7 +412,7 @@ fn disk_io<F: morsel::Format>(
         if ready.is_ok() {
             if let Some(nv) = d.nvme.as_mut() {
                 let b = nv.batch(write, reqs, done);
-                (s.commands, s.max_depth) = (b.commands, b.max_depth);
+                (s.commands, s.max_depth, s.interrupts) = (b.commands, b.max_depth, b.interrupts);
             }
         }
         let faulted = crate::devices::faults_of(d, bdf);

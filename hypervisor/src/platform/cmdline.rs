@@ -48,7 +48,7 @@ pub enum Test {
 /// The words this parser understands, for error messages.
 pub const VALID: &str = "guests=NAME[:mem=SIZE][:slices=N][:arg=N][:vcpus=N][:cpu=K][:code=N|:stopped],... \
     log=error|warn|info|debug|trace test=fault|dma-fault|dma-nodomain|sharept|pmem-crash:format|pmem-crash:magic \
-    pmem=format|drop:N[,N...]|drop:damaged iommu=register|sharept cpus=N (SIZE: bytes or K, M, G)";
+    pmem=format|drop:N[,N...]|drop:damaged iommu=register|sharept nvme=poll cpus=N (SIZE: bytes or K, M, G)";
 
 /// Default guest memory.
 /// How the IOMMU is driven (`iommu=...`).
@@ -73,13 +73,15 @@ pub struct Args {
     pub cpus: Option<usize>,
     /// `iommu=register`, `iommu=sharept`.
     pub iommu: IommuOptions,
+    /// `nvme=poll`: NVMe completions are polled even where the device offers MSI-X.
+    pub nvme_poll: bool,
     /// Words that were not understood, with the reason.
     pub errors: Vec<(&'static str, &'static str)>,
 }
 
 impl Args {
     pub fn parse(line: &'static str) -> Args {
-        let mut a = Args { guests: Vec::new(), log_level: log::LevelFilter::Info, test: None, pmem: pmem::Options::default(), cpus: None, iommu: IommuOptions::default(), errors: Vec::new() };
+        let mut a = Args { guests: Vec::new(), log_level: log::LevelFilter::Info, test: None, pmem: pmem::Options::default(), cpus: None, iommu: IommuOptions::default(), nvme_poll: false, errors: Vec::new() };
         for word in line.split_ascii_whitespace() {
             match word.split_once('=') {
                 Some(("guests", list)) => {
@@ -108,6 +110,7 @@ impl Args {
                 Some(("test", "pmem-crash:magic")) => a.pmem.crash = Some(CrashPoint::Magic),
                 Some(("iommu", "register")) => a.iommu.register_invalidation = true,
                 Some(("iommu", "sharept")) => a.iommu.share_ept = true,
+                Some(("nvme", "poll")) => a.nvme_poll = true,
                 Some(("cpus", n)) => match n.parse::<usize>() {
                     Ok(n) if n >= 1 => a.cpus = Some(n),
                     _ => a.errors.push((word, "cpus wants a number of CPUs, at least 1")),
