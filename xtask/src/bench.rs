@@ -25,13 +25,15 @@ pub struct Options {
     pub benches: Vec<&'static str>,
     /// `smp`: the in-emulator SMP bench (`bench_smp`), only when named.
     pub smp: bool,
+    /// `ipc`: the in-emulator ping-pong and idle bench (`bench_ipc`), only when named.
+    pub ipc: bool,
     pub rounds: usize,
     pub docs: bool,
 }
 
 impl Options {
     pub fn parse(args: &[String]) -> Result<Options> {
-        let mut o = Options { benches: Vec::new(), smp: false, rounds: DEFAULT_ROUNDS, docs: false };
+        let mut o = Options { benches: Vec::new(), smp: false, ipc: false, rounds: DEFAULT_ROUNDS, docs: false };
         let mut it = args.iter();
         while let Some(a) = it.next() {
             match a.as_str() {
@@ -43,14 +45,15 @@ impl Options {
                     }
                 }
                 "smp" => o.smp = true,
+                "ipc" => o.ipc = true,
                 name => match BENCHES.iter().find(|b| **b == name) {
                     Some(b) if !o.benches.contains(b) => o.benches.push(b),
                     Some(_) => bail!("`{name}` named twice"),
-                    None => bail!("`bench` takes allocator, morsel, exmap or smp, --rounds N, --docs (got `{name}`)"),
+                    None => bail!("`bench` takes allocator, morsel, exmap, smp or ipc, --rounds N, --docs (got `{name}`)"),
                 },
             }
         }
-        if o.benches.is_empty() && !o.smp {
+        if o.benches.is_empty() && !o.smp && !o.ipc {
             o.benches = BENCHES.to_vec();
         }
         Ok(o)
@@ -126,11 +129,17 @@ pub fn collect(samples: &[Sample]) -> Vec<Row> {
 }
 
 pub fn bench(o: &Options) -> Result<ExitCode> {
+    if o.smp && o.ipc {
+        bail!("`bench smp` and `bench ipc` run one at a time (each boots QEMU)");
+    }
     if o.smp && o.benches.is_empty() {
         return crate::bench_smp::bench(o.rounds.min(3));
     }
-    if o.smp {
-        bail!("`bench smp` runs on its own (it boots QEMU): `cargo xtask bench smp`");
+    if o.ipc && o.benches.is_empty() {
+        return crate::bench_ipc::bench(o.rounds.min(5));
+    }
+    if o.smp || o.ipc {
+        bail!("`bench smp` and `bench ipc` run on their own (they boot QEMU): `cargo xtask bench smp`, `cargo xtask bench ipc`");
     }
     let root = crate::root();
     let mut exes = Vec::new();

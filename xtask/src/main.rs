@@ -7,6 +7,7 @@
 
 mod archive;
 mod bench;
+mod bench_ipc;
 mod bench_smp;
 mod cmdline;
 mod disk;
@@ -85,13 +86,16 @@ usage: cargo xtask guest-flags
 ";
 
 const HELP_BENCH: &str = "\
-usage: cargo xtask bench [allocator|morsel|exmap|smp] [--rounds N] [--docs]
+usage: cargo xtask bench [allocator|morsel|exmap|smp|ipc] [--rounds N] [--docs]
   the host benchmarks (release builds of each crate's examples/bench.rs): all of them, or
   those named, in N interleaved rounds (default 5; exmap runs once, interleaving its own 5).
   Prints one table (median, min..max per case), writes build/bench/<bench>.csv and
   build/bench/<bench>.svg; --docs also writes the plots to docs/bench/ (shown in README.md)
   smp: boots the smpbench guest under QEMU with 1 and 2 CPUs (at most 3 rounds) and prints
   per CPU the morsel create+destroy and unmount+open rates and the shootdown cost
+  ipc: boots two channel guests under QEMU (at most 5 rounds): ping-pong round trips per
+  second and exits per round trip, doorbell + wait vs yield polling, on 1 and 2 CPUs; and
+  the host CPU time of two guests idle for 3 s, waiting vs polling
 ";
 
 const HELP_SETUP: &str = "\

@@ -3,7 +3,9 @@
 //!   pattern, then its checksum; the consumer checks both;
 //! - 2 / 3: ping / pong over a shared page, the other side woken by a doorbell (`wait`);
 //! - 4 / 5: the same with `yield` polling. Ping prints round trips per second and its exits
-//!   per round trip, pong its exits per round trip.
+//!   per round trip, pong its exits per round trip;
+//! - 6 / 7: idle for `IDLE_US`, waiting (one `sleep`) or polling (`yield` until the time is
+//!   up): what an idle system costs the host (`cargo xtask bench ipc`).
 #![no_std]
 #![no_main]
 
@@ -17,6 +19,8 @@ guest_lib::entry!(main);
 
 const TOTAL: usize = 1 << 20;
 const ROUNDS: u64 = 2000;
+/// How long the idle roles (6, 7) stay idle.
+const IDLE_US: u64 = 3_000_000;
 
 fn byte(i: usize) -> u8 {
     ((i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 56) as u8
@@ -30,6 +34,8 @@ fn main(info_: &BootInfo) -> i32 {
     match info_.arg {
         0 => producer(),
         1 => consumer(),
+        6 => idle(true),
+        7 => idle(false),
         a => pingpong(a % 2 == 0, a < 4),
     }
 }
@@ -156,4 +162,25 @@ fn pingpong(ping: bool, doorbell: bool) -> i32 {
         println!("pingpong {mode}: pong {}.{:02} exits per round trip", exits / ROUNDS, exits * 100 / ROUNDS % 100);
     }
     0
+}
+
+/// Stays idle for `IDLE_US`: parked in one `sleep`, or polling with `yield` (the way guests
+/// waited before doorbells). Prints how long it was idle and its exits.
+fn idle(waiting: bool) -> i32 {
+    let exits0 = info(abi::INFO_EXITS).unwrap_or(0);
+    let t0 = micros();
+    if waiting {
+        if notify::sleep(IDLE_US).is_err() {
+            return 1;
+        }
+    } else {
+        while micros() - t0 < IDLE_US {
+            yield_now();
+        }
+    }
+    let us = micros() - t0;
+    let exits = info(abi::INFO_EXITS).unwrap_or(0) - exits0;
+    let mode = if waiting { "waiting" } else { "polling" };
+    println!("idle {mode}: {us} us idle, {exits} exits");
+    i32::from(us < IDLE_US)
 }
