@@ -12,6 +12,8 @@
 //!   fault is reported and a canary page stays unchanged).
 //! * `test=sharept`: an EPT-format morsel's own subtree mounted into edu's and the NVMe
 //!   controller's VT-d domains, DMA through it checked (`devices::selftest`).
+//! * `bench=on`: guests may call `bench_frames` (the allocator measured from inside the
+//!   hypervisor, `cargo xtask bench smp`); without it the call is `Denied`.
 //! * `cpus=N`: bring at most N CPUs online (the boot CPU counts; N >= 1).
 //! * `pmem=format`: format the persistent-memory region even if it holds something other
 //!   than a fresh (all-zero) region or ours.
@@ -40,7 +42,7 @@ pub enum Test {
 /// The words this parser understands, for error messages.
 pub const VALID: &str = "guests=NAME[:mem=SIZE][:slices=N][:arg=N][:vcpus=N][:cpu=K][:code=N|:stopped],... \
     log=error|warn|info|debug|trace test=fault|dma-fault|sharept|pmem-crash:format|pmem-crash:magic \
-    pmem=format|drop:N[,N...]|drop:damaged cpus=N (SIZE: bytes or K, M, G)";
+    pmem=format|drop:N[,N...]|drop:damaged cpus=N bench=on (SIZE: bytes or K, M, G)";
 
 /// Default guest memory.
 /// How the IOMMU is driven (`iommu=...`).
@@ -63,13 +65,15 @@ pub struct Args {
     pub cpus: Option<usize>,
     /// `iommu=register`.
     pub iommu: IommuOptions,
+    /// `bench=on`: the `bench_frames` hypercall is answered.
+    pub bench: bool,
     /// Words that were not understood, with the reason.
     pub errors: Vec<(&'static str, &'static str)>,
 }
 
 impl Args {
     pub fn parse(line: &'static str) -> Args {
-        let mut a = Args { guests: Vec::new(), log_level: log::LevelFilter::Info, test: None, pmem: pmem::Options::default(), cpus: None, iommu: IommuOptions::default(), errors: Vec::new() };
+        let mut a = Args { guests: Vec::new(), log_level: log::LevelFilter::Info, test: None, pmem: pmem::Options::default(), cpus: None, iommu: IommuOptions::default(), bench: false, errors: Vec::new() };
         for word in line.split_ascii_whitespace() {
             match word.split_once('=') {
                 Some(("guests", list)) => {
@@ -96,6 +100,7 @@ impl Args {
                 Some(("test", "pmem-crash:format")) => a.pmem.crash = Some(CrashPoint::Format),
                 Some(("test", "pmem-crash:magic")) => a.pmem.crash = Some(CrashPoint::Magic),
                 Some(("iommu", "register")) => a.iommu.register_invalidation = true,
+                Some(("bench", "on")) => a.bench = true,
                 Some(("cpus", n)) => match n.parse::<usize>() {
                     Ok(n) if n >= 1 => a.cpus = Some(n),
                     _ => a.errors.push((word, "cpus wants a number of CPUs, at least 1")),

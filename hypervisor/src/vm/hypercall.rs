@@ -23,6 +23,10 @@ pub enum Action {
     Yield,
     /// The calling vCPU asked to exit, with this code.
     Exit(i32),
+    /// `bench_frames` (enabled, arguments checked): the vCPU loop runs it with the world lock
+    /// let go (`sched`), through the calling CPU's allocator core, then writes the result with
+    /// `bench_done`.
+    BenchFrames { order: allocator::Order, count: u64 },
 }
 
 /// Which vCPU makes the call, on which CPU.
@@ -44,13 +48,18 @@ pub struct Context<B: Backend> {
     pub notify: super::notify::Notify,
     /// The devices behind the IOMMU, reached only through here (None without an IOMMU).
     pub devices: Option<crate::devices::Devices>,
+    /// The allocator (the boot CPU's handle; a call uses its caller's CPU's core, `for_cpu`).
     pub frames: Frames,
+    /// `bench=on`: `bench_frames` is answered.
+    pub bench: bool,
 }
 
 /// Handles the hypercall in `regs` (already past the instruction), writing status and value.
 pub fn handle<B: Backend>(guest: &mut Guest<B>, caller: Caller, regs: &mut Regs, cx: &mut Context<B>) -> Action {
     let nr = regs.rax;
-    let frames = cx.frames;
+    // The calling CPU's allocator core: each core index is used by its own CPU only (inside
+    // and outside the world lock alike), as the allocator's contract asks.
+    let frames = cx.frames.for_cpu(caller.cpu).unwrap_or(cx.frames);
     let call = Call::decode(nr, [regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9]);
     let result = match call {
         Err(e) => Err(e),
@@ -75,6 +84,11 @@ pub fn handle<B: Backend>(guest: &mut Guest<B>, caller: Caller, regs: &mut Regs,
             Ok(None) => return Action::Yield,
             other => other.map(|got| got.unwrap_or(0)),
         },
+        Ok(Call::BenchFrames { huge, count }) if cx.bench => {
+            let order = if huge { allocator::Order::HUGE } else { allocator::Order::BASE };
+            return Action::BenchFrames { order, count };
+        }
+        Ok(Call::BenchFrames { .. }) => Err(guest.refuse(Error::Denied, format_args!("the hypervisor runs without bench=on"))),
         Ok(call) => dispatch(call, guest, caller, cx, &frames),
     };
     let reason = guest.refusal.take();
@@ -130,8 +144,14 @@ fn dispatch<B: Backend>(call: Call, guest: &mut Guest<B>, caller: Caller, cx: &m
         Call::NotifySubscribe { gpa, vector } => cx.notify.subscribe(guest, gpa, vector),
         Call::Notify { gpa, bits } => cx.notify.notify(guest, gpa, bits),
         Call::Timer { us, vector } => cx.notify.timer(guest.id, us, vector),
-        Call::Exit { .. } | Call::Yield | Call::Wait { .. } | Call::Sleep { .. } => Err(Error::Invalid),
+        Call::Exit { .. } | Call::Yield | Call::Wait { .. } | Call::Sleep { .. } | Call::BenchFrames { .. } => Err(Error::Invalid),
     }
+}
+
+/// Writes the result of a `bench_frames` the vCPU loop ran (`Action::BenchFrames`): the TSC
+/// ticks, or `NoMemory` if a frame could not be had.
+pub fn bench_done(regs: &mut Regs, ticks: Option<u64>) {
+    set(regs, ticks.ok_or(Error::NoMemory));
 }
 
 /// Answers a hypercall from guest user mode (CPL > 0) with `Denied` without handling it: the
@@ -167,6 +187,7 @@ fn info<B: Backend>(guest: &Guest<B>, caller: Caller, guest_count: u64, what: u6
         abi::INFO_SLICES => Ok(guest.exits[super::ExitKind::Preempted as usize]),
         abi::INFO_INTERRUPTS => Ok(injected),
         abi::INFO_TSC_PER_US => Ok(crate::platform::time::tsc_per_us()),
+        abi::INFO_SLICE_US => Ok(super::sched::SLICE_US),
         _ => Err(Error::NoSuchCall),
     }
 }

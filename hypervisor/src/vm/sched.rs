@@ -81,6 +81,7 @@ pub fn run_guests<B: Backend>(backend: &mut B, frames: &Frames, archive: Archive
         notify: Default::default(),
         devices: drivers.devices,
         frames: *frames,
+        bench: drivers.bench,
     };
     cx.morsels.load_persistent();
     let run: &'static Run<B> = Box::leak(Box::new(Run {
@@ -154,7 +155,7 @@ pub fn cpu_loop<B: Backend>(run: &Run<B>, backend: &mut B, me: usize, frames: &F
         let mut i = 0;
         let mut ran = false;
         while i < queue.len() {
-            ran |= run_slice(backend, &mut queue[i], run, me);
+            ran |= run_slice(backend, &mut queue[i], run, me, frames);
             if queue[i].end.is_some() {
                 let s = queue.swap_remove(i);
                 let state = s.end.unwrap_or(State::Stopped);
@@ -207,8 +208,9 @@ fn vcpu_done<B: Backend>(guests: &mut [Option<Guest<B>>], cx: &mut Context<B>, d
 /// Runs vCPU `s` until its slice ends, it yields, exits or its guest is stopped. The slice
 /// is a budget of time across exits: every exit the hypervisor handles in place (hypercall,
 /// CPUID) is charged to it, so a guest that loops on them is preempted like one that spins.
-/// False if the vCPU waits (`notify`) and did not run.
-fn run_slice<B: Backend>(backend: &mut B, s: &mut Slot<B>, run: &Run<B>, me: usize) -> bool {
+/// False if the vCPU waits (`notify`) and did not run. `frames` is this CPU's allocator
+/// handle (`bench_frames` runs through it, the world lock let go).
+fn run_slice<B: Backend>(backend: &mut B, s: &mut Slot<B>, run: &Run<B>, me: usize, frames: &Frames) -> bool {
     let per_us = crate::platform::time::tsc_per_us().max(1);
     let deadline = crate::platform::time::tsc() + SLICE_US * per_us;
     let mut w = runqueue::lock(run);
@@ -272,6 +274,7 @@ fn run_slice<B: Backend>(backend: &mut B, s: &mut Slot<B>, run: &Run<B>, me: usi
             return true;
         }
         let caller = Caller { vcpu: s.index, cpu: me };
+        let mut bench = None;
         let go_on = match exit {
             Exit::Hypercall { resume, cpl } => match resume_at(guest, &regs, cr3, resume, &VMMCALL) {
                 None => false,
@@ -281,6 +284,10 @@ fn run_slice<B: Backend>(backend: &mut B, s: &mut Slot<B>, run: &Run<B>, me: usi
                         match hypercall::handle(guest, caller, &mut regs, cx) {
                             Action::Continue => true,
                             Action::Yield => false,
+                            Action::BenchFrames { order, count } => {
+                                bench = Some((order, count));
+                                true
+                            }
                             Action::Exit(code) => {
                                 s.end = Some(State::Exited(code));
                                 false
@@ -340,6 +347,15 @@ fn run_slice<B: Backend>(backend: &mut B, s: &mut Slot<B>, run: &Run<B>, me: usi
         }
         if !go_on || s.end.is_some() {
             return true;
+        }
+        // `bench_frames` without the world lock (the allocator is lock-free, per CPU core):
+        // other CPUs' exits go on meanwhile; the time counts against this slice (the deadline
+        // check above), and a guest stopped meanwhile ends at the top of the loop.
+        if let Some((order, count)) = bench {
+            drop(w);
+            let ticks = frames.bench(order, count);
+            hypercall::bench_done(B::regs(&mut s.vcpu), ticks);
+            w = runqueue::lock(run);
         }
     }
 }
