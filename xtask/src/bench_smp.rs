@@ -135,7 +135,7 @@ fn bochs(root: &std::path::Path, built: &images::Built) -> Result<()> {
     let mut per_op = Vec::new();
     let mut frame_ns: Vec<[f64; 2]> = Vec::new();
     for cpus in [1usize, 2] {
-        let cmdline = format!("bench=on guests=smpbench:vcpus={cpus}:mem=64M:arg=50");
+        let cmdline = format!("bench=on log=warn guests=smpbench:vcpus={cpus}:mem=64M:arg=50");
         let name = format!("bench-smp-{cpus}");
         let iso = images::make_iso(built, &name, &cmdline)?;
         let dir = root.join(images::BUILD_DIR).join("bench");

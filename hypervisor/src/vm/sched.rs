@@ -274,7 +274,7 @@ fn run_slice<B: Backend>(backend: &mut B, s: &mut Slot<B>, run: &Run<B>, me: usi
             return true;
         }
         let caller = Caller { vcpu: s.index, cpu: me };
-        let mut bench = None;
+        let mut unlocked = None;
         let go_on = match exit {
             Exit::Hypercall { resume, cpl } => match resume_at(guest, &regs, cr3, resume, &VMMCALL) {
                 None => false,
@@ -284,8 +284,8 @@ fn run_slice<B: Backend>(backend: &mut B, s: &mut Slot<B>, run: &Run<B>, me: usi
                         match hypercall::handle(guest, caller, &mut regs, cx) {
                             Action::Continue => true,
                             Action::Yield => false,
-                            Action::BenchFrames { order, count } => {
-                                bench = Some((order, count));
+                            Action::Unlocked(work) => {
+                                unlocked = Some(work);
                                 true
                             }
                             Action::Exit(code) => {
@@ -338,8 +338,25 @@ fn run_slice<B: Backend>(backend: &mut B, s: &mut Slot<B>, run: &Run<B>, me: usi
             }
         };
         *B::regs(&mut s.vcpu) = regs;
-        if guest.state != State::Runnable {
+        let stopped = guest.state != State::Runnable;
+        if stopped {
             kick_if_stopped(guest, me);
+        }
+        // The lock-free part of a call (bench_frames, a new morsel's zeroing, a destroyed
+        // one's frees) without the world lock: other CPUs' exits go on meanwhile; the time
+        // counts against this slice (the deadline check at the top), and a guest stopped
+        // meanwhile ends there. It always runs and finishes (nothing it holds is lost).
+        if let Some(work) = unlocked {
+            drop(w);
+            let done = work.run(frames);
+            w = runqueue::lock(run);
+            let World { guests, cx, .. } = &mut *w;
+            match guests.get_mut(s.guest as usize).and_then(|g| g.as_mut()) {
+                Some(guest) => hypercall::finish(guest, caller, B::regs(&mut s.vcpu), cx, done),
+                None => hypercall::abandon(caller, cx, done),
+            }
+        }
+        if stopped {
             if s.end.is_none() {
                 s.end = Some(State::Stopped);
             }
@@ -347,15 +364,6 @@ fn run_slice<B: Backend>(backend: &mut B, s: &mut Slot<B>, run: &Run<B>, me: usi
         }
         if !go_on || s.end.is_some() {
             return true;
-        }
-        // `bench_frames` without the world lock (the allocator is lock-free, per CPU core):
-        // other CPUs' exits go on meanwhile; the time counts against this slice (the deadline
-        // check above), and a guest stopped meanwhile ends at the top of the loop.
-        if let Some((order, count)) = bench {
-            drop(w);
-            let ticks = frames.bench(order, count);
-            hypercall::bench_done(B::regs(&mut s.vcpu), ticks);
-            w = runqueue::lock(run);
         }
     }
 }
