@@ -5,9 +5,8 @@
 
 use super::persist::{self, Source};
 use super::{read_name, try_string, Directory, Mount, Named, PendingCreate, Removed, Started, RESTORED};
-use crate::mm::frames::Identity;
 use crate::devices::Devices;
-use crate::mm::frames::{Frames, IDENTITY};
+use crate::mm::frames::{Frames, Identity, IDENTITY};
 use crate::vm::guest::Guest;
 use crate::vm::Backend;
 use abi::{self, Error};
@@ -61,8 +60,9 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
             _ => Error::Invalid,
         };
         if pm.is_none() {
+            let reserved = try_string(&name)?;
             let morsel = Morsel::<F>::create(size, page, &source, &TablesOnly).map_err(no_memory)?;
-            self.pending.push((name.clone(), g.id));
+            self.pending.push((reserved, g.id));
             return Ok(Started::Zero(PendingCreate { name, morsel, others_may_write }));
         }
         let morsel = Morsel::<F>::create(size, page, &source, &IDENTITY).map_err(no_memory)?;

@@ -209,7 +209,7 @@ fn vcpu_done<B: Backend>(guests: &mut [Option<Guest<B>>], cx: &mut Context<B>, d
 /// is a budget of time across exits: every exit the hypervisor handles in place (hypercall,
 /// CPUID) is charged to it, so a guest that loops on them is preempted like one that spins.
 /// False if the vCPU waits (`notify`) and did not run. `frames` is this CPU's allocator
-/// handle (`bench_frames` runs through it, the world lock let go).
+/// handle (a call's `Unlocked` part runs through it, the world lock let go).
 fn run_slice<B: Backend>(backend: &mut B, s: &mut Slot<B>, run: &Run<B>, me: usize, frames: &Frames) -> bool {
     let per_us = crate::platform::time::tsc_per_us().max(1);
     let deadline = crate::platform::time::tsc() + SLICE_US * per_us;
