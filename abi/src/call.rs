@@ -107,6 +107,8 @@ pub enum Call {
     Sleep { us: u64 },
     /// `us` 0: cancel.
     Timer { us: u64, vector: u8 },
+    /// `count`: 1..=`BENCH_MAX_COUNT`.
+    BenchFrames { huge: bool, count: u64 },
 }
 
 fn flag(v: u64) -> Result<bool, Error> {
@@ -219,6 +221,18 @@ impl Call {
                 0 => Call::Timer { us: 0, vector: 0 },
                 us => Call::Timer { us: micros(us)?, vector: vector(a[1])? },
             },
+            HC_BENCH_FRAMES => {
+                let huge = match a[0] {
+                    BENCH_ORDER_4K => false,
+                    BENCH_ORDER_2M => true,
+                    _ => return Err(Error::Invalid),
+                };
+                match a[1] {
+                    0 => return Err(Error::Invalid),
+                    1..=BENCH_MAX_COUNT => Call::BenchFrames { huge, count: a[1] },
+                    _ => return Err(Error::TooLarge),
+                }
+            }
             _ => return Err(Error::NoSuchCall),
         })
     }
@@ -250,6 +264,7 @@ impl Call {
             HC_WAIT => "wait",
             HC_SLEEP => "sleep",
             HC_TIMER => "timer",
+            HC_BENCH_FRAMES => "bench_frames",
             _ => "unknown call",
         }
     }
@@ -337,11 +352,24 @@ mod tests {
     }
 
     #[test]
+    fn bench_orders_and_counts() {
+        assert_eq!(d(HC_BENCH_FRAMES, [BENCH_ORDER_4K, 1, 0, 0, 0, 0]), Ok(Call::BenchFrames { huge: false, count: 1 }));
+        assert_eq!(d(HC_BENCH_FRAMES, [BENCH_ORDER_2M, BENCH_MAX_COUNT, 0, 0, 0, 0]), Ok(Call::BenchFrames { huge: true, count: BENCH_MAX_COUNT }));
+        for bad in [1, 8, 10, 18, u64::MAX] {
+            assert_eq!(d(HC_BENCH_FRAMES, [bad, 1, 0, 0, 0, 0]), Err(Error::Invalid), "order {bad}");
+        }
+        assert_eq!(d(HC_BENCH_FRAMES, [BENCH_ORDER_4K, 0, 0, 0, 0, 0]), Err(Error::Invalid));
+        for big in [BENCH_MAX_COUNT + 1, u64::MAX] {
+            assert_eq!(d(HC_BENCH_FRAMES, [BENCH_ORDER_2M, big, 0, 0, 0, 0]), Err(Error::TooLarge), "count {big}");
+        }
+    }
+
+    #[test]
     fn every_number_has_a_name() {
         for nr in [HC_INFO, HC_CONSOLE_WRITE, HC_EXIT, HC_YIELD, HC_MORSEL_CREATE, HC_MORSEL_OPEN, HC_MORSEL_UNMOUNT,
             HC_MORSEL_DESTROY, HC_MORSEL_SIZE, HC_MORSEL_STATS, HC_DEVICE_MOUNT, HC_DEVICE_UNMOUNT, HC_EDU_DMA,
             HC_NVME_READ, HC_NVME_WRITE, HC_EXMAP_CREATE, HC_EXMAP_ACTION, HC_EXMAP_INFO, HC_GUEST_EXCEPTIONS,
-            HC_NOTIFY_SUBSCRIBE, HC_NOTIFY, HC_WAIT, HC_SLEEP, HC_TIMER]
+            HC_NOTIFY_SUBSCRIBE, HC_NOTIFY, HC_WAIT, HC_SLEEP, HC_TIMER, HC_BENCH_FRAMES]
         {
             assert_ne!(Call::name_of(nr), "unknown call", "{nr:#x}");
             assert_ne!(Call::decode(nr, [0x1000, 1, 4096, 0, 0, 0]), Err(Error::NoSuchCall), "{nr:#x}");

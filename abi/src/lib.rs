@@ -183,6 +183,19 @@ pub const HC_SLEEP: u64 = 0x44;
 /// the calling vCPU gets a virtual interrupt with `vector` (32..=255); `us` = 0 cancels (vector
 /// ignored). One per vCPU: a new one replaces the old. Returns 0.
 pub const HC_TIMER: u64 = 0x45;
+/// `bench_frames(order, count)`: a benchmark, answered only when the hypervisor's command
+/// line says `bench=on` (else `Denied`): the hypervisor allocates and frees one frame of
+/// `order` (0: 4 KiB, 9: 2 MiB; else `Invalid`) `count` times (1..=`BENCH_MAX_COUNT`; 0:
+/// `Invalid`, more: `TooLarge`) through the calling CPU's allocator core, without holding any
+/// lock of its own, and returns the TSC ticks the loop took (`INFO_TSC_PER_US`). Nothing stays
+/// allocated (`NoMemory` if a frame could not be had, after freeing what it held); the time is
+/// charged to the caller's slice.
+pub const HC_BENCH_FRAMES: u64 = 0x50;
+/// Most alloc+free pairs of one `bench_frames` call.
+pub const BENCH_MAX_COUNT: u64 = 256;
+/// `bench_frames` orders: a 4 KiB frame, a 2 MiB frame.
+pub const BENCH_ORDER_4K: u64 = 0;
+pub const BENCH_ORDER_2M: u64 = 9;
 /// `wait`'s timeout that never ends (only a doorbell or an interrupt wakes).
 pub const WAIT_FOREVER: u64 = u64::MAX;
 /// Longest finite timeout of `wait`, `sleep` and `timer`: 60 s.
@@ -220,6 +233,8 @@ pub const INFO_INTERRUPTS: u64 = 10;
 /// `info` selector: TSC ticks per microsecond as the hypervisor measured them (guests may
 /// read the TSC; `sleep` and `wait` deadlines are kept on it).
 pub const INFO_TSC_PER_US: u64 = 11;
+/// `info` selector: the length of a time slice in microseconds (what `INFO_SLICES` counts).
+pub const INFO_SLICE_US: u64 = 12;
 
 /// Longest console write accepted in one call.
 pub const CONSOLE_MAX: u64 = 4096;

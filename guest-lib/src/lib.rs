@@ -59,6 +59,17 @@ pub fn info(what: u64) -> Result<u64, Error> {
     call(HC_INFO, [what, 0, 0, 0, 0, 0])
 }
 
+/// `bench_frames`: the hypervisor allocates and frees one frame of `page` size `count` times
+/// (1..=`abi::BENCH_MAX_COUNT`) through the allocator core of the CPU this vCPU runs on and
+/// returns the TSC ticks it took (`Denied` unless the hypervisor runs with `bench=on`).
+pub fn bench_frames(page: morsel::PageSize, count: u64) -> Result<u64, Error> {
+    let order = match page {
+        morsel::PageSize::Size4K => BENCH_ORDER_4K,
+        morsel::PageSize::Size2M => BENCH_ORDER_2M,
+    };
+    call(HC_BENCH_FRAMES, [order, count, 0, 0, 0, 0])
+}
+
 /// The calling vCPU's index in this guest (0 for the vCPU that runs `main`).
 pub fn vcpu_index() -> u32 {
     info(INFO_VCPU_INDEX).unwrap_or(0) as u32

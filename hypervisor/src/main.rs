@@ -98,7 +98,7 @@ extern "C" fn kmain(magic: u32, info: u64) -> ! {
     let cpus = smp::start(&bi, &platform, &frames, args.cpus);
     cpus.log();
     println!("parperos: ready ({} ms after start)", time::micros() / 1000);
-    let ok = devices_ok && (args.guests.is_empty() || run_guests(&bi, &args, &facts, &frames, vm::Drivers { devices, pmem }, cpus.online.len()));
+    let ok = devices_ok && (args.guests.is_empty() || run_guests(&bi, &args, &facts, &frames, vm::Drivers { devices, pmem, bench: args.bench }, cpus.online.len()));
     log::info!(target: "mem", "heap high-water mark: {} KiB", heap::used() / 1024);
     exit::exit(if ok { Status::Success } else { Status::Failure })
 }

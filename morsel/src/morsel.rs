@@ -269,9 +269,23 @@ impl<F: Format> Morsel<F> {
 
     /// Calls `f` for every frame of the subtree: tables (order 0), then, unless this is a
     /// view, data frames (their page order).
-    pub fn for_each_frame(&self, mem: &impl PhysMem, mut f: impl FnMut(HostPhysAddr, u32)) {
-        fn walk<F: Format>(t: HostPhysAddr, level: Level, data: bool, mem: &impl PhysMem, f: &mut impl FnMut(HostPhysAddr, u32)) {
-            f(t, 0);
+    pub fn for_each_frame(&self, mem: &impl PhysMem, f: impl FnMut(HostPhysAddr, u32)) {
+        self.walk_frames(true, mem, f)
+    }
+
+    /// Calls `f` for every data frame (with its page order), none for a view: e.g. to zero
+    /// them after a `create` with a `PhysMem` whose `zero_data` did nothing.
+    pub fn for_each_data_frame(&self, mem: &impl PhysMem, f: impl FnMut(HostPhysAddr, u32)) {
+        if self.owns_data {
+            self.walk_frames(false, mem, f)
+        }
+    }
+
+    fn walk_frames(&self, tables: bool, mem: &impl PhysMem, mut f: impl FnMut(HostPhysAddr, u32)) {
+        fn walk<F: Format>(t: HostPhysAddr, level: Level, data: bool, tables: bool, mem: &impl PhysMem, f: &mut impl FnMut(HostPhysAddr, u32)) {
+            if tables {
+                f(t, 0);
+            }
             for i in 0..crate::addr::ENTRIES {
                 match Entry::<F>::from_raw(mem.read(t, i)).decode(level) {
                     Decoded::Empty => {}
@@ -280,11 +294,11 @@ impl<F: Format> Morsel<F> {
                             f(frame, size.order())
                         }
                     }
-                    Decoded::Table { next, .. } => walk::<F>(next, level - 1, data, mem, f),
+                    Decoded::Table { next, .. } => walk::<F>(next, level - 1, data, tables, mem, f),
                 }
             }
         }
-        walk::<F>(self.root, self.root_level, self.owns_data, mem, &mut f);
+        walk::<F>(self.root, self.root_level, self.owns_data, tables, mem, &mut f);
     }
 
     /// Offers `take` every frame that a subtree `restore` refused still reaches: the root
@@ -810,6 +824,23 @@ mod tests {
                 Err(e) => prop_assert_eq!(e, Error::OutOfMemory),
             }
             prop_assert_eq!(mem.allocated_frames(), 0);
+        }
+    }
+
+    #[test]
+    fn data_frames_are_the_leaves_only() {
+        let mem = SimMem::new(64 * GIB);
+        for (len, page) in [(64 << 10, PageSize::Size4K), (4 << 20, PageSize::Size4K), (6 << 20, PageSize::Size2M)] {
+            let m = Morsel::<Ept>::create(len, page, &mem, &mem).unwrap();
+            let (mut data, mut all) = (0u64, 0u64);
+            m.for_each_data_frame(&mem, |_, order| {
+                assert_eq!(order, page.order());
+                data += 1;
+            });
+            m.for_each_frame(&mem, |_, _| all += 1);
+            assert_eq!(data, len / page.bytes(), "{len:#x} of {page}");
+            assert_eq!(all, data + m.table_count() as u64);
+            m.destroy(&mem, &mem).unwrap();
         }
     }
 

@@ -7,7 +7,7 @@ use crate::{bail, Result};
 
 /// The keys the hypervisor understands, with their values.
 pub const KEYS: &str = "guests=SPEC,SPEC,...  log=error|warn|info|debug|trace  \
-    test=fault|dma-fault|dma-nodomain|sharept|pmem-crash:format|pmem-crash:magic  pmem=format|drop:N[,N...]|drop:damaged  iommu=register|sharept  nvme=poll  cpus=N";
+    test=fault|dma-fault|dma-nodomain|sharept|pmem-crash:format|pmem-crash:magic  pmem=format|drop:N[,N...]|drop:damaged  iommu=register|sharept  nvme=poll  cpus=N  bench=on";
 /// The options of one guest SPEC after its name.
 pub const GUEST_OPTIONS: &str = "mem=SIZE, slices=N, arg=N (or SIZE), vcpus=N, cpu=K, code=N, stopped";
 /// What a SIZE may end with.
@@ -58,6 +58,8 @@ fn check_word(word: &str, guests: &[&str]) -> std::result::Result<(), String> {
         "iommu" => Err("valid: `register` (VT-d register-based invalidation), `sharept` (device mounts through the EPT subtree)".into()),
         "cpus" if value.parse::<usize>().is_ok_and(|n| n >= 1) => Ok(()),
         "cpus" => Err("a number of CPUs, at least 1".into()),
+        "bench" if value == "on" => Ok(()),
+        "bench" => Err("valid: `on` (guests may call bench_frames)".into()),
         "nvme" if value == "poll" => Ok(()),
         "nvme" => Err("valid: `poll` (NVMe completions polled, not by MSI-X interrupt)".into()),
         _ => Err(format!("unknown key `{key}`; the keys are {KEYS}")),
@@ -137,6 +139,8 @@ mod tests {
         assert!(check("iommu=register iommu=sharept", &[]).is_ok());
         assert!(err("iommu=shared").contains("`sharept`"));
         assert!(check("nvme=poll iommu=register", &[]).is_ok());
+        assert!(check("bench=on", &[]).is_ok());
+        assert!(err("bench=off").contains("`on`"));
         assert!(err("nvme=msi").contains("`poll`"));
     }
 

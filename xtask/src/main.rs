@@ -91,8 +91,10 @@ usage: cargo xtask bench [allocator|morsel|exmap|smp|ipc] [--rounds N] [--docs]
   those named, in N interleaved rounds (default 5; exmap runs once, interleaving its own 5).
   Prints one table (median, min..max per case), writes build/bench/<bench>.csv and
   build/bench/<bench>.svg; --docs also writes the plots to docs/bench/ (shown in README.md)
-  smp: boots the smpbench guest under QEMU with 1 and 2 CPUs (at most 3 rounds) and prints
-  per CPU the morsel create+destroy and unmount+open rates and the shootdown cost
+  smp: boots the smpbench guest (bench=on) under QEMU with 1 and 2 CPUs (at most 3 rounds),
+  then under Bochs VMX once each, and prints per CPU the frame alloc+free rates inside the
+  hypervisor, the morsel create+destroy and unmount+open rates and the shootdown cost, and
+  Bochs' 2-CPU/1-CPU ratios of emulated time per operation
   ipc: boots two channel guests under QEMU (at most 5 rounds): ping-pong round trips per
   second and exits per round trip, doorbell + wait vs yield polling, on 1 and 2 CPUs; and
   the host CPU time of two guests idle for 3 s, waiting vs polling

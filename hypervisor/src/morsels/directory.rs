@@ -4,9 +4,9 @@
 //! tables it left empty freed, and one invalidation of the guest's cached translations.
 
 use super::persist::{self, Source};
-use super::{read_name, try_string, Directory, Mount, Named, RESTORED};
+use super::{read_name, try_string, Directory, Mount, Named, PendingCreate, Removed, Started, RESTORED};
 use crate::devices::Devices;
-use crate::mm::frames::{Frames, IDENTITY};
+use crate::mm::frames::{Frames, Identity, IDENTITY};
 use crate::vm::guest::Guest;
 use crate::vm::Backend;
 use abi::{self, Error};
@@ -17,8 +17,11 @@ use morsel::{Format, GuestPhysAddr, Morsel, PageSize, Perm};
 
 impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     /// `morsel_create(name_ptr, name_len, size, flags)`. A persistent morsel takes its frames
-    /// from the persistent region and gets a directory record after its subtree is complete.
-    pub fn create<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, frames: &Frames, name: abi::Name, size: u64, flags: abi::CreateFlags) -> Result<u64, Error> {
+    /// from the persistent region and gets a directory record after its subtree is complete
+    /// (all under the world lock: `Started::Done`). A RAM morsel gets its frames and tables
+    /// here, its data frames are zeroed by the caller with the lock let go, and
+    /// `create_finish` enters and mounts it (`Started::Zero`).
+    pub fn create<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, frames: &Frames, name: abi::Name, size: u64, flags: abi::CreateFlags) -> Result<Started<F>, Error> {
         let name = read_name(g, name)?;
         let page = if flags.huge_pages { PageSize::Size2M } else { PageSize::Size4K };
         if size == 0 || size % page.bytes() != 0 {
@@ -27,15 +30,17 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         if size > morsel::MAX_MORSEL || size > abi::MORSEL_WINDOW_SIZE {
             return Err(g.refuse(Error::TooLarge, format_args!("size {} is above the largest morsel, {}", Bytes(size), Bytes(morsel::MAX_MORSEL.min(abi::MORSEL_WINDOW_SIZE)))));
         }
-        if self.named.contains_key(&name) {
+        if self.named.contains_key(&name) || self.pending.iter().any(|(n, _)| *n == name) {
             return Err(g.refuse(Error::Busy, format_args!("the name {name:?} is taken")));
         }
-        if self.named.values().filter(|n| n.owner == g.id).count() >= abi::MORSEL_QUOTA as usize
-            || g.mounts.len() >= abi::MOUNT_QUOTA as usize
+        let pending = self.pending.iter().filter(|(_, owner)| *owner == g.id).count();
+        if self.named.values().filter(|n| n.owner == g.id).count() + pending >= abi::MORSEL_QUOTA as usize
+            || g.mounts.len() + pending >= abi::MOUNT_QUOTA as usize
         {
             return Err(Error::NoMemory);
         }
         self.named.try_reserve(1).map_err(|_| Error::NoMemory)?;
+        self.pending.try_reserve(1).map_err(|_| Error::NoMemory)?;
         let others_may_write = flags.share_writable;
         let pm = if flags.persistent {
             let pm = self.pmem.ok_or(Error::Invalid)?;
@@ -50,10 +55,17 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
             return Err(g.refuse(Error::NoMemory, format_args!("size {} is more than the free memory, {free}", Bytes(size))));
         }
         let source = pm.map_or(Source::Ram(*frames), |pm| Source::Pmem(pm.frames()));
-        let morsel = Morsel::<F>::create(size, page, &source, &IDENTITY).map_err(|e| match e {
+        let no_memory = |e| match e {
             morsel::Error::OutOfMemory => Error::NoMemory,
             _ => Error::Invalid,
-        })?;
+        };
+        if pm.is_none() {
+            let reserved = try_string(&name)?;
+            let morsel = Morsel::<F>::create(size, page, &source, &TablesOnly).map_err(no_memory)?;
+            self.pending.push((reserved, g.id));
+            return Ok(Started::Zero(PendingCreate { name, morsel, others_may_write }));
+        }
+        let morsel = Morsel::<F>::create(size, page, &source, &IDENTITY).map_err(no_memory)?;
         let slot = match pm.map(|pm| persist::add_record(pm, &name, &morsel, page, others_may_write)) {
             Some(None) => {
                 let _ = morsel.destroy(&source, &IDENTITY);
@@ -61,8 +73,31 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
             }
             slot => slot.flatten(),
         };
+        self.enter(g, frames, name, morsel, others_may_write, slot).map(Started::Done)
+    }
+
+    /// The rest of a RAM morsel's `create` once its data frames are zeroed (`Started::Zero`):
+    /// into the directory and mounted read-write in `g`.
+    pub fn create_finish<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, frames: &Frames, p: PendingCreate<F>) -> Result<u64, Error> {
+        self.pending.retain(|(n, _)| *n != p.name);
+        if self.named.try_reserve(1).is_err() {
+            let _ = p.morsel.destroy(frames, &IDENTITY);
+            return Err(Error::NoMemory);
+        }
+        self.enter(g, frames, p.name, p.morsel, p.others_may_write, None)
+    }
+
+    /// A `PendingCreate` whose guest is gone: its frames go back.
+    pub fn abandon(&mut self, frames: &Frames, p: PendingCreate<F>) {
+        self.pending.retain(|(n, _)| *n != p.name);
+        let _ = p.morsel.destroy(frames, &IDENTITY);
+    }
+
+    /// Enters a complete new morsel (room reserved in `named`) and mounts it read-write in `g`.
+    fn enter<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, frames: &Frames, name: String, morsel: Morsel<F>, others_may_write: bool, slot: Option<usize>) -> Result<u64, Error> {
+        let page = morsel.page_size();
         log::info!(target: "morsel", "guest {} created '{name}': {} of {} pages, root L{}, {} tables{}",
-            g.id, Bytes(size), if page == PageSize::Size2M { "2 MiB" } else { "4 KiB" },
+            g.id, Bytes(morsel.len()), if page == PageSize::Size2M { "2 MiB" } else { "4 KiB" },
             morsel.root_level(), morsel.table_count(),
             if let Some(i) = slot { alloc::format!(", in persistent memory (record {i})") } else { String::new() });
         self.named.insert(name.clone(), Named::new(morsel, g.id, others_may_write, slot));
@@ -144,8 +179,10 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         g.mounts.iter().find(|m| m.gpa == gpa).map(|m| m.size).ok_or(Error::NotFound)
     }
 
-    /// `morsel_destroy(name_ptr, name_len)`: the owner only, and only while unmounted.
-    pub fn destroy<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, frames: &Frames, name: abi::Name) -> Result<u64, Error> {
+    /// `morsel_destroy(name_ptr, name_len)`: the owner only, and only while unmounted. A RAM
+    /// morsel leaves the directory here and is returned with its name, for the caller to free
+    /// its frames with the world lock let go (`Removed::free`); a persistent one is freed here.
+    pub fn destroy<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, frames: &Frames, name: abi::Name) -> Result<Option<(String, Removed<F>)>, Error> {
         let name = read_name(g, name)?;
         let n = self.named.get(&name).ok_or(Error::NotFound)?;
         if n.owner != g.id && !(n.owner == RESTORED && n.others_may_write) {
@@ -155,8 +192,13 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
             let devices = self.devices.iter().filter(|d| d.name == name).count();
             return Err(g.refuse(Error::Busy, format_args!("{name:?} is still mounted ({} guest, {devices} device mounts)", n.morsel.mount_count())));
         }
-        self.remove(&name, frames);
-        Ok(0)
+        if n.slot.is_some() {
+            self.remove(&name, frames);
+            return Ok(None);
+        }
+        let Some(mut n) = self.named.remove(&name) else { return Err(Error::NotFound) };
+        self.drop_view(&name, &mut n, frames);
+        Ok(Some((name, Removed { morsel: n.morsel })))
     }
 
     /// Destroys a morsel that is mounted nowhere (the callers check). A persistent one loses
@@ -245,6 +287,23 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
             log::info!(target: "pmem", "end of run: {} allocated, {} free", Bytes(pm.allocated_frames() * 4096), Bytes(pm.free_bytes()));
         }
     }
+}
+
+/// The identity map for building a new RAM morsel under the world lock, without zeroing its
+/// data frames (`PendingCreate::zero` does that with the lock let go); tables are zeroed.
+struct TablesOnly;
+
+impl morsel::PhysMem for TablesOnly {
+    fn read(&self, table: morsel::HostPhysAddr, index: usize) -> u64 {
+        Identity.read(table, index)
+    }
+    fn write(&self, table: morsel::HostPhysAddr, index: usize, value: u64) {
+        Identity.write(table, index, value)
+    }
+    fn zero_table(&self, table: morsel::HostPhysAddr) {
+        Identity.zero_table(table)
+    }
+    fn zero_data(&self, _: morsel::HostPhysAddr, _: u32) {}
 }
 
 /// The lowest window slot of `size` alignment that overlaps no mount.

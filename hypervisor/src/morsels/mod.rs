@@ -9,6 +9,15 @@
 //! - `proxy`: calls that make a device move a guest's morsel (edu DMA, the NVMe proxy);
 //! - `exmap`: ExMap regions (sparse morsels populated and evicted in batches).
 //!
+//! Locking: the `Directory` (names, owners, mounts, device mounts, pending creates, quota
+//! counts) lives in the run's world and is only touched under the world lock
+//! (`vm/runqueue.rs`). A RAM morsel's create allocates its frames and builds its tables under
+//! the lock, but zeroes its data frames with the lock let go (`PendingCreate`: the name is
+//! reserved in `pending` meanwhile, taken for other creates and counted in the quota; nobody
+//! else can reach the frames); its destroy takes it out of the directory under the lock and
+//! frees its frames outside (`Removed`: mounted nowhere, its last unmount's shootdown done).
+//! Persistent morsels stay under the lock throughout (their records and frames).
+//!
 //! What a guest makes the hypervisor keep is bounded per guest (`abi::MORSEL_QUOTA` morsels,
 //! `abi::MOUNT_QUOTA` mounts, `abi::DEVICE_MOUNT_QUOTA` device mounts) and every heap
 //! allocation on those paths is fallible (`try_reserve`): `NoMemory`, never a panic.
@@ -119,13 +128,59 @@ pub struct Mount {
 pub struct Directory<F: Format> {
     pub(crate) named: HashMap<String, Named<F>>,
     pub(crate) devices: Vec<DeviceMount>,
+    /// Names (and owners) of `morsel_create`s whose data frames are being zeroed with the
+    /// world lock let go (`PendingCreate`): taken for other creates, counted in the quota.
+    pub(crate) pending: Vec<(String, u32)>,
     /// The persistent region (from `main` through the context), for persistent morsels.
     pub(crate) pmem: Option<&'static crate::mm::pmem::Pmem>,
 }
 
 impl<F: Format> Directory<F> {
     pub fn new(pmem: Option<&'static crate::mm::pmem::Pmem>) -> Self {
-        Directory { named: HashMap::new(), devices: Vec::new(), pmem }
+        Directory { named: HashMap::new(), devices: Vec::new(), pending: Vec::new(), pmem }
+    }
+}
+
+/// What `Directory::create` did: all of it (a persistent morsel), or all but zeroing the
+/// data frames, which the vCPU loop does with the world lock let go before
+/// `Directory::create_finish` enters it and mounts it.
+pub enum Started<F: Format> {
+    Done(u64),
+    Zero(PendingCreate<F>),
+}
+
+/// A new RAM morsel nobody else knows yet: frames allocated and tables built under the world
+/// lock (so no frame an unmount freed is handed out before its shootdown ended), data frames
+/// not yet zeroed; its name is in `Directory::pending`.
+pub struct PendingCreate<F: Format> {
+    pub(crate) name: String,
+    pub(crate) morsel: Morsel<F>,
+    pub(crate) others_may_write: bool,
+}
+
+impl<F: Format> PendingCreate<F> {
+    /// Zeroes the data frames (no lock needed: the morsel is reachable only from here).
+    pub fn zero(&self) {
+        use morsel::PhysMem;
+        let mem = &crate::mm::frames::IDENTITY;
+        self.morsel.for_each_data_frame(mem, |frame, order| mem.zero_data(frame, order));
+    }
+}
+
+/// A RAM morsel taken out of the directory (mounted nowhere, its last unmount's shootdown
+/// done): `free` gives its frames back, with or without the world lock.
+pub struct Removed<F: Format> {
+    pub(crate) morsel: Morsel<F>,
+}
+
+impl<F: Format> Removed<F> {
+    /// Frees the frames through `frames` (any CPU's handle).
+    pub fn free(self, name: &str, frames: &crate::mm::frames::Frames) {
+        let len = self.morsel.len();
+        match self.morsel.destroy(frames, &crate::mm::frames::IDENTITY) {
+            Ok(()) => log::info!(target: "morsel", "'{name}' destroyed, {} given back", formats::units::Bytes(len)),
+            Err((_, e)) => log::error!(target: "morsel", "'{name}' cannot be destroyed: {e}"),
+        }
     }
 }
 

@@ -18,6 +18,8 @@
 //! * `iommu=sharept`: on VT-d, an NPT morsel's device mounts go through an EPT twin (the
 //!   morsel in the EPT format over the same data frames), whose subtree is mounted itself,
 //!   as a VMX guest's EPT morsel is (`iommu::mount`); default: a VT-d view.
+//! * `bench=on`: guests may call `bench_frames` (the allocator measured from inside the
+//!   hypervisor, `cargo xtask bench smp`); without it the call is `Denied`.
 //! * `cpus=N`: bring at most N CPUs online (the boot CPU counts; N >= 1).
 //! * `pmem=format`: format the persistent-memory region even if it holds something other
 //!   than a fresh (all-zero) region or ours.
@@ -48,7 +50,7 @@ pub enum Test {
 /// The words this parser understands, for error messages.
 pub const VALID: &str = "guests=NAME[:mem=SIZE][:slices=N][:arg=N][:vcpus=N][:cpu=K][:code=N|:stopped],... \
     log=error|warn|info|debug|trace test=fault|dma-fault|dma-nodomain|sharept|pmem-crash:format|pmem-crash:magic \
-    pmem=format|drop:N[,N...]|drop:damaged iommu=register|sharept nvme=poll cpus=N (SIZE: bytes or K, M, G)";
+    pmem=format|drop:N[,N...]|drop:damaged iommu=register|sharept nvme=poll cpus=N bench=on (SIZE: bytes or K, M, G)";
 
 /// Default guest memory.
 /// How the IOMMU is driven (`iommu=...`).
@@ -75,13 +77,15 @@ pub struct Args {
     pub iommu: IommuOptions,
     /// `nvme=poll`: NVMe completions are polled even where the device offers MSI-X.
     pub nvme_poll: bool,
+    /// `bench=on`: the `bench_frames` hypercall is answered.
+    pub bench: bool,
     /// Words that were not understood, with the reason.
     pub errors: Vec<(&'static str, &'static str)>,
 }
 
 impl Args {
     pub fn parse(line: &'static str) -> Args {
-        let mut a = Args { guests: Vec::new(), log_level: log::LevelFilter::Info, test: None, pmem: pmem::Options::default(), cpus: None, iommu: IommuOptions::default(), nvme_poll: false, errors: Vec::new() };
+        let mut a = Args { guests: Vec::new(), log_level: log::LevelFilter::Info, test: None, pmem: pmem::Options::default(), cpus: None, iommu: IommuOptions::default(), nvme_poll: false, bench: false, errors: Vec::new() };
         for word in line.split_ascii_whitespace() {
             match word.split_once('=') {
                 Some(("guests", list)) => {
@@ -111,6 +115,7 @@ impl Args {
                 Some(("iommu", "register")) => a.iommu.register_invalidation = true,
                 Some(("iommu", "sharept")) => a.iommu.share_ept = true,
                 Some(("nvme", "poll")) => a.nvme_poll = true,
+                Some(("bench", "on")) => a.bench = true,
                 Some(("cpus", n)) => match n.parse::<usize>() {
                     Ok(n) if n >= 1 => a.cpus = Some(n),
                     _ => a.errors.push((word, "cpus wants a number of CPUs, at least 1")),

@@ -5,7 +5,7 @@
 //! never a fault in the hypervisor.
 
 use super::guest::Guest;
-use crate::morsels::Directory;
+use crate::morsels::{Directory, PendingCreate, Removed, Started};
 use super::{Backend, Regs};
 use crate::mm::frames::Frames;
 use crate::devices::pci::Bdf;
@@ -17,12 +17,48 @@ use morsel::GuestPhysAddr;
 const LOUD_FAILURES: u32 = 8;
 
 /// What the scheduler does after a hypercall.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Action {
+pub enum Action<F: morsel::Format> {
     Continue,
     Yield,
     /// The calling vCPU asked to exit, with this code.
     Exit(i32),
+    /// The rest of the call is done by the vCPU loop with the world lock let go
+    /// (`Unlocked::run`, on the calling CPU's allocator core), then `finish`ed under it.
+    Unlocked(Unlocked<F>),
+}
+
+/// The lock-free part of a call (allocator work and zeroing, no shared state).
+pub enum Unlocked<F: morsel::Format> {
+    /// `bench_frames` (enabled, arguments checked).
+    Bench { order: allocator::Order, count: u64 },
+    /// `morsel_create` of a RAM morsel: zero its data frames.
+    Zero(PendingCreate<F>),
+    /// `morsel_destroy` of a RAM morsel out of the directory: free its frames.
+    Free(alloc::string::String, Removed<F>),
+}
+
+/// What `Unlocked::run` leaves for `finish`.
+pub enum Finished<F: morsel::Format> {
+    Bench(Option<u64>),
+    Zeroed(PendingCreate<F>),
+    Freed,
+}
+
+impl<F: morsel::Format> Unlocked<F> {
+    /// Runs the lock-free part through `frames`, this CPU's allocator handle.
+    pub fn run(self, frames: &Frames) -> Finished<F> {
+        match self {
+            Unlocked::Bench { order, count } => Finished::Bench(frames.bench(order, count)),
+            Unlocked::Zero(p) => {
+                p.zero();
+                Finished::Zeroed(p)
+            }
+            Unlocked::Free(name, r) => {
+                r.free(&name, frames);
+                Finished::Freed
+            }
+        }
+    }
 }
 
 /// Which vCPU makes the call, on which CPU.
@@ -33,9 +69,10 @@ pub struct Caller {
 }
 
 /// What hypercalls share across guests. Lives in the run's `World`, behind its one lock
-/// (`runqueue`): every hypercall, on any CPU, runs with that lock held, so the morsel
-/// directory, device mounts, persistence records, ExMap state and the drivers are only ever
-/// changed by one CPU at a time; no guest instruction runs on a CPU while it holds the lock.
+/// (`runqueue`): every hypercall, on any CPU, runs with that lock held (but for the
+/// `Unlocked` parts, which touch none of this), so the morsel directory, device mounts,
+/// persistence records, ExMap state and the drivers are only ever changed by one CPU at a
+/// time; no guest instruction runs on a CPU while it holds the lock.
 pub struct Context<B: Backend> {
     pub guest_count: u64,
     pub morsels: Directory<B::Format>,
@@ -44,13 +81,18 @@ pub struct Context<B: Backend> {
     pub notify: super::notify::Notify,
     /// The devices behind the IOMMU, reached only through here (None without an IOMMU).
     pub devices: Option<crate::devices::Devices>,
+    /// The allocator (the boot CPU's handle; a call uses its caller's CPU's core, `for_cpu`).
     pub frames: Frames,
+    /// `bench=on`: `bench_frames` is answered.
+    pub bench: bool,
 }
 
 /// Handles the hypercall in `regs` (already past the instruction), writing status and value.
-pub fn handle<B: Backend>(guest: &mut Guest<B>, caller: Caller, regs: &mut Regs, cx: &mut Context<B>) -> Action {
+pub fn handle<B: Backend>(guest: &mut Guest<B>, caller: Caller, regs: &mut Regs, cx: &mut Context<B>) -> Action<B::Format> {
     let nr = regs.rax;
-    let frames = cx.frames;
+    // The calling CPU's allocator core: each core index is used by its own CPU only (inside
+    // and outside the world lock alike), as the allocator's contract asks.
+    let frames = cx.frames.for_cpu(caller.cpu).unwrap_or(cx.frames);
     let call = Call::decode(nr, [regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9]);
     let result = match call {
         Err(e) => Err(e),
@@ -75,8 +117,48 @@ pub fn handle<B: Backend>(guest: &mut Guest<B>, caller: Caller, regs: &mut Regs,
             Ok(None) => return Action::Yield,
             other => other.map(|got| got.unwrap_or(0)),
         },
+        Ok(Call::BenchFrames { huge, count }) if cx.bench => {
+            let order = if huge { allocator::Order::HUGE } else { allocator::Order::BASE };
+            return Action::Unlocked(Unlocked::Bench { order, count });
+        }
+        Ok(Call::MorselCreate { name, size, flags }) => match cx.morsels.create(guest, &frames, name, size, flags) {
+            Ok(Started::Zero(p)) => return Action::Unlocked(Unlocked::Zero(p)),
+            Ok(Started::Done(gpa)) => Ok(gpa),
+            Err(e) => Err(e),
+        },
+        Ok(Call::MorselDestroy { name }) => match cx.morsels.destroy(guest, &frames, name) {
+            Ok(Some((name, removed))) => return Action::Unlocked(Unlocked::Free(name, removed)),
+            Ok(None) => Ok(0),
+            Err(e) => Err(e),
+        },
+        Ok(Call::BenchFrames { .. }) => Err(guest.refuse(Error::Denied, format_args!("the hypervisor runs without bench=on"))),
         Ok(call) => dispatch(call, guest, caller, cx, &frames),
     };
+    conclude(guest, nr, regs, result);
+    Action::Continue
+}
+
+/// Finishes a call whose `Unlocked` part ran (`regs.rax` still holds its number).
+pub fn finish<B: Backend>(guest: &mut Guest<B>, caller: Caller, regs: &mut Regs, cx: &mut Context<B>, done: Finished<B::Format>) {
+    let frames = cx.frames.for_cpu(caller.cpu).unwrap_or(cx.frames);
+    let result = match done {
+        Finished::Bench(ticks) => ticks.ok_or(Error::NoMemory),
+        Finished::Zeroed(p) => cx.morsels.create_finish(guest, &frames, p),
+        Finished::Freed => Ok(0),
+    };
+    conclude(guest, regs.rax, regs, result);
+}
+
+/// A call whose `Unlocked` part ran for a guest that is gone: what it holds goes back.
+pub fn abandon<B: Backend>(caller: Caller, cx: &mut Context<B>, done: Finished<B::Format>) {
+    if let Finished::Zeroed(p) = done {
+        let frames = cx.frames.for_cpu(caller.cpu).unwrap_or(cx.frames);
+        cx.morsels.abandon(&frames, p);
+    }
+}
+
+/// Logs a refusal (the first few of a guest at INFO) and writes status and value.
+fn conclude<B: Backend>(guest: &mut Guest<B>, nr: u64, regs: &mut Regs, result: Result<u64, Error>) {
     let reason = guest.refusal.take();
     if let Err(e) = result {
         guest.refusals = guest.refusals.saturating_add(1);
@@ -88,7 +170,6 @@ pub fn handle<B: Backend>(guest: &mut Guest<B>, caller: Caller, regs: &mut Regs,
             guest.id, guest.spec.name, Call::name_of(nr), if n == LOUD_FAILURES { " (later refusals of this guest at log=debug)" } else { "" });
     }
     set(regs, result);
-    Action::Continue
 }
 
 /// Runs a decoded call that returns to the guest.
@@ -98,7 +179,6 @@ fn dispatch<B: Backend>(call: Call, guest: &mut Guest<B>, caller: Caller, cx: &m
     match call {
         Call::Info { what } => info(guest, caller, cx.guest_count, what, cx.notify.injected(guest.id)),
         Call::ConsoleWrite { text } => console_write(guest, caller, text),
-        Call::MorselCreate { name, size, flags } => morsels.create(guest, frames, name, size, flags),
         Call::MorselOpen { name, writable } => morsels.open(guest, frames, name, writable),
         Call::MorselUnmount { gpa } => {
             let name = guest.mounts.iter().find(|m| m.gpa == gpa).and_then(|m| crate::morsels::try_string(&m.name).ok());
@@ -108,7 +188,6 @@ fn dispatch<B: Backend>(call: Call, guest: &mut Guest<B>, caller: Caller, cx: &m
             }
             done
         }
-        Call::MorselDestroy { name } => morsels.destroy(guest, frames, name),
         Call::MorselSize { gpa } => morsels.size(guest, gpa),
         Call::MorselStats => {
             morsels.log_stats();
@@ -130,7 +209,9 @@ fn dispatch<B: Backend>(call: Call, guest: &mut Guest<B>, caller: Caller, cx: &m
         Call::NotifySubscribe { gpa, vector } => cx.notify.subscribe(guest, gpa, vector),
         Call::Notify { gpa, bits } => cx.notify.notify(guest, caller.vcpu, caller.cpu, gpa, bits),
         Call::Timer { us, vector } => cx.notify.timer(guest, caller.vcpu, us, vector),
-        Call::Exit { .. } | Call::Yield | Call::Wait { .. } | Call::Sleep { .. } => Err(Error::Invalid),
+        // Handled by `handle`.
+        Call::Exit { .. } | Call::Yield | Call::Wait { .. } | Call::Sleep { .. } | Call::BenchFrames { .. }
+        | Call::MorselCreate { .. } | Call::MorselDestroy { .. } => Err(Error::Invalid),
     }
 }
 
@@ -167,6 +248,7 @@ fn info<B: Backend>(guest: &Guest<B>, caller: Caller, guest_count: u64, what: u6
         abi::INFO_SLICES => Ok(guest.exits[super::ExitKind::Preempted as usize]),
         abi::INFO_INTERRUPTS => Ok(injected),
         abi::INFO_TSC_PER_US => Ok(crate::platform::time::tsc_per_us()),
+        abi::INFO_SLICE_US => Ok(super::sched::SLICE_US),
         _ => Err(Error::NoSuchCall),
     }
 }

@@ -27,6 +27,8 @@ pub struct Drivers {
     pub devices: Option<crate::devices::Devices>,
     /// The persistent-memory region (None without an NVDIMM).
     pub pmem: Option<&'static crate::mm::pmem::Pmem>,
+    /// `bench=on`: the `bench_frames` hypercall is answered (else `Denied`).
+    pub bench: bool,
 }
 
 /// Guest general registers as the world switches save and load them. `rsp` and `rip`

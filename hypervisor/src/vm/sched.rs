@@ -81,6 +81,7 @@ pub fn run_guests<B: Backend>(backend: &mut B, frames: &Frames, archive: Archive
         notify: Default::default(),
         devices: drivers.devices,
         frames: *frames,
+        bench: drivers.bench,
     };
     cx.morsels.load_persistent();
     let run: &'static Run<B> = Box::leak(Box::new(Run {
@@ -154,7 +155,7 @@ pub fn cpu_loop<B: Backend>(run: &Run<B>, backend: &mut B, me: usize, frames: &F
         let mut i = 0;
         let mut ran = false;
         while i < queue.len() {
-            ran |= run_slice(backend, &mut queue[i], run, me);
+            ran |= run_slice(backend, &mut queue[i], run, me, frames);
             if queue[i].end.is_some() {
                 let s = queue.swap_remove(i);
                 let state = s.end.unwrap_or(State::Stopped);
@@ -207,8 +208,9 @@ fn vcpu_done<B: Backend>(guests: &mut [Option<Guest<B>>], cx: &mut Context<B>, d
 /// Runs vCPU `s` until its slice ends, it yields, exits or its guest is stopped. The slice
 /// is a budget of time across exits: every exit the hypervisor handles in place (hypercall,
 /// CPUID) is charged to it, so a guest that loops on them is preempted like one that spins.
-/// False if the vCPU waits (`notify`) and did not run.
-fn run_slice<B: Backend>(backend: &mut B, s: &mut Slot<B>, run: &Run<B>, me: usize) -> bool {
+/// False if the vCPU waits (`notify`) and did not run. `frames` is this CPU's allocator
+/// handle (a call's `Unlocked` part runs through it, the world lock let go).
+fn run_slice<B: Backend>(backend: &mut B, s: &mut Slot<B>, run: &Run<B>, me: usize, frames: &Frames) -> bool {
     let per_us = crate::platform::time::tsc_per_us().max(1);
     let deadline = crate::platform::time::tsc() + SLICE_US * per_us;
     let mut w = runqueue::lock(run);
@@ -280,6 +282,7 @@ fn run_slice<B: Backend>(backend: &mut B, s: &mut Slot<B>, run: &Run<B>, me: usi
             return true;
         }
         let caller = Caller { vcpu: s.index, cpu: me };
+        let mut unlocked = None;
         let go_on = match exit {
             Exit::Hypercall { resume, cpl } => match resume_at(guest, &regs, cr3, resume, &VMMCALL) {
                 None => false,
@@ -289,6 +292,10 @@ fn run_slice<B: Backend>(backend: &mut B, s: &mut Slot<B>, run: &Run<B>, me: usi
                         match hypercall::handle(guest, caller, &mut regs, cx) {
                             Action::Continue => true,
                             Action::Yield => false,
+                            Action::Unlocked(work) => {
+                                unlocked = Some(work);
+                                true
+                            }
                             Action::Exit(code) => {
                                 s.end = Some(State::Exited(code));
                                 false
@@ -343,8 +350,25 @@ fn run_slice<B: Backend>(backend: &mut B, s: &mut Slot<B>, run: &Run<B>, me: usi
             }
         };
         *B::regs(&mut s.vcpu) = regs;
-        if guest.state != State::Runnable {
+        let stopped = guest.state != State::Runnable;
+        if stopped {
             kick_if_stopped(guest, me);
+        }
+        // The lock-free part of a call (bench_frames, a new morsel's zeroing, a destroyed
+        // one's frees) without the world lock: other CPUs' exits go on meanwhile; the time
+        // counts against this slice (the deadline check at the top), and a guest stopped
+        // meanwhile ends there. It always runs and finishes (nothing it holds is lost).
+        if let Some(work) = unlocked {
+            drop(w);
+            let done = work.run(frames);
+            w = runqueue::lock(run);
+            let World { guests, cx, .. } = &mut *w;
+            match guests.get_mut(s.guest as usize).and_then(|g| g.as_mut()) {
+                Some(guest) => hypercall::finish(guest, caller, B::regs(&mut s.vcpu), cx, done),
+                None => hypercall::abandon(caller, cx, done),
+            }
+        }
+        if stopped {
             if s.end.is_none() {
                 s.end = Some(State::Stopped);
             }

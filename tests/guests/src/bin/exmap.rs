@@ -261,7 +261,7 @@ fn reader() -> i32 {
     let pool = loop {
         match morsel::open("pool") {
             Ok(p) => break p,
-            Err(_) if tries < 100 => {
+            Err(_) if tries < 10_000 => {
                 tries += 1;
                 guest_lib::yield_now();
             }
@@ -487,7 +487,9 @@ fn disk_sharer() -> i32 {
     let pool = loop {
         match morsel::open("disk") {
             Ok(p) => break p,
-            Err(_) if tries < 200 => {
+            // On its own CPU a yield returns at once: 200 tries were ~20 ms, sometimes less
+            // than the owner needs to create the region.
+            Err(_) if tries < 20_000 => {
                 tries += 1;
                 guest_lib::yield_now();
             }

@@ -11,7 +11,8 @@
 //!   such read. Guest 4 waits until the unmount began and a while longer, then prints the
 //!   count (must be 0).
 //! * 5 (one guest, N vCPUs): all CPUs create, fill, check and destroy morsels of 4 KiB and
-//!   2 MiB pages in a loop; every page carries a tag of its owner, checked before destroy.
+//!   2 MiB pages in a loop; every page of a new morsel reads zero, then carries a tag of its
+//!   owner, checked before destroy.
 //! * 6 (one guest, N vCPUs): vCPUs 1.. spin, vCPU 0 waits for them and then reads outside its
 //!   memory: the whole guest is stopped.
 //! * 7 (one guest, 2 vCPUs on 2 CPUs): vCPU 1 spins in guest mode while vCPU 0 unmounts a
@@ -272,6 +273,11 @@ fn churn(info: &BootInfo, vcpu: u32) -> i32 {
             let a = m.atomics();
             let tag = ((vcpu as u64) << 48) | (i << 8) | 0xa5;
             let step = if page == PageSize::Size2M { 2 << 20 } else { 4096 } / 8;
+            // A new morsel is zeroed (its frames carried earlier morsels' tags).
+            if let Some(k) = (0..a.len()).step_by(step).find(|&k| a[k].load(SeqCst) != 0) {
+                println!("smp: vcpu {vcpu}: {n} word {k} of a new morsel holds {:#x}, not zero UNEXPECTED", a[k].load(SeqCst));
+                return 1;
+            }
             for k in (0..a.len()).step_by(step) {
                 a[k].store(tag ^ k as u64, SeqCst);
             }
