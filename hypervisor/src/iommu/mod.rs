@@ -2,7 +2,8 @@
 //! ACPI DMAR) and the AMD IOMMU (`amdvi`, found through the IVRS), and the device-mount
 //! operations written once over it: a morsel goes into a device's domain with one entry,
 //! its own subtree where the IOMMU walks the morsel's format, else a view in the IOMMU's
-//! format over the same data frames (built on first use and kept with the morsel).
+//! format over the same data frames (built on first use and kept with the morsel; AMD-Vi
+//! keeps a second, read-only one for read-only mounts, see `Views::amd_ro`).
 //! `Unit` is the one found at boot; which one comes from the ACPI tables, not the CPU.
 
 pub mod amdvi;
