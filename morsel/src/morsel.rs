@@ -61,6 +61,9 @@ pub struct Morsel<F: Format> {
     owns_data: bool,
     /// True for a sparse morsel (`create_sparse`): all tables, leaves only where populated.
     sparse: bool,
+    /// The most any entry of the subtree grants: `RWX` for a morsel, the limit a view was
+    /// built with (`view_limited`); `set_leaf` maps with it.
+    ceiling: Perm,
     _format: PhantomData<fn() -> F>,
 }
 
@@ -74,6 +77,7 @@ impl<F: Format> core::fmt::Debug for Morsel<F> {
             .field("page", &self.page)
             .field("mounts", &self.mount_count())
             .field("view", &!self.owns_data)
+            .field("ceiling", &self.ceiling)
             .finish()
     }
 }
@@ -145,7 +149,7 @@ impl<F: Format> Morsel<F> {
 
     /// A morsel that owns its tables and data frames, not mounted anywhere yet.
     fn owning(root: HostPhysAddr, root_level: Level, len: u64, page: PageSize, tables: u32, sparse: bool) -> Self {
-        Self { root, root_level, len, page, tables, mounts: AtomicU32::new(0), owns_data: true, sparse, _format: PhantomData }
+        Self { root, root_level, len, page, tables, mounts: AtomicU32::new(0), owns_data: true, sparse, ceiling: Perm::RWX, _format: PhantomData }
     }
 
     /// Whether this is a sparse (ExMap) morsel, or a view of one.
@@ -160,7 +164,8 @@ impl<F: Format> Morsel<F> {
 
     /// Walks the 4 KiB leaves of pages `first .. first + count` of a sparse morsel, one table
     /// walk per L1 table, and lets `f(page, current)` decide each one: keep it, map a frame
-    /// (read-write-execute; the mount entry limits the rights), clear it, or stop (the pages
+    /// (with the subtree's ceiling: read-write-execute for a morsel, the mount entry limits
+    /// the rights; a view's limit for a view), clear it, or stop (the pages
     /// after it stay untouched). Returns how many pages `f` saw. `NotSparse` on a morsel
     /// with data pages of another size, `OutOfRange` past its end. The caller invalidates
     /// after clearing.
@@ -191,7 +196,7 @@ impl<F: Format> Morsel<F> {
                 match f(page, current) {
                     LeafEdit::Keep => {}
                     LeafEdit::Map(frame) => {
-                        mem.write(table, i, Entry::<F>::leaf(PageSize::Size4K, frame, Perm::RWX).raw())
+                        mem.write(table, i, Entry::<F>::leaf(PageSize::Size4K, frame, self.ceiling).raw())
                     }
                     LeafEdit::Clear => mem.write(table, i, Entry::<F>::EMPTY.raw()),
                     LeafEdit::Stop => return Ok(page - first),
@@ -225,9 +230,24 @@ impl<F: Format> Morsel<F> {
         alloc: &impl FrameAlloc,
         mem: &impl PhysMem,
     ) -> Result<Morsel<G>, Error> {
+        self.view_limited(self.ceiling, alloc, mem)
+    }
+
+    /// `view` whose every entry, tables and leaves alike, grants at most `limit` (and what
+    /// this morsel's entry grants); `set_leaf` on it maps with `limit` too. A read-only view
+    /// (`Perm::RO`) is read-only at every level, for walkers that look at the leaf's rights
+    /// alone instead of ANDing the levels' (the AMD IOMMU spec 2.2.3 ANDs them; QEMU 11.1's
+    /// AMD IOMMU checks only the leaf).
+    pub fn view_limited<G: Format>(
+        &self,
+        limit: Perm,
+        alloc: &impl FrameAlloc,
+        mem: &impl PhysMem,
+    ) -> Result<Morsel<G>, Error> {
+        let ceiling = self.ceiling.and(limit);
         let root = new_table(alloc, mem)?;
         let mut tables = 1;
-        if let Err(e) = copy_tree::<F, G>(self.root, root, self.root_level, alloc, mem, &mut tables)
+        if let Err(e) = copy_tree::<F, G>(self.root, root, self.root_level, ceiling, alloc, mem, &mut tables)
         {
             free_tree::<G>(root, self.root_level, false, alloc, mem);
             return Err(e);
@@ -241,6 +261,7 @@ impl<F: Format> Morsel<F> {
             mounts: AtomicU32::new(0),
             owns_data: false,
             sparse: self.sparse,
+            ceiling,
             _format: PhantomData,
         })
     }
@@ -345,6 +366,11 @@ impl<F: Format> Morsel<F> {
     /// Whether this is a view over another morsel's data frames (see `view`).
     pub fn is_view(&self) -> bool {
         !self.owns_data
+    }
+
+    /// The most any entry of the subtree grants (`RWX` but for a `view_limited`).
+    pub fn ceiling(&self) -> Perm {
+        self.ceiling
     }
 
     /// Bytes in the object (a multiple of the page size).
@@ -612,6 +638,7 @@ fn copy_tree<F: Format, G: Format>(
     from: HostPhysAddr,
     to: HostPhysAddr,
     level: Level,
+    limit: Perm,
     alloc: &impl FrameAlloc,
     mem: &impl PhysMem,
     tables: &mut u32,
@@ -620,13 +647,13 @@ fn copy_tree<F: Format, G: Format>(
         match Entry::<F>::from_raw(mem.read(from, i)).decode(level) {
             Decoded::Empty => {}
             Decoded::Leaf { frame, perm, size } => {
-                mem.write(to, i, Entry::<G>::leaf(size, frame, perm).raw())
+                mem.write(to, i, Entry::<G>::leaf(size, frame, perm.and(limit)).raw())
             }
             Decoded::Table { next, perm, .. } => {
                 let t = new_table(alloc, mem)?;
-                mem.write(to, i, Entry::<G>::table_to(t, level - 1, perm).raw());
+                mem.write(to, i, Entry::<G>::table_to(t, level - 1, perm.and(limit)).raw());
                 *tables += 1;
-                copy_tree::<F, G>(next, t, level - 1, alloc, mem, tables)?;
+                copy_tree::<F, G>(next, t, level - 1, limit, alloc, mem, tables)?;
             }
         }
     }
@@ -1114,6 +1141,79 @@ mod tests {
         assert_eq!(twin.translate(3 * 4096, &mem), None);
         twin.destroy(&mem, &mem).unwrap();
         sparse.destroy(&mem, &mem).unwrap();
+        assert_eq!(mem.allocated_frames(), 0);
+    }
+
+    /// The read-only AMD-Vi view of an NPT morsel (`view_limited(Perm::RO)`) is read-only at
+    /// every level: every present entry, PDE and PTE, has PR and IR (bits 0, 61) and not IW
+    /// (bit 62, IOMMU spec 2.2.3), also after `set_leaf`; the read-write view's entries all
+    /// have IW. Both point at the same frames, and a read-only mount of either translates
+    /// read-only.
+    #[test]
+    fn read_only_amd_view_has_no_iw_at_any_level() {
+        use crate::format::AmdV1;
+        const IR: u64 = 1 << 61;
+        const IW: u64 = 1 << 62;
+        /// Present entries seen and whether each had IW, by walking the whole subtree.
+        fn walk(t: HostPhysAddr, level: Level, mem: &SimMem, iw: bool, seen: &mut u32) {
+            for i in 0..512 {
+                let raw = mem.read(t, i);
+                if raw & 1 == 0 {
+                    continue;
+                }
+                *seen += 1;
+                assert_eq!(raw & IR, IR, "L{level} entry {i}: {raw:#x} lacks IR");
+                assert_eq!(raw & IW != 0, iw, "L{level} entry {i}: {raw:#x}");
+                if let Decoded::Table { next, .. } = Entry::<AmdV1>::from_raw(raw).decode(level) {
+                    walk(next, level - 1, mem, iw, seen);
+                }
+            }
+        }
+        let mem = SimMem::new(8 * GIB);
+        for (len, page) in [(16 << 10, PageSize::Size4K), (5 << 20, PageSize::Size4K), (3 * GIB, PageSize::Size2M)] {
+            let npt = Morsel::<Npt>::create(len, page, &mem, &mem).unwrap();
+            let rw = npt.view::<AmdV1>(&mem, &mem).unwrap();
+            let ro = npt.view_limited::<AmdV1>(Perm::RO, &mem, &mem).unwrap();
+            assert_eq!((rw.ceiling(), ro.ceiling()), (Perm::RWX, Perm::RO));
+            assert_eq!(ro.table_count(), rw.table_count());
+            let (mut a, mut b) = (0, 0);
+            walk(rw.root(), rw.root_level(), &mem, true, &mut a);
+            walk(ro.root(), ro.root_level(), &mem, false, &mut b);
+            assert!(a == b && a >= 4, "{a} vs {b} present entries");
+            for off in [0, len / 2 + 123, len - 1] {
+                assert_eq!(ro.translate(off, &mem), npt.translate(off, &mem));
+            }
+            let mut t = SecondLevelTable::<AmdV1>::new(&mem, &mem).unwrap();
+            let w = crate::IoVirtAddr::new(ro.window_size());
+            ro.mount(&mut t, w, Perm::RO, &mem, &mem).unwrap();
+            let tr = t.translate(crate::IoVirtAddr::new(w.to_u64() + len - 1), &mem).unwrap();
+            assert_eq!((tr.addr, tr.perm.write), (npt.translate(len - 1, &mem).unwrap(), false));
+            ro.unmount(&mut t, w, &mem, &mem).unwrap();
+            t.destroy(&mem, &mem).unwrap();
+            for v in [rw, ro] {
+                v.destroy(&mem, &mem).unwrap();
+            }
+            npt.destroy(&mem, &mem).unwrap();
+        }
+        // A sparse morsel's read-only view maps with IR alone when it follows `set_leaf`.
+        let sparse = Morsel::<Npt>::create_sparse(64 << 10, &mem, &mem).unwrap();
+        let ro = sparse.view_limited::<AmdV1>(Perm::RO, &mem, &mem).unwrap();
+        let rw = sparse.view::<AmdV1>(&mem, &mem).unwrap();
+        let frame = mem.alloc(0).unwrap();
+        for v in [&ro, &rw] {
+            assert_eq!(v.set_leaf(3, Some(frame), &mem).unwrap(), None);
+            assert_eq!(v.translate(3 * 4096, &mem), Some(frame));
+        }
+        let (mut a, mut b) = (0, 0);
+        walk(ro.root(), ro.root_level(), &mem, false, &mut a);
+        walk(rw.root(), rw.root_level(), &mem, true, &mut b);
+        assert!(a == b && a >= 1, "{a} vs {b} present entries");
+        for v in [ro, rw] {
+            assert_eq!(v.set_leaf(3, None, &mem).unwrap(), Some(frame));
+            v.destroy(&mem, &mem).unwrap();
+        }
+        sparse.destroy(&mem, &mem).unwrap();
+        mem.free(frame, 0);
         assert_eq!(mem.allocated_frames(), 0);
     }
 

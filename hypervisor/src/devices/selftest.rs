@@ -196,7 +196,7 @@ fn mount_all(d: &mut Devices, bdf: Bdf, m: &Morsel<Ept>, views: &mut Views, at: 
     }
     let invalidated = d.iommu.invalidate(bdf).is_ok();
     // A view would mean the IOMMU walks copies, not the EPT subtree this test is about.
-    let shared = views.vtd.is_none() && views.amd.is_none() && views.ept.is_none();
+    let shared = views.vtd.is_none() && views.amd.is_none() && views.amd_ro.is_none() && views.ept.is_none();
     log::info!(target: "iommu", "sharept test: the EPT subtree itself was mounted (no VT-d view): {}", if shared { "yes" } else { "NO" });
     invalidated && shared
 }

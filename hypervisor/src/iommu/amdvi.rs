@@ -11,7 +11,7 @@ use crate::devices::pci::Bdf;
 use alloc::vec::Vec;
 use formats::amdvi::{self as fmt, Command, Event};
 use formats::mmio::Mmio;
-use morsel::{AmdV1, HostPhysAddr, Morsel, PhysMem, SecondLevelTable};
+use morsel::{AmdV1, HostPhysAddr, Morsel, Perm, PhysMem, SecondLevelTable};
 
 /// MMIO register offsets (spec 3.4): device table, command buffer and event log bases,
 /// control; command/event head and tail pointers; status.
@@ -310,7 +310,11 @@ impl Iommu for AmdVi {
     fn counters(&self) -> (u64, u64) {
         (self.faults_seen, self.invalidations)
     }
-    fn view_slot(views: &mut Views) -> &mut Option<Morsel<AmdV1>> {
-        &mut views.amd
+    fn view_slot(views: &mut Views, perm: Perm) -> (&mut Option<Morsel<AmdV1>>, Perm) {
+        if perm.write {
+            (&mut views.amd, Perm::RWX)
+        } else {
+            (&mut views.amd_ro, Perm::RO)
+        }
     }
 }

@@ -2,7 +2,8 @@
 //! ACPI DMAR) and the AMD IOMMU (`amdvi`, found through the IVRS), and the device-mount
 //! operations written once over it: a morsel goes into a device's domain with one entry,
 //! its own subtree where the IOMMU walks the morsel's format, else a view in the IOMMU's
-//! format over the same data frames (built on first use and kept with the morsel).
+//! format over the same data frames (built on first use and kept with the morsel; AMD-Vi
+//! keeps a second, read-only one for read-only mounts, see `Views::amd_ro`).
 //! `Unit` is the one found at boot; which one comes from the ACPI tables, not the CPU.
 
 pub mod amdvi;
@@ -79,8 +80,9 @@ pub trait Iommu {
     fn prune_domains(&mut self, frames: &Frames);
     /// Faults reported and invalidations issued so far.
     fn counters(&self) -> (u64, u64);
-    /// Where a morsel keeps its view in this IOMMU's format.
-    fn view_slot(views: &mut Views) -> &mut Option<Morsel<Self::Format>>;
+    /// Where a morsel keeps its view in this IOMMU's format for a mount with `perm`, and the
+    /// most that view's entries grant (`Morsel::view_limited`).
+    fn view_slot(views: &mut Views, perm: Perm) -> (&mut Option<Morsel<Self::Format>>, Perm);
     /// Whether a morsel whose format this IOMMU cannot walk goes through its EPT twin (VT-d
     /// with `iommu=sharept`) rather than a view in the IOMMU's own format.
     fn shares_ept(&self) -> bool {
@@ -92,7 +94,12 @@ pub trait Iommu {
 #[derive(Default)]
 pub struct Views {
     pub vtd: Option<Morsel<VtdSl>>,
+    /// For read-write AMD-Vi mounts: entries read-write, the mount entry limits the rights.
     pub amd: Option<Morsel<AmdV1>>,
+    /// For read-only AMD-Vi mounts: IW = 0 in every entry, so the mount is read-only at
+    /// every level, also for a walker that checks the leaf alone (QEMU 11.1's; the spec,
+    /// 2.2.3, ANDs the levels). Built on the first read-only mount.
+    pub amd_ro: Option<Morsel<AmdV1>>,
     /// `iommu=sharept`: the morsel in the EPT format (the entries `Morsel::<Ept>::create`
     /// writes for a VMX guest's morsel) over the same data frames, whose own subtree goes
     /// into VT-d domains as an EPT morsel's does. Kept in step with ExMap like the views.
@@ -100,9 +107,9 @@ pub struct Views {
 }
 
 impl Views {
-    /// Destroys the views (their tables are RAM frames, never data); returns how many tables
-    /// went back, with the format's name.
-    pub fn destroy(&mut self, frames: &Frames) -> Option<(u32, &'static str)> {
+    /// Destroys the views (their tables are RAM frames, never data); returns how many views
+    /// and tables went back, with the (first) format's name.
+    pub fn destroy(&mut self, frames: &Frames) -> Option<(u32, u32, &'static str)> {
         fn one<G: Format>(v: &mut Option<Morsel<G>>, frames: &Frames) -> Option<(u32, &'static str)> {
             let view = v.take()?;
             let tables = view.table_count();
@@ -114,7 +121,9 @@ impl Views {
                 }
             }
         }
-        one(&mut self.vtd, frames).or(one(&mut self.amd, frames)).or(one(&mut self.ept, frames))
+        let all = [one(&mut self.vtd, frames), one(&mut self.amd, frames), one(&mut self.amd_ro, frames), one(&mut self.ept, frames)];
+        let name = all.iter().flatten().map(|&(_, n)| n).next()?;
+        Some(all.iter().flatten().fold((0, 0, name), |(v, t, n), &(tables, _)| (v + 1, t + tables, n)))
     }
 }
 
@@ -156,16 +165,23 @@ pub fn mount<I: Iommu, F: Format>(unit: &mut I, bdf: Bdf, morsel: &Morsel<F>, vi
     }
     let table = unit.table(bdf).ok_or(MountError::NoDomain)?;
     let at = IoVirtAddr::new(iova);
-    let view = match I::view_slot(views) {
+    let (slot, limit) = I::view_slot(views, perm);
+    let read_only = !limit.write;
+    let view = match slot {
         Some(v) => v,
         slot @ None => {
-            let v = morsel.view::<I::Format>(frames, &mem).map_err(MountError::Morsel)?;
-            log::info!(target: "morsel", "{} view of a {} {} morsel built: {} tables over the same data frames",
-                I::NAME, formats::units::Bytes(v.len()), F::NAME, v.table_count());
+            let v = morsel.view_limited::<I::Format>(limit, frames, &mem).map_err(MountError::Morsel)?;
+            log::info!(target: "morsel", "{} {}view of a {} {} morsel built: {} tables over the same data frames{}",
+                I::NAME, if read_only { "read-only " } else { "" }, formats::units::Bytes(v.len()), F::NAME, v.table_count(),
+                if read_only { " (no write right in any entry)" } else { "" });
             slot.insert(v)
         }
     };
-    let how = if I::NAME == "VT-d" { "its VT-d view over the same frames" } else { "its AMD-Vi view over the same frames" };
+    let how = match (I::NAME, read_only) {
+        ("VT-d", _) => "its VT-d view over the same frames",
+        (_, false) => "its AMD-Vi view over the same frames",
+        (_, true) => "its read-only AMD-Vi view over the same frames (IW = 0 at every level)",
+    };
     view.mount(table, at, perm, frames, &mem).map(|s| (s, how)).map_err(MountError::Morsel)
 }
 
@@ -182,7 +198,18 @@ pub fn unmount<I: Iommu, F: Format>(unit: &mut I, bdf: Bdf, morsel: &Morsel<F>, 
         return unmount(unit, bdf, twin, &mut Views::default(), iova, frames);
     }
     let table = unit.table(bdf).ok_or(MountError::NoDomain)?;
-    I::view_slot(views).as_ref().ok_or(MountError::NoDomain)?.unmount(table, IoVirtAddr::new(iova), frames, &mem).map_err(MountError::Morsel)
+    let at = IoVirtAddr::new(iova);
+    // Whichever view the mount took: the entry there points at its root.
+    let mut result = Err(MountError::NoDomain);
+    for perm in [Perm::RW, Perm::RO] {
+        if let (Some(view), _) = I::view_slot(views, perm) {
+            result = view.unmount(table, at, frames, &mem).map_err(MountError::Morsel);
+            if !matches!(result, Err(MountError::Morsel(morsel::Error::NotMounted { .. }))) {
+                break;
+            }
+        }
+    }
+    result
 }
 
 /// Maps one 4 KiB frame at `iova` in `bdf`'s domain with `perm` and invalidates (the

@@ -11,7 +11,7 @@ use formats::mmio::Mmio;
 use formats::vtd_qi::{self, Descriptor, Scope};
 use crate::devices::pci::Bdf;
 use alloc::vec::Vec;
-use morsel::{HostPhysAddr, Morsel, PhysMem, SecondLevelTable, VtdSl};
+use morsel::{HostPhysAddr, Morsel, Perm, PhysMem, SecondLevelTable, VtdSl};
 
 /// Register offsets (VT-d spec 10.4).
 const VER: u64 = 0x00;
@@ -435,8 +435,11 @@ impl Iommu for Vtd {
     fn counters(&self) -> (u64, u64) {
         (self.faults_seen, self.invalidations)
     }
-    fn view_slot(views: &mut Views) -> &mut Option<Morsel<VtdSl>> {
-        &mut views.vtd
+    /// One view for every mount: a VT-d walk grants only what every level's entry grants
+    /// (VT-d spec 3.7, 9.8), and QEMU's VT-d walker ANDs them too, so the mount entry's
+    /// limit holds.
+    fn view_slot(views: &mut Views, _perm: Perm) -> (&mut Option<Morsel<VtdSl>>, Perm) {
+        (&mut views.vtd, Perm::RWX)
     }
     fn shares_ept(&self) -> bool {
         self.share_ept

@@ -225,8 +225,8 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     /// Destroys a morsel's device views or EPT twin (their tables are RAM frames, also for a
     /// persistent morsel; data frames stay the morsel's).
     pub(crate) fn drop_view(&self, name: &str, n: &mut Named<F>, frames: &Frames) {
-        if let Some((tables, format)) = n.views.destroy(frames) {
-            let what = if format == "EPT" { "twin" } else { "view" };
+        if let Some((count, tables, format)) = n.views.destroy(frames) {
+            let what = if format == "EPT" { "twin" } else if count > 1 { "views" } else { "view" };
             log::info!(target: "morsel", "'{name}': {format} {what} destroyed, {tables} tables given back");
         }
     }

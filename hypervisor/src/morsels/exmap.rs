@@ -343,7 +343,7 @@ fn follow_views<F: morsel::Format>(n: &Named<F>, changed: &[(u64, HostPhysAddr)]
             let _ = view.set_leaf(p, mapped.then_some(f), &IDENTITY);
         }
     }
-    if let Some(view) = &n.views.amd {
+    for view in [&n.views.amd, &n.views.amd_ro].into_iter().flatten() {
         for &(p, f) in changed {
             let _ = view.set_leaf(p, mapped.then_some(f), &IDENTITY);
         }
