@@ -24,7 +24,13 @@ pub struct Devices {
     pub functions: Vec<Function>,
     pub iommu: Unit,
     pub edu: Option<edu::Edu>,
-    pub nvme: Option<nvme::Nvme>,
+    /// The NVMe driver, leaked at boot so that a CPU reaches it with the world lock let go
+    /// (its batches run outside the lock; what it shares is locked or atomic, `nvme`).
+    pub nvme: Option<&'static nvme::Nvme>,
+    /// The I/O virtual spans of the NVMe domain that proxy batches (`nvme_io`, ExMap READ and
+    /// WRITE) have mounted now: a batch whose I/O runs outside the world lock keeps its span
+    /// here, so a batch of another CPU mounts elsewhere (`proxy_slot`).
+    pub proxy_spans: Vec<(u64, u64)>,
 }
 
 /// An IOMMU is there but could not be set up (the reason was logged).
@@ -84,7 +90,7 @@ pub fn init(platform: &Platform, frames: &Frames, options: crate::platform::cmdl
                 };
                 match iommu.attach(f.bdf, frames) {
                     Ok(()) => match nvme::Nvme::new(f.bdf, bar, &mut iommu, frames, &platform.apic_ids, completions) {
-                        Ok(n) => nvme = Some(n),
+                        Ok(n) => nvme = Some(&*alloc::boxed::Box::leak(alloc::boxed::Box::new(n))),
                         Err(e) => log::error!(target: "nvme", "device {}: {e}", f.bdf),
                     },
                     Err(e) => log::error!(target: "iommu", "device {}: no domain: {e}", f.bdf),
@@ -94,7 +100,7 @@ pub fn init(platform: &Platform, frames: &Frames, options: crate::platform::cmdl
         }
     }
     iommu.poll_faults();
-    Ok(Some(Devices { functions, iommu, edu, nvme }))
+    Ok(Some(Devices { functions, iommu, edu, nvme, proxy_spans: Vec::new() }))
 }
 
 /// The VT-d unit of the DMAR, translation on.

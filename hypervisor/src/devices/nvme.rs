@@ -6,6 +6,16 @@
 //! address of its VT-d domain: its queues and PRP list page are mapped there at their
 //! host-physical address, and the proxy mounts the caller's morsel at `PROXY_IOVA`, so the
 //! data pointers (PRPs) are IOVAs inside the morsel.
+//!
+//! Sharing: after `new` the driver is leaked (`Devices::nvme` is a `&'static Nvme`), so a
+//! CPU runs its batch with the world lock let go (`vm::hypercall::Unlocked::Disk`) while
+//! other CPUs handle their exits. Everything a batch changes is its own CPU's or atomic:
+//! each I/O queue pair (ring indices, slot owners, PRP list pages) sits behind its own spin
+//! lock, held for the whole batch; a CPU uses the pair whose MSI-X entry targets it, so the
+//! lock is uncontended unless the controller granted fewer pairs than there are CPUs (then the
+//! CPUs without one share the first pair and take turns on it). The counters and the
+//! `broken` flag are atomics; the admin queue is used only by `new`, before the driver is
+//! shared. The doorbells of different pairs are different registers.
 
 use allocator::Order;
 use crate::mm::frames::Frames;
@@ -16,6 +26,7 @@ use crate::devices::pci::{Bdf, Msix};
 use crate::arch::idt::DEVICE_VECTOR;
 use alloc::vec::Vec;
 use morsel::{HostPhysAddr, Perm};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// Class code 01 08 02: mass storage, non-volatile memory, NVM Express (PCI code and ID spec).
 pub const CLASS: u32 = 0x01_08_02;
@@ -130,18 +141,20 @@ pub struct Nvme {
     regs: Mmio,
     stride: u64,
     admin: Queue,
-    /// One I/O queue pair per CPU (as many as the controller grants).
-    io: Vec<IoQueue>,
+    /// One I/O queue pair per CPU (as many as the controller grants), each behind its lock.
+    io: Vec<spin::Mutex<IoQueue>>,
+    /// The APIC ID each pair of `io` belongs to (fixed after `new`).
+    io_apic: Vec<u32>,
     /// A page for identify data.
     scratch: HostPhysAddr,
     pub blocks: u64,
     max_chunk: u64,
-    pub commands: u64,
+    pub commands: AtomicU64,
     /// Completion interrupts taken and halts waited in, over all batches.
-    pub interrupts: u64,
-    pub halts: u64,
+    pub interrupts: AtomicU64,
+    pub halts: AtomicU64,
     /// Set after a command timed out: the controller may still own pages, no more I/O.
-    broken: bool,
+    broken: AtomicBool,
 }
 
 /// How the I/O completion queues signal: MSI-X (the function's table, MSI-X not yet
@@ -216,7 +229,8 @@ impl Nvme {
         let (asq, acq, scratch) = (page()?, page()?, page()?);
         let mut n = Nvme {
             bdf, regs, stride: 4, admin: queue(0, asq, acq, ADMIN_ENTRIES),
-            io: Vec::new(), scratch, blocks: 0, max_chunk: MAX_CHUNK, commands: 0, interrupts: 0, halts: 0, broken: false,
+            io: Vec::new(), io_apic: Vec::new(), scratch, blocks: 0, max_chunk: MAX_CHUNK,
+            commands: AtomicU64::new(0), interrupts: AtomicU64::new(0), halts: AtomicU64::new(0), broken: AtomicBool::new(false),
         };
         // CAP is a 64-bit register; read as two halves.
         let cap = n.regs.read32(CAP) as u64 | (n.regs.read32(CAP + 4) as u64) << 32;
@@ -287,19 +301,21 @@ impl Nvme {
             let cdw11 = if irq { (id as u32) << 16 | 1 << 1 | 1 } else { 1 };
             n.admin_cmd(OP_CREATE_CQ, 0, cq.as_u64(), [qsize | id as u32, cdw11]).map_err(|_| "create I/O completion queue failed")?;
             n.admin_cmd(OP_CREATE_SQ, 0, sq.as_u64(), [qsize | id as u32, (id as u32) << 16 | 1]).map_err(|_| "create I/O submission queue failed")?;
-            n.io.push(IoQueue { q: queue(id, sq, cq, io_entries), apic_id, irq, prp, owner: alloc::vec![None; io_entries as usize - 1] });
+            n.io.push(spin::Mutex::new(IoQueue { q: queue(id, sq, cq, io_entries), apic_id, irq, prp, owner: alloc::vec![None; io_entries as usize - 1] }));
+            n.io_apic.push(apic_id);
         }
         let model = core::str::from_utf8(&model).unwrap_or("?").trim_end();
         log::info!(target: "nvme", "device {bdf}: NVMe {}.{} '{model}', namespace 1: {} blocks of {BLOCK} bytes ({} MiB), max transfer {} KiB, admin queue {ADMIN_ENTRIES} entries, {} I/O queue pair(s) of {io_entries} entries (one per CPU, {} CPUs), mapped in its domain",
             vs >> 16, vs >> 8 & 0xff, n.blocks, (n.blocks * BLOCK) >> 20, n.max_chunk >> 10, n.io.len(), apic_ids.len());
+        let pairs: Vec<(u16, u32, bool)> = n.io.iter().map(|q| q.lock()).map(|q| (q.q.id, q.apic_id, q.irq)).collect();
         match &msix {
-            Some(m) if n.io.iter().any(|q| q.irq) => {
+            Some(m) if pairs.iter().any(|q| q.2) => {
                 let mut routes = alloc::string::String::new();
-                for q in n.io.iter().filter(|q| q.irq) {
-                    let cpu = apic_ids.iter().position(|&a| a == q.apic_id).unwrap_or(0);
-                    routes.push_str(&alloc::format!("{}queue {} on CPU {cpu} (APIC {})", if routes.is_empty() { "" } else { ", " }, q.q.id, q.apic_id));
+                for &(id, apic_id, _) in pairs.iter().filter(|q| q.2) {
+                    let cpu = apic_ids.iter().position(|&a| a == apic_id).unwrap_or(0);
+                    routes.push_str(&alloc::format!("{}queue {id} on CPU {cpu} (APIC {apic_id})", if routes.is_empty() { "" } else { ", " }));
                 }
-                let polled = n.io.iter().filter(|q| !q.irq).count();
+                let polled = pairs.iter().filter(|q| !q.2).count();
                 log::info!(target: "nvme", "device {bdf}: completions by MSI-X interrupt (vector {DEVICE_VECTOR:#x}: {routes}; table of {} entries in BAR{} at {:#x}; {polled} queue pair(s) polled)",
                     m.entries, m.bar, m.offset);
             }
@@ -348,7 +364,7 @@ impl Nvme {
             core::hint::spin_loop();
         };
         self.ring(0, true, self.admin.head);
-        self.commands += 1;
+        *self.commands.get_mut() += 1;
         match c.status {
             0 => Ok(c.dw0),
             status => Err(status),
@@ -362,12 +378,12 @@ impl Nvme {
             return 0;
         }
         let me = crate::arch::apic::id();
-        self.io.iter().position(|q| q.apic_id == me).unwrap_or(0)
+        self.io_apic.iter().position(|&a| a == me).unwrap_or(0)
     }
 
     /// Moves `count` blocks between `lba` and I/O virtual address `iova` (block aligned;
     /// a read writes memory): a batch of one request. Returns `count`.
-    pub fn io(&mut self, write: bool, iova: u64, lba: u64, count: u64) -> Result<u64, IoError> {
+    pub fn io(&self, write: bool, iova: u64, lba: u64, count: u64) -> Result<u64, IoError> {
         let mut out = [Ok(0)];
         let s = self.batch(write, &[Request { iova, lba, blocks: count }], &mut out);
         log::info!(target: "nvme", "{} {count} blocks ({}) {} LBA {lba} {} I/O virtual address {iova:#x} on queue {} (CPU {}): {} commands, {} completion interrupts ({} halts), {} ms, {} MiB/s",
@@ -384,14 +400,22 @@ impl Nvme {
     /// posted, a pair with an interrupt halts this CPU (HLT with interrupts on) until the next
     /// interrupt (its completion, a timer, an IPI; at the latest `HALT_BACKSTOP_US`) and
     /// reads the queue again, so a lost interrupt costs time, never the batch; a polled pair
-    /// spins. Runs on the CPU the caller runs on, with host interrupts off.
-    pub fn batch(&mut self, write: bool, reqs: &[Request], out: &mut [Result<u64, IoError>]) -> BatchStats {
+    /// spins. Runs on the CPU the caller runs on, with host interrupts off, with or without
+    /// the world lock (its queue pair's lock is held throughout). While it waits it
+    /// acknowledges shootdown and drain requests (`ipi::service`, as a CPU spinning for the
+    /// world lock does), so a CPU that shoots down under the world lock is not held up by
+    /// this batch; nothing of this CPU's allocator core or TLB is in use meanwhile.
+    ///
+    /// The caller keeps every page the requests' IOVAs reach mapped in the device domain
+    /// (and not freed) until this returns: after it returns, no command of the batch is
+    /// outstanding (or the driver is `broken` and issues no more I/O).
+    pub fn batch(&self, write: bool, reqs: &[Request], out: &mut [Result<u64, IoError>]) -> BatchStats {
         let start = crate::platform::time::micros();
         let cpu = crate::arch::ipi::me();
         let interrupts_before = crate::arch::idt::device_interrupts(cpu);
         let mut stats = BatchStats { cpu, ..BatchStats::default() };
         for (r, o) in reqs.iter().zip(out.iter_mut()) {
-            *o = if self.broken {
+            *o = if self.broken.load(Ordering::Acquire) {
                 Err(IoError::Device(0xffff))
             } else if r.blocks == 0 || !r.iova.is_multiple_of(BLOCK) {
                 Err(IoError::Invalid)
@@ -402,9 +426,17 @@ impl Nvme {
             };
         }
         let qi = self.my_queue();
-        let Some(ioq) = self.io.get_mut(qi) else {
+        let Some(pair) = self.io.get(qi) else {
             out.iter_mut().for_each(|o| *o = Err(IoError::Device(0xffff)));
             return stats;
+        };
+        // Uncontended but where CPUs share a pair; a CPU waiting for it acknowledges shootdowns.
+        let mut ioq = loop {
+            if let Some(q) = pair.try_lock() {
+                break q;
+            }
+            crate::arch::ipi::service();
+            core::hint::spin_loop();
         };
         stats.queue = ioq.q.id;
         let per_cmd = self.max_chunk / BLOCK;
@@ -484,7 +516,7 @@ impl Nvme {
                 for r in ioq.owner.iter_mut().filter_map(|o| o.take()) {
                     out[r] = Err(IoError::Device(0xffff));
                 }
-                self.broken = true;
+                self.broken.store(true, Ordering::Release);
                 log::error!(target: "nvme", "device {}: {in_flight} commands timed out; no more I/O on it", self.bdf);
                 break;
             } else if ioq.irq {
@@ -493,13 +525,17 @@ impl Nvme {
                 let per_us = crate::platform::time::tsc_per_us().max(1);
                 crate::arch::apic::halt_once(crate::platform::time::tsc() + HALT_BACKSTOP_US * per_us);
                 stats.halts += 1;
+                crate::arch::ipi::service();
             } else {
+                crate::arch::ipi::service();
                 core::hint::spin_loop();
             }
         }
         stats.interrupts = crate::arch::idt::device_interrupts(cpu) - interrupts_before;
-        (self.interrupts, self.halts) = (self.interrupts + stats.interrupts, self.halts + stats.halts);
-        self.commands += stats.commands;
+        drop(ioq);
+        self.interrupts.fetch_add(stats.interrupts, Ordering::Relaxed);
+        self.halts.fetch_add(stats.halts, Ordering::Relaxed);
+        self.commands.fetch_add(stats.commands, Ordering::Relaxed);
         stats.us = (crate::platform::time::micros() - start).max(1);
         stats
     }

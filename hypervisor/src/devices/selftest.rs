@@ -286,7 +286,7 @@ fn sharept_nvme(d: &mut Devices, frames: &Frames) -> bool {
         leaf & 1, leaf >> 1 & 1, leaf >> 2 & 1, leaf >> 3 & 7, leaf >> 7 & 1);
     let iova = super::nvme::PROXY_IOVA.next_multiple_of(m.window_size());
     let mut views = Views::default();
-    let io = |d: &mut Devices, at: u64, blocks: u64| d.nvme.as_mut().map(|n| n.io(false, at, 0, blocks));
+    let io = |d: &mut Devices, at: u64, blocks: u64| d.nvme.map(|n| n.io(false, at, 0, blocks));
     let rw = [(iova, Perm::RW)];
     let mut ok = mount_all(d, bdf, &m, &mut views, &rw, frames);
     if ok {

@@ -6,6 +6,9 @@
 //!
 //! Per guest: a frame cache, a validator and result buffers (`VcpuState`), keyed by guest id
 //! (all of ExMap's state is behind the world lock, so a guest's vCPUs take turns on it).
+//! READ and WRITE run their NVMe batch with the world lock let go (`Step::Disk`, then
+//! `Exmaps::finish`): the region is pinned meanwhile (every action on it, its destroy and
+//! other batches on it answer `Busy`), so no frame the device may still write is freed.
 //! Invalidation: FREE clears all its PTEs, then shoots down ONCE (`vm/shootdown.rs`): the
 //! CPUs that ran the caller's vCPUs, or every CPU that ran any guest where other guests have
 //! the region mounted, and the IOTLB of every device domain that has it mounted; the call
@@ -20,8 +23,7 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use crate::devices::nvme::{IoError, Request};
 use exmap::{EntryError, FrameCache, Origin, Outcome, Range, Validator};
-use super::Named;
-use super::device_mounts::mount_error;
+use super::{DiskBatch, Named};
 use formats::units::Bytes;
 use abi::{self, Error};
 use hashbrown::HashMap;
@@ -39,13 +41,58 @@ struct VcpuState {
     out: Vec<Outcome>,
     changed: Vec<(u64, HostPhysAddr)>,
     /// The validated entries (READ / WRITE add `PastDisk`), the entries to roll back, their
-    /// throwaway results, and the NVMe batch (requests, the entry of each, their outcomes).
+    /// throwaway results, and the entry each request of an NVMe batch serves.
     checked: Vec<Result<Range, EntryError>>,
     undo: Vec<Result<Range, EntryError>>,
     spare: Vec<Outcome>,
-    reqs: Vec<Request>,
     owners: Vec<usize>,
-    done: Vec<Result<u64, IoError>>,
+}
+
+impl VcpuState {
+    fn new() -> Self {
+        VcpuState {
+            cache: FrameCache::new(),
+            validator: Validator::new(),
+            iov: Box::new([0; exmap::MAX_ENTRIES]),
+            out: Vec::with_capacity(exmap::MAX_ENTRIES),
+            changed: Vec::with_capacity(exmap::MAX_ENTRIES),
+            checked: Vec::with_capacity(exmap::MAX_ENTRIES),
+            undo: Vec::with_capacity(exmap::MAX_ENTRIES),
+            spare: Vec::with_capacity(exmap::MAX_ENTRIES),
+            owners: Vec::with_capacity(exmap::MAX_ENTRIES),
+        }
+    }
+}
+
+/// What `Exmaps::action` did: all of it (the failed-entry count), or all but the disk I/O.
+#[allow(clippy::large_enum_variant)] // moved once per call; boxing would allocate infallibly
+pub enum Step {
+    Done(u64),
+    Disk(ExmapIo),
+}
+
+/// A READ or WRITE whose NVMe batch runs with the world lock let go (`DiskBatch::run`),
+/// then `Exmaps::finish`: the batch, the entries' validation and outcomes so far (taken from
+/// the guest's `VcpuState`, whose other vCPUs may call meanwhile: on another region, since
+/// this one is pinned), which entry each request serves, and what `conclude` needs.
+pub struct ExmapIo {
+    pub batch: DiskBatch,
+    checked: Vec<Result<Range, EntryError>>,
+    out: Vec<Outcome>,
+    owners: Vec<usize>,
+    rest: Rest,
+}
+
+/// The state of an action between its halves.
+struct Rest {
+    op: u64,
+    b: exmap::BatchStats,
+    zeroed0: u64,
+    count: usize,
+    iov_gpa: u64,
+    name: String,
+    guest: u32,
+    disk: DiskStats,
 }
 
 /// Counters of one region.
@@ -114,9 +161,12 @@ impl Exmaps {
         Ok(gpa)
     }
 
-    /// `exmap_action(region_gpa, iov_gpa, count, opcode)`.
+    /// `exmap_action(region_gpa, iov_gpa, count, opcode)`: validation and the table edits
+    /// under the world lock; READ's and WRITE's disk I/O is returned as `Step::Disk`, run with
+    /// the lock let go, and ended by `finish` (results, rollback, counters) under it again.
+    /// A region with a batch in flight (`Named::in_io`) answers every action with `Busy`.
     #[allow(clippy::too_many_arguments)] // the call's four arguments and what it works on
-    pub fn action<B: Backend>(&mut self, dir: &mut Directory<B::Format>, mut devices: Option<&mut crate::devices::Devices>, g: &mut Guest<B>, frames: &Frames, gpa: u64, iov_gpa: u64, count: u64, op: abi::ExmapOp) -> Result<u64, Error> {
+    pub fn action<B: Backend>(&mut self, dir: &mut Directory<B::Format>, mut devices: Option<&mut crate::devices::Devices>, g: &mut Guest<B>, frames: &Frames, gpa: u64, iov_gpa: u64, count: u64, op: abi::ExmapOp) -> Result<Step, Error> {
         let op = match op {
             abi::ExmapOp::Alloc => abi::EXMAP_ALLOC,
             abi::ExmapOp::Free => abi::EXMAP_FREE,
@@ -143,28 +193,19 @@ impl Exmaps {
         if !n.morsel.is_sparse() {
             return Err(Error::Invalid);
         }
+        if n.in_io {
+            return Err(g.refuse(Error::Busy, format_args!("region {name:?} has an NVMe batch in flight")));
+        }
         let io = op == abi::EXMAP_READ || op == abi::EXMAP_WRITE;
         // READ and WRITE need the disk: its size in 4 KiB pages (disk offset = region offset).
         let disk_pages = match io {
-            true => devices.as_deref().and_then(|d| d.nvme.as_ref()).map(|nv| nv.blocks / PAGE_BLOCKS).ok_or(Error::NotFound)?,
+            true => devices.as_deref().and_then(|d| d.nvme).map(|nv| nv.blocks / PAGE_BLOCKS).ok_or(Error::NotFound)?,
             false => 0,
         };
-        let v = self.vcpus.entry(g.id).or_insert_with(|| VcpuState {
-            cache: FrameCache::new(),
-            validator: Validator::new(),
-            iov: Box::new([0; exmap::MAX_ENTRIES]),
-            out: Vec::with_capacity(exmap::MAX_ENTRIES),
-            changed: Vec::with_capacity(exmap::MAX_ENTRIES),
-            checked: Vec::with_capacity(exmap::MAX_ENTRIES),
-            undo: Vec::with_capacity(exmap::MAX_ENTRIES),
-            spare: Vec::with_capacity(exmap::MAX_ENTRIES),
-            reqs: Vec::with_capacity(exmap::MAX_ENTRIES),
-            owners: Vec::with_capacity(exmap::MAX_ENTRIES),
-            done: Vec::with_capacity(exmap::MAX_ENTRIES),
-        });
+        let v = self.vcpus.entry(g.id).or_insert_with(VcpuState::new);
         let count = count as usize;
         // SAFETY: iov_hpa..+4096 is guest RAM of this guest (translated above, aligned, so
-        // inside one page), read-write; the guest does not run during the call.
+        // inside one page), read-write; the hypervisor reads it only here, under the lock.
         let page = unsafe { crate::mm::frames::host_bytes_mut(iov_hpa.as_u64(), 4096) };
         for (k, e) in v.iov[..count].iter_mut().enumerate() {
             *e = u64::from_le_bytes(page[8 * k..8 * k + 8].try_into().unwrap_or([0; 8]));
@@ -181,7 +222,7 @@ impl Exmaps {
         }
         v.changed.clear();
         let zeroed0 = v.cache.stats().zeroed;
-        let mut b = match op {
+        let b = match op {
             abi::EXMAP_ALLOC => exmap::alloc(&n.morsel, stats.id, &v.checked, &mut v.out, &mut v.cache, frames, &IDENTITY, &mut v.changed),
             abi::EXMAP_READ => exmap::alloc_fresh(&n.morsel, stats.id, &v.checked, &mut v.out, &mut v.cache, frames, &IDENTITY, &mut v.changed),
             abi::EXMAP_WRITE => exmap::collect(&n.morsel, &v.checked, &mut v.out, &IDENTITY, &mut v.changed),
@@ -192,31 +233,116 @@ impl Exmaps {
         if op != abi::EXMAP_WRITE {
             follow_views(n, &v.changed, mapped);
         }
-        let mut moved = 0;
-        if io {
-            // The device reads into (READ) or from (WRITE) the entries' frames. The region
-            // stays in this call's hands all along (the directory is held for the call), so
-            // no FREE can evict a page under I/O.
-            let d = disk_io(n, devices.as_deref_mut(), frames, op == abi::EXMAP_WRITE, &v.checked, &mut v.out, &mut v.reqs, &mut v.owners, &mut v.done);
-            moved = d.pages;
-            stats.commands += d.commands;
-            stats.max_depth = stats.max_depth.max(d.max_depth);
-            stats.interrupts += d.interrupts;
-            b.failed += d.failed;
-            if op == abi::EXMAP_READ && d.failed > 0 {
-                // A failed read leaves nothing behind: its fresh pages are unmapped again.
-                v.undo.clear();
-                for (c, o) in v.checked.iter().zip(&v.out) {
-                    if let (Ok(r), Err(EntryError::Device)) = (c, o) {
-                        v.undo.push(Ok(*r));
-                        b.pages -= r.count;
-                        b.rolled_back += r.count;
+        let mut rest = Rest { op, b, zeroed0, count, iov_gpa, name, guest: g.id, disk: DiskStats::default() };
+        if !io || !v.checked.iter().zip(&v.out).any(|(c, o)| c.is_ok() && o.is_ok()) {
+            return Ok(Step::Done(self.conclude(dir, devices, Some(g), frames, rest)));
+        }
+        // The device reads into (READ) or from (WRITE) the entries' frames, with the world
+        // lock let go: the region is pinned meanwhile (`Named::in_io`), so no FREE, READ,
+        // destroy or other batch (of this guest's other vCPUs or of a sharer) touches its
+        // pages until `finish`.
+        let write = op == abi::EXMAP_WRITE;
+        let mut batch = match devices.as_deref_mut() {
+            Some(d) => dir.disk_begin(d, frames, &rest.name, write, false),
+            None => Err(Error::NotFound),
+        };
+        let v = self.vcpus.entry(g.id).or_insert_with(VcpuState::new);
+        v.owners.clear();
+        if let Ok(batch) = batch.as_mut() {
+            for (k, (c, o)) in v.checked.iter().zip(v.out.iter()).enumerate() {
+                if let (Ok(r), Ok(_)) = (c, o) {
+                    batch.reqs.push(Request { iova: batch.iova + r.first * 4096, lba: r.first * PAGE_BLOCKS, blocks: r.count * PAGE_BLOCKS });
+                    batch.done.push(Err(IoError::Invalid));
+                    v.owners.push(k);
+                }
+            }
+        }
+        match batch {
+            Ok(batch) => Ok(Step::Disk(ExmapIo {
+                batch,
+                checked: core::mem::take(&mut v.checked),
+                out: core::mem::take(&mut v.out),
+                owners: core::mem::take(&mut v.owners),
+                rest,
+            })),
+            Err(e) => {
+                // Nothing was mounted: every entry that needed the disk fails.
+                log::error!(target: "exmap", "{}: the whole batch failed ({e:?})", if write { "WRITE" } else { "READ" });
+                for (c, o) in v.checked.iter().zip(v.out.iter_mut()) {
+                    if c.is_ok() && o.is_ok() {
+                        *o = Err(EntryError::Device);
+                        rest.disk.failed += 1;
                     }
                 }
-                v.changed.clear();
-                exmap::free(&n.morsel, stats.id, &v.undo, &mut v.spare, &mut v.cache, &IDENTITY, &mut v.changed);
-                follow_views(n, &v.changed, false);
+                Ok(Step::Done(self.conclude(dir, devices, Some(g), frames, rest)))
             }
+        }
+    }
+
+    /// Ends a READ or WRITE whose disk I/O ran (under the world lock again): the region
+    /// leaves the NVMe domain and is unpinned, each entry gets its outcome, a failed READ
+    /// is rolled back. `g` is None where the caller's guest is gone: then its cache is
+    /// drained here too, and no result is written.
+    pub fn finish<B: Backend>(&mut self, dir: &mut Directory<B::Format>, mut devices: Option<&mut crate::devices::Devices>, g: Option<&mut Guest<B>>, frames: &Frames, io: ExmapIo) -> Result<u64, Error> {
+        let ExmapIo { batch, checked, mut out, owners, mut rest } = io;
+        let write = batch.write;
+        let faulted = dir.disk_end(devices.as_deref_mut(), frames, &batch);
+        rest.disk.commands = batch.stats.commands;
+        rest.disk.max_depth = batch.stats.max_depth;
+        rest.disk.interrupts = batch.stats.interrupts;
+        for (&k, r) in owners.iter().zip(batch.done.iter()) {
+            match (r, faulted) {
+                (Ok(blocks), Ok(false)) => rest.disk.pages += blocks / PAGE_BLOCKS,
+                _ => {
+                    if let Err(e) = r {
+                        log::warn!(target: "exmap", "{} of entry {k} failed: {e:?}", if write { "disk write" } else { "disk read" });
+                    }
+                    out[k] = Err(EntryError::Device);
+                    rest.disk.failed += 1;
+                }
+            }
+        }
+        if let Ok(true) | Err(_) = faulted {
+            log::error!(target: "exmap", "{}: the whole batch failed ({:?})", if write { "WRITE" } else { "READ" }, faulted);
+        }
+        let gone = g.is_none();
+        let guest = rest.guest;
+        let v = self.vcpus.entry(guest).or_insert_with(VcpuState::new);
+        (v.checked, v.out, v.owners) = (checked, out, owners);
+        let r = self.conclude(dir, devices, g, frames, rest);
+        if gone {
+            self.guest_ended(guest, frames);
+        }
+        Ok(r)
+    }
+
+    /// The end of an action, under the lock: a failed READ's rollback, the shootdown of a
+    /// FREE, the counters, the results into the iovec page (`v.checked`, `v.out`).
+    fn conclude<B: Backend>(&mut self, dir: &mut Directory<B::Format>, devices: Option<&mut crate::devices::Devices>, mut g: Option<&mut Guest<B>>, frames: &Frames, rest: Rest) -> u64 {
+        let Rest { op, mut b, zeroed0, count, iov_gpa, name, guest, disk: d } = rest;
+        let (Some(v), Some(stats), Some(n)) = (self.vcpus.get_mut(&guest), self.regions.get_mut(&name), dir.named.get_mut(&name)) else {
+            // Unreachable: the region is not destroyed while its action runs (pinned).
+            log::error!(target: "exmap", "guest {guest} '{name}': the region is gone at the end of its action");
+            return 0;
+        };
+        let moved = d.pages;
+        stats.commands += d.commands;
+        stats.max_depth = stats.max_depth.max(d.max_depth);
+        stats.interrupts += d.interrupts;
+        b.failed += d.failed;
+        if op == abi::EXMAP_READ && d.failed > 0 {
+            // A failed read leaves nothing behind: its fresh pages are unmapped again.
+            v.undo.clear();
+            for (c, o) in v.checked.iter().zip(&v.out) {
+                if let (Ok(r), Err(EntryError::Device)) = (c, o) {
+                    v.undo.push(Ok(*r));
+                    b.pages -= r.count;
+                    b.rolled_back += r.count;
+                }
+            }
+            v.changed.clear();
+            exmap::free(&n.morsel, stats.id, &v.undo, &mut v.spare, &mut v.cache, &IDENTITY, &mut v.changed);
+            follow_views(n, &v.changed, false);
         }
         stats.calls += 1;
         stats.failed += b.failed as u64;
@@ -235,13 +361,14 @@ impl Exmaps {
         }
         if op == abi::EXMAP_FREE && b.pages > 0 || b.rolled_back > 0 {
             // ONE shootdown for the whole batch, then the frames may leave the cache: the
-            // caller's CPUs, or, where other guests have the region mounted, every CPU that
-            // ran any guest.
-            if n.morsel.mount_count() > 1 {
-                crate::vm::shootdown::cpus(crate::vm::shootdown::any_ran_on());
-                stats.remote_flushes += 1;
-            } else {
-                crate::vm::shootdown::guest(g);
+            // caller's CPUs, or, where other guests have the region mounted (or the caller
+            // is gone), every CPU that ran any guest.
+            match g.as_deref_mut() {
+                Some(g) if n.morsel.mount_count() <= 1 => crate::vm::shootdown::guest(g),
+                _ => {
+                    crate::vm::shootdown::cpus(crate::vm::shootdown::any_ran_on());
+                    stats.remote_flushes += 1;
+                }
             }
             stats.invalidations += 1;
             // Each device domain the region is mounted in is invalidated once for the batch,
@@ -260,20 +387,29 @@ impl Exmaps {
                     }
                 }
                 stats.invalidations += flushed;
-                log::info!(target: "exmap", "guest {} '{name}' free of {} pages: IOTLB invalidated once in each of {flushed} device domain(s) ({mounts} device mounts)", g.id, b.pages);
+                log::info!(target: "exmap", "guest {guest} '{name}' free of {} pages: IOTLB invalidated once in each of {flushed} device domain(s) ({mounts} device mounts)", b.pages);
             }
             v.cache.trim(frames);
         }
-        for (k, o) in v.out.iter().enumerate() {
-            let r: i64 = match o {
-                Ok(pages) => *pages as i64,
-                Err(e) => entry_error(*e) as i64,
-            };
-            page[8 * k..8 * k + 8].copy_from_slice(&r.to_le_bytes());
+        // The results go to the iovec page, translated again (guest RAM: it stays while the
+        // guest does).
+        if let Some(g) = g {
+            if let Ok((iov_hpa, _)) = g.mem.translate(GuestPhysAddr::new(iov_gpa), Perm::RW) {
+                // SAFETY: as in `action`: one page of this guest's RAM, read-write, written
+                // under the lock.
+                let page = unsafe { crate::mm::frames::host_bytes_mut(iov_hpa.as_u64(), 4096) };
+                for (k, o) in v.out.iter().enumerate().take(count) {
+                    let r: i64 = match o {
+                        Ok(pages) => *pages as i64,
+                        Err(e) => entry_error(*e) as i64,
+                    };
+                    page[8 * k..8 * k + 8].copy_from_slice(&r.to_le_bytes());
+                }
+            }
         }
-        log::debug!(target: "exmap", "guest {} '{name}' {}: {count} entries, {} pages, {} failed",
-            g.id, ["alloc", "free", "read", "write"][op as usize], b.pages, b.failed);
-        Ok(b.failed as u64)
+        log::debug!(target: "exmap", "guest {guest} '{name}' {}: {count} entries, {} pages, {} failed",
+            ["alloc", "free", "read", "write"][op as usize], b.pages, b.failed);
+        b.failed as u64
     }
 
     /// `exmap_info(region_gpa, what)`.
@@ -363,79 +499,6 @@ struct DiskStats {
     commands: u64,
     max_depth: u64,
     interrupts: u64,
-}
-
-/// READ's and WRITE's device half, for the entries that are `Ok` in `out`: the region is
-/// mounted into the NVMe domain for the call (read-write for READ: the device writes its
-/// frames; read-only for WRITE), at the proxy's I/O virtual address (`nvme_io` does the same
-/// and unmounts before it returns, so the two never meet); one request per entry, at disk
-/// offset = region offset, all submitted before any is waited for; then the unmount and the
-/// IOTLB invalidation. An entry whose I/O failed, or any entry if the IOMMU reported a DMA
-/// fault of the device meanwhile, becomes `Err(Device)`.
-#[allow(clippy::too_many_arguments)]
-fn disk_io<F: morsel::Format>(
-    n: &mut Named<F>,
-    devices: Option<&mut crate::devices::Devices>,
-    frames: &Frames,
-    write: bool,
-    checked: &[Result<Range, EntryError>],
-    out: &mut [Outcome],
-    reqs: &mut Vec<Request>,
-    owners: &mut Vec<usize>,
-    done: &mut Vec<Result<u64, IoError>>,
-) -> DiskStats {
-    let mut s = DiskStats::default();
-    let window = n.morsel.window_size();
-    let iova = crate::devices::nvme::PROXY_IOVA.next_multiple_of(window);
-    reqs.clear();
-    owners.clear();
-    for (k, (c, o)) in checked.iter().zip(out.iter()).enumerate() {
-        if let (Ok(r), Ok(_)) = (c, o) {
-            reqs.push(Request { iova: iova + r.first * 4096, lba: r.first * PAGE_BLOCKS, blocks: r.count * PAGE_BLOCKS });
-            owners.push(k);
-        }
-    }
-    if reqs.is_empty() {
-        return s;
-    }
-    done.clear();
-    done.resize(reqs.len(), Err(IoError::Invalid));
-    let faulted = devices.ok_or(Error::NotFound).and_then(|d| {
-        let bdf = d.nvme.as_ref().ok_or(Error::NotFound)?.bdf;
-        let limit = d.iommu.limit(bdf).ok_or(Error::NotFound)?;
-        if iova.checked_add(window).is_none_or(|end| end > limit) {
-            return Err(Error::TooLarge);
-        }
-        let perm = if write { Perm::RO } else { Perm::RW };
-        d.iommu.mount(bdf, &n.morsel, &mut n.views, iova, perm, frames).map_err(mount_error)?;
-        let ready = d.iommu.invalidate(bdf).map_err(|_| Error::DeviceFault);
-        if ready.is_ok() {
-            if let Some(nv) = d.nvme.as_mut() {
-                let b = nv.batch(write, reqs, done);
-                (s.commands, s.max_depth, s.interrupts) = (b.commands, b.max_depth, b.interrupts);
-            }
-        }
-        let faulted = crate::devices::faults_of(d, bdf);
-        let _ = d.iommu.unmount(bdf, &n.morsel, &mut n.views, iova, frames);
-        d.iommu.invalidate(bdf).map_err(|_| Error::DeviceFault)?;
-        ready.map(|_| faulted)
-    });
-    for (&k, r) in owners.iter().zip(done.iter()) {
-        match (r, faulted) {
-            (Ok(blocks), Ok(false)) => s.pages += blocks / PAGE_BLOCKS,
-            _ => {
-                if let Err(e) = r {
-                    log::warn!(target: "exmap", "{} of entry {k} failed: {e:?}", if write { "disk write" } else { "disk read" });
-                }
-                out[k] = Err(EntryError::Device);
-                s.failed += 1;
-            }
-        }
-    }
-    if let Ok(true) | Err(_) = faulted {
-        log::error!(target: "exmap", "{}: the whole batch failed ({:?})", if write { "WRITE" } else { "READ" }, faulted);
-    }
-    s
 }
 
 /// What a second-level fault at `gpa` hit, where the guest has a morsel mounted there:

@@ -16,7 +16,10 @@
 //! reserved in `pending` meanwhile, taken for other creates and counted in the quota; nobody
 //! else can reach the frames); its destroy takes it out of the directory under the lock and
 //! frees its frames outside (`Removed`: mounted nowhere, its last unmount's shootdown done).
-//! Persistent morsels stay under the lock throughout (their records and frames).
+//! Persistent morsels stay under the lock throughout (their records and frames). An NVMe
+//! batch (the proxy, ExMap READ and WRITE) is prepared and mounted under the lock, runs with
+//! the lock let go while the target morsel is pinned (`Named::in_io`), and is unmounted
+//! under the lock again (`proxy::DiskBatch`).
 //!
 //! What a guest makes the hypervisor keep is bounded per guest (`abi::MORSEL_QUOTA` morsels,
 //! `abi::MOUNT_QUOTA` mounts, `abi::DEVICE_MOUNT_QUOTA` device mounts) and every heap
@@ -27,6 +30,8 @@ mod directory;
 pub mod exmap;
 mod persist;
 mod proxy;
+
+pub use proxy::{DiskBatch, ProxyIo};
 
 use crate::devices::pci::Bdf;
 use alloc::string::String;
@@ -58,6 +63,11 @@ pub(crate) struct Named<F: Format> {
     pub(crate) views: crate::iommu::Views,
     /// Its directory slot in persistent memory, for a persistent morsel.
     pub(crate) slot: Option<usize>,
+    /// An NVMe batch DMAs into or out of its frames now, with the world lock let go
+    /// (`proxy::DiskBatch`): it is pinned. Its destroy, an ExMap call on it and a second NVMe
+    /// batch on it answer `Busy` until the batch finished (under the lock again); nothing
+    /// else frees or moves its data frames or its device views.
+    pub(crate) in_io: bool,
 }
 
 impl<F: Format> Named<F> {
@@ -74,6 +84,7 @@ impl<F: Format> Named<F> {
             invalidations: 0,
             views: Default::default(),
             slot,
+            in_io: false,
         }
     }
 

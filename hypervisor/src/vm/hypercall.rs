@@ -5,7 +5,8 @@
 //! never a fault in the hypervisor.
 
 use super::guest::Guest;
-use crate::morsels::{Directory, PendingCreate, Removed, Started};
+use crate::morsels::{Directory, PendingCreate, ProxyIo, Removed, Started};
+use crate::morsels::exmap::{ExmapIo, Step};
 use super::{Backend, Regs};
 use crate::mm::frames::Frames;
 use crate::devices::pci::Bdf;
@@ -17,6 +18,7 @@ use morsel::GuestPhysAddr;
 const LOUD_FAILURES: u32 = 8;
 
 /// What the scheduler does after a hypercall.
+#[allow(clippy::large_enum_variant)] // returned once per call, on the stack; no allocation
 pub enum Action<F: morsel::Format> {
     Continue,
     Yield,
@@ -27,7 +29,8 @@ pub enum Action<F: morsel::Format> {
     Unlocked(Unlocked<F>),
 }
 
-/// The lock-free part of a call (allocator work and zeroing, no shared state).
+/// The lock-free part of a call (allocator work, zeroing, NVMe batches on pinned morsels;
+/// no shared state but the lock-free allocator and the NVMe driver, which is made for it).
 pub enum Unlocked<F: morsel::Format> {
     /// `bench_frames` (enabled, arguments checked).
     Bench { order: allocator::Order, count: u64 },
@@ -35,6 +38,11 @@ pub enum Unlocked<F: morsel::Format> {
     Zero(PendingCreate<F>),
     /// `morsel_destroy` of a RAM morsel out of the directory: free its frames.
     Free(alloc::string::String, Removed<F>),
+    /// `nvme_read` / `nvme_write`: the NVMe batch on the caller's CPU's queue pair, its
+    /// morsel mounted in the NVMe domain and pinned (`morsels::DiskBatch`).
+    Proxy(ProxyIo),
+    /// `exmap_action` READ / WRITE: likewise, on the pinned region.
+    Exmap(ExmapIo),
 }
 
 /// What `Unlocked::run` leaves for `finish`.
@@ -42,6 +50,8 @@ pub enum Finished<F: morsel::Format> {
     Bench(Option<u64>),
     Zeroed(PendingCreate<F>),
     Freed,
+    Proxy(ProxyIo),
+    Exmap(ExmapIo),
 }
 
 impl<F: morsel::Format> Unlocked<F> {
@@ -57,6 +67,14 @@ impl<F: morsel::Format> Unlocked<F> {
                 r.free(&name, frames);
                 Finished::Freed
             }
+            Unlocked::Proxy(mut p) => {
+                p.run();
+                Finished::Proxy(p)
+            }
+            Unlocked::Exmap(mut x) => {
+                x.batch.run();
+                Finished::Exmap(x)
+            }
         }
     }
 }
@@ -70,7 +88,8 @@ pub struct Caller {
 
 /// What hypercalls share across guests. Lives in the run's `World`, behind its one lock
 /// (`runqueue`): every hypercall, on any CPU, runs with that lock held (but for the
-/// `Unlocked` parts, which touch none of this), so the morsel directory, device mounts,
+/// `Unlocked` parts, which touch none of this but the NVMe driver through its leaked
+/// `&'static`, `devices::nvme`), so the morsel directory, device mounts,
 /// persistence records, ExMap state and the drivers are only ever changed by one CPU at a
 /// time; no guest instruction runs on a CPU while it holds the lock.
 pub struct Context<B: Backend> {
@@ -131,6 +150,15 @@ pub fn handle<B: Backend>(guest: &mut Guest<B>, caller: Caller, regs: &mut Regs,
             Ok(None) => Ok(0),
             Err(e) => Err(e),
         },
+        Ok(Call::Nvme { write, gpa, offset, lba, count }) => match cx.morsels.nvme_io(guest, cx.devices.as_mut(), &frames, write, gpa, offset, lba, count) {
+            Ok(p) => return Action::Unlocked(Unlocked::Proxy(p)),
+            Err(e) => Err(e),
+        },
+        Ok(Call::ExmapAction { region, iov, count, op }) => match cx.exmaps.action(&mut cx.morsels, cx.devices.as_mut(), guest, &frames, region, iov, count, op) {
+            Ok(Step::Disk(x)) => return Action::Unlocked(Unlocked::Exmap(x)),
+            Ok(Step::Done(failed)) => Ok(failed),
+            Err(e) => Err(e),
+        },
         Ok(Call::BenchFrames { .. }) => Err(guest.refuse(Error::Denied, format_args!("the hypervisor runs without bench=on"))),
         Ok(call) => dispatch(call, guest, caller, cx, &frames),
     };
@@ -145,15 +173,25 @@ pub fn finish<B: Backend>(guest: &mut Guest<B>, caller: Caller, regs: &mut Regs,
         Finished::Bench(ticks) => ticks.ok_or(Error::NoMemory),
         Finished::Zeroed(p) => cx.morsels.create_finish(guest, &frames, p),
         Finished::Freed => Ok(0),
+        Finished::Proxy(p) => cx.morsels.nvme_finish(cx.devices.as_mut(), &frames, p),
+        Finished::Exmap(x) => cx.exmaps.finish(&mut cx.morsels, cx.devices.as_mut(), Some(guest), &frames, x),
     };
     conclude(guest, regs.rax, regs, result);
 }
 
 /// A call whose `Unlocked` part ran for a guest that is gone: what it holds goes back.
+/// An NVMe batch is ended all the same (its morsel unmounted from the device and unpinned).
 pub fn abandon<B: Backend>(caller: Caller, cx: &mut Context<B>, done: Finished<B::Format>) {
-    if let Finished::Zeroed(p) = done {
-        let frames = cx.frames.for_cpu(caller.cpu).unwrap_or(cx.frames);
-        cx.morsels.abandon(&frames, p);
+    let frames = cx.frames.for_cpu(caller.cpu).unwrap_or(cx.frames);
+    match done {
+        Finished::Zeroed(p) => cx.morsels.abandon(&frames, p),
+        Finished::Proxy(p) => {
+            let _ = cx.morsels.nvme_finish(cx.devices.as_mut(), &frames, p);
+        }
+        Finished::Exmap(x) => {
+            let _ = cx.exmaps.finish::<B>(&mut cx.morsels, cx.devices.as_mut(), None, &frames, x);
+        }
+        Finished::Bench(_) | Finished::Freed => {}
     }
 }
 
@@ -196,12 +234,10 @@ fn dispatch<B: Backend>(call: Call, guest: &mut Guest<B>, caller: Caller, cx: &m
             Ok(0)
         }
         Call::ExmapCreate { name, size, share_writable } => cx.exmaps.create(morsels, guest, frames, name, size, share_writable),
-        Call::ExmapAction { region, iov, count, op } => cx.exmaps.action(morsels, devices, guest, frames, region, iov, count, op),
         Call::ExmapInfo { region, what } => cx.exmaps.info(guest, region, what),
         Call::DeviceMount { name, bdf, iova, writable } => morsels.device_mount(guest, devices, frames, name, Bdf::from_source_id(bdf), iova, writable),
         Call::DeviceUnmount { bdf, iova } => morsels.device_unmount(guest, devices, frames, Bdf::from_source_id(bdf), iova),
         Call::EduDma { to_device, iova, len } => morsels.edu_dma(guest, devices, to_device, iova, len),
-        Call::Nvme { write, gpa, offset, lba, count } => morsels.nvme_io(guest, devices, frames, write, gpa, offset, lba, count),
         Call::GuestExceptions { mask } => {
             // Every vCPU of the guest takes the new bitmap before its next entry (`sched`).
             Ok(core::mem::replace(&mut guest.handled_exceptions, mask) as u64)
@@ -211,7 +247,7 @@ fn dispatch<B: Backend>(call: Call, guest: &mut Guest<B>, caller: Caller, cx: &m
         Call::Timer { us, vector } => cx.notify.timer(guest, caller.vcpu, us, vector),
         // Handled by `handle`.
         Call::Exit { .. } | Call::Yield | Call::Wait { .. } | Call::Sleep { .. } | Call::BenchFrames { .. }
-        | Call::MorselCreate { .. } | Call::MorselDestroy { .. } => Err(Error::Invalid),
+        | Call::MorselCreate { .. } | Call::MorselDestroy { .. } | Call::Nvme { .. } | Call::ExmapAction { .. } => Err(Error::Invalid),
     }
 }
 

@@ -1,0 +1,239 @@
+//! Scenario devices_nvme_io_lets_the_world_lock_go (one guest, 2 vCPUs on 2 CPUs; `arg` is
+//! the checksum of the 64 MiB disk image):
+//! 1. vCPU 0 reads the whole disk into a morsel through the NVMe proxy while vCPU 1 makes
+//!    `info` hypercalls in a loop: the batch runs with the world lock let go, so vCPU 1's
+//!    calls go on during it (vCPU 0 counts those completed during its read).
+//! 2. vCPU 0 reads the disk again; vCPU 1 probes with one-block reads into the same morsel
+//!    until it gets `Busy` (the batch is in flight), then unmounts the morsel from the guest
+//!    and tries to destroy it: `Busy` (pinned), and the data read stays whole (checksum).
+//! 3. vCPU 0 READs 16 MiB of the disk into an ExMap region; vCPU 1 FREEs and READs the same
+//!    pages while it runs: `Busy` both, and the region holds the disk's bytes afterwards.
+#![no_std]
+#![no_main]
+
+use core::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use guest_lib::abi::{self, NVME_BLOCK};
+use guest_lib::device;
+use guest_lib::exmap::{ExMap, Range};
+use guest_lib::hypercall::call;
+use guest_lib::morsel::{self, PageSize};
+use guest_lib::{println, BootInfo, Error};
+
+guest_lib::entry!(main, vcpu_main);
+
+const SIZE: u64 = 64 << 20;
+const BLOCKS: u64 = SIZE / NVME_BLOCK;
+/// The ExMap part: 16 MiB in entries of 512 pages.
+const REGION: u64 = 16 << 20;
+const ENTRY_PAGES: u64 = 512;
+
+/// vCPU 0 sets the phase (1: count calls, 2: stop counting, 3: proxy pin, 5: ExMap pin);
+/// vCPU 1 answers in ACK with the phase it finished.
+static PHASE: AtomicU64 = AtomicU64::new(0);
+static ACK: AtomicU64 = AtomicU64::new(0);
+/// vCPU 1's completed `info` calls (phase 1).
+static CALLS: AtomicU64 = AtomicU64::new(0);
+/// The disk morsel's and the region's mounts; whether vCPU 0's read of the phase returned.
+static DISK: AtomicU64 = AtomicU64::new(0);
+static XR: AtomicU64 = AtomicU64::new(0);
+static DONE: AtomicU64 = AtomicU64::new(0);
+/// What vCPU 1 saw: phase 2 unmounted the disk morsel (1).
+static UNMOUNTED: AtomicU64 = AtomicU64::new(0);
+
+fn checksum(m: &[u8]) -> u64 {
+    m.chunks_exact(8).enumerate().fold(0u64, |c, (i, w)| {
+        let w = u64::from_le_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]);
+        c.wrapping_add(w.wrapping_mul(2 * i as u64 + 1))
+    })
+}
+
+fn wait_ack(phase: u64) {
+    while ACK.load(SeqCst) < phase {
+        core::hint::spin_loop();
+    }
+}
+
+/// The read of the whole disk into the morsel at `gpa`, retried while a probe of vCPU 1
+/// holds the morsel (`Busy`).
+fn read_all(gpa: u64) -> Result<u64, Error> {
+    loop {
+        match device::nvme_read(gpa, 0, 0, BLOCKS) {
+            Err(Error::Busy) => core::hint::spin_loop(),
+            other => return other,
+        }
+    }
+}
+
+fn main(info: &BootInfo) -> i32 {
+    let m = match morsel::create("disk", SIZE, PageSize::Size2M, false) {
+        Ok(m) => m,
+        Err(e) => {
+            println!("nvme_busy: create failed: {e}");
+            return 1;
+        }
+    };
+    let gpa = m.addr();
+    DISK.store(gpa, SeqCst);
+    // 1. vCPU 1 counts calls while this one reads.
+    PHASE.store(1, SeqCst);
+    while CALLS.load(SeqCst) < 10 {
+        core::hint::spin_loop();
+    }
+    let before = CALLS.load(SeqCst);
+    let r = read_all(gpa);
+    let during = CALLS.load(SeqCst) - before;
+    PHASE.store(2, SeqCst);
+    wait_ack(2);
+    if r != Ok(BLOCKS) {
+        println!("nvme_busy: read failed: {r:?}");
+        return 1;
+    }
+    let sum = checksum(&m);
+    println!("nvme_busy: during the 64 MiB read vCPU 1 completed {during} hypercalls; checksum {}",
+        if sum == info.arg { "matches" } else { "does NOT match" });
+    if during < 20 || sum != info.arg {
+        println!("nvme_busy: the other vCPU was held up by the read (TOO FEW calls) or the data is wrong");
+        return 1;
+    }
+    // 2. vCPU 1 tries to take the morsel away under the read.
+    DONE.store(0, SeqCst);
+    PHASE.store(3, SeqCst);
+    let r = read_all(gpa);
+    DONE.store(1, SeqCst);
+    wait_ack(3);
+    // vCPU 1 may have unmounted it: the handle's drop must not unmount another mount.
+    core::mem::forget(m);
+    if r != Ok(BLOCKS) {
+        println!("nvme_busy: second read failed: {r:?}");
+        return 1;
+    }
+    let m = match morsel::open_mut("disk") {
+        Ok(m) => m,
+        Err(e) => {
+            println!("nvme_busy: the disk morsel is gone after the read: {e} (UNEXPECTED)");
+            return 1;
+        }
+    };
+    let sum = checksum(&m);
+    println!("nvme_busy: after the attack the morsel's checksum {}", if sum == info.arg { "matches the image" } else { "does NOT match the image" });
+    drop(m);
+    if sum != info.arg || morsel::destroy("disk").is_err() {
+        println!("nvme_busy: the disk morsel is damaged or cannot be destroyed after its read");
+        return 1;
+    }
+    // 3. ExMap: vCPU 1 FREEs and READs the pages this one READs.
+    let mut x = match ExMap::create("xr", REGION, false) {
+        Ok(x) => x,
+        Err(e) => {
+            println!("nvme_busy: exmap create failed: {e}");
+            return 1;
+        }
+    };
+    XR.store(x.addr(), SeqCst);
+    let ranges: [Range; (REGION / 4096 / ENTRY_PAGES) as usize] = core::array::from_fn(|k| Range::new(k as u64 * ENTRY_PAGES, ENTRY_PAGES));
+    DONE.store(0, SeqCst);
+    PHASE.store(5, SeqCst);
+    let r = loop {
+        match x.read(&ranges) {
+            Err(Error::Busy) => core::hint::spin_loop(),
+            other => break other,
+        }
+    };
+    DONE.store(1, SeqCst);
+    wait_ack(5);
+    let all_ok = x.results().all(|e| e == Ok(ENTRY_PAGES));
+    // The region against the proxy's read of the same 16 MiB.
+    let check = match morsel::create("check", REGION, PageSize::Size2M, false) {
+        Ok(c) => c,
+        Err(e) => {
+            println!("nvme_busy: check morsel: {e}");
+            return 1;
+        }
+    };
+    let proxied = device::nvme_read(check.addr(), 0, 0, REGION / NVME_BLOCK);
+    // SAFETY: the region is mounted at x.addr() for REGION bytes, all pages populated by the
+    // READ (checked through the results first).
+    let region = unsafe { core::slice::from_raw_parts(x.addr() as *const u8, REGION as usize) };
+    let same = all_ok && proxied.is_ok() && region == &check[..];
+    println!("nvme_busy: exmap READ {r:?}, every entry read: {all_ok}, the region {} the disk",
+        if same { "matches" } else { "does NOT match" });
+    if r != Ok(0) || !same {
+        return 1;
+    }
+    0
+}
+
+fn vcpu_main(_: &BootInfo, _: u32) -> i32 {
+    // 1. Count calls until vCPU 0 says stop.
+    while PHASE.load(SeqCst) < 1 {
+        core::hint::spin_loop();
+    }
+    while PHASE.load(SeqCst) < 2 {
+        if guest_lib::info(abi::INFO_VCPU_INDEX).is_ok() {
+            CALLS.fetch_add(1, SeqCst);
+        }
+    }
+    ACK.store(2, SeqCst);
+    // 2. Probe until the read is in flight, then unmount and try to destroy.
+    while PHASE.load(SeqCst) < 3 {
+        core::hint::spin_loop();
+    }
+    let gpa = DISK.load(SeqCst);
+    let mut seen = false;
+    let mut probes = 0u64;
+    while DONE.load(SeqCst) == 0 {
+        probes += 1;
+        // The morsel's last block from the disk's last block: the data stays the image's.
+        if device::nvme_read(gpa, SIZE - NVME_BLOCK, BLOCKS - 1, 1) == Err(Error::Busy) {
+            seen = true;
+            break;
+        }
+    }
+    if seen {
+        let u = call(abi::HC_MORSEL_UNMOUNT, [gpa, 0, 0, 0, 0, 0]);
+        UNMOUNTED.store(u.is_ok() as u64, SeqCst);
+        let d = morsel::destroy("disk");
+        println!("nvme_busy: vCPU 1 saw the read in flight after {probes} probes: unmount {u:?}, destroy {}",
+            if d == Err(Error::Busy) { "refused with Busy" } else { alloc_free_fmt(d) });
+    } else {
+        println!("nvme_busy: vCPU 1 never saw the read in flight ({probes} probes)");
+    }
+    ACK.store(3, SeqCst);
+    // 3. FREE and READ the region's first pages while vCPU 0's READ runs.
+    while PHASE.load(SeqCst) < 5 {
+        core::hint::spin_loop();
+    }
+    let xr = XR.load(SeqCst);
+    IOV.0[0].store(abi::exmap_entry(0, 16), SeqCst);
+    let iov = IOV.0.as_ptr();
+    let (mut free, mut read) = (None, None);
+    while DONE.load(SeqCst) == 0 {
+        let f = call(abi::HC_EXMAP_ACTION, [xr, iov as u64, 1, abi::EXMAP_FREE, 0, 0]);
+        if f == Err(Error::Busy) {
+            free = Some(f);
+            read = Some(call(abi::HC_EXMAP_ACTION, [xr, iov as u64, 1, abi::EXMAP_READ, 0, 0]));
+            break;
+        }
+    }
+    match (free, read) {
+        (Some(f), Some(r)) => println!("nvme_busy: vCPU 1 during the region's READ: FREE {}, READ {}",
+            if f == Err(Error::Busy) { "refused with Busy" } else { "NOT refused" },
+            if r == Err(Error::Busy) { "refused with Busy" } else { "NOT refused" }),
+        _ => println!("nvme_busy: vCPU 1 never saw the region's READ in flight"),
+    }
+    ACK.store(5, SeqCst);
+    0
+}
+
+/// A destroy that was not refused with `Busy`, for the log.
+fn alloc_free_fmt(d: Result<(), Error>) -> &'static str {
+    match d {
+        Ok(()) => "SUCCEEDED under the read (UNEXPECTED)",
+        Err(_) => "refused, but not with Busy (UNEXPECTED)",
+    }
+}
+
+/// vCPU 1's iovec page (vCPU 0's is inside its `ExMap`); the hypervisor writes the results.
+#[repr(C, align(4096))]
+struct Iov([AtomicU64; 512]);
+static IOV: Iov = Iov([const { AtomicU64::new(0) }; 512]);
