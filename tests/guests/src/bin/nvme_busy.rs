@@ -1,13 +1,16 @@
 //! Scenario devices_nvme_io_lets_the_world_lock_go (one guest, 2 vCPUs on 2 CPUs; `arg` is
 //! the checksum of the 64 MiB disk image):
-//! 1. vCPU 0 reads the whole disk into a morsel through the NVMe proxy while vCPU 1 makes
+//! 1. vCPU 0 reads the whole disk into a morsel (4 times) through the NVMe proxy while vCPU 1 makes
 //!    `info` hypercalls in a loop: the batch runs with the world lock let go, so vCPU 1's
 //!    calls go on during it (vCPU 0 counts those completed during its read).
-//! 2. vCPU 0 reads the disk again; vCPU 1 probes with one-block reads into the same morsel
-//!    until it gets `Busy` (the batch is in flight), then unmounts the morsel from the guest
-//!    and tries to destroy it: `Busy` (pinned), and the data read stays whole (checksum).
-//! 3. vCPU 0 READs 16 MiB of the disk into an ExMap region; vCPU 1 FREEs and READs the same
-//!    pages while it runs: `Busy` both, and the region holds the disk's bytes afterwards.
+//! 2. vCPU 0 reads the disk again (up to `ATTEMPTS` times); vCPU 1 probes with one-block
+//!    reads into the same morsel until it gets `Busy` (the batch is in flight), then unmounts
+//!    the morsel from the guest and tries to destroy it: `Busy` (pinned), and the data read
+//!    stays whole (checksum). The gap between the probe and the destroy is microseconds, the
+//!    read's 10 ms or more: the destroy meets the read in flight.
+//! 3. vCPU 0 READs 16 MiB of the disk into an ExMap region (again, after a FREE, until vCPU 1
+//!    caught one in flight); vCPU 1 FREEs and READs the same pages while it runs: `Busy`
+//!    both, and the region holds the disk's bytes afterwards.
 #![no_std]
 #![no_main]
 
@@ -33,12 +36,16 @@ static PHASE: AtomicU64 = AtomicU64::new(0);
 static ACK: AtomicU64 = AtomicU64::new(0);
 /// vCPU 1's completed `info` calls (phase 1).
 static CALLS: AtomicU64 = AtomicU64::new(0);
-/// The disk morsel's and the region's mounts; whether vCPU 0's read of the phase returned.
+/// The disk morsel's and the region's mounts.
 static DISK: AtomicU64 = AtomicU64::new(0);
 static XR: AtomicU64 = AtomicU64::new(0);
-static DONE: AtomicU64 = AtomicU64::new(0);
-/// What vCPU 1 saw: phase 2 unmounted the disk morsel (1).
-static UNMOUNTED: AtomicU64 = AtomicU64::new(0);
+/// vCPU 1 probes in phase N (it set PROBING = N after its first probe); it saw the batch of
+/// the phase in flight (SEEN = N) and attacked; vCPU 0 gave up the phase (STOP = N).
+static PROBING: AtomicU64 = AtomicU64::new(0);
+static SEEN: AtomicU64 = AtomicU64::new(0);
+static STOP: AtomicU64 = AtomicU64::new(0);
+/// Attempts before vCPU 0 gives up a phase (vCPU 1 must catch one batch in flight).
+const ATTEMPTS: u32 = 8;
 
 fn checksum(m: &[u8]) -> u64 {
     m.chunks_exact(8).enumerate().fold(0u64, |c, (i, w)| {
@@ -79,9 +86,16 @@ fn main(info: &BootInfo) -> i32 {
     while CALLS.load(SeqCst) < 10 {
         core::hint::spin_loop();
     }
-    let before = CALLS.load(SeqCst);
-    let r = read_all(gpa);
-    let during = CALLS.load(SeqCst) - before;
+    // Four reads, each counted from just before its call to just after it returned.
+    let (mut during, mut r) = (0, Ok(BLOCKS));
+    for _ in 0..4 {
+        let before = CALLS.load(SeqCst);
+        r = read_all(gpa);
+        during += CALLS.load(SeqCst) - before;
+        if r != Ok(BLOCKS) {
+            break;
+        }
+    }
     PHASE.store(2, SeqCst);
     wait_ack(2);
     if r != Ok(BLOCKS) {
@@ -89,17 +103,25 @@ fn main(info: &BootInfo) -> i32 {
         return 1;
     }
     let sum = checksum(&m);
-    println!("nvme_busy: during the 64 MiB read vCPU 1 completed {during} hypercalls; checksum {}",
+    println!("nvme_busy: during four 64 MiB reads vCPU 1 completed {during} hypercalls; checksum {}",
         if sum == info.arg { "matches" } else { "does NOT match" });
     if during < 20 || sum != info.arg {
         println!("nvme_busy: the other vCPU was held up by the read (TOO FEW calls) or the data is wrong");
         return 1;
     }
-    // 2. vCPU 1 tries to take the morsel away under the read.
-    DONE.store(0, SeqCst);
+    // 2. vCPU 1 tries to take the morsel away under the read (once it caught one in flight).
     PHASE.store(3, SeqCst);
-    let r = read_all(gpa);
-    DONE.store(1, SeqCst);
+    while PROBING.load(SeqCst) < 3 {
+        core::hint::spin_loop();
+    }
+    let mut r = Err(Error::Invalid);
+    for _ in 0..ATTEMPTS {
+        r = read_all(gpa);
+        if r.is_err() || SEEN.load(SeqCst) >= 3 {
+            break;
+        }
+    }
+    STOP.store(3, SeqCst);
     wait_ack(3);
     // vCPU 1 may have unmounted it: the handle's drop must not unmount another mount.
     core::mem::forget(m);
@@ -131,15 +153,25 @@ fn main(info: &BootInfo) -> i32 {
     };
     XR.store(x.addr(), SeqCst);
     let ranges: [Range; (REGION / 4096 / ENTRY_PAGES) as usize] = core::array::from_fn(|k| Range::new(k as u64 * ENTRY_PAGES, ENTRY_PAGES));
-    DONE.store(0, SeqCst);
     PHASE.store(5, SeqCst);
-    let r = loop {
-        match x.read(&ranges) {
-            Err(Error::Busy) => core::hint::spin_loop(),
-            other => break other,
+    while PROBING.load(SeqCst) < 5 {
+        core::hint::spin_loop();
+    }
+    let mut r = Err(Error::Invalid);
+    for _ in 0..ATTEMPTS {
+        r = loop {
+            match x.read(&ranges) {
+                Err(Error::Busy) => core::hint::spin_loop(),
+                other => break other,
+            }
+        };
+        if r.is_err() || SEEN.load(SeqCst) >= 5 {
+            break;
         }
-    };
-    DONE.store(1, SeqCst);
+        // Not caught in flight: empty the region and read it again.
+        let _ = x.free(&ranges);
+    }
+    STOP.store(5, SeqCst);
     wait_ack(5);
     let all_ok = x.results().all(|e| e == Ok(ENTRY_PAGES));
     // The region against the proxy's read of the same 16 MiB.
@@ -181,17 +213,19 @@ fn vcpu_main(_: &BootInfo, _: u32) -> i32 {
     let gpa = DISK.load(SeqCst);
     let mut seen = false;
     let mut probes = 0u64;
-    while DONE.load(SeqCst) == 0 {
+    while STOP.load(SeqCst) < 3 {
         probes += 1;
         // The morsel's last block from the disk's last block: the data stays the image's.
-        if device::nvme_read(gpa, SIZE - NVME_BLOCK, BLOCKS - 1, 1) == Err(Error::Busy) {
+        let p = device::nvme_read(gpa, SIZE - NVME_BLOCK, BLOCKS - 1, 1);
+        PROBING.store(3, SeqCst);
+        if p == Err(Error::Busy) {
+            SEEN.store(3, SeqCst);
             seen = true;
             break;
         }
     }
     if seen {
         let u = call(abi::HC_MORSEL_UNMOUNT, [gpa, 0, 0, 0, 0, 0]);
-        UNMOUNTED.store(u.is_ok() as u64, SeqCst);
         let d = morsel::destroy("disk");
         println!("nvme_busy: vCPU 1 saw the read in flight after {probes} probes: unmount {u:?}, destroy {}",
             if d == Err(Error::Busy) { "refused with Busy" } else { alloc_free_fmt(d) });
@@ -207,9 +241,11 @@ fn vcpu_main(_: &BootInfo, _: u32) -> i32 {
     IOV.0[0].store(abi::exmap_entry(0, 16), SeqCst);
     let iov = IOV.0.as_ptr();
     let (mut free, mut read) = (None, None);
-    while DONE.load(SeqCst) == 0 {
+    while STOP.load(SeqCst) < 5 {
         let f = call(abi::HC_EXMAP_ACTION, [xr, iov as u64, 1, abi::EXMAP_FREE, 0, 0]);
+        PROBING.store(5, SeqCst);
         if f == Err(Error::Busy) {
+            SEEN.store(5, SeqCst);
             free = Some(f);
             read = Some(call(abi::HC_EXMAP_ACTION, [xr, iov as u64, 1, abi::EXMAP_READ, 0, 0]));
             break;
