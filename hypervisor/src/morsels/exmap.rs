@@ -64,6 +64,18 @@ impl VcpuState {
     }
 }
 
+impl VcpuState {
+    /// Room for a whole batch in the buffers a READ / WRITE in flight takes along (another
+    /// vCPU's call meanwhile finds them empty): `NoMemory`, never the allocation panic.
+    fn ready(&mut self) -> Result<(), Error> {
+        let n = exmap::MAX_ENTRIES;
+        self.checked.try_reserve(n.saturating_sub(self.checked.len())).map_err(|_| Error::NoMemory)?;
+        self.out.try_reserve(n.saturating_sub(self.out.len())).map_err(|_| Error::NoMemory)?;
+        self.owners.try_reserve(n.saturating_sub(self.owners.len())).map_err(|_| Error::NoMemory)?;
+        Ok(())
+    }
+}
+
 /// What `Exmaps::action` did: all of it (the failed-entry count), or all but the disk I/O.
 #[allow(clippy::large_enum_variant)] // moved once per call; boxing would allocate infallibly
 pub enum Step {
@@ -203,6 +215,7 @@ impl Exmaps {
             false => 0,
         };
         let v = self.vcpus.entry(g.id).or_insert_with(VcpuState::new);
+        v.ready()?;
         let count = count as usize;
         // SAFETY: iov_hpa..+4096 is guest RAM of this guest (translated above, aligned, so
         // inside one page), read-write; the hypervisor reads it only here, under the lock.

@@ -130,7 +130,8 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     pub(crate) fn disk_end(&mut self, devices: Option<&mut Devices>, frames: &Frames, b: &DiskBatch) -> Result<bool, Error> {
         let n = self.named.get_mut(&b.name);
         let (Some(d), Some(n)) = (devices, n) else {
-            // Unreachable: the devices stay, and a pinned morsel is not destroyed.
+            // Unreachable: the devices stay, and a pinned morsel is not destroyed. Were it
+            // reached, the span stays taken: its entry may still be in the domain.
             log::error!(target: "morsel", "'{}': the NVMe batch's morsel or device is gone", b.name);
             return Err(Error::DeviceFault);
         };

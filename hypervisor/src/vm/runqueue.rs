@@ -14,13 +14,16 @@
 //! handles, never while a guest runs. A CPU spinning for it keeps acknowledging shootdown
 //! requests (`lock`), so the holder may wait for acknowledgments inside a hypercall.
 //!
-//! Three calls do their expensive part with the lock let go (`hypercall::Unlocked`, run by
+//! Five calls do their expensive part with the lock let go (`hypercall::Unlocked`, run by
 //! the vCPU loop on the calling CPU's allocator core, then finished under the lock again):
 //! `bench_frames` (allocator only), `morsel_create` of a RAM morsel (its data frames are
 //! zeroed outside; frames and tables are allocated under the lock, and the name is reserved
-//! there) and `morsel_destroy` of one (it leaves the directory under the lock, its frames are
-//! freed outside). What runs outside touches only the lock-free allocator and frames no one
-//! else can reach. Every frame a call hands to a guest is still allocated under the lock, so
+//! there), `morsel_destroy` of one (it leaves the directory under the lock, its frames are
+//! freed outside), and the NVMe proxy's and ExMap READ / WRITE's batches (mounted into the
+//! NVMe domain and pinned under the lock, `morsels::DiskBatch`; the commands and the wait for
+//! their completions run outside, on the CPU's own queue pair). What runs outside touches
+//! only the lock-free allocator, frames no one else can reach or that are pinned, and the
+//! NVMe driver, whose shared state is locked per queue pair or atomic (`devices::nvme`). Every frame a call hands to a guest is still allocated under the lock, so
 //! a frame an unmount freed is not reused before that unmount's shootdown was acknowledged
 //! (`bench_frames` may take such a frame, but never writes it).
 

@@ -355,7 +355,8 @@ fn run_slice<B: Backend>(backend: &mut B, s: &mut Slot<B>, run: &Run<B>, me: usi
             kick_if_stopped(guest, me);
         }
         // The lock-free part of a call (bench_frames, a new morsel's zeroing, a destroyed
-        // one's frees) without the world lock: other CPUs' exits go on meanwhile; the time
+        // one's frees, an NVMe batch on its pinned morsel) without the world lock: other
+        // CPUs' exits go on meanwhile; the time
         // counts against this slice (the deadline check at the top), and a guest stopped
         // meanwhile ends there. It always runs and finishes (nothing it holds is lost).
         if let Some(work) = unlocked {

@@ -6,8 +6,9 @@
 //! 2. vCPU 0 reads the disk again (up to `ATTEMPTS` times); vCPU 1 probes with one-block
 //!    reads into the same morsel until it gets `Busy` (the batch is in flight), then unmounts
 //!    the morsel from the guest and tries to destroy it: `Busy` (pinned), and the data read
-//!    stays whole (checksum). The gap between the probe and the destroy is microseconds, the
-//!    read's 10 ms or more: the destroy meets the read in flight.
+//!    stays whole (checksum). Where the read ended between the probe and the destroy (the
+//!    destroy succeeds: legitimately), vCPU 1 makes a new "disk" and vCPU 0 reads into it:
+//!    again, until a destroy meets a read in flight.
 //! 3. vCPU 0 READs 16 MiB of the disk into an ExMap region (again, after a FREE, until vCPU 1
 //!    caught one in flight); vCPU 1 FREEs and READs the same pages while it runs: `Busy`
 //!    both, and the region holds the disk's bytes afterwards.
@@ -46,6 +47,11 @@ static SEEN: AtomicU64 = AtomicU64::new(0);
 static STOP: AtomicU64 = AtomicU64::new(0);
 /// Attempts before vCPU 0 gives up a phase (vCPU 1 must catch one batch in flight).
 const ATTEMPTS: u32 = 8;
+/// vCPU 1's verdict on an attack of phase 2: its destroy was refused (or failed otherwise,
+/// reported), or came too late (the read had ended; a new "disk" is in DISK).
+static VERDICT: AtomicU64 = AtomicU64::new(0);
+const REFUSED: u64 = 1;
+const TOO_LATE: u64 = 2;
 
 fn checksum(m: &[u8]) -> u64 {
     m.chunks_exact(8).enumerate().fold(0u64, |c, (i, w)| {
@@ -116,8 +122,22 @@ fn main(info: &BootInfo) -> i32 {
     }
     let mut r = Err(Error::Invalid);
     for _ in 0..ATTEMPTS {
-        r = read_all(gpa);
-        if r.is_err() || SEEN.load(SeqCst) >= 3 {
+        r = read_all(DISK.load(SeqCst));
+        // vCPU 1 attacks a read it saw in flight (NotFound: it unmounted before this call).
+        if SEEN.load(SeqCst) >= 3 || r == Err(Error::NotFound) {
+            let v = loop {
+                match VERDICT.load(SeqCst) {
+                    0 => core::hint::spin_loop(),
+                    v => break v,
+                }
+            };
+            if v == REFUSED {
+                break;
+            }
+            // Too late: vCPU 1 made a new "disk" (DISK); read into it.
+            VERDICT.store(0, SeqCst);
+            r = Err(Error::NotFound);
+        } else if r.is_err() {
             break;
         }
     }
@@ -210,27 +230,50 @@ fn vcpu_main(_: &BootInfo, _: u32) -> i32 {
     while PHASE.load(SeqCst) < 3 {
         core::hint::spin_loop();
     }
-    let gpa = DISK.load(SeqCst);
     let mut seen = false;
-    let mut probes = 0u64;
+    let (mut probes, mut late) = (0u64, 0u32);
     while STOP.load(SeqCst) < 3 {
         probes += 1;
+        let gpa = DISK.load(SeqCst);
         // The morsel's last block from the disk's last block: the data stays the image's.
         let p = device::nvme_read(gpa, SIZE - NVME_BLOCK, BLOCKS - 1, 1);
         PROBING.store(3, SeqCst);
-        if p == Err(Error::Busy) {
-            SEEN.store(3, SeqCst);
-            seen = true;
-            break;
+        if p != Err(Error::Busy) {
+            continue;
         }
-    }
-    if seen {
+        SEEN.store(3, SeqCst);
         let u = call(abi::HC_MORSEL_UNMOUNT, [gpa, 0, 0, 0, 0, 0]);
         let d = morsel::destroy("disk");
-        println!("nvme_busy: vCPU 1 saw the read in flight after {probes} probes: unmount {u:?}, destroy {}",
-            if d == Err(Error::Busy) { "refused with Busy" } else { alloc_free_fmt(d) });
-    } else {
-        println!("nvme_busy: vCPU 1 never saw the read in flight ({probes} probes)");
+        match d {
+            Err(Error::Busy) => {
+                seen = true;
+                println!("nvme_busy: vCPU 1 saw the read in flight after {probes} probes: unmount {u:?}, destroy refused with Busy ({late} times too late before)");
+                VERDICT.store(REFUSED, SeqCst);
+                break;
+            }
+            Ok(()) => {
+                // The read ended between the probe and the destroy (the hypervisor's log
+                // shows the order): again, on a new morsel.
+                late += 1;
+                match morsel::create("disk", SIZE, PageSize::Size2M, false) {
+                    Ok(m) => {
+                        DISK.store(m.addr(), SeqCst);
+                        core::mem::forget(m);
+                    }
+                    Err(e) => println!("nvme_busy: vCPU 1 cannot make a new disk morsel: {e} (UNEXPECTED)"),
+                }
+                SEEN.store(0, SeqCst);
+                VERDICT.store(TOO_LATE, SeqCst);
+            }
+            Err(e) => {
+                println!("nvme_busy: vCPU 1's destroy under the read: {e}, not Busy (UNEXPECTED)");
+                VERDICT.store(REFUSED, SeqCst);
+                break;
+            }
+        }
+    }
+    if !seen {
+        println!("nvme_busy: vCPU 1 never saw the read in flight when destroying ({probes} probes, {late} too late)");
     }
     ACK.store(3, SeqCst);
     // 3. FREE and READ the region's first pages while vCPU 0's READ runs.
@@ -254,20 +297,18 @@ fn vcpu_main(_: &BootInfo, _: u32) -> i32 {
     match (free, read) {
         (Some(f), Some(r)) => println!("nvme_busy: vCPU 1 during the region's READ: FREE {}, READ {}",
             if f == Err(Error::Busy) { "refused with Busy" } else { "NOT refused" },
-            if r == Err(Error::Busy) { "refused with Busy" } else { "NOT refused" }),
+            match r {
+                Err(Error::Busy) => "refused with Busy",
+                // The READ ended between the FREE and this READ: its pages are there (Present).
+                Ok(_) => "after the batch (entries Busy: present)",
+                Err(_) => "failed otherwise (UNEXPECTED)",
+            }),
         _ => println!("nvme_busy: vCPU 1 never saw the region's READ in flight"),
     }
     ACK.store(5, SeqCst);
     0
 }
 
-/// A destroy that was not refused with `Busy`, for the log.
-fn alloc_free_fmt(d: Result<(), Error>) -> &'static str {
-    match d {
-        Ok(()) => "SUCCEEDED under the read (UNEXPECTED)",
-        Err(_) => "refused, but not with Busy (UNEXPECTED)",
-    }
-}
 
 /// vCPU 1's iovec page (vCPU 0's is inside its `ExMap`); the hypervisor writes the results.
 #[repr(C, align(4096))]
