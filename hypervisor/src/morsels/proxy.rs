@@ -68,12 +68,13 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     pub fn nvme_finish(&mut self, devices: Option<&mut Devices>, frames: &Frames, p: ProxyIo) -> Result<u64, Error> {
         let ProxyIo { batch } = p;
         let faulted = self.disk_end(devices, frames, &batch);
-        let (r, count, lba) = (batch.done.first().copied().unwrap_or(Err(IoError::Invalid)), batch.reqs[0].blocks, batch.reqs[0].lba);
+        let req = batch.reqs.first().copied().unwrap_or(Request { iova: 0, lba: 0, blocks: 0 });
+        let (r, count, lba) = (batch.done.first().copied().unwrap_or(Err(IoError::Invalid)), req.blocks, req.lba);
         let s = batch.stats;
         if r.is_ok() {
             log::info!(target: "nvme", "{} {count} blocks ({}) {} LBA {lba} {} I/O virtual address {:#x} on queue {} (CPU {}): {} commands, {} completion interrupts ({} halts), {} ms, {} MiB/s",
                 if batch.write { "wrote" } else { "read" }, Bytes(count * abi::NVME_BLOCK), if batch.write { "to" } else { "from" },
-                if batch.write { "from" } else { "into" }, batch.reqs[0].iova, s.queue, s.cpu, s.commands, s.interrupts, s.halts, s.us / 1000,
+                if batch.write { "from" } else { "into" }, req.iova, s.queue, s.cpu, s.commands, s.interrupts, s.halts, s.us / 1000,
                 (count * abi::NVME_BLOCK * 1_000_000 / s.us.max(1)) >> 20);
         }
         match (r, faulted) {
