@@ -214,7 +214,11 @@ pub fn make_iso(built: &Built, name: &str, cmdline: &str) -> Result<PathBuf> {
         .arg(&tmp)
         .arg(&tree)
         .output()
-        .context(|| "cannot start grub-mkrescue".to_string())?;
+        .context(|| "cannot start grub-mkrescue".to_string());
+    // The staging tree (a copy of the hypervisor and the guest archive, ~23 MiB) is in the
+    // ISO now or useless: a full test run would otherwise leave one per Bochs boot.
+    let _ = std::fs::remove_dir_all(&tree);
+    let output = output?;
     if !output.status.success() {
         bail!(
             "grub-mkrescue failed ({}):\n{}",
