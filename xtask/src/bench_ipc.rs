@@ -9,6 +9,7 @@
 //! them (TCG's vCPUs compete with everything else on the host).
 
 use crate::emulator::{self, Accel, Config};
+use crate::bench_smp::median;
 use crate::{bail, images, Context, Result};
 use std::process::ExitCode;
 use std::time::Instant;
@@ -99,23 +100,12 @@ fn boot(config: &Config, built: &images::Built, cmdline: &str, cpus: usize) -> R
     Ok((serial, wall_ms, cpu_ms))
 }
 
-fn median(mut v: Vec<u64>) -> u64 {
-    v.sort_unstable();
-    v.get(v.len() / 2).copied().unwrap_or(0)
-}
-
 fn fmt_hundredths(v: u64) -> String {
     format!("{}.{:02}", v / 100, v % 100)
 }
 
 pub fn bench(rounds: usize) -> Result<ExitCode> {
-    let root = crate::root();
-    crate::tools::require(&crate::tools::QEMU)?;
-    let built = {
-        let _lock = images::lock_build(&root)?;
-        images::build_all(false)?
-    };
-    let config = Config::resolve(&root, "qemu-svm")?;
+    let (_, built, config) = crate::bench_smp::qemu_svm_setup()?;
     // (label, CPUs, command line)
     let pingpongs = [
         ("doorbell + wait", 1, "guests=channel:arg=2,channel:arg=3"),

@@ -70,12 +70,15 @@ fn parse(serial: &str) -> Result<Boot> {
     Ok(b)
 }
 
-fn median(mut v: Vec<u64>) -> u64 {
+/// The median of `v` (0 if empty); shared with `bench_ipc`.
+pub(crate) fn median(mut v: Vec<u64>) -> u64 {
     v.sort_unstable();
     v.get(v.len() / 2).copied().unwrap_or(0)
 }
 
-pub fn bench(rounds: usize) -> Result<ExitCode> {
+/// What the in-emulator benches (`bench smp`, `bench ipc`) start from: QEMU present, the
+/// images built, the `qemu-svm` config.
+pub(crate) fn qemu_svm_setup() -> Result<(std::path::PathBuf, images::Built, Config)> {
     let root = crate::root();
     crate::tools::require(&crate::tools::QEMU)?;
     let built = {
@@ -83,6 +86,11 @@ pub fn bench(rounds: usize) -> Result<ExitCode> {
         images::build_all(false)?
     };
     let config = Config::resolve(&root, "qemu-svm")?;
+    Ok((root, built, config))
+}
+
+pub fn bench(rounds: usize) -> Result<ExitCode> {
+    let (root, built, config) = qemu_svm_setup()?;
     let mut runs: Vec<(usize, Boot)> = Vec::new();
     for round in 1..=rounds {
         for cpus in [1usize, 2] {
