@@ -6,8 +6,9 @@
 //! 3 clean up: verify, destroy both, and check that they are gone;
 //! 4 churn: create "ledger" (or open it after an earlier crash, and destroy a "churn" that
 //!   crash left), then create, fill and destroy persistent morsels of changing sizes
-//!   forever, appending one ledger entry per round (entry, then count): the scenario kills
-//!   the machine at a random moment;
+//!   forever, appending one ledger entry per round (entry, then count), some so large that
+//!   areas switch between 4 KiB and 2 MiB frames: the scenario kills the machine at a random
+//!   moment;
 //! 5 after the crash: verify every counted ledger entry, destroy what is left.
 //! 6 fill as 1, then "private" (64 KiB, not share-writable) and "scratch" (64 KiB);
 //! 7 after a reboot: 'blob' intact, and 'private' (restored: no owner) can be neither
@@ -28,6 +29,8 @@ const CHURN: &str = "churn";
 const BLOB_SIZE: u64 = 4 << 20;
 const LEDGER_SIZE: u64 = 64 << 10;
 const ENTRIES: usize = (LEDGER_SIZE / 8) as usize - 1;
+/// The churn's morsels that switch areas between page sizes (see `churn`).
+const SWITCH_SIZE: u64 = 40 << 20;
 
 fn blob_byte(i: usize) -> u8 {
     (i.wrapping_mul(131) ^ (i >> 12)) as u8
@@ -153,11 +156,16 @@ fn churn() -> Result<(), &'static str> {
     }
     println!("pm: churning from round {round}");
     loop {
-        let (size, page) = match round % 4 {
+        // Rounds 4 and 5 switch areas between 4 KiB and 2 MiB frames: in the 64 MiB region
+        // (31 areas beside the ledger) 40 MiB of 4 KiB pages and 40 MiB of 2 MiB pages cannot
+        // both avoid the areas the other used, so about ten areas change order each time.
+        let (size, page) = match round % 6 {
             0 => (4096 * (1 + round % 5), PageSize::Size4K),
             1 => (2 << 20, PageSize::Size2M),
             2 => (300 << 10, PageSize::Size4K),
-            _ => (6 << 20, PageSize::Size2M),
+            3 => (6 << 20, PageSize::Size2M),
+            4 => (SWITCH_SIZE, PageSize::Size4K),
+            _ => (SWITCH_SIZE, PageSize::Size2M),
         };
         let mut m = create(CHURN, size, page)?;
         m[0] = round as u8;
