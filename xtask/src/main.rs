@@ -86,11 +86,14 @@ usage: cargo xtask guest-flags
 ";
 
 const HELP_BENCH: &str = "\
-usage: cargo xtask bench [allocator|morsel|exmap|smp|ipc] [--rounds N] [--docs]
+usage: cargo xtask bench [allocator|morsel|exmap|smp|ipc] [--rounds N] [--docs] [--upstream PATH]
   the host benchmarks (release builds of each crate's examples/bench.rs): all of them, or
   those named, in N interleaved rounds (default 5; exmap runs once, interleaving its own 5).
   Prints one table (median, min..max per case), writes build/bench/<bench>.csv and
   build/bench/<bench>.svg; --docs also writes the plots to docs/bench/ (shown in README.md)
+  --upstream PATH: a llfree-rs checkout outside this repository (github.com/luhsra/llfree-rs);
+  the allocator bench is built with it in PATH/../parperos-llfree-side-by-side and measures
+  upstream in the same loops and process, rows labelled `llfree-rs (upstream)`
   smp: boots the smpbench guest (bench=on) under QEMU with 1 and 2 CPUs (at most 3 rounds),
   then under Bochs VMX once each, and prints per CPU the frame alloc+free rates inside the
   hypervisor, the morsel create+destroy and unmount+open rates and the shootdown cost, and
