@@ -90,7 +90,7 @@ usage: cargo xtask bench [allocator|morsel|exmap|smp|ipc] [--rounds N] [--docs] 
   the host benchmarks (release builds of each crate's examples/bench.rs): all of them, or
   those named, in N interleaved rounds (default 5; exmap runs once, interleaving its own 5).
   Prints one table (median, min..max per case), writes build/bench/<bench>.csv and
-  build/bench/<bench>.svg; --docs also writes the plots to docs/bench/ (shown in README.md)
+  build/bench/<bench>.svg; --docs also writes the plots to docs/src/bench/ (the book's Benchmarks chapter)
   --upstream PATH: a llfree-rs checkout outside this repository (github.com/luhsra/llfree-rs);
   the allocator bench is built with it in PATH/../parperos-llfree-side-by-side and measures
   upstream in the same loops and process, rows labelled `llfree-rs (upstream)`
