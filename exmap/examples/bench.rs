@@ -14,7 +14,7 @@ use std::sync::Barrier;
 use std::time::Instant;
 
 use allocator::{Allocator, Init, Order, Pfn};
-use exmap::{encode, FrameCache, Validator};
+use exmap::{encode, EntryError, FrameCache, Region, Validator};
 use morsel::{FrameAlloc, HostPhysAddr, LeafEdit, Morsel, Npt, PhysMem};
 
 const MIB: usize = 1 << 20;
@@ -135,24 +135,26 @@ fn fill(iov: &mut [u64], base: &mut u64, sorted: bool) {
 fn run(mem: HostMem, frames: &Frames, case: Case, pages: u64) -> f64 {
     let m = Morsel::<Npt>::create_sparse(REGION_PAGES * 4096, frames, &mem).expect("region");
     let (mut v, mut cache) = (Validator::new(), FrameCache::new());
-    let (mut out, mut changed) = (Vec::with_capacity(512), Vec::with_capacity(512));
+    let region = Region { morsel: &m, origin: 1, mem: &mem };
     let mut iov = vec![0u64; case.batch as usize];
     let calls = (pages / case.batch).max(1);
     let mut base = 0;
     let start = Instant::now();
     for _ in 0..calls {
+        let b = base;
         fill(&mut iov, &mut base, case.sorted);
-        let checked = v.validate(&iov, m.pages());
-        changed.clear();
         if case.cached {
-            exmap::alloc(&m, 1, checked, &mut out, &mut cache, frames, &mem, &mut changed);
+            // Results overwrite the entries, as in the guest's iovec page; no device view.
+            exmap::alloc(&region, &mut iov, &mut v, &mut cache, frames, &mut |_, _| {}, code);
             // The guest refills its iovec page for the FREE.
-            let checked = v.validate(&iov, m.pages());
-            exmap::free(&m, 1, checked, &mut out, &mut cache, &mem, &mut changed);
+            base = b;
+            fill(&mut iov, &mut base, case.sorted);
+            exmap::free(&region, &mut iov, &mut v, &mut cache, &mut |_, _| {}, code);
             cache.trim(frames);
         } else {
             // The per-page path: an allocator call, a zeroing and a table walk per page.
-            for c in checked.iter().flatten() {
+            for &e in &iov {
+                let Ok(c) = exmap::check(e, m.pages()) else { continue };
                 m.edit_leaves(c.first, 1, &mem, |_, _| {
                     let f = frames.alloc(0).expect("frame");
                     mem.zero_data(f, 0);
@@ -160,7 +162,8 @@ fn run(mem: HostMem, frames: &Frames, case: Case, pages: u64) -> f64 {
                 })
                 .unwrap();
             }
-            for c in checked.iter().flatten() {
+            for &e in &iov {
+                let Ok(c) = exmap::check(e, m.pages()) else { continue };
                 m.edit_leaves(c.first, 1, &mem, |_, cur| {
                     frames.free(cur.expect("mapped"), 0);
                     LeafEdit::Clear
@@ -173,6 +176,11 @@ fn run(mem: HostMem, frames: &Frames, case: Case, pages: u64) -> f64 {
     cache.drain(frames);
     m.destroy(frames, &mem).expect("destroy");
     ns
+}
+
+/// The result code of a failed entry (the hypervisor's are its ABI's error numbers).
+fn code(e: EntryError) -> u64 {
+    (-(e as i64) - 1) as u64
 }
 
 fn arg(name: &str) -> Option<String> {

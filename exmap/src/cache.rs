@@ -56,6 +56,11 @@ impl FrameCache {
         Self { frames: Vec::with_capacity(3 * BUNDLE), stats: CacheStats::default() }
     }
 
+    /// A cache with no room (no allocation), for a batch that takes and gives nothing.
+    pub const fn empty() -> Self {
+        Self { frames: Vec::new(), stats: CacheStats { refills: 0, returns: 0, from_allocator: 0, to_allocator: 0, zeroed: 0 } }
+    }
+
     /// Frames held now.
     pub fn len(&self) -> usize {
         self.frames.len()
