@@ -123,7 +123,7 @@ impl Case {
 fn fill(iov: &mut [u64], base: &mut u64, sorted: bool) {
     let batch = iov.len() as u64;
     if sorted && *base + batch * 7 > REGION_PAGES {
-        *base = *base % 7;
+        *base %= 7;
     }
     for (k, e) in iov.iter_mut().enumerate() {
         *e = encode((*base + k as u64 * 7) % REGION_PAGES, 1);
