@@ -234,6 +234,12 @@ impl Exmaps {
             v.entries.clear();
             v.entries.extend_from_slice(&v.iov);
         }
+        if op == abi::EXMAP_FREE {
+            // Room in the cache for every page the entries name (at most 512 x 4095), taken
+            // fallibly now: the frames stay in it until the batch's shootdown.
+            let pages: u64 = v.iov.iter().map(|&e| exmap::decode(e).1).sum();
+            v.cache.reserve(pages as usize).map_err(|_| Error::NoMemory)?;
+        }
         let zeroed0 = v.cache.stats().zeroed;
         // Validation, table edits and results in one walk (`exmap`); a device view (NPT
         // region mounted into a device) follows the region page by page, and a region
@@ -361,6 +367,9 @@ impl Exmaps {
                     b.rolled_back += count;
                 }
             }
+            // The pages go back to the cache they came from in this call; room for them if
+            // it can be had (they never exceed what the READ took from it).
+            let _ = v.cache.reserve(b.rolled_back as usize);
             let region = Region { morsel: &n.morsel, origin: stats.id, mem: &IDENTITY };
             let views = &n.views;
             exmap::free(&region, &mut v.undo, &mut v.validator, &mut v.cache, &mut |p, f| follow(views, p, f), code);
