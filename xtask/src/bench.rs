@@ -115,11 +115,11 @@ impl Row {
     }
 }
 
-/// Groups samples by (bench, case, threads, implementation), in the order first seen.
+/// Groups samples by (bench, case, threads, implementation, unit), in the order first seen.
 pub fn collect(samples: &[Sample]) -> Vec<Row> {
     let mut rows: Vec<Row> = Vec::new();
     for s in samples {
-        match rows.iter_mut().find(|r| r.bench == s.bench && r.case == s.case && r.threads == s.threads && r.imp == s.imp) {
+        match rows.iter_mut().find(|r| r.bench == s.bench && r.case == s.case && r.threads == s.threads && r.imp == s.imp && r.unit == s.unit) {
             Some(r) => r.values.push(s.value),
             None => rows.push(Row {
                 bench: s.bench,
@@ -172,8 +172,12 @@ pub fn bench(o: &Options) -> Result<ExitCode> {
                     }
                 }
                 "morsel" => samples.extend(parse_morsel(&run(exe, &[MORSEL_OPS, "--sizes", MORSEL_SIZES])?)?),
-                // ExMap's bench interleaves its own cases over 5 runs: run it once.
-                "exmap" if round == 1 => samples.extend(parse_exmap(&run(exe, &[])?)?),
+                // ExMap's bench interleaves its own cases over 5 runs: run it once, then count
+                // instructions per page of each case under callgrind.
+                "exmap" if round == 1 => {
+                    samples.extend(parse_exmap(&run(exe, &[])?)?);
+                    samples.extend(exmap_instructions(exe)?);
+                }
                 _ => {}
             }
         }
@@ -381,19 +385,17 @@ pub fn size_bytes(case: &str) -> Option<u64> {
 }
 
 /// The exmap bench's lines: a header `... median of N interleaved runs`, then
-/// `NAME batch B, T thread(s): X ns/page (per thread; runs A..B)`: the median it took over its
-/// N runs, with the runs' extremes (three values, so min, median and max come out as printed).
+/// `NAME ORDER batch B, T thread(s): X ns/page (per thread; runs A..B)` (ORDER `sorted` or
+/// `wrapping`): the median it took over its N runs, with the runs' extremes (three values,
+/// so min, median and max come out as printed).
 pub fn parse_exmap(out: &str) -> Result<Vec<Sample>> {
     let mut samples = Vec::new();
     let runs = out.split("median of ").nth(1).and_then(|r| r.split_whitespace().next()?.parse::<usize>().ok());
     for line in out.lines() {
         let Some((name, rest)) = line.split_once(": ") else { continue };
         let Some((median, range)) = rest.split_once(" ns/page") else { continue };
-        let Some((what, threads)) = name.rsplit_once(", ") else { continue };
-        let Some((imp, batch)) = what.rsplit_once(" batch ") else { continue };
         let bad = || crate::Error(format!("exmap bench: cannot read `{line}`"));
-        let threads: u32 = threads.split_whitespace().next().and_then(|t| t.parse().ok()).ok_or_else(bad)?;
-        let imp = if imp.starts_with("per-page") { "per-page path" } else { "exmap" };
+        let (case, threads, imp) = exmap_case(name).ok_or_else(bad)?;
         let median: f64 = median.trim().parse().map_err(|_| bad())?;
         let (lo, hi) = range
             .split("runs ")
@@ -402,13 +404,76 @@ pub fn parse_exmap(out: &str) -> Result<Vec<Sample>> {
             .and_then(|(a, b)| Some((a.parse::<f64>().ok()?, b.parse::<f64>().ok()?)))
             .ok_or_else(bad)?;
         for value in [lo, median, hi] {
-            samples.push(Sample { bench: "exmap", case: format!("alloc+free batch {batch}"), threads, imp: imp.into(), unit: "ns/page", value, runs });
+            samples.push(Sample { bench: "exmap", case: case.clone(), threads, imp: imp.into(), unit: "ns/page", value, runs });
         }
     }
     if samples.is_empty() {
         bail!("exmap bench: no result lines in its output");
     }
     Ok(samples)
+}
+
+/// `(case, threads, implementation)` of an exmap bench case name (`exmap alloc+free sorted
+/// batch 64, 2 threads`): case `alloc+free sorted batch 64`.
+fn exmap_case(name: &str) -> Option<(String, u32, &'static str)> {
+    let (what, threads) = name.rsplit_once(", ")?;
+    let (imp, batch) = what.rsplit_once(" batch ")?;
+    let threads: u32 = threads.split_whitespace().next()?.parse().ok()?;
+    batch.parse::<u32>().ok()?;
+    let order = imp.rsplit(' ').next().filter(|o| *o == "sorted" || *o == "wrapping")?;
+    let imp = if imp.starts_with("per-page") { "per-page path" } else { "exmap" };
+    Some((format!("alloc+free {order} batch {batch}"), threads, imp))
+}
+
+/// The cases whose instructions per page `exmap_instructions` counts, as the bench's
+/// `--case` takes them.
+pub const EXMAP_CASES: &[&str] = &[
+    "1,1,wrapping,exmap", "64,1,wrapping,exmap", "512,1,wrapping,exmap", "1,2,wrapping,exmap", "64,2,wrapping,exmap", "512,2,wrapping,exmap",
+    "1,1,sorted,exmap", "64,1,sorted,exmap", "512,1,sorted,exmap", "1,2,sorted,exmap", "64,2,sorted,exmap", "512,2,sorted,exmap",
+    "512,1,wrapping,per-page", "512,2,wrapping,per-page", "512,1,sorted,per-page", "512,2,sorted,per-page",
+];
+/// Pages per thread of the two counted runs: their difference cancels the set-up.
+const COUNTED_PAGES: (u64, u64) = (20_480, 122_880);
+
+/// Instructions per page of each exmap case, counted by `valgrind --tool=callgrind`
+/// (deterministic, unlike ns on this shared machine): each case runs twice, with
+/// `COUNTED_PAGES` pages per thread, and the difference of the two totals divided by the
+/// difference of the pages is the cost of one page's ALLOC+FREE, set-up and teardown
+/// cancelled. Without valgrind: none, with a note.
+pub fn exmap_instructions(exe: &Path) -> Result<Vec<Sample>> {
+    if Command::new("valgrind").arg("--version").output().is_err() {
+        eprintln!("bench: valgrind not found: no instruction counts for exmap (apt-get install valgrind)");
+        return Ok(Vec::new());
+    }
+    let mut samples = Vec::new();
+    for case in EXMAP_CASES {
+        let mut total = [0u64; 2];
+        for (k, pages) in [COUNTED_PAGES.0, COUNTED_PAGES.1].into_iter().enumerate() {
+            let out = Command::new("valgrind")
+                .args(["--tool=callgrind", "--callgrind-out-file=/dev/null"])
+                .arg(exe)
+                .args(["--case", case, "--pages", &pages.to_string(), "--rounds", "1", "--memory", "128"])
+                .output()
+                .context(|| "cannot start valgrind".to_string())?;
+            if !out.status.success() {
+                bail!("valgrind {} --case {case} failed: {}", exe.display(), String::from_utf8_lossy(&out.stderr).trim());
+            }
+            total[k] = parse_collected(&String::from_utf8_lossy(&out.stderr))
+                .ok_or_else(|| crate::Error(format!("callgrind said no `Collected :` total for --case {case}")))?;
+        }
+        let out = run(exe, &["--case", case, "--pages", "512", "--rounds", "1", "--memory", "16"])?;
+        let name = out.lines().nth(1).and_then(|l| l.split_once(": ")).map(|(n, _)| n.to_string()).unwrap_or_default();
+        let (case_name, threads, imp) = exmap_case(&name).ok_or_else(|| crate::Error(format!("exmap bench: cannot read its case `{name}`")))?;
+        let pages = (COUNTED_PAGES.1 - COUNTED_PAGES.0) * threads as u64;
+        let value = total[1].saturating_sub(total[0]) as f64 / pages as f64;
+        samples.push(Sample { bench: "exmap", case: case_name, threads, imp: imp.into(), unit: "instr/page", value, runs: None });
+    }
+    Ok(samples)
+}
+
+/// The total of callgrind's `==PID== Collected : N` line.
+pub fn parse_collected(stderr: &str) -> Option<u64> {
+    stderr.lines().find_map(|l| l.split("Collected :").nth(1)?.trim().parse().ok())
 }
 
 /// One table for every benchmark: case, threads, implementation, median, min..max, runs.
@@ -551,12 +616,12 @@ pub fn allocator_svg(rows: &[Row]) -> String {
 /// ExMap ns per page by batch size and thread count, against the per-page path.
 pub fn exmap_svg(rows: &[Row]) -> String {
     let mut cases: Vec<String> = Vec::new();
-    for r in rows.iter().filter(|r| r.imp == "exmap") {
+    for r in rows.iter().filter(|r| r.imp == "exmap" && r.unit == "ns/page") {
         if !cases.contains(&r.case) {
             cases.push(r.case.clone());
         }
     }
-    let find = |case: &str, t: u32, imp: &str| rows.iter().find(|r| r.case == case && r.threads == t && r.imp == imp).map(Row::median);
+    let find = |case: &str, t: u32, imp: &str| rows.iter().find(|r| r.case == case && r.threads == t && r.imp == imp && r.unit == "ns/page").map(Row::median);
     let series: Vec<(String, Vec<Option<f64>>)> = [("exmap", 1), ("exmap", 2), ("per-page path", 1), ("per-page path", 2)]
         .iter()
         .map(|&(imp, t)| (format!("{imp} {t} thread{}", if t > 1 { "s" } else { "" }), cases.iter().map(|c| find(c, t, imp)).collect()))
@@ -702,14 +767,20 @@ threads  allocator  get+put ns   Mops/s total   (median of 1 runs, ns per op per
         assert_eq!((s[6].imp.as_str(), s[6].value, s[6].unit), ("map page by page", 555673.0, "ns/object"));
         assert_eq!(size_bytes("64 GiB"), Some(64 << 30));
         let e = "exmap host benchmark: 512 MiB of real memory, median of 5 interleaved runs\n\
-                 exmap alloc+free batch 64, 2 threads: 24.0 ns/page (per thread; runs 20.7..27.0)\n\
-                 per-page path (allocator call + zeroing per page, no cache) batch 512, 1 thread: 63.8 ns/page (per thread; runs 60.1..65.7)\n";
-        let rows = collect(&parse_exmap(e).unwrap());
+                 exmap alloc+free sorted batch 64, 2 threads: 24.0 ns/page (per thread; runs 20.7..27.0)\n\
+                 per-page path (allocator call + zeroing per page, no cache) wrapping batch 512, 1 thread: 63.8 ns/page (per thread; runs 60.1..65.7)\n";
+        let mut samples = parse_exmap(e).unwrap();
+        samples.push(Sample { bench: "exmap", case: "alloc+free sorted batch 64".into(), threads: 2, imp: "exmap".into(), unit: "instr/page", value: 180.0, runs: None });
+        let rows = collect(&samples);
         let r = &rows[0];
-        assert_eq!((r.case.as_str(), r.threads, r.imp.as_str()), ("alloc+free batch 64", 2, "exmap"));
+        assert_eq!((r.case.as_str(), r.threads, r.imp.as_str()), ("alloc+free sorted batch 64", 2, "exmap"));
         assert_eq!((r.median(), r.min(), r.max(), r.runs()), (24.0, 20.7, 27.0, 5));
-        assert_eq!((rows[1].case.as_str(), rows[1].threads, rows[1].imp.as_str()), ("alloc+free batch 512", 1, "per-page path"));
-        assert!(parse_exmap("exmap alloc+free batch 1, x threads: 1.0 ns/page (per thread; runs 1.0..2.0)\n").is_err());
+        assert_eq!((rows[1].case.as_str(), rows[1].threads, rows[1].imp.as_str()), ("alloc+free wrapping batch 512", 1, "per-page path"));
+        assert_eq!((rows[2].unit, rows[2].median()), ("instr/page", 180.0), "instructions are a row of their own");
+        assert!(exmap_svg(&rows).contains("sorted batch 64"));
+        assert!(parse_exmap("exmap alloc+free sorted batch 1, x threads: 1.0 ns/page (per thread; runs 1.0..2.0)\n").is_err());
+        assert!(parse_exmap("exmap alloc+free batch 1, 1 thread: 1.0 ns/page (per thread; runs 1.0..2.0)\n").is_err(), "no order");
+        assert_eq!(parse_collected("==12== Events    : Ir\n==12== Collected : 207806271\n"), Some(207806271));
     }
 
     #[test]
