@@ -23,21 +23,24 @@ impl Symbolizer {
     }
 
     /// `line` with ` <function (file:line)>` after each `RIP 0x...` that the ELF knows.
+    /// `hypervisor RIP 0x...` is always the hypervisor's, also in a line about a guest (a
+    /// fault of the hypervisor or the emulator while that guest ran, `vm/report.rs`).
     pub fn line(&mut self, line: &str) -> String {
-        let elf = match guest_name(line) {
-            Some(name) => match self.guests.get(name) {
-                Some(p) => p.clone(),
-                None => return line.to_string(),
-            },
-            None => self.hypervisor.clone(),
+        let guest_elf = match guest_name(line) {
+            Some(name) => self.guests.get(name).cloned(),
+            None => Some(self.hypervisor.clone()),
         };
         let mut out = String::with_capacity(line.len() + 64);
         let mut rest = line;
         while let Some(i) = rest.find("RIP 0x") {
             let start = i + "RIP 0x".len();
             let digits = rest[start..].find(|c: char| !c.is_ascii_hexdigit()).map_or(rest.len(), |n| start + n);
+            let elf = match rest[..i].ends_with("hypervisor ") {
+                true => Some(self.hypervisor.clone()),
+                false => guest_elf.clone(),
+            };
             out.push_str(&rest[..digits]);
-            if let Ok(addr) = u64::from_str_radix(&rest[start..digits], 16) {
+            if let (Ok(addr), Some(elf)) = (u64::from_str_radix(&rest[start..digits], 16), elf) {
                 if let Some(name) = self.lookup(&elf, addr) {
                     out.push_str(&format!(" <{name}>"));
                 }
@@ -149,6 +152,14 @@ mod tests {
         assert!(line.contains("RIP 0x") && line.contains(" <") && line.contains("parperos_known_function (known.rs:4)>"), "{line}");
         // An address the ELF does not know stays as it is.
         assert_eq!(s.line("guest 1 (known) stopped, RIP 0x10"), "guest 1 (known) stopped, RIP 0x10");
+        // `hypervisor RIP` in a guest's line is named from the hypervisor's ELF (here the
+        // same program under another role), the guest's RIP from the guest's (none here).
+        let mut s = Symbolizer::new(&elf, &[("other".into(), dir.join("missing"))]);
+        let line = s.line(&format!("ERROR vm: guest 4 (other) stopped by an emulator fault (hypervisor RIP {:#x}); the guest was at RIP {:#x}", addr + 1, addr + 1));
+        assert!(line.contains(&format!("hypervisor RIP {:#x} <", addr + 1)) && line.contains("parperos_known_function (known.rs:4)>"), "{line}");
+        assert!(line.ends_with(&format!("the guest was at RIP {:#x}", addr + 1)), "{line}");
+        let line = s.line(&format!("guest 4 (nameless) stopped: hypervisor RIP {:#x}", addr + 1));
+        assert!(line.contains("parperos_known_function"), "{line}");
         let _ = std::fs::remove_dir_all(dir);
     }
 

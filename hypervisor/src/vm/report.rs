@@ -6,9 +6,23 @@ use super::{Backend, Exit, ExitKind};
 use morsel::GuestPhysAddr;
 
 /// Stops a misbehaving guest with a report naming the guest, the exit and the address.
+/// A RIP inside the hypervisor's image that is not in the guest's memory is printed as
+/// `hypervisor RIP 0x...` (xtask names it from the hypervisor's ELF, not the guest's); an
+/// exit that came back with the host's state is reported as the emulator's fault.
 pub(super) fn stop<B: Backend>(guest: &mut Guest<B>, exit: Exit, rip: u64) {
     guest.flush_console();
     let (id, name) = (guest.id, guest.spec.name);
+    if let Exit::HostStateLost { code, host_rip } = exit {
+        log::error!(target: "vm",
+            "guest {id} ({name}) stopped by an emulator or hypervisor fault, not its own: exit {code:#x} came back with the host's state in place of the guest's (hypervisor RIP {host_rip:#x}), again after every re-entry; the guest was at RIP {rip:#x}");
+        guest.state = State::Stopped;
+        return;
+    }
+    let (start, end) = crate::platform::memory::kernel_range();
+    if (start..end).contains(&rip) && !guest.mem.is_mapped(GuestPhysAddr::new(rip)) {
+        log::error!(target: "vm",
+            "guest {id} ({name}): the RIP below lies in the hypervisor's image, outside the guest's memory: hypervisor RIP {rip:#x}");
+    }
     match exit {
         Exit::SecondLevelFault { gpa, write, fetch, .. } => {
             let access = if fetch { "fetch" } else if write { "write" } else { "read" };
