@@ -3,7 +3,30 @@
 
 use super::guest::{Guest, State, Summary};
 use super::{Backend, Exit, ExitKind};
-use morsel::GuestPhysAddr;
+use core::sync::atomic::{AtomicU64, Ordering};
+use morsel::{GuestPhysAddr, HostPhysAddr};
+
+/// Guests a debugger can find (`PARPEROS_GUEST_ROOTS`); later guest ids are not recorded.
+pub const DEBUG_GUESTS: usize = 256;
+
+/// For a debugger (`qemu-configs/gdb/parperos.py`): by guest id, the host-physical root of
+/// the guest's second-level table (nCR3 / EPTP address) and its RAM size in bytes (0 / 0:
+/// none). QEMU's gdbstub does not walk nested paging, so the script walks this root to read
+/// guest-physical memory. The hypervisor runs at its link address, so the symbol's address
+/// is also where the table lies in physical memory (`monitor xp` reads it in any mode).
+/// Written once per guest at load, never read here.
+#[no_mangle]
+pub static PARPEROS_GUEST_ROOTS: [[AtomicU64; 2]; DEBUG_GUESTS] = [const { [AtomicU64::new(0), AtomicU64::new(0)] }; DEBUG_GUESTS];
+
+/// Records guest `id`'s second-level root and RAM size for a debugger and logs them (DEBUG).
+pub(super) fn record_for_debugger(id: u32, name: &str, root: HostPhysAddr, ram: u64) {
+    if let Some(slot) = PARPEROS_GUEST_ROOTS.get(id as usize) {
+        slot[0].store(root.as_u64(), Ordering::Relaxed);
+        slot[1].store(ram, Ordering::Relaxed);
+    }
+    log::debug!(target: "vm", "guest {id} ({name}): second-level table root at host-physical {:#x}, RAM {} MiB (gdb: `guest-x {id} GPA`, qemu-configs/gdb/parperos.py)",
+        root.as_u64(), ram >> 20);
+}
 
 /// Stops a misbehaving guest with a report naming the guest, the exit and the address.
 /// A RIP inside the hypervisor's image that is not in the guest's memory is printed as
