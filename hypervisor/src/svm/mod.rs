@@ -91,6 +91,8 @@ impl Backend for Svm {
             x86::msr::wrmsr(EFER_MSR, x86::msr::rdmsr(EFER_MSR) | EFER_SVME);
             x86::msr::wrmsr(VM_HSAVE_PA, hsave.as_u64());
         }
+        register_host_page(hsave);
+        register_host_page(host_state);
         crate::arch::apic::start_periodic_timer_us(crate::vm::sched::SLICE_US);
         log::info!(target: "svm", "SVM enabled: {} ASIDs, NPT, next-RIP save {}",
             caps.asids, if caps.nrip_save { "yes" } else { "no (instructions are decoded)" });
@@ -172,6 +174,13 @@ impl Backend for Svm {
         // The guest's state as VMRUN will load it, kept for the one case where the exit
         // comes back with the host's state in its place (`leaked_host_state`).
         let entry = Entry::take(vcpu);
+        // VMRUN writes the host's state into the host save area before it loads the guest's
+        // from the VMCB: were they one page, the guest would "run" the host's state.
+        if is_host_page(vcpu.vmcb.pa()) {
+            log::error!(target: "svm", "guest {}: its VMCB {:#x} is a CPU's host save or VMSAVE page (a frame handed out twice)",
+                vcpu.guest, vcpu.vmcb.pa().as_u64());
+            return Exit::EntryFailed { code: EXIT_INVALID, qualification: vcpu.vmcb.pa().as_u64() };
+        }
         let mut tries = 0;
         loop {
             // SAFETY: the VMCB was set up by create_vcpu with a nested table that maps only
@@ -352,4 +361,19 @@ fn leaked_host_state(vmcb: &Vmcb, host_state: HostPhysAddr) -> bool {
     // u64 that only this CPU's world switch writes (before VMRUN, not concurrently).
     let host_rsp = unsafe { core::ptr::read_volatile((host_state.as_u64() + switch::HOST_RSP_SLOT) as *const u64) };
     v.rip == switch::vmrun_return() && v.cr3 == host_cr3 && v.rsp == host_rsp
+}
+
+/// Host save areas and host VMSAVE pages of every CPU that enabled SVM (0: free slot).
+static HOST_PAGES: [core::sync::atomic::AtomicU64; 2 * 256] = [const { core::sync::atomic::AtomicU64::new(0) }; 2 * 256];
+
+fn register_host_page(pa: HostPhysAddr) {
+    use core::sync::atomic::Ordering::Relaxed;
+    // A full table (over 256 CPUs) leaves the page unchecked, nothing worse.
+    let _ = HOST_PAGES.iter().find(|s| s.compare_exchange(0, pa.as_u64(), Relaxed, Relaxed).is_ok());
+}
+
+/// True if `pa` is a CPU's host save area or host VMSAVE page.
+fn is_host_page(pa: HostPhysAddr) -> bool {
+    use core::sync::atomic::Ordering::Relaxed;
+    HOST_PAGES.iter().map(|s| s.load(Relaxed)).take_while(|&p| p != 0).any(|p| p == pa.as_u64())
 }
