@@ -82,6 +82,10 @@ extern "C" fn kmain(magic: u32, info: u64) -> ! {
         Err(devices::InitFailed) => (None, false),
     };
 
+    if args.test == Some(cmdline::Test::SvmHostState) {
+        svm::INJECT_HOST_STATE.store(true, core::sync::atomic::Ordering::Relaxed);
+        log::info!(target: "boot", "test=svm-host-state: every 64th VMRUN gets the host's state in its VMCB");
+    }
     if args.test == Some(cmdline::Test::Fault) {
         log::info!(target: "boot", "test=fault: reading an unmapped address");
         // SAFETY: deliberately not safe: the fault path is what this test exercises.

@@ -61,10 +61,16 @@ impl Symbolizer {
         if !code.iter().any(|&(start, end)| (start..end).contains(&addr)) {
             return None;
         }
+        // The symbol table wins where it names something the debug info does not know
+        // about: an assembly label (`svm_vmrun_return`) inside a range that the debug info
+        // gives to the function before it.
+        let symbol = loader.find_symbol(addr).map(|s| addr2line::demangle_auto(s.into(), None).into_owned());
         let mut frames = loader.find_frames(addr).ok()?;
         let mut names = Vec::new();
+        let mut outermost = None;
         while let Ok(Some(frame)) = frames.next() {
             let function = frame.function.as_ref().and_then(|f| f.demangle().ok()).map(|f| f.into_owned());
+            outermost = function.clone().or(outermost);
             let place = frame.location.as_ref().and_then(|l| {
                 let file = Path::new(l.file?).file_name()?.to_string_lossy().into_owned();
                 Some(format!("{file}:{}", l.line.unwrap_or(0)))
@@ -76,8 +82,13 @@ impl Symbolizer {
                 (None, None) => {}
             }
         }
+        if let (Some(sym), Some(f)) = (&symbol, &outermost) {
+            if !sym.starts_with(f.as_str()) && !f.starts_with(sym.as_str()) {
+                return Some(sym.clone());
+            }
+        }
         if names.is_empty() {
-            return loader.find_symbol(addr).map(|s| addr2line::demangle_auto(s.into(), None).into_owned());
+            return symbol;
         }
         Some(names.join(" inlined into "))
     }

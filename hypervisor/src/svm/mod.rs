@@ -42,6 +42,8 @@ pub struct Svm {
     /// Exits whose VMCB held the host's state instead of the guest's (QEMU multi-threaded
     /// TCG, see `leaked_host_state`), each re-entered from the copy taken before VMRUN.
     host_state_exits: u64,
+    /// VMRUNs on this CPU (for `test=svm-host-state`).
+    runs: u64,
     /// The host's FPU/SSE state while a guest runs on this CPU.
     host_fpu: alloc::boxed::Box<FpuState>,
 }
@@ -104,6 +106,7 @@ impl Backend for Svm {
             msrpm,
             host_state,
             host_state_exits: 0,
+            runs: 0,
             host_fpu: alloc::boxed::Box::new(FpuState::initial()),
         })
     }
@@ -174,6 +177,10 @@ impl Backend for Svm {
         // The guest's state as VMRUN will load it, kept for the one case where the exit
         // comes back with the host's state in its place (`leaked_host_state`).
         let entry = Entry::take(vcpu);
+        self.runs += 1;
+        if self.runs % 64 == 0 && INJECT_HOST_STATE.load(core::sync::atomic::Ordering::Relaxed) {
+            self.inject_host_state(vcpu);
+        }
         // VMRUN writes the host's state into the host save area before it loads the guest's
         // from the VMCB: were they one page, the guest would "run" the host's state.
         if is_host_page(vcpu.vmcb.pa()) {
@@ -376,4 +383,27 @@ fn register_host_page(pa: HostPhysAddr) {
 fn is_host_page(pa: HostPhysAddr) -> bool {
     use core::sync::atomic::Ordering::Relaxed;
     HOST_PAGES.iter().map(|s| s.load(Relaxed)).take_while(|&p| p != 0).any(|p| p == pa.as_u64())
+}
+
+/// `test=svm-host-state`: before some VMRUNs, `Svm::inject_host_state` makes the VMCB look
+/// as QEMU's multi-threaded TCG sometimes leaves it after an exit.
+pub static INJECT_HOST_STATE: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+
+impl Svm {
+    /// Writes the host's RIP after VMRUN, CR3 and RSP (the world switch's, from the last run)
+    /// into the VMCB: the guest then "runs" host code under its own nested table and exits
+    /// with a nested page fault at the host's PML4, the fault seen in issue 20 item 6. The
+    /// backend must recognise it and re-enter from the state it kept.
+    fn inject_host_state(&mut self, vcpu: &mut Vcpu) {
+        // SAFETY: as in `leaked_host_state`: our page, a slot only this CPU writes.
+        let host_rsp = unsafe { core::ptr::read_volatile((self.host_state.as_u64() + switch::HOST_RSP_SLOT) as *const u64) };
+        if host_rsp == 0 {
+            return;
+        }
+        let v = &mut vcpu.vmcb.get_mut().save;
+        v.rip = switch::vmrun_return();
+        // SAFETY: reading CR3 has no side effects.
+        v.cr3 = unsafe { x86::controlregs::cr3() };
+        v.rsp = host_rsp;
+    }
 }
