@@ -267,7 +267,7 @@ fn run_qemu(config: &Config, built: &images::Built, cmdline: &str, o: &Options, 
              gdb {} -ex 'target remote :1234' -x {}\n\
              gdb: QEMU's stub does not walk nested paging, so `x` cannot read guest memory; the script's \
              `guest-list`, `guest-x GUEST GPA [N]`, `guest-bytes`, `guest-disas` and `$guest_pa(GUEST, GPA)` \
-             read it through the guest's second-level table (README \"Debugging\")",
+             read it through the guest's second-level table (book: docs/src/debugging.md)",
             built.hypervisor.display(),
             crate::root().join("qemu-configs/gdb/parperos.py").display()
         );
