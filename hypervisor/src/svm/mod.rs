@@ -178,9 +178,6 @@ impl Backend for Svm {
         // comes back with the host's state in its place (`leaked_host_state`).
         let entry = Entry::take(vcpu);
         self.runs += 1;
-        if self.runs % 64 == 0 && INJECT_HOST_STATE.load(core::sync::atomic::Ordering::Relaxed) {
-            self.inject_host_state(vcpu);
-        }
         // VMRUN writes the host's state into the host save area before it loads the guest's
         // from the VMCB: were they one page, the guest would "run" the host's state.
         if is_host_page(vcpu.vmcb.pa()) {
@@ -190,6 +187,11 @@ impl Backend for Svm {
         }
         let mut tries = 0;
         loop {
+            match INJECT_HOST_STATE.load(core::sync::atomic::Ordering::Relaxed) {
+                INJECT_SOMETIMES if tries == 0 && self.runs % 64 == 0 => self.inject_host_state(vcpu),
+                INJECT_ALWAYS if self.runs > 1 => self.inject_host_state(vcpu),
+                _ => {}
+            }
             // SAFETY: the VMCB was set up by create_vcpu with a nested table that maps only
             // the guest's memory, and SVM is enabled; host_state is a page of ours.
             unsafe {
@@ -387,7 +389,11 @@ fn is_host_page(pa: HostPhysAddr) -> bool {
 
 /// `test=svm-host-state`: before some VMRUNs, `Svm::inject_host_state` makes the VMCB look
 /// as QEMU's multi-threaded TCG sometimes leaves it after an exit.
-pub static INJECT_HOST_STATE: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+/// `INJECT_SOMETIMES` (every 64th VMRUN of each CPU) or `INJECT_ALWAYS` (every VMRUN after the
+/// CPU's first, re-entries included, so that the backend gives up); 0: off.
+pub static INJECT_HOST_STATE: core::sync::atomic::AtomicU8 = core::sync::atomic::AtomicU8::new(0);
+pub const INJECT_SOMETIMES: u8 = 1;
+pub const INJECT_ALWAYS: u8 = 2;
 
 impl Svm {
     /// Writes the host's RIP after VMRUN, CR3 and RSP (the world switch's, from the last run)
