@@ -7,7 +7,7 @@ use crate::{bail, Result};
 
 /// The keys the hypervisor understands, with their values.
 pub const KEYS: &str = "guests=SPEC,SPEC,...  log=error|warn|info|debug|trace  \
-    test=fault|dma-fault|dma-nodomain|sharept|pmem-crash:format|pmem-crash:magic  pmem=format|drop:N[,N...]|drop:damaged  iommu=register|sharept  nvme=poll  cpus=N  bench=on";
+    test=fault|dma-fault|dma-nodomain|sharept|svm-host-state|svm-host-state:always|pmem-crash:format|pmem-crash:magic  pmem=format|drop:N[,N...]|drop:damaged  iommu=register|sharept  nvme=poll  cpus=N  bench=on";
 /// The options of one guest SPEC after its name.
 pub const GUEST_OPTIONS: &str = "mem=SIZE, slices=N, arg=N (or SIZE), vcpus=N, cpu=K, code=N, stopped";
 /// What a SIZE may end with.
@@ -47,8 +47,8 @@ fn check_word(word: &str, guests: &[&str]) -> std::result::Result<(), String> {
         }
         "log" if LEVELS.contains(&value.to_ascii_lowercase().as_str()) => Ok(()),
         "log" => Err(format!("unknown log level; valid: {}", LEVELS[1..].join(", "))),
-        "test" if ["fault", "dma-fault", "dma-nodomain", "sharept", "pmem-crash:format", "pmem-crash:magic"].contains(&value) => Ok(()),
-        "test" => Err("unknown test; valid: fault, dma-fault, dma-nodomain, sharept, pmem-crash:format, pmem-crash:magic".into()),
+        "test" if ["fault", "dma-fault", "dma-nodomain", "sharept", "svm-host-state", "svm-host-state:always", "pmem-crash:format", "pmem-crash:magic"].contains(&value) => Ok(()),
+        "test" => Err("unknown test; valid: fault, dma-fault, dma-nodomain, sharept, svm-host-state, svm-host-state:always, pmem-crash:format, pmem-crash:magic".into()),
         "pmem" if value == "format" || value == "drop:damaged" => Ok(()),
         "pmem" if value.strip_prefix("drop:").is_some_and(|slots| {
             slots.split(',').all(|n| n.parse::<u8>().is_ok_and(|n| n < 64))

@@ -264,8 +264,12 @@ fn run_qemu(config: &Config, built: &images::Built, cmdline: &str, o: &Options, 
         boot.extra.extend(["-s".to_string(), "-S".to_string()]);
         println!(
             "gdb: QEMU waits for a debugger on tcp::1234; attach with\n  \
-             gdb {} -ex 'target remote :1234'   (README \"Debugging\": guests)",
-            built.hypervisor.display()
+             gdb {} -ex 'target remote :1234' -x {}\n\
+             gdb: QEMU's stub does not walk nested paging, so `x` cannot read guest memory; the script's \
+             `guest-list`, `guest-x GUEST GPA [N]`, `guest-bytes`, `guest-disas` and `$guest_pa(GUEST, GPA)` \
+             read it through the guest's second-level table (book: docs/src/debugging.md)",
+            built.hypervisor.display(),
+            crate::root().join("qemu-configs/gdb/parperos.py").display()
         );
     }
     boot.extra.extend(o.extra.iter().cloned());

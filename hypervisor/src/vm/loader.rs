@@ -32,6 +32,7 @@ pub fn load<F: Format<Input = GuestPhysAddr>>(
     frames: &Frames,
 ) -> Result<VcpuSetup, MapError> {
     mem.map_ram(g.memory, frames)?;
+    super::report::record_for_debugger(g.id, g.name, mem.root(), g.memory);
     // Inside guest RAM (checked by elf::Image::parse), which is all read-write: cannot fail.
     for seg in image.segments() {
         let _ = mem.write(GuestPhysAddr::new(seg.addr), seg.file);
