@@ -154,6 +154,10 @@ struct Counts {
     loads: u64,
     retries: u64,
     busy: u64,
+    /// ExMap calls (Busy refusals not counted) and the TSC ticks spent in them (with the
+    /// Busy refusals and back-offs before each).
+    calls: u64,
+    call_ticks: u64,
 }
 
 /// One iovec page per vCPU (`iov_of`).
@@ -170,7 +174,7 @@ fn iov_of(vcpu: u32) -> &'static mut Iovec {
 }
 
 /// Per-vCPU counters of the measured phase and the end flags.
-static COUNTS: [[AtomicU64; 6]; 16] = [const { [const { AtomicU64::new(0) }; 6] }; 16];
+static COUNTS: [[AtomicU64; 8]; 16] = [const { [const { AtomicU64::new(0) }; 8] }; 16];
 static POOL: AtomicU64 = AtomicU64::new(0);
 static CTL: AtomicU64 = AtomicU64::new(0);
 /// vCPUs past the warm-up, vCPUs done, and vCPU 0's go for the measured phase.
@@ -333,6 +337,8 @@ impl<'a> Pool<'a> {
         }
         let ranges = &ranges[..pages.len()];
         let mut wait = 200;
+        let t0 = rdtsc();
+        self.counts.calls += 1;
         loop {
             let r = match op {
                 abi::EXMAP_READ => region.read(iov, ranges),
@@ -349,7 +355,10 @@ impl<'a> Pool<'a> {
                     }
                     wait = (wait * 2).min(25_600);
                 }
-                Ok(0) if iov.results(pages.len()).all(|r| r == Ok(1)) => return Ok(()),
+                Ok(0) if iov.results(pages.len()).all(|r| r == Ok(1)) => {
+                    self.counts.call_ticks += rdtsc() - t0;
+                    return Ok(());
+                }
                 _ => {
                     println!("bmtree: FAILED: ExMap op {op} on {} page(s) from {}: {r:?}", pages.len(), pages[0]);
                     return Err("an ExMap call failed");
@@ -584,7 +593,7 @@ fn worker(info: &BootInfo, vcpu: u32) -> Result<(), &'static str> {
         one(&mut pool, n)?;
     }
     let c = pool.counts;
-    for (a, v) in COUNTS[vcpu as usize].iter().zip([c.lookups, c.found, c.absent, c.loads, c.retries, c.busy]) {
+    for (a, v) in COUNTS[vcpu as usize].iter().zip([c.lookups, c.found, c.absent, c.loads, c.retries, c.busy, c.calls, c.call_ticks]) {
         a.store(v, SeqCst);
     }
     DONE.fetch_add(1, SeqCst);
@@ -676,7 +685,7 @@ fn fill(x: &mut ExMap, word: impl Fn(u64, usize) -> u64) -> Result<(), &'static 
 #[inline(never)]
 fn report(info: &BootInfo, x: &ExMap, alloc_mode: bool) -> Result<(), &'static str> {
     let vcpus = info.vcpu_count.clamp(1, 16);
-    let mut c = [0u64; 6];
+    let mut c = [0u64; 8];
     for v in 0..vcpus as usize {
         for (s, a) in c.iter_mut().zip(&COUNTS[v]) {
             *s += a.load(SeqCst);
@@ -694,8 +703,8 @@ fn report(info: &BootInfo, x: &ExMap, alloc_mode: bool) -> Result<(), &'static s
     let ((ex, exf), (inv, invf), (ld, ldf)) = (milli(exits), milli(invs), milli(loaded));
     println!("bmtree: {vcpus} vCPU(s): {} lookups checked ({} found with their payload, {} absent), {loaded} pages {}, {evicted} evicted in {batches} FREE batches, {} retries, {} Busy",
         c[0], c[1], c[2], if alloc_mode { "allocated and generated" } else { "read" }, c[4], c[5]);
-    println!("bmtree result: vcpus={vcpus} mode={} lookups={} ticks={ticks} ticks/lookup={} lookups/s={} pages/s={} exits/1k={ex}.{exf:02} invalidations/1k={inv}.{invf:02} pages/1k={ld}.{ldf:02}",
-        if alloc_mode { "alloc" } else { "read" }, c[0], ticks / lookups, per_s(c[0]), per_s(loaded));
+    println!("bmtree result: vcpus={vcpus} mode={} lookups={} ticks={ticks} ticks/lookup={} lookups/s={} pages/s={} exits/1k={ex}.{exf:02} invalidations/1k={inv}.{invf:02} pages/1k={ld}.{ldf:02} exmap-calls={} exmap-ticks/call={} exmap-ticks/lookup={}",
+        if alloc_mode { "alloc" } else { "read" }, c[0], ticks / lookups, per_s(c[0]), per_s(loaded), c[6], c[7] / c[6].max(1), c[7] / lookups);
     if c[0] != vcpus * lookups_of(info) || c[1] + c[2] != c[0] || c[3] != loaded {
         return Err("the counts do not add up (lookups, found + absent, loads vs the region's counter)");
     }
