@@ -205,6 +205,11 @@ struct Pool<'a> {
     region: Option<Region>,
     alloc_mode: bool,
     counts: Counts,
+    /// TSC ticks between a leaf's state check and the reads of its words, in every fourth
+    /// lookup: 0 for the owner's vCPUs; the read-only guest dwells (20 ms) so that
+    /// evictions meet its lookups (a FREE that did not wait for its epoch slot would then
+    /// stop it at a freed page).
+    dwell: u64,
     /// This participant's iovec page (`IOVS`: the vCPU stacks are 64 KiB, too small for
     /// copies of 4 KiB pages in every frame).
     iov: &'a mut Iovec,
@@ -233,13 +238,20 @@ impl<'a> Pool<'a> {
             match tag(s) {
                 EVICTED => return Ok(Step::Miss(page)),
                 LOCKED => return Ok(Step::Retry),
-                MARKED => {
+                MARKED if self.region.is_some() => {
                     // Used again: out of the clock's hand (vmcache does this in its guards).
+                    // The read-only guest leaves the owner's replacement alone.
                     if st.compare_exchange(s, with(s, UNLOCKED), SeqCst, SeqCst).is_ok() {
                         s = with(s, UNLOCKED);
                     }
                 }
                 _ => {}
+            }
+            if level == 0 && self.dwell > 0 && self.epoch % 4 == 0 {
+                let t = rdtsc();
+                while rdtsc() - t < self.dwell {
+                    core::hint::spin_loop();
+                }
             }
             let (head, lvl, count) = (self.word(page, 0), self.word(page, 1), self.word(page, 2));
             let mut out = Step::Absent;
@@ -429,7 +441,9 @@ impl<'a> Pool<'a> {
             }
         }
         if n > 0 {
-            self.quiesce();
+            let quiet = self.quiesce();
+            // Without the wait no FREE: a page may still be read (the victims stay Locked).
+            quiet?;
             let r = self.exmap(abi::EXMAP_FREE, &victims[..n]);
             for &page in &victims[..n] {
                 let st = self.state(page);
@@ -444,8 +458,11 @@ impl<'a> Pool<'a> {
         Ok(())
     }
 
-    /// Waits until every other participant that was inside a lookup has left it.
-    fn quiesce(&self) {
+    /// Waits until every other participant that was inside a lookup has left it (a lookup
+    /// never blocks; Err after 10 s: a participant died inside one).
+    fn quiesce(&self) -> Result<(), &'static str> {
+        let limit = 10_000_000 * info_u64(abi::INFO_TSC_PER_US).max(1);
+        let t = rdtsc();
         for i in 0..NSLOTS {
             let slot = &self.ctl[SLOTS + i];
             let seen = slot.load(SeqCst);
@@ -453,7 +470,13 @@ impl<'a> Pool<'a> {
                 continue;
             }
             let mut spins = 0u64;
-            while slot.load(SeqCst) == seen && FAILED.load(SeqCst) == 0 {
+            while slot.load(SeqCst) == seen {
+                if FAILED.load(SeqCst) != 0 {
+                    return Err("another vCPU failed");
+                }
+                if rdtsc() - t > limit {
+                    return Err("a participant stayed inside one lookup for 10 s");
+                }
                 spins += 1;
                 if spins % 64 == 0 {
                     // It may be waiting for this CPU (several vCPUs per CPU).
@@ -463,6 +486,7 @@ impl<'a> Pool<'a> {
                 }
             }
         }
+        Ok(())
     }
 }
 
@@ -566,7 +590,7 @@ fn worker(info: &BootInfo, vcpu: u32) -> Result<(), &'static str> {
     let ctl = morsel::atomics_at(CTL.load(SeqCst)).ok_or("bm-ctl not mounted")?;
     let region = Region::at(POOL.load(SeqCst));
     let alloc_mode = info.arg % 10 == 2;
-    let mut pool = Pool { base: region.addr(), ctl, slot: vcpu as usize, epoch: 0, region: Some(region), alloc_mode, counts: Counts::default(), iov: iov_of(vcpu) };
+    let mut pool = Pool { base: region.addr(), ctl, slot: vcpu as usize, epoch: 0, region: Some(region), alloc_mode, counts: Counts::default(), dwell: 0, iov: iov_of(vcpu) };
     let mut rng = 0x2545_f491_4f6c_dd1d ^ (vcpu as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
     let mut one = |pool: &mut Pool, n: u64| {
         let r = next(&mut rng) % RECORDS;
@@ -639,8 +663,12 @@ fn owner(info: &BootInfo, alloc_mode: bool) -> i32 {
     if let Err(e) = worker(info, 0).and_then(|()| report(info, &x, alloc_mode)) {
         return fail(e);
     }
-    if info_u64(abi::INFO_GUEST_COUNT) > 1 && wait_until(|| ctl[C_READER_DONE].load(SeqCst) != 0).is_err() {
-        return fail("reader");
+    if info_u64(abi::INFO_GUEST_COUNT) > 1 {
+        let limit = 60_000_000 * info_u64(abi::INFO_TSC_PER_US).max(1);
+        let t = rdtsc();
+        if wait_until(|| ctl[C_READER_DONE].load(SeqCst) != 0 || rdtsc() - t > limit).is_err() || ctl[C_READER_DONE].load(SeqCst) == 0 {
+            return fail("the read-only guest did not finish within 60 s");
+        }
     }
     let all = [Range::new(0, PAGES.min(4000)), Range::new(4000, PAGES - 4000)];
     if x.free(&all) != Ok(0) || x.populated() != 0 {
@@ -734,7 +762,7 @@ fn reader(info: &BootInfo) -> i32 {
         return 1;
     };
     let ctl = ctl_m.atomics();
-    let mut pool = Pool { base: pool_m.addr(), ctl, slot: READER_SLOT, epoch: 0, region: None, alloc_mode: false, counts: Counts::default(), iov: iov_of(0) };
+    let mut pool = Pool { base: pool_m.addr(), ctl, slot: READER_SLOT, epoch: 0, region: None, alloc_mode: false, counts: Counts::default(), dwell: 20_000 * info_u64(abi::INFO_TSC_PER_US), iov: iov_of(0) };
     let mut rng = 0x9e37_79b9_7f4a_7c15u64;
     let batches0 = ctl[C_BATCHES].load(SeqCst);
     let (mut checked, mut missed) = (0, 0);
