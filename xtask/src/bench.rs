@@ -27,6 +27,8 @@ pub struct Options {
     pub smp: bool,
     /// `ipc`: the in-emulator ping-pong and idle bench (`bench_ipc`), only when named.
     pub ipc: bool,
+    /// `bufmgr`: the in-emulator buffer manager bench (`bench_bufmgr`), only when named.
+    pub bufmgr: bool,
     pub rounds: usize,
     pub docs: bool,
     /// `--upstream PATH`: a checkout of upstream llfree-rs (outside this repository); the
@@ -36,7 +38,7 @@ pub struct Options {
 
 impl Options {
     pub fn parse(args: &[String]) -> Result<Options> {
-        let mut o = Options { benches: Vec::new(), smp: false, ipc: false, rounds: DEFAULT_ROUNDS, docs: false, upstream: None };
+        let mut o = Options { benches: Vec::new(), smp: false, ipc: false, bufmgr: false, rounds: DEFAULT_ROUNDS, docs: false, upstream: None };
         let mut it = args.iter();
         while let Some(a) = it.next() {
             match a.as_str() {
@@ -53,14 +55,15 @@ impl Options {
                 },
                 "smp" => o.smp = true,
                 "ipc" => o.ipc = true,
+                "bufmgr" => o.bufmgr = true,
                 name => match BENCHES.iter().find(|b| **b == name) {
                     Some(b) if !o.benches.contains(b) => o.benches.push(b),
                     Some(_) => bail!("`{name}` named twice"),
-                    None => bail!("`bench` takes allocator, morsel, exmap, smp or ipc, --rounds N, --docs (got `{name}`)"),
+                    None => bail!("`bench` takes allocator, morsel, exmap, smp, ipc or bufmgr, --rounds N, --docs (got `{name}`)"),
                 },
             }
         }
-        if o.benches.is_empty() && !o.smp && !o.ipc {
+        if o.benches.is_empty() && !o.smp && !o.ipc && !o.bufmgr {
             o.benches = BENCHES.to_vec();
         }
         Ok(o)
@@ -136,8 +139,11 @@ pub fn collect(samples: &[Sample]) -> Vec<Row> {
 }
 
 pub fn bench(o: &Options) -> Result<ExitCode> {
-    if o.smp && o.ipc {
-        bail!("`bench smp` and `bench ipc` run one at a time (each boots QEMU)");
+    if [o.smp, o.ipc, o.bufmgr].iter().filter(|&&b| b).count() > 1 {
+        bail!("`bench smp`, `bench ipc` and `bench bufmgr` run one at a time (each boots QEMU)");
+    }
+    if o.bufmgr && o.benches.is_empty() {
+        return crate::bench_bufmgr::bench(o.rounds.min(3));
     }
     if o.smp && o.benches.is_empty() {
         return crate::bench_smp::bench(o.rounds.min(3));
@@ -145,7 +151,7 @@ pub fn bench(o: &Options) -> Result<ExitCode> {
     if o.ipc && o.benches.is_empty() {
         return crate::bench_ipc::bench(o.rounds.min(5));
     }
-    if o.smp || o.ipc {
+    if o.smp || o.ipc || o.bufmgr {
         bail!("`bench smp` and `bench ipc` run on their own (they boot QEMU): `cargo xtask bench smp`, `cargo xtask bench ipc`");
     }
     let root = crate::root();

@@ -7,6 +7,7 @@
 
 mod archive;
 mod bench;
+mod bench_bufmgr;
 mod bench_ipc;
 mod bench_smp;
 mod cmdline;
@@ -86,7 +87,7 @@ usage: cargo xtask guest-flags
 ";
 
 const HELP_BENCH: &str = "\
-usage: cargo xtask bench [allocator|morsel|exmap|smp|ipc] [--rounds N] [--docs] [--upstream PATH]
+usage: cargo xtask bench [allocator|morsel|exmap|smp|ipc|bufmgr] [--rounds N] [--docs] [--upstream PATH]
   the host benchmarks (release builds of each crate's examples/bench.rs): all of them, or
   those named, in N interleaved rounds (default 5; exmap runs once, interleaving its own 5).
   Prints one table (median, min..max per case), writes build/bench/<bench>.csv and
@@ -101,6 +102,9 @@ usage: cargo xtask bench [allocator|morsel|exmap|smp|ipc] [--rounds N] [--docs] 
   ipc: boots two channel guests under QEMU (at most 5 rounds): ping-pong round trips per
   second and exits per round trip, doorbell + wait vs yield polling, on 1 and 2 CPUs; and
   the host CPU time of two guests idle for 3 s, waiting vs polling
+  bufmgr: the vmcache-style buffer manager guest (bmtree) with 1, 2, 4 vCPUs: under QEMU
+  (qemu-iommu, pages READ from NVMe; at most 3 rounds) lookups/s, pages read/s, exits and
+  invalidations per 1,000 lookups; under Bochs VMX (ALLOC + generator) TSC ticks per lookup
 ";
 
 const HELP_SETUP: &str = "\
