@@ -159,7 +159,7 @@ pub fn test(o: &Options) -> Result<ExitCode> {
     if host {
         println!("== host tests");
         run_host(&root, &mut tally, HOST_TESTS, |c| {
-            c.args(["test", "--release", "-p", "allocator", "-p", "morsel", "-p", "exmap", "-p", "abi", "-p", "xtask"]);
+            c.args(["test", "--release", "-p", "allocator", "-p", "morsel", "-p", "exmap", "-p", "abi", "-p", "guest-lib", "-p", "xtask"]);
         });
         run_host(&root, &mut tally, HOST_HV, |c| {
             c.args(["test", "--release", "-p", "formats"]);
