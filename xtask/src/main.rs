@@ -13,6 +13,7 @@ mod cmdline;
 mod disk;
 mod emulator;
 mod images;
+mod newguest;
 mod pmem;
 mod run;
 mod scenario;
@@ -32,6 +33,7 @@ commands:
   run       boot the demo, a command line or your own guest ELF, console on this terminal
   test      host tests, then every scenario in tests/scenarios/ (or those FILTER selects)
   list      the guests, configs and scenarios there are
+  new-guest DIR  write a guest crate of your own in DIR (builds with plain `cargo build`)
   guest-flags  print the RUSTFLAGS that build a guest crate of your own
   bench     the host benchmarks (allocator, morsel, exmap): table, CSV and SVG plots
   setup     install the apt packages the emulators need
@@ -83,6 +85,18 @@ usage: cargo xtask guest-flags
   prints the RUSTFLAGS for a guest crate outside this repository (freestanding flags and
   guest-lib/guest.ld):  RUSTFLAGS=\"$(cargo xtask guest-flags)\" cargo build --release \\
   --target x86_64-unknown-linux-gnu; then `cargo xtask run --guest path/to/elf`
+";
+
+const HELP_NEW_GUEST: &str = "\
+usage: cargo xtask new-guest DIR
+  writes a guest crate in DIR (outside this repository; DIR must not exist or be empty; its
+  name becomes the crate's and the guest's): Cargo.toml (guest-lib of this checkout as a
+  path dependency with the heap, panic = \"abort\" in both profiles), .cargo/config.toml (the
+  target and the flags of `guest-flags`, this checkout's linker script), and src/main.rs, an
+  example that uses the heap, a shared morsel, a doorbell rendezvous and ExMap. Then:
+    cd DIR && cargo build
+    cargo xtask run --guest DIR/target/x86_64-unknown-linux-gnu/debug/NAME \\
+                    --guest DIR/target/x86_64-unknown-linux-gnu/debug/NAME:arg=1
 ";
 
 const HELP_BENCH: &str = "\
@@ -284,6 +298,7 @@ fn dispatch(args: &[String]) -> std::result::Result<ExitCode, Fail> {
         "list" => HELP_LIST,
         "bench" => HELP_BENCH,
         "guest-flags" => HELP_GUEST_FLAGS,
+        "new-guest" => HELP_NEW_GUEST,
         "setup" => HELP_SETUP,
         _ => USAGE,
     };
@@ -316,6 +331,18 @@ fn dispatch(args: &[String]) -> std::result::Result<ExitCode, Fail> {
         "guest-flags" => {
             no_arguments(cmd, rest)?;
             println!("{} -C link-arg=-T{}", images::FREESTANDING_RUSTFLAGS, root.join("guest-lib/guest.ld").display());
+            Ok(ExitCode::SUCCESS)
+        }
+        "new-guest" => {
+            let dir = match rest {
+                [dir] if !dir.starts_with('-') => PathBuf::from(dir),
+                _ => return Err(Fail::Usage(Error("`new-guest` takes one directory (see `cargo xtask new-guest --help`)".into()))),
+            };
+            let name = newguest::create(&root, &dir)?;
+            println!("new guest `{name}` in {}; build and boot it:", dir.display());
+            println!("  (cd {} && cargo build)", dir.display());
+            let elf = newguest::elf(&dir, &name);
+            println!("  cargo xtask run --guest {} --guest {}:arg=1", elf.display(), elf.display());
             Ok(ExitCode::SUCCESS)
         }
         "bench" => {

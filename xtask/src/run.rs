@@ -94,13 +94,26 @@ fn guest_file_name(path: &Path) -> Result<String> {
     Ok(name)
 }
 
-/// Refuses what is not an x86-64 ELF64 executable before anything boots it.
-fn check_guest_elf(path: &Path) -> Result<()> {
+/// Refuses what is not a guest before anything boots it: not an ELF at all, or an ELF that
+/// the hypervisor's loader would refuse (not an x86-64 executable linked with guest.ld at
+/// `abi::IMAGE_BASE_GPA`, such as an ordinary host program).
+pub fn check_guest_elf(path: &Path) -> Result<()> {
     let data = std::fs::read(path).context(|| format!("--guest {}: cannot read it", path.display()))?;
-    if data.len() < 20 || &data[..4] != b"\x7fELF" || data[4] != 2 || u16::from_le_bytes([data[18], data[19]]) != 0x3e {
-        bail!("--guest {}: not an x86-64 ELF64 file (build it as in README \"Writing a guest\")", path.display());
+    let hint = "make a guest crate with `cargo xtask new-guest DIR` and `cargo build` it there";
+    if data.len() < 4 || &data[..4] != b"\x7fELF" {
+        bail!("--guest {}: not an ELF file; {hint}", path.display());
+    }
+    // The largest guest memory the hypervisor accepts bounds the image (the loader checks
+    // the guest's own size at boot).
+    if let Err(e) = formats::elf::Image::parse(&data, abi_image_base(), 512 << 30) {
+        bail!("--guest {}: an ELF, but not a ParPerOS guest ({e}); {hint}", path.display());
     }
     Ok(())
+}
+
+/// Where guests are linked (guest-lib/guest.ld, `abi::IMAGE_BASE_GPA`).
+fn abi_image_base() -> u64 {
+    0x20_0000
 }
 
 /// `cmdline` with `specs` appended to its `guests=` word (or a new one).
@@ -462,5 +475,20 @@ mod tests {
         assert!(guest_file_name(Path::new("a/b:c")).is_err());
         assert_eq!(guest_file_name(Path::new("a/app")).unwrap(), "app");
         assert_eq!(last_stamp("[    1.5] x\n[  349.17] INFO y\nparperos: exit success\n"), Some(349.17));
+    }
+
+    #[test]
+    fn guest_elfs_are_checked_before_boot() {
+        let dir = std::env::temp_dir().join(format!("xtask-elf-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let text = dir.join("notes.txt");
+        std::fs::write(&text, "hello").unwrap();
+        let e = check_guest_elf(&text).unwrap_err().0;
+        assert!(e.contains("not an ELF file") && e.contains("new-guest"), "{e}");
+        // This test binary: an ELF, but a host program (PIE, linked at 0), not a guest.
+        let e = check_guest_elf(&std::env::current_exe().unwrap()).unwrap_err().0;
+        assert!(e.contains("not a ParPerOS guest") && e.contains("new-guest"), "{e}");
+        assert!(check_guest_elf(&dir.join("missing")).unwrap_err().0.contains("cannot read"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -465,6 +465,15 @@ fn run_job(root: &Path, job: &Job, built: &images::Built, logs: &Path) -> (bool,
         Ok(m) => m,
         Err(e) => return (false, String::new(), format!("    {e}\n")),
     };
+    let own;
+    let built = match outside_guests(root, job, built) {
+        Ok(Some(b)) => {
+            own = b;
+            &own
+        }
+        Ok(None) => built,
+        Err(e) => return (false, String::new(), format!("    {}\n", e.0.replace('\n', "\n    "))),
+    };
     let boots = job.scenario.boots;
     let mut wall = Duration::ZERO;
     let mut readies = Vec::new();
@@ -505,6 +514,31 @@ fn run_job(root: &Path, job: &Job, built: &images::Built, logs: &Path) -> (bool,
         }
     }
     (true, facts(job, wall, &readies, &kills), String::new())
+}
+
+/// The archive of a job whose scenario boots guests from outside tests/guests (`guest_elf`,
+/// `new_guest`), each checked as `run --guest` checks it; None for the others.
+fn outside_guests(root: &Path, job: &Job, built: &images::Built) -> Result<Option<images::Built>> {
+    let s = &job.scenario;
+    if s.guest_elfs.is_empty() && s.new_guest.is_none() {
+        return Ok(None);
+    }
+    let mut extra = Vec::new();
+    for path in &s.guest_elfs {
+        let path = if path.is_absolute() { path.clone() } else { root.join(path) };
+        crate::run::check_guest_elf(&path)?;
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        extra.push((name, path));
+    }
+    if let Some(name) = &s.new_guest {
+        let dir = root.join(images::BUILD_DIR).join("new-guest").join(format!("{}.{}", job_stem(job), name)).join(name);
+        let _ = std::fs::remove_dir_all(&dir);
+        crate::newguest::create(root, &dir)?;
+        let elf = crate::newguest::build(&dir, name)?;
+        crate::run::check_guest_elf(&elf)?;
+        extra.push((name.clone(), elf));
+    }
+    images::with_extra_guests(built, &format!("{}.guests.ar", job_stem(job)), &extra).map(Some)
 }
 
 /// Makes the fresh disk image and pmem file of a job.
