@@ -223,7 +223,9 @@ fn junit_xml(results: &[(String, bool, String, String)]) -> String {
         x.push_str(&format!("  <testcase classname=\"{}\" name=\"{}\" time=\"{secs:.2}\">", esc(class), esc(case)));
         if !ok {
             let text: String = details.lines().map(|l| esc(l) + "\n").collect();
-            x.push_str(&format!("\n    <failure message=\"{}\">{text}</failure>\n  ", esc(facts.trim())));
+            // The reason: the first line of the details (the timing is in `time`).
+            let reason = details.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or(facts.trim());
+            x.push_str(&format!("\n    <failure message=\"{}\">{text}</failure>\n  ", esc(reason)));
         }
         x.push_str("</testcase>\n");
     }
@@ -986,7 +988,7 @@ mod tests {
         ]);
         assert!(x.contains("tests=\"2\" failures=\"1\""), "{x}");
         assert!(x.contains("<testcase classname=\"qemu-svm\" name=\"boot_ready\" time=\"0.20\"></testcase>"), "{x}");
-        assert!(x.contains("<failure message=\"12.00 s\">    a &lt;b&gt; &amp; c\n</failure>"), "{x}");
+        assert!(x.contains("<failure message=\"a &lt;b&gt; &amp; c\">    a &lt;b&gt; &amp; c\n</failure>"), "{x}");
         let o = Options::parse(&["--junit".into(), "r.xml".into()]).unwrap();
         assert_eq!(o.junit, Some(PathBuf::from("r.xml")));
     }
