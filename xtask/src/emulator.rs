@@ -52,7 +52,11 @@ impl Config {
             (true, false) => Ok(Config { name, emulator: Emulator::Qemu, path: args }),
             (false, true) => Ok(Config { name, emulator: Emulator::Bochs, path: rc }),
             (true, true) => bail!("config `{name}` is ambiguous: both {name}.args and {name}.bochsrc exist"),
-            (false, false) => bail!("no config `{name}` in {CONFIG_DIR}/ (have: {})", available(&dir).join(", ")),
+            (false, false) => {
+                let have = available(&dir);
+                let hint = crate::did_you_mean(&name, have.iter().map(String::as_str));
+                Err(crate::usage_error(format!("no config `{name}` in {CONFIG_DIR}/{hint} (have: {})", have.join(", "))))
+            }
         }
     }
 }

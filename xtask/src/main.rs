@@ -124,6 +124,60 @@ usage: cargo xtask setup
 /// Exit status of a usage error (a bad option, a filter that selects nothing).
 pub const EXIT_USAGE: u8 = 2;
 
+/// Set by `usage_error`: the command fails with exit status 2 (a usage error), whichever
+/// path the error took back to `main`.
+static USAGE_SEEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// An error the user made in what they asked for (an unknown config or guest, a guest size
+/// the hypervisor refuses): exit status 2, even where it is found late (after a build).
+pub fn usage_error(message: String) -> Error {
+    USAGE_SEEN.store(true, std::sync::atomic::Ordering::Relaxed);
+    Error(message)
+}
+
+/// The candidate closest to `word` if it is a likely misspelling (edit distance at most 1
+/// for short words, 2 from 5 characters on, and less than the word's length).
+pub fn suggest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    let limit = if word.chars().count() >= 5 { 2 } else { 1 };
+    candidates
+        .into_iter()
+        .map(|c| (edit_distance(word, c), c))
+        .filter(|&(d, c)| d <= limit && d < word.chars().count().max(c.chars().count()) && d > 0)
+        .min_by_key(|&(d, _)| d)
+        .map(|(_, c)| c)
+}
+
+/// ` (did you mean `X`?)` or nothing.
+pub fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> String {
+    suggest(word, candidates).map_or(String::new(), |c| format!(" (did you mean `{c}`?)"))
+}
+
+/// Edit distance by characters, a swap of two neighbours counting as one edit (optimal
+/// string alignment).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+    let mut d = vec![vec![0usize; b.len() + 1]; a.len() + 1];
+    for (i, row) in d.iter_mut().enumerate() {
+        row[0] = i;
+    }
+    for j in 0..=b.len() {
+        d[0][j] = j;
+    }
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            d[i][j] = (d[i - 1][j] + 1).min(d[i][j - 1] + 1).min(d[i - 1][j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                d[i][j] = d[i][j].min(d[i - 2][j - 2] + 1);
+            }
+        }
+    }
+    d[a.len()][b.len()]
+}
+
+/// The subcommands, for "did you mean".
+const COMMANDS: &[&str] = &["build", "run", "test", "list", "new-guest", "guest-flags", "bench", "setup", "help"];
+
 /// One readable message; printed as `error: <message>`.
 #[derive(Debug)]
 pub struct Error(pub String);
@@ -257,7 +311,11 @@ fn main() -> ExitCode {
         }
         Err(Fail::Failed(e)) => {
             eprintln!("error: {e}");
-            ExitCode::FAILURE
+            if USAGE_SEEN.load(std::sync::atomic::Ordering::Relaxed) {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
@@ -362,7 +420,7 @@ fn dispatch(args: &[String]) -> std::result::Result<ExitCode, Fail> {
             print!("{USAGE}");
             Ok(ExitCode::SUCCESS)
         }
-        other => Err(Fail::Usage(Error(format!("unknown command `{other}` (try `cargo xtask help`)")))),
+        other => Err(Fail::Usage(Error(format!("unknown command `{other}`{} (try `cargo xtask help`)", did_you_mean(other, COMMANDS.iter().copied()))))),
     }
 }
 
@@ -450,6 +508,20 @@ mod tests {
             Ok(stat) => stat.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().next()) != Some("Z"),
             Err(_) => false,
         }
+    }
+
+    #[test]
+    fn misspellings_get_a_suggestion() {
+        use super::{did_you_mean, suggest, COMMANDS};
+        assert_eq!(suggest("rn", COMMANDS.iter().copied()), Some("run"));
+        assert_eq!(suggest("tset", COMMANDS.iter().copied()), Some("test"));
+        assert_eq!(suggest("--emulater", ["--emulator", "--config"]), Some("--emulator"));
+        assert_eq!(suggest("helo", ["hello", "counter"]), Some("hello"));
+        assert_eq!(suggest("qemu-svn", ["qemu-svm", "qemu-iommu"]), Some("qemu-svm"));
+        assert_eq!(suggest("xyzzy", COMMANDS.iter().copied()), None);
+        assert_eq!(suggest("run", COMMANDS.iter().copied()), None, "an exact name is no misspelling");
+        assert_eq!(suggest("a", ["b"]), None, "one letter is no basis for a guess");
+        assert_eq!(did_you_mean("rn", ["run"]), " (did you mean `run`?)");
     }
 
     #[test]

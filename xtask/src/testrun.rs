@@ -76,7 +76,7 @@ impl Options {
                     _ => bail!("`{arg}`: -j needs a positive number"),
                 };
             } else if arg.starts_with('-') {
-                bail!("unknown option `{arg}` for `test` (usage: cargo xtask test [FILTER] [-j N] [--junit FILE])");
+                bail!("unknown option `{arg}` for `test`{} (usage: cargo xtask test [FILTER] [-j N] [--junit FILE] [--accel kvm|tcg] [--guest ELF[:OPTS]])", crate::did_you_mean(arg, ["-j", "--junit", "--accel", "--guest"]));
             } else if filter.replace(arg.clone()).is_some() {
                 bail!("`test` takes one FILTER (got `{arg}` too)");
             }
