@@ -56,6 +56,9 @@ usage: cargo xtask run [options] [-- EMULATOR-ARGS]
   --config NAME          a setup from qemu-configs/ (NAME.args or NAME.bochsrc; `cargo xtask list`)
   --cmdline TEXT         hypervisor command line (default: qemu-configs/demo.cmdline)
   --cpus N               N CPUs (QEMU -smp N, Bochs cpu: count=N)
+  --accel kvm|tcg        QEMU: KVM (-cpu host) or TCG software emulation; default KVM where
+                         /dev/kvm and the CPU's vmx/svm are usable, else TCG (the first line
+                         says which and why); qemu-novirt and qemu-svm-nonpt stay on TCG
   --guest PATH[:OPTS]    a guest ELF built anywhere, booted under its file name with the
                          guest options OPTS (`:mem=32M:arg=1`); repeatable; added to the
                          command line's guests= (without --cmdline: only these guests)
@@ -65,12 +68,17 @@ usage: cargo xtask run [options] [-- EMULATOR-ARGS]
 ";
 
 const HELP_TEST: &str = "\
-usage: cargo xtask test [FILTER] [-j N] [--junit FILE]
+usage: cargo xtask test [FILTER] [-j N] [--junit FILE] [--accel kvm|tcg] [--guest ELF[:OPTS]]
   host tests, then every scenario of tests/scenarios/ under each of its configs
   FILTER        only runs whose `name [config]` contains FILTER; `host`: host tests only;
                 a FILTER that matches nothing is an error (exit status 2) listing what exists
   -j N          QEMU runs at a time (default: the CPU count; Bochs runs one at a time)
   --junit FILE  also write a JUnit XML report to FILE
+  --accel kvm|tcg  QEMU scenarios under KVM (where the config allows it) or TCG (default:
+                TCG, the path the scenarios are written for)
+  --guest ELF[:OPTS]  no scenarios: boot your own guest ELF (repeatable; `:arg=1:mem=32M`)
+                under qemu-svm and pass if every guest exits with code 0 and every frame
+                comes back
   PARPEROS_SEED=N  the seed of crash runs (kill@K), as a failure prints it
 ";
 

@@ -19,6 +19,8 @@ pub struct Options {
     cmdline: Option<String>,
     cpus: Option<usize>,
     gdb: bool,
+    /// `--accel kvm|tcg` (QEMU; None: KVM where usable, `emulator::choose_accel`).
+    accel: Option<emulator::Accel>,
     /// `--timeout SECONDS`: stop the emulator then (the run fails).
     timeout: Option<Duration>,
     /// `--guest PATH[:OPTS]`: guest ELFs from outside this repository, booted in this order.
@@ -31,7 +33,7 @@ const RUN_OPTIONS: &[&str] = &["--emulator", "--config", "--cmdline", "--cpus", 
 
 impl Options {
     pub fn parse(args: &[String]) -> Result<Options> {
-        let mut o = Options { emulator: None, config: None, cmdline: None, cpus: None, gdb: false, timeout: None, guests: Vec::new(), extra: Vec::new() };
+        let mut o = Options { emulator: None, config: None, cmdline: None, cpus: None, gdb: false, accel: None, timeout: None, guests: Vec::new(), extra: Vec::new() };
         let mut it = args.iter();
         while let Some(arg) = it.next() {
             let (flag, inline) = match arg.split_once('=') {
@@ -61,6 +63,7 @@ impl Options {
                     }
                 }
                 "--gdb" => o.gdb = true,
+                "--accel" => o.accel = Some(emulator::Accel::parse(&value("--accel")?)?),
                 "--timeout" => {
                     let v = value("--timeout")?;
                     match v.parse::<f64>() {
@@ -68,16 +71,7 @@ impl Options {
                         _ => bail!("`--timeout {v}`: a positive number of seconds"),
                     }
                 }
-                "--guest" => {
-                    let v = value("--guest")?;
-                    // PATH[:OPTS]: the options start at the first `:` after the file name.
-                    let name_start = v.rfind('/').map_or(0, |i| i + 1);
-                    let (path, opts) = match v[name_start..].find(':') {
-                        Some(i) => (&v[..name_start + i], &v[name_start + i..]),
-                        None => (v.as_str(), ""),
-                    };
-                    o.guests.push((PathBuf::from(path), opts.to_string()));
-                }
+                "--guest" => o.guests.push(split_guest(&value("--guest")?)),
                 "--" => {
                     o.extra = it.by_ref().cloned().collect();
                 }
@@ -88,8 +82,18 @@ impl Options {
     }
 }
 
+/// `--guest PATH[:OPTS]`: the options start at the first `:` after the file name.
+pub fn split_guest(v: &str) -> (PathBuf, String) {
+    let name_start = v.rfind('/').map_or(0, |i| i + 1);
+    let (path, opts) = match v[name_start..].find(':') {
+        Some(i) => (&v[..name_start + i], &v[name_start + i..]),
+        None => (v, ""),
+    };
+    (PathBuf::from(path), opts.to_string())
+}
+
 /// The archive name of a `--guest` ELF: its file name, which must work in `guests=`.
-fn guest_file_name(path: &Path) -> Result<String> {
+pub fn guest_file_name(path: &Path) -> Result<String> {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     if name.is_empty() || name.len() >= crate::archive::NAME_SIZE || name.contains([':', ',', '=']) || name.contains(char::is_whitespace) {
         bail!("--guest {}: the file name must be 1 to {} characters without `:`, `,`, `=` or blanks (it becomes the guest's name)", path.display(), crate::archive::NAME_SIZE - 1);
@@ -311,7 +315,7 @@ fn stop(child: &mut std::process::Child) {
 }
 
 fn run_qemu(config: &Config, built: &images::Built, cmdline: &str, o: &Options, symbols: &mut Symbolizer) -> Result<ExitCode> {
-    let (accel, why) = emulator::detect_accel();
+    let (accel, why) = emulator::choose_accel(config, o.accel, emulator::Default::Detect)?;
     println!("accel: {why}");
     let mut boot = emulator::QemuBoot::new(&built.hypervisor, cmdline, &built.archive, "mon:stdio");
     boot.cpus = o.cpus;

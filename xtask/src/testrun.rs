@@ -51,16 +51,33 @@ pub struct Options {
     jobs: usize,
     /// `--junit FILE`: a JUnit XML report of every result line.
     junit: Option<PathBuf>,
+    /// `--accel kvm|tcg` (None: TCG).
+    accel: Option<Accel>,
+    /// `--guest ELF[:OPTS]`: boot these instead of the scenarios.
+    guests: Vec<(PathBuf, String)>,
 }
 
 impl Options {
     pub fn parse(args: &[String]) -> Result<Options> {
         let mut filter = None;
         let mut junit = None;
+        let mut accel = None;
+        let mut guests = Vec::new();
         let mut jobs = std::thread::available_parallelism().map_or(1, |n| n.get());
         let mut it = args.iter();
         while let Some(arg) = it.next() {
-            if arg == "--junit" {
+            if arg == "--accel" || arg == "--guest" {
+                let Some(v) = it.next() else { bail!("`{arg}` needs a value") };
+                if arg == "--accel" {
+                    accel = Some(Accel::parse(v)?);
+                } else {
+                    guests.push(crate::run::split_guest(v));
+                }
+            } else if let Some(v) = arg.strip_prefix("--accel=") {
+                accel = Some(Accel::parse(v)?);
+            } else if let Some(v) = arg.strip_prefix("--guest=") {
+                guests.push(crate::run::split_guest(v));
+            } else if arg == "--junit" {
                 let Some(file) = it.next() else { bail!("`--junit` needs a file name") };
                 junit = Some(PathBuf::from(file));
             } else if let Some(file) = arg.strip_prefix("--junit=") {
@@ -81,7 +98,10 @@ impl Options {
                 bail!("`test` takes one FILTER (got `{arg}` too)");
             }
         }
-        Ok(Options { filter, jobs, junit })
+        if !guests.is_empty() && filter.is_some() {
+            bail!("`test --guest` boots your guests instead of the scenarios: no FILTER with it");
+        }
+        Ok(Options { filter, jobs, junit, accel, guests })
     }
 }
 
@@ -108,19 +128,33 @@ impl Tally {
 
 pub fn test(o: &Options) -> Result<ExitCode> {
     let root = crate::root();
-    let host = o.filter.as_deref().is_none_or(|f| f == "host");
+    let host = o.guests.is_empty() && o.filter.as_deref().is_none_or(|f| f == "host");
     let mut tally = Tally { passed: 0, failed: 0, width: 0, results: Vec::new() };
 
     // Load every scenario first, so that a broken file or a missing tool stops us early.
-    let (scenarios, broken) = load_scenarios(&root)?;
+    let (scenarios, broken) = match o.guests.is_empty() {
+        true => load_scenarios(&root)?,
+        false => (vec![own_guests_scenario(&o.guests)?], Vec::new()),
+    };
     let fixed_seed = seed_from_env()?;
+    if o.accel == Some(Accel::Kvm) {
+        if let (Accel::Tcg, why) = emulator::detect_accel() {
+            bail!("--accel kvm: KVM cannot run the hypervisor here: {why}; use --accel tcg");
+        }
+        println!("accel: KVM (-cpu host) for QEMU configs that allow it; qemu-novirt and qemu-svm-nonpt stay on TCG");
+    }
     let mut jobs = Vec::new();
     for s in &scenarios {
         for c in &s.configs {
             let label = format!("{} [{c}]", s.name);
             if o.filter.as_deref().is_none_or(|f| label.contains(f)) {
                 let seed = fixed_seed.unwrap_or_else(|| clock_seed(&label));
-                jobs.push(Job { scenario: s.clone(), config: Config::resolve(&root, c)?, label, seed });
+                let config = Config::resolve(&root, c)?;
+                let accel = match o.accel {
+                    Some(Accel::Kvm) if emulator::allows_kvm(&config) => Accel::Kvm,
+                    _ => Accel::Tcg,
+                };
+                jobs.push(Job { scenario: s.clone(), config, label, seed, accel });
             }
         }
     }
@@ -182,7 +216,8 @@ pub fn test(o: &Options) -> Result<ExitCode> {
         if built.is_ok() {
             println!("   built in {:.1} s", build_start.elapsed().as_secs_f64());
         }
-        println!("== scenarios ({} runs, {} at a time; QEMU under TCG)", jobs.len(), o.jobs);
+        let under = if jobs.iter().any(|j| j.accel == Accel::Kvm) { "KVM where the config allows it, else TCG" } else { "TCG" };
+        println!("== scenarios ({} runs, {} at a time; QEMU under {under})", jobs.len(), o.jobs);
         match built {
             Ok(built) => run_jobs(&root, jobs, built, o.jobs, &mut tally),
             Err(e) => {
@@ -396,6 +431,8 @@ struct Job {
     label: String,
     /// The run's seed: kill delays and `@SEED@` (`PARPEROS_SEED`, else from the clock).
     seed: u64,
+    /// QEMU's accelerator (`--accel`; TCG unless asked and the config allows KVM).
+    accel: Accel,
 }
 
 /// How an emulator run ended.
@@ -516,6 +553,24 @@ fn run_job(root: &Path, job: &Job, built: &images::Built, logs: &Path) -> (bool,
         }
     }
     (true, facts(job, wall, &readies, &kills), String::new())
+}
+
+/// `test --guest ELF[:OPTS] ...`: one scenario that boots the user's guests under qemu-svm and
+/// passes when the hypervisor reports success (every guest exited with its expected code, 0)
+/// with every frame back; the ELFs are checked before anything boots.
+fn own_guests_scenario(guests: &[(PathBuf, String)]) -> Result<Scenario> {
+    let mut text = String::from("description = your own guests (test --guest)\nconfigs = qemu-svm\ntimeout = 120\n");
+    let mut specs = Vec::new();
+    for (path, opts) in guests {
+        crate::run::check_guest_elf(path).map_err(|e| crate::usage_error(e.0))?;
+        let name = crate::run::guest_file_name(path).map_err(|e| crate::usage_error(e.0))?;
+        let abs = path.canonicalize().context(|| format!("--guest {}", path.display()))?;
+        text.push_str(&format!("guest_elf = {}\n", abs.display()));
+        specs.push(format!("{name}{opts}"));
+    }
+    text.push_str(&format!("cmdline = guests={}\n", specs.join(",")));
+    text.push_str("expect = frames not returned after all guests ended: 0\nreject = UNEXPECTED\nexit = success\n");
+    scenario::parse("own_guests", Path::new("(test --guest)"), &text)
 }
 
 /// The archive of a job whose scenario boots guests from outside tests/guests (`guest_elf`,
@@ -810,7 +865,7 @@ impl Driver for Qemu {
         qemu.cpus = s.cpus(config);
         qemu.disk = media.disk.as_ref().map(|(path, _)| path.as_path());
         qemu.pmem = media.pmem.as_ref().map(|(path, size)| (path.as_path(), *size));
-        let mut cmd = emulator::qemu_command(&job.config, Accel::Tcg, &qemu)?;
+        let mut cmd = emulator::qemu_command(&job.config, job.accel, &qemu)?;
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&emulator_log).context(|| format!("cannot create {}", emulator_log.display()))?);
@@ -991,6 +1046,11 @@ mod tests {
         assert!(x.contains("<failure message=\"a &lt;b&gt; &amp; c\">    a &lt;b&gt; &amp; c\n</failure>"), "{x}");
         let o = Options::parse(&["--junit".into(), "r.xml".into()]).unwrap();
         assert_eq!(o.junit, Some(PathBuf::from("r.xml")));
+        let o = Options::parse(&["--accel".into(), "kvm".into(), "--guest".into(), "a/app:arg=1".into(), "--guest=b".into()]).unwrap();
+        assert_eq!(o.accel, Some(Accel::Kvm));
+        assert_eq!(o.guests, [(PathBuf::from("a/app"), ":arg=1".to_string()), (PathBuf::from("b"), String::new())]);
+        assert!(Options::parse(&["--guest".into(), "x".into(), "demo".into()]).is_err(), "no FILTER with --guest");
+        assert!(Options::parse(&["--acel".into()]).err().unwrap().0.contains("did you mean `--accel`"));
     }
 
     #[test]
