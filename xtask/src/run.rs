@@ -161,6 +161,17 @@ fn check_emulator_memory(config: &Config, cmdline: &str, extra: &[String]) -> Re
     )))
 }
 
+/// The command line `run` boots without `--cmdline`: `qemu-configs/<config>.cmdline` where
+/// the config has one (a demo of what the config is for: a device under an IOMMU, persistent
+/// memory), else `qemu-configs/demo.cmdline`. `#` lines are comments.
+pub fn demo_cmdline(root: &Path, config: &str) -> Result<(PathBuf, String)> {
+    let own = root.join(emulator::CONFIG_DIR).join(format!("{config}.cmdline"));
+    let path = if own.is_file() { own } else { root.join(DEMO_CMDLINE) };
+    let text = std::fs::read_to_string(&path).context(|| format!("cannot read {}", path.display()))?;
+    let line: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).collect();
+    Ok((path, line.join(" ")))
+}
+
 /// `cmdline` with `specs` appended to its `guests=` word (or a new one).
 fn add_guests(cmdline: &str, specs: &[String]) -> String {
     if specs.is_empty() {
@@ -204,8 +215,9 @@ pub fn run(o: &Options) -> Result<ExitCode> {
         (Some(c), _) => c.clone(),
         (None, false) => String::new(), // --guest alone: just those guests
         (None, true) => {
-            let path = root.join(DEMO_CMDLINE);
-            std::fs::read_to_string(&path).context(|| format!("cannot read {}", path.display()))?.trim().to_string()
+            let (path, line) = demo_cmdline(&root, &config.name)?;
+            println!("demo: {} (`--cmdline` boots another)", path.display());
+            line
         }
     };
     let cmdline = add_guests(&cmdline, &specs);
@@ -533,6 +545,23 @@ mod tests {
         check_emulator_memory(&qemu, "guests=hello,hello:mem=1G", &[]).unwrap();
         let bochs = Config::resolve(&root, "bochs-vmx").unwrap();
         assert!(check_emulator_memory(&bochs, "guests=hello:mem=4G", &[]).unwrap_err().0.contains("megs:"));
+    }
+
+    /// Each config's demo is a command line a scenario runs under that config, so it is tested.
+    #[test]
+    fn each_configs_demo_is_a_tested_command_line() {
+        let root = crate::root();
+        let (scenarios, _) = crate::testrun::load_scenarios(&root).unwrap();
+        for (name, _) in emulator::describe_configs(&root) {
+            let (path, line) = demo_cmdline(&root, &name).unwrap();
+            let tested = scenarios.iter().any(|s| s.configs.contains(&name) && (1..=s.boots).any(|b| s.cmdline(&name, b).replace("@BOOT@", "1") == line))
+                // Configs without their own demo fall back to demo.cmdline (the `demo`
+                // scenario runs it on qemu-svm and Bochs; novirt/nonpt report what is missing).
+                || path.ends_with("demo.cmdline");
+            assert!(tested, "config {name}: its demo `{line}` ({}) is run by no scenario under {name}", path.display());
+        }
+        assert!(demo_cmdline(&root, "qemu-iommu").unwrap().1.contains("edu_share"), "qemu-iommu shows a device");
+        assert!(demo_cmdline(&root, "qemu-pmem").unwrap().1.contains("pm:"), "qemu-pmem shows persistent memory");
     }
 
     #[test]

@@ -305,7 +305,7 @@ fn no_match(filter: Option<&str>, labels: &[String], selected: usize) -> Option<
 /// Scenario files that failed to parse or name an unknown config: (path, error).
 type Broken = Vec<(PathBuf, String)>;
 
-fn load_scenarios(root: &Path) -> Result<(Vec<Scenario>, Broken)> {
+pub fn load_scenarios(root: &Path) -> Result<(Vec<Scenario>, Broken)> {
     let dir = root.join(SCENARIO_DIR);
     let mut paths: Vec<PathBuf> = std::fs::read_dir(&dir)
         .context(|| format!("cannot list {}", dir.display()))?
