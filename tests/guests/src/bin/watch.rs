@@ -22,6 +22,8 @@ guest_lib::entry!(main, vcpu_main);
 const CYCLES: u64 = 30;
 static ATTACKS_DONE: AtomicU64 = AtomicU64::new(0);
 static FAILED: AtomicU64 = AtomicU64::new(0);
+/// A guest mounts a morsel once: the vCPUs take turns with "w-private" (1: one has it).
+static TURN: AtomicU64 = AtomicU64::new(0);
 
 fn main(info: &BootInfo) -> i32 {
     match info.arg {
@@ -112,13 +114,22 @@ fn watcher(vcpu: u32) -> i32 {
         guest_lib::yield_now();
     }
     // The name is pending (Busy to creates, NotFound to opens) while its frames are zeroed.
-    let m = morsel::open_when_created("w-private");
+    if morsel::await_name("w-private", Timeout::Forever) != Ok(true) {
+        println!("watch {vcpu}: await w-private: WRONG");
+        return 1;
+    }
+    // One mount per guest: one vCPU at a time opens, checks and unmounts.
+    while TURN.compare_exchange(0, 1, SeqCst, SeqCst).is_err() {
+        guest_lib::yield_now();
+    }
     let rw = morsel::open_mut("w-private");
     let granted = matches!(rw, Ok(_));
     drop(rw);
+    let m = morsel::open("w-private");
     println!("watch {vcpu}: woke for w-private: read-only open {}, read-write open {}",
         if m.is_ok() { "ok" } else { "failed" }, if granted { "GRANTED: WRONG" } else { "denied" });
     drop(m);
+    TURN.store(0, SeqCst);
     let mut seen = 0;
     loop {
         match morsel::await_name("w-race", Timeout::Micros(1_000_000)) {
