@@ -11,7 +11,7 @@ use morsel::{Format, GuestPhysAddr};
 const GIB: u64 = 1 << 30;
 /// Stack space per vCPU kept free of image segments below the top of guest memory (vCPU v's
 /// stack starts `v * STACK_RESERVE` below the top).
-pub const STACK_RESERVE: u64 = 64 * 1024;
+pub const STACK_RESERVE: u64 = abi::VCPU_STACK_RESERVE;
 
 /// What the loader needs to know about the guest.
 pub struct Load<'a> {

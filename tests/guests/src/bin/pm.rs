@@ -53,10 +53,14 @@ fn word(l: &[u8], i: usize) -> u64 {
 
 fn append(l: &mut MorselMut, n: u64) {
     let p = l.as_mut_ptr() as *mut u64;
-    // SAFETY: words of the mounted ledger; the entry is written before the count covers it.
+    // SAFETY: words of the mounted ledger; the entry is durable (written back and fenced)
+    // before the count that covers it is written, and the count before the next entry.
     unsafe {
-        write_volatile(p.add(1 + n as usize), entry(n));
+        let e = p.add(1 + n as usize);
+        write_volatile(e, entry(n));
+        guest_lib::persist(e as u64..e as u64 + 8);
         write_volatile(p, n + 1);
+        guest_lib::persist(p as u64..p as u64 + 8);
     }
 }
 
@@ -154,7 +158,7 @@ fn churn() -> Result<(), &'static str> {
     if round as usize > ENTRIES || !(0..round as usize).all(|i| word(&ledger, i) == entry(i as u64)) {
         return Err("a counted ledger entry is wrong");
     }
-    println!("pm: churning from round {round}");
+    println!("pm: churning from round {round} (ledger entries persisted with {:?})", guest_lib::persist::write_back().0);
     loop {
         // Rounds 4 and 5 switch areas between 4 KiB and 2 MiB frames: in the 64 MiB region
         // (31 areas beside the ledger) 40 MiB of 4 KiB pages and 40 MiB of 2 MiB pages cannot
