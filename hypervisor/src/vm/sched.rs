@@ -128,6 +128,7 @@ struct Slot<B: Backend> {
 /// CPU's allocator core.
 pub fn cpu_loop<B: Backend>(run: &Run<B>, backend: &mut B, me: usize, frames: &Frames) {
     let mut queue: Vec<Slot<B>> = Vec::new();
+    super::shootdown::prepare(me);
     for p in run.placements.iter().filter(|p| p.cpu == me) {
         match backend.create_vcpu(&p.setup, frames) {
             Ok(vcpu) => queue.push(Slot {
@@ -250,8 +251,10 @@ fn run_slice<B: Backend>(backend: &mut B, s: &mut Slot<B>, run: &Run<B>, me: usi
             cx.notify.before_run(guest, s.index, &mut s.vcpu);
         }
         drop(w);
-        // The host runs with interrupts off: a shootdown IPI that arrives after this check
-        // is taken in guest mode (an exit), so no entry misses a flush it was asked for.
+        // Requests already made are answered here; the host runs with interrupts off: a
+        // shootdown IPI that arrives after this check is taken in guest mode (an exit), so
+        // no entry misses a flush it was asked for.
+        ipi::service();
         let gen = ipi::flush_gen(me);
         if s.seen_flush != gen {
             backend.flush_second_level(&mut s.vcpu);
