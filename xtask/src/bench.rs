@@ -27,13 +27,15 @@ pub struct Options {
     pub smp: bool,
     /// `ipc`: the in-emulator ping-pong and idle bench (`bench_ipc`), only when named.
     pub ipc: bool,
+    /// `exits`: Bochs ticks per null exit (`bench_smp::bench_exits`), only when named.
+    pub exits: bool,
     pub rounds: usize,
     pub docs: bool,
 }
 
 impl Options {
     pub fn parse(args: &[String]) -> Result<Options> {
-        let mut o = Options { benches: Vec::new(), smp: false, ipc: false, rounds: DEFAULT_ROUNDS, docs: false };
+        let mut o = Options { benches: Vec::new(), smp: false, ipc: false, exits: false, rounds: DEFAULT_ROUNDS, docs: false };
         let mut it = args.iter();
         while let Some(a) = it.next() {
             match a.as_str() {
@@ -46,14 +48,15 @@ impl Options {
                 }
                 "smp" => o.smp = true,
                 "ipc" => o.ipc = true,
+                "exits" => o.exits = true,
                 name => match BENCHES.iter().find(|b| **b == name) {
                     Some(b) if !o.benches.contains(b) => o.benches.push(b),
                     Some(_) => bail!("`{name}` named twice"),
-                    None => bail!("`bench` takes allocator, morsel, exmap, smp or ipc, --rounds N, --docs (got `{name}`)"),
+                    None => bail!("`bench` takes allocator, morsel, exmap, smp, ipc or exits, --rounds N, --docs (got `{name}`)"),
                 },
             }
         }
-        if o.benches.is_empty() && !o.smp && !o.ipc {
+        if o.benches.is_empty() && !o.smp && !o.ipc && !o.exits {
             o.benches = BENCHES.to_vec();
         }
         Ok(o)
@@ -129,6 +132,9 @@ pub fn collect(samples: &[Sample]) -> Vec<Row> {
 }
 
 pub fn bench(o: &Options) -> Result<ExitCode> {
+    if o.exits && o.benches.is_empty() && !o.smp && !o.ipc {
+        return crate::bench_smp::bench_exits();
+    }
     if o.smp && o.ipc {
         bail!("`bench smp` and `bench ipc` run one at a time (each boots QEMU)");
     }

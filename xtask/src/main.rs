@@ -86,7 +86,7 @@ usage: cargo xtask guest-flags
 ";
 
 const HELP_BENCH: &str = "\
-usage: cargo xtask bench [allocator|morsel|exmap|smp|ipc] [--rounds N] [--docs]
+usage: cargo xtask bench [allocator|morsel|exmap|smp|ipc|exits] [--rounds N] [--docs]
   the host benchmarks (release builds of each crate's examples/bench.rs): all of them, or
   those named, in N interleaved rounds (default 5; exmap runs once, interleaving its own 5).
   Prints one table (median, min..max per case), writes build/bench/<bench>.csv and
@@ -98,6 +98,9 @@ usage: cargo xtask bench [allocator|morsel|exmap|smp|ipc] [--rounds N] [--docs]
   ipc: boots two channel guests under QEMU (at most 5 rounds): ping-pong round trips per
   second and exits per round trip, doorbell + wait vs yield polling, on 1 and 2 CPUs; and
   the host CPU time of two guests idle for 3 s, waiting vs polling
+  exits: boots the smpbench guest under Bochs VMX with 1 and 2 CPUs (all vCPUs exiting at
+  once) and prints Bochs ticks (about emulated instructions) per CPUID exit and per `info`
+  hypercall
 ";
 
 const HELP_SETUP: &str = "\
