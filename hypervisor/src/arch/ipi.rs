@@ -122,7 +122,12 @@ pub fn flush_local(index: usize) {
 /// this CPU's allocator core where another CPU asked (it ran out of memory). Never runs
 /// inside an allocator call of this CPU: only from the places listed above.
 pub fn service() {
-    let me = me();
+    service_on(me());
+}
+
+/// `service` on CPU `me`, which the caller knows to be this one (no APIC read).
+pub fn service_on(me: usize) {
+    let me = me % MAX_CPUS;
     let m = &MAILBOXES[me];
     let want = m.request.load(Ordering::Acquire);
     if m.done.load(Ordering::Acquire) < want {

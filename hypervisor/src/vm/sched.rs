@@ -254,7 +254,10 @@ fn run_slice<B: Backend>(backend: &mut B, s: &mut Slot<B>, run: &Run<B>, me: usi
         };
         w = runqueue::lock(run);
         let caller = Caller { vcpu: s.index, cpu: me };
-        let (go_on, stopped, unlocked) = {
+        // Filled in place: the `Unlocked` part of a call is large, and every move of it is a
+        // copy (which Bochs counts byte by byte).
+        let mut unlocked = None;
+        let (go_on, stopped) = {
             let World { guests, cx, .. } = &mut *w;
             let Some(guest) = guests.get_mut(s.guest as usize).and_then(|g| g.as_mut()) else {
                 s.end = Some(State::Stopped);
@@ -265,12 +268,12 @@ fn run_slice<B: Backend>(backend: &mut B, s: &mut Slot<B>, run: &Run<B>, me: usi
                 s.end = Some(State::Stopped);
                 return true;
             }
-            let (go_on, unlocked) = handle(guest, cx, s, exit, caller, me);
+            let go_on = handle(guest, cx, s, exit, caller, me, &mut unlocked);
             let stopped = guest.state != State::Runnable;
             if stopped {
                 kick_if_stopped(guest, me);
             }
-            (go_on, stopped, unlocked)
+            (go_on, stopped)
         };
         // The lock-free part of a call (bench_frames, a new morsel's zeroing, a destroyed
         // one's frees, an NVMe batch on its pinned morsel) without the world lock: other
@@ -357,7 +360,7 @@ fn enter<B: Backend>(backend: &mut B, s: &mut Slot<B>, me: usize, deadline: u64,
     // Requests already made are answered here; the host runs with interrupts off: a
     // shootdown IPI that arrives after this check is taken in guest mode (an exit), so
     // no entry misses a flush it was asked for.
-    ipi::service();
+    ipi::service_on(me);
     let gen = ipi::flush_gen(me);
     if s.seen_flush != gen {
         backend.flush_second_level(&mut s.vcpu);
@@ -450,11 +453,12 @@ enum Opcode {
 
 /// Handles an exit that needs the world (`lockless` said so), the lock held: hypercalls,
 /// faults, and the exits that may have to wake, stop or inject. Returns whether the vCPU
-/// goes on in this slice and the `Unlocked` part of a call, if any.
-fn handle<B: Backend>(guest: &mut Guest<B>, cx: &mut Context<B>, s: &mut Slot<B>, exit: Exit, caller: Caller, me: usize) -> (bool, Option<hypercall::Unlocked<B::Format>>) {
+/// goes on in this slice; the `Unlocked` part of a call, if any, goes to `unlocked`.
+#[allow(clippy::too_many_arguments)]
+fn handle<B: Backend>(guest: &mut Guest<B>, cx: &mut Context<B>, s: &mut Slot<B>, exit: Exit, caller: Caller, me: usize,
+    unlocked: &mut Option<hypercall::Unlocked<B::Format>>) -> bool {
     let cr3 = B::guest_cr3(&mut s.vcpu);
     let mut regs = *B::regs(&mut s.vcpu);
-    let mut unlocked = None;
     let go_on = match exit {
         Exit::Hypercall { resume, cpl } => match resume_at(guest, &regs, cr3, resume, &VMMCALL) {
             None => false,
@@ -471,7 +475,7 @@ fn handle<B: Backend>(guest: &mut Guest<B>, cx: &mut Context<B>, s: &mut Slot<B>
                         Action::Continue => true,
                         Action::Yield => false,
                         Action::Unlocked(work) => {
-                            unlocked = Some(work);
+                            *unlocked = Some(work);
                             true
                         }
                         Action::Exit(code) => {
@@ -530,7 +534,7 @@ fn handle<B: Backend>(guest: &mut Guest<B>, cx: &mut Context<B>, s: &mut Slot<B>
         }
     };
     *B::regs(&mut s.vcpu) = regs;
-    (go_on, unlocked)
+    go_on
 }
 
 /// Sends every other CPU that ran a vCPU of `guest` an IPI that makes it look (`prepare`)

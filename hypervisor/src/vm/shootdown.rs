@@ -78,6 +78,7 @@ pub fn cpus(mask: u64) {
     let (acks, sent) = ipi::request(mask);
     let me = ipi::me();
     OWED[me].lock().acks.merge(&acks);
+    OWING.fetch_or(1 << me, Ordering::AcqRel);
     TSC_SPENT.fetch_add(crate::platform::time::tsc() - t0, Ordering::Relaxed);
     SHOOTDOWNS.fetch_add(1, Ordering::Relaxed);
     IPIS.fetch_add(sent as u64, Ordering::Relaxed);
@@ -100,6 +101,8 @@ struct Owed {
 const OWED_NONE: spin::Mutex<Owed> = spin::Mutex::new(Owed { acks: ipi::Acks::NONE, frames: alloc::vec::Vec::new(), to: None });
 /// Per CPU index; only that CPU takes its entry.
 static OWED: [spin::Mutex<Owed>; ipi::MAX_CPUS] = [OWED_NONE; ipi::MAX_CPUS];
+/// Bit N: CPU N may owe something (`Owed` not empty): lets `complete` return at once.
+static OWING: AtomicU64 = AtomicU64::new(0);
 
 /// Makes room for `KEEP` kept frames on CPU `me` (at the start of its run; without the room
 /// every kept frame waits at once).
@@ -111,8 +114,15 @@ pub fn prepare(me: usize) {
 /// Waits (no lock may be held) for the acknowledgments this CPU asked for, then gives the
 /// frames it kept to the allocator. Run at every release of the world lock.
 pub fn complete() {
+    if OWING.load(Ordering::Acquire) == 0 {
+        return; // the common case, without reading the APIC ID
+    }
     let me = ipi::me();
+    if OWING.load(Ordering::Acquire) & (1 << me) == 0 {
+        return;
+    }
     let mut o = OWED[me].lock();
+    OWING.fetch_and(!(1 << me), Ordering::AcqRel);
     if o.acks.is_empty() && o.frames.is_empty() {
         return;
     }
@@ -171,6 +181,7 @@ impl morsel::FrameAlloc for After<'_> {
             return;
         }
         o.frames.push(frame.as_u64() | order as u64);
+        OWING.fetch_or(1 << me, Ordering::AcqRel);
     }
 }
 
