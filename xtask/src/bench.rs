@@ -29,6 +29,8 @@ pub struct Options {
     pub ipc: bool,
     /// `bufmgr`: the in-emulator buffer manager bench (`bench_bufmgr`), only when named.
     pub bufmgr: bool,
+    /// `exits`: Bochs ticks per null exit (`bench_smp::bench_exits`), only when named.
+    pub exits: bool,
     pub rounds: usize,
     pub docs: bool,
     /// `--upstream PATH`: a checkout of upstream llfree-rs (outside this repository); the
@@ -38,7 +40,7 @@ pub struct Options {
 
 impl Options {
     pub fn parse(args: &[String]) -> Result<Options> {
-        let mut o = Options { benches: Vec::new(), smp: false, ipc: false, bufmgr: false, rounds: DEFAULT_ROUNDS, docs: false, upstream: None };
+        let mut o = Options { benches: Vec::new(), smp: false, ipc: false, bufmgr: false, exits: false, rounds: DEFAULT_ROUNDS, docs: false, upstream: None };
         let mut it = args.iter();
         while let Some(a) = it.next() {
             match a.as_str() {
@@ -56,14 +58,15 @@ impl Options {
                 "smp" => o.smp = true,
                 "ipc" => o.ipc = true,
                 "bufmgr" => o.bufmgr = true,
+                "exits" => o.exits = true,
                 name => match BENCHES.iter().find(|b| **b == name) {
                     Some(b) if !o.benches.contains(b) => o.benches.push(b),
                     Some(_) => bail!("`{name}` named twice"),
-                    None => bail!("`bench` takes allocator, morsel, exmap, smp, ipc or bufmgr, --rounds N, --docs (got `{name}`)"),
+                    None => bail!("`bench` takes allocator, morsel, exmap, smp, ipc, bufmgr or exits, --rounds N, --docs (got `{name}`)"),
                 },
             }
         }
-        if o.benches.is_empty() && !o.smp && !o.ipc && !o.bufmgr {
+        if o.benches.is_empty() && !o.smp && !o.ipc && !o.bufmgr && !o.exits {
             o.benches = BENCHES.to_vec();
         }
         Ok(o)
@@ -139,6 +142,9 @@ pub fn collect(samples: &[Sample]) -> Vec<Row> {
 }
 
 pub fn bench(o: &Options) -> Result<ExitCode> {
+    if o.exits && o.benches.is_empty() && !o.smp && !o.ipc && !o.bufmgr {
+        return crate::bench_smp::bench_exits();
+    }
     if [o.smp, o.ipc, o.bufmgr].iter().filter(|&&b| b).count() > 1 {
         bail!("`bench smp`, `bench ipc` and `bench bufmgr` run one at a time (each boots QEMU)");
     }

@@ -70,6 +70,73 @@ fn parse(serial: &str) -> Result<Boot> {
     Ok(b)
 }
 
+/// Per vCPU: Bochs ticks per CPUID exit and per `info` hypercall (`null exits:` lines).
+fn parse_exits(serial: &str) -> Result<Vec<[u64; 2]>> {
+    let mut out = Vec::new();
+    for line in serial.lines() {
+        if let Some(rest) = line.split("null exits: CPUID ").nth(1) {
+            // `C ticks, info I ticks per exit (N each)`
+            let cpuid = rest.split(' ').next().and_then(|v| v.parse().ok());
+            let info = rest.split("info ").nth(1).and_then(|r| r.split(' ').next()).and_then(|v| v.parse().ok());
+            match (cpuid, info) {
+                (Some(c), Some(i)) => out.push([c, i]),
+                _ => bail!("cannot read `{line}`"),
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// `cargo xtask bench exits`: the smpbench guest under Bochs VMX with 1 CPU and with 2 CPUs
+/// (one vCPU each, exiting at the same time): Bochs ticks (about one per emulated
+/// instruction, deterministic) per CPUID exit and per `info` hypercall. With 2 CPUs Bochs
+/// emulates both in one thread, so a CPU's ticks per exit double even when nothing is shared;
+/// what is shared (a lock both spin on) adds to that.
+pub fn bench_exits() -> Result<ExitCode> {
+    let root = crate::root();
+    let built = {
+        let _lock = images::lock_build(&root)?;
+        images::build_all(false)?
+    };
+    crate::tools::require(&crate::tools::BOCHS)?;
+    for cpus in [1usize, 2] {
+        let cmdline = format!("log=warn guests=smpbench:vcpus={cpus}:mem=64M:arg=25");
+        let text = bochs_boot(&root, &built, &format!("bench-exits-{cpus}"), &cmdline, cpus)?;
+        let rows = parse_exits(&text)?;
+        if rows.len() != cpus {
+            bail!("bochs with {cpus} CPU(s): {} null-exit lines", rows.len());
+        }
+        for (v, r) in rows.iter().enumerate() {
+            println!("bochs-vmx, {cpus} CPU(s) exiting at once, vCPU {v}: {} ticks per CPUID exit, {} ticks per info hypercall", r[0], r[1]);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Boots `cmdline` under Bochs VMX with `cpus` CPUs and returns the serial log.
+fn bochs_boot(root: &std::path::Path, built: &images::Built, name: &str, cmdline: &str, cpus: usize) -> Result<String> {
+    let config = Config::resolve(root, "bochs-vmx")?;
+    let iso = images::make_iso(built, name, cmdline)?;
+    let dir = root.join(images::BUILD_DIR).join("bench");
+    std::fs::create_dir_all(&dir).context(|| format!("cannot create {}", dir.display()))?;
+    let serial = dir.join(format!("{name}.serial.log"));
+    let rc = dir.join(format!("{name}.bochsrc"));
+    let _ = std::fs::remove_file(&serial);
+    emulator::write_bochsrc(&config, &iso, &serial, &rc, Some(cpus))?;
+    let mut cmd = emulator::bochs_command(root, &rc, true)?;
+    cmd.current_dir(&dir).stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+    let mut child = cmd.spawn().context(|| "cannot start bochs".to_string())?;
+    let start = Instant::now();
+    while child.try_wait().ok().flatten().is_none() {
+        if start.elapsed() > Duration::from_secs(600) {
+            let _ = child.kill();
+            bail!("bochs with {cpus} CPU(s) did not finish in 600 s");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(std::fs::read_to_string(&serial).unwrap_or_default())
+}
+
 /// The median of `v` (0 if empty); shared with `bench_ipc`.
 pub(crate) fn median(mut v: Vec<u64>) -> u64 {
     v.sort_unstable();
@@ -206,6 +273,9 @@ mod tests {
         assert_eq!(b.ipis_per_shootdown, Some(1.0));
         assert_eq!(b.us_per_shootdown, Some(35));
         assert!(parse("smpbench vcpu 0 cpu 0: frame alloc+free: Err(NoMemory) Ok(1) FAILED").is_err());
+        let exits = "[guest 0 smpbench vcpu 1] smpbench vcpu 1 cpu 1: null exits: CPUID 4100 ticks, info 5200 ticks per exit (500 each)\n";
+        assert_eq!(parse_exits(exits).expect("parses"), vec![[4100, 5200]]);
+        assert!(parse_exits("null exits: CPUID x ticks").is_err());
         assert!(parse("smpbench vcpu 0 cpu 0: 4 KiB morsel create+destroy 1/s, 2 MiB morsel create+destroy 1/s, unmount+open 1/s (2 calls each) FAILED").is_err());
     }
 }

@@ -109,7 +109,7 @@ usage: cargo xtask new-guest DIR
 ";
 
 const HELP_BENCH: &str = "\
-usage: cargo xtask bench [allocator|morsel|exmap|smp|ipc|bufmgr] [--rounds N] [--docs] [--upstream PATH]
+usage: cargo xtask bench [allocator|morsel|exmap|smp|ipc|bufmgr|exits] [--rounds N] [--docs] [--upstream PATH]
   the host benchmarks (release builds of each crate's examples/bench.rs): all of them, or
   those named, in N interleaved rounds (default 5; exmap runs once, interleaving its own 5).
   Prints one table (median, min..max per case), writes build/bench/<bench>.csv and
@@ -127,6 +127,9 @@ usage: cargo xtask bench [allocator|morsel|exmap|smp|ipc|bufmgr] [--rounds N] [-
   bufmgr: the vmcache-style buffer manager guest (bmtree) with 1, 2, 4 vCPUs: under QEMU
   (qemu-iommu, pages READ from NVMe; at most 3 rounds) lookups/s, pages read/s, exits and
   invalidations per 1,000 lookups; under Bochs VMX (ALLOC + generator) TSC ticks per lookup
+  exits: boots the smpbench guest under Bochs VMX with 1 and 2 CPUs (all vCPUs exiting at
+  once) and prints Bochs ticks (about emulated instructions) per CPUID exit and per `info`
+  hypercall
 ";
 
 const HELP_SETUP: &str = "\

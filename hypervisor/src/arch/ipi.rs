@@ -13,12 +13,18 @@
 //! a guest running at the moment the IPI arrives leaves guest mode (SVM INTR intercept, VMX
 //! external-interrupt exiting), and the handler runs `service`.
 //!
-//! `service` runs from the IPI handler and from every place a CPU waits with interrupts off
-//! (the world lock's spin, the idle loop, a shootdown's own wait), so a CPU that is spinning
-//! for the lock the initiator holds still acknowledges: no deadlock.
+//! `service` runs from the IPI handler, from every place a CPU waits with interrupts off
+//! (the world lock's spin, the idle loop, a wait for acknowledgments), right before every
+//! guest entry, and every 2 MiB of long work done with interrupts off (zeroing a new morsel,
+//! freeing a destroyed one, `bench_frames`, NVMe waits): no CPU keeps another waiting for
+//! longer than one such piece, and two CPUs waiting for each other both go on.
+//!
+//! A shootdown is split in two (`request`, then `Acks::wait`) so that its initiator can let
+//! go of every lock before it waits (`vm::shootdown`); `outstanding` is a barrier behind every
+//! shootdown any CPU started.
 
 use super::apic;
-use core::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 
 /// The vector of every IPI the hypervisor sends (kicks, shootdowns and doorbell wake-ups
 /// alike; a guest it interrupts inside its slice resumes, see `vm/sched.rs`).
@@ -72,8 +78,30 @@ pub fn me() -> usize {
     }
 }
 
-/// Sends `IPI_VECTOR` to CPU `index` (nothing if it is not registered).
+/// Sends `IPI_VECTOR` to CPU `index` (nothing if it is not registered) and asks it to look
+/// at its vCPUs' shared state before it enters a guest again (`attention`): a kick of a
+/// stopped guest, a doorbell's wake-up, the start of the run.
 pub fn send(index: usize) {
+    if let Some(a) = ATTENTION.get(index) {
+        a.store(true, Ordering::Release);
+    }
+    send_raw(index);
+}
+
+/// True (once) if another CPU sent this CPU an IPI with `send` since the last call: the vCPU
+/// loop then takes the world lock before the next entry instead of the lock-free path.
+pub fn attention(index: usize) -> bool {
+    ATTENTION[index % MAX_CPUS].swap(false, Ordering::AcqRel)
+}
+
+#[allow(clippy::declare_interior_mutable_const)]
+const NO_ATTENTION: AtomicBool = AtomicBool::new(false);
+/// Per CPU index: an IPI that needs more than a flush is pending (`send`).
+static ATTENTION: [AtomicBool; MAX_CPUS] = [NO_ATTENTION; MAX_CPUS];
+
+/// Sends `IPI_VECTOR` to CPU `index` (nothing if it is not registered): a shootdown's IPI,
+/// which needs nothing but `service`.
+fn send_raw(index: usize) {
     if let Some(id) = APIC_OF.get(index).map(|a| a.load(Ordering::Acquire)).filter(|&id| id != u32::MAX) {
         apic::send_fixed(id, IPI_VECTOR);
     }
@@ -94,7 +122,12 @@ pub fn flush_local(index: usize) {
 /// this CPU's allocator core where another CPU asked (it ran out of memory). Never runs
 /// inside an allocator call of this CPU: only from the places listed above.
 pub fn service() {
-    let me = me();
+    service_on(me());
+}
+
+/// `service` on CPU `me`, which the caller knows to be this one (no APIC read).
+pub fn service_on(me: usize) {
+    let me = me % MAX_CPUS;
     let m = &MAILBOXES[me];
     let want = m.request.load(Ordering::Acquire);
     if m.done.load(Ordering::Acquire) < want {
@@ -117,7 +150,7 @@ pub fn drain_others() -> u32 {
     for (cpu, want) in waiting.iter_mut().enumerate() {
         if cpu != me && APIC_OF[cpu].load(Ordering::Acquire) != u32::MAX {
             *want = MAILBOXES[cpu].drain_request.fetch_add(1, Ordering::AcqRel) + 1;
-            send(cpu);
+            send_raw(cpu);
             sent += 1;
         }
     }
@@ -136,28 +169,73 @@ pub fn interrupt() {
     apic::eoi();
 }
 
-/// Asks every CPU in `mask` but this one to flush and waits for each acknowledgment; this
-/// CPU flushes locally. Returns how many IPIs it sent.
-pub fn shoot(mask: u64) -> u32 {
+/// The acknowledgments a CPU waits for: per CPU index, the request number it must see done
+/// (0: none). Requests are counters, so waiting for the largest covers every earlier one.
+#[derive(Clone, Copy)]
+pub struct Acks(pub [u64; MAX_CPUS]);
+
+impl Acks {
+    pub const NONE: Acks = Acks([0; MAX_CPUS]);
+
+    /// Adds `other`'s requests (the larger number per CPU).
+    pub fn merge(&mut self, other: &Acks) {
+        for (a, b) in self.0.iter_mut().zip(other.0.iter()) {
+            *a = (*a).max(*b);
+        }
+    }
+
+    /// True if nothing is awaited.
+    pub fn is_empty(&self) -> bool {
+        self.0.iter().all(|&w| w == 0)
+    }
+
+    /// Waits until every awaited CPU acknowledged, answering this CPU's own requests
+    /// meanwhile (two CPUs waiting for each other both go on).
+    pub fn wait(&self) {
+        for (cpu, &want) in self.0.iter().enumerate() {
+            while want != 0 && MAILBOXES[cpu].done.load(Ordering::Acquire) < want {
+                service();
+                core::hint::spin_loop();
+            }
+        }
+    }
+}
+
+/// Asks every CPU in `mask` but this one to flush (one IPI each) without waiting; this CPU
+/// flushes locally. Returns what to wait for and how many IPIs were sent.
+pub fn request(mask: u64) -> (Acks, u32) {
     let me = me();
     flush_local(me);
-    let mut waiting = [0u64; MAX_CPUS];
+    let mut acks = Acks::NONE;
     let mut sent = 0;
-    for (cpu, want) in waiting.iter_mut().enumerate() {
+    for (cpu, want) in acks.0.iter_mut().enumerate() {
         if cpu != me && mask & (1 << cpu) != 0 {
             *want = MAILBOXES[cpu].request.fetch_add(1, Ordering::AcqRel) + 1;
-            send(cpu);
+            send_raw(cpu);
             sent += 1;
         }
     }
-    for (cpu, &want) in waiting.iter().enumerate() {
-        if want == 0 {
-            continue;
-        }
-        while MAILBOXES[cpu].done.load(Ordering::Acquire) < want {
-            service();
-            core::hint::spin_loop();
+    (acks, sent)
+}
+
+/// Every flush request any CPU made so far and that is not acknowledged yet: waiting for
+/// these is a barrier behind every shootdown already started (`vm::shootdown::barrier`).
+pub fn outstanding() -> Acks {
+    let mut acks = Acks::NONE;
+    for (cpu, want) in acks.0.iter_mut().enumerate() {
+        let m = &MAILBOXES[cpu];
+        let r = m.request.load(Ordering::Acquire);
+        if m.done.load(Ordering::Acquire) < r {
+            *want = r;
         }
     }
+    acks
+}
+
+/// Asks every CPU in `mask` but this one to flush and waits for each acknowledgment; this
+/// CPU flushes locally. Returns how many IPIs it sent.
+pub fn shoot(mask: u64) -> u32 {
+    let (acks, sent) = request(mask);
+    acks.wait();
     sent
 }

@@ -166,7 +166,9 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         let i = g.mounts.iter().position(|m| m.gpa == gpa).ok_or(Error::NotFound)?;
         let m = g.mounts.remove(i);
         let n = self.named.get_mut(&m.name).ok_or(Error::NotFound)?;
-        let stats = n.morsel.unmount(g.mem.table_mut(), GuestPhysAddr::new(gpa), frames, &IDENTITY).map_err(|_| Error::Invalid)?;
+        // The emptied tables stay with this CPU until the shootdown is acknowledged.
+        let after = crate::vm::shootdown::After(frames);
+        let stats = n.morsel.unmount(g.mem.table_mut(), GuestPhysAddr::new(gpa), &after, &IDENTITY).map_err(|_| Error::Invalid)?;
         crate::vm::shootdown::guest(g);
         n.count_unmount(&stats);
         log::info!(target: "morsel", "'{}' unmounted from guest {} at {gpa:#x}: {} PTE write, 1 invalidation, {} empty intermediate tables freed",
@@ -208,6 +210,8 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     /// its record first, then its frames.
     pub(crate) fn remove(&mut self, name: &str, frames: &Frames) {
         if let Some(mut n) = self.named.remove(name) {
+            // Another CPU's unmount of it may still await its acknowledgments.
+            crate::vm::shootdown::barrier();
             self.drop_view(name, &mut n, frames);
             let source = match (n.slot, self.pmem) {
                 (Some(slot), Some(pm)) => {

@@ -419,7 +419,8 @@ impl Exmaps {
                 stats.invalidations += flushed;
                 log::info!(target: "exmap", "guest {guest} '{name}' free of {} pages: IOTLB invalidated once in each of {flushed} device domain(s) ({mounts} device mounts)", b.pages);
             }
-            v.cache.trim(frames);
+            // What leaves the cache stays with this CPU until the shootdown is acknowledged.
+            v.cache.trim(&crate::vm::shootdown::After(frames));
         }
         // The results go to the iovec page, translated again (guest RAM: it stays while the
         // guest does).

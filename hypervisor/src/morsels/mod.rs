@@ -176,11 +176,24 @@ pub struct PendingCreate<F: Format> {
 }
 
 impl<F: Format> PendingCreate<F> {
-    /// Zeroes the data frames (no lock needed: the morsel is reachable only from here).
+    /// Zeroes the data frames (no lock needed: the morsel is reachable only from here), in
+    /// 2 MiB pieces, answering this CPU's shootdown and drain requests after each 2 MiB
+    /// (`vm::shootdown::Answering`): a 1 GiB morsel keeps no other CPU waiting for it.
     pub fn zero(&self) {
         use morsel::PhysMem;
         let mem = &crate::mm::frames::IDENTITY;
-        self.morsel.for_each_data_frame(mem, |frame, order| mem.zero_data(frame, order));
+        let answer = crate::vm::shootdown::Answering::new();
+        self.morsel.for_each_data_frame(mem, |frame, order| {
+            if order <= 9 {
+                mem.zero_data(frame, order);
+                answer.did(1 << order);
+            } else {
+                for k in 0..1u64 << (order - 9) {
+                    mem.zero_data(morsel::HostPhysAddr::new(frame.as_u64() + (k << 21)), 9);
+                    answer.did(512);
+                }
+            }
+        });
     }
 }
 
@@ -191,10 +204,16 @@ pub struct Removed<F: Format> {
 }
 
 impl<F: Format> Removed<F> {
-    /// Frees the frames through `frames` (any CPU's handle).
+    /// Frees the frames through `frames` (any CPU's handle), answering shootdown requests
+    /// every 2 MiB given back. First waits until every shootdown requested so far was
+    /// acknowledged (`vm::shootdown::barrier`): a CPU may still cache a translation of this
+    /// morsel from a mount another CPU removed just before (its caller waits for the
+    /// acknowledgments with no lock held), and no such frame may go to another owner before.
     pub fn free(self, name: &str, frames: &crate::mm::frames::Frames) {
         let len = self.morsel.len();
-        match self.morsel.destroy(frames, &crate::mm::frames::IDENTITY) {
+        crate::vm::shootdown::barrier();
+        let frames = crate::vm::shootdown::Answering::wrap(frames);
+        match self.morsel.destroy(&frames, &crate::mm::frames::IDENTITY) {
             Ok(()) => log::info!(target: "morsel", "'{name}' destroyed, {} given back", formats::units::Bytes(len)),
             Err((_, e)) => log::error!(target: "morsel", "'{name}' cannot be destroyed: {e}"),
         }

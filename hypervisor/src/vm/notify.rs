@@ -359,6 +359,12 @@ impl Notify {
         }
     }
 
+    /// The TSC deadline of vCPU `index`'s one-shot timer, if one is set (the scheduler's
+    /// lock-free path goes back to `before_run` once it passed).
+    pub fn timer_deadline(&self, guest: u32, index: u32) -> Option<u64> {
+        self.vcpus.get(guest as usize).and_then(|v| v.get(index as usize)).and_then(|e| e.timer.map(|t| t.0))
+    }
+
     /// Nothing could run on CPU `me` in a whole round: its vCPUs all wait. Returns until when
     /// the CPU may halt (HLT with interrupts on; the caller first lets go of the world lock):
     /// the earliest deadline of its own vCPUs, and at most one slice (a safety net: a

@@ -10,22 +10,26 @@
 //! the preemption timer).
 //!
 //! What the vCPUs share (the guests' memory tables, mounts, consoles and states, the
-//! hypercall `Context`) is the `World`, behind ONE spin lock: taken for every exit a CPU
-//! handles, never while a guest runs. A CPU spinning for it keeps acknowledging shootdown
-//! requests (`lock`), so the holder may wait for acknowledgments inside a hypercall.
+//! hypercall `Context`) is the `World`, behind ONE spin lock: taken at the start of every
+//! slice and for every exit that may touch shared state (`vm::exits` says which), never
+//! while a guest runs, never for CPUID, HLT, interrupt, interrupt-window or preemption exits
+//! inside a slice (`vm::sched`). No CPU waits for another while holding it: a shootdown
+//! started under it is awaited when it is let go (`WorldGuard`, `vm::shootdown` has the
+//! protocol and the lock order); a CPU spinning for it keeps acknowledging shootdown
+//! requests (`lock`).
 //!
 //! Five calls do their expensive part with the lock let go (`hypercall::Unlocked`, run by
 //! the vCPU loop on the calling CPU's allocator core, then finished under the lock again):
 //! `bench_frames` (allocator only), `morsel_create` of a RAM morsel (its data frames are
-//! zeroed outside; frames and tables are allocated under the lock, and the name is reserved
-//! there), `morsel_destroy` of one (it leaves the directory under the lock, its frames are
-//! freed outside), and the NVMe proxy's and ExMap READ / WRITE's batches (mounted into the
+//! zeroed outside, answering shootdowns every 2 MiB; frames and tables are allocated under
+//! the lock, and the name is reserved there), `morsel_destroy` of one (it leaves the
+//! directory under the lock, its frames are freed outside, behind `shootdown::barrier`), and the NVMe proxy's and ExMap READ / WRITE's batches (mounted into the
 //! NVMe domain and pinned under the lock, `morsels::DiskBatch`; the commands and the wait for
 //! their completions run outside, on the CPU's own queue pair). What runs outside touches
 //! only the lock-free allocator, frames no one else can reach or that are pinned, and the
-//! NVMe driver, whose shared state is locked per queue pair or atomic (`devices::nvme`). Every frame a call hands to a guest is still allocated under the lock, so
-//! a frame an unmount freed is not reused before that unmount's shootdown was acknowledged
-//! (`bench_frames` may take such a frame, but never writes it).
+//! NVMe driver, whose shared state is locked per queue pair or atomic (`devices::nvme`).
+//! A frame an unmount or FREE freed reaches the allocator only after that shootdown was
+//! acknowledged (`vm::shootdown::After`).
 
 use super::guest::{Guest, Summary};
 use super::hypercall::Context;
@@ -68,13 +72,43 @@ unsafe impl<B: Backend> Sync for Run<B> {}
 unsafe impl<B: Backend> Send for Run<B> {}
 
 /// Takes the world lock, acknowledging shootdowns while it waits.
-pub fn lock<B: Backend>(run: &Run<B>) -> spin::MutexGuard<'_, World<B>> {
+pub fn lock<B: Backend>(run: &Run<B>) -> WorldGuard<'_, B> {
+    let mut spins = 0u32;
     loop {
         if let Some(w) = run.world.try_lock() {
-            return w;
+            return WorldGuard(Some(w));
         }
-        ipi::service();
+        // Every few spins only: `service` reads the APIC ID, which costs more than a spin.
+        spins = spins.wrapping_add(1);
+        if spins % 16 == 0 {
+            ipi::service();
+        }
         core::hint::spin_loop();
+    }
+}
+
+/// The world lock, held. Letting it go (drop) waits, with no lock held, for the shootdowns
+/// this CPU started under it and then frees the frames they kept (`shootdown::complete`).
+pub struct WorldGuard<'a, B: Backend>(Option<spin::MutexGuard<'a, World<B>>>);
+
+impl<B: Backend> core::ops::Deref for WorldGuard<'_, B> {
+    type Target = World<B>;
+    fn deref(&self) -> &World<B> {
+        // The guard is Some until drop.
+        self.0.as_deref().unwrap_or_else(|| unreachable!())
+    }
+}
+
+impl<B: Backend> core::ops::DerefMut for WorldGuard<'_, B> {
+    fn deref_mut(&mut self) -> &mut World<B> {
+        self.0.as_deref_mut().unwrap_or_else(|| unreachable!())
+    }
+}
+
+impl<B: Backend> Drop for WorldGuard<'_, B> {
+    fn drop(&mut self) {
+        drop(self.0.take());
+        super::shootdown::complete();
     }
 }
 

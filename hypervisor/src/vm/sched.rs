@@ -11,6 +11,7 @@ use crate::morsels::Directory;
 use super::runqueue::{self, Placement, Run, World};
 use super::report::{report, stop};
 use super::{Backend, Exit, ExitKind, Regs, Resume};
+use vmcore::exits;
 use crate::arch::ipi;
 use formats::decode;
 use morsel::GuestPhysAddr;
@@ -118,6 +119,13 @@ struct Slot<B: Backend> {
     /// The CPU's flush generation this vCPU last flushed at (`arch::ipi`).
     seen_flush: u64,
     exits: [u64; ExitKind::COUNT],
+    /// Exits counted here and not yet added to the guest's counters (`fold`).
+    unfolded: [u64; ExitKind::COUNT],
+    /// The last instruction length decoded from guest memory (`Decoded`).
+    decoded: Option<Decoded>,
+    /// This vCPU's one-shot timer deadline as of the last `prepare` (TSC; MAX: none): the
+    /// lock-free path goes to the world when it passed.
+    timer_at: u64,
     /// The guest's exception bitmap (`guest_exceptions`) as this vCPU's intercepts have it.
     exceptions: u32,
     /// Set when the vCPU is done.
@@ -128,6 +136,7 @@ struct Slot<B: Backend> {
 /// CPU's allocator core.
 pub fn cpu_loop<B: Backend>(run: &Run<B>, backend: &mut B, me: usize, frames: &Frames) {
     let mut queue: Vec<Slot<B>> = Vec::new();
+    super::shootdown::prepare(me);
     for p in run.placements.iter().filter(|p| p.cpu == me) {
         match backend.create_vcpu(&p.setup, frames) {
             Ok(vcpu) => queue.push(Slot {
@@ -136,6 +145,9 @@ pub fn cpu_loop<B: Backend>(run: &Run<B>, backend: &mut B, me: usize, frames: &F
                 vcpu,
                 seen_flush: u64::MAX,
                 exits: [0; ExitKind::COUNT],
+                unfolded: [0; ExitKind::COUNT],
+                decoded: None,
+                timer_at: u64::MAX,
                 exceptions: 0,
                 end: None,
             }),
@@ -163,6 +175,11 @@ pub fn cpu_loop<B: Backend>(run: &Run<B>, backend: &mut B, me: usize, frames: &F
                 let v = VcpuSummary { index: s.index, cpu: me, state, exits: s.exits };
                 let mut w = runqueue::lock(run);
                 let World { guests, cx, done } = &mut *w;
+                if let Some(g) = guests.get_mut(s.guest as usize).and_then(|g| g.as_mut()) {
+                    for (g, u) in g.exits.iter_mut().zip(s.unfolded.iter()) {
+                        *g += u;
+                    }
+                }
                 vcpu_done(guests, cx, done, s.guest, v, frames);
             } else {
                 i += 1;
@@ -210,155 +227,59 @@ fn vcpu_done<B: Backend>(guests: &mut [Option<Guest<B>>], cx: &mut Context<B>, d
 /// CPUID) is charged to it, so a guest that loops on them is preempted like one that spins.
 /// False if the vCPU waits (`notify`) and did not run. `frames` is this CPU's allocator
 /// handle (a call's `Unlocked` part runs through it, the world lock let go).
+///
+/// Three steps: `prepare` (world lock held: the guest's state, wake-ups, injections),
+/// `enter` (no lock: flush if asked, run the guest), then either `lockless` (no lock: the
+/// exits that touch nothing shared, `classify`) or `handle` (world lock held).
 fn run_slice<B: Backend>(backend: &mut B, s: &mut Slot<B>, run: &Run<B>, me: usize, frames: &Frames) -> bool {
     let per_us = crate::platform::time::tsc_per_us().max(1);
     let deadline = crate::platform::time::tsc() + SLICE_US * per_us;
     let mut w = runqueue::lock(run);
     let mut first = true;
     loop {
-        {
+        if let Some(ran) = prepare(&mut w, s, me, first, deadline) {
+            return ran;
+        }
+        first = false;
+        drop(w);
+        let exit = loop {
+            let exit = enter(backend, s, me, deadline, per_us);
+            s.exits[exit.kind() as usize] += 1;
+            s.unfolded[exit.kind() as usize] += 1;
+            match lockless(s, &exit, me, deadline) {
+                Step::Resume => continue,
+                Step::EndSlice => return true,
+                Step::World => break exit,
+            }
+        };
+        w = runqueue::lock(run);
+        let caller = Caller { vcpu: s.index, cpu: me };
+        // Filled in place: the `Unlocked` part of a call is large, and every move of it is a
+        // copy (which Bochs counts byte by byte).
+        let mut unlocked = None;
+        let (go_on, stopped) = {
             let World { guests, cx, .. } = &mut *w;
             let Some(guest) = guests.get_mut(s.guest as usize).and_then(|g| g.as_mut()) else {
                 s.end = Some(State::Stopped);
                 return true;
             };
+            fold(guest, s, me);
             if guest.state != State::Runnable {
-                // Stopped by another vCPU (reported there) while this one ran or waited.
                 s.end = Some(State::Stopped);
                 return true;
             }
-            // notify hook: a waiting vCPU is not run (vm/notify.rs).
-            if first && !cx.notify.ready(guest, s.index, me, &mut s.vcpu) {
-                return false;
-            }
-            first = false;
-            let now = crate::platform::time::tsc();
-            if now >= deadline {
-                let rip = B::regs(&mut s.vcpu).rip;
-                s.exits[ExitKind::Preempted as usize] += 1;
-                end_slice(guest, rip);
+            let go_on = handle(guest, cx, s, exit, caller, me, &mut unlocked);
+            let stopped = guest.state != State::Runnable;
+            if stopped {
                 kick_if_stopped(guest, me);
-                return true;
             }
-            guest.ran_on |= 1 << me;
-            super::shootdown::note_ran(me);
-            if s.exceptions != guest.handled_exceptions {
-                B::guest_exceptions(&mut s.vcpu, guest.handled_exceptions);
-                s.exceptions = guest.handled_exceptions;
-            }
-            // notify hook: inject a pending virtual interrupt or ask for a window (vm/notify.rs).
-            cx.notify.before_run(guest, s.index, &mut s.vcpu);
-        }
-        drop(w);
-        // The host runs with interrupts off: a shootdown IPI that arrives after this check
-        // is taken in guest mode (an exit), so no entry misses a flush it was asked for.
-        let gen = ipi::flush_gen(me);
-        if s.seen_flush != gen {
-            backend.flush_second_level(&mut s.vcpu);
-            s.seen_flush = gen;
-        }
-        let now = crate::platform::time::tsc();
-        let ticks = crate::arch::apic::ticks();
-        let exit = backend.run(&mut s.vcpu, deadline.saturating_sub(now).div_ceil(per_us).max(1));
-        // An interrupt exit ends the slice only if the slice timer caused it (this CPU's tick
-        // count moved) or the slice is over; an IPI before that (a shootdown, a wake-up, a
-        // kick) resumes this vCPU and counts as `interrupt`, not as a used slice.
-        let exit = match exit {
-            Exit::Interrupt if crate::arch::apic::ticks() != ticks || crate::platform::time::tsc() >= deadline => Exit::Preempted,
-            other => other,
+            (go_on, stopped)
         };
-        let cr3 = B::guest_cr3(&mut s.vcpu);
-        let mut regs = *B::regs(&mut s.vcpu);
-        s.exits[exit.kind() as usize] += 1;
-        w = runqueue::lock(run);
-        let World { guests, cx, .. } = &mut *w;
-        let Some(guest) = guests.get_mut(s.guest as usize).and_then(|g| g.as_mut()) else {
-            s.end = Some(State::Stopped);
-            return true;
-        };
-        guest.exits[exit.kind() as usize] += 1;
-        if guest.state != State::Runnable {
-            s.end = Some(State::Stopped);
-            return true;
-        }
-        let caller = Caller { vcpu: s.index, cpu: me };
-        let mut unlocked = None;
-        let go_on = match exit {
-            Exit::Hypercall { resume, cpl } => match resume_at(guest, &regs, cr3, resume, &VMMCALL) {
-                None => false,
-                Some(next_rip) => {
-                    regs.rip = next_rip;
-                    if cpl == 0 {
-                        match hypercall::handle(guest, caller, &mut regs, cx) {
-                            Action::Continue => true,
-                            Action::Yield => false,
-                            Action::Unlocked(work) => {
-                                unlocked = Some(work);
-                                true
-                            }
-                            Action::Exit(code) => {
-                                s.end = Some(State::Exited(code));
-                                false
-                            }
-                        }
-                    } else {
-                        hypercall::deny_user_mode(&mut regs);
-                        true
-                    }
-                }
-            },
-            Exit::Cpuid { resume } => match resume_at(guest, &regs, cr3, resume, &[0x0f, 0xa2]) {
-                None => false,
-                Some(next_rip) => {
-                    // CPUID has no side effects; the guest sees the host's leaves.
-                    let r = core::arch::x86_64::__cpuid_count(regs.rax as u32, regs.rcx as u32);
-                    (regs.rax, regs.rbx, regs.rcx, regs.rdx) = (r.eax as u64, r.ebx as u64, r.ecx as u64, r.edx as u64);
-                    regs.rip = next_rip;
-                    true
-                }
-            },
-            Exit::Halt { interrupts: false, .. } => {
-                // No interrupt is ever delivered to it: on hardware it would halt forever.
-                guest.flush_console();
-                log::error!(target: "vm", "guest {} ({}) stopped: HLT with interrupts disabled would never wake, RIP {:#x}",
-                    guest.id, guest.spec.name, regs.rip);
-                guest.state = State::Stopped;
-                false
-            }
-            Exit::Halt { resume, interrupts: true } => {
-                // A yield that still pays for its slice: halting in a loop uses the budget.
-                if let Some(next_rip) = resume_at(guest, &regs, cr3, resume, &[0xf4]) {
-                    regs.rip = next_rip;
-                    s.exits[ExitKind::Preempted as usize] += 1;
-                    end_slice(guest, regs.rip);
-                }
-                false
-            }
-            Exit::Preempted => {
-                check_budget(guest, regs.rip);
-                false
-            }
-            // notify hook: the guest can take its interrupt now; the next entry injects it.
-            Exit::InterruptWindow => true,
-            // An IPI inside the slice: its work (a flush, a pending virtual interrupt) is done
-            // at the next entry; a stopped guest ended above; the deadline check above bounds
-            // how long IPIs can keep a vCPU going.
-            Exit::Interrupt => true,
-            other => {
-                stop(guest, other, regs.rip);
-                false
-            }
-        };
-        *B::regs(&mut s.vcpu) = regs;
-        let stopped = guest.state != State::Runnable;
-        if stopped {
-            kick_if_stopped(guest, me);
-        }
         // The lock-free part of a call (bench_frames, a new morsel's zeroing, a destroyed
         // one's frees, an NVMe batch on its pinned morsel) without the world lock: other
-        // CPUs' exits go on meanwhile; the time
-        // counts against this slice (the deadline check at the top), and a guest stopped
-        // meanwhile ends there. It always runs and finishes (nothing it holds is lost).
+        // CPUs' exits go on meanwhile; the time counts against this slice (the deadline
+        // check in `prepare`), and a guest stopped meanwhile ends there. It always runs and
+        // finishes (nothing it holds is lost).
         if let Some(work) = unlocked {
             drop(w);
             let done = work.run(frames);
@@ -381,15 +302,256 @@ fn run_slice<B: Backend>(backend: &mut B, s: &mut Slot<B>, run: &Run<B>, me: usi
     }
 }
 
+/// Before an entry, the world lock held: folds the exits counted without it into the guest,
+/// checks that the guest may run (stopped by another vCPU, waiting, slice over), injects a
+/// pending virtual interrupt. Some(ran) ends the slice (`run_slice`'s result), None enters.
+fn prepare<B: Backend>(w: &mut World<B>, s: &mut Slot<B>, me: usize, first: bool, deadline: u64) -> Option<bool> {
+    let World { guests, cx, .. } = w;
+    let Some(guest) = guests.get_mut(s.guest as usize).and_then(|g| g.as_mut()) else {
+        s.end = Some(State::Stopped);
+        return Some(true);
+    };
+    fold(guest, s, me);
+    if guest.state != State::Runnable {
+        // Stopped by another vCPU (reported there) while this one ran or waited.
+        s.end = Some(State::Stopped);
+        return Some(true);
+    }
+    // notify hook: a waiting vCPU is not run (vm/notify.rs).
+    if first && !cx.notify.ready(guest, s.index, me, &mut s.vcpu) {
+        return Some(false);
+    }
+    if crate::platform::time::tsc() >= deadline {
+        let rip = B::regs(&mut s.vcpu).rip;
+        s.exits[ExitKind::Preempted as usize] += 1;
+        end_slice(guest, rip);
+        kick_if_stopped(guest, me);
+        return Some(true);
+    }
+    guest.ran_on |= 1 << me;
+    super::shootdown::note_ran(me);
+    if s.exceptions != guest.handled_exceptions {
+        B::guest_exceptions(&mut s.vcpu, guest.handled_exceptions);
+        s.exceptions = guest.handled_exceptions;
+    }
+    // notify hook: inject a pending virtual interrupt or ask for a window (vm/notify.rs).
+    cx.notify.before_run(guest, s.index, &mut s.vcpu);
+    s.timer_at = cx.notify.timer_deadline(guest.id, s.index).unwrap_or(u64::MAX);
+    None
+}
+
+/// Adds the exits this vCPU counted without the lock to its guest's counters (the world lock
+/// held); slices used that way are checked against the guest's budget.
+fn fold<B: Backend>(guest: &mut Guest<B>, s: &mut Slot<B>, me: usize) {
+    let slices = s.unfolded[ExitKind::Preempted as usize];
+    for (g, u) in guest.exits.iter_mut().zip(s.unfolded.iter_mut()) {
+        *g += core::mem::take(u);
+    }
+    if slices > 0 && guest.state == State::Runnable {
+        check_budget(guest, B::regs(&mut s.vcpu).rip);
+        kick_if_stopped(guest, me);
+    }
+}
+
+/// One guest entry, no lock held: answers shootdown requests, flushes this vCPU's
+/// second-level translations if one reached this CPU since its last entry, runs it until
+/// the next exit (at most until `deadline`).
+fn enter<B: Backend>(backend: &mut B, s: &mut Slot<B>, me: usize, deadline: u64, per_us: u64) -> Exit {
+    // Requests already made are answered here; the host runs with interrupts off: a
+    // shootdown IPI that arrives after this check is taken in guest mode (an exit), so
+    // no entry misses a flush it was asked for.
+    ipi::service_on(me);
+    let gen = ipi::flush_gen(me);
+    if s.seen_flush != gen {
+        backend.flush_second_level(&mut s.vcpu);
+        s.seen_flush = gen;
+    }
+    let now = crate::platform::time::tsc();
+    let ticks = crate::arch::apic::ticks();
+    let exit = backend.run(&mut s.vcpu, deadline.saturating_sub(now).div_ceil(per_us).max(1));
+    // An interrupt exit ends the slice only if the slice timer caused it (this CPU's tick
+    // count moved) or the slice is over; an IPI before that (a shootdown, a wake-up, a
+    // kick) resumes this vCPU and counts as `interrupt`, not as a used slice.
+    match exit {
+        Exit::Interrupt if crate::arch::apic::ticks() != ticks || crate::platform::time::tsc() >= deadline => Exit::Preempted,
+        other => other,
+    }
+}
+
+/// The exits handled with no lock: those that touch nothing another vCPU or guest can see
+/// (`vmcore::exits::classify` decides). The counts stay in the slot (`fold` adds them to the
+/// guest at the next lock).
+fn lockless<B: Backend>(s: &mut Slot<B>, exit: &Exit, me: usize, deadline: u64) -> Step {
+    let rip = B::regs(&mut s.vcpu).rip;
+    let known = |resume: &Resume, opcode: Opcode| match *resume {
+        Resume::At(next) => Some(next),
+        Resume::Decode => s.decoded.filter(|d| d.rip == rip && d.opcode == opcode).map(|d| d.next),
+    };
+    let (kind, next_rip) = match exit {
+        Exit::Cpuid { resume } => (exits::Kind::Cpuid, known(resume, Opcode::Cpuid)),
+        Exit::Halt { resume, interrupts } => (exits::Kind::Halt { interrupts: *interrupts }, known(resume, Opcode::Hlt)),
+        Exit::Preempted => (exits::Kind::Preempted, None),
+        Exit::Interrupt => (exits::Kind::Interrupt, None),
+        Exit::InterruptWindow => (exits::Kind::InterruptWindow, None),
+        _ => (exits::Kind::Other, None),
+    };
+    let now = crate::platform::time::tsc();
+    let class = exits::classify(exits::Seen {
+        exit: kind,
+        next_rip,
+        attention: ipi::attention(me),
+        timer_due: now >= s.timer_at,
+        slice_over: now >= deadline,
+    });
+    let (next_rip, cpuid, step) = match class {
+        exits::Class::World => return Step::World,
+        exits::Class::Resume { next_rip, cpuid } => (next_rip, cpuid, Step::Resume),
+        exits::Class::EndSlice { next_rip, cpuid, preempt } => {
+            if preempt {
+                // HLT, or the slice ran out across exits handled here: a used slice.
+                s.exits[ExitKind::Preempted as usize] += 1;
+                s.unfolded[ExitKind::Preempted as usize] += 1;
+            }
+            (next_rip, cpuid, Step::EndSlice)
+        }
+    };
+    let regs = B::regs(&mut s.vcpu);
+    if cpuid {
+        // CPUID has no side effects; the guest sees the host's leaves.
+        let r = core::arch::x86_64::__cpuid_count(regs.rax as u32, regs.rcx as u32);
+        (regs.rax, regs.rbx, regs.rcx, regs.rdx) = (r.eax as u64, r.ebx as u64, r.ecx as u64, r.edx as u64);
+    }
+    if let Some(next) = next_rip {
+        regs.rip = next;
+    }
+    step
+}
+
+/// What `lockless` decided.
+enum Step {
+    Resume,
+    EndSlice,
+    World,
+}
+
+/// An instruction whose length was decoded from guest memory (SVM without next-RIP save),
+/// kept per vCPU so that the next exit at the same RIP needs no guest memory, hence no lock.
+/// The CPU's exit says the instruction there is the same (a CPUID exit is a CPUID); only
+/// its prefixes could differ if the guest rewrote them, which misleads that guest alone.
+#[derive(Clone, Copy, PartialEq)]
+struct Decoded {
+    rip: u64,
+    next: u64,
+    opcode: Opcode,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Opcode {
+    Cpuid,
+    Hlt,
+}
+
+/// Handles an exit that needs the world (`lockless` said so), the lock held: hypercalls,
+/// faults, and the exits that may have to wake, stop or inject. Returns whether the vCPU
+/// goes on in this slice; the `Unlocked` part of a call, if any, goes to `unlocked`.
+#[allow(clippy::too_many_arguments)]
+fn handle<B: Backend>(guest: &mut Guest<B>, cx: &mut Context<B>, s: &mut Slot<B>, exit: Exit, caller: Caller, me: usize,
+    unlocked: &mut Option<hypercall::Unlocked<B::Format>>) -> bool {
+    let cr3 = B::guest_cr3(&mut s.vcpu);
+    let mut regs = *B::regs(&mut s.vcpu);
+    let go_on = match exit {
+        Exit::Hypercall { resume, cpl } => match resume_at(guest, &regs, cr3, resume, &VMMCALL) {
+            None => false,
+            Some(next_rip) => {
+                regs.rip = next_rip;
+                if cpl == 0 {
+                    let exceptions = guest.handled_exceptions;
+                    let action = hypercall::handle(guest, caller, &mut regs, cx);
+                    if guest.handled_exceptions != exceptions {
+                        // The guest's other vCPUs take the new bitmap before their next entry.
+                        kick_siblings(guest, me);
+                    }
+                    match action {
+                        Action::Continue => true,
+                        Action::Yield => false,
+                        Action::Unlocked(work) => {
+                            *unlocked = Some(work);
+                            true
+                        }
+                        Action::Exit(code) => {
+                            s.end = Some(State::Exited(code));
+                            false
+                        }
+                    }
+                } else {
+                    hypercall::deny_user_mode(&mut regs);
+                    true
+                }
+            }
+        },
+        Exit::Cpuid { resume } => match resume_at(guest, &regs, cr3, resume, &[0x0f, 0xa2]) {
+            None => false,
+            Some(next_rip) => {
+                s.decoded = Some(Decoded { rip: regs.rip, next: next_rip, opcode: Opcode::Cpuid });
+                // CPUID has no side effects; the guest sees the host's leaves.
+                let r = core::arch::x86_64::__cpuid_count(regs.rax as u32, regs.rcx as u32);
+                (regs.rax, regs.rbx, regs.rcx, regs.rdx) = (r.eax as u64, r.ebx as u64, r.ecx as u64, r.edx as u64);
+                regs.rip = next_rip;
+                true
+            }
+        },
+        Exit::Halt { interrupts: false, .. } => {
+            // No interrupt is ever delivered to it: on hardware it would halt forever.
+            guest.flush_console();
+            log::error!(target: "vm", "guest {} ({}) stopped: HLT with interrupts disabled would never wake, RIP {:#x}",
+                guest.id, guest.spec.name, regs.rip);
+            guest.state = State::Stopped;
+            false
+        }
+        Exit::Halt { resume, interrupts: true } => {
+            // A yield that still pays for its slice: halting in a loop uses the budget.
+            if let Some(next_rip) = resume_at(guest, &regs, cr3, resume, &[0xf4]) {
+                s.decoded = Some(Decoded { rip: regs.rip, next: next_rip, opcode: Opcode::Hlt });
+                regs.rip = next_rip;
+                s.exits[ExitKind::Preempted as usize] += 1;
+                end_slice(guest, regs.rip);
+            }
+            false
+        }
+        Exit::Preempted => {
+            check_budget(guest, regs.rip);
+            false
+        }
+        // notify hook: the guest can take its interrupt now; the next entry injects it.
+        Exit::InterruptWindow => true,
+        // An IPI inside the slice: its work (a flush, a pending virtual interrupt, a stop)
+        // is done before the next entry (`prepare`); the deadline check there bounds how
+        // long IPIs can keep a vCPU going.
+        Exit::Interrupt => true,
+        other => {
+            stop(guest, other, regs.rip);
+            false
+        }
+    };
+    *B::regs(&mut s.vcpu) = regs;
+    go_on
+}
+
+/// Sends every other CPU that ran a vCPU of `guest` an IPI that makes it look (`prepare`)
+/// before that vCPU's next entry.
+fn kick_siblings<B: Backend>(guest: &Guest<B>, me: usize) {
+    for cpu in 0..ipi::MAX_CPUS {
+        if cpu != me && guest.ran_on & (1 << cpu) != 0 {
+            ipi::send(cpu);
+        }
+    }
+}
+
 /// A guest stopped by this CPU: its vCPUs on other CPUs leave guest mode now (the IPI
 /// forces an exit) and end there at once.
 fn kick_if_stopped<B: Backend>(guest: &Guest<B>, me: usize) {
     if guest.state == State::Stopped {
-        for cpu in 0..ipi::MAX_CPUS {
-            if cpu != me && guest.ran_on & (1 << cpu) != 0 {
-                ipi::send(cpu);
-            }
-        }
+        kick_siblings(guest, me);
     }
 }
 

@@ -1,22 +1,54 @@
 //! TLB shootdown for second-level translations: after an unmount, or an ExMap FREE, cleared
 //! entries may still be cached by every CPU that ran a vCPU of an affected guest
 //! (`Guest::ran_on`). `guest`/`cpus` flush this CPU (its vCPUs flush before their next
-//! entry), send one IPI to each other such CPU and wait for every acknowledgment
-//! (`arch::ipi`'s mailbox protocol): when they return, no CPU can use a cleared translation
-//! again. Each target flushes by the backend's own means before its next guest entry: INVEPT
-//! single-context (all VPIDs of that EPTP) on VMX, TLB_CONTROL = flush this ASID on SVM
+//! entry) and send one IPI to each other such CPU (`arch::ipi`'s mailbox protocol); each
+//! target flushes by the backend's own means before its next guest entry: INVEPT
+//! single-context on VMX, TLB_CONTROL = flush this ASID on SVM
 //! (`Backend::flush_second_level`). One shootdown per hypercall, however many entries it
-//! cleared. The frames the call freed cannot be handed out again before then: every
-//! allocation by a guest's call happens under the world lock the caller holds.
+//! cleared.
+//!
+//! # No CPU waits for another while holding the world lock
+//!
+//! `guest`/`cpus` run under the world lock but do not wait: they add the acknowledgments
+//! to wait for to this CPU's `Owed` record. Every release of the world lock
+//! (`runqueue::WorldGuard`'s drop) then runs `complete`: with no lock held it waits for
+//! them (answering its own requests meanwhile), and only then gives the frames the call
+//! freed to the allocator. So, for one call:
+//!
+//! 1. under the lock: entries cleared; frames they led to (the unmount's emptied tables,
+//!    an ExMap FREE's trimmed cache) go through `After`, which keeps them in `Owed::frames`
+//!    instead of the allocator; the IPIs are sent (`ipi::request`);
+//! 2. the lock is let go: other CPUs handle exits meanwhile; the frames are in no one's
+//!    hands but this CPU's, so none can be handed out while a CPU may still cache a
+//!    translation to it;
+//! 3. no lock: every acknowledgment arrives (`Acks::wait`), then the kept frames are freed;
+//! 4. only then does the calling vCPU enter its guest again: the call's result (written into
+//!    its registers under the lock) is seen after the shootdown ended, as the ABI promises.
+//!
+//! Frames whose translation another call removed (a morsel destroyed right after another
+//! CPU unmounted it, whose caller may still be in step 3) are freed only behind `barrier`
+//! (every shootdown started so far acknowledged): `morsels::Removed::free` (no lock) and
+//! `Directory::remove` (a persistent morsel's frames, under the lock: the one wait left
+//! there, bounded by the 2 MiB pieces of long work every CPU answers between). An ExMap
+//! FREE's frames stay in the guest's own frame cache meanwhile: another vCPU of the same
+//! guest may take one back before the acknowledgments are in (its own data only).
+//!
+//! Lock order: world lock, then this CPU's `Owed` (only its own CPU takes it, never from
+//! an interrupt handler). `Owed` overflowing (more frames kept than it has room for) waits
+//! for its acknowledgments at once, under the world lock: bounded, and logged.
 
 use super::guest::Guest;
 use super::Backend;
 use crate::arch::ipi;
+use crate::mm::frames::Frames;
 use core::sync::atomic::{AtomicU64, Ordering};
 
 static SHOOTDOWNS: AtomicU64 = AtomicU64::new(0);
 static IPIS: AtomicU64 = AtomicU64::new(0);
 static TSC_SPENT: AtomicU64 = AtomicU64::new(0);
+/// Time spent waiting for acknowledgments (with no lock held, but for the overflow case).
+static WAIT_SPENT: AtomicU64 = AtomicU64::new(0);
+static OVERFLOWS: AtomicU64 = AtomicU64::new(0);
 /// Every CPU that ran any guest's vCPU.
 static ANY_RAN_ON: AtomicU64 = AtomicU64::new(0);
 
@@ -39,18 +71,177 @@ pub fn guest<B: Backend>(g: &Guest<B>) {
     }
 }
 
-/// Shoots down on every CPU of `mask` (this one flushes locally).
+/// Shoots down on every CPU of `mask` (this one flushes locally): the IPIs go now, the
+/// acknowledgments are awaited by `complete` when this CPU lets go of the world lock.
 pub fn cpus(mask: u64) {
     let t0 = crate::platform::time::tsc();
-    let sent = ipi::shoot(mask);
+    let (acks, sent) = ipi::request(mask);
+    let me = ipi::me();
+    OWED[me].lock().acks.merge(&acks);
+    OWING.fetch_or(1 << me, Ordering::AcqRel);
     TSC_SPENT.fetch_add(crate::platform::time::tsc() - t0, Ordering::Relaxed);
     SHOOTDOWNS.fetch_add(1, Ordering::Relaxed);
     IPIS.fetch_add(sent as u64, Ordering::Relaxed);
 }
 
-/// (shootdowns, IPIs, microseconds spent in them) so far.
+/// Frames kept back per CPU until its shootdowns are acknowledged (`After`); more wait at
+/// once (`Owed` overflow).
+const KEEP: usize = 4096;
+
+/// What this CPU owes before it may give frames back: the acknowledgments it asked for and
+/// the frames kept until they arrive (each `address | order`).
+struct Owed {
+    acks: ipi::Acks,
+    frames: alloc::vec::Vec<u64>,
+    /// The allocator handle the frames go back through (this CPU's core).
+    to: Option<Frames>,
+}
+
+#[allow(clippy::declare_interior_mutable_const)]
+const OWED_NONE: spin::Mutex<Owed> = spin::Mutex::new(Owed { acks: ipi::Acks::NONE, frames: alloc::vec::Vec::new(), to: None });
+/// Per CPU index; only that CPU takes its entry.
+static OWED: [spin::Mutex<Owed>; ipi::MAX_CPUS] = [OWED_NONE; ipi::MAX_CPUS];
+/// Bit N: CPU N may owe something (`Owed` not empty): lets `complete` return at once.
+static OWING: AtomicU64 = AtomicU64::new(0);
+
+/// Makes room for `KEEP` kept frames on CPU `me` (at the start of its run; without the room
+/// every kept frame waits at once).
+pub fn prepare(me: usize) {
+    let mut o = OWED[me % ipi::MAX_CPUS].lock();
+    let _ = o.frames.try_reserve_exact(KEEP);
+}
+
+/// Waits (no lock may be held) for the acknowledgments this CPU asked for, then gives the
+/// frames it kept to the allocator. Run at every release of the world lock.
+pub fn complete() {
+    if OWING.load(Ordering::Acquire) == 0 {
+        return; // the common case, without reading the APIC ID
+    }
+    let me = ipi::me();
+    if OWING.load(Ordering::Acquire) & (1 << me) == 0 {
+        return;
+    }
+    let mut o = OWED[me].lock();
+    OWING.fetch_and(!(1 << me), Ordering::AcqRel);
+    if o.acks.is_empty() && o.frames.is_empty() {
+        return;
+    }
+    let t0 = crate::platform::time::tsc();
+    o.acks.wait();
+    WAIT_SPENT.fetch_add(crate::platform::time::tsc() - t0, Ordering::Relaxed);
+    o.acks = ipi::Acks::NONE;
+    give_back(&mut o);
+}
+
+fn give_back(o: &mut Owed) {
+    if let Some(to) = o.to {
+        for &f in o.frames.iter() {
+            morsel::FrameAlloc::free(&to, morsel::HostPhysAddr::new(f & !0xfff), (f & 0xfff) as u32);
+        }
+    }
+    o.frames.clear();
+}
+
+/// Waits until every shootdown any CPU started so far is acknowledged. With the world lock
+/// held only where the module doc says.
+pub fn barrier() {
+    let acks = ipi::outstanding();
+    if !acks.is_empty() {
+        let t0 = crate::platform::time::tsc();
+        acks.wait();
+        WAIT_SPENT.fetch_add(crate::platform::time::tsc() - t0, Ordering::Relaxed);
+    }
+}
+
+/// A frame allocator that keeps the frames freed through it on this CPU until its pending
+/// shootdowns are acknowledged (`complete`); allocations go straight through.
+pub struct After<'a>(pub &'a Frames);
+
+impl morsel::FrameAlloc for After<'_> {
+    fn alloc(&self, order: u32) -> Option<morsel::HostPhysAddr> {
+        morsel::FrameAlloc::alloc(self.0, order)
+    }
+
+    fn free(&self, frame: morsel::HostPhysAddr, order: u32) {
+        let me = ipi::me();
+        let mut o = OWED[me].lock();
+        if o.to.is_none() {
+            o.to = Some(*self.0);
+        }
+        if o.frames.len() == o.frames.capacity() {
+            // No room: everything kept so far waits now (the world lock held), then goes.
+            OVERFLOWS.fetch_add(1, Ordering::Relaxed);
+            log::debug!(target: "morsel", "cpu {me}: more than {KEEP} frames kept for a shootdown: waiting under the lock");
+            ipi::shoot(any_ran_on());
+            let acks = o.acks;
+            acks.wait();
+            o.acks = ipi::Acks::NONE;
+            give_back(&mut o);
+            morsel::FrameAlloc::free(self.0, frame, order);
+            return;
+        }
+        o.frames.push(frame.as_u64() | order as u64);
+        OWING.fetch_or(1 << me, Ordering::AcqRel);
+    }
+}
+
+/// Answers this CPU's shootdown (and drain) requests every 2 MiB of long work done with
+/// interrupts off (`did`), and frees through `wrap` likewise.
+pub struct Answering {
+    pages: core::cell::Cell<u64>,
+}
+
+/// 4 KiB pages of work between two answers (2 MiB).
+const ANSWER_EVERY: u64 = 512;
+
+impl Answering {
+    pub fn new() -> Self {
+        Answering { pages: core::cell::Cell::new(0) }
+    }
+
+    /// `pages` 4 KiB pages of work were done since the last call.
+    pub fn did(&self, pages: u64) {
+        let n = self.pages.get() + pages;
+        if n >= ANSWER_EVERY {
+            ipi::service();
+            self.pages.set(0);
+        } else {
+            self.pages.set(n);
+        }
+    }
+
+    /// `frames`, answering every 2 MiB freed through it.
+    pub fn wrap(frames: &Frames) -> AnsweringFrames<'_> {
+        AnsweringFrames { frames, answer: Answering::new() }
+    }
+}
+
+impl Default for Answering {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// `Answering::wrap`.
+pub struct AnsweringFrames<'a> {
+    frames: &'a Frames,
+    answer: Answering,
+}
+
+impl morsel::FrameAlloc for AnsweringFrames<'_> {
+    fn alloc(&self, order: u32) -> Option<morsel::HostPhysAddr> {
+        morsel::FrameAlloc::alloc(self.frames, order)
+    }
+
+    fn free(&self, frame: morsel::HostPhysAddr, order: u32) {
+        morsel::FrameAlloc::free(self.frames, frame, order);
+        self.answer.did(1 << order.min(18));
+    }
+}
+
+/// (shootdowns, IPIs, microseconds spent in them, waiting for acknowledgments included) so far.
 pub fn stats() -> (u64, u64, u64) {
-    let us = TSC_SPENT.load(Ordering::Relaxed) / crate::platform::time::tsc_per_us().max(1);
+    let us = (TSC_SPENT.load(Ordering::Relaxed) + WAIT_SPENT.load(Ordering::Relaxed)) / crate::platform::time::tsc_per_us().max(1);
     (SHOOTDOWNS.load(Ordering::Relaxed), IPIS.load(Ordering::Relaxed), us)
 }
 
@@ -58,6 +249,6 @@ pub fn stats() -> (u64, u64, u64) {
 pub fn log_stats() {
     let (n, ipis, us) = stats();
     let per = (ipis * 100).checked_div(n).unwrap_or(0);
-    log::info!(target: "morsel", "stats shootdowns: {n} ({ipis} IPIs, {}.{:02} IPIs per shootdown, {} us per shootdown)",
-        per / 100, per % 100, us.checked_div(n).unwrap_or(0));
+    log::info!(target: "morsel", "stats shootdowns: {n} ({ipis} IPIs, {}.{:02} IPIs per shootdown, {} us per shootdown, waited with no lock held; {} waited under the lock)",
+        per / 100, per % 100, us.checked_div(n).unwrap_or(0), OVERFLOWS.load(Ordering::Relaxed));
 }

@@ -8,6 +8,9 @@
 //! have the hypervisor allocate and free 4 KiB and 2 MiB frames in a loop through their CPU's
 //! allocator core (`bench_frames`, timed inside the hypervisor, no lock held): one more line
 //! per vCPU with pairs per second and nanoseconds per pair.
+//! Then, all vCPUs together again, null exits: `20 * arg` CPUID instructions (each an exit
+//! the hypervisor emulates) and as many `info` hypercalls, TSC ticks per exit (under Bochs
+//! about one tick per emulated instruction): one more line per vCPU.
 //! `arg`: calls per measurement (default 200; frame pairs: 64 times as many).
 #![no_std]
 #![no_main]
@@ -23,6 +26,8 @@ guest_lib::entry!(main, vcpu_main);
 static DONE: AtomicU32 = AtomicU32::new(0);
 /// vCPUs ready to measure the frame allocator (they start when all are).
 static READY: AtomicU32 = AtomicU32::new(0);
+/// vCPUs ready to measure null exits.
+static EXITS_READY: AtomicU32 = AtomicU32::new(0);
 
 fn main(info: &BootInfo) -> i32 {
     let ok = measure(info, 0);
@@ -59,6 +64,11 @@ fn measure(info: &BootInfo, vcpu: u32) -> bool {
         core::hint::spin_loop();
     }
     ok &= frames(vcpu, cpu, calls, per_us);
+    EXITS_READY.fetch_add(1, SeqCst);
+    while EXITS_READY.load(SeqCst) < info.vcpu_count.max(1) as u32 {
+        core::hint::spin_loop();
+    }
+    null_exits(vcpu, cpu, 20 * calls);
     let mut name = [b'b', b'-', b'0' + (vcpu % 10) as u8, b'x'];
     let mut pair = |page: PageSize, size: u64, tag: u8| {
         name[3] = tag;
@@ -127,4 +137,20 @@ fn frames(vcpu: u32, cpu: u32, calls: u64, per_us: u64) -> bool {
             false
         }
     }
+}
+
+/// `n` CPUID exits and `n` `info` hypercalls: TSC ticks per exit of each.
+fn null_exits(vcpu: u32, cpu: u32, n: u64) {
+    let start = tsc();
+    for _ in 0..n {
+        // CPUID leaf 0: an exit the hypervisor emulates.
+        let _ = core::arch::x86_64::__cpuid(0);
+    }
+    let cpuid = (tsc() - start) / n.max(1);
+    let start = tsc();
+    for _ in 0..n {
+        let _ = guest_lib::info(abi::INFO_GUEST_ID);
+    }
+    let info = (tsc() - start) / n.max(1);
+    println!("smpbench vcpu {vcpu} cpu {cpu}: null exits: CPUID {cpuid} ticks, info {info} ticks per exit ({n} each)");
 }
