@@ -36,8 +36,8 @@ const QEMU_EXIT_SUCCESS: i32 = 33;
 const QEMU_EXIT_FAILURE: i32 = 35;
 /// Lines of serial log (and of host test output) shown for a failure.
 const TAIL_LINES: usize = 40;
-const HOST_TESTS: &str = "host: cargo test (allocator morsel exmap abi xtask)";
-const HOST_LOOM: &str = "host: loom (allocator)";
+const HOST_TESTS: &str = "host: cargo test (allocator morsel exmap vmcore abi xtask)";
+const HOST_LOOM: &str = "host: loom (allocator vmcore)";
 const HOST_HV: &str = "host: cargo test (formats: archive, ELF, DMAR, NFIT, decode, MMIO)";
 /// Time limit for each host test command (a hung test must not hang CI).
 const HOST_TIMEOUT: Duration = Duration::from_secs(20 * 60);
@@ -159,14 +159,14 @@ pub fn test(o: &Options) -> Result<ExitCode> {
     if host {
         println!("== host tests");
         run_host(&root, &mut tally, HOST_TESTS, |c| {
-            c.args(["test", "--release", "-p", "allocator", "-p", "morsel", "-p", "exmap", "-p", "abi", "-p", "xtask"]);
+            c.args(["test", "--release", "-p", "allocator", "-p", "morsel", "-p", "exmap", "-p", "vmcore", "-p", "abi", "-p", "xtask"]);
         });
         run_host(&root, &mut tally, HOST_HV, |c| {
             c.args(["test", "--release", "-p", "formats"]);
         });
         let loom_dir = images::target_dir(&root).join("loom");
         run_host(&root, &mut tally, HOST_LOOM, |c| {
-            c.args(["test", "--release", "-p", "allocator", "--lib", "loom"])
+            c.args(["test", "--release", "-p", "allocator", "-p", "vmcore", "--lib", "loom"])
                 .env("RUSTFLAGS", "--cfg loom")
                 .env("CARGO_TARGET_DIR", &loom_dir);
         });

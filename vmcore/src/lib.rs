@@ -1,0 +1,9 @@
+//! The hypervisor's VM core that touches no hardware, as a `no_std` crate tested on the host
+//! (`cargo test -p vmcore`, debug and `--release`; loom models with
+//! `RUSTFLAGS="--cfg loom" cargo test --release -p vmcore --lib loom`).
+//! One module per concern; this file only lists them.
+#![cfg_attr(not(any(test, feature = "std")), no_std)]
+
+extern crate alloc;
+
+pub mod names;
