@@ -124,7 +124,7 @@ fn the_table_holds_the_sum_of_the_quotas() {
             if k % 2 == 0 {
                 t.commit(r, k as u64).unwrap();
             } else {
-                std::mem::forget(r); // left reserved
+                let _left_reserved = r;
             }
         }
     }
