@@ -2,7 +2,7 @@
 //! benchmarks the READMEs quote (release builds of each crate's `examples/bench.rs`), in
 //! interleaved rounds, and reports medians in one table format, as CSV under `build/bench/`
 //! and as SVG plots drawn here (no plotting crate, no fonts: plain SVG text); `--docs` also
-//! copies the plots to `docs/bench/`, where the README shows them.
+//! copies the plots to `docs/src/bench/`, where the book's Benchmarks chapter shows them.
 
 use crate::{bail, images, Context, Result};
 use std::fmt::Write as _;
@@ -11,7 +11,7 @@ use std::process::{Command, ExitCode};
 
 pub const BENCHES: &[&str] = &["allocator", "morsel", "exmap"];
 const OUT_DIR: &str = "build/bench";
-const DOCS_DIR: &str = "docs/bench";
+const DOCS_DIR: &str = "docs/src/bench";
 const DEFAULT_ROUNDS: usize = 5;
 /// The allocator patterns of the LLFree paper, each at 4 KiB and 2 MiB, at 1 and 2 threads.
 const PATTERNS: &[&str] = &["bulk", "repeat", "random"];

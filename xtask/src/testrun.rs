@@ -36,9 +36,17 @@ const QEMU_EXIT_SUCCESS: i32 = 33;
 const QEMU_EXIT_FAILURE: i32 = 35;
 /// Lines of serial log (and of host test output) shown for a failure.
 const TAIL_LINES: usize = 40;
-const HOST_TESTS: &str = "host: cargo test (allocator morsel exmap vmcore abi xtask)";
-const HOST_LOOM: &str = "host: loom (allocator vmcore)";
-const HOST_HV: &str = "host: cargo test (formats: archive, ELF, DMAR, NFIT, decode, MMIO)";
+/// Host test commands: each crate's tests in a release AND a debug build (debug builds check
+/// overflow and the standard library's debug assertions, e.g. `slice::from_raw_parts`'s
+/// alignment check, which caught undefined behaviour that release builds ran through).
+const HOST_TESTS: &str = "host: cargo test --release (allocator morsel exmap vmcore abi xtask)";
+const HOST_HV: &str = "host: cargo test --release (formats: archive, ELF, DMAR, NFIT, decode, MMIO)";
+const HOST_TESTS_DEBUG: &str = "host: cargo test, debug build (allocator morsel exmap vmcore abi xtask formats)";
+/// Release only: loom explores every interleaving of the same code the two runs above test,
+/// and a debug build multiplies its minutes; the debug run of the allocator's own tests covers
+/// its debug assertions.
+const HOST_LOOM: &str = "host: loom --release (allocator vmcore)";
+const HOST_CRATES: [&str; 6] = ["allocator", "morsel", "exmap", "vmcore", "abi", "xtask"];
 /// Time limit for each host test command (a hung test must not hang CI).
 const HOST_TIMEOUT: Duration = Duration::from_secs(20 * 60);
 /// After Bochs printed its exit line, how long it may take to power off before it is stopped.
@@ -154,15 +162,31 @@ pub fn test(o: &Options) -> Result<ExitCode> {
         tools::require(&tools::BOCHS)?;
         tools::require_iso_tools()?;
     }
-    tally.width = jobs.iter().map(|j| j.label.len()).chain([HOST_TESTS.len(), HOST_LOOM.len(), HOST_HV.len()]).max().unwrap_or(0);
+    tally.width = jobs
+        .iter()
+        .map(|j| j.label.len())
+        .chain([HOST_TESTS.len(), HOST_LOOM.len(), HOST_HV.len(), HOST_TESTS_DEBUG.len()])
+        .max()
+        .unwrap_or(0);
 
     if host {
         println!("== host tests");
+        let packages = |c: &mut Command, crates: &[&str]| {
+            for p in crates {
+                c.args(["-p", p]);
+            }
+        };
         run_host(&root, &mut tally, HOST_TESTS, |c| {
-            c.args(["test", "--release", "-p", "allocator", "-p", "morsel", "-p", "exmap", "-p", "vmcore", "-p", "abi", "-p", "xtask"]);
+            c.args(["test", "--release"]);
+            packages(c, &HOST_CRATES);
         });
         run_host(&root, &mut tally, HOST_HV, |c| {
             c.args(["test", "--release", "-p", "formats"]);
+        });
+        run_host(&root, &mut tally, HOST_TESTS_DEBUG, |c| {
+            c.arg("test");
+            packages(c, &HOST_CRATES);
+            packages(c, &["formats"]);
         });
         let loom_dir = images::target_dir(&root).join("loom");
         run_host(&root, &mut tally, HOST_LOOM, |c| {
