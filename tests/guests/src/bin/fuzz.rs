@@ -179,12 +179,12 @@ fn prefixed_call(nr: u64, args: [u64; 6]) -> (i64, u64) {
 }
 
 /// vCPU 1: creates and destroys `PENDING_SIZE` morsels under the fuzzer's names until vCPU 0
-/// is done. vCPU 0's random calls may unmount or destroy them meanwhile: no result is
-/// judged here but that a create that succeeds mounts a morsel of the size asked for.
+/// is done. vCPU 0's random calls may unmount or destroy them meanwhile (and mount other
+/// objects at the same address), so no result is judged here: the scenario judges the
+/// hypervisor (no fault, every frame back).
 fn vcpu_main(_: &BootInfo, _: u32) -> i32 {
     let names = NAMES.as_ptr() as u64;
     let (mut created, mut refused, mut k) = (0u64, 0u64, 0u64);
-    let mut bad = 0u64;
     while DONE.load(SeqCst) == 0 {
         k = (k + 1) % 3;
         CREATING.store(k, SeqCst);
@@ -192,15 +192,12 @@ fn vcpu_main(_: &BootInfo, _: u32) -> i32 {
         match guest_lib::hypercall::call(abi::HC_MORSEL_CREATE, [name[0], name[1], PENDING_SIZE, abi::MORSEL_HUGE_PAGES, 0, 0]) {
             Ok(gpa) => {
                 created += 1;
-                if guest_lib::hypercall::call(abi::HC_MORSEL_SIZE, [gpa, 0, 0, 0, 0, 0]) != Ok(PENDING_SIZE) {
-                    bad += 1;
-                }
                 let _ = guest_lib::hypercall::call(abi::HC_MORSEL_UNMOUNT, [gpa, 0, 0, 0, 0, 0]);
             }
             Err(_) => refused += 1,
         }
         let _ = guest_lib::hypercall::call(abi::HC_MORSEL_DESTROY, [name[0], name[1], 0, 0, 0, 0]);
     }
-    println!("fuzz: vcpu 1: {created} morsels of {} MiB created and destroyed under the fuzzer's names, {refused} creates refused, {bad} of a wrong size", PENDING_SIZE >> 20);
-    i32::from(bad > 0)
+    println!("fuzz: vcpu 1: {created} morsels of {} MiB created and destroyed under the fuzzer's names, {refused} creates refused", PENDING_SIZE >> 20);
+    0
 }
