@@ -7,3 +7,4 @@
 extern crate alloc;
 
 pub mod exits;
+pub mod names;

@@ -39,14 +39,14 @@ const TAIL_LINES: usize = 40;
 /// Host test commands: each crate's tests in a release AND a debug build (debug builds check
 /// overflow and the standard library's debug assertions, e.g. `slice::from_raw_parts`'s
 /// alignment check, which caught undefined behaviour that release builds ran through).
-const HOST_TESTS: &str = "host: cargo test --release (allocator morsel exmap abi xtask)";
+const HOST_TESTS: &str = "host: cargo test --release (allocator morsel exmap vmcore abi guest-lib xtask)";
 const HOST_HV: &str = "host: cargo test --release (formats: archive, ELF, DMAR, NFIT, decode, MMIO)";
-const HOST_TESTS_DEBUG: &str = "host: cargo test, debug build (allocator morsel exmap abi xtask formats)";
+const HOST_TESTS_DEBUG: &str = "host: cargo test, debug build (allocator morsel exmap vmcore abi guest-lib xtask formats)";
 /// Release only: loom explores every interleaving of the same code the two runs above test,
 /// and a debug build multiplies its minutes; the debug run of the allocator's own tests covers
 /// its debug assertions.
-const HOST_LOOM: &str = "host: loom --release (allocator)";
-const HOST_CRATES: [&str; 6] = ["allocator", "morsel", "exmap", "abi", "guest-lib", "xtask"];
+const HOST_LOOM: &str = "host: loom --release (allocator vmcore)";
+const HOST_CRATES: [&str; 7] = ["allocator", "morsel", "exmap", "vmcore", "abi", "guest-lib", "xtask"];
 /// Time limit for each host test command (a hung test must not hang CI).
 const HOST_TIMEOUT: Duration = Duration::from_secs(20 * 60);
 /// After Bochs printed its exit line, how long it may take to power off before it is stopped.
@@ -224,7 +224,7 @@ pub fn test(o: &Options) -> Result<ExitCode> {
         });
         let loom_dir = images::target_dir(&root).join("loom");
         run_host(&root, &mut tally, HOST_LOOM, |c| {
-            c.args(["test", "--release", "-p", "allocator", "--lib", "loom"])
+            c.args(["test", "--release", "-p", "allocator", "-p", "vmcore", "--lib", "loom"])
                 .env("RUSTFLAGS", "--cfg loom")
                 .env("CARGO_TARGET_DIR", &loom_dir);
         });

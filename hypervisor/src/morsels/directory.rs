@@ -4,23 +4,25 @@
 //! tables it left empty freed, and one invalidation of the guest's cached translations.
 
 use super::persist::{self, Source};
-use super::{read_name, try_string, Directory, Mount, Named, PendingCreate, Removed, Started, RESTORED};
+use super::{name_error, read_name, Directory, Mount, Name, Named, PendingCreate, Removed, Started, RESTORED};
 use crate::devices::Devices;
 use crate::mm::frames::{Frames, Identity, IDENTITY};
 use crate::vm::guest::Guest;
 use crate::vm::Backend;
 use abi::{self, Error};
 use alloc::string::String;
-use alloc::vec::Vec;
 use formats::units::Bytes;
 use morsel::{Format, GuestPhysAddr, Morsel, PageSize, Perm};
+use vmcore::names::Ticket;
 
 impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
-    /// `morsel_create(name_ptr, name_len, size, flags)`. A persistent morsel takes its frames
-    /// from the persistent region and gets a directory record after its subtree is complete
-    /// (all under the world lock: `Started::Done`). A RAM morsel gets its frames and tables
-    /// here, its data frames are zeroed by the caller with the lock let go, and
-    /// `create_finish` enters and mounts it (`Started::Zero`).
+    /// `morsel_create(name_ptr, name_len, size, flags)`. The name is reserved first
+    /// (`vmcore::names`: `Busy` if it exists or is reserved, `NoMemory` past the quota). A
+    /// persistent morsel takes its frames from the persistent region and gets a directory
+    /// record after its subtree is complete (all under the world lock: `Started::Done`). A
+    /// RAM morsel gets its frames and tables here, its data frames are zeroed by the caller
+    /// with the lock let go, and `create_finish` commits the name and mounts it
+    /// (`Started::Zero`, holding the reservation).
     pub fn create<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, frames: &Frames, name: abi::Name, size: u64, flags: abi::CreateFlags) -> Result<Started<F>, Error> {
         let name = read_name(g, name)?;
         let page = if flags.huge_pages { PageSize::Size2M } else { PageSize::Size4K };
@@ -30,77 +32,84 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         if size > morsel::MAX_MORSEL || size > abi::MORSEL_WINDOW_SIZE {
             return Err(g.refuse(Error::TooLarge, format_args!("size {} is above the largest morsel, {}", Bytes(size), Bytes(morsel::MAX_MORSEL.min(abi::MORSEL_WINDOW_SIZE)))));
         }
-        if self.named.contains_key(&name) || self.pending.iter().any(|(n, _)| *n == name) {
-            return Err(g.refuse(Error::Busy, format_args!("the name {name:?} is taken")));
+        let ticket = self.named.reserve(name, g.id).map_err(|e| match e {
+            vmcore::names::Error::Taken => g.refuse(Error::Busy, format_args!("the name {name:?} is taken")),
+            e => name_error(e),
+        })?;
+        // Each reservation (this one included) takes a mount slot when it is entered.
+        if g.mounts.len() + self.named.count(g.id).reserved as usize > abi::MOUNT_QUOTA as usize {
+            return Err(self.give_up(ticket, Error::NoMemory));
         }
-        let pending = self.pending.iter().filter(|(_, owner)| *owner == g.id).count();
-        if self.named.values().filter(|n| n.owner == g.id).count() + pending >= abi::MORSEL_QUOTA as usize
-            || g.mounts.len() + pending >= abi::MOUNT_QUOTA as usize
-        {
-            return Err(Error::NoMemory);
-        }
-        self.named.try_reserve(1).map_err(|_| Error::NoMemory)?;
-        self.pending.try_reserve(1).map_err(|_| Error::NoMemory)?;
         let others_may_write = flags.share_writable;
-        let pm = if flags.persistent {
-            let pm = self.pmem.ok_or(Error::Invalid)?;
-            pm.claim_format(F::NAME).map_err(|_| Error::Invalid)?;
-            Some(pm)
-        } else {
-            None
+        let pm = match (flags.persistent, self.pmem) {
+            (false, _) => None,
+            (true, Some(pm)) if pm.claim_format(F::NAME).is_ok() => Some(pm),
+            (true, _) => return Err(self.give_up(ticket, Error::Invalid)),
         };
         // More than the free RAM fails at once, not after taking (and giving back) all of it.
         if pm.is_none() && size / 4096 > frames.free_frames() as u64 {
             let free = Bytes(frames.free_frames() as u64 * 4096);
-            return Err(g.refuse(Error::NoMemory, format_args!("size {} is more than the free memory, {free}", Bytes(size))));
+            let e = g.refuse(Error::NoMemory, format_args!("size {} is more than the free memory, {free}", Bytes(size)));
+            return Err(self.give_up(ticket, e));
         }
         let source = pm.map_or(Source::Ram(*frames), |pm| Source::Pmem(pm.frames()));
         let no_memory = |e| match e {
             morsel::Error::OutOfMemory => Error::NoMemory,
             _ => Error::Invalid,
         };
-        if pm.is_none() {
-            let reserved = try_string(&name)?;
-            let morsel = Morsel::<F>::create(size, page, &source, &TablesOnly).map_err(no_memory)?;
-            self.pending.push((reserved, g.id));
-            return Ok(Started::Zero(PendingCreate { name, morsel, others_may_write }));
-        }
-        let morsel = Morsel::<F>::create(size, page, &source, &IDENTITY).map_err(no_memory)?;
-        let slot = match pm.map(|pm| persist::add_record(pm, &name, &morsel, page, others_may_write)) {
-            Some(None) => {
-                let _ = morsel.destroy(&source, &IDENTITY);
-                return Err(Error::NoMemory);
-            }
-            slot => slot.flatten(),
+        let Some(pm) = pm else {
+            return match Morsel::<F>::create(size, page, &source, &TablesOnly) {
+                Ok(morsel) => Ok(Started::Zero(PendingCreate { ticket, morsel, others_may_write })),
+                Err(e) => Err(self.give_up(ticket, no_memory(e))),
+            };
         };
-        self.enter(g, frames, name, morsel, others_may_write, slot).map(Started::Done)
+        let morsel = match Morsel::<F>::create(size, page, &source, &IDENTITY) {
+            Ok(m) => m,
+            Err(e) => return Err(self.give_up(ticket, no_memory(e))),
+        };
+        let Some(slot) = persist::add_record(pm, ticket.name(), &morsel, page, others_may_write) else {
+            let _ = morsel.destroy(&source, &IDENTITY);
+            return Err(self.give_up(ticket, Error::NoMemory));
+        };
+        self.enter(g, frames, ticket, Named::new(morsel, g.id, others_may_write, Some(slot))).map(Started::Done)
+    }
+
+    /// Aborts a reservation whose create failed with `e`.
+    fn give_up(&mut self, ticket: Ticket, e: Error) -> Error {
+        self.named.abort(ticket);
+        e
     }
 
     /// The rest of a RAM morsel's `create` once its data frames are zeroed (`Started::Zero`):
-    /// into the directory and mounted read-write in `g`.
+    /// its reserved name committed, mounted read-write in `g`.
     pub fn create_finish<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, frames: &Frames, p: PendingCreate<F>) -> Result<u64, Error> {
-        self.pending.retain(|(n, _)| *n != p.name);
-        if self.named.try_reserve(1).is_err() {
-            let _ = p.morsel.destroy(frames, &IDENTITY);
-            return Err(Error::NoMemory);
-        }
-        self.enter(g, frames, p.name, p.morsel, p.others_may_write, None)
+        let PendingCreate { ticket, morsel, others_may_write } = p;
+        self.enter(g, frames, ticket, Named::new(morsel, g.id, others_may_write, None))
     }
 
-    /// A `PendingCreate` whose guest is gone: its frames go back.
+    /// A `PendingCreate` whose guest is gone: the reservation is aborted, the frames go back.
     pub fn abandon(&mut self, frames: &Frames, p: PendingCreate<F>) {
-        self.pending.retain(|(n, _)| *n != p.name);
+        self.named.abort(p.ticket);
         let _ = p.morsel.destroy(frames, &IDENTITY);
     }
 
-    /// Enters a complete new morsel (room reserved in `named`) and mounts it read-write in `g`.
-    fn enter<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, frames: &Frames, name: String, morsel: Morsel<F>, others_may_write: bool, slot: Option<usize>) -> Result<u64, Error> {
-        let page = morsel.page_size();
-        log::info!(target: "morsel", "guest {} created '{name}': {} of {} pages, root L{}, {} tables{}",
-            g.id, Bytes(morsel.len()), if page == PageSize::Size2M { "2 MiB" } else { "4 KiB" },
-            morsel.root_level(), morsel.table_count(),
-            if let Some(i) = slot { alloc::format!(", in persistent memory (record {i})") } else { String::new() });
-        self.named.insert(name.clone(), Named::new(morsel, g.id, others_may_write, slot));
+    /// Commits a complete new morsel or region `n` under its reservation `ticket` and mounts
+    /// it read-write in `g`; a failed mount destroys it again.
+    fn enter<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, frames: &Frames, ticket: Ticket, n: Named<F>) -> Result<u64, Error> {
+        let name = *ticket.name();
+        let (page, region) = (n.morsel.page_size(), n.region.is_some());
+        if !region {
+            log::info!(target: "morsel", "guest {} created '{name}': {} of {} pages, root L{}, {} tables{}",
+                g.id, Bytes(n.morsel.len()), if page == PageSize::Size2M { "2 MiB" } else { "4 KiB" },
+                n.morsel.root_level(), n.morsel.table_count(),
+                if let Some(i) = n.slot { alloc::format!(", in persistent memory (record {i})") } else { String::new() });
+        }
+        if let Err((e, n)) = self.named.commit(ticket, n) {
+            // Unreachable (the ticket is this reservation's): refused, never replaced.
+            log::error!(target: "morsel", "'{name}': the reservation does not match its entry ({e}): not entered");
+            let _ = n.morsel.destroy(frames, &IDENTITY);
+            return Err(Error::Invalid);
+        }
         let gpa = self.mount(g, frames, &name, true);
         if gpa.is_err() {
             // Nobody can have mounted it yet: give the frames back.
@@ -109,26 +118,19 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         gpa
     }
 
-    /// Adds an ExMap region (a sparse morsel, see `vm/exmap.rs`) named `name`, owned by `g`,
-    /// and mounts it read-write there; from then on it is shared like any morsel.
-    pub(crate) fn add_region<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, frames: &Frames, name: String, morsel: Morsel<F>, others_may_write: bool) -> Result<u64, Error> {
-        if self.named.contains_key(&name) {
-            let _ = morsel.destroy(frames, &IDENTITY);
-            return Err(Error::Busy);
-        }
-        self.named.insert(name.clone(), Named::new(morsel, g.id, others_may_write, None));
-        let gpa = self.mount(g, frames, &name, true);
-        if gpa.is_err() {
-            self.remove(&name, frames);
-        }
-        gpa
+    /// Adds an ExMap region (a sparse morsel, see `morsels/exmap.rs`) under its reservation,
+    /// owned by `g`, and mounts it read-write there; from then on it is shared like any morsel.
+    pub(crate) fn add_region<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, frames: &Frames, ticket: Ticket, morsel: Morsel<F>, others_may_write: bool, stats: super::exmap::RegionStats) -> Result<u64, Error> {
+        let mut n = Named::new(morsel, g.id, others_may_write, None);
+        n.region = Some(stats);
+        self.enter(g, frames, ticket, n)
     }
 
     /// `morsel_open(name_ptr, name_len, writable)`.
     pub fn open<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, frames: &Frames, name: abi::Name, writable: bool) -> Result<u64, Error> {
         let name = read_name(g, name)?;
         let n = self.named.get(&name).ok_or(Error::NotFound)?;
-        if writable && !n.writable_by(g.id) {
+        if writable && !n.value.writable_by(g.id) {
             return Err(Error::Denied);
         }
         if g.mounts.iter().any(|m| m.name == name) {
@@ -137,13 +139,12 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         self.mount(g, frames, &name, writable)
     }
 
-    fn mount<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, frames: &Frames, name: &str, writable: bool) -> Result<u64, Error> {
+    fn mount<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, frames: &Frames, name: &Name, writable: bool) -> Result<u64, Error> {
         let n = self.named.get_mut(name).ok_or(Error::NotFound)?;
         if g.mounts.len() >= abi::MOUNT_QUOTA as usize {
             return Err(Error::NoMemory);
         }
         g.mounts.try_reserve(1).map_err(|_| Error::NoMemory)?;
-        let mount_name = try_string(name)?;
         let size = n.morsel.window_size();
         // No free slot of this size: the window is full, not the memory.
         let gpa = free_slot(&g.mounts, size).ok_or(Error::Busy)?;
@@ -156,7 +157,7 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         n.count_mount(&stats, 0);
         log::info!(target: "morsel", "'{name}' mounted {} into guest {} at {gpa:#x}: {} PTE write (+{} for new intermediate tables)",
             if writable { "read-write" } else { "read-only" }, g.id, stats.entry_writes, stats.path_writes);
-        g.mounts.push(Mount { gpa, size: n.morsel.len(), window: size, name: mount_name, writable });
+        g.mounts.push(Mount { gpa, size: n.morsel.len(), window: size, name: *name, writable });
         Ok(gpa)
     }
 
@@ -184,9 +185,9 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     /// `morsel_destroy(name_ptr, name_len)`: the owner only, and only while unmounted. A RAM
     /// morsel leaves the directory here and is returned with its name, for the caller to free
     /// its frames with the world lock let go (`Removed::free`); a persistent one is freed here.
-    pub fn destroy<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, frames: &Frames, name: abi::Name) -> Result<Option<(String, Removed<F>)>, Error> {
+    pub fn destroy<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, frames: &Frames, name: abi::Name) -> Result<Option<(Name, Removed<F>)>, Error> {
         let name = read_name(g, name)?;
-        let n = self.named.get(&name).ok_or(Error::NotFound)?;
+        let n = self.named.get(&name).ok_or(Error::NotFound)?.value;
         if n.owner != g.id && !(n.owner == RESTORED && n.others_may_write) {
             return Err(Error::Denied);
         }
@@ -201,7 +202,7 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
             self.remove(&name, frames);
             return Ok(None);
         }
-        let Some(mut n) = self.named.remove(&name) else { return Err(Error::NotFound) };
+        let Some((_, _, mut n)) = self.named.remove(&name) else { return Err(Error::NotFound) };
         self.drop_view(&name, &mut n, frames);
         Ok(Some((name, Removed { morsel: n.morsel })))
     }
@@ -209,7 +210,7 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     /// Destroys a morsel that is mounted nowhere (the callers check). A persistent one loses
     /// its record first, then its frames.
     pub(crate) fn remove(&mut self, name: &str, frames: &Frames) {
-        if let Some(mut n) = self.named.remove(name) {
+        if let Some((_, _, mut n)) = self.named.remove(name) {
             // Another CPU's unmount of it may still await its acknowledgments.
             crate::vm::shootdown::barrier();
             self.drop_view(name, &mut n, frames);
@@ -262,7 +263,8 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
 
     /// Prints the counters of every morsel.
     pub fn log_stats(&self) {
-        for (name, n) in &self.named {
+        for e in self.named.iter() {
+            let (name, n) = (e.name, e.value);
             log::info!(target: "morsel",
                 "stats '{name}': {}, owner {}, mounted now {}, mounts {} ({} PTE writes, {} per mount; +{} for intermediate tables), unmounts {} ({} PTE writes), invalidations {}",
                 Bytes(n.morsel.len()),
@@ -285,12 +287,11 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
             let (faults, invalidations) = d.iommu.counters();
             log::info!(target: "iommu", "end of run: {faults} DMA fault(s) reported, {invalidations} IOTLB invalidations ({})", d.iommu.name());
         }
-        let names: Vec<String> = self.named.keys().cloned().collect();
-        for name in names {
-            let persistent = self.named.get(&name).is_some_and(|n| n.slot.is_some());
+        while let Some(name) = self.named.first() {
+            let persistent = self.named.get(&name).is_some_and(|n| n.value.slot.is_some());
             if !persistent {
                 self.remove(&name, frames);
-            } else if let Some(mut n) = self.named.remove(&name) {
+            } else if let Some((_, _, mut n)) = self.named.remove(&name) {
                 self.drop_view(&name, &mut n, frames);
                 log::info!(target: "pmem", "'{name}' stays in persistent memory ({})", Bytes(n.morsel.len()));
             }

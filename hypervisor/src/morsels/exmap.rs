@@ -15,7 +15,7 @@
 //! returns after every CPU acknowledged.
 
 use crate::vm::guest::Guest;
-use super::{read_name, Directory};
+use super::{read_name, Directory, Name};
 use crate::vm::Backend;
 use crate::mm::frames::{Frames, IDENTITY};
 use alloc::string::String;
@@ -109,14 +109,14 @@ struct Rest {
     zeroed0: u64,
     count: usize,
     iov_gpa: u64,
-    name: String,
+    name: Name,
     guest: u32,
     disk: DiskStats,
 }
 
-/// Counters of one region.
+/// Counters of one region, kept in its directory entry (`Named::region`): they go with it.
 #[derive(Default, Clone, Copy)]
-struct RegionStats {
+pub(crate) struct RegionStats {
     id: Origin,
     calls: u64,
     free_calls: u64,
@@ -135,10 +135,9 @@ struct RegionStats {
     interrupts: u64,
 }
 
-/// ExMap's state for the run.
+/// ExMap's state for the run (a region's own counters are in its directory entry).
 pub struct Exmaps {
     vcpus: HashMap<u32, VcpuState>,
-    regions: HashMap<String, RegionStats>,
     next_id: Origin,
 }
 
@@ -150,10 +149,13 @@ impl Default for Exmaps {
 
 impl Exmaps {
     pub fn new() -> Self {
-        Exmaps { vcpus: HashMap::new(), regions: HashMap::new(), next_id: 1 }
+        Exmaps { vcpus: HashMap::new(), next_id: 1 }
     }
 
-    /// `exmap_create(name_ptr, name_len, size, flags)`.
+    /// `exmap_create(name_ptr, name_len, size, flags)`: the name is reserved like every
+    /// morsel's (`Busy` if it exists or another create holds it, `NoMemory` past the guest's
+    /// `MORSEL_QUOTA`, which counts regions and morsels together), then committed with the
+    /// region's counters; its mount counts in `MOUNT_QUOTA`.
     #[allow(clippy::too_many_arguments)]
     pub fn create<B: Backend>(&mut self, dir: &mut Directory<B::Format>, g: &mut Guest<B>, frames: &Frames, name: abi::Name, size: u64, share_writable: bool) -> Result<u64, Error> {
         let name = read_name(g, name)?;
@@ -163,20 +165,23 @@ impl Exmaps {
         if size > abi::EXMAP_MAX_SIZE {
             return Err(Error::TooLarge);
         }
-        if dir.named.contains_key(&name) {
-            return Err(Error::Busy);
-        }
-        let m = Morsel::<B::Format>::create_sparse(size, frames, &IDENTITY).map_err(|e| match e {
-            morsel::Error::OutOfMemory => Error::NoMemory,
-            _ => Error::Invalid,
+        let ticket = dir.named.reserve(name, g.id).map_err(|e| match e {
+            vmcore::names::Error::Taken => g.refuse(Error::Busy, format_args!("the name {name:?} is taken")),
+            e => super::name_error(e),
         })?;
+        let m = match Morsel::<B::Format>::create_sparse(size, frames, &IDENTITY) {
+            Ok(m) => m,
+            Err(e) => {
+                dir.named.abort(ticket);
+                return Err(if e == morsel::Error::OutOfMemory { Error::NoMemory } else { Error::Invalid });
+            }
+        };
         let tables = m.table_count();
-        let gpa = dir.add_region(g, frames, name.clone(), m, share_writable)?;
-        log::info!(target: "exmap", "guest {} created region '{name}': {} ({} pages), {tables} tables, no data frame, at {gpa:#x}",
-            g.id, Bytes(size), size / 4096);
         let id = self.next_id;
         self.next_id += 1;
-        self.regions.insert(name, RegionStats { id, ..Default::default() });
+        let gpa = dir.add_region(g, frames, ticket, m, share_writable, RegionStats { id, ..Default::default() })?;
+        log::info!(target: "exmap", "guest {} created region '{name}': {} ({} pages), {tables} tables, no data frame, at {gpa:#x}",
+            g.id, Bytes(size), size / 4096);
         Ok(gpa)
     }
 
@@ -193,9 +198,8 @@ impl Exmaps {
             abi::ExmapOp::Write => abi::EXMAP_WRITE,
         };
         let mount = g.mounts.iter().find(|m| m.gpa == gpa).ok_or(Error::NotFound)?;
-        let name = mount.name.clone();
+        let name = mount.name;
         let writable = mount.writable;
-        let stats = self.regions.get_mut(&name).ok_or(Error::Invalid)?;
         if !writable {
             return Err(Error::Denied);
         }
@@ -209,6 +213,7 @@ impl Exmaps {
         }
         let (iov_hpa, _) = g.mem.translate(GuestPhysAddr::new(iov_gpa), Perm::RW)?;
         let n = dir.named.get_mut(&name).ok_or(Error::NotFound)?;
+        let Some(id) = n.region.as_ref().map(|r| r.id) else { return Err(Error::Invalid) };
         if !n.morsel.is_sparse() {
             return Err(Error::Invalid);
         }
@@ -244,7 +249,7 @@ impl Exmaps {
         // Validation, table edits and results in one walk (`exmap`); a device view (NPT
         // region mounted into a device) follows the region page by page, and a region
         // without one keeps no record of the pages.
-        let region = Region { morsel: &n.morsel, origin: stats.id, mem: &IDENTITY };
+        let region = Region { morsel: &n.morsel, origin: id, mem: &IDENTITY };
         let views = &n.views;
         let any_view = views.vtd.is_some() || views.amd.is_some() || views.amd_ro.is_some() || views.ept.is_some();
         let (iov, val, cache) = (&mut v.iov, &mut v.validator, &mut v.cache);
@@ -345,9 +350,14 @@ impl Exmaps {
     /// FREE, the counters, the results into the iovec page (`v.iov`).
     fn conclude<B: Backend>(&mut self, dir: &mut Directory<B::Format>, devices: Option<&mut crate::devices::Devices>, mut g: Option<&mut Guest<B>>, frames: &Frames, rest: Rest) -> u64 {
         let Rest { op, mut b, zeroed0, count, iov_gpa, name, guest, disk: d } = rest;
-        let (Some(v), Some(stats), Some(n)) = (self.vcpus.get_mut(&guest), self.regions.get_mut(&name), dir.named.get_mut(&name)) else {
+        let (Some(v), Some(n)) = (self.vcpus.get_mut(&guest), dir.named.get_mut(&name)) else {
             // Unreachable: the region is not destroyed while its action runs (pinned).
             log::error!(target: "exmap", "guest {guest} '{name}': the region is gone at the end of its action");
+            return 0;
+        };
+        // A copy, written back below (the entry's views are followed meanwhile).
+        let Some(mut stats) = n.region else {
+            log::error!(target: "exmap", "guest {guest} '{name}' is not a region");
             return 0;
         };
         let moved = d.pages;
@@ -422,6 +432,7 @@ impl Exmaps {
             // What leaves the cache stays with this CPU until the shootdown is acknowledged.
             v.cache.trim(&crate::vm::shootdown::After(frames));
         }
+        n.region = Some(stats);
         // The results go to the iovec page, translated again (guest RAM: it stays while the
         // guest does).
         if let Some(g) = g {
@@ -440,9 +451,9 @@ impl Exmaps {
     }
 
     /// `exmap_info(region_gpa, what)`.
-    pub fn info<B: Backend>(&self, g: &Guest<B>, region: u64, what: u64) -> Result<u64, Error> {
+    pub fn info<B: Backend>(&self, dir: &Directory<B::Format>, g: &Guest<B>, region: u64, what: u64) -> Result<u64, Error> {
         let m = g.mounts.iter().find(|m| m.gpa == region).ok_or(Error::NotFound)?;
-        let s = self.regions.get(&m.name).ok_or(Error::Invalid)?;
+        let s = dir.named.get(&m.name).and_then(|e| e.value.region.as_ref()).ok_or(Error::Invalid)?;
         match what {
             abi::EXMAP_INFO_POPULATED => Ok(s.allocated - s.freed),
             abi::EXMAP_INFO_CALLS => Ok(s.calls),
@@ -471,8 +482,8 @@ impl Exmaps {
     }
 
     /// Prints every region's counters.
-    pub fn log_stats(&self) {
-        for (name, s) in &self.regions {
+    pub fn log_stats<F: morsel::Format>(dir: &Directory<F>) {
+        for (name, s) in dir.named.iter().filter_map(|e| Some((e.name, e.value.region.as_ref()?))) {
             log::info!(target: "exmap",
                 "stats '{name}': {} calls, {} pages allocated, {} freed ({} FREE calls, {} invalidations, {} of them shot down for other guests), {} zeroed, {} failed entries; disk: {} pages read, {} written, {} NVMe commands, up to {} in flight, {} completion interrupts",
                 s.calls, s.allocated, s.freed, s.free_calls, s.invalidations, s.remote_flushes, s.zeroed, s.failed, s.read, s.written, s.commands, s.max_depth, s.interrupts);

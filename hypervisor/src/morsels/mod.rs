@@ -9,12 +9,19 @@
 //! - `proxy`: calls that make a device move a guest's morsel (edu DMA, the NVMe proxy);
 //! - `exmap`: ExMap regions (sparse morsels populated and evicted in batches).
 //!
-//! Locking: the `Directory` (names, owners, mounts, device mounts, pending creates, quota
+//! Names: every creator (RAM and persistent `morsel_create`, `exmap_create`, the restore of
+//! persistent morsels at boot) goes through one table, `vmcore::names::Names`: reserve the
+//! name (refused `Busy` if it exists or is reserved, charged to the creator's
+//! `abi::MORSEL_QUOTA`), build, then commit or abort; a commit never replaces an entry. The
+//! table is sized at the start of the run for every guest's whole quota plus the persistent
+//! records, and allocates nothing after that.
+//!
+//! Locking: the `Directory` (names, owners, mounts, device mounts, reservations, quota
 //! counts) lives in the run's world and is only touched under the world lock
 //! (`vm/runqueue.rs`). A RAM morsel's create allocates its frames and builds its tables under
 //! the lock, but zeroes its data frames with the lock let go (`PendingCreate`: the name is
-//! reserved in `pending` meanwhile, taken for other creates and counted in the quota; nobody
-//! else can reach the frames); its destroy takes it out of the directory under the lock and
+//! reserved meanwhile, holding its `Ticket`: taken for every other creator, counted in the
+//! quota, "not found" to `open`; nobody else can reach the frames); its destroy takes it out of the directory under the lock and
 //! frees its frames outside (`Removed`: mounted nowhere, its last unmount's shootdown done).
 //! Persistent morsels stay under the lock throughout (their records and frames). An NVMe
 //! batch (the proxy, ExMap READ and WRITE) is prepared and mounted under the lock, runs with
@@ -37,14 +44,16 @@ use crate::devices::pci::Bdf;
 use alloc::string::String;
 use alloc::vec::Vec;
 use abi::Error;
-use hashbrown::HashMap;
 use crate::vm::guest::Guest;
 use crate::vm::Backend;
 use morsel::{Format, GuestPhysAddr, Morsel, MountStats};
+pub use vmcore::names::Name;
+use vmcore::names::{Limits, Names, Ticket};
 
 
 /// Longest morsel name.
 pub const NAME_MAX: usize = abi::MORSEL_NAME_MAX;
+const _: () = assert!(vmcore::names::NAME_MAX == NAME_MAX);
 
 /// One named morsel.
 pub(crate) struct Named<F: Format> {
@@ -63,6 +72,9 @@ pub(crate) struct Named<F: Format> {
     pub(crate) views: crate::iommu::Views,
     /// Its directory slot in persistent memory, for a persistent morsel.
     pub(crate) slot: Option<usize>,
+    /// The counters of an ExMap region (None for a plain morsel): they live and go with the
+    /// region's entry.
+    pub(crate) region: Option<exmap::RegionStats>,
     /// An NVMe batch DMAs into or out of its frames now, with the world lock let go
     /// (`proxy::DiskBatch`): it is pinned. Its destroy, an ExMap call on it and a second NVMe
     /// batch on it answer `Busy` until the batch finished (under the lock again); nothing
@@ -84,6 +96,7 @@ impl<F: Format> Named<F> {
             invalidations: 0,
             views: Default::default(),
             slot,
+            region: None,
             in_io: false,
         }
     }
@@ -109,13 +122,14 @@ impl<F: Format> Named<F> {
     }
 }
 
-/// The owner of a persistent morsel restored after a reboot: no guest.
-pub(crate) const RESTORED: u32 = u32::MAX;
+/// The owner of a persistent morsel restored after a reboot: no guest (its names are charged
+/// to the persistent directory's record count, `Limits::system`).
+pub(crate) const RESTORED: u32 = vmcore::names::SYSTEM;
 
 /// A morsel mounted into a device's DMA domain on behalf of a guest.
 #[derive(Clone, Debug)]
 pub struct DeviceMount {
-    pub name: String,
+    pub name: Name,
     pub bdf: Bdf,
     pub iova: u64,
     /// The I/O virtual span the mount occupies (the span of the morsel's root table).
@@ -130,18 +144,16 @@ pub struct Mount {
     pub size: u64,
     /// The guest-physical span the mount occupies (the span of the morsel's root table).
     pub window: u64,
-    pub name: String,
+    pub name: Name,
     /// Mounted read-write (else read-only).
     pub writable: bool,
 }
 
 /// All morsels of the run.
 pub struct Directory<F: Format> {
-    pub(crate) named: HashMap<String, Named<F>>,
+    /// Names of morsels and ExMap regions, with their reservations (`vmcore::names`).
+    pub(crate) named: Names<Named<F>>,
     pub(crate) devices: Vec<DeviceMount>,
-    /// Names (and owners) of `morsel_create`s whose data frames are being zeroed with the
-    /// world lock let go (`PendingCreate`): taken for other creates, counted in the quota.
-    pub(crate) pending: Vec<(String, u32)>,
     /// The persistent region (from `main` through the context), for persistent morsels.
     pub(crate) pmem: Option<&'static crate::mm::pmem::Pmem>,
 }
@@ -150,11 +162,27 @@ impl<F: Format> Directory<F> {
     /// Whether a morsel or ExMap region named `name` is in the directory (a create that is
     /// not finished does not count): what `name_watch` asks (`vm/notify.rs`).
     pub fn exists(&self, name: &str) -> bool {
-        self.named.contains_key(name)
+        self.named.get(name).is_some()
     }
 
-    pub fn new(pmem: Option<&'static crate::mm::pmem::Pmem>) -> Self {
-        Directory { named: HashMap::new(), devices: Vec::new(), pending: Vec::new(), pmem }
+    /// The directory of a run of `guests` guests (ids `0..guests`): room for each one's whole
+    /// `abi::MORSEL_QUOTA` and for every persistent record, allocated now (`NoMemory` if the
+    /// heap cannot hold it; the run does not start). `seed` keys the name hash.
+    pub fn new(pmem: Option<&'static crate::mm::pmem::Pmem>, guests: u32, seed: [u64; 2]) -> Result<Self, vmcore::names::NoMemory> {
+        let limits = Limits { owners: guests, quota: abi::MORSEL_QUOTA as u32, system: formats::pmem_layout::SLOTS as u32 };
+        let named = Names::try_new(limits, seed)?;
+        log::info!(target: "morsel", "directory: {} names ({guests} guests x {} + {} persistent records), {} KiB of heap",
+            named.capacity(), limits.quota, limits.system, named.heap_bytes() / 1024);
+        Ok(Directory { named, devices: Vec::new(), pmem })
+    }
+}
+
+/// A refusal of the name table as the guest sees it.
+pub(crate) fn name_error(e: vmcore::names::Error) -> Error {
+    match e {
+        vmcore::names::Error::Taken => Error::Busy,
+        vmcore::names::Error::Quota | vmcore::names::Error::NoOwner | vmcore::names::Error::Full => Error::NoMemory,
+        vmcore::names::Error::Stale => Error::Invalid,
     }
 }
 
@@ -168,9 +196,9 @@ pub enum Started<F: Format> {
 
 /// A new RAM morsel nobody else knows yet: frames allocated and tables built under the world
 /// lock (so no frame an unmount freed is handed out before its shootdown ended), data frames
-/// not yet zeroed; its name is in `Directory::pending`.
+/// not yet zeroed; its name is reserved (the ticket).
 pub struct PendingCreate<F: Format> {
-    pub(crate) name: String,
+    pub(crate) ticket: Ticket,
     pub(crate) morsel: Morsel<F>,
     pub(crate) others_may_write: bool,
 }
@@ -209,7 +237,7 @@ impl<F: Format> Removed<F> {
     /// acknowledged (`vm::shootdown::barrier`): a CPU may still cache a translation of this
     /// morsel from a mount another CPU removed just before (its caller waits for the
     /// acknowledgments with no lock held), and no such frame may go to another owner before.
-    pub fn free(self, name: &str, frames: &crate::mm::frames::Frames) {
+    pub fn free(self, name: &Name, frames: &crate::mm::frames::Frames) {
         let len = self.morsel.len();
         crate::vm::shootdown::barrier();
         let frames = crate::vm::shootdown::Answering::wrap(frames);
@@ -230,12 +258,9 @@ pub(crate) fn try_string(s: &str) -> Result<String, Error> {
 
 /// A morsel name from guest memory (its length was checked by `abi::Call::decode`): printable
 /// ASCII without spaces, since names appear in logs and in other guests' calls.
-pub(crate) fn read_name<B: Backend>(g: &Guest<B>, name: abi::Name) -> Result<String, Error> {
+pub(crate) fn read_name<B: Backend>(g: &Guest<B>, name: abi::Name) -> Result<Name, Error> {
     let mut buf = [0u8; NAME_MAX];
     let buf = buf.get_mut(..name.0.len as usize).ok_or(Error::Invalid)?;
     g.mem.read(GuestPhysAddr::new(name.0.ptr), buf)?;
-    if !buf.iter().all(u8::is_ascii_graphic) {
-        return Err(Error::Invalid);
-    }
-    try_string(core::str::from_utf8(buf).map_err(|_| Error::Invalid)?)
+    Name::new(buf).map_err(|_| Error::Invalid)
 }

@@ -2,7 +2,8 @@
 //! has a record in its directory (written after its subtree is complete, `pmem::add_record`);
 //! after a reboot or a crash `load_persistent` restores them and reclaims what nothing reaches.
 
-use super::{Directory, Named, RESTORED};
+use super::{Directory, Name, Named, RESTORED};
+use vmcore::names::Ticket;
 use crate::mm::frames::{Frames, IDENTITY};
 use crate::mm::pmem;
 use alloc::string::String;
@@ -54,7 +55,9 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         }
         // A damaged record: slot, name (if readable), what it says (root, length, page size).
         let mut damaged: Vec<(usize, String, morsel::HostPhysAddr, u64, Option<PageSize>)> = Vec::new();
-        let mut restored: Vec<(usize, pmem::Record, Morsel<F>)> = Vec::new();
+        // A restored record holds its name's reservation (`RESTORED`'s budget is the record
+        // count) until it is committed below, or aborted where it shares frames.
+        let mut restored: Vec<(usize, pmem::Record, Morsel<F>, Ticket)> = Vec::new();
         for r in pm.records() {
             let slot = match &r {
                 Ok((slot, _)) | Err(pmem::Unreadable { slot, .. }) => *slot,
@@ -73,12 +76,22 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
                     continue;
                 }
             };
-            match Morsel::<F>::restore(r.root, r.len, r.page, &IDENTITY, |f, o| pm.holds(f, o)) {
-                Ok(morsel) if !restored.iter().any(|(_, o, _)| o.name == r.name) => restored.push((slot, r, morsel)),
-                Ok(_) => {
-                    log::error!(target: "pmem", "record {slot}: a second morsel named '{}'", r.name);
+            let name = match Name::new(r.name.as_bytes()) {
+                Ok(n) => n,
+                Err(_) => {
+                    log::error!(target: "pmem", "record {slot}: its name is not a morsel name");
                     damaged.push((slot, r.name, r.root, r.len, Some(r.page)));
+                    continue;
                 }
+            };
+            match Morsel::<F>::restore(r.root, r.len, r.page, &IDENTITY, |f, o| pm.holds(f, o)) {
+                Ok(morsel) => match self.named.reserve(name, RESTORED) {
+                    Ok(ticket) => restored.push((slot, r, morsel, ticket)),
+                    Err(e) => {
+                        log::error!(target: "pmem", "record {slot}: the name '{}' cannot be restored: {e} (a second morsel of that name?)", r.name);
+                        damaged.push((slot, r.name, r.root, r.len, Some(r.page)));
+                    }
+                },
                 Err(e) => {
                     log::error!(target: "pmem", "record {slot} ('{}'): {e}", r.name);
                     damaged.push((slot, r.name, r.root, r.len, Some(r.page)));
@@ -87,7 +100,7 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         }
         // Records that share frames: destroying one would free frames the other maps.
         let (mut seen, mut twice) = (pm.frame_set(), pm.frame_set());
-        for (_, _, m) in &restored {
+        for (_, _, m, _) in &restored {
             m.for_each_frame(&IDENTITY, |f, o| {
                 if seen.mark(f, o) > 0 {
                     twice.mark(f, o);
@@ -96,26 +109,30 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         }
         if twice.count() > 0 {
             log::error!(target: "pmem", "records share {} frames (damaged directory): those records are not loaded", twice.count());
-            for (slot, r, m) in core::mem::take(&mut restored) {
+            for (slot, r, m, ticket) in core::mem::take(&mut restored) {
                 let mut shares = false;
                 m.for_each_frame(&IDENTITY, |f, o| shares |= twice.any(f, o));
                 if shares {
                     log::error!(target: "pmem", "record {slot} ('{}'): shares frames with another record", r.name);
+                    self.named.abort(ticket);
                     damaged.push((slot, r.name, r.root, r.len, Some(r.page)));
                 } else {
-                    restored.push((slot, r, m));
+                    restored.push((slot, r, m, ticket));
                 }
             }
         }
         let mut held = pm.frame_set();
-        for (slot, r, morsel) in restored {
+        for (slot, r, morsel, ticket) in restored {
             morsel.for_each_frame(&IDENTITY, |f, o| {
                 held.mark(f, o);
             });
             log::info!(target: "pmem", "'{}' restored from record {slot}: {} of {} pages, root L{} at {:#x}, {} tables",
                 r.name, Bytes(r.len), if r.page == PageSize::Size2M { "2 MiB" } else { "4 KiB" },
                 morsel.root_level(), r.root.as_u64(), morsel.table_count());
-            self.named.insert(r.name, Named::new(morsel, RESTORED, r.others_may_write, Some(slot)));
+            if let Err((e, _)) = self.named.commit(ticket, Named::new(morsel, RESTORED, r.others_may_write, Some(slot))) {
+                // Unreachable (the ticket is this reservation's); its frames stay held.
+                log::error!(target: "pmem", "record {slot} ('{}'): not entered: {e}", r.name);
+            }
         }
         // Quarantine: what a damaged record still reaches (inside the region, allocated, not a
         // loaded record's) stays allocated, for the operator to repair or drop.
@@ -141,7 +158,7 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
                 kept.count() - before);
         }
         let freed = pm.sweep(&held, &kept);
-        let persistent: Vec<&Named<F>> = self.named.values().filter(|n| n.slot.is_some()).collect();
+        let persistent: Vec<&Named<F>> = self.named.iter().map(|e| e.value).filter(|n| n.slot.is_some()).collect();
         let holding: u64 = persistent.iter().map(|n| n.morsel.table_count() as u64 + n.morsel.len() / 4096).sum();
         let allocated = pm.allocated_frames();
         log::info!(target: "pmem", "{} persistent morsel(s); {freed} frames freed that no record reached; {allocated} frames allocated, {holding} held by records{}: {}",

@@ -5,11 +5,10 @@
 //! let go, on a pinned morsel.
 
 use super::device_mounts::mount_error;
-use super::{try_string, DeviceMount, Directory};
+use super::{DeviceMount, Directory, Name};
 use crate::devices::nvme::{BatchStats, IoError, Nvme, Request};
 use crate::devices::pci::Bdf;
 use crate::devices::{self, Devices};
-use alloc::string::String;
 use alloc::vec::Vec;
 use formats::units::Bytes;
 use crate::mm::frames::Frames;
@@ -56,7 +55,7 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         if !write && g.mem.translate(GuestPhysAddr::new(gpa), Perm::RW).is_err() {
             return Err(Error::Denied);
         }
-        let name = m.name.clone();
+        let name = m.name;
         let d = devices.ok_or(Error::NotFound)?;
         let mut batch = self.disk_begin(d, frames, &name, write, true)?;
         batch.reqs.push(Request { iova: batch.iova + offset, lba, blocks: count });
@@ -95,7 +94,7 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     /// morsel (`Named::in_io`; `Busy` if a batch is on it already). The requests are the
     /// caller's to add (IOVAs inside `iova .. iova + window`). `loud`: the mount is logged at
     /// INFO (the proxy), else at DEBUG (ExMap, whose batches are many).
-    pub(crate) fn disk_begin(&mut self, d: &mut Devices, frames: &Frames, name: &str, write: bool, loud: bool) -> Result<DiskBatch, Error> {
+    pub(crate) fn disk_begin(&mut self, d: &mut Devices, frames: &Frames, name: &Name, write: bool, loud: bool) -> Result<DiskBatch, Error> {
         let nvme = d.nvme.ok_or(Error::NotFound)?;
         let n = self.named.get_mut(name).ok_or(Error::NotFound)?;
         if n.in_io {
@@ -110,7 +109,6 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         let mut done = Vec::new();
         reqs.try_reserve(exmap::MAX_ENTRIES).map_err(|_| Error::NoMemory)?;
         done.try_reserve(exmap::MAX_ENTRIES).map_err(|_| Error::NoMemory)?;
-        let owned = try_string(name)?;
         let perm = if write { Perm::RO } else { Perm::RW };
         let (stats, how) = d.iommu.mount(bdf, &n.morsel, &mut n.views, iova, perm, frames).map_err(mount_error)?;
         if d.iommu.invalidate(bdf).is_err() {
@@ -122,7 +120,7 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
             if write { "read-only" } else { "read-write" }, stats.entry_writes, stats.path_writes);
         n.in_io = true;
         d.proxy_spans.push((iova, window));
-        Ok(DiskBatch { nvme, write, reqs, done, stats: BatchStats::default(), name: owned, bdf, iova, loud })
+        Ok(DiskBatch { nvme, write, reqs, done, stats: BatchStats::default(), name: *name, bdf, iova, loud })
     }
 
     /// A batch's end under the lock: whether the IOMMU reported a DMA fault of the device,
@@ -174,7 +172,7 @@ pub struct DiskBatch {
     pub(crate) reqs: Vec<Request>,
     pub(crate) done: Vec<Result<u64, IoError>>,
     pub(crate) stats: BatchStats,
-    pub(crate) name: String,
+    pub(crate) name: Name,
     pub(crate) bdf: Bdf,
     pub(crate) iova: u64,
     loud: bool,

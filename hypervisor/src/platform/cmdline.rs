@@ -5,7 +5,8 @@
 //!   `1G`; default 16 MiB), a CPU budget of N time slices after which the guest is stopped,
 //!   a number for the guest (its boot information's `arg`; sizes like `256M` allowed), and
 //!   how the guest is expected to end (default: exit code 0). The run succeeds only if
-//!   every guest ends as expected.
+//!   every guest ends as expected. At most 64 guests (`vm::guest::MAX_GUESTS`: every
+//!   per-guest table the hypervisor keeps is sized for that many guests' quotas).
 //! * `log=error|warn|info|debug|trace`
 //! * `test=fault`: a deliberate hypervisor fault after boot (proves the exception path).
 //! * `test=svm-host-state`: every 64th VMRUN on each CPU gets the host's state in the VMCB,
@@ -99,6 +100,9 @@ impl Args {
                 Some(("guests", list)) => {
                     for spec in list.split(',').filter(|g| !g.is_empty()) {
                         match guest_spec(spec) {
+                            Ok(_) if a.guests.len() >= crate::vm::guest::MAX_GUESTS => {
+                                a.errors.push((spec, "more guests than a run holds (MAX_GUESTS, 64)"))
+                            }
                             Ok(g) => a.guests.push(g),
                             Err(why) => a.errors.push((spec, why)),
                         }

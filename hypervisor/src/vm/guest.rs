@@ -31,6 +31,11 @@ pub struct GuestSpec {
 
 /// The most vCPUs a guest may have.
 pub const MAX_VCPUS: u32 = 16;
+/// Guests in one run (the command line refuses more): the morsel directory is sized for every
+/// guest's whole `abi::MORSEL_QUOTA` (`morsels::Directory::new`), and what each guest may make
+/// the hypervisor keep (mounts, device mounts, ExMap state) times this fits the heap
+/// (`platform/heap.rs`).
+pub const MAX_GUESTS: usize = 64;
 
 /// How a guest is expected to end.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

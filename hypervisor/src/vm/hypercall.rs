@@ -37,7 +37,7 @@ pub enum Unlocked<F: morsel::Format> {
     /// `morsel_create` of a RAM morsel: zero its data frames.
     Zero(PendingCreate<F>),
     /// `morsel_destroy` of a RAM morsel out of the directory: free its frames.
-    Free(alloc::string::String, Removed<F>),
+    Free(crate::morsels::Name, Removed<F>),
     /// `nvme_read` / `nvme_write`: the NVMe batch on the caller's CPU's queue pair, its
     /// morsel mounted in the NVMe domain and pinned (`morsels::DiskBatch`).
     Proxy(ProxyIo),
@@ -245,7 +245,7 @@ fn dispatch<B: Backend>(call: Call, guest: &mut Guest<B>, caller: Caller, cx: &m
         Call::MorselSize { gpa } => morsels.size(guest, gpa),
         Call::MorselStats => {
             morsels.log_stats();
-            cx.exmaps.log_stats();
+            crate::morsels::exmap::Exmaps::log_stats(morsels);
             super::shootdown::log_stats();
             Ok(0)
         }
@@ -257,7 +257,7 @@ fn dispatch<B: Backend>(call: Call, guest: &mut Guest<B>, caller: Caller, cx: &m
             let there = morsels.exists(&name);
             cx.notify.watch(guest, caller.vcpu, &name, bits, there)
         }
-        Call::ExmapInfo { region, what } => cx.exmaps.info(guest, region, what),
+        Call::ExmapInfo { region, what } => cx.exmaps.info(morsels, guest, region, what),
         Call::DeviceMount { name, bdf, iova, writable } => morsels.device_mount(guest, devices, frames, name, Bdf::from_source_id(bdf), iova, writable),
         Call::DeviceUnmount { bdf, iova } => morsels.device_unmount(guest, devices, frames, Bdf::from_source_id(bdf), iova),
         Call::EduDma { to_device, iova, len } => morsels.edu_dma(guest, devices, to_device, iova, len),

@@ -33,6 +33,16 @@ const VMMCALL: [u8; 3] = [0x0f, 0x01, 0xd9];
 pub fn run_guests<B: Backend>(backend: &mut B, frames: &Frames, archive: Archive, specs: &[GuestSpec], drivers: super::Drivers, cpus: usize) -> bool {
     let cpus = cpus.clamp(1, ipi::MAX_CPUS);
     let free_before = frames.free_frames();
+    // Room for every guest's whole morsel quota, before any guest exists. The name hash is
+    // keyed by the time stamp counter at boot, which no guest sees.
+    let now = crate::platform::time::tsc();
+    let morsels = match Directory::new(drivers.pmem, specs.len() as u32, [now, now.rotate_left(29) ^ 0x9e37_79b9_7f4a_7c15]) {
+        Ok(d) => d,
+        Err(_) => {
+            log::error!(target: "vm", "the morsel directory for {} guests does not fit the heap: no guest runs", specs.len());
+            return false;
+        }
+    };
     let mut guests: Vec<Option<Guest<B>>> = Vec::new();
     let mut placements = Vec::new();
     let mut all_created = true;
@@ -77,7 +87,7 @@ pub fn run_guests<B: Backend>(backend: &mut B, frames: &Frames, archive: Archive
     let created = guests.iter().filter(|g| g.is_some()).count();
     let mut cx = Context {
         guest_count: created as u64,
-        morsels: Directory::new(drivers.pmem),
+        morsels,
         exmaps: Default::default(),
         notify: Default::default(),
         devices: drivers.devices,
@@ -98,7 +108,7 @@ pub fn run_guests<B: Backend>(backend: &mut B, frames: &Frames, archive: Archive
     let World { cx, done, .. } = &mut *w;
     cx.notify.log_stats();
     cx.morsels.log_stats();
-    cx.exmaps.log_stats();
+    crate::morsels::exmap::Exmaps::log_stats(&cx.morsels);
     super::shootdown::log_stats();
     cx.morsels.destroy_all(cx.devices.as_mut(), frames);
     frames.drain();
