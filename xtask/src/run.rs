@@ -98,7 +98,7 @@ fn guest_file_name(path: &Path) -> Result<String> {
 fn check_guest_elf(path: &Path) -> Result<()> {
     let data = std::fs::read(path).context(|| format!("--guest {}: cannot read it", path.display()))?;
     if data.len() < 20 || &data[..4] != b"\x7fELF" || data[4] != 2 || u16::from_le_bytes([data[18], data[19]]) != 0x3e {
-        bail!("--guest {}: not an x86-64 ELF64 file (build it as in README \"Writing a guest\")", path.display());
+        bail!("--guest {}: not an x86-64 ELF64 file (build it as in docs/src/guest-guide.md)", path.display());
     }
     Ok(())
 }
@@ -264,7 +264,7 @@ fn run_qemu(config: &Config, built: &images::Built, cmdline: &str, o: &Options, 
         boot.extra.extend(["-s".to_string(), "-S".to_string()]);
         println!(
             "gdb: QEMU waits for a debugger on tcp::1234; attach with\n  \
-             gdb {} -ex 'target remote :1234'   (README \"Debugging\": guests)",
+             gdb {} -ex 'target remote :1234'   (docs/src/debugging.md: guests)",
             built.hypervisor.display()
         );
     }

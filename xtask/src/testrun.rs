@@ -39,6 +39,8 @@ const TAIL_LINES: usize = 40;
 const HOST_TESTS: &str = "host: cargo test (allocator morsel exmap abi xtask)";
 const HOST_LOOM: &str = "host: loom (allocator)";
 const HOST_HV: &str = "host: cargo test (formats: archive, ELF, DMAR, NFIT, decode, MMIO)";
+/// The book builds, its links resolve (`doc` selects it alone, `host` with the host tests).
+const DOC_CHECK: &str = "doc: the book builds, its links resolve";
 /// Time limit for each host test command (a hung test must not hang CI).
 const HOST_TIMEOUT: Duration = Duration::from_secs(20 * 60);
 /// After Bochs printed its exit line, how long it may take to power off before it is stopped.
@@ -109,6 +111,7 @@ impl Tally {
 pub fn test(o: &Options) -> Result<ExitCode> {
     let root = crate::root();
     let host = o.filter.as_deref().is_none_or(|f| f == "host");
+    let doc = o.filter.as_deref().is_none_or(|f| f == "host" || f == "doc");
     let mut tally = Tally { passed: 0, failed: 0, width: 0, results: Vec::new() };
 
     // Load every scenario first, so that a broken file or a missing tool stops us early.
@@ -154,7 +157,7 @@ pub fn test(o: &Options) -> Result<ExitCode> {
         tools::require(&tools::BOCHS)?;
         tools::require_iso_tools()?;
     }
-    tally.width = jobs.iter().map(|j| j.label.len()).chain([HOST_TESTS.len(), HOST_LOOM.len(), HOST_HV.len()]).max().unwrap_or(0);
+    tally.width = jobs.iter().map(|j| j.label.len()).chain([HOST_TESTS.len(), HOST_LOOM.len(), HOST_HV.len(), DOC_CHECK.len()]).max().unwrap_or(0);
 
     if host {
         println!("== host tests");
@@ -170,6 +173,16 @@ pub fn test(o: &Options) -> Result<ExitCode> {
                 .env("RUSTFLAGS", "--cfg loom")
                 .env("CARGO_TARGET_DIR", &loom_dir);
         });
+    }
+    if doc {
+        println!("== the book");
+        let start = Instant::now();
+        let result = crate::doc::check(&root);
+        let facts = format!("{:7.2} s", start.elapsed().as_secs_f64());
+        match result {
+            Ok(()) => tally.report(true, DOC_CHECK, &facts, ""),
+            Err(e) => tally.report(false, DOC_CHECK, &facts, &e.0.lines().map(|l| format!("    {l}\n")).collect::<String>()),
+        }
     }
     for (path, error) in &broken {
         tally.report(false, &format!("scenario file {}", path.display()), "", &format!("    {error}\n"));
@@ -245,10 +258,11 @@ fn all_labels(scenarios: &[Scenario]) -> Vec<String> {
 }
 
 /// A FILTER that selects nothing is an error (a typo in CI must not be a green build): the
-/// message lists what exists. `host` selects the host tests.
+/// message lists what exists. `host` selects the host tests (and the book check), `doc` the
+/// book check alone.
 fn no_match(filter: Option<&str>, labels: &[String], selected: usize) -> Option<String> {
     let f = filter?;
-    if selected > 0 || f == "host" {
+    if selected > 0 || f == "host" || f == "doc" {
         return None;
     }
     let mut names: Vec<&str> = labels.iter().map(|l| l.split(" [").next().unwrap_or(l)).collect();
@@ -257,7 +271,7 @@ fn no_match(filter: Option<&str>, labels: &[String], selected: usize) -> Option<
     configs.sort();
     configs.dedup();
     Some(format!(
-        "FILTER `{f}` matches no run: it must be `host` or a substring of `scenario [config]`.\n  \
+        "FILTER `{f}` matches no run: it must be `host`, `doc` or a substring of `scenario [config]`.\n  \
          scenarios: {}\n  configs: {}\n  (`cargo xtask list` describes them)",
         names.join(", "),
         configs.join(", ")
