@@ -7,7 +7,7 @@
 //! these figures (it is one instruction on one CPU, counted in the emulator scenarios).
 //!
 //! `cargo run --release -p exmap --example bench` (also `cargo xtask bench exmap`);
-//! `-- --quick` for a short run.
+//! `-- --quick` for a short run, `-- --runs N` for N interleaved runs (default 5).
 
 use std::alloc::{alloc_zeroed, Layout};
 use std::sync::Barrier;
@@ -144,7 +144,9 @@ fn main() {
     let a = Allocator::new(2, Pfn(0), frames, meta, Init::Free).expect("allocator");
     let a = &a;
     let pages = if quick { 200_000 } else { 2_000_000 };
-    let rounds = if quick { 3 } else { 5 };
+    // `--runs N`: how many interleaved runs (`cargo xtask bench` passes 1 and interleaves rounds itself).
+    let runs_arg = std::env::args().skip_while(|a| a != "--runs").nth(1).and_then(|n| n.parse::<usize>().ok()).filter(|&n| n >= 1);
+    let rounds = runs_arg.unwrap_or(if quick { 3 } else { 5 });
     println!("exmap host benchmark: {} MiB of real memory, LLFree + per-vCPU cache (bundles of {}), sparse NPT region of {} pages per thread, median of {rounds} interleaved runs",
         memory / MIB, exmap::BUNDLE, REGION_PAGES);
     let mut rows: Vec<(String, Vec<f64>)> = Vec::new();

@@ -91,8 +91,9 @@ usage: cargo xtask guest-flags
 const HELP_BENCH: &str = "\
 usage: cargo xtask bench [allocator|morsel|exmap|smp|ipc] [--rounds N] [--docs]
   the host benchmarks (release builds of each crate's examples/bench.rs): all of them, or
-  those named, in N interleaved rounds (default 5; exmap runs once, interleaving its own 5).
-  Prints one table (median, min..max per case), writes build/bench/<bench>.csv and
+  those named, in N interleaved rounds (default 5; each round runs every case once).
+  Prints one table (median, min..max per case), writes build/bench/<bench>.csv (with the date,
+  commit, host CPU count and load average) and
   build/bench/<bench>.svg; --docs also writes the plots to docs/src/bench/ (the book's Benchmarks chapter)
   smp: boots the smpbench guest (bench=on) under QEMU with 1 and 2 CPUs (at most 3 rounds),
   then under Bochs VMX once each, and prints per CPU the frame alloc+free rates inside the
