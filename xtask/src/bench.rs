@@ -145,7 +145,8 @@ pub struct Provenance {
 }
 
 impl Provenance {
-    fn now(root: &Path, load_start: f64, rounds: usize) -> Provenance {
+    /// Taken when the run starts (date, commit, load); `load_end` is set when it ends.
+    fn start(root: &Path, rounds: usize) -> Provenance {
         let git = |args: &[&str]| {
             Command::new("git").arg("-C").arg(root).args(args).output().ok().filter(|o| o.status.success()).map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         };
@@ -158,8 +159,8 @@ impl Provenance {
             date: utc_date(secs),
             commit,
             cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
-            load_start,
-            load_end: load_average(),
+            load_start: load_average(),
+            load_end: f64::NAN,
             rounds,
         }
     }
@@ -219,7 +220,7 @@ pub fn bench(o: &Options) -> Result<ExitCode> {
         bail!("`bench smp` and `bench ipc` run on their own (they boot QEMU): `cargo xtask bench smp`, `cargo xtask bench ipc`");
     }
     let root = crate::root();
-    let load_start = load_average();
+    let mut prov = Provenance::start(&root, o.rounds);
     let mut exes = Vec::new();
     for &b in &o.benches {
         exes.push((b, build_example(&root, b)?));
@@ -247,7 +248,7 @@ pub fn bench(o: &Options) -> Result<ExitCode> {
         eprintln!("bench: round {round} of {} done", o.rounds);
     }
     let rows = collect(&samples);
-    let prov = Provenance::now(&root, load_start, o.rounds);
+    prov.load_end = load_average();
     print!("{}", table(&rows));
     let out = root.join(OUT_DIR);
     std::fs::create_dir_all(&out).context(|| format!("cannot create {}", out.display()))?;
