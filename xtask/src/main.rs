@@ -14,6 +14,7 @@ mod disk;
 mod doc;
 mod emulator;
 mod images;
+mod machine;
 mod pmem;
 mod run;
 mod scenario;
