@@ -21,10 +21,10 @@
 //! use allocator::{Allocator, Init, Order, Pfn};
 //! let frames = 1 << 18; // 1 GiB
 //! let size = Allocator::metadata_size(2, frames);
-//! #[repr(C, align(64))]
-//! struct Line([u8; 64]);
-//! let mut buf: Vec<Line> = (0..size.div_ceil(64)).map(|_| Line([0; 64])).collect();
-//! // SAFETY: `buf` has at least `size` bytes, 64-aligned, and outlives `alloc`.
+//! #[repr(C, align(128))]
+//! struct Line([u8; 128]);
+//! let mut buf: Vec<Line> = (0..size.div_ceil(128)).map(|_| Line([0; 128])).collect();
+//! // SAFETY: `buf` has at least `size` bytes, aligned to `META_ALIGN` (128), and outlives `alloc`.
 //! let meta = unsafe { core::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<u8>(), size) };
 //! // Start with every frame allocated, then free the usable ranges of the memory map.
 //! let alloc = Allocator::new(2, Pfn(0), frames, meta, Init::Allocated).unwrap();
@@ -36,7 +36,7 @@
 //! assert_eq!(alloc.free_frames(), frames - 256);
 //! ```
 //! * [`Allocator::metadata_size`]`(cores, frames)`: bytes of metadata; the memory must be
-//!   aligned to [`META_ALIGN`] (64 bytes; page alignment is a good choice).
+//!   aligned to [`META_ALIGN`] (128 bytes; page alignment is a good choice).
 //! * [`Allocator::new`]`(cores, first_pfn, frames, meta, init)`: the allocator manages frames
 //!   `first_pfn .. first_pfn + frames`; `first_pfn` must be 2 MiB aligned (a multiple of 512)
 //!   so huge frames are physically aligned. The hypervisor covers all of RAM from frame 0 with
@@ -148,8 +148,9 @@ pub enum Init {
     Recover,
 }
 
-/// Alignment the metadata memory needs.
-pub const META_ALIGN: usize = 64;
+/// Alignment the metadata memory needs: that of the per-CPU state (128 bytes, two cache lines),
+/// the strictest of its parts. Page alignment is a good choice.
+pub const META_ALIGN: usize = local::ALIGN;
 
 const MAGIC: u64 = u64::from_le_bytes(*b"LLFreePP");
 const VERSION: u64 = 1;
@@ -184,6 +185,15 @@ const fn round64(x: usize) -> usize {
     x.div_ceil(64) * 64
 }
 
+// Every part's offset is a multiple of its alignment (checked in `Layout::new`), and the
+// metadata start is aligned to `META_ALIGN`, which must cover every part's alignment.
+#[cfg(not(loom))]
+const _: () = {
+    assert!(META_ALIGN >= core::mem::align_of::<Local>());
+    assert!(META_ALIGN >= core::mem::align_of::<AtomicU64>());
+    assert!(META_ALIGN.is_power_of_two());
+};
+
 impl Layout {
     const fn new(cores: usize, frames: usize) -> Self {
         let areas = frames.div_ceil(AREA_FRAMES);
@@ -191,8 +201,12 @@ impl Layout {
         let off_trees = HEADER_WORDS * 8;
         let off_children = off_trees + round64(trees * 4);
         let off_bits = off_children + trees * tree::AREAS * 2;
-        let off_locals = off_bits + areas * bitfield::WORDS * 8;
+        // The per-CPU state needs `local::ALIGN` (128): the parts before it end at a multiple
+        // of 64 only, an odd one for about half of all memory sizes.
+        let off_locals = (off_bits + areas * bitfield::WORDS * 8).next_multiple_of(local::ALIGN);
         let size = off_locals + cores * local::SIZE;
+        assert!(off_trees.is_multiple_of(64) && off_children.is_multiple_of(64));
+        assert!(off_bits.is_multiple_of(64) && off_locals.is_multiple_of(local::ALIGN));
         Layout {
             trees,
             areas,
@@ -218,7 +232,7 @@ pub struct Allocator<'a> {
 
 impl<'a> Allocator<'a> {
     /// Bytes of metadata for `cores` CPUs and `frames` 4 KiB frames (about 33 KiB per GiB plus
-    /// 128 bytes per CPU), to be aligned to [`META_ALIGN`].
+    /// 128 bytes per CPU, plus up to 64 bytes of padding), to be aligned to [`META_ALIGN`].
     pub const fn metadata_size(cores: usize, frames: usize) -> usize {
         Layout::new(cores, frames).size
     }
@@ -248,8 +262,10 @@ impl<'a> Allocator<'a> {
             return Err(Error::Initialization);
         }
         let p = meta.as_mut_ptr();
+        debug_assert!((p as usize + l.off_locals).is_multiple_of(core::mem::align_of::<Local>()));
         // SAFETY: every part lies inside `meta` (length checked) at an offset that is a multiple
-        // of 64 from a 64-aligned start; the atomics have the size and alignment of their
+        // of its alignment (asserted in `Layout::new`: 64 for the atomics, 128 for `Local`) from
+        // a `META_ALIGN`-aligned start (checked above, >= every part's alignment); the atomics have the size and alignment of their
         // integers and every bit pattern is valid for them, `Local` is 10 `AtomicU32` plus padding
         // (repr(C)); `meta` is borrowed exclusively for 'a, so nothing else accesses it.
         let (header, trees, children, bits, locals) = unsafe {

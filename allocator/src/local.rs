@@ -12,6 +12,8 @@ pub const NONE: u32 = u32::MAX;
 /// Bytes per CPU in the metadata (two cache lines, so adjacent-line prefetch does not make
 /// neighbouring CPUs share).
 pub const SIZE: usize = 128;
+/// Alignment of `Local` in the metadata (its `repr(align)`).
+pub const ALIGN: usize = 128;
 
 #[cfg_attr(not(loom), repr(C, align(128)))]
 pub struct Local {
@@ -38,7 +40,9 @@ pub struct Local {
 }
 
 #[cfg(not(loom))]
-const _: () = assert!(core::mem::size_of::<Local>() == SIZE);
+const _: () = assert!(
+    core::mem::size_of::<Local>() == SIZE && core::mem::align_of::<Local>() == ALIGN
+);
 
 /// A `u32` that only its owning CPU writes.
 pub struct Cell(AtomicU32);

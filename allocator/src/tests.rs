@@ -25,12 +25,16 @@ impl Rng {
     }
 }
 
-/// Zeroed, 64-aligned metadata memory that lives as long as the test binary.
+/// Zeroed metadata memory that lives as long as the test binary, aligned to exactly
+/// `META_ALIGN` and no more (its address is `META_ALIGN` past a multiple of 4096), so a part
+/// that needs more alignment than `META_ALIGN` promises shows up.
 fn meta(size: usize) -> &'static mut [u8] {
-    let words: &'static mut [u64] = Box::leak(vec![0u64; size.div_ceil(8) + 8].into_boxed_slice());
+    let words: &'static mut [u64] =
+        Box::leak(vec![0u64; (size + 8192).div_ceil(8)].into_boxed_slice());
     let p = words.as_mut_ptr() as usize;
-    let off = p.next_multiple_of(64) - p;
-    // SAFETY: the leaked buffer has `size + 64` bytes from `p`, never freed or aliased.
+    let off = p.next_multiple_of(4096) + META_ALIGN - p;
+    // SAFETY: the leaked buffer has `size + 8192` bytes from `p` and `off < 4096 + META_ALIGN`;
+    // never freed or aliased.
     unsafe { std::slice::from_raw_parts_mut((p + off) as *mut u8, size) }
 }
 
@@ -55,6 +59,59 @@ fn init_counts() {
         let b = new(2, frames, Init::Allocated);
         assert_eq!(b.free_frames(), 0);
         assert_eq!(b.free_huge(), 0);
+    }
+}
+
+/// Every part of the metadata lies inside `meta`, in order, without overlap, each aligned for
+/// its type (a misaligned part is undefined behaviour: `slice::from_raw_parts` panics on it in
+/// debug builds, release builds go on with it). Then each CPU takes and gives back a frame.
+fn check_layout(cores: usize, frames: usize) {
+    let size = Allocator::metadata_size(cores, frames);
+    let m = meta(size);
+    let (start, end) = (m.as_ptr() as usize, m.as_ptr() as usize + size);
+    let a = Allocator::new(cores, Pfn(0), frames, m, Init::Free).unwrap();
+    // The addresses go through `black_box`: a reference's alignment is a promise the optimiser
+    // relies on, so a plain `p % align` on one is folded to 0 in release builds.
+    fn span<T>(s: &[T]) -> (usize, usize, usize) {
+        let p = std::hint::black_box(s.as_ptr() as usize);
+        (p, p + std::mem::size_of_val(s), std::mem::align_of::<T>())
+    }
+    let parts = [span(a.header), span(a.trees), span(a.children), span(a.bits), span(a.locals)];
+    let l = Layout::new(cores, frames);
+    let offsets = [0, l.off_trees, l.off_children, l.off_bits, l.off_locals];
+    let mut at = start;
+    for (i, (p, e, align)) in parts.into_iter().enumerate() {
+        assert_eq!(p, start + offsets[i]);
+        assert!((start + offsets[i]) % align == 0, "part {i} at offset {:#x} not {align}-aligned ({cores} CPUs, {frames} frames)", offsets[i]);
+        assert!(p % align == 0, "part {i} at {p:#x} not {align}-aligned ({cores} CPUs, {frames} frames)");
+        assert!(p >= at && e <= end, "part {i} outside or overlapping ({cores} CPUs, {frames} frames)");
+        at = e;
+    }
+    for core in 0..cores {
+        let f = a.get(core, Order::BASE).unwrap();
+        a.put(core, f, Order::BASE).unwrap();
+        // Its credit would hide the last frames of a tiny memory from the next CPU.
+        a.drain(core).unwrap();
+    }
+    assert_eq!(a.free_frames(), frames);
+}
+
+#[test]
+fn layout_aligned_for_all_sizes() {
+    // Every area count up to 1,200 (whole and partial last areas), CPU counts 1..=9 in turn:
+    // the per-CPU state's offset used to be an odd multiple of 64 for half of these.
+    for areas in 1..=1200usize {
+        for (k, frames) in [areas * 512, areas * 512 - 300].into_iter().enumerate() {
+            check_layout(1 + (areas + k) % 9, frames);
+        }
+    }
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 256, failure_persistence: None, ..Default::default() })]
+    #[test]
+    fn layout_aligned_random(cores in 1usize..64, frames in 1usize..(1 << 22)) {
+        check_layout(cores, frames);
     }
 }
 
@@ -546,10 +603,10 @@ impl Crash {
             return;
         }
         self.checks += 1;
-        let mut copy = vec![0u64; self.size / 8 + 8];
+        let mut copy = vec![0u64; (self.size + META_ALIGN) / 8];
         let p = copy.as_mut_ptr().cast::<u8>();
-        // SAFETY: `copy` has 64 spare bytes, enough to start at a 64-byte boundary.
-        let dst = unsafe { p.add((p as usize).next_multiple_of(64) - p as usize) };
+        // SAFETY: `copy` has `META_ALIGN` spare bytes, enough to start at such a boundary.
+        let dst = unsafe { p.add((p as usize).next_multiple_of(META_ALIGN) - p as usize) };
         // SAFETY: `meta` is `size` bytes of live metadata, and this thread runs the only
         // operation on it, so the copy is the state a crash at this instant leaves.
         unsafe { std::ptr::copy_nonoverlapping(self.meta, dst, self.size) };

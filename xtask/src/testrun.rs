@@ -37,9 +37,17 @@ const QEMU_EXIT_SUCCESS: i32 = 33;
 const QEMU_EXIT_FAILURE: i32 = 35;
 /// Lines of serial log (and of host test output) shown for a failure.
 const TAIL_LINES: usize = 40;
-const HOST_TESTS: &str = "host: cargo test (allocator morsel exmap abi xtask)";
-const HOST_LOOM: &str = "host: loom (allocator)";
-const HOST_HV: &str = "host: cargo test (formats: archive, ELF, DMAR, NFIT, decode, MMIO)";
+/// Host test commands: each crate's tests in a release AND a debug build (debug builds check
+/// overflow and the standard library's debug assertions, e.g. `slice::from_raw_parts`'s
+/// alignment check, which caught undefined behaviour that release builds ran through).
+const HOST_TESTS: &str = "host: cargo test --release (allocator morsel exmap abi xtask)";
+const HOST_HV: &str = "host: cargo test --release (formats: archive, ELF, DMAR, NFIT, decode, MMIO)";
+const HOST_TESTS_DEBUG: &str = "host: cargo test, debug build (allocator morsel exmap abi xtask formats)";
+/// Release only: loom explores every interleaving of the same code the two runs above test,
+/// and a debug build multiplies its minutes; the debug run of the allocator's own tests covers
+/// its debug assertions.
+const HOST_LOOM: &str = "host: loom --release (allocator)";
+const HOST_CRATES: [&str; 5] = ["allocator", "morsel", "exmap", "abi", "xtask"];
 /// The book builds, its links resolve (`doc` selects it alone, `host` with the host tests).
 const DOC_CHECK: &str = "doc: the book builds, its links resolve";
 /// Time limit for each host test command (a hung test must not hang CI).
@@ -158,15 +166,31 @@ pub fn test(o: &Options) -> Result<ExitCode> {
         tools::require(&tools::BOCHS)?;
         tools::require_iso_tools()?;
     }
-    tally.width = jobs.iter().map(|j| j.label.len()).chain([HOST_TESTS.len(), HOST_LOOM.len(), HOST_HV.len(), DOC_CHECK.len()]).max().unwrap_or(0);
+    tally.width = jobs
+        .iter()
+        .map(|j| j.label.len())
+        .chain([HOST_TESTS.len(), HOST_LOOM.len(), HOST_HV.len(), HOST_TESTS_DEBUG.len(), DOC_CHECK.len()])
+        .max()
+        .unwrap_or(0);
 
     if host {
         println!("== host tests");
+        let packages = |c: &mut Command, crates: &[&str]| {
+            for p in crates {
+                c.args(["-p", p]);
+            }
+        };
         run_host(&root, &mut tally, HOST_TESTS, |c| {
-            c.args(["test", "--release", "-p", "allocator", "-p", "morsel", "-p", "exmap", "-p", "abi", "-p", "xtask"]);
+            c.args(["test", "--release"]);
+            packages(c, &HOST_CRATES);
         });
         run_host(&root, &mut tally, HOST_HV, |c| {
             c.args(["test", "--release", "-p", "formats"]);
+        });
+        run_host(&root, &mut tally, HOST_TESTS_DEBUG, |c| {
+            c.arg("test");
+            packages(c, &HOST_CRATES);
+            packages(c, &["formats"]);
         });
         let loom_dir = images::target_dir(&root).join("loom");
         run_host(&root, &mut tally, HOST_LOOM, |c| {
