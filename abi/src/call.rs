@@ -107,6 +107,8 @@ pub enum Call {
     Sleep { us: u64 },
     /// `us` 0: cancel.
     Timer { us: u64, vector: u8 },
+    /// `bits` 0: cancel.
+    NameWatch { name: Name, bits: u64 },
     /// `count`: 1..=`BENCH_MAX_COUNT`.
     BenchFrames { huge: bool, count: u64 },
 }
@@ -221,6 +223,7 @@ impl Call {
                 0 => Call::Timer { us: 0, vector: 0 },
                 us => Call::Timer { us: micros(us)?, vector: vector(a[1])? },
             },
+            HC_NAME_WATCH => Call::NameWatch { name: Name::new(a[0], a[1])?, bits: a[2] },
             HC_BENCH_FRAMES => {
                 let huge = match a[0] {
                     BENCH_ORDER_4K => false,
@@ -264,6 +267,7 @@ impl Call {
             HC_WAIT => "wait",
             HC_SLEEP => "sleep",
             HC_TIMER => "timer",
+            HC_NAME_WATCH => "name_watch",
             HC_BENCH_FRAMES => "bench_frames",
             _ => "unknown call",
         }
@@ -365,11 +369,20 @@ mod tests {
     }
 
     #[test]
+    fn name_watches_check_the_name_length() {
+        assert_eq!(d(HC_NAME_WATCH, [0x1000, 4, 1, 0, 0, 0]), Ok(Call::NameWatch { name: Name(GuestSlice { ptr: 0x1000, len: 4 }), bits: 1 }));
+        assert_eq!(d(HC_NAME_WATCH, [0x1000, 4, 0, 0, 0, 0]), Ok(Call::NameWatch { name: Name(GuestSlice { ptr: 0x1000, len: 4 }), bits: 0 }));
+        assert_eq!(d(HC_NAME_WATCH, [0x1000, 0, 1, 0, 0, 0]), Err(Error::Invalid));
+        assert_eq!(d(HC_NAME_WATCH, [0x1000, MORSEL_NAME_MAX as u64 + 1, 1, 0, 0, 0]), Err(Error::Invalid));
+        assert_eq!(d(HC_NAME_WATCH, [u64::MAX - 2, 4, 1, 0, 0, 0]), Err(Error::BadAddress));
+    }
+
+    #[test]
     fn every_number_has_a_name() {
         for nr in [HC_INFO, HC_CONSOLE_WRITE, HC_EXIT, HC_YIELD, HC_MORSEL_CREATE, HC_MORSEL_OPEN, HC_MORSEL_UNMOUNT,
             HC_MORSEL_DESTROY, HC_MORSEL_SIZE, HC_MORSEL_STATS, HC_DEVICE_MOUNT, HC_DEVICE_UNMOUNT, HC_EDU_DMA,
             HC_NVME_READ, HC_NVME_WRITE, HC_EXMAP_CREATE, HC_EXMAP_ACTION, HC_EXMAP_INFO, HC_GUEST_EXCEPTIONS,
-            HC_NOTIFY_SUBSCRIBE, HC_NOTIFY, HC_WAIT, HC_SLEEP, HC_TIMER, HC_BENCH_FRAMES]
+            HC_NOTIFY_SUBSCRIBE, HC_NOTIFY, HC_WAIT, HC_SLEEP, HC_TIMER, HC_NAME_WATCH, HC_BENCH_FRAMES]
         {
             assert_ne!(Call::name_of(nr), "unknown call", "{nr:#x}");
             assert_ne!(Call::decode(nr, [0x1000, 1, 4096, 0, 0, 0]), Err(Error::NoSuchCall), "{nr:#x}");

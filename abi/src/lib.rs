@@ -183,6 +183,13 @@ pub const HC_SLEEP: u64 = 0x44;
 /// the calling vCPU gets a virtual interrupt with `vector` (32..=255); `us` = 0 cancels (vector
 /// ignored). One per vCPU: a new one replaces the old. Returns 0.
 pub const HC_TIMER: u64 = 0x45;
+/// `name_watch(name_ptr, name_len, bits)`: a rendezvous: `bits` (non-zero) are ORed into the
+/// calling vCPU's pending set (as a doorbell would, so `wait` for them) as soon as a morsel or
+/// ExMap region named so is in the directory: at once if it is there now (returns 1), else
+/// when a create enters it (returns 0; the watch then ends). One watch per vCPU: a new one
+/// replaces the old; `bits` 0 cancels (returns 0). A name reserved by a create that is not
+/// finished counts as not there. Says nothing about whether the caller may open it.
+pub const HC_NAME_WATCH: u64 = 0x46;
 /// `bench_frames(order, count)`: a benchmark, answered only when the hypervisor's command
 /// line says `bench=on` (else `Denied`): the hypervisor allocates and frees one frame of
 /// `order` (0: 4 KiB, 9: 2 MiB; else `Invalid`) `count` times (1..=`BENCH_MAX_COUNT`; 0:
@@ -328,6 +335,9 @@ pub struct BootInfo {
 pub const BOOT_INFO_GPA: u64 = 0x1000;
 /// Guest-physical address of the guest's PML4 (the page tables follow it).
 pub const PAGE_TABLES_GPA: u64 = 0x2000;
+/// Stack space per vCPU at the top of guest RAM (vCPU v's stack starts `v *
+/// VCPU_STACK_RESERVE` below `memory_size`); image segments never lie there.
+pub const VCPU_STACK_RESERVE: u64 = 64 * 1024;
 /// Where guest images are linked (see guest.ld).
 pub const IMAGE_BASE_GPA: u64 = 0x20_0000;
 /// Start of the morsel window: 512 GiB, the second PML4 slot.

@@ -3,6 +3,11 @@
 //! threads are pinned to CPUs.
 //!
 //! `cargo run --release -p allocator --example bench -- --threads 1,2 --order 0 --memory 8 --pattern bulk`
+//!
+//! Side by side with upstream LLFree (llfree-rs, not part of this repository): built with
+//! `--cfg llfree_upstream` in a harness crate outside the repository that depends on both
+//! (`cargo xtask bench allocator --upstream PATH` makes and builds it), this file prints a third
+//! line per thread count, `llfree-rs`, measured with the same loops in the same process.
 
 use allocator::{Allocator, Init, Order, Pfn};
 use std::cell::UnsafeCell;
@@ -98,6 +103,52 @@ impl Frames for Spin {
                 bits[pfn / 64..pfn / 64 + 8].fill(0);
             }
         })
+    }
+}
+
+/// Upstream llfree-rs (`Classing::simple`: one small and one huge reservation per core, as
+/// upstream's own benchmarks use it), over page-aligned metadata leaked for the run.
+#[cfg(llfree_upstream)]
+mod upstream {
+    use super::{Frames, Order};
+    use llfree::{Alloc, Class, Classing, FrameId, Init, LLFree, MetaData, Request};
+
+    pub struct Up(pub LLFree<'static>);
+
+    fn buf(size: usize) -> &'static mut [u8] {
+        let layout = std::alloc::Layout::from_size_align(size.max(1), 4096).unwrap();
+        // SAFETY: a fresh zeroed allocation of `size` bytes (at least 1), never freed.
+        unsafe { std::slice::from_raw_parts_mut(std::alloc::alloc_zeroed(layout), size) }
+    }
+
+    impl Up {
+        pub fn new(cores: usize, frames: usize) -> Up {
+            let (classing, _) = Classing::simple(cores);
+            let ms = LLFree::metadata_size(&classing, frames);
+            let meta = MetaData { local: buf(ms.local), trees: buf(ms.trees), lower: buf(ms.lower) };
+            Up(LLFree::new(frames, Init::FreeAll, &classing, meta).expect("llfree-rs init"))
+        }
+        pub fn meta_bytes(cores: usize, frames: usize) -> usize {
+            let (classing, _) = Classing::simple(cores);
+            let ms = LLFree::metadata_size(&classing, frames);
+            ms.local + ms.trees + ms.lower
+        }
+    }
+
+    #[inline]
+    fn req(core: usize, order: Order) -> Request {
+        Request::new(order.0 as usize, Class((order.0 >= 9) as u8), Some(core))
+    }
+
+    impl Frames for Up {
+        #[inline]
+        fn get(&self, core: usize, order: Order) -> Option<usize> {
+            self.0.get(None, req(core, order)).ok().map(|(f, _)| f.0)
+        }
+        #[inline]
+        fn put(&self, core: usize, pfn: usize, order: Order) {
+            self.0.put(FrameId(pfn), req(core, order)).expect("llfree-rs put");
+        }
     }
 }
 
@@ -263,7 +314,7 @@ fn median(mut v: Vec<Res>) -> Res {
     v[v.len() / 2]
 }
 
-fn main() {
+pub fn main() {
     let mut threads = vec![1, 2];
     let mut order = 0u8;
     let mut gib = 8usize;
@@ -271,6 +322,7 @@ fn main() {
     let mut runs = 5;
     let mut ops = 0usize;
     let mut baseline = true;
+    let mut calls = 0usize;
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
     while i < args.len() {
@@ -297,6 +349,10 @@ fn main() {
             "--no-baseline" => {
                 baseline = false;
                 i -= 1;
+            }
+            "--calls" => {
+                // Instruction counts (callgrind): one thread, `N` get+put pairs, no timing.
+                calls = v.parse().expect("--calls N");
             }
             a => panic!("unknown argument {a}; see the file header"),
         }
@@ -334,13 +390,27 @@ fn main() {
     println!(
         "threads  allocator  {what}   Mops/s total   (median of {runs} runs, ns per op per thread)"
     );
+    #[cfg(llfree_upstream)]
+    println!(
+        "llfree-rs (upstream, same loops, same process): metadata {} bytes ({} CPUs)",
+        upstream::Up::meta_bytes(max_t, frames),
+        max_t
+    );
     #[repr(C, align(4096))]
     struct Page([u8; 4096]);
     let mut buf: Vec<Page> = (0..size.div_ceil(4096)).map(|_| Page([0; 4096])).collect();
+    if calls > 0 {
+        return count_calls(&mut buf, size, frames, order, pattern, calls);
+    }
     for &t in &threads {
         let mut ours = Vec::new();
         let mut base = Vec::new();
+        #[cfg(llfree_upstream)]
+        let mut up = Vec::new();
         for _ in 0..runs {
+            // Interleaved: upstream, ours, spinlock in every run.
+            #[cfg(llfree_upstream)]
+            up.push(run(&upstream::Up::new(t, frames), t, order, frames, pattern, ops));
             // SAFETY: `buf` holds `size` bytes, page aligned, and outlives the allocator.
             let meta =
                 unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<u8>(), size) };
@@ -363,6 +433,20 @@ fn main() {
         };
         let o = median(ours);
         line("llfree-pp", o);
+        #[cfg(llfree_upstream)]
+        {
+            let u = median(up);
+            line("llfree-rs", u);
+            if pattern == Pattern::Repeat {
+                println!("{t:>7}  ratio      llfree-rs / ours: {:.2}x per pair", u.get / o.get);
+            } else {
+                println!(
+                    "{t:>7}  ratio      llfree-rs / ours: get {:.2}x, put {:.2}x",
+                    u.get / o.get,
+                    u.put / o.put
+                );
+            }
+        }
         if baseline {
             let b = median(base);
             line("spinlock", b);
@@ -380,4 +464,63 @@ fn main() {
             }
         }
     }
+}
+
+/// `--calls N`: for instruction counts under callgrind, set up as the pattern does (half the
+/// memory allocated for `repeat` and `random`), then `N` gets and `N` puts (random own frames
+/// for `random`) in `bench_get` / `bench_put`, which callgrind reports per function
+/// (`--toggle-collect`). Ours, or upstream's with `--cfg llfree_upstream` and `LLFREE_UPSTREAM=1`.
+fn count_calls(buf: &mut [impl Sized], size: usize, frames: usize, order: Order, pattern: Pattern, n: usize) {
+    // SAFETY: `buf` holds `size` bytes, page aligned, and outlives the allocator.
+    let meta = unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<u8>(), size) };
+    let ours = Allocator::new(1, Pfn(0), frames, meta, Init::Free).expect("init");
+    #[cfg(llfree_upstream)]
+    if std::env::var_os("LLFREE_UPSTREAM").is_some() {
+        return calls_on(&upstream::Up::new(1, frames), frames, order, pattern, n);
+    }
+    calls_on(&ours, frames, order, pattern, n)
+}
+
+#[inline(never)]
+fn bench_get<A: Frames>(a: &A, order: Order, out: &mut [usize]) {
+    for f in out.iter_mut() {
+        *f = a.get(0, order).expect("out of memory");
+    }
+}
+
+#[inline(never)]
+fn bench_put<A: Frames>(a: &A, order: Order, frames: &[usize]) {
+    for &f in frames {
+        a.put(0, f, order);
+    }
+}
+
+fn calls_on<A: Frames>(a: &A, frames: usize, order: Order, pattern: Pattern, n: usize) {
+    let per = frames / order.frames() / 2;
+    let mut held: Vec<usize> = (0..if pattern == Pattern::Bulk { 0 } else { per })
+        .map(|_| a.get(0, order).expect("out of memory"))
+        .collect();
+    let mut batch = vec![0usize; n];
+    match pattern {
+        Pattern::Random => {
+            let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+            let mut slots = Vec::with_capacity(n);
+            let mut victims = Vec::with_capacity(n);
+            while victims.len() < n.min(per) {
+                let i = rng.below(per);
+                if held[i] != usize::MAX {
+                    victims.push(held[i]);
+                    held[i] = usize::MAX;
+                    slots.push(i);
+                }
+            }
+            bench_put(a, order, &victims);
+            bench_get(a, order, &mut batch[..victims.len()]);
+        }
+        _ => {
+            bench_get(a, order, &mut batch);
+            bench_put(a, order, &batch);
+        }
+    }
+    std::hint::black_box(&held);
 }

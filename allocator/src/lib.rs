@@ -228,6 +228,8 @@ pub struct Allocator<'a> {
     children: &'a [AtomicU16],
     bits: &'a [AtomicU64],
     locals: &'a [Local],
+    /// Areas `Recover` found with both the huge flag and set bits (see `init`).
+    repaired: core::sync::atomic::AtomicUsize,
 }
 
 impl<'a> Allocator<'a> {
@@ -291,6 +293,7 @@ impl<'a> Allocator<'a> {
             children,
             bits,
             locals,
+            repaired: core::sync::atomic::AtomicUsize::new(0),
         };
         a.init(init)?;
         Ok(a)
@@ -318,6 +321,7 @@ impl<'a> Allocator<'a> {
             children,
             bits,
             locals,
+            repaired: core::sync::atomic::AtomicUsize::new(0),
         };
         a.init(init)?;
         Ok(a)
@@ -366,6 +370,7 @@ impl<'a> Allocator<'a> {
                 for c in &self.children[areas..] {
                     c.store(0, Relaxed);
                 }
+                let mut repaired = 0;
                 for a in 0..areas {
                     let n = self.area_frames(a);
                     let bits = self.area_bits(a);
@@ -375,10 +380,25 @@ impl<'a> Allocator<'a> {
                     let set = bitfield::count_set(bits);
                     let e = child::load(&self.children[a]);
                     let entry = if e.huge() {
-                        // A huge frame is taken only from an area whose frames are all free and
-                        // unclaimed, so its bits are clear; anything else is corruption.
-                        if set != 0 || n != AREA_FRAMES {
+                        // A huge frame is taken only from a whole area.
+                        if n != AREA_FRAMES {
                             return Err(Error::Initialization);
+                        }
+                        if set != 0 {
+                            // Huge flag and set bits: on memory without eADR the flag's line
+                            // and the bits' line reached the media from two states of an area
+                            // that switched between one 2 MiB frame and 4 KiB frames (a free
+                            // not yet written back, then an allocation of the other order). A
+                            // caller that writes the metadata back before it commits anything
+                            // (the hypervisor's pmem records) has no committed frame there, but
+                            // which state is older cannot be told: keep the whole area
+                            // allocated, as one huge frame, so that nothing either state holds
+                            // is handed out; the caller's sweep of what no record reaches
+                            // frees it.
+                            for w in bits {
+                                w.store(0, Relaxed);
+                            }
+                            repaired += 1;
                         }
                         child::ALLOCATED_HUGE
                     } else {
@@ -386,6 +406,7 @@ impl<'a> Allocator<'a> {
                     };
                     self.children[a].store(entry, Relaxed);
                 }
+                self.repaired.store(repaired, Relaxed);
             }
         }
         for (core, l) in self.locals.iter().enumerate() {
@@ -546,6 +567,13 @@ impl<'a> Allocator<'a> {
             Order::HUGE => Ok(self.free_huge()),
             _ => Err(Error::WrongOrder),
         }
+    }
+
+    /// Areas the last [`Init::Recover`] found holding both a huge flag and set bits (two
+    /// states of an area that switched order, mixed on memory without eADR) and kept
+    /// allocated as one huge frame for the caller's sweep; 0 after a fresh init.
+    pub fn repaired_areas(&self) -> usize {
+        self.repaired.load(Relaxed)
     }
 
     /// Managed 4 KiB frames.

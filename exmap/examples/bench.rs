@@ -7,14 +7,14 @@
 //! these figures (it is one instruction on one CPU, counted in the emulator scenarios).
 //!
 //! `cargo run --release -p exmap --example bench` (also `cargo xtask bench exmap`);
-//! `-- --quick` for a short run, `-- --runs N` for N interleaved runs (default 5).
+//! `-- --quick` for a short run, `-- --rounds N` for N interleaved runs (default 5; `cargo xtask bench --rounds N` passes N).
 
 use std::alloc::{alloc_zeroed, Layout};
 use std::sync::Barrier;
 use std::time::Instant;
 
 use allocator::{Allocator, Init, Order, Pfn};
-use exmap::{encode, FrameCache, Validator};
+use exmap::{encode, EntryError, FrameCache, Region, Validator};
 use morsel::{FrameAlloc, HostPhysAddr, LeafEdit, Morsel, Npt, PhysMem};
 
 const MIB: usize = 1 << 20;
@@ -81,32 +81,80 @@ fn pin(cpu: usize) {
 /// Region pages per thread (64 MiB).
 const REGION_PAGES: u64 = 16384;
 
+/// One case: entries per call, threads, entry order, path.
+#[derive(Clone, Copy, PartialEq)]
+struct Case {
+    batch: u64,
+    threads: usize,
+    /// Entries in ascending page order (never wrapping around the region's end).
+    sorted: bool,
+    /// The ExMap path (cache, batch); false: the per-page path.
+    cached: bool,
+}
+
+impl Case {
+    fn name(&self) -> String {
+        let t = if self.threads > 1 { "s" } else { "" };
+        let order = if self.sorted { "sorted" } else { "wrapping" };
+        if self.cached {
+            format!("exmap alloc+free {order} batch {}, {} thread{t}", self.batch, self.threads)
+        } else {
+            format!("per-page path (allocator call + zeroing per page, no cache) {order} batch {}, {} thread{t}", self.batch, self.threads)
+        }
+    }
+    /// `B,T,sorted|wrapping,exmap|per-page`.
+    fn parse(s: &str) -> Option<Case> {
+        let w: Vec<&str> = s.split(',').collect();
+        let [b, t, o, p] = w[..] else { return None };
+        Some(Case {
+            batch: b.parse().ok().filter(|b| (1..=512).contains(b))?,
+            threads: t.parse().ok().filter(|t| (1..=2).contains(t))?,
+            sorted: match o { "sorted" => true, "wrapping" => false, _ => return None },
+            cached: match p { "exmap" => true, "per-page" => false, _ => return None },
+        })
+    }
+}
+
+/// The iovec page the guest fills for call number `call`: `batch` single-page entries, a
+/// stride of 7 pages apart so that they spread over the region's tables. Wrapping: the
+/// entries run on from where the last call stopped and wrap around the region's end (one
+/// call in about 4.6 at batch 512 wraps, then its entries are not in page order). Sorted:
+/// they start over at page 0 instead of wrapping.
+fn fill(iov: &mut [u64], base: &mut u64, sorted: bool) {
+    let batch = iov.len() as u64;
+    if sorted && *base + batch * 7 > REGION_PAGES {
+        *base %= 7;
+    }
+    for (k, e) in iov.iter_mut().enumerate() {
+        *e = encode((*base + k as u64 * 7) % REGION_PAGES, 1);
+    }
+    *base = (*base + batch * 7 + 1) % REGION_PAGES;
+}
+
 /// ns per page for ALLOC + FREE of `batch`-entry calls, on this thread.
-fn run(mem: HostMem, frames: &Frames, batch: u64, pages: u64, cached: bool) -> f64 {
+fn run(mem: HostMem, frames: &Frames, case: Case, pages: u64) -> f64 {
     let m = Morsel::<Npt>::create_sparse(REGION_PAGES * 4096, frames, &mem).expect("region");
     let (mut v, mut cache) = (Validator::new(), FrameCache::new());
-    let (mut out, mut changed) = (Vec::with_capacity(512), Vec::with_capacity(512));
-    // The iovec page the guest fills: `batch` single-page entries, a stride apart so that
-    // they spread over the region's tables.
-    let mut iov = vec![0u64; batch as usize];
-    let calls = (pages / batch).max(1);
+    let region = Region { morsel: &m, origin: 1, mem: &mem };
+    let mut iov = vec![0u64; case.batch as usize];
+    let calls = (pages / case.batch).max(1);
     let mut base = 0;
     let start = Instant::now();
     for _ in 0..calls {
-        for (k, e) in iov.iter_mut().enumerate() {
-            *e = encode((base + k as u64 * 7) % REGION_PAGES, 1);
-        }
-        base = (base + batch * 7 + 1) % REGION_PAGES;
-        let checked = v.validate(&iov, m.pages());
-        changed.clear();
-        if cached {
-            exmap::alloc(&m, 1, checked, &mut out, &mut cache, frames, &mem, &mut changed);
-            let checked = v.validate(&iov, m.pages());
-            exmap::free(&m, 1, checked, &mut out, &mut cache, &mem, &mut changed);
+        let b = base;
+        fill(&mut iov, &mut base, case.sorted);
+        if case.cached {
+            // Results overwrite the entries, as in the guest's iovec page; no device view.
+            exmap::alloc(&region, &mut iov, &mut v, &mut cache, frames, &mut |_, _| {}, code);
+            // The guest refills its iovec page for the FREE.
+            base = b;
+            fill(&mut iov, &mut base, case.sorted);
+            exmap::free(&region, &mut iov, &mut v, &mut cache, &mut |_, _| {}, code);
             cache.trim(frames);
         } else {
             // The per-page path: an allocator call, a zeroing and a table walk per page.
-            for c in checked.iter().flatten() {
+            for &e in &iov {
+                let Ok(c) = exmap::check(e, m.pages()) else { continue };
                 m.edit_leaves(c.first, 1, &mem, |_, _| {
                     let f = frames.alloc(0).expect("frame");
                     mem.zero_data(f, 0);
@@ -114,7 +162,8 @@ fn run(mem: HostMem, frames: &Frames, batch: u64, pages: u64, cached: bool) -> f
                 })
                 .unwrap();
             }
-            for c in checked.iter().flatten() {
+            for &e in &iov {
+                let Ok(c) = exmap::check(e, m.pages()) else { continue };
                 m.edit_leaves(c.first, 1, &mem, |_, cur| {
                     frames.free(cur.expect("mapped"), 0);
                     LeafEdit::Clear
@@ -123,15 +172,27 @@ fn run(mem: HostMem, frames: &Frames, batch: u64, pages: u64, cached: bool) -> f
             }
         }
     }
-    let ns = start.elapsed().as_nanos() as f64 / (calls * batch) as f64;
+    let ns = start.elapsed().as_nanos() as f64 / (calls * case.batch) as f64;
     cache.drain(frames);
     m.destroy(frames, &mem).expect("destroy");
     ns
 }
 
+/// The result code of a failed entry (the hypervisor's are its ABI's error numbers).
+fn code(e: EntryError) -> u64 {
+    (-(e as i64) - 1) as u64
+}
+
+fn arg(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
+}
+
+/// Usage: `bench [--quick] [--case B,T,sorted|wrapping,exmap|per-page] [--pages N]
+/// [--rounds R] [--memory MIB]`. Without `--case`: every case, interleaved.
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
-    let memory = 512 * MIB;
+    let memory = arg("--memory").map(|m| m.parse::<usize>().expect("--memory MIB")).unwrap_or(512) * MIB;
     let layout = Layout::from_size_align(memory, 2 * MIB).unwrap();
     // SAFETY: non-zero size; the buffer lives until the process ends.
     let buf = unsafe { alloc_zeroed(layout) };
@@ -143,46 +204,49 @@ fn main() {
     let meta = unsafe { std::slice::from_raw_parts_mut(alloc_zeroed(meta_layout), meta_layout.size()) };
     let a = Allocator::new(2, Pfn(0), frames, meta, Init::Free).expect("allocator");
     let a = &a;
-    let pages = if quick { 200_000 } else { 2_000_000 };
-    // `--runs N`: how many interleaved runs (`cargo xtask bench` passes 1 and interleaves rounds itself).
-    let runs_arg = std::env::args().skip_while(|a| a != "--runs").nth(1).and_then(|n| n.parse::<usize>().ok()).filter(|&n| n >= 1);
-    let rounds = runs_arg.unwrap_or(if quick { 3 } else { 5 });
+    let pages = arg("--pages").map(|p| p.parse().expect("--pages N")).unwrap_or(if quick { 200_000 } else { 2_000_000 });
+    let rounds = arg("--rounds").map(|p| p.parse().expect("--rounds N")).unwrap_or(if quick { 3 } else { 5 });
+    let cases: Vec<Case> = match arg("--case") {
+        Some(c) => vec![Case::parse(&c).expect("--case B,T,sorted|wrapping,exmap|per-page")],
+        None => {
+            let mut v = Vec::new();
+            for sorted in [false, true] {
+                for threads in [1, 2] {
+                    for batch in [1, 64, 512] {
+                        v.push(Case { batch, threads, sorted, cached: true });
+                    }
+                    v.push(Case { batch: 512, threads, sorted, cached: false });
+                }
+            }
+            v
+        }
+    };
     println!("exmap host benchmark: {} MiB of real memory, LLFree + per-vCPU cache (bundles of {}), sparse NPT region of {} pages per thread, median of {rounds} interleaved runs",
         memory / MIB, exmap::BUNDLE, REGION_PAGES);
-    let mut rows: Vec<(String, Vec<f64>)> = Vec::new();
-    let cases: Vec<(u64, usize, bool)> = vec![(1, 1, true), (64, 1, true), (512, 1, true), (1, 2, true), (64, 2, true), (512, 2, true), (512, 1, false), (512, 2, false)];
+    let mut rows: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
     for _ in 0..rounds {
-        for (i, &(batch, threads, cached)) in cases.iter().enumerate() {
-            let barrier = Barrier::new(threads);
+        for (i, &case) in cases.iter().enumerate() {
+            let barrier = Barrier::new(case.threads);
             let ns: Vec<f64> = std::thread::scope(|s| {
-                let hs: Vec<_> = (0..threads)
+                let hs: Vec<_> = (0..case.threads)
                     .map(|t| {
                         let barrier = &barrier;
                         s.spawn(move || {
                             pin(t);
                             let f = Frames(a, t);
                             barrier.wait();
-                            run(mem, &f, batch, pages, cached)
+                            run(mem, &f, case, pages)
                         })
                     })
                     .collect();
                 hs.into_iter().map(|h| h.join().unwrap()).collect()
             });
-            let avg = ns.iter().sum::<f64>() / ns.len() as f64;
-            let name = if cached {
-                format!("exmap alloc+free batch {batch}, {threads} thread{}", if threads > 1 { "s" } else { "" })
-            } else {
-                format!("per-page path (allocator call + zeroing per page, no cache) batch {batch}, {threads} thread{}", if threads > 1 { "s" } else { "" })
-            };
-            if rows.len() <= i {
-                rows.push((name, Vec::new()));
-            }
-            rows[i].1.push(avg);
+            rows[i].push(ns.iter().sum::<f64>() / ns.len() as f64);
         }
     }
-    for (name, mut v) in rows {
+    for (case, mut v) in cases.iter().zip(rows) {
         v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        println!("{name}: {:.1} ns/page (per thread; runs {:.1}..{:.1})", v[v.len() / 2], v[0], v[v.len() - 1]);
+        println!("{}: {:.1} ns/page (per thread; runs {:.1}..{:.1})", case.name(), v[v.len() / 2], v[0], v[v.len() - 1]);
     }
     assert_eq!(a.free_frames(), frames, "every frame back in the allocator");
 }

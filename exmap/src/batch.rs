@@ -1,22 +1,31 @@
-//! The batched operations over a region (a sparse `Morsel`), entry by entry from what
-//! `Validator::validate` checked. Each writes a result per entry into `out` and lists the
-//! pages it changed in `changed` (for a VT-d view to follow, and for READ's I/O):
+//! The batched operations over a region (a sparse `Morsel`), on the iovec page itself: each
+//! reads the page's entries, validates each inside its one walk of the region's tables (a
+//! `Leaves` cursor: one walk from the root per L1 table the batch touches, not per entry),
+//! and overwrites each entry with its result: `Ok(pages)` as the page count, an error as
+//! `code(error)` (the caller's ABI encoding), like the Linux module's `{res, pages}`.
 //!
 //! - `alloc`: maps a frame from the cache into every page of the entry that is not present
 //!   (present pages are skipped); if the frames run out, the entry's new pages are given
-//!   back and it fails with `NoMemory` (entries before it stay done).
+//!   back and it fails with `NoMemory` (the entries done before it stay done).
 //! - `free`: clears every present page of the entry and gives its frame to the cache. The
 //!   caller invalidates ONCE for the batch (if `BatchStats::pages` > 0), then trims the cache.
-//! - `alloc_fresh` (READ): as `alloc`, but every page of the entry must be unpopulated: an
-//!   entry with a present page fails with `Present` and changes nothing, so that `changed`
-//!   lists exactly the entry's pages, in order, for the device to read into.
-//! - `collect`: the frames of the entry's pages, all of which must be present (WRITE).
+//! - `alloc_fresh` (READ): as `alloc`, but every page of the entry must be unpopulated (else
+//!   `Present`, and nothing of it changes) and lie below the disk's end (`PastDisk`).
+//! - `collect` (WRITE): every page of the entry must be populated (else `NotPopulated`) and
+//!   lie below the disk's end; changes nothing.
+//!
+//! Entries are done in their order in the page. Validation per entry as `Validator::validate`
+//! defines it (`Empty`, `OutOfRange`, `Overflow`, `Duplicate`: overlapping an entry earlier
+//! in the page); the duplicate check costs nothing for entries in page order or one window
+//! that wraps around the region's end, and a sort otherwise (`Validator::order`).
+//! `follow(page, frame)` is told every leaf the batch maps (`Some`) or clears (`None`), a
+//! rolled-back page too, for a device view that mirrors the region; a region without one
+//! passes a closure that does nothing, and no record of the pages is kept.
 
-use alloc::vec::Vec;
-use morsel::{Format, FrameAlloc, HostPhysAddr, LeafEdit, Morsel, PhysMem};
+use morsel::{Format, FrameAlloc, HostPhysAddr, Morsel, PhysMem};
 
 use crate::cache::{FrameCache, Origin};
-use crate::iov::{EntryError, Range};
+use crate::iov::{decode, EntryError, Order, Validator, MAX_ENTRIES};
 
 /// Result of one entry: pages changed (or, for `collect`, pages listed), or why it failed.
 pub type Outcome = Result<u64, EntryError>;
@@ -33,209 +42,278 @@ pub struct BatchStats {
     pub rolled_back: u64,
 }
 
-/// ALLOC (see the module doc). `region` is the region's `Origin` for the zeroing rule.
-#[allow(clippy::too_many_arguments)]
-pub fn alloc<F: Format>(
-    m: &Morsel<F>,
-    region: Origin,
-    checked: &[Result<Range, EntryError>],
-    out: &mut Vec<Outcome>,
-    cache: &mut FrameCache,
-    frames: &impl FrameAlloc,
-    mem: &impl PhysMem,
-    changed: &mut Vec<(u64, HostPhysAddr)>,
-) -> BatchStats {
-    populate(m, region, checked, out, cache, frames, mem, changed, false)
+/// The region a batch works on: its sparse morsel, its `Origin` for the zeroing rule, and
+/// the memory its tables are in.
+pub struct Region<'a, F: Format, M: PhysMem> {
+    pub morsel: &'a Morsel<F>,
+    pub origin: Origin,
+    pub mem: &'a M,
 }
 
-/// READ's first half (see the module doc): ALLOC of entries whose pages are all unpopulated.
-#[allow(clippy::too_many_arguments)]
-pub fn alloc_fresh<F: Format>(
-    m: &Morsel<F>,
-    region: Origin,
-    checked: &[Result<Range, EntryError>],
-    out: &mut Vec<Outcome>,
-    cache: &mut FrameCache,
-    frames: &impl FrameAlloc,
-    mem: &impl PhysMem,
-    changed: &mut Vec<(u64, HostPhysAddr)>,
-) -> BatchStats {
-    populate(m, region, checked, out, cache, frames, mem, changed, true)
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Alloc,
+    Fresh,
+    Free,
+    Collect,
 }
 
-#[allow(clippy::too_many_arguments)]
-fn populate<F: Format>(
-    m: &Morsel<F>,
-    region: Origin,
-    checked: &[Result<Range, EntryError>],
-    out: &mut Vec<Outcome>,
-    cache: &mut FrameCache,
-    frames: &impl FrameAlloc,
-    mem: &impl PhysMem,
-    changed: &mut Vec<(u64, HostPhysAddr)>,
-    fresh_only: bool,
-) -> BatchStats {
-    let mut stats = BatchStats::default();
-    out.clear();
-    for c in checked {
-        let r = match c {
-            Ok(r) => r,
-            Err(e) => {
-                out.push(Err(*e));
-                stats.failed += 1;
-                continue;
-            }
-        };
-        let start = changed.len();
-        let mut dry = false;
-        let mut present = false;
-        let walked = m.edit_leaves(r.first, r.count, mem, |page, cur| {
-            if cur.is_some() && fresh_only {
-                present = true;
-                return LeafEdit::Stop;
-            }
-            if cur.is_some() {
-                return LeafEdit::Keep;
-            }
-            match cache.take(region, frames) {
-                Some((f, zero)) => {
-                    if zero {
-                        mem.zero_data(f, 0);
-                    }
-                    changed.push((page, f));
-                    LeafEdit::Map(f)
-                }
-                None => {
-                    dry = true;
-                    LeafEdit::Stop
-                }
-            }
-        });
-        if walked.is_err() || dry || present {
-            // Undo this entry only: its pages were not present before.
-            for &(page, f) in &changed[start..] {
-                let _ = m.set_leaf(page, None, mem);
-                cache.give(f, region);
-            }
-            stats.rolled_back += (changed.len() - start) as u64;
-            changed.truncate(start);
-            out.push(Err(if dry {
-                EntryError::NoMemory
-            } else if present {
-                EntryError::Present
-            } else {
-                EntryError::OutOfRange
-            }));
-            stats.failed += 1;
-        } else {
-            let n = (changed.len() - start) as u64;
-            stats.pages += n;
-            out.push(Ok(n));
-        }
+/// No frame source (`free`, `collect`).
+struct NoFrames;
+impl FrameAlloc for NoFrames {
+    fn alloc(&self, _: u32) -> Option<HostPhysAddr> {
+        None
     }
-    stats
+    fn free(&self, _: HostPhysAddr, _: u32) {}
+}
+
+/// ALLOC (see the module doc).
+#[inline]
+#[allow(clippy::too_many_arguments)]
+pub fn alloc<F: Format, M: PhysMem>(
+    r: &Region<F, M>,
+    iov: &mut [u64],
+    v: &mut Validator,
+    cache: &mut FrameCache,
+    frames: &impl FrameAlloc,
+    follow: &mut impl FnMut(u64, Option<HostPhysAddr>),
+    code: impl Fn(EntryError) -> u64,
+) -> BatchStats {
+    run(Mode::Alloc, r, iov, u64::MAX, v, cache, frames, follow, code)
+}
+
+/// READ's first half (see the module doc): ALLOC of entries whose pages are all unpopulated
+/// and below `disk_pages`.
+#[inline]
+#[allow(clippy::too_many_arguments)]
+pub fn alloc_fresh<F: Format, M: PhysMem>(
+    r: &Region<F, M>,
+    iov: &mut [u64],
+    disk_pages: u64,
+    v: &mut Validator,
+    cache: &mut FrameCache,
+    frames: &impl FrameAlloc,
+    follow: &mut impl FnMut(u64, Option<HostPhysAddr>),
+    code: impl Fn(EntryError) -> u64,
+) -> BatchStats {
+    run(Mode::Fresh, r, iov, disk_pages, v, cache, frames, follow, code)
 }
 
 /// FREE (see the module doc).
-pub fn free<F: Format>(
-    m: &Morsel<F>,
-    region: Origin,
-    checked: &[Result<Range, EntryError>],
-    out: &mut Vec<Outcome>,
+#[inline]
+pub fn free<F: Format, M: PhysMem>(
+    r: &Region<F, M>,
+    iov: &mut [u64],
+    v: &mut Validator,
     cache: &mut FrameCache,
-    mem: &impl PhysMem,
-    changed: &mut Vec<(u64, HostPhysAddr)>,
+    follow: &mut impl FnMut(u64, Option<HostPhysAddr>),
+    code: impl Fn(EntryError) -> u64,
 ) -> BatchStats {
+    run(Mode::Free, r, iov, u64::MAX, v, cache, &NoFrames, follow, code)
+}
+
+/// WRITE's check (see the module doc): entries whose pages are all populated and below
+/// `disk_pages` succeed with their page count.
+#[inline]
+pub fn collect<F: Format, M: PhysMem>(
+    r: &Region<F, M>,
+    iov: &mut [u64],
+    disk_pages: u64,
+    v: &mut Validator,
+    code: impl Fn(EntryError) -> u64,
+) -> BatchStats {
+    let mut cache = FrameCache::empty();
+    run(Mode::Collect, r, iov, disk_pages, v, &mut cache, &NoFrames, &mut |_, _| {}, code)
+}
+
+/// Rollback marks of one entry: bit k set when the entry mapped its page `first + k`.
+struct Mapped([u64; 64]);
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn run<F: Format, M: PhysMem>(
+    mode: Mode,
+    r: &Region<F, M>,
+    iov: &mut [u64],
+    disk_pages: u64,
+    v: &mut Validator,
+    cache: &mut FrameCache,
+    frames: &impl FrameAlloc,
+    follow: &mut impl FnMut(u64, Option<HostPhysAddr>),
+    code: impl Fn(EntryError) -> u64,
+) -> BatchStats {
+    let iov = {
+        let n = iov.len().min(MAX_ENTRIES);
+        &mut iov[..n]
+    };
     let mut stats = BatchStats::default();
-    out.clear();
-    for c in checked {
-        let r = match c {
-            Ok(r) => r,
-            Err(e) => {
-                out.push(Err(*e));
-                stats.failed += 1;
-                continue;
+    let pages = r.morsel.pages();
+    let sorted = v.order(iov, pages) == Order::Sorted;
+    let mut leaves = match r.morsel.leaves(r.mem) {
+        Ok(l) => l,
+        Err(_) => {
+            // Not a sparse morsel: nothing to do, every entry fails.
+            for e in iov.iter_mut() {
+                *e = code(EntryError::OutOfRange);
+            }
+            stats.failed = iov.len() as u32;
+            return stats;
+        }
+    };
+    let mut mapped = Mapped([0; 64]);
+    for (i, e) in iov.iter_mut().enumerate() {
+        let (first, count) = decode(*e);
+        let end = first + count;
+        let outcome: Outcome = if count == 0 {
+            Err(EntryError::Empty)
+        } else if first >= pages {
+            Err(EntryError::OutOfRange)
+        } else if end > pages {
+            Err(EntryError::Overflow)
+        } else if sorted && v.is_duplicate(i) {
+            Err(EntryError::Duplicate)
+        } else if end > disk_pages {
+            Err(EntryError::PastDisk)
+        } else {
+            match mode {
+                Mode::Alloc | Mode::Fresh => populate(mode, r, &mut leaves, first, end, cache, frames, follow, &mut mapped, &mut stats),
+                Mode::Free => {
+                    let mut n = 0;
+                    let mut res = Ok(0);
+                    for page in first..end {
+                        let Ok(slot) = leaves.slot(page) else {
+                            // Only a morsel whose tables are not what `create_sparse` built.
+                            res = Err(EntryError::OutOfRange);
+                            break;
+                        };
+                        if let Some(f) = leaves.get(slot) {
+                            leaves.clear(slot);
+                            cache.give(f, r.origin);
+                            follow(page, None);
+                            n += 1;
+                        }
+                    }
+                    stats.pages += n;
+                    res.map(|_| n)
+                }
+                Mode::Collect => {
+                    let mut res = Ok(count);
+                    for page in first..end {
+                        match leaves.slot(page) {
+                            Ok(slot) if leaves.get(slot).is_some() => {}
+                            Ok(_) => {
+                                res = Err(EntryError::NotPopulated);
+                                break;
+                            }
+                            Err(_) => {
+                                res = Err(EntryError::OutOfRange);
+                                break;
+                            }
+                        }
+                    }
+                    if res.is_ok() {
+                        stats.pages += count;
+                    }
+                    res
+                }
             }
         };
-        let start = changed.len();
-        let walked = m.edit_leaves(r.first, r.count, mem, |page, cur| match cur {
-            Some(f) => {
-                cache.give(f, region);
-                changed.push((page, f));
-                LeafEdit::Clear
-            }
-            None => LeafEdit::Keep,
-        });
-        match walked {
-            Ok(_) => {
-                let n = (changed.len() - start) as u64;
-                stats.pages += n;
-                out.push(Ok(n));
-            }
-            Err(_) => {
-                // Only a range the validator let through but the morsel does not span.
-                stats.pages += (changed.len() - start) as u64;
-                out.push(Err(EntryError::OutOfRange));
+        *e = match outcome {
+            Ok(n) => n,
+            Err(err) => {
                 stats.failed += 1;
+                code(err)
             }
-        }
+        };
     }
     stats
 }
 
-/// Lists `(page, frame)` of every page of each valid entry into `changed`; an entry with a
-/// page that is not populated fails with `NotPopulated` and lists nothing.
-pub fn collect<F: Format>(
-    m: &Morsel<F>,
-    checked: &[Result<Range, EntryError>],
-    out: &mut Vec<Outcome>,
-    mem: &impl PhysMem,
-    changed: &mut Vec<(u64, HostPhysAddr)>,
-) -> BatchStats {
-    let mut stats = BatchStats::default();
-    out.clear();
-    for c in checked {
-        let r = match c {
-            Ok(r) => r,
-            Err(e) => {
-                out.push(Err(*e));
-                stats.failed += 1;
+/// ALLOC / READ of one valid entry `first .. end`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn populate<F: Format, M: PhysMem>(
+    mode: Mode,
+    r: &Region<F, M>,
+    leaves: &mut morsel::Leaves<'_, F, M>,
+    first: u64,
+    end: u64,
+    cache: &mut FrameCache,
+    frames: &impl FrameAlloc,
+    follow: &mut impl FnMut(u64, Option<HostPhysAddr>),
+    mapped: &mut Mapped,
+    stats: &mut BatchStats,
+) -> Outcome {
+    // Pages mapped so far; only an ALLOC of several pages needs to know which (a READ maps
+    // every page, a single page has nothing to roll back but itself).
+    let track = mode == Mode::Alloc && end - first > 1;
+    if track {
+        mapped.0[..((end - first - 1) / 64 + 1) as usize].fill(0);
+    }
+    let mut n = 0;
+    let mut failed = None;
+    let mut page = first;
+    while page < end {
+        let Ok(slot) = leaves.slot(page) else {
+            failed = Some(EntryError::OutOfRange);
+            break;
+        };
+        if leaves.get(slot).is_some() {
+            if mode == Mode::Fresh {
+                failed = Some(EntryError::Present);
+                break;
+            }
+        } else {
+            let Some((f, zero)) = cache.take(r.origin, frames) else {
+                failed = Some(EntryError::NoMemory);
+                break;
+            };
+            if zero {
+                r.mem.zero_data(f, 0);
+            }
+            leaves.map(slot, f);
+            follow(page, Some(f));
+            if track {
+                let k = page - first;
+                mapped.0[(k / 64) as usize] |= 1 << (k % 64);
+            }
+            n += 1;
+        }
+        page += 1;
+    }
+    let Some(err) = failed else {
+        stats.pages += n;
+        return Ok(n);
+    };
+    // Undo this entry only: the pages it mapped (a READ: every page before `page`).
+    if n > 0 {
+        for p in first..page {
+            let ours = !track || mapped.0[((p - first) / 64) as usize] >> ((p - first) % 64) & 1 != 0;
+            if !ours {
                 continue;
             }
-        };
-        let start = changed.len();
-        let mut hole = false;
-        let walked = m.edit_leaves(r.first, r.count, mem, |page, cur| match cur {
-            Some(f) => {
-                changed.push((page, f));
-                LeafEdit::Keep
+            if let Ok(slot) = leaves.slot(p) {
+                if let Some(f) = leaves.get(slot) {
+                    leaves.clear(slot);
+                    cache.give(f, r.origin);
+                    follow(p, None);
+                }
             }
-            None => {
-                hole = true;
-                LeafEdit::Stop
-            }
-        });
-        if hole || walked.is_err() {
-            changed.truncate(start);
-            out.push(Err(if hole { EntryError::NotPopulated } else { EntryError::OutOfRange }));
-            stats.failed += 1;
-        } else {
-            stats.pages += r.count;
-            out.push(Ok(r.count));
         }
     }
-    stats
+    stats.rolled_back += n;
+    Err(err)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::cache::BUNDLE;
-    use crate::iov::{encode, Validator};
+    use crate::iov::{check, encode};
     use morsel::{Npt, SimMem};
     use proptest::prelude::*;
     use std::cell::RefCell;
-    use std::collections::HashMap;
+    use std::collections::{HashMap, HashSet};
 
     /// SimMem that records which frames were zeroed.
     struct Zeroes<'a>(&'a SimMem, RefCell<Vec<HostPhysAddr>>);
@@ -255,51 +333,139 @@ mod tests {
         }
     }
 
-    proptest! {
-        #![proptest_config(ProptestConfig::with_cases(48))]
-        /// Random ALLOC / FREE batches against a model of which pages are populated: results
-        /// per entry, translations, frames never mapped twice, and every frame back at the end.
-        #[test]
-        fn batches_match_a_model(batches in prop::collection::vec(
-            (any::<bool>(), prop::collection::vec((0u64..1100, 0u64..40), 1..40)), 1..30)) {
-            let sim = SimMem::new(4 << 30);
-            let mem = Zeroes(&sim, RefCell::new(Vec::new()));
-            let m = Morsel::<Npt>::create_sparse(1024 * 4096, &sim, &mem).unwrap();
-            let mut model: HashMap<u64, HostPhysAddr> = HashMap::new();
-            let (mut v, mut cache, mut out, mut changed) = (Validator::new(), FrameCache::new(), Vec::new(), Vec::new());
-            for (is_alloc, entries) in &batches {
-                let raw: Vec<u64> = entries.iter().map(|&(p, c)| encode(p, c)).collect();
-                let checked = v.validate(&raw, m.pages()).to_vec();
-                changed.clear();
-                let s = if *is_alloc {
-                    alloc(&m, 7, &checked, &mut out, &mut cache, &sim, &mem, &mut changed)
-                } else {
-                    free(&m, 7, &checked, &mut out, &mut cache, &mem, &mut changed)
-                };
-                prop_assert_eq!(s.failed as usize, checked.iter().filter(|c| c.is_err()).count());
-                for (c, o) in checked.iter().zip(&out) {
-                    match c {
-                        Err(e) => prop_assert_eq!(o, &Err(*e)),
-                        Ok(r) => {
-                            let before = (r.first..r.end()).filter(|p| model.contains_key(p)).count() as u64;
-                            prop_assert_eq!(o, &Ok(if *is_alloc { r.count - before } else { before }));
-                            for p in r.first..r.end() {
-                                if *is_alloc { model.entry(p).or_insert(HostPhysAddr::new(0)); } else { model.remove(&p); }
-                            }
-                        }
+    /// The tests' result encoding of an error: the top bit and the variant.
+    fn code(e: EntryError) -> u64 {
+        1 << 63 | e as u64
+    }
+    fn enc(o: Outcome) -> u64 {
+        o.unwrap_or_else(code)
+    }
+
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    enum Op {
+        Alloc,
+        Free,
+        Read(u64),
+        Write(u64),
+    }
+
+    /// The reference: every entry checked against the definition (pairwise for overlaps
+    /// with earlier entries), then done in page order over a set of populated pages.
+    fn reference(op: Op, raw: &[u64], pages: u64, populated: &mut HashSet<u64>) -> Vec<Outcome> {
+        let valid: Vec<Option<(u64, u64)>> = raw.iter().map(|&r| check(r, pages).ok().map(|r| (r.first, r.end()))).collect();
+        let mut out = Vec::new();
+        for (i, &r) in raw.iter().enumerate() {
+            let o = check(r, pages).and_then(|rg| {
+                let (a, b) = (rg.first, rg.end());
+                if valid[..i].iter().flatten().any(|&(c, d)| c < b && a < d) {
+                    return Err(EntryError::Duplicate);
+                }
+                let present = (a..b).filter(|p| populated.contains(p)).count() as u64;
+                match op {
+                    Op::Read(disk) | Op::Write(disk) if b > disk => Err(EntryError::PastDisk),
+                    Op::Alloc => {
+                        populated.extend(a..b);
+                        Ok(rg.count - present)
                     }
+                    Op::Read(_) if present > 0 => Err(EntryError::Present),
+                    Op::Read(_) => {
+                        populated.extend(a..b);
+                        Ok(rg.count)
+                    }
+                    Op::Free => {
+                        (a..b).for_each(|p| { populated.remove(&p); });
+                        Ok(present)
+                    }
+                    Op::Write(_) if present < rg.count => Err(EntryError::NotPopulated),
+                    Op::Write(_) => Ok(rg.count),
                 }
-                for &(p, f) in &changed {
-                    if *is_alloc { model.insert(p, f); }
-                }
-                if !*is_alloc { cache.trim(&sim); }
-                let mut seen = std::collections::HashSet::new();
+            });
+            out.push(o);
+        }
+        out
+    }
+
+    /// A batch of entries, shaped as guests send them: any order, in page order (overlaps
+    /// possible), a window of single pages that wraps around the region's end, or entries
+    /// in page order that wrap once.
+    fn entries(pages: u64) -> impl Strategy<Value = Vec<u64>> {
+        let any = prop::collection::vec((0u64..pages + 100, 0u64..40), 1..60)
+            .prop_map(|v| v.into_iter().map(|(p, c)| encode(p, c)).collect::<Vec<_>>());
+        let sorted = any.clone().prop_map(|mut v| {
+            v.sort_by_key(|&e| e >> 12);
+            v
+        });
+        let window = (0..pages, 1u64..9, 1usize..200).prop_map(move |(base, stride, n)| {
+            (0..n as u64).map(|k| encode((base + k * stride) % pages, 1)).collect::<Vec<_>>()
+        });
+        let runs = (0..pages, prop::collection::vec((1u64..20, 1u64..4), 1..80)).prop_map(move |(base, steps)| {
+            let mut p = base;
+            steps.iter().map(|&(gap, c)| {
+                p = (p + gap + c) % pages;
+                encode(p, c)
+            }).collect::<Vec<_>>()
+        });
+        prop_oneof![any, sorted, window, runs]
+    }
+
+    fn ops() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            3 => Just(Op::Alloc),
+            3 => Just(Op::Free),
+            1 => (900u64..1200).prop_map(Op::Read),
+            1 => (900u64..1200).prop_map(Op::Write),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(96))]
+        /// The batch operations against the reference on random batches: each entry's result
+        /// in the iovec page, the region's translations, the pages the device view is told
+        /// of, frames never mapped twice, and every frame back at the end. The region spans
+        /// three L1 tables, so entries cross tables and a batch returns to tables it left.
+        #[test]
+        fn batches_match_the_reference(batches in prop::collection::vec((ops(), entries(1100)), 1..25)) {
+            let sim = SimMem::new(4 << 30);
+            let m = Morsel::<Npt>::create_sparse(1100 * 4096, &sim, &sim).unwrap();
+            let r = Region { morsel: &m, origin: 7, mem: &sim };
+            let mut populated = HashSet::new();
+            let mut view: HashMap<u64, HostPhysAddr> = HashMap::new();
+            let (mut v, mut cache) = (Validator::new(), FrameCache::new());
+            for (op, raw) in &batches {
+                let want = reference(*op, raw, m.pages(), &mut populated);
+                let mut iov = raw.clone();
+                let mut bad = None;
+                let mut f = |p: u64, f: Option<HostPhysAddr>| {
+                    let ok = match f {
+                        Some(f) => view.insert(p, f).is_none(),
+                        None => view.remove(&p).is_some(),
+                    };
+                    if !ok {
+                        bad.get_or_insert(p);
+                    }
+                };
+                let s = match op {
+                    Op::Alloc => alloc(&r, &mut iov, &mut v, &mut cache, &sim, &mut f, code),
+                    Op::Read(d) => alloc_fresh(&r, &mut iov, *d, &mut v, &mut cache, &sim, &mut f, code),
+                    Op::Free => free(&r, &mut iov, &mut v, &mut cache, &mut f, code),
+                    Op::Write(d) => collect(&r, &mut iov, *d, &mut v, code),
+                };
+                prop_assert_eq!(bad, None, "the view was told of a page twice");
+                let want_enc: Vec<u64> = want.iter().map(|&o| enc(o)).collect();
+                prop_assert_eq!(&iov, &want_enc, "{:?} of {:x?}", op, raw);
+                prop_assert_eq!(s.failed as usize, want.iter().filter(|o| o.is_err()).count());
+                prop_assert_eq!(s.pages, want.iter().map(|o| o.unwrap_or(0)).sum::<u64>());
+                if *op == Op::Free { cache.trim(&sim); }
+                let mut seen = HashSet::new();
                 for p in 0..m.pages() {
                     let t = m.translate(p * 4096, &sim);
-                    prop_assert_eq!(t, model.get(&p).copied());
+                    prop_assert_eq!(t.is_some(), populated.contains(&p), "page {}", p);
+                    prop_assert_eq!(t, view.get(&p).copied(), "the view of page {}", p);
                     if let Some(f) = t { prop_assert!(seen.insert(f), "frame mapped twice"); }
                 }
             }
+            let mut all = vec![encode(0, 1100 / 2), encode(550, 1100 - 550)];
+            free(&r, &mut all, &mut v, &mut cache, &mut |_, _| {}, code);
             cache.drain(&sim);
             m.destroy(&sim, &sim).unwrap();
             prop_assert_eq!(sim.allocated_frames(), 0);
@@ -312,21 +478,21 @@ mod tests {
         let mem = Zeroes(&sim, RefCell::new(Vec::new()));
         let a = Morsel::<Npt>::create_sparse(64 << 12, &sim, &mem).unwrap();
         let b = Morsel::<Npt>::create_sparse(64 << 12, &sim, &mem).unwrap();
-        let (mut v, mut cache, mut out, mut ch) = (Validator::new(), FrameCache::new(), Vec::new(), Vec::new());
-        let all = v.validate(&[encode(0, 64)], 64).to_vec();
-        alloc(&a, 1, &all, &mut out, &mut cache, &sim, &mem, &mut ch);
+        let (ra, rb) = (Region { morsel: &a, origin: 1, mem: &mem }, Region { morsel: &b, origin: 2, mem: &mem });
+        let (mut v, mut cache) = (Validator::new(), FrameCache::new());
+        let all = || vec![encode(0, 64)];
+        alloc(&ra, &mut all(), &mut v, &mut cache, &sim, &mut |_, _| {}, code);
         assert_eq!(mem.1.borrow().len(), 64, "fresh frames are zeroed");
-        free(&a, 1, &all, &mut out, &mut cache, &mem, &mut ch);
-        ch.clear();
-        alloc(&a, 1, &all, &mut out, &mut cache, &sim, &mem, &mut ch);
+        free(&ra, &mut all(), &mut v, &mut cache, &mut |_, _| {}, code);
+        alloc(&ra, &mut all(), &mut v, &mut cache, &sim, &mut |_, _| {}, code);
         assert_eq!(mem.1.borrow().len(), 64, "back into the same region: not zeroed");
-        free(&a, 1, &all, &mut out, &mut cache, &mem, &mut ch);
-        ch.clear();
-        alloc(&b, 2, &all, &mut out, &mut cache, &sim, &mem, &mut ch);
+        free(&ra, &mut all(), &mut v, &mut cache, &mut |_, _| {}, code);
+        let mut got = Vec::new();
+        alloc(&rb, &mut all(), &mut v, &mut cache, &sim, &mut |_, f| got.push(f.unwrap()), code);
         let zeroed = mem.1.borrow().clone();
         assert_eq!(zeroed.len(), 128, "into another region: zeroed");
-        assert!(ch.iter().all(|(_, f)| zeroed[64..].contains(f)));
-        free(&b, 2, &all, &mut out, &mut cache, &mem, &mut ch);
+        assert!(got.iter().all(|f| zeroed[64..].contains(f)));
+        free(&rb, &mut all(), &mut v, &mut cache, &mut |_, _| {}, code);
         cache.drain(&sim);
         a.destroy(&sim, &sim).unwrap();
         b.destroy(&sim, &sim).unwrap();
@@ -337,45 +503,51 @@ mod tests {
     fn out_of_memory_fails_the_entry_alone_and_collect_needs_every_page() {
         let sim = SimMem::new(4 << 30);
         let m = Morsel::<Npt>::create_sparse(4096 << 12, &sim, &sim).unwrap();
+        let r = Region { morsel: &m, origin: 1, mem: &sim };
         sim.limit_free(BUNDLE as u64 + 10);
-        let (mut v, mut cache, mut out, mut ch) = (Validator::new(), FrameCache::new(), Vec::new(), Vec::new());
-        let c = v.validate(&[encode(0, 8), encode(100, 3000), encode(4090, 2)], 4096).to_vec();
-        let s = alloc(&m, 1, &c, &mut out, &mut cache, &sim, &sim, &mut ch);
-        assert_eq!(out, [Ok(8), Err(EntryError::NoMemory), Ok(2)]);
+        let (mut v, mut cache) = (Validator::new(), FrameCache::new());
+        // Page 101 is populated before: the failed entry must keep it.
+        let mut iov = [encode(101, 1)];
+        alloc(&r, &mut iov, &mut v, &mut cache, &sim, &mut |_, _| {}, code);
+        let kept = m.translate(101 << 12, &sim);
+        let mut iov = [encode(0, 8), encode(100, 3000), encode(4090, 2)];
+        let mut view = 0i64;
+        let s = alloc(&r, &mut iov, &mut v, &mut cache, &sim, &mut |_, f| view += if f.is_some() { 1 } else { -1 }, code);
+        assert_eq!(iov, [8, code(EntryError::NoMemory), 2]);
         assert_eq!((s.pages, s.failed), (10, 1));
         assert!(s.rolled_back > 0);
+        assert_eq!(view, 10, "the view saw the rolled-back pages come and go");
         assert_eq!(m.translate(100 << 12, &sim), None, "the failed entry left nothing mapped");
-        ch.clear();
-        let c = v.validate(&[encode(0, 8), encode(8, 4), encode(4090, 2), encode(4095, 2)], 4096).to_vec();
-        let s = collect(&m, &c, &mut out, &sim, &mut ch);
-        assert_eq!(out, [Ok(8), Err(EntryError::NotPopulated), Ok(2), Err(EntryError::Overflow)]);
-        assert_eq!((s.pages, ch.len()), (10, 10));
-        let all = v.validate(&[encode(0, 4095)], 4096).to_vec();
-        free(&m, 1, &all, &mut out, &mut cache, &sim, &mut ch);
+        assert_eq!(m.translate(102 << 12, &sim), None);
+        assert_eq!(m.translate(101 << 12, &sim), kept, "but kept what was there");
+        let mut iov = [encode(0, 8), encode(8, 4), encode(4090, 2), encode(4095, 2), encode(0, 1)];
+        let s = collect(&r, &mut iov, 4091, &mut v, code);
+        assert_eq!(iov, [8, code(EntryError::NotPopulated), code(EntryError::PastDisk), code(EntryError::Overflow), code(EntryError::Duplicate)]);
+        assert_eq!(s.pages, 8);
+        free(&r, &mut [encode(0, 4095)], &mut v, &mut cache, &mut |_, _| {}, code);
         cache.drain(&sim);
         m.destroy(&sim, &sim).unwrap();
         assert_eq!(sim.allocated_frames(), 0);
     }
 
     #[test]
-    fn alloc_fresh_refuses_present_pages_and_lists_every_page_in_order() {
+    fn alloc_fresh_refuses_present_pages_and_maps_nothing_of_them() {
         let sim = SimMem::new(4 << 30);
         let m = Morsel::<Npt>::create_sparse(64 << 12, &sim, &sim).unwrap();
-        let (mut v, mut cache, mut out, mut ch) = (Validator::new(), FrameCache::new(), Vec::new(), Vec::new());
-        let c = v.validate(&[encode(6, 1)], 64).to_vec();
-        alloc(&m, 1, &c, &mut out, &mut cache, &sim, &sim, &mut ch);
+        let r = Region { morsel: &m, origin: 1, mem: &sim };
+        let (mut v, mut cache) = (Validator::new(), FrameCache::new());
+        alloc(&r, &mut [encode(6, 1)], &mut v, &mut cache, &sim, &mut |_, _| {}, code);
         let six = m.translate(6 << 12, &sim);
-        ch.clear();
-        let c = v.validate(&[encode(0, 4), encode(4, 4), encode(10, 2), encode(70, 1)], 64).to_vec();
-        let s = alloc_fresh(&m, 1, &c, &mut out, &mut cache, &sim, &sim, &mut ch);
-        assert_eq!(out, [Ok(4), Err(EntryError::Present), Ok(2), Err(EntryError::OutOfRange)]);
-        assert_eq!((s.pages, s.failed), (6, 2));
-        assert_eq!(ch.iter().map(|&(p, _)| p).collect::<Vec<_>>(), [0, 1, 2, 3, 10, 11]);
-        assert!(ch.iter().all(|&(p, f)| m.translate(p << 12, &sim) == Some(f)));
+        let mut iov = [encode(0, 4), encode(4, 4), encode(10, 2), encode(70, 1)];
+        let mut seen = Vec::new();
+        let s = alloc_fresh(&r, &mut iov, 64, &mut v, &mut cache, &sim, &mut |p, f| seen.push((p, f.is_some())), code);
+        assert_eq!(iov, [4, code(EntryError::Present), 2, code(EntryError::OutOfRange)]);
+        assert_eq!((s.pages, s.failed, s.rolled_back), (6, 2, 2));
+        let maps: Vec<u64> = seen.iter().filter(|s| s.1).map(|s| s.0).collect();
+        assert_eq!(maps, [0, 1, 2, 3, 4, 5, 10, 11], "pages 4 and 5 were mapped, then rolled back");
         assert_eq!(m.translate(4 << 12, &sim), None, "the refused entry mapped nothing");
         assert_eq!(m.translate(6 << 12, &sim), six, "and kept the present page");
-        let all = v.validate(&[encode(0, 64)], 64).to_vec();
-        free(&m, 1, &all, &mut out, &mut cache, &sim, &mut ch);
+        free(&r, &mut [encode(0, 64)], &mut v, &mut cache, &mut |_, _| {}, code);
         cache.drain(&sim);
         m.destroy(&sim, &sim).unwrap();
         assert_eq!(sim.allocated_frames(), 0);

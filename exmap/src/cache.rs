@@ -56,6 +56,11 @@ impl FrameCache {
         Self { frames: Vec::with_capacity(3 * BUNDLE), stats: CacheStats::default() }
     }
 
+    /// A cache with no room (no allocation), for a batch that takes and gives nothing.
+    pub const fn empty() -> Self {
+        Self { frames: Vec::new(), stats: CacheStats { refills: 0, returns: 0, from_allocator: 0, to_allocator: 0, zeroed: 0 } }
+    }
+
     /// Frames held now.
     pub fn len(&self) -> usize {
         self.frames.len()
@@ -87,6 +92,14 @@ impl FrameCache {
     #[inline]
     pub fn give(&mut self, frame: HostPhysAddr, from: Origin) {
         self.frames.push((frame, from));
+    }
+
+    /// Makes room for `n` more frames, fallibly, so that the next `n` `give`s never grow
+    /// the cache (a FREE reserves for every page its entries name before it runs: one batch
+    /// can evict far more than three bundles, and the frames may go back to the allocator
+    /// only after the invalidation).
+    pub fn reserve(&mut self, n: usize) -> Result<(), alloc::collections::TryReserveError> {
+        self.frames.try_reserve(n)
     }
 
     /// Gives bundles back to the allocator while more than two are held (after an
@@ -159,6 +172,8 @@ mod tests {
         assert!(c.len() <= 2 * BUNDLE && c.len() > BUNDLE, "{n} -> {}", c.len());
         c.drain(&mem);
         assert_eq!(mem.allocated_frames(), 0, "every frame back");
+        c.reserve(10 * BUNDLE).unwrap();
+        assert!(c.frames.capacity() >= 10 * BUNDLE, "room for a large FREE before it runs");
         let s = c.stats();
         assert_eq!(s.from_allocator, s.to_allocator);
     }

@@ -79,17 +79,98 @@ impl fmt::Display for EntryError {
 }
 
 /// Validates iovec pages; keeps its buffers between calls (one per vCPU, no allocation in
-/// the steady state).
+/// the steady state). The batch operations (`batch`) validate inside their walk and use it
+/// only for input that is not in page order (`order`); `validate` checks a whole page up
+/// front (the definition the batch operations are tested against).
 #[derive(Default)]
 pub struct Validator {
     checked: Vec<Result<Range, EntryError>>,
     sorted: Vec<(u64, u64, u16)>,
+    /// Entries (by index) that overlap an earlier entry, from the last `order` that had to
+    /// sort.
+    dup: [u64; MAX_ENTRIES / 64],
+}
+
+/// How the valid entries of an iovec page are ordered (`Validator::order`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Order {
+    /// Ascending and disjoint, or two such runs where the second lies wholly below the
+    /// first (a window that wrapped around the region's end): no entry overlaps another,
+    /// nothing was sorted.
+    Disjoint,
+    /// Anything else: sorted, and `Validator::is_duplicate` says which entries overlap an
+    /// earlier one.
+    Sorted,
 }
 
 impl Validator {
     /// A validator with room for a full page.
     pub fn new() -> Self {
-        Self { checked: Vec::with_capacity(MAX_ENTRIES), sorted: Vec::with_capacity(MAX_ENTRIES) }
+        Self { checked: Vec::with_capacity(MAX_ENTRIES), sorted: Vec::with_capacity(MAX_ENTRIES), dup: [0; MAX_ENTRIES / 64] }
+    }
+
+    /// Finds how the valid entries of `raw` (at most `MAX_ENTRIES`) are ordered, in one pass
+    /// that only compares; only input that is neither in page order nor one wrapped window
+    /// is sorted, to find the entries that overlap an earlier one (`is_duplicate`). Entries
+    /// with a count of 0 or past `pages` take no part (they fail on their own).
+    #[inline]
+    pub fn order(&mut self, raw: &[u64], pages: u64) -> Order {
+        let raw = &raw[..raw.len().min(MAX_ENTRIES)];
+        // The first valid entry's first page (the floor of a wrapped second run), the end
+        // of the entry before, the ceiling of the run (after a wrap: the floor).
+        let (mut floor, mut prev_end, mut ceil) = (u64::MAX, 0, u64::MAX);
+        let mut wrapped = false;
+        for &r in raw {
+            let (first, count) = decode(r);
+            let end = first + count;
+            if count == 0 || end > pages {
+                continue;
+            }
+            if floor == u64::MAX {
+                floor = first;
+            }
+            if first >= prev_end && end <= ceil {
+                prev_end = end;
+            } else if !wrapped && end <= floor {
+                wrapped = true;
+                ceil = floor;
+                prev_end = end;
+            } else {
+                self.sort(raw, pages);
+                return Order::Sorted;
+            }
+        }
+        Order::Disjoint
+    }
+
+    /// After `order` answered `Sorted`: whether entry `i` overlaps an entry with a smaller
+    /// index (valid or itself a duplicate).
+    #[inline]
+    pub fn is_duplicate(&self, i: usize) -> bool {
+        self.dup[i / 64] >> (i % 64) & 1 != 0
+    }
+
+    /// Sorts the valid entries and marks every entry that overlaps one with a smaller index.
+    #[cold]
+    fn sort(&mut self, raw: &[u64], pages: u64) {
+        self.sorted.clear();
+        self.dup = [0; MAX_ENTRIES / 64];
+        for (i, &r) in raw.iter().enumerate() {
+            let (first, count) = decode(r);
+            if count != 0 && first + count <= pages {
+                self.sorted.push((first, first + count, i as u16));
+            }
+        }
+        self.sorted.sort_unstable();
+        let s = &self.sorted;
+        for i in 0..s.len() {
+            let mut j = i + 1;
+            while j < s.len() && s[j].0 < s[i].1 {
+                let later = s[i].2.max(s[j].2) as usize;
+                self.dup[later / 64] |= 1 << (later % 64);
+                j += 1;
+            }
+        }
     }
 
     /// Checks every entry of `raw` (at most `MAX_ENTRIES`; more are cut off) against a region
@@ -99,39 +180,31 @@ impl Validator {
     pub fn validate(&mut self, raw: &[u64], pages: u64) -> &[Result<Range, EntryError>] {
         let raw = &raw[..raw.len().min(MAX_ENTRIES)];
         self.checked.clear();
-        self.sorted.clear();
-        let mut in_order = true;
-        let mut last_end = 0;
+        let order = self.order(raw, pages);
         for (i, &r) in raw.iter().enumerate() {
-            let (first, count) = decode(r);
-            let c = if count == 0 {
-                Err(EntryError::Empty)
-            } else if first >= pages {
-                Err(EntryError::OutOfRange)
-            } else if first + count > pages {
-                // `first` < 2^52 and `count` < 2^12: the sum cannot wrap.
-                Err(EntryError::Overflow)
-            } else {
-                in_order &= first >= last_end;
-                last_end = first + count;
-                self.sorted.push((first, first + count, i as u16));
-                Ok(Range { first, count })
-            };
-            self.checked.push(c);
-        }
-        if !in_order {
-            self.sorted.sort_unstable();
-            let s = &self.sorted;
-            for i in 0..s.len() {
-                let mut j = i + 1;
-                while j < s.len() && s[j].0 < s[i].1 {
-                    let later = s[i].2.max(s[j].2) as usize;
-                    self.checked[later] = Err(EntryError::Duplicate);
-                    j += 1;
-                }
-            }
+            self.checked.push(check(r, pages).and_then(|r| match order == Order::Sorted && self.is_duplicate(i) {
+                true => Err(EntryError::Duplicate),
+                false => Ok(r),
+            }));
         }
         &self.checked
+    }
+}
+
+/// An entry checked on its own: count 0 (`Empty`), first page past the region
+/// (`OutOfRange`), running past its end (`Overflow`).
+#[inline]
+pub fn check(raw: u64, pages: u64) -> Result<Range, EntryError> {
+    let (first, count) = decode(raw);
+    if count == 0 {
+        Err(EntryError::Empty)
+    } else if first >= pages {
+        Err(EntryError::OutOfRange)
+    } else if first + count > pages {
+        // `first` < 2^52 and `count` < 2^12: the sum cannot wrap.
+        Err(EntryError::Overflow)
+    } else {
+        Ok(Range { first, count })
     }
 }
 
@@ -164,6 +237,20 @@ mod tests {
         assert_eq!(c, [Ok(Range { first: 50, count: 10 }), Err(EntryError::Duplicate), Ok(Range { first: 60, count: 1 })]);
         // More than a page's worth is cut off.
         assert_eq!(v.validate(&[encode(0, 1); 600], 10).len(), MAX_ENTRIES);
+    }
+
+    #[test]
+    fn order_sorts_only_what_is_out_of_order() {
+        let mut v = Validator::new();
+        let e = |p| encode(p, 2);
+        assert_eq!(v.order(&[e(0), e(2), e(10), 0, e(500)], 100), Order::Disjoint, "ascending; invalid entries skipped");
+        assert_eq!(v.order(&[e(50), e(60), e(0), e(10)], 100), Order::Disjoint, "one wrapped window");
+        assert_eq!(v.order(&[e(50), e(60), e(0), e(49)], 100), Order::Sorted, "the second run reaches into the first");
+        assert!(v.is_duplicate(3) && !v.is_duplicate(0));
+        assert_eq!(v.order(&[e(50), e(0), e(60)], 100), Order::Sorted, "a third run");
+        assert!(!v.is_duplicate(0) && !v.is_duplicate(1) && !v.is_duplicate(2));
+        assert_eq!(v.order(&[e(50), e(51)], 100), Order::Sorted);
+        assert!(v.is_duplicate(1));
     }
 
     proptest! {

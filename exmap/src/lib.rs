@@ -20,6 +20,6 @@ pub mod batch;
 pub mod cache;
 pub mod iov;
 
-pub use batch::{alloc, alloc_fresh, collect, free, BatchStats, Outcome};
+pub use batch::{alloc, alloc_fresh, collect, free, BatchStats, Outcome, Region};
 pub use cache::{CacheStats, FrameCache, Origin, BUNDLE, FRESH};
-pub use iov::{decode, encode, EntryError, Range, Validator, MAX_COUNT, MAX_ENTRIES};
+pub use iov::{check, decode, encode, EntryError, Order, Range, Validator, MAX_COUNT, MAX_ENTRIES};

@@ -15,6 +15,10 @@
 //!
 //! Other guests open the region with `morsel::open` (read-only: they see pages as they are
 //! populated) or `ExMap::open_mut` if the owner shared it writable.
+//!
+//! Several vCPUs of one guest share one region as a buffer manager's threads share one
+//! pool: the `ExMap` stays with one of them, each vCPU calls through a `Region` (its
+//! address, `Copy`) with its own `Iovec` page, so no two calls share an iovec.
 
 use crate::abi::{self, Error};
 use crate::hypercall::call;
@@ -38,6 +42,83 @@ impl Range {
 /// The iovec page handed to the hypervisor.
 #[repr(C, align(4096))]
 struct IovPage([u64; abi::EXMAP_MAX_ENTRIES as usize]);
+
+/// One vCPU's iovec page for `Region` calls (4 KiB, aligned; keep it in guest RAM: a
+/// static or the stack, never inside a morsel).
+#[repr(C, align(4096))]
+pub struct Iovec([u64; abi::EXMAP_MAX_ENTRIES as usize]);
+
+impl Iovec {
+    /// An empty iovec page.
+    pub const fn new() -> Self {
+        Iovec([0; abi::EXMAP_MAX_ENTRIES as usize])
+    }
+
+    /// The results of the first `n` ranges of the last call through this page (as
+    /// `ExMap::results`; `n` at most the ranges that call had).
+    pub fn results(&self, n: usize) -> impl Iterator<Item = Result<u64, Error>> + '_ {
+        self.0[..n.min(self.0.len())].iter().map(|&r| decode(r))
+    }
+}
+
+impl Default for Iovec {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A region's address, for any vCPU of the guest that mounted it (`ExMap::region`). It is
+/// valid while that `ExMap` lives; after it dropped, calls answer `NotFound`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Region {
+    gpa: u64,
+}
+
+impl Region {
+    /// The region mounted at `gpa` (another vCPU's `ExMap::addr`).
+    pub const fn at(gpa: u64) -> Self {
+        Region { gpa }
+    }
+    /// Guest-physical address of the region.
+    pub fn addr(&self) -> u64 {
+        self.gpa
+    }
+    /// `ExMap::alloc` through this vCPU's `iov`.
+    pub fn alloc(&self, iov: &mut Iovec, ranges: &[Range]) -> Result<u64, Error> {
+        self.action(iov, abi::EXMAP_ALLOC, ranges)
+    }
+    /// `ExMap::free` through this vCPU's `iov`.
+    pub fn free(&self, iov: &mut Iovec, ranges: &[Range]) -> Result<u64, Error> {
+        self.action(iov, abi::EXMAP_FREE, ranges)
+    }
+    /// `ExMap::read` through this vCPU's `iov`.
+    pub fn read(&self, iov: &mut Iovec, ranges: &[Range]) -> Result<u64, Error> {
+        self.action(iov, abi::EXMAP_READ, ranges)
+    }
+    /// `ExMap::write` through this vCPU's `iov`.
+    pub fn write(&self, iov: &mut Iovec, ranges: &[Range]) -> Result<u64, Error> {
+        self.action(iov, abi::EXMAP_WRITE, ranges)
+    }
+    /// A counter of the region (`abi::EXMAP_INFO_*`).
+    pub fn info(&self, what: u64) -> Result<u64, Error> {
+        call(abi::HC_EXMAP_INFO, [self.gpa, what, 0, 0, 0, 0])
+    }
+
+    fn action(&self, iov: &mut Iovec, op: u64, ranges: &[Range]) -> Result<u64, Error> {
+        if ranges.len() > iov.0.len() {
+            return Err(Error::TooLarge);
+        }
+        for (e, r) in iov.0.iter_mut().zip(ranges) {
+            *e = abi::exmap_entry(r.page, r.count);
+        }
+        call(abi::HC_EXMAP_ACTION, [self.gpa, iov.0.as_ptr() as u64, ranges.len() as u64, op, 0, 0])
+    }
+}
+
+fn decode(r: u64) -> Result<u64, Error> {
+    let r = r as i64;
+    if r >= 0 { Ok(r as u64) } else { Err(Error::from_status(r).unwrap_or(Error::Invalid)) }
+}
 
 /// A region mounted read-write in this guest; dropping it unmounts.
 pub struct ExMap {
@@ -83,6 +164,10 @@ impl ExMap {
     pub fn pages(&self) -> u64 {
         self.len / 4096
     }
+    /// The region's address for this guest's other vCPUs (each calls with its own `Iovec`).
+    pub fn region(&self) -> Region {
+        Region { gpa: self.gpa }
+    }
 
     /// Populates the pages of `ranges` (present ones are skipped); returns how many ranges
     /// failed (see `results`).
@@ -125,10 +210,7 @@ impl ExMap {
 
     /// Per-range results of the last call: pages changed (>= 0) or a negative `Error` code.
     pub fn results(&self) -> impl Iterator<Item = Result<u64, Error>> + '_ {
-        self.iov.0[..self.used].iter().map(|&r| {
-            let r = r as i64;
-            if r >= 0 { Ok(r as u64) } else { Err(Error::from_status(r).unwrap_or(Error::Invalid)) }
-        })
+        self.iov.0[..self.used].iter().map(|&r| decode(r))
     }
 
     /// A counter of the region (`abi::EXMAP_INFO_*`).

@@ -1,5 +1,6 @@
-//! The guest's own IDT: a GDT with a 64-bit TSS (interrupt stacks), 256 entry stubs that
-//! save the scratch registers and the SSE state, and a handler table. `set_handler` installs
+//! The guest's own IDT: per vCPU a GDT with a 64-bit TSS (interrupt stacks), 256 entry stubs
+//! that save the scratch registers and the SSE state, and a handler table. Every vCPU loads
+//! the tables as it starts (`entry!`), so a vector reaches any of them. `set_handler` installs
 //! a handler for a vector; for an exception vector it also tells the hypervisor that this
 //! guest takes that exception itself (`HC_GUEST_EXCEPTIONS`; the others stay fatal).
 //!
@@ -13,7 +14,7 @@ use crate::abi::{self, Error};
 use crate::hypercall::call;
 use core::arch::{asm, global_asm};
 use core::cell::UnsafeCell;
-use core::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 
 /// What a handler sees of the interrupted code, and may change (`rip` to resume elsewhere):
 /// the scratch registers by name, then the CPU's frame.
@@ -45,13 +46,10 @@ pub struct Frame {
 pub type Handler = fn(&mut Frame);
 
 static HANDLERS: [AtomicUsize; 256] = [const { AtomicUsize::new(0) }; 256];
-static INSTALLED: AtomicBool = AtomicBool::new(false);
 static EXCEPTIONS: AtomicU32 = AtomicU32::new(0);
 
-const STACK: usize = 16 * 1024;
-
-#[repr(C, align(16))]
-struct Stack([u8; STACK]);
+/// Each interrupt stack (the exception one and the interrupt one).
+const STACK: usize = 8 * 1024;
 
 /// 64-bit TSS (SDM Vol. 3A 8.7, figure 8-11): only the IST pointers are used.
 #[repr(C, packed(4))]
@@ -65,25 +63,32 @@ struct Tss {
     iomap_base: u16,
 }
 
+/// The guest's vCPUs at most (the hypervisor's `vcpus=` limit).
+const MAX_VCPUS: usize = 16;
+
+/// The IDT, shared by every vCPU, and one GDT and TSS per vCPU (a TSS descriptor is marked
+/// busy by LTR, so vCPUs cannot share one; each TSS points at that vCPU's own stacks).
 #[repr(C, align(16))]
 struct Tables {
-    gdt: [u64; 5],
-    tss: Tss,
     idt: [[u64; 2]; 256],
-    stacks: [Stack; 2],
+    gdt: [[u64; 5]; MAX_VCPUS],
+    tss: [Tss; MAX_VCPUS],
 }
 
-/// Written once by `install` before the tables are loaded, then read by the CPU only.
+/// The IDT is written once by the first vCPU that starts (`IDT_STATE`), before any vCPU
+/// loads it; a vCPU's GDT and TSS are written only by that vCPU, before it loads them.
 struct Shared(UnsafeCell<Tables>);
-// SAFETY: written only by `install`, once (guarded by INSTALLED), before any interrupt.
+// SAFETY: see above: every part has one writer, and no reader runs before its write ended.
 unsafe impl Sync for Shared {}
 
 static TABLES: Shared = Shared(UnsafeCell::new(Tables {
-    gdt: [0; 5],
-    tss: Tss { _reserved0: 0, rsp: [0; 3], _reserved1: 0, ist: [0; 7], _reserved2: 0, _reserved3: 0, iomap_base: 104 },
     idt: [[0; 2]; 256],
-    stacks: [const { Stack([0; STACK]) }; 2],
+    gdt: [[0; 5]; MAX_VCPUS],
+    tss: [const { Tss { _reserved0: 0, rsp: [0; 3], _reserved1: 0, ist: [0; 7], _reserved2: 0, _reserved3: 0, iomap_base: 104 } }; MAX_VCPUS],
 }));
+
+/// 0: the IDT is not built, 1: a vCPU builds it, 2: built.
+static IDT_STATE: AtomicU32 = AtomicU32::new(0);
 
 /// Selectors: the hypervisor starts the guest with CS 0x08, SS/DS 0x10, TR 0x18.
 const CODE_SEL: u64 = 0x08;
@@ -138,38 +143,60 @@ extern "C" fn dispatch(frame: &mut Frame) {
     h(frame)
 }
 
-/// Builds and loads the GDT (with a TSS for the interrupt stacks) and the IDT, once.
-fn install() {
-    if INSTALLED.swap(true, Ordering::AcqRel) {
+/// The bytes `entry!`'s `_start` keeps at the top of each vCPU's stack for its interrupt
+/// stacks (IST1 for interrupts, IST2 for exceptions), below which the vCPU's code runs.
+pub const IST_RESERVE: u64 = 2 * STACK as u64;
+
+/// Builds the IDT once (the first vCPU to come here), then loads this vCPU's own GDT (with a
+/// TSS whose interrupt stacks are the `IST_RESERVE` bytes below `ist_top`) and the IDT. Every
+/// vCPU does this as it starts (`entry!`), so a vector raised in any of them finds a handler
+/// or the "without a handler" report, never a missing IDT.
+#[doc(hidden)]
+pub fn load_on_this_vcpu(vcpu: u64, ist_top: u64) {
+    let t = TABLES.0.get();
+    match IDT_STATE.compare_exchange(0, 1, Ordering::Acquire, Ordering::Acquire) {
+        Ok(_) => {
+            // SAFETY: IDT_STATE makes this the only writer, and no vCPU loads the IDT before
+            // it reads 2 below.
+            unsafe {
+                let stubs = &raw const isr_stubs as u64;
+                for (i, gate) in (*t).idt.iter_mut().enumerate() {
+                    let at = stubs + 16 * i as u64;
+                    let ist = if i < 32 { 2 } else { 1 };
+                    // Interrupt gate, present, DPL 0 (SDM Vol. 3A 6.14.1, figure 6-8).
+                    gate[0] = (at & 0xffff) | CODE_SEL << 16 | ist << 32 | 0x8e << 40 | (at >> 16 & 0xffff) << 48;
+                    gate[1] = at >> 32;
+                }
+            }
+            IDT_STATE.store(2, Ordering::Release);
+        }
+        Err(_) => {
+            while IDT_STATE.load(Ordering::Acquire) != 2 {
+                core::hint::spin_loop();
+            }
+        }
+    }
+    let v = vcpu as usize;
+    if v >= MAX_VCPUS {
         return;
     }
-    let t = TABLES.0.get();
-    // SAFETY: the first and only writer (INSTALLED); no interrupt can arrive before LIDT.
+    // SAFETY: vCPU v is the only writer of its GDT and TSS (the hypervisor runs each vCPU
+    // index once); the CPU reads them only after the loads below.
     unsafe {
-        let stubs = &raw const isr_stubs as u64;
-        let tss = &raw const (*t).tss as u64;
-        let stacks = &raw const (*t).stacks as u64;
-        (*t).tss.ist[0] = stacks + STACK as u64;
-        (*t).tss.ist[1] = stacks + 2 * STACK as u64;
+        let tss = &raw mut (*t).tss[v];
+        (*tss).ist[0] = ist_top;
+        (*tss).ist[1] = ist_top - STACK as u64;
+        let tss = tss as u64;
         // Null, 64-bit code, data, 64-bit available TSS (16 bytes) (SDM Vol. 3A 3.4.5, 8.2.3).
-        (*t).gdt = [
+        (*t).gdt[v] = [
             0,
             0x00af_9b00_0000_ffff,
             0x00cf_9300_0000_ffff,
             (core::mem::size_of::<Tss>() as u64 - 1) | (tss & 0xff_ffff) << 16 | 0x89 << 40 | (tss >> 24 & 0xff) << 56,
             tss >> 32,
         ];
-        for (i, gate) in (*t).idt.iter_mut().enumerate() {
-            let at = stubs + 16 * i as u64;
-            let ist = if i < 32 { 2 } else { 1 };
-            // Interrupt gate, present, DPL 0 (SDM Vol. 3A 6.14.1, figure 6-8).
-            gate[0] = (at & 0xffff) | CODE_SEL << 16 | ist << 32 | 0x8e << 40 | (at >> 16 & 0xffff) << 48;
-            gate[1] = at >> 32;
-        }
-        let gdtr: (u16, u64) = (5 * 8 - 1, &raw const (*t).gdt as u64);
-        let idtr: (u16, u64) = (256 * 16 - 1, &raw const (*t).idt as u64);
-        let gdtr = pseudo(gdtr);
-        let idtr = pseudo(idtr);
+        let gdtr = pseudo((5 * 8 - 1, &raw const (*t).gdt[v] as u64));
+        let idtr = pseudo((256 * 16 - 1, &raw const (*t).idt as u64));
         asm!("lgdt [{}]", in(reg) gdtr.as_ptr(), options(nostack));
         asm!("ltr {0:x}", in(reg) TSS_SEL, options(nostack));
         asm!("lidt [{}]", in(reg) idtr.as_ptr(), options(nostack));
@@ -184,11 +211,10 @@ fn pseudo((limit, base): (u16, u64)) -> [u8; 10] {
     d
 }
 
-/// Installs `handler` for `vector` (the tables on first use). For an exception vector
+/// Installs `handler` for `vector`, for every vCPU of the guest (they share the IDT). For an exception vector
 /// (below 32) the hypervisor is told that this guest handles it (`Invalid` for one it may
 /// not, see `abi::GUEST_EXCEPTIONS`).
 pub fn set_handler(vector: u8, handler: Handler) -> Result<(), Error> {
-    install();
     HANDLERS[vector as usize].store(handler as usize, Ordering::Release);
     if vector < 32 {
         let mask = EXCEPTIONS.load(Ordering::Relaxed) | 1 << vector;

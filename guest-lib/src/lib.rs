@@ -19,10 +19,14 @@
 //! With `entry!(main)` alone the other vCPUs return 0 at once. `vcpu_index()` and
 //! `BootInfo::vcpu_count` say which and how many; memory that vCPUs (or guests) use at the
 //! same time is shared soundly through atomics (`morsel::MorselRef::atomics`).
-#![no_std]
+#![cfg_attr(not(test), no_std)]
 #![warn(missing_docs)]
 
+// Host tests (`cargo test -p guest-lib`) link the host's libc instead.
+#[cfg(not(test))]
 extern crate freestanding;
+#[cfg(test)]
+extern crate std;
 
 /// The hypercall ABI (its own crate, shared with the hypervisor).
 pub use abi;
@@ -30,10 +34,14 @@ pub mod channel;
 pub mod console;
 pub mod device;
 pub mod exmap;
+pub mod heap;
 pub mod hypercall;
 pub mod interrupts;
 pub mod morsel;
 pub mod notify;
+pub mod persist;
+
+pub use persist::persist;
 
 pub use abi::{BootInfo, Error};
 
@@ -87,7 +95,8 @@ pub fn name(info: &BootInfo) -> &str {
 }
 
 #[doc(hidden)]
-pub fn start(info: &BootInfo, vcpu: u64, main: fn(&BootInfo) -> i32, secondary: fn(&BootInfo, u32) -> i32) -> ! {
+pub fn start(info: &BootInfo, vcpu: u64, ist_top: u64, main: fn(&BootInfo) -> i32, secondary: fn(&BootInfo, u32) -> i32) -> ! {
+    interrupts::load_on_this_vcpu(vcpu, ist_top);
     if vcpu == 0 {
         console::init_logger(info);
         exit(main(info))
@@ -106,8 +115,10 @@ pub fn panic(info: &core::panic::PanicInfo) -> ! {
     exit(101)
 }
 
-/// Defines the guest's entry point (`_start`, which aligns the stack and calls `main` on
-/// vCPU 0, and `vcpu_main` on the others if given) and its panic handler.
+/// Defines the guest's entry point (`_start`, which aligns the stack, keeps its top
+/// `interrupts::IST_RESERVE` bytes for the vCPU's interrupt stacks, loads the vCPU's
+/// interrupt tables and calls `main` on vCPU 0, and `vcpu_main` on the others if given) and
+/// its panic handler.
 #[macro_export]
 macro_rules! entry {
     ($main:path) => {
@@ -119,13 +130,17 @@ macro_rules! entry {
             ".global _start",
             "_start:",
             "and rsp, -16",
+            // The top of the stack holds this vCPU's interrupt stacks (`interrupts`).
+            "mov rdx, rsp",
+            "sub rsp, {ist}",
             "call {start}",
             "ud2",
             start = sym __guest_start,
+            ist = const $crate::interrupts::IST_RESERVE,
         );
 
-        extern "C" fn __guest_start(info: &'static $crate::BootInfo, vcpu: u64) -> ! {
-            $crate::start(info, vcpu, $main, $secondary)
+        extern "C" fn __guest_start(info: &'static $crate::BootInfo, vcpu: u64, ist_top: u64) -> ! {
+            $crate::start(info, vcpu, ist_top, $main, $secondary)
         }
 
         #[panic_handler]

@@ -55,6 +55,69 @@ fn create_with(name: &str, size: u64, page: PageSize, share_writable: bool, mut 
     Ok(MorselMut(mounted(gpa)?))
 }
 
+/// The pending bit `open_when_created` and `await_name` use for their name watch (keep it
+/// out of your doorbells' bits).
+pub const WATCH_BIT: crate::notify::Event = crate::notify::Event(1 << 63);
+
+/// Blocks the calling vCPU until a morsel or ExMap region named `name` exists, or `timeout`
+/// passed (`Ok(false)`): a rendezvous with a peer that has not created it yet, without
+/// polling (`HC_NAME_WATCH` + `wait` on `WATCH_BIT`; a few hypercalls in all).
+pub fn await_name(name: &str, timeout: crate::notify::Timeout) -> Result<bool, Error> {
+    use crate::notify::{self, Timeout};
+    let deadline = match timeout {
+        Timeout::Micros(us) => Some(notify::micros().saturating_add(us)),
+        _ => None,
+    };
+    loop {
+        if crate::notify::watch_name(name, WATCH_BIT)? {
+            // It is there; take the bit the watch set.
+            let _ = notify::wait(WATCH_BIT, Timeout::Poll);
+            return Ok(true);
+        }
+        let left = match deadline {
+            Some(d) => match d.checked_sub(notify::micros()) {
+                Some(us) if us > 0 => Timeout::Micros(us),
+                _ => break,
+            },
+            None => timeout,
+        };
+        // A virtual interrupt also ends the wait (0 bits): watch again.
+        if notify::wait(WATCH_BIT, left)? != crate::notify::Event(0) {
+            return Ok(true);
+        }
+        if timeout == Timeout::Poll {
+            break;
+        }
+    }
+    let _ = crate::notify::watch_name(name, crate::notify::Event(0));
+    Ok(false)
+}
+
+/// `open`, waiting (without polling) until the morsel exists: the consumer's side of a
+/// rendezvous with a producer that may not have created it yet.
+pub fn open_when_created(name: &str) -> Result<MorselRef, Error> {
+    loop {
+        match open(name) {
+            Err(Error::NotFound) => {
+                await_name(name, crate::notify::Timeout::Forever)?;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// `open_mut`, waiting (without polling) until the morsel exists.
+pub fn open_mut_when_created(name: &str) -> Result<MorselMut, Error> {
+    loop {
+        match open_mut(name) {
+            Err(Error::NotFound) => {
+                await_name(name, crate::notify::Timeout::Forever)?;
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Mounts the morsel `name` read-only.
 pub fn open(name: &str) -> Result<MorselRef, Error> {
     let gpa = call(abi::HC_MORSEL_OPEN, [name.as_ptr() as u64, name.len() as u64, 0, 0, 0, 0])?;

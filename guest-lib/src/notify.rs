@@ -50,6 +50,39 @@ impl Doorbell {
     }
 }
 
+impl Doorbell {
+    /// The subscriber's side of "subscribe before the peer rings": subscribes (bits only),
+    /// then returns as soon as `ready()` holds, checking it after the subscription and after
+    /// every wake-up on `bits`, so a ring that came before the subscription is not lost as
+    /// long as the ringer made `ready()` true before it rang. Returns the wake-ups it took.
+    pub fn wait_until(&self, bits: Event, mut ready: impl FnMut() -> bool) -> Result<u64, Error> {
+        self.subscribe(None)?;
+        let mut wakeups = 0;
+        while !ready() {
+            wait(bits, Timeout::Forever)?;
+            wakeups += 1;
+        }
+        Ok(wakeups)
+    }
+
+    /// The ringer's side: rings `bits`; nobody subscribed yet (`NoReceiver`) is no error
+    /// here (a later subscriber checks the state before it waits: `wait_until`).
+    pub fn announce(&self, bits: Event) -> Result<u64, Error> {
+        match self.ring(bits) {
+            Err(Error::NoReceiver) => Ok(0),
+            other => other,
+        }
+    }
+}
+
+/// Sets `bits` in the calling vCPU's pending set as soon as a morsel or ExMap region named
+/// `name` is in the directory: returns true if it is there now (the bits are set already),
+/// else false and the bits come when a create enters it (`wait` for them). One watch per
+/// vCPU; `Event(0)` cancels it. `morsel::await_name` and `morsel::open_when_created` wrap it.
+pub fn watch_name(name: &str, bits: Event) -> Result<bool, Error> {
+    call(abi::HC_NAME_WATCH, [name.as_ptr() as u64, name.len() as u64, bits.0, 0, 0, 0]).map(|n| n == 1)
+}
+
 /// Blocks until a pending bit in `mask` is set, an interrupt is pending, or `timeout`
 /// passed; returns the bits taken (0: timeout or interrupt).
 pub fn wait(mask: Event, timeout: Timeout) -> Result<Event, Error> {

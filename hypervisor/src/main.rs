@@ -30,11 +30,6 @@ extern "C" fn kmain(magic: u32, info: u64) -> ! {
     serial::init_logger(log::LevelFilter::Info);
     arch::gdt::init();
     arch::idt::init();
-    log::info!(target: "boot",
-        "ParPerOS hypervisor {} starting (TSC {} MHz, calibrated against the PIT over {} ms of machine time; \
-         time stamps are machine time, which an emulator's virtual clock may run faster than the wall clock)",
-        env!("CARGO_PKG_VERSION"), time::tsc_per_us(), time::CALIBRATION_MS);
-
     // SAFETY: magic and info are the loader's eax and ebx, passed through by the entry.
     let bi = match unsafe { bootinfo::BootInfo::parse(magic, info) } {
         Ok(bi) => bi,
@@ -44,7 +39,12 @@ extern "C" fn kmain(magic: u32, info: u64) -> ! {
         }
     };
     let args = cmdline::Args::parse(bi.cmdline);
+    // The command line's level holds from the first line on (`log=warn`: no INFO at all).
     log::set_max_level(args.log_level);
+    log::info!(target: "boot",
+        "ParPerOS hypervisor {} starting (TSC {} MHz, calibrated against the PIT over {} ms of machine time; \
+         time stamps are machine time, which an emulator's virtual clock may run faster than the wall clock)",
+        env!("CARGO_PKG_VERSION"), time::tsc_per_us(), time::CALIBRATION_MS);
     log::info!(target: "boot", "booted by {}, command line {:?}", bi.protocol, bi.cmdline);
     for (word, why) in &args.errors {
         log::error!(target: "boot", "command line: {word:?}: {why}");
@@ -82,6 +82,17 @@ extern "C" fn kmain(magic: u32, info: u64) -> ! {
         Err(devices::InitFailed) => (None, false),
     };
 
+    match args.test {
+        Some(cmdline::Test::SvmHostState) => {
+            svm::INJECT_HOST_STATE.store(svm::INJECT_SOMETIMES, core::sync::atomic::Ordering::Relaxed);
+            log::info!(target: "boot", "test=svm-host-state: every 64th VMRUN gets the host's state in its VMCB");
+        }
+        Some(cmdline::Test::SvmHostStateAlways) => {
+            svm::INJECT_HOST_STATE.store(svm::INJECT_ALWAYS, core::sync::atomic::Ordering::Relaxed);
+            log::info!(target: "boot", "test=svm-host-state:always: every VMRUN gets the host's state in its VMCB");
+        }
+        _ => {}
+    }
     if args.test == Some(cmdline::Test::Fault) {
         log::info!(target: "boot", "test=fault: reading an unmapped address");
         // SAFETY: deliberately not safe: the fault path is what this test exercises.

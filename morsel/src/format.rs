@@ -139,13 +139,16 @@ pub trait Format: 'static {
 
 /// Whether a subtree built in format `A` can be mounted into a table of format `B`
 /// (EPT and VT-d second level: yes, the `iommu=sharept` of Xen; NPT with either: no).
+/// Both must also write the same extra leaf bits: those carry the memory type (EPT bits
+/// 5:3, SDM Vol 3C 29.3.7), so a leaf one format writes must mean write-back to every
+/// format that walks it; formats that disagree do not share (a view is built instead).
 pub const fn can_share<A: Format, B: Format>() -> bool {
     matches!(
         (A::FAMILY, B::FAMILY),
         (Family::IntelSecondLevel, Family::IntelSecondLevel)
             | (Family::X86Paging, Family::X86Paging)
             | (Family::AmdIommu, Family::AmdIommu)
-    )
+    ) && A::LEAF_BITS == B::LEAF_BITS
 }
 
 /// Intel Extended Page Tables (SDM Vol 3C 29.3.2).
@@ -251,9 +254,11 @@ impl Format for VtdSl {
     const MIN_LEVELS: Level = 3;
     const MAX_LEVELS: Level = 4;
     const DEFAULT_LEVELS: Level = 4;
-    // Bits 6:3 (EMT, IPAT) matter only with extended memory types; SNP (bit 11) stays 0
-    // (VT-d spec 9.8).
-    const LEAF_BITS: u64 = 0;
+    // Bits 5:3 are EMT, the extended memory type, used only with extended memory types
+    // (ECAP.EMTS and EMTE), else ignored; IPAT (bit 6) and SNP (bit 11) stay 0 (VT-d spec
+    // 9.8). EMT is 6, write-back, the same bits as EPT's memory type: a VT-d subtree
+    // mounted into EPT (`can_share`) maps write-back memory there, not uncacheable (0).
+    const LEAF_BITS: u64 = EPT_MT_WB;
     const TABLE_BITS: u64 = 0;
 
     fn perm_bits(perm: Perm) -> u64 {
@@ -565,14 +570,47 @@ mod tests {
         );
         // NPT table pointers carry US.
         assert_eq!(Entry::<Npt>::table(f, Perm::RWX).raw(), 0x20_0000 | 0b111);
-        // VT-d 4 KiB RW leaf.
+        // VT-d 4 KiB RW leaf, EMT = 6 (write-back, read as the memory type by EPT).
         assert_eq!(
             Entry::<VtdSl>::leaf(PageSize::Size4K, f, Perm::RW).raw(),
-            0x20_0000 | 0b11
+            0x20_0000 | 0b11 | 6 << 3
         );
         assert!(can_share::<Ept, VtdSl>() && can_share::<VtdSl, Ept>() && can_share::<Npt, Npt>());
         assert!(!can_share::<Ept, Npt>() && !can_share::<Npt, VtdSl>());
         assert!(!can_share::<Npt, AmdV1>() && !can_share::<Ept, AmdV1>() && can_share::<AmdV1, AmdV1>());
+    }
+
+    /// A leaf that one format writes, read by every format that shares its subtrees, has
+    /// that format's own memory-type bits: EPT reads bits 5:3 of a VT-d leaf as its memory
+    /// type, and 0 would be uncacheable (SDM Vol 3C 29.3.7).
+    #[test]
+    fn shared_leaves_keep_the_memory_type_of_every_walker() {
+        fn check<A: Format, B: Format>() {
+            if !can_share::<A, B>() {
+                return;
+            }
+            for level in 1..=3 {
+                let size = PageSize::from_leaf_level(level).unwrap();
+                let raw = Entry::<A>::leaf(size, HostPhysAddr::new(0x4000_0000), Perm::RW).raw();
+                let mine = Entry::<B>::leaf(size, HostPhysAddr::new(0x4000_0000), Perm::RW).raw();
+                // Everything but rights and address: memory type, large-page bit.
+                let attrs = !(B::ADDR_MASK | B::perm_bits(Perm::RWX) | B::perm_bits(Perm::RO));
+                assert_eq!(raw & attrs, mine & attrs, "{} leaf read by {}: {raw:#x}", A::NAME, B::NAME);
+            }
+        }
+        fn all<A: Format>() {
+            check::<A, Ept>();
+            check::<A, VtdSl>();
+            check::<A, Npt>();
+            check::<A, AmdV1>();
+        }
+        all::<Ept>();
+        all::<VtdSl>();
+        all::<Npt>();
+        all::<AmdV1>();
+        assert!(can_share::<VtdSl, Ept>(), "the Intel formats still share");
+        let v = Entry::<VtdSl>::leaf(PageSize::Size4K, HostPhysAddr::new(0x1000), Perm::RW).raw();
+        assert_eq!(v >> 3 & 7, 6, "EPT reads write-back");
     }
 
     #[test]

@@ -26,6 +26,64 @@ pub enum LeafEdit {
     Stop,
 }
 
+/// The slot of one 4 KiB leaf: its L1 table and index (from `Leaves::slot`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct LeafSlot {
+    table: HostPhysAddr,
+    index: usize,
+}
+
+/// A cursor over the leaves of a sparse morsel (`Morsel::leaves`): `slot(page)` walks from
+/// the root only when `page` lies in another L1 table than the page before; `get`, `map` and
+/// `clear` read and write that slot. The morsel's tables never change shape (sparse), so a
+/// remembered L1 table stays valid for the morsel's life.
+pub struct Leaves<'a, F: Format, M: PhysMem> {
+    morsel: &'a Morsel<F>,
+    mem: &'a M,
+    /// `page >> 9` of the L1 table in `table`; `u64::MAX` before the first walk.
+    l1: u64,
+    table: HostPhysAddr,
+    /// A 4 KiB leaf with the morsel's ceiling, frame 0.
+    leaf: u64,
+}
+
+impl<F: Format, M: PhysMem> Leaves<'_, F, M> {
+    /// The slot of `page`'s leaf; `OutOfRange` past the morsel's end.
+    #[inline]
+    pub fn slot(&mut self, page: u64) -> Result<LeafSlot, Error> {
+        if page >= self.morsel.pages() {
+            return Err(Error::OutOfRange { addr: page.saturating_mul(4096), limit: self.morsel.len });
+        }
+        let l1 = page >> 9;
+        if l1 != self.l1 {
+            self.table = walk_existing::<F>(self.morsel.root, self.morsel.root_level, 1, page * 4096, self.mem)?.0;
+            self.l1 = l1;
+        }
+        Ok(LeafSlot { table: self.table, index: (page & 511) as usize })
+    }
+
+    /// The frame the slot maps, if present.
+    #[inline]
+    pub fn get(&self, s: LeafSlot) -> Option<HostPhysAddr> {
+        let raw = self.mem.read(s.table, s.index);
+        // An L1 entry that is present is a 4 KiB leaf.
+        F::is_present(raw).then(|| HostPhysAddr::new(raw & F::ADDR_MASK))
+    }
+
+    /// Maps `frame` (4 KiB aligned) at the slot with the morsel's ceiling.
+    #[inline]
+    pub fn map(&self, s: LeafSlot, frame: HostPhysAddr) {
+        debug_assert!(frame.is_aligned(4096) && frame.as_u64() & !F::ADDR_MASK == 0);
+        self.mem.write(s.table, s.index, (frame.as_u64() & F::ADDR_MASK) | self.leaf)
+    }
+
+    /// Makes the slot not present (the caller invalidates).
+    #[inline]
+    pub fn clear(&self, s: LeafSlot) {
+        self.mem.write(s.table, s.index, Entry::<F>::EMPTY.raw())
+    }
+}
+
 /// Largest morsel: one L3 root (512 GiB).
 pub const MAX_MORSEL: u64 = table_span(3);
 
@@ -168,7 +226,7 @@ impl<F: Format> Morsel<F> {
     /// the rights; a view's limit for a view), clear it, or stop (the pages
     /// after it stay untouched). Returns how many pages `f` saw. `NotSparse` on a morsel
     /// with data pages of another size, `OutOfRange` past its end. The caller invalidates
-    /// after clearing.
+    /// after clearing. A batch of ranges walks with one `leaves` cursor instead.
     pub fn edit_leaves(
         &self,
         first: u64,
@@ -176,38 +234,34 @@ impl<F: Format> Morsel<F> {
         mem: &impl PhysMem,
         mut f: impl FnMut(u64, Option<HostPhysAddr>) -> LeafEdit,
     ) -> Result<u64, Error> {
-        if !self.sparse {
-            return Err(Error::NotSparse);
-        }
+        let mut leaves = self.leaves(mem)?;
         match first.checked_add(count) {
             Some(end) if end <= self.pages() => {}
             _ => return Err(Error::OutOfRange { addr: first.saturating_mul(4096), limit: self.len }),
         }
-        let mut page = first;
-        let end = first + count;
-        while page < end {
-            let (table, mut i) = walk_existing::<F>(self.root, self.root_level, 1, page * 4096, mem)?;
-            while i < crate::addr::ENTRIES && page < end {
-                let e = Entry::<F>::from_raw(mem.read(table, i));
-                let current = match e.decode(1) {
-                    Decoded::Leaf { frame, .. } => Some(frame),
-                    _ => None,
-                };
-                match f(page, current) {
-                    LeafEdit::Keep => {}
-                    LeafEdit::Map(frame) => {
-                        mem.write(table, i, Entry::<F>::leaf(PageSize::Size4K, frame, self.ceiling).raw())
-                    }
-                    LeafEdit::Clear => mem.write(table, i, Entry::<F>::EMPTY.raw()),
-                    LeafEdit::Stop => return Ok(page - first),
-                }
-                i += 1;
-                page += 1;
+        for page in first..first + count {
+            let slot = leaves.slot(page)?;
+            match f(page, leaves.get(slot)) {
+                LeafEdit::Keep => {}
+                LeafEdit::Map(frame) => leaves.map(slot, frame),
+                LeafEdit::Clear => leaves.clear(slot),
+                LeafEdit::Stop => return Ok(page - first),
             }
         }
         Ok(count)
     }
 
+    /// A cursor over the 4 KiB leaves of this sparse morsel (`NotSparse` otherwise) that
+    /// remembers the L1 table it last walked to: pages in the same 2 MiB as the page before
+    /// cost no walk, so a batch of ranges in page order walks once per L1 table.
+    #[inline]
+    pub fn leaves<'a, M: PhysMem>(&'a self, mem: &'a M) -> Result<Leaves<'a, F, M>, Error> {
+        if !self.sparse {
+            return Err(Error::NotSparse);
+        }
+        let leaf = Entry::<F>::leaf(PageSize::Size4K, HostPhysAddr::new(0), self.ceiling).raw();
+        Ok(Leaves { morsel: self, mem, l1: u64::MAX, table: HostPhysAddr::new(0), leaf })
+    }
     /// Maps (`Some`) or clears (`None`) the leaf of one page of a sparse morsel (a view kept
     /// in step with the morsel it mirrors). Returns what was there.
     pub fn set_leaf(&self, page: u64, frame: Option<HostPhysAddr>, mem: &impl PhysMem) -> Result<Option<HostPhysAddr>, Error> {

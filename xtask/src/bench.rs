@@ -29,13 +29,18 @@ pub struct Options {
     pub smp: bool,
     /// `ipc`: the in-emulator ping-pong and idle bench (`bench_ipc`), only when named.
     pub ipc: bool,
+    /// `bufmgr`: the in-emulator buffer manager bench (`bench_bufmgr`), only when named.
+    pub bufmgr: bool,
     pub rounds: usize,
     pub docs: bool,
+    /// `--upstream PATH`: a checkout of upstream llfree-rs (outside this repository); the
+    /// allocator bench then also measures it, side by side in the same process.
+    pub upstream: Option<PathBuf>,
 }
 
 impl Options {
     pub fn parse(args: &[String]) -> Result<Options> {
-        let mut o = Options { benches: Vec::new(), smp: false, ipc: false, rounds: DEFAULT_ROUNDS, docs: false };
+        let mut o = Options { benches: Vec::new(), smp: false, ipc: false, bufmgr: false, rounds: DEFAULT_ROUNDS, docs: false, upstream: None };
         let mut it = args.iter();
         while let Some(a) = it.next() {
             match a.as_str() {
@@ -46,16 +51,21 @@ impl Options {
                         _ => bail!("`--rounds` wants a number of rounds, at least 1"),
                     }
                 }
+                "--upstream" => match it.next() {
+                    Some(p) => o.upstream = Some(PathBuf::from(p)),
+                    None => bail!("`--upstream` wants the path of a llfree-rs checkout"),
+                },
                 "smp" => o.smp = true,
                 "ipc" => o.ipc = true,
+                "bufmgr" => o.bufmgr = true,
                 name => match BENCHES.iter().find(|b| **b == name) {
                     Some(b) if !o.benches.contains(b) => o.benches.push(b),
                     Some(_) => bail!("`{name}` named twice"),
-                    None => bail!("`bench` takes allocator, morsel, exmap, smp or ipc, --rounds N, --docs (got `{name}`)"),
+                    None => bail!("`bench` takes allocator, morsel, exmap, smp, ipc or bufmgr, --rounds N, --docs (got `{name}`)"),
                 },
             }
         }
-        if o.benches.is_empty() && !o.smp && !o.ipc {
+        if o.benches.is_empty() && !o.smp && !o.ipc && !o.bufmgr {
             o.benches = BENCHES.to_vec();
         }
         Ok(o)
@@ -110,11 +120,11 @@ impl Row {
     }
 }
 
-/// Groups samples by (bench, case, threads, implementation), in the order first seen.
+/// Groups samples by (bench, case, threads, implementation, unit), in the order first seen.
 pub fn collect(samples: &[Sample]) -> Vec<Row> {
     let mut rows: Vec<Row> = Vec::new();
     for s in samples {
-        match rows.iter_mut().find(|r| r.bench == s.bench && r.case == s.case && r.threads == s.threads && r.imp == s.imp) {
+        match rows.iter_mut().find(|r| r.bench == s.bench && r.case == s.case && r.threads == s.threads && r.imp == s.imp && r.unit == s.unit) {
             Some(r) => r.values.push(s.value),
             None => rows.push(Row {
                 bench: s.bench,
@@ -207,8 +217,11 @@ pub fn utc_date(secs: u64) -> String {
 }
 
 pub fn bench(o: &Options) -> Result<ExitCode> {
-    if o.smp && o.ipc {
-        bail!("`bench smp` and `bench ipc` run one at a time (each boots QEMU)");
+    if [o.smp, o.ipc, o.bufmgr].iter().filter(|&&b| b).count() > 1 {
+        bail!("`bench smp`, `bench ipc` and `bench bufmgr` run one at a time (each boots QEMU)");
+    }
+    if o.bufmgr && o.benches.is_empty() {
+        return crate::bench_bufmgr::bench(o.rounds.min(3));
     }
     if o.smp && o.benches.is_empty() {
         return crate::bench_smp::bench(o.rounds.min(3));
@@ -216,14 +229,18 @@ pub fn bench(o: &Options) -> Result<ExitCode> {
     if o.ipc && o.benches.is_empty() {
         return crate::bench_ipc::bench(o.rounds.min(5));
     }
-    if o.smp || o.ipc {
+    if o.smp || o.ipc || o.bufmgr {
         bail!("`bench smp` and `bench ipc` run on their own (they boot QEMU): `cargo xtask bench smp`, `cargo xtask bench ipc`");
     }
     let root = crate::root();
     let mut prov = Provenance::start(&root, o.rounds);
     let mut exes = Vec::new();
     for &b in &o.benches {
-        exes.push((b, build_example(&root, b)?));
+        let exe = match (b, &o.upstream) {
+            ("allocator", Some(up)) => build_side_by_side(&root, up)?,
+            _ => build_example(&root, b)?,
+        };
+        exes.push((b, exe));
     }
     let mut samples = Vec::new();
     // Rounds interleave the benchmarks (and the allocator's patterns), so a noisy moment on
@@ -240,8 +257,13 @@ pub fn bench(o: &Options) -> Result<ExitCode> {
                     }
                 }
                 "morsel" => samples.extend(parse_morsel(&run(exe, &[MORSEL_OPS, "--sizes", MORSEL_SIZES])?)?),
-                // One run of each case per round, like the others (`--runs 1`).
-                "exmap" => samples.extend(parse_exmap(&run(exe, &["--runs", "1"])?)?),
+                // ExMap's bench interleaves its own cases over `--rounds` runs: run it once with
+                // that count (so --rounds is honoured), then count instructions per page of each
+                // case under callgrind.
+                "exmap" if round == 1 => {
+                    samples.extend(parse_exmap(&run(exe, &["--rounds", &o.rounds.to_string()])?)?);
+                    samples.extend(exmap_instructions(exe)?);
+                }
                 _ => {}
             }
         }
@@ -306,6 +328,57 @@ fn build_example(root: &Path, krate: &str) -> Result<PathBuf> {
     Ok(copy)
 }
 
+/// Builds the allocator bench with upstream llfree-rs beside ours (`--cfg llfree_upstream`) in a
+/// harness crate next to the checkout, `<checkout>/../parperos-llfree-side-by-side`, so that
+/// nothing of upstream is built or kept inside this repository; returns the binary.
+fn build_side_by_side(root: &Path, upstream: &Path) -> Result<PathBuf> {
+    let up = upstream.canonicalize().context(|| format!("no llfree-rs checkout at {}", upstream.display()))?;
+    let core = up.join("core");
+    if !core.join("Cargo.toml").is_file() {
+        bail!("{} is not a llfree-rs checkout (no core/Cargo.toml)", up.display());
+    }
+    let root = root.canonicalize().context(|| "cannot resolve the repository root".to_string())?;
+    if up.starts_with(&root) {
+        bail!("the llfree-rs checkout must lie outside this repository (got {})", up.display());
+    }
+    let harness = up.parent().unwrap_or(&up).join("parperos-llfree-side-by-side");
+    std::fs::create_dir_all(&harness).context(|| format!("cannot create {}", harness.display()))?;
+    let lit = |p: &Path| format!("{:?}", p.display().to_string());
+    let manifest = format!(
+        "[package]\nname = \"llfree-side-by-side\"\nversion = \"0.0.0\"\nedition = \"2021\"\n\n[workspace]\n\n\
+         [dependencies]\nallocator = {{ path = {} }}\nllfree = {{ path = {} }}\nlibc = \"0.2\"\n\n\
+         [[bin]]\nname = \"bench\"\npath = \"main.rs\"\n\n\
+         # The same release profile as this repository's, for both allocators.\n\
+         [profile.release]\npanic = \"abort\"\ndebug = 1\n\n\
+         [lints.rust]\nunexpected_cfgs = {{ level = \"warn\", check-cfg = ['cfg(llfree_upstream)'] }}\n",
+        lit(&root.join("allocator")),
+        lit(&core)
+    );
+    let main = format!(
+        "// Generated by `cargo xtask bench allocator --upstream`: the repository's allocator bench.\n\
+         #[path = {}]\nmod bench;\nfn main() {{\n    bench::main()\n}}\n",
+        lit(&root.join("allocator/examples/bench.rs"))
+    );
+    images::write_atomic(&harness.join("Cargo.toml"), manifest.as_bytes())?;
+    images::write_atomic(&harness.join("main.rs"), main.as_bytes())?;
+    let status = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+        .args(["build", "--release", "--quiet"])
+        .current_dir(&harness)
+        .env("RUSTFLAGS", "--cfg llfree_upstream")
+        .env("CARGO_TARGET_DIR", harness.join("target"))
+        .status()
+        .context(|| "cannot start cargo".to_string())?;
+    if !status.success() {
+        bail!("building the side-by-side bench in {} failed", harness.display());
+    }
+    let commit = Command::new("git").arg("-C").arg(&up).args(["rev-parse", "--short", "HEAD"]).output().ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown commit".into());
+    eprintln!("bench: upstream llfree-rs {} at {commit}, built beside ours in {}", up.display(), harness.display());
+    Ok(harness.join("target/release/bench"))
+}
+
 fn run(exe: &Path, args: &[&str]) -> Result<String> {
     let out = Command::new(exe).args(args).output().context(|| format!("cannot start {}", exe.display()))?;
     if !out.status.success() {
@@ -335,6 +408,7 @@ pub fn parse_allocator(out: &str) -> Result<Vec<Sample>> {
         let imp = match w.get(1) {
             Some(&"llfree-pp") => "ours",
             Some(&"spinlock") => "spinlock",
+            Some(&"llfree-rs") => "llfree-rs (upstream)",
             _ => continue,
         };
         let (Some(p), Some(sz), Ok(threads)) = (&pattern, size, w[0].parse::<u32>()) else {
@@ -398,24 +472,17 @@ pub fn size_bytes(case: &str) -> Option<u64> {
 }
 
 /// The exmap bench's lines: a header `... median of N interleaved runs`, then
-/// `NAME batch B, T thread(s): X ns/page (per thread; runs A..B)`: the median it took over its
-/// N runs, with the runs' extremes (three values, so min, median and max come out as printed).
+/// `NAME ORDER batch B, T thread(s): X ns/page (per thread; runs A..B)` (ORDER `sorted` or
+/// `wrapping`): the median it took over its N runs, with the runs' extremes (three values,
+/// so min, median and max come out as printed).
 pub fn parse_exmap(out: &str) -> Result<Vec<Sample>> {
     let mut samples = Vec::new();
     let runs = out.split("median of ").nth(1).and_then(|r| r.split_whitespace().next()?.parse::<usize>().ok());
     for line in out.lines() {
         let Some((name, rest)) = line.split_once(": ") else { continue };
         let Some((median, range)) = rest.split_once(" ns/page") else { continue };
-        let Some((what, threads)) = name.rsplit_once(", ") else { continue };
-        let Some((imp, batch)) = what.rsplit_once(" batch ") else { continue };
         let bad = || crate::Error(format!("exmap bench: cannot read `{line}`"));
-        let threads: u32 = threads.split_whitespace().next().and_then(|t| t.parse().ok()).ok_or_else(bad)?;
-        // The per-page path has no batches (an allocator call per page): its own case.
-        let (imp, case) = if imp.starts_with("per-page") {
-            ("per-page path", PER_PAGE_CASE.to_string())
-        } else {
-            ("exmap", format!("alloc+free batch {batch}"))
-        };
+        let (case, threads, imp) = exmap_case(name).ok_or_else(bad)?;
         let median: f64 = median.trim().parse().map_err(|_| bad())?;
         let (lo, hi) = range
             .split("runs ")
@@ -423,11 +490,7 @@ pub fn parse_exmap(out: &str) -> Result<Vec<Sample>> {
             .and_then(|r| r.trim_end_matches(')').split_once(".."))
             .and_then(|(a, b)| Some((a.parse::<f64>().ok()?, b.parse::<f64>().ok()?)))
             .ok_or_else(bad)?;
-        // One run: its figure. Several (the example's own median): min, median and max, so
-        // that they come out as printed.
-        let values: &[f64] = if runs == Some(1) { &[median] } else { &[lo, median, hi] };
-        let runs = runs.filter(|&r| r > 1);
-        for &value in values {
+        for value in [lo, median, hi] {
             samples.push(Sample { bench: "exmap", case: case.clone(), threads, imp: imp.into(), unit: "ns/page", value, runs });
         }
     }
@@ -437,8 +500,71 @@ pub fn parse_exmap(out: &str) -> Result<Vec<Sample>> {
     Ok(samples)
 }
 
-/// The exmap bench's per-page path (allocator get/put and zeroing per page, no cache, no batch).
-const PER_PAGE_CASE: &str = "per-page path (get/put + zeroing per page)";
+/// `(case, threads, implementation)` of an exmap bench case name (`exmap alloc+free sorted
+/// batch 64, 2 threads`): case `alloc+free sorted batch 64`.
+fn exmap_case(name: &str) -> Option<(String, u32, &'static str)> {
+    let (what, threads) = name.rsplit_once(", ")?;
+    let (imp, batch) = what.rsplit_once(" batch ")?;
+    let threads: u32 = threads.split_whitespace().next()?.parse().ok()?;
+    batch.parse::<u32>().ok()?;
+    let order = imp.rsplit(' ').next().filter(|o| *o == "sorted" || *o == "wrapping")?;
+    // The per-page path has no batches (an allocator call per page): a case of its own.
+    if imp.starts_with("per-page") {
+        return Some((format!("per-page path {order}"), threads, "per-page path"));
+    }
+    Some((format!("alloc+free {order} batch {batch}"), threads, "exmap"))
+}
+
+/// The cases whose instructions per page `exmap_instructions` counts, as the bench's
+/// `--case` takes them.
+pub const EXMAP_CASES: &[&str] = &[
+    "1,1,wrapping,exmap", "64,1,wrapping,exmap", "512,1,wrapping,exmap", "1,2,wrapping,exmap", "64,2,wrapping,exmap", "512,2,wrapping,exmap",
+    "1,1,sorted,exmap", "64,1,sorted,exmap", "512,1,sorted,exmap", "1,2,sorted,exmap", "64,2,sorted,exmap", "512,2,sorted,exmap",
+    "512,1,wrapping,per-page", "512,2,wrapping,per-page", "512,1,sorted,per-page", "512,2,sorted,per-page",
+];
+/// Pages per thread of the two counted runs: their difference cancels the set-up.
+const COUNTED_PAGES: (u64, u64) = (20_480, 122_880);
+
+/// Instructions per page of each exmap case, counted by `valgrind --tool=callgrind`
+/// (deterministic, unlike ns on this shared machine): each case runs twice, with
+/// `COUNTED_PAGES` pages per thread, and the difference of the two totals divided by the
+/// difference of the pages is the cost of one page's ALLOC+FREE, set-up and teardown
+/// cancelled. Without valgrind: none, with a note.
+pub fn exmap_instructions(exe: &Path) -> Result<Vec<Sample>> {
+    if Command::new("valgrind").arg("--version").output().is_err() {
+        eprintln!("bench: valgrind not found: no instruction counts for exmap (apt-get install valgrind)");
+        return Ok(Vec::new());
+    }
+    let mut samples = Vec::new();
+    for case in EXMAP_CASES {
+        let mut total = [0u64; 2];
+        for (k, pages) in [COUNTED_PAGES.0, COUNTED_PAGES.1].into_iter().enumerate() {
+            let out = Command::new("valgrind")
+                .args(["--tool=callgrind", "--callgrind-out-file=/dev/null"])
+                .arg(exe)
+                .args(["--case", case, "--pages", &pages.to_string(), "--rounds", "1", "--memory", "128"])
+                .output()
+                .context(|| "cannot start valgrind".to_string())?;
+            if !out.status.success() {
+                bail!("valgrind {} --case {case} failed: {}", exe.display(), String::from_utf8_lossy(&out.stderr).trim());
+            }
+            total[k] = parse_collected(&String::from_utf8_lossy(&out.stderr))
+                .ok_or_else(|| crate::Error(format!("callgrind said no `Collected :` total for --case {case}")))?;
+        }
+        let out = run(exe, &["--case", case, "--pages", "512", "--rounds", "1", "--memory", "16"])?;
+        let name = out.lines().nth(1).and_then(|l| l.split_once(": ")).map(|(n, _)| n.to_string()).unwrap_or_default();
+        let (case_name, threads, imp) = exmap_case(&name).ok_or_else(|| crate::Error(format!("exmap bench: cannot read its case `{name}`")))?;
+        let pages = (COUNTED_PAGES.1 - COUNTED_PAGES.0) * threads as u64;
+        let value = total[1].saturating_sub(total[0]) as f64 / pages as f64;
+        samples.push(Sample { bench: "exmap", case: case_name, threads, imp: imp.into(), unit: "instr/page", value, runs: None });
+    }
+    Ok(samples)
+}
+
+/// The total of callgrind's `==PID== Collected : N` line.
+pub fn parse_collected(stderr: &str) -> Option<u64> {
+    stderr.lines().find_map(|l| l.split("Collected :").nth(1)?.trim().parse().ok())
+}
 
 /// One table for every benchmark: case, threads, implementation, median, min..max, runs.
 pub fn table(rows: &[Row]) -> String {
@@ -699,18 +825,18 @@ pub fn allocator_svg(rows: &[Row], p: &Provenance) -> String {
 /// allocator call and zeroing per page) is its own group.
 pub fn exmap_svg(rows: &[Row], p: &Provenance) -> String {
     let mut cases: Vec<String> = Vec::new();
-    for r in rows.iter().filter(|r| r.imp == "exmap").chain(rows.iter().filter(|r| r.imp != "exmap")) {
+    for r in rows.iter().filter(|r| r.unit == "ns/page" && r.imp == "exmap").chain(rows.iter().filter(|r| r.unit == "ns/page" && r.imp != "exmap")) {
         if !cases.contains(&r.case) {
             cases.push(r.case.clone());
         }
     }
-    let find = |case: &str, t: u32| rows.iter().find(|r| r.case == case && r.threads == t).map(Bar::of);
+    let find = |case: &str, t: u32| rows.iter().find(|r| r.case == case && r.threads == t && r.unit == "ns/page").map(Bar::of);
     let series: Vec<(String, Vec<Option<Bar>>)> =
         [1, 2].iter().map(|&t| (format!("{t} thread{}", if t > 1 { "s" } else { "" }), cases.iter().map(|c| find(c, t)).collect())).collect();
     bar_chart(
         "ExMap: ns per page of ALLOC+FREE (lower is better)",
         "ns per page per thread",
-        &cases.iter().map(|c| if c == PER_PAGE_CASE { "per-page path".into() } else { c.replace("alloc+free batch ", "ExMap batch ") }).collect::<Vec<_>>(),
+        &cases.iter().map(|c| c.replace("alloc+free ", "ExMap ")).collect::<Vec<_>>(),
         &series,
         &notes("cargo xtask bench exmap: 512 MiB, sparse NPT region, no TLB flush; per-page path: get/put + zeroing, no cache", p),
     )
@@ -862,20 +988,21 @@ threads  allocator  get+put ns   Mops/s total   (median of 1 runs, ns per op per
         assert_eq!((s[6].imp.as_str(), s[6].value, s[6].unit), ("map page by page", 555673.0, "ns/object"));
         assert_eq!(size_bytes("64 GiB"), Some(64 << 30));
         let e = "exmap host benchmark: 512 MiB of real memory, median of 5 interleaved runs\n\
-                 exmap alloc+free batch 64, 2 threads: 24.0 ns/page (per thread; runs 20.7..27.0)\n\
-                 per-page path (allocator call + zeroing per page, no cache) batch 512, 1 thread: 63.8 ns/page (per thread; runs 60.1..65.7)\n";
-        let rows = collect(&parse_exmap(e).unwrap());
+                 exmap alloc+free sorted batch 64, 2 threads: 24.0 ns/page (per thread; runs 20.7..27.0)\n\
+                 per-page path (allocator call + zeroing per page, no cache) wrapping batch 512, 1 thread: 63.8 ns/page (per thread; runs 60.1..65.7)\n";
+        let mut samples = parse_exmap(e).unwrap();
+        samples.push(Sample { bench: "exmap", case: "alloc+free sorted batch 64".into(), threads: 2, imp: "exmap".into(), unit: "instr/page", value: 180.0, runs: None });
+        let rows = collect(&samples);
         let r = &rows[0];
-        assert_eq!((r.case.as_str(), r.threads, r.imp.as_str()), ("alloc+free batch 64", 2, "exmap"));
+        assert_eq!((r.case.as_str(), r.threads, r.imp.as_str()), ("alloc+free sorted batch 64", 2, "exmap"));
         assert_eq!((r.median(), r.min(), r.max(), r.runs()), (24.0, 20.7, 27.0, 5));
-        assert_eq!((rows[1].case.as_str(), rows[1].threads, rows[1].imp.as_str()), (PER_PAGE_CASE, 1, "per-page path"));
-        // One run per round (`--runs 1`): one value, not min, median and max.
-        let one = "exmap host benchmark: 512 MiB of real memory, median of 1 interleaved runs\n\
-                   exmap alloc+free batch 1, 1 thread: 30.0 ns/page (per thread; runs 30.0..30.0)\n";
-        let rounds: Vec<Sample> = [one, &one.replace("30.0", "20.0"), &one.replace("30.0", "50.0")].iter().flat_map(|o| parse_exmap(o).unwrap()).collect();
-        let rows = collect(&rounds);
-        assert_eq!((rows.len(), rows[0].values.len(), rows[0].median(), rows[0].runs()), (1, 3, 30.0, 3));
-        assert!(parse_exmap("exmap alloc+free batch 1, x threads: 1.0 ns/page (per thread; runs 1.0..2.0)\n").is_err());
+        assert_eq!((rows[1].case.as_str(), rows[1].threads, rows[1].imp.as_str()), ("per-page path wrapping", 1, "per-page path"));
+        assert_eq!((rows[2].unit, rows[2].median()), ("instr/page", 180.0), "instructions are a row of their own");
+        let prov = Provenance { date: "d".into(), commit: "c".into(), cpus: 2, load_start: 0.0, load_end: 0.0, rounds: 5 };
+        assert!(exmap_svg(&rows, &prov).contains("sorted batch 64"));
+        assert!(parse_exmap("exmap alloc+free sorted batch 1, x threads: 1.0 ns/page (per thread; runs 1.0..2.0)\n").is_err());
+        assert!(parse_exmap("exmap alloc+free batch 1, 1 thread: 1.0 ns/page (per thread; runs 1.0..2.0)\n").is_err(), "no order");
+        assert_eq!(parse_collected("==12== Events    : Ir\n==12== Collected : 207806271\n"), Some(207806271));
     }
 
     #[test]
@@ -909,13 +1036,13 @@ threads  allocator  get+put ns   Mops/s total   (median of 1 runs, ns per op per
     #[test]
     fn exmap_plot_has_a_group_for_the_per_page_path() {
         let e = "exmap host benchmark: 512 MiB of real memory, median of 5 interleaved runs\n\
-                 exmap alloc+free batch 1, 1 thread: 26.0 ns/page (per thread; runs 25.0..27.0)\n\
-                 exmap alloc+free batch 512, 1 thread: 19.0 ns/page (per thread; runs 18.0..20.0)\n\
-                 exmap alloc+free batch 512, 2 threads: 19.5 ns/page (per thread; runs 18.0..21.0)\n\
-                 per-page path (allocator call + zeroing per page, no cache) batch 512, 1 thread: 60.0 ns/page (per thread; runs 59.0..61.0)\n";
+                 exmap alloc+free wrapping batch 1, 1 thread: 26.0 ns/page (per thread; runs 25.0..27.0)\n\
+                 exmap alloc+free wrapping batch 512, 1 thread: 19.0 ns/page (per thread; runs 18.0..20.0)\n\
+                 exmap alloc+free wrapping batch 512, 2 threads: 19.5 ns/page (per thread; runs 18.0..21.0)\n\
+                 per-page path (allocator call + zeroing per page, no cache) wrapping batch 512, 1 thread: 60.0 ns/page (per thread; runs 59.0..61.0)\n";
         let prov = Provenance { date: "d".into(), commit: "c".into(), cpus: 16, load_start: 0.1, load_end: 0.2, rounds: 1 };
         let svg = exmap_svg(&collect(&parse_exmap(e).unwrap()), &prov);
-        assert!(svg.contains(">ExMap<") && svg.contains(">batch 512<") && svg.contains(">per-page<") && svg.contains(">path<"), "{svg}");
+        assert!(svg.contains(">ExMap<") && svg.contains(">wrapping batch 512<") && svg.contains(">per-page<") && svg.contains(">path wrapping<"), "{svg}");
         assert!(!svg.contains("per-page path batch"), "{svg}");
         // Figures within a factor of 20: a linear axis from 0, bars are bars.
         assert!(svg.contains(">0<") && !svg.contains("log scale"), "{svg}");

@@ -7,11 +7,13 @@ use crate::{bail, Result};
 
 /// The keys the hypervisor understands, with their values.
 pub const KEYS: &str = "guests=SPEC,SPEC,...  log=error|warn|info|debug|trace  \
-    test=fault|dma-fault|dma-nodomain|sharept|pmem-crash:format|pmem-crash:magic  pmem=format|drop:N[,N...]|drop:damaged  iommu=register|sharept  nvme=poll  cpus=N  bench=on";
+    test=fault|dma-fault|dma-nodomain|sharept|svm-host-state|svm-host-state:always|pmem-crash:format|pmem-crash:magic  pmem=format|drop:N[,N...]|drop:damaged  iommu=register|sharept  nvme=poll  cpus=N  bench=on";
 /// The options of one guest SPEC after its name.
 pub const GUEST_OPTIONS: &str = "mem=SIZE, slices=N, arg=N (or SIZE), vcpus=N, cpu=K, code=N, stopped";
 /// What a SIZE may end with.
 pub const SIZE_SUFFIXES: &str = "none (bytes), K, M or G (KiB, MiB, GiB; either case)";
+/// The keys alone, for "did you mean".
+const KEY_NAMES: &[&str] = &["guests", "log", "test", "pmem", "iommu", "nvme", "cpus", "bench"];
 const LEVELS: &[&str] = &["off", "error", "warn", "info", "debug", "trace"];
 
 /// Checks every word of `line`; `guests` are the names in the archive.
@@ -47,8 +49,8 @@ fn check_word(word: &str, guests: &[&str]) -> std::result::Result<(), String> {
         }
         "log" if LEVELS.contains(&value.to_ascii_lowercase().as_str()) => Ok(()),
         "log" => Err(format!("unknown log level; valid: {}", LEVELS[1..].join(", "))),
-        "test" if ["fault", "dma-fault", "dma-nodomain", "sharept", "pmem-crash:format", "pmem-crash:magic"].contains(&value) => Ok(()),
-        "test" => Err("unknown test; valid: fault, dma-fault, dma-nodomain, sharept, pmem-crash:format, pmem-crash:magic".into()),
+        "test" if ["fault", "dma-fault", "dma-nodomain", "sharept", "svm-host-state", "svm-host-state:always", "pmem-crash:format", "pmem-crash:magic"].contains(&value) => Ok(()),
+        "test" => Err("unknown test; valid: fault, dma-fault, dma-nodomain, sharept, svm-host-state, svm-host-state:always, pmem-crash:format, pmem-crash:magic".into()),
         "pmem" if value == "format" || value == "drop:damaged" => Ok(()),
         "pmem" if value.strip_prefix("drop:").is_some_and(|slots| {
             slots.split(',').all(|n| n.parse::<u8>().is_ok_and(|n| n < 64))
@@ -62,7 +64,7 @@ fn check_word(word: &str, guests: &[&str]) -> std::result::Result<(), String> {
         "bench" => Err("valid: `on` (guests may call bench_frames)".into()),
         "nvme" if value == "poll" => Ok(()),
         "nvme" => Err("valid: `poll` (NVMe completions polled, not by MSI-X interrupt)".into()),
-        _ => Err(format!("unknown key `{key}`; the keys are {KEYS}")),
+        _ => Err(format!("unknown key `{key}`{}; the keys are {KEYS}", crate::did_you_mean(key, KEY_NAMES.iter().copied()))),
     }
 }
 
@@ -73,11 +75,11 @@ fn check_guest(spec: &str, guests: &[&str]) -> std::result::Result<(), String> {
     if name.is_empty() {
         problems.push("empty guest name".to_string());
     } else if !guests.contains(&name) {
-        problems.push(format!("no guest `{name}` in the archive (have: {})", guests.join(", ")));
+        problems.push(format!("no guest `{name}` in the archive{} (have: {})", crate::did_you_mean(name, guests.iter().copied()), guests.join(", ")));
     }
     for part in parts {
         let problem = match part.split_once('=') {
-            Some(("mem", size)) => parse_size(size).err().map(|e| format!("mem={size}: {e}")),
+            Some(("mem", size)) => check_memory(size).err().map(|e| format!("mem={size}: {e}")),
             Some(("arg", n)) => parse_size(n).err().map(|e| format!("arg={n}: {e}")),
             Some(("slices", n)) => n.parse::<u64>().err().map(|_| format!("slices={n}: not a whole number")),
             Some(("vcpus", n)) => n.parse::<u32>().ok().filter(|n| (1..=16).contains(n)).is_none().then(|| format!("vcpus={n}: 1 to 16")),
@@ -92,6 +94,41 @@ fn check_guest(spec: &str, guests: &[&str]) -> std::result::Result<(), String> {
         true => Ok(()),
         false => Err(problems.join("; ")),
     }
+}
+
+/// The guest memory sizes the hypervisor accepts (`hypervisor/src/vm/guest.rs`,
+/// `Guest::create`): whole 2 MiB, from 4 MiB to 512 GiB.
+pub const GUEST_MEMORY_MIN: u64 = 4 << 20;
+pub const GUEST_MEMORY_MAX: u64 = 512 << 30;
+const GUEST_MEMORY_STEP: u64 = 2 << 20;
+
+/// A guest's `mem=SIZE`, checked as the hypervisor will check it; sizes in MiB.
+pub fn check_memory(size: &str) -> std::result::Result<u64, String> {
+    let n = parse_size(size)?;
+    let mib = |b: u64| format!("{} MiB", b >> 20);
+    if n < GUEST_MEMORY_MIN {
+        return Err(format!("{} is below the smallest guest, {}", if n >= 1 << 20 { mib(n) } else { format!("{n} bytes") }, mib(GUEST_MEMORY_MIN)));
+    }
+    if n > GUEST_MEMORY_MAX {
+        return Err(format!("{} is above the largest guest, 512 GiB", mib(n)));
+    }
+    if n % GUEST_MEMORY_STEP != 0 {
+        return Err(format!("{} KiB is not a whole number of 2 MiB (try {})", n >> 10, mib(n.next_multiple_of(GUEST_MEMORY_STEP))));
+    }
+    Ok(n)
+}
+
+/// The memory the guests of `line` ask for in all (`mem=`, else the hypervisor's 16 MiB).
+pub fn guest_memory(line: &str) -> u64 {
+    let mut total = 0u64;
+    for word in line.split_ascii_whitespace() {
+        let Some(specs) = word.strip_prefix("guests=") else { continue };
+        for spec in specs.split(',').filter(|s| !s.is_empty()) {
+            let mem = spec.split(':').find_map(|p| p.strip_prefix("mem=")).and_then(|m| parse_size(m).ok()).unwrap_or(16 << 20);
+            total = total.saturating_add(mem);
+        }
+    }
+    total
 }
 
 /// `16M`, `2G`, `4096K` or plain bytes, as the hypervisor reads them (`formats::units`).
@@ -152,6 +189,25 @@ mod tests {
         assert_eq!(parse_size("16M"), Ok(16 << 20));
         assert_eq!(parse_size("4096"), Ok(4096));
         assert_eq!(parse_size("2g"), Ok(2 << 30));
+    }
+
+    #[test]
+    fn guest_memory_is_checked_as_the_hypervisor_does() {
+        let e = err("guests=hello:mem=2M");
+        assert!(e.contains("2 MiB is below the smallest guest, 4 MiB"), "{e}");
+        assert!(!e.contains("0x"), "sizes in MiB, not hex: {e}");
+        assert!(err("guests=hello:mem=5M").contains("not a whole number of 2 MiB (try 6 MiB)"));
+        assert!(err("guests=hello:mem=1024G").contains("above the largest guest"));
+        assert!(err("guests=hello:mem=100").contains("100 bytes is below"));
+        check("guests=hello:mem=4M,hello:mem=512G", GUESTS).unwrap();
+        assert_eq!(guest_memory("log=info guests=hello:mem=4G,counter,hello:mem=32M"), (4 << 30) + (16 << 20) + (32 << 20));
+        assert_eq!(guest_memory("log=info"), 0);
+    }
+
+    #[test]
+    fn misspelt_names_and_keys_get_a_suggestion() {
+        assert!(err("guests=helo").contains("did you mean `hello`?"));
+        assert!(err("gusets=hello").contains("did you mean `guests`?"));
     }
 
     #[test]

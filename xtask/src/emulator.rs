@@ -52,7 +52,11 @@ impl Config {
             (true, false) => Ok(Config { name, emulator: Emulator::Qemu, path: args }),
             (false, true) => Ok(Config { name, emulator: Emulator::Bochs, path: rc }),
             (true, true) => bail!("config `{name}` is ambiguous: both {name}.args and {name}.bochsrc exist"),
-            (false, false) => bail!("no config `{name}` in {CONFIG_DIR}/ (have: {})", available(&dir).join(", ")),
+            (false, false) => {
+                let have = available(&dir);
+                let hint = crate::did_you_mean(&name, have.iter().map(String::as_str));
+                Err(crate::usage_error(format!("no config `{name}` in {CONFIG_DIR}/{hint} (have: {})", have.join(", "))))
+            }
         }
     }
 }
@@ -110,6 +114,59 @@ pub fn detect_accel() -> (Accel, String) {
     match flag {
         Some(f) => (Accel::Kvm, format!("KVM (-accel kvm -cpu host: /dev/kvm usable, cpu has {f})")),
         None => (Accel::Tcg, "TCG software emulation (/dev/kvm opens but the cpu shows no vmx/svm)".into()),
+    }
+}
+
+impl Accel {
+    /// `--accel kvm|tcg`.
+    pub fn parse(word: &str) -> Result<Accel> {
+        match word {
+            "kvm" => Ok(Accel::Kvm),
+            "tcg" => Ok(Accel::Tcg),
+            other => bail!("unknown accelerator `{other}` (kvm or tcg){}", crate::did_you_mean(other, ["kvm", "tcg"])),
+        }
+    }
+}
+
+/// Whether a QEMU config may run under KVM: it has `kvm:` lines. The configs that emulate a
+/// CPU without a virtualization feature (qemu-novirt: no SVM, qemu-svm-nonpt: no NPT) have
+/// none: under KVM `-cpu host` would have the feature and they would test nothing.
+pub fn allows_kvm(config: &Config) -> bool {
+    config.emulator == Emulator::Qemu
+        && std::fs::read_to_string(&config.path).is_ok_and(|t| t.lines().any(|l| l.trim_start().starts_with("kvm:")))
+}
+
+/// Who picks the accelerator when `--accel` is not given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Default {
+    /// `run`: KVM where it is usable (`detect_accel`).
+    Detect,
+    /// `test`, benches: TCG, the path the scenarios are written for.
+    Tcg,
+}
+
+/// The accelerator for `config` and the one-line reason the run prints first: `--accel`
+/// if given (KVM refused for a TCG-only config, or where /dev/kvm cannot run us), else by
+/// `default`.
+pub fn choose_accel(config: &Config, requested: Option<Accel>, default: Default) -> Result<(Accel, String)> {
+    if config.emulator == Emulator::Bochs {
+        return Ok((Accel::Tcg, "Bochs (software emulation; --accel is for QEMU)".into()));
+    }
+    let tcg_only = !allows_kvm(config);
+    let tcg_only_why = || format!("config `{}` emulates a CPU without a virtualization feature, which `-cpu host` under KVM would have", config.name);
+    match requested {
+        Some(Accel::Tcg) => Ok((Accel::Tcg, "TCG software emulation (--accel tcg)".into())),
+        Some(Accel::Kvm) if tcg_only => Err(crate::usage_error(format!("--accel kvm: {}; use --accel tcg", tcg_only_why()))),
+        Some(Accel::Kvm) => match detect_accel() {
+            (Accel::Kvm, why) => Ok((Accel::Kvm, format!("{why}; --accel kvm"))),
+            (Accel::Tcg, why) => bail!("--accel kvm: KVM cannot run the hypervisor here: {why}; use --accel tcg"),
+        },
+        None if tcg_only => Ok((Accel::Tcg, format!("TCG software emulation ({}: kept on TCG)", tcg_only_why()))),
+        None if default == Default::Tcg => Ok((Accel::Tcg, "TCG software emulation (the tested path; --accel kvm to use KVM)".into())),
+        None => {
+            let (a, why) = detect_accel();
+            Ok((a, format!("{why}; chosen automatically, --accel tcg or kvm to choose")))
+        }
     }
 }
 
@@ -337,6 +394,25 @@ kvm: -cpu host   # host cpu
 -append a b
 hypervisor: iommu=sharept   # not for QEMU
 ";
+
+    #[test]
+    fn named_configs_stay_honest_under_kvm() {
+        let root = crate::root();
+        for name in ["qemu-novirt", "qemu-svm-nonpt"] {
+            let c = Config::resolve(&root, name).unwrap();
+            assert!(!allows_kvm(&c), "{name} has no kvm: lines");
+            assert_eq!(choose_accel(&c, None, Default::Detect).unwrap().0, Accel::Tcg, "{name}");
+            let e = choose_accel(&c, Some(Accel::Kvm), Default::Detect).unwrap_err().0;
+            assert!(e.contains("--accel tcg"), "{e}");
+        }
+        let svm = Config::resolve(&root, "qemu-svm").unwrap();
+        assert!(allows_kvm(&svm));
+        let (a, why) = choose_accel(&svm, Some(Accel::Tcg), Default::Detect).unwrap();
+        assert_eq!(a, Accel::Tcg);
+        assert!(why.contains("--accel tcg"), "{why}");
+        assert_eq!(choose_accel(&svm, None, Default::Tcg).unwrap().0, Accel::Tcg);
+        assert!(Accel::parse("kmv").unwrap_err().0.contains("did you mean `kvm`"));
+    }
 
     #[test]
     fn hypervisor_lines_are_words_not_arguments() {

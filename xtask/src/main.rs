@@ -7,6 +7,7 @@
 
 mod archive;
 mod bench;
+mod bench_bufmgr;
 mod bench_ipc;
 mod bench_smp;
 mod cmdline;
@@ -15,6 +16,7 @@ mod doc;
 mod emulator;
 mod images;
 mod machine;
+mod newguest;
 mod pmem;
 mod run;
 mod scenario;
@@ -34,6 +36,7 @@ commands:
   run       boot the demo, a command line or your own guest ELF, console on this terminal
   test      host tests, then every scenario in tests/scenarios/ (or those FILTER selects)
   list      the guests, configs and scenarios there are
+  new-guest DIR  write a guest crate of your own in DIR (builds with plain `cargo build`)
   guest-flags  print the RUSTFLAGS that build a guest crate of your own
   bench     the host benchmarks (allocator, morsel, exmap): table, CSV and SVG plots
   doc       build the book (docs/, mdBook) into build/book
@@ -57,6 +60,9 @@ usage: cargo xtask run [options] [-- EMULATOR-ARGS]
   --config NAME          a setup from qemu-configs/ (NAME.args or NAME.bochsrc; `cargo xtask list`)
   --cmdline TEXT         hypervisor command line (default: qemu-configs/demo.cmdline)
   --cpus N               N CPUs (QEMU -smp N, Bochs cpu: count=N)
+  --accel kvm|tcg        QEMU: KVM (-cpu host) or TCG software emulation; default KVM where
+                         /dev/kvm and the CPU's vmx/svm are usable, else TCG (the first line
+                         says which and why); qemu-novirt and qemu-svm-nonpt stay on TCG
   --guest PATH[:OPTS]    a guest ELF built anywhere, booted under its file name with the
                          guest options OPTS (`:mem=32M:arg=1`); repeatable; added to the
                          command line's guests= (without --cmdline: only these guests)
@@ -66,13 +72,18 @@ usage: cargo xtask run [options] [-- EMULATOR-ARGS]
 ";
 
 const HELP_TEST: &str = "\
-usage: cargo xtask test [FILTER] [-j N] [--junit FILE]
+usage: cargo xtask test [FILTER] [-j N] [--junit FILE] [--accel kvm|tcg] [--guest ELF[:OPTS]]
   host tests, then every scenario of tests/scenarios/ under each of its configs
   FILTER        only runs whose `name [config]` contains FILTER; `host`: host tests and the
                 book check only; `doc`: the book check only (mdBook build, links);
                 a FILTER that matches nothing is an error (exit status 2) listing what exists
   -j N          QEMU runs at a time (default: the CPU count; Bochs runs one at a time)
   --junit FILE  also write a JUnit XML report to FILE
+  --accel kvm|tcg  QEMU scenarios under KVM (where the config allows it) or TCG (default:
+                TCG, the path the scenarios are written for)
+  --guest ELF[:OPTS]  no scenarios: boot your own guest ELF (repeatable; `:arg=1:mem=32M`)
+                under qemu-svm and pass if every guest exits with code 0 and every frame
+                comes back
   PARPEROS_SEED=N  the seed of crash runs (kill@K), as a failure prints it
 ";
 
@@ -89,13 +100,28 @@ usage: cargo xtask guest-flags
   --target x86_64-unknown-linux-gnu; then `cargo xtask run --guest path/to/elf`
 ";
 
+const HELP_NEW_GUEST: &str = "\
+usage: cargo xtask new-guest DIR
+  writes a guest crate in DIR (outside this repository; DIR must not exist or be empty; its
+  name becomes the crate's and the guest's): Cargo.toml (guest-lib of this checkout as a
+  path dependency with the heap, panic = \"abort\" in both profiles), .cargo/config.toml (the
+  target and the flags of `guest-flags`, this checkout's linker script), and src/main.rs, an
+  example that uses the heap, a shared morsel, a doorbell rendezvous and ExMap. Then:
+    cd DIR && cargo build
+    cargo xtask run --guest DIR/target/x86_64-unknown-linux-gnu/debug/NAME \\
+                    --guest DIR/target/x86_64-unknown-linux-gnu/debug/NAME:arg=1
+";
+
 const HELP_BENCH: &str = "\
-usage: cargo xtask bench [allocator|morsel|exmap|smp|ipc] [--rounds N] [--docs]
+usage: cargo xtask bench [allocator|morsel|exmap|smp|ipc|bufmgr] [--rounds N] [--docs] [--upstream PATH]
   the host benchmarks (release builds of each crate's examples/bench.rs): all of them, or
-  those named, in N interleaved rounds (default 5; each round runs every case once).
+  those named, in N interleaved rounds (default 5; exmap interleaves its own N runs).
   Prints one table (median, min..max per case), writes build/bench/<bench>.csv (with the date,
   commit, host CPU count and load average) and
   build/bench/<bench>.svg; --docs also writes the plots to docs/src/bench/ (the book's Benchmarks chapter)
+  --upstream PATH: a llfree-rs checkout outside this repository (github.com/luhsra/llfree-rs);
+  the allocator bench is built with it in PATH/../parperos-llfree-side-by-side and measures
+  upstream in the same loops and process, rows labelled `llfree-rs (upstream)`
   smp: boots the smpbench guest (bench=on) under QEMU with 1 and 2 CPUs (at most 3 rounds),
   then under Bochs VMX once each, and prints per CPU the frame alloc+free rates inside the
   hypervisor, the morsel create+destroy and unmount+open rates and the shootdown cost, and
@@ -103,6 +129,9 @@ usage: cargo xtask bench [allocator|morsel|exmap|smp|ipc] [--rounds N] [--docs]
   ipc: boots two channel guests under QEMU (at most 5 rounds): ping-pong round trips per
   second and exits per round trip, doorbell + wait vs yield polling, on 1 and 2 CPUs; and
   the host CPU time of two guests idle for 3 s, waiting vs polling
+  bufmgr: the vmcache-style buffer manager guest (bmtree) with 1, 2, 4 vCPUs: under QEMU
+  (qemu-iommu, pages READ from NVMe; at most 3 rounds) lookups/s, pages read/s, exits and
+  invalidations per 1,000 lookups; under Bochs VMX (ALLOC + generator) TSC ticks per lookup
 ";
 
 const HELP_SETUP: &str = "\
@@ -121,6 +150,60 @@ usage: cargo xtask doc
 
 /// Exit status of a usage error (a bad option, a filter that selects nothing).
 pub const EXIT_USAGE: u8 = 2;
+
+/// Set by `usage_error`: the command fails with exit status 2 (a usage error), whichever
+/// path the error took back to `main`.
+static USAGE_SEEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// An error the user made in what they asked for (an unknown config or guest, a guest size
+/// the hypervisor refuses): exit status 2, even where it is found late (after a build).
+pub fn usage_error(message: String) -> Error {
+    USAGE_SEEN.store(true, std::sync::atomic::Ordering::Relaxed);
+    Error(message)
+}
+
+/// The candidate closest to `word` if it is a likely misspelling (edit distance at most 1
+/// for short words, 2 from 5 characters on, and less than the word's length).
+pub fn suggest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    let limit = if word.chars().count() >= 5 { 2 } else { 1 };
+    candidates
+        .into_iter()
+        .map(|c| (edit_distance(word, c), c))
+        .filter(|&(d, c)| d <= limit && d < word.chars().count().max(c.chars().count()) && d > 0)
+        .min_by_key(|&(d, _)| d)
+        .map(|(_, c)| c)
+}
+
+/// ` (did you mean `X`?)` or nothing.
+pub fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> String {
+    suggest(word, candidates).map_or(String::new(), |c| format!(" (did you mean `{c}`?)"))
+}
+
+/// Edit distance by characters, a swap of two neighbours counting as one edit (optimal
+/// string alignment).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+    let mut d = vec![vec![0usize; b.len() + 1]; a.len() + 1];
+    for (i, row) in d.iter_mut().enumerate() {
+        row[0] = i;
+    }
+    for j in 0..=b.len() {
+        d[0][j] = j;
+    }
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            d[i][j] = (d[i - 1][j] + 1).min(d[i][j - 1] + 1).min(d[i - 1][j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                d[i][j] = d[i][j].min(d[i - 2][j - 2] + 1);
+            }
+        }
+    }
+    d[a.len()][b.len()]
+}
+
+/// The subcommands, for "did you mean".
+const COMMANDS: &[&str] = &["build", "run", "test", "list", "new-guest", "guest-flags", "bench", "setup", "help"];
 
 /// One readable message; printed as `error: <message>`.
 #[derive(Debug)]
@@ -255,7 +338,11 @@ fn main() -> ExitCode {
         }
         Err(Fail::Failed(e)) => {
             eprintln!("error: {e}");
-            ExitCode::FAILURE
+            if USAGE_SEEN.load(std::sync::atomic::Ordering::Relaxed) {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
@@ -296,6 +383,7 @@ fn dispatch(args: &[String]) -> std::result::Result<ExitCode, Fail> {
         "list" => HELP_LIST,
         "bench" => HELP_BENCH,
         "guest-flags" => HELP_GUEST_FLAGS,
+        "new-guest" => HELP_NEW_GUEST,
         "setup" => HELP_SETUP,
         "doc" => HELP_DOC,
         _ => USAGE,
@@ -331,6 +419,18 @@ fn dispatch(args: &[String]) -> std::result::Result<ExitCode, Fail> {
             println!("{} -C link-arg=-T{}", images::FREESTANDING_RUSTFLAGS, root.join("guest-lib/guest.ld").display());
             Ok(ExitCode::SUCCESS)
         }
+        "new-guest" => {
+            let dir = match rest {
+                [dir] if !dir.starts_with('-') => PathBuf::from(dir),
+                _ => return Err(Fail::Usage(Error("`new-guest` takes one directory (see `cargo xtask new-guest --help`)".into()))),
+            };
+            let name = newguest::create(&root, &dir)?;
+            println!("new guest `{name}` in {}; build and boot it:", dir.display());
+            println!("  (cd {} && cargo build)", dir.display());
+            let elf = newguest::elf(&dir, &name);
+            println!("  cargo xtask run --guest {} --guest {}:arg=1", elf.display(), elf.display());
+            Ok(ExitCode::SUCCESS)
+        }
         "bench" => {
             let o = usage(bench::Options::parse(rest))?;
             Ok(bench::bench(&o)?)
@@ -358,7 +458,7 @@ fn dispatch(args: &[String]) -> std::result::Result<ExitCode, Fail> {
             print!("{USAGE}");
             Ok(ExitCode::SUCCESS)
         }
-        other => Err(Fail::Usage(Error(format!("unknown command `{other}` (try `cargo xtask help`)")))),
+        other => Err(Fail::Usage(Error(format!("unknown command `{other}`{} (try `cargo xtask help`)", did_you_mean(other, COMMANDS.iter().copied()))))),
     }
 }
 
@@ -446,6 +546,20 @@ mod tests {
             Ok(stat) => stat.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().next()) != Some("Z"),
             Err(_) => false,
         }
+    }
+
+    #[test]
+    fn misspellings_get_a_suggestion() {
+        use super::{did_you_mean, suggest, COMMANDS};
+        assert_eq!(suggest("rn", COMMANDS.iter().copied()), Some("run"));
+        assert_eq!(suggest("tset", COMMANDS.iter().copied()), Some("test"));
+        assert_eq!(suggest("--emulater", ["--emulator", "--config"]), Some("--emulator"));
+        assert_eq!(suggest("helo", ["hello", "counter"]), Some("hello"));
+        assert_eq!(suggest("qemu-svn", ["qemu-svm", "qemu-iommu"]), Some("qemu-svm"));
+        assert_eq!(suggest("xyzzy", COMMANDS.iter().copied()), None);
+        assert_eq!(suggest("run", COMMANDS.iter().copied()), None, "an exact name is no misspelling");
+        assert_eq!(suggest("a", ["b"]), None, "one letter is no basis for a guess");
+        assert_eq!(did_you_mean("rn", ["run"]), " (did you mean `run`?)");
     }
 
     #[test]

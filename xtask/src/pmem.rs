@@ -115,7 +115,7 @@ pub fn qemu_args(config_args: &[String], path: &Path, size: u64) -> Result<Vec<S
 }
 
 /// A QEMU `-m` value in bytes: `2G`, `2048M`, `2048` (MiB, QEMU's default unit).
-fn ram_size(v: &str) -> Option<u64> {
+pub fn ram_size(v: &str) -> Option<u64> {
     let v = v.strip_prefix("size=").unwrap_or(v);
     let (num, unit) = match v.as_bytes().last()? {
         b'T' | b't' => (&v[..v.len() - 1], 1024 * GIB),

@@ -20,6 +20,8 @@ pub struct Options {
     cmdline: Option<String>,
     cpus: Option<usize>,
     gdb: bool,
+    /// `--accel kvm|tcg` (QEMU; None: KVM where usable, `emulator::choose_accel`).
+    accel: Option<emulator::Accel>,
     /// `--timeout SECONDS`: stop the emulator then (the run fails).
     timeout: Option<Duration>,
     /// `--guest PATH[:OPTS]`: guest ELFs from outside this repository, booted in this order.
@@ -27,9 +29,12 @@ pub struct Options {
     extra: Vec<String>,
 }
 
+/// The options of `run`, for "did you mean".
+const RUN_OPTIONS: &[&str] = &["--emulator", "--config", "--cmdline", "--cpus", "--guest", "--timeout", "--gdb", "--accel"];
+
 impl Options {
     pub fn parse(args: &[String]) -> Result<Options> {
-        let mut o = Options { emulator: None, config: None, cmdline: None, cpus: None, gdb: false, timeout: None, guests: Vec::new(), extra: Vec::new() };
+        let mut o = Options { emulator: None, config: None, cmdline: None, cpus: None, gdb: false, accel: None, timeout: None, guests: Vec::new(), extra: Vec::new() };
         let mut it = args.iter();
         while let Some(arg) = it.next() {
             let (flag, inline) = match arg.split_once('=') {
@@ -47,7 +52,7 @@ impl Options {
                     o.emulator = Some(match value("--emulator")?.as_str() {
                         "qemu" => Emulator::Qemu,
                         "bochs" => Emulator::Bochs,
-                        other => bail!("unknown emulator `{other}` (qemu or bochs)"),
+                        other => bail!("unknown emulator `{other}` (qemu or bochs){}", crate::did_you_mean(other, ["qemu", "bochs"])),
                     })
                 }
                 "--config" => o.config = Some(value("--config")?),
@@ -59,6 +64,7 @@ impl Options {
                     }
                 }
                 "--gdb" => o.gdb = true,
+                "--accel" => o.accel = Some(emulator::Accel::parse(&value("--accel")?)?),
                 "--timeout" => {
                     let v = value("--timeout")?;
                     match v.parse::<f64>() {
@@ -66,28 +72,29 @@ impl Options {
                         _ => bail!("`--timeout {v}`: a positive number of seconds"),
                     }
                 }
-                "--guest" => {
-                    let v = value("--guest")?;
-                    // PATH[:OPTS]: the options start at the first `:` after the file name.
-                    let name_start = v.rfind('/').map_or(0, |i| i + 1);
-                    let (path, opts) = match v[name_start..].find(':') {
-                        Some(i) => (&v[..name_start + i], &v[name_start + i..]),
-                        None => (v.as_str(), ""),
-                    };
-                    o.guests.push((PathBuf::from(path), opts.to_string()));
-                }
+                "--guest" => o.guests.push(split_guest(&value("--guest")?)),
                 "--" => {
                     o.extra = it.by_ref().cloned().collect();
                 }
-                other => bail!("unknown option `{other}` for `run` (see `cargo xtask run --help`)"),
+                other => bail!("unknown option `{other}` for `run`{} (see `cargo xtask run --help`)", crate::did_you_mean(other, RUN_OPTIONS.iter().copied())),
             }
         }
         Ok(o)
     }
 }
 
+/// `--guest PATH[:OPTS]`: the options start at the first `:` after the file name.
+pub fn split_guest(v: &str) -> (PathBuf, String) {
+    let name_start = v.rfind('/').map_or(0, |i| i + 1);
+    let (path, opts) = match v[name_start..].find(':') {
+        Some(i) => (&v[..name_start + i], &v[name_start + i..]),
+        None => (v, ""),
+    };
+    (PathBuf::from(path), opts.to_string())
+}
+
 /// The archive name of a `--guest` ELF: its file name, which must work in `guests=`.
-fn guest_file_name(path: &Path) -> Result<String> {
+pub fn guest_file_name(path: &Path) -> Result<String> {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     if name.is_empty() || name.len() >= crate::archive::NAME_SIZE || name.contains([':', ',', '=']) || name.contains(char::is_whitespace) {
         bail!("--guest {}: the file name must be 1 to {} characters without `:`, `,`, `=` or blanks (it becomes the guest's name)", path.display(), crate::archive::NAME_SIZE - 1);
@@ -95,13 +102,75 @@ fn guest_file_name(path: &Path) -> Result<String> {
     Ok(name)
 }
 
-/// Refuses what is not an x86-64 ELF64 executable before anything boots it.
-fn check_guest_elf(path: &Path) -> Result<()> {
+/// Refuses what is not a guest before anything boots it: not an ELF at all, or an ELF that
+/// the hypervisor's loader would refuse (not an x86-64 executable linked with guest.ld at
+/// `abi::IMAGE_BASE_GPA`, such as an ordinary host program).
+pub fn check_guest_elf(path: &Path) -> Result<()> {
     let data = std::fs::read(path).context(|| format!("--guest {}: cannot read it", path.display()))?;
-    if data.len() < 20 || &data[..4] != b"\x7fELF" || data[4] != 2 || u16::from_le_bytes([data[18], data[19]]) != 0x3e {
-        bail!("--guest {}: not an x86-64 ELF64 file (build it as in docs/src/guest-guide.md)", path.display());
+    let hint = "make a guest crate with `cargo xtask new-guest DIR` and `cargo build` it there";
+    if data.len() < 4 || &data[..4] != b"\x7fELF" {
+        bail!("--guest {}: not an ELF file; {hint}", path.display());
+    }
+    // The largest guest memory the hypervisor accepts bounds the image (the loader checks
+    // the guest's own size at boot).
+    if let Err(e) = formats::elf::Image::parse(&data, abi_image_base(), 512 << 30) {
+        bail!("--guest {}: an ELF, but not a ParPerOS guest ({e}); {hint}", path.display());
     }
     Ok(())
+}
+
+/// Where guests are linked (guest-lib/guest.ld, `abi::IMAGE_BASE_GPA`).
+fn abi_image_base() -> u64 {
+    0x20_0000
+}
+
+/// What the hypervisor keeps for itself out of the emulator's RAM, at most (image, heap,
+/// allocator metadata, page tables; measured: under 40 MiB at 2 GiB), with room to spare.
+const HYPERVISOR_RESERVE: u64 = 128 << 20;
+
+/// The emulator's RAM under `config` with `extra` QEMU arguments (the last `-m` wins;
+/// Bochs: `megs:`).
+fn emulator_memory(config: &Config, extra: &[String]) -> Option<u64> {
+    let text = std::fs::read_to_string(&config.path).ok()?;
+    match config.emulator {
+        Emulator::Qemu => {
+            let mut args = emulator::parse_args_file(&text, emulator::Accel::Tcg);
+            args.extend(extra.iter().cloned());
+            let m = args.windows(2).rev().find(|w| w[0] == "-m").map(|w| w[1].clone())?;
+            crate::pmem::ram_size(m.split(',').next().unwrap_or_default())
+        }
+        Emulator::Bochs => text.lines().find_map(|l| l.trim().strip_prefix("megs:")).and_then(|m| m.trim().parse::<u64>().ok()).map(|m| m << 20),
+    }
+}
+
+/// Refuses at once guests that ask for more memory than the emulator has, saying how to give
+/// it more (instead of a boot that ends "out of host memory").
+fn check_emulator_memory(config: &Config, cmdline: &str, extra: &[String]) -> Result<()> {
+    let want = crate::cmdline::guest_memory(cmdline);
+    let Some(have) = emulator_memory(config, extra) else { return Ok(()) };
+    if want.saturating_add(HYPERVISOR_RESERVE) <= have {
+        return Ok(());
+    }
+    let need = (want + HYPERVISOR_RESERVE).next_multiple_of(1 << 30);
+    let how = match config.emulator {
+        Emulator::Qemu => format!("add `-- -m {}G` to this command (QEMU takes the last -m)", need >> 30),
+        Emulator::Bochs => format!("raise `megs:` in {} to {} or more", config.path.display(), need >> 20),
+    };
+    Err(crate::usage_error(format!(
+        "the guests ask for {} MiB of memory in all, but config `{}` gives the emulator {} MiB (and the hypervisor keeps up to {} MiB): {how}",
+        want >> 20, config.name, have >> 20, HYPERVISOR_RESERVE >> 20
+    )))
+}
+
+/// The command line `run` boots without `--cmdline`: `qemu-configs/<config>.cmdline` where
+/// the config has one (a demo of what the config is for: a device under an IOMMU, persistent
+/// memory), else `qemu-configs/demo.cmdline`. `#` lines are comments.
+pub fn demo_cmdline(root: &Path, config: &str) -> Result<(PathBuf, String)> {
+    let own = root.join(emulator::CONFIG_DIR).join(format!("{config}.cmdline"));
+    let path = if own.is_file() { own } else { root.join(DEMO_CMDLINE) };
+    let text = std::fs::read_to_string(&path).context(|| format!("cannot read {}", path.display()))?;
+    let line: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).collect();
+    Ok((path, line.join(" ")))
 }
 
 /// `cmdline` with `specs` appended to its `guests=` word (or a new one).
@@ -132,7 +201,7 @@ pub fn run(o: &Options) -> Result<ExitCode> {
     let config = Config::resolve(&root, &name)?;
     if let Some(e) = o.emulator {
         if e != config.emulator {
-            bail!("config `{}` is for {}, not --emulator {}", config.name, config.emulator.word(), e.word());
+            return Err(crate::usage_error(format!("config `{}` is for {}, not --emulator {}", config.name, config.emulator.word(), e.word())));
         }
     }
     let mut specs = Vec::new();
@@ -147,8 +216,9 @@ pub fn run(o: &Options) -> Result<ExitCode> {
         (Some(c), _) => c.clone(),
         (None, false) => String::new(), // --guest alone: just those guests
         (None, true) => {
-            let path = root.join(DEMO_CMDLINE);
-            std::fs::read_to_string(&path).context(|| format!("cannot read {}", path.display()))?.trim().to_string()
+            let (path, line) = demo_cmdline(&root, &config.name)?;
+            println!("demo: {} (`--cmdline` boots another)", path.display());
+            line
         }
     };
     let cmdline = add_guests(&cmdline, &specs);
@@ -164,7 +234,8 @@ pub fn run(o: &Options) -> Result<ExitCode> {
     if !extra_guests.is_empty() {
         built = images::with_extra_guests(&built, "run.guests.ar", &extra_guests)?;
     }
-    crate::cmdline::check(&cmdline, &built.guest_names())?;
+    crate::cmdline::check(&cmdline, &built.guest_names()).map_err(|e| crate::usage_error(e.0))?;
+    check_emulator_memory(&config, &cmdline, &o.extra)?;
     let media = emulator.prepare(&built, &cmdline)?;
     drop(lock);
     let mut symbols = Symbolizer::new(&built.hypervisor, &built.guests);
@@ -243,7 +314,7 @@ fn echo_lines(pending: &mut Vec<u8>, new: &[u8], symbols: &mut Symbolizer, clean
 }
 
 fn run_qemu(config: &Config, built: &images::Built, cmdline: &str, o: &Options, symbols: &mut Symbolizer) -> Result<ExitCode> {
-    let (accel, why) = emulator::detect_accel();
+    let (accel, why) = emulator::choose_accel(config, o.accel, emulator::Default::Detect)?;
     println!("accel: {why}");
     let mut boot = emulator::QemuBoot::new(&built.hypervisor, cmdline, &built.archive, "mon:stdio");
     boot.cpus = o.cpus;
@@ -251,8 +322,12 @@ fn run_qemu(config: &Config, built: &images::Built, cmdline: &str, o: &Options, 
         boot.extra.extend(["-s".to_string(), "-S".to_string()]);
         println!(
             "gdb: QEMU waits for a debugger on tcp::1234; attach with\n  \
-             gdb {} -ex 'target remote :1234'   (docs/src/debugging.md: guests)",
-            built.hypervisor.display()
+             gdb {} -ex 'target remote :1234' -x {}\n\
+             gdb: QEMU's stub does not walk nested paging, so `x` cannot read guest memory; the script's \
+             `guest-list`, `guest-x GUEST GPA [N]`, `guest-bytes`, `guest-disas` and `$guest_pa(GUEST, GPA)` \
+             read it through the guest's second-level table (book: docs/src/debugging.md)",
+            built.hypervisor.display(),
+            crate::root().join("qemu-configs/gdb/parperos.py").display()
         );
     }
     boot.extra.extend(o.extra.iter().cloned());
@@ -417,5 +492,49 @@ mod tests {
         assert!(guest_file_name(Path::new("a/b:c")).is_err());
         assert_eq!(guest_file_name(Path::new("a/app")).unwrap(), "app");
         assert_eq!(last_stamp("[    1.5] x\n[  349.17] INFO y\nparperos: exit success\n"), Some(349.17));
+    }
+
+    #[test]
+    fn guests_beyond_the_emulators_memory_are_refused_with_a_remedy() {
+        let root = crate::root();
+        let qemu = Config::resolve(&root, "qemu-svm").unwrap();
+        let e = check_emulator_memory(&qemu, "guests=hello:mem=4G", &[]).unwrap_err().0;
+        assert!(e.contains("4096 MiB") && e.contains("2048 MiB") && e.contains("-- -m 5G"), "{e}");
+        check_emulator_memory(&qemu, "guests=hello:mem=4G", &args(&["-m", "8G"])).unwrap();
+        check_emulator_memory(&qemu, "guests=hello,hello:mem=1G", &[]).unwrap();
+        let bochs = Config::resolve(&root, "bochs-vmx").unwrap();
+        assert!(check_emulator_memory(&bochs, "guests=hello:mem=4G", &[]).unwrap_err().0.contains("megs:"));
+    }
+
+    /// Each config's demo is a command line a scenario runs under that config, so it is tested.
+    #[test]
+    fn each_configs_demo_is_a_tested_command_line() {
+        let root = crate::root();
+        let (scenarios, _) = crate::testrun::load_scenarios(&root).unwrap();
+        for (name, _) in emulator::describe_configs(&root) {
+            let (path, line) = demo_cmdline(&root, &name).unwrap();
+            let tested = scenarios.iter().any(|s| s.configs.contains(&name) && (1..=s.boots).any(|b| s.cmdline(&name, b).replace("@BOOT@", "1") == line))
+                // Configs without their own demo fall back to demo.cmdline (the `demo`
+                // scenario runs it on qemu-svm and Bochs; novirt/nonpt report what is missing).
+                || path.ends_with("demo.cmdline");
+            assert!(tested, "config {name}: its demo `{line}` ({}) is run by no scenario under {name}", path.display());
+        }
+        assert!(demo_cmdline(&root, "qemu-iommu").unwrap().1.contains("edu_share"), "qemu-iommu shows a device");
+        assert!(demo_cmdline(&root, "qemu-pmem").unwrap().1.contains("pm:"), "qemu-pmem shows persistent memory");
+    }
+
+    #[test]
+    fn guest_elfs_are_checked_before_boot() {
+        let dir = std::env::temp_dir().join(format!("xtask-elf-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let text = dir.join("notes.txt");
+        std::fs::write(&text, "hello").unwrap();
+        let e = check_guest_elf(&text).unwrap_err().0;
+        assert!(e.contains("not an ELF file") && e.contains("new-guest"), "{e}");
+        // This test binary: an ELF, but a host program (PIE, linked at 0), not a guest.
+        let e = check_guest_elf(&std::env::current_exe().unwrap()).unwrap_err().0;
+        assert!(e.contains("not a ParPerOS guest") && e.contains("new-guest"), "{e}");
+        assert!(check_guest_elf(&dir.join("missing")).unwrap_err().0.contains("cannot read"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

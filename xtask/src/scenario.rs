@@ -24,8 +24,8 @@ pub const SEED: &str = "@SEED@";
 pub const PMEM_ALIGN: u64 = 2 << 20;
 
 const KEYS_HELP: &str = "description, configs, boots, cmdline, timeout, expect, reject, expect_count, expect_order, \
-    event, event_count, exit, kill@K, kill_delay, disk, check_disk, pmem, pmem_write@K, cpus; `.<config>` after cmdline, timeout, \
-    expect, reject, expect_count, expect_order, event, event_count, cpus; `@K` (boot K) after those, exit, kill and kill_delay";
+    event, event_count, exit, kill@K, kill_delay, disk, check_disk, pmem, pmem_write@K, cpus, guest_elf, new_guest; `.<config>` after cmdline, \
+    timeout, expect, reject, expect_count, expect_order, event, event_count, cpus; `@K` (boot K) after those, exit, kill and kill_delay";
 
 /// Keys that take a `.<config>` suffix.
 const PER_CONFIG: &[&str] = &["cmdline", "timeout", "expect", "reject", "expect_count", "expect_order", "event", "event_count", "cpus"];
@@ -214,6 +214,12 @@ pub struct Scenario {
     qemu_only: Vec<(usize, &'static str)>,
     /// `cpus = N`, `cpus.<config> = N`: the machine's CPU count (None: the config's own).
     cpus: PerRun<Option<usize>>,
+    /// `guest_elf = PATH`: a guest ELF from outside tests/guests (relative to the repository
+    /// root, or absolute), added to the run's archive under its file name.
+    pub guest_elfs: Vec<std::path::PathBuf>,
+    /// `new_guest = NAME`: before the run, `cargo xtask new-guest build/new-guest/NAME` and a
+    /// plain `cargo build` there; the ELF is added to the archive as NAME.
+    pub new_guest: Option<String>,
 }
 
 impl Scenario {
@@ -436,6 +442,8 @@ const HANDLERS: &[(&str, Handler)] = &[
     ("exit", Parser::exit),
     ("kill", Parser::kill),
     ("kill_delay", Parser::kill_delay),
+    ("guest_elf", Parser::guest_elf),
+    ("new_guest", Parser::new_guest),
 ];
 
 pub fn parse(name: &str, path: &Path, text: &str) -> Result<Scenario> {
@@ -481,6 +489,8 @@ impl Parser {
             pmem_writes: Vec::new(),
             qemu_only: Vec::new(),
             cpus: PerRun::new(None),
+            guest_elfs: Vec::new(),
+            new_guest: None,
         };
         Parser {
             s,
@@ -692,6 +702,24 @@ impl Parser {
                 crate::pmem::OFFSET_FORMS
             ),
         };
+        Ok(())
+    }
+
+    fn guest_elf(&mut self, l: &Line) -> Result<()> {
+        if l.config.is_some() || l.boot.is_some() || l.value.is_empty() {
+            crate::bail!("{}: `guest_elf = PATH` (no config or boot suffix)", l.at());
+        }
+        self.s.guest_elfs.push(std::path::PathBuf::from(l.value));
+        Ok(())
+    }
+
+    fn new_guest(&mut self, l: &Line) -> Result<()> {
+        self.once(l, "new_guest")?;
+        if l.config.is_some() || l.boot.is_some() {
+            crate::bail!("{}: `new_guest = NAME` (no config or boot suffix)", l.at());
+        }
+        crate::newguest::crate_name(std::path::Path::new(l.value)).map_err(|e| crate::Error(format!("{}: {e}", l.at())))?;
+        self.s.new_guest = Some(l.value.to_string());
         Ok(())
     }
 

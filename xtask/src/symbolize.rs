@@ -14,8 +14,8 @@ pub struct Symbolizer {
     loaded: HashMap<PathBuf, Option<Elf>>,
 }
 
-/// An ELF's debug info and its executable (start, end) ranges.
-type Elf = (addr2line::Loader, Vec<(u64, u64)>);
+/// An ELF's debug info, its executable (start, end) ranges and its code symbols.
+type Elf = (addr2line::Loader, Vec<(u64, u64)>, Vec<Symbol>);
 
 impl Symbolizer {
     pub fn new(hypervisor: &Path, guests: &[(String, PathBuf)]) -> Symbolizer {
@@ -23,21 +23,24 @@ impl Symbolizer {
     }
 
     /// `line` with ` <function (file:line)>` after each `RIP 0x...` that the ELF knows.
+    /// `hypervisor RIP 0x...` is always the hypervisor's, also in a line about a guest (a
+    /// fault of the hypervisor or the emulator while that guest ran, `vm/report.rs`).
     pub fn line(&mut self, line: &str) -> String {
-        let elf = match guest_name(line) {
-            Some(name) => match self.guests.get(name) {
-                Some(p) => p.clone(),
-                None => return line.to_string(),
-            },
-            None => self.hypervisor.clone(),
+        let guest_elf = match guest_name(line) {
+            Some(name) => self.guests.get(name).cloned(),
+            None => Some(self.hypervisor.clone()),
         };
         let mut out = String::with_capacity(line.len() + 64);
         let mut rest = line;
         while let Some(i) = rest.find("RIP 0x") {
             let start = i + "RIP 0x".len();
             let digits = rest[start..].find(|c: char| !c.is_ascii_hexdigit()).map_or(rest.len(), |n| start + n);
+            let elf = match rest[..i].ends_with("hypervisor ") {
+                true => Some(self.hypervisor.clone()),
+                false => guest_elf.clone(),
+            };
             out.push_str(&rest[..digits]);
-            if let Ok(addr) = u64::from_str_radix(&rest[start..digits], 16) {
+            if let (Ok(addr), Some(elf)) = (u64::from_str_radix(&rest[start..digits], 16), elf) {
                 if let Some(name) = self.lookup(&elf, addr) {
                     out.push_str(&format!(" <{name}>"));
                 }
@@ -50,13 +53,22 @@ impl Symbolizer {
 
     /// `function (file:line)` for `addr` in `elf`, innermost inlined frame first.
     pub fn lookup(&mut self, elf: &Path, addr: u64) -> Option<String> {
-        let (loader, code) = self
+        let (loader, code, labels) = self
             .loaded
             .entry(elf.to_path_buf())
-            .or_insert_with(|| Some((addr2line::Loader::new(elf).ok()?, code_ranges(&std::fs::read(elf).ok()?))))
+            .or_insert_with(|| {
+                let data = std::fs::read(elf).ok()?;
+                Some((addr2line::Loader::new(elf).ok()?, code_ranges(&data), code_symbols(&data)))
+            })
             .as_ref()?;
         if !code.iter().any(|&(start, end)| (start..end).contains(&addr)) {
             return None;
+        }
+        // Assembly (the world switches) has no debug info, and the debug info may give its
+        // addresses to the function before it: the nearest symbol, if it is an assembly
+        // label, names it (`svm_vmrun_return`, `svm_world_switch+0x21`).
+        if let Some(label) = nearest_label(labels, addr) {
+            return Some(label);
         }
         let mut frames = loader.find_frames(addr).ok()?;
         let mut names = Vec::new();
@@ -100,6 +112,54 @@ fn code_ranges(elf: &[u8]) -> Vec<(u64, u64)> {
         .collect()
 }
 
+/// A symbol of an ELF's code: address, name, whether it is an assembly label (STT_NOTYPE,
+/// as `global_asm!` labels are) rather than a function (STT_FUNC).
+type Symbol = (u64, String, bool);
+
+/// The named STT_FUNC and STT_NOTYPE symbols of a little-endian ELF64 `.symtab`, by address.
+fn code_symbols(elf: &[u8]) -> Vec<Symbol> {
+    let u16_at = |o: usize| elf.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]) as usize);
+    let u32_at = |o: usize| elf.get(o..o + 4).map(|b| u32::from_le_bytes(b.try_into().unwrap_or_default()) as usize);
+    let u64_at = |o: usize| elf.get(o..o + 8).map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()));
+    let mut out = Vec::new();
+    let (Some(shoff), Some(shentsize), Some(shnum)) = (u64_at(0x28), u16_at(0x3a), u16_at(0x3c)) else { return out };
+    let section = |i: usize| shoff as usize + i * shentsize;
+    for i in 0..shnum {
+        let sh = section(i);
+        if u32_at(sh + 4) != Some(2) {
+            continue; // SHT_SYMTAB
+        }
+        let (Some(off), Some(size), Some(link), Some(entsize)) = (u64_at(sh + 0x18), u64_at(sh + 0x20), u32_at(sh + 0x28), u64_at(sh + 0x38)) else { continue };
+        let Some(strtab) = u64_at(section(link) + 0x18) else { continue };
+        if entsize == 0 {
+            continue;
+        }
+        for sym in (off as usize..(off + size) as usize).step_by(entsize as usize) {
+            let (Some(name), Some(info), Some(shndx), Some(value)) = (u32_at(sym), elf.get(sym + 4), u16_at(sym + 6), u64_at(sym + 8)) else { continue };
+            let kind = info & 0xf; // 0 NOTYPE, 2 FUNC
+            if (kind != 0 && kind != 2) || shndx == 0 || name == 0 {
+                continue;
+            }
+            let start = strtab as usize + name;
+            let Some(len) = elf.get(start..).and_then(|b| b.iter().position(|&c| c == 0)) else { continue };
+            let name = String::from_utf8_lossy(&elf[start..start + len]).into_owned();
+            // Linker-script markers (`__kernel_start`) are no code.
+            if !name.starts_with("__") && !name.starts_with('.') {
+                out.push((value, name, kind == 0));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// `label` or `label+0xN` if the nearest code symbol at or below `addr` is an assembly label.
+fn nearest_label(symbols: &[Symbol], addr: u64) -> Option<String> {
+    let i = symbols.partition_point(|s| s.0 <= addr).checked_sub(1)?;
+    let (at, name, label) = &symbols[i];
+    label.then(|| if *at == addr { name.clone() } else { format!("{name}+{:#x}", addr - at) })
+}
+
 /// `NAME` of `guest N (NAME)` in a log line.
 fn guest_name(line: &str) -> Option<&str> {
     let at = line.find("guest ")?;
@@ -128,7 +188,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("parperos-sym-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let src = dir.join("known.rs");
-        std::fs::write(&src, "#[inline(never)]\n#[no_mangle]\npub extern \"C\" fn parperos_known_function() -> u32 {\n    std::hint::black_box(7)\n}\nfn main() { println!(\"{}\", parperos_known_function()); }\n").unwrap();
+        std::fs::write(&src, "#[inline(never)]\n#[no_mangle]\npub extern \"C\" fn parperos_known_function() -> u32 {\n    std::hint::black_box(7)\n}\ncore::arch::global_asm!(\".global parperos_label\", \"parperos_label:\", \"nop\", \"nop\", \"ret\");\nextern \"C\" { fn parperos_label(); }\nfn main() { println!(\"{} {:p}\", parperos_known_function(), parperos_label as *const ()); }\n").unwrap();
         let elf = dir.join("known");
         let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
         let ok = std::process::Command::new(rustc)
@@ -149,6 +209,18 @@ mod tests {
         assert!(line.contains("RIP 0x") && line.contains(" <") && line.contains("parperos_known_function (known.rs:4)>"), "{line}");
         // An address the ELF does not know stays as it is.
         assert_eq!(s.line("guest 1 (known) stopped, RIP 0x10"), "guest 1 (known) stopped, RIP 0x10");
+        // `hypervisor RIP` in a guest's line is named from the hypervisor's ELF (here the
+        // same program under another role), the guest's RIP from the guest's (none here).
+        let mut s = Symbolizer::new(&elf, &[("other".into(), dir.join("missing"))]);
+        let line = s.line(&format!("ERROR vm: guest 4 (other) stopped by an emulator fault (hypervisor RIP {:#x}); the guest was at RIP {:#x}", addr + 1, addr + 1));
+        assert!(line.contains(&format!("hypervisor RIP {:#x} <", addr + 1)) && line.contains("parperos_known_function (known.rs:4)>"), "{line}");
+        assert!(line.ends_with(&format!("the guest was at RIP {:#x}", addr + 1)), "{line}");
+        let line = s.line(&format!("guest 4 (nameless) stopped: hypervisor RIP {:#x}", addr + 1));
+        assert!(line.contains("parperos_known_function"), "{line}");
+        // An assembly label (no debug info) is named from the symbol table.
+        let label = find_symbol_address(&data, "parperos_label").expect("label in the ELF");
+        assert_eq!(s.lookup(&elf, label).as_deref(), Some("parperos_label"));
+        assert_eq!(s.lookup(&elf, label + 1).as_deref(), Some("parperos_label+0x1"));
         let _ = std::fs::remove_dir_all(dir);
     }
 

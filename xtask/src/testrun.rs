@@ -47,7 +47,7 @@ const HOST_TESTS_DEBUG: &str = "host: cargo test, debug build (allocator morsel 
 /// and a debug build multiplies its minutes; the debug run of the allocator's own tests covers
 /// its debug assertions.
 const HOST_LOOM: &str = "host: loom --release (allocator)";
-const HOST_CRATES: [&str; 5] = ["allocator", "morsel", "exmap", "abi", "xtask"];
+const HOST_CRATES: [&str; 6] = ["allocator", "morsel", "exmap", "abi", "guest-lib", "xtask"];
 /// The book builds, its links resolve (`doc` selects it alone, `host` with the host tests).
 const DOC_CHECK: &str = "doc: the book builds, its links resolve";
 /// Time limit for each host test command (a hung test must not hang CI).
@@ -62,16 +62,33 @@ pub struct Options {
     jobs: usize,
     /// `--junit FILE`: a JUnit XML report of every result line.
     junit: Option<PathBuf>,
+    /// `--accel kvm|tcg` (None: TCG).
+    accel: Option<Accel>,
+    /// `--guest ELF[:OPTS]`: boot these instead of the scenarios.
+    guests: Vec<(PathBuf, String)>,
 }
 
 impl Options {
     pub fn parse(args: &[String]) -> Result<Options> {
         let mut filter = None;
         let mut junit = None;
+        let mut accel = None;
+        let mut guests = Vec::new();
         let mut jobs = std::thread::available_parallelism().map_or(1, |n| n.get());
         let mut it = args.iter();
         while let Some(arg) = it.next() {
-            if arg == "--junit" {
+            if arg == "--accel" || arg == "--guest" {
+                let Some(v) = it.next() else { bail!("`{arg}` needs a value") };
+                if arg == "--accel" {
+                    accel = Some(Accel::parse(v)?);
+                } else {
+                    guests.push(crate::run::split_guest(v));
+                }
+            } else if let Some(v) = arg.strip_prefix("--accel=") {
+                accel = Some(Accel::parse(v)?);
+            } else if let Some(v) = arg.strip_prefix("--guest=") {
+                guests.push(crate::run::split_guest(v));
+            } else if arg == "--junit" {
                 let Some(file) = it.next() else { bail!("`--junit` needs a file name") };
                 junit = Some(PathBuf::from(file));
             } else if let Some(file) = arg.strip_prefix("--junit=") {
@@ -87,12 +104,15 @@ impl Options {
                     _ => bail!("`{arg}`: -j needs a positive number"),
                 };
             } else if arg.starts_with('-') {
-                bail!("unknown option `{arg}` for `test` (usage: cargo xtask test [FILTER] [-j N] [--junit FILE])");
+                bail!("unknown option `{arg}` for `test`{} (usage: cargo xtask test [FILTER] [-j N] [--junit FILE] [--accel kvm|tcg] [--guest ELF[:OPTS]])", crate::did_you_mean(arg, ["-j", "--junit", "--accel", "--guest"]));
             } else if filter.replace(arg.clone()).is_some() {
                 bail!("`test` takes one FILTER (got `{arg}` too)");
             }
         }
-        Ok(Options { filter, jobs, junit })
+        if !guests.is_empty() && filter.is_some() {
+            bail!("`test --guest` boots your guests instead of the scenarios: no FILTER with it");
+        }
+        Ok(Options { filter, jobs, junit, accel, guests })
     }
 }
 
@@ -119,20 +139,34 @@ impl Tally {
 
 pub fn test(o: &Options) -> Result<ExitCode> {
     let root = crate::root();
-    let host = o.filter.as_deref().is_none_or(|f| f == "host");
-    let doc = o.filter.as_deref().is_none_or(|f| f == "host" || f == "doc");
+    let host = o.guests.is_empty() && o.filter.as_deref().is_none_or(|f| f == "host");
+    let doc = o.guests.is_empty() && o.filter.as_deref().is_none_or(|f| f == "host" || f == "doc");
     let mut tally = Tally { passed: 0, failed: 0, width: 0, results: Vec::new() };
 
     // Load every scenario first, so that a broken file or a missing tool stops us early.
-    let (scenarios, broken) = load_scenarios(&root)?;
+    let (scenarios, broken) = match o.guests.is_empty() {
+        true => load_scenarios(&root)?,
+        false => (vec![own_guests_scenario(&o.guests)?], Vec::new()),
+    };
     let fixed_seed = seed_from_env()?;
+    if o.accel == Some(Accel::Kvm) {
+        if let (Accel::Tcg, why) = emulator::detect_accel() {
+            bail!("--accel kvm: KVM cannot run the hypervisor here: {why}; use --accel tcg");
+        }
+        println!("accel: KVM (-cpu host) for QEMU configs that allow it; qemu-novirt and qemu-svm-nonpt stay on TCG");
+    }
     let mut jobs = Vec::new();
     for s in &scenarios {
         for c in &s.configs {
             let label = format!("{} [{c}]", s.name);
             if o.filter.as_deref().is_none_or(|f| label.contains(f)) {
                 let seed = fixed_seed.unwrap_or_else(|| clock_seed(&label));
-                jobs.push(Job { scenario: s.clone(), config: Config::resolve(&root, c)?, label, seed });
+                let config = Config::resolve(&root, c)?;
+                let accel = match o.accel {
+                    Some(Accel::Kvm) if emulator::allows_kvm(&config) => Accel::Kvm,
+                    _ => Accel::Tcg,
+                };
+                jobs.push(Job { scenario: s.clone(), config, label, seed, accel });
             }
         }
     }
@@ -220,7 +254,8 @@ pub fn test(o: &Options) -> Result<ExitCode> {
         if built.is_ok() {
             println!("   built in {:.1} s", build_start.elapsed().as_secs_f64());
         }
-        println!("== scenarios ({} runs, {} at a time; QEMU under TCG)", jobs.len(), o.jobs);
+        let under = if jobs.iter().any(|j| j.accel == Accel::Kvm) { "KVM where the config allows it, else TCG" } else { "TCG" };
+        println!("== scenarios ({} runs, {} at a time; QEMU under {under})", jobs.len(), o.jobs);
         match built {
             Ok(built) => run_jobs(&root, jobs, built, o.jobs, &mut tally),
             Err(e) => {
@@ -261,7 +296,9 @@ fn junit_xml(results: &[(String, bool, String, String)]) -> String {
         x.push_str(&format!("  <testcase classname=\"{}\" name=\"{}\" time=\"{secs:.2}\">", esc(class), esc(case)));
         if !ok {
             let text: String = details.lines().map(|l| esc(l) + "\n").collect();
-            x.push_str(&format!("\n    <failure message=\"{}\">{text}</failure>\n  ", esc(facts.trim())));
+            // The reason: the first line of the details (the timing is in `time`).
+            let reason = details.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or(facts.trim());
+            x.push_str(&format!("\n    <failure message=\"{}\">{text}</failure>\n  ", esc(reason)));
         }
         x.push_str("</testcase>\n");
     }
@@ -307,7 +344,7 @@ fn no_match(filter: Option<&str>, labels: &[String], selected: usize) -> Option<
 /// Scenario files that failed to parse or name an unknown config: (path, error).
 type Broken = Vec<(PathBuf, String)>;
 
-fn load_scenarios(root: &Path) -> Result<(Vec<Scenario>, Broken)> {
+pub fn load_scenarios(root: &Path) -> Result<(Vec<Scenario>, Broken)> {
     let dir = root.join(SCENARIO_DIR);
     let mut paths: Vec<PathBuf> = std::fs::read_dir(&dir)
         .context(|| format!("cannot list {}", dir.display()))?
@@ -433,6 +470,8 @@ struct Job {
     label: String,
     /// The run's seed: kill delays and `@SEED@` (`PARPEROS_SEED`, else from the clock).
     seed: u64,
+    /// QEMU's accelerator (`--accel`; TCG unless asked and the config allows KVM).
+    accel: Accel,
 }
 
 /// How an emulator run ended.
@@ -504,6 +543,15 @@ fn run_job(root: &Path, job: &Job, built: &images::Built, logs: &Path) -> (bool,
         Ok(m) => m,
         Err(e) => return (false, String::new(), format!("    {e}\n")),
     };
+    let own;
+    let built = match outside_guests(root, job, built) {
+        Ok(Some(b)) => {
+            own = b;
+            &own
+        }
+        Ok(None) => built,
+        Err(e) => return (false, String::new(), format!("    {}\n", e.0.replace('\n', "\n    "))),
+    };
     let boots = job.scenario.boots;
     let mut wall = Duration::ZERO;
     let mut readies = Vec::new();
@@ -544,6 +592,49 @@ fn run_job(root: &Path, job: &Job, built: &images::Built, logs: &Path) -> (bool,
         }
     }
     (true, facts(job, wall, &readies, &kills), String::new())
+}
+
+/// `test --guest ELF[:OPTS] ...`: one scenario that boots the user's guests under qemu-svm and
+/// passes when the hypervisor reports success (every guest exited with its expected code, 0)
+/// with every frame back; the ELFs are checked before anything boots.
+fn own_guests_scenario(guests: &[(PathBuf, String)]) -> Result<Scenario> {
+    let mut text = String::from("description = your own guests (test --guest)\nconfigs = qemu-svm\ntimeout = 120\n");
+    let mut specs = Vec::new();
+    for (path, opts) in guests {
+        crate::run::check_guest_elf(path).map_err(|e| crate::usage_error(e.0))?;
+        let name = crate::run::guest_file_name(path).map_err(|e| crate::usage_error(e.0))?;
+        let abs = path.canonicalize().context(|| format!("--guest {}", path.display()))?;
+        text.push_str(&format!("guest_elf = {}\n", abs.display()));
+        specs.push(format!("{name}{opts}"));
+    }
+    text.push_str(&format!("cmdline = guests={}\n", specs.join(",")));
+    text.push_str("expect = frames not returned after all guests ended: 0\nreject = UNEXPECTED\nexit = success\n");
+    scenario::parse("own_guests", Path::new("(test --guest)"), &text)
+}
+
+/// The archive of a job whose scenario boots guests from outside tests/guests (`guest_elf`,
+/// `new_guest`), each checked as `run --guest` checks it; None for the others.
+fn outside_guests(root: &Path, job: &Job, built: &images::Built) -> Result<Option<images::Built>> {
+    let s = &job.scenario;
+    if s.guest_elfs.is_empty() && s.new_guest.is_none() {
+        return Ok(None);
+    }
+    let mut extra = Vec::new();
+    for path in &s.guest_elfs {
+        let path = if path.is_absolute() { path.clone() } else { root.join(path) };
+        crate::run::check_guest_elf(&path)?;
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        extra.push((name, path));
+    }
+    if let Some(name) = &s.new_guest {
+        let dir = root.join(images::BUILD_DIR).join("new-guest").join(format!("{}.{}", job_stem(job), name)).join(name);
+        let _ = std::fs::remove_dir_all(&dir);
+        crate::newguest::create(root, &dir)?;
+        let elf = crate::newguest::build(&dir, name)?;
+        crate::run::check_guest_elf(&elf)?;
+        extra.push((name.clone(), elf));
+    }
+    images::with_extra_guests(built, &format!("{}.guests.ar", job_stem(job)), &extra).map(Some)
 }
 
 /// Makes the fresh disk image and pmem file of a job.
@@ -805,7 +896,7 @@ impl Driver for Qemu {
         qemu.cpus = s.cpus(config);
         qemu.disk = media.disk.as_ref().map(|(path, _)| path.as_path());
         qemu.pmem = media.pmem.as_ref().map(|(path, size)| (path.as_path(), *size));
-        let mut cmd = emulator::qemu_command(&job.config, Accel::Tcg, &qemu)?;
+        let mut cmd = emulator::qemu_command(&job.config, job.accel, &qemu)?;
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&emulator_log).context(|| format!("cannot create {}", emulator_log.display()))?);
@@ -968,9 +1059,14 @@ mod tests {
         ]);
         assert!(x.contains("tests=\"2\" failures=\"1\""), "{x}");
         assert!(x.contains("<testcase classname=\"qemu-svm\" name=\"boot_ready\" time=\"0.20\"></testcase>"), "{x}");
-        assert!(x.contains("<failure message=\"12.00 s\">    a &lt;b&gt; &amp; c\n</failure>"), "{x}");
+        assert!(x.contains("<failure message=\"a &lt;b&gt; &amp; c\">    a &lt;b&gt; &amp; c\n</failure>"), "{x}");
         let o = Options::parse(&["--junit".into(), "r.xml".into()]).unwrap();
         assert_eq!(o.junit, Some(PathBuf::from("r.xml")));
+        let o = Options::parse(&["--accel".into(), "kvm".into(), "--guest".into(), "a/app:arg=1".into(), "--guest=b".into()]).unwrap();
+        assert_eq!(o.accel, Some(Accel::Kvm));
+        assert_eq!(o.guests, [(PathBuf::from("a/app"), ":arg=1".to_string()), (PathBuf::from("b"), String::new())]);
+        assert!(Options::parse(&["--guest".into(), "x".into(), "demo".into()]).is_err(), "no FILTER with --guest");
+        assert!(Options::parse(&["--acel".into()]).err().unwrap().0.contains("did you mean `--accel`"));
     }
 
     #[test]

@@ -137,6 +137,17 @@ pub enum MountError {
 /// What the log says of a mount through an EPT twin (`iommu=sharept`).
 pub const EPT_TWIN_MOUNT: &str = "the EPT subtree itself was mounted (iommu=sharept: the morsel's EPT twin over the same data frames, no VT-d view)";
 
+// Read-only device mounts and walkers that look at the leaf alone (issue 20.9): a mount
+// entry without W makes the whole subtree read-only only where the walker ANDs the rights
+// of every level. VT-d does (VT-d spec 3.7; QEMU's `vtd_iova_to_slpte` ANDs R and W at each
+// level and faults at the first entry that lacks the right), so the VT-d paths below (an
+// EPT morsel's own subtree, the EPT twin, the VT-d view of an NPT morsel) keep W in their
+// leaves and limit the rights in the mount entry. QEMU 11.1's AMD IOMMU checks the leaf
+// alone, so every AMD-Vi mount goes through a view whose entries all carry the limit
+// (`AmdVi::view_slot`: `Views::amd_ro` for read-only mounts): the own-subtree branch never
+// meets AMD-Vi, because no format a guest morsel is built in shares with it.
+const _: () = assert!(!can_share::<Ept, morsel::AmdV1>() && !can_share::<morsel::Npt, morsel::AmdV1>());
+
 /// Mounts `morsel` into `bdf`'s domain at `iova` with one entry: its own subtree where the
 /// IOMMU walks the morsel's format (EPT into VT-d: Xen's `iommu=sharept`), else, with
 /// `shares_ept` (VT-d and `iommu=sharept`), the own subtree of its EPT twin through that same

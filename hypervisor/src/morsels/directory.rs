@@ -221,7 +221,12 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
                 _ => Source::Ram(*frames),
             };
             let len = n.morsel.len();
-            match n.morsel.destroy(&source, &IDENTITY) {
+            let destroyed = n.morsel.destroy(&source, &IDENTITY);
+            if let (Some(_), Some(pm)) = (n.slot, self.pmem) {
+                // The frees reach the media before anything else changes there.
+                pm.write_back_frees();
+            }
+            match destroyed {
                 Ok(()) => log::info!(target: "morsel", "'{name}' destroyed, {} given back{}", Bytes(len),
                     if n.slot.is_some() { " to persistent memory" } else { "" }),
                 Err((_, e)) => log::error!(target: "morsel", "'{name}' cannot be destroyed: {e}"),

@@ -18,12 +18,11 @@ use crate::vm::guest::Guest;
 use super::{read_name, Directory};
 use crate::vm::Backend;
 use crate::mm::frames::{Frames, IDENTITY};
-use alloc::boxed::Box;
 use alloc::string::String;
 use alloc::vec::Vec;
 use crate::devices::nvme::{IoError, Request};
-use exmap::{EntryError, FrameCache, Origin, Outcome, Range, Validator};
-use super::{DiskBatch, Named};
+use exmap::{EntryError, FrameCache, Origin, Region, Validator};
+use super::DiskBatch;
 use formats::units::Bytes;
 use abi::{self, Error};
 use hashbrown::HashMap;
@@ -37,14 +36,14 @@ const _: () = assert!(exmap::encode(5, 9) == abi::exmap_entry(5, 9));
 struct VcpuState {
     cache: FrameCache,
     validator: Validator,
-    iov: Box<[u64; exmap::MAX_ENTRIES]>,
-    out: Vec<Outcome>,
-    changed: Vec<(u64, HostPhysAddr)>,
-    /// The validated entries (READ / WRITE add `PastDisk`), the entries to roll back, their
-    /// throwaway results, and the entry each request of an NVMe batch serves.
-    checked: Vec<Result<Range, EntryError>>,
-    undo: Vec<Result<Range, EntryError>>,
-    spare: Vec<Outcome>,
+    /// The iovec page's entries, overwritten with their results by the batch (`exmap`),
+    /// written back to the guest's page at the end.
+    iov: Vec<u64>,
+    /// READ / WRITE: the entries as the guest wrote them (the results replace them in `iov`),
+    /// for the NVMe requests and a failed READ's rollback; the entries to roll back; the
+    /// entry each request of an NVMe batch serves.
+    entries: Vec<u64>,
+    undo: Vec<u64>,
     owners: Vec<usize>,
 }
 
@@ -53,12 +52,9 @@ impl VcpuState {
         VcpuState {
             cache: FrameCache::new(),
             validator: Validator::new(),
-            iov: Box::new([0; exmap::MAX_ENTRIES]),
-            out: Vec::with_capacity(exmap::MAX_ENTRIES),
-            changed: Vec::with_capacity(exmap::MAX_ENTRIES),
-            checked: Vec::with_capacity(exmap::MAX_ENTRIES),
+            iov: Vec::with_capacity(exmap::MAX_ENTRIES),
+            entries: Vec::with_capacity(exmap::MAX_ENTRIES),
             undo: Vec::with_capacity(exmap::MAX_ENTRIES),
-            spare: Vec::with_capacity(exmap::MAX_ENTRIES),
             owners: Vec::with_capacity(exmap::MAX_ENTRIES),
         }
     }
@@ -69,11 +65,22 @@ impl VcpuState {
     /// vCPU's call meanwhile finds them empty): `NoMemory`, never the allocation panic.
     fn ready(&mut self) -> Result<(), Error> {
         let n = exmap::MAX_ENTRIES;
-        self.checked.try_reserve(n.saturating_sub(self.checked.len())).map_err(|_| Error::NoMemory)?;
-        self.out.try_reserve(n.saturating_sub(self.out.len())).map_err(|_| Error::NoMemory)?;
+        for b in [&mut self.iov, &mut self.entries, &mut self.undo] {
+            b.try_reserve(n.saturating_sub(b.len())).map_err(|_| Error::NoMemory)?;
+        }
         self.owners.try_reserve(n.saturating_sub(self.owners.len())).map_err(|_| Error::NoMemory)?;
         Ok(())
     }
+}
+
+/// The result the guest reads for a failed entry: the ABI's (negative) error number.
+fn code(e: EntryError) -> u64 {
+    entry_error(e) as i64 as u64
+}
+
+/// Whether an entry's result in the iovec page is a success (a page count).
+fn succeeded(result: u64) -> bool {
+    (result as i64) >= 0
 }
 
 /// What `Exmaps::action` did: all of it (the failed-entry count), or all but the disk I/O.
@@ -84,13 +91,13 @@ pub enum Step {
 }
 
 /// A READ or WRITE whose NVMe batch runs with the world lock let go (`DiskBatch::run`),
-/// then `Exmaps::finish`: the batch, the entries' validation and outcomes so far (taken from
+/// then `Exmaps::finish`: the batch, the entries and their results so far (taken from
 /// the guest's `VcpuState`, whose other vCPUs may call meanwhile: on another region, since
 /// this one is pinned), which entry each request serves, and what `conclude` needs.
 pub struct ExmapIo {
     pub batch: DiskBatch,
-    checked: Vec<Result<Range, EntryError>>,
-    out: Vec<Outcome>,
+    iov: Vec<u64>,
+    entries: Vec<u64>,
     owners: Vec<usize>,
     rest: Rest,
 }
@@ -216,38 +223,42 @@ impl Exmaps {
         };
         let v = self.vcpus.entry(g.id).or_insert_with(VcpuState::new);
         v.ready()?;
-        let count = count as usize;
+        let count = (count as usize).min(exmap::MAX_ENTRIES);
         // SAFETY: iov_hpa..+4096 is guest RAM of this guest (translated above, aligned, so
         // inside one page), read-write; the hypervisor reads it only here, under the lock.
         let page = unsafe { crate::mm::frames::host_bytes_mut(iov_hpa.as_u64(), 4096) };
-        for (k, e) in v.iov[..count].iter_mut().enumerate() {
-            *e = u64::from_le_bytes(page[8 * k..8 * k + 8].try_into().unwrap_or([0; 8]));
-        }
-        v.checked.clear();
-        v.checked.extend_from_slice(v.validator.validate(&v.iov[..count], n.morsel.pages()));
+        v.iov.clear();
+        // Within the capacity `ready` made sure of: no allocation.
+        v.iov.extend((0..count).map(|k| u64::from_le_bytes(page[8 * k..8 * k + 8].try_into().unwrap_or([0; 8]))));
         if io {
-            // Every page of the entry must lie on the disk, else it fails alone, first.
-            for c in v.checked.iter_mut() {
-                if matches!(c, Ok(r) if r.end() > disk_pages) {
-                    *c = Err(EntryError::PastDisk);
-                }
-            }
+            v.entries.clear();
+            v.entries.extend_from_slice(&v.iov);
         }
-        v.changed.clear();
+        if op == abi::EXMAP_FREE {
+            // Room in the cache for every page the entries name (at most 512 x 4095), taken
+            // fallibly now: the frames stay in it until the batch's shootdown.
+            let pages: u64 = v.iov.iter().map(|&e| exmap::decode(e).1).sum();
+            v.cache.reserve(pages as usize).map_err(|_| Error::NoMemory)?;
+        }
         let zeroed0 = v.cache.stats().zeroed;
-        let b = match op {
-            abi::EXMAP_ALLOC => exmap::alloc(&n.morsel, stats.id, &v.checked, &mut v.out, &mut v.cache, frames, &IDENTITY, &mut v.changed),
-            abi::EXMAP_READ => exmap::alloc_fresh(&n.morsel, stats.id, &v.checked, &mut v.out, &mut v.cache, frames, &IDENTITY, &mut v.changed),
-            abi::EXMAP_WRITE => exmap::collect(&n.morsel, &v.checked, &mut v.out, &IDENTITY, &mut v.changed),
-            _ => exmap::free(&n.morsel, stats.id, &v.checked, &mut v.out, &mut v.cache, &IDENTITY, &mut v.changed),
+        // Validation, table edits and results in one walk (`exmap`); a device view (NPT
+        // region mounted into a device) follows the region page by page, and a region
+        // without one keeps no record of the pages.
+        let region = Region { morsel: &n.morsel, origin: stats.id, mem: &IDENTITY };
+        let views = &n.views;
+        let any_view = views.vtd.is_some() || views.amd.is_some() || views.amd_ro.is_some() || views.ept.is_some();
+        let (iov, val, cache) = (&mut v.iov, &mut v.validator, &mut v.cache);
+        let b = match (op, any_view) {
+            (abi::EXMAP_ALLOC, false) => exmap::alloc(&region, iov, val, cache, frames, &mut |_, _| {}, code),
+            (abi::EXMAP_ALLOC, true) => exmap::alloc(&region, iov, val, cache, frames, &mut |p, f| follow(views, p, f), code),
+            (abi::EXMAP_FREE, false) => exmap::free(&region, iov, val, cache, &mut |_, _| {}, code),
+            (abi::EXMAP_FREE, true) => exmap::free(&region, iov, val, cache, &mut |p, f| follow(views, p, f), code),
+            // Every page of a READ entry and a WRITE entry must lie on the disk.
+            (abi::EXMAP_READ, _) => exmap::alloc_fresh(&region, iov, disk_pages, val, cache, frames, &mut |p, f| follow(views, p, f), code),
+            _ => exmap::collect(&region, iov, disk_pages, val, code),
         };
-        // A device view (NPT region mounted into a device) follows the region page by page.
-        let mapped = op == abi::EXMAP_ALLOC || op == abi::EXMAP_READ;
-        if op != abi::EXMAP_WRITE {
-            follow_views(n, &v.changed, mapped);
-        }
         let mut rest = Rest { op, b, zeroed0, count, iov_gpa, name, guest: g.id, disk: DiskStats::default() };
-        if !io || !v.checked.iter().zip(&v.out).any(|(c, o)| c.is_ok() && o.is_ok()) {
+        if !io || !v.iov.iter().any(|&r| succeeded(r)) {
             return Ok(Step::Done(self.conclude(dir, devices, Some(g), frames, rest)));
         }
         // The device reads into (READ) or from (WRITE) the entries' frames, with the world
@@ -262,9 +273,10 @@ impl Exmaps {
         let v = self.vcpus.entry(g.id).or_insert_with(VcpuState::new);
         v.owners.clear();
         if let Ok(batch) = batch.as_mut() {
-            for (k, (c, o)) in v.checked.iter().zip(v.out.iter()).enumerate() {
-                if let (Ok(r), Ok(_)) = (c, o) {
-                    batch.reqs.push(Request { iova: batch.iova + r.first * 4096, lba: r.first * PAGE_BLOCKS, blocks: r.count * PAGE_BLOCKS });
+            for (k, (&r, &e)) in v.iov.iter().zip(v.entries.iter()).enumerate() {
+                if succeeded(r) {
+                    let (first, count) = exmap::decode(e);
+                    batch.reqs.push(Request { iova: batch.iova + first * 4096, lba: first * PAGE_BLOCKS, blocks: count * PAGE_BLOCKS });
                     batch.done.push(Err(IoError::Invalid));
                     v.owners.push(k);
                 }
@@ -273,17 +285,17 @@ impl Exmaps {
         match batch {
             Ok(batch) => Ok(Step::Disk(ExmapIo {
                 batch,
-                checked: core::mem::take(&mut v.checked),
-                out: core::mem::take(&mut v.out),
+                iov: core::mem::take(&mut v.iov),
+                entries: core::mem::take(&mut v.entries),
                 owners: core::mem::take(&mut v.owners),
                 rest,
             })),
             Err(e) => {
                 // Nothing was mounted: every entry that needed the disk fails.
                 log::error!(target: "exmap", "{}: the whole batch failed ({e:?})", if write { "WRITE" } else { "READ" });
-                for (c, o) in v.checked.iter().zip(v.out.iter_mut()) {
-                    if c.is_ok() && o.is_ok() {
-                        *o = Err(EntryError::Device);
+                for r in v.iov.iter_mut() {
+                    if succeeded(*r) {
+                        *r = code(EntryError::Device);
                         rest.disk.failed += 1;
                     }
                 }
@@ -297,7 +309,7 @@ impl Exmaps {
     /// is rolled back. `g` is None where the caller's guest is gone: then its cache is
     /// drained here too, and no result is written.
     pub fn finish<B: Backend>(&mut self, dir: &mut Directory<B::Format>, mut devices: Option<&mut crate::devices::Devices>, g: Option<&mut Guest<B>>, frames: &Frames, io: ExmapIo) -> Result<u64, Error> {
-        let ExmapIo { batch, checked, mut out, owners, mut rest } = io;
+        let ExmapIo { batch, mut iov, entries, owners, mut rest } = io;
         let write = batch.write;
         let faulted = dir.disk_end(devices.as_deref_mut(), frames, &batch);
         rest.disk.commands = batch.stats.commands;
@@ -310,7 +322,7 @@ impl Exmaps {
                     if let Err(e) = r {
                         log::warn!(target: "exmap", "{} of entry {k} failed: {e:?}", if write { "disk write" } else { "disk read" });
                     }
-                    out[k] = Err(EntryError::Device);
+                    iov[k] = code(EntryError::Device);
                     rest.disk.failed += 1;
                 }
             }
@@ -321,7 +333,7 @@ impl Exmaps {
         let gone = g.is_none();
         let guest = rest.guest;
         let v = self.vcpus.entry(guest).or_insert_with(VcpuState::new);
-        (v.checked, v.out, v.owners) = (checked, out, owners);
+        (v.iov, v.entries, v.owners) = (iov, entries, owners);
         let r = self.conclude(dir, devices, g, frames, rest);
         if gone {
             self.guest_ended(guest, frames);
@@ -330,7 +342,7 @@ impl Exmaps {
     }
 
     /// The end of an action, under the lock: a failed READ's rollback, the shootdown of a
-    /// FREE, the counters, the results into the iovec page (`v.checked`, `v.out`).
+    /// FREE, the counters, the results into the iovec page (`v.iov`).
     fn conclude<B: Backend>(&mut self, dir: &mut Directory<B::Format>, devices: Option<&mut crate::devices::Devices>, mut g: Option<&mut Guest<B>>, frames: &Frames, rest: Rest) -> u64 {
         let Rest { op, mut b, zeroed0, count, iov_gpa, name, guest, disk: d } = rest;
         let (Some(v), Some(stats), Some(n)) = (self.vcpus.get_mut(&guest), self.regions.get_mut(&name), dir.named.get_mut(&name)) else {
@@ -346,16 +358,21 @@ impl Exmaps {
         if op == abi::EXMAP_READ && d.failed > 0 {
             // A failed read leaves nothing behind: its fresh pages are unmapped again.
             v.undo.clear();
-            for (c, o) in v.checked.iter().zip(&v.out) {
-                if let (Ok(r), Err(EntryError::Device)) = (c, o) {
-                    v.undo.push(Ok(*r));
-                    b.pages -= r.count;
-                    b.rolled_back += r.count;
+            for (&r, &e) in v.iov.iter().zip(&v.entries) {
+                if r == code(EntryError::Device) {
+                    // Within the capacity `ready` made sure of.
+                    v.undo.push(e);
+                    let count = exmap::decode(e).1;
+                    b.pages -= count;
+                    b.rolled_back += count;
                 }
             }
-            v.changed.clear();
-            exmap::free(&n.morsel, stats.id, &v.undo, &mut v.spare, &mut v.cache, &IDENTITY, &mut v.changed);
-            follow_views(n, &v.changed, false);
+            // The pages go back to the cache they came from in this call; room for them if
+            // it can be had (they never exceed what the READ took from it).
+            let _ = v.cache.reserve(b.rolled_back as usize);
+            let region = Region { morsel: &n.morsel, origin: stats.id, mem: &IDENTITY };
+            let views = &n.views;
+            exmap::free(&region, &mut v.undo, &mut v.validator, &mut v.cache, &mut |p, f| follow(views, p, f), code);
         }
         stats.calls += 1;
         stats.failed += b.failed as u64;
@@ -411,11 +428,7 @@ impl Exmaps {
                 // SAFETY: as in `action`: one page of this guest's RAM, read-write, written
                 // under the lock.
                 let page = unsafe { crate::mm::frames::host_bytes_mut(iov_hpa.as_u64(), 4096) };
-                for (k, o) in v.out.iter().enumerate().take(count) {
-                    let r: i64 = match o {
-                        Ok(pages) => *pages as i64,
-                        Err(e) => entry_error(*e) as i64,
-                    };
+                for (k, r) in v.iov.iter().enumerate().take(count) {
                     page[8 * k..8 * k + 8].copy_from_slice(&r.to_le_bytes());
                 }
             }
@@ -488,22 +501,16 @@ fn entry_error(e: EntryError) -> Error {
 const PAGE_BLOCKS: u64 = 4096 / abi::NVME_BLOCK;
 
 /// A device view or EPT twin (NPT region mounted into a device domain) follows the region:
-/// `changed` pages mapped to their frames (`mapped`) or cleared.
-fn follow_views<F: morsel::Format>(n: &Named<F>, changed: &[(u64, HostPhysAddr)], mapped: bool) {
-    if let Some(view) = &n.views.vtd {
-        for &(p, f) in changed {
-            let _ = view.set_leaf(p, mapped.then_some(f), &IDENTITY);
-        }
+/// `page` mapped to `frame` (`Some`) or cleared.
+fn follow(views: &crate::iommu::Views, page: u64, frame: Option<HostPhysAddr>) {
+    if let Some(view) = &views.vtd {
+        let _ = view.set_leaf(page, frame, &IDENTITY);
     }
-    for view in [&n.views.amd, &n.views.amd_ro].into_iter().flatten() {
-        for &(p, f) in changed {
-            let _ = view.set_leaf(p, mapped.then_some(f), &IDENTITY);
-        }
+    for view in [&views.amd, &views.amd_ro].into_iter().flatten() {
+        let _ = view.set_leaf(page, frame, &IDENTITY);
     }
-    if let Some(twin) = &n.views.ept {
-        for &(p, f) in changed {
-            let _ = twin.set_leaf(p, mapped.then_some(f), &IDENTITY);
-        }
+    if let Some(twin) = &views.ept {
+        let _ = twin.set_leaf(page, frame, &IDENTITY);
     }
 }
 

@@ -147,6 +147,12 @@ pub struct Directory<F: Format> {
 }
 
 impl<F: Format> Directory<F> {
+    /// Whether a morsel or ExMap region named `name` is in the directory (a create that is
+    /// not finished does not count): what `name_watch` asks (`vm/notify.rs`).
+    pub fn exists(&self, name: &str) -> bool {
+        self.named.contains_key(name)
+    }
+
     pub fn new(pmem: Option<&'static crate::mm::pmem::Pmem>) -> Self {
         Directory { named: HashMap::new(), devices: Vec::new(), pending: Vec::new(), pmem }
     }

@@ -8,6 +8,10 @@
 //!   every guest ends as expected.
 //! * `log=error|warn|info|debug|trace`
 //! * `test=fault`: a deliberate hypervisor fault after boot (proves the exception path).
+//! * `test=svm-host-state`: every 64th VMRUN on each CPU gets the host's state in the VMCB,
+//!   as QEMU's multi-threaded TCG sometimes leaves it (proves the SVM backend's re-entry);
+//!   `test=svm-host-state:always`: every VMRUN, re-entries too (proves the report when the
+//!   backend gives up).
 //! * `test=dma-fault`: edu DMAs to an address its IOMMU domain does not map (proves the
 //!   fault is reported and a canary page stays unchanged).
 //! * `test=dma-nodomain` (AMD-Vi): edu's device-table entry is set to the one every device
@@ -45,11 +49,15 @@ pub enum Test {
     DmaNoDomain,
     /// Mount an EPT-format morsel's own subtree into VT-d domains and DMA through it.
     SharePt,
+    /// Put the host's state into a VMCB before some VMRUNs (`svm::INJECT_HOST_STATE`).
+    SvmHostState,
+    /// The same before every VMRUN.
+    SvmHostStateAlways,
 }
 
 /// The words this parser understands, for error messages.
 pub const VALID: &str = "guests=NAME[:mem=SIZE][:slices=N][:arg=N][:vcpus=N][:cpu=K][:code=N|:stopped],... \
-    log=error|warn|info|debug|trace test=fault|dma-fault|dma-nodomain|sharept|pmem-crash:format|pmem-crash:magic \
+    log=error|warn|info|debug|trace test=fault|dma-fault|dma-nodomain|sharept|svm-host-state|svm-host-state:always|pmem-crash:format|pmem-crash:magic \
     pmem=format|drop:N[,N...]|drop:damaged iommu=register|sharept nvme=poll cpus=N bench=on (SIZE: bytes or K, M, G)";
 
 /// Default guest memory.
@@ -104,6 +112,8 @@ impl Args {
                 Some(("test", "dma-fault")) => a.test = Some(Test::DmaFault),
                 Some(("test", "dma-nodomain")) => a.test = Some(Test::DmaNoDomain),
                 Some(("test", "sharept")) => a.test = Some(Test::SharePt),
+                Some(("test", "svm-host-state")) => a.test = Some(Test::SvmHostState),
+                Some(("test", "svm-host-state:always")) => a.test = Some(Test::SvmHostStateAlways),
                 Some(("pmem", "format")) => a.pmem.format = true,
                 Some(("pmem", "drop:damaged")) => a.pmem.drop.damaged = true,
                 Some(("pmem", drop)) if drop.starts_with("drop:") => match drop_slots(&drop[5..]) {

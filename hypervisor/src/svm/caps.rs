@@ -12,7 +12,7 @@ pub fn snapshot() -> Snapshot {
     // SAFETY: VM_CR exists on CPUs with SVM (APM 15.30.1); reading has no side effects.
     let vm_cr = unsafe { x86::msr::rdmsr(VM_CR) };
     let s = Snapshot { asids: leaf.ebx, features: leaf.edx, vm_cr };
-    log::debug!(target: "svm", "snapshot {s:#x?}");
+    log::debug!(target: "svm", "capabilities {s:x?}");
     s
 }
 

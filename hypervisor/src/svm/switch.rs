@@ -26,6 +26,9 @@ global_asm!(
     "fxsave64 [rcx]",
     "fxrstor64 [rdx]",
     "push rdx",
+    // The host's RSP from here to the exit, beside the VMSAVE fields (`HOST_RSP_SLOT`):
+    // `leaked_host_state` compares a guest's saved RSP with it.
+    "mov [r8 + 0xff8], rsp",
     "clgi",
     "mov rax, r8",
     "vmsave rax",
@@ -34,6 +37,8 @@ global_asm!(
     load_guest_gprs!(),
     "sti",
     "vmrun rax",
+    ".global svm_vmrun_return",
+    "svm_vmrun_return:",
     // #VMEXIT: GIF = 0, rax = VMCB address again; the guest's registers are live.
     "vmsave rax",
     "push rdi",
@@ -54,6 +59,8 @@ global_asm!(
 );
 
 extern "C" {
+    /// The instruction after VMRUN: the host's RIP as #VMEXIT reloads it.
+    static svm_vmrun_return: u8;
     fn svm_world_switch(regs: *mut Regs, vmcb: u64, guest_fpu: *mut FpuState, host_fpu: *mut FpuState, host_state: u64);
 }
 
@@ -66,4 +73,14 @@ extern "C" {
 pub unsafe fn run(regs: &mut Regs, vmcb: u64, host_state: u64, guest_fpu: &mut FpuState, host_fpu: &mut FpuState) {
     // SAFETY: forwarded from the caller; both FPU areas are exclusive borrows.
     unsafe { svm_world_switch(regs, vmcb, guest_fpu, host_fpu, host_state) }
+}
+
+/// Offset in the host's VMSAVE page where the world switch leaves its RSP at VMRUN (past
+/// every field VMSAVE writes, APM Vol. 2 table B-2).
+pub const HOST_RSP_SLOT: u64 = 0xff8;
+
+/// Address of the instruction after VMRUN, where the host resumes after #VMEXIT.
+pub fn vmrun_return() -> u64 {
+    // Only the label's address is taken, never its contents.
+    &raw const svm_vmrun_return as u64
 }

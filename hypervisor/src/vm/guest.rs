@@ -61,7 +61,7 @@ pub enum CreateError {
 impl core::fmt::Display for CreateError {
     fn fmt(&self, f: &mut core::fmt::Formatter) -> core::fmt::Result {
         match self {
-            CreateError::BadMemorySize(m) => write!(f, "memory size {m:#x} must be a multiple of 2 MiB between 4 MiB and 512 GiB"),
+            CreateError::BadMemorySize(m) => write!(f, "memory size {} must be a multiple of 2 MiB between 4 MiB and 512 GiB", formats::units::Bytes(*m)),
             CreateError::NoMemory => write!(f, "out of host memory"),
             CreateError::Image(e) => write!(f, "bad image: {e}"),
             CreateError::Table(e) => write!(f, "second-level table: {e}"),

@@ -142,7 +142,10 @@ pub fn handle<B: Backend>(guest: &mut Guest<B>, caller: Caller, regs: &mut Regs,
         }
         Ok(Call::MorselCreate { name, size, flags }) => match cx.morsels.create(guest, &frames, name, size, flags) {
             Ok(Started::Zero(p)) => return Action::Unlocked(Unlocked::Zero(p)),
-            Ok(Started::Done(gpa)) => Ok(gpa),
+            Ok(Started::Done(gpa)) => {
+                cx.notify.entered(guest, gpa, caller.cpu);
+                Ok(gpa)
+            }
             Err(e) => Err(e),
         },
         Ok(Call::MorselDestroy { name }) => match cx.morsels.destroy(guest, &frames, name) {
@@ -171,7 +174,7 @@ pub fn finish<B: Backend>(guest: &mut Guest<B>, caller: Caller, regs: &mut Regs,
     let frames = cx.frames.for_cpu(caller.cpu).unwrap_or(cx.frames);
     let result = match done {
         Finished::Bench(ticks) => ticks.ok_or(Error::NoMemory),
-        Finished::Zeroed(p) => cx.morsels.create_finish(guest, &frames, p),
+        Finished::Zeroed(p) => cx.morsels.create_finish(guest, &frames, p).inspect(|&gpa| cx.notify.entered(guest, gpa, caller.cpu)),
         Finished::Freed => Ok(0),
         Finished::Proxy(p) => cx.morsels.nvme_finish(cx.devices.as_mut(), &frames, p),
         Finished::Exmap(x) => cx.exmaps.finish(&mut cx.morsels, cx.devices.as_mut(), Some(guest), &frames, x),
@@ -195,10 +198,23 @@ pub fn abandon<B: Backend>(caller: Caller, cx: &mut Context<B>, done: Finished<B
     }
 }
 
+/// A refusal that is part of a normal protocol, not a mistake: opening a name that does not
+/// exist yet (a rendezvous), ringing a doorbell nobody subscribed to yet. Logged at DEBUG and
+/// not counted among the guest's loud refusals.
+fn expected(nr: u64, e: Error) -> bool {
+    matches!((nr, e), (abi::HC_MORSEL_OPEN, Error::NotFound) | (abi::HC_NOTIFY, Error::NoReceiver))
+}
+
 /// Logs a refusal (the first few of a guest at INFO) and writes status and value.
 fn conclude<B: Backend>(guest: &mut Guest<B>, nr: u64, regs: &mut Regs, result: Result<u64, Error>) {
     let reason = guest.refusal.take();
     if let Err(e) = result {
+        if expected(nr, e) {
+            log::debug!(target: "vm", "guest {} ({}): {} ({nr:#x}) refused ({e}), as guests expect it to be",
+                guest.id, guest.spec.name, Call::name_of(nr));
+            set(regs, result);
+            return;
+        }
         guest.refusals = guest.refusals.saturating_add(1);
         let n = guest.refusals;
         let level = if n <= LOUD_FAILURES { log::Level::Info } else { log::Level::Debug };
@@ -233,7 +249,14 @@ fn dispatch<B: Backend>(call: Call, guest: &mut Guest<B>, caller: Caller, cx: &m
             super::shootdown::log_stats();
             Ok(0)
         }
-        Call::ExmapCreate { name, size, share_writable } => cx.exmaps.create(morsels, guest, frames, name, size, share_writable),
+        Call::ExmapCreate { name, size, share_writable } => {
+            cx.exmaps.create(morsels, guest, frames, name, size, share_writable).inspect(|&gpa| cx.notify.entered(guest, gpa, caller.cpu))
+        }
+        Call::NameWatch { name, bits } => {
+            let name = crate::morsels::read_name(guest, name)?;
+            let there = morsels.exists(&name);
+            cx.notify.watch(guest, caller.vcpu, &name, bits, there)
+        }
         Call::ExmapInfo { region, what } => cx.exmaps.info(guest, region, what),
         Call::DeviceMount { name, bdf, iova, writable } => morsels.device_mount(guest, devices, frames, name, Bdf::from_source_id(bdf), iova, writable),
         Call::DeviceUnmount { bdf, iova } => morsels.device_unmount(guest, devices, frames, Bdf::from_source_id(bdf), iova),

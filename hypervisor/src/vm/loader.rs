@@ -11,7 +11,7 @@ use morsel::{Format, GuestPhysAddr};
 const GIB: u64 = 1 << 30;
 /// Stack space per vCPU kept free of image segments below the top of guest memory (vCPU v's
 /// stack starts `v * STACK_RESERVE` below the top).
-pub const STACK_RESERVE: u64 = 64 * 1024;
+pub const STACK_RESERVE: u64 = abi::VCPU_STACK_RESERVE;
 
 /// What the loader needs to know about the guest.
 pub struct Load<'a> {
@@ -32,6 +32,7 @@ pub fn load<F: Format<Input = GuestPhysAddr>>(
     frames: &Frames,
 ) -> Result<VcpuSetup, MapError> {
     mem.map_ram(g.memory, frames)?;
+    super::report::record_for_debugger(g.id, g.name, mem.root(), g.memory);
     // Inside guest RAM (checked by elf::Image::parse), which is all read-write: cannot fail.
     for seg in image.segments() {
         let _ = mem.write(GuestPhysAddr::new(seg.addr), seg.file);

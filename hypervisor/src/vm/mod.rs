@@ -115,6 +115,11 @@ pub enum Exit {
     InterruptWindow,
     /// Any other exit, with the raw vendor code.
     Other { code: u64 },
+    /// The exit came back with the host's own state where the guest's belongs (`code`: the
+    /// vendor's exit code it carried, `host_rip`: the RIP it held, the host's), again after
+    /// every re-entry from the state saved before it: the emulator's (or the hypervisor's)
+    /// fault, never the guest's (`svm::leaked_host_state`).
+    HostStateLost { code: u64, host_rip: u64 },
 }
 
 impl Exit {
@@ -131,7 +136,7 @@ impl Exit {
             Exit::TripleFault => ExitKind::TripleFault,
             Exit::Io { .. } | Exit::Msr { .. } | Exit::Forbidden { .. } => ExitKind::Forbidden,
             Exit::InterruptWindow => ExitKind::InterruptWindow,
-            Exit::EntryFailed { .. } | Exit::Other { .. } => ExitKind::Other,
+            Exit::EntryFailed { .. } | Exit::Other { .. } | Exit::HostStateLost { .. } => ExitKind::Other,
         }
     }
 }

@@ -39,6 +39,22 @@ struct Events {
     cpu: Option<usize>,
     /// The vCPU ended (its guest's others may still run).
     ended: bool,
+    /// `name_watch`: bits to set when a morsel of that name enters the directory.
+    watch: Option<NameWatch>,
+}
+
+/// A name watch of one vCPU (fixed size: nothing is allocated for it).
+#[derive(Clone, Copy)]
+struct NameWatch {
+    name: [u8; abi::MORSEL_NAME_MAX],
+    len: u8,
+    bits: u64,
+}
+
+impl NameWatch {
+    fn is(&self, name: &str) -> bool {
+        self.name.get(..self.len as usize) == Some(name.as_bytes())
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -201,6 +217,49 @@ impl Notify {
             self.ipis += 1;
         }
         Ok(reached)
+    }
+
+    /// `name_watch` of vCPU `vcpu` of `g`: `bits` for `name` (`there`: in the directory now),
+    /// 0 cancels. Returns 1 if the bits were set at once.
+    pub fn watch<B: Backend>(&mut self, g: &Guest<B>, vcpu: u32, name: &str, bits: u64, there: bool) -> Result<u64, Error> {
+        let e = self.events(g, vcpu)?;
+        e.watch = None;
+        if bits == 0 {
+            return Ok(0);
+        }
+        if there {
+            e.bits |= bits;
+            return Ok(1);
+        }
+        let mut w = NameWatch { name: [0; abi::MORSEL_NAME_MAX], len: 0, bits };
+        let n = name.len().min(abi::MORSEL_NAME_MAX);
+        w.name[..n].copy_from_slice(&name.as_bytes()[..n]);
+        w.len = n as u8;
+        e.watch = Some(w);
+        Ok(0)
+    }
+
+    /// The hook every create calls once its morsel or region is in the directory and mounted
+    /// in `g` at `gpa`: the vCPUs that watch its name get their bits (and are woken, by IPI
+    /// on another CPU than `me`), and their watches end.
+    pub fn entered<B: Backend>(&mut self, g: &Guest<B>, gpa: u64, me: usize) {
+        let Some(m) = g.mounts.iter().find(|m| m.gpa == gpa) else { return };
+        let mut kick = 0u64;
+        for e in self.vcpus.iter_mut().flatten() {
+            let Some(w) = e.watch.filter(|w| w.is(&m.name)) else { continue };
+            e.watch = None;
+            let new = w.bits & !e.bits;
+            e.bits |= w.bits;
+            self.delivered += 1;
+            let wake = e.wait.is_some_and(|wt| new & wt.mask != 0);
+            if let Some(cpu) = e.cpu.filter(|&c| wake && c != me && c < ipi::MAX_CPUS) {
+                kick |= 1 << cpu;
+            }
+        }
+        for cpu in (0..ipi::MAX_CPUS).filter(|c| kick & (1 << c) != 0) {
+            ipi::send(cpu);
+            self.ipis += 1;
+        }
     }
 
     /// `wait` / `sleep` (`mask` 0) of vCPU `vcpu`: takes pending bits at once (`Some`) or

@@ -3,12 +3,49 @@
 
 use super::guest::{Guest, State, Summary};
 use super::{Backend, Exit, ExitKind};
-use morsel::GuestPhysAddr;
+use core::sync::atomic::{AtomicU64, Ordering};
+use morsel::{GuestPhysAddr, HostPhysAddr};
+
+/// Guests a debugger can find (`PARPEROS_GUEST_ROOTS`); later guest ids are not recorded.
+pub const DEBUG_GUESTS: usize = 256;
+
+/// For a debugger (`qemu-configs/gdb/parperos.py`): by guest id, the host-physical root of
+/// the guest's second-level table (nCR3 / EPTP address) and its RAM size in bytes (0 / 0:
+/// none). QEMU's gdbstub does not walk nested paging, so the script walks this root to read
+/// guest-physical memory. The hypervisor runs at its link address, so the symbol's address
+/// is also where the table lies in physical memory (`monitor xp` reads it in any mode).
+/// Written once per guest at load, never read here.
+#[no_mangle]
+pub static PARPEROS_GUEST_ROOTS: [[AtomicU64; 2]; DEBUG_GUESTS] = [const { [AtomicU64::new(0), AtomicU64::new(0)] }; DEBUG_GUESTS];
+
+/// Records guest `id`'s second-level root and RAM size for a debugger and logs them (DEBUG).
+pub(super) fn record_for_debugger(id: u32, name: &str, root: HostPhysAddr, ram: u64) {
+    if let Some(slot) = PARPEROS_GUEST_ROOTS.get(id as usize) {
+        slot[0].store(root.as_u64(), Ordering::Relaxed);
+        slot[1].store(ram, Ordering::Relaxed);
+    }
+    log::debug!(target: "vm", "guest {id} ({name}): second-level table root at host-physical {:#x}, RAM {} MiB (gdb: `guest-x {id} GPA`, qemu-configs/gdb/parperos.py)",
+        root.as_u64(), ram >> 20);
+}
 
 /// Stops a misbehaving guest with a report naming the guest, the exit and the address.
+/// A RIP inside the hypervisor's image that is not in the guest's memory is printed as
+/// `hypervisor RIP 0x...` (xtask names it from the hypervisor's ELF, not the guest's); an
+/// exit that came back with the host's state is reported as the emulator's fault.
 pub(super) fn stop<B: Backend>(guest: &mut Guest<B>, exit: Exit, rip: u64) {
     guest.flush_console();
     let (id, name) = (guest.id, guest.spec.name);
+    if let Exit::HostStateLost { code, host_rip } = exit {
+        log::error!(target: "vm",
+            "guest {id} ({name}) stopped by an emulator or hypervisor fault, not its own: exit {code:#x} came back with the host's state in place of the guest's (hypervisor RIP {host_rip:#x}), again after every re-entry; the guest was at RIP {rip:#x}");
+        guest.state = State::Stopped;
+        return;
+    }
+    let (start, end) = crate::platform::memory::kernel_range();
+    if (start..end).contains(&rip) && !guest.mem.is_mapped(GuestPhysAddr::new(rip)) {
+        log::error!(target: "vm",
+            "guest {id} ({name}): the RIP below lies in the hypervisor's image, outside the guest's memory: hypervisor RIP {rip:#x}");
+    }
     match exit {
         Exit::SecondLevelFault { gpa, write, fetch, .. } => {
             let access = if fetch { "fetch" } else if write { "write" } else { "read" };

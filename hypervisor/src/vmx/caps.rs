@@ -38,7 +38,7 @@ pub fn snapshot() -> Snapshot {
         true_exit: true_read(IA32_VMX_TRUE_EXIT_CTLS),
         true_entry: true_read(IA32_VMX_TRUE_ENTRY_CTLS),
     };
-    log::debug!(target: "vmx", "snapshot {s:#x?}");
+    log::debug!(target: "vmx", "capabilities {s:x?}");
     s
 }
 

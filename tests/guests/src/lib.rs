@@ -6,6 +6,8 @@ pub mod dataset {
     use core::ptr::{read_volatile, write_volatile};
 
     pub const NAME: &str = "dataset";
+    /// The doorbell bit the producer rings once it published.
+    pub const PUBLISHED: guest_lib::notify::Event = guest_lib::notify::Event(0x1);
     const MAGIC: u64 = u64::from_le_bytes(*b"DATASET1");
     const HEADER_WORDS: usize = 8;
 

@@ -18,6 +18,7 @@ use formats::nfit;
 use formats::pmem_layout::{self as layout, Media, DIRECTORY, FORMATTING, MAGIC, META, R_LEN, R_NAME, R_PAGE, R_ROOT, R_STATE, SB_BOOTS, SB_FORMAT, SB_LEN, SB_MAGIC, SB_VERSION, SLOT, SLOTS, VALID, VERSION};
 use formats::units::Bytes;
 use morsel::{FrameAlloc, HostPhysAddr, PageSize};
+use core::sync::atomic::{AtomicBool, Ordering};
 use spin::Once;
 
 mod frameset;
@@ -39,6 +40,9 @@ pub struct Pmem {
     reserved: u64,
     meta_size: u64,
     flush: FlushOp,
+    /// Frames were freed since the metadata was last written back: the next allocation must
+    /// write those frees back first (see `write_back_frees`).
+    frees_pending: AtomicBool,
     /// `pmem=drop:...`: records to drop at recovery.
     pub drop: DropList,
 }
@@ -201,7 +205,11 @@ pub fn init(platform: &Platform, gib_pages: bool, opts: &Options) -> Option<&'st
         }
     };
     let flush = media.op;
-    let p = PMEM.call_once(|| Pmem { base: r.base, len: r.len, alloc, reserved, meta_size: meta_size as u64, flush, drop: opts.drop });
+    if alloc.repaired_areas() > 0 {
+        log::warn!(target: "pmem", "{} areas held a 2 MiB flag and 4 KiB bits at once (a switch between the two cut short by the power loss): kept allocated for the sweep",
+            alloc.repaired_areas());
+    }
+    let p = PMEM.call_once(|| Pmem { base: r.base, len: r.len, alloc, reserved, meta_size: meta_size as u64, flush, frees_pending: AtomicBool::new(false), drop: opts.drop });
     log::info!(target: "pmem", "{} of persistent memory at {:#x}: {} (boot {boots} of this region), {} free, allocator metadata {}, cache lines written back with {flush:?}",
         Bytes(r.len), r.base, if known { "recovered" } else { "formatted" },
         Bytes(p.alloc.free_frames() as u64 * PAGE_SIZE), Bytes(meta_size as u64));
@@ -305,6 +313,17 @@ impl Pmem {
         Some(i)
     }
 
+    /// Writes frees back to the media (the whole allocator metadata, then a fence) if there
+    /// were any since the last write-back. Without eADR an area's huge flag and its bit field
+    /// are separate cache lines: a free left in the cache while a later allocation of the other
+    /// order takes the same area could reach the media mixed with that allocation's bits.
+    /// Called before every allocation after a free, and at the end of a destroy and the sweep.
+    pub fn write_back_frees(&self) {
+        if self.frees_pending.swap(false, Ordering::AcqRel) {
+            layout::persist(&mut self.media(), self.base + META, self.meta_size);
+        }
+    }
+
     /// Drops the record in `slot` (before its frames are freed: a crash in between leaves
     /// frames that no record reaches, which the next boot's sweep frees).
     pub fn remove_record(&self, slot: usize) {
@@ -341,6 +360,7 @@ impl Pmem {
         while area < frames {
             let whole_unseen = (area..area + 512).all(|i| !is_seen(i));
             if whole_unseen && self.alloc.put(CORE, Pfn(first_pfn + area), Order::HUGE).is_ok() {
+                self.frees_pending.store(true, Ordering::Release);
                 freed += 512;
             } else {
                 for i in area..area + 512 {
@@ -349,12 +369,17 @@ impl Pmem {
             }
             area += 512;
         }
+        self.write_back_frees();
         freed
     }
 
     fn free_unseen(&self, pfn: usize, seen: bool) -> u64 {
         let allocated = self.alloc.is_allocated(Pfn(pfn)) == Ok(true);
-        (!seen && allocated && self.alloc.put(CORE, Pfn(pfn), Order::BASE).is_ok()) as u64
+        let freed = !seen && allocated && self.alloc.put(CORE, Pfn(pfn), Order::BASE).is_ok();
+        if freed {
+            self.frees_pending.store(true, Ordering::Release);
+        }
+        freed as u64
     }
 
     /// Frames of the managed part that are allocated now (4 KiB units).
@@ -378,13 +403,16 @@ pub struct PmemFrames(&'static Pmem);
 
 impl FrameAlloc for PmemFrames {
     fn alloc(&self, order: u32) -> Option<HostPhysAddr> {
+        // A free still in the cache must not reach the media after this allocation's bits.
+        self.0.write_back_frees();
         let pfn = self.0.alloc.get(CORE, Order(order as u8)).ok()?;
         Some(HostPhysAddr::new(pfn.0 as u64 * PAGE_SIZE))
     }
 
     fn free(&self, frame: HostPhysAddr, order: u32) {
-        if let Err(e) = self.0.alloc.put(CORE, Pfn((frame.as_u64() / PAGE_SIZE) as usize), Order(order as u8)) {
-            log::error!(target: "pmem", "freeing frame {:#x} (order {order}): {e}", frame.as_u64());
+        match self.0.alloc.put(CORE, Pfn((frame.as_u64() / PAGE_SIZE) as usize), Order(order as u8)) {
+            Ok(()) => self.0.frees_pending.store(true, Ordering::Release),
+            Err(e) => log::error!(target: "pmem", "freeing frame {:#x} (order {order}): {e}", frame.as_u64()),
         }
     }
 }

@@ -9,6 +9,10 @@
 //! - 5 pair (`:vcpus=2`): vCPU 1 waits forever for bit 0x1 of the guest's own private morsel
 //!   while vCPU 0 works through 5 time slices and then rings it: a wait parks only the vCPU
 //!   that called it, and a notify reaches the caller's other vCPUs.
+//! - 6 vector subscriber (`:vcpus=2`): creates "vbell" (others may only open it read-only),
+//!   handles vector 0x50 and subscribes with it; both vCPUs unmask interrupts and wait until
+//!   each took the interrupt once (issue 20 item 10: vCPU 1 had no IDT and died of #GP);
+//! - 7 vector ringer: opens "vbell" read-only and rings it once its owner subscribed.
 #![no_std]
 #![no_main]
 
@@ -27,6 +31,10 @@ static WAITING: AtomicU64 = AtomicU64::new(0);
 static WORKED: AtomicU64 = AtomicU64::new(0);
 static RANG_AT: AtomicU64 = AtomicU64::new(0);
 static VERDICT: AtomicU64 = AtomicU64::new(0);
+/// arg 6: the vector, the subscription done, interrupts taken by vCPU 0 and vCPU 1.
+const VECTOR: u8 = 0x50;
+static SUBSCRIBED: AtomicU64 = AtomicU64::new(0);
+static TAKEN: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
 
 fn open_retry(name: &str) -> Result<morsel::MorselMut, Error> {
     loop {
@@ -45,6 +53,8 @@ fn main(info_: &BootInfo) -> i32 {
         2 => bystander(me),
         3 => attacker(info_),
         5 => pair_main(),
+        6 => vector_subscriber(),
+        7 => vector_ringer(),
         _ => deadlock(me),
     }
 }
@@ -52,6 +62,7 @@ fn main(info_: &BootInfo) -> i32 {
 fn vcpu_main(info_: &BootInfo, vcpu: u32) -> i32 {
     match (info_.arg, vcpu) {
         (5, 1) => pair_waiter(),
+        (6, 1) => vector_take(1),
         _ => 0,
     }
 }
@@ -100,6 +111,78 @@ fn pair_waiter() -> i32 {
     let ok = got == Ok(Event(0x1)) && worked == 5;
     VERDICT.store(if ok { 1 } else { 2 }, SeqCst);
     if ok { 0 } else { 1 }
+}
+
+fn vector_handler(_: &mut guest_lib::interrupts::Frame) {
+    let v = guest_lib::vcpu_index() as usize;
+    if let Some(t) = TAKEN.get(v) {
+        t.fetch_add(1, SeqCst);
+    }
+}
+
+fn vector_subscriber() -> i32 {
+    let Ok(m) = morsel::create("vbell", 4096, PageSize::Size4K, false) else { return 1 };
+    if guest_lib::interrupts::set_handler(VECTOR, vector_handler).is_err() {
+        return 1;
+    }
+    if let Err(e) = Doorbell::new(m.addr()).subscribe(Some(VECTOR)) {
+        println!("bell vectors: subscribe failed: {e}");
+        return 1;
+    }
+    SUBSCRIBED.store(1, SeqCst);
+    let code = vector_take(0);
+    // Keep "vbell" (and the subscription) until vCPU 1 is done too.
+    let t0 = micros();
+    while TAKEN[1].load(SeqCst) == 0 && micros() - t0 < 5_000_000 {
+        let _ = notify::wait(Event(0), Timeout::Micros(50_000));
+    }
+    code
+}
+
+/// Unmasks interrupts on this vCPU and waits (at most 5 s) until it took the vector.
+fn vector_take(vcpu: usize) -> i32 {
+    while SUBSCRIBED.load(SeqCst) == 0 {
+        yield_now();
+    }
+    guest_lib::interrupts::enable();
+    let t0 = micros();
+    while TAKEN[vcpu].load(SeqCst) == 0 && micros() - t0 < 5_000_000 {
+        let _ = notify::wait(Event(0), Timeout::Micros(50_000));
+    }
+    let n = TAKEN[vcpu].load(SeqCst);
+    println!("bell vectors: vcpu {vcpu} took vector {VECTOR:#x} {n} time(s) and runs on");
+    if n == 0 {
+        println!("bell vectors: vcpu {vcpu}: WRONG (no interrupt)");
+        return 1;
+    }
+    0
+}
+
+fn vector_ringer() -> i32 {
+    let m = loop {
+        match morsel::open("vbell") {
+            Err(Error::NotFound) => yield_now(),
+            Ok(m) => break m,
+            Err(e) => {
+                println!("bell vector ringer: open failed: {e}");
+                return 1;
+            }
+        }
+    };
+    let bell = Doorbell::new(m.addr());
+    loop {
+        match bell.ring(Event(0x1)) {
+            Ok(n) => {
+                println!("bell vector ringer: rang the read-only mount, reached {n} guest(s)");
+                return 0;
+            }
+            Err(Error::NoReceiver) => yield_now(),
+            Err(e) => {
+                println!("bell vector ringer: ring failed: {e}");
+                return 1;
+            }
+        }
+    }
 }
 
 fn ringer() -> i32 {

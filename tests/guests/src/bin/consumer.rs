@@ -1,30 +1,37 @@
-//! Opens the morsel "dataset" read-only once the producer published it, checks the whole
+//! Opens the morsel "dataset" read-only once the producer published it (a rendezvous: it
+//! waits for the name, then subscribes and waits for the producer's doorbell, without
+//! polling; more than 200 exits while waiting is WRONG), checks the whole
 //! object against the published checksum, and checks that it may not open it read-write.
 //! With `arg=1` it then writes to it, which the hypervisor must stop.
 #![no_std]
 #![no_main]
 
 use guest_lib::morsel;
-use guest_lib::{println, yield_now, BootInfo, Error};
+use guest_lib::notify::Doorbell;
+use guest_lib::{abi, println, BootInfo, Error};
 use guests::dataset;
 
 guest_lib::entry!(main);
 
 fn main(info: &BootInfo) -> i32 {
     let id = info.guest_id;
-    let m = loop {
-        match morsel::open(dataset::NAME) {
-            Ok(m) => break m,
-            Err(Error::NotFound) => yield_now(),
-            Err(e) => {
-                println!("consumer {id}: open failed: {e}");
-                return 1;
-            }
+    let exits = guest_lib::info(abi::INFO_EXITS).unwrap_or(0);
+    let m = match morsel::open_when_created(dataset::NAME) {
+        Ok(m) => m,
+        Err(e) => {
+            println!("consumer {id}: open failed: {e}");
+            return 1;
         }
     };
-    while !dataset::published(&m) {
-        yield_now();
-    }
+    let wakeups = match Doorbell::new(m.addr()).wait_until(dataset::PUBLISHED, || dataset::published(&m)) {
+        Ok(n) => n,
+        Err(e) => {
+            println!("consumer {id}: cannot wait for the producer: {e}");
+            return 1;
+        }
+    };
+    let waited = guest_lib::info(abi::INFO_EXITS).unwrap_or(0).saturating_sub(exits);
+    println!("consumer {id}: met the producer with {waited} exits ({wakeups} doorbell wake-ups){}", if waited > 200 { ": WRONG, it polled" } else { "" });
     let (want, got) = (dataset::published_sum(&m), dataset::checksum(&m));
     if want != got {
         println!("consumer {id}: checksum {got:#018x} does NOT match {want:#018x}");

@@ -33,13 +33,14 @@ impl Rng {
 
 /// Calls worth fuzzing: all of ABI v1 except exit, console write (it would print garbage)
 /// and stats (it prints), the morsel and device calls twice as often, and numbers beside them.
-const NUMBERS: [u64; 28] = [
+const NUMBERS: [u64; 30] = [
     abi::HC_INFO, abi::HC_YIELD, 0x04, 0x0f, 0x16, 0x25, u64::MAX,
     abi::HC_MORSEL_CREATE, abi::HC_MORSEL_OPEN, abi::HC_MORSEL_UNMOUNT, abi::HC_MORSEL_DESTROY, abi::HC_MORSEL_SIZE,
     abi::HC_MORSEL_CREATE, abi::HC_MORSEL_OPEN, abi::HC_MORSEL_UNMOUNT, abi::HC_MORSEL_DESTROY, abi::HC_MORSEL_SIZE,
     abi::HC_DEVICE_MOUNT, abi::HC_DEVICE_UNMOUNT, abi::HC_EDU_DMA, abi::HC_NVME_READ, abi::HC_NVME_WRITE,
     abi::HC_DEVICE_MOUNT, abi::HC_EDU_DMA,
     abi::HC_EXMAP_CREATE, abi::HC_EXMAP_ACTION, abi::HC_EXMAP_ACTION, abi::HC_EXMAP_INFO,
+    abi::HC_NAME_WATCH, 0x47,
 ];
 
 /// The iovec page of the ExMap calls: refilled with random entries before each.
@@ -80,6 +81,7 @@ fn main(info: &BootInfo) -> i32 {
             abi::HC_MORSEL_OPEN => [name, len, rng.pick(&[0, 1, 1, 2]), 0, 0, 0],
             abi::HC_MORSEL_UNMOUNT | abi::HC_MORSEL_SIZE => [rng.pick(&gpas), 0, 0, 0, 0, 0],
             abi::HC_MORSEL_DESTROY => [name, len, 0, 0, 0, 0],
+            abi::HC_NAME_WATCH => [name, len, rng.pick(&[0, 1, 1 << 63, u64::MAX]), 0, 0, 0],
             abi::HC_DEVICE_MOUNT => [name, len, rng.pick(&bdfs), rng.pick(&iovas), rng.pick(&[0, 1, 1, 2]), 0],
             abi::HC_DEVICE_UNMOUNT => [rng.pick(&bdfs), rng.pick(&iovas), 0, 0, 0, 0],
             abi::HC_EDU_DMA => [rng.pick(&[0, 1, 2]), rng.pick(&iovas), rng.pick(&[1, 64, 4095, 4096, 0, u64::MAX]), 0, 0, 0],

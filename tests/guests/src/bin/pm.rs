@@ -6,8 +6,9 @@
 //! 3 clean up: verify, destroy both, and check that they are gone;
 //! 4 churn: create "ledger" (or open it after an earlier crash, and destroy a "churn" that
 //!   crash left), then create, fill and destroy persistent morsels of changing sizes
-//!   forever, appending one ledger entry per round (entry, then count): the scenario kills
-//!   the machine at a random moment;
+//!   forever, appending one ledger entry per round (entry, then count), some so large that
+//!   areas switch between 4 KiB and 2 MiB frames: the scenario kills the machine at a random
+//!   moment;
 //! 5 after the crash: verify every counted ledger entry, destroy what is left.
 //! 6 fill as 1, then "private" (64 KiB, not share-writable) and "scratch" (64 KiB);
 //! 7 after a reboot: 'blob' intact, and 'private' (restored: no owner) can be neither
@@ -28,6 +29,8 @@ const CHURN: &str = "churn";
 const BLOB_SIZE: u64 = 4 << 20;
 const LEDGER_SIZE: u64 = 64 << 10;
 const ENTRIES: usize = (LEDGER_SIZE / 8) as usize - 1;
+/// The churn's morsels that switch areas between page sizes (see `churn`).
+const SWITCH_SIZE: u64 = 40 << 20;
 
 fn blob_byte(i: usize) -> u8 {
     (i.wrapping_mul(131) ^ (i >> 12)) as u8
@@ -50,10 +53,14 @@ fn word(l: &[u8], i: usize) -> u64 {
 
 fn append(l: &mut MorselMut, n: u64) {
     let p = l.as_mut_ptr() as *mut u64;
-    // SAFETY: words of the mounted ledger; the entry is written before the count covers it.
+    // SAFETY: words of the mounted ledger; the entry is durable (written back and fenced)
+    // before the count that covers it is written, and the count before the next entry.
     unsafe {
-        write_volatile(p.add(1 + n as usize), entry(n));
+        let e = p.add(1 + n as usize);
+        write_volatile(e, entry(n));
+        guest_lib::persist(e as u64..e as u64 + 8);
         write_volatile(p, n + 1);
+        guest_lib::persist(p as u64..p as u64 + 8);
     }
 }
 
@@ -151,13 +158,18 @@ fn churn() -> Result<(), &'static str> {
     if round as usize > ENTRIES || !(0..round as usize).all(|i| word(&ledger, i) == entry(i as u64)) {
         return Err("a counted ledger entry is wrong");
     }
-    println!("pm: churning from round {round}");
+    println!("pm: churning from round {round} (ledger entries persisted with {:?})", guest_lib::persist::write_back().0);
     loop {
-        let (size, page) = match round % 4 {
+        // Rounds 4 and 5 switch areas between 4 KiB and 2 MiB frames: in the 64 MiB region
+        // (31 areas beside the ledger) 40 MiB of 4 KiB pages and 40 MiB of 2 MiB pages cannot
+        // both avoid the areas the other used, so about ten areas change order each time.
+        let (size, page) = match round % 6 {
             0 => (4096 * (1 + round % 5), PageSize::Size4K),
             1 => (2 << 20, PageSize::Size2M),
             2 => (300 << 10, PageSize::Size4K),
-            _ => (6 << 20, PageSize::Size2M),
+            3 => (6 << 20, PageSize::Size2M),
+            4 => (SWITCH_SIZE, PageSize::Size4K),
+            _ => (SWITCH_SIZE, PageSize::Size2M),
         };
         let mut m = create(CHURN, size, page)?;
         m[0] = round as u8;

@@ -1,5 +1,6 @@
 //! Creates the morsel "dataset" (1 GiB of 2 MiB pages, or `arg` bytes), fills it with a
-//! pattern, and publishes it: a header with the size and checksum, the magic written last.
+//! pattern, and publishes it: a header with the size and checksum, the magic written last,
+//! then its doorbell (`dataset::PUBLISHED`) for the consumers that wait.
 #![no_std]
 #![no_main]
 
@@ -21,6 +22,8 @@ fn main(info: &BootInfo) -> i32 {
     println!("producer: morsel of {} MiB mounted at {:#x}", size >> 20, m.addr());
     let sum = dataset::fill(&mut m);
     dataset::publish(&mut m, sum);
-    println!("producer: filled {} MiB, checksum {sum:#018x}, published", size >> 20);
+    // Consumers that subscribed wake; one that subscribes later sees the header first.
+    let reached = guest_lib::notify::Doorbell::new(m.addr()).announce(dataset::PUBLISHED).unwrap_or(0);
+    println!("producer: filled {} MiB, checksum {sum:#018x}, published ({reached} subscribers rung)", size >> 20);
     0
 }
