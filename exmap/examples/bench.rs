@@ -7,7 +7,7 @@
 //! these figures (it is one instruction on one CPU, counted in the emulator scenarios).
 //!
 //! `cargo run --release -p exmap --example bench` (also `cargo xtask bench exmap`);
-//! `-- --quick` for a short run.
+//! `-- --quick` for a short run, `-- --rounds N` for N interleaved runs (default 5; `cargo xtask bench --rounds N` passes N).
 
 use std::alloc::{alloc_zeroed, Layout};
 use std::sync::Barrier;

@@ -3,6 +3,8 @@
 //! interleaved rounds, and reports medians in one table format, as CSV under `build/bench/`
 //! and as SVG plots drawn here (no plotting crate, no fonts: plain SVG text); `--docs` also
 //! copies the plots to `docs/src/bench/`, where the book's Benchmarks chapter shows them.
+//! Every CSV row and every plot's footer says what ran where (`Provenance`): date, commit,
+//! the host's CPU count and its load average before and after.
 
 use crate::{bail, images, Context, Result};
 use std::fmt::Write as _;
@@ -141,6 +143,82 @@ pub fn collect(samples: &[Sample]) -> Vec<Row> {
     rows
 }
 
+/// What ran where: when, which commit, the host's CPU count and its 1-minute load average
+/// before and after the run. Written into every CSV row and every plot's footer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Provenance {
+    /// `2026-12-06 05:40 UTC`.
+    pub date: String,
+    /// `git rev-parse --short HEAD`, `+dirty` if tracked files differ from it.
+    pub commit: String,
+    pub cpus: usize,
+    pub load_start: f64,
+    pub load_end: f64,
+    pub rounds: usize,
+}
+
+impl Provenance {
+    /// Taken when the run starts (date, commit, load); `load_end` is set when it ends.
+    fn start(root: &Path, rounds: usize) -> Provenance {
+        let git = |args: &[&str]| {
+            Command::new("git").arg("-C").arg(root).args(args).output().ok().filter(|o| o.status.success()).map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        };
+        let mut commit = git(&["rev-parse", "--short", "HEAD"]).unwrap_or_else(|| "unknown".into());
+        if git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty()) {
+            commit.push_str("+dirty");
+        }
+        let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        Provenance {
+            date: utc_date(secs),
+            commit,
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            load_start: load_average(),
+            load_end: f64::NAN,
+            rounds,
+        }
+    }
+
+    /// Busier than the CPUs can serve: the figures are noisy.
+    pub fn noisy(&self) -> bool {
+        self.load_start.max(self.load_end) > self.cpus as f64
+    }
+
+    /// One line for a plot's footer or the console.
+    pub fn describe(&self) -> String {
+        format!(
+            "{}, commit {}, {} host CPU{}, load average {:.1} before, {:.1} after{}",
+            self.date,
+            self.commit,
+            self.cpus,
+            if self.cpus == 1 { "" } else { "s" },
+            self.load_start,
+            self.load_end,
+            if self.noisy() { " (more than the CPUs: noisy)" } else { "" }
+        )
+    }
+}
+
+/// The 1-minute load average (`/proc/loadavg`'s first field), NaN where there is none.
+fn load_average() -> f64 {
+    std::fs::read_to_string("/proc/loadavg").ok().and_then(|s| s.split_whitespace().next()?.parse().ok()).unwrap_or(f64::NAN)
+}
+
+/// `YYYY-MM-DD HH:MM UTC` of a Unix time (the civil-from-days algorithm of H. Hinnant).
+pub fn utc_date(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let (h, m) = ((secs % 86_400) / 3600, (secs % 3600) / 60);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02} {h:02}:{m:02} UTC")
+}
+
 pub fn bench(o: &Options) -> Result<ExitCode> {
     if o.exits && o.benches.is_empty() && !o.smp && !o.ipc && !o.bufmgr {
         return crate::bench_smp::bench_exits();
@@ -161,6 +239,7 @@ pub fn bench(o: &Options) -> Result<ExitCode> {
         bail!("`bench smp` and `bench ipc` run on their own (they boot QEMU): `cargo xtask bench smp`, `cargo xtask bench ipc`");
     }
     let root = crate::root();
+    let mut prov = Provenance::start(&root, o.rounds);
     let mut exes = Vec::new();
     for &b in &o.benches {
         let exe = match (b, &o.upstream) {
@@ -184,10 +263,11 @@ pub fn bench(o: &Options) -> Result<ExitCode> {
                     }
                 }
                 "morsel" => samples.extend(parse_morsel(&run(exe, &[MORSEL_OPS, "--sizes", MORSEL_SIZES])?)?),
-                // ExMap's bench interleaves its own cases over 5 runs: run it once, then count
-                // instructions per page of each case under callgrind.
+                // ExMap's bench interleaves its own cases over `--rounds` runs: run it once with
+                // that count (so --rounds is honoured), then count instructions per page of each
+                // case under callgrind.
                 "exmap" if round == 1 => {
-                    samples.extend(parse_exmap(&run(exe, &[])?)?);
+                    samples.extend(parse_exmap(&run(exe, &["--rounds", &o.rounds.to_string()])?)?);
                     samples.extend(exmap_instructions(exe)?);
                 }
                 _ => {}
@@ -196,6 +276,7 @@ pub fn bench(o: &Options) -> Result<ExitCode> {
         eprintln!("bench: round {round} of {} done", o.rounds);
     }
     let rows = collect(&samples);
+    prov.load_end = load_average();
     print!("{}", table(&rows));
     let out = root.join(OUT_DIR);
     std::fs::create_dir_all(&out).context(|| format!("cannot create {}", out.display()))?;
@@ -203,12 +284,12 @@ pub fn bench(o: &Options) -> Result<ExitCode> {
     for &b in &o.benches {
         let mine: Vec<Row> = rows.iter().filter(|r| r.bench == b).cloned().collect();
         let csv_path = out.join(format!("{b}.csv"));
-        images::write_atomic(&csv_path, csv(&mine).as_bytes())?;
+        images::write_atomic(&csv_path, csv(&mine, &prov).as_bytes())?;
         written.push(csv_path);
         let svg = match b {
-            "allocator" => allocator_svg(&mine),
-            "morsel" => morsel_svg(&mine),
-            _ => exmap_svg(&mine),
+            "allocator" => allocator_svg(&mine, &prov),
+            "morsel" => morsel_svg(&mine, &prov),
+            _ => exmap_svg(&mine, &prov),
         };
         let svg_path = out.join(format!("{b}.svg"));
         images::write_atomic(&svg_path, svg.as_bytes())?;
@@ -221,7 +302,7 @@ pub fn bench(o: &Options) -> Result<ExitCode> {
         }
     }
     let names: Vec<String> = written.iter().map(|p| p.strip_prefix(&root).unwrap_or(p).display().to_string()).collect();
-    println!("\nmedian of {} interleaved round(s) (exmap: of its own 5 interleaved runs); this machine is shared and noisy", o.rounds);
+    println!("\nmedian of {} interleaved round(s); {}", o.rounds, prov.describe());
     println!("wrote {}", names.join(", "));
     Ok(ExitCode::SUCCESS)
 }
@@ -433,8 +514,11 @@ fn exmap_case(name: &str) -> Option<(String, u32, &'static str)> {
     let threads: u32 = threads.split_whitespace().next()?.parse().ok()?;
     batch.parse::<u32>().ok()?;
     let order = imp.rsplit(' ').next().filter(|o| *o == "sorted" || *o == "wrapping")?;
-    let imp = if imp.starts_with("per-page") { "per-page path" } else { "exmap" };
-    Some((format!("alloc+free {order} batch {batch}"), threads, imp))
+    // The per-page path has no batches (an allocator call per page): a case of its own.
+    if imp.starts_with("per-page") {
+        return Some((format!("per-page path {order}"), threads, "per-page path"));
+    }
+    Some((format!("alloc+free {order} batch {batch}"), threads, "exmap"))
 }
 
 /// The cases whose instructions per page `exmap_instructions` counts, as the bench's
@@ -512,10 +596,27 @@ pub fn table(rows: &[Row]) -> String {
     t
 }
 
-pub fn csv(rows: &[Row]) -> String {
-    let mut t = String::from("bench,case,threads,implementation,unit,median,min,max,runs\n");
+pub fn csv(rows: &[Row], p: &Provenance) -> String {
+    let mut t = String::from("bench,case,threads,implementation,unit,median,min,max,runs,date,commit,host_cpus,load_before,load_after\n");
     for r in rows {
-        let _ = writeln!(t, "{},{},{},{},{},{:.2},{:.2},{:.2},{}", r.bench, r.case, r.threads, r.imp, r.unit, r.median(), r.min(), r.max(), r.runs());
+        let _ = writeln!(
+            t,
+            "{},{},{},{},{},{:.2},{:.2},{:.2},{},{},{},{},{:.2},{:.2}",
+            r.bench,
+            r.case,
+            r.threads,
+            r.imp,
+            r.unit,
+            r.median(),
+            r.min(),
+            r.max(),
+            r.runs(),
+            p.date,
+            p.commit,
+            p.cpus,
+            p.load_start,
+            p.load_end
+        );
     }
     t
 }
@@ -527,48 +628,150 @@ fn esc(s: &str) -> String {
 
 const COLORS: &[&str] = &["#1f77b4", "#aec7e8", "#d62728", "#ff9896", "#2ca02c", "#98df8a"];
 
-/// A grouped bar chart: one group per category (its label on two lines: first word, rest), one
-/// bar per series (None: no bar), a log y axis (bars from the lowest decade) so that 5 ns and
-/// 500 ns both read, the median written over each bar.
-fn bar_chart(title: &str, y_label: &str, categories: &[String], series: &[(String, Vec<Option<f64>>)], note: &str) -> String {
-    let (left, top, bottom, right) = (70.0, 60.0, 120.0, 20.0);
-    let group_w = 26.0 * series.len() as f64 + 24.0;
-    let width = (left + right + group_w * categories.len() as f64).max(760.0);
-    let height = 460.0;
-    let plot_h = height - top - bottom;
-    let (lo, hi) = decades(series.iter().flat_map(|(_, v)| v.iter().flatten()).copied());
-    let y = |v: f64| top + plot_h * (1.0 - (v.max(10f64.powf(lo)).log10() - lo) / (hi - lo));
-    let mut s = svg_head(width, height, title);
-    let _ = writeln!(s, r#"<text x="14" y="{:.0}" transform="rotate(-90 14 {:.0})" text-anchor="middle">{}</text>"#, top + plot_h / 2.0, top + plot_h / 2.0, esc(y_label));
-    for e in (lo as i32)..=(hi as i32) {
-        for m in [1.0, 2.0, 5.0] {
-            let v = m * 10f64.powi(e);
-            if v.log10() > hi + 1e-9 {
-                break;
-            }
-            let stroke = if m == 1.0 { "#ccc" } else { "#eee" };
-            let _ = writeln!(s, r#"<line x1="{left}" x2="{:.0}" y1="{:.1}" y2="{:.1}" stroke="{stroke}"/><text x="{:.0}" y="{:.1}" text-anchor="end" font-size="10">{}</text>"#, width - right, y(v), y(v), left - 6.0, y(v) + 4.0, fmt_num(v));
+/// One bar: median with the min..max of its rounds.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Bar {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Bar {
+    fn of(r: &Row) -> Bar {
+        Bar { median: r.median(), min: r.min(), max: r.max() }
+    }
+}
+
+/// A y axis: linear from 0 where the figures lie within a factor of 20 (bar lengths then mean
+/// something), else log over whole decades (then each median is a mark, not a bar from an
+/// arbitrary floor).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Scale {
+    Linear { max: f64 },
+    Log { lo: f64, hi: f64 },
+}
+
+impl Scale {
+    fn fit(values: impl Iterator<Item = f64> + Clone) -> Scale {
+        let lo = values.clone().filter(|v| *v > 0.0).fold(f64::INFINITY, f64::min);
+        let hi = values.clone().fold(0.0, f64::max);
+        if !lo.is_finite() || hi / lo < 20.0 {
+            Scale::Linear { max: nice_ceiling(hi.max(1e-9) * 1.08) }
+        } else {
+            let (lo, hi) = decades(values);
+            Scale::Log { lo, hi }
         }
+    }
+
+    /// Where `v` lies, 0.0 (bottom) ..= 1.0 (top).
+    fn frac(&self, v: f64) -> f64 {
+        match *self {
+            Scale::Linear { max } => (v / max).clamp(0.0, 1.0),
+            Scale::Log { lo, hi } => ((v.max(10f64.powf(lo)).log10() - lo) / (hi - lo)).clamp(0.0, 1.0),
+        }
+    }
+
+    /// Grid values: 5 steps on a linear axis, 1-2-5 per decade on a log one.
+    fn ticks(&self) -> Vec<(f64, bool)> {
+        match *self {
+            Scale::Linear { max } => (0..=5).map(|i| (max * i as f64 / 5.0, true)).collect(),
+            Scale::Log { lo, hi } => ((lo as i32)..=(hi as i32))
+                .flat_map(|e| [1.0, 2.0, 5.0].map(|m| (m * 10f64.powi(e), m == 1.0)))
+                .filter(|(v, _)| v.log10() <= hi + 1e-9)
+                .collect(),
+        }
+    }
+}
+
+/// The smallest 1, 2 or 5 times a power of ten at or above `v`.
+fn nice_ceiling(v: f64) -> f64 {
+    let p = 10f64.powf(v.log10().floor());
+    [1.0, 2.0, 5.0, 10.0].iter().map(|m| m * p).find(|c| *c >= v * (1.0 - 1e-12)).unwrap_or(10.0 * p)
+}
+
+/// A grouped bar chart: one group per category (its label on two lines: first word, rest), one
+/// bar per series (None: no bar), each with a min..max whisker and its median written above.
+/// The plot is as wide as its groups need (at least 560 px), so no part of it stays empty.
+fn bar_chart(title: &str, y_label: &str, categories: &[String], series: &[(String, Vec<Option<Bar>>)], notes: &[String]) -> String {
+    let (left, top, right) = (70.0, 60.0, 20.0);
+    let bottom = 80.0 + 14.0 * notes.len() as f64;
+    let per_bar = 30.0;
+    let natural = (per_bar * series.len() as f64 + 24.0) * categories.len() as f64;
+    // Wide enough for the footer's longest line (10 px sans-serif: about 5.5 px a character).
+    let footer_w = notes.iter().map(|n| n.chars().count() as f64 * 5.5).fold(0.0, f64::max) - left - right;
+    let plot_w = natural.max(560.0).max(footer_w);
+    let group_w = plot_w / categories.len().max(1) as f64;
+    let bar_w = ((group_w - 24.0) / series.len().max(1) as f64).min(40.0);
+    let width = left + right + plot_w;
+    let height = 440.0 + 14.0 * notes.len() as f64;
+    let plot_h = height - top - bottom;
+    let scale = Scale::fit(series.iter().flat_map(|(_, v)| v.iter().flatten()).flat_map(|b| [b.min, b.median, b.max]).collect::<Vec<_>>().into_iter());
+    let y = |v: f64| top + plot_h * (1.0 - scale.frac(v));
+    let base = top + plot_h;
+    let mut s = svg_head(width, height, title);
+    let scale_name = match scale {
+        Scale::Linear { .. } => "",
+        Scale::Log { .. } => ", log scale",
+    };
+    let _ = writeln!(s, r#"<text x="14" y="{:.0}" transform="rotate(-90 14 {:.0})" text-anchor="middle">{}{}</text>"#, top + plot_h / 2.0, top + plot_h / 2.0, esc(y_label), scale_name);
+    for (v, major) in scale.ticks() {
+        let stroke = if major { "#ccc" } else { "#eee" };
+        let _ = writeln!(s, r#"<line x1="{left}" x2="{:.0}" y1="{:.1}" y2="{:.1}" stroke="{stroke}"/><text x="{:.0}" y="{:.1}" text-anchor="end" font-size="10">{}</text>"#, width - right, y(v), y(v), left - 6.0, y(v) + 4.0, fmt_num(v));
     }
     for (c, cat) in categories.iter().enumerate() {
-        let x0 = left + group_w * c as f64 + 12.0;
-        for (k, (_, values)) in series.iter().enumerate() {
-            let Some(val) = values[c] else { continue };
-            let x = x0 + 26.0 * k as f64;
-            let base = y(10f64.powf(lo));
-            let _ = writeln!(s, r#"<rect x="{x:.1}" y="{:.1}" width="22" height="{:.1}" fill="{}"><title>{}</title></rect>"#, y(val), base - y(val), COLORS[k % COLORS.len()], esc(&format!("{cat}, {}: {val:.1}", series[k].0)));
-            let _ = writeln!(s, r#"<text x="{:.1}" y="{:.1}" font-size="9" text-anchor="middle">{}</text>"#, x + 11.0, y(val) - 3.0, fmt_num(val));
+        let present = series.iter().filter(|(_, v)| v[c].is_some()).count();
+        // The group's bars side by side, centred in the group.
+        let x0 = left + group_w * c as f64 + (group_w - bar_w * present as f64) / 2.0;
+        let mut k_in_group = 0;
+        for (k, (name, values)) in series.iter().enumerate() {
+            let Some(b) = values[c] else { continue };
+            let x = x0 + bar_w * k_in_group as f64;
+            k_in_group += 1;
+            let (w, cx) = (bar_w - 4.0, x + (bar_w - 4.0) / 2.0);
+            let tip = esc(&format!("{cat}, {name}: median {:.1}, min {:.1}, max {:.1}", b.median, b.min, b.max));
+            match scale {
+                Scale::Linear { .. } => {
+                    let _ = writeln!(s, r#"<rect x="{x:.1}" y="{:.1}" width="{w:.1}" height="{:.1}" fill="{}"><title>{tip}</title></rect>"#, y(b.median), base - y(b.median), COLORS[k % COLORS.len()]);
+                }
+                Scale::Log { .. } => {
+                    let _ = writeln!(s, r#"<rect x="{:.1}" y="{:.1}" width="{w:.1}" height="5" fill="{}"><title>{tip}</title></rect>"#, x, y(b.median) - 2.5, COLORS[k % COLORS.len()]);
+                }
+            }
+            // The min..max whisker.
+            let _ = writeln!(
+                s,
+                r##"<path d="M{cx:.1},{:.1}V{:.1}M{:.1},{:.1}h6M{:.1},{:.1}h6" stroke="#333" fill="none"/>"##,
+                y(b.min),
+                y(b.max),
+                cx - 3.0,
+                y(b.min),
+                cx - 3.0,
+                y(b.max)
+            );
+            let _ = writeln!(s, r#"<text x="{cx:.1}" y="{:.1}" font-size="9" text-anchor="middle">{}</text>"#, y(b.max) - 4.0, fmt_num(b.median));
         }
-        let cx = x0 + 13.0 * series.len() as f64 - 6.0;
+        let cx = left + group_w * (c as f64 + 0.5);
         let (first, rest) = cat.split_once(' ').unwrap_or((cat, ""));
-        let _ = writeln!(s, r#"<text x="{cx:.1}" y="{:.0}" text-anchor="middle">{}</text>"#, y(10f64.powf(lo)) + 16.0, esc(first));
-        let _ = writeln!(s, r#"<text x="{cx:.1}" y="{:.0}" text-anchor="middle" font-size="11">{}</text>"#, y(10f64.powf(lo)) + 30.0, esc(rest));
+        let _ = writeln!(s, r#"<text x="{cx:.1}" y="{:.0}" text-anchor="middle">{}</text>"#, base + 16.0, esc(first));
+        let _ = writeln!(s, r#"<text x="{cx:.1}" y="{:.0}" text-anchor="middle" font-size="11">{}</text>"#, base + 30.0, esc(rest));
     }
-    let _ = writeln!(s, r##"<line x1="{left}" x2="{:.0}" y1="{:.1}" y2="{:.1}" stroke="#333"/>"##, width - right, y(10f64.powf(lo)), y(10f64.powf(lo)));
-    legend(&mut s, left, height - 50.0, &series.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>());
-    let _ = writeln!(s, r##"<text x="{left}" y="{:.0}" font-size="10" fill="#555">{}</text>"##, height - 14.0, esc(note));
+    let _ = writeln!(s, r##"<line x1="{left}" x2="{:.0}" y1="{base:.1}" y2="{base:.1}" stroke="#333"/>"##, width - right);
+    legend(&mut s, left, base + 54.0, &series.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>());
+    footer(&mut s, left, height, notes);
     s.push_str("</svg>\n");
     s
+}
+
+/// Footer lines, the last at the bottom.
+fn footer(s: &mut String, left: f64, height: f64, notes: &[String]) {
+    for (i, n) in notes.iter().enumerate() {
+        let _ = writeln!(s, r##"<text x="{left}" y="{:.0}" font-size="10" fill="#555">{}</text>"##, height - 10.0 - 14.0 * (notes.len() - 1 - i) as f64, esc(n));
+    }
+}
+
+/// The footer of every plot: how it was made, and what ran where.
+fn notes(what: &str, p: &Provenance) -> Vec<String> {
+    vec![what.to_string(), format!("median of {} interleaved rounds, whiskers min..max", p.rounds), p.describe()]
 }
 
 fn svg_head(width: f64, height: f64, title: &str) -> String {
@@ -600,55 +803,54 @@ fn fmt_num(v: f64) -> String {
 }
 
 /// Allocator ns per operation by pattern and thread count, ours against the spinlock bitmap.
-pub fn allocator_svg(rows: &[Row]) -> String {
+pub fn allocator_svg(rows: &[Row], p: &Provenance) -> String {
     let mut cases: Vec<String> = Vec::new();
     for r in rows {
         if !cases.contains(&r.case) {
             cases.push(r.case.clone());
         }
     }
-    let find = |case: &str, t: u32, imp: &str| rows.iter().find(|r| r.case == case && r.threads == t && r.imp == imp).map(Row::median);
-    let series: Vec<(String, Vec<Option<f64>>)> = [("ours", 1), ("ours", 2), ("spinlock", 1), ("spinlock", 2)]
+    let find = |case: &str, t: u32, imp: &str| rows.iter().find(|r| r.case == case && r.threads == t && r.imp == imp).map(Bar::of);
+    let series: Vec<(String, Vec<Option<Bar>>)> = [("ours", 1), ("ours", 2), ("spinlock", 1), ("spinlock", 2)]
         .iter()
         .map(|&(imp, t)| {
             let name = format!("{} {t} thread{}", if imp == "ours" { "llfree-pp (ours)" } else { "spinlock bitmap" }, if t > 1 { "s" } else { "" });
             (name, cases.iter().map(|c| find(c, t, imp)).collect())
         })
         .collect();
-    let runs = rows.first().map_or(0, Row::runs);
     bar_chart(
         "Frame allocator: ns per operation per thread (lower is better)",
-        "ns per op, log scale (repeat: per get+put pair)",
+        "ns per op (repeat: per get+put pair)",
         &cases,
         &series,
-        &format!("cargo xtask bench allocator: 8 GiB, frames untouched, median of {runs} interleaved rounds; shared 2-core machine, noisy"),
+        &notes("cargo xtask bench allocator: 8 GiB, frames untouched, threads pinned", p),
     )
 }
 
-/// ExMap ns per page by batch size and thread count, against the per-page path.
-pub fn exmap_svg(rows: &[Row]) -> String {
+/// ExMap ns per page by batch size and thread count; the per-page path (no batches, an
+/// allocator call and zeroing per page) is its own group.
+pub fn exmap_svg(rows: &[Row], p: &Provenance) -> String {
     let mut cases: Vec<String> = Vec::new();
-    for r in rows.iter().filter(|r| r.imp == "exmap" && r.unit == "ns/page") {
+    for r in rows.iter().filter(|r| r.unit == "ns/page" && r.imp == "exmap").chain(rows.iter().filter(|r| r.unit == "ns/page" && r.imp != "exmap")) {
         if !cases.contains(&r.case) {
             cases.push(r.case.clone());
         }
     }
-    let find = |case: &str, t: u32, imp: &str| rows.iter().find(|r| r.case == case && r.threads == t && r.imp == imp && r.unit == "ns/page").map(Row::median);
-    let series: Vec<(String, Vec<Option<f64>>)> = [("exmap", 1), ("exmap", 2), ("per-page path", 1), ("per-page path", 2)]
-        .iter()
-        .map(|&(imp, t)| (format!("{imp} {t} thread{}", if t > 1 { "s" } else { "" }), cases.iter().map(|c| find(c, t, imp)).collect()))
-        .collect();
+    let find = |case: &str, t: u32| rows.iter().find(|r| r.case == case && r.threads == t && r.unit == "ns/page").map(Bar::of);
+    let series: Vec<(String, Vec<Option<Bar>>)> =
+        [1, 2].iter().map(|&t| (format!("{t} thread{}", if t > 1 { "s" } else { "" }), cases.iter().map(|c| find(c, t)).collect())).collect();
     bar_chart(
         "ExMap: ns per page of ALLOC+FREE (lower is better)",
-        "ns per page per thread, log scale",
-        &cases.iter().map(|c| c.replace("alloc+free ", "")).collect::<Vec<_>>(),
+        "ns per page per thread",
+        &cases.iter().map(|c| c.replace("alloc+free ", "ExMap ")).collect::<Vec<_>>(),
         &series,
-        "cargo xtask bench exmap: 512 MiB real memory, sparse NPT region, median of 5 interleaved runs; no TLB flush; noisy machine",
+        &notes("cargo xtask bench exmap: 512 MiB, sparse NPT region, no TLB flush; per-page path: get/put + zeroing, no cache", p),
     )
 }
 
-/// Morsel mount+unmount against mapping the object page by page (+ teardown), both axes log.
-pub fn morsel_svg(rows: &[Row]) -> String {
+/// Morsel mount+unmount against mapping the object page by page (+ teardown), both axes log,
+/// min..max whiskers at every point.
+pub fn morsel_svg(rows: &[Row], p: &Provenance) -> String {
     let mut sizes: Vec<(u64, String)> = Vec::new();
     for r in rows {
         if let Some(b) = size_bytes(&r.case) {
@@ -658,25 +860,22 @@ pub fn morsel_svg(rows: &[Row]) -> String {
         }
     }
     sizes.sort();
-    let get = |case: &str, imp: &str| rows.iter().find(|r| r.case == case && r.imp == imp).map(Row::median);
-    let lines: Vec<(String, Vec<(f64, f64)>)> = vec![
-        (
-            "morsel mount + unmount".into(),
-            sizes.iter().filter_map(|(b, c)| Some((*b as f64, get(c, "mount")? + get(c, "unmount")?))).collect(),
-        ),
-        (
-            "map page by page (2 MiB pages)".into(),
-            sizes.iter().filter_map(|(b, c)| Some((*b as f64, get(c, "map page by page")?))).collect(),
-        ),
-        (
-            "map page by page + teardown".into(),
-            sizes.iter().filter_map(|(b, c)| Some((*b as f64, get(c, "map page by page")? + get(c, "teardown")?))).collect(),
-        ),
+    let get = |case: &str, imp: &str| rows.iter().find(|r| r.case == case && r.imp == imp).map(Bar::of);
+    // A sum of two rows: medians, mins and maxes added (the whisker then spans both).
+    let sum = |a: Option<Bar>, b: Option<Bar>| Some(Bar { median: a?.median + b?.median, min: a?.min + b?.min, max: a?.max + b?.max });
+    type Line = (String, Vec<(f64, Bar)>);
+    let lines: Vec<Line> = vec![
+        ("morsel mount + unmount".into(), sizes.iter().filter_map(|(b, c)| Some((*b as f64, sum(get(c, "mount"), get(c, "unmount"))?))).collect()),
+        ("map page by page (2 MiB pages)".into(), sizes.iter().filter_map(|(b, c)| Some((*b as f64, get(c, "map page by page")?))).collect()),
+        ("map page by page + teardown".into(), sizes.iter().filter_map(|(b, c)| Some((*b as f64, sum(get(c, "map page by page"), get(c, "teardown"))?))).collect()),
     ];
-    let (width, height, left, right, top, bottom) = (720.0, 440.0, 80.0, 30.0, 60.0, 90.0);
-    let all: Vec<(f64, f64)> = lines.iter().flat_map(|(_, p)| p.iter().copied()).collect();
+    let notes = notes("cargo xtask bench morsel: EPT, 2 MiB pages, simulated memory (tables only), no TLB flush", p);
+    let (width, left, right, top) = (760.0, 80.0, 80.0, 60.0);
+    let bottom = 76.0 + 14.0 * notes.len() as f64;
+    let height = 420.0 + 14.0 * notes.len() as f64;
+    let all: Vec<(f64, Bar)> = lines.iter().flat_map(|(_, p)| p.iter().copied()).collect();
     let (x_lo, x_hi) = decades(all.iter().map(|p| p.0));
-    let (y_lo, y_hi) = decades(all.iter().map(|p| p.1));
+    let (y_lo, y_hi) = decades(all.iter().flat_map(|p| [p.1.min, p.1.max]));
     let px = |x: f64| left + (width - left - right) * (x.log10() - x_lo) / (x_hi - x_lo);
     let py = |y: f64| top + (height - top - bottom) * (1.0 - (y.log10() - y_lo) / (y_hi - y_lo));
     let mut s = svg_head(width, height, "Morsel: cost to give a guest an object, by object size (log-log)");
@@ -690,27 +889,43 @@ pub fn morsel_svg(rows: &[Row]) -> String {
     }
     let _ = writeln!(s, r#"<text x="{:.0}" y="{:.0}" text-anchor="middle">object size</text>"#, (left + width - right) / 2.0, height - bottom + 34.0);
     let _ = writeln!(s, r#"<text x="16" y="{:.0}" transform="rotate(-90 16 {:.0})" text-anchor="middle">time per object (ns, log)</text>"#, (top + height - bottom) / 2.0, (top + height - bottom) / 2.0);
+    let color = |k: usize| [COLORS[0], COLORS[4], COLORS[2]][k % 3];
+    let mut end_labels = Vec::new();
     for (k, (name, points)) in lines.iter().enumerate() {
-        let color = [COLORS[0], COLORS[4], COLORS[2]][k % 3];
-        let path: Vec<String> = points.iter().map(|&(x, y)| format!("{:.1},{:.1}", px(x), py(y))).collect();
-        let _ = writeln!(s, r#"<polyline points="{}" fill="none" stroke="{color}" stroke-width="2"/>"#, path.join(" "));
-        for &(x, y) in points {
-            let _ = writeln!(s, r#"<circle cx="{:.1}" cy="{:.1}" r="3.5" fill="{color}"><title>{}</title></circle>"#, px(x), py(y), esc(&format!("{name}: {y:.1} ns")));
+        let path: Vec<String> = points.iter().map(|&(x, b)| format!("{:.1},{:.1}", px(x), py(b.median))).collect();
+        let _ = writeln!(s, r#"<polyline points="{}" fill="none" stroke="{}" stroke-width="2"/>"#, path.join(" "), color(k));
+        for &(x, b) in points {
+            let _ = writeln!(s, r#"<path d="M{:.1},{:.1}V{:.1}" stroke="{}" fill="none"/>"#, px(x), py(b.min), py(b.max), color(k));
+            let tip = esc(&format!("{name}: median {:.1} ns, min {:.1}, max {:.1}", b.median, b.min, b.max));
+            let _ = writeln!(s, r#"<circle cx="{:.1}" cy="{:.1}" r="3.5" fill="{}"><title>{tip}</title></circle>"#, px(x), py(b.median), color(k));
         }
-        if let Some(&(x, y)) = points.last() {
-            let _ = writeln!(s, r#"<text x="{:.1}" y="{:.1}" text-anchor="end" font-size="10" fill="{color}">{}</text>"#, px(x) - 6.0, py(y) - 8.0, ns_label(y));
+        if let Some(&(x, b)) = points.last() {
+            end_labels.push((py(b.median), px(x), k, ns_label(b.median)));
         }
     }
-    let names: Vec<String> = lines.iter().map(|(n, _)| n.clone()).collect();
+    // The values at the right end, right of the last points, moved apart so none overlaps.
+    for (y, x, k, text) in spread(end_labels, 13.0) {
+        let _ = writeln!(s, r#"<text x="{:.1}" y="{:.1}" font-size="10" fill="{}">{}</text>"#, x + 8.0, y + 4.0, color(k), text);
+    }
     let mut cx = left;
-    for (k, n) in names.iter().enumerate() {
-        let _ = writeln!(s, r#"<rect x="{cx:.0}" y="{:.0}" width="12" height="12" fill="{}"/><text x="{:.0}" y="{:.0}">{}</text>"#, height - 40.0, [COLORS[0], COLORS[4], COLORS[2]][k % 3], cx + 16.0, height - 30.0, esc(n));
+    for (k, (n, _)) in lines.iter().enumerate() {
+        let _ = writeln!(s, r#"<rect x="{cx:.0}" y="{:.0}" width="12" height="12" fill="{}"/><text x="{:.0}" y="{:.0}">{}</text>"#, height - bottom + 42.0, color(k), cx + 16.0, height - bottom + 52.0, esc(n));
         cx += 30.0 + 7.0 * n.len() as f64;
     }
-    let runs = rows.first().map_or(0, Row::runs);
-    let _ = writeln!(s, r##"<text x="{left}" y="{:.0}" font-size="10" fill="#555">cargo xtask bench morsel: EPT, simulated memory (tables only), no TLB flush; median of {runs} interleaved rounds; noisy machine</text>"##, height - 10.0);
+    footer(&mut s, left, height, &notes);
     s.push_str("</svg>\n");
     s
+}
+
+/// Labels `(y, ...)` sorted by y and pushed down where two would be closer than `gap`.
+fn spread<T>(mut labels: Vec<(f64, f64, usize, T)>, gap: f64) -> Vec<(f64, f64, usize, T)> {
+    labels.sort_by(|a, b| a.0.total_cmp(&b.0));
+    for i in 1..labels.len() {
+        if labels[i].0 < labels[i - 1].0 + gap {
+            labels[i].0 = labels[i - 1].0 + gap;
+        }
+    }
+    labels
 }
 
 /// The whole decades (log10) that cover `values` (positive).
@@ -787,9 +1002,10 @@ threads  allocator  get+put ns   Mops/s total   (median of 1 runs, ns per op per
         let r = &rows[0];
         assert_eq!((r.case.as_str(), r.threads, r.imp.as_str()), ("alloc+free sorted batch 64", 2, "exmap"));
         assert_eq!((r.median(), r.min(), r.max(), r.runs()), (24.0, 20.7, 27.0, 5));
-        assert_eq!((rows[1].case.as_str(), rows[1].threads, rows[1].imp.as_str()), ("alloc+free wrapping batch 512", 1, "per-page path"));
+        assert_eq!((rows[1].case.as_str(), rows[1].threads, rows[1].imp.as_str()), ("per-page path wrapping", 1, "per-page path"));
         assert_eq!((rows[2].unit, rows[2].median()), ("instr/page", 180.0), "instructions are a row of their own");
-        assert!(exmap_svg(&rows).contains("sorted batch 64"));
+        let prov = Provenance { date: "d".into(), commit: "c".into(), cpus: 2, load_start: 0.0, load_end: 0.0, rounds: 5 };
+        assert!(exmap_svg(&rows, &prov).contains("sorted batch 64"));
         assert!(parse_exmap("exmap alloc+free sorted batch 1, x threads: 1.0 ns/page (per thread; runs 1.0..2.0)\n").is_err());
         assert!(parse_exmap("exmap alloc+free batch 1, 1 thread: 1.0 ns/page (per thread; runs 1.0..2.0)\n").is_err(), "no order");
         assert_eq!(parse_collected("==12== Events    : Ir\n==12== Collected : 207806271\n"), Some(207806271));
@@ -804,14 +1020,55 @@ threads  allocator  get+put ns   Mops/s total   (median of 1 runs, ns per op per
         assert_eq!(collect(&[mk(1.0), mk(2.0)])[0].median(), 1.5);
         let t = table(&rows);
         assert!(t.lines().nth(2).unwrap().contains("|        9.0 |         7.0..30.0 |    3 | ns/op"), "{t}");
-        assert_eq!(csv(&rows).lines().nth(1), Some("allocator,bulk 4 KiB get,1,ours,ns/op,9.00,7.00,30.00,3"));
-        let svg = allocator_svg(&rows);
+        let prov = Provenance { date: "2026-12-06 05:40 UTC".into(), commit: "abc1234".into(), cpus: 2, load_start: 3.5, load_end: 1.0, rounds: 3 };
+        assert_eq!(csv(&rows, &prov).lines().nth(1), Some("allocator,bulk 4 KiB get,1,ours,ns/op,9.00,7.00,30.00,3,2026-12-06 05:40 UTC,abc1234,2,3.50,1.00"));
+        let svg = allocator_svg(&rows, &prov);
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>") && svg.contains("llfree-pp (ours) 1 thread"), "{svg}");
+        // The footer says what ran where, and that a load above the CPU count is noise.
+        assert!(svg.contains("2026-12-06 05:40 UTC, commit abc1234, 2 host CPUs, load average 3.5 before, 1.0 after (more than the CPUs: noisy)"), "{svg}");
+        assert!(!svg.contains("2-core"), "no machine is assumed");
+        // Whiskers: one per bar, from the min to the max.
+        assert_eq!(svg.matches("stroke=\"#333\" fill=\"none\"").count(), 2, "{svg}");
+        let quiet = Provenance { load_start: 0.5, load_end: 0.7, ..prov.clone() };
+        assert!(!quiet.describe().contains("noisy"));
         let m = parse_morsel("|   2 MiB | 1 | 1 | 17.5 | 22.6 | 1 + 1 | 222 | 2908 | 3 | 78x |\n|  64 GiB | 1 | 1 | 14.6 | 13.9 | 1 + 1 | 555673 | 75347 | 3 | 1x |\n").unwrap();
-        let svg = morsel_svg(&collect(&m));
+        let svg = morsel_svg(&collect(&m), &prov);
         assert_eq!(svg.matches("<polyline").count(), 3);
+        assert!(svg.contains("median of 3 interleaved rounds"), "{svg}");
         assert!(svg.contains("(log-log)") && svg.contains("64 GiB"), "{svg}");
         assert_eq!(decades([17.0, 630000.0].into_iter()), (1.0, 6.0));
+    }
+
+    #[test]
+    fn exmap_plot_has_a_group_for_the_per_page_path() {
+        let e = "exmap host benchmark: 512 MiB of real memory, median of 5 interleaved runs\n\
+                 exmap alloc+free wrapping batch 1, 1 thread: 26.0 ns/page (per thread; runs 25.0..27.0)\n\
+                 exmap alloc+free wrapping batch 512, 1 thread: 19.0 ns/page (per thread; runs 18.0..20.0)\n\
+                 exmap alloc+free wrapping batch 512, 2 threads: 19.5 ns/page (per thread; runs 18.0..21.0)\n\
+                 per-page path (allocator call + zeroing per page, no cache) wrapping batch 512, 1 thread: 60.0 ns/page (per thread; runs 59.0..61.0)\n";
+        let prov = Provenance { date: "d".into(), commit: "c".into(), cpus: 16, load_start: 0.1, load_end: 0.2, rounds: 1 };
+        let svg = exmap_svg(&collect(&parse_exmap(e).unwrap()), &prov);
+        assert!(svg.contains(">ExMap<") && svg.contains(">wrapping batch 512<") && svg.contains(">per-page<") && svg.contains(">path wrapping<"), "{svg}");
+        assert!(!svg.contains("per-page path batch"), "{svg}");
+        // Figures within a factor of 20: a linear axis from 0, bars are bars.
+        assert!(svg.contains(">0<") && !svg.contains("log scale"), "{svg}");
+        // The plot is only as wide as its groups need.
+        let width: f64 = svg.split("width=\"").nth(1).unwrap().split('"').next().unwrap().parse().unwrap();
+        assert!(width <= 800.0, "{width}");
+    }
+
+    #[test]
+    fn scales_ticks_dates_and_labels() {
+        assert_eq!(Scale::fit([5.0, 60.0].into_iter()), Scale::Linear { max: 100.0 });
+        assert_eq!(Scale::fit([5.0, 160.0].into_iter()), Scale::Log { lo: 0.0, hi: 3.0 });
+        assert_eq!(nice_ceiling(64.8), 100.0);
+        assert_eq!(nice_ceiling(17.0), 20.0);
+        assert_eq!(nice_ceiling(50.0), 50.0);
+        assert_eq!(utc_date(0), "1970-01-01 00:00 UTC");
+        assert_eq!(utc_date(1_796_535_600), "2026-12-06 05:40 UTC");
+        assert_eq!(utc_date(951_782_400), "2000-02-29 00:00 UTC");
+        let s = spread(vec![(100.0, 0.0, 0, "a"), (95.0, 0.0, 1, "b"), (300.0, 0.0, 2, "c")], 13.0);
+        assert_eq!(s.iter().map(|l| (l.0, l.3)).collect::<Vec<_>>(), [(95.0, "b"), (108.0, "a"), (300.0, "c")]);
     }
 
     #[test]

@@ -13,9 +13,10 @@
 
 use crate::bench_smp::{median, qemu_svm_setup};
 use crate::emulator::{self, Accel, Config};
+use crate::machine::{Machine, SerialFrom};
 use crate::{bail, images, Context, Result};
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// vCPU counts measured.
 const VCPUS: [usize; 3] = [1, 2, 4];
@@ -99,9 +100,10 @@ pub fn bench(rounds: usize) -> Result<ExitCode> {
             boot.cpus = Some(cpus);
             boot.disk = Some(&disk);
             let mut cmd = emulator::qemu_command(&config, Accel::Tcg, &boot)?;
-            let out = cmd.stdin(std::process::Stdio::null()).output().context(|| "cannot start qemu-system-x86_64".to_string())?;
-            let serial = String::from_utf8_lossy(&out.stdout);
-            if out.status.code() != Some(33) {
+            cmd.stdin(std::process::Stdio::null());
+            let (ended, serial) = Machine::spawn(cmd, SerialFrom::Stdout)?.run_to_end(None)?;
+            let serial = String::from_utf8_lossy(&serial);
+            if ended.and_then(|e| e.status.code()) != Some(33) {
                 bail!("the bench boot with {cpus} vCPU(s) did not end with success:\n{serial}");
             }
             let problems = crate::disk::check(&disk, &[])?;
@@ -145,16 +147,13 @@ fn bochs(root: &std::path::Path, built: &images::Built) -> Result<()> {
         emulator::write_bochsrc(&config, &iso, &serial, &rc, Some(cpus))?;
         let mut cmd = emulator::bochs_command(root, &rc, true)?;
         cmd.current_dir(&dir).stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
-        let mut child = cmd.spawn().context(|| "cannot start bochs".to_string())?;
-        let start = Instant::now();
-        while child.try_wait().ok().flatten().is_none() {
-            if start.elapsed() > Duration::from_secs(900) {
-                let _ = child.kill();
-                bail!("bochs with {cpus} CPU(s) did not finish in 900 s");
-            }
-            std::thread::sleep(Duration::from_millis(200));
+        let mut m = Machine::spawn(cmd, SerialFrom::File(serial.clone()))?;
+        let start = m.started;
+        let (ended, text) = m.run_to_end(Some(Duration::from_secs(900)))?;
+        if ended.is_none() {
+            bail!("bochs with {cpus} CPU(s) did not finish in 900 s");
         }
-        let text = std::fs::read_to_string(&serial).unwrap_or_default();
+        let text = String::from_utf8_lossy(&text);
         let f = parse(&text)?;
         per_lookup.push(f.ticks_per_lookup);
         println!("{:<8} {:>14} {:>9.2} {:>10} {:>12} {:>10} {:>18} {:>20} {:>7.0}", cpus, f.ticks_per_lookup, per_lookup[0] as f64 / f.ticks_per_lookup as f64,

@@ -8,11 +8,11 @@
 //! from `wait4`), beside its wall time. Medians over the rounds; the host's core count beside
 //! them (TCG's vCPUs compete with everything else on the host).
 
+use crate::machine::{Machine, SerialFrom};
 use crate::emulator::{self, Accel, Config};
 use crate::bench_smp::median;
-use crate::{bail, images, Context, Result};
+use crate::{bail, images, Result};
 use std::process::ExitCode;
-use std::time::Instant;
 
 /// What one ping-pong boot printed: round trips per second, ping's and pong's exits per
 /// round trip (in hundredths).
@@ -72,29 +72,15 @@ fn boot(config: &Config, built: &images::Built, cmdline: &str, cpus: usize) -> R
     let mut b = emulator::QemuBoot::new(&built.hypervisor, cmdline, &built.archive, "stdio");
     b.cpus = Some(cpus);
     let mut cmd = emulator::qemu_command(config, Accel::Tcg, &b)?;
-    cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::null());
-    let start = Instant::now();
-    let mut child = cmd.spawn().context(|| "cannot start qemu-system-x86_64".to_string())?;
-    let mut serial = String::new();
-    if let Some(mut out) = child.stdout.take() {
-        use std::io::Read;
-        out.read_to_string(&mut serial).context(|| "cannot read QEMU's output".to_string())?;
-    }
-    let mut status = 0;
-    // SAFETY: `rusage` is plain data that wait4 fills; the pid is our child's, not yet reaped
-    // (std reaps only in wait/try_wait, which are not called).
-    let (pid, usage) = unsafe {
-        let mut usage: libc::rusage = std::mem::zeroed();
-        (libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut usage), usage)
-    };
-    let wall_ms = start.elapsed().as_millis() as u64;
-    if pid < 0 {
-        bail!("wait4 on QEMU failed: {}", std::io::Error::last_os_error());
-    }
-    let ms = |t: libc::timeval| t.tv_sec as u64 * 1000 + t.tv_usec as u64 / 1000;
-    let cpu_ms = ms(usage.ru_utime) + ms(usage.ru_stime);
+    cmd.stdin(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+    let mut m = Machine::spawn(cmd, SerialFrom::Stdout)?;
+    let (ended, serial) = m.run_to_end(None)?;
+    let wall_ms = m.started.elapsed().as_millis() as u64;
+    let serial = String::from_utf8_lossy(&serial).into_owned();
+    // The emulator's own CPU time (user + system), from wait4.
+    let cpu_ms = ended.map_or(0, |e| e.cpu.as_millis() as u64);
     // isa-debug-exit: QEMU exits with 33 when the hypervisor reports success.
-    if !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 33 {
+    if ended.and_then(|e| e.status.code()) != Some(33) {
         bail!("the boot `{cmdline}` with {cpus} CPU(s) did not end with success:\n{serial}");
     }
     Ok((serial, wall_ms, cpu_ms))

@@ -9,6 +9,7 @@
 //! allocator core, no lock held. Medians over the rounds; the host's core count beside them:
 //! TCG's vCPUs compete for those cores with everything else.
 
+use crate::machine::{Machine, SerialFrom};
 use crate::emulator::{self, Accel, Config};
 use std::time::{Duration, Instant};
 use crate::{bail, images, Context, Result};
@@ -165,9 +166,10 @@ pub fn bench(rounds: usize) -> Result<ExitCode> {
             let mut boot = emulator::QemuBoot::new(&built.hypervisor, &cmdline, &built.archive, "stdio");
             boot.cpus = Some(cpus);
             let mut cmd = emulator::qemu_command(&config, Accel::Tcg, &boot)?;
-            let out = cmd.stdin(std::process::Stdio::null()).output().context(|| "cannot start qemu-system-x86_64".to_string())?;
-            let serial = String::from_utf8_lossy(&out.stdout);
-            if out.status.code() != Some(33) {
+            cmd.stdin(std::process::Stdio::null());
+            let (ended, serial) = Machine::spawn(cmd, SerialFrom::Stdout)?.run_to_end(None)?;
+            let serial = String::from_utf8_lossy(&serial);
+            if ended.and_then(|e| e.status.code()) != Some(33) {
                 bail!("the bench boot with {cpus} CPU(s) did not end with success:\n{serial}");
             }
             runs.push((cpus, parse(&serial)?));
@@ -223,16 +225,11 @@ fn bochs(root: &std::path::Path, built: &images::Built) -> Result<()> {
         emulator::write_bochsrc(&config, &iso, &serial, &rc, Some(cpus))?;
         let mut cmd = emulator::bochs_command(root, &rc, true)?;
         cmd.current_dir(&dir).stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
-        let mut child = cmd.spawn().context(|| "cannot start bochs".to_string())?;
-        let start = Instant::now();
-        while child.try_wait().ok().flatten().is_none() {
-            if start.elapsed() > Duration::from_secs(600) {
-                let _ = child.kill();
-                bail!("bochs with {cpus} CPU(s) did not finish in 600 s");
-            }
-            std::thread::sleep(Duration::from_millis(200));
+        let (ended, text) = Machine::spawn(cmd, SerialFrom::File(serial.clone()))?.run_to_end(Some(Duration::from_secs(600)))?;
+        if ended.is_none() {
+            bail!("bochs with {cpus} CPU(s) did not finish in 600 s");
         }
-        let text = std::fs::read_to_string(&serial).unwrap_or_default();
+        let text = String::from_utf8_lossy(&text);
         let b = parse(&text)?;
         if b.vcpus.len() != cpus {
             bail!("bochs with {cpus} CPU(s): {} bench lines in {}", b.vcpus.len(), serial.display());

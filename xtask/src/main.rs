@@ -12,8 +12,10 @@ mod bench_ipc;
 mod bench_smp;
 mod cmdline;
 mod disk;
+mod doc;
 mod emulator;
 mod images;
+mod machine;
 mod newguest;
 mod pmem;
 mod run;
@@ -37,7 +39,8 @@ commands:
   new-guest DIR  write a guest crate of your own in DIR (builds with plain `cargo build`)
   guest-flags  print the RUSTFLAGS that build a guest crate of your own
   bench     the host benchmarks (allocator, morsel, exmap): table, CSV and SVG plots
-  setup     install the apt packages the emulators need
+  doc       build the book (docs/, mdBook) into build/book
+  setup     install the apt packages the emulators need, and mdBook
 
 exit status: 0 success, 1 failure, 2 usage error
 ";
@@ -64,14 +67,15 @@ usage: cargo xtask run [options] [-- EMULATOR-ARGS]
                          guest options OPTS (`:mem=32M:arg=1`); repeatable; added to the
                          command line's guests= (without --cmdline: only these guests)
   --timeout SECONDS      stop the emulator after this long (exit status 1)
-  --gdb                  QEMU: wait for a debugger on :1234 (-s -S); README \"Debugging\"
+  --gdb                  QEMU: wait for a debugger on :1234 (-s -S); docs/src/debugging.md
   -- ARGS                extra arguments for the emulator (QEMU only)
 ";
 
 const HELP_TEST: &str = "\
 usage: cargo xtask test [FILTER] [-j N] [--junit FILE] [--accel kvm|tcg] [--guest ELF[:OPTS]]
   host tests, then every scenario of tests/scenarios/ under each of its configs
-  FILTER        only runs whose `name [config]` contains FILTER; `host`: host tests only;
+  FILTER        only runs whose `name [config]` contains FILTER; `host`: host tests and the
+                book check only; `doc`: the book check only (mdBook build, links);
                 a FILTER that matches nothing is an error (exit status 2) listing what exists
   -j N          QEMU runs at a time (default: the CPU count; Bochs runs one at a time)
   --junit FILE  also write a JUnit XML report to FILE
@@ -111,8 +115,9 @@ usage: cargo xtask new-guest DIR
 const HELP_BENCH: &str = "\
 usage: cargo xtask bench [allocator|morsel|exmap|smp|ipc|bufmgr|exits] [--rounds N] [--docs] [--upstream PATH]
   the host benchmarks (release builds of each crate's examples/bench.rs): all of them, or
-  those named, in N interleaved rounds (default 5; exmap runs once, interleaving its own 5).
-  Prints one table (median, min..max per case), writes build/bench/<bench>.csv and
+  those named, in N interleaved rounds (default 5; exmap interleaves its own N runs).
+  Prints one table (median, min..max per case), writes build/bench/<bench>.csv (with the date,
+  commit, host CPU count and load average) and
   build/bench/<bench>.svg; --docs also writes the plots to docs/src/bench/ (the book's Benchmarks chapter)
   --upstream PATH: a llfree-rs checkout outside this repository (github.com/luhsra/llfree-rs);
   the allocator bench is built with it in PATH/../parperos-llfree-side-by-side and measures
@@ -136,7 +141,14 @@ const HELP_SETUP: &str = "\
 usage: cargo xtask setup
   apt-get install qemu-system-x86 bochs bochsbios vgabios grub-pc-bin grub-common xorriso mtools,
   then .ci/fetch-qemu-evlog: QEMU 11.1 from Debian trixie-backports unpacked under
-  build/qemu-evlog (the qemu-amd-iommu-evlog config; nothing installed on the system)
+  build/qemu-evlog (the qemu-amd-iommu-evlog config; nothing installed on the system),
+  then .ci/install-mdbook: mdBook (pinned) with `cargo install`, unless that version is there
+";
+
+const HELP_DOC: &str = "\
+usage: cargo xtask doc
+  builds the book (docs/book.toml, docs/src/) with mdBook into build/book (open
+  build/book/index.html) and checks its links; `cargo xtask test doc` runs the same check
 ";
 
 /// Exit status of a usage error (a bad option, a filter that selects nothing).
@@ -376,6 +388,7 @@ fn dispatch(args: &[String]) -> std::result::Result<ExitCode, Fail> {
         "guest-flags" => HELP_GUEST_FLAGS,
         "new-guest" => HELP_NEW_GUEST,
         "setup" => HELP_SETUP,
+        "doc" => HELP_DOC,
         _ => USAGE,
     };
     if rest.iter().take_while(|a| *a != "--").any(|a| a == "--help" || a == "-h") {
@@ -424,6 +437,16 @@ fn dispatch(args: &[String]) -> std::result::Result<ExitCode, Fail> {
         "bench" => {
             let o = usage(bench::Options::parse(rest))?;
             Ok(bench::bench(&o)?)
+        }
+        "doc" => {
+            no_arguments(cmd, rest)?;
+            let index = doc::doc(&root)?;
+            let problems = doc::check_links(&root)?;
+            if !problems.is_empty() {
+                return Err(Fail::Failed(Error(format!("the book has broken links:\n{}", problems.join("\n")))));
+            }
+            println!("book: {}", index.display());
+            Ok(ExitCode::SUCCESS)
         }
         "setup" => {
             no_arguments(cmd, rest)?;

@@ -3,12 +3,13 @@
 //! build/ that is echoed here while Bochs runs).
 
 use crate::emulator::{self, Config, Emulator};
+use crate::machine::{Machine, SerialFrom};
 use crate::symbolize::Symbolizer;
 use crate::{bail, images, Context, Result};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// The default hypervisor command line for `run`.
 const DEMO_CMDLINE: &str = "qemu-configs/demo.cmdline";
@@ -312,20 +313,6 @@ fn echo_lines(pending: &mut Vec<u8>, new: &[u8], symbols: &mut Symbolizer, clean
     let _ = out.flush();
 }
 
-/// Stop `child` gently (SIGTERM, so QEMU restores the terminal), then for good.
-fn stop(child: &mut std::process::Child) {
-    // SAFETY: kill(2) on our own child's pid; no memory is involved.
-    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-    for _ in 0..40 {
-        if matches!(child.try_wait(), Ok(Some(_))) {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-}
-
 fn run_qemu(config: &Config, built: &images::Built, cmdline: &str, o: &Options, symbols: &mut Symbolizer) -> Result<ExitCode> {
     let (accel, why) = emulator::choose_accel(config, o.accel, emulator::Default::Detect)?;
     println!("accel: {why}");
@@ -344,44 +331,24 @@ fn run_qemu(config: &Config, built: &images::Built, cmdline: &str, o: &Options, 
         );
     }
     boot.extra.extend(o.extra.iter().cloned());
-    let mut cmd = emulator::qemu_command(config, accel, &boot)?;
-    // The serial output comes through us (to name RIPs); the terminal stays QEMU's input.
-    cmd.stdout(std::process::Stdio::piped());
+    let cmd = emulator::qemu_command(config, accel, &boot)?;
     println!("qemu: config {} ({}), cmdline `{}`; Ctrl-A X quits", config.name, config.path.display(), emulator::config_cmdline(config, cmdline)?);
-    let start = Instant::now();
-    let mut child = cmd.spawn().context(|| "cannot start qemu-system-x86_64".to_string())?;
-    let mut stdout = child.stdout.take();
-    let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
-    let reader = std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        while let Some(Ok(n @ 1..)) = stdout.as_mut().map(|s| s.read(&mut buf)) {
-            if tx.send(buf[..n].to_vec()).is_err() {
-                break;
-            }
-        }
-    });
+    // The serial output comes through us (to name RIPs); the terminal stays QEMU's input.
+    let mut m = Machine::spawn(cmd, SerialFrom::Stdout)?;
     let mut pending = Vec::new();
     let mut timed_out = false;
     let status = loop {
-        while let Ok(chunk) = rx.try_recv() {
-            echo_lines(&mut pending, &chunk, symbols, false);
+        if let Some(e) = m.try_wait()? {
+            break e.status;
         }
-        if let Some(status) = child.try_wait().context(|| "waiting for qemu".to_string())? {
-            break status;
-        }
-        if o.timeout.is_some_and(|t| start.elapsed() >= t) {
+        if o.timeout.is_some_and(|t| m.started.elapsed() >= t) {
             timed_out = true;
-            stop(&mut child);
-            break child.wait().context(|| "waiting for qemu".to_string())?;
+            break m.terminate()?.status;
         }
-        if let Ok(chunk) = rx.recv_timeout(Duration::from_millis(50)) {
-            echo_lines(&mut pending, &chunk, symbols, false);
-        }
-    };
-    let _ = reader.join();
-    while let Ok(chunk) = rx.try_recv() {
+        let chunk = m.serial(Duration::from_millis(50));
         echo_lines(&mut pending, &chunk, symbols, false);
-    }
+    };
+    echo_lines(&mut pending, &m.serial_rest(), symbols, false);
     if !pending.is_empty() {
         echo_lines(&mut pending, b"\n", symbols, false);
     }
@@ -441,35 +408,23 @@ fn run_bochs(root: &Path, config: &Config, iso: &Path, cmdline: &str, o: &Option
         cmd.stdout(log.try_clone().context(|| "cannot dup log".to_string())?);
     }
     cmd.stderr(log);
-    let start = Instant::now();
-    let mut child = cmd.spawn().context(|| "cannot start bochs".to_string())?;
-    let mut shown = 0usize;
+    let mut m = Machine::spawn(cmd, SerialFrom::File(serial.clone()))?;
     let mut pending = Vec::new();
-    let mut echo = |shown: &mut usize, pending: &mut Vec<u8>| {
-        if let Ok(mut f) = std::fs::File::open(&serial) {
-            let mut buf = Vec::new();
-            if f.read_to_end(&mut buf).is_ok() && buf.len() > *shown {
-                echo_lines(pending, &buf[*shown..], symbols, true);
-                *shown = buf.len();
-            }
-        }
-    };
     let mut timed_out = false;
     loop {
-        echo(&mut shown, &mut pending);
-        if child.try_wait().context(|| "waiting for bochs".to_string())?.is_some() {
-            echo(&mut shown, &mut pending);
+        if m.try_wait()?.is_some() {
             break;
         }
-        if o.timeout.is_some_and(|t| start.elapsed() >= t) {
+        if o.timeout.is_some_and(|t| m.started.elapsed() >= t) {
             timed_out = true;
-            stop(&mut child);
-            echo(&mut shown, &mut pending);
+            m.terminate()?;
             break;
         }
-        std::thread::sleep(Duration::from_millis(50));
+        let chunk = m.serial(Duration::from_millis(50));
+        echo_lines(&mut pending, &chunk, symbols, true);
     }
-    let wall = start.elapsed();
+    echo_lines(&mut pending, &m.serial_rest(), symbols, true);
+    let wall = m.started.elapsed();
     if !pending.is_empty() {
         echo_lines(&mut pending, b"\n", symbols, true);
     }

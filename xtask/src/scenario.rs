@@ -24,14 +24,14 @@ pub const SEED: &str = "@SEED@";
 pub const PMEM_ALIGN: u64 = 2 << 20;
 
 const KEYS_HELP: &str = "description, configs, boots, cmdline, timeout, expect, reject, expect_count, expect_order, \
-    exit, kill@K, kill_delay, disk, check_disk, pmem, pmem_write@K, cpus, guest_elf, new_guest; `.<config>` after cmdline, timeout, expect, reject, expect_count, \
-    expect_order, cpus; `@K` (boot K) after those, exit, kill and kill_delay";
+    event, event_count, exit, kill@K, kill_delay, disk, check_disk, pmem, pmem_write@K, cpus, guest_elf, new_guest; `.<config>` after cmdline, \
+    timeout, expect, reject, expect_count, expect_order, event, event_count, cpus; `@K` (boot K) after those, exit, kill and kill_delay";
 
 /// Keys that take a `.<config>` suffix.
-const PER_CONFIG: &[&str] = &["cmdline", "timeout", "expect", "reject", "expect_count", "expect_order", "cpus"];
+const PER_CONFIG: &[&str] = &["cmdline", "timeout", "expect", "reject", "expect_count", "expect_order", "event", "event_count", "cpus"];
 /// Keys that take a `@K` suffix: boot K only (1-based).
 const PER_BOOT: &[&str] =
-    &["cmdline", "timeout", "expect", "reject", "expect_count", "expect_order", "exit", "kill", "kill_delay", "pmem_write"];
+    &["cmdline", "timeout", "expect", "reject", "expect_count", "expect_order", "event", "event_count", "exit", "kill", "kill_delay", "pmem_write"];
 
 /// A change to the pmem file between boots (offsets in the file: hex, or named after
 /// `formats::pmem_layout` as `crate::pmem::offset` reads them).
@@ -74,6 +74,53 @@ impl ExitKind {
             ExitKind::Failure => "failure",
             ExitKind::Killed => "killed",
         }
+    }
+}
+
+/// `event = NAME key=value ...`: a structured line of the hypervisor, `@evt NAME key=value ...`
+/// (log target `evt`), with this name and at least these fields (others may follow, in any
+/// order). Numbers are matched as the hypervisor prints them, so a check reads like the event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventPattern {
+    pub name: String,
+    pub fields: Vec<(String, String)>,
+}
+
+/// What marks a structured line in the serial log (`hypervisor/src/platform/serial.rs`).
+pub const EVENT_MARK: &str = "@evt ";
+
+impl EventPattern {
+    pub fn parse(text: &str) -> std::result::Result<EventPattern, String> {
+        let mut words = text.split_whitespace();
+        let name = words.next().filter(|n| !n.contains('=')).ok_or("an event needs a name first (`morsel.mount pte_writes=1`)")?;
+        let fields = words
+            .map(|w| match w.split_once('=') {
+                Some((k, v)) if !k.is_empty() && !v.is_empty() => Ok((k.to_string(), v.to_string())),
+                _ => Err(format!("`{w}` is no `key=value` field")),
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        Ok(EventPattern { name: name.to_string(), fields })
+    }
+
+    /// Whether `line` is this event with these fields.
+    pub fn matches(&self, line: &str) -> bool {
+        let Some((_, rest)) = line.split_once(EVENT_MARK) else { return false };
+        let mut words = rest.split_whitespace();
+        if words.next() != Some(self.name.as_str()) {
+            return false;
+        }
+        let fields: Vec<(&str, &str)> = words.filter_map(|w| w.split_once('=')).collect();
+        self.fields.iter().all(|(k, v)| fields.iter().any(|(fk, fv)| fk == k && fv == v))
+    }
+}
+
+impl std::fmt::Display for EventPattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.name)?;
+        for (k, v) in &self.fields {
+            write!(f, " {k}={v}")?;
+        }
+        Ok(())
     }
 }
 
@@ -149,6 +196,8 @@ pub struct Scenario {
     pub expect_count: Vec<Check<(usize, String)>>,
     /// `A | B | C`: lines containing A, B, C appear in this order.
     pub expect_order: Vec<Check<Vec<String>>>,
+    /// `event = PATTERN` (None: at least one such line) and `event_count = N PATTERN` (Some(N)).
+    pub events: Vec<Check<(Option<usize>, EventPattern)>>,
     /// `kill@K = TEXT`: (K, TEXT); boot K is SIGKILLed once TEXT appears.
     kills: Vec<(usize, String)>,
     /// `kill_delay = MIN-MAX`: milliseconds between the kill text and the kill.
@@ -224,6 +273,7 @@ impl Scenario {
         s.expect.iter_mut().chain(s.reject.iter_mut()).for_each(|c| r(&mut c.what));
         s.expect_count.iter_mut().for_each(|c| r(&mut c.what.1));
         s.expect_order.iter_mut().for_each(|c| c.what.iter_mut().for_each(r));
+        s.events.iter_mut().for_each(|c| c.what.1.fields.iter_mut().for_each(|(_, v)| r(v)));
         s.kills.iter_mut().for_each(|(_, t)| r(t));
         s
     }
@@ -258,6 +308,15 @@ impl Scenario {
             let got = log.lines().filter(|l| l.contains(text.as_str())).count();
             if got != *want {
                 problems.push(format!("expected {want} lines with `{text}`, found {got}"));
+            }
+        }
+        for c in self.events.iter().filter(|c| c.applies(config, boot)) {
+            let (want, pattern) = &c.what;
+            let got = log.lines().filter(|l| pattern.matches(l)).count();
+            match want {
+                None if got == 0 => problems.push(format!("expected an event `{pattern}` (`{EVENT_MARK}{}` lines with these fields)", pattern.name)),
+                Some(n) if got != *n => problems.push(format!("expected {n} events `{pattern}`, found {got}")),
+                _ => {}
             }
         }
         for c in self.expect_order.iter().filter(|c| c.applies(config, boot)) {
@@ -373,6 +432,8 @@ const HANDLERS: &[(&str, Handler)] = &[
     ("reject", Parser::expect_or_reject),
     ("expect_count", Parser::expect_count),
     ("expect_order", Parser::expect_order),
+    ("event", Parser::event),
+    ("event_count", Parser::event),
     ("cpus", Parser::cpus),
     ("disk", Parser::disk),
     ("pmem", Parser::pmem),
@@ -419,6 +480,7 @@ impl Parser {
             reject: Vec::new(),
             expect_count: Vec::new(),
             expect_order: Vec::new(),
+            events: Vec::new(),
             kills: Vec::new(),
             kill_delay: PerRun::new((0, 0)),
             disk: None,
@@ -551,6 +613,22 @@ impl Parser {
             crate::bail!("{}: expect_count wants `N <text>`, the text is missing", at());
         }
         self.s.expect_count.push(Check { config, boot, what: (n, text.to_string()) });
+        Ok(())
+    }
+
+    /// `event = PATTERN`, `event_count = N PATTERN`.
+    fn event(&mut self, l: &Line) -> Result<()> {
+        let (count, text) = if l.base == "event_count" {
+            let (n, text) = l.value.split_once(char::is_whitespace).unwrap_or((l.value, ""));
+            match n.parse::<usize>() {
+                Ok(n) => (Some(n), text.trim()),
+                Err(_) => crate::bail!("{}: event_count wants `N NAME key=value ...`, got `{}`", l.at(), l.value),
+            }
+        } else {
+            (None, l.value)
+        };
+        let pattern = EventPattern::parse(text).map_err(|why| crate::Error(format!("{}: `{}`: {why}", l.at(), l.key)))?;
+        self.s.events.push(Check { config: l.config.clone(), boot: l.boot, what: (count, pattern) });
         Ok(())
     }
 
@@ -1081,5 +1159,37 @@ expect_order@3 = pm: boot | pm: recovered
         let _ = r.in_range(0, u64::MAX);
         // The published SplitMix64 sequence for seed 0.
         assert_eq!(SplitMix64::new(0).next_u64(), 0xe220_a839_7b1d_cdaf);
+    }
+}
+
+#[cfg(test)]
+mod event_tests {
+    use super::*;
+
+    #[test]
+    fn events_match_by_name_and_fields() {
+        let s = parse(
+            "t",
+            Path::new("t.scn"),
+            "configs = a\nevent = morsel.mount name=d writable=0 pte_writes=1\nevent_count.a = 2 morsel.mount name=d\nevent_count = 0 run.end frames_not_returned=5\n",
+        )
+        .unwrap();
+        let log = "[ 0.1] @evt morsel.mount guest=1 name=d writable=0 gpa=0x8000000000 pte_writes=1 path_writes=1\n\
+                   [ 0.2] INFO  morsel: 'd' mounted read-write\n\
+                   [ 0.3] @evt morsel.mount guest=0 name=d writable=1 gpa=0x8000000000 pte_writes=1 path_writes=1\n\
+                   [ 0.4] @evt morsel.mountx name=d\n\
+                   [ 0.5] @evt run.end frames_not_returned=0\n";
+        assert_eq!(s.check_log("a", 1, log), Vec::<String>::new());
+        // One PTE write more, or a field the line lacks: the check fails and says which.
+        let worse = log.replace("writable=0 gpa=0x8000000000 pte_writes=1", "writable=0 gpa=0x8000000000 pte_writes=2");
+        let p = s.check_log("a", 1, &worse);
+        assert_eq!(p, ["expected an event `morsel.mount name=d writable=0 pte_writes=1` (`@evt morsel.mount` lines with these fields)"]);
+        let p = s.check_log("a", 1, &log.replace("frames_not_returned=0", "frames_not_returned=5"));
+        assert_eq!(p, ["expected 0 events `run.end frames_not_returned=5`, found 1"]);
+        // Prose that happens to contain the words is not an event.
+        assert!(!EventPattern::parse("morsel.mount name=d").unwrap().matches("morsel.mount name=d"));
+        assert!(parse("t", Path::new("t.scn"), "configs = a\nevent = pte_writes=1\n").is_err());
+        assert!(parse("t", Path::new("t.scn"), "configs = a\nevent = morsel.mount pte_writes\n").is_err());
+        assert!(parse("t", Path::new("t.scn"), "configs = a\nevent_count = x morsel.mount\n").is_err());
     }
 }

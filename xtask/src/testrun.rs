@@ -12,13 +12,14 @@
 //! serial port to a file that is polled. Bochs runs one at a time; QEMU runs in parallel (-j).
 
 use crate::emulator::{self, Accel, Config, Emulator};
+use crate::machine::{Machine, SerialFrom};
 use crate::scenario::{self, ExitKind, Scenario, SplitMix64, BOOT, DISK_SUM, SEED};
 use crate::{bail, images, pmem, tools, Context, Result};
 use std::collections::VecDeque;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
-use std::sync::{mpsc, Arc, Mutex};
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const SCENARIO_DIR: &str = "tests/scenarios";
@@ -47,6 +48,8 @@ const HOST_TESTS_DEBUG: &str = "host: cargo test, debug build (allocator morsel 
 /// its debug assertions.
 const HOST_LOOM: &str = "host: loom --release (allocator vmcore)";
 const HOST_CRATES: [&str; 7] = ["allocator", "morsel", "exmap", "vmcore", "abi", "guest-lib", "xtask"];
+/// The book builds, its links resolve (`doc` selects it alone, `host` with the host tests).
+const DOC_CHECK: &str = "doc: the book builds, its links resolve";
 /// Time limit for each host test command (a hung test must not hang CI).
 const HOST_TIMEOUT: Duration = Duration::from_secs(20 * 60);
 /// After Bochs printed its exit line, how long it may take to power off before it is stopped.
@@ -137,6 +140,7 @@ impl Tally {
 pub fn test(o: &Options) -> Result<ExitCode> {
     let root = crate::root();
     let host = o.guests.is_empty() && o.filter.as_deref().is_none_or(|f| f == "host");
+    let doc = o.guests.is_empty() && o.filter.as_deref().is_none_or(|f| f == "host" || f == "doc");
     let mut tally = Tally { passed: 0, failed: 0, width: 0, results: Vec::new() };
 
     // Load every scenario first, so that a broken file or a missing tool stops us early.
@@ -199,7 +203,7 @@ pub fn test(o: &Options) -> Result<ExitCode> {
     tally.width = jobs
         .iter()
         .map(|j| j.label.len())
-        .chain([HOST_TESTS.len(), HOST_LOOM.len(), HOST_HV.len(), HOST_TESTS_DEBUG.len()])
+        .chain([HOST_TESTS.len(), HOST_LOOM.len(), HOST_HV.len(), HOST_TESTS_DEBUG.len(), DOC_CHECK.len()])
         .max()
         .unwrap_or(0);
 
@@ -228,6 +232,16 @@ pub fn test(o: &Options) -> Result<ExitCode> {
                 .env("RUSTFLAGS", "--cfg loom")
                 .env("CARGO_TARGET_DIR", &loom_dir);
         });
+    }
+    if doc {
+        println!("== the book");
+        let start = Instant::now();
+        let result = crate::doc::check(&root);
+        let facts = format!("{:7.2} s", start.elapsed().as_secs_f64());
+        match result {
+            Ok(()) => tally.report(true, DOC_CHECK, &facts, ""),
+            Err(e) => tally.report(false, DOC_CHECK, &facts, &e.0.lines().map(|l| format!("    {l}\n")).collect::<String>()),
+        }
     }
     for (path, error) in &broken {
         tally.report(false, &format!("scenario file {}", path.display()), "", &format!("    {error}\n"));
@@ -306,10 +320,11 @@ fn all_labels(scenarios: &[Scenario]) -> Vec<String> {
 }
 
 /// A FILTER that selects nothing is an error (a typo in CI must not be a green build): the
-/// message lists what exists. `host` selects the host tests.
+/// message lists what exists. `host` selects the host tests (and the book check), `doc` the
+/// book check alone.
 fn no_match(filter: Option<&str>, labels: &[String], selected: usize) -> Option<String> {
     let f = filter?;
-    if selected > 0 || f == "host" {
+    if selected > 0 || f == "host" || f == "doc" {
         return None;
     }
     let mut names: Vec<&str> = labels.iter().map(|l| l.split(" [").next().unwrap_or(l)).collect();
@@ -318,7 +333,7 @@ fn no_match(filter: Option<&str>, labels: &[String], selected: usize) -> Option<
     configs.sort();
     configs.dedup();
     Some(format!(
-        "FILTER `{f}` matches no run: it must be `host` or a substring of `scenario [config]`.\n  \
+        "FILTER `{f}` matches no run: it must be `host`, `doc` or a substring of `scenario [config]`.\n  \
          scenarios: {}\n  configs: {}\n  (`cargo xtask list` describes them)",
         names.join(", "),
         configs.join(", ")
@@ -768,71 +783,63 @@ fn file_stem(job: &Job, boot: usize) -> String {
     }
 }
 
-/// Wait for `child` until it exits or `deadline`. Between looks at the child, `watch(d)` waits
-/// at most `d` for news (serial output) and returns when the emulator is to be stopped, if it
-/// is. Stopping is SIGKILL followed by a wait: the emulator is gone when this returns.
-fn supervise(child: &mut Child, deadline: Instant, mut watch: impl FnMut(Duration) -> Option<Instant>) -> Result<End> {
+/// Wait for the machine until it exits or `deadline`. Between looks at it, `watch(new)` gets
+/// the serial output that came meanwhile (at most `TICK` is waited for it) and returns when the
+/// emulator is to be stopped, if it is. Stopping is SIGKILL followed by a wait: the emulator is
+/// gone when this returns.
+fn supervise(m: &mut Machine, deadline: Instant, mut watch: impl FnMut(&[u8]) -> Option<Instant>) -> Result<End> {
     let mut stop_at: Option<Instant> = None;
     loop {
-        let status = match child.try_wait() {
-            Ok(status) => status,
-            Err(e) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!("waiting for the emulator: {e}");
-            }
-        };
-        if let Some(status) = status {
-            return Ok(End::Exited(status.code()));
+        if let Some(e) = m.try_wait()? {
+            return Ok(End::Exited(e.status.code()));
         }
         let now = Instant::now();
         let timed_out = now >= deadline;
         if timed_out || stop_at.is_some_and(|t| now >= t) {
-            let _ = child.kill();
-            let status = child.wait().context(|| "waiting for the emulator".to_string())?;
-            return Ok(match status.code() {
+            let e = m.kill()?;
+            return Ok(match e.status.code() {
                 Some(code) => End::Exited(Some(code)), // it ended on its own just before
                 None if timed_out => End::TimedOut,
                 None => End::Stopped,
             });
         }
         let until = stop_at.map_or(deadline, |t| t.min(deadline));
-        stop_at = watch(TICK.min(until - now));
+        let new = m.serial(TICK.min(until - now));
+        stop_at = watch(&new);
     }
 }
 
-/// Copies QEMU's serial output to `file` until EOF, as it comes (not line by line, so a kill
-/// text is seen at once). Returns when `parperos: ready` appeared and all the output; sends
-/// the moment `kill` first appears on `seen`.
-fn read_serial(
-    mut out: impl Read,
-    mut file: std::fs::File,
+/// QEMU's serial output as it comes (not line by line, so a kill text is seen at once): kept
+/// in memory and in the log file, watched for `parperos: ready` and the kill text.
+struct SerialLog {
+    file: std::fs::File,
+    all: Vec<u8>,
     start: Instant,
-    mut kill: Option<String>,
-    seen: mpsc::Sender<Instant>,
-) -> (Option<Duration>, Vec<u8>) {
-    let mut ready = None;
-    let mut all = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        let n = match out.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(_) => break,
-        };
-        let from = all.len();
-        all.extend_from_slice(&buf[..n]);
-        if kill.as_deref().is_some_and(|k| appeared(&all, from, k.as_bytes())) {
-            let _ = seen.send(Instant::now());
-            kill = None;
-        }
-        if ready.is_none() && appeared(&all, from, READY_LINE.as_bytes()) {
-            ready = Some(start.elapsed());
-        }
-        let _ = file.write_all(&buf[..n]);
+    ready: Option<Duration>,
+    kill: Option<String>,
+    /// When the kill text first appeared.
+    kill_seen: Option<Instant>,
+}
+
+impl SerialLog {
+    fn new(file: std::fs::File, start: Instant, kill: Option<String>) -> SerialLog {
+        SerialLog { file, all: Vec::new(), start, ready: None, kill, kill_seen: None }
     }
-    (ready, all)
+
+    fn add(&mut self, new: &[u8]) {
+        if new.is_empty() {
+            return;
+        }
+        let from = self.all.len();
+        self.all.extend_from_slice(new);
+        if self.kill_seen.is_none() && self.kill.as_deref().is_some_and(|k| appeared(&self.all, from, k.as_bytes())) {
+            self.kill_seen = Some(Instant::now());
+        }
+        if self.ready.is_none() && appeared(&self.all, from, READY_LINE.as_bytes()) {
+            self.ready = Some(self.start.elapsed());
+        }
+        let _ = self.file.write_all(new);
+    }
 }
 
 /// Whether `needle` occurs in `all` ending at or after `from` (in the bytes new since `from`).
@@ -955,39 +962,26 @@ impl Driver for Bochs {
 
 fn run_qemu(job: &Job, s: &Scenario, boot: usize, launch: Launch) -> Result<Outcome> {
     let config = &job.config.name;
-    let Launch { mut cmd, serial_path, emulator_log } = launch;
+    let Launch { cmd, serial_path, emulator_log } = launch;
     let file = std::fs::File::create(&serial_path).context(|| format!("cannot create {}", serial_path.display()))?;
-
-    let start = Instant::now();
-    let mut child = cmd.spawn().context(|| "cannot start qemu-system-x86_64".to_string())?;
-    let stdout = child.stdout.take();
-    let kill = s.kill(boot).map(str::to_string);
-    let (seen_tx, seen) = mpsc::channel();
-    // The reader keeps the log and watches for `ready` and the kill text; it ends at QEMU's EOF.
-    let reader = std::thread::spawn(move || match stdout {
-        Some(out) => read_serial(out, file, start, kill, seen_tx),
-        None => (None, Vec::new()),
-    });
+    let mut m = Machine::spawn(cmd, SerialFrom::Stdout)?;
+    let mut log = SerialLog::new(file, m.started, s.kill(boot).map(str::to_string));
     let delay = s.kill_delay(boot, job.seed);
-    let mut kill_at = None;
-    let supervised = supervise(&mut child, start + s.timeout(config, boot), |wait| {
-        match seen.recv_timeout(wait) {
-            Ok(at) => kill_at = Some(at + delay),
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => std::thread::sleep(wait),
-        }
-        kill_at
+    let start = m.started;
+    let supervised = supervise(&mut m, start + s.timeout(config, boot), |new| {
+        log.add(new);
+        log.kill_seen.map(|at| at + delay)
     });
-    let wall = start.elapsed();
-    let (ready, serial) = reader.join().unwrap_or_default();
+    let wall = m.started.elapsed();
+    log.add(&m.serial_rest());
     let end = supervised?;
     Ok(Outcome {
         wall,
-        ready,
+        ready: log.ready,
         end,
         kill_delay: delay,
         killed: end == End::Stopped,
-        serial: String::from_utf8_lossy(&serial).into_owned(),
+        serial: String::from_utf8_lossy(&log.all).into_owned(),
         serial_path,
         emulator_log,
     })
@@ -995,22 +989,20 @@ fn run_qemu(job: &Job, s: &Scenario, boot: usize, launch: Launch) -> Result<Outc
 
 fn run_bochs(job: &Job, s: &Scenario, boot: usize, launch: Launch) -> Result<Outcome> {
     let config = &job.config.name;
-    let Launch { mut cmd, serial_path, emulator_log } = launch;
+    let Launch { cmd, serial_path, emulator_log } = launch;
     let read = |path: &Path| std::fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
-    let start = Instant::now();
-    let mut child = cmd.spawn().context(|| "cannot start bochs".to_string())?;
+    let mut m = Machine::spawn(cmd, SerialFrom::File(serial_path.clone()))?;
+    let start = m.started;
     let mut ready = None;
     let mut ended_at: Option<Instant> = None;
     let mut kill_at: Option<Instant> = None;
     let delay = s.kill_delay(boot, job.seed);
-    let mut seen_len = 0u64;
-    let supervised = supervise(&mut child, start + s.timeout(config, boot), |wait| {
-        std::thread::sleep(wait);
-        // Read the serial file only when it grew.
-        let len = std::fs::metadata(&serial_path).map_or(0, |m| m.len());
-        if len != seen_len {
-            seen_len = len;
-            let text = read(&serial_path);
+    let mut all = Vec::new();
+    let supervised = supervise(&mut m, start + s.timeout(config, boot), |new| {
+        // Look at the text only when the serial file grew.
+        if !new.is_empty() {
+            all.extend_from_slice(new);
+            let text = String::from_utf8_lossy(&all);
             if ready.is_none() && text.contains(READY_LINE) {
                 ready = Some(start.elapsed());
             }
@@ -1087,48 +1079,41 @@ mod tests {
 
     #[test]
     fn kill_text_is_seen_across_reads() {
-        // A reader that hands out its bytes in small pieces, as a pipe may.
-        struct Pieces(Vec<&'static [u8]>);
-        impl Read for Pieces {
-            fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-                if self.0.is_empty() {
-                    return Ok(0);
-                }
-                let piece = self.0.remove(0);
-                buf[..piece.len()].copy_from_slice(piece);
-                Ok(piece.len())
-            }
-        }
+        // The output in small pieces, as a pipe may hand it out.
         let path = std::env::temp_dir().join(format!("parperos-serial-{}.log", std::process::id()));
         let file = std::fs::File::create(&path).unwrap();
-        let (tx, rx) = mpsc::channel();
-        let out = Pieces(vec![b"parperos: re", b"ady\npm: wri", b"ting\n", b"pm: writing\n"]);
-        let (ready, all) = read_serial(out, file, Instant::now(), Some("pm: writing".into()), tx);
-        assert!(ready.is_some());
-        assert_eq!(rx.try_iter().count(), 1, "sent once");
-        assert_eq!(std::fs::read(&path).unwrap(), all);
+        let mut log = SerialLog::new(file, Instant::now(), Some("pm: writing".into()));
+        for piece in [&b"parperos: re"[..], b"ady\npm: wri", b"", b"ting\n"] {
+            log.add(piece);
+        }
+        let first = log.kill_seen.expect("the kill text across two pieces");
+        log.add(b"pm: writing\n");
+        assert!(log.ready.is_some());
+        assert_eq!(log.kill_seen, Some(first), "the first time counts");
+        assert_eq!(std::fs::read(&path).unwrap(), log.all);
         let _ = std::fs::remove_file(path);
         assert!(appeared(b"abcdef", 4, b"cde") && !appeared(b"abcdef", 5, b"abc"));
     }
 
     #[test]
     fn supervise_kills_when_asked_and_waits() {
-        let mut child = Command::new("sleep").arg("30").spawn().unwrap();
+        let sleep = || {
+            let mut c = Command::new("sleep");
+            c.arg("30");
+            Machine::spawn(c, SerialFrom::Nothing).unwrap()
+        };
+        let mut m = sleep();
         let start = Instant::now();
         let stop = start + Duration::from_millis(50);
-        let end = supervise(&mut child, start + Duration::from_secs(20), |wait| {
-            std::thread::sleep(wait);
-            Some(stop)
-        })
-        .unwrap();
+        let end = supervise(&mut m, start + Duration::from_secs(20), |_| Some(stop)).unwrap();
         assert_eq!(end, End::Stopped);
         let took = start.elapsed();
         assert!(took >= Duration::from_millis(50) && took < Duration::from_secs(5), "{took:?}");
-        assert!(child.try_wait().unwrap().is_some(), "reaped");
-        let mut child = Command::new("sleep").arg("30").spawn().unwrap();
-        let end = supervise(&mut child, Instant::now() + Duration::from_millis(30), |_| None).unwrap();
+        assert!(m.try_wait().unwrap().is_some(), "reaped");
+        let mut m = sleep();
+        let end = supervise(&mut m, Instant::now() + Duration::from_millis(30), |_| None).unwrap();
         assert_eq!(end, End::TimedOut);
-        let mut child = Command::new("true").spawn().unwrap();
-        assert_eq!(supervise(&mut child, Instant::now() + Duration::from_secs(20), |_| None).unwrap(), End::Exited(Some(0)));
+        let mut m = Machine::spawn(Command::new("true"), SerialFrom::Nothing).unwrap();
+        assert_eq!(supervise(&mut m, Instant::now() + Duration::from_secs(20), |_| None).unwrap(), End::Exited(Some(0)));
     }
 }

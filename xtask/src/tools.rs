@@ -1,6 +1,6 @@
 //! External programs xtask needs (emulators, GRUB, xorriso, mtools), the apt packages that
 //! provide them, and `cargo xtask setup` which installs those packages and then runs
-//! `.ci/fetch-qemu-evlog` (a second QEMU unpacked under `build/`). A missing program is
+//! `.ci/fetch-qemu-evlog` (a second QEMU unpacked under `build/`) and `.ci/install-mdbook`. A missing program is
 //! reported in one line that names the packages to install.
 
 use crate::{bail, Context, Result};
@@ -122,7 +122,32 @@ pub fn setup() -> Result<()> {
     if !status.success() {
         bail!("{} failed ({status})", fetch.display());
     }
+    // mdBook for the book (`cargo xtask doc`), pinned, skipped if that version is there.
+    let mdbook = crate::root().join(INSTALL_MDBOOK);
+    println!("$ {}", mdbook.display());
+    let status = Command::new(&mdbook).status().context(|| format!("cannot start {}", mdbook.display()))?;
+    if !status.success() {
+        bail!("{} failed ({status})", mdbook.display());
+    }
     Ok(())
+}
+
+/// Installs the pinned mdBook with `cargo install` (also run by `.ci/run`).
+pub const INSTALL_MDBOOK: &str = ".ci/install-mdbook";
+
+/// `mdbook` on PATH (or in cargo's bin folder, where `cargo install` puts it).
+pub fn require_mdbook() -> Result<PathBuf> {
+    if let Some(p) = which("mdbook") {
+        return Ok(p);
+    }
+    let cargo_bin = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .map(|d| d.join("bin/mdbook"));
+    match cargo_bin {
+        Some(p) if is_executable(&p) => Ok(p),
+        _ => bail!("`mdbook` not found: `cargo xtask setup` (or {INSTALL_MDBOOK}) installs it with `cargo install`"),
+    }
 }
 
 #[cfg(test)]

@@ -157,6 +157,8 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         n.count_mount(&stats, 0);
         log::info!(target: "morsel", "'{name}' mounted {} into guest {} at {gpa:#x}: {} PTE write (+{} for new intermediate tables)",
             if writable { "read-write" } else { "read-only" }, g.id, stats.entry_writes, stats.path_writes);
+        log::info!(target: "evt", "morsel.mount guest={} name={name} writable={} gpa={gpa:#x} pte_writes={} path_writes={}",
+            g.id, u8::from(writable), stats.entry_writes, stats.path_writes);
         g.mounts.push(Mount { gpa, size: n.morsel.len(), window: size, name: *name, writable });
         Ok(gpa)
     }
@@ -174,6 +176,8 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         n.count_unmount(&stats);
         log::info!(target: "morsel", "'{}' unmounted from guest {} at {gpa:#x}: {} PTE write, 1 invalidation, {} empty intermediate tables freed",
             m.name, g.id, stats.entry_writes, stats.path_writes);
+        log::info!(target: "evt", "morsel.unmount guest={} name={} gpa={gpa:#x} pte_writes={} invalidations=1 tables_freed={}",
+            g.id, m.name, stats.entry_writes, stats.path_writes);
         Ok(0)
     }
 

@@ -487,6 +487,9 @@ impl Exmaps {
             log::info!(target: "exmap",
                 "stats '{name}': {} calls, {} pages allocated, {} freed ({} FREE calls, {} invalidations, {} of them shot down for other guests), {} zeroed, {} failed entries; disk: {} pages read, {} written, {} NVMe commands, up to {} in flight, {} completion interrupts",
                 s.calls, s.allocated, s.freed, s.free_calls, s.invalidations, s.remote_flushes, s.zeroed, s.failed, s.read, s.written, s.commands, s.max_depth, s.interrupts);
+            log::info!(target: "evt",
+                "exmap.stats name={name} calls={} allocated={} freed={} free_calls={} invalidations={} remote_flushes={} zeroed={} failed={} read={} written={} commands={} max_depth={} interrupts={}",
+                s.calls, s.allocated, s.freed, s.free_calls, s.invalidations, s.remote_flushes, s.zeroed, s.failed, s.read, s.written, s.commands, s.max_depth, s.interrupts);
         }
     }
 }

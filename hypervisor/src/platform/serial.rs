@@ -62,6 +62,10 @@ pub fn print_unlocked(args: fmt::Arguments) {
 
 struct Logger;
 
+/// The log target of structured events: one line each, `NAME key=value ...` (no spaces in
+/// values), at INFO, printed as `@evt NAME key=value ...`.
+pub const EVENT_TARGET: &str = "evt";
+
 impl log::Log for Logger {
     fn enabled(&self, _: &log::Metadata) -> bool {
         true
@@ -69,6 +73,12 @@ impl log::Log for Logger {
 
     fn log(&self, record: &log::Record) {
         let us = time::micros();
+        // Events (target `evt`) are for machines: `@evt NAME key=value ...`, which scenarios
+        // match with `event =` (xtask/src/scenario.rs), whatever words the prose uses.
+        if record.target() == EVENT_TARGET {
+            let _ = writeln!(PORT.lock(), "[{:5}.{:06}] @evt {}", us / 1_000_000, us % 1_000_000, record.args());
+            return;
+        }
         let _ = writeln!(
             PORT.lock(),
             "[{:5}.{:06}] {:5} {}: {}",

@@ -119,9 +119,11 @@ pub(super) fn report<B: Backend>(done: &[Summary], frames_delta: i64) -> bool {
             }
         }
     }
-    match -frames_delta.min(0) {
+    let missing = -frames_delta.min(0);
+    match missing {
         0 => log::info!(target: "alloc", "frames not returned after all guests ended: 0"),
         n => log::warn!(target: "alloc", "frames not returned after all guests ended: {n}"),
     }
+    log::info!(target: "evt", "run.end frames_not_returned={missing}");
     ok && frames_delta >= 0
 }
