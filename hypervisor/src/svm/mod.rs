@@ -207,10 +207,29 @@ impl Backend for Svm {
             let (a, b) = (&vcpu.regs, &entry.regs);
             let moved = [a.rbx, a.rcx, a.rdx, a.rsi, a.rdi, a.rbp, a.r8, a.r9, a.r10, a.r11, a.r12, a.r13, a.r14, a.r15]
                 != [b.rbx, b.rcx, b.rdx, b.rsi, b.rdi, b.rbp, b.r8, b.r9, b.r10, b.r11, b.r12, b.r13, b.r14, b.r15];
+            // Re-entering from the copy is only sound if the guest did not run between VMRUN
+            // and this exit: VMRUN itself loaded the host's state and the exit came before the
+            // first instruction (`did_not_run`), with the registers it was entered with. If the
+            // save area was instead written by a second #VMEXIT after the host's state was back
+            // (`written_after_exit`), the guest ran before the first one and the state it reached
+            // is lost; re-running it from the copy would repeat its instructions against newer
+            // memory, silently (seen in a simulation: a consumer then failed its own checksum
+            // check). Stop it and say why (docs/src/notes/worldswitch.md, "Is re-entering safe").
+            let after_exit = written_after_exit(&vcpu.vmcb);
+            if moved || after_exit || !did_not_run(&vcpu.vmcb) {
+                log::error!(target: "svm",
+                    "guest {}: #VMEXIT {:#x} (info {:#x} / {:#x}, intinfo {:#x}) came back with the host's state (RIP {:#x}, CR3 {:#x}, RSP {:#x}) where the guest may have run since VMRUN at RIP {:#x} (registers {}, {}): its state is lost, it cannot be resumed; an emulator fault (QEMU TCG SVM), not the guest's",
+                    vcpu.guest, c.exitcode, c.exitinfo1, c.exitinfo2, c.exitintinfo, v.rip, v.cr3, v.rsp, entry.rip(),
+                    if moved { "changed" } else { "unchanged" },
+                    if after_exit { "saved by a second #VMEXIT after the host's state was back (V_INTR_MASKING cleared)" } else { "not an exit before the first instruction" });
+                let (code, host_rip) = (c.exitcode, v.rip);
+                entry.restore(vcpu);
+                return Exit::HostStateLost { code, host_rip };
+            }
             log::warn!(target: "svm",
-                "guest {}: #VMEXIT {:#x} (info {:#x} / {:#x}, intinfo {:#x}) came back with the host's state (RIP {:#x}, CR3 {:#x}, RSP {:#x}) instead of the guest's (RIP {:#x}, registers {}): an emulator fault (QEMU TCG SVM); re-entering from the state before VMRUN (try {tries}, {} on this CPU)",
+                "guest {}: #VMEXIT {:#x} (info {:#x} / {:#x}, intinfo {:#x}) came back with the host's state (RIP {:#x}, CR3 {:#x}, RSP {:#x}) instead of the guest's (RIP {:#x}, registers unchanged: it did not run): an emulator fault (QEMU TCG SVM); re-entering from the state before VMRUN (try {tries}, {} on this CPU)",
                 vcpu.guest, c.exitcode, c.exitinfo1, c.exitinfo2, c.exitintinfo, v.rip, v.cr3, v.rsp, entry.rip(),
-                if moved { "changed" } else { "unchanged" }, self.host_state_exits);
+                self.host_state_exits);
             if tries >= ENTRY_RETRIES {
                 // Reported by `vm/report.rs` as the emulator's fault, not the guest's; the
                 // VMCB keeps the guest's state from before the run.
@@ -371,6 +390,35 @@ fn leaked_host_state(vmcb: &Vmcb, host_state: HostPhysAddr) -> bool {
     let host_rsp = unsafe { core::ptr::read_volatile((host_state.as_u64() + switch::HOST_RSP_SLOT) as *const u64) };
     v.rip == switch::vmrun_return() && v.cr3 == host_cr3 && v.rsp == host_rsp
 }
+
+/// True if an exit that carries the host's state (`leaked_host_state`) came before the first
+/// instruction at the host's RIP ran: a nested page fault during the page-table walk of that
+/// fetch (EXITINFO1 bit 33, APM Vol. 2 15.25.6; the walk starts at the host's PML4, outside the
+/// guest's memory), a page fault on the fetch at that RIP (a guest whose memory covers the
+/// host's PML4 address), the intercepted VMSAVE that the host's code has there (fetched, never
+/// executed), or an interrupt or NMI taken at the instruction boundary right after VMRUN.
+fn did_not_run(vmcb: &Vmcb) -> bool {
+    let Area { control: c, save: v } = vmcb.get();
+    v.rip == switch::vmrun_return()
+        && match c.exitcode {
+            EXIT_NPF => c.exitinfo1 & NPF_IN_WALK != 0,
+            code if code == EXIT_EXCEPTION_0 + 14 => c.exitinfo2 == v.rip,
+            EXIT_VMSAVE | EXIT_INTR | EXIT_NMI | EXIT_VINTR => true,
+            _ => false,
+        }
+}
+
+/// True if the save area was written by a #VMEXIT taken while the host's state was already
+/// back, not by one taken in guest mode: our VMCBs always have V_INTR_MASKING set, a #VMEXIT
+/// stores the CPU's interrupt control back (QEMU 7.2.22 `target/i386/tcg/sysemu/svm_helper.c:794`)
+/// and clears it once the host's state is back (`:817`), so a second #VMEXIT without a VMRUN
+/// in between stores it with V_INTR_MASKING clear. Real hardware and Bochs keep the bit.
+fn written_after_exit(vmcb: &Vmcb) -> bool {
+    vmcb.get().control.vintr & VINTR_MASKING == 0
+}
+
+/// EXITINFO1 of a nested page fault: during the guest's own page-table walk (APM Vol. 2 15.25.6).
+const NPF_IN_WALK: u64 = 1 << 33;
 
 /// Host save areas and host VMSAVE pages of every CPU that enabled SVM (0: free slot).
 static HOST_PAGES: [core::sync::atomic::AtomicU64; 2 * 256] = [const { core::sync::atomic::AtomicU64::new(0) }; 2 * 256];

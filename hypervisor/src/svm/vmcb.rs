@@ -55,6 +55,7 @@ pub const EXIT_IOIO: u64 = 0x7b;
 pub const EXIT_MSR: u64 = 0x7c;
 pub const EXIT_SHUTDOWN: u64 = 0x7f;
 pub const EXIT_VMRUN: u64 = 0x80;
+pub const EXIT_VMSAVE: u64 = 0x83;
 pub const EXIT_VMMCALL: u64 = 0x81;
 pub const EXIT_XSETBV: u64 = 0x8d;
 pub const EXIT_NPF: u64 = 0x400;
