@@ -379,7 +379,7 @@ impl Entry {
 /// True if the #VMEXIT stored the host's state where the guest's belongs: the VMCB's RIP
 /// is the host's own return address from VMRUN, its CR3 and RSP the host's. Seen under
 /// QEMU 7.2's multi-threaded TCG in about one demo run in ten (issue 20 item 6, cause not
-/// pinned down: docs/pending/worldswitch.md); real hardware never should. A guest cannot cause it for another guest: its own VMCB
+/// pinned down: docs/src/notes/worldswitch.md); real hardware never should. A guest cannot cause it for another guest: its own VMCB
 /// is the only one it can make look like this, and then it only re-runs itself.
 fn leaked_host_state(vmcb: &Vmcb, host_state: HostPhysAddr) -> bool {
     let v = &vmcb.get().save;
