@@ -412,7 +412,9 @@ fn did_not_run(vmcb: &Vmcb) -> bool {
 /// back, not by one taken in guest mode: our VMCBs always have V_INTR_MASKING set, a #VMEXIT
 /// stores the CPU's interrupt control back (QEMU 7.2.22 `target/i386/tcg/sysemu/svm_helper.c:794`)
 /// and clears it once the host's state is back (`:817`), so a second #VMEXIT without a VMRUN
-/// in between stores it with V_INTR_MASKING clear. Real hardware and Bochs keep the bit.
+/// in between stores it with V_INTR_MASKING clear. Bochs keeps the bit (scenario
+/// `svm_host_state_exit_is_re_entered` re-enters there); hardware writes back only the virtual
+/// TPR and interrupt state (APM Vol. 2 15.21) and never takes such an exit.
 fn written_after_exit(vmcb: &Vmcb) -> bool {
     vmcb.get().control.vintr & VINTR_MASKING == 0
 }
