@@ -56,13 +56,13 @@
 //! a stopped guest's CPU and two CPUs shooting at each other. Mutations tried by hand, each
 //! caught (docs/src/notes/shootdown-model.md has the failures):
 //!
-//! | mutation | test that fails |
+//! | mutation | models that fail |
 //! | --- | --- |
-//! | `Owed::settle` frees before waiting | `deferred_free_waits_for_flush`, `stopped_guest_still_answers` |
-//! | `service` acknowledges before flushing | `deferred_free_waits_for_flush` |
-//! | `done` stored/loaded `Relaxed` instead of Release/Acquire | `deferred_free_waits_for_flush`, `barrier_covers_other_cpus_unmount` |
-//! | `barrier` waits for nothing (`outstanding` empty) | `barrier_covers_other_cpus_unmount` |
-//! | `wait` does not answer this CPU's own requests | `stopped_guest_still_answers` (a wait that never ends) |
+//! | M1: `Owed::settle` frees before it waits | (a) `loom_deferred_free_waits_for_flush`, (c) `loom_stopped_guest_still_answers` |
+//! | M2: `service` acknowledges before it flushes | (a), (b) `loom_barrier_covers_other_cpus_unmount` |
+//! | M3: `done` stored and awaited `Relaxed` (not Release/Acquire) | (a), (b), (c) |
+//! | M4: `barrier` waits for nothing | (b) |
+//! | M5: `wait` does not answer this CPU's own requests | (c): loom reports a wait that never ends |
 
 use crate::sync::{spin, AtomicU64, Ordering};
 use alloc::vec::Vec;
