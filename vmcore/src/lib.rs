@@ -8,3 +8,5 @@ extern crate alloc;
 
 pub mod exits;
 pub mod names;
+pub mod shootdown;
+mod sync;

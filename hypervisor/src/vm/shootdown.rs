@@ -36,12 +36,17 @@
 //! Lock order: world lock, then this CPU's `Owed` (only its own CPU takes it, never from
 //! an interrupt handler). `Owed` overflowing (more frames kept than it has room for) waits
 //! for its acknowledgments at once, under the world lock: bounded, and logged.
+//!
+//! The protocol core (mailboxes, `Owed`, the barrier) is `vmcore::shootdown`, host-tested
+//! and model-checked with loom (docs/src/notes/shootdown-model.md); this file holds one
+//! `Owed` per CPU, the allocator the kept frames go back to, and the counters.
 
 use super::guest::Guest;
 use super::Backend;
 use crate::arch::ipi;
 use crate::mm::frames::Frames;
 use core::sync::atomic::{AtomicU64, Ordering};
+use vmcore::shootdown;
 
 static SHOOTDOWNS: AtomicU64 = AtomicU64::new(0);
 static IPIS: AtomicU64 = AtomicU64::new(0);
@@ -77,7 +82,7 @@ pub fn cpus(mask: u64) {
     let t0 = crate::platform::time::tsc();
     let (acks, sent) = ipi::request(mask);
     let me = ipi::me();
-    OWED[me].lock().acks.merge(&acks);
+    OWED[me].lock().owed.owe(&acks);
     OWING.fetch_or(1 << me, Ordering::AcqRel);
     TSC_SPENT.fetch_add(crate::platform::time::tsc() - t0, Ordering::Relaxed);
     SHOOTDOWNS.fetch_add(1, Ordering::Relaxed);
@@ -88,27 +93,23 @@ pub fn cpus(mask: u64) {
 /// once (`Owed` overflow).
 const KEEP: usize = 4096;
 
-/// What this CPU owes before it may give frames back: the acknowledgments it asked for and
-/// the frames kept until they arrive (each `address | order`).
+/// What this CPU owes before it may give frames back (`vmcore::shootdown::Owed`: the
+/// acknowledgments it asked for and the frames kept until they arrive), and the allocator
+/// handle the frames go back through (this CPU's core).
 struct Owed {
-    acks: ipi::Acks,
-    frames: alloc::vec::Vec<u64>,
-    /// The allocator handle the frames go back through (this CPU's core).
+    owed: shootdown::Owed<{ ipi::MAX_CPUS }>,
     to: Option<Frames>,
 }
 
-#[allow(clippy::declare_interior_mutable_const)]
-const OWED_NONE: spin::Mutex<Owed> = spin::Mutex::new(Owed { acks: ipi::Acks::NONE, frames: alloc::vec::Vec::new(), to: None });
 /// Per CPU index; only that CPU takes its entry.
-static OWED: [spin::Mutex<Owed>; ipi::MAX_CPUS] = [OWED_NONE; ipi::MAX_CPUS];
+static OWED: [spin::Mutex<Owed>; ipi::MAX_CPUS] = [const { spin::Mutex::new(Owed { owed: shootdown::Owed::new(), to: None }) }; ipi::MAX_CPUS];
 /// Bit N: CPU N may owe something (`Owed` not empty): lets `complete` return at once.
 static OWING: AtomicU64 = AtomicU64::new(0);
 
 /// Makes room for `KEEP` kept frames on CPU `me` (at the start of its run; without the room
 /// every kept frame waits at once).
 pub fn prepare(me: usize) {
-    let mut o = OWED[me % ipi::MAX_CPUS].lock();
-    let _ = o.frames.try_reserve_exact(KEEP);
+    OWED[me % ipi::MAX_CPUS].lock().owed.reserve(KEEP);
 }
 
 /// Waits (no lock may be held) for the acknowledgments this CPU asked for, then gives the
@@ -123,32 +124,27 @@ pub fn complete() {
     }
     let mut o = OWED[me].lock();
     OWING.fetch_and(!(1 << me), Ordering::AcqRel);
-    if o.acks.is_empty() && o.frames.is_empty() {
+    if o.owed.is_empty() {
         return;
     }
     let t0 = crate::platform::time::tsc();
-    o.acks.wait();
+    let Owed { owed, to } = &mut *o;
+    owed.settle(ipi::mailboxes(), &ipi::Apic, |f| give_back(to, f));
     WAIT_SPENT.fetch_add(crate::platform::time::tsc() - t0, Ordering::Relaxed);
-    o.acks = ipi::Acks::NONE;
-    give_back(&mut o);
 }
 
-fn give_back(o: &mut Owed) {
-    if let Some(to) = o.to {
-        for &f in o.frames.iter() {
-            morsel::FrameAlloc::free(&to, morsel::HostPhysAddr::new(f & !0xfff), (f & 0xfff) as u32);
-        }
+/// Frees a kept frame (`address | order`) through `to`.
+fn give_back(to: &Option<Frames>, f: u64) {
+    if let Some(to) = to {
+        morsel::FrameAlloc::free(to, morsel::HostPhysAddr::new(f & !0xfff), (f & 0xfff) as u32);
     }
-    o.frames.clear();
 }
 
 /// Waits until every shootdown any CPU started so far is acknowledged. With the world lock
 /// held only where the module doc says.
 pub fn barrier() {
-    let acks = ipi::outstanding();
-    if !acks.is_empty() {
-        let t0 = crate::platform::time::tsc();
-        acks.wait();
+    let t0 = crate::platform::time::tsc();
+    if ipi::barrier() {
         WAIT_SPENT.fetch_add(crate::platform::time::tsc() - t0, Ordering::Relaxed);
     }
 }
@@ -168,20 +164,18 @@ impl morsel::FrameAlloc for After<'_> {
         if o.to.is_none() {
             o.to = Some(*self.0);
         }
-        if o.frames.len() == o.frames.capacity() {
-            // No room: everything kept so far waits now (the world lock held), then goes.
-            OVERFLOWS.fetch_add(1, Ordering::Relaxed);
-            log::debug!(target: "morsel", "cpu {me}: more than {KEEP} frames kept for a shootdown: waiting under the lock");
-            ipi::shoot(any_ran_on());
-            let acks = o.acks;
-            acks.wait();
-            o.acks = ipi::Acks::NONE;
-            give_back(&mut o);
-            morsel::FrameAlloc::free(self.0, frame, order);
-            return;
+        let Owed { owed, to } = &mut *o;
+        // No room: everything kept so far waits now (the world lock held), then goes.
+        let kept = owed.keep(frame.as_u64() | order as u64, ipi::mailboxes(), &ipi::Apic, any_ran_on(), |f| give_back(to, f));
+        match kept {
+            shootdown::Kept::Deferred => {
+                OWING.fetch_or(1 << me, Ordering::AcqRel);
+            }
+            shootdown::Kept::Overflow => {
+                OVERFLOWS.fetch_add(1, Ordering::Relaxed);
+                log::debug!(target: "morsel", "cpu {me}: more than {KEEP} frames kept for a shootdown: waited under the lock");
+            }
         }
-        o.frames.push(frame.as_u64() | order as u64);
-        OWING.fetch_or(1 << me, Ordering::AcqRel);
     }
 }
 

@@ -1,0 +1,331 @@
+//! TLB shootdown for second-level translations and the deferred free behind it: the protocol
+//! core, generic over what touches hardware ([`Cpus`]: which CPU this is, sending the IPI
+//! vector, flushing, answering), so that it runs and is model-checked on the host. The
+//! hypervisor's `arch::ipi` holds one [`Mailboxes`] for every CPU and supplies the APIC;
+//! `vm::shootdown` keeps one [`Owed`] per CPU and supplies the frame allocator.
+//!
+//! # Mailbox protocol
+//! One [`Mailbox`] per CPU index, all atomics, no lock:
+//! * the initiator bumps the target's `request` (fetch_add, AcqRel) and sends the IPI
+//!   ([`Mailboxes::request`], [`Cpus::send`]);
+//! * the target, in [`Mailboxes::service`], sees `done < request`, bumps its own `flush_gen`,
+//!   flushes ([`Cpus::flush`]) and then stores `done = request` (Release): the
+//!   acknowledgment;
+//! * the initiator waits until `done >=` the request it made (Acquire) ([`Mailboxes::wait`]).
+//!
+//! `flush_gen` is what the hypervisor's vCPU loop checks (interrupts off) right before every
+//! guest entry: a vCPU whose last seen generation differs flushes its second-level
+//! translations first (so the hypervisor's [`Cpus::flush`] does nothing: the flush is the
+//! generation's bump). After an acknowledgment no guest entry on that CPU can use a
+//! translation cached before it; a guest running when the IPI arrives leaves guest mode and
+//! the handler runs `service`.
+//!
+//! `service` runs from the IPI handler, from every place a CPU waits with interrupts off
+//! (the world lock's spin, the idle loop, every wait here: [`Cpus::answer`]), right before
+//! every guest entry, and every 2 MiB of long work done with interrupts off: no CPU keeps
+//! another waiting for longer than one such piece, and two CPUs waiting for each other both
+//! go on. Requests are counters: waiting for the largest covers every earlier one ([`Acks`]).
+//!
+//! # No CPU waits for another while holding the world lock
+//! A shootdown is split in two ([`Mailboxes::request`], then [`Mailboxes::wait`]) so that its
+//! initiator can let go of every lock before it waits. For one call:
+//!
+//! 1. under the world lock: entries cleared; frames they led to go into this CPU's [`Owed`]
+//!    ([`Owed::keep`]) instead of the allocator; the IPIs are sent and their acknowledgments
+//!    added to the same record ([`Owed::owe`]);
+//! 2. the lock is let go: other CPUs handle exits meanwhile; the kept frames are in no one's
+//!    hands but this CPU's, so none can be handed out while a CPU may still cache a
+//!    translation to it;
+//! 3. no lock: every acknowledgment arrives, then the kept frames are freed
+//!    ([`Owed::settle`]);
+//! 4. only then does the calling vCPU enter its guest again.
+//!
+//! Frames whose translation *another* CPU's call removed (a morsel destroyed right after
+//! another CPU unmounted it, whose caller may still be in step 3) are freed only behind
+//! [`Mailboxes::barrier`]: every shootdown any CPU started so far acknowledged.
+//!
+//! Lock order: the world lock, then this CPU's `Owed` (the hypervisor keeps it behind a lock
+//! only its own CPU takes, never from an interrupt handler). The mailboxes take no lock. An
+//! `Owed` with no room left ([`Kept::Overflow`]) shoots down on every CPU that may cache
+//! anything and waits at once, under the world lock: bounded, and the caller logs it.
+//!
+//! # Model-checked
+//! `loom_tests.rs` (`RUSTFLAGS="--cfg loom" cargo test --release -p vmcore --lib loom`)
+//! explores every interleaving (within a preemption bound) of: a deferred free against a
+//! target that caches the translation and answers; `barrier` behind another CPU's unmount;
+//! a stopped guest's CPU and two CPUs shooting at each other. Mutations tried by hand, each
+//! caught (docs/src/notes/shootdown-model.md has the failures):
+//!
+//! | mutation | models that fail |
+//! | --- | --- |
+//! | M1: `Owed::settle` frees before it waits | (a) `loom_deferred_free_waits_for_flush`, (c) `loom_stopped_guest_still_answers` |
+//! | M2: `service` acknowledges before it flushes | (a), (b) `loom_barrier_covers_other_cpus_unmount` |
+//! | M3: `done` stored and awaited `Relaxed` (not Release/Acquire) | (a), (b), (c) |
+//! | M4: `barrier` waits for nothing | (b) |
+//! | M5: `wait` does not answer this CPU's own requests | (c): loom reports a wait that never ends |
+
+use crate::sync::{spin, AtomicU64, Ordering};
+use alloc::vec::Vec;
+
+#[cfg(all(test, loom))]
+mod loom_tests;
+#[cfg(all(test, not(loom)))]
+mod tests;
+
+/// What touches hardware, per CPU (the hypervisor: the local APIC and its IPI vector; the
+/// models: flags and threads).
+pub trait Cpus {
+    /// The index of the CPU this runs on.
+    fn me(&self) -> usize;
+    /// Sends the shootdown IPI to CPU `cpu` (nothing if there is no such CPU).
+    fn send(&self, cpu: usize);
+    /// CPU `cpu` (this one) flushes its cached second-level translations, or marks them
+    /// stale so that none is used again: called after its `flush_gen` was bumped and before
+    /// the acknowledgment.
+    fn flush(&self, cpu: usize);
+    /// Answers this CPU's pending requests ([`Mailboxes::service`] and whatever else the
+    /// caller answers with it): called in every round of every wait here.
+    fn answer(&self);
+}
+
+/// One CPU's shootdown mailbox.
+pub struct Mailbox {
+    request: AtomicU64,
+    done: AtomicU64,
+    flush_gen: AtomicU64,
+}
+
+impl Mailbox {
+    #[cfg(not(loom))]
+    const fn new() -> Self {
+        Mailbox { request: AtomicU64::new(0), done: AtomicU64::new(0), flush_gen: AtomicU64::new(0) }
+    }
+
+    #[cfg(loom)]
+    fn new() -> Self {
+        Mailbox { request: AtomicU64::new(0), done: AtomicU64::new(0), flush_gen: AtomicU64::new(0) }
+    }
+}
+
+/// The mailboxes of `N` CPUs (the hypervisor: 64, its masks are `u64`).
+pub struct Mailboxes<const N: usize> {
+    boxes: [Mailbox; N],
+}
+
+impl<const N: usize> Default for Mailboxes<N> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<const N: usize> Mailboxes<N> {
+    /// No request made, none done.
+    #[cfg(not(loom))]
+    pub const fn new() -> Self {
+        Mailboxes { boxes: [const { Mailbox::new() }; N] }
+    }
+
+    /// No request made, none done (loom's atomics are not `const`).
+    #[cfg(loom)]
+    pub fn new() -> Self {
+        Mailboxes { boxes: core::array::from_fn(|_| Mailbox::new()) }
+    }
+
+    fn at(&self, cpu: usize) -> &Mailbox {
+        &self.boxes[cpu % N]
+    }
+
+    /// CPU `cpu`'s flush generation: changes whenever a shootdown reached it.
+    pub fn flush_gen(&self, cpu: usize) -> u64 {
+        self.at(cpu).flush_gen.load(Ordering::Acquire)
+    }
+
+    /// Marks CPU `cpu`'s (this one's) cached translations stale and flushes.
+    pub fn flush_local(&self, cpu: usize, hw: &impl Cpus) {
+        self.at(cpu).flush_gen.fetch_add(1, Ordering::AcqRel);
+        hw.flush(cpu);
+    }
+
+    /// Acknowledges a pending request to CPU `me` (this one), flushing first. True if there
+    /// was one.
+    pub fn service(&self, me: usize, hw: &impl Cpus) -> bool {
+        let m = self.at(me);
+        let want = m.request.load(Ordering::Acquire);
+        if m.done.load(Ordering::Acquire) < want {
+            self.flush_local(me, hw);
+            m.done.store(want, Ordering::Release);
+            return true;
+        }
+        false
+    }
+
+    /// Asks every CPU in `mask` but this one to flush (one IPI each) without waiting; this
+    /// CPU flushes locally. Returns what to wait for and how many IPIs were sent.
+    pub fn request(&self, mask: u64, hw: &impl Cpus) -> (Acks<N>, u32) {
+        let me = hw.me();
+        self.flush_local(me, hw);
+        let mut acks = Acks::NONE;
+        let mut sent = 0;
+        for (cpu, want) in acks.0.iter_mut().enumerate() {
+            if cpu != me && cpu < 64 && mask & (1 << cpu) != 0 {
+                *want = self.boxes[cpu].request.fetch_add(1, Ordering::AcqRel) + 1;
+                hw.send(cpu);
+                sent += 1;
+            }
+        }
+        (acks, sent)
+    }
+
+    /// True if every request of `acks` is acknowledged.
+    pub fn acknowledged(&self, acks: &Acks<N>) -> bool {
+        acks.0.iter().zip(self.boxes.iter()).all(|(&want, m)| want == 0 || m.done.load(Ordering::Acquire) >= want)
+    }
+
+    /// Waits until every CPU of `acks` acknowledged, answering this CPU's own requests
+    /// meanwhile (two CPUs waiting for each other both go on).
+    pub fn wait(&self, acks: &Acks<N>, hw: &impl Cpus) {
+        for (m, &want) in self.boxes.iter().zip(acks.0.iter()) {
+            while want != 0 && m.done.load(Ordering::Acquire) < want {
+                hw.answer();
+                spin();
+            }
+        }
+    }
+
+    /// Asks every CPU in `mask` but this one to flush and waits for each acknowledgment;
+    /// this CPU flushes locally. Returns how many IPIs it sent.
+    pub fn shoot(&self, mask: u64, hw: &impl Cpus) -> u32 {
+        let (acks, sent) = self.request(mask, hw);
+        self.wait(&acks, hw);
+        sent
+    }
+
+    /// Every request any CPU made so far and that is not acknowledged yet: waiting for these
+    /// is a barrier behind every shootdown already started.
+    pub fn outstanding(&self) -> Acks<N> {
+        let mut acks = Acks::NONE;
+        for (m, want) in self.boxes.iter().zip(acks.0.iter_mut()) {
+            let r = m.request.load(Ordering::Acquire);
+            if m.done.load(Ordering::Acquire) < r {
+                *want = r;
+            }
+        }
+        acks
+    }
+
+    /// Waits until every shootdown any CPU started so far is acknowledged: frames whose
+    /// translation another CPU's call removed may be freed after it. True if it waited.
+    pub fn barrier(&self, hw: &impl Cpus) -> bool {
+        let acks = self.outstanding();
+        if acks.is_empty() {
+            return false;
+        }
+        self.wait(&acks, hw);
+        true
+    }
+}
+
+/// The acknowledgments a CPU waits for: per CPU index, the request number it must see done
+/// (0: none). Requests are counters, so waiting for the largest covers every earlier one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Acks<const N: usize>(pub [u64; N]);
+
+impl<const N: usize> Acks<N> {
+    pub const NONE: Self = Acks([0; N]);
+
+    /// Adds `other`'s requests (the larger number per CPU).
+    pub fn merge(&mut self, other: &Self) {
+        for (a, b) in self.0.iter_mut().zip(other.0.iter()) {
+            *a = (*a).max(*b);
+        }
+    }
+
+    /// True if nothing is awaited.
+    pub fn is_empty(&self) -> bool {
+        self.0.iter().all(|&w| w == 0)
+    }
+}
+
+/// What one CPU owes before it may give frames back: the acknowledgments it asked for and
+/// the frames kept until they arrive (each `address | order`, the address 4 KiB-aligned).
+/// Plain data: its owner keeps it where only its own CPU reaches it.
+pub struct Owed<const N: usize> {
+    acks: Acks<N>,
+    frames: Vec<u64>,
+}
+
+/// Where [`Owed::keep`] put a frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kept {
+    /// Kept until [`Owed::settle`].
+    Deferred,
+    /// No room: a shootdown of every CPU that may cache anything was waited for at once,
+    /// and every frame kept so far went back with this one.
+    Overflow,
+}
+
+impl<const N: usize> Default for Owed<N> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<const N: usize> Owed<N> {
+    /// Nothing owed, no room to keep frames ([`Owed::reserve`] makes some).
+    pub const fn new() -> Self {
+        Owed { acks: Acks::NONE, frames: Vec::new() }
+    }
+
+    /// Makes room for `keep` kept frames, if memory allows (without it every kept frame
+    /// waits at once).
+    pub fn reserve(&mut self, keep: usize) {
+        let _ = self.frames.try_reserve_exact(keep.saturating_sub(self.frames.len()));
+    }
+
+    /// Adds acknowledgments to wait for before the kept frames go back.
+    pub fn owe(&mut self, acks: &Acks<N>) {
+        self.acks.merge(acks);
+    }
+
+    /// True if nothing is awaited and nothing kept.
+    pub fn is_empty(&self) -> bool {
+        self.acks.is_empty() && self.frames.is_empty()
+    }
+
+    /// The acknowledgments awaited.
+    pub fn acks(&self) -> &Acks<N> {
+        &self.acks
+    }
+
+    /// How many frames are kept.
+    pub fn kept(&self) -> usize {
+        self.frames.len()
+    }
+
+    /// Keeps `frame` (`address | order`) until the acknowledgments are in. With no room
+    /// left (never grows: no allocation on this path) it shoots down on `all` (every CPU that
+    /// may cache anything: this call's own shootdown may not be requested yet), waits, and
+    /// gives every kept frame and `frame` to `free` now.
+    pub fn keep(&mut self, frame: u64, mb: &Mailboxes<N>, hw: &impl Cpus, all: u64, mut free: impl FnMut(u64)) -> Kept {
+        if self.frames.len() == self.frames.capacity() {
+            let (acks, _) = mb.request(all, hw);
+            self.owe(&acks);
+            self.settle(mb, hw, &mut free);
+            free(frame);
+            return Kept::Overflow;
+        }
+        self.frames.push(frame);
+        Kept::Deferred
+    }
+
+    /// Waits (no lock may be held but the caller's own `Owed`) for every acknowledgment owed,
+    /// then gives every kept frame to `free`. Owes nothing afterwards.
+    pub fn settle(&mut self, mb: &Mailboxes<N>, hw: &impl Cpus, mut free: impl FnMut(u64)) {
+        mb.wait(&self.acks, hw);
+        self.acks = Acks::NONE;
+        for &f in self.frames.iter() {
+            free(f);
+        }
+        self.frames.clear();
+    }
+}

@@ -1,0 +1,163 @@
+//! The bookkeeping on one thread (debug and release): counters, merging, `Owed`'s room and
+//! its overflow, the barrier.
+
+use super::*;
+use core::cell::{Cell, RefCell};
+
+/// CPU `me` of `N`, recording what it sent and flushed; `answer` services its mailbox.
+struct Fake<'a, const N: usize> {
+    mb: &'a Mailboxes<N>,
+    me: Cell<usize>,
+    sent: RefCell<Vec<usize>>,
+    flushed: RefCell<Vec<usize>>,
+}
+
+impl<'a, const N: usize> Fake<'a, N> {
+    fn new(mb: &'a Mailboxes<N>, me: usize) -> Self {
+        Fake { mb, me: Cell::new(me), sent: RefCell::new(Vec::new()), flushed: RefCell::new(Vec::new()) }
+    }
+}
+
+impl<const N: usize> Cpus for Fake<'_, N> {
+    fn me(&self) -> usize {
+        self.me.get()
+    }
+    fn send(&self, cpu: usize) {
+        self.sent.borrow_mut().push(cpu);
+    }
+    fn flush(&self, cpu: usize) {
+        self.flushed.borrow_mut().push(cpu);
+    }
+    fn answer(&self) {
+        self.mb.service(self.me.get(), self);
+    }
+}
+
+#[test]
+fn request_counts_and_service_acknowledges() {
+    let mb = Mailboxes::<4>::new();
+    let hw = Fake::new(&mb, 0);
+    let (acks, sent) = mb.request(0b1111, &hw);
+    assert_eq!(sent, 3, "no IPI to this CPU");
+    assert_eq!(acks.0, [0, 1, 1, 1]);
+    assert_eq!(*hw.sent.borrow(), [1, 2, 3]);
+    assert_eq!(mb.flush_gen(0), 1, "the initiator flushes locally");
+    let (acks2, _) = mb.request(0b0010, &hw);
+    assert_eq!(acks2.0, [0, 2, 0, 0], "requests are counters");
+    assert_eq!(mb.outstanding().0, [0, 2, 1, 1]);
+    assert!(!mb.acknowledged(&acks));
+
+    // CPU 1 answers both requests at once; CPU 2 and 3 not yet.
+    assert!(mb.service(1, &hw));
+    assert!(!mb.service(1, &hw), "nothing left to answer");
+    assert_eq!(mb.flush_gen(1), 1, "one flush for both requests");
+    assert!(mb.acknowledged(&acks2));
+    assert!(!mb.acknowledged(&acks));
+    assert_eq!(mb.outstanding().0, [0, 0, 1, 1]);
+    mb.service(2, &hw);
+    mb.service(3, &hw);
+    assert!(mb.acknowledged(&acks));
+    assert!(mb.outstanding().is_empty());
+    assert!(!mb.barrier(&hw), "nothing outstanding: no wait");
+    assert_eq!(*hw.flushed.borrow(), [0, 0, 1, 2, 3], "every flush before its acknowledgment");
+}
+
+#[test]
+fn acks_merge_keeps_the_largest() {
+    let mut a = Acks::<3>([0, 5, 2]);
+    assert!(!a.is_empty());
+    a.merge(&Acks([1, 3, 7]));
+    assert_eq!(a.0, [1, 5, 7]);
+    assert!(Acks::<3>::NONE.is_empty());
+}
+
+#[test]
+fn mask_bits_past_n_are_ignored() {
+    let mb = Mailboxes::<2>::new();
+    let hw = Fake::new(&mb, 1);
+    let (acks, sent) = mb.request(u64::MAX, &hw);
+    assert_eq!((acks.0, sent), ([1, 0], 1));
+}
+
+#[test]
+fn own_requests_answered_while_waiting() {
+    // CPU 0 waits for itself (a request another CPU made of it counts the same): `wait`
+    // answers through `Cpus::answer`, so it ends.
+    let mb = Mailboxes::<2>::new();
+    let hw1 = Fake::new(&mb, 1);
+    let (acks, _) = mb.request(0b01, &hw1);
+    let hw0 = Fake::new(&mb, 0);
+    mb.wait(&acks, &hw0);
+    assert!(mb.acknowledged(&acks));
+    assert!(mb.outstanding().is_empty());
+}
+
+#[test]
+fn owed_keeps_until_settled() {
+    let mb = Mailboxes::<2>::new();
+    let hw = Fake::new(&mb, 0);
+    let mut o = Owed::<2>::new();
+    o.reserve(4);
+    assert!(o.is_empty());
+    let mut freed = Vec::new();
+    assert_eq!(o.keep(0x1000, &mb, &hw, 0b11, |f| freed.push(f)), Kept::Deferred);
+    assert_eq!(o.keep(0x2000 | 9, &mb, &hw, 0b11, |f| freed.push(f)), Kept::Deferred);
+    let (acks, _) = mb.request(0b10, &hw);
+    o.owe(&acks);
+    assert_eq!(o.kept(), 2);
+    assert_eq!(o.acks().0, [0, 1]);
+    assert!(freed.is_empty(), "nothing freed before settle");
+    mb.service(1, &hw);
+    o.settle(&mb, &hw, |f| freed.push(f));
+    assert_eq!(freed, [0x1000, 0x2000 | 9]);
+    assert!(o.is_empty());
+}
+
+#[test]
+fn owed_overflow_waits_at_once() {
+    let mb = Mailboxes::<2>::new();
+    // CPU 1 acknowledges whenever CPU 0 waits: a fake that answers for both.
+    struct Both<'a>(Fake<'a, 2>);
+    impl Cpus for Both<'_> {
+        fn me(&self) -> usize {
+            self.0.me()
+        }
+        fn send(&self, cpu: usize) {
+            self.0.send(cpu)
+        }
+        fn flush(&self, cpu: usize) {
+            self.0.flush(cpu)
+        }
+        fn answer(&self) {
+            self.0.mb.service(0, &self.0);
+            self.0.mb.service(1, &self.0);
+        }
+    }
+    let hw = Both(Fake::new(&mb, 0));
+    let mut o = Owed::<2>::new();
+    o.reserve(2);
+    let cap = o.frames.capacity();
+    let mut freed = Vec::new();
+    for i in 0..cap as u64 {
+        assert_eq!(o.keep(i << 12, &mb, &hw, 0b11, |f| freed.push(f)), Kept::Deferred);
+    }
+    assert!(hw.0.sent.borrow().is_empty(), "no shootdown while there is room");
+    assert_eq!(o.keep(0xf000, &mb, &hw, 0b11, |f| freed.push(f)), Kept::Overflow);
+    assert_eq!(*hw.0.sent.borrow(), [1], "the overflow shoots down on every CPU of `all`");
+    assert!(mb.outstanding().is_empty(), "and waited for it");
+    assert_eq!(freed.len(), cap + 1, "everything kept and the new frame went back");
+    assert_eq!(freed.last(), Some(&0xf000));
+    assert!(o.is_empty());
+    assert_eq!(o.frames.capacity(), cap, "the room is kept, never grown");
+}
+
+#[test]
+fn owed_without_room_waits_every_time() {
+    let mb = Mailboxes::<1>::new();
+    let hw = Fake::new(&mb, 0);
+    let mut o = Owed::<1>::new();
+    let mut freed = Vec::new();
+    assert_eq!(o.keep(0x3000, &mb, &hw, 0b1, |f| freed.push(f)), Kept::Overflow);
+    assert_eq!(freed, [0x3000]);
+    assert_eq!(mb.flush_gen(0), 1);
+}
