@@ -7,4 +7,6 @@
 extern crate alloc;
 
 pub mod exits;
+pub mod guestbytes;
 pub mod names;
+pub mod reason;
