@@ -7,6 +7,8 @@
 extern crate alloc;
 
 pub mod exits;
+pub mod guestbytes;
 pub mod names;
+pub mod reason;
 pub mod shootdown;
 mod sync;

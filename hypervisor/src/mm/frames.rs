@@ -192,7 +192,19 @@ impl PhysMem for Identity {
     }
 }
 
-/// A byte view of guest-owned host memory: `len` bytes at `pa`.
+/// Guest memory at host-physical `pa` (identity-mapped), `len` bytes, as `GuestBytes`: copied
+/// through raw pointers, never a Rust reference (sibling vCPUs and devices may write it).
+///
+/// # Safety
+/// The range must be guest RAM or morsel frames, translated through a guest's second-level
+/// table, that stay allocated while the value is used (`GuestBytes::new`'s contract).
+pub unsafe fn guest_bytes(pa: u64, len: usize) -> vmcore::guestbytes::GuestBytes {
+    // SAFETY: forwarded from the caller; the host maps all RAM at its physical address.
+    unsafe { vmcore::guestbytes::GuestBytes::new(pa as *mut u8, len) }
+}
+
+/// A byte view of guest-owned host memory: `len` bytes at `pa`. Only ExMap's iovec page
+/// still uses it (being moved to `guest_bytes`); no new users.
 ///
 /// # Safety
 /// The range must be RAM owned by the caller's guest (obtained by translating through the

@@ -10,7 +10,6 @@ use crate::mm::frames::{Frames, Identity, IDENTITY};
 use crate::vm::guest::Guest;
 use crate::vm::Backend;
 use abi::{self, Error};
-use alloc::string::String;
 use formats::units::Bytes;
 use morsel::{Format, GuestPhysAddr, Morsel, PageSize, Perm};
 use vmcore::names::Ticket;
@@ -102,7 +101,7 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
             log::info!(target: "morsel", "guest {} created '{name}': {} of {} pages, root L{}, {} tables{}",
                 g.id, Bytes(n.morsel.len()), if page == PageSize::Size2M { "2 MiB" } else { "4 KiB" },
                 n.morsel.root_level(), n.morsel.table_count(),
-                if let Some(i) = n.slot { alloc::format!(", in persistent memory (record {i})") } else { String::new() });
+                InPmem(n.slot));
         }
         if let Err((e, n)) = self.named.commit(ticket, n) {
             // Unreachable (the ticket is this reservation's): refused, never replaced.
@@ -272,7 +271,7 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
             log::info!(target: "morsel",
                 "stats '{name}': {}, owner {}, mounted now {}, mounts {} ({} PTE writes, {} per mount; +{} for intermediate tables), unmounts {} ({} PTE writes), invalidations {}",
                 Bytes(n.morsel.len()),
-                if n.owner == RESTORED { "none (restored from persistent memory)".into() } else { alloc::format!("guest {}", n.owner) },
+                Owner(n.owner),
                 n.morsel.mount_count(), n.mounts, n.mount_pte_writes,
                 n.mount_pte_writes.checked_div(n.mounts).unwrap_or(0), n.path_pte_writes,
                 n.unmounts, n.unmount_pte_writes, n.invalidations);
@@ -336,3 +335,27 @@ fn free_slot(mounts: &[Mount], size: u64) -> Option<u64> {
     None
 }
 
+/// `, in persistent memory (record N)` for a persistent morsel, nothing otherwise: written
+/// into the log line, no allocation on the guest's `morsel_create` path.
+struct InPmem(Option<usize>);
+
+impl core::fmt::Display for InPmem {
+    fn fmt(&self, f: &mut core::fmt::Formatter) -> core::fmt::Result {
+        match self.0 {
+            Some(i) => write!(f, ", in persistent memory (record {i})"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// A morsel's owner in `log_stats` (which a guest's `morsel_stats` triggers): no allocation.
+struct Owner(u32);
+
+impl core::fmt::Display for Owner {
+    fn fmt(&self, f: &mut core::fmt::Formatter) -> core::fmt::Result {
+        match self.0 {
+            RESTORED => f.write_str("none (restored from persistent memory)"),
+            id => write!(f, "guest {id}"),
+        }
+    }
+}

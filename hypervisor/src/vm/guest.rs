@@ -7,7 +7,12 @@ use super::loader::{self, Load, STACK_RESERVE};
 use super::memory::{GuestMemory, MapError};
 use super::{Backend, ExitKind, VcpuSetup};
 use crate::mm::frames::Frames;
+use alloc::sync::Arc;
+use alloc::vec::Vec;
 use formats::elf;
+use morsel::{GuestPhysAddr, HostPhysAddr, Perm};
+use vmcore::guestbytes::GuestBytes;
+use vmcore::reason::Reason;
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
@@ -74,6 +79,56 @@ impl core::fmt::Display for CreateError {
     }
 }
 
+/// What a guest's vCPUs read with no world lock held (`sched::lockless`): values fixed at
+/// creation (identity, RAM size and frames) and the console line buffers, each behind its
+/// own small lock (`Console` lock, taken after the world lock where both are held, before
+/// the serial lock: `docs/src/smp.md`).
+pub struct Shared {
+    pub id: u32,
+    pub name: &'static str,
+    /// Guest RAM in bytes ([0, memory), all read-write).
+    pub memory: u64,
+    pub vcpus: u32,
+    /// The host frame of each 2 MiB of guest RAM: mapped at creation, freed at destroy
+    /// (after the last vCPU ended), never remapped in between.
+    ram: Vec<HostPhysAddr>,
+    /// One line buffer per vCPU: lines of different vCPUs never mix, and a line is printed
+    /// whole under the serial lock.
+    consoles: Vec<spin::Mutex<Console>>,
+}
+
+impl Shared {
+    /// `len` bytes of guest RAM at `gpa` as host pieces, `each(piece, offset)`; None (nothing
+    /// done) unless the whole range lies in guest RAM. Morsel mounts are not looked at:
+    /// those change under the world lock.
+    pub fn ram_pieces(&self, gpa: u64, len: usize, mut each: impl FnMut(GuestBytes, usize)) -> Option<()> {
+        let end = gpa.checked_add(len as u64)?;
+        if end > self.memory {
+            return None;
+        }
+        let mut done = 0;
+        while done < len {
+            let at = gpa + done as u64;
+            let frame = *self.ram.get((at / (2 * MIB)) as usize)?;
+            let off = at % (2 * MIB);
+            let n = ((2 * MIB - off) as usize).min(len - done);
+            // SAFETY: inside the 2 MiB RAM frame at `frame`, which this guest owns until it
+            // is destroyed after its last vCPU ended (the caller runs one of its vCPUs).
+            each(unsafe { crate::mm::frames::guest_bytes(frame.as_u64() + off, n) }, done);
+            done += n;
+        }
+        Some(())
+    }
+
+    /// Appends console bytes of vCPU `vcpu` under its line buffer's lock; complete lines
+    /// are printed with the guest's prefix.
+    pub fn console(&self, vcpu: u32, bytes: &[u8]) {
+        if let Some(c) = self.consoles.get(vcpu as usize) {
+            c.lock().write(bytes, self.id, self.name, vcpu);
+        }
+    }
+}
+
 /// A finished guest: what the final report needs.
 #[derive(Clone, Debug)]
 pub struct Summary {
@@ -127,12 +182,14 @@ pub struct Guest<B: Backend> {
     /// The exit code the guest ends with: vCPU 0's, unless another vCPU exited non-zero first.
     pub code: Option<i32>,
     pub ended: alloc::vec::Vec<VcpuSummary>,
-    /// One console line buffer per vCPU: lines of different vCPUs never mix.
-    consoles: alloc::vec::Vec<Console>,
+    /// What the guest's vCPUs read without the world lock (fixed at creation, and the
+    /// console line buffers behind their own lock).
+    pub shared: Arc<Shared>,
     /// Why the hypercall being handled was refused, in words the guest's author can act on:
     /// set by the handler (`refuse`), logged and cleared by the dispatcher (under the world
-    /// lock, so one call at a time).
-    pub refusal: Option<alloc::string::String>,
+    /// lock, so one call at a time). A fixed buffer: a guest refused in a loop allocates
+    /// nothing.
+    pub refusal: Option<Reason>,
     /// Refused hypercalls so far (the first few are logged at INFO, the rest at DEBUG).
     pub refusals: u32,
     /// The exception vectors this guest takes through its own IDT (`guest_exceptions`).
@@ -156,8 +213,14 @@ impl<B: Backend> Guest<B> {
         let image = elf::Image::parse(image, abi::IMAGE_BASE_GPA, spec.memory.saturating_sub(stacks))
             .map_err(CreateError::Image)?;
         let mem = GuestMemory::new(frames).map_err(CreateError::Table)?;
-        let mut consoles = alloc::vec::Vec::new();
-        consoles.resize_with(spec.vcpus.max(1) as usize, Console::new);
+        let vcpus = spec.vcpus.max(1) as usize;
+        let mut consoles = Vec::new();
+        consoles.try_reserve_exact(vcpus).map_err(|_| CreateError::NoMemory)?;
+        consoles.resize_with(vcpus, || spin::Mutex::new(Console::new()));
+        let mut ended = Vec::new();
+        // A vCPU's end is recorded without allocating (`vcpu_ended`).
+        ended.try_reserve_exact(vcpus).map_err(|_| CreateError::NoMemory)?;
+        let shared = Shared { id, name: spec.name, memory: spec.memory, vcpus: vcpus as u32, ram: Vec::new(), consoles };
         let mut g = Guest {
             id,
             spec,
@@ -168,8 +231,8 @@ impl<B: Backend> Guest<B> {
             live_vcpus: spec.vcpus.max(1),
             ran_on: 0,
             code: None,
-            ended: alloc::vec::Vec::new(),
-            consoles,
+            ended,
+            shared: Arc::new(shared),
             refusal: None,
             refusals: 0,
             handled_exceptions: 0,
@@ -178,6 +241,10 @@ impl<B: Backend> Guest<B> {
         let load = Load { id, name: spec.name, memory: spec.memory, arg: spec.arg, vcpus: spec.vcpus.max(1) };
         match loader::load(&mut g.mem, &image, &load, frames) {
             Ok(first) => {
+                if let Err(e) = g.fix_ram() {
+                    let _ = g.destroy(frames);
+                    return Err(e);
+                }
                 let setups = (0..spec.vcpus.max(1) as u64)
                     .map(|v| VcpuSetup { rsp: first.rsp - v * STACK_RESERVE, rsi: v, ..first })
                     .collect();
@@ -203,7 +270,10 @@ impl<B: Backend> Guest<B> {
                 });
             }
         }
-        self.ended.push(v);
+        // Room for every vCPU was reserved at creation: this never allocates.
+        if self.ended.len() < self.ended.capacity() {
+            self.ended.push(v);
+        }
         self.live_vcpus = self.live_vcpus.saturating_sub(1);
         if self.live_vcpus == 0 && self.state == State::Runnable {
             self.state = State::Exited(self.code.unwrap_or(0));
@@ -211,26 +281,40 @@ impl<B: Backend> Guest<B> {
         self.live_vcpus == 0
     }
 
-    /// `e`, with the reason (`format_args!`) the dispatcher logs beside it.
+    /// `e`, with the reason (`format_args!`, formatted into a fixed buffer, cut at
+    /// `vmcore::reason::REASON_MAX` bytes) the dispatcher logs beside it.
     pub fn refuse(&mut self, e: abi::Error, why: core::fmt::Arguments) -> abi::Error {
-        self.refusal = Some(alloc::format!("{why}"));
+        self.refusal = Some(Reason::format(why));
         e
     }
 
     /// Appends console bytes of vCPU `vcpu`; complete lines are printed with the guest's prefix.
     pub fn console(&mut self, vcpu: u32, bytes: &[u8]) {
-        let (id, name) = (self.id, self.spec.name);
-        if let Some(c) = self.consoles.get_mut(vcpu as usize) {
-            c.write(bytes, id, name, vcpu);
-        }
+        self.shared.console(vcpu, bytes);
     }
 
     /// Prints the pending partial lines.
     pub fn flush_console(&mut self) {
-        let (id, name) = (self.id, self.spec.name);
-        for (v, c) in self.consoles.iter_mut().enumerate() {
-            c.flush(id, name, v as u32);
+        let sh = &self.shared;
+        for (v, c) in sh.consoles.iter().enumerate() {
+            c.lock().flush(sh.id, sh.name, v as u32);
         }
+    }
+
+    /// Records the host frame of each 2 MiB of guest RAM in `shared` (the guest is not
+    /// running yet: this is the only time `shared` is changed).
+    fn fix_ram(&mut self) -> Result<(), CreateError> {
+        let mut ram = Vec::new();
+        ram.try_reserve_exact(self.spec.memory.div_ceil(2 * MIB) as usize).map_err(|_| CreateError::NoMemory)?;
+        let mut gpa = 0;
+        while gpa < self.spec.memory {
+            let (hpa, _) = self.mem.translate(GuestPhysAddr::new(gpa), Perm::RW).map_err(|_| CreateError::NoMemory)?;
+            ram.push(hpa);
+            gpa += 2 * MIB;
+        }
+        let shared = Arc::get_mut(&mut self.shared).ok_or(CreateError::NoMemory)?;
+        shared.ram = ram;
+        Ok(())
     }
 
     /// What is left of the guest after `destroy`.

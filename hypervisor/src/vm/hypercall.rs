@@ -218,7 +218,7 @@ fn conclude<B: Backend>(guest: &mut Guest<B>, nr: u64, regs: &mut Regs, result: 
         guest.refusals = guest.refusals.saturating_add(1);
         let n = guest.refusals;
         let level = if n <= LOUD_FAILURES { log::Level::Info } else { log::Level::Debug };
-        let why = reason.as_deref().unwrap_or("");
+        let why = reason.as_ref().map_or("", |r| r.as_str());
         let sep = if why.is_empty() { "" } else { ": " };
         log::log!(target: "vm", level, "guest {} ({}): {} ({nr:#x}) refused ({e}){sep}{why}{}",
             guest.id, guest.spec.name, Call::name_of(nr), if n == LOUD_FAILURES { " (later refusals of this guest at log=debug)" } else { "" });
@@ -293,21 +293,50 @@ fn set(regs: &mut Regs, result: Result<u64, Error>) {
     }
 }
 
+/// `info(what)` for the selectors `vmcore::exits::info_is_local` names: answered from the
+/// guest's fixed state, no world lock needed (`sched::lockless` calls it without).
+pub fn info_local(shared: &super::guest::Shared, caller: Caller, guest_count: u64, what: u64) -> Option<u64> {
+    Some(match what {
+        abi::INFO_ABI_VERSION => abi::ABI_VERSION,
+        abi::INFO_GUEST_ID => shared.id as u64,
+        abi::INFO_MEMORY_SIZE => shared.memory,
+        abi::INFO_GUEST_COUNT => guest_count,
+        abi::INFO_LOG_LEVEL => log::max_level() as u64,
+        abi::INFO_VCPU_INDEX => caller.vcpu as u64,
+        abi::INFO_VCPU_COUNT => shared.vcpus as u64,
+        abi::INFO_CPU_INDEX => caller.cpu as u64,
+        abi::INFO_TSC_PER_US => crate::platform::time::tsc_per_us(),
+        abi::INFO_SLICE_US => super::sched::SLICE_US,
+        _ => return None,
+    })
+}
+
+/// `console_write` of a text in guest RAM, no world lock needed (`sched::lockless`); None
+/// (nothing done) where the text is not all in guest RAM: the world answers that call.
+pub fn console_local(shared: &super::guest::Shared, caller: Caller, text: GuestSlice) -> Option<u64> {
+    let mut buf = [0u8; abi::CONSOLE_MAX as usize];
+    let buf = buf.get_mut(..text.len as usize)?;
+    shared.ram_pieces(text.ptr, buf.len(), |piece, done| {
+        let n = piece.len();
+        let _ = piece.copy_to(0, &mut buf[done..done + n]);
+    })?;
+    shared.console(caller.vcpu, buf);
+    Some(text.len)
+}
+
+/// Writes a call's status and value (a lock-free call's too).
+pub fn answer(regs: &mut Regs, result: Result<u64, Error>) {
+    set(regs, result);
+}
+
 fn info<B: Backend>(guest: &Guest<B>, caller: Caller, guest_count: u64, what: u64, injected: u64) -> Result<u64, Error> {
+    if let Some(v) = info_local(&guest.shared, caller, guest_count, what) {
+        return Ok(v);
+    }
     match what {
-        abi::INFO_ABI_VERSION => Ok(abi::ABI_VERSION),
-        abi::INFO_GUEST_ID => Ok(guest.id as u64),
-        abi::INFO_MEMORY_SIZE => Ok(guest.spec.memory),
-        abi::INFO_GUEST_COUNT => Ok(guest_count),
-        abi::INFO_LOG_LEVEL => Ok(log::max_level() as u64),
-        abi::INFO_VCPU_INDEX => Ok(caller.vcpu as u64),
-        abi::INFO_VCPU_COUNT => Ok(guest.spec.vcpus as u64),
-        abi::INFO_CPU_INDEX => Ok(caller.cpu as u64),
         abi::INFO_EXITS => Ok(guest.exits.iter().sum()),
         abi::INFO_SLICES => Ok(guest.exits[super::ExitKind::Preempted as usize]),
         abi::INFO_INTERRUPTS => Ok(injected),
-        abi::INFO_TSC_PER_US => Ok(crate::platform::time::tsc_per_us()),
-        abi::INFO_SLICE_US => Ok(super::sched::SLICE_US),
         _ => Err(Error::NoSuchCall),
     }
 }

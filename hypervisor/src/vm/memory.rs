@@ -1,11 +1,14 @@
 //! A guest's memory: its second-level table (EPT or NPT) over 2 MiB frames of RAM, with
 //! typed, checked access for the hypervisor (vm-memory's `GuestMemory` + `Bytes` are the
 //! model): every read or write of guest memory goes through `translate`, which honours the
-//! guest's own rights, and fails with a `MemError` instead of stopping silently.
+//! guest's own rights, and fails with a `MemError` instead of stopping silently. Bytes are
+//! copied through `vmcore::guestbytes::GuestBytes` (raw pointers, never a `&[u8]` over guest
+//! memory: the guest's other vCPUs may write it meanwhile).
 
 use allocator::Order;
 use crate::mm::frames::{Frames, IDENTITY};
 use core::fmt;
+use vmcore::guestbytes::GuestBytes;
 use morsel::{Format, GuestPhysAddr, HostPhysAddr, PageSize, Perm, SecondLevelTable};
 
 /// Why guest memory could not be accessed.
@@ -93,39 +96,47 @@ impl<F: Format<Input = GuestPhysAddr>> GuestMemory<F> {
     /// Copies guest memory at `gpa` into `out`; fails, having copied part, if any byte is not
     /// readable by the guest. This is how hypercall pointers are read.
     pub fn read(&self, gpa: GuestPhysAddr, out: &mut [u8]) -> Result<(), MemError> {
-        self.walk(gpa, out.len(), Perm::RO, |hpa, done, n| {
-            // SAFETY: hpa..hpa+n is guest memory the guest may read, translated through its
-            // table; guest RAM and mounted morsels are identity-mapped in the host.
-            out[done..done + n].copy_from_slice(unsafe { crate::mm::frames::host_bytes_mut(hpa.as_u64(), n) });
+        self.walk(gpa, out.len(), Perm::RO, |piece, done| {
+            let n = piece.len();
+            // Cannot fail: `walk` hands out pieces of exactly the asked length.
+            let _ = piece.copy_to(0, &mut out[done..done + n]);
         })
     }
 
     /// Copies `bytes` into guest memory at `gpa`; fails, having copied part, if any byte is
     /// not writable by the guest.
     pub fn write(&mut self, gpa: GuestPhysAddr, bytes: &[u8]) -> Result<(), MemError> {
-        self.walk(gpa, bytes.len(), Perm::RW, |hpa, done, n| {
-            // SAFETY: hpa..hpa+n is guest memory the guest may write (translated as above).
-            unsafe { crate::mm::frames::host_bytes_mut(hpa.as_u64(), n) }.copy_from_slice(&bytes[done..done + n]);
+        self.walk(gpa, bytes.len(), Perm::RW, |piece, done| {
+            let _ = piece.copy_from(0, &bytes[done..done + piece.len()]);
         })
     }
 
-    /// A little-endian u64 at `gpa`.
+    /// A little-endian u64 at `gpa`: one read where it lies in one page (a volatile load
+    /// where aligned), byte copies where it straddles two.
     pub fn read_u64(&self, gpa: GuestPhysAddr) -> Result<u64, MemError> {
+        let (hpa, left) = self.translate(gpa, Perm::RO)?;
+        if left >= 8 {
+            // SAFETY: 8 bytes the guest may read, translated through its table (`bytes_at`).
+            let piece = unsafe { bytes_at(hpa, 8) };
+            return piece.read_u64_volatile(0).or_else(|_| piece.read_u64(0)).map_err(|_| MemError::Overflow);
+        }
         let mut b = [0u8; 8];
         self.read(gpa, &mut b)?;
         Ok(u64::from_le_bytes(b))
     }
 
-    /// Calls `each(host address, offset, length)` for the host-contiguous pieces of
-    /// `gpa..gpa+len`, checking `need` on each.
-    fn walk(&self, gpa: GuestPhysAddr, len: usize, need: Perm, mut each: impl FnMut(HostPhysAddr, usize, usize)) -> Result<(), MemError> {
+    /// Calls `each(piece, offset)` for the host-contiguous pieces of `gpa..gpa+len` (each
+    /// exactly as long as its part of the range), checking `need` on each.
+    fn walk(&self, gpa: GuestPhysAddr, len: usize, need: Perm, mut each: impl FnMut(GuestBytes, usize)) -> Result<(), MemError> {
         gpa.as_u64().checked_add(len as u64).ok_or(MemError::Overflow)?;
         let mut done = 0;
         while done < len {
             let at = GuestPhysAddr::new(gpa.as_u64() + done as u64);
             let (hpa, left) = self.translate(at, need)?;
             let n = (left as usize).min(len - done);
-            each(hpa, done, n);
+            // SAFETY: translated through the guest's own table with `need` rights, and n
+            // bytes to the end of that page at most (`bytes_at`).
+            each(unsafe { bytes_at(hpa, n) }, done);
             done += n;
         }
         Ok(())
@@ -143,6 +154,18 @@ impl<F: Format<Input = GuestPhysAddr>> GuestMemory<F> {
         }
         self.table.destroy(frames, &IDENTITY).map_err(|(_, e)| e)
     }
+}
+
+/// `n` bytes of guest memory at `hpa` as `GuestBytes`.
+///
+/// # Safety
+/// `hpa..hpa+n` was translated through a live guest's second-level table (guest RAM, freed
+/// only when the guest is destroyed, or a mounted morsel's frames, freed only after every
+/// mount is gone and the shootdown acknowledged): it stays allocated while the caller, which
+/// holds the guest, uses the value.
+unsafe fn bytes_at(hpa: HostPhysAddr, n: usize) -> GuestBytes {
+    // SAFETY: forwarded from the caller.
+    unsafe { crate::mm::frames::guest_bytes(hpa.as_u64(), n) }
 }
 
 /// Why guest RAM could not be mapped.

@@ -393,11 +393,8 @@ impl Notify {
             self.halts += 1;
             return Some(earliest.map_or(slice_end, |d| d.min(slice_end)));
         }
-        let mut names = String::new();
-        for g in live() {
-            use core::fmt::Write;
-            let _ = write!(names, "{}guest {} ({})", if names.is_empty() { "" } else { ", " }, g.id, g.spec.name);
-        }
+        // Formatted straight into the log line: a guest-triggered report allocates nothing.
+        let names = LiveNames(&*guests);
         log::error!(target: "notify", "deadlock: {names} wait forever with no timer and no possible notifier: stopped");
         for g in guests.iter_mut().flatten().filter(|g| g.state == State::Runnable) {
             g.flush_console();
@@ -415,5 +412,18 @@ impl Notify {
             log::info!(target: "notify", "doorbells: {} rung, {} deliveries, {} wake-ups, {} wake-up IPIs, {} idle halts",
                 self.rung, self.delivered, self.wakeups, self.ipis, self.halts);
         }
+    }
+}
+
+/// The runnable guests as `guest 0 (a), guest 2 (b)`, written where it is displayed.
+struct LiveNames<'a, B: Backend>(&'a [Option<Guest<B>>]);
+
+impl<B: Backend> core::fmt::Display for LiveNames<'_, B> {
+    fn fmt(&self, f: &mut core::fmt::Formatter) -> core::fmt::Result {
+        let live = self.0.iter().flatten().filter(|g| g.state == State::Runnable);
+        for (i, g) in live.enumerate() {
+            write!(f, "{}guest {} ({})", if i == 0 { "" } else { ", " }, g.id, g.spec.name)?;
+        }
+        Ok(())
     }
 }

@@ -53,6 +53,8 @@ pub struct Placement {
     pub cpu: usize,
     pub guest: u32,
     pub setup: VcpuSetup,
+    /// The guest's lock-free part (`guest::Shared`), handed to the vCPU's slot.
+    pub shared: alloc::sync::Arc<super::guest::Shared>,
 }
 
 /// One run of the command line's guests.
@@ -61,6 +63,8 @@ pub struct Run<B: Backend> {
     pub placements: Vec<Placement>,
     /// CPUs taking part (indices 0..cpus).
     pub cpus: usize,
+    /// Guests created (`info(INFO_GUEST_COUNT)`), fixed before any CPU runs one.
+    pub guest_count: u64,
     /// CPUs whose run queue is empty for good (and whose allocator core is drained).
     pub finished: AtomicUsize,
 }

@@ -68,7 +68,7 @@ pub fn run_guests<B: Backend>(backend: &mut B, frames: &Frames, archive: Archive
                         (next_cpu - 1) % cpus
                     });
                     on.push(cpu);
-                    placements.push(Placement { cpu, guest: id as u32, setup });
+                    placements.push(Placement { cpu, guest: id as u32, setup, shared: g.shared.clone() });
                 }
                 match spec.vcpus {
                     1 => log::info!(target: "vm", "guest {id} ({}): {} MiB, image {} KiB, started on cpu {}",
@@ -99,6 +99,7 @@ pub fn run_guests<B: Backend>(backend: &mut B, frames: &Frames, archive: Archive
         world: spin::Mutex::new(World { guests, cx, done: Vec::new() }),
         placements,
         cpus,
+        guest_count: created as u64,
         finished: core::sync::atomic::AtomicUsize::new(0),
     }));
     runqueue::publish(run);
@@ -140,6 +141,8 @@ struct Slot<B: Backend> {
     exceptions: u32,
     /// Set when the vCPU is done.
     end: Option<State>,
+    /// What the lock-free path reads of the guest (`guest::Shared`).
+    shared: alloc::sync::Arc<super::guest::Shared>,
 }
 
 /// Creates this CPU's vCPUs, runs them round-robin until every one ended, and drains this
@@ -160,6 +163,7 @@ pub fn cpu_loop<B: Backend>(run: &Run<B>, backend: &mut B, me: usize, frames: &F
                 timer_at: u64::MAX,
                 exceptions: 0,
                 end: None,
+                shared: p.shared.clone(),
             }),
             Err(e) => {
                 let mut w = runqueue::lock(run);
@@ -256,7 +260,7 @@ fn run_slice<B: Backend>(backend: &mut B, s: &mut Slot<B>, run: &Run<B>, me: usi
             let exit = enter(backend, s, me, deadline, per_us);
             s.exits[exit.kind() as usize] += 1;
             s.unfolded[exit.kind() as usize] += 1;
-            match lockless(s, &exit, me, deadline) {
+            match lockless(s, &exit, me, deadline, run.guest_count) {
                 Step::Resume => continue,
                 Step::EndSlice => return true,
                 Step::World => break exit,
@@ -391,7 +395,7 @@ fn enter<B: Backend>(backend: &mut B, s: &mut Slot<B>, me: usize, deadline: u64,
 /// The exits handled with no lock: those that touch nothing another vCPU or guest can see
 /// (`vmcore::exits::classify` decides). The counts stay in the slot (`fold` adds them to the
 /// guest at the next lock).
-fn lockless<B: Backend>(s: &mut Slot<B>, exit: &Exit, me: usize, deadline: u64) -> Step {
+fn lockless<B: Backend>(s: &mut Slot<B>, exit: &Exit, me: usize, deadline: u64, guest_count: u64) -> Step {
     let rip = B::regs(&mut s.vcpu).rip;
     let known = |resume: &Resume, opcode: Opcode| match *resume {
         Resume::At(next) => Some(next),
@@ -403,6 +407,10 @@ fn lockless<B: Backend>(s: &mut Slot<B>, exit: &Exit, me: usize, deadline: u64) 
         Exit::Preempted => (exits::Kind::Preempted, None),
         Exit::Interrupt => (exits::Kind::Interrupt, None),
         Exit::InterruptWindow => (exits::Kind::InterruptWindow, None),
+        Exit::Hypercall { resume, cpl } => {
+            let regs = B::regs(&mut s.vcpu);
+            (exits::Kind::Hypercall { nr: regs.rax, arg: regs.rdi, user: *cpl != 0 }, known(resume, Opcode::Hypercall))
+        }
         _ => (exits::Kind::Other, None),
     };
     let now = crate::platform::time::tsc();
@@ -413,24 +421,44 @@ fn lockless<B: Backend>(s: &mut Slot<B>, exit: &Exit, me: usize, deadline: u64) 
         timer_due: now >= s.timer_at,
         slice_over: now >= deadline,
     });
-    let (next_rip, cpuid, step) = match class {
+    let (next_rip, work, step, preempt) = match class {
         exits::Class::World => return Step::World,
-        exits::Class::Resume { next_rip, cpuid } => (next_rip, cpuid, Step::Resume),
-        exits::Class::EndSlice { next_rip, cpuid, preempt } => {
-            if preempt {
-                // HLT, or the slice ran out across exits handled here: a used slice.
-                s.exits[ExitKind::Preempted as usize] += 1;
-                s.unfolded[ExitKind::Preempted as usize] += 1;
-            }
-            (next_rip, cpuid, Step::EndSlice)
-        }
+        exits::Class::Resume { next_rip, work } => (next_rip, work, Step::Resume, false),
+        exits::Class::EndSlice { next_rip, work, preempt } => (next_rip, work, Step::EndSlice, preempt),
     };
+    let caller = Caller { vcpu: s.index, cpu: me };
     let regs = B::regs(&mut s.vcpu);
-    if cpuid {
-        // CPUID has no side effects; the guest sees the host's leaves.
-        let r = core::arch::x86_64::__cpuid_count(regs.rax as u32, regs.rcx as u32);
-        (regs.rax, regs.rbx, regs.rcx, regs.rdx) = (r.eax as u64, r.ebx as u64, r.ecx as u64, r.edx as u64);
+    match work {
+        exits::Work::Nothing => {}
+        exits::Work::Cpuid => {
+            // CPUID has no side effects; the guest sees the host's leaves.
+            let r = core::arch::x86_64::__cpuid_count(regs.rax as u32, regs.rcx as u32);
+            (regs.rax, regs.rbx, regs.rcx, regs.rdx) = (r.eax as u64, r.ebx as u64, r.ecx as u64, r.edx as u64);
+        }
+        // Nothing was changed before these decide they can answer: otherwise the world
+        // handles the exit from the start.
+        exits::Work::Info { what } => match hypercall::info_local(&s.shared, caller, guest_count, what) {
+            Some(v) => hypercall::answer(regs, Ok(v)),
+            None => return Step::World,
+        },
+        exits::Work::Console => {
+            let args = [regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9];
+            let done = match abi::Call::decode(regs.rax, args) {
+                Ok(abi::Call::ConsoleWrite { text }) => hypercall::console_local(&s.shared, caller, text),
+                _ => None,
+            };
+            match done {
+                Some(n) => hypercall::answer(B::regs(&mut s.vcpu), Ok(n)),
+                None => return Step::World,
+            }
+        }
     }
+    if preempt {
+        // HLT, or the slice ran out across exits handled here: a used slice.
+        s.exits[ExitKind::Preempted as usize] += 1;
+        s.unfolded[ExitKind::Preempted as usize] += 1;
+    }
+    let regs = B::regs(&mut s.vcpu);
     if let Some(next) = next_rip {
         regs.rip = next;
     }
@@ -459,6 +487,8 @@ struct Decoded {
 enum Opcode {
     Cpuid,
     Hlt,
+    /// VMMCALL (SVM): a hypercall's next RIP, kept for `info` and `console_write`.
+    Hypercall,
 }
 
 /// Handles an exit that needs the world (`lockless` said so), the lock held: hypercalls,
@@ -473,6 +503,7 @@ fn handle<B: Backend>(guest: &mut Guest<B>, cx: &mut Context<B>, s: &mut Slot<B>
         Exit::Hypercall { resume, cpl } => match resume_at(guest, &regs, cr3, resume, &VMMCALL) {
             None => false,
             Some(next_rip) => {
+                s.decoded = Some(Decoded { rip: regs.rip, next: next_rip, opcode: Opcode::Hypercall });
                 regs.rip = next_rip;
                 if cpl == 0 {
                     let exceptions = guest.handled_exceptions;
