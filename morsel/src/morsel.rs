@@ -210,6 +210,26 @@ impl<F: Format> Morsel<F> {
         Self { root, root_level, len, page, tables, mounts: AtomicU32::new(0), owns_data: true, sparse, ceiling: Perm::RWX, _format: PhantomData }
     }
 
+    /// A second descriptor of the same subtree, for editing its leaves where the owner's
+    /// entry cannot be borrowed (ExMap batches with the world lock let go, issue 21): same
+    /// root, length, page size and ceiling; no mounts, owns nothing. It must be neither
+    /// mounted nor destroyed, and must not outlive the morsel (the caller pins the morsel
+    /// meanwhile); dropping it does nothing (`Morsel` has no `Drop`).
+    pub fn alias(&self) -> Self {
+        Self {
+            root: self.root,
+            root_level: self.root_level,
+            len: self.len,
+            page: self.page,
+            tables: self.tables,
+            mounts: AtomicU32::new(0),
+            owns_data: false,
+            sparse: self.sparse,
+            ceiling: self.ceiling,
+            _format: PhantomData,
+        }
+    }
+
     /// Whether this is a sparse (ExMap) morsel, or a view of one.
     pub fn is_sparse(&self) -> bool {
         self.sparse

@@ -473,6 +473,7 @@ fn handle<B: Backend>(guest: &mut Guest<B>, cx: &mut Context<B>, s: &mut Slot<B>
         Exit::Hypercall { resume, cpl } => match resume_at(guest, &regs, cr3, resume, &VMMCALL) {
             None => false,
             Some(next_rip) => {
+                let at = regs.rip;
                 regs.rip = next_rip;
                 if cpl == 0 {
                     let exceptions = guest.handled_exceptions;
@@ -484,6 +485,11 @@ fn handle<B: Backend>(guest: &mut Guest<B>, cx: &mut Context<B>, s: &mut Slot<B>
                     match action {
                         Action::Continue => true,
                         Action::Yield => false,
+                        // The guest executes the call again, the world lock let go.
+                        Action::Retry => {
+                            regs.rip = at;
+                            true
+                        }
                         Action::Unlocked(work) => {
                             *unlocked = Some(work);
                             true
