@@ -4,8 +4,10 @@
 //! (ALLOC, FREE, READ and WRITE through the NVMe disk), `exmap_info` reads its counters.
 //! The host-tested core (validation, frame cache, table edits) is the `exmap` crate.
 //!
-//! Per guest: a frame cache, a validator and result buffers (`VcpuState`), keyed by guest id
-//! (all of ExMap's state is behind the world lock, so a guest's vCPUs take turns on it).
+//! Per vCPU: a frame cache, a validator and result buffers (`VcpuState`), keyed by (guest,
+//! vCPU). ALLOC and FREE on a region no device sees run with the world lock let go, under the
+//! region's lock (`Step::Batch`, `Batch::run`, `Exmaps::finish_batch`; the lock order is in
+//! `vm/sched.rs`); the rest of ExMap's state is behind the world lock.
 //! READ and WRITE run their NVMe batch with the world lock let go (`Step::Disk`, then
 //! `Exmaps::finish`): the region is pinned meanwhile (every action on it, its destroy and
 //! other batches on it answer `Busy`), so no frame the device may still write is freed.
