@@ -1524,6 +1524,23 @@ mod tests {
     }
 
     #[test]
+    fn alias_edits_the_same_leaves_and_owns_nothing() {
+        let mem = SimMem::new(64 * GIB);
+        let m = Morsel::<Npt>::create_sparse(6 << 20, &mem, &mem).unwrap();
+        let a = m.alias();
+        assert_eq!((a.pages(), a.root_level(), a.mount_count()), (m.pages(), m.root_level(), 0));
+        let f = mem.alloc(0).unwrap();
+        a.edit_leaves(700, 1, &mem, |_, _| LeafEdit::Map(f)).unwrap();
+        assert_eq!(m.translate(700 * 4096, &mem), Some(f));
+        a.edit_leaves(700, 1, &mem, |_, _| LeafEdit::Clear).unwrap();
+        assert_eq!(m.translate(700 * 4096, &mem), None);
+        // Dropping the alias frees nothing: the morsel's tables are all still there.
+        let before = mem.allocated_frames();
+        drop(a);
+        assert_eq!(mem.allocated_frames(), before);
+    }
+
+    #[test]
     fn sparse_morsel_populates_and_evicts_page_by_page() {
         let mem = SimMem::new(64 * GIB);
         let m = Morsel::<Npt>::create_sparse(6 << 20, &mem, &mem).unwrap();
