@@ -210,6 +210,26 @@ impl<F: Format> Morsel<F> {
         Self { root, root_level, len, page, tables, mounts: AtomicU32::new(0), owns_data: true, sparse, ceiling: Perm::RWX, _format: PhantomData }
     }
 
+    /// A second descriptor of the same subtree, for editing its leaves where the owner's
+    /// entry cannot be borrowed (ExMap batches with the world lock let go, issue 21): same
+    /// root, length, page size and ceiling; no mounts, owns nothing. It must be neither
+    /// mounted nor destroyed, and must not outlive the morsel (the caller pins the morsel
+    /// meanwhile); dropping it does nothing (`Morsel` has no `Drop`).
+    pub fn alias(&self) -> Self {
+        Self {
+            root: self.root,
+            root_level: self.root_level,
+            len: self.len,
+            page: self.page,
+            tables: self.tables,
+            mounts: AtomicU32::new(0),
+            owns_data: false,
+            sparse: self.sparse,
+            ceiling: self.ceiling,
+            _format: PhantomData,
+        }
+    }
+
     /// Whether this is a sparse (ExMap) morsel, or a view of one.
     pub fn is_sparse(&self) -> bool {
         self.sparse
@@ -1501,6 +1521,23 @@ mod tests {
         });
         assert_eq!(n, big.table_count() as usize + 1024);
         big.destroy(&mem, &mem).unwrap();
+    }
+
+    #[test]
+    fn alias_edits_the_same_leaves_and_owns_nothing() {
+        let mem = SimMem::new(64 * GIB);
+        let m = Morsel::<Npt>::create_sparse(6 << 20, &mem, &mem).unwrap();
+        let a = m.alias();
+        assert_eq!((a.pages(), a.root_level(), a.mount_count()), (m.pages(), m.root_level(), 0));
+        let f = mem.alloc(0).unwrap();
+        a.edit_leaves(700, 1, &mem, |_, _| LeafEdit::Map(f)).unwrap();
+        assert_eq!(m.translate(700 * 4096, &mem), Some(f));
+        a.edit_leaves(700, 1, &mem, |_, _| LeafEdit::Clear).unwrap();
+        assert_eq!(m.translate(700 * 4096, &mem), None);
+        // Dropping the alias frees nothing: the morsel's tables are all still there.
+        let before = mem.allocated_frames();
+        drop(a);
+        assert_eq!(mem.allocated_frames(), before);
     }
 
     #[test]

@@ -1,4 +1,4 @@
-# Batch check that guest memory is readable through parperos.py (docs/pending/worldswitch.md):
+# Batch check that guest memory is readable through parperos.py (docs/src/notes/worldswitch.md):
 #   cargo xtask run --gdb --timeout 120 --cmdline guests=hello </dev/null &
 #   gdb -batch -nx -x qemu-configs/gdb/selftest.gdb target/x86_64-unknown-linux-gnu/release/hypervisor
 # Stops at the first world switch (guest 0 is loaded by then), reads guest 0's boot

@@ -27,6 +27,10 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         if writable && !n.writable_by(g.id) {
             return Err(Error::Denied);
         }
+        // A device view is built from the region's leaves, which a batch edits meanwhile.
+        if n.batching {
+            return Err(Error::Busy);
+        }
         let window = n.morsel.window_size();
         let perm = if writable { Perm::RW } else { Perm::RO };
         if self.devices.iter().filter(|d| d.guest == g.id).count() >= abi::DEVICE_MOUNT_QUOTA as usize {

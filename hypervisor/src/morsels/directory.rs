@@ -197,6 +197,9 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         if n.in_io {
             return Err(g.refuse(Error::Busy, format_args!("{name:?} has NVMe I/O in flight")));
         }
+        if n.batching {
+            return Err(g.refuse(Error::Busy, format_args!("{name:?} has an ExMap batch in flight")));
+        }
         if n.morsel.mount_count() > 0 || self.devices.iter().any(|d| d.name == name) {
             let devices = self.devices.iter().filter(|d| d.name == name).count();
             return Err(g.refuse(Error::Busy, format_args!("{name:?} is still mounted ({} guest, {devices} device mounts)", n.morsel.mount_count())));

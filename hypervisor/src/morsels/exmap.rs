@@ -4,8 +4,10 @@
 //! (ALLOC, FREE, READ and WRITE through the NVMe disk), `exmap_info` reads its counters.
 //! The host-tested core (validation, frame cache, table edits) is the `exmap` crate.
 //!
-//! Per guest: a frame cache, a validator and result buffers (`VcpuState`), keyed by guest id
-//! (all of ExMap's state is behind the world lock, so a guest's vCPUs take turns on it).
+//! Per vCPU: a frame cache, a validator and result buffers (`VcpuState`), keyed by (guest,
+//! vCPU). ALLOC and FREE on a region no device sees run with the world lock let go, under the
+//! region's lock (`Step::Batch`, `Batch::run`, `Exmaps::finish_batch`; the lock order is in
+//! `vm/sched.rs`); the rest of ExMap's state is behind the world lock.
 //! READ and WRITE run their NVMe batch with the world lock let go (`Step::Disk`, then
 //! `Exmaps::finish`): the region is pinned meanwhile (every action on it, its destroy and
 //! other batches on it answer `Busy`), so no frame the device may still write is freed.
@@ -83,11 +85,78 @@ fn succeeded(result: u64) -> bool {
     (result as i64) >= 0
 }
 
-/// What `Exmaps::action` did: all of it (the failed-entry count), or all but the disk I/O.
+/// What `Exmaps::action` did: all of it (the failed-entry count), all but the disk I/O, or
+/// all but the batch itself (ALLOC / FREE on a region no device sees: `Batch`); `Retry`:
+/// another vCPU's batch holds the region, the guest issues the call again.
 #[allow(clippy::large_enum_variant)] // moved once per call; boxing would allocate infallibly
-pub enum Step {
+pub enum Step<F: morsel::Format> {
     Done(u64),
     Disk(ExmapIo),
+    Batch(Batch<F>),
+    Retry,
+}
+
+/// An ALLOC or FREE batch run with the world lock let go (`Batch::run`, then
+/// `Exmaps::finish_batch` under it again). It holds the region's lock (`Named::batching`,
+/// taken under the world lock by `action`) and the calling vCPU's own `VcpuState`, taken
+/// out of `Exmaps` meanwhile: nothing in it is reached by another CPU.
+pub struct Batch<F: morsel::Format> {
+    /// A descriptor of the region's subtree (`Morsel::alias`); the region cannot be
+    /// destroyed, device-mounted or batched by another call while `batching` is set.
+    morsel: Morsel<F>,
+    origin: Origin,
+    v: alloc::boxed::Box<VcpuState>,
+    op: u64,
+    count: usize,
+    /// The iovec page, translated once at the start (guest RAM: it stays while the calling
+    /// vCPU lives, and that vCPU is in this call).
+    iov_hpa: u64,
+    name: Name,
+    guest: u32,
+    vcpu: u32,
+    /// What the batch did (pages, failed entries, frames zeroed), or why it did nothing.
+    outcome: Result<(exmap::BatchStats, u64), Error>,
+}
+
+impl<F: morsel::Format> Batch<F> {
+    /// The batch, no lock held: reads the iovec page, validates and edits the leaves in one
+    /// walk (`exmap`), writes the results back. Frames come from and go to this vCPU's cache
+    /// (`frames` is this CPU's allocator handle); a FREE's frames stay in that cache until
+    /// `finish_batch` has shot the translations down, so none is reused before.
+    pub fn run(&mut self, frames: &Frames) {
+        let v = &mut *self.v;
+        v.iov.clear();
+        let page = self.iov_hpa as *const u64;
+        for k in 0..self.count {
+            // SAFETY: `iov_hpa` is a 4 KiB-aligned page of the caller's guest RAM (checked and
+            // translated read-write in `action`), identity-mapped, and stays while the calling
+            // vCPU lives (it is in this call); k < 512, so the u64 lies inside it, aligned.
+            // Sibling vCPUs may write it meanwhile: one volatile read, no reference.
+            let e = unsafe { core::ptr::read_volatile(page.add(k)) };
+            // Within the capacity `ready` made sure of: no allocation.
+            v.iov.push(u64::from_le(e));
+        }
+        if self.op == abi::EXMAP_FREE {
+            let pages: u64 = v.iov.iter().map(|&e| exmap::decode(e).1).sum();
+            if v.cache.reserve(pages as usize).is_err() {
+                self.outcome = Err(Error::NoMemory);
+                return;
+            }
+        }
+        let zeroed0 = v.cache.stats().zeroed;
+        let region = Region { morsel: &self.morsel, origin: self.origin, mem: &IDENTITY };
+        let (iov, val, cache) = (&mut v.iov, &mut v.validator, &mut v.cache);
+        let b = match self.op {
+            abi::EXMAP_ALLOC => exmap::alloc(&region, iov, val, cache, frames, &mut |_, _| {}, code),
+            _ => exmap::free(&region, iov, val, cache, &mut |_, _| {}, code),
+        };
+        let out = self.iov_hpa as *mut u64;
+        for (k, r) in v.iov.iter().enumerate().take(self.count) {
+            // SAFETY: as for the read above, written back the same way.
+            unsafe { core::ptr::write_volatile(out.add(k), r.to_le()) };
+        }
+        self.outcome = Ok((b, v.cache.stats().zeroed - zeroed0));
+    }
 }
 
 /// A READ or WRITE whose NVMe batch runs with the world lock let go (`DiskBatch::run`),
@@ -111,6 +180,7 @@ struct Rest {
     iov_gpa: u64,
     name: Name,
     guest: u32,
+    vcpu: u32,
     disk: DiskStats,
 }
 
@@ -137,7 +207,9 @@ pub(crate) struct RegionStats {
 
 /// ExMap's state for the run (a region's own counters are in its directory entry).
 pub struct Exmaps {
-    vcpus: HashMap<u32, VcpuState>,
+    /// Per vCPU, keyed by (guest, vCPU index); a vCPU's entry is out of the map while its
+    /// `Batch` runs.
+    vcpus: HashMap<(u32, u32), alloc::boxed::Box<VcpuState>>,
     next_id: Origin,
 }
 
@@ -190,7 +262,7 @@ impl Exmaps {
     /// the lock let go, and ended by `finish` (results, rollback, counters) under it again.
     /// A region with a batch in flight (`Named::in_io`) answers every action with `Busy`.
     #[allow(clippy::too_many_arguments)] // the call's four arguments and what it works on
-    pub fn action<B: Backend>(&mut self, dir: &mut Directory<B::Format>, mut devices: Option<&mut crate::devices::Devices>, g: &mut Guest<B>, frames: &Frames, gpa: u64, iov_gpa: u64, count: u64, op: abi::ExmapOp) -> Result<Step, Error> {
+    pub fn action<B: Backend>(&mut self, dir: &mut Directory<B::Format>, mut devices: Option<&mut crate::devices::Devices>, g: &mut Guest<B>, vcpu: u32, frames: &Frames, gpa: u64, iov_gpa: u64, count: u64, op: abi::ExmapOp) -> Result<Step<B::Format>, Error> {
         let op = match op {
             abi::ExmapOp::Alloc => abi::EXMAP_ALLOC,
             abi::ExmapOp::Free => abi::EXMAP_FREE,
@@ -220,15 +292,48 @@ impl Exmaps {
         if n.in_io {
             return Err(g.refuse(Error::Busy, format_args!("region {name:?} has an NVMe batch in flight")));
         }
+        if n.batching {
+            // Another vCPU's ALLOC / FREE holds the region's lock: this vCPU issues the call
+            // again (spinning with the world lock let go).
+            return Ok(Step::Retry);
+        }
         let io = op == abi::EXMAP_READ || op == abi::EXMAP_WRITE;
         // READ and WRITE need the disk: its size in 4 KiB pages (disk offset = region offset).
         let disk_pages = match io {
             true => devices.as_deref().and_then(|d| d.nvme).map(|nv| nv.blocks / PAGE_BLOCKS).ok_or(Error::NotFound)?,
             false => 0,
         };
-        let v = self.vcpus.entry(g.id).or_insert_with(VcpuState::new);
+        let key = (g.id, vcpu);
+        if !self.vcpus.contains_key(&key) {
+            self.vcpus.try_reserve(1).map_err(|_| Error::NoMemory)?;
+            // Once per vCPU (its buffers and cache, a few KiB).
+            self.vcpus.insert(key, alloc::boxed::Box::new(VcpuState::new()));
+        }
+        let v = self.vcpus.get_mut(&key).ok_or(Error::NoMemory)?;
         v.ready()?;
         let count = (count as usize).min(exmap::MAX_ENTRIES);
+        let views = &n.views;
+        let any_view = views.vtd.is_some() || views.amd.is_some() || views.amd_ro.is_some() || views.ept.is_some();
+        let device_mounted = dir.devices.iter().any(|d| d.name == name);
+        if (op == abi::EXMAP_ALLOC || op == abi::EXMAP_FREE) && !any_view && !device_mounted {
+            // The batch runs with the world lock let go, under the region's lock.
+            let Some(v) = self.vcpus.remove(&key) else { return Err(Error::NoMemory) };
+            let n = dir.named.get_mut(&name).ok_or(Error::NotFound)?;
+            n.batching = true;
+            return Ok(Step::Batch(Batch {
+                morsel: n.morsel.alias(),
+                origin: id,
+                v,
+                op,
+                count,
+                iov_hpa: iov_hpa.as_u64(),
+                name,
+                guest: g.id,
+                vcpu,
+                outcome: Err(Error::Invalid),
+            }));
+        }
+        let n = dir.named.get_mut(&name).ok_or(Error::NotFound)?;
         // SAFETY: iov_hpa..+4096 is guest RAM of this guest (translated above, aligned, so
         // inside one page), read-write; the hypervisor reads it only here, under the lock.
         let page = unsafe { crate::mm::frames::host_bytes_mut(iov_hpa.as_u64(), 4096) };
@@ -251,7 +356,6 @@ impl Exmaps {
         // without one keeps no record of the pages.
         let region = Region { morsel: &n.morsel, origin: id, mem: &IDENTITY };
         let views = &n.views;
-        let any_view = views.vtd.is_some() || views.amd.is_some() || views.amd_ro.is_some() || views.ept.is_some();
         let (iov, val, cache) = (&mut v.iov, &mut v.validator, &mut v.cache);
         let b = match (op, any_view) {
             (abi::EXMAP_ALLOC, false) => exmap::alloc(&region, iov, val, cache, frames, &mut |_, _| {}, code),
@@ -262,7 +366,7 @@ impl Exmaps {
             (abi::EXMAP_READ, _) => exmap::alloc_fresh(&region, iov, disk_pages, val, cache, frames, &mut |p, f| follow(views, p, f), code),
             _ => exmap::collect(&region, iov, disk_pages, val, code),
         };
-        let mut rest = Rest { op, b, zeroed0, count, iov_gpa, name, guest: g.id, disk: DiskStats::default() };
+        let mut rest = Rest { op, b, zeroed0, count, iov_gpa, name, guest: g.id, vcpu, disk: DiskStats::default() };
         if !io || !v.iov.iter().any(|&r| succeeded(r)) {
             return Ok(Step::Done(self.conclude(dir, devices, Some(g), frames, rest)));
         }
@@ -275,7 +379,7 @@ impl Exmaps {
             Some(d) => dir.disk_begin(d, frames, &rest.name, write, false),
             None => Err(Error::NotFound),
         };
-        let v = self.vcpus.entry(g.id).or_insert_with(VcpuState::new);
+        let Some(v) = self.vcpus.get_mut(&key) else { return Err(Error::NoMemory) };
         v.owners.clear();
         if let Ok(batch) = batch.as_mut() {
             for (k, (&r, &e)) in v.iov.iter().zip(v.entries.iter()).enumerate() {
@@ -337,8 +441,10 @@ impl Exmaps {
         }
         let gone = g.is_none();
         let guest = rest.guest;
-        let v = self.vcpus.entry(guest).or_insert_with(VcpuState::new);
-        (v.iov, v.entries, v.owners) = (iov, entries, owners);
+        // The entry is there: only this vCPU (in this call) removes it, guest_ended aside.
+        if let Some(v) = self.vcpus.get_mut(&(guest, rest.vcpu)) {
+            (v.iov, v.entries, v.owners) = (iov, entries, owners);
+        }
         let r = self.conclude(dir, devices, g, frames, rest);
         if gone {
             self.guest_ended(guest, frames);
@@ -349,8 +455,8 @@ impl Exmaps {
     /// The end of an action, under the lock: a failed READ's rollback, the shootdown of a
     /// FREE, the counters, the results into the iovec page (`v.iov`).
     fn conclude<B: Backend>(&mut self, dir: &mut Directory<B::Format>, devices: Option<&mut crate::devices::Devices>, mut g: Option<&mut Guest<B>>, frames: &Frames, rest: Rest) -> u64 {
-        let Rest { op, mut b, zeroed0, count, iov_gpa, name, guest, disk: d } = rest;
-        let (Some(v), Some(n)) = (self.vcpus.get_mut(&guest), dir.named.get_mut(&name)) else {
+        let Rest { op, mut b, zeroed0, count, iov_gpa, name, guest, vcpu, disk: d } = rest;
+        let (Some(v), Some(n)) = (self.vcpus.get_mut(&(guest, vcpu)), dir.named.get_mut(&name)) else {
             // Unreachable: the region is not destroyed while its action runs (pinned).
             log::error!(target: "exmap", "guest {guest} '{name}': the region is gone at the end of its action");
             return 0;
@@ -470,15 +576,65 @@ impl Exmaps {
         }
     }
 
-    /// A guest ended: its vCPU's cache goes back to the allocator.
+    /// A guest ended: its vCPUs' caches go back to the allocator.
     pub fn guest_ended(&mut self, id: u32, frames: &Frames) {
-        if let Some(mut v) = self.vcpus.remove(&id) {
-            let held = v.cache.len();
-            v.cache.drain(frames);
-            let s = v.cache.stats();
-            log::info!(target: "exmap", "guest {id}: frame cache drained ({held} frames back); {} bundles in, {} out, {} frames from the allocator, {} back",
-                s.refills, s.returns, s.from_allocator, s.to_allocator);
+        self.vcpus.retain(|&(guest, vcpu), v| {
+            if guest == id {
+                drain(id, vcpu, v, frames);
+            }
+            guest != id
+        });
+    }
+
+    /// Ends an ALLOC / FREE `Batch` (the world lock held again): the region's lock is given
+    /// back, a FREE that cleared pages shoots down ONCE (the caller's CPUs, or every CPU that
+    /// ran a guest where others have the region mounted now: read after the leaves were
+    /// cleared, so a guest that mounted it meanwhile is counted), its counters, and the
+    /// vCPU's state back in place. `g` is None where the caller's guest is gone: the
+    /// vCPU's cache is drained then.
+    pub fn finish_batch<B: Backend>(&mut self, dir: &mut Directory<B::Format>, g: Option<&mut Guest<B>>, frames: &Frames, batch: Batch<B::Format>) -> Result<u64, Error> {
+        let Batch { mut v, op, name, guest, vcpu, outcome, .. } = batch;
+        let n = dir.named.get_mut(&name);
+        if let Some(n) = n {
+            n.batching = false;
+            if let (Ok((b, zeroed)), Some(stats)) = (&outcome, n.region.as_mut()) {
+                stats.calls += 1;
+                stats.failed += b.failed as u64;
+                stats.zeroed += zeroed;
+                if op == abi::EXMAP_ALLOC {
+                    stats.allocated += b.pages;
+                } else {
+                    stats.freed += b.pages;
+                    stats.free_calls += 1;
+                }
+                if op == abi::EXMAP_FREE && b.pages > 0 || b.rolled_back > 0 {
+                    match g.as_deref() {
+                        Some(g) if n.morsel.mount_count() <= 1 => crate::vm::shootdown::guest(g),
+                        _ => {
+                            crate::vm::shootdown::cpus(crate::vm::shootdown::any_ran_on());
+                            stats.remote_flushes += 1;
+                        }
+                    }
+                    stats.invalidations += 1;
+                    // What leaves the cache stays with this CPU until the shootdown is
+                    // acknowledged (`shootdown::After`).
+                    v.cache.trim(&crate::vm::shootdown::After(frames));
+                }
+            }
+        } else {
+            // Unreachable: a batching region is not destroyed.
+            log::error!(target: "exmap", "guest {guest} '{name}': the region is gone at the end of its batch");
         }
+        if g.is_none() {
+            drain(guest, vcpu, &mut v, frames);
+        } else if self.vcpus.try_reserve(1).is_ok() {
+            self.vcpus.insert((guest, vcpu), v);
+        } else {
+            drain(guest, vcpu, &mut v, frames);
+        }
+        let (b, _) = outcome?;
+        log::debug!(target: "exmap", "guest {guest} '{name}' {}: {} pages, {} failed", ["alloc", "free"][(op & 1) as usize], b.pages, b.failed);
+        Ok(b.failed as u64)
     }
 
     /// Prints every region's counters.
@@ -492,6 +648,16 @@ impl Exmaps {
                 s.calls, s.allocated, s.freed, s.free_calls, s.invalidations, s.remote_flushes, s.zeroed, s.failed, s.read, s.written, s.commands, s.max_depth, s.interrupts);
         }
     }
+}
+
+/// A vCPU's ExMap state is dropped (its guest ended): its cache goes back to the allocator.
+/// A FREE's frames in it were shot down when that FREE ended.
+fn drain(guest: u32, vcpu: u32, v: &mut VcpuState, frames: &Frames) {
+    let held = v.cache.len();
+    v.cache.drain(frames);
+    let s = v.cache.stats();
+    log::info!(target: "exmap", "guest {guest} vcpu {vcpu}: frame cache drained ({held} frames back); {} bundles in, {} out, {} frames from the allocator, {} back",
+        s.refills, s.returns, s.from_allocator, s.to_allocator);
 }
 
 /// The ABI code of a failed entry.

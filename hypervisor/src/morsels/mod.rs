@@ -80,6 +80,11 @@ pub(crate) struct Named<F: Format> {
     /// batch on it answer `Busy` until the batch finished (under the lock again); nothing
     /// else frees or moves its data frames or its device views.
     pub(crate) in_io: bool,
+    /// An ExMap ALLOC / FREE batch edits its leaves now, with the world lock let go
+    /// (`exmap::Batch`): the region's lock, taken and given back under the world lock.
+    /// Another action on it retries (`hypercall::Action::Retry`); its destroy, a device
+    /// mount of it and an NVMe batch on it answer `Busy` until the batch ended.
+    pub(crate) batching: bool,
 }
 
 impl<F: Format> Named<F> {
@@ -98,6 +103,7 @@ impl<F: Format> Named<F> {
             slot,
             region: None,
             in_io: false,
+            batching: false,
         }
     }
 

@@ -6,7 +6,7 @@
 
 use super::guest::Guest;
 use crate::morsels::{Directory, PendingCreate, ProxyIo, Removed, Started};
-use crate::morsels::exmap::{ExmapIo, Step};
+use crate::morsels::exmap::{Batch, ExmapIo, Step};
 use super::{Backend, Regs};
 use crate::mm::frames::Frames;
 use crate::devices::pci::Bdf;
@@ -27,6 +27,9 @@ pub enum Action<F: morsel::Format> {
     /// The rest of the call is done by the vCPU loop with the world lock let go
     /// (`Unlocked::run`, on the calling CPU's allocator core), then `finish`ed under it.
     Unlocked(Unlocked<F>),
+    /// The call cannot start now (an ExMap region's lock is held by another vCPU's batch):
+    /// the vCPU issues it again, the world lock let go in between (`rax` still holds it).
+    Retry,
 }
 
 /// The lock-free part of a call (allocator work, zeroing, NVMe batches on pinned morsels;
@@ -43,6 +46,9 @@ pub enum Unlocked<F: morsel::Format> {
     Proxy(ProxyIo),
     /// `exmap_action` READ / WRITE: likewise, on the pinned region.
     Exmap(ExmapIo),
+    /// `exmap_action` ALLOC / FREE on a region no device sees: the whole batch, under the
+    /// region's lock (`morsels::exmap::Batch`).
+    Batch(Batch<F>),
 }
 
 /// What `Unlocked::run` leaves for `finish`.
@@ -52,6 +58,7 @@ pub enum Finished<F: morsel::Format> {
     Freed,
     Proxy(ProxyIo),
     Exmap(ExmapIo),
+    Batch(Batch<F>),
 }
 
 impl<F: morsel::Format> Unlocked<F> {
@@ -74,6 +81,10 @@ impl<F: morsel::Format> Unlocked<F> {
             Unlocked::Exmap(mut x) => {
                 x.batch.run();
                 Finished::Exmap(x)
+            }
+            Unlocked::Batch(mut x) => {
+                x.run(frames);
+                Finished::Batch(x)
             }
         }
     }
@@ -157,8 +168,10 @@ pub fn handle<B: Backend>(guest: &mut Guest<B>, caller: Caller, regs: &mut Regs,
             Ok(p) => return Action::Unlocked(Unlocked::Proxy(p)),
             Err(e) => Err(e),
         },
-        Ok(Call::ExmapAction { region, iov, count, op }) => match cx.exmaps.action(&mut cx.morsels, cx.devices.as_mut(), guest, &frames, region, iov, count, op) {
+        Ok(Call::ExmapAction { region, iov, count, op }) => match cx.exmaps.action(&mut cx.morsels, cx.devices.as_mut(), guest, caller.vcpu, &frames, region, iov, count, op) {
             Ok(Step::Disk(x)) => return Action::Unlocked(Unlocked::Exmap(x)),
+            Ok(Step::Batch(x)) => return Action::Unlocked(Unlocked::Batch(x)),
+            Ok(Step::Retry) => return Action::Retry,
             Ok(Step::Done(failed)) => Ok(failed),
             Err(e) => Err(e),
         },
@@ -178,6 +191,7 @@ pub fn finish<B: Backend>(guest: &mut Guest<B>, caller: Caller, regs: &mut Regs,
         Finished::Freed => Ok(0),
         Finished::Proxy(p) => cx.morsels.nvme_finish(cx.devices.as_mut(), &frames, p),
         Finished::Exmap(x) => cx.exmaps.finish(&mut cx.morsels, cx.devices.as_mut(), Some(guest), &frames, x),
+        Finished::Batch(x) => cx.exmaps.finish_batch(&mut cx.morsels, Some(guest), &frames, x),
     };
     conclude(guest, regs.rax, regs, result);
 }
@@ -193,6 +207,9 @@ pub fn abandon<B: Backend>(caller: Caller, cx: &mut Context<B>, done: Finished<B
         }
         Finished::Exmap(x) => {
             let _ = cx.exmaps.finish::<B>(&mut cx.morsels, cx.devices.as_mut(), None, &frames, x);
+        }
+        Finished::Batch(x) => {
+            let _ = cx.exmaps.finish_batch::<B>(&mut cx.morsels, None, &frames, x);
         }
         Finished::Bench(_) | Finished::Freed => {}
     }

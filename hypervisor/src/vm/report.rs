@@ -37,7 +37,7 @@ pub(super) fn stop<B: Backend>(guest: &mut Guest<B>, exit: Exit, rip: u64) {
     let (id, name) = (guest.id, guest.spec.name);
     if let Exit::HostStateLost { code, host_rip } = exit {
         log::error!(target: "vm",
-            "guest {id} ({name}) stopped by an emulator or hypervisor fault, not its own: exit {code:#x} came back with the host's state in place of the guest's (hypervisor RIP {host_rip:#x}), again after every re-entry; the guest was at RIP {rip:#x}");
+            "guest {id} ({name}) stopped by an emulator or hypervisor fault, not its own: exit {code:#x} came back with the host's state in place of the guest's (hypervisor RIP {host_rip:#x}; the svm line above says whether the guest may have run or every re-entry failed); the guest was at RIP {rip:#x}");
         guest.state = State::Stopped;
         return;
     }

@@ -4,6 +4,22 @@
 //! kicked by IPI and end at their next exit; reported once) while the other guests go on; a
 //! guest ends when its last vCPU ends; at the end every guest's exit code and exit counts
 //! are printed, per vCPU for guests with several.
+//!
+//! # Locks, in the order they are taken
+//! 1. The world lock (`runqueue::WorldGuard`): guests, the hypercall context (directory,
+//!    mounts, quotas, devices, notify, ExMap counters and idle per-vCPU ExMap states). Never
+//!    held while a guest runs; null exits take none (`lockless`).
+//! 2. An ExMap region's lock (`morsels::Named::batching`): taken and given back under the
+//!    world lock, held without it through an ALLOC / FREE batch (`morsels::exmap::Batch`);
+//!    protects the region's leaves and the frames they map against other batches, destroy,
+//!    device mounts and NVMe batches. Never waited for: a call that finds it held is issued
+//!    again by the guest (`Action::Retry`).
+//! 3. An NVMe queue pair's lock (`devices::nvme`), the calling CPU's own.
+//! 4. A vCPU's console line buffer (`guest::Shared::consoles`): `console_write` with or
+//!    without the world lock, a guest's end or report under it; its holder prints one line.
+//! 5. This CPU's `Owed` (`shootdown`): its unacknowledged shootdowns and the frames they
+//!    hold back, awaited when the world lock is let go.
+//! 6. The serial lock (`println!`), a leaf.
 
 use super::guest::{Guest, GuestSpec, State, Summary, VcpuSummary};
 use super::hypercall::{self, Action, Caller, Context};
@@ -504,6 +520,7 @@ fn handle<B: Backend>(guest: &mut Guest<B>, cx: &mut Context<B>, s: &mut Slot<B>
             None => false,
             Some(next_rip) => {
                 s.decoded = Some(Decoded { rip: regs.rip, next: next_rip, opcode: Opcode::Hypercall });
+                let at = regs.rip;
                 regs.rip = next_rip;
                 if cpl == 0 {
                     let exceptions = guest.handled_exceptions;
@@ -515,6 +532,11 @@ fn handle<B: Backend>(guest: &mut Guest<B>, cx: &mut Context<B>, s: &mut Slot<B>
                     match action {
                         Action::Continue => true,
                         Action::Yield => false,
+                        // The guest executes the call again, the world lock let go.
+                        Action::Retry => {
+                            regs.rip = at;
+                            true
+                        }
                         Action::Unlocked(work) => {
                             *unlocked = Some(work);
                             true

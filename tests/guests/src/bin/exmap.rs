@@ -12,14 +12,30 @@
 //!   and 300 (the scenario's `check_disk`), a failed READ/WRITE changes nothing; then random
 //!   4 KiB reads at queue depth 1 and 64, timed.
 //! - arg 5: read-only sharer of 'disk': READ, WRITE, FREE through its mount are refused.
+//! - arg 8 (2 vCPUs on 2 CPUs) + arg 9: vCPU 0 runs ALLOC / FREE batches of 512 pages on
+//!   'victim' in a loop; vCPU 1 tries to destroy it (refused while mounted), then unmounts
+//!   it under the running batches and destroys it; vCPU 0's calls then answer NotFound.
+//!   Guest arg 9 mounts 'victim' read-only and unmounts it again in a loop meanwhile.
+//! - arg 6 / 7 (two guests, one per CPU): each ALLOCs and FREEs 512 single pages per call on
+//!   its own region in a loop, counting its calls in the shared morsel 'prog'; a call during
+//!   which the other's counter moved by 2 or more (the other started and ended a whole call
+//!   meanwhile) is a sighting: impossible while one lock serialises every call.
 #![no_std]
 #![no_main]
 
 use guest_lib::abi::{self, exmap_entry, Error};
 use guest_lib::exmap::{ExMap, Range};
+use core::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use guest_lib::{morsel, println, BootInfo};
 
-guest_lib::entry!(main);
+guest_lib::entry!(main, vcpu_main);
+
+fn vcpu_main(info: &BootInfo, _vcpu: u32) -> i32 {
+    match info.arg {
+        8 => victim_attacker(),
+        _ => 0,
+    }
+}
 
 const MIB: u64 = 1 << 20;
 
@@ -31,6 +47,9 @@ fn main(info: &BootInfo) -> i32 {
         3 => reader(),
         4 => disk(),
         5 => disk_sharer(),
+        6 | 7 => overlap(info.arg as usize - 6),
+        8 => victim(),
+        9 => victim_reader(),
         _ => 2,
     }
 }
@@ -506,4 +525,172 @@ fn disk_sharer() -> i32 {
     let (r, w, f) = (act(abi::EXMAP_READ), act(abi::EXMAP_WRITE), act(abi::EXMAP_FREE));
     println!("exmap disk sharer: READ {r:?}, WRITE {w:?}, FREE {f:?} through a read-only mount");
     if (r, w, f) == (Err(Error::Denied), Err(Error::Denied), Err(Error::Denied)) { 0 } else { 1 }
+}
+
+/// Calls per guest before `overlap` gives up.
+const OVERLAP_CALLS: u64 = 400;
+
+/// Args 6 / 7 (see the module doc): `me` is 0 or 1. Its counter in 'prog' is odd while it is
+/// inside a call (+1 before, +1 after). Rounds (an ALLOC then a FREE) of 512 pages and of 8
+/// alternate, with the two guests out of phase: during one of its 512-page calls a guest
+/// sees two or more whole 8-page calls of the other begin and end (the counter moves from
+/// even by 4 or more). Under one lock held through every call, the other could only do that
+/// while this call waits for the lock, and it wins that race at most once (Bochs: at most 1
+/// whole call per call under one lock, measured).
+fn overlap(me: usize) -> i32 {
+    let other = 1 - me;
+    let prog = if me == 0 {
+        morsel::create("prog", 4096, morsel::PageSize::Size4K, true)
+    } else {
+        morsel::open_mut_when_created("prog")
+    };
+    let prog = match prog {
+        Ok(m) => m,
+        Err(e) => {
+            println!("exmap overlap {me}: prog: {e:?}");
+            return 1;
+        }
+    };
+    let a = prog.atomics();
+    let name = if me == 0 { "ov0" } else { "ov1" };
+    let mut x = match ExMap::create(name, 4 * MIB, false) {
+        Ok(x) => x,
+        Err(e) => {
+            println!("exmap overlap {me}: create: {e:?}");
+            return 1;
+        }
+    };
+    let mut ranges = [Range::new(0, 1); 512];
+    for (k, r) in ranges.iter_mut().enumerate() {
+        *r = Range::new(2 * k as u64, 1);
+    }
+    let (mut sightings, mut calls, mut most) = (0u32, 0u64, 0u64);
+    // Done: 3 sightings, and the other guest done too (it needs our calls to see its own).
+    while calls < OVERLAP_CALLS && !(sightings >= 3 && a[2 + other].load(SeqCst) != 0) {
+        let round = calls / 2;
+        let n = if round % 3 == me as u64 { 512 } else { 8 };
+        let before = a[other].load(SeqCst);
+        a[me].fetch_add(1, SeqCst);
+        let r = if calls % 2 == 0 { x.alloc(&ranges[..n]) } else { x.free(&ranges[..n]) };
+        a[me].fetch_add(1, SeqCst);
+        let after = a[other].load(SeqCst);
+        if r != Ok(0) {
+            println!("exmap overlap {me}: FAILED: call {calls} ({}): {r:?}", if calls % 2 == 0 { "alloc" } else { "free" });
+            return 1;
+        }
+        calls += 1;
+        // Whole calls of the other that began and ended inside this one.
+        let whole = after.saturating_sub((before + 1) & !1) / 2;
+        most = most.max(whole);
+        if whole >= 2 {
+            sightings += 1;
+            if sightings == 3 {
+                a[2 + me].store(1, SeqCst);
+            }
+        }
+    }
+    if calls % 2 == 1 {
+        let n = if (calls / 2) % 3 == me as u64 { 512 } else { 8 };
+        let _ = x.free(&ranges[..n]);
+    }
+    a[2 + me].store(1, SeqCst);
+    let populated = x.populated();
+    if sightings >= 3 {
+        println!("exmap overlap {me}: saw the other guest do 2+ whole calls during 3 of its own calls ({calls} calls, at most {most} in one; {populated} pages left)");
+        0
+    } else {
+        println!("exmap overlap {me}: never saw the other do a whole call during its own ({sightings} times in {calls} calls, at most {most})");
+        1
+    }
+}
+
+/// Arg 8: the 'victim' region's address (0: not yet), vCPU 0's calls so far, and whether
+/// vCPU 1 has unmounted it.
+static VICTIM: AtomicU64 = AtomicU64::new(0);
+static VICTIM_CALLS: AtomicU64 = AtomicU64::new(0);
+static UNMOUNTED: AtomicU64 = AtomicU64::new(0);
+
+/// Arg 8, vCPU 0: batches until the region is gone.
+fn victim() -> i32 {
+    let mut x = match ExMap::create("victim", 4 * MIB, false) {
+        Ok(x) => x,
+        Err(e) => {
+            println!("exmap victim: create: {e:?}");
+            return 1;
+        }
+    };
+    let mut ranges = [Range::new(0, 1); 512];
+    for (k, r) in ranges.iter_mut().enumerate() {
+        *r = Range::new(2 * k as u64, 1);
+    }
+    VICTIM.store(x.addr(), SeqCst);
+    let mut calls = 0u64;
+    let end = loop {
+        let r = if calls % 2 == 0 { x.alloc(&ranges) } else { x.free(&ranges) };
+        match r {
+            Ok(0) => {}
+            other => break other,
+        }
+        calls += 1;
+        VICTIM_CALLS.store(calls, SeqCst);
+        if calls > 4000 {
+            break Ok(0);
+        }
+    };
+    let ok = end == Err(Error::NotFound) && UNMOUNTED.load(SeqCst) != 0;
+    core::mem::forget(x);
+    println!("exmap victim: {calls} calls, then {end:?} after the unmount ({})", if ok { "ok" } else { "FAILED" });
+    if ok { 0 } else { 1 }
+}
+
+/// Arg 8, vCPU 1: destroy (refused while mounted), unmount under the batches, destroy.
+fn victim_attacker() -> i32 {
+    while VICTIM_CALLS.load(SeqCst) < 10 {
+        core::hint::spin_loop();
+    }
+    let gpa = VICTIM.load(SeqCst);
+    let mut refused = 0;
+    for _ in 0..20 {
+        match morsel::destroy("victim") {
+            Err(_) => refused += 1,
+            Ok(()) => {
+                println!("exmap attacker: FAILED: destroyed a mounted region");
+                return 1;
+            }
+        }
+    }
+    let c0 = VICTIM_CALLS.load(SeqCst);
+    let u = guest_lib::hypercall::call(abi::HC_MORSEL_UNMOUNT, [gpa, 0, 0, 0, 0, 0]);
+    UNMOUNTED.store(1, SeqCst);
+    let mut busy = 0u64;
+    let d = loop {
+        match morsel::destroy("victim") {
+            Err(Error::Busy) if busy < 100_000 => busy += 1,
+            other => break other,
+        }
+    };
+    println!("exmap attacker: destroy refused {refused} times while mounted; unmount {:?} after {c0} calls; destroy {d:?} ({busy} busy)",
+        u.map(|_| ()));
+    if u.is_ok() && d.is_ok() { 0 } else { 1 }
+}
+
+/// Arg 9: mounts 'victim' read-only and unmounts it again while its owner's batches run.
+fn victim_reader() -> i32 {
+    let (mut opens, mut tries) = (0u64, 0u64);
+    loop {
+        tries += 1;
+        match morsel::open("victim") {
+            Ok(m) => {
+                opens += 1;
+                drop(m);
+            }
+            Err(Error::NotFound) if opens > 0 => break,
+            Err(_) => guest_lib::yield_now(),
+        }
+        if tries > 200_000 {
+            break;
+        }
+    }
+    println!("exmap victim reader: {opens} read-only mounts while the batches ran");
+    if opens > 0 { 0 } else { 1 }
 }
