@@ -16,14 +16,16 @@
 //!
 //! Mutations tried by hand (each restored; docs/src/notes/region-lock.md#model-checked):
 //!
-//! | mutation | model | loom |
+//! | mutation | model that fails | loom's message |
 //! | --- | --- | --- |
-//! | R1: the mounter count read in `action` (before the leaves are cleared) and given to `end` | (a) | fails: "frame reused while CPU 1 may still cache a translation to it" |
-//! | R2: `end` ignores the mounters (`Targets::Caller` for a caller that stays) | (a) | fails, same message |
-//! | R3: `admit(Destroy)` ignores the lock | (b) | fails: "destroy freed the region's frames while a batch edits its leaves" |
-//! | R4: `end` keeps the lock for a gone caller (abandon does not give it back) | (c) | fails: "the next batch cannot take the region's lock" |
-//! | R5: a gone caller's cache drained straight to the allocator (the hypervisor before this branch) | (c) | fails: "frame reused while CPU 1 may still cache a translation to it" |
-//! | R6: `Caller::Gone.cache()` is `Keep` (the gone vCPU's state kept) | (c) | fails: "a frame was lost" |
+//! | R1: the mounter count read in `action` (before the leaf is cleared) and given to `end` | (a) | "frame 0x5000 reused while CPU 1 may still cache a translation to it" |
+//! | R2: `end` ignores the mounters (`Targets::Caller` for a caller that stays) | (a) | the same |
+//! | R3: `admit(Destroy)` ignores the lock | (b) | "the region is gone at the end of its batch" |
+//! | R4: `end` keeps the lock for a gone caller (abandon does not give it back) | (c) gone | "the next batch cannot take the region's lock" |
+//! | R5: a gone caller's cache drained straight to the allocator (the hypervisor's `finish_batch` before this branch) | (c) gone | "frame 0x5000 reused while CPU 1 may still cache a translation to it" |
+//! | R6: `Caller::Gone.cache()` is `Keep` (the gone vCPU's state kept) | (c) gone | "a frame was lost" |
+//! | R7: a stopped caller's cache drained straight to the allocator in `finish_batch` | (c) stopped | "frame 0x5000 reused while CPU 1 may still cache a translation to it" |
+//! | R8: the last vCPU's end does not drain the parked caches | (c) stopped, (c) gone | "a frame was lost" |
 
 use super::*;
 use crate::shootdown::{Cpus, Kept, Mailboxes, Owed};
