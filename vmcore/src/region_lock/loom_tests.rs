@@ -51,7 +51,7 @@ struct Locked {
     /// mounts (`Morsel::mount_count`).
     lock: RegionLock,
     exists: bool,
-    mounters: usize,
+    mounters: u32,
     /// Guest 1, the batch's caller: its mount of the region, its state, its live vCPUs, the
     /// CPUs that ran them (`Guest::ran_on`); `gone`: out of the guest table.
     mounted: bool,

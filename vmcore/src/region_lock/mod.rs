@@ -116,7 +116,7 @@ impl RegionLock {
     /// Gives the lock back at the batch's end and says whom to shoot down: nobody if the
     /// batch cleared no leaf, else by `mounters`, the region's guest mounts read now (in
     /// this critical section, after the leaves were cleared), and by the `caller`.
-    pub fn end(&mut self, held: Held, cleared: bool, mounters: usize, caller: Caller) -> Option<Targets> {
+    pub fn end(&mut self, held: Held, cleared: bool, mounters: u32, caller: Caller) -> Option<Targets> {
         let Held(()) = held;
         self.held = false;
         if !cleared {
