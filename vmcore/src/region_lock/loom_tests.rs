@@ -272,7 +272,8 @@ impl Cpu {
 /// and reads the page on CPU 1; guest 1's next call (an ALLOC) takes the freed frame from its
 /// vCPU cache. Proves: the mounter count `end` reads covers every mount made during the
 /// batch, so the reader never reads the frame after its reuse (a mount made after `end`
-/// walks the cleared leaf).
+/// walks the cleared leaf). Mutations R1 and R2 fail here ("frame 0x5000 reused while CPU 1
+/// may still cache a translation to it").
 #[test]
 fn loom_free_batch_shoots_down_mounts_made_during_it() {
     model(|| {
@@ -315,7 +316,8 @@ fn loom_free_batch_shoots_down_mounts_made_during_it() {
 /// (b) Guest 1 vCPU 0 runs an ALLOC batch on CPU 0 (it maps a frame into the leaf) while its
 /// vCPU 1 on CPU 1 destroys the region (refused: mounted), unmounts it and destroys it again
 /// until that goes. Proves: destroy never frees the region's frames while a batch holds the
-/// region's lock, and the batch always finds its region at its end.
+/// region's lock, and the batch always finds its region at its end. Mutation R3 fails here
+/// ("the region is gone at the end of its batch").
 #[test]
 fn loom_destroy_waits_for_the_batch() {
     model(|| {
@@ -445,7 +447,9 @@ fn stopped_in_a_call(stop: Stop) {
 }
 
 /// (c) with guest 1 stopped by its other vCPU. Proves: the batch ends normally, its vCPU
-/// ends after its acknowledgments, the frame comes back once, the lock is free.
+/// ends after its acknowledgments, the frame comes back once, the lock is free. Mutations R7
+/// ("frame 0x5000 reused while CPU 1 may still cache a translation to it") and R8 ("a frame
+/// was lost") fail here.
 #[test]
 fn loom_guest_stopped_in_a_batch() {
     stopped_in_a_call(Stop::Stopped);
@@ -453,6 +457,9 @@ fn loom_guest_stopped_in_a_batch() {
 
 /// (c) with guest 1 gone while its batch runs (`hypercall::abandon`). Proves: the lock is
 /// given back, the frame comes back once and only after every CPU that may cache it flushed.
+/// Mutations R4 ("the next batch cannot take the region's lock"), R5 ("frame 0x5000 reused
+/// while CPU 1 may still cache a translation to it"), R6 and R8 ("a frame was lost") fail
+/// here.
 #[test]
 fn loom_guest_gone_during_a_batch() {
     stopped_in_a_call(Stop::Gone);
