@@ -105,7 +105,7 @@ pub struct Batch<F: morsel::Format> {
     /// The region's lock, given back by `finish_batch` only.
     held: Held,
     /// A descriptor of the region's subtree (`Morsel::alias`); the region cannot be
-    /// destroyed, device-mounted or batched by another call while `batching` is set.
+    /// destroyed, device-mounted or batched by another call while `held`.
     morsel: Morsel<F>,
     origin: Origin,
     v: alloc::boxed::Box<VcpuState>,
