@@ -10,5 +10,6 @@ pub mod exits;
 pub mod guestbytes;
 pub mod names;
 pub mod reason;
+pub mod region_lock;
 pub mod shootdown;
 mod sync;

@@ -12,6 +12,7 @@ use crate::vm::guest::Guest;
 use crate::vm::Backend;
 use abi::{self, Error};
 use morsel::{Format, GuestPhysAddr, Perm};
+use vmcore::region_lock::Contender;
 
 impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     /// `device_mount(name_ptr, name_len, bdf, iova, writable)`. Only edu is offered: the
@@ -28,7 +29,7 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
             return Err(Error::Denied);
         }
         // A device view is built from the region's leaves, which a batch edits meanwhile.
-        if n.batching {
+        if n.batching.admit(Contender::DeviceMount).is_err() {
             return Err(Error::Busy);
         }
         let window = n.morsel.window_size();

@@ -13,6 +13,7 @@ use abi::{self, Error};
 use formats::units::Bytes;
 use morsel::{Format, GuestPhysAddr, Morsel, PageSize, Perm};
 use vmcore::names::Ticket;
+use vmcore::region_lock::Contender;
 
 impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     /// `morsel_create(name_ptr, name_len, size, flags)`. The name is reserved first
@@ -197,7 +198,7 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         if n.in_io {
             return Err(g.refuse(Error::Busy, format_args!("{name:?} has NVMe I/O in flight")));
         }
-        if n.batching {
+        if n.batching.admit(Contender::Destroy).is_err() {
             return Err(g.refuse(Error::Busy, format_args!("{name:?} has an ExMap batch in flight")));
         }
         if n.morsel.mount_count() > 0 || self.devices.iter().any(|d| d.name == name) {

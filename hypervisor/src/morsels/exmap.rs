@@ -29,6 +29,7 @@ use formats::units::Bytes;
 use abi::{self, Error};
 use hashbrown::HashMap;
 use morsel::{GuestPhysAddr, HostPhysAddr, Morsel, Perm};
+use vmcore::region_lock::{Cache, Caller, Contender, Held, Refusal, Targets};
 
 const _: () = assert!(exmap::MAX_ENTRIES as u64 == abi::EXMAP_MAX_ENTRIES);
 const _: () = assert!(exmap::MAX_COUNT == abi::EXMAP_MAX_COUNT);
@@ -101,8 +102,10 @@ pub enum Step<F: morsel::Format> {
 /// taken under the world lock by `action`) and the calling vCPU's own `VcpuState`, taken
 /// out of `Exmaps` meanwhile: nothing in it is reached by another CPU.
 pub struct Batch<F: morsel::Format> {
+    /// The region's lock, given back by `finish_batch` only.
+    held: Held,
     /// A descriptor of the region's subtree (`Morsel::alias`); the region cannot be
-    /// destroyed, device-mounted or batched by another call while `batching` is set.
+    /// destroyed, device-mounted or batched by another call while `held`.
     morsel: Morsel<F>,
     origin: Origin,
     v: alloc::boxed::Box<VcpuState>,
@@ -292,10 +295,12 @@ impl Exmaps {
         if n.in_io {
             return Err(g.refuse(Error::Busy, format_args!("region {name:?} has an NVMe batch in flight")));
         }
-        if n.batching {
+        match n.batching.admit(Contender::Action) {
+            Ok(()) => {}
             // Another vCPU's ALLOC / FREE holds the region's lock: this vCPU issues the call
             // again (spinning with the world lock let go).
-            return Ok(Step::Retry);
+            Err(Refusal::Retry) => return Ok(Step::Retry),
+            Err(Refusal::Busy) => return Err(Error::Busy),
         }
         let io = op == abi::EXMAP_READ || op == abi::EXMAP_WRITE;
         // READ and WRITE need the disk: its size in 4 KiB pages (disk offset = region offset).
@@ -317,10 +322,15 @@ impl Exmaps {
         let device_mounted = dir.devices.iter().any(|d| d.name == name);
         if (op == abi::EXMAP_ALLOC || op == abi::EXMAP_FREE) && !any_view && !device_mounted {
             // The batch runs with the world lock let go, under the region's lock.
-            let Some(v) = self.vcpus.remove(&key) else { return Err(Error::NoMemory) };
             let n = dir.named.get_mut(&name).ok_or(Error::NotFound)?;
-            n.batching = true;
+            // Free: `admit` said so above, in this critical section.
+            let Ok(held) = n.batching.take() else { return Ok(Step::Retry) };
+            let Some(v) = self.vcpus.remove(&key) else {
+                let _ = n.batching.end(held, false, 0, Caller::Gone);
+                return Err(Error::NoMemory);
+            };
             return Ok(Step::Batch(Batch {
+                held,
                 morsel: n.morsel.alias(),
                 origin: id,
                 v,
@@ -587,16 +597,23 @@ impl Exmaps {
     }
 
     /// Ends an ALLOC / FREE `Batch` (the world lock held again): the region's lock is given
-    /// back, a FREE that cleared pages shoots down ONCE (the caller's CPUs, or every CPU that
-    /// ran a guest where others have the region mounted now: read after the leaves were
-    /// cleared, so a guest that mounted it meanwhile is counted), its counters, and the
-    /// vCPU's state back in place. `g` is None where the caller's guest is gone: the
-    /// vCPU's cache is drained then.
+    /// back and a FREE that cleared pages shoots down ONCE, both decided by
+    /// `RegionLock::end` (the caller's CPUs, or every CPU that ran a guest where others have
+    /// the region mounted now: read after the leaves were cleared, so a guest that mounted
+    /// it meanwhile is counted); its counters; the vCPU's state back in place. `g` is None
+    /// where the caller's guest is gone: the vCPU's cache then goes through this CPU's
+    /// `Owed`, freed once the shootdown is acknowledged.
     pub fn finish_batch<B: Backend>(&mut self, dir: &mut Directory<B::Format>, g: Option<&mut Guest<B>>, frames: &Frames, batch: Batch<B::Format>) -> Result<u64, Error> {
-        let Batch { mut v, op, name, guest, vcpu, outcome, .. } = batch;
-        let n = dir.named.get_mut(&name);
-        if let Some(n) = n {
-            n.batching = false;
+        let Batch { held, mut v, op, name, guest, vcpu, outcome, .. } = batch;
+        // The vCPU's state stays only where it has its place back (no allocation but this
+        // fallible one).
+        let caller = match g.is_some() && self.vcpus.try_reserve(1).is_ok() {
+            true => Caller::Stays,
+            false => Caller::Gone,
+        };
+        if let Some(n) = dir.named.get_mut(&name) {
+            let cleared = matches!(&outcome, Ok((b, _)) if op == abi::EXMAP_FREE && b.pages > 0 || b.rolled_back > 0);
+            let targets = n.batching.end(held, cleared, n.morsel.mount_count(), caller);
             if let (Ok((b, zeroed)), Some(stats)) = (&outcome, n.region.as_mut()) {
                 stats.calls += 1;
                 stats.failed += b.failed as u64;
@@ -607,9 +624,9 @@ impl Exmaps {
                     stats.freed += b.pages;
                     stats.free_calls += 1;
                 }
-                if op == abi::EXMAP_FREE && b.pages > 0 || b.rolled_back > 0 {
-                    match g.as_deref() {
-                        Some(g) if n.morsel.mount_count() <= 1 => crate::vm::shootdown::guest(g),
+                if let Some(targets) = targets {
+                    match (targets, g.as_deref()) {
+                        (Targets::Caller, Some(g)) => crate::vm::shootdown::guest(g),
                         _ => {
                             crate::vm::shootdown::cpus(crate::vm::shootdown::any_ran_on());
                             stats.remote_flushes += 1;
@@ -625,12 +642,12 @@ impl Exmaps {
             // Unreachable: a batching region is not destroyed.
             log::error!(target: "exmap", "guest {guest} '{name}': the region is gone at the end of its batch");
         }
-        if g.is_none() {
-            drain(guest, vcpu, &mut v, frames);
-        } else if self.vcpus.try_reserve(1).is_ok() {
-            self.vcpus.insert((guest, vcpu), v);
-        } else {
-            drain(guest, vcpu, &mut v, frames);
+        match caller.cache() {
+            Cache::Keep => {
+                self.vcpus.insert((guest, vcpu), v);
+            }
+            // Its FREE's frames may still be cached by the CPUs just shot down.
+            Cache::AfterAcks => drain(guest, vcpu, &mut v, &crate::vm::shootdown::After(frames)),
         }
         let (b, _) = outcome?;
         log::debug!(target: "exmap", "guest {guest} '{name}' {}: {} pages, {} failed", ["alloc", "free"][(op & 1) as usize], b.pages, b.failed);
@@ -650,9 +667,11 @@ impl Exmaps {
     }
 }
 
-/// A vCPU's ExMap state is dropped (its guest ended): its cache goes back to the allocator.
-/// A FREE's frames in it were shot down when that FREE ended.
-fn drain(guest: u32, vcpu: u32, v: &mut VcpuState, frames: &Frames) {
+/// A vCPU's ExMap state is dropped: its cache goes back through `alloc`. Where its guest
+/// ended (`guest_ended`: the allocator), every FREE's shootdown was acknowledged before its
+/// vCPU entered the guest again or ended; a batch that ends for a vCPU that cannot keep its
+/// state gives `shootdown::After` (`finish_batch`).
+fn drain(guest: u32, vcpu: u32, v: &mut VcpuState, frames: &impl morsel::FrameAlloc) {
     let held = v.cache.len();
     v.cache.drain(frames);
     let s = v.cache.stats();

@@ -49,6 +49,7 @@ use crate::vm::Backend;
 use morsel::{Format, GuestPhysAddr, Morsel, MountStats};
 pub use vmcore::names::Name;
 use vmcore::names::{Limits, Names, Ticket};
+use vmcore::region_lock::RegionLock;
 
 
 /// Longest morsel name.
@@ -80,11 +81,12 @@ pub(crate) struct Named<F: Format> {
     /// batch on it answer `Busy` until the batch finished (under the lock again); nothing
     /// else frees or moves its data frames or its device views.
     pub(crate) in_io: bool,
-    /// An ExMap ALLOC / FREE batch edits its leaves now, with the world lock let go
-    /// (`exmap::Batch`): the region's lock, taken and given back under the world lock.
-    /// Another action on it retries (`hypercall::Action::Retry`); its destroy, a device
-    /// mount of it and an NVMe batch on it answer `Busy` until the batch ended.
-    pub(crate) batching: bool,
+    /// The region's lock (`vmcore::region_lock`): held while an ExMap ALLOC / FREE batch
+    /// edits its leaves with the world lock let go (`exmap::Batch`), taken and given back
+    /// under the world lock. Meanwhile another action on it retries
+    /// (`hypercall::Action::Retry`); its destroy, a device mount of it and an NVMe batch on
+    /// it answer `Busy` (`RegionLock::admit`).
+    pub(crate) batching: RegionLock,
 }
 
 impl<F: Format> Named<F> {
@@ -103,7 +105,7 @@ impl<F: Format> Named<F> {
             slot,
             region: None,
             in_io: false,
-            batching: false,
+            batching: RegionLock::new(),
         }
     }
 

@@ -16,6 +16,7 @@ use crate::vm::guest::Guest;
 use crate::vm::Backend;
 use abi::{self, Error};
 use morsel::{Format, GuestPhysAddr, Perm};
+use vmcore::region_lock::Contender;
 
 impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     /// `edu_dma(direction, iova, len)`: a guest may only have edu move bytes inside the window
@@ -97,7 +98,7 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     pub(crate) fn disk_begin(&mut self, d: &mut Devices, frames: &Frames, name: &Name, write: bool, loud: bool) -> Result<DiskBatch, Error> {
         let nvme = d.nvme.ok_or(Error::NotFound)?;
         let n = self.named.get_mut(name).ok_or(Error::NotFound)?;
-        if n.in_io || n.batching {
+        if n.in_io || n.batching.admit(Contender::DiskBatch).is_err() {
             return Err(Error::Busy);
         }
         let window = n.morsel.window_size();

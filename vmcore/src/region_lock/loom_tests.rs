@@ -1,0 +1,466 @@
+//! loom models of an ExMap region's batch lock as the hypervisor runs it
+//! (`morsels::exmap`: `Exmaps::action`, `Batch::run`, `Exmaps::finish_batch`, `hypercall::
+//! abandon`), with `RUSTFLAGS="--cfg loom" cargo test --release -p vmcore --lib loom`. Each
+//! thread is a CPU; the world lock is a loom `Mutex` around what it guards in the hypervisor;
+//! the code under test is [`RegionLock`] and `shootdown`'s `Mailboxes`/`Owed` themselves.
+//! The glue between them (`Cpu::action`, `Cpu::finish_batch`) is the hypervisor's, step for
+//! step.
+//!
+//! One page of the region maps `FRAME` (its leaf, an atomic: guests walk it with no lock). A
+//! TLB is a flag per CPU ("cached"), set when that CPU's guest walks the present leaf, cleared
+//! only by a shootdown's flush (`Cpus::flush`, run by `Mailboxes::service` before every guest
+//! entry and at every exit). `FRAME` is reused (handed to the allocator, or taken again by
+//! an ALLOC) in `Cpu::reuse`, which checks that no CPU caches it; a guest read through a
+//! cached translation checks that it was not reused. Exhaustive (no preemption bound): the
+//! four models take about 4 s together in release.
+//!
+//! Mutations tried by hand (each restored; docs/src/notes/region-lock.md#model-checked):
+//!
+//! | mutation | model that fails | loom's message |
+//! | --- | --- | --- |
+//! | R1: the mounter count read in `action` (before the leaf is cleared) and given to `end` | (a) | "frame 0x5000 reused while CPU 1 may still cache a translation to it" |
+//! | R2: `end` ignores the mounters (`Targets::Caller` for a caller that stays) | (a) | the same |
+//! | R3: `admit(Destroy)` ignores the lock | (b) | "the region is gone at the end of its batch" |
+//! | R4: `end` keeps the lock for a gone caller (abandon does not give it back) | (c) gone | "the next batch cannot take the region's lock" |
+//! | R5: a gone caller's cache drained straight to the allocator (the hypervisor's `finish_batch` before this branch) | (c) gone | "frame 0x5000 reused while CPU 1 may still cache a translation to it" |
+//! | R6: `Caller::Gone.cache()` is `Keep` (the gone vCPU's state kept) | (c) gone | "a frame was lost" |
+//! | R7: a stopped caller's cache drained straight to the allocator in `finish_batch` | (c) stopped | "frame 0x5000 reused while CPU 1 may still cache a translation to it" |
+//! | R8: the last vCPU's end does not drain the parked caches | (c) stopped, (c) gone | "a frame was lost" |
+
+use super::*;
+use crate::shootdown::{Cpus, Kept, Mailboxes, Owed};
+use crate::sync::{spin, AtomicU64, Ordering};
+use alloc::vec::Vec;
+use loom::sync::atomic::AtomicBool;
+use loom::sync::{Arc, Mutex, MutexGuard};
+use loom::thread;
+
+const N: usize = 2;
+/// The frame the region's page maps at the start.
+const FRAME: u64 = 0x5000;
+
+fn model(f: impl Fn() + Sync + Send + 'static) {
+    let mut b = loom::model::Builder::new();
+    b.preemption_bound = None;
+    b.check(f);
+}
+
+/// What the world lock guards in these models.
+struct Locked {
+    /// The region's entry in the directory (`Named`): its lock, whether it exists, its guest
+    /// mounts (`Morsel::mount_count`).
+    lock: RegionLock,
+    exists: bool,
+    mounters: u32,
+    /// Guest 1, the batch's caller: its mount of the region, its state, its live vCPUs, the
+    /// CPUs that ran them (`Guest::ran_on`); `gone`: out of the guest table.
+    mounted: bool,
+    stopped: bool,
+    gone: bool,
+    live_vcpus: u32,
+    ran_on: u64,
+    /// Every CPU that ran any guest (`shootdown::any_ran_on`, written under the lock).
+    any_ran_on: u64,
+    /// Guest 1 vCPU 0's frame cache while it is not in a batch (`Exmaps::vcpus`).
+    parked: Option<Vec<u64>>,
+}
+
+/// What the CPUs of one model share.
+struct World {
+    world: Mutex<Locked>,
+    mb: Mailboxes<N>,
+    /// The region's leaf for the page: present (maps `FRAME`) or cleared.
+    leaf: AtomicBool,
+    /// Per CPU: a translation to `FRAME` may be cached there.
+    cached: [AtomicBool; N],
+    /// How many times `FRAME` was reused.
+    reused: AtomicU64,
+    /// The region's frames went back to the allocator (`morsel_destroy`'s `Removed::free`).
+    destroyed: AtomicBool,
+    /// CPUs that finished their part (the idle ones answer until every other did).
+    finished: AtomicU64,
+}
+
+impl World {
+    fn new(l: Locked) -> Arc<Self> {
+        Arc::new(World {
+            world: Mutex::new(l),
+            mb: Mailboxes::new(),
+            leaf: AtomicBool::new(true),
+            cached: core::array::from_fn(|_| AtomicBool::new(false)),
+            reused: AtomicU64::new(0),
+            destroyed: AtomicBool::new(false),
+            finished: AtomicU64::new(0),
+        })
+    }
+}
+
+/// The region mounted by guest 1 only, its vCPU 0 on CPU 0; CPU 1 ran a guest.
+fn start() -> Locked {
+    Locked {
+        lock: RegionLock::new(),
+        exists: true,
+        mounters: 1,
+        mounted: true,
+        stopped: false,
+        gone: false,
+        live_vcpus: 1,
+        ran_on: 0b01,
+        any_ran_on: 0b11,
+        parked: Some(Vec::new()),
+    }
+}
+
+/// One CPU of the model.
+struct Cpu {
+    me: usize,
+    w: Arc<World>,
+}
+
+impl Cpus for Cpu {
+    fn me(&self) -> usize {
+        self.me
+    }
+    fn send(&self, _cpu: usize) {
+        // The IPI: the target answers at its next `service` (every guest entry and exit, the
+        // idle loop; the interrupt handler runs the same).
+    }
+    fn flush(&self, cpu: usize) {
+        self.w.cached[cpu].store(false, Ordering::Relaxed);
+    }
+    fn answer(&self) {
+        self.w.mb.service(self.me, self);
+    }
+}
+
+/// Why guest 1 vCPU 0's `exmap_action` did not start a batch.
+#[derive(Debug, PartialEq)]
+enum NoBatch {
+    /// Its guest is stopped: the vCPU ends instead of calling.
+    Stopped,
+    /// The region is not mounted (or gone): `NotFound`.
+    NotFound,
+}
+
+impl Cpu {
+    fn new(me: usize, w: &Arc<World>) -> Self {
+        Cpu { me, w: w.clone() }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Locked> {
+        self.w.world.lock().unwrap()
+    }
+
+    /// Its guest runs for a moment and reads the page: the CPU answers before the entry (the
+    /// flush before every entry), the guest reads through its TLB or walks the leaf (a TLB
+    /// fill), exits, and the CPU answers again.
+    fn read(&self) {
+        self.w.mb.service(self.me, self);
+        let w = &self.w;
+        let hit = w.cached[self.me].load(Ordering::Relaxed) || {
+            let present = w.leaf.load(Ordering::Relaxed);
+            if present {
+                w.cached[self.me].store(true, Ordering::Relaxed);
+            }
+            present
+        };
+        if hit {
+            assert_eq!(w.reused.load(Ordering::Relaxed), 0, "CPU {}'s guest read frame {FRAME:#x} after it was reused", self.me);
+        }
+        self.w.mb.service(self.me, self);
+    }
+
+    /// `frame` is reused (the allocator has it, or an ALLOC took it from the vCPU cache to
+    /// fill with other data): no CPU may cache a translation to it.
+    fn reuse(&self, frame: u64) {
+        for (cpu, c) in self.w.cached.iter().enumerate() {
+            assert!(!c.load(Ordering::Relaxed), "frame {frame:#x} reused while CPU {cpu} may still cache a translation to it");
+        }
+        self.w.reused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `Exmaps::action` of an ALLOC / FREE on the region by guest 1 vCPU 0 (the world lock
+    /// held): the batch takes the region's lock and the vCPU's cache. Retries while another
+    /// batch holds it.
+    fn action(&self) -> Result<(Held, Vec<u64>), NoBatch> {
+        loop {
+            let mut l = self.lock();
+            if l.stopped {
+                return Err(NoBatch::Stopped);
+            }
+            if !l.mounted || !l.exists {
+                return Err(NoBatch::NotFound);
+            }
+            match l.lock.take() {
+                Ok(held) => {
+                    let cache = l.parked.take().unwrap_or_default();
+                    return Ok((held, cache));
+                }
+                Err(Refusal::Retry) => {
+                    drop(l);
+                    thread::yield_now();
+                }
+                Err(Refusal::Busy) => unreachable!("an action is never refused Busy by the lock"),
+            }
+        }
+    }
+
+    /// `Exmaps::finish_batch` (the world lock held, `owed`: this CPU's `Owed`): the lock given
+    /// back, the shootdown requested, the vCPU's cache put back or kept until the
+    /// acknowledgments. The caller then lets go of the lock and settles (`shootdown::complete`).
+    fn finish_batch(&self, held: Held, cleared: bool, cache: Vec<u64>, owed: &mut Owed<N>) {
+        let mut l = self.lock();
+        assert!(l.exists, "the region is gone at the end of its batch");
+        let caller = if l.gone { Caller::Gone } else { Caller::Stays };
+        let mounters = l.mounters;
+        let mask = match l.lock.end(held, cleared, mounters, caller) {
+            // `shootdown::guest`: the CPUs that ran its vCPUs, while it has live ones.
+            Some(Targets::Caller) if l.live_vcpus > 0 => l.ran_on,
+            Some(Targets::Everyone) => l.any_ran_on,
+            _ => 0,
+        };
+        if mask != 0 {
+            let (acks, _) = self.w.mb.request(mask, self);
+            owed.owe(&acks);
+        }
+        match caller.cache() {
+            Cache::Keep => l.parked = Some(cache),
+            // `shootdown::After`: into this CPU's `Owed`.
+            Cache::AfterAcks => {
+                for f in cache {
+                    let all = l.any_ran_on;
+                    assert_eq!(owed.keep(f, &self.w.mb, self, all, |f| self.reuse(f)), Kept::Deferred);
+                }
+            }
+        }
+    }
+
+    /// `shootdown::complete` at the release of the world lock.
+    fn complete(&self, owed: &mut Owed<N>) {
+        owed.settle(&self.w.mb, self, |f| self.reuse(f));
+    }
+
+    /// A vCPU of guest 1 ends (`vcpu_done`): the last one drains every parked cache straight
+    /// to the allocator (`Exmaps::guest_ended`: their FREEs' acknowledgments came in before
+    /// their vCPUs entered the guest again, or ended).
+    fn vcpu_done(&self, l: &mut Locked) {
+        if l.gone {
+            return;
+        }
+        l.live_vcpus -= 1;
+        if l.live_vcpus == 0 {
+            for f in l.parked.take().unwrap_or_default() {
+                self.reuse(f);
+            }
+        }
+    }
+
+    /// The idle loop (no vCPU to run): answers until `all` CPUs finished.
+    fn idle(&self, all: u64) {
+        while self.w.finished.load(Ordering::Acquire) < all {
+            self.w.mb.service(self.me, self);
+            spin();
+        }
+    }
+
+    fn done(&self) {
+        self.w.finished.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+/// (a) Guest 1 FREEs the page in a batch on CPU 0 while guest 2 opens the region (a mount)
+/// and reads the page on CPU 1; guest 1's next call (an ALLOC) takes the freed frame from its
+/// vCPU cache. Proves: the mounter count `end` reads covers every mount made during the
+/// batch, so the reader never reads the frame after its reuse (a mount made after `end`
+/// walks the cleared leaf). Mutations R1 and R2 fail here ("frame 0x5000 reused while CPU 1
+/// may still cache a translation to it").
+#[test]
+fn loom_free_batch_shoots_down_mounts_made_during_it() {
+    model(|| {
+        let w = World::new(start());
+        let reader = {
+            let w = w.clone();
+            thread::spawn(move || {
+                let cpu = Cpu::new(1, &w);
+                // `morsel_open` by guest 2 (it runs on CPU 1 already: `any_ran_on`).
+                cpu.lock().mounters += 1;
+                cpu.read();
+                cpu.read();
+                cpu.done();
+                cpu.idle(2);
+            })
+        };
+        let cpu = Cpu::new(0, &w);
+        let mut owed = Owed::<N>::new();
+        owed.reserve(1);
+        let (held, mut cache) = cpu.action().unwrap();
+        // `Batch::run`, no world lock: the leaf cleared, its frame into the vCPU's cache.
+        w.leaf.store(false, Ordering::Relaxed);
+        cache.push(FRAME);
+        cpu.finish_batch(held, true, cache, &mut owed);
+        cpu.complete(&mut owed);
+        // The vCPU enters its guest again, whose next call ALLOCs another page: the frame
+        // leaves the cache for new data.
+        let cache = cpu.lock().parked.take().unwrap();
+        for f in cache {
+            cpu.reuse(f);
+        }
+        cpu.done();
+        cpu.idle(2);
+        reader.join().unwrap();
+        assert_eq!(w.reused.load(Ordering::Relaxed), 1);
+        assert!(!cpu.lock().lock.is_held());
+    });
+}
+
+/// (b) Guest 1 vCPU 0 runs an ALLOC batch on CPU 0 (it maps a frame into the leaf) while its
+/// vCPU 1 on CPU 1 destroys the region (refused: mounted), unmounts it and destroys it again
+/// until that goes. Proves: destroy never frees the region's frames while a batch holds the
+/// region's lock, and the batch always finds its region at its end. Mutation R3 fails here
+/// ("the region is gone at the end of its batch").
+#[test]
+fn loom_destroy_waits_for_the_batch() {
+    model(|| {
+        let w = World::new(start());
+        // The page is not populated: the ALLOC maps it.
+        w.leaf.store(false, Ordering::Relaxed);
+        let destroyer = {
+            let w = w.clone();
+            thread::spawn(move || {
+                let cpu = Cpu::new(1, &w);
+                // `Directory::destroy`: the lock's verdict, then the mounts.
+                let destroy = || -> Result<(), Refusal> {
+                    let mut l = cpu.lock();
+                    l.lock.admit(Contender::Destroy)?;
+                    if l.mounters > 0 {
+                        return Err(Refusal::Busy);
+                    }
+                    l.exists = false;
+                    drop(l);
+                    // `Removed::free`, no lock.
+                    w.destroyed.store(true, Ordering::Relaxed);
+                    Ok(())
+                };
+                assert_eq!(destroy(), Err(Refusal::Busy), "destroyed while mounted");
+                {
+                    let mut l = cpu.lock();
+                    l.mounted = false;
+                    l.mounters -= 1;
+                }
+                while destroy().is_err() {
+                    thread::yield_now();
+                }
+            })
+        };
+        let cpu = Cpu::new(0, &w);
+        let mut owed = Owed::<N>::new();
+        if let Ok((held, cache)) = cpu.action() {
+            // `Batch::run`: an ALLOC maps a frame into the leaf.
+            assert!(!w.destroyed.load(Ordering::Relaxed), "destroy freed the region's frames while a batch edits its leaves");
+            w.leaf.store(true, Ordering::Relaxed);
+            assert!(!w.destroyed.load(Ordering::Relaxed), "destroy freed the region's frames while a batch edits its leaves");
+            cpu.finish_batch(held, false, cache, &mut owed);
+            cpu.complete(&mut owed);
+        }
+        destroyer.join().unwrap();
+        let l = cpu.lock();
+        assert!(!l.exists && w.destroyed.load(Ordering::Relaxed));
+        assert!(!l.lock.is_held());
+    });
+}
+
+/// How guest 1 is stopped in model (c).
+#[derive(Clone, Copy, PartialEq)]
+enum Stop {
+    /// Stopped by its other vCPU (a fault): the batch's vCPU finishes its call and ends at
+    /// its next entry.
+    Stopped,
+    /// Out of the guest table while its batch runs (`hypercall::abandon`'s case).
+    Gone,
+}
+
+/// (c) Guest 1 FREEs the page in a batch on CPU 0; the region is mounted by guest 2 as well,
+/// which reads the page on CPU 1, where guest 1's vCPU 1 faults and stops guest 1 (at any
+/// point: before the call, between its two world-lock sections, after it).
+fn stopped_in_a_call(stop: Stop) {
+    model(move || {
+        let mut l = start();
+        l.mounters = 2;
+        l.live_vcpus = 2;
+        l.ran_on = 0b11;
+        let w = World::new(l);
+        let other = {
+            let w = w.clone();
+            thread::spawn(move || {
+                let cpu = Cpu::new(1, &w);
+                cpu.read();
+                {
+                    // Guest 1's vCPU 1 faults: the guest is stopped, that vCPU ends.
+                    let mut l = cpu.lock();
+                    l.stopped = true;
+                    cpu.vcpu_done(&mut l);
+                    if stop == Stop::Gone && l.lock.is_held() {
+                        // Out of the table while the batch runs (its vCPU's cache is in the
+                        // batch, not parked: `guest_ended` finds nothing of it).
+                        l.gone = true;
+                    }
+                }
+                cpu.read();
+                cpu.done();
+                cpu.idle(2);
+            })
+        };
+        let cpu = Cpu::new(0, &w);
+        let mut owed = Owed::<N>::new();
+        owed.reserve(1);
+        if let Ok((held, mut cache)) = cpu.action() {
+            w.leaf.store(false, Ordering::Relaxed);
+            cache.push(FRAME);
+            cpu.finish_batch(held, true, cache, &mut owed);
+            cpu.complete(&mut owed);
+        }
+        // The vCPU's next entry: its guest is stopped (or gone), it ends.
+        loop {
+            let mut l = cpu.lock();
+            if l.stopped {
+                cpu.vcpu_done(&mut l);
+                break;
+            }
+            drop(l);
+            thread::yield_now();
+        }
+        cpu.done();
+        cpu.idle(2);
+        other.join().unwrap();
+        let mut l = cpu.lock();
+        // The frame: still mapped, or reused exactly once.
+        let mapped = w.leaf.load(Ordering::Relaxed);
+        let reused = w.reused.load(Ordering::Relaxed);
+        assert!(mapped || reused > 0, "a frame was lost");
+        assert_eq!(reused, !mapped as u64, "a frame was freed twice, or freed while mapped");
+        assert!(owed.is_empty());
+        // The next batch on the region (guest 2's) takes the lock.
+        let next = l.lock.take();
+        assert!(next.is_ok(), "the next batch cannot take the region's lock");
+        let _ = l.lock.end(next.unwrap(), false, 1, Caller::Stays);
+    });
+}
+
+/// (c) with guest 1 stopped by its other vCPU. Proves: the batch ends normally, its vCPU
+/// ends after its acknowledgments, the frame comes back once, the lock is free. Mutations R7
+/// ("frame 0x5000 reused while CPU 1 may still cache a translation to it") and R8 ("a frame
+/// was lost") fail here.
+#[test]
+fn loom_guest_stopped_in_a_batch() {
+    stopped_in_a_call(Stop::Stopped);
+}
+
+/// (c) with guest 1 gone while its batch runs (`hypercall::abandon`). Proves: the lock is
+/// given back, the frame comes back once and only after every CPU that may cache it flushed.
+/// Mutations R4 ("the next batch cannot take the region's lock"), R5 ("frame 0x5000 reused
+/// while CPU 1 may still cache a translation to it"), R6 and R8 ("a frame was lost") fail
+/// here.
+#[test]
+fn loom_guest_gone_during_a_batch() {
+    stopped_in_a_call(Stop::Gone);
+}

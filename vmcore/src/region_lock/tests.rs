@@ -1,0 +1,80 @@
+//! The lock's decisions on one thread (debug and release): who is admitted while it is held,
+//! that it is taken by one batch at a time and free again after `end`, and the shootdown and
+//! cache rules at the end.
+
+use super::*;
+
+const ALL: [Contender; 4] = [Contender::Action, Contender::Destroy, Contender::DeviceMount, Contender::DiskBatch];
+
+#[test]
+fn free_lock_admits_everyone() {
+    let l = RegionLock::new();
+    assert!(!l.is_held());
+    for who in ALL {
+        assert_eq!(l.admit(who), Ok(()), "{who:?}");
+    }
+}
+
+#[test]
+fn held_lock_retries_actions_and_refuses_the_rest_busy() {
+    let mut l = RegionLock::new();
+    let h = l.take().unwrap();
+    assert!(l.is_held());
+    assert_eq!(l.admit(Contender::Action), Err(Refusal::Retry));
+    for who in [Contender::Destroy, Contender::DeviceMount, Contender::DiskBatch] {
+        assert_eq!(l.admit(who), Err(Refusal::Busy), "{who:?}");
+    }
+    assert_eq!(l.take().err(), Some(Refusal::Retry), "a second batch must retry");
+    assert_eq!(l.end(h, false, 1, Caller::Stays), None);
+    assert!(!l.is_held());
+    for who in ALL {
+        assert_eq!(l.admit(who), Ok(()), "{who:?} after the end");
+    }
+}
+
+#[test]
+fn next_batch_takes_the_lock_after_end_whatever_the_caller() {
+    let mut l = RegionLock::new();
+    for caller in [Caller::Stays, Caller::Gone] {
+        for cleared in [false, true] {
+            let h = l.take().unwrap();
+            let _ = l.end(h, cleared, 3, caller);
+            assert!(!l.is_held(), "{caller:?} cleared={cleared}");
+        }
+    }
+}
+
+#[test]
+fn no_shootdown_without_cleared_leaves() {
+    let mut l = RegionLock::new();
+    for caller in [Caller::Stays, Caller::Gone] {
+        for mounters in 0..3 {
+            let h = l.take().unwrap();
+            assert_eq!(l.end(h, false, mounters, caller), None);
+        }
+    }
+}
+
+#[test]
+fn shootdown_reaches_everyone_when_others_mount_the_region_or_the_caller_is_gone() {
+    let mut l = RegionLock::new();
+    let cases = [
+        (0, Caller::Stays, Targets::Caller),
+        (1, Caller::Stays, Targets::Caller),
+        (2, Caller::Stays, Targets::Everyone),
+        (5, Caller::Stays, Targets::Everyone),
+        (0, Caller::Gone, Targets::Everyone),
+        (1, Caller::Gone, Targets::Everyone),
+        (2, Caller::Gone, Targets::Everyone),
+    ];
+    for (mounters, caller, want) in cases {
+        let h = l.take().unwrap();
+        assert_eq!(l.end(h, true, mounters, caller), Some(want), "{mounters} mounters, {caller:?}");
+    }
+}
+
+#[test]
+fn freed_frames_leave_a_gone_caller_only_after_acknowledgments() {
+    assert_eq!(Caller::Stays.cache(), Cache::Keep);
+    assert_eq!(Caller::Gone.cache(), Cache::AfterAcks);
+}
