@@ -14,7 +14,7 @@ pub mod vtd;
 use crate::mm::frames::Frames;
 use crate::devices::pci::Bdf;
 use alloc::vec::Vec;
-use morsel::{can_share, AmdV1, Ept, Format, HostPhysAddr, IoVirtAddr, Morsel, MountStats, PageSize, Perm, PhysMem, SecondLevelTable, VtdSl};
+use morsel::{can_share, AmdV1, Ept, Format, FrameAlloc, HostPhysAddr, IoVirtAddr, Morsel, MountStats, PageSize, Perm, PhysMem, SecondLevelTable, VtdSl};
 
 pub use amdvi::AmdVi;
 pub use vtd::Vtd;
@@ -204,7 +204,7 @@ pub fn mount<I: Iommu, F: Format>(unit: &mut I, bdf: Bdf, morsel: &Morsel<F>, vi
 /// Undoes `mount` (the same subtree: the morsel's own, its EPT twin's or its view's), with
 /// the intermediate tables it left empty; the caller invalidates (`Unit::unmount` returns the
 /// `Flush` for it).
-pub fn unmount<I: Iommu, F: Format>(unit: &mut I, bdf: Bdf, morsel: &Morsel<F>, views: &mut Views, iova: u64, frames: &Frames) -> Result<MountStats, MountError> {
+pub fn unmount<I: Iommu, F: Format>(unit: &mut I, bdf: Bdf, morsel: &Morsel<F>, views: &mut Views, iova: u64, frames: &impl FrameAlloc) -> Result<MountStats, MountError> {
     let mem = unit.mem();
     if can_share::<F, I::Format>() {
         let table = unit.table(bdf).ok_or(MountError::NoDomain)?;
@@ -299,8 +299,10 @@ impl Unit {
     pub fn mount<F: Format>(&mut self, bdf: Bdf, morsel: &Morsel<F>, views: &mut Views, iova: u64, perm: Perm, frames: &Frames) -> Result<(MountStats, &'static str, Flush), MountError> {
         with_unit!(self, u => mount(u, bdf, morsel, views, iova, perm, frames)).map(|(s, how)| (s, how, Flush::domain(bdf)))
     }
-    /// `unmount`, with the IOTLB invalidation of `bdf`'s domain it owes.
-    pub fn unmount<F: Format>(&mut self, bdf: Bdf, morsel: &Morsel<F>, views: &mut Views, iova: u64, frames: &Frames) -> Result<(MountStats, Flush), MountError> {
+    /// `unmount`, with the IOTLB invalidation of `bdf`'s domain it owes. The tables it
+    /// empties go to `frames`: `shootdown::After` keeps them until the world lock is let go,
+    /// after the commit (the unit may still walk a cached pointer to them until then).
+    pub fn unmount<F: Format>(&mut self, bdf: Bdf, morsel: &Morsel<F>, views: &mut Views, iova: u64, frames: &impl FrameAlloc) -> Result<(MountStats, Flush), MountError> {
         with_unit!(self, u => unmount(u, bdf, morsel, views, iova, frames)).map(|s| (s, Flush::domain(bdf)))
     }
     pub fn map_page(&mut self, bdf: Bdf, iova: u64, frame: HostPhysAddr, perm: Perm, frames: &Frames) -> Result<(), Error> {

@@ -10,7 +10,7 @@ use crate::devices::{self, Devices};
 use crate::mm::frames::Frames;
 use crate::devices::pci::Bdf;
 use crate::vm::guest::Guest;
-use crate::vm::shootdown::{Flush, Hw};
+use crate::vm::shootdown::{After, Flush, Hw};
 use crate::vm::Backend;
 use abi::{self, Error};
 use morsel::{Format, GuestPhysAddr, Perm};
@@ -71,16 +71,18 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         let i = self.devices.iter().position(|d| d.bdf == bdf && d.iova == iova && d.guest == g.id).ok_or(Error::NotFound)?;
         let m = self.devices.remove(i);
         let d = devices.ok_or(Error::NotFound)?;
-        let flush = self.device_unmount_one(&m, d, frames)?;
+        let flush = self.device_unmount_one(&m, d, &After(frames))?;
         match flush.commit(&mut Hw(Some(d))).ok() {
             true => Ok(0),
             false => Err(Error::DeviceFault),
         }
     }
 
-    /// Clears a device mount's entry (and the intermediate tables it leaves empty); returns
-    /// the domain's IOTLB invalidation, for the caller to commit (merged with others').
-    pub(crate) fn device_unmount_one(&mut self, m: &DeviceMount, d: &mut Devices, frames: &Frames) -> Result<Flush, Error> {
+    /// Clears a device mount's entry (and the intermediate tables it leaves empty, freed
+    /// through `frames`: `shootdown::After` where the unit may still cache them, so they go
+    /// back after the commit); returns the domain's IOTLB invalidation, for the caller to
+    /// commit (merged with others').
+    pub(crate) fn device_unmount_one(&mut self, m: &DeviceMount, d: &mut Devices, frames: &impl morsel::FrameAlloc) -> Result<Flush, Error> {
         self.devices.retain(|d| !(d.bdf == m.bdf && d.iova == m.iova));
         let n = self.named.get_mut(&m.name).ok_or(Error::NotFound)?;
         let (stats, flush) = d.iommu.unmount(m.bdf, &n.morsel, &mut n.views, m.iova, frames).map_err(|_| Error::Invalid)?;

@@ -260,7 +260,8 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         while let Some(m) = self.devices.iter().find(|d| d.guest == g.id).cloned() {
             match devices.as_deref_mut() {
                 Some(d) => {
-                    if let Ok(f) = self.device_unmount_one(&m, d, frames) {
+                    // Emptied tables kept until the commit below is acknowledged.
+                    if let Ok(f) = self.device_unmount_one(&m, d, &crate::vm::shootdown::After(frames)) {
                         flush.merge(f);
                     }
                 }
@@ -301,6 +302,8 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         if let Some(d) = devices {
             let mut flush = Flush::none();
             for m in mounts {
+                // No device runs any more, and the run's report counts frames under the
+                // lock: the emptied tables go back at once.
                 if let Ok(f) = self.device_unmount_one(&m, d, frames) {
                     flush.merge(f);
                 }

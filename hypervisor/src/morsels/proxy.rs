@@ -141,7 +141,8 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         n.in_io = false;
         d.proxy_spans.retain(|&(at, _)| at != b.iova);
         let faulted = devices::faults_of(d, b.bdf);
-        let (freed, flush) = match d.iommu.unmount(b.bdf, &n.morsel, &mut n.views, b.iova, frames) {
+        // Emptied tables kept until the world lock is let go, after the commit below.
+        let (freed, flush) = match d.iommu.unmount(b.bdf, &n.morsel, &mut n.views, b.iova, &crate::vm::shootdown::After(frames)) {
             Ok((s, flush)) => (s.path_writes, flush),
             // Nothing cleared that the unit may cache, but its domain is invalidated as before.
             Err(_) => (0, Flush::domain(b.bdf)),
