@@ -156,8 +156,7 @@ const _: () = assert!(!can_share::<Ept, morsel::AmdV1>() && !can_share::<morsel:
 /// IOMMU walks the morsel's format (EPT into VT-d: Xen's `iommu=sharept`), else, with
 /// `shares_ept` (VT-d and `iommu=sharept`), the own subtree of its EPT twin through that same
 /// path, else its view in the IOMMU's format. The caller invalidates (`Unit::mount` returns
-/// the `Flush` for it). Returns what it wrote
-/// and how.
+/// the `Flush` for it). Returns what it wrote and how.
 pub fn mount<I: Iommu, F: Format>(unit: &mut I, bdf: Bdf, morsel: &Morsel<F>, views: &mut Views, iova: u64, perm: Perm, frames: &Frames) -> Result<(MountStats, &'static str), MountError> {
     let mem = unit.mem();
     if can_share::<F, I::Format>() {
@@ -294,8 +293,8 @@ impl Unit {
     pub fn limit(&mut self, bdf: Bdf) -> Option<u64> {
         with_unit!(self, u => Iommu::table(u, bdf).map(|t| t.limit()))
     }
-    /// `mount`, with the IOTLB invalidation of `bdf`'s domain it owes (the unit may cache
-    /// the entry's absence: VT-d's caching mode, which QEMU sets).
+    /// `mount`, with the IOTLB invalidation of `bdf`'s domain it owes (a unit may cache
+    /// not-present entries: VT-d's caching mode, CAP.CM, VT-d spec 6.1).
     pub fn mount<F: Format>(&mut self, bdf: Bdf, morsel: &Morsel<F>, views: &mut Views, iova: u64, perm: Perm, frames: &Frames) -> Result<(MountStats, &'static str, Flush), MountError> {
         with_unit!(self, u => mount(u, bdf, morsel, views, iova, perm, frames)).map(|(s, how)| (s, how, Flush::domain(bdf)))
     }

@@ -11,7 +11,7 @@
 //!
 //! # No CPU waits for another while holding the world lock
 //!
-//! A commit runs under the world lock but does not wait: they add the acknowledgments
+//! A commit runs under the world lock but does not wait: it adds the acknowledgments
 //! to wait for to this CPU's `Owed` record. Every release of the world lock
 //! (`runqueue::WorldGuard`'s drop) then runs `complete`: with no lock held it waits for
 //! them (answering its own requests meanwhile), and only then gives the frames the call
