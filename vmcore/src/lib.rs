@@ -7,6 +7,7 @@
 extern crate alloc;
 
 pub mod exits;
+pub mod flush;
 pub mod guestbytes;
 pub mod names;
 pub mod reason;

@@ -6,6 +6,7 @@
 use super::{faults_of, Devices, SCRATCH_IOVA, TEST_LEN};
 use crate::mm::frames::{Frames, IDENTITY};
 use crate::iommu::{Unit, Views};
+use crate::vm::shootdown::{Flush, Hw};
 use crate::devices::pci::Bdf;
 use alloc::vec::Vec;
 use allocator::Order;
@@ -183,18 +184,23 @@ fn fault_at(d: &mut Devices, bdf: Bdf, iova: u64) -> bool {
 /// Mounts `m` at each `(iova, perm)` in `bdf`'s domain through `Unit::mount` and invalidates
 /// once; true if each mount took the EPT subtree itself (no view built).
 fn mount_all(d: &mut Devices, bdf: Bdf, m: &Morsel<Ept>, views: &mut Views, at: &[(u64, Perm)], frames: &Frames) -> bool {
+    let mut flush = Flush::none();
     for &(iova, perm) in at {
         match d.iommu.mount(bdf, m, views, iova, perm, frames) {
-            Ok((stats, how)) => log::info!(target: "iommu",
-                "sharept test: EPT morsel of {} (root L{} table at {:#x}) mounted {perm} into device {bdf} at I/O virtual address {iova:#x}: {} PTE write (+{}), {how}",
-                formats::units::Bytes(m.len()), m.root_level(), m.root().as_u64(), stats.entry_writes, stats.path_writes),
+            Ok((stats, how, f)) => {
+                flush.merge(f);
+                log::info!(target: "iommu",
+                    "sharept test: EPT morsel of {} (root L{} table at {:#x}) mounted {perm} into device {bdf} at I/O virtual address {iova:#x}: {} PTE write (+{}), {how}",
+                    formats::units::Bytes(m.len()), m.root_level(), m.root().as_u64(), stats.entry_writes, stats.path_writes)
+            }
             Err(e) => {
                 log::error!(target: "iommu", "sharept test: mount into device {bdf} at {iova:#x} failed: {e:?}");
+                let _ = flush.commit(&mut Hw(Some(d)));
                 return false;
             }
         }
     }
-    let invalidated = d.iommu.invalidate(bdf).is_ok();
+    let invalidated = flush.commit(&mut Hw(Some(&mut *d))).ok();
     // A view would mean the IOMMU walks copies, not the EPT subtree this test is about.
     let shared = views.vtd.is_none() && views.amd.is_none() && views.amd_ro.is_none() && views.ept.is_none();
     log::info!(target: "iommu", "sharept test: the EPT subtree itself was mounted (no VT-d view): {}", if shared { "yes" } else { "NO" });
@@ -202,8 +208,16 @@ fn mount_all(d: &mut Devices, bdf: Bdf, m: &Morsel<Ept>, views: &mut Views, at: 
 }
 
 fn unmount_all(d: &mut Devices, bdf: Bdf, m: &Morsel<Ept>, views: &mut Views, at: &[(u64, Perm)], frames: &Frames) -> bool {
-    let ok = at.iter().all(|&(iova, _)| d.iommu.unmount(bdf, m, views, iova, frames).is_ok());
-    ok && d.iommu.invalidate(bdf).is_ok()
+    let mut flush = Flush::none();
+    let mut ok = true;
+    for &(iova, _) in at {
+        match d.iommu.unmount(bdf, m, views, iova, frames) {
+            Ok((_, f)) => flush.merge(f),
+            Err(_) => ok = false,
+        }
+    }
+    // One invalidation for all of them (none owed if every unmount failed).
+    flush.commit(&mut Hw(Some(d))).ok() && ok
 }
 
 /// The raw EPT leaf the unit reads for the morsel's first page (root L1 or L2 table, entry 0).

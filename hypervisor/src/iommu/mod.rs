@@ -14,10 +14,14 @@ pub mod vtd;
 use crate::mm::frames::Frames;
 use crate::devices::pci::Bdf;
 use alloc::vec::Vec;
-use morsel::{can_share, AmdV1, Ept, Format, HostPhysAddr, IoVirtAddr, Morsel, MountStats, PageSize, Perm, PhysMem, SecondLevelTable, VtdSl};
+use morsel::{can_share, AmdV1, Ept, Format, FrameAlloc, HostPhysAddr, IoVirtAddr, Morsel, MountStats, PageSize, Perm, PhysMem, SecondLevelTable, VtdSl};
 
 pub use amdvi::AmdVi;
 pub use vtd::Vtd;
+
+/// What a mount or unmount in a domain still owes: its IOTLB invalidation (`vmcore::flush`;
+/// the VM layer's `shootdown::Flush`, committed there).
+type Flush = vmcore::flush::Flush<Bdf>;
 
 /// Why an IOMMU cannot be used, or an operation on it failed.
 #[derive(Debug)]
@@ -151,8 +155,8 @@ const _: () = assert!(!can_share::<Ept, morsel::AmdV1>() && !can_share::<morsel:
 /// Mounts `morsel` into `bdf`'s domain at `iova` with one entry: its own subtree where the
 /// IOMMU walks the morsel's format (EPT into VT-d: Xen's `iommu=sharept`), else, with
 /// `shares_ept` (VT-d and `iommu=sharept`), the own subtree of its EPT twin through that same
-/// path, else its view in the IOMMU's format. The caller invalidates. Returns what it wrote
-/// and how.
+/// path, else its view in the IOMMU's format. The caller invalidates (`Unit::mount` returns
+/// the `Flush` for it). Returns what it wrote and how.
 pub fn mount<I: Iommu, F: Format>(unit: &mut I, bdf: Bdf, morsel: &Morsel<F>, views: &mut Views, iova: u64, perm: Perm, frames: &Frames) -> Result<(MountStats, &'static str), MountError> {
     let mem = unit.mem();
     if can_share::<F, I::Format>() {
@@ -197,8 +201,9 @@ pub fn mount<I: Iommu, F: Format>(unit: &mut I, bdf: Bdf, morsel: &Morsel<F>, vi
 }
 
 /// Undoes `mount` (the same subtree: the morsel's own, its EPT twin's or its view's), with
-/// the intermediate tables it left empty; the caller invalidates.
-pub fn unmount<I: Iommu, F: Format>(unit: &mut I, bdf: Bdf, morsel: &Morsel<F>, views: &mut Views, iova: u64, frames: &Frames) -> Result<MountStats, MountError> {
+/// the intermediate tables it left empty; the caller invalidates (`Unit::unmount` returns the
+/// `Flush` for it).
+pub fn unmount<I: Iommu, F: Format>(unit: &mut I, bdf: Bdf, morsel: &Morsel<F>, views: &mut Views, iova: u64, frames: &impl FrameAlloc) -> Result<MountStats, MountError> {
     let mem = unit.mem();
     if can_share::<F, I::Format>() {
         let table = unit.table(bdf).ok_or(MountError::NoDomain)?;
@@ -288,11 +293,16 @@ impl Unit {
     pub fn limit(&mut self, bdf: Bdf) -> Option<u64> {
         with_unit!(self, u => Iommu::table(u, bdf).map(|t| t.limit()))
     }
-    pub fn mount<F: Format>(&mut self, bdf: Bdf, morsel: &Morsel<F>, views: &mut Views, iova: u64, perm: Perm, frames: &Frames) -> Result<(MountStats, &'static str), MountError> {
-        with_unit!(self, u => mount(u, bdf, morsel, views, iova, perm, frames))
+    /// `mount`, with the IOTLB invalidation of `bdf`'s domain it owes (a unit may cache
+    /// not-present entries: VT-d's caching mode, CAP.CM, VT-d spec 6.1).
+    pub fn mount<F: Format>(&mut self, bdf: Bdf, morsel: &Morsel<F>, views: &mut Views, iova: u64, perm: Perm, frames: &Frames) -> Result<(MountStats, &'static str, Flush), MountError> {
+        with_unit!(self, u => mount(u, bdf, morsel, views, iova, perm, frames)).map(|(s, how)| (s, how, Flush::domain(bdf)))
     }
-    pub fn unmount<F: Format>(&mut self, bdf: Bdf, morsel: &Morsel<F>, views: &mut Views, iova: u64, frames: &Frames) -> Result<MountStats, MountError> {
-        with_unit!(self, u => unmount(u, bdf, morsel, views, iova, frames))
+    /// `unmount`, with the IOTLB invalidation of `bdf`'s domain it owes. The tables it
+    /// empties go to `frames`: `shootdown::After` keeps them until the world lock is let go,
+    /// after the commit (the unit may still walk a cached pointer to them until then).
+    pub fn unmount<F: Format>(&mut self, bdf: Bdf, morsel: &Morsel<F>, views: &mut Views, iova: u64, frames: &impl FrameAlloc) -> Result<(MountStats, Flush), MountError> {
+        with_unit!(self, u => unmount(u, bdf, morsel, views, iova, frames)).map(|s| (s, Flush::domain(bdf)))
     }
     pub fn map_page(&mut self, bdf: Bdf, iova: u64, frame: HostPhysAddr, perm: Perm, frames: &Frames) -> Result<(), Error> {
         with_unit!(self, u => map_page(u, bdf, iova, frame, perm, frames))

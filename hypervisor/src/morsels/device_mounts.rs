@@ -1,5 +1,6 @@
 //! Morsels in device DMA domains: `device_mount` writes one entry in the device's IOMMU
-//! domain (VT-d or AMD-Vi, `crate::iommu`) and invalidates its IOTLB. EPT subtrees are
+//! domain (VT-d or AMD-Vi, `crate::iommu`) and invalidates its IOTLB (the `Flush` the mount
+//! returns, committed at once; an unmount's is merged by callers that unmount several). EPT subtrees are
 //! mounted into a VT-d domain as they are (the formats share, Xen's `iommu=sharept`);
 //! otherwise the morsel gets a view in the IOMMU's format over the same data frames
 //! (`Morsel::view`), built on its first device mount and kept with the morsel.
@@ -9,6 +10,7 @@ use crate::devices::{self, Devices};
 use crate::mm::frames::Frames;
 use crate::devices::pci::Bdf;
 use crate::vm::guest::Guest;
+use crate::vm::shootdown::{After, Flush, Hw};
 use crate::vm::Backend;
 use abi::{self, Error};
 use morsel::{Format, GuestPhysAddr, Perm};
@@ -51,9 +53,11 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
                 Some(_) => {}
                 None => devices::edu_scrub(d, frames)?,
             }
-            let r = d.iommu.mount(bdf, &n.morsel, &mut n.views, iova, perm, frames).map_err(mount_error)?;
-            d.iommu.invalidate(bdf).map_err(|_| Error::DeviceFault)?;
-            Ok(r)
+            let (stats, how, flush) = d.iommu.mount(bdf, &n.morsel, &mut n.views, iova, perm, frames).map_err(mount_error)?;
+            if !flush.commit(&mut Hw(Some(d))).ok() {
+                return Err(Error::DeviceFault);
+            }
+            Ok((stats, how))
         })?;
         n.count_mount(&stats, 1);
         log::info!(target: "morsel", "'{name}' mounted {} into device {bdf} at I/O virtual address {iova:#x} for guest {}: {} PTE write (+{} for new intermediate tables), 1 IOTLB invalidation, {how}",
@@ -62,24 +66,31 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         Ok(iova)
     }
 
-    /// `device_unmount(bdf, iova)`: the caller's own device mounts only.
+    /// `device_unmount(bdf, iova)`: the caller's own device mounts only. The domain's IOTLB
+    /// is invalidated before the call returns.
     pub fn device_unmount<B: Backend<Format = F>>(&mut self, g: &Guest<B>, devices: Option<&mut Devices>, frames: &Frames, bdf: Bdf, iova: u64) -> Result<u64, Error> {
         let i = self.devices.iter().position(|d| d.bdf == bdf && d.iova == iova && d.guest == g.id).ok_or(Error::NotFound)?;
-        let d = self.devices.remove(i);
-        self.device_unmount_one(&d, devices.ok_or(Error::NotFound)?, frames)
+        let m = self.devices.remove(i);
+        let d = devices.ok_or(Error::NotFound)?;
+        let flush = self.device_unmount_one(&m, d, &After(frames))?;
+        match flush.commit(&mut Hw(Some(d))).ok() {
+            true => Ok(0),
+            false => Err(Error::DeviceFault),
+        }
     }
 
-    /// Clears a device mount's entry (and the intermediate tables it leaves empty) and
-    /// flushes the domain's IOTLB.
-    pub(crate) fn device_unmount_one(&mut self, m: &DeviceMount, d: &mut Devices, frames: &Frames) -> Result<u64, Error> {
+    /// Clears a device mount's entry (and the intermediate tables it leaves empty, freed
+    /// through `frames`: `shootdown::After` where the unit may still cache them, so they go
+    /// back after the commit); returns the domain's IOTLB invalidation, for the caller to
+    /// commit (merged with others').
+    pub(crate) fn device_unmount_one(&mut self, m: &DeviceMount, d: &mut Devices, frames: &impl morsel::FrameAlloc) -> Result<Flush, Error> {
         self.devices.retain(|d| !(d.bdf == m.bdf && d.iova == m.iova));
         let n = self.named.get_mut(&m.name).ok_or(Error::NotFound)?;
-        let stats = d.iommu.unmount(m.bdf, &n.morsel, &mut n.views, m.iova, frames).map_err(|_| Error::Invalid)?;
-        d.iommu.invalidate(m.bdf).map_err(|_| Error::DeviceFault)?;
+        let (stats, flush) = d.iommu.unmount(m.bdf, &n.morsel, &mut n.views, m.iova, frames).map_err(|_| Error::Invalid)?;
         n.count_unmount(&stats);
-        log::info!(target: "morsel", "'{}' unmounted from device {} at I/O virtual address {:#x}: {} PTE write, 1 IOTLB invalidation, {} empty intermediate tables freed",
+        log::info!(target: "morsel", "'{}' unmounted from device {} at I/O virtual address {:#x}: {} PTE write, 1 IOTLB invalidation owed (committed once per domain for the call), {} empty intermediate tables freed",
             m.name, m.bdf, m.iova, stats.entry_writes, stats.path_writes);
-        Ok(0)
+        Ok(flush)
     }
 
 }

@@ -8,6 +8,7 @@ use super::{name_error, read_name, Directory, Mount, Name, Named, PendingCreate,
 use crate::devices::Devices;
 use crate::mm::frames::{Frames, Identity, IDENTITY};
 use crate::vm::guest::Guest;
+use crate::vm::shootdown::{Flush, Hw};
 use crate::vm::Backend;
 use abi::{self, Error};
 use formats::units::Bytes;
@@ -164,21 +165,22 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     }
 
     /// `morsel_unmount(gpa)`. The intermediate tables the mount created go with it (else a
-    /// later morsel with a larger window would find its slot taken).
-    pub fn unmount<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, frames: &Frames, gpa: u64) -> Result<u64, Error> {
+    /// later morsel with a larger window would find its slot taken). Returns the shootdown
+    /// the caller commits (the guest's CPUs).
+    pub fn unmount<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, frames: &Frames, gpa: u64) -> Result<Flush, Error> {
         let i = g.mounts.iter().position(|m| m.gpa == gpa).ok_or(Error::NotFound)?;
         let m = g.mounts.remove(i);
         let n = self.named.get_mut(&m.name).ok_or(Error::NotFound)?;
         // The emptied tables stay with this CPU until the shootdown is acknowledged.
         let after = crate::vm::shootdown::After(frames);
         let stats = n.morsel.unmount(g.mem.table_mut(), GuestPhysAddr::new(gpa), &after, &IDENTITY).map_err(|_| Error::Invalid)?;
-        crate::vm::shootdown::guest(g);
+        let flush = crate::vm::shootdown::of_guest(g);
         n.count_unmount(&stats);
         log::info!(target: "morsel", "'{}' unmounted from guest {} at {gpa:#x}: {} PTE write, 1 invalidation, {} empty intermediate tables freed",
             m.name, g.id, stats.entry_writes, stats.path_writes);
         log::info!(target: "evt", "morsel.unmount guest={} name={} gpa={gpa:#x} pte_writes={} invalidations=1 tables_freed={}",
             g.id, m.name, stats.entry_writes, stats.path_writes);
-        Ok(0)
+        Ok(flush)
     }
 
     /// `morsel_size(gpa)`.
@@ -251,20 +253,33 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         }
     }
 
-    /// Drops every mount of a guest that is leaving (device mounts too).
+    /// Drops every mount of a guest that is leaving (device mounts too), with one commit for
+    /// all of them: each device domain invalidated once (its guest mounts need no shootdown:
+    /// it has no vCPU left, `shootdown::of_guest`).
     pub fn drop_mounts<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, mut devices: Option<&mut Devices>, frames: &Frames) {
+        let mut flush = Flush::none();
         while let Some(m) = self.devices.iter().find(|d| d.guest == g.id).cloned() {
             match devices.as_deref_mut() {
                 Some(d) => {
-                    let _ = self.device_unmount_one(&m, d, frames);
+                    // Emptied tables kept until the commit below is acknowledged.
+                    if let Ok(f) = self.device_unmount_one(&m, d, &crate::vm::shootdown::After(frames)) {
+                        flush.merge(f);
+                    }
                 }
                 None => self.devices.retain(|d| d.guest != g.id),
             }
         }
         while let Some(m) = g.mounts.last().cloned() {
-            if self.unmount(g, frames, m.gpa).is_err() {
-                g.mounts.pop();
+            match self.unmount(g, frames, m.gpa) {
+                Ok(f) => flush.merge(f),
+                Err(_) => {
+                    g.mounts.pop();
+                }
             }
+        }
+        let done = flush.commit(&mut Hw(devices));
+        if !done.ok() {
+            log::error!(target: "iommu", "guest {} left: the IOTLB of {} device domain(s) could not be invalidated", g.id, done.failed);
         }
     }
 
@@ -286,9 +301,16 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     pub fn destroy_all(&mut self, devices: Option<&mut Devices>, frames: &Frames) {
         let mounts = core::mem::take(&mut self.devices);
         if let Some(d) = devices {
+            let mut flush = Flush::none();
             for m in mounts {
-                let _ = self.device_unmount_one(&m, d, frames);
+                // No device runs any more, and the run's report counts frames under the
+                // lock: the emptied tables go back at once.
+                if let Ok(f) = self.device_unmount_one(&m, d, frames) {
+                    flush.merge(f);
+                }
             }
+            // Each domain once, before its emptied tables go back.
+            let _ = flush.commit(&mut Hw(Some(&mut *d)));
             d.iommu.prune_domains(frames);
             d.iommu.poll_faults();
             let (faults, invalidations) = d.iommu.counters();

@@ -18,6 +18,7 @@
 
 use crate::vm::guest::Guest;
 use super::{read_name, Directory, Name};
+use crate::vm::shootdown::{Flush, Hw};
 use crate::vm::Backend;
 use crate::mm::frames::{Frames, IDENTITY};
 use alloc::string::String;
@@ -519,30 +520,25 @@ impl Exmaps {
             // ONE shootdown for the whole batch, then the frames may leave the cache: the
             // caller's CPUs, or, where other guests have the region mounted (or the caller
             // is gone), every CPU that ran any guest.
-            match g.as_deref_mut() {
-                Some(g) if n.morsel.mount_count() <= 1 => crate::vm::shootdown::guest(g),
+            let mut flush = match g.as_deref_mut() {
+                Some(g) if n.morsel.mount_count() <= 1 => crate::vm::shootdown::of_guest(g),
                 _ => {
-                    crate::vm::shootdown::cpus(crate::vm::shootdown::any_ran_on());
                     stats.remote_flushes += 1;
+                    Flush::every_guest_cpu()
                 }
-            }
+            };
             stats.invalidations += 1;
             // Each device domain the region is mounted in is invalidated once for the batch,
-            // however many of its mounts (windows) are there.
-            let mut domains: Vec<_> = dir.devices.iter().filter(|d| d.name == name).map(|d| d.bdf).collect();
-            let mounts = domains.len();
-            domains.sort_unstable_by_key(|b| b.source_id());
-            domains.dedup();
-            if !domains.is_empty() {
-                let mut flushed = 0;
-                if let Some(d) = devices {
-                    for &bdf in &domains {
-                        if d.iommu.invalidate(bdf).is_ok() {
-                            flushed += 1;
-                        }
-                    }
-                }
-                stats.invalidations += flushed;
+            // however many of its mounts (windows) are there (`Flush::merge`).
+            let mut mounts = 0;
+            for d in dir.devices.iter().filter(|d| d.name == name) {
+                flush.merge(Flush::domain(d.bdf));
+                mounts += 1;
+            }
+            let done = flush.commit(&mut Hw(devices));
+            if mounts > 0 {
+                let flushed = done.domains;
+                stats.invalidations += flushed as u64;
                 log::info!(target: "exmap", "guest {guest} '{name}' free of {} pages: IOTLB invalidated once in each of {flushed} device domain(s) ({mounts} device mounts)", b.pages);
             }
             // What leaves the cache stays with this CPU until the shootdown is acknowledged.
@@ -625,13 +621,15 @@ impl Exmaps {
                     stats.free_calls += 1;
                 }
                 if let Some(targets) = targets {
-                    match (targets, g.as_deref()) {
-                        (Targets::Caller, Some(g)) => crate::vm::shootdown::guest(g),
+                    let flush = match (targets, g.as_deref()) {
+                        (Targets::Caller, Some(g)) => crate::vm::shootdown::of_guest(g),
                         _ => {
-                            crate::vm::shootdown::cpus(crate::vm::shootdown::any_ran_on());
                             stats.remote_flushes += 1;
+                            Flush::every_guest_cpu()
                         }
-                    }
+                    };
+                    // No device sees a batching region: the shootdown alone.
+                    let _ = flush.commit(&mut Hw(None));
                     stats.invalidations += 1;
                     // What leaves the cache stays with this CPU until the shootdown is
                     // acknowledged (`shootdown::After`).

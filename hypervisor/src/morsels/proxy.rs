@@ -13,6 +13,7 @@ use alloc::vec::Vec;
 use formats::units::Bytes;
 use crate::mm::frames::Frames;
 use crate::vm::guest::Guest;
+use crate::vm::shootdown::{Flush, Hw};
 use crate::vm::Backend;
 use abi::{self, Error};
 use morsel::{Format, GuestPhysAddr, Perm};
@@ -111,9 +112,12 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         reqs.try_reserve(exmap::MAX_ENTRIES).map_err(|_| Error::NoMemory)?;
         done.try_reserve(exmap::MAX_ENTRIES).map_err(|_| Error::NoMemory)?;
         let perm = if write { Perm::RO } else { Perm::RW };
-        let (stats, how) = d.iommu.mount(bdf, &n.morsel, &mut n.views, iova, perm, frames).map_err(mount_error)?;
-        if d.iommu.invalidate(bdf).is_err() {
-            let _ = d.iommu.unmount(bdf, &n.morsel, &mut n.views, iova, frames);
+        let (stats, how, flush) = d.iommu.mount(bdf, &n.morsel, &mut n.views, iova, perm, frames).map_err(mount_error)?;
+        if !flush.commit(&mut Hw(Some(&mut *d))).ok() {
+            // The entry goes again; its invalidation is tried once more.
+            if let Ok((_, flush)) = d.iommu.unmount(bdf, &n.morsel, &mut n.views, iova, frames) {
+                let _ = flush.commit(&mut Hw(Some(d)));
+            }
             return Err(Error::DeviceFault);
         }
         let level = if loud { log::Level::Info } else { log::Level::Debug };
@@ -138,8 +142,15 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         n.in_io = false;
         d.proxy_spans.retain(|&(at, _)| at != b.iova);
         let faulted = devices::faults_of(d, b.bdf);
-        let freed = d.iommu.unmount(b.bdf, &n.morsel, &mut n.views, b.iova, frames).map_or(0, |s| s.path_writes);
-        d.iommu.invalidate(b.bdf).map_err(|_| Error::DeviceFault)?;
+        // Emptied tables kept until the world lock is let go, after the commit below.
+        let (freed, flush) = match d.iommu.unmount(b.bdf, &n.morsel, &mut n.views, b.iova, &crate::vm::shootdown::After(frames)) {
+            Ok((s, flush)) => (s.path_writes, flush),
+            // Nothing cleared that the unit may cache, but its domain is invalidated as before.
+            Err(_) => (0, Flush::domain(b.bdf)),
+        };
+        if !flush.commit(&mut Hw(Some(d))).ok() {
+            return Err(Error::DeviceFault);
+        }
         let level = if b.loud { log::Level::Info } else { log::Level::Debug };
         log::log!(target: "morsel", level, "'{}' unmounted from device {} at {:#x}: 1 PTE write, 1 IOTLB invalidation, {freed} empty intermediate tables freed", b.name, b.bdf, b.iova);
         Ok(faulted)

@@ -253,7 +253,11 @@ fn dispatch<B: Backend>(call: Call, guest: &mut Guest<B>, caller: Caller, cx: &m
         Call::MorselOpen { name, writable } => morsels.open(guest, frames, name, writable),
         Call::MorselUnmount { gpa } => {
             let name = guest.mounts.iter().find(|m| m.gpa == gpa).and_then(|m| crate::morsels::try_string(&m.name).ok());
-            let done = morsels.unmount(guest, frames, gpa);
+            // One shootdown, committed before the world lock is let go.
+            let done = morsels.unmount(guest, frames, gpa).map(|flush| {
+                flush.commit(&mut super::shootdown::Hw(devices));
+                0
+            });
             if let (Ok(_), Some(name)) = (&done, name) {
                 cx.notify.unmounted(guest.id, &name);
             }

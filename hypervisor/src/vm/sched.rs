@@ -128,6 +128,7 @@ pub fn run_guests<B: Backend>(backend: &mut B, frames: &Frames, archive: Archive
     crate::morsels::exmap::Exmaps::log_stats(&cx.morsels);
     super::shootdown::log_stats();
     cx.morsels.destroy_all(cx.devices.as_mut(), frames);
+    super::shootdown::report_dropped();
     frames.drain();
     let reclaims = crate::mm::frames::RECLAIMS.load(Ordering::Relaxed);
     if reclaims > 0 {

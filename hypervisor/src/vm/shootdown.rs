@@ -1,7 +1,9 @@
 //! TLB shootdown for second-level translations: after an unmount, or an ExMap FREE, cleared
 //! entries may still be cached by every CPU that ran a vCPU of an affected guest
-//! (`Guest::ran_on`). `guest`/`cpus` flush this CPU (its vCPUs flush before their next
-//! entry) and send one IPI to each other such CPU (`arch::ipi`'s mailbox protocol); each
+//! (`Guest::ran_on`). The operation that cleared them returns a `Flush` naming those CPUs
+//! (`of_guest`, or every CPU that ran a guest) and the device domains whose IOTLB must go;
+//! its caller commits it once (`Hw`): this CPU flushes (its vCPUs flush before their next
+//! entry) and one IPI goes to each other such CPU (`arch::ipi`'s mailbox protocol); each
 //! target flushes by the backend's own means before its next guest entry: INVEPT
 //! single-context on VMX, TLB_CONTROL = flush this ASID on SVM
 //! (`Backend::flush_second_level`). One shootdown per hypercall, however many entries it
@@ -9,7 +11,7 @@
 //!
 //! # No CPU waits for another while holding the world lock
 //!
-//! `guest`/`cpus` run under the world lock but do not wait: they add the acknowledgments
+//! A commit runs under the world lock but does not wait: it adds the acknowledgments
 //! to wait for to this CPU's `Owed` record. Every release of the world lock
 //! (`runqueue::WorldGuard`'s drop) then runs `complete`: with no lock held it waits for
 //! them (answering its own requests meanwhile), and only then gives the frames the call
@@ -17,7 +19,8 @@
 //!
 //! 1. under the lock: entries cleared; frames they led to (the unmount's emptied tables,
 //!    an ExMap FREE's trimmed cache) go through `After`, which keeps them in `Owed::frames`
-//!    instead of the allocator; the IPIs are sent (`ipi::request`);
+//!    instead of the allocator; the call's `Flush` is committed: the IPIs are sent
+//!    (`ipi::request`);
 //! 2. the lock is let go: other CPUs handle exits meanwhile; the frames are in no one's
 //!    hands but this CPU's, so none can be handed out while a CPU may still cache a
 //!    translation to it;
@@ -44,6 +47,8 @@
 use super::guest::Guest;
 use super::Backend;
 use crate::arch::ipi;
+use crate::devices::pci::Bdf;
+use crate::devices::Devices;
 use crate::mm::frames::Frames;
 use core::sync::atomic::{AtomicU64, Ordering};
 use vmcore::shootdown;
@@ -67,18 +72,60 @@ pub fn any_ran_on() -> u64 {
     ANY_RAN_ON.load(Ordering::Acquire)
 }
 
-/// Shoots down the translations of guest `g` on every CPU that ran one of its vCPUs. A guest
-/// with no vCPU left needs none (it never enters again; its ASID/VPID and EPTP are flushed
-/// before any reuse).
-pub fn guest<B: Backend>(g: &Guest<B>) {
+/// What an unmount, an ExMap FREE or a device mount still has to invalidate
+/// (`vmcore::flush`): the CPUs to shoot down and the device domains, each named by its PCI
+/// function, whose IOTLB to invalidate. Committed once per call (`Flush::commit` with
+/// `Hw`), before the world lock is let go (`complete` then gives the kept frames back).
+pub type Flush = vmcore::flush::Flush<Bdf>;
+
+/// The flush of guest `g`'s translations: every CPU that ran one of its vCPUs. A guest with
+/// no vCPU left needs none (it never enters again; its ASID/VPID and EPTP are flushed before
+/// any reuse): the flush is empty, and dropping it is fine.
+pub fn of_guest<B: Backend>(g: &Guest<B>) -> Flush {
     if g.live_vcpus > 0 {
-        cpus(g.ran_on);
+        Flush::cpus(g.ran_on)
+    } else {
+        Flush::none()
+    }
+}
+
+/// What commits a `Flush`: the TLB shootdown through `cpus` (IPIs now, acknowledgments at
+/// `complete`), the IOTLB through the devices' IOMMU (None: no IOMMU, so each domain named
+/// counts as failed).
+pub struct Hw<'a>(pub Option<&'a mut Devices>);
+
+impl vmcore::flush::Invalidate<Bdf> for Hw<'_> {
+    fn every_guest_cpu(&self) -> u64 {
+        any_ran_on()
+    }
+
+    fn shoot(&mut self, mask: u64) {
+        cpus(mask);
+    }
+
+    fn iotlb(&mut self, bdf: Bdf) -> bool {
+        self.0.as_deref_mut().is_some_and(|d| d.iommu.invalidate(bdf).is_ok())
+    }
+
+    fn iotlb_all(&mut self) -> (u32, u32) {
+        let Some(d) = self.0.as_deref_mut() else { return (0, 0) };
+        let (mut done, mut failed) = (0, 0);
+        for f in d.functions.iter() {
+            if d.iommu.has_domain(f.bdf) {
+                match d.iommu.invalidate(f.bdf) {
+                    Ok(()) => done += 1,
+                    Err(_) => failed += 1,
+                }
+            }
+        }
+        (done, failed)
     }
 }
 
 /// Shoots down on every CPU of `mask` (this one flushes locally): the IPIs go now, the
 /// acknowledgments are awaited by `complete` when this CPU lets go of the world lock.
-pub fn cpus(mask: u64) {
+/// `Flush::commit` is the way in (`Hw`).
+fn cpus(mask: u64) {
     let t0 = crate::platform::time::tsc();
     let (acks, sent) = ipi::request(mask);
     let me = ipi::me();
@@ -245,4 +292,13 @@ pub fn log_stats() {
     let per = (ipis * 100).checked_div(n).unwrap_or(0);
     log::info!(target: "morsel", "stats shootdowns: {n} ({ipis} IPIs, {}.{:02} IPIs per shootdown, {} us per shootdown, waited with no lock held; {} waited under the lock)",
         per / 100, per % 100, us.checked_div(n).unwrap_or(0), OVERFLOWS.load(Ordering::Relaxed));
+}
+
+/// Reports flushes dropped uncommitted (`vmcore::flush::dropped`): a release build goes on
+/// past `Flush`'s drop check, so the end of the run says so, in words the scenarios reject.
+pub fn report_dropped() {
+    let dropped = vmcore::flush::dropped();
+    if dropped > 0 {
+        log::error!(target: "morsel", "{dropped} flush(es) dropped uncommitted (UNEXPECTED): translations left cached, frames freed without a shootdown");
+    }
 }
