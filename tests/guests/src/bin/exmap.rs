@@ -605,7 +605,7 @@ fn overlap(me: usize) -> i32 {
 }
 
 /// Arg 8: the 'victim' region's address (0: not yet), vCPU 0's calls so far, and whether
-/// vCPU 1 has unmounted it.
+/// vCPU 1 has started to unmount it.
 static VICTIM: AtomicU64 = AtomicU64::new(0);
 static VICTIM_CALLS: AtomicU64 = AtomicU64::new(0);
 static UNMOUNTED: AtomicU64 = AtomicU64::new(0);
@@ -660,8 +660,10 @@ fn victim_attacker() -> i32 {
         }
     }
     let c0 = VICTIM_CALLS.load(SeqCst);
-    let u = guest_lib::hypercall::call(abi::HC_MORSEL_UNMOUNT, [gpa, 0, 0, 0, 0, 0]);
+    // Marked before the call: the victim's next batch may answer NotFound as soon as the
+    // unmount is done, before this vCPU is back from it.
     UNMOUNTED.store(1, SeqCst);
+    let u = guest_lib::hypercall::call(abi::HC_MORSEL_UNMOUNT, [gpa, 0, 0, 0, 0, 0]);
     let mut busy = 0u64;
     let d = loop {
         match morsel::destroy("victim") {
