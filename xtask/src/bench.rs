@@ -1086,5 +1086,8 @@ threads  allocator  get+put ns   Mops/s total   (median of 1 runs, ns per op per
         assert!(Options::parse(&["nope".into()]).is_err());
         assert!(Options::parse(&["--rounds".into(), "0".into()]).is_err());
         assert!(Options::parse(&["exmap".into(), "exmap".into()]).is_err());
+        // `exmap-smp` alone runs only the Bochs ExMap rows, not every host bench.
+        let o = Options::parse(&["exmap-smp".into()]).unwrap();
+        assert!(o.exmap_smp && o.benches.is_empty() && !o.smp);
     }
 }
