@@ -33,6 +33,8 @@ pub struct Options {
     pub bufmgr: bool,
     /// `exits`: Bochs ticks per null exit (`bench_smp::bench_exits`), only when named.
     pub exits: bool,
+    /// `exmap-smp`: Bochs ticks per ExMap page on 1, 2, 4 CPUs (`bench_exmap_smp`), only when named.
+    pub exmap_smp: bool,
     pub rounds: usize,
     pub docs: bool,
     /// `--upstream PATH`: a checkout of upstream llfree-rs (outside this repository); the
@@ -42,7 +44,7 @@ pub struct Options {
 
 impl Options {
     pub fn parse(args: &[String]) -> Result<Options> {
-        let mut o = Options { benches: Vec::new(), smp: false, ipc: false, bufmgr: false, exits: false, rounds: DEFAULT_ROUNDS, docs: false, upstream: None };
+        let mut o = Options { benches: Vec::new(), smp: false, ipc: false, bufmgr: false, exits: false, exmap_smp: false, rounds: DEFAULT_ROUNDS, docs: false, upstream: None };
         let mut it = args.iter();
         while let Some(a) = it.next() {
             match a.as_str() {
@@ -61,14 +63,15 @@ impl Options {
                 "ipc" => o.ipc = true,
                 "bufmgr" => o.bufmgr = true,
                 "exits" => o.exits = true,
+                "exmap-smp" => o.exmap_smp = true,
                 name => match BENCHES.iter().find(|b| **b == name) {
                     Some(b) if !o.benches.contains(b) => o.benches.push(b),
                     Some(_) => bail!("`{name}` named twice"),
-                    None => bail!("`bench` takes allocator, morsel, exmap, smp, ipc, bufmgr or exits, --rounds N, --docs (got `{name}`)"),
+                    None => bail!("`bench` takes allocator, morsel, exmap, smp, ipc, bufmgr, exits or exmap-smp, --rounds N, --docs (got `{name}`)"),
                 },
             }
         }
-        if o.benches.is_empty() && !o.smp && !o.ipc && !o.bufmgr && !o.exits {
+        if o.benches.is_empty() && !o.smp && !o.ipc && !o.bufmgr && !o.exits && !o.exmap_smp {
             o.benches = BENCHES.to_vec();
         }
         Ok(o)
@@ -222,6 +225,9 @@ pub fn utc_date(secs: u64) -> String {
 pub fn bench(o: &Options) -> Result<ExitCode> {
     if o.exits && o.benches.is_empty() && !o.smp && !o.ipc && !o.bufmgr {
         return crate::bench_smp::bench_exits();
+    }
+    if o.exmap_smp && o.benches.is_empty() && !o.smp && !o.ipc && !o.bufmgr {
+        return crate::bench_exmap_smp::bench(&[1, 2, 4]);
     }
     if [o.smp, o.ipc, o.bufmgr].iter().filter(|&&b| b).count() > 1 {
         bail!("`bench smp`, `bench ipc` and `bench bufmgr` run one at a time (each boots QEMU)");
@@ -1080,5 +1086,8 @@ threads  allocator  get+put ns   Mops/s total   (median of 1 runs, ns per op per
         assert!(Options::parse(&["nope".into()]).is_err());
         assert!(Options::parse(&["--rounds".into(), "0".into()]).is_err());
         assert!(Options::parse(&["exmap".into(), "exmap".into()]).is_err());
+        // `exmap-smp` alone runs only the Bochs ExMap rows, not every host bench.
+        let o = Options::parse(&["exmap-smp".into()]).unwrap();
+        assert!(o.exmap_smp && o.benches.is_empty() && !o.smp);
     }
 }

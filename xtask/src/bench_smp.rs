@@ -7,7 +7,8 @@
 //! frame allocator alone measured inside the hypervisor (`bench_frames`, hypervisor command
 //! line `bench=on`): 4 KiB and 2 MiB frame alloc+free pairs per second through each CPU's own
 //! allocator core, no lock held. Medians over the rounds; the host's core count beside them:
-//! TCG's vCPUs compete for those cores with everything else.
+//! TCG's vCPUs compete for those cores with everything else. Then the Bochs figures, and
+//! last the ExMap rows of `bench_exmap_smp` (Bochs, 1, 2 and 4 CPUs).
 
 use crate::machine::{Machine, SerialFrom};
 use crate::emulator::{self, Accel, Config};
@@ -115,7 +116,7 @@ pub fn bench_exits() -> Result<ExitCode> {
 }
 
 /// Boots `cmdline` under Bochs VMX with `cpus` CPUs and returns the serial log.
-fn bochs_boot(root: &std::path::Path, built: &images::Built, name: &str, cmdline: &str, cpus: usize) -> Result<String> {
+pub(crate) fn bochs_boot(root: &std::path::Path, built: &images::Built, name: &str, cmdline: &str, cpus: usize) -> Result<String> {
     let config = Config::resolve(root, "bochs-vmx")?;
     let iso = images::make_iso(built, name, cmdline)?;
     let dir = root.join(images::BUILD_DIR).join("bench");
@@ -199,7 +200,7 @@ pub fn bench(rounds: usize) -> Result<ExitCode> {
     }
     println!("(inside the hypervisor, `bench_frames`: each CPU through its own allocator core, no lock, all CPUs at once; {cores} host core(s))");
     bochs(&root, &built)?;
-    Ok(ExitCode::SUCCESS)
+    crate::bench_exmap_smp::bench(&[1, 2, 4])
 }
 
 /// The same boots under Bochs (VMX backend), once each: Bochs' virtual clock (`clock:

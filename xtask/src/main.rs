@@ -8,6 +8,7 @@
 mod archive;
 mod bench;
 mod bench_bufmgr;
+mod bench_exmap_smp;
 mod bench_ipc;
 mod bench_smp;
 mod cmdline;
@@ -113,7 +114,7 @@ usage: cargo xtask new-guest DIR
 ";
 
 const HELP_BENCH: &str = "\
-usage: cargo xtask bench [allocator|morsel|exmap|smp|ipc|bufmgr|exits] [--rounds N] [--docs] [--upstream PATH]
+usage: cargo xtask bench [allocator|morsel|exmap|smp|ipc|bufmgr|exits|exmap-smp] [--rounds N] [--docs] [--upstream PATH]
   the host benchmarks (release builds of each crate's examples/bench.rs): all of them, or
   those named, in N interleaved rounds (default 5; exmap interleaves its own N runs).
   Prints one table (median, min..max per case), writes build/bench/<bench>.csv (with the date,
@@ -135,6 +136,10 @@ usage: cargo xtask bench [allocator|morsel|exmap|smp|ipc|bufmgr|exits] [--rounds
   exits: boots the smpbench guest under Bochs VMX with 1 and 2 CPUs (all vCPUs exiting at
   once) and prints Bochs ticks (about emulated instructions) per CPUID exit and per `info`
   hypercall
+  exmap-smp: boots the exmapbench guest under Bochs VMX with 1, 2 and 4 CPUs (a guest per CPU;
+  one guest, a vCPU per CPU, one shared region; the same, a region each) and prints Bochs
+  ticks per page of ExMap ALLOC+FREE at 512 and 1 entries per call, the ratio to 1 CPU and
+  the pages zeroed; `bench smp` ends with it
 ";
 
 const HELP_SETUP: &str = "\

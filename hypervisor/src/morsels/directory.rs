@@ -141,7 +141,8 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     }
 
     fn mount<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, frames: &Frames, name: &Name, writable: bool) -> Result<u64, Error> {
-        let n = self.named.get_mut(name).ok_or(Error::NotFound)?;
+        let at = self.named.slot(name).ok_or(Error::NotFound)?;
+        let n = self.named.get_mut_at(at, name).ok_or(Error::NotFound)?;
         if g.mounts.len() >= abi::MOUNT_QUOTA as usize {
             return Err(Error::NoMemory);
         }
@@ -160,7 +161,7 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
             if writable { "read-write" } else { "read-only" }, g.id, stats.entry_writes, stats.path_writes);
         log::info!(target: "evt", "morsel.mount guest={} name={name} writable={} gpa={gpa:#x} pte_writes={} path_writes={}",
             g.id, u8::from(writable), stats.entry_writes, stats.path_writes);
-        g.mounts.push(Mount { gpa, size: n.morsel.len(), window: size, name: *name, writable });
+        g.mounts.push(Mount { gpa, size: n.morsel.len(), window: size, name: *name, at, writable });
         Ok(gpa)
     }
 

@@ -30,6 +30,7 @@ use formats::units::Bytes;
 use abi::{self, Error};
 use hashbrown::HashMap;
 use morsel::{GuestPhysAddr, HostPhysAddr, Morsel, Perm};
+use vmcore::names::SlotId;
 use vmcore::region_lock::{Cache, Caller, Contender, Held, Refusal, Targets};
 
 const _: () = assert!(exmap::MAX_ENTRIES as u64 == abi::EXMAP_MAX_ENTRIES);
@@ -116,6 +117,9 @@ pub struct Batch<F: morsel::Format> {
     /// vCPU lives, and that vCPU is in this call).
     iov_hpa: u64,
     name: Name,
+    /// Where `name` is in the directory (the caller's `Mount::at`): `finish_batch` finds
+    /// the region there without hashing the name.
+    at: SlotId,
     guest: u32,
     vcpu: u32,
     /// What the batch did (pages, failed entries, frames zeroed), or why it did nothing.
@@ -274,8 +278,7 @@ impl Exmaps {
             abi::ExmapOp::Write => abi::EXMAP_WRITE,
         };
         let mount = g.mounts.iter().find(|m| m.gpa == gpa).ok_or(Error::NotFound)?;
-        let name = mount.name;
-        let writable = mount.writable;
+        let (name, at, writable) = (mount.name, mount.at, mount.writable);
         if !writable {
             return Err(Error::Denied);
         }
@@ -288,7 +291,9 @@ impl Exmaps {
             return Err(Error::BadAddress);
         }
         let (iov_hpa, _) = g.mem.translate(GuestPhysAddr::new(iov_gpa), Perm::RW)?;
-        let n = dir.named.get_mut(&name).ok_or(Error::NotFound)?;
+        // The region is found at the slot its mount recorded (no name hash per call; here
+        // and in `finish_batch`).
+        let n = dir.named.get_mut_at(at, &name).ok_or(Error::NotFound)?;
         let Some(id) = n.region.as_ref().map(|r| r.id) else { return Err(Error::Invalid) };
         if !n.morsel.is_sparse() {
             return Err(Error::Invalid);
@@ -310,12 +315,11 @@ impl Exmaps {
             false => 0,
         };
         let key = (g.id, vcpu);
-        if !self.vcpus.contains_key(&key) {
-            self.vcpus.try_reserve(1).map_err(|_| Error::NoMemory)?;
-            // Once per vCPU (its buffers and cache, a few KiB).
-            self.vcpus.insert(key, alloc::boxed::Box::new(VcpuState::new()));
-        }
-        let v = self.vcpus.get_mut(&key).ok_or(Error::NoMemory)?;
+        // Room for a new entry (a capacity check when there is), so the insert below never
+        // allocates; one hash for find-or-insert.
+        self.vcpus.try_reserve(1).map_err(|_| Error::NoMemory)?;
+        // Once per vCPU (its buffers and cache, a few KiB).
+        let v = self.vcpus.entry(key).or_insert_with(|| alloc::boxed::Box::new(VcpuState::new()));
         v.ready()?;
         let count = (count as usize).min(exmap::MAX_ENTRIES);
         let views = &n.views;
@@ -323,7 +327,7 @@ impl Exmaps {
         let device_mounted = dir.devices.iter().any(|d| d.name == name);
         if (op == abi::EXMAP_ALLOC || op == abi::EXMAP_FREE) && !any_view && !device_mounted {
             // The batch runs with the world lock let go, under the region's lock.
-            let n = dir.named.get_mut(&name).ok_or(Error::NotFound)?;
+            let n = dir.named.get_mut_at(at, &name).ok_or(Error::NotFound)?;
             // Free: `admit` said so above, in this critical section.
             let Ok(held) = n.batching.take() else { return Ok(Step::Retry) };
             let Some(v) = self.vcpus.remove(&key) else {
@@ -339,12 +343,13 @@ impl Exmaps {
                 count,
                 iov_hpa: iov_hpa.as_u64(),
                 name,
+                at,
                 guest: g.id,
                 vcpu,
                 outcome: Err(Error::Invalid),
             }));
         }
-        let n = dir.named.get_mut(&name).ok_or(Error::NotFound)?;
+        let n = dir.named.get_mut_at(at, &name).ok_or(Error::NotFound)?;
         // SAFETY: iov_hpa..+4096 is guest RAM of this guest (translated above, aligned, so
         // inside one page), read-write; the hypervisor reads it only here, under the lock.
         let page = unsafe { crate::mm::frames::host_bytes_mut(iov_hpa.as_u64(), 4096) };
@@ -600,14 +605,14 @@ impl Exmaps {
     /// where the caller's guest is gone: the vCPU's cache then goes through this CPU's
     /// `Owed`, freed once the shootdown is acknowledged.
     pub fn finish_batch<B: Backend>(&mut self, dir: &mut Directory<B::Format>, g: Option<&mut Guest<B>>, frames: &Frames, batch: Batch<B::Format>) -> Result<u64, Error> {
-        let Batch { held, mut v, op, name, guest, vcpu, outcome, .. } = batch;
+        let Batch { held, mut v, op, name, at, guest, vcpu, outcome, .. } = batch;
         // The vCPU's state stays only where it has its place back (no allocation but this
         // fallible one).
         let caller = match g.is_some() && self.vcpus.try_reserve(1).is_ok() {
             true => Caller::Stays,
             false => Caller::Gone,
         };
-        if let Some(n) = dir.named.get_mut(&name) {
+        if let Some(n) = dir.named.get_mut_at(at, &name) {
             let cleared = matches!(&outcome, Ok((b, _)) if op == abi::EXMAP_FREE && b.pages > 0 || b.rolled_back > 0);
             let targets = n.batching.end(held, cleared, n.morsel.mount_count(), caller);
             if let (Ok((b, zeroed)), Some(stats)) = (&outcome, n.region.as_mut()) {

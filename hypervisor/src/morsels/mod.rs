@@ -153,6 +153,9 @@ pub struct Mount {
     /// The guest-physical span the mount occupies (the span of the morsel's root table).
     pub window: u64,
     pub name: Name,
+    /// Where `name` is in the directory (`Names::slot`): ExMap calls reach the region there
+    /// without hashing the name (`Names::get_mut_at` checks that the slot still holds it).
+    pub at: vmcore::names::SlotId,
     /// Mounted read-write (else read-only).
     pub writable: bool,
 }

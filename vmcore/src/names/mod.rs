@@ -167,6 +167,10 @@ pub struct Count {
     pub reserved: u32,
 }
 
+/// Where a committed name is in the table ([`Names::slot`]), for [`Names::get_mut_at`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SlotId(u32);
+
 /// A reservation: consumed by [`Names::commit`] or [`Names::abort`].
 #[must_use = "a reservation holds its name and a quota unit until committed or aborted"]
 #[derive(Debug, PartialEq, Eq)]
@@ -420,6 +424,23 @@ impl<T> Names<T> {
         let i = self.find(name.as_bytes())?;
         match slot_mut(&mut self.chunks, i)? {
             Slot::Named { value, .. } => Some(value),
+            _ => None,
+        }
+    }
+
+    /// Where the committed name `name` is now, for `get_mut_at`: the hash (SipHash, the
+    /// table's one costly step) once per operation instead of once per look-up.
+    pub fn slot(&self, name: &str) -> Option<SlotId> {
+        let i = self.find(name.as_bytes())?;
+        matches!(slot_of(&self.chunks, i)?, Slot::Named { .. }).then_some(SlotId(i))
+    }
+
+    /// The value of `name` at `at` (from `slot`), without hashing: None unless that slot
+    /// still holds `name`, committed (a slot is reused once its name is removed).
+    pub fn get_mut_at(&mut self, at: SlotId, name: &Name) -> Option<&mut T> {
+        match slot_mut(&mut self.chunks, at.0)? {
+            // Whole `Name`s (fixed size, zero-padded): compared without a call to `bcmp`.
+            Slot::Named { name: held, value, .. } if held == name => Some(value),
             _ => None,
         }
     }

@@ -35,6 +35,27 @@ fn names_are_checked() {
 }
 
 #[test]
+fn slot_finds_the_value_until_the_name_goes() {
+    let mut t = table(2, 4, 0);
+    put(&mut t, n("a"), 0, 1);
+    let r = t.reserve(n("pending"), 0).unwrap();
+    assert_eq!(t.slot("pending"), None, "a reserved name has no value");
+    assert_eq!(t.slot("nope"), None);
+    let at = t.slot("a").unwrap();
+    *t.get_mut_at(at, &n("a")).unwrap() += 10;
+    assert_eq!(t.get("a").map(|e| *e.value), Some(11));
+    assert_eq!(t.get_mut_at(at, &n("b")), None, "another name at that slot is not found");
+    t.remove("a").unwrap();
+    assert_eq!(t.get_mut_at(at, &n("a")), None, "removed");
+    t.abort(r);
+    // The freed slot is reused by the next name: the old id does not reach it by the old name.
+    put(&mut t, n("b"), 1, 7);
+    let b = t.slot("b").unwrap();
+    assert_eq!(t.get_mut_at(at, &n("a")), None);
+    assert_eq!(t.get_mut_at(b, &n("b")).copied(), Some(7));
+}
+
+#[test]
 fn reserve_commit_get_remove() {
     let mut t = table(2, 4, 1);
     assert_eq!(t.capacity(), 9);
