@@ -22,7 +22,7 @@
 //!   meanwhile) is a sighting: impossible while one lock serialises every call.
 //! - arg 10 (2 vCPUs on 2 CPUs) + arg 11 (on vCPU 1's CPU): vCPU 0 runs ALLOC / FREE batches
 //!   of 512 single pages on 'doomed' (shared writable) in a loop; vCPU 1 reads outside its
-//!   memory a third into one of vCPU 0's ALLOC calls, which stops the guest while the batch runs.
+//!   memory early in one of vCPU 0's FREE calls, which stops the guest while the batch runs.
 //!   Guest arg 11 runs batches of 64 pages on the same region meanwhile, and 40 more after
 //!   the stop (they would wait forever on a region lock never given back), then FREEs the
 //!   whole region in one call.
@@ -755,7 +755,7 @@ fn doomed() -> i32 {
 }
 
 /// Arg 10, vCPU 1: once the neighbour (arg 11) ran batches on 'doomed', times vCPU 0's ALLOC
-/// calls and reads outside guest memory a third into one: the hypervisor stops the whole guest
+/// calls and reads outside guest memory a third of one into a FREE: the hypervisor stops the whole guest
 /// while vCPU 0's batch runs (its CPU runs the batch with the world lock let go).
 fn doomed_stopper(info: &BootInfo) -> i32 {
     let a = loop {
@@ -769,8 +769,7 @@ fn doomed_stopper(info: &BootInfo) -> i32 {
         core::hint::spin_loop();
     }
     // Spins until vCPU 0 starts its next ALLOC (`alloc`) or FREE; returns that call's number
-    // (odd: an ALLOC). Only an ALLOC is timed and hit: a FREE's call also waits for its
-    // shootdown, after the batch (under QEMU, milliseconds).
+    // (odd: an ALLOC).
     let next = |alloc: bool| loop {
         let n = DOOMED_CALL.load(SeqCst);
         let c = loop {
@@ -784,6 +783,9 @@ fn doomed_stopper(info: &BootInfo) -> i32 {
             break c;
         }
     };
+    // An ALLOC's call is about its batch; a FREE's is its batch, then the wait for its
+    // shootdown (under QEMU, milliseconds). The stop aims at a FREE batch (its frames are
+    // then in vCPU 0's cache), a third of an ALLOC call into the FREE.
     let mut period = u64::MAX;
     for _ in 0..3 {
         next(true);
@@ -791,8 +793,8 @@ fn doomed_stopper(info: &BootInfo) -> i32 {
         next(false);
         period = period.min(rdtsc() - t);
     }
-    println!("exmap doomed: an ALLOC call of vcpu 0 takes ~{period} TSC cycles; vcpu 1 reads outside its memory a third into the next");
-    let c = next(true);
+    println!("exmap doomed: an ALLOC call of vcpu 0 takes ~{period} TSC cycles; vcpu 1 reads outside its memory a third of that into the next FREE");
+    let c = next(false);
     let t = rdtsc();
     while rdtsc() - t < period / 3 {
         core::hint::spin_loop();
