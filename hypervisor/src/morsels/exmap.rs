@@ -612,9 +612,28 @@ impl Exmaps {
             true => Caller::Stays,
             false => Caller::Gone,
         };
+        // Stopped (by a sibling vCPU or the hypervisor) or gone while the batch ran: the
+        // guest never reads the results; reported once per such batch (`exmap.abandon`).
+        let stopped = g.as_deref().is_none_or(|g| g.state != crate::vm::guest::State::Runnable);
         if let Some(n) = dir.named.get_mut_at(at, &name) {
             let cleared = matches!(&outcome, Ok((b, _)) if op == abi::EXMAP_FREE && b.pages > 0 || b.rolled_back > 0);
             let targets = n.batching.end(held, cleared, n.morsel.mount_count(), caller);
+            if stopped {
+                log::info!(target: "evt", "exmap.abandon guest={guest} vcpu={vcpu} name={name} op={} pages={} guest_state={} held={} shootdown={} cache={}",
+                    ["alloc", "free"][(op & 1) as usize],
+                    outcome.as_ref().map_or(0, |(b, _)| b.pages),
+                    if g.is_some() { "stopped" } else { "gone" },
+                    n.batching.is_held() as u8,
+                    match targets {
+                        None => "none",
+                        Some(Targets::Caller) => "caller",
+                        Some(Targets::Everyone) => "everyone",
+                    },
+                    match caller.cache() {
+                        Cache::Keep => "keep",
+                        Cache::AfterAcks => "after_acks",
+                    });
+            }
             if let (Ok((b, zeroed)), Some(stats)) = (&outcome, n.region.as_mut()) {
                 stats.calls += 1;
                 stats.failed += b.failed as u64;

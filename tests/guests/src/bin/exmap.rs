@@ -20,6 +20,12 @@
 //!   its own region in a loop, counting its calls in the shared morsel 'prog'; a call during
 //!   which the other's counter moved by 2 or more (the other started and ended a whole call
 //!   meanwhile) is a sighting: impossible while one lock serialises every call.
+//! - arg 10 (2 vCPUs on 2 CPUs) + arg 11 (on vCPU 1's CPU): vCPU 0 runs ALLOC / FREE batches
+//!   of 512 single pages on 'doomed' (shared writable) in a loop; vCPU 1 reads outside its
+//!   memory early in one of vCPU 0's FREE calls, which stops the guest while the batch runs.
+//!   Guest arg 11 runs batches of 64 pages on the same region meanwhile, and 40 more after
+//!   the stop (they would wait forever on a region lock never given back), then FREEs the
+//!   whole region in one call.
 #![no_std]
 #![no_main]
 
@@ -33,6 +39,7 @@ guest_lib::entry!(main, vcpu_main);
 fn vcpu_main(info: &BootInfo, _vcpu: u32) -> i32 {
     match info.arg {
         8 => victim_attacker(),
+        10 => doomed_stopper(info),
         _ => 0,
     }
 }
@@ -50,6 +57,8 @@ fn main(info: &BootInfo) -> i32 {
         6 | 7 => overlap(info.arg as usize - 6),
         8 => victim(),
         9 => victim_reader(),
+        10 => doomed(),
+        11 => doomed_neighbour(),
         _ => 2,
     }
 }
@@ -697,4 +706,157 @@ fn victim_reader() -> i32 {
     }
     println!("exmap victim reader: {opens} read-only mounts while the batches ran");
     if opens > 0 { 0 } else { 1 }
+}
+
+/// Arg 10: vCPU 0's calls started so far (stored just before each call), and the address of
+/// the shared morsel 'dmark' (0: not yet) where guest arg 11 counts its calls (word 0) and
+/// vCPU 1 says it is about to stop the guest (word 1: vCPU 0's call then).
+static DOOMED_CALL: AtomicU64 = AtomicU64::new(0);
+static DOOMED_MARK: AtomicU64 = AtomicU64::new(0);
+
+/// Calls before arg 10 / 11 give up waiting for the stop (it comes after ~10).
+const DOOMED_CALLS: u64 = 40_000;
+
+/// Pages 2k (arg 10) or 2k + 1 (arg 11) of 'doomed', one page per entry.
+fn doomed_ranges(odd: u64) -> [Range; 512] {
+    core::array::from_fn(|k| Range::new(2 * k as u64 + odd, 1))
+}
+
+/// Arg 10, vCPU 0: ALLOC / FREE batches of 512 pages until the guest is stopped.
+fn doomed() -> i32 {
+    let mark = match morsel::create("dmark", 4096, morsel::PageSize::Size4K, true) {
+        Ok(m) => m,
+        Err(e) => {
+            println!("exmap doomed: FAILED: dmark: {e:?}");
+            return 1;
+        }
+    };
+    let mut x = match ExMap::create("doomed", 8 * MIB, true) {
+        Ok(x) => x,
+        Err(e) => {
+            println!("exmap doomed: FAILED: create: {e:?}");
+            return 1;
+        }
+    };
+    DOOMED_MARK.store(mark.addr(), SeqCst);
+    let ranges = doomed_ranges(0);
+    let mut calls = 0;
+    while calls < DOOMED_CALLS {
+        DOOMED_CALL.store(calls + 1, SeqCst);
+        let r = if calls % 2 == 0 { x.alloc(&ranges) } else { x.free(&ranges) };
+        if r != Ok(0) {
+            println!("exmap doomed: FAILED: call {calls}: {r:?}");
+            return 1;
+        }
+        calls += 1;
+    }
+    println!("exmap doomed: FAILED: still running after {calls} calls");
+    1
+}
+
+/// Arg 10, vCPU 1: once the neighbour (arg 11) ran batches on 'doomed', times vCPU 0's ALLOC
+/// calls and reads outside guest memory a third of one into a FREE: the hypervisor stops the whole guest
+/// while vCPU 0's batch runs (its CPU runs the batch with the world lock let go).
+fn doomed_stopper(info: &BootInfo) -> i32 {
+    let a = loop {
+        let gpa = DOOMED_MARK.load(SeqCst);
+        if let Some(a) = morsel::atomics_at(gpa).filter(|_| gpa != 0) {
+            break a;
+        }
+        core::hint::spin_loop();
+    };
+    while a[0].load(SeqCst) < 4 || DOOMED_CALL.load(SeqCst) < 8 {
+        core::hint::spin_loop();
+    }
+    // Spins until vCPU 0 starts its next ALLOC (`alloc`) or FREE; returns that call's number
+    // (odd: an ALLOC).
+    let next = |alloc: bool| loop {
+        let n = DOOMED_CALL.load(SeqCst);
+        let c = loop {
+            let c = DOOMED_CALL.load(SeqCst);
+            if c != n {
+                break c;
+            }
+            core::hint::spin_loop();
+        };
+        if (c % 2 == 1) == alloc {
+            break c;
+        }
+    };
+    // An ALLOC's call is about its batch; a FREE's is its batch, then the wait for its
+    // shootdown (under QEMU, milliseconds). The stop aims at a FREE batch (its frames are
+    // then in vCPU 0's cache), a third of an ALLOC call into the FREE.
+    let mut period = u64::MAX;
+    for _ in 0..3 {
+        next(true);
+        let t = rdtsc();
+        next(false);
+        period = period.min(rdtsc() - t);
+    }
+    println!("exmap doomed: an ALLOC call of vcpu 0 takes ~{period} TSC cycles; vcpu 1 reads outside its memory a third of that into the next FREE");
+    let c = next(false);
+    let t = rdtsc();
+    while rdtsc() - t < period / 3 {
+        core::hint::spin_loop();
+    }
+    a[1].store(c, SeqCst);
+    // SAFETY: deliberately not safe: the second-level fault that stops the guest is the test.
+    let v = unsafe { core::ptr::read_volatile((info.memory_size + (64 << 20)) as *const u64) };
+    println!("exmap doomed: FAILED: the read returned {v:#x}");
+    1
+}
+
+/// Arg 11: batches of 64 pages on 'doomed' (opened read-write) while its guest runs, is
+/// stopped and after; then FREE of the whole region, the doomed guest's pages included.
+fn doomed_neighbour() -> i32 {
+    let mark = match morsel::open_mut_when_created("dmark") {
+        Ok(m) => m,
+        Err(e) => {
+            println!("exmap neighbour: FAILED: dmark: {e:?}");
+            return 1;
+        }
+    };
+    let a = mark.atomics();
+    let mut tries = 0u64;
+    let mut x = loop {
+        match ExMap::open_mut("doomed") {
+            Ok(x) => break x,
+            Err(_) if tries < 100_000 => {
+                tries += 1;
+                guest_lib::yield_now();
+            }
+            Err(e) => {
+                println!("exmap neighbour: FAILED: open 'doomed': {e:?}");
+                return 1;
+            }
+        }
+    };
+    let ranges = doomed_ranges(1);
+    let (mut calls, mut after, mut stop) = (0u64, 0u64, 0u64);
+    // Ends after a FREE, 40 calls after the stop.
+    while after < 40 || calls % 2 == 1 {
+        if calls >= DOOMED_CALLS {
+            println!("exmap neighbour: FAILED: 'doomed' still running after {calls} calls");
+            return 1;
+        }
+        // Set by the doomed guest's vCPU 1 on this CPU just before its fault: it has been
+        // stopped when this vCPU runs again.
+        stop = a[1].load(SeqCst);
+        let r = if calls % 2 == 0 { x.alloc(&ranges[..64]) } else { x.free(&ranges[..64]) };
+        if r != Ok(0) {
+            println!("exmap neighbour: FAILED: call {calls}: {r:?}");
+            return 1;
+        }
+        calls += 1;
+        a[0].store(calls, SeqCst);
+        if stop != 0 {
+            after += 1;
+        }
+    }
+    let f = x.free(&[Range::new(0, x.pages())]);
+    let left = x.populated();
+    let ok = f == Ok(0) && left == 0;
+    println!("exmap neighbour: {calls} calls on 'doomed', {after} after its guest was stopped in call {stop}; FREE of the whole region {f:?}, {left} pages left ({})",
+        if ok { "ok" } else { "FAILED" });
+    if ok { 0 } else { 1 }
 }
