@@ -806,18 +806,23 @@ impl<'a> Allocator<'a> {
                 let first = t as usize * tree::AREAS;
                 for pass in 0..2 {
                     let next = l.huge_next.get() as usize;
+                    // Whether some area is small and unclaimed: its count may lag behind frees.
+                    let mut lagging = false;
                     for k in 0..tree::AREAS {
                         let i = (next + k) % tree::AREAS;
                         let c = &self.children[first + i];
-                        if child::load(c).0 == child::FREE && child::take_huge(c) {
+                        let e = child::load(c);
+                        if e.0 == child::FREE && child::take_huge(c) {
                             hook::point();
                             l.huge_next.set(((i + 1) % tree::AREAS) as u32);
                             return Ok((first + i) * AREA_FRAMES);
                         }
+                        lagging |= e.claimable();
                     }
                     // Frees that puts left uncounted may complete a free area.
-                    if pass == 0
-                        && !(0..tree::AREAS).fold(false, |g, i| self.refresh(first + i) | g)
+                    if pass == 1
+                        || !lagging
+                        || !(0..tree::AREAS).fold(false, |g, i| self.refresh(first + i) | g)
                     {
                         break;
                     }
