@@ -3,14 +3,17 @@
 //!
 //! # Structure
 //! * Lower level, per 2 MiB area: a 512-bit field (one bit per 4 KiB frame, module `bitfield`) and
-//!   one `u16` entry with the area's unclaimed free frames and a huge flag (module `child`).
+//!   one `u16` entry with a count of the area's free frames, a claim flag and a huge flag
+//!   (module `child`, which states the invariant that keeps huge frames off small ones).
 //! * Upper level, per tree of 32 areas (64 MiB): a reservation word (module `tree`). Each CPU
 //!   reserves one tree for small and one for huge frames, so CPUs work in different cache
 //!   lines; a tree's free count is the sum of its 32 area entries (one cache line).
-//! * Per CPU (module `local`): the reserved trees and a *credit*: frames claimed in one CAS from
-//!   the entry of the area the CPU takes small frames from. A small `get` then costs one atomic
-//!   bit set; a `put` one atomic bit clear, plus one entry increment when the frame lies outside
-//!   the CPU's current area.
+//! * Per CPU (module `local`): the reserved trees, the area the CPU has *claimed* for small
+//!   frames (one CAS on its entry; only the holder sets its bits) and a *credit*, the frames it
+//!   may take there before it recounts. A small `get` costs one atomic bit set; a `put` one
+//!   atomic bit clear and nothing else: the entry's count lags behind frees (it may understate,
+//!   never overstate) until the area is claimed or refreshed again, when it is recounted from
+//!   the bits.
 //!
 //! Every state change is one atomic instruction on one word; there are no locks and no log.
 //! The bits and huge flags are the persistent truth; everything else is recounted by
@@ -268,7 +271,7 @@ impl<'a> Allocator<'a> {
         // SAFETY: every part lies inside `meta` (length checked) at an offset that is a multiple
         // of its alignment (asserted in `Layout::new`: 64 for the atomics, 128 for `Local`) from
         // a `META_ALIGN`-aligned start (checked above, >= every part's alignment); the atomics have the size and alignment of their
-        // integers and every bit pattern is valid for them, `Local` is 10 `AtomicU32` plus padding
+        // integers and every bit pattern is valid for them, `Local` is 8 `AtomicU32` plus padding
         // (repr(C)); `meta` is borrowed exclusively for 'a, so nothing else accesses it.
         let (header, trees, children, bits, locals) = unsafe {
             (
@@ -447,17 +450,11 @@ impl<'a> Allocator<'a> {
                     });
                 }
                 hook::point();
-                let area = area as u32;
-                if area == l.area.get() {
-                    // The CPU's current area: the frame joins its credit, no atomic needed.
+                // The one locked update of a put. The entry is not touched: its count may
+                // understate (see `child`); the next claim or refresh of the area counts it.
+                if area as u32 == l.area.get() {
+                    // The CPU's claimed area: the frame joins its credit, no atomic needed.
                     l.credit.set(l.credit.get() + 1);
-                } else if area == l.put_area.get() {
-                    // Same area as the last free: counted in its entry with the next flush.
-                    l.put_count.set(l.put_count.get() + 1);
-                } else {
-                    self.flush_puts(l);
-                    l.put_area.set(area);
-                    l.put_count.set(1);
                 }
                 Ok(())
             }
@@ -492,10 +489,10 @@ impl<'a> Allocator<'a> {
             return Err(Error::AddressOutOfRange);
         }
         let end = start + count;
-        // Pass 1: everything must be allocated. Pass 2: clear, and count into each area only
-        // the bits this call cleared (a concurrent call over the same range cannot double-count).
+        // Pass 1: everything must be allocated. Pass 2: clear, then recount each area's entry
+        // from its bits under a claim (`refresh`; a claimed area's holder recounts it itself).
         for pass in 0..2 {
-            let (mut i, mut cleared) = (start, 0);
+            let mut i = start;
             while i < end {
                 let w = i / 64;
                 let hi = end.min((w + 1) * 64);
@@ -505,12 +502,10 @@ impl<'a> Allocator<'a> {
                         return Err(Error::DoubleFree);
                     }
                 } else {
-                    cleared += (self.bits[w].fetch_and(!mask, AcqRel) & mask).count_ones() as usize;
+                    self.bits[w].fetch_and(!mask, AcqRel);
                     hook::point();
                     if hi == end || hi.is_multiple_of(AREA_FRAMES) {
-                        child::add(&self.children[(hi - 1) / AREA_FRAMES], cleared);
-                        hook::point();
-                        cleared = 0;
+                        self.refresh((hi - 1) / AREA_FRAMES);
                     }
                 }
                 i = hi;
@@ -519,15 +514,13 @@ impl<'a> Allocator<'a> {
         Ok(())
     }
 
-    /// Gives CPU `core`'s credit, uncounted frees and tree reservations back (call on that CPU,
-    /// or when it is idle), so other CPUs can use its frames and huge frames can form there.
+    /// Gives CPU `core`'s claimed area (with its credit) and tree reservations back (call on
+    /// that CPU, or when it is idle), so other CPUs can use its frames and huge frames can form
+    /// there.
     pub fn drain(&self, core: usize) -> Result<(), Error> {
         let l = self.locals.get(core).ok_or(Error::InvalidCore)?;
-        self.flush_puts(l);
-        let credit = l.credit.get();
-        if credit > 0 {
-            child::add(&self.children[l.area.get() as usize], credit as usize);
-            hook::point();
+        if l.area.get() != NONE {
+            self.release_area(l.area.get() as usize);
         }
         l.credit.set(0);
         l.area.set(NONE);
@@ -541,22 +534,24 @@ impl<'a> Allocator<'a> {
         Ok(())
     }
 
-    /// Free 4 KiB frames (huge frames count 512 each). Exact when no operation runs.
+    /// Free 4 KiB frames (huge frames count 512 each), counted from the bit fields (entries
+    /// may lag behind frees). Exact when no operation runs.
     pub fn free_frames(&self) -> usize {
-        let areas: usize = self.children.iter().map(|c| child::load(c).free()).sum();
-        let credits: usize = self
-            .locals
-            .iter()
-            .map(|l| (l.credit.get() + l.put_count.get()) as usize)
-            .sum();
-        areas + credits
+        (0..self.areas())
+            .filter(|&a| !child::load(&self.children[a]).huge())
+            .map(|a| AREA_FRAMES - bitfield::count_set(self.area_bits(a)))
+            .sum()
     }
 
-    /// Free 2 MiB frames: areas that are free and unclaimed (O(areas) scan).
+    /// Free 2 MiB frames: whole areas that are free and not claimed by a CPU (O(areas) scan of
+    /// the bit fields; entries may lag behind frees, `get` recounts them).
     pub fn free_huge(&self) -> usize {
-        self.children
-            .iter()
-            .filter(|c| child::load(c).0 == child::FREE)
+        (0..self.areas())
+            .filter(|&a| {
+                child::load(&self.children[a]).claimable()
+                    && self.area_frames(a) == AREA_FRAMES
+                    && bitfield::count_set(self.area_bits(a)) == 0
+            })
             .count()
     }
 
@@ -606,6 +601,7 @@ impl<'a> Allocator<'a> {
 
     #[inline]
     fn get_small(&self, l: &Local, core: usize) -> Result<usize, Error> {
+        let mut refreshed = false;
         for _ in 0..ROUNDS {
             let credit = l.credit.get();
             if credit > 0 {
@@ -616,97 +612,184 @@ impl<'a> Allocator<'a> {
                     l.hint.set((i / 64) as u32);
                     return Ok(area * AREA_FRAMES + i);
                 }
-                // Unreachable while the claims are consistent: give the credit back.
-                child::add(&self.children[area], credit as usize);
+                // Unreachable: the credit never exceeds the clear bits of the claimed area,
+                // whose bits only this CPU sets. `claim_area` recounts it.
                 l.credit.set(0);
-                l.area.set(NONE);
-                hook::point();
             }
             if self.claim_area(l) || self.reserve(l, core, false) {
                 continue;
             }
+            // Everything looks used; count the frees that puts left out of the entries once.
+            if !refreshed {
+                refreshed = true;
+                if self.refresh_all() {
+                    continue;
+                }
+            }
             break;
         }
-        self.steal_small(core)
+        self.steal_small(core, refreshed)
     }
 
-    /// Counts the CPU's pending frees into their area's entry.
-    #[inline]
-    fn flush_puts(&self, l: &Local) {
-        let n = l.put_count.get();
-        if n > 0 {
-            child::add(&self.children[l.put_area.get() as usize], n as usize);
-            hook::point();
-            l.put_count.set(0);
-        }
-        l.put_area.set(NONE);
-    }
-
-    /// Takes a bit of `area`, after the caller claimed one of its frames.
+    /// Takes a bit of `area`, whose claim the caller holds.
     #[inline]
     fn take_bit(&self, area: usize, hint: usize) -> Option<usize> {
         let bits = self.area_bits(area);
         (0..ROUNDS).find_map(|_| bitfield::take(bits, hint))
     }
 
-    /// Claims all free frames of an area of the CPU's small tree (partly used areas first, so
-    /// free areas stay whole); releases the tree when it has none.
+    /// Free frames of area `a` by its bits.
+    #[inline]
+    fn count_free(&self, a: usize) -> usize {
+        AREA_FRAMES - bitfield::count_set(self.area_bits(a))
+    }
+
+    /// Claims area `a` if its entry still is `seen`; returns its free frames, recounted from the
+    /// bits under the claim (at least `seen.free()`).
+    #[inline]
+    fn claim(&self, a: usize, seen: child::Entry) -> Option<usize> {
+        if a >= self.areas() || !seen.claimable() || !child::claim(&self.children[a], seen) {
+            return None;
+        }
+        hook::point();
+        Some(self.count_free(a))
+    }
+
+    /// Gives the claim of area `a` back, with its free frames counted from the bits after the
+    /// holder's last bit set (so the count cannot overstate).
+    #[inline]
+    fn release_area(&self, a: usize) {
+        self.release_counted(a, self.count_free(a));
+    }
+
+    /// Gives the claim of area `a` back with `free` counted, which must not exceed its clear
+    /// bits: a count the holder read after its last bit set, less what it took since.
+    #[inline]
+    fn release_counted(&self, a: usize, free: usize) {
+        child::release(&self.children[a], free);
+        hook::point();
+    }
+
+    /// Counts into area `a`'s entry the frees it does not show yet (a put only clears a bit):
+    /// claim, recount from the bits, release. Reads the bits first and does nothing unless
+    /// that adds frames. Returns whether the count grew.
+    fn refresh(&self, a: usize) -> bool {
+        if a >= self.areas() {
+            return false;
+        }
+        let e = child::load(&self.children[a]);
+        if !e.claimable() || self.count_free(a) <= e.free() {
+            return false;
+        }
+        if self.claim(a, e).is_none() {
+            return false;
+        }
+        self.release_area(a);
+        true
+    }
+
+    /// [`Self::refresh`] over every area; whether some count grew.
+    #[cold]
+    fn refresh_all(&self) -> bool {
+        (0..self.areas()).fold(false, |grew, a| self.refresh(a) | grew)
+    }
+
+    /// Moves the CPU's small allocations on when its credit is spent: keeps its claimed area
+    /// if other CPUs freed frames there, else gives it back and claims another area of its small
+    /// tree (partly used areas first, so free areas stay whole; then areas whose frees are not
+    /// counted yet); releases the tree when it has none.
     fn claim_area(&self, l: &Local) -> bool {
-        // Own frees not yet counted may be all that is left.
-        self.flush_puts(l);
+        let cur = l.area.get();
+        if cur != NONE {
+            let n = self.count_free(cur as usize);
+            if n > 0 {
+                l.credit.set(n as u32);
+                return true;
+            }
+            self.release_counted(cur as usize, 0);
+            l.area.set(NONE);
+        }
         let t = l.small_tree.get();
         if t == NONE {
             return false;
         }
         let first = t as usize * tree::AREAS;
-        let children = &self.children[first..first + tree::AREAS];
-        let start = (l.area.get() as usize).wrapping_sub(first).wrapping_add(1) % tree::AREAS;
+        let start = (cur as usize).wrapping_sub(first).wrapping_add(1) % tree::AREAS;
+        let take = |a: usize, n: usize| {
+            l.area.set(a as u32);
+            l.credit.set(n as u32);
+            l.hint.set(0);
+        };
         for _ in 0..ROUNDS {
             let mut whole = None;
             let mut partial = None;
             for k in 0..tree::AREAS {
                 let i = (start + k) % tree::AREAS;
-                let e = child::load(&children[i]);
-                if e.huge() || e.free() == 0 {
+                let e = child::load(&self.children[first + i]);
+                if !e.claimable() || e.free() == 0 {
                     continue;
                 }
                 if e.free() < AREA_FRAMES {
-                    partial = Some(i);
+                    partial = Some((i, e));
                     break;
                 }
-                whole = whole.or(Some(i));
+                whole = whole.or(Some((i, e)));
             }
-            let Some(i) = partial.or(whole) else { break };
-            if let Some(n) = child::claim_all(&children[i]) {
-                hook::point();
-                l.area.set((first + i) as u32);
-                l.credit.set(n as u32);
-                l.hint.set(0);
-                return true;
+            let Some((i, e)) = partial.or(whole) else {
+                break;
+            };
+            match self.claim(first + i, e) {
+                Some(n) if n > 0 => {
+                    take(first + i, n);
+                    return true;
+                }
+                Some(_) => self.release_counted(first + i, 0),
+                None => {}
+            }
+        }
+        // No area counts free frames: look for frees that puts left uncounted.
+        for k in 0..tree::AREAS {
+            let a = first + (start + k) % tree::AREAS;
+            let e = child::load(&self.children[a]);
+            if a >= self.areas() || !e.claimable() || self.count_free(a) == 0 {
+                continue;
+            }
+            match self.claim(a, e) {
+                Some(n) if n > 0 => {
+                    take(a, n);
+                    return true;
+                }
+                Some(_) => self.release_counted(a, 0),
+                None => {}
             }
         }
         l.small_tree.set(NONE);
-        l.area.set(NONE);
         tree::release(&self.trees[t as usize]);
         hook::point();
         false
     }
 
-    /// Outside any reservation: claim one frame of any area.
+    /// Outside any reservation: claim any area with a free frame, take one, give it back.
+    /// After a `refresh_all` (`refreshed`) the entries' counts are trusted.
     #[cold]
-    fn steal_small(&self, core: usize) -> Result<usize, Error> {
+    fn steal_small(&self, core: usize, refreshed: bool) -> Result<usize, Error> {
         let n = self.areas();
         let start = core * n / self.locals.len();
         for k in 0..n {
             let a = (start + k) % n;
-            if child::claim_one(&self.children[a]) {
-                hook::point();
-                if let Some(i) = self.take_bit(a, 0) {
+            let e = child::load(&self.children[a]);
+            if !e.claimable() || (e.free() == 0 && (refreshed || self.count_free(a) == 0)) {
+                continue;
+            }
+            if let Some(free) = self.claim(a, e) {
+                let got = if free > 0 { self.take_bit(a, 0) } else { None };
+                if let Some(i) = got {
                     hook::point();
+                    // Counted under the claim, less the frame just taken.
+                    self.release_counted(a, free - 1);
                     return Ok(a * AREA_FRAMES + i);
                 }
-                child::add(&self.children[a], 1);
-                hook::point();
+                self.release_area(a);
             }
         }
         Err(Error::Memory)
@@ -716,35 +799,57 @@ impl<'a> Allocator<'a> {
 
     #[inline]
     fn get_huge(&self, l: &Local, core: usize) -> Result<usize, Error> {
+        let mut refreshed = false;
         for _ in 0..ROUNDS {
             let t = l.huge_tree.get();
             if t != NONE {
                 let first = t as usize * tree::AREAS;
-                let next = l.huge_next.get() as usize;
-                for k in 0..tree::AREAS {
-                    let i = (next + k) % tree::AREAS;
-                    let c = &self.children[first + i];
-                    if child::load(c).0 == child::FREE && child::take_huge(c) {
-                        hook::point();
-                        l.huge_next.set(((i + 1) % tree::AREAS) as u32);
-                        return Ok((first + i) * AREA_FRAMES);
+                for pass in 0..2 {
+                    let next = l.huge_next.get() as usize;
+                    // Whether some area is small and unclaimed: its count may lag behind frees.
+                    let mut lagging = false;
+                    for k in 0..tree::AREAS {
+                        let i = (next + k) % tree::AREAS;
+                        let c = &self.children[first + i];
+                        let e = child::load(c);
+                        if e.0 == child::FREE && child::take_huge(c) {
+                            hook::point();
+                            l.huge_next.set(((i + 1) % tree::AREAS) as u32);
+                            return Ok((first + i) * AREA_FRAMES);
+                        }
+                        lagging |= e.claimable();
+                    }
+                    // Frees that puts left uncounted may complete a free area.
+                    if pass == 1
+                        || !lagging
+                        || !(0..tree::AREAS).fold(false, |g, i| self.refresh(first + i) | g)
+                    {
+                        break;
                     }
                 }
                 l.huge_tree.set(NONE);
                 tree::release(&self.trees[t as usize]);
                 hook::point();
             }
-            // Own frees not yet counted may complete a free area.
-            self.flush_puts(l);
-            if !self.reserve(l, core, true) {
-                break;
+            if self.reserve(l, core, true) {
+                continue;
             }
+            if !refreshed {
+                refreshed = true;
+                if self.refresh_all() {
+                    continue;
+                }
+            }
+            break;
         }
         // Outside any reservation.
         let n = self.areas();
         let start = core * n / self.locals.len();
         for k in 0..n {
             let a = (start + k) % n;
+            if !refreshed {
+                self.refresh(a);
+            }
             let c = &self.children[a];
             if child::load(c).0 == child::FREE && child::take_huge(c) {
                 hook::point();
@@ -816,6 +921,8 @@ impl<'a> Allocator<'a> {
                     l.huge_tree.set(t as u32);
                     l.huge_next.set(0);
                 } else {
+                    // `claim_area` gave the claimed area back before this search.
+                    debug_assert_eq!(l.area.get(), NONE);
                     l.small_tree.set(t as u32);
                     l.area.set(NONE);
                     l.credit.set(0);

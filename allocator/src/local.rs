@@ -19,16 +19,14 @@ pub const ALIGN: usize = 128;
 pub struct Local {
     /// Tree reserved for small frames.
     pub small_tree: Cell,
-    /// Area the credit belongs to.
+    /// Area the CPU has claimed for small frames (its entry's claim flag: only this CPU sets
+    /// its bits), or `NONE`.
     pub area: Cell,
-    /// Frames of `area` claimed from its entry and not yet handed out.
+    /// Frames of `area` this CPU may still take without a recount (never more than its clear
+    /// bits).
     pub credit: Cell,
     /// Word of `area` to start the next bit search at.
     pub hint: Cell,
-    /// Area of the last free outside `area`, and frees there not yet counted in its entry
-    /// (one entry update per run of frees into the same area instead of one per free).
-    pub put_area: Cell,
-    pub put_count: Cell,
     /// Tree reserved for huge frames.
     pub huge_tree: Cell,
     /// Area (index in `huge_tree`) to start the next huge search at.
@@ -70,8 +68,6 @@ impl Local {
             area: Cell::new(NONE),
             credit: Cell::new(0),
             hint: Cell::new(0),
-            put_area: Cell::new(NONE),
-            put_count: Cell::new(0),
             huge_tree: Cell::new(NONE),
             huge_next: Cell::new(0),
             search: Cell::new(search),
@@ -85,8 +81,6 @@ impl Local {
         self.area.set(NONE);
         self.credit.set(0);
         self.hint.set(0);
-        self.put_area.set(NONE);
-        self.put_count.set(0);
         self.huge_tree.set(NONE);
         self.huge_next.set(0);
         self.search.set(search);
