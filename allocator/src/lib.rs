@@ -233,6 +233,9 @@ pub struct Allocator<'a> {
     locals: &'a [Local],
     /// Areas `Recover` found with both the huge flag and set bits (see `init`).
     repaired: core::sync::atomic::AtomicUsize,
+    /// Free frames at `init` plus those `free_range` added; with the CPUs' `balance` the free
+    /// frames (volatile: `init` sets it, `Recover` from the bits).
+    counted: core::sync::atomic::AtomicUsize,
 }
 
 impl<'a> Allocator<'a> {
@@ -271,7 +274,7 @@ impl<'a> Allocator<'a> {
         // SAFETY: every part lies inside `meta` (length checked) at an offset that is a multiple
         // of its alignment (asserted in `Layout::new`: 64 for the atomics, 128 for `Local`) from
         // a `META_ALIGN`-aligned start (checked above, >= every part's alignment); the atomics have the size and alignment of their
-        // integers and every bit pattern is valid for them, `Local` is 8 `AtomicU32` plus padding
+        // integers and every bit pattern is valid for them, `Local` is 8 `AtomicU32` and an `AtomicUsize` plus padding
         // (repr(C)); `meta` is borrowed exclusively for 'a, so nothing else accesses it.
         let (header, trees, children, bits, locals) = unsafe {
             (
@@ -297,6 +300,7 @@ impl<'a> Allocator<'a> {
             bits,
             locals,
             repaired: core::sync::atomic::AtomicUsize::new(0),
+            counted: core::sync::atomic::AtomicUsize::new(0),
         };
         a.init(init)?;
         Ok(a)
@@ -325,6 +329,7 @@ impl<'a> Allocator<'a> {
             bits,
             locals,
             repaired: core::sync::atomic::AtomicUsize::new(0),
+            counted: core::sync::atomic::AtomicUsize::new(0),
         };
         a.init(init)?;
         Ok(a)
@@ -353,6 +358,8 @@ impl<'a> Allocator<'a> {
                     }
                     self.children[a].store(entry, Relaxed);
                 }
+                self.counted
+                    .store(if init == Init::Free { self.frames } else { 0 }, Relaxed);
                 self.header[1].store(VERSION, Relaxed);
                 self.header[2].store(self.base as u64, Relaxed);
                 self.header[3].store(self.frames as u64, Relaxed);
@@ -374,6 +381,7 @@ impl<'a> Allocator<'a> {
                     c.store(0, Relaxed);
                 }
                 let mut repaired = 0;
+                let mut free = 0;
                 for a in 0..areas {
                     let n = self.area_frames(a);
                     let bits = self.area_bits(a);
@@ -405,11 +413,13 @@ impl<'a> Allocator<'a> {
                         }
                         child::ALLOCATED_HUGE
                     } else {
+                        free += AREA_FRAMES - set;
                         (AREA_FRAMES - set) as u16
                     };
                     self.children[a].store(entry, Relaxed);
                 }
                 self.repaired.store(repaired, Relaxed);
+                self.counted.store(free, Relaxed);
             }
         }
         for (core, l) in self.locals.iter().enumerate() {
@@ -428,6 +438,7 @@ impl<'a> Allocator<'a> {
             Order::HUGE => self.get_huge(l, core)?,
             _ => return Err(Error::WrongOrder),
         };
+        l.balance.sub(order.frames());
         Ok(Pfn(self.base + i))
     }
 
@@ -456,6 +467,7 @@ impl<'a> Allocator<'a> {
                     // The CPU's claimed area: the frame joins its credit, no atomic needed.
                     l.credit.set(l.credit.get() + 1);
                 }
+                l.balance.add(1);
                 Ok(())
             }
             Order::HUGE => {
@@ -468,6 +480,7 @@ impl<'a> Allocator<'a> {
                 match child::put_huge(&self.children[area]) {
                     Ok(()) => {
                         hook::point();
+                        l.balance.add(AREA_FRAMES);
                         Ok(())
                     }
                     Err(_) if bitfield::count_set(self.area_bits(area)) != 0 => {
@@ -511,6 +524,7 @@ impl<'a> Allocator<'a> {
                 i = hi;
             }
         }
+        self.counted.fetch_add(count, Relaxed);
         Ok(())
     }
 
@@ -534,9 +548,21 @@ impl<'a> Allocator<'a> {
         Ok(())
     }
 
-    /// Free 4 KiB frames (huge frames count 512 each), counted from the bit fields (entries
-    /// may lag behind frees). Exact when no operation runs.
+    /// Free 4 KiB frames (huge frames count 512 each): the count at initialisation plus each
+    /// CPU's frees less its allocations, O(CPUs) (callers ask under locks: the hypervisor before
+    /// every morsel create). Exact when no operation runs.
     pub fn free_frames(&self) -> usize {
+        let moved = self
+            .locals
+            .iter()
+            .fold(0usize, |s, l| s.wrapping_add(l.balance.get()));
+        self.counted.load(Relaxed).wrapping_add(moved)
+    }
+
+    /// Free 4 KiB frames counted from the bit fields, O(areas) (tests: must equal
+    /// [`Self::free_frames`] when no operation runs).
+    #[cfg(test)]
+    pub(crate) fn free_frames_by_bits(&self) -> usize {
         (0..self.areas())
             .filter(|&a| !child::load(&self.children[a]).huge())
             .map(|a| AREA_FRAMES - bitfield::count_set(self.area_bits(a)))

@@ -110,6 +110,8 @@ fn check_entries(a: &Allocator) {
             );
         }
     }
+    // Called with no operation running: the CPUs' balances add up to the bits.
+    assert_eq!(a.free_frames(), a.free_frames_by_bits(), "free_frames disagrees with the bits");
 }
 
 #[test]
