@@ -561,7 +561,7 @@ impl<'a> Allocator<'a> {
 
     /// Free 4 KiB frames counted from the bit fields, O(areas) (tests: must equal
     /// [`Self::free_frames`] when no operation runs).
-    #[cfg(test)]
+    #[cfg(all(test, not(loom)))]
     pub(crate) fn free_frames_by_bits(&self) -> usize {
         (0..self.areas())
             .filter(|&a| !child::load(&self.children[a]).huge())
@@ -670,6 +670,13 @@ impl<'a> Allocator<'a> {
         AREA_FRAMES - bitfield::count_set(self.area_bits(a))
     }
 
+    /// Whether area `a`'s bits show more than `n` free frames; reads only as many words as it
+    /// takes (none when `n` is the whole area: a count never overstates).
+    #[inline]
+    fn more_free_than(&self, a: usize, n: usize) -> bool {
+        n < AREA_FRAMES && bitfield::fewer_set_than(self.area_bits(a), AREA_FRAMES - n)
+    }
+
     /// Claims area `a` if its entry still is `seen`; returns its free frames, recounted from the
     /// bits under the claim (at least `seen.free()`).
     #[inline]
@@ -704,14 +711,18 @@ impl<'a> Allocator<'a> {
             return false;
         }
         let e = child::load(&self.children[a]);
-        if !e.claimable() || self.count_free(a) <= e.free() {
+        if !e.claimable() || !self.more_free_than(a, e.free()) {
             return false;
         }
-        if self.claim(a, e).is_none() {
-            return false;
+        // The claim's recount is a valid release count: this CPU sets no bit under the claim,
+        // others only clear bits. It is at least `e.free()` (counts never overstate).
+        match self.claim(a, e) {
+            Some(n) => {
+                self.release_counted(a, n);
+                n > e.free()
+            }
+            None => false,
         }
-        self.release_area(a);
-        true
     }
 
     /// [`Self::refresh`] over every area; whether some count grew.
@@ -777,7 +788,7 @@ impl<'a> Allocator<'a> {
         for k in 0..tree::AREAS {
             let a = first + (start + k) % tree::AREAS;
             let e = child::load(&self.children[a]);
-            if a >= self.areas() || !e.claimable() || self.count_free(a) == 0 {
+            if a >= self.areas() || !e.claimable() || !self.more_free_than(a, 0) {
                 continue;
             }
             match self.claim(a, e) {
@@ -804,7 +815,7 @@ impl<'a> Allocator<'a> {
         for k in 0..n {
             let a = (start + k) % n;
             let e = child::load(&self.children[a]);
-            if !e.claimable() || (e.free() == 0 && (refreshed || self.count_free(a) == 0)) {
+            if !e.claimable() || (e.free() == 0 && (refreshed || !self.more_free_than(a, 0))) {
                 continue;
             }
             if let Some(free) = self.claim(a, e) {
@@ -843,7 +854,7 @@ impl<'a> Allocator<'a> {
                             l.huge_next.set(((i + 1) % tree::AREAS) as u32);
                             return Ok((first + i) * AREA_FRAMES);
                         }
-                        lagging |= e.claimable();
+                        lagging |= e.claimable() && e.free() < AREA_FRAMES;
                     }
                     // Frees that puts left uncounted may complete a free area.
                     if pass == 1
