@@ -627,7 +627,6 @@ impl<'a> Allocator<'a> {
 
     #[inline]
     fn get_small(&self, l: &Local, core: usize) -> Result<usize, Error> {
-        let mut refreshed = false;
         for _ in 0..ROUNDS {
             let credit = l.credit.get();
             if credit > 0 {
@@ -645,16 +644,12 @@ impl<'a> Allocator<'a> {
             if self.claim_area(l) || self.reserve(l, core, false) {
                 continue;
             }
-            // Everything looks used; count the frees that puts left out of the entries once.
-            if !refreshed {
-                refreshed = true;
-                if self.refresh_all() {
-                    continue;
-                }
-            }
             break;
         }
-        self.steal_small(core, refreshed)
+        // No tree to reserve shows free frames: take one where the bits show it (stealing from
+        // an area whose entry shows none counts its frees into the entry, so its tree can be
+        // reserved next).
+        self.steal_small(core)
     }
 
     /// Takes a bit of `area`, whose claim the caller holds.
@@ -677,15 +672,30 @@ impl<'a> Allocator<'a> {
         n < AREA_FRAMES && bitfield::fewer_set_than(self.area_bits(a), AREA_FRAMES - n)
     }
 
-    /// Claims area `a` if its entry still is `seen`; returns its free frames, recounted from the
-    /// bits under the claim (at least `seen.free()`).
+    /// Claims area `a` if its entry still is `seen`; returns the frames the claim may take:
+    /// `seen.free()` (an unclaimed count never overstates its clear bits, and under the claim
+    /// only this CPU sets bits), recounted from the bits only when that is 0 (frees that puts
+    /// left uncounted). A count that lags stays so until the holder recounts (`claim_area`,
+    /// when the credit is spent) or a refresh.
     #[inline]
     fn claim(&self, a: usize, seen: child::Entry) -> Option<usize> {
-        if a >= self.areas() || !seen.claimable() || !child::claim(&self.children[a], seen) {
+        if !self.claim_entry(a, seen) {
             return None;
         }
+        Some(match seen.free() {
+            0 => self.count_free(a),
+            n => n,
+        })
+    }
+
+    /// Claims area `a` if its entry still is `seen` (one CAS).
+    #[inline]
+    fn claim_entry(&self, a: usize, seen: child::Entry) -> bool {
+        if a >= self.areas() || !seen.claimable() || !child::claim(&self.children[a], seen) {
+            return false;
+        }
         hook::point();
-        Some(self.count_free(a))
+        true
     }
 
     /// Gives the claim of area `a` back, with its free frames counted from the bits after the
@@ -714,21 +724,14 @@ impl<'a> Allocator<'a> {
         if !e.claimable() || !self.more_free_than(a, e.free()) {
             return false;
         }
-        // The claim's recount is a valid release count: this CPU sets no bit under the claim,
-        // others only clear bits. It is at least `e.free()` (counts never overstate).
-        match self.claim(a, e) {
-            Some(n) => {
-                self.release_counted(a, n);
-                n > e.free()
-            }
-            None => false,
+        if !self.claim_entry(a, e) {
+            return false;
         }
-    }
-
-    /// [`Self::refresh`] over every area; whether some count grew.
-    #[cold]
-    fn refresh_all(&self) -> bool {
-        (0..self.areas()).fold(false, |grew, a| self.refresh(a) | grew)
+        // A recount under the claim is a valid release count: this CPU sets no bit under it,
+        // others only clear bits. It is at least `e.free()` (counts never overstate).
+        let n = self.count_free(a);
+        self.release_counted(a, n);
+        n > e.free()
     }
 
     /// Moves the CPU's small allocations on when its credit is spent: keeps its claimed area
@@ -806,16 +809,17 @@ impl<'a> Allocator<'a> {
         false
     }
 
-    /// Outside any reservation: claim any area with a free frame, take one, give it back.
-    /// After a `refresh_all` (`refreshed`) the entries' counts are trusted.
+    /// Outside any reservation: claim any area with a free frame (by its entry, else by its
+    /// bits), take one, give it back. `Memory` means no unclaimed area had a clear bit when
+    /// the scan passed it.
     #[cold]
-    fn steal_small(&self, core: usize, refreshed: bool) -> Result<usize, Error> {
+    fn steal_small(&self, core: usize) -> Result<usize, Error> {
         let n = self.areas();
         let start = core * n / self.locals.len();
         for k in 0..n {
             let a = (start + k) % n;
             let e = child::load(&self.children[a]);
-            if !e.claimable() || (e.free() == 0 && (refreshed || !self.more_free_than(a, 0))) {
+            if !e.claimable() || (e.free() == 0 && !self.more_free_than(a, 0)) {
                 continue;
             }
             if let Some(free) = self.claim(a, e) {
@@ -836,7 +840,6 @@ impl<'a> Allocator<'a> {
 
     #[inline]
     fn get_huge(&self, l: &Local, core: usize) -> Result<usize, Error> {
-        let mut refreshed = false;
         for _ in 0..ROUNDS {
             let t = l.huge_tree.get();
             if t != NONE {
@@ -871,22 +874,15 @@ impl<'a> Allocator<'a> {
             if self.reserve(l, core, true) {
                 continue;
             }
-            if !refreshed {
-                refreshed = true;
-                if self.refresh_all() {
-                    continue;
-                }
-            }
             break;
         }
-        // Outside any reservation.
+        // Outside any reservation: count each area's uncounted frees (which may complete it,
+        // and lets its tree be reserved next) and take it if it is whole.
         let n = self.areas();
         let start = core * n / self.locals.len();
         for k in 0..n {
             let a = (start + k) % n;
-            if !refreshed {
-                self.refresh(a);
-            }
+            self.refresh(a);
             let c = &self.children[a];
             if child::load(c).0 == child::FREE && child::take_huge(c) {
                 hook::point();

@@ -305,9 +305,12 @@ fn loom_allocator_put_races_huge() {
 
 /// Three CPUs at once: two take small frames (one frees its frame again), one takes huge frames.
 /// No frame is handed out twice and no huge frame covers a small one. Bounded to 2 preemptions
-/// since 2026-12-06: with the recounts (eight loads of a bit field each) on the paths this model
-/// takes when its one tree is reserved by another CPU, 3 preemptions ran over 10 minutes (before,
-/// the whole loom suite took ~40 s); 2 take ~3.5 minutes on this loaded 2-CPU machine.
+/// since the one-update put: the claim and release stores of its steals and refreshes (two
+/// entry writes where the old allocator made one count RMW) are more points for loom to
+/// reorder. Explored executions (counted 2026-12-06): 93,794 at 3 preemptions before the
+/// one-update put; 530,518 at 2 and over 10 minutes at 3 with it as first merged (`de70edb`);
+/// 55,971 at 2 and 1,246,369 at 3 (382 s) now, since `get` no longer refreshes every area
+/// before stealing or taking a huge frame outside its tree.
 #[test]
 fn loom_allocator_three_cpus() {
     bounded_by(2, || {
