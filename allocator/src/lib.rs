@@ -627,6 +627,7 @@ impl<'a> Allocator<'a> {
 
     #[inline]
     fn get_small(&self, l: &Local, core: usize) -> Result<usize, Error> {
+        let mut refreshed = false;
         for _ in 0..ROUNDS {
             let credit = l.credit.get();
             if credit > 0 {
@@ -644,11 +645,17 @@ impl<'a> Allocator<'a> {
             if self.claim_area(l) || self.reserve(l, core, false) {
                 continue;
             }
+            // No tree to reserve shows free frames: count the frees that puts left out of the
+            // entries of one unreserved tree, then reserve again.
+            if !refreshed {
+                refreshed = true;
+                if self.refresh_a_tree(l) {
+                    continue;
+                }
+            }
             break;
         }
-        // No tree to reserve shows free frames: take one where the bits show it (stealing from
-        // an area whose entry shows none counts its frees into the entry, so its tree can be
-        // reserved next).
+        // Take one frame where the bits show it (in other CPUs' trees too).
         self.steal_small(core)
     }
 
@@ -732,6 +739,26 @@ impl<'a> Allocator<'a> {
         let n = self.count_free(a);
         self.release_counted(a, n);
         n > e.free()
+    }
+
+    /// [`Self::refresh`] over the areas of unreserved trees, from the CPU's last search start
+    /// on, until one tree's counts grow (O(32 areas) when puts left frees uncounted; every
+    /// area's bits only when no unreserved tree has a free frame). Whether some count grew.
+    #[cold]
+    fn refresh_a_tree(&self, l: &Local) -> bool {
+        let n = self.trees.len();
+        let start = l.search.get() as usize;
+        for k in 0..n {
+            let t = (start + k) % n;
+            if tree::reserved(&self.trees[t]) {
+                continue;
+            }
+            let first = t * tree::AREAS;
+            if (first..first + tree::AREAS).fold(false, |g, a| self.refresh(a) | g) {
+                return true;
+            }
+        }
+        false
     }
 
     /// Moves the CPU's small allocations on when its credit is spent: keeps its claimed area

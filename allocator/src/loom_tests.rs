@@ -309,8 +309,9 @@ fn loom_allocator_put_races_huge() {
 /// entry writes where the old allocator made one count RMW) are more points for loom to
 /// reorder. Explored executions (counted 2026-12-06): 93,794 at 3 preemptions before the
 /// one-update put; 530,518 at 2 and over 10 minutes at 3 with it as first merged (`de70edb`);
-/// 55,971 at 2 and 1,246,369 at 3 (382 s) now, since `get` no longer refreshes every area
-/// before stealing or taking a huge frame outside its tree.
+/// 106,972 at 2 now (~25 s here; 3 would be well over 10x that), since `get` refreshes the
+/// areas of one unreserved tree, not of every area, before it steals, and none before it
+/// takes a huge frame outside its tree.
 #[test]
 fn loom_allocator_three_cpus() {
     bounded_by(2, || {
