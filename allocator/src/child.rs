@@ -7,11 +7,12 @@
 //!   taken with one CAS from an unclaimed, non-huge entry ([`claim`]) and given back with one
 //!   store by its holder ([`release`]); nobody else writes a claimed entry.
 //! * The count of an unclaimed, non-huge entry never *overstates* the area's clear bits: the
-//!   holder computes it from the bits while it still holds the claim, after its last bit set,
-//!   and afterwards bits can only be cleared (frees) until the next claim. It may *understate*:
-//!   a free of a 4 KiB frame clears its bit and does not touch the entry (one atomic per put);
-//!   the next claim of the area, or a [`claim`]-recount-[`release`] ("refresh") by any CPU, counts
-//!   it.
+//!   holder writes it while it still holds the claim, after its last bit set, as a recount of
+//!   the bits or as the count it claimed with less the frames it took (that count did not
+//!   overstate either); afterwards bits can only be cleared (frees) until the next claim. It
+//!   may *understate*: a free of a 4 KiB frame clears its bit and does not touch the entry (one
+//!   atomic per put); a holder's recount (when its credit runs out, or when it claims an entry
+//!   that shows none) or a [`claim`]-recount-[`release`] ("refresh") by any CPU counts it.
 //! * A huge allocation is one CAS from exactly (512, unclaimed, small) to huge ([`take_huge`]):
 //!   the count says all 512 bits were clear when the last holder let go, nobody holds a claim,
 //!   and nobody can take one until the huge frame is freed. So a huge frame never overlaps a
