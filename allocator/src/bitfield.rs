@@ -48,3 +48,16 @@ pub fn count_set(words: &[AtomicU64]) -> usize {
         .map(|w| w.load(Acquire).count_ones() as usize)
         .sum()
 }
+
+/// Whether fewer than `limit` bits are set, reading words only until `limit` set bits are
+/// seen (a full word of a mostly used area answers early; `limit` 0 reads nothing).
+pub fn fewer_set_than(words: &[AtomicU64], limit: usize) -> bool {
+    let mut set = 0;
+    for w in words {
+        if set >= limit {
+            return false;
+        }
+        set += w.load(Acquire).count_ones() as usize;
+    }
+    set < limit
+}

@@ -1,18 +1,35 @@
-//! Lower level, part 2: the entry per 2 MiB area (LLFree's "child"), one `u16`: bits 0..=9 count
-//! the area's free 4 KiB frames that nobody has claimed, bit 15 says "allocated as one huge
-//! frame". A small allocation first claims frames here, then takes bits; a huge allocation turns
-//! a fully free entry (512, not huge) into "huge" in one CAS. Because a claimed-but-not-yet-taken
-//! frame and a freed-but-not-yet-counted frame both keep the count below 512, a huge allocation
-//! can never overlap a small frame.
+//! Lower level, part 2: the entry per 2 MiB area (LLFree's "child"), one `u16`: bits 0..=9 hold
+//! a count of the area's free 4 KiB frames, bit 14 says "claimed by one CPU for small frames",
+//! bit 15 "allocated as one huge frame".
+//!
+//! # Invariant (what keeps a huge frame off small ones)
+//! * Only the CPU that holds an area's claim sets bits in it (takes small frames). A claim is
+//!   taken with one CAS from an unclaimed, non-huge entry ([`claim`]) and given back with one
+//!   store by its holder ([`release`]); nobody else writes a claimed entry.
+//! * The count of an unclaimed, non-huge entry never *overstates* the area's clear bits: the
+//!   holder writes it while it still holds the claim, after its last bit set, as a recount of
+//!   the bits or as the count it claimed with less the frames it took (that count did not
+//!   overstate either); afterwards bits can only be cleared (frees) until the next claim. It
+//!   may *understate*: a free of a 4 KiB frame clears its bit and does not touch the entry (one
+//!   atomic per put); a holder's recount (when its credit runs out, or when it claims an entry
+//!   that shows none) or a [`claim`]-recount-[`release`] ("refresh") by any CPU counts it.
+//! * A huge allocation is one CAS from exactly (512, unclaimed, small) to huge ([`take_huge`]):
+//!   the count says all 512 bits were clear when the last holder let go, nobody holds a claim,
+//!   and nobody can take one until the huge frame is freed. So a huge frame never overlaps a
+//!   small one, whatever the count lags behind.
+//!
+//! Crash consistency: the entry is not the truth of the small frames; recovery rebuilds every
+//! count from the bit fields and drops every claim (only the huge flag is kept).
 
 use crate::sync::{AtomicU16, Ordering::*};
 
 /// 4 KiB frames per 2 MiB area.
 pub const AREA_FRAMES: usize = 512;
 const HUGE: u16 = 1 << 15;
+const CLAIMED: u16 = 1 << 14;
 const COUNT: u16 = 0x3ff;
 
-/// Entry value of a fully free area.
+/// Entry value of a fully free, unclaimed area.
 pub const FREE: u16 = AREA_FRAMES as u16;
 /// Entry value of an area allocated as one huge frame.
 pub const ALLOCATED_HUGE: u16 = HUGE;
@@ -22,11 +39,19 @@ pub const ALLOCATED_HUGE: u16 = HUGE;
 pub struct Entry(pub u16);
 
 impl Entry {
+    /// Free frames counted (a lower bound; 0 while claimed).
     pub const fn free(self) -> usize {
         (self.0 & COUNT) as usize
     }
     pub const fn huge(self) -> bool {
         self.0 & HUGE != 0
+    }
+    pub const fn claimed(self) -> bool {
+        self.0 & CLAIMED != 0
+    }
+    /// Neither huge nor claimed: a CPU may claim it.
+    pub const fn claimable(self) -> bool {
+        self.0 & (HUGE | CLAIMED) == 0
     }
 }
 
@@ -35,54 +60,33 @@ pub fn load(a: &AtomicU16) -> Entry {
     Entry(a.load(Relaxed))
 }
 
-/// Claims every unclaimed free frame of a small area (count n > 0 -> 0) for a CPU's local
-/// credit; returns n.
+/// Claims the area for small frames if its entry still is `seen` (which must be claimable):
+/// from now on only the caller sets its bits. Acquire: the bits the last holder set before its
+/// release are visible to the caller's recount.
 #[inline]
-pub fn claim_all(a: &AtomicU16) -> Option<usize> {
-    let mut v = a.load(Relaxed);
-    loop {
-        let e = Entry(v);
-        if e.huge() || e.free() == 0 {
-            return None;
-        }
-        match a.compare_exchange(v, 0, AcqRel, Relaxed) {
-            Ok(_) => return Some(e.free()),
-            Err(now) => v = now,
-        }
-    }
+pub fn claim(a: &AtomicU16, seen: Entry) -> bool {
+    debug_assert!(seen.claimable());
+    a.compare_exchange(seen.0, CLAIMED, AcqRel, Relaxed).is_ok()
 }
 
-/// Claims one free frame (count n > 0 -> n - 1), for allocations outside a reservation.
+/// Gives the claim back with `free` counted, which the holder read from the bits after its last
+/// bit set (so it does not overstate). Release: a later claimer or huge allocation sees those
+/// bit sets.
 #[inline]
-pub fn claim_one(a: &AtomicU16) -> bool {
-    let mut v = a.load(Relaxed);
-    loop {
-        let e = Entry(v);
-        if e.huge() || e.free() == 0 {
-            return false;
-        }
-        match a.compare_exchange(v, v - 1, AcqRel, Relaxed) {
-            Ok(_) => return true,
-            Err(now) => v = now,
-        }
-    }
+pub fn release(a: &AtomicU16, free: usize) {
+    debug_assert!(load(a).claimed() && free <= AREA_FRAMES);
+    a.store(free as u16, Release);
 }
 
-/// Returns `n` claimed or freed frames to the count. Never called on a huge entry: the caller
-/// holds a claim or has just cleared a bit of this area, so its count is below 512.
-#[inline]
-pub fn add(a: &AtomicU16, n: usize) {
-    a.fetch_add(n as u16, AcqRel);
-}
-
-/// Allocates the whole area as a huge frame: (512, small) -> (0, huge).
+/// Allocates the whole area as a huge frame: (512, unclaimed, small) -> huge.
 #[inline]
 pub fn take_huge(a: &AtomicU16) -> bool {
     a.compare_exchange(FREE, ALLOCATED_HUGE, AcqRel, Relaxed)
         .is_ok()
 }
 
-/// Frees a huge frame: (0, huge) -> (512, small). Returns the entry seen when it was not huge.
+/// Frees a huge frame: huge -> (512, unclaimed, small). Returns the entry seen when it was not
+/// huge.
 #[inline]
 pub fn put_huge(a: &AtomicU16) -> Result<(), Entry> {
     a.compare_exchange(ALLOCATED_HUGE, FREE, AcqRel, Relaxed)

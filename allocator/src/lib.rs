@@ -3,14 +3,17 @@
 //!
 //! # Structure
 //! * Lower level, per 2 MiB area: a 512-bit field (one bit per 4 KiB frame, module `bitfield`) and
-//!   one `u16` entry with the area's unclaimed free frames and a huge flag (module `child`).
+//!   one `u16` entry with a count of the area's free frames, a claim flag and a huge flag
+//!   (module `child`, which states the invariant that keeps huge frames off small ones).
 //! * Upper level, per tree of 32 areas (64 MiB): a reservation word (module `tree`). Each CPU
 //!   reserves one tree for small and one for huge frames, so CPUs work in different cache
 //!   lines; a tree's free count is the sum of its 32 area entries (one cache line).
-//! * Per CPU (module `local`): the reserved trees and a *credit*: frames claimed in one CAS from
-//!   the entry of the area the CPU takes small frames from. A small `get` then costs one atomic
-//!   bit set; a `put` one atomic bit clear, plus one entry increment when the frame lies outside
-//!   the CPU's current area.
+//! * Per CPU (module `local`): the reserved trees, the area the CPU has *claimed* for small
+//!   frames (one CAS on its entry; only the holder sets its bits) and a *credit*, the frames it
+//!   may take there before it recounts. A small `get` costs one atomic bit set; a `put` one
+//!   atomic bit clear and nothing else: the entry's count lags behind frees (it may understate,
+//!   never overstate) until the area is claimed or refreshed again, when it is recounted from
+//!   the bits.
 //!
 //! Every state change is one atomic instruction on one word; there are no locks and no log.
 //! The bits and huge flags are the persistent truth; everything else is recounted by
@@ -230,6 +233,9 @@ pub struct Allocator<'a> {
     locals: &'a [Local],
     /// Areas `Recover` found with both the huge flag and set bits (see `init`).
     repaired: core::sync::atomic::AtomicUsize,
+    /// Free frames at `init` plus those `free_range` added; with the CPUs' `balance` the free
+    /// frames (volatile: `init` sets it, `Recover` from the bits).
+    counted: core::sync::atomic::AtomicUsize,
 }
 
 impl<'a> Allocator<'a> {
@@ -268,7 +274,7 @@ impl<'a> Allocator<'a> {
         // SAFETY: every part lies inside `meta` (length checked) at an offset that is a multiple
         // of its alignment (asserted in `Layout::new`: 64 for the atomics, 128 for `Local`) from
         // a `META_ALIGN`-aligned start (checked above, >= every part's alignment); the atomics have the size and alignment of their
-        // integers and every bit pattern is valid for them, `Local` is 10 `AtomicU32` plus padding
+        // integers and every bit pattern is valid for them, `Local` is 8 `AtomicU32` and an `AtomicUsize` plus padding
         // (repr(C)); `meta` is borrowed exclusively for 'a, so nothing else accesses it.
         let (header, trees, children, bits, locals) = unsafe {
             (
@@ -294,6 +300,7 @@ impl<'a> Allocator<'a> {
             bits,
             locals,
             repaired: core::sync::atomic::AtomicUsize::new(0),
+            counted: core::sync::atomic::AtomicUsize::new(0),
         };
         a.init(init)?;
         Ok(a)
@@ -322,6 +329,7 @@ impl<'a> Allocator<'a> {
             bits,
             locals,
             repaired: core::sync::atomic::AtomicUsize::new(0),
+            counted: core::sync::atomic::AtomicUsize::new(0),
         };
         a.init(init)?;
         Ok(a)
@@ -350,6 +358,8 @@ impl<'a> Allocator<'a> {
                     }
                     self.children[a].store(entry, Relaxed);
                 }
+                self.counted
+                    .store(if init == Init::Free { self.frames } else { 0 }, Relaxed);
                 self.header[1].store(VERSION, Relaxed);
                 self.header[2].store(self.base as u64, Relaxed);
                 self.header[3].store(self.frames as u64, Relaxed);
@@ -371,6 +381,7 @@ impl<'a> Allocator<'a> {
                     c.store(0, Relaxed);
                 }
                 let mut repaired = 0;
+                let mut free = 0;
                 for a in 0..areas {
                     let n = self.area_frames(a);
                     let bits = self.area_bits(a);
@@ -402,11 +413,13 @@ impl<'a> Allocator<'a> {
                         }
                         child::ALLOCATED_HUGE
                     } else {
+                        free += AREA_FRAMES - set;
                         (AREA_FRAMES - set) as u16
                     };
                     self.children[a].store(entry, Relaxed);
                 }
                 self.repaired.store(repaired, Relaxed);
+                self.counted.store(free, Relaxed);
             }
         }
         for (core, l) in self.locals.iter().enumerate() {
@@ -425,6 +438,7 @@ impl<'a> Allocator<'a> {
             Order::HUGE => self.get_huge(l, core)?,
             _ => return Err(Error::WrongOrder),
         };
+        l.balance.sub(order.frames());
         Ok(Pfn(self.base + i))
     }
 
@@ -447,18 +461,13 @@ impl<'a> Allocator<'a> {
                     });
                 }
                 hook::point();
-                let area = area as u32;
-                if area == l.area.get() {
-                    // The CPU's current area: the frame joins its credit, no atomic needed.
+                // The one locked update of a put. The entry is not touched: its count may
+                // understate (see `child`); the next claim or refresh of the area counts it.
+                if area as u32 == l.area.get() {
+                    // The CPU's claimed area: the frame joins its credit, no atomic needed.
                     l.credit.set(l.credit.get() + 1);
-                } else if area == l.put_area.get() {
-                    // Same area as the last free: counted in its entry with the next flush.
-                    l.put_count.set(l.put_count.get() + 1);
-                } else {
-                    self.flush_puts(l);
-                    l.put_area.set(area);
-                    l.put_count.set(1);
                 }
+                l.balance.add(1);
                 Ok(())
             }
             Order::HUGE => {
@@ -471,6 +480,7 @@ impl<'a> Allocator<'a> {
                 match child::put_huge(&self.children[area]) {
                     Ok(()) => {
                         hook::point();
+                        l.balance.add(AREA_FRAMES);
                         Ok(())
                     }
                     Err(_) if bitfield::count_set(self.area_bits(area)) != 0 => {
@@ -492,10 +502,10 @@ impl<'a> Allocator<'a> {
             return Err(Error::AddressOutOfRange);
         }
         let end = start + count;
-        // Pass 1: everything must be allocated. Pass 2: clear, and count into each area only
-        // the bits this call cleared (a concurrent call over the same range cannot double-count).
+        // Pass 1: everything must be allocated. Pass 2: clear, then recount each area's entry
+        // from its bits under a claim (`refresh`; a claimed area's holder recounts it itself).
         for pass in 0..2 {
-            let (mut i, mut cleared) = (start, 0);
+            let mut i = start;
             while i < end {
                 let w = i / 64;
                 let hi = end.min((w + 1) * 64);
@@ -505,29 +515,26 @@ impl<'a> Allocator<'a> {
                         return Err(Error::DoubleFree);
                     }
                 } else {
-                    cleared += (self.bits[w].fetch_and(!mask, AcqRel) & mask).count_ones() as usize;
+                    self.bits[w].fetch_and(!mask, AcqRel);
                     hook::point();
                     if hi == end || hi.is_multiple_of(AREA_FRAMES) {
-                        child::add(&self.children[(hi - 1) / AREA_FRAMES], cleared);
-                        hook::point();
-                        cleared = 0;
+                        self.refresh((hi - 1) / AREA_FRAMES);
                     }
                 }
                 i = hi;
             }
         }
+        self.counted.fetch_add(count, Relaxed);
         Ok(())
     }
 
-    /// Gives CPU `core`'s credit, uncounted frees and tree reservations back (call on that CPU,
-    /// or when it is idle), so other CPUs can use its frames and huge frames can form there.
+    /// Gives CPU `core`'s claimed area (with its credit) and tree reservations back (call on
+    /// that CPU, or when it is idle), so other CPUs can use its frames and huge frames can form
+    /// there.
     pub fn drain(&self, core: usize) -> Result<(), Error> {
         let l = self.locals.get(core).ok_or(Error::InvalidCore)?;
-        self.flush_puts(l);
-        let credit = l.credit.get();
-        if credit > 0 {
-            child::add(&self.children[l.area.get() as usize], credit as usize);
-            hook::point();
+        if l.area.get() != NONE {
+            self.release_area(l.area.get() as usize);
         }
         l.credit.set(0);
         l.area.set(NONE);
@@ -541,22 +548,36 @@ impl<'a> Allocator<'a> {
         Ok(())
     }
 
-    /// Free 4 KiB frames (huge frames count 512 each). Exact when no operation runs.
+    /// Free 4 KiB frames (huge frames count 512 each): the count at initialisation plus each
+    /// CPU's frees less its allocations, O(CPUs) (callers ask under locks: the hypervisor before
+    /// every morsel create). Exact when no operation runs.
     pub fn free_frames(&self) -> usize {
-        let areas: usize = self.children.iter().map(|c| child::load(c).free()).sum();
-        let credits: usize = self
+        let moved = self
             .locals
             .iter()
-            .map(|l| (l.credit.get() + l.put_count.get()) as usize)
-            .sum();
-        areas + credits
+            .fold(0usize, |s, l| s.wrapping_add(l.balance.get()));
+        self.counted.load(Relaxed).wrapping_add(moved)
     }
 
-    /// Free 2 MiB frames: areas that are free and unclaimed (O(areas) scan).
+    /// Free 4 KiB frames counted from the bit fields, O(areas) (tests: must equal
+    /// [`Self::free_frames`] when no operation runs).
+    #[cfg(all(test, not(loom)))]
+    pub(crate) fn free_frames_by_bits(&self) -> usize {
+        (0..self.areas())
+            .filter(|&a| !child::load(&self.children[a]).huge())
+            .map(|a| AREA_FRAMES - bitfield::count_set(self.area_bits(a)))
+            .sum()
+    }
+
+    /// Free 2 MiB frames: whole areas that are free and not claimed by a CPU (O(areas) scan of
+    /// the bit fields; entries may lag behind frees, `get` recounts them).
     pub fn free_huge(&self) -> usize {
-        self.children
-            .iter()
-            .filter(|c| child::load(c).0 == child::FREE)
+        (0..self.areas())
+            .filter(|&a| {
+                child::load(&self.children[a]).claimable()
+                    && self.area_frames(a) == AREA_FRAMES
+                    && bitfield::count_set(self.area_bits(a)) == 0
+            })
             .count()
     }
 
@@ -606,6 +627,7 @@ impl<'a> Allocator<'a> {
 
     #[inline]
     fn get_small(&self, l: &Local, core: usize) -> Result<usize, Error> {
+        let mut refreshed = false;
         for _ in 0..ROUNDS {
             let credit = l.credit.get();
             if credit > 0 {
@@ -616,97 +638,226 @@ impl<'a> Allocator<'a> {
                     l.hint.set((i / 64) as u32);
                     return Ok(area * AREA_FRAMES + i);
                 }
-                // Unreachable while the claims are consistent: give the credit back.
-                child::add(&self.children[area], credit as usize);
+                // Unreachable: the credit never exceeds the clear bits of the claimed area,
+                // whose bits only this CPU sets. `claim_area` recounts it.
                 l.credit.set(0);
-                l.area.set(NONE);
-                hook::point();
             }
             if self.claim_area(l) || self.reserve(l, core, false) {
                 continue;
             }
+            // No tree to reserve shows free frames: count the frees that puts left out of the
+            // entries of one unreserved tree, then reserve again.
+            if !refreshed {
+                refreshed = true;
+                if self.refresh_a_tree(l) {
+                    continue;
+                }
+            }
             break;
         }
+        // Take one frame where the bits show it (in other CPUs' trees too).
         self.steal_small(core)
     }
 
-    /// Counts the CPU's pending frees into their area's entry.
-    #[inline]
-    fn flush_puts(&self, l: &Local) {
-        let n = l.put_count.get();
-        if n > 0 {
-            child::add(&self.children[l.put_area.get() as usize], n as usize);
-            hook::point();
-            l.put_count.set(0);
-        }
-        l.put_area.set(NONE);
-    }
-
-    /// Takes a bit of `area`, after the caller claimed one of its frames.
+    /// Takes a bit of `area`, whose claim the caller holds.
     #[inline]
     fn take_bit(&self, area: usize, hint: usize) -> Option<usize> {
         let bits = self.area_bits(area);
         (0..ROUNDS).find_map(|_| bitfield::take(bits, hint))
     }
 
-    /// Claims all free frames of an area of the CPU's small tree (partly used areas first, so
-    /// free areas stay whole); releases the tree when it has none.
+    /// Free frames of area `a` by its bits.
+    #[inline]
+    fn count_free(&self, a: usize) -> usize {
+        AREA_FRAMES - bitfield::count_set(self.area_bits(a))
+    }
+
+    /// Whether area `a`'s bits show more than `n` free frames; reads only as many words as it
+    /// takes (none when `n` is the whole area: a count never overstates).
+    #[inline]
+    fn more_free_than(&self, a: usize, n: usize) -> bool {
+        n < AREA_FRAMES && bitfield::fewer_set_than(self.area_bits(a), AREA_FRAMES - n)
+    }
+
+    /// Claims area `a` if its entry still is `seen`; returns the frames the claim may take:
+    /// `seen.free()` (an unclaimed count never overstates its clear bits, and under the claim
+    /// only this CPU sets bits), recounted from the bits only when that is 0 (frees that puts
+    /// left uncounted). A count that lags stays so until the holder recounts (`claim_area`,
+    /// when the credit is spent) or a refresh.
+    #[inline]
+    fn claim(&self, a: usize, seen: child::Entry) -> Option<usize> {
+        if !self.claim_entry(a, seen) {
+            return None;
+        }
+        Some(match seen.free() {
+            0 => self.count_free(a),
+            n => n,
+        })
+    }
+
+    /// Claims area `a` if its entry still is `seen` (one CAS).
+    #[inline]
+    fn claim_entry(&self, a: usize, seen: child::Entry) -> bool {
+        if a >= self.areas() || !seen.claimable() || !child::claim(&self.children[a], seen) {
+            return false;
+        }
+        hook::point();
+        true
+    }
+
+    /// Gives the claim of area `a` back, with its free frames counted from the bits after the
+    /// holder's last bit set (so the count cannot overstate).
+    #[inline]
+    fn release_area(&self, a: usize) {
+        self.release_counted(a, self.count_free(a));
+    }
+
+    /// Gives the claim of area `a` back with `free` counted, which must not exceed its clear
+    /// bits: a count the holder read after its last bit set, less what it took since.
+    #[inline]
+    fn release_counted(&self, a: usize, free: usize) {
+        child::release(&self.children[a], free);
+        hook::point();
+    }
+
+    /// Counts into area `a`'s entry the frees it does not show yet (a put only clears a bit):
+    /// claim, recount from the bits, release. Reads the bits first and does nothing unless
+    /// that adds frames. Returns whether the count grew.
+    fn refresh(&self, a: usize) -> bool {
+        if a >= self.areas() {
+            return false;
+        }
+        let e = child::load(&self.children[a]);
+        if !e.claimable() || !self.more_free_than(a, e.free()) {
+            return false;
+        }
+        if !self.claim_entry(a, e) {
+            return false;
+        }
+        // A recount under the claim is a valid release count: this CPU sets no bit under it,
+        // others only clear bits. It is at least `e.free()` (counts never overstate).
+        let n = self.count_free(a);
+        self.release_counted(a, n);
+        n > e.free()
+    }
+
+    /// [`Self::refresh`] over the areas of unreserved trees, from the CPU's last search start
+    /// on, until one tree's counts grow (O(32 areas) when puts left frees uncounted; every
+    /// area's bits only when no unreserved tree has a free frame). Whether some count grew.
+    #[cold]
+    fn refresh_a_tree(&self, l: &Local) -> bool {
+        let n = self.trees.len();
+        let start = l.search.get() as usize;
+        for k in 0..n {
+            let t = (start + k) % n;
+            if tree::reserved(&self.trees[t]) {
+                continue;
+            }
+            let first = t * tree::AREAS;
+            if (first..first + tree::AREAS).fold(false, |g, a| self.refresh(a) | g) {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Moves the CPU's small allocations on when its credit is spent: keeps its claimed area
+    /// if other CPUs freed frames there, else gives it back and claims another area of its small
+    /// tree (partly used areas first, so free areas stay whole; then areas whose frees are not
+    /// counted yet); releases the tree when it has none.
     fn claim_area(&self, l: &Local) -> bool {
-        // Own frees not yet counted may be all that is left.
-        self.flush_puts(l);
+        let cur = l.area.get();
+        if cur != NONE {
+            let n = self.count_free(cur as usize);
+            if n > 0 {
+                l.credit.set(n as u32);
+                return true;
+            }
+            self.release_counted(cur as usize, 0);
+            l.area.set(NONE);
+        }
         let t = l.small_tree.get();
         if t == NONE {
             return false;
         }
         let first = t as usize * tree::AREAS;
-        let children = &self.children[first..first + tree::AREAS];
-        let start = (l.area.get() as usize).wrapping_sub(first).wrapping_add(1) % tree::AREAS;
+        let start = (cur as usize).wrapping_sub(first).wrapping_add(1) % tree::AREAS;
+        let take = |a: usize, n: usize| {
+            l.area.set(a as u32);
+            l.credit.set(n as u32);
+            l.hint.set(0);
+        };
         for _ in 0..ROUNDS {
             let mut whole = None;
             let mut partial = None;
             for k in 0..tree::AREAS {
                 let i = (start + k) % tree::AREAS;
-                let e = child::load(&children[i]);
-                if e.huge() || e.free() == 0 {
+                let e = child::load(&self.children[first + i]);
+                if !e.claimable() || e.free() == 0 {
                     continue;
                 }
                 if e.free() < AREA_FRAMES {
-                    partial = Some(i);
+                    partial = Some((i, e));
                     break;
                 }
-                whole = whole.or(Some(i));
+                whole = whole.or(Some((i, e)));
             }
-            let Some(i) = partial.or(whole) else { break };
-            if let Some(n) = child::claim_all(&children[i]) {
-                hook::point();
-                l.area.set((first + i) as u32);
-                l.credit.set(n as u32);
-                l.hint.set(0);
-                return true;
+            let Some((i, e)) = partial.or(whole) else {
+                break;
+            };
+            match self.claim(first + i, e) {
+                Some(n) if n > 0 => {
+                    take(first + i, n);
+                    return true;
+                }
+                Some(_) => self.release_counted(first + i, 0),
+                None => {}
+            }
+        }
+        // No area counts free frames: look for frees that puts left uncounted.
+        for k in 0..tree::AREAS {
+            let a = first + (start + k) % tree::AREAS;
+            let e = child::load(&self.children[a]);
+            if a >= self.areas() || !e.claimable() || !self.more_free_than(a, 0) {
+                continue;
+            }
+            match self.claim(a, e) {
+                Some(n) if n > 0 => {
+                    take(a, n);
+                    return true;
+                }
+                Some(_) => self.release_counted(a, 0),
+                None => {}
             }
         }
         l.small_tree.set(NONE);
-        l.area.set(NONE);
         tree::release(&self.trees[t as usize]);
         hook::point();
         false
     }
 
-    /// Outside any reservation: claim one frame of any area.
+    /// Outside any reservation: claim any area with a free frame (by its entry, else by its
+    /// bits), take one, give it back. `Memory` means no unclaimed area had a clear bit when
+    /// the scan passed it.
     #[cold]
     fn steal_small(&self, core: usize) -> Result<usize, Error> {
         let n = self.areas();
         let start = core * n / self.locals.len();
         for k in 0..n {
             let a = (start + k) % n;
-            if child::claim_one(&self.children[a]) {
-                hook::point();
-                if let Some(i) = self.take_bit(a, 0) {
+            let e = child::load(&self.children[a]);
+            if !e.claimable() || (e.free() == 0 && !self.more_free_than(a, 0)) {
+                continue;
+            }
+            if let Some(free) = self.claim(a, e) {
+                let got = if free > 0 { self.take_bit(a, 0) } else { None };
+                if let Some(i) = got {
                     hook::point();
+                    // Counted under the claim, less the frame just taken.
+                    self.release_counted(a, free - 1);
                     return Ok(a * AREA_FRAMES + i);
                 }
-                child::add(&self.children[a], 1);
-                hook::point();
+                self.release_area(a);
             }
         }
         Err(Error::Memory)
@@ -720,31 +871,45 @@ impl<'a> Allocator<'a> {
             let t = l.huge_tree.get();
             if t != NONE {
                 let first = t as usize * tree::AREAS;
-                let next = l.huge_next.get() as usize;
-                for k in 0..tree::AREAS {
-                    let i = (next + k) % tree::AREAS;
-                    let c = &self.children[first + i];
-                    if child::load(c).0 == child::FREE && child::take_huge(c) {
-                        hook::point();
-                        l.huge_next.set(((i + 1) % tree::AREAS) as u32);
-                        return Ok((first + i) * AREA_FRAMES);
+                for pass in 0..2 {
+                    let next = l.huge_next.get() as usize;
+                    // Whether some area is small and unclaimed: its count may lag behind frees.
+                    let mut lagging = false;
+                    for k in 0..tree::AREAS {
+                        let i = (next + k) % tree::AREAS;
+                        let c = &self.children[first + i];
+                        let e = child::load(c);
+                        if e.0 == child::FREE && child::take_huge(c) {
+                            hook::point();
+                            l.huge_next.set(((i + 1) % tree::AREAS) as u32);
+                            return Ok((first + i) * AREA_FRAMES);
+                        }
+                        lagging |= e.claimable() && e.free() < AREA_FRAMES;
+                    }
+                    // Frees that puts left uncounted may complete a free area.
+                    if pass == 1
+                        || !lagging
+                        || !(0..tree::AREAS).fold(false, |g, i| self.refresh(first + i) | g)
+                    {
+                        break;
                     }
                 }
                 l.huge_tree.set(NONE);
                 tree::release(&self.trees[t as usize]);
                 hook::point();
             }
-            // Own frees not yet counted may complete a free area.
-            self.flush_puts(l);
-            if !self.reserve(l, core, true) {
-                break;
+            if self.reserve(l, core, true) {
+                continue;
             }
+            break;
         }
-        // Outside any reservation.
+        // Outside any reservation: count each area's uncounted frees (which may complete it,
+        // and lets its tree be reserved next) and take it if it is whole.
         let n = self.areas();
         let start = core * n / self.locals.len();
         for k in 0..n {
             let a = (start + k) % n;
+            self.refresh(a);
             let c = &self.children[a];
             if child::load(c).0 == child::FREE && child::take_huge(c) {
                 hook::point();
@@ -816,6 +981,8 @@ impl<'a> Allocator<'a> {
                     l.huge_tree.set(t as u32);
                     l.huge_next.set(0);
                 } else {
+                    // `claim_area` gave the claimed area back before this search.
+                    debug_assert_eq!(l.area.get(), NONE);
                     l.small_tree.set(t as u32);
                     l.area.set(NONE);
                     l.credit.set(0);

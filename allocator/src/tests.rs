@@ -49,6 +49,71 @@ fn new(cores: usize, frames: usize, init: Init) -> Allocator<'static> {
     .unwrap()
 }
 
+/// The invariant that keeps huge frames off small ones (see `child`), on metadata `m` as a crash
+/// at this instant would leave it: no unclaimed entry counts more free frames than its area's
+/// bits show clear (a count may lag behind frees, never run ahead), and a huge area has no bit
+/// set.
+fn counts_never_overstate(m: &[u8], cores: usize, frames: usize) {
+    let l = Layout::new(cores, frames);
+    for a in 0..l.areas {
+        let e = child::Entry(u16::from_le_bytes([
+            m[l.off_children + 2 * a],
+            m[l.off_children + 2 * a + 1],
+        ]));
+        let set: usize = (0..bitfield::WORDS)
+            .map(|w| {
+                let at = l.off_bits + (a * bitfield::WORDS + w) * 8;
+                u64::from_le_bytes(m[at..at + 8].try_into().unwrap()).count_ones() as usize
+            })
+            .sum();
+        if e.huge() {
+            assert_eq!(set, 0, "area {a}: huge with {set} bits set");
+        } else if e.claimable() {
+            assert!(
+                e.free() <= AREA_FRAMES - set,
+                "area {a}: entry counts {} free frames, its bits {}",
+                e.free(),
+                AREA_FRAMES - set
+            );
+        }
+    }
+}
+
+/// The same on a live allocator while no operation runs, and each claimed area is the area of
+/// one CPU, whose credit does not exceed its clear bits.
+fn check_entries(a: &Allocator) {
+    for i in 0..a.areas() {
+        let e = child::load(&a.children[i]);
+        let free = a.count_free(i);
+        if e.huge() {
+            assert_eq!(free, AREA_FRAMES, "area {i}: huge with bits set");
+        } else if e.claimable() {
+            assert!(
+                e.free() <= free,
+                "area {i}: counts {} free, bits {free}",
+                e.free()
+            );
+        } else {
+            let holders: Vec<_> = a
+                .locals
+                .iter()
+                .filter(|l| l.area.get() as usize == i)
+                .collect();
+            assert_eq!(
+                holders.len(),
+                1,
+                "area {i}: claimed, but not by exactly one CPU"
+            );
+            assert!(
+                holders[0].credit.get() as usize <= free,
+                "area {i}: credit overstates"
+            );
+        }
+    }
+    // Called with no operation running: the CPUs' balances add up to the bits.
+    assert_eq!(a.free_frames(), a.free_frames_by_bits(), "free_frames disagrees with the bits");
+}
+
 #[test]
 fn init_counts() {
     for frames in [1, 511, 512, 513, 3 * TREE_FRAMES + 700, GIB] {
@@ -374,11 +439,24 @@ proptest::proptest! {
             match op {
                 0..=2 => match a.get(core, Order::BASE) {
                     Ok(f) => { held.push((f, Order::BASE)); used += 1; }
-                    Err(e) => { proptest::prop_assert_eq!(e, Error::Memory); }
+                    Err(e) => {
+                        proptest::prop_assert_eq!(e, Error::Memory);
+                        // Frees that no entry counted are found: only other CPUs' claimed
+                        // areas may still hold free frames.
+                        let unclaimed: usize = (0..a.areas())
+                            .filter(|&i| !child::load(&a.children[i]).claimed())
+                            .filter(|&i| !child::load(&a.children[i]).huge())
+                            .map(|i| a.count_free(i))
+                            .sum();
+                        proptest::prop_assert_eq!(unclaimed, 0);
+                    }
                 },
                 3 => match a.get(core, Order::HUGE) {
                     Ok(f) => { proptest::prop_assert_eq!(f.0 % 512, 0); held.push((f, Order::HUGE)); used += 512; }
-                    Err(e) => { proptest::prop_assert_eq!(e, Error::Memory); }
+                    Err(e) => {
+                        proptest::prop_assert_eq!(e, Error::Memory);
+                        proptest::prop_assert_eq!(a.free_huge(), 0);
+                    }
                 },
                 4..=6 if !held.is_empty() => {
                     let (f, o) = held.swap_remove(pick % held.len());
@@ -389,6 +467,7 @@ proptest::proptest! {
                 _ => { a.drain(core).unwrap(); }
             }
             proptest::prop_assert_eq!(a.free_frames(), frames - used);
+            check_entries(&a);
         }
         let mut all = HashSet::new();
         for (f, o) in &held {
@@ -545,6 +624,7 @@ fn stress(threads: usize, frames: usize, rounds: usize, ops: usize) {
         barrier.wait();
         let held = held_total.swap(0, O::SeqCst);
         assert_eq!(a.free_frames() + held, frames, "counts do not add up");
+        check_entries(a);
         let set: usize = shadow
             .0
             .iter()
@@ -612,6 +692,7 @@ impl Crash {
         unsafe { std::ptr::copy_nonoverlapping(self.meta, dst, self.size) };
         // SAFETY: `size` bytes from `dst` lie inside `copy`, which outlives `m`.
         let m = unsafe { std::slice::from_raw_parts_mut(dst, self.size) };
+        counts_never_overstate(m, self.cores, self.frames);
         self.verify(m)
     }
 
