@@ -122,6 +122,12 @@ pub fn attention(index: usize) -> bool {
     ATTENTION[index % MAX_CPUS].swap(false, Ordering::AcqRel)
 }
 
+/// Whether an IPI that needs more than a flush is pending for this CPU (`send`), without
+/// taking it (`attention` does).
+pub fn attention_pending(index: usize) -> bool {
+    ATTENTION[index % MAX_CPUS].load(Ordering::Acquire)
+}
+
 #[allow(clippy::declare_interior_mutable_const)]
 const NO_ATTENTION: AtomicBool = AtomicBool::new(false);
 /// Per CPU index: an IPI that needs more than a flush is pending (`send`).

@@ -13,7 +13,8 @@
 //!
 //! A commit runs under the world lock but does not wait: it adds the acknowledgments
 //! to wait for to this CPU's `Owed` record. Every release of the world lock
-//! (`runqueue::WorldGuard`'s drop) then runs `complete`: with no lock held it waits for
+//! (`runqueue::WorldGuard`'s drop; and `sched::run_slice` after an ExMap batch that ended
+//! without it, `Batch::finish_alone`) then runs `complete`: with no lock held it waits for
 //! them (answering its own requests meanwhile), and only then gives the frames the call
 //! freed to the allocator. So, for one call:
 //!
