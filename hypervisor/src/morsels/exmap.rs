@@ -180,6 +180,7 @@ impl<F: morsel::Format> Batch<F> {
     /// until its next world lock (`Exmaps::unpark`); the caller settles this CPU's
     /// shootdown (`shootdown::complete`) before the vCPU enters its guest again. The batch
     /// comes back untouched where it failed (`finish_batch` reports it).
+    #[allow(clippy::result_large_err)] // the batch moves back once, on the rare fallback; boxing would allocate
     pub fn finish_alone(self, guest_cpus: impl FnOnce() -> u64, frames: &Frames) -> Result<(u64, Parked), Self> {
         let (pages, failed, zeroed, rolled_back) = match &self.outcome {
             Ok((b, zeroed)) => (b.pages, b.failed as u64, *zeroed, b.rolled_back),
