@@ -35,6 +35,10 @@ pub struct Options {
     pub exits: bool,
     /// `exmap-smp`: Bochs ticks per ExMap page on 1, 2, 4 CPUs (`bench_exmap_smp`), only when named.
     pub exmap_smp: bool,
+    /// `--cpus 1,2`: the CPU counts `exmap-smp` boots (default 1, 2, 4).
+    pub cpus: Vec<usize>,
+    /// `--configs c`: the `exmap-smp` configurations booted past 1 CPU (default `abc`).
+    pub configs: String,
     pub rounds: usize,
     pub docs: bool,
     /// `--upstream PATH`: a checkout of upstream llfree-rs (outside this repository); the
@@ -44,7 +48,7 @@ pub struct Options {
 
 impl Options {
     pub fn parse(args: &[String]) -> Result<Options> {
-        let mut o = Options { benches: Vec::new(), smp: false, ipc: false, bufmgr: false, exits: false, exmap_smp: false, rounds: DEFAULT_ROUNDS, docs: false, upstream: None };
+        let mut o = Options { benches: Vec::new(), smp: false, ipc: false, bufmgr: false, exits: false, exmap_smp: false, cpus: vec![1, 2, 4], configs: "abc".into(), rounds: DEFAULT_ROUNDS, docs: false, upstream: None };
         let mut it = args.iter();
         while let Some(a) = it.next() {
             match a.as_str() {
@@ -53,6 +57,19 @@ impl Options {
                     o.rounds = match it.next().map(|v| v.parse::<usize>()) {
                         Some(Ok(n)) if n >= 1 => n,
                         _ => bail!("`--rounds` wants a number of rounds, at least 1"),
+                    }
+                }
+                "--cpus" => {
+                    let list = it.next().map(|v| v.split(',').map(str::parse::<usize>).collect::<std::result::Result<Vec<_>, _>>());
+                    o.cpus = match list {
+                        Some(Ok(l)) if l.contains(&1) && l.iter().all(|&n| (1..=64).contains(&n)) => l,
+                        _ => bail!("`--cpus` wants CPU counts such as 1,2 (1 among them: the baseline)"),
+                    }
+                }
+                "--configs" => {
+                    o.configs = match it.next() {
+                        Some(c) if !c.is_empty() && c.chars().all(|c| "abc".contains(c)) => c.clone(),
+                        _ => bail!("`--configs` wants some of a, b, c (`exmap-smp`'s configurations)"),
                     }
                 }
                 "--upstream" => match it.next() {
@@ -227,7 +244,7 @@ pub fn bench(o: &Options) -> Result<ExitCode> {
         return crate::bench_smp::bench_exits();
     }
     if o.exmap_smp && o.benches.is_empty() && !o.smp && !o.ipc && !o.bufmgr {
-        return crate::bench_exmap_smp::bench(&[1, 2, 4]);
+        return crate::bench_exmap_smp::bench(&o.cpus, &o.configs);
     }
     if [o.smp, o.ipc, o.bufmgr].iter().filter(|&&b| b).count() > 1 {
         bail!("`bench smp`, `bench ipc` and `bench bufmgr` run one at a time (each boots QEMU)");
@@ -1089,5 +1106,10 @@ threads  allocator  get+put ns   Mops/s total   (median of 1 runs, ns per op per
         // `exmap-smp` alone runs only the Bochs ExMap rows, not every host bench.
         let o = Options::parse(&["exmap-smp".into()]).unwrap();
         assert!(o.exmap_smp && o.benches.is_empty() && !o.smp);
+        assert_eq!((o.cpus, o.configs.as_str()), (vec![1, 2, 4], "abc"));
+        let o = Options::parse(&["exmap-smp".into(), "--cpus".into(), "1,2".into(), "--configs".into(), "c".into()]).unwrap();
+        assert_eq!((o.cpus, o.configs.as_str()), (vec![1, 2], "c"));
+        assert!(Options::parse(&["exmap-smp".into(), "--cpus".into(), "2".into()]).is_err(), "no baseline");
+        assert!(Options::parse(&["exmap-smp".into(), "--configs".into(), "d".into()]).is_err());
     }
 }

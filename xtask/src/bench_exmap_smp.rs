@@ -74,7 +74,9 @@ fn spread(rows: &[Row], col: impl Fn(&Row) -> u64) -> (f64, u64, u64) {
     (mean, v.iter().copied().min().unwrap_or(0), v.iter().copied().max().unwrap_or(0))
 }
 
-pub fn bench(cpu_counts: &[usize]) -> Result<ExitCode> {
+/// Boots every configuration of `configs` ('a', 'b', 'c') on each of `cpu_counts` CPUs (1 CPU:
+/// the one baseline, config 'c').
+pub fn bench(cpu_counts: &[usize], configs: &str) -> Result<ExitCode> {
     let root = crate::root();
     let built = {
         let _lock = images::lock_build(&root)?;
@@ -84,7 +86,8 @@ pub fn bench(cpu_counts: &[usize]) -> Result<ExitCode> {
     // 1 CPU: one guest, one vCPU, its own region: the baseline of every configuration.
     let mut runs: Vec<(char, usize, Vec<Row>)> = Vec::new();
     for &cpus in cpu_counts {
-        for config in if cpus == 1 { &['c'][..] } else { &['a', 'b', 'c'][..] } {
+        let configs: Vec<char> = if cpus == 1 { vec!['c'] } else { configs.chars().collect() };
+        for config in &configs {
             let cmdline = format!("log=warn guests={}", guests(*config, cpus));
             let start = std::time::Instant::now();
             let text = crate::bench_smp::bochs_boot(&root, &built, &format!("bench-exmap-{config}-{cpus}"), &cmdline, cpus)?;

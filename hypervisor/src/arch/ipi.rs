@@ -63,6 +63,26 @@ impl Cpus for Apic {
     }
 }
 
+/// `Apic` on CPU `.0`, which the caller knows to be this one (no APIC read for `me`).
+pub struct Here(pub usize);
+
+impl Cpus for Here {
+    fn me(&self) -> usize {
+        self.0
+    }
+
+    fn send(&self, cpu: usize) {
+        send_raw(cpu);
+    }
+
+    /// As `Apic`'s: the generation's bump is the flush.
+    fn flush(&self, _cpu: usize) {}
+
+    fn answer(&self) {
+        service_on(self.0);
+    }
+}
+
 #[allow(clippy::declare_interior_mutable_const)]
 const APIC_NONE: AtomicU32 = AtomicU32::new(u32::MAX);
 static APIC_OF: [AtomicU32; MAX_CPUS] = [APIC_NONE; MAX_CPUS];
@@ -100,6 +120,12 @@ pub fn send(index: usize) {
 /// loop then takes the world lock before the next entry instead of the lock-free path.
 pub fn attention(index: usize) -> bool {
     ATTENTION[index % MAX_CPUS].swap(false, Ordering::AcqRel)
+}
+
+/// Whether an IPI that needs more than a flush is pending for this CPU (`send`), without
+/// taking it (`attention` does).
+pub fn attention_pending(index: usize) -> bool {
+    ATTENTION[index % MAX_CPUS].load(Ordering::Acquire)
 }
 
 #[allow(clippy::declare_interior_mutable_const)]
@@ -167,18 +193,9 @@ pub fn interrupt() {
     apic::eoi();
 }
 
-/// The acknowledgments a CPU waits for: per CPU index, the request number it must see done.
-pub type Acks = vmcore::shootdown::Acks<MAX_CPUS>;
-
 /// The mailboxes themselves (`vm::shootdown`'s `Owed` waits on them).
 pub fn mailboxes() -> &'static Mailboxes<MAX_CPUS> {
     &MAILBOXES
-}
-
-/// Asks every CPU in `mask` but this one to flush (one IPI each) without waiting; this CPU
-/// flushes locally. Returns what to wait for and how many IPIs were sent.
-pub fn request(mask: u64) -> (Acks, u32) {
-    MAILBOXES.request(mask, &Apic)
 }
 
 /// Waits until every shootdown any CPU started so far is acknowledged. True if it waited.

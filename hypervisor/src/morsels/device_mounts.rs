@@ -31,7 +31,7 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
             return Err(Error::Denied);
         }
         // A device view is built from the region's leaves, which a batch edits meanwhile.
-        if n.batching.admit(Contender::DeviceMount).is_err() {
+        if n.admit(Contender::DeviceMount).is_err() {
             return Err(Error::Busy);
         }
         let window = n.morsel.window_size();

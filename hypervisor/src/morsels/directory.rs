@@ -124,20 +124,30 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     pub(crate) fn add_region<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, frames: &Frames, ticket: Ticket, morsel: Morsel<F>, others_may_write: bool, stats: super::exmap::RegionStats) -> Result<u64, Error> {
         let mut n = Named::new(morsel, g.id, others_may_write, None);
         n.region = Some(stats);
+        // The cell of the slot the name goes into: free (the slot's previous region, if any,
+        // was destroyed only with its lock free), its counters from zero.
+        let cell = self.cells.get(ticket.slot().index()).ok_or(Error::NoMemory)?;
+        cell.reset();
+        n.cell = Some(cell);
         self.enter(g, frames, ticket, n)
     }
 
     /// `morsel_open(name_ptr, name_len, writable)`.
-    pub fn open<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, frames: &Frames, name: abi::Name, writable: bool) -> Result<u64, Error> {
+    /// None: an ExMap batch holds the region (`Contender::Mount`): the guest issues the call
+    /// again (`hypercall::Action::Retry`), so that the batch's shootdown counts every mount.
+    pub fn open<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, frames: &Frames, name: abi::Name, writable: bool) -> Result<Option<u64>, Error> {
         let name = read_name(g, name)?;
         let n = self.named.get(&name).ok_or(Error::NotFound)?;
         if writable && !n.value.writable_by(g.id) {
             return Err(Error::Denied);
         }
+        if n.value.admit(Contender::Mount).is_err() {
+            return Ok(None);
+        }
         if g.mounts.iter().any(|m| m.name == name) {
             return Err(g.refuse(Error::Busy, format_args!("{name:?} is already mounted in this guest")));
         }
-        self.mount(g, frames, &name, writable)
+        self.mount(g, frames, &name, writable).map(Some)
     }
 
     fn mount<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, frames: &Frames, name: &Name, writable: bool) -> Result<u64, Error> {
@@ -201,7 +211,7 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         if n.in_io {
             return Err(g.refuse(Error::Busy, format_args!("{name:?} has NVMe I/O in flight")));
         }
-        if n.batching.admit(Contender::Destroy).is_err() {
+        if n.admit(Contender::Destroy).is_err() {
             return Err(g.refuse(Error::Busy, format_args!("{name:?} has an ExMap batch in flight")));
         }
         if n.morsel.mount_count() > 0 || self.devices.iter().any(|d| d.name == name) {

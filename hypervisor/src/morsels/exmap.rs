@@ -6,8 +6,11 @@
 //!
 //! Per vCPU: a frame cache, a validator and result buffers (`VcpuState`), keyed by (guest,
 //! vCPU). ALLOC and FREE on a region no device sees run with the world lock let go, under the
-//! region's lock (`Step::Batch`, `Batch::run`, `Exmaps::finish_batch`; the lock order is in
-//! `vm/sched.rs`); the rest of ExMap's state is behind the world lock.
+//! region's lock (`Step::Batch`, `Batch::run`, then `Batch::finish_alone` with no world lock
+//! or `Exmaps::finish_batch` under it; the lock order is in `vm/sched.rs`); the region's lock
+//! and batch counters are its `RegionCell`, the rest of ExMap's state is behind the world
+//! lock (a vCPU's own state in its slot between a batch ended alone and its next world lock,
+//! `Parked`).
 //! READ and WRITE run their NVMe batch with the world lock let go (`Step::Disk`, then
 //! `Exmaps::finish`): the region is pinned meanwhile (every action on it, its destroy and
 //! other batches on it answer `Busy`), so no frame the device may still write is freed.
@@ -30,8 +33,8 @@ use formats::units::Bytes;
 use abi::{self, Error};
 use hashbrown::HashMap;
 use morsel::{GuestPhysAddr, HostPhysAddr, Morsel, Perm};
-use vmcore::names::SlotId;
-use vmcore::region_lock::{Cache, Caller, Contender, Held, Refusal, Targets};
+use vmcore::region_lock::{Cache, Caller, Contender, Held, Refusal, RegionLock, Targets};
+use core::sync::atomic::{AtomicU64, Ordering};
 
 const _: () = assert!(exmap::MAX_ENTRIES as u64 == abi::EXMAP_MAX_ENTRIES);
 const _: () = assert!(exmap::MAX_COUNT == abi::EXMAP_MAX_COUNT);
@@ -104,8 +107,10 @@ pub enum Step<F: morsel::Format> {
 /// taken under the world lock by `action`) and the calling vCPU's own `VcpuState`, taken
 /// out of `Exmaps` meanwhile: nothing in it is reached by another CPU.
 pub struct Batch<F: morsel::Format> {
-    /// The region's lock, given back by `finish_batch` only.
+    /// The region's lock, given back by `finish_alone` or `finish_batch` only.
     held: Held,
+    /// The region's cell (its lock and batch counters).
+    cell: &'static RegionCell,
     /// A descriptor of the region's subtree (`Morsel::alias`); the region cannot be
     /// destroyed, device-mounted or batched by another call while `held`.
     morsel: Morsel<F>,
@@ -117,9 +122,6 @@ pub struct Batch<F: morsel::Format> {
     /// vCPU lives, and that vCPU is in this call).
     iov_hpa: u64,
     name: Name,
-    /// Where `name` is in the directory (the caller's `Mount::at`): `finish_batch` finds
-    /// the region there without hashing the name.
-    at: SlotId,
     guest: u32,
     vcpu: u32,
     /// What the batch did (pages, failed entries, frames zeroed), or why it did nothing.
@@ -167,6 +169,54 @@ impl<F: morsel::Format> Batch<F> {
     }
 }
 
+impl<F: morsel::Format> Batch<F> {
+    /// Ends the batch with the world lock let go, where nothing shared needs it: the batch
+    /// succeeded and its vCPU goes on (the caller checked that no stop reached this CPU).
+    /// A FREE that cleared pages shoots down ONCE (`Held::targets` from the mounts counted
+    /// at the take: `guest_cpus`, the CPUs that ran the caller's vCPUs, read now, or every
+    /// CPU that ran a guest), then the region's lock is given back (Release: the next one
+    /// admitted under the world lock sees the edits). The counters are the region cell's.
+    /// Returns the failed-entry count and the vCPU's ExMap state, which its slot keeps
+    /// until its next world lock (`Exmaps::unpark`); the caller settles this CPU's
+    /// shootdown (`shootdown::complete`) before the vCPU enters its guest again. The batch
+    /// comes back untouched where it failed (`finish_batch` reports it).
+    #[allow(clippy::result_large_err)] // the batch moves back once, on the rare fallback; boxing would allocate
+    pub fn finish_alone(self, guest_cpus: impl FnOnce() -> u64, frames: &Frames) -> Result<(u64, Parked), Self> {
+        let (pages, failed, zeroed, rolled_back) = match &self.outcome {
+            Ok((b, zeroed)) => (b.pages, b.failed as u64, *zeroed, b.rolled_back),
+            Err(_) => return Err(self),
+        };
+        let Batch { held, cell, mut v, op, name, guest, vcpu, .. } = self;
+        let cleared = op == abi::EXMAP_FREE && pages > 0 || rolled_back > 0;
+        if let Some(targets) = held.targets(cleared, Caller::Stays) {
+            let flush = match targets {
+                Targets::Caller => Flush::cpus(guest_cpus()),
+                Targets::Everyone => {
+                    RegionCell::add(&cell.remote_flushes, 1);
+                    Flush::every_guest_cpu()
+                }
+            };
+            // No device sees a batching region: the shootdown alone.
+            let _ = flush.commit(&mut Hw(None));
+            RegionCell::add(&cell.invalidations, 1);
+            v.cache.trim(&crate::vm::shootdown::After(frames));
+        }
+        cell.count(op, pages, failed, zeroed);
+        cell.lock.end(held);
+        log::debug!(target: "exmap", "guest {guest} '{name}' {}: {pages} pages, {failed} failed", ["alloc", "free"][(op & 1) as usize]);
+        Ok((failed, Parked { v, guest, vcpu }))
+    }
+}
+
+/// A vCPU's ExMap state after a batch ended alone (`Batch::finish_alone`): kept in the vCPU's
+/// slot until its next world lock puts it back (`Exmaps::unpark`). Nothing in it is reached
+/// by another CPU.
+pub struct Parked {
+    v: alloc::boxed::Box<VcpuState>,
+    guest: u32,
+    vcpu: u32,
+}
+
 /// A READ or WRITE whose NVMe batch runs with the world lock let go (`DiskBatch::run`),
 /// then `Exmaps::finish`: the batch, the entries and their results so far (taken from
 /// the guest's `VcpuState`, whose other vCPUs may call meanwhile: on another region, since
@@ -192,18 +242,12 @@ struct Rest {
     disk: DiskStats,
 }
 
-/// Counters of one region, kept in its directory entry (`Named::region`): they go with it.
+/// Counters of one region that only calls under the world lock change, kept in its
+/// directory entry (`Named::region`): they go with it. Those an ALLOC / FREE batch changes
+/// are in its `RegionCell`.
 #[derive(Default, Clone, Copy)]
 pub(crate) struct RegionStats {
     id: Origin,
-    calls: u64,
-    free_calls: u64,
-    allocated: u64,
-    freed: u64,
-    zeroed: u64,
-    failed: u64,
-    invalidations: u64,
-    remote_flushes: u64,
     /// Pages the disk read into (READ) / wrote from (WRITE); NVMe commands; most in flight.
     read: u64,
     written: u64,
@@ -213,7 +257,72 @@ pub(crate) struct RegionStats {
     interrupts: u64,
 }
 
-/// ExMap's state for the run (a region's own counters are in its directory entry).
+/// What an ExMap region's ALLOC / FREE batches reach with the world lock let go: the
+/// region's lock (`vmcore::region_lock`) and the counters they change (atomics, `Relaxed`:
+/// counters, read under the world lock by `exmap_info` and the stats). One per directory
+/// slot (`Directory::cells`), a region's is its slot's; reset when a region enters the
+/// slot.
+pub(crate) struct RegionCell {
+    pub(crate) lock: RegionLock,
+    calls: AtomicU64,
+    free_calls: AtomicU64,
+    allocated: AtomicU64,
+    freed: AtomicU64,
+    zeroed: AtomicU64,
+    failed: AtomicU64,
+    invalidations: AtomicU64,
+    remote_flushes: AtomicU64,
+}
+
+impl RegionCell {
+    pub(crate) const fn new() -> Self {
+        RegionCell {
+            lock: RegionLock::new(),
+            calls: AtomicU64::new(0),
+            free_calls: AtomicU64::new(0),
+            allocated: AtomicU64::new(0),
+            freed: AtomicU64::new(0),
+            zeroed: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            invalidations: AtomicU64::new(0),
+            remote_flushes: AtomicU64::new(0),
+        }
+    }
+
+    /// Counters from zero for a new region (under the world lock; the lock is free).
+    pub(crate) fn reset(&self) {
+        for c in [&self.calls, &self.free_calls, &self.allocated, &self.freed, &self.zeroed, &self.failed, &self.invalidations, &self.remote_flushes] {
+            c.store(0, Ordering::Relaxed);
+        }
+    }
+
+    fn add(c: &AtomicU64, n: u64) {
+        if n != 0 {
+            c.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    fn get(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+
+    /// One call's counts: `op`, its pages, failed entries, frames zeroed.
+    fn count(&self, op: u64, pages: u64, failed: u64, zeroed: u64) {
+        Self::add(&self.calls, 1);
+        Self::add(&self.failed, failed);
+        Self::add(&self.zeroed, zeroed);
+        match op {
+            abi::EXMAP_ALLOC | abi::EXMAP_READ => Self::add(&self.allocated, pages),
+            abi::EXMAP_FREE => {
+                Self::add(&self.freed, pages);
+                Self::add(&self.free_calls, 1);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// ExMap's state for the run (a region's own counters are in its directory entry and cell).
 pub struct Exmaps {
     /// Per vCPU, keyed by (guest, vCPU index); a vCPU's entry is out of the map while its
     /// `Batch` runs.
@@ -301,7 +410,7 @@ impl Exmaps {
         if n.in_io {
             return Err(g.refuse(Error::Busy, format_args!("region {name:?} has an NVMe batch in flight")));
         }
-        match n.batching.admit(Contender::Action) {
+        match n.admit(Contender::Action) {
             Ok(()) => {}
             // Another vCPU's ALLOC / FREE holds the region's lock: this vCPU issues the call
             // again (spinning with the world lock let go).
@@ -328,14 +437,17 @@ impl Exmaps {
         if (op == abi::EXMAP_ALLOC || op == abi::EXMAP_FREE) && !any_view && !device_mounted {
             // The batch runs with the world lock let go, under the region's lock.
             let n = dir.named.get_mut_at(at, &name).ok_or(Error::NotFound)?;
-            // Free: `admit` said so above, in this critical section.
-            let Ok(held) = n.batching.take() else { return Ok(Step::Retry) };
+            let Some(cell) = n.cell else { return Err(Error::Invalid) };
+            // Free: `admit` said so above, in this critical section. The guest mounts are
+            // counted now: none can be added while the lock is held (`Contender::Mount`).
+            let Ok(held) = cell.lock.take(n.morsel.mount_count()) else { return Ok(Step::Retry) };
             let Some(v) = self.vcpus.remove(&key) else {
-                let _ = n.batching.end(held, false, 0, Caller::Gone);
+                cell.lock.end(held);
                 return Err(Error::NoMemory);
             };
             return Ok(Step::Batch(Batch {
                 held,
+                cell,
                 morsel: n.morsel.alias(),
                 origin: id,
                 v,
@@ -343,7 +455,6 @@ impl Exmaps {
                 count,
                 iov_hpa: iov_hpa.as_u64(),
                 name,
-                at,
                 guest: g.id,
                 vcpu,
                 outcome: Err(Error::Invalid),
@@ -506,20 +617,15 @@ impl Exmaps {
             let views = &n.views;
             exmap::free(&region, &mut v.undo, &mut v.validator, &mut v.cache, &mut |p, f| follow(views, p, f), code);
         }
-        stats.calls += 1;
-        stats.failed += b.failed as u64;
-        stats.zeroed += v.cache.stats().zeroed - zeroed0;
+        let Some(cell) = n.cell else {
+            log::error!(target: "exmap", "guest {guest} '{name}' is a region without its cell");
+            return 0;
+        };
+        cell.count(op, b.pages, b.failed as u64, v.cache.stats().zeroed - zeroed0);
         match op {
-            abi::EXMAP_ALLOC => stats.allocated += b.pages,
-            abi::EXMAP_READ => {
-                stats.allocated += b.pages;
-                stats.read += moved;
-            }
+            abi::EXMAP_READ => stats.read += moved,
             abi::EXMAP_WRITE => stats.written += moved,
-            _ => {
-                stats.freed += b.pages;
-                stats.free_calls += 1;
-            }
+            _ => {}
         }
         if op == abi::EXMAP_FREE && b.pages > 0 || b.rolled_back > 0 {
             // ONE shootdown for the whole batch, then the frames may leave the cache: the
@@ -528,11 +634,11 @@ impl Exmaps {
             let mut flush = match g.as_deref_mut() {
                 Some(g) if n.morsel.mount_count() <= 1 => crate::vm::shootdown::of_guest(g),
                 _ => {
-                    stats.remote_flushes += 1;
+                    RegionCell::add(&cell.remote_flushes, 1);
                     Flush::every_guest_cpu()
                 }
             };
-            stats.invalidations += 1;
+            RegionCell::add(&cell.invalidations, 1);
             // Each device domain the region is mounted in is invalidated once for the batch,
             // however many of its mounts (windows) are there (`Flush::merge`).
             let mut mounts = 0;
@@ -543,7 +649,7 @@ impl Exmaps {
             let done = flush.commit(&mut Hw(devices));
             if mounts > 0 {
                 let flushed = done.domains;
-                stats.invalidations += flushed as u64;
+                RegionCell::add(&cell.invalidations, flushed as u64);
                 log::info!(target: "exmap", "guest {guest} '{name}' free of {} pages: IOTLB invalidated once in each of {flushed} device domain(s) ({mounts} device mounts)", b.pages);
             }
             // What leaves the cache stays with this CPU until the shootdown is acknowledged.
@@ -570,20 +676,34 @@ impl Exmaps {
     /// `exmap_info(region_gpa, what)`.
     pub fn info<B: Backend>(&self, dir: &Directory<B::Format>, g: &Guest<B>, region: u64, what: u64) -> Result<u64, Error> {
         let m = g.mounts.iter().find(|m| m.gpa == region).ok_or(Error::NotFound)?;
-        let s = dir.named.get(&m.name).and_then(|e| e.value.region.as_ref()).ok_or(Error::Invalid)?;
+        let e = dir.named.get(&m.name).ok_or(Error::Invalid)?;
+        let (Some(s), Some(c)) = (e.value.region.as_ref(), e.value.cell) else { return Err(Error::Invalid) };
+        let get = RegionCell::get;
         match what {
-            abi::EXMAP_INFO_POPULATED => Ok(s.allocated - s.freed),
-            abi::EXMAP_INFO_CALLS => Ok(s.calls),
-            abi::EXMAP_INFO_INVALIDATIONS => Ok(s.invalidations),
-            abi::EXMAP_INFO_ALLOCATED => Ok(s.allocated),
-            abi::EXMAP_INFO_FREED => Ok(s.freed),
-            abi::EXMAP_INFO_ZEROED => Ok(s.zeroed),
-            abi::EXMAP_INFO_FAILED => Ok(s.failed),
+            abi::EXMAP_INFO_POPULATED => Ok(get(&c.allocated).saturating_sub(get(&c.freed))),
+            abi::EXMAP_INFO_CALLS => Ok(get(&c.calls)),
+            abi::EXMAP_INFO_INVALIDATIONS => Ok(get(&c.invalidations)),
+            abi::EXMAP_INFO_ALLOCATED => Ok(get(&c.allocated)),
+            abi::EXMAP_INFO_FREED => Ok(get(&c.freed)),
+            abi::EXMAP_INFO_ZEROED => Ok(get(&c.zeroed)),
+            abi::EXMAP_INFO_FAILED => Ok(get(&c.failed)),
             abi::EXMAP_INFO_READ => Ok(s.read),
             abi::EXMAP_INFO_WRITTEN => Ok(s.written),
             abi::EXMAP_INFO_COMMANDS => Ok(s.commands),
             abi::EXMAP_INFO_MAX_DEPTH => Ok(s.max_depth),
             _ => Err(Error::NoSuchCall),
+        }
+    }
+
+    /// A vCPU's state kept in its slot since its batch ended alone goes back in place (the
+    /// world lock held); where its guest is gone (`alive` false) or there is no room, its
+    /// cache goes through this CPU's `Owed` instead (freed after the acknowledgments).
+    pub fn unpark(&mut self, p: Parked, alive: bool, frames: &Frames) {
+        let Parked { mut v, guest, vcpu } = p;
+        if alive && self.vcpus.try_reserve(1).is_ok() {
+            self.vcpus.insert((guest, vcpu), v);
+        } else {
+            drain(guest, vcpu, &mut v, &crate::vm::shootdown::After(frames));
         }
     }
 
@@ -597,15 +717,15 @@ impl Exmaps {
         });
     }
 
-    /// Ends an ALLOC / FREE `Batch` (the world lock held again): the region's lock is given
-    /// back and a FREE that cleared pages shoots down ONCE, both decided by
-    /// `RegionLock::end` (the caller's CPUs, or every CPU that ran a guest where others have
-    /// the region mounted now: read after the leaves were cleared, so a guest that mounted
-    /// it meanwhile is counted); its counters; the vCPU's state back in place. `g` is None
+    /// Ends an ALLOC / FREE `Batch` under the world lock (where `Batch::finish_alone` could
+    /// not: the caller's guest stopped or gone, or the batch failed): a FREE that cleared
+    /// pages shoots down ONCE (`Held::targets`: the caller's CPUs, or every CPU that ran a
+    /// guest where others had the region mounted at the take, none since), then the
+    /// region's lock is given back; its counters; the vCPU's state back in place. `g` is None
     /// where the caller's guest is gone: the vCPU's cache then goes through this CPU's
     /// `Owed`, freed once the shootdown is acknowledged.
-    pub fn finish_batch<B: Backend>(&mut self, dir: &mut Directory<B::Format>, g: Option<&mut Guest<B>>, frames: &Frames, batch: Batch<B::Format>) -> Result<u64, Error> {
-        let Batch { held, mut v, op, name, at, guest, vcpu, outcome, .. } = batch;
+    pub fn finish_batch<B: Backend>(&mut self, g: Option<&mut Guest<B>>, frames: &Frames, batch: Batch<B::Format>) -> Result<u64, Error> {
+        let Batch { held, cell, mut v, op, name, guest, vcpu, outcome, .. } = batch;
         // The vCPU's state stays only where it has its place back (no allocation but this
         // fallible one).
         let caller = match g.is_some() && self.vcpus.try_reserve(1).is_ok() {
@@ -615,54 +735,42 @@ impl Exmaps {
         // Stopped (by a sibling vCPU or the hypervisor) or gone while the batch ran: the
         // guest never reads the results; reported once per such batch (`exmap.abandon`).
         let stopped = g.as_deref().is_none_or(|g| g.state != crate::vm::guest::State::Runnable);
-        if let Some(n) = dir.named.get_mut_at(at, &name) {
-            let cleared = matches!(&outcome, Ok((b, _)) if op == abi::EXMAP_FREE && b.pages > 0 || b.rolled_back > 0);
-            let targets = n.batching.end(held, cleared, n.morsel.mount_count(), caller);
-            if stopped {
-                log::info!(target: "evt", "exmap.abandon guest={guest} vcpu={vcpu} name={name} op={} pages={} guest_state={} held={} shootdown={} cache={}",
-                    ["alloc", "free"][(op & 1) as usize],
-                    outcome.as_ref().map_or(0, |(b, _)| b.pages),
-                    if g.is_some() { "stopped" } else { "gone" },
-                    n.batching.is_held() as u8,
-                    match targets {
-                        None => "none",
-                        Some(Targets::Caller) => "caller",
-                        Some(Targets::Everyone) => "everyone",
-                    },
-                    match caller.cache() {
-                        Cache::Keep => "keep",
-                        Cache::AfterAcks => "after_acks",
-                    });
+        let cleared = matches!(&outcome, Ok((b, _)) if op == abi::EXMAP_FREE && b.pages > 0 || b.rolled_back > 0);
+        let targets = held.targets(cleared, caller);
+        if let Ok((b, zeroed)) = &outcome {
+            cell.count(op, b.pages, b.failed as u64, *zeroed);
+            if let Some(targets) = targets {
+                let flush = match (targets, g.as_deref()) {
+                    (Targets::Caller, Some(g)) => crate::vm::shootdown::of_guest(g),
+                    _ => {
+                        RegionCell::add(&cell.remote_flushes, 1);
+                        Flush::every_guest_cpu()
+                    }
+                };
+                // No device sees a batching region: the shootdown alone.
+                let _ = flush.commit(&mut Hw(None));
+                RegionCell::add(&cell.invalidations, 1);
+                // What leaves the cache stays with this CPU until the shootdown is
+                // acknowledged (`shootdown::After`).
+                v.cache.trim(&crate::vm::shootdown::After(frames));
             }
-            if let (Ok((b, zeroed)), Some(stats)) = (&outcome, n.region.as_mut()) {
-                stats.calls += 1;
-                stats.failed += b.failed as u64;
-                stats.zeroed += zeroed;
-                if op == abi::EXMAP_ALLOC {
-                    stats.allocated += b.pages;
-                } else {
-                    stats.freed += b.pages;
-                    stats.free_calls += 1;
-                }
-                if let Some(targets) = targets {
-                    let flush = match (targets, g.as_deref()) {
-                        (Targets::Caller, Some(g)) => crate::vm::shootdown::of_guest(g),
-                        _ => {
-                            stats.remote_flushes += 1;
-                            Flush::every_guest_cpu()
-                        }
-                    };
-                    // No device sees a batching region: the shootdown alone.
-                    let _ = flush.commit(&mut Hw(None));
-                    stats.invalidations += 1;
-                    // What leaves the cache stays with this CPU until the shootdown is
-                    // acknowledged (`shootdown::After`).
-                    v.cache.trim(&crate::vm::shootdown::After(frames));
-                }
-            }
-        } else {
-            // Unreachable: a batching region is not destroyed.
-            log::error!(target: "exmap", "guest {guest} '{name}': the region is gone at the end of its batch");
+        }
+        cell.lock.end(held);
+        if stopped {
+            log::info!(target: "evt", "exmap.abandon guest={guest} vcpu={vcpu} name={name} op={} pages={} guest_state={} held={} shootdown={} cache={}",
+                ["alloc", "free"][(op & 1) as usize],
+                outcome.as_ref().map_or(0, |(b, _)| b.pages),
+                if g.is_some() { "stopped" } else { "gone" },
+                cell.lock.is_held() as u8,
+                match targets {
+                    None => "none",
+                    Some(Targets::Caller) => "caller",
+                    Some(Targets::Everyone) => "everyone",
+                },
+                match caller.cache() {
+                    Cache::Keep => "keep",
+                    Cache::AfterAcks => "after_acks",
+                });
         }
         match caller.cache() {
             Cache::Keep => {
@@ -678,13 +786,16 @@ impl Exmaps {
 
     /// Prints every region's counters.
     pub fn log_stats<F: morsel::Format>(dir: &Directory<F>) {
-        for (name, s) in dir.named.iter().filter_map(|e| Some((e.name, e.value.region.as_ref()?))) {
+        for (name, s, c) in dir.named.iter().filter_map(|e| Some((e.name, e.value.region.as_ref()?, e.value.cell?))) {
+            let get = RegionCell::get;
+            let (calls, allocated, freed, free_calls, invalidations, remote_flushes, zeroed, failed) = (get(&c.calls), get(&c.allocated), get(&c.freed),
+                get(&c.free_calls), get(&c.invalidations), get(&c.remote_flushes), get(&c.zeroed), get(&c.failed));
             log::info!(target: "exmap",
                 "stats '{name}': {} calls, {} pages allocated, {} freed ({} FREE calls, {} invalidations, {} of them shot down for other guests), {} zeroed, {} failed entries; disk: {} pages read, {} written, {} NVMe commands, up to {} in flight, {} completion interrupts",
-                s.calls, s.allocated, s.freed, s.free_calls, s.invalidations, s.remote_flushes, s.zeroed, s.failed, s.read, s.written, s.commands, s.max_depth, s.interrupts);
+                calls, allocated, freed, free_calls, invalidations, remote_flushes, zeroed, failed, s.read, s.written, s.commands, s.max_depth, s.interrupts);
             log::info!(target: "evt",
                 "exmap.stats name={name} calls={} allocated={} freed={} free_calls={} invalidations={} remote_flushes={} zeroed={} failed={} read={} written={} commands={} max_depth={} interrupts={}",
-                s.calls, s.allocated, s.freed, s.free_calls, s.invalidations, s.remote_flushes, s.zeroed, s.failed, s.read, s.written, s.commands, s.max_depth, s.interrupts);
+                calls, allocated, freed, free_calls, invalidations, remote_flushes, zeroed, failed, s.read, s.written, s.commands, s.max_depth, s.interrupts);
         }
     }
 }

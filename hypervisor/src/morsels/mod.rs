@@ -49,7 +49,7 @@ use crate::vm::Backend;
 use morsel::{Format, GuestPhysAddr, Morsel, MountStats};
 pub use vmcore::names::Name;
 use vmcore::names::{Limits, Names, Ticket};
-use vmcore::region_lock::RegionLock;
+use vmcore::region_lock::{Contender, Refusal};
 
 
 /// Longest morsel name.
@@ -81,12 +81,13 @@ pub(crate) struct Named<F: Format> {
     /// batch on it answer `Busy` until the batch finished (under the lock again); nothing
     /// else frees or moves its data frames or its device views.
     pub(crate) in_io: bool,
-    /// The region's lock (`vmcore::region_lock`): held while an ExMap ALLOC / FREE batch
-    /// edits its leaves with the world lock let go (`exmap::Batch`), taken and given back
-    /// under the world lock. Meanwhile another action on it retries
-    /// (`hypercall::Action::Retry`); its destroy, a device mount of it and an NVMe batch on
-    /// it answer `Busy` (`RegionLock::admit`).
-    pub(crate) batching: RegionLock,
+    /// An ExMap region's lock and batch counters (`exmap::RegionCell`, its directory
+    /// slot's; None for a plain morsel): the lock is held while an ALLOC / FREE batch edits
+    /// its leaves with the world lock let go (`exmap::Batch`), taken under the world lock and
+    /// given back with or without it. Meanwhile another action on it and a guest mount
+    /// retry (`hypercall::Action::Retry`); its destroy, a device mount of it and an NVMe
+    /// batch on it answer `Busy` (`Named::admit`).
+    pub(crate) cell: Option<&'static exmap::RegionCell>,
 }
 
 impl<F: Format> Named<F> {
@@ -105,8 +106,14 @@ impl<F: Format> Named<F> {
             slot,
             region: None,
             in_io: false,
-            batching: RegionLock::new(),
+            cell: None,
         }
+    }
+
+    /// Whether `who` may go on now: always for a plain morsel, by the region's lock for an
+    /// ExMap region (`vmcore::region_lock`).
+    pub(crate) fn admit(&self, who: Contender) -> Result<(), Refusal> {
+        self.cell.map_or(Ok(()), |c| c.lock.admit(who))
     }
 
     /// Counts a mount (into a guest or a device domain) and what it wrote.
@@ -164,6 +171,10 @@ pub struct Mount {
 pub struct Directory<F: Format> {
     /// Names of morsels and ExMap regions, with their reservations (`vmcore::names`).
     pub(crate) named: Names<Named<F>>,
+    /// One `exmap::RegionCell` per slot of `named` (a region's is its slot's): allocated
+    /// once, never freed (the run's directory lives as long as the run), reached by ExMap
+    /// batches with the world lock let go.
+    pub(crate) cells: &'static [exmap::RegionCell],
     pub(crate) devices: Vec<DeviceMount>,
     /// The persistent region (from `main` through the context), for persistent morsels.
     pub(crate) pmem: Option<&'static crate::mm::pmem::Pmem>,
@@ -182,9 +193,14 @@ impl<F: Format> Directory<F> {
     pub fn new(pmem: Option<&'static crate::mm::pmem::Pmem>, guests: u32, seed: [u64; 2]) -> Result<Self, vmcore::names::NoMemory> {
         let limits = Limits { owners: guests, quota: abi::MORSEL_QUOTA as u32, system: formats::pmem_layout::SLOTS as u32 };
         let named = Names::try_new(limits, seed)?;
+        let mut cells = Vec::new();
+        cells.try_reserve_exact(named.capacity()).map_err(|_| vmcore::names::NoMemory)?;
+        cells.extend((0..named.capacity()).map(|_| exmap::RegionCell::new()));
+        // Exactly `capacity` elements: no reallocation; leaked, as the run's `World` is.
+        let cells: &'static [exmap::RegionCell] = alloc::boxed::Box::leak(cells.into_boxed_slice());
         log::info!(target: "morsel", "directory: {} names ({guests} guests x {} + {} persistent records), {} KiB of heap",
-            named.capacity(), limits.quota, limits.system, named.heap_bytes() / 1024);
-        Ok(Directory { named, devices: Vec::new(), pmem })
+            named.capacity(), limits.quota, limits.system, (named.heap_bytes() + core::mem::size_of_val(cells)) / 1024);
+        Ok(Directory { named, cells, devices: Vec::new(), pmem })
     }
 }
 

@@ -99,7 +99,7 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     pub(crate) fn disk_begin(&mut self, d: &mut Devices, frames: &Frames, name: &Name, write: bool, loud: bool) -> Result<DiskBatch, Error> {
         let nvme = d.nvme.ok_or(Error::NotFound)?;
         let n = self.named.get_mut(name).ok_or(Error::NotFound)?;
-        if n.in_io || n.batching.admit(Contender::DiskBatch).is_err() {
+        if n.in_io || n.admit(Contender::DiskBatch).is_err() {
             return Err(Error::Busy);
         }
         let window = n.morsel.window_size();

@@ -95,9 +95,29 @@ pub struct Shared {
     /// One line buffer per vCPU: lines of different vCPUs never mix, and a line is printed
     /// whole under the serial lock.
     consoles: Vec<spin::Mutex<Console>>,
+    /// `Guest::ran_on` as the lock-free path reads it (`note_ran`, `ran_on`).
+    ran_on: core::sync::atomic::AtomicU64,
 }
 
 impl Shared {
+    /// CPU `cpu` is about to run a vCPU of this guest (`sched::prepare`, beside
+    /// `Guest::ran_on`). SeqCst: ordered before that vCPU's first guest instruction (the
+    /// entry is serializing), against `ran_on` after a batch's cleared leaves.
+    pub fn note_ran(&self, cpu: usize) {
+        let bit = 1u64 << (cpu % 64);
+        if self.ran_on.load(core::sync::atomic::Ordering::Relaxed) & bit == 0 {
+            self.ran_on.fetch_or(bit, core::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// The CPUs that ran a vCPU of this guest, read after everything this CPU wrote before
+    /// (a SeqCst fence): a CPU whose bit is not seen here enters the guest only after that,
+    /// so its walks see those writes (a batch's cleared leaves).
+    pub fn ran_on(&self) -> u64 {
+        core::sync::atomic::fence(core::sync::atomic::Ordering::SeqCst);
+        self.ran_on.load(core::sync::atomic::Ordering::SeqCst)
+    }
+
     /// `len` bytes of guest RAM at `gpa` as host pieces, `each(piece, offset)`; None (nothing
     /// done) unless the whole range lies in guest RAM. Morsel mounts are not looked at:
     /// those change under the world lock.
@@ -220,7 +240,7 @@ impl<B: Backend> Guest<B> {
         let mut ended = Vec::new();
         // A vCPU's end is recorded without allocating (`vcpu_ended`).
         ended.try_reserve_exact(vcpus).map_err(|_| CreateError::NoMemory)?;
-        let shared = Shared { id, name: spec.name, memory: spec.memory, vcpus: vcpus as u32, ram: Vec::new(), consoles };
+        let shared = Shared { id, name: spec.name, memory: spec.memory, vcpus: vcpus as u32, ram: Vec::new(), consoles, ran_on: core::sync::atomic::AtomicU64::new(0) };
         let mut g = Guest {
             id,
             spec,

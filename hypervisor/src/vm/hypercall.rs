@@ -27,7 +27,8 @@ pub enum Action<F: morsel::Format> {
     /// The rest of the call is done by the vCPU loop with the world lock let go
     /// (`Unlocked::run`, on the calling CPU's allocator core), then `finish`ed under it.
     Unlocked(Unlocked<F>),
-    /// The call cannot start now (an ExMap region's lock is held by another vCPU's batch):
+    /// The call cannot start now (an ExMap region's lock is held by another vCPU's batch, for
+    /// an ExMap action or a mount of the region):
     /// the vCPU issues it again, the world lock let go in between (`rax` still holds it).
     Retry,
 }
@@ -175,6 +176,12 @@ pub fn handle<B: Backend>(guest: &mut Guest<B>, caller: Caller, regs: &mut Regs,
             Ok(Step::Done(failed)) => Ok(failed),
             Err(e) => Err(e),
         },
+        Ok(Call::MorselOpen { name, writable }) => match cx.morsels.open(guest, &frames, name, writable) {
+            Ok(Some(gpa)) => Ok(gpa),
+            // An ExMap batch holds the region: issued again, the world lock let go.
+            Ok(None) => return Action::Retry,
+            Err(e) => Err(e),
+        },
         Ok(Call::BenchFrames { .. }) => Err(guest.refuse(Error::Denied, format_args!("the hypervisor runs without bench=on"))),
         Ok(call) => dispatch(call, guest, caller, cx, &frames),
     };
@@ -191,7 +198,7 @@ pub fn finish<B: Backend>(guest: &mut Guest<B>, caller: Caller, regs: &mut Regs,
         Finished::Freed => Ok(0),
         Finished::Proxy(p) => cx.morsels.nvme_finish(cx.devices.as_mut(), &frames, p),
         Finished::Exmap(x) => cx.exmaps.finish(&mut cx.morsels, cx.devices.as_mut(), Some(guest), &frames, x),
-        Finished::Batch(x) => cx.exmaps.finish_batch(&mut cx.morsels, Some(guest), &frames, x),
+        Finished::Batch(x) => cx.exmaps.finish_batch(Some(guest), &frames, x),
     };
     conclude(guest, regs.rax, regs, result);
 }
@@ -209,7 +216,7 @@ pub fn abandon<B: Backend>(caller: Caller, cx: &mut Context<B>, done: Finished<B
             let _ = cx.exmaps.finish::<B>(&mut cx.morsels, cx.devices.as_mut(), None, &frames, x);
         }
         Finished::Batch(x) => {
-            let _ = cx.exmaps.finish_batch::<B>(&mut cx.morsels, None, &frames, x);
+            let _ = cx.exmaps.finish_batch::<B>(None, &frames, x);
         }
         Finished::Bench(_) | Finished::Freed => {}
     }
@@ -250,7 +257,6 @@ fn dispatch<B: Backend>(call: Call, guest: &mut Guest<B>, caller: Caller, cx: &m
     match call {
         Call::Info { what } => info(guest, caller, cx.guest_count, what, cx.notify.injected(guest.id)),
         Call::ConsoleWrite { text } => console_write(guest, caller, text),
-        Call::MorselOpen { name, writable } => morsels.open(guest, frames, name, writable),
         Call::MorselUnmount { gpa } => {
             let name = guest.mounts.iter().find(|m| m.gpa == gpa).and_then(|m| crate::morsels::try_string(&m.name).ok());
             // One shootdown, committed before the world lock is let go.
@@ -291,7 +297,8 @@ fn dispatch<B: Backend>(call: Call, guest: &mut Guest<B>, caller: Caller, cx: &m
         Call::Timer { us, vector } => cx.notify.timer(guest, caller.vcpu, us, vector),
         // Handled by `handle`.
         Call::Exit { .. } | Call::Yield | Call::Wait { .. } | Call::Sleep { .. } | Call::BenchFrames { .. }
-        | Call::MorselCreate { .. } | Call::MorselDestroy { .. } | Call::Nvme { .. } | Call::ExmapAction { .. } => Err(Error::Invalid),
+        | Call::MorselCreate { .. } | Call::MorselDestroy { .. } | Call::Nvme { .. } | Call::ExmapAction { .. }
+        | Call::MorselOpen { .. } => Err(Error::Invalid),
     }
 }
 

@@ -9,11 +9,13 @@
 //! 1. The world lock (`runqueue::WorldGuard`): guests, the hypercall context (directory,
 //!    mounts, quotas, devices, notify, ExMap counters and idle per-vCPU ExMap states). Never
 //!    held while a guest runs; null exits take none (`lockless`).
-//! 2. An ExMap region's lock (`morsels::Named::batching`): taken and given back under the
-//!    world lock, held without it through an ALLOC / FREE batch (`morsels::exmap::Batch`);
-//!    protects the region's leaves and the frames they map against other batches, destroy,
-//!    device mounts and NVMe batches. Never waited for: a call that finds it held is issued
-//!    again by the guest (`Action::Retry`).
+//! 2. An ExMap region's lock (`morsels::exmap::RegionCell::lock`): taken under the world
+//!    lock, held without it through an ALLOC / FREE batch (`morsels::exmap::Batch`), given
+//!    back with it (`Exmaps::finish_batch`) or without it (`Batch::finish_alone`, after
+//!    which the guest resumes with no world lock taken); protects the region's leaves and
+//!    the frames they map against other batches, destroy, device mounts, NVMe batches and
+//!    new guest mounts. Never waited for: an ExMap action or a mount that finds it held is
+//!    issued again by the guest (`Action::Retry`).
 //! 3. An NVMe queue pair's lock (`devices::nvme`), the calling CPU's own.
 //! 4. A vCPU's console line buffer (`guest::Shared::consoles`): `console_write` with or
 //!    without the world lock, a guest's end or report under it; its holder prints one line.
@@ -160,6 +162,9 @@ struct Slot<B: Backend> {
     end: Option<State>,
     /// What the lock-free path reads of the guest (`guest::Shared`).
     shared: alloc::sync::Arc<super::guest::Shared>,
+    /// This vCPU's ExMap state after a batch ended without the world lock
+    /// (`Batch::finish_alone`): back into `Exmaps` at the next world lock (`unpark`).
+    exmap: Option<crate::morsels::exmap::Parked>,
 }
 
 /// Creates this CPU's vCPUs, runs them round-robin until every one ended, and drains this
@@ -181,6 +186,7 @@ pub fn cpu_loop<B: Backend>(run: &Run<B>, backend: &mut B, me: usize, frames: &F
                 exceptions: 0,
                 end: None,
                 shared: p.shared.clone(),
+                exmap: None,
             }),
             Err(e) => {
                 let mut w = runqueue::lock(run);
@@ -205,6 +211,7 @@ pub fn cpu_loop<B: Backend>(run: &Run<B>, backend: &mut B, me: usize, frames: &F
                 backend.destroy_vcpu(s.vcpu, frames);
                 let v = VcpuSummary { index: s.index, cpu: me, state, exits: s.exits };
                 let mut w = runqueue::lock(run);
+                put_back(&mut w, s.guest, s.exmap, frames);
                 let World { guests, cx, done } = &mut *w;
                 if let Some(g) = guests.get_mut(s.guest as usize).and_then(|g| g.as_mut()) {
                     for (g, u) in g.exits.iter_mut().zip(s.unfolded.iter()) {
@@ -268,68 +275,112 @@ fn run_slice<B: Backend>(backend: &mut B, s: &mut Slot<B>, run: &Run<B>, me: usi
     let mut w = runqueue::lock(run);
     let mut first = true;
     loop {
+        unpark(&mut w, s, frames);
         if let Some(ran) = prepare(&mut w, s, me, first, deadline) {
             return ran;
         }
         first = false;
         drop(w);
-        let exit = loop {
-            let exit = enter(backend, s, me, deadline, per_us);
-            s.exits[exit.kind() as usize] += 1;
-            s.unfolded[exit.kind() as usize] += 1;
-            match lockless(s, &exit, me, deadline, run.guest_count) {
-                Step::Resume => continue,
-                Step::EndSlice => return true,
-                Step::World => break exit,
-            }
-        };
-        w = runqueue::lock(run);
-        let caller = Caller { vcpu: s.index, cpu: me };
-        // Filled in place: the `Unlocked` part of a call is large, and every move of it is a
-        // copy (which Bochs counts byte by byte).
-        let mut unlocked = None;
-        let (go_on, stopped) = {
-            let World { guests, cx, .. } = &mut *w;
-            let Some(guest) = guests.get_mut(s.guest as usize).and_then(|g| g.as_mut()) else {
-                s.end = Some(State::Stopped);
-                return true;
+        // Exits and calls until one needs `prepare` again: an ExMap batch that ended alone
+        // (`finish_alone`) resumes the guest here like a lock-free exit.
+        w = loop {
+            let exit = loop {
+                let exit = enter(backend, s, me, deadline, per_us);
+                s.exits[exit.kind() as usize] += 1;
+                s.unfolded[exit.kind() as usize] += 1;
+                match lockless(s, &exit, me, deadline, run.guest_count) {
+                    Step::Resume => continue,
+                    Step::EndSlice => return true,
+                    Step::World => break exit,
+                }
             };
-            fold(guest, s, me);
-            if guest.state != State::Runnable {
-                s.end = Some(State::Stopped);
+            let mut w = runqueue::lock(run);
+            unpark(&mut w, s, frames);
+            let caller = Caller { vcpu: s.index, cpu: me };
+            // Filled in place: the `Unlocked` part of a call is large, and every move of it is a
+            // copy (which Bochs counts byte by byte).
+            let mut unlocked = None;
+            let (go_on, stopped) = {
+                let World { guests, cx, .. } = &mut *w;
+                let Some(guest) = guests.get_mut(s.guest as usize).and_then(|g| g.as_mut()) else {
+                    s.end = Some(State::Stopped);
+                    return true;
+                };
+                fold(guest, s, me);
+                if guest.state != State::Runnable {
+                    s.end = Some(State::Stopped);
+                    return true;
+                }
+                let go_on = handle(guest, cx, s, exit, caller, me, &mut unlocked);
+                let stopped = guest.state != State::Runnable;
+                if stopped {
+                    kick_if_stopped(guest, me);
+                }
+                (go_on, stopped)
+            };
+            // The lock-free part of a call (bench_frames, a new morsel's zeroing, a destroyed
+            // one's frees, an NVMe batch on its pinned morsel, an ExMap batch) without the
+            // world lock: other CPUs' exits go on meanwhile; the time counts against this
+            // slice (the deadline check in `prepare`), and a guest stopped meanwhile ends
+            // there. It always runs and finishes (nothing it holds is lost).
+            if let Some(work) = unlocked {
+                drop(w);
+                let done = match work.run(frames) {
+                    // An ExMap ALLOC / FREE that succeeded, no stop having reached this CPU
+                    // (`attention`): ended here, no world lock, and the guest resumes.
+                    hypercall::Finished::Batch(x) if !stopped && s.end.is_none() && !ipi::attention_pending(me) => {
+                        match x.finish_alone(|| s.shared.ran_on(), frames) {
+                            Ok((failed, parked)) => {
+                                s.exmap = Some(parked);
+                                hypercall::answer(B::regs(&mut s.vcpu), Ok(failed));
+                                // Its shootdown's acknowledgments, before the next entry.
+                                super::shootdown::complete();
+                                let now = crate::platform::time::tsc();
+                                if !ipi::attention(me) && now < s.timer_at && now < deadline {
+                                    continue;
+                                }
+                                break runqueue::lock(run);
+                            }
+                            Err(x) => hypercall::Finished::Batch(x),
+                        }
+                    }
+                    done => done,
+                };
+                w = runqueue::lock(run);
+                let World { guests, cx, .. } = &mut *w;
+                match guests.get_mut(s.guest as usize).and_then(|g| g.as_mut()) {
+                    Some(guest) => hypercall::finish(guest, caller, B::regs(&mut s.vcpu), cx, done),
+                    None => hypercall::abandon(caller, cx, done),
+                }
+            }
+            if stopped {
+                if s.end.is_none() {
+                    s.end = Some(State::Stopped);
+                }
                 return true;
             }
-            let go_on = handle(guest, cx, s, exit, caller, me, &mut unlocked);
-            let stopped = guest.state != State::Runnable;
-            if stopped {
-                kick_if_stopped(guest, me);
+            if !go_on || s.end.is_some() {
+                return true;
             }
-            (go_on, stopped)
+            break w;
         };
-        // The lock-free part of a call (bench_frames, a new morsel's zeroing, a destroyed
-        // one's frees, an NVMe batch on its pinned morsel) without the world lock: other
-        // CPUs' exits go on meanwhile; the time counts against this slice (the deadline
-        // check in `prepare`), and a guest stopped meanwhile ends there. It always runs and
-        // finishes (nothing it holds is lost).
-        if let Some(work) = unlocked {
-            drop(w);
-            let done = work.run(frames);
-            w = runqueue::lock(run);
-            let World { guests, cx, .. } = &mut *w;
-            match guests.get_mut(s.guest as usize).and_then(|g| g.as_mut()) {
-                Some(guest) => hypercall::finish(guest, caller, B::regs(&mut s.vcpu), cx, done),
-                None => hypercall::abandon(caller, cx, done),
-            }
-        }
-        if stopped {
-            if s.end.is_none() {
-                s.end = Some(State::Stopped);
-            }
-            return true;
-        }
-        if !go_on || s.end.is_some() {
-            return true;
-        }
+    }
+}
+
+/// Puts back the vCPU's ExMap state its slot kept since a batch ended alone (the world lock
+/// held `w`): before anything under the lock can look for it (`Exmaps::unpark`).
+fn unpark<B: Backend>(w: &mut World<B>, s: &mut Slot<B>, frames: &Frames) {
+    if s.exmap.is_some() {
+        put_back(w, s.guest, s.exmap.take(), frames);
+    }
+}
+
+/// `unpark` of what guest `guest`'s vCPU kept (`frames`: this CPU's allocator handle).
+fn put_back<B: Backend>(w: &mut World<B>, guest: u32, parked: Option<crate::morsels::exmap::Parked>, frames: &Frames) {
+    if let Some(p) = parked {
+        let World { guests, cx, .. } = w;
+        let alive = guests.get(guest as usize).is_some_and(|g| g.is_some());
+        cx.exmaps.unpark(p, alive, frames);
     }
 }
 
@@ -360,6 +411,7 @@ fn prepare<B: Backend>(w: &mut World<B>, s: &mut Slot<B>, me: usize, first: bool
         return Some(true);
     }
     guest.ran_on |= 1 << me;
+    s.shared.note_ran(me);
     super::shootdown::note_ran(me);
     if s.exceptions != guest.handled_exceptions {
         B::guest_exceptions(&mut s.vcpu, guest.handled_exceptions);

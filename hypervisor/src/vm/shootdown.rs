@@ -13,14 +13,15 @@
 //!
 //! A commit runs under the world lock but does not wait: it adds the acknowledgments
 //! to wait for to this CPU's `Owed` record. Every release of the world lock
-//! (`runqueue::WorldGuard`'s drop) then runs `complete`: with no lock held it waits for
+//! (`runqueue::WorldGuard`'s drop; and `sched::run_slice` after an ExMap batch that ended
+//! without it, `Batch::finish_alone`) then runs `complete`: with no lock held it waits for
 //! them (answering its own requests meanwhile), and only then gives the frames the call
 //! freed to the allocator. So, for one call:
 //!
 //! 1. under the lock: entries cleared; frames they led to (the unmount's emptied tables,
 //!    an ExMap FREE's trimmed cache) go through `After`, which keeps them in `Owed::frames`
 //!    instead of the allocator; the call's `Flush` is committed: the IPIs are sent
-//!    (`ipi::request`);
+//!    (`Owed::request`; none where only this CPU is named: it flushes locally);
 //! 2. the lock is let go: other CPUs handle exits meanwhile; the frames are in no one's
 //!    hands but this CPU's, so none can be handed out while a CPU may still cache a
 //!    translation to it;
@@ -127,10 +128,16 @@ impl vmcore::flush::Invalidate<Bdf> for Hw<'_> {
 /// `Flush::commit` is the way in (`Hw`).
 fn cpus(mask: u64) {
     let t0 = crate::platform::time::tsc();
-    let (acks, sent) = ipi::request(mask);
     let me = ipi::me();
-    OWED[me].lock().owed.owe(&acks);
-    OWING.fetch_or(1 << me, Ordering::AcqRel);
+    // The acknowledgments go straight into this CPU's record (`Owed::request`: one step per
+    // CPU named). Where only this CPU is named it flushes locally and owes nothing: no
+    // mailbox, no wait at `complete`.
+    let mut o = OWED[me].lock();
+    let sent = o.owed.request(ipi::mailboxes(), &ipi::Here(me), mask);
+    if !o.owed.acks().is_empty() {
+        OWING.fetch_or(1 << me, Ordering::AcqRel);
+    }
+    drop(o);
     TSC_SPENT.fetch_add(crate::platform::time::tsc() - t0, Ordering::Relaxed);
     SHOOTDOWNS.fetch_add(1, Ordering::Relaxed);
     IPIS.fetch_add(sent as u64, Ordering::Relaxed);

@@ -171,6 +171,14 @@ pub struct Count {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SlotId(u32);
 
+impl SlotId {
+    /// The slot's number, below [`Names::capacity`]: an index for tables kept beside the
+    /// names, one entry per slot.
+    pub fn index(self) -> usize {
+        self.0 as usize
+    }
+}
+
 /// A reservation: consumed by [`Names::commit`] or [`Names::abort`].
 #[must_use = "a reservation holds its name and a quota unit until committed or aborted"]
 #[derive(Debug, PartialEq, Eq)]
@@ -187,6 +195,10 @@ impl Ticket {
     }
     pub fn owner(&self) -> Owner {
         self.owner
+    }
+    /// The slot the name will be committed in ([`Names::commit`] keeps it there).
+    pub fn slot(&self) -> SlotId {
+        SlotId(self.slot)
     }
 }
 

@@ -1,6 +1,6 @@
 //! loom models of an ExMap region's batch lock as the hypervisor runs it
-//! (`morsels::exmap`: `Exmaps::action`, `Batch::run`, `Exmaps::finish_batch`, `hypercall::
-//! abandon`), with `RUSTFLAGS="--cfg loom" cargo test --release -p vmcore --lib loom`. Each
+//! (`morsels::exmap`: `Exmaps::action`, `Batch::run`, `Batch::finish_alone` (no world lock),
+//! `Exmaps::finish_batch` (under it), `hypercall::abandon`), with `RUSTFLAGS="--cfg loom" cargo test --release -p vmcore --lib loom`. Each
 //! thread is a CPU; the world lock is a loom `Mutex` around what it guards in the hypervisor;
 //! the code under test is [`RegionLock`] and `shootdown`'s `Mailboxes`/`Owed` themselves.
 //! The glue between them (`Cpu::action`, `Cpu::finish_batch`) is the hypervisor's, step for
@@ -19,13 +19,21 @@
 //! | mutation | model that fails | loom's message |
 //! | --- | --- | --- |
 //! | R1: the mounter count read in `action` (before the leaf is cleared) and given to `end` | (a) | "frame 0x5000 reused while CPU 1 may still cache a translation to it" |
-//! | R2: `end` ignores the mounters (`Targets::Caller` for a caller that stays) | (a) | the same |
+//! | R2: `Held::targets` ignores the mounters (`Targets::Caller` for a caller that stays) | (a), (d) | the same |
 //! | R3: `admit(Destroy)` ignores the lock | (b) | "the region is gone at the end of its batch" |
 //! | R4: `end` keeps the lock for a gone caller (abandon does not give it back) | (c) gone | "the next batch cannot take the region's lock" |
 //! | R5: a gone caller's cache drained straight to the allocator (the hypervisor's `finish_batch` before this branch) | (c) gone | "frame 0x5000 reused while CPU 1 may still cache a translation to it" |
 //! | R6: `Caller::Gone.cache()` is `Keep` (the gone vCPU's state kept) | (c) gone | "a frame was lost" |
 //! | R7: a stopped caller's cache drained straight to the allocator in `finish_batch` | (c) stopped | "frame 0x5000 reused while CPU 1 may still cache a translation to it" |
 //! | R8: the last vCPU's end does not drain the parked caches | (c) stopped, (c) gone | "a frame was lost" |
+//! | R9: `end` gives the lock back `Relaxed` (not Release) | (d) | "frame 0x5000 reused while CPU 1 may still cache a translation to it" |
+//! | R10: `admit(Mount)` ignores the lock (a mount made during a batch is not counted) | (a), (d) | the same |
+//! | R11: `finish_alone` shoots down the caller's CPUs only (ignores the mounts counted at the take) | (d) | the same |
+//!
+//! R1 was tried on the protocol before `exmap-call` (the count read at the end, under the
+//! world lock, with mounts going on during batches). It is the protocol now: the count is
+//! read at the take, which is sound only because mounts retry while the lock is held; R10
+//! removes that, and fails.
 
 use super::*;
 use crate::shootdown::{Cpus, Kept, Mailboxes, Owed};
@@ -47,9 +55,8 @@ fn model(f: impl Fn() + Sync + Send + 'static) {
 
 /// What the world lock guards in these models.
 struct Locked {
-    /// The region's entry in the directory (`Named`): its lock, whether it exists, its guest
-    /// mounts (`Morsel::mount_count`).
-    lock: RegionLock,
+    /// The region's entry in the directory (`Named`): whether it exists, its guest mounts
+    /// (`Morsel::mount_count`).
     exists: bool,
     mounters: u32,
     /// Guest 1, the batch's caller: its mount of the region, its state, its live vCPUs, the
@@ -68,6 +75,15 @@ struct Locked {
 /// What the CPUs of one model share.
 struct World {
     world: Mutex<Locked>,
+    /// The region's lock (`RegionCell::lock`: reached with or without the world lock).
+    lock: RegionLock,
+    /// Guest 1 was stopped or taken out of the table: the IPI's `attention` flag its
+    /// stopper raises (after the change, under the world lock) for guest 1's CPU 0.
+    attention: AtomicBool,
+    /// `Guest::ran_on` (its lock-free copy, `guest::Shared::ran_on`) and `any_ran_on`: fixed
+    /// in these models.
+    ran_on: u64,
+    any_ran_on: u64,
     mb: Mailboxes<N>,
     /// The region's leaf for the page: present (maps `FRAME`) or cleared.
     leaf: AtomicBool,
@@ -83,8 +99,13 @@ struct World {
 
 impl World {
     fn new(l: Locked) -> Arc<Self> {
+        let (ran_on, any_ran_on) = (l.ran_on, l.any_ran_on);
         Arc::new(World {
             world: Mutex::new(l),
+            lock: RegionLock::new(),
+            attention: AtomicBool::new(false),
+            ran_on,
+            any_ran_on,
             mb: Mailboxes::new(),
             leaf: AtomicBool::new(true),
             cached: core::array::from_fn(|_| AtomicBool::new(false)),
@@ -98,7 +119,6 @@ impl World {
 /// The region mounted by guest 1 only, its vCPU 0 on CPU 0; CPU 1 ran a guest.
 fn start() -> Locked {
     Locked {
-        lock: RegionLock::new(),
         exists: true,
         mounters: 1,
         mounted: true,
@@ -191,7 +211,8 @@ impl Cpu {
             if !l.mounted || !l.exists {
                 return Err(NoBatch::NotFound);
             }
-            match l.lock.take() {
+            let mounters = l.mounters;
+            match self.w.lock.take(mounters) {
                 Ok(held) => {
                     let cache = l.parked.take().unwrap_or_default();
                     return Ok((held, cache));
@@ -205,23 +226,22 @@ impl Cpu {
         }
     }
 
-    /// `Exmaps::finish_batch` (the world lock held, `owed`: this CPU's `Owed`): the lock given
-    /// back, the shootdown requested, the vCPU's cache put back or kept until the
-    /// acknowledgments. The caller then lets go of the lock and settles (`shootdown::complete`).
+    /// `Exmaps::finish_batch` (the world lock held, `owed`: this CPU's `Owed`): the
+    /// shootdown requested, the vCPU's cache put back or kept until the acknowledgments, the
+    /// lock given back. The caller then lets go of the lock and settles
+    /// (`shootdown::complete`).
     fn finish_batch(&self, held: Held, cleared: bool, cache: Vec<u64>, owed: &mut Owed<N>) {
         let mut l = self.lock();
         assert!(l.exists, "the region is gone at the end of its batch");
         let caller = if l.gone { Caller::Gone } else { Caller::Stays };
-        let mounters = l.mounters;
-        let mask = match l.lock.end(held, cleared, mounters, caller) {
+        let mask = match held.targets(cleared, caller) {
             // `shootdown::guest`: the CPUs that ran its vCPUs, while it has live ones.
             Some(Targets::Caller) if l.live_vcpus > 0 => l.ran_on,
             Some(Targets::Everyone) => l.any_ran_on,
             _ => 0,
         };
         if mask != 0 {
-            let (acks, _) = self.w.mb.request(mask, self);
-            owed.owe(&acks);
+            owed.request(&self.w.mb, self, mask);
         }
         match caller.cache() {
             Cache::Keep => l.parked = Some(cache),
@@ -231,6 +251,57 @@ impl Cpu {
                     let all = l.any_ran_on;
                     assert_eq!(owed.keep(f, &self.w.mb, self, all, |f| self.reuse(f)), Kept::Deferred);
                 }
+            }
+        }
+        self.w.lock.end(held);
+    }
+
+    /// `Batch::finish_alone` (no world lock), taken where no stop reached this CPU
+    /// (`attention`): the caller stays, the shootdown is requested from the mounts counted
+    /// at the take and the guest's CPUs, then the lock given back; the vCPU keeps its cache
+    /// (its slot), then settles (`shootdown::complete`) before it enters its guest again.
+    /// Returns the cache, or gives it back if a stop was seen (the locked `finish_batch`).
+    fn finish_alone(&self, held: Held, cleared: bool, cache: Vec<u64>, owed: &mut Owed<N>) -> Result<Vec<u64>, (Held, Vec<u64>)> {
+        if self.w.attention.load(Ordering::Acquire) {
+            return Err((held, cache));
+        }
+        let mask = match held.targets(cleared, Caller::Stays) {
+            Some(Targets::Caller) => self.w.ran_on,
+            Some(Targets::Everyone) => self.w.any_ran_on,
+            None => 0,
+        };
+        if mask != 0 {
+            owed.request(&self.w.mb, self, mask);
+        }
+        self.w.lock.end(held);
+        self.complete(owed);
+        Ok(cache)
+    }
+
+    /// The batch's end either way (`sched::run_slice`): alone, or under the world lock and
+    /// settled at its release. Returns the cache where the vCPU keeps it in its slot.
+    fn end_batch(&self, held: Held, cleared: bool, cache: Vec<u64>, owed: &mut Owed<N>) -> Option<Vec<u64>> {
+        match self.finish_alone(held, cleared, cache, owed) {
+            Ok(cache) => Some(cache),
+            Err((held, cache)) => {
+                self.finish_batch(held, cleared, cache, owed);
+                self.complete(owed);
+                None
+            }
+        }
+    }
+
+    /// The vCPU's state kept in its slot goes back to `Exmaps::vcpus` at its next world
+    /// lock (`sched::unpark`); a gone guest's through this CPU's `Owed`.
+    fn unpark(&self, l: &mut Locked, slot: &mut Option<Vec<u64>>, owed: &mut Owed<N>) {
+        if let Some(cache) = slot.take() {
+            if l.gone {
+                for f in cache {
+                    let all = l.any_ran_on;
+                    assert_eq!(owed.keep(f, &self.w.mb, self, all, |f| self.reuse(f)), Kept::Deferred);
+                }
+            } else {
+                l.parked = Some(cache);
             }
         }
     }
@@ -268,22 +339,42 @@ impl Cpu {
     }
 }
 
+/// `morsel_open` of the region by guest 2 (it runs on CPU 1 already: `any_ran_on`):
+/// issued again while a batch holds the region (`Contender::Mount`).
+fn open(cpu: &Cpu) {
+    loop {
+        let mut l = cpu.lock();
+        match cpu.w.lock.admit(Contender::Mount) {
+            Ok(()) => {
+                l.mounters += 1;
+                return;
+            }
+            Err(_) => {
+                drop(l);
+                thread::yield_now();
+            }
+        }
+    }
+}
+
 /// (a) Guest 1 FREEs the page in a batch on CPU 0 while guest 2 opens the region (a mount)
 /// and reads the page on CPU 1; guest 1's next call (an ALLOC) takes the freed frame from its
-/// vCPU cache. Proves: the mounter count `end` reads covers every mount made during the
-/// batch, so the reader never reads the frame after its reuse (a mount made after `end`
-/// walks the cleared leaf). Mutations R1 and R2 fail here ("frame 0x5000 reused while CPU 1
-/// may still cache a translation to it").
-#[test]
-fn loom_free_batch_shoots_down_mounts_made_during_it() {
-    model(|| {
+/// vCPU cache. The batch ends alone (no world lock, `finish_alone`) or under it
+/// (`finish_batch`), by `alone`. Proves: a mount is made before the take (counted) or after
+/// the end (it walks the cleared leaf), so the reader never reads the frame after its
+/// reuse. Mutation R10 fails here ("frame 0x5000 reused while CPU 1 may still cache a
+/// translation to it").
+fn free_batch_vs_mount(alone: bool) {
+    model(move || {
         let w = World::new(start());
+        if !alone {
+            w.attention.store(true, Ordering::Relaxed);
+        }
         let reader = {
             let w = w.clone();
             thread::spawn(move || {
                 let cpu = Cpu::new(1, &w);
-                // `morsel_open` by guest 2 (it runs on CPU 1 already: `any_ran_on`).
-                cpu.lock().mounters += 1;
+                open(&cpu);
                 cpu.read();
                 cpu.read();
                 cpu.done();
@@ -297,11 +388,14 @@ fn loom_free_batch_shoots_down_mounts_made_during_it() {
         // `Batch::run`, no world lock: the leaf cleared, its frame into the vCPU's cache.
         w.leaf.store(false, Ordering::Relaxed);
         cache.push(FRAME);
-        cpu.finish_batch(held, true, cache, &mut owed);
-        cpu.complete(&mut owed);
+        let mut slot = cpu.end_batch(held, true, cache, &mut owed);
         // The vCPU enters its guest again, whose next call ALLOCs another page: the frame
         // leaves the cache for new data.
-        let cache = cpu.lock().parked.take().unwrap();
+        let cache = {
+            let mut l = cpu.lock();
+            cpu.unpark(&mut l, &mut slot, &mut owed);
+            l.parked.take().unwrap()
+        };
         for f in cache {
             cpu.reuse(f);
         }
@@ -309,8 +403,20 @@ fn loom_free_batch_shoots_down_mounts_made_during_it() {
         cpu.idle(2);
         reader.join().unwrap();
         assert_eq!(w.reused.load(Ordering::Relaxed), 1);
-        assert!(!cpu.lock().lock.is_held());
+        assert!(!w.lock.is_held());
     });
+}
+
+#[test]
+fn loom_free_batch_shoots_down_mounts_made_during_it() {
+    free_batch_vs_mount(false);
+}
+
+/// (d) (a) with the batch ended alone, no world lock. Mutations R9, R10, R11 fail here
+/// (R9 only here: in (a) the world lock orders the release).
+#[test]
+fn loom_free_batch_ended_alone_vs_mount() {
+    free_batch_vs_mount(true);
 }
 
 /// (b) Guest 1 vCPU 0 runs an ALLOC batch on CPU 0 (it maps a frame into the leaf) while its
@@ -331,7 +437,7 @@ fn loom_destroy_waits_for_the_batch() {
                 // `Directory::destroy`: the lock's verdict, then the mounts.
                 let destroy = || -> Result<(), Refusal> {
                     let mut l = cpu.lock();
-                    l.lock.admit(Contender::Destroy)?;
+                    w.lock.admit(Contender::Destroy)?;
                     if l.mounters > 0 {
                         return Err(Refusal::Busy);
                     }
@@ -359,13 +465,16 @@ fn loom_destroy_waits_for_the_batch() {
             assert!(!w.destroyed.load(Ordering::Relaxed), "destroy freed the region's frames while a batch edits its leaves");
             w.leaf.store(true, Ordering::Relaxed);
             assert!(!w.destroyed.load(Ordering::Relaxed), "destroy freed the region's frames while a batch edits its leaves");
-            cpu.finish_batch(held, false, cache, &mut owed);
-            cpu.complete(&mut owed);
+            // Ended alone (no world lock): the lock's release orders the leaf's edit
+            // before the destroy it admits.
+            let mut slot = cpu.end_batch(held, false, cache, &mut owed);
+            let mut l = cpu.lock();
+            cpu.unpark(&mut l, &mut slot, &mut owed);
         }
         destroyer.join().unwrap();
         let l = cpu.lock();
         assert!(!l.exists && w.destroyed.load(Ordering::Relaxed));
-        assert!(!l.lock.is_held());
+        assert!(!w.lock.is_held());
     });
 }
 
@@ -399,11 +508,13 @@ fn stopped_in_a_call(stop: Stop) {
                     let mut l = cpu.lock();
                     l.stopped = true;
                     cpu.vcpu_done(&mut l);
-                    if stop == Stop::Gone && l.lock.is_held() {
+                    if stop == Stop::Gone && w.lock.is_held() {
                         // Out of the table while the batch runs (its vCPU's cache is in the
                         // batch, not parked: `guest_ended` finds nothing of it).
                         l.gone = true;
                     }
+                    // `kick_siblings`: CPU 0 takes the world lock before its next entry.
+                    w.attention.store(true, Ordering::Release);
                 }
                 cpu.read();
                 cpu.done();
@@ -413,15 +524,16 @@ fn stopped_in_a_call(stop: Stop) {
         let cpu = Cpu::new(0, &w);
         let mut owed = Owed::<N>::new();
         owed.reserve(1);
+        let mut slot = None;
         if let Ok((held, mut cache)) = cpu.action() {
             w.leaf.store(false, Ordering::Relaxed);
             cache.push(FRAME);
-            cpu.finish_batch(held, true, cache, &mut owed);
-            cpu.complete(&mut owed);
+            slot = cpu.end_batch(held, true, cache, &mut owed);
         }
         // The vCPU's next entry: its guest is stopped (or gone), it ends.
         loop {
             let mut l = cpu.lock();
+            cpu.unpark(&mut l, &mut slot, &mut owed);
             if l.stopped {
                 cpu.vcpu_done(&mut l);
                 break;
@@ -432,7 +544,9 @@ fn stopped_in_a_call(stop: Stop) {
         cpu.done();
         cpu.idle(2);
         other.join().unwrap();
-        let mut l = cpu.lock();
+        // A gone guest's parked cache went through `Owed` at the unpark.
+        cpu.complete(&mut owed);
+        let l = cpu.lock();
         // The frame: still mapped, or reused exactly once.
         let mapped = w.leaf.load(Ordering::Relaxed);
         let reused = w.reused.load(Ordering::Relaxed);
@@ -440,9 +554,9 @@ fn stopped_in_a_call(stop: Stop) {
         assert_eq!(reused, !mapped as u64, "a frame was freed twice, or freed while mapped");
         assert!(owed.is_empty());
         // The next batch on the region (guest 2's) takes the lock.
-        let next = l.lock.take();
+        let next = w.lock.take(l.mounters);
         assert!(next.is_ok(), "the next batch cannot take the region's lock");
-        let _ = l.lock.end(next.unwrap(), false, 1, Caller::Stays);
+        w.lock.end(next.unwrap());
     });
 }
 

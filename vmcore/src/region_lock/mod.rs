@@ -1,46 +1,59 @@
 //! An ExMap region's batch lock and the decisions made around it: who may touch the region
 //! while an ALLOC / FREE batch edits its leaves with the world lock let go, whom the batch
-//! shoots down when it ends, and where its frames go. Plain data behind the caller's lock
-//! (the hypervisor's world lock, `morsels::Named::batching`); the hypervisor's
-//! `morsels::exmap` calls it, `loom_tests.rs` model-checks it (docs/src/notes/region-lock.md).
+//! shoots down when it ends, and where its frames go. One atomic flag, taken under the
+//! caller's lock (the hypervisor's world lock) and given back with or without it; the
+//! hypervisor keeps one per directory slot (`morsels::exmap::RegionCell`) and calls it from
+//! `morsels::exmap`; `loom_tests.rs` model-checks it (docs/src/notes/region-lock.md,
+//! docs/src/notes/exmap-call.md).
 //!
 //! # Protocol
 //! 1. World lock: [`RegionLock::take`] (the region's leaves and the frames they map are the
-//!    holder's until [`RegionLock::end`]). A [`Held`] is neither `Clone` nor `Copy`: the lock
-//!    is given back once, by the one `end` that consumes it.
+//!    holder's until [`RegionLock::end`]), with the region's guest mounts counted now: the
+//!    [`Held`] keeps the count. A [`Held`] is neither `Clone` nor `Copy`: the lock is given
+//!    back once, by the one `end` that consumes it.
 //! 2. No world lock: the batch edits the leaves. Meanwhile [`RegionLock::admit`] answers
-//!    every other call on the region: another ExMap action [`Refusal::Retry`] (the guest
-//!    issues it again; the lock is never waited for with the world lock held), destroy, a
-//!    device mount or an NVMe batch [`Refusal::Busy`]. Guest mounts and unmounts go on.
-//! 3. World lock: [`RegionLock::end`] gives the lock back and decides the shootdown of a batch
-//!    that cleared leaves from the region's mounters *now*: a mount made during the batch
-//!    took the world lock, so it is counted; a mount made after it walks cleared leaves. The
-//!    frames the batch freed stay in the caller's vCPU cache ([`Cache::Keep`]: that vCPU
-//!    takes one again only in its next call, after this CPU's acknowledgments), or go
-//!    through this CPU's `shootdown::Owed` ([`Cache::AfterAcks`]) where the vCPU is gone:
-//!    never straight to the allocator.
+//!    every other call on the region: another ExMap action and a guest mount
+//!    [`Refusal::Retry`] (the guest issues it again; the lock is never waited for with the
+//!    world lock held), destroy, a device mount or an NVMe batch [`Refusal::Busy`]. Guest
+//!    unmounts go on (each shoots its own guest's CPUs down).
+//! 3. With or without the world lock: the shootdown of a batch that cleared leaves is
+//!    decided ([`Held::targets`]) from the mounts counted at the take, which no mount can
+//!    have raised since (step 2), and requested; then [`RegionLock::end`] gives the lock back
+//!    (Release: whoever is admitted next, under the world lock, sees the cleared leaves; a
+//!    mount made after it walks them). The frames the batch freed stay in the caller's vCPU
+//!    cache ([`Cache::Keep`]: that vCPU takes one again only in its next call, after this
+//!    CPU's acknowledgments), or go through this CPU's `shootdown::Owed`
+//!    ([`Cache::AfterAcks`]) where the vCPU is gone: never straight to the allocator.
 
 #[cfg(all(test, loom))]
 mod loom_tests;
 #[cfg(all(test, not(loom)))]
 mod tests;
 
-/// A region's batch lock (see the module doc). Behind the caller's lock; never waited for.
+use crate::sync::{AtomicBool, Ordering};
+
+/// A region's batch lock (see the module doc). Never waited for.
 #[derive(Debug, Default)]
 pub struct RegionLock {
-    held: bool,
+    held: AtomicBool,
 }
 
-/// The region's lock, held by one batch: given back by [`RegionLock::end`] only.
+/// The region's lock, held by one batch: given back by [`RegionLock::end`] only. It keeps
+/// the region's guest mounts as counted at the take (none can be added while it is held).
 #[must_use = "a region's lock is given back by `RegionLock::end`"]
 #[derive(Debug)]
-pub struct Held(());
+pub struct Held {
+    mounters: u32,
+}
 
 /// Another call on the region, made while a batch may hold its lock.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Contender {
     /// `exmap_action` of any op, by any vCPU of any guest (a batch takes the lock this way).
     Action,
+    /// A guest mount (`morsel_open`): would add a mounter the batch's shootdown does not
+    /// count.
+    Mount,
     /// `morsel_destroy`: would free the frames the batch edits.
     Destroy,
     /// A device mount: would build a device view from the leaves the batch edits.
@@ -88,42 +101,58 @@ pub enum Cache {
 
 impl RegionLock {
     /// Not held.
+    #[cfg(not(loom))]
     pub const fn new() -> Self {
-        RegionLock { held: false }
+        RegionLock { held: AtomicBool::new(false) }
+    }
+
+    /// Not held (loom's atomics are not `const`).
+    #[cfg(loom)]
+    pub fn new() -> Self {
+        RegionLock { held: AtomicBool::new(false) }
     }
 
     /// Whether a batch holds it.
     pub fn is_held(&self) -> bool {
-        self.held
+        self.held.load(Ordering::Acquire)
     }
 
-    /// Whether `who` may go on now.
+    /// Whether `who` may go on now (the caller's lock held).
     pub fn admit(&self, who: Contender) -> Result<(), Refusal> {
-        match (self.held, who) {
+        match (self.is_held(), who) {
             (false, _) => Ok(()),
-            (true, Contender::Action) => Err(Refusal::Retry),
+            (true, Contender::Action | Contender::Mount) => Err(Refusal::Retry),
             (true, Contender::Destroy | Contender::DeviceMount | Contender::DiskBatch) => Err(Refusal::Busy),
         }
     }
 
-    /// Takes the lock for a batch: [`Refusal::Retry`] if another holds it.
-    pub fn take(&mut self) -> Result<Held, Refusal> {
-        self.admit(Contender::Action)?;
-        self.held = true;
-        Ok(Held(()))
+    /// Takes the lock for a batch (the caller's lock held), `mounters` the region's guest
+    /// mounts now: [`Refusal::Retry`] if another holds it.
+    pub fn take(&self, mounters: u32) -> Result<Held, Refusal> {
+        match self.held.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => Ok(Held { mounters }),
+            Err(_) => Err(Refusal::Retry),
+        }
     }
 
-    /// Gives the lock back at the batch's end and says whom to shoot down: nobody if the
-    /// batch cleared no leaf, else by `mounters`, the region's guest mounts read now (in
-    /// this critical section, after the leaves were cleared), and by the `caller`.
-    pub fn end(&mut self, held: Held, cleared: bool, mounters: u32, caller: Caller) -> Option<Targets> {
-        let Held(()) = held;
-        self.held = false;
+    /// Gives the lock back at the batch's end, with or without the caller's lock: every
+    /// edit the batch made is seen by whoever is admitted next. The shootdown is decided
+    /// ([`Held::targets`]) and requested before.
+    pub fn end(&self, held: Held) {
+        let Held { .. } = held;
+        self.held.store(false, Ordering::Release);
+    }
+}
+
+impl Held {
+    /// Whom the batch's shootdown reaches: nobody if it cleared no leaf, else by the
+    /// region's guest mounts counted at the take (none was added since) and the `caller`.
+    pub fn targets(&self, cleared: bool, caller: Caller) -> Option<Targets> {
         if !cleared {
             return None;
         }
         Some(match caller {
-            Caller::Stays if mounters <= 1 => Targets::Caller,
+            Caller::Stays if self.mounters <= 1 => Targets::Caller,
             _ => Targets::Everyone,
         })
     }

@@ -4,7 +4,7 @@
 
 use super::*;
 
-const ALL: [Contender; 4] = [Contender::Action, Contender::Destroy, Contender::DeviceMount, Contender::DiskBatch];
+const ALL: [Contender; 5] = [Contender::Action, Contender::Mount, Contender::Destroy, Contender::DeviceMount, Contender::DiskBatch];
 
 #[test]
 fn free_lock_admits_everyone() {
@@ -16,16 +16,18 @@ fn free_lock_admits_everyone() {
 }
 
 #[test]
-fn held_lock_retries_actions_and_refuses_the_rest_busy() {
-    let mut l = RegionLock::new();
-    let h = l.take().unwrap();
+fn held_lock_retries_actions_and_mounts_and_refuses_the_rest_busy() {
+    let l = RegionLock::new();
+    let h = l.take(1).unwrap();
     assert!(l.is_held());
     assert_eq!(l.admit(Contender::Action), Err(Refusal::Retry));
+    assert_eq!(l.admit(Contender::Mount), Err(Refusal::Retry), "no mounter added while held");
     for who in [Contender::Destroy, Contender::DeviceMount, Contender::DiskBatch] {
         assert_eq!(l.admit(who), Err(Refusal::Busy), "{who:?}");
     }
-    assert_eq!(l.take().err(), Some(Refusal::Retry), "a second batch must retry");
-    assert_eq!(l.end(h, false, 1, Caller::Stays), None);
+    assert_eq!(l.take(1).err(), Some(Refusal::Retry), "a second batch must retry");
+    assert_eq!(h.targets(false, Caller::Stays), None);
+    l.end(h);
     assert!(!l.is_held());
     for who in ALL {
         assert_eq!(l.admit(who), Ok(()), "{who:?} after the end");
@@ -34,11 +36,12 @@ fn held_lock_retries_actions_and_refuses_the_rest_busy() {
 
 #[test]
 fn next_batch_takes_the_lock_after_end_whatever_the_caller() {
-    let mut l = RegionLock::new();
+    let l = RegionLock::new();
     for caller in [Caller::Stays, Caller::Gone] {
         for cleared in [false, true] {
-            let h = l.take().unwrap();
-            let _ = l.end(h, cleared, 3, caller);
+            let h = l.take(3).unwrap();
+            let _ = h.targets(cleared, caller);
+            l.end(h);
             assert!(!l.is_held(), "{caller:?} cleared={cleared}");
         }
     }
@@ -46,18 +49,19 @@ fn next_batch_takes_the_lock_after_end_whatever_the_caller() {
 
 #[test]
 fn no_shootdown_without_cleared_leaves() {
-    let mut l = RegionLock::new();
+    let l = RegionLock::new();
     for caller in [Caller::Stays, Caller::Gone] {
         for mounters in 0..3 {
-            let h = l.take().unwrap();
-            assert_eq!(l.end(h, false, mounters, caller), None);
+            let h = l.take(mounters).unwrap();
+            assert_eq!(h.targets(false, caller), None);
+            l.end(h);
         }
     }
 }
 
 #[test]
 fn shootdown_reaches_everyone_when_others_mount_the_region_or_the_caller_is_gone() {
-    let mut l = RegionLock::new();
+    let l = RegionLock::new();
     let cases = [
         (0, Caller::Stays, Targets::Caller),
         (1, Caller::Stays, Targets::Caller),
@@ -68,8 +72,9 @@ fn shootdown_reaches_everyone_when_others_mount_the_region_or_the_caller_is_gone
         (2, Caller::Gone, Targets::Everyone),
     ];
     for (mounters, caller, want) in cases {
-        let h = l.take().unwrap();
-        assert_eq!(l.end(h, true, mounters, caller), Some(want), "{mounters} mounters, {caller:?}");
+        let h = l.take(mounters).unwrap();
+        assert_eq!(h.targets(true, caller), Some(want), "{mounters} mounters, {caller:?}");
+        l.end(h);
     }
 }
 

@@ -124,9 +124,8 @@ fn loom_deferred_free_waits_for_flush() {
         // Under the world lock: clear, keep the frame (`After::free`), request (`cpus`).
         w.entry.store(false, Ordering::Relaxed);
         assert_eq!(owed.keep(FRAME, &w.mb, &cpu, 0b11, |f| w.free(f)), Kept::Deferred);
-        let (acks, sent) = w.mb.request(0b10, &cpu);
-        assert_eq!(sent, 1);
-        owed.owe(&acks);
+        // As `vm::shootdown::cpus` does: the acknowledgments go straight into the record.
+        assert_eq!(owed.request(&w.mb, &cpu, 0b11), 1);
         // The lock let go (`complete`): wait, then free.
         owed.settle(&w.mb, &cpu, |f| w.free(f));
         cpu.done();
@@ -201,8 +200,7 @@ fn loom_stopped_guest_still_answers() {
                 owed.reserve(1);
                 w.entry.store(false, Ordering::Relaxed);
                 owed.keep(FRAME + 0x1000, &w.mb, &cpu, 0b11, |f| w.free(f));
-                let (acks, _) = w.mb.request(0b01, &cpu);
-                owed.owe(&acks);
+                owed.request(&w.mb, &cpu, 0b01);
                 // The guest is stopped here (`abandon`): no vCPU enters again on this CPU, the
                 // lock's release still settles.
                 owed.settle(&w.mb, &cpu, |f| w.free(f));
@@ -217,6 +215,44 @@ fn loom_stopped_guest_still_answers() {
         owed.keep(FRAME, &w.mb, &cpu, 0b11, |f| w.free(f));
         let (acks, _) = w.mb.request(0b10, &cpu);
         owed.owe(&acks);
+        owed.settle(&w.mb, &cpu, |f| w.free(f));
+        cpu.done();
+        cpu.idle(2);
+        t.join().unwrap();
+        assert_eq!(w.freed.load(Ordering::Relaxed), 2);
+        assert!(w.mb.outstanding().is_empty());
+    });
+}
+
+/// (d) The self-only fast path: CPU 0's guest ran only there, so its FREE names CPU 0 alone
+/// (`Owed::request` touches no mailbox and owes nothing: `settle` frees at once); CPU 1
+/// meanwhile shoots down both CPUs for a call of its own and must still be answered by CPU 0.
+/// Each frame is freed only after every CPU that cached it flushed.
+#[test]
+fn loom_self_only_shootdown_flushes_here_and_still_answers() {
+    model(3, || {
+        let w = World::<2>::new();
+        w.cached[0].store(true, Ordering::Relaxed);
+        let t = {
+            let w = w.clone();
+            thread::spawn(move || {
+                let cpu = Cpu::new(1, &w);
+                let mut owed = Owed::<2>::new();
+                owed.reserve(1);
+                owed.keep(FRAME + 0x1000, &w.mb, &cpu, 0b11, |f| w.free(f));
+                assert_eq!(owed.request(&w.mb, &cpu, 0b11), 1);
+                owed.settle(&w.mb, &cpu, |f| w.free(f));
+                cpu.done();
+                cpu.idle(2);
+            })
+        };
+        let cpu = Cpu::new(0, &w);
+        let mut owed = Owed::<2>::new();
+        owed.reserve(1);
+        w.entry.store(false, Ordering::Relaxed);
+        owed.keep(FRAME, &w.mb, &cpu, 0b01, |f| w.free(f));
+        assert_eq!(owed.request(&w.mb, &cpu, 0b01), 0, "no IPI: only this CPU is named");
+        assert!(owed.acks().is_empty(), "nothing owed");
         owed.settle(&w.mb, &cpu, |f| w.free(f));
         cpu.done();
         cpu.idle(2);

@@ -53,7 +53,8 @@
 //! `loom_tests.rs` (`RUSTFLAGS="--cfg loom" cargo test --release -p vmcore --lib loom`)
 //! explores every interleaving (within a preemption bound) of: a deferred free against a
 //! target that caches the translation and answers; `barrier` behind another CPU's unmount;
-//! a stopped guest's CPU and two CPUs shooting at each other. Mutations tried by hand, each
+//! a stopped guest's CPU and two CPUs shooting at each other; a shootdown of this CPU alone
+//! beside another CPU's shootdown of both. Mutations tried by hand, each
 //! caught (docs/src/notes/shootdown-model.md has the failures):
 //!
 //! | mutation | models that fail |
@@ -63,6 +64,14 @@
 //! | M3: `done` stored and awaited `Relaxed` (not Release/Acquire) | (a), (b), (c) |
 //! | M4: `barrier` waits for nothing | (b) |
 //! | M5: `wait` does not answer this CPU's own requests | (c): loom reports a wait that never ends |
+//! | M6: the walk over a mask's set bits skips the lowest CPU | (a), (b), (c), (d) |
+//! | M7: a shootdown naming only this CPU skips its local flush too | (d) `loom_self_only_shootdown_flushes_here_and_still_answers` |
+//!
+//! # Cost
+//! Every walk (requesting, waiting, merging, clearing) visits the set bits of a mask, not
+//! the `N` slots: a call whose guest ran only on this CPU flushes locally, touches no
+//! mailbox and owes nothing ([`Mailboxes::request_into`]). Only [`Mailboxes::outstanding`]
+//! (the barrier, behind a destroy) reads every slot.
 
 use crate::sync::{spin, AtomicU64, Ordering};
 use alloc::vec::Vec;
@@ -162,30 +171,40 @@ impl<const N: usize> Mailboxes<N> {
     /// Asks every CPU in `mask` but this one to flush (one IPI each) without waiting; this
     /// CPU flushes locally. Returns what to wait for and how many IPIs were sent.
     pub fn request(&self, mask: u64, hw: &impl Cpus) -> (Acks<N>, u32) {
+        let mut acks = Acks::NONE;
+        let sent = self.request_into(mask, hw, &mut acks);
+        (acks, sent)
+    }
+
+    /// [`Mailboxes::request`], its acknowledgments added to `acks` (no copy of a whole
+    /// [`Acks`]). Only the CPUs of `mask` are visited (one step per set bit, not per slot);
+    /// where `mask` names no CPU but this one, this CPU flushes locally and no mailbox is
+    /// touched: nothing to wait for.
+    pub fn request_into(&self, mask: u64, hw: &impl Cpus, acks: &mut Acks<N>) -> u32 {
         let me = hw.me();
         self.flush_local(me, hw);
-        let mut acks = Acks::NONE;
+        let others = mask & Acks::<N>::ALL & !(1u64 << (me % 64));
         let mut sent = 0;
-        for (cpu, want) in acks.0.iter_mut().enumerate() {
-            if cpu != me && cpu < 64 && mask & (1 << cpu) != 0 {
-                *want = self.boxes[cpu].request.fetch_add(1, Ordering::AcqRel) + 1;
-                hw.send(cpu);
-                sent += 1;
-            }
+        for cpu in bits(others) {
+            let want = self.boxes[cpu].request.fetch_add(1, Ordering::AcqRel) + 1;
+            acks.add(cpu, want);
+            hw.send(cpu);
+            sent += 1;
         }
-        (acks, sent)
+        sent
     }
 
     /// True if every request of `acks` is acknowledged.
     pub fn acknowledged(&self, acks: &Acks<N>) -> bool {
-        acks.0.iter().zip(self.boxes.iter()).all(|(&want, m)| want == 0 || m.done.load(Ordering::Acquire) >= want)
+        bits(acks.cpus).all(|cpu| self.boxes[cpu].done.load(Ordering::Acquire) >= acks.want[cpu])
     }
 
     /// Waits until every CPU of `acks` acknowledged, answering this CPU's own requests
     /// meanwhile (two CPUs waiting for each other both go on).
     pub fn wait(&self, acks: &Acks<N>, hw: &impl Cpus) {
-        for (m, &want) in self.boxes.iter().zip(acks.0.iter()) {
-            while want != 0 && m.done.load(Ordering::Acquire) < want {
+        for cpu in bits(acks.cpus) {
+            let (m, want) = (&self.boxes[cpu], acks.want[cpu]);
+            while m.done.load(Ordering::Acquire) < want {
                 hw.answer();
                 spin();
             }
@@ -204,10 +223,10 @@ impl<const N: usize> Mailboxes<N> {
     /// is a barrier behind every shootdown already started.
     pub fn outstanding(&self) -> Acks<N> {
         let mut acks = Acks::NONE;
-        for (m, want) in self.boxes.iter().zip(acks.0.iter_mut()) {
+        for (cpu, m) in self.boxes.iter().enumerate() {
             let r = m.request.load(Ordering::Acquire);
             if m.done.load(Ordering::Acquire) < r {
-                *want = r;
+                acks.add(cpu, r);
             }
         }
         acks
@@ -225,24 +244,83 @@ impl<const N: usize> Mailboxes<N> {
     }
 }
 
+/// The CPU indices of the set bits of `mask`, lowest first: one step per CPU named, however
+/// many slots there are.
+fn bits(mut mask: u64) -> impl Iterator<Item = usize> {
+    core::iter::from_fn(move || {
+        if mask == 0 {
+            return None;
+        }
+        let cpu = mask.trailing_zeros() as usize;
+        mask &= mask - 1;
+        Some(cpu)
+    })
+}
+
 /// The acknowledgments a CPU waits for: per CPU index, the request number it must see done
-/// (0: none). Requests are counters, so waiting for the largest covers every earlier one.
+/// (0: none), and the set of CPUs with one (`cpus`, bit N for CPU N: what every walk over
+/// it visits). Requests are counters, so waiting for the largest covers every earlier one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Acks<const N: usize>(pub [u64; N]);
+pub struct Acks<const N: usize> {
+    want: [u64; N],
+    /// Bit `cpu` set iff `want[cpu] != 0`.
+    cpus: u64,
+}
 
 impl<const N: usize> Acks<N> {
-    pub const NONE: Self = Acks([0; N]);
+    /// The masks are `u64`: at most 64 CPUs.
+    const ALL: u64 = {
+        assert!(N >= 1 && N <= 64, "Mailboxes and Acks hold 1 to 64 CPUs");
+        if N == 64 { u64::MAX } else { (1u64 << N) - 1 }
+    };
 
-    /// Adds `other`'s requests (the larger number per CPU).
+    pub const NONE: Self = Acks { want: [0; N], cpus: 0 };
+
+    /// The acknowledgments `want` (per CPU index, 0: none).
+    pub fn of(want: [u64; N]) -> Self {
+        let mut a = Self::NONE;
+        for (cpu, &w) in want.iter().enumerate() {
+            a.add(cpu, w);
+        }
+        a
+    }
+
+    /// Per CPU index, the request number awaited (0: none).
+    pub fn want(&self) -> &[u64; N] {
+        &self.want
+    }
+
+    /// The CPUs with an acknowledgment awaited (bit N: CPU N).
+    pub fn cpus(&self) -> u64 {
+        self.cpus
+    }
+
+    /// Awaits request `want` of CPU `cpu` too (the larger of it and what was awaited).
+    fn add(&mut self, cpu: usize, want: u64) {
+        if want != 0 {
+            self.want[cpu] = self.want[cpu].max(want);
+            self.cpus |= 1 << cpu;
+        }
+    }
+
+    /// Adds `other`'s requests (the larger number per CPU), visiting only its CPUs.
     pub fn merge(&mut self, other: &Self) {
-        for (a, b) in self.0.iter_mut().zip(other.0.iter()) {
-            *a = (*a).max(*b);
+        for cpu in bits(other.cpus) {
+            self.add(cpu, other.want[cpu]);
         }
     }
 
     /// True if nothing is awaited.
     pub fn is_empty(&self) -> bool {
-        self.0.iter().all(|&w| w == 0)
+        self.cpus == 0
+    }
+
+    /// Awaits nothing (visiting only the CPUs awaited, not every slot).
+    pub fn clear(&mut self) {
+        for cpu in bits(self.cpus) {
+            self.want[cpu] = 0;
+        }
+        self.cpus = 0;
     }
 }
 
@@ -287,6 +365,12 @@ impl<const N: usize> Owed<N> {
         self.acks.merge(acks);
     }
 
+    /// Requests a shootdown of `mask` ([`Mailboxes::request_into`]) and owes its
+    /// acknowledgments: none where `mask` names only this CPU. Returns the IPIs sent.
+    pub fn request(&mut self, mb: &Mailboxes<N>, hw: &impl Cpus, mask: u64) -> u32 {
+        mb.request_into(mask, hw, &mut self.acks)
+    }
+
     /// True if nothing is awaited and nothing kept.
     pub fn is_empty(&self) -> bool {
         self.acks.is_empty() && self.frames.is_empty()
@@ -308,8 +392,7 @@ impl<const N: usize> Owed<N> {
     /// gives every kept frame and `frame` to `free` now.
     pub fn keep(&mut self, frame: u64, mb: &Mailboxes<N>, hw: &impl Cpus, all: u64, mut free: impl FnMut(u64)) -> Kept {
         if self.frames.len() == self.frames.capacity() {
-            let (acks, _) = mb.request(all, hw);
-            self.owe(&acks);
+            self.request(mb, hw, all);
             self.settle(mb, hw, &mut free);
             free(frame);
             return Kept::Overflow;
@@ -322,7 +405,7 @@ impl<const N: usize> Owed<N> {
     /// then gives every kept frame to `free`. Owes nothing afterwards.
     pub fn settle(&mut self, mb: &Mailboxes<N>, hw: &impl Cpus, mut free: impl FnMut(u64)) {
         mb.wait(&self.acks, hw);
-        self.acks = Acks::NONE;
+        self.acks.clear();
         for &f in self.frames.iter() {
             free(f);
         }

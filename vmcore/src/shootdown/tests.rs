@@ -39,12 +39,12 @@ fn request_counts_and_service_acknowledges() {
     let hw = Fake::new(&mb, 0);
     let (acks, sent) = mb.request(0b1111, &hw);
     assert_eq!(sent, 3, "no IPI to this CPU");
-    assert_eq!(acks.0, [0, 1, 1, 1]);
+    assert_eq!(*acks.want(), [0, 1, 1, 1]);
     assert_eq!(*hw.sent.borrow(), [1, 2, 3]);
     assert_eq!(mb.flush_gen(0), 1, "the initiator flushes locally");
     let (acks2, _) = mb.request(0b0010, &hw);
-    assert_eq!(acks2.0, [0, 2, 0, 0], "requests are counters");
-    assert_eq!(mb.outstanding().0, [0, 2, 1, 1]);
+    assert_eq!(*acks2.want(), [0, 2, 0, 0], "requests are counters");
+    assert_eq!(*mb.outstanding().want(), [0, 2, 1, 1]);
     assert!(!mb.acknowledged(&acks));
 
     // CPU 1 answers both requests at once; CPU 2 and 3 not yet.
@@ -53,7 +53,7 @@ fn request_counts_and_service_acknowledges() {
     assert_eq!(mb.flush_gen(1), 1, "one flush for both requests");
     assert!(mb.acknowledged(&acks2));
     assert!(!mb.acknowledged(&acks));
-    assert_eq!(mb.outstanding().0, [0, 0, 1, 1]);
+    assert_eq!(*mb.outstanding().want(), [0, 0, 1, 1]);
     mb.service(2, &hw);
     mb.service(3, &hw);
     assert!(mb.acknowledged(&acks));
@@ -64,10 +64,15 @@ fn request_counts_and_service_acknowledges() {
 
 #[test]
 fn acks_merge_keeps_the_largest() {
-    let mut a = Acks::<3>([0, 5, 2]);
+    let mut a = Acks::<3>::of([0, 5, 2]);
     assert!(!a.is_empty());
-    a.merge(&Acks([1, 3, 7]));
-    assert_eq!(a.0, [1, 5, 7]);
+    assert_eq!(a.cpus(), 0b110);
+    a.merge(&Acks::of([1, 3, 0]));
+    assert_eq!(*a.want(), [1, 5, 2]);
+    assert_eq!(a.cpus(), 0b111, "the set follows the numbers");
+    assert_eq!(a, Acks::of([1, 5, 2]));
+    a.clear();
+    assert_eq!(a, Acks::NONE, "cleared: nothing awaited, every number 0");
     assert!(Acks::<3>::NONE.is_empty());
 }
 
@@ -76,7 +81,7 @@ fn mask_bits_past_n_are_ignored() {
     let mb = Mailboxes::<2>::new();
     let hw = Fake::new(&mb, 1);
     let (acks, sent) = mb.request(u64::MAX, &hw);
-    assert_eq!((acks.0, sent), ([1, 0], 1));
+    assert_eq!((*acks.want(), sent), ([1, 0], 1));
 }
 
 #[test]
@@ -105,7 +110,7 @@ fn owed_keeps_until_settled() {
     let (acks, _) = mb.request(0b10, &hw);
     o.owe(&acks);
     assert_eq!(o.kept(), 2);
-    assert_eq!(o.acks().0, [0, 1]);
+    assert_eq!(*o.acks().want(), [0, 1]);
     assert!(freed.is_empty(), "nothing freed before settle");
     mb.service(1, &hw);
     o.settle(&mb, &hw, |f| freed.push(f));
@@ -160,4 +165,34 @@ fn owed_without_room_waits_every_time() {
     assert_eq!(o.keep(0x3000, &mb, &hw, 0b1, |f| freed.push(f)), Kept::Overflow);
     assert_eq!(freed, [0x3000]);
     assert_eq!(mb.flush_gen(0), 1);
+}
+
+#[test]
+fn request_visits_only_the_cpus_named() {
+    let mb = Mailboxes::<64>::new();
+    let hw = Fake::new(&mb, 5);
+    let (acks, sent) = mb.request(1 << 5 | 1 << 40 | 1 << 63, &hw);
+    assert_eq!(sent, 2);
+    assert_eq!(*hw.sent.borrow(), [40, 63]);
+    assert_eq!(acks.cpus(), 1 << 40 | 1 << 63);
+    assert_eq!((acks.want()[40], acks.want()[63], acks.want()[5]), (1, 1, 0));
+}
+
+#[test]
+fn request_of_this_cpu_alone_touches_no_mailbox() {
+    let mb = Mailboxes::<4>::new();
+    let hw = Fake::new(&mb, 2);
+    let mut o = Owed::<4>::new();
+    assert_eq!(o.request(&mb, &hw, 0b100), 0);
+    assert!(o.acks().is_empty(), "nothing to wait for");
+    assert!(hw.sent.borrow().is_empty());
+    assert!(mb.outstanding().is_empty(), "no request made of any mailbox");
+    assert_eq!(mb.flush_gen(2), 1, "but this CPU flushes");
+    assert_eq!(*hw.flushed.borrow(), [2]);
+    // With another CPU named, its acknowledgment is owed and awaited by `settle`.
+    assert_eq!(o.request(&mb, &hw, 0b101), 1);
+    assert_eq!(o.acks().cpus(), 0b001);
+    mb.service(0, &hw);
+    o.settle(&mb, &hw, |_| {});
+    assert!(o.is_empty());
 }
