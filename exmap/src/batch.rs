@@ -268,7 +268,8 @@ fn singles_alloc<F: Format, M: PhysMem>(
 ) -> usize {
     let pages = r.morsel.pages();
     let mut held = cache.held();
-    let (mut zeroed, mut mapped) = (0, 0);
+    let had = held.len();
+    let mut zeroed = 0;
     while i < iov.len() && !held.is_empty() {
         let raw = iov[i];
         let page = raw >> COUNT_BITS;
@@ -292,13 +293,13 @@ fn singles_alloc<F: Format, M: PhysMem>(
             }
             leaves.map(slot, f);
             follow(page, Some(f));
-            mapped += 1;
             1
         };
         i += 1;
     }
+    // Every frame taken was mapped.
+    stats.pages += (had - held.len()) as u64;
     cache.keep(held.len(), zeroed);
-    stats.pages += mapped;
     i
 }
 
