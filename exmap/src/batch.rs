@@ -19,7 +19,10 @@
 //! in the page); the duplicate check costs a few compares per entry, inside the same loop, for
 //! entries in page order or one window that wraps around the region's end, and one sort of
 //! the whole page at the first entry that breaks that order (the entries before it are saved
-//! in the `Validator` as they are overwritten).
+//! in the `Validator` as they are overwritten). ALLOC and FREE do runs of single-page entries
+//! (what a buffer manager sends) in a tight loop of their own (`singles_alloc`,
+//! `singles_free`) that indexes the cache's stack locally; anything else in the page goes the
+//! general way, and the tight loop takes over again after it.
 //! `follow(page, frame)` is told every leaf the batch maps (`Some`) or clears (`None`), a
 //! rolled-back page too, for a device view that mirrors the region; a region without one
 //! passes a closure that does nothing, and no record of the pages is kept.
@@ -161,7 +164,8 @@ fn run<F: Format, M: PhysMem>(
             return stats;
         }
     };
-    let mut mapped = Mapped([0; 64]);
+    // Made (and zeroed) by the first ALLOC entry of several pages only.
+    let mut mapped: Option<Mapped> = None;
     // The order of the valid entries so far; once it breaks, `sorted`: the entries are sorted
     // once and `is_duplicate` answers for the rest.
     let mut shape = Shape::new();
@@ -380,14 +384,16 @@ fn populate<F: Format, M: PhysMem>(
     cache: &mut FrameCache,
     frames: &impl FrameAlloc,
     follow: &mut impl FnMut(u64, Option<HostPhysAddr>),
-    mapped: &mut Mapped,
+    mapped: &mut Option<Mapped>,
     stats: &mut BatchStats,
 ) -> Outcome {
     // Pages mapped so far; only an ALLOC of several pages needs to know which (a READ maps
     // every page, a single page has nothing to roll back but itself).
     let track = mode == Mode::Alloc && end - first > 1;
+    let mut marks: &mut [u64] = &mut [];
     if track {
-        mapped.0[..((end - first - 1) / 64 + 1) as usize].fill(0);
+        marks = &mut mapped.get_or_insert(Mapped([0; 64])).0[..((end - first - 1) / 64 + 1) as usize];
+        marks.fill(0);
     }
     let mut n = 0;
     let mut failed = None;
@@ -414,7 +420,7 @@ fn populate<F: Format, M: PhysMem>(
             follow(page, Some(f));
             if track {
                 let k = page - first;
-                mapped.0[(k / 64) as usize] |= 1 << (k % 64);
+                marks[(k / 64) as usize] |= 1 << (k % 64);
             }
             n += 1;
         }
@@ -427,7 +433,7 @@ fn populate<F: Format, M: PhysMem>(
     // Undo this entry only: the pages it mapped (a READ: every page before `page`).
     if n > 0 {
         for p in first..page {
-            let ours = !track || mapped.0[((p - first) / 64) as usize] >> ((p - first) % 64) & 1 != 0;
+            let ours = !track || marks[((p - first) / 64) as usize] >> ((p - first) % 64) & 1 != 0;
             if !ours {
                 continue;
             }
