@@ -300,7 +300,8 @@ fn run_slice<B: Backend>(backend: &mut B, s: &mut Slot<B>, run: &Run<B>, me: usi
                 match lockless(s, &exit, me, deadline, run.guest_count) {
                     Step::Resume => continue,
                     Step::EndSlice => return true,
-                    Step::World => {}
+                    Step::World { quiet: false } => break exit,
+                    Step::World { quiet: true } => {}
                 }
                 // An ExMap ALLOC / FREE on the region of this vCPU's last one: no world lock.
                 match exmap_fast(s, &exit, me, deadline, frames) {
@@ -417,8 +418,9 @@ enum FastStep<F: morsel::Format> {
 /// An ExMap ALLOC / FREE with no world lock (issue 22 item 2, issue 21): where the call
 /// names the region and iovec page of this vCPU's last ALLOC / FREE (`s.fast`, a handle
 /// made by a batch that ended alone), the vCPU's ExMap state is still in its slot
-/// (`s.exmap`: no world lock was taken since), nothing asks this CPU to look and the
-/// handle still takes the region's lock (`Fast::batch`: nothing changed since, no other
+/// (`s.exmap`: no world lock was taken since), `lockless` found the exit quiet (no IPI asked
+/// this CPU to look: that flag is taken there, so a stop is never missed here; timer not
+/// due, slice not over) and the handle still takes the region's lock (`Fast::batch`: nothing changed since, no other
 /// batch holds it). Then the batch runs and ends alone exactly as on the world path
 /// (`Batch::run`, `Batch::finish_alone`, `shootdown::complete`). Anything unusual is
 /// `NotTaken` with nothing changed, so the world path gives the answers it gave before.
@@ -438,10 +440,6 @@ fn exmap_fast<B: Backend>(s: &mut Slot<B>, exit: &Exit, me: usize, deadline: u64
             None => return FastStep::NotTaken,
         },
     };
-    let now = crate::platform::time::tsc();
-    if ipi::attention(me) || now >= s.timer_at || now >= deadline {
-        return FastStep::NotTaken;
-    }
     let args = [regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9];
     let (gpa, iov, count, op) = match abi::Call::decode(regs.rax, args) {
         Ok(abi::Call::ExmapAction { region, iov, count, op: abi::ExmapOp::Alloc }) => (region, iov, count, abi::EXMAP_ALLOC),
@@ -593,15 +591,12 @@ fn lockless<B: Backend>(s: &mut Slot<B>, exit: &Exit, me: usize, deadline: u64, 
         _ => (exits::Kind::Other, None),
     };
     let now = crate::platform::time::tsc();
-    let class = exits::classify(exits::Seen {
-        exit: kind,
-        next_rip,
-        attention: ipi::attention(me),
-        timer_due: now >= s.timer_at,
-        slice_over: now >= deadline,
-    });
+    // Taken here (`attention` clears the flag): the world path looks at what it was for.
+    let attention = ipi::attention(me);
+    let (timer_due, slice_over) = (now >= s.timer_at, now >= deadline);
+    let class = exits::classify(exits::Seen { exit: kind, next_rip, attention, timer_due, slice_over });
     let (next_rip, work, step, preempt) = match class {
-        exits::Class::World => return Step::World,
+        exits::Class::World => return Step::World { quiet: !attention && !timer_due && !slice_over },
         exits::Class::Resume { next_rip, work } => (next_rip, work, Step::Resume, false),
         exits::Class::EndSlice { next_rip, work, preempt } => (next_rip, work, Step::EndSlice, preempt),
     };
@@ -618,7 +613,7 @@ fn lockless<B: Backend>(s: &mut Slot<B>, exit: &Exit, me: usize, deadline: u64, 
         // handles the exit from the start.
         exits::Work::Info { what } => match hypercall::info_local(&s.shared, caller, guest_count, what) {
             Some(v) => hypercall::answer(regs, Ok(v)),
-            None => return Step::World,
+            None => return Step::World { quiet: false },
         },
         exits::Work::Console => {
             let args = [regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9];
@@ -628,7 +623,7 @@ fn lockless<B: Backend>(s: &mut Slot<B>, exit: &Exit, me: usize, deadline: u64, 
             };
             match done {
                 Some(n) => hypercall::answer(B::regs(&mut s.vcpu), Ok(n)),
-                None => return Step::World,
+                None => return Step::World { quiet: false },
             }
         }
     }
@@ -648,7 +643,10 @@ fn lockless<B: Backend>(s: &mut Slot<B>, exit: &Exit, me: usize, deadline: u64, 
 enum Step {
     Resume,
     EndSlice,
-    World,
+    /// The world handles the exit; `quiet`: nothing asked this CPU to look (the IPI flag it
+    /// took was clear), the vCPU's timer is not due and its slice not over, so an ExMap
+    /// ALLOC / FREE may still go without the world lock (`exmap_fast`).
+    World { quiet: bool },
 }
 
 /// An instruction whose length was decoded from guest memory (SVM without next-RIP save),
