@@ -16,16 +16,21 @@
 //!
 //! Entries are done in their order in the page. Validation per entry as `Validator::validate`
 //! defines it (`Empty`, `OutOfRange`, `Overflow`, `Duplicate`: overlapping an entry earlier
-//! in the page); the duplicate check costs nothing for entries in page order or one window
-//! that wraps around the region's end, and a sort otherwise (`Validator::order`).
+//! in the page); the duplicate check costs a few compares per entry, inside the same loop, for
+//! entries in page order or one window that wraps around the region's end, and one sort of
+//! the whole page at the first entry that breaks that order (the entries before it are saved
+//! in the `Validator` as they are overwritten). ALLOC and FREE do runs of single-page entries
+//! (what a buffer manager sends) in a tight loop of their own (`singles_alloc`,
+//! `singles_free`) that indexes the cache's stack locally; anything else in the page goes the
+//! general way, and the tight loop takes over again after it.
 //! `follow(page, frame)` is told every leaf the batch maps (`Some`) or clears (`None`), a
 //! rolled-back page too, for a device view that mirrors the region; a region without one
 //! passes a closure that does nothing, and no record of the pages is kept.
 
 use morsel::{Format, FrameAlloc, HostPhysAddr, Morsel, PhysMem};
 
-use crate::cache::{FrameCache, Origin};
-use crate::iov::{decode, EntryError, Order, Validator, MAX_ENTRIES};
+use crate::cache::{must_zero, FrameCache, Origin};
+use crate::iov::{decode, EntryError, Shape, Validator, COUNT_BITS, MAX_COUNT, MAX_ENTRIES};
 
 /// Result of one entry: pages changed (or, for `collect`, pages listed), or why it failed.
 pub type Outcome = Result<u64, EntryError>;
@@ -148,7 +153,6 @@ fn run<F: Format, M: PhysMem>(
     };
     let mut stats = BatchStats::default();
     let pages = r.morsel.pages();
-    let sorted = v.order(iov, pages) == Order::Sorted;
     let mut leaves = match r.morsel.leaves(r.mem) {
         Ok(l) => l,
         Err(_) => {
@@ -160,9 +164,28 @@ fn run<F: Format, M: PhysMem>(
             return stats;
         }
     };
-    let mut mapped = Mapped([0; 64]);
-    for (i, e) in iov.iter_mut().enumerate() {
-        let (first, count) = decode(*e);
+    // Made (and zeroed) by the first ALLOC entry of several pages only.
+    let mut mapped: Option<Mapped> = None;
+    // The order of the valid entries so far; once it breaks, `sorted`: the entries are sorted
+    // once and `is_duplicate` answers for the rest.
+    let mut shape = Shape::new();
+    let mut sorted = false;
+    let mut i = 0;
+    while i < iov.len() {
+        if !sorted && (mode == Mode::Alloc || mode == Mode::Free) {
+            // Runs of single-page entries in order: the tight loop; it stops before the first
+            // entry it does not do, and the general path below does that one.
+            i = match mode {
+                Mode::Alloc => singles_alloc(r, &mut leaves, iov, i, v, &mut shape, cache, follow, &mut stats),
+                _ => singles_free(r, &mut leaves, iov, i, v, &mut shape, cache, follow, &mut stats),
+            };
+            if i == iov.len() {
+                break;
+            }
+        }
+        let raw = iov[i];
+        v.saved[i] = raw;
+        let (first, count) = decode(raw);
         let end = first + count;
         let outcome: Outcome = if count == 0 {
             Err(EntryError::Empty)
@@ -170,7 +193,7 @@ fn run<F: Format, M: PhysMem>(
             Err(EntryError::OutOfRange)
         } else if end > pages {
             Err(EntryError::Overflow)
-        } else if sorted && v.is_duplicate(i) {
+        } else if overlaps(v, &mut shape, &mut sorted, iov, i, first, end, pages) {
             Err(EntryError::Duplicate)
         } else if end > disk_pages {
             Err(EntryError::PastDisk)
@@ -218,15 +241,135 @@ fn run<F: Format, M: PhysMem>(
                 }
             }
         };
-        *e = match outcome {
+        iov[i] = match outcome {
             Ok(n) => n,
             Err(err) => {
                 stats.failed += 1;
                 code(err)
             }
         };
+        i += 1;
     }
     stats
+}
+
+/// The ALLOC fast path from entry `i` on: entries of one page each, below the region's end,
+/// that keep the `shape` (so none overlaps an earlier one), while the cache holds a frame.
+/// The same as the general path for those entries (result 1, or 0 for a page that is already
+/// present), with the cache's stack indexed locally. Returns the first entry not done.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn singles_alloc<F: Format, M: PhysMem>(
+    r: &Region<F, M>,
+    leaves: &mut morsel::Leaves<'_, F, M>,
+    iov: &mut [u64],
+    mut i: usize,
+    v: &mut Validator,
+    shape: &mut Shape,
+    cache: &mut FrameCache,
+    follow: &mut impl FnMut(u64, Option<HostPhysAddr>),
+    stats: &mut BatchStats,
+) -> usize {
+    let pages = r.morsel.pages();
+    let mut held = cache.held();
+    let had = held.len();
+    let mut zeroed = 0;
+    while i < iov.len() && !held.is_empty() {
+        let raw = iov[i];
+        let page = raw >> COUNT_BITS;
+        if raw & MAX_COUNT != 1 || page >= pages {
+            break;
+        }
+        let Ok(slot) = leaves.slot(page) else { break };
+        // Nothing changed yet for this entry: a break here leaves it to the general path.
+        if !shape.next(page, page + 1) {
+            break;
+        }
+        v.saved[i] = raw;
+        iov[i] = if leaves.get(slot).is_some() {
+            0
+        } else {
+            let Some((&(f, origin), rest)) = held.split_last() else { break };
+            held = rest;
+            if must_zero(origin, r.origin) {
+                r.mem.zero_data(f, 0);
+                zeroed += 1;
+            }
+            leaves.map(slot, f);
+            follow(page, Some(f));
+            1
+        };
+        i += 1;
+    }
+    // Every frame taken was mapped.
+    stats.pages += (had - held.len()) as u64;
+    cache.keep(held.len(), zeroed);
+    i
+}
+
+/// The FREE fast path from entry `i` on, as `singles_alloc`, while the cache has room
+/// without growing. Returns the first entry not done.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn singles_free<F: Format, M: PhysMem>(
+    r: &Region<F, M>,
+    leaves: &mut morsel::Leaves<'_, F, M>,
+    iov: &mut [u64],
+    mut i: usize,
+    v: &mut Validator,
+    shape: &mut Shape,
+    cache: &mut FrameCache,
+    follow: &mut impl FnMut(u64, Option<HostPhysAddr>),
+    stats: &mut BatchStats,
+) -> usize {
+    let pages = r.morsel.pages();
+    let room = cache.room();
+    let mut gave = 0;
+    while i < iov.len() && gave < room.len() {
+        let raw = iov[i];
+        let page = raw >> COUNT_BITS;
+        if raw & MAX_COUNT != 1 || page >= pages {
+            break;
+        }
+        let Ok(slot) = leaves.slot(page) else { break };
+        if !shape.next(page, page + 1) {
+            break;
+        }
+        v.saved[i] = raw;
+        iov[i] = match leaves.get(slot) {
+            Some(f) => {
+                leaves.clear(slot);
+                room[gave].write((f, r.origin));
+                gave += 1;
+                follow(page, None);
+                1
+            }
+            None => 0,
+        };
+        i += 1;
+    }
+    // SAFETY: the loop wrote the first `gave` slots of `room`.
+    unsafe { cache.gave(gave) };
+    stats.pages += gave as u64;
+    i
+}
+
+/// Whether the valid entry `i` (`first .. end`) overlaps an entry earlier in the page. While
+/// the entries keep the `shape` (page order, or one wrapped window), none does; at the first
+/// that breaks it, the page is sorted once from `saved` (the entries before `i` are saved
+/// there, `iov` holds their results now) and `sorted` is set.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn overlaps(v: &mut Validator, shape: &mut Shape, sorted: &mut bool, iov: &[u64], i: usize, first: u64, end: u64, pages: u64) -> bool {
+    if !*sorted {
+        if shape.next(first, end) {
+            return false;
+        }
+        v.saved[i..iov.len()].copy_from_slice(&iov[i..]);
+        v.sort_saved(iov.len(), pages);
+        *sorted = true;
+    }
+    v.is_duplicate(i)
 }
 
 /// ALLOC / READ of one valid entry `first .. end`.
@@ -241,14 +384,16 @@ fn populate<F: Format, M: PhysMem>(
     cache: &mut FrameCache,
     frames: &impl FrameAlloc,
     follow: &mut impl FnMut(u64, Option<HostPhysAddr>),
-    mapped: &mut Mapped,
+    mapped: &mut Option<Mapped>,
     stats: &mut BatchStats,
 ) -> Outcome {
     // Pages mapped so far; only an ALLOC of several pages needs to know which (a READ maps
     // every page, a single page has nothing to roll back but itself).
     let track = mode == Mode::Alloc && end - first > 1;
+    let mut marks: &mut [u64] = &mut [];
     if track {
-        mapped.0[..((end - first - 1) / 64 + 1) as usize].fill(0);
+        marks = &mut mapped.get_or_insert(Mapped([0; 64])).0[..((end - first - 1) / 64 + 1) as usize];
+        marks.fill(0);
     }
     let mut n = 0;
     let mut failed = None;
@@ -275,7 +420,7 @@ fn populate<F: Format, M: PhysMem>(
             follow(page, Some(f));
             if track {
                 let k = page - first;
-                mapped.0[(k / 64) as usize] |= 1 << (k % 64);
+                marks[(k / 64) as usize] |= 1 << (k % 64);
             }
             n += 1;
         }
@@ -288,7 +433,7 @@ fn populate<F: Format, M: PhysMem>(
     // Undo this entry only: the pages it mapped (a READ: every page before `page`).
     if n > 0 {
         for p in first..page {
-            let ours = !track || mapped.0[((p - first) / 64) as usize] >> ((p - first) % 64) & 1 != 0;
+            let ours = !track || marks[((p - first) / 64) as usize] >> ((p - first) % 64) & 1 != 0;
             if !ours {
                 continue;
             }
@@ -470,6 +615,39 @@ mod tests {
             m.destroy(&sim, &sim).unwrap();
             prop_assert_eq!(sim.allocated_frames(), 0);
         }
+    }
+
+    /// The single-page fast paths stop where the cache runs dry (ALLOC: the general path
+    /// refills it) or full (FREE: the general path grows it) and go on after that entry.
+    #[test]
+    fn fast_paths_hand_over_at_an_empty_or_full_cache() {
+        let sim = SimMem::new(4 << 30);
+        let m = Morsel::<Npt>::create_sparse(4096 << 12, &sim, &sim).unwrap();
+        let r = Region { morsel: &m, origin: 1, mem: &sim };
+        let (mut v, mut cache) = (Validator::new(), FrameCache::new());
+        let room = cache.room().len();
+        let batch = |k: u64| (0..500).map(|p| encode(k * 500 + p, 1)).collect::<Vec<_>>();
+        let mut view = 0i64;
+        for k in 0..4 {
+            let mut iov = batch(k);
+            let s = alloc(&r, &mut iov, &mut v, &mut cache, &sim, &mut |_, f| view += f.is_some() as i64, code);
+            assert_eq!((s.pages, s.failed), (500, 0));
+            assert!(iov.iter().all(|&e| e == 1));
+        }
+        assert_eq!(view, 2000);
+        assert_eq!(cache.stats().refills, 4, "dry at every 512th page");
+        for k in 0..4 {
+            let mut iov = batch(k);
+            let s = free(&r, &mut iov, &mut v, &mut cache, &mut |_, f| view -= f.is_none() as i64, code);
+            assert_eq!((s.pages, s.failed), (500, 0));
+            assert!(iov.iter().all(|&e| e == 1));
+        }
+        assert!(cache.len() > room, "the third FREE ran out of room ({room}) and went on");
+        assert_eq!((view, cache.len()), (0, 2048));
+        assert!((0..2000).all(|p| m.translate(p << 12, &sim).is_none()));
+        cache.drain(&sim);
+        m.destroy(&sim, &sim).unwrap();
+        assert_eq!(sim.allocated_frames(), 0);
     }
 
     #[test]

@@ -24,6 +24,13 @@ pub type Origin = u64;
 /// A frame straight from the allocator: unknown contents.
 pub const FRESH: Origin = u64::MAX;
 
+/// Whether a frame cached from `origin` must be zeroed before region `into` maps it: fresh
+/// from the allocator, or from another region.
+#[inline(always)]
+pub(crate) fn must_zero(origin: Origin, into: Origin) -> bool {
+    origin != into || origin == FRESH
+}
+
 /// Counters of one cache.
 #[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
 pub struct CacheStats {
@@ -82,9 +89,42 @@ impl FrameCache {
             self.refill(alloc);
         }
         let (frame, origin) = self.frames.pop()?;
-        let zero = origin != into || origin == FRESH;
+        let zero = must_zero(origin, into);
         self.stats.zeroed += zero as u64;
         Some((frame, zero))
+    }
+
+    /// The frames held, for a batch's inner loop that takes from the top with an index of
+    /// its own (`take` per frame keeps the length and a counter in memory): it then keeps the
+    /// first `held` (`keep`).
+    #[inline(always)]
+    pub(crate) fn held(&self) -> &[(HostPhysAddr, Origin)] {
+        &self.frames
+    }
+
+    /// After taking from `held()` down to `held` frames, `zeroed` of them to be zeroed.
+    #[inline(always)]
+    pub(crate) fn keep(&mut self, held: usize, zeroed: u64) {
+        self.frames.truncate(held);
+        self.stats.zeroed += zeroed;
+    }
+
+    /// The room left without growing, for a batch's inner loop that gives frames with an
+    /// index of its own and then calls `gave`.
+    #[inline(always)]
+    pub(crate) fn room(&mut self) -> &mut [core::mem::MaybeUninit<(HostPhysAddr, Origin)>] {
+        self.frames.spare_capacity_mut()
+    }
+
+    /// After writing the first `n` slots of `room()`.
+    ///
+    /// # Safety
+    /// Those `n` slots are initialised (a `(frame, origin)` written into each).
+    #[inline(always)]
+    pub(crate) unsafe fn gave(&mut self, n: usize) {
+        // SAFETY: `n` <= the room `room()` gave (the caller wrote that many slots of it), and
+        // they are initialised (the caller's contract); `(u64, u64)` has no drop.
+        unsafe { self.frames.set_len(self.frames.len() + n) }
     }
 
     /// Takes back a frame that region `from` no longer maps. Call `trim` after the

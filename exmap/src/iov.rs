@@ -4,6 +4,8 @@
 //! (`OutOfRange`), a range that runs past its end (`Overflow`) and a range that overlaps an
 //! entry earlier in the page (`Duplicate`) fail that entry alone.
 
+use alloc::boxed::Box;
+use alloc::vec;
 use alloc::vec::Vec;
 use core::fmt;
 
@@ -79,16 +81,71 @@ impl fmt::Display for EntryError {
 }
 
 /// Validates iovec pages; keeps its buffers between calls (one per vCPU, no allocation in
-/// the steady state). The batch operations (`batch`) validate inside their walk and use it
-/// only for input that is not in page order (`order`); `validate` checks a whole page up
-/// front (the definition the batch operations are tested against).
-#[derive(Default)]
+/// the steady state). The batch operations (`batch`) validate inside their walk: they follow
+/// the order of the entries with a `Shape` as they go and, only for input that is not in page
+/// order, sort once (`sort_saved`) from the copy of the raw entries they keep in `saved`;
+/// `validate` checks a whole page up front (the definition the batch operations are tested
+/// against).
 pub struct Validator {
     checked: Vec<Result<Range, EntryError>>,
     sorted: Vec<(u64, u64, u16)>,
-    /// Entries (by index) that overlap an earlier entry, from the last `order` that had to
-    /// sort.
+    /// Entries (by index) that overlap an earlier entry, from the last sort.
     dup: [u64; MAX_ENTRIES / 64],
+    /// The raw entries of the batch running now, saved as the batch overwrites them with
+    /// results (a sort midway needs the entries already done). On the heap: a vCPU's
+    /// validator is built on small hypervisor stacks.
+    pub(crate) saved: Box<[u64; MAX_ENTRIES]>,
+}
+
+impl Default for Validator {
+    fn default() -> Self {
+        // Zeroed on the heap, never a 4 KiB array on the stack.
+        let saved = match vec![0; MAX_ENTRIES].into_boxed_slice().try_into() {
+            Ok(s) => s,
+            Err(_) => unreachable!("MAX_ENTRIES long"),
+        };
+        Self { checked: Vec::new(), sorted: Vec::new(), dup: [0; MAX_ENTRIES / 64], saved }
+    }
+}
+
+/// The order of the valid entries seen so far, followed one entry at a time without looking
+/// back: ascending and disjoint, or two such runs where the second lies wholly below the
+/// first (a window that wrapped around the region's end). While `next` says yes, no entry
+/// seen overlaps another.
+#[derive(Clone, Copy)]
+pub(crate) struct Shape {
+    /// The first valid entry's first page (the floor of a wrapped second run).
+    floor: u64,
+    /// The end of the entry before.
+    prev_end: u64,
+    /// The ceiling of the run: `u64::MAX` before the wrap, the floor after it.
+    ceil: u64,
+}
+
+impl Shape {
+    pub(crate) const fn new() -> Self {
+        Self { floor: u64::MAX, prev_end: 0, ceil: u64::MAX }
+    }
+
+    /// Takes the next valid entry `first .. end`; false when it breaks the shape (then the
+    /// shape is of no further use).
+    #[inline(always)]
+    pub(crate) fn next(&mut self, first: u64, end: u64) -> bool {
+        if self.floor == u64::MAX {
+            self.floor = first;
+        }
+        if first >= self.prev_end && end <= self.ceil {
+            self.prev_end = end;
+            true
+        } else if self.ceil == u64::MAX && end <= self.floor {
+            // The wrap (once: a valid entry's end is below `u64::MAX`).
+            self.ceil = self.floor;
+            self.prev_end = end;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 /// How the valid entries of an iovec page are ordered (`Validator::order`).
@@ -106,7 +163,7 @@ pub enum Order {
 impl Validator {
     /// A validator with room for a full page.
     pub fn new() -> Self {
-        Self { checked: Vec::with_capacity(MAX_ENTRIES), sorted: Vec::with_capacity(MAX_ENTRIES), dup: [0; MAX_ENTRIES / 64] }
+        Self { checked: Vec::with_capacity(MAX_ENTRIES), sorted: Vec::with_capacity(MAX_ENTRIES), ..Self::default() }
     }
 
     /// Finds how the valid entries of `raw` (at most `MAX_ENTRIES`) are ordered, in one pass
@@ -116,26 +173,14 @@ impl Validator {
     #[inline]
     pub fn order(&mut self, raw: &[u64], pages: u64) -> Order {
         let raw = &raw[..raw.len().min(MAX_ENTRIES)];
-        // The first valid entry's first page (the floor of a wrapped second run), the end
-        // of the entry before, the ceiling of the run (after a wrap: the floor).
-        let (mut floor, mut prev_end, mut ceil) = (u64::MAX, 0, u64::MAX);
-        let mut wrapped = false;
+        let mut shape = Shape::new();
         for &r in raw {
             let (first, count) = decode(r);
             let end = first + count;
             if count == 0 || end > pages {
                 continue;
             }
-            if floor == u64::MAX {
-                floor = first;
-            }
-            if first >= prev_end && end <= ceil {
-                prev_end = end;
-            } else if !wrapped && end <= floor {
-                wrapped = true;
-                ceil = floor;
-                prev_end = end;
-            } else {
+            if !shape.next(first, end) {
                 self.sort(raw, pages);
                 return Order::Sorted;
             }
@@ -143,34 +188,25 @@ impl Validator {
         Order::Disjoint
     }
 
-    /// After `order` answered `Sorted`: whether entry `i` overlaps an entry with a smaller
-    /// index (valid or itself a duplicate).
+    /// After `order` answered `Sorted` (or after `sort_saved`): whether entry `i` overlaps an
+    /// entry with a smaller index (valid or itself a duplicate).
     #[inline]
     pub fn is_duplicate(&self, i: usize) -> bool {
         self.dup[i / 64] >> (i % 64) & 1 != 0
     }
 
+    /// `sort` over the first `n` entries of `saved` (a batch whose entries stopped being in
+    /// page order: it has saved every entry so far and copies the rest in first).
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn sort_saved(&mut self, n: usize, pages: u64) {
+        mark_overlaps(&mut self.sorted, &mut self.dup, &self.saved[..n], pages);
+    }
+
     /// Sorts the valid entries and marks every entry that overlaps one with a smaller index.
     #[cold]
     fn sort(&mut self, raw: &[u64], pages: u64) {
-        self.sorted.clear();
-        self.dup = [0; MAX_ENTRIES / 64];
-        for (i, &r) in raw.iter().enumerate() {
-            let (first, count) = decode(r);
-            if count != 0 && first + count <= pages {
-                self.sorted.push((first, first + count, i as u16));
-            }
-        }
-        self.sorted.sort_unstable();
-        let s = &self.sorted;
-        for i in 0..s.len() {
-            let mut j = i + 1;
-            while j < s.len() && s[j].0 < s[i].1 {
-                let later = s[i].2.max(s[j].2) as usize;
-                self.dup[later / 64] |= 1 << (later % 64);
-                j += 1;
-            }
-        }
+        mark_overlaps(&mut self.sorted, &mut self.dup, raw, pages);
     }
 
     /// Checks every entry of `raw` (at most `MAX_ENTRIES`; more are cut off) against a region
@@ -188,6 +224,28 @@ impl Validator {
             }));
         }
         &self.checked
+    }
+}
+
+/// `Validator::sort` on the validator's buffers.
+fn mark_overlaps(sorted: &mut Vec<(u64, u64, u16)>, dup: &mut [u64; MAX_ENTRIES / 64], raw: &[u64], pages: u64) {
+    sorted.clear();
+    *dup = [0; MAX_ENTRIES / 64];
+    for (i, &r) in raw.iter().enumerate() {
+        let (first, count) = decode(r);
+        if count != 0 && first + count <= pages {
+            sorted.push((first, first + count, i as u16));
+        }
+    }
+    sorted.sort_unstable();
+    let s = &*sorted;
+    for i in 0..s.len() {
+        let mut j = i + 1;
+        while j < s.len() && s[j].0 < s[i].1 {
+            let later = s[i].2.max(s[j].2) as usize;
+            dup[later / 64] |= 1 << (later % 64);
+            j += 1;
+        }
     }
 }
 

@@ -753,6 +753,11 @@ fn handle<B: Backend>(guest: &mut Guest<B>, cx: &mut Context<B>, s: &mut Slot<B>
         // long IPIs can keep a vCPU going.
         Exit::Interrupt => true,
         other => {
+            // Stopped and the siblings kicked before the report is printed: a line takes
+            // milliseconds on a slow UART (Bochs), and a sibling's ExMap batch ending with no
+            // world lock (`Batch::finish_alone`) sees the stop only through the kick.
+            guest.state = State::Stopped;
+            kick_siblings(guest, me);
             stop(guest, other, regs.rip);
             false
         }

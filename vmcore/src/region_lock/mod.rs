@@ -167,7 +167,10 @@ impl RegionLock {
     /// that came first is seen held.
     pub fn admit(&self, who: Contender) -> Result<(), Refusal> {
         let held = match who {
-            Contender::Action => self.is_held(),
+            // A refused action bumps too: the holder's next call goes through the world path
+            // (its handle refused), where this one gets its turn; else a vCPU that calls
+            // back-to-back on the lock-free path could keep the lock from it for ever.
+            Contender::Action => self.is_held() && self.state.fetch_add(GENERATION, Ordering::AcqRel) & HELD != 0,
             _ => self.state.fetch_add(GENERATION, Ordering::AcqRel) & HELD != 0,
         };
         match (held, who) {

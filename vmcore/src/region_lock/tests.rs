@@ -94,6 +94,7 @@ fn fast_take_goes_only_while_nothing_changed() {
     let f = l.take_fast(&handle).expect("nothing changed since the handle");
     assert!(l.is_held());
     assert_eq!(f.targets(true, Caller::Stays), Some(Targets::Everyone), "the mounts counted at the world take");
+    assert_eq!(l.admit(Contender::Action), Err(Refusal::Retry), "a fast take is seen held");
     assert_eq!(l.admit(Contender::Mount), Err(Refusal::Retry), "a fast take is seen held");
     assert_eq!(l.admit(Contender::Destroy), Err(Refusal::Busy));
     l.end(f);
@@ -119,4 +120,16 @@ fn fast_take_goes_only_while_nothing_changed() {
     assert!(l.is_held(), "an unmount during the batch keeps the lock held");
     l.end(f);
     assert!(!l.is_held() && l.take_fast(&handle).is_none(), "the unmount's bump stays after the end");
+}
+
+#[test]
+fn refused_action_sends_the_holder_to_the_world_path() {
+    let l = RegionLock::new();
+    let h = l.take(1).unwrap();
+    let handle = h.handle();
+    l.end(h);
+    let f = l.take_fast(&handle).unwrap();
+    assert_eq!(l.admit(Contender::Action), Err(Refusal::Retry));
+    l.end(f);
+    assert!(l.take_fast(&handle).is_none(), "the holder's next call takes the world path, where the refused one gets its turn");
 }

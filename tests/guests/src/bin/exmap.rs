@@ -769,7 +769,7 @@ fn doomed() -> i32 {
 }
 
 /// Arg 10, vCPU 1: once the neighbour (arg 11) ran batches on 'doomed', times vCPU 0's ALLOC
-/// calls and reads outside guest memory 1/32 of one into a FREE: the hypervisor stops the whole guest
+/// calls and reads outside guest memory an eighth of one into a FREE: the hypervisor stops the whole guest
 /// while vCPU 0's batch runs (its CPU runs the batch with the world lock let go).
 fn doomed_stopper(info: &BootInfo) -> i32 {
     let a = loop {
@@ -799,9 +799,9 @@ fn doomed_stopper(info: &BootInfo) -> i32 {
     };
     // An ALLOC's call is about its batch; a FREE's is its batch, then the wait for its
     // shootdown (under QEMU, milliseconds). The stop aims at a FREE batch (its frames are
-    // then in vCPU 0's cache), 1/32 of an ALLOC call into the FREE (since branch `exmap-lockless` a FREE on the
-    // region of the last call takes no world lock at its start, so its batch comes first and
-    // is short: a third landed after it, Bochs).
+    // then in vCPU 0's cache), an eighth of an ALLOC call into the FREE: the period includes
+    // the guest's own work between the calls, and a FREE batch of 512 single pages is now
+    // short (its fast path; under Bochs a third of the period landed after it).
     let mut period = u64::MAX;
     for _ in 0..3 {
         next(true);
@@ -809,10 +809,10 @@ fn doomed_stopper(info: &BootInfo) -> i32 {
         next(false);
         period = period.min(rdtsc() - t);
     }
-    println!("exmap doomed: an ALLOC call of vcpu 0 takes ~{period} TSC cycles; vcpu 1 reads outside its memory 1/32 of that into the next FREE");
+    println!("exmap doomed: an ALLOC call of vcpu 0 takes ~{period} TSC cycles; vcpu 1 reads outside its memory an eighth of that into the next FREE");
     let c = next(false);
     let t = rdtsc();
-    while rdtsc() - t < period / 32 {
+    while rdtsc() - t < period / 8 {
         core::hint::spin_loop();
     }
     a[1].store(c, SeqCst);
