@@ -182,6 +182,11 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         let i = g.mounts.iter().position(|m| m.gpa == gpa).ok_or(Error::NotFound)?;
         let m = g.mounts.remove(i);
         let n = self.named.get_mut(&m.name).ok_or(Error::NotFound)?;
+        // A region's `Fast` handles made before (this guest's among them) are refused from
+        // here on: the guest's calls on it go to the world path, which finds no mount.
+        if let Some(cell) = n.cell {
+            cell.lock.changed();
+        }
         // The emptied tables stay with this CPU until the shootdown is acknowledged.
         let after = crate::vm::shootdown::After(frames);
         let stats = n.morsel.unmount(g.mem.table_mut(), GuestPhysAddr::new(gpa), &after, &IDENTITY).map_err(|_| Error::Invalid)?;

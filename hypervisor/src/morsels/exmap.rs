@@ -11,6 +11,11 @@
 //! and batch counters are its `RegionCell`, the rest of ExMap's state is behind the world
 //! lock (a vCPU's own state in its slot between a batch ended alone and its next world lock,
 //! `Parked`).
+//! The next ALLOC / FREE of that vCPU on the same region and iovec page takes no world lock
+//! at all (`Fast`, kept in the vCPU's slot: the region's directory slot and generation; the
+//! region's lock is taken by CAS at that generation, `RegionLock::take_fast`, so an unmount,
+//! mount, destroy, slot reuse, device mount or NVMe batch since sends it to the world path;
+//! docs/src/notes/region-lock.md).
 //! READ and WRITE run their NVMe batch with the world lock let go (`Step::Disk`, then
 //! `Exmaps::finish`): the region is pinned meanwhile (every action on it, its destroy and
 //! other batches on it answer `Busy`), so no frame the device may still write is freed.
@@ -33,7 +38,7 @@ use formats::units::Bytes;
 use abi::{self, Error};
 use hashbrown::HashMap;
 use morsel::{GuestPhysAddr, HostPhysAddr, Morsel, Perm};
-use vmcore::region_lock::{Cache, Caller, Contender, Held, Refusal, RegionLock, Targets};
+use vmcore::region_lock::{Cache, Caller, Contender, Handle, Held, Refusal, RegionLock, Targets};
 use core::sync::atomic::{AtomicU64, Ordering};
 
 const _: () = assert!(exmap::MAX_ENTRIES as u64 == abi::EXMAP_MAX_ENTRIES);
@@ -124,6 +129,9 @@ pub struct Batch<F: morsel::Format> {
     name: Name,
     guest: u32,
     vcpu: u32,
+    /// The call's region and iovec page addresses (what a `Fast` handle answers for).
+    gpa: u64,
+    iov_gpa: u64,
     /// What the batch did (pages, failed entries, frames zeroed), or why it did nothing.
     outcome: Result<(exmap::BatchStats, u64), Error>,
 }
@@ -179,14 +187,16 @@ impl<F: morsel::Format> Batch<F> {
     /// Returns the failed-entry count and the vCPU's ExMap state, which its slot keeps
     /// until its next world lock (`Exmaps::unpark`); the caller settles this CPU's
     /// shootdown (`shootdown::complete`) before the vCPU enters its guest again. The batch
-    /// comes back untouched where it failed (`finish_batch` reports it).
+    /// comes back untouched where it failed (`finish_batch` reports it). Also returns the
+    /// region's handle for the vCPU's next call (`Fast`, kept in its slot).
     #[allow(clippy::result_large_err)] // the batch moves back once, on the rare fallback; boxing would allocate
-    pub fn finish_alone(self, guest_cpus: impl FnOnce() -> u64, frames: &Frames) -> Result<(u64, Parked), Self> {
+    pub fn finish_alone(self, guest_cpus: impl FnOnce() -> u64, frames: &Frames) -> Result<(u64, Parked, Fast<F>), Self> {
         let (pages, failed, zeroed, rolled_back) = match &self.outcome {
             Ok((b, zeroed)) => (b.pages, b.failed as u64, *zeroed, b.rolled_back),
             Err(_) => return Err(self),
         };
-        let Batch { held, cell, mut v, op, name, guest, vcpu, .. } = self;
+        let Batch { held, cell, morsel, origin, mut v, op, iov_hpa, name, guest, vcpu, gpa, iov_gpa, .. } = self;
+        let handle = held.handle();
         let cleared = op == abi::EXMAP_FREE && pages > 0 || rolled_back > 0;
         if let Some(targets) = held.targets(cleared, Caller::Stays) {
             let flush = match targets {
@@ -204,7 +214,76 @@ impl<F: morsel::Format> Batch<F> {
         cell.count(op, pages, failed, zeroed);
         cell.lock.end(held);
         log::debug!(target: "exmap", "guest {guest} '{name}' {}: {pages} pages, {failed} failed", ["alloc", "free"][(op & 1) as usize]);
-        Ok((failed, Parked { v, guest, vcpu }))
+        let fast = Fast { cell, handle, morsel, origin, gpa, iov_gpa, iov_hpa, name, guest, vcpu };
+        Ok((failed, Parked { v, guest, vcpu }, fast))
+    }
+}
+
+/// A vCPU's handle to the region of its last ALLOC / FREE (kept in its slot,
+/// `sched::Slot::fast`), made where a batch taken under the world lock ended alone: the
+/// region's directory slot (its `RegionCell`) and generation (`vmcore::region_lock::Handle`,
+/// with the guest mounts counted then), and what that call checked under the world lock:
+/// the guest's read-write mount at `gpa`, the iovec page at `iov_gpa` (aligned, guest RAM,
+/// translated to `iov_hpa`). The next call on the same region with the same iovec page
+/// takes the region's lock with it, no world lock (`Fast::batch`): only while the
+/// generation is unchanged, so that mount is still there (an unmount bumps it), the region
+/// was not destroyed and its slot not reused (destroy and `exmap_create` bump it), and no
+/// device saw it since (a device mount or NVMe batch bumps it). Anything else goes to the
+/// world path, which answers as before.
+pub struct Fast<F: morsel::Format> {
+    cell: &'static RegionCell,
+    handle: Handle,
+    /// The region's subtree (`Morsel::alias`): dereferenced only while `handle` takes the
+    /// lock (the region then exists and cannot be destroyed).
+    morsel: Morsel<F>,
+    origin: Origin,
+    gpa: u64,
+    iov_gpa: u64,
+    iov_hpa: u64,
+    name: Name,
+    guest: u32,
+    vcpu: u32,
+}
+
+/// Calls that took the region's lock with a `Fast` handle (no world lock), and those whose
+/// handle was refused (a change since, or another batch held the lock): counters for the
+/// stats (`Exmaps::log_stats`).
+static FAST_CALLS: AtomicU64 = AtomicU64::new(0);
+static FAST_REFUSED: AtomicU64 = AtomicU64::new(0);
+
+impl<F: morsel::Format> Fast<F> {
+    /// The `Batch` of `exmap_action(gpa, iov_gpa, count, op)` (ALLOC or FREE) with no world
+    /// lock, with the vCPU's state `p`: where the call names this handle's region and iovec
+    /// page and the region's lock is taken by CAS at the handle's generation
+    /// (`RegionLock::take_fast`). Otherwise `p` comes back and the call goes to the world
+    /// path (the first call on a region, another iovec page, a change since, a batch of
+    /// another vCPU holding the lock).
+    #[allow(clippy::result_large_err)] // moved back once, on the fallback; boxing would allocate
+    pub fn batch(&self, p: Parked, gpa: u64, iov_gpa: u64, op: u64, count: u64) -> Result<Batch<F>, Parked> {
+        if gpa != self.gpa || iov_gpa != self.iov_gpa || p.guest != self.guest || p.vcpu != self.vcpu {
+            return Err(p);
+        }
+        let Some(held) = self.cell.lock.take_fast(&self.handle) else {
+            FAST_REFUSED.fetch_add(1, Ordering::Relaxed);
+            return Err(p);
+        };
+        FAST_CALLS.fetch_add(1, Ordering::Relaxed);
+        Ok(Batch {
+            held,
+            cell: self.cell,
+            morsel: self.morsel.alias(),
+            origin: self.origin,
+            v: p.v,
+            op,
+            count: (count as usize).min(exmap::MAX_ENTRIES),
+            iov_hpa: self.iov_hpa,
+            name: self.name,
+            guest: self.guest,
+            vcpu: self.vcpu,
+            gpa,
+            iov_gpa,
+            outcome: Err(Error::Invalid),
+        })
     }
 }
 
@@ -289,8 +368,10 @@ impl RegionCell {
         }
     }
 
-    /// Counters from zero for a new region (under the world lock; the lock is free).
+    /// Counters from zero for a new region (under the world lock; the lock is free), and a
+    /// new generation: a `Fast` handle to the slot's previous region is refused.
     pub(crate) fn reset(&self) {
+        self.lock.changed();
         for c in [&self.calls, &self.free_calls, &self.allocated, &self.freed, &self.zeroed, &self.failed, &self.invalidations, &self.remote_flushes] {
             c.store(0, Ordering::Relaxed);
         }
@@ -457,6 +538,8 @@ impl Exmaps {
                 name,
                 guest: g.id,
                 vcpu,
+                gpa,
+                iov_gpa,
                 outcome: Err(Error::Invalid),
             }));
         }
@@ -786,6 +869,11 @@ impl Exmaps {
 
     /// Prints every region's counters.
     pub fn log_stats<F: morsel::Format>(dir: &Directory<F>) {
+        let (fast, refused) = (FAST_CALLS.load(Ordering::Relaxed), FAST_REFUSED.load(Ordering::Relaxed));
+        if fast + refused > 0 {
+            log::info!(target: "exmap", "{fast} ALLOC / FREE calls took no world lock (a vCPU's handle to its last region); {refused} handles refused (a change since, or a batch held the region)");
+            log::info!(target: "evt", "exmap.fast calls={fast} refused={refused}");
+        }
         for (name, s, c) in dir.named.iter().filter_map(|e| Some((e.name, e.value.region.as_ref()?, e.value.cell?))) {
             let get = RegionCell::get;
             let (calls, allocated, freed, free_calls, invalidations, remote_flushes, zeroed, failed) = (get(&c.calls), get(&c.allocated), get(&c.freed),

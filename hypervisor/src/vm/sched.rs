@@ -15,7 +15,10 @@
 //!    which the guest resumes with no world lock taken); protects the region's leaves and
 //!    the frames they map against other batches, destroy, device mounts, NVMe batches and
 //!    new guest mounts. Never waited for: an ExMap action or a mount that finds it held is
-//!    issued again by the guest (`Action::Retry`).
+//!    issued again by the guest (`Action::Retry`). Also taken with no lock held, by CAS,
+//!    for the region of a vCPU's last ALLOC / FREE (`exmap_fast`): one atomic word holds the
+//!    lock bit and the region's generation, which every change the fast path must not miss
+//!    bumps under the world lock (`vmcore::region_lock`).
 //! 3. An NVMe queue pair's lock (`devices::nvme`), the calling CPU's own.
 //! 4. A vCPU's console line buffer (`guest::Shared::consoles`): `console_write` with or
 //!    without the world lock, a guest's end or report under it; its holder prints one line.
@@ -165,6 +168,9 @@ struct Slot<B: Backend> {
     /// This vCPU's ExMap state after a batch ended without the world lock
     /// (`Batch::finish_alone`): back into `Exmaps` at the next world lock (`unpark`).
     exmap: Option<crate::morsels::exmap::Parked>,
+    /// The region of this vCPU's last ExMap ALLOC / FREE ended alone: its next call on it
+    /// takes no world lock while nothing changed (`exmap_fast`).
+    fast: Option<crate::morsels::exmap::Fast<B::Format>>,
 }
 
 /// Creates this CPU's vCPUs, runs them round-robin until every one ended, and drains this
@@ -187,6 +193,7 @@ pub fn cpu_loop<B: Backend>(run: &Run<B>, backend: &mut B, me: usize, frames: &F
                 end: None,
                 shared: p.shared.clone(),
                 exmap: None,
+                fast: None,
             }),
             Err(e) => {
                 let mut w = runqueue::lock(run);
@@ -281,6 +288,8 @@ fn run_slice<B: Backend>(backend: &mut B, s: &mut Slot<B>, run: &Run<B>, me: usi
         }
         first = false;
         drop(w);
+        let mut return_to_prepare = false;
+        let mut finish = None;
         // Exits and calls until one needs `prepare` again: an ExMap batch that ended alone
         // (`finish_alone`) resumes the guest here like a lock-free exit.
         w = loop {
@@ -291,9 +300,33 @@ fn run_slice<B: Backend>(backend: &mut B, s: &mut Slot<B>, run: &Run<B>, me: usi
                 match lockless(s, &exit, me, deadline, run.guest_count) {
                     Step::Resume => continue,
                     Step::EndSlice => return true,
-                    Step::World => break exit,
+                    Step::World { quiet: false } => break exit,
+                    Step::World { quiet: true } => {}
                 }
+                // An ExMap ALLOC / FREE on the region of this vCPU's last one: no world lock.
+                match exmap_fast(s, &exit, me, deadline, frames) {
+                    FastStep::NotTaken => break exit,
+                    FastStep::Resume => continue,
+                    FastStep::Prepare => return_to_prepare = true,
+                    FastStep::Finish(done) => finish = Some(done),
+                }
+                break exit;
             };
+            if return_to_prepare {
+                break runqueue::lock(run);
+            }
+            if let Some(done) = finish.take() {
+                // The batch ran but cannot end alone (it failed, or a stop reached this CPU):
+                // it ends under the world lock as on the world path.
+                let mut w = runqueue::lock(run);
+                let caller = Caller { vcpu: s.index, cpu: me };
+                let World { guests, cx, .. } = &mut *w;
+                match guests.get_mut(s.guest as usize).and_then(|g| g.as_mut()) {
+                    Some(guest) => hypercall::finish(guest, caller, B::regs(&mut s.vcpu), cx, done),
+                    None => hypercall::abandon(caller, cx, done),
+                }
+                break w;
+            }
             let mut w = runqueue::lock(run);
             unpark(&mut w, s, frames);
             let caller = Caller { vcpu: s.index, cpu: me };
@@ -330,8 +363,9 @@ fn run_slice<B: Backend>(backend: &mut B, s: &mut Slot<B>, run: &Run<B>, me: usi
                     // (`attention`): ended here, no world lock, and the guest resumes.
                     hypercall::Finished::Batch(x) if !stopped && s.end.is_none() && !ipi::attention_pending(me) => {
                         match x.finish_alone(|| s.shared.ran_on(), frames) {
-                            Ok((failed, parked)) => {
+                            Ok((failed, parked, fast)) => {
                                 s.exmap = Some(parked);
+                                s.fast = Some(fast);
                                 hypercall::answer(B::regs(&mut s.vcpu), Ok(failed));
                                 // Its shootdown's acknowledgments, before the next entry.
                                 super::shootdown::complete();
@@ -364,6 +398,80 @@ fn run_slice<B: Backend>(backend: &mut B, s: &mut Slot<B>, run: &Run<B>, me: usi
             }
             break w;
         };
+    }
+}
+
+/// What `exmap_fast` did.
+enum FastStep<F: morsel::Format> {
+    /// Not an ExMap ALLOC / FREE it can take: the world path handles the exit.
+    NotTaken,
+    /// Done and answered, the shootdown settled: the guest resumes, no lock taken.
+    Resume,
+    /// Done and answered; the world lock is taken for `prepare` (an IPI asked this CPU to
+    /// look, the timer is due or the slice is over).
+    Prepare,
+    /// The batch ran but ends under the world lock (`hypercall::finish`): it failed, or a
+    /// stop reached this CPU meanwhile.
+    Finish(hypercall::Finished<F>),
+}
+
+/// An ExMap ALLOC / FREE with no world lock (issue 22 item 2, issue 21): where the call
+/// names the region and iovec page of this vCPU's last ALLOC / FREE (`s.fast`, a handle
+/// made by a batch that ended alone), the vCPU's ExMap state is still in its slot
+/// (`s.exmap`: no world lock was taken since), `lockless` found the exit quiet (no IPI asked
+/// this CPU to look: that flag is taken there, so a stop is never missed here; timer not
+/// due, slice not over) and the handle still takes the region's lock (`Fast::batch`: nothing changed since, no other
+/// batch holds it). Then the batch runs and ends alone exactly as on the world path
+/// (`Batch::run`, `Batch::finish_alone`, `shootdown::complete`). Anything unusual is
+/// `NotTaken` with nothing changed, so the world path gives the answers it gave before.
+fn exmap_fast<B: Backend>(s: &mut Slot<B>, exit: &Exit, me: usize, deadline: u64, frames: &Frames) -> FastStep<B::Format> {
+    let Exit::Hypercall { resume, cpl: 0 } = *exit else { return FastStep::NotTaken };
+    if s.fast.is_none() || s.exmap.is_none() {
+        return FastStep::NotTaken;
+    }
+    let regs = B::regs(&mut s.vcpu);
+    if regs.rax != abi::HC_EXMAP_ACTION {
+        return FastStep::NotTaken;
+    }
+    let next_rip = match resume {
+        Resume::At(next) => next,
+        Resume::Decode => match s.decoded.filter(|d| d.rip == regs.rip && d.opcode == Opcode::Hypercall) {
+            Some(d) => d.next,
+            None => return FastStep::NotTaken,
+        },
+    };
+    let args = [regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9];
+    let (gpa, iov, count, op) = match abi::Call::decode(regs.rax, args) {
+        Ok(abi::Call::ExmapAction { region, iov, count, op: abi::ExmapOp::Alloc }) => (region, iov, count, abi::EXMAP_ALLOC),
+        Ok(abi::Call::ExmapAction { region, iov, count, op: abi::ExmapOp::Free }) => (region, iov, count, abi::EXMAP_FREE),
+        _ => return FastStep::NotTaken,
+    };
+    let (Some(fast), Some(parked)) = (s.fast.as_ref(), s.exmap.take()) else { return FastStep::NotTaken };
+    let mut batch = match fast.batch(parked, gpa, iov, op, count) {
+        Ok(b) => b,
+        Err(parked) => {
+            s.exmap = Some(parked);
+            return FastStep::NotTaken;
+        }
+    };
+    regs.rip = next_rip;
+    batch.run(frames);
+    if ipi::attention_pending(me) {
+        return FastStep::Finish(hypercall::Finished::Batch(batch));
+    }
+    match batch.finish_alone(|| s.shared.ran_on(), frames) {
+        Ok((failed, parked, fast)) => {
+            s.exmap = Some(parked);
+            s.fast = Some(fast);
+            hypercall::answer(B::regs(&mut s.vcpu), Ok(failed));
+            super::shootdown::complete();
+            let now = crate::platform::time::tsc();
+            match !ipi::attention(me) && now < s.timer_at && now < deadline {
+                true => FastStep::Resume,
+                false => FastStep::Prepare,
+            }
+        }
+        Err(batch) => FastStep::Finish(hypercall::Finished::Batch(batch)),
     }
 }
 
@@ -483,15 +591,12 @@ fn lockless<B: Backend>(s: &mut Slot<B>, exit: &Exit, me: usize, deadline: u64, 
         _ => (exits::Kind::Other, None),
     };
     let now = crate::platform::time::tsc();
-    let class = exits::classify(exits::Seen {
-        exit: kind,
-        next_rip,
-        attention: ipi::attention(me),
-        timer_due: now >= s.timer_at,
-        slice_over: now >= deadline,
-    });
+    // Taken here (`attention` clears the flag): the world path looks at what it was for.
+    let attention = ipi::attention(me);
+    let (timer_due, slice_over) = (now >= s.timer_at, now >= deadline);
+    let class = exits::classify(exits::Seen { exit: kind, next_rip, attention, timer_due, slice_over });
     let (next_rip, work, step, preempt) = match class {
-        exits::Class::World => return Step::World,
+        exits::Class::World => return Step::World { quiet: !attention && !timer_due && !slice_over },
         exits::Class::Resume { next_rip, work } => (next_rip, work, Step::Resume, false),
         exits::Class::EndSlice { next_rip, work, preempt } => (next_rip, work, Step::EndSlice, preempt),
     };
@@ -508,7 +613,7 @@ fn lockless<B: Backend>(s: &mut Slot<B>, exit: &Exit, me: usize, deadline: u64, 
         // handles the exit from the start.
         exits::Work::Info { what } => match hypercall::info_local(&s.shared, caller, guest_count, what) {
             Some(v) => hypercall::answer(regs, Ok(v)),
-            None => return Step::World,
+            None => return Step::World { quiet: false },
         },
         exits::Work::Console => {
             let args = [regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9];
@@ -518,7 +623,7 @@ fn lockless<B: Backend>(s: &mut Slot<B>, exit: &Exit, me: usize, deadline: u64, 
             };
             match done {
                 Some(n) => hypercall::answer(B::regs(&mut s.vcpu), Ok(n)),
-                None => return Step::World,
+                None => return Step::World { quiet: false },
             }
         }
     }
@@ -538,7 +643,10 @@ fn lockless<B: Backend>(s: &mut Slot<B>, exit: &Exit, me: usize, deadline: u64, 
 enum Step {
     Resume,
     EndSlice,
-    World,
+    /// The world handles the exit; `quiet`: nothing asked this CPU to look (the IPI flag it
+    /// took was clear), the vCPU's timer is not due and its slice not over, so an ExMap
+    /// ALLOC / FREE may still go without the world lock (`exmap_fast`).
+    World { quiet: bool },
 }
 
 /// An instruction whose length was decoded from guest memory (SVM without next-RIP save),

@@ -12,7 +12,8 @@
 //! entry and at every exit). `FRAME` is reused (handed to the allocator, or taken again by
 //! an ALLOC) in `Cpu::reuse`, which checks that no CPU caches it; a guest read through a
 //! cached translation checks that it was not reused. Exhaustive (no preemption bound): the
-//! four models take about 4 s together in release.
+//! models (a)-(d) take about 4 s together in release; (e), branch `exmap-lockless`, well
+//! under 1 s.
 //!
 //! Mutations tried by hand (each restored; docs/src/notes/region-lock.md#model-checked):
 //!
@@ -29,6 +30,11 @@
 //! | R9: `end` gives the lock back `Relaxed` (not Release) | (d) | "frame 0x5000 reused while CPU 1 may still cache a translation to it" |
 //! | R10: `admit(Mount)` ignores the lock (a mount made during a batch is not counted) | (a), (d) | the same |
 //! | R11: `finish_alone` shoots down the caller's CPUs only (ignores the mounts counted at the take) | (d) | the same |
+//!
+//! | R12: `take_fast` ignores the generation (CAS on the held bit of whatever word is there) | (e) | "a fast take succeeded after the caller's unmount" |
+//! | R13: `take_fast` checks the generation with a load, then takes the held bit by a CAS of its own (the mount / generation check before the CAS, not in it) | (e) | "the fast path's batch reached region 0 in its slot (its handle named region 1)" / loom's causality violation on the region |
+//! | R14: a guest unmount does not bump the generation (`changed` left out) | (e) | "a fast take succeeded after the caller's unmount" |
+//! | R15: `admit` reads the held bit, then bumps the generation (two operations, not one RMW) | (e) with the device mount | "the fast path's batch reached region 0 in its slot (its handle named region 1)" / causality violation |
 //!
 //! R1 was tried on the protocol before `exmap-call` (the count read at the end, under the
 //! world lock, with mounts going on during batches). It is the protocol now: the count is
@@ -577,4 +583,126 @@ fn loom_guest_stopped_in_a_batch() {
 #[test]
 fn loom_guest_gone_during_a_batch() {
     stopped_in_a_call(Stop::Gone);
+}
+
+/// (e) Branch `exmap-lockless`: guest 1's vCPU on CPU 0 holds a handle to region 1 (made by
+/// a world-path take) and takes the region's lock twice with it, no world lock, running a
+/// "batch" (an edit of the slot's region, a loom `UnsafeCell`, checked to be region 1)
+/// each time it got it. CPU 1, under the world lock, meanwhile unmounts guest 1's mount of
+/// it (a bump), destroys it (admitted once no batch holds it: the slot's region freed,
+/// written 0), makes region 2 in the same slot (slot reuse: a bump) and mounts it into
+/// guest 1 at the same address (a bump), then runs a world-path batch on region 2. The fast
+/// take never succeeds once the unmount is done, never reaches a destroyed or reused slot,
+/// and never overlaps a destroy or the new region's batch (loom's causality check on the
+/// cell).
+#[test]
+fn loom_fast_take_vs_unmount_destroy_reuse() {
+    fast_take_model(false);
+}
+
+/// (e) with a device mount of the region first (`Directory::device_mount`, while guest 1
+/// still has it mounted): admitted, it builds a view from the region's leaves (a read of
+/// the cell) that no fast batch may overlap; refused `Busy` while a fast take holds the lock.
+#[test]
+fn loom_fast_take_vs_device_mount_unmount_destroy_reuse() {
+    fast_take_model(true);
+}
+
+fn fast_take_model(device_mount: bool) {
+    model(move || {
+        struct Slot {
+            lock: RegionLock,
+            /// Which region the slot holds (0: none): written by destroy and create under the
+            /// world lock, read and written by a batch under the region's lock.
+            region: loom::cell::UnsafeCell<u32>,
+            /// Guest 1's unmount of region 1 is done (set after it, under the world lock).
+            unmounted: AtomicBool,
+            world: Mutex<()>,
+        }
+        // SAFETY (model): `region` is only reached under the region's lock (batches) or
+        // under the world lock with the lock seen free (destroy, create): loom checks it.
+        unsafe impl Sync for Slot {}
+        let slot = Arc::new(Slot {
+            lock: RegionLock::new(),
+            region: loom::cell::UnsafeCell::new(1),
+            unmounted: AtomicBool::new(false),
+            world: Mutex::new(()),
+        });
+        // Guest 1's first call, under the world lock: the handle it keeps.
+        let first = slot.lock.take(1).unwrap();
+        let handle = first.handle();
+        slot.lock.end(first);
+        let s = slot.clone();
+        let vcpu = thread::spawn(move || {
+            for _ in 0..2 {
+                let after_unmount = s.unmounted.load(Ordering::Acquire);
+                if let Some(held) = s.lock.take_fast(&handle) {
+                    assert!(!after_unmount, "a fast take succeeded after the caller's unmount");
+                    s.region.with_mut(|r| {
+                        // SAFETY (model): under the region's lock.
+                        let r = unsafe { &mut *r };
+                        assert_eq!(*r, 1, "the fast path's batch reached region {r} in its slot (its handle named region 1)");
+                        *r = 1;
+                    });
+                    s.lock.end(held);
+                }
+                thread::yield_now();
+            }
+        });
+        if device_mount {
+            let _w = slot.world.lock().unwrap();
+            if slot.lock.admit(Contender::DeviceMount).is_ok() {
+                // SAFETY (model): the world lock held and the lock seen free in the admit.
+                slot.region.with(|r| assert_eq!(unsafe { *r }, 1));
+            }
+        }
+        {
+            let _w = slot.world.lock().unwrap();
+            // morsel_unmount (Directory::unmount).
+            slot.lock.changed();
+            slot.unmounted.store(true, Ordering::Release);
+        }
+        loop {
+            let _w = slot.world.lock().unwrap();
+            // morsel_destroy: Busy while a batch holds it; the guest issues it again.
+            if slot.lock.admit(Contender::Destroy).is_ok() {
+                // SAFETY (model): the world lock held and the lock seen free in the admit.
+                slot.region.with_mut(|r| unsafe { *r = 0 });
+                break;
+            }
+            drop(_w);
+            spin();
+        }
+        {
+            let _w = slot.world.lock().unwrap();
+            // exmap_create into the same slot (`RegionCell::reset`), then its mount into
+            // guest 1 at the same address (`Directory::open`).
+            slot.lock.changed();
+            // SAFETY (model): as for the destroy: no batch can hold a freed slot's lock.
+            slot.region.with_mut(|r| unsafe { *r = 2 });
+            assert_eq!(slot.lock.admit(Contender::Mount), Ok(()));
+        }
+        loop {
+            let w = slot.world.lock().unwrap();
+            // A world-path batch on region 2 (retried while a stale fast take holds the bit).
+            match slot.lock.take(1) {
+                Ok(held) => {
+                    drop(w);
+                    slot.region.with_mut(|r| {
+                        // SAFETY (model): under the region's lock.
+                        let r = unsafe { &mut *r };
+                        assert_eq!(*r, 2);
+                    });
+                    slot.lock.end(held);
+                    break;
+                }
+                Err(_) => {
+                    drop(w);
+                    spin();
+                }
+            }
+        }
+        vcpu.join().unwrap();
+        assert!(!slot.lock.is_held());
+    });
 }

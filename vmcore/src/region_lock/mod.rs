@@ -24,18 +24,53 @@
 //!    cache ([`Cache::Keep`]: that vCPU takes one again only in its next call, after this
 //!    CPU's acknowledgments), or go through this CPU's `shootdown::Owed`
 //!    ([`Cache::AfterAcks`]) where the vCPU is gone: never straight to the allocator.
+//!
+//! # Without the world lock at the start: handles (branch `exmap-lockless`)
+//! The lock and the region's *generation* are one atomic word ([`RegionLock`]'s `state`:
+//! bit 0 held, bits 1.. the generation), so every decision below is one read-modify-write
+//! on one location and the modification order of that word is the whole story:
+//!
+//! - A take under the world lock ([`RegionLock::take`]) gives a [`Held`] whose
+//!   [`Held::handle`] names the region as it is *now*: the word's generation and the guest
+//!   mounts counted at that take (the directory slot is the cell's; the caller keeps the
+//!   cell's `&'static` beside it).
+//! - Every change that a later call without the world lock must not miss bumps the
+//!   generation, under the world lock, with one RMW that also reads the held bit:
+//!   [`RegionLock::admit`] for a guest mount, destroy, device mount and NVMe batch (refused
+//!   as before where the bit was set), [`RegionLock::changed`] for a guest unmount (which
+//!   goes on) and for a new region entering the slot (slot reuse).
+//! - [`RegionLock::take_fast`] (no world lock) is one compare-and-swap from exactly
+//!   `handle` (generation, held clear) to `handle | held` (AcqRel): it succeeds only if no
+//!   such change happened since the handle was made and no batch holds the lock. Where it
+//!   fails the caller goes to the world path, which answers as before. Where it succeeds,
+//!   the region is the one the handle named, still mounted read-write by the caller at the
+//!   address it recorded (its unmount would have bumped), with the mounts counted then
+//!   (a mount would have bumped), and every later contender's bump sees the held bit.
+//! - [`RegionLock::end`] clears the held bit only (`fetch_and`, Release): generations
+//!   bumped meanwhile (unmounts) stay.
+//!
+//! Lock order is unchanged: world lock → region lock → this CPU's `Owed`; the fast take is
+//! made with no lock held and never waits. Loom model (e) `loom_fast_take_vs_unmount_destroy_reuse`.
 
 #[cfg(all(test, loom))]
 mod loom_tests;
 #[cfg(all(test, not(loom)))]
 mod tests;
 
-use crate::sync::{AtomicBool, Ordering};
+use crate::sync::{AtomicU64, Ordering};
 
-/// A region's batch lock (see the module doc). Never waited for.
+/// The held bit of [`RegionLock`]'s word; the generation is the rest (one [`GENERATION`]
+/// per change).
+const HELD: u64 = 1;
+/// One generation.
+const GENERATION: u64 = 2;
+
+/// A region's batch lock and generation (see the module doc). Never waited for.
 #[derive(Debug, Default)]
 pub struct RegionLock {
-    held: AtomicBool,
+    /// Bit 0: held by a batch. Bits 1..: the generation, bumped by every change a
+    /// [`Handle`] must see (63 bits: never wraps).
+    state: AtomicU64,
 }
 
 /// The region's lock, held by one batch: given back by [`RegionLock::end`] only. It keeps
@@ -44,8 +79,17 @@ pub struct RegionLock {
 #[derive(Debug)]
 pub struct Held {
     mounters: u32,
+    handle: Handle,
 }
 
+/// A region as a take under the world lock saw it: its generation (the lock's word, held
+/// clear) and its guest mounts then. [`RegionLock::take_fast`] takes the lock with it, with no
+/// world lock, only while nothing changed since.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Handle {
+    state: u64,
+    mounters: u32,
+}
 /// Another call on the region, made while a batch may hold its lock.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Contender {
@@ -100,51 +144,96 @@ pub enum Cache {
 }
 
 impl RegionLock {
-    /// Not held.
+    /// Not held, generation 0.
     #[cfg(not(loom))]
     pub const fn new() -> Self {
-        RegionLock { held: AtomicBool::new(false) }
+        RegionLock { state: AtomicU64::new(0) }
     }
 
     /// Not held (loom's atomics are not `const`).
     #[cfg(loom)]
     pub fn new() -> Self {
-        RegionLock { held: AtomicBool::new(false) }
+        RegionLock { state: AtomicU64::new(0) }
     }
 
     /// Whether a batch holds it.
     pub fn is_held(&self) -> bool {
-        self.held.load(Ordering::Acquire)
+        self.state.load(Ordering::Acquire) & HELD != 0
     }
 
-    /// Whether `who` may go on now (the caller's lock held).
+    /// Whether `who` may go on now (the caller's lock held). Every contender but another
+    /// action changes the region (or may): it bumps the generation first, in the same RMW that
+    /// reads the held bit, so a handle made before is refused from here on, and a fast take
+    /// that came first is seen held.
     pub fn admit(&self, who: Contender) -> Result<(), Refusal> {
-        match (self.is_held(), who) {
+        let held = match who {
+            // A refused action bumps too: the holder's next call goes through the world path
+            // (its handle refused), where this one gets its turn; else a vCPU that calls
+            // back-to-back on the lock-free path could keep the lock from it for ever.
+            Contender::Action => self.is_held() && self.state.fetch_add(GENERATION, Ordering::AcqRel) & HELD != 0,
+            _ => self.state.fetch_add(GENERATION, Ordering::AcqRel) & HELD != 0,
+        };
+        match (held, who) {
             (false, _) => Ok(()),
             (true, Contender::Action | Contender::Mount) => Err(Refusal::Retry),
             (true, Contender::Destroy | Contender::DeviceMount | Contender::DiskBatch) => Err(Refusal::Busy),
         }
     }
 
+    /// A change that goes on whether or not a batch holds the lock (the caller's lock held):
+    /// a guest unmount of the region, a new region entering the slot. Handles made before
+    /// are refused from here on.
+    pub fn changed(&self) {
+        self.state.fetch_add(GENERATION, Ordering::AcqRel);
+    }
+
     /// Takes the lock for a batch (the caller's lock held), `mounters` the region's guest
-    /// mounts now: [`Refusal::Retry`] if another holds it.
+    /// mounts now: [`Refusal::Retry`] if another holds it. The [`Held`] names the region as
+    /// it is now ([`Held::handle`]).
     pub fn take(&self, mounters: u32) -> Result<Held, Refusal> {
-        match self.held.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire) {
-            Ok(_) => Ok(Held { mounters }),
-            Err(_) => Err(Refusal::Retry),
+        let mut cur = self.state.load(Ordering::Acquire);
+        loop {
+            if cur & HELD != 0 {
+                return Err(Refusal::Retry);
+            }
+            // Only a fast take or an end can change the word meanwhile (every bump is made
+            // under the caller's lock): a few rounds at most.
+            match self.state.compare_exchange_weak(cur, cur | HELD, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return Ok(Held { mounters, handle: Handle { state: cur, mounters } }),
+                Err(now) => cur = now,
+            }
         }
+    }
+
+    /// Takes the lock with no lock held, for the region `handle` names: only if nothing
+    /// changed since the handle was made (no unmount, mount, destroy, slot reuse, device
+    /// mount, NVMe batch) and no batch holds it; None otherwise (the caller goes to the
+    /// world path). One CAS from exactly the handle's word: the generation and the held bit
+    /// are checked together.
+    pub fn take_fast(&self, handle: &Handle) -> Option<Held> {
+        self.state
+            .compare_exchange(handle.state, handle.state | HELD, Ordering::AcqRel, Ordering::Relaxed)
+            .ok()
+            .map(|_| Held { mounters: handle.mounters, handle: *handle })
     }
 
     /// Gives the lock back at the batch's end, with or without the caller's lock: every
     /// edit the batch made is seen by whoever is admitted next. The shootdown is decided
-    /// ([`Held::targets`]) and requested before.
+    /// ([`Held::targets`]) and requested before. Only the held bit is cleared: generations
+    /// bumped meanwhile (unmounts) stay.
     pub fn end(&self, held: Held) {
         let Held { .. } = held;
-        self.held.store(false, Ordering::Release);
+        self.state.fetch_and(!HELD, Ordering::Release);
     }
 }
 
 impl Held {
+    /// The region as this take found it: a later [`RegionLock::take_fast`] with it
+    /// succeeds only while nothing changed.
+    pub fn handle(&self) -> Handle {
+        self.handle
+    }
+
     /// Whom the batch's shootdown reaches: nobody if it cleared no leaf, else by the
     /// region's guest mounts counted at the take (none was added since) and the `caller`.
     pub fn targets(&self, cleared: bool, caller: Caller) -> Option<Targets> {

@@ -83,3 +83,53 @@ fn freed_frames_leave_a_gone_caller_only_after_acknowledgments() {
     assert_eq!(Caller::Stays.cache(), Cache::Keep);
     assert_eq!(Caller::Gone.cache(), Cache::AfterAcks);
 }
+
+#[test]
+fn fast_take_goes_only_while_nothing_changed() {
+    let l = RegionLock::new();
+    let h = l.take(2).unwrap();
+    let handle = h.handle();
+    assert_eq!(l.take_fast(&handle).map(|_| ()), None, "held by the world-path batch");
+    l.end(h);
+    let f = l.take_fast(&handle).expect("nothing changed since the handle");
+    assert!(l.is_held());
+    assert_eq!(f.targets(true, Caller::Stays), Some(Targets::Everyone), "the mounts counted at the world take");
+    assert_eq!(l.admit(Contender::Action), Err(Refusal::Retry), "a fast take is seen held");
+    assert_eq!(l.admit(Contender::Mount), Err(Refusal::Retry), "a fast take is seen held");
+    assert_eq!(l.admit(Contender::Destroy), Err(Refusal::Busy));
+    l.end(f);
+    // Every change refuses the handle from then on; a new world take makes a new one.
+    for change in [Some(Contender::Mount), Some(Contender::Destroy), Some(Contender::DeviceMount), Some(Contender::DiskBatch), None] {
+        let h = l.take(1).unwrap();
+        let handle = h.handle();
+        l.end(h);
+        match change {
+            Some(who) => assert_eq!(l.admit(who), Ok(())),
+            None => l.changed(),
+        }
+        assert!(l.take_fast(&handle).is_none(), "{change:?}: stale handle taken");
+        assert!(!l.is_held());
+        assert_eq!(l.admit(Contender::Action), Ok(()), "{change:?}: an action does not change the region");
+    }
+    let h = l.take(1).unwrap();
+    let handle = h.handle();
+    l.end(h);
+    assert_eq!(l.admit(Contender::Action), Ok(()));
+    let f = l.take_fast(&handle).expect("an action admitted does not refuse the handle");
+    l.changed();
+    assert!(l.is_held(), "an unmount during the batch keeps the lock held");
+    l.end(f);
+    assert!(!l.is_held() && l.take_fast(&handle).is_none(), "the unmount's bump stays after the end");
+}
+
+#[test]
+fn refused_action_sends_the_holder_to_the_world_path() {
+    let l = RegionLock::new();
+    let h = l.take(1).unwrap();
+    let handle = h.handle();
+    l.end(h);
+    let f = l.take_fast(&handle).unwrap();
+    assert_eq!(l.admit(Contender::Action), Err(Refusal::Retry));
+    l.end(f);
+    assert!(l.take_fast(&handle).is_none(), "the holder's next call takes the world path, where the refused one gets its turn");
+}

@@ -26,6 +26,17 @@
 //!   Guest arg 11 runs batches of 64 pages on the same region meanwhile, and 40 more after
 //!   the stop (they would wait forever on a region lock never given back), then FREEs the
 //!   whole region in one call.
+//! - arg 12 (2 vCPUs on 2 CPUs) + arg 13 (branch `exmap-lockless`: ALLOC / FREE with no world
+//!   lock on the region of a vCPU's last call): vCPU 0 ALLOCs and FREEs one page per call on
+//!   'lv' in a loop while vCPU 1 does the same on 'lv1' (two vCPUs on the lock-free path at
+//!   once), then destroys 'lv' (refused: mounted), unmounts it under vCPU 0's calls, destroys
+//!   it and creates 'lv' again (the same name, so the same directory slot, and the same
+//!   address): vCPU 0's calls answer NotFound after the unmount, and its next call on the
+//!   same address and iovec page acts on the new region only. Guest arg 13 uses 'lw' (A's,
+//!   shared writable) read-write, then unmounts it and mounts it read-only (at the same
+//!   address): its calls answer NotFound, then Denied; it calls at A's address of 'lv'
+//!   (a region it never mounted), and mounts and unmounts 'lv' read-only in a loop while
+//!   vCPU 1 unmounts and destroys it (each mount a change that sends vCPU 0 to the world path).
 #![no_std]
 #![no_main]
 
@@ -40,6 +51,7 @@ fn vcpu_main(info: &BootInfo, _vcpu: u32) -> i32 {
     match info.arg {
         8 => victim_attacker(),
         10 => doomed_stopper(info),
+        12 => lockless_attacker(),
         _ => 0,
     }
 }
@@ -59,6 +71,8 @@ fn main(info: &BootInfo) -> i32 {
         9 => victim_reader(),
         10 => doomed(),
         11 => doomed_neighbour(),
+        12 => lockless_victim(),
+        13 => lockless_neighbour(),
         _ => 2,
     }
 }
@@ -861,4 +875,240 @@ fn doomed_neighbour() -> i32 {
     println!("exmap neighbour: {calls} calls on 'doomed', {after} after its guest was stopped in call {stop}; FREE of the whole region {f:?}, {left} pages left ({})",
         if ok { "ok" } else { "FAILED" });
     if ok { 0 } else { 1 }
+}
+
+/// Arg 12 / 13: the shared morsel 'lx': word 0 the address of 'lv' in guest arg 12, word 1
+/// arg 13's progress (1: done with 'lw'; 2: done), word 2: 'lv' destroyed.
+const LX: &str = "lx";
+/// Arg 12: 'lv''s address, vCPU 0's calls so far, the unmount issued, vCPU 0 saw NotFound,
+/// the new 'lv''s address (0: not yet).
+static LV: AtomicU64 = AtomicU64::new(0);
+static LV_CALLS: AtomicU64 = AtomicU64::new(0);
+static LV_UNMOUNTED: AtomicU64 = AtomicU64::new(0);
+static LV_GONE: AtomicU64 = AtomicU64::new(0);
+static LV_AGAIN: AtomicU64 = AtomicU64::new(0);
+/// Where vCPU 0 mounted 'lx' (a guest mounts a morsel once: vCPU 1 uses this mount).
+static LX_AT: AtomicU64 = AtomicU64::new(0);
+
+/// One iovec page per vCPU, the same for every call (a vCPU's handle is for one region and
+/// one iovec page).
+static mut IOV_12_0: guest_lib::exmap::Iovec = guest_lib::exmap::Iovec::new();
+static mut IOV_12_1: guest_lib::exmap::Iovec = guest_lib::exmap::Iovec::new();
+static mut IOV_13: guest_lib::exmap::Iovec = guest_lib::exmap::Iovec::new();
+
+/// Arg 12, vCPU 0: 'lw' and 'lx' for arg 13, then one-page ALLOC / FREE on 'lv' until it
+/// is unmounted under the calls, then one ALLOC on the same address once 'lv' exists again.
+fn lockless_victim() -> i32 {
+    use guest_lib::exmap::Region;
+    // SAFETY: this vCPU's own iovec page, used by no other.
+    let iov = unsafe { &mut *core::ptr::addr_of_mut!(IOV_12_0) };
+    let (lw, lx) = match (ExMap::create("lw", 4 * MIB, true), morsel::create(LX, 4096, morsel::PageSize::Size4K, true)) {
+        (Ok(lw), Ok(lx)) => (lw, lx),
+        (a, b) => {
+            println!("exmap lockless victim: FAILED: lw / lx: {:?} {:?}", a.err(), b.err());
+            return 1;
+        }
+    };
+    let lv = match ExMap::create("lv", 4 * MIB, false) {
+        Ok(x) => x,
+        Err(e) => {
+            println!("exmap lockless victim: FAILED: create lv: {e:?}");
+            return 1;
+        }
+    };
+    let gpa = lv.addr();
+    core::mem::forget(lv);
+    let a = lx.atomics();
+    LX_AT.store(lx.addr(), SeqCst);
+    a[0].store(gpa, SeqCst);
+    LV.store(gpa, SeqCst);
+    let r = Region::at(gpa);
+    let page = [Range::new(0, 1)];
+    let mut calls = 0u64;
+    let end = loop {
+        let x = if calls % 2 == 0 { r.alloc(iov, &page) } else { r.free(iov, &page) };
+        match x {
+            Ok(0) => {}
+            other => break other,
+        }
+        calls += 1;
+        LV_CALLS.store(calls, SeqCst);
+        if calls > 400_000 {
+            break Ok(0);
+        }
+    };
+    let ok = end == Err(Error::NotFound) && LV_UNMOUNTED.load(SeqCst) != 0;
+    println!("exmap lockless victim: {calls} one-page calls on lv, then {end:?} after the unmount ({})", if ok { "ok" } else { "FAILED" });
+    LV_GONE.store(1, SeqCst);
+    while LV_AGAIN.load(SeqCst) == 0 {
+        guest_lib::yield_now();
+    }
+    let again = LV_AGAIN.load(SeqCst);
+    // The same address and iovec page as the calls on the destroyed 'lv': this vCPU's handle
+    // names the old region (same slot, old generation).
+    let x = r.alloc(iov, &page);
+    let reused = if again == gpa {
+        let (calls, populated) = (r.info(abi::EXMAP_INFO_CALLS), r.info(abi::EXMAP_INFO_POPULATED));
+        let good = x == Ok(0) && calls == Ok(1) && populated == Ok(1) && r.free(iov, &page) == Ok(0);
+        println!("exmap lockless victim: the new lv at the same address: ALLOC {x:?}, its calls {calls:?}, populated {populated:?} ({})",
+            if good { "ok" } else { "FAILED" });
+        good
+    } else {
+        println!("exmap lockless victim: the new lv at {again:#x}, not {gpa:#x}: ALLOC at the old address {x:?} ({})",
+            if x == Err(Error::NotFound) { "ok" } else { "FAILED" });
+        x == Err(Error::NotFound)
+    };
+    // 'lw' stays until arg 13 is done with it.
+    let mut waits = 0u64;
+    while a[1].load(SeqCst) < 2 && waits < 1_000_000 {
+        guest_lib::yield_now();
+        waits += 1;
+    }
+    drop(lw);
+    if ok && reused { 0 } else { 1 }
+}
+
+/// Arg 12, vCPU 1: one-page calls on its own 'lv1' beside vCPU 0's, then destroy 'lv'
+/// (refused while mounted), unmount it under vCPU 0's calls, destroy it, create it again.
+fn lockless_attacker() -> i32 {
+    use guest_lib::exmap::Region;
+    // SAFETY: this vCPU's own iovec page, used by no other.
+    let iov = unsafe { &mut *core::ptr::addr_of_mut!(IOV_12_1) };
+    let lv1 = match ExMap::create("lv1", 4 * MIB, false) {
+        Ok(x) => x,
+        Err(e) => {
+            println!("exmap lockless attacker: FAILED: create lv1: {e:?}");
+            return 1;
+        }
+    };
+    let r1 = Region::at(lv1.addr());
+    let page = [Range::new(3, 1)];
+    let mut own = 0u64;
+    while LV_CALLS.load(SeqCst) < 200 || own < 400 {
+        let x = if own % 2 == 0 { r1.alloc(iov, &page) } else { r1.free(iov, &page) };
+        if x != Ok(0) {
+            println!("exmap lockless attacker: FAILED: call {own} on lv1: {x:?}");
+            return 1;
+        }
+        own += 1;
+    }
+    let gpa = LV.load(SeqCst);
+    let mut refused = 0;
+    for _ in 0..20 {
+        match morsel::destroy("lv") {
+            Err(_) => refused += 1,
+            Ok(()) => {
+                println!("exmap lockless attacker: FAILED: destroyed a mounted region");
+                return 1;
+            }
+        }
+    }
+    let c0 = LV_CALLS.load(SeqCst);
+    LV_UNMOUNTED.store(1, SeqCst);
+    let u = guest_lib::hypercall::call(abi::HC_MORSEL_UNMOUNT, [gpa, 0, 0, 0, 0, 0]);
+    let mut busy = 0u64;
+    let d = loop {
+        match morsel::destroy("lv") {
+            Err(Error::Busy) if busy < 1_000_000 => busy += 1,
+            other => break other,
+        }
+    };
+    if let Some(a) = morsel::atomics_at(LX_AT.load(SeqCst)) {
+        a[2].store(1, SeqCst);
+    }
+    while LV_GONE.load(SeqCst) == 0 {
+        guest_lib::yield_now();
+    }
+    let again = match ExMap::create("lv", 4 * MIB, false) {
+        Ok(x) => {
+            let at = x.addr();
+            core::mem::forget(x);
+            at
+        }
+        Err(e) => {
+            println!("exmap lockless attacker: FAILED: create lv again: {e:?}");
+            return 1;
+        }
+    };
+    LV_AGAIN.store(again, SeqCst);
+    println!("exmap lockless attacker: {own} one-page calls on lv1; destroy refused {refused} times while mounted; unmount {:?} after {c0} calls; destroy {d:?} ({busy} busy); lv again at {}",
+        u.map(|_| ()), if again == gpa { "the same address" } else { "another address" });
+    if u.is_ok() && d.is_ok() && refused == 20 { 0 } else { 1 }
+}
+
+/// Arg 13: 'lw' read-write, then read-only at the same address; A's address of 'lv'; 'lv'
+/// read-only mounts in a loop while it is unmounted and destroyed in guest arg 12.
+fn lockless_neighbour() -> i32 {
+    use guest_lib::exmap::Region;
+    // SAFETY: this guest's only vCPU's iovec page.
+    let iov = unsafe { &mut *core::ptr::addr_of_mut!(IOV_13) };
+    let lx = match morsel::open_mut_when_created(LX) {
+        Ok(m) => m,
+        Err(e) => {
+            println!("exmap lockless neighbour: FAILED: lx: {e:?}");
+            return 1;
+        }
+    };
+    let a = lx.atomics();
+    let lw = match ExMap::open_mut("lw") {
+        Ok(x) => x,
+        Err(e) => {
+            println!("exmap lockless neighbour: FAILED: lw: {e:?}");
+            return 1;
+        }
+    };
+    let gpa = lw.addr();
+    core::mem::forget(lw);
+    let r = Region::at(gpa);
+    let page = [Range::new(7, 1)];
+    let mut fails = 0;
+    for k in 0..200 {
+        let x = if k % 2 == 0 { r.alloc(iov, &page) } else { r.free(iov, &page) };
+        if x != Ok(0) {
+            println!("exmap lockless neighbour: FAILED: call {k} on lw: {x:?}");
+            fails += 1;
+        }
+    }
+    // Unmounted: the same call (address, iovec page) on a handle made before.
+    let u = guest_lib::hypercall::call(abi::HC_MORSEL_UNMOUNT, [gpa, 0, 0, 0, 0, 0]);
+    let gone = r.alloc(iov, &page);
+    // Read-only at (most likely) the same address: ALLOC / FREE are refused.
+    let ro = morsel::open("lw");
+    let (ro_at, denied) = match &ro {
+        Ok(m) => (m.addr(), (Region::at(m.addr()).alloc(iov, &page), Region::at(m.addr()).free(iov, &page))),
+        Err(e) => (0, (Err(*e), Err(*e))),
+    };
+    drop(ro);
+    let good = u.is_ok() && gone == Err(Error::NotFound) && denied == (Err(Error::Denied), Err(Error::Denied));
+    println!("exmap lockless neighbour: 200 one-page calls on lw; unmounted: {gone:?}; read-only at {}: {:?} ({})",
+        if ro_at == gpa { "the same address" } else { "another address" }, denied, if good { "ok" } else { "FAILED" });
+    a[1].store(1, SeqCst);
+    // A's address of 'lv': never mounted here (or something else is): never an ALLOC.
+    let mut lv = 0;
+    while lv == 0 {
+        lv = a[0].load(SeqCst);
+        guest_lib::yield_now();
+    }
+    let other = Region::at(lv).alloc(iov, &page);
+    let other_ok = other.is_err();
+    println!("exmap lockless neighbour: ALLOC at the other guest's address of lv: {other:?} ({})", if other_ok { "ok" } else { "FAILED" });
+    // Mounts of 'lv' (read-only, each refused ALLOC) while guest 12 unmounts and destroys it.
+    let (mut opens, mut tries, mut wrong) = (0u64, 0u64, 0u64);
+    while a[2].load(SeqCst) == 0 && tries < 20_000 {
+        tries += 1;
+        match morsel::open("lv") {
+            Ok(m) => {
+                opens += 1;
+                if Region::at(m.addr()).alloc(iov, &page) != Err(Error::Denied) {
+                    wrong += 1;
+                }
+                drop(m);
+            }
+            Err(_) => guest_lib::yield_now(),
+        }
+    }
+    println!("exmap lockless neighbour: {opens} read-only mounts of lv while it was unmounted and destroyed, {wrong} ALLOC not denied ({})",
+        if wrong == 0 { "ok" } else { "FAILED" });
+    a[1].store(2, SeqCst);
+    if good && other_ok && wrong == 0 && fails == 0 { 0 } else { 1 }
 }
