@@ -362,19 +362,9 @@ fn run_slice<B: Backend>(backend: &mut B, s: &mut Slot<B>, run: &Run<B>, me: usi
                     // An ExMap ALLOC / FREE that succeeded, no stop having reached this CPU
                     // (`attention`): ended here, no world lock, and the guest resumes.
                     hypercall::Finished::Batch(x) if !stopped && s.end.is_none() && !ipi::attention_pending(me) => {
-                        match x.finish_alone(|| s.shared.ran_on(), frames) {
-                            Ok((failed, parked, fast)) => {
-                                s.exmap = Some(parked);
-                                s.fast = Some(fast);
-                                hypercall::answer(B::regs(&mut s.vcpu), Ok(failed));
-                                // Its shootdown's acknowledgments, before the next entry.
-                                super::shootdown::complete();
-                                let now = crate::platform::time::tsc();
-                                if !ipi::attention(me) && now < s.timer_at && now < deadline {
-                                    continue;
-                                }
-                                break runqueue::lock(run);
-                            }
+                        match end_alone(s, x, me, deadline, frames) {
+                            Ok(true) => continue,
+                            Ok(false) => break runqueue::lock(run),
                             Err(x) => hypercall::Finished::Batch(x),
                         }
                     }
@@ -459,20 +449,28 @@ fn exmap_fast<B: Backend>(s: &mut Slot<B>, exit: &Exit, me: usize, deadline: u64
     if ipi::attention_pending(me) {
         return FastStep::Finish(hypercall::Finished::Batch(batch));
     }
-    match batch.finish_alone(|| s.shared.ran_on(), frames) {
-        Ok((failed, parked, fast)) => {
-            s.exmap = Some(parked);
-            s.fast = Some(fast);
-            hypercall::answer(B::regs(&mut s.vcpu), Ok(failed));
-            super::shootdown::complete();
-            let now = crate::platform::time::tsc();
-            match !ipi::attention(me) && now < s.timer_at && now < deadline {
-                true => FastStep::Resume,
-                false => FastStep::Prepare,
-            }
-        }
+    match end_alone(s, batch, me, deadline, frames) {
+        Ok(true) => FastStep::Resume,
+        Ok(false) => FastStep::Prepare,
         Err(batch) => FastStep::Finish(hypercall::Finished::Batch(batch)),
     }
+}
+
+/// Ends an ExMap batch with no world lock where it can (`Batch::finish_alone`): the vCPU's
+/// slot keeps its ExMap state and handle, the guest gets its answer, and this CPU's shootdown
+/// acknowledgments are in before the next entry. Ok(true): the guest resumes with no lock
+/// (no IPI asked this CPU to look, the timer is not due, the slice is not over); Ok(false):
+/// `prepare` first, under the world lock; Err: the batch ends under the world lock.
+#[allow(clippy::result_large_err)] // the batch moves back once, on the rare fallback
+fn end_alone<B: Backend>(s: &mut Slot<B>, batch: crate::morsels::exmap::Batch<B::Format>, me: usize, deadline: u64, frames: &Frames)
+    -> Result<bool, crate::morsels::exmap::Batch<B::Format>> {
+    let (failed, parked, fast) = batch.finish_alone(|| s.shared.ran_on(), frames)?;
+    s.exmap = Some(parked);
+    s.fast = Some(fast);
+    hypercall::answer(B::regs(&mut s.vcpu), Ok(failed));
+    super::shootdown::complete();
+    let now = crate::platform::time::tsc();
+    Ok(!ipi::attention(me) && now < s.timer_at && now < deadline)
 }
 
 /// Puts back the vCPU's ExMap state its slot kept since a batch ended alone (the world lock
