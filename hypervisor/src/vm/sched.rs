@@ -319,12 +319,7 @@ fn run_slice<B: Backend>(backend: &mut B, s: &mut Slot<B>, run: &Run<B>, me: usi
                 // The batch ran but cannot end alone (it failed, or a stop reached this CPU):
                 // it ends under the world lock as on the world path.
                 let mut w = runqueue::lock(run);
-                let caller = Caller { vcpu: s.index, cpu: me };
-                let World { guests, cx, .. } = &mut *w;
-                match guests.get_mut(s.guest as usize).and_then(|g| g.as_mut()) {
-                    Some(guest) => hypercall::finish(guest, caller, B::regs(&mut s.vcpu), cx, done),
-                    None => hypercall::abandon(caller, cx, done),
-                }
+                finish_locked(&mut w, s, Caller { vcpu: s.index, cpu: me }, done);
                 break w;
             }
             let mut w = runqueue::lock(run);
@@ -371,11 +366,7 @@ fn run_slice<B: Backend>(backend: &mut B, s: &mut Slot<B>, run: &Run<B>, me: usi
                     done => done,
                 };
                 w = runqueue::lock(run);
-                let World { guests, cx, .. } = &mut *w;
-                match guests.get_mut(s.guest as usize).and_then(|g| g.as_mut()) {
-                    Some(guest) => hypercall::finish(guest, caller, B::regs(&mut s.vcpu), cx, done),
-                    None => hypercall::abandon(caller, cx, done),
-                }
+                finish_locked(&mut w, s, caller, done);
             }
             if stopped {
                 if s.end.is_none() {
@@ -423,13 +414,7 @@ fn exmap_fast<B: Backend>(s: &mut Slot<B>, exit: &Exit, me: usize, deadline: u64
     if regs.rax != abi::HC_EXMAP_ACTION {
         return FastStep::NotTaken;
     }
-    let next_rip = match resume {
-        Resume::At(next) => next,
-        Resume::Decode => match s.decoded.filter(|d| d.rip == regs.rip && d.opcode == Opcode::Hypercall) {
-            Some(d) => d.next,
-            None => return FastStep::NotTaken,
-        },
-    };
+    let Some(next_rip) = known_next(s.decoded, regs.rip, &resume, Opcode::Hypercall) else { return FastStep::NotTaken };
     let args = [regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9];
     let (gpa, iov, count, op) = match abi::Call::decode(regs.rax, args) {
         Ok(abi::Call::ExmapAction { region, iov, count, op: abi::ExmapOp::Alloc }) => (region, iov, count, abi::EXMAP_ALLOC),
@@ -453,6 +438,27 @@ fn exmap_fast<B: Backend>(s: &mut Slot<B>, exit: &Exit, me: usize, deadline: u64
         Ok(true) => FastStep::Resume,
         Ok(false) => FastStep::Prepare,
         Err(batch) => FastStep::Finish(hypercall::Finished::Batch(batch)),
+    }
+}
+
+/// Ends the unlocked part of a call (`done`) under the world lock `w`: into its guest's
+/// registers and state (`hypercall::finish`), or given up where the guest is gone
+/// (`hypercall::abandon`).
+fn finish_locked<B: Backend>(w: &mut World<B>, s: &mut Slot<B>, caller: Caller, done: hypercall::Finished<B::Format>) {
+    let World { guests, cx, .. } = w;
+    match guests.get_mut(s.guest as usize).and_then(|g| g.as_mut()) {
+        Some(guest) => hypercall::finish(guest, caller, B::regs(&mut s.vcpu), cx, done),
+        None => hypercall::abandon(caller, cx, done),
+    }
+}
+
+/// The RIP after the instruction at `rip`: the CPU's (`Resume::At`), or the one decoded
+/// earlier at the same RIP for the same instruction (`Decoded`); None: not known without
+/// reading guest memory.
+fn known_next(decoded: Option<Decoded>, rip: u64, resume: &Resume, opcode: Opcode) -> Option<u64> {
+    match *resume {
+        Resume::At(next) => Some(next),
+        Resume::Decode => decoded.filter(|d| d.rip == rip && d.opcode == opcode).map(|d| d.next),
     }
 }
 
@@ -572,10 +578,7 @@ fn enter<B: Backend>(backend: &mut B, s: &mut Slot<B>, me: usize, deadline: u64,
 /// guest at the next lock).
 fn lockless<B: Backend>(s: &mut Slot<B>, exit: &Exit, me: usize, deadline: u64, guest_count: u64) -> Step {
     let rip = B::regs(&mut s.vcpu).rip;
-    let known = |resume: &Resume, opcode: Opcode| match *resume {
-        Resume::At(next) => Some(next),
-        Resume::Decode => s.decoded.filter(|d| d.rip == rip && d.opcode == opcode).map(|d| d.next),
-    };
+    let known = |resume: &Resume, opcode: Opcode| known_next(s.decoded, rip, resume, opcode);
     let (kind, next_rip) = match exit {
         Exit::Cpuid { resume } => (exits::Kind::Cpuid, known(resume, Opcode::Cpuid)),
         Exit::Halt { resume, interrupts } => (exits::Kind::Halt { interrupts: *interrupts }, known(resume, Opcode::Hlt)),
