@@ -32,7 +32,7 @@ pub enum Error {
     TooManyDomains,
     BadBase(u64),
     /// The unit rejected a queued descriptor or command at this offset.
-    QueueError(u64),
+    QueueRejected(u64),
     /// No domain for that device.
     NoDomain,
 }
@@ -45,7 +45,7 @@ impl core::fmt::Display for Error {
             Error::Timeout(what) => write!(f, "{what} did not complete"),
             Error::TooManyDomains => write!(f, "out of domain ids"),
             Error::BadBase(base) => write!(f, "register page {base:#x} is not below 4 GiB"),
-            Error::QueueError(at) => write!(f, "invalidation queue error at offset {at:#x}"),
+            Error::QueueRejected(at) => write!(f, "invalidation queue error at offset {at:#x}"),
             Error::NoDomain => write!(f, "the device has no domain"),
         }
     }

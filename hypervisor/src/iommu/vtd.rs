@@ -249,7 +249,7 @@ impl Vtd {
             if regs.read32(FSTS) & FSTS_IQE != 0 {
                 let head = regs.read64(IQH);
                 regs.write32(FSTS, FSTS_IQE);
-                return Err(Error::QueueError(head));
+                return Err(Error::QueueRejected(head));
             }
             core::hint::spin_loop();
         }

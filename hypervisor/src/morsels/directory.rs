@@ -27,7 +27,7 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     pub fn create<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, frames: &Frames, name: abi::Name, size: u64, flags: abi::CreateFlags) -> Result<Started<F>, Error> {
         let name = read_name(g, name)?;
         let page = if flags.huge_pages { PageSize::Size2M } else { PageSize::Size4K };
-        if size == 0 || size % page.bytes() != 0 {
+        if size == 0 || !size.is_multiple_of(page.bytes()) {
             return Err(g.refuse(Error::Invalid, format_args!("size {} is not a positive multiple of the {} page", Bytes(size), Bytes(page.bytes()))));
         }
         if size > morsel::MAX_MORSEL || size > abi::MORSEL_WINDOW_SIZE {

@@ -47,7 +47,7 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     pub fn nvme_io<B: Backend<Format = F>>(&mut self, g: &Guest<B>, devices: Option<&mut Devices>, frames: &Frames, write: bool, gpa: u64, offset: u64, lba: u64, count: u64) -> Result<ProxyIo, Error> {
         let m = g.mounts.iter().find(|m| m.gpa == gpa).ok_or(Error::NotFound)?;
         let bytes = count.checked_mul(abi::NVME_BLOCK).ok_or(Error::TooLarge)?;
-        if count == 0 || offset % abi::NVME_BLOCK != 0 {
+        if count == 0 || !offset.is_multiple_of(abi::NVME_BLOCK) {
             return Err(Error::Invalid);
         }
         if offset.checked_add(bytes).is_none_or(|end| end > m.size) {

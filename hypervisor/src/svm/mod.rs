@@ -188,7 +188,7 @@ impl Backend for Svm {
         let mut tries = 0;
         loop {
             match INJECT_HOST_STATE.load(core::sync::atomic::Ordering::Relaxed) {
-                INJECT_SOMETIMES if tries == 0 && self.runs % 64 == 0 => self.inject_host_state(vcpu),
+                INJECT_SOMETIMES if tries == 0 && self.runs.is_multiple_of(64) => self.inject_host_state(vcpu),
                 INJECT_ALWAYS if self.runs > 1 => self.inject_host_state(vcpu),
                 _ => {}
             }

@@ -84,7 +84,7 @@ pub fn lock<B: Backend>(run: &Run<B>) -> WorldGuard<'_, B> {
         }
         // Every few spins only: `service` reads the APIC ID, which costs more than a spin.
         spins = spins.wrapping_add(1);
-        if spins % 16 == 0 {
+        if spins.is_multiple_of(16) {
             ipi::service();
         }
         core::hint::spin_loop();

@@ -34,7 +34,7 @@ pub(super) struct Cpu {
 
 impl Media for Cpu {
     fn store(&mut self, pa: u64, value: u64) {
-        assert!(pa >= self.base && pa + 8 <= self.base + self.len && pa % 8 == 0);
+        assert!(pa >= self.base && pa + 8 <= self.base + self.len && pa.is_multiple_of(8));
         // SAFETY: an aligned word of the region (checked above), identity-mapped; only the
         // pmem code writes the superblock and the directory.
         unsafe { (pa as *mut u64).write_volatile(value) }
