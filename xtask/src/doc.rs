@@ -281,7 +281,7 @@ fn resolve(root: &Path, file: &Path, target: &str, ids: &mut BTreeMap<PathBuf, V
         ));
     }
     let Some(anchor) = anchor else { return Ok(()) };
-    if !dest.extension().is_some_and(|e| e == "md") {
+    if dest.extension().is_none_or(|e| e != "md") {
         return Err(format!("an anchor into {}, which is no Markdown file", rel(root, &dest)));
     }
     if !ids.contains_key(&dest) {
