@@ -24,17 +24,24 @@
 //! | mutation | tests that fail |
 //! | --- | --- |
 //! | `notify` kicks on every ring, not on the edge | `a_wake_up_is_sent_only_on_the_edge`, `a_vector_kicks_once_until_injected` |
+//! | the edge ignores a newly raised vector | `a_vector_kicks_once_until_injected`, `an_ended_vcpu_gets_nothing_and_counts_as_blocked` |
 //! | `notify` skips the caller's guest's other vCPUs | `notify_reaches_every_vcpu_of_every_subscriber_and_only_them` |
-//! | `notify` reaches guests subscribed to another morsel | `notify_reaches_every_vcpu_of_every_subscriber_and_only_them` |
-//! | `before_run` does not clear the vector it injects | `timer_fires_at_its_deadline_highest_vector_first`, `a_vector_kicks_once_until_injected` |
-//! | `highest` picks the lowest pending vector | `timer_fires_at_its_deadline_highest_vector_first` |
-//! | `blocked` ignores the timer | `a_vcpu_with_a_timer_or_deadline_is_not_deadlocked` |
+//! | `notify` reaches subscribers of another morsel | `notify_reaches_every_vcpu_of_every_subscriber_and_only_them` and two more |
+//! | `notify` does not skip ended vCPUs | `an_ended_vcpu_gets_nothing_and_counts_as_blocked` |
+//! | `wait` parks although bits are pending | `wait_returns_pending_bits_at_once_and_parks_otherwise` |
 //! | `ready` ignores the wait's deadline | `wait_ends_at_its_deadline`, `sleep_parks_until_its_deadline` |
-//! | `raise` reaches an ended vCPU (`notify` does not skip `ended`) | `an_ended_vcpu_gets_nothing_and_counts_as_blocked` |
+//! | `ready` ignores the mask (bits end a sleep) | `sleep_parks_until_its_deadline` and three more |
+//! | `before_run` does not clear the vector it injects | `timer_fires_at_its_deadline_highest_vector_first` and two more |
+//! | `highest` picks the lowest pending vector | `timer_fires_at_its_deadline_highest_vector_first` |
+//! | `blocked` ignores the timer (a vCPU with a timer is deadlocked) | `a_vcpu_with_a_timer_or_deadline_is_not_deadlocked` |
+//! | `idle_until` counts a vCPU never looked at as blocked | `a_vcpu_with_a_timer_or_deadline_is_not_deadlocked`, `a_guest_ending_removes_its_subscriptions` |
+//! | `idle_until` ignores its vCPUs' timers for the halt's end | `a_vcpu_with_a_timer_or_deadline_is_not_deadlocked` |
+//! | `vcpu_ended` keeps the timer | `an_ended_vcpu_gets_nothing_and_counts_as_blocked` |
 //! | `unmounted` keeps the subscription | `unmounting_ends_the_subscription` |
-//! | `guest_ended` keeps the subscriptions | `a_guest_ending_removes_its_subscriptions` |
+//! | `guest_ended` keeps the subscriptions, or the events | `a_guest_ending_removes_its_subscriptions` |
 //! | `watch` ignores `there` | `name_watch_fires_when_the_name_enters` |
-//! | `events` accepts any vCPU index (grows the table) | `bad_arguments_get_the_errors_of_the_abi` |
+//! | `entered` does not end the watch | `name_watch_fires_when_the_name_enters` |
+//! | `events` accepts any vCPU index | `bad_arguments_get_the_errors_of_the_abi` and five more |
 
 use crate::names::Name;
 use abi::{Error, Timeout};
