@@ -10,6 +10,7 @@ pub mod exits;
 pub mod flush;
 pub mod guestbytes;
 pub mod names;
+pub mod notify;
 pub mod reason;
 pub mod region_lock;
 pub mod shootdown;

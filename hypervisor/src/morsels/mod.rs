@@ -41,7 +41,6 @@ mod proxy;
 pub use proxy::{DiskBatch, ProxyIo};
 
 use crate::devices::pci::Bdf;
-use alloc::string::String;
 use alloc::vec::Vec;
 use abi::Error;
 use crate::vm::guest::Guest;
@@ -273,14 +272,6 @@ impl<F: Format> Removed<F> {
             Err((_, e)) => log::error!(target: "morsel", "'{name}' cannot be destroyed: {e}"),
         }
     }
-}
-
-/// A copy of `s` on the heap, or `NoMemory` (never the allocation-failure panic).
-pub(crate) fn try_string(s: &str) -> Result<String, Error> {
-    let mut out = String::new();
-    out.try_reserve_exact(s.len()).map_err(|_| Error::NoMemory)?;
-    out.push_str(s);
-    Ok(out)
 }
 
 /// A morsel name from guest memory (its length was checked by `abi::Call::decode`): printable

@@ -258,7 +258,7 @@ fn dispatch<B: Backend>(call: Call, guest: &mut Guest<B>, caller: Caller, cx: &m
         Call::Info { what } => info(guest, caller, cx.guest_count, what, cx.notify.injected(guest.id)),
         Call::ConsoleWrite { text } => console_write(guest, caller, text),
         Call::MorselUnmount { gpa } => {
-            let name = guest.mounts.iter().find(|m| m.gpa == gpa).and_then(|m| crate::morsels::try_string(&m.name).ok());
+            let name = guest.mounts.iter().find(|m| m.gpa == gpa).map(|m| m.name);
             // One shootdown, committed before the world lock is let go.
             let done = morsels.unmount(guest, frames, gpa).map(|flush| {
                 flush.commit(&mut super::shootdown::Hw(devices));
