@@ -1040,6 +1040,7 @@ impl<'a> Allocator<'a> {
     }
 
     /// Managed frames of area `a` (512 except maybe in the last).
+    #[inline]
     fn area_frames(&self, a: usize) -> usize {
         (self.frames - a * AREA_FRAMES).min(AREA_FRAMES)
     }
