@@ -274,9 +274,11 @@ impl<'a> Allocator<'a> {
         debug_assert!((p as usize + l.off_locals).is_multiple_of(core::mem::align_of::<Local>()));
         // SAFETY: every part lies inside `meta` (length checked) at an offset that is a multiple
         // of its alignment (asserted in `Layout::new`: 64 for the atomics, 128 for `Local`) from
-        // a `META_ALIGN`-aligned start (checked above, >= every part's alignment); the atomics have the size and alignment of their
-        // integers and every bit pattern is valid for them, `Local` is 8 `AtomicU32` and an `AtomicUsize` plus padding
-        // (repr(C)); `meta` is borrowed exclusively for 'a, so nothing else accesses it.
+        // a `META_ALIGN`-aligned start (checked above, >= every part's alignment); the atomics
+        // (and the bit fields, arrays of 8 `AtomicU64`) have the size and alignment of their
+        // integers and every bit pattern is valid for them, `Local` is 8 `AtomicU32` and an
+        // `AtomicUsize` plus padding (repr(C)); `meta` is borrowed exclusively for 'a, so nothing
+        // else accesses it.
         let (header, trees, children, bits, locals) = unsafe {
             (
                 core::slice::from_raw_parts(p.cast::<AtomicU64>(), HEADER_WORDS),
