@@ -20,17 +20,26 @@ pub fn take(words: &[AtomicU64], hint: usize) -> Option<usize> {
         let word = &words[w];
         let mut v = word.load(Relaxed);
         while v != u64::MAX {
-            let bit = (!v).trailing_zeros() as usize;
-            let mask = 1u64 << bit;
-            // The one step that allocates the frame: it is ours iff we flipped the bit.
-            let old = word.fetch_or(mask, AcqRel);
-            if old & mask == 0 {
+            if let Some(bit) = take_seen(word, v) {
                 return Some(w * 64 + bit);
             }
-            v = old | mask;
+            v = word.load(Relaxed);
         }
     }
     None
+}
+
+/// Sets the lowest clear bit of `word` as seen in `v` (not all ones); returns its index in the
+/// word, or `None` when someone set that bit after `v` was read (only the area's claim holder
+/// sets bits, so in practice never; the caller reloads and retries).
+#[inline(always)]
+pub fn take_seen(word: &AtomicU64, v: u64) -> Option<usize> {
+    debug_assert_ne!(v, u64::MAX);
+    let bit = (!v).trailing_zeros() as usize;
+    let mask = 1u64 << bit;
+    // The one step that allocates the frame: it is ours iff we flipped the bit. Only that bit
+    // of the old value is read, so x86-64 compiles it to one `lock bts` (no CAS loop).
+    (word.fetch_or(mask, AcqRel) & mask == 0).then_some(bit)
 }
 
 /// Clears bit `i`; returns whether it was set (false: the frame was not allocated as a small

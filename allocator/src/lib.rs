@@ -229,7 +229,8 @@ pub struct Allocator<'a> {
     header: &'a [AtomicU64],
     trees: &'a [AtomicU32],
     children: &'a [AtomicU16],
-    bits: &'a [AtomicU64],
+    /// One bit field per area (indexing an area checks one bound; its word index is masked).
+    bits: &'a [[AtomicU64; bitfield::WORDS]],
     locals: &'a [Local],
     /// Areas `Recover` found with both the huge flag and set bits (see `init`).
     repaired: core::sync::atomic::AtomicUsize,
@@ -273,9 +274,11 @@ impl<'a> Allocator<'a> {
         debug_assert!((p as usize + l.off_locals).is_multiple_of(core::mem::align_of::<Local>()));
         // SAFETY: every part lies inside `meta` (length checked) at an offset that is a multiple
         // of its alignment (asserted in `Layout::new`: 64 for the atomics, 128 for `Local`) from
-        // a `META_ALIGN`-aligned start (checked above, >= every part's alignment); the atomics have the size and alignment of their
-        // integers and every bit pattern is valid for them, `Local` is 8 `AtomicU32` and an `AtomicUsize` plus padding
-        // (repr(C)); `meta` is borrowed exclusively for 'a, so nothing else accesses it.
+        // a `META_ALIGN`-aligned start (checked above, >= every part's alignment); the atomics
+        // (and the bit fields, arrays of 8 `AtomicU64`) have the size and alignment of their
+        // integers and every bit pattern is valid for them, `Local` is 8 `AtomicU32` and an
+        // `AtomicUsize` plus padding (repr(C)); `meta` is borrowed exclusively for 'a, so nothing
+        // else accesses it.
         let (header, trees, children, bits, locals) = unsafe {
             (
                 core::slice::from_raw_parts(p.cast::<AtomicU64>(), HEADER_WORDS),
@@ -285,8 +288,8 @@ impl<'a> Allocator<'a> {
                     l.trees * tree::AREAS,
                 ),
                 core::slice::from_raw_parts(
-                    p.add(l.off_bits).cast::<AtomicU64>(),
-                    l.areas * bitfield::WORDS,
+                    p.add(l.off_bits).cast::<[AtomicU64; bitfield::WORDS]>(),
+                    l.areas,
                 ),
                 core::slice::from_raw_parts(p.add(l.off_locals).cast::<Local>(), cores),
             )
@@ -320,6 +323,10 @@ impl<'a> Allocator<'a> {
         locals: &'a [Local],
         init: Init,
     ) -> Result<Self, Error> {
+        let (bits, rest) = bits.as_chunks::<{ bitfield::WORDS }>();
+        if !rest.is_empty() {
+            return Err(Error::Initialization);
+        }
         let a = Allocator {
             base: first.0,
             frames,
@@ -511,11 +518,11 @@ impl<'a> Allocator<'a> {
                 let hi = end.min((w + 1) * 64);
                 let mask = bit_range(i % 64, hi - w * 64);
                 if pass == 0 {
-                    if self.bits[w].load(Acquire) & mask != mask {
+                    if self.word(w).load(Acquire) & mask != mask {
                         return Err(Error::DoubleFree);
                     }
                 } else {
-                    self.bits[w].fetch_and(!mask, AcqRel);
+                    self.word(w).fetch_and(!mask, AcqRel);
                     hook::point();
                     if hi == end || hi.is_multiple_of(AREA_FRAMES) {
                         self.refresh((hi - 1) / AREA_FRAMES);
@@ -619,14 +626,38 @@ impl<'a> Allocator<'a> {
             return Err(Error::AddressOutOfRange);
         }
         let area = i / AREA_FRAMES;
-        let word = self.bits[i / 64].load(Acquire);
+        let word = self.word(i / 64).load(Acquire);
         Ok(word & (1 << (i % 64)) != 0 || child::load(&self.children[area]).huge())
     }
 
     // ---- small frames ----
 
-    #[inline]
+    /// The common case inline: the claimed area has credit left and its hint word a clear bit
+    /// (one `lock bts`; the hint stays). Everything else in [`Self::get_small_slow`].
+    #[inline(always)]
     fn get_small(&self, l: &Local, core: usize) -> Result<usize, Error> {
+        let credit = l.credit.get();
+        if credit > 0 {
+            let area = l.area.get() as usize;
+            let w = l.hint.get() as usize % bitfield::WORDS;
+            let word = &self.area_bits(area)[w];
+            let v = word.load(Relaxed);
+            if v != u64::MAX {
+                if let Some(bit) = bitfield::take_seen(word, v) {
+                    hook::point();
+                    l.credit.set(credit - 1);
+                    return Ok(area * AREA_FRAMES + w * 64 + bit);
+                }
+            }
+        }
+        self.get_small_slow(l, core)
+    }
+
+    /// A small `get` whose claimed area has no credit or whose hint word is full: search the
+    /// area's other words, move on to another area or tree, refresh, steal.
+    #[cold]
+    #[inline(never)]
+    fn get_small_slow(&self, l: &Local, core: usize) -> Result<usize, Error> {
         let mut refreshed = false;
         for _ in 0..ROUNDS {
             let credit = l.credit.get();
@@ -1011,6 +1042,7 @@ impl<'a> Allocator<'a> {
     }
 
     /// Managed frames of area `a` (512 except maybe in the last).
+    #[inline]
     fn area_frames(&self, a: usize) -> usize {
         (self.frames - a * AREA_FRAMES).min(AREA_FRAMES)
     }
@@ -1020,8 +1052,14 @@ impl<'a> Allocator<'a> {
     }
 
     #[inline(always)]
-    fn area_bits(&self, a: usize) -> &[AtomicU64] {
-        &self.bits[a * bitfield::WORDS..(a + 1) * bitfield::WORDS]
+    fn area_bits(&self, a: usize) -> &[AtomicU64; bitfield::WORDS] {
+        &self.bits[a]
+    }
+
+    /// Word `w` of the bit fields of all areas in a row (frames `w * 64 ..`).
+    #[inline(always)]
+    fn word(&self, w: usize) -> &AtomicU64 {
+        &self.bits[w / bitfield::WORDS][w % bitfield::WORDS]
     }
 
     fn search_start(&self, core: usize) -> u32 {
