@@ -10,10 +10,11 @@ pub fn timer_interrupt() {
     eoi();
 }
 
-/// Timer interrupts this CPU took so far (`PerCpu::mine`): the scheduler compares the count
-/// across a guest entry to tell a slice-timer exit from an IPI's.
-pub fn ticks() -> u64 {
-    crate::arch::percpu::this().mine.ticks.load(Ordering::Relaxed)
+/// Timer interrupts CPU `me`, the one this runs on, took so far (`PerCpu::mine`): the
+/// scheduler compares the count across a guest entry to tell a slice-timer exit from an
+/// IPI's. The caller knows its index (no APIC ID read on the entry path).
+pub fn ticks(me: usize) -> u64 {
+    crate::arch::percpu::of(me).mine.ticks.load(Ordering::Relaxed)
 }
 
 use core::sync::atomic::{AtomicU32, Ordering};

@@ -5,8 +5,10 @@
 //! register read and one load from `INDEX_OF`). Hermit's `CoreLocal` keeps a pointer in the GS
 //! base instead (one `mov reg, gs:[..]`); here GS base would have to survive every world
 //! switch (SVM: the host VMSAVE page; VMX: the VMCS host GS base field, written per VMCS), and
-//! every place that takes the entry today read the APIC ID already, so the table costs what the
-//! seven separate arrays cost and touches no world switch. `INDEX_OF` is a map (APIC ID to
+//! every place that took one of the arrays this table replaced read the APIC ID already; the
+//! table costs one load more per `this()` (the map) and touches no world switch. Code that
+//! knows its index (the vCPU loop's `me`) takes `of(me)` and reads no APIC ID at all: the
+//! guest entry's two tick reads do, which saves two APIC reads per exit. `INDEX_OF` is a map (APIC ID to
 //! index), not per-CPU state: it has an entry for each of 256 APIC IDs whether a CPU has it or
 //! not, and it is how an entry is found, so it lives here beside the table, not in it.
 //!
@@ -52,7 +54,7 @@ pub struct PerCpu {
 pub struct Mine {
     /// Timer interrupts this CPU took (`apic::timer_interrupt`, Relaxed): the scheduler
     /// compares it across a guest entry to tell a slice-timer exit from an IPI's
-    /// (`apic::ticks`, this CPU, Relaxed: the interrupt ran on this CPU).
+    /// (`apic::ticks(me)`, this CPU, Relaxed: the interrupt ran on this CPU).
     pub ticks: AtomicU64,
     /// Device completion interrupts this CPU took (`idt`'s `DEVICE_VECTOR` handler, AcqRel);
     /// read through `idt::device_interrupts` (Acquire) by the NVMe driver on this CPU.
