@@ -6,17 +6,15 @@
 /// Acknowledges a timer interrupt (its work, ending a guest's slice, is done by the exit)
 /// and counts it for this CPU (`ticks`).
 pub fn timer_interrupt() {
-    TICKS[id() as usize & 255].fetch_add(1, Ordering::Relaxed);
+    crate::arch::percpu::this().mine.ticks.fetch_add(1, Ordering::Relaxed);
     eoi();
 }
 
-/// Timer interrupts this CPU took so far: the scheduler compares the count across a guest
-/// entry to tell a slice-timer exit from an IPI's. One per APIC ID; each CPU its own.
-static TICKS: [core::sync::atomic::AtomicU64; 256] = [const { core::sync::atomic::AtomicU64::new(0) }; 256];
-
-/// This CPU's timer interrupt count (see `TICKS`).
-pub fn ticks() -> u64 {
-    TICKS[id() as usize & 255].load(Ordering::Relaxed)
+/// Timer interrupts CPU `me`, the one this runs on, took so far (`PerCpu::mine`): the
+/// scheduler compares the count across a guest entry to tell a slice-timer exit from an
+/// IPI's. The caller knows its index (no APIC ID read on the entry path).
+pub fn ticks(me: usize) -> u64 {
+    crate::arch::percpu::of(me).mine.ticks.load(Ordering::Relaxed)
 }
 
 use core::sync::atomic::{AtomicU32, Ordering};
@@ -133,14 +131,11 @@ pub fn start_periodic_timer_us(period_us: u64) {
     start_periodic_timer(count);
 }
 
-/// Whether this CPU's timer runs periodically (the slice timer of SVM, and of VMX without a
-/// preemption timer). One per CPU; each CPU reads only its own.
-static PERIODIC: [core::sync::atomic::AtomicBool; 256] = [const { core::sync::atomic::AtomicBool::new(false) }; 256];
-
 /// One HLT with interrupts on, until the next interrupt (an IPI, the periodic timer) or at
-/// the latest `deadline` (a one-shot timer where this CPU has no periodic one).
+/// the latest `deadline` (a one-shot timer where this CPU has no periodic one: the slice
+/// timer of SVM, and of VMX without a preemption timer, is periodic; `PerCpu::mine`).
 pub fn halt_once(deadline: u64) {
-    let periodic = PERIODIC[id() as usize & 255].load(Ordering::Relaxed);
+    let periodic = crate::arch::percpu::this().mine.periodic.load(Ordering::Relaxed);
     let now = crate::platform::time::tsc();
     if now >= deadline {
         return;
@@ -164,7 +159,7 @@ pub fn halt_once(deadline: u64) {
 
 /// Starts the periodic timer with `count` ticks (divide by 16) per interrupt.
 fn start_periodic_timer(count: u32) {
-    PERIODIC[id() as usize & 255].store(true, Ordering::Relaxed);
+    crate::arch::percpu::this().mine.periodic.store(true, Ordering::Relaxed);
     write(REG_TIMER_DIVIDE, 0b0011); // divide by 16
     write(REG_LVT_TIMER, (1 << 17) | crate::arch::idt::TIMER_VECTOR as u32); // periodic
     write(REG_TIMER_INIT, count);

@@ -5,7 +5,7 @@
 use super::gdt::{self, KERNEL_CS};
 use core::arch::{asm, global_asm};
 use core::mem::size_of;
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::Ordering;
 use static_assertions::const_assert_eq;
 
 /// Vector of the LAPIC timer (host side; SVM exits on it to preempt guests).
@@ -15,12 +15,13 @@ pub const TIMER_VECTOR: u8 = 0x20;
 /// re-reads its completion queue after every wake-up.
 pub const DEVICE_VECTOR: u8 = 0x22;
 
-/// Device completion interrupts taken, per CPU index (`ipi::me`).
-static DEVICE_INTERRUPTS: [AtomicU64; super::ipi::MAX_CPUS] = [const { AtomicU64::new(0) }; super::ipi::MAX_CPUS];
-
-/// How many `DEVICE_VECTOR` interrupts CPU `cpu` has taken so far.
+/// How many `DEVICE_VECTOR` interrupts CPU `cpu` has taken so far (`PerCpu::mine`).
 pub fn device_interrupts(cpu: usize) -> u64 {
-    DEVICE_INTERRUPTS.get(cpu).map_or(0, |c| c.load(Ordering::Acquire))
+    if cpu < super::ipi::MAX_CPUS {
+        super::percpu::of(cpu).mine.device_interrupts.load(Ordering::Acquire)
+    } else {
+        0
+    }
 }
 
 /// Vector of the LAPIC spurious interrupt.
@@ -253,7 +254,7 @@ extern "C" fn interrupt_dispatch(frame: &mut InterruptFrame) {
         v if v == TIMER_VECTOR as u64 => crate::arch::apic::timer_interrupt(),
         v if v == super::ipi::IPI_VECTOR as u64 => super::ipi::interrupt(),
         v if v == DEVICE_VECTOR as u64 => {
-            DEVICE_INTERRUPTS[super::ipi::me() % super::ipi::MAX_CPUS].fetch_add(1, Ordering::AcqRel);
+            super::percpu::this().mine.device_interrupts.fetch_add(1, Ordering::AcqRel);
             crate::arch::apic::eoi();
         }
         _ => {} // spurious: no EOI (Intel SDM Vol. 3A 11.9)

@@ -1,11 +1,12 @@
-//! Inter-processor interrupts between the online CPUs: which CPU index has which APIC ID,
-//! the one IPI vector (`IPI_VECTOR`), and the flush mailbox that TLB shootdowns use.
+//! Inter-processor interrupts between the online CPUs: the one IPI vector (`IPI_VECTOR`),
+//! and the flush mailbox that TLB shootdowns use.
 //!
 //! The shootdown protocol itself (mailboxes, generations, acknowledgments, the barrier) is
 //! `vmcore::shootdown`, host-tested and model-checked; this file supplies what touches
 //! hardware (`Apic`: this CPU's index, the IPI) and holds every CPU's mailbox (`MAILBOXES`).
-//! The drain mailbox beside it ("give your allocator reservations back") follows the same
-//! protocol.
+//! The drain mailbox ("give your allocator reservations back") follows the same protocol;
+//! its two counters, the attention flag and each CPU's APIC ID are in the CPU's `PerCpu`
+//! (`arch::percpu`).
 //!
 //! `service` runs from the IPI handler, from every place a CPU waits with interrupts off
 //! (the world lock's spin, the idle loop, a wait for acknowledgments), right before every
@@ -18,7 +19,8 @@
 //! shootdown any CPU started.
 
 use super::apic;
-use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use super::percpu;
+use core::sync::atomic::Ordering;
 use vmcore::shootdown::{Cpus, Mailboxes};
 
 /// The vector of every IPI the hypervisor sends (kicks, shootdowns and doorbell wake-ups
@@ -28,19 +30,8 @@ pub const IPI_VECTOR: u8 = 0x21;
 /// CPUs the hypervisor handles (the shootdown masks are u64).
 pub const MAX_CPUS: usize = 64;
 
-const NO_CPU: u8 = u8::MAX;
-
 /// Every CPU's shootdown mailbox (`vmcore::shootdown`'s protocol).
 static MAILBOXES: Mailboxes<MAX_CPUS> = Mailboxes::new();
-
-/// One CPU's drain mailbox: the shootdown mailbox's protocol for "give your allocator
-/// reservations back" (`frames::drain_core`).
-struct Drain {
-    request: AtomicU64,
-    done: AtomicU64,
-}
-
-static DRAINS: [Drain; MAX_CPUS] = [const { Drain { request: AtomicU64::new(0), done: AtomicU64::new(0) } }; MAX_CPUS];
 
 /// What the shootdown protocol needs of the hardware: the local APIC.
 pub struct Apic;
@@ -83,35 +74,18 @@ impl Cpus for Here {
     }
 }
 
-#[allow(clippy::declare_interior_mutable_const)]
-const APIC_NONE: AtomicU32 = AtomicU32::new(u32::MAX);
-static APIC_OF: [AtomicU32; MAX_CPUS] = [APIC_NONE; MAX_CPUS];
-#[allow(clippy::declare_interior_mutable_const)]
-const INDEX_NONE: AtomicU8 = AtomicU8::new(NO_CPU);
-static INDEX_OF: [AtomicU8; 256] = [INDEX_NONE; 256];
-
-/// Records that CPU `index` has APIC ID `apic_id` (each CPU at its start).
-pub fn register(index: usize, apic_id: u32) {
-    if index < MAX_CPUS && apic_id < 256 {
-        APIC_OF[index].store(apic_id, Ordering::Release);
-        INDEX_OF[apic_id as usize].store(index as u8, Ordering::Release);
-    }
-}
-
-/// The index of the CPU this runs on (0 before `register`, as on the boot CPU).
+/// The index of the CPU this runs on (`percpu::index`: 0 before its `percpu::register`, as
+/// on the boot CPU).
 pub fn me() -> usize {
-    match INDEX_OF[(apic::id() & 0xff) as usize].load(Ordering::Acquire) {
-        NO_CPU => 0,
-        i => i as usize,
-    }
+    percpu::index()
 }
 
 /// Sends `IPI_VECTOR` to CPU `index` (nothing if it is not registered) and asks it to look
 /// at its vCPUs' shared state before it enters a guest again (`attention`): a kick of a
 /// stopped guest, a doorbell's wake-up, the start of the run.
 pub fn send(index: usize) {
-    if let Some(a) = ATTENTION.get(index) {
-        a.store(true, Ordering::Release);
+    if index < MAX_CPUS {
+        percpu::of(index).inbox.attention.store(true, Ordering::Release);
     }
     send_raw(index);
 }
@@ -119,24 +93,19 @@ pub fn send(index: usize) {
 /// True (once) if another CPU sent this CPU an IPI with `send` since the last call: the vCPU
 /// loop then takes the world lock before the next entry instead of the lock-free path.
 pub fn attention(index: usize) -> bool {
-    ATTENTION[index % MAX_CPUS].swap(false, Ordering::AcqRel)
+    percpu::of(index).inbox.attention.swap(false, Ordering::AcqRel)
 }
 
 /// Whether an IPI that needs more than a flush is pending for this CPU (`send`), without
 /// taking it (`attention` does).
 pub fn attention_pending(index: usize) -> bool {
-    ATTENTION[index % MAX_CPUS].load(Ordering::Acquire)
+    percpu::of(index).inbox.attention.load(Ordering::Acquire)
 }
-
-#[allow(clippy::declare_interior_mutable_const)]
-const NO_ATTENTION: AtomicBool = AtomicBool::new(false);
-/// Per CPU index: an IPI that needs more than a flush is pending (`send`).
-static ATTENTION: [AtomicBool; MAX_CPUS] = [NO_ATTENTION; MAX_CPUS];
 
 /// Sends `IPI_VECTOR` to CPU `index` (nothing if it is not registered): a shootdown's IPI,
 /// which needs nothing but `service`.
 fn send_raw(index: usize) {
-    if let Some(id) = APIC_OF.get(index).map(|a| a.load(Ordering::Acquire)).filter(|&id| id != u32::MAX) {
+    if let Some(id) = (index < MAX_CPUS).then(|| percpu::of(index).apic_id()).flatten() {
         apic::send_fixed(id, IPI_VECTOR);
     }
 }
@@ -157,11 +126,11 @@ pub fn service() {
 pub fn service_on(me: usize) {
     let me = me % MAX_CPUS;
     MAILBOXES.service(me, &Apic);
-    let d = &DRAINS[me];
-    let want = d.request.load(Ordering::Acquire);
-    if d.done.load(Ordering::Acquire) < want {
+    let cpu = percpu::of(me);
+    let want = cpu.inbox.drain_request.load(Ordering::Acquire);
+    if cpu.outbox.drain_done.load(Ordering::Acquire) < want {
         crate::mm::frames::drain_core(me);
-        d.done.store(want, Ordering::Release);
+        cpu.outbox.drain_done.store(want, Ordering::Release);
     }
 }
 
@@ -172,14 +141,15 @@ pub fn drain_others() -> u32 {
     let mut waiting = [0u64; MAX_CPUS];
     let mut sent = 0;
     for (cpu, want) in waiting.iter_mut().enumerate() {
-        if cpu != me && APIC_OF[cpu].load(Ordering::Acquire) != u32::MAX {
-            *want = DRAINS[cpu].request.fetch_add(1, Ordering::AcqRel) + 1;
+        let other = percpu::of(cpu);
+        if cpu != me && other.apic_id().is_some() {
+            *want = other.inbox.drain_request.fetch_add(1, Ordering::AcqRel) + 1;
             send_raw(cpu);
             sent += 1;
         }
     }
     for (cpu, &want) in waiting.iter().enumerate() {
-        while want != 0 && DRAINS[cpu].done.load(Ordering::Acquire) < want {
+        while want != 0 && percpu::of(cpu).outbox.drain_done.load(Ordering::Acquire) < want {
             service();
             core::hint::spin_loop();
         }

@@ -5,5 +5,6 @@ pub mod cpu;
 pub mod gdt;
 pub mod idt;
 pub mod ipi;
+pub mod percpu;
 pub mod port;
 pub mod smp;

@@ -9,9 +9,10 @@
 //! uses one), and waits (`hlt`) for the run of guests, in which it takes part with its own
 //! backend instance and run queue (`vm::runqueue`).
 //!
-//! Per-CPU state is one type, `Cpu`, handed to the CPU by its start (no global lookup); its
-//! `frames` handle carries the CPU's own allocator core index; `arch::ipi` maps CPU indices
-//! to APIC IDs for IPIs.
+//! What a CPU is handed at its start is `Cpu` (its index, APIC ID, tables, start handshake and
+//! `frames` handle, which carries the CPU's own allocator core index); its run-time state
+//! (timer ticks, kicks, drain counters, shootdown record) is its `arch::percpu::PerCpu`, which
+//! it registers (`percpu::register`) and checks it finds (`percpu::check`) before it serves.
 
 use crate::platform::acpi::Platform;
 use crate::arch::gdt::CpuTables;
@@ -202,7 +203,8 @@ pub fn start(bi: &BootInfo, platform: &Platform, frames: &Frames, limit: Option<
         state: AtomicU8::new(State::Online as u8),
         probe: [AtomicU64::new(0), AtomicU64::new(0)],
     }));
-    crate::arch::ipi::register(0, bsp_id);
+    crate::arch::percpu::register(0, bsp_id);
+    crate::arch::percpu::check(0);
     log::info!(target: "smp", "cpu 0 online (apic id {bsp_id})");
     let mut cpus = Cpus { online: alloc::vec![&*bsp], listed: platform.cpus.max(1) };
     let aps: Vec<u32> = platform.apic_ids.iter().copied().filter(|&id| id != bsp_id).collect();
@@ -392,7 +394,8 @@ extern "C" fn ap_entry(cpu: &'static Cpu) -> ! {
             slot.store(pa.as_u64(), Ordering::Release);
         }
     }
-    crate::arch::ipi::register(cpu.index, cpu.apic_id);
+    crate::arch::percpu::register(cpu.index, cpu.apic_id);
+    crate::arch::percpu::check(cpu.index);
     let facts = CpuFacts::detect();
     match facts.extension {
         Extension::Svm => enable_and_serve::<crate::svm::Svm>(cpu, &facts),

@@ -562,13 +562,13 @@ fn enter<B: Backend>(backend: &mut B, s: &mut Slot<B>, me: usize, deadline: u64,
         s.seen_flush = gen;
     }
     let now = crate::platform::time::tsc();
-    let ticks = crate::arch::apic::ticks();
+    let ticks = crate::arch::apic::ticks(me);
     let exit = backend.run(&mut s.vcpu, deadline.saturating_sub(now).div_ceil(per_us).max(1));
     // An interrupt exit ends the slice only if the slice timer caused it (this CPU's tick
     // count moved) or the slice is over; an IPI before that (a shootdown, a wake-up, a
     // kick) resumes this vCPU and counts as `interrupt`, not as a used slice.
     match exit {
-        Exit::Interrupt if crate::arch::apic::ticks() != ticks || crate::platform::time::tsc() >= deadline => Exit::Preempted,
+        Exit::Interrupt if crate::arch::apic::ticks(me) != ticks || crate::platform::time::tsc() >= deadline => Exit::Preempted,
         other => other,
     }
 }

@@ -42,8 +42,9 @@
 //! for its acknowledgments at once, under the world lock: bounded, and logged.
 //!
 //! The protocol core (mailboxes, `Owed`, the barrier) is `vmcore::shootdown`, host-tested
-//! and model-checked with loom (docs/src/notes/shootdown-model.md); this file holds one
-//! `Owed` per CPU, the allocator the kept frames go back to, and the counters.
+//! and model-checked with loom (docs/src/notes/shootdown-model.md); this file defines the
+//! `Owed` each CPU keeps (in its `arch::percpu::PerCpu`), the allocator the kept frames go
+//! back to, and the counters.
 
 use super::guest::Guest;
 use super::Backend;
@@ -132,7 +133,7 @@ fn cpus(mask: u64) {
     // The acknowledgments go straight into this CPU's record (`Owed::request`: one step per
     // CPU named). Where only this CPU is named it flushes locally and owes nothing: no
     // mailbox, no wait at `complete`.
-    let mut o = OWED[me].lock();
+    let mut o = crate::arch::percpu::of(me).owed.lock();
     let sent = o.owed.request(ipi::mailboxes(), &ipi::Here(me), mask);
     if !o.owed.acks().is_empty() {
         OWING.fetch_or(1 << me, Ordering::AcqRel);
@@ -150,20 +151,25 @@ const KEEP: usize = 4096;
 /// What this CPU owes before it may give frames back (`vmcore::shootdown::Owed`: the
 /// acknowledgments it asked for and the frames kept until they arrive), and the allocator
 /// handle the frames go back through (this CPU's core).
-struct Owed {
+/// One per CPU, in its `arch::percpu::PerCpu`; only that CPU takes it.
+pub struct Owed {
     owed: shootdown::Owed<{ ipi::MAX_CPUS }>,
     to: Option<Frames>,
 }
 
-/// Per CPU index; only that CPU takes its entry.
-static OWED: [spin::Mutex<Owed>; ipi::MAX_CPUS] = [const { spin::Mutex::new(Owed { owed: shootdown::Owed::new(), to: None }) }; ipi::MAX_CPUS];
+impl Owed {
+    pub const fn new() -> Self {
+        Owed { owed: shootdown::Owed::new(), to: None }
+    }
+}
+
 /// Bit N: CPU N may owe something (`Owed` not empty): lets `complete` return at once.
 static OWING: AtomicU64 = AtomicU64::new(0);
 
 /// Makes room for `KEEP` kept frames on CPU `me` (at the start of its run; without the room
 /// every kept frame waits at once).
 pub fn prepare(me: usize) {
-    OWED[me % ipi::MAX_CPUS].lock().owed.reserve(KEEP);
+    crate::arch::percpu::of(me).owed.lock().owed.reserve(KEEP);
 }
 
 /// Waits (no lock may be held) for the acknowledgments this CPU asked for, then gives the
@@ -176,7 +182,7 @@ pub fn complete() {
     if OWING.load(Ordering::Acquire) & (1 << me) == 0 {
         return;
     }
-    let mut o = OWED[me].lock();
+    let mut o = crate::arch::percpu::of(me).owed.lock();
     OWING.fetch_and(!(1 << me), Ordering::AcqRel);
     if o.owed.is_empty() {
         return;
@@ -214,7 +220,7 @@ impl morsel::FrameAlloc for After<'_> {
 
     fn free(&self, frame: morsel::HostPhysAddr, order: u32) {
         let me = ipi::me();
-        let mut o = OWED[me].lock();
+        let mut o = crate::arch::percpu::of(me).owed.lock();
         if o.to.is_none() {
             o.to = Some(*self.0);
         }
