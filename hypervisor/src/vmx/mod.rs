@@ -225,7 +225,9 @@ impl Backend for Vmx {
         unsafe { x86::msr::wrmsr(IA32_KERNEL_GS_BASE, vcpu.kernel_gs_base) };
         // SAFETY: the VMCS is current and was set up by create_vcpu (host state, guest state,
         // an EPT that maps only the guest's memory); `launched` tracks its launch state.
+        crate::probe::mark(7);
         let status = unsafe { switch::run(&mut vcpu.regs, vcpu.launched, &mut vcpu.fpu, &mut self.host_fpu) };
+        crate::probe::mark(8);
         // SAFETY: as above; the host's value is 0.
         unsafe {
             vcpu.kernel_gs_base = x86::msr::rdmsr(IA32_KERNEL_GS_BASE);
