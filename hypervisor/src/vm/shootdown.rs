@@ -127,8 +127,16 @@ impl vmcore::flush::Invalidate<Bdf> for Hw<'_> {
 /// acknowledgments are awaited by `complete` when this CPU lets go of the world lock.
 /// `Flush::commit` is the way in (`Hw`).
 fn cpus(mask: u64) {
-    let t0 = crate::platform::time::tsc();
     let me = ipi::me();
+    if mask & !(1 << me) == 0 {
+        // Only this CPU (a FREE of the caller's own single-CPU guest): the local flush,
+        // which adds nothing to this CPU's `Owed` (`Mailboxes::request_into`), so its lock
+        // is not taken; nothing is sent or awaited.
+        ipi::mailboxes().flush_local(me, &ipi::Here(me));
+        SHOOTDOWNS.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    let t0 = crate::platform::time::tsc();
     // The acknowledgments go straight into this CPU's record (`Owed::request`: one step per
     // CPU named). Where only this CPU is named it flushes locally and owes nothing: no
     // mailbox, no wait at `complete`.
