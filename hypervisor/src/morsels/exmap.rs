@@ -193,20 +193,21 @@ impl<F: morsel::Format> Batch<F> {
     /// Ends the batch with the world lock let go, where nothing shared needs it: the batch
     /// succeeded and its vCPU goes on (the caller checked that no stop reached this CPU).
     /// A FREE that cleared pages shoots down ONCE (`Held::targets` from the mounts counted
-    /// at the take: `guest_cpus`, the CPUs that ran the caller's vCPUs, read now, or every
-    /// CPU that ran a guest), then the region's lock is given back (Release: the next one
-    /// admitted under the world lock sees the edits). The counters are the region cell's.
+    /// at the take: `guest_cpus`, the CPUs that ran the caller's vCPUs, read now (only this
+    /// CPU `me`: its local flush), or every CPU that ran a guest), then the region's lock is
+    /// given back (Release: the next one admitted under the world lock sees the edits). The
+    /// counters are the region cell's.
     /// Returns the failed-entry count and the vCPU's ExMap state, which its slot keeps
     /// until its next world lock (`Exmaps::unpark`); the caller settles this CPU's
     /// shootdown (`shootdown::complete`) before the vCPU enters its guest again. The batch
     /// comes back untouched where it failed (`finish_batch` reports it). Also returns the
     /// region's handle for the vCPU's next call (`Fast`, kept in its slot).
     #[allow(clippy::result_large_err)] // the batch moves back once, on the rare fallback; boxing would allocate
-    pub fn finish_alone(self, guest_cpus: impl FnOnce() -> u64, frames: &Frames) -> Result<(u64, Parked, Fast<F>), Self> {
+    pub fn finish_alone(self, me: usize, guest_cpus: impl FnOnce() -> u64, frames: &Frames) -> Result<(u64, Parked, Fast<F>), Self> {
         let Ok(done) = self.outcome else { return Err(self) };
         let Batch { held, cell, morsel, origin, mut v, op, iov_hpa, name, guest, vcpu, gpa, iov_gpa, .. } = self;
         let handle = held.handle();
-        let failed = end_alone(held, cell, &mut v, op, done, guest_cpus, frames, &name, guest);
+        let failed = end_alone(held, cell, &mut v, op, done, me, guest_cpus, frames, &name, guest);
         let fast = Fast { cell, handle, morsel, origin, gpa, iov_gpa, iov_hpa, name, guest, vcpu };
         Ok((failed, Parked { v, guest, vcpu }, fast))
     }
@@ -216,21 +217,31 @@ impl<F: morsel::Format> Batch<F> {
 /// `Fast::call`): the shootdown of a FREE that cleared pages, the counters, the region's lock
 /// given back. Returns the failed-entry count.
 #[allow(clippy::too_many_arguments)]
-fn end_alone(held: Held, cell: &RegionCell, v: &mut VcpuState, op: u64, done: (exmap::BatchStats, u64), guest_cpus: impl FnOnce() -> u64,
+fn end_alone(held: Held, cell: &RegionCell, v: &mut VcpuState, op: u64, done: (exmap::BatchStats, u64), me: usize, guest_cpus: impl FnOnce() -> u64,
     frames: &Frames, name: &Name, guest: u32) -> u64 {
     let (b, zeroed) = done;
     let (pages, failed) = (b.pages, b.failed as u64);
     let cleared = op == abi::EXMAP_FREE && pages > 0 || b.rolled_back > 0;
     if let Some(targets) = held.targets(cleared, Caller::Stays) {
         let flush = match targets {
-            Targets::Caller => Flush::cpus(guest_cpus()),
+            Targets::Caller => match guest_cpus() {
+                // The caller's guest ran on this CPU (`me`) alone: its local flush, as
+                // `Flush::commit` would do it, without building one.
+                cpus if cpus & !(1 << me) == 0 => None,
+                cpus => Some(Flush::cpus(cpus)),
+            },
             Targets::Everyone => {
                 RegionCell::add(&cell.remote_flushes, 1);
-                Flush::every_guest_cpu()
+                Some(Flush::every_guest_cpu())
             }
         };
-        // No device sees a batching region: the shootdown alone.
-        let _ = flush.commit(&mut Hw(None));
+        match flush {
+            // No device sees a batching region: the shootdown alone.
+            Some(flush) => {
+                let _ = flush.commit(&mut Hw(None));
+            }
+            None => crate::vm::shootdown::local(me),
+        }
         RegionCell::add(&cell.invalidations, 1);
         v.cache.trim(&crate::vm::shootdown::After(frames));
     }
@@ -297,7 +308,7 @@ impl<F: morsel::Format> Fast<F> {
     /// page, a change since, a batch of another vCPU holding the lock.
     #[allow(clippy::too_many_arguments)]
     pub fn call(&self, parked: &mut Option<Parked>, gpa: u64, iov_gpa: u64, op: u64, count: u64, frames: &Frames,
-        stopped: impl FnOnce() -> bool, guest_cpus: impl FnOnce() -> u64) -> FastCall<F> {
+        stopped: impl FnOnce() -> bool, me: usize, guest_cpus: impl FnOnce() -> u64) -> FastCall<F> {
         let Some(p) = parked.as_mut() else { return FastCall::NotTaken };
         let Some(held) = self.take(p, gpa, iov_gpa) else { return FastCall::NotTaken };
         crate::probe::mark(2);
@@ -305,7 +316,7 @@ impl<F: morsel::Format> Fast<F> {
         let outcome = run_batch(&mut p.v, &self.morsel, self.origin, self.iov_hpa, op, count, frames);
         crate::probe::mark(3);
         match outcome {
-            Ok(done) if !stopped() => FastCall::Ended(end_alone(held, self.cell, &mut p.v, op, done, guest_cpus, frames, &self.name, self.guest)),
+            Ok(done) if !stopped() => FastCall::Ended(end_alone(held, self.cell, &mut p.v, op, done, me, guest_cpus, frames, &self.name, self.guest)),
             outcome => match parked.take() {
                 Some(p) => FastCall::Locked(Batch { outcome, ..self.batch_of(held, p, gpa, iov_gpa, op, count) }),
                 None => unreachable!("the vCPU's state was taken above"),

@@ -427,7 +427,7 @@ fn exmap_fast<B: Backend>(s: &mut Slot<B>, exit: &Exit, me: usize, deadline: u64
     crate::probe::mark(1);
     crate::probe::fast_call(op, count);
     let shared = &s.shared;
-    let failed = match fast.call(&mut s.exmap, gpa, iov, op, count, frames, || ipi::attention_pending(me), || shared.ran_on()) {
+    let failed = match fast.call(&mut s.exmap, gpa, iov, op, count, frames, || ipi::attention_pending(me), me, || shared.ran_on()) {
         FastCall::NotTaken => return FastStep::NotTaken,
         FastCall::Ended(failed) => failed,
         FastCall::Locked(batch) => {
@@ -472,7 +472,7 @@ fn known_next(decoded: Option<Decoded>, rip: u64, resume: &Resume, opcode: Opcod
 #[allow(clippy::result_large_err)] // the batch moves back once, on the rare fallback
 fn end_alone<B: Backend>(s: &mut Slot<B>, batch: crate::morsels::exmap::Batch<B::Format>, me: usize, deadline: u64, frames: &Frames)
     -> Result<bool, crate::morsels::exmap::Batch<B::Format>> {
-    let (failed, parked, fast) = batch.finish_alone(|| s.shared.ran_on(), frames)?;
+    let (failed, parked, fast) = batch.finish_alone(me, || s.shared.ran_on(), frames)?;
     s.exmap = Some(parked);
     s.fast = Some(fast);
     Ok(resume_alone(s, failed, me, deadline))

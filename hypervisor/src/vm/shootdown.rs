@@ -129,11 +129,7 @@ impl vmcore::flush::Invalidate<Bdf> for Hw<'_> {
 fn cpus(mask: u64) {
     let me = ipi::me();
     if mask & !(1 << me) == 0 {
-        // Only this CPU (a FREE of the caller's own single-CPU guest): the local flush,
-        // which adds nothing to this CPU's `Owed` (`Mailboxes::request_into`), so its lock
-        // is not taken; nothing is sent or awaited.
-        ipi::mailboxes().flush_local(me, &ipi::Here(me));
-        SHOOTDOWNS.fetch_add(1, Ordering::Relaxed);
+        local(me);
         return;
     }
     let t0 = crate::platform::time::tsc();
@@ -149,6 +145,14 @@ fn cpus(mask: u64) {
     TSC_SPENT.fetch_add(crate::platform::time::tsc() - t0, Ordering::Relaxed);
     SHOOTDOWNS.fetch_add(1, Ordering::Relaxed);
     IPIS.fetch_add(sent as u64, Ordering::Relaxed);
+}
+
+/// A shootdown that names only this CPU `me`: the local flush (the flush generation's bump,
+/// done before its next entry), which adds nothing to this CPU's `Owed`
+/// (`Mailboxes::request_into`), so its lock is not taken; nothing is sent or awaited.
+pub fn local(me: usize) {
+    ipi::mailboxes().flush_local(me, &ipi::Here(me));
+    SHOOTDOWNS.fetch_add(1, Ordering::Relaxed);
 }
 
 /// Frames kept back per CPU until its shootdowns are acknowledged (`After`); more wait at
