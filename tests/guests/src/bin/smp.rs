@@ -19,11 +19,15 @@
 //!   morsel `KICKS` times, each a shootdown IPI into vCPU 1's CPU, sleeping 1 ms between
 //!   (a sleep parks only vCPU 0); an IPI exit inside a slice is no preemption: vCPU 1 goes
 //!   on and its exit table counts `interrupt=N` (the scenario checks).
+//! * 8 (two vCPUs) + 4 (the witness): as 3, but vCPU 1 reads page 0 of the ExMap region "xv"
+//!   and vCPU 0 FREEs that page (right after an ALLOC of page 1 on the same region: the FREE
+//!   takes no world lock, `exmap_fast`) instead of unmounting a morsel.
 #![no_std]
 #![no_main]
 
 use core::ptr::read_volatile;
 use core::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use guest_lib::exmap::{ExMap, Range};
 use guest_lib::morsel::{self, PageSize};
 use guest_lib::{println, yield_now, BootInfo, Error};
 
@@ -44,6 +48,7 @@ fn main(info: &BootInfo) -> i32 {
         2 => sum_main(info),
         3 => unmount_main(),
         4 => witness(),
+        8 => free_main(),
         5 => churn(info, 0),
         6 => fault_main(info),
         7 => kicks_main(),
@@ -54,7 +59,7 @@ fn main(info: &BootInfo) -> i32 {
 fn vcpu_main(info: &BootInfo, vcpu: u32) -> i32 {
     match info.arg {
         2 => sum_vcpu(),
-        3 => reader(),
+        3 | 8 => reader(),
         5 => churn(info, vcpu),
         7 => kicks_spinner(),
         6 => {
@@ -210,6 +215,46 @@ fn unmount_main() -> i32 {
     }
 }
 
+/// Arg 8: `unmount_main` with an ExMap FREE of the page the reader reads.
+fn free_main() -> i32 {
+    let w = match open_shared("witness", true) {
+        Ok(w) => w,
+        Err(e) => {
+            println!("smp: witness: {e}");
+            return 1;
+        }
+    };
+    let Ok(mut x) = ExMap::create("xv", 64 * 4096, false) else {
+        println!("smp: region 'xv' FAILED");
+        return 1;
+    };
+    if x.alloc(&[Range::new(0, 1)]) != Ok(0) {
+        println!("smp: ALLOC of page 0 FAILED");
+        return 1;
+    }
+    WITNESS.store(w.addr(), SeqCst);
+    SHARED.store(x.addr(), SeqCst);
+    let wa = w.atomics();
+    while wa[2].load(SeqCst) < 1000 {
+        yield_now();
+    }
+    println!("smp: freeing page 0 of 'xv' while vcpu 1 reads it on another CPU");
+    wa[3].store(1, SeqCst);
+    // The ALLOC ends alone and leaves this vCPU a handle to the region: the FREE right after
+    // it takes no world lock, and returns after CPU 1 acknowledged the shootdown.
+    for _ in 0..3 {
+        let _ = x.alloc(&[Range::new(1, 1)]);
+        let _ = x.free(&[Range::new(1, 1)]);
+    }
+    let alloc = x.alloc(&[Range::new(1, 1)]);
+    let free = x.free(&[Range::new(0, 1)]);
+    wa[0].store(1, SeqCst); // FLAG, only after the call returned
+    println!("smp: FREE returned {free:?} (ALLOC {alloc:?}), flag set");
+    loop {
+        core::hint::spin_loop(); // the reader's fault stops this guest
+    }
+}
+
 fn reader() -> i32 {
     let wa = wait_for(&WITNESS);
     let gpa = loop {
@@ -222,8 +267,9 @@ fn reader() -> i32 {
     println!("smp: vcpu 1 reading 'victim' at {gpa:#x} on cpu {}", guest_lib::cpu_index());
     loop {
         let after = wa[0].load(SeqCst) != 0;
-        // SAFETY: the victim is mounted at gpa until vCPU 0 unmounts it; after that the read
-        // is a second-level fault (what this checks), never other memory.
+        // SAFETY: the victim (arg 8: page 0 of the region) is mounted (populated) at gpa until
+        // vCPU 0 unmounts (FREEs) it; after that the read is a second-level fault (what this
+        // checks), never other memory.
         let _ = unsafe { read_volatile(gpa as *const u64) };
         if after {
             wa[1].fetch_add(1, SeqCst);
@@ -250,7 +296,7 @@ fn witness() -> i32 {
         yield_now();
     }
     let after = wa[1].load(SeqCst);
-    println!("witness: reads started after the unmount returned: {after} ({} before; flag {})", wa[2].load(SeqCst),
+    println!("witness: reads started after the call returned: {after} ({} before; flag {})", wa[2].load(SeqCst),
         if wa[0].load(SeqCst) != 0 { "set" } else { "not set yet: the reader was stopped first" });
     (after != 0) as i32
 }
