@@ -257,7 +257,7 @@ fn end_alone(held: Held, cell: &RegionCell, v: &mut VcpuState, op: u64, done: (e
 /// with the guest mounts counted then), and what that call checked under the world lock:
 /// the guest's read-write mount at `gpa`, the iovec page at `iov_gpa` (aligned, guest RAM,
 /// translated to `iov_hpa`). The next call on the same region with the same iovec page
-/// takes the region's lock with it, no world lock (`Fast::batch`): only while the
+/// takes the region's lock with it, no world lock (`Fast::call`): only while the
 /// generation is unchanged, so that mount is still there (an unmount bumps it), the region
 /// was not destroyed and its slot not reused (destroy and `exmap_create` bump it), and no
 /// device saw it since (a device mount or NVMe batch bumps it). Anything else goes to the

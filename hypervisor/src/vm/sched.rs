@@ -402,10 +402,12 @@ enum FastStep<F: morsel::Format> {
 /// made by a batch that ended alone), the vCPU's ExMap state is still in its slot
 /// (`s.exmap`: no world lock was taken since), `lockless` found the exit quiet (no IPI asked
 /// this CPU to look: that flag is taken there, so a stop is never missed here; timer not
-/// due, slice not over) and the handle still takes the region's lock (`Fast::batch`: nothing changed since, no other
-/// batch holds it). Then the batch runs and ends alone exactly as on the world path
-/// (`Batch::run`, `Batch::finish_alone`, `shootdown::complete`). Anything unusual is
-/// `NotTaken` with nothing changed, so the world path gives the answers it gave before.
+/// due, slice not over) and the handle still takes the region's lock (`Fast::call`: nothing
+/// changed since, no other batch holds it). Then the batch runs and ends alone as on the
+/// world path (the bodies of `Batch::run` and `Batch::finish_alone`, then
+/// `shootdown::complete`), in place: on the slot's state, nothing built or moved per call
+/// (Bochs counts every byte a move copies). Anything unusual is `NotTaken` with nothing
+/// changed, so the world path gives the answers it gave before.
 fn exmap_fast<B: Backend>(s: &mut Slot<B>, exit: &Exit, me: usize, deadline: u64, frames: &Frames) -> FastStep<B::Format> {
     crate::probe::mark(0);
     let Exit::Hypercall { resume, cpl: 0 } = *exit else { return FastStep::NotTaken };
