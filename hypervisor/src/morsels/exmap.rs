@@ -155,38 +155,36 @@ type Outcome = Result<(exmap::BatchStats, u64), Error>;
 /// of `count` entries.
 #[inline(always)]
 fn run_batch<F: morsel::Format>(v: &mut VcpuState, morsel: &Morsel<F>, origin: Origin, iov_hpa: u64, op: u64, count: usize, frames: &Frames) -> Outcome {
-    {
-        v.iov.clear();
-        let page = iov_hpa as *const u64;
-        for k in 0..count {
-            // SAFETY: `iov_hpa` is a 4 KiB-aligned page of the caller's guest RAM (checked and
-            // translated read-write in `action`), identity-mapped, and stays while the calling
-            // vCPU lives (it is in this call); k < 512, so the u64 lies inside it, aligned.
-            // Sibling vCPUs may write it meanwhile: one volatile read, no reference.
-            let e = unsafe { core::ptr::read_volatile(page.add(k)) };
-            // Within the capacity `ready` made sure of: no allocation.
-            v.iov.push(u64::from_le(e));
-        }
-        if op == abi::EXMAP_FREE {
-            let pages: u64 = v.iov.iter().map(|&e| exmap::decode(e).1).sum();
-            if v.cache.reserve(pages as usize).is_err() {
-                return Err(Error::NoMemory);
-            }
-        }
-        let zeroed0 = v.cache.stats().zeroed;
-        let region = Region { morsel, origin, mem: &IDENTITY };
-        let (iov, val, cache) = (&mut v.iov, &mut v.validator, &mut v.cache);
-        let b = match op {
-            abi::EXMAP_ALLOC => exmap::alloc(&region, iov, val, cache, frames, &mut |_, _| {}, code),
-            _ => exmap::free(&region, iov, val, cache, &mut |_, _| {}, code),
-        };
-        let out = iov_hpa as *mut u64;
-        for (k, r) in v.iov.iter().enumerate().take(count) {
-            // SAFETY: as for the read above, written back the same way.
-            unsafe { core::ptr::write_volatile(out.add(k), r.to_le()) };
-        }
-        Ok((b, v.cache.stats().zeroed - zeroed0))
+    v.iov.clear();
+    let page = iov_hpa as *const u64;
+    for k in 0..count {
+        // SAFETY: `iov_hpa` is a 4 KiB-aligned page of the caller's guest RAM (checked and
+        // translated read-write in `action`), identity-mapped, and stays while the calling
+        // vCPU lives (it is in this call); k < 512, so the u64 lies inside it, aligned.
+        // Sibling vCPUs may write it meanwhile: one volatile read, no reference.
+        let e = unsafe { core::ptr::read_volatile(page.add(k)) };
+        // Within the capacity `ready` made sure of: no allocation.
+        v.iov.push(u64::from_le(e));
     }
+    if op == abi::EXMAP_FREE {
+        let pages: u64 = v.iov.iter().map(|&e| exmap::decode(e).1).sum();
+        if v.cache.reserve(pages as usize).is_err() {
+            return Err(Error::NoMemory);
+        }
+    }
+    let zeroed0 = v.cache.stats().zeroed;
+    let region = Region { morsel, origin, mem: &IDENTITY };
+    let (iov, val, cache) = (&mut v.iov, &mut v.validator, &mut v.cache);
+    let b = match op {
+        abi::EXMAP_ALLOC => exmap::alloc(&region, iov, val, cache, frames, &mut |_, _| {}, code),
+        _ => exmap::free(&region, iov, val, cache, &mut |_, _| {}, code),
+    };
+    let out = iov_hpa as *mut u64;
+    for (k, r) in v.iov.iter().enumerate().take(count) {
+        // SAFETY: as for the read above, written back the same way.
+        unsafe { core::ptr::write_volatile(out.add(k), r.to_le()) };
+    }
+    Ok((b, v.cache.stats().zeroed - zeroed0))
 }
 
 impl<F: morsel::Format> Batch<F> {
@@ -298,29 +296,35 @@ pub enum FastCall<F: morsel::Format> {
 
 impl<F: morsel::Format> Fast<F> {
     /// `exmap_action(gpa, iov_gpa, count, op)` (ALLOC or FREE) with no world lock, run and
-    /// ended in place with the vCPU's state `parked` (none: `NotTaken`): nothing is built or
-    /// moved per call (Bochs counts every byte a move copies). The batch is `Batch::run`'s, and it ends as `Batch::finish_alone` ends it,
-    /// where it succeeded and `stopped` (asked after the batch ran) says no stop reached this
-    /// CPU; otherwise the batch ends under the world lock (`Locked`). The handle stays: a
-    /// fast take leaves the generation as it was. `NotTaken` where the call does not name
+    /// ended in place with the vCPU's state `parked` (none: `NotTaken`): no `Batch` is built
+    /// and nothing large moved per call (Bochs counts every byte a move copies). The batch is
+    /// `Batch::run`'s, and it ends as `Batch::finish_alone` ends it (`me`, `guest_cpus`: the
+    /// shootdown's) where it succeeded and `stopped` (asked after the batch ran) says no stop
+    /// reached this CPU; otherwise it ends under the world lock (`Locked`). The handle
+    /// stays: a fast take leaves the generation as it was. `NotTaken` where the call does not name
     /// this handle's region and iovec page or the lock is not taken by CAS at the handle's
     /// generation (`RegionLock::take_fast`): the first call on a region, another iovec
     /// page, a change since, a batch of another vCPU holding the lock.
     #[allow(clippy::too_many_arguments)]
     pub fn call(&self, parked: &mut Option<Parked>, gpa: u64, iov_gpa: u64, op: u64, count: u64, frames: &Frames,
         stopped: impl FnOnce() -> bool, me: usize, guest_cpus: impl FnOnce() -> u64) -> FastCall<F> {
-        let Some(p) = parked.as_mut() else { return FastCall::NotTaken };
-        let Some(held) = self.take(p, gpa, iov_gpa) else { return FastCall::NotTaken };
+        // `Parked` is a box and two numbers: taking it out and back copies 16 bytes.
+        let Some(mut p) = parked.take() else { return FastCall::NotTaken };
+        let Some(held) = self.take(&p, gpa, iov_gpa) else {
+            *parked = Some(p);
+            return FastCall::NotTaken;
+        };
         crate::probe::mark(2);
         let count = (count as usize).min(exmap::MAX_ENTRIES);
         let outcome = run_batch(&mut p.v, &self.morsel, self.origin, self.iov_hpa, op, count, frames);
         crate::probe::mark(3);
         match outcome {
-            Ok(done) if !stopped() => FastCall::Ended(end_alone(held, self.cell, &mut p.v, op, done, me, guest_cpus, frames, &self.name, self.guest)),
-            outcome => match parked.take() {
-                Some(p) => FastCall::Locked(Batch { outcome, ..self.batch_of(held, p, gpa, iov_gpa, op, count) }),
-                None => unreachable!("the vCPU's state was taken above"),
-            },
+            Ok(done) if !stopped() => {
+                let failed = end_alone(held, self.cell, &mut p.v, op, done, me, guest_cpus, frames, &self.name, self.guest);
+                *parked = Some(p);
+                FastCall::Ended(failed)
+            }
+            outcome => FastCall::Locked(Batch { outcome, ..self.batch_of(held, p, gpa, iov_gpa, op, count) }),
         }
     }
 

@@ -184,13 +184,6 @@ fn sum_vcpu() -> i32 {
 }
 
 fn unmount_main() -> i32 {
-    let w = match open_shared("witness", true) {
-        Ok(w) => w,
-        Err(e) => {
-            println!("smp: witness: {e}");
-            return 1;
-        }
-    };
     let victim = match morsel::create("victim", 4096, PageSize::Size4K, false) {
         Ok(v) => v,
         Err(e) => {
@@ -198,32 +191,12 @@ fn unmount_main() -> i32 {
             return 1;
         }
     };
-    WITNESS.store(w.addr(), SeqCst);
-    SHARED.store(victim.addr(), SeqCst);
-    let wa = w.atomics();
-    // The reader is reading (its count of reads before FLAG moves).
-    while wa[2].load(SeqCst) < 1000 {
-        yield_now();
-    }
-    println!("smp: unmounting 'victim' while vcpu 1 reads it on another CPU");
-    wa[3].store(1, SeqCst);
-    drop(victim); // morsel_unmount: returns after the shootdown
-    wa[0].store(1, SeqCst); // FLAG, only after the call returned
-    println!("smp: unmount returned, flag set");
-    loop {
-        core::hint::spin_loop(); // the reader's fault stops this guest
-    }
+    // morsel_unmount: returns after the shootdown.
+    remove_while_read(victim.addr(), "unmounting 'victim'", move || drop(victim))
 }
 
 /// Arg 8: `unmount_main` with an ExMap FREE of the page the reader reads.
 fn free_main() -> i32 {
-    let w = match open_shared("witness", true) {
-        Ok(w) => w,
-        Err(e) => {
-            println!("smp: witness: {e}");
-            return 1;
-        }
-    };
     let Ok(mut x) = ExMap::create("xv", 64 * 4096, false) else {
         println!("smp: region 'xv' FAILED");
         return 1;
@@ -232,24 +205,45 @@ fn free_main() -> i32 {
         println!("smp: ALLOC of page 0 FAILED");
         return 1;
     }
+    let at = x.addr();
+    // ALLOC / FREE pairs on page 1 leave this vCPU a handle to the region (its state stays in
+    // its slot): the FREE of page 0 right after them takes no world lock, and returns after
+    // CPU 1 acknowledged the shootdown. `x` is never dropped (no unmount): the call below
+    // does not return.
+    remove_while_read(at, "freeing page 0 of 'xv'", || {
+        for _ in 0..3 {
+            let _ = x.alloc(&[Range::new(1, 1)]);
+            let _ = x.free(&[Range::new(1, 1)]);
+        }
+        let alloc = x.alloc(&[Range::new(1, 1)]);
+        let free = x.free(&[Range::new(0, 1)]);
+        println!("smp: FREE returned {free:?} (ALLOC {alloc:?})");
+    })
+}
+
+/// Args 3 and 8: publishes `victim` (the reader's page) and the witness, waits until vCPU 1
+/// reads it, then `remove`s it (`what` says how) and only after that sets FLAG; the reader's
+/// fault stops this guest, so this never returns but with an error.
+fn remove_while_read(victim: u64, what: &str, remove: impl FnOnce()) -> i32 {
+    let w = match open_shared("witness", true) {
+        Ok(w) => w,
+        Err(e) => {
+            println!("smp: witness: {e}");
+            return 1;
+        }
+    };
     WITNESS.store(w.addr(), SeqCst);
-    SHARED.store(x.addr(), SeqCst);
+    SHARED.store(victim, SeqCst);
     let wa = w.atomics();
+    // The reader is reading (its count of reads before FLAG moves).
     while wa[2].load(SeqCst) < 1000 {
         yield_now();
     }
-    println!("smp: freeing page 0 of 'xv' while vcpu 1 reads it on another CPU");
+    println!("smp: {what} while vcpu 1 reads it on another CPU");
     wa[3].store(1, SeqCst);
-    // The ALLOC ends alone and leaves this vCPU a handle to the region: the FREE right after
-    // it takes no world lock, and returns after CPU 1 acknowledged the shootdown.
-    for _ in 0..3 {
-        let _ = x.alloc(&[Range::new(1, 1)]);
-        let _ = x.free(&[Range::new(1, 1)]);
-    }
-    let alloc = x.alloc(&[Range::new(1, 1)]);
-    let free = x.free(&[Range::new(0, 1)]);
+    remove();
     wa[0].store(1, SeqCst); // FLAG, only after the call returned
-    println!("smp: FREE returned {free:?} (ALLOC {alloc:?}), flag set");
+    println!("smp: the call returned, flag set");
     loop {
         core::hint::spin_loop(); // the reader's fault stops this guest
     }
