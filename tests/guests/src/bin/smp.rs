@@ -192,7 +192,10 @@ fn unmount_main() -> i32 {
         }
     };
     // morsel_unmount: returns after the shootdown.
-    remove_while_read(victim.addr(), "unmounting 'victim'", move || drop(victim))
+    remove_while_read(victim.addr(), "unmounting 'victim'", move || {
+        drop(victim);
+        true
+    })
 }
 
 /// Arg 8: `unmount_main` with an ExMap FREE of the page the reader reads.
@@ -216,15 +219,16 @@ fn free_main() -> i32 {
             let _ = x.free(&[Range::new(1, 1)]);
         }
         let alloc = x.alloc(&[Range::new(1, 1)]);
-        let free = x.free(&[Range::new(0, 1)]);
-        println!("smp: FREE returned {free:?} (ALLOC {alloc:?})");
+        x.free(&[Range::new(0, 1)]) == Ok(0) && alloc == Ok(0)
     })
 }
 
 /// Args 3 and 8: publishes `victim` (the reader's page) and the witness, waits until vCPU 1
-/// reads it, then `remove`s it (`what` says how) and only after that sets FLAG; the reader's
-/// fault stops this guest, so this never returns but with an error.
-fn remove_while_read(victim: u64, what: &str, remove: impl FnOnce()) -> i32 {
+/// reads it, then `remove`s it (`what` says how; false: a call failed) and sets FLAG right
+/// after, with no exit in between (an exit of the reader's CPU meanwhile would drop its
+/// cached translations and hide a missing shootdown); the reader's fault stops this guest,
+/// so this never returns but with an error.
+fn remove_while_read(victim: u64, what: &str, remove: impl FnOnce() -> bool) -> i32 {
     let w = match open_shared("witness", true) {
         Ok(w) => w,
         Err(e) => {
@@ -241,9 +245,9 @@ fn remove_while_read(victim: u64, what: &str, remove: impl FnOnce()) -> i32 {
     }
     println!("smp: {what} while vcpu 1 reads it on another CPU");
     wa[3].store(1, SeqCst);
-    remove();
+    let ok = remove();
     wa[0].store(1, SeqCst); // FLAG, only after the call returned
-    println!("smp: the call returned, flag set");
+    println!("smp: the call returned{}, flag set", if ok { "" } else { " FAILED" });
     loop {
         core::hint::spin_loop(); // the reader's fault stops this guest
     }
