@@ -12,6 +12,7 @@ mod iommu;
 mod mm;
 mod morsels;
 mod platform;
+mod probe;
 mod svm;
 mod vm;
 mod vmx;

@@ -39,6 +39,8 @@ pub struct Options {
     pub cpus: Vec<usize>,
     /// `--configs c`: the `exmap-smp` configurations booted past 1 CPU (default `abc`).
     pub configs: String,
+    /// `--probe`: `exmap-smp` with the hypervisor's phase counters (feature `percall-probe`).
+    pub probe: bool,
     pub rounds: usize,
     pub docs: bool,
     /// `--upstream PATH`: a checkout of upstream llfree-rs (outside this repository); the
@@ -48,11 +50,12 @@ pub struct Options {
 
 impl Options {
     pub fn parse(args: &[String]) -> Result<Options> {
-        let mut o = Options { benches: Vec::new(), smp: false, ipc: false, bufmgr: false, exits: false, exmap_smp: false, cpus: vec![1, 2, 4], configs: "abc".into(), rounds: DEFAULT_ROUNDS, docs: false, upstream: None };
+        let mut o = Options { benches: Vec::new(), smp: false, ipc: false, bufmgr: false, exits: false, exmap_smp: false, cpus: vec![1, 2, 4], configs: "abc".into(), probe: false, rounds: DEFAULT_ROUNDS, docs: false, upstream: None };
         let mut it = args.iter();
         while let Some(a) = it.next() {
             match a.as_str() {
                 "--docs" => o.docs = true,
+                "--probe" => o.probe = true,
                 "--rounds" => {
                     o.rounds = match it.next().map(|v| v.parse::<usize>()) {
                         Some(Ok(n)) if n >= 1 => n,
@@ -244,7 +247,7 @@ pub fn bench(o: &Options) -> Result<ExitCode> {
         return crate::bench_smp::bench_exits();
     }
     if o.exmap_smp && o.benches.is_empty() && !o.smp && !o.ipc && !o.bufmgr {
-        return crate::bench_exmap_smp::bench(&o.cpus, &o.configs);
+        return crate::bench_exmap_smp::bench(&o.cpus, &o.configs, o.probe);
     }
     if [o.smp, o.ipc, o.bufmgr].iter().filter(|&&b| b).count() > 1 {
         bail!("`bench smp`, `bench ipc` and `bench bufmgr` run one at a time (each boots QEMU)");

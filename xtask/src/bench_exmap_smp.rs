@@ -76,11 +76,11 @@ fn spread(rows: &[Row], col: impl Fn(&Row) -> u64) -> (f64, u64, u64) {
 
 /// Boots every configuration of `configs` ('a', 'b', 'c') on each of `cpu_counts` CPUs (1 CPU:
 /// the one baseline, config 'c').
-pub fn bench(cpu_counts: &[usize], configs: &str) -> Result<ExitCode> {
+pub fn bench(cpu_counts: &[usize], configs: &str, probe: bool) -> Result<ExitCode> {
     let root = crate::root();
     let built = {
         let _lock = images::lock_build(&root)?;
-        images::build_all(false)?
+        images::build_with(false, probe.then_some("percall-probe"))?
     };
     crate::tools::require(&crate::tools::BOCHS)?;
     // 1 CPU: one guest, one vCPU, its own region: the baseline of every configuration.
@@ -92,6 +92,10 @@ pub fn bench(cpu_counts: &[usize], configs: &str) -> Result<ExitCode> {
             let start = std::time::Instant::now();
             let text = crate::bench_smp::bochs_boot(&root, &built, &format!("bench-exmap-{config}-{cpus}"), &cmdline, cpus)?;
             let rows = parse(&text)?;
+            // The hypervisor's phase counters (`--probe`), printed at its end.
+            for line in text.lines().filter(|l| probe && l.contains("probe ")) {
+                println!("{line}");
+            }
             if rows.len() != cpus {
                 bail!("bochs, config ({config}) with {cpus} CPU(s): {} result lines (build/bench/bench-exmap-{config}-{cpus}.serial.log)", rows.len());
             }

@@ -200,7 +200,7 @@ pub fn bench(rounds: usize) -> Result<ExitCode> {
     }
     println!("(inside the hypervisor, `bench_frames`: each CPU through its own allocator core, no lock, all CPUs at once; {cores} host core(s))");
     bochs(&root, &built)?;
-    crate::bench_exmap_smp::bench(&[1, 2, 4], "abc")
+    crate::bench_exmap_smp::bench(&[1, 2, 4], "abc", false)
 }
 
 /// The same boots under Bochs (VMX backend), once each: Bochs' virtual clock (`clock:

@@ -119,9 +119,18 @@ pub fn lock_build(root: &Path) -> Result<std::fs::File> {
 /// Build the hypervisor and all guests, then write `build/guests.ar`. With `quiet`, the
 /// compiler output is kept back and only its tail is shown if the build fails.
 pub fn build_all(quiet: bool) -> Result<Built> {
+    build_with(quiet, None)
+}
+
+/// `build_all` with the hypervisor's cargo `features` (such as `percall-probe`, bench only).
+pub fn build_with(quiet: bool, features: Option<&str>) -> Result<Built> {
     let root = crate::root();
     let mut cmd = cargo(&root);
-    cmd.args(["build", "--release", "-p", "hypervisor", "-p", "guests", "--target", TARGET])
+    cmd.args(["build", "--release", "-p", "hypervisor", "-p", "guests", "--target", TARGET]);
+    if let Some(f) = features {
+        cmd.args(["--features", &format!("hypervisor/{f}")]);
+    }
+    cmd
         .env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS", FREESTANDING_RUSTFLAGS);
     if quiet {
         let done = crate::output_merged(cmd, None).context(|| "cannot start cargo".to_string())?;

@@ -114,7 +114,7 @@ usage: cargo xtask new-guest DIR
 ";
 
 const HELP_BENCH: &str = "\
-usage: cargo xtask bench [allocator|morsel|exmap|smp|ipc|bufmgr|exits|exmap-smp] [--rounds N] [--docs] [--upstream PATH]
+usage: cargo xtask bench [allocator|morsel|exmap|smp|ipc|bufmgr|exits|exmap-smp] [--rounds N] [--docs] [--upstream PATH] [--cpus 1,2] [--configs ac] [--probe]
   the host benchmarks (release builds of each crate's examples/bench.rs): all of them, or
   those named, in N interleaved rounds (default 5; exmap interleaves its own N runs).
   Prints one table (median, min..max per case), writes build/bench/<bench>.csv (with the date,
@@ -139,7 +139,9 @@ usage: cargo xtask bench [allocator|morsel|exmap|smp|ipc|bufmgr|exits|exmap-smp]
   exmap-smp: boots the exmapbench guest under Bochs VMX with 1, 2 and 4 CPUs (a guest per CPU;
   one guest, a vCPU per CPU, one shared region; the same, a region each) and prints Bochs
   ticks per page of ExMap ALLOC+FREE at 512 and 1 entries per call, the ratio to 1 CPU and
-  the pages zeroed; `bench smp` ends with it
+  the pages zeroed; `bench smp` ends with it; `--probe` builds the hypervisor with its
+  phase counters (feature `percall-probe`) and prints what an ALLOC / FREE of one entry
+  spends in each phase (1 CPU only)
 ";
 
 const HELP_SETUP: &str = "\

@@ -133,7 +133,7 @@ pub struct Batch<F: morsel::Format> {
     gpa: u64,
     iov_gpa: u64,
     /// What the batch did (pages, failed entries, frames zeroed), or why it did nothing.
-    outcome: Result<(exmap::BatchStats, u64), Error>,
+    outcome: Outcome,
 }
 
 impl<F: morsel::Format> Batch<F> {
@@ -142,81 +142,111 @@ impl<F: morsel::Format> Batch<F> {
     /// (`frames` is this CPU's allocator handle); a FREE's frames stay in that cache until
     /// `finish_batch` has shot the translations down, so none is reused before.
     pub fn run(&mut self, frames: &Frames) {
-        let v = &mut *self.v;
-        v.iov.clear();
-        let page = self.iov_hpa as *const u64;
-        for k in 0..self.count {
-            // SAFETY: `iov_hpa` is a 4 KiB-aligned page of the caller's guest RAM (checked and
-            // translated read-write in `action`), identity-mapped, and stays while the calling
-            // vCPU lives (it is in this call); k < 512, so the u64 lies inside it, aligned.
-            // Sibling vCPUs may write it meanwhile: one volatile read, no reference.
-            let e = unsafe { core::ptr::read_volatile(page.add(k)) };
-            // Within the capacity `ready` made sure of: no allocation.
-            v.iov.push(u64::from_le(e));
-        }
-        if self.op == abi::EXMAP_FREE {
-            let pages: u64 = v.iov.iter().map(|&e| exmap::decode(e).1).sum();
-            if v.cache.reserve(pages as usize).is_err() {
-                self.outcome = Err(Error::NoMemory);
-                return;
-            }
-        }
-        let zeroed0 = v.cache.stats().zeroed;
-        let region = Region { morsel: &self.morsel, origin: self.origin, mem: &IDENTITY };
-        let (iov, val, cache) = (&mut v.iov, &mut v.validator, &mut v.cache);
-        let b = match self.op {
-            abi::EXMAP_ALLOC => exmap::alloc(&region, iov, val, cache, frames, &mut |_, _| {}, code),
-            _ => exmap::free(&region, iov, val, cache, &mut |_, _| {}, code),
-        };
-        let out = self.iov_hpa as *mut u64;
-        for (k, r) in v.iov.iter().enumerate().take(self.count) {
-            // SAFETY: as for the read above, written back the same way.
-            unsafe { core::ptr::write_volatile(out.add(k), r.to_le()) };
-        }
-        self.outcome = Ok((b, v.cache.stats().zeroed - zeroed0));
+        self.outcome = run_batch(&mut self.v, &self.morsel, self.origin, self.iov_hpa, self.op, self.count, frames);
     }
+}
+
+/// What a batch did (pages, failed entries, frames zeroed), or why it did nothing.
+type Outcome = Result<(exmap::BatchStats, u64), Error>;
+
+/// `Batch::run` on its parts, borrowed (the lock-free path runs it in place, `Fast::call`):
+/// the calling vCPU's state `v`, the region's subtree `morsel` at `origin`, the iovec page
+/// at `iov_hpa` (translated where the region's lock was taken, under the world lock), `op`
+/// of `count` entries.
+#[inline(always)]
+fn run_batch<F: morsel::Format>(v: &mut VcpuState, morsel: &Morsel<F>, origin: Origin, iov_hpa: u64, op: u64, count: usize, frames: &Frames) -> Outcome {
+    v.iov.clear();
+    let page = iov_hpa as *const u64;
+    for k in 0..count {
+        // SAFETY: `iov_hpa` is a 4 KiB-aligned page of the caller's guest RAM (checked and
+        // translated read-write in `action`), identity-mapped, and stays while the calling
+        // vCPU lives (it is in this call); k < 512, so the u64 lies inside it, aligned.
+        // Sibling vCPUs may write it meanwhile: one volatile read, no reference.
+        let e = unsafe { core::ptr::read_volatile(page.add(k)) };
+        // Within the capacity `ready` made sure of: no allocation.
+        v.iov.push(u64::from_le(e));
+    }
+    if op == abi::EXMAP_FREE {
+        let pages: u64 = v.iov.iter().map(|&e| exmap::decode(e).1).sum();
+        if v.cache.reserve(pages as usize).is_err() {
+            return Err(Error::NoMemory);
+        }
+    }
+    let zeroed0 = v.cache.stats().zeroed;
+    let region = Region { morsel, origin, mem: &IDENTITY };
+    let (iov, val, cache) = (&mut v.iov, &mut v.validator, &mut v.cache);
+    let b = match op {
+        abi::EXMAP_ALLOC => exmap::alloc(&region, iov, val, cache, frames, &mut |_, _| {}, code),
+        _ => exmap::free(&region, iov, val, cache, &mut |_, _| {}, code),
+    };
+    let out = iov_hpa as *mut u64;
+    for (k, r) in v.iov.iter().enumerate().take(count) {
+        // SAFETY: as for the read above, written back the same way.
+        unsafe { core::ptr::write_volatile(out.add(k), r.to_le()) };
+    }
+    Ok((b, v.cache.stats().zeroed - zeroed0))
 }
 
 impl<F: morsel::Format> Batch<F> {
     /// Ends the batch with the world lock let go, where nothing shared needs it: the batch
     /// succeeded and its vCPU goes on (the caller checked that no stop reached this CPU).
     /// A FREE that cleared pages shoots down ONCE (`Held::targets` from the mounts counted
-    /// at the take: `guest_cpus`, the CPUs that ran the caller's vCPUs, read now, or every
-    /// CPU that ran a guest), then the region's lock is given back (Release: the next one
-    /// admitted under the world lock sees the edits). The counters are the region cell's.
+    /// at the take: `guest_cpus`, the CPUs that ran the caller's vCPUs, read now (only this
+    /// CPU `me`: its local flush), or every CPU that ran a guest), then the region's lock is
+    /// given back (Release: the next one admitted under the world lock sees the edits). The
+    /// counters are the region cell's.
     /// Returns the failed-entry count and the vCPU's ExMap state, which its slot keeps
     /// until its next world lock (`Exmaps::unpark`); the caller settles this CPU's
     /// shootdown (`shootdown::complete`) before the vCPU enters its guest again. The batch
     /// comes back untouched where it failed (`finish_batch` reports it). Also returns the
     /// region's handle for the vCPU's next call (`Fast`, kept in its slot).
     #[allow(clippy::result_large_err)] // the batch moves back once, on the rare fallback; boxing would allocate
-    pub fn finish_alone(self, guest_cpus: impl FnOnce() -> u64, frames: &Frames) -> Result<(u64, Parked, Fast<F>), Self> {
-        let (pages, failed, zeroed, rolled_back) = match &self.outcome {
-            Ok((b, zeroed)) => (b.pages, b.failed as u64, *zeroed, b.rolled_back),
-            Err(_) => return Err(self),
-        };
+    pub fn finish_alone(self, me: usize, guest_cpus: impl FnOnce() -> u64, frames: &Frames) -> Result<(u64, Parked, Fast<F>), Self> {
+        let Ok(done) = self.outcome else { return Err(self) };
         let Batch { held, cell, morsel, origin, mut v, op, iov_hpa, name, guest, vcpu, gpa, iov_gpa, .. } = self;
         let handle = held.handle();
-        let cleared = op == abi::EXMAP_FREE && pages > 0 || rolled_back > 0;
-        if let Some(targets) = held.targets(cleared, Caller::Stays) {
-            let flush = match targets {
-                Targets::Caller => Flush::cpus(guest_cpus()),
-                Targets::Everyone => {
-                    RegionCell::add(&cell.remote_flushes, 1);
-                    Flush::every_guest_cpu()
-                }
-            };
-            // No device sees a batching region: the shootdown alone.
-            let _ = flush.commit(&mut Hw(None));
-            RegionCell::add(&cell.invalidations, 1);
-            v.cache.trim(&crate::vm::shootdown::After(frames));
-        }
-        cell.count(op, pages, failed, zeroed);
-        cell.lock.end(held);
-        log::debug!(target: "exmap", "guest {guest} '{name}' {}: {pages} pages, {failed} failed", ["alloc", "free"][(op & 1) as usize]);
+        let failed = end_alone(held, cell, &mut v, op, done, me, guest_cpus, frames, &name, guest);
         let fast = Fast { cell, handle, morsel, origin, gpa, iov_gpa, iov_hpa, name, guest, vcpu };
         Ok((failed, Parked { v, guest, vcpu }, fast))
     }
+}
+
+/// `Batch::finish_alone` on its parts (the lock-free path ends its batch in place,
+/// `Fast::call`): the shootdown of a FREE that cleared pages, the counters, the region's lock
+/// given back. Returns the failed-entry count.
+#[allow(clippy::too_many_arguments)]
+fn end_alone(held: Held, cell: &RegionCell, v: &mut VcpuState, op: u64, done: (exmap::BatchStats, u64), me: usize, guest_cpus: impl FnOnce() -> u64,
+    frames: &Frames, name: &Name, guest: u32) -> u64 {
+    let (b, zeroed) = done;
+    let (pages, failed) = (b.pages, b.failed as u64);
+    let cleared = op == abi::EXMAP_FREE && pages > 0 || b.rolled_back > 0;
+    if let Some(targets) = held.targets(cleared, Caller::Stays) {
+        let flush = match targets {
+            Targets::Caller => match guest_cpus() {
+                // The caller's guest ran on this CPU (`me`) alone: its local flush, as
+                // `Flush::commit` would do it, without building one.
+                cpus if cpus & !(1 << me) == 0 => None,
+                cpus => Some(Flush::cpus(cpus)),
+            },
+            Targets::Everyone => {
+                RegionCell::add(&cell.remote_flushes, 1);
+                Some(Flush::every_guest_cpu())
+            }
+        };
+        match flush {
+            // No device sees a batching region: the shootdown alone.
+            Some(flush) => {
+                let _ = flush.commit(&mut Hw(None));
+            }
+            None => crate::vm::shootdown::local(me),
+        }
+        RegionCell::add(&cell.invalidations, 1);
+        v.cache.trim(&crate::vm::shootdown::After(frames));
+    }
+    cell.count(op, pages, failed, zeroed);
+    cell.lock.end(held);
+    log::debug!(target: "exmap", "guest {guest} '{name}' {}: {pages} pages, {failed} failed", ["alloc", "free"][(op & 1) as usize]);
+    failed
 }
 
 /// A vCPU's handle to the region of its last ALLOC / FREE (kept in its slot,
@@ -225,7 +255,7 @@ impl<F: morsel::Format> Batch<F> {
 /// with the guest mounts counted then), and what that call checked under the world lock:
 /// the guest's read-write mount at `gpa`, the iovec page at `iov_gpa` (aligned, guest RAM,
 /// translated to `iov_hpa`). The next call on the same region with the same iovec page
-/// takes the region's lock with it, no world lock (`Fast::batch`): only while the
+/// takes the region's lock with it, no world lock (`Fast::call`): only while the
 /// generation is unchanged, so that mount is still there (an unmount bumps it), the region
 /// was not destroyed and its slot not reused (destroy and `exmap_create` bump it), and no
 /// device saw it since (a device mount or NVMe batch bumps it). Anything else goes to the
@@ -251,31 +281,78 @@ pub struct Fast<F: morsel::Format> {
 static FAST_CALLS: AtomicU64 = AtomicU64::new(0);
 static FAST_REFUSED: AtomicU64 = AtomicU64::new(0);
 
+/// What `Fast::call` did.
+#[allow(clippy::large_enum_variant)] // `Locked` is the rare fallback; boxing would allocate
+pub enum FastCall<F: morsel::Format> {
+    /// Not taken, nothing changed: the world path handles the call.
+    NotTaken,
+    /// Run and ended in place, no world lock: the failed-entry count, the guest's answer. The
+    /// caller settles this CPU's shootdown (`shootdown::complete`) before the next entry.
+    Ended(u64),
+    /// Run, but it ends under the world lock (`Exmaps::finish_batch`): it failed, or a stop
+    /// reached this CPU meanwhile. The vCPU's state went into the batch.
+    Locked(Batch<F>),
+}
+
 impl<F: morsel::Format> Fast<F> {
-    /// The `Batch` of `exmap_action(gpa, iov_gpa, count, op)` (ALLOC or FREE) with no world
-    /// lock, with the vCPU's state `p`: where the call names this handle's region and iovec
-    /// page and the region's lock is taken by CAS at the handle's generation
-    /// (`RegionLock::take_fast`). Otherwise `p` comes back and the call goes to the world
-    /// path (the first call on a region, another iovec page, a change since, a batch of
-    /// another vCPU holding the lock).
-    #[allow(clippy::result_large_err)] // moved back once, on the fallback; boxing would allocate
-    pub fn batch(&self, p: Parked, gpa: u64, iov_gpa: u64, op: u64, count: u64) -> Result<Batch<F>, Parked> {
+    /// `exmap_action(gpa, iov_gpa, count, op)` (ALLOC or FREE) with no world lock, run and
+    /// ended in place with the vCPU's state `parked` (none: `NotTaken`): no `Batch` is built
+    /// and nothing large moved per call (Bochs counts every byte a move copies). The batch is
+    /// `Batch::run`'s, and it ends as `Batch::finish_alone` ends it (`me`, `guest_cpus`: the
+    /// shootdown's) where it succeeded and `stopped` (asked after the batch ran) says no stop
+    /// reached this CPU; otherwise it ends under the world lock (`Locked`). The handle
+    /// stays: a fast take leaves the generation as it was. `NotTaken` where the call does not name
+    /// this handle's region and iovec page or the lock is not taken by CAS at the handle's
+    /// generation (`RegionLock::take_fast`): the first call on a region, another iovec
+    /// page, a change since, a batch of another vCPU holding the lock.
+    #[allow(clippy::too_many_arguments)]
+    pub fn call(&self, parked: &mut Option<Parked>, gpa: u64, iov_gpa: u64, op: u64, count: u64, frames: &Frames,
+        stopped: impl FnOnce() -> bool, me: usize, guest_cpus: impl FnOnce() -> u64) -> FastCall<F> {
+        // `Parked` is a box and two numbers: taking it out and back copies 16 bytes.
+        let Some(mut p) = parked.take() else { return FastCall::NotTaken };
+        let Some(held) = self.take(&p, gpa, iov_gpa) else {
+            *parked = Some(p);
+            return FastCall::NotTaken;
+        };
+        crate::probe::mark(2);
+        let count = (count as usize).min(exmap::MAX_ENTRIES);
+        let outcome = run_batch(&mut p.v, &self.morsel, self.origin, self.iov_hpa, op, count, frames);
+        crate::probe::mark(3);
+        match outcome {
+            Ok(done) if !stopped() => {
+                let failed = end_alone(held, self.cell, &mut p.v, op, done, me, guest_cpus, frames, &self.name, self.guest);
+                *parked = Some(p);
+                FastCall::Ended(failed)
+            }
+            outcome => FastCall::Locked(Batch { outcome, ..self.batch_of(held, p, gpa, iov_gpa, op, count) }),
+        }
+    }
+
+    /// The region's lock for a call on `gpa` with the iovec page `iov_gpa` by the vCPU whose
+    /// state is `p`: where they are this handle's and the lock is taken by CAS at its
+    /// generation (`RegionLock::take_fast`).
+    fn take(&self, p: &Parked, gpa: u64, iov_gpa: u64) -> Option<Held> {
         if gpa != self.gpa || iov_gpa != self.iov_gpa || p.guest != self.guest || p.vcpu != self.vcpu {
-            return Err(p);
+            return None;
         }
         let Some(held) = self.cell.lock.take_fast(&self.handle) else {
             FAST_REFUSED.fetch_add(1, Ordering::Relaxed);
-            return Err(p);
+            return None;
         };
         FAST_CALLS.fetch_add(1, Ordering::Relaxed);
-        Ok(Batch {
+        Some(held)
+    }
+
+    /// The `Batch` of a call this handle took (`held`), not run yet.
+    fn batch_of(&self, held: Held, p: Parked, gpa: u64, iov_gpa: u64, op: u64, count: usize) -> Batch<F> {
+        Batch {
             held,
             cell: self.cell,
             morsel: self.morsel.alias(),
             origin: self.origin,
             v: p.v,
             op,
-            count: (count as usize).min(exmap::MAX_ENTRIES),
+            count,
             iov_hpa: self.iov_hpa,
             name: self.name,
             guest: self.guest,
@@ -283,7 +360,7 @@ impl<F: morsel::Format> Fast<F> {
             gpa,
             iov_gpa,
             outcome: Err(Error::Invalid),
-        })
+        }
     }
 }
 
@@ -869,6 +946,7 @@ impl Exmaps {
 
     /// Prints every region's counters.
     pub fn log_stats<F: morsel::Format>(dir: &Directory<F>) {
+        crate::probe::report();
         let (fast, refused) = (FAST_CALLS.load(Ordering::Relaxed), FAST_REFUSED.load(Ordering::Relaxed));
         if fast + refused > 0 {
             log::info!(target: "exmap", "{fast} ALLOC / FREE calls took no world lock (a vCPU's handle to its last region); {refused} handles refused (a change since, or a batch held the region)");

@@ -37,6 +37,7 @@ use crate::arch::ipi;
 use formats::decode;
 use morsel::GuestPhysAddr;
 use crate::mm::frames::Frames;
+use crate::morsels::exmap::FastCall;
 use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::sync::atomic::Ordering;
@@ -401,11 +402,14 @@ enum FastStep<F: morsel::Format> {
 /// made by a batch that ended alone), the vCPU's ExMap state is still in its slot
 /// (`s.exmap`: no world lock was taken since), `lockless` found the exit quiet (no IPI asked
 /// this CPU to look: that flag is taken there, so a stop is never missed here; timer not
-/// due, slice not over) and the handle still takes the region's lock (`Fast::batch`: nothing changed since, no other
-/// batch holds it). Then the batch runs and ends alone exactly as on the world path
-/// (`Batch::run`, `Batch::finish_alone`, `shootdown::complete`). Anything unusual is
-/// `NotTaken` with nothing changed, so the world path gives the answers it gave before.
+/// due, slice not over) and the handle still takes the region's lock (`Fast::call`: nothing
+/// changed since, no other batch holds it). Then the batch runs and ends alone as on the
+/// world path (the bodies of `Batch::run` and `Batch::finish_alone`, then
+/// `shootdown::complete`), in place: on the slot's state, nothing built or moved per call
+/// (Bochs counts every byte a move copies). Anything unusual is `NotTaken` with nothing
+/// changed, so the world path gives the answers it gave before.
 fn exmap_fast<B: Backend>(s: &mut Slot<B>, exit: &Exit, me: usize, deadline: u64, frames: &Frames) -> FastStep<B::Format> {
+    crate::probe::mark(0);
     let Exit::Hypercall { resume, cpl: 0 } = *exit else { return FastStep::NotTaken };
     if s.fast.is_none() || s.exmap.is_none() {
         return FastStep::NotTaken;
@@ -421,24 +425,24 @@ fn exmap_fast<B: Backend>(s: &mut Slot<B>, exit: &Exit, me: usize, deadline: u64
         Ok(abi::Call::ExmapAction { region, iov, count, op: abi::ExmapOp::Free }) => (region, iov, count, abi::EXMAP_FREE),
         _ => return FastStep::NotTaken,
     };
-    let (Some(fast), Some(parked)) = (s.fast.as_ref(), s.exmap.take()) else { return FastStep::NotTaken };
-    let mut batch = match fast.batch(parked, gpa, iov, op, count) {
-        Ok(b) => b,
-        Err(parked) => {
-            s.exmap = Some(parked);
-            return FastStep::NotTaken;
+    let Some(fast) = s.fast.as_ref() else { return FastStep::NotTaken };
+    crate::probe::mark(1);
+    crate::probe::fast_call(op, count);
+    let shared = &s.shared;
+    let failed = match fast.call(&mut s.exmap, gpa, iov, op, count, frames, || ipi::attention_pending(me), me, || shared.ran_on()) {
+        FastCall::NotTaken => return FastStep::NotTaken,
+        FastCall::Ended(failed) => failed,
+        FastCall::Locked(batch) => {
+            B::regs(&mut s.vcpu).rip = next_rip;
+            return FastStep::Finish(hypercall::Finished::Batch(batch));
         }
     };
+    crate::probe::mark(4);
+    let regs = B::regs(&mut s.vcpu);
     regs.rip = next_rip;
-    batch.run(frames);
-    if ipi::attention_pending(me) {
-        return FastStep::Finish(hypercall::Finished::Batch(batch));
-    }
-    match end_alone(s, batch, me, deadline, frames) {
-        Ok(true) => FastStep::Resume,
-        Ok(false) => FastStep::Prepare,
-        Err(batch) => FastStep::Finish(hypercall::Finished::Batch(batch)),
-    }
+    let go_on = resume_alone(s, failed, me, deadline);
+    crate::probe::mark(5);
+    if go_on { FastStep::Resume } else { FastStep::Prepare }
 }
 
 /// Ends the unlocked part of a call (`done`) under the world lock `w`: into its guest's
@@ -470,13 +474,20 @@ fn known_next(decoded: Option<Decoded>, rip: u64, resume: &Resume, opcode: Opcod
 #[allow(clippy::result_large_err)] // the batch moves back once, on the rare fallback
 fn end_alone<B: Backend>(s: &mut Slot<B>, batch: crate::morsels::exmap::Batch<B::Format>, me: usize, deadline: u64, frames: &Frames)
     -> Result<bool, crate::morsels::exmap::Batch<B::Format>> {
-    let (failed, parked, fast) = batch.finish_alone(|| s.shared.ran_on(), frames)?;
+    let (failed, parked, fast) = batch.finish_alone(me, || s.shared.ran_on(), frames)?;
     s.exmap = Some(parked);
     s.fast = Some(fast);
+    Ok(resume_alone(s, failed, me, deadline))
+}
+
+/// After a batch ended alone (`failed`: its failed-entry count): the guest's answer, this
+/// CPU's shootdown acknowledgments in before the next entry; true where the guest resumes
+/// with no lock (no IPI asked this CPU to look, the timer is not due, the slice not over).
+fn resume_alone<B: Backend>(s: &mut Slot<B>, failed: u64, me: usize, deadline: u64) -> bool {
     hypercall::answer(B::regs(&mut s.vcpu), Ok(failed));
     super::shootdown::complete();
     let now = crate::platform::time::tsc();
-    Ok(!ipi::attention(me) && now < s.timer_at && now < deadline)
+    !ipi::attention(me) && now < s.timer_at && now < deadline
 }
 
 /// Puts back the vCPU's ExMap state its slot kept since a batch ended alone (the world lock
@@ -563,7 +574,9 @@ fn enter<B: Backend>(backend: &mut B, s: &mut Slot<B>, me: usize, deadline: u64,
     }
     let now = crate::platform::time::tsc();
     let ticks = crate::arch::apic::ticks(me);
+    crate::probe::mark(6);
     let exit = backend.run(&mut s.vcpu, deadline.saturating_sub(now).div_ceil(per_us).max(1));
+    crate::probe::cycle();
     // An interrupt exit ends the slice only if the slice timer caused it (this CPU's tick
     // count moved) or the slice is over; an IPI before that (a shootdown, a wake-up, a
     // kick) resumes this vCPU and counts as `interrupt`, not as a used slice.

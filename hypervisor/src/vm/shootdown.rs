@@ -128,8 +128,12 @@ impl vmcore::flush::Invalidate<Bdf> for Hw<'_> {
 /// acknowledgments are awaited by `complete` when this CPU lets go of the world lock.
 /// `Flush::commit` is the way in (`Hw`).
 fn cpus(mask: u64) {
-    let t0 = crate::platform::time::tsc();
     let me = ipi::me();
+    if mask & !(1 << me) == 0 {
+        local(me);
+        return;
+    }
+    let t0 = crate::platform::time::tsc();
     // The acknowledgments go straight into this CPU's record (`Owed::request`: one step per
     // CPU named). Where only this CPU is named it flushes locally and owes nothing: no
     // mailbox, no wait at `complete`.
@@ -142,6 +146,14 @@ fn cpus(mask: u64) {
     TSC_SPENT.fetch_add(crate::platform::time::tsc() - t0, Ordering::Relaxed);
     SHOOTDOWNS.fetch_add(1, Ordering::Relaxed);
     IPIS.fetch_add(sent as u64, Ordering::Relaxed);
+}
+
+/// A shootdown that names only this CPU `me`: the local flush (the flush generation's bump,
+/// done before its next entry), which adds nothing to this CPU's `Owed`
+/// (`Mailboxes::request_into`), so its lock is not taken; nothing is sent or awaited.
+pub fn local(me: usize) {
+    ipi::mailboxes().flush_local(me, &ipi::Here(me));
+    SHOOTDOWNS.fetch_add(1, Ordering::Relaxed);
 }
 
 /// Frames kept back per CPU until its shootdowns are acknowledged (`After`); more wait at

@@ -77,6 +77,9 @@ pub struct Vcpu {
     window: bool,
     /// The exception vectors the guest takes itself (cleared in EXCEPTION_BITMAP).
     exceptions: u32,
+    /// PROC_CONTROLS and EXCEPTION_BITMAP as last written into this vCPU's VMCS
+    /// (`write_events` writes only what changed; u64::MAX: not written yet).
+    written: (u64, u64),
 }
 
 /// Says which control a capability MSR does not allow.
@@ -193,6 +196,7 @@ impl Backend for Vmx {
             inject: (0, 0, 0),
             window: false,
             exceptions: 0,
+            written: (u64::MAX, u64::MAX),
         };
         if let Err(e) = self.init_vmcs(s, vpid as u64, eptp) {
             self.destroy_vcpu_inner(&mut vcpu);
@@ -225,7 +229,9 @@ impl Backend for Vmx {
         unsafe { x86::msr::wrmsr(IA32_KERNEL_GS_BASE, vcpu.kernel_gs_base) };
         // SAFETY: the VMCS is current and was set up by create_vcpu (host state, guest state,
         // an EPT that maps only the guest's memory); `launched` tracks its launch state.
+        crate::probe::mark(7);
         let status = unsafe { switch::run(&mut vcpu.regs, vcpu.launched, &mut vcpu.fpu, &mut self.host_fpu) };
+        crate::probe::mark(8);
         // SAFETY: as above; the host's value is 0.
         unsafe {
             vcpu.kernel_gs_base = x86::msr::rdmsr(IA32_KERNEL_GS_BASE);
@@ -367,10 +373,14 @@ impl Vmx {
 
     /// Writes what the vCPU's events ask of the next entry into its (current) VMCS: the
     /// event to inject, interrupt-window exiting, the exception bitmap (SDM Vol. 3C 26.6).
+    /// Only what changed is written (every VMWRITE counts on each entry): the event only
+    /// where there is one, since every VM exit clears the valid bit of ENTRY_INTERRUPTION_INFO
+    /// (SDM Vol. 3C, "VM-Entry Controls for Event Injection") and the setup wrote it 0; the
+    /// controls and the bitmap where they differ from what this VMCS last got (`written`).
     fn write_events(&self, vcpu: &mut Vcpu) -> Result<(), VmFail> {
         let (info, error, len) = vcpu.inject;
-        write(ENTRY_INTERRUPTION_INFO, info)?;
         if info != 0 {
+            write(ENTRY_INTERRUPTION_INFO, info)?;
             write(ENTRY_EXCEPTION_ERROR_CODE, error)?;
             if (info >> 8) & 7 >= INTR_INFO_TYPE_SOFTWARE_FIRST {
                 write(ENTRY_INSTRUCTION_LEN, len)?;
@@ -379,8 +389,15 @@ impl Vmx {
         // VM entry delivers it or the exit reports it again as IDT-vectoring information.
         vcpu.inject = (0, 0, 0);
         let window = if vcpu.window { formats::vmx_caps::PROC_INTERRUPT_WINDOW_EXITING } else { 0 };
-        write(PROC_CONTROLS, (self.proc | window) as u64)?;
-        write(EXCEPTION_BITMAP, !vcpu.exceptions as u64)
+        let want = ((self.proc | window) as u64, !vcpu.exceptions as u64);
+        if want.0 != vcpu.written.0 {
+            write(PROC_CONTROLS, want.0)?;
+        }
+        if want.1 != vcpu.written.1 {
+            write(EXCEPTION_BITMAP, want.1)?;
+        }
+        vcpu.written = want;
+        Ok(())
     }
 
     /// VMCLEAR: the CPU lets go of the VMCS before its frame is freed (SDM Vol. 3C 25.11.1).

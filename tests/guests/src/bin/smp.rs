@@ -19,11 +19,15 @@
 //!   morsel `KICKS` times, each a shootdown IPI into vCPU 1's CPU, sleeping 1 ms between
 //!   (a sleep parks only vCPU 0); an IPI exit inside a slice is no preemption: vCPU 1 goes
 //!   on and its exit table counts `interrupt=N` (the scenario checks).
+//! * 8 (two vCPUs) + 4 (the witness): as 3, but vCPU 1 reads page 0 of the ExMap region "xv"
+//!   and vCPU 0 FREEs that page (right after an ALLOC of page 1 on the same region: the FREE
+//!   takes no world lock, `exmap_fast`) instead of unmounting a morsel.
 #![no_std]
 #![no_main]
 
 use core::ptr::read_volatile;
 use core::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use guest_lib::exmap::{ExMap, Range};
 use guest_lib::morsel::{self, PageSize};
 use guest_lib::{println, yield_now, BootInfo, Error};
 
@@ -44,6 +48,7 @@ fn main(info: &BootInfo) -> i32 {
         2 => sum_main(info),
         3 => unmount_main(),
         4 => witness(),
+        8 => free_main(),
         5 => churn(info, 0),
         6 => fault_main(info),
         7 => kicks_main(),
@@ -54,7 +59,7 @@ fn main(info: &BootInfo) -> i32 {
 fn vcpu_main(info: &BootInfo, vcpu: u32) -> i32 {
     match info.arg {
         2 => sum_vcpu(),
-        3 => reader(),
+        3 | 8 => reader(),
         5 => churn(info, vcpu),
         7 => kicks_spinner(),
         6 => {
@@ -179,13 +184,6 @@ fn sum_vcpu() -> i32 {
 }
 
 fn unmount_main() -> i32 {
-    let w = match open_shared("witness", true) {
-        Ok(w) => w,
-        Err(e) => {
-            println!("smp: witness: {e}");
-            return 1;
-        }
-    };
     let victim = match morsel::create("victim", 4096, PageSize::Size4K, false) {
         Ok(v) => v,
         Err(e) => {
@@ -193,18 +191,63 @@ fn unmount_main() -> i32 {
             return 1;
         }
     };
+    // morsel_unmount: returns after the shootdown.
+    remove_while_read(victim.addr(), "unmounting 'victim'", move || {
+        drop(victim);
+        true
+    })
+}
+
+/// Arg 8: `unmount_main` with an ExMap FREE of the page the reader reads.
+fn free_main() -> i32 {
+    let Ok(mut x) = ExMap::create("xv", 64 * 4096, false) else {
+        println!("smp: region 'xv' FAILED");
+        return 1;
+    };
+    if x.alloc(&[Range::new(0, 1)]) != Ok(0) {
+        println!("smp: ALLOC of page 0 FAILED");
+        return 1;
+    }
+    let at = x.addr();
+    // ALLOC / FREE pairs on page 1 leave this vCPU a handle to the region (its state stays in
+    // its slot): the FREE of page 0 right after them takes no world lock, and returns after
+    // CPU 1 acknowledged the shootdown. `x` is never dropped (no unmount): the call below
+    // does not return.
+    remove_while_read(at, "freeing page 0 of 'xv'", || {
+        for _ in 0..3 {
+            let _ = x.alloc(&[Range::new(1, 1)]);
+            let _ = x.free(&[Range::new(1, 1)]);
+        }
+        let alloc = x.alloc(&[Range::new(1, 1)]);
+        x.free(&[Range::new(0, 1)]) == Ok(0) && alloc == Ok(0)
+    })
+}
+
+/// Args 3 and 8: publishes `victim` (the reader's page) and the witness, waits until vCPU 1
+/// reads it, then `remove`s it (`what` says how; false: a call failed) and sets FLAG right
+/// after, with no exit in between (an exit of the reader's CPU meanwhile would drop its
+/// cached translations and hide a missing shootdown); the reader's fault stops this guest,
+/// so this never returns but with an error.
+fn remove_while_read(victim: u64, what: &str, remove: impl FnOnce() -> bool) -> i32 {
+    let w = match open_shared("witness", true) {
+        Ok(w) => w,
+        Err(e) => {
+            println!("smp: witness: {e}");
+            return 1;
+        }
+    };
     WITNESS.store(w.addr(), SeqCst);
-    SHARED.store(victim.addr(), SeqCst);
+    SHARED.store(victim, SeqCst);
     let wa = w.atomics();
     // The reader is reading (its count of reads before FLAG moves).
     while wa[2].load(SeqCst) < 1000 {
         yield_now();
     }
-    println!("smp: unmounting 'victim' while vcpu 1 reads it on another CPU");
+    println!("smp: {what} while vcpu 1 reads it on another CPU");
     wa[3].store(1, SeqCst);
-    drop(victim); // morsel_unmount: returns after the shootdown
+    let ok = remove();
     wa[0].store(1, SeqCst); // FLAG, only after the call returned
-    println!("smp: unmount returned, flag set");
+    println!("smp: the call returned{}, flag set", if ok { "" } else { " FAILED" });
     loop {
         core::hint::spin_loop(); // the reader's fault stops this guest
     }
@@ -222,8 +265,9 @@ fn reader() -> i32 {
     println!("smp: vcpu 1 reading 'victim' at {gpa:#x} on cpu {}", guest_lib::cpu_index());
     loop {
         let after = wa[0].load(SeqCst) != 0;
-        // SAFETY: the victim is mounted at gpa until vCPU 0 unmounts it; after that the read
-        // is a second-level fault (what this checks), never other memory.
+        // SAFETY: the victim (arg 8: page 0 of the region) is mounted (populated) at gpa until
+        // vCPU 0 unmounts (FREEs) it; after that the read is a second-level fault (what this
+        // checks), never other memory.
         let _ = unsafe { read_volatile(gpa as *const u64) };
         if after {
             wa[1].fetch_add(1, SeqCst);
@@ -250,7 +294,7 @@ fn witness() -> i32 {
         yield_now();
     }
     let after = wa[1].load(SeqCst);
-    println!("witness: reads started after the unmount returned: {after} ({} before; flag {})", wa[2].load(SeqCst),
+    println!("witness: reads started after the call returned: {after} ({} before; flag {})", wa[2].load(SeqCst),
         if wa[0].load(SeqCst) != 0 { "set" } else { "not set yet: the reader was stopped first" });
     (after != 0) as i32
 }
