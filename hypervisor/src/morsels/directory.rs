@@ -141,7 +141,7 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         if writable && !n.value.writable_by(g.id) {
             return Err(Error::Denied);
         }
-        if n.value.admit(Contender::Mount).is_err() {
+        if n.value.admit_in_turn(Contender::Mount, super::turn(g.id, u32::MAX)).is_err() {
             return Ok(None);
         }
         if g.mounts.iter().any(|m| m.name == name) {

@@ -449,6 +449,7 @@ impl RegionCell {
     /// new generation: a `Fast` handle to the slot's previous region is refused.
     pub(crate) fn reset(&self) {
         self.lock.changed();
+        self.lock.forget_turn();
         for c in [&self.calls, &self.free_calls, &self.allocated, &self.freed, &self.zeroed, &self.failed, &self.invalidations, &self.remote_flushes] {
             c.store(0, Ordering::Relaxed);
         }
@@ -568,7 +569,7 @@ impl Exmaps {
         if n.in_io {
             return Err(g.refuse(Error::Busy, format_args!("region {name:?} has an NVMe batch in flight")));
         }
-        match n.admit(Contender::Action) {
+        match n.admit_in_turn(Contender::Action, super::turn(g.id, vcpu)) {
             Ok(()) => {}
             // Another vCPU's ALLOC / FREE holds the region's lock: this vCPU issues the call
             // again (spinning with the world lock let go).

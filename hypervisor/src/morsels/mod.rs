@@ -115,6 +115,12 @@ impl<F: Format> Named<F> {
         self.cell.map_or(Ok(()), |c| c.lock.admit(who))
     }
 
+    /// `admit` with a hand-over for an action or a guest mount (`RegionLock::admit_in_turn`):
+    /// one refused while a batch holds the region's lock is the next one in.
+    pub(crate) fn admit_in_turn(&self, who: Contender, turn: vmcore::region_lock::Turn) -> Result<(), Refusal> {
+        self.cell.map_or(Ok(()), |c| c.lock.admit_in_turn(who, turn))
+    }
+
     /// Counts a mount (into a guest or a device domain) and what it wrote.
     fn count_mount(&mut self, stats: &MountStats, invalidations: u64) {
         self.mounts += 1;
@@ -281,4 +287,21 @@ pub(crate) fn read_name<B: Backend>(g: &Guest<B>, name: abi::Name) -> Result<Nam
     let buf = buf.get_mut(..name.0.len as usize).ok_or(Error::Invalid)?;
     g.mem.read(GuestPhysAddr::new(name.0.ptr), buf)?;
     Name::new(buf).map_err(|_| Error::Invalid)
+}
+
+/// How long a caller refused at an ExMap region's lock keeps its turn
+/// (`RegionLock::admit_in_turn`) when it does not come back: two time slices, so a waiter
+/// whose CPU runs another vCPU meanwhile is back in time, and a stopped one holds nobody up
+/// longer.
+const TURN_PATIENCE_US: u64 = 2 * crate::vm::sched::SLICE_US;
+
+/// The turn of guest `guest`'s vCPU `vcpu` (`u32::MAX`: a call that is not one vCPU's own,
+/// `morsel_open`) at an ExMap region's lock, now.
+pub(crate) fn turn(guest: u32, vcpu: u32) -> vmcore::region_lock::Turn {
+    let per_us = crate::platform::time::tsc_per_us().max(1);
+    vmcore::region_lock::Turn {
+        who: (u64::from(guest) + 1) << 32 | u64::from(vcpu),
+        now: crate::platform::time::tsc(),
+        patience: TURN_PATIENCE_US * per_us,
+    }
 }

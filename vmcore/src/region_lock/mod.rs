@@ -71,6 +71,21 @@ pub struct RegionLock {
     /// Bit 0: held by a batch. Bits 1..: the generation, bumped by every change a
     /// [`Handle`] must see (63 bits: never wraps).
     state: AtomicU64,
+    /// The contender the lock goes to next ([`Turn::who`]; 0: none) and until when (a TSC
+    /// value): see [`RegionLock::admit_in_turn`]. Read and written under the caller's lock
+    /// only (never by the fast take), so `Relaxed`.
+    waiter: AtomicU64,
+    waiter_until: AtomicU64,
+}
+
+/// Who asks [`RegionLock::admit_in_turn`], and when: `who` names the caller (nonzero; the
+/// hypervisor: guest and vCPU), `now` the time, `patience` how long a refused caller keeps
+/// its turn when it does not come back (its vCPU descheduled or stopped).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Turn {
+    pub who: u64,
+    pub now: u64,
+    pub patience: u64,
 }
 
 /// The region's lock, held by one batch: given back by [`RegionLock::end`] only. It keeps
@@ -147,13 +162,13 @@ impl RegionLock {
     /// Not held, generation 0.
     #[cfg(not(loom))]
     pub const fn new() -> Self {
-        RegionLock { state: AtomicU64::new(0) }
+        RegionLock { state: AtomicU64::new(0), waiter: AtomicU64::new(0), waiter_until: AtomicU64::new(0) }
     }
 
     /// Not held (loom's atomics are not `const`).
     #[cfg(loom)]
     pub fn new() -> Self {
-        RegionLock { state: AtomicU64::new(0) }
+        RegionLock { state: AtomicU64::new(0), waiter: AtomicU64::new(0), waiter_until: AtomicU64::new(0) }
     }
 
     /// Whether a batch holds it.
@@ -178,6 +193,41 @@ impl RegionLock {
             (true, Contender::Action | Contender::Mount) => Err(Refusal::Retry),
             (true, Contender::Destroy | Contender::DeviceMount | Contender::DiskBatch) => Err(Refusal::Busy),
         }
+    }
+
+    /// [`RegionLock::admit`] for an action or a guest mount, with a hand-over, so that a
+    /// caller that finds the lock held gets it next (the caller's lock held): the first one
+    /// refused while no turn is pending is recorded as the waiter; until it is admitted, or
+    /// `patience` after its refusal, every *other* action is refused too ([`Refusal::Retry`])
+    /// even with the lock free. The holder's handle is refused already (the waiter's refusal
+    /// bumped the generation), so its next call comes here and gives way. Without it a vCPU
+    /// calling back-to-back (the lock-free path's next call follows ~1,000 emulated
+    /// instructions after its batch) took the lock again before the refused caller's retry,
+    /// for ever where the timing repeats (Bochs). Mounts are never held back by a turn (they
+    /// hold nothing); a mount refused while the lock is held gets the next turn like an
+    /// action.
+    pub fn admit_in_turn(&self, who: Contender, turn: Turn) -> Result<(), Refusal> {
+        let waiter = self.waiter.load(Ordering::Relaxed);
+        let pending = waiter != 0 && turn.now < self.waiter_until.load(Ordering::Relaxed);
+        if who == Contender::Action && pending && waiter != turn.who {
+            return Err(Refusal::Retry);
+        }
+        let answer = self.admit(who);
+        match answer {
+            Ok(()) if waiter == turn.who => self.waiter.store(0, Ordering::Relaxed),
+            Err(Refusal::Retry) if !pending => {
+                self.waiter.store(turn.who, Ordering::Relaxed);
+                self.waiter_until.store(turn.now.saturating_add(turn.patience), Ordering::Relaxed);
+            }
+            _ => {}
+        }
+        answer
+    }
+
+    /// Forgets a pending turn (a new region entering the slot: its callers owe the old
+    /// region's waiter nothing). The caller's lock held.
+    pub fn forget_turn(&self) {
+        self.waiter.store(0, Ordering::Relaxed);
     }
 
     /// A change that goes on whether or not a batch holds the lock (the caller's lock held):

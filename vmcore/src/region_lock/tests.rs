@@ -133,3 +133,72 @@ fn refused_action_sends_the_holder_to_the_world_path() {
     l.end(f);
     assert!(l.take_fast(&handle).is_none(), "the holder's next call takes the world path, where the refused one gets its turn");
 }
+
+const A: u64 = 1 << 32;
+const B: u64 = 2 << 32;
+const C: u64 = 3 << 32;
+const PATIENCE: u64 = 1_000;
+
+fn at(who: u64, now: u64) -> Turn {
+    Turn { who, now, patience: PATIENCE }
+}
+
+/// The starvation the hand-over ends: A calls back-to-back (fast takes), B's retries come
+/// between A's batches. Without turns A's world-path call after the refusal took the lock
+/// again before B's retry (exmap_guest_stopped_in_a_batch hung under Bochs).
+#[test]
+fn a_refused_action_gets_the_lock_next() {
+    let l = RegionLock::new();
+    assert_eq!(l.admit_in_turn(Contender::Action, at(A, 0)), Ok(()));
+    let h = l.take(1).unwrap();
+    let handle = h.handle();
+    assert_eq!(l.admit_in_turn(Contender::Action, at(B, 1)), Err(Refusal::Retry), "held: B waits");
+    l.end(h);
+    assert!(l.take_fast(&handle).is_none(), "B's refusal sent A to the world path");
+    assert_eq!(l.admit_in_turn(Contender::Action, at(A, 2)), Err(Refusal::Retry), "A gives way to B, the lock free");
+    assert_eq!(l.admit_in_turn(Contender::Action, at(C, 3)), Err(Refusal::Retry), "so does anyone else");
+    assert_eq!(l.admit_in_turn(Contender::Action, at(B, 4)), Ok(()), "B's turn");
+    let hb = l.take(1).unwrap();
+    assert_eq!(l.admit_in_turn(Contender::Action, at(A, 5)), Err(Refusal::Retry), "held by B: A waits now");
+    l.end(hb);
+    assert_eq!(l.admit_in_turn(Contender::Action, at(B, 6)), Err(Refusal::Retry), "B gives way to A in turn");
+    assert_eq!(l.admit_in_turn(Contender::Action, at(A, 7)), Ok(()));
+    assert_eq!(l.admit_in_turn(Contender::Action, at(B, 8)), Ok(()), "A's turn used: nobody waits");
+}
+
+#[test]
+fn a_turn_not_taken_expires() {
+    let l = RegionLock::new();
+    let h = l.take(1).unwrap();
+    assert_eq!(l.admit_in_turn(Contender::Action, at(B, 10)), Err(Refusal::Retry));
+    l.end(h);
+    assert_eq!(l.admit_in_turn(Contender::Action, at(A, 10 + PATIENCE - 1)), Err(Refusal::Retry), "B still has its turn");
+    assert_eq!(l.admit_in_turn(Contender::Action, at(A, 10 + PATIENCE)), Ok(()), "B did not come back: A goes on");
+    let h = l.take(1).unwrap();
+    assert_eq!(l.admit_in_turn(Contender::Action, at(B, 10 + PATIENCE + 1)), Err(Refusal::Retry), "held");
+    l.end(h);
+    assert_eq!(l.admit_in_turn(Contender::Action, at(A, 10 + PATIENCE + 2)), Err(Refusal::Retry), "B refused again: a new turn");
+}
+
+#[test]
+fn a_refused_mount_gets_the_next_turn_and_mounts_never_wait_for_one() {
+    let l = RegionLock::new();
+    let h = l.take(1).unwrap();
+    assert_eq!(l.admit_in_turn(Contender::Mount, at(C, 1)), Err(Refusal::Retry), "held: no mounter added");
+    l.end(h);
+    assert_eq!(l.admit_in_turn(Contender::Action, at(A, 2)), Err(Refusal::Retry), "the mount goes first");
+    assert_eq!(l.admit_in_turn(Contender::Mount, at(B, 3)), Ok(()), "another mount is not held back by the turn");
+    assert_eq!(l.admit_in_turn(Contender::Mount, at(C, 4)), Ok(()), "the mount's turn");
+    assert_eq!(l.admit_in_turn(Contender::Action, at(A, 5)), Ok(()), "turn used");
+}
+
+#[test]
+fn a_new_region_in_the_slot_owes_no_turn() {
+    let l = RegionLock::new();
+    let h = l.take(1).unwrap();
+    assert_eq!(l.admit_in_turn(Contender::Action, at(B, 1)), Err(Refusal::Retry));
+    l.end(h);
+    l.changed();
+    l.forget_turn();
+    assert_eq!(l.admit_in_turn(Contender::Action, at(A, 2)), Ok(()));
+}
