@@ -15,7 +15,9 @@
 //!    which the guest resumes with no world lock taken); protects the region's leaves and
 //!    the frames they map against other batches, destroy, device mounts, NVMe batches and
 //!    new guest mounts. Never waited for: an ExMap action or a mount that finds it held is
-//!    issued again by the guest (`Action::Retry`). Also taken with no lock held, by CAS,
+//!    issued again by the guest (`Action::Retry`); the first one refused gets the lock next
+//!    (a hand-over that lapses after two slices: `RegionLock::admit_in_turn`), so a vCPU
+//!    calling back-to-back cannot starve it. Also taken with no lock held, by CAS,
 //!    for the region of a vCPU's last ALLOC / FREE (`exmap_fast`): one atomic word holds the
 //!    lock bit and the region's generation, which every change the fast path must not miss
 //!    bumps under the world lock (`vmcore::region_lock`).
