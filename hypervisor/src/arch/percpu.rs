@@ -91,7 +91,7 @@ pub struct Outbox {
 pub const NO_APIC: u32 = u32::MAX;
 
 // The layout the module doc promises: each group on lines of its own.
-const_assert!(align_of::<PerCpu>() == 64 && size_of::<PerCpu>() % 64 == 0);
+const_assert!(align_of::<PerCpu>() == 64 && size_of::<PerCpu>().is_multiple_of(64));
 const_assert!(size_of::<Mine>() == 64 && size_of::<Inbox>() == 64 && size_of::<Outbox>() == 64);
 const_assert!(offset_of!(PerCpu, inbox) == 64 && offset_of!(PerCpu, outbox) == 128);
 const_assert!(offset_of!(PerCpu, owed) == 192);

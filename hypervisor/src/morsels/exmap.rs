@@ -507,7 +507,7 @@ impl Exmaps {
     #[allow(clippy::too_many_arguments)]
     pub fn create<B: Backend>(&mut self, dir: &mut Directory<B::Format>, g: &mut Guest<B>, frames: &Frames, name: abi::Name, size: u64, share_writable: bool) -> Result<u64, Error> {
         let name = read_name(g, name)?;
-        if size == 0 || size % 4096 != 0 {
+        if size == 0 || !size.is_multiple_of(4096) {
             return Err(Error::Invalid);
         }
         if size > abi::EXMAP_MAX_SIZE {
@@ -552,7 +552,7 @@ impl Exmaps {
         }
         // The iovec page: aligned, in guest RAM (never inside a morsel, not even this region,
         // so a FREE cannot pull it away under its own results), readable and writable.
-        if iov_gpa % 4096 != 0 {
+        if !iov_gpa.is_multiple_of(4096) {
             return Err(Error::Invalid);
         }
         if iov_gpa.checked_add(4096).is_none_or(|end| end > g.spec.memory) {
