@@ -50,7 +50,7 @@ guest_lib::entry!(main, vcpu_main);
 fn vcpu_main(info: &BootInfo, _vcpu: u32) -> i32 {
     match info.arg {
         8 => victim_attacker(),
-        10 => doomed_stopper(info),
+        10 => doomed_stopper(),
         12 => lockless_attacker(),
         _ => 0,
     }
@@ -752,6 +752,7 @@ fn doomed() -> i32 {
             return 1;
         }
     };
+    DOOMED_AT.store(x.addr(), SeqCst);
     DOOMED_MARK.store(mark.addr(), SeqCst);
     let ranges = doomed_ranges(0);
     let mut calls = 0;
@@ -768,58 +769,69 @@ fn doomed() -> i32 {
     1
 }
 
-/// Arg 10, vCPU 1: once the neighbour (arg 11) ran batches on 'doomed', times vCPU 0's ALLOC
-/// calls and reads outside guest memory an eighth of one into a FREE: the hypervisor stops the whole guest
-/// while vCPU 0's batch runs (its CPU runs the batch with the world lock let go).
-fn doomed_stopper(info: &BootInfo) -> i32 {
-    let a = loop {
-        let gpa = DOOMED_MARK.load(SeqCst);
-        if let Some(a) = morsel::atomics_at(gpa).filter(|_| gpa != 0) {
-            break a;
+/// The page of 'doomed' that arg 10's vCPU 1 probes: entry 256 of vCPU 0's batches (page 512),
+/// so its FREE clears it with 255 entries still to go.
+const DOOMED_PROBE: u64 = 512;
+
+/// Where vCPU 0 mounted 'doomed' (0: not yet).
+static DOOMED_AT: AtomicU64 = AtomicU64::new(0);
+
+/// Arg 10, vCPU 1: once the neighbour (arg 11) ran batches on 'doomed', waits for vCPU 0's
+/// next FREE, then reads the page of its batch's middle entry (`DOOMED_PROBE`), its cached
+/// translation dropped before every read (INVLPG), until the read faults: the FREE has just cleared that entry, so the
+/// hypervisor stops the whole guest while vCPU 0's batch still has half its entries to go
+/// (its CPU runs the batch with no world lock). No timing is guessed: the fault itself says
+/// that the batch is running.
+fn doomed_stopper() -> i32 {
+    let (a, at) = loop {
+        let (gpa, at) = (DOOMED_MARK.load(SeqCst), DOOMED_AT.load(SeqCst));
+        if let Some(a) = morsel::atomics_at(gpa).filter(|_| gpa != 0 && at != 0) {
+            break (a, at);
         }
         core::hint::spin_loop();
     };
     while a[0].load(SeqCst) < 4 || DOOMED_CALL.load(SeqCst) < 8 {
         core::hint::spin_loop();
     }
-    // Spins until vCPU 0 starts its next ALLOC (`alloc`) or FREE; returns that call's number
-    // (odd: an ALLOC).
-    let next = |alloc: bool| loop {
-        let n = DOOMED_CALL.load(SeqCst);
-        let c = loop {
-            let c = DOOMED_CALL.load(SeqCst);
-            if c != n {
-                break c;
+    // vCPU 0's call numbers are stored just before each call, odd for an ALLOC: the first
+    // even number after an odd one is a FREE that starts now, its ALLOC done (the probed
+    // page populated).
+    let next_free = || loop {
+        let c = DOOMED_CALL.load(SeqCst);
+        if c % 2 == 1 {
+            let next = loop {
+                let n = DOOMED_CALL.load(SeqCst);
+                if n != c {
+                    break n;
+                }
+                core::hint::spin_loop();
+            };
+            if next == c + 1 {
+                break next;
             }
-            core::hint::spin_loop();
-        };
-        if (c % 2 == 1) == alloc {
-            break c;
         }
-    };
-    // An ALLOC's call is about its batch; a FREE's is its batch, then the wait for its
-    // shootdown (under QEMU, milliseconds). The stop aims at a FREE batch (its frames are
-    // then in vCPU 0's cache), an eighth of an ALLOC call into the FREE: the period includes
-    // the guest's own work between the calls, and a FREE batch of 512 single pages is now
-    // short (its fast path; under Bochs a third of the period landed after it).
-    let mut period = u64::MAX;
-    for _ in 0..3 {
-        next(true);
-        let t = rdtsc();
-        next(false);
-        period = period.min(rdtsc() - t);
-    }
-    println!("exmap doomed: an ALLOC call of vcpu 0 takes ~{period} TSC cycles; vcpu 1 reads outside its memory an eighth of that into the next FREE");
-    let c = next(false);
-    let t = rdtsc();
-    while rdtsc() - t < period / 8 {
         core::hint::spin_loop();
+    };
+    let page = (at + DOOMED_PROBE * 4096) as *const u64;
+    // Printed once, before: a line takes longer than a batch under Bochs.
+    println!("exmap doomed: vcpu 1 reads page {DOOMED_PROBE} of 'doomed' during vcpu 0's FREE calls until it faults");
+    loop {
+        let c = next_free();
+        a[1].store(c, SeqCst);
+        while DOOMED_CALL.load(SeqCst) == c {
+            // SAFETY: INVLPG drops this CPU's cached translation of the page (with VPID /
+            // ASID tags, a world switch keeps it), so the read below walks the second-level
+            // table again. The read is deliberately not safe: the second-level fault that
+            // stops the guest, once the FREE has cleared the entry, is the test; until then
+            // the page is mapped.
+            let _ = unsafe {
+                core::arch::asm!("invlpg [{}]", in(reg) page, options(nostack, preserves_flags));
+                core::ptr::read_volatile(page)
+            };
+        }
+        // Not seen cleared before vCPU 0's next call started (the FREE's acknowledgment
+        // came first): again, silently.
     }
-    a[1].store(c, SeqCst);
-    // SAFETY: deliberately not safe: the second-level fault that stops the guest is the test.
-    let v = unsafe { core::ptr::read_volatile((info.memory_size + (64 << 20)) as *const u64) };
-    println!("exmap doomed: FAILED: the read returned {v:#x}");
-    1
 }
 
 /// Arg 11: batches of 64 pages on 'doomed' (opened read-write) while its guest runs, is
