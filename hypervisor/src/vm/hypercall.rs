@@ -35,6 +35,8 @@ pub enum Action<F: morsel::Format> {
 
 /// The lock-free part of a call (allocator work, zeroing, NVMe batches on pinned morsels;
 /// no shared state but the lock-free allocator and the NVMe driver, which is made for it).
+/// `run` does it with the world lock let go and gives the call back, ready for `finish`
+/// (or `abandon`, its guest gone) under the lock.
 pub enum Unlocked<F: morsel::Format> {
     /// `bench_frames` (enabled, arguments checked).
     Bench { order: allocator::Order, count: u64 },
@@ -50,43 +52,37 @@ pub enum Unlocked<F: morsel::Format> {
     /// `exmap_action` ALLOC / FREE on a region no device sees: the whole batch, under the
     /// region's lock (`morsels::exmap::Batch`).
     Batch(Batch<F>),
-}
-
-/// What `Unlocked::run` leaves for `finish`.
-pub enum Finished<F: morsel::Format> {
-    Bench(Option<u64>),
-    Zeroed(PendingCreate<F>),
-    Freed,
-    Proxy(ProxyIo),
-    Exmap(ExmapIo),
-    Batch(Batch<F>),
+    /// A call `run` answered in full (`Bench`, `Free`): its result, nothing held.
+    Done(Result<u64, Error>),
 }
 
 impl<F: morsel::Format> Unlocked<F> {
-    /// Runs the lock-free part through `frames`, this CPU's allocator handle.
-    pub fn run(self, frames: &Frames) -> Finished<F> {
+    /// Runs the lock-free part through `frames`, this CPU's allocator handle; the call comes
+    /// back as it goes to `finish` (a batch moved as before: Bochs counts every byte copied).
+    pub fn run(self, frames: &Frames) -> Unlocked<F> {
         match self {
-            Unlocked::Bench { order, count } => Finished::Bench(frames.bench(order, count)),
+            Unlocked::Bench { order, count } => Unlocked::Done(frames.bench(order, count).ok_or(Error::NoMemory)),
             Unlocked::Zero(p) => {
                 p.zero();
-                Finished::Zeroed(p)
+                Unlocked::Zero(p)
             }
             Unlocked::Free(name, r) => {
                 r.free(&name, frames);
-                Finished::Freed
+                Unlocked::Done(Ok(0))
             }
             Unlocked::Proxy(mut p) => {
                 p.run();
-                Finished::Proxy(p)
+                Unlocked::Proxy(p)
             }
             Unlocked::Exmap(mut x) => {
                 x.batch.run();
-                Finished::Exmap(x)
+                Unlocked::Exmap(x)
             }
             Unlocked::Batch(mut x) => {
                 x.run(frames);
-                Finished::Batch(x)
+                Unlocked::Batch(x)
             }
+            done @ Unlocked::Done(_) => done,
         }
     }
 }
@@ -190,35 +186,36 @@ pub fn handle<B: Backend>(guest: &mut Guest<B>, caller: Caller, regs: &mut Regs,
 }
 
 /// Finishes a call whose `Unlocked` part ran (`regs.rax` still holds its number).
-pub fn finish<B: Backend>(guest: &mut Guest<B>, caller: Caller, regs: &mut Regs, cx: &mut Context<B>, done: Finished<B::Format>) {
+pub fn finish<B: Backend>(guest: &mut Guest<B>, caller: Caller, regs: &mut Regs, cx: &mut Context<B>, done: Unlocked<B::Format>) {
     let frames = cx.frames.for_cpu(caller.cpu).unwrap_or(cx.frames);
     let result = match done {
-        Finished::Bench(ticks) => ticks.ok_or(Error::NoMemory),
-        Finished::Zeroed(p) => cx.morsels.create_finish(guest, &frames, p).inspect(|&gpa| cx.notify.entered(guest, gpa, caller.cpu)),
-        Finished::Freed => Ok(0),
-        Finished::Proxy(p) => cx.morsels.nvme_finish(cx.devices.as_mut(), &frames, p),
-        Finished::Exmap(x) => cx.exmaps.finish(&mut cx.morsels, cx.devices.as_mut(), Some(guest), &frames, x),
-        Finished::Batch(x) => cx.exmaps.finish_batch(Some(guest), &frames, x),
+        Unlocked::Done(result) => result,
+        Unlocked::Zero(p) => cx.morsels.create_finish(guest, &frames, p).inspect(|&gpa| cx.notify.entered(guest, gpa, caller.cpu)),
+        Unlocked::Proxy(p) => cx.morsels.nvme_finish(cx.devices.as_mut(), &frames, p),
+        Unlocked::Exmap(x) => cx.exmaps.finish(&mut cx.morsels, cx.devices.as_mut(), Some(guest), &frames, x),
+        Unlocked::Batch(x) => cx.exmaps.finish_batch(Some(guest), &frames, x),
+        // Not run (never here: `run` answers them as `Done`).
+        Unlocked::Bench { .. } | Unlocked::Free(..) => Err(Error::Invalid),
     };
     conclude(guest, regs.rax, regs, result);
 }
 
 /// A call whose `Unlocked` part ran for a guest that is gone: what it holds goes back.
 /// An NVMe batch is ended all the same (its morsel unmounted from the device and unpinned).
-pub fn abandon<B: Backend>(caller: Caller, cx: &mut Context<B>, done: Finished<B::Format>) {
+pub fn abandon<B: Backend>(caller: Caller, cx: &mut Context<B>, done: Unlocked<B::Format>) {
     let frames = cx.frames.for_cpu(caller.cpu).unwrap_or(cx.frames);
     match done {
-        Finished::Zeroed(p) => cx.morsels.abandon(&frames, p),
-        Finished::Proxy(p) => {
+        Unlocked::Zero(p) => cx.morsels.abandon(&frames, p),
+        Unlocked::Proxy(p) => {
             let _ = cx.morsels.nvme_finish(cx.devices.as_mut(), &frames, p);
         }
-        Finished::Exmap(x) => {
+        Unlocked::Exmap(x) => {
             let _ = cx.exmaps.finish::<B>(&mut cx.morsels, cx.devices.as_mut(), None, &frames, x);
         }
-        Finished::Batch(x) => {
+        Unlocked::Batch(x) => {
             let _ = cx.exmaps.finish_batch::<B>(None, &frames, x);
         }
-        Finished::Bench(_) | Finished::Freed => {}
+        Unlocked::Bench { .. } | Unlocked::Free(..) | Unlocked::Done(_) => {}
     }
 }
 

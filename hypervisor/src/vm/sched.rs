@@ -359,11 +359,11 @@ fn run_slice<B: Backend>(backend: &mut B, s: &mut Slot<B>, run: &Run<B>, me: usi
                 let done = match work.run(frames) {
                     // An ExMap ALLOC / FREE that succeeded, no stop having reached this CPU
                     // (`attention`): ended here, no world lock, and the guest resumes.
-                    hypercall::Finished::Batch(x) if !stopped && s.end.is_none() && !ipi::attention_pending(me) => {
+                    hypercall::Unlocked::Batch(x) if !stopped && s.end.is_none() && !ipi::attention_pending(me) => {
                         match end_alone(s, x, me, deadline, frames) {
                             Ok(true) => continue,
                             Ok(false) => break runqueue::lock(run),
-                            Err(x) => hypercall::Finished::Batch(x),
+                            Err(x) => hypercall::Unlocked::Batch(x),
                         }
                     }
                     done => done,
@@ -396,7 +396,7 @@ enum FastStep<F: morsel::Format> {
     Prepare,
     /// The batch ran but ends under the world lock (`hypercall::finish`): it failed, or a
     /// stop reached this CPU meanwhile.
-    Finish(hypercall::Finished<F>),
+    Finish(hypercall::Unlocked<F>),
 }
 
 /// An ExMap ALLOC / FREE with no world lock (issue 22 item 2, issue 21): where the call
@@ -436,7 +436,7 @@ fn exmap_fast<B: Backend>(s: &mut Slot<B>, exit: &Exit, me: usize, deadline: u64
         FastCall::Ended(failed) => failed,
         FastCall::Locked(batch) => {
             B::regs(&mut s.vcpu).rip = next_rip;
-            return FastStep::Finish(hypercall::Finished::Batch(batch));
+            return FastStep::Finish(hypercall::Unlocked::Batch(batch));
         }
     };
     crate::probe::mark(4);
@@ -450,7 +450,7 @@ fn exmap_fast<B: Backend>(s: &mut Slot<B>, exit: &Exit, me: usize, deadline: u64
 /// Ends the unlocked part of a call (`done`) under the world lock `w`: into its guest's
 /// registers and state (`hypercall::finish`), or given up where the guest is gone
 /// (`hypercall::abandon`).
-fn finish_locked<B: Backend>(w: &mut World<B>, s: &mut Slot<B>, caller: Caller, done: hypercall::Finished<B::Format>) {
+fn finish_locked<B: Backend>(w: &mut World<B>, s: &mut Slot<B>, caller: Caller, done: hypercall::Unlocked<B::Format>) {
     let World { guests, cx, .. } = w;
     match guests.get_mut(s.guest as usize).and_then(|g| g.as_mut()) {
         Some(guest) => hypercall::finish(guest, caller, B::regs(&mut s.vcpu), cx, done),
