@@ -63,6 +63,13 @@ impl FrameCache {
         Self { frames: Vec::with_capacity(3 * BUNDLE), stats: CacheStats::default() }
     }
 
+    /// `new` without the allocation panic: None if the heap cannot hold its room.
+    pub fn try_new() -> Option<Self> {
+        let mut frames = Vec::new();
+        frames.try_reserve_exact(3 * BUNDLE).ok()?;
+        Some(Self { frames, stats: CacheStats::default() })
+    }
+
     /// A cache with no room (no allocation), for a batch that takes and gives nothing.
     pub const fn empty() -> Self {
         Self { frames: Vec::new(), stats: CacheStats { refills: 0, returns: 0, from_allocator: 0, to_allocator: 0, zeroed: 0 } }
@@ -190,8 +197,13 @@ mod tests {
 
     #[test]
     fn bundles_move_only_at_the_watermarks() {
+        bundles_move_only_at_the_watermarks_with(FrameCache::new());
+        bundles_move_only_at_the_watermarks_with(FrameCache::try_new().expect("a host heap holds it"));
+    }
+
+    fn bundles_move_only_at_the_watermarks_with(mut c: FrameCache) {
+        assert!(c.frames.capacity() >= 3 * BUNDLE && c.is_empty());
         let mem = SimMem::new(1 << 30);
-        let mut c = FrameCache::new();
         let (f, zero) = c.take(1, &mem).unwrap();
         assert!(zero, "fresh frames are zeroed");
         assert_eq!((c.len(), c.stats().refills), (BUNDLE - 1, 1));

@@ -166,6 +166,19 @@ impl Validator {
         Self { checked: Vec::with_capacity(MAX_ENTRIES), sorted: Vec::with_capacity(MAX_ENTRIES), ..Self::default() }
     }
 
+    /// `new` without the allocation panic: None if the heap cannot hold its room (for a
+    /// validator a guest's call makes the hypervisor build).
+    pub fn try_new() -> Option<Self> {
+        let (mut checked, mut sorted, mut saved) = (Vec::new(), Vec::new(), Vec::new());
+        checked.try_reserve_exact(MAX_ENTRIES).ok()?;
+        sorted.try_reserve_exact(MAX_ENTRIES).ok()?;
+        saved.try_reserve_exact(MAX_ENTRIES).ok()?;
+        saved.resize(MAX_ENTRIES, 0);
+        // Exactly `MAX_ENTRIES` long and as long as its capacity: no reallocation.
+        let saved = saved.into_boxed_slice().try_into().ok()?;
+        Some(Self { checked, sorted, dup: [0; MAX_ENTRIES / 64], saved })
+    }
+
     /// Finds how the valid entries of `raw` (at most `MAX_ENTRIES`) are ordered, in one pass
     /// that only compares; only input that is neither in page order nor one wrapped window
     /// is sorted, to find the entries that overlap an earlier one (`is_duplicate`). Entries
@@ -279,8 +292,22 @@ mod tests {
     }
 
     #[test]
+    fn try_new_has_the_room_of_new() {
+        let (a, b) = (Validator::new(), Validator::try_new().expect("a host heap holds it"));
+        for v in [&a, &b] {
+            assert!(v.checked.capacity() >= MAX_ENTRIES && v.sorted.capacity() >= MAX_ENTRIES);
+            assert!(v.saved.iter().all(|&e| e == 0) && v.dup == [0; MAX_ENTRIES / 64]);
+        }
+    }
+
+    #[test]
     fn bad_entries_fail_alone() {
-        let mut v = Validator::new();
+        for v in [Validator::new(), Validator::try_new().expect("a host heap holds it")] {
+            bad_entries_fail_alone_with(v);
+        }
+    }
+
+    fn bad_entries_fail_alone_with(mut v: Validator) {
         let raw = [encode(0, 4), encode(0, 0), encode(100, 1), encode(98, 4), encode(2, 1), encode(10, 2), u64::MAX];
         let c = v.validate(&raw, 100).to_vec();
         assert_eq!(c[0], Ok(Range { first: 0, count: 4 }));

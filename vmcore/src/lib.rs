@@ -9,6 +9,7 @@ extern crate alloc;
 pub mod exits;
 pub mod flush;
 pub mod guestbytes;
+pub mod heap;
 pub mod names;
 pub mod notify;
 pub mod reason;

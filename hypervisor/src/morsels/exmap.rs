@@ -38,6 +38,7 @@ use formats::units::Bytes;
 use abi::{self, Error};
 use hashbrown::HashMap;
 use morsel::{GuestPhysAddr, HostPhysAddr, Morsel, Perm};
+use vmcore::heap::TryBox;
 use vmcore::region_lock::{Cache, Caller, Contender, Handle, Held, Refusal, RegionLock, Targets};
 use core::sync::atomic::{AtomicU64, Ordering};
 
@@ -61,15 +62,18 @@ struct VcpuState {
 }
 
 impl VcpuState {
-    fn new() -> Self {
-        VcpuState {
-            cache: FrameCache::new(),
-            validator: Validator::new(),
-            iov: Vec::with_capacity(exmap::MAX_ENTRIES),
-            entries: Vec::with_capacity(exmap::MAX_ENTRIES),
-            undo: Vec::with_capacity(exmap::MAX_ENTRIES),
-            owners: Vec::with_capacity(exmap::MAX_ENTRIES),
-        }
+    /// A vCPU's state, on the heap, made at its first call (`ready` then gives the buffers
+    /// their room): `NoMemory`, never the allocation panic.
+    fn try_new() -> Result<TryBox<Self>, Error> {
+        let state = VcpuState {
+            cache: FrameCache::try_new().ok_or(Error::NoMemory)?,
+            validator: Validator::try_new().ok_or(Error::NoMemory)?,
+            iov: Vec::new(),
+            entries: Vec::new(),
+            undo: Vec::new(),
+            owners: Vec::new(),
+        };
+        TryBox::try_new(state).map_err(|_| Error::NoMemory)
     }
 }
 
@@ -120,7 +124,7 @@ pub struct Batch<F: morsel::Format> {
     /// destroyed, device-mounted or batched by another call while `held`.
     morsel: Morsel<F>,
     origin: Origin,
-    v: alloc::boxed::Box<VcpuState>,
+    v: TryBox<VcpuState>,
     op: u64,
     count: usize,
     /// The iovec page, translated once at the start (guest RAM: it stays while the calling
@@ -368,7 +372,7 @@ impl<F: morsel::Format> Fast<F> {
 /// slot until its next world lock puts it back (`Exmaps::unpark`). Nothing in it is reached
 /// by another CPU.
 pub struct Parked {
-    v: alloc::boxed::Box<VcpuState>,
+    v: TryBox<VcpuState>,
     guest: u32,
     vcpu: u32,
 }
@@ -485,7 +489,7 @@ impl RegionCell {
 pub struct Exmaps {
     /// Per vCPU, keyed by (guest, vCPU index); a vCPU's entry is out of the map while its
     /// `Batch` runs.
-    vcpus: HashMap<(u32, u32), alloc::boxed::Box<VcpuState>>,
+    vcpus: HashMap<(u32, u32), TryBox<VcpuState>>,
     next_id: Origin,
 }
 
@@ -587,7 +591,12 @@ impl Exmaps {
         // allocates; one hash for find-or-insert.
         self.vcpus.try_reserve(1).map_err(|_| Error::NoMemory)?;
         // Once per vCPU (its buffers and cache, a few KiB).
-        let v = self.vcpus.entry(key).or_insert_with(|| alloc::boxed::Box::new(VcpuState::new()));
+        let v = match self.vcpus.entry(key) {
+            hashbrown::hash_map::Entry::Occupied(e) => e.into_mut(),
+            hashbrown::hash_map::Entry::Vacant(e) => e.insert(VcpuState::try_new()?),
+        };
+        // The state itself, so that its fields are borrowed apart.
+        let v: &mut VcpuState = v;
         v.ready()?;
         let count = (count as usize).min(exmap::MAX_ENTRIES);
         let views = &n.views;
@@ -668,6 +677,7 @@ impl Exmaps {
             None => Err(Error::NotFound),
         };
         let Some(v) = self.vcpus.get_mut(&key) else { return Err(Error::NoMemory) };
+        let v: &mut VcpuState = v;
         v.owners.clear();
         if let Ok(batch) = batch.as_mut() {
             for (k, (&r, &e)) in v.iov.iter().zip(v.entries.iter()).enumerate() {
@@ -749,6 +759,7 @@ impl Exmaps {
             log::error!(target: "exmap", "guest {guest} '{name}': the region is gone at the end of its action");
             return 0;
         };
+        let v: &mut VcpuState = v;
         // A copy, written back below (the entry's views are followed meanwhile).
         let Some(mut stats) = n.region else {
             log::error!(target: "exmap", "guest {guest} '{name}' is not a region");
