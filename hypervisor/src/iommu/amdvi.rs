@@ -206,7 +206,7 @@ impl AmdVi {
         let mut out = Vec::new();
         for (e, count) in fmt::coalesce(events) {
             let source = Bdf::from_source_id(e.device_id);
-            let times = if count > 1 { alloc::format!(", {count} events") } else { alloc::string::String::new() };
+            let times = Times(count);
             // RW flag, bit 5 of the flags (spec 2.5.3, IO_PAGE_FAULT).
             let write = e.flags & 1 << 5 != 0;
             if e.is_page_fault() {
@@ -315,6 +315,19 @@ impl Iommu for AmdVi {
             (&mut views.amd, Perm::RWX)
         } else {
             (&mut views.amd_ro, Perm::RO)
+        }
+    }
+}
+
+/// ", N events" for a run of N > 1 equal events in a fault line; nothing for one (no
+/// allocation per fault: a guest can cause DMA faults).
+struct Times(u32);
+
+impl core::fmt::Display for Times {
+    fn fmt(&self, f: &mut core::fmt::Formatter) -> core::fmt::Result {
+        match self.0 {
+            0 | 1 => Ok(()),
+            n => write!(f, ", {n} events"),
         }
     }
 }

@@ -202,14 +202,3 @@ pub unsafe fn guest_bytes(pa: u64, len: usize) -> vmcore::guestbytes::GuestBytes
     // SAFETY: forwarded from the caller; the host maps all RAM at its physical address.
     unsafe { vmcore::guestbytes::GuestBytes::new(pa as *mut u8, len) }
 }
-
-/// A byte view of guest-owned host memory: `len` bytes at `pa`. Only ExMap's iovec page
-/// still uses it (being moved to `guest_bytes`); no new users.
-///
-/// # Safety
-/// The range must be RAM owned by the caller's guest (obtained by translating through the
-/// guest's second-level table) and not be accessed through another live reference.
-pub unsafe fn host_bytes_mut<'a>(pa: u64, len: usize) -> &'a mut [u8] {
-    // SAFETY: forwarded from the caller.
-    unsafe { core::slice::from_raw_parts_mut(pa as *mut u8, len) }
-}

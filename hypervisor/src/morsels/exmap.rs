@@ -632,11 +632,12 @@ impl Exmaps {
         }
         let n = dir.named.get_mut_at(at, &name).ok_or(Error::NotFound)?;
         // SAFETY: iov_hpa..+4096 is guest RAM of this guest (translated above, aligned, so
-        // inside one page), read-write; the hypervisor reads it only here, under the lock.
-        let page = unsafe { crate::mm::frames::host_bytes_mut(iov_hpa.as_u64(), 4096) };
+        // inside one page), which stays while the guest does (the caller holds it); sibling
+        // vCPUs may write it meanwhile: copied word by word, never a reference.
+        let page = unsafe { crate::mm::frames::guest_bytes(iov_hpa.as_u64(), 4096) };
         v.iov.clear();
-        // Within the capacity `ready` made sure of: no allocation.
-        v.iov.extend((0..count).map(|k| u64::from_le_bytes(page[8 * k..8 * k + 8].try_into().unwrap_or([0; 8]))));
+        // Within the capacity `ready` made sure of: no allocation; count <= 512 words.
+        v.iov.extend((0..count).map(|k| page.read_u64_volatile(8 * k).unwrap_or(0)));
         if io {
             v.entries.clear();
             v.entries.extend_from_slice(&v.iov);
@@ -832,11 +833,11 @@ impl Exmaps {
         // guest does).
         if let Some(g) = g {
             if let Ok((iov_hpa, _)) = g.mem.translate(GuestPhysAddr::new(iov_gpa), Perm::RW) {
-                // SAFETY: as in `action`: one page of this guest's RAM, read-write, written
-                // under the lock.
-                let page = unsafe { crate::mm::frames::host_bytes_mut(iov_hpa.as_u64(), 4096) };
-                for (k, r) in v.iov.iter().enumerate().take(count) {
-                    page[8 * k..8 * k + 8].copy_from_slice(&r.to_le_bytes());
+                // SAFETY: as in `action`: one page of this guest's RAM, which stays while the
+                // guest does; written word by word, never a reference.
+                let page = unsafe { crate::mm::frames::guest_bytes(iov_hpa.as_u64(), 4096) };
+                for (k, &r) in v.iov.iter().enumerate().take(count) {
+                    let _ = page.write_u64(8 * k, r);
                 }
             }
         }
