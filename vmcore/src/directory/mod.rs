@@ -15,13 +15,18 @@
 //! hypervisor keeps reading names from guest memory, logging, persistent records, device
 //! mounts and the shootdown.
 //!
-//! Mutations the tests were seen to catch (each made by hand, the named test failed, undone):
-//! - `open` without the writable check: `read_write_needs_the_owner_or_a_grant`;
-//! - `unmount` through a frame source that frees nothing (emptied intermediate tables kept):
-//!   `unmount_clears_the_entry_and_frees_emptied_tables`;
-//! - `mount`'s quota check after `free_slot` and the mount (`>` for `>=`):
-//!   `a_mount_past_the_quota_changes_nothing`;
-//! - `check_destroy` without the device-mount count: `destroy_while_mounted_is_busy`.
+//! Mutations the tests were seen to catch (each made by hand, the named tests failed, undone):
+//! - `open` without the writable check: `read_write_needs_the_owner_or_a_grant` (and two more);
+//! - `unmount` that takes the mount off the list but leaves the entry (no `Morsel::unmount`):
+//!   `unmount_clears_the_entry_and_frees_emptied_tables` and five more;
+//! - `Morsel::unmount` freeing no emptied intermediate table (`morsel/src/morsel.rs`):
+//!   `unmount_clears_the_entry_and_frees_emptied_tables`, `a_leaving_guest_unmounts_everything`,
+//!   `destroy_after_unmount_gives_every_frame_back`;
+//! - `mount`'s quota check `>` for `>=`: `a_mount_past_the_quota_changes_nothing`;
+//! - `reserve` not counting reservations: `reservations_count_against_the_mount_quota`;
+//! - `check_destroy` without the device mounts: `destroy_while_mounted_is_busy`;
+//! - `free_slot` comparing only start addresses: `free_slot_never_overlaps` (proptest);
+//! - `drop_mounts` stopping after one: `a_leaving_guest_unmounts_everything`.
 
 #[cfg(test)]
 mod tests;
