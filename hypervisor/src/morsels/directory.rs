@@ -2,6 +2,8 @@
 //! destroy, and what happens when a guest leaves and when the run ends. One mount = one entry
 //! in the guest's second-level table; one unmount = one entry cleared, the intermediate
 //! tables it left empty freed, and one invalidation of the guest's cached translations.
+//! The decisions are `vmcore::directory`'s (host-tested); here: names read from guest memory,
+//! the log lines, persistent records, device mounts, and the shootdown.
 
 use super::persist::{self, Source};
 use super::{read_name, Directory, Name, Named, PendingCreate, Removed, Started, RESTORED};

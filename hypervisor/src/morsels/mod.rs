@@ -2,7 +2,10 @@
 //! and the hypercalls on them. Mounting writes one entry in the guest's second-level table
 //! (or a device domain's); unmounting clears it and invalidates the cached translations.
 //!
-//! - `directory`: create, open (mount), unmount, size, destroy, stats, end of run;
+//! - `directory`: create, open (mount), unmount, size, destroy, stats, end of run; what decides
+//!   a guest mount (permissions, `abi::MOUNT_QUOTA`, window slots, unmount, destroy check, a
+//!   leaving guest) is `vmcore::directory`, host-tested with real morsels, which this module
+//!   calls with the guest's `Guest::space` and the hypervisor's frames;
 //! - `persist`: persistent morsels (frames and records in the persistent region, recovery);
 //! - `device_mounts`: morsels in device DMA domains (VT-d or AMD-Vi, `crate::iommu`; an NPT
 //!   morsel through a view in the IOMMU's format);
