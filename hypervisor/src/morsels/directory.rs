@@ -170,10 +170,14 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     pub fn destroy<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, frames: &Frames, name: abi::Name) -> Result<Option<(Name, Removed<F>)>, Error> {
         let name = read_name(g, name)?;
         let devices = self.devices.iter().filter(|d| d.name == name).count();
-        let pinned = |n: &Named<F>| match () {
-            _ if n.in_io => Some("has NVMe I/O in flight"),
-            _ if n.admit(Contender::Destroy).is_err() => Some("has an ExMap batch in flight"),
-            _ => None,
+        let pinned = |n: &Named<F>| {
+            if n.in_io {
+                Some("has NVMe I/O in flight")
+            } else if n.admit(Contender::Destroy).is_err() {
+                Some("has an ExMap batch in flight")
+            } else {
+                None
+            }
         };
         match directory::check_destroy(&self.named, g.id, &name, devices, pinned) {
             Ok(()) => {}

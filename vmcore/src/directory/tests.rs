@@ -117,7 +117,7 @@ fn create_mounts_in_the_owner<F: Format<Input = GuestPhysAddr>>() {
     let mount = w.guests[0].1.at(m.gpa).unwrap().clone();
     assert_eq!((mount.name, mount.size, mount.window, mount.writable), (n("a"), 64 * 1024, 2 * MIB, true));
     let t = w.translate(0, m.gpa + 8192).unwrap();
-    assert_eq!(t.perm.write, true);
+    assert!(t.perm.write);
     assert_eq!(Some(t.addr), w.morsel("a").translate(8192, &mem));
     assert_eq!(w.morsel("a").mount_count(), 1);
     assert_eq!(w.names.get("a").unwrap().value.mounts, 1);
