@@ -26,7 +26,12 @@
 //! - `reserve` not counting reservations: `reservations_count_against_the_mount_quota`;
 //! - `check_destroy` without the device mounts: `destroy_while_mounted_is_busy`;
 //! - `free_slot` comparing only start addresses: `free_slot_never_overlaps` (proptest);
-//! - `drop_mounts` stopping after one: `a_leaving_guest_unmounts_everything`.
+//! - `drop_mounts` stopping after one: `a_leaving_guest_unmounts_everything`;
+//! - `free_slot` going one slot past the window's end (`at <= end`): `free_slot_never_overlaps`,
+//!   `free_slot_aligns_and_skips_mounts`, `a_full_window_is_busy_and_leaves_the_new_morsel_entered`
+//!   (`at < end` survives: equivalent, every window size divides the window's end);
+//! - `mount` pushing the list entry before the table entry is written:
+//!   `a_mount_out_of_frames_changes_nothing`.
 
 #[cfg(test)]
 mod tests;

@@ -400,3 +400,50 @@ fn a_leaving_guest_unmounts_everything() {
     assert_eq!(mem.table_frames(), tables);
     assert_eq!(w.guests[1].0.mounts(), 0);
 }
+
+#[test]
+fn a_full_window_is_busy_and_leaves_the_new_morsel_entered() {
+    let mem = SimMem::new(64 * GIB);
+    let mut w = World::<Ept>::new(&mem, 2, 16);
+    let slots = abi::MORSEL_WINDOW_SIZE / (512 * GIB);
+    // 2 GiB of 2 MiB pages: a root at L3, a 512 GiB window; the window holds `slots` of them.
+    let big = |w: &mut World<Ept>, name: &str| {
+        let (names, mut space) = w.space(0);
+        let ticket = reserve(names, space.mounts, 0, n(name)).unwrap();
+        let morsel = Morsel::<Ept>::create(2 * GIB, PageSize::Size2M, &mem, &mem).unwrap();
+        enter(names, &mut space, ticket, Named { morsel, owner: 0, shared: false, mounts: 0, unmounts: 0 }, &mem, &mem)
+    };
+    for i in 0..slots {
+        let m = big(&mut w, &std::format!("big{i}")).map_err(|_| ()).unwrap();
+        assert_eq!(m.gpa, abi::MORSEL_WINDOW_GPA + i * 512 * GIB);
+    }
+    let (frames, tables) = (mem.allocated_frames(), w.guests[0].0.stats());
+    match big(&mut w, "one-more") {
+        Err(Entered::Unmounted(r)) => assert_eq!((r, r.error()), (Refusal::WindowFull, abi::Error::Busy)),
+        other => panic!("not refused for the window: {:?}", other.map_err(|_| ())),
+    }
+    // In the directory, mounted nowhere: the caller destroys it.
+    assert_eq!(w.morsel("one-more").mount_count(), 0);
+    assert_eq!(w.guests[0].0.stats(), tables);
+    w.check_destroy(0, "one-more", 0).unwrap();
+    w.destroy("one-more");
+    assert_eq!(mem.allocated_frames(), frames);
+    // A small morsel finds no slot either: every 512 GiB is taken.
+    w.create(1, "small", 4096, false).unwrap();
+    assert_eq!(w.open(0, "small", false), Err(Refusal::WindowFull));
+}
+
+#[test]
+fn a_mount_out_of_frames_changes_nothing() {
+    let mem = SimMem::new(16 * GIB);
+    let mut w = World::<Ept>::new(&mem, 2, 8);
+    w.create(0, "a", 4096, false).unwrap();
+    // Guest 1's window is empty: its first mount needs intermediate tables.
+    mem.limit_free(0);
+    let (frames, tables) = (mem.allocated_frames(), w.guests[1].0.stats());
+    assert_eq!(w.open(1, "a", false), Err(Refusal::Mount(morsel::Error::OutOfMemory)));
+    assert_eq!(Refusal::Mount(morsel::Error::OutOfMemory).error(), abi::Error::NoMemory);
+    assert_eq!((mem.allocated_frames(), w.guests[1].0.stats()), (frames, tables));
+    assert!(w.guests[1].1.is_empty());
+    assert_eq!(w.morsel("a").mount_count(), 1);
+}
