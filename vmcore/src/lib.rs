@@ -6,6 +6,7 @@
 
 extern crate alloc;
 
+pub mod directory;
 pub mod exits;
 pub mod flush;
 pub mod guestbytes;

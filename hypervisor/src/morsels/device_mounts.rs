@@ -14,6 +14,7 @@ use crate::vm::shootdown::{After, Flush, Hw};
 use crate::vm::Backend;
 use abi::{self, Error};
 use morsel::{Format, GuestPhysAddr, Perm};
+use vmcore::directory::Entry as _;
 use vmcore::region_lock::Contender;
 
 impl<F: Format<Input = GuestPhysAddr>> Directory<F> {

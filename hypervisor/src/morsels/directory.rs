@@ -2,9 +2,11 @@
 //! destroy, and what happens when a guest leaves and when the run ends. One mount = one entry
 //! in the guest's second-level table; one unmount = one entry cleared, the intermediate
 //! tables it left empty freed, and one invalidation of the guest's cached translations.
+//! The decisions are `vmcore::directory`'s (host-tested); here: names read from guest memory,
+//! the log lines, persistent records, device mounts, and the shootdown.
 
 use super::persist::{self, Source};
-use super::{name_error, read_name, Directory, Mount, Name, Named, PendingCreate, Removed, Started, RESTORED};
+use super::{read_name, Directory, Name, Named, PendingCreate, Removed, Started, RESTORED};
 use crate::devices::Devices;
 use crate::mm::frames::{Frames, Identity, IDENTITY};
 use crate::vm::guest::Guest;
@@ -12,7 +14,8 @@ use crate::vm::shootdown::{Flush, Hw};
 use crate::vm::Backend;
 use abi::{self, Error};
 use formats::units::Bytes;
-use morsel::{Format, GuestPhysAddr, Morsel, PageSize, Perm};
+use morsel::{Format, GuestPhysAddr, Morsel, PageSize};
+use vmcore::directory::{self, Entered, Mounted, Refusal, Unmounted};
 use vmcore::names::Ticket;
 use vmcore::region_lock::Contender;
 
@@ -33,14 +36,11 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         if size > morsel::MAX_MORSEL || size > abi::MORSEL_WINDOW_SIZE {
             return Err(g.refuse(Error::TooLarge, format_args!("size {} is above the largest morsel, {}", Bytes(size), Bytes(morsel::MAX_MORSEL.min(abi::MORSEL_WINDOW_SIZE)))));
         }
-        let ticket = self.named.reserve(name, g.id).map_err(|e| match e {
-            vmcore::names::Error::Taken => g.refuse(Error::Busy, format_args!("the name {name:?} is taken")),
-            e => name_error(e),
-        })?;
         // Each reservation (this one included) takes a mount slot when it is entered.
-        if g.mounts.len() + self.named.count(g.id).reserved as usize > abi::MOUNT_QUOTA as usize {
-            return Err(self.give_up(ticket, Error::NoMemory));
-        }
+        let ticket = directory::reserve(&mut self.named, &g.mounts, g.id, name).map_err(|e| match e {
+            Refusal::Name(vmcore::names::Error::Taken) => g.refuse(Error::Busy, format_args!("the name {name:?} is taken")),
+            e => e.error(),
+        })?;
         let others_may_write = flags.share_writable;
         let pm = match (flags.persistent, self.pmem) {
             (false, _) => None,
@@ -105,18 +105,20 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
                 n.morsel.root_level(), n.morsel.table_count(),
                 InPmem(n.slot));
         }
-        if let Err((e, n)) = self.named.commit(ticket, n) {
-            // Unreachable (the ticket is this reservation's): refused, never replaced.
-            log::error!(target: "morsel", "'{name}': the reservation does not match its entry ({e}): not entered");
-            let _ = n.morsel.destroy(frames, &IDENTITY);
-            return Err(Error::Invalid);
+        match directory::enter(&mut self.named, &mut g.space(), ticket, n, frames, &IDENTITY) {
+            Ok(m) => Ok(log_mount(g.id, &name, m)),
+            Err(Entered::Refused(e, n)) => {
+                // Unreachable (the ticket is this reservation's): refused, never replaced.
+                log::error!(target: "morsel", "'{name}': the reservation does not match its entry ({e}): not entered");
+                let _ = n.morsel.destroy(frames, &IDENTITY);
+                Err(Error::Invalid)
+            }
+            Err(Entered::Unmounted(e)) => {
+                // Nobody can have mounted it yet: give the frames back.
+                self.remove(&name, frames);
+                Err(e.error())
+            }
         }
-        let gpa = self.mount(g, frames, &name, true);
-        if gpa.is_err() {
-            // Nobody can have mounted it yet: give the frames back.
-            self.remove(&name, frames);
-        }
-        gpa
     }
 
     /// Adds an ExMap region (a sparse morsel, see `morsels/exmap.rs`) under its reservation,
@@ -137,71 +139,29 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     /// again (`hypercall::Action::Retry`), so that the batch's shootdown counts every mount.
     pub fn open<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, frames: &Frames, name: abi::Name, writable: bool) -> Result<Option<u64>, Error> {
         let name = read_name(g, name)?;
-        let n = self.named.get(&name).ok_or(Error::NotFound)?;
-        if writable && !n.value.writable_by(g.id) {
-            return Err(Error::Denied);
+        let turn = super::turn(g.id, u32::MAX);
+        let admit = |n: &Named<F>| n.admit_in_turn(Contender::Mount, turn).is_ok();
+        match directory::open(&mut self.named, &mut g.space(), &name, writable, admit, frames, &IDENTITY) {
+            Ok(m) => Ok(m.map(|m| log_mount(g.id, &name, m))),
+            Err(Refusal::AlreadyMounted) => Err(g.refuse(Error::Busy, format_args!("{name:?} is already mounted in this guest"))),
+            Err(e) => Err(e.error()),
         }
-        if n.value.admit_in_turn(Contender::Mount, super::turn(g.id, u32::MAX)).is_err() {
-            return Ok(None);
-        }
-        if g.mounts.iter().any(|m| m.name == name) {
-            return Err(g.refuse(Error::Busy, format_args!("{name:?} is already mounted in this guest")));
-        }
-        self.mount(g, frames, &name, writable).map(Some)
-    }
-
-    fn mount<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, frames: &Frames, name: &Name, writable: bool) -> Result<u64, Error> {
-        let at = self.named.slot(name).ok_or(Error::NotFound)?;
-        let n = self.named.get_mut_at(at, name).ok_or(Error::NotFound)?;
-        if g.mounts.len() >= abi::MOUNT_QUOTA as usize {
-            return Err(Error::NoMemory);
-        }
-        g.mounts.try_reserve(1).map_err(|_| Error::NoMemory)?;
-        let size = n.morsel.window_size();
-        // No free slot of this size: the window is full, not the memory.
-        let gpa = free_slot(&g.mounts, size).ok_or(Error::Busy)?;
-        let perm = if writable { Perm::RW } else { Perm::RO };
-        let stats = n.morsel.mount(g.mem.table_mut(), GuestPhysAddr::new(gpa), perm, frames, &IDENTITY).map_err(|e| match e {
-            morsel::Error::OutOfMemory => Error::NoMemory,
-            morsel::Error::Occupied { .. } | morsel::Error::InsideMount { .. } => Error::Busy,
-            _ => Error::Invalid,
-        })?;
-        n.count_mount(&stats, 0);
-        log::info!(target: "morsel", "'{name}' mounted {} into guest {} at {gpa:#x}: {} PTE write (+{} for new intermediate tables)",
-            if writable { "read-write" } else { "read-only" }, g.id, stats.entry_writes, stats.path_writes);
-        log::info!(target: "evt", "morsel.mount guest={} name={name} writable={} gpa={gpa:#x} pte_writes={} path_writes={}",
-            g.id, u8::from(writable), stats.entry_writes, stats.path_writes);
-        g.mounts.push(Mount { gpa, size: n.morsel.len(), window: size, name: *name, at, writable });
-        Ok(gpa)
     }
 
     /// `morsel_unmount(gpa)`. The intermediate tables the mount created go with it (else a
     /// later morsel with a larger window would find its slot taken). Returns the shootdown
     /// the caller commits (the guest's CPUs).
     pub fn unmount<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, frames: &Frames, gpa: u64) -> Result<Flush, Error> {
-        let i = g.mounts.iter().position(|m| m.gpa == gpa).ok_or(Error::NotFound)?;
-        let m = g.mounts.remove(i);
-        let n = self.named.get_mut(&m.name).ok_or(Error::NotFound)?;
-        // A region's `Fast` handles made before (this guest's among them) are refused from
-        // here on: the guest's calls on it go to the world path, which finds no mount.
-        if let Some(cell) = n.cell {
-            cell.lock.changed();
-        }
         // The emptied tables stay with this CPU until the shootdown is acknowledged.
         let after = crate::vm::shootdown::After(frames);
-        let stats = n.morsel.unmount(g.mem.table_mut(), GuestPhysAddr::new(gpa), &after, &IDENTITY).map_err(|_| Error::Invalid)?;
-        let flush = crate::vm::shootdown::of_guest(g);
-        n.count_unmount(&stats);
-        log::info!(target: "morsel", "'{}' unmounted from guest {} at {gpa:#x}: {} PTE write, 1 invalidation, {} empty intermediate tables freed",
-            m.name, g.id, stats.entry_writes, stats.path_writes);
-        log::info!(target: "evt", "morsel.unmount guest={} name={} gpa={gpa:#x} pte_writes={} invalidations=1 tables_freed={}",
-            g.id, m.name, stats.entry_writes, stats.path_writes);
-        Ok(flush)
+        let u = directory::unmount(&mut self.named, &mut g.space(), gpa, &after, &IDENTITY).map_err(Refusal::error)?;
+        log_unmount(g.id, u);
+        Ok(crate::vm::shootdown::of_guest(g))
     }
 
     /// `morsel_size(gpa)`.
     pub fn size<B: Backend<Format = F>>(&self, g: &Guest<B>, gpa: u64) -> Result<u64, Error> {
-        g.mounts.iter().find(|m| m.gpa == gpa).map(|m| m.size).ok_or(Error::NotFound)
+        g.mounts.at(gpa).map(|m| m.size).ok_or(Error::NotFound)
     }
 
     /// `morsel_destroy(name_ptr, name_len)`: the owner only, and only while unmounted. A RAM
@@ -209,21 +169,25 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     /// its frames with the world lock let go (`Removed::free`); a persistent one is freed here.
     pub fn destroy<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, frames: &Frames, name: abi::Name) -> Result<Option<(Name, Removed<F>)>, Error> {
         let name = read_name(g, name)?;
-        let n = self.named.get(&name).ok_or(Error::NotFound)?.value;
-        if n.owner != g.id && !(n.owner == RESTORED && n.others_may_write) {
-            return Err(Error::Denied);
+        let devices = self.devices.iter().filter(|d| d.name == name).count();
+        let pinned = |n: &Named<F>| {
+            if n.in_io {
+                Some("has NVMe I/O in flight")
+            } else if n.admit(Contender::Destroy).is_err() {
+                Some("has an ExMap batch in flight")
+            } else {
+                None
+            }
+        };
+        match directory::check_destroy(&self.named, g.id, &name, devices, pinned) {
+            Ok(()) => {}
+            Err(Refusal::Pinned(why)) => return Err(g.refuse(Error::Busy, format_args!("{name:?} {why}"))),
+            Err(Refusal::Mounted { guests, devices }) => {
+                return Err(g.refuse(Error::Busy, format_args!("{name:?} is still mounted ({guests} guest, {devices} device mounts)")))
+            }
+            Err(e) => return Err(e.error()),
         }
-        if n.in_io {
-            return Err(g.refuse(Error::Busy, format_args!("{name:?} has NVMe I/O in flight")));
-        }
-        if n.admit(Contender::Destroy).is_err() {
-            return Err(g.refuse(Error::Busy, format_args!("{name:?} has an ExMap batch in flight")));
-        }
-        if n.morsel.mount_count() > 0 || self.devices.iter().any(|d| d.name == name) {
-            let devices = self.devices.iter().filter(|d| d.name == name).count();
-            return Err(g.refuse(Error::Busy, format_args!("{name:?} is still mounted ({} guest, {devices} device mounts)", n.morsel.mount_count())));
-        }
-        if n.slot.is_some() {
+        if self.named.get(&name).is_some_and(|n| n.value.slot.is_some()) {
             self.remove(&name, frames);
             return Ok(None);
         }
@@ -285,13 +249,12 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
                 None => self.devices.retain(|d| d.guest != g.id),
             }
         }
-        while let Some(m) = g.mounts.last().cloned() {
-            match self.unmount(g, frames, m.gpa) {
-                Ok(f) => flush.merge(f),
-                Err(_) => {
-                    g.mounts.pop();
-                }
-            }
+        // Emptied tables kept until the commit below is acknowledged; the guest's CPUs once
+        // for all of its mounts.
+        let (id, guest_cpus) = (g.id, crate::vm::shootdown::of_guest(g));
+        let after = crate::vm::shootdown::After(frames);
+        if directory::drop_mounts(&mut self.named, &mut g.space(), &after, &IDENTITY, |u| log_unmount(id, u)) > 0 {
+            flush.merge(guest_cpus);
         }
         let done = flush.commit(&mut Hw(devices));
         if !done.ok() {
@@ -364,17 +327,23 @@ impl morsel::PhysMem for TablesOnly {
     fn zero_data(&self, _: morsel::HostPhysAddr, _: u32) {}
 }
 
-/// The lowest window slot of `size` alignment that overlaps no mount.
-fn free_slot(mounts: &[Mount], size: u64) -> Option<u64> {
-    let (start, end) = (abi::MORSEL_WINDOW_GPA, abi::MORSEL_WINDOW_GPA + abi::MORSEL_WINDOW_SIZE);
-    let mut at = start.next_multiple_of(size);
-    while at + size <= end {
-        match mounts.iter().find(|m| m.gpa < at + size && at < m.gpa + m.window) {
-            None => return Some(at),
-            Some(m) => at = (m.gpa + m.window).next_multiple_of(size),
-        }
-    }
-    None
+/// Logs a guest mount (the text scenarios match) and returns its address.
+fn log_mount(guest: u32, name: &Name, m: Mounted) -> u64 {
+    let (gpa, stats) = (m.gpa, m.stats);
+    log::info!(target: "morsel", "'{name}' mounted {} into guest {guest} at {gpa:#x}: {} PTE write (+{} for new intermediate tables)",
+        if m.writable { "read-write" } else { "read-only" }, stats.entry_writes, stats.path_writes);
+    log::info!(target: "evt", "morsel.mount guest={guest} name={name} writable={} gpa={gpa:#x} pte_writes={} path_writes={}",
+        u8::from(m.writable), stats.entry_writes, stats.path_writes);
+    gpa
+}
+
+/// Logs a guest unmount (the text scenarios match); the caller commits its shootdown.
+fn log_unmount(guest: u32, u: Unmounted) {
+    let (m, stats) = (u.mount, u.stats);
+    log::info!(target: "morsel", "'{}' unmounted from guest {guest} at {:#x}: {} PTE write, 1 invalidation, {} empty intermediate tables freed",
+        m.name, m.gpa, stats.entry_writes, stats.path_writes);
+    log::info!(target: "evt", "morsel.unmount guest={guest} name={} gpa={:#x} pte_writes={} invalidations=1 tables_freed={}",
+        m.name, m.gpa, stats.entry_writes, stats.path_writes);
 }
 
 /// `, in persistent memory (record N)` for a persistent morsel, nothing otherwise: written

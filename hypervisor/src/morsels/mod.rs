@@ -2,7 +2,10 @@
 //! and the hypercalls on them. Mounting writes one entry in the guest's second-level table
 //! (or a device domain's); unmounting clears it and invalidates the cached translations.
 //!
-//! - `directory`: create, open (mount), unmount, size, destroy, stats, end of run;
+//! - `directory`: create, open (mount), unmount, size, destroy, stats, end of run; what decides
+//!   a guest mount (permissions, `abi::MOUNT_QUOTA`, window slots, unmount, destroy check, a
+//!   leaving guest) is `vmcore::directory`, host-tested with real morsels, which this module
+//!   calls with the guest's `Guest::space` and the hypervisor's frames;
 //! - `persist`: persistent morsels (frames and records in the persistent region, recovery);
 //! - `device_mounts`: morsels in device DMA domains (VT-d or AMD-Vi, `crate::iommu`; an NPT
 //!   morsel through a view in the IOMMU's format);
@@ -135,10 +138,32 @@ impl<F: Format> Named<F> {
         self.unmount_pte_writes += stats.entry_writes as u64;
         self.invalidations += 1;
     }
+}
 
-    /// Whether `guest` may mount it read-write.
-    fn writable_by(&self, guest: u32) -> bool {
-        self.owner == guest || self.others_may_write
+/// What `vmcore::directory` needs of an entry: the morsel, its owner and grant, and the
+/// counters of its guest mounts and unmounts.
+impl<F: Format> vmcore::directory::Entry<F> for Named<F> {
+    fn morsel(&self) -> &Morsel<F> {
+        &self.morsel
+    }
+    fn owner(&self) -> u32 {
+        self.owner
+    }
+    fn others_may_write(&self) -> bool {
+        self.others_may_write
+    }
+    fn mounted(&mut self, stats: &MountStats) {
+        self.count_mount(stats, 0);
+    }
+    /// A region's `Fast` handles made before (the unmounting guest's among them) are refused
+    /// from here on: the guest's calls on it go to the world path, which finds no mount.
+    fn unmounting(&mut self) {
+        if let Some(cell) = self.cell {
+            cell.lock.changed();
+        }
+    }
+    fn unmounted(&mut self, stats: &MountStats) {
+        self.count_unmount(stats);
     }
 }
 
@@ -155,21 +180,6 @@ pub struct DeviceMount {
     /// The I/O virtual span the mount occupies (the span of the morsel's root table).
     pub window: u64,
     pub guest: u32,
-}
-
-/// A mount in one guest.
-#[derive(Clone, Debug)]
-pub struct Mount {
-    pub gpa: u64,
-    pub size: u64,
-    /// The guest-physical span the mount occupies (the span of the morsel's root table).
-    pub window: u64,
-    pub name: Name,
-    /// Where `name` is in the directory (`Names::slot`): ExMap calls reach the region there
-    /// without hashing the name (`Names::get_mut_at` checks that the slot still holds it).
-    pub at: vmcore::names::SlotId,
-    /// Mounted read-write (else read-only).
-    pub writable: bool,
 }
 
 /// All morsels of the run.
@@ -211,11 +221,7 @@ impl<F: Format> Directory<F> {
 
 /// A refusal of the name table as the guest sees it.
 pub(crate) fn name_error(e: vmcore::names::Error) -> Error {
-    match e {
-        vmcore::names::Error::Taken => Error::Busy,
-        vmcore::names::Error::Quota | vmcore::names::Error::NoOwner | vmcore::names::Error::Full => Error::NoMemory,
-        vmcore::names::Error::Stale => Error::Invalid,
-    }
+    vmcore::directory::Refusal::Name(e).error()
 }
 
 /// What `Directory::create` did: all of it (a persistent morsel), or all but zeroing the

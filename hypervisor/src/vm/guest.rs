@@ -193,7 +193,7 @@ pub struct Guest<B: Backend> {
     /// All vCPUs together (the slice budget counts these).
     pub exits: [u64; ExitKind::COUNT],
     /// Morsels mounted in this guest's window.
-    pub mounts: alloc::vec::Vec<crate::morsels::Mount>,
+    pub mounts: vmcore::directory::Mounts,
     /// vCPUs not yet ended.
     pub live_vcpus: u32,
     /// CPUs (bit per index) that ran a vCPU of this guest: the shootdown's targets. Sticky:
@@ -247,7 +247,7 @@ impl<B: Backend> Guest<B> {
             mem,
             state: State::Runnable,
             exits: [0; ExitKind::COUNT],
-            mounts: alloc::vec::Vec::new(),
+            mounts: vmcore::directory::Mounts::new(),
             live_vcpus: spec.vcpus.max(1),
             ran_on: 0,
             code: None,
@@ -306,6 +306,12 @@ impl<B: Backend> Guest<B> {
     pub fn refuse(&mut self, e: abi::Error, why: core::fmt::Arguments) -> abi::Error {
         self.refusal = Some(Reason::format(why));
         e
+    }
+
+    /// The guest as the morsel directory sees it (`vmcore::directory`): its id, its
+    /// second-level table, its mounts.
+    pub fn space(&mut self) -> vmcore::directory::Space<'_, B::Format> {
+        vmcore::directory::Space { guest: self.id, table: self.mem.table_mut(), mounts: &mut self.mounts }
     }
 
     /// Appends console bytes of vCPU `vcpu`; complete lines are printed with the guest's prefix.

@@ -1,0 +1,449 @@
+//! Tests of the directory's mounts with real morsels on a simulated machine (`SimMem`) and
+//! fake guests (a second-level table and a mount list each). Run in debug and `--release`.
+
+use super::*;
+use morsel::{Ept, Npt, PageSize, SimMem};
+use proptest::prelude::*;
+use std::vec;
+
+const GIB: u64 = 1 << 30;
+const MIB: u64 = 1 << 20;
+const SEED: [u64; 2] = [7, 11];
+
+/// What the directory keeps per morsel, as the hypervisor's `Named` does (counters only).
+struct Named<F: Format> {
+    morsel: Morsel<F>,
+    owner: Owner,
+    shared: bool,
+    mounts: u32,
+    unmounts: u32,
+}
+
+impl<F: Format> Entry<F> for Named<F> {
+    fn morsel(&self) -> &Morsel<F> {
+        &self.morsel
+    }
+    fn owner(&self) -> Owner {
+        self.owner
+    }
+    fn others_may_write(&self) -> bool {
+        self.shared
+    }
+    fn mounted(&mut self, _: &MountStats) {
+        self.mounts += 1;
+    }
+    fn unmounted(&mut self, _: &MountStats) {
+        self.unmounts += 1;
+    }
+}
+
+fn n(s: &str) -> Name {
+    Name::new(s.as_bytes()).unwrap()
+}
+
+/// A directory and `guests` fake guests, their frames from `mem`.
+struct World<'m, F: Format> {
+    mem: &'m SimMem,
+    names: Names<Named<F>>,
+    guests: Vec<(SecondLevelTable<F>, Mounts)>,
+}
+
+impl<'m, F: Format<Input = GuestPhysAddr>> World<'m, F> {
+    fn new(mem: &'m SimMem, guests: u32, quota: u32) -> Self {
+        let names = Names::try_new(names::Limits { owners: guests, quota, system: 4 }, SEED).unwrap();
+        let guests = (0..guests).map(|_| (SecondLevelTable::new(mem, mem).unwrap(), Mounts::new())).collect();
+        World { mem, names, guests }
+    }
+
+    fn space(&mut self, g: u32) -> (&mut Names<Named<F>>, Space<'_, F>) {
+        let (table, mounts) = &mut self.guests[g as usize];
+        (&mut self.names, Space { guest: g, table, mounts })
+    }
+
+    /// Reserves, builds (4 KiB pages) and enters `name` for `g`, as a create does.
+    fn create(&mut self, g: u32, name: &str, size: u64, shared: bool) -> Result<Mounted, Refusal> {
+        let mem = self.mem;
+        let (names, mut space) = self.space(g);
+        let ticket = reserve(names, space.mounts, g, n(name))?;
+        let morsel = Morsel::<F>::create(size, PageSize::Size4K, mem, mem).unwrap();
+        let value = Named { morsel, owner: g, shared, mounts: 0, unmounts: 0 };
+        match enter(names, &mut space, ticket, value, mem, mem) {
+            Ok(m) => Ok(m),
+            Err(Entered::Unmounted(r)) => Err(r),
+            Err(Entered::Refused(e, _)) => panic!("commit refused: {e}"),
+        }
+    }
+
+    fn open(&mut self, g: u32, name: &str, writable: bool) -> Result<Mounted, Refusal> {
+        let mem = self.mem;
+        let (names, mut space) = self.space(g);
+        open(names, &mut space, &n(name), writable, |_| true, mem, mem).map(|m| m.expect("admitted"))
+    }
+
+    fn unmount(&mut self, g: u32, gpa: u64) -> Result<Unmounted, Refusal> {
+        let mem = self.mem;
+        let (names, mut space) = self.space(g);
+        unmount(names, &mut space, gpa, mem, mem)
+    }
+
+    fn check_destroy(&self, g: u32, name: &str, devices: usize) -> Result<(), Refusal> {
+        check_destroy(&self.names, g, name, devices, |_| None)
+    }
+
+    /// Takes `name` out of the directory and frees its frames (the caller checked).
+    fn destroy(&mut self, name: &str) {
+        let (_, _, v) = self.names.remove(name).unwrap();
+        v.morsel.destroy(self.mem, self.mem).unwrap();
+    }
+
+    fn translate(&self, g: u32, gpa: u64) -> Option<morsel::Translation> {
+        self.guests[g as usize].0.translate(GuestPhysAddr::new(gpa), self.mem)
+    }
+
+    fn morsel(&self, name: &str) -> &Morsel<F> {
+        &self.names.get(name).unwrap().value.morsel
+    }
+}
+
+/// Create + commit mounts read-write in the owner, in its morsel window, translating to the
+/// morsel's frames; for both formats the hypervisor uses.
+fn create_mounts_in_the_owner<F: Format<Input = GuestPhysAddr>>() {
+    let mem = SimMem::new(16 * GIB);
+    let mut w = World::<F>::new(&mem, 2, 8);
+    let m = w.create(0, "a", 64 * 1024, false).unwrap();
+    assert!(m.writable);
+    assert!((abi::MORSEL_WINDOW_GPA..abi::MORSEL_WINDOW_GPA + abi::MORSEL_WINDOW_SIZE).contains(&m.gpa));
+    assert_eq!(m.stats.entry_writes, 1);
+    let mount = w.guests[0].1.at(m.gpa).unwrap().clone();
+    assert_eq!((mount.name, mount.size, mount.window, mount.writable), (n("a"), 64 * 1024, 2 * MIB, true));
+    let t = w.translate(0, m.gpa + 8192).unwrap();
+    assert!(t.perm.write);
+    assert_eq!(Some(t.addr), w.morsel("a").translate(8192, &mem));
+    assert_eq!(w.morsel("a").mount_count(), 1);
+    assert_eq!(w.names.get("a").unwrap().value.mounts, 1);
+    // Not in the other guest.
+    assert!(w.guests[1].1.is_empty());
+    assert_eq!(w.translate(1, m.gpa), None);
+}
+
+#[test]
+fn create_and_commit_mount_read_write_in_the_owner() {
+    create_mounts_in_the_owner::<Ept>();
+    create_mounts_in_the_owner::<Npt>();
+}
+
+#[test]
+fn read_write_needs_the_owner_or_a_grant() {
+    let mem = SimMem::new(16 * GIB);
+    let mut w = World::<Ept>::new(&mem, 2, 8);
+    w.create(0, "private", 4096, false).unwrap();
+    w.create(0, "shared", 4096, true).unwrap();
+    assert_eq!(w.open(1, "private", true), Err(Refusal::Denied));
+    assert_eq!(Refusal::Denied.error(), abi::Error::Denied);
+    assert!(w.guests[1].1.is_empty());
+    let ro = w.open(1, "private", false).unwrap();
+    assert!(!ro.writable);
+    let t = w.translate(1, ro.gpa).unwrap();
+    assert!(t.perm.read && !t.perm.write);
+    let rw = w.open(1, "shared", true).unwrap();
+    assert!(w.translate(1, rw.gpa).unwrap().perm.write);
+    assert_eq!(w.morsel("private").mount_count(), 2);
+}
+
+#[test]
+fn a_reserved_name_is_not_found_until_committed() {
+    let mem = SimMem::new(16 * GIB);
+    let mut w = World::<Ept>::new(&mem, 2, 8);
+    let ticket = {
+        let (names, space) = w.space(0);
+        reserve(names, space.mounts, 0, n("pending")).unwrap()
+    };
+    assert_eq!(w.open(1, "pending", false), Err(Refusal::NotFound));
+    assert_eq!(w.open(1, "nothing", false), Err(Refusal::NotFound));
+    let morsel = Morsel::<Ept>::create(4096, PageSize::Size4K, &mem, &mem).unwrap();
+    let (names, mut space) = w.space(0);
+    enter(names, &mut space, ticket, Named { morsel, owner: 0, shared: false, mounts: 0, unmounts: 0 }, &mem, &mem).map_err(|_| ()).unwrap();
+    w.open(1, "pending", false).unwrap();
+}
+
+#[test]
+fn a_commit_never_replaces() {
+    let mem = SimMem::new(16 * GIB);
+    let mut w = World::<Ept>::new(&mem, 2, 8);
+    w.create(0, "a", 4096, false).unwrap();
+    let (names, space) = w.space(1);
+    assert_eq!(reserve(names, space.mounts, 1, n("a")).unwrap_err(), Refusal::Name(names::Error::Taken));
+    assert_eq!(Refusal::Name(names::Error::Taken).error(), abi::Error::Busy);
+    assert_eq!(w.names.get("a").unwrap().owner, 0);
+}
+
+#[test]
+fn a_second_mount_in_the_same_guest_is_busy() {
+    let mem = SimMem::new(16 * GIB);
+    let mut w = World::<Ept>::new(&mem, 2, 8);
+    w.create(0, "a", 4096, false).unwrap();
+    assert_eq!(w.open(0, "a", false), Err(Refusal::AlreadyMounted));
+    w.open(1, "a", false).unwrap();
+    assert_eq!(w.open(1, "a", false), Err(Refusal::AlreadyMounted));
+    assert_eq!(Refusal::AlreadyMounted.error(), abi::Error::Busy);
+    assert_eq!(w.guests[1].1.len(), 1);
+    assert_eq!(w.morsel("a").mount_count(), 2);
+}
+
+#[test]
+fn a_refused_admission_changes_nothing() {
+    let mem = SimMem::new(16 * GIB);
+    let mut w = World::<Ept>::new(&mem, 2, 8);
+    w.create(0, "a", 4096, false).unwrap();
+    let (names, mut space) = w.space(1);
+    assert_eq!(open(names, &mut space, &n("a"), false, |_| false, &mem, &mem), Ok(None));
+    // Permission comes first: a refused writer is told so, not asked to retry.
+    assert_eq!(open(names, &mut space, &n("a"), true, |_| false, &mem, &mem), Err(Refusal::Denied));
+    assert!(w.guests[1].1.is_empty());
+}
+
+#[test]
+fn a_mount_past_the_quota_changes_nothing() {
+    let quota = abi::MOUNT_QUOTA as usize;
+    let mem = SimMem::new(16 * GIB);
+    let mut w = World::<Ept>::new(&mem, 3, quota as u32);
+    // Guests 1 and 2 create one more than guest 0 may mount.
+    for i in 0..=quota {
+        w.create(1 + (i % 2) as u32, &std::format!("m{i}"), 4096, false).unwrap();
+    }
+    for i in 0..quota {
+        w.open(0, &std::format!("m{i}"), false).unwrap();
+    }
+    let last = std::format!("m{quota}");
+    let (frames, writes, tables) = (mem.allocated_frames(), mem.writes(), w.guests[0].0.stats());
+    assert_eq!(w.open(0, &last, false), Err(Refusal::Quota));
+    assert_eq!(Refusal::Quota.error(), abi::Error::NoMemory);
+    assert_eq!(w.guests[0].1.len(), quota);
+    assert_eq!((mem.allocated_frames(), mem.writes(), w.guests[0].0.stats()), (frames, writes, tables));
+    assert_eq!(w.morsel(&last).mount_count(), 1);
+    // A create by a guest at its quota is refused at the reservation, which is given back.
+    let (names, space) = w.space(0);
+    assert_eq!(reserve(names, space.mounts, 0, n("more")).unwrap_err(), Refusal::Quota);
+    assert!(!w.names.is_reserved("more"));
+    assert_eq!(w.names.count(0).held, 0);
+    // One unmount makes room again.
+    let gpa = w.guests[0].1[0].gpa;
+    let _ = w.unmount(0, gpa).unwrap();
+    w.open(0, &last, false).unwrap();
+}
+
+#[test]
+fn reservations_count_against_the_mount_quota() {
+    let quota = abi::MOUNT_QUOTA as u32;
+    let mem = SimMem::new(16 * GIB);
+    let mut w = World::<Ept>::new(&mem, 2, quota + 1);
+    let (names, space) = w.space(0);
+    let tickets: Vec<Ticket> = (0..quota).map(|i| reserve(names, space.mounts, 0, n(&std::format!("r{i}"))).unwrap()).collect();
+    assert_eq!(reserve(names, space.mounts, 0, n("one-more")).unwrap_err(), Refusal::Quota);
+    for t in tickets {
+        names.abort(t);
+    }
+    assert_eq!(names.count(0).held, 0);
+}
+
+#[test]
+fn unmount_of_an_unknown_address_is_not_found() {
+    let mem = SimMem::new(16 * GIB);
+    let mut w = World::<Ept>::new(&mem, 2, 8);
+    let m = w.create(0, "a", 4096, false).unwrap();
+    assert_eq!(w.unmount(0, m.gpa + 4096).unwrap_err(), Refusal::NotFound);
+    assert_eq!(w.unmount(1, m.gpa).unwrap_err(), Refusal::NotFound);
+    assert_eq!(w.guests[0].1.len(), 1);
+    assert!(w.translate(0, m.gpa).is_some());
+}
+
+#[test]
+fn unmount_clears_the_entry_and_frees_emptied_tables() {
+    let mem = SimMem::new(16 * GIB);
+    let mut w = World::<Ept>::new(&mem, 2, 8);
+    w.create(0, "a", 4096, false).unwrap();
+    let (tables, frames) = (mem.table_frames(), mem.allocated_frames());
+    let m = w.open(1, "a", true).unwrap_err();
+    assert_eq!(m, Refusal::Denied);
+    let m = w.open(1, "a", false).unwrap();
+    assert!(m.stats.path_writes > 0, "the first mount into an empty window builds tables");
+    assert!(mem.table_frames() > tables);
+    assert!(w.translate(1, m.gpa).is_some());
+    let u = w.unmount(1, m.gpa).unwrap();
+    assert_eq!(u.mount.name, n("a"));
+    assert_eq!(u.stats.path_writes, m.stats.path_writes);
+    assert_eq!(w.translate(1, m.gpa), None);
+    assert!(w.guests[1].1.is_empty());
+    assert_eq!((mem.table_frames(), mem.allocated_frames()), (tables, frames));
+    assert_eq!(w.morsel("a").mount_count(), 1);
+    assert_eq!(w.names.get("a").unwrap().value.unmounts, 1);
+    // The owner's mount is untouched.
+    assert!(w.translate(0, w.guests[0].1[0].gpa).is_some());
+}
+
+#[test]
+fn destroy_by_a_non_owner_is_denied() {
+    let mem = SimMem::new(16 * GIB);
+    let mut w = World::<Ept>::new(&mem, 2, 8);
+    let m = w.create(0, "a", 4096, true).unwrap();
+    let _ = w.unmount(0, m.gpa).unwrap();
+    assert_eq!(w.check_destroy(1, "a", 0), Err(Refusal::Denied));
+    assert_eq!(w.check_destroy(0, "a", 0), Ok(()));
+    assert_eq!(w.check_destroy(0, "b", 0), Err(Refusal::NotFound));
+    // One restored from persistent memory (no owner) that others may write: anyone.
+    for (name, shared, want) in [("restored-rw", true, Ok(())), ("restored-ro", false, Err(Refusal::Denied))] {
+        let t = w.names.reserve(n(name), SYSTEM).unwrap();
+        let morsel = Morsel::<Ept>::create(4096, PageSize::Size4K, &mem, &mem).unwrap();
+        w.names.commit(t, Named { morsel, owner: SYSTEM, shared, mounts: 0, unmounts: 0 }).map_err(|_| ()).unwrap();
+        assert_eq!(w.check_destroy(1, name, 0), want);
+    }
+}
+
+#[test]
+fn destroy_while_mounted_is_busy() {
+    let mem = SimMem::new(16 * GIB);
+    let mut w = World::<Ept>::new(&mem, 2, 8);
+    let m = w.create(0, "a", 4096, false).unwrap();
+    let seen = w.open(1, "a", false).unwrap();
+    assert_eq!(w.check_destroy(0, "a", 0), Err(Refusal::Mounted { guests: 2, devices: 0 }));
+    let _ = w.unmount(0, m.gpa).unwrap();
+    let _ = w.unmount(1, seen.gpa).unwrap();
+    assert_eq!(w.check_destroy(0, "a", 1), Err(Refusal::Mounted { guests: 0, devices: 1 }));
+    assert_eq!(Refusal::Mounted { guests: 0, devices: 1 }.error(), abi::Error::Busy);
+    assert_eq!(check_destroy(&w.names, 0, "a", 0, |_| Some("has I/O in flight")), Err(Refusal::Pinned("has I/O in flight")));
+    assert_eq!(w.check_destroy(0, "a", 0), Ok(()));
+}
+
+#[test]
+fn destroy_after_unmount_gives_every_frame_back() {
+    let mem = SimMem::new(16 * GIB);
+    let mut w = World::<Ept>::new(&mem, 2, 8);
+    let before = (mem.allocated_frames(), mem.free_pages(), mem.table_frames());
+    // 3 MiB of 4 KiB pages: a root at L2, a 1 GiB window.
+    let m = w.create(0, "a", 3 * MIB, true).unwrap();
+    let seen = w.open(1, "a", true).unwrap();
+    assert_eq!(w.guests[0].1[0].window, GIB);
+    assert!(mem.allocated_frames() > before.0 + 3 * 256);
+    let _ = w.unmount(1, seen.gpa).unwrap();
+    let _ = w.unmount(0, m.gpa).unwrap();
+    w.check_destroy(0, "a", 0).unwrap();
+    w.destroy("a");
+    assert_eq!((mem.allocated_frames(), mem.free_pages(), mem.table_frames()), before);
+    assert!(w.names.get("a").is_none());
+}
+
+#[test]
+fn free_slot_aligns_and_skips_mounts() {
+    let m = |gpa, window| Mount { gpa, size: window, window, name: n("x"), at: names_slot(), writable: false };
+    let base = abi::MORSEL_WINDOW_GPA;
+    assert_eq!(free_slot(&[], 2 * MIB), Some(base));
+    let small = [m(base, 2 * MIB)];
+    assert_eq!(free_slot(&small, 2 * MIB), Some(base + 2 * MIB));
+    assert_eq!(free_slot(&small, GIB), Some(base + GIB));
+    // The whole window taken by one 512 GiB mount per slot: nothing left.
+    let full: Vec<Mount> = (0..abi::MORSEL_WINDOW_SIZE / (512 * GIB)).map(|k| m(base + k * 512 * GIB, 512 * GIB)).collect();
+    assert_eq!(free_slot(&full, 2 * MIB), None);
+}
+
+/// A `SlotId` for mounts made up by hand (`free_slot` looks only at addresses).
+fn names_slot() -> SlotId {
+    let mut t = Names::<()>::try_new(names::Limits { owners: 1, quota: 1, system: 0 }, SEED).unwrap();
+    let r = t.reserve(n("x"), 0).unwrap();
+    r.slot()
+}
+
+proptest! {
+    /// Whatever was mounted and unmounted before, a free slot is aligned to its size, inside
+    /// the morsel window, and overlaps no mount.
+    #[test]
+    fn free_slot_never_overlaps(steps in prop::collection::vec((0u32..4, any::<bool>(), any::<prop::sample::Index>()), 1..80)) {
+        let sizes = [2 * MIB, GIB, 512 * GIB, 2 * MIB];
+        let at = names_slot();
+        let mut mounts: Vec<Mount> = vec![];
+        for (size, remove, which) in steps {
+            if remove && !mounts.is_empty() {
+                mounts.remove(which.index(mounts.len()));
+                continue;
+            }
+            let size = sizes[size as usize];
+            let Some(gpa) = free_slot(&mounts, size) else { continue };
+            prop_assert_eq!(gpa % size, 0);
+            prop_assert!(gpa >= abi::MORSEL_WINDOW_GPA && gpa + size <= abi::MORSEL_WINDOW_GPA + abi::MORSEL_WINDOW_SIZE);
+            for m in &mounts {
+                prop_assert!(gpa + size <= m.gpa || m.gpa + m.window <= gpa, "{:#x}+{:#x} overlaps {:#x}+{:#x}", gpa, size, m.gpa, m.window);
+            }
+            mounts.push(Mount { gpa, size, window: size, name: n("x"), at, writable: false });
+        }
+    }
+}
+
+#[test]
+fn a_leaving_guest_unmounts_everything() {
+    let mem = SimMem::new(16 * GIB);
+    let mut w = World::<Ept>::new(&mem, 2, 8);
+    w.create(0, "a", 4096, false).unwrap();
+    w.create(0, "b", 3 * MIB, false).unwrap();
+    w.create(0, "c", 8192, true).unwrap();
+    let tables = mem.table_frames();
+    let gpas: Vec<u64> = ["a", "b", "c"].iter().map(|s| w.open(1, s, false).unwrap().gpa).collect();
+    let (names, mut space) = w.space(1);
+    let mut gone = vec![];
+    let count = drop_mounts(names, &mut space, &mem, &mem, |u| gone.push(u.mount.gpa));
+    assert_eq!(count, 3);
+    gone.reverse();
+    assert_eq!(gone, gpas);
+    assert!(w.guests[1].1.is_empty());
+    for (s, gpa) in ["a", "b", "c"].iter().zip(&gpas) {
+        assert_eq!(w.morsel(s).mount_count(), 1, "{s}: only the owner's mount is left");
+        assert_eq!(w.translate(1, *gpa), None);
+    }
+    assert_eq!(mem.table_frames(), tables);
+    assert_eq!(w.guests[1].0.mounts(), 0);
+}
+
+#[test]
+fn a_full_window_is_busy_and_leaves_the_new_morsel_entered() {
+    let mem = SimMem::new(64 * GIB);
+    let mut w = World::<Ept>::new(&mem, 2, 16);
+    let slots = abi::MORSEL_WINDOW_SIZE / (512 * GIB);
+    // 2 GiB of 2 MiB pages: a root at L3, a 512 GiB window; the window holds `slots` of them.
+    let big = |w: &mut World<Ept>, name: &str| {
+        let (names, mut space) = w.space(0);
+        let ticket = reserve(names, space.mounts, 0, n(name)).unwrap();
+        let morsel = Morsel::<Ept>::create(2 * GIB, PageSize::Size2M, &mem, &mem).unwrap();
+        enter(names, &mut space, ticket, Named { morsel, owner: 0, shared: false, mounts: 0, unmounts: 0 }, &mem, &mem)
+    };
+    for i in 0..slots {
+        let m = big(&mut w, &std::format!("big{i}")).map_err(|_| ()).unwrap();
+        assert_eq!(m.gpa, abi::MORSEL_WINDOW_GPA + i * 512 * GIB);
+    }
+    let (frames, tables) = (mem.allocated_frames(), w.guests[0].0.stats());
+    match big(&mut w, "one-more") {
+        Err(Entered::Unmounted(r)) => assert_eq!((r, r.error()), (Refusal::WindowFull, abi::Error::Busy)),
+        other => panic!("not refused for the window: {:?}", other.map_err(|_| ())),
+    }
+    // In the directory, mounted nowhere: the caller destroys it.
+    assert_eq!(w.morsel("one-more").mount_count(), 0);
+    assert_eq!(w.guests[0].0.stats(), tables);
+    w.check_destroy(0, "one-more", 0).unwrap();
+    w.destroy("one-more");
+    assert_eq!(mem.allocated_frames(), frames);
+    // A small morsel finds no slot either: every 512 GiB is taken.
+    w.create(1, "small", 4096, false).unwrap();
+    assert_eq!(w.open(0, "small", false), Err(Refusal::WindowFull));
+}
+
+#[test]
+fn a_mount_out_of_frames_changes_nothing() {
+    let mem = SimMem::new(16 * GIB);
+    let mut w = World::<Ept>::new(&mem, 2, 8);
+    w.create(0, "a", 4096, false).unwrap();
+    // Guest 1's window is empty: its first mount needs intermediate tables.
+    mem.limit_free(0);
+    let (frames, tables) = (mem.allocated_frames(), w.guests[1].0.stats());
+    assert_eq!(w.open(1, "a", false), Err(Refusal::Mount(morsel::Error::OutOfMemory)));
+    assert_eq!(Refusal::Mount(morsel::Error::OutOfMemory).error(), abi::Error::NoMemory);
+    assert_eq!((mem.allocated_frames(), w.guests[1].0.stats()), (frames, tables));
+    assert!(w.guests[1].1.is_empty());
+    assert_eq!(w.morsel("a").mount_count(), 1);
+}
