@@ -674,6 +674,14 @@ fn victim_attacker() -> i32 {
     while VICTIM_CALLS.load(SeqCst) < 10 {
         core::hint::spin_loop();
     }
+    // Until the reader (arg 9) has mounted the region once: it says so with 'vseen'. Not a
+    // race of timings: on a loaded host the reader's CPU may run it too rarely to meet the
+    // region's short life otherwise.
+    let mut waited = 0u64;
+    while morsel::open("vseen").is_err() && waited < 1_000_000 {
+        waited += 1;
+        guest_lib::yield_now();
+    }
     let gpa = VICTIM.load(SeqCst);
     let mut refused = 0;
     for _ in 0..20 {
@@ -710,6 +718,13 @@ fn victim_reader() -> i32 {
             Ok(m) => {
                 opens += 1;
                 drop(m);
+                if opens == 1 {
+                    // Tells the attacker (arg 8) it may unmount now; kept to the end.
+                    match morsel::create("vseen", 4096, morsel::PageSize::Size4K, false) {
+                        Ok(seen) => core::mem::forget(seen),
+                        Err(e) => println!("exmap victim reader: 'vseen': {e:?}"),
+                    }
+                }
             }
             Err(Error::NotFound) if opens > 0 => break,
             Err(_) => guest_lib::yield_now(),
