@@ -8,7 +8,9 @@
 //!   calls with the guest's `Guest::space` and the hypervisor's frames;
 //! - `persist`: persistent morsels (frames and records in the persistent region, recovery);
 //! - `device_mounts`: morsels in device DMA domains (VT-d or AMD-Vi, `crate::iommu`; an NPT
-//!   morsel through a view in the IOMMU's format);
+//!   morsel through a view in the IOMMU's format): the IOMMU's part (`Domains`), under the
+//!   same `vmcore::directory` decisions as guest mounts (a `DmaSpace` beside the guest's
+//!   `Space`);
 //! - `proxy`: calls that make a device move a guest's morsel (edu DMA, the NVMe proxy);
 //! - `exmap`: ExMap regions (sparse morsels populated and evicted in batches).
 //!

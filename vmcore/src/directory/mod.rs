@@ -1,19 +1,30 @@
-//! The morsel directory's mounts, without hardware: which guest may open which morsel, where
-//! in the guest's morsel window it goes, the per-guest `abi::MOUNT_QUOTA`, and what an unmount,
-//! a destroy and a leaving guest must do. Generic over the second-level format (`F`), the
-//! frame source and the physical memory (`morsel::FrameAlloc`, `morsel::PhysMem`) and the
-//! directory's entry (`Entry`), so the hypervisor (`hypervisor/src/morsels/directory.rs`,
-//! frames from its allocator, memory identity-mapped) and the host tests (`tests.rs`, real
-//! morsels on `morsel::SimMem`) run the same code.
+//! The morsel directory's mounts, without hardware: which guest may mount which morsel into
+//! its own address space or a device's DMA domain, where it goes, the per-guest quotas
+//! (`abi::MOUNT_QUOTA`, `abi::DEVICE_MOUNT_QUOTA`), and what an unmount, a destroy and a
+//! leaving guest must do. Generic over the second-level format (`F`), the frame source and
+//! the physical memory (`morsel::FrameAlloc`, `morsel::PhysMem`) and the directory's entry
+//! (`Entry`), so the hypervisor (`hypervisor/src/morsels/directory.rs` and
+//! `device_mounts.rs`, frames from its allocator, memory identity-mapped) and the host tests
+//! (`tests.rs`, real morsels on `morsel::SimMem`, a fake IOMMU) run the same code.
 //!
-//! One mount = one entry in the guest's second-level table (`Morsel::mount`); one unmount =
-//! that entry cleared and the intermediate tables it left empty freed, returned as an
-//! `Unmounted` the caller must turn into an invalidation of the guest's cached translations
-//! before the freed frames are reused.
+//! One abstraction for both kinds of address space (NOVA's `space_mem` and `space_dma`):
+//! `AddressSpace`, implemented by a guest's `Space` (its second-level table and mounts: the
+//! lowest free slot of its morsel window, each morsel once) and a device's `DmaSpace` (its
+//! PCI function, the run's `DeviceMounts`, and a `Domain`: the IOMMU's part, which writes the
+//! entry in the unit's format; the hypervisor's, or the tests' fake). `open`, `unmount` and
+//! `drop_mounts` are written once over it: the permission check, the quota, the place, the
+//! entry's counters; `check_destroy` counts both kinds. Spaces are named by a typed
+//! `SpaceId` (a guest's id or a device's `Bdf`).
+//!
+//! One mount = one entry in the space's table (`Morsel::mount`, or the `Domain`'s); one
+//! unmount = that entry cleared and the intermediate tables it left empty freed, returned as
+//! an `Unmounted` the caller must turn into an invalidation of the space's cached
+//! translations (the guest's CPUs, the domain's IOTLB) before the freed frames are reused.
 //!
 //! The names themselves (reserve, commit, abort, quota of names) are `crate::names`; the
-//! hypervisor keeps reading names from guest memory, logging, persistent records, device
-//! mounts and the shootdown.
+//! hypervisor keeps reading names from guest memory, logging, persistent records, which
+//! devices are offered (edu lent to one guest at a time), views in the IOMMU's format and
+//! the shootdown and IOTLB invalidations.
 //!
 //! Mutations the tests were seen to catch (each made by hand, the named tests failed, undone):
 //! - `open` without the writable check: `read_write_needs_the_owner_or_a_grant` (and two more);
@@ -24,7 +35,8 @@
 //!   `destroy_after_unmount_gives_every_frame_back`;
 //! - `mount`'s quota check `>` for `>=`: `a_mount_past_the_quota_changes_nothing`;
 //! - `reserve` not counting reservations: `reservations_count_against_the_mount_quota`;
-//! - `check_destroy` without the device mounts: `destroy_while_mounted_is_busy`;
+//! - `check_destroy` without the device mounts (then a count the caller passed):
+//!   `destroy_while_mounted_is_busy`;
 //! - `free_slot` comparing only start addresses: `free_slot_never_overlaps` (proptest);
 //! - `drop_mounts` stopping after one: `a_leaving_guest_unmounts_everything`;
 //! - `free_slot` going one slot past the window's end (`at <= end`): `free_slot_never_overlaps`,
@@ -32,6 +44,24 @@
 //!   (`at < end` survives: equivalent, every window size divides the window's end);
 //! - `mount` pushing the list entry before the table entry is written:
 //!   `a_mount_out_of_frames_changes_nothing`.
+//!
+//! and, for device spaces (`DmaSpace`):
+//! - `DmaSpace::held` counting every guest's device mounts (`mounts.len()`):
+//!   `device_mounts_past_the_quota_change_nothing`;
+//! - `DmaSpace::take` not matching the guest: `a_device_unmount_only_by_the_guest_that_mounted_it`;
+//! - `check_destroy` counting no device mounts: `destroy_while_mounted_is_busy`,
+//!   `destroy_after_device_unmount_gives_every_frame_back`;
+//! - `drop_device_mounts` leaving after one domain (`if` for `while`):
+//!   `a_leaving_guest_drops_its_device_mounts`;
+//! - `open` without the writable check: `device_mount_read_write_needs_the_owner_or_a_grant`
+//!   (and the three guest tests above);
+//! - `DmaSpace::record` recording every mount read-write:
+//!   `device_mount_read_write_needs_the_owner_or_a_grant`;
+//! - the generic quota check `>` for `>=`: `device_mounts_past_the_quota_change_nothing`,
+//!   `a_mount_past_the_quota_changes_nothing`;
+//! - `mounted` / `unmounted` told the guest's `SpaceId` for a device mount:
+//!   `device_mount_read_write_needs_the_owner_or_a_grant`,
+//!   `a_device_unmount_only_by_the_guest_that_mounted_it`.
 
 #[cfg(test)]
 mod tests;

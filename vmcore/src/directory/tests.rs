@@ -20,6 +20,8 @@ struct Named<F: Format> {
     /// Its view in the fake IOMMU's format where that cannot walk the morsel's (NPT), built
     /// on the first device mount, as the hypervisor's `Named::views`.
     view: Option<Morsel<VtdSl>>,
+    /// The space of the last mount or unmount.
+    last: Option<SpaceId>,
 }
 
 impl<F: Format> Entry<F> for Named<F> {
@@ -32,11 +34,13 @@ impl<F: Format> Entry<F> for Named<F> {
     fn others_may_write(&self) -> bool {
         self.shared
     }
-    fn mounted(&mut self, _: SpaceId, _: &MountStats) {
+    fn mounted(&mut self, space: SpaceId, _: &MountStats) {
         self.mounts += 1;
+        self.last = Some(space);
     }
-    fn unmounted(&mut self, _: SpaceId, _: &MountStats) {
+    fn unmounted(&mut self, space: SpaceId, _: &MountStats) {
         self.unmounts += 1;
+        self.last = Some(space);
     }
 }
 
@@ -151,7 +155,7 @@ impl<'m, F: Format<Input = GuestPhysAddr>> World<'m, F> {
         let (names, mut space) = self.space(g);
         let ticket = reserve(names, space.mounts, g, n(name))?;
         let morsel = Morsel::<F>::create(size, PageSize::Size4K, mem, mem).unwrap();
-        let value = Named { morsel, owner: g, shared, mounts: 0, unmounts: 0, view: None };
+        let value = Named { morsel, owner: g, shared, mounts: 0, unmounts: 0, view: None, last: None };
         match enter(names, &mut space, ticket, value, mem, mem) {
             Ok(m) => Ok(m),
             Err(Entered::Unmounted(r)) => Err(r),
@@ -251,7 +255,7 @@ fn a_reserved_name_is_not_found_until_committed() {
     assert_eq!(w.open(1, "nothing", false), Err(Refusal::NotFound));
     let morsel = Morsel::<Ept>::create(4096, PageSize::Size4K, &mem, &mem).unwrap();
     let (names, mut space) = w.space(0);
-    enter(names, &mut space, ticket, Named { morsel, owner: 0, shared: false, mounts: 0, unmounts: 0, view: None }, &mem, &mem).map_err(|_| ()).unwrap();
+    enter(names, &mut space, ticket, Named { morsel, owner: 0, shared: false, mounts: 0, unmounts: 0, view: None, last: None }, &mem, &mem).map_err(|_| ()).unwrap();
     w.open(1, "pending", false).unwrap();
 }
 
@@ -383,7 +387,7 @@ fn destroy_by_a_non_owner_is_denied() {
     for (name, shared, want) in [("restored-rw", true, Ok(())), ("restored-ro", false, Err(Refusal::Denied))] {
         let t = w.names.reserve(n(name), SYSTEM).unwrap();
         let morsel = Morsel::<Ept>::create(4096, PageSize::Size4K, &mem, &mem).unwrap();
-        w.names.commit(t, Named { morsel, owner: SYSTEM, shared, mounts: 0, unmounts: 0, view: None }).map_err(|_| ()).unwrap();
+        w.names.commit(t, Named { morsel, owner: SYSTEM, shared, mounts: 0, unmounts: 0, view: None, last: None }).map_err(|_| ()).unwrap();
         assert_eq!(w.check_destroy(1, name), want);
     }
 }
@@ -503,7 +507,7 @@ fn a_full_window_is_busy_and_leaves_the_new_morsel_entered() {
         let (names, mut space) = w.space(0);
         let ticket = reserve(names, space.mounts, 0, n(name)).unwrap();
         let morsel = Morsel::<Ept>::create(2 * GIB, PageSize::Size2M, &mem, &mem).unwrap();
-        enter(names, &mut space, ticket, Named { morsel, owner: 0, shared: false, mounts: 0, unmounts: 0, view: None }, &mem, &mem)
+        enter(names, &mut space, ticket, Named { morsel, owner: 0, shared: false, mounts: 0, unmounts: 0, view: None, last: None }, &mem, &mem)
     };
     for i in 0..slots {
         let m = big(&mut w, &std::format!("big{i}")).map_err(|_| ()).unwrap();
@@ -560,6 +564,7 @@ fn device_mount_permission<F: Format<Input = GuestPhysAddr>>() {
     assert!(rw.writable && w.translate_device(EDU, IOVA + GIB).unwrap().perm.write);
     w.device_mount(0, "private", NIC, IOVA, true).unwrap();
     assert!(w.translate_device(NIC, IOVA).unwrap().perm.write);
+    assert_eq!(w.names.get("private").unwrap().value.last, Some(SpaceId::Device(NIC)));
     let d = &w.devices[0];
     assert_eq!((d.name, d.bdf, d.iova, d.guest, d.writable, d.space()), (n("private"), EDU, IOVA, 1, false, SpaceId::Device(EDU)));
     assert_eq!(w.names.get("private").unwrap().value.mounts, 3, "the owner's, two device mounts");
@@ -620,6 +625,9 @@ fn a_device_unmount_only_by_the_guest_that_mounted_it() {
     assert_eq!(w.translate_device(EDU, IOVA), None);
     assert!(w.devices.is_empty());
     assert_eq!(w.names.get("a").unwrap().value.unmounts, 1);
+    assert_eq!(w.names.get("a").unwrap().value.last, Some(SpaceId::Device(EDU)));
+    let _ = w.unmount(0, w.guests[0].1[0].gpa).unwrap();
+    assert_eq!(w.names.get("a").unwrap().value.last, Some(SpaceId::Guest(0)));
 }
 
 /// A destroy is refused while a device mount is left and, after the device unmount, gives
