@@ -44,7 +44,7 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         let others_may_write = flags.share_writable;
         let pm = match (flags.persistent, self.pmem) {
             (false, _) => None,
-            (true, Some(pm)) if pm.claim_format(F::NAME).is_ok() => Some(pm),
+            (true, Some(pm)) if pm.claim_format(F::KIND).is_ok() => Some(pm),
             (true, _) => return Err(self.give_up(ticket, Error::Invalid)),
         };
         // More than the free RAM fails at once, not after taking (and giving back) all of it.

@@ -50,7 +50,6 @@ use abi::Error;
 use crate::vm::guest::Guest;
 use crate::vm::Backend;
 use morsel::{Format, GuestPhysAddr, Morsel, MountStats};
-pub use vmcore::directory::DeviceMount;
 use vmcore::directory::{DeviceMounts, SpaceId};
 pub use vmcore::names::Name;
 use vmcore::names::{Limits, Names, Ticket};

@@ -59,6 +59,8 @@
 //!   `device_mount_read_write_needs_the_owner_or_a_grant`;
 //! - the generic quota check `>` for `>=`: `device_mounts_past_the_quota_change_nothing`,
 //!   `a_mount_past_the_quota_changes_nothing`;
+//! - `DeviceMounts::covers` not matching the guest, or checking only the transfer's start:
+//!   `device_transfers_only_inside_own_mount_windows`;
 //! - `mounted` / `unmounted` told the guest's `SpaceId` for a device mount:
 //!   `device_mount_read_write_needs_the_owner_or_a_grant`,
 //!   `a_device_unmount_only_by_the_guest_that_mounted_it`.
@@ -300,6 +302,12 @@ impl DeviceMounts {
     /// The guest with a mount in `bdf`'s domain (the first one, if several).
     pub fn user_of(&self, bdf: Bdf) -> Option<Owner> {
         self.0.iter().find(|d| d.bdf == bdf).map(|d| d.guest)
+    }
+
+    /// Whether `[iova, end)` lies inside the window of one of `guest`'s own mounts in `bdf`'s
+    /// domain: where `edu_dma` may have the device move bytes (inside, the IOMMU decides).
+    pub fn covers(&self, guest: Owner, bdf: Bdf, iova: u64, end: u64) -> bool {
+        self.0.iter().any(|d| d.guest == guest && d.bdf == bdf && d.iova <= iova && d.iova.checked_add(d.window).is_some_and(|e| end <= e))
     }
 
     /// Takes every mount out of the list (the end of the run).

@@ -686,3 +686,25 @@ fn a_leaving_guest_drops_its_device_mounts() {
     let kept: u32 = ["a", "b"].iter().map(|s| w.names.get(s).unwrap().value).map(|v| v.morsel.table_count() + v.view.as_ref().unwrap().table_count()).sum();
     assert_eq!(mem.table_frames(), tables + kept as usize);
 }
+
+/// `edu_dma`'s check: a transfer inside one of the caller's own mounts in that domain, never
+/// another guest's, another domain's, or one reaching past the window.
+#[test]
+fn device_transfers_only_inside_own_mount_windows() {
+    let mem = SimMem::new(16 * GIB);
+    let mut w = World::<Ept>::new(&mem, 2, 8);
+    w.create(0, "a", 4096, true).unwrap();
+    w.device_mount(1, "a", EDU, IOVA, true).unwrap();
+    w.device_mount(0, "a", NIC, 4 * IOVA, true).unwrap();
+    let window = w.devices[0].window;
+    assert_eq!(window, 2 * MIB);
+    assert!(w.devices.covers(1, EDU, IOVA, IOVA + 4096));
+    assert!(w.devices.covers(1, EDU, IOVA + window - 8, IOVA + window));
+    assert!(!w.devices.covers(1, EDU, IOVA + window - 8, IOVA + window + 1), "past the window");
+    assert!(!w.devices.covers(1, EDU, IOVA - 8, IOVA + 8), "before the window");
+    assert!(!w.devices.covers(0, EDU, IOVA, IOVA + 4096), "another guest's mount");
+    assert!(!w.devices.covers(1, NIC, IOVA, IOVA + 4096), "another domain");
+    assert!(!w.devices.covers(1, NIC, 4 * IOVA, 4 * IOVA + 8), "another guest's, in another domain");
+    let _ = w.device_unmount(1, EDU, IOVA).unwrap();
+    assert!(!w.devices.covers(1, EDU, IOVA, IOVA + 4096), "unmounted");
+}
