@@ -98,10 +98,44 @@ pub enum Family {
     AmdIommu,
 }
 
+/// Which format a `Format` is, for decisions that depend on it (`Format::KIND`): code
+/// compares kinds, never the names meant for messages.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Hash)]
+pub enum FormatKind {
+    /// Intel EPT (`Ept`).
+    Ept,
+    /// AMD nested paging (`Npt`).
+    Npt,
+    /// Intel VT-d second level (`VtdSl`).
+    VtdSl,
+    /// The AMD IOMMU's host page tables (`AmdV1`).
+    AmdVi,
+}
+
+impl FormatKind {
+    /// The format's name for messages (its `Format::NAME`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            FormatKind::Ept => Ept::NAME,
+            FormatKind::Npt => Npt::NAME,
+            FormatKind::VtdSl => VtdSl::NAME,
+            FormatKind::AmdVi => AmdV1::NAME,
+        }
+    }
+}
+
+impl fmt::Display for FormatKind {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// One second-level page-table format (a zero-sized type).
 pub trait Format: 'static {
     /// Name for messages.
     const NAME: &'static str;
+    /// Which format it is (decisions compare this, not `NAME`).
+    const KIND: FormatKind;
     /// What the table translates: `GuestPhysAddr` (EPT, NPT) or `IoVirtAddr` (VT-d).
     type Input: InputAddr;
     /// Which formats can share a subtree with this one.
@@ -166,6 +200,7 @@ const EPT_MT_WB: u64 = 6 << 3;
 
 impl Format for Ept {
     const NAME: &'static str = "EPT";
+    const KIND: FormatKind = FormatKind::Ept;
     type Input = GuestPhysAddr;
     const FAMILY: Family = Family::IntelSecondLevel;
     // 4-level EPT (EPTP bits 5:3 = 3); 5-level EPT is not used here (SDM Vol 3C 25.6.11).
@@ -208,6 +243,7 @@ const NPT_NX: u64 = 1 << 63;
 
 impl Format for Npt {
     const NAME: &'static str = "NPT";
+    const KIND: FormatKind = FormatKind::Npt;
     type Input = GuestPhysAddr;
     const FAMILY: Family = Family::X86Paging;
     // Long-mode 4-level paging in the host (APM Vol 2 15.25.3).
@@ -248,6 +284,7 @@ const VTD_X: u64 = 1 << 2;
 
 impl Format for VtdSl {
     const NAME: &'static str = "VT-d SL";
+    const KIND: FormatKind = FormatKind::VtdSl;
     type Input = IoVirtAddr;
     const FAMILY: Family = Family::IntelSecondLevel;
     // 3-level (39-bit AGAW) or 4-level (48-bit AGAW) per CAP_REG.SAGAW (VT-d spec 3.7, 10.4.2).
@@ -294,6 +331,7 @@ const AMD_IW: u64 = 1 << 62;
 
 impl Format for AmdV1 {
     const NAME: &'static str = "AMD-Vi";
+    const KIND: FormatKind = FormatKind::AmdVi;
     type Input = IoVirtAddr;
     const FAMILY: Family = Family::AmdIommu;
     // DTE Mode 1-6 selects 1 to 6 levels; 4 levels translate 48 bits (IOMMU spec 2.2.2).
@@ -552,6 +590,18 @@ mod tests {
             prop_assert_eq!(Entry::<VtdSl>::from_raw(e.raw()).decode(level), e.decode(level));
             let v = Entry::<VtdSl>::leaf(size, frame, perm);
             prop_assert_eq!(Entry::<Ept>::from_raw(v.raw()).decode(level), v.decode(level));
+        }
+    }
+
+    /// Each format has its own kind, named as the format is (a kind compared where a name
+    /// was: both must agree).
+    #[test]
+    fn each_format_has_its_kind() {
+        let kinds = [Ept::KIND, Npt::KIND, VtdSl::KIND, AmdV1::KIND];
+        let names = [Ept::NAME, Npt::NAME, VtdSl::NAME, AmdV1::NAME];
+        for (i, k) in kinds.iter().enumerate() {
+            assert_eq!(k.name(), names[i]);
+            assert!(kinds.iter().filter(|&o| o == k).count() == 1, "{k} twice");
         }
     }
 

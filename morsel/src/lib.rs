@@ -17,7 +17,7 @@ pub mod table;
 
 pub use addr::{GuestPhysAddr, HostPhysAddr, InputAddr, IoVirtAddr, Level, PageSize};
 pub use error::Error;
-pub use format::{can_share, AmdV1, Decoded, Entry, Ept, Family, Format, Npt, Perm, VtdSl};
+pub use format::{can_share, AmdV1, Decoded, Entry, Ept, Family, Format, FormatKind, Npt, Perm, VtdSl};
 pub use mem::{FrameAlloc, PhysMem};
 pub use morsel::{LeafEdit, LeafSlot, Leaves, Morsel, MountStats, MAX_MORSEL};
 #[cfg(any(test, feature = "std"))]

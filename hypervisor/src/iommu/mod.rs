@@ -14,7 +14,7 @@ pub mod vtd;
 use crate::mm::frames::Frames;
 use crate::devices::pci::Bdf;
 use alloc::vec::Vec;
-use morsel::{can_share, AmdV1, Ept, Format, FrameAlloc, HostPhysAddr, IoVirtAddr, Morsel, MountStats, PageSize, Perm, PhysMem, SecondLevelTable, VtdSl};
+use morsel::{can_share, AmdV1, Ept, Format, FormatKind, FrameAlloc, HostPhysAddr, IoVirtAddr, Morsel, MountStats, PageSize, Perm, PhysMem, SecondLevelTable, VtdSl};
 
 pub use amdvi::AmdVi;
 pub use vtd::Vtd;
@@ -112,13 +112,13 @@ pub struct Views {
 
 impl Views {
     /// Destroys the views (their tables are RAM frames, never data); returns how many views
-    /// and tables went back, with the (first) format's name.
-    pub fn destroy(&mut self, frames: &Frames) -> Option<(u32, u32, &'static str)> {
-        fn one<G: Format>(v: &mut Option<Morsel<G>>, frames: &Frames) -> Option<(u32, &'static str)> {
+    /// and tables went back, with the (first) view's format.
+    pub fn destroy(&mut self, frames: &Frames) -> Option<(u32, u32, FormatKind)> {
+        fn one<G: Format>(v: &mut Option<Morsel<G>>, frames: &Frames) -> Option<(u32, FormatKind)> {
             let view = v.take()?;
             let tables = view.table_count();
             match view.destroy(frames, &crate::mm::frames::IDENTITY) {
-                Ok(()) => Some((tables, G::NAME)),
+                Ok(()) => Some((tables, G::KIND)),
                 Err((_, e)) => {
                     log::error!(target: "morsel", "{} view cannot be destroyed: {e}", G::NAME);
                     None
@@ -157,11 +157,11 @@ const _: () = assert!(!can_share::<Ept, morsel::AmdV1>() && !can_share::<morsel:
 /// `shares_ept` (VT-d and `iommu=sharept`), the own subtree of its EPT twin through that same
 /// path, else its view in the IOMMU's format. The caller invalidates (`Unit::mount` returns
 /// the `Flush` for it). Returns what it wrote and how.
-pub fn mount<I: Iommu, F: Format>(unit: &mut I, bdf: Bdf, morsel: &Morsel<F>, views: &mut Views, iova: u64, perm: Perm, frames: &Frames) -> Result<(MountStats, &'static str), MountError> {
+pub fn mount<I: Iommu, F: Format>(unit: &mut I, bdf: Bdf, morsel: &Morsel<F>, views: &mut Views, iova: u64, perm: Perm, frames: &impl FrameAlloc) -> Result<(MountStats, &'static str), MountError> {
     let mem = unit.mem();
     if can_share::<F, I::Format>() {
         let table = unit.table(bdf).ok_or(MountError::NoDomain)?;
-        let how = if F::NAME == "EPT" { "the morsel's own EPT subtree (shared with the IOMMU, no view)" } else { "the morsel's own subtree" };
+        let how = if F::KIND == FormatKind::Ept { "the morsel's own EPT subtree (shared with the IOMMU, no view)" } else { "the morsel's own subtree" };
         return morsel.mount(table, IoVirtAddr::new(iova), perm, frames, &mem).map(|s| (s, how)).map_err(MountError::Morsel);
     }
     if unit.shares_ept() && can_share::<Ept, I::Format>() {
@@ -192,8 +192,8 @@ pub fn mount<I: Iommu, F: Format>(unit: &mut I, bdf: Bdf, morsel: &Morsel<F>, vi
             slot.insert(v)
         }
     };
-    let how = match (I::NAME, read_only) {
-        ("VT-d", _) => "its VT-d view over the same frames",
+    let how = match (<I::Format as Format>::KIND, read_only) {
+        (FormatKind::VtdSl, _) => "its VT-d view over the same frames",
         (_, false) => "its AMD-Vi view over the same frames",
         (_, true) => "its read-only AMD-Vi view over the same frames (IW = 0 at every level)",
     };
@@ -295,7 +295,9 @@ impl Unit {
     }
     /// `mount`, with the IOTLB invalidation of `bdf`'s domain it owes (a unit may cache
     /// not-present entries: VT-d's caching mode, CAP.CM, VT-d spec 6.1).
-    pub fn mount<F: Format>(&mut self, bdf: Bdf, morsel: &Morsel<F>, views: &mut Views, iova: u64, perm: Perm, frames: &Frames) -> Result<(MountStats, &'static str, Flush), MountError> {
+    /// The views it builds take their tables from `frames`, which must be the hypervisor's
+    /// `Frames` (`Views::destroy` gives them back there).
+    pub fn mount<F: Format>(&mut self, bdf: Bdf, morsel: &Morsel<F>, views: &mut Views, iova: u64, perm: Perm, frames: &impl FrameAlloc) -> Result<(MountStats, &'static str, Flush), MountError> {
         with_unit!(self, u => mount(u, bdf, morsel, views, iova, perm, frames)).map(|(s, how)| (s, how, Flush::domain(bdf)))
     }
     /// `unmount`, with the IOTLB invalidation of `bdf`'s domain it owes. The tables it

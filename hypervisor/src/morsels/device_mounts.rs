@@ -1,107 +1,157 @@
-//! Morsels in device DMA domains: `device_mount` writes one entry in the device's IOMMU
-//! domain (VT-d or AMD-Vi, `crate::iommu`) and invalidates its IOTLB (the `Flush` the mount
-//! returns, committed at once; an unmount's is merged by callers that unmount several). EPT subtrees are
-//! mounted into a VT-d domain as they are (the formats share, Xen's `iommu=sharept`);
-//! otherwise the morsel gets a view in the IOMMU's format over the same data frames
-//! (`Morsel::view`), built on its first device mount and kept with the morsel.
+//! Morsels in device DMA domains: the hypervisor's part of a device mount. What the directory
+//! decides (who may mount read-write, `abi::DEVICE_MOUNT_QUOTA` per guest, which guest may
+//! unmount, a destroy while device-mounted, a leaving guest) is `vmcore::directory`'s, the
+//! same code as for guest mounts, over a `DmaSpace` whose `Domain` is `Domains` here: edu
+//! lent to one guest at a time (and scrubbed before it changes hands), the entry written in
+//! the device's IOMMU domain (VT-d or AMD-Vi, `crate::iommu`) and the IOTLB invalidation it
+//! owes (`Flush`, committed by the call; merged by callers that unmount several). EPT
+//! subtrees are mounted into a VT-d domain as they are (the formats share, Xen's
+//! `iommu=sharept`); otherwise the morsel gets a view in the IOMMU's format over the same
+//! data frames (`Morsel::view`), built on its first device mount and kept with the morsel.
 
-use super::{read_name, Directory, DeviceMount};
-use crate::devices::{self, Devices};
-use crate::mm::frames::Frames;
+use super::{read_name, Directory, Named};
 use crate::devices::pci::Bdf;
+use crate::devices::{self, Devices};
+use crate::mm::frames::{Frames, IDENTITY};
 use crate::vm::guest::Guest;
 use crate::vm::shootdown::{After, Flush, Hw};
 use crate::vm::Backend;
 use abi::{self, Error};
-use morsel::{Format, GuestPhysAddr, Perm};
-use vmcore::directory::Entry as _;
+use morsel::{Format, FrameAlloc, GuestPhysAddr, MountStats, Perm, PhysMem};
+use vmcore::directory::{self, DeviceMount, DmaSpace, Refusal, Unmounted};
 use vmcore::region_lock::Contender;
 
+/// The device domains as `vmcore::directory` mounts into them for one call: the devices
+/// (none without an IOMMU), the IOTLB invalidations owed so far, and for a mount, the guest
+/// asking and the one edu is lent to now.
+pub(crate) struct Domains<'a> {
+    devices: Option<&'a mut Devices>,
+    /// For edu's scrub before it changes hands.
+    frames: &'a Frames,
+    guest: u32,
+    /// The guest with a mount in edu's domain (one at a time).
+    lent_to: Option<u32>,
+    /// The IOTLB invalidations the mounts and unmounts owe, for the caller to commit.
+    flush: Flush,
+    /// How the last mount went in (for its log line).
+    how: &'static str,
+}
+
+impl<'a> Domains<'a> {
+    pub(crate) fn new(devices: Option<&'a mut Devices>, frames: &'a Frames) -> Self {
+        Domains { devices, frames, guest: 0, lent_to: None, flush: Flush::none(), how: "" }
+    }
+
+    /// Commits the invalidations owed: false if a domain's could not be done.
+    fn commit(&mut self) -> bool {
+        let flush = core::mem::replace(&mut self.flush, Flush::none());
+        flush.commit(&mut Hw(self.devices.as_deref_mut())).ok()
+    }
+}
+
+impl<F: Format> vmcore::directory::Domain<F, Named<F>> for Domains<'_> {
+    /// Only edu is offered: the hypervisor drives the NVMe controller itself (its domain is
+    /// the proxy's), and other functions (host bridge, LPC, ...) it does not drive at all
+    /// (`Denied`; `NotFound` where no function answers). edu is lent to one guest at a time:
+    /// while one guest has a morsel mounted there, others get `Busy`; when a guest takes it
+    /// over, its buffer is scrubbed first, so no guest's bytes reach another.
+    fn mount<A: FrameAlloc, M: PhysMem>(&mut self, bdf: Bdf, n: &mut Named<F>, iova: u64, perm: Perm, alloc: &A, _: &M) -> Result<MountStats, Refusal> {
+        let refuse = |e| Err(Refusal::Domain(e));
+        let Some(d) = self.devices.as_deref_mut() else { return refuse(Error::NotFound) };
+        if !d.functions.iter().any(|f| f.bdf == bdf) {
+            return refuse(Error::NotFound);
+        }
+        if d.edu.as_ref().map(|e| e.bdf) != Some(bdf) {
+            return refuse(Error::Denied);
+        }
+        match self.lent_to {
+            Some(other) if other != self.guest => return refuse(Error::Busy),
+            Some(_) => {}
+            None => devices::edu_scrub(d, self.frames).map_err(Refusal::Domain)?,
+        }
+        // The unit's tables are seen through its own memory (`Iommu::Mem`), not `mem`.
+        let (stats, how, flush) = d.iommu.mount(bdf, &n.morsel, &mut n.views, iova, perm, alloc).map_err(mount_refusal)?;
+        self.flush.merge(flush);
+        self.how = how;
+        Ok(stats)
+    }
+
+    fn unmount<A: FrameAlloc, M: PhysMem>(&mut self, bdf: Bdf, n: &mut Named<F>, iova: u64, alloc: &A, _: &M) -> Result<MountStats, Refusal> {
+        let d = self.devices.as_deref_mut().ok_or(Refusal::Domain(Error::NotFound))?;
+        let (stats, flush) = d.iommu.unmount(bdf, &n.morsel, &mut n.views, iova, alloc).map_err(|e| match e {
+            crate::iommu::MountError::NoDomain => Refusal::Domain(Error::Invalid),
+            crate::iommu::MountError::Morsel(e) => Refusal::Unmount(e),
+        })?;
+        self.flush.merge(flush);
+        Ok(stats)
+    }
+}
+
 impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
-    /// `device_mount(name_ptr, name_len, bdf, iova, writable)`. Only edu is offered: the
-    /// hypervisor drives the NVMe controller itself (its domain is the proxy's), and other
-    /// functions (host bridge, LPC, ...) it does not drive at all (`Denied`; `NotFound` where
-    /// no function answers). edu is lent to one guest at a time: while one guest has a
-    /// morsel mounted there, others get `Busy`; when a guest takes it over, its buffer is
-    /// scrubbed first, so no guest's bytes reach another.
+    /// `device_mount(name_ptr, name_len, bdf, iova, writable)`: `vmcore::directory::open`
+    /// into `bdf`'s domain (see `Domains` for which devices take mounts); the domain's IOTLB
+    /// is invalidated before the call returns.
     #[allow(clippy::too_many_arguments)] // the call's four arguments and what it works on
     pub fn device_mount<B: Backend<Format = F>>(&mut self, g: &Guest<B>, devices: Option<&mut Devices>, frames: &Frames, name: abi::Name, bdf: Bdf, iova: u64, writable: bool) -> Result<u64, Error> {
         let name = read_name(g, name)?;
-        let n = self.named.get_mut(&name).ok_or(Error::NotFound)?;
-        if writable && !n.writable_by(g.id) {
-            return Err(Error::Denied);
-        }
+        let mut domains = Domains { guest: g.id, lent_to: self.devices.user_of(bdf), ..Domains::new(devices, frames) };
+        let mut space = DmaSpace { guest: g.id, bdf, iova, mounts: &mut self.devices, domain: &mut domains };
         // A device view is built from the region's leaves, which a batch edits meanwhile.
-        if n.admit(Contender::DeviceMount).is_err() {
-            return Err(Error::Busy);
+        let admit = |n: &Named<F>| n.admit(Contender::DeviceMount).is_ok();
+        let m = match directory::open(&mut self.named, &mut space, &name, writable, admit, frames, &IDENTITY) {
+            Ok(Some(m)) => m,
+            Ok(None) => return Err(Error::Busy),
+            Err(e) => return Err(e.error()),
+        };
+        if !domains.commit() {
+            // Recorded: the guest (or its leaving) unmounts it.
+            return Err(Error::DeviceFault);
         }
-        let window = n.morsel.window_size();
-        let perm = if writable { Perm::RW } else { Perm::RO };
-        if self.devices.iter().filter(|d| d.guest == g.id).count() >= abi::DEVICE_MOUNT_QUOTA as usize {
-            return Err(Error::NoMemory);
-        }
-        self.devices.try_reserve(1).map_err(|_| Error::NoMemory)?;
-        let lent_to = self.devices.iter().find(|d| d.bdf == bdf).map(|d| d.guest);
-        let (stats, how) = devices.ok_or(Error::NotFound).and_then(|d| {
-            if !d.functions.iter().any(|f| f.bdf == bdf) {
-                return Err(Error::NotFound);
-            }
-            if d.edu.as_ref().map(|e| e.bdf) != Some(bdf) {
-                return Err(Error::Denied);
-            }
-            match lent_to {
-                Some(other) if other != g.id => return Err(Error::Busy),
-                Some(_) => {}
-                None => devices::edu_scrub(d, frames)?,
-            }
-            let (stats, how, flush) = d.iommu.mount(bdf, &n.morsel, &mut n.views, iova, perm, frames).map_err(mount_error)?;
-            if !flush.commit(&mut Hw(Some(d))).ok() {
-                return Err(Error::DeviceFault);
-            }
-            Ok((stats, how))
-        })?;
-        n.count_mount(&stats, 1);
-        log::info!(target: "morsel", "'{name}' mounted {} into device {bdf} at I/O virtual address {iova:#x} for guest {}: {} PTE write (+{} for new intermediate tables), 1 IOTLB invalidation, {how}",
-            if writable { "read-write" } else { "read-only" }, g.id, stats.entry_writes, stats.path_writes);
-        self.devices.push(DeviceMount { name, bdf, iova, window, guest: g.id });
-        Ok(iova)
+        log::info!(target: "morsel", "'{name}' mounted {} into device {bdf} at I/O virtual address {iova:#x} for guest {}: {} PTE write (+{} for new intermediate tables), 1 IOTLB invalidation, {}",
+            if writable { "read-write" } else { "read-only" }, g.id, m.stats.entry_writes, m.stats.path_writes, domains.how);
+        Ok(m.addr)
     }
 
     /// `device_unmount(bdf, iova)`: the caller's own device mounts only. The domain's IOTLB
     /// is invalidated before the call returns.
     pub fn device_unmount<B: Backend<Format = F>>(&mut self, g: &Guest<B>, devices: Option<&mut Devices>, frames: &Frames, bdf: Bdf, iova: u64) -> Result<u64, Error> {
-        let i = self.devices.iter().position(|d| d.bdf == bdf && d.iova == iova && d.guest == g.id).ok_or(Error::NotFound)?;
-        let m = self.devices.remove(i);
-        let d = devices.ok_or(Error::NotFound)?;
-        let flush = self.device_unmount_one(&m, d, &After(frames))?;
-        match flush.commit(&mut Hw(Some(d))).ok() {
+        let mut domains = Domains::new(devices, frames);
+        let mut space = DmaSpace { guest: g.id, bdf, iova, mounts: &mut self.devices, domain: &mut domains };
+        // The emptied tables stay with this CPU until the invalidation is done.
+        let u = directory::unmount(&mut self.named, &mut space, iova, &After(frames), &IDENTITY).map_err(Refusal::error)?;
+        log_device_unmount(u);
+        match domains.commit() {
             true => Ok(0),
             false => Err(Error::DeviceFault),
         }
     }
 
-    /// Clears a device mount's entry (and the intermediate tables it leaves empty, freed
-    /// through `frames`: `shootdown::After` where the unit may still cache them, so they go
-    /// back after the commit); returns the domain's IOTLB invalidation, for the caller to
-    /// commit (merged with others').
-    pub(crate) fn device_unmount_one(&mut self, m: &DeviceMount, d: &mut Devices, frames: &impl morsel::FrameAlloc) -> Result<Flush, Error> {
-        self.devices.retain(|d| !(d.bdf == m.bdf && d.iova == m.iova));
-        let n = self.named.get_mut(&m.name).ok_or(Error::NotFound)?;
-        let (stats, flush) = d.iommu.unmount(m.bdf, &n.morsel, &mut n.views, m.iova, frames).map_err(|_| Error::Invalid)?;
-        n.count_unmount(&stats);
-        log::info!(target: "morsel", "'{}' unmounted from device {} at I/O virtual address {:#x}: {} PTE write, 1 IOTLB invalidation owed (committed once per domain for the call), {} empty intermediate tables freed",
-            m.name, m.bdf, m.iova, stats.entry_writes, stats.path_writes);
-        Ok(flush)
+    /// Unmounts every device mount of `guest` (each domain's IOTLB invalidation merged into
+    /// `flush`, for the caller to commit; the emptied tables go to `alloc`, which keeps them
+    /// until then where the unit may still walk them).
+    pub(crate) fn drop_device_mounts(&mut self, guest: u32, devices: Option<&mut Devices>, frames: &Frames, alloc: &impl FrameAlloc, flush: &mut Flush) {
+        let mut domains = Domains::new(devices, frames);
+        directory::drop_device_mounts(&mut self.named, &mut self.devices, guest, &mut domains, alloc, &IDENTITY, log_device_unmount);
+        flush.merge(domains.flush);
     }
-
 }
 
-/// A failed mount into a device domain, as the guest sees it.
-pub(crate) fn mount_error(e: crate::iommu::MountError) -> Error {
+/// Logs a device unmount (the text scenarios match); its invalidation is the caller's.
+fn log_device_unmount(u: Unmounted<DeviceMount>) {
+    let (m, stats) = (u.mount, u.stats);
+    log::info!(target: "morsel", "'{}' unmounted from device {} at I/O virtual address {:#x}: {} PTE write, 1 IOTLB invalidation owed (committed once per domain for the call), {} empty intermediate tables freed",
+        m.name, m.bdf, m.iova, stats.entry_writes, stats.path_writes);
+}
+
+/// A failed mount into a device domain, as `vmcore::directory` words it.
+fn mount_refusal(e: crate::iommu::MountError) -> Refusal {
     match e {
-        crate::iommu::MountError::NoDomain => Error::NotFound,
-        crate::iommu::MountError::Morsel(morsel::Error::Occupied { .. } | morsel::Error::InsideMount { .. }) => Error::Busy,
-        crate::iommu::MountError::Morsel(morsel::Error::OutOfMemory) => Error::NoMemory,
-        crate::iommu::MountError::Morsel(_) => Error::Invalid,
+        crate::iommu::MountError::NoDomain => Refusal::Domain(Error::NotFound),
+        crate::iommu::MountError::Morsel(e) => Refusal::Mount(e),
     }
+}
+
+/// A failed mount into a device domain, as the guest sees it (the NVMe proxy's too).
+pub(crate) fn mount_error(e: crate::iommu::MountError) -> Error {
+    mount_refusal(e).error()
 }

@@ -14,7 +14,7 @@ use crate::vm::shootdown::{Flush, Hw};
 use crate::vm::Backend;
 use abi::{self, Error};
 use formats::units::Bytes;
-use morsel::{Format, GuestPhysAddr, Morsel, PageSize};
+use morsel::{Format, FormatKind, GuestPhysAddr, Morsel, PageSize};
 use vmcore::directory::{self, Entered, Mounted, Refusal, Unmounted};
 use vmcore::names::Ticket;
 use vmcore::region_lock::Contender;
@@ -44,7 +44,7 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         let others_may_write = flags.share_writable;
         let pm = match (flags.persistent, self.pmem) {
             (false, _) => None,
-            (true, Some(pm)) if pm.claim_format(F::NAME).is_ok() => Some(pm),
+            (true, Some(pm)) if pm.claim_format(F::KIND).is_ok() => Some(pm),
             (true, _) => return Err(self.give_up(ticket, Error::Invalid)),
         };
         // More than the free RAM fails at once, not after taking (and giving back) all of it.
@@ -169,7 +169,6 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     /// its frames with the world lock let go (`Removed::free`); a persistent one is freed here.
     pub fn destroy<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, frames: &Frames, name: abi::Name) -> Result<Option<(Name, Removed<F>)>, Error> {
         let name = read_name(g, name)?;
-        let devices = self.devices.iter().filter(|d| d.name == name).count();
         let pinned = |n: &Named<F>| {
             if n.in_io {
                 Some("has NVMe I/O in flight")
@@ -179,7 +178,7 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
                 None
             }
         };
-        match directory::check_destroy(&self.named, g.id, &name, devices, pinned) {
+        match directory::check_destroy(&self.named, &self.devices, g.id, &name, pinned) {
             Ok(()) => {}
             Err(Refusal::Pinned(why)) => return Err(g.refuse(Error::Busy, format_args!("{name:?} {why}"))),
             Err(Refusal::Mounted { guests, devices }) => {
@@ -228,7 +227,7 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     /// persistent morsel; data frames stay the morsel's).
     pub(crate) fn drop_view(&self, name: &str, n: &mut Named<F>, frames: &Frames) {
         if let Some((count, tables, format)) = n.views.destroy(frames) {
-            let what = if format == "EPT" { "twin" } else if count > 1 { "views" } else { "view" };
+            let what = if format == FormatKind::Ept { "twin" } else if count > 1 { "views" } else { "view" };
             log::info!(target: "morsel", "'{name}': {format} {what} destroyed, {tables} tables given back");
         }
     }
@@ -238,21 +237,11 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     /// it has no vCPU left, `shootdown::of_guest`).
     pub fn drop_mounts<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, mut devices: Option<&mut Devices>, frames: &Frames) {
         let mut flush = Flush::none();
-        while let Some(m) = self.devices.iter().find(|d| d.guest == g.id).cloned() {
-            match devices.as_deref_mut() {
-                Some(d) => {
-                    // Emptied tables kept until the commit below is acknowledged.
-                    if let Ok(f) = self.device_unmount_one(&m, d, &crate::vm::shootdown::After(frames)) {
-                        flush.merge(f);
-                    }
-                }
-                None => self.devices.retain(|d| d.guest != g.id),
-            }
-        }
-        // Emptied tables kept until the commit below is acknowledged; the guest's CPUs once
-        // for all of its mounts.
-        let (id, guest_cpus) = (g.id, crate::vm::shootdown::of_guest(g));
+        // Emptied tables kept until the commit below is acknowledged.
         let after = crate::vm::shootdown::After(frames);
+        self.drop_device_mounts(g.id, devices.as_deref_mut(), frames, &after, &mut flush);
+        // The guest's CPUs once for all of its mounts.
+        let (id, guest_cpus) = (g.id, crate::vm::shootdown::of_guest(g));
         if directory::drop_mounts(&mut self.named, &mut g.space(), &after, &IDENTITY, |u| log_unmount(id, u)) > 0 {
             flush.merge(guest_cpus);
         }
@@ -278,15 +267,12 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
 
     /// Destroys every morsel left at the end of the run (all guests are gone).
     pub fn destroy_all(&mut self, devices: Option<&mut Devices>, frames: &Frames) {
-        let mounts = core::mem::take(&mut self.devices);
         if let Some(d) = devices {
             let mut flush = Flush::none();
-            for m in mounts {
+            while let Some(guest) = self.devices.first().map(|m| m.guest) {
                 // No device runs any more, and the run's report counts frames under the
                 // lock: the emptied tables go back at once.
-                if let Ok(f) = self.device_unmount_one(&m, d, frames) {
-                    flush.merge(f);
-                }
+                self.drop_device_mounts(guest, Some(&mut *d), frames, frames, &mut flush);
             }
             // Each domain once, before its emptied tables go back.
             let _ = flush.commit(&mut Hw(Some(&mut *d)));
@@ -294,6 +280,9 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
             d.iommu.poll_faults();
             let (faults, invalidations) = d.iommu.counters();
             log::info!(target: "iommu", "end of run: {faults} DMA fault(s) reported, {invalidations} IOTLB invalidations ({})", d.iommu.name());
+        } else {
+            // No IOMMU: no device mount was made.
+            let _ = self.devices.take_all();
         }
         while let Some(name) = self.named.first() {
             let persistent = self.named.get(&name).is_some_and(|n| n.value.slot.is_some());
@@ -329,7 +318,7 @@ impl morsel::PhysMem for TablesOnly {
 
 /// Logs a guest mount (the text scenarios match) and returns its address.
 fn log_mount(guest: u32, name: &Name, m: Mounted) -> u64 {
-    let (gpa, stats) = (m.gpa, m.stats);
+    let (gpa, stats) = (m.addr, m.stats);
     log::info!(target: "morsel", "'{name}' mounted {} into guest {guest} at {gpa:#x}: {} PTE write (+{} for new intermediate tables)",
         if m.writable { "read-write" } else { "read-only" }, stats.entry_writes, stats.path_writes);
     log::info!(target: "evt", "morsel.mount guest={guest} name={name} writable={} gpa={gpa:#x} pte_writes={} path_writes={}",

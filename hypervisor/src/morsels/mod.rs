@@ -8,7 +8,9 @@
 //!   calls with the guest's `Guest::space` and the hypervisor's frames;
 //! - `persist`: persistent morsels (frames and records in the persistent region, recovery);
 //! - `device_mounts`: morsels in device DMA domains (VT-d or AMD-Vi, `crate::iommu`; an NPT
-//!   morsel through a view in the IOMMU's format);
+//!   morsel through a view in the IOMMU's format): the IOMMU's part (`Domains`), under the
+//!   same `vmcore::directory` decisions as guest mounts (a `DmaSpace` beside the guest's
+//!   `Space`);
 //! - `proxy`: calls that make a device move a guest's morsel (edu DMA, the NVMe proxy);
 //! - `exmap`: ExMap regions (sparse morsels populated and evicted in batches).
 //!
@@ -43,12 +45,12 @@ mod proxy;
 
 pub use proxy::{DiskBatch, ProxyIo};
 
-use crate::devices::pci::Bdf;
 use alloc::vec::Vec;
 use abi::Error;
 use crate::vm::guest::Guest;
 use crate::vm::Backend;
 use morsel::{Format, GuestPhysAddr, Morsel, MountStats};
+use vmcore::directory::{DeviceMounts, SpaceId};
 pub use vmcore::names::Name;
 use vmcore::names::{Limits, Names, Ticket};
 use vmcore::region_lock::{Contender, Refusal};
@@ -141,7 +143,7 @@ impl<F: Format> Named<F> {
 }
 
 /// What `vmcore::directory` needs of an entry: the morsel, its owner and grant, and the
-/// counters of its guest mounts and unmounts.
+/// counters of its mounts and unmounts (guest and device).
 impl<F: Format> vmcore::directory::Entry<F> for Named<F> {
     fn morsel(&self) -> &Morsel<F> {
         &self.morsel
@@ -152,8 +154,9 @@ impl<F: Format> vmcore::directory::Entry<F> for Named<F> {
     fn others_may_write(&self) -> bool {
         self.others_may_write
     }
-    fn mounted(&mut self, stats: &MountStats) {
-        self.count_mount(stats, 0);
+    /// A device mount's invalidation (its domain's IOTLB) is counted with it.
+    fn mounted(&mut self, space: SpaceId, stats: &MountStats) {
+        self.count_mount(stats, u64::from(matches!(space, SpaceId::Device(_))));
     }
     /// A region's `Fast` handles made before (the unmounting guest's among them) are refused
     /// from here on: the guest's calls on it go to the world path, which finds no mount.
@@ -162,7 +165,7 @@ impl<F: Format> vmcore::directory::Entry<F> for Named<F> {
             cell.lock.changed();
         }
     }
-    fn unmounted(&mut self, stats: &MountStats) {
+    fn unmounted(&mut self, _: SpaceId, stats: &MountStats) {
         self.count_unmount(stats);
     }
 }
@@ -170,17 +173,6 @@ impl<F: Format> vmcore::directory::Entry<F> for Named<F> {
 /// The owner of a persistent morsel restored after a reboot: no guest (its names are charged
 /// to the persistent directory's record count, `Limits::system`).
 pub(crate) const RESTORED: u32 = vmcore::names::SYSTEM;
-
-/// A morsel mounted into a device's DMA domain on behalf of a guest.
-#[derive(Clone, Debug)]
-pub struct DeviceMount {
-    pub name: Name,
-    pub bdf: Bdf,
-    pub iova: u64,
-    /// The I/O virtual span the mount occupies (the span of the morsel's root table).
-    pub window: u64,
-    pub guest: u32,
-}
 
 /// All morsels of the run.
 pub struct Directory<F: Format> {
@@ -190,7 +182,8 @@ pub struct Directory<F: Format> {
     /// once, never freed (the run's directory lives as long as the run), reached by ExMap
     /// batches with the world lock let go.
     pub(crate) cells: &'static [exmap::RegionCell],
-    pub(crate) devices: Vec<DeviceMount>,
+    /// Every device mount of the run (`vmcore::directory::DeviceMounts`).
+    pub(crate) devices: DeviceMounts,
     /// The persistent region (from `main` through the context), for persistent morsels.
     pub(crate) pmem: Option<&'static crate::mm::pmem::Pmem>,
 }
@@ -215,7 +208,7 @@ impl<F: Format> Directory<F> {
         let cells: &'static [exmap::RegionCell] = alloc::boxed::Box::leak(cells.into_boxed_slice());
         log::info!(target: "morsel", "directory: {} names ({guests} guests x {} + {} persistent records), {} KiB of heap",
             named.capacity(), limits.quota, limits.system, (named.heap_bytes() + core::mem::size_of_val(cells)) / 1024);
-        Ok(Directory { named, cells, devices: Vec::new(), pmem })
+        Ok(Directory { named, cells, devices: DeviceMounts::new(), pmem })
     }
 }
 

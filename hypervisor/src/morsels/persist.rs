@@ -49,7 +49,7 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     /// the region's frames that nothing reaches. Call once, before any guest runs.
     pub fn load_persistent(&mut self) {
         let Some(pm) = self.pmem else { return };
-        if let Err(other) = pm.claim_format(F::NAME) {
+        if let Err(other) = pm.claim_format(F::KIND) {
             log::warn!(target: "pmem", "its morsels are {other} subtrees and this backend uses {}: left untouched", F::NAME);
             return;
         }

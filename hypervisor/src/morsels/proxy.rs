@@ -5,7 +5,7 @@
 //! let go, on a pinned morsel.
 
 use super::device_mounts::mount_error;
-use super::{DeviceMount, Directory, Name};
+use super::{Directory, Name};
 use crate::devices::nvme::{BatchStats, IoError, Nvme, Request};
 use crate::devices::pci::Bdf;
 use crate::devices::{self, Devices};
@@ -29,8 +29,7 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         let d = devices.ok_or(Error::NotFound)?;
         let edu = d.edu.as_ref().map(|e| e.bdf).ok_or(Error::NotFound)?;
         let end = iova.checked_add(len).ok_or(Error::TooLarge)?;
-        let inside = |d: &DeviceMount| d.guest == g.id && d.bdf == edu && d.iova <= iova && end <= d.iova + d.window;
-        if !self.devices.iter().any(inside) {
+        if !self.devices.covers(g.id, edu, iova, end) {
             return Err(Error::Denied);
         }
         devices::edu_dma(d, to_device, iova, len)

@@ -1,19 +1,30 @@
-//! The morsel directory's mounts, without hardware: which guest may open which morsel, where
-//! in the guest's morsel window it goes, the per-guest `abi::MOUNT_QUOTA`, and what an unmount,
-//! a destroy and a leaving guest must do. Generic over the second-level format (`F`), the
-//! frame source and the physical memory (`morsel::FrameAlloc`, `morsel::PhysMem`) and the
-//! directory's entry (`Entry`), so the hypervisor (`hypervisor/src/morsels/directory.rs`,
-//! frames from its allocator, memory identity-mapped) and the host tests (`tests.rs`, real
-//! morsels on `morsel::SimMem`) run the same code.
+//! The morsel directory's mounts, without hardware: which guest may mount which morsel into
+//! its own address space or a device's DMA domain, where it goes, the per-guest quotas
+//! (`abi::MOUNT_QUOTA`, `abi::DEVICE_MOUNT_QUOTA`), and what an unmount, a destroy and a
+//! leaving guest must do. Generic over the second-level format (`F`), the frame source and
+//! the physical memory (`morsel::FrameAlloc`, `morsel::PhysMem`) and the directory's entry
+//! (`Entry`), so the hypervisor (`hypervisor/src/morsels/directory.rs` and
+//! `device_mounts.rs`, frames from its allocator, memory identity-mapped) and the host tests
+//! (`tests.rs`, real morsels on `morsel::SimMem`, a fake IOMMU) run the same code.
 //!
-//! One mount = one entry in the guest's second-level table (`Morsel::mount`); one unmount =
-//! that entry cleared and the intermediate tables it left empty freed, returned as an
-//! `Unmounted` the caller must turn into an invalidation of the guest's cached translations
-//! before the freed frames are reused.
+//! One abstraction for both kinds of address space (NOVA's `space_mem` and `space_dma`):
+//! `AddressSpace`, implemented by a guest's `Space` (its second-level table and mounts: the
+//! lowest free slot of its morsel window, each morsel once) and a device's `DmaSpace` (its
+//! PCI function, the run's `DeviceMounts`, and a `Domain`: the IOMMU's part, which writes the
+//! entry in the unit's format; the hypervisor's, or the tests' fake). `open`, `unmount` and
+//! `drop_mounts` are written once over it: the permission check, the quota, the place, the
+//! entry's counters; `check_destroy` counts both kinds. Spaces are named by a typed
+//! `SpaceId` (a guest's id or a device's `Bdf`).
+//!
+//! One mount = one entry in the space's table (`Morsel::mount`, or the `Domain`'s); one
+//! unmount = that entry cleared and the intermediate tables it left empty freed, returned as
+//! an `Unmounted` the caller must turn into an invalidation of the space's cached
+//! translations (the guest's CPUs, the domain's IOTLB) before the freed frames are reused.
 //!
 //! The names themselves (reserve, commit, abort, quota of names) are `crate::names`; the
-//! hypervisor keeps reading names from guest memory, logging, persistent records, device
-//! mounts and the shootdown.
+//! hypervisor keeps reading names from guest memory, logging, persistent records, which
+//! devices are offered (edu lent to one guest at a time), views in the IOMMU's format and
+//! the shootdown and IOTLB invalidations.
 //!
 //! Mutations the tests were seen to catch (each made by hand, the named tests failed, undone):
 //! - `open` without the writable check: `read_write_needs_the_owner_or_a_grant` (and two more);
@@ -24,7 +35,8 @@
 //!   `destroy_after_unmount_gives_every_frame_back`;
 //! - `mount`'s quota check `>` for `>=`: `a_mount_past_the_quota_changes_nothing`;
 //! - `reserve` not counting reservations: `reservations_count_against_the_mount_quota`;
-//! - `check_destroy` without the device mounts: `destroy_while_mounted_is_busy`;
+//! - `check_destroy` without the device mounts (then a count the caller passed):
+//!   `destroy_while_mounted_is_busy`;
 //! - `free_slot` comparing only start addresses: `free_slot_never_overlaps` (proptest);
 //! - `drop_mounts` stopping after one: `a_leaving_guest_unmounts_everything`;
 //! - `free_slot` going one slot past the window's end (`at <= end`): `free_slot_never_overlaps`,
@@ -32,6 +44,26 @@
 //!   (`at < end` survives: equivalent, every window size divides the window's end);
 //! - `mount` pushing the list entry before the table entry is written:
 //!   `a_mount_out_of_frames_changes_nothing`.
+//!
+//! and, for device spaces (`DmaSpace`):
+//! - `DmaSpace::held` counting every guest's device mounts (`mounts.len()`):
+//!   `device_mounts_past_the_quota_change_nothing`;
+//! - `DmaSpace::take` not matching the guest: `a_device_unmount_only_by_the_guest_that_mounted_it`;
+//! - `check_destroy` counting no device mounts: `destroy_while_mounted_is_busy`,
+//!   `destroy_after_device_unmount_gives_every_frame_back`;
+//! - `drop_device_mounts` leaving after one domain (`if` for `while`):
+//!   `a_leaving_guest_drops_its_device_mounts`;
+//! - `open` without the writable check: `device_mount_read_write_needs_the_owner_or_a_grant`
+//!   (and the three guest tests above);
+//! - `DmaSpace::record` recording every mount read-write:
+//!   `device_mount_read_write_needs_the_owner_or_a_grant`;
+//! - the generic quota check `>` for `>=`: `device_mounts_past_the_quota_change_nothing`,
+//!   `a_mount_past_the_quota_changes_nothing`;
+//! - `DeviceMounts::covers` not matching the guest, or checking only the transfer's start:
+//!   `device_transfers_only_inside_own_mount_windows`;
+//! - `mounted` / `unmounted` told the guest's `SpaceId` for a device mount:
+//!   `device_mount_read_write_needs_the_owner_or_a_grant`,
+//!   `a_device_unmount_only_by_the_guest_that_mounted_it`.
 
 #[cfg(test)]
 mod tests;
@@ -39,6 +71,7 @@ mod tests;
 use crate::names::{self, Name, Names, Owner, SlotId, Ticket, SYSTEM};
 use alloc::vec::Vec;
 use core::fmt;
+pub use formats::bdf::Bdf;
 use morsel::{Format, FrameAlloc, GuestPhysAddr, Morsel, MountStats, Perm, PhysMem, SecondLevelTable};
 
 /// What the directory keeps per morsel, as this module needs it.
@@ -48,12 +81,13 @@ pub trait Entry<F: Format> {
     fn owner(&self) -> Owner;
     /// Whether guests other than the owner may mount it read-write.
     fn others_may_write(&self) -> bool;
-    /// A mount wrote `stats` (for the entry's counters).
-    fn mounted(&mut self, _stats: &MountStats) {}
-    /// An unmount is about to clear the entry (an ExMap region refuses its fast handles).
+    /// A mount into `space` wrote `stats` (for the entry's counters).
+    fn mounted(&mut self, _space: SpaceId, _stats: &MountStats) {}
+    /// An unmount from a guest is about to clear the entry (an ExMap region refuses its fast
+    /// handles).
     fn unmounting(&mut self) {}
-    /// An unmount wrote `stats`.
-    fn unmounted(&mut self, _stats: &MountStats) {}
+    /// An unmount from `space` wrote `stats`.
+    fn unmounted(&mut self, _space: SpaceId, _stats: &MountStats) {}
 
     /// Whether `guest` may mount it read-write.
     fn writable_by(&self, guest: Owner) -> bool {
@@ -98,11 +132,261 @@ impl core::ops::Deref for Mounts {
     }
 }
 
+/// Which address space a mount is in: typed, never a name or a format's name compared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SpaceId {
+    /// A guest's second-level table (EPT or NPT), by the guest's id.
+    Guest(Owner),
+    /// A device's DMA domain (its IOMMU table, VT-d or AMD-Vi), by the device's PCI function.
+    Device(Bdf),
+}
+
+impl fmt::Display for SpaceId {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        match self {
+            SpaceId::Guest(g) => write!(f, "guest {g}"),
+            SpaceId::Device(bdf) => write!(f, "device {bdf}"),
+        }
+    }
+}
+
+/// An address space the directory mounts morsels into and unmounts them from, on behalf of
+/// one guest: the guest's own (`Space`) or a device's DMA domain (`DmaSpace`). What the
+/// directory decides is written once over it (`open`, `unmount`, `drop_mounts`): who may
+/// mount read-write, the guest's quota of mounts of the kind, where the mount goes, and the
+/// entry's counters; `check_destroy` counts the mounts of both kinds. Writing and clearing
+/// the mount entry in the space's table is the implementor's.
+pub trait AddressSpace<F: Format, T: Entry<F>> {
+    /// What the space's list keeps per mount.
+    type Mount;
+    /// How many mounts of this kind one guest may hold (`abi::MOUNT_QUOTA`,
+    /// `abi::DEVICE_MOUNT_QUOTA`).
+    const QUOTA: usize;
+
+    fn id(&self) -> SpaceId;
+    /// The guest the mounts are made for and unmounted by: its permission, its quota.
+    fn guest(&self) -> Owner;
+    /// How many mounts of this kind the guest holds (in every space of the kind).
+    fn held(&self) -> usize;
+    /// A refusal of the kind before its quota is looked at (a guest's: the morsel is mounted
+    /// there already).
+    fn check(&self, _name: &Name) -> Result<(), Refusal> {
+        Ok(())
+    }
+    /// Room in the list for one more mount (the heap may refuse: `NoMemory`).
+    fn make_room(&mut self) -> Result<(), Refusal>;
+    /// Where a morsel whose root spans `window` goes.
+    fn place(&self, window: u64) -> Result<u64, Refusal>;
+    /// Writes the mount entry of `entry`'s morsel at `addr` with `perm`.
+    fn write<A: FrameAlloc, M: PhysMem>(&mut self, entry: &mut T, addr: u64, perm: Perm, alloc: &A, mem: &M) -> Result<MountStats, Refusal>;
+    /// Adds the mount to the list (room was made: no allocation).
+    fn record(&mut self, placed: Placed);
+    /// Takes the guest's mount at `addr` in this space off the list.
+    fn take(&mut self, addr: u64) -> Option<Self::Mount>;
+    /// Where in the directory the mount's morsel is.
+    fn morsel_of(mount: &Self::Mount) -> (&Name, SlotId);
+    /// Clears the mount entry at `addr` (the emptied intermediate tables go to `alloc`).
+    fn clear<A: FrameAlloc, M: PhysMem>(&mut self, entry: &mut T, addr: u64, alloc: &A, mem: &M) -> Result<MountStats, Refusal>;
+    /// The address of the guest's latest mount in this space.
+    fn last(&self) -> Option<u64>;
+}
+
+/// A mount about to be recorded, as `open` placed it.
+#[derive(Clone, Copy, Debug)]
+pub struct Placed {
+    pub addr: u64,
+    pub size: u64,
+    pub window: u64,
+    pub name: Name,
+    pub at: SlotId,
+    pub writable: bool,
+}
+
 /// One guest as the directory sees it: its id, its second-level table and its mounts.
 pub struct Space<'a, F: Format> {
     pub guest: Owner,
     pub table: &'a mut SecondLevelTable<F>,
     pub mounts: &'a mut Mounts,
+}
+
+/// A guest's space: morsels at the lowest free slot of its morsel window, each once, at most
+/// `abi::MOUNT_QUOTA`.
+impl<F: Format<Input = GuestPhysAddr>, T: Entry<F>> AddressSpace<F, T> for Space<'_, F> {
+    type Mount = Mount;
+    const QUOTA: usize = abi::MOUNT_QUOTA as usize;
+
+    fn id(&self) -> SpaceId {
+        SpaceId::Guest(self.guest)
+    }
+    fn guest(&self) -> Owner {
+        self.guest
+    }
+    fn held(&self) -> usize {
+        self.mounts.len()
+    }
+    fn check(&self, name: &Name) -> Result<(), Refusal> {
+        match self.mounts.iter().any(|m| m.name == *name) {
+            true => Err(Refusal::AlreadyMounted),
+            false => Ok(()),
+        }
+    }
+    fn make_room(&mut self) -> Result<(), Refusal> {
+        self.mounts.0.try_reserve(1).map_err(|_| Refusal::NoMemory)
+    }
+    fn place(&self, window: u64) -> Result<u64, Refusal> {
+        free_slot(self.mounts, window).ok_or(Refusal::WindowFull)
+    }
+    fn write<A: FrameAlloc, M: PhysMem>(&mut self, entry: &mut T, addr: u64, perm: Perm, alloc: &A, mem: &M) -> Result<MountStats, Refusal> {
+        entry.morsel().mount(self.table, GuestPhysAddr::new(addr), perm, alloc, mem).map_err(Refusal::Mount)
+    }
+    fn record(&mut self, p: Placed) {
+        self.mounts.0.push(Mount { gpa: p.addr, size: p.size, window: p.window, name: p.name, at: p.at, writable: p.writable });
+    }
+    fn take(&mut self, addr: u64) -> Option<Mount> {
+        let i = self.mounts.iter().position(|m| m.gpa == addr)?;
+        Some(self.mounts.0.remove(i))
+    }
+    fn morsel_of(m: &Mount) -> (&Name, SlotId) {
+        (&m.name, m.at)
+    }
+    fn clear<A: FrameAlloc, M: PhysMem>(&mut self, entry: &mut T, addr: u64, alloc: &A, mem: &M) -> Result<MountStats, Refusal> {
+        entry.unmounting();
+        entry.morsel().unmount(self.table, GuestPhysAddr::new(addr), alloc, mem).map_err(Refusal::Unmount)
+    }
+    fn last(&self) -> Option<u64> {
+        self.mounts.last().map(|m| m.gpa)
+    }
+}
+
+/// A morsel mounted into a device's DMA domain on behalf of a guest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceMount {
+    pub name: Name,
+    /// Where `name` is in the directory (`Names::slot`).
+    pub at: SlotId,
+    pub bdf: Bdf,
+    pub iova: u64,
+    /// The I/O virtual span the mount occupies (the span of the morsel's root table).
+    pub window: u64,
+    /// The guest that mounted it (the only one that may unmount it).
+    pub guest: Owner,
+    pub writable: bool,
+}
+
+impl DeviceMount {
+    pub fn space(&self) -> SpaceId {
+        SpaceId::Device(self.bdf)
+    }
+}
+
+/// Every device mount of the run, in every device domain (at most
+/// `abi::DEVICE_MOUNT_QUOTA` per guest).
+#[derive(Debug, Default)]
+pub struct DeviceMounts(Vec<DeviceMount>);
+
+impl DeviceMounts {
+    pub const fn new() -> Self {
+        DeviceMounts(Vec::new())
+    }
+
+    /// How many device mounts `guest` holds.
+    pub fn held_by(&self, guest: Owner) -> usize {
+        self.0.iter().filter(|d| d.guest == guest).count()
+    }
+
+    /// How many device mounts of `name` there are (in any domain, by any guest).
+    pub fn of(&self, name: &str) -> usize {
+        self.0.iter().filter(|d| d.name == *name).count()
+    }
+
+    /// The guest with a mount in `bdf`'s domain (the first one, if several).
+    pub fn user_of(&self, bdf: Bdf) -> Option<Owner> {
+        self.0.iter().find(|d| d.bdf == bdf).map(|d| d.guest)
+    }
+
+    /// Whether `[iova, end)` lies inside the window of one of `guest`'s own mounts in `bdf`'s
+    /// domain: where `edu_dma` may have the device move bytes (inside, the IOMMU decides).
+    pub fn covers(&self, guest: Owner, bdf: Bdf, iova: u64, end: u64) -> bool {
+        self.0.iter().any(|d| d.guest == guest && d.bdf == bdf && d.iova <= iova && d.iova.checked_add(d.window).is_some_and(|e| end <= e))
+    }
+
+    /// Takes every mount out of the list (the end of the run).
+    pub fn take_all(&mut self) -> DeviceMounts {
+        DeviceMounts(core::mem::take(&mut self.0))
+    }
+}
+
+impl core::ops::Deref for DeviceMounts {
+    type Target = [DeviceMount];
+    fn deref(&self) -> &[DeviceMount] {
+        &self.0
+    }
+}
+
+/// The IOMMU's part of a device space: writing and clearing a mount entry in a device's
+/// domain table (in the IOMMU's format: the morsel's own subtree where the IOMMU walks it,
+/// else a view over the same data frames), with the device's own refusals
+/// (`Refusal::Domain`). The hypervisor's is `crate::iommu::Unit` with its IOTLB
+/// invalidations; the tests' is a fake over `SimMem`.
+pub trait Domain<F: Format, T> {
+    fn mount<A: FrameAlloc, M: PhysMem>(&mut self, bdf: Bdf, entry: &mut T, iova: u64, perm: Perm, alloc: &A, mem: &M) -> Result<MountStats, Refusal>;
+    fn unmount<A: FrameAlloc, M: PhysMem>(&mut self, bdf: Bdf, entry: &mut T, iova: u64, alloc: &A, mem: &M) -> Result<MountStats, Refusal>;
+}
+
+/// A device's DMA domain as the directory sees it for one guest's call: the device, the
+/// I/O virtual address the guest asks for (a mount's; unmounts name theirs), the run's device
+/// mounts, and the domain's tables (`domain`).
+pub struct DmaSpace<'a, D> {
+    pub guest: Owner,
+    pub bdf: Bdf,
+    pub iova: u64,
+    pub mounts: &'a mut DeviceMounts,
+    pub domain: D,
+}
+
+/// A device's space: where the guest asks, the same morsel as often as it likes (each mount
+/// a window of its own), at most `abi::DEVICE_MOUNT_QUOTA` per guest in all domains.
+impl<F: Format, T: Entry<F>, D: Domain<F, T>> AddressSpace<F, T> for DmaSpace<'_, D> {
+    type Mount = DeviceMount;
+    const QUOTA: usize = abi::DEVICE_MOUNT_QUOTA as usize;
+
+    fn id(&self) -> SpaceId {
+        SpaceId::Device(self.bdf)
+    }
+    fn guest(&self) -> Owner {
+        self.guest
+    }
+    fn held(&self) -> usize {
+        self.mounts.held_by(self.guest)
+    }
+    fn make_room(&mut self) -> Result<(), Refusal> {
+        self.mounts.0.try_reserve(1).map_err(|_| Refusal::NoMemory)
+    }
+    fn place(&self, _window: u64) -> Result<u64, Refusal> {
+        Ok(self.iova)
+    }
+    fn write<A: FrameAlloc, M: PhysMem>(&mut self, entry: &mut T, addr: u64, perm: Perm, alloc: &A, mem: &M) -> Result<MountStats, Refusal> {
+        self.domain.mount(self.bdf, entry, addr, perm, alloc, mem)
+    }
+    fn record(&mut self, p: Placed) {
+        let (bdf, guest) = (self.bdf, self.guest);
+        self.mounts.0.push(DeviceMount { name: p.name, at: p.at, bdf, iova: p.addr, window: p.window, guest, writable: p.writable });
+    }
+    fn take(&mut self, addr: u64) -> Option<DeviceMount> {
+        let (bdf, guest) = (self.bdf, self.guest);
+        let i = self.mounts.iter().position(|d| d.bdf == bdf && d.iova == addr && d.guest == guest)?;
+        Some(self.mounts.0.remove(i))
+    }
+    fn morsel_of(m: &DeviceMount) -> (&Name, SlotId) {
+        (&m.name, m.at)
+    }
+    fn clear<A: FrameAlloc, M: PhysMem>(&mut self, entry: &mut T, addr: u64, alloc: &A, mem: &M) -> Result<MountStats, Refusal> {
+        self.domain.unmount(self.bdf, entry, addr, alloc, mem)
+    }
+    fn last(&self) -> Option<u64> {
+        let (bdf, guest) = (self.bdf, self.guest);
+        self.mounts.iter().rev().find(|d| d.bdf == bdf && d.guest == guest).map(|d| d.iova)
+    }
 }
 
 /// Why a directory call was refused. Nothing changed, except where a variant says so.
@@ -131,6 +415,9 @@ pub enum Refusal {
     Pinned(&'static str),
     /// Destroy of a morsel still mounted: in `guests` guests and `devices` device domains.
     Mounted { guests: u32, devices: usize },
+    /// The device domain refused (the hypervisor's part of a device mount: no such device,
+    /// one not offered, one lent to another guest, no domain, an invalidation that failed).
+    Domain(abi::Error),
 }
 
 impl Refusal {
@@ -148,6 +435,7 @@ impl Refusal {
             Refusal::Mount(morsel::Error::OutOfMemory) => E::NoMemory,
             Refusal::Mount(morsel::Error::Occupied { .. } | morsel::Error::InsideMount { .. }) => E::Busy,
             Refusal::Mount(_) | Refusal::Unmount(_) => E::Invalid,
+            Refusal::Domain(e) => e,
         }
     }
 }
@@ -166,24 +454,26 @@ impl fmt::Display for Refusal {
             Refusal::Unmount(e) => write!(f, "unmount: {e}"),
             Refusal::Pinned(why) => f.write_str(why),
             Refusal::Mounted { guests, devices } => write!(f, "still mounted ({guests} guest, {devices} device mounts)"),
+            Refusal::Domain(e) => write!(f, "device domain: {e:?}"),
         }
     }
 }
 
-/// A mount made: where, and what it wrote.
+/// A mount made: where (a guest-physical or an I/O virtual address), and what it wrote.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Mounted {
-    pub gpa: u64,
+    pub addr: u64,
     pub writable: bool,
     pub stats: MountStats,
 }
 
-/// A mount taken away: its entry is cleared, but the guest's CPUs may still cache the
-/// translation (and the emptied tables, which went to the frame source given to `unmount`).
-#[must_use = "the guest's cached translations must be invalidated before its frames are reused"]
+/// A mount taken away: its entry is cleared, but the space's CPUs or IOMMU may still cache
+/// the translation (and the emptied tables, which went to the frame source given to
+/// `unmount`).
+#[must_use = "the space's cached translations must be invalidated before its frames are reused"]
 #[derive(Debug)]
-pub struct Unmounted {
-    pub mount: Mount,
+pub struct Unmounted<M = Mount> {
+    pub mount: M,
     pub stats: MountStats,
 }
 
@@ -223,89 +513,88 @@ pub enum Entered<T> {
     Unmounted(Refusal),
 }
 
-/// `morsel_open`: mounts `name` into `space`, read-write if `writable` (the owner's, or one
-/// others may write). `admit` is asked after the permission check: false (an ExMap batch
-/// holds the region) answers `Ok(None)`, nothing changed, for the guest to ask again.
-pub fn open<F, T, A, M>(names: &mut Names<T>, space: &mut Space<F>, name: &Name, writable: bool, admit: impl FnOnce(&T) -> bool, alloc: &A, mem: &M) -> Result<Option<Mounted>, Refusal>
+/// `morsel_open` (a guest `Space`) and `device_mount` (a `DmaSpace`): mounts `name` into
+/// `space`, read-write if `writable` (the owner's, or one others may write). `admit` is
+/// asked after the permission check: false (an ExMap batch holds the region) answers
+/// `Ok(None)`, nothing changed, for the guest to ask again.
+pub fn open<F, T, S, A, M>(names: &mut Names<T>, space: &mut S, name: &Name, writable: bool, admit: impl FnOnce(&T) -> bool, alloc: &A, mem: &M) -> Result<Option<Mounted>, Refusal>
 where
-    F: Format<Input = GuestPhysAddr>,
+    F: Format,
     T: Entry<F>,
+    S: AddressSpace<F, T>,
     A: FrameAlloc,
     M: PhysMem,
 {
     let n = names.get(name).ok_or(Refusal::NotFound)?.value;
-    if writable && !n.writable_by(space.guest) {
+    if writable && !n.writable_by(space.guest()) {
         return Err(Refusal::Denied);
     }
     if !admit(n) {
         return Ok(None);
     }
-    if space.mounts.iter().any(|m| m.name == *name) {
-        return Err(Refusal::AlreadyMounted);
-    }
+    space.check(name)?;
     mount(names, space, name, writable, alloc, mem).map(Some)
 }
 
-/// Mounts `name` into `space` at the lowest free slot of its window size (no permission
-/// check: `open` and `enter` do theirs).
-fn mount<F, T, A, M>(names: &mut Names<T>, space: &mut Space<F>, name: &Name, writable: bool, alloc: &A, mem: &M) -> Result<Mounted, Refusal>
+/// Mounts `name` into `space` where the space places it, within the guest's quota of the
+/// kind (no permission check: `open` and `enter` do theirs).
+fn mount<F, T, S, A, M>(names: &mut Names<T>, space: &mut S, name: &Name, writable: bool, alloc: &A, mem: &M) -> Result<Mounted, Refusal>
 where
-    F: Format<Input = GuestPhysAddr>,
+    F: Format,
     T: Entry<F>,
+    S: AddressSpace<F, T>,
     A: FrameAlloc,
     M: PhysMem,
 {
     let at = names.slot(name).ok_or(Refusal::NotFound)?;
     let n = names.get_mut_at(at, name).ok_or(Refusal::NotFound)?;
-    let mounts = &mut space.mounts.0;
-    if mounts.len() >= abi::MOUNT_QUOTA as usize {
+    if space.held() >= S::QUOTA {
         return Err(Refusal::Quota);
     }
-    mounts.try_reserve(1).map_err(|_| Refusal::NoMemory)?;
-    let morsel = n.morsel();
-    let window = morsel.window_size();
-    let gpa = free_slot(mounts, window).ok_or(Refusal::WindowFull)?;
+    space.make_room()?;
+    let (window, size) = (n.morsel().window_size(), n.morsel().len());
+    let addr = space.place(window)?;
     let perm = if writable { Perm::RW } else { Perm::RO };
-    let stats = morsel.mount(space.table, GuestPhysAddr::new(gpa), perm, alloc, mem).map_err(Refusal::Mount)?;
-    let size = morsel.len();
-    n.mounted(&stats);
-    // Room reserved above: no allocation.
-    mounts.push(Mount { gpa, size, window, name: *name, at, writable });
-    Ok(Mounted { gpa, writable, stats })
+    let stats = space.write(n, addr, perm, alloc, mem)?;
+    n.mounted(space.id(), &stats);
+    space.record(Placed { addr, size, window, name: *name, at, writable });
+    Ok(Mounted { addr, writable, stats })
 }
 
-/// `morsel_unmount`: takes the mount at `gpa` out of `space`; the intermediate tables it
-/// left empty go to `alloc` (which must keep them until the invalidation is done).
-pub fn unmount<F, T, A, M>(names: &mut Names<T>, space: &mut Space<F>, gpa: u64, alloc: &A, mem: &M) -> Result<Unmounted, Refusal>
+/// `morsel_unmount` (a guest `Space`) and `device_unmount` (a `DmaSpace`): takes the
+/// guest's mount at `addr` out of `space`; the intermediate tables it left empty go to
+/// `alloc` (which must keep them until the invalidation is done). A mount only the guest
+/// that made it can take away: another's is `NotFound`.
+pub fn unmount<F, T, S, A, M>(names: &mut Names<T>, space: &mut S, addr: u64, alloc: &A, mem: &M) -> Result<Unmounted<S::Mount>, Refusal>
 where
-    F: Format<Input = GuestPhysAddr>,
+    F: Format,
     T: Entry<F>,
+    S: AddressSpace<F, T>,
     A: FrameAlloc,
     M: PhysMem,
 {
-    let mounts = &mut space.mounts.0;
-    let i = mounts.iter().position(|m| m.gpa == gpa).ok_or(Refusal::NotFound)?;
-    let mount = mounts.remove(i);
-    let n = names.get_mut_at(mount.at, &mount.name).ok_or(Refusal::NotFound)?;
-    n.unmounting();
-    let stats = n.morsel().unmount(space.table, GuestPhysAddr::new(gpa), alloc, mem).map_err(Refusal::Unmount)?;
-    n.unmounted(&stats);
+    let mount = space.take(addr).ok_or(Refusal::NotFound)?;
+    let (name, at) = S::morsel_of(&mount);
+    let n = names.get_mut_at(at, name).ok_or(Refusal::NotFound)?;
+    let stats = space.clear(n, addr, alloc, mem)?;
+    n.unmounted(space.id(), &stats);
     Ok(Unmounted { mount, stats })
 }
 
-/// A guest leaves: unmounts everything it has mounted, last first, each passed to `each`
-/// (one invalidation for all of them is the caller's). Returns how many were unmounted.
-pub fn drop_mounts<F, T, A, M>(names: &mut Names<T>, space: &mut Space<F>, alloc: &A, mem: &M, mut each: impl FnMut(Unmounted)) -> usize
+/// A guest leaves: unmounts everything it has mounted in `space`, last first, each passed to
+/// `each` (one invalidation for all of them is the caller's). Returns how many were unmounted.
+pub fn drop_mounts<F, T, S, A, M>(names: &mut Names<T>, space: &mut S, alloc: &A, mem: &M, mut each: impl FnMut(Unmounted<S::Mount>)) -> usize
 where
-    F: Format<Input = GuestPhysAddr>,
+    F: Format,
     T: Entry<F>,
+    S: AddressSpace<F, T>,
     A: FrameAlloc,
     M: PhysMem,
 {
     let mut count = 0;
-    while let Some(gpa) = space.mounts.last().map(|m| m.gpa) {
+    while let Some(addr) = space.last() {
         // A refused unmount has taken the mount out of the list too: the loop ends.
-        if let Ok(u) = unmount(names, space, gpa, alloc, mem) {
+        if let Ok(u) = unmount(names, space, addr, alloc, mem) {
             each(u);
             count += 1;
         }
@@ -313,11 +602,39 @@ where
     count
 }
 
+/// A guest leaves (or the run ends, for each guest): unmounts its device mounts, in every
+/// domain, last first, through `domain`, each passed to `each`. Returns how many were
+/// unmounted.
+pub fn drop_device_mounts<F, T, D, A, M>(names: &mut Names<T>, mounts: &mut DeviceMounts, guest: Owner, mut domain: D, alloc: &A, mem: &M, mut each: impl FnMut(Unmounted<DeviceMount>)) -> usize
+where
+    F: Format,
+    T: Entry<F>,
+    D: Domain<F, T>,
+    A: FrameAlloc,
+    M: PhysMem,
+{
+    let mut count = 0;
+    while let Some(bdf) = mounts.iter().rev().find(|d| d.guest == guest).map(|d| d.bdf) {
+        let mut space = DmaSpace { guest, bdf, iova: 0, mounts: &mut *mounts, domain: &mut domain };
+        count += drop_mounts(names, &mut space, alloc, mem, &mut each);
+    }
+    count
+}
+
+/// A domain borrowed (for `drop_device_mounts`' one space per device).
+impl<F: Format, T, D: Domain<F, T>> Domain<F, T> for &mut D {
+    fn mount<A: FrameAlloc, M: PhysMem>(&mut self, bdf: Bdf, entry: &mut T, iova: u64, perm: Perm, alloc: &A, mem: &M) -> Result<MountStats, Refusal> {
+        (**self).mount(bdf, entry, iova, perm, alloc, mem)
+    }
+    fn unmount<A: FrameAlloc, M: PhysMem>(&mut self, bdf: Bdf, entry: &mut T, iova: u64, alloc: &A, mem: &M) -> Result<MountStats, Refusal> {
+        (**self).unmount(bdf, entry, iova, alloc, mem)
+    }
+}
+
 /// Whether `guest` may destroy `name` now: it must be the owner (anyone may, for a restored
 /// morsel others may write), `pinned` (the caller's checks: NVMe I/O, an ExMap batch) must
-/// find nothing, and it must be mounted nowhere (no guest, none of the `devices` device
-/// mounts of it the caller counted).
-pub fn check_destroy<F, T>(names: &Names<T>, guest: Owner, name: &str, devices: usize, pinned: impl FnOnce(&T) -> Option<&'static str>) -> Result<(), Refusal>
+/// find nothing, and it must be mounted nowhere (no guest, no device domain).
+pub fn check_destroy<F, T>(names: &Names<T>, devices: &DeviceMounts, guest: Owner, name: &str, pinned: impl FnOnce(&T) -> Option<&'static str>) -> Result<(), Refusal>
 where
     F: Format,
     T: Entry<F>,
@@ -329,7 +646,7 @@ where
     if let Some(why) = pinned(n) {
         return Err(Refusal::Pinned(why));
     }
-    let guests = n.morsel().mount_count();
+    let (guests, devices) = (n.morsel().mount_count(), devices.of(name));
     if guests > 0 || devices > 0 {
         return Err(Refusal::Mounted { guests, devices });
     }

@@ -2,7 +2,7 @@
 //! fake guests (a second-level table and a mount list each). Run in debug and `--release`.
 
 use super::*;
-use morsel::{Ept, Npt, PageSize, SimMem};
+use morsel::{can_share, Ept, IoVirtAddr, Npt, PageSize, SimMem, VtdSl};
 use proptest::prelude::*;
 use std::vec;
 
@@ -17,6 +17,11 @@ struct Named<F: Format> {
     shared: bool,
     mounts: u32,
     unmounts: u32,
+    /// Its view in the fake IOMMU's format where that cannot walk the morsel's (NPT), built
+    /// on the first device mount, as the hypervisor's `Named::views`.
+    view: Option<Morsel<VtdSl>>,
+    /// The space of the last mount or unmount.
+    last: Option<SpaceId>,
 }
 
 impl<F: Format> Entry<F> for Named<F> {
@@ -29,11 +34,13 @@ impl<F: Format> Entry<F> for Named<F> {
     fn others_may_write(&self) -> bool {
         self.shared
     }
-    fn mounted(&mut self, _: &MountStats) {
+    fn mounted(&mut self, space: SpaceId, _: &MountStats) {
         self.mounts += 1;
+        self.last = Some(space);
     }
-    fn unmounted(&mut self, _: &MountStats) {
+    fn unmounted(&mut self, space: SpaceId, _: &MountStats) {
         self.unmounts += 1;
+        self.last = Some(space);
     }
 }
 
@@ -41,18 +48,100 @@ fn n(s: &str) -> Name {
     Name::new(s.as_bytes()).unwrap()
 }
 
-/// A directory and `guests` fake guests, their frames from `mem`.
+/// The device functions the fake IOMMU has domains for.
+const EDU: Bdf = Bdf::new(0, 3, 0);
+const NIC: Bdf = Bdf::new(0, 4, 0);
+/// One it has none for.
+const NONE: Bdf = Bdf::new(0, 9, 0);
+/// An I/O virtual address in a device domain.
+const IOVA: u64 = 0x4000_0000;
+
+/// A fake IOMMU: a VT-d second-level table per device domain, frames from `SimMem`. A morsel
+/// whose format it walks (EPT: `can_share`) goes in as its own subtree, another (NPT)
+/// through its VT-d view over the same data frames, built on the first device mount and
+/// kept with the entry (the hypervisor's `iommu::mount` does the same, in its unit's format).
+struct FakeIommu {
+    domains: Vec<(Bdf, SecondLevelTable<VtdSl>)>,
+}
+
+impl FakeIommu {
+    fn table(&mut self, bdf: Bdf) -> Result<&mut SecondLevelTable<VtdSl>, Refusal> {
+        self.domains.iter_mut().find(|(b, _)| *b == bdf).map(|(_, t)| t).ok_or(Refusal::Domain(abi::Error::NotFound))
+    }
+}
+
+impl<F: Format> Domain<F, Named<F>> for FakeIommu {
+    fn mount<A: FrameAlloc, M: PhysMem>(&mut self, bdf: Bdf, n: &mut Named<F>, iova: u64, perm: Perm, alloc: &A, mem: &M) -> Result<MountStats, Refusal> {
+        let table = self.table(bdf)?;
+        let at = IoVirtAddr::new(iova);
+        if can_share::<F, VtdSl>() {
+            return n.morsel.mount(table, at, perm, alloc, mem).map_err(Refusal::Mount);
+        }
+        let view = match &mut n.view {
+            Some(v) => v,
+            slot @ None => slot.insert(n.morsel.view::<VtdSl>(alloc, mem).map_err(Refusal::Mount)?),
+        };
+        view.mount(table, at, perm, alloc, mem).map_err(Refusal::Mount)
+    }
+    fn unmount<A: FrameAlloc, M: PhysMem>(&mut self, bdf: Bdf, n: &mut Named<F>, iova: u64, alloc: &A, mem: &M) -> Result<MountStats, Refusal> {
+        let table = self.table(bdf)?;
+        let at = IoVirtAddr::new(iova);
+        match &n.view {
+            _ if can_share::<F, VtdSl>() => n.morsel.unmount(table, at, alloc, mem),
+            Some(view) => view.unmount(table, at, alloc, mem),
+            None => return Err(Refusal::Domain(abi::Error::NotFound)),
+        }
+        .map_err(Refusal::Unmount)
+    }
+}
+
+/// A directory, `guests` fake guests and a fake IOMMU with domains for `EDU` and `NIC`, their
+/// frames from `mem`.
 struct World<'m, F: Format> {
     mem: &'m SimMem,
     names: Names<Named<F>>,
     guests: Vec<(SecondLevelTable<F>, Mounts)>,
+    devices: DeviceMounts,
+    iommu: FakeIommu,
 }
 
 impl<'m, F: Format<Input = GuestPhysAddr>> World<'m, F> {
     fn new(mem: &'m SimMem, guests: u32, quota: u32) -> Self {
         let names = Names::try_new(names::Limits { owners: guests, quota, system: 4 }, SEED).unwrap();
         let guests = (0..guests).map(|_| (SecondLevelTable::new(mem, mem).unwrap(), Mounts::new())).collect();
-        World { mem, names, guests }
+        let domains = [EDU, NIC].into_iter().map(|b| (b, SecondLevelTable::new(mem, mem).unwrap())).collect();
+        World { mem, names, guests, devices: DeviceMounts::new(), iommu: FakeIommu { domains } }
+    }
+
+    /// Guest `g`'s view of `bdf`'s domain, a mount going to `iova`.
+    fn dma(&mut self, g: u32, bdf: Bdf, iova: u64) -> (&mut Names<Named<F>>, DmaSpace<'_, &mut FakeIommu>) {
+        (&mut self.names, DmaSpace { guest: g, bdf, iova, mounts: &mut self.devices, domain: &mut self.iommu })
+    }
+
+    fn device_mount(&mut self, g: u32, name: &str, bdf: Bdf, iova: u64, writable: bool) -> Result<Mounted, Refusal> {
+        let mem = self.mem;
+        let (names, mut space) = self.dma(g, bdf, iova);
+        open(names, &mut space, &n(name), writable, |_| true, mem, mem).map(|m| m.expect("admitted"))
+    }
+
+    fn device_unmount(&mut self, g: u32, bdf: Bdf, iova: u64) -> Result<Unmounted<DeviceMount>, Refusal> {
+        let mem = self.mem;
+        let (names, mut space) = self.dma(g, bdf, iova);
+        unmount(names, &mut space, iova, mem, mem)
+    }
+
+    /// Guest `g` leaves: its guest mounts, then its device mounts; how many of each.
+    fn leave(&mut self, g: u32) -> (usize, usize) {
+        let mem = self.mem;
+        let (names, mut space) = self.space(g);
+        let guest = drop_mounts(names, &mut space, mem, mem, |_| {});
+        let devices = drop_device_mounts(&mut self.names, &mut self.devices, g, &mut self.iommu, mem, mem, |_| {});
+        (guest, devices)
+    }
+
+    fn translate_device(&self, bdf: Bdf, iova: u64) -> Option<morsel::Translation> {
+        let (_, t) = self.iommu.domains.iter().find(|(b, _)| *b == bdf)?;
+        t.translate(IoVirtAddr::new(iova), self.mem)
     }
 
     fn space(&mut self, g: u32) -> (&mut Names<Named<F>>, Space<'_, F>) {
@@ -66,7 +155,7 @@ impl<'m, F: Format<Input = GuestPhysAddr>> World<'m, F> {
         let (names, mut space) = self.space(g);
         let ticket = reserve(names, space.mounts, g, n(name))?;
         let morsel = Morsel::<F>::create(size, PageSize::Size4K, mem, mem).unwrap();
-        let value = Named { morsel, owner: g, shared, mounts: 0, unmounts: 0 };
+        let value = Named { morsel, owner: g, shared, mounts: 0, unmounts: 0, view: None, last: None };
         match enter(names, &mut space, ticket, value, mem, mem) {
             Ok(m) => Ok(m),
             Err(Entered::Unmounted(r)) => Err(r),
@@ -86,13 +175,17 @@ impl<'m, F: Format<Input = GuestPhysAddr>> World<'m, F> {
         unmount(names, &mut space, gpa, mem, mem)
     }
 
-    fn check_destroy(&self, g: u32, name: &str, devices: usize) -> Result<(), Refusal> {
-        check_destroy(&self.names, g, name, devices, |_| None)
+    fn check_destroy(&self, g: u32, name: &str) -> Result<(), Refusal> {
+        check_destroy(&self.names, &self.devices, g, name, |_| None)
     }
 
-    /// Takes `name` out of the directory and frees its frames (the caller checked).
+    /// Takes `name` out of the directory and frees its frames and its view's tables (the
+    /// caller checked).
     fn destroy(&mut self, name: &str) {
         let (_, _, v) = self.names.remove(name).unwrap();
+        if let Some(view) = v.view {
+            view.destroy(self.mem, self.mem).unwrap();
+        }
         v.morsel.destroy(self.mem, self.mem).unwrap();
     }
 
@@ -112,18 +205,18 @@ fn create_mounts_in_the_owner<F: Format<Input = GuestPhysAddr>>() {
     let mut w = World::<F>::new(&mem, 2, 8);
     let m = w.create(0, "a", 64 * 1024, false).unwrap();
     assert!(m.writable);
-    assert!((abi::MORSEL_WINDOW_GPA..abi::MORSEL_WINDOW_GPA + abi::MORSEL_WINDOW_SIZE).contains(&m.gpa));
+    assert!((abi::MORSEL_WINDOW_GPA..abi::MORSEL_WINDOW_GPA + abi::MORSEL_WINDOW_SIZE).contains(&m.addr));
     assert_eq!(m.stats.entry_writes, 1);
-    let mount = w.guests[0].1.at(m.gpa).unwrap().clone();
+    let mount = w.guests[0].1.at(m.addr).unwrap().clone();
     assert_eq!((mount.name, mount.size, mount.window, mount.writable), (n("a"), 64 * 1024, 2 * MIB, true));
-    let t = w.translate(0, m.gpa + 8192).unwrap();
+    let t = w.translate(0, m.addr + 8192).unwrap();
     assert!(t.perm.write);
     assert_eq!(Some(t.addr), w.morsel("a").translate(8192, &mem));
     assert_eq!(w.morsel("a").mount_count(), 1);
     assert_eq!(w.names.get("a").unwrap().value.mounts, 1);
     // Not in the other guest.
     assert!(w.guests[1].1.is_empty());
-    assert_eq!(w.translate(1, m.gpa), None);
+    assert_eq!(w.translate(1, m.addr), None);
 }
 
 #[test]
@@ -143,10 +236,10 @@ fn read_write_needs_the_owner_or_a_grant() {
     assert!(w.guests[1].1.is_empty());
     let ro = w.open(1, "private", false).unwrap();
     assert!(!ro.writable);
-    let t = w.translate(1, ro.gpa).unwrap();
+    let t = w.translate(1, ro.addr).unwrap();
     assert!(t.perm.read && !t.perm.write);
     let rw = w.open(1, "shared", true).unwrap();
-    assert!(w.translate(1, rw.gpa).unwrap().perm.write);
+    assert!(w.translate(1, rw.addr).unwrap().perm.write);
     assert_eq!(w.morsel("private").mount_count(), 2);
 }
 
@@ -162,7 +255,7 @@ fn a_reserved_name_is_not_found_until_committed() {
     assert_eq!(w.open(1, "nothing", false), Err(Refusal::NotFound));
     let morsel = Morsel::<Ept>::create(4096, PageSize::Size4K, &mem, &mem).unwrap();
     let (names, mut space) = w.space(0);
-    enter(names, &mut space, ticket, Named { morsel, owner: 0, shared: false, mounts: 0, unmounts: 0 }, &mem, &mem).map_err(|_| ()).unwrap();
+    enter(names, &mut space, ticket, Named { morsel, owner: 0, shared: false, mounts: 0, unmounts: 0, view: None, last: None }, &mem, &mem).map_err(|_| ()).unwrap();
     w.open(1, "pending", false).unwrap();
 }
 
@@ -251,10 +344,10 @@ fn unmount_of_an_unknown_address_is_not_found() {
     let mem = SimMem::new(16 * GIB);
     let mut w = World::<Ept>::new(&mem, 2, 8);
     let m = w.create(0, "a", 4096, false).unwrap();
-    assert_eq!(w.unmount(0, m.gpa + 4096).unwrap_err(), Refusal::NotFound);
-    assert_eq!(w.unmount(1, m.gpa).unwrap_err(), Refusal::NotFound);
+    assert_eq!(w.unmount(0, m.addr + 4096).unwrap_err(), Refusal::NotFound);
+    assert_eq!(w.unmount(1, m.addr).unwrap_err(), Refusal::NotFound);
     assert_eq!(w.guests[0].1.len(), 1);
-    assert!(w.translate(0, m.gpa).is_some());
+    assert!(w.translate(0, m.addr).is_some());
 }
 
 #[test]
@@ -268,11 +361,11 @@ fn unmount_clears_the_entry_and_frees_emptied_tables() {
     let m = w.open(1, "a", false).unwrap();
     assert!(m.stats.path_writes > 0, "the first mount into an empty window builds tables");
     assert!(mem.table_frames() > tables);
-    assert!(w.translate(1, m.gpa).is_some());
-    let u = w.unmount(1, m.gpa).unwrap();
+    assert!(w.translate(1, m.addr).is_some());
+    let u = w.unmount(1, m.addr).unwrap();
     assert_eq!(u.mount.name, n("a"));
     assert_eq!(u.stats.path_writes, m.stats.path_writes);
-    assert_eq!(w.translate(1, m.gpa), None);
+    assert_eq!(w.translate(1, m.addr), None);
     assert!(w.guests[1].1.is_empty());
     assert_eq!((mem.table_frames(), mem.allocated_frames()), (tables, frames));
     assert_eq!(w.morsel("a").mount_count(), 1);
@@ -286,32 +379,35 @@ fn destroy_by_a_non_owner_is_denied() {
     let mem = SimMem::new(16 * GIB);
     let mut w = World::<Ept>::new(&mem, 2, 8);
     let m = w.create(0, "a", 4096, true).unwrap();
-    let _ = w.unmount(0, m.gpa).unwrap();
-    assert_eq!(w.check_destroy(1, "a", 0), Err(Refusal::Denied));
-    assert_eq!(w.check_destroy(0, "a", 0), Ok(()));
-    assert_eq!(w.check_destroy(0, "b", 0), Err(Refusal::NotFound));
+    let _ = w.unmount(0, m.addr).unwrap();
+    assert_eq!(w.check_destroy(1, "a"), Err(Refusal::Denied));
+    assert_eq!(w.check_destroy(0, "a"), Ok(()));
+    assert_eq!(w.check_destroy(0, "b"), Err(Refusal::NotFound));
     // One restored from persistent memory (no owner) that others may write: anyone.
     for (name, shared, want) in [("restored-rw", true, Ok(())), ("restored-ro", false, Err(Refusal::Denied))] {
         let t = w.names.reserve(n(name), SYSTEM).unwrap();
         let morsel = Morsel::<Ept>::create(4096, PageSize::Size4K, &mem, &mem).unwrap();
-        w.names.commit(t, Named { morsel, owner: SYSTEM, shared, mounts: 0, unmounts: 0 }).map_err(|_| ()).unwrap();
-        assert_eq!(w.check_destroy(1, name, 0), want);
+        w.names.commit(t, Named { morsel, owner: SYSTEM, shared, mounts: 0, unmounts: 0, view: None, last: None }).map_err(|_| ()).unwrap();
+        assert_eq!(w.check_destroy(1, name), want);
     }
 }
 
 #[test]
 fn destroy_while_mounted_is_busy() {
     let mem = SimMem::new(16 * GIB);
-    let mut w = World::<Ept>::new(&mem, 2, 8);
+    // NPT: the device mount goes through the view, the morsel's count is its guest mounts.
+    let mut w = World::<Npt>::new(&mem, 2, 8);
     let m = w.create(0, "a", 4096, false).unwrap();
     let seen = w.open(1, "a", false).unwrap();
-    assert_eq!(w.check_destroy(0, "a", 0), Err(Refusal::Mounted { guests: 2, devices: 0 }));
-    let _ = w.unmount(0, m.gpa).unwrap();
-    let _ = w.unmount(1, seen.gpa).unwrap();
-    assert_eq!(w.check_destroy(0, "a", 1), Err(Refusal::Mounted { guests: 0, devices: 1 }));
+    assert_eq!(w.check_destroy(0, "a"), Err(Refusal::Mounted { guests: 2, devices: 0 }));
+    w.device_mount(1, "a", EDU, IOVA, false).unwrap();
+    let _ = w.unmount(0, m.addr).unwrap();
+    let _ = w.unmount(1, seen.addr).unwrap();
+    assert_eq!(w.check_destroy(0, "a"), Err(Refusal::Mounted { guests: 0, devices: 1 }));
     assert_eq!(Refusal::Mounted { guests: 0, devices: 1 }.error(), abi::Error::Busy);
-    assert_eq!(check_destroy(&w.names, 0, "a", 0, |_| Some("has I/O in flight")), Err(Refusal::Pinned("has I/O in flight")));
-    assert_eq!(w.check_destroy(0, "a", 0), Ok(()));
+    let _ = w.device_unmount(1, EDU, IOVA).unwrap();
+    assert_eq!(check_destroy(&w.names, &w.devices, 0, "a", |_| Some("has I/O in flight")), Err(Refusal::Pinned("has I/O in flight")));
+    assert_eq!(w.check_destroy(0, "a"), Ok(()));
 }
 
 #[test]
@@ -324,9 +420,9 @@ fn destroy_after_unmount_gives_every_frame_back() {
     let seen = w.open(1, "a", true).unwrap();
     assert_eq!(w.guests[0].1[0].window, GIB);
     assert!(mem.allocated_frames() > before.0 + 3 * 256);
-    let _ = w.unmount(1, seen.gpa).unwrap();
-    let _ = w.unmount(0, m.gpa).unwrap();
-    w.check_destroy(0, "a", 0).unwrap();
+    let _ = w.unmount(1, seen.addr).unwrap();
+    let _ = w.unmount(0, m.addr).unwrap();
+    w.check_destroy(0, "a").unwrap();
     w.destroy("a");
     assert_eq!((mem.allocated_frames(), mem.free_pages(), mem.table_frames()), before);
     assert!(w.names.get("a").is_none());
@@ -385,7 +481,7 @@ fn a_leaving_guest_unmounts_everything() {
     w.create(0, "b", 3 * MIB, false).unwrap();
     w.create(0, "c", 8192, true).unwrap();
     let tables = mem.table_frames();
-    let gpas: Vec<u64> = ["a", "b", "c"].iter().map(|s| w.open(1, s, false).unwrap().gpa).collect();
+    let gpas: Vec<u64> = ["a", "b", "c"].iter().map(|s| w.open(1, s, false).unwrap().addr).collect();
     let (names, mut space) = w.space(1);
     let mut gone = vec![];
     let count = drop_mounts(names, &mut space, &mem, &mem, |u| gone.push(u.mount.gpa));
@@ -411,11 +507,11 @@ fn a_full_window_is_busy_and_leaves_the_new_morsel_entered() {
         let (names, mut space) = w.space(0);
         let ticket = reserve(names, space.mounts, 0, n(name)).unwrap();
         let morsel = Morsel::<Ept>::create(2 * GIB, PageSize::Size2M, &mem, &mem).unwrap();
-        enter(names, &mut space, ticket, Named { morsel, owner: 0, shared: false, mounts: 0, unmounts: 0 }, &mem, &mem)
+        enter(names, &mut space, ticket, Named { morsel, owner: 0, shared: false, mounts: 0, unmounts: 0, view: None, last: None }, &mem, &mem)
     };
     for i in 0..slots {
         let m = big(&mut w, &std::format!("big{i}")).map_err(|_| ()).unwrap();
-        assert_eq!(m.gpa, abi::MORSEL_WINDOW_GPA + i * 512 * GIB);
+        assert_eq!(m.addr, abi::MORSEL_WINDOW_GPA + i * 512 * GIB);
     }
     let (frames, tables) = (mem.allocated_frames(), w.guests[0].0.stats());
     match big(&mut w, "one-more") {
@@ -425,7 +521,7 @@ fn a_full_window_is_busy_and_leaves_the_new_morsel_entered() {
     // In the directory, mounted nowhere: the caller destroys it.
     assert_eq!(w.morsel("one-more").mount_count(), 0);
     assert_eq!(w.guests[0].0.stats(), tables);
-    w.check_destroy(0, "one-more", 0).unwrap();
+    w.check_destroy(0, "one-more").unwrap();
     w.destroy("one-more");
     assert_eq!(mem.allocated_frames(), frames);
     // A small morsel finds no slot either: every 512 GiB is taken.
@@ -446,4 +542,169 @@ fn a_mount_out_of_frames_changes_nothing() {
     assert_eq!((mem.allocated_frames(), w.guests[1].0.stats()), (frames, tables));
     assert!(w.guests[1].1.is_empty());
     assert_eq!(w.morsel("a").mount_count(), 1);
+}
+
+/// Device mounts: the same permission check as a guest mount (read-write by the owner or
+/// with the grant, read-only by anyone), the entry in the device's domain, translating to
+/// the morsel's frames with the rights asked for.
+fn device_mount_permission<F: Format<Input = GuestPhysAddr>>() {
+    let mem = SimMem::new(16 * GIB);
+    let mut w = World::<F>::new(&mem, 2, 8);
+    w.create(0, "private", 4096, false).unwrap();
+    w.create(0, "shared", 4096, true).unwrap();
+    assert_eq!(w.device_mount(1, "private", EDU, IOVA, true), Err(Refusal::Denied));
+    assert!(w.devices.is_empty());
+    assert_eq!(w.translate_device(EDU, IOVA), None);
+    let ro = w.device_mount(1, "private", EDU, IOVA, false).unwrap();
+    assert_eq!((ro.addr, ro.writable, ro.stats.entry_writes), (IOVA, false, 1));
+    let t = w.translate_device(EDU, IOVA).unwrap();
+    assert!(t.perm.read && !t.perm.write);
+    assert_eq!(Some(t.addr), w.morsel("private").translate(0, &mem));
+    let rw = w.device_mount(1, "shared", EDU, IOVA + GIB, true).unwrap();
+    assert!(rw.writable && w.translate_device(EDU, IOVA + GIB).unwrap().perm.write);
+    w.device_mount(0, "private", NIC, IOVA, true).unwrap();
+    assert!(w.translate_device(NIC, IOVA).unwrap().perm.write);
+    assert_eq!(w.names.get("private").unwrap().value.last, Some(SpaceId::Device(NIC)));
+    let d = &w.devices[0];
+    assert_eq!((d.name, d.bdf, d.iova, d.guest, d.writable, d.space()), (n("private"), EDU, IOVA, 1, false, SpaceId::Device(EDU)));
+    assert_eq!(w.names.get("private").unwrap().value.mounts, 3, "the owner's, two device mounts");
+    // A device the IOMMU has no domain for: the domain refuses, nothing recorded.
+    assert_eq!(w.device_mount(0, "private", NONE, IOVA, false), Err(Refusal::Domain(abi::Error::NotFound)));
+    assert_eq!(Refusal::Domain(abi::Error::NotFound).error(), abi::Error::NotFound);
+    assert_eq!(w.devices.len(), 3);
+    assert_eq!(w.device_mount(0, "nothing", EDU, IOVA, false), Err(Refusal::NotFound));
+}
+
+#[test]
+fn device_mount_read_write_needs_the_owner_or_a_grant() {
+    device_mount_permission::<Ept>();
+    device_mount_permission::<Npt>();
+}
+
+/// `abi::DEVICE_MOUNT_QUOTA` per guest, counted over every domain; one past it changes
+/// nothing; another guest has its own.
+#[test]
+fn device_mounts_past_the_quota_change_nothing() {
+    let mem = SimMem::new(16 * GIB);
+    let mut w = World::<Ept>::new(&mem, 2, 8);
+    w.create(0, "a", 4096, true).unwrap();
+    let quota = abi::DEVICE_MOUNT_QUOTA;
+    for i in 0..quota {
+        let bdf = if i % 2 == 0 { EDU } else { NIC };
+        w.device_mount(1, "a", bdf, IOVA + i * GIB, false).unwrap();
+    }
+    let (frames, writes, count) = (mem.allocated_frames(), mem.writes(), w.morsel("a").mount_count());
+    assert_eq!(w.device_mount(1, "a", EDU, IOVA + quota * GIB, false), Err(Refusal::Quota));
+    assert_eq!(Refusal::Quota.error(), abi::Error::NoMemory);
+    assert_eq!((mem.allocated_frames(), mem.writes(), w.morsel("a").mount_count()), (frames, writes, count));
+    assert_eq!(w.translate_device(EDU, IOVA + quota * GIB), None);
+    assert_eq!(w.devices.held_by(1), quota as usize);
+    // Guest mounts are another quota; the other guest has its own.
+    w.open(1, "a", false).unwrap();
+    w.device_mount(0, "a", EDU, IOVA + quota * GIB, true).unwrap();
+    // One given back makes room again.
+    let _ = w.device_unmount(1, NIC, IOVA + GIB).unwrap();
+    w.device_mount(1, "a", NIC, IOVA + GIB, false).unwrap();
+}
+
+/// A device mount is the mounting guest's: another guest's unmount of it (or one at an
+/// address or a device where it has none) is `NotFound` and leaves it mapped.
+#[test]
+fn a_device_unmount_only_by_the_guest_that_mounted_it() {
+    let mem = SimMem::new(16 * GIB);
+    let mut w = World::<Ept>::new(&mem, 2, 8);
+    w.create(0, "a", 4096, true).unwrap();
+    w.device_mount(1, "a", EDU, IOVA, true).unwrap();
+    assert_eq!(w.device_unmount(0, EDU, IOVA).unwrap_err(), Refusal::NotFound);
+    assert_eq!(w.device_unmount(1, NIC, IOVA).unwrap_err(), Refusal::NotFound);
+    assert_eq!(w.device_unmount(1, EDU, IOVA + 4096).unwrap_err(), Refusal::NotFound);
+    assert!(w.translate_device(EDU, IOVA).is_some());
+    assert_eq!(w.devices.len(), 1);
+    let u = w.device_unmount(1, EDU, IOVA).unwrap();
+    assert_eq!((u.mount.guest, u.mount.bdf, u.mount.iova, u.stats.entry_writes), (1, EDU, IOVA, 1));
+    assert_eq!(w.translate_device(EDU, IOVA), None);
+    assert!(w.devices.is_empty());
+    assert_eq!(w.names.get("a").unwrap().value.unmounts, 1);
+    assert_eq!(w.names.get("a").unwrap().value.last, Some(SpaceId::Device(EDU)));
+    let _ = w.unmount(0, w.guests[0].1[0].gpa).unwrap();
+    assert_eq!(w.names.get("a").unwrap().value.last, Some(SpaceId::Guest(0)));
+}
+
+/// A destroy is refused while a device mount is left and, after the device unmount, gives
+/// every frame back: the morsel's, its view's (NPT), the domain's emptied tables.
+fn device_destroy_gives_every_frame_back<F: Format<Input = GuestPhysAddr>>() {
+    let mem = SimMem::new(16 * GIB);
+    let mut w = World::<F>::new(&mem, 2, 8);
+    let before = (mem.allocated_frames(), mem.free_pages(), mem.table_frames());
+    // 3 MiB of 4 KiB pages: a root at L2, a 1 GiB window.
+    let m = w.create(0, "a", 3 * MIB, true).unwrap();
+    w.device_mount(1, "a", EDU, IOVA, true).unwrap();
+    w.device_mount(0, "a", NIC, 512 * GIB, false).unwrap();
+    let _ = w.unmount(0, m.addr).unwrap();
+    assert!(matches!(w.check_destroy(0, "a"), Err(Refusal::Mounted { devices: 2, .. })));
+    let _ = w.device_unmount(1, EDU, IOVA).unwrap();
+    assert!(matches!(w.check_destroy(0, "a"), Err(Refusal::Mounted { devices: 1, .. })));
+    let _ = w.device_unmount(0, NIC, 512 * GIB).unwrap();
+    w.check_destroy(0, "a").unwrap();
+    w.destroy("a");
+    assert_eq!((mem.allocated_frames(), mem.free_pages(), mem.table_frames()), before);
+    assert_eq!(w.iommu.domains.iter().map(|(_, t)| t.mounts()).sum::<u32>(), 0);
+}
+
+#[test]
+fn destroy_after_device_unmount_gives_every_frame_back() {
+    device_destroy_gives_every_frame_back::<Ept>();
+    device_destroy_gives_every_frame_back::<Npt>();
+}
+
+/// A leaving guest's device mounts go with it, in every domain; other guests' stay.
+#[test]
+fn a_leaving_guest_drops_its_device_mounts() {
+    let mem = SimMem::new(16 * GIB);
+    let mut w = World::<Npt>::new(&mem, 2, 8);
+    let tables = mem.table_frames();
+    w.create(0, "a", 4096, true).unwrap();
+    w.create(0, "b", 3 * MIB, false).unwrap();
+    w.open(1, "a", false).unwrap();
+    w.device_mount(1, "a", EDU, IOVA, true).unwrap();
+    w.device_mount(1, "b", NIC, IOVA, false).unwrap();
+    w.device_mount(1, "b", EDU, IOVA + 512 * GIB, false).unwrap();
+    w.device_mount(0, "a", NIC, 2 * IOVA, true).unwrap();
+    assert_eq!(w.leave(1), (1, 3));
+    assert!(w.guests[1].1.is_empty());
+    assert_eq!(w.devices.len(), 1);
+    assert_eq!((w.devices[0].guest, w.devices[0].bdf), (0, NIC));
+    for (bdf, iova) in [(EDU, IOVA), (NIC, IOVA), (EDU, IOVA + 512 * GIB)] {
+        assert_eq!(w.translate_device(bdf, iova), None);
+    }
+    assert!(w.translate_device(NIC, 2 * IOVA).is_some());
+    assert_eq!(w.names.get("b").unwrap().value.unmounts, 2);
+    // Guest 0 leaves too: every intermediate table the mounts made is back; the morsels'
+    // tables and their views' are left (they go with the morsels).
+    assert_eq!(w.leave(0), (2, 1));
+    assert!(w.devices.is_empty());
+    let kept: u32 = ["a", "b"].iter().map(|s| w.names.get(s).unwrap().value).map(|v| v.morsel.table_count() + v.view.as_ref().unwrap().table_count()).sum();
+    assert_eq!(mem.table_frames(), tables + kept as usize);
+}
+
+/// `edu_dma`'s check: a transfer inside one of the caller's own mounts in that domain, never
+/// another guest's, another domain's, or one reaching past the window.
+#[test]
+fn device_transfers_only_inside_own_mount_windows() {
+    let mem = SimMem::new(16 * GIB);
+    let mut w = World::<Ept>::new(&mem, 2, 8);
+    w.create(0, "a", 4096, true).unwrap();
+    w.device_mount(1, "a", EDU, IOVA, true).unwrap();
+    w.device_mount(0, "a", NIC, 4 * IOVA, true).unwrap();
+    let window = w.devices[0].window;
+    assert_eq!(window, 2 * MIB);
+    assert!(w.devices.covers(1, EDU, IOVA, IOVA + 4096));
+    assert!(w.devices.covers(1, EDU, IOVA + window - 8, IOVA + window));
+    assert!(!w.devices.covers(1, EDU, IOVA + window - 8, IOVA + window + 1), "past the window");
+    assert!(!w.devices.covers(1, EDU, IOVA - 8, IOVA + 8), "before the window");
+    assert!(!w.devices.covers(0, EDU, IOVA, IOVA + 4096), "another guest's mount");
+    assert!(!w.devices.covers(1, NIC, IOVA, IOVA + 4096), "another domain");
+    assert!(!w.devices.covers(1, NIC, 4 * IOVA, 4 * IOVA + 8), "another guest's, in another domain");
+    let _ = w.device_unmount(1, EDU, IOVA).unwrap();
+    assert!(!w.devices.covers(1, EDU, IOVA, IOVA + 4096), "unmounted");
 }

@@ -17,7 +17,7 @@ use allocator::{Allocator, Init, Order, Pfn};
 use formats::nfit;
 use formats::pmem_layout::{self as layout, Media, DIRECTORY, FORMATTING, MAGIC, META, R_LEN, R_NAME, R_PAGE, R_ROOT, R_STATE, SB_BOOTS, SB_FORMAT, SB_LEN, SB_MAGIC, SB_VERSION, SLOT, SLOTS, VALID, VERSION};
 use formats::units::Bytes;
-use morsel::{FrameAlloc, HostPhysAddr, PageSize};
+use morsel::{FormatKind, FrameAlloc, HostPhysAddr, PageSize};
 use core::sync::atomic::{AtomicBool, Ordering};
 use spin::Once;
 
@@ -246,8 +246,10 @@ impl Pmem {
     }
 
     /// Ties the directory to one second-level format (the first backend that uses it), or
-    /// says which format its morsels were built in when it is another.
-    pub fn claim_format(&self, name: &str) -> Result<(), String> {
+    /// says which format its morsels were built in when it is another. On the media the
+    /// format is the first 8 bytes of its name (`FormatKind::name`: "EPT", "NPT").
+    pub fn claim_format(&self, kind: FormatKind) -> Result<(), String> {
+        let name = kind.name();
         let mut want = [0u8; 8];
         let n = name.len().min(8);
         want[..n].copy_from_slice(&name.as_bytes()[..n]);
