@@ -14,4 +14,5 @@ pub mod notify;
 pub mod reason;
 pub mod region_lock;
 pub mod shootdown;
+pub mod vcpu;
 mod sync;
