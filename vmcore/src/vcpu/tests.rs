@@ -101,18 +101,24 @@ struct Fake {
     regs: Regs,
     info_answer: Option<u64>,
     console_ok: bool,
+    /// What `signals` answers.
+    signals: Signals,
     consoles: Vec<abi::GuestSlice>,
 }
 
 impl Fake {
     fn at(rip: u64) -> Self {
-        Fake { regs: Regs { rip, ..Regs::default() }, info_answer: Some(0x77), console_ok: true, consoles: Vec::new() }
+        Fake { regs: Regs { rip, ..Regs::default() }, info_answer: Some(0x77), console_ok: true, signals: QUIET, consoles: Vec::new() }
     }
 }
 
 impl Local for Fake {
     fn regs(&mut self) -> &mut Regs {
         &mut self.regs
+    }
+
+    fn signals(&mut self) -> Signals {
+        self.signals
     }
 
     fn cpuid(&mut self, leaf: u32, subleaf: u32) -> [u32; 4] {
@@ -152,7 +158,7 @@ fn cpuid_with_the_cpus_next_rip_answers_the_leaves_and_advances() {
     let mut v = Fake::at(CODE);
     v.regs = cpuid_regs(CODE);
     let mut core = Core::new();
-    assert_eq!(lockless(&mut v, &mut core, &Exit::Cpuid { resume: Resume::At(CODE + 2) }, QUIET), Step::Resume);
+    assert_eq!(lockless(&mut v, &mut core, &Exit::Cpuid { resume: Resume::At(CODE + 2) }), Step::Resume);
     assert_cpuid_answered(&v.regs);
     assert_eq!(v.regs.rip, CODE + 2);
     // Under the world lock (where attention sent it).
@@ -179,7 +185,7 @@ fn cpuid_decoded_from_guest_memory_answers_and_advances_past_the_prefixes() {
     assert!(g.events.is_empty());
     // Lock-free, the CPU not saying the length: the world must decode it.
     let mut v = Fake::at(CODE + 0x40);
-    assert_eq!(lockless(&mut v, &mut Core::new(), &Exit::Cpuid { resume: Resume::Decode }, QUIET), Step::World { quiet: true });
+    assert_eq!(lockless(&mut v, &mut Core::new(), &Exit::Cpuid { resume: Resume::Decode }), Step::World { quiet: true });
     assert_eq!(v.regs, Regs { rip: CODE + 0x40, ..Regs::default() });
 }
 
@@ -224,7 +230,7 @@ fn an_unreadable_instruction_stops_the_guest() {
 fn halt_with_interrupts_off_stops_the_guest() {
     let exit = Exit::Halt { resume: Resume::At(CODE + 1), interrupts: false };
     let mut v = Fake::at(CODE);
-    assert_eq!(lockless(&mut v, &mut Core::new(), &exit, QUIET), Step::World { quiet: true });
+    assert_eq!(lockless(&mut v, &mut Core::new(), &exit), Step::World { quiet: true });
     let mut g = FakeGuest::new();
     let mut regs = Regs { rip: CODE, ..Regs::default() };
     assert_eq!(handle(&mut g, &mut Core::new(), &mut regs, None, exit, no_call), Handled::EndSlice);
@@ -238,7 +244,7 @@ fn halt_with_interrupts_on_ends_the_slice_and_counts_a_preemption() {
     let exit = Exit::Halt { resume: Resume::At(CODE + 1), interrupts: true };
     let mut v = Fake::at(CODE);
     let mut core = Core::new();
-    assert_eq!(lockless(&mut v, &mut core, &exit, QUIET), Step::EndSlice);
+    assert_eq!(lockless(&mut v, &mut core, &exit), Step::EndSlice);
     assert_eq!(v.regs.rip, CODE + 1);
     assert_eq!(core.exits[ExitKind::Preempted as usize], 1);
     let mut guest = [0; ExitKind::COUNT];
@@ -294,7 +300,7 @@ fn a_hypercall_from_user_mode_gets_denied_and_goes_on() {
     let mut v = Fake::at(CODE);
     v.regs.rax = abi::HC_INFO;
     v.regs.rdi = abi::INFO_GUEST_ID;
-    assert_eq!(lockless(&mut v, &mut Core::new(), &exit, QUIET), Step::World { quiet: true });
+    assert_eq!(lockless(&mut v, &mut Core::new(), &exit), Step::World { quiet: true });
     assert_eq!(v.regs.rip, CODE);
 }
 
@@ -362,7 +368,7 @@ fn a_fault_stops_the_guest_and_kicks_its_siblings_first() {
     ];
     for exit in faults {
         let mut v = Fake::at(CODE);
-        assert_eq!(lockless(&mut v, &mut Core::new(), &exit, QUIET), Step::World { quiet: true }, "{exit:?}");
+        assert_eq!(lockless(&mut v, &mut Core::new(), &exit), Step::World { quiet: true }, "{exit:?}");
         let mut g = FakeGuest::new();
         let mut regs = Regs { rip: CODE, ..Regs::default() };
         assert_eq!(handle(&mut g, &mut Core::new(), &mut regs, Some(CR3), exit, no_call), Handled::EndSlice, "{exit:?}");
@@ -381,12 +387,14 @@ fn interrupts_and_windows_go_on() {
         assert!(g.events.is_empty());
     }
     let mut v = Fake::at(CODE);
-    assert_eq!(lockless(&mut v, &mut Core::new(), &Exit::Interrupt, QUIET), Step::Resume);
+    assert_eq!(lockless(&mut v, &mut Core::new(), &Exit::Interrupt), Step::Resume);
     let mut core = Core::new();
     let over = Signals { slice_over: true, ..QUIET };
-    assert_eq!(lockless(&mut v, &mut core, &Exit::Interrupt, over), Step::EndSlice);
+    v.signals = over;
+    assert_eq!(lockless(&mut v, &mut core, &Exit::Interrupt), Step::EndSlice);
     assert_eq!(core.exits[ExitKind::Preempted as usize], 1, "an interrupt past the slice's end is a used slice");
-    assert_eq!(lockless(&mut v, &mut Core::new(), &Exit::InterruptWindow, QUIET), Step::World { quiet: true });
+    v.signals = QUIET;
+    assert_eq!(lockless(&mut v, &mut Core::new(), &Exit::InterruptWindow), Step::World { quiet: true });
 }
 
 #[test]
@@ -400,7 +408,7 @@ fn the_decoded_length_is_used_at_the_same_rip() {
     // The same CPUID again (a loop): lock-free, no guest memory read.
     let mut v = Fake::at(CODE + 8);
     v.regs = cpuid_regs(CODE + 8);
-    assert_eq!(lockless(&mut v, &mut core, &Exit::Cpuid { resume: Resume::Decode }, QUIET), Step::Resume);
+    assert_eq!(lockless(&mut v, &mut core, &Exit::Cpuid { resume: Resume::Decode }), Step::Resume);
     assert_cpuid_answered(&v.regs);
     assert_eq!(v.regs.rip, CODE + 11);
 }
@@ -414,12 +422,12 @@ fn the_decoded_length_is_not_used_at_another_rip() {
     handle(&mut g, &mut core, &mut regs, Some(CR3), Exit::Cpuid { resume: Resume::Decode }, no_call);
     // Another RIP: the world decodes it.
     let mut v = Fake::at(CODE + 0x20);
-    assert_eq!(lockless(&mut v, &mut core, &Exit::Cpuid { resume: Resume::Decode }, QUIET), Step::World { quiet: true });
+    assert_eq!(lockless(&mut v, &mut core, &Exit::Cpuid { resume: Resume::Decode }), Step::World { quiet: true });
     assert_eq!(v.regs, Regs { rip: CODE + 0x20, ..Regs::default() });
     // Nor for another instruction at the same RIP.
     let mut v = Fake::at(CODE + 8);
     let hlt = Exit::Halt { resume: Resume::Decode, interrupts: true };
-    assert_eq!(lockless(&mut v, &mut core, &hlt, QUIET), Step::World { quiet: true });
+    assert_eq!(lockless(&mut v, &mut core, &hlt), Step::World { quiet: true });
     assert_eq!(core.known_next(CODE + 8, &Resume::Decode, Opcode::Hypercall), None);
     assert_eq!(core.known_next(CODE + 8, &Resume::Decode, Opcode::Cpuid), Some(CODE + 11));
     // The CPU's next RIP is used as it is.
@@ -437,12 +445,13 @@ fn info_of_fixed_state_is_answered_lock_free() {
     let mut v = Fake::at(CODE);
     info_call(&mut v, abi::INFO_GUEST_ID);
     let mut core = Core::new();
-    assert_eq!(lockless(&mut v, &mut core, &exit, QUIET), Step::Resume);
+    assert_eq!(lockless(&mut v, &mut core, &exit), Step::Resume);
     assert_eq!((v.regs.rax, v.regs.rdx, v.regs.rip), (0, 0x77, CODE + 3));
     // At the end of the slice: answered, and the slice ends as a used one.
     let mut v = Fake::at(CODE);
     info_call(&mut v, abi::INFO_GUEST_ID);
-    assert_eq!(lockless(&mut v, &mut core, &exit, Signals { slice_over: true, ..QUIET }), Step::EndSlice);
+    v.signals = Signals { slice_over: true, ..QUIET };
+    assert_eq!(lockless(&mut v, &mut core, &exit), Step::EndSlice);
     assert_eq!((v.regs.rdx, v.regs.rip), (0x77, CODE + 3));
     assert_eq!(core.unfolded[ExitKind::Preempted as usize], 1);
 }
@@ -455,18 +464,20 @@ fn info_falls_back_to_the_world_unchanged() {
     v.info_answer = None;
     info_call(&mut v, abi::INFO_GUEST_ID);
     let before = v.regs;
-    assert_eq!(lockless(&mut v, &mut Core::new(), &exit, QUIET), Step::World { quiet: false });
+    assert_eq!(lockless(&mut v, &mut Core::new(), &exit), Step::World { quiet: false });
     assert_eq!(v.regs, before);
     // Counters that live in the world.
     let mut v = Fake::at(CODE);
     info_call(&mut v, abi::INFO_EXITS);
-    assert_eq!(lockless(&mut v, &mut Core::new(), &exit, QUIET), Step::World { quiet: true });
+    assert_eq!(lockless(&mut v, &mut Core::new(), &exit), Step::World { quiet: true });
     // Another CPU asked this one to look: not quiet.
     let mut v = Fake::at(CODE);
     info_call(&mut v, abi::INFO_GUEST_ID);
     let before = v.regs;
-    assert_eq!(lockless(&mut v, &mut Core::new(), &exit, Signals { attention: true, ..QUIET }), Step::World { quiet: false });
-    assert_eq!(lockless(&mut v, &mut Core::new(), &exit, Signals { timer_due: true, ..QUIET }), Step::World { quiet: false });
+    v.signals = Signals { attention: true, ..QUIET };
+    assert_eq!(lockless(&mut v, &mut Core::new(), &exit), Step::World { quiet: false });
+    v.signals = Signals { timer_due: true, ..QUIET };
+    assert_eq!(lockless(&mut v, &mut Core::new(), &exit), Step::World { quiet: false });
     assert_eq!(v.regs, before);
 }
 
@@ -481,7 +492,7 @@ fn console_write_is_done_lock_free_or_by_the_world() {
     let exit = Exit::Hypercall { resume: Resume::At(CODE + 3), cpl: 0 };
     let mut v = Fake::at(CODE);
     console_call(&mut v, 0x8000, 12);
-    assert_eq!(lockless(&mut v, &mut Core::new(), &exit, QUIET), Step::Resume);
+    assert_eq!(lockless(&mut v, &mut Core::new(), &exit), Step::Resume);
     assert_eq!(v.consoles, [abi::GuestSlice { ptr: 0x8000, len: 12 }]);
     assert_eq!((v.regs.rax, v.regs.rdx, v.regs.rip), (0, 12, CODE + 3));
     // Outside guest RAM (the vCPU could not copy it): the world answers.
@@ -489,12 +500,12 @@ fn console_write_is_done_lock_free_or_by_the_world() {
     v.console_ok = false;
     console_call(&mut v, 0x8000, 12);
     let before = v.regs;
-    assert_eq!(lockless(&mut v, &mut Core::new(), &exit, QUIET), Step::World { quiet: false });
+    assert_eq!(lockless(&mut v, &mut Core::new(), &exit), Step::World { quiet: false });
     assert_eq!(v.regs, before);
     // Arguments the decoder refuses (longer than CONSOLE_MAX): the world answers.
     let mut v = Fake::at(CODE);
     console_call(&mut v, 0x8000, abi::CONSOLE_MAX + 1);
-    assert_eq!(lockless(&mut v, &mut Core::new(), &exit, QUIET), Step::World { quiet: false });
+    assert_eq!(lockless(&mut v, &mut Core::new(), &exit), Step::World { quiet: false });
     assert!(v.consoles.is_empty());
 }
 
@@ -503,7 +514,7 @@ fn a_preemption_ends_the_slice_and_counts_once() {
     let mut v = Fake::at(CODE);
     let mut core = Core::new();
     core.count(&Exit::Preempted);
-    assert_eq!(lockless(&mut v, &mut core, &Exit::Preempted, QUIET), Step::EndSlice);
+    assert_eq!(lockless(&mut v, &mut core, &Exit::Preempted), Step::EndSlice);
     assert_eq!(core.exits[ExitKind::Preempted as usize], 1);
     assert_eq!(core.unfolded[ExitKind::Preempted as usize], 1);
 }
@@ -514,7 +525,8 @@ fn cpuid_at_the_end_of_the_slice_is_answered_and_pays_for_it() {
     v.regs = cpuid_regs(CODE);
     let mut core = Core::new();
     let over = Signals { slice_over: true, ..QUIET };
-    assert_eq!(lockless(&mut v, &mut core, &Exit::Cpuid { resume: Resume::At(CODE + 2) }, over), Step::EndSlice);
+    v.signals = over;
+    assert_eq!(lockless(&mut v, &mut core, &Exit::Cpuid { resume: Resume::At(CODE + 2) }), Step::EndSlice);
     assert_cpuid_answered(&v.regs);
     assert_eq!(v.regs.rip, CODE + 2);
     assert_eq!(core.exits[ExitKind::Preempted as usize], 1);
