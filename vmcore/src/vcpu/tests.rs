@@ -397,14 +397,20 @@ fn interrupts_and_windows_go_on() {
     assert_eq!(lockless(&mut v, &mut Core::new(), &Exit::InterruptWindow), Step::World { quiet: true });
 }
 
-#[test]
-fn the_decoded_length_is_used_at_the_same_rip() {
+/// A vCPU's core after the world decoded `66 0f a2` (a CPUID of 3 bytes) at `CODE + 8`.
+fn core_with_a_decoded_cpuid() -> Core {
     let mut g = FakeGuest::new();
     g.code(CODE + 8, &[0x66, 0x0f, 0xa2]);
     let mut core = Core::new();
     let mut regs = cpuid_regs(CODE + 8);
     handle(&mut g, &mut core, &mut regs, Some(CR3), Exit::Cpuid { resume: Resume::Decode }, no_call);
     assert_eq!(regs.rip, CODE + 11);
+    core
+}
+
+#[test]
+fn the_decoded_length_is_used_at_the_same_rip() {
+    let mut core = core_with_a_decoded_cpuid();
     // The same CPUID again (a loop): lock-free, no guest memory read.
     let mut v = Fake::at(CODE + 8);
     v.regs = cpuid_regs(CODE + 8);
@@ -415,11 +421,7 @@ fn the_decoded_length_is_used_at_the_same_rip() {
 
 #[test]
 fn the_decoded_length_is_not_used_at_another_rip() {
-    let mut g = FakeGuest::new();
-    g.code(CODE + 8, &[0x66, 0x0f, 0xa2]);
-    let mut core = Core::new();
-    let mut regs = cpuid_regs(CODE + 8);
-    handle(&mut g, &mut core, &mut regs, Some(CR3), Exit::Cpuid { resume: Resume::Decode }, no_call);
+    let mut core = core_with_a_decoded_cpuid();
     // Another RIP: the world decodes it.
     let mut v = Fake::at(CODE + 0x20);
     assert_eq!(lockless(&mut v, &mut core, &Exit::Cpuid { resume: Resume::Decode }), Step::World { quiet: true });
