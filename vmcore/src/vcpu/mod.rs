@@ -344,8 +344,8 @@ pub fn lockless<L: Local>(v: &mut L, core: &mut Core, exit: &Exit) -> Step {
         _ => (exits::Kind::Other, None),
     };
     // After the exit's match, not before: the vCPU loop's match on the exit (its count)
-    // and this one then compile to one jump per exit kind (Bochs counted 17 more
-    // instructions per CPUID exit with the signals taken first).
+    // and this one then compile to one jump per exit kind (with the signals taken first
+    // Bochs counted 3 more ticks per CPUID exit, `cargo xtask bench exits`).
     let Signals { attention, timer_due, slice_over } = v.signals();
     let class = exits::classify(exits::Seen { exit: kind, next_rip, attention, timer_due, slice_over });
     let (next_rip, work, step, preempt) = match class {
