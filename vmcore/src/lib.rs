@@ -16,4 +16,5 @@ pub mod notify;
 pub mod reason;
 pub mod region_lock;
 pub mod shootdown;
+pub mod vcpu;
 mod sync;

@@ -299,23 +299,11 @@ fn dispatch<B: Backend>(call: Call, guest: &mut Guest<B>, caller: Caller, cx: &m
     }
 }
 
-/// Answers a hypercall from guest user mode (CPL > 0) with `Denied` without handling it: the
-/// guest kernel decides what its user mode may do.
-pub fn deny_user_mode(regs: &mut Regs) {
-    set(regs, Err(Error::Denied));
-}
-
+/// A call's status and value into `regs` (`vmcore::vcpu::answer`). A call from guest user
+/// mode (CPL > 0) is answered `Denied` there without reaching `handle`: the guest kernel
+/// decides what its user mode may do.
 fn set(regs: &mut Regs, result: Result<u64, Error>) {
-    match result {
-        Ok(v) => {
-            regs.rax = 0;
-            regs.rdx = v;
-        }
-        Err(e) => {
-            regs.rax = e as i64 as u64;
-            regs.rdx = 0;
-        }
-    }
+    vmcore::vcpu::answer(regs, result);
 }
 
 /// `info(what)` for the selectors `vmcore::exits::info_is_local` names: answered from the

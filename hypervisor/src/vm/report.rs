@@ -28,6 +28,26 @@ pub(super) fn record_for_debugger(id: u32, name: &str, root: HostPhysAddr, ram: 
         root.as_u64(), ram >> 20);
 }
 
+/// Reports why `vcpu::handle` stopped `guest` (its console flushed first); a fault through
+/// `stop`.
+pub(super) fn stopped<B: Backend>(guest: &mut Guest<B>, why: &vmcore::vcpu::Stop) {
+    use vmcore::vcpu::Stop;
+    if let Stop::Fault { exit, rip } = *why {
+        return stop(guest, exit, rip);
+    }
+    guest.flush_console();
+    let (id, name) = (guest.id, guest.spec.name);
+    match *why {
+        Stop::HaltWithInterruptsOff { rip } => log::error!(target: "vm",
+            "guest {id} ({name}) stopped: HLT with interrupts disabled would never wake, RIP {rip:#x}"),
+        Stop::Undecodable { rip, bytes, got } => log::error!(target: "vm",
+            "guest {id} ({name}) stopped: the instruction at RIP {rip:#x} cannot be decoded ({got} bytes readable: {:02x?})", &bytes[..got]),
+        Stop::Budget { slices, rip } => log::error!(target: "vm",
+            "guest {id} ({name}) stopped: used its budget of {slices} time slices, RIP {rip:#x}"),
+        Stop::Fault { .. } => {}
+    }
+}
+
 /// Stops a misbehaving guest with a report naming the guest, the exit and the address.
 /// A RIP inside the hypervisor's image that is not in the guest's memory is printed as
 /// `hypervisor RIP 0x...` (xtask names it from the hypervisor's ELF, not the guest's); an

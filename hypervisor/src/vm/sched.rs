@@ -32,11 +32,10 @@ use super::guest::{Guest, GuestSpec, State, Summary, VcpuSummary};
 use super::hypercall::{self, Action, Caller, Context};
 use crate::morsels::Directory;
 use super::runqueue::{self, Placement, Run, World};
-use super::report::{report, stop};
-use super::{Backend, Exit, ExitKind, Regs, Resume};
-use vmcore::exits;
+use super::report::{report, stopped};
+use super::{Backend, Exit, ExitKind, Regs};
+use vmcore::vcpu::{self, Signals, Step};
 use crate::arch::ipi;
-use formats::decode;
 use morsel::GuestPhysAddr;
 use crate::mm::frames::Frames;
 use crate::morsels::exmap::FastCall;
@@ -47,10 +46,6 @@ use formats::archive::Archive;
 
 /// Length of a time slice.
 pub const SLICE_US: u64 = 10_000;
-
-/// The hypercall instruction whose length is decoded where the CPU does not report it
-/// (only SVM lacks next-RIP save; VMCALL is `0f 01 c1`).
-const VMMCALL: [u8; 3] = [0x0f, 0x01, 0xd9];
 
 /// Runs the guests `specs` from `archive` to completion on the `cpus` online CPUs (this is
 /// the boot CPU, index 0); true if every guest ended as expected.
@@ -154,11 +149,9 @@ struct Slot<B: Backend> {
     vcpu: B::Vcpu,
     /// The CPU's flush generation this vCPU last flushed at (`arch::ipi`).
     seen_flush: u64,
-    exits: [u64; ExitKind::COUNT],
-    /// Exits counted here and not yet added to the guest's counters (`fold`).
-    unfolded: [u64; ExitKind::COUNT],
-    /// The last instruction length decoded from guest memory (`Decoded`).
-    decoded: Option<Decoded>,
+    /// Its exit counts (those not yet folded into the guest's too) and its decoded-length
+    /// cache.
+    core: vcpu::Core,
     /// This vCPU's one-shot timer deadline as of the last `prepare` (TSC; MAX: none): the
     /// lock-free path goes to the world when it passed.
     timer_at: u64,
@@ -188,9 +181,7 @@ pub fn cpu_loop<B: Backend>(run: &Run<B>, backend: &mut B, me: usize, frames: &F
                 index: p.setup.rsi as u32,
                 vcpu,
                 seen_flush: u64::MAX,
-                exits: [0; ExitKind::COUNT],
-                unfolded: [0; ExitKind::COUNT],
-                decoded: None,
+                core: vcpu::Core::new(),
                 timer_at: u64::MAX,
                 exceptions: 0,
                 end: None,
@@ -216,17 +207,15 @@ pub fn cpu_loop<B: Backend>(run: &Run<B>, backend: &mut B, me: usize, frames: &F
         while i < queue.len() {
             ran |= run_slice(backend, &mut queue[i], run, me, frames);
             if queue[i].end.is_some() {
-                let s = queue.swap_remove(i);
+                let mut s = queue.swap_remove(i);
                 let state = s.end.unwrap_or(State::Stopped);
                 backend.destroy_vcpu(s.vcpu, frames);
-                let v = VcpuSummary { index: s.index, cpu: me, state, exits: s.exits };
+                let v = VcpuSummary { index: s.index, cpu: me, state, exits: s.core.exits };
                 let mut w = runqueue::lock(run);
                 put_back(&mut w, s.guest, s.exmap, frames);
                 let World { guests, cx, done } = &mut *w;
                 if let Some(g) = guests.get_mut(s.guest as usize).and_then(|g| g.as_mut()) {
-                    for (g, u) in g.exits.iter_mut().zip(s.unfolded.iter()) {
-                        *g += u;
-                    }
+                    s.core.fold(&mut g.exits);
                 }
                 vcpu_done(guests, cx, done, s.guest, v, frames);
             } else {
@@ -276,9 +265,10 @@ fn vcpu_done<B: Backend>(guests: &mut [Option<Guest<B>>], cx: &mut Context<B>, d
 /// False if the vCPU waits (`notify`) and did not run. `frames` is this CPU's allocator
 /// handle (a call's `Unlocked` part runs through it, the world lock let go).
 ///
-/// Three steps: `prepare` (world lock held: the guest's state, wake-ups, injections),
-/// `enter` (no lock: flush if asked, run the guest), then either `lockless` (no lock: the
-/// exits that touch nothing shared, `classify`) or `handle` (world lock held).
+/// `prepare` (world lock held: the guest's state, wake-ups, injections), then until an exit
+/// needs `prepare` again: `enter` (no lock: flush if asked, run the guest), `classify` (no
+/// lock: the exits that touch nothing shared, `vcpu::lockless`, and an ExMap call on the
+/// region of the last one) and, for the rest, `world` (world lock held: `vcpu::handle`).
 fn run_slice<B: Backend>(backend: &mut B, s: &mut Slot<B>, run: &Run<B>, me: usize, frames: &Frames) -> bool {
     let per_us = crate::platform::time::tsc_per_us().max(1);
     let deadline = crate::platform::time::tsc() + SLICE_US * per_us;
@@ -291,98 +281,133 @@ fn run_slice<B: Backend>(backend: &mut B, s: &mut Slot<B>, run: &Run<B>, me: usi
         }
         first = false;
         drop(w);
-        let mut return_to_prepare = false;
-        let mut finish = None;
         // Exits and calls until one needs `prepare` again: an ExMap batch that ended alone
         // (`finish_alone`) resumes the guest here like a lock-free exit.
         w = loop {
-            let exit = loop {
-                let exit = enter(backend, s, me, deadline, per_us);
-                s.exits[exit.kind() as usize] += 1;
-                s.unfolded[exit.kind() as usize] += 1;
-                match lockless(s, &exit, me, deadline, run.guest_count) {
-                    Step::Resume => continue,
-                    Step::EndSlice => return true,
-                    Step::World { quiet: false } => break exit,
-                    Step::World { quiet: true } => {}
-                }
-                // An ExMap ALLOC / FREE on the region of this vCPU's last one: no world lock.
-                match exmap_fast(s, &exit, me, deadline, frames) {
-                    FastStep::NotTaken => break exit,
-                    FastStep::Resume => continue,
-                    FastStep::Prepare => return_to_prepare = true,
-                    FastStep::Finish(done) => finish = Some(done),
-                }
-                break exit;
+            let exit = enter(backend, s, me, deadline, per_us);
+            s.core.count(&exit);
+            let next = match classify(run, s, &exit, me, deadline, frames) {
+                // Straight back to `enter`: the null exits' path (Bochs counts each move).
+                Some(Next::Enter) => continue,
+                Some(next) => next,
+                None => world(run, s, exit, me, deadline, frames),
             };
-            if return_to_prepare {
-                break runqueue::lock(run);
+            match next {
+                Next::Enter => continue,
+                Next::Prepare(w) => break w,
+                Next::End => return true,
             }
-            if let Some(done) = finish.take() {
-                // The batch ran but cannot end alone (it failed, or a stop reached this CPU):
-                // it ends under the world lock as on the world path.
-                let mut w = runqueue::lock(run);
-                finish_locked(&mut w, s, Caller { vcpu: s.index, cpu: me }, done);
-                break w;
-            }
-            let mut w = runqueue::lock(run);
-            unpark(&mut w, s, frames);
-            let caller = Caller { vcpu: s.index, cpu: me };
-            // Filled in place: the `Unlocked` part of a call is large, and every move of it is a
-            // copy (which Bochs counts byte by byte).
-            let mut unlocked = None;
-            let (go_on, stopped) = {
-                let World { guests, cx, .. } = &mut *w;
-                let Some(guest) = guests.get_mut(s.guest as usize).and_then(|g| g.as_mut()) else {
-                    s.end = Some(State::Stopped);
-                    return true;
-                };
-                fold(guest, s, me);
-                if guest.state != State::Runnable {
-                    s.end = Some(State::Stopped);
-                    return true;
-                }
-                let go_on = handle(guest, cx, s, exit, caller, me, &mut unlocked);
-                let stopped = guest.state != State::Runnable;
-                if stopped {
-                    kick_if_stopped(guest, me);
-                }
-                (go_on, stopped)
-            };
-            // The lock-free part of a call (bench_frames, a new morsel's zeroing, a destroyed
-            // one's frees, an NVMe batch on its pinned morsel, an ExMap batch) without the
-            // world lock: other CPUs' exits go on meanwhile; the time counts against this
-            // slice (the deadline check in `prepare`), and a guest stopped meanwhile ends
-            // there. It always runs and finishes (nothing it holds is lost).
-            if let Some(work) = unlocked {
-                drop(w);
-                let done = match work.run(frames) {
-                    // An ExMap ALLOC / FREE that succeeded, no stop having reached this CPU
-                    // (`attention`): ended here, no world lock, and the guest resumes.
-                    hypercall::Unlocked::Batch(x) if !stopped && s.end.is_none() && !ipi::attention_pending(me) => {
-                        match end_alone(s, x, me, deadline, frames) {
-                            Ok(true) => continue,
-                            Ok(false) => break runqueue::lock(run),
-                            Err(x) => hypercall::Unlocked::Batch(x),
-                        }
-                    }
-                    done => done,
-                };
-                w = runqueue::lock(run);
-                finish_locked(&mut w, s, caller, done);
-            }
-            if stopped {
-                if s.end.is_none() {
-                    s.end = Some(State::Stopped);
-                }
-                return true;
-            }
-            if !go_on || s.end.is_some() {
-                return true;
-            }
-            break w;
         };
     }
+}
+
+/// Where `run_slice` goes after an exit.
+enum Next<'r, B: Backend> {
+    /// Enter the guest again, no lock taken.
+    Enter,
+    /// `prepare` under the world lock (held) before the next entry.
+    Prepare(runqueue::WorldGuard<'r, B>),
+    /// The slice ends (the vCPU may have ended: `Slot::end`).
+    End,
+}
+
+/// An exit with no lock taken: the exits that touch nothing shared (`lockless`), then an
+/// ExMap ALLOC / FREE on the region of this vCPU's last one (`exmap_fast`); None: the world
+/// handles it (`world`).
+// Always inlined: as a call of its own the ExMap fast path cost 37 more Bochs ticks per
+// ALLOC / FREE (`cargo xtask bench exmap-smp --cpus 1`, batch 1: 1,959 ticks per page, 1,899
+// inlined; 1,885 before the exit arms moved to `vmcore::vcpu`).
+#[inline(always)]
+fn classify<'r, B: Backend>(run: &'r Run<B>, s: &mut Slot<B>, exit: &Exit, me: usize, deadline: u64, frames: &Frames) -> Option<Next<'r, B>> {
+    match lockless(s, exit, me, deadline, run.guest_count) {
+        Step::Resume => return Some(Next::Enter),
+        Step::EndSlice => return Some(Next::End),
+        Step::World { quiet: false } => return None,
+        Step::World { quiet: true } => {}
+    }
+    match exmap_fast(s, exit, me, deadline, frames) {
+        FastStep::NotTaken => None,
+        FastStep::Resume => Some(Next::Enter),
+        FastStep::Prepare => Some(Next::Prepare(runqueue::lock(run))),
+        FastStep::Finish(done) => {
+            // The batch ran but cannot end alone (it failed, or a stop reached this CPU):
+            // it ends under the world lock as on the world path.
+            let mut w = runqueue::lock(run);
+            finish_locked(&mut w, s, Caller { vcpu: s.index, cpu: me }, done);
+            Some(Next::Prepare(w))
+        }
+    }
+}
+
+/// An exit the world handles (`handle`, the world lock taken), then the lock-free part of
+/// a call if it has one (`unlocked`).
+fn world<'r, B: Backend>(run: &'r Run<B>, s: &mut Slot<B>, exit: Exit, me: usize, deadline: u64, frames: &Frames) -> Next<'r, B> {
+    let mut w = runqueue::lock(run);
+    unpark(&mut w, s, frames);
+    let caller = Caller { vcpu: s.index, cpu: me };
+    // Filled in place: the `Unlocked` part of a call is large, and every move of it is a
+    // copy (which Bochs counts byte by byte).
+    let mut unlocked = None;
+    let (go_on, stopped) = {
+        let World { guests, cx, .. } = &mut *w;
+        let Some(guest) = guests.get_mut(s.guest as usize).and_then(|g| g.as_mut()) else {
+            s.end = Some(State::Stopped);
+            return Next::End;
+        };
+        fold(guest, s, me);
+        if guest.state != State::Runnable {
+            s.end = Some(State::Stopped);
+            return Next::End;
+        }
+        let go_on = handle(guest, cx, s, exit, caller, me, &mut unlocked);
+        let stopped = guest.state != State::Runnable;
+        if stopped {
+            kick_if_stopped(guest, me);
+        }
+        (go_on, stopped)
+    };
+    if let Some(work) = unlocked {
+        drop(w);
+        w = match self::unlocked(run, s, work, caller, stopped, me, deadline, frames) {
+            Ok(w) => w,
+            Err(next) => return next,
+        };
+    }
+    if stopped {
+        if s.end.is_none() {
+            s.end = Some(State::Stopped);
+        }
+        return Next::End;
+    }
+    if !go_on || s.end.is_some() {
+        return Next::End;
+    }
+    Next::Prepare(w)
+}
+
+/// The lock-free part of a call (bench_frames, a new morsel's zeroing, a destroyed one's
+/// frees, an NVMe batch on its pinned morsel, an ExMap batch) without the world lock: other
+/// CPUs' exits go on meanwhile; the time counts against this slice (the deadline check in
+/// `prepare`), and a guest stopped meanwhile ends there. It always runs and finishes
+/// (nothing it holds is lost): under the world lock again (Ok), or, an ExMap ALLOC / FREE
+/// that succeeded with no stop having reached this CPU (`stopped`, `attention`), ended here
+/// with no world lock (Err: where `run_slice` goes on).
+#[allow(clippy::too_many_arguments)]
+fn unlocked<'r, B: Backend>(run: &'r Run<B>, s: &mut Slot<B>, work: hypercall::Unlocked<B::Format>, caller: Caller, stopped: bool,
+    me: usize, deadline: u64, frames: &Frames) -> Result<runqueue::WorldGuard<'r, B>, Next<'r, B>> {
+    let done = match work.run(frames) {
+        hypercall::Unlocked::Batch(x) if !stopped && s.end.is_none() && !ipi::attention_pending(me) => {
+            match end_alone(s, x, me, deadline, frames) {
+                Ok(true) => return Err(Next::Enter),
+                Ok(false) => return Err(Next::Prepare(runqueue::lock(run))),
+                Err(x) => hypercall::Unlocked::Batch(x),
+            }
+        }
+        done => done,
+    };
+    let mut w = runqueue::lock(run);
+    finish_locked(&mut w, s, caller, done);
+    Ok(w)
 }
 
 /// What `exmap_fast` did.
@@ -420,7 +445,7 @@ fn exmap_fast<B: Backend>(s: &mut Slot<B>, exit: &Exit, me: usize, deadline: u64
     if regs.rax != abi::HC_EXMAP_ACTION {
         return FastStep::NotTaken;
     }
-    let Some(next_rip) = known_next(s.decoded, regs.rip, &resume, Opcode::Hypercall) else { return FastStep::NotTaken };
+    let Some(next_rip) = s.core.known_next(regs.rip, &resume, vcpu::Opcode::Hypercall) else { return FastStep::NotTaken };
     let args = [regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9];
     let (gpa, iov, count, op) = match abi::Call::decode(regs.rax, args) {
         Ok(abi::Call::ExmapAction { region, iov, count, op: abi::ExmapOp::Alloc }) => (region, iov, count, abi::EXMAP_ALLOC),
@@ -455,16 +480,6 @@ fn finish_locked<B: Backend>(w: &mut World<B>, s: &mut Slot<B>, caller: Caller, 
     match guests.get_mut(s.guest as usize).and_then(|g| g.as_mut()) {
         Some(guest) => hypercall::finish(guest, caller, B::regs(&mut s.vcpu), cx, done),
         None => hypercall::abandon(caller, cx, done),
-    }
-}
-
-/// The RIP after the instruction at `rip`: the CPU's (`Resume::At`), or the one decoded
-/// earlier at the same RIP for the same instruction (`Decoded`); None: not known without
-/// reading guest memory.
-fn known_next(decoded: Option<Decoded>, rip: u64, resume: &Resume, opcode: Opcode) -> Option<u64> {
-    match *resume {
-        Resume::At(next) => Some(next),
-        Resume::Decode => decoded.filter(|d| d.rip == rip && d.opcode == opcode).map(|d| d.next),
     }
 }
 
@@ -530,8 +545,8 @@ fn prepare<B: Backend>(w: &mut World<B>, s: &mut Slot<B>, me: usize, first: bool
     }
     if crate::platform::time::tsc() >= deadline {
         let rip = B::regs(&mut s.vcpu).rip;
-        s.exits[ExitKind::Preempted as usize] += 1;
-        end_slice(guest, rip);
+        s.core.exits[ExitKind::Preempted as usize] += 1;
+        vcpu::end_slice(&mut Locked { guest: &mut *guest, me }, rip);
         kick_if_stopped(guest, me);
         return Some(true);
     }
@@ -551,12 +566,9 @@ fn prepare<B: Backend>(w: &mut World<B>, s: &mut Slot<B>, me: usize, first: bool
 /// Adds the exits this vCPU counted without the lock to its guest's counters (the world lock
 /// held); slices used that way are checked against the guest's budget.
 fn fold<B: Backend>(guest: &mut Guest<B>, s: &mut Slot<B>, me: usize) {
-    let slices = s.unfolded[ExitKind::Preempted as usize];
-    for (g, u) in guest.exits.iter_mut().zip(s.unfolded.iter_mut()) {
-        *g += core::mem::take(u);
-    }
+    let slices = s.core.fold(&mut guest.exits);
     if slices > 0 && guest.state == State::Runnable {
-        check_budget(guest, B::regs(&mut s.vcpu).rip);
+        vcpu::check_budget(&mut Locked { guest: &mut *guest, me }, B::regs(&mut s.vcpu).rip);
         kick_if_stopped(guest, me);
     }
 }
@@ -588,198 +600,146 @@ fn enter<B: Backend>(backend: &mut B, s: &mut Slot<B>, me: usize, deadline: u64,
     }
 }
 
-/// The exits handled with no lock: those that touch nothing another vCPU or guest can see
-/// (`vmcore::exits::classify` decides). The counts stay in the slot (`fold` adds them to the
-/// guest at the next lock).
+/// The exits handled with no lock (`vcpu::lockless`): those that touch nothing another vCPU
+/// or guest can see (`vmcore::exits::classify` decides). The counts stay in the slot (`fold`
+/// adds them to the guest at the next lock).
 fn lockless<B: Backend>(s: &mut Slot<B>, exit: &Exit, me: usize, deadline: u64, guest_count: u64) -> Step {
-    let rip = B::regs(&mut s.vcpu).rip;
-    let known = |resume: &Resume, opcode: Opcode| known_next(s.decoded, rip, resume, opcode);
-    let (kind, next_rip) = match exit {
-        Exit::Cpuid { resume } => (exits::Kind::Cpuid, known(resume, Opcode::Cpuid)),
-        Exit::Halt { resume, interrupts } => (exits::Kind::Halt { interrupts: *interrupts }, known(resume, Opcode::Hlt)),
-        Exit::Preempted => (exits::Kind::Preempted, None),
-        Exit::Interrupt => (exits::Kind::Interrupt, None),
-        Exit::InterruptWindow => (exits::Kind::InterruptWindow, None),
-        Exit::Hypercall { resume, cpl } => {
-            let regs = B::regs(&mut s.vcpu);
-            (exits::Kind::Hypercall { nr: regs.rax, arg: regs.rdi, user: *cpl != 0 }, known(resume, Opcode::Hypercall))
-        }
-        _ => (exits::Kind::Other, None),
-    };
-    let now = crate::platform::time::tsc();
-    // Taken here (`attention` clears the flag): the world path looks at what it was for.
-    let attention = ipi::attention(me);
-    let (timer_due, slice_over) = (now >= s.timer_at, now >= deadline);
-    let class = exits::classify(exits::Seen { exit: kind, next_rip, attention, timer_due, slice_over });
-    let (next_rip, work, step, preempt) = match class {
-        exits::Class::World => return Step::World { quiet: !attention && !timer_due && !slice_over },
-        exits::Class::Resume { next_rip, work } => (next_rip, work, Step::Resume, false),
-        exits::Class::EndSlice { next_rip, work, preempt } => (next_rip, work, Step::EndSlice, preempt),
-    };
-    let caller = Caller { vcpu: s.index, cpu: me };
-    let regs = B::regs(&mut s.vcpu);
-    match work {
-        exits::Work::Nothing => {}
-        exits::Work::Cpuid => {
-            // CPUID has no side effects; the guest sees the host's leaves.
-            let r = core::arch::x86_64::__cpuid_count(regs.rax as u32, regs.rcx as u32);
-            (regs.rax, regs.rbx, regs.rcx, regs.rdx) = (r.eax as u64, r.ebx as u64, r.ecx as u64, r.edx as u64);
-        }
-        // Nothing was changed before these decide they can answer: otherwise the world
-        // handles the exit from the start.
-        exits::Work::Info { what } => match hypercall::info_local(&s.shared, caller, guest_count, what) {
-            Some(v) => hypercall::answer(regs, Ok(v)),
-            None => return Step::World { quiet: false },
-        },
-        exits::Work::Console => {
-            let args = [regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9];
-            let done = match abi::Call::decode(regs.rax, args) {
-                Ok(abi::Call::ConsoleWrite { text }) => hypercall::console_local(&s.shared, caller, text),
-                _ => None,
-            };
-            match done {
-                Some(n) => hypercall::answer(B::regs(&mut s.vcpu), Ok(n)),
-                None => return Step::World { quiet: false },
-            }
-        }
+    let mut alone = Alone::<B> { vcpu: &mut s.vcpu, shared: &s.shared, index: &s.index, me, guest_count, timer_at: &s.timer_at, deadline };
+    vcpu::lockless(&mut alone, &mut s.core, exit)
+}
+
+/// A vCPU between runs with no lock held, as `vcpu::lockless` sees it. The slot's fields by
+/// reference, read where an arm uses them: a CPUID exit loads none of `shared` and `index`
+/// (Bochs counts each load).
+struct Alone<'a, B: Backend> {
+    vcpu: &'a mut B::Vcpu,
+    shared: &'a alloc::sync::Arc<super::guest::Shared>,
+    index: &'a u32,
+    /// This CPU.
+    me: usize,
+    guest_count: u64,
+    /// The vCPU's timer deadline and its slice's end (TSC).
+    timer_at: &'a u64,
+    deadline: u64,
+}
+
+impl<B: Backend> Alone<'_, B> {
+    fn caller(&self) -> Caller {
+        Caller { vcpu: *self.index, cpu: self.me }
     }
-    if preempt {
-        // HLT, or the slice ran out across exits handled here: a used slice.
-        s.exits[ExitKind::Preempted as usize] += 1;
-        s.unfolded[ExitKind::Preempted as usize] += 1;
+}
+
+impl<B: Backend> vcpu::Local for Alone<'_, B> {
+    fn regs(&mut self) -> &mut Regs {
+        B::regs(self.vcpu)
     }
-    let regs = B::regs(&mut s.vcpu);
-    if let Some(next) = next_rip {
-        regs.rip = next;
+
+    fn signals(&mut self) -> Signals {
+        let now = crate::platform::time::tsc();
+        // Taken here (`attention` clears the flag): the world path looks at what it was for.
+        Signals { attention: ipi::attention(self.me), timer_due: now >= *self.timer_at, slice_over: now >= self.deadline }
     }
-    step
+
+    fn cpuid(&mut self, leaf: u32, subleaf: u32) -> [u32; 4] {
+        host_cpuid(leaf, subleaf)
+    }
+
+    fn info(&mut self, what: u64) -> Option<u64> {
+        hypercall::info_local(self.shared, self.caller(), self.guest_count, what)
+    }
+
+    fn console(&mut self, text: abi::GuestSlice) -> Option<u64> {
+        hypercall::console_local(self.shared, self.caller(), text)
+    }
 }
 
-/// What `lockless` decided.
-enum Step {
-    Resume,
-    EndSlice,
-    /// The world handles the exit; `quiet`: nothing asked this CPU to look (the IPI flag it
-    /// took was clear), the vCPU's timer is not due and its slice not over, so an ExMap
-    /// ALLOC / FREE may still go without the world lock (`exmap_fast`).
-    World { quiet: bool },
+/// CPUID has no side effects; the guest sees the host's leaves.
+fn host_cpuid(leaf: u32, subleaf: u32) -> [u32; 4] {
+    let r = core::arch::x86_64::__cpuid_count(leaf, subleaf);
+    [r.eax, r.ebx, r.ecx, r.edx]
 }
 
-/// An instruction whose length was decoded from guest memory (SVM without next-RIP save),
-/// kept per vCPU so that the next exit at the same RIP needs no guest memory, hence no lock.
-/// The CPU's exit says the instruction there is the same (a CPUID exit is a CPUID); only
-/// its prefixes could differ if the guest rewrote them, which misleads that guest alone.
-#[derive(Clone, Copy, PartialEq)]
-struct Decoded {
-    rip: u64,
-    next: u64,
-    opcode: Opcode,
-}
-
-#[derive(Clone, Copy, PartialEq)]
-enum Opcode {
-    Cpuid,
-    Hlt,
-    /// VMMCALL (SVM): a hypercall's next RIP, kept for `info` and `console_write`.
-    Hypercall,
-}
-
-/// Handles an exit that needs the world (`lockless` said so), the lock held: hypercalls,
-/// faults, and the exits that may have to wake, stop or inject. Returns whether the vCPU
-/// goes on in this slice; the `Unlocked` part of a call, if any, goes to `unlocked`.
+/// Handles an exit that needs the world (`lockless` said so), the lock held
+/// (`vcpu::handle`): hypercalls, faults, and the exits that may have to wake, stop or
+/// inject. Returns whether the vCPU goes on in this slice; the `Unlocked` part of a call, if
+/// any, goes to `unlocked`.
 #[allow(clippy::too_many_arguments)]
 fn handle<B: Backend>(guest: &mut Guest<B>, cx: &mut Context<B>, s: &mut Slot<B>, exit: Exit, caller: Caller, me: usize,
     unlocked: &mut Option<hypercall::Unlocked<B::Format>>) -> bool {
     let cr3 = B::guest_cr3(&mut s.vcpu);
     let mut regs = *B::regs(&mut s.vcpu);
-    let go_on = match exit {
-        Exit::Hypercall { resume, cpl } => match resume_at(guest, &regs, cr3, resume, &VMMCALL) {
-            None => false,
-            Some(next_rip) => {
-                s.decoded = Some(Decoded { rip: regs.rip, next: next_rip, opcode: Opcode::Hypercall });
-                let at = regs.rip;
-                regs.rip = next_rip;
-                if cpl == 0 {
-                    let exceptions = guest.handled_exceptions;
-                    let action = hypercall::handle(guest, caller, &mut regs, cx);
-                    if guest.handled_exceptions != exceptions {
-                        // The guest's other vCPUs take the new bitmap before their next entry.
-                        kick_siblings(guest, me);
-                    }
-                    match action {
-                        Action::Continue => true,
-                        Action::Yield => false,
-                        // The guest executes the call again, the world lock let go.
-                        Action::Retry => {
-                            regs.rip = at;
-                            true
-                        }
-                        Action::Unlocked(work) => {
-                            *unlocked = Some(work);
-                            true
-                        }
-                        Action::Exit(code) => {
-                            s.end = Some(State::Exited(code));
-                            false
-                        }
-                    }
-                } else {
-                    hypercall::deny_user_mode(&mut regs);
-                    true
-                }
-            }
-        },
-        Exit::Cpuid { resume } => match resume_at(guest, &regs, cr3, resume, &[0x0f, 0xa2]) {
-            None => false,
-            Some(next_rip) => {
-                s.decoded = Some(Decoded { rip: regs.rip, next: next_rip, opcode: Opcode::Cpuid });
-                // CPUID has no side effects; the guest sees the host's leaves.
-                let r = core::arch::x86_64::__cpuid_count(regs.rax as u32, regs.rcx as u32);
-                (regs.rax, regs.rbx, regs.rcx, regs.rdx) = (r.eax as u64, r.ebx as u64, r.ecx as u64, r.edx as u64);
-                regs.rip = next_rip;
-                true
-            }
-        },
-        Exit::Halt { interrupts: false, .. } => {
-            // No interrupt is ever delivered to it: on hardware it would halt forever.
-            guest.flush_console();
-            log::error!(target: "vm", "guest {} ({}) stopped: HLT with interrupts disabled would never wake, RIP {:#x}",
-                guest.id, guest.spec.name, regs.rip);
-            guest.state = State::Stopped;
-            false
-        }
-        Exit::Halt { resume, interrupts: true } => {
-            // A yield that still pays for its slice: halting in a loop uses the budget.
-            if let Some(next_rip) = resume_at(guest, &regs, cr3, resume, &[0xf4]) {
-                s.decoded = Some(Decoded { rip: regs.rip, next: next_rip, opcode: Opcode::Hlt });
-                regs.rip = next_rip;
-                s.exits[ExitKind::Preempted as usize] += 1;
-                end_slice(guest, regs.rip);
-            }
-            false
-        }
-        Exit::Preempted => {
-            check_budget(guest, regs.rip);
-            false
-        }
-        // notify hook: the guest can take its interrupt now; the next entry injects it.
-        Exit::InterruptWindow => true,
-        // An IPI inside the slice: its work (a flush, a pending virtual interrupt, a stop)
-        // is done before the next entry (`prepare`); the deadline check there bounds how
-        // long IPIs can keep a vCPU going.
-        Exit::Interrupt => true,
-        other => {
-            // Stopped and the siblings kicked before the report is printed: a line takes
-            // milliseconds on a slow UART (Bochs), and a sibling's ExMap batch ending with no
-            // world lock (`Batch::finish_alone`) sees the stop only through the kick.
-            guest.state = State::Stopped;
-            kick_siblings(guest, me);
-            stop(guest, other, regs.rip);
-            false
-        }
-    };
+    let handled = vcpu::handle(&mut Locked { guest, me }, &mut s.core, &mut regs, cr3, exit,
+        |g, regs| call(g.guest, cx, caller, regs, me, unlocked));
     *B::regs(&mut s.vcpu) = regs;
-    go_on
+    match handled {
+        vcpu::Handled::GoOn => true,
+        vcpu::Handled::EndSlice => false,
+        vcpu::Handled::Exit(code) => {
+            s.end = Some(State::Exited(code));
+            false
+        }
+    }
+}
+
+/// A hypercall from guest kernel mode (`hypercall::handle`), RIP after it in `regs`.
+fn call<B: Backend>(guest: &mut Guest<B>, cx: &mut Context<B>, caller: Caller, regs: &mut Regs, me: usize,
+    unlocked: &mut Option<hypercall::Unlocked<B::Format>>) -> vcpu::Call {
+    let exceptions = guest.handled_exceptions;
+    let action = hypercall::handle(guest, caller, regs, cx);
+    if guest.handled_exceptions != exceptions {
+        // The guest's other vCPUs take the new bitmap before their next entry.
+        kick_siblings(guest, me);
+    }
+    match action {
+        Action::Continue => vcpu::Call::Continue,
+        Action::Yield => vcpu::Call::Yield,
+        Action::Retry => vcpu::Call::Retry,
+        Action::Unlocked(work) => {
+            *unlocked = Some(work);
+            vcpu::Call::Unlocked
+        }
+        Action::Exit(code) => vcpu::Call::Exit(code),
+    }
+}
+
+/// A guest under the world lock, as `vcpu::handle` sees it (`me`: this CPU).
+struct Locked<'a, B: Backend> {
+    guest: &'a mut Guest<B>,
+    me: usize,
+}
+
+impl<B: Backend> vcpu::Guest for Locked<'_, B> {
+    fn read_u64(&self, gpa: u64) -> Option<u64> {
+        self.guest.mem.read_u64(GuestPhysAddr::new(gpa)).ok()
+    }
+
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> bool {
+        self.guest.mem.read(GuestPhysAddr::new(gpa), buf).is_ok()
+    }
+
+    fn cpuid(&self, leaf: u32, subleaf: u32) -> [u32; 4] {
+        host_cpuid(leaf, subleaf)
+    }
+
+    fn exits(&mut self) -> &mut [u64; ExitKind::COUNT] {
+        &mut self.guest.exits
+    }
+
+    fn max_slices(&self) -> Option<u64> {
+        self.guest.spec.max_slices
+    }
+
+    fn stop(&mut self) {
+        self.guest.state = State::Stopped;
+    }
+
+    fn kick_siblings(&mut self) {
+        kick_siblings(self.guest, self.me);
+    }
+
+    fn report(&mut self, why: &vcpu::Stop) {
+        stopped(self.guest, why);
+    }
 }
 
 /// Sends every other CPU that ran a vCPU of `guest` an IPI that makes it look (`prepare`)
@@ -798,52 +758,4 @@ fn kick_if_stopped<B: Backend>(guest: &Guest<B>, me: usize) {
     if guest.state == State::Stopped {
         kick_siblings(guest, me);
     }
-}
-
-/// Ends the slice of a guest that used it up without a timer exit (hypercall or CPUID loops,
-/// HLT): counted as a preemption, so `slices=N` sees it.
-fn end_slice<B: Backend>(guest: &mut Guest<B>, rip: u64) {
-    guest.exits[ExitKind::Preempted as usize] += 1;
-    check_budget(guest, rip);
-}
-
-/// Stops the guest once it has used its budget of slices.
-fn check_budget<B: Backend>(guest: &mut Guest<B>, rip: u64) {
-    let slices = guest.exits[ExitKind::Preempted as usize];
-    if guest.spec.max_slices.is_some_and(|max| slices >= max) {
-        guest.flush_console();
-        log::error!(target: "vm", "guest {} ({}) stopped: used its budget of {slices} time slices, RIP {rip:#x}",
-            guest.id, guest.spec.name);
-        guest.state = State::Stopped;
-    }
-}
-
-/// Where the guest continues after the instruction `opcode` at its RIP: what the CPU said,
-/// or the length decoded from guest memory. A guest whose instruction cannot be read or is
-/// not the one that exited is stopped (None).
-fn resume_at<B: Backend>(guest: &mut Guest<B>, regs: &Regs, cr3: Option<u64>, resume: Resume, opcode: &[u8]) -> Option<u64> {
-    if let Resume::At(rip) = resume {
-        return Some(rip);
-    }
-    let mut bytes = [0u8; decode::MAX_INSTRUCTION];
-    let mut got = 0;
-    if let Some(cr3) = cr3 {
-        let entry = |gpa: u64| guest.mem.read_u64(GuestPhysAddr::new(gpa)).ok();
-        while got < bytes.len() {
-            let va = regs.rip.wrapping_add(got as u64);
-            let Some(gpa) = decode::translate(cr3, va, entry) else { break };
-            if guest.mem.read(GuestPhysAddr::new(gpa), &mut bytes[got..got + 1]).is_err() {
-                break;
-            }
-            got += 1;
-        }
-    }
-    if let Some(len) = decode::length_of(&bytes[..got], opcode) {
-        return Some(regs.rip.wrapping_add(len as u64));
-    }
-    guest.flush_console();
-    log::error!(target: "vm", "guest {} ({}) stopped: the instruction at RIP {:#x} cannot be decoded ({} bytes readable: {:02x?})",
-        guest.id, guest.spec.name, regs.rip, got, &bytes[..got]);
-    guest.state = State::Stopped;
-    None
 }
