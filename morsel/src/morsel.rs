@@ -82,6 +82,45 @@ impl<F: Format, M: PhysMem> Leaves<'_, F, M> {
     pub fn clear(&self, s: LeafSlot) {
         self.mem.write(s.table, s.index, Entry::<F>::EMPTY.raw())
     }
+
+    /// Maps `frame` at the slot where it is not present, by one compare-and-swap from what
+    /// was read (`PhysMem::compare_exchange`): other CPUs may edit the same leaf at once
+    /// (ExMap batches sharing a region). `Err(frame it maps)` where it is present, or became
+    /// present before the swap: nothing written, `frame` stays the caller's.
+    #[inline]
+    pub fn try_map(&self, s: LeafSlot, frame: HostPhysAddr) -> Result<(), HostPhysAddr> {
+        debug_assert!(frame.is_aligned(4096) && frame.as_u64() & !F::ADDR_MASK == 0);
+        let new = (frame.as_u64() & F::ADDR_MASK) | self.leaf;
+        let mut cur = self.mem.read(s.table, s.index);
+        loop {
+            if F::is_present(cur) {
+                return Err(HostPhysAddr::new(cur & F::ADDR_MASK));
+            }
+            match self.mem.compare_exchange(s.table, s.index, cur, new) {
+                Ok(_) => return Ok(()),
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    /// Makes the slot not present and returns the frame it mapped, by compare-and-swap from
+    /// what was read (the hardware may set accessed / dirty bits meanwhile: read again and
+    /// retry): of several CPUs clearing the same leaf at once, only one gets the frame; None
+    /// where it is not present. The caller invalidates.
+    #[inline]
+    pub fn take(&self, s: LeafSlot) -> Option<HostPhysAddr> {
+        let empty = Entry::<F>::EMPTY.raw();
+        let mut cur = self.mem.read(s.table, s.index);
+        loop {
+            if !F::is_present(cur) {
+                return None;
+            }
+            match self.mem.compare_exchange(s.table, s.index, cur, empty) {
+                Ok(_) => return Some(HostPhysAddr::new(cur & F::ADDR_MASK)),
+                Err(now) => cur = now,
+            }
+        }
+    }
 }
 
 /// Largest morsel: one L3 root (512 GiB).

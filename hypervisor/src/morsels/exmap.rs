@@ -573,14 +573,18 @@ impl Exmaps {
         if n.in_io {
             return Err(g.refuse(Error::Busy, format_args!("region {name:?} has an NVMe batch in flight")));
         }
-        match n.admit_in_turn(Contender::Action, super::turn(g.id, vcpu)) {
+        let io = op == abi::EXMAP_READ || op == abi::EXMAP_WRITE;
+        // ALLOC / FREE share the region's lock with the batches in flight; READ / WRITE
+        // exclude them (and an exclusive contender waiting for its turn holds both back).
+        let who = if io { Contender::DiskAction } else { Contender::Action };
+        match n.admit_in_turn(who, super::turn(g.id, vcpu)) {
             Ok(()) => {}
-            // Another vCPU's ALLOC / FREE holds the region's lock: this vCPU issues the call
-            // again (spinning with the world lock let go).
+            // Batches hold the region's lock (READ / WRITE), or a mount or READ / WRITE
+            // waits for its turn: this vCPU issues the call again (spinning with the world
+            // lock let go).
             Err(Refusal::Retry) => return Ok(Step::Retry),
             Err(Refusal::Busy) => return Err(Error::Busy),
         }
-        let io = op == abi::EXMAP_READ || op == abi::EXMAP_WRITE;
         // READ and WRITE need the disk: its size in 4 KiB pages (disk offset = region offset).
         let disk_pages = match io {
             true => devices.as_deref().and_then(|d| d.nvme).map(|nv| nv.blocks / PAGE_BLOCKS).ok_or(Error::NotFound)?,
@@ -927,13 +931,14 @@ impl Exmaps {
                 v.cache.trim(&crate::vm::shootdown::After(frames));
             }
         }
-        cell.lock.end(held);
+        // The batches of other vCPUs sharing the lock may still hold it.
+        let others = cell.lock.end(held);
         if stopped {
             log::info!(target: "evt", "exmap.abandon guest={guest} vcpu={vcpu} name={name} op={} pages={} guest_state={} held={} shootdown={} cache={}",
                 ["alloc", "free"][(op & 1) as usize],
                 outcome.as_ref().map_or(0, |(b, _)| b.pages),
                 if g.is_some() { "stopped" } else { "gone" },
-                cell.lock.is_held() as u8,
+                others,
                 match targets {
                     None => "none",
                     Some(Targets::Caller) => "caller",
