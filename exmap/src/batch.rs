@@ -296,14 +296,14 @@ fn singles_alloc<F: Format, M: PhysMem>(
                 zeroed += 1;
             }
             match leaves.try_map(slot, f) {
-                Ok(()) => {
+                true => {
                     held = rest;
                     follow(page, Some(f));
                     1
                 }
                 // Another vCPU mapped the page since the read: already populated; the
                 // frame stays on top of the cache.
-                Err(_) => 0,
+                false => 0,
             }
         };
         i += 1;
@@ -422,7 +422,7 @@ fn populate<F: Format, M: PhysMem>(
             if zero {
                 r.mem.zero_data(f, 0);
             }
-            if leaves.try_map(slot, f).is_err() {
+            if !leaves.try_map(slot, f) {
                 // Another vCPU mapped the page since the read: as a present page; the frame
                 // goes back where it came from (room: it was just taken), zeroed or of this
                 // region.

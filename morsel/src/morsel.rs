@@ -83,24 +83,18 @@ impl<F: Format, M: PhysMem> Leaves<'_, F, M> {
         self.mem.write(s.table, s.index, Entry::<F>::EMPTY.raw())
     }
 
-    /// Maps `frame` at the slot where it is not present, by one compare-and-swap from what
-    /// was read (`PhysMem::compare_exchange`): other CPUs may edit the same leaf at once
-    /// (ExMap batches sharing a region). `Err(frame it maps)` where it is present, or became
-    /// present before the swap: nothing written, `frame` stays the caller's.
+    /// Maps `frame` at the slot where it is not present, by one compare-and-swap from the
+    /// empty entry (`PhysMem::compare_exchange`): other CPUs may edit the same leaf at once
+    /// (ExMap batches sharing a region). A leaf that is not present is exactly the empty
+    /// entry here (tables are zeroed when made, `clear` and `take` write it, and the hardware
+    /// never writes an entry that is not present), so no read comes first. False where it is
+    /// present, or became present before the swap: nothing written, `frame` stays the
+    /// caller's.
     #[inline]
-    pub fn try_map(&self, s: LeafSlot, frame: HostPhysAddr) -> Result<(), HostPhysAddr> {
+    pub fn try_map(&self, s: LeafSlot, frame: HostPhysAddr) -> bool {
         debug_assert!(frame.is_aligned(4096) && frame.as_u64() & !F::ADDR_MASK == 0);
         let new = (frame.as_u64() & F::ADDR_MASK) | self.leaf;
-        let mut cur = self.mem.read(s.table, s.index);
-        loop {
-            if F::is_present(cur) {
-                return Err(HostPhysAddr::new(cur & F::ADDR_MASK));
-            }
-            match self.mem.compare_exchange(s.table, s.index, cur, new) {
-                Ok(_) => return Ok(()),
-                Err(now) => cur = now,
-            }
-        }
+        self.mem.compare_exchange(s.table, s.index, Entry::<F>::EMPTY.raw(), new).is_ok()
     }
 
     /// Makes the slot not present and returns the frame it mapped, by compare-and-swap from

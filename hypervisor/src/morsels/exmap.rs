@@ -6,7 +6,9 @@
 //!
 //! Per vCPU: a frame cache, a validator and result buffers (`VcpuState`), keyed by (guest,
 //! vCPU). ALLOC and FREE on a region no device sees run with the world lock let go, under the
-//! region's lock (`Step::Batch`, `Batch::run`, then `Batch::finish_alone` with no world lock
+//! region's lock, which they share (several vCPUs' batches on one region at once; each leaf
+//! changed by compare-and-swap in `exmap`) (`Step::Batch`, `Batch::run`, then
+//! `Batch::finish_alone` with no world lock
 //! or `Exmaps::finish_batch` under it; the lock order is in `vm/sched.rs`); the region's lock
 //! and batch counters are its `RegionCell`, the rest of ExMap's state is behind the world
 //! lock (a vCPU's own state in its slot between a batch ended alone and its next world lock,
@@ -112,9 +114,10 @@ pub enum Step<F: morsel::Format> {
 }
 
 /// An ALLOC or FREE batch run with the world lock let go (`Batch::run`, then
-/// `Exmaps::finish_batch` under it again). It holds the region's lock (`Named::batching`,
-/// taken under the world lock by `action`) and the calling vCPU's own `VcpuState`, taken
-/// out of `Exmaps` meanwhile: nothing in it is reached by another CPU.
+/// `Exmaps::finish_batch` under it again). It holds the region's lock, shared with other
+/// batches (taken under the world lock by `action`), and the calling vCPU's own
+/// `VcpuState`, taken out of `Exmaps` meanwhile: nothing in it is reached by another CPU
+/// (the region's leaves are, by compare-and-swap).
 pub struct Batch<F: morsel::Format> {
     /// The region's lock, given back by `finish_alone` or `finish_batch` only.
     held: Held,
@@ -308,7 +311,7 @@ impl<F: morsel::Format> Fast<F> {
     /// stays: a fast take leaves the generation as it was. `NotTaken` where the call does not name
     /// this handle's region and iovec page or the lock is not taken by CAS at the handle's
     /// generation (`RegionLock::take_fast`): the first call on a region, another iovec
-    /// page, a change since, a batch of another vCPU holding the lock.
+    /// page, a change since (batches of other vCPUs holding the lock do not refuse it).
     #[allow(clippy::too_many_arguments)]
     pub fn call(&self, parked: &mut Option<Parked>, gpa: u64, iov_gpa: u64, op: u64, count: u64, frames: &Frames,
         stopped: impl FnOnce() -> bool, me: usize, guest_cpus: impl FnOnce() -> u64) -> FastCall<F> {
@@ -966,7 +969,7 @@ impl Exmaps {
         crate::probe::report();
         let (fast, refused) = (FAST_CALLS.load(Ordering::Relaxed), FAST_REFUSED.load(Ordering::Relaxed));
         if fast + refused > 0 {
-            log::info!(target: "exmap", "{fast} ALLOC / FREE calls took no world lock (a vCPU's handle to its last region); {refused} handles refused (a change since, or a batch held the region)");
+            log::info!(target: "exmap", "{fast} ALLOC / FREE calls took no world lock (a vCPU's handle to its last region); {refused} handles refused (a change since)");
             log::info!(target: "evt", "exmap.fast calls={fast} refused={refused}");
         }
         for (name, s, c) in dir.named.iter().filter_map(|e| Some((e.name, e.value.region.as_ref()?, e.value.cell?))) {

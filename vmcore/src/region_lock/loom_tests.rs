@@ -35,6 +35,11 @@
 //! | R13: `take_fast` checks the generation with a load, then takes the held bit by a CAS of its own (the mount / generation check before the CAS, not in it) | (e) | "the fast path's batch reached region 0 in its slot (its handle named region 1)" / loom's causality violation on the region |
 //! | R14: a guest unmount does not bump the generation (`changed` left out) | (e) | "a fast take succeeded after the caller's unmount" |
 //! | R15: `admit` reads the held bit, then bumps the generation (two operations, not one RMW) | (e) with the device mount | "the fast path's batch reached region 0 in its slot (its handle named region 1)" / causality violation |
+//! | R16: `admit(Mount)` ignores the batch count | (f) | causality violation on a leaf cell |
+//! | R17: `end` clears bit 0 instead of subtracting one batch | (f) | the mount never gets in (loom: maximum number of branches) |
+//! | R18: `take_fast` checks the generation with a load, then adds its batch by `fetch_add` | (f) | causality violation on a leaf cell |
+//! | R19: `Leaves::try_map` writes its entry (no CAS from the empty one) | (g) | "every frame in exactly one place": a frame lost |
+//! | R20: `Leaves::take` reads, then writes the empty entry (no CAS) | (g) | the same: a frame in two caches |
 //!
 //! R1 was tried on the protocol before `exmap-call` (the count read at the end, under the
 //! world lock, with mounts going on during batches). It is the protocol now: the count is

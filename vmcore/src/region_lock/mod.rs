@@ -7,15 +7,17 @@
 //! docs/src/notes/exmap-call.md).
 //!
 //! # Protocol
-//! 1. World lock: [`RegionLock::take`] (the region's leaves and the frames they map are the
-//!    holder's until [`RegionLock::end`]), with the region's guest mounts counted now: the
+//! 1. World lock: [`RegionLock::take`], shared with the other ALLOC / FREE batches on the
+//!    region (branch `sharedcas`: the word counts them; each leaf is changed by
+//!    compare-and-swap, `morsel::Leaves::try_map` / `take`, so of several batches one maps a
+//!    page and one gets a freed frame), with the region's guest mounts counted now: the
 //!    [`Held`] keeps the count. A [`Held`] is neither `Clone` nor `Copy`: the lock is given
 //!    back once, by the one `end` that consumes it.
 //! 2. No world lock: the batch edits the leaves. Meanwhile [`RegionLock::admit`] answers
-//!    every other call on the region: another ExMap action and a guest mount
-//!    [`Refusal::Retry`] (the guest issues it again; the lock is never waited for with the
-//!    world lock held), destroy, a device mount or an NVMe batch [`Refusal::Busy`]. Guest
-//!    unmounts go on (each shoots its own guest's CPUs down).
+//!    every other call on the region: another ALLOC / FREE goes on (shared), a READ / WRITE
+//!    and a guest mount [`Refusal::Retry`] (the guest issues it again; the lock is never
+//!    waited for with the world lock held), destroy, a device mount or an NVMe batch
+//!    [`Refusal::Busy`]. Guest unmounts go on (each shoots its own guest's CPUs down).
 //! 3. With or without the world lock: the shootdown of a batch that cleared leaves is
 //!    decided ([`Held::targets`]) from the mounts counted at the take, which no mount can
 //!    have raised since (step 2), and requested; then [`RegionLock::end`] gives the lock back
@@ -27,8 +29,9 @@
 //!
 //! # Without the world lock at the start: handles (branch `exmap-lockless`)
 //! The lock and the region's *generation* are one atomic word ([`RegionLock`]'s `state`:
-//! bit 0 held, bits 1.. the generation), so every decision below is one read-modify-write
-//! on one location and the modification order of that word is the whole story:
+//! bits 0..16 the batches that hold it, bits 16.. the generation), so every decision below is
+//! one read-modify-write on one location and the modification order of that word is the
+//! whole story:
 //!
 //! - A take under the world lock ([`RegionLock::take`]) gives a [`Held`] whose
 //!   [`Held::handle`] names the region as it is *now*: the word's generation and the guest
@@ -36,21 +39,26 @@
 //!   cell's `&'static` beside it).
 //! - Every change that a later call without the world lock must not miss bumps the
 //!   generation, under the world lock, with one RMW that also reads the held bit:
-//!   [`RegionLock::admit`] for a guest mount, destroy, device mount and NVMe batch (refused
-//!   as before where the bit was set), [`RegionLock::changed`] for a guest unmount (which
-//!   goes on) and for a new region entering the slot (slot reuse).
-//! - [`RegionLock::take_fast`] (no world lock) is one compare-and-swap from exactly
-//!   `handle` (generation, held clear) to `handle | held` (AcqRel): it succeeds only if no
-//!   such change happened since the handle was made and no batch holds the lock. Where it
-//!   fails the caller goes to the world path, which answers as before. Where it succeeds,
-//!   the region is the one the handle named, still mounted read-write by the caller at the
-//!   address it recorded (its unmount would have bumped), with the mounts counted then
-//!   (a mount would have bumped), and every later contender's bump sees the held bit.
-//! - [`RegionLock::end`] clears the held bit only (`fetch_and`, Release): generations
-//!   bumped meanwhile (unmounts) stay.
+//!   [`RegionLock::admit`] for a guest mount, READ / WRITE, destroy, device mount and NVMe
+//!   batch (refused where the count is not 0), [`RegionLock::changed`] for a guest unmount
+//!   (which goes on) and for a new region entering the slot (slot reuse).
+//! - [`RegionLock::take_fast`] (no world lock) is a compare-and-swap that adds one batch to
+//!   a word whose generation is exactly the handle's (AcqRel; retried only where another
+//!   batch's take or end moved the count): it succeeds only if no such change happened
+//!   since the handle was made. Where it fails the caller goes to the world path, which
+//!   answers as before. Where it succeeds, the region is the one the handle named, still
+//!   mounted read-write by the caller at the address it recorded (its unmount would have
+//!   bumped), with the mounts counted then (a mount would have bumped), and every later
+//!   exclusive contender's bump sees the count.
+//! - [`RegionLock::end`] subtracts one batch (`fetch_sub`, Release): generations bumped
+//!   meanwhile (unmounts) stay; an exclusive contender admitted later (an acquiring RMW on
+//!   the word) sees every ended batch's edits.
 //!
 //! Lock order is unchanged: world lock → region lock → this CPU's `Owed`; the fast take is
-//! made with no lock held and never waits. Loom model (e) `loom_fast_take_vs_unmount_destroy_reuse`.
+//! made with no lock held and never waits. Loom model (e) `loom_fast_take_vs_unmount_destroy_reuse`;
+//! the sharing: (f) `loom_shared_batches_vs_an_exclusive_contender`, (g)
+//! `loom_two_vcpus_alloc_and_free_one_leaf` (docs/src/notes/region-lock.md, "Shared by
+//! batches").
 
 #[cfg(all(test, loom))]
 mod loom_tests;
