@@ -78,7 +78,7 @@ fn main(info: &BootInfo) -> i32 {
         11 => doomed_neighbour(),
         12 => lockless_victim(),
         13 => lockless_neighbour(),
-        14 => shared_overlap(0),
+        14 => shared_owner(),
         _ => 2,
     }
 }
@@ -1172,6 +1172,26 @@ const fn sh_ranges(me: u64) -> [Range; 512] {
 /// Rounds before `shared_overlap` gives up (Bochs: a few suffice).
 const SH_ROUNDS: u64 = 2_000;
 
+/// Arg 14, vCPU 0: makes 'sh' (its `ExMap`, which holds an iovec page, stays off vCPU 1's
+/// small stack), runs `shared_overlap(0)`, and destroys 'sh' once both vCPUs are done.
+fn shared_owner() -> i32 {
+    let x = match ExMap::create("sh", 4 * MIB, false) {
+        Ok(x) => x,
+        Err(e) => {
+            println!("exmap shared overlap 0: create: {e:?}");
+            SH_DONE[0].store(1, SeqCst);
+            return 1;
+        }
+    };
+    SH_AT.store(x.addr(), SeqCst);
+    let r = shared_overlap(0);
+    while SH_DONE[1].load(SeqCst) == 0 {
+        core::hint::spin_loop();
+    }
+    println!("exmap shared overlap: {} pages left in 'sh'", x.populated());
+    r
+}
+
 /// Arg 14, vCPU `me` (see the module doc): both vCPUs of one guest on one region 'sh', vCPU
 /// `me` on pages 2k + me. Rounds out of phase: a big round is an ALLOC and a FREE of 512
 /// pages, a small one eight ALLOCs of 8 pages and one FREE of those 64. Only ALLOCs may
@@ -1182,22 +1202,6 @@ const SH_ROUNDS: u64 = 2_000;
 fn shared_overlap(me: usize) -> i32 {
     use guest_lib::exmap::Region;
     let other = 1 - me;
-    // vCPU 0 owns the region (it lives until both are done); vCPU 1 waits for its address.
-    let owner = if me == 0 {
-        match ExMap::create("sh", 4 * MIB, false) {
-            Ok(x) => {
-                SH_AT.store(x.addr(), SeqCst);
-                Some(x)
-            }
-            Err(e) => {
-                println!("exmap shared overlap {me}: create: {e:?}");
-                SH_DONE[0].store(1, SeqCst);
-                return 1;
-            }
-        }
-    } else {
-        None
-    };
     let region = loop {
         match SH_AT.load(SeqCst) {
             0 if SH_DONE[0].load(SeqCst) != 0 => return 1,
@@ -1237,13 +1241,6 @@ fn shared_overlap(me: usize) -> i32 {
         round += 1;
     }
     SH_DONE[me].store(1, SeqCst);
-    if let Some(x) = owner {
-        // The region goes when both vCPUs are done with it.
-        while SH_DONE[other].load(SeqCst) == 0 {
-            core::hint::spin_loop();
-        }
-        println!("exmap shared overlap: {} pages left in 'sh'", x.populated());
-    }
     let Sightings { count: sightings, most } = seen;
     if sightings >= 3 {
         println!("exmap shared overlap {me}: saw the other vCPU do 2+ whole calls on the same region during 3 of its own calls ({calls} calls, at most {most} in one)");
