@@ -287,11 +287,14 @@ fn singles_alloc<F: Format, M: PhysMem>(
             break;
         }
         v.saved[i] = raw;
-        iov[i] = if leaves.get(slot).is_some() {
+        let Some((&(f, origin), rest)) = held.split_last() else { break };
+        let zero = must_zero(origin, r.origin);
+        // No read before the swap (it fails on a present page), but a frame is zeroed only
+        // for a page that was not present.
+        iov[i] = if zero && leaves.get(slot).is_some() {
             0
         } else {
-            let Some((&(f, origin), rest)) = held.split_last() else { break };
-            if must_zero(origin, r.origin) {
+            if zero {
                 r.mem.zero_data(f, 0);
                 zeroed += 1;
             }
@@ -301,7 +304,7 @@ fn singles_alloc<F: Format, M: PhysMem>(
                     follow(page, Some(f));
                     1
                 }
-                // Another vCPU mapped the page since the read: already populated; the
+                // Present already, or another vCPU mapped it first: already populated; the
                 // frame stays on top of the cache.
                 false => 0,
             }

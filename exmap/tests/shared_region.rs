@@ -65,6 +65,9 @@ impl PhysMem for SharedMem {
     fn compare_exchange(&self, t: HostPhysAddr, i: usize, current: u64, new: u64) -> Result<u64, u64> {
         self.entry(t, i).compare_exchange(current, new, Ordering::AcqRel, Ordering::Acquire)
     }
+    fn swap(&self, t: HostPhysAddr, i: usize, new: u64) -> u64 {
+        self.entry(t, i).swap(new, Ordering::AcqRel)
+    }
 }
 
 /// Table frames for `create_sparse` (never freed here).

@@ -35,6 +35,14 @@ pub trait PhysMem {
             now => Err(now),
         }
     }
+    /// Writes `new` into entry `index` of `table` and returns what it held, in one atomic
+    /// exchange where several CPUs edit the same leaves at once (`Leaves::take`; the
+    /// hypervisor's identity map overrides it). The default reads, then writes.
+    fn swap(&self, table: HostPhysAddr, index: usize, new: u64) -> u64 {
+        let old = self.read(table, index);
+        self.write(table, index, new);
+        old
+    }
 }
 
 /// A source of physical frames (order 0 = 4 KiB, 9 = 2 MiB, 18 = 1 GiB).
@@ -60,6 +68,9 @@ impl<T: PhysMem + ?Sized> PhysMem for &T {
     }
     fn compare_exchange(&self, table: HostPhysAddr, index: usize, current: u64, new: u64) -> Result<u64, u64> {
         (**self).compare_exchange(table, index, current, new)
+    }
+    fn swap(&self, table: HostPhysAddr, index: usize, new: u64) -> u64 {
+        (**self).swap(table, index, new)
     }
 }
 

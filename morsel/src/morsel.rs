@@ -97,23 +97,14 @@ impl<F: Format, M: PhysMem> Leaves<'_, F, M> {
         self.mem.compare_exchange(s.table, s.index, Entry::<F>::EMPTY.raw(), new).is_ok()
     }
 
-    /// Makes the slot not present and returns the frame it mapped, by compare-and-swap from
-    /// what was read (the hardware may set accessed / dirty bits meanwhile: read again and
-    /// retry): of several CPUs clearing the same leaf at once, only one gets the frame; None
-    /// where it is not present. The caller invalidates.
+    /// Makes the slot not present and returns the frame it mapped, in one atomic exchange
+    /// with the empty entry (`PhysMem::swap`): of several CPUs clearing the same leaf at once,
+    /// only one gets the frame; None where it was not present (then it was the empty entry
+    /// already, see `try_map`). The caller invalidates.
     #[inline]
     pub fn take(&self, s: LeafSlot) -> Option<HostPhysAddr> {
-        let empty = Entry::<F>::EMPTY.raw();
-        let mut cur = self.mem.read(s.table, s.index);
-        loop {
-            if !F::is_present(cur) {
-                return None;
-            }
-            match self.mem.compare_exchange(s.table, s.index, cur, empty) {
-                Ok(_) => return Some(HostPhysAddr::new(cur & F::ADDR_MASK)),
-                Err(now) => cur = now,
-            }
-        }
+        let old = self.mem.swap(s.table, s.index, Entry::<F>::EMPTY.raw());
+        F::is_present(old).then(|| HostPhysAddr::new(old & F::ADDR_MASK))
     }
 }
 

@@ -824,6 +824,9 @@ fn loom_two_vcpus_alloc_and_free_one_leaf() {
         fn compare_exchange(&self, t: HostPhysAddr, i: usize, current: u64, new: u64) -> Result<u64, u64> {
             self.table(t)[i].compare_exchange(current, new, Ordering::AcqRel, Ordering::Acquire)
         }
+        fn swap(&self, t: HostPhysAddr, i: usize, new: u64) -> u64 {
+            self.table(t)[i].swap(new, Ordering::AcqRel)
+        }
     }
     impl FrameAlloc for LoomMem {
         fn alloc(&self, _: u32) -> Option<HostPhysAddr> {
