@@ -406,8 +406,8 @@ enum FastStep<F: morsel::Format> {
 /// (`s.exmap`: no world lock was taken since), `lockless` found the exit quiet (no IPI asked
 /// this CPU to look: that flag is taken there, so a stop is never missed here; timer not
 /// due, slice not over) and the handle still takes the region's lock (`Fast::call`: nothing
-/// changed since, no other batch holds it). Then the batch runs and ends alone as on the
-/// world path (the bodies of `Batch::run` and `Batch::finish_alone`, then
+/// changed since; other vCPUs' batches may share it). Then the batch runs and ends alone as
+/// on the world path (the bodies of `Batch::run` and `Batch::finish_alone`, then
 /// `shootdown::complete`), in place: on the slot's state, nothing built or moved per call
 /// (Bochs counts every byte a move copies). Anything unusual is `NotTaken` with nothing
 /// changed, so the world path gives the answers it gave before.
