@@ -44,6 +44,18 @@ impl PhysMem for HostMem {
         // SAFETY: as read.
         unsafe { (self.at(t) as *mut u64).add(i).write_volatile(v) }
     }
+    #[inline]
+    fn compare_exchange(&self, t: HostPhysAddr, i: usize, current: u64, new: u64) -> Result<u64, u64> {
+        // SAFETY: as read; an aligned u64 every thread reaches atomically or by volatile access.
+        let e = unsafe { std::sync::atomic::AtomicU64::from_ptr((self.at(t) as *mut u64).add(i)) };
+        e.compare_exchange(current, new, std::sync::atomic::Ordering::AcqRel, std::sync::atomic::Ordering::Acquire)
+    }
+    #[inline]
+    fn swap(&self, t: HostPhysAddr, i: usize, new: u64) -> u64 {
+        // SAFETY: as compare_exchange.
+        let e = unsafe { std::sync::atomic::AtomicU64::from_ptr((self.at(t) as *mut u64).add(i)) };
+        e.swap(new, std::sync::atomic::Ordering::AcqRel)
+    }
     fn zero_table(&self, t: HostPhysAddr) {
         // SAFETY: a 4 KiB frame inside the buffer.
         unsafe { std::ptr::write_bytes(self.at(t), 0, 4096) }

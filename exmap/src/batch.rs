@@ -209,8 +209,9 @@ fn run<F: Format, M: PhysMem>(
                             res = Err(EntryError::OutOfRange);
                             break;
                         };
-                        if let Some(f) = leaves.get(slot) {
-                            leaves.clear(slot);
+                        // By compare-and-swap: of vCPUs freeing the page at once, one gets
+                        // its frame.
+                        if let Some(f) = leaves.take(slot) {
                             cache.give(f, r.origin);
                             follow(page, None);
                             n += 1;
@@ -286,18 +287,27 @@ fn singles_alloc<F: Format, M: PhysMem>(
             break;
         }
         v.saved[i] = raw;
-        iov[i] = if leaves.get(slot).is_some() {
+        let Some((&(f, origin), rest)) = held.split_last() else { break };
+        let zero = must_zero(origin, r.origin);
+        // No read before the swap (it fails on a present page), but a frame is zeroed only
+        // for a page that was not present.
+        iov[i] = if zero && leaves.get(slot).is_some() {
             0
         } else {
-            let Some((&(f, origin), rest)) = held.split_last() else { break };
-            held = rest;
-            if must_zero(origin, r.origin) {
+            if zero {
                 r.mem.zero_data(f, 0);
                 zeroed += 1;
             }
-            leaves.map(slot, f);
-            follow(page, Some(f));
-            1
+            match leaves.try_map(slot, f) {
+                true => {
+                    held = rest;
+                    follow(page, Some(f));
+                    1
+                }
+                // Present already, or another vCPU mapped it first: already populated; the
+                // frame stays on top of the cache.
+                false => 0,
+            }
         };
         i += 1;
     }
@@ -336,9 +346,8 @@ fn singles_free<F: Format, M: PhysMem>(
             break;
         }
         v.saved[i] = raw;
-        iov[i] = match leaves.get(slot) {
+        iov[i] = match leaves.take(slot) {
             Some(f) => {
-                leaves.clear(slot);
                 room[gave].write((f, r.origin));
                 gave += 1;
                 follow(page, None);
@@ -416,7 +425,18 @@ fn populate<F: Format, M: PhysMem>(
             if zero {
                 r.mem.zero_data(f, 0);
             }
-            leaves.map(slot, f);
+            if !leaves.try_map(slot, f) {
+                // Another vCPU mapped the page since the read: as a present page; the frame
+                // goes back where it came from (room: it was just taken), zeroed or of this
+                // region.
+                cache.give(f, r.origin);
+                if mode == Mode::Fresh {
+                    failed = Some(EntryError::Present);
+                    break;
+                }
+                page += 1;
+                continue;
+            }
             follow(page, Some(f));
             if track {
                 let k = page - first;
@@ -438,8 +458,9 @@ fn populate<F: Format, M: PhysMem>(
                 continue;
             }
             if let Ok(slot) = leaves.slot(p) {
-                if let Some(f) = leaves.get(slot) {
-                    leaves.clear(slot);
+                // Whatever the leaf maps now (another vCPU may have freed and mapped it
+                // since): one CPU gets each frame.
+                if let Some(f) = leaves.take(slot) {
                     cache.give(f, r.origin);
                     follow(p, None);
                 }

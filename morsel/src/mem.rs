@@ -21,6 +21,28 @@ pub trait PhysMem {
     /// Clears a data frame of `1 << order` 4 KiB pages before a morsel hands it out, so no
     /// previous owner's data leaks. Simulated memory, which has no data, does nothing.
     fn zero_data(&self, frame: HostPhysAddr, order: u32);
+    /// Writes `new` into entry `index` of `table` only if it holds `current` now: `Ok(current)`,
+    /// or `Err(what it holds)` and nothing written. Where several CPUs edit the same leaves at
+    /// once (ExMap batches sharing a region: `Leaves::try_map`, `Leaves::take`) this must be
+    /// one atomic compare-and-swap (AcqRel; the hypervisor's identity map overrides it). The
+    /// default reads, compares and writes: enough for memory only one thread edits.
+    fn compare_exchange(&self, table: HostPhysAddr, index: usize, current: u64, new: u64) -> Result<u64, u64> {
+        match self.read(table, index) {
+            now if now == current => {
+                self.write(table, index, new);
+                Ok(now)
+            }
+            now => Err(now),
+        }
+    }
+    /// Writes `new` into entry `index` of `table` and returns what it held, in one atomic
+    /// exchange where several CPUs edit the same leaves at once (`Leaves::take`; the
+    /// hypervisor's identity map overrides it). The default reads, then writes.
+    fn swap(&self, table: HostPhysAddr, index: usize, new: u64) -> u64 {
+        let old = self.read(table, index);
+        self.write(table, index, new);
+        old
+    }
 }
 
 /// A source of physical frames (order 0 = 4 KiB, 9 = 2 MiB, 18 = 1 GiB).
@@ -43,6 +65,12 @@ impl<T: PhysMem + ?Sized> PhysMem for &T {
     }
     fn zero_data(&self, frame: HostPhysAddr, order: u32) {
         (**self).zero_data(frame, order)
+    }
+    fn compare_exchange(&self, table: HostPhysAddr, index: usize, current: u64, new: u64) -> Result<u64, u64> {
+        (**self).compare_exchange(table, index, current, new)
+    }
+    fn swap(&self, table: HostPhysAddr, index: usize, new: u64) -> u64 {
+        (**self).swap(table, index, new)
     }
 }
 

@@ -82,6 +82,30 @@ impl<F: Format, M: PhysMem> Leaves<'_, F, M> {
     pub fn clear(&self, s: LeafSlot) {
         self.mem.write(s.table, s.index, Entry::<F>::EMPTY.raw())
     }
+
+    /// Maps `frame` at the slot where it is not present, by one compare-and-swap from the
+    /// empty entry (`PhysMem::compare_exchange`): other CPUs may edit the same leaf at once
+    /// (ExMap batches sharing a region). A leaf that is not present is exactly the empty
+    /// entry here (tables are zeroed when made, `clear` and `take` write it, and the hardware
+    /// never writes an entry that is not present), so no read comes first. False where it is
+    /// present, or became present before the swap: nothing written, `frame` stays the
+    /// caller's.
+    #[inline]
+    pub fn try_map(&self, s: LeafSlot, frame: HostPhysAddr) -> bool {
+        debug_assert!(frame.is_aligned(4096) && frame.as_u64() & !F::ADDR_MASK == 0);
+        let new = (frame.as_u64() & F::ADDR_MASK) | self.leaf;
+        self.mem.compare_exchange(s.table, s.index, Entry::<F>::EMPTY.raw(), new).is_ok()
+    }
+
+    /// Makes the slot not present and returns the frame it mapped, in one atomic exchange
+    /// with the empty entry (`PhysMem::swap`): of several CPUs clearing the same leaf at once,
+    /// only one gets the frame; None where it was not present (then it was the empty entry
+    /// already, see `try_map`). The caller invalidates.
+    #[inline]
+    pub fn take(&self, s: LeafSlot) -> Option<HostPhysAddr> {
+        let old = self.mem.swap(s.table, s.index, Entry::<F>::EMPTY.raw());
+        F::is_present(old).then(|| HostPhysAddr::new(old & F::ADDR_MASK))
+    }
 }
 
 /// Largest morsel: one L3 root (512 GiB).

@@ -181,6 +181,19 @@ impl PhysMem for Identity {
         unsafe { ((table.as_u64() as *mut u64).add(index)).write_volatile(value) }
     }
 
+    fn compare_exchange(&self, table: HostPhysAddr, index: usize, current: u64, new: u64) -> Result<u64, u64> {
+        // SAFETY: as for read; the entry is 8-byte aligned, and every other access to it is
+        // an 8-byte volatile access, an atomic one or the hardware walker's locked update.
+        let entry = unsafe { core::sync::atomic::AtomicU64::from_ptr((table.as_u64() as *mut u64).add(index)) };
+        entry.compare_exchange(current, new, core::sync::atomic::Ordering::AcqRel, core::sync::atomic::Ordering::Acquire)
+    }
+
+    fn swap(&self, table: HostPhysAddr, index: usize, new: u64) -> u64 {
+        // SAFETY: as for compare_exchange.
+        let entry = unsafe { core::sync::atomic::AtomicU64::from_ptr((table.as_u64() as *mut u64).add(index)) };
+        entry.swap(new, core::sync::atomic::Ordering::AcqRel)
+    }
+
     fn zero_table(&self, table: HostPhysAddr) {
         // SAFETY: as for read; the frame is 4 KiB.
         unsafe { core::ptr::write_bytes(table.as_u64() as *mut u8, 0, PAGE_SIZE as usize) }

@@ -6,7 +6,9 @@
 //!
 //! Per vCPU: a frame cache, a validator and result buffers (`VcpuState`), keyed by (guest,
 //! vCPU). ALLOC and FREE on a region no device sees run with the world lock let go, under the
-//! region's lock (`Step::Batch`, `Batch::run`, then `Batch::finish_alone` with no world lock
+//! region's lock, which they share (several vCPUs' batches on one region at once; each leaf
+//! changed by compare-and-swap in `exmap`) (`Step::Batch`, `Batch::run`, then
+//! `Batch::finish_alone` with no world lock
 //! or `Exmaps::finish_batch` under it; the lock order is in `vm/sched.rs`); the region's lock
 //! and batch counters are its `RegionCell`, the rest of ExMap's state is behind the world
 //! lock (a vCPU's own state in its slot between a batch ended alone and its next world lock,
@@ -112,9 +114,10 @@ pub enum Step<F: morsel::Format> {
 }
 
 /// An ALLOC or FREE batch run with the world lock let go (`Batch::run`, then
-/// `Exmaps::finish_batch` under it again). It holds the region's lock (`Named::batching`,
-/// taken under the world lock by `action`) and the calling vCPU's own `VcpuState`, taken
-/// out of `Exmaps` meanwhile: nothing in it is reached by another CPU.
+/// `Exmaps::finish_batch` under it again). It holds the region's lock, shared with other
+/// batches (taken under the world lock by `action`), and the calling vCPU's own
+/// `VcpuState`, taken out of `Exmaps` meanwhile: nothing in it is reached by another CPU
+/// (the region's leaves are, by compare-and-swap).
 pub struct Batch<F: morsel::Format> {
     /// The region's lock, given back by `finish_alone` or `finish_batch` only.
     held: Held,
@@ -308,7 +311,7 @@ impl<F: morsel::Format> Fast<F> {
     /// stays: a fast take leaves the generation as it was. `NotTaken` where the call does not name
     /// this handle's region and iovec page or the lock is not taken by CAS at the handle's
     /// generation (`RegionLock::take_fast`): the first call on a region, another iovec
-    /// page, a change since, a batch of another vCPU holding the lock.
+    /// page, a change since (batches of other vCPUs holding the lock do not refuse it).
     #[allow(clippy::too_many_arguments)]
     pub fn call(&self, parked: &mut Option<Parked>, gpa: u64, iov_gpa: u64, op: u64, count: u64, frames: &Frames,
         stopped: impl FnOnce() -> bool, me: usize, guest_cpus: impl FnOnce() -> u64) -> FastCall<F> {
@@ -573,14 +576,18 @@ impl Exmaps {
         if n.in_io {
             return Err(g.refuse(Error::Busy, format_args!("region {name:?} has an NVMe batch in flight")));
         }
-        match n.admit_in_turn(Contender::Action, super::turn(g.id, vcpu)) {
+        let io = op == abi::EXMAP_READ || op == abi::EXMAP_WRITE;
+        // ALLOC / FREE share the region's lock with the batches in flight; READ / WRITE
+        // exclude them (and an exclusive contender waiting for its turn holds both back).
+        let who = if io { Contender::DiskAction } else { Contender::Action };
+        match n.admit_in_turn(who, super::turn(g.id, vcpu)) {
             Ok(()) => {}
-            // Another vCPU's ALLOC / FREE holds the region's lock: this vCPU issues the call
-            // again (spinning with the world lock let go).
+            // Batches hold the region's lock (READ / WRITE), or a mount or READ / WRITE
+            // waits for its turn: this vCPU issues the call again (spinning with the world
+            // lock let go).
             Err(Refusal::Retry) => return Ok(Step::Retry),
             Err(Refusal::Busy) => return Err(Error::Busy),
         }
-        let io = op == abi::EXMAP_READ || op == abi::EXMAP_WRITE;
         // READ and WRITE need the disk: its size in 4 KiB pages (disk offset = region offset).
         let disk_pages = match io {
             true => devices.as_deref().and_then(|d| d.nvme).map(|nv| nv.blocks / PAGE_BLOCKS).ok_or(Error::NotFound)?,
@@ -928,13 +935,14 @@ impl Exmaps {
                 v.cache.trim(&crate::vm::shootdown::After(frames));
             }
         }
-        cell.lock.end(held);
+        // The batches of other vCPUs sharing the lock may still hold it.
+        let others = cell.lock.end(held);
         if stopped {
             log::info!(target: "evt", "exmap.abandon guest={guest} vcpu={vcpu} name={name} op={} pages={} guest_state={} held={} shootdown={} cache={}",
                 ["alloc", "free"][(op & 1) as usize],
                 outcome.as_ref().map_or(0, |(b, _)| b.pages),
                 if g.is_some() { "stopped" } else { "gone" },
-                cell.lock.is_held() as u8,
+                others,
                 match targets {
                     None => "none",
                     Some(Targets::Caller) => "caller",
@@ -962,7 +970,7 @@ impl Exmaps {
         crate::probe::report();
         let (fast, refused) = (FAST_CALLS.load(Ordering::Relaxed), FAST_REFUSED.load(Ordering::Relaxed));
         if fast + refused > 0 {
-            log::info!(target: "exmap", "{fast} ALLOC / FREE calls took no world lock (a vCPU's handle to its last region); {refused} handles refused (a change since, or a batch held the region)");
+            log::info!(target: "exmap", "{fast} ALLOC / FREE calls took no world lock (a vCPU's handle to its last region); {refused} handles refused (a change since)");
             log::info!(target: "evt", "exmap.fast calls={fast} refused={refused}");
         }
         for (name, s, c) in dir.named.iter().filter_map(|e| Some((e.name, e.value.region.as_ref()?, e.value.cell?))) {

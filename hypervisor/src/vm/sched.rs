@@ -12,15 +12,16 @@
 //! 2. An ExMap region's lock (`morsels::exmap::RegionCell::lock`): taken under the world
 //!    lock, held without it through an ALLOC / FREE batch (`morsels::exmap::Batch`), given
 //!    back with it (`Exmaps::finish_batch`) or without it (`Batch::finish_alone`, after
-//!    which the guest resumes with no world lock taken); protects the region's leaves and
-//!    the frames they map against other batches, destroy, device mounts, NVMe batches and
-//!    new guest mounts. Never waited for: an ExMap action or a mount that finds it held is
-//!    issued again by the guest (`Action::Retry`); the first one refused gets the lock next
-//!    (a hand-over that lapses after two slices: `RegionLock::admit_in_turn`), so a vCPU
-//!    calling back-to-back cannot starve it. Also taken with no lock held, by CAS,
-//!    for the region of a vCPU's last ALLOC / FREE (`exmap_fast`): one atomic word holds the
-//!    lock bit and the region's generation, which every change the fast path must not miss
-//!    bumps under the world lock (`vmcore::region_lock`).
+//!    which the guest resumes with no world lock taken). Shared by ALLOC / FREE batches
+//!    (branch `sharedcas`: a count of batches; each leaf changed by compare-and-swap);
+//!    excludes them for destroy, device mounts, NVMe batches, READ / WRITE and new guest
+//!    mounts. Never waited for: a READ / WRITE or a mount that finds it held is issued
+//!    again by the guest (`Action::Retry`); the first one refused gets it next (a hand-over
+//!    that lapses after two slices: `RegionLock::admit_in_turn`; no new batch starts
+//!    meanwhile), so back-to-back batches cannot starve it. Also taken with no lock held,
+//!    by CAS, for the region of a vCPU's last ALLOC / FREE (`exmap_fast`): one atomic word
+//!    holds the batch count and the region's generation, which every change the fast path
+//!    must not miss bumps under the world lock (`vmcore::region_lock`).
 //! 3. An NVMe queue pair's lock (`devices::nvme`), the calling CPU's own.
 //! 4. A vCPU's console line buffer (`guest::Shared::consoles`): `console_write` with or
 //!    without the world lock, a guest's end or report under it; its holder prints one line.
@@ -430,8 +431,8 @@ enum FastStep<F: morsel::Format> {
 /// (`s.exmap`: no world lock was taken since), `lockless` found the exit quiet (no IPI asked
 /// this CPU to look: that flag is taken there, so a stop is never missed here; timer not
 /// due, slice not over) and the handle still takes the region's lock (`Fast::call`: nothing
-/// changed since, no other batch holds it). Then the batch runs and ends alone as on the
-/// world path (the bodies of `Batch::run` and `Batch::finish_alone`, then
+/// changed since; other vCPUs' batches may share it). Then the batch runs and ends alone as
+/// on the world path (the bodies of `Batch::run` and `Batch::finish_alone`, then
 /// `shootdown::complete`), in place: on the slot's state, nothing built or moved per call
 /// (Bochs counts every byte a move copies). Anything unusual is `NotTaken` with nothing
 /// changed, so the world path gives the answers it gave before.

@@ -35,6 +35,11 @@
 //! | R13: `take_fast` checks the generation with a load, then takes the held bit by a CAS of its own (the mount / generation check before the CAS, not in it) | (e) | "the fast path's batch reached region 0 in its slot (its handle named region 1)" / loom's causality violation on the region |
 //! | R14: a guest unmount does not bump the generation (`changed` left out) | (e) | "a fast take succeeded after the caller's unmount" |
 //! | R15: `admit` reads the held bit, then bumps the generation (two operations, not one RMW) | (e) with the device mount | "the fast path's batch reached region 0 in its slot (its handle named region 1)" / causality violation |
+//! | R16: `admit(Mount)` ignores the batch count | (f) | causality violation on a leaf cell |
+//! | R17: `end` clears bit 0 instead of subtracting one batch | (f) | the mount never gets in (loom: maximum number of branches) |
+//! | R18: `take_fast` checks the generation with a load, then adds its batch by `fetch_add` | (f) | causality violation on a leaf cell |
+//! | R19: `Leaves::try_map` writes its entry (no CAS from the empty one) | (g) | "every frame in exactly one place": a frame lost |
+//! | R20: `Leaves::take` reads, then writes the empty entry (no CAS) | (g) | the same: a frame in two caches |
 //!
 //! R1 was tried on the protocol before `exmap-call` (the count read at the end, under the
 //! world lock, with mounts going on during batches). It is the protocol now: the count is
@@ -704,5 +709,197 @@ fn fast_take_model(device_mount: bool) {
         }
         vcpu.join().unwrap();
         assert!(!slot.lock.is_held());
+    });
+}
+
+/// (f) branch `sharedcas`: ALLOC / FREE batches share the region's lock; an exclusive
+/// contender (a guest mount, `Directory::open` with `admit_in_turn`) is admitted only when
+/// none holds it. vCPU A (CPU 0) runs two batches back to back by fast takes (each given up
+/// where its handle is refused: the world path is B's); vCPU B (CPU 1) runs one world-path
+/// batch (`admit_in_turn(Action)`, `take`; given up where refused: the guest would retry);
+/// CPU 2 mounts the region (retried until admitted), reading every leaf the batches write
+/// (one loom `UnsafeCell` per vCPU: its own pages). Loom's causality check fails where the
+/// mount overlaps a batch or does not see its edits; at the end the lock is free (no lost
+/// release) and a destroy is admitted.
+#[test]
+fn loom_shared_batches_vs_an_exclusive_contender() {
+    model(|| {
+        struct R {
+            lock: RegionLock,
+            /// Pages of vCPU A and of vCPU B: edited by their batches with the lock held
+            /// shared, read by the mount with it excluded.
+            leaves: [loom::cell::UnsafeCell<u32>; 2],
+            /// The region's guest mounts, under the world lock.
+            world: Mutex<u32>,
+        }
+        // SAFETY (model): each leaf cell is written by its own vCPU's batches only, and read by
+        // the mount only once admitted: loom checks that.
+        unsafe impl Sync for R {}
+        const A: u64 = 1;
+        const B: u64 = 2;
+        const C: u64 = 3;
+        let turn = |who| Turn { who, now: 0, patience: u64::MAX / 2 };
+        let r = Arc::new(R { lock: RegionLock::new(), leaves: [loom::cell::UnsafeCell::new(0), loom::cell::UnsafeCell::new(0)], world: Mutex::new(1) });
+        // vCPU A's first call, under the world lock: the handle it keeps.
+        let first = r.lock.take(1).unwrap();
+        let handle = first.handle();
+        r.lock.end(first);
+        // A batch of vCPU `k`: a fast take with `handle` if any, else the world path.
+        fn batch(r: &R, k: usize, who: u64, handle: Option<&Handle>, turn: impl Fn(u64) -> Turn) -> bool {
+            let held = match handle.map(|h| r.lock.take_fast(h)) {
+                Some(Some(held)) => held,
+                Some(None) => return false,
+                None => {
+                    let mounters = r.world.lock().unwrap();
+                    if r.lock.admit_in_turn(Contender::Action, turn(who)).is_err() {
+                        return false;
+                    }
+                    r.lock.take(*mounters).unwrap()
+                }
+            };
+            // SAFETY (model): this vCPU's own pages, under the region's lock (shared).
+            r.leaves[k].with_mut(|l| unsafe { *l += 1 });
+            r.lock.end(held);
+            true
+        }
+        let ra = r.clone();
+        let a = thread::spawn(move || (0..2).filter(|_| batch(&ra, 0, A, Some(&handle), turn)).count());
+        let rb = r.clone();
+        let b = thread::spawn(move || batch(&rb, 1, B, None, turn) as usize);
+        loop {
+            let mut mounters = r.world.lock().unwrap();
+            if r.lock.admit_in_turn(Contender::Mount, turn(C)).is_ok() {
+                // SAFETY (model): admitted: no batch holds the lock (loom checks it).
+                let seen: u32 = r.leaves.iter().map(|l| l.with(|v| unsafe { *v })).sum();
+                assert!(seen <= 3);
+                *mounters += 1;
+                break;
+            }
+            drop(mounters);
+            spin();
+        }
+        let done = a.join().unwrap() + b.join().unwrap();
+        assert!(!r.lock.is_held(), "a batch's release was lost");
+        assert_eq!(r.lock.admit(Contender::Destroy), Ok(()), "the region is free after {done} batches");
+    });
+}
+
+/// (g) branch `sharedcas`: two vCPUs' ALLOC and FREE batches on one page of one region at
+/// once, the `exmap` crate's own code (`exmap::alloc`, `exmap::free`, their leaf
+/// compare-and-swaps `Leaves::try_map` / `Leaves::take`) over tables of loom atomics. The
+/// page maps frame `F0` at the start; vCPU 0's cache holds `F1`, vCPU 1's `F2`; vCPU 0 FREEs
+/// then ALLOCs the page, vCPU 1 ALLOCs then FREEs it. At the end every frame is in exactly one
+/// place (the leaf or one cache): none lost, none mapped twice, none in two caches; and each
+/// entry's result says what its vCPU did (an ALLOC's 1: its frame left its cache; a FREE's 1:
+/// a frame came in).
+#[test]
+fn loom_two_vcpus_alloc_and_free_one_leaf() {
+    use exmap::{encode, FrameCache, Region, Validator};
+    use morsel::{FrameAlloc, HostPhysAddr, Morsel, Npt, PhysMem};
+    use std::sync::{Arc as StdArc, Mutex as StdMutex};
+
+    /// Table frames of loom atomics (data frames are not backed): made before the threads
+    /// start, looked up under a std mutex (never held across a loom operation).
+    struct LoomMem {
+        tables: StdMutex<Vec<(u64, StdArc<[AtomicU64; 512]>)>>,
+        next: StdMutex<u64>,
+    }
+    impl LoomMem {
+        fn table(&self, t: HostPhysAddr) -> StdArc<[AtomicU64; 512]> {
+            let tables = self.tables.lock().unwrap();
+            tables.iter().find(|(a, _)| *a == t.as_u64()).expect("a table").1.clone()
+        }
+    }
+    impl PhysMem for LoomMem {
+        fn read(&self, t: HostPhysAddr, i: usize) -> u64 {
+            self.table(t)[i].load(Ordering::Acquire)
+        }
+        fn write(&self, t: HostPhysAddr, i: usize, v: u64) {
+            self.table(t)[i].store(v, Ordering::Release)
+        }
+        fn zero_table(&self, t: HostPhysAddr) {
+            self.tables.lock().unwrap().push((t.as_u64(), StdArc::new(core::array::from_fn(|_| AtomicU64::new(0)))));
+        }
+        fn zero_data(&self, _: HostPhysAddr, _: u32) {}
+        fn compare_exchange(&self, t: HostPhysAddr, i: usize, current: u64, new: u64) -> Result<u64, u64> {
+            self.table(t)[i].compare_exchange(current, new, Ordering::AcqRel, Ordering::Acquire)
+        }
+        fn swap(&self, t: HostPhysAddr, i: usize, new: u64) -> u64 {
+            self.table(t)[i].swap(new, Ordering::AcqRel)
+        }
+    }
+    impl FrameAlloc for LoomMem {
+        fn alloc(&self, _: u32) -> Option<HostPhysAddr> {
+            let mut n = self.next.lock().unwrap();
+            *n += 4096;
+            Some(HostPhysAddr::new(*n))
+        }
+        fn free(&self, _: HostPhysAddr, _: u32) {}
+    }
+    /// No frame from the allocator during the batches: each vCPU's cache holds its one.
+    struct NoFrames;
+    impl FrameAlloc for NoFrames {
+        fn alloc(&self, _: u32) -> Option<HostPhysAddr> {
+            None
+        }
+        fn free(&self, _: HostPhysAddr, _: u32) {}
+    }
+    fn code(_: exmap::EntryError) -> u64 {
+        u64::MAX
+    }
+    const ORIGIN: exmap::Origin = 7;
+    const F: [u64; 3] = [0x10_0000, 0x20_0000, 0x30_0000];
+
+    model(|| {
+        let mem = Arc::new(LoomMem { tables: StdMutex::new(Vec::new()), next: StdMutex::new(0) });
+        let m = Arc::new(Morsel::<Npt>::create_sparse(4096, &*mem, &*mem).unwrap());
+        let page = [encode(0, 1)];
+        {
+            // The page maps F0 at the start.
+            let mut cache = FrameCache::new();
+            cache.give(HostPhysAddr::new(F[0]), ORIGIN);
+            let r = Region { morsel: &*m, origin: ORIGIN, mem: &*mem };
+            let mut iov = page;
+            exmap::alloc(&r, &mut iov, &mut Validator::new(), &mut cache, &NoFrames, &mut |_, _| {}, code);
+            assert_eq!(iov, [1]);
+        }
+        let vcpu = |k: usize| {
+            let (mem, m) = (mem.clone(), m.clone());
+            thread::spawn(move || {
+                let r = Region { morsel: &*m, origin: ORIGIN, mem: &*mem };
+                let (mut cache, mut v) = (FrameCache::new(), Validator::new());
+                cache.give(HostPhysAddr::new(F[k + 1]), ORIGIN);
+                cache.reserve(4).unwrap();
+                for free in [k == 0, k != 0] {
+                    let before = cache.len();
+                    let mut iov = page;
+                    match free {
+                        true => exmap::free(&r, &mut iov, &mut v, &mut cache, &mut |_, _| {}, code),
+                        false => exmap::alloc(&r, &mut iov, &mut v, &mut cache, &NoFrames, &mut |_, _| {}, code),
+                    };
+                    let moved = if free { cache.len() - before } else { before - cache.len() };
+                    assert_eq!(iov[0], moved as u64, "vCPU {k}'s {} answered {} but moved {moved} frames", ["ALLOC", "FREE"][free as usize], iov[0]);
+                }
+                let held = Collect(core::cell::RefCell::new(Vec::new()));
+                cache.drain(&held);
+                held.0.into_inner()
+            })
+        };
+        /// Where a drained cache's frames go: a list.
+        struct Collect(core::cell::RefCell<Vec<u64>>);
+        impl FrameAlloc for Collect {
+            fn alloc(&self, _: u32) -> Option<HostPhysAddr> {
+                None
+            }
+            fn free(&self, f: HostPhysAddr, _: u32) {
+                self.0.borrow_mut().push(f.as_u64());
+            }
+        }
+        let (t0, t1) = (vcpu(0), vcpu(1));
+        let mut all = t0.join().unwrap();
+        all.extend(t1.join().unwrap());
+        all.extend(m.translate(0, &*mem).map(|f| f.as_u64()));
+        all.sort_unstable();
+        assert_eq!(all, F, "every frame in exactly one place (the leaf or one vCPU's cache)");
     });
 }

@@ -7,15 +7,17 @@
 //! docs/src/notes/exmap-call.md).
 //!
 //! # Protocol
-//! 1. World lock: [`RegionLock::take`] (the region's leaves and the frames they map are the
-//!    holder's until [`RegionLock::end`]), with the region's guest mounts counted now: the
+//! 1. World lock: [`RegionLock::take`], shared with the other ALLOC / FREE batches on the
+//!    region (branch `sharedcas`: the word counts them; each leaf is changed by
+//!    compare-and-swap, `morsel::Leaves::try_map` / `take`, so of several batches one maps a
+//!    page and one gets a freed frame), with the region's guest mounts counted now: the
 //!    [`Held`] keeps the count. A [`Held`] is neither `Clone` nor `Copy`: the lock is given
 //!    back once, by the one `end` that consumes it.
 //! 2. No world lock: the batch edits the leaves. Meanwhile [`RegionLock::admit`] answers
-//!    every other call on the region: another ExMap action and a guest mount
-//!    [`Refusal::Retry`] (the guest issues it again; the lock is never waited for with the
-//!    world lock held), destroy, a device mount or an NVMe batch [`Refusal::Busy`]. Guest
-//!    unmounts go on (each shoots its own guest's CPUs down).
+//!    every other call on the region: another ALLOC / FREE goes on (shared), a READ / WRITE
+//!    and a guest mount [`Refusal::Retry`] (the guest issues it again; the lock is never
+//!    waited for with the world lock held), destroy, a device mount or an NVMe batch
+//!    [`Refusal::Busy`]. Guest unmounts go on (each shoots its own guest's CPUs down).
 //! 3. With or without the world lock: the shootdown of a batch that cleared leaves is
 //!    decided ([`Held::targets`]) from the mounts counted at the take, which no mount can
 //!    have raised since (step 2), and requested; then [`RegionLock::end`] gives the lock back
@@ -27,8 +29,9 @@
 //!
 //! # Without the world lock at the start: handles (branch `exmap-lockless`)
 //! The lock and the region's *generation* are one atomic word ([`RegionLock`]'s `state`:
-//! bit 0 held, bits 1.. the generation), so every decision below is one read-modify-write
-//! on one location and the modification order of that word is the whole story:
+//! bits 0..16 the batches that hold it, bits 16.. the generation), so every decision below is
+//! one read-modify-write on one location and the modification order of that word is the
+//! whole story:
 //!
 //! - A take under the world lock ([`RegionLock::take`]) gives a [`Held`] whose
 //!   [`Held::handle`] names the region as it is *now*: the word's generation and the guest
@@ -36,21 +39,26 @@
 //!   cell's `&'static` beside it).
 //! - Every change that a later call without the world lock must not miss bumps the
 //!   generation, under the world lock, with one RMW that also reads the held bit:
-//!   [`RegionLock::admit`] for a guest mount, destroy, device mount and NVMe batch (refused
-//!   as before where the bit was set), [`RegionLock::changed`] for a guest unmount (which
-//!   goes on) and for a new region entering the slot (slot reuse).
-//! - [`RegionLock::take_fast`] (no world lock) is one compare-and-swap from exactly
-//!   `handle` (generation, held clear) to `handle | held` (AcqRel): it succeeds only if no
-//!   such change happened since the handle was made and no batch holds the lock. Where it
-//!   fails the caller goes to the world path, which answers as before. Where it succeeds,
-//!   the region is the one the handle named, still mounted read-write by the caller at the
-//!   address it recorded (its unmount would have bumped), with the mounts counted then
-//!   (a mount would have bumped), and every later contender's bump sees the held bit.
-//! - [`RegionLock::end`] clears the held bit only (`fetch_and`, Release): generations
-//!   bumped meanwhile (unmounts) stay.
+//!   [`RegionLock::admit`] for a guest mount, READ / WRITE, destroy, device mount and NVMe
+//!   batch (refused where the count is not 0), [`RegionLock::changed`] for a guest unmount
+//!   (which goes on) and for a new region entering the slot (slot reuse).
+//! - [`RegionLock::take_fast`] (no world lock) is a compare-and-swap that adds one batch to
+//!   a word whose generation is exactly the handle's (AcqRel; retried only where another
+//!   batch's take or end moved the count): it succeeds only if no such change happened
+//!   since the handle was made. Where it fails the caller goes to the world path, which
+//!   answers as before. Where it succeeds, the region is the one the handle named, still
+//!   mounted read-write by the caller at the address it recorded (its unmount would have
+//!   bumped), with the mounts counted then (a mount would have bumped), and every later
+//!   exclusive contender's bump sees the count.
+//! - [`RegionLock::end`] subtracts one batch (`fetch_sub`, Release): generations bumped
+//!   meanwhile (unmounts) stay; an exclusive contender admitted later (an acquiring RMW on
+//!   the word) sees every ended batch's edits.
 //!
 //! Lock order is unchanged: world lock → region lock → this CPU's `Owed`; the fast take is
-//! made with no lock held and never waits. Loom model (e) `loom_fast_take_vs_unmount_destroy_reuse`.
+//! made with no lock held and never waits. Loom model (e) `loom_fast_take_vs_unmount_destroy_reuse`;
+//! the sharing: (f) `loom_shared_batches_vs_an_exclusive_contender`, (g)
+//! `loom_two_vcpus_alloc_and_free_one_leaf` (docs/src/notes/region-lock.md, "Shared by
+//! batches").
 
 #[cfg(all(test, loom))]
 mod loom_tests;
@@ -59,17 +67,19 @@ mod tests;
 
 use crate::sync::{AtomicU64, Ordering};
 
-/// The held bit of [`RegionLock`]'s word; the generation is the rest (one [`GENERATION`]
-/// per change).
-const HELD: u64 = 1;
+/// One batch in [`RegionLock`]'s word: its low [`BATCHES`] bits count the batches that hold
+/// it (shared), the rest is the generation (one [`GENERATION`] per change).
+const BATCH: u64 = 1;
+/// The batch count's bits (at most 65,535 batches at once: one per vCPU).
+const BATCHES: u64 = 0xffff;
 /// One generation.
-const GENERATION: u64 = 2;
+const GENERATION: u64 = BATCHES + 1;
 
 /// A region's batch lock and generation (see the module doc). Never waited for.
 #[derive(Debug, Default)]
 pub struct RegionLock {
-    /// Bit 0: held by a batch. Bits 1..: the generation, bumped by every change a
-    /// [`Handle`] must see (63 bits: never wraps).
+    /// Bits 0..16: the batches that hold it. Bits 16..: the generation, bumped by every
+    /// change a [`Handle`] must see (48 bits: never wraps).
     state: AtomicU64,
     /// The contender the lock goes to next ([`Turn::who`]; 0: none) and until when (a TSC
     /// value): see [`RegionLock::admit_in_turn`]. Read and written under the caller's lock
@@ -108,8 +118,12 @@ pub struct Handle {
 /// Another call on the region, made while a batch may hold its lock.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Contender {
-    /// `exmap_action` of any op, by any vCPU of any guest (a batch takes the lock this way).
+    /// `exmap_action` ALLOC or FREE, by any vCPU of any guest: shares the lock with the
+    /// batches that hold it (its batch takes it this way).
     Action,
+    /// `exmap_action` READ or WRITE: maps fresh pages (READ) and pins the region for its
+    /// NVMe batch, under the caller's lock with plain leaf writes: excludes batches.
+    DiskAction,
     /// A guest mount (`morsel_open`): would add a mounter the batch's shootdown does not
     /// count.
     Mount,
@@ -173,24 +187,27 @@ impl RegionLock {
 
     /// Whether a batch holds it.
     pub fn is_held(&self) -> bool {
-        self.state.load(Ordering::Acquire) & HELD != 0
+        self.batches() != 0
     }
 
-    /// Whether `who` may go on now (the caller's lock held). Every contender but another
-    /// action changes the region (or may): it bumps the generation first, in the same RMW that
-    /// reads the held bit, so a handle made before is refused from here on, and a fast take
-    /// that came first is seen held.
+    /// How many batches hold it now.
+    pub fn batches(&self) -> u64 {
+        self.state.load(Ordering::Acquire) & BATCHES
+    }
+
+    /// Whether `who` may go on now (the caller's lock held). An ALLOC / FREE action shares
+    /// the lock with the batches that hold it: it goes on (its batch takes the lock, `take`).
+    /// Every other contender changes the region (or may) and must exclude them: it bumps the
+    /// generation first, in the same RMW that reads the batch count, so a handle made before
+    /// is refused from here on, and a fast take that came first is seen holding.
     pub fn admit(&self, who: Contender) -> Result<(), Refusal> {
-        let held = match who {
-            // A refused action bumps too: the holder's next call goes through the world path
-            // (its handle refused), where this one gets its turn; else a vCPU that calls
-            // back-to-back on the lock-free path could keep the lock from it for ever.
-            Contender::Action => self.is_held() && self.state.fetch_add(GENERATION, Ordering::AcqRel) & HELD != 0,
-            _ => self.state.fetch_add(GENERATION, Ordering::AcqRel) & HELD != 0,
-        };
+        if who == Contender::Action {
+            return Ok(());
+        }
+        let held = self.state.fetch_add(GENERATION, Ordering::AcqRel) & BATCHES != 0;
         match (held, who) {
             (false, _) => Ok(()),
-            (true, Contender::Action | Contender::Mount) => Err(Refusal::Retry),
+            (true, Contender::Action | Contender::DiskAction | Contender::Mount) => Err(Refusal::Retry),
             (true, Contender::Destroy | Contender::DeviceMount | Contender::DiskBatch) => Err(Refusal::Busy),
         }
     }
@@ -209,7 +226,7 @@ impl RegionLock {
     pub fn admit_in_turn(&self, who: Contender, turn: Turn) -> Result<(), Refusal> {
         let waiter = self.waiter.load(Ordering::Relaxed);
         let pending = waiter != 0 && turn.now < self.waiter_until.load(Ordering::Relaxed);
-        if who == Contender::Action && pending && waiter != turn.who {
+        if matches!(who, Contender::Action | Contender::DiskAction) && pending && waiter != turn.who {
             return Err(Refusal::Retry);
         }
         let answer = self.admit(who);
@@ -237,43 +254,54 @@ impl RegionLock {
         self.state.fetch_add(GENERATION, Ordering::AcqRel);
     }
 
-    /// Takes the lock for a batch (the caller's lock held), `mounters` the region's guest
-    /// mounts now: [`Refusal::Retry`] if another holds it. The [`Held`] names the region as
-    /// it is now ([`Held::handle`]).
+    /// Takes the lock for a batch, shared with the batches that hold it (the caller's lock
+    /// held, the action admitted: no exclusive contender holds the region), `mounters` the
+    /// region's guest mounts now: [`Refusal::Retry`] only where 65,535 batches hold it. The
+    /// [`Held`] names the region as it is now ([`Held::handle`]).
     pub fn take(&self, mounters: u32) -> Result<Held, Refusal> {
         let mut cur = self.state.load(Ordering::Acquire);
         loop {
-            if cur & HELD != 0 {
+            if cur & BATCHES == BATCHES {
                 return Err(Refusal::Retry);
             }
-            // Only a fast take or an end can change the word meanwhile (every bump is made
-            // under the caller's lock): a few rounds at most.
-            match self.state.compare_exchange_weak(cur, cur | HELD, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => return Ok(Held { mounters, handle: Handle { state: cur, mounters } }),
+            // Only fast takes and ends can change the word meanwhile (every bump is made
+            // under the caller's lock).
+            match self.state.compare_exchange_weak(cur, cur + BATCH, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return Ok(Held { mounters, handle: Handle { state: cur & !BATCHES, mounters } }),
                 Err(now) => cur = now,
             }
         }
     }
 
-    /// Takes the lock with no lock held, for the region `handle` names: only if nothing
-    /// changed since the handle was made (no unmount, mount, destroy, slot reuse, device
-    /// mount, NVMe batch) and no batch holds it; None otherwise (the caller goes to the
-    /// world path). One CAS from exactly the handle's word: the generation and the held bit
-    /// are checked together.
+    /// Takes the lock, shared, with no lock held, for the region `handle` names: only if
+    /// nothing changed since the handle was made (no unmount, mount, destroy, slot reuse,
+    /// device mount, NVMe batch, READ / WRITE: every exclusive contender bumps the
+    /// generation, refused or not); other batches may hold it. None otherwise (the caller
+    /// goes to the world path). A CAS that adds one batch to a word whose generation is the
+    /// handle's: the generation is checked in the same RMW that takes the lock (retried only
+    /// where another batch's take or end changed the count meanwhile).
     pub fn take_fast(&self, handle: &Handle) -> Option<Held> {
-        self.state
-            .compare_exchange(handle.state, handle.state | HELD, Ordering::AcqRel, Ordering::Relaxed)
-            .ok()
-            .map(|_| Held { mounters: handle.mounters, handle: *handle })
+        let mut cur = self.state.load(Ordering::Relaxed);
+        loop {
+            if cur & !BATCHES != handle.state || cur & BATCHES == BATCHES {
+                return None;
+            }
+            match self.state.compare_exchange_weak(cur, cur + BATCH, Ordering::AcqRel, Ordering::Relaxed) {
+                Ok(_) => return Some(Held { mounters: handle.mounters, handle: *handle }),
+                Err(now) => cur = now,
+            }
+        }
     }
 
     /// Gives the lock back at the batch's end, with or without the caller's lock: every
-    /// edit the batch made is seen by whoever is admitted next. The shootdown is decided
-    /// ([`Held::targets`]) and requested before. Only the held bit is cleared: generations
-    /// bumped meanwhile (unmounts) stay.
-    pub fn end(&self, held: Held) {
+    /// edit the batch made is seen by whoever is admitted next (an exclusive contender reads
+    /// the count with an acquiring RMW: every batch's end before it is a release in the
+    /// word's modification order). The shootdown is decided ([`Held::targets`]) and
+    /// requested before. Only this batch leaves the count: generations bumped meanwhile
+    /// (unmounts) stay. Returns how many batches still hold it.
+    pub fn end(&self, held: Held) -> u64 {
         let Held { .. } = held;
-        self.state.fetch_and(!HELD, Ordering::Release);
+        (self.state.fetch_sub(BATCH, Ordering::Release) & BATCHES) - 1
     }
 }
 

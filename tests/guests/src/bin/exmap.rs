@@ -37,6 +37,10 @@
 //!   address): its calls answer NotFound, then Denied; it calls at A's address of 'lv'
 //!   (a region it never mounted), and mounts and unmounts 'lv' read-only in a loop while
 //!   vCPU 1 unmounts and destroys it (each mount a change that sends vCPU 0 to the world path).
+//! - arg 14 (2 vCPUs on 2 CPUs, branch `sharedcas`): both vCPUs ALLOC and FREE single pages
+//!   on ONE region ('sh', vCPU 0 even pages, vCPU 1 odd ones), big rounds (512 pages) and
+//!   small ones (eight 8-page ALLOCs) out of phase, and must each see the other's calls begin
+//!   and end during its own (the region's lock is shared by batches).
 #![no_std]
 #![no_main]
 
@@ -52,6 +56,7 @@ fn vcpu_main(info: &BootInfo, _vcpu: u32) -> i32 {
         8 => victim_attacker(),
         10 => doomed_stopper(),
         12 => lockless_attacker(),
+        14 => shared_overlap(1),
         _ => 0,
     }
 }
@@ -73,6 +78,7 @@ fn main(info: &BootInfo) -> i32 {
         11 => doomed_neighbour(),
         12 => lockless_victim(),
         13 => lockless_neighbour(),
+        14 => shared_owner(),
         _ => 2,
     }
 }
@@ -550,6 +556,33 @@ fn disk_sharer() -> i32 {
     if (r, w, f) == (Err(Error::Denied), Err(Error::Denied), Err(Error::Denied)) { 0 } else { 1 }
 }
 
+/// Whole calls of the other guest or vCPU seen inside one's own (`overlap`,
+/// `shared_overlap`), from its progress counter (odd while it is inside a call) read before
+/// and after each own call: how many own calls saw `least` or more, and the most seen in one.
+struct Sightings {
+    least: u64,
+    count: u32,
+    most: u64,
+}
+
+impl Sightings {
+    fn new(least: u64) -> Self {
+        Sightings { least, count: 0, most: 0 }
+    }
+
+    /// One own call, the other's counter `before` and `after` it: true where this call is
+    /// the third that saw `least` or more whole calls of the other begin and end inside it.
+    fn call(&mut self, before: u64, after: u64) -> bool {
+        let whole = after.saturating_sub((before + 1) & !1) / 2;
+        self.most = self.most.max(whole);
+        if whole < self.least {
+            return false;
+        }
+        self.count += 1;
+        self.count == 3
+    }
+}
+
 /// Calls per guest before `overlap` gives up. It stops as soon as both guests saw 3 overlaps
 /// (Bochs: ~30 calls); under QEMU on a loaded host the two vCPU threads may rarely run at
 /// the same time (400 calls saw 1 overlap once with the host's two cores busy), so the bound
@@ -590,9 +623,9 @@ fn overlap(me: usize) -> i32 {
     for (k, r) in ranges.iter_mut().enumerate() {
         *r = Range::new(2 * k as u64, 1);
     }
-    let (mut sightings, mut calls, mut most) = (0u32, 0u64, 0u64);
+    let (mut seen, mut calls) = (Sightings::new(2), 0u64);
     // Done: 3 sightings, and the other guest done too (it needs our calls to see its own).
-    while calls < OVERLAP_CALLS && !(sightings >= 3 && a[2 + other].load(SeqCst) != 0) {
+    while calls < OVERLAP_CALLS && !(seen.count >= 3 && a[2 + other].load(SeqCst) != 0) {
         let round = calls / 2;
         let n = if round % 3 == me as u64 { 512 } else { 8 };
         let before = a[other].load(SeqCst);
@@ -605,14 +638,8 @@ fn overlap(me: usize) -> i32 {
             return 1;
         }
         calls += 1;
-        // Whole calls of the other that began and ended inside this one.
-        let whole = after.saturating_sub((before + 1) & !1) / 2;
-        most = most.max(whole);
-        if whole >= 2 {
-            sightings += 1;
-            if sightings == 3 {
-                a[2 + me].store(1, SeqCst);
-            }
+        if seen.call(before, after) {
+            a[2 + me].store(1, SeqCst);
         }
     }
     if calls % 2 == 1 {
@@ -621,6 +648,7 @@ fn overlap(me: usize) -> i32 {
     }
     a[2 + me].store(1, SeqCst);
     let populated = x.populated();
+    let Sightings { count: sightings, most, .. } = seen;
     if sightings >= 3 {
         println!("exmap overlap {me}: saw the other guest do 2+ whole calls during 3 of its own calls ({calls} calls, at most {most} in one; {populated} pages left)");
         0
@@ -1138,4 +1166,111 @@ fn lockless_neighbour() -> i32 {
         if wrong == 0 { "ok" } else { "FAILED" });
     a[1].store(2, SeqCst);
     if good && other_ok && wrong == 0 && fails == 0 { 0 } else { 1 }
+}
+
+/// Arg 14: the shared region's address (0: not yet), each vCPU's progress counter (odd while
+/// inside a call), and each vCPU done (it saw 3 overlaps or gave up).
+static SH_AT: AtomicU64 = AtomicU64::new(0);
+static SH_PROG: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
+static SH_DONE: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
+/// One iovec page per vCPU.
+static mut IOV_14: [guest_lib::exmap::Iovec; 2] = [guest_lib::exmap::Iovec::new(), guest_lib::exmap::Iovec::new()];
+/// vCPU `me`'s pages of 'sh': 2k + me (statics: a secondary vCPU's stack is small).
+static SH_RANGES: [[Range; 512]; 2] = [sh_ranges(0), sh_ranges(1)];
+
+const fn sh_ranges(me: u64) -> [Range; 512] {
+    let mut r = [Range::new(0, 1); 512];
+    let mut k = 0;
+    while k < 512 {
+        r[k] = Range::new(2 * k as u64 + me, 1);
+        k += 1;
+    }
+    r
+}
+
+/// Whole calls of the other vCPU one call of `shared_overlap` must see: under a lock one batch
+/// holds at a time (with the hand-over) Bochs showed at most 2 (mutation, 2026-12-07); with
+/// batches sharing it, 8 or 9.
+const SH_LEAST: u64 = 4;
+
+/// Rounds before `shared_overlap` gives up (Bochs: a few suffice).
+const SH_ROUNDS: u64 = 2_000;
+
+/// Arg 14, vCPU 0: makes 'sh' (its `ExMap`, which holds an iovec page, stays off vCPU 1's
+/// small stack), runs `shared_overlap(0)`, and destroys 'sh' once both vCPUs are done.
+fn shared_owner() -> i32 {
+    let x = match ExMap::create("sh", 4 * MIB, false) {
+        Ok(x) => x,
+        Err(e) => {
+            println!("exmap shared overlap 0: create: {e:?}");
+            SH_DONE[0].store(1, SeqCst);
+            return 1;
+        }
+    };
+    SH_AT.store(x.addr(), SeqCst);
+    let r = shared_overlap(0);
+    while SH_DONE[1].load(SeqCst) == 0 {
+        core::hint::spin_loop();
+    }
+    println!("exmap shared overlap: {} pages left in 'sh'", x.populated());
+    r
+}
+
+/// Arg 14, vCPU `me` (see the module doc): both vCPUs of one guest on one region 'sh', vCPU
+/// `me` on pages 2k + me. Rounds out of phase: a big round is an ALLOC and a FREE of 512
+/// pages, a small one eight ALLOCs of 8 pages and one FREE of those 64. Only ALLOCs may
+/// overlap a whole call of the other vCPU: a FREE shoots down the CPUs that ran the guest and
+/// waits for the other CPU, which answers only between its calls. During one big ALLOC the
+/// other vCPU sees `SH_LEAST` or more whole small ALLOCs begin and end, 3 times; under a
+/// region lock that one batch holds at a time it sees at most 2 (Bochs).
+fn shared_overlap(me: usize) -> i32 {
+    use guest_lib::exmap::Region;
+    let other = 1 - me;
+    let region = loop {
+        match SH_AT.load(SeqCst) {
+            0 if SH_DONE[0].load(SeqCst) != 0 => return 1,
+            0 => core::hint::spin_loop(),
+            gpa => break Region::at(gpa),
+        }
+    };
+    // SAFETY: this vCPU's own iovec page, used by no other.
+    let iov = unsafe { &mut (*core::ptr::addr_of_mut!(IOV_14))[me] };
+    let ranges = &SH_RANGES[me];
+    let (mut seen, mut calls, mut round) = (Sightings::new(SH_LEAST), 0u64, 0u64);
+    while round < SH_ROUNDS && !(seen.count >= 3 && SH_DONE[other].load(SeqCst) != 0) {
+        let big = round % 3 == me as u64;
+        let steps = if big { 2 } else { 9 };
+        for step in 0..steps {
+            let free = step == steps - 1;
+            let these = match (big, free) {
+                (true, _) => &ranges[..],
+                (false, true) => &ranges[..64],
+                (false, false) => &ranges[8 * step..8 * step + 8],
+            };
+            let before = SH_PROG[other].load(SeqCst);
+            SH_PROG[me].fetch_add(1, SeqCst);
+            let r = if free { region.free(iov, these) } else { region.alloc(iov, these) };
+            SH_PROG[me].fetch_add(1, SeqCst);
+            let after = SH_PROG[other].load(SeqCst);
+            if r != Ok(0) {
+                println!("exmap shared overlap {me}: FAILED: call {calls} ({}): {r:?}", if free { "free" } else { "alloc" });
+                SH_DONE[me].store(1, SeqCst);
+                return 1;
+            }
+            calls += 1;
+            if seen.call(before, after) {
+                SH_DONE[me].store(1, SeqCst);
+            }
+        }
+        round += 1;
+    }
+    SH_DONE[me].store(1, SeqCst);
+    let Sightings { count: sightings, most, .. } = seen;
+    if sightings >= 3 {
+        println!("exmap shared overlap {me}: saw the other vCPU do {SH_LEAST}+ whole calls on the same region during 3 of its own calls ({calls} calls, at most {most} in one)");
+        0
+    } else {
+        println!("exmap shared overlap {me}: never saw the other vCPU do {SH_LEAST}+ whole calls during its own ({sightings} times in {calls} calls, at most {most})");
+        1
+    }
 }
