@@ -31,6 +31,8 @@ pub struct Options {
     pub ipc: bool,
     /// `bufmgr`: the in-emulator buffer manager bench (`bench_bufmgr`), only when named.
     pub bufmgr: bool,
+    /// `smp-bochs`: only the Bochs part of `smp` (`bench_smp::bochs`), only when named.
+    pub smp_bochs: bool,
     /// `exits`: Bochs ticks per null exit (`bench_smp::bench_exits`), only when named.
     pub exits: bool,
     /// `exmap-smp`: Bochs ticks per ExMap page on 1, 2, 4 CPUs (`bench_exmap_smp`), only when named.
@@ -50,7 +52,7 @@ pub struct Options {
 
 impl Options {
     pub fn parse(args: &[String]) -> Result<Options> {
-        let mut o = Options { benches: Vec::new(), smp: false, ipc: false, bufmgr: false, exits: false, exmap_smp: false, cpus: vec![1, 2, 4], configs: "abc".into(), probe: false, rounds: DEFAULT_ROUNDS, docs: false, upstream: None };
+        let mut o = Options { benches: Vec::new(), smp: false, smp_bochs: false, ipc: false, bufmgr: false, exits: false, exmap_smp: false, cpus: vec![1, 2, 4], configs: "abc".into(), probe: false, rounds: DEFAULT_ROUNDS, docs: false, upstream: None };
         let mut it = args.iter();
         while let Some(a) = it.next() {
             match a.as_str() {
@@ -80,6 +82,7 @@ impl Options {
                     None => bail!("`--upstream` wants the path of a llfree-rs checkout"),
                 },
                 "smp" => o.smp = true,
+                "smp-bochs" => o.smp_bochs = true,
                 "ipc" => o.ipc = true,
                 "bufmgr" => o.bufmgr = true,
                 "exits" => o.exits = true,
@@ -87,11 +90,11 @@ impl Options {
                 name => match BENCHES.iter().find(|b| **b == name) {
                     Some(b) if !o.benches.contains(b) => o.benches.push(b),
                     Some(_) => bail!("`{name}` named twice"),
-                    None => bail!("`bench` takes allocator, morsel, exmap, smp, ipc, bufmgr, exits or exmap-smp, --rounds N, --docs (got `{name}`)"),
+                    None => bail!("`bench` takes allocator, morsel, exmap, smp, smp-bochs, ipc, bufmgr, exits or exmap-smp, --rounds N, --docs (got `{name}`)"),
                 },
             }
         }
-        if o.benches.is_empty() && !o.smp && !o.ipc && !o.bufmgr && !o.exits && !o.exmap_smp {
+        if o.benches.is_empty() && !o.smp && !o.smp_bochs && !o.ipc && !o.bufmgr && !o.exits && !o.exmap_smp {
             o.benches = BENCHES.to_vec();
         }
         Ok(o)
@@ -245,6 +248,9 @@ pub fn utc_date(secs: u64) -> String {
 pub fn bench(o: &Options) -> Result<ExitCode> {
     if o.exits && o.benches.is_empty() && !o.smp && !o.ipc && !o.bufmgr {
         return crate::bench_smp::bench_exits();
+    }
+    if o.smp_bochs && o.benches.is_empty() && !o.smp && !o.ipc && !o.bufmgr {
+        return crate::bench_smp::bench_bochs();
     }
     if o.exmap_smp && o.benches.is_empty() && !o.smp && !o.ipc && !o.bufmgr {
         return crate::bench_exmap_smp::bench(&o.cpus, &o.configs, o.probe);

@@ -114,7 +114,7 @@ usage: cargo xtask new-guest DIR
 ";
 
 const HELP_BENCH: &str = "\
-usage: cargo xtask bench [allocator|morsel|exmap|smp|ipc|bufmgr|exits|exmap-smp] [--rounds N] [--docs] [--upstream PATH] [--cpus 1,2] [--configs ac] [--probe]
+usage: cargo xtask bench [allocator|morsel|exmap|smp|smp-bochs|ipc|bufmgr|exits|exmap-smp] [--rounds N] [--docs] [--upstream PATH] [--cpus 1,2] [--configs ac] [--probe]
   the host benchmarks (release builds of each crate's examples/bench.rs): all of them, or
   those named, in N interleaved rounds (default 5; exmap interleaves its own N runs).
   Prints one table (median, min..max per case), writes build/bench/<bench>.csv (with the date,
@@ -126,7 +126,9 @@ usage: cargo xtask bench [allocator|morsel|exmap|smp|ipc|bufmgr|exits|exmap-smp]
   smp: boots the smpbench guest (bench=on) under QEMU with 1 and 2 CPUs (at most 3 rounds),
   then under Bochs VMX once each, and prints per CPU the frame alloc+free rates inside the
   hypervisor, the morsel create+destroy and unmount+open rates and the shootdown cost, and
-  Bochs' 2-CPU/1-CPU ratios of emulated time per operation
+  Bochs' 2-CPU/1-CPU ratios of emulated time per operation (2 CPUs: one guest with a vCPU
+  per CPU, whose unmounts shoot down the other CPU, and a guest per CPU, whose do not)
+  smp-bochs: only the Bochs part of smp
   ipc: boots two channel guests under QEMU (at most 5 rounds): ping-pong round trips per
   second and exits per round trip, doorbell + wait vs yield polling, on 1 and 2 CPUs; and
   the host CPU time of two guests idle for 3 s, waiting vs polling

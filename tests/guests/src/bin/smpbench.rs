@@ -11,12 +11,16 @@
 //! Then, all vCPUs together again, null exits: `20 * arg` CPUID instructions (each an exit
 //! the hypervisor emulates) and as many `info` hypercalls, TSC ticks per exit (under Bochs
 //! about one tick per emulated instruction): one more line per vCPU.
+//! The morsel line ends with the TSC ticks per operation (under Bochs deterministic, finer
+//! than the rates). Several guests (one per CPU, `cpu=K`: `bench smp`'s guest-per-CPU
+//! configuration, no shootdown to another CPU) start the morsel phase together through the
+//! morsel 'sb-sync'; names carry the guest id, so the guests never share one.
 //! `arg`: calls per measurement (default 200; frame pairs: 64 times as many).
 #![no_std]
 #![no_main]
 
 use core::sync::atomic::{AtomicU32, Ordering::SeqCst};
-use guest_lib::abi;
+use guest_lib::abi::{self, Error};
 use guest_lib::morsel::{self, PageSize};
 use guest_lib::{println, BootInfo};
 
@@ -69,10 +73,14 @@ fn measure(info: &BootInfo, vcpu: u32) -> bool {
         core::hint::spin_loop();
     }
     null_exits(vcpu, cpu, 20 * calls);
-    let mut name = [b'b', b'-', b'0' + (vcpu % 10) as u8, b'x'];
+    let guest = guest_lib::info(abi::INFO_GUEST_ID).unwrap_or(0);
+    if !guests_together() {
+        ok = false;
+    }
+    let mut name = [b'b', b'0' + (guest % 10) as u8, b'0' + (vcpu % 10) as u8, b'x'];
     let mut pair = |page: PageSize, size: u64, tag: u8| {
         name[3] = tag;
-        let n = core::str::from_utf8(&name).unwrap_or("b-0x");
+        let n = core::str::from_utf8(&name).unwrap_or("b00x");
         let start = tsc();
         for _ in 0..calls {
             match morsel::create(n, size, page, false) {
@@ -83,17 +91,19 @@ fn measure(info: &BootInfo, vcpu: u32) -> bool {
                 Err(_) => ok = false,
             }
         }
-        rate(calls, tsc() - start, per_us)
+        let ticks = tsc() - start;
+        (rate(calls, ticks, per_us), ticks / calls.max(1))
     };
-    let small = pair(PageSize::Size4K, 64 * 1024, b's');
-    let huge = pair(PageSize::Size2M, 2 << 20, b'h');
+    let (small, small_ticks) = pair(PageSize::Size4K, 64 * 1024, b's');
+    let (huge, huge_ticks) = pair(PageSize::Size2M, 2 << 20, b'h');
     // Unmount + open: the unmount shoots the guest's translations down on every CPU it ran on.
     name[3] = b'm';
-    let n = core::str::from_utf8(&name).unwrap_or("b-0m");
+    let n = core::str::from_utf8(&name).unwrap_or("b00m");
     let mut mounts = 0;
-    let start = tsc();
+    let (mut start, mut end) = (0, 0);
     if let Ok(m) = morsel::create(n, 64 * 1024, PageSize::Size4K, false) {
         drop(m);
+        start = tsc();
         for _ in 0..calls {
             match morsel::open(n) {
                 Ok(r) => {
@@ -103,13 +113,39 @@ fn measure(info: &BootInfo, vcpu: u32) -> bool {
                 Err(_) => ok = false,
             }
         }
+        end = tsc();
         ok &= morsel::destroy(n).is_ok();
     }
-    let remount = rate(mounts, tsc() - start, per_us);
+    let remount = rate(mounts, end - start, per_us);
+    let remount_ticks = (end - start) / mounts.max(1);
     println!("smpbench vcpu {vcpu} cpu {cpu}: 4 KiB morsel create+destroy {small}/s, 2 MiB morsel create+destroy {huge}/s, unmount+open {remount}/s ({calls} calls each){}",
         if ok { "" } else { " FAILED" });
+    println!("smpbench vcpu {vcpu} cpu {cpu} guest {guest}: morsel ticks per op: small {small_ticks} huge {huge_ticks} remount {remount_ticks}");
     DONE.fetch_add(1, SeqCst);
     ok
+}
+
+/// With several guests (a guest per CPU): every guest's vCPU waits here until all have come
+/// (a counter in the morsel 'sb-sync', made by the first guest, opened by the others), so
+/// the morsel phases overlap. One guest: nothing to wait for. False if the sync failed.
+fn guests_together() -> bool {
+    let everyone = guest_lib::info(abi::INFO_GUEST_COUNT).unwrap_or(1);
+    if everyone < 2 {
+        return true;
+    }
+    let sync = match morsel::create("sb-sync", 4096, PageSize::Size4K, true) {
+        Err(Error::Busy) => morsel::open_mut_when_created("sb-sync"),
+        other => other,
+    };
+    let Ok(sync) = sync else { return false };
+    let count = &sync.atomics()[0];
+    count.fetch_add(1, SeqCst);
+    while count.load(SeqCst) < everyone {
+        core::hint::spin_loop();
+    }
+    // The mount stays (its owner may not destroy it while others use it; the run's end does).
+    core::mem::forget(sync);
+    true
 }
 
 /// Frame alloc+free inside the hypervisor: `64 * calls` pairs of each size (in calls of at
