@@ -12,9 +12,11 @@
 //! the hypervisor emulates) and as many `info` hypercalls, TSC ticks per exit (under Bochs
 //! about one tick per emulated instruction): one more line per vCPU.
 //! The morsel line ends with the TSC ticks per operation (under Bochs deterministic, finer
-//! than the rates). Several guests (one per CPU, `cpu=K`: `bench smp`'s guest-per-CPU
-//! configuration, no shootdown to another CPU) start the morsel phase together through the
-//! morsel 'sb-sync'; names carry the guest id, so the guests never share one.
+//! than the rates; the rates depend on the TSC calibration, which varies from boot to boot
+//! under Bochs). Every guest keeps the morsel 'sb-sync' mounted during the morsel phase, and
+//! several guests (one per CPU, `cpu=K`: `bench smp`'s guest-per-CPU configuration, no
+//! shootdown to another CPU) start it together through a counter there; names carry the
+//! guest id, so the guests never share one.
 //! `arg`: calls per measurement (default 200; frame pairs: 64 times as many).
 #![no_std]
 #![no_main]
@@ -30,6 +32,8 @@ guest_lib::entry!(main, vcpu_main);
 static DONE: AtomicU32 = AtomicU32::new(0);
 /// vCPUs ready to measure the frame allocator (they start when all are).
 static READY: AtomicU32 = AtomicU32::new(0);
+/// 'sb-sync' mounted and every guest there: 1; failed: 2 (`guests_together`).
+static SYNCED: AtomicU32 = AtomicU32::new(0);
 /// vCPUs ready to measure null exits.
 static EXITS_READY: AtomicU32 = AtomicU32::new(0);
 
@@ -74,7 +78,7 @@ fn measure(info: &BootInfo, vcpu: u32) -> bool {
     }
     null_exits(vcpu, cpu, 20 * calls);
     let guest = guest_lib::info(abi::INFO_GUEST_ID).unwrap_or(0);
-    if !guests_together() {
+    if !guests_together(vcpu) {
         ok = false;
     }
     let mut name = [b'b', b'0' + (guest % 10) as u8, b'0' + (vcpu % 10) as u8, b'x'];
@@ -125,26 +129,37 @@ fn measure(info: &BootInfo, vcpu: u32) -> bool {
     ok
 }
 
-/// With several guests (a guest per CPU): every guest's vCPU waits here until all have come
-/// (a counter in the morsel 'sb-sync', made by the first guest, opened by the others), so
-/// the morsel phases overlap. One guest: nothing to wait for. False if the sync failed.
-fn guests_together() -> bool {
-    let everyone = guest_lib::info(abi::INFO_GUEST_COUNT).unwrap_or(1);
-    if everyone < 2 {
-        return true;
+/// Mounts the morsel 'sb-sync' (made by the first guest, opened by the others) and keeps it
+/// mounted to the end, in every configuration: so every later mount of the bench finds its
+/// intermediate tables in place (a lone mount allocates and frees them on each open and
+/// unmount, ~10,000 Bochs ticks, and a configuration where another mount kept them would
+/// look faster for it). With several guests (a guest per CPU) every guest's vCPU then waits
+/// until all have come (a counter in it), so the morsel phases overlap. One vCPU per guest
+/// does this (vCPU 0; the others wait for it). False if it failed.
+fn guests_together(vcpu: u32) -> bool {
+    if vcpu != 0 {
+        while SYNCED.load(SeqCst) == 0 {
+            core::hint::spin_loop();
+        }
+        return SYNCED.load(SeqCst) == 1;
     }
+    let everyone = guest_lib::info(abi::INFO_GUEST_COUNT).unwrap_or(1);
     let sync = match morsel::create("sb-sync", 4096, PageSize::Size4K, true) {
         Err(Error::Busy) => morsel::open_mut_when_created("sb-sync"),
         other => other,
     };
-    let Ok(sync) = sync else { return false };
+    let Ok(sync) = sync else {
+        SYNCED.store(2, SeqCst);
+        return false;
+    };
     let count = &sync.atomics()[0];
     count.fetch_add(1, SeqCst);
     while count.load(SeqCst) < everyone {
         core::hint::spin_loop();
     }
-    // The mount stays (its owner may not destroy it while others use it; the run's end does).
+    // Mounted to the end (the run's end unmounts and destroys it).
     core::mem::forget(sync);
+    SYNCED.store(1, SeqCst);
     true
 }
 
