@@ -24,9 +24,10 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     /// (`vmcore::names`: `Busy` if it exists or is reserved, `NoMemory` past the quota). A
     /// persistent morsel takes its frames from the persistent region and gets a directory
     /// record after its subtree is complete (all under the world lock: `Started::Done`). A
-    /// RAM morsel gets its frames and tables here, its data frames are zeroed by the caller
-    /// with the lock let go, and `create_finish` commits the name and mounts it
-    /// (`Started::Zero`, holding the reservation).
+    /// RAM morsel is only checked here (its size against the free memory): the caller builds
+    /// it with the lock let go (`PendingCreate::build`: frames, tables, zeroed data), and
+    /// `create_finish` commits the name and mounts it (`Started::Build`, holding the
+    /// reservation).
     pub fn create<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, frames: &Frames, name: abi::Name, size: u64, flags: abi::CreateFlags) -> Result<Started<F>, Error> {
         let name = read_name(g, name)?;
         let page = if flags.huge_pages { PageSize::Size2M } else { PageSize::Size4K };
@@ -53,16 +54,13 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
             let e = g.refuse(Error::NoMemory, format_args!("size {} is more than the free memory, {free}", Bytes(size)));
             return Err(self.give_up(ticket, e));
         }
-        let source = pm.map_or(Source::Ram(*frames), |pm| Source::Pmem(pm.frames()));
+        let Some(pm) = pm else {
+            return Ok(Started::Build(PendingCreate { ticket, size, page, others_may_write, built: None }));
+        };
+        let source = Source::Pmem(pm.frames());
         let no_memory = |e| match e {
             morsel::Error::OutOfMemory => Error::NoMemory,
             _ => Error::Invalid,
-        };
-        let Some(pm) = pm else {
-            return match Morsel::<F>::create(size, page, &source, &TablesOnly) {
-                Ok(morsel) => Ok(Started::Zero(PendingCreate { ticket, morsel, others_may_write })),
-                Err(e) => Err(self.give_up(ticket, no_memory(e))),
-            };
         };
         let morsel = match Morsel::<F>::create(size, page, &source, &IDENTITY) {
             Ok(m) => m,
@@ -81,17 +79,29 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         e
     }
 
-    /// The rest of a RAM morsel's `create` once its data frames are zeroed (`Started::Zero`):
-    /// its reserved name committed, mounted read-write in `g`.
+    /// The rest of a RAM morsel's `create` once it is built (`Started::Build`): its reserved
+    /// name committed, mounted read-write in `g`; a build that failed (out of memory) gives
+    /// the name back and answers its refusal.
     pub fn create_finish<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, frames: &Frames, p: PendingCreate<F>) -> Result<u64, Error> {
-        let PendingCreate { ticket, morsel, others_may_write } = p;
-        self.enter(g, frames, ticket, Named::new(morsel, g.id, others_may_write, None))
+        let PendingCreate { ticket, size, others_may_write, built, .. } = p;
+        match built {
+            Some(Ok(morsel)) => self.enter(g, frames, ticket, Named::new(morsel, g.id, others_may_write, None)),
+            Some(Err(Error::NoMemory)) => {
+                let e = g.refuse(Error::NoMemory, format_args!("size {}: out of frames while building it", Bytes(size)));
+                Err(self.give_up(ticket, e))
+            }
+            Some(Err(e)) => Err(self.give_up(ticket, e)),
+            // Never here (`Unlocked::run` builds it before the call finishes).
+            None => Err(self.give_up(ticket, Error::Invalid)),
+        }
     }
 
     /// A `PendingCreate` whose guest is gone: the reservation is aborted, the frames go back.
     pub fn abandon(&mut self, frames: &Frames, p: PendingCreate<F>) {
         self.named.abort(p.ticket);
-        let _ = p.morsel.destroy(frames, &IDENTITY);
+        if let Some(Ok(morsel)) = p.built {
+            let _ = morsel.destroy(frames, &IDENTITY);
+        }
     }
 
     /// Commits a complete new morsel or region `n` under its reservation `ticket` and mounts
@@ -299,9 +309,10 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     }
 }
 
-/// The identity map for building a new RAM morsel under the world lock, without zeroing its
-/// data frames (`PendingCreate::zero` does that with the lock let go); tables are zeroed.
-struct TablesOnly;
+/// The identity map for building a new RAM morsel, without zeroing its data frames
+/// (`PendingCreate::build` zeroes them after, 2 MiB at a time, answering shootdowns);
+/// tables are zeroed.
+pub(super) struct TablesOnly;
 
 impl morsel::PhysMem for TablesOnly {
     fn read(&self, table: morsel::HostPhysAddr, index: usize) -> u64 {

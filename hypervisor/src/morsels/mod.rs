@@ -23,8 +23,9 @@
 //!
 //! Locking: the `Directory` (names, owners, mounts, device mounts, reservations, quota
 //! counts) lives in the run's world and is only touched under the world lock
-//! (`vm/runqueue.rs`). A RAM morsel's create allocates its frames and builds its tables under
-//! the lock, but zeroes its data frames with the lock let go (`PendingCreate`: the name is
+//! (`vm/runqueue.rs`). A RAM morsel's create reserves its name and checks its size under the
+//! lock, and allocates its frames, builds its tables and zeroes its data with the lock let go
+//! (`PendingCreate`, which says why frames may be taken outside the lock: the name is
 //! reserved meanwhile, holding its `Ticket`: taken for every other creator, counted in the
 //! quota, "not found" to `open`; nobody else can reach the frames); its destroy takes it out of the directory under the lock and
 //! frees its frames outside (`Removed`: mounted nowhere, its last unmount's shootdown done).
@@ -217,32 +218,60 @@ pub(crate) fn name_error(e: vmcore::names::Error) -> Error {
     vmcore::directory::Refusal::Name(e).error()
 }
 
-/// What `Directory::create` did: all of it (a persistent morsel), or all but zeroing the
-/// data frames, which the vCPU loop does with the world lock let go before
-/// `Directory::create_finish` enters it and mounts it.
+/// What `Directory::create` did: all of it (a persistent morsel), or only the checks and the
+/// name's reservation: the vCPU loop builds the morsel (frames, tables, zeroed data) with
+/// the world lock let go (`PendingCreate::build`) before `Directory::create_finish` enters
+/// it and mounts it.
 pub enum Started<F: Format> {
     Done(u64),
-    Zero(PendingCreate<F>),
+    Build(PendingCreate<F>),
 }
 
-/// A new RAM morsel nobody else knows yet: frames allocated and tables built under the world
-/// lock (so no frame an unmount freed is handed out before its shootdown ended), data frames
-/// not yet zeroed; its name is reserved (the ticket).
+/// A new RAM morsel nobody else knows yet: its name is reserved (the ticket), its size
+/// checked against the free memory; `build` allocates its frames, builds its tables and
+/// zeroes its data with the world lock let go.
+///
+/// Why frames may be taken outside the world lock: the allocator never holds a frame that a
+/// CPU may still cache a translation to. Every frame an unmount, a FREE or a leaving guest
+/// takes away reaches it only after the shootdown that covers it was acknowledged (its
+/// emptied tables and trimmed caches through `vm::shootdown::After`, settled when the world
+/// lock is let go; a destroyed morsel's frames behind `vm::shootdown::barrier`; an `Owed`
+/// overflow waits before it frees). So a frame is safe to hand out whoever takes it and
+/// whenever, as ExMap batches already do (their frame caches refill with no world lock).
 pub struct PendingCreate<F: Format> {
     pub(crate) ticket: Ticket,
-    pub(crate) morsel: Morsel<F>,
+    pub(crate) size: u64,
+    pub(crate) page: morsel::PageSize,
     pub(crate) others_may_write: bool,
+    /// None until `build` ran; its refusal (out of memory) then, or the morsel.
+    pub(crate) built: Option<Result<Morsel<F>, Error>>,
 }
 
 impl<F: Format> PendingCreate<F> {
-    /// Zeroes the data frames (no lock needed: the morsel is reachable only from here), in
-    /// 2 MiB pieces, answering this CPU's shootdown and drain requests after each 2 MiB
-    /// (`vm::shootdown::Answering`): a 1 GiB morsel keeps no other CPU waiting for it.
-    pub fn zero(&self) {
+    /// Allocates the frames (this CPU's allocator core, `frames`), builds the tables and
+    /// zeroes the data frames: no lock needed (the morsel is reachable only from here). The
+    /// frames are taken and the data zeroed in 2 MiB pieces, answering this CPU's shootdown
+    /// and drain requests after each 2 MiB (`vm::shootdown::Answering`): a 1 GiB morsel keeps
+    /// no other CPU waiting for it.
+    pub fn build(&mut self, frames: &crate::mm::frames::Frames) {
+        let source = crate::vm::shootdown::Answering::wrap(frames);
+        let built = match Morsel::<F>::create(self.size, self.page, &source, &directory::TablesOnly) {
+            Ok(m) => {
+                Self::zero(&m);
+                Ok(m)
+            }
+            Err(morsel::Error::OutOfMemory) => Err(Error::NoMemory),
+            Err(_) => Err(Error::Invalid),
+        };
+        self.built = Some(built);
+    }
+
+    /// Zeroes the data frames of `morsel`, answering every 2 MiB.
+    fn zero(morsel: &Morsel<F>) {
         use morsel::PhysMem;
         let mem = &crate::mm::frames::IDENTITY;
         let answer = crate::vm::shootdown::Answering::new();
-        self.morsel.for_each_data_frame(mem, |frame, order| {
+        morsel.for_each_data_frame(mem, |frame, order| {
             if order <= 9 {
                 mem.zero_data(frame, order);
                 answer.did(1 << order);

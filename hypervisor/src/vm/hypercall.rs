@@ -40,8 +40,8 @@ pub enum Action<F: morsel::Format> {
 pub enum Unlocked<F: morsel::Format> {
     /// `bench_frames` (enabled, arguments checked).
     Bench { order: allocator::Order, count: u64 },
-    /// `morsel_create` of a RAM morsel: zero its data frames.
-    Zero(PendingCreate<F>),
+    /// `morsel_create` of a RAM morsel: allocate its frames, build its tables, zero its data.
+    Build(PendingCreate<F>),
     /// `morsel_destroy` of a RAM morsel out of the directory: free its frames.
     Free(crate::morsels::Name, Removed<F>),
     /// `nvme_read` / `nvme_write`: the NVMe batch on the caller's CPU's queue pair, its
@@ -62,9 +62,9 @@ impl<F: morsel::Format> Unlocked<F> {
     pub fn run(self, frames: &Frames) -> Unlocked<F> {
         match self {
             Unlocked::Bench { order, count } => Unlocked::Done(frames.bench(order, count).ok_or(Error::NoMemory)),
-            Unlocked::Zero(p) => {
-                p.zero();
-                Unlocked::Zero(p)
+            Unlocked::Build(mut p) => {
+                p.build(frames);
+                Unlocked::Build(p)
             }
             Unlocked::Free(name, r) => {
                 r.free(&name, frames);
@@ -149,7 +149,7 @@ pub fn handle<B: Backend>(guest: &mut Guest<B>, caller: Caller, regs: &mut Regs,
             return Action::Unlocked(Unlocked::Bench { order, count });
         }
         Ok(Call::MorselCreate { name, size, flags }) => match cx.morsels.create(guest, &frames, name, size, flags) {
-            Ok(Started::Zero(p)) => return Action::Unlocked(Unlocked::Zero(p)),
+            Ok(Started::Build(p)) => return Action::Unlocked(Unlocked::Build(p)),
             Ok(Started::Done(gpa)) => {
                 cx.notify.entered(guest, gpa, caller.cpu);
                 Ok(gpa)
@@ -190,7 +190,7 @@ pub fn finish<B: Backend>(guest: &mut Guest<B>, caller: Caller, regs: &mut Regs,
     let frames = cx.frames.for_cpu(caller.cpu).unwrap_or(cx.frames);
     let result = match done {
         Unlocked::Done(result) => result,
-        Unlocked::Zero(p) => cx.morsels.create_finish(guest, &frames, p).inspect(|&gpa| cx.notify.entered(guest, gpa, caller.cpu)),
+        Unlocked::Build(p) => cx.morsels.create_finish(guest, &frames, p).inspect(|&gpa| cx.notify.entered(guest, gpa, caller.cpu)),
         Unlocked::Proxy(p) => cx.morsels.nvme_finish(cx.devices.as_mut(), &frames, p),
         Unlocked::Exmap(x) => cx.exmaps.finish(&mut cx.morsels, cx.devices.as_mut(), Some(guest), &frames, x),
         Unlocked::Batch(x) => cx.exmaps.finish_batch(Some(guest), &frames, x),
@@ -205,7 +205,7 @@ pub fn finish<B: Backend>(guest: &mut Guest<B>, caller: Caller, regs: &mut Regs,
 pub fn abandon<B: Backend>(caller: Caller, cx: &mut Context<B>, done: Unlocked<B::Format>) {
     let frames = cx.frames.for_cpu(caller.cpu).unwrap_or(cx.frames);
     match done {
-        Unlocked::Zero(p) => cx.morsels.abandon(&frames, p),
+        Unlocked::Build(p) => cx.morsels.abandon(&frames, p),
         Unlocked::Proxy(p) => {
             let _ = cx.morsels.nvme_finish(cx.devices.as_mut(), &frames, p);
         }

@@ -20,16 +20,18 @@
 //!
 //! Five calls do their expensive part with the lock let go (`hypercall::Unlocked`, run by
 //! the vCPU loop on the calling CPU's allocator core, then finished under the lock again):
-//! `bench_frames` (allocator only), `morsel_create` of a RAM morsel (its data frames are
-//! zeroed outside, answering shootdowns every 2 MiB; frames and tables are allocated under
-//! the lock, and the name is reserved there), `morsel_destroy` of one (it leaves the
+//! `bench_frames` (allocator only), `morsel_create` of a RAM morsel (its frames are
+//! allocated, its tables built and its data zeroed outside, answering shootdowns every 2 MiB;
+//! the name is reserved under the lock), `morsel_destroy` of one (it leaves the
 //! directory under the lock, its frames are freed outside, behind `shootdown::barrier`), and the NVMe proxy's and ExMap READ / WRITE's batches (mounted into the
 //! NVMe domain and pinned under the lock, `morsels::DiskBatch`; the commands and the wait for
 //! their completions run outside, on the CPU's own queue pair). What runs outside touches
 //! only the lock-free allocator, frames no one else can reach or that are pinned, and the
 //! NVMe driver, whose shared state is locked per queue pair or atomic (`devices::nvme`).
 //! A frame an unmount or FREE freed reaches the allocator only after that shootdown was
-//! acknowledged (`vm::shootdown::After`).
+//! acknowledged (`vm::shootdown::After`), a destroyed morsel's only behind
+//! `vm::shootdown::barrier`: so the allocator holds no frame a CPU may still cache, and a
+//! frame may be taken from it with or without the lock (`morsels::PendingCreate`).
 
 use super::guest::{Guest, Summary};
 use super::hypercall::Context;

@@ -252,7 +252,7 @@ impl morsel::FrameAlloc for After<'_> {
 }
 
 /// Answers this CPU's shootdown (and drain) requests every 2 MiB of long work done with
-/// interrupts off (`did`), and frees through `wrap` likewise.
+/// interrupts off (`did`), and allocates and frees through `wrap` likewise.
 pub struct Answering {
     pages: core::cell::Cell<u64>,
 }
@@ -276,7 +276,7 @@ impl Answering {
         }
     }
 
-    /// `frames`, answering every 2 MiB freed through it.
+    /// `frames`, answering every 2 MiB allocated or freed through it.
     pub fn wrap(frames: &Frames) -> AnsweringFrames<'_> {
         AnsweringFrames { frames, answer: Answering::new() }
     }
@@ -296,7 +296,9 @@ pub struct AnsweringFrames<'a> {
 
 impl morsel::FrameAlloc for AnsweringFrames<'_> {
     fn alloc(&self, order: u32) -> Option<morsel::HostPhysAddr> {
-        morsel::FrameAlloc::alloc(self.frames, order)
+        let frame = morsel::FrameAlloc::alloc(self.frames, order);
+        self.answer.did(1 << order.min(18));
+        frame
     }
 
     fn free(&self, frame: morsel::HostPhysAddr, order: u32) {
