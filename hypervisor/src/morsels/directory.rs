@@ -179,7 +179,10 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     /// its frames with the world lock let go (`Removed::free`); a persistent one is freed here.
     pub fn destroy<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, frames: &Frames, name: abi::Name) -> Result<Option<(Name, Removed<F>)>, Error> {
         let name = read_name(g, name)?;
+        // Persistent? Read here, not by a second look-up of the name (each hashes it).
+        let mut persistent = false;
         let pinned = |n: &Named<F>| {
+            persistent = n.slot.is_some();
             if n.in_io {
                 Some("has NVMe I/O in flight")
             } else if n.admit(Contender::Destroy).is_err() {
@@ -196,7 +199,7 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
             }
             Err(e) => return Err(e.error()),
         }
-        if self.named.get(&name).is_some_and(|n| n.value.slot.is_some()) {
+        if persistent {
             self.remove(&name, frames);
             return Ok(None);
         }

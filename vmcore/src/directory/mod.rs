@@ -499,9 +499,9 @@ where
     A: FrameAlloc,
     M: PhysMem,
 {
-    let name = *ticket.name();
+    let (name, at) = (*ticket.name(), ticket.slot());
     names.commit(ticket, value).map_err(|(e, v)| Entered::Refused(e, v))?;
-    mount(names, space, &name, true, alloc, mem).map_err(Entered::Unmounted)
+    mount(names, space, at, &name, true, alloc, mem).map_err(Entered::Unmounted)
 }
 
 /// How `enter` failed.
@@ -525,7 +525,10 @@ where
     A: FrameAlloc,
     M: PhysMem,
 {
-    let n = names.get(name).ok_or(Refusal::NotFound)?.value;
+    // The name is hashed once (`slot`, SipHash: the table's costly step, done under the
+    // caller's lock); `mount` finds the entry again by its slot.
+    let at = names.slot(name).ok_or(Refusal::NotFound)?;
+    let n: &T = names.get_mut_at(at, name).ok_or(Refusal::NotFound)?;
     if writable && !n.writable_by(space.guest()) {
         return Err(Refusal::Denied);
     }
@@ -533,12 +536,12 @@ where
         return Ok(None);
     }
     space.check(name)?;
-    mount(names, space, name, writable, alloc, mem).map(Some)
+    mount(names, space, at, name, writable, alloc, mem).map(Some)
 }
 
-/// Mounts `name` into `space` where the space places it, within the guest's quota of the
-/// kind (no permission check: `open` and `enter` do theirs).
-fn mount<F, T, S, A, M>(names: &mut Names<T>, space: &mut S, name: &Name, writable: bool, alloc: &A, mem: &M) -> Result<Mounted, Refusal>
+/// Mounts `name`, committed at slot `at`, into `space` where the space places it, within the
+/// guest's quota of the kind (no permission check: `open` and `enter` do theirs).
+fn mount<F, T, S, A, M>(names: &mut Names<T>, space: &mut S, at: SlotId, name: &Name, writable: bool, alloc: &A, mem: &M) -> Result<Mounted, Refusal>
 where
     F: Format,
     T: Entry<F>,
@@ -546,7 +549,6 @@ where
     A: FrameAlloc,
     M: PhysMem,
 {
-    let at = names.slot(name).ok_or(Refusal::NotFound)?;
     let n = names.get_mut_at(at, name).ok_or(Refusal::NotFound)?;
     if space.held() >= S::QUOTA {
         return Err(Refusal::Quota);

@@ -333,8 +333,13 @@ impl<T> Names<T> {
 
     /// The slot of `name` (reserved or committed).
     fn find(&self, name: &[u8]) -> Option<u32> {
+        self.find_hashed(hash(self.keys, name), name)
+    }
+
+    /// `find` with the name's hash `h` already computed.
+    fn find_hashed(&self, h: u64, name: &[u8]) -> Option<u32> {
         let chunks = &self.chunks;
-        self.index.find(hash(self.keys, name), |&i| slot_of(chunks, i).and_then(Slot::name).is_some_and(|n| n.as_bytes() == name)).copied()
+        self.index.find(h, |&i| slot_of(chunks, i).and_then(Slot::name).is_some_and(|n| n.as_bytes() == name)).copied()
     }
 
     /// Reserves `name` for `owner`: `Taken` if the name is reserved or committed (by anyone),
@@ -402,17 +407,16 @@ impl<T> Names<T> {
                 return;
             }
         }
-        self.release(t.slot, t.name, t.owner);
+        self.release(t.slot, hash(self.keys, t.name.as_bytes()), t.owner);
         self.reserved -= 1;
         if let Some((count, _)) = self.budget(t.owner) {
             count.reserved -= 1;
         }
     }
 
-    /// Takes `slot` (holding `name`) out of the index and onto the free list; one quota unit
-    /// of `owner` back.
-    fn release(&mut self, slot: u32, name: Name, owner: Owner) -> Option<Slot<T>> {
-        let h = hash(self.keys, name.as_bytes());
+    /// Takes `slot` (holding the name whose hash is `h`) out of the index and onto the free
+    /// list; one quota unit of `owner` back.
+    fn release(&mut self, slot: u32, h: u64, owner: Owner) -> Option<Slot<T>> {
         if let Ok(e) = self.index.find_entry(h, |&i| i == slot) {
             e.remove();
         }
@@ -463,13 +467,15 @@ impl<T> Names<T> {
     }
 
     /// Takes the committed name `name` out (a reservation stays: only `abort` ends it).
+    /// The name is hashed once (SipHash, the costly step), for the look-up and the release.
     pub fn remove(&mut self, name: &str) -> Option<(Name, Owner, T)> {
-        let i = self.find(name.as_bytes())?;
-        let (name, owner) = match slot_of(&self.chunks, i)? {
-            Slot::Named { name, owner, .. } => (*name, *owner),
+        let h = hash(self.keys, name.as_bytes());
+        let i = self.find_hashed(h, name.as_bytes())?;
+        let owner = match slot_of(&self.chunks, i)? {
+            Slot::Named { owner, .. } => *owner,
             _ => return None,
         };
-        match self.release(i, name, owner) {
+        match self.release(i, h, owner) {
             Some(Slot::Named { name, owner, value }) => {
                 self.named -= 1;
                 Some((name, owner, value))
