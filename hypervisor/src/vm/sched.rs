@@ -386,7 +386,7 @@ fn world<'r, B: Backend>(run: &'r Run<B>, s: &mut Slot<B>, exit: Exit, me: usize
     Next::Prepare(w)
 }
 
-/// The lock-free part of a call (bench_frames, a new morsel's zeroing, a destroyed one's
+/// The lock-free part of a call (bench_frames, a new morsel's build and zeroing, a destroyed one's
 /// frees, an NVMe batch on its pinned morsel, an ExMap batch) without the world lock: other
 /// CPUs' exits go on meanwhile; the time counts against this slice (the deadline check in
 /// `prepare`), and a guest stopped meanwhile ends there. It always runs and finishes
