@@ -33,6 +33,8 @@ pub struct Options {
     pub bufmgr: bool,
     /// `smp-bochs`: only the Bochs part of `smp` (`bench_smp::bochs`), only when named.
     pub smp_bochs: bool,
+    /// `--log LEVEL`: the hypervisor's log level for `smp-bochs` (default `warn`).
+    pub log: String,
     /// `exits`: Bochs ticks per null exit (`bench_smp::bench_exits`), only when named.
     pub exits: bool,
     /// `exmap-smp`: Bochs ticks per ExMap page on 1, 2, 4 CPUs (`bench_exmap_smp`), only when named.
@@ -52,11 +54,17 @@ pub struct Options {
 
 impl Options {
     pub fn parse(args: &[String]) -> Result<Options> {
-        let mut o = Options { benches: Vec::new(), smp: false, smp_bochs: false, ipc: false, bufmgr: false, exits: false, exmap_smp: false, cpus: vec![1, 2, 4], configs: "abc".into(), probe: false, rounds: DEFAULT_ROUNDS, docs: false, upstream: None };
+        let mut o = Options { benches: Vec::new(), smp: false, smp_bochs: false, log: "warn".into(), ipc: false, bufmgr: false, exits: false, exmap_smp: false, cpus: vec![1, 2, 4], configs: "abc".into(), probe: false, rounds: DEFAULT_ROUNDS, docs: false, upstream: None };
         let mut it = args.iter();
         while let Some(a) = it.next() {
             match a.as_str() {
                 "--docs" => o.docs = true,
+                "--log" => {
+                    o.log = match it.next() {
+                        Some(l) if ["error", "warn", "info", "debug"].contains(&l.as_str()) => l.clone(),
+                        _ => bail!("`--log` wants error, warn, info or debug"),
+                    }
+                }
                 "--probe" => o.probe = true,
                 "--rounds" => {
                     o.rounds = match it.next().map(|v| v.parse::<usize>()) {
@@ -250,7 +258,7 @@ pub fn bench(o: &Options) -> Result<ExitCode> {
         return crate::bench_smp::bench_exits();
     }
     if o.smp_bochs && o.benches.is_empty() && !o.smp && !o.ipc && !o.bufmgr {
-        return crate::bench_smp::bench_bochs();
+        return crate::bench_smp::bench_bochs(&o.log);
     }
     if o.exmap_smp && o.benches.is_empty() && !o.smp && !o.ipc && !o.bufmgr {
         return crate::bench_exmap_smp::bench(&o.cpus, &o.configs, o.probe);

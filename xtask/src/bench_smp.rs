@@ -125,14 +125,15 @@ pub fn bench_exits() -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `cargo xtask bench smp-bochs`: only the Bochs part of `bench smp` (`bochs`).
-pub fn bench_bochs() -> Result<ExitCode> {
+/// `cargo xtask bench smp-bochs [--log LEVEL]`: only the Bochs part of `bench smp` (`bochs`),
+/// at log level `log` (`bench smp`: `warn`).
+pub fn bench_bochs(log: &str) -> Result<ExitCode> {
     let root = crate::root();
     let built = {
         let _lock = images::lock_build(&root)?;
         images::build_all(false)?
     };
-    bochs(&root, &built)?;
+    bochs(&root, &built, log)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -220,7 +221,7 @@ pub fn bench(rounds: usize) -> Result<ExitCode> {
         }
     }
     println!("(inside the hypervisor, `bench_frames`: each CPU through its own allocator core, no lock, all CPUs at once; {cores} host core(s))");
-    bochs(&root, &built)?;
+    bochs(&root, &built, "warn")?;
     crate::bench_exmap_smp::bench(&[1, 2, 4], "abc", false)
 }
 
@@ -234,7 +235,7 @@ pub fn bench(rounds: usize) -> Result<ExitCode> {
 /// other CPU and waits for it: inherent to one second-level table per guest), and (a) a
 /// guest per CPU (`cpu=K`: every unmount flushes locally, so what is left is the world lock
 /// and the hypervisor's shared state). Ratios from the guests' TSC ticks per operation.
-fn bochs(root: &std::path::Path, built: &images::Built) -> Result<()> {
+fn bochs(root: &std::path::Path, built: &images::Built, log: &str) -> Result<()> {
     crate::tools::require(&crate::tools::BOCHS)?;
     let config = Config::resolve(root, "bochs-vmx")?;
     let runs: [(&str, usize, String); 3] = [
@@ -246,7 +247,7 @@ fn bochs(root: &std::path::Path, built: &images::Built) -> Result<()> {
     let mut frame_ns: Vec<[f64; 2]> = Vec::new();
     for (k, (label, cpus, guests)) in runs.iter().enumerate() {
         let cpus = *cpus;
-        let cmdline = format!("bench=on log=warn guests={guests}");
+        let cmdline = format!("bench=on log={log} guests={guests}");
         let name = format!("bench-smp-{cpus}{}", ["", "b", "a"][k]);
         let iso = images::make_iso(built, &name, &cmdline)?;
         let dir = root.join(images::BUILD_DIR).join("bench");

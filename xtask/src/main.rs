@@ -128,7 +128,7 @@ usage: cargo xtask bench [allocator|morsel|exmap|smp|smp-bochs|ipc|bufmgr|exits|
   hypervisor, the morsel create+destroy and unmount+open rates and the shootdown cost, and
   Bochs' 2-CPU/1-CPU ratios of emulated time per operation (2 CPUs: one guest with a vCPU
   per CPU, whose unmounts shoot down the other CPU, and a guest per CPU, whose do not)
-  smp-bochs: only the Bochs part of smp
+  smp-bochs: only the Bochs part of smp; --log info runs it at that log level (default warn)
   ipc: boots two channel guests under QEMU (at most 5 rounds): ping-pong round trips per
   second and exits per round trip, doorbell + wait vs yield polling, on 1 and 2 CPUs; and
   the host CPU time of two guests idle for 3 s, waiting vs polling
