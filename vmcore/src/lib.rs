@@ -11,6 +11,7 @@ pub mod exits;
 pub mod flush;
 pub mod guestbytes;
 pub mod heap;
+pub mod hypercall;
 pub mod names;
 pub mod notify;
 pub mod reason;

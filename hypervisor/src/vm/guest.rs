@@ -12,7 +12,6 @@ use alloc::vec::Vec;
 use formats::elf;
 use morsel::{GuestPhysAddr, HostPhysAddr, Perm};
 use vmcore::guestbytes::GuestBytes;
-use vmcore::reason::Reason;
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
@@ -205,13 +204,11 @@ pub struct Guest<B: Backend> {
     /// What the guest's vCPUs read without the world lock (fixed at creation, and the
     /// console line buffers behind their own lock).
     pub shared: Arc<Shared>,
-    /// Why the hypercall being handled was refused, in words the guest's author can act on:
-    /// set by the handler (`refuse`), logged and cleared by the dispatcher (under the world
-    /// lock, so one call at a time). A fixed buffer: a guest refused in a loop allocates
-    /// nothing.
-    pub refusal: Option<Reason>,
-    /// Refused hypercalls so far (the first few are logged at INFO, the rest at DEBUG).
-    pub refusals: u32,
+    /// Why the hypercall being handled was refused, in words the guest's author can act on
+    /// (set by the handler, `refuse`; logged and cleared by the dispatcher under the world
+    /// lock, so one call at a time; a fixed buffer), and how many loud refusals it had
+    /// (`vmcore::hypercall::Refusals`: the first few at INFO, the rest at DEBUG).
+    pub refusals: vmcore::hypercall::Refusals,
     /// The exception vectors this guest takes through its own IDT (`guest_exceptions`).
     pub handled_exceptions: u32,
     _backend: core::marker::PhantomData<B>,
@@ -253,8 +250,7 @@ impl<B: Backend> Guest<B> {
             code: None,
             ended,
             shared: Arc::new(shared),
-            refusal: None,
-            refusals: 0,
+            refusals: vmcore::hypercall::Refusals::new(),
             handled_exceptions: 0,
             _backend: core::marker::PhantomData,
         };
@@ -304,8 +300,7 @@ impl<B: Backend> Guest<B> {
     /// `e`, with the reason (`format_args!`, formatted into a fixed buffer, cut at
     /// `vmcore::reason::REASON_MAX` bytes) the dispatcher logs beside it.
     pub fn refuse(&mut self, e: abi::Error, why: core::fmt::Arguments) -> abi::Error {
-        self.refusal = Some(Reason::format(why));
-        e
+        self.refusals.refuse(e, why)
     }
 
     /// The guest as the morsel directory sees it (`vmcore::directory`): its id, its

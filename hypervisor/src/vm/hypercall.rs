@@ -1,8 +1,9 @@
-//! Hypercall dispatch (ABI v1, `abi`): the raw call is decoded into a typed `abi::Call`
-//! (numbers, flags, lengths, wrapping ranges checked, host-tested in the abi crate) before any
-//! handler runs; handlers check the rest against the guest's memory (read through its own
-//! second-level table) and the hypervisor's state. Anything wrong is an error code in rax,
-//! never a fault in the hypervisor.
+//! The hypervisor's side of hypercall dispatch: the services a call reaches (`Serving`, the
+//! `vmcore::hypercall::Services` of one call under the world lock) and the deferred part of a
+//! call (`Unlocked`). The routing of a decoded `abi::Call`, the `Action` and the refusal policy
+//! are `vmcore::hypercall`'s (host-tested there); the services check what the abi crate could
+//! not against the guest's memory and the hypervisor's state. Anything wrong is an error code
+//! in rax, never a fault in the hypervisor.
 
 use super::guest::Guest;
 use crate::morsels::{Directory, PendingCreate, ProxyIo, Removed, Started};
@@ -10,28 +11,15 @@ use crate::morsels::exmap::{Batch, ExmapIo, Step};
 use super::{Backend, Regs};
 use crate::mm::frames::Frames;
 use crate::devices::pci::Bdf;
-use abi::{self, Call, Error, GuestSlice};
+use abi::{self, Error, GuestSlice};
+use vmcore::hypercall::Outcome;
 use morsel::GuestPhysAddr;
 
-/// The first refusals of each guest that are logged at INFO; later ones at DEBUG, so a
-/// guest that loops on a bad call does not flood the log.
-const LOUD_FAILURES: u32 = 8;
-
-/// What the scheduler does after a hypercall.
-#[allow(clippy::large_enum_variant)] // returned once per call, on the stack; no allocation
-pub enum Action<F: morsel::Format> {
-    Continue,
-    Yield,
-    /// The calling vCPU asked to exit, with this code.
-    Exit(i32),
-    /// The rest of the call is done by the vCPU loop with the world lock let go
-    /// (`Unlocked::run`, on the calling CPU's allocator core), then `finish`ed under it.
-    Unlocked(Unlocked<F>),
-    /// The call cannot start now (an ExMap region's lock is held by another vCPU's batch, for
-    /// an ExMap action or a mount of the region):
-    /// the vCPU issues it again, the world lock let go in between (`rax` still holds it).
-    Retry,
-}
+/// What the scheduler does after a hypercall (`vmcore::hypercall::Action`): its deferred part
+/// is run by the vCPU loop with the world lock let go (`Unlocked::run`, on the calling CPU's
+/// allocator core), then `finish`ed under it. `Retry`: an ExMap region's lock is held by
+/// another vCPU's batch (an ExMap action or a mount of the region).
+pub type Action<F> = vmcore::hypercall::Action<Unlocked<F>>;
 
 /// The lock-free part of a call (allocator work, zeroing, NVMe batches on pinned morsels;
 /// no shared state but the lock-free allocator and the NVMe driver, which is made for it).
@@ -114,214 +102,317 @@ pub struct Context<B: Backend> {
     pub bench: bool,
 }
 
-/// Handles the hypercall in `regs` (already past the instruction), writing status and value.
+/// Handles the hypercall in `regs` (already past the instruction), writing status and value
+/// (`vmcore::hypercall::handle` routes it to `Serving`).
 pub fn handle<B: Backend>(guest: &mut Guest<B>, caller: Caller, regs: &mut Regs, cx: &mut Context<B>) -> Action<B::Format> {
-    let nr = regs.rax;
-    // The calling CPU's allocator core: each core index is used by its own CPU only (inside
-    // and outside the world lock alike), as the allocator's contract asks.
-    let frames = cx.frames.for_cpu(caller.cpu).unwrap_or(cx.frames);
-    let call = Call::decode(nr, [regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9]);
-    let result = match call {
-        Err(e) => Err(e),
-        Ok(Call::Exit { code }) => {
-            guest.flush_console();
-            match caller.vcpu {
-                0 => log::info!(target: "vm", "guest {} ({}) exited with code {code}", guest.id, guest.spec.name),
-                v => log::info!(target: "vm", "guest {} ({}) vcpu {v} exited with code {code}", guest.id, guest.spec.name),
-            }
-            return Action::Exit(code);
-        }
-        Ok(Call::Yield) => {
-            set(regs, Ok(0));
-            return Action::Yield;
-        }
-        // A parked vCPU gives up the CPU; `Notify::ready` writes its result when it wakes.
-        Ok(Call::Wait { mask, timeout }) => match cx.notify.wait(guest, caller.vcpu, mask, timeout) {
-            Ok(None) => return Action::Yield,
-            other => other.map(|got| got.unwrap_or(0)),
-        },
-        Ok(Call::Sleep { us }) => match cx.notify.wait(guest, caller.vcpu, 0, abi::Timeout::Micros(us)) {
-            Ok(None) => return Action::Yield,
-            other => other.map(|got| got.unwrap_or(0)),
-        },
-        Ok(Call::BenchFrames { huge, count }) if cx.bench => {
-            let order = if huge { allocator::Order::HUGE } else { allocator::Order::BASE };
-            return Action::Unlocked(Unlocked::Bench { order, count });
-        }
-        Ok(Call::MorselCreate { name, size, flags }) => match cx.morsels.create(guest, &frames, name, size, flags) {
-            Ok(Started::Build(p)) => return Action::Unlocked(Unlocked::Build(p)),
-            Ok(Started::Done(gpa)) => {
-                cx.notify.entered(guest, gpa, caller.cpu);
-                Ok(gpa)
-            }
-            Err(e) => Err(e),
-        },
-        Ok(Call::MorselDestroy { name }) => match cx.morsels.destroy(guest, &frames, name) {
-            Ok(Some((name, removed))) => return Action::Unlocked(Unlocked::Free(name, removed)),
-            Ok(None) => Ok(0),
-            Err(e) => Err(e),
-        },
-        Ok(Call::Nvme { write, gpa, offset, lba, count }) => match cx.morsels.nvme_io(guest, cx.devices.as_mut(), &frames, write, gpa, offset, lba, count) {
-            Ok(p) => return Action::Unlocked(Unlocked::Proxy(p)),
-            Err(e) => Err(e),
-        },
-        Ok(Call::ExmapAction { region, iov, count, op }) => match cx.exmaps.action(&mut cx.morsels, cx.devices.as_mut(), guest, caller.vcpu, &frames, region, iov, count, op) {
-            Ok(Step::Disk(x)) => return Action::Unlocked(Unlocked::Exmap(x)),
-            Ok(Step::Batch(x)) => return Action::Unlocked(Unlocked::Batch(x)),
-            Ok(Step::Retry) => return Action::Retry,
-            Ok(Step::Done(failed)) => Ok(failed),
-            Err(e) => Err(e),
-        },
-        Ok(Call::MorselOpen { name, writable }) => match cx.morsels.open(guest, &frames, name, writable) {
-            Ok(Some(gpa)) => Ok(gpa),
-            // An ExMap batch holds the region: issued again, the world lock let go.
-            Ok(None) => return Action::Retry,
-            Err(e) => Err(e),
-        },
-        Ok(Call::BenchFrames { .. }) => Err(guest.refuse(Error::Denied, format_args!("the hypervisor runs without bench=on"))),
-        Ok(call) => dispatch(call, guest, caller, cx, &frames),
-    };
-    conclude(guest, nr, regs, result);
-    Action::Continue
+    vmcore::hypercall::handle(&mut Serving::new(guest, caller, cx), regs)
 }
 
 /// Finishes a call whose `Unlocked` part ran (`regs.rax` still holds its number).
 pub fn finish<B: Backend>(guest: &mut Guest<B>, caller: Caller, regs: &mut Regs, cx: &mut Context<B>, done: Unlocked<B::Format>) {
-    let frames = cx.frames.for_cpu(caller.cpu).unwrap_or(cx.frames);
-    let result = match done {
-        Unlocked::Done(result) => result,
-        Unlocked::Build(p) => cx.morsels.create_finish(guest, &frames, p).inspect(|&gpa| cx.notify.entered(guest, gpa, caller.cpu)),
-        Unlocked::Proxy(p) => cx.morsels.nvme_finish(cx.devices.as_mut(), &frames, p),
-        Unlocked::Exmap(x) => cx.exmaps.finish(&mut cx.morsels, cx.devices.as_mut(), Some(guest), &frames, x),
-        Unlocked::Batch(x) => cx.exmaps.finish_batch(Some(guest), &frames, x),
-        // Not run (never here: `run` answers them as `Done`).
-        Unlocked::Bench { .. } | Unlocked::Free(..) => Err(Error::Invalid),
-    };
-    conclude(guest, regs.rax, regs, result);
+    vmcore::hypercall::finish(&mut Serving::new(guest, caller, cx), regs, done);
 }
 
 /// A call whose `Unlocked` part ran for a guest that is gone: what it holds goes back.
 /// An NVMe batch is ended all the same (its morsel unmounted from the device and unpinned).
 pub fn abandon<B: Backend>(caller: Caller, cx: &mut Context<B>, done: Unlocked<B::Format>) {
     let frames = cx.frames.for_cpu(caller.cpu).unwrap_or(cx.frames);
-    match done {
-        Unlocked::Build(p) => cx.morsels.abandon(&frames, p),
-        Unlocked::Proxy(p) => {
-            let _ = cx.morsels.nvme_finish(cx.devices.as_mut(), &frames, p);
-        }
-        Unlocked::Exmap(x) => {
-            let _ = cx.exmaps.finish::<B>(&mut cx.morsels, cx.devices.as_mut(), None, &frames, x);
-        }
-        Unlocked::Batch(x) => {
-            let _ = cx.exmaps.finish_batch::<B>(None, &frames, x);
-        }
-        Unlocked::Bench { .. } | Unlocked::Free(..) | Unlocked::Done(_) => {}
-    }
+    vmcore::hypercall::abandon(&mut Orphaned { cx, frames }, done);
 }
 
-/// A refusal that is part of a normal protocol, not a mistake: opening a name that does not
-/// exist yet (a rendezvous), ringing a doorbell nobody subscribed to yet. Logged at DEBUG and
-/// not counted among the guest's loud refusals.
-fn expected(nr: u64, e: Error) -> bool {
-    matches!((nr, e), (abi::HC_MORSEL_OPEN, Error::NotFound) | (abi::HC_NOTIFY, Error::NoReceiver))
-}
-
-/// Logs a refusal (the first few of a guest at INFO) and writes status and value.
-fn conclude<B: Backend>(guest: &mut Guest<B>, nr: u64, regs: &mut Regs, result: Result<u64, Error>) {
-    let reason = guest.refusal.take();
-    if let Err(e) = result {
-        if expected(nr, e) {
-            log::debug!(target: "vm", "guest {} ({}): {} ({nr:#x}) refused ({e}), as guests expect it to be",
-                guest.id, guest.spec.name, Call::name_of(nr));
-            set(regs, result);
-            return;
-        }
-        guest.refusals = guest.refusals.saturating_add(1);
-        let n = guest.refusals;
-        let level = if n <= LOUD_FAILURES { log::Level::Info } else { log::Level::Debug };
-        let why = reason.as_ref().map_or("", |r| r.as_str());
-        let sep = if why.is_empty() { "" } else { ": " };
-        log::log!(target: "vm", level, "guest {} ({}): {} ({nr:#x}) refused ({e}){sep}{why}{}",
-            guest.id, guest.spec.name, Call::name_of(nr), if n == LOUD_FAILURES { " (later refusals of this guest at log=debug)" } else { "" });
-    }
-    set(regs, result);
-}
-
-/// Runs a decoded call that returns to the guest.
-fn dispatch<B: Backend>(call: Call, guest: &mut Guest<B>, caller: Caller, cx: &mut Context<B>, frames: &Frames) -> Result<u64, Error> {
-    let morsels = &mut cx.morsels;
-    let devices = cx.devices.as_mut();
-    match call {
-        Call::Info { what } => info(guest, caller, cx.guest_count, what, cx.notify.injected(guest.id)),
-        Call::ConsoleWrite { text } => console_write(guest, caller, text),
-        Call::MorselUnmount { gpa } => {
-            let name = guest.mounts.iter().find(|m| m.gpa == gpa).map(|m| m.name);
-            // One shootdown, committed before the world lock is let go.
-            let done = morsels.unmount(guest, frames, gpa).map(|flush| {
-                flush.commit(&mut super::shootdown::Hw(devices));
-                0
-            });
-            if let (Ok(_), Some(name)) = (&done, name) {
-                cx.notify.unmounted(guest.id, &name);
-            }
-            done
-        }
-        Call::MorselSize { gpa } => morsels.size(guest, gpa),
-        Call::MorselStats => {
-            morsels.log_stats();
-            crate::morsels::exmap::Exmaps::log_stats(morsels);
-            super::shootdown::log_stats();
-            Ok(0)
-        }
-        Call::ExmapCreate { name, size, share_writable } => {
-            cx.exmaps.create(morsels, guest, frames, name, size, share_writable).inspect(|&gpa| cx.notify.entered(guest, gpa, caller.cpu))
-        }
-        Call::NameWatch { name, bits } => {
-            let name = crate::morsels::read_name(guest, name)?;
-            let there = morsels.exists(&name);
-            cx.notify.watch(guest, caller.vcpu, &name, bits, there)
-        }
-        Call::ExmapInfo { region, what } => cx.exmaps.info(morsels, guest, region, what),
-        Call::DeviceMount { name, bdf, iova, writable } => morsels.device_mount(guest, devices, frames, name, Bdf::from_source_id(bdf), iova, writable),
-        Call::DeviceUnmount { bdf, iova } => morsels.device_unmount(guest, devices, frames, Bdf::from_source_id(bdf), iova),
-        Call::EduDma { to_device, iova, len } => morsels.edu_dma(guest, devices, to_device, iova, len),
-        Call::GuestExceptions { mask } => {
-            // Every vCPU of the guest takes the new bitmap before its next entry (`sched`).
-            Ok(core::mem::replace(&mut guest.handled_exceptions, mask) as u64)
-        }
-        Call::NotifySubscribe { gpa, vector } => cx.notify.subscribe(guest, gpa, vector),
-        Call::Notify { gpa, bits } => cx.notify.notify(guest, caller.vcpu, caller.cpu, gpa, bits),
-        Call::Timer { us, vector } => cx.notify.timer(guest, caller.vcpu, us, vector),
-        // Handled by `handle`.
-        Call::Exit { .. } | Call::Yield | Call::Wait { .. } | Call::Sleep { .. } | Call::BenchFrames { .. }
-        | Call::MorselCreate { .. } | Call::MorselDestroy { .. } | Call::Nvme { .. } | Call::ExmapAction { .. }
-        | Call::MorselOpen { .. } => Err(Error::Invalid),
-    }
-}
-
-/// A call's status and value into `regs` (`vmcore::vcpu::answer`). A call from guest user
-/// mode (CPL > 0) is answered `Denied` there without reaching `handle`: the guest kernel
-/// decides what its user mode may do.
-fn set(regs: &mut Regs, result: Result<u64, Error>) {
+/// Writes a call's status and value (a lock-free call's too).
+pub fn answer(regs: &mut Regs, result: Result<u64, Error>) {
     vmcore::vcpu::answer(regs, result);
+}
+
+/// One call of one guest vCPU, the world lock held: what `vmcore::hypercall` routes it to.
+/// `frames`: the calling CPU's allocator core (each core index is used by its own CPU only,
+/// inside and outside the world lock alike, as the allocator's contract asks).
+pub struct Serving<'a, B: Backend> {
+    guest: &'a mut Guest<B>,
+    caller: Caller,
+    cx: &'a mut Context<B>,
+    frames: Frames,
+}
+
+impl<'a, B: Backend> Serving<'a, B> {
+    fn new(guest: &'a mut Guest<B>, caller: Caller, cx: &'a mut Context<B>) -> Self {
+        let frames = cx.frames.for_cpu(caller.cpu).unwrap_or(cx.frames);
+        Serving { guest, caller, cx, frames }
+    }
+}
+
+/// `info` of fixed state, answered without the world lock (`sched::lockless`).
+struct Fixed<'a> {
+    shared: &'a super::guest::Shared,
+    caller: Caller,
+    guest_count: u64,
+}
+
+impl vmcore::hypercall::Facts for Fixed<'_> {
+    fn guest_id(&self) -> u64 {
+        self.shared.id as u64
+    }
+    fn memory(&self) -> u64 {
+        self.shared.memory
+    }
+    fn guest_count(&self) -> u64 {
+        self.guest_count
+    }
+    fn vcpu_index(&self) -> u64 {
+        self.caller.vcpu as u64
+    }
+    fn vcpu_count(&self) -> u64 {
+        self.shared.vcpus as u64
+    }
+    fn cpu_index(&self) -> u64 {
+        self.caller.cpu as u64
+    }
+    fn tsc_per_us(&self) -> u64 {
+        crate::platform::time::tsc_per_us()
+    }
+    fn slice_us(&self) -> u64 {
+        super::sched::SLICE_US
+    }
+}
+
+impl<B: Backend> Serving<'_, B> {
+    fn fixed(&self) -> Fixed<'_> {
+        Fixed { shared: &self.guest.shared, caller: self.caller, guest_count: self.cx.guest_count }
+    }
+}
+
+impl<B: Backend> vmcore::hypercall::Facts for Serving<'_, B> {
+    fn guest_id(&self) -> u64 {
+        self.fixed().guest_id()
+    }
+    fn memory(&self) -> u64 {
+        self.fixed().memory()
+    }
+    fn guest_count(&self) -> u64 {
+        self.fixed().guest_count()
+    }
+    fn vcpu_index(&self) -> u64 {
+        self.fixed().vcpu_index()
+    }
+    fn vcpu_count(&self) -> u64 {
+        self.fixed().vcpu_count()
+    }
+    fn cpu_index(&self) -> u64 {
+        self.fixed().cpu_index()
+    }
+    fn tsc_per_us(&self) -> u64 {
+        self.fixed().tsc_per_us()
+    }
+    fn slice_us(&self) -> u64 {
+        self.fixed().slice_us()
+    }
+}
+
+impl<B: Backend> vmcore::hypercall::Services for Serving<'_, B> {
+    type Deferred = Unlocked<B::Format>;
+
+    fn refusals(&mut self) -> (vmcore::hypercall::Who<'_>, &mut vmcore::hypercall::Refusals) {
+        let g = &mut *self.guest;
+        (vmcore::hypercall::Who { guest: g.id, name: g.spec.name, vcpu: self.caller.vcpu }, &mut g.refusals)
+    }
+
+    fn bench(&self) -> bool {
+        self.cx.bench
+    }
+
+    fn flush_console(&mut self) {
+        self.guest.flush_console();
+    }
+
+    fn console_write(&mut self, text: GuestSlice) -> Result<u64, Error> {
+        let mut buf = [0u8; abi::CONSOLE_MAX as usize];
+        let buf = &mut buf[..text.len as usize];
+        self.guest.mem.read(GuestPhysAddr::new(text.ptr), buf)?;
+        self.guest.console(self.caller.vcpu, buf);
+        Ok(text.len)
+    }
+
+    fn wait(&mut self, mask: u64, timeout: abi::Timeout) -> Result<Option<u64>, Error> {
+        self.cx.notify.wait(self.guest, self.caller.vcpu, mask, timeout)
+    }
+
+    fn bench_frames(&mut self, huge: bool, count: u64) -> Unlocked<B::Format> {
+        let order = if huge { allocator::Order::HUGE } else { allocator::Order::BASE };
+        Unlocked::Bench { order, count }
+    }
+
+    fn exits(&self) -> u64 {
+        self.guest.exits.iter().sum()
+    }
+
+    fn slices(&self) -> u64 {
+        self.guest.exits[super::ExitKind::Preempted as usize]
+    }
+
+    fn interrupts(&self) -> u64 {
+        self.cx.notify.injected(self.guest.id)
+    }
+
+    fn morsel_create(&mut self, name: abi::Name, size: u64, flags: abi::CreateFlags) -> Outcome<Unlocked<B::Format>> {
+        match self.cx.morsels.create(self.guest, &self.frames, name, size, flags) {
+            Ok(Started::Build(p)) => Outcome::Defer(Unlocked::Build(p)),
+            Ok(Started::Done(gpa)) => {
+                self.cx.notify.entered(self.guest, gpa, self.caller.cpu);
+                Outcome::Answer(Ok(gpa))
+            }
+            Err(e) => Outcome::Answer(Err(e)),
+        }
+    }
+
+    fn morsel_open(&mut self, name: abi::Name, writable: bool) -> Outcome<Unlocked<B::Format>> {
+        match self.cx.morsels.open(self.guest, &self.frames, name, writable) {
+            Ok(Some(gpa)) => Outcome::Answer(Ok(gpa)),
+            // An ExMap batch holds the region: issued again, the world lock let go.
+            Ok(None) => Outcome::Retry,
+            Err(e) => Outcome::Answer(Err(e)),
+        }
+    }
+
+    fn morsel_unmount(&mut self, gpa: u64) -> Result<u64, Error> {
+        let name = self.guest.mounts.iter().find(|m| m.gpa == gpa).map(|m| m.name);
+        let devices = self.cx.devices.as_mut();
+        // One shootdown, committed before the world lock is let go.
+        let done = self.cx.morsels.unmount(self.guest, &self.frames, gpa).map(|flush| {
+            flush.commit(&mut super::shootdown::Hw(devices));
+            0
+        });
+        if let (Ok(_), Some(name)) = (&done, name) {
+            self.cx.notify.unmounted(self.guest.id, &name);
+        }
+        done
+    }
+
+    fn morsel_destroy(&mut self, name: abi::Name) -> Outcome<Unlocked<B::Format>> {
+        match self.cx.morsels.destroy(self.guest, &self.frames, name) {
+            Ok(Some((name, removed))) => Outcome::Defer(Unlocked::Free(name, removed)),
+            Ok(None) => Outcome::Answer(Ok(0)),
+            Err(e) => Outcome::Answer(Err(e)),
+        }
+    }
+
+    fn morsel_size(&mut self, gpa: u64) -> Result<u64, Error> {
+        self.cx.morsels.size(self.guest, gpa)
+    }
+
+    fn morsel_stats(&mut self) {
+        self.cx.morsels.log_stats();
+        crate::morsels::exmap::Exmaps::log_stats(&self.cx.morsels);
+        super::shootdown::log_stats();
+    }
+
+    fn device_mount(&mut self, name: abi::Name, bdf: u16, iova: u64, writable: bool) -> Result<u64, Error> {
+        self.cx.morsels.device_mount(self.guest, self.cx.devices.as_mut(), &self.frames, name, Bdf::from_source_id(bdf), iova, writable)
+    }
+
+    fn device_unmount(&mut self, bdf: u16, iova: u64) -> Result<u64, Error> {
+        self.cx.morsels.device_unmount(self.guest, self.cx.devices.as_mut(), &self.frames, Bdf::from_source_id(bdf), iova)
+    }
+
+    fn edu_dma(&mut self, to_device: bool, iova: u64, len: u64) -> Result<u64, Error> {
+        self.cx.morsels.edu_dma(self.guest, self.cx.devices.as_mut(), to_device, iova, len)
+    }
+
+    fn nvme(&mut self, write: bool, gpa: u64, offset: u64, lba: u64, count: u64) -> Outcome<Unlocked<B::Format>> {
+        match self.cx.morsels.nvme_io(self.guest, self.cx.devices.as_mut(), &self.frames, write, gpa, offset, lba, count) {
+            Ok(p) => Outcome::Defer(Unlocked::Proxy(p)),
+            Err(e) => Outcome::Answer(Err(e)),
+        }
+    }
+
+    fn exmap_create(&mut self, name: abi::Name, size: u64, share_writable: bool) -> Result<u64, Error> {
+        let cx = &mut *self.cx;
+        cx.exmaps.create(&mut cx.morsels, self.guest, &self.frames, name, size, share_writable)
+            .inspect(|&gpa| cx.notify.entered(self.guest, gpa, self.caller.cpu))
+    }
+
+    fn exmap_action(&mut self, region: u64, iov: u64, count: u64, op: abi::ExmapOp) -> Outcome<Unlocked<B::Format>> {
+        let cx = &mut *self.cx;
+        match cx.exmaps.action(&mut cx.morsels, cx.devices.as_mut(), self.guest, self.caller.vcpu, &self.frames, region, iov, count, op) {
+            Ok(Step::Disk(x)) => Outcome::Defer(Unlocked::Exmap(x)),
+            Ok(Step::Batch(x)) => Outcome::Defer(Unlocked::Batch(x)),
+            Ok(Step::Retry) => Outcome::Retry,
+            Ok(Step::Done(failed)) => Outcome::Answer(Ok(failed)),
+            Err(e) => Outcome::Answer(Err(e)),
+        }
+    }
+
+    fn exmap_info(&mut self, region: u64, what: u64) -> Result<u64, Error> {
+        self.cx.exmaps.info(&mut self.cx.morsels, self.guest, region, what)
+    }
+
+    fn guest_exceptions(&mut self, mask: u32) -> u32 {
+        // Every vCPU of the guest takes the new bitmap before its next entry (`sched`).
+        core::mem::replace(&mut self.guest.handled_exceptions, mask)
+    }
+
+    fn notify_subscribe(&mut self, gpa: u64, vector: Option<u8>) -> Result<u64, Error> {
+        self.cx.notify.subscribe(self.guest, gpa, vector)
+    }
+
+    fn notify(&mut self, gpa: u64, bits: u64) -> Result<u64, Error> {
+        self.cx.notify.notify(self.guest, self.caller.vcpu, self.caller.cpu, gpa, bits)
+    }
+
+    fn timer(&mut self, us: u64, vector: u8) -> Result<u64, Error> {
+        self.cx.notify.timer(self.guest, self.caller.vcpu, us, vector)
+    }
+
+    fn name_watch(&mut self, name: abi::Name, bits: u64) -> Result<u64, Error> {
+        let name = crate::morsels::read_name(self.guest, name)?;
+        let there = self.cx.morsels.exists(&name);
+        self.cx.notify.watch(self.guest, self.caller.vcpu, &name, bits, there)
+    }
+
+    fn finish(&mut self, done: Unlocked<B::Format>) -> Result<u64, Error> {
+        let (cx, guest, frames) = (&mut *self.cx, &mut *self.guest, &self.frames);
+        match done {
+            Unlocked::Done(result) => result,
+            Unlocked::Build(p) => cx.morsels.create_finish(guest, frames, p).inspect(|&gpa| cx.notify.entered(guest, gpa, self.caller.cpu)),
+            Unlocked::Proxy(p) => cx.morsels.nvme_finish(cx.devices.as_mut(), frames, p),
+            Unlocked::Exmap(x) => cx.exmaps.finish(&mut cx.morsels, cx.devices.as_mut(), Some(guest), frames, x),
+            Unlocked::Batch(x) => cx.exmaps.finish_batch(Some(guest), frames, x),
+            // Not run (never here: `run` answers them as `Done`).
+            Unlocked::Bench { .. } | Unlocked::Free(..) => Err(Error::Invalid),
+        }
+    }
+}
+
+/// The world under its lock with the call's guest gone (`abandon`).
+struct Orphaned<'a, B: Backend> {
+    cx: &'a mut Context<B>,
+    frames: Frames,
+}
+
+impl<B: Backend> vmcore::hypercall::GiveBack<Unlocked<B::Format>> for Orphaned<'_, B> {
+    fn give_back(&mut self, done: Unlocked<B::Format>) {
+        let (cx, frames) = (&mut *self.cx, &self.frames);
+        match done {
+            Unlocked::Build(p) => cx.morsels.abandon(frames, p),
+            Unlocked::Proxy(p) => {
+                let _ = cx.morsels.nvme_finish(cx.devices.as_mut(), frames, p);
+            }
+            Unlocked::Exmap(x) => {
+                let _ = cx.exmaps.finish::<B>(&mut cx.morsels, cx.devices.as_mut(), None, frames, x);
+            }
+            Unlocked::Batch(x) => {
+                let _ = cx.exmaps.finish_batch::<B>(None, frames, x);
+            }
+            Unlocked::Bench { .. } | Unlocked::Free(..) | Unlocked::Done(_) => {}
+        }
+    }
 }
 
 /// `info(what)` for the selectors `vmcore::exits::info_is_local` names: answered from the
 /// guest's fixed state, no world lock needed (`sched::lockless` calls it without).
+#[inline]
 pub fn info_local(shared: &super::guest::Shared, caller: Caller, guest_count: u64, what: u64) -> Option<u64> {
-    Some(match what {
-        abi::INFO_ABI_VERSION => abi::ABI_VERSION,
-        abi::INFO_GUEST_ID => shared.id as u64,
-        abi::INFO_MEMORY_SIZE => shared.memory,
-        abi::INFO_GUEST_COUNT => guest_count,
-        abi::INFO_LOG_LEVEL => log::max_level() as u64,
-        abi::INFO_VCPU_INDEX => caller.vcpu as u64,
-        abi::INFO_VCPU_COUNT => shared.vcpus as u64,
-        abi::INFO_CPU_INDEX => caller.cpu as u64,
-        abi::INFO_TSC_PER_US => crate::platform::time::tsc_per_us(),
-        abi::INFO_SLICE_US => super::sched::SLICE_US,
-        _ => return None,
-    })
+    vmcore::hypercall::info_local(&Fixed { shared, caller, guest_count }, what)
 }
 
 /// `console_write` of a text in guest RAM, no world lock needed (`sched::lockless`); None
@@ -335,29 +426,4 @@ pub fn console_local(shared: &super::guest::Shared, caller: Caller, text: GuestS
     })?;
     shared.console(caller.vcpu, buf);
     Some(text.len)
-}
-
-/// Writes a call's status and value (a lock-free call's too).
-pub fn answer(regs: &mut Regs, result: Result<u64, Error>) {
-    set(regs, result);
-}
-
-fn info<B: Backend>(guest: &Guest<B>, caller: Caller, guest_count: u64, what: u64, injected: u64) -> Result<u64, Error> {
-    if let Some(v) = info_local(&guest.shared, caller, guest_count, what) {
-        return Ok(v);
-    }
-    match what {
-        abi::INFO_EXITS => Ok(guest.exits.iter().sum()),
-        abi::INFO_SLICES => Ok(guest.exits[super::ExitKind::Preempted as usize]),
-        abi::INFO_INTERRUPTS => Ok(injected),
-        _ => Err(Error::NoSuchCall),
-    }
-}
-
-fn console_write<B: Backend>(guest: &mut Guest<B>, caller: Caller, text: GuestSlice) -> Result<u64, Error> {
-    let mut buf = [0u8; abi::CONSOLE_MAX as usize];
-    let buf = &mut buf[..text.len as usize];
-    guest.mem.read(GuestPhysAddr::new(text.ptr), buf)?;
-    guest.console(caller.vcpu, buf);
-    Ok(text.len)
 }
