@@ -1041,6 +1041,17 @@ struct DiskStats {
     interrupts: u64,
 }
 
+/// A second-level fault at `gpa` that is mapped by the time it is reported, inside a mount
+/// that allows the access: the page was unpopulated when the vCPU touched it and another
+/// vCPU's ExMap ALLOC populated it again before the report (the report runs after the fault,
+/// under the world lock, while sibling batches go on without it).
+pub fn describe_refilled<B: Backend>(g: &Guest<B>, gpa: u64, write: bool) -> Option<String> {
+    let m = g.mounts.iter().find(|m| m.gpa <= gpa && gpa < m.gpa + m.size && (m.writable || !write))?;
+    let off = gpa - m.gpa;
+    Some(alloc::format!("page {} (offset {off:#x}) of '{}' (unpopulated at the fault, populated again since)",
+        off / 4096, m.name))
+}
+
 /// What a second-level fault at `gpa` hit, where the guest has a morsel mounted there:
 /// "page N (offset) of 'name', not populated", or past the morsel's end.
 pub fn describe_fault<B: Backend>(g: &Guest<B>, gpa: u64) -> Option<String> {

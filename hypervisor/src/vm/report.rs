@@ -69,9 +69,9 @@ pub(super) fn stop<B: Backend>(guest: &mut Guest<B>, exit: Exit, rip: u64) {
     match exit {
         Exit::SecondLevelFault { gpa, write, fetch, .. } => {
             let access = if fetch { "fetch" } else if write { "write" } else { "read" };
+            let refilled = || crate::morsels::exmap::describe_refilled(guest, gpa, write);
             let what = match guest.mem.is_mapped(GuestPhysAddr::new(gpa)) {
-                true if write => "violation of a read-only mapping".into(),
-                true => "violation".into(),
+                true => refilled().unwrap_or_else(|| if write { "violation of a read-only mapping".into() } else { "violation".into() }),
                 false => crate::morsels::exmap::describe_fault(guest, gpa).unwrap_or_else(|| "outside its memory".into()),
             };
             log::error!(target: "vm", "guest {id} ({name}) stopped: {access} {what} at guest-physical {gpa:#x}, RIP {rip:#x}");
