@@ -182,35 +182,12 @@ impl<B: Backend> Serving<'_, B> {
     }
 }
 
-impl<B: Backend> vmcore::hypercall::Facts for Serving<'_, B> {
-    fn guest_id(&self) -> u64 {
-        self.fixed().guest_id()
-    }
-    fn memory(&self) -> u64 {
-        self.fixed().memory()
-    }
-    fn guest_count(&self) -> u64 {
-        self.fixed().guest_count()
-    }
-    fn vcpu_index(&self) -> u64 {
-        self.fixed().vcpu_index()
-    }
-    fn vcpu_count(&self) -> u64 {
-        self.fixed().vcpu_count()
-    }
-    fn cpu_index(&self) -> u64 {
-        self.fixed().cpu_index()
-    }
-    fn tsc_per_us(&self) -> u64 {
-        self.fixed().tsc_per_us()
-    }
-    fn slice_us(&self) -> u64 {
-        self.fixed().slice_us()
-    }
-}
-
 impl<B: Backend> vmcore::hypercall::Services for Serving<'_, B> {
     type Deferred = Unlocked<B::Format>;
+
+    fn facts(&self) -> impl vmcore::hypercall::Facts + '_ {
+        self.fixed()
+    }
 
     fn refusals(&mut self) -> (vmcore::hypercall::Who<'_>, &mut vmcore::hypercall::Refusals) {
         let g = &mut *self.guest;

@@ -173,9 +173,12 @@ pub fn info_local<F: Facts + ?Sized>(f: &F, what: u64) -> Option<u64> {
 /// method per call or call family, each with the arguments `abi::Call` decoded. Methods
 /// that answer at once return the guest's answer; those that may defer work or be retried
 /// return an `Outcome`. A refusal's reason goes into `refusals().1` (`Refusals::refuse`).
-pub trait Services: Facts {
+pub trait Services {
     /// The deferred part of a call (run with the world lock let go, then `finish`ed).
     type Deferred;
+
+    /// The calling vCPU's fixed state, for `info` (`info_local`).
+    fn facts(&self) -> impl Facts + '_;
 
     /// The calling guest and vCPU, and the guest's refusals.
     fn refusals(&mut self) -> (Who<'_>, &mut Refusals);
@@ -321,7 +324,7 @@ fn dispatch<S: Services>(s: &mut S, call: Call) -> Result<u64, Error> {
 
 /// `info(what)`: fixed state (`info_local`), else the guest's counters.
 fn info<S: Services>(s: &S, what: u64) -> Result<u64, Error> {
-    if let Some(v) = info_local(s, what) {
+    if let Some(v) = info_local(&s.facts(), what) {
         return Ok(v);
     }
     match what {

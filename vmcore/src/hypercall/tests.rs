@@ -113,7 +113,10 @@ impl Fake {
     }
 }
 
-impl Facts for Fake {
+/// The fake's fixed state (`Services::facts`).
+struct FakeFacts;
+
+impl Facts for FakeFacts {
     fn guest_id(&self) -> u64 {
         3
     }
@@ -141,6 +144,10 @@ impl Facts for Fake {
 }
 
 impl Services for Fake {
+    fn facts(&self) -> impl Facts + '_ {
+        FakeFacts
+    }
+
     type Deferred = Work;
 
     fn refusals(&mut self) -> (Who<'_>, &mut Refusals) {
@@ -593,8 +600,7 @@ fn info_selectors_answer_from_their_source() {
         (INFO_SLICE_US, 10_000),
     ];
     for (what, want) in local {
-        let s = Fake::new();
-        assert_eq!(info_local(&s, what), Some(want), "selector {what}");
+        assert_eq!(info_local(&FakeFacts, what), Some(want), "selector {what}");
         let mut s = Fake::new();
         let mut r = regs(HC_INFO, [what, 0, 0, 0, 0, 0]);
         handle(&mut s, &mut r);
@@ -602,8 +608,7 @@ fn info_selectors_answer_from_their_source() {
         assert_eq!(s.calls(), [], "selector {what} needs no world");
     }
     for (what, svc, want) in [(INFO_EXITS, Svc::Exits, 100), (INFO_SLICES, Svc::Slices, 101), (INFO_INTERRUPTS, Svc::Interrupts, 102)] {
-        let s = Fake::new();
-        assert_eq!(info_local(&s, what), None, "selector {what} is the world's");
+        assert_eq!(info_local(&FakeFacts, what), None, "selector {what} is the world's");
         let mut s = Fake::new();
         let mut r = regs(HC_INFO, [what, 0, 0, 0, 0, 0]);
         handle(&mut s, &mut r);
