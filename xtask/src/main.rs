@@ -15,6 +15,7 @@ mod cmdline;
 mod disk;
 mod doc;
 mod emulator;
+mod hang;
 mod images;
 mod machine;
 mod newguest;

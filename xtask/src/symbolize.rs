@@ -51,6 +51,16 @@ impl Symbolizer {
         out
     }
 
+    /// Which ELF knows `addr` (the hypervisor's first, then the guests' in the order given to
+    /// `new`) and its `function (file:line)` there.
+    pub fn anywhere(&mut self, addr: u64) -> Option<(String, String)> {
+        let mut elfs = vec![("hypervisor".to_string(), self.hypervisor.clone())];
+        let mut guests: Vec<(String, PathBuf)> = self.guests.iter().map(|(n, p)| (format!("guest {n}"), p.clone())).collect();
+        guests.sort();
+        elfs.extend(guests);
+        elfs.into_iter().find_map(|(which, elf)| Some((which, self.lookup(&elf, addr)?)))
+    }
+
     /// `function (file:line)` for `addr` in `elf`, innermost inlined frame first.
     pub fn lookup(&mut self, elf: &Path, addr: u64) -> Option<String> {
         let (loader, code, labels) = self

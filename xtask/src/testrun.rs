@@ -497,6 +497,8 @@ struct Outcome {
     serial: String,
     serial_path: PathBuf,
     emulator_log: PathBuf,
+    /// A QEMU run that timed out: each CPU's registers just before it was stopped (`hang`).
+    hang: Vec<String>,
 }
 
 /// The files that every boot of a job shares, made fresh before the first.
@@ -753,6 +755,12 @@ fn failure_details(job: &Job, boot: usize, o: &Outcome, problems: &[String]) -> 
     let which = which_boot(job, boot);
     let mut details: String = problems.iter().map(|p| format!("    {which}{p}\n")).collect();
     details.push_str(&tail_block(&o.serial, &format!("serial log {}", o.serial_path.display())));
+    if !o.hang.is_empty() {
+        details.push_str("    --- each CPU when it timed out (QEMU monitor) ---\n");
+        for l in &o.hang {
+            details.push_str(&format!("    | {l}\n"));
+        }
+    }
     if let Ok(text) = std::fs::read_to_string(&o.emulator_log) {
         let useful: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
         if !useful.is_empty() && job.config.emulator == Emulator::Qemu {
@@ -787,7 +795,7 @@ fn file_stem(job: &Job, boot: usize) -> String {
 /// the serial output that came meanwhile (at most `TICK` is waited for it) and returns when the
 /// emulator is to be stopped, if it is. Stopping is SIGKILL followed by a wait: the emulator is
 /// gone when this returns.
-fn supervise(m: &mut Machine, deadline: Instant, mut watch: impl FnMut(&[u8]) -> Option<Instant>) -> Result<End> {
+fn supervise(m: &mut Machine, deadline: Instant, mut watch: impl FnMut(&[u8]) -> Option<Instant>, mut at_timeout: impl FnMut()) -> Result<End> {
     let mut stop_at: Option<Instant> = None;
     loop {
         if let Some(e) = m.try_wait()? {
@@ -796,6 +804,9 @@ fn supervise(m: &mut Machine, deadline: Instant, mut watch: impl FnMut(&[u8]) ->
         let now = Instant::now();
         let timed_out = now >= deadline;
         if timed_out || stop_at.is_some_and(|t| now >= t) {
+            if timed_out {
+                at_timeout();
+            }
             let e = m.kill()?;
             return Ok(match e.status.code() {
                 Some(code) => End::Exited(Some(code)), // it ended on its own just before
@@ -807,6 +818,31 @@ fn supervise(m: &mut Machine, deadline: Instant, mut watch: impl FnMut(&[u8]) ->
         let new = m.serial(TICK.min(until - now));
         stop_at = watch(&new);
     }
+}
+
+/// Each CPU's registers from QEMU's monitor, RIPs named from the hypervisor's and this
+/// boot's guests' ELFs (`hang`), or the one line that says why not.
+fn registers_at_timeout(monitor: Option<&Path>, built: &images::Built, cmdline: &str) -> Vec<String> {
+    let Some(path) = monitor else { return Vec::new() };
+    let guests: Vec<(String, PathBuf)> =
+        built.guests.iter().filter(|(name, _)| cmdline.contains(name.as_str())).cloned().collect();
+    let mut symbols = crate::symbolize::Symbolizer::new(&built.hypervisor, &guests);
+    // Three looks 200 ms apart: a CPU that stays at one RIP spins or waits there.
+    let mut out = Vec::new();
+    for look in 1..=3 {
+        match crate::hang::registers(path) {
+            Ok(text) => match crate::hang::summarize(&text, &mut symbols) {
+                lines if lines.is_empty() => out.push(format!("no registers in the monitor's answer: {:?}", text.chars().take(200).collect::<String>())),
+                lines => out.extend(lines.into_iter().map(|l| format!("look {look}: {l}"))),
+            },
+            Err(e) => {
+                out.push(e);
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    out
 }
 
 /// QEMU's serial output as it comes (not line by line, so a kill text is seen at once): kept
@@ -874,10 +910,15 @@ struct Launch {
     cmd: Command,
     serial_path: PathBuf,
     emulator_log: PathBuf,
+    /// QEMU's monitor socket, asked for the registers of a run that timed out.
+    monitor: Option<PathBuf>,
 }
 
 struct Qemu;
 struct Bochs;
+
+/// Numbers the QEMU runs of this process (their monitor sockets).
+static MONITORS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 fn driver(e: Emulator) -> &'static dyn Driver {
     match e {
@@ -896,15 +937,18 @@ impl Driver for Qemu {
         qemu.cpus = s.cpus(config);
         qemu.disk = media.disk.as_ref().map(|(path, _)| path.as_path());
         qemu.pmem = media.pmem.as_ref().map(|(path, size)| (path.as_path(), *size));
+        let monitor = crate::hang::monitor_path(MONITORS.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        let _ = std::fs::remove_file(&monitor);
+        qemu.extra.extend(crate::hang::monitor_args(&monitor));
         let mut cmd = emulator::qemu_command(&job.config, job.accel, &qemu)?;
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&emulator_log).context(|| format!("cannot create {}", emulator_log.display()))?);
-        Ok(Launch { cmd, serial_path, emulator_log })
+        Ok(Launch { cmd, serial_path, emulator_log, monitor: Some(monitor) })
     }
 
     fn boot(&self, b: &Boot, launch: Launch) -> Result<Outcome> {
-        run_qemu(b.job, b.s, b.boot, launch)
+        run_qemu(b.job, b.s, b.boot, launch, b.built)
     }
 
     fn judge(&self, end: End, _serial: &str) -> std::result::Result<ExitKind, String> {
@@ -938,7 +982,7 @@ impl Driver for Bochs {
             .stdin(Stdio::null())
             .stdout(log.try_clone().context(|| "cannot dup log".to_string())?)
             .stderr(log);
-        Ok(Launch { cmd, serial_path, emulator_log })
+        Ok(Launch { cmd, serial_path, emulator_log, monitor: None })
     }
 
     fn boot(&self, b: &Boot, launch: Launch) -> Result<Outcome> {
@@ -960,22 +1004,32 @@ impl Driver for Bochs {
     }
 }
 
-fn run_qemu(job: &Job, s: &Scenario, boot: usize, launch: Launch) -> Result<Outcome> {
+fn run_qemu(job: &Job, s: &Scenario, boot: usize, launch: Launch, built: &images::Built) -> Result<Outcome> {
     let config = &job.config.name;
-    let Launch { cmd, serial_path, emulator_log } = launch;
+    let Launch { cmd, serial_path, emulator_log, monitor } = launch;
     let file = std::fs::File::create(&serial_path).context(|| format!("cannot create {}", serial_path.display()))?;
     let mut m = Machine::spawn(cmd, SerialFrom::Stdout)?;
     let mut log = SerialLog::new(file, m.started, s.kill(boot).map(str::to_string));
     let delay = s.kill_delay(boot, job.seed);
     let start = m.started;
-    let supervised = supervise(&mut m, start + s.timeout(config, boot), |new| {
-        log.add(new);
-        log.kill_seen.map(|at| at + delay)
-    });
+    let mut hang = Vec::new();
+    let supervised = supervise(
+        &mut m,
+        start + s.timeout(config, boot),
+        |new| {
+            log.add(new);
+            log.kill_seen.map(|at| at + delay)
+        },
+        || hang = registers_at_timeout(monitor.as_deref(), built, s.cmdline(config, boot)),
+    );
+    if let Some(path) = &monitor {
+        let _ = std::fs::remove_file(path);
+    }
     let wall = m.started.elapsed();
     log.add(&m.serial_rest());
     let end = supervised?;
     Ok(Outcome {
+        hang,
         wall,
         ready: log.ready,
         end,
@@ -989,7 +1043,7 @@ fn run_qemu(job: &Job, s: &Scenario, boot: usize, launch: Launch) -> Result<Outc
 
 fn run_bochs(job: &Job, s: &Scenario, boot: usize, launch: Launch) -> Result<Outcome> {
     let config = &job.config.name;
-    let Launch { cmd, serial_path, emulator_log } = launch;
+    let Launch { cmd, serial_path, emulator_log, .. } = launch;
     let read = |path: &Path| std::fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
     let mut m = Machine::spawn(cmd, SerialFrom::File(serial_path.clone()))?;
     let start = m.started;
@@ -1014,7 +1068,7 @@ fn run_bochs(job: &Job, s: &Scenario, boot: usize, launch: Launch) -> Result<Out
             }
         }
         [ended_at.map(|t| t + BOCHS_GRACE), kill_at].into_iter().flatten().min()
-    });
+    }, || {});
     let wall = start.elapsed();
     let end = supervised?;
     let serial = read(&serial_path);
@@ -1023,7 +1077,7 @@ fn run_bochs(job: &Job, s: &Scenario, boot: usize, launch: Launch) -> Result<Out
     }
     // Stopped: by the kill if that came before the grace time after the exit line ran out.
     let killed = end == End::Stopped && kill_at.is_some_and(|k| ended_at.is_none_or(|e| k <= e + BOCHS_GRACE));
-    Ok(Outcome { wall, ready, end, kill_delay: delay, killed, serial, serial_path, emulator_log })
+    Ok(Outcome { wall, ready, end, kill_delay: delay, killed, serial, serial_path, emulator_log, hang: Vec::new() })
 }
 
 #[cfg(test)]
@@ -1105,15 +1159,17 @@ mod tests {
         let mut m = sleep();
         let start = Instant::now();
         let stop = start + Duration::from_millis(50);
-        let end = supervise(&mut m, start + Duration::from_secs(20), |_| Some(stop)).unwrap();
+        let end = supervise(&mut m, start + Duration::from_secs(20), |_| Some(stop), || {}).unwrap();
         assert_eq!(end, End::Stopped);
         let took = start.elapsed();
         assert!(took >= Duration::from_millis(50) && took < Duration::from_secs(5), "{took:?}");
         assert!(m.try_wait().unwrap().is_some(), "reaped");
         let mut m = sleep();
-        let end = supervise(&mut m, Instant::now() + Duration::from_millis(30), |_| None).unwrap();
+        let mut asked = 0;
+        let end = supervise(&mut m, Instant::now() + Duration::from_millis(30), |_| None, || asked += 1).unwrap();
         assert_eq!(end, End::TimedOut);
+        assert_eq!(asked, 1, "a timeout asks for the registers once, before the kill");
         let mut m = Machine::spawn(Command::new("true"), SerialFrom::Nothing).unwrap();
-        assert_eq!(supervise(&mut m, Instant::now() + Duration::from_secs(20), |_| None).unwrap(), End::Exited(Some(0)));
+        assert_eq!(supervise(&mut m, Instant::now() + Duration::from_secs(20), |_| None, || panic!("no timeout")).unwrap(), End::Exited(Some(0)));
     }
 }
