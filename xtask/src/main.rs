@@ -79,7 +79,8 @@ usage: cargo xtask test [FILTER] [-j N] [--junit FILE] [--accel kvm|tcg] [--gues
   FILTER        only runs whose `name [config]` contains FILTER; `host`: host tests and the
                 book check only; `doc`: the book check only (mdBook build, links);
                 a FILTER that matches nothing is an error (exit status 2) listing what exists
-  -j N          QEMU runs at a time (default: the CPU count; Bochs runs one at a time)
+  -j N          emulator runs at a time, QEMU or Bochs (default: the CPU count; Bochs runs
+                are queued first)
   --junit FILE  also write a JUnit XML report to FILE
   --accel kvm|tcg  QEMU scenarios under KVM (where the config allows it) or TCG (default:
                 TCG, the path the scenarios are written for)

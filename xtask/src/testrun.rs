@@ -9,7 +9,10 @@
 //!
 //! QEMU runs always use TCG (the scenarios expect the emulated AMD CPU); its serial port is a
 //! pipe read while QEMU runs, so the time to `parperos: ready` is measured. Bochs writes its
-//! serial port to a file that is polled. Bochs runs one at a time; QEMU runs in parallel (-j).
+//! serial port to a file that is polled. Every run takes one of the `-j` workers, Bochs' as
+//! QEMU's; Bochs runs are queued first (they are the long ones: one emulated instruction at a
+//! time), so the short QEMU runs fill the workers at the end instead of one worker running
+//! the Bochs runs alone while the others idle.
 
 use crate::emulator::{self, Accel, Config, Emulator};
 use crate::machine::{Machine, SerialFrom};
@@ -517,16 +520,12 @@ fn run_jobs(root: &Path, jobs: Vec<Job>, built: images::Built, workers: usize, t
         }
         return;
     }
-    let queue = Mutex::new(jobs.into_iter().collect::<VecDeque<_>>());
-    let bochs_lane = Mutex::new(());
+    let queue = Mutex::new(queue_order(jobs));
     let shared = Arc::new(Mutex::new(std::mem::replace(tally, Tally { passed: 0, failed: 0, width: 0, results: Vec::new() })));
     std::thread::scope(|s| {
         for _ in 0..workers.max(1) {
             s.spawn(|| loop {
                 let Some(job) = queue.lock().unwrap_or_else(|p| p.into_inner()).pop_front() else { break };
-                // Bochs runs one at a time: every boot of a job holds the lane.
-                let _one_at_a_time = (job.config.emulator == Emulator::Bochs)
-                    .then(|| bochs_lane.lock().unwrap_or_else(|p| p.into_inner()));
                 let (ok, facts, details) = run_job(root, &job, &built, &logs);
                 shared.lock().unwrap_or_else(|p| p.into_inner()).report(ok, &job.label, &facts, &details);
             });
@@ -535,6 +534,15 @@ fn run_jobs(root: &Path, jobs: Vec<Job>, built: images::Built, workers: usize, t
     *tally = Arc::try_unwrap(shared)
         .map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner()))
         .unwrap_or_else(|_| unreachable!("all workers joined"));
+}
+
+/// The order the workers take jobs in: Bochs runs first (each takes minutes of one host CPU
+/// where a QEMU run takes seconds), each emulator's jobs in scenario order. (Bochs runs were
+/// once one at a time: a worker that drew a second one waited idle, and the Bochs runs ended
+/// alone on one CPU; Bochs' RFB display takes the next free port, so they run side by side.)
+fn queue_order(jobs: Vec<Job>) -> VecDeque<Job> {
+    let (bochs, qemu): (Vec<Job>, Vec<Job>) = jobs.into_iter().partition(|j| j.config.emulator == Emulator::Bochs);
+    bochs.into_iter().chain(qemu).collect()
 }
 
 /// Boots the job's config `boots` times in sequence with the same disk and pmem files, each
