@@ -21,7 +21,7 @@
 //! address, `Copy`) with its own `Iovec` page, so no two calls share an iovec.
 
 use crate::abi::{self, Error};
-use crate::hypercall::call;
+use crate::hypercall::{call, call_mount};
 
 /// Pages `page .. page + count` of a region (count 1..=4095 per range).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -133,19 +133,17 @@ impl ExMap {
     /// lets other guests open it read-write.
     pub fn create(name: &str, size: u64, share_writable: bool) -> Result<ExMap, Error> {
         let flags = if share_writable { abi::MORSEL_SHARE_WRITABLE } else { 0 };
-        let gpa = call(abi::HC_EXMAP_CREATE, [name.as_ptr() as u64, name.len() as u64, size, flags, 0, 0])?;
-        Self::mounted(gpa)
+        Ok(Self::mounted(call_mount(abi::HC_EXMAP_CREATE, [name.as_ptr() as u64, name.len() as u64, size, flags, 0, 0])?))
     }
 
     /// Opens another guest's region read-write (if its owner shared it writable).
     pub fn open_mut(name: &str) -> Result<ExMap, Error> {
-        let gpa = call(abi::HC_MORSEL_OPEN, [name.as_ptr() as u64, name.len() as u64, 1, 0, 0, 0])?;
-        Self::mounted(gpa)
+        Ok(Self::mounted(call_mount(abi::HC_MORSEL_OPEN, [name.as_ptr() as u64, name.len() as u64, 1, 0, 0, 0])?))
     }
 
-    fn mounted(gpa: u64) -> Result<ExMap, Error> {
-        let len = call(abi::HC_MORSEL_SIZE, [gpa, 0, 0, 0, 0, 0])?;
-        Ok(ExMap { gpa, len, iov: IovPage([0; abi::EXMAP_MAX_ENTRIES as usize]), used: 0 })
+    /// A mount from `call_mount`: its address and size come in one answer.
+    fn mounted((gpa, len): (u64, u64)) -> ExMap {
+        ExMap { gpa, len, iov: IovPage([0; abi::EXMAP_MAX_ENTRIES as usize]), used: 0 }
     }
 
     /// Guest-physical address of the region.

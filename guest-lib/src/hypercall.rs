@@ -32,6 +32,17 @@ pub fn call(nr: u64, args: [u64; 6]) -> Result<u64, Error> {
     }
 }
 
+/// A call that mounts a morsel (`morsel_create`, `morsel_open`, `exmap_create`): its
+/// guest-physical address and size (the hypervisor answers the size as the status).
+pub fn call_mount(nr: u64, args: [u64; 6]) -> Result<(u64, u64), Error> {
+    let (status, value) = call_raw(nr, args);
+    if status >= 0 {
+        Ok((value, status as u64))
+    } else {
+        Err(Error::from_status(status).unwrap_or(Error::Invalid))
+    }
+}
+
 /// The same, returning the raw status (rax) and value (rdx): for tests that check that the
 /// hypervisor answers only with statuses the ABI defines.
 pub fn call_raw(nr: u64, args: [u64; 6]) -> (i64, u64) {

@@ -4,7 +4,7 @@
 //! is plain memory; dropping the handle unmounts it.
 
 use crate::abi::{self, Error};
-use crate::hypercall::call;
+use crate::hypercall::{call, call_mount};
 use core::ops::{Deref, DerefMut};
 use core::sync::atomic::AtomicU64;
 
@@ -26,9 +26,9 @@ pub struct MorselRef {
 /// A morsel mounted read-write.
 pub struct MorselMut(MorselRef);
 
-fn mounted(gpa: u64) -> Result<MorselRef, Error> {
-    let len = call(abi::HC_MORSEL_SIZE, [gpa, 0, 0, 0, 0, 0])? as usize;
-    Ok(MorselRef { gpa, len })
+/// A mount from `call_mount`: its address and size come in one answer.
+fn mounted((gpa, len): (u64, u64)) -> MorselRef {
+    MorselRef { gpa, len: len as usize }
 }
 
 /// Creates the morsel `name` of `size` bytes and mounts it read-write. `share_writable`
@@ -51,8 +51,8 @@ fn create_with(name: &str, size: u64, page: PageSize, share_writable: bool, mut 
     if share_writable {
         flags |= abi::MORSEL_SHARE_WRITABLE;
     }
-    let gpa = call(abi::HC_MORSEL_CREATE, [name.as_ptr() as u64, name.len() as u64, size, flags, 0, 0])?;
-    Ok(MorselMut(mounted(gpa)?))
+    let m = call_mount(abi::HC_MORSEL_CREATE, [name.as_ptr() as u64, name.len() as u64, size, flags, 0, 0])?;
+    Ok(MorselMut(mounted(m)))
 }
 
 /// The pending bit `open_when_created` and `await_name` use for their name watch (keep it
@@ -120,14 +120,13 @@ pub fn open_mut_when_created(name: &str) -> Result<MorselMut, Error> {
 
 /// Mounts the morsel `name` read-only.
 pub fn open(name: &str) -> Result<MorselRef, Error> {
-    let gpa = call(abi::HC_MORSEL_OPEN, [name.as_ptr() as u64, name.len() as u64, 0, 0, 0, 0])?;
-    mounted(gpa)
+    call_mount(abi::HC_MORSEL_OPEN, [name.as_ptr() as u64, name.len() as u64, 0, 0, 0, 0]).map(mounted)
 }
 
 /// Mounts the morsel `name` read-write (if its owner allows).
 pub fn open_mut(name: &str) -> Result<MorselMut, Error> {
-    let gpa = call(abi::HC_MORSEL_OPEN, [name.as_ptr() as u64, name.len() as u64, 1, 0, 0, 0])?;
-    Ok(MorselMut(mounted(gpa)?))
+    let m = call_mount(abi::HC_MORSEL_OPEN, [name.as_ptr() as u64, name.len() as u64, 1, 0, 0, 0])?;
+    Ok(MorselMut(mounted(m)))
 }
 
 /// Destroys the morsel `name` (the owner's, mounted nowhere).

@@ -335,8 +335,20 @@ fn info<S: Services>(s: &S, what: u64) -> Result<u64, Error> {
     }
 }
 
-/// Logs a refusal (the first few of a guest at INFO) and writes status and value.
+/// Whether call `nr` answers with a new mount: its status (rax) is then the morsel's size.
+fn mounts(nr: u64) -> bool {
+    matches!(nr, abi::HC_MORSEL_CREATE | abi::HC_MORSEL_OPEN | abi::HC_EXMAP_CREATE)
+}
+
+/// Logs a refusal (the first few of a guest at INFO) and writes status and value. A call
+/// that mounted something answers its size as the status (non-negative: success), looked up
+/// under the same world lock, so the guest needs no `morsel_size` call (an exit and a world
+/// lock) after `morsel_create`, `morsel_open` or `exmap_create`.
 fn conclude<S: Services>(s: &mut S, nr: u64, regs: &mut Regs, result: Result<u64, Error>) {
+    let size = match result {
+        Ok(gpa) if mounts(nr) => s.morsel_size(gpa).ok(),
+        _ => None,
+    };
     if let Err(e) = result {
         let (who, refusals) = s.refusals();
         let reason = refusals.reason.take();
@@ -355,4 +367,8 @@ fn conclude<S: Services>(s: &mut S, nr: u64, regs: &mut Regs, result: Result<u64
         s.refusals().1.reason = None;
     }
     answer(regs, result);
+    if let Some(size) = size {
+        // Sizes are below 2^63 (a morsel fits in guest-physical memory): never negative.
+        regs.rax = size & (u64::MAX >> 1);
+    }
 }

@@ -315,8 +315,8 @@ fn every_call_routes_to_its_service_with_its_arguments() {
         (HC_EXIT, [(-3i32) as u32 as u64, 0, 0, 0, 0, 0], &[Svc::FlushConsole], Ends::Exit(-3)),
         (HC_YIELD, [0; 6], &[], Ends::Yield),
         (HC_MORSEL_CREATE, [0x3000, 5, 1 << 21, MORSEL_HUGE_PAGES | MORSEL_PERSISTENT, 0, 0],
-            &[Svc::MorselCreate(name(0x3000, 5), 1 << 21, flags)], Ends::Value(7)),
-        (HC_MORSEL_OPEN, [0x3000, 6, 1, 0, 0, 0], &[Svc::MorselOpen(name(0x3000, 6), true)], Ends::Value(7)),
+            &[Svc::MorselCreate(name(0x3000, 5), 1 << 21, flags), Svc::MorselSize(7)], Ends::Value(7)),
+        (HC_MORSEL_OPEN, [0x3000, 6, 1, 0, 0, 0], &[Svc::MorselOpen(name(0x3000, 6), true), Svc::MorselSize(7)], Ends::Value(7)),
         (HC_MORSEL_UNMOUNT, [0x4000_0000, 0, 0, 0, 0, 0], &[Svc::MorselUnmount(0x4000_0000)], Ends::Value(7)),
         (HC_MORSEL_DESTROY, [0x3000, 7, 0, 0, 0, 0], &[Svc::MorselDestroy(name(0x3000, 7))], Ends::Value(7)),
         (HC_MORSEL_SIZE, [0x4020_0000, 0, 0, 0, 0, 0], &[Svc::MorselSize(0x4020_0000)], Ends::Value(7)),
@@ -326,7 +326,7 @@ fn every_call_routes_to_its_service_with_its_arguments() {
         (HC_EDU_DMA, [EDU_TO_MEMORY, 0x1000, 64, 0, 0, 0], &[Svc::EduDma(false, 0x1000, 64)], Ends::Value(7)),
         (HC_NVME_READ, [0x5000, 0x200, 9, 2, 0, 0], &[Svc::Nvme(false, 0x5000, 0x200, 9, 2)], Ends::Value(7)),
         (HC_NVME_WRITE, [0x6000, 0x400, 10, 3, 0, 0], &[Svc::Nvme(true, 0x6000, 0x400, 10, 3)], Ends::Value(7)),
-        (HC_EXMAP_CREATE, [0x3000, 9, 1 << 30, MORSEL_SHARE_WRITABLE, 0, 0], &[Svc::ExmapCreate(name(0x3000, 9), 1 << 30, true)], Ends::Value(7)),
+        (HC_EXMAP_CREATE, [0x3000, 9, 1 << 30, MORSEL_SHARE_WRITABLE, 0, 0], &[Svc::ExmapCreate(name(0x3000, 9), 1 << 30, true), Svc::MorselSize(7)], Ends::Value(7)),
         (HC_EXMAP_ACTION, [0x8000_0000, 0x7000, 3, EXMAP_FREE, 0, 0], &[Svc::ExmapAction(0x8000_0000, 0x7000, 3, ExmapOp::Free)], Ends::Value(7)),
         (HC_EXMAP_INFO, [0x8000_0000, EXMAP_INFO_CALLS, 0, 0, 0, 0], &[Svc::ExmapInfo(0x8000_0000, EXMAP_INFO_CALLS)], Ends::Value(7)),
         // The old bitmap is the answer.
@@ -352,7 +352,9 @@ fn every_call_routes_to_its_service_with_its_arguments() {
         assert_eq!(s.calls(), want, "{}", Call::name_of(nr));
         let got = match action {
             Action::Continue => {
-                assert_eq!((r.rax, r.rdx), (0, match ends { Ends::Value(v) => v, _ => u64::MAX }), "{}", Call::name_of(nr));
+                // A call that mounts answers the size (the fake's 7) as its status.
+                let status = if matches!(nr, HC_MORSEL_CREATE | HC_MORSEL_OPEN | HC_EXMAP_CREATE) { 7 } else { 0 };
+                assert_eq!((r.rax, r.rdx), (status, match ends { Ends::Value(v) => v, _ => u64::MAX }), "{}", Call::name_of(nr));
                 Ends::Value(r.rdx)
             }
             Action::Yield => Ends::Yield,
@@ -464,8 +466,15 @@ fn a_deferred_call_is_answered_by_finish_and_abandon_answers_nothing() {
         let mut f = r;
         s.result = Ok(0x4000_0000);
         finish(&mut s, &mut f, work);
-        assert_eq!(s.calls().last(), Some(&Svc::Finish(work)));
-        assert_eq!((f.rax, f.rdx), (0, 0x4000_0000));
+        if nr == HC_MORSEL_CREATE {
+            // A create's end mounts: its status is the size, asked after the end (the fake
+            // answers every service with its result, so the size is 0x4000_0000 too).
+            assert_eq!(s.calls().ends_with(&[Svc::Finish(work), Svc::MorselSize(0x4000_0000)]), true, "{:?}", s.calls());
+            assert_eq!((f.rax, f.rdx), (0x4000_0000, 0x4000_0000));
+        } else {
+            assert_eq!(s.calls().last(), Some(&Svc::Finish(work)));
+            assert_eq!((f.rax, f.rdx), (0, 0x4000_0000));
+        }
         // A refused end is a refusal of that call.
         let mut f = r;
         s.result = Err(Error::NoMemory);

@@ -45,6 +45,14 @@ fn main(info: &BootInfo) -> i32 {
         let verdict = if got == want { "ok" } else { failures += 1; "WRONG" };
         println!("{what}: got {got:?}, want {want:?}: {verdict}");
     }
+    // The calls that mount answer the morsel's size as their status (not 0), the address
+    // as their value; `morsel_size` agrees.
+    let sz = b"sz-check";
+    let (st, gpa) = guest_lib::hypercall::call_raw(abi::HC_MORSEL_CREATE, [sz.as_ptr() as u64, 8, 12288, 0, 0, 0]);
+    let size = call(abi::HC_MORSEL_SIZE, [gpa, 0, 0, 0, 0, 0]);
+    let (xst, _) = guest_lib::hypercall::call_raw(abi::HC_EXMAP_CREATE, [sz.as_ptr() as u64, 7, 8192, 0, 0, 0]);
+    let verdict = if st == 12288 && size == Ok(12288) && xst == 8192 { "ok" } else { failures += 1; "WRONG" };
+    println!("mount answers: morsel_create status {st}, morsel_size {size:?}, exmap_create status {xst}: {verdict}");
     println!("garbage hypercalls: {failures} wrong answers");
     if failures == 0 { 0 } else { 1 }
 }
