@@ -1158,6 +1158,26 @@ mod tests {
     }
 
     #[test]
+    fn bochs_runs_are_queued_first_in_scenario_order() {
+        let text = "description = d\nconfigs = qemu-svm bochs-vmx bochs-svm\ncmdline = guests=hello\n";
+        let jobs: Vec<Job> = ["a", "b"]
+            .iter()
+            .flat_map(|name| {
+                let s = scenario::parse(name, Path::new("(test)"), text).unwrap();
+                s.configs.clone().into_iter().map(move |c| Job {
+                    scenario: s.clone(),
+                    config: Config::resolve(&crate::root(), &c).unwrap(),
+                    label: format!("{name} [{c}]"),
+                    seed: 0,
+                    accel: Accel::Tcg,
+                })
+            })
+            .collect();
+        let order: Vec<String> = queue_order(jobs).into_iter().map(|j| j.label).collect();
+        assert_eq!(order, ["a [bochs-vmx]", "a [bochs-svm]", "b [bochs-vmx]", "b [bochs-svm]", "a [qemu-svm]", "b [qemu-svm]"]);
+    }
+
+    #[test]
     fn supervise_kills_when_asked_and_waits() {
         let sleep = || {
             let mut c = Command::new("sleep");
