@@ -131,6 +131,22 @@ pub fn guest_memory(line: &str) -> u64 {
     total
 }
 
+/// The guest names `guests=` names in `line`, each once (None without a `guests=` word).
+pub fn guest_names(line: &str) -> Option<Vec<String>> {
+    let mut names: Option<Vec<String>> = None;
+    for word in line.split_ascii_whitespace() {
+        let Some(specs) = word.strip_prefix("guests=") else { continue };
+        let list = names.get_or_insert_with(Vec::new);
+        for spec in specs.split(',').filter(|s| !s.is_empty()) {
+            let name = spec.split(':').next().unwrap_or(spec).to_string();
+            if !list.contains(&name) {
+                list.push(name);
+            }
+        }
+    }
+    names
+}
+
 /// `16M`, `2G`, `4096K` or plain bytes, as the hypervisor reads them (`formats::units`).
 pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
     match formats::units::parse_size(s) {
@@ -148,6 +164,12 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn guest_names_once_each_without_options() {
+        assert_eq!(super::guest_names("log=info guests=bmtree:vcpus=4:arg=10002,hello,bmtree:arg=1 bench=on"), Some(vec!["bmtree".to_string(), "hello".to_string()]));
+        assert_eq!(super::guest_names("log=info"), None);
+    }
+
     use super::*;
 
     const GUESTS: &[&str] = &["hello", "counter"];

@@ -190,6 +190,33 @@ pub fn with_extra_guests(built: &Built, name: &str, extra: &[(String, PathBuf)])
     Ok(Built { hypervisor: built.hypervisor.clone(), archive, guests })
 }
 
+/// An ELF64 file cut after the last byte a program header names, without section headers:
+/// what a loader needs (segments, notes), none of the debug info after them. `elf` itself
+/// where it is not a little-endian ELF64 file or a header points past its end.
+pub fn loadable_only(elf: &[u8]) -> Vec<u8> {
+    let u16_at = |o: usize| elf.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]) as usize);
+    let u64_at = |o: usize| elf.get(o..o + 8).map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()) as usize);
+    let cut = || -> Option<usize> {
+        if elf.get(..6)? != b"\x7fELF\x02\x01" {
+            return None;
+        }
+        let (phoff, phentsize, phnum) = (u64_at(0x20)?, u16_at(0x36)?, u16_at(0x38)?);
+        let mut end = phoff.checked_add(phentsize.checked_mul(phnum)?)?.max(64);
+        for i in 0..phnum {
+            let ph = phoff + i * phentsize;
+            // p_offset at +0x08, p_filesz at +0x20.
+            end = end.max(u64_at(ph + 0x08)?.checked_add(u64_at(ph + 0x20)?)?);
+        }
+        (end <= elf.len()).then_some(end)
+    };
+    let Some(end) = cut() else { return elf.to_vec() };
+    let mut out = elf[..end].to_vec();
+    // e_shoff (8 bytes at 0x28), e_shnum (0x3c) and e_shstrndx (0x3e): no section headers.
+    out[0x28..0x30].fill(0);
+    out[0x3c..0x40].fill(0);
+    out
+}
+
 /// Make `build/<name>.iso` from `build/iso/<name>/`: GRUB (multiboot2) loads the hypervisor
 /// with `cmdline` and the guest archive as module `guests`, console on COM1.
 pub fn make_iso(built: &Built, name: &str, cmdline: &str) -> Result<PathBuf> {
@@ -202,8 +229,25 @@ pub fn make_iso(built: &Built, name: &str, cmdline: &str) -> Result<PathBuf> {
     let copy = |from: &Path, to: PathBuf| -> Result<()> {
         std::fs::copy(from, &to).map(drop).context(|| format!("cannot copy {} to {}", from.display(), to.display()))
     };
-    copy(&built.hypervisor, boot.join("hypervisor.elf"))?;
-    copy(&built.archive, boot.join("guests.ar"))?;
+    // What GRUB loads under Bochs is read through emulated BIOS disk calls, ~1 s per 2.5 MiB:
+    // the hypervisor without its debug info (the symbolizer reads `built.hypervisor`) and
+    // an archive of only the guests the command line names save ~10 s of every Bochs boot
+    // (19.2 -> 8.6 s to `ready` for guest_hello, 2026-12-07).
+    let elf = std::fs::read(&built.hypervisor).context(|| format!("cannot read {}", built.hypervisor.display()))?;
+    write_atomic(&boot.join("hypervisor.elf"), &loadable_only(&elf))?;
+    let named = crate::cmdline::guest_names(cmdline).filter(|names| names.iter().all(|n| built.guests.iter().any(|(g, _)| g == n)));
+    match named {
+        Some(names) => {
+            let mut files = Vec::new();
+            for (guest, path) in built.guests.iter().filter(|(g, _)| names.contains(g)) {
+                let data = std::fs::read(path).context(|| format!("guest `{guest}`: cannot read {}", path.display()))?;
+                files.push((guest.clone(), data));
+            }
+            write_atomic(&boot.join("guests.ar"), &archive::build(&files)?)?;
+        }
+        // No `guests=`, or a name no guest has (the hypervisor's error says which): all.
+        None => copy(&built.archive, boot.join("guests.ar"))?,
+    }
     let cfg = format!(
         "serial --unit=0 --speed=115200\n\
          terminal_input serial\n\
@@ -237,4 +281,52 @@ pub fn make_iso(built: &Built, name: &str, cmdline: &str) -> Result<PathBuf> {
     }
     std::fs::rename(&tmp, &iso).context(|| format!("cannot rename {} to {}", tmp.display(), iso.display()))?;
     Ok(iso)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::loadable_only;
+
+    /// An ELF64 header with two program headers (a segment at 0x100..0x180 and a note at
+    /// 0x180..0x190), debug bytes after them and section headers at the end.
+    fn elf() -> Vec<u8> {
+        let mut f = vec![0u8; 0x300];
+        f[..6].copy_from_slice(b"\x7fELF\x02\x01");
+        f[0x20..0x28].copy_from_slice(&64u64.to_le_bytes()); // e_phoff
+        f[0x28..0x30].copy_from_slice(&0x280u64.to_le_bytes()); // e_shoff
+        f[0x36..0x38].copy_from_slice(&56u16.to_le_bytes()); // e_phentsize
+        f[0x38..0x3a].copy_from_slice(&2u16.to_le_bytes()); // e_phnum
+        f[0x3c..0x3e].copy_from_slice(&2u16.to_le_bytes()); // e_shnum
+        f[0x3e..0x40].copy_from_slice(&1u16.to_le_bytes()); // e_shstrndx
+        for (i, (off, size)) in [(0x100u64, 0x80u64), (0x180, 0x10)].into_iter().enumerate() {
+            let ph = 64 + i * 56;
+            f[ph + 0x08..ph + 0x10].copy_from_slice(&off.to_le_bytes());
+            f[ph + 0x20..ph + 0x28].copy_from_slice(&size.to_le_bytes());
+        }
+        f[0x100..0x190].fill(0xaa);
+        f[0x190..0x280].fill(0xdd);
+        f
+    }
+
+    #[test]
+    fn keeps_what_the_program_headers_name_and_drops_the_rest() {
+        let f = elf();
+        let out = loadable_only(&f);
+        assert_eq!(out.len(), 0x190, "cut after the note, the last byte a program header names");
+        assert_eq!(out[..0x28], f[..0x28]);
+        assert_eq!(out[0x30..0x3c], f[0x30..0x3c]);
+        assert!(out[0x28..0x30].iter().chain(&out[0x3c..0x40]).all(|&b| b == 0), "no section headers");
+        assert_eq!(out[0x100..0x190], f[0x100..0x190], "segments intact");
+    }
+
+    #[test]
+    fn leaves_what_it_cannot_read_alone() {
+        let mut past = elf();
+        past[64 + 56 + 0x20..64 + 56 + 0x28].copy_from_slice(&0x1000u64.to_le_bytes());
+        assert_eq!(loadable_only(&past), past, "a segment past the end of the file");
+        let mut be = elf();
+        be[5] = 2;
+        assert_eq!(loadable_only(&be), be, "big-endian");
+        assert_eq!(loadable_only(b"not an elf"), b"not an elf");
+    }
 }
