@@ -227,6 +227,34 @@ pub trait GiveBack<D> {
     fn give_back(&mut self, done: D);
 }
 
+/// A name the world lock's handler of this call will look up or reserve (`morsel_open`,
+/// `morsel_create`, `exmap_create`), for the vCPU loop to read from guest RAM and hash
+/// (`names::Keys::hash`) before it takes the lock: a [`NameAhead`] for the handler. None for
+/// every other call and for one that does not decode (it is refused as before).
+pub fn name_to_read(regs: &Regs) -> Option<Name> {
+    match Call::decode(regs.rax, [regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9]) {
+        Ok(Call::MorselOpen { name, .. } | Call::MorselCreate { name, .. } | Call::ExmapCreate { name, .. }) => Some(name),
+        _ => None,
+    }
+}
+
+/// A call's name read and hashed with no lock held: valid (`names::Name`), read whole from
+/// guest RAM at `at`. The handler uses it for a call whose name is `at` (`for_call`); any
+/// other name, or one that could not be read so, is read under the lock as before (the same
+/// checks, the same errors).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NameAhead {
+    pub at: Name,
+    pub name: crate::names::Hashed,
+}
+
+impl NameAhead {
+    /// The name read ahead for a call whose name argument is `at`, if that is the one.
+    pub fn for_call(ahead: Option<&NameAhead>, at: Name) -> Option<crate::names::Hashed> {
+        ahead.filter(|a| a.at == at).map(|a| a.name)
+    }
+}
+
 /// Handles the hypercall in `regs` (already past the instruction; `rax` its number, the
 /// arguments in rdi, rsi, rdx, r10, r8, r9), answering it unless it parks, retries or defers.
 pub fn handle<S: Services>(s: &mut S, regs: &mut Regs) -> Action<S::Deferred> {
