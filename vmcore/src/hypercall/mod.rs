@@ -232,6 +232,10 @@ pub trait GiveBack<D> {
 /// (`names::Keys::hash`) before it takes the lock: a [`NameAhead`] for the handler. None for
 /// every other call and for one that does not decode (it is refused as before).
 pub fn name_to_read(regs: &Regs) -> Option<Name> {
+    // Every other exit on the world path comes here too: those calls are not decoded twice.
+    if !matches!(regs.rax, abi::HC_MORSEL_OPEN | abi::HC_MORSEL_CREATE | abi::HC_EXMAP_CREATE) {
+        return None;
+    }
     match Call::decode(regs.rax, [regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9]) {
         Ok(Call::MorselOpen { name, .. } | Call::MorselCreate { name, .. } | Call::ExmapCreate { name, .. }) => Some(name),
         _ => None,
