@@ -228,16 +228,14 @@ pub trait GiveBack<D> {
 }
 
 /// A name the world lock's handler of this call will look up or reserve (`morsel_open`,
-/// `morsel_create`, `exmap_create`), for the vCPU loop to read from guest RAM and hash
-/// (`names::Keys::hash`) before it takes the lock: a [`NameAhead`] for the handler. None for
-/// every other call and for one that does not decode (it is refused as before).
+/// `morsel_create`, `exmap_create`: their first two arguments), for the vCPU loop to read
+/// from guest RAM and hash (`names::Keys::hash`) before it takes the lock: a [`NameAhead`]
+/// for the handler. Not decoded here (the handler decodes the call): a call the decoder
+/// refuses never reaches the handler, so its name read ahead is not used. None for every
+/// other call.
 pub fn name_to_read(regs: &Regs) -> Option<Name> {
-    // Every other exit on the world path comes here too: those calls are not decoded twice.
-    if !matches!(regs.rax, abi::HC_MORSEL_OPEN | abi::HC_MORSEL_CREATE | abi::HC_EXMAP_CREATE) {
-        return None;
-    }
-    match Call::decode(regs.rax, [regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9]) {
-        Ok(Call::MorselOpen { name, .. } | Call::MorselCreate { name, .. } | Call::ExmapCreate { name, .. }) => Some(name),
+    match regs.rax {
+        abi::HC_MORSEL_OPEN | abi::HC_MORSEL_CREATE | abi::HC_EXMAP_CREATE => Some(Name(GuestSlice { ptr: regs.rdi, len: regs.rsi })),
         _ => None,
     }
 }
