@@ -98,7 +98,8 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         let mut space = DmaSpace { guest: g.id, bdf, iova, mounts: &mut self.devices, domain: &mut domains };
         // A device view is built from the region's leaves, which a batch edits meanwhile.
         let admit = |n: &Named<F>| n.admit(Contender::DeviceMount).is_ok();
-        let m = match directory::open(&mut self.named, &mut space, &name, writable, admit, frames, &IDENTITY) {
+        let hashed = self.named.keys().hash(name);
+        let m = match directory::open(&mut self.named, &mut space, &hashed, writable, admit, frames, &IDENTITY) {
             Ok(Some(m)) => m,
             Ok(None) => return Err(Error::Busy),
             Err(e) => return Err(e.error()),

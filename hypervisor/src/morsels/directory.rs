@@ -6,7 +6,7 @@
 //! the log lines, persistent records, device mounts, and the shootdown.
 
 use super::persist::{self, Source};
-use super::{read_name, Directory, Name, Named, PendingCreate, Removed, Started, RESTORED};
+use super::{read_hashed, read_name, Directory, Name, Named, PendingCreate, Removed, Started, RESTORED};
 use crate::devices::Devices;
 use crate::mm::frames::{Frames, Identity, IDENTITY};
 use crate::vm::guest::Guest;
@@ -29,7 +29,8 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     /// `create_finish` commits the name and mounts it (`Started::Build`, holding the
     /// reservation).
     pub fn create<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, frames: &Frames, name: abi::Name, size: u64, flags: abi::CreateFlags) -> Result<Started<F>, Error> {
-        let name = read_name(g, name)?;
+        let hashed = read_hashed(g, self.named.keys(), name)?;
+        let name = *hashed.name();
         let page = if flags.huge_pages { PageSize::Size2M } else { PageSize::Size4K };
         if size == 0 || !size.is_multiple_of(page.bytes()) {
             return Err(g.refuse(Error::Invalid, format_args!("size {} is not a positive multiple of the {} page", Bytes(size), Bytes(page.bytes()))));
@@ -38,7 +39,7 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
             return Err(g.refuse(Error::TooLarge, format_args!("size {} is above the largest morsel, {}", Bytes(size), Bytes(morsel::MAX_MORSEL.min(abi::MORSEL_WINDOW_SIZE)))));
         }
         // Each reservation (this one included) takes a mount slot when it is entered.
-        let ticket = directory::reserve(&mut self.named, &g.mounts, g.id, name).map_err(|e| match e {
+        let ticket = directory::reserve(&mut self.named, &g.mounts, g.id, &hashed).map_err(|e| match e {
             Refusal::Name(vmcore::names::Error::Taken) => g.refuse(Error::Busy, format_args!("the name {name:?} is taken")),
             e => e.error(),
         })?;
@@ -148,10 +149,11 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     /// None: an ExMap batch holds the region (`Contender::Mount`): the guest issues the call
     /// again (`hypercall::Action::Retry`), so that the batch's shootdown counts every mount.
     pub fn open<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, frames: &Frames, name: abi::Name, writable: bool) -> Result<Option<u64>, Error> {
-        let name = read_name(g, name)?;
+        let hashed = read_hashed(g, self.named.keys(), name)?;
+        let name = *hashed.name();
         let turn = super::turn(g.id, u32::MAX);
         let admit = |n: &Named<F>| n.admit_in_turn(Contender::Mount, turn).is_ok();
-        match directory::open(&mut self.named, &mut g.space(), &name, writable, admit, frames, &IDENTITY) {
+        match directory::open(&mut self.named, &mut g.space(), &hashed, writable, admit, frames, &IDENTITY) {
             Ok(m) => Ok(m.map(|m| log_mount(g.id, &name, m))),
             Err(Refusal::AlreadyMounted) => Err(g.refuse(Error::Busy, format_args!("{name:?} is already mounted in this guest"))),
             Err(e) => Err(e.error()),

@@ -27,7 +27,7 @@
 //! returns after every CPU acknowledged.
 
 use crate::vm::guest::Guest;
-use super::{read_name, Directory, Name};
+use super::{read_hashed, Directory, Name};
 use crate::vm::shootdown::{Flush, Hw};
 use crate::vm::Backend;
 use crate::mm::frames::{Frames, IDENTITY};
@@ -513,14 +513,15 @@ impl Exmaps {
     /// region's counters; its mount counts in `MOUNT_QUOTA`.
     #[allow(clippy::too_many_arguments)]
     pub fn create<B: Backend>(&mut self, dir: &mut Directory<B::Format>, g: &mut Guest<B>, frames: &Frames, name: abi::Name, size: u64, share_writable: bool) -> Result<u64, Error> {
-        let name = read_name(g, name)?;
+        let hashed = read_hashed(g, dir.named.keys(), name)?;
+        let name = *hashed.name();
         if size == 0 || !size.is_multiple_of(4096) {
             return Err(Error::Invalid);
         }
         if size > abi::EXMAP_MAX_SIZE {
             return Err(Error::TooLarge);
         }
-        let ticket = dir.named.reserve(name, g.id).map_err(|e| match e {
+        let ticket = dir.named.reserve_hashed(&hashed, g.id).map_err(|e| match e {
             vmcore::names::Error::Taken => g.refuse(Error::Busy, format_args!("the name {name:?} is taken")),
             e => super::name_error(e),
         })?;

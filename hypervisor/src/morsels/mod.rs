@@ -326,6 +326,30 @@ pub(crate) fn read_name<B: Backend>(g: &Guest<B>, name: abi::Name) -> Result<Nam
     Name::new(buf).map_err(|_| Error::Invalid)
 }
 
+/// A valid name read whole from guest RAM (`guest::Shared::ram_pieces`), which needs no lock:
+/// `sched::name_ahead` reads a call's name so before it takes the world lock. None if it is
+/// not wholly in guest RAM or not a valid name (`read_name` then reads it under the lock, with
+/// the same checks and their errors).
+pub(crate) fn read_ram_name(shared: &crate::vm::guest::Shared, name: abi::Name) -> Option<Name> {
+    let mut buf = [0u8; NAME_MAX];
+    let buf = buf.get_mut(..name.0.len as usize)?;
+    shared.ram_pieces(name.0.ptr, buf.len(), |piece, done| {
+        let n = piece.len();
+        let _ = piece.copy_to(0, &mut buf[done..done + n]);
+    })?;
+    Name::new(buf).ok()
+}
+
+/// `read_name`, hashed with `keys` (the directory's): the name this call's vCPU read and
+/// hashed before the world lock (`Guest::name_ahead`) if it is this call's, else read and
+/// hashed now, under the lock.
+pub(crate) fn read_hashed<B: Backend>(g: &Guest<B>, keys: vmcore::names::Keys, name: abi::Name) -> Result<vmcore::names::Hashed, Error> {
+    match vmcore::hypercall::NameAhead::for_call(g.name_ahead.as_ref(), name) {
+        Some(h) => Ok(h),
+        None => read_name(g, name).map(|n| keys.hash(n)),
+    }
+}
+
 /// How long a caller refused at an ExMap region's lock keeps its turn
 /// (`RegionLock::admit_in_turn`) when it does not come back: two time slices, so a waiter
 /// whose CPU runs another vCPU meanwhile is back in time, and a stopped one holds nobody up

@@ -211,6 +211,10 @@ pub struct Guest<B: Backend> {
     pub refusals: vmcore::hypercall::Refusals,
     /// The exception vectors this guest takes through its own IDT (`guest_exceptions`).
     pub handled_exceptions: u32,
+    /// The name of the hypercall being handled, read from guest RAM and hashed before the
+    /// world lock (`sched::world`, `morsels::read_hashed`): set and cleared around the one
+    /// call, under the lock.
+    pub name_ahead: Option<vmcore::hypercall::NameAhead>,
     _backend: core::marker::PhantomData<B>,
 }
 
@@ -252,6 +256,7 @@ impl<B: Backend> Guest<B> {
             shared: Arc::new(shared),
             refusals: vmcore::hypercall::Refusals::new(),
             handled_exceptions: 0,
+            name_ahead: None,
             _backend: core::marker::PhantomData,
         };
         let load = Load { id, name: spec.name, memory: spec.memory, arg: spec.arg, vcpus: spec.vcpus.max(1) };

@@ -56,7 +56,8 @@ pub fn run_guests<B: Backend>(backend: &mut B, frames: &Frames, archive: Archive
     // Room for every guest's whole morsel quota, before any guest exists. The name hash is
     // keyed by the time stamp counter at boot, which no guest sees.
     let now = crate::platform::time::tsc();
-    let morsels = match Directory::new(drivers.pmem, specs.len() as u32, [now, now.rotate_left(29) ^ 0x9e37_79b9_7f4a_7c15]) {
+    let seed = [now, now.rotate_left(29) ^ 0x9e37_79b9_7f4a_7c15];
+    let morsels = match Directory::new(drivers.pmem, specs.len() as u32, seed) {
         Ok(d) => d,
         Err(_) => {
             log::error!(target: "vm", "the morsel directory for {} guests does not fit the heap: no guest runs", specs.len());
@@ -121,6 +122,7 @@ pub fn run_guests<B: Backend>(backend: &mut B, frames: &Frames, archive: Archive
         cpus,
         guest_count: created as u64,
         finished: core::sync::atomic::AtomicUsize::new(0),
+        name_keys: vmcore::names::Keys::of(seed),
     }));
     runqueue::publish(run);
     cpu_loop(run, backend, 0, frames);
@@ -343,6 +345,7 @@ fn classify<'r, B: Backend>(run: &'r Run<B>, s: &mut Slot<B>, exit: &Exit, me: u
 /// An exit the world handles (`handle`, the world lock taken), then the lock-free part of
 /// a call if it has one (`unlocked`).
 fn world<'r, B: Backend>(run: &'r Run<B>, s: &mut Slot<B>, exit: Exit, me: usize, deadline: u64, frames: &Frames) -> Next<'r, B> {
+    let ahead = name_ahead(s, &exit, run.name_keys);
     let mut w = runqueue::lock(run);
     unpark(&mut w, s, frames);
     let caller = Caller { vcpu: s.index, cpu: me };
@@ -360,7 +363,9 @@ fn world<'r, B: Backend>(run: &'r Run<B>, s: &mut Slot<B>, exit: Exit, me: usize
             s.end = Some(State::Stopped);
             return Next::End;
         }
+        guest.name_ahead = ahead;
         let go_on = handle(guest, cx, s, exit, caller, me, &mut unlocked);
+        guest.name_ahead = None;
         let stopped = guest.state != State::Runnable;
         if stopped {
             kick_if_stopped(guest, me);
@@ -384,6 +389,19 @@ fn world<'r, B: Backend>(run: &'r Run<B>, s: &mut Slot<B>, exit: Exit, me: usize
         return Next::End;
     }
     Next::Prepare(w)
+}
+
+/// The name a hypercall from guest kernel mode will look up or reserve under the world lock
+/// (`vmcore::hypercall::name_to_read`: open and the creates), read from the guest's fixed RAM
+/// frames (`guest::Shared::ram_pieces`, as `console_local` does) and hashed with `keys`,
+/// before the lock: the handler takes it (`morsels::read_hashed`). None (the handler reads the
+/// name under the lock, with its checks and errors) for other exits and calls, and for a name
+/// that is not wholly in guest RAM or not valid.
+fn name_ahead<B: Backend>(s: &mut Slot<B>, exit: &Exit, keys: vmcore::names::Keys) -> Option<vmcore::hypercall::NameAhead> {
+    let Exit::Hypercall { cpl: 0, .. } = exit else { return None };
+    let at = vmcore::hypercall::name_to_read(B::regs(&mut s.vcpu))?;
+    let name = crate::morsels::read_ram_name(&s.shared, at)?;
+    Some(vmcore::hypercall::NameAhead { at, name: keys.hash(name) })
 }
 
 /// The lock-free part of a call (bench_frames, a new morsel's build and zeroing, a destroyed one's

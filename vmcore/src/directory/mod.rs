@@ -68,7 +68,7 @@
 #[cfg(test)]
 mod tests;
 
-use crate::names::{self, Name, Names, Owner, SlotId, Ticket, SYSTEM};
+use crate::names::{self, Hashed, Name, Names, Owner, SlotId, Ticket, SYSTEM};
 use alloc::vec::Vec;
 use core::fmt;
 pub use formats::bdf::Bdf;
@@ -480,8 +480,8 @@ pub struct Unmounted<M = Mount> {
 /// Reserves `name` for a morsel `guest` creates: refused if the name table refuses, or if the
 /// guest's mounts and reservations (this one included, each takes a mount when it is entered)
 /// would pass `abi::MOUNT_QUOTA` (the reservation is aborted then).
-pub fn reserve<T>(names: &mut Names<T>, mounts: &Mounts, guest: Owner, name: Name) -> Result<Ticket, Refusal> {
-    let ticket = names.reserve(name, guest).map_err(Refusal::Name)?;
+pub fn reserve<T>(names: &mut Names<T>, mounts: &Mounts, guest: Owner, name: &Hashed) -> Result<Ticket, Refusal> {
+    let ticket = names.reserve_hashed(name, guest).map_err(Refusal::Name)?;
     if mounts.len() + names.count(guest).reserved as usize > abi::MOUNT_QUOTA as usize {
         names.abort(ticket);
         return Err(Refusal::Quota);
@@ -517,7 +517,7 @@ pub enum Entered<T> {
 /// `space`, read-write if `writable` (the owner's, or one others may write). `admit` is
 /// asked after the permission check: false (an ExMap batch holds the region) answers
 /// `Ok(None)`, nothing changed, for the guest to ask again.
-pub fn open<F, T, S, A, M>(names: &mut Names<T>, space: &mut S, name: &Name, writable: bool, admit: impl FnOnce(&T) -> bool, alloc: &A, mem: &M) -> Result<Option<Mounted>, Refusal>
+pub fn open<F, T, S, A, M>(names: &mut Names<T>, space: &mut S, name: &Hashed, writable: bool, admit: impl FnOnce(&T) -> bool, alloc: &A, mem: &M) -> Result<Option<Mounted>, Refusal>
 where
     F: Format,
     T: Entry<F>,
@@ -525,9 +525,9 @@ where
     A: FrameAlloc,
     M: PhysMem,
 {
-    // The name is hashed once (`slot`, SipHash: the table's costly step, done under the
-    // caller's lock); `mount` finds the entry again by its slot.
-    let at = names.slot(name).ok_or(Refusal::NotFound)?;
+    // The name comes hashed (`names::Keys::hash`, SipHash: the table's costly step, which
+    // the caller can do before it takes its lock); `mount` finds the entry again by its slot.
+    let (at, name) = (names.slot_hashed(name).ok_or(Refusal::NotFound)?, name.name());
     let n: &T = names.get_mut_at(at, name).ok_or(Refusal::NotFound)?;
     if writable && !n.writable_by(space.guest()) {
         return Err(Refusal::Denied);

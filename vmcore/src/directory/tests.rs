@@ -48,6 +48,11 @@ fn n(s: &str) -> Name {
     Name::new(s.as_bytes()).unwrap()
 }
 
+/// `s` hashed with the tables' keys, as the hypervisor hashes it before its lock.
+fn h(s: &str) -> names::Hashed {
+    names::Keys::of(SEED).hash(n(s))
+}
+
 /// The device functions the fake IOMMU has domains for.
 const EDU: Bdf = Bdf::new(0, 3, 0);
 const NIC: Bdf = Bdf::new(0, 4, 0);
@@ -121,7 +126,7 @@ impl<'m, F: Format<Input = GuestPhysAddr>> World<'m, F> {
     fn device_mount(&mut self, g: u32, name: &str, bdf: Bdf, iova: u64, writable: bool) -> Result<Mounted, Refusal> {
         let mem = self.mem;
         let (names, mut space) = self.dma(g, bdf, iova);
-        open(names, &mut space, &n(name), writable, |_| true, mem, mem).map(|m| m.expect("admitted"))
+        open(names, &mut space, &h(name), writable, |_| true, mem, mem).map(|m| m.expect("admitted"))
     }
 
     fn device_unmount(&mut self, g: u32, bdf: Bdf, iova: u64) -> Result<Unmounted<DeviceMount>, Refusal> {
@@ -153,7 +158,7 @@ impl<'m, F: Format<Input = GuestPhysAddr>> World<'m, F> {
     fn create(&mut self, g: u32, name: &str, size: u64, shared: bool) -> Result<Mounted, Refusal> {
         let mem = self.mem;
         let (names, mut space) = self.space(g);
-        let ticket = reserve(names, space.mounts, g, n(name))?;
+        let ticket = reserve(names, space.mounts, g, &h(name))?;
         let morsel = Morsel::<F>::create(size, PageSize::Size4K, mem, mem).unwrap();
         let value = Named { morsel, owner: g, shared, mounts: 0, unmounts: 0, view: None, last: None };
         match enter(names, &mut space, ticket, value, mem, mem) {
@@ -166,7 +171,7 @@ impl<'m, F: Format<Input = GuestPhysAddr>> World<'m, F> {
     fn open(&mut self, g: u32, name: &str, writable: bool) -> Result<Mounted, Refusal> {
         let mem = self.mem;
         let (names, mut space) = self.space(g);
-        open(names, &mut space, &n(name), writable, |_| true, mem, mem).map(|m| m.expect("admitted"))
+        open(names, &mut space, &h(name), writable, |_| true, mem, mem).map(|m| m.expect("admitted"))
     }
 
     fn unmount(&mut self, g: u32, gpa: u64) -> Result<Unmounted, Refusal> {
@@ -249,7 +254,7 @@ fn a_reserved_name_is_not_found_until_committed() {
     let mut w = World::<Ept>::new(&mem, 2, 8);
     let ticket = {
         let (names, space) = w.space(0);
-        reserve(names, space.mounts, 0, n("pending")).unwrap()
+        reserve(names, space.mounts, 0, &h("pending")).unwrap()
     };
     assert_eq!(w.open(1, "pending", false), Err(Refusal::NotFound));
     assert_eq!(w.open(1, "nothing", false), Err(Refusal::NotFound));
@@ -265,7 +270,7 @@ fn a_commit_never_replaces() {
     let mut w = World::<Ept>::new(&mem, 2, 8);
     w.create(0, "a", 4096, false).unwrap();
     let (names, space) = w.space(1);
-    assert_eq!(reserve(names, space.mounts, 1, n("a")).unwrap_err(), Refusal::Name(names::Error::Taken));
+    assert_eq!(reserve(names, space.mounts, 1, &h("a")).unwrap_err(), Refusal::Name(names::Error::Taken));
     assert_eq!(Refusal::Name(names::Error::Taken).error(), abi::Error::Busy);
     assert_eq!(w.names.get("a").unwrap().owner, 0);
 }
@@ -289,9 +294,9 @@ fn a_refused_admission_changes_nothing() {
     let mut w = World::<Ept>::new(&mem, 2, 8);
     w.create(0, "a", 4096, false).unwrap();
     let (names, mut space) = w.space(1);
-    assert_eq!(open(names, &mut space, &n("a"), false, |_| false, &mem, &mem), Ok(None));
+    assert_eq!(open(names, &mut space, &h("a"), false, |_| false, &mem, &mem), Ok(None));
     // Permission comes first: a refused writer is told so, not asked to retry.
-    assert_eq!(open(names, &mut space, &n("a"), true, |_| false, &mem, &mem), Err(Refusal::Denied));
+    assert_eq!(open(names, &mut space, &h("a"), true, |_| false, &mem, &mem), Err(Refusal::Denied));
     assert!(w.guests[1].1.is_empty());
 }
 
@@ -316,7 +321,7 @@ fn a_mount_past_the_quota_changes_nothing() {
     assert_eq!(w.morsel(&last).mount_count(), 1);
     // A create by a guest at its quota is refused at the reservation, which is given back.
     let (names, space) = w.space(0);
-    assert_eq!(reserve(names, space.mounts, 0, n("more")).unwrap_err(), Refusal::Quota);
+    assert_eq!(reserve(names, space.mounts, 0, &h("more")).unwrap_err(), Refusal::Quota);
     assert!(!w.names.is_reserved("more"));
     assert_eq!(w.names.count(0).held, 0);
     // One unmount makes room again.
@@ -331,8 +336,8 @@ fn reservations_count_against_the_mount_quota() {
     let mem = SimMem::new(16 * GIB);
     let mut w = World::<Ept>::new(&mem, 2, quota + 1);
     let (names, space) = w.space(0);
-    let tickets: Vec<Ticket> = (0..quota).map(|i| reserve(names, space.mounts, 0, n(&std::format!("r{i}"))).unwrap()).collect();
-    assert_eq!(reserve(names, space.mounts, 0, n("one-more")).unwrap_err(), Refusal::Quota);
+    let tickets: Vec<Ticket> = (0..quota).map(|i| reserve(names, space.mounts, 0, &h(&std::format!("r{i}"))).unwrap()).collect();
+    assert_eq!(reserve(names, space.mounts, 0, &h("one-more")).unwrap_err(), Refusal::Quota);
     for t in tickets {
         names.abort(t);
     }
@@ -505,7 +510,7 @@ fn a_full_window_is_busy_and_leaves_the_new_morsel_entered() {
     // 2 GiB of 2 MiB pages: a root at L3, a 512 GiB window; the window holds `slots` of them.
     let big = |w: &mut World<Ept>, name: &str| {
         let (names, mut space) = w.space(0);
-        let ticket = reserve(names, space.mounts, 0, n(name)).unwrap();
+        let ticket = reserve(names, space.mounts, 0, &h(name)).unwrap();
         let morsel = Morsel::<Ept>::create(2 * GIB, PageSize::Size2M, &mem, &mem).unwrap();
         enter(names, &mut space, ticket, Named { morsel, owner: 0, shared: false, mounts: 0, unmounts: 0, view: None, last: None }, &mem, &mem)
     };

@@ -227,6 +227,36 @@ pub trait GiveBack<D> {
     fn give_back(&mut self, done: D);
 }
 
+/// A name the world lock's handler of this call will look up or reserve (`morsel_open`,
+/// `morsel_create`, `exmap_create`: their first two arguments), for the vCPU loop to read
+/// from guest RAM and hash (`names::Keys::hash`) before it takes the lock: a [`NameAhead`]
+/// for the handler. Not decoded here (the handler decodes the call): a call the decoder
+/// refuses never reaches the handler, so its name read ahead is not used. None for every
+/// other call.
+pub fn name_to_read(regs: &Regs) -> Option<Name> {
+    match regs.rax {
+        abi::HC_MORSEL_OPEN | abi::HC_MORSEL_CREATE | abi::HC_EXMAP_CREATE => Some(Name(GuestSlice { ptr: regs.rdi, len: regs.rsi })),
+        _ => None,
+    }
+}
+
+/// A call's name read and hashed with no lock held: valid (`names::Name`), read whole from
+/// guest RAM at `at`. The handler uses it for a call whose name is `at` (`for_call`); any
+/// other name, or one that could not be read so, is read under the lock as before (the same
+/// checks, the same errors).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NameAhead {
+    pub at: Name,
+    pub name: crate::names::Hashed,
+}
+
+impl NameAhead {
+    /// The name read ahead for a call whose name argument is `at`, if that is the one.
+    pub fn for_call(ahead: Option<&NameAhead>, at: Name) -> Option<crate::names::Hashed> {
+        ahead.filter(|a| a.at == at).map(|a| a.name)
+    }
+}
+
 /// Handles the hypercall in `regs` (already past the instruction; `rax` its number, the
 /// arguments in rdi, rsi, rdx, r10, r8, r9), answering it unless it parks, retries or defers.
 pub fn handle<S: Services>(s: &mut S, regs: &mut Regs) -> Action<S::Deferred> {

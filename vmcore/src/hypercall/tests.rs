@@ -676,3 +676,32 @@ impl Drop for Capture {
         LINES.with(|l| *l.borrow_mut() = None);
     }
 }
+
+/// The calls whose name is read and hashed before the world lock: open, create and ExMap
+/// create, each with its own name argument (not decoded: a refused call never reaches the
+/// handler that would use it); none for another call.
+#[test]
+fn the_names_read_ahead_are_those_of_open_and_the_creates() {
+    let cases: &[(u64, [u64; 6], Option<abi::Name>)] = &[
+        (HC_MORSEL_OPEN, [0x3000, 6, 1, 0, 0, 0], Some(name(0x3000, 6))),
+        (HC_MORSEL_CREATE, [0x4000, 5, 4096, 0, 0, 0], Some(name(0x4000, 5))),
+        (HC_EXMAP_CREATE, [0x5000, 9, 1 << 30, MORSEL_SHARE_WRITABLE, 0, 0], Some(name(0x5000, 9))),
+        // Not looked up under the world lock by a name read here.
+        (HC_MORSEL_DESTROY, [0x3000, 7, 0, 0, 0, 0], None),
+        (HC_NAME_WATCH, [0x3000, 10, 0b110, 0, 0, 0], None),
+        (HC_DEVICE_MOUNT, [0x3000, 8, 0x18, 0x10_0000, 1, 0], None),
+        (HC_MORSEL_UNMOUNT, [0x3000, 6, 0, 0, 0, 0], None),
+        // Not decoded here: the name of a call the decoder refuses is read (and not used).
+        (HC_MORSEL_OPEN, [0x3000, 4, 2, 0, 0, 0], Some(name(0x3000, 4))),
+        (HC_MORSEL_CREATE, [0x3000, MORSEL_NAME_MAX as u64 + 1, 4096, 0, 0, 0], Some(name(0x3000, MORSEL_NAME_MAX as u64 + 1))),
+    ];
+    for &(nr, a, want) in cases {
+        assert_eq!(name_to_read(&regs(nr, a)), want, "call {nr} {a:x?}");
+    }
+    let hashed = crate::names::Keys::of([1, 2]).hash(crate::names::Name::new(b"abc").unwrap());
+    let ahead = NameAhead { at: name(0x3000, 3), name: hashed };
+    assert_eq!(NameAhead::for_call(Some(&ahead), name(0x3000, 3)), Some(hashed));
+    assert_eq!(NameAhead::for_call(Some(&ahead), name(0x3000, 4)), None);
+    assert_eq!(NameAhead::for_call(Some(&ahead), name(0x3001, 3)), None);
+    assert_eq!(NameAhead::for_call(None, name(0x3000, 3)), None);
+}

@@ -224,6 +224,38 @@ impl<T> Slot<T> {
     }
 }
 
+/// The keys of a table's name hash ([`Names::keys`]): fixed at `try_new`, so a copy can hash
+/// a name with no lock held ([`Keys::hash`]), for the table to use under its lock.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Keys(u64, u64);
+
+impl Keys {
+    /// The keys of a table made with `seed` ([`Names::try_new`]).
+    pub fn of(seed: [u64; 2]) -> Keys {
+        Keys(seed[0], seed[1])
+    }
+
+    /// `name` with its SipHash under these keys (the table's costly step, done here).
+    pub fn hash(self, name: Name) -> Hashed {
+        Hashed { name, hash: hash((self.0, self.1), name.as_bytes()), keys: self }
+    }
+}
+
+/// A name with its hash under [`Keys`]; a table with other keys hashes it again (never a
+/// wrong look-up).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Hashed {
+    name: Name,
+    hash: u64,
+    keys: Keys,
+}
+
+impl Hashed {
+    pub fn name(&self) -> &Name {
+        &self.name
+    }
+}
+
 /// End of the free list.
 const NONE: u32 = u32::MAX;
 
@@ -331,6 +363,20 @@ impl<T> Names<T> {
         }
     }
 
+    /// The keys of this table's name hash, for [`Keys::hash`] with no lock held.
+    pub fn keys(&self) -> Keys {
+        Keys(self.keys.0, self.keys.1)
+    }
+
+    /// The hash of `h`'s name under this table's keys: `h`'s own if it was hashed with them.
+    fn hash_of(&self, h: &Hashed) -> u64 {
+        if h.keys == self.keys() {
+            h.hash
+        } else {
+            hash(self.keys, h.name.as_bytes())
+        }
+    }
+
     /// The slot of `name` (reserved or committed).
     fn find(&self, name: &[u8]) -> Option<u32> {
         self.find_hashed(hash(self.keys, name), name)
@@ -345,7 +391,14 @@ impl<T> Names<T> {
     /// Reserves `name` for `owner`: `Taken` if the name is reserved or committed (by anyone),
     /// `NoOwner` / `Quota` if the owner has no room, charged to the owner's quota otherwise.
     pub fn reserve(&mut self, name: Name, owner: Owner) -> Result<Ticket, Error> {
-        if self.find(name.as_bytes()).is_some() {
+        let h = self.keys().hash(name);
+        self.reserve_hashed(&h, owner)
+    }
+
+    /// `reserve` of a name hashed already ([`Keys::hash`]).
+    pub fn reserve_hashed(&mut self, hashed: &Hashed, owner: Owner) -> Result<Ticket, Error> {
+        let (name, h) = (hashed.name, self.hash_of(hashed));
+        if self.find_hashed(h, name.as_bytes()).is_some() {
             return Err(Error::Taken);
         }
         let (count, quota) = self.budget(owner).ok_or(Error::NoOwner)?;
@@ -368,7 +421,7 @@ impl<T> Names<T> {
         }
         self.free = next;
         let (chunks, keys) = (&self.chunks, self.keys);
-        self.index.insert_unique(hash(keys, name.as_bytes()), slot, |&i| slot_of(chunks, i).and_then(Slot::name).map_or(0, |n| hash(keys, n.as_bytes())));
+        self.index.insert_unique(h, slot, |&i| slot_of(chunks, i).and_then(Slot::name).map_or(0, |n| hash(keys, n.as_bytes())));
         if let Some((count, _)) = self.budget(owner) {
             count.held += 1;
             count.reserved += 1;
@@ -448,6 +501,12 @@ impl<T> Names<T> {
     /// table's one costly step) once per operation instead of once per look-up.
     pub fn slot(&self, name: &str) -> Option<SlotId> {
         let i = self.find(name.as_bytes())?;
+        matches!(slot_of(&self.chunks, i)?, Slot::Named { .. }).then_some(SlotId(i))
+    }
+
+    /// `slot` of a name hashed already ([`Keys::hash`], perhaps with no lock held).
+    pub fn slot_hashed(&self, name: &Hashed) -> Option<SlotId> {
+        let i = self.find_hashed(self.hash_of(name), name.name.as_bytes())?;
         matches!(slot_of(&self.chunks, i)?, Slot::Named { .. }).then_some(SlotId(i))
     }
 

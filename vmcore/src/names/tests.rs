@@ -55,6 +55,37 @@ fn slot_finds_the_value_until_the_name_goes() {
     assert_eq!(t.get_mut_at(b, &n("b")).copied(), Some(7));
 }
 
+/// A name hashed before the table's lock (`Keys::hash`) finds and reserves what the name
+/// does; one hashed with other keys is hashed again by the table, never looked up wrong.
+#[test]
+fn hashed_names_are_found_as_names() {
+    let mut t = table(2, 40, 0);
+    assert_eq!(t.keys(), Keys::of(SEED));
+    let (ours, other) = (t.keys(), Keys::of([SEED[1], SEED[0]]));
+    for i in 0..20 {
+        // Half entered hashed with the table's keys, half with other keys.
+        let keys = if i % 2 == 0 { ours } else { other };
+        let r = t.reserve_hashed(&keys.hash(n(&std::format!("h{i}"))), 0).unwrap();
+        t.commit(r, i).unwrap();
+    }
+    for i in 0..20 {
+        let name = n(&std::format!("h{i}"));
+        assert_eq!(t.get(&name).map(|e| *e.value), Some(i), "h{i} as a name");
+        let at = t.slot(&name).unwrap();
+        for keys in [ours, other] {
+            let h = keys.hash(name);
+            assert_eq!(h.name(), &name);
+            assert_eq!(t.slot_hashed(&h), Some(at), "h{i} hashed");
+            assert_eq!(t.reserve_hashed(&h, 1).unwrap_err(), Error::Taken);
+        }
+    }
+    for keys in [ours, other] {
+        assert_eq!(t.slot_hashed(&keys.hash(n("absent"))), None);
+    }
+    assert_eq!(t.remove("h3").map(|(_, _, v)| v), Some(3));
+    assert_eq!(t.slot_hashed(&ours.hash(n("h3"))), None);
+}
+
 #[test]
 fn reserve_commit_get_remove() {
     let mut t = table(2, 4, 1);
