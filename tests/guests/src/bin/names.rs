@@ -14,6 +14,14 @@
 //!   at once, so the mount quota never stops them) until the 65th is refused `NoMemory` (the
 //!   old code took ~1,792 and then panicked on the heap); a morsel create is refused too; a
 //!   destroy makes room; names are shared between morsels and regions (`Busy` both ways).
+//! - 7 `flip` (one guest, 2 vCPUs on 2 CPUs): vCPU 1 rewrites a name in guest RAM without
+//!   pause between `nm-flipA`, `nm-flipB` and `nm flipA` / `nm flipB` (a space: invalid),
+//!   byte by byte, while vCPU 0 calls `morsel_create` and `morsel_open` with it (the
+//!   hypervisor reads such a name before its world lock since branch `prename`). Every answer
+//!   must be one snapshot of the name: a create that succeeded made exactly one of the two
+//!   valid names (destroying each by a constant name finds exactly one), an open reached the
+//!   morsel whose marker its name says, a refusal is `Invalid` (the space), never another
+//!   error; every frame comes back.
 //! - 5 `fill` / 6 `late`: many guests each hold their whole quota (morsels and regions); then
 //!   one more guest must still get its whole quota (the old directory held 1,792 names, so
 //!   28 guests within their quotas denied everyone else).
@@ -28,7 +36,7 @@ use guest_lib::hypercall::call;
 use guest_lib::morsel::{self, PageSize};
 use guest_lib::{println, yield_now, BootInfo, Error};
 
-guest_lib::entry!(main);
+guest_lib::entry!(main, vcpu_main);
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
@@ -74,6 +82,7 @@ fn main(info: &BootInfo) -> i32 {
         4 => regions_quota(),
         5 => fill(info),
         6 => late(info),
+        7 => flip(),
         _ => Err("unknown arg"),
     };
     match r {
@@ -353,5 +362,98 @@ fn late(info: &BootInfo) -> Result<(), &'static str> {
     hold_quota(me, "l", "late-done")?;
     println!("names late: {} other guests hold {held} names; this guest still got its {} (directory holds {} names now)",
         guests - 1, abi::MORSEL_QUOTA, held + abi::MORSEL_QUOTA);
+    Ok(())
+}
+
+/// The name vCPU 1 rewrites (`flip`): 8 bytes in guest RAM, byte by byte.
+static FLIP: [core::sync::atomic::AtomicU8; 8] = [const { core::sync::atomic::AtomicU8::new(0) }; 8];
+/// vCPU 1 runs (1) until vCPU 0 is done (2).
+static FLIPPING: AtomicU64 = AtomicU64::new(0);
+const FLIP_CALLS: u64 = 1000;
+
+fn vcpu_main(info: &BootInfo, _vcpu: u32) -> i32 {
+    if info.arg & 0xff != 7 {
+        return 0;
+    }
+    let variants: [&[u8; 8]; 4] = [b"nm-flipA", b"nm flipB", b"nm-flipB", b"nm flipA"];
+    FLIPPING.store(1, SeqCst);
+    let mut i = 0usize;
+    while FLIPPING.load(SeqCst) == 1 {
+        for (b, &v) in FLIP.iter().zip(variants[i % 4]) {
+            b.store(v, SeqCst);
+        }
+        i += 1;
+    }
+    0
+}
+
+/// One snapshot or the other: see the module doc (`flip`).
+fn flip() -> Result<(), &'static str> {
+    for (b, &v) in FLIP.iter().zip(b"nm-flipA") {
+        b.store(v, SeqCst);
+    }
+    wait_word(&FLIPPING, 1);
+    let name = [FLIP.as_ptr() as u64, 8];
+    let (mut made, mut invalid, mut wrong) = ([0u64; 2], 0u64, 0u64);
+    for _ in 0..FLIP_CALLS {
+        match guest_lib::hypercall::call_mount(abi::HC_MORSEL_CREATE, [name[0], name[1], 4096, 0, 0, 0]) {
+            Ok((gpa, size)) => {
+                let _ = unmount(gpa);
+                let gone = [morsel::destroy("nm-flipA"), morsel::destroy("nm-flipB")];
+                match gone {
+                    [Ok(()), Err(Error::NotFound)] if size == 4096 => made[0] += 1,
+                    [Err(Error::NotFound), Ok(())] if size == 4096 => made[1] += 1,
+                    _ => {
+                        wrong += 1;
+                        println!("names flip: create answered {gpa:#x} size {size}, then destroy A / B: {gone:?}: WRONG");
+                    }
+                }
+            }
+            Err(Error::Invalid) => invalid += 1,
+            Err(e) => {
+                wrong += 1;
+                println!("names flip: create refused {e:?}: WRONG");
+            }
+        }
+    }
+    // Both names exist, each with its marker, unmounted; an open through the flipping name
+    // reaches the one its snapshot names.
+    let a = morsel::create("nm-flipA", 4096, PageSize::Size4K, false).map_err(|_| "create nm-flipA")?;
+    let b = morsel::create("nm-flipB", 4096, PageSize::Size4K, false).map_err(|_| "create nm-flipB")?;
+    a.atomics()[0].store(0xA, SeqCst);
+    b.atomics()[0].store(0xB, SeqCst);
+    // Unmounted (a guest mounts a morsel once at a time), kept by name.
+    drop((a, b));
+    let (mut opened, mut open_invalid) = ([0u64; 2], 0u64);
+    for _ in 0..FLIP_CALLS {
+        match guest_lib::hypercall::call_mount(abi::HC_MORSEL_OPEN, [name[0], name[1], 0, 0, 0, 0]) {
+            Ok((gpa, size)) => {
+                // SAFETY: the hypervisor just mounted a morsel of `size` bytes at `gpa` in this
+                // guest; one atomic read of its first word, then it is unmounted.
+                let marker = (size >= 8).then(|| unsafe { (*(gpa as *const AtomicU64)).load(SeqCst) });
+                let _ = unmount(gpa);
+                match marker {
+                    Some(0xA) => opened[0] += 1,
+                    Some(0xB) => opened[1] += 1,
+                    other => {
+                        wrong += 1;
+                        println!("names flip: open answered {gpa:#x} size {size} marker {other:?}: WRONG");
+                    }
+                }
+            }
+            Err(Error::Invalid) => open_invalid += 1,
+            Err(e) => {
+                wrong += 1;
+                println!("names flip: open refused {e:?}: WRONG");
+            }
+        }
+    }
+    FLIPPING.store(2, SeqCst);
+    let _ = (morsel::destroy("nm-flipA"), morsel::destroy("nm-flipB"));
+    println!("names flip: {FLIP_CALLS} creates through a name another vCPU rewrites: {} nm-flipA, {} nm-flipB, {invalid} Invalid; {FLIP_CALLS} opens: {} A, {} B, {open_invalid} Invalid; {wrong} wrong",
+        made[0], made[1], opened[0], opened[1]);
+    if wrong > 0 || made[0] + made[1] + invalid != FLIP_CALLS || opened[0] + opened[1] + open_invalid != FLIP_CALLS {
+        return Err("an answer that is not one snapshot of the name");
+    }
     Ok(())
 }
