@@ -316,14 +316,19 @@ impl<F: Format> Removed<F> {
 pub(crate) fn read_name<B: Backend>(g: &Guest<B>, name: abi::Name) -> Result<Name, Error> {
     let mut buf = [0u8; NAME_MAX];
     let buf = buf.get_mut(..name.0.len as usize).ok_or(Error::Invalid)?;
-    let in_ram = g.shared.ram_pieces(name.0.ptr, buf.len(), |piece, done| {
-        let n = piece.len();
-        let _ = piece.copy_to(0, &mut buf[done..done + n]);
-    });
-    if in_ram.is_none() {
+    if copy_from_ram(&g.shared, name.0.ptr, buf).is_none() {
         g.mem.read(GuestPhysAddr::new(name.0.ptr), buf)?;
     }
     Name::new(buf).map_err(|_| Error::Invalid)
+}
+
+/// `buf.len()` bytes at guest-physical `ptr` through the guest's fixed RAM frames (no lock
+/// needed); None if they are not wholly in guest RAM.
+fn copy_from_ram(shared: &crate::vm::guest::Shared, ptr: u64, buf: &mut [u8]) -> Option<()> {
+    shared.ram_pieces(ptr, buf.len(), |piece, done| {
+        let n = piece.len();
+        let _ = piece.copy_to(0, &mut buf[done..done + n]);
+    })
 }
 
 /// A valid name read whole from guest RAM (`guest::Shared::ram_pieces`), which needs no lock:
@@ -333,10 +338,7 @@ pub(crate) fn read_name<B: Backend>(g: &Guest<B>, name: abi::Name) -> Result<Nam
 pub(crate) fn read_ram_name(shared: &crate::vm::guest::Shared, name: abi::Name) -> Option<Name> {
     let mut buf = [0u8; NAME_MAX];
     let buf = buf.get_mut(..name.0.len as usize)?;
-    shared.ram_pieces(name.0.ptr, buf.len(), |piece, done| {
-        let n = piece.len();
-        let _ = piece.copy_to(0, &mut buf[done..done + n]);
-    })?;
+    copy_from_ram(shared, name.0.ptr, buf)?;
     Name::new(buf).ok()
 }
 
