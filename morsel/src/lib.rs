@@ -19,7 +19,7 @@ pub use addr::{GuestPhysAddr, HostPhysAddr, InputAddr, IoVirtAddr, Level, PageSi
 pub use error::Error;
 pub use format::{can_share, AmdV1, Decoded, Entry, Ept, Family, Format, FormatKind, Npt, Perm, VtdSl};
 pub use mem::{FrameAlloc, PhysMem};
-pub use morsel::{LeafEdit, LeafSlot, Leaves, Morsel, MountStats, MAX_MORSEL};
+pub use morsel::{LeafEdit, LeafSlot, Leaves, Morsel, MountHandle, MountStats, MAX_MORSEL};
 #[cfg(any(test, feature = "std"))]
 pub use sim::SimMem;
 pub use table::{SecondLevelTable, TableStats, Translation};

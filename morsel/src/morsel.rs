@@ -543,8 +543,91 @@ impl<F: Format> Morsel<F> {
         alloc: &impl FrameAlloc,
         mem: &impl PhysMem,
     ) -> Result<MountStats, Error> {
+        let stats = self.handle().mount::<F, G>(target, window, perm, alloc, mem)?;
+        self.pin();
+        Ok(stats)
+    }
+
+    /// Clears this morsel's mount entry at `window` in `target` (one entry write), then frees
+    /// the intermediate tables on the way to it that are left empty (bottom up, never the
+    /// root, never a table that still maps anything): what a mount created, an unmount takes
+    /// away, so a later mount of a larger window finds its slot free. The caller then
+    /// invalidates (INVEPT, ASID flush or IOTLB) everywhere `target` may be cached, before the
+    /// freed table frames can be reused (paging-structure caches may still hold them).
+    pub fn unmount<G: Format>(
+        &self,
+        target: &mut SecondLevelTable<G>,
+        window: G::Input,
+        alloc: &impl FrameAlloc,
+        mem: &impl PhysMem,
+    ) -> Result<MountStats, Error> {
+        let stats = self.handle().unmount::<F, G>(target, window, alloc, mem)?;
+        self.unpin();
+        Ok(stats)
+    }
+
+    /// What mounting and unmounting this morsel needs (its root and root level, fixed for
+    /// its life), to use without the morsel at hand (`MountHandle`).
+    pub fn handle(&self) -> MountHandle {
+        MountHandle { root: self.root, root_level: self.root_level }
+    }
+
+    /// Counts one more mount (`mount_count`) without writing one: a caller that mounts through
+    /// a `MountHandle` with the morsel out of reach pins it first, so `destroy` refuses it
+    /// from then on, and keeps the count as the mount's (or `unpin`s it if the mount failed).
+    pub fn pin(&self) {
+        self.mounts.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Takes back one count of `pin` or of a mount (`MountHandle::unmount` does not).
+    pub fn unpin(&self) {
+        let _ = self.mounts.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+    }
+
+    /// Gives every data frame and table back to `alloc`. Refused (the morsel is handed back)
+    /// while it is mounted anywhere.
+    pub fn destroy(self, alloc: &impl FrameAlloc, mem: &impl PhysMem) -> Result<(), (Self, Error)> {
+        let count = self.mount_count();
+        if count > 0 {
+            return Err((self, Error::StillMounted { count }));
+        }
+        free_tree::<F>(self.root, self.root_level, self.owns_data, alloc, mem);
+        Ok(())
+    }
+}
+
+/// A morsel's root and root level, copied out of it (`Morsel::handle`): enough to write and
+/// clear its mount entry in a table while the morsel itself is out of reach (behind a lock
+/// the caller let go). It does not keep the morsel alive: the caller pins it
+/// (`Morsel::pin`, a mount counted) before it lets the morsel out of reach, and the morsel's
+/// `destroy` refuses while any mount is counted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MountHandle {
+    root: HostPhysAddr,
+    root_level: Level,
+}
+
+impl MountHandle {
+    /// Bytes of input address space the morsel's root table spans (`Morsel::window_size`).
+    pub fn window_size(&self) -> u64 {
+        table_span(self.root_level)
+    }
+
+    /// Mounts the morsel into `target` at `window` with rights `perm`: writes ONE entry at level
+    /// `root_level() + 1` of the target (plus, the first time a region of the target is used,
+    /// the intermediate tables leading to it; see `MountStats`). `window` must be aligned to
+    /// `window_size()`, inside the target, and free. The caller needs no invalidation. The
+    /// morsel's mount count is the caller's (`Morsel::pin`).
+    pub fn mount<F: Format, G: Format>(
+        &self,
+        target: &mut SecondLevelTable<G>,
+        window: G::Input,
+        perm: Perm,
+        alloc: &impl FrameAlloc,
+        mem: &impl PhysMem,
+    ) -> Result<MountStats, Error> {
         let at = window.to_u64();
-        let slot_level = self.check_window(target, at)?;
+        let slot_level = self.check_window::<F, G>(target, at)?;
         if !perm.is_encodable() {
             return Err(Error::BadPerm);
         }
@@ -565,7 +648,6 @@ impl<F: Format> Morsel<F> {
         mem.write(table, i, Entry::<G>::mount_to(self.root, self.root_level, perm).raw());
         target.stats.pte_writes += 1;
         target.mounts += 1;
-        self.mounts.fetch_add(1, Ordering::AcqRel);
         Ok(MountStats {
             entry_writes: 1,
             path_writes,
@@ -577,8 +659,9 @@ impl<F: Format> Morsel<F> {
     /// root, never a table that still maps anything): what a mount created, an unmount takes
     /// away, so a later mount of a larger window finds its slot free. The caller then
     /// invalidates (INVEPT, ASID flush or IOTLB) everywhere `target` may be cached, before the
-    /// freed table frames can be reused (paging-structure caches may still hold them).
-    pub fn unmount<G: Format>(
+    /// freed table frames can be reused (paging-structure caches may still hold them). The
+    /// morsel's mount count is the caller's (`Morsel::unpin`, after that invalidation started).
+    pub fn unmount<F: Format, G: Format>(
         &self,
         target: &mut SecondLevelTable<G>,
         window: G::Input,
@@ -586,7 +669,7 @@ impl<F: Format> Morsel<F> {
         mem: &impl PhysMem,
     ) -> Result<MountStats, Error> {
         let at = window.to_u64();
-        let slot_level = self.check_window(target, at)?;
+        let slot_level = self.check_window::<F, G>(target, at)?;
         let not_mounted = Error::NotMounted { addr: at };
         // The tables on the walk, root first: path[k] is the table of level `levels - k`.
         let mut path = [HostPhysAddr::new(0); 4];
@@ -612,7 +695,6 @@ impl<F: Format> Morsel<F> {
         mem.write(table, i, Entry::<G>::EMPTY.raw());
         target.stats.pte_writes += 1;
         target.mounts -= 1;
-        self.mounts.fetch_sub(1, Ordering::AcqRel);
         let mut path_writes = 0;
         for k in (1..=depth).rev() {
             let t = path[k];
@@ -632,19 +714,8 @@ impl<F: Format> Morsel<F> {
         })
     }
 
-    /// Gives every data frame and table back to `alloc`. Refused (the morsel is handed back)
-    /// while it is mounted anywhere.
-    pub fn destroy(self, alloc: &impl FrameAlloc, mem: &impl PhysMem) -> Result<(), (Self, Error)> {
-        let count = self.mount_count();
-        if count > 0 {
-            return Err((self, Error::StillMounted { count }));
-        }
-        free_tree::<F>(self.root, self.root_level, self.owns_data, alloc, mem);
-        Ok(())
-    }
-
     /// Checks a mount window and returns the level of the mount slot in the target.
-    fn check_window<G: Format>(
+    fn check_window<F: Format, G: Format>(
         &self,
         target: &SecondLevelTable<G>,
         at: u64,
