@@ -39,7 +39,8 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
             return Err(g.refuse(Error::TooLarge, format_args!("size {} is above the largest morsel, {}", Bytes(size), Bytes(morsel::MAX_MORSEL.min(abi::MORSEL_WINDOW_SIZE)))));
         }
         // Each reservation (this one included) takes a mount slot when it is entered.
-        let ticket = directory::reserve(&mut self.named, &g.mounts, g.id, &hashed).map_err(|e| match e {
+        let reserved = directory::reserve(&mut self.named, &g.space.lock().mounts, g.id, &hashed);
+        let ticket = reserved.map_err(|e| match e {
             Refusal::Name(vmcore::names::Error::Taken) => g.refuse(Error::Busy, format_args!("the name {name:?} is taken")),
             e => e.error(),
         })?;
@@ -116,7 +117,8 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
                 n.morsel.root_level(), n.morsel.table_count(),
                 InPmem(n.slot));
         }
-        match directory::enter(&mut self.named, &mut g.space(), ticket, n, frames, &IDENTITY) {
+        let entered = directory::enter(&mut self.named, &mut g.space.lock().view(g.id), ticket, n, frames, &IDENTITY);
+        match entered {
             Ok(m) => Ok(log_mount(g.id, &name, m)),
             Err(Entered::Refused(e, n)) => {
                 // Unreachable (the ticket is this reservation's): refused, never replaced.
@@ -153,7 +155,8 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         let name = *hashed.name();
         let turn = super::turn(g.id, u32::MAX);
         let admit = |n: &Named<F>| n.admit_in_turn(Contender::Mount, turn).is_ok();
-        match directory::open(&mut self.named, &mut g.space(), &hashed, writable, admit, frames, &IDENTITY) {
+        let opened = directory::open(&mut self.named, &mut g.space.lock().view(g.id), &hashed, writable, admit, frames, &IDENTITY);
+        match opened {
             Ok(m) => Ok(m.map(|m| log_mount(g.id, &name, m))),
             Err(Refusal::AlreadyMounted) => Err(g.refuse(Error::Busy, format_args!("{name:?} is already mounted in this guest"))),
             Err(e) => Err(e.error()),
@@ -166,14 +169,14 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     pub fn unmount<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, frames: &Frames, gpa: u64) -> Result<Flush, Error> {
         // The emptied tables stay with this CPU until the shootdown is acknowledged.
         let after = crate::vm::shootdown::After(frames);
-        let u = directory::unmount(&mut self.named, &mut g.space(), gpa, &after, &IDENTITY).map_err(Refusal::error)?;
+        let u = directory::unmount(&mut self.named, &mut g.space.lock().view(g.id), gpa, &after, &IDENTITY).map_err(Refusal::error)?;
         log_unmount(g.id, u);
         Ok(crate::vm::shootdown::of_guest(g))
     }
 
     /// `morsel_size(gpa)`.
     pub fn size<B: Backend<Format = F>>(&self, g: &Guest<B>, gpa: u64) -> Result<u64, Error> {
-        g.mounts.at(gpa).map(|m| m.size).ok_or(Error::NotFound)
+        g.space.lock().mounts.at(gpa).map(|m| m.size).ok_or(Error::NotFound)
     }
 
     /// `morsel_destroy(name_ptr, name_len)`: the owner only, and only while unmounted. A RAM
@@ -257,7 +260,8 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         self.drop_device_mounts(g.id, devices.as_deref_mut(), frames, &after, &mut flush);
         // The guest's CPUs once for all of its mounts.
         let (id, guest_cpus) = (g.id, crate::vm::shootdown::of_guest(g));
-        if directory::drop_mounts(&mut self.named, &mut g.space(), &after, &IDENTITY, |u| log_unmount(id, u)) > 0 {
+        let dropped = directory::drop_mounts(&mut self.named, &mut g.space.lock().view(id), &after, &IDENTITY, |u| log_unmount(id, u));
+        if dropped > 0 {
             flush.merge(guest_cpus);
         }
         let done = flush.commit(&mut Hw(devices));

@@ -553,7 +553,8 @@ impl Exmaps {
             abi::ExmapOp::Read => abi::EXMAP_READ,
             abi::ExmapOp::Write => abi::EXMAP_WRITE,
         };
-        let mount = g.mounts.iter().find(|m| m.gpa == gpa).ok_or(Error::NotFound)?;
+        let space = g.space.lock();
+        let mount = space.mounts.iter().find(|m| m.gpa == gpa).ok_or(Error::NotFound)?;
         let (name, at, writable) = (mount.name, mount.at, mount.writable);
         if !writable {
             return Err(Error::Denied);
@@ -566,7 +567,8 @@ impl Exmaps {
         if iov_gpa.checked_add(4096).is_none_or(|end| end > g.spec.memory) {
             return Err(Error::BadAddress);
         }
-        let (iov_hpa, _) = g.mem.translate(GuestPhysAddr::new(iov_gpa), Perm::RW)?;
+        let (iov_hpa, _) = space.mem.translate(GuestPhysAddr::new(iov_gpa), Perm::RW)?;
+        drop(space);
         // The region is found at the slot its mount recorded (no name hash per call; here
         // and in `finish_batch`).
         let n = dir.named.get_mut_at(at, &name).ok_or(Error::NotFound)?;
@@ -840,7 +842,8 @@ impl Exmaps {
         // The results go to the iovec page, translated again (guest RAM: it stays while the
         // guest does).
         if let Some(g) = g {
-            if let Ok((iov_hpa, _)) = g.mem.translate(GuestPhysAddr::new(iov_gpa), Perm::RW) {
+            let iov = g.space.lock().mem.translate(GuestPhysAddr::new(iov_gpa), Perm::RW);
+            if let Ok((iov_hpa, _)) = iov {
                 // SAFETY: as in `action`: one page of this guest's RAM, which stays while the
                 // guest does; written word by word, never a reference.
                 let page = unsafe { crate::mm::frames::guest_bytes(iov_hpa.as_u64(), 4096) };
@@ -856,8 +859,8 @@ impl Exmaps {
 
     /// `exmap_info(region_gpa, what)`.
     pub fn info<B: Backend>(&self, dir: &Directory<B::Format>, g: &Guest<B>, region: u64, what: u64) -> Result<u64, Error> {
-        let m = g.mounts.iter().find(|m| m.gpa == region).ok_or(Error::NotFound)?;
-        let e = dir.named.get(&m.name).ok_or(Error::Invalid)?;
+        let name = g.space.lock().mounts.iter().find(|m| m.gpa == region).ok_or(Error::NotFound)?.name;
+        let e = dir.named.get(&name).ok_or(Error::Invalid)?;
         let (Some(s), Some(c)) = (e.value.region.as_ref(), e.value.cell) else { return Err(Error::Invalid) };
         let get = RegionCell::get;
         match what {
@@ -1047,7 +1050,8 @@ struct DiskStats {
 /// vCPU's ExMap ALLOC populated it again before the report (the report runs after the fault,
 /// under the world lock, while sibling batches go on without it).
 pub fn describe_refilled<B: Backend>(g: &Guest<B>, gpa: u64, write: bool) -> Option<String> {
-    let m = g.mounts.iter().find(|m| m.gpa <= gpa && gpa < m.gpa + m.size && (m.writable || !write))?;
+    let space = g.space.lock();
+    let m = space.mounts.iter().find(|m| m.gpa <= gpa && gpa < m.gpa + m.size && (m.writable || !write))?;
     let off = gpa - m.gpa;
     Some(alloc::format!("page {} (offset {off:#x}) of '{}' (unpopulated at the fault, populated again since)",
         off / 4096, m.name))
@@ -1056,7 +1060,8 @@ pub fn describe_refilled<B: Backend>(g: &Guest<B>, gpa: u64, write: bool) -> Opt
 /// What a second-level fault at `gpa` hit, where the guest has a morsel mounted there:
 /// "page N (offset) of 'name', not populated", or past the morsel's end.
 pub fn describe_fault<B: Backend>(g: &Guest<B>, gpa: u64) -> Option<String> {
-    let m = g.mounts.iter().find(|m| m.gpa <= gpa && gpa < m.gpa + m.window)?;
+    let space = g.space.lock();
+    let m = space.mounts.iter().find(|m| m.gpa <= gpa && gpa < m.gpa + m.window)?;
     let off = gpa - m.gpa;
     Some(if off < m.size {
         alloc::format!("unpopulated page {} (offset {off:#x}) of '{}'", off / 4096, m.name)

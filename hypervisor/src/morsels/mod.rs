@@ -155,6 +155,10 @@ impl<F: Format> vmcore::directory::Entry<F> for Named<F> {
     fn others_may_write(&self) -> bool {
         self.others_may_write
     }
+    /// An ExMap region is not: its mounts go with its lock and its fast handles.
+    fn plain(&self) -> bool {
+        self.region.is_none() && self.cell.is_none()
+    }
     /// A device mount's invalidation (its domain's IOTLB) is counted with it.
     fn mounted(&mut self, space: SpaceId, stats: &MountStats) {
         self.count_mount(stats, u64::from(matches!(space, SpaceId::Device(_))));
@@ -317,7 +321,7 @@ pub(crate) fn read_name<B: Backend>(g: &Guest<B>, name: abi::Name) -> Result<Nam
     let mut buf = [0u8; NAME_MAX];
     let buf = buf.get_mut(..name.0.len as usize).ok_or(Error::Invalid)?;
     if copy_from_ram(&g.shared, name.0.ptr, buf).is_none() {
-        g.mem.read(GuestPhysAddr::new(name.0.ptr), buf)?;
+        g.space.lock().mem.read(GuestPhysAddr::new(name.0.ptr), buf)?;
     }
     Name::new(buf).map_err(|_| Error::Invalid)
 }

@@ -44,7 +44,8 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     /// spans of batches in flight on other CPUs.
     #[allow(clippy::too_many_arguments)] // the call's four arguments, the caller and the direction
     pub fn nvme_io<B: Backend<Format = F>>(&mut self, g: &Guest<B>, devices: Option<&mut Devices>, frames: &Frames, write: bool, gpa: u64, offset: u64, lba: u64, count: u64) -> Result<ProxyIo, Error> {
-        let m = g.mounts.iter().find(|m| m.gpa == gpa).ok_or(Error::NotFound)?;
+        let space = g.space.lock();
+        let m = space.mounts.iter().find(|m| m.gpa == gpa).ok_or(Error::NotFound)?;
         let bytes = count.checked_mul(abi::NVME_BLOCK).ok_or(Error::TooLarge)?;
         if count == 0 || !offset.is_multiple_of(abi::NVME_BLOCK) {
             return Err(Error::Invalid);
@@ -53,10 +54,11 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
             return Err(Error::TooLarge);
         }
         // The device writes the morsel on a read: the caller must hold it writable.
-        if !write && g.mem.translate(GuestPhysAddr::new(gpa), Perm::RW).is_err() {
+        if !write && space.mem.translate(GuestPhysAddr::new(gpa), Perm::RW).is_err() {
             return Err(Error::Denied);
         }
         let name = m.name;
+        drop(space);
         let d = devices.ok_or(Error::NotFound)?;
         let mut batch = self.disk_begin(d, frames, &name, write, true)?;
         batch.reqs.push(Request { iova: batch.iova + offset, lba, blocks: count });

@@ -179,20 +179,41 @@ impl Summary {
     }
 }
 
+/// A guest's second-level table (its RAM, mapped at creation and fixed, and the window
+/// where morsels are mounted) and the list of those mounts: behind the guest's own lock
+/// (`Guest::space`), taken after the world lock and the directory's (`morsels::Directory`),
+/// never held while a guest runs or while another lock is waited for. Reads of guest memory
+/// through the table (names and buffers in mounted morsels) hold it too, so a mount cannot
+/// go away under a copy.
+pub struct GuestSpace<F: morsel::Format<Input = GuestPhysAddr>> {
+    pub mem: GuestMemory<F>,
+    /// Morsels mounted in this guest's window.
+    pub mounts: vmcore::directory::Mounts,
+}
+
+impl<F: morsel::Format<Input = GuestPhysAddr>> GuestSpace<F> {
+    /// The guest `guest` as the morsel directory sees it (`vmcore::directory`): its id, its
+    /// second-level table, its mounts.
+    pub fn view(&mut self, guest: u32) -> vmcore::directory::Space<'_, F> {
+        vmcore::directory::Space { guest, table: self.mem.table_mut(), mounts: &mut self.mounts }
+    }
+}
+
 /// A running guest: what its vCPUs share (all of it behind the run's world lock,
 /// `sched::World`). The vCPUs themselves (VMCS/VMCB) live in the run queue of the CPU that
 /// created them.
 pub struct Guest<B: Backend> {
     pub id: u32,
     pub spec: GuestSpec,
-    pub mem: GuestMemory<B::Format>,
+    /// Its second-level table and the morsels mounted in it, behind the guest's own lock
+    /// (`GuestSpace`): reached under the world lock here, and without it by its vCPUs
+    /// (`sched::Slot::space`: `morsel_open` / `morsel_unmount` of plain morsels).
+    pub space: Arc<spin::Mutex<GuestSpace<B::Format>>>,
     /// Runnable while any vCPU may run; Exited when the last vCPU exited; Stopped as soon as
     /// one vCPU misbehaved (the others are kicked and stop at their next exit).
     pub state: State,
     /// All vCPUs together (the slice budget counts these).
     pub exits: [u64; ExitKind::COUNT],
-    /// Morsels mounted in this guest's window.
-    pub mounts: vmcore::directory::Mounts,
     /// vCPUs not yet ended.
     pub live_vcpus: u32,
     /// CPUs (bit per index) that ran a vCPU of this guest: the shootdown's targets. Sticky:
@@ -245,10 +266,9 @@ impl<B: Backend> Guest<B> {
         let mut g = Guest {
             id,
             spec,
-            mem,
+            space: Arc::new(spin::Mutex::new(GuestSpace { mem, mounts: vmcore::directory::Mounts::new() })),
             state: State::Runnable,
             exits: [0; ExitKind::COUNT],
-            mounts: vmcore::directory::Mounts::new(),
             live_vcpus: spec.vcpus.max(1),
             ran_on: 0,
             code: None,
@@ -260,7 +280,8 @@ impl<B: Backend> Guest<B> {
             _backend: core::marker::PhantomData,
         };
         let load = Load { id, name: spec.name, memory: spec.memory, arg: spec.arg, vcpus: spec.vcpus.max(1) };
-        match loader::load(&mut g.mem, &image, &load, frames) {
+        let loaded = loader::load(&mut g.space.lock().mem, &image, &load, frames);
+        match loaded {
             Ok(first) => {
                 if let Err(e) = g.fix_ram() {
                     let _ = g.destroy(frames);
@@ -308,12 +329,6 @@ impl<B: Backend> Guest<B> {
         self.refusals.refuse(e, why)
     }
 
-    /// The guest as the morsel directory sees it (`vmcore::directory`): its id, its
-    /// second-level table, its mounts.
-    pub fn space(&mut self) -> vmcore::directory::Space<'_, B::Format> {
-        vmcore::directory::Space { guest: self.id, table: self.mem.table_mut(), mounts: &mut self.mounts }
-    }
-
     /// Appends console bytes of vCPU `vcpu`; complete lines are printed with the guest's prefix.
     pub fn console(&mut self, vcpu: u32, bytes: &[u8]) {
         self.shared.console(vcpu, bytes);
@@ -333,11 +348,13 @@ impl<B: Backend> Guest<B> {
         let mut ram = Vec::new();
         ram.try_reserve_exact(self.spec.memory.div_ceil(2 * MIB) as usize).map_err(|_| CreateError::NoMemory)?;
         let mut gpa = 0;
+        let space = self.space.lock();
         while gpa < self.spec.memory {
-            let (hpa, _) = self.mem.translate(GuestPhysAddr::new(gpa), Perm::RW).map_err(|_| CreateError::NoMemory)?;
+            let (hpa, _) = space.mem.translate(GuestPhysAddr::new(gpa), Perm::RW).map_err(|_| CreateError::NoMemory)?;
             ram.push(hpa);
             gpa += 2 * MIB;
         }
+        drop(space);
         let shared = Arc::get_mut(&mut self.shared).ok_or(CreateError::NoMemory)?;
         shared.ram = ram;
         Ok(())
@@ -348,11 +365,17 @@ impl<B: Backend> Guest<B> {
         Summary { id: self.id, spec: self.spec, state: self.state, exits: self.exits, vcpus: self.ended.clone() }
     }
 
-    /// Gives guest RAM and tables back (every vCPU is gone).
+    /// Gives guest RAM and tables back (every vCPU is gone, and with it every other holder
+    /// of `space`: the vCPU loop drops a slot's before its end is recorded).
     pub fn destroy(self, frames: &Frames) -> Summary {
         let summary = self.summary();
-        if let Err(e) = self.mem.release(frames) {
-            log::error!(target: "vm", "guest {}: tables not freed: {e}", self.id);
+        match Arc::try_unwrap(self.space) {
+            Ok(space) => {
+                if let Err(e) = space.into_inner().mem.release(frames) {
+                    log::error!(target: "vm", "guest {}: tables not freed: {e}", self.id);
+                }
+            }
+            Err(_) => log::error!(target: "vm", "guest {}: its address space is still shared: RAM and tables not freed", self.id),
         }
         summary
     }

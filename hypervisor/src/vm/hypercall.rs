@@ -90,7 +90,9 @@ pub struct Caller {
 /// time; no guest instruction runs on a CPU while it holds the lock.
 pub struct Context<B: Backend> {
     pub guest_count: u64,
-    pub morsels: Directory<B::Format>,
+    /// The morsel directory, behind its own lock (taken after the world lock where both are
+    /// held; alone by `sched::mount_fast`).
+    pub morsels: &'static spin::Mutex<Directory<B::Format>>,
     pub exmaps: crate::morsels::exmap::Exmaps,
     /// Doorbells, wait states, timers and pending virtual interrupts (`vm/notify.rs`).
     pub notify: super::notify::Notify,
@@ -205,7 +207,7 @@ impl<B: Backend> vmcore::hypercall::Services for Serving<'_, B> {
     fn console_write(&mut self, text: GuestSlice) -> Result<u64, Error> {
         let mut buf = [0u8; abi::CONSOLE_MAX as usize];
         let buf = &mut buf[..text.len as usize];
-        self.guest.mem.read(GuestPhysAddr::new(text.ptr), buf)?;
+        self.guest.space.lock().mem.read(GuestPhysAddr::new(text.ptr), buf)?;
         self.guest.console(self.caller.vcpu, buf);
         Ok(text.len)
     }
@@ -232,7 +234,7 @@ impl<B: Backend> vmcore::hypercall::Services for Serving<'_, B> {
     }
 
     fn morsel_create(&mut self, name: abi::Name, size: u64, flags: abi::CreateFlags) -> Outcome<Unlocked<B::Format>> {
-        match self.cx.morsels.create(self.guest, &self.frames, name, size, flags) {
+        match self.cx.morsels.lock().create(self.guest, &self.frames, name, size, flags) {
             Ok(Started::Build(p)) => Outcome::Defer(Unlocked::Build(p)),
             Ok(Started::Done(gpa)) => {
                 self.cx.notify.entered(self.guest, gpa, self.caller.cpu);
@@ -243,7 +245,7 @@ impl<B: Backend> vmcore::hypercall::Services for Serving<'_, B> {
     }
 
     fn morsel_open(&mut self, name: abi::Name, writable: bool) -> Outcome<Unlocked<B::Format>> {
-        match self.cx.morsels.open(self.guest, &self.frames, name, writable) {
+        match self.cx.morsels.lock().open(self.guest, &self.frames, name, writable) {
             Ok(Some(gpa)) => Outcome::Answer(Ok(gpa)),
             // An ExMap batch holds the region: issued again, the world lock let go.
             Ok(None) => Outcome::Retry,
@@ -252,10 +254,10 @@ impl<B: Backend> vmcore::hypercall::Services for Serving<'_, B> {
     }
 
     fn morsel_unmount(&mut self, gpa: u64) -> Result<u64, Error> {
-        let name = self.guest.mounts.iter().find(|m| m.gpa == gpa).map(|m| m.name);
+        let name = self.guest.space.lock().mounts.iter().find(|m| m.gpa == gpa).map(|m| m.name);
         let devices = self.cx.devices.as_mut();
         // One shootdown, committed before the world lock is let go.
-        let done = self.cx.morsels.unmount(self.guest, &self.frames, gpa).map(|flush| {
+        let done = self.cx.morsels.lock().unmount(self.guest, &self.frames, gpa).map(|flush| {
             flush.commit(&mut super::shootdown::Hw(devices));
             0
         });
@@ -266,7 +268,7 @@ impl<B: Backend> vmcore::hypercall::Services for Serving<'_, B> {
     }
 
     fn morsel_destroy(&mut self, name: abi::Name) -> Outcome<Unlocked<B::Format>> {
-        match self.cx.morsels.destroy(self.guest, &self.frames, name) {
+        match self.cx.morsels.lock().destroy(self.guest, &self.frames, name) {
             Ok(Some((name, removed))) => Outcome::Defer(Unlocked::Free(name, removed)),
             Ok(None) => Outcome::Answer(Ok(0)),
             Err(e) => Outcome::Answer(Err(e)),
@@ -274,29 +276,29 @@ impl<B: Backend> vmcore::hypercall::Services for Serving<'_, B> {
     }
 
     fn morsel_size(&mut self, gpa: u64) -> Result<u64, Error> {
-        self.cx.morsels.size(self.guest, gpa)
+        self.cx.morsels.lock().size(self.guest, gpa)
     }
 
     fn morsel_stats(&mut self) {
-        self.cx.morsels.log_stats();
-        crate::morsels::exmap::Exmaps::log_stats(&self.cx.morsels);
+        self.cx.morsels.lock().log_stats();
+        crate::morsels::exmap::Exmaps::log_stats(&self.cx.morsels.lock());
         super::shootdown::log_stats();
     }
 
     fn device_mount(&mut self, name: abi::Name, bdf: u16, iova: u64, writable: bool) -> Result<u64, Error> {
-        self.cx.morsels.device_mount(self.guest, self.cx.devices.as_mut(), &self.frames, name, Bdf::from_source_id(bdf), iova, writable)
+        self.cx.morsels.lock().device_mount(self.guest, self.cx.devices.as_mut(), &self.frames, name, Bdf::from_source_id(bdf), iova, writable)
     }
 
     fn device_unmount(&mut self, bdf: u16, iova: u64) -> Result<u64, Error> {
-        self.cx.morsels.device_unmount(self.guest, self.cx.devices.as_mut(), &self.frames, Bdf::from_source_id(bdf), iova)
+        self.cx.morsels.lock().device_unmount(self.guest, self.cx.devices.as_mut(), &self.frames, Bdf::from_source_id(bdf), iova)
     }
 
     fn edu_dma(&mut self, to_device: bool, iova: u64, len: u64) -> Result<u64, Error> {
-        self.cx.morsels.edu_dma(self.guest, self.cx.devices.as_mut(), to_device, iova, len)
+        self.cx.morsels.lock().edu_dma(self.guest, self.cx.devices.as_mut(), to_device, iova, len)
     }
 
     fn nvme(&mut self, write: bool, gpa: u64, offset: u64, lba: u64, count: u64) -> Outcome<Unlocked<B::Format>> {
-        match self.cx.morsels.nvme_io(self.guest, self.cx.devices.as_mut(), &self.frames, write, gpa, offset, lba, count) {
+        match self.cx.morsels.lock().nvme_io(self.guest, self.cx.devices.as_mut(), &self.frames, write, gpa, offset, lba, count) {
             Ok(p) => Outcome::Defer(Unlocked::Proxy(p)),
             Err(e) => Outcome::Answer(Err(e)),
         }
@@ -304,13 +306,13 @@ impl<B: Backend> vmcore::hypercall::Services for Serving<'_, B> {
 
     fn exmap_create(&mut self, name: abi::Name, size: u64, share_writable: bool) -> Result<u64, Error> {
         let cx = &mut *self.cx;
-        cx.exmaps.create(&mut cx.morsels, self.guest, &self.frames, name, size, share_writable)
+        cx.exmaps.create(&mut cx.morsels.lock(), self.guest, &self.frames, name, size, share_writable)
             .inspect(|&gpa| cx.notify.entered(self.guest, gpa, self.caller.cpu))
     }
 
     fn exmap_action(&mut self, region: u64, iov: u64, count: u64, op: abi::ExmapOp) -> Outcome<Unlocked<B::Format>> {
         let cx = &mut *self.cx;
-        match cx.exmaps.action(&mut cx.morsels, cx.devices.as_mut(), self.guest, self.caller.vcpu, &self.frames, region, iov, count, op) {
+        match cx.exmaps.action(&mut cx.morsels.lock(), cx.devices.as_mut(), self.guest, self.caller.vcpu, &self.frames, region, iov, count, op) {
             Ok(Step::Disk(x)) => Outcome::Defer(Unlocked::Exmap(x)),
             Ok(Step::Batch(x)) => Outcome::Defer(Unlocked::Batch(x)),
             Ok(Step::Retry) => Outcome::Retry,
@@ -320,7 +322,7 @@ impl<B: Backend> vmcore::hypercall::Services for Serving<'_, B> {
     }
 
     fn exmap_info(&mut self, region: u64, what: u64) -> Result<u64, Error> {
-        self.cx.exmaps.info(&mut self.cx.morsels, self.guest, region, what)
+        self.cx.exmaps.info(&mut self.cx.morsels.lock(), self.guest, region, what)
     }
 
     fn guest_exceptions(&mut self, mask: u32) -> u32 {
@@ -342,7 +344,7 @@ impl<B: Backend> vmcore::hypercall::Services for Serving<'_, B> {
 
     fn name_watch(&mut self, name: abi::Name, bits: u64) -> Result<u64, Error> {
         let name = crate::morsels::read_name(self.guest, name)?;
-        let there = self.cx.morsels.exists(&name);
+        let there = self.cx.morsels.lock().exists(&name);
         self.cx.notify.watch(self.guest, self.caller.vcpu, &name, bits, there)
     }
 
@@ -350,9 +352,9 @@ impl<B: Backend> vmcore::hypercall::Services for Serving<'_, B> {
         let (cx, guest, frames) = (&mut *self.cx, &mut *self.guest, &self.frames);
         match done {
             Unlocked::Done(result) => result,
-            Unlocked::Build(p) => cx.morsels.create_finish(guest, frames, p).inspect(|&gpa| cx.notify.entered(guest, gpa, self.caller.cpu)),
-            Unlocked::Proxy(p) => cx.morsels.nvme_finish(cx.devices.as_mut(), frames, p),
-            Unlocked::Exmap(x) => cx.exmaps.finish(&mut cx.morsels, cx.devices.as_mut(), Some(guest), frames, x),
+            Unlocked::Build(p) => cx.morsels.lock().create_finish(guest, frames, p).inspect(|&gpa| cx.notify.entered(guest, gpa, self.caller.cpu)),
+            Unlocked::Proxy(p) => cx.morsels.lock().nvme_finish(cx.devices.as_mut(), frames, p),
+            Unlocked::Exmap(x) => cx.exmaps.finish(&mut cx.morsels.lock(), cx.devices.as_mut(), Some(guest), frames, x),
             Unlocked::Batch(x) => cx.exmaps.finish_batch(Some(guest), frames, x),
             // Not run (never here: `run` answers them as `Done`).
             Unlocked::Bench { .. } | Unlocked::Free(..) => Err(Error::Invalid),
@@ -370,12 +372,12 @@ impl<B: Backend> vmcore::hypercall::GiveBack<Unlocked<B::Format>> for Orphaned<'
     fn give_back(&mut self, done: Unlocked<B::Format>) {
         let (cx, frames) = (&mut *self.cx, &self.frames);
         match done {
-            Unlocked::Build(p) => cx.morsels.abandon(frames, p),
+            Unlocked::Build(p) => cx.morsels.lock().abandon(frames, p),
             Unlocked::Proxy(p) => {
-                let _ = cx.morsels.nvme_finish(cx.devices.as_mut(), frames, p);
+                let _ = cx.morsels.lock().nvme_finish(cx.devices.as_mut(), frames, p);
             }
             Unlocked::Exmap(x) => {
-                let _ = cx.exmaps.finish::<B>(&mut cx.morsels, cx.devices.as_mut(), None, frames, x);
+                let _ = cx.exmaps.finish::<B>(&mut cx.morsels.lock(), cx.devices.as_mut(), None, frames, x);
             }
             Unlocked::Batch(x) => {
                 let _ = cx.exmaps.finish_batch::<B>(None, frames, x);

@@ -25,7 +25,7 @@ impl<B: Backend> vmcore::notify::Guest for Guest<B> {
         self.spec.vcpus.max(1)
     }
     fn mounted(&self, gpa: u64) -> Option<Name> {
-        self.mounts.iter().find(|m| m.gpa == gpa).map(|m| m.name)
+        self.space.lock().mounts.iter().find(|m| m.gpa == gpa).map(|m| m.name)
     }
 }
 
@@ -52,7 +52,7 @@ impl Notify {
     /// `notify_subscribe`: `g` wants the doorbells of the morsel mounted at `gpa`.
     pub fn subscribe<B: Backend>(&mut self, g: &mut Guest<B>, gpa: u64, vector: Option<u8>) -> Result<u64, Error> {
         let done = self.0.subscribe(g, gpa, vector).map_err(|r| refuse(g, r))?;
-        if let Some(m) = g.mounts.iter().find(|m| m.gpa == gpa) {
+        if let Some(m) = g.space.lock().mounts.iter().find(|m| m.gpa == gpa) {
             log::debug!(target: "notify", "guest {} subscribed to '{}' (vector {vector:?})", g.id, m.name);
         }
         Ok(done)

@@ -62,7 +62,7 @@ pub(super) fn stop<B: Backend>(guest: &mut Guest<B>, exit: Exit, rip: u64) {
         return;
     }
     let (start, end) = crate::platform::memory::kernel_range();
-    if (start..end).contains(&rip) && !guest.mem.is_mapped(GuestPhysAddr::new(rip)) {
+    if (start..end).contains(&rip) && !guest.space.lock().mem.is_mapped(GuestPhysAddr::new(rip)) {
         log::error!(target: "vm",
             "guest {id} ({name}): the RIP below lies in the hypervisor's image, outside the guest's memory: hypervisor RIP {rip:#x}");
     }
@@ -70,7 +70,8 @@ pub(super) fn stop<B: Backend>(guest: &mut Guest<B>, exit: Exit, rip: u64) {
         Exit::SecondLevelFault { gpa, write, fetch, .. } => {
             let access = if fetch { "fetch" } else if write { "write" } else { "read" };
             let refilled = || crate::morsels::exmap::describe_refilled(guest, gpa, write);
-            let what = match guest.mem.is_mapped(GuestPhysAddr::new(gpa)) {
+            let mapped = guest.space.lock().mem.is_mapped(GuestPhysAddr::new(gpa));
+            let what = match mapped {
                 true => refilled().unwrap_or_else(|| if write { "violation of a read-only mapping".into() } else { "violation".into() }),
                 false => crate::morsels::exmap::describe_fault(guest, gpa).unwrap_or_else(|| "outside its memory".into()),
             };

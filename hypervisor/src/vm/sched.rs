@@ -57,8 +57,8 @@ pub fn run_guests<B: Backend>(backend: &mut B, frames: &Frames, archive: Archive
     // keyed by the time stamp counter at boot, which no guest sees.
     let now = crate::platform::time::tsc();
     let seed = [now, now.rotate_left(29) ^ 0x9e37_79b9_7f4a_7c15];
-    let morsels = match Directory::new(drivers.pmem, specs.len() as u32, seed) {
-        Ok(d) => d,
+    let morsels: &'static spin::Mutex<Directory<B::Format>> = match Directory::new(drivers.pmem, specs.len() as u32, seed) {
+        Ok(d) => Box::leak(Box::new(spin::Mutex::new(d))),
         Err(_) => {
             log::error!(target: "vm", "the morsel directory for {} guests does not fit the heap: no guest runs", specs.len());
             return false;
@@ -106,7 +106,7 @@ pub fn run_guests<B: Backend>(backend: &mut B, frames: &Frames, archive: Archive
         }
     }
     let created = guests.iter().filter(|g| g.is_some()).count();
-    let mut cx = Context {
+    let cx = Context {
         guest_count: created as u64,
         morsels,
         exmaps: Default::default(),
@@ -115,7 +115,7 @@ pub fn run_guests<B: Backend>(backend: &mut B, frames: &Frames, archive: Archive
         frames: *frames,
         bench: drivers.bench,
     };
-    cx.morsels.load_persistent();
+    cx.morsels.lock().load_persistent();
     let run: &'static Run<B> = Box::leak(Box::new(Run {
         world: spin::Mutex::new(World { guests, cx, done: Vec::new() }),
         placements,
@@ -130,10 +130,10 @@ pub fn run_guests<B: Backend>(backend: &mut B, frames: &Frames, archive: Archive
     let mut w = runqueue::lock(run);
     let World { cx, done, .. } = &mut *w;
     cx.notify.log_stats();
-    cx.morsels.log_stats();
-    crate::morsels::exmap::Exmaps::log_stats(&cx.morsels);
+    cx.morsels.lock().log_stats();
+    crate::morsels::exmap::Exmaps::log_stats(&cx.morsels.lock());
     super::shootdown::log_stats();
-    cx.morsels.destroy_all(cx.devices.as_mut(), frames);
+    cx.morsels.lock().destroy_all(cx.devices.as_mut(), frames);
     super::shootdown::report_dropped();
     frames.drain();
     let reclaims = crate::mm::frames::RECLAIMS.load(Ordering::Relaxed);
@@ -170,6 +170,9 @@ struct Slot<B: Backend> {
     /// The region of this vCPU's last ExMap ALLOC / FREE ended alone: its next call on it
     /// takes no world lock while nothing changed (`exmap_fast`).
     fast: Option<crate::morsels::exmap::Fast<B::Format>>,
+    /// The guest's address space (`Guest::space`), for `mount_fast`; None only where the
+    /// guest was gone when the vCPU was made.
+    space: Option<alloc::sync::Arc<spin::Mutex<super::guest::GuestSpace<B::Format>>>>,
 }
 
 /// Creates this CPU's vCPUs, runs them round-robin until every one ended, and drains this
@@ -180,6 +183,9 @@ pub fn cpu_loop<B: Backend>(run: &Run<B>, backend: &mut B, me: usize, frames: &F
     for p in run.placements.iter().filter(|p| p.cpu == me) {
         match backend.create_vcpu(&p.setup, frames) {
             Ok(vcpu) => queue.push(Slot {
+                // Taken from the guest once (the world lock); let go before the vCPU's end
+                // is recorded (`Guest::destroy` takes the space back).
+                space: runqueue::lock(run).guests.get(p.guest as usize).and_then(|g| g.as_ref()).map(|g| g.space.clone()),
                 guest: p.guest,
                 index: p.setup.rsi as u32,
                 vcpu,
@@ -211,6 +217,8 @@ pub fn cpu_loop<B: Backend>(run: &Run<B>, backend: &mut B, me: usize, frames: &F
             ran |= run_slice(backend, &mut queue[i], run, me, frames);
             if queue[i].end.is_some() {
                 let mut s = queue.swap_remove(i);
+                // The guest's last vCPU frees its space at `vcpu_done`: no clone may outlive it.
+                s.space = None;
                 let state = s.end.unwrap_or(State::Stopped);
                 backend.destroy_vcpu(s.vcpu, frames);
                 let v = VcpuSummary { index: s.index, cpu: me, state, exits: s.core.exits };
@@ -254,7 +262,7 @@ fn vcpu_done<B: Backend>(guests: &mut [Option<Guest<B>>], cx: &mut Context<B>, d
     if !g.vcpu_ended(v) {
         return;
     }
-    cx.morsels.drop_mounts(g, cx.devices.as_mut(), frames);
+    cx.morsels.lock().drop_mounts(g, cx.devices.as_mut(), frames);
     cx.exmaps.guest_ended(g.id, frames);
     cx.notify.guest_ended(g.id);
     if let Some(g) = slot.take() {
@@ -729,11 +737,11 @@ struct Locked<'a, B: Backend> {
 
 impl<B: Backend> vcpu::Guest for Locked<'_, B> {
     fn read_u64(&self, gpa: u64) -> Option<u64> {
-        self.guest.mem.read_u64(GuestPhysAddr::new(gpa)).ok()
+        self.guest.space.lock().mem.read_u64(GuestPhysAddr::new(gpa)).ok()
     }
 
     fn read(&self, gpa: u64, buf: &mut [u8]) -> bool {
-        self.guest.mem.read(GuestPhysAddr::new(gpa), buf).is_ok()
+        self.guest.space.lock().mem.read(GuestPhysAddr::new(gpa), buf).is_ok()
     }
 
     fn cpuid(&self, leaf: u32, subleaf: u32) -> [u32; 4] {

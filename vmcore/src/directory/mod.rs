@@ -65,6 +65,8 @@
 //!   `device_mount_read_write_needs_the_owner_or_a_grant`,
 //!   `a_device_unmount_only_by_the_guest_that_mounted_it`.
 
+#[cfg(all(test, loom))]
+mod loom_tests;
 #[cfg(test)]
 mod tests;
 
@@ -72,7 +74,7 @@ use crate::names::{self, Hashed, Name, Names, Owner, SlotId, Ticket, SYSTEM};
 use alloc::vec::Vec;
 use core::fmt;
 pub use formats::bdf::Bdf;
-use morsel::{Format, FrameAlloc, GuestPhysAddr, Morsel, MountStats, Perm, PhysMem, SecondLevelTable};
+use morsel::{Format, FrameAlloc, GuestPhysAddr, Morsel, MountHandle, MountStats, Perm, PhysMem, SecondLevelTable};
 
 /// What the directory keeps per morsel, as this module needs it.
 pub trait Entry<F: Format> {
@@ -88,6 +90,13 @@ pub trait Entry<F: Format> {
     fn unmounting(&mut self) {}
     /// An unmount from `space` wrote `stats`.
     fn unmounted(&mut self, _space: SpaceId, _stats: &MountStats) {}
+
+    /// Whether a guest mount and unmount of it need nothing of the entry but its counters
+    /// (false for an ExMap region: its lock and fast handles), so they may be made in steps
+    /// with the directory's lock let go in between (`open_begin`, `unmount_begin`).
+    fn plain(&self) -> bool {
+        true
+    }
 
     /// Whether `guest` may mount it read-write.
     fn writable_by(&self, guest: Owner) -> bool {
@@ -108,6 +117,10 @@ pub struct Mount {
     pub at: SlotId,
     /// Mounted read-write (else read-only).
     pub writable: bool,
+    /// The morsel's `MountHandle`, for a morsel whose mounts need nothing of its entry
+    /// (`Entry::plain`): its unmount can clear the entry with the guest's lock alone
+    /// (`unmount_begin`). None for an ExMap region (its unmount goes through `unmount`).
+    pub plain: Option<MountHandle>,
 }
 
 /// The morsels mounted in one guest's window (at most `abi::MOUNT_QUOTA`).
@@ -200,6 +213,8 @@ pub struct Placed {
     pub name: Name,
     pub at: SlotId,
     pub writable: bool,
+    /// `Mount::plain`.
+    pub plain: Option<MountHandle>,
 }
 
 /// One guest as the directory sees it: its id, its second-level table and its mounts.
@@ -240,7 +255,7 @@ impl<F: Format<Input = GuestPhysAddr>, T: Entry<F>> AddressSpace<F, T> for Space
         entry.morsel().mount(self.table, GuestPhysAddr::new(addr), perm, alloc, mem).map_err(Refusal::Mount)
     }
     fn record(&mut self, p: Placed) {
-        self.mounts.0.push(Mount { gpa: p.addr, size: p.size, window: p.window, name: p.name, at: p.at, writable: p.writable });
+        self.mounts.0.push(Mount { gpa: p.addr, size: p.size, window: p.window, name: p.name, at: p.at, writable: p.writable, plain: p.plain });
     }
     fn take(&mut self, addr: u64) -> Option<Mount> {
         let i = self.mounts.iter().position(|m| m.gpa == addr)?;
@@ -559,7 +574,8 @@ where
     let perm = if writable { Perm::RW } else { Perm::RO };
     let stats = space.write(n, addr, perm, alloc, mem)?;
     n.mounted(space.id(), &stats);
-    space.record(Placed { addr, size, window, name: *name, at, writable });
+    let plain = n.plain().then(|| n.morsel().handle());
+    space.record(Placed { addr, size, window, name: *name, at, writable, plain });
     Ok(Mounted { addr, writable, stats })
 }
 
@@ -631,6 +647,123 @@ impl<F: Format, T, D: Domain<F, T>> Domain<F, T> for &mut D {
     fn unmount<A: FrameAlloc, M: PhysMem>(&mut self, bdf: Bdf, entry: &mut T, iova: u64, alloc: &A, mem: &M) -> Result<MountStats, Refusal> {
         (**self).unmount(bdf, entry, iova, alloc, mem)
     }
+}
+
+/// A `morsel_open` of a plain morsel between its steps (`open_begin`): the morsel is pinned
+/// (one mount counted, so `check_destroy` refuses it) and what the mount needs is copied
+/// out, so the directory's lock can be let go while the guest's table is written.
+#[must_use = "an opening holds a pin: `open_end` keeps it as the mount's or takes it back"]
+#[derive(Debug)]
+pub struct Opening {
+    at: SlotId,
+    name: Name,
+    writable: bool,
+    handle: MountHandle,
+    size: u64,
+}
+
+/// `morsel_open` in three steps, for a caller that holds the directory's lock for steps 1
+/// and 3 only and the guest's own lock for step 2 (the hypervisor's `sched::mount_fast`), so
+/// that guests mounting on several CPUs wait for each other only for the look-up.
+///
+/// Step 1, the directory's lock held: looks `name` up, checks that `guest` may mount it
+/// (read-write: the owner's, or one others may write) and pins it (`Morsel::pin`). Ok(None),
+/// nothing changed, for a morsel that is not `Entry::plain` (an ExMap region): the caller
+/// makes the whole `open` under its locks. A refusal changes nothing.
+pub fn open_begin<F, T>(names: &mut Names<T>, guest: Owner, name: &Hashed, writable: bool) -> Result<Option<Opening>, Refusal>
+where
+    F: Format,
+    T: Entry<F>,
+{
+    let (at, name) = (names.slot_hashed(name).ok_or(Refusal::NotFound)?, name.name());
+    let n: &T = names.get_mut_at(at, name).ok_or(Refusal::NotFound)?;
+    if writable && !n.writable_by(guest) {
+        return Err(Refusal::Denied);
+    }
+    if !n.plain() {
+        return Ok(None);
+    }
+    let m = n.morsel();
+    m.pin();
+    Ok(Some(Opening { at, name: *name, writable, handle: m.handle(), size: m.len() }))
+}
+
+/// Step 2 of `open_begin`, the guest's lock held (not the directory's): where the guest has
+/// the morsel mounted already, holds its quota of mounts or has no free slot, a refusal;
+/// otherwise the entry is written at the lowest free slot and the mount recorded. Either
+/// way `open_end` follows.
+pub fn open_place<F, A, M>(space: &mut Space<F>, o: &Opening, alloc: &A, mem: &M) -> Result<Mounted, Refusal>
+where
+    F: Format<Input = GuestPhysAddr>,
+    A: FrameAlloc,
+    M: PhysMem,
+{
+    if space.mounts.iter().any(|m| m.name == o.name) {
+        return Err(Refusal::AlreadyMounted);
+    }
+    if space.mounts.len() >= abi::MOUNT_QUOTA as usize {
+        return Err(Refusal::Quota);
+    }
+    space.mounts.0.try_reserve(1).map_err(|_| Refusal::NoMemory)?;
+    let window = o.handle.window_size();
+    let addr = free_slot(space.mounts, window).ok_or(Refusal::WindowFull)?;
+    let perm = if o.writable { Perm::RW } else { Perm::RO };
+    let stats = o.handle.mount::<F, F>(space.table, GuestPhysAddr::new(addr), perm, alloc, mem).map_err(Refusal::Mount)?;
+    let plain = Some(o.handle);
+    space.mounts.0.push(Mount { gpa: addr, size: o.size, window, name: o.name, at: o.at, writable: o.writable, plain });
+    Ok(Mounted { addr, writable: o.writable, stats })
+}
+
+/// Step 3 of `open_begin`, the directory's lock held again: a mount made (`placed`) is
+/// counted in the entry (`Entry::mounted`) and keeps the pin; a refused one takes the pin
+/// back. The entry is still there: pinned, it could not be destroyed in between.
+pub fn open_end<F, T>(names: &mut Names<T>, guest: Owner, o: Opening, placed: &Result<Mounted, Refusal>)
+where
+    F: Format,
+    T: Entry<F>,
+{
+    let Some(n) = names.get_mut_at(o.at, &o.name) else { return };
+    match placed {
+        Ok(m) => n.mounted(SpaceId::Guest(guest), &m.stats),
+        Err(_) => n.morsel().unpin(),
+    }
+}
+
+/// `morsel_unmount` of a plain morsel in two steps (`unmount_end` after the caller started
+/// the shootdown), for a caller that holds the guest's own lock for step 1 and the
+/// directory's for step 2.
+///
+/// Step 1, the guest's lock held: takes the mount at `addr` off the list and clears its
+/// entry (the emptied intermediate tables go to `alloc`, which must keep them until the
+/// invalidation is done). Ok(None), nothing changed, for a mount that is not plain (an
+/// ExMap region's: the caller makes the whole `unmount` under its locks); `NotFound` where
+/// the guest has no mount there. The morsel stays pinned by the mount's count: it cannot be
+/// destroyed before `unmount_end`.
+pub fn unmount_begin<F, A, M>(space: &mut Space<F>, addr: u64, alloc: &A, mem: &M) -> Result<Option<Unmounted>, Refusal>
+where
+    F: Format<Input = GuestPhysAddr>,
+    A: FrameAlloc,
+    M: PhysMem,
+{
+    let i = space.mounts.iter().position(|m| m.gpa == addr).ok_or(Refusal::NotFound)?;
+    let Some(handle) = space.mounts[i].plain else { return Ok(None) };
+    let mount = space.mounts.0.remove(i);
+    let stats = handle.unmount::<F, F>(space.table, GuestPhysAddr::new(addr), alloc, mem).map_err(Refusal::Unmount)?;
+    Ok(Some(Unmounted { mount, stats }))
+}
+
+/// Step 2 of `unmount_begin`, the directory's lock held, after the caller started the
+/// invalidation of the guest's cached translations (a destroy that follows waits for every
+/// invalidation started before it): the unmount counted in the entry (`Entry::unmounted`)
+/// and the mount's count taken off the morsel, which may be destroyed from then on.
+pub fn unmount_end<F, T>(names: &mut Names<T>, guest: Owner, u: &Unmounted)
+where
+    F: Format,
+    T: Entry<F>,
+{
+    let Some(n) = names.get_mut_at(u.mount.at, &u.mount.name) else { return };
+    n.unmounted(SpaceId::Guest(guest), &u.stats);
+    n.morsel().unpin();
 }
 
 /// Whether `guest` may destroy `name` now: it must be the owner (anyone may, for a restored

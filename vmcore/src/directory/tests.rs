@@ -22,6 +22,8 @@ struct Named<F: Format> {
     view: Option<Morsel<VtdSl>>,
     /// The space of the last mount or unmount.
     last: Option<SpaceId>,
+    /// `Entry::plain` (false: as an ExMap region).
+    plain: bool,
 }
 
 impl<F: Format> Entry<F> for Named<F> {
@@ -33,6 +35,9 @@ impl<F: Format> Entry<F> for Named<F> {
     }
     fn others_may_write(&self) -> bool {
         self.shared
+    }
+    fn plain(&self) -> bool {
+        self.plain
     }
     fn mounted(&mut self, space: SpaceId, _: &MountStats) {
         self.mounts += 1;
@@ -160,7 +165,7 @@ impl<'m, F: Format<Input = GuestPhysAddr>> World<'m, F> {
         let (names, mut space) = self.space(g);
         let ticket = reserve(names, space.mounts, g, &h(name))?;
         let morsel = Morsel::<F>::create(size, PageSize::Size4K, mem, mem).unwrap();
-        let value = Named { morsel, owner: g, shared, mounts: 0, unmounts: 0, view: None, last: None };
+        let value = Named { morsel, owner: g, shared, mounts: 0, unmounts: 0, view: None, last: None, plain: true };
         match enter(names, &mut space, ticket, value, mem, mem) {
             Ok(m) => Ok(m),
             Err(Entered::Unmounted(r)) => Err(r),
@@ -172,6 +177,32 @@ impl<'m, F: Format<Input = GuestPhysAddr>> World<'m, F> {
         let mem = self.mem;
         let (names, mut space) = self.space(g);
         open(names, &mut space, &h(name), writable, |_| true, mem, mem).map(|m| m.expect("admitted"))
+    }
+
+    /// `open` in its three steps (`open_begin`, `open_place`, `open_end`); None where the
+    /// morsel is not plain (nothing changed).
+    fn open_in_steps(&mut self, g: u32, name: &str, writable: bool) -> Result<Option<Mounted>, Refusal> {
+        let mem = self.mem;
+        let Some(o) = open_begin(&mut self.names, g, &h(name), writable)? else { return Ok(None) };
+        let placed = {
+            let (_, mut space) = self.space(g);
+            open_place(&mut space, &o, mem, mem)
+        };
+        open_end(&mut self.names, g, o, &placed);
+        placed.map(Some)
+    }
+
+    /// `unmount` in its two steps (`unmount_begin`, `unmount_end`).
+    fn unmount_in_steps(&mut self, g: u32, gpa: u64) -> Result<Option<Unmounted>, Refusal> {
+        let mem = self.mem;
+        let u = {
+            let (_, mut space) = self.space(g);
+            unmount_begin(&mut space, gpa, mem, mem)?
+        };
+        if let Some(u) = &u {
+            unmount_end(&mut self.names, g, u);
+        }
+        Ok(u)
     }
 
     fn unmount(&mut self, g: u32, gpa: u64) -> Result<Unmounted, Refusal> {
@@ -260,7 +291,7 @@ fn a_reserved_name_is_not_found_until_committed() {
     assert_eq!(w.open(1, "nothing", false), Err(Refusal::NotFound));
     let morsel = Morsel::<Ept>::create(4096, PageSize::Size4K, &mem, &mem).unwrap();
     let (names, mut space) = w.space(0);
-    enter(names, &mut space, ticket, Named { morsel, owner: 0, shared: false, mounts: 0, unmounts: 0, view: None, last: None }, &mem, &mem).map_err(|_| ()).unwrap();
+    enter(names, &mut space, ticket, Named { morsel, owner: 0, shared: false, mounts: 0, unmounts: 0, view: None, last: None, plain: true }, &mem, &mem).map_err(|_| ()).unwrap();
     w.open(1, "pending", false).unwrap();
 }
 
@@ -392,7 +423,7 @@ fn destroy_by_a_non_owner_is_denied() {
     for (name, shared, want) in [("restored-rw", true, Ok(())), ("restored-ro", false, Err(Refusal::Denied))] {
         let t = w.names.reserve(n(name), SYSTEM).unwrap();
         let morsel = Morsel::<Ept>::create(4096, PageSize::Size4K, &mem, &mem).unwrap();
-        w.names.commit(t, Named { morsel, owner: SYSTEM, shared, mounts: 0, unmounts: 0, view: None, last: None }).map_err(|_| ()).unwrap();
+        w.names.commit(t, Named { morsel, owner: SYSTEM, shared, mounts: 0, unmounts: 0, view: None, last: None, plain: true }).map_err(|_| ()).unwrap();
         assert_eq!(w.check_destroy(1, name), want);
     }
 }
@@ -435,7 +466,7 @@ fn destroy_after_unmount_gives_every_frame_back() {
 
 #[test]
 fn free_slot_aligns_and_skips_mounts() {
-    let m = |gpa, window| Mount { gpa, size: window, window, name: n("x"), at: names_slot(), writable: false };
+    let m = |gpa, window| Mount { gpa, size: window, window, name: n("x"), at: names_slot(), writable: false, plain: None };
     let base = abi::MORSEL_WINDOW_GPA;
     assert_eq!(free_slot(&[], 2 * MIB), Some(base));
     let small = [m(base, 2 * MIB)];
@@ -473,7 +504,7 @@ proptest! {
             for m in &mounts {
                 prop_assert!(gpa + size <= m.gpa || m.gpa + m.window <= gpa, "{:#x}+{:#x} overlaps {:#x}+{:#x}", gpa, size, m.gpa, m.window);
             }
-            mounts.push(Mount { gpa, size, window: size, name: n("x"), at, writable: false });
+            mounts.push(Mount { gpa, size, window: size, name: n("x"), at, writable: false, plain: None });
         }
     }
 }
@@ -512,7 +543,7 @@ fn a_full_window_is_busy_and_leaves_the_new_morsel_entered() {
         let (names, mut space) = w.space(0);
         let ticket = reserve(names, space.mounts, 0, &h(name)).unwrap();
         let morsel = Morsel::<Ept>::create(2 * GIB, PageSize::Size2M, &mem, &mem).unwrap();
-        enter(names, &mut space, ticket, Named { morsel, owner: 0, shared: false, mounts: 0, unmounts: 0, view: None, last: None }, &mem, &mem)
+        enter(names, &mut space, ticket, Named { morsel, owner: 0, shared: false, mounts: 0, unmounts: 0, view: None, last: None, plain: true }, &mem, &mem)
     };
     for i in 0..slots {
         let m = big(&mut w, &std::format!("big{i}")).map_err(|_| ()).unwrap();
@@ -712,4 +743,124 @@ fn device_transfers_only_inside_own_mount_windows() {
     assert!(!w.devices.covers(1, NIC, 4 * IOVA, 4 * IOVA + 8), "another guest's, in another domain");
     let _ = w.device_unmount(1, EDU, IOVA).unwrap();
     assert!(!w.devices.covers(1, EDU, IOVA, IOVA + 4096), "unmounted");
+}
+
+/// `open` in steps mounts as `open` does: the same place, rights, translation and counters;
+/// its refusals change nothing (the pin of step 1 taken back).
+fn open_in_steps_as_open<F: Format<Input = GuestPhysAddr>>() {
+    let mem = SimMem::new(16 * GIB);
+    let mut w = World::<F>::new(&mem, 3, 8);
+    w.create(0, "a", 64 * 1024, false).unwrap();
+    w.create(0, "b", 4096, true).unwrap();
+    let by_open = w.open(1, "a", false).unwrap();
+    let by_steps = w.open_in_steps(2, "a", false).unwrap().unwrap();
+    assert_eq!((by_steps.addr, by_steps.writable, by_steps.stats), (by_open.addr, by_open.writable, by_open.stats));
+    let t = w.translate(2, by_steps.addr + 8192).unwrap();
+    assert!(t.perm.read && !t.perm.write);
+    assert_eq!(Some(t.addr), w.morsel("a").translate(8192, &mem));
+    assert_eq!(w.guests[2].1.at(by_steps.addr).map(|m| (m.name, m.size, m.writable)), Some((n("a"), 64 * 1024, false)));
+    assert_eq!(w.morsel("a").mount_count(), 3);
+    assert_eq!(w.names.get("a").unwrap().value.mounts, 3);
+    assert_eq!(w.names.get("a").unwrap().value.last, Some(SpaceId::Guest(2)));
+    // Refused: not the owner's to write, already mounted, unknown. Counts unchanged.
+    assert_eq!(w.open_in_steps(2, "a", true), Err(Refusal::Denied));
+    assert_eq!(w.open_in_steps(2, "a", false), Err(Refusal::AlreadyMounted));
+    assert_eq!(w.open_in_steps(2, "nothing", false), Err(Refusal::NotFound));
+    assert_eq!(w.morsel("a").mount_count(), 3);
+    assert_eq!(w.names.get("a").unwrap().value.mounts, 3);
+    assert_eq!(w.guests[2].1.len(), 1);
+    // Granted: read-write.
+    let rw = w.open_in_steps(2, "b", true).unwrap().unwrap();
+    assert!(w.translate(2, rw.addr).unwrap().perm.write);
+}
+
+#[test]
+fn open_in_steps_mounts_as_open_does() {
+    open_in_steps_as_open::<Ept>();
+    open_in_steps_as_open::<Npt>();
+}
+
+#[test]
+fn an_opening_pins_the_morsel_against_destroy() {
+    let mem = SimMem::new(16 * GIB);
+    let mut w = World::<Ept>::new(&mem, 2, 8);
+    w.create(0, "a", 4096, false).unwrap();
+    let _ = w.unmount(0, abi::MORSEL_WINDOW_GPA).unwrap();
+    assert_eq!(w.check_destroy(0, "a"), Ok(()));
+    // Step 1 done, step 2 not yet: the destroy is refused as for a mount.
+    let o = open_begin(&mut w.names, 1, &h("a"), false).unwrap().unwrap();
+    assert_eq!(w.check_destroy(0, "a"), Err(Refusal::Mounted { guests: 1, devices: 0 }));
+    // A step 2 that is refused (the window is full) gives the pin back at step 3.
+    let placed = Err(Refusal::WindowFull);
+    open_end(&mut w.names, 1, o, &placed);
+    assert_eq!(w.morsel("a").mount_count(), 0);
+    assert_eq!(w.names.get("a").unwrap().value.mounts, 1);
+    assert_eq!(w.check_destroy(0, "a"), Ok(()));
+}
+
+#[test]
+fn open_in_steps_keeps_the_mount_quota() {
+    let mem = SimMem::new(16 * GIB);
+    let quota = abi::MOUNT_QUOTA as usize;
+    let mut w = World::<Ept>::new(&mem, 2, quota as u32 + 1);
+    let names: Vec<std::string::String> = (0..quota).map(|i| std::format!("m{i}")).collect();
+    for name in &names {
+        w.create(0, name, 4096, false).unwrap();
+        w.open_in_steps(1, name, false).unwrap().unwrap();
+    }
+    // The owner makes room for one more of its own; guest 1 holds its quota.
+    let _ = w.unmount(0, w.guests[0].1[0].gpa).unwrap();
+    w.create(0, "extra", 4096, false).unwrap();
+    let frames = mem.allocated_frames();
+    assert_eq!(w.open_in_steps(1, "extra", false), Err(Refusal::Quota));
+    assert_eq!(w.guests[1].1.len(), quota);
+    assert_eq!(w.morsel("extra").mount_count(), 1);
+    assert_eq!(mem.allocated_frames(), frames);
+}
+
+#[test]
+fn unmount_in_steps_lets_destroy_in_only_at_its_end() {
+    let mem = SimMem::new(16 * GIB);
+    let mut w = World::<Npt>::new(&mem, 2, 8);
+    let before = (mem.allocated_frames(), mem.free_pages(), mem.table_frames());
+    let own = w.create(0, "a", 3 * MIB, false).unwrap();
+    let seen = w.open_in_steps(1, "a", false).unwrap().unwrap();
+    let _ = w.unmount(0, own.addr).unwrap();
+    // Step 1: the entry and the emptied tables are gone, the morsel still counted.
+    let u = {
+        let (_, mut space) = w.space(1);
+        unmount_begin(&mut space, seen.addr, &mem, &mem).unwrap().unwrap()
+    };
+    assert_eq!(w.translate(1, seen.addr), None);
+    assert!(w.guests[1].1.is_empty());
+    assert_eq!((u.mount.name, u.stats.entry_writes), (n("a"), 1));
+    assert_eq!(w.check_destroy(0, "a"), Err(Refusal::Mounted { guests: 1, devices: 0 }));
+    // Step 2 (after the shootdown started): counted, and destroy may go on.
+    unmount_end(&mut w.names, 1, &u);
+    assert_eq!(w.names.get("a").unwrap().value.unmounts, 2);
+    assert_eq!(w.check_destroy(0, "a"), Ok(()));
+    // No mount there any more: NotFound, nothing changed.
+    assert_eq!(w.unmount_in_steps(1, seen.addr).unwrap_err(), Refusal::NotFound);
+    w.destroy("a");
+    // The guests' tables keep only their roots.
+    assert_eq!((mem.allocated_frames(), mem.free_pages(), mem.table_frames()), before);
+}
+
+#[test]
+fn a_region_is_left_to_the_whole_open_and_unmount() {
+    let mem = SimMem::new(16 * GIB);
+    let mut w = World::<Ept>::new(&mem, 2, 8);
+    let own = w.create(0, "r", 4096, true).unwrap();
+    w.names.get_mut(&n("r")).unwrap().plain = false;
+    // Not plain: step 1 answers None, nothing pinned or mounted.
+    assert_eq!(w.open_in_steps(1, "r", true), Ok(None));
+    assert_eq!(w.morsel("r").mount_count(), 1);
+    assert!(w.guests[1].1.is_empty());
+    let m = w.open(1, "r", true).unwrap();
+    assert_eq!(w.guests[1].1[0].plain, None);
+    // Its mounts' unmount: None, the mount left in place.
+    assert_eq!(w.unmount_in_steps(1, m.addr).unwrap().map(|u| u.mount.gpa), None);
+    assert_eq!(w.guests[1].1.len(), 1);
+    assert!(w.translate(1, m.addr).is_some());
+    let _ = (own, w.unmount(1, m.addr).unwrap());
 }
