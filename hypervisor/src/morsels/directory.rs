@@ -9,7 +9,7 @@ use super::persist::{self, Source};
 use super::{read_hashed, read_name, Directory, Name, Named, PendingCreate, Removed, Started, RESTORED};
 use crate::devices::Devices;
 use crate::mm::frames::{Frames, Identity, IDENTITY};
-use crate::vm::guest::Guest;
+use crate::vm::guest::{Guest, GuestSpace};
 use crate::vm::shootdown::{Flush, Hw};
 use crate::vm::Backend;
 use abi::{self, Error};
@@ -170,7 +170,7 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         // The emptied tables stay with this CPU until the shootdown is acknowledged.
         let after = crate::vm::shootdown::After(frames);
         let u = directory::unmount(&mut self.named, &mut g.space.lock().view(g.id), gpa, &after, &IDENTITY).map_err(Refusal::error)?;
-        log_unmount(g.id, u);
+        log_unmount(g.id, &u);
         Ok(crate::vm::shootdown::of_guest(g))
     }
 
@@ -260,7 +260,7 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         self.drop_device_mounts(g.id, devices.as_deref_mut(), frames, &after, &mut flush);
         // The guest's CPUs once for all of its mounts.
         let (id, guest_cpus) = (g.id, crate::vm::shootdown::of_guest(g));
-        let dropped = directory::drop_mounts(&mut self.named, &mut g.space.lock().view(id), &after, &IDENTITY, |u| log_unmount(id, u));
+        let dropped = directory::drop_mounts(&mut self.named, &mut g.space.lock().view(id), &after, &IDENTITY, |u| log_unmount(id, &u));
         if dropped > 0 {
             flush.merge(guest_cpus);
         }
@@ -282,6 +282,8 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
                 n.mount_pte_writes.checked_div(n.mounts).unwrap_or(0), n.path_pte_writes,
                 n.unmounts, n.unmount_pte_writes, n.invalidations);
         }
+        let alone = |i: usize| ALONE[i].load(core::sync::atomic::Ordering::Relaxed);
+        log::info!(target: "morsel", "stats mounts without the world lock: {} opens, {} unmounts", alone(0), alone(1));
     }
 
     /// Destroys every morsel left at the end of the run (all guests are gone).
@@ -318,6 +320,45 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     }
 }
 
+/// Opens and unmounts made without the world lock (`open_alone`, `unmount_alone`).
+static ALONE: [core::sync::atomic::AtomicU64; 2] = [const { core::sync::atomic::AtomicU64::new(0) }; 2];
+
+/// `morsel_open(name, writable)` of a plain morsel by a vCPU of `guest` with no world lock
+/// (`sched::mount_fast`): `dir`'s lock around the look-up and the count only, the guest's
+/// own (`space`) around its table (`vmcore::directory::open_begin`). Some((address, size))
+/// where it mounted; None where it did not, nothing changed (an ExMap region, or any
+/// refusal: the world path takes the call and says why).
+pub(crate) fn open_alone<F: Format<Input = GuestPhysAddr>>(dir: &spin::Mutex<Directory<F>>, space: &spin::Mutex<GuestSpace<F>>,
+    guest: u32, name: &vmcore::names::Hashed, writable: bool, frames: &Frames) -> Option<(u64, u64)> {
+    let o = directory::open_begin(&mut dir.lock().named, guest, name, writable).ok()??;
+    let placed = directory::open_place(&mut space.lock().view(guest), &o, frames, &IDENTITY);
+    let size = o.size();
+    directory::open_end(&mut dir.lock().named, guest, o, &placed);
+    let m = placed.ok()?;
+    ALONE[0].fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+    Some((log_mount(guest, name.name(), m), size))
+}
+
+/// `morsel_unmount(gpa)` of a plain morsel's mount by a vCPU of `guest` with no world lock
+/// (`sched::mount_fast`): the entry cleared under the guest's own lock, the shootdown of the
+/// CPUs `guest_cpus` names committed (awaited by the caller, `shootdown::complete`, before
+/// the guest runs again; the emptied tables kept until then, `After`), and only then the
+/// mount's count given back under `dir`'s lock, so a destroy that follows frees the frames
+/// behind that shootdown (`shootdown::barrier`). None where it did not unmount, nothing
+/// changed (no mount there, an ExMap region's, one with a notify subscription): the world
+/// path takes the call.
+pub(crate) fn unmount_alone<F: Format<Input = GuestPhysAddr>>(dir: &spin::Mutex<Directory<F>>, space: &spin::Mutex<GuestSpace<F>>,
+    guest: u32, gpa: u64, guest_cpus: impl FnOnce() -> u64, frames: &Frames) -> Option<()> {
+    let after = crate::vm::shootdown::After(frames);
+    let u = directory::unmount_begin(&mut space.lock().view(guest), gpa, &after, &IDENTITY).ok()??;
+    log_unmount(guest, &u);
+    // After the entry is cleared: a CPU not named here enters the guest only after it.
+    let _ = Flush::cpus(guest_cpus()).commit(&mut Hw(None));
+    directory::unmount_end(&mut dir.lock().named, guest, &u);
+    ALONE[1].fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+    Some(())
+}
+
 /// The identity map for building a new RAM morsel, without zeroing its data frames
 /// (`PendingCreate::build` zeroes them after, 2 MiB at a time, answering shootdowns);
 /// tables are zeroed.
@@ -347,8 +388,8 @@ fn log_mount(guest: u32, name: &Name, m: Mounted) -> u64 {
 }
 
 /// Logs a guest unmount (the text scenarios match); the caller commits its shootdown.
-fn log_unmount(guest: u32, u: Unmounted) {
-    let (m, stats) = (u.mount, u.stats);
+fn log_unmount(guest: u32, u: &Unmounted) {
+    let (m, stats) = (&u.mount, u.stats);
     log::info!(target: "morsel", "'{}' unmounted from guest {guest} at {:#x}: {} PTE write, 1 invalidation, {} empty intermediate tables freed",
         m.name, m.gpa, stats.entry_writes, stats.path_writes);
     log::info!(target: "evt", "morsel.unmount guest={guest} name={} gpa={:#x} pte_writes={} invalidations=1 tables_freed={}",

@@ -52,7 +52,10 @@ impl Notify {
     /// `notify_subscribe`: `g` wants the doorbells of the morsel mounted at `gpa`.
     pub fn subscribe<B: Backend>(&mut self, g: &mut Guest<B>, gpa: u64, vector: Option<u8>) -> Result<u64, Error> {
         let done = self.0.subscribe(g, gpa, vector).map_err(|r| refuse(g, r))?;
-        if let Some(m) = g.space.lock().mounts.iter().find(|m| m.gpa == gpa) {
+        let mut space = g.space.lock();
+        // Its unmount ends the subscription (`unmounted`): the world lock's unmount only.
+        space.mounts.unmount_whole(gpa);
+        if let Some(m) = space.mounts.iter().find(|m| m.gpa == gpa) {
             log::debug!(target: "notify", "guest {} subscribed to '{}' (vector {vector:?})", g.id, m.name);
         }
         Ok(done)

@@ -69,6 +69,9 @@ pub struct Run<B: Backend> {
     pub guest_count: u64,
     /// CPUs whose run queue is empty for good (and whose allocator core is drained).
     pub finished: AtomicUsize,
+    /// The morsel directory (also `Context::morsels`), for the calls that take it without
+    /// the world lock (`sched::mount_fast`).
+    pub directory: &'static spin::Mutex<crate::morsels::Directory<B::Format>>,
     /// The keys of the directory's name hash (fixed at its creation): names are hashed with
     /// them before the world lock (`sched::world`).
     pub name_keys: vmcore::names::Keys,

@@ -122,6 +122,7 @@ pub fn run_guests<B: Backend>(backend: &mut B, frames: &Frames, archive: Archive
         cpus,
         guest_count: created as u64,
         finished: core::sync::atomic::AtomicUsize::new(0),
+        directory: morsels,
         name_keys: vmcore::names::Keys::of(seed),
     }));
     runqueue::publish(run);
@@ -337,7 +338,10 @@ fn classify<'r, B: Backend>(run: &'r Run<B>, s: &mut Slot<B>, exit: &Exit, me: u
         Step::World { quiet: true } => {}
     }
     match exmap_fast(s, exit, me, deadline, frames) {
-        FastStep::NotTaken => None,
+        FastStep::NotTaken => match mount_fast(run, s, exit, me, deadline, frames)? {
+            true => Some(Next::Enter),
+            false => Some(Next::Prepare(runqueue::lock(run))),
+        },
         FastStep::Resume => Some(Next::Enter),
         FastStep::Prepare => Some(Next::Prepare(runqueue::lock(run))),
         FastStep::Finish(done) => {
@@ -497,6 +501,47 @@ fn exmap_fast<B: Backend>(s: &mut Slot<B>, exit: &Exit, me: usize, deadline: u64
     let go_on = resume_alone(s, failed, me, deadline);
     crate::probe::mark(5);
     if go_on { FastStep::Resume } else { FastStep::Prepare }
+}
+
+/// `morsel_open` and `morsel_unmount` of a plain morsel with no world lock (issue 21): the
+/// directory's lock around the look-up and the count, the guest's own around its table
+/// (`morsels::open_alone`, `unmount_alone`; the protocol is `vmcore::directory::open_begin`
+/// and `unmount_begin`, model-checked). Taken where `lockless` found the exit quiet (no IPI
+/// asked this CPU to look: a stop is never missed here) and the call is from guest kernel
+/// mode with its name in guest RAM; anything else, an ExMap region, a mount with a notify
+/// subscription, or any refusal is None with nothing changed: the world path takes the
+/// call as before and says why. Some(true): answered, the shootdown settled, the guest
+/// resumes with no lock; Some(false): answered, `prepare` first (an IPI asked this CPU to
+/// look, the timer is due or the slice is over).
+#[inline(never)]
+fn mount_fast<B: Backend>(run: &Run<B>, s: &mut Slot<B>, exit: &Exit, me: usize, deadline: u64, frames: &Frames) -> Option<bool> {
+    let Exit::Hypercall { resume, cpl: 0 } = *exit else { return None };
+    let space = s.space.as_deref()?;
+    let regs = B::regs(&mut s.vcpu);
+    if regs.rax != abi::HC_MORSEL_OPEN && regs.rax != abi::HC_MORSEL_UNMOUNT {
+        return None;
+    }
+    let next_rip = s.core.known_next(regs.rip, &resume, vcpu::Opcode::Hypercall)?;
+    let args = [regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9];
+    let (status, value) = match abi::Call::decode(regs.rax, args) {
+        Ok(abi::Call::MorselOpen { name, writable }) => {
+            let name = run.name_keys.hash(crate::morsels::read_ram_name(&s.shared, name)?);
+            let (gpa, size) = crate::morsels::open_alone(run.directory, space, s.guest, &name, writable, frames)?;
+            // As the world path answers a mount (`vmcore::hypercall::conclude`): the size.
+            (size & (u64::MAX >> 1), gpa)
+        }
+        Ok(abi::Call::MorselUnmount { gpa }) => {
+            let shared = &s.shared;
+            crate::morsels::unmount_alone(run.directory, space, s.guest, gpa, || shared.ran_on(), frames)?;
+            (0, 0)
+        }
+        _ => return None,
+    };
+    let regs = B::regs(&mut s.vcpu);
+    (regs.rip, regs.rax, regs.rdx) = (next_rip, status, value);
+    super::shootdown::complete();
+    let now = crate::platform::time::tsc();
+    Some(!ipi::attention(me) && now < s.timer_at && now < deadline)
 }
 
 /// Ends the unlocked part of a call (`done`) under the world lock `w`: into its guest's

@@ -119,7 +119,8 @@ pub struct Mount {
     pub writable: bool,
     /// The morsel's `MountHandle`, for a morsel whose mounts need nothing of its entry
     /// (`Entry::plain`): its unmount can clear the entry with the guest's lock alone
-    /// (`unmount_begin`). None for an ExMap region (its unmount goes through `unmount`).
+    /// (`unmount_begin`). None for an ExMap region's mount and one `Mounts::unmount_whole`
+    /// named (their unmount goes through `unmount`).
     pub plain: Option<MountHandle>,
 }
 
@@ -135,6 +136,15 @@ impl Mounts {
     /// The mount at `gpa`.
     pub fn at(&self, gpa: u64) -> Option<&Mount> {
         self.0.iter().find(|m| m.gpa == gpa)
+    }
+
+    /// From now on the mount at `gpa` is taken away only by the whole `unmount` (the caller
+    /// keeps state of its own to end with it: a notify subscription); `unmount_begin`
+    /// answers None for it.
+    pub fn unmount_whole(&mut self, gpa: u64) {
+        if let Some(m) = self.0.iter_mut().find(|m| m.gpa == gpa) {
+            m.plain = None;
+        }
     }
 }
 
@@ -660,6 +670,13 @@ pub struct Opening {
     writable: bool,
     handle: MountHandle,
     size: u64,
+}
+
+impl Opening {
+    /// The morsel's size in bytes (what `morsel_open` answers beside the address).
+    pub fn size(&self) -> u64 {
+        self.size
+    }
 }
 
 /// `morsel_open` in three steps, for a caller that holds the directory's lock for steps 1

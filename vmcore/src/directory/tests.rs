@@ -864,3 +864,17 @@ fn a_region_is_left_to_the_whole_open_and_unmount() {
     assert!(w.translate(1, m.addr).is_some());
     let _ = (own, w.unmount(1, m.addr).unwrap());
 }
+
+#[test]
+fn a_mount_kept_whole_is_left_to_the_whole_unmount() {
+    let mem = SimMem::new(16 * GIB);
+    let mut w = World::<Ept>::new(&mem, 2, 8);
+    w.create(0, "a", 4096, false).unwrap();
+    let m = w.open_in_steps(1, "a", false).unwrap().unwrap();
+    w.guests[1].1.unmount_whole(m.addr);
+    assert_eq!(w.unmount_in_steps(1, m.addr).unwrap().map(|u| u.mount.gpa), None);
+    assert!(w.translate(1, m.addr).is_some());
+    assert_eq!(w.morsel("a").mount_count(), 2);
+    let _ = w.unmount(1, m.addr).unwrap();
+    assert_eq!(w.morsel("a").mount_count(), 1);
+}

@@ -235,9 +235,15 @@ pub struct Core {
     pub exits: [u64; ExitKind::COUNT],
     /// Exits counted here and not yet added to the guest's counters (`fold`).
     pub unfolded: [u64; ExitKind::COUNT],
-    /// The last instruction length decoded from guest memory.
-    decoded: Option<Decoded>,
+    /// The last `DECODED` instruction lengths decoded from guest memory (a guest's loop of
+    /// `morsel_open` and `morsel_unmount` exits at several call sites), the oldest replaced.
+    decoded: [Option<Decoded>; DECODED],
+    /// Where the next decoded length goes in `decoded`.
+    decoded_at: u8,
 }
+
+/// Entries of `Core`'s decoded-length cache.
+const DECODED: usize = 4;
 
 impl Default for Core {
     fn default() -> Self {
@@ -248,7 +254,7 @@ impl Default for Core {
 impl Core {
     #[inline]
     pub const fn new() -> Self {
-        Core { exits: [0; ExitKind::COUNT], unfolded: [0; ExitKind::COUNT], decoded: None }
+        Core { exits: [0; ExitKind::COUNT], unfolded: [0; ExitKind::COUNT], decoded: [None; DECODED], decoded_at: 0 }
     }
 
     /// Counts `exit` (here and for the guest's next `fold`).
@@ -273,6 +279,18 @@ impl Core {
         slices
     }
 
+    /// Keeps `d` in the decoded-length cache: in place of an entry for the same RIP and
+    /// instruction, else of the oldest.
+    fn remember(&mut self, d: Decoded) {
+        if let Some(e) = self.decoded.iter_mut().find(|e| e.is_some_and(|e| e.rip == d.rip && e.opcode == d.opcode)) {
+            *e = Some(d);
+            return;
+        }
+        let i = self.decoded_at as usize % DECODED;
+        self.decoded[i] = Some(d);
+        self.decoded_at = ((i + 1) % DECODED) as u8;
+    }
+
     /// The RIP after the instruction `opcode` at `rip`: the CPU's (`Resume::At`), or the one
     /// decoded earlier at the same RIP for the same instruction; None: not known without
     /// reading guest memory.
@@ -280,7 +298,7 @@ impl Core {
     pub fn known_next(&self, rip: u64, resume: &Resume, opcode: Opcode) -> Option<u64> {
         match *resume {
             Resume::At(next) => Some(next),
-            Resume::Decode => self.decoded.filter(|d| d.rip == rip && d.opcode == opcode).map(|d| d.next),
+            Resume::Decode => self.decoded.iter().flatten().find(|d| d.rip == rip && d.opcode == opcode).map(|d| d.next),
         }
     }
 }
@@ -547,10 +565,10 @@ pub fn check_budget<G: Guest>(g: &mut G, rip: u64) {
 /// A guest whose instruction cannot be read or is not the one that exited is stopped (None).
 fn resume_at<G: Guest>(g: &mut G, core: &mut Core, regs: &Regs, cr3: Option<u64>, resume: Resume, opcode: Opcode) -> Option<u64> {
     let next = match resume {
-        Resume::At(rip) => rip,
+        Resume::At(rip) => return Some(rip),
         Resume::Decode => decode_next(g, regs.rip, cr3, opcode)?,
     };
-    core.decoded = Some(Decoded { rip: regs.rip, next, opcode });
+    core.remember(Decoded { rip: regs.rip, next, opcode });
     Some(next)
 }
 

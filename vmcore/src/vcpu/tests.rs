@@ -533,3 +533,32 @@ fn cpuid_at_the_end_of_the_slice_is_answered_and_pays_for_it() {
     assert_eq!(v.regs.rip, CODE + 2);
     assert_eq!(core.exits[ExitKind::Preempted as usize], 1);
 }
+
+#[test]
+fn the_decoded_lengths_of_four_sites_are_kept() {
+    // A guest's loop of calls at four sites (`morsel_open` and `morsel_unmount` in two
+    // places): each decoded once by the world, then known at every site; a fifth site
+    // replaces the oldest only.
+    let mut g = FakeGuest::new();
+    let mut core = Core::new();
+    let sites = [CODE + 8, CODE + 0x20, CODE + 0x40, CODE + 0x60, CODE + 0x80];
+    for &at in &sites {
+        g.code(at, &[0x66, 0x0f, 0xa2]);
+    }
+    for &at in &sites[..4] {
+        let mut regs = cpuid_regs(at);
+        handle(&mut g, &mut core, &mut regs, Some(CR3), Exit::Cpuid { resume: Resume::Decode }, no_call);
+    }
+    for &at in &sites[..4] {
+        assert_eq!(core.known_next(at, &Resume::Decode, Opcode::Cpuid), Some(at + 3));
+    }
+    // Decoded again at a known site: kept in its place, nothing else goes.
+    let mut regs = cpuid_regs(sites[0]);
+    handle(&mut g, &mut core, &mut regs, Some(CR3), Exit::Cpuid { resume: Resume::Decode }, no_call);
+    assert!(sites[..4].iter().all(|&at| core.known_next(at, &Resume::Decode, Opcode::Cpuid).is_some()));
+    let mut regs = cpuid_regs(sites[4]);
+    handle(&mut g, &mut core, &mut regs, Some(CR3), Exit::Cpuid { resume: Resume::Decode }, no_call);
+    assert_eq!(core.known_next(sites[4], &Resume::Decode, Opcode::Cpuid), Some(sites[4] + 3));
+    let known = sites[..4].iter().filter(|&&at| core.known_next(at, &Resume::Decode, Opcode::Cpuid).is_some()).count();
+    assert_eq!(known, 3);
+}
