@@ -9,8 +9,9 @@
 //! round-robin, a time slice each, preempted by its own timer (SVM: its LAPIC timer, VMX:
 //! the preemption timer).
 //!
-//! What the vCPUs share (the guests' memory tables, mounts, consoles and states, the
-//! hypercall `Context`) is the `World`, behind ONE spin lock: taken at the start of every
+//! What the vCPUs share (the guests' states, the hypercall `Context`) is the `World`, behind
+//! ONE spin lock (the directory and each guest's table and mounts have locks of their own
+//! beneath it, taken without it by `sched::mount_fast`): taken at the start of every
 //! slice and for every exit that may touch shared state (`vm::exits` says which), never
 //! while a guest runs, never for CPUID, HLT, interrupt, interrupt-window or preemption exits
 //! inside a slice (`vm::sched`). No CPU waits for another while holding it: a shootdown

@@ -6,9 +6,14 @@
 //! are printed, per vCPU for guests with several.
 //!
 //! # Locks, in the order they are taken
-//! 1. The world lock (`runqueue::WorldGuard`): guests, the hypercall context (directory,
-//!    mounts, quotas, devices, notify, ExMap counters and idle per-vCPU ExMap states). Never
-//!    held while a guest runs; null exits take none (`lockless`).
+//! 1. The world lock (`runqueue::WorldGuard`): guests, the hypercall context (quotas,
+//!    devices, notify, ExMap counters and idle per-vCPU ExMap states). Never held while a
+//!    guest runs; null exits take none (`lockless`).
+//! 1a. The directory's lock (`Context::morsels`, also `Run::directory`): names, entries,
+//!    device mounts. Under the world lock, or alone by `mount_fast` (one step at a time).
+//! 1b. A guest's address space lock (`Guest::space`, `GuestSpace`): its second-level table
+//!    and mounts, and reads of guest memory through them. Under the world lock (and the
+//!    directory's where both are held), or alone by `mount_fast`.
 //! 2. An ExMap region's lock (`morsels::exmap::RegionCell::lock`): taken under the world
 //!    lock, held without it through an ALLOC / FREE batch (`morsels::exmap::Batch`), given
 //!    back with it (`Exmaps::finish_batch`) or without it (`Batch::finish_alone`, after
