@@ -304,6 +304,10 @@ impl Backend for Svm {
         v.rflags & RFLAGS_IF != 0 && c.interrupt_shadow & INTERRUPT_SHADOW == 0 && c.eventinj & EVENT_VALID == 0
     }
 
+    fn has_idt(vcpu: &mut Vcpu) -> bool {
+        vcpu.vmcb.get().save.idtr.limit != 0
+    }
+
     fn inject_interrupt(vcpu: &mut Vcpu, vector: u8) {
         vcpu.vmcb.get_mut().control.eventinj = EVENT_VALID | vector as u64; // type 0: INTR
     }

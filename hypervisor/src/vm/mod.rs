@@ -114,6 +114,10 @@ pub trait Backend: Sized + 'static {
     /// Whether the guest can take an external interrupt at its next entry: RFLAGS.IF = 1, no
     /// STI / MOV SS shadow, and no event already queued for that entry (valid between runs).
     fn interruptible(vcpu: &mut Self::Vcpu) -> bool;
+    /// Whether the guest has loaded an IDT (its limit is not 0, as it is at the first entry;
+    /// valid between runs). A vCPU starts with RFLAGS.IF = 1, so before its first LIDT it is
+    /// `interruptible`, but a vector injected then is a #GP (IDT limit): none goes in before.
+    fn has_idt(vcpu: &mut Self::Vcpu) -> bool;
     /// Queues external interrupt `vector` (32..=255) for delivery through the guest's IDT at
     /// the next entry (VMX VM-entry interruption information, SVM EVENTINJ); only when
     /// `interruptible`.

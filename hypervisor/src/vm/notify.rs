@@ -131,16 +131,19 @@ impl Notify {
     }
 
     /// Before an entry of vCPU `index` of `g`: injects the highest pending virtual interrupt
-    /// if the guest can take it, else asks for an interrupt window.
+    /// if the guest can take it, else asks for an interrupt window. Before the vCPU loaded an
+    /// IDT (`has_idt`) nothing goes in and no window is asked for (with IF = 1 it would exit
+    /// at once, again and again): the vector waits for an entry after its LIDT.
     pub fn before_run<B: Backend>(&mut self, g: &Guest<B>, index: u32, vcpu: &mut B::Vcpu) {
-        match self.0.before_run(g.id, index, time::tsc(), || B::interruptible(vcpu)) {
+        let has_idt = B::has_idt(vcpu);
+        match self.0.before_run(g.id, index, time::tsc(), || has_idt && B::interruptible(vcpu)) {
             Entry::Leave => {}
             Entry::Nothing => B::interrupt_window(vcpu, false),
             Entry::Inject(vector) => {
                 B::inject_interrupt(vcpu, vector);
                 B::interrupt_window(vcpu, false);
             }
-            Entry::Window => B::interrupt_window(vcpu, true),
+            Entry::Window => B::interrupt_window(vcpu, has_idt),
         }
     }
 

@@ -70,6 +70,8 @@ pub struct Vcpu {
     /// RFLAGS and interruptibility state at the last exit (whether it can take an interrupt).
     rflags: u64,
     interruptibility: u64,
+    /// The guest's IDTR limit at the last exit (0 before the first: `has_idt`).
+    idtr_limit: u64,
     /// The event to inject at the next entry (VM-entry interruption-information format, 0:
     /// none), its error code and instruction length.
     inject: (u64, u64, u64),
@@ -193,6 +195,7 @@ impl Backend for Vmx {
             kernel_gs_base: 0,
             rflags: 0x202,
             interruptibility: 0,
+            idtr_limit: 0,
             inject: (0, 0, 0),
             window: false,
             exceptions: 0,
@@ -264,6 +267,7 @@ impl Backend for Vmx {
         vcpu.launched = true;
         vcpu.rflags = read(GUEST_RFLAGS);
         vcpu.interruptibility = read(GUEST_INTERRUPTIBILITY);
+        vcpu.idtr_limit = read(GUEST_IDTR_LIMIT);
         // An event whose delivery the exit interrupted goes in again at the next entry (SDM
         // Vol. 3C 28.2.4, 27.6.1.1: IDT-vectoring information has the entry format).
         let vectoring = read(IDT_VECTORING_INFO);
@@ -344,6 +348,10 @@ impl Backend for Vmx {
 
     fn interruptible(vcpu: &mut Vcpu) -> bool {
         vcpu.rflags & RFLAGS_IF != 0 && vcpu.interruptibility & INTERRUPTIBILITY_STI_MOV_SS == 0 && vcpu.inject.0 == 0
+    }
+
+    fn has_idt(vcpu: &mut Vcpu) -> bool {
+        vcpu.idtr_limit != 0
     }
 
     fn inject_interrupt(vcpu: &mut Vcpu, vector: u8) {

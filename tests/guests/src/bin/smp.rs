@@ -2,7 +2,8 @@
 //! * 0 / 1 (two guests, one per CPU): "race" shared read-write; each adds to its own counter
 //!   without ever yielding and counts how often it sees the other's counter move between two
 //!   of its own reads that lie close in time (no preemption between them). Only possible if
-//!   both run at once; after 3 such sightings each it exits 0 (1 if it never gets them).
+//!   both run at once; after 3 such sightings each it exits 0 (1 if it gets none in
+//!   `LOOK_MS`, or in `ONE_CPU_LOOK_MS` where both run on one CPU: the control).
 //! * 2 (one guest, N vCPUs): every vCPU adds 1 with `fetch_add` `ADDS` times into one counter
 //!   of a private morsel; vCPU 0 checks the exact total N * ADDS.
 //! * 3 (two vCPUs) + 4 (a second guest, the witness): vCPU 1 reads "victim" in a tight loop;
@@ -105,6 +106,34 @@ fn tsc() -> u64 {
 /// A gap this long between two of our own reads means we were not running in between.
 const GAP: u64 = 200_000;
 
+/// How long (TSC time since its first look) a guest of args 0 / 1 looks for the other's counter
+/// to move before it gives up, where the two run on two CPUs: not a count of gaps, as the
+/// emulator's two vCPU threads may share one host CPU for seconds on a busy host, and never
+/// run at once meanwhile (200 gaps came in about a second then, and a pass took 8.8 s,
+/// 2026-12-07).
+const LOOK_MS: u64 = 30_000;
+/// The same where both are on one CPU (the control: hundreds of slices of each other).
+const ONE_CPU_LOOK_MS: u64 = 3_000;
+
+/// One read of the other guest's counter, between two TSC reads: a preemption can fall between
+/// any two instructions, and a counter read after one must not be paired with a TSC read from
+/// before it. (QEMU 11.1's TCG ends a translation block after each RDTSC, 7.2's did so only
+/// with -icount; interrupts are taken between blocks, so under 11.1 about every other slice
+/// ended right between the RDTSC and the load, which with one TSC read per sample counted as
+/// seeing the other guest move: smp_guests_on_one_cpu_take_turns failed, 2026-12-07.)
+#[derive(Clone, Copy)]
+struct Sample {
+    before: u64,
+    value: u64,
+    after: u64,
+}
+
+fn sample(counter: &AtomicU64) -> Sample {
+    let before = tsc();
+    let value = counter.load(SeqCst);
+    Sample { before, value, after: tsc() }
+}
+
 fn at_once(me: usize) -> i32 {
     let other = 1 - me;
     let m = match open_shared("race", me == 0) {
@@ -116,20 +145,27 @@ fn at_once(me: usize) -> i32 {
     };
     let a = m.atomics();
     a[8 + me].store(1, SeqCst); // present
+    a[24 + me].store(guest_lib::cpu_index() as u64 + 1, SeqCst); // pinned: stays so
+    let on_one_cpu = || a[24].load(SeqCst) == a[25].load(SeqCst);
     let (mut sightings, mut gaps) = (0u32, 0u32);
-    let mut last = (tsc(), a[other].load(SeqCst));
+    let per_ms = guest_lib::info(guest_lib::abi::INFO_TSC_PER_US).unwrap_or(1).max(1) * 1000;
+    let mut last = sample(&a[other]);
+    let start = last.before;
     let mut spins: u64 = 0;
     // Never yields: runs until it saw the other move 3 times and the other is done too.
     loop {
         a[me].fetch_add(1, SeqCst);
         spins += 1;
-        let now = (tsc(), a[other].load(SeqCst));
-        if now.0 - last.0 > GAP {
+        let now = sample(&a[other]);
+        let ms = (now.after - start) / per_ms; // the machine time it has looked
+        // Both reads of the pair lie between last.before and now.after: if that span is short,
+        // no preemption (a slice of the other guest, milliseconds) came between them.
+        if now.after - last.before > GAP {
             gaps += 1; // preempted (or the host stalled us): this pair does not count
-        } else if now.1 != last.1 && a[8 + other].load(SeqCst) != 0 && sightings < 3 {
+        } else if now.value != last.value && a[8 + other].load(SeqCst) != 0 && sightings < 3 {
             sightings += 1;
             if sightings == 3 {
-                println!("smp {me}: saw the other guest's counter move 3 times while running without a yield ({spins} spins, {gaps} gaps)");
+                println!("smp {me}: saw the other guest's counter move 3 times while running without a yield ({spins} spins, {gaps} gaps in {ms} ms)");
                 a[16 + me].store(1, SeqCst);
             }
         }
@@ -137,12 +173,12 @@ fn at_once(me: usize) -> i32 {
         if sightings == 3 && a[16 + other].load(SeqCst) != 0 {
             return 0;
         }
-        if sightings < 3 && (gaps > 200 || spins > 40_000_000) {
-            println!("smp {me}: never saw the other guest's counter move while running ({sightings} sightings, {gaps} gaps, {spins} spins)");
+        if sightings < 3 && ms > ONE_CPU_LOOK_MS && (ms > LOOK_MS || on_one_cpu()) {
+            println!("smp {me}: never saw the other guest's counter move while running ({sightings} sightings, {gaps} gaps, {spins} spins in {ms} ms)");
             a[16 + me].store(1, SeqCst);
             return 1;
         }
-        if sightings == 3 && gaps > 400 {
+        if sightings == 3 && ms > 2 * LOOK_MS {
             println!("smp {me}: the other guest never finished");
             return 1;
         }
