@@ -110,14 +110,15 @@ fn vcpu_main(info: &BootInfo, vcpu: u32) -> i32 {
 }
 
 fn owner() -> Result<(), &'static str> {
+    // Kept mounted: word 1 counts the racer's mounts of "mt-victim". Made first: the racer
+    // starts when "mt-victim" exists, and finds the others marked.
+    let rw = morsel::create("mt-rw", 4096, PageSize::Size4K, true).map_err(|_| "create mt-rw")?;
+    rw.atomics()[0].store(MARK_RW, SeqCst);
     for (name, mark) in [("mt-pub", MARK_PUB), ("mt-victim", MARK_VICTIM)] {
         let m = morsel::create(name, 4096, PageSize::Size4K, false).map_err(|_| "create")?;
         m.atomics()[0].store(mark, SeqCst);
         // Dropped: unmounted, kept by name.
     }
-    // Kept mounted: word 1 counts the racer's mounts of "mt-victim".
-    let rw = morsel::create("mt-rw", 4096, PageSize::Size4K, true).map_err(|_| "create mt-rw")?;
-    rw.atomics()[0].store(MARK_RW, SeqCst);
     let go = loop {
         match morsel::open("mt-go") {
             Ok(m) => break m,
@@ -171,12 +172,17 @@ fn owner() -> Result<(), &'static str> {
 
 /// vCPU 0 of the racer: the attacks, then the race, then the report.
 fn racer(info: &BootInfo, me: usize) -> Result<(), &'static str> {
+    // Until "mt-victim" exists with its marker (the owner made and marked the others first).
     loop {
         match open("mt-victim", false) {
             Err(Error::NotFound) => yield_now(),
-            Ok((gpa, _)) => {
+            Ok((gpa, size)) => {
+                let marked = marker(gpa, size) == Some(MARK_VICTIM);
                 let _ = unmount(gpa);
-                break;
+                if marked {
+                    break;
+                }
+                yield_now();
             }
             Err(_) => return Err("open mt-victim"),
         }
@@ -230,7 +236,12 @@ fn attacks(info: &BootInfo) {
                 wrong(format_args!("unmount of mt-rw failed"));
             }
         }
-        other => wrong(format_args!("open of mt-rw read-write answered {other:?}")),
+        other => {
+            wrong(format_args!("open of mt-rw read-write answered {other:?}"));
+            if let Ok((gpa, _)) = other {
+                let _ = unmount(gpa);
+            }
+        }
     }
     // Addresses that hold no mount: guest RAM, the window's start (nothing mounted now), an
     // unaligned one, the last page of the window.
