@@ -613,11 +613,9 @@ impl MountHandle {
         table_span(self.root_level)
     }
 
-    /// Mounts the morsel into `target` at `window` with rights `perm`: writes ONE entry at level
-    /// `root_level() + 1` of the target (plus, the first time a region of the target is used,
-    /// the intermediate tables leading to it; see `MountStats`). `window` must be aligned to
-    /// `window_size()`, inside the target, and free. The caller needs no invalidation. The
-    /// morsel's mount count is the caller's (`Morsel::pin`).
+    /// `Morsel::mount` of a morsel of format `F` (one entry written, and the intermediate
+    /// tables on the way where they are missing), but the morsel's mount count is the
+    /// caller's (`Morsel::pin`).
     pub fn mount<F: Format, G: Format>(
         &self,
         target: &mut SecondLevelTable<G>,
@@ -654,13 +652,9 @@ impl MountHandle {
         })
     }
 
-    /// Clears this morsel's mount entry at `window` in `target` (one entry write), then frees
-    /// the intermediate tables on the way to it that are left empty (bottom up, never the
-    /// root, never a table that still maps anything): what a mount created, an unmount takes
-    /// away, so a later mount of a larger window finds its slot free. The caller then
-    /// invalidates (INVEPT, ASID flush or IOTLB) everywhere `target` may be cached, before the
-    /// freed table frames can be reused (paging-structure caches may still hold them). The
-    /// morsel's mount count is the caller's (`Morsel::unpin`, after that invalidation started).
+    /// `Morsel::unmount` of a morsel of format `F` (the entry cleared, the emptied
+    /// intermediate tables freed; the caller invalidates), but the morsel's mount count is
+    /// the caller's (`Morsel::unpin`, after that invalidation started).
     pub fn unmount<F: Format, G: Format>(
         &self,
         target: &mut SecondLevelTable<G>,
