@@ -283,7 +283,7 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
                 n.unmounts, n.unmount_pte_writes, n.invalidations);
         }
         let alone = |i: usize| ALONE[i].load(core::sync::atomic::Ordering::Relaxed);
-        log::info!(target: "morsel", "stats mounts without the world lock: {} opens, {} unmounts", alone(0), alone(1));
+        log::info!(target: "morsel", "stats mounts without the world lock: {} opens, {} unmounts, {} sizes", alone(0), alone(1), alone(2));
     }
 
     /// Destroys every morsel left at the end of the run (all guests are gone).
@@ -320,8 +320,9 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     }
 }
 
-/// Opens and unmounts made without the world lock (`open_alone`, `unmount_alone`).
-static ALONE: [core::sync::atomic::AtomicU64; 2] = [const { core::sync::atomic::AtomicU64::new(0) }; 2];
+/// Opens, unmounts and sizes answered without the world lock (`open_alone`,
+/// `unmount_alone`, `size_alone`).
+static ALONE: [core::sync::atomic::AtomicU64; 3] = [const { core::sync::atomic::AtomicU64::new(0) }; 3];
 
 /// `morsel_open(name, writable)` of a plain morsel by a vCPU of `guest` with no world lock
 /// (`sched::mount_fast`): `dir`'s lock around the look-up and the count only, the guest's
@@ -357,6 +358,15 @@ pub(crate) fn unmount_alone<F: Format<Input = GuestPhysAddr>>(dir: &spin::Mutex<
     directory::unmount_end(&mut dir.lock().named, guest, &u);
     ALONE[1].fetch_add(1, core::sync::atomic::Ordering::Relaxed);
     Some(())
+}
+
+/// `morsel_size(gpa)` from the guest's own mount list, with no world lock
+/// (`sched::mount_fast`); None (the world path answers `NotFound`) where nothing is mounted
+/// at `gpa`.
+pub(crate) fn size_alone<F: Format<Input = GuestPhysAddr>>(space: &spin::Mutex<GuestSpace<F>>, gpa: u64) -> Option<u64> {
+    let size = space.lock().mounts.at(gpa)?.size;
+    ALONE[2].fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+    Some(size)
 }
 
 /// The identity map for building a new RAM morsel, without zeroing its data frames

@@ -40,7 +40,7 @@
 
 mod device_mounts;
 mod directory;
-pub(crate) use directory::{open_alone, unmount_alone};
+pub(crate) use directory::{open_alone, size_alone, unmount_alone};
 pub mod exmap;
 mod persist;
 mod proxy;

@@ -508,8 +508,9 @@ fn exmap_fast<B: Backend>(s: &mut Slot<B>, exit: &Exit, me: usize, deadline: u64
     if go_on { FastStep::Resume } else { FastStep::Prepare }
 }
 
-/// `morsel_open` and `morsel_unmount` of a plain morsel with no world lock (issue 21): the
-/// directory's lock around the look-up and the count, the guest's own around its table
+/// `morsel_open` and `morsel_unmount` of a plain morsel, and `morsel_size`, with no world
+/// lock (issue 21): the directory's lock around the look-up and the count, the guest's own
+/// around its table and mounts
 /// (`morsels::open_alone`, `unmount_alone`; the protocol is `vmcore::directory::open_begin`
 /// and `unmount_begin`, model-checked). Taken where `lockless` found the exit quiet (no IPI
 /// asked this CPU to look: a stop is never missed here) and the call is from guest kernel
@@ -523,7 +524,7 @@ fn mount_fast<B: Backend>(run: &Run<B>, s: &mut Slot<B>, exit: &Exit, me: usize,
     let Exit::Hypercall { resume, cpl: 0 } = *exit else { return None };
     let space = s.space.as_deref()?;
     let regs = B::regs(&mut s.vcpu);
-    if regs.rax != abi::HC_MORSEL_OPEN && regs.rax != abi::HC_MORSEL_UNMOUNT {
+    if !matches!(regs.rax, abi::HC_MORSEL_OPEN | abi::HC_MORSEL_UNMOUNT | abi::HC_MORSEL_SIZE) {
         return None;
     }
     let next_rip = s.core.known_next(regs.rip, &resume, vcpu::Opcode::Hypercall)?;
@@ -540,6 +541,8 @@ fn mount_fast<B: Backend>(run: &Run<B>, s: &mut Slot<B>, exit: &Exit, me: usize,
             crate::morsels::unmount_alone(run.directory, space, s.guest, gpa, || shared.ran_on(), frames)?;
             (0, 0)
         }
+        // The guest's own mount list only (a mount's size never changes).
+        Ok(abi::Call::MorselSize { gpa }) => (0, crate::morsels::size_alone(space, gpa)?),
         _ => return None,
     };
     let regs = B::regs(&mut s.vcpu);

@@ -232,6 +232,11 @@ fn attacks(info: &BootInfo) {
         Ok((gpa, size)) if marker(gpa, size) == Some(MARK_RW) => {
             // SAFETY: mounted read-write, `size` >= 8 (checked by `marker`).
             unsafe { (*(gpa as *const AtomicU64)).store(MARK_RW, SeqCst) };
+            // `morsel_size` agrees, at the mount and nowhere else.
+            let sizes = [call(abi::HC_MORSEL_SIZE, [gpa, 0, 0, 0, 0, 0]), call(abi::HC_MORSEL_SIZE, [gpa + 4096, 0, 0, 0, 0, 0])];
+            if sizes != [Ok(size), Err(Error::NotFound)] {
+                wrong(format_args!("morsel_size of mt-rw's mount and past it answered {sizes:?}"));
+            }
             if unmount(gpa).is_err() {
                 wrong(format_args!("unmount of mt-rw failed"));
             }
@@ -249,6 +254,10 @@ fn attacks(info: &BootInfo) {
         match unmount(gpa) {
             Err(Error::NotFound) => {}
             other => wrong(format_args!("unmount of {gpa:#x} (no mount) answered {other:?}")),
+        }
+        match call(abi::HC_MORSEL_SIZE, [gpa, 0, 0, 0, 0, 0]) {
+            Err(Error::NotFound) => {}
+            other => wrong(format_args!("morsel_size of {gpa:#x} (no mount) answered {other:?}")),
         }
     }
     // Tell the owner the race starts.
@@ -299,6 +308,9 @@ fn race(me: usize) -> Result<(), &'static str> {
                 match marker(gpa, size) {
                     Some(MARK_PUB) => {}
                     other => wrong(format_args!("mt-pub at {gpa:#x} size {size}: marker {other:x?}")),
+                }
+                if call(abi::HC_MORSEL_SIZE, [gpa, 0, 0, 0, 0, 0]) != Ok(size) {
+                    wrong(format_args!("morsel_size of mt-pub at {gpa:#x}"));
                 }
                 match unmount(gpa) {
                     Ok(_) => {
