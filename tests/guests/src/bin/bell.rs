@@ -2,7 +2,7 @@
 //! - 0 ringer: creates "bell", spins through 20 time slices, then rings bits 0x5 until two
 //!   subscribers got them;
 //! - 1 listener: opens "bell", subscribes (bits only) and waits forever for bit 0x1; checks
-//!   that it used at most one slice while it waited;
+//!   that it took at most 6 exits and 6 slices (host stalls under QEMU) while it waited;
 //! - 2 bystander: opens "bell" without subscribing: a wait of 300 ms ends with nothing;
 //! - 3 attacker: bad doorbell calls, each with the error the ABI defines;
 //! - 4 deadlock: creates or opens "lock", subscribes and waits forever (two of them deadlock);
@@ -231,8 +231,14 @@ fn listener(me: u64) -> i32 {
     println!("bell {me}: bit 0x4 still pending: {rest:?}");
     // While the ringer works through 20 slices this guest must use none: the window around the
     // wait may still take an exit on each side (a timer tick, a preemption; or with 2 CPUs
-    // another CPU's IPI, an interrupt exit), hence up to 2 slices and 6 exits.
-    if got != Ok(Event(0x1)) || rest != Ok(Event(0x4)) || used > 2 || exited > 6 {
+    // another CPU's IPI, an interrupt exit), hence up to 6 exits. Slices: 2, and under QEMU on
+    // a loaded host a few more, since a slice is charged when the TSC passes its end, which
+    // a descheduled vCPU thread lets happen with no guest work (3-5 seen in loaded runs on
+    // QEMU 7.2 and 11.1, never unloaded); a listener that ran while it waited would use
+    // about as many as the ringer's 20, and hundreds of exits.
+    // Each such slice brings its preemption exit (and maybe an interrupt exit) with it.
+    let extra = used.saturating_sub(2);
+    if got != Ok(Event(0x1)) || rest != Ok(Event(0x4)) || used > 6 || exited > 6 + 2 * extra {
         println!("bell {me}: WRONG");
         return 1;
     }
