@@ -234,11 +234,33 @@ pub struct Space<'a, F: Format> {
     pub mounts: &'a mut Mounts,
 }
 
+/// A guest space's rules, written once for `AddressSpace` and for `open_place` (the step
+/// made without the directory's lock).
+impl<F: Format> Space<'_, F> {
+    const MOUNTS: usize = abi::MOUNT_QUOTA as usize;
+
+    fn mounted_already(&self, name: &Name) -> Result<(), Refusal> {
+        match self.mounts.iter().any(|m| m.name == *name) {
+            true => Err(Refusal::AlreadyMounted),
+            false => Ok(()),
+        }
+    }
+    fn room(&mut self) -> Result<(), Refusal> {
+        self.mounts.0.try_reserve(1).map_err(|_| Refusal::NoMemory)
+    }
+    fn slot(&self, window: u64) -> Result<u64, Refusal> {
+        free_slot(self.mounts, window).ok_or(Refusal::WindowFull)
+    }
+    fn push(&mut self, p: Placed) {
+        self.mounts.0.push(Mount { gpa: p.addr, size: p.size, window: p.window, name: p.name, at: p.at, writable: p.writable, plain: p.plain });
+    }
+}
+
 /// A guest's space: morsels at the lowest free slot of its morsel window, each once, at most
 /// `abi::MOUNT_QUOTA`.
 impl<F: Format<Input = GuestPhysAddr>, T: Entry<F>> AddressSpace<F, T> for Space<'_, F> {
     type Mount = Mount;
-    const QUOTA: usize = abi::MOUNT_QUOTA as usize;
+    const QUOTA: usize = Self::MOUNTS;
 
     fn id(&self) -> SpaceId {
         SpaceId::Guest(self.guest)
@@ -250,22 +272,19 @@ impl<F: Format<Input = GuestPhysAddr>, T: Entry<F>> AddressSpace<F, T> for Space
         self.mounts.len()
     }
     fn check(&self, name: &Name) -> Result<(), Refusal> {
-        match self.mounts.iter().any(|m| m.name == *name) {
-            true => Err(Refusal::AlreadyMounted),
-            false => Ok(()),
-        }
+        self.mounted_already(name)
     }
     fn make_room(&mut self) -> Result<(), Refusal> {
-        self.mounts.0.try_reserve(1).map_err(|_| Refusal::NoMemory)
+        self.room()
     }
     fn place(&self, window: u64) -> Result<u64, Refusal> {
-        free_slot(self.mounts, window).ok_or(Refusal::WindowFull)
+        self.slot(window)
     }
     fn write<A: FrameAlloc, M: PhysMem>(&mut self, entry: &mut T, addr: u64, perm: Perm, alloc: &A, mem: &M) -> Result<MountStats, Refusal> {
         entry.morsel().mount(self.table, GuestPhysAddr::new(addr), perm, alloc, mem).map_err(Refusal::Mount)
     }
     fn record(&mut self, p: Placed) {
-        self.mounts.0.push(Mount { gpa: p.addr, size: p.size, window: p.window, name: p.name, at: p.at, writable: p.writable, plain: p.plain });
+        self.push(p);
     }
     fn take(&mut self, addr: u64) -> Option<Mount> {
         let i = self.mounts.iter().position(|m| m.gpa == addr)?;
@@ -715,19 +734,17 @@ where
     A: FrameAlloc,
     M: PhysMem,
 {
-    if space.mounts.iter().any(|m| m.name == o.name) {
-        return Err(Refusal::AlreadyMounted);
-    }
-    if space.mounts.len() >= abi::MOUNT_QUOTA as usize {
+    // As `open` then `mount` decide for a guest space, in their order.
+    space.mounted_already(&o.name)?;
+    if space.mounts.len() >= Space::<F>::MOUNTS {
         return Err(Refusal::Quota);
     }
-    space.mounts.0.try_reserve(1).map_err(|_| Refusal::NoMemory)?;
+    space.room()?;
     let window = o.handle.window_size();
-    let addr = free_slot(space.mounts, window).ok_or(Refusal::WindowFull)?;
+    let addr = space.slot(window)?;
     let perm = if o.writable { Perm::RW } else { Perm::RO };
     let stats = o.handle.mount::<F, F>(space.table, GuestPhysAddr::new(addr), perm, alloc, mem).map_err(Refusal::Mount)?;
-    let plain = Some(o.handle);
-    space.mounts.0.push(Mount { gpa: addr, size: o.size, window, name: o.name, at: o.at, writable: o.writable, plain });
+    space.push(Placed { addr, size: o.size, window, name: o.name, at: o.at, writable: o.writable, plain: Some(o.handle) });
     Ok(Mounted { addr, writable: o.writable, stats })
 }
 
