@@ -10,12 +10,14 @@ use super::{read_hashed, read_name, Directory, Name, Named, PendingCreate, Remov
 use crate::devices::Devices;
 use crate::mm::frames::{Frames, Identity, IDENTITY};
 use crate::vm::guest::{Guest, GuestSpace};
+use crate::vm::hypercall::{Hv, Under};
 use crate::vm::shootdown::{Flush, Hw};
 use crate::vm::Backend;
 use abi::{self, Error};
 use formats::units::Bytes;
 use morsel::{Format, FormatKind, GuestPhysAddr, Morsel, PageSize};
 use vmcore::directory::{self, Entered, Mounted, Refusal, Unmounted};
+use vmcore::hypercall::Deferred;
 use vmcore::names::Ticket;
 use vmcore::region_lock::Contender;
 
@@ -93,7 +95,7 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
                 Err(self.give_up(ticket, e))
             }
             Some(Err(e)) => Err(self.give_up(ticket, e)),
-            // Never here (`Unlocked::run` builds it before the call finishes).
+            // Never here (`run` builds it before the call finishes).
             None => Err(self.give_up(ticket, Error::Invalid)),
         }
     }
@@ -182,7 +184,7 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     /// `morsel_destroy(name_ptr, name_len)`: the owner only, and only while unmounted. A RAM
     /// morsel leaves the directory here and is returned with its name, for the caller to free
     /// its frames with the world lock let go (`Removed::free`); a persistent one is freed here.
-    pub fn destroy<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, frames: &Frames, name: abi::Name) -> Result<Option<(Name, Removed<F>)>, Error> {
+    pub fn destroy<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, frames: &Frames, name: abi::Name) -> Result<Option<Removed<F>>, Error> {
         let name = read_name(g, name)?;
         // Persistent? Read here, not by a second look-up of the name (each hashes it).
         let mut persistent = false;
@@ -210,7 +212,7 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         }
         let Some((_, _, mut n)) = self.named.remove(&name) else { return Err(Error::NotFound) };
         self.drop_view(&name, &mut n, frames);
-        Ok(Some((name, Removed { morsel: n.morsel })))
+        Ok(Some(Removed { name, morsel: Some(n.morsel) }))
     }
 
     /// Destroys a morsel that is mounted nowhere (the callers check). A persistent one loses
@@ -429,4 +431,37 @@ impl core::fmt::Display for Owner {
             id => write!(f, "guest {id}"),
         }
     }
+}
+
+/// `morsel_create` of a RAM morsel, deferred (`Started::Build`): built with the world lock
+/// let go, then entered and mounted under it (`create_finish`), or, its guest gone, its
+/// reservation aborted and its frames given back (`Directory::abandon`).
+impl<B: Backend> Deferred<Hv<B>> for PendingCreate<B::Format> {
+    fn run(&mut self, frames: &Frames) {
+        self.build(frames);
+    }
+
+    fn finish(self, w: Under<'_, B>, g: &mut Guest<B>) -> Result<u64, Error> {
+        let cx = w.cx;
+        cx.morsels.lock().create_finish(g, &w.frames, self).inspect(|&gpa| cx.notify.entered(g, gpa, w.cpu))
+    }
+
+    fn abandon(self, w: Under<'_, B>) {
+        w.cx.morsels.lock().abandon(&w.frames, self);
+    }
+}
+
+/// `morsel_destroy` of a RAM morsel, deferred (`destroy`): out of the directory under the
+/// world lock, its frames freed with the lock let go (`Removed::free`); nothing is left to
+/// end under it.
+impl<B: Backend> Deferred<Hv<B>> for Removed<B::Format> {
+    fn run(&mut self, frames: &Frames) {
+        self.free(frames);
+    }
+
+    fn finish(self, _: Under<'_, B>, _: &mut Guest<B>) -> Result<u64, Error> {
+        Ok(0)
+    }
+
+    fn abandon(self, _: Under<'_, B>) {}
 }

@@ -7,7 +7,7 @@
 //! Per vCPU: a frame cache, a validator and result buffers (`VcpuState`), keyed by (guest,
 //! vCPU). ALLOC and FREE on a region no device sees run with the world lock let go, under the
 //! region's lock, which they share (several vCPUs' batches on one region at once; each leaf
-//! changed by compare-and-swap in `exmap`) (`Step::Batch`, `Batch::run`, then
+//! changed by compare-and-swap in `exmap`) (`Step::Batch`, its `Deferred::run`, then
 //! `Batch::finish_alone` with no world lock
 //! or `Exmaps::finish_batch` under it; the lock order is in `vm/sched.rs`); the region's lock
 //! and batch counters are its `RegionCell`, the rest of ExMap's state is behind the world
@@ -28,6 +28,7 @@
 
 use crate::vm::guest::Guest;
 use super::{read_hashed, Directory, Name};
+use crate::vm::hypercall::{Hv, Under};
 use crate::vm::shootdown::{Flush, Hw};
 use crate::vm::Backend;
 use crate::mm::frames::{Frames, IDENTITY};
@@ -41,6 +42,7 @@ use abi::{self, Error};
 use hashbrown::HashMap;
 use morsel::{GuestPhysAddr, HostPhysAddr, Morsel, Perm};
 use vmcore::heap::TryBox;
+use vmcore::hypercall::Deferred;
 use vmcore::region_lock::{Cache, Caller, Contender, Handle, Held, Refusal, RegionLock, Targets};
 use core::sync::atomic::{AtomicU64, Ordering};
 
@@ -143,13 +145,24 @@ pub struct Batch<F: morsel::Format> {
     outcome: Outcome,
 }
 
-impl<F: morsel::Format> Batch<F> {
+/// An ALLOC / FREE batch, deferred (`Step::Batch`): run with the world lock let go, then
+/// ended with no world lock (`finish_alone`, `sched`) or under it (`Exmaps::finish_batch`,
+/// its guest there or gone).
+impl<B: Backend> Deferred<Hv<B>> for Batch<B::Format> {
     /// The batch, no lock held: reads the iovec page, validates and edits the leaves in one
     /// walk (`exmap`), writes the results back. Frames come from and go to this vCPU's cache
     /// (`frames` is this CPU's allocator handle); a FREE's frames stay in that cache until
     /// `finish_batch` has shot the translations down, so none is reused before.
-    pub fn run(&mut self, frames: &Frames) {
+    fn run(&mut self, frames: &Frames) {
         self.outcome = run_batch(&mut self.v, &self.morsel, self.origin, self.iov_hpa, self.op, self.count, frames);
+    }
+
+    fn finish(self, w: Under<'_, B>, g: &mut Guest<B>) -> Result<u64, Error> {
+        w.cx.exmaps.finish_batch(Some(g), &w.frames, self)
+    }
+
+    fn abandon(self, w: Under<'_, B>) {
+        let _ = w.cx.exmaps.finish_batch::<B>(None, &w.frames, self);
     }
 }
 
@@ -385,11 +398,30 @@ pub struct Parked {
 /// the guest's `VcpuState`, whose other vCPUs may call meanwhile: on another region, since
 /// this one is pinned), which entry each request serves, and what `conclude` needs.
 pub struct ExmapIo {
-    pub batch: DiskBatch,
+    batch: DiskBatch,
     iov: Vec<u64>,
     entries: Vec<u64>,
     owners: Vec<usize>,
     rest: Rest,
+}
+
+/// A READ / WRITE's disk batch, deferred (`Step::Disk`): the device I/O with the world lock
+/// let go, then the results, a failed READ's rollback and the unpin under it
+/// (`Exmaps::finish`, its guest there or gone).
+impl<B: Backend> Deferred<Hv<B>> for ExmapIo {
+    fn run(&mut self, _: &Frames) {
+        self.batch.run();
+    }
+
+    fn finish(self, w: Under<'_, B>, g: &mut Guest<B>) -> Result<u64, Error> {
+        let cx = w.cx;
+        cx.exmaps.finish(&mut cx.morsels.lock(), cx.devices.as_mut(), Some(g), &w.frames, self)
+    }
+
+    fn abandon(self, w: Under<'_, B>) {
+        let cx = w.cx;
+        let _ = cx.exmaps.finish::<B>(&mut cx.morsels.lock(), cx.devices.as_mut(), None, &w.frames, self);
+    }
 }
 
 /// The state of an action between its halves.

@@ -291,9 +291,11 @@ impl<F: Format> PendingCreate<F> {
 }
 
 /// A RAM morsel taken out of the directory (mounted nowhere, its last unmount's shootdown
-/// done): `free` gives its frames back, with or without the world lock.
+/// done), with its name: `free` gives its frames back, with or without the world lock.
 pub struct Removed<F: Format> {
-    pub(crate) morsel: Morsel<F>,
+    pub(crate) name: Name,
+    /// None once freed.
+    pub(crate) morsel: Option<Morsel<F>>,
 }
 
 impl<F: Format> Removed<F> {
@@ -302,11 +304,12 @@ impl<F: Format> Removed<F> {
     /// acknowledged (`vm::shootdown::barrier`): a CPU may still cache a translation of this
     /// morsel from a mount another CPU removed just before (its caller waits for the
     /// acknowledgments with no lock held), and no such frame may go to another owner before.
-    pub fn free(self, name: &Name, frames: &crate::mm::frames::Frames) {
-        let len = self.morsel.len();
+    pub fn free(&mut self, frames: &crate::mm::frames::Frames) {
+        let Some(morsel) = self.morsel.take() else { return };
+        let (name, len) = (&self.name, morsel.len());
         crate::vm::shootdown::barrier();
         let frames = crate::vm::shootdown::Answering::wrap(frames);
-        match self.morsel.destroy(&frames, &crate::mm::frames::IDENTITY) {
+        match morsel.destroy(&frames, &crate::mm::frames::IDENTITY) {
             Ok(()) => log::info!(target: "morsel", "'{name}' destroyed, {} given back", formats::units::Bytes(len)),
             Err((_, e)) => log::error!(target: "morsel", "'{name}' cannot be destroyed: {e}"),
         }

@@ -13,10 +13,12 @@ use alloc::vec::Vec;
 use formats::units::Bytes;
 use crate::mm::frames::Frames;
 use crate::vm::guest::Guest;
+use crate::vm::hypercall::{Hv, Under};
 use crate::vm::shootdown::{Flush, Hw};
 use crate::vm::Backend;
 use abi::{self, Error};
 use morsel::{Format, GuestPhysAddr, Perm};
+use vmcore::hypercall::Deferred;
 use vmcore::region_lock::Contender;
 
 impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
@@ -37,7 +39,7 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
 
     /// `nvme_read` / `nvme_write(gpa, offset, lba, count)`, its half under the world lock:
     /// the caller's morsel mounted at `gpa` is mounted into the NVMe domain (`disk_begin`);
-    /// the device moves the blocks with the lock let go (`ProxyIo::run`), then
+    /// the device moves the blocks with the lock let go (`ProxyIo`'s `Deferred::run`), then
     /// `nvme_finish` unmounts it under the lock again. No guest can mount anything into that
     /// domain (`device_mount` does not offer NVMe), and the unmount takes the tables its
     /// mount created, so every call finds the proxy's I/O virtual addresses free but for the
@@ -204,8 +206,18 @@ pub struct ProxyIo {
     pub(crate) batch: DiskBatch,
 }
 
-impl ProxyIo {
-    pub fn run(&mut self) {
+/// `nvme_io`'s batch, deferred: the device I/O with the world lock let go, then the unmount
+/// under it (`nvme_finish`), whether its guest is there or gone.
+impl<B: Backend> Deferred<Hv<B>> for ProxyIo {
+    fn run(&mut self, _: &Frames) {
         self.batch.run();
+    }
+
+    fn finish(self, w: Under<'_, B>, _: &mut Guest<B>) -> Result<u64, Error> {
+        w.cx.morsels.lock().nvme_finish(w.cx.devices.as_mut(), &w.frames, self)
+    }
+
+    fn abandon(self, w: Under<'_, B>) {
+        let _ = w.cx.morsels.lock().nvme_finish(w.cx.devices.as_mut(), &w.frames, self);
     }
 }

@@ -1,9 +1,10 @@
 //! The hypervisor's side of hypercall dispatch: the services a call reaches (`Serving`, the
 //! `vmcore::hypercall::Services` of one call under the world lock) and the deferred part of a
-//! call (`Unlocked`). The routing of a decoded `abi::Call`, the `Action` and the refusal policy
-//! are `vmcore::hypercall`'s (host-tested there); the services check what the abi crate could
-//! not against the guest's memory and the hypervisor's state. Anything wrong is an error code
-//! in rax, never a fault in the hypervisor.
+//! call (`Unlocked`, which dispatches to the `vmcore::hypercall::Deferred` steps each kind of
+//! work implements where it is made). The routing of a decoded `abi::Call`, the `Action` and
+//! the refusal policy are `vmcore::hypercall`'s (host-tested there); the services check what
+//! the abi crate could not against the guest's memory and the hypervisor's state. Anything
+//! wrong is an error code in rax, never a fault in the hypervisor.
 
 use super::guest::Guest;
 use crate::morsels::{Directory, PendingCreate, ProxyIo, Removed, Started};
@@ -12,67 +13,105 @@ use super::{Backend, Regs};
 use crate::mm::frames::Frames;
 use crate::devices::pci::Bdf;
 use abi::{self, Error, GuestSlice};
-use vmcore::hypercall::Outcome;
+use vmcore::hypercall::{Deferred, Outcome};
 use morsel::GuestPhysAddr;
 
 /// What the scheduler does after a hypercall (`vmcore::hypercall::Action`): its deferred part
-/// is run by the vCPU loop with the world lock let go (`Unlocked::run`, on the calling CPU's
+/// is run by the vCPU loop with the world lock let go (`Deferred::run`, on the calling CPU's
 /// allocator core), then `finish`ed under it. `Retry`: an ExMap region's lock is held by
 /// another vCPU's batch (an ExMap action or a mount of the region).
 pub type Action<F> = vmcore::hypercall::Action<Unlocked<F>>;
 
+/// The hypervisor as a deferred part's steps see it (`vmcore::hypercall::Host`): `run`
+/// through the calling CPU's allocator handle, `finish` and `abandon` on the world under its
+/// lock (`Under`), `finish` with the calling guest.
+pub struct Hv<B>(core::marker::PhantomData<B>);
+
+impl<B: Backend> vmcore::hypercall::Host for Hv<B> {
+    type Alone = Frames;
+    type World<'a> = Under<'a, B> where Self: 'a;
+    type Guest = Guest<B>;
+}
+
+/// The world under its lock as a deferred part ends in it: the hypercall context, and the
+/// calling CPU's allocator core and index.
+pub struct Under<'a, B: Backend> {
+    pub cx: &'a mut Context<B>,
+    pub frames: Frames,
+    pub cpu: usize,
+}
+
 /// The lock-free part of a call (allocator work, zeroing, NVMe batches on pinned morsels;
-/// no shared state but the lock-free allocator and the NVMe driver, which is made for it).
-/// `run` does it with the world lock let go and gives the call back, ready for `finish`
-/// (or `abandon`, its guest gone) under the lock.
+/// no shared state but the lock-free allocator and the NVMe driver, which is made for it):
+/// one variant per kind of work, each implementing its own steps (`Deferred`: `run` with the
+/// world lock let go, then `finish` or, its guest gone, `abandon` under it) where it is made.
+/// This enum only dispatches (`each!`): a new deferred call is a variant here and its
+/// `Deferred` impl beside the work. Filled in place and never boxed: a batch is large, and
+/// Bochs counts every byte a move copies.
 pub enum Unlocked<F: morsel::Format> {
     /// `bench_frames` (enabled, arguments checked).
-    Bench { order: allocator::Order, count: u64 },
+    Bench(Bench),
     /// `morsel_create` of a RAM morsel: allocate its frames, build its tables, zero its data.
     Build(PendingCreate<F>),
     /// `morsel_destroy` of a RAM morsel out of the directory: free its frames.
-    Free(crate::morsels::Name, Removed<F>),
+    Free(Removed<F>),
     /// `nvme_read` / `nvme_write`: the NVMe batch on the caller's CPU's queue pair, its
     /// morsel mounted in the NVMe domain and pinned (`morsels::DiskBatch`).
     Proxy(ProxyIo),
     /// `exmap_action` READ / WRITE: likewise, on the pinned region.
     Exmap(ExmapIo),
     /// `exmap_action` ALLOC / FREE on a region no device sees: the whole batch, under the
-    /// region's lock (`morsels::exmap::Batch`).
+    /// region's lock (`morsels::exmap::Batch`; it may also end with no world lock, `sched`).
     Batch(Batch<F>),
-    /// A call `run` answered in full (`Bench`, `Free`): its result, nothing held.
-    Done(Result<u64, Error>),
 }
 
-impl<F: morsel::Format> Unlocked<F> {
-    /// Runs the lock-free part through `frames`, this CPU's allocator handle; the call comes
-    /// back as it goes to `finish` (a batch moved as before: Bochs counts every byte copied).
-    pub fn run(self, frames: &Frames) -> Unlocked<F> {
-        match self {
-            Unlocked::Bench { order, count } => Unlocked::Done(frames.bench(order, count).ok_or(Error::NoMemory)),
-            Unlocked::Build(mut p) => {
-                p.build(frames);
-                Unlocked::Build(p)
-            }
-            Unlocked::Free(name, r) => {
-                r.free(&name, frames);
-                Unlocked::Done(Ok(0))
-            }
-            Unlocked::Proxy(mut p) => {
-                p.run();
-                Unlocked::Proxy(p)
-            }
-            Unlocked::Exmap(mut x) => {
-                x.batch.run();
-                Unlocked::Exmap(x)
-            }
-            Unlocked::Batch(mut x) => {
-                x.run(frames);
-                Unlocked::Batch(x)
-            }
-            done @ Unlocked::Done(_) => done,
+/// `$step` on the work `$w` that `Unlocked` `$work` holds, whichever it is.
+macro_rules! each {
+    ($work:expr, $w:ident => $step:expr) => {
+        match $work {
+            Unlocked::Bench($w) => $step,
+            Unlocked::Build($w) => $step,
+            Unlocked::Free($w) => $step,
+            Unlocked::Proxy($w) => $step,
+            Unlocked::Exmap($w) => $step,
+            Unlocked::Batch($w) => $step,
         }
+    };
+}
+
+impl<B: Backend> Deferred<Hv<B>> for Unlocked<B::Format> {
+    fn run(&mut self, frames: &Frames) {
+        each!(self, w => Deferred::<Hv<B>>::run(w, frames))
     }
+
+    fn finish(self, world: Under<'_, B>, guest: &mut Guest<B>) -> Result<u64, Error> {
+        each!(self, w => Deferred::<Hv<B>>::finish(w, world, guest))
+    }
+
+    fn abandon(self, world: Under<'_, B>) {
+        each!(self, w => Deferred::<Hv<B>>::abandon(w, world))
+    }
+}
+
+/// `bench_frames` (enabled, arguments checked): `count` blocks of `order` taken and given
+/// back through the calling CPU's allocator core, with the world lock let go.
+pub struct Bench {
+    order: allocator::Order,
+    count: u64,
+    /// `run`'s result (None: out of memory, or not run).
+    took: Option<u64>,
+}
+
+impl<B: Backend> Deferred<Hv<B>> for Bench {
+    fn run(&mut self, frames: &Frames) {
+        self.took = frames.bench(self.order, self.count);
+    }
+
+    fn finish(self, _: Under<'_, B>, _: &mut Guest<B>) -> Result<u64, Error> {
+        self.took.ok_or(Error::NoMemory)
+    }
+
+    fn abandon(self, _: Under<'_, B>) {}
 }
 
 /// Which vCPU makes the call, on which CPU.
@@ -110,16 +149,18 @@ pub fn handle<B: Backend>(guest: &mut Guest<B>, caller: Caller, regs: &mut Regs,
     vmcore::hypercall::handle(&mut Serving::new(guest, caller, cx), regs)
 }
 
-/// Finishes a call whose `Unlocked` part ran (`regs.rax` still holds its number).
-pub fn finish<B: Backend>(guest: &mut Guest<B>, caller: Caller, regs: &mut Regs, cx: &mut Context<B>, done: Unlocked<B::Format>) {
+/// Finishes a call whose deferred part ran (`regs.rax` still holds its number): its
+/// `Unlocked`, or the work it held (an ExMap `Batch` that could not end alone, `sched`).
+pub fn finish<B: Backend, D: Deferred<Hv<B>>>(guest: &mut Guest<B>, caller: Caller, regs: &mut Regs, cx: &mut Context<B>, done: D) {
     vmcore::hypercall::finish(&mut Serving::new(guest, caller, cx), regs, done);
 }
 
-/// A call whose `Unlocked` part ran for a guest that is gone: what it holds goes back.
-/// An NVMe batch is ended all the same (its morsel unmounted from the device and unpinned).
-pub fn abandon<B: Backend>(caller: Caller, cx: &mut Context<B>, done: Unlocked<B::Format>) {
+/// A call whose deferred part ran for a guest that is gone: what it holds goes back
+/// (`Deferred::abandon`). An NVMe batch is ended all the same (its morsel unmounted from the
+/// device and unpinned).
+pub fn abandon<B: Backend, D: Deferred<Hv<B>>>(caller: Caller, cx: &mut Context<B>, done: D) {
     let frames = cx.frames.for_cpu(caller.cpu).unwrap_or(cx.frames);
-    vmcore::hypercall::abandon(&mut Orphaned { cx, frames }, done);
+    vmcore::hypercall::abandon::<Hv<B>, D>(Under { cx, frames, cpu: caller.cpu }, done);
 }
 
 /// Writes a call's status and value (a lock-free call's too).
@@ -185,6 +226,7 @@ impl<B: Backend> Serving<'_, B> {
 }
 
 impl<B: Backend> vmcore::hypercall::Services for Serving<'_, B> {
+    type Host = Hv<B>;
     type Deferred = Unlocked<B::Format>;
 
     fn facts(&self) -> impl vmcore::hypercall::Facts + '_ {
@@ -218,7 +260,7 @@ impl<B: Backend> vmcore::hypercall::Services for Serving<'_, B> {
 
     fn bench_frames(&mut self, huge: bool, count: u64) -> Unlocked<B::Format> {
         let order = if huge { allocator::Order::HUGE } else { allocator::Order::BASE };
-        Unlocked::Bench { order, count }
+        Unlocked::Bench(Bench { order, count, took: None })
     }
 
     fn exits(&self) -> u64 {
@@ -269,7 +311,7 @@ impl<B: Backend> vmcore::hypercall::Services for Serving<'_, B> {
 
     fn morsel_destroy(&mut self, name: abi::Name) -> Outcome<Unlocked<B::Format>> {
         match self.cx.morsels.lock().destroy(self.guest, &self.frames, name) {
-            Ok(Some((name, removed))) => Outcome::Defer(Unlocked::Free(name, removed)),
+            Ok(Some(removed)) => Outcome::Defer(Unlocked::Free(removed)),
             Ok(None) => Outcome::Answer(Ok(0)),
             Err(e) => Outcome::Answer(Err(e)),
         }
@@ -348,42 +390,8 @@ impl<B: Backend> vmcore::hypercall::Services for Serving<'_, B> {
         self.cx.notify.watch(self.guest, self.caller.vcpu, &name, bits, there)
     }
 
-    fn finish(&mut self, done: Unlocked<B::Format>) -> Result<u64, Error> {
-        let (cx, guest, frames) = (&mut *self.cx, &mut *self.guest, &self.frames);
-        match done {
-            Unlocked::Done(result) => result,
-            Unlocked::Build(p) => cx.morsels.lock().create_finish(guest, frames, p).inspect(|&gpa| cx.notify.entered(guest, gpa, self.caller.cpu)),
-            Unlocked::Proxy(p) => cx.morsels.lock().nvme_finish(cx.devices.as_mut(), frames, p),
-            Unlocked::Exmap(x) => cx.exmaps.finish(&mut cx.morsels.lock(), cx.devices.as_mut(), Some(guest), frames, x),
-            Unlocked::Batch(x) => cx.exmaps.finish_batch(Some(guest), frames, x),
-            // Not run (never here: `run` answers them as `Done`).
-            Unlocked::Bench { .. } | Unlocked::Free(..) => Err(Error::Invalid),
-        }
-    }
-}
-
-/// The world under its lock with the call's guest gone (`abandon`).
-struct Orphaned<'a, B: Backend> {
-    cx: &'a mut Context<B>,
-    frames: Frames,
-}
-
-impl<B: Backend> vmcore::hypercall::GiveBack<Unlocked<B::Format>> for Orphaned<'_, B> {
-    fn give_back(&mut self, done: Unlocked<B::Format>) {
-        let (cx, frames) = (&mut *self.cx, &self.frames);
-        match done {
-            Unlocked::Build(p) => cx.morsels.lock().abandon(frames, p),
-            Unlocked::Proxy(p) => {
-                let _ = cx.morsels.lock().nvme_finish(cx.devices.as_mut(), frames, p);
-            }
-            Unlocked::Exmap(x) => {
-                let _ = cx.exmaps.finish::<B>(&mut cx.morsels.lock(), cx.devices.as_mut(), None, frames, x);
-            }
-            Unlocked::Batch(x) => {
-                let _ = cx.exmaps.finish_batch::<B>(None, frames, x);
-            }
-            Unlocked::Bench { .. } | Unlocked::Free(..) | Unlocked::Done(_) => {}
-        }
+    fn world(&mut self) -> (Under<'_, B>, &mut Guest<B>) {
+        (Under { cx: &mut *self.cx, frames: self.frames, cpu: self.caller.cpu }, &mut *self.guest)
     }
 }
 

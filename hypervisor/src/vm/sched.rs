@@ -35,7 +35,7 @@
 //! 6. The serial lock (`println!`), a leaf.
 
 use super::guest::{Guest, GuestSpec, State, Summary, VcpuSummary};
-use super::hypercall::{self, Action, Caller, Context};
+use super::hypercall::{self, Action, Caller, Context, Hv};
 use crate::morsels::Directory;
 use super::runqueue::{self, Placement, Run, World};
 use super::report::{report, stopped};
@@ -44,7 +44,8 @@ use vmcore::vcpu::{self, Signals, Step};
 use crate::arch::ipi;
 use morsel::GuestPhysAddr;
 use crate::mm::frames::Frames;
-use crate::morsels::exmap::FastCall;
+use crate::morsels::exmap::{Batch, FastCall};
+use vmcore::hypercall::Deferred;
 use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::sync::atomic::Ordering;
@@ -346,12 +347,10 @@ fn classify<'r, B: Backend>(run: &'r Run<B>, s: &mut Slot<B>, exit: &Exit, me: u
         FastStep::NotTaken => mount_fast_next(run, s, exit, me, deadline, frames),
         FastStep::Resume => Some(Next::Enter),
         FastStep::Prepare => Some(Next::Prepare(runqueue::lock(run))),
-        FastStep::Finish(done) => {
+        FastStep::Finish(batch) => {
             // The batch ran but cannot end alone (it failed, or a stop reached this CPU):
             // it ends under the world lock as on the world path.
-            let mut w = runqueue::lock(run);
-            finish_locked(&mut w, s, Caller { vcpu: s.index, cpu: me }, done);
-            Some(Next::Prepare(w))
+            Some(Next::Prepare(finish_locked(run, s, Caller { vcpu: s.index, cpu: me }, batch)))
         }
     }
 }
@@ -426,21 +425,20 @@ fn name_ahead<B: Backend>(s: &mut Slot<B>, exit: &Exit, keys: vmcore::names::Key
 /// that succeeded with no stop having reached this CPU (`stopped`, `attention`), ended here
 /// with no world lock (Err: where `run_slice` goes on).
 #[allow(clippy::too_many_arguments)]
-fn unlocked<'r, B: Backend>(run: &'r Run<B>, s: &mut Slot<B>, work: hypercall::Unlocked<B::Format>, caller: Caller, stopped: bool,
+fn unlocked<'r, B: Backend>(run: &'r Run<B>, s: &mut Slot<B>, mut work: hypercall::Unlocked<B::Format>, caller: Caller, stopped: bool,
     me: usize, deadline: u64, frames: &Frames) -> Result<runqueue::WorldGuard<'r, B>, Next<'r, B>> {
-    let done = match work.run(frames) {
+    Deferred::<Hv<B>>::run(&mut work, frames);
+    match work {
+        // The one work that may end with no world lock.
         hypercall::Unlocked::Batch(x) if !stopped && s.end.is_none() && !ipi::attention_pending(me) => {
             match end_alone(s, x, me, deadline, frames) {
-                Ok(true) => return Err(Next::Enter),
-                Ok(false) => return Err(Next::Prepare(runqueue::lock(run))),
-                Err(x) => hypercall::Unlocked::Batch(x),
+                Ok(true) => Err(Next::Enter),
+                Ok(false) => Err(Next::Prepare(runqueue::lock(run))),
+                Err(x) => Ok(finish_locked(run, s, caller, x)),
             }
         }
-        done => done,
-    };
-    let mut w = runqueue::lock(run);
-    finish_locked(&mut w, s, caller, done);
-    Ok(w)
+        done => Ok(finish_locked(run, s, caller, done)),
+    }
 }
 
 /// What `exmap_fast` did.
@@ -454,7 +452,7 @@ enum FastStep<F: morsel::Format> {
     Prepare,
     /// The batch ran but ends under the world lock (`hypercall::finish`): it failed, or a
     /// stop reached this CPU meanwhile.
-    Finish(hypercall::Unlocked<F>),
+    Finish(Batch<F>),
 }
 
 /// An ExMap ALLOC / FREE with no world lock (issue 22 item 2, issue 21): where the call
@@ -494,7 +492,7 @@ fn exmap_fast<B: Backend>(s: &mut Slot<B>, exit: &Exit, me: usize, deadline: u64
         FastCall::Ended(failed) => failed,
         FastCall::Locked(batch) => {
             B::regs(&mut s.vcpu).rip = next_rip;
-            return FastStep::Finish(hypercall::Unlocked::Batch(batch));
+            return FastStep::Finish(batch);
         }
     };
     crate::probe::mark(4);
@@ -561,15 +559,17 @@ fn mount_fast<B: Backend>(run: &Run<B>, s: &mut Slot<B>, exit: &Exit, me: usize,
     Some(!ipi::attention(me) && now < s.timer_at && now < deadline)
 }
 
-/// Ends the unlocked part of a call (`done`) under the world lock `w`: into its guest's
-/// registers and state (`hypercall::finish`), or given up where the guest is gone
-/// (`hypercall::abandon`).
-fn finish_locked<B: Backend>(w: &mut World<B>, s: &mut Slot<B>, caller: Caller, done: hypercall::Unlocked<B::Format>) {
-    let World { guests, cx, .. } = w;
+/// Ends the unlocked part of a call (`done`: its `Unlocked`, or the `Batch` it held) under
+/// the world lock, taken here and returned: into its guest's registers and state
+/// (`hypercall::finish`), or given up where the guest is gone (`hypercall::abandon`).
+fn finish_locked<'r, B: Backend, D: Deferred<Hv<B>>>(run: &'r Run<B>, s: &mut Slot<B>, caller: Caller, done: D) -> runqueue::WorldGuard<'r, B> {
+    let mut w = runqueue::lock(run);
+    let World { guests, cx, .. } = &mut *w;
     match guests.get_mut(s.guest as usize).and_then(|g| g.as_mut()) {
         Some(guest) => hypercall::finish(guest, caller, B::regs(&mut s.vcpu), cx, done),
         None => hypercall::abandon(caller, cx, done),
     }
+    w
 }
 
 /// Ends an ExMap batch with no world lock where it can (`Batch::finish_alone`): the vCPU's
@@ -578,8 +578,8 @@ fn finish_locked<B: Backend>(w: &mut World<B>, s: &mut Slot<B>, caller: Caller, 
 /// (no IPI asked this CPU to look, the timer is not due, the slice is not over); Ok(false):
 /// `prepare` first, under the world lock; Err: the batch ends under the world lock.
 #[allow(clippy::result_large_err)] // the batch moves back once, on the rare fallback
-fn end_alone<B: Backend>(s: &mut Slot<B>, batch: crate::morsels::exmap::Batch<B::Format>, me: usize, deadline: u64, frames: &Frames)
-    -> Result<bool, crate::morsels::exmap::Batch<B::Format>> {
+fn end_alone<B: Backend>(s: &mut Slot<B>, batch: Batch<B::Format>, me: usize, deadline: u64, frames: &Frames)
+    -> Result<bool, Batch<B::Format>> {
     let (failed, parked, fast) = batch.finish_alone(me, || s.shared.ran_on(), frames)?;
     s.exmap = Some(parked);
     s.fast = Some(fast);

@@ -6,9 +6,10 @@
 //!
 //! A call either returns to the guest at once (answered here: status and value through
 //! `vcpu::answer`), parks or yields the vCPU, exits it, is issued again (`Retry`: nothing
-//! answered, `rax` still holds it), or leaves a deferred part (`Action::Unlocked`) that the vCPU
-//! loop runs with the world lock let go and then ends here: `finish` (answered) or, its guest
-//! gone, `abandon` (what it holds goes back, nothing answered).
+//! answered, `rax` still holds it), or leaves a deferred part (`Action::Unlocked`, a
+//! `Deferred`: the work implements its own steps where it is made) that the vCPU loop runs
+//! with the world lock let go and then ends here: `finish` (answered) or, its guest gone,
+//! `abandon` (what it holds goes back, nothing answered).
 //!
 //! Refusals: a refused call's reason (`Refusals::refuse`, a fixed buffer, no allocation) is
 //! logged beside its error; the first `LOUD_FAILURES` of a guest at INFO, later ones at DEBUG
@@ -28,6 +29,8 @@
 //! - `Retry` answered `Ok(0)`: `retry_passes_through_and_answers_nothing`.
 //! - `finish` not answering, `abandon` not giving back:
 //!   `a_deferred_call_is_answered_by_finish_and_abandon_answers_nothing`.
+//! - `finish` ending the work by its `abandon`, or `abandon` dropping it unended:
+//!   `a_deferred_work_runs_once_and_ends_once_by_finish_or_abandon`.
 //! - The reason kept after a call that succeeded, or not taken after a refusal:
 //!   `a_reason_is_logged_once_and_not_kept_for_the_next_call`.
 //! - `exit` without `flush_console`: `exit_returns_its_code_after_the_console_is_flushed`.
@@ -174,8 +177,11 @@ pub fn info_local<F: Facts + ?Sized>(f: &F, what: u64) -> Option<u64> {
 /// that answer at once return the guest's answer; those that may defer work or be retried
 /// return an `Outcome`. A refusal's reason goes into `refusals().1` (`Refusals::refuse`).
 pub trait Services {
-    /// The deferred part of a call (run with the world lock let go, then `finish`ed).
-    type Deferred;
+    /// What a deferred part's steps are given.
+    type Host: Host;
+    /// The deferred part of a call (run with the world lock let go, then `finish`ed): one
+    /// type for every call, which dispatches to the work it holds.
+    type Deferred: Deferred<Self::Host>;
 
     /// The calling vCPU's fixed state, for `info` (`info_local`).
     fn facts(&self) -> impl Facts + '_;
@@ -217,14 +223,38 @@ pub trait Services {
     fn timer(&mut self, us: u64, vector: u8) -> Result<u64, Error>;
     fn name_watch(&mut self, name: Name, bits: u64) -> Result<u64, Error>;
 
-    /// Ends a deferred part that ran, under the world lock: the guest's answer.
-    fn finish(&mut self, done: Self::Deferred) -> Result<u64, Error>;
+    /// The world under its lock and the calling guest, for a deferred part's `finish`.
+    fn world(&mut self) -> (<Self::Host as Host>::World<'_>, &mut <Self::Host as Host>::Guest);
 }
 
-/// Where a deferred part goes back when its guest is gone (`abandon`): the world, without a
-/// guest.
-pub trait GiveBack<D> {
-    fn give_back(&mut self, done: D);
+/// What a call's deferred part is given at each of its steps (`Deferred`): the hypervisor's
+/// own types (`vm/hypercall.rs`'s `Hv`), a recorder in the tests.
+pub trait Host {
+    /// What `run` works through with the world lock let go (the calling CPU's allocator
+    /// handle).
+    type Alone: ?Sized;
+    /// The world under its lock, without the calling guest (the hypercall context, the
+    /// calling CPU's allocator handle).
+    type World<'a>
+    where
+        Self: 'a;
+    /// The calling guest, under the world lock.
+    type Guest: ?Sized;
+}
+
+/// A call's deferred part (`Action::Unlocked`), implemented by the work itself where the
+/// service that defers the call makes it: the vCPU loop `run`s it once with the world lock
+/// let go, then ends it once under the lock: `finish` where its guest is still there (the
+/// guest's answer, through `finish` below), or `abandon` where it is gone (what it holds goes
+/// back, nothing answered). Both take it by value: a work is ended once. No allocation and
+/// no move but the caller's: the work may be large (an ExMap batch), filled in place.
+pub trait Deferred<H: Host + ?Sized> {
+    /// The work itself, with no world lock held.
+    fn run(&mut self, alone: &H::Alone);
+    /// Its end under the world lock, its guest there: the guest's answer.
+    fn finish(self, world: H::World<'_>, guest: &mut H::Guest) -> Result<u64, Error>;
+    /// Its end under the world lock, its guest gone.
+    fn abandon(self, world: H::World<'_>);
 }
 
 /// A name the world lock's handler of this call will look up or reserve (`morsel_open`,
@@ -311,16 +341,19 @@ pub fn handle<S: Services>(s: &mut S, regs: &mut Regs) -> Action<S::Deferred> {
     }
 }
 
-/// Ends a call whose deferred part ran (`regs.rax` still holds its number): answered.
-pub fn finish<S: Services>(s: &mut S, regs: &mut Regs, done: S::Deferred) {
-    let result = s.finish(done);
+/// Ends a call whose deferred part ran (`regs.rax` still holds its number): answered with
+/// what the work's `finish` says. `done` is the call's `Services::Deferred`, or the work it
+/// held where the vCPU loop took it out (an ExMap batch that could not end alone).
+pub fn finish<S: Services, D: Deferred<S::Host>>(s: &mut S, regs: &mut Regs, done: D) {
+    let (world, guest) = s.world();
+    let result = done.finish(world, guest);
     conclude(s, regs.rax, regs, result);
 }
 
-/// A call whose deferred part ran for a guest that is gone: what it holds goes back,
-/// nothing is answered or logged as a refusal.
-pub fn abandon<D, W: GiveBack<D>>(world: &mut W, done: D) {
-    world.give_back(done);
+/// A call whose deferred part ran for a guest that is gone: what it holds goes back
+/// (`Deferred::abandon`), nothing is answered or logged as a refusal.
+pub fn abandon<H: Host, D: Deferred<H>>(world: H::World<'_>, done: D) {
+    done.abandon(world);
 }
 
 /// Runs a decoded call that answers at once.

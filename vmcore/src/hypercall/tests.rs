@@ -35,13 +35,50 @@ enum Svc {
     Notify(u64, u64),
     Timer(u64, u8),
     NameWatch(abi::Name, u64),
-    Finish(Work),
-    GiveBack(Work),
+    /// A deferred work's steps (`Deferred`), by its number.
+    Run(u32),
+    Finish(u32),
+    Abandon(u32),
 }
 
-/// The fake's deferred part: the service that made it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The fake's deferred part, numbered in the order the services made them; not `Copy`, so
+/// that, as in the hypervisor, it is ended once.
+#[derive(Debug, PartialEq, Eq)]
 struct Work(u32);
+
+/// What the fake's deferred parts are given (`Host`): the fake's record to run and end
+/// through.
+struct FakeHost;
+
+impl Host for FakeHost {
+    type Alone = RefCell<Vec<Svc>>;
+    type World<'a> = Answers<'a>;
+    type Guest = Refusals;
+}
+
+/// The world under the lock as the fake's deferred parts see it: the record, and the result
+/// (and reason) every answering service gives.
+struct Answers<'a> {
+    calls: &'a RefCell<Vec<Svc>>,
+    result: Result<u64, Error>,
+    reason: Option<&'static str>,
+}
+
+impl Deferred<FakeHost> for Work {
+    fn run(&mut self, calls: &RefCell<Vec<Svc>>) {
+        calls.borrow_mut().push(Svc::Run(self.0));
+    }
+    fn finish(self, w: Answers<'_>, refusals: &mut Refusals) -> Result<u64, Error> {
+        w.calls.borrow_mut().push(Svc::Finish(self.0));
+        match (w.result, w.reason) {
+            (Err(e), Some(why)) => Err(refusals.refuse(e, format_args!("{why}"))),
+            (r, _) => r,
+        }
+    }
+    fn abandon(self, w: Answers<'_>) {
+        w.calls.borrow_mut().push(Svc::Abandon(self.0));
+    }
+}
 
 /// What the services that may defer return.
 #[derive(Clone, Copy)]
@@ -148,6 +185,7 @@ impl Services for Fake {
         FakeFacts
     }
 
+    type Host = FakeHost;
     type Deferred = Work;
 
     fn refusals(&mut self) -> (Who<'_>, &mut Refusals) {
@@ -238,18 +276,8 @@ impl Services for Fake {
     fn name_watch(&mut self, name: abi::Name, bits: u64) -> Result<u64, Error> {
         self.answer(Svc::NameWatch(name, bits))
     }
-    fn finish(&mut self, done: Work) -> Result<u64, Error> {
-        self.answer(Svc::Finish(done))
-    }
-}
-
-/// The world without a guest (`abandon`).
-#[derive(Default)]
-struct Orphans(Vec<Svc>);
-
-impl GiveBack<Work> for Orphans {
-    fn give_back(&mut self, done: Work) {
-        self.0.push(Svc::GiveBack(done));
+    fn world(&mut self) -> (Answers<'_>, &mut Refusals) {
+        (Answers { calls: &self.calls, result: self.result, reason: self.reason }, &mut self.refusals)
     }
 }
 
@@ -469,23 +497,60 @@ fn a_deferred_call_is_answered_by_finish_and_abandon_answers_nothing() {
         if nr == HC_MORSEL_CREATE {
             // A create's end mounts: its status is the size, asked after the end (the fake
             // answers every service with its result, so the size is 0x4000_0000 too).
-            assert_eq!(s.calls().ends_with(&[Svc::Finish(work), Svc::MorselSize(0x4000_0000)]), true, "{:?}", s.calls());
+            assert_eq!(s.calls().ends_with(&[Svc::Finish(1), Svc::MorselSize(0x4000_0000)]), true, "{:?}", s.calls());
             assert_eq!((f.rax, f.rdx), (0x4000_0000, 0x4000_0000));
         } else {
-            assert_eq!(s.calls().last(), Some(&Svc::Finish(work)));
+            assert_eq!(s.calls().last(), Some(&Svc::Finish(1)));
             assert_eq!((f.rax, f.rdx), (0, 0x4000_0000));
         }
         // A refused end is a refusal of that call.
+        let Action::Unlocked(work) = handle(&mut s, &mut r) else { panic!("{nr:#x} not deferred") };
         let mut f = r;
         s.result = Err(Error::NoMemory);
         finish(&mut s, &mut f, work);
         assert_eq!(f.rax, Error::NoMemory as i64 as u64);
         assert_eq!(s.refusals.loud(), 1);
         // Its guest gone: what it holds goes back, nothing written anywhere.
-        let mut world = Orphans::default();
-        abandon(&mut world, work);
-        assert_eq!(world.0, [Svc::GiveBack(work)]);
+        let Action::Unlocked(work) = handle(&mut s, &mut r) else { panic!("{nr:#x} not deferred") };
+        let (calls, before) = (s.calls().len(), r);
+        abandon::<FakeHost, _>(Answers { calls: &s.calls, result: Ok(9), reason: None }, work);
+        assert_eq!(s.calls()[calls..], [Svc::Abandon(3)]);
+        assert_eq!(r, before);
+        assert_eq!(s.refusals.loud(), 1);
     }
+}
+
+/// The steps one deferred work went through, in order (`Svc::Run`, `Finish`, `Abandon`).
+fn steps(calls: &[Svc], work: u32) -> Vec<Svc> {
+    calls.iter().copied().filter(|c| matches!(c, Svc::Run(w) | Svc::Finish(w) | Svc::Abandon(w) if *w == work)).collect()
+}
+
+#[test]
+fn a_deferred_work_runs_once_and_ends_once_by_finish_or_abandon() {
+    // As the vCPU loop does it: the work runs with the world lock let go, then its guest is
+    // there (`finish`) or gone (`abandon`).
+    for gone in [false, true] {
+        let mut s = Fake::new();
+        s.mode = Mode::Defer;
+        let mut r = regs(HC_EXMAP_ACTION, [0x8000_0000, 0x7000, 1, EXMAP_ALLOC, 0, 0]);
+        let Action::Unlocked(mut work) = handle(&mut s, &mut r) else { panic!("not deferred") };
+        assert_eq!(steps(&s.calls(), 1), [], "made, not run");
+        work.run(&s.calls);
+        match gone {
+            false => finish(&mut s, &mut r, work),
+            true => abandon::<FakeHost, _>(Answers { calls: &s.calls, result: Ok(0), reason: None }, work),
+        }
+        let end = if gone { Svc::Abandon(1) } else { Svc::Finish(1) };
+        assert_eq!(steps(&s.calls(), 1), [Svc::Run(1), end], "gone: {gone}");
+    }
+    // `bench_frames`, the one call deferred in every case, likewise.
+    let mut s = Fake::new();
+    let mut r = regs(HC_BENCH_FRAMES, [BENCH_ORDER_4K, 4, 0, 0, 0, 0]);
+    let Action::Unlocked(mut work) = handle(&mut s, &mut r) else { panic!("not deferred") };
+    work.run(&s.calls);
+    finish(&mut s, &mut r, work);
+    assert_eq!(steps(&s.calls(), 1), [Svc::Run(1), Svc::Finish(1)]);
+    assert_eq!((r.rax, r.rdx), (0, 7));
 }
 
 #[test]
