@@ -7,7 +7,7 @@
 //! Per vCPU: a frame cache, a validator and result buffers (`VcpuState`), keyed by (guest,
 //! vCPU). ALLOC and FREE on a region no device sees run with the world lock let go, under the
 //! region's lock, which they share (several vCPUs' batches on one region at once; each leaf
-//! changed by compare-and-swap in `exmap`) (`Step::Batch`, its `Deferred::run`, then
+//! changed by compare-and-swap in `exmap`) (`Unlocked::Batch`, its `Deferred::run`, then
 //! `Batch::finish_alone` with no world lock
 //! or `Exmaps::finish_batch` under it; the lock order is in `vm/sched.rs`); the region's lock
 //! and batch counters are its `RegionCell`, the rest of ExMap's state is behind the world
@@ -18,7 +18,7 @@
 //! region's lock is taken by CAS at that generation, `RegionLock::take_fast`, so an unmount,
 //! mount, destroy, slot reuse, device mount or NVMe batch since sends it to the world path;
 //! docs/src/notes/region-lock.md).
-//! READ and WRITE run their NVMe batch with the world lock let go (`Step::Disk`, then
+//! READ and WRITE run their NVMe batch with the world lock let go (`Unlocked::Exmap`, then
 //! `Exmaps::finish`): the region is pinned meanwhile (every action on it, its destroy and
 //! other batches on it answer `Busy`), so no frame the device may still write is freed.
 //! Invalidation: FREE clears all its PTEs, then shoots down ONCE (`vm/shootdown.rs`): the
@@ -28,7 +28,7 @@
 
 use crate::vm::guest::Guest;
 use super::{read_hashed, Directory, Name};
-use crate::vm::hypercall::{Hv, Under};
+use crate::vm::hypercall::{Hv, Under, Unlocked};
 use crate::vm::shootdown::{Flush, Hw};
 use crate::vm::Backend;
 use crate::mm::frames::{Frames, IDENTITY};
@@ -42,7 +42,7 @@ use abi::{self, Error};
 use hashbrown::HashMap;
 use morsel::{GuestPhysAddr, HostPhysAddr, Morsel, Perm};
 use vmcore::heap::TryBox;
-use vmcore::hypercall::Deferred;
+use vmcore::hypercall::{self, Deferred};
 use vmcore::region_lock::{Cache, Caller, Contender, Handle, Held, Refusal, RegionLock, Targets};
 use core::sync::atomic::{AtomicU64, Ordering};
 
@@ -104,17 +104,6 @@ fn succeeded(result: u64) -> bool {
     (result as i64) >= 0
 }
 
-/// What `Exmaps::action` did: all of it (the failed-entry count), all but the disk I/O, or
-/// all but the batch itself (ALLOC / FREE on a region no device sees: `Batch`); `Retry`:
-/// another vCPU's batch holds the region, the guest issues the call again.
-#[allow(clippy::large_enum_variant)] // moved once per call; boxing would allocate infallibly
-pub enum Step<F: morsel::Format> {
-    Done(u64),
-    Disk(ExmapIo),
-    Batch(Batch<F>),
-    Retry,
-}
-
 /// An ALLOC or FREE batch run with the world lock let go (`Batch::run`, then
 /// `Exmaps::finish_batch` under it again). It holds the region's lock, shared with other
 /// batches (taken under the world lock by `action`), and the calling vCPU's own
@@ -145,7 +134,7 @@ pub struct Batch<F: morsel::Format> {
     outcome: Outcome,
 }
 
-/// An ALLOC / FREE batch, deferred (`Step::Batch`): run with the world lock let go, then
+/// An ALLOC / FREE batch, deferred (`Unlocked::Batch`): run with the world lock let go, then
 /// ended with no world lock (`finish_alone`, `sched`) or under it (`Exmaps::finish_batch`,
 /// its guest there or gone).
 impl<B: Backend> Deferred<Hv<B>> for Batch<B::Format> {
@@ -405,7 +394,7 @@ pub struct ExmapIo {
     rest: Rest,
 }
 
-/// A READ / WRITE's disk batch, deferred (`Step::Disk`): the device I/O with the world lock
+/// A READ / WRITE's disk batch, deferred (`Unlocked::Exmap`): the device I/O with the world lock
 /// let go, then the results, a failed READ's rollback and the unpin under it
 /// (`Exmaps::finish`, its guest there or gone).
 impl<B: Backend> Deferred<Hv<B>> for ExmapIo {
@@ -574,11 +563,14 @@ impl Exmaps {
     }
 
     /// `exmap_action(region_gpa, iov_gpa, count, opcode)`: validation and the table edits
-    /// under the world lock; READ's and WRITE's disk I/O is returned as `Step::Disk`, run with
-    /// the lock let go, and ended by `finish` (results, rollback, counters) under it again.
-    /// A region with a batch in flight (`Named::in_io`) answers every action with `Busy`.
+    /// under the world lock; READ's and WRITE's disk I/O is deferred (`Unlocked::Exmap`), run
+    /// with the lock let go, and ended by `finish` (results, rollback, counters) under it
+    /// again; an ALLOC / FREE on a region no device sees is deferred whole (`Unlocked::Batch`).
+    /// `Retry`: another vCPU's batch holds the region, the guest issues the call again; an
+    /// answer: the failed-entry count. A region with a batch in flight (`Named::in_io`)
+    /// answers every action with `Busy`.
     #[allow(clippy::too_many_arguments)] // the call's four arguments and what it works on
-    pub fn action<B: Backend>(&mut self, dir: &mut Directory<B::Format>, mut devices: Option<&mut crate::devices::Devices>, g: &mut Guest<B>, vcpu: u32, frames: &Frames, gpa: u64, iov_gpa: u64, count: u64, op: abi::ExmapOp) -> Result<Step<B::Format>, Error> {
+    pub fn action<B: Backend>(&mut self, dir: &mut Directory<B::Format>, mut devices: Option<&mut crate::devices::Devices>, g: &mut Guest<B>, vcpu: u32, frames: &Frames, gpa: u64, iov_gpa: u64, count: u64, op: abi::ExmapOp) -> Result<hypercall::Outcome<Unlocked<B::Format>>, Error> {
         let op = match op {
             abi::ExmapOp::Alloc => abi::EXMAP_ALLOC,
             abi::ExmapOp::Free => abi::EXMAP_FREE,
@@ -620,7 +612,7 @@ impl Exmaps {
             // Batches hold the region's lock (READ / WRITE), or a mount or READ / WRITE
             // waits for its turn: this vCPU issues the call again (spinning with the world
             // lock let go).
-            Err(Refusal::Retry) => return Ok(Step::Retry),
+            Err(Refusal::Retry) => return Ok(hypercall::Outcome::Retry),
             Err(Refusal::Busy) => return Err(Error::Busy),
         }
         // READ and WRITE need the disk: its size in 4 KiB pages (disk offset = region offset).
@@ -650,12 +642,12 @@ impl Exmaps {
             let Some(cell) = n.cell else { return Err(Error::Invalid) };
             // Free: `admit` said so above, in this critical section. The guest mounts are
             // counted now: none can be added while the lock is held (`Contender::Mount`).
-            let Ok(held) = cell.lock.take(n.morsel.mount_count()) else { return Ok(Step::Retry) };
+            let Ok(held) = cell.lock.take(n.morsel.mount_count()) else { return Ok(hypercall::Outcome::Retry) };
             let Some(v) = self.vcpus.remove(&key) else {
                 cell.lock.end(held);
                 return Err(Error::NoMemory);
             };
-            return Ok(Step::Batch(Batch {
+            return Ok(hypercall::Outcome::Defer(Unlocked::Batch(Batch {
                 held,
                 cell,
                 morsel: n.morsel.alias(),
@@ -670,7 +662,7 @@ impl Exmaps {
                 gpa,
                 iov_gpa,
                 outcome: Err(Error::Invalid),
-            }));
+            })));
         }
         let n = dir.named.get_mut_at(at, &name).ok_or(Error::NotFound)?;
         // SAFETY: iov_hpa..+4096 is guest RAM of this guest (translated above, aligned, so
@@ -708,7 +700,7 @@ impl Exmaps {
         };
         let mut rest = Rest { op, b, zeroed0, count, iov_gpa, name, guest: g.id, vcpu, disk: DiskStats::default() };
         if !io || !v.iov.iter().any(|&r| succeeded(r)) {
-            return Ok(Step::Done(self.conclude(dir, devices, Some(g), frames, rest)));
+            return Ok(hypercall::Outcome::Answer(Ok(self.conclude(dir, devices, Some(g), frames, rest))));
         }
         // The device reads into (READ) or from (WRITE) the entries' frames, with the world
         // lock let go: the region is pinned meanwhile (`Named::in_io`), so no FREE, READ,
@@ -733,13 +725,13 @@ impl Exmaps {
             }
         }
         match batch {
-            Ok(batch) => Ok(Step::Disk(ExmapIo {
+            Ok(batch) => Ok(hypercall::Outcome::Defer(Unlocked::Exmap(ExmapIo {
                 batch,
                 iov: core::mem::take(&mut v.iov),
                 entries: core::mem::take(&mut v.entries),
                 owners: core::mem::take(&mut v.owners),
                 rest,
-            })),
+            }))),
             Err(e) => {
                 // Nothing was mounted: every entry that needed the disk fails.
                 log::error!(target: "exmap", "{}: the whole batch failed ({e:?})", if write { "WRITE" } else { "READ" });
@@ -749,7 +741,7 @@ impl Exmaps {
                         rest.disk.failed += 1;
                     }
                 }
-                Ok(Step::Done(self.conclude(dir, devices, Some(g), frames, rest)))
+                Ok(hypercall::Outcome::Answer(Ok(self.conclude(dir, devices, Some(g), frames, rest))))
             }
         }
     }

@@ -8,7 +8,7 @@
 
 use super::guest::Guest;
 use crate::morsels::{Directory, PendingCreate, ProxyIo, Removed, Started};
-use crate::morsels::exmap::{Batch, ExmapIo, Step};
+use crate::morsels::exmap::{Batch, ExmapIo};
 use super::{Backend, Regs};
 use crate::mm::frames::Frames;
 use crate::devices::pci::Bdf;
@@ -354,13 +354,8 @@ impl<B: Backend> vmcore::hypercall::Services for Serving<'_, B> {
 
     fn exmap_action(&mut self, region: u64, iov: u64, count: u64, op: abi::ExmapOp) -> Outcome<Unlocked<B::Format>> {
         let cx = &mut *self.cx;
-        match cx.exmaps.action(&mut cx.morsels.lock(), cx.devices.as_mut(), self.guest, self.caller.vcpu, &self.frames, region, iov, count, op) {
-            Ok(Step::Disk(x)) => Outcome::Defer(Unlocked::Exmap(x)),
-            Ok(Step::Batch(x)) => Outcome::Defer(Unlocked::Batch(x)),
-            Ok(Step::Retry) => Outcome::Retry,
-            Ok(Step::Done(failed)) => Outcome::Answer(Ok(failed)),
-            Err(e) => Outcome::Answer(Err(e)),
-        }
+        cx.exmaps.action(&mut cx.morsels.lock(), cx.devices.as_mut(), self.guest, self.caller.vcpu, &self.frames, region, iov, count, op)
+            .unwrap_or_else(|e| Outcome::Answer(Err(e)))
     }
 
     fn exmap_info(&mut self, region: u64, what: u64) -> Result<u64, Error> {
