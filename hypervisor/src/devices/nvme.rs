@@ -8,7 +8,7 @@
 //! data pointers (PRPs) are IOVAs inside the morsel.
 //!
 //! Sharing: after `new` the driver is leaked (`Devices::nvme` is a `&'static Nvme`), so a
-//! CPU runs its batch with the world lock let go (`vm::hypercall::Unlocked::Disk`) while
+//! CPU runs its batch with the world lock let go (`morsels::DiskBatch`, a call's deferred part) while
 //! other CPUs handle their exits. Everything a batch changes is its own CPU's or atomic:
 //! each I/O queue pair (ring indices, slot owners, PRP list pages) sits behind its own spin
 //! lock, held for the whole batch; a CPU uses the pair whose MSI-X entry targets it, so the

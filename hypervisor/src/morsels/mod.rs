@@ -32,7 +32,9 @@
 //! Persistent morsels stay under the lock throughout (their records and frames). An NVMe
 //! batch (the proxy, ExMap READ and WRITE) is prepared and mounted under the lock, runs with
 //! the lock let go while the target morsel is pinned (`Named::in_io`), and is unmounted
-//! under the lock again (`proxy::DiskBatch`).
+//! under the lock again (`proxy::DiskBatch`). Each of these works implements its own steps,
+//! `vmcore::hypercall::Deferred` (run outside, then finish or abandon under the lock), beside
+//! the code that makes it (`directory.rs`, `proxy.rs`, `exmap.rs`).
 //!
 //! What a guest makes the hypervisor keep is bounded per guest (`abi::MORSEL_QUOTA` morsels,
 //! `abi::MOUNT_QUOTA` mounts, `abi::DEVICE_MOUNT_QUOTA` device mounts) and every heap
@@ -223,10 +225,12 @@ pub(crate) fn name_error(e: vmcore::names::Error) -> Error {
     vmcore::directory::Refusal::Name(e).error()
 }
 
-/// What `Directory::create` did: all of it (a persistent morsel), or only the checks and the
-/// name's reservation: the vCPU loop builds the morsel (frames, tables, zeroed data) with
-/// the world lock let go (`PendingCreate::build`) before `Directory::create_finish` enters
-/// it and mounts it.
+/// What `Directory::create` did: all of it (a persistent morsel, mounted at this address), or
+/// only the checks and the name's reservation: the call's deferred part (`PendingCreate`,
+/// `hypercall::Unlocked::Build`) builds the morsel (frames, tables, zeroed data) with the
+/// world lock let go before `Directory::create_finish` enters it and mounts it. Kept rather
+/// than `vmcore::hypercall::Outcome`: a create is never retried, and only `Done` is a mount
+/// the service still has to announce (`Notify::entered`).
 pub enum Started<F: Format> {
     Done(u64),
     Build(PendingCreate<F>),

@@ -19,8 +19,10 @@
 //! protocol and the lock order); a CPU spinning for it keeps acknowledging shootdown
 //! requests (`lock`).
 //!
-//! Five calls do their expensive part with the lock let go (`hypercall::Unlocked`, run by
-//! the vCPU loop on the calling CPU's allocator core, then finished under the lock again):
+//! Five calls do their expensive part with the lock let go (each a
+//! `vmcore::hypercall::Deferred` work, implemented where the call makes it and reached through
+//! `hypercall::Unlocked`: run by the vCPU loop on the calling CPU's allocator core, then
+//! finished under the lock again, or abandoned there where the guest is gone):
 //! `bench_frames` (allocator only), `morsel_create` of a RAM morsel (its frames are
 //! allocated, its tables built and its data zeroed outside, answering shootdowns every 2 MiB;
 //! the name is reserved under the lock), `morsel_destroy` of one (it leaves the
