@@ -12,6 +12,8 @@ pub mod flush;
 pub mod guestbytes;
 pub mod heap;
 pub mod hypercall;
+pub mod loader;
+pub mod memory;
 pub mod names;
 pub mod notify;
 pub mod reason;

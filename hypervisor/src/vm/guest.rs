@@ -254,7 +254,7 @@ impl<B: Backend> Guest<B> {
         let stacks = STACK_RESERVE * spec.vcpus.max(1) as u64;
         let image = elf::Image::parse(image, abi::IMAGE_BASE_GPA, spec.memory.saturating_sub(stacks))
             .map_err(CreateError::Image)?;
-        let mem = GuestMemory::new(frames).map_err(CreateError::Table)?;
+        let mem = GuestMemory::new(frames, crate::mm::frames::IDENTITY).map_err(CreateError::Table)?;
         let vcpus = spec.vcpus.max(1) as usize;
         let mut consoles = Vec::new();
         consoles.try_reserve_exact(vcpus).map_err(|_| CreateError::NoMemory)?;
@@ -279,7 +279,7 @@ impl<B: Backend> Guest<B> {
             name_ahead: None,
             _backend: core::marker::PhantomData,
         };
-        let load = Load { id, name: spec.name, memory: spec.memory, arg: spec.arg, vcpus: spec.vcpus.max(1) };
+        let load = Load { id, name: spec.name, memory: spec.memory, arg: spec.arg, vcpus: spec.vcpus.max(1), log_level: log::max_level() as u64 };
         let loaded = loader::load(&mut g.space.lock().mem, &image, &load, frames);
         match loaded {
             Ok(first) => {
