@@ -9,7 +9,7 @@
 //! `iommu=sharept`); otherwise the morsel gets a view in the IOMMU's format over the same
 //! data frames (`Morsel::view`), built on its first device mount and kept with the morsel.
 
-use super::{read_name, Directory, Named};
+use super::{read_hashed, Directory, Named};
 use crate::devices::pci::Bdf;
 use crate::devices::{self, Devices};
 use crate::mm::frames::{Frames, IDENTITY};
@@ -93,12 +93,12 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     /// is invalidated before the call returns.
     #[allow(clippy::too_many_arguments)] // the call's four arguments and what it works on
     pub fn device_mount<B: Backend<Format = F>>(&mut self, g: &Guest<B>, devices: Option<&mut Devices>, frames: &Frames, name: abi::Name, bdf: Bdf, iova: u64, writable: bool) -> Result<u64, Error> {
-        let name = read_name(g, name)?;
+        let hashed = read_hashed(g, self.named.keys(), name)?;
+        let name = *hashed.name();
         let mut domains = Domains { guest: g.id, lent_to: self.devices.user_of(bdf), ..Domains::new(devices, frames) };
         let mut space = DmaSpace { guest: g.id, bdf, iova, mounts: &mut self.devices, domain: &mut domains };
         // A device view is built from the region's leaves, which a batch edits meanwhile.
         let admit = |n: &Named<F>| n.admit(Contender::DeviceMount).is_ok();
-        let hashed = self.named.keys().hash(name);
         let m = match directory::open(&mut self.named, &mut space, &hashed, writable, admit, frames, &IDENTITY) {
             Ok(Some(m)) => m,
             Ok(None) => return Err(Error::Busy),

@@ -6,7 +6,7 @@
 //! the log lines, persistent records, device mounts, and the shootdown.
 
 use super::persist::{self, Source};
-use super::{read_hashed, read_name, Directory, Name, Named, PendingCreate, Removed, Started, RESTORED};
+use super::{read_hashed, Directory, Name, Named, PendingCreate, Removed, Started, RESTORED};
 use crate::devices::Devices;
 use crate::mm::frames::{Frames, Identity, IDENTITY};
 use crate::vm::guest::{Guest, GuestSpace};
@@ -185,8 +185,9 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     /// morsel leaves the directory here and is returned with its name, for the caller to free
     /// its frames with the world lock let go (`Removed::free`); a persistent one is freed here.
     pub fn destroy<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, frames: &Frames, name: abi::Name) -> Result<Option<Removed<F>>, Error> {
-        let name = read_name(g, name)?;
-        // Persistent? Read here, not by a second look-up of the name (each hashes it).
+        let hashed = read_hashed(g, self.named.keys(), name)?;
+        let name = *hashed.name();
+        // Persistent? Read here, not by a second look-up of the name.
         let mut persistent = false;
         let pinned = |n: &Named<F>| {
             persistent = n.slot.is_some();
@@ -198,7 +199,7 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
                 None
             }
         };
-        match directory::check_destroy(&self.named, &self.devices, g.id, &name, pinned) {
+        match directory::check_destroy(&self.named, &self.devices, g.id, &hashed, pinned) {
             Ok(()) => {}
             Err(Refusal::Pinned(why)) => return Err(g.refuse(Error::Busy, format_args!("{name:?} {why}"))),
             Err(Refusal::Mounted { guests, devices }) => {
@@ -210,7 +211,7 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
             self.remove(&name, frames);
             return Ok(None);
         }
-        let Some((_, _, mut n)) = self.named.remove(&name) else { return Err(Error::NotFound) };
+        let Some((_, _, mut n)) = self.named.remove_hashed(&hashed) else { return Err(Error::NotFound) };
         self.drop_view(&name, &mut n, frames);
         Ok(Some(Removed { name, morsel: Some(n.morsel) }))
     }

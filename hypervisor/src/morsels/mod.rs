@@ -199,8 +199,8 @@ pub struct Directory<F: Format> {
 impl<F: Format> Directory<F> {
     /// Whether a morsel or ExMap region named `name` is in the directory (a create that is
     /// not finished does not count): what `name_watch` asks (`vm/notify.rs`).
-    pub fn exists(&self, name: &str) -> bool {
-        self.named.get(name).is_some()
+    pub fn exists(&self, name: &vmcore::names::Hashed) -> bool {
+        self.named.get_hashed(name).is_some()
     }
 
     /// The directory of a run of `guests` guests (ids `0..guests`): room for each one's whole

@@ -1,6 +1,9 @@
 //! A guest's life: created from its spec (memory, loader, vCPU), run, and destroyed; what
 //! happened to it (state, exit counts) and what the end-of-run report needs (`Summary`).
-//! Its memory is `memory::GuestMemory`, its loading `loader`, its console `console`.
+//! What of this touches no hardware is `vmcore::guest` (host-tested: the spec's checks, the
+//! vCPUs' ends and the exit code, the report's verdict, the address space, RAM's fixed
+//! frames); this file builds a guest from those with the backend, the allocator and the
+//! console. Its memory is `memory::GuestMemory`, its loading `loader`, its console `console`.
 
 use super::console::Console;
 use super::loader::{self, Load, STACK_RESERVE};
@@ -10,28 +13,10 @@ use crate::mm::frames::Frames;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 use formats::elf;
-use morsel::{GuestPhysAddr, HostPhysAddr, Perm};
 use vmcore::guestbytes::GuestBytes;
 
-const MIB: u64 = 1 << 20;
-const GIB: u64 = 1 << 30;
 
-/// What the command line asks of a guest.
-#[derive(Clone, Copy, Debug)]
-pub struct GuestSpec {
-    pub name: &'static str,
-    pub memory: u64,
-    /// Stop the guest after this many preemptions (a CPU-time budget), if set.
-    pub max_slices: Option<u64>,
-    /// A number handed to the guest in its boot information (`:arg=N`).
-    pub arg: u64,
-    /// The run counts as a success only if the guest ends this way.
-    pub expect: Expect,
-    /// vCPUs (`:vcpus=N`, default 1).
-    pub vcpus: u32,
-    /// Every vCPU of the guest runs on this CPU (`:cpu=K`), else they are spread.
-    pub cpu: Option<usize>,
-}
+pub use vmcore::guest::{Expect, GuestSpec, State, Summary, VcpuSummary};
 
 /// The most vCPUs a guest may have.
 pub const MAX_VCPUS: u32 = 16;
@@ -40,23 +25,6 @@ pub const MAX_VCPUS: u32 = 16;
 /// the hypervisor keep (mounts, device mounts, ExMap state) times this fits the heap
 /// (`platform/heap.rs`).
 pub const MAX_GUESTS: usize = 64;
-
-/// How a guest is expected to end.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Expect {
-    Code(i32),
-    /// Stopped by the hypervisor for misbehaving.
-    Stopped,
-}
-
-/// Where a guest is in its life.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum State {
-    Runnable,
-    Exited(i32),
-    /// Stopped by the hypervisor; the reason was reported when it happened.
-    Stopped,
-}
 
 /// Why a guest could not be created.
 #[derive(Debug)]
@@ -90,7 +58,7 @@ pub struct Shared {
     pub vcpus: u32,
     /// The host frame of each 2 MiB of guest RAM: mapped at creation, freed at destroy
     /// (after the last vCPU ended), never remapped in between.
-    ram: Vec<HostPhysAddr>,
+    ram: vmcore::guest::RamFrames,
     /// One line buffer per vCPU: lines of different vCPUs never mix, and a line is printed
     /// whole under the serial lock.
     consoles: Vec<spin::Mutex<Console>>,
@@ -121,22 +89,11 @@ impl Shared {
     /// done) unless the whole range lies in guest RAM. Morsel mounts are not looked at:
     /// those change under the world lock.
     pub fn ram_pieces(&self, gpa: u64, len: usize, mut each: impl FnMut(GuestBytes, usize)) -> Option<()> {
-        let end = gpa.checked_add(len as u64)?;
-        if end > self.memory {
-            return None;
-        }
-        let mut done = 0;
-        while done < len {
-            let at = gpa + done as u64;
-            let frame = *self.ram.get((at / (2 * MIB)) as usize)?;
-            let off = at % (2 * MIB);
-            let n = ((2 * MIB - off) as usize).min(len - done);
-            // SAFETY: inside the 2 MiB RAM frame at `frame`, which this guest owns until it
-            // is destroyed after its last vCPU ended (the caller runs one of its vCPUs).
-            each(unsafe { crate::mm::frames::guest_bytes(frame.as_u64() + off, n) }, done);
-            done += n;
-        }
-        Some(())
+        self.ram.pieces(gpa, len, |hpa, n, done| {
+            // SAFETY: inside a 2 MiB RAM frame that this guest owns until it is destroyed
+            // after its last vCPU ended (the caller runs one of its vCPUs).
+            each(unsafe { crate::mm::frames::guest_bytes(hpa.as_u64(), n) }, done)
+        })
     }
 
     /// Appends console bytes of vCPU `vcpu` under its line buffer's lock; complete lines
@@ -148,56 +105,11 @@ impl Shared {
     }
 }
 
-/// A finished guest: what the final report needs.
-#[derive(Clone, Debug)]
-pub struct Summary {
-    pub id: u32,
-    pub spec: GuestSpec,
-    pub state: State,
-    pub exits: [u64; ExitKind::COUNT],
-    /// Per vCPU, in the order they ended.
-    pub vcpus: alloc::vec::Vec<VcpuSummary>,
-}
-
-/// How one vCPU ended, on which CPU, with its own exit counts.
-#[derive(Clone, Copy, Debug)]
-pub struct VcpuSummary {
-    pub index: u32,
-    pub cpu: usize,
-    pub state: State,
-    pub exits: [u64; ExitKind::COUNT],
-}
-
-impl Summary {
-    /// Whether the guest ended the way the command line expected.
-    pub fn as_expected(&self) -> bool {
-        match (self.spec.expect, self.state) {
-            (Expect::Code(want), State::Exited(got)) => want == got,
-            (Expect::Stopped, State::Stopped) => true,
-            _ => false,
-        }
-    }
-}
-
-/// A guest's second-level table (its RAM, mapped at creation and fixed, and the window
-/// where morsels are mounted) and the list of those mounts: behind the guest's own lock
-/// (`Guest::space`), taken after the world lock and the directory's (`morsels::Directory`),
-/// never held while a guest runs or while another lock is waited for. Reads of guest memory
-/// through the table (names and buffers in mounted morsels) hold it too, so a mount cannot
-/// go away under a copy.
-pub struct GuestSpace<F: morsel::Format<Input = GuestPhysAddr>> {
-    pub mem: GuestMemory<F>,
-    /// Morsels mounted in this guest's window.
-    pub mounts: vmcore::directory::Mounts,
-}
-
-impl<F: morsel::Format<Input = GuestPhysAddr>> GuestSpace<F> {
-    /// The guest `guest` as the morsel directory sees it (`vmcore::directory`): its id, its
-    /// second-level table, its mounts.
-    pub fn view(&mut self, guest: u32) -> vmcore::directory::Space<'_, F> {
-        vmcore::directory::Space { guest, table: self.mem.table_mut(), mounts: &mut self.mounts }
-    }
-}
+/// A guest's second-level table and its mounts (`vmcore::guest::GuestSpace`) over the
+/// identity map: behind the guest's own lock (`Guest::space`), taken after the world lock and
+/// the directory's (`morsels::Directory`), never held while a guest runs or while another
+/// lock is waited for.
+pub type GuestSpace<F> = vmcore::guest::GuestSpace<F, crate::mm::frames::Identity>;
 
 /// A running guest: what its vCPUs share (all of it behind the run's world lock,
 /// `sched::World`). The vCPUs themselves (VMCS/VMCB) live in the run queue of the CPU that
@@ -214,14 +126,11 @@ pub struct Guest<B: Backend> {
     pub state: State,
     /// All vCPUs together (the slice budget counts these).
     pub exits: [u64; ExitKind::COUNT],
-    /// vCPUs not yet ended.
-    pub live_vcpus: u32,
+    /// Its vCPUs' ends: how many are left, the exit code, each one's summary.
+    pub ends: vmcore::guest::Ends,
     /// CPUs (bit per index) that ran a vCPU of this guest: the shootdown's targets. Sticky:
     /// a superset of those that may cache its translations.
     pub ran_on: u64,
-    /// The exit code the guest ends with: vCPU 0's, unless another vCPU exited non-zero first.
-    pub code: Option<i32>,
-    pub ended: alloc::vec::Vec<VcpuSummary>,
     /// What the guest's vCPUs read without the world lock (fixed at creation, and the
     /// console line buffers behind their own lock).
     pub shared: Arc<Shared>,
@@ -248,38 +157,31 @@ impl<B: Backend> Guest<B> {
         image: &[u8],
         frames: &Frames,
     ) -> Result<(Self, alloc::vec::Vec<VcpuSetup>), CreateError> {
-        if !spec.memory.is_multiple_of(2 * MIB) || !(4 * MIB..=512 * GIB).contains(&spec.memory) {
-            return Err(CreateError::BadMemorySize(spec.memory));
-        }
-        let stacks = STACK_RESERVE * spec.vcpus.max(1) as u64;
-        let image = elf::Image::parse(image, abi::IMAGE_BASE_GPA, spec.memory.saturating_sub(stacks))
-            .map_err(CreateError::Image)?;
-        let mem = GuestMemory::new(frames).map_err(CreateError::Table)?;
+        vmcore::guest::check_memory(spec.memory).map_err(CreateError::BadMemorySize)?;
+        let image = elf::Image::parse(image, abi::IMAGE_BASE_GPA, vmcore::guest::image_limit(&spec)).map_err(CreateError::Image)?;
+        let mem = GuestMemory::new(frames, crate::mm::frames::IDENTITY).map_err(CreateError::Table)?;
         let vcpus = spec.vcpus.max(1) as usize;
         let mut consoles = Vec::new();
         consoles.try_reserve_exact(vcpus).map_err(|_| CreateError::NoMemory)?;
         consoles.resize_with(vcpus, || spin::Mutex::new(Console::new()));
-        let mut ended = Vec::new();
         // A vCPU's end is recorded without allocating (`vcpu_ended`).
-        ended.try_reserve_exact(vcpus).map_err(|_| CreateError::NoMemory)?;
-        let shared = Shared { id, name: spec.name, memory: spec.memory, vcpus: vcpus as u32, ram: Vec::new(), consoles, ran_on: core::sync::atomic::AtomicU64::new(0) };
+        let ends = vmcore::guest::Ends::try_new(vcpus as u32).map_err(|_| CreateError::NoMemory)?;
+        let shared = Shared { id, name: spec.name, memory: spec.memory, vcpus: vcpus as u32, ram: Default::default(), consoles, ran_on: core::sync::atomic::AtomicU64::new(0) };
         let mut g = Guest {
             id,
             spec,
             space: Arc::new(spin::Mutex::new(GuestSpace { mem, mounts: vmcore::directory::Mounts::new() })),
             state: State::Runnable,
             exits: [0; ExitKind::COUNT],
-            live_vcpus: spec.vcpus.max(1),
+            ends,
             ran_on: 0,
-            code: None,
-            ended,
             shared: Arc::new(shared),
             refusals: vmcore::hypercall::Refusals::new(),
             handled_exceptions: 0,
             name_ahead: None,
             _backend: core::marker::PhantomData,
         };
-        let load = Load { id, name: spec.name, memory: spec.memory, arg: spec.arg, vcpus: spec.vcpus.max(1) };
+        let load = Load { id, name: spec.name, memory: spec.memory, arg: spec.arg, vcpus: spec.vcpus.max(1), log_level: log::max_level() as u64 };
         let loaded = loader::load(&mut g.space.lock().mem, &image, &load, frames);
         match loaded {
             Ok(first) => {
@@ -304,23 +206,7 @@ impl<B: Backend> Guest<B> {
 
     /// A vCPU of this guest ended (its control structures are gone); true if it was the last.
     pub fn vcpu_ended(&mut self, v: VcpuSummary) -> bool {
-        if let State::Exited(code) = v.state {
-            if v.index == 0 || code != 0 {
-                self.code = Some(match self.code {
-                    Some(c) if c != 0 => c,
-                    _ => code,
-                });
-            }
-        }
-        // Room for every vCPU was reserved at creation: this never allocates.
-        if self.ended.len() < self.ended.capacity() {
-            self.ended.push(v);
-        }
-        self.live_vcpus = self.live_vcpus.saturating_sub(1);
-        if self.live_vcpus == 0 && self.state == State::Runnable {
-            self.state = State::Exited(self.code.unwrap_or(0));
-        }
-        self.live_vcpus == 0
+        self.ends.vcpu_ended(&mut self.state, v)
     }
 
     /// `e`, with the reason (`format_args!`, formatted into a fixed buffer, cut at
@@ -345,16 +231,7 @@ impl<B: Backend> Guest<B> {
     /// Records the host frame of each 2 MiB of guest RAM in `shared` (the guest is not
     /// running yet: this is the only time `shared` is changed).
     fn fix_ram(&mut self) -> Result<(), CreateError> {
-        let mut ram = Vec::new();
-        ram.try_reserve_exact(self.spec.memory.div_ceil(2 * MIB) as usize).map_err(|_| CreateError::NoMemory)?;
-        let mut gpa = 0;
-        let space = self.space.lock();
-        while gpa < self.spec.memory {
-            let (hpa, _) = space.mem.translate(GuestPhysAddr::new(gpa), Perm::RW).map_err(|_| CreateError::NoMemory)?;
-            ram.push(hpa);
-            gpa += 2 * MIB;
-        }
-        drop(space);
+        let ram = vmcore::guest::RamFrames::record(&self.space.lock().mem, self.spec.memory).map_err(|_| CreateError::NoMemory)?;
         let shared = Arc::get_mut(&mut self.shared).ok_or(CreateError::NoMemory)?;
         shared.ram = ram;
         Ok(())
@@ -362,7 +239,7 @@ impl<B: Backend> Guest<B> {
 
     /// What is left of the guest after `destroy`.
     pub fn summary(&self) -> Summary {
-        Summary { id: self.id, spec: self.spec, state: self.state, exits: self.exits, vcpus: self.ended.clone() }
+        Summary { id: self.id, spec: self.spec, state: self.state, exits: self.exits, vcpus: self.ends.ended.clone() }
     }
 
     /// Gives guest RAM and tables back (every vCPU is gone, and with it every other holder

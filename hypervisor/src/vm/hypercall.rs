@@ -380,8 +380,11 @@ impl<B: Backend> vmcore::hypercall::Services for Serving<'_, B> {
     }
 
     fn name_watch(&mut self, name: abi::Name, bits: u64) -> Result<u64, Error> {
-        let name = crate::morsels::read_name(self.guest, name)?;
-        let there = self.cx.morsels.lock().exists(&name);
+        let (name, there) = {
+            let dir = self.cx.morsels.lock();
+            let hashed = crate::morsels::read_hashed(self.guest, dir.named.keys(), name)?;
+            (*hashed.name(), dir.exists(&hashed))
+        };
         self.cx.notify.watch(self.guest, self.caller.vcpu, &name, bits, there)
     }
 

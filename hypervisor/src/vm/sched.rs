@@ -405,7 +405,8 @@ fn world<'r, B: Backend>(run: &'r Run<B>, s: &mut Slot<B>, exit: Exit, me: usize
 }
 
 /// The name a hypercall from guest kernel mode will look up or reserve under the world lock
-/// (`vmcore::hypercall::name_to_read`: open and the creates), read from the guest's fixed RAM
+/// (`vmcore::hypercall::name_to_read`: open, the creates, destroy, `device_mount`,
+/// `name_watch`), read from the guest's fixed RAM
 /// frames (`guest::Shared::ram_pieces`, as `console_local` does) and hashed with `keys`,
 /// before the lock: the handler takes it (`morsels::read_hashed`). None (the handler reads the
 /// name under the lock, with its checks and errors) for other exits and calls, and for a name

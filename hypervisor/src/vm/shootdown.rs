@@ -84,7 +84,7 @@ pub type Flush = vmcore::flush::Flush<Bdf>;
 /// no vCPU left needs none (it never enters again; its ASID/VPID and EPTP are flushed before
 /// any reuse): the flush is empty, and dropping it is fine.
 pub fn of_guest<B: Backend>(g: &Guest<B>) -> Flush {
-    if g.live_vcpus > 0 {
+    if g.ends.live > 0 {
         Flush::cpus(g.ran_on)
     } else {
         Flush::none()

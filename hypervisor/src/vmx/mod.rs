@@ -70,7 +70,10 @@ pub struct Vcpu {
     /// RFLAGS and interruptibility state at the last exit (whether it can take an interrupt).
     rflags: u64,
     interruptibility: u64,
-    /// The guest's IDTR limit at the last exit (0 before the first: `has_idt`).
+    /// The guest's IDTR limit at the first exit that found it non-zero (0 until then:
+    /// `has_idt`). Read at each exit only until then: a guest that loaded an IDT and later
+    /// loads an empty one gets the vectors it subscribed to anyway (its own fault, as with
+    /// any interrupt), and every other exit saves the VMREAD (4 Bochs ticks).
     idtr_limit: u64,
     /// The event to inject at the next entry (VM-entry interruption-information format, 0:
     /// none), its error code and instruction length.
@@ -267,7 +270,9 @@ impl Backend for Vmx {
         vcpu.launched = true;
         vcpu.rflags = read(GUEST_RFLAGS);
         vcpu.interruptibility = read(GUEST_INTERRUPTIBILITY);
-        vcpu.idtr_limit = read(GUEST_IDTR_LIMIT);
+        if vcpu.idtr_limit == 0 {
+            vcpu.idtr_limit = read(GUEST_IDTR_LIMIT);
+        }
         // An event whose delivery the exit interrupted goes in again at the next entry (SDM
         // Vol. 3C 28.2.4, 27.6.1.1: IDT-vectoring information has the entry format).
         let vectoring = read(IDT_VECTORING_INFO);

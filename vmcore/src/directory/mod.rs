@@ -802,20 +802,21 @@ where
 
 /// Whether `guest` may destroy `name` now: it must be the owner (anyone may, for a restored
 /// morsel others may write), `pinned` (the caller's checks: NVMe I/O, an ExMap batch) must
-/// find nothing, and it must be mounted nowhere (no guest, no device domain).
-pub fn check_destroy<F, T>(names: &Names<T>, devices: &DeviceMounts, guest: Owner, name: &str, pinned: impl FnOnce(&T) -> Option<&'static str>) -> Result<(), Refusal>
+/// find nothing, and it must be mounted nowhere (no guest, no device domain). The name comes
+/// hashed ([`Keys::hash`](crate::names::Keys::hash), perhaps before the caller's lock).
+pub fn check_destroy<F, T>(names: &Names<T>, devices: &DeviceMounts, guest: Owner, name: &Hashed, pinned: impl FnOnce(&T) -> Option<&'static str>) -> Result<(), Refusal>
 where
     F: Format,
     T: Entry<F>,
 {
-    let n = names.get(name).ok_or(Refusal::NotFound)?.value;
+    let n = names.get_hashed(name).ok_or(Refusal::NotFound)?.value;
     if n.owner() != guest && !(n.owner() == SYSTEM && n.others_may_write()) {
         return Err(Refusal::Denied);
     }
     if let Some(why) = pinned(n) {
         return Err(Refusal::Pinned(why));
     }
-    let (guests, devices) = (n.morsel().mount_count(), devices.of(name));
+    let (guests, devices) = (n.morsel().mount_count(), devices.of(name.name()));
     if guests > 0 || devices > 0 {
         return Err(Refusal::Mounted { guests, devices });
     }

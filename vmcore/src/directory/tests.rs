@@ -212,7 +212,7 @@ impl<'m, F: Format<Input = GuestPhysAddr>> World<'m, F> {
     }
 
     fn check_destroy(&self, g: u32, name: &str) -> Result<(), Refusal> {
-        check_destroy(&self.names, &self.devices, g, name, |_| None)
+        check_destroy(&self.names, &self.devices, g, &self.names.keys().hash(Name::new(name.as_bytes()).unwrap()), |_| None)
     }
 
     /// Takes `name` out of the directory and frees its frames and its view's tables (the
@@ -442,7 +442,7 @@ fn destroy_while_mounted_is_busy() {
     assert_eq!(w.check_destroy(0, "a"), Err(Refusal::Mounted { guests: 0, devices: 1 }));
     assert_eq!(Refusal::Mounted { guests: 0, devices: 1 }.error(), abi::Error::Busy);
     let _ = w.device_unmount(1, EDU, IOVA).unwrap();
-    assert_eq!(check_destroy(&w.names, &w.devices, 0, "a", |_| Some("has I/O in flight")), Err(Refusal::Pinned("has I/O in flight")));
+    assert_eq!(check_destroy(&w.names, &w.devices, 0, &w.names.keys().hash(Name::new(b"a").unwrap()), |_| Some("has I/O in flight")), Err(Refusal::Pinned("has I/O in flight")));
     assert_eq!(w.check_destroy(0, "a"), Ok(()));
 }
 

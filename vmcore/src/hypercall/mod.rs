@@ -258,14 +258,20 @@ pub trait Deferred<H: Host + ?Sized> {
 }
 
 /// A name the world lock's handler of this call will look up or reserve (`morsel_open`,
-/// `morsel_create`, `exmap_create`: their first two arguments), for the vCPU loop to read
+/// `morsel_create`, `exmap_create`, `morsel_destroy`, `device_mount`, `name_watch`: their
+/// first two arguments), for the vCPU loop to read
 /// from guest RAM and hash (`names::Keys::hash`) before it takes the lock: a [`NameAhead`]
 /// for the handler. Not decoded here (the handler decodes the call): a call the decoder
 /// refuses never reaches the handler, so its name read ahead is not used. None for every
 /// other call.
 pub fn name_to_read(regs: &Regs) -> Option<Name> {
     match regs.rax {
-        abi::HC_MORSEL_OPEN | abi::HC_MORSEL_CREATE | abi::HC_EXMAP_CREATE => Some(Name(GuestSlice { ptr: regs.rdi, len: regs.rsi })),
+        abi::HC_MORSEL_OPEN
+        | abi::HC_MORSEL_CREATE
+        | abi::HC_EXMAP_CREATE
+        | abi::HC_MORSEL_DESTROY
+        | abi::HC_DEVICE_MOUNT
+        | abi::HC_NAME_WATCH => Some(Name(GuestSlice { ptr: regs.rdi, len: regs.rsi })),
         _ => None,
     }
 }

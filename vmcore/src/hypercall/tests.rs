@@ -751,11 +751,13 @@ fn the_names_read_ahead_are_those_of_open_and_the_creates() {
         (HC_MORSEL_OPEN, [0x3000, 6, 1, 0, 0, 0], Some(name(0x3000, 6))),
         (HC_MORSEL_CREATE, [0x4000, 5, 4096, 0, 0, 0], Some(name(0x4000, 5))),
         (HC_EXMAP_CREATE, [0x5000, 9, 1 << 30, MORSEL_SHARE_WRITABLE, 0, 0], Some(name(0x5000, 9))),
-        // Not looked up under the world lock by a name read here.
-        (HC_MORSEL_DESTROY, [0x3000, 7, 0, 0, 0, 0], None),
-        (HC_NAME_WATCH, [0x3000, 10, 0b110, 0, 0, 0], None),
-        (HC_DEVICE_MOUNT, [0x3000, 8, 0x18, 0x10_0000, 1, 0], None),
+        (HC_MORSEL_DESTROY, [0x3000, 7, 0, 0, 0, 0], Some(name(0x3000, 7))),
+        (HC_NAME_WATCH, [0x3000, 10, 0b110, 0, 0, 0], Some(name(0x3000, 10))),
+        (HC_DEVICE_MOUNT, [0x3000, 8, 0x18, 0x10_0000, 1, 0], Some(name(0x3000, 8))),
+        // No name: an address, a number, nothing.
         (HC_MORSEL_UNMOUNT, [0x3000, 6, 0, 0, 0, 0], None),
+        (HC_MORSEL_SIZE, [0x3000, 6, 0, 0, 0, 0], None),
+        (HC_INFO, [0x3000, 6, 0, 0, 0, 0], None),
         // Not decoded here: the name of a call the decoder refuses is read (and not used).
         (HC_MORSEL_OPEN, [0x3000, 4, 2, 0, 0, 0], Some(name(0x3000, 4))),
         (HC_MORSEL_CREATE, [0x3000, MORSEL_NAME_MAX as u64 + 1, 4096, 0, 0, 0], Some(name(0x3000, MORSEL_NAME_MAX as u64 + 1))),

@@ -483,7 +483,17 @@ impl<T> Names<T> {
 
     /// The committed name `name` (a reserved one is not found).
     pub fn get(&self, name: &str) -> Option<Entry<'_, T>> {
-        match slot_of(&self.chunks, self.find(name.as_bytes())?)? {
+        self.entry_at(self.find(name.as_bytes())?)
+    }
+
+    /// `get` of a name hashed already ([`Keys::hash`], perhaps with no lock held).
+    pub fn get_hashed(&self, name: &Hashed) -> Option<Entry<'_, T>> {
+        self.entry_at(self.find_hashed(self.hash_of(name), name.name.as_bytes())?)
+    }
+
+    /// The committed entry in slot `i`.
+    fn entry_at(&self, i: u32) -> Option<Entry<'_, T>> {
+        match slot_of(&self.chunks, i)? {
             Slot::Named { name, owner, value } => Some(Entry { name, owner: *owner, value }),
             _ => None,
         }
@@ -528,8 +538,17 @@ impl<T> Names<T> {
     /// Takes the committed name `name` out (a reservation stays: only `abort` ends it).
     /// The name is hashed once (SipHash, the costly step), for the look-up and the release.
     pub fn remove(&mut self, name: &str) -> Option<(Name, Owner, T)> {
-        let h = hash(self.keys, name.as_bytes());
-        let i = self.find_hashed(h, name.as_bytes())?;
+        self.remove_with(hash(self.keys, name.as_bytes()), name.as_bytes())
+    }
+
+    /// `remove` of a name hashed already ([`Keys::hash`], perhaps with no lock held).
+    pub fn remove_hashed(&mut self, name: &Hashed) -> Option<(Name, Owner, T)> {
+        self.remove_with(self.hash_of(name), name.name.as_bytes())
+    }
+
+    /// `remove` of `name`, whose hash is `h`.
+    fn remove_with(&mut self, h: u64, name: &[u8]) -> Option<(Name, Owner, T)> {
+        let i = self.find_hashed(h, name)?;
         let owner = match slot_of(&self.chunks, i)? {
             Slot::Named { owner, .. } => *owner,
             _ => return None,

@@ -76,14 +76,30 @@ fn hashed_names_are_found_as_names() {
             let h = keys.hash(name);
             assert_eq!(h.name(), &name);
             assert_eq!(t.slot_hashed(&h), Some(at), "h{i} hashed");
+            assert_eq!(t.get_hashed(&h).map(|e| (*e.name, *e.value)), Some((name, i)), "h{i} hashed");
             assert_eq!(t.reserve_hashed(&h, 1).unwrap_err(), Error::Taken);
         }
     }
     for keys in [ours, other] {
         assert_eq!(t.slot_hashed(&keys.hash(n("absent"))), None);
+        assert!(t.get_hashed(&keys.hash(n("absent"))).is_none());
+        assert_eq!(t.remove_hashed(&keys.hash(n("absent"))), None);
     }
     assert_eq!(t.remove("h3").map(|(_, _, v)| v), Some(3));
     assert_eq!(t.slot_hashed(&ours.hash(n("h3"))), None);
+    // Removed by a name hashed with either keys: gone, its quota unit back.
+    let held = t.count(0).held;
+    assert_eq!(t.remove_hashed(&ours.hash(n("h4"))), Some((n("h4"), 0, 4)));
+    assert_eq!(t.remove_hashed(&other.hash(n("h5"))).map(|(_, _, v)| v), Some(5));
+    assert_eq!(t.count(0).held, held - 2);
+    for gone in ["h4", "h5"] {
+        assert!(t.get(gone).is_none() && t.get_hashed(&ours.hash(n(gone))).is_none(), "{gone}");
+    }
+    // A reserved name is not removed (only `abort` ends a reservation).
+    let r = t.reserve_hashed(&ours.hash(n("held")), 0).unwrap();
+    assert_eq!(t.remove_hashed(&ours.hash(n("held"))), None);
+    assert!(t.get_hashed(&ours.hash(n("held"))).is_none(), "reserved, not committed");
+    t.abort(r);
 }
 
 #[test]

@@ -20,8 +20,10 @@
 //!   hypervisor reads such a name before its world lock since branch `prename`). Every answer
 //!   must be one snapshot of the name: a create that succeeded made exactly one of the two
 //!   valid names (destroying each by a constant name finds exactly one), an open reached the
-//!   morsel whose marker its name says, a refusal is `Invalid` (the space), never another
-//!   error; every frame comes back.
+//!   morsel whose marker its name says, a destroy (`nm-flipA` mounted, so `Busy`, `nm-flipB`
+//!   not) removed `nm-flipB` or nothing, as its snapshot names (the name read before the
+//!   world lock since `morsel_destroy`, `device_mount` and `name_watch` joined it), a refusal
+//!   is `Invalid` (the space) or that `Busy`, never another error; every frame comes back.
 //! - 5 `fill` / 6 `late`: many guests each hold their whole quota (morsels and regions); then
 //!   one more guest must still get its whole quota (the old directory held 1,792 names, so
 //!   28 guests within their quotas denied everyone else).
@@ -370,6 +372,8 @@ static FLIP: [core::sync::atomic::AtomicU8; 8] = [const { core::sync::atomic::At
 /// vCPU 1 runs (1) until vCPU 0 is done (2).
 static FLIPPING: AtomicU64 = AtomicU64::new(0);
 const FLIP_CALLS: u64 = 1000;
+/// Destroys through the flipping name (each after two creates).
+const DESTROY_CALLS: u64 = 250;
 
 fn vcpu_main(info: &BootInfo, _vcpu: u32) -> i32 {
     if info.arg & 0xff != 7 {
@@ -448,11 +452,42 @@ fn flip() -> Result<(), &'static str> {
             }
         }
     }
+    // Destroys through the flipping name (read before the world lock too), with nm-flipA
+    // mounted here (so `Busy`) and nm-flipB not: an answer from one snapshot either removed
+    // nm-flipB alone (Ok) or nothing (Busy: A; Invalid: the space); a check of one name and a
+    // removal of the other would take the mounted A away.
+    let held = morsel::open("nm-flipA").map_err(|_| "open nm-flipA to hold it")?;
+    let (mut destroyed, mut busy, mut destroy_invalid) = (0u64, 0u64, 0u64);
+    for _ in 0..DESTROY_CALLS {
+        match morsel::create("nm-flipB", 4096, PageSize::Size4K, false) {
+            Ok(m) => drop(m),
+            Err(Error::Busy) => {}
+            Err(_) => return Err("create nm-flipB before a destroy through the flipping name"),
+        }
+        let r = guest_lib::hypercall::call(abi::HC_MORSEL_DESTROY, [name[0], name[1], 0, 0, 0, 0]);
+        let left = morsel::destroy("nm-flipB");
+        match (r, left) {
+            (Ok(_), Err(Error::NotFound)) => destroyed += 1,
+            (Err(Error::Busy), Ok(())) => busy += 1,
+            (Err(Error::Invalid), Ok(())) => destroy_invalid += 1,
+            (r, left) => {
+                wrong += 1;
+                println!("names flip: destroy answered {r:?}, then destroy B: {left:?}: WRONG");
+            }
+        }
+    }
+    let marker = held.atomics()[0].load(SeqCst);
+    drop(held);
+    if marker != 0xA || morsel::destroy("nm-flipA").is_err() {
+        wrong += 1;
+        println!("names flip: the mounted nm-flipA (marker {marker:#x}) did not outlive the destroys: WRONG");
+    }
     FLIPPING.store(2, SeqCst);
     let _ = (morsel::destroy("nm-flipA"), morsel::destroy("nm-flipB"));
-    println!("names flip: {FLIP_CALLS} creates through a name another vCPU rewrites: {} nm-flipA, {} nm-flipB, {invalid} Invalid; {FLIP_CALLS} opens: {} A, {} B, {open_invalid} Invalid; {wrong} wrong",
+    println!("names flip: {FLIP_CALLS} creates through a name another vCPU rewrites: {} nm-flipA, {} nm-flipB, {invalid} Invalid; {FLIP_CALLS} opens: {} A, {} B, {open_invalid} Invalid; {DESTROY_CALLS} destroys: {destroyed} B, {busy} A (Busy), {destroy_invalid} Invalid; {wrong} wrong",
         made[0], made[1], opened[0], opened[1]);
-    if wrong > 0 || made[0] + made[1] + invalid != FLIP_CALLS || opened[0] + opened[1] + open_invalid != FLIP_CALLS {
+    if wrong > 0 || made[0] + made[1] + invalid != FLIP_CALLS || opened[0] + opened[1] + open_invalid != FLIP_CALLS
+        || destroyed + busy + destroy_invalid != DESTROY_CALLS {
         return Err("an answer that is not one snapshot of the name");
     }
     Ok(())
