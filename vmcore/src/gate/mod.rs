@@ -38,7 +38,7 @@
 
 use crate::sync::{AtomicU64, Ordering};
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests;
 #[cfg(all(test, loom))]
 mod loom_tests;
@@ -79,6 +79,23 @@ impl Epoch {
     #[inline]
     pub fn now(&self) -> u64 {
         self.0.load(Ordering::Acquire)
+    }
+}
+
+/// Guests whose epochs a change must bump, named by id modulo 64 (bit `id % 64`): it may
+/// name more guests than were added, never fewer, and a bump too many only sends a start
+/// to the lock.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Guests(pub u64);
+
+impl Guests {
+    pub fn add(&mut self, id: u32) {
+        self.0 |= 1 << (id % 64);
+    }
+
+    /// Whether guest `id`'s epoch must be bumped.
+    pub fn has(self, id: u32) -> bool {
+        self.0 & (1 << (id % 64)) != 0
     }
 }
 
