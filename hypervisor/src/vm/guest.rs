@@ -96,6 +96,14 @@ pub struct Shared {
     consoles: Vec<spin::Mutex<Console>>,
     /// `Guest::ran_on` as the lock-free path reads it (`note_ran`, `ran_on`).
     ran_on: core::sync::atomic::AtomicU64,
+    /// Bumped under the world lock by every change to what its vCPUs' slice starts decide
+    /// (`Guest::stop`, a new exception bitmap, notify's raised vectors, waits and timers),
+    /// before the IPIs that tell their CPUs: a slice starts without the world lock only
+    /// while it did not move (`vmcore::gate`, `sched::start_alone`).
+    pub epoch: &'static vmcore::gate::Epoch,
+    /// The guest has a budget of slices (`GuestSpec::max_slices`): its slices always start
+    /// under the world lock, which counts them.
+    pub budgeted: bool,
 }
 
 impl Shared {
@@ -242,11 +250,13 @@ pub struct Guest<B: Backend> {
 impl<B: Backend> Guest<B> {
     /// Builds the guest's memory and loads `image`; returns it with the initial state of each
     /// of its vCPUs (which the CPUs they are placed on create).
+    /// `epoch`: the guest's slice-start epoch (`Shared::epoch`).
     pub fn create(
         id: u32,
         spec: GuestSpec,
         image: &[u8],
         frames: &Frames,
+        epoch: &'static vmcore::gate::Epoch,
     ) -> Result<(Self, alloc::vec::Vec<VcpuSetup>), CreateError> {
         if !spec.memory.is_multiple_of(2 * MIB) || !(4 * MIB..=512 * GIB).contains(&spec.memory) {
             return Err(CreateError::BadMemorySize(spec.memory));
@@ -262,7 +272,8 @@ impl<B: Backend> Guest<B> {
         let mut ended = Vec::new();
         // A vCPU's end is recorded without allocating (`vcpu_ended`).
         ended.try_reserve_exact(vcpus).map_err(|_| CreateError::NoMemory)?;
-        let shared = Shared { id, name: spec.name, memory: spec.memory, vcpus: vcpus as u32, ram: Vec::new(), consoles, ran_on: core::sync::atomic::AtomicU64::new(0) };
+        let shared = Shared { id, name: spec.name, memory: spec.memory, vcpus: vcpus as u32, ram: Vec::new(), consoles, ran_on: core::sync::atomic::AtomicU64::new(0),
+            epoch, budgeted: spec.max_slices.is_some() };
         let mut g = Guest {
             id,
             spec,
@@ -321,6 +332,14 @@ impl<B: Backend> Guest<B> {
             self.state = State::Exited(self.code.unwrap_or(0));
         }
         self.live_vcpus == 0
+    }
+
+    /// Stops the guest (the world lock held): its vCPUs end at their next start or exit. The
+    /// epoch moves before the caller kicks their CPUs (`sched::kick_siblings`), so a slice
+    /// start without the lock that misses the stop is ended by that IPI (`vmcore::gate`).
+    pub fn stop(&mut self) {
+        self.state = State::Stopped;
+        self.shared.epoch.bump();
     }
 
     /// `e`, with the reason (`format_args!`, formatted into a fixed buffer, cut at
