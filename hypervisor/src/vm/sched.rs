@@ -8,7 +8,10 @@
 //! # Locks, in the order they are taken
 //! 1. The world lock (`runqueue::WorldGuard`): guests, the hypercall context (quotas,
 //!    devices, notify, ExMap counters and idle per-vCPU ExMap states). Never held while a
-//!    guest runs; null exits take none (`lockless`).
+//!    guest runs; null exits take none (`lockless`), nor does a slice's start where nothing
+//!    that start decides changed since the vCPU's last start under it (`start_alone`: the
+//!    guest's epoch, `guest::Shared::epoch`, bumped under this lock before the kick IPIs by
+//!    every such change; the rule and its model are `vmcore::gate`).
 //! 1a. The directory's lock (`Context::morsels`, also `Run::directory`): names, entries,
 //!    device mounts. Under the world lock, or alone by `mount_fast` (one step at a time).
 //! 1b. A guest's address space lock (`Guest::space`, `GuestSpace`): its second-level table
