@@ -13,6 +13,13 @@
 //!   handles vector 0x50 and subscribes with it; both vCPUs unmask interrupts and wait until
 //!   each took the interrupt once (issue 20 item 10: vCPU 1 had no IDT and died of #GP);
 //! - 7 vector ringer: opens "vbell" read-only and rings it once its owner subscribed.
+//! - 8 same CPU (`:vcpus=2:cpu=0`): vCPU 1 unmasks interrupts and spins, never calling the
+//!   hypervisor, so its slices start without the world lock (`vmcore::gate`); vCPU 0, on the
+//!   same CPU (no wake-up IPI), subscribes the guest's private "sbell" with vector 0x50,
+//!   yields a few slices, rings it and counts its own yields until vCPU 1 took the vector:
+//!   the ring bumps the guest's epoch, so vCPU 1's next slice starts under the lock and
+//!   injects (1 yield); at most 3 are allowed (a start that missed the ring would wait up
+//!   to 16 slices for the next start under the lock).
 #![no_std]
 #![no_main]
 
@@ -35,6 +42,8 @@ static VERDICT: AtomicU64 = AtomicU64::new(0);
 const VECTOR: u8 = 0x50;
 static SUBSCRIBED: AtomicU64 = AtomicU64::new(0);
 static TAKEN: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
+/// arg 8: vCPU 1 spins with interrupts unmasked.
+static SPINNING: AtomicU64 = AtomicU64::new(0);
 
 fn open_retry(name: &str) -> Result<morsel::MorselMut, Error> {
     loop {
@@ -55,6 +64,7 @@ fn main(info_: &BootInfo) -> i32 {
         5 => pair_main(),
         6 => vector_subscriber(),
         7 => vector_ringer(),
+        8 => same_cpu_ringer(),
         _ => deadlock(me),
     }
 }
@@ -63,6 +73,7 @@ fn vcpu_main(info_: &BootInfo, vcpu: u32) -> i32 {
     match (info_.arg, vcpu) {
         (5, 1) => pair_waiter(),
         (6, 1) => vector_take(1),
+        (8, 1) => same_cpu_spinner(),
         _ => 0,
     }
 }
@@ -154,6 +165,55 @@ fn vector_take(vcpu: usize) -> i32 {
     if n == 0 {
         println!("bell vectors: vcpu {vcpu}: WRONG (no interrupt)");
         return 1;
+    }
+    0
+}
+
+fn same_cpu_ringer() -> i32 {
+    let Ok(m) = morsel::create("sbell", 4096, PageSize::Size4K, false) else { return 1 };
+    if guest_lib::interrupts::set_handler(VECTOR, vector_handler).is_err() {
+        return 1;
+    }
+    let bell = Doorbell::new(m.addr());
+    if let Err(e) = bell.subscribe(Some(VECTOR)) {
+        println!("bell same cpu: subscribe failed: {e}");
+        return 1;
+    }
+    SUBSCRIBED.store(1, SeqCst);
+    while SPINNING.load(SeqCst) == 0 {
+        yield_now();
+    }
+    // A few of vCPU 1's slices: they start without the world lock by then.
+    for _ in 0..4 {
+        yield_now();
+    }
+    let rang = bell.ring(Event(0x1));
+    let mut yields = 0u64;
+    while TAKEN[1].load(SeqCst) == 0 && yields < 100 {
+        yield_now();
+        yields += 1;
+    }
+    let taken = TAKEN[1].load(SeqCst);
+    println!("bell same cpu: rang {rang:?}; vcpu 1 (spinning on this CPU) took vector {VECTOR:#x} {taken} time(s), after {yields} of vcpu 0's yields");
+    match (rang, taken, yields) {
+        (Ok(1), 1.., ..=3) => 0,
+        _ => {
+            println!("bell same cpu: WRONG (vcpu 1's slices went on without the raised vector)");
+            1
+        }
+    }
+}
+
+/// arg 8, vCPU 1: spins with interrupts unmasked until the vector came (at most 10 s).
+fn same_cpu_spinner() -> i32 {
+    while SUBSCRIBED.load(SeqCst) == 0 {
+        yield_now();
+    }
+    guest_lib::interrupts::enable();
+    let t0 = micros();
+    SPINNING.store(1, SeqCst);
+    while TAKEN[1].load(SeqCst) == 0 && micros() - t0 < 10_000_000 {
+        core::hint::spin_loop();
     }
     0
 }
