@@ -20,6 +20,13 @@
 //!   the ring bumps the guest's epoch, so vCPU 1's next slice starts under the lock and
 //!   injects (1 yield); at most 3 are allowed (a start that missed the ring would wait up
 //!   to 16 slices for the next start under the lock).
+//! - 9 stopped on one CPU (`:vcpus=2:cpu=0`, with a 10 on CPU 0 too): vCPU 1 counts in word 0
+//!   of "stopme" without calling the hypervisor (its slices start without the world lock);
+//!   vCPU 0 lets it run a few slices, sets word 1 and reads outside its memory: the guest is
+//!   stopped, and vCPU 1, on the same CPU (no kick IPI), must end at its next slice start;
+//! - 10 stop watcher: opens "stopme", waits for word 1, then looks at word 0 once per yield
+//!   for 30 yields: it may move in at most one of them (with the stop's epoch bump left out,
+//!   vCPU 1 would count on until the next start under the lock, up to 16 slices).
 #![no_std]
 #![no_main]
 
@@ -44,6 +51,8 @@ static SUBSCRIBED: AtomicU64 = AtomicU64::new(0);
 static TAKEN: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
 /// arg 8: vCPU 1 spins with interrupts unmasked.
 static SPINNING: AtomicU64 = AtomicU64::new(0);
+/// arg 9: where "stopme" is mounted (0: not yet), for vCPU 1.
+static STOPME: AtomicU64 = AtomicU64::new(0);
 
 fn open_retry(name: &str) -> Result<morsel::MorselMut, Error> {
     loop {
@@ -65,6 +74,8 @@ fn main(info_: &BootInfo) -> i32 {
         6 => vector_subscriber(),
         7 => vector_ringer(),
         8 => same_cpu_ringer(),
+        9 => stop_main(info_),
+        10 => stop_watcher(),
         _ => deadlock(me),
     }
 }
@@ -74,6 +85,7 @@ fn vcpu_main(info_: &BootInfo, vcpu: u32) -> i32 {
         (5, 1) => pair_waiter(),
         (6, 1) => vector_take(1),
         (8, 1) => same_cpu_spinner(),
+        (9, 1) => stop_spinner(),
         _ => 0,
     }
 }
@@ -214,6 +226,73 @@ fn same_cpu_spinner() -> i32 {
     SPINNING.store(1, SeqCst);
     while TAKEN[1].load(SeqCst) == 0 && micros() - t0 < 10_000_000 {
         core::hint::spin_loop();
+    }
+    0
+}
+
+/// arg 9, vCPU 0: see the module doc.
+fn stop_main(info_: &BootInfo) -> i32 {
+    let Ok(m) = morsel::create("stopme", 4096, PageSize::Size4K, false) else { return 1 };
+    STOPME.store(m.addr(), SeqCst);
+    let words = m.atomics();
+    while words[0].load(SeqCst) == 0 {
+        yield_now();
+    }
+    for _ in 0..4 {
+        yield_now();
+    }
+    println!("bell stop: vcpu 1 counts on this CPU; vcpu 0 now reads outside its memory");
+    words[1].store(1, SeqCst);
+    // SAFETY: deliberately not safe: the second-level fault that stops this guest is the point.
+    let v = unsafe { core::ptr::read_volatile((info_.memory_size + (64 << 20)) as *const u64) };
+    println!("bell stop: the read returned {v:#x}: WRONG");
+    1
+}
+
+/// arg 9, vCPU 1: counts in word 0 of "stopme" without calling the hypervisor until its
+/// guest is stopped.
+fn stop_spinner() -> i32 {
+    let gpa = loop {
+        match STOPME.load(SeqCst) {
+            0 => yield_now(),
+            at => break at,
+        }
+    };
+    let Some(words) = morsel::atomics_at(gpa) else { return 1 };
+    loop {
+        words[0].fetch_add(1, SeqCst);
+        core::hint::spin_loop();
+    }
+}
+
+/// arg 10: see the module doc.
+fn stop_watcher() -> i32 {
+    let m = loop {
+        match morsel::open("stopme") {
+            Err(Error::NotFound) => yield_now(),
+            Ok(m) => break m,
+            Err(e) => {
+                println!("bell stop watcher: open failed: {e}");
+                return 1;
+            }
+        }
+    };
+    let words = m.atomics();
+    while words[1].load(SeqCst) == 0 {
+        yield_now();
+    }
+    let (mut last, mut moved) = (words[0].load(SeqCst), 0);
+    for _ in 0..30 {
+        yield_now();
+        let now = words[0].load(SeqCst);
+        if now != last {
+            (last, moved) = (now, moved + 1);
+        }
+    }
+    println!("bell stop watcher: the stopped guest's spinning vcpu counted in {moved} of this guest's next 30 turns");
+    if moved > 1 {
+        println!("bell stop watcher: WRONG (a vcpu of a stopped guest went on running its slices)");
+        return 1;
     }
     0
 }
