@@ -9,6 +9,7 @@ extern crate alloc;
 pub mod directory;
 pub mod exits;
 pub mod flush;
+pub mod gate;
 pub mod guest;
 pub mod guestbytes;
 pub mod heap;

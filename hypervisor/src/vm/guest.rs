@@ -64,6 +64,14 @@ pub struct Shared {
     consoles: Vec<spin::Mutex<Console>>,
     /// `Guest::ran_on` as the lock-free path reads it (`note_ran`, `ran_on`).
     ran_on: core::sync::atomic::AtomicU64,
+    /// Bumped under the world lock by every change to what its vCPUs' slice starts decide
+    /// (`Guest::stop`, a new exception bitmap, notify's raised vectors, waits and timers),
+    /// before the IPIs that tell their CPUs: a slice starts without the world lock only
+    /// while it did not move (`vmcore::gate`, `sched::start_alone`).
+    pub epoch: &'static vmcore::gate::Epoch,
+    /// The guest has a budget of slices (`GuestSpec::max_slices`): its slices always start
+    /// under the world lock, which counts them.
+    pub budgeted: bool,
 }
 
 impl Shared {
@@ -151,11 +159,13 @@ pub struct Guest<B: Backend> {
 impl<B: Backend> Guest<B> {
     /// Builds the guest's memory and loads `image`; returns it with the initial state of each
     /// of its vCPUs (which the CPUs they are placed on create).
+    /// `epoch`: the guest's slice-start epoch (`Shared::epoch`).
     pub fn create(
         id: u32,
         spec: GuestSpec,
         image: &[u8],
         frames: &Frames,
+        epoch: &'static vmcore::gate::Epoch,
     ) -> Result<(Self, alloc::vec::Vec<VcpuSetup>), CreateError> {
         vmcore::guest::check_memory(spec.memory).map_err(CreateError::BadMemorySize)?;
         let image = elf::Image::parse(image, abi::IMAGE_BASE_GPA, vmcore::guest::image_limit(&spec)).map_err(CreateError::Image)?;
@@ -166,7 +176,8 @@ impl<B: Backend> Guest<B> {
         consoles.resize_with(vcpus, || spin::Mutex::new(Console::new()));
         // A vCPU's end is recorded without allocating (`vcpu_ended`).
         let ends = vmcore::guest::Ends::try_new(vcpus as u32).map_err(|_| CreateError::NoMemory)?;
-        let shared = Shared { id, name: spec.name, memory: spec.memory, vcpus: vcpus as u32, ram: Default::default(), consoles, ran_on: core::sync::atomic::AtomicU64::new(0) };
+        let shared = Shared { id, name: spec.name, memory: spec.memory, vcpus: vcpus as u32, ram: Default::default(), consoles, ran_on: core::sync::atomic::AtomicU64::new(0),
+            epoch, budgeted: spec.max_slices.is_some() };
         let mut g = Guest {
             id,
             spec,
@@ -207,6 +218,14 @@ impl<B: Backend> Guest<B> {
     /// A vCPU of this guest ended (its control structures are gone); true if it was the last.
     pub fn vcpu_ended(&mut self, v: VcpuSummary) -> bool {
         self.ends.vcpu_ended(&mut self.state, v)
+    }
+
+    /// Stops the guest (the world lock held): its vCPUs end at their next start or exit. The
+    /// epoch moves before the caller kicks their CPUs (`sched::kick_siblings`), so a slice
+    /// start without the lock that misses the stop is ended by that IPI (`vmcore::gate`).
+    pub fn stop(&mut self) {
+        self.state = State::Stopped;
+        self.shared.epoch.bump();
     }
 
     /// `e`, with the reason (`format_args!`, formatted into a fixed buffer, cut at

@@ -363,7 +363,10 @@ impl<B: Backend> vmcore::hypercall::Services for Serving<'_, B> {
     }
 
     fn guest_exceptions(&mut self, mask: u32) -> u32 {
-        // Every vCPU of the guest takes the new bitmap before its next entry (`sched`).
+        // Every vCPU of the guest takes the new bitmap before its next entry (`sched`): the
+        // epoch moves before the kick (`sched::call`), so no slice starts without the lock
+        // with the old one.
+        self.guest.shared.epoch.bump();
         core::mem::replace(&mut self.guest.handled_exceptions, mask)
     }
 

@@ -58,7 +58,7 @@ pub(super) fn stop<B: Backend>(guest: &mut Guest<B>, exit: Exit, rip: u64) {
     if let Exit::HostStateLost { code, host_rip } = exit {
         log::error!(target: "vm",
             "guest {id} ({name}) stopped by an emulator or hypervisor fault, not its own: exit {code:#x} came back with the host's state in place of the guest's (hypervisor RIP {host_rip:#x}; the svm line above says whether the guest may have run or every re-entry failed); the guest was at RIP {rip:#x}");
-        guest.state = State::Stopped;
+        guest.stop();
         return;
     }
     let (start, end) = crate::platform::memory::kernel_range();
@@ -94,7 +94,7 @@ pub(super) fn stop<B: Backend>(guest: &mut Guest<B>, exit: Exit, rip: u64) {
             "guest {id} ({name}) stopped: VM entry failed (reason {code:#x}, qualification {qualification:#x}), RIP {rip:#x}"),
         other => log::error!(target: "vm", "guest {id} ({name}) stopped: unexpected exit {other:?}, RIP {rip:#x}"),
     }
-    guest.state = State::Stopped;
+    guest.stop();
 }
 
 /// Prints the end-of-run table; true if every guest ended as expected.

@@ -11,10 +11,12 @@
 //!
 //! What the vCPUs share (the guests' states, the hypercall `Context`) is the `World`, behind
 //! ONE spin lock (the directory and each guest's table and mounts have locks of their own
-//! beneath it, taken without it by `sched::mount_fast`): taken at the start of every
-//! slice and for every exit that may touch shared state (`vm::exits` says which), never
-//! while a guest runs, never for CPUID, HLT, interrupt, interrupt-window or preemption exits
-//! inside a slice (`vm::sched`). No CPU waits for another while holding it: a shootdown
+//! beneath it, taken without it by `sched::mount_fast`): taken at the start of a slice
+//! where something that start decides changed since the vCPU's last one (`sched::start_alone`,
+//! `vmcore::gate`; and at least every 16th slice, which folds the exit counts), and for every
+//! exit that may touch shared state (`vmcore::exits` says which), never while a guest runs,
+//! never for CPUID, HLT, interrupt, interrupt-window or preemption exits inside a slice
+//! (`vm::sched`). No CPU waits for another while holding it: a shootdown
 //! started under it is awaited when it is let go (`WorldGuard`, `vm::shootdown` has the
 //! protocol and the lock order); a CPU spinning for it keeps acknowledging shootdown
 //! requests (`lock`).

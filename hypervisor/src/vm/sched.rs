@@ -8,7 +8,10 @@
 //! # Locks, in the order they are taken
 //! 1. The world lock (`runqueue::WorldGuard`): guests, the hypercall context (quotas,
 //!    devices, notify, ExMap counters and idle per-vCPU ExMap states). Never held while a
-//!    guest runs; null exits take none (`lockless`).
+//!    guest runs; null exits take none (`lockless`), nor does a slice's start where nothing
+//!    that start decides changed since the vCPU's last start under it (`start_alone`: the
+//!    guest's epoch, `guest::Shared::epoch`, bumped under this lock before the kick IPIs by
+//!    every such change; the rule and its model are `vmcore::gate`).
 //! 1a. The directory's lock (`Context::morsels`, also `Run::directory`): names, entries,
 //!    device mounts. Under the world lock, or alone by `mount_fast` (one step at a time).
 //! 1b. A guest's address space lock (`Guest::space`, `GuestSpace`): its second-level table
@@ -70,6 +73,10 @@ pub fn run_guests<B: Backend>(backend: &mut B, frames: &Frames, archive: Archive
             return false;
         }
     };
+    // Every guest's slice-start epoch (`vmcore::gate`), by id: read by its vCPUs' slots with
+    // no lock, bumped under the world lock (by its `Guest` and by `notify` for the guests a
+    // ring reaches).
+    let epochs: &'static [vmcore::gate::Epoch] = Box::leak(specs.iter().map(|_| vmcore::gate::Epoch::new()).collect());
     let mut guests: Vec<Option<Guest<B>>> = Vec::new();
     let mut placements = Vec::new();
     let mut all_created = true;
@@ -86,7 +93,7 @@ pub fn run_guests<B: Backend>(backend: &mut B, frames: &Frames, archive: Archive
             all_created = false;
             continue;
         }
-        match Guest::create(id as u32, *spec, image, frames) {
+        match Guest::create(id as u32, *spec, image, frames, &epochs[id]) {
             Ok((g, setups)) => {
                 let mut on = Vec::new();
                 for setup in setups {
@@ -116,7 +123,7 @@ pub fn run_guests<B: Backend>(backend: &mut B, frames: &Frames, archive: Archive
         guest_count: created as u64,
         morsels,
         exmaps: Default::default(),
-        notify: Default::default(),
+        notify: super::notify::Notify::new(epochs),
         devices: drivers.devices,
         frames: *frames,
         bench: drivers.bench,
@@ -137,6 +144,8 @@ pub fn run_guests<B: Backend>(backend: &mut B, frames: &Frames, archive: Archive
     let mut w = runqueue::lock(run);
     let World { cx, done, .. } = &mut *w;
     cx.notify.log_stats();
+    log::info!(target: "vm", "stats slices begun without the world lock: {} of {}",
+        SLICES_ALONE.load(Ordering::Relaxed), SLICES_BEGUN.load(Ordering::Relaxed));
     cx.morsels.lock().log_stats();
     crate::morsels::exmap::Exmaps::log_stats(&cx.morsels.lock());
     super::shootdown::log_stats();
@@ -151,6 +160,11 @@ pub fn run_guests<B: Backend>(backend: &mut B, frames: &Frames, archive: Archive
     // Every CPU drained its allocator core when its queue emptied: the count is exact.
     report::<B>(done, frames.free_frames() as i64 - free_before as i64) && all_created
 }
+
+/// Slices begun (the guest entered) and those among them begun without the world lock
+/// (`start_alone`), of every vCPU that ended: added once per vCPU, at its end.
+static SLICES_BEGUN: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+static SLICES_ALONE: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
 
 /// One vCPU in a CPU's run queue.
 struct Slot<B: Backend> {
@@ -167,6 +181,12 @@ struct Slot<B: Backend> {
     timer_at: u64,
     /// The guest's exception bitmap (`guest_exceptions`) as this vCPU's intercepts have it.
     exceptions: u32,
+    /// What its last slice start under the world lock saw (`vmcore::gate`): whether the
+    /// next may start without it (`start_alone`).
+    gate: vmcore::gate::Gate,
+    /// Slices begun, and begun without the world lock (`SLICES_BEGUN`, `SLICES_ALONE`).
+    begun: u64,
+    alone: u64,
     /// Set when the vCPU is done.
     end: Option<State>,
     /// What the lock-free path reads of the guest (`guest::Shared`).
@@ -200,6 +220,9 @@ pub fn cpu_loop<B: Backend>(run: &Run<B>, backend: &mut B, me: usize, frames: &F
                 core: vcpu::Core::new(),
                 timer_at: u64::MAX,
                 exceptions: 0,
+                gate: vmcore::gate::Gate::new(),
+                begun: 0,
+                alone: 0,
                 end: None,
                 shared: p.shared.clone(),
                 exmap: None,
@@ -210,7 +233,7 @@ pub fn cpu_loop<B: Backend>(run: &Run<B>, backend: &mut B, me: usize, frames: &F
                 let World { guests, cx, done } = &mut *w;
                 if let Some(g) = guests.get_mut(p.guest as usize).and_then(|g| g.as_mut()) {
                     log::error!(target: "vm", "guest {} ({}) stopped: vcpu {} cannot be created on cpu {me}: {e}", g.id, g.spec.name, p.setup.rsi);
-                    g.state = State::Stopped;
+                    g.stop();
                 }
                 let v = VcpuSummary { index: p.setup.rsi as u32, cpu: me, state: State::Stopped, exits: [0; ExitKind::COUNT] };
                 vcpu_done(guests, cx, done, p.guest, v, frames);
@@ -228,6 +251,8 @@ pub fn cpu_loop<B: Backend>(run: &Run<B>, backend: &mut B, me: usize, frames: &F
                 s.space = None;
                 let state = s.end.unwrap_or(State::Stopped);
                 backend.destroy_vcpu(s.vcpu, frames);
+                SLICES_BEGUN.fetch_add(s.begun, Ordering::Relaxed);
+                SLICES_ALONE.fetch_add(s.alone, Ordering::Relaxed);
                 let v = VcpuSummary { index: s.index, cpu: me, state, exits: s.core.exits };
                 let mut w = runqueue::lock(run);
                 put_back(&mut w, s.guest, s.exmap, frames);
@@ -283,25 +308,36 @@ fn vcpu_done<B: Backend>(guests: &mut [Option<Guest<B>>], cx: &mut Context<B>, d
 /// False if the vCPU waits (`notify`) and did not run. `frames` is this CPU's allocator
 /// handle (a call's `Unlocked` part runs through it, the world lock let go).
 ///
-/// `prepare` (world lock held: the guest's state, wake-ups, injections), then until an exit
-/// needs `prepare` again: `enter` (no lock: flush if asked, run the guest), `classify` (no
-/// lock: the exits that touch nothing shared, `vcpu::lockless`, and an ExMap call on the
-/// region of the last one) and, for the rest, `world` (world lock held: `vcpu::handle`).
+/// `prepare` (world lock held: the guest's state, wake-ups, injections), or nothing where
+/// nothing it would decide changed since the last one (`start_alone`: no lock), then until
+/// an exit needs `prepare` again: `enter` (no lock: flush if asked, run the guest),
+/// `classify` (no lock: the exits that touch nothing shared, `vcpu::lockless`, and an ExMap
+/// call on the region of the last one) and, for the rest, `world` (world lock held:
+/// `vcpu::handle`).
 fn run_slice<B: Backend>(backend: &mut B, s: &mut Slot<B>, run: &Run<B>, me: usize, frames: &Frames) -> bool {
     let per_us = crate::platform::time::tsc_per_us().max(1);
     let deadline = crate::platform::time::tsc() + SLICE_US * per_us;
-    let mut w = runqueue::lock(run);
+    let mut w = match start_alone(s, me) {
+        true => {
+            s.alone += 1;
+            None
+        }
+        false => Some(runqueue::lock(run)),
+    };
     let mut first = true;
     loop {
-        unpark(&mut w, s, frames);
-        if let Some(ran) = prepare(&mut w, s, me, first, deadline) {
-            return ran;
+        if let Some(mut held) = w {
+            unpark(&mut held, s, frames);
+            if let Some(ran) = prepare(&mut held, s, me, first, deadline) {
+                return ran;
+            }
+            drop(held);
         }
+        s.begun += first as u64;
         first = false;
-        drop(w);
         // Exits and calls until one needs `prepare` again: an ExMap batch that ended alone
         // (`finish_alone`) resumes the guest here like a lock-free exit.
-        w = loop {
+        w = Some(loop {
             let exit = enter(backend, s, me, deadline, per_us);
             s.core.count(&exit);
             let next = match classify(run, s, &exit, me, deadline, frames) {
@@ -315,8 +351,26 @@ fn run_slice<B: Backend>(backend: &mut B, s: &mut Slot<B>, run: &Run<B>, me: usi
                 Next::Prepare(w) => break w,
                 Next::End => return true,
             }
-        };
+        });
     }
+}
+
+/// Whether this slice starts with no world lock (`vmcore::gate::Gate::may_start`): its last
+/// start under the lock left nothing to do and nothing it decides from changed since (the
+/// guest's epoch), no IPI asked this CPU to look, the vCPU's timer is not due, the guest has
+/// no slice budget and its exit counts were folded into the guest's not long ago. What
+/// `prepare` would do then is already done: the vCPU is not waiting, `ran_on` has this CPU,
+/// its exception bitmap and interrupt state are current; its exit counts stay in the slot
+/// (the next `fold`), an ExMap state stays parked in it (`unpark` at its next world lock).
+#[inline]
+fn start_alone<B: Backend>(s: &Slot<B>, me: usize) -> bool {
+    let facts = vmcore::gate::Facts {
+        attention: ipi::attention_pending(me),
+        timer_due: crate::platform::time::tsc() >= s.timer_at,
+        budgeted: s.shared.budgeted,
+        unfolded_slices: s.core.unfolded[ExitKind::Preempted as usize],
+    };
+    s.gate.may_start(s.shared.epoch, facts)
 }
 
 /// Where `run_slice` goes after an exit.
@@ -630,6 +684,8 @@ fn put_back<B: Backend>(w: &mut World<B>, guest: u32, parked: Option<crate::mors
 /// pending virtual interrupt. Some(ran) ends the slice (`run_slice`'s result), None enters.
 fn prepare<B: Backend>(w: &mut World<B>, s: &mut Slot<B>, me: usize, first: bool, deadline: u64) -> Option<bool> {
     let World { guests, cx, .. } = w;
+    // Recorded again below only where this start enters with nothing left to do.
+    s.gate.forget();
     let Some(guest) = guests.get_mut(s.guest as usize).and_then(|g| g.as_mut()) else {
         s.end = Some(State::Stopped);
         return Some(true);
@@ -659,8 +715,10 @@ fn prepare<B: Backend>(w: &mut World<B>, s: &mut Slot<B>, me: usize, first: bool
         s.exceptions = guest.handled_exceptions;
     }
     // notify hook: inject a pending virtual interrupt or ask for a window (vm/notify.rs).
-    cx.notify.before_run(guest, s.index, &mut s.vcpu);
+    let settled = cx.notify.before_run(guest, s.index, &mut s.vcpu);
     s.timer_at = cx.notify.timer_deadline(guest.id, s.index).unwrap_or(u64::MAX);
+    // Read under the world lock, after every check: any change since bumps it.
+    s.gate.record(s.shared.epoch.now(), settled);
     None
 }
 
@@ -831,7 +889,7 @@ impl<B: Backend> vcpu::Guest for Locked<'_, B> {
     }
 
     fn stop(&mut self) {
-        self.guest.state = State::Stopped;
+        self.guest.stop();
     }
 
     fn kick_siblings(&mut self) {

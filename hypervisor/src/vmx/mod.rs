@@ -393,6 +393,10 @@ impl Vmx {
     /// where there is one, since every VM exit clears the valid bit of ENTRY_INTERRUPTION_INFO
     /// (SDM Vol. 3C, "VM-Entry Controls for Event Injection") and the setup wrote it 0; the
     /// controls and the bitmap where they differ from what this VMCS last got (`written`).
+    // Inlined (every entry runs it): LLVM's own choice put it out of line once the VM layer
+    // grew (branch `slicegate`), which cost 5-6 Bochs ticks per null exit (`cargo xtask
+    // bench exits`).
+    #[inline]
     fn write_events(&self, vcpu: &mut Vcpu) -> Result<(), VmFail> {
         let (info, error, len) = vcpu.inject;
         if info != 0 {

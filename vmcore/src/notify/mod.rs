@@ -41,8 +41,11 @@
 //! | `guest_ended` keeps the subscriptions, or the events | `a_guest_ending_removes_its_subscriptions` |
 //! | `watch` ignores `there` | `name_watch_fires_when_the_name_enters` |
 //! | `entered` does not end the watch | `name_watch_fires_when_the_name_enters` |
+//! | `notify` names no guest in `Rung::raised` | `a_ring_names_the_guests_whose_vcpus_got_a_vector_raised` |
+//! | `notify` names every subscriber, vector or not | `a_ring_names_the_guests_whose_vcpus_got_a_vector_raised` |
 //! | `events` accepts any vCPU index | `bad_arguments_get_the_errors_of_the_abi` and five more |
 
+use crate::gate::Guests;
 use crate::names::Name;
 use abi::{Error, Timeout};
 use alloc::vec::Vec;
@@ -99,6 +102,11 @@ pub struct Rung {
     /// Subscribers (guests) reached: the call's result.
     pub reached: u64,
     pub kick: Kick,
+    /// The guests one of whose vCPUs got a virtual interrupt raised: their epochs are
+    /// bumped (`gate::Epoch`), so their vCPUs' next slice starts look (`before_run`).
+    /// Bits alone change no start: only a waiting vCPU looks at them, and it starts under
+    /// the lock anyway.
+    pub raised: Guests,
 }
 
 /// Why a call was refused; nothing changed.
@@ -342,7 +350,7 @@ impl Notify {
     pub fn notify(&mut self, g: &impl Guest, vcpu: u32, me: usize, gpa: u64, bits: u64) -> Result<Rung, Refused> {
         let morsel = g.mounted(gpa).ok_or(Refused::NotMounted(gpa))?;
         let caller = g.id();
-        let (mut reached, mut kick) = (0, 0u64);
+        let (mut reached, mut kick, mut raised) = (0, 0u64, Guests::default());
         for s in self.subs.iter().filter(|s| s.morsel == morsel) {
             // Subscribing made the guest's events.
             let Some(all) = self.vcpus.get_mut(s.guest as usize) else { continue };
@@ -358,6 +366,9 @@ impl Notify {
             if hit > 0 {
                 reached += 1;
                 self.stats.delivered += hit;
+                if s.vector.is_some() {
+                    raised.add(s.guest);
+                }
             }
         }
         if reached == 0 {
@@ -365,7 +376,7 @@ impl Notify {
         }
         self.stats.rung += 1;
         self.stats.ipis += u64::from(kick.count_ones());
-        Ok(Rung { reached, kick: Kick(kick) })
+        Ok(Rung { reached, kick: Kick(kick), raised })
     }
 
     /// `name_watch` of vCPU `vcpu` of `g`: `bits` for `name` (`there`: in the directory now),

@@ -397,3 +397,28 @@ fn refusals_read_as_reasons() {
     assert_eq!(alloc::format!("{}", Refused::NotMounted(0x2000)), "no morsel is mounted at 0x2000");
     assert_eq!(alloc::format!("{}", Refused::NoReceiver(name("bell"))), "nobody else subscribed to 'bell'");
 }
+
+#[test]
+fn a_ring_names_the_guests_whose_vcpus_got_a_vector_raised() {
+    let mut n = Notify::default();
+    let (a, b, c, d) = (guest(0, 2), guest(2, 1), guest(65, 1), guest(3, 1));
+    n.subscribe(&a, BELL, Some(40)).unwrap();
+    n.subscribe(&b, BELL, None).unwrap();
+    n.subscribe(&c, BELL, Some(41)).unwrap();
+    // `d` rings: `a` and `c` get vectors (their slice starts must look), `b` bits only.
+    let raised = ring(&mut n, &d, 0, 0, 1).unwrap().raised;
+    assert!(raised.has(0) && raised.has(65), "{raised:?}");
+    assert!(raised.has(1), "65 % 64: more guests named, never fewer");
+    assert!(!raised.has(2) && !raised.has(3), "{raised:?}");
+    // Still raised while pending (the start that injects it looks anyway): named again.
+    assert!(ring(&mut n, &d, 0, 0, 1).unwrap().raised.has(0));
+    // The caller's own other vCPU gets it: its own guest is named.
+    let raised = ring(&mut n, &a, 0, 0, 1).unwrap().raised;
+    assert!(raised.has(0), "{raised:?}");
+    // `a` alone subscribed with a vector, and only the caller is in it: not named.
+    let solo = (guest(7, 1), guest(8, 1));
+    n.subscribe(&solo.0, OTHER, Some(42)).unwrap();
+    n.subscribe(&solo.1, OTHER, None).unwrap();
+    let raised = n.notify(&solo.0, 0, 0, OTHER, 1).unwrap().raised;
+    assert!(!raised.has(7), "the caller's guest has no other vCPU: {raised:?}");
+}

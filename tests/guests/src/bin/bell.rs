@@ -13,6 +13,20 @@
 //!   handles vector 0x50 and subscribes with it; both vCPUs unmask interrupts and wait until
 //!   each took the interrupt once (issue 20 item 10: vCPU 1 had no IDT and died of #GP);
 //! - 7 vector ringer: opens "vbell" read-only and rings it once its owner subscribed.
+//! - 8 same CPU (`:vcpus=2:cpu=0`): vCPU 1 unmasks interrupts and spins, never calling the
+//!   hypervisor, so its slices start without the world lock (`vmcore::gate`); vCPU 0, on the
+//!   same CPU (no wake-up IPI), subscribes the guest's private "sbell" with vector 0x50,
+//!   yields a few slices, rings it and counts its own yields until vCPU 1 took the vector:
+//!   the ring bumps the guest's epoch, so vCPU 1's next slice starts under the lock and
+//!   injects (1 yield); at most 3 are allowed (a start that missed the ring would wait up
+//!   to 16 slices for the next start under the lock).
+//! - 9 stopped on one CPU (`:vcpus=2:cpu=0`, with a 10 on CPU 0 too): vCPU 1 counts in word 0
+//!   of "stopme" without calling the hypervisor (its slices start without the world lock);
+//!   vCPU 0 lets it run a few slices, sets word 1 and reads outside its memory: the guest is
+//!   stopped, and vCPU 1, on the same CPU (no kick IPI), must end at its next slice start;
+//! - 10 stop watcher: opens "stopme", waits for word 1, then looks at word 0 once per yield
+//!   for 30 yields: it may move in at most one of them (with the stop's epoch bump left out,
+//!   vCPU 1 would count on until the next start under the lock, up to 16 slices).
 #![no_std]
 #![no_main]
 
@@ -35,6 +49,10 @@ static VERDICT: AtomicU64 = AtomicU64::new(0);
 const VECTOR: u8 = 0x50;
 static SUBSCRIBED: AtomicU64 = AtomicU64::new(0);
 static TAKEN: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
+/// arg 8: vCPU 1 spins with interrupts unmasked.
+static SPINNING: AtomicU64 = AtomicU64::new(0);
+/// arg 9: where "stopme" is mounted (0: not yet), for vCPU 1.
+static STOPME: AtomicU64 = AtomicU64::new(0);
 
 fn open_retry(name: &str) -> Result<morsel::MorselMut, Error> {
     loop {
@@ -55,6 +73,9 @@ fn main(info_: &BootInfo) -> i32 {
         5 => pair_main(),
         6 => vector_subscriber(),
         7 => vector_ringer(),
+        8 => same_cpu_ringer(),
+        9 => stop_main(info_),
+        10 => stop_watcher(),
         _ => deadlock(me),
     }
 }
@@ -63,6 +84,8 @@ fn vcpu_main(info_: &BootInfo, vcpu: u32) -> i32 {
     match (info_.arg, vcpu) {
         (5, 1) => pair_waiter(),
         (6, 1) => vector_take(1),
+        (8, 1) => same_cpu_spinner(),
+        (9, 1) => stop_spinner(),
         _ => 0,
     }
 }
@@ -153,6 +176,122 @@ fn vector_take(vcpu: usize) -> i32 {
     println!("bell vectors: vcpu {vcpu} took vector {VECTOR:#x} {n} time(s) and runs on");
     if n == 0 {
         println!("bell vectors: vcpu {vcpu}: WRONG (no interrupt)");
+        return 1;
+    }
+    0
+}
+
+fn same_cpu_ringer() -> i32 {
+    let Ok(m) = morsel::create("sbell", 4096, PageSize::Size4K, false) else { return 1 };
+    if guest_lib::interrupts::set_handler(VECTOR, vector_handler).is_err() {
+        return 1;
+    }
+    let bell = Doorbell::new(m.addr());
+    if let Err(e) = bell.subscribe(Some(VECTOR)) {
+        println!("bell same cpu: subscribe failed: {e}");
+        return 1;
+    }
+    SUBSCRIBED.store(1, SeqCst);
+    while SPINNING.load(SeqCst) == 0 {
+        yield_now();
+    }
+    // A few of vCPU 1's slices: they start without the world lock by then.
+    for _ in 0..4 {
+        yield_now();
+    }
+    let rang = bell.ring(Event(0x1));
+    let mut yields = 0u64;
+    while TAKEN[1].load(SeqCst) == 0 && yields < 100 {
+        yield_now();
+        yields += 1;
+    }
+    let taken = TAKEN[1].load(SeqCst);
+    println!("bell same cpu: rang {rang:?}; vcpu 1 (spinning on this CPU) took vector {VECTOR:#x} {taken} time(s), after {yields} of vcpu 0's yields");
+    match (rang, taken, yields) {
+        (Ok(1), 1.., ..=3) => 0,
+        _ => {
+            println!("bell same cpu: WRONG (vcpu 1's slices went on without the raised vector)");
+            1
+        }
+    }
+}
+
+/// arg 8, vCPU 1: spins with interrupts unmasked until the vector came (at most 10 s).
+fn same_cpu_spinner() -> i32 {
+    while SUBSCRIBED.load(SeqCst) == 0 {
+        yield_now();
+    }
+    guest_lib::interrupts::enable();
+    let t0 = micros();
+    SPINNING.store(1, SeqCst);
+    while TAKEN[1].load(SeqCst) == 0 && micros() - t0 < 10_000_000 {
+        core::hint::spin_loop();
+    }
+    0
+}
+
+/// arg 9, vCPU 0: see the module doc.
+fn stop_main(info_: &BootInfo) -> i32 {
+    let Ok(m) = morsel::create("stopme", 4096, PageSize::Size4K, false) else { return 1 };
+    STOPME.store(m.addr(), SeqCst);
+    let words = m.atomics();
+    while words[0].load(SeqCst) == 0 {
+        yield_now();
+    }
+    for _ in 0..4 {
+        yield_now();
+    }
+    println!("bell stop: vcpu 1 counts on this CPU; vcpu 0 now reads outside its memory");
+    words[1].store(1, SeqCst);
+    // SAFETY: deliberately not safe: the second-level fault that stops this guest is the point.
+    let v = unsafe { core::ptr::read_volatile((info_.memory_size + (64 << 20)) as *const u64) };
+    println!("bell stop: the read returned {v:#x}: WRONG");
+    1
+}
+
+/// arg 9, vCPU 1: counts in word 0 of "stopme" without calling the hypervisor until its
+/// guest is stopped.
+fn stop_spinner() -> i32 {
+    let gpa = loop {
+        match STOPME.load(SeqCst) {
+            0 => yield_now(),
+            at => break at,
+        }
+    };
+    let Some(words) = morsel::atomics_at(gpa) else { return 1 };
+    loop {
+        words[0].fetch_add(1, SeqCst);
+        core::hint::spin_loop();
+    }
+}
+
+/// arg 10: see the module doc.
+fn stop_watcher() -> i32 {
+    let m = loop {
+        match morsel::open("stopme") {
+            Err(Error::NotFound) => yield_now(),
+            Ok(m) => break m,
+            Err(e) => {
+                println!("bell stop watcher: open failed: {e}");
+                return 1;
+            }
+        }
+    };
+    let words = m.atomics();
+    while words[1].load(SeqCst) == 0 {
+        yield_now();
+    }
+    let (mut last, mut moved) = (words[0].load(SeqCst), 0);
+    for _ in 0..30 {
+        yield_now();
+        let now = words[0].load(SeqCst);
+        if now != last {
+            (last, moved) = (now, moved + 1);
+        }
+    }
+    println!("bell stop watcher: the stopped guest's spinning vcpu counted in {moved} of this guest's next 30 turns");
+    if moved > 1 {
+        println!("bell stop watcher: WRONG (a vcpu of a stopped guest went on running its slices)");
         return 1;
     }
     0
