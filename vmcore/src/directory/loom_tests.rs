@@ -125,7 +125,8 @@ fn vcpu(r: &Run) {
 fn destroy(r: &Run) {
     let removed = {
         let mut d = r.names.lock().unwrap();
-        if check_destroy::<Ept, Obj>(&d, &DeviceMounts::new(), 0, "a", |_| None).is_err() {
+        let a = d.keys().hash(Name::new(b"a").unwrap());
+        if check_destroy::<Ept, Obj>(&d, &DeviceMounts::new(), 0, &a, |_| None).is_err() {
             return;
         }
         assert_eq!(r.mounted.load(Ordering::SeqCst), r.flushed.load(Ordering::SeqCst), "destroyed before the unmount's invalidation started");
