@@ -54,13 +54,18 @@ static SPINNING: AtomicU64 = AtomicU64::new(0);
 /// arg 9: where "stopme" is mounted (0: not yet), for vCPU 1.
 static STOPME: AtomicU64 = AtomicU64::new(0);
 
-fn open_retry(name: &str) -> Result<morsel::MorselMut, Error> {
+/// `open()` until its name exists: the answer of the first call that is not `NotFound`.
+fn retry<T>(open: impl Fn() -> Result<T, Error>) -> Result<T, Error> {
     loop {
-        match morsel::open_mut(name) {
+        match open() {
             Err(Error::NotFound) => yield_now(),
             other => return other,
         }
     }
+}
+
+fn open_retry(name: &str) -> Result<morsel::MorselMut, Error> {
+    retry(|| morsel::open_mut(name))
 }
 
 fn main(info_: &BootInfo) -> i32 {
@@ -267,14 +272,11 @@ fn stop_spinner() -> i32 {
 
 /// arg 10: see the module doc.
 fn stop_watcher() -> i32 {
-    let m = loop {
-        match morsel::open("stopme") {
-            Err(Error::NotFound) => yield_now(),
-            Ok(m) => break m,
-            Err(e) => {
-                println!("bell stop watcher: open failed: {e}");
-                return 1;
-            }
+    let m = match retry(|| morsel::open("stopme")) {
+        Ok(m) => m,
+        Err(e) => {
+            println!("bell stop watcher: open failed: {e}");
+            return 1;
         }
     };
     let words = m.atomics();
@@ -298,14 +300,11 @@ fn stop_watcher() -> i32 {
 }
 
 fn vector_ringer() -> i32 {
-    let m = loop {
-        match morsel::open("vbell") {
-            Err(Error::NotFound) => yield_now(),
-            Ok(m) => break m,
-            Err(e) => {
-                println!("bell vector ringer: open failed: {e}");
-                return 1;
-            }
+    let m = match retry(|| morsel::open("vbell")) {
+        Ok(m) => m,
+        Err(e) => {
+            println!("bell vector ringer: open failed: {e}");
+            return 1;
         }
     };
     let bell = Doorbell::new(m.addr());
