@@ -22,9 +22,12 @@
 //! `Exmaps::finish`): the region is pinned meanwhile (every action on it, its destroy and
 //! other batches on it answer `Busy`), so no frame the device may still write is freed.
 //! Invalidation: FREE clears all its PTEs, then shoots down ONCE (`vm/shootdown.rs`): the
-//! CPUs that ran the caller's vCPUs, or every CPU that ran any guest where other guests have
-//! the region mounted, and the IOTLB of every device domain that has it mounted; the call
-//! returns after every CPU acknowledged.
+//! CPUs that ran the caller's vCPUs, or, where other guests have the region mounted, the CPUs
+//! of every guest that mounted it (`RegionCell::sharers`: placement is static, so a guest's
+//! CPUs are known from its start), and the IOTLB of every device domain that has it mounted;
+//! the call returns after every CPU acknowledged. No CPU of a guest that never mounted the
+//! region is interrupted (`exmap_shared_free_spares_other_cpus`; the sharers' shootdown:
+//! `exmap_free_shoots_down_sharing_guest`).
 
 use crate::vm::guest::Guest;
 use super::{read_hashed, Directory, Name};
@@ -201,7 +204,8 @@ impl<F: morsel::Format> Batch<F> {
     /// succeeded and its vCPU goes on (the caller checked that no stop reached this CPU).
     /// A FREE that cleared pages shoots down ONCE (`Held::targets` from the mounts counted
     /// at the take: `guest_cpus`, the CPUs that ran the caller's vCPUs, read now (only this
-    /// CPU `me`: its local flush), or every CPU that ran a guest), then the region's lock is
+    /// CPU `me`: its local flush), or the CPUs of every guest that mounted the region,
+    /// `RegionCell::sharers_flush`), then the region's lock is
     /// given back (Release: the next one admitted under the world lock sees the edits). The
     /// counters are the region cell's.
     /// Returns the failed-entry count and the vCPU's ExMap state, which its slot keeps
@@ -237,10 +241,7 @@ fn end_alone(held: Held, cell: &RegionCell, v: &mut VcpuState, op: u64, done: (e
                 cpus if cpus & !(1 << me) == 0 => None,
                 cpus => Some(Flush::cpus(cpus)),
             },
-            Targets::Everyone => {
-                RegionCell::add(&cell.remote_flushes, 1);
-                Some(Flush::every_guest_cpu())
-            }
+            Targets::Everyone => Some(cell.sharers_flush()),
         };
         match flush {
             // No device sees a batching region: the shootdown alone.
@@ -456,6 +457,12 @@ pub(crate) struct RegionCell {
     failed: AtomicU64,
     invalidations: AtomicU64,
     remote_flushes: AtomicU64,
+    /// The CPUs of every guest that mounted the region since it entered the slot
+    /// (`shootdown::placed_on`, OR-ed in by `Named::mounted` under the directory's lock, SeqCst;
+    /// never cleared until the slot's next region): a superset of the CPUs that may cache its
+    /// translations, what a FREE where others have it mounted shoots down (`sharers`) instead
+    /// of every CPU that ran any guest.
+    sharers: AtomicU64,
 }
 
 impl RegionCell {
@@ -470,6 +477,25 @@ impl RegionCell {
             failed: AtomicU64::new(0),
             invalidations: AtomicU64::new(0),
             remote_flushes: AtomicU64::new(0),
+            sharers: AtomicU64::new(0),
+        }
+    }
+
+    /// Guest `guest` mounted the region: its CPUs join the region's `sharers`.
+    pub(crate) fn mounted_by(&self, guest: u32) {
+        self.sharers.fetch_or(crate::vm::shootdown::placed_on(guest), Ordering::SeqCst);
+    }
+
+    /// The shootdown of a batch where others have the region mounted (or its caller is
+    /// gone): the CPUs of every guest that mounted it (each of them did, the caller too,
+    /// before any batch that this shootdown ends; a mount is admitted only while no batch
+    /// holds the region, and refuses every fast handle made before it), or, where none is
+    /// known, every CPU that ran any guest.
+    fn sharers_flush(&self) -> Flush {
+        RegionCell::add(&self.remote_flushes, 1);
+        match self.sharers.load(Ordering::SeqCst) {
+            0 => Flush::every_guest_cpu(),
+            cpus => Flush::cpus(cpus),
         }
     }
 
@@ -478,7 +504,7 @@ impl RegionCell {
     pub(crate) fn reset(&self) {
         self.lock.changed();
         self.lock.forget_turn();
-        for c in [&self.calls, &self.free_calls, &self.allocated, &self.freed, &self.zeroed, &self.failed, &self.invalidations, &self.remote_flushes] {
+        for c in [&self.calls, &self.free_calls, &self.allocated, &self.freed, &self.zeroed, &self.failed, &self.invalidations, &self.remote_flushes, &self.sharers] {
             c.store(0, Ordering::Relaxed);
         }
     }
@@ -837,13 +863,10 @@ impl Exmaps {
         if op == abi::EXMAP_FREE && b.pages > 0 || b.rolled_back > 0 {
             // ONE shootdown for the whole batch, then the frames may leave the cache: the
             // caller's CPUs, or, where other guests have the region mounted (or the caller
-            // is gone), every CPU that ran any guest.
+            // is gone), the CPUs of every guest that mounted it.
             let mut flush = match g.as_deref_mut() {
                 Some(g) if n.morsel.mount_count() <= 1 => crate::vm::shootdown::of_guest(g),
-                _ => {
-                    RegionCell::add(&cell.remote_flushes, 1);
-                    Flush::every_guest_cpu()
-                }
+                _ => cell.sharers_flush(),
             };
             RegionCell::add(&cell.invalidations, 1);
             // Each device domain the region is mounted in is invalidated once for the batch,
@@ -950,10 +973,7 @@ impl Exmaps {
             if let Some(targets) = targets {
                 let flush = match (targets, g.as_deref()) {
                     (Targets::Caller, Some(g)) => crate::vm::shootdown::of_guest(g),
-                    _ => {
-                        RegionCell::add(&cell.remote_flushes, 1);
-                        Flush::every_guest_cpu()
-                    }
+                    _ => cell.sharers_flush(),
                 };
                 // No device sees a batching region: the shootdown alone.
                 let _ = flush.commit(&mut Hw(None));

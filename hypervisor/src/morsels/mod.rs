@@ -165,6 +165,10 @@ impl<F: Format> vmcore::directory::Entry<F> for Named<F> {
     /// A device mount's invalidation (its domain's IOTLB) is counted with it.
     fn mounted(&mut self, space: SpaceId, stats: &MountStats) {
         self.count_mount(stats, u64::from(matches!(space, SpaceId::Device(_))));
+        // An ExMap region's FREE shoots down the CPUs of the guests that mounted it.
+        if let (SpaceId::Guest(id), Some(cell)) = (space, self.cell) {
+            cell.mounted_by(id);
+        }
     }
     /// A region's `Fast` handles made before (the unmounting guest's among them) are refused
     /// from here on: the guest's calls on it go to the world path, which finds no mount.

@@ -104,6 +104,7 @@ pub fn run_guests<B: Backend>(backend: &mut B, frames: &Frames, archive: Archive
                     on.push(cpu);
                     placements.push(Placement { cpu, guest: id as u32, setup, shared: g.shared.clone() });
                 }
+                super::shootdown::set_placed(id as u32, on.iter().fold(0, |m, &c| m | 1 << (c % ipi::MAX_CPUS)));
                 match spec.vcpus {
                     1 => log::info!(target: "vm", "guest {id} ({}): {} MiB, image {} KiB, started on cpu {}",
                         spec.name, spec.memory >> 20, image.len() / 1024, on[0]),

@@ -64,6 +64,24 @@ static OVERFLOWS: AtomicU64 = AtomicU64::new(0);
 /// Every CPU that ran any guest's vCPU.
 static ANY_RAN_ON: AtomicU64 = AtomicU64::new(0);
 
+/// The CPUs each guest's vCPUs are placed on, by guest id (placement is static: a vCPU never
+/// leaves its CPU), set once by `set_placed` before any vCPU runs.
+static PLACED_ON: [AtomicU64; super::guest::MAX_GUESTS] = [const { AtomicU64::new(0) }; super::guest::MAX_GUESTS];
+
+/// Guest `guest`'s vCPUs are placed on the CPUs of `cpus` (`sched::run_guests`, before any
+/// CPU runs a vCPU).
+pub fn set_placed(guest: u32, cpus: u64) {
+    if let Some(p) = PLACED_ON.get(guest as usize) {
+        p.store(cpus, Ordering::SeqCst);
+    }
+}
+
+/// The CPUs guest `guest`'s vCPUs run on: every CPU that may ever cache its translations
+/// (every CPU for an id past the table, which the command line never hands out).
+pub fn placed_on(guest: u32) -> u64 {
+    PLACED_ON.get(guest as usize).map_or(u64::MAX, |p| p.load(Ordering::SeqCst))
+}
+
 /// CPU `cpu` is about to run a vCPU (the vCPU loop, before each entry).
 pub fn note_ran(cpu: usize) {
     ANY_RAN_ON.fetch_or(1 << (cpu % ipi::MAX_CPUS), Ordering::AcqRel);

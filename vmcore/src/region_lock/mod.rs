@@ -159,7 +159,8 @@ pub enum Caller {
 pub enum Targets {
     /// The CPUs that ran the caller's vCPUs: nobody else has the region mounted.
     Caller,
-    /// Every CPU that ran any guest: others have the region mounted, or the caller is gone.
+    /// Beyond the caller's CPUs: others have the region mounted, or the caller is gone (the
+    /// hypervisor shoots down the CPUs of every guest that mounted the region).
     Everyone,
 }
 

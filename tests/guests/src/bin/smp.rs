@@ -23,6 +23,11 @@
 //! * 8 (two vCPUs) + 4 (the witness): as 3, but vCPU 1 reads page 0 of the ExMap region "xv"
 //!   and vCPU 0 FREEs that page (right after an ALLOC of page 1 on the same region: the FREE
 //!   takes no world lock, `exmap_fast`) instead of unmounting a morsel.
+//! * 9 + 10 (two guests, each on its own CPU) + 4 (the witness): as 8 across guests: guest 9
+//!   creates the region "xs", populates page 0 and FREEs it while guest 10, which mounted
+//!   "xs" read-only, reads it on the other CPU; a FREE of a region another guest mounts shoots
+//!   down that guest's CPUs (`RegionCell::sharers`), so guest 10 is stopped at its first read
+//!   after the call returned. Guest 9 exits 0 once the flag is set.
 #![no_std]
 #![no_main]
 
@@ -50,6 +55,8 @@ fn main(info: &BootInfo) -> i32 {
         3 => unmount_main(),
         4 => witness(),
         8 => free_main(),
+        9 => free_shared_main(),
+        10 => shared_reader(),
         5 => churn(info, 0),
         6 => fault_main(info),
         7 => kicks_main(),
@@ -257,6 +264,69 @@ fn free_main() -> i32 {
         let alloc = x.alloc(&[Range::new(1, 1)]);
         x.free(&[Range::new(0, 1)]) == Ok(0) && alloc == Ok(0)
     })
+}
+
+/// Arg 9: `free_main` across guests. Creates "xs" (others may mount it read-only), populates
+/// page 0, then the witness (guest 10 opens "xs" once the witness exists), and FREEs page 0
+/// while guest 10 reads it; sets FLAG right after the call returned, then exits.
+fn free_shared_main() -> i32 {
+    let Ok(mut x) = ExMap::create("xs", 64 * 4096, false) else {
+        println!("smp: region 'xs' FAILED");
+        return 1;
+    };
+    if x.alloc(&[Range::new(0, 1)]) != Ok(0) {
+        println!("smp: ALLOC of page 0 of 'xs' FAILED");
+        return 1;
+    }
+    let w = match open_shared("witness", true) {
+        Ok(w) => w,
+        Err(e) => {
+            println!("smp: witness: {e}");
+            return 1;
+        }
+    };
+    let wa = w.atomics();
+    // Guest 10 is reading page 0 (its count of reads before FLAG moves).
+    while wa[2].load(SeqCst) < 1000 {
+        yield_now();
+    }
+    println!("smp: freeing page 0 of 'xs' while guest 10 reads it on another CPU");
+    wa[3].store(1, SeqCst);
+    // ALLOC / FREE pairs on page 1 first: the FREE of page 0 takes no world lock either.
+    for _ in 0..3 {
+        let _ = x.alloc(&[Range::new(1, 1)]);
+        let _ = x.free(&[Range::new(1, 1)]);
+    }
+    let alloc = x.alloc(&[Range::new(1, 1)]);
+    let ok = x.free(&[Range::new(0, 1)]) == Ok(0) && alloc == Ok(0);
+    wa[0].store(1, SeqCst); // FLAG, only after the call returned
+    println!("smp: the call returned{}, flag set", if ok { "" } else { " FAILED" });
+    // The region stays mounted here until this guest ends (`x` lives to the end of main).
+    let _ = &x;
+    if ok { 0 } else { 1 }
+}
+
+/// Arg 10: mounts "xs" read-only once the witness exists (page 0 is populated by then) and
+/// reads its page 0 as `reader` does, until a fault stops this guest.
+fn shared_reader() -> i32 {
+    let w = match open_shared("witness", false) {
+        Ok(w) => w,
+        Err(e) => {
+            println!("smp: witness: {e}");
+            return 1;
+        }
+    };
+    let x = match morsel::open("xs") {
+        Ok(x) => x,
+        Err(e) => {
+            println!("smp: open of 'xs' read-only FAILED: {e}");
+            return 1;
+        }
+    };
+    WITNESS.store(w.addr(), SeqCst);
+    SHARED.store(x.addr(), SeqCst);
+    core::mem::forget((w, x));
+    reader()
 }
 
 /// Args 3 and 8: publishes `victim` (the reader's page) and the witness, waits until vCPU 1
