@@ -241,43 +241,45 @@ fn unmount_main() -> i32 {
     })
 }
 
-/// Arg 8: `unmount_main` with an ExMap FREE of the page the reader reads.
-fn free_main() -> i32 {
-    let Ok(mut x) = ExMap::create("xv", 64 * 4096, false) else {
-        println!("smp: region 'xv' FAILED");
-        return 1;
+/// The ExMap region `name` (64 pages; others may mount it read-only) with its page 0
+/// populated, for a reader to read while `free_page_0` FREEs it.
+fn region_with_page_0(name: &str) -> Option<ExMap> {
+    let Ok(mut x) = ExMap::create(name, 64 * 4096, false) else {
+        println!("smp: region '{name}' FAILED");
+        return None;
     };
     if x.alloc(&[Range::new(0, 1)]) != Ok(0) {
-        println!("smp: ALLOC of page 0 FAILED");
-        return 1;
+        println!("smp: ALLOC of page 0 of '{name}' FAILED");
+        return None;
     }
+    Some(x)
+}
+
+/// FREEs page 0 of `x`. ALLOC / FREE pairs on page 1 first leave this vCPU a handle to the
+/// region (its state stays in its slot): the FREE of page 0 right after them takes no world
+/// lock, and returns after every CPU it shoots down acknowledged. False: a call failed.
+fn free_page_0(x: &mut ExMap) -> bool {
+    for _ in 0..3 {
+        let _ = x.alloc(&[Range::new(1, 1)]);
+        let _ = x.free(&[Range::new(1, 1)]);
+    }
+    let alloc = x.alloc(&[Range::new(1, 1)]);
+    x.free(&[Range::new(0, 1)]) == Ok(0) && alloc == Ok(0)
+}
+
+/// Arg 8: `unmount_main` with an ExMap FREE of the page the reader reads. `x` is never
+/// dropped (no unmount): the call below does not return.
+fn free_main() -> i32 {
+    let Some(mut x) = region_with_page_0("xv") else { return 1 };
     let at = x.addr();
-    // ALLOC / FREE pairs on page 1 leave this vCPU a handle to the region (its state stays in
-    // its slot): the FREE of page 0 right after them takes no world lock, and returns after
-    // CPU 1 acknowledged the shootdown. `x` is never dropped (no unmount): the call below
-    // does not return.
-    remove_while_read(at, "freeing page 0 of 'xv'", || {
-        for _ in 0..3 {
-            let _ = x.alloc(&[Range::new(1, 1)]);
-            let _ = x.free(&[Range::new(1, 1)]);
-        }
-        let alloc = x.alloc(&[Range::new(1, 1)]);
-        x.free(&[Range::new(0, 1)]) == Ok(0) && alloc == Ok(0)
-    })
+    remove_while_read(at, "freeing page 0 of 'xv'", || free_page_0(&mut x))
 }
 
 /// Arg 9: `free_main` across guests. Creates "xs" (others may mount it read-only), populates
 /// page 0, then the witness (guest 10 opens "xs" once the witness exists), and FREEs page 0
 /// while guest 10 reads it; sets FLAG right after the call returned, then exits.
 fn free_shared_main() -> i32 {
-    let Ok(mut x) = ExMap::create("xs", 64 * 4096, false) else {
-        println!("smp: region 'xs' FAILED");
-        return 1;
-    };
-    if x.alloc(&[Range::new(0, 1)]) != Ok(0) {
-        println!("smp: ALLOC of page 0 of 'xs' FAILED");
-        return 1;
-    }
+    let Some(mut x) = region_with_page_0("xs") else { return 1 };
     let w = match open_shared("witness", true) {
         Ok(w) => w,
         Err(e) => {
@@ -292,13 +294,7 @@ fn free_shared_main() -> i32 {
     }
     println!("smp: freeing page 0 of 'xs' while guest 10 reads it on another CPU");
     wa[3].store(1, SeqCst);
-    // ALLOC / FREE pairs on page 1 first: the FREE of page 0 takes no world lock either.
-    for _ in 0..3 {
-        let _ = x.alloc(&[Range::new(1, 1)]);
-        let _ = x.free(&[Range::new(1, 1)]);
-    }
-    let alloc = x.alloc(&[Range::new(1, 1)]);
-    let ok = x.free(&[Range::new(0, 1)]) == Ok(0) && alloc == Ok(0);
+    let ok = free_page_0(&mut x);
     wa[0].store(1, SeqCst); // FLAG, only after the call returned
     println!("smp: the call returned{}, flag set", if ok { "" } else { " FAILED" });
     // The region stays mounted here until this guest ends (`x` lives to the end of main).
