@@ -40,6 +40,7 @@
 //! | R18: `take_fast` checks the generation with a load, then adds its batch by `fetch_add` | (f) | causality violation on a leaf cell |
 //! | R19: `Leaves::try_map` writes its entry (no CAS from the empty one) | (g) | "every frame in exactly one place": a frame lost |
 //! | R20: `Leaves::take` reads, then writes the empty entry (no CAS) | (g) | the same: a frame in two caches |
+//! | R21: `open` does not join the region's sharers (`RegionCell::sharers`, what `Targets::Everyone` shoots down) | (a) alone, (d) | "frame 0x5000 reused while CPU 1 may still cache a translation to it" |
 //!
 //! R1 was tried on the protocol before `exmap-call` (the count read at the end, under the
 //! world lock, with mounts going on during batches). It is the protocol now: the count is
@@ -100,6 +101,10 @@ struct World {
     leaf: AtomicBool,
     /// Per CPU: a translation to `FRAME` may be cached there.
     cached: [AtomicBool; N],
+    /// The CPUs of every guest that mounted the region (`exmap::RegionCell::sharers`): guest
+    /// 1's CPU 0 from the start (its creator's mount), OR-ed in by each `open` under the
+    /// world lock; what a shootdown beyond the caller reaches (`Targets::Everyone`).
+    sharers: AtomicU64,
     /// How many times `FRAME` was reused.
     reused: AtomicU64,
     /// The region's frames went back to the allocator (`morsel_destroy`'s `Removed::free`).
@@ -120,6 +125,7 @@ impl World {
             mb: Mailboxes::new(),
             leaf: AtomicBool::new(true),
             cached: core::array::from_fn(|_| AtomicBool::new(false)),
+            sharers: AtomicU64::new(0b01),
             reused: AtomicU64::new(0),
             destroyed: AtomicBool::new(false),
             finished: AtomicU64::new(0),
@@ -248,7 +254,7 @@ impl Cpu {
         let mask = match held.targets(cleared, caller) {
             // `shootdown::guest`: the CPUs that ran its vCPUs, while it has live ones.
             Some(Targets::Caller) if l.live_vcpus > 0 => l.ran_on,
-            Some(Targets::Everyone) => l.any_ran_on,
+            Some(Targets::Everyone) => self.w.sharers.load(Ordering::SeqCst),
             _ => 0,
         };
         if mask != 0 {
@@ -278,7 +284,7 @@ impl Cpu {
         }
         let mask = match held.targets(cleared, Caller::Stays) {
             Some(Targets::Caller) => self.w.ran_on,
-            Some(Targets::Everyone) => self.w.any_ran_on,
+            Some(Targets::Everyone) => self.w.sharers.load(Ordering::SeqCst),
             None => 0,
         };
         if mask != 0 {
@@ -351,13 +357,15 @@ impl Cpu {
 }
 
 /// `morsel_open` of the region by guest 2 (it runs on CPU 1 already: `any_ran_on`):
-/// issued again while a batch holds the region (`Contender::Mount`).
+/// issued again while a batch holds the region (`Contender::Mount`); its CPU joins the
+/// region's sharers (`Named::mounted`, under the lock) before the call returns.
 fn open(cpu: &Cpu) {
     loop {
         let mut l = cpu.lock();
         match cpu.w.lock.admit(Contender::Mount) {
             Ok(()) => {
                 l.mounters += 1;
+                cpu.w.sharers.fetch_or(1 << cpu.me, Ordering::SeqCst);
                 return;
             }
             Err(_) => {
@@ -509,6 +517,8 @@ fn stopped_in_a_call(stop: Stop) {
         l.live_vcpus = 2;
         l.ran_on = 0b11;
         let w = World::new(l);
+        // Guest 2 mounted it on CPU 1 (and guest 1 runs there too).
+        w.sharers.store(0b11, Ordering::SeqCst);
         let other = {
             let w = w.clone();
             thread::spawn(move || {
