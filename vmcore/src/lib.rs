@@ -19,6 +19,7 @@ pub mod memory;
 pub mod names;
 pub mod notify;
 pub mod reason;
+pub mod region;
 pub mod region_lock;
 pub mod shootdown;
 pub mod vcpu;

@@ -2,7 +2,11 @@
 //! directory, so it is opened, shared read-only or read-write, device-mounted and destroyed
 //! like any morsel), `exmap_action` runs one batch of up to 512 iovec entries over it
 //! (ALLOC, FREE, READ and WRITE through the NVMe disk), `exmap_info` reads its counters.
-//! The host-tested core (validation, frame cache, table edits) is the `exmap` crate.
+//! The host-tested core (validation, frame cache, table edits) is the `exmap` crate; an
+//! ALLOC / FREE batch with no world lock (the region's cell, a vCPU's state, the `Batch`, its
+//! end alone, the `Fast` handle) is `vmcore::region`, also host-tested: this file takes the
+//! region's lock under the world lock, builds the batch, ends it there where it must, and
+//! lends it this CPU (`Here`: the identity map, the allocator handle, the shootdown).
 //!
 //! Per vCPU: a frame cache, a validator and result buffers (`VcpuState`), keyed by (guest,
 //! vCPU). ALLOC and FREE on a region no device sees run with the world lock let go, under the
@@ -34,11 +38,12 @@ use super::{read_hashed, Directory, Name};
 use crate::vm::hypercall::{Hv, Under, Unlocked};
 use crate::vm::shootdown::{Flush, Hw};
 use crate::vm::Backend;
-use crate::mm::frames::{Frames, IDENTITY};
+use crate::mm::frames::{Frames, Identity, IDENTITY};
+use crate::devices::pci::Bdf;
 use alloc::string::String;
 use alloc::vec::Vec;
 use crate::devices::nvme::{IoError, Request};
-use exmap::{EntryError, FrameCache, Origin, Region, Validator};
+use exmap::{EntryError, FrameCache, Origin, Region};
 use super::DiskBatch;
 use formats::units::Bytes;
 use abi::{self, Error};
@@ -46,107 +51,60 @@ use hashbrown::HashMap;
 use morsel::{GuestPhysAddr, HostPhysAddr, Morsel, Perm};
 use vmcore::heap::TryBox;
 use vmcore::hypercall::{self, Deferred};
-use vmcore::region_lock::{Cache, Caller, Contender, Handle, Held, Refusal, RegionLock, Targets};
-use core::sync::atomic::{AtomicU64, Ordering};
+use vmcore::region::{code, succeeded, Call, Ended, VcpuState, Who};
+pub use vmcore::region::{Batch, Fast, FastCall, Parked, RegionCell};
+use vmcore::region_lock::{Cache, Caller, Contender, Refusal, Targets};
 
 const _: () = assert!(exmap::MAX_ENTRIES as u64 == abi::EXMAP_MAX_ENTRIES);
 const _: () = assert!(exmap::MAX_COUNT == abi::EXMAP_MAX_COUNT);
 const _: () = assert!(exmap::encode(5, 9) == abi::exmap_entry(5, 9));
 
-/// What one vCPU keeps between calls (no allocation per call).
-struct VcpuState {
-    cache: FrameCache,
-    validator: Validator,
-    /// The iovec page's entries, overwritten with their results by the batch (`exmap`),
-    /// written back to the guest's page at the end.
-    iov: Vec<u64>,
-    /// READ / WRITE: the entries as the guest wrote them (the results replace them in `iov`),
-    /// for the NVMe requests and a failed READ's rollback; the entries to roll back; the
-    /// entry each request of an NVMe batch serves.
-    entries: Vec<u64>,
-    undo: Vec<u64>,
-    owners: Vec<usize>,
-}
+/// This CPU as an ALLOC / FREE batch sees it (`vmcore::region::Machine`): the identity map,
+/// its allocator handle, its shootdown (`Flush::commit` with no device: no device sees a
+/// batching region), and the frames a FREE trimmed kept until the acknowledgments
+/// (`shootdown::After`).
+pub struct Here<'a>(pub &'a Frames);
 
-impl VcpuState {
-    /// A vCPU's state, on the heap, made at its first call (`ready` then gives the buffers
-    /// their room): `NoMemory`, never the allocation panic.
-    fn try_new() -> Result<TryBox<Self>, Error> {
-        let state = VcpuState {
-            cache: FrameCache::try_new().ok_or(Error::NoMemory)?,
-            validator: Validator::try_new().ok_or(Error::NoMemory)?,
-            iov: Vec::new(),
-            entries: Vec::new(),
-            undo: Vec::new(),
-            owners: Vec::new(),
-        };
-        TryBox::try_new(state).map_err(|_| Error::NoMemory)
+impl vmcore::region::Machine for Here<'_> {
+    type Mem = Identity;
+    type Frames = Frames;
+    type Domain = Bdf;
+
+    fn mem(&self) -> &Identity {
+        &IDENTITY
     }
-}
 
-impl VcpuState {
-    /// Room for a whole batch in the buffers a READ / WRITE in flight takes along (another
-    /// vCPU's call meanwhile finds them empty): `NoMemory`, never the allocation panic.
-    fn ready(&mut self) -> Result<(), Error> {
-        let n = exmap::MAX_ENTRIES;
-        for b in [&mut self.iov, &mut self.entries, &mut self.undo] {
-            b.try_reserve(n.saturating_sub(b.len())).map_err(|_| Error::NoMemory)?;
-        }
-        self.owners.try_reserve(n.saturating_sub(self.owners.len())).map_err(|_| Error::NoMemory)?;
-        Ok(())
+    fn frames(&self) -> &Frames {
+        self.0
     }
-}
 
-/// The result the guest reads for a failed entry: the ABI's (negative) error number.
-fn code(e: EntryError) -> u64 {
-    entry_error(e) as i64 as u64
-}
+    fn shoot(&mut self, flush: Flush) {
+        let _ = flush.commit(&mut Hw(None));
+    }
 
-/// Whether an entry's result in the iovec page is a success (a page count).
-fn succeeded(result: u64) -> bool {
-    (result as i64) >= 0
-}
+    fn local(&mut self, me: usize) {
+        crate::vm::shootdown::local(me);
+    }
 
-/// An ALLOC or FREE batch run with the world lock let go (`Batch::run`, then
-/// `Exmaps::finish_batch` under it again). It holds the region's lock, shared with other
-/// batches (taken under the world lock by `action`), and the calling vCPU's own
-/// `VcpuState`, taken out of `Exmaps` meanwhile: nothing in it is reached by another CPU
-/// (the region's leaves are, by compare-and-swap).
-pub struct Batch<F: morsel::Format> {
-    /// The region's lock, given back by `finish_alone` or `finish_batch` only.
-    held: Held,
-    /// The region's cell (its lock and batch counters).
-    cell: &'static RegionCell,
-    /// A descriptor of the region's subtree (`Morsel::alias`); the region cannot be
-    /// destroyed, device-mounted or batched by another call while `held`.
-    morsel: Morsel<F>,
-    origin: Origin,
-    v: TryBox<VcpuState>,
-    op: u64,
-    count: usize,
-    /// The iovec page, translated once at the start (guest RAM: it stays while the calling
-    /// vCPU lives, and that vCPU is in this call).
-    iov_hpa: u64,
-    name: Name,
-    guest: u32,
-    vcpu: u32,
-    /// The call's region and iovec page addresses (what a `Fast` handle answers for).
-    gpa: u64,
-    iov_gpa: u64,
-    /// What the batch did (pages, failed entries, frames zeroed), or why it did nothing.
-    outcome: Outcome,
+    fn trim(&mut self, cache: &mut FrameCache) {
+        cache.trim(&crate::vm::shootdown::After(self.0));
+    }
+
+    fn mark(&self, point: usize) {
+        crate::probe::mark(point);
+    }
 }
 
 /// An ALLOC / FREE batch, deferred (`Unlocked::Batch`): run with the world lock let go, then
-/// ended with no world lock (`finish_alone`, `sched`) or under it (`Exmaps::finish_batch`,
-/// its guest there or gone).
+/// ended with no world lock (`Batch::finish_alone`, `sched`) or under it
+/// (`Exmaps::finish_batch`, its guest there or gone).
 impl<B: Backend> Deferred<Hv<B>> for Batch<B::Format> {
-    /// The batch, no lock held: reads the iovec page, validates and edits the leaves in one
-    /// walk (`exmap`), writes the results back. Frames come from and go to this vCPU's cache
-    /// (`frames` is this CPU's allocator handle); a FREE's frames stay in that cache until
-    /// `finish_batch` has shot the translations down, so none is reused before.
+    /// The batch, no lock held but the region's: reads the iovec page, validates and edits
+    /// the leaves in one walk (`exmap`), writes the results back. Frames come from and go to
+    /// this vCPU's cache (`frames` is this CPU's allocator handle); a FREE's frames stay in
+    /// that cache until the batch's shootdown, so none is reused before.
     fn run(&mut self, frames: &Frames) {
-        self.outcome = run_batch(&mut self.v, &self.morsel, self.origin, self.iov_hpa, self.op, self.count, frames);
+        Batch::run(self, &Here(frames));
     }
 
     fn finish(self, w: Under<'_, B>, g: &mut Guest<B>) -> Result<u64, Error> {
@@ -156,231 +114,6 @@ impl<B: Backend> Deferred<Hv<B>> for Batch<B::Format> {
     fn abandon(self, w: Under<'_, B>) {
         let _ = w.cx.exmaps.finish_batch::<B>(None, &w.frames, self);
     }
-}
-
-/// What a batch did (pages, failed entries, frames zeroed), or why it did nothing.
-type Outcome = Result<(exmap::BatchStats, u64), Error>;
-
-/// `Batch::run` on its parts, borrowed (the lock-free path runs it in place, `Fast::call`):
-/// the calling vCPU's state `v`, the region's subtree `morsel` at `origin`, the iovec page
-/// at `iov_hpa` (translated where the region's lock was taken, under the world lock), `op`
-/// of `count` entries.
-#[inline(always)]
-fn run_batch<F: morsel::Format>(v: &mut VcpuState, morsel: &Morsel<F>, origin: Origin, iov_hpa: u64, op: u64, count: usize, frames: &Frames) -> Outcome {
-    v.iov.clear();
-    let page = iov_hpa as *const u64;
-    for k in 0..count {
-        // SAFETY: `iov_hpa` is a 4 KiB-aligned page of the caller's guest RAM (checked and
-        // translated read-write in `action`), identity-mapped, and stays while the calling
-        // vCPU lives (it is in this call); k < 512, so the u64 lies inside it, aligned.
-        // Sibling vCPUs may write it meanwhile: one volatile read, no reference.
-        let e = unsafe { core::ptr::read_volatile(page.add(k)) };
-        // Within the capacity `ready` made sure of: no allocation.
-        v.iov.push(u64::from_le(e));
-    }
-    if op == abi::EXMAP_FREE {
-        let pages: u64 = v.iov.iter().map(|&e| exmap::decode(e).1).sum();
-        if v.cache.reserve(pages as usize).is_err() {
-            return Err(Error::NoMemory);
-        }
-    }
-    let zeroed0 = v.cache.stats().zeroed;
-    let region = Region { morsel, origin, mem: &IDENTITY };
-    let (iov, val, cache) = (&mut v.iov, &mut v.validator, &mut v.cache);
-    let b = match op {
-        abi::EXMAP_ALLOC => exmap::alloc(&region, iov, val, cache, frames, &mut |_, _| {}, code),
-        _ => exmap::free(&region, iov, val, cache, &mut |_, _| {}, code),
-    };
-    let out = iov_hpa as *mut u64;
-    for (k, r) in v.iov.iter().enumerate().take(count) {
-        // SAFETY: as for the read above, written back the same way.
-        unsafe { core::ptr::write_volatile(out.add(k), r.to_le()) };
-    }
-    Ok((b, v.cache.stats().zeroed - zeroed0))
-}
-
-impl<F: morsel::Format> Batch<F> {
-    /// Ends the batch with the world lock let go, where nothing shared needs it: the batch
-    /// succeeded and its vCPU goes on (the caller checked that no stop reached this CPU).
-    /// A FREE that cleared pages shoots down ONCE (`Held::targets` from the mounts counted
-    /// at the take: `guest_cpus`, the CPUs that ran the caller's vCPUs, read now (only this
-    /// CPU `me`: its local flush), or the CPUs of every guest that mounted the region,
-    /// `RegionCell::sharers_flush`), then the region's lock is
-    /// given back (Release: the next one admitted under the world lock sees the edits). The
-    /// counters are the region cell's.
-    /// Returns the failed-entry count and the vCPU's ExMap state, which its slot keeps
-    /// until its next world lock (`Exmaps::unpark`); the caller settles this CPU's
-    /// shootdown (`shootdown::complete`) before the vCPU enters its guest again. The batch
-    /// comes back untouched where it failed (`finish_batch` reports it). Also returns the
-    /// region's handle for the vCPU's next call (`Fast`, kept in its slot).
-    #[allow(clippy::result_large_err)] // the batch moves back once, on the rare fallback; boxing would allocate
-    pub fn finish_alone(self, me: usize, guest_cpus: impl FnOnce() -> u64, frames: &Frames) -> Result<(u64, Parked, Fast<F>), Self> {
-        let Ok(done) = self.outcome else { return Err(self) };
-        let Batch { held, cell, morsel, origin, mut v, op, iov_hpa, name, guest, vcpu, gpa, iov_gpa, .. } = self;
-        let handle = held.handle();
-        let failed = end_alone(held, cell, &mut v, op, done, me, guest_cpus, frames, &name, guest);
-        let fast = Fast { cell, handle, morsel, origin, gpa, iov_gpa, iov_hpa, name, guest, vcpu };
-        Ok((failed, Parked { v, guest, vcpu }, fast))
-    }
-}
-
-/// `Batch::finish_alone` on its parts (the lock-free path ends its batch in place,
-/// `Fast::call`): the shootdown of a FREE that cleared pages, the counters, the region's lock
-/// given back. Returns the failed-entry count.
-#[allow(clippy::too_many_arguments)]
-fn end_alone(held: Held, cell: &RegionCell, v: &mut VcpuState, op: u64, done: (exmap::BatchStats, u64), me: usize, guest_cpus: impl FnOnce() -> u64,
-    frames: &Frames, name: &Name, guest: u32) -> u64 {
-    let (b, zeroed) = done;
-    let (pages, failed) = (b.pages, b.failed as u64);
-    let cleared = op == abi::EXMAP_FREE && pages > 0 || b.rolled_back > 0;
-    if let Some(targets) = held.targets(cleared, Caller::Stays) {
-        let flush = match targets {
-            Targets::Caller => match guest_cpus() {
-                // The caller's guest ran on this CPU (`me`) alone: its local flush, as
-                // `Flush::commit` would do it, without building one.
-                cpus if cpus & !(1 << me) == 0 => None,
-                cpus => Some(Flush::cpus(cpus)),
-            },
-            Targets::Everyone => Some(cell.sharers_flush()),
-        };
-        match flush {
-            // No device sees a batching region: the shootdown alone.
-            Some(flush) => {
-                let _ = flush.commit(&mut Hw(None));
-            }
-            None => crate::vm::shootdown::local(me),
-        }
-        RegionCell::add(&cell.invalidations, 1);
-        v.cache.trim(&crate::vm::shootdown::After(frames));
-    }
-    cell.count(op, pages, failed, zeroed);
-    cell.lock.end(held);
-    log::debug!(target: "exmap", "guest {guest} '{name}' {}: {pages} pages, {failed} failed", ["alloc", "free"][(op & 1) as usize]);
-    failed
-}
-
-/// A vCPU's handle to the region of its last ALLOC / FREE (kept in its slot,
-/// `sched::Slot::fast`), made where a batch taken under the world lock ended alone: the
-/// region's directory slot (its `RegionCell`) and generation (`vmcore::region_lock::Handle`,
-/// with the guest mounts counted then), and what that call checked under the world lock:
-/// the guest's read-write mount at `gpa`, the iovec page at `iov_gpa` (aligned, guest RAM,
-/// translated to `iov_hpa`). The next call on the same region with the same iovec page
-/// takes the region's lock with it, no world lock (`Fast::call`): only while the
-/// generation is unchanged, so that mount is still there (an unmount bumps it), the region
-/// was not destroyed and its slot not reused (destroy and `exmap_create` bump it), and no
-/// device saw it since (a device mount or NVMe batch bumps it). Anything else goes to the
-/// world path, which answers as before.
-pub struct Fast<F: morsel::Format> {
-    cell: &'static RegionCell,
-    handle: Handle,
-    /// The region's subtree (`Morsel::alias`): dereferenced only while `handle` takes the
-    /// lock (the region then exists and cannot be destroyed).
-    morsel: Morsel<F>,
-    origin: Origin,
-    gpa: u64,
-    iov_gpa: u64,
-    iov_hpa: u64,
-    name: Name,
-    guest: u32,
-    vcpu: u32,
-}
-
-/// Calls that took the region's lock with a `Fast` handle (no world lock), and those whose
-/// handle was refused (a change since, or another batch held the lock): counters for the
-/// stats (`Exmaps::log_stats`).
-static FAST_CALLS: AtomicU64 = AtomicU64::new(0);
-static FAST_REFUSED: AtomicU64 = AtomicU64::new(0);
-
-/// What `Fast::call` did.
-#[allow(clippy::large_enum_variant)] // `Locked` is the rare fallback; boxing would allocate
-pub enum FastCall<F: morsel::Format> {
-    /// Not taken, nothing changed: the world path handles the call.
-    NotTaken,
-    /// Run and ended in place, no world lock: the failed-entry count, the guest's answer. The
-    /// caller settles this CPU's shootdown (`shootdown::complete`) before the next entry.
-    Ended(u64),
-    /// Run, but it ends under the world lock (`Exmaps::finish_batch`): it failed, or a stop
-    /// reached this CPU meanwhile. The vCPU's state went into the batch.
-    Locked(Batch<F>),
-}
-
-impl<F: morsel::Format> Fast<F> {
-    /// `exmap_action(gpa, iov_gpa, count, op)` (ALLOC or FREE) with no world lock, run and
-    /// ended in place with the vCPU's state `parked` (none: `NotTaken`): no `Batch` is built
-    /// and nothing large moved per call (Bochs counts every byte a move copies). The batch is
-    /// `Batch::run`'s, and it ends as `Batch::finish_alone` ends it (`me`, `guest_cpus`: the
-    /// shootdown's) where it succeeded and `stopped` (asked after the batch ran) says no stop
-    /// reached this CPU; otherwise it ends under the world lock (`Locked`). The handle
-    /// stays: a fast take leaves the generation as it was. `NotTaken` where the call does not name
-    /// this handle's region and iovec page or the lock is not taken by CAS at the handle's
-    /// generation (`RegionLock::take_fast`): the first call on a region, another iovec
-    /// page, a change since (batches of other vCPUs holding the lock do not refuse it).
-    #[allow(clippy::too_many_arguments)]
-    pub fn call(&self, parked: &mut Option<Parked>, gpa: u64, iov_gpa: u64, op: u64, count: u64, frames: &Frames,
-        stopped: impl FnOnce() -> bool, me: usize, guest_cpus: impl FnOnce() -> u64) -> FastCall<F> {
-        // `Parked` is a box and two numbers: taking it out and back copies 16 bytes.
-        let Some(mut p) = parked.take() else { return FastCall::NotTaken };
-        let Some(held) = self.take(&p, gpa, iov_gpa) else {
-            *parked = Some(p);
-            return FastCall::NotTaken;
-        };
-        crate::probe::mark(2);
-        let count = (count as usize).min(exmap::MAX_ENTRIES);
-        let outcome = run_batch(&mut p.v, &self.morsel, self.origin, self.iov_hpa, op, count, frames);
-        crate::probe::mark(3);
-        match outcome {
-            Ok(done) if !stopped() => {
-                let failed = end_alone(held, self.cell, &mut p.v, op, done, me, guest_cpus, frames, &self.name, self.guest);
-                *parked = Some(p);
-                FastCall::Ended(failed)
-            }
-            outcome => FastCall::Locked(Batch { outcome, ..self.batch_of(held, p, gpa, iov_gpa, op, count) }),
-        }
-    }
-
-    /// The region's lock for a call on `gpa` with the iovec page `iov_gpa` by the vCPU whose
-    /// state is `p`: where they are this handle's and the lock is taken by CAS at its
-    /// generation (`RegionLock::take_fast`).
-    fn take(&self, p: &Parked, gpa: u64, iov_gpa: u64) -> Option<Held> {
-        if gpa != self.gpa || iov_gpa != self.iov_gpa || p.guest != self.guest || p.vcpu != self.vcpu {
-            return None;
-        }
-        let Some(held) = self.cell.lock.take_fast(&self.handle) else {
-            FAST_REFUSED.fetch_add(1, Ordering::Relaxed);
-            return None;
-        };
-        FAST_CALLS.fetch_add(1, Ordering::Relaxed);
-        Some(held)
-    }
-
-    /// The `Batch` of a call this handle took (`held`), not run yet.
-    fn batch_of(&self, held: Held, p: Parked, gpa: u64, iov_gpa: u64, op: u64, count: usize) -> Batch<F> {
-        Batch {
-            held,
-            cell: self.cell,
-            morsel: self.morsel.alias(),
-            origin: self.origin,
-            v: p.v,
-            op,
-            count,
-            iov_hpa: self.iov_hpa,
-            name: self.name,
-            guest: self.guest,
-            vcpu: self.vcpu,
-            gpa,
-            iov_gpa,
-            outcome: Err(Error::Invalid),
-        }
-    }
-}
-
-/// A vCPU's ExMap state after a batch ended alone (`Batch::finish_alone`): kept in the vCPU's
-/// slot until its next world lock puts it back (`Exmaps::unpark`). Nothing in it is reached
-/// by another CPU.
-pub struct Parked {
-    v: TryBox<VcpuState>,
-    guest: u32,
-    vcpu: u32,
 }
 
 /// A READ or WRITE whose NVMe batch runs with the world lock let go (`DiskBatch::run`),
@@ -440,99 +173,6 @@ pub(crate) struct RegionStats {
     max_depth: u64,
     /// NVMe completion interrupts taken during its batches.
     interrupts: u64,
-}
-
-/// What an ExMap region's ALLOC / FREE batches reach with the world lock let go: the
-/// region's lock (`vmcore::region_lock`) and the counters they change (atomics, `Relaxed`:
-/// counters, read under the world lock by `exmap_info` and the stats). One per directory
-/// slot (`Directory::cells`), a region's is its slot's; reset when a region enters the
-/// slot.
-pub(crate) struct RegionCell {
-    pub(crate) lock: RegionLock,
-    calls: AtomicU64,
-    free_calls: AtomicU64,
-    allocated: AtomicU64,
-    freed: AtomicU64,
-    zeroed: AtomicU64,
-    failed: AtomicU64,
-    invalidations: AtomicU64,
-    remote_flushes: AtomicU64,
-    /// The CPUs of every guest that mounted the region since it entered the slot
-    /// (`shootdown::placed_on`, OR-ed in by `Named::mounted` under the directory's lock, SeqCst;
-    /// never cleared until the slot's next region): a superset of the CPUs that may cache its
-    /// translations, what a FREE where others have it mounted shoots down (`sharers`) instead
-    /// of every CPU that ran any guest.
-    sharers: AtomicU64,
-}
-
-impl RegionCell {
-    pub(crate) const fn new() -> Self {
-        RegionCell {
-            lock: RegionLock::new(),
-            calls: AtomicU64::new(0),
-            free_calls: AtomicU64::new(0),
-            allocated: AtomicU64::new(0),
-            freed: AtomicU64::new(0),
-            zeroed: AtomicU64::new(0),
-            failed: AtomicU64::new(0),
-            invalidations: AtomicU64::new(0),
-            remote_flushes: AtomicU64::new(0),
-            sharers: AtomicU64::new(0),
-        }
-    }
-
-    /// Guest `guest` mounted the region: its CPUs join the region's `sharers`.
-    pub(crate) fn mounted_by(&self, guest: u32) {
-        self.sharers.fetch_or(crate::vm::shootdown::placed_on(guest), Ordering::SeqCst);
-    }
-
-    /// The shootdown of a batch where others have the region mounted (or its caller is
-    /// gone): the CPUs of every guest that mounted it (each of them did, the caller too,
-    /// before any batch that this shootdown ends; a mount is admitted only while no batch
-    /// holds the region, and refuses every fast handle made before it), or, where none is
-    /// known, every CPU that ran any guest.
-    fn sharers_flush(&self) -> Flush {
-        RegionCell::add(&self.remote_flushes, 1);
-        match self.sharers.load(Ordering::SeqCst) {
-            0 => Flush::every_guest_cpu(),
-            cpus => Flush::cpus(cpus),
-        }
-    }
-
-    /// Counters from zero for a new region (under the world lock; the lock is free), and a
-    /// new generation: a `Fast` handle to the slot's previous region is refused.
-    pub(crate) fn reset(&self) {
-        self.lock.changed();
-        self.lock.forget_turn();
-        for c in [&self.calls, &self.free_calls, &self.allocated, &self.freed, &self.zeroed, &self.failed, &self.invalidations, &self.remote_flushes, &self.sharers] {
-            c.store(0, Ordering::Relaxed);
-        }
-    }
-
-    fn add(c: &AtomicU64, n: u64) {
-        if n != 0 {
-            c.fetch_add(n, Ordering::Relaxed);
-        }
-    }
-
-    fn get(c: &AtomicU64) -> u64 {
-        c.load(Ordering::Relaxed)
-    }
-
-    /// One call's counts: `op`, its pages, failed entries, frames zeroed.
-    fn count(&self, op: u64, pages: u64, failed: u64, zeroed: u64) {
-        Self::add(&self.calls, 1);
-        Self::add(&self.failed, failed);
-        Self::add(&self.zeroed, zeroed);
-        match op {
-            abi::EXMAP_ALLOC | abi::EXMAP_READ => Self::add(&self.allocated, pages),
-            abi::EXMAP_FREE => {
-                Self::add(&self.freed, pages);
-                Self::add(&self.free_calls, 1);
-            }
-            _ => {}
-        }
-    }
 }
 
 /// ExMap's state for the run (a region's own counters are in its directory entry and cell).
@@ -673,22 +313,9 @@ impl Exmaps {
                 cell.lock.end(held);
                 return Err(Error::NoMemory);
             };
-            return Ok(hypercall::Outcome::Defer(Unlocked::Batch(Batch {
-                held,
-                cell,
-                morsel: n.morsel.alias(),
-                origin: id,
-                v,
-                op,
-                count,
-                iov_hpa: iov_hpa.as_u64(),
-                name,
-                guest: g.id,
-                vcpu,
-                gpa,
-                iov_gpa,
-                outcome: Err(Error::Invalid),
-            })));
+            let call = Call { op, count, gpa, iov_gpa, iov_hpa: iov_hpa.as_u64() };
+            let who = Who { name, guest: g.id, vcpu };
+            return Ok(hypercall::Outcome::Defer(Unlocked::Batch(Batch::new(held, cell, n.morsel.alias(), id, v, call, who))));
         }
         let n = dir.named.get_mut_at(at, &name).ok_or(Error::NotFound)?;
         // SAFETY: iov_hpa..+4096 is guest RAM of this guest (translated above, aligned, so
@@ -868,7 +495,7 @@ impl Exmaps {
                 Some(g) if n.morsel.mount_count() <= 1 => crate::vm::shootdown::of_guest(g),
                 _ => cell.sharers_flush(),
             };
-            RegionCell::add(&cell.invalidations, 1);
+            cell.invalidated(1);
             // Each device domain the region is mounted in is invalidated once for the batch,
             // however many of its mounts (windows) are there (`Flush::merge`).
             let mut mounts = 0;
@@ -879,7 +506,7 @@ impl Exmaps {
             let done = flush.commit(&mut Hw(devices));
             if mounts > 0 {
                 let flushed = done.domains;
-                RegionCell::add(&cell.invalidations, flushed as u64);
+                cell.invalidated(flushed as u64);
                 log::info!(target: "exmap", "guest {guest} '{name}' free of {} pages: IOTLB invalidated once in each of {flushed} device domain(s) ({mounts} device mounts)", b.pages);
             }
             // What leaves the cache stays with this CPU until the shootdown is acknowledged.
@@ -909,15 +536,15 @@ impl Exmaps {
         let name = g.space.lock().mounts.iter().find(|m| m.gpa == region).ok_or(Error::NotFound)?.name;
         let e = dir.named.get(&name).ok_or(Error::Invalid)?;
         let (Some(s), Some(c)) = (e.value.region.as_ref(), e.value.cell) else { return Err(Error::Invalid) };
-        let get = RegionCell::get;
+        let c = c.counts();
         match what {
-            abi::EXMAP_INFO_POPULATED => Ok(get(&c.allocated).saturating_sub(get(&c.freed))),
-            abi::EXMAP_INFO_CALLS => Ok(get(&c.calls)),
-            abi::EXMAP_INFO_INVALIDATIONS => Ok(get(&c.invalidations)),
-            abi::EXMAP_INFO_ALLOCATED => Ok(get(&c.allocated)),
-            abi::EXMAP_INFO_FREED => Ok(get(&c.freed)),
-            abi::EXMAP_INFO_ZEROED => Ok(get(&c.zeroed)),
-            abi::EXMAP_INFO_FAILED => Ok(get(&c.failed)),
+            abi::EXMAP_INFO_POPULATED => Ok(c.allocated.saturating_sub(c.freed)),
+            abi::EXMAP_INFO_CALLS => Ok(c.calls),
+            abi::EXMAP_INFO_INVALIDATIONS => Ok(c.invalidations),
+            abi::EXMAP_INFO_ALLOCATED => Ok(c.allocated),
+            abi::EXMAP_INFO_FREED => Ok(c.freed),
+            abi::EXMAP_INFO_ZEROED => Ok(c.zeroed),
+            abi::EXMAP_INFO_FAILED => Ok(c.failed),
             abi::EXMAP_INFO_READ => Ok(s.read),
             abi::EXMAP_INFO_WRITTEN => Ok(s.written),
             abi::EXMAP_INFO_COMMANDS => Ok(s.commands),
@@ -956,7 +583,6 @@ impl Exmaps {
     /// where the caller's guest is gone: the vCPU's cache then goes through this CPU's
     /// `Owed`, freed once the shootdown is acknowledged.
     pub fn finish_batch<B: Backend>(&mut self, g: Option<&mut Guest<B>>, frames: &Frames, batch: Batch<B::Format>) -> Result<u64, Error> {
-        let Batch { held, cell, mut v, op, name, guest, vcpu, outcome, .. } = batch;
         // The vCPU's state stays only where it has its place back (no allocation but this
         // fallible one).
         let caller = match g.is_some() && self.vcpus.try_reserve(1).is_ok() {
@@ -966,25 +592,12 @@ impl Exmaps {
         // Stopped (by a sibling vCPU or the hypervisor) or gone while the batch ran: the
         // guest never reads the results; reported once per such batch (`exmap.abandon`).
         let stopped = g.as_deref().is_none_or(|g| g.state != crate::vm::guest::State::Runnable);
-        let cleared = matches!(&outcome, Ok((b, _)) if op == abi::EXMAP_FREE && b.pages > 0 || b.rolled_back > 0);
-        let targets = held.targets(cleared, caller);
-        if let Ok((b, zeroed)) = &outcome {
-            cell.count(op, b.pages, b.failed as u64, *zeroed);
-            if let Some(targets) = targets {
-                let flush = match (targets, g.as_deref()) {
-                    (Targets::Caller, Some(g)) => crate::vm::shootdown::of_guest(g),
-                    _ => cell.sharers_flush(),
-                };
-                // No device sees a batching region: the shootdown alone.
-                let _ = flush.commit(&mut Hw(None));
-                RegionCell::add(&cell.invalidations, 1);
-                // What leaves the cache stays with this CPU until the shootdown is
-                // acknowledged (`shootdown::After`).
-                v.cache.trim(&crate::vm::shootdown::After(frames));
-            }
-        }
-        // The batches of other vCPUs sharing the lock may still hold it.
-        let others = cell.lock.end(held);
+        // The caller's CPUs (`Targets::Caller` comes only with a caller that stays, so with
+        // its guest); what leaves the cache stays with this CPU until the shootdown is
+        // acknowledged (`Here::trim`).
+        let caller_flush = || g.as_deref().map_or_else(Flush::every_guest_cpu, crate::vm::shootdown::of_guest);
+        let Ended { mut v, who, op, outcome, others, targets } = batch.end(caller, caller_flush, &mut Here(frames));
+        let Who { name, guest, vcpu } = who;
         if stopped {
             log::info!(target: "evt", "exmap.abandon guest={guest} vcpu={vcpu} name={name} op={} pages={} guest_state={} held={} shootdown={} cache={}",
                 ["alloc", "free"][(op & 1) as usize],
@@ -1016,15 +629,15 @@ impl Exmaps {
     /// Prints every region's counters.
     pub fn log_stats<F: morsel::Format>(dir: &Directory<F>) {
         crate::probe::report();
-        let (fast, refused) = (FAST_CALLS.load(Ordering::Relaxed), FAST_REFUSED.load(Ordering::Relaxed));
+        let (fast, refused) = vmcore::region::fast_counts();
         if fast + refused > 0 {
             log::info!(target: "exmap", "{fast} ALLOC / FREE calls took no world lock (a vCPU's handle to its last region); {refused} handles refused (a change since)");
             log::info!(target: "evt", "exmap.fast calls={fast} refused={refused}");
         }
         for (name, s, c) in dir.named.iter().filter_map(|e| Some((e.name, e.value.region.as_ref()?, e.value.cell?))) {
-            let get = RegionCell::get;
-            let (calls, allocated, freed, free_calls, invalidations, remote_flushes, zeroed, failed) = (get(&c.calls), get(&c.allocated), get(&c.freed),
-                get(&c.free_calls), get(&c.invalidations), get(&c.remote_flushes), get(&c.zeroed), get(&c.failed));
+            let c = c.counts();
+            let (calls, allocated, freed, free_calls, invalidations, remote_flushes, zeroed, failed) = (c.calls, c.allocated, c.freed,
+                c.free_calls, c.invalidations, c.remote_flushes, c.zeroed, c.failed);
             log::info!(target: "exmap",
                 "stats '{name}': {} calls, {} pages allocated, {} freed ({} FREE calls, {} invalidations, {} of them shot down for other guests), {} zeroed, {} failed entries; disk: {} pages read, {} written, {} NVMe commands, up to {} in flight, {} completion interrupts",
                 calls, allocated, freed, free_calls, invalidations, remote_flushes, zeroed, failed, s.read, s.written, s.commands, s.max_depth, s.interrupts);
@@ -1045,21 +658,6 @@ fn drain(guest: u32, vcpu: u32, v: &mut VcpuState, frames: &impl morsel::FrameAl
     let s = v.cache.stats();
     log::info!(target: "exmap", "guest {guest} vcpu {vcpu}: frame cache drained ({held} frames back); {} bundles in, {} out, {} frames from the allocator, {} back",
         s.refills, s.returns, s.from_allocator, s.to_allocator);
-}
-
-/// The ABI code of a failed entry.
-fn entry_error(e: EntryError) -> Error {
-    match e {
-        EntryError::Empty => Error::Invalid,
-        EntryError::OutOfRange => Error::BadAddress,
-        EntryError::Overflow => Error::TooLarge,
-        EntryError::Duplicate => Error::Busy,
-        EntryError::NoMemory => Error::NoMemory,
-        EntryError::NotPopulated => Error::NotFound,
-        EntryError::Device => Error::DeviceFault,
-        EntryError::Present => Error::Busy,
-        EntryError::PastDisk => Error::TooLarge,
-    }
 }
 
 /// 512-byte blocks per 4 KiB page.

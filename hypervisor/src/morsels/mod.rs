@@ -89,9 +89,9 @@ pub(crate) struct Named<F: Format> {
     /// batch on it answer `Busy` until the batch finished (under the lock again); nothing
     /// else frees or moves its data frames or its device views.
     pub(crate) in_io: bool,
-    /// An ExMap region's lock and batch counters (`exmap::RegionCell`, its directory
+    /// An ExMap region's lock and batch counters (`vmcore::region::RegionCell`, its directory
     /// slot's; None for a plain morsel): the lock is held while an ALLOC / FREE batch edits
-    /// its leaves with the world lock let go (`exmap::Batch`), taken under the world lock and
+    /// its leaves with the world lock let go (`vmcore::region::Batch`), taken under the world lock and
     /// given back with or without it. Meanwhile another action on it and a guest mount
     /// retry (`hypercall::Action::Retry`); its destroy, a device mount of it and an NVMe
     /// batch on it answer `Busy` (`Named::admit`).
@@ -167,7 +167,7 @@ impl<F: Format> vmcore::directory::Entry<F> for Named<F> {
         self.count_mount(stats, u64::from(matches!(space, SpaceId::Device(_))));
         // An ExMap region's FREE shoots down the CPUs of the guests that mounted it.
         if let (SpaceId::Guest(id), Some(cell)) = (space, self.cell) {
-            cell.mounted_by(id);
+            cell.mounted_by(crate::vm::shootdown::placed_on(id));
         }
     }
     /// A region's `Fast` handles made before (the unmounting guest's among them) are refused
@@ -190,7 +190,7 @@ pub(crate) const RESTORED: u32 = vmcore::names::SYSTEM;
 pub struct Directory<F: Format> {
     /// Names of morsels and ExMap regions, with their reservations (`vmcore::names`).
     pub(crate) named: Names<Named<F>>,
-    /// One `exmap::RegionCell` per slot of `named` (a region's is its slot's): allocated
+    /// One `vmcore::region::RegionCell` per slot of `named` (a region's is its slot's): allocated
     /// once, never freed (the run's directory lives as long as the run), reached by ExMap
     /// batches with the world lock let go.
     pub(crate) cells: &'static [exmap::RegionCell],

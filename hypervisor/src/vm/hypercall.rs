@@ -61,7 +61,7 @@ pub enum Unlocked<F: morsel::Format> {
     /// `exmap_action` READ / WRITE: likewise, on the pinned region.
     Exmap(ExmapIo),
     /// `exmap_action` ALLOC / FREE on a region no device sees: the whole batch, under the
-    /// region's lock (`morsels::exmap::Batch`; it may also end with no world lock, `sched`).
+    /// region's lock (`vmcore::region::Batch`; it may also end with no world lock, `sched`).
     Batch(Batch<F>),
 }
 

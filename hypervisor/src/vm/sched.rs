@@ -17,8 +17,8 @@
 //! 1b. A guest's address space lock (`Guest::space`, `GuestSpace`): its second-level table
 //!    and mounts, and reads of guest memory through them. Under the world lock (and the
 //!    directory's where both are held), or alone by `mount_fast`.
-//! 2. An ExMap region's lock (`morsels::exmap::RegionCell::lock`): taken under the world
-//!    lock, held without it through an ALLOC / FREE batch (`morsels::exmap::Batch`), given
+//! 2. An ExMap region's lock (`vmcore::region::RegionCell::lock`): taken under the world
+//!    lock, held without it through an ALLOC / FREE batch (`vmcore::region::Batch`), given
 //!    back with it (`Exmaps::finish_batch`) or without it (`Batch::finish_alone`, after
 //!    which the guest resumes with no world lock taken). Shared by ALLOC / FREE batches
 //!    (branch `sharedcas`: a count of batches; each leaf changed by compare-and-swap);
@@ -554,7 +554,7 @@ fn exmap_fast<B: Backend>(s: &mut Slot<B>, exit: &Exit, me: usize, deadline: u64
     crate::probe::mark(1);
     crate::probe::fast_call(op, count);
     let shared = &s.shared;
-    let failed = match fast.call(&mut s.exmap, gpa, iov, op, count, frames, || ipi::attention_pending(me), me, || shared.ran_on()) {
+    let failed = match fast.call(&mut s.exmap, gpa, iov, op, count, &mut crate::morsels::exmap::Here(frames), || ipi::attention_pending(me), me, || shared.ran_on()) {
         FastCall::NotTaken => return FastStep::NotTaken,
         FastCall::Ended(failed) => failed,
         FastCall::Locked(batch) => {
@@ -647,7 +647,7 @@ fn finish_locked<'r, B: Backend, D: Deferred<Hv<B>>>(run: &'r Run<B>, s: &mut Sl
 #[allow(clippy::result_large_err)] // the batch moves back once, on the rare fallback
 fn end_alone<B: Backend>(s: &mut Slot<B>, batch: Batch<B::Format>, me: usize, deadline: u64, frames: &Frames)
     -> Result<bool, Batch<B::Format>> {
-    let (failed, parked, fast) = batch.finish_alone(me, || s.shared.ran_on(), frames)?;
+    let (failed, parked, fast) = batch.finish_alone(me, || s.shared.ran_on(), &mut crate::morsels::exmap::Here(frames))?;
     s.exmap = Some(parked);
     s.fast = Some(fast);
     Ok(resume_alone(s, failed, me, deadline))

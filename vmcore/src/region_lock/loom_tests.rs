@@ -101,7 +101,7 @@ struct World {
     leaf: AtomicBool,
     /// Per CPU: a translation to `FRAME` may be cached there.
     cached: [AtomicBool; N],
-    /// The CPUs of every guest that mounted the region (`exmap::RegionCell::sharers`): guest
+    /// The CPUs of every guest that mounted the region (`crate::region::RegionCell::sharers`): guest
     /// 1's CPU 0 from the start (its creator's mount), OR-ed in by each `open` under the
     /// world lock; what a shootdown beyond the caller reaches (`Targets::Everyone`).
     sharers: AtomicU64,

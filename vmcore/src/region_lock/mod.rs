@@ -2,7 +2,7 @@
 //! while an ALLOC / FREE batch edits its leaves with the world lock let go, whom the batch
 //! shoots down when it ends, and where its frames go. One atomic flag, taken under the
 //! caller's lock (the hypervisor's world lock) and given back with or without it; the
-//! hypervisor keeps one per directory slot (`morsels::exmap::RegionCell`) and calls it from
+//! hypervisor keeps one per directory slot (`crate::region::RegionCell`) and calls it from
 //! `morsels::exmap`; `loom_tests.rs` model-checks it (docs/src/notes/region-lock.md,
 //! docs/src/notes/exmap-call.md).
 //!
