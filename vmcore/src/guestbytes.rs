@@ -120,6 +120,41 @@ impl GuestBytes {
         // SAFETY: 8 aligned bytes inside the promised range (checked above).
         Ok(u64::from_le(unsafe { ptr::read_volatile(at.cast::<u64>()) }))
     }
+
+    /// The `n` aligned little-endian u64 words from `offset`, each read with one volatile load
+    /// as the iterator reaches it: the range and its alignment checked once, not per word (an
+    /// ExMap iovec page is read this way on every call).
+    #[inline]
+    pub fn words_volatile(&self, offset: usize, n: usize) -> Result<impl ExactSizeIterator<Item = u64>, OutOfRange> {
+        let bytes = n.checked_mul(8).ok_or(OutOfRange { offset, len: usize::MAX, size: self.len })?;
+        let at = self.aligned(offset, bytes)?;
+        // SAFETY: `n` aligned words inside the promised range (checked by `aligned`).
+        Ok((0..n).map(move |k| u64::from_le(unsafe { ptr::read_volatile(at.add(k)) })))
+    }
+
+    /// Writes `words` as aligned little-endian u64s from `offset`, one volatile store each,
+    /// the range and its alignment checked once.
+    #[inline]
+    pub fn write_words(&self, offset: usize, words: &[u64]) -> Result<(), OutOfRange> {
+        let at = self.aligned(offset, words.len() * 8)?;
+        for (k, &w) in words.iter().enumerate() {
+            // SAFETY: inside the promised range, aligned (checked by `aligned`).
+            unsafe { ptr::write_volatile(at.add(k), w.to_le()) };
+        }
+        Ok(())
+    }
+
+    /// The u64 pointer at `offset`, where `offset..offset + len` lies inside and is 8-byte
+    /// aligned.
+    #[inline]
+    fn aligned(&self, offset: usize, len: usize) -> Result<*mut u64, OutOfRange> {
+        check(offset, len, self.len)?;
+        let at = self.ptr.wrapping_add(offset);
+        if !(at as usize).is_multiple_of(8) {
+            return Err(OutOfRange { offset, len, size: self.len });
+        }
+        Ok(at.cast::<u64>())
+    }
 }
 
 #[cfg(test)]
@@ -164,6 +199,21 @@ mod tests {
         assert!(g.sub(8, 9).is_err());
         assert_eq!(g.sub(8, 8).map(|s| s.len()), Ok(8));
         assert_eq!(buf, [0, 0]);
+    }
+
+    #[test]
+    fn words_cross_in_one_checked_range() {
+        let mut buf = [0u64; 4];
+        let g = over(&mut buf);
+        g.write_words(8, &[5, 6, 7]).unwrap();
+        assert_eq!(g.words_volatile(0, 4).map(|w| w.collect::<alloc::vec::Vec<_>>()), Ok(alloc::vec![0, 5, 6, 7]));
+        assert_eq!(g.words_volatile(8, 2).map(|w| w.len()), Ok(2));
+        assert!(g.words_volatile(8, 4).is_err(), "past the end");
+        assert!(g.write_words(16, &[1, 2, 3]).is_err(), "past the end");
+        assert!(g.words_volatile(4, 1).is_err(), "unaligned");
+        assert!(g.write_words(12, &[1]).is_err(), "unaligned");
+        assert!(g.words_volatile(0, usize::MAX / 4).is_err(), "the length overflows");
+        assert_eq!(buf, [0, 5, 6, 7], "nothing written by a refused call");
     }
 
     proptest! {

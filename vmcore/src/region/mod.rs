@@ -103,6 +103,7 @@ impl VcpuState {
 }
 
 /// The ABI code of a failed entry.
+#[inline]
 pub fn entry_error(e: EntryError) -> Error {
     match e {
         EntryError::Empty => Error::Invalid,
@@ -118,6 +119,7 @@ pub fn entry_error(e: EntryError) -> Error {
 }
 
 /// The result the guest reads for a failed entry: the ABI's (negative) error number.
+#[inline]
 pub fn code(e: EntryError) -> u64 {
     entry_error(e) as i64 as u64
 }
@@ -212,6 +214,7 @@ impl RegionCell {
         }
     }
 
+    #[inline]
     fn add(c: &AtomicU64, n: u64) {
         if n != 0 {
             c.fetch_add(n, Ordering::Relaxed);
@@ -219,6 +222,7 @@ impl RegionCell {
     }
 
     /// One call's counts: `op`, its pages, failed entries, frames zeroed.
+    #[inline]
     pub fn count(&self, op: u64, pages: u64, failed: u64, zeroed: u64) {
         Self::add(&self.calls, 1);
         Self::add(&self.failed, failed);
@@ -234,6 +238,7 @@ impl RegionCell {
     }
 
     /// `n` more invalidations (a shootdown, or device domains' IOTLBs).
+    #[inline]
     pub fn invalidated(&self, n: u64) {
         Self::add(&self.invalidations, n);
     }
@@ -321,10 +326,9 @@ fn run_batch<F: morsel::Format, M: Machine>(v: &mut VcpuState, morsel: &Morsel<F
     // word through raw pointers, never a reference.
     let page = unsafe { m.mem().bytes(HostPhysAddr::new(call.iov_hpa), 4096) };
     v.iov.clear();
-    for k in 0..count {
-        // Within the capacity `ready` made sure of: no allocation; k < 512, inside the page.
-        v.iov.push(page.read_u64_volatile(8 * k).unwrap_or(0));
-    }
+    // Within the capacity `ready` made sure of: no allocation; count <= 512 words, inside the
+    // page (an aligned page: never refused).
+    v.iov.extend(page.words_volatile(0, count).map_err(|_| Error::BadAddress)?);
     if call.op == abi::EXMAP_FREE {
         let pages: u64 = v.iov.iter().map(|&e| exmap::decode(e).1).sum();
         if v.cache.reserve(pages as usize).is_err() {
@@ -338,14 +342,13 @@ fn run_batch<F: morsel::Format, M: Machine>(v: &mut VcpuState, morsel: &Morsel<F
         abi::EXMAP_ALLOC => exmap::alloc(&region, iov, val, cache, m.frames(), &mut |_, _| {}, code),
         _ => exmap::free(&region, iov, val, cache, &mut |_, _| {}, code),
     };
-    for (k, &r) in v.iov.iter().enumerate().take(count) {
-        let _ = page.write_u64(8 * k, r);
-    }
+    let _ = page.write_words(0, &v.iov[..count.min(v.iov.len())]);
     Ok((b, v.cache.stats().zeroed - zeroed0))
 }
 
 /// Whether a batch's outcome cleared leaves (a FREE of some page, or an ALLOC rolled back):
 /// a shootdown is owed.
+#[inline]
 fn cleared(op: u64, b: &exmap::BatchStats) -> bool {
     op == abi::EXMAP_FREE && b.pages > 0 || b.rolled_back > 0
 }
