@@ -15,7 +15,7 @@
 //! `Batch::finish_alone` with no world lock
 //! or `Exmaps::finish_batch` under it; the lock order is in `vm/sched.rs`); the region's lock
 //! and batch counters are its `RegionCell`, the rest of ExMap's state is behind the world
-//! lock (a vCPU's own state in its slot between a batch ended alone and its next world lock,
+//! lock (a vCPU's own state in its slot between a batch ended alone and its next world-path exit,
 //! `Parked`).
 //! The next ALLOC / FREE of that vCPU on the same region and iovec page takes no world lock
 //! at all (`Fast`, kept in the vCPU's slot: the region's directory slot and generation; the

@@ -193,7 +193,8 @@ struct Slot<B: Backend> {
     /// What the lock-free path reads of the guest (`guest::Shared`).
     shared: alloc::sync::Arc<super::guest::Shared>,
     /// This vCPU's ExMap state after a batch ended without the world lock
-    /// (`Batch::finish_alone`): back into `Exmaps` at the next world lock (`unpark`).
+    /// (`Batch::finish_alone`): back into `Exmaps` at the vCPU's next world-path exit or its
+    /// end (`unpark`), not at a slice's start under the world lock.
     exmap: Option<crate::morsels::exmap::Parked>,
     /// The region of this vCPU's last ExMap ALLOC / FREE ended alone: its next call on it
     /// takes no world lock while nothing changed (`exmap_fast`).
@@ -327,8 +328,11 @@ fn run_slice<B: Backend>(backend: &mut B, s: &mut Slot<B>, run: &Run<B>, me: usi
     };
     let mut first = true;
     loop {
+        // An ExMap state parked in the slot stays there: `prepare` does not look for it, so
+        // the vCPU's next ALLOC / FREE on the same region still takes no world lock
+        // (`exmap_fast`); the world path puts it back first (`world`), and so does the
+        // vCPU's end.
         if let Some(mut held) = w {
-            unpark(&mut held, s, frames);
             if let Some(ran) = prepare(&mut held, s, me, first, deadline) {
                 return ran;
             }
@@ -362,7 +366,7 @@ fn run_slice<B: Backend>(backend: &mut B, s: &mut Slot<B>, run: &Run<B>, me: usi
 /// no slice budget and its exit counts were folded into the guest's not long ago. What
 /// `prepare` would do then is already done: the vCPU is not waiting, `ran_on` has this CPU,
 /// its exception bitmap and interrupt state are current; its exit counts stay in the slot
-/// (the next `fold`), an ExMap state stays parked in it (`unpark` at its next world lock).
+/// (the next `fold`), an ExMap state stays parked in it (`unpark` at its next world-path exit).
 #[inline]
 fn start_alone<B: Backend>(s: &Slot<B>, me: usize) -> bool {
     let facts = vmcore::gate::Facts {
@@ -525,7 +529,7 @@ enum FastStep<F: morsel::Format> {
 /// An ExMap ALLOC / FREE with no world lock (issue 22 item 2, issue 21): where the call
 /// names the region and iovec page of this vCPU's last ALLOC / FREE (`s.fast`, a handle
 /// made by a batch that ended alone), the vCPU's ExMap state is still in its slot
-/// (`s.exmap`: no world lock was taken since), `lockless` found the exit quiet (no IPI asked
+/// (`s.exmap`: no world-path exit since), `lockless` found the exit quiet (no IPI asked
 /// this CPU to look: that flag is taken there, so a stop is never missed here; timer not
 /// due, slice not over) and the handle still takes the region's lock (`Fast::call`: nothing
 /// changed since; other vCPUs' batches may share it). Then the batch runs and ends alone as
@@ -664,7 +668,9 @@ fn resume_alone<B: Backend>(s: &mut Slot<B>, failed: u64, me: usize, deadline: u
 }
 
 /// Puts back the vCPU's ExMap state its slot kept since a batch ended alone (the world lock
-/// held `w`): before anything under the lock can look for it (`Exmaps::unpark`).
+/// held `w`): before anything under the lock can look for it (`Exmaps::unpark`): at a
+/// world-path exit of this vCPU (its own ExMap calls are the only ones that look for its
+/// state) and at its end (before `vcpu_done`, whose last vCPU drains the guest's states).
 fn unpark<B: Backend>(w: &mut World<B>, s: &mut Slot<B>, frames: &Frames) {
     if s.exmap.is_some() {
         put_back(w, s.guest, s.exmap.take(), frames);

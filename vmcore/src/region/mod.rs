@@ -550,7 +550,8 @@ impl<F: morsel::Format> Fast<F> {
 }
 
 /// A vCPU's ExMap state after a batch ended alone (`Batch::finish_alone`): kept in the vCPU's
-/// slot until its next world lock puts it back (the hypervisor's `Exmaps::unpark`). Nothing in
+/// slot until its next world-path exit or its end puts it back (the hypervisor's
+/// `Exmaps::unpark`; a slice's start under the world lock leaves it there). Nothing in
 /// it is reached by another CPU.
 pub struct Parked {
     pub v: TryBox<VcpuState>,

@@ -308,8 +308,9 @@ impl Cpu {
         }
     }
 
-    /// The vCPU's state kept in its slot goes back to `Exmaps::vcpus` at its next world
-    /// lock (`sched::unpark`); a gone guest's through this CPU's `Owed`.
+    /// The vCPU's state kept in its slot goes back to `Exmaps::vcpus` under the world lock
+    /// (`sched::unpark`, at the vCPU's next world-path exit or its end); a gone guest's
+    /// through this CPU's `Owed`.
     fn unpark(&self, l: &mut Locked, slot: &mut Option<Vec<u64>>, owed: &mut Owed<N>) {
         if let Some(cache) = slot.take() {
             if l.gone {
