@@ -133,13 +133,18 @@ impl<B: Backend> Drop for WorldGuard<'_, B> {
 static PUBLISHED: AtomicUsize = AtomicUsize::new(0);
 static PUBLISHED_FOR: spin::Once<&'static str> = spin::Once::new();
 
-/// Makes `run` visible to the other CPUs and wakes them (IPI).
+/// Wakes the other CPUs (the start IPI), then makes `run` visible to them. In that order:
+/// `ipi::send` returns once the target's APIC holds the IPI, so a CPU that finds the run
+/// takes its start IPI with interrupts on before its first guest entry (`serve`). The other
+/// way round, a CPU awake already (its timer tick) could find the run and enter its first
+/// guest before the IPI came: that guest would take it as an `interrupt` exit, one no
+/// guest's work caused (seen under load: `exmap_shared_free_spares_other_cpus`).
 pub fn publish<B: Backend>(run: &'static Run<B>) {
     PUBLISHED_FOR.call_once(|| B::NAME);
-    PUBLISHED.store(run as *const Run<B> as usize, Ordering::Release);
     for cpu in 1..run.cpus {
         ipi::send(cpu);
     }
+    PUBLISHED.store(run as *const Run<B> as usize, Ordering::Release);
 }
 
 /// The run the boot CPU published, if it was made for this CPU's backend `B`.
@@ -170,17 +175,34 @@ pub fn idle_once() {
 }
 
 /// What an AP does once its backend is enabled: wait for the run, take part, then idle.
+/// Its start IPI (`publish`) is in, or already taken, when it finds the run: taken here with
+/// interrupts on (`take_pending`), not as an exit of its first guest. Between that IPI and
+/// the run becoming visible it spins (`ipi::send` set its `attention` first): a HLT there
+/// could wait long, its IPI taken already (VMX with a preemption timer has no periodic tick).
 pub fn serve<B: Backend>(cpu: usize, frames: Frames, mut backend: B) -> ! {
     let mut served = false;
     loop {
         if !served {
             if let Some(run) = published::<B>() {
+                take_pending();
                 if cpu < run.cpus {
                     super::sched::cpu_loop(run, &mut backend, cpu, &frames);
                 }
                 served = true;
+            } else if ipi::attention_pending(cpu) {
+                ipi::service();
+                core::hint::spin_loop();
+                continue;
             }
         }
         idle_once();
     }
+}
+
+/// Takes the interrupts pending at this CPU's APIC now (interrupts on for one instruction).
+fn take_pending() {
+    // SAFETY: every vector has a handler; an interrupt pending with IF = 1 is taken at the
+    // end of the instruction after STI (its one-instruction shadow), before CLI restores the
+    // host's IF = 0.
+    unsafe { core::arch::asm!("sti", "nop", "cli", options(nomem, nostack)) };
 }
