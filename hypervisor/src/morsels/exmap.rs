@@ -47,13 +47,11 @@ use exmap::{EntryError, FrameCache, Origin, Region};
 use super::DiskBatch;
 use formats::units::Bytes;
 use abi::{self, Error};
-use hashbrown::HashMap;
 use morsel::{GuestPhysAddr, HostPhysAddr, Morsel, Perm};
-use vmcore::heap::TryBox;
 use vmcore::hypercall::{self, Deferred};
-use vmcore::region::{code, succeeded, Call, Ended, VcpuState, Who};
+use vmcore::region::{code, succeeded, Call, EndedBatch, States, VcpuState, Who};
 pub use vmcore::region::{Batch, Fast, FastCall, Parked, RegionCell};
-use vmcore::region_lock::{Cache, Caller, Contender, Refusal, Targets};
+use vmcore::region_lock::{Cache, Contender, Refusal, Targets};
 
 const _: () = assert!(exmap::MAX_ENTRIES as u64 == abi::EXMAP_MAX_ENTRIES);
 const _: () = assert!(exmap::MAX_COUNT == abi::EXMAP_MAX_COUNT);
@@ -88,6 +86,10 @@ impl vmcore::region::Machine for Here<'_> {
 
     fn trim(&mut self, cache: &mut FrameCache) {
         cache.trim(&crate::vm::shootdown::After(self.0));
+    }
+
+    fn drain_after(&mut self, cache: &mut FrameCache) {
+        cache.drain(&crate::vm::shootdown::After(self.0));
     }
 
     fn mark(&self, point: usize) {
@@ -178,8 +180,8 @@ pub(crate) struct RegionStats {
 /// ExMap's state for the run (a region's own counters are in its directory entry and cell).
 pub struct Exmaps {
     /// Per vCPU, keyed by (guest, vCPU index); a vCPU's entry is out of the map while its
-    /// `Batch` runs.
-    vcpus: HashMap<(u32, u32), TryBox<VcpuState>>,
+    /// `Batch` runs or while it is parked in its slot (`vmcore::region::States`).
+    states: States,
     next_id: Origin,
 }
 
@@ -191,7 +193,7 @@ impl Default for Exmaps {
 
 impl Exmaps {
     pub fn new() -> Self {
-        Exmaps { vcpus: HashMap::new(), next_id: 1 }
+        Exmaps { states: States::new(), next_id: 1 }
     }
 
     /// `exmap_create(name_ptr, name_len, size, flags)`: the name is reserved like every
@@ -286,18 +288,8 @@ impl Exmaps {
             true => devices.as_deref().and_then(|d| d.nvme).map(|nv| nv.blocks / PAGE_BLOCKS).ok_or(Error::NotFound)?,
             false => 0,
         };
-        let key = (g.id, vcpu);
-        // Room for a new entry (a capacity check when there is), so the insert below never
-        // allocates; one hash for find-or-insert.
-        self.vcpus.try_reserve(1).map_err(|_| Error::NoMemory)?;
-        // Once per vCPU (its buffers and cache, a few KiB).
-        let v = match self.vcpus.entry(key) {
-            hashbrown::hash_map::Entry::Occupied(e) => e.into_mut(),
-            hashbrown::hash_map::Entry::Vacant(e) => e.insert(VcpuState::try_new()?),
-        };
-        // The state itself, so that its fields are borrowed apart.
-        let v: &mut VcpuState = v;
-        v.ready()?;
+        // Made once per vCPU (its buffers and cache, a few KiB), with room for a whole batch.
+        let v = self.states.ready(g.id, vcpu)?;
         let count = (count as usize).min(exmap::MAX_ENTRIES);
         let views = &n.views;
         let any_view = views.vtd.is_some() || views.amd.is_some() || views.amd_ro.is_some() || views.ept.is_some();
@@ -309,7 +301,7 @@ impl Exmaps {
             // Free: `admit` said so above, in this critical section. The guest mounts are
             // counted now: none can be added while the lock is held (`Contender::Mount`).
             let Ok(held) = cell.lock.take(n.morsel.mount_count()) else { return Ok(hypercall::Outcome::Retry) };
-            let Some(v) = self.vcpus.remove(&key) else {
+            let Some(v) = self.states.take(g.id, vcpu) else {
                 cell.lock.end(held);
                 return Err(Error::NoMemory);
             };
@@ -364,8 +356,7 @@ impl Exmaps {
             Some(d) => dir.disk_begin(d, frames, &rest.name, write, false),
             None => Err(Error::NotFound),
         };
-        let Some(v) = self.vcpus.get_mut(&key) else { return Err(Error::NoMemory) };
-        let v: &mut VcpuState = v;
+        let Some(v) = self.states.get_mut(g.id, vcpu) else { return Err(Error::NoMemory) };
         v.owners.clear();
         if let Ok(batch) = batch.as_mut() {
             for (k, (&r, &e)) in v.iov.iter().zip(v.entries.iter()).enumerate() {
@@ -428,7 +419,7 @@ impl Exmaps {
         let gone = g.is_none();
         let guest = rest.guest;
         // The entry is there: only this vCPU (in this call) removes it, guest_ended aside.
-        if let Some(v) = self.vcpus.get_mut(&(guest, rest.vcpu)) {
+        if let Some(v) = self.states.get_mut(guest, rest.vcpu) {
             (v.iov, v.entries, v.owners) = (iov, entries, owners);
         }
         let r = self.conclude(dir, devices, g, frames, rest);
@@ -442,7 +433,7 @@ impl Exmaps {
     /// FREE, the counters, the results into the iovec page (`v.iov`).
     fn conclude<B: Backend>(&mut self, dir: &mut Directory<B::Format>, devices: Option<&mut crate::devices::Devices>, mut g: Option<&mut Guest<B>>, frames: &Frames, rest: Rest) -> u64 {
         let Rest { op, mut b, zeroed0, count, iov_gpa, name, guest, vcpu, disk: d } = rest;
-        let (Some(v), Some(n)) = (self.vcpus.get_mut(&(guest, vcpu)), dir.named.get_mut(&name)) else {
+        let (Some(v), Some(n)) = (self.states.get_mut(guest, vcpu), dir.named.get_mut(&name)) else {
             // Unreachable: the region is not destroyed while its action runs (pinned).
             log::error!(target: "exmap", "guest {guest} '{name}': the region is gone at the end of its action");
             return 0;
@@ -557,22 +548,12 @@ impl Exmaps {
     /// world lock held); where its guest is gone (`alive` false) or there is no room, its
     /// cache goes through this CPU's `Owed` instead (freed after the acknowledgments).
     pub fn unpark(&mut self, p: Parked, alive: bool, frames: &Frames) {
-        let Parked { mut v, guest, vcpu } = p;
-        if alive && self.vcpus.try_reserve(1).is_ok() {
-            self.vcpus.insert((guest, vcpu), v);
-        } else {
-            drain(guest, vcpu, &mut v, &crate::vm::shootdown::After(frames));
-        }
+        self.states.unpark(p, alive, &mut Here(frames));
     }
 
     /// A guest ended: its vCPUs' caches go back to the allocator.
     pub fn guest_ended(&mut self, id: u32, frames: &Frames) {
-        self.vcpus.retain(|&(guest, vcpu), v| {
-            if guest == id {
-                drain(id, vcpu, v, frames);
-            }
-            guest != id
-        });
+        self.states.guest_ended(id, &Here(frames));
     }
 
     /// Ends an ALLOC / FREE `Batch` under the world lock (where `Batch::finish_alone` could
@@ -583,20 +564,14 @@ impl Exmaps {
     /// where the caller's guest is gone: the vCPU's cache then goes through this CPU's
     /// `Owed`, freed once the shootdown is acknowledged.
     pub fn finish_batch<B: Backend>(&mut self, g: Option<&mut Guest<B>>, frames: &Frames, batch: Batch<B::Format>) -> Result<u64, Error> {
-        // The vCPU's state stays only where it has its place back (no allocation but this
-        // fallible one).
-        let caller = match g.is_some() && self.vcpus.try_reserve(1).is_ok() {
-            true => Caller::Stays,
-            false => Caller::Gone,
-        };
         // Stopped (by a sibling vCPU or the hypervisor) or gone while the batch ran: the
         // guest never reads the results; reported once per such batch (`exmap.abandon`).
         let stopped = g.as_deref().is_none_or(|g| g.state != crate::vm::guest::State::Runnable);
         // The caller's CPUs (`Targets::Caller` comes only with a caller that stays, so with
         // its guest); what leaves the cache stays with this CPU until the shootdown is
-        // acknowledged (`Here::trim`).
+        // acknowledged (`Here::trim`, `Here::drain_after`).
         let caller_flush = || g.as_deref().map_or_else(Flush::every_guest_cpu, crate::vm::shootdown::of_guest);
-        let Ended { mut v, who, op, outcome, others, targets } = batch.end(caller, caller_flush, &mut Here(frames));
+        let EndedBatch { who, op, outcome, others, targets, cache } = self.states.end_batch(batch, g.is_some(), caller_flush, &mut Here(frames));
         let Who { name, guest, vcpu } = who;
         if stopped {
             log::info!(target: "evt", "exmap.abandon guest={guest} vcpu={vcpu} name={name} op={} pages={} guest_state={} held={} shootdown={} cache={}",
@@ -609,17 +584,10 @@ impl Exmaps {
                     Some(Targets::Caller) => "caller",
                     Some(Targets::Everyone) => "everyone",
                 },
-                match caller.cache() {
+                match cache {
                     Cache::Keep => "keep",
                     Cache::AfterAcks => "after_acks",
                 });
-        }
-        match caller.cache() {
-            Cache::Keep => {
-                self.vcpus.insert((guest, vcpu), v);
-            }
-            // Its FREE's frames may still be cached by the CPUs just shot down.
-            Cache::AfterAcks => drain(guest, vcpu, &mut v, &crate::vm::shootdown::After(frames)),
         }
         let (b, _) = outcome?;
         log::debug!(target: "exmap", "guest {guest} '{name}' {}: {} pages, {} failed", ["alloc", "free"][(op & 1) as usize], b.pages, b.failed);
@@ -646,18 +614,6 @@ impl Exmaps {
                 calls, allocated, freed, free_calls, invalidations, remote_flushes, zeroed, failed, s.read, s.written, s.commands, s.max_depth, s.interrupts);
         }
     }
-}
-
-/// A vCPU's ExMap state is dropped: its cache goes back through `alloc`. Where its guest
-/// ended (`guest_ended`: the allocator), every FREE's shootdown was acknowledged before its
-/// vCPU entered the guest again or ended; a batch that ends for a vCPU that cannot keep its
-/// state gives `shootdown::After` (`finish_batch`).
-fn drain(guest: u32, vcpu: u32, v: &mut VcpuState, frames: &impl morsel::FrameAlloc) {
-    let held = v.cache.len();
-    v.cache.drain(frames);
-    let s = v.cache.stats();
-    log::info!(target: "exmap", "guest {guest} vcpu {vcpu}: frame cache drained ({held} frames back); {} bundles in, {} out, {} frames from the allocator, {} back",
-        s.refills, s.returns, s.from_allocator, s.to_allocator);
 }
 
 /// 512-byte blocks per 4 KiB page.

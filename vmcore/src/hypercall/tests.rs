@@ -497,7 +497,7 @@ fn a_deferred_call_is_answered_by_finish_and_abandon_answers_nothing() {
         if nr == HC_MORSEL_CREATE {
             // A create's end mounts: its status is the size, asked after the end (the fake
             // answers every service with its result, so the size is 0x4000_0000 too).
-            assert_eq!(s.calls().ends_with(&[Svc::Finish(1), Svc::MorselSize(0x4000_0000)]), true, "{:?}", s.calls());
+            assert!(s.calls().ends_with(&[Svc::Finish(1), Svc::MorselSize(0x4000_0000)]), "{:?}", s.calls());
             assert_eq!((f.rax, f.rdx), (0x4000_0000, 0x4000_0000));
         } else {
             assert_eq!(s.calls().last(), Some(&Svc::Finish(1)));

@@ -27,10 +27,11 @@ use crate::flush::Flush;
 use crate::heap::TryBox;
 use crate::memory::DataMem;
 use crate::names::Name;
-use crate::region_lock::{Caller, Handle, Held, RegionLock, Targets};
+use crate::region_lock::{Cache, Caller, Handle, Held, RegionLock, Targets};
 use abi::Error;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering};
+use hashbrown::HashMap;
 use exmap::{EntryError, FrameCache, Origin, Region, Validator};
 use morsel::{FrameAlloc, HostPhysAddr, Morsel};
 
@@ -56,6 +57,10 @@ pub trait Machine {
     /// Gives back what `cache` holds beyond its reserve, through an allocator that keeps the
     /// frames until every shootdown committed so far is acknowledged.
     fn trim(&mut self, cache: &mut FrameCache);
+    /// Gives back every frame `cache` holds, through the allocator that keeps them until every
+    /// shootdown committed so far is acknowledged (a vCPU whose guest is gone, or whose state
+    /// has no place to go back to).
+    fn drain_after(&mut self, cache: &mut FrameCache);
     /// A probe point (the hypervisor's `--probe` build); none by default.
     fn mark(&self, _point: usize) {}
 }
@@ -557,4 +562,110 @@ pub struct Parked {
     pub v: TryBox<VcpuState>,
     pub guest: u32,
     pub vcpu: u32,
+}
+
+/// Every vCPU's ExMap state while it is neither in a batch ([`Batch`]) nor parked in its slot
+/// ([`Parked`]), keyed by (guest, vCPU index). The hypervisor keeps it under the world lock;
+/// a vCPU's entry is looked for only by that vCPU's own calls and by its guest's end.
+#[derive(Default)]
+pub struct States {
+    vcpus: HashMap<(u32, u32), TryBox<VcpuState>>,
+}
+
+/// How a batch ended under the world lock ([`States::end_batch`]), for the hypervisor's report.
+pub struct EndedBatch {
+    pub who: Who,
+    pub op: u64,
+    pub outcome: Outcome,
+    /// The batches that still held the region's lock after this one gave it back.
+    pub others: u64,
+    /// Whom the shootdown reached (None: it cleared nothing).
+    pub targets: Option<Targets>,
+    /// Where the vCPU's state went: back in its place, or drained after the acknowledgments.
+    pub cache: Cache,
+}
+
+impl States {
+    pub fn new() -> Self {
+        States { vcpus: HashMap::new() }
+    }
+
+    /// The state of guest `guest`'s vCPU `vcpu`, made at its first call (a few KiB), with room
+    /// for a whole batch in its buffers: `NoMemory`, never the allocation panic.
+    pub fn ready(&mut self, guest: u32, vcpu: u32) -> Result<&mut VcpuState, Error> {
+        // Room for a new entry (a capacity check when there is), so the insert below never
+        // allocates; one hash for find-or-insert.
+        self.vcpus.try_reserve(1).map_err(|_| Error::NoMemory)?;
+        let v = match self.vcpus.entry((guest, vcpu)) {
+            hashbrown::hash_map::Entry::Occupied(e) => e.into_mut(),
+            hashbrown::hash_map::Entry::Vacant(e) => e.insert(VcpuState::try_new()?),
+        };
+        v.ready()?;
+        Ok(v)
+    }
+
+    /// The state of guest `guest`'s vCPU `vcpu`, where it is in its place.
+    pub fn get_mut(&mut self, guest: u32, vcpu: u32) -> Option<&mut VcpuState> {
+        self.vcpus.get_mut(&(guest, vcpu)).map(|v| &mut **v)
+    }
+
+    /// Takes the state out for a [`Batch`] (its place stays empty until the batch ends).
+    pub fn take(&mut self, guest: u32, vcpu: u32) -> Option<TryBox<VcpuState>> {
+        self.vcpus.remove(&(guest, vcpu))
+    }
+
+    /// A state parked in its vCPU's slot since its batch ended alone comes back: into its
+    /// place where its guest is `alive` and there is room, else every frame of its cache
+    /// through [`Machine::drain_after`] (the FREE that put them there may still be cached by
+    /// the CPUs it shot down).
+    pub fn unpark(&mut self, p: Parked, alive: bool, m: &mut impl Machine) {
+        let Parked { mut v, guest, vcpu } = p;
+        if alive && self.vcpus.try_reserve(1).is_ok() {
+            self.vcpus.insert((guest, vcpu), v);
+        } else {
+            drain(guest, vcpu, &mut v, |c| m.drain_after(c));
+        }
+    }
+
+    /// Guest `id` ended: its vCPUs' caches go back to the allocator (every FREE's shootdown
+    /// was acknowledged before its vCPU entered the guest again or ended).
+    pub fn guest_ended(&mut self, id: u32, m: &impl Machine) {
+        self.vcpus.retain(|&(guest, vcpu), v| {
+            if guest == id {
+                drain(id, vcpu, v, |c| c.drain(m.frames()));
+            }
+            guest != id
+        });
+    }
+
+    /// Ends `batch` under the world lock ([`Batch::end`], where [`Batch::finish_alone`] could
+    /// not: its guest stopped or gone, or it failed): `alive` says whether the caller's guest
+    /// still exists (`caller_flush`: its CPUs' shootdown). The vCPU's state goes back into its
+    /// place where the guest exists and there is room (fallible, no other allocation), else
+    /// its cache through [`Machine::drain_after`].
+    pub fn end_batch<F: morsel::Format, M: Machine>(&mut self, batch: Batch<F>, alive: bool, caller_flush: impl FnOnce() -> Flush<M::Domain>, m: &mut M) -> EndedBatch {
+        let caller = match alive && self.vcpus.try_reserve(1).is_ok() {
+            true => Caller::Stays,
+            false => Caller::Gone,
+        };
+        let Ended { mut v, who, op, outcome, others, targets } = batch.end(caller, caller_flush, m);
+        let cache = caller.cache();
+        match cache {
+            Cache::Keep => {
+                self.vcpus.insert((who.guest, who.vcpu), v);
+            }
+            // Its FREE's frames may still be cached by the CPUs just shot down.
+            Cache::AfterAcks => drain(who.guest, who.vcpu, &mut v, |c| m.drain_after(c)),
+        }
+        EndedBatch { who, op, outcome, others, targets, cache }
+    }
+}
+
+/// A vCPU's state is dropped: its cache goes back (`give`), with a line in the log.
+fn drain(guest: u32, vcpu: u32, v: &mut VcpuState, give: impl FnOnce(&mut FrameCache)) {
+    let held = v.cache.len();
+    give(&mut v.cache);
+    let s = v.cache.stats();
+    log::info!(target: "exmap", "guest {guest} vcpu {vcpu}: frame cache drained ({held} frames back); {} bundles in, {} out, {} frames from the allocator, {} back",
+        s.refills, s.returns, s.from_allocator, s.to_allocator);
 }

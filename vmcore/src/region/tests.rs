@@ -1,6 +1,8 @@
 //! A region's calls with no world lock, over a simulated machine (`memory::tests::Backed`):
 //! the batch taken under the world lock, its end alone, the `Fast` handle's calls and
-//! refusals, the shootdown's targets and order, the frames kept until it is acknowledged.
+//! refusals, the shootdown's targets and order, the frames kept until it is acknowledged,
+//! and the vCPUs' states under the world lock (`States`: unpark, a batch ended there, a
+//! guest's end).
 //!
 //! Mutations tried by hand, each caught:
 //!
@@ -12,7 +14,9 @@
 //! | `Targets::Everyone` shoots down the caller's CPUs only | `a_free_of_a_region_others_mounted_shoots_down_every_sharer` |
 //! | only the local flush, whatever CPUs the guest ran on | `a_free_shoots_down_the_guests_other_cpus_...` |
 //! | every FREE shoots down, cleared or not | `a_free_of_a_guest_alone_on_this_cpu_...` |
-
+//! | `States::unpark` of a gone guest frees its cache at once | `a_parked_state_comes_back_in_place_or_...` |
+//! | `States::end_batch` keeps a gone caller's state | `a_batch_ended_under_the_world_lock_...` |
+//! | `States::guest_ended` keeps the ended guest's entries, or drains every guest's | `a_guest_that_ends_gives_back_...` |
 use super::*;
 use crate::memory::tests::{machine, Backed};
 use core::cell::RefCell;
@@ -90,6 +94,9 @@ impl Machine for Here {
         cache.trim(&self.kept);
         let frames = self.kept.0.borrow().len() - before;
         self.events.push(Event::Trim { frames });
+    }
+    fn drain_after(&mut self, cache: &mut FrameCache) {
+        cache.drain(&self.kept);
     }
 }
 
@@ -330,4 +337,71 @@ fn every_frame_comes_back_when_the_region_and_the_cache_go() {
     s.region.destroy(&s.here.m.sim, s.here.m).map_err(|(_, e)| e).unwrap();
     morsel::FrameAlloc::free(&s.here.m.sim, HostPhysAddr::new(s.iov_hpa), 0);
     assert_eq!(s.here.m.sim.allocated_frames(), 0, "every frame and table back");
+}
+
+/// A state with `n` frames in its cache (ALLOC, then FREE of `n` pages), ended alone: parked.
+fn parked_with_frames(s: &mut Setup, n: u64) -> Parked {
+    let e = [exmap::encode(0, n)];
+    let (_, parked, fast) = s.first(abi::EXMAP_ALLOC, &e, 1, 1);
+    let mut parked = Some(parked);
+    assert_eq!(s.fast(&fast, &mut parked, abi::EXMAP_FREE, &e, 1), Some(0));
+    parked.unwrap()
+}
+
+#[test]
+fn a_parked_state_comes_back_in_place_or_its_frames_wait_for_the_acknowledgments() {
+    let mut s = setup(64);
+    let mut states = States::new();
+    let p = parked_with_frames(&mut s, 8);
+    let held = p.v.cache.len();
+    assert!(held >= 8, "the FREE's frames are in the cache: {held}");
+    states.unpark(p, true, &mut s.here);
+    assert_eq!(states.get_mut(GUEST, VCPU).map(|v| v.cache.len()), Some(held), "back in its place, cache and all");
+    // Its guest is gone: every frame through the keeping allocator, none to the allocator.
+    let p = Parked { v: states.take(GUEST, VCPU).unwrap(), guest: GUEST, vcpu: VCPU };
+    let free0 = s.here.m.sim.free_pages();
+    states.unpark(p, false, &mut s.here);
+    assert!(states.get_mut(GUEST, VCPU).is_none());
+    assert_eq!(s.here.kept.0.borrow().len(), held);
+    assert_eq!(s.here.m.sim.free_pages(), free0, "no frame straight back to the allocator");
+}
+
+#[test]
+fn a_batch_ended_under_the_world_lock_puts_the_state_back_or_drains_it_after_the_acks() {
+    let mut s = setup(64);
+    let mut states = States::new();
+    states.ready(GUEST, VCPU).unwrap();
+    for (alive, keep) in [(true, Cache::Keep), (false, Cache::AfterAcks)] {
+        let v = states.take(GUEST, VCPU).unwrap_or_else(|| VcpuState::try_new().unwrap());
+        s.entries(&[exmap::encode(0, 4)]);
+        let held = s.here.cell.lock.take(1).unwrap();
+        let call = Call { op: abi::EXMAP_ALLOC, count: 1, gpa: GPA, iov_gpa: IOV_GPA, iov_hpa: s.iov_hpa };
+        let mut b = Batch::new(held, s.here.cell, s.region.alias(), 7, v, call, who());
+        b.run(&s.here);
+        // An ALLOC clears nothing: no shootdown, whoever the caller.
+        let e = states.end_batch(b, alive, || panic!("no shootdown for an ALLOC"), &mut s.here);
+        assert_eq!((e.cache, e.targets, e.others), (keep, None, 0));
+        assert!(matches!(e.outcome, Ok((b, _)) if b.failed == 0));
+        assert_eq!(states.get_mut(GUEST, VCPU).is_some(), alive, "alive {alive}");
+        assert!(!s.here.cell.lock.is_held());
+    }
+    // The gone caller's cache (a bundle from the allocator) went through the keeping allocator.
+    assert_eq!(s.here.kept.0.borrow().len(), exmap::BUNDLE - 4);
+}
+
+#[test]
+fn a_guest_that_ends_gives_back_its_vcpus_caches_and_no_one_elses() {
+    let s = setup(64);
+    let mut states = States::new();
+    for (guest, vcpu) in [(1, 0), (1, 1), (2, 0)] {
+        let v = states.ready(guest, vcpu).unwrap();
+        // A frame in each cache, taken from the allocator.
+        v.cache.give(morsel::FrameAlloc::alloc(&s.here.m.sim, 0).unwrap(), exmap::FRESH);
+    }
+    let free0 = s.here.m.sim.free_pages();
+    states.guest_ended(1, &s.here);
+    assert_eq!(s.here.m.sim.free_pages(), free0 + 2, "guest 1's two frames back to the allocator");
+    assert!(states.get_mut(1, 0).is_none() && states.get_mut(1, 1).is_none());
+    assert_eq!(states.get_mut(2, 0).map(|v| v.cache.len()), Some(1), "guest 2's state untouched");
+    assert!(s.here.kept.0.borrow().is_empty(), "an ended guest's frames wait for nothing");
 }
