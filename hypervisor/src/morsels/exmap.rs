@@ -9,7 +9,8 @@
 //! lends it this CPU (`Here`: the identity map, the allocator handle, the shootdown).
 //!
 //! Per vCPU: a frame cache, a validator and result buffers (`VcpuState`), keyed by (guest,
-//! vCPU). ALLOC and FREE on a region no device sees run with the world lock let go, under the
+//! vCPU) (`vmcore::region::States`, which also ends a batch under the world lock and drains
+//! a gone vCPU's cache). ALLOC and FREE on a region no device sees run with the world lock let go, under the
 //! region's lock, which they share (several vCPUs' batches on one region at once; each leaf
 //! changed by compare-and-swap in `exmap`) (`Unlocked::Batch`, its `Deferred::run`, then
 //! `Batch::finish_alone` with no world lock
