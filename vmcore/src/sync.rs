@@ -3,10 +3,10 @@
 //! in the hypervisor.
 
 #[cfg(loom)]
-pub use loom::sync::atomic::{AtomicU64, Ordering};
+pub use loom::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 
 #[cfg(not(loom))]
-pub use core::sync::atomic::{AtomicU64, Ordering};
+pub use core::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 
 /// One round of a spin-wait: a pause on the CPU; under loom a yield, so that the model
 /// checker runs the thread being waited for (and reports a wait that can never end).

@@ -135,6 +135,9 @@ pub fn start_periodic_timer_us(period_us: u64) {
 /// the latest `deadline` (a one-shot timer where this CPU has no periodic one: the slice
 /// timer of SVM, and of VMX without a preemption timer, is periodic; `PerCpu::mine`).
 pub fn halt_once(deadline: u64) {
+    // A CPU marked busy (it left a guest) gets no shootdown IPI: clear the mark (and answer)
+    // first, so that a request from now on sends the IPI that ends this HLT.
+    crate::arch::ipi::ready();
     let periodic = crate::arch::percpu::this().mine.periodic.load(Ordering::Relaxed);
     let now = crate::platform::time::tsc();
     if now >= deadline {

@@ -126,6 +126,32 @@ pub fn service() {
 pub fn service_on(me: usize) {
     let me = me % MAX_CPUS;
     MAILBOXES.service(me, &Apic);
+    drain_if_asked(me);
+}
+
+/// CPU `me` (this one) left its guest: until `ready_on`, it answers shootdown requests
+/// before any guest entry or halt, so they send it no IPI (`vmcore::shootdown`: "No IPI to a
+/// CPU that answers anyway"), which would only force an exit right after its next entry.
+#[inline]
+pub fn busy(me: usize) {
+    MAILBOXES.busy(me % MAX_CPUS);
+}
+
+/// CPU `me` (this one) is about to enter a guest or halt: requests send it the IPI again,
+/// and those made before are answered now (`service_on`, after the mark is cleared).
+pub fn ready_on(me: usize) {
+    let me = me % MAX_CPUS;
+    MAILBOXES.ready(me, &Apic);
+    drain_if_asked(me);
+}
+
+/// `ready_on` this CPU (an APIC read: the halts).
+pub fn ready() {
+    ready_on(me());
+}
+
+/// Drains this CPU's (`me`) allocator core where another CPU asked (it ran out of memory).
+fn drain_if_asked(me: usize) {
     let cpu = percpu::of(me);
     let want = cpu.inbox.drain_request.load(Ordering::Acquire);
     if cpu.outbox.drain_done.load(Ordering::Acquire) < want {

@@ -168,7 +168,9 @@ pub fn wait_all_finished<B: Backend>(run: &Run<B>) {
 
 /// An AP with nothing to do: halt until an interrupt (interrupts off again after it).
 pub fn idle_once() {
-    ipi::service();
+    // Clears the busy mark before it answers: a request from now on sends the IPI that
+    // ends the HLT.
+    ipi::ready();
     // SAFETY: STI takes effect after HLT starts (one-instruction shadow), so no interrupt is
     // lost between them; every vector has a handler; CLI restores the host's IF = 0.
     unsafe { core::arch::asm!("sti", "hlt", "cli", options(nomem, nostack)) };

@@ -745,8 +745,10 @@ fn fold<B: Backend>(guest: &mut Guest<B>, s: &mut Slot<B>, me: usize) {
 fn enter<B: Backend>(backend: &mut B, s: &mut Slot<B>, me: usize, deadline: u64, per_us: u64) -> Exit {
     // Requests already made are answered here; the host runs with interrupts off: a
     // shootdown IPI that arrives after this check is taken in guest mode (an exit), so
-    // no entry misses a flush it was asked for.
-    ipi::service_on(me);
+    // no entry misses a flush it was asked for. Requests made since the last exit sent no
+    // IPI (`ipi::busy` below): `ready_on` clears that mark before it answers, so a request
+    // either sees it clear (and sends the IPI) or is answered here.
+    ipi::ready_on(me);
     let gen = ipi::flush_gen(me);
     if s.seen_flush != gen {
         backend.flush_second_level(&mut s.vcpu);
@@ -756,6 +758,8 @@ fn enter<B: Backend>(backend: &mut B, s: &mut Slot<B>, me: usize, deadline: u64,
     let ticks = crate::arch::apic::ticks(me);
     crate::probe::mark(6);
     let exit = backend.run(&mut s.vcpu, deadline.saturating_sub(now).div_ceil(per_us).max(1));
+    // Back in the hypervisor: answers before the next entry or halt, no IPI needed.
+    ipi::busy(me);
     crate::probe::cycle();
     // An interrupt exit ends the slice only if the slice timer caused it (this CPU's tick
     // count moved) or the slice is over; an IPI before that (a shootdown, a wake-up, a

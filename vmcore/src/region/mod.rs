@@ -176,7 +176,7 @@ impl Default for RegionCell {
 }
 
 impl RegionCell {
-    pub const fn new() -> Self {
+    pub fn new() -> Self {
         RegionCell {
             lock: RegionLock::new(),
             calls: AtomicU64::new(0),

@@ -28,16 +28,26 @@ struct World<const N: usize> {
     freed: AtomicU64,
     /// CPUs that finished their part (the idle ones answer until every other did).
     finished: AtomicU64,
+    /// Per CPU: an IPI is pending (kept only by models that set `track_ipi`; the others
+    /// treat an IPI as answered at the target's next `service`).
+    ipi: [AtomicBool; N],
+    track_ipi: bool,
 }
 
 impl<const N: usize> World<N> {
     fn new() -> Arc<Self> {
+        Self::with_ipis(false)
+    }
+
+    fn with_ipis(track_ipi: bool) -> Arc<Self> {
         Arc::new(World {
             mb: Mailboxes::new(),
             entry: AtomicBool::new(true),
             cached: core::array::from_fn(|_| AtomicBool::new(false)),
             freed: AtomicU64::new(0),
             finished: AtomicU64::new(0),
+            ipi: core::array::from_fn(|_| AtomicBool::new(false)),
+            track_ipi,
         })
     }
 
@@ -60,9 +70,13 @@ impl<const N: usize> Cpus for Cpu<N> {
     fn me(&self) -> usize {
         self.me
     }
-    fn send(&self, _cpu: usize) {
+    fn send(&self, cpu: usize) {
         // The IPI: the target answers at its next `service` (every guest exit, the idle
-        // loop; the interrupt handler runs the same).
+        // loop; the interrupt handler runs the same). Model (e) also makes it end the
+        // target's guest mode.
+        if self.w.track_ipi {
+            self.w.ipi[cpu].store(true, Ordering::Release);
+        }
     }
     fn flush(&self, cpu: usize) {
         self.w.cached[cpu].store(false, Ordering::Relaxed);
@@ -259,5 +273,55 @@ fn loom_self_only_shootdown_flushes_here_and_still_answers() {
         t.join().unwrap();
         assert_eq!(w.freed.load(Ordering::Relaxed), 2);
         assert!(w.mb.outstanding().is_empty());
+    });
+}
+
+/// (e) No IPI to a busy CPU (`Mailboxes::busy` / `ready`): CPU 1 runs its guest twice; its
+/// guest mode reads the entry until an IPI ends it (or CPU 0 finished: nothing else would);
+/// between the two runs it is busy in the hypervisor and gets ready (`ready`: clear the mark,
+/// answer) before it enters again. CPU 0 clears the entry, keeps the frame, requests (no IPI
+/// where it sees CPU 1 busy), waits and frees. A request that skipped the IPI while CPU 1 was
+/// in guest mode would never be answered: CPU 0's wait would not end.
+#[test]
+fn loom_busy_target_gets_no_ipi_but_answers_before_its_entry() {
+    model(3, || {
+        let w = World::<2>::with_ipis(true);
+        w.cached[1].store(true, Ordering::Relaxed);
+        let t = {
+            let w = w.clone();
+            thread::spawn(move || {
+                let cpu = Cpu::new(1, &w);
+                for _ in 0..2 {
+                    // The exit: hypervisor code until the next entry.
+                    w.mb.busy(1);
+                    w.mb.ready(1, &cpu);
+                    // Guest mode: TLB fills from the entry while it is present.
+                    loop {
+                        if w.entry.load(Ordering::Relaxed) {
+                            w.cached[1].store(true, Ordering::Relaxed);
+                        }
+                        // (compare_exchange, not swap: loom 0.7's swap was seen reading a
+                        // stale value in another model.)
+                        let ipi = w.ipi[1].compare_exchange(true, false, Ordering::AcqRel, Ordering::Acquire).is_ok();
+                        if ipi || w.finished.load(Ordering::Acquire) >= 1 {
+                            break;
+                        }
+                        spin();
+                    }
+                }
+                w.mb.busy(1);
+                cpu.idle(1);
+            })
+        };
+        let cpu = Cpu::new(0, &w);
+        let mut owed = Owed::<2>::new();
+        owed.reserve(1);
+        w.entry.store(false, Ordering::Relaxed);
+        assert_eq!(owed.keep(FRAME, &w.mb, &cpu, 0b11, |f| w.free(f)), Kept::Deferred);
+        owed.request(&w.mb, &cpu, 0b11);
+        owed.settle(&w.mb, &cpu, |f| w.free(f));
+        cpu.done();
+        t.join().unwrap();
+        assert_eq!(w.freed.load(Ordering::Relaxed), 1);
     });
 }

@@ -6,12 +6,25 @@
 //!
 //! # Mailbox protocol
 //! One [`Mailbox`] per CPU index, all atomics, no lock:
-//! * the initiator bumps the target's `request` (fetch_add, AcqRel) and sends the IPI
-//!   ([`Mailboxes::request`], [`Cpus::send`]);
+//! * the initiator bumps the target's `request` (fetch_add, SeqCst) and sends the IPI
+//!   ([`Mailboxes::request`], [`Cpus::send`]), unless the target is `busy`: running
+//!   hypervisor code that answers before its next guest entry or halt (below);
 //! * the target, in [`Mailboxes::service`], sees `done < request`, bumps its own `flush_gen`,
 //!   flushes ([`Cpus::flush`]) and then stores `done = request` (Release): the
 //!   acknowledgment;
 //! * the initiator waits until `done >=` the request it made (Acquire) ([`Mailboxes::wait`]).
+//!
+//! # No IPI to a CPU that answers anyway
+//! An IPI to a CPU in the hypervisor (interrupts off) does nothing until that CPU enters a
+//! guest, where it costs a VM exit right after the entry; yet that CPU answers every request
+//! before the entry anyway. So a CPU marks itself `busy` when its guest exits
+//! ([`Mailboxes::busy`]) and clears the mark where it is about to enter a guest or halt
+//! ([`Mailboxes::ready`]: store `false`, a SeqCst fence, then `service`). The initiator reads
+//! the mark after its `request` bump (both SeqCst): it sees `busy` only if the target's clear
+//! comes later in the SeqCst order, and then the target's `service` after it sees the
+//! request; otherwise it sends the IPI as before. So a skipped IPI never leaves a request
+//! unanswered in guest mode or in a halt, and the wait for the acknowledgment is as before
+//! (the target answers at its next service point), minus the target's extra exit.
 //!
 //! `flush_gen` is what the hypervisor's vCPU loop checks (interrupts off) right before every
 //! guest entry: a vCPU whose last seen generation differs flushes its second-level
@@ -73,7 +86,7 @@
 //! mailbox and owes nothing ([`Mailboxes::request_into`]). Only [`Mailboxes::outstanding`]
 //! (the barrier, behind a destroy) reads every slot.
 
-use crate::sync::{spin, AtomicU64, Ordering};
+use crate::sync::{fence, spin, AtomicBool, AtomicU64, Ordering};
 use alloc::vec::Vec;
 
 #[cfg(all(test, loom))]
@@ -102,17 +115,20 @@ pub struct Mailbox {
     request: AtomicU64,
     done: AtomicU64,
     flush_gen: AtomicU64,
+    /// The CPU runs hypervisor code and answers its requests before its next guest entry or
+    /// halt: a request to it needs no IPI.
+    busy: AtomicBool,
 }
 
 impl Mailbox {
     #[cfg(not(loom))]
     const fn new() -> Self {
-        Mailbox { request: AtomicU64::new(0), done: AtomicU64::new(0), flush_gen: AtomicU64::new(0) }
+        Mailbox { request: AtomicU64::new(0), done: AtomicU64::new(0), flush_gen: AtomicU64::new(0), busy: AtomicBool::new(false) }
     }
 
     #[cfg(loom)]
     fn new() -> Self {
-        Mailbox { request: AtomicU64::new(0), done: AtomicU64::new(0), flush_gen: AtomicU64::new(0) }
+        Mailbox { request: AtomicU64::new(0), done: AtomicU64::new(0), flush_gen: AtomicU64::new(0), busy: AtomicBool::new(false) }
     }
 }
 
@@ -155,6 +171,25 @@ impl<const N: usize> Mailboxes<N> {
         hw.flush(cpu);
     }
 
+    /// CPU `me` (this one) runs hypervisor code from now on and answers its requests
+    /// ([`Mailboxes::ready`]) before its next guest entry or halt: requests to it send no IPI.
+    /// (Seen late, an IPI is sent that was not needed: harmless.)
+    #[inline]
+    pub fn busy(&self, me: usize) {
+        self.at(me).busy.store(true, Ordering::Relaxed);
+    }
+
+    /// CPU `me` (this one) is about to enter a guest or halt: requests from now on send the
+    /// IPI again, and those made before are answered now. True if one was.
+    #[inline]
+    pub fn ready(&self, me: usize, hw: &impl Cpus) -> bool {
+        self.at(me).busy.store(false, Ordering::SeqCst);
+        // Pairs with the initiator's bump and read of `busy` (SeqCst both): either it sees
+        // `busy` clear and sends the IPI, or this `service` sees its request.
+        fence(Ordering::SeqCst);
+        self.service(me, hw)
+    }
+
     /// Acknowledges a pending request to CPU `me` (this one), flushing first. True if there
     /// was one.
     pub fn service(&self, me: usize, hw: &impl Cpus) -> bool {
@@ -186,10 +221,17 @@ impl<const N: usize> Mailboxes<N> {
         let others = mask & Acks::<N>::ALL & !(1u64 << (me % 64));
         let mut sent = 0;
         for cpu in bits(others) {
-            let want = self.boxes[cpu].request.fetch_add(1, Ordering::AcqRel) + 1;
+            let m = &self.boxes[cpu];
+            let want = m.request.fetch_add(1, Ordering::SeqCst) + 1;
             acks.add(cpu, want);
-            hw.send(cpu);
-            sent += 1;
+            // A `busy` target answers before its next entry or halt (see the module doc). The
+            // fence pairs with `ready`'s (a locked RMW is one on x86, but not in the language's
+            // model, nor in loom's).
+            fence(Ordering::SeqCst);
+            if !m.busy.load(Ordering::SeqCst) {
+                hw.send(cpu);
+                sent += 1;
+            }
         }
         sent
     }

@@ -196,3 +196,24 @@ fn request_of_this_cpu_alone_touches_no_mailbox() {
     o.settle(&mb, &hw, |_| {});
     assert!(o.is_empty());
 }
+
+#[test]
+fn a_busy_cpu_gets_no_ipi_and_answers_when_it_is_ready_to_enter() {
+    let mb = Mailboxes::<4>::new();
+    let hw = Fake::new(&mb, 0);
+    mb.busy(1);
+    let (acks, sent) = mb.request(0b0110, &hw);
+    assert_eq!(sent, 1, "no IPI to the busy CPU 1");
+    assert_eq!(*hw.sent.borrow(), [2]);
+    assert_eq!(*acks.want(), [0, 1, 1, 0], "CPU 1's acknowledgment is still awaited");
+    assert!(!mb.acknowledged(&acks));
+    // CPU 1 about to enter its guest (or halt): it answers, and its mark is gone.
+    let hw1 = Fake::new(&mb, 1);
+    assert!(mb.ready(1, &hw1), "the request made while it was busy is answered");
+    assert_eq!(mb.flush_gen(1), 1);
+    mb.service(2, &hw);
+    assert!(mb.acknowledged(&acks));
+    let (_, sent) = mb.request(0b0010, &hw);
+    assert_eq!(sent, 1, "ready again: the next request sends the IPI");
+    assert_eq!(*hw.sent.borrow(), [2, 1]);
+}
