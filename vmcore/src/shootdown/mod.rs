@@ -67,7 +67,8 @@
 //! explores every interleaving (within a preemption bound) of: a deferred free against a
 //! target that caches the translation and answers; `barrier` behind another CPU's unmount;
 //! a stopped guest's CPU and two CPUs shooting at each other; a shootdown of this CPU alone
-//! beside another CPU's shootdown of both. Mutations tried by hand, each
+//! beside another CPU's shootdown of both; a target that is busy between two guest runs,
+//! whose guest mode ends only by an IPI (model (e)). Mutations tried by hand, each
 //! caught (docs/src/notes/shootdown-model.md has the failures):
 //!
 //! | mutation | models that fail |
@@ -79,6 +80,10 @@
 //! | M5: `wait` does not answer this CPU's own requests | (c): loom reports a wait that never ends |
 //! | M6: the walk over a mask's set bits skips the lowest CPU | (a), (b), (c), (d) |
 //! | M7: a shootdown naming only this CPU skips its local flush too | (d) `loom_self_only_shootdown_flushes_here_and_still_answers` |
+//! | B1: a request never sends the IPI | (e) `loom_busy_target_gets_no_ipi_but_answers_before_its_entry` (a wait that never ends), (a) |
+//! | B2: `ready` without its SeqCst fence | (e) |
+//! | B3: `request_into` without its SeqCst fence before it reads `busy` | (e) |
+//! | B4: `ready` clears the mark but does not answer | (e) |
 //!
 //! # Cost
 //! Every walk (requesting, waiting, merging, clearing) visits the set bits of a mask, not
