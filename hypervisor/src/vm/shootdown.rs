@@ -57,6 +57,9 @@ use vmcore::shootdown;
 
 static SHOOTDOWNS: AtomicU64 = AtomicU64::new(0);
 static IPIS: AtomicU64 = AtomicU64::new(0);
+/// Requests that sent no IPI: the target was busy in the hypervisor and answers before its
+/// next entry or halt anyway (`vmcore::shootdown`'s busy mark).
+static NOT_SENT: AtomicU64 = AtomicU64::new(0);
 static TSC_SPENT: AtomicU64 = AtomicU64::new(0);
 /// Time spent waiting for acknowledgments (with no lock held, but for the overflow case).
 static WAIT_SPENT: AtomicU64 = AtomicU64::new(0);
@@ -164,6 +167,8 @@ fn cpus(mask: u64) {
     TSC_SPENT.fetch_add(crate::platform::time::tsc() - t0, Ordering::Relaxed);
     SHOOTDOWNS.fetch_add(1, Ordering::Relaxed);
     IPIS.fetch_add(sent as u64, Ordering::Relaxed);
+    let targets = (mask & !(1u64 << me)).count_ones();
+    NOT_SENT.fetch_add(targets.saturating_sub(sent) as u64, Ordering::Relaxed);
 }
 
 /// A shootdown that names only this CPU `me`: the local flush (the flush generation's bump,
@@ -337,6 +342,7 @@ pub fn log_stats() {
     let per = (ipis * 100).checked_div(n).unwrap_or(0);
     log::info!(target: "morsel", "stats shootdowns: {n} ({ipis} IPIs, {}.{:02} IPIs per shootdown, {} us per shootdown, waited with no lock held; {} waited under the lock)",
         per / 100, per % 100, us.checked_div(n).unwrap_or(0), OVERFLOWS.load(Ordering::Relaxed));
+    log::info!(target: "morsel", "stats shootdown requests that sent no IPI (the target was in the hypervisor): {}", NOT_SENT.load(Ordering::Relaxed));
 }
 
 /// Reports flushes dropped uncommitted (`vmcore::flush::dropped`): a release build goes on
