@@ -111,6 +111,21 @@ impl<const N: usize> Cpu<N> {
     fn done(&self) {
         self.w.finished.fetch_add(1, Ordering::AcqRel);
     }
+
+    /// CPU 0's part of (a) and (e): under the world lock it clears the entry, keeps the frame
+    /// behind it (`After::free`) and requests the shootdown of `mask` (as
+    /// `vm::shootdown::cpus` does: the acknowledgments go straight into the record); the lock
+    /// let go (`complete`), it waits and frees. Returns the IPIs it sent.
+    fn free_behind_shootdown(&self, mask: u64) -> u32 {
+        let w = &self.w;
+        let mut owed = Owed::<N>::new();
+        owed.reserve(1);
+        w.entry.store(false, Ordering::Relaxed);
+        assert_eq!(owed.keep(FRAME, &w.mb, self, mask, |f| w.free(f)), Kept::Deferred);
+        let sent = owed.request(&w.mb, self, mask);
+        owed.settle(&w.mb, self, |f| w.free(f));
+        sent
+    }
 }
 
 const FRAME: u64 = 0x5000;
@@ -133,15 +148,7 @@ fn loom_deferred_free_waits_for_flush() {
             })
         };
         let cpu = Cpu::new(0, &w);
-        let mut owed = Owed::<2>::new();
-        owed.reserve(1);
-        // Under the world lock: clear, keep the frame (`After::free`), request (`cpus`).
-        w.entry.store(false, Ordering::Relaxed);
-        assert_eq!(owed.keep(FRAME, &w.mb, &cpu, 0b11, |f| w.free(f)), Kept::Deferred);
-        // As `vm::shootdown::cpus` does: the acknowledgments go straight into the record.
-        assert_eq!(owed.request(&w.mb, &cpu, 0b11), 1);
-        // The lock let go (`complete`): wait, then free.
-        owed.settle(&w.mb, &cpu, |f| w.free(f));
+        assert_eq!(cpu.free_behind_shootdown(0b11), 1, "one IPI, to CPU 1");
         cpu.done();
         t.join().unwrap();
         assert_eq!(w.freed.load(Ordering::Relaxed), 1);
@@ -314,12 +321,7 @@ fn loom_busy_target_gets_no_ipi_but_answers_before_its_entry() {
             })
         };
         let cpu = Cpu::new(0, &w);
-        let mut owed = Owed::<2>::new();
-        owed.reserve(1);
-        w.entry.store(false, Ordering::Relaxed);
-        assert_eq!(owed.keep(FRAME, &w.mb, &cpu, 0b11, |f| w.free(f)), Kept::Deferred);
-        owed.request(&w.mb, &cpu, 0b11);
-        owed.settle(&w.mb, &cpu, |f| w.free(f));
+        cpu.free_behind_shootdown(0b11);
         cpu.done();
         t.join().unwrap();
         assert_eq!(w.freed.load(Ordering::Relaxed), 1);
