@@ -137,8 +137,9 @@ pub fn start_periodic_timer_us(period_us: u64) {
 pub fn halt_once(deadline: u64) {
     // A CPU marked busy (it left a guest) gets no shootdown IPI: clear the mark (and answer)
     // first, so that a request from now on sends the IPI that ends this HLT.
-    crate::arch::ipi::ready();
-    let periodic = crate::arch::percpu::this().mine.periodic.load(Ordering::Relaxed);
+    let me = crate::arch::ipi::me();
+    crate::arch::ipi::ready_on(me);
+    let periodic = crate::arch::percpu::of(me).mine.periodic.load(Ordering::Relaxed);
     let now = crate::platform::time::tsc();
     if now >= deadline {
         return;

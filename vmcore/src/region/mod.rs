@@ -109,7 +109,7 @@ impl VcpuState {
 
 /// The ABI code of a failed entry.
 #[inline]
-pub fn entry_error(e: EntryError) -> Error {
+fn entry_error(e: EntryError) -> Error {
     match e {
         EntryError::Empty => Error::Invalid,
         EntryError::OutOfRange => Error::BadAddress,
@@ -299,7 +299,7 @@ pub struct Who {
 pub type Outcome = Result<(exmap::BatchStats, u64), Error>;
 
 /// An ALLOC or FREE batch run with the world lock let go ([`Batch::run`]), ended with no
-/// world lock ([`Batch::finish_alone`]) or under it ([`Batch::end`]). It holds the region's
+/// world lock ([`Batch::finish_alone`]) or under it ([`States::end_batch`]). It holds the region's
 /// lock, shared with other batches, and the calling vCPU's own `VcpuState`: nothing in it is
 /// reached by another CPU (the region's leaves are, by compare-and-swap).
 pub struct Batch<F: morsel::Format> {
@@ -390,22 +390,6 @@ fn end_alone<M: Machine>(held: Held, cell: &RegionCell, v: &mut VcpuState, op: u
     failed
 }
 
-/// How a batch ended under the world lock ([`Batch::end`]): what the hypervisor still does
-/// with it (the vCPU's state kept or drained, the abandon reported, the answer).
-pub struct Ended {
-    /// The vCPU's state: back in its place where the caller `Stays`, else drained through
-    /// an allocator that keeps the frames until the acknowledgments
-    /// ([`crate::region_lock::Caller::cache`]).
-    pub v: TryBox<VcpuState>,
-    pub who: Who,
-    pub op: u64,
-    pub outcome: Outcome,
-    /// The batches that still held the region's lock after this one gave it back.
-    pub others: u64,
-    /// Whom the shootdown reached (None: it cleared nothing).
-    pub targets: Option<Targets>,
-}
-
 impl<F: morsel::Format> Batch<F> {
     /// A batch of `call` by `who` on the region whose lock `held` is (taken under the world
     /// lock from `cell`), its subtree `morsel` (an alias) at `origin`, with the vCPU's state
@@ -430,7 +414,7 @@ impl<F: morsel::Format> Batch<F> {
     /// Returns the failed-entry count, the vCPU's state (its slot keeps it until its next
     /// world lock) and the region's handle for the vCPU's next call (`Fast`); the caller
     /// settles this CPU's shootdown before the vCPU enters its guest again. The batch comes
-    /// back untouched where it failed ([`Batch::end`] reports it).
+    /// back untouched where it failed ([`States::end_batch`] reports it).
     #[allow(clippy::result_large_err)] // the batch moves back once, on the rare fallback; boxing would allocate
     pub fn finish_alone(self, me: usize, guest_cpus: impl FnOnce() -> u64, m: &mut impl Machine) -> Result<(u64, Parked, Fast<F>), Self> {
         let Ok(done) = self.outcome else { return Err(self) };
@@ -446,8 +430,9 @@ impl<F: morsel::Format> Batch<F> {
     /// ONCE (`Held::targets`: the caller's CPUs, `caller_flush()`, or every CPU of every guest
     /// that mounted the region), the cache's surplus leaves through `Machine::trim`, then the
     /// region's lock is given back. `caller`: whether the vCPU keeps its state
-    /// ([`Caller::Stays`]) or not (its guest gone, or no room for it).
-    pub fn end<M: Machine>(self, caller: Caller, caller_flush: impl FnOnce() -> Flush<M::Domain>, m: &mut M) -> Ended {
+    /// ([`Caller::Stays`]) or not (its guest gone, or no room for it). Returns that state
+    /// beside the report ([`States::end_batch`] puts it back or drains it).
+    fn end<M: Machine>(self, caller: Caller, caller_flush: impl FnOnce() -> Flush<M::Domain>, m: &mut M) -> (TryBox<VcpuState>, EndedBatch) {
         let Batch { held, cell, mut v, call, who, outcome, .. } = self;
         let op = call.op;
         let targets = held.targets(matches!(&outcome, Ok((b, _)) if cleared(op, b)), caller);
@@ -465,7 +450,7 @@ impl<F: morsel::Format> Batch<F> {
         }
         // The batches of other vCPUs sharing the lock may still hold it.
         let others = cell.lock.end(held);
-        Ended { v, who, op, outcome, others, targets }
+        (v, EndedBatch { who, op, outcome, others, targets, cache: caller.cache() })
     }
 }
 
@@ -499,7 +484,7 @@ pub enum FastCall<F: morsel::Format> {
     /// Run and ended in place, no world lock: the failed-entry count, the guest's answer. The
     /// caller settles this CPU's shootdown before the next entry.
     Ended(u64),
-    /// Run, but it ends under the world lock ([`Batch::end`]): it failed, or a stop reached
+    /// Run, but it ends under the world lock ([`States::end_batch`]): it failed, or a stop reached
     /// this CPU meanwhile. The vCPU's state went into the batch.
     Locked(Batch<F>),
 }
@@ -638,7 +623,7 @@ impl States {
         });
     }
 
-    /// Ends `batch` under the world lock ([`Batch::end`], where [`Batch::finish_alone`] could
+    /// Ends `batch` under the world lock (`Batch::end`, where [`Batch::finish_alone`] could
     /// not: its guest stopped or gone, or it failed): `alive` says whether the caller's guest
     /// still exists (`caller_flush`: its CPUs' shootdown). The vCPU's state goes back into its
     /// place where the guest exists and there is room (fallible, no other allocation), else
@@ -648,16 +633,16 @@ impl States {
             true => Caller::Stays,
             false => Caller::Gone,
         };
-        let Ended { mut v, who, op, outcome, others, targets } = batch.end(caller, caller_flush, m);
-        let cache = caller.cache();
-        match cache {
+        let (mut v, ended) = batch.end(caller, caller_flush, m);
+        let Who { guest, vcpu, .. } = ended.who;
+        match ended.cache {
             Cache::Keep => {
-                self.vcpus.insert((who.guest, who.vcpu), v);
+                self.vcpus.insert((guest, vcpu), v);
             }
             // Its FREE's frames may still be cached by the CPUs just shot down.
-            Cache::AfterAcks => drain(who.guest, who.vcpu, &mut v, |c| m.drain_after(c)),
+            Cache::AfterAcks => drain(guest, vcpu, &mut v, |c| m.drain_after(c)),
         }
-        EndedBatch { who, op, outcome, others, targets, cache }
+        ended
     }
 }
 

@@ -288,7 +288,7 @@ fn a_batch_that_a_stop_reached_ends_under_the_world_lock_holding_the_region() {
     assert!(s.here.cell.lock.is_held(), "held until the batch ends");
     assert!(s.here.events.is_empty(), "nothing shot down yet: {:?}", s.here.events);
     // Its guest stopped: the caller's CPUs are shot down (`caller_flush`), the lock given back.
-    let ended = batch.end(Caller::Stays, || Flush::cpus(0b11), &mut s.here);
+    let (_, ended) = batch.end(Caller::Stays, || Flush::cpus(0b11), &mut s.here);
     assert_eq!(ended.targets, Some(Targets::Caller));
     assert_eq!(ended.others, 0);
     assert_eq!(s.here.events[0], Event::Shoot { cpus: 0b11, every: false, held: true });
@@ -300,7 +300,7 @@ fn a_batch_that_a_stop_reached_ends_under_the_world_lock_holding_the_region() {
     s.here.events.clear();
     s.entries(&[one(0)]);
     let FastCall::Locked(batch) = fast.call(&mut parked, GPA, IOV_GPA, abi::EXMAP_FREE, 1, &mut s.here, || true, ME, || 0b11) else { panic!() };
-    let ended = batch.end(Caller::Gone, || panic!("not the caller's CPUs"), &mut s.here);
+    let (_, ended) = batch.end(Caller::Gone, || panic!("not the caller's CPUs"), &mut s.here);
     assert_eq!(ended.targets, Some(Targets::Everyone));
     assert_eq!(s.here.events[0], Event::Shoot { cpus: 0, every: true, held: true });
 }
@@ -314,7 +314,7 @@ fn a_free_that_cannot_reserve_room_does_nothing_and_ends_under_the_world_lock() 
     let call = Call { op: abi::EXMAP_FREE, count: 1, gpa: GPA, iov_gpa: IOV_GPA, iov_hpa: s.iov_hpa };
     let b = Batch::new(held, s.here.cell, s.region.alias(), 7, parked.v, call, who());
     let Err(b) = b.finish_alone(ME, || 1, &mut s.here) else { panic!("a batch that did not run has no outcome to end alone") };
-    let ended = b.end(Caller::Stays, || Flush::cpus(1), &mut s.here);
+    let (_, ended) = b.end(Caller::Stays, || Flush::cpus(1), &mut s.here);
     assert_eq!(ended.outcome.err(), Some(Error::Invalid));
     assert_eq!(ended.targets, None, "nothing cleared, nothing shot down");
     assert!(s.here.events.is_empty());
