@@ -146,8 +146,11 @@ fn bochs(root: &std::path::Path, built: &images::Built) -> Result<()> {
         let _ = std::fs::remove_file(&serial);
         emulator::write_bochsrc(&config, &iso, &serial, &rc, Some(cpus))?;
         let mut cmd = emulator::bochs_command(root, &rc, true)?;
-        cmd.current_dir(&dir).stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+        let log = crate::bench_smp::bochs_log(&dir, &name, &mut cmd)?;
+        cmd.current_dir(&dir).stdin(std::process::Stdio::null());
+        let starting = emulator::BochsStart::begin(root)?;
         let mut m = Machine::spawn(cmd, SerialFrom::File(serial.clone()))?;
+        starting.listening(&log, || !matches!(m.try_wait(), Ok(None)));
         let start = m.started;
         let (ended, text) = m.run_to_end(Some(Duration::from_secs(900)))?;
         if ended.is_none() {

@@ -148,8 +148,11 @@ pub(crate) fn bochs_boot(root: &std::path::Path, built: &images::Built, name: &s
     let _ = std::fs::remove_file(&serial);
     emulator::write_bochsrc(&config, &iso, &serial, &rc, Some(cpus))?;
     let mut cmd = emulator::bochs_command(root, &rc, true)?;
-    cmd.current_dir(&dir).stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+    let log = bochs_log(&dir, name, &mut cmd)?;
+    cmd.current_dir(&dir).stdin(std::process::Stdio::null());
+    let starting = emulator::BochsStart::begin(root)?;
     let mut child = cmd.spawn().context(|| "cannot start bochs".to_string())?;
+    starting.listening(&log, || !matches!(child.try_wait(), Ok(None)));
     let start = Instant::now();
     while child.try_wait().ok().flatten().is_none() {
         if start.elapsed() > Duration::from_secs(600) {
@@ -159,6 +162,15 @@ pub(crate) fn bochs_boot(root: &std::path::Path, built: &images::Built, name: &s
         std::thread::sleep(Duration::from_millis(200));
     }
     Ok(std::fs::read_to_string(&serial).unwrap_or_default())
+}
+
+/// Sends Bochs' own log (its stdout and stderr) to `dir/NAME.bochs.log`, which
+/// [`emulator::BochsStart`] reads; returns the path. Shared with `bench_bufmgr`.
+pub(crate) fn bochs_log(dir: &std::path::Path, name: &str, cmd: &mut std::process::Command) -> Result<std::path::PathBuf> {
+    let path = dir.join(format!("{name}.bochs.log"));
+    let file = std::fs::File::create(&path).context(|| format!("cannot create {}", path.display()))?;
+    cmd.stdout(file.try_clone().context(|| "cannot dup the Bochs log".to_string())?).stderr(file);
+    Ok(path)
 }
 
 /// The median of `v` (0 if empty); shared with `bench_ipc`.
@@ -257,8 +269,12 @@ fn bochs(root: &std::path::Path, built: &images::Built, log: &str) -> Result<()>
         let _ = std::fs::remove_file(&serial);
         emulator::write_bochsrc(&config, &iso, &serial, &rc, Some(cpus))?;
         let mut cmd = emulator::bochs_command(root, &rc, true)?;
-        cmd.current_dir(&dir).stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
-        let (ended, text) = Machine::spawn(cmd, SerialFrom::File(serial.clone()))?.run_to_end(Some(Duration::from_secs(900)))?;
+        let log = bochs_log(&dir, &name, &mut cmd)?;
+        cmd.current_dir(&dir).stdin(std::process::Stdio::null());
+        let starting = emulator::BochsStart::begin(root)?;
+        let mut m = Machine::spawn(cmd, SerialFrom::File(serial.clone()))?;
+        starting.listening(&log, || !matches!(m.try_wait(), Ok(None)));
+        let (ended, text) = m.run_to_end(Some(Duration::from_secs(900)))?;
         if ended.is_none() {
             bail!("bochs with {cpus} CPU(s) did not finish in 900 s");
         }

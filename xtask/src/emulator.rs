@@ -378,6 +378,59 @@ pub fn bochs_command(root: &Path, bochsrc: &Path, unattended: bool) -> Result<Co
     Ok(cmd)
 }
 
+/// One Bochs start at a time, until its RFB display listens.
+///
+/// Bochs' RFB display (Debian's build has no `nogui`) sets `SO_REUSEADDR` on its socket, then
+/// binds port 5900, 5901, ... and listens on the first it can bind. Two sockets with that
+/// option may bind the same port while neither listens yet: the second `listen` then fails,
+/// the loop goes on with a socket that is already bound (every further `bind` fails), and
+/// Bochs panics ("RFB could not bind any port") before the guest's first instruction. So a
+/// start holds a lock, shared by every xtask process through a file lock on
+/// `build/bochs-start.lock`, from before the spawn until Bochs' log says it listens (or says
+/// it could not, or Bochs ended, or [`BOCHS_START_WAIT`] passed). A CI run once lost a
+/// scenario to an empty serial log 1.8 s after the start (2026-12-08); the race was not
+/// reproduced here in 150 simultaneous starts: the window is the few instructions between
+/// `bind` and `listen`.
+pub struct BochsStart {
+    _lock: std::fs::File,
+}
+
+/// How long a start waits for Bochs' `listening for connections` line (~0.1 s when idle).
+pub const BOCHS_START_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl BochsStart {
+    /// Waits for the lock (other starts: each at most [`BOCHS_START_WAIT`]).
+    pub fn begin(root: &Path) -> Result<BochsStart> {
+        let path = root.join(crate::images::BUILD_DIR).join("bochs-start.lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .context(|| format!("cannot open {}", path.display()))?;
+        file.lock().context(|| format!("cannot lock {}", path.display()))?;
+        Ok(BochsStart { _lock: file })
+    }
+
+    /// Gives the lock back once `log` (Bochs' stdout and stderr) shows that the display
+    /// listens or failed, or `ended()` says Bochs is gone, or the wait ran out.
+    pub fn listening(self, log: &Path, mut ended: impl FnMut() -> bool) {
+        let start = std::time::Instant::now();
+        while start.elapsed() < BOCHS_START_WAIT && !ended() {
+            let text = std::fs::read(log).unwrap_or_default();
+            if rfb_settled(&String::from_utf8_lossy(&text)) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+}
+
+/// Whether Bochs' log shows that its RFB display listens, or gave up.
+fn rfb_settled(log: &str) -> bool {
+    log.contains("listening for connections on port") || log.contains("RFB could not bind")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -394,6 +447,13 @@ kvm: -cpu host   # host cpu
 -append a b
 hypervisor: iommu=sharept   # not for QEMU
 ";
+
+    #[test]
+    fn a_bochs_start_ends_when_its_display_listens_or_gives_up() {
+        assert!(rfb_settled("00000000000i[RFB   ] Trying port 5900\n00000000000i[RFB   ] listening for connections on port 5901\n"));
+        assert!(rfb_settled("00000000000p[RFB   ] >>PANIC<< RFB could not bind any port between 5900 and 5949"));
+        assert!(!rfb_settled("00000000000i[RFB   ] Trying port 5900\n"));
+    }
 
     #[test]
     fn named_configs_stay_honest_under_kvm() {

@@ -408,7 +408,14 @@ fn run_bochs(root: &Path, config: &Config, iso: &Path, cmdline: &str, o: &Option
         cmd.stdout(log.try_clone().context(|| "cannot dup log".to_string())?);
     }
     cmd.stderr(log);
+    // With `--gdb` Bochs' log goes to the terminal, where the lock cannot read it: given back at once.
+    let starting = emulator::BochsStart::begin(root)?;
     let mut m = Machine::spawn(cmd, SerialFrom::File(serial.clone()))?;
+    if o.gdb {
+        drop(starting);
+    } else {
+        starting.listening(&log_path, || !matches!(m.try_wait(), Ok(None)));
+    }
     let mut pending = Vec::new();
     let mut timed_out = false;
     loop {

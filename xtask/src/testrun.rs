@@ -537,6 +537,18 @@ fn run_jobs(root: &Path, jobs: Vec<Job>, built: images::Built, workers: usize, t
                         details = format!("{first}    --- the second run ---\n{details}");
                     }
                 }
+                if !ok && job.config.emulator == Emulator::Bochs {
+                    if let Some(panic) = bochs_start_failure(&job, &logs) {
+                        // Once more: Bochs stopped before the guest could print (a host-side
+                        // failure; Bochs itself is deterministic, so a fault of ours fails again).
+                        let first = details;
+                        (ok, facts, details) = run_job(root, &job, &built, &logs);
+                        facts.push_str(&format!("  (run twice: the first Bochs stopped before any serial output: {panic})"));
+                        if !ok {
+                            details = format!("{first}    --- the second run ---\n{details}");
+                        }
+                    }
+                }
                 shared.lock().unwrap_or_else(|p| p.into_inner()).report(ok, &job.label, &facts, &details);
             });
         }
@@ -552,6 +564,23 @@ fn serial_logs(job: &Job, logs: &Path) -> Vec<String> {
         .filter_map(|boot| std::fs::read(logs.join(format!("{}.serial.log", file_stem(job, boot)))).ok())
         .map(|b| String::from_utf8_lossy(&b).into_owned())
         .collect()
+}
+
+/// A failed Bochs job whose first boot printed nothing: the panic Bochs gave (its log's first
+/// `>>PANIC<<` line), as when its display found no port (`emulator::BochsStart`).
+fn bochs_start_failure(job: &Job, logs: &Path) -> Option<String> {
+    let stem = file_stem(job, 1);
+    let serial = std::fs::read(logs.join(format!("{stem}.serial.log"))).unwrap_or_default();
+    let log = std::fs::read(logs.join(format!("{stem}.bochs.log"))).ok()?;
+    start_panic(&serial, &String::from_utf8_lossy(&log))
+}
+
+/// The first panic line of a Bochs log when the serial log is empty.
+fn start_panic(serial: &[u8], bochs_log: &str) -> Option<String> {
+    if !serial.is_empty() {
+        return None;
+    }
+    bochs_log.lines().find(|l| l.contains(">>PANIC<<")).map(|l| l.trim().to_string())
 }
 
 /// Whether a failed QEMU run's serial log shows the hypervisor's own diagnosis of QEMU 7.2's
@@ -1079,7 +1108,9 @@ fn run_bochs(job: &Job, s: &Scenario, boot: usize, launch: Launch) -> Result<Out
     let config = &job.config.name;
     let Launch { cmd, serial_path, emulator_log, .. } = launch;
     let read = |path: &Path| std::fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+    let starting = emulator::BochsStart::begin(&crate::root())?;
     let mut m = Machine::spawn(cmd, SerialFrom::File(serial_path.clone()))?;
+    starting.listening(&emulator_log, || !matches!(m.try_wait(), Ok(None)));
     let start = m.started;
     let mut ready = None;
     let mut ended_at: Option<Instant> = None;
@@ -1181,6 +1212,14 @@ mod tests {
         assert_eq!(std::fs::read(&path).unwrap(), log.all);
         let _ = std::fs::remove_file(path);
         assert!(appeared(b"abcdef", 4, b"cde") && !appeared(b"abcdef", 5, b"abc"));
+    }
+
+    #[test]
+    fn only_a_bochs_that_printed_nothing_is_run_again() {
+        let log = "00000000000i[RFB   ] Trying port 5900\n00000000000p[RFB   ] >>PANIC<< RFB could not bind any port between 5900 and 5949\n";
+        assert_eq!(start_panic(b"", log).as_deref(), Some("00000000000p[RFB   ] >>PANIC<< RFB could not bind any port between 5900 and 5949"));
+        assert_eq!(start_panic(b"GRUB", log), None, "the guest printed: its failure is its own");
+        assert_eq!(start_panic(b"", "00000000000i[RFB   ] listening for connections on port 5900\n"), None, "no panic: a hang");
     }
 
     #[test]
