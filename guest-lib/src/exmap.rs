@@ -1,6 +1,7 @@
 //! ExMap from the guest side: a region whose 4 KiB pages this guest populates and evicts
 //! explicitly, in batches (`alloc`, `free`), instead of faulting. `ExMap` keeps the iovec
-//! page (4 KiB, aligned, in guest RAM: on the stack or in a static) and fills it from
+//! page (4 KiB, aligned, in guest RAM: on the heap with the `heap` feature, else inside the
+//! `ExMap`) and fills it from
 //! `Range`s; after a call `results()` holds one result per range: pages changed, or the
 //! `Error` of that range alone.
 //!
@@ -42,6 +43,35 @@ impl Range {
 /// The iovec page handed to the hypervisor.
 #[repr(C, align(4096))]
 struct IovPage([u64; abi::EXMAP_MAX_ENTRIES as usize]);
+
+/// Where an `ExMap` keeps its iovec page: on the heap with the `heap` feature, so that an
+/// `ExMap` is a few words and moving one (a `Result`, an `Option`, a return value) puts no
+/// 4 KiB-aligned page on the stack: a chain of calls that moved one took a vCPU 80 KiB down
+/// its 64 KiB stack reserve, into its sibling's (before the stack guard pages, 2026-12-08).
+/// Inside the `ExMap` without the heap.
+#[cfg(feature = "heap")]
+type IovHome = alloc::boxed::Box<IovPage>;
+#[cfg(not(feature = "heap"))]
+type IovHome = IovPage;
+
+/// A zeroed iovec page where `IovHome` keeps it; `NoMemory` if the heap has no room.
+#[cfg(feature = "heap")]
+fn new_iov() -> Result<IovHome, Error> {
+    let layout = core::alloc::Layout::new::<IovPage>();
+    // SAFETY: the layout's size is 4 KiB, not zero.
+    let page = unsafe { alloc::alloc::alloc_zeroed(layout) }.cast::<IovPage>();
+    if page.is_null() {
+        return Err(Error::NoMemory);
+    }
+    // SAFETY: a fresh allocation of `IovPage`'s layout from the global allocator, which
+    // `Box` frees with the same layout; all-zero bytes are a valid `IovPage` (u64s).
+    Ok(unsafe { alloc::boxed::Box::from_raw(page) })
+}
+
+#[cfg(not(feature = "heap"))]
+fn new_iov() -> Result<IovHome, Error> {
+    Ok(IovPage([0; abi::EXMAP_MAX_ENTRIES as usize]))
+}
 
 /// One vCPU's iovec page for `Region` calls (4 KiB, aligned; keep it in guest RAM: a
 /// static or the stack, never inside a morsel).
@@ -124,7 +154,7 @@ fn decode(r: u64) -> Result<u64, Error> {
 pub struct ExMap {
     gpa: u64,
     len: u64,
-    iov: IovPage,
+    iov: IovHome,
     used: usize,
 }
 
@@ -133,17 +163,20 @@ impl ExMap {
     /// lets other guests open it read-write.
     pub fn create(name: &str, size: u64, share_writable: bool) -> Result<ExMap, Error> {
         let flags = if share_writable { abi::MORSEL_SHARE_WRITABLE } else { 0 };
-        Ok(Self::mounted(call_mount(abi::HC_EXMAP_CREATE, [name.as_ptr() as u64, name.len() as u64, size, flags, 0, 0])?))
+        let iov = new_iov()?;
+        Ok(Self::mounted(call_mount(abi::HC_EXMAP_CREATE, [name.as_ptr() as u64, name.len() as u64, size, flags, 0, 0])?, iov))
     }
 
     /// Opens another guest's region read-write (if its owner shared it writable).
     pub fn open_mut(name: &str) -> Result<ExMap, Error> {
-        Ok(Self::mounted(call_mount(abi::HC_MORSEL_OPEN, [name.as_ptr() as u64, name.len() as u64, 1, 0, 0, 0])?))
+        let iov = new_iov()?;
+        Ok(Self::mounted(call_mount(abi::HC_MORSEL_OPEN, [name.as_ptr() as u64, name.len() as u64, 1, 0, 0, 0])?, iov))
     }
 
-    /// A mount from `call_mount`: its address and size come in one answer.
-    fn mounted((gpa, len): (u64, u64)) -> ExMap {
-        ExMap { gpa, len, iov: IovPage([0; abi::EXMAP_MAX_ENTRIES as usize]), used: 0 }
+    /// A mount from `call_mount` (its address and size come in one answer) with its iovec
+    /// page (made before the call, so that a full heap leaves nothing mounted).
+    fn mounted((gpa, len): (u64, u64), iov: IovHome) -> ExMap {
+        ExMap { gpa, len, iov, used: 0 }
     }
 
     /// Guest-physical address of the region.

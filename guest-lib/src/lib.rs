@@ -25,6 +25,8 @@
 // Host tests (`cargo test -p guest-lib`) link the host's libc instead.
 #[cfg(not(test))]
 extern crate freestanding;
+#[cfg(feature = "heap")]
+extern crate alloc;
 #[cfg(test)]
 extern crate std;
 

@@ -77,8 +77,13 @@ pub(super) fn stop<B: Backend>(guest: &mut Guest<B>, exit: Exit, rip: u64) {
             };
             log::error!(target: "vm", "guest {id} ({name}) stopped: {access} {what} at guest-physical {gpa:#x}, RIP {rip:#x}");
         }
-        Exit::Exception { vector: 14, error_code, address } => log::error!(target: "vm",
-            "guest {id} ({name}) stopped: unhandled exception 14 #PF (error code {error_code:#x}), CR2 {address:#x}, RIP {rip:#x}"),
+        Exit::Exception { vector: 14, error_code, address } => match vmcore::loader::stack_guard(guest.spec.memory, guest.spec.vcpus, address) {
+            Some(v) => log::error!(target: "vm",
+                "guest {id} ({name}) stopped: stack overflow: vCPU {v}'s stack outgrew its {} KiB (a #PF at {address:#x}, the guard page below it; error code {error_code:#x}), RIP {rip:#x}",
+                abi::VCPU_STACK_RESERVE / 1024),
+            None => log::error!(target: "vm",
+                "guest {id} ({name}) stopped: unhandled exception 14 #PF (error code {error_code:#x}), CR2 {address:#x}, RIP {rip:#x}"),
+        },
         Exit::Exception { vector, error_code, .. } => log::error!(target: "vm",
             "guest {id} ({name}) stopped: unhandled exception {vector} (error code {error_code:#x}), RIP {rip:#x}"),
         Exit::TripleFault => log::error!(target: "vm", "guest {id} ({name}) stopped: triple fault, RIP {rip:#x}"),

@@ -11,6 +11,7 @@ use morsel::{Format, FrameAlloc, GuestPhysAddr};
 mod tests;
 
 const GIB: u64 = 1 << 30;
+const TWO_MIB: u64 = 2 << 20;
 
 /// What the loader needs to know about the guest.
 pub struct Load<'a> {
@@ -47,7 +48,7 @@ pub fn load<F: Format<Input = GuestPhysAddr>, M: DataMem>(
     for seg in image.segments() {
         let _ = mem.write(GuestPhysAddr::new(seg.addr), seg.file);
     }
-    write_page_tables(mem);
+    write_page_tables(mem, g.memory, g.vcpus);
     let mut name = [0u8; 32];
     let n = g.name.len().min(31);
     name[..n].copy_from_slice(&g.name.as_bytes()[..n]);
@@ -70,10 +71,19 @@ pub fn load<F: Format<Input = GuestPhysAddr>, M: DataMem>(
 
 /// The guest's own page tables: an identity map of guest-physical [0, 4 TiB) with 1 GiB
 /// pages: PML4 slot 0 covers guest RAM (and beyond, where the second-level table faults),
-/// slots 1-7 the morsel window. Nine pages at `PAGE_TABLES_GPA`, inside guest RAM.
-fn write_page_tables<F: Format<Input = GuestPhysAddr>, M: DataMem>(mem: &mut GuestMemory<F, M>) {
+/// slots 1-7 the morsel window; but the GiB that holds the top of RAM is mapped in 2 MiB
+/// pages, and RAM's last 2 MiB (where the vCPUs' stacks are) in 4 KiB pages, with each
+/// vCPU's stack guard page (`stack_guard`) left out. Eleven pages at `PAGE_TABLES_GPA`,
+/// inside guest RAM: the PML4, a table of 1 GiB pages per PML4 slot, the 2 MiB table, the
+/// 4 KiB table.
+fn write_page_tables<F: Format<Input = GuestPhysAddr>, M: DataMem>(mem: &mut GuestMemory<F, M>, memory: u64, vcpus: u32) {
     let pml4 = abi::PAGE_TABLES_GPA;
     let slots = 1 + (abi::MORSEL_WINDOW_SIZE / (512 * GIB));
+    let pd = pml4 + 0x1000 * (slots + 1);
+    let pt = pd + 0x1000;
+    // RAM is a multiple of 2 MiB, at least 4 MiB and at most 512 GiB (`check_memory`):
+    // its last 2 MiB lie in one GiB, inside PML4 slot 0.
+    let last = memory - TWO_MIB;
     let mut page = [0u64; 512];
     for slot in 0..slots {
         page[slot as usize] = (pml4 + 0x1000 * (slot + 1)) | 0x3; // present, writable
@@ -83,8 +93,38 @@ fn write_page_tables<F: Format<Input = GuestPhysAddr>, M: DataMem>(mem: &mut Gue
         for (j, e) in page.iter_mut().enumerate() {
             *e = ((slot * 512 + j as u64) * GIB) | 0x83; // present, writable, 1 GiB page
         }
+        if slot == 0 {
+            page[(last / GIB) as usize] = pd | 0x3;
+        }
         let _ = mem.write(GuestPhysAddr::new(pml4 + 0x1000 * (slot + 1)), as_bytes(&page));
     }
+    let gib = last / GIB * GIB;
+    for (j, e) in page.iter_mut().enumerate() {
+        *e = (gib + j as u64 * TWO_MIB) | 0x83; // present, writable, 2 MiB page
+    }
+    page[((last - gib) / TWO_MIB) as usize] = pt | 0x3;
+    let _ = mem.write(GuestPhysAddr::new(pd), as_bytes(&page));
+    for (j, e) in page.iter_mut().enumerate() {
+        let at = last + j as u64 * 0x1000;
+        *e = match stack_guard(memory, vcpus, at) {
+            Some(_) => 0,
+            None => at | 0x3, // present, writable, 4 KiB page
+        };
+    }
+    let _ = mem.write(GuestPhysAddr::new(pt), as_bytes(&page));
+}
+
+/// The vCPU whose stack guard page holds guest-physical (and, identity-mapped, virtual)
+/// address `addr`, if one does: the lowest 4 KiB of each vCPU's stack reserve
+/// (`abi::VCPU_STACK_RESERVE`, vCPU v's reserve ending `v` reserves below the top of RAM)
+/// is not in the guest's page tables, so a stack that outgrows its reserve takes a page
+/// fault there instead of writing the next vCPU's stack (or, for the last vCPU, the heap).
+pub fn stack_guard(memory: u64, vcpus: u32, addr: u64) -> Option<u32> {
+    let r = abi::VCPU_STACK_RESERVE;
+    let below_top = memory.checked_sub(addr)?.checked_sub(1)?;
+    let v = below_top / r;
+    let guard = memory - (v + 1) * r;
+    (v < u64::from(vcpus.max(1)) && addr - guard < 0x1000).then_some(v as u32)
 }
 
 fn as_bytes(words: &[u64; 512]) -> &[u8] {

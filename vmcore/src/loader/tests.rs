@@ -4,6 +4,7 @@
 use super::*;
 use crate::memory::tests::{machine, Backed};
 use morsel::Npt;
+use std::boxed::Box;
 use std::vec;
 use std::vec::Vec;
 
@@ -75,13 +76,16 @@ fn a_loaded_guest_finds_its_image_boot_info_and_page_tables() {
     assert_eq!(info.name[31], 0, "and NUL-terminated");
     assert_eq!((info.log_level, info.vcpu_count), (4, 2));
     // The page tables: PML4 slot 0 for RAM, slots 1-7 for the morsel window, each to a
-    // table of 1 GiB identity pages.
+    // table of 1 GiB identity pages, but the GiB with the top of RAM (here the first).
     let pml4 = abi::PAGE_TABLES_GPA;
     for slot in 0..8u64 {
         assert_eq!(u64_at(&mem, pml4 + 8 * slot), (pml4 + 0x1000 * (slot + 1)) | 3, "PML4 slot {slot}");
         for j in [0u64, 1, 511] {
             let e = u64_at(&mem, pml4 + 0x1000 * (slot + 1) + 8 * j);
-            assert_eq!(e, ((slot * 512 + j) << 30) | 0x83, "slot {slot} entry {j}");
+            match (slot, j) {
+                (0, 0) => assert_eq!(e, (pml4 + 0x9000) | 3, "the GiB with the stacks, in 2 MiB pages"),
+                _ => assert_eq!(e, ((slot * 512 + j) << 30) | 0x83, "slot {slot} entry {j}"),
+            }
         }
     }
     assert_eq!(u64_at(&mem, pml4 + 8 * 8), 0, "nothing above the morsel window");
@@ -100,4 +104,61 @@ fn ram_that_does_not_fit_fails_the_load() {
     assert_eq!(load(&mut mem, &image, &g, &m.sim), Err(MapError::NoMemory));
     mem.release(&m.sim).unwrap();
     assert_eq!(m.sim.allocated_frames(), 0, "what was mapped goes back");
+}
+
+/// Where the guest's own page tables take `va` (None: not present), walked as the CPU walks
+/// them (1 GiB, 2 MiB and 4 KiB pages).
+fn translate(mem: &GuestMemory<Npt, &'static Backed>, va: u64) -> Option<u64> {
+    let mut table = abi::PAGE_TABLES_GPA;
+    for (level, shift) in [(4, 39u32), (3, 30), (2, 21), (1, 12)] {
+        let e = u64_at(mem, table + 8 * ((va >> shift) & 511));
+        if e & 1 == 0 {
+            return None;
+        }
+        let addr = e & 0x000f_ffff_ffff_f000;
+        if level == 1 || (level < 4 && e & 0x80 != 0) {
+            return Some(addr + (va & ((1 << shift) - 1)));
+        }
+        table = addr;
+    }
+    unreachable!()
+}
+
+#[test]
+fn each_vcpu_stack_has_a_guard_page_below_it_and_the_rest_is_identity() {
+    // Room for a guest whose top of RAM lies in its second GiB.
+    let m: &'static Backed = Box::leak(Box::new(Backed::new(5 << 29)));
+    let image_bytes = elf(2 * MIB, &[(2 * MIB, &[0x90; 16], 16, 5)]);
+    for (memory, vcpus) in [(4 * MIB, 1u32), (8 * MIB, 2), (16 * MIB, 16), (1024 * MIB, 3), (1026 * MIB, 4)] {
+        let image = elf::Image::parse(&image_bytes, 2 * MIB, memory).unwrap();
+        let mut mem = GuestMemory::<Npt, _>::new(&m.sim, m).unwrap();
+        let g = Load { id: 0, name: "g", memory, arg: 0, vcpus, log_level: 0 };
+        load(&mut mem, &image, &g, &m.sim).unwrap_or_else(|e| panic!("{memory:#x}: {e:?}"));
+        let r = abi::VCPU_STACK_RESERVE;
+        for v in 0..vcpus as u64 {
+            let guard = memory - (v + 1) * r;
+            assert_eq!(translate(&mem, guard), None, "{memory:#x}/{vcpus}: vCPU {v}'s guard page");
+            assert_eq!(translate(&mem, guard + 0xff8), None);
+            assert_eq!(stack_guard(memory, vcpus, guard + 0x10), Some(v as u32));
+            assert_eq!(translate(&mem, guard + 0x1000), Some(guard + 0x1000), "its stack's lowest page");
+            assert_eq!(translate(&mem, guard - 8), Some(guard - 8), "the page below the guard");
+            assert_eq!(stack_guard(memory, vcpus, guard + 0x1000), None);
+        }
+        // Everything else that is RAM: identity, in 4 KiB, 2 MiB and 1 GiB pages alike.
+        let guards = (0..vcpus as u64).map(|v| memory - (v + 1) * r).collect::<Vec<_>>();
+        let mut at = memory - 4 * MIB;
+        while at < memory {
+            let want = (!guards.contains(&at)).then_some(at + 0x123);
+            assert_eq!(translate(&mem, at + 0x123), want, "{memory:#x}/{vcpus}: {at:#x}");
+            at += 0x1000;
+        }
+        for va in [0u64, 0x1000, 2 * MIB, memory / 2, 5 << 30] {
+            assert_eq!(translate(&mem, va), Some(va), "{va:#x}");
+        }
+        assert_eq!(translate(&mem, abi::MORSEL_WINDOW_GPA + 0x5000), Some(abi::MORSEL_WINDOW_GPA + 0x5000));
+        assert_eq!(stack_guard(memory, vcpus, memory), None, "past RAM");
+        assert_eq!(stack_guard(memory, vcpus, memory - (vcpus as u64 + 1) * r), None, "below the last reserve: heap");
+        mem.release(&m.sim).unwrap();
+    }
+    assert_eq!(m.sim.allocated_frames(), 0);
 }

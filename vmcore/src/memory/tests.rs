@@ -20,7 +20,7 @@ pub(crate) struct Backed {
 }
 
 impl Backed {
-    fn new(bytes: u64) -> Backed {
+    pub(crate) fn new(bytes: u64) -> Backed {
         Backed { sim: SimMem::new(bytes), data: RefCell::new(HashMap::new()) }
     }
 

@@ -288,13 +288,11 @@ fn ring3_hypercalls() -> i32 {
         let base = (&raw const IDT) as u64;
         let pointer: [u16; 5] = [4095, base as u16, (base >> 16) as u16, (base >> 32) as u16, (base >> 48) as u16];
         asm!("lidt [{}]", in(reg) pointer.as_ptr(), options(nostack));
-        // User access to guest RAM: the U bit in PML4[0] and in the 1 GiB entries under it.
+        // User access to guest RAM: the U bit in PML4[0] and in every entry under it (1 GiB
+        // pages, and the 2 MiB and 4 KiB tables the loader makes for the top of RAM).
         let pml4 = abi::PAGE_TABLES_GPA as *mut u64;
         pml4.write_volatile(pml4.read_volatile() | 4);
-        let pdpt = (abi::PAGE_TABLES_GPA + 0x1000) as *mut u64;
-        for i in 0..512 {
-            pdpt.add(i).write_volatile(pdpt.add(i).read_volatile() | 4);
-        }
+        allow_user((abi::PAGE_TABLES_GPA + 0x1000) as *mut u64, 3);
         asm!("mov rax, cr3", "mov cr3, rax", out("rax") _, options(nostack));
         let user_rsp = (&raw mut RING3_STACK) as u64 + 16384 - 8;
         println!("entering ring 3");
@@ -323,4 +321,25 @@ extern "C" fn ring3_done() -> ! {
     println!("back in ring 0");
     let _ = call(abi::HC_EXIT, [0; 6]);
     loop {}
+}
+
+/// Sets the U bit in each present entry of the identity-mapped page table at `table` (level
+/// 3: a PDPT) and, below entries that point to a table, in that table's entries.
+///
+/// # Safety
+/// `table` is one of this guest's page tables, identity-mapped, and nothing else uses them.
+unsafe fn allow_user(table: *mut u64, level: u32) {
+    for i in 0..512 {
+        // SAFETY: forwarded from the caller; an entry is inside its 4 KiB table.
+        let e = unsafe { table.add(i).read_volatile() };
+        if e & 1 == 0 {
+            continue;
+        }
+        // SAFETY: as above.
+        unsafe { table.add(i).write_volatile(e | 4) };
+        if level > 1 && e & 0x80 == 0 {
+            // SAFETY: a present non-leaf entry points to a page table of this guest's.
+            unsafe { allow_user((e & 0x000f_ffff_ffff_f000) as *mut u64, level - 1) };
+        }
+    }
 }

@@ -28,6 +28,10 @@
 //!   "xs" read-only, reads it on the other CPU; a FREE of a region another guest mounts shoots
 //!   down that guest's CPUs (`RegionCell::sharers`), so guest 10 is stopped at its first read
 //!   after the call returned. Guest 9 exits 0 once the flag is set.
+//! * 11 (two vCPUs): vCPU 1 keeps a canary on its own stack and checks it in a loop; vCPU 0
+//!   recurses (1 KiB of stack per call) until its stack outgrows its 64 KiB reserve: the guard
+//!   page below it stops the guest before vCPU 0 writes vCPU 1's stack (the hypervisor names
+//!   the overflow); vCPU 1 prints if its canary changed.
 #![no_std]
 #![no_main]
 
@@ -60,6 +64,7 @@ fn main(info: &BootInfo) -> i32 {
         5 => churn(info, 0),
         6 => fault_main(info),
         7 => kicks_main(),
+        11 => overflow_main(),
         _ => 2,
     }
 }
@@ -70,6 +75,7 @@ fn vcpu_main(info: &BootInfo, vcpu: u32) -> i32 {
         3 | 8 => reader(),
         5 => churn(info, vcpu),
         7 => kicks_spinner(),
+        11 => canary_keeper(),
         6 => {
             READY.fetch_add(1, SeqCst);
             loop {
@@ -517,4 +523,46 @@ fn kicks_spinner() -> i32 {
         core::hint::spin_loop();
     }
     0
+}
+
+/// Arg 11, vCPU 0: once vCPU 1 keeps its canary, recurses until the stack guard page stops
+/// this guest; never returns.
+fn overflow_main() -> i32 {
+    while READY.load(SeqCst) == 0 {
+        yield_now();
+    }
+    println!("smp: vcpu 0 recurses until its stack overflows");
+    let depth = deep(core::hint::black_box(0));
+    println!("smp: the recursion returned {depth} (UNEXPECTED)");
+    1
+}
+
+/// 1 KiB of stack per call, for ever (a black-boxed limit the caller never reaches).
+#[inline(never)]
+fn deep(n: u64) -> u64 {
+    let mut buf = [0u8; 1024];
+    buf[(n % 1024) as usize] = n as u8;
+    let buf = core::hint::black_box(buf);
+    if n == core::hint::black_box(u64::MAX) {
+        return 0;
+    }
+    deep(n + 1).wrapping_add(u64::from(buf[(n % 7) as usize]))
+}
+
+/// Arg 11, vCPU 1: a canary on this vCPU's stack, checked until the guest is stopped; a
+/// change means another vCPU wrote this stack.
+fn canary_keeper() -> i32 {
+    const CANARY: u64 = 0x5a5a_c0de_5a5a_c0de;
+    let canary = core::hint::black_box([CANARY; 256]);
+    READY.fetch_add(1, SeqCst);
+    loop {
+        for (i, word) in canary.iter().enumerate() {
+            // SAFETY: a word of this vCPU's own live stack array, read as it is now.
+            let now = unsafe { read_volatile(word) };
+            if now != CANARY {
+                println!("smp: vcpu 1's stack was written by another vCPU: word {i} is {now:#x} (UNEXPECTED)");
+                return 1;
+            }
+        }
+    }
 }
