@@ -333,10 +333,13 @@ pub struct BootInfo {
 
 /// Guest-physical address of the boot information.
 pub const BOOT_INFO_GPA: u64 = 0x1000;
-/// Guest-physical address of the guest's PML4 (the page tables follow it).
+/// Guest-physical address of the guest's PML4 (the page tables follow it: eleven pages, to
+/// 0xd000).
 pub const PAGE_TABLES_GPA: u64 = 0x2000;
 /// Stack space per vCPU at the top of guest RAM (vCPU v's stack starts `v *
-/// VCPU_STACK_RESERVE` below `memory_size`); image segments never lie there.
+/// VCPU_STACK_RESERVE` below `memory_size`); image segments never lie there. The lowest
+/// 4 KiB page of each reserve is left out of the guest's page tables (a guard page: a stack
+/// that outgrows its reserve faults there, reported as a stack overflow).
 pub const VCPU_STACK_RESERVE: u64 = 64 * 1024;
 /// Where guest images are linked (see guest.ld).
 pub const IMAGE_BASE_GPA: u64 = 0x20_0000;
