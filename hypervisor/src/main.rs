@@ -17,7 +17,7 @@ mod svm;
 mod vm;
 mod vmx;
 
-use arch::{apic, cpu, smp};
+use arch::{apic, cpu, percpu, smp};
 use mm::{frames, pmem};
 use platform::{acpi, bootinfo, cmdline, exit, heap, memory, serial, time};
 
@@ -75,6 +75,9 @@ extern "C" fn kmain(magic: u32, info: u64) -> ! {
             exit::exit(Status::Failure)
         }
     };
+    // The boot CPU is CPU 0 and allocates through core 0 (`frames::init`'s handle); from here
+    // on its handle is reached through its per-CPU entry.
+    percpu::come_up(0, apic::id(), frames);
     platform.log();
     apic::init();
     let pmem = pmem::init(&platform, facts.gib_pages, &args.pmem);

@@ -11,8 +11,9 @@
 //!
 //! What a CPU is handed at its start is `Cpu` (its index, APIC ID, tables, start handshake and
 //! `frames` handle, which carries the CPU's own allocator core index); its run-time state
-//! (timer ticks, kicks, drain counters, shootdown record) is its `arch::percpu::PerCpu`, which
-//! it registers (`percpu::register`) and checks it finds (`percpu::check`) before it serves.
+//! (timer ticks, kicks, drain counters, shootdown record, allocator handle) is its
+//! `arch::percpu::PerCpu`, which it registers, checks it finds and gives the handle
+//! (`percpu::come_up`) before it allocates anything; from then on it reaches the handle there.
 
 use crate::platform::acpi::Platform;
 use crate::arch::gdt::CpuTables;
@@ -203,8 +204,7 @@ pub fn start(bi: &BootInfo, platform: &Platform, frames: &Frames, limit: Option<
         state: AtomicU8::new(State::Online as u8),
         probe: [AtomicU64::new(0), AtomicU64::new(0)],
     }));
-    crate::arch::percpu::register(0, bsp_id);
-    crate::arch::percpu::check(0);
+    // The boot CPU came up in `main` (`percpu::come_up`), before its first allocation.
     log::info!(target: "smp", "cpu 0 online (apic id {bsp_id})");
     let mut cpus = Cpus { online: alloc::vec![&*bsp], listed: platform.cpus.max(1) };
     let aps: Vec<u32> = platform.apic_ids.iter().copied().filter(|&id| id != bsp_id).collect();
@@ -388,14 +388,15 @@ extern "C" fn ap_entry(cpu: &'static Cpu) -> ! {
     if apic::id() != cpu.apic_id {
         log::warn!(target: "smp", "cpu {} reports apic id {}, the MADT said {}", cpu.index, apic::id(), cpu.apic_id);
     }
-    // The probe: one small and one huge frame through this CPU's own core index.
+    crate::arch::percpu::come_up(cpu.index, cpu.apic_id, cpu.frames);
+    // The probe: one small and one huge frame through this CPU's own core index, reached
+    // the way all later allocations on this CPU reach it.
+    let frames = Frames::here();
     for (slot, order) in cpu.probe.iter().zip([Order::BASE, Order::HUGE]) {
-        if let Some(pa) = cpu.frames.alloc_zeroed(order) {
+        if let Some(pa) = frames.alloc_zeroed(order) {
             slot.store(pa.as_u64(), Ordering::Release);
         }
     }
-    crate::arch::percpu::register(cpu.index, cpu.apic_id);
-    crate::arch::percpu::check(cpu.index);
     let facts = CpuFacts::detect();
     match facts.extension {
         Extension::Svm => enable_and_serve::<crate::svm::Svm>(cpu, &facts),

@@ -76,6 +76,18 @@ pub fn init(bi: &BootInfo, top: u64, cpus: usize) -> Result<Frames, InitError> {
 }
 
 impl Frames {
+    /// This CPU's handle, from its per-CPU entry (`arch::percpu::frames`: one APIC ID read;
+    /// code that knows its CPU index `me` takes `percpu::of(me).frames()`). Panics on a CPU
+    /// that has not come up yet (`percpu::come_up`) rather than use another CPU's core.
+    pub fn here() -> Frames {
+        crate::arch::percpu::frames()
+    }
+
+    /// The allocator core index this handle allocates through (its CPU's index).
+    pub fn core(&self) -> usize {
+        self.core
+    }
+
     /// The handle for the CPU with allocator index `core`, or None past the indices `init`
     /// made room for.
     pub fn for_cpu(&self, core: usize) -> Option<Frames> {
