@@ -81,7 +81,7 @@ extern "C" fn kmain(magic: u32, info: u64) -> ! {
     platform.log();
     apic::init();
     let pmem = pmem::init(&platform, facts.gib_pages, &args.pmem);
-    let (mut devices, devices_ok) = match devices::init(&platform, &frames, args.iommu, args.nvme_poll) {
+    let (mut devices, devices_ok) = match devices::init(&platform, args.iommu, args.nvme_poll) {
         Ok(d) => (d, true),
         Err(devices::InitFailed) => (None, false),
     };
@@ -105,9 +105,9 @@ extern "C" fn kmain(magic: u32, info: u64) -> ! {
     }
 
     let devices_ok = devices_ok && match args.test {
-        Some(cmdline::Test::DmaFault) => devices::selftest::dma_fault_test(devices.as_mut(), &frames),
+        Some(cmdline::Test::DmaFault) => devices::selftest::dma_fault_test(devices.as_mut()),
         Some(cmdline::Test::DmaNoDomain) => devices::selftest::dma_nodomain_test(devices.as_mut()),
-        Some(cmdline::Test::SharePt) => devices::selftest::sharept_test(devices.as_mut(), &frames),
+        Some(cmdline::Test::SharePt) => devices::selftest::sharept_test(devices.as_mut()),
         _ => true,
     };
     let cpus = smp::start(&bi, &platform, &frames, args.cpus);

@@ -67,7 +67,7 @@ impl<F: Format> vmcore::directory::Domain<F, Named<F>> for Domains<'_> {
         match self.lent_to {
             Some(other) if other != self.guest => return refuse(Error::Busy),
             Some(_) => {}
-            None => devices::edu_scrub(d, self.frames).map_err(Refusal::Domain)?,
+            None => devices::edu_scrub(d).map_err(Refusal::Domain)?,
         }
         // The unit's tables are seen through its own memory (`Iommu::Mem`), not `mem`.
         let (stats, how, flush) = d.iommu.mount(bdf, &n.morsel, &mut n.views, iova, perm, alloc).map_err(mount_refusal)?;

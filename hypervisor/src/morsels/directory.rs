@@ -247,7 +247,7 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     /// Destroys a morsel's device views or EPT twin (their tables are RAM frames, also for a
     /// persistent morsel; data frames stay the morsel's).
     pub(crate) fn drop_view(&self, name: &str, n: &mut Named<F>, frames: &Frames) {
-        if let Some((count, tables, format)) = n.views.destroy(frames) {
+        if let Some((count, tables, format)) = n.views.destroy() {
             let what = if format == FormatKind::Ept { "twin" } else if count > 1 { "views" } else { "view" };
             log::info!(target: "morsel", "'{name}': {format} {what} destroyed, {tables} tables given back");
         }
@@ -300,7 +300,7 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
             }
             // Each domain once, before its emptied tables go back.
             let _ = flush.commit(&mut Hw(Some(&mut *d)));
-            d.iommu.prune_domains(frames);
+            d.iommu.prune_domains();
             d.iommu.poll_faults();
             let (faults, invalidations) = d.iommu.counters();
             log::info!(target: "iommu", "end of run: {faults} DMA fault(s) reported, {invalidations} IOTLB invalidations ({})", d.iommu.name());
