@@ -155,7 +155,7 @@ fn run_backend<B: vm::Backend>(
     cpus: usize,
 ) -> bool {
     match B::probe(facts).and_then(|caps| B::enable(&caps, frames)) {
-        Ok(mut backend) => vm::sched::run_guests(&mut backend, frames, archive, specs, drivers, cpus),
+        Ok(mut backend) => vm::sched::run_guests(&mut backend, archive, specs, drivers, cpus),
         Err(e) => {
             log::error!(target: B::NAME, "cannot run guests: {e}");
             false

@@ -420,7 +420,7 @@ fn enable_and_serve<B: Backend>(cpu: &'static Cpu, facts: &CpuFacts) -> ! {
     match B::probe(facts).and_then(|caps| B::enable(&caps, &cpu.frames)) {
         Ok(backend) => {
             online(cpu);
-            crate::vm::runqueue::serve(cpu.index, cpu.frames, backend)
+            crate::vm::runqueue::serve(cpu.index, backend)
         }
         Err(e) => {
             let e: BackendError = e;
