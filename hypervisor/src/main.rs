@@ -110,16 +110,16 @@ extern "C" fn kmain(magic: u32, info: u64) -> ! {
         Some(cmdline::Test::SharePt) => devices::selftest::sharept_test(devices.as_mut()),
         _ => true,
     };
-    let cpus = smp::start(&bi, &platform, &frames, args.cpus);
+    let cpus = smp::start(&bi, &platform, args.cpus);
     cpus.log();
     println!("parperos: ready ({} ms after start)", time::micros() / 1000);
-    let ok = devices_ok && (args.guests.is_empty() || run_guests(&bi, &args, &facts, &frames, vm::Drivers { devices, pmem, bench: args.bench }, cpus.online.len()));
+    let ok = devices_ok && (args.guests.is_empty() || run_guests(&bi, &args, &facts, vm::Drivers { devices, pmem, bench: args.bench }, cpus.online.len()));
     log::info!(target: "mem", "heap high-water mark: {} KiB", heap::used() / 1024);
     exit::exit(if ok { Status::Success } else { Status::Failure })
 }
 
 /// Enables the backend this CPU offers and runs the command line's guests.
-fn run_guests(bi: &bootinfo::BootInfo, args: &cmdline::Args, facts: &cpu::CpuFacts, frames: &frames::Frames, drivers: vm::Drivers, cpus: usize) -> bool {
+fn run_guests(bi: &bootinfo::BootInfo, args: &cmdline::Args, facts: &cpu::CpuFacts, drivers: vm::Drivers, cpus: usize) -> bool {
     let Some(module) = bi.module else {
         log::error!(target: "vm", "guests requested but no boot module (guest archive) was loaded");
         return false;
@@ -135,8 +135,8 @@ fn run_guests(bi: &bootinfo::BootInfo, args: &cmdline::Args, facts: &cpu::CpuFac
     };
     log::info!(target: "vm", "guest archive: {} images", archive.len());
     match facts.extension {
-        cpu::Extension::Svm => run_backend::<svm::Svm>(facts, frames, archive, &args.guests, drivers, cpus),
-        cpu::Extension::Vmx => run_backend::<vmx::Vmx>(facts, frames, archive, &args.guests, drivers, cpus),
+        cpu::Extension::Svm => run_backend::<svm::Svm>(facts, archive, &args.guests, drivers, cpus),
+        cpu::Extension::Vmx => run_backend::<vmx::Vmx>(facts, archive, &args.guests, drivers, cpus),
         cpu::Extension::None => {
             log::error!(target: "vm",
                 "cannot run guests: the CPU ({}) has neither VMX (CPUID.1:ECX bit 5) nor SVM (CPUID.8000_0001:ECX bit 2)",
@@ -148,13 +148,12 @@ fn run_guests(bi: &bootinfo::BootInfo, args: &cmdline::Args, facts: &cpu::CpuFac
 
 fn run_backend<B: vm::Backend>(
     facts: &cpu::CpuFacts,
-    frames: &frames::Frames,
     archive: formats::archive::Archive,
     specs: &[vm::guest::GuestSpec],
     drivers: vm::Drivers,
     cpus: usize,
 ) -> bool {
-    match B::probe(facts).and_then(|caps| B::enable(&caps, frames)) {
+    match B::probe(facts).and_then(|caps| B::enable(&caps)) {
         Ok(mut backend) => vm::sched::run_guests(&mut backend, archive, specs, drivers, cpus),
         Err(e) => {
             log::error!(target: B::NAME, "cannot run guests: {e}");

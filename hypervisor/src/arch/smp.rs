@@ -193,7 +193,8 @@ pub fn planned(platform: &Platform, limit: Option<usize>) -> usize {
 /// Starts the MADT's other CPUs, at most `limit` CPUs in all (the boot CPU counts). Each
 /// one that does not come online is reported and left out (parked again with INIT).
 /// `frames` is the boot CPU's handle; the allocator has `planned(..)` core indices.
-pub fn start(bi: &BootInfo, platform: &Platform, frames: &Frames, limit: Option<usize>) -> Cpus {
+pub fn start(bi: &BootInfo, platform: &Platform, limit: Option<usize>) -> Cpus {
+    let frames = &Frames::here();
     let bsp_id = apic::id();
     let bsp = Box::leak(Box::new(Cpu {
         index: 0,
@@ -225,7 +226,7 @@ pub fn start(bi: &BootInfo, platform: &Platform, frames: &Frames, limit: Option<
         let started = if apic_id > 0xfe {
             Err("its APIC ID needs x2APIC mode, which the hypervisor does not use")
         } else {
-            start_ap(index, apic_id, frames)
+            start_ap(index, apic_id)
         };
         match started {
             Ok(cpu) => cpus.online.push(cpu),
@@ -303,7 +304,8 @@ fn wait_for(us: u64, done: impl Fn() -> bool) -> bool {
 }
 
 /// Starts one AP and waits until it is online or has failed.
-fn start_ap(index: usize, apic_id: u32, frames: &Frames) -> Result<&'static Cpu, &'static str> {
+fn start_ap(index: usize, apic_id: u32) -> Result<&'static Cpu, &'static str> {
+    let frames = &Frames::here();
     let cpu_frames = frames.for_cpu(index).ok_or("no allocator core index for it")?;
     // SAFETY: an all-zero byte array is a valid stack.
     let stack: &'static mut Stack = Box::leak(unsafe { Box::<Stack>::new_zeroed().assume_init() });
@@ -352,13 +354,14 @@ fn start_ap(index: usize, apic_id: u32, frames: &Frames) -> Result<&'static Cpu,
         return Err("it could not enable its virtualization backend");
     }
     log::debug!(target: "smp", "cpu {index} up {} us after INIT", time::micros() - t0);
-    take_back_probe(cpu, frames);
+    take_back_probe(cpu);
     Ok(cpu)
 }
 
 /// Frees, through the boot CPU's core index, the frames the AP allocated through its own,
 /// and checks that they all came back.
-fn take_back_probe(cpu: &Cpu, frames: &Frames) {
+fn take_back_probe(cpu: &Cpu) {
+    let frames = &Frames::here();
     let before = frames.free_frames();
     let mut pages = 0;
     for (slot, order) in cpu.probe.iter().zip([Order::BASE, Order::HUGE]) {
@@ -417,7 +420,7 @@ fn online(cpu: &Cpu) {
 /// Checks and enables the backend on this AP (the code the boot CPU runs for its own); the
 /// CPU keeps its backend instance and takes part in the run of guests (`runqueue::serve`).
 fn enable_and_serve<B: Backend>(cpu: &'static Cpu, facts: &CpuFacts) -> ! {
-    match B::probe(facts).and_then(|caps| B::enable(&caps, &cpu.frames)) {
+    match B::probe(facts).and_then(|caps| B::enable(&caps)) {
         Ok(backend) => {
             online(cpu);
             crate::vm::runqueue::serve(cpu.index, backend)

@@ -94,7 +94,7 @@ pub fn run_guests<B: Backend>(backend: &mut B, archive: Archive, specs: &[GuestS
             all_created = false;
             continue;
         }
-        match Guest::create(id as u32, *spec, image, frames, &epochs[id]) {
+        match Guest::create(id as u32, *spec, image, &epochs[id]) {
             Ok((g, setups)) => {
                 let mut on = Vec::new();
                 for setup in setups {
@@ -211,7 +211,7 @@ pub fn cpu_loop<B: Backend>(run: &Run<B>, backend: &mut B, me: usize) {
     let mut queue: Vec<Slot<B>> = Vec::new();
     super::shootdown::prepare(me);
     for p in run.placements.iter().filter(|p| p.cpu == me) {
-        match backend.create_vcpu(&p.setup, frames) {
+        match backend.create_vcpu(&p.setup) {
             Ok(vcpu) => queue.push(Slot {
                 // Taken from the guest once (the world lock); let go before the vCPU's end
                 // is recorded (`Guest::destroy` takes the space back).
@@ -253,7 +253,7 @@ pub fn cpu_loop<B: Backend>(run: &Run<B>, backend: &mut B, me: usize) {
                 // The guest's last vCPU frees its space at `vcpu_done`: no clone may outlive it.
                 s.space = None;
                 let state = s.end.unwrap_or(State::Stopped);
-                backend.destroy_vcpu(s.vcpu, frames);
+                backend.destroy_vcpu(s.vcpu);
                 SLICES_BEGUN.fetch_add(s.begun, Ordering::Relaxed);
                 SLICES_ALONE.fetch_add(s.alone, Ordering::Relaxed);
                 let v = VcpuSummary { index: s.index, cpu: me, state, exits: s.core.exits };
@@ -291,7 +291,6 @@ pub fn cpu_loop<B: Backend>(run: &Run<B>, backend: &mut B, me: usize) {
 /// A vCPU ended (its control structures are gone); the last one of its guest takes the
 /// guest down: mounts, ExMap caches, memory.
 fn vcpu_done<B: Backend>(guests: &mut [Option<Guest<B>>], cx: &mut Context<B>, done: &mut Vec<Summary>, id: u32, v: VcpuSummary) {
-    let frames = &Frames::here();
     let Some(slot) = guests.get_mut(id as usize) else { return };
     let Some(g) = slot.as_mut() else { return };
     cx.notify.vcpu_ended(id, v.index);
@@ -302,7 +301,7 @@ fn vcpu_done<B: Backend>(guests: &mut [Option<Guest<B>>], cx: &mut Context<B>, d
     cx.exmaps.guest_ended(g.id);
     cx.notify.guest_ended(g.id);
     if let Some(g) = slot.take() {
-        done.push(g.destroy(frames));
+        done.push(g.destroy());
     }
 }
 
