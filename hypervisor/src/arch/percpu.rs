@@ -17,7 +17,8 @@
 //! on every timer tick or exit:
 //!
 //! - `mine`: written by this CPU only, often (every timer tick, every device interrupt); read
-//!   by this CPU (and `device_interrupts` by any reader that asks).
+//!   by this CPU (and `device_interrupts` by any reader that asks). Also this CPU's allocator
+//!   handle, written once (below).
 //! - `inbox`: written by other CPUs (a kick's attention flag, a drain request), read and
 //!   cleared by this CPU before its next guest entry.
 //! - `outbox`: written by this CPU, rarely (its APIC ID once, at its start; a drain's
@@ -25,11 +26,22 @@
 //! - `owed`: this CPU's shootdown `Owed` record, behind a spin lock only this CPU takes
 //!   (`vm/shootdown.rs`).
 //!
+//! The allocator handle (`mm::frames::Frames`: the allocator and this CPU's core index, which
+//! is its CPU index) lives here too, set once by the CPU itself as it comes up (`come_up`:
+//! register, check, handle; the boot CPU in `main` right after the allocator is made, each AP
+//! first thing in `smp::ap_entry`), and is reached one way: `frames()` (`Frames::here()`)
+//! finds this CPU's entry by its APIC ID, `of(me).frames()` where the index is known (the
+//! vCPU loop: the ExMap fast path and a call's lock-free part read no APIC ID). Before a CPU
+//! came up both panic instead of falling back to CPU 0's core, as `index` does: two CPUs on
+//! one core index would break the allocator's one-user-per-index contract silently. It used
+//! to be an argument (`&Frames`), threaded through ~100 signatures from each CPU's
+//! start down to every allocation; a function that allocates now takes it itself, once per
+//! call (one APIC ID read where it does not know its index; never one per frame).
+//!
 //! Not here: the shootdown mailboxes (`arch::ipi::MAILBOXES`, a `vmcore::shootdown::Mailboxes`
 //! whose array is the host-tested, loom-checked protocol's own); what a CPU is handed at its
-//! start (`smp::Cpu`: its tables, stack, start handshake and allocator handle, which the start
-//! protocol passes by reference); the allocator handle `Frames` that the vCPU loop passes down
-//! as an argument (docs/src/smp.md, "Per-CPU state", says why it stays an argument).
+//! start (`smp::Cpu`: its tables, stack, start handshake and the allocator handle it puts
+//! here, which the start protocol passes by reference).
 
 use super::apic;
 use super::ipi::MAX_CPUS;

@@ -168,7 +168,9 @@ pub struct Cpu {
     /// allocator core index.
     pub index: usize,
     pub apic_id: u32,
-    /// The frame allocator through this CPU's core index.
+    /// The frame allocator through this CPU's core index, made by the boot CPU
+    /// (`Frames::for_cpu`) and handed over at the start: the CPU puts it in its per-CPU entry
+    /// (`percpu::come_up`), where all its later allocations reach it.
     pub frames: Frames,
     /// The AP's descriptor tables (null for the boot CPU, whose tables are static).
     tables: *mut CpuTables,
@@ -192,7 +194,8 @@ pub fn planned(platform: &Platform, limit: Option<usize>) -> usize {
 
 /// Starts the MADT's other CPUs, at most `limit` CPUs in all (the boot CPU counts). Each
 /// one that does not come online is reported and left out (parked again with INIT).
-/// `frames` is the boot CPU's handle; the allocator has `planned(..)` core indices.
+/// Runs on the boot CPU, which came up (`percpu::come_up`); the allocator has `planned(..)`
+/// core indices, and each AP is handed its own (`Cpu::frames`).
 pub fn start(bi: &BootInfo, platform: &Platform, limit: Option<usize>) -> Cpus {
     let frames = &Frames::here();
     let bsp_id = apic::id();

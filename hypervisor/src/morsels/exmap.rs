@@ -104,7 +104,7 @@ impl vmcore::region::Machine for Here {
 impl<B: Backend> Deferred<Hv<B>> for Batch<B::Format> {
     /// The batch, no lock held but the region's: reads the iovec page, validates and edits
     /// the leaves in one walk (`exmap`), writes the results back. Frames come from and go to
-    /// this vCPU's cache (`frames` is this CPU's allocator handle); a FREE's frames stay in
+    /// this vCPU's cache (`frames` is this CPU's allocator handle, the vCPU loop's `percpu::of(me).frames()`); a FREE's frames stay in
     /// that cache until the batch's shootdown, so none is reused before.
     fn run(&mut self, frames: &Frames) {
         Batch::run(self, &Here(*frames));
@@ -551,8 +551,10 @@ impl Exmaps {
     /// A vCPU's state kept in its slot since its batch ended alone goes back in place (the
     /// world lock held); where its guest is gone (`alive` false) or there is no room, its
     /// cache goes through this CPU's `Owed` instead (freed after the acknowledgments).
-    pub fn unpark(&mut self, p: Parked, alive: bool) {
-        self.states.unpark(p, alive, &mut Here(Frames::here()));
+    /// `here`: this CPU (the vCPU loop's `Here(percpu::of(me).frames())`: it runs at every
+    /// world-lock exit of a vCPU that parked, so it reads no APIC ID).
+    pub fn unpark(&mut self, p: Parked, alive: bool, here: &mut Here) {
+        self.states.unpark(p, alive, here);
     }
 
     /// A guest ended: its vCPUs' caches go back to the allocator.

@@ -258,7 +258,7 @@ pub fn cpu_loop<B: Backend>(run: &Run<B>, backend: &mut B, me: usize) {
                 SLICES_ALONE.fetch_add(s.alone, Ordering::Relaxed);
                 let v = VcpuSummary { index: s.index, cpu: me, state, exits: s.core.exits };
                 let mut w = runqueue::lock(run);
-                put_back(&mut w, s.guest, s.exmap);
+                put_back(&mut w, s.guest, s.exmap, me);
                 let World { guests, cx, done } = &mut *w;
                 if let Some(g) = guests.get_mut(s.guest as usize).and_then(|g| g.as_mut()) {
                     s.core.fold(&mut g.exits);
@@ -308,8 +308,9 @@ fn vcpu_done<B: Backend>(guests: &mut [Option<Guest<B>>], cx: &mut Context<B>, d
 /// Runs vCPU `s` until its slice ends, it yields, exits or its guest is stopped. The slice
 /// is a budget of time across exits: every exit the hypervisor handles in place (hypercall,
 /// CPUID) is charged to it, so a guest that loops on them is preempted like one that spins.
-/// False if the vCPU waits (`notify`) and did not run. `frames` is this CPU's allocator
-/// handle (a call's `Unlocked` part runs through it, the world lock let go).
+/// False if the vCPU waits (`notify`) and did not run. `me` is this CPU's index: a call's
+/// `Unlocked` part runs through its allocator handle (`percpu::of(me).frames()`), the world
+/// lock let go.
 ///
 /// `prepare` (world lock held: the guest's state, wake-ups, injections), or nothing where
 /// nothing it would decide changed since the last one (`start_alone`: no lock), then until
@@ -420,7 +421,7 @@ fn classify<'r, B: Backend>(run: &'r Run<B>, s: &mut Slot<B>, exit: &Exit, me: u
 fn world<'r, B: Backend>(run: &'r Run<B>, s: &mut Slot<B>, exit: Exit, me: usize, deadline: u64) -> Next<'r, B> {
     let ahead = name_ahead(s, &exit, run.name_keys);
     let mut w = runqueue::lock(run);
-    unpark(&mut w, s);
+    unpark(&mut w, s, me);
     let caller = Caller { vcpu: s.index, cpu: me };
     // Filled in place: the `Unlocked` part of a call is large, and every move of it is a
     // copy (which Bochs counts byte by byte).
@@ -673,18 +674,18 @@ fn resume_alone<B: Backend>(s: &mut Slot<B>, failed: u64, me: usize, deadline: u
 /// held `w`): before anything under the lock can look for it (`Exmaps::unpark`): at a
 /// world-path exit of this vCPU (its own ExMap calls are the only ones that look for its
 /// state) and at its end (before `vcpu_done`, whose last vCPU drains the guest's states).
-fn unpark<B: Backend>(w: &mut World<B>, s: &mut Slot<B>) {
+fn unpark<B: Backend>(w: &mut World<B>, s: &mut Slot<B>, me: usize) {
     if s.exmap.is_some() {
-        put_back(w, s.guest, s.exmap.take());
+        put_back(w, s.guest, s.exmap.take(), me);
     }
 }
 
-/// `unpark` of what guest `guest`'s vCPU kept (`frames`: this CPU's allocator handle).
-fn put_back<B: Backend>(w: &mut World<B>, guest: u32, parked: Option<crate::morsels::exmap::Parked>) {
+/// `unpark` of what guest `guest`'s vCPU kept, on CPU `me` (through its allocator handle).
+fn put_back<B: Backend>(w: &mut World<B>, guest: u32, parked: Option<crate::morsels::exmap::Parked>, me: usize) {
     if let Some(p) = parked {
         let World { guests, cx, .. } = w;
         let alive = guests.get(guest as usize).is_some_and(|g| g.is_some());
-        cx.exmaps.unpark(p, alive);
+        cx.exmaps.unpark(p, alive, &mut crate::morsels::exmap::Here(percpu::of(me).frames()));
     }
 }
 
