@@ -339,10 +339,12 @@ static ALONE: [core::sync::atomic::AtomicU64; 3] = [const { core::sync::atomic::
 /// (`sched::mount_fast`): `dir`'s lock around the look-up and the count only, the guest's
 /// own (`space`) around its table (`vmcore::directory::open_begin`). Some((address, size))
 /// where it mounted; None where it did not, nothing changed (an ExMap region, or any
-/// refusal: the world path takes the call and says why).
+/// refusal: the world path takes the call and says why). `me`: the CPU this runs on (the
+/// vCPU loop's index), whose allocator handle the tables come from (`percpu::of(me)`: no
+/// APIC ID read on this path, which `Frames::here` would add, ~45 Bochs ticks each).
 pub(crate) fn open_alone<F: Format<Input = GuestPhysAddr>>(dir: &spin::Mutex<Directory<F>>, space: &spin::Mutex<GuestSpace<F>>,
-    guest: u32, name: &vmcore::names::Hashed, writable: bool) -> Option<(u64, u64)> {
-    let frames = &Frames::here();
+    guest: u32, name: &vmcore::names::Hashed, writable: bool, me: usize) -> Option<(u64, u64)> {
+    let frames = &crate::arch::percpu::of(me).frames();
     let o = directory::open_begin(&mut dir.lock().named, guest, name, writable).ok()??;
     let placed = directory::open_place(&mut space.lock().view(guest), &o, frames, &IDENTITY);
     let size = o.size();
@@ -359,10 +361,10 @@ pub(crate) fn open_alone<F: Format<Input = GuestPhysAddr>>(dir: &spin::Mutex<Dir
 /// mount's count given back under `dir`'s lock, so a destroy that follows frees the frames
 /// behind that shootdown (`shootdown::barrier`). None where it did not unmount, nothing
 /// changed (no mount there, an ExMap region's, one with a notify subscription): the world
-/// path takes the call.
+/// path takes the call. `me`: the CPU this runs on, as for `open_alone`.
 pub(crate) fn unmount_alone<F: Format<Input = GuestPhysAddr>>(dir: &spin::Mutex<Directory<F>>, space: &spin::Mutex<GuestSpace<F>>,
-    guest: u32, gpa: u64, guest_cpus: impl FnOnce() -> u64) -> Option<()> {
-    let frames = &Frames::here();
+    guest: u32, gpa: u64, guest_cpus: impl FnOnce() -> u64, me: usize) -> Option<()> {
+    let frames = &crate::arch::percpu::of(me).frames();
     let after = crate::vm::shootdown::After(frames);
     let u = directory::unmount_begin(&mut space.lock().view(guest), gpa, &after, &IDENTITY).ok()??;
     log_unmount(guest, &u);

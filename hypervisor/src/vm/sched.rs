@@ -613,13 +613,13 @@ fn mount_fast<B: Backend>(run: &Run<B>, s: &mut Slot<B>, exit: &Exit, me: usize,
     let (status, value) = match abi::Call::decode(regs.rax, args) {
         Ok(abi::Call::MorselOpen { name, writable }) => {
             let name = run.name_keys.hash(crate::morsels::read_ram_name(&s.shared, name)?);
-            let (gpa, size) = crate::morsels::open_alone(run.directory, space, s.guest, &name, writable)?;
+            let (gpa, size) = crate::morsels::open_alone(run.directory, space, s.guest, &name, writable, me)?;
             // As the world path answers a mount (`vmcore::hypercall::conclude`): the size.
             (size & (u64::MAX >> 1), gpa)
         }
         Ok(abi::Call::MorselUnmount { gpa }) => {
             let shared = &s.shared;
-            crate::morsels::unmount_alone(run.directory, space, s.guest, gpa, || shared.ran_on())?;
+            crate::morsels::unmount_alone(run.directory, space, s.guest, gpa, || shared.ran_on(), me)?;
             (0, 0)
         }
         // The guest's own mount list only (a mount's size never changes).
