@@ -16,7 +16,9 @@ pub static RECLAIMS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU
 /// Handle to the frame allocator for one CPU (cheap to copy): every CPU allocates and
 /// frees through its own allocator core index (`Frames::for_cpu`), so that its reservations
 /// are its own (the allocator's contract: one user per index at a time). A frame may be freed
-/// through any CPU's handle, not only the one that allocated it.
+/// through any CPU's handle, not only the one that allocated it. Each CPU keeps its handle in
+/// its per-CPU entry (`arch::percpu`) and reaches it there: `Frames::here()`, or
+/// `percpu::of(me).frames()` where it knows its index.
 #[derive(Clone, Copy)]
 pub struct Frames {
     alloc: &'static Allocator<'static>,
