@@ -17,7 +17,7 @@ mod svm;
 mod vm;
 mod vmx;
 
-use arch::{apic, cpu, smp};
+use arch::{apic, cpu, percpu, smp};
 use mm::{frames, pmem};
 use platform::{acpi, bootinfo, cmdline, exit, heap, memory, serial, time};
 
@@ -75,10 +75,13 @@ extern "C" fn kmain(magic: u32, info: u64) -> ! {
             exit::exit(Status::Failure)
         }
     };
+    // The boot CPU is CPU 0 and allocates through core 0 (`frames::init`'s handle); from here
+    // on its handle is reached through its per-CPU entry.
+    percpu::come_up(0, apic::id(), frames);
     platform.log();
     apic::init();
     let pmem = pmem::init(&platform, facts.gib_pages, &args.pmem);
-    let (mut devices, devices_ok) = match devices::init(&platform, &frames, args.iommu, args.nvme_poll) {
+    let (mut devices, devices_ok) = match devices::init(&platform, args.iommu, args.nvme_poll) {
         Ok(d) => (d, true),
         Err(devices::InitFailed) => (None, false),
     };
@@ -102,21 +105,21 @@ extern "C" fn kmain(magic: u32, info: u64) -> ! {
     }
 
     let devices_ok = devices_ok && match args.test {
-        Some(cmdline::Test::DmaFault) => devices::selftest::dma_fault_test(devices.as_mut(), &frames),
+        Some(cmdline::Test::DmaFault) => devices::selftest::dma_fault_test(devices.as_mut()),
         Some(cmdline::Test::DmaNoDomain) => devices::selftest::dma_nodomain_test(devices.as_mut()),
-        Some(cmdline::Test::SharePt) => devices::selftest::sharept_test(devices.as_mut(), &frames),
+        Some(cmdline::Test::SharePt) => devices::selftest::sharept_test(devices.as_mut()),
         _ => true,
     };
-    let cpus = smp::start(&bi, &platform, &frames, args.cpus);
+    let cpus = smp::start(&bi, &platform, args.cpus);
     cpus.log();
     println!("parperos: ready ({} ms after start)", time::micros() / 1000);
-    let ok = devices_ok && (args.guests.is_empty() || run_guests(&bi, &args, &facts, &frames, vm::Drivers { devices, pmem, bench: args.bench }, cpus.online.len()));
+    let ok = devices_ok && (args.guests.is_empty() || run_guests(&bi, &args, &facts, vm::Drivers { devices, pmem, bench: args.bench }, cpus.online.len()));
     log::info!(target: "mem", "heap high-water mark: {} KiB", heap::used() / 1024);
     exit::exit(if ok { Status::Success } else { Status::Failure })
 }
 
 /// Enables the backend this CPU offers and runs the command line's guests.
-fn run_guests(bi: &bootinfo::BootInfo, args: &cmdline::Args, facts: &cpu::CpuFacts, frames: &frames::Frames, drivers: vm::Drivers, cpus: usize) -> bool {
+fn run_guests(bi: &bootinfo::BootInfo, args: &cmdline::Args, facts: &cpu::CpuFacts, drivers: vm::Drivers, cpus: usize) -> bool {
     let Some(module) = bi.module else {
         log::error!(target: "vm", "guests requested but no boot module (guest archive) was loaded");
         return false;
@@ -132,8 +135,8 @@ fn run_guests(bi: &bootinfo::BootInfo, args: &cmdline::Args, facts: &cpu::CpuFac
     };
     log::info!(target: "vm", "guest archive: {} images", archive.len());
     match facts.extension {
-        cpu::Extension::Svm => run_backend::<svm::Svm>(facts, frames, archive, &args.guests, drivers, cpus),
-        cpu::Extension::Vmx => run_backend::<vmx::Vmx>(facts, frames, archive, &args.guests, drivers, cpus),
+        cpu::Extension::Svm => run_backend::<svm::Svm>(facts, archive, &args.guests, drivers, cpus),
+        cpu::Extension::Vmx => run_backend::<vmx::Vmx>(facts, archive, &args.guests, drivers, cpus),
         cpu::Extension::None => {
             log::error!(target: "vm",
                 "cannot run guests: the CPU ({}) has neither VMX (CPUID.1:ECX bit 5) nor SVM (CPUID.8000_0001:ECX bit 2)",
@@ -145,14 +148,13 @@ fn run_guests(bi: &bootinfo::BootInfo, args: &cmdline::Args, facts: &cpu::CpuFac
 
 fn run_backend<B: vm::Backend>(
     facts: &cpu::CpuFacts,
-    frames: &frames::Frames,
     archive: formats::archive::Archive,
     specs: &[vm::guest::GuestSpec],
     drivers: vm::Drivers,
     cpus: usize,
 ) -> bool {
-    match B::probe(facts).and_then(|caps| B::enable(&caps, frames)) {
-        Ok(mut backend) => vm::sched::run_guests(&mut backend, frames, archive, specs, drivers, cpus),
+    match B::probe(facts).and_then(|caps| B::enable(&caps)) {
+        Ok(mut backend) => vm::sched::run_guests(&mut backend, archive, specs, drivers, cpus),
         Err(e) => {
             log::error!(target: B::NAME, "cannot run guests: {e}");
             false

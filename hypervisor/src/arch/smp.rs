@@ -11,8 +11,9 @@
 //!
 //! What a CPU is handed at its start is `Cpu` (its index, APIC ID, tables, start handshake and
 //! `frames` handle, which carries the CPU's own allocator core index); its run-time state
-//! (timer ticks, kicks, drain counters, shootdown record) is its `arch::percpu::PerCpu`, which
-//! it registers (`percpu::register`) and checks it finds (`percpu::check`) before it serves.
+//! (timer ticks, kicks, drain counters, shootdown record, allocator handle) is its
+//! `arch::percpu::PerCpu`, which it registers, checks it finds and gives the handle
+//! (`percpu::come_up`) before it allocates anything; from then on it reaches the handle there.
 
 use crate::platform::acpi::Platform;
 use crate::arch::gdt::CpuTables;
@@ -167,7 +168,9 @@ pub struct Cpu {
     /// allocator core index.
     pub index: usize,
     pub apic_id: u32,
-    /// The frame allocator through this CPU's core index.
+    /// The frame allocator through this CPU's core index, made by the boot CPU
+    /// (`Frames::for_cpu`) and handed over at the start: the CPU puts it in its per-CPU entry
+    /// (`percpu::come_up`), where all its later allocations reach it.
     pub frames: Frames,
     /// The AP's descriptor tables (null for the boot CPU, whose tables are static).
     tables: *mut CpuTables,
@@ -191,8 +194,10 @@ pub fn planned(platform: &Platform, limit: Option<usize>) -> usize {
 
 /// Starts the MADT's other CPUs, at most `limit` CPUs in all (the boot CPU counts). Each
 /// one that does not come online is reported and left out (parked again with INIT).
-/// `frames` is the boot CPU's handle; the allocator has `planned(..)` core indices.
-pub fn start(bi: &BootInfo, platform: &Platform, frames: &Frames, limit: Option<usize>) -> Cpus {
+/// Runs on the boot CPU, which came up (`percpu::come_up`); the allocator has `planned(..)`
+/// core indices, and each AP is handed its own (`Cpu::frames`).
+pub fn start(bi: &BootInfo, platform: &Platform, limit: Option<usize>) -> Cpus {
+    let frames = &Frames::here();
     let bsp_id = apic::id();
     let bsp = Box::leak(Box::new(Cpu {
         index: 0,
@@ -203,8 +208,7 @@ pub fn start(bi: &BootInfo, platform: &Platform, frames: &Frames, limit: Option<
         state: AtomicU8::new(State::Online as u8),
         probe: [AtomicU64::new(0), AtomicU64::new(0)],
     }));
-    crate::arch::percpu::register(0, bsp_id);
-    crate::arch::percpu::check(0);
+    // The boot CPU came up in `main` (`percpu::come_up`), before its first allocation.
     log::info!(target: "smp", "cpu 0 online (apic id {bsp_id})");
     let mut cpus = Cpus { online: alloc::vec![&*bsp], listed: platform.cpus.max(1) };
     let aps: Vec<u32> = platform.apic_ids.iter().copied().filter(|&id| id != bsp_id).collect();
@@ -225,7 +229,7 @@ pub fn start(bi: &BootInfo, platform: &Platform, frames: &Frames, limit: Option<
         let started = if apic_id > 0xfe {
             Err("its APIC ID needs x2APIC mode, which the hypervisor does not use")
         } else {
-            start_ap(index, apic_id, frames)
+            start_ap(index, apic_id)
         };
         match started {
             Ok(cpu) => cpus.online.push(cpu),
@@ -303,7 +307,8 @@ fn wait_for(us: u64, done: impl Fn() -> bool) -> bool {
 }
 
 /// Starts one AP and waits until it is online or has failed.
-fn start_ap(index: usize, apic_id: u32, frames: &Frames) -> Result<&'static Cpu, &'static str> {
+fn start_ap(index: usize, apic_id: u32) -> Result<&'static Cpu, &'static str> {
+    let frames = &Frames::here();
     let cpu_frames = frames.for_cpu(index).ok_or("no allocator core index for it")?;
     // SAFETY: an all-zero byte array is a valid stack.
     let stack: &'static mut Stack = Box::leak(unsafe { Box::<Stack>::new_zeroed().assume_init() });
@@ -352,13 +357,14 @@ fn start_ap(index: usize, apic_id: u32, frames: &Frames) -> Result<&'static Cpu,
         return Err("it could not enable its virtualization backend");
     }
     log::debug!(target: "smp", "cpu {index} up {} us after INIT", time::micros() - t0);
-    take_back_probe(cpu, frames);
+    take_back_probe(cpu);
     Ok(cpu)
 }
 
 /// Frees, through the boot CPU's core index, the frames the AP allocated through its own,
 /// and checks that they all came back.
-fn take_back_probe(cpu: &Cpu, frames: &Frames) {
+fn take_back_probe(cpu: &Cpu) {
+    let frames = &Frames::here();
     let before = frames.free_frames();
     let mut pages = 0;
     for (slot, order) in cpu.probe.iter().zip([Order::BASE, Order::HUGE]) {
@@ -388,14 +394,15 @@ extern "C" fn ap_entry(cpu: &'static Cpu) -> ! {
     if apic::id() != cpu.apic_id {
         log::warn!(target: "smp", "cpu {} reports apic id {}, the MADT said {}", cpu.index, apic::id(), cpu.apic_id);
     }
-    // The probe: one small and one huge frame through this CPU's own core index.
+    crate::arch::percpu::come_up(cpu.index, cpu.apic_id, cpu.frames);
+    // The probe: one small and one huge frame through this CPU's own core index, reached
+    // the way all later allocations on this CPU reach it.
+    let frames = Frames::here();
     for (slot, order) in cpu.probe.iter().zip([Order::BASE, Order::HUGE]) {
-        if let Some(pa) = cpu.frames.alloc_zeroed(order) {
+        if let Some(pa) = frames.alloc_zeroed(order) {
             slot.store(pa.as_u64(), Ordering::Release);
         }
     }
-    crate::arch::percpu::register(cpu.index, cpu.apic_id);
-    crate::arch::percpu::check(cpu.index);
     let facts = CpuFacts::detect();
     match facts.extension {
         Extension::Svm => enable_and_serve::<crate::svm::Svm>(cpu, &facts),
@@ -416,10 +423,10 @@ fn online(cpu: &Cpu) {
 /// Checks and enables the backend on this AP (the code the boot CPU runs for its own); the
 /// CPU keeps its backend instance and takes part in the run of guests (`runqueue::serve`).
 fn enable_and_serve<B: Backend>(cpu: &'static Cpu, facts: &CpuFacts) -> ! {
-    match B::probe(facts).and_then(|caps| B::enable(&caps, &cpu.frames)) {
+    match B::probe(facts).and_then(|caps| B::enable(&caps)) {
         Ok(backend) => {
             online(cpu);
-            crate::vm::runqueue::serve(cpu.index, cpu.frames, backend)
+            crate::vm::runqueue::serve(cpu.index, backend)
         }
         Err(e) => {
             let e: BackendError = e;

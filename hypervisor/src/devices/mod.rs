@@ -42,7 +42,7 @@ pub struct InitFailed;
 /// on (every device blocked until it gets a domain), and the edu and NVMe drivers. Without
 /// an IOMMU or ECAM there is nothing (None). NVMe completes by MSI-X interrupt where the
 /// device has the capability, unless `nvme_poll` (`nvme=poll`).
-pub fn init(platform: &Platform, frames: &Frames, options: crate::platform::cmdline::IommuOptions, nvme_poll: bool) -> Result<Option<Devices>, InitFailed> {
+pub fn init(platform: &Platform, options: crate::platform::cmdline::IommuOptions, nvme_poll: bool) -> Result<Option<Devices>, InitFailed> {
     let Some(ecam) = platform.ecam else { return Ok(None) };
     if platform.dmar.is_none() && platform.ivrs.is_none() {
         return Ok(None);
@@ -53,12 +53,12 @@ pub fn init(platform: &Platform, frames: &Frames, options: crate::platform::cmdl
     };
     let functions = pci.enumerate();
     let unit = match (platform.dmar, platform.ivrs) {
-        (Some(dmar_at), _) => init_vtd(dmar_at, options, frames),
+        (Some(dmar_at), _) => init_vtd(dmar_at, options),
         (None, Some(ivrs_at)) => {
             if options.share_ept {
                 log::warn!(target: "iommu", "iommu=sharept ignored: the AMD IOMMU cannot walk EPT tables (AMD-Vi views are used)");
             }
-            init_amdvi(ivrs_at, frames)
+            init_amdvi(ivrs_at)
         }
         (None, None) => None,
     };
@@ -71,7 +71,7 @@ pub fn init(platform: &Platform, frames: &Frames, options: crate::platform::cmdl
         match (f.vendor, f.device, f.class, bar0) {
             (edu::VENDOR, edu::DEVICE, _, Some(bar)) if edu.is_none() => {
                 pci.enable(f.bdf);
-                if iommu.attach(f.bdf, frames).is_ok() {
+                if iommu.attach(f.bdf).is_ok() {
                     edu = Some(edu::Edu::new(f.bdf, bar));
                 }
             }
@@ -88,8 +88,8 @@ pub fn init(platform: &Platform, frames: &Frames, options: crate::platform::cmdl
                     (false, Some(m)) => nvme::Completions::Msix(m),
                     (false, None) => nvme::Completions::Poll("the device has no usable MSI-X capability"),
                 };
-                match iommu.attach(f.bdf, frames) {
-                    Ok(()) => match nvme::Nvme::new(f.bdf, bar, &mut iommu, frames, &platform.apic_ids, completions) {
+                match iommu.attach(f.bdf) {
+                    Ok(()) => match nvme::Nvme::new(f.bdf, bar, &mut iommu, &platform.apic_ids, completions) {
                         Ok(n) => nvme = Some(&*alloc::boxed::Box::leak(alloc::boxed::Box::new(n))),
                         Err(e) => log::error!(target: "nvme", "device {}: {e}", f.bdf),
                     },
@@ -104,7 +104,7 @@ pub fn init(platform: &Platform, frames: &Frames, options: crate::platform::cmdl
 }
 
 /// The VT-d unit of the DMAR, translation on.
-fn init_vtd(dmar_at: u64, options: crate::platform::cmdline::IommuOptions, frames: &Frames) -> Option<Unit> {
+fn init_vtd(dmar_at: u64, options: crate::platform::cmdline::IommuOptions) -> Option<Unit> {
     // SAFETY: the address comes from the RSDT and points at the DMAR's header.
     let dmar = match unsafe { iommu::dmar::read(dmar_at) } {
         Ok(d) => d,
@@ -124,14 +124,14 @@ fn init_vtd(dmar_at: u64, options: crate::platform::cmdline::IommuOptions, frame
         log::error!(target: "iommu", "DMAR lists no remapping unit");
         return None;
     };
-    let mut vtd = match Vtd::new(unit.register_base, frames) {
+    let mut vtd = match Vtd::new(unit.register_base) {
         Ok(v) => v,
         Err(e) => {
             log::error!(target: "iommu", "VT-d unit at {:#x}: {e}", unit.register_base);
             return None;
         }
     };
-    if let Err(e) = vtd.enable(options.register_invalidation, frames) {
+    if let Err(e) = vtd.enable(options.register_invalidation) {
         log::error!(target: "iommu", "cannot enable translation: {e}");
         return None;
     }
@@ -143,7 +143,7 @@ fn init_vtd(dmar_at: u64, options: crate::platform::cmdline::IommuOptions, frame
 }
 
 /// The AMD IOMMU of the IVRS, translation on.
-fn init_amdvi(ivrs_at: u64, frames: &Frames) -> Option<Unit> {
+fn init_amdvi(ivrs_at: u64) -> Option<Unit> {
     // SAFETY: the address comes from the RSDT and points at the IVRS's header.
     let ivrs = match unsafe { iommu::dmar::read_table(ivrs_at, formats::ivrs::parse) } {
         Ok(i) => i,
@@ -163,7 +163,7 @@ fn init_amdvi(ivrs_at: u64, frames: &Frames) -> Option<Unit> {
         log::error!(target: "iommu", "IVRS lists no IOMMU");
         return None;
     };
-    match AmdVi::new(unit.register_base, frames) {
+    match AmdVi::new(unit.register_base) {
         Ok(a) => Some(Unit::AmdVi(a)),
         Err(e) => {
             log::error!(target: "iommu", "AMD IOMMU at {:#x}: {e}", unit.register_base);
@@ -196,19 +196,20 @@ pub fn edu_dma(d: &mut Devices, to_device: bool, iova: u64, len: u64) -> Result<
 /// guest (the caller checks that no guest has a mount in edu's domain, so `SCRATCH_IOVA` is
 /// free): a zeroed frame is mapped read-only there for the one transfer, then unmapped, the
 /// tables that leaves empty are freed and the IOTLB flushed.
-pub fn edu_scrub(d: &mut Devices, frames: &Frames) -> Result<(), Error> {
+pub fn edu_scrub(d: &mut Devices) -> Result<(), Error> {
+    let frames = &Frames::here();
     let Some(edu) = d.edu.as_ref().filter(|e| e.holds_data) else { return Ok(()) };
     let bdf = edu.bdf;
     if !d.iommu.has_domain(bdf) {
         return Err(Error::NotFound);
     }
     let zeros = frames.alloc_zeroed(Order::BASE).ok_or(Error::NoMemory)?;
-    let mapped = d.iommu.map_page(bdf, SCRATCH_IOVA, zeros, Perm::RO, frames);
+    let mapped = d.iommu.map_page(bdf, SCRATCH_IOVA, zeros, Perm::RO);
     let scrubbed = match (&mapped, d.edu.as_mut()) {
         (Ok(()), Some(e)) => e.scrub(SCRATCH_IOVA).ok(),
         _ => None,
     };
-    let _ = d.iommu.unmap_page(bdf, SCRATCH_IOVA, frames);
+    let _ = d.iommu.unmap_page(bdf, SCRATCH_IOVA);
     morsel::FrameAlloc::free(frames, zeros, 0);
     let faulted = faults_of(d, bdf);
     match scrubbed {

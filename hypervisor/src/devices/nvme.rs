@@ -219,10 +219,11 @@ impl Nvme {
     /// controller grants; the others share them) and identifies namespace 1. With
     /// `Completions::Msix` each I/O completion queue y gets MSI-X entry y, `DEVICE_VECTOR` on
     /// its CPU (entry 0, the admin queue's, stays masked: admin commands are polled).
-    pub fn new(bdf: Bdf, regs: Mmio, iommu: &mut Unit, frames: &Frames, apic_ids: &[u32], completions: Completions) -> Result<Nvme, &'static str> {
+    pub fn new(bdf: Bdf, regs: Mmio, iommu: &mut Unit, apic_ids: &[u32], completions: Completions) -> Result<Nvme, &'static str> {
+        let frames = &Frames::here();
         let mut page = || -> Result<HostPhysAddr, &'static str> {
             let p = frames.alloc_zeroed(Order::BASE).ok_or("out of memory for queues")?;
-            iommu.map_page(bdf, p.as_u64(), p, Perm::RW, frames).map_err(|_| "cannot map queues in the domain")?;
+            iommu.map_page(bdf, p.as_u64(), p, Perm::RW).map_err(|_| "cannot map queues in the domain")?;
             Ok(p)
         };
         let queue = |id, sq, cq, entries| Queue { id, sq, cq, entries, tail: 0, head: 0, phase: true, next_cid: 0 };

@@ -23,7 +23,8 @@ const CANARY_BYTE: u8 = 0xc5;
 /// canary page's host-physical address, which edu's domain does not map. Without the IOMMU
 /// (or with pass-through) the canary would be overwritten. Expects a fault naming edu and
 /// that address, and the canary unchanged. True if so.
-pub fn dma_fault_test(devices: Option<&mut Devices>, frames: &Frames) -> bool {
+pub fn dma_fault_test(devices: Option<&mut Devices>) -> bool {
+    let frames = &Frames::here();
     let result = devices.map(|d| {
         let Some(edu) = d.edu.as_mut() else {
             log::error!(target: "iommu", "dma-fault test: no edu device");
@@ -37,10 +38,10 @@ pub fn dma_fault_test(devices: Option<&mut Devices>, frames: &Frames) -> bool {
         let Some(src) = frames.alloc_zeroed(Order::BASE) else { return false };
         // SAFETY: a frame we own, identity-mapped.
         unsafe { core::ptr::write_bytes(src.as_u64() as *mut u8, 0x5a, 4096) };
-        let mapped = d.iommu.map_page(bdf, SCRATCH_IOVA, src, Perm::RO, frames);
+        let mapped = d.iommu.map_page(bdf, SCRATCH_IOVA, src, Perm::RO);
         let loaded = mapped.is_ok() && d.edu.as_mut().is_some_and(|e| e.dma(true, SCRATCH_IOVA, TEST_LEN).is_ok());
         // Leaves no empty tables that would take a guest's mount slot.
-        let _ = d.iommu.unmap_page(bdf, SCRATCH_IOVA, frames);
+        let _ = d.iommu.unmap_page(bdf, SCRATCH_IOVA);
         morsel::FrameAlloc::free(frames, src, 0);
         if !loaded || faults_of(d, bdf) {
             log::error!(target: "iommu", "dma-fault test: could not load edu's buffer through a mapped page");
@@ -128,15 +129,15 @@ const BLOCK: u64 = 512;
 /// bytes; DMA past the morsel's end and a write through a read-only mount must be blocked
 /// and reported as VT-d faults, with the morsel unchanged. Needs VT-d (the AMD IOMMU walks
 /// only its own format). True if every check holds.
-pub fn sharept_test(devices: Option<&mut Devices>, frames: &Frames) -> bool {
+pub fn sharept_test(devices: Option<&mut Devices>) -> bool {
     let result = devices.map(|d| {
         if !matches!(d.iommu, Unit::Vtd(_)) {
             log::error!(target: "iommu", "sharept test: needs VT-d (the EPT format is VT-d's second level); this IOMMU is {}", d.iommu.name());
             return false;
         }
-        let edu_ok = sharept_edu(d, frames);
+        let edu_ok = sharept_edu(d);
         let nvme_ok = match d.nvme.is_some() {
-            true => sharept_nvme(d, frames),
+            true => sharept_nvme(d),
             false => {
                 log::info!(target: "iommu", "sharept test: no NVMe drive, edu only");
                 true
@@ -183,7 +184,8 @@ fn fault_at(d: &mut Devices, bdf: Bdf, iova: u64) -> bool {
 
 /// Mounts `m` at each `(iova, perm)` in `bdf`'s domain through `Unit::mount` and invalidates
 /// once; true if each mount took the EPT subtree itself (no view built).
-fn mount_all(d: &mut Devices, bdf: Bdf, m: &Morsel<Ept>, views: &mut Views, at: &[(u64, Perm)], frames: &Frames) -> bool {
+fn mount_all(d: &mut Devices, bdf: Bdf, m: &Morsel<Ept>, views: &mut Views, at: &[(u64, Perm)]) -> bool {
+    let frames = &Frames::here();
     let mut flush = Flush::none();
     for &(iova, perm) in at {
         match d.iommu.mount(bdf, m, views, iova, perm, frames) {
@@ -207,7 +209,8 @@ fn mount_all(d: &mut Devices, bdf: Bdf, m: &Morsel<Ept>, views: &mut Views, at: 
     invalidated && shared
 }
 
-fn unmount_all(d: &mut Devices, bdf: Bdf, m: &Morsel<Ept>, views: &mut Views, at: &[(u64, Perm)], frames: &Frames) -> bool {
+fn unmount_all(d: &mut Devices, bdf: Bdf, m: &Morsel<Ept>, views: &mut Views, at: &[(u64, Perm)]) -> bool {
+    let frames = &Frames::here();
     let mut flush = Flush::none();
     let mut ok = true;
     for &(iova, _) in at {
@@ -226,7 +229,8 @@ fn first_leaf(m: &Morsel<Ept>) -> u64 {
 }
 
 /// edu through a 16 KiB EPT morsel of 4 KiB pages.
-fn sharept_edu(d: &mut Devices, frames: &Frames) -> bool {
+fn sharept_edu(d: &mut Devices) -> bool {
+    let frames = &Frames::here();
     let Some(bdf) = d.edu.as_ref().map(|e| e.bdf) else {
         log::error!(target: "iommu", "sharept test: no edu device");
         return false;
@@ -245,7 +249,7 @@ fn sharept_edu(d: &mut Devices, frames: &Frames) -> bool {
         leaf & 1, leaf >> 1 & 1, leaf >> 2 & 1, leaf >> 3 & 7, leaf >> 6 & 1);
     let mut views = Views::default();
     let at = [(EDU_RW, Perm::RW), (EDU_RO, Perm::RO)];
-    let mut ok = mount_all(d, bdf, &m, &mut views, &at, frames);
+    let mut ok = mount_all(d, bdf, &m, &mut views, &at);
     // What the morsel must hold: the pattern, then the two allowed copies.
     let mut want: Vec<u8> = (0..EDU_MORSEL).map(pattern).collect();
     let dma = |d: &mut Devices, to_device: bool, iova: u64| d.edu.as_mut().map(|e| e.dma(to_device, iova, TEST_LEN).is_ok()) == Some(true);
@@ -273,19 +277,20 @@ fn sharept_edu(d: &mut Devices, frames: &Frames) -> bool {
             EDU_RW + EDU_MORSEL, yes(past_end), EDU_RO + 0x1000, yes(read_only), if n == 0 { "unchanged" } else { "CHANGED" });
         ok &= past_end && read_only && n == 0;
     }
-    ok &= unmount_all(d, bdf, &m, &mut views, &at, frames);
+    ok &= unmount_all(d, bdf, &m, &mut views, &at);
     // After the unmount and its one invalidation, the window is gone for the device too.
     let _ = dma(d, false, EDU_RW);
     let gone = fault_at(d, bdf, EDU_RW);
     let (n, _) = differs(&m, |o| want[o as usize]);
     log::info!(target: "iommu", "sharept test: edu DMA to {EDU_RW:#x} after the unmount blocked and reported: {}; morsel {}", yes(gone), if n == 0 { "unchanged" } else { "CHANGED" });
     ok &= gone && n == 0;
-    destroy(m, frames);
+    destroy(m);
     ok
 }
 
 /// The NVMe controller reads the disk into a 4 MiB EPT morsel of 2 MiB pages.
-fn sharept_nvme(d: &mut Devices, frames: &Frames) -> bool {
+fn sharept_nvme(d: &mut Devices) -> bool {
+    let frames = &Frames::here();
     let Some(bdf) = d.nvme.as_ref().map(|n| n.bdf) else { return false };
     let m = match Morsel::<Ept>::create(NVME_MORSEL, PageSize::Size2M, frames, &IDENTITY) {
         Ok(m) => m,
@@ -302,7 +307,7 @@ fn sharept_nvme(d: &mut Devices, frames: &Frames) -> bool {
     let mut views = Views::default();
     let io = |d: &mut Devices, at: u64, blocks: u64| d.nvme.map(|n| n.io(false, at, 0, blocks));
     let rw = [(iova, Perm::RW)];
-    let mut ok = mount_all(d, bdf, &m, &mut views, &rw, frames);
+    let mut ok = mount_all(d, bdf, &m, &mut views, &rw);
     if ok {
         let read = matches!(io(d, iova, NVME_MORSEL / BLOCK), Some(Ok(_)));
         let faulted = faults_of(d, bdf);
@@ -319,21 +324,21 @@ fn sharept_nvme(d: &mut Devices, frames: &Frames) -> bool {
             iova + NVME_MORSEL, yes(past_end), if matches!(r, Some(Ok(_))) { "completed" } else { "failed" });
         ok &= past_end;
     }
-    ok &= unmount_all(d, bdf, &m, &mut views, &rw, frames);
+    ok &= unmount_all(d, bdf, &m, &mut views, &rw);
     let ro = [(iova, Perm::RO)];
     fill(&m, |_| 0x77);
-    if ok && mount_all(d, bdf, &m, &mut views, &ro, frames) {
+    if ok && mount_all(d, bdf, &m, &mut views, &ro) {
         let r = io(d, iova, 8);
         let read_only = fault_at(d, bdf, iova);
         let (n, _) = differs(&m, |_| 0x77);
         log::info!(target: "iommu", "sharept test: NVMe read into the read-only mount ({iova:#x}) blocked and reported: {} (command {}); morsel {}",
             yes(read_only), if matches!(r, Some(Ok(_))) { "completed" } else { "failed" }, if n == 0 { "unchanged" } else { "CHANGED" });
         ok &= read_only && n == 0;
-        ok &= unmount_all(d, bdf, &m, &mut views, &ro, frames);
+        ok &= unmount_all(d, bdf, &m, &mut views, &ro);
     } else {
         ok = false;
     }
-    destroy(m, frames);
+    destroy(m);
     ok
 }
 
@@ -348,7 +353,8 @@ fn yes(b: bool) -> &'static str {
     if b { "yes" } else { "NO" }
 }
 
-fn destroy(m: Morsel<Ept>, frames: &Frames) {
+fn destroy(m: Morsel<Ept>) {
+    let frames = &Frames::here();
     if let Err((_, e)) = m.destroy(frames, &IDENTITY) {
         log::error!(target: "iommu", "sharept test: EPT morsel cannot be destroyed: {e}");
     }

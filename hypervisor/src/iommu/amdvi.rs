@@ -80,7 +80,8 @@ impl AmdVi {
     /// Sets up the unit at `base` (from the IVRS): a device table with every entry blocked,
     /// command buffer and event log, then turns it on. From then on a device without a
     /// domain cannot reach memory.
-    pub fn new(base: u64, frames: &Frames) -> Result<AmdVi, Error> {
+    pub fn new(base: u64) -> Result<AmdVi, Error> {
+        let frames = &Frames::here();
         // SAFETY: the IVRS names `base` as the IOMMU's 16 KiB register window (spec 3.4),
         // not RAM.
         let regs = unsafe { Mmio::new(base, MMIO_SIZE) }.ok_or(Error::BadBase(base))?;
@@ -157,7 +158,8 @@ impl AmdVi {
     }
 
     /// Gives `bdf` its own domain with an empty 4-level table and points its DTE at it.
-    pub fn attach(&mut self, bdf: Bdf, frames: &Frames) -> Result<(), Error> {
+    pub fn attach(&mut self, bdf: Bdf) -> Result<(), Error> {
+        let frames = &Frames::here();
         if self.domains.iter().any(|d| d.bdf == bdf) {
             return Ok(());
         }
@@ -279,8 +281,8 @@ impl Iommu for AmdVi {
     fn mem(&self) -> AmdMem {
         AmdMem
     }
-    fn attach(&mut self, bdf: Bdf, frames: &Frames) -> Result<(), Error> {
-        AmdVi::attach(self, bdf, frames)
+    fn attach(&mut self, bdf: Bdf) -> Result<(), Error> {
+        AmdVi::attach(self, bdf)
     }
     fn table(&mut self, bdf: Bdf) -> Option<&mut SecondLevelTable<AmdV1>> {
         self.domains.iter_mut().find(|d| d.bdf == bdf).map(|d| &mut d.table)
@@ -293,7 +295,8 @@ impl Iommu for AmdVi {
     fn poll_faults(&mut self) -> Vec<Fault> {
         AmdVi::poll_faults(self)
     }
-    fn prune_domains(&mut self, frames: &Frames) {
+    fn prune_domains(&mut self) {
+        let frames = &Frames::here();
         let mut ids = Vec::new();
         for d in &mut self.domains {
             let n = d.table.prune(frames, &AmdMem);

@@ -73,7 +73,7 @@ pub trait Iommu {
     fn mem(&self) -> Self::Mem;
     /// Gives `bdf` its own domain with an empty table (idempotent); from then on it reaches
     /// only what is mounted or mapped there.
-    fn attach(&mut self, bdf: Bdf, frames: &Frames) -> Result<(), Error>;
+    fn attach(&mut self, bdf: Bdf) -> Result<(), Error>;
     /// The domain table of `bdf`.
     fn table(&mut self, bdf: Bdf) -> Option<&mut SecondLevelTable<Self::Format>>;
     /// Drops the cached translations of `bdf`'s domain (after one or a batch of changes).
@@ -81,7 +81,7 @@ pub trait Iommu {
     /// Reads, logs and clears every fault reported since the last call.
     fn poll_faults(&mut self) -> Vec<Fault>;
     /// Gives back the tables that unmounts left empty in every domain (end of run).
-    fn prune_domains(&mut self, frames: &Frames);
+    fn prune_domains(&mut self);
     /// Faults reported and invalidations issued so far.
     fn counters(&self) -> (u64, u64);
     /// Where a morsel keeps its view in this IOMMU's format for a mount with `perm`, and the
@@ -113,8 +113,9 @@ pub struct Views {
 impl Views {
     /// Destroys the views (their tables are RAM frames, never data); returns how many views
     /// and tables went back, with the (first) view's format.
-    pub fn destroy(&mut self, frames: &Frames) -> Option<(u32, u32, FormatKind)> {
-        fn one<G: Format>(v: &mut Option<Morsel<G>>, frames: &Frames) -> Option<(u32, FormatKind)> {
+    pub fn destroy(&mut self) -> Option<(u32, u32, FormatKind)> {
+        fn one<G: Format>(v: &mut Option<Morsel<G>>) -> Option<(u32, FormatKind)> {
+            let frames = &Frames::here();
             let view = v.take()?;
             let tables = view.table_count();
             match view.destroy(frames, &crate::mm::frames::IDENTITY) {
@@ -125,7 +126,7 @@ impl Views {
                 }
             }
         }
-        let all = [one(&mut self.vtd, frames), one(&mut self.amd, frames), one(&mut self.amd_ro, frames), one(&mut self.ept, frames)];
+        let all = [one(&mut self.vtd), one(&mut self.amd), one(&mut self.amd_ro), one(&mut self.ept)];
         let name = all.iter().flatten().map(|&(_, n)| n).next()?;
         Some(all.iter().flatten().fold((0, 0, name), |(v, t, n), &(tables, _)| (v + 1, t + tables, n)))
     }
@@ -230,7 +231,8 @@ pub fn unmount<I: Iommu, F: Format>(unit: &mut I, bdf: Bdf, morsel: &Morsel<F>, 
 
 /// Maps one 4 KiB frame at `iova` in `bdf`'s domain with `perm` and invalidates (the
 /// hypervisor's own transfers: NVMe queues, edu's scrub, the DMA-fault test).
-pub fn map_page<I: Iommu>(unit: &mut I, bdf: Bdf, iova: u64, frame: HostPhysAddr, perm: Perm, frames: &Frames) -> Result<(), Error> {
+pub fn map_page<I: Iommu>(unit: &mut I, bdf: Bdf, iova: u64, frame: HostPhysAddr, perm: Perm) -> Result<(), Error> {
+    let frames = &Frames::here();
     let mem = unit.mem();
     let table = unit.table(bdf).ok_or(Error::NoDomain)?;
     table.map(IoVirtAddr::new(iova), frame, PageSize::Size4K, perm, frames, &mem).map_err(|_| Error::NoMemory)?;
@@ -238,7 +240,8 @@ pub fn map_page<I: Iommu>(unit: &mut I, bdf: Bdf, iova: u64, frame: HostPhysAddr
 }
 
 /// Undoes `map_page`, frees the tables it leaves empty and invalidates.
-pub fn unmap_page<I: Iommu>(unit: &mut I, bdf: Bdf, iova: u64, frames: &Frames) -> Result<(), Error> {
+pub fn unmap_page<I: Iommu>(unit: &mut I, bdf: Bdf, iova: u64) -> Result<(), Error> {
+    let frames = &Frames::here();
     let mem = unit.mem();
     if let Some(table) = unit.table(bdf) {
         let _ = table.unmap(IoVirtAddr::new(iova), PageSize::Size4K, &mem);
@@ -271,8 +274,8 @@ impl Unit {
             Unit::AmdVi(_) => AmdVi::NAME,
         }
     }
-    pub fn attach(&mut self, bdf: Bdf, frames: &Frames) -> Result<(), Error> {
-        with_unit!(self, u => Iommu::attach(u, bdf, frames))
+    pub fn attach(&mut self, bdf: Bdf) -> Result<(), Error> {
+        with_unit!(self, u => Iommu::attach(u, bdf))
     }
     pub fn invalidate(&mut self, bdf: Bdf) -> Result<(), Error> {
         with_unit!(self, u => Iommu::invalidate(u, bdf))
@@ -280,8 +283,8 @@ impl Unit {
     pub fn poll_faults(&mut self) -> Vec<Fault> {
         with_unit!(self, u => Iommu::poll_faults(u))
     }
-    pub fn prune_domains(&mut self, frames: &Frames) {
-        with_unit!(self, u => Iommu::prune_domains(u, frames))
+    pub fn prune_domains(&mut self) {
+        with_unit!(self, u => Iommu::prune_domains(u))
     }
     pub fn counters(&self) -> (u64, u64) {
         with_unit!(self, u => u.counters())
@@ -306,10 +309,10 @@ impl Unit {
     pub fn unmount<F: Format>(&mut self, bdf: Bdf, morsel: &Morsel<F>, views: &mut Views, iova: u64, frames: &impl FrameAlloc) -> Result<(MountStats, Flush), MountError> {
         with_unit!(self, u => unmount(u, bdf, morsel, views, iova, frames)).map(|s| (s, Flush::domain(bdf)))
     }
-    pub fn map_page(&mut self, bdf: Bdf, iova: u64, frame: HostPhysAddr, perm: Perm, frames: &Frames) -> Result<(), Error> {
-        with_unit!(self, u => map_page(u, bdf, iova, frame, perm, frames))
+    pub fn map_page(&mut self, bdf: Bdf, iova: u64, frame: HostPhysAddr, perm: Perm) -> Result<(), Error> {
+        with_unit!(self, u => map_page(u, bdf, iova, frame, perm))
     }
-    pub fn unmap_page(&mut self, bdf: Bdf, iova: u64, frames: &Frames) -> Result<(), Error> {
-        with_unit!(self, u => unmap_page(u, bdf, iova, frames))
+    pub fn unmap_page(&mut self, bdf: Bdf, iova: u64) -> Result<(), Error> {
+        with_unit!(self, u => unmap_page(u, bdf, iova))
     }
 }

@@ -129,7 +129,8 @@ const QUEUE_QS: u8 = 0;
 
 impl Vtd {
     /// Reads the capabilities of the unit at `base` and builds an empty root table.
-    pub fn new(base: u64, frames: &Frames) -> Result<Vtd, Error> {
+    pub fn new(base: u64) -> Result<Vtd, Error> {
+        let frames = &Frames::here();
         // SAFETY: the DMAR names `base` as the unit's 4 KiB register page (VT-d spec 8.3),
         // not RAM.
         let regs = unsafe { Mmio::new(base, 4096) }.ok_or(Error::BadBase(base))?;
@@ -155,7 +156,7 @@ impl Vtd {
     /// it (ECAP.QI bit 1, VT-d spec 10.4.3) unless `register_only`, invalidates everything,
     /// and turns translation on: from now on a device without a context entry cannot reach
     /// memory.
-    pub fn enable(&mut self, register_only: bool, frames: &Frames) -> Result<(), Error> {
+    pub fn enable(&mut self, register_only: bool) -> Result<(), Error> {
         self.regs.write32(FECTL, FECTL_IM);
         self.regs.write64(RTADDR, self.root.as_u64());
         self.command(GCMD_SRTP, true, "set root table pointer")?;
@@ -164,7 +165,7 @@ impl Vtd {
         } else if register_only {
             log::info!(target: "iommu", "invalidation: register-based (iommu=register)");
         } else {
-            self.enable_queue(frames)?;
+            self.enable_queue()?;
         }
         self.invalidate_all()?;
         self.write_buffer_flush()?;
@@ -202,7 +203,8 @@ impl Vtd {
 
     /// Sets up the invalidation queue (VT-d spec 6.5.2: IQT = 0, IQA, then GCMD.QIE and wait
     /// for GSTS.QIES). From then on the register-based interface must not be used.
-    fn enable_queue(&mut self, frames: &Frames) -> Result<(), Error> {
+    fn enable_queue(&mut self) -> Result<(), Error> {
+        let frames = &Frames::here();
         let base = frames.alloc_zeroed(Order::BASE).ok_or(Error::NoMemory)?;
         let status = frames.alloc_zeroed(Order::BASE).ok_or(Error::NoMemory)?;
         self.regs.write64(IQT, 0);
@@ -298,7 +300,8 @@ impl Vtd {
 
     /// Gives `bdf` its own domain with an empty second-level table and writes its context
     /// entry (translated requests through the domain's table); returns the domain's index.
-    pub fn attach(&mut self, bdf: Bdf, frames: &Frames) -> Result<usize, Error> {
+    pub fn attach(&mut self, bdf: Bdf) -> Result<usize, Error> {
+        let frames = &Frames::here();
         if let Some(i) = self.domains.iter().position(|d| d.bdf == bdf) {
             return Ok(i);
         }
@@ -335,7 +338,8 @@ impl Vtd {
 
     /// Gives back the tables that unmounts left empty in every domain (end of run), then
     /// flushes the IOTLB so no cached walk refers to them.
-    pub fn prune_domains(&mut self, frames: &Frames) {
+    pub fn prune_domains(&mut self) {
+        let frames = &Frames::here();
         let mem = self.mem;
         let mut ids = Vec::new();
         for d in &mut self.domains {
@@ -416,8 +420,8 @@ impl Iommu for Vtd {
     fn mem(&self) -> VtdMem {
         self.mem
     }
-    fn attach(&mut self, bdf: Bdf, frames: &Frames) -> Result<(), Error> {
-        Vtd::attach(self, bdf, frames).map(|_| ())
+    fn attach(&mut self, bdf: Bdf) -> Result<(), Error> {
+        Vtd::attach(self, bdf).map(|_| ())
     }
     fn table(&mut self, bdf: Bdf) -> Option<&mut SecondLevelTable<VtdSl>> {
         self.domain_of(bdf).map(|d| &mut d.table)
@@ -429,8 +433,8 @@ impl Iommu for Vtd {
     fn poll_faults(&mut self) -> Vec<Fault> {
         Vtd::poll_faults(self)
     }
-    fn prune_domains(&mut self, frames: &Frames) {
-        Vtd::prune_domains(self, frames)
+    fn prune_domains(&mut self) {
+        Vtd::prune_domains(self)
     }
     fn counters(&self) -> (u64, u64) {
         (self.faults_seen, self.invalidations)

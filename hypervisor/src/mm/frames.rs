@@ -16,7 +16,9 @@ pub static RECLAIMS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU
 /// Handle to the frame allocator for one CPU (cheap to copy): every CPU allocates and
 /// frees through its own allocator core index (`Frames::for_cpu`), so that its reservations
 /// are its own (the allocator's contract: one user per index at a time). A frame may be freed
-/// through any CPU's handle, not only the one that allocated it.
+/// through any CPU's handle, not only the one that allocated it. Each CPU keeps its handle in
+/// its per-CPU entry (`arch::percpu`) and reaches it there: `Frames::here()`, or
+/// `percpu::of(me).frames()` where it knows its index.
 #[derive(Clone, Copy)]
 pub struct Frames {
     alloc: &'static Allocator<'static>,
@@ -76,6 +78,18 @@ pub fn init(bi: &BootInfo, top: u64, cpus: usize) -> Result<Frames, InitError> {
 }
 
 impl Frames {
+    /// This CPU's handle, from its per-CPU entry (`arch::percpu::frames`: one APIC ID read;
+    /// code that knows its CPU index `me` takes `percpu::of(me).frames()`). Panics on a CPU
+    /// that has not come up yet (`percpu::come_up`) rather than use another CPU's core.
+    pub fn here() -> Frames {
+        crate::arch::percpu::frames()
+    }
+
+    /// The allocator core index this handle allocates through (its CPU's index).
+    pub fn core(&self) -> usize {
+        self.core
+    }
+
     /// The handle for the CPU with allocator index `core`, or None past the indices `init`
     /// made room for.
     pub fn for_cpu(&self, core: usize) -> Option<Frames> {

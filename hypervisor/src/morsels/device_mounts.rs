@@ -26,8 +26,6 @@ use vmcore::region_lock::Contender;
 /// asking and the one edu is lent to now.
 pub(crate) struct Domains<'a> {
     devices: Option<&'a mut Devices>,
-    /// For edu's scrub before it changes hands.
-    frames: &'a Frames,
     guest: u32,
     /// The guest with a mount in edu's domain (one at a time).
     lent_to: Option<u32>,
@@ -38,8 +36,8 @@ pub(crate) struct Domains<'a> {
 }
 
 impl<'a> Domains<'a> {
-    pub(crate) fn new(devices: Option<&'a mut Devices>, frames: &'a Frames) -> Self {
-        Domains { devices, frames, guest: 0, lent_to: None, flush: Flush::none(), how: "" }
+    pub(crate) fn new(devices: Option<&'a mut Devices>) -> Self {
+        Domains { devices, guest: 0, lent_to: None, flush: Flush::none(), how: "" }
     }
 
     /// Commits the invalidations owed: false if a domain's could not be done.
@@ -67,7 +65,7 @@ impl<F: Format> vmcore::directory::Domain<F, Named<F>> for Domains<'_> {
         match self.lent_to {
             Some(other) if other != self.guest => return refuse(Error::Busy),
             Some(_) => {}
-            None => devices::edu_scrub(d, self.frames).map_err(Refusal::Domain)?,
+            None => devices::edu_scrub(d).map_err(Refusal::Domain)?,
         }
         // The unit's tables are seen through its own memory (`Iommu::Mem`), not `mem`.
         let (stats, how, flush) = d.iommu.mount(bdf, &n.morsel, &mut n.views, iova, perm, alloc).map_err(mount_refusal)?;
@@ -92,10 +90,11 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     /// into `bdf`'s domain (see `Domains` for which devices take mounts); the domain's IOTLB
     /// is invalidated before the call returns.
     #[allow(clippy::too_many_arguments)] // the call's four arguments and what it works on
-    pub fn device_mount<B: Backend<Format = F>>(&mut self, g: &Guest<B>, devices: Option<&mut Devices>, frames: &Frames, name: abi::Name, bdf: Bdf, iova: u64, writable: bool) -> Result<u64, Error> {
+    pub fn device_mount<B: Backend<Format = F>>(&mut self, g: &Guest<B>, devices: Option<&mut Devices>, name: abi::Name, bdf: Bdf, iova: u64, writable: bool) -> Result<u64, Error> {
+        let frames = &Frames::here();
         let hashed = read_hashed(g, self.named.keys(), name)?;
         let name = *hashed.name();
-        let mut domains = Domains { guest: g.id, lent_to: self.devices.user_of(bdf), ..Domains::new(devices, frames) };
+        let mut domains = Domains { guest: g.id, lent_to: self.devices.user_of(bdf), ..Domains::new(devices) };
         let mut space = DmaSpace { guest: g.id, bdf, iova, mounts: &mut self.devices, domain: &mut domains };
         // A device view is built from the region's leaves, which a batch edits meanwhile.
         let admit = |n: &Named<F>| n.admit(Contender::DeviceMount).is_ok();
@@ -115,8 +114,9 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
 
     /// `device_unmount(bdf, iova)`: the caller's own device mounts only. The domain's IOTLB
     /// is invalidated before the call returns.
-    pub fn device_unmount<B: Backend<Format = F>>(&mut self, g: &Guest<B>, devices: Option<&mut Devices>, frames: &Frames, bdf: Bdf, iova: u64) -> Result<u64, Error> {
-        let mut domains = Domains::new(devices, frames);
+    pub fn device_unmount<B: Backend<Format = F>>(&mut self, g: &Guest<B>, devices: Option<&mut Devices>, bdf: Bdf, iova: u64) -> Result<u64, Error> {
+        let frames = &Frames::here();
+        let mut domains = Domains::new(devices);
         let mut space = DmaSpace { guest: g.id, bdf, iova, mounts: &mut self.devices, domain: &mut domains };
         // The emptied tables stay with this CPU until the invalidation is done.
         let u = directory::unmount(&mut self.named, &mut space, iova, &After(frames), &IDENTITY).map_err(Refusal::error)?;
@@ -130,8 +130,8 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     /// Unmounts every device mount of `guest` (each domain's IOTLB invalidation merged into
     /// `flush`, for the caller to commit; the emptied tables go to `alloc`, which keeps them
     /// until then where the unit may still walk them).
-    pub(crate) fn drop_device_mounts(&mut self, guest: u32, devices: Option<&mut Devices>, frames: &Frames, alloc: &impl FrameAlloc, flush: &mut Flush) {
-        let mut domains = Domains::new(devices, frames);
+    pub(crate) fn drop_device_mounts(&mut self, guest: u32, devices: Option<&mut Devices>, alloc: &impl FrameAlloc, flush: &mut Flush) {
+        let mut domains = Domains::new(devices);
         directory::drop_device_mounts(&mut self.named, &mut self.devices, guest, &mut domains, alloc, &IDENTITY, log_device_unmount);
         flush.merge(domains.flush);
     }

@@ -30,7 +30,8 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     /// it with the lock let go (`PendingCreate::build`: frames, tables, zeroed data), and
     /// `create_finish` commits the name and mounts it (`Started::Build`, holding the
     /// reservation).
-    pub fn create<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, frames: &Frames, name: abi::Name, size: u64, flags: abi::CreateFlags) -> Result<Started<F>, Error> {
+    pub fn create<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, name: abi::Name, size: u64, flags: abi::CreateFlags) -> Result<Started<F>, Error> {
+        let frames = &Frames::here();
         let hashed = read_hashed(g, self.named.keys(), name)?;
         let name = *hashed.name();
         let page = if flags.huge_pages { PageSize::Size2M } else { PageSize::Size4K };
@@ -74,7 +75,7 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
             let _ = morsel.destroy(&source, &IDENTITY);
             return Err(self.give_up(ticket, Error::NoMemory));
         };
-        self.enter(g, frames, ticket, Named::new(morsel, g.id, others_may_write, Some(slot))).map(Started::Done)
+        self.enter(g, ticket, Named::new(morsel, g.id, others_may_write, Some(slot))).map(Started::Done)
     }
 
     /// Aborts a reservation whose create failed with `e`.
@@ -86,10 +87,10 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     /// The rest of a RAM morsel's `create` once it is built (`Started::Build`): its reserved
     /// name committed, mounted read-write in `g`; a build that failed (out of memory) gives
     /// the name back and answers its refusal.
-    pub fn create_finish<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, frames: &Frames, p: PendingCreate<F>) -> Result<u64, Error> {
+    pub fn create_finish<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, p: PendingCreate<F>) -> Result<u64, Error> {
         let PendingCreate { ticket, size, others_may_write, built, .. } = p;
         match built {
-            Some(Ok(morsel)) => self.enter(g, frames, ticket, Named::new(morsel, g.id, others_may_write, None)),
+            Some(Ok(morsel)) => self.enter(g, ticket, Named::new(morsel, g.id, others_may_write, None)),
             Some(Err(Error::NoMemory)) => {
                 let e = g.refuse(Error::NoMemory, format_args!("size {}: out of frames while building it", Bytes(size)));
                 Err(self.give_up(ticket, e))
@@ -101,7 +102,8 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     }
 
     /// A `PendingCreate` whose guest is gone: the reservation is aborted, the frames go back.
-    pub fn abandon(&mut self, frames: &Frames, p: PendingCreate<F>) {
+    pub fn abandon(&mut self, p: PendingCreate<F>) {
+        let frames = &Frames::here();
         self.named.abort(p.ticket);
         if let Some(Ok(morsel)) = p.built {
             let _ = morsel.destroy(frames, &IDENTITY);
@@ -110,7 +112,8 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
 
     /// Commits a complete new morsel or region `n` under its reservation `ticket` and mounts
     /// it read-write in `g`; a failed mount destroys it again.
-    fn enter<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, frames: &Frames, ticket: Ticket, n: Named<F>) -> Result<u64, Error> {
+    fn enter<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, ticket: Ticket, n: Named<F>) -> Result<u64, Error> {
+        let frames = &Frames::here();
         let name = *ticket.name();
         let (page, region) = (n.morsel.page_size(), n.region.is_some());
         if !region {
@@ -130,7 +133,7 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
             }
             Err(Entered::Unmounted(e)) => {
                 // Nobody can have mounted it yet: give the frames back.
-                self.remove(&name, frames);
+                self.remove(&name);
                 Err(e.error())
             }
         }
@@ -138,7 +141,7 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
 
     /// Adds an ExMap region (a sparse morsel, see `morsels/exmap.rs`) under its reservation,
     /// owned by `g`, and mounts it read-write there; from then on it is shared like any morsel.
-    pub(crate) fn add_region<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, frames: &Frames, ticket: Ticket, morsel: Morsel<F>, others_may_write: bool, stats: super::exmap::RegionStats) -> Result<u64, Error> {
+    pub(crate) fn add_region<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, ticket: Ticket, morsel: Morsel<F>, others_may_write: bool, stats: super::exmap::RegionStats) -> Result<u64, Error> {
         let mut n = Named::new(morsel, g.id, others_may_write, None);
         n.region = Some(stats);
         // The cell of the slot the name goes into: free (the slot's previous region, if any,
@@ -146,13 +149,14 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         let cell = self.cells.get(ticket.slot().index()).ok_or(Error::NoMemory)?;
         cell.reset();
         n.cell = Some(cell);
-        self.enter(g, frames, ticket, n)
+        self.enter(g, ticket, n)
     }
 
     /// `morsel_open(name_ptr, name_len, writable)`.
     /// None: an ExMap batch holds the region (`Contender::Mount`): the guest issues the call
     /// again (`hypercall::Action::Retry`), so that the batch's shootdown counts every mount.
-    pub fn open<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, frames: &Frames, name: abi::Name, writable: bool) -> Result<Option<u64>, Error> {
+    pub fn open<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, name: abi::Name, writable: bool) -> Result<Option<u64>, Error> {
+        let frames = &Frames::here();
         let hashed = read_hashed(g, self.named.keys(), name)?;
         let name = *hashed.name();
         let turn = super::turn(g.id, u32::MAX);
@@ -168,7 +172,8 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     /// `morsel_unmount(gpa)`. The intermediate tables the mount created go with it (else a
     /// later morsel with a larger window would find its slot taken). Returns the shootdown
     /// the caller commits (the guest's CPUs).
-    pub fn unmount<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, frames: &Frames, gpa: u64) -> Result<Flush, Error> {
+    pub fn unmount<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, gpa: u64) -> Result<Flush, Error> {
+        let frames = &Frames::here();
         // The emptied tables stay with this CPU until the shootdown is acknowledged.
         let after = crate::vm::shootdown::After(frames);
         let u = directory::unmount(&mut self.named, &mut g.space.lock().view(g.id), gpa, &after, &IDENTITY).map_err(Refusal::error)?;
@@ -184,7 +189,7 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     /// `morsel_destroy(name_ptr, name_len)`: the owner only, and only while unmounted. A RAM
     /// morsel leaves the directory here and is returned with its name, for the caller to free
     /// its frames with the world lock let go (`Removed::free`); a persistent one is freed here.
-    pub fn destroy<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, frames: &Frames, name: abi::Name) -> Result<Option<Removed<F>>, Error> {
+    pub fn destroy<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, name: abi::Name) -> Result<Option<Removed<F>>, Error> {
         let hashed = read_hashed(g, self.named.keys(), name)?;
         let name = *hashed.name();
         // Persistent? Read here, not by a second look-up of the name.
@@ -208,21 +213,22 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
             Err(e) => return Err(e.error()),
         }
         if persistent {
-            self.remove(&name, frames);
+            self.remove(&name);
             return Ok(None);
         }
         let Some((_, _, mut n)) = self.named.remove_hashed(&hashed) else { return Err(Error::NotFound) };
-        self.drop_view(&name, &mut n, frames);
+        self.drop_view(&name, &mut n);
         Ok(Some(Removed { name, morsel: Some(n.morsel) }))
     }
 
     /// Destroys a morsel that is mounted nowhere (the callers check). A persistent one loses
     /// its record first, then its frames.
-    pub(crate) fn remove(&mut self, name: &str, frames: &Frames) {
+    pub(crate) fn remove(&mut self, name: &str) {
+        let frames = &Frames::here();
         if let Some((_, _, mut n)) = self.named.remove(name) {
             // Another CPU's unmount of it may still await its acknowledgments.
             crate::vm::shootdown::barrier();
-            self.drop_view(name, &mut n, frames);
+            self.drop_view(name, &mut n);
             let source = match (n.slot, self.pmem) {
                 (Some(slot), Some(pm)) => {
                     pm.remove_record(slot);
@@ -246,8 +252,8 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
 
     /// Destroys a morsel's device views or EPT twin (their tables are RAM frames, also for a
     /// persistent morsel; data frames stay the morsel's).
-    pub(crate) fn drop_view(&self, name: &str, n: &mut Named<F>, frames: &Frames) {
-        if let Some((count, tables, format)) = n.views.destroy(frames) {
+    pub(crate) fn drop_view(&self, name: &str, n: &mut Named<F>) {
+        if let Some((count, tables, format)) = n.views.destroy() {
             let what = if format == FormatKind::Ept { "twin" } else if count > 1 { "views" } else { "view" };
             log::info!(target: "morsel", "'{name}': {format} {what} destroyed, {tables} tables given back");
         }
@@ -256,11 +262,12 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     /// Drops every mount of a guest that is leaving (device mounts too), with one commit for
     /// all of them: each device domain invalidated once (its guest mounts need no shootdown:
     /// it has no vCPU left, `shootdown::of_guest`).
-    pub fn drop_mounts<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, mut devices: Option<&mut Devices>, frames: &Frames) {
+    pub fn drop_mounts<B: Backend<Format = F>>(&mut self, g: &mut Guest<B>, mut devices: Option<&mut Devices>) {
+        let frames = &Frames::here();
         let mut flush = Flush::none();
         // Emptied tables kept until the commit below is acknowledged.
         let after = crate::vm::shootdown::After(frames);
-        self.drop_device_mounts(g.id, devices.as_deref_mut(), frames, &after, &mut flush);
+        self.drop_device_mounts(g.id, devices.as_deref_mut(), &after, &mut flush);
         // The guest's CPUs once for all of its mounts.
         let (id, guest_cpus) = (g.id, crate::vm::shootdown::of_guest(g));
         let dropped = directory::drop_mounts(&mut self.named, &mut g.space.lock().view(id), &after, &IDENTITY, |u| log_unmount(id, &u));
@@ -290,17 +297,18 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     }
 
     /// Destroys every morsel left at the end of the run (all guests are gone).
-    pub fn destroy_all(&mut self, devices: Option<&mut Devices>, frames: &Frames) {
+    pub fn destroy_all(&mut self, devices: Option<&mut Devices>) {
+        let frames = &Frames::here();
         if let Some(d) = devices {
             let mut flush = Flush::none();
             while let Some(guest) = self.devices.first().map(|m| m.guest) {
                 // No device runs any more, and the run's report counts frames under the
                 // lock: the emptied tables go back at once.
-                self.drop_device_mounts(guest, Some(&mut *d), frames, frames, &mut flush);
+                self.drop_device_mounts(guest, Some(&mut *d), frames, &mut flush);
             }
             // Each domain once, before its emptied tables go back.
             let _ = flush.commit(&mut Hw(Some(&mut *d)));
-            d.iommu.prune_domains(frames);
+            d.iommu.prune_domains();
             d.iommu.poll_faults();
             let (faults, invalidations) = d.iommu.counters();
             log::info!(target: "iommu", "end of run: {faults} DMA fault(s) reported, {invalidations} IOTLB invalidations ({})", d.iommu.name());
@@ -311,9 +319,9 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         while let Some(name) = self.named.first() {
             let persistent = self.named.get(&name).is_some_and(|n| n.value.slot.is_some());
             if !persistent {
-                self.remove(&name, frames);
+                self.remove(&name);
             } else if let Some((_, _, mut n)) = self.named.remove(&name) {
-                self.drop_view(&name, &mut n, frames);
+                self.drop_view(&name, &mut n);
                 log::info!(target: "pmem", "'{name}' stays in persistent memory ({})", Bytes(n.morsel.len()));
             }
         }
@@ -331,9 +339,12 @@ static ALONE: [core::sync::atomic::AtomicU64; 3] = [const { core::sync::atomic::
 /// (`sched::mount_fast`): `dir`'s lock around the look-up and the count only, the guest's
 /// own (`space`) around its table (`vmcore::directory::open_begin`). Some((address, size))
 /// where it mounted; None where it did not, nothing changed (an ExMap region, or any
-/// refusal: the world path takes the call and says why).
+/// refusal: the world path takes the call and says why). `me`: the CPU this runs on (the
+/// vCPU loop's index), whose allocator handle the tables come from (`percpu::of(me)`: no
+/// APIC ID read on this path, which `Frames::here` would add, ~45 Bochs ticks each).
 pub(crate) fn open_alone<F: Format<Input = GuestPhysAddr>>(dir: &spin::Mutex<Directory<F>>, space: &spin::Mutex<GuestSpace<F>>,
-    guest: u32, name: &vmcore::names::Hashed, writable: bool, frames: &Frames) -> Option<(u64, u64)> {
+    guest: u32, name: &vmcore::names::Hashed, writable: bool, me: usize) -> Option<(u64, u64)> {
+    let frames = &crate::arch::percpu::of(me).frames();
     let o = directory::open_begin(&mut dir.lock().named, guest, name, writable).ok()??;
     let placed = directory::open_place(&mut space.lock().view(guest), &o, frames, &IDENTITY);
     let size = o.size();
@@ -350,9 +361,10 @@ pub(crate) fn open_alone<F: Format<Input = GuestPhysAddr>>(dir: &spin::Mutex<Dir
 /// mount's count given back under `dir`'s lock, so a destroy that follows frees the frames
 /// behind that shootdown (`shootdown::barrier`). None where it did not unmount, nothing
 /// changed (no mount there, an ExMap region's, one with a notify subscription): the world
-/// path takes the call.
+/// path takes the call. `me`: the CPU this runs on, as for `open_alone`.
 pub(crate) fn unmount_alone<F: Format<Input = GuestPhysAddr>>(dir: &spin::Mutex<Directory<F>>, space: &spin::Mutex<GuestSpace<F>>,
-    guest: u32, gpa: u64, guest_cpus: impl FnOnce() -> u64, frames: &Frames) -> Option<()> {
+    guest: u32, gpa: u64, guest_cpus: impl FnOnce() -> u64, me: usize) -> Option<()> {
+    let frames = &crate::arch::percpu::of(me).frames();
     let after = crate::vm::shootdown::After(frames);
     let u = directory::unmount_begin(&mut space.lock().view(guest), gpa, &after, &IDENTITY).ok()??;
     log_unmount(guest, &u);
@@ -444,11 +456,11 @@ impl<B: Backend> Deferred<Hv<B>> for PendingCreate<B::Format> {
 
     fn finish(self, w: Under<'_, B>, g: &mut Guest<B>) -> Result<u64, Error> {
         let cx = w.cx;
-        cx.morsels.lock().create_finish(g, &w.frames, self).inspect(|&gpa| cx.notify.entered(g, gpa, w.cpu))
+        cx.morsels.lock().create_finish(g, self).inspect(|&gpa| cx.notify.entered(g, gpa, w.cpu))
     }
 
     fn abandon(self, w: Under<'_, B>) {
-        w.cx.morsels.lock().abandon(&w.frames, self);
+        w.cx.morsels.lock().abandon(self);
     }
 }
 

@@ -62,9 +62,9 @@ const _: () = assert!(exmap::encode(5, 9) == abi::exmap_entry(5, 9));
 /// its allocator handle, its shootdown (`Flush::commit` with no device: no device sees a
 /// batching region), and the frames a FREE trimmed kept until the acknowledgments
 /// (`shootdown::After`).
-pub struct Here<'a>(pub &'a Frames);
+pub struct Here(pub Frames);
 
-impl vmcore::region::Machine for Here<'_> {
+impl vmcore::region::Machine for Here {
     type Mem = Identity;
     type Frames = Frames;
     type Domain = Bdf;
@@ -74,7 +74,7 @@ impl vmcore::region::Machine for Here<'_> {
     }
 
     fn frames(&self) -> &Frames {
-        self.0
+        &self.0
     }
 
     fn shoot(&mut self, flush: Flush) {
@@ -86,11 +86,11 @@ impl vmcore::region::Machine for Here<'_> {
     }
 
     fn trim(&mut self, cache: &mut FrameCache) {
-        cache.trim(&crate::vm::shootdown::After(self.0));
+        cache.trim(&crate::vm::shootdown::After(&self.0));
     }
 
     fn drain_after(&mut self, cache: &mut FrameCache) {
-        cache.drain(&crate::vm::shootdown::After(self.0));
+        cache.drain(&crate::vm::shootdown::After(&self.0));
     }
 
     fn mark(&self, point: usize) {
@@ -104,18 +104,18 @@ impl vmcore::region::Machine for Here<'_> {
 impl<B: Backend> Deferred<Hv<B>> for Batch<B::Format> {
     /// The batch, no lock held but the region's: reads the iovec page, validates and edits
     /// the leaves in one walk (`exmap`), writes the results back. Frames come from and go to
-    /// this vCPU's cache (`frames` is this CPU's allocator handle); a FREE's frames stay in
+    /// this vCPU's cache (`frames` is this CPU's allocator handle, the vCPU loop's `percpu::of(me).frames()`); a FREE's frames stay in
     /// that cache until the batch's shootdown, so none is reused before.
     fn run(&mut self, frames: &Frames) {
-        Batch::run(self, &Here(frames));
+        Batch::run(self, &Here(*frames));
     }
 
     fn finish(self, w: Under<'_, B>, g: &mut Guest<B>) -> Result<u64, Error> {
-        w.cx.exmaps.finish_batch(Some(g), &w.frames, self)
+        w.cx.exmaps.finish_batch(Some(g), self)
     }
 
     fn abandon(self, w: Under<'_, B>) {
-        let _ = w.cx.exmaps.finish_batch::<B>(None, &w.frames, self);
+        let _ = w.cx.exmaps.finish_batch::<B>(None, self);
     }
 }
 
@@ -141,12 +141,12 @@ impl<B: Backend> Deferred<Hv<B>> for ExmapIo {
 
     fn finish(self, w: Under<'_, B>, g: &mut Guest<B>) -> Result<u64, Error> {
         let cx = w.cx;
-        cx.exmaps.finish(&mut cx.morsels.lock(), cx.devices.as_mut(), Some(g), &w.frames, self)
+        cx.exmaps.finish(&mut cx.morsels.lock(), cx.devices.as_mut(), Some(g), self)
     }
 
     fn abandon(self, w: Under<'_, B>) {
         let cx = w.cx;
-        let _ = cx.exmaps.finish::<B>(&mut cx.morsels.lock(), cx.devices.as_mut(), None, &w.frames, self);
+        let _ = cx.exmaps.finish::<B>(&mut cx.morsels.lock(), cx.devices.as_mut(), None, self);
     }
 }
 
@@ -202,7 +202,8 @@ impl Exmaps {
     /// `MORSEL_QUOTA`, which counts regions and morsels together), then committed with the
     /// region's counters; its mount counts in `MOUNT_QUOTA`.
     #[allow(clippy::too_many_arguments)]
-    pub fn create<B: Backend>(&mut self, dir: &mut Directory<B::Format>, g: &mut Guest<B>, frames: &Frames, name: abi::Name, size: u64, share_writable: bool) -> Result<u64, Error> {
+    pub fn create<B: Backend>(&mut self, dir: &mut Directory<B::Format>, g: &mut Guest<B>, name: abi::Name, size: u64, share_writable: bool) -> Result<u64, Error> {
+        let frames = &Frames::here();
         let hashed = read_hashed(g, dir.named.keys(), name)?;
         let name = *hashed.name();
         if size == 0 || !size.is_multiple_of(4096) {
@@ -225,7 +226,7 @@ impl Exmaps {
         let tables = m.table_count();
         let id = self.next_id;
         self.next_id += 1;
-        let gpa = dir.add_region(g, frames, ticket, m, share_writable, RegionStats { id, ..Default::default() })?;
+        let gpa = dir.add_region(g, ticket, m, share_writable, RegionStats { id, ..Default::default() })?;
         log::info!(target: "exmap", "guest {} created region '{name}': {} ({} pages), {tables} tables, no data frame, at {gpa:#x}",
             g.id, Bytes(size), size / 4096);
         Ok(gpa)
@@ -239,7 +240,8 @@ impl Exmaps {
     /// answer: the failed-entry count. A region with a batch in flight (`Named::in_io`)
     /// answers every action with `Busy`.
     #[allow(clippy::too_many_arguments)] // the call's four arguments and what it works on
-    pub fn action<B: Backend>(&mut self, dir: &mut Directory<B::Format>, mut devices: Option<&mut crate::devices::Devices>, g: &mut Guest<B>, vcpu: u32, frames: &Frames, gpa: u64, iov_gpa: u64, count: u64, op: abi::ExmapOp) -> Result<hypercall::Outcome<Unlocked<B::Format>>, Error> {
+    pub fn action<B: Backend>(&mut self, dir: &mut Directory<B::Format>, mut devices: Option<&mut crate::devices::Devices>, g: &mut Guest<B>, vcpu: u32, gpa: u64, iov_gpa: u64, count: u64, op: abi::ExmapOp) -> Result<hypercall::Outcome<Unlocked<B::Format>>, Error> {
+        let frames = &Frames::here();
         let op = match op {
             abi::ExmapOp::Alloc => abi::EXMAP_ALLOC,
             abi::ExmapOp::Free => abi::EXMAP_FREE,
@@ -346,7 +348,7 @@ impl Exmaps {
         };
         let mut rest = Rest { op, b, zeroed0, count, iov_gpa, name, guest: g.id, vcpu, disk: DiskStats::default() };
         if !io || !v.iov.iter().any(|&r| succeeded(r)) {
-            return Ok(hypercall::Outcome::Answer(Ok(self.conclude(dir, devices, Some(g), frames, rest))));
+            return Ok(hypercall::Outcome::Answer(Ok(self.conclude(dir, devices, Some(g), rest))));
         }
         // The device reads into (READ) or from (WRITE) the entries' frames, with the world
         // lock let go: the region is pinned meanwhile (`Named::in_io`), so no FREE, READ,
@@ -354,7 +356,7 @@ impl Exmaps {
         // pages until `finish`.
         let write = op == abi::EXMAP_WRITE;
         let mut batch = match devices.as_deref_mut() {
-            Some(d) => dir.disk_begin(d, frames, &rest.name, write, false),
+            Some(d) => dir.disk_begin(d, &rest.name, write, false),
             None => Err(Error::NotFound),
         };
         let Some(v) = self.states.get_mut(g.id, vcpu) else { return Err(Error::NoMemory) };
@@ -386,7 +388,7 @@ impl Exmaps {
                         rest.disk.failed += 1;
                     }
                 }
-                Ok(hypercall::Outcome::Answer(Ok(self.conclude(dir, devices, Some(g), frames, rest))))
+                Ok(hypercall::Outcome::Answer(Ok(self.conclude(dir, devices, Some(g), rest))))
             }
         }
     }
@@ -395,10 +397,10 @@ impl Exmaps {
     /// leaves the NVMe domain and is unpinned, each entry gets its outcome, a failed READ
     /// is rolled back. `g` is None where the caller's guest is gone: then its cache is
     /// drained here too, and no result is written.
-    pub fn finish<B: Backend>(&mut self, dir: &mut Directory<B::Format>, mut devices: Option<&mut crate::devices::Devices>, g: Option<&mut Guest<B>>, frames: &Frames, io: ExmapIo) -> Result<u64, Error> {
+    pub fn finish<B: Backend>(&mut self, dir: &mut Directory<B::Format>, mut devices: Option<&mut crate::devices::Devices>, g: Option<&mut Guest<B>>, io: ExmapIo) -> Result<u64, Error> {
         let ExmapIo { batch, mut iov, entries, owners, mut rest } = io;
         let write = batch.write;
-        let faulted = dir.disk_end(devices.as_deref_mut(), frames, &batch);
+        let faulted = dir.disk_end(devices.as_deref_mut(), &batch);
         rest.disk.commands = batch.stats.commands;
         rest.disk.max_depth = batch.stats.max_depth;
         rest.disk.interrupts = batch.stats.interrupts;
@@ -423,16 +425,17 @@ impl Exmaps {
         if let Some(v) = self.states.get_mut(guest, rest.vcpu) {
             (v.iov, v.entries, v.owners) = (iov, entries, owners);
         }
-        let r = self.conclude(dir, devices, g, frames, rest);
+        let r = self.conclude(dir, devices, g, rest);
         if gone {
-            self.guest_ended(guest, frames);
+            self.guest_ended(guest);
         }
         Ok(r)
     }
 
     /// The end of an action, under the lock: a failed READ's rollback, the shootdown of a
     /// FREE, the counters, the results into the iovec page (`v.iov`).
-    fn conclude<B: Backend>(&mut self, dir: &mut Directory<B::Format>, devices: Option<&mut crate::devices::Devices>, mut g: Option<&mut Guest<B>>, frames: &Frames, rest: Rest) -> u64 {
+    fn conclude<B: Backend>(&mut self, dir: &mut Directory<B::Format>, devices: Option<&mut crate::devices::Devices>, mut g: Option<&mut Guest<B>>, rest: Rest) -> u64 {
+        let frames = &Frames::here();
         let Rest { op, mut b, zeroed0, count, iov_gpa, name, guest, vcpu, disk: d } = rest;
         let (Some(v), Some(n)) = (self.states.get_mut(guest, vcpu), dir.named.get_mut(&name)) else {
             // Unreachable: the region is not destroyed while its action runs (pinned).
@@ -548,13 +551,15 @@ impl Exmaps {
     /// A vCPU's state kept in its slot since its batch ended alone goes back in place (the
     /// world lock held); where its guest is gone (`alive` false) or there is no room, its
     /// cache goes through this CPU's `Owed` instead (freed after the acknowledgments).
-    pub fn unpark(&mut self, p: Parked, alive: bool, frames: &Frames) {
-        self.states.unpark(p, alive, &mut Here(frames));
+    /// `here`: this CPU (the vCPU loop's `Here(percpu::of(me).frames())`: it runs at every
+    /// world-lock exit of a vCPU that parked, so it reads no APIC ID).
+    pub fn unpark(&mut self, p: Parked, alive: bool, here: &mut Here) {
+        self.states.unpark(p, alive, here);
     }
 
     /// A guest ended: its vCPUs' caches go back to the allocator.
-    pub fn guest_ended(&mut self, id: u32, frames: &Frames) {
-        self.states.guest_ended(id, &Here(frames));
+    pub fn guest_ended(&mut self, id: u32) {
+        self.states.guest_ended(id, &Here(Frames::here()));
     }
 
     /// Ends an ALLOC / FREE `Batch` under the world lock (where `Batch::finish_alone` could
@@ -564,7 +569,7 @@ impl Exmaps {
     /// region's lock is given back; its counters; the vCPU's state back in place. `g` is None
     /// where the caller's guest is gone: the vCPU's cache then goes through this CPU's
     /// `Owed`, freed once the shootdown is acknowledged.
-    pub fn finish_batch<B: Backend>(&mut self, g: Option<&mut Guest<B>>, frames: &Frames, batch: Batch<B::Format>) -> Result<u64, Error> {
+    pub fn finish_batch<B: Backend>(&mut self, g: Option<&mut Guest<B>>, batch: Batch<B::Format>) -> Result<u64, Error> {
         // Stopped (by a sibling vCPU or the hypervisor) or gone while the batch ran: the
         // guest never reads the results; reported once per such batch (`exmap.abandon`).
         let stopped = g.as_deref().is_none_or(|g| g.state != crate::vm::guest::State::Runnable);
@@ -572,7 +577,7 @@ impl Exmaps {
         // its guest); what leaves the cache stays with this CPU until the shootdown is
         // acknowledged (`Here::trim`, `Here::drain_after`).
         let caller_flush = || g.as_deref().map_or_else(Flush::every_guest_cpu, crate::vm::shootdown::of_guest);
-        let EndedBatch { who, op, outcome, others, targets, cache } = self.states.end_batch(batch, g.is_some(), caller_flush, &mut Here(frames));
+        let EndedBatch { who, op, outcome, others, targets, cache } = self.states.end_batch(batch, g.is_some(), caller_flush, &mut Here(Frames::here()));
         let Who { name, guest, vcpu } = who;
         if stopped {
             log::info!(target: "evt", "exmap.abandon guest={guest} vcpu={vcpu} name={name} op={} pages={} guest_state={} held={} shootdown={} cache={}",

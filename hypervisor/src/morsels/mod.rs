@@ -261,9 +261,9 @@ pub struct PendingCreate<F: Format> {
 }
 
 impl<F: Format> PendingCreate<F> {
-    /// Allocates the frames (this CPU's allocator core, `frames`), builds the tables and
-    /// zeroes the data frames: no lock needed (the morsel is reachable only from here). The
-    /// frames are taken and the data zeroed in 2 MiB pieces, answering this CPU's shootdown
+    /// Allocates the frames (this CPU's allocator core, `frames`: `Deferred::run`'s, which the
+    /// vCPU loop takes from its per-CPU entry), builds the tables and zeroes the data frames:
+    /// no lock needed (the morsel is reachable only from here). The frames are taken and the data zeroed in 2 MiB pieces, answering this CPU's shootdown
     /// and drain requests after each 2 MiB (`vm::shootdown::Answering`): a 1 GiB morsel keeps
     /// no other CPU waiting for it.
     pub fn build(&mut self, frames: &crate::mm::frames::Frames) {

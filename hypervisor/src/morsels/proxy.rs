@@ -45,7 +45,7 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     /// mount created, so every call finds the proxy's I/O virtual addresses free but for the
     /// spans of batches in flight on other CPUs.
     #[allow(clippy::too_many_arguments)] // the call's four arguments, the caller and the direction
-    pub fn nvme_io<B: Backend<Format = F>>(&mut self, g: &Guest<B>, devices: Option<&mut Devices>, frames: &Frames, write: bool, gpa: u64, offset: u64, lba: u64, count: u64) -> Result<ProxyIo, Error> {
+    pub fn nvme_io<B: Backend<Format = F>>(&mut self, g: &Guest<B>, devices: Option<&mut Devices>, write: bool, gpa: u64, offset: u64, lba: u64, count: u64) -> Result<ProxyIo, Error> {
         let space = g.space.lock();
         let m = space.mounts.iter().find(|m| m.gpa == gpa).ok_or(Error::NotFound)?;
         let bytes = count.checked_mul(abi::NVME_BLOCK).ok_or(Error::TooLarge)?;
@@ -62,16 +62,16 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
         let name = m.name;
         drop(space);
         let d = devices.ok_or(Error::NotFound)?;
-        let mut batch = self.disk_begin(d, frames, &name, write, true)?;
+        let mut batch = self.disk_begin(d, &name, write, true)?;
         batch.reqs.push(Request { iova: batch.iova + offset, lba, blocks: count });
         batch.done.push(Err(IoError::Invalid));
         Ok(ProxyIo { batch })
     }
 
     /// `nvme_io`'s half under the lock again: the unmount; the blocks moved or why not.
-    pub fn nvme_finish(&mut self, devices: Option<&mut Devices>, frames: &Frames, p: ProxyIo) -> Result<u64, Error> {
+    pub fn nvme_finish(&mut self, devices: Option<&mut Devices>, p: ProxyIo) -> Result<u64, Error> {
         let ProxyIo { batch } = p;
-        let faulted = self.disk_end(devices, frames, &batch);
+        let faulted = self.disk_end(devices, &batch);
         let req = batch.reqs.first().copied().unwrap_or(Request { iova: 0, lba: 0, blocks: 0 });
         let (r, count, lba) = (batch.done.first().copied().unwrap_or(Err(IoError::Invalid)), req.blocks, req.lba);
         let s = batch.stats;
@@ -99,7 +99,8 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     /// morsel (`Named::in_io`; `Busy` if a batch is on it already). The requests are the
     /// caller's to add (IOVAs inside `iova .. iova + window`). `loud`: the mount is logged at
     /// INFO (the proxy), else at DEBUG (ExMap, whose batches are many).
-    pub(crate) fn disk_begin(&mut self, d: &mut Devices, frames: &Frames, name: &Name, write: bool, loud: bool) -> Result<DiskBatch, Error> {
+    pub(crate) fn disk_begin(&mut self, d: &mut Devices, name: &Name, write: bool, loud: bool) -> Result<DiskBatch, Error> {
+        let frames = &Frames::here();
         let nvme = d.nvme.ok_or(Error::NotFound)?;
         let n = self.named.get_mut(name).ok_or(Error::NotFound)?;
         if n.in_io || n.admit(Contender::DiskBatch).is_err() {
@@ -134,7 +135,8 @@ impl<F: Format<Input = GuestPhysAddr>> Directory<F> {
     /// A batch's end under the lock: whether the IOMMU reported a DMA fault of the device,
     /// the unmount and invalidation, its span freed and the morsel unpinned. Runs for every
     /// `disk_begin`, also for a caller that is gone (`hypercall::abandon`).
-    pub(crate) fn disk_end(&mut self, devices: Option<&mut Devices>, frames: &Frames, b: &DiskBatch) -> Result<bool, Error> {
+    pub(crate) fn disk_end(&mut self, devices: Option<&mut Devices>, b: &DiskBatch) -> Result<bool, Error> {
+        let frames = &Frames::here();
         let n = self.named.get_mut(&b.name);
         let (Some(d), Some(n)) = (devices, n) else {
             // Unreachable: the devices stay, and a pinned morsel is not destroyed. Were it
@@ -214,10 +216,10 @@ impl<B: Backend> Deferred<Hv<B>> for ProxyIo {
     }
 
     fn finish(self, w: Under<'_, B>, _: &mut Guest<B>) -> Result<u64, Error> {
-        w.cx.morsels.lock().nvme_finish(w.cx.devices.as_mut(), &w.frames, self)
+        w.cx.morsels.lock().nvme_finish(w.cx.devices.as_mut(), self)
     }
 
     fn abandon(self, w: Under<'_, B>) {
-        let _ = w.cx.morsels.lock().nvme_finish(w.cx.devices.as_mut(), &w.frames, self);
+        let _ = w.cx.morsels.lock().nvme_finish(w.cx.devices.as_mut(), self);
     }
 }

@@ -77,7 +77,8 @@ impl Backend for Svm {
         caps::snapshot().caps().map_err(BackendError::from)
     }
 
-    fn enable(caps: &Caps, frames: &Frames) -> Result<Self, BackendError> {
+    fn enable(caps: &Caps) -> Result<Self, BackendError> {
+        let frames = &Frames::here();
         let hsave = frames.alloc_zeroed(Order::BASE).ok_or(BackendError::NoMemory)?;
         let host_state = frames.alloc_zeroed(Order::BASE).ok_or(BackendError::NoMemory)?;
         // The I/O permission map is 12 KiB, the MSR permission map 8 KiB (APM 15.10, 15.11):
@@ -111,7 +112,8 @@ impl Backend for Svm {
         })
     }
 
-    fn create_vcpu(&mut self, s: &VcpuSetup, frames: &Frames) -> Result<Vcpu, BackendError> {
+    fn create_vcpu(&mut self, s: &VcpuSetup) -> Result<Vcpu, BackendError> {
+        let frames = &Frames::here();
         // ASID 0 belongs to the host.
         let asid = 1 + s.id % (self.asids - 1);
         let mut vmcb = Vmcb::new(frames.alloc_zeroed(Order::BASE).ok_or(BackendError::NoMemory)?);
@@ -327,7 +329,8 @@ impl Backend for Svm {
         vcpu.vmcb.get_mut().control.intercept_exceptions = !mask;
     }
 
-    fn destroy_vcpu(&mut self, vcpu: Vcpu, frames: &Frames) {
+    fn destroy_vcpu(&mut self, vcpu: Vcpu) {
+        let frames = &Frames::here();
         frames.free(vcpu.vmcb.pa(), Order::BASE);
     }
 }

@@ -164,9 +164,9 @@ impl<B: Backend> Guest<B> {
         id: u32,
         spec: GuestSpec,
         image: &[u8],
-        frames: &Frames,
         epoch: &'static vmcore::gate::Epoch,
     ) -> Result<(Self, alloc::vec::Vec<VcpuSetup>), CreateError> {
+        let frames = &Frames::here();
         vmcore::guest::check_memory(spec.memory).map_err(CreateError::BadMemorySize)?;
         let image = elf::Image::parse(image, abi::IMAGE_BASE_GPA, vmcore::guest::image_limit(&spec)).map_err(CreateError::Image)?;
         let mem = GuestMemory::new(frames, crate::mm::frames::IDENTITY).map_err(CreateError::Table)?;
@@ -193,11 +193,11 @@ impl<B: Backend> Guest<B> {
             _backend: core::marker::PhantomData,
         };
         let load = Load { id, name: spec.name, memory: spec.memory, arg: spec.arg, vcpus: spec.vcpus.max(1), log_level: log::max_level() as u64 };
-        let loaded = loader::load(&mut g.space.lock().mem, &image, &load, frames);
+        let loaded = loader::load(&mut g.space.lock().mem, &image, &load);
         match loaded {
             Ok(first) => {
                 if let Err(e) = g.fix_ram() {
-                    let _ = g.destroy(frames);
+                    let _ = g.destroy();
                     return Err(e);
                 }
                 let setups = (0..spec.vcpus.max(1) as u64)
@@ -206,7 +206,7 @@ impl<B: Backend> Guest<B> {
                 Ok((g, setups))
             }
             Err(e) => {
-                let _ = g.destroy(frames);
+                let _ = g.destroy();
                 Err(match e {
                     MapError::NoMemory => CreateError::NoMemory,
                     MapError::Table(e) => CreateError::Table(e),
@@ -263,7 +263,8 @@ impl<B: Backend> Guest<B> {
 
     /// Gives guest RAM and tables back (every vCPU is gone, and with it every other holder
     /// of `space`: the vCPU loop drops a slot's before its end is recorded).
-    pub fn destroy(self, frames: &Frames) -> Summary {
+    pub fn destroy(self) -> Summary {
+        let frames = &Frames::here();
         let summary = self.summary();
         match Arc::try_unwrap(self.space) {
             Ok(space) => {

@@ -34,10 +34,9 @@ impl<B: Backend> vmcore::hypercall::Host for Hv<B> {
 }
 
 /// The world under its lock as a deferred part ends in it: the hypercall context, and the
-/// calling CPU's allocator core and index.
+/// calling CPU's index. (What it allocates goes through this CPU's handle, `Frames::here`.)
 pub struct Under<'a, B: Backend> {
     pub cx: &'a mut Context<B>,
-    pub frames: Frames,
     pub cpu: usize,
 }
 
@@ -137,8 +136,6 @@ pub struct Context<B: Backend> {
     pub notify: super::notify::Notify,
     /// The devices behind the IOMMU, reached only through here (None without an IOMMU).
     pub devices: Option<crate::devices::Devices>,
-    /// The allocator (the boot CPU's handle; a call uses its caller's CPU's core, `for_cpu`).
-    pub frames: Frames,
     /// `bench=on`: `bench_frames` is answered.
     pub bench: bool,
 }
@@ -159,8 +156,7 @@ pub fn finish<B: Backend, D: Deferred<Hv<B>>>(guest: &mut Guest<B>, caller: Call
 /// (`Deferred::abandon`). An NVMe batch is ended all the same (its morsel unmounted from the
 /// device and unpinned).
 pub fn abandon<B: Backend, D: Deferred<Hv<B>>>(caller: Caller, cx: &mut Context<B>, done: D) {
-    let frames = cx.frames.for_cpu(caller.cpu).unwrap_or(cx.frames);
-    vmcore::hypercall::abandon::<Hv<B>, D>(Under { cx, frames, cpu: caller.cpu }, done);
+    vmcore::hypercall::abandon::<Hv<B>, D>(Under { cx, cpu: caller.cpu }, done);
 }
 
 /// Writes a call's status and value (a lock-free call's too).
@@ -169,19 +165,19 @@ pub fn answer(regs: &mut Regs, result: Result<u64, Error>) {
 }
 
 /// One call of one guest vCPU, the world lock held: what `vmcore::hypercall` routes it to.
-/// `frames`: the calling CPU's allocator core (each core index is used by its own CPU only,
-/// inside and outside the world lock alike, as the allocator's contract asks).
+/// What it allocates or frees goes through the calling CPU's own allocator core, which each
+/// service below reaches itself (`Frames::here`: the call runs on its caller's CPU; each core
+/// index is used by its own CPU only, inside and outside the world lock alike, as the
+/// allocator's contract asks).
 pub struct Serving<'a, B: Backend> {
     guest: &'a mut Guest<B>,
     caller: Caller,
     cx: &'a mut Context<B>,
-    frames: Frames,
 }
 
 impl<'a, B: Backend> Serving<'a, B> {
     fn new(guest: &'a mut Guest<B>, caller: Caller, cx: &'a mut Context<B>) -> Self {
-        let frames = cx.frames.for_cpu(caller.cpu).unwrap_or(cx.frames);
-        Serving { guest, caller, cx, frames }
+        Serving { guest, caller, cx }
     }
 }
 
@@ -276,7 +272,7 @@ impl<B: Backend> vmcore::hypercall::Services for Serving<'_, B> {
     }
 
     fn morsel_create(&mut self, name: abi::Name, size: u64, flags: abi::CreateFlags) -> Outcome<Unlocked<B::Format>> {
-        match self.cx.morsels.lock().create(self.guest, &self.frames, name, size, flags) {
+        match self.cx.morsels.lock().create(self.guest, name, size, flags) {
             Ok(Started::Build(p)) => Outcome::Defer(Unlocked::Build(p)),
             Ok(Started::Done(gpa)) => {
                 self.cx.notify.entered(self.guest, gpa, self.caller.cpu);
@@ -287,7 +283,7 @@ impl<B: Backend> vmcore::hypercall::Services for Serving<'_, B> {
     }
 
     fn morsel_open(&mut self, name: abi::Name, writable: bool) -> Outcome<Unlocked<B::Format>> {
-        match self.cx.morsels.lock().open(self.guest, &self.frames, name, writable) {
+        match self.cx.morsels.lock().open(self.guest, name, writable) {
             Ok(Some(gpa)) => Outcome::Answer(Ok(gpa)),
             // An ExMap batch holds the region: issued again, the world lock let go.
             Ok(None) => Outcome::Retry,
@@ -299,7 +295,7 @@ impl<B: Backend> vmcore::hypercall::Services for Serving<'_, B> {
         let name = self.guest.space.lock().mounts.iter().find(|m| m.gpa == gpa).map(|m| m.name);
         let devices = self.cx.devices.as_mut();
         // One shootdown, committed before the world lock is let go.
-        let done = self.cx.morsels.lock().unmount(self.guest, &self.frames, gpa).map(|flush| {
+        let done = self.cx.morsels.lock().unmount(self.guest, gpa).map(|flush| {
             flush.commit(&mut super::shootdown::Hw(devices));
             0
         });
@@ -310,7 +306,7 @@ impl<B: Backend> vmcore::hypercall::Services for Serving<'_, B> {
     }
 
     fn morsel_destroy(&mut self, name: abi::Name) -> Outcome<Unlocked<B::Format>> {
-        match self.cx.morsels.lock().destroy(self.guest, &self.frames, name) {
+        match self.cx.morsels.lock().destroy(self.guest, name) {
             Ok(Some(removed)) => Outcome::Defer(Unlocked::Free(removed)),
             Ok(None) => Outcome::Answer(Ok(0)),
             Err(e) => Outcome::Answer(Err(e)),
@@ -328,11 +324,11 @@ impl<B: Backend> vmcore::hypercall::Services for Serving<'_, B> {
     }
 
     fn device_mount(&mut self, name: abi::Name, bdf: u16, iova: u64, writable: bool) -> Result<u64, Error> {
-        self.cx.morsels.lock().device_mount(self.guest, self.cx.devices.as_mut(), &self.frames, name, Bdf::from_source_id(bdf), iova, writable)
+        self.cx.morsels.lock().device_mount(self.guest, self.cx.devices.as_mut(), name, Bdf::from_source_id(bdf), iova, writable)
     }
 
     fn device_unmount(&mut self, bdf: u16, iova: u64) -> Result<u64, Error> {
-        self.cx.morsels.lock().device_unmount(self.guest, self.cx.devices.as_mut(), &self.frames, Bdf::from_source_id(bdf), iova)
+        self.cx.morsels.lock().device_unmount(self.guest, self.cx.devices.as_mut(), Bdf::from_source_id(bdf), iova)
     }
 
     fn edu_dma(&mut self, to_device: bool, iova: u64, len: u64) -> Result<u64, Error> {
@@ -340,7 +336,7 @@ impl<B: Backend> vmcore::hypercall::Services for Serving<'_, B> {
     }
 
     fn nvme(&mut self, write: bool, gpa: u64, offset: u64, lba: u64, count: u64) -> Outcome<Unlocked<B::Format>> {
-        match self.cx.morsels.lock().nvme_io(self.guest, self.cx.devices.as_mut(), &self.frames, write, gpa, offset, lba, count) {
+        match self.cx.morsels.lock().nvme_io(self.guest, self.cx.devices.as_mut(), write, gpa, offset, lba, count) {
             Ok(p) => Outcome::Defer(Unlocked::Proxy(p)),
             Err(e) => Outcome::Answer(Err(e)),
         }
@@ -348,13 +344,13 @@ impl<B: Backend> vmcore::hypercall::Services for Serving<'_, B> {
 
     fn exmap_create(&mut self, name: abi::Name, size: u64, share_writable: bool) -> Result<u64, Error> {
         let cx = &mut *self.cx;
-        cx.exmaps.create(&mut cx.morsels.lock(), self.guest, &self.frames, name, size, share_writable)
+        cx.exmaps.create(&mut cx.morsels.lock(), self.guest, name, size, share_writable)
             .inspect(|&gpa| cx.notify.entered(self.guest, gpa, self.caller.cpu))
     }
 
     fn exmap_action(&mut self, region: u64, iov: u64, count: u64, op: abi::ExmapOp) -> Outcome<Unlocked<B::Format>> {
         let cx = &mut *self.cx;
-        cx.exmaps.action(&mut cx.morsels.lock(), cx.devices.as_mut(), self.guest, self.caller.vcpu, &self.frames, region, iov, count, op)
+        cx.exmaps.action(&mut cx.morsels.lock(), cx.devices.as_mut(), self.guest, self.caller.vcpu, region, iov, count, op)
             .unwrap_or_else(|e| Outcome::Answer(Err(e)))
     }
 
@@ -392,7 +388,7 @@ impl<B: Backend> vmcore::hypercall::Services for Serving<'_, B> {
     }
 
     fn world(&mut self) -> (Under<'_, B>, &mut Guest<B>) {
-        (Under { cx: &mut *self.cx, frames: self.frames, cpu: self.caller.cpu }, &mut *self.guest)
+        (Under { cx: &mut *self.cx, cpu: self.caller.cpu }, &mut *self.guest)
     }
 }
 

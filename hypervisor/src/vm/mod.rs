@@ -16,7 +16,6 @@ pub mod shootdown;
 pub mod switch;
 
 use crate::arch::cpu::CpuFacts;
-use crate::mm::frames::Frames;
 use core::fmt;
 use morsel::{Format, GuestPhysAddr, HostPhysAddr};
 
@@ -98,9 +97,9 @@ pub trait Backend: Sized + 'static {
     /// its CPUID leaves and capability MSRs, host-tested in `formats`); changes nothing.
     fn probe(facts: &CpuFacts) -> Result<Self::Caps, BackendError>;
     /// Turns the extension on with what `probe` decided.
-    fn enable(caps: &Self::Caps, frames: &Frames) -> Result<Self, BackendError>;
+    fn enable(caps: &Self::Caps) -> Result<Self, BackendError>;
     /// Creates a vCPU in the state `setup` describes.
-    fn create_vcpu(&mut self, setup: &VcpuSetup, frames: &Frames) -> Result<Self::Vcpu, BackendError>;
+    fn create_vcpu(&mut self, setup: &VcpuSetup) -> Result<Self::Vcpu, BackendError>;
     /// Runs the vCPU until its next exit, for at most `budget_us` microseconds (what is left
     /// of its time slice).
     fn run(&mut self, vcpu: &mut Self::Vcpu, budget_us: u64) -> Exit;
@@ -129,5 +128,5 @@ pub trait Backend: Sized + 'static {
     /// other exception exits (and stops the guest).
     fn guest_exceptions(vcpu: &mut Self::Vcpu, mask: u32);
     /// Gives the vCPU's control structures back.
-    fn destroy_vcpu(&mut self, vcpu: Self::Vcpu, frames: &Frames);
+    fn destroy_vcpu(&mut self, vcpu: Self::Vcpu);
 }

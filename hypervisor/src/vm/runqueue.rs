@@ -42,7 +42,6 @@ use super::guest::{Guest, Summary};
 use super::hypercall::Context;
 use super::{Backend, VcpuSetup};
 use crate::arch::ipi;
-use crate::mm::frames::Frames;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicUsize, Ordering};
 
@@ -181,14 +180,14 @@ pub fn idle_once() {
 /// interrupts on (`take_pending`), not as an exit of its first guest. Between that IPI and
 /// the run becoming visible it spins (`ipi::send` set its `attention` first): a HLT there
 /// could wait long, its IPI taken already (VMX with a preemption timer has no periodic tick).
-pub fn serve<B: Backend>(cpu: usize, frames: Frames, mut backend: B) -> ! {
+pub fn serve<B: Backend>(cpu: usize, mut backend: B) -> ! {
     let mut served = false;
     loop {
         if !served {
             if let Some(run) = published::<B>() {
                 take_pending();
                 if cpu < run.cpus {
-                    super::sched::cpu_loop(run, &mut backend, cpu, &frames);
+                    super::sched::cpu_loop(run, &mut backend, cpu);
                 }
                 served = true;
             } else if ipi::attention_pending(cpu) {

@@ -44,7 +44,7 @@ use super::runqueue::{self, Placement, Run, World};
 use super::report::{report, stopped};
 use super::{Backend, Exit, ExitKind, Regs};
 use vmcore::vcpu::{self, Signals, Step};
-use crate::arch::ipi;
+use crate::arch::{ipi, percpu};
 use morsel::GuestPhysAddr;
 use crate::mm::frames::Frames;
 use crate::morsels::exmap::{Batch, FastCall};
@@ -59,7 +59,8 @@ pub const SLICE_US: u64 = 10_000;
 
 /// Runs the guests `specs` from `archive` to completion on the `cpus` online CPUs (this is
 /// the boot CPU, index 0); true if every guest ended as expected.
-pub fn run_guests<B: Backend>(backend: &mut B, frames: &Frames, archive: Archive, specs: &[GuestSpec], drivers: super::Drivers, cpus: usize) -> bool {
+pub fn run_guests<B: Backend>(backend: &mut B, archive: Archive, specs: &[GuestSpec], drivers: super::Drivers, cpus: usize) -> bool {
+    let frames = &Frames::here();
     let cpus = cpus.clamp(1, ipi::MAX_CPUS);
     let free_before = frames.free_frames();
     // Room for every guest's whole morsel quota, before any guest exists. The name hash is
@@ -93,7 +94,7 @@ pub fn run_guests<B: Backend>(backend: &mut B, frames: &Frames, archive: Archive
             all_created = false;
             continue;
         }
-        match Guest::create(id as u32, *spec, image, frames, &epochs[id]) {
+        match Guest::create(id as u32, *spec, image, &epochs[id]) {
             Ok((g, setups)) => {
                 let mut on = Vec::new();
                 for setup in setups {
@@ -126,7 +127,6 @@ pub fn run_guests<B: Backend>(backend: &mut B, frames: &Frames, archive: Archive
         exmaps: Default::default(),
         notify: super::notify::Notify::new(epochs),
         devices: drivers.devices,
-        frames: *frames,
         bench: drivers.bench,
     };
     cx.morsels.lock().load_persistent();
@@ -140,7 +140,7 @@ pub fn run_guests<B: Backend>(backend: &mut B, frames: &Frames, archive: Archive
         name_keys: vmcore::names::Keys::of(seed),
     }));
     runqueue::publish(run);
-    cpu_loop(run, backend, 0, frames);
+    cpu_loop(run, backend, 0);
     runqueue::wait_all_finished(run);
     let mut w = runqueue::lock(run);
     let World { cx, done, .. } = &mut *w;
@@ -150,7 +150,7 @@ pub fn run_guests<B: Backend>(backend: &mut B, frames: &Frames, archive: Archive
     cx.morsels.lock().log_stats();
     crate::morsels::exmap::Exmaps::log_stats(&cx.morsels.lock());
     super::shootdown::log_stats();
-    cx.morsels.lock().destroy_all(cx.devices.as_mut(), frames);
+    cx.morsels.lock().destroy_all(cx.devices.as_mut());
     super::shootdown::report_dropped();
     frames.drain();
     let reclaims = crate::mm::frames::RECLAIMS.load(Ordering::Relaxed);
@@ -206,11 +206,12 @@ struct Slot<B: Backend> {
 
 /// Creates this CPU's vCPUs, runs them round-robin until every one ended, and drains this
 /// CPU's allocator core.
-pub fn cpu_loop<B: Backend>(run: &Run<B>, backend: &mut B, me: usize, frames: &Frames) {
+pub fn cpu_loop<B: Backend>(run: &Run<B>, backend: &mut B, me: usize) {
+    let frames = &percpu::of(me).frames();
     let mut queue: Vec<Slot<B>> = Vec::new();
     super::shootdown::prepare(me);
     for p in run.placements.iter().filter(|p| p.cpu == me) {
-        match backend.create_vcpu(&p.setup, frames) {
+        match backend.create_vcpu(&p.setup) {
             Ok(vcpu) => queue.push(Slot {
                 // Taken from the guest once (the world lock); let go before the vCPU's end
                 // is recorded (`Guest::destroy` takes the space back).
@@ -238,7 +239,7 @@ pub fn cpu_loop<B: Backend>(run: &Run<B>, backend: &mut B, me: usize, frames: &F
                     g.stop();
                 }
                 let v = VcpuSummary { index: p.setup.rsi as u32, cpu: me, state: State::Stopped, exits: [0; ExitKind::COUNT] };
-                vcpu_done(guests, cx, done, p.guest, v, frames);
+                vcpu_done(guests, cx, done, p.guest, v);
             }
         }
     }
@@ -246,23 +247,23 @@ pub fn cpu_loop<B: Backend>(run: &Run<B>, backend: &mut B, me: usize, frames: &F
         let mut i = 0;
         let mut ran = false;
         while i < queue.len() {
-            ran |= run_slice(backend, &mut queue[i], run, me, frames);
+            ran |= run_slice(backend, &mut queue[i], run, me);
             if queue[i].end.is_some() {
                 let mut s = queue.swap_remove(i);
                 // The guest's last vCPU frees its space at `vcpu_done`: no clone may outlive it.
                 s.space = None;
                 let state = s.end.unwrap_or(State::Stopped);
-                backend.destroy_vcpu(s.vcpu, frames);
+                backend.destroy_vcpu(s.vcpu);
                 SLICES_BEGUN.fetch_add(s.begun, Ordering::Relaxed);
                 SLICES_ALONE.fetch_add(s.alone, Ordering::Relaxed);
                 let v = VcpuSummary { index: s.index, cpu: me, state, exits: s.core.exits };
                 let mut w = runqueue::lock(run);
-                put_back(&mut w, s.guest, s.exmap, frames);
+                put_back(&mut w, s.guest, s.exmap, me);
                 let World { guests, cx, done } = &mut *w;
                 if let Some(g) = guests.get_mut(s.guest as usize).and_then(|g| g.as_mut()) {
                     s.core.fold(&mut g.exits);
                 }
-                vcpu_done(guests, cx, done, s.guest, v, frames);
+                vcpu_done(guests, cx, done, s.guest, v);
             } else {
                 i += 1;
             }
@@ -289,26 +290,27 @@ pub fn cpu_loop<B: Backend>(run: &Run<B>, backend: &mut B, me: usize, frames: &F
 
 /// A vCPU ended (its control structures are gone); the last one of its guest takes the
 /// guest down: mounts, ExMap caches, memory.
-fn vcpu_done<B: Backend>(guests: &mut [Option<Guest<B>>], cx: &mut Context<B>, done: &mut Vec<Summary>, id: u32, v: VcpuSummary, frames: &Frames) {
+fn vcpu_done<B: Backend>(guests: &mut [Option<Guest<B>>], cx: &mut Context<B>, done: &mut Vec<Summary>, id: u32, v: VcpuSummary) {
     let Some(slot) = guests.get_mut(id as usize) else { return };
     let Some(g) = slot.as_mut() else { return };
     cx.notify.vcpu_ended(id, v.index);
     if !g.vcpu_ended(v) {
         return;
     }
-    cx.morsels.lock().drop_mounts(g, cx.devices.as_mut(), frames);
-    cx.exmaps.guest_ended(g.id, frames);
+    cx.morsels.lock().drop_mounts(g, cx.devices.as_mut());
+    cx.exmaps.guest_ended(g.id);
     cx.notify.guest_ended(g.id);
     if let Some(g) = slot.take() {
-        done.push(g.destroy(frames));
+        done.push(g.destroy());
     }
 }
 
 /// Runs vCPU `s` until its slice ends, it yields, exits or its guest is stopped. The slice
 /// is a budget of time across exits: every exit the hypervisor handles in place (hypercall,
 /// CPUID) is charged to it, so a guest that loops on them is preempted like one that spins.
-/// False if the vCPU waits (`notify`) and did not run. `frames` is this CPU's allocator
-/// handle (a call's `Unlocked` part runs through it, the world lock let go).
+/// False if the vCPU waits (`notify`) and did not run. `me` is this CPU's index: a call's
+/// `Unlocked` part runs through its allocator handle (`percpu::of(me).frames()`), the world
+/// lock let go.
 ///
 /// `prepare` (world lock held: the guest's state, wake-ups, injections), or nothing where
 /// nothing it would decide changed since the last one (`start_alone`: no lock), then until
@@ -316,7 +318,7 @@ fn vcpu_done<B: Backend>(guests: &mut [Option<Guest<B>>], cx: &mut Context<B>, d
 /// `classify` (no lock: the exits that touch nothing shared, `vcpu::lockless`, and an ExMap
 /// call on the region of the last one) and, for the rest, `world` (world lock held:
 /// `vcpu::handle`).
-fn run_slice<B: Backend>(backend: &mut B, s: &mut Slot<B>, run: &Run<B>, me: usize, frames: &Frames) -> bool {
+fn run_slice<B: Backend>(backend: &mut B, s: &mut Slot<B>, run: &Run<B>, me: usize) -> bool {
     let per_us = crate::platform::time::tsc_per_us().max(1);
     let deadline = crate::platform::time::tsc() + SLICE_US * per_us;
     let mut w = match start_alone(s, me) {
@@ -345,11 +347,11 @@ fn run_slice<B: Backend>(backend: &mut B, s: &mut Slot<B>, run: &Run<B>, me: usi
         w = Some(loop {
             let exit = enter(backend, s, me, deadline, per_us);
             s.core.count(&exit);
-            let next = match classify(run, s, &exit, me, deadline, frames) {
+            let next = match classify(run, s, &exit, me, deadline) {
                 // Straight back to `enter`: the null exits' path (Bochs counts each move).
                 Some(Next::Enter) => continue,
                 Some(next) => next,
-                None => world(run, s, exit, me, deadline, frames),
+                None => world(run, s, exit, me, deadline),
             };
             match next {
                 Next::Enter => continue,
@@ -395,15 +397,15 @@ enum Next<'r, B: Backend> {
 // ALLOC / FREE (`cargo xtask bench exmap-smp --cpus 1`, batch 1: 1,959 ticks per page, 1,899
 // inlined; 1,885 before the exit arms moved to `vmcore::vcpu`).
 #[inline(always)]
-fn classify<'r, B: Backend>(run: &'r Run<B>, s: &mut Slot<B>, exit: &Exit, me: usize, deadline: u64, frames: &Frames) -> Option<Next<'r, B>> {
+fn classify<'r, B: Backend>(run: &'r Run<B>, s: &mut Slot<B>, exit: &Exit, me: usize, deadline: u64) -> Option<Next<'r, B>> {
     match lockless(s, exit, me, deadline, run.guest_count) {
         Step::Resume => return Some(Next::Enter),
         Step::EndSlice => return Some(Next::End),
         Step::World { quiet: false } => return None,
         Step::World { quiet: true } => {}
     }
-    match exmap_fast(s, exit, me, deadline, frames) {
-        FastStep::NotTaken => mount_fast_next(run, s, exit, me, deadline, frames),
+    match exmap_fast(s, exit, me, deadline) {
+        FastStep::NotTaken => mount_fast_next(run, s, exit, me, deadline),
         FastStep::Resume => Some(Next::Enter),
         FastStep::Prepare => Some(Next::Prepare(runqueue::lock(run))),
         FastStep::Finish(batch) => {
@@ -416,10 +418,10 @@ fn classify<'r, B: Backend>(run: &'r Run<B>, s: &mut Slot<B>, exit: &Exit, me: u
 
 /// An exit the world handles (`handle`, the world lock taken), then the lock-free part of
 /// a call if it has one (`unlocked`).
-fn world<'r, B: Backend>(run: &'r Run<B>, s: &mut Slot<B>, exit: Exit, me: usize, deadline: u64, frames: &Frames) -> Next<'r, B> {
+fn world<'r, B: Backend>(run: &'r Run<B>, s: &mut Slot<B>, exit: Exit, me: usize, deadline: u64) -> Next<'r, B> {
     let ahead = name_ahead(s, &exit, run.name_keys);
     let mut w = runqueue::lock(run);
-    unpark(&mut w, s, frames);
+    unpark(&mut w, s, me);
     let caller = Caller { vcpu: s.index, cpu: me };
     // Filled in place: the `Unlocked` part of a call is large, and every move of it is a
     // copy (which Bochs counts byte by byte).
@@ -446,7 +448,7 @@ fn world<'r, B: Backend>(run: &'r Run<B>, s: &mut Slot<B>, exit: Exit, me: usize
     };
     if let Some(work) = unlocked {
         drop(w);
-        w = match self::unlocked(run, s, work, caller, stopped, me, deadline, frames) {
+        w = match self::unlocked(run, s, work, caller, stopped, me, deadline) {
             Ok(w) => w,
             Err(next) => return next,
         };
@@ -486,7 +488,8 @@ fn name_ahead<B: Backend>(s: &mut Slot<B>, exit: &Exit, keys: vmcore::names::Key
 /// with no world lock (Err: where `run_slice` goes on).
 #[allow(clippy::too_many_arguments)]
 fn unlocked<'r, B: Backend>(run: &'r Run<B>, s: &mut Slot<B>, work: hypercall::Unlocked<B::Format>, caller: Caller, stopped: bool,
-    me: usize, deadline: u64, frames: &Frames) -> Result<runqueue::WorldGuard<'r, B>, Next<'r, B>> {
+    me: usize, deadline: u64) -> Result<runqueue::WorldGuard<'r, B>, Next<'r, B>> {
+    let frames = &percpu::of(me).frames();
     match work {
         // The one work that may end with no world lock, run here on its own. Run through
         // `Unlocked`'s dispatch (`&mut` the whole enum) it cost 8 more Bochs ticks per page
@@ -499,7 +502,7 @@ fn unlocked<'r, B: Backend>(run: &'r Run<B>, s: &mut Slot<B>, work: hypercall::U
             if stopped || s.end.is_some() || ipi::attention_pending(me) {
                 return Ok(finish_locked(run, s, caller, x));
             }
-            match end_alone(s, x, me, deadline, frames) {
+            match end_alone(s, x, me, deadline) {
                 Ok(true) => Err(Next::Enter),
                 Ok(false) => Err(Next::Prepare(runqueue::lock(run))),
                 Err(x) => Ok(finish_locked(run, s, caller, x)),
@@ -537,7 +540,7 @@ enum FastStep<F: morsel::Format> {
 /// `shootdown::complete`), in place: on the slot's state, nothing built or moved per call
 /// (Bochs counts every byte a move copies). Anything unusual is `NotTaken` with nothing
 /// changed, so the world path gives the answers it gave before.
-fn exmap_fast<B: Backend>(s: &mut Slot<B>, exit: &Exit, me: usize, deadline: u64, frames: &Frames) -> FastStep<B::Format> {
+fn exmap_fast<B: Backend>(s: &mut Slot<B>, exit: &Exit, me: usize, deadline: u64) -> FastStep<B::Format> {
     crate::probe::mark(0);
     let Exit::Hypercall { resume, cpl: 0 } = *exit else { return FastStep::NotTaken };
     if s.fast.is_none() || s.exmap.is_none() {
@@ -558,7 +561,7 @@ fn exmap_fast<B: Backend>(s: &mut Slot<B>, exit: &Exit, me: usize, deadline: u64
     crate::probe::mark(1);
     crate::probe::fast_call(op, count);
     let shared = &s.shared;
-    let failed = match fast.call(&mut s.exmap, gpa, iov, op, count, &mut crate::morsels::exmap::Here(frames), || ipi::attention_pending(me), me, || shared.ran_on()) {
+    let failed = match fast.call(&mut s.exmap, gpa, iov, op, count, &mut crate::morsels::exmap::Here(percpu::of(me).frames()), || ipi::attention_pending(me), me, || shared.ran_on()) {
         FastCall::NotTaken => return FastStep::NotTaken,
         FastCall::Ended(failed) => failed,
         FastCall::Locked(batch) => {
@@ -579,8 +582,8 @@ fn exmap_fast<B: Backend>(s: &mut Slot<B>, exit: &Exit, me: usize, deadline: u64
 /// CPUID exit, `cargo xtask bench exits`: 325 vs 311).
 #[cold]
 #[inline(never)]
-fn mount_fast_next<'r, B: Backend>(run: &'r Run<B>, s: &mut Slot<B>, exit: &Exit, me: usize, deadline: u64, frames: &Frames) -> Option<Next<'r, B>> {
-    match mount_fast(run, s, exit, me, deadline, frames)? {
+fn mount_fast_next<'r, B: Backend>(run: &'r Run<B>, s: &mut Slot<B>, exit: &Exit, me: usize, deadline: u64) -> Option<Next<'r, B>> {
+    match mount_fast(run, s, exit, me, deadline)? {
         true => Some(Next::Enter),
         false => Some(Next::Prepare(runqueue::lock(run))),
     }
@@ -598,7 +601,7 @@ fn mount_fast_next<'r, B: Backend>(run: &'r Run<B>, s: &mut Slot<B>, exit: &Exit
 /// resumes with no lock; Some(false): answered, `prepare` first (an IPI asked this CPU to
 /// look, the timer is due or the slice is over).
 #[inline]
-fn mount_fast<B: Backend>(run: &Run<B>, s: &mut Slot<B>, exit: &Exit, me: usize, deadline: u64, frames: &Frames) -> Option<bool> {
+fn mount_fast<B: Backend>(run: &Run<B>, s: &mut Slot<B>, exit: &Exit, me: usize, deadline: u64) -> Option<bool> {
     let Exit::Hypercall { resume, cpl: 0 } = *exit else { return None };
     let space = s.space.as_deref()?;
     let regs = B::regs(&mut s.vcpu);
@@ -610,13 +613,13 @@ fn mount_fast<B: Backend>(run: &Run<B>, s: &mut Slot<B>, exit: &Exit, me: usize,
     let (status, value) = match abi::Call::decode(regs.rax, args) {
         Ok(abi::Call::MorselOpen { name, writable }) => {
             let name = run.name_keys.hash(crate::morsels::read_ram_name(&s.shared, name)?);
-            let (gpa, size) = crate::morsels::open_alone(run.directory, space, s.guest, &name, writable, frames)?;
+            let (gpa, size) = crate::morsels::open_alone(run.directory, space, s.guest, &name, writable, me)?;
             // As the world path answers a mount (`vmcore::hypercall::conclude`): the size.
             (size & (u64::MAX >> 1), gpa)
         }
         Ok(abi::Call::MorselUnmount { gpa }) => {
             let shared = &s.shared;
-            crate::morsels::unmount_alone(run.directory, space, s.guest, gpa, || shared.ran_on(), frames)?;
+            crate::morsels::unmount_alone(run.directory, space, s.guest, gpa, || shared.ran_on(), me)?;
             (0, 0)
         }
         // The guest's own mount list only (a mount's size never changes).
@@ -649,9 +652,9 @@ fn finish_locked<'r, B: Backend, D: Deferred<Hv<B>>>(run: &'r Run<B>, s: &mut Sl
 /// (no IPI asked this CPU to look, the timer is not due, the slice is not over); Ok(false):
 /// `prepare` first, under the world lock; Err: the batch ends under the world lock.
 #[allow(clippy::result_large_err)] // the batch moves back once, on the rare fallback
-fn end_alone<B: Backend>(s: &mut Slot<B>, batch: Batch<B::Format>, me: usize, deadline: u64, frames: &Frames)
+fn end_alone<B: Backend>(s: &mut Slot<B>, batch: Batch<B::Format>, me: usize, deadline: u64)
     -> Result<bool, Batch<B::Format>> {
-    let (failed, parked, fast) = batch.finish_alone(me, || s.shared.ran_on(), &mut crate::morsels::exmap::Here(frames))?;
+    let (failed, parked, fast) = batch.finish_alone(me, || s.shared.ran_on(), &mut crate::morsels::exmap::Here(percpu::of(me).frames()))?;
     s.exmap = Some(parked);
     s.fast = Some(fast);
     Ok(resume_alone(s, failed, me, deadline))
@@ -671,18 +674,18 @@ fn resume_alone<B: Backend>(s: &mut Slot<B>, failed: u64, me: usize, deadline: u
 /// held `w`): before anything under the lock can look for it (`Exmaps::unpark`): at a
 /// world-path exit of this vCPU (its own ExMap calls are the only ones that look for its
 /// state) and at its end (before `vcpu_done`, whose last vCPU drains the guest's states).
-fn unpark<B: Backend>(w: &mut World<B>, s: &mut Slot<B>, frames: &Frames) {
+fn unpark<B: Backend>(w: &mut World<B>, s: &mut Slot<B>, me: usize) {
     if s.exmap.is_some() {
-        put_back(w, s.guest, s.exmap.take(), frames);
+        put_back(w, s.guest, s.exmap.take(), me);
     }
 }
 
-/// `unpark` of what guest `guest`'s vCPU kept (`frames`: this CPU's allocator handle).
-fn put_back<B: Backend>(w: &mut World<B>, guest: u32, parked: Option<crate::morsels::exmap::Parked>, frames: &Frames) {
+/// `unpark` of what guest `guest`'s vCPU kept, on CPU `me` (through its allocator handle).
+fn put_back<B: Backend>(w: &mut World<B>, guest: u32, parked: Option<crate::morsels::exmap::Parked>, me: usize) {
     if let Some(p) = parked {
         let World { guests, cx, .. } = w;
         let alive = guests.get(guest as usize).is_some_and(|g| g.is_some());
-        cx.exmaps.unpark(p, alive, frames);
+        cx.exmaps.unpark(p, alive, &mut crate::morsels::exmap::Here(percpu::of(me).frames()));
     }
 }
 

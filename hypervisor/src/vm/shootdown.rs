@@ -184,17 +184,16 @@ pub fn local(me: usize) {
 const KEEP: usize = 4096;
 
 /// What this CPU owes before it may give frames back (`vmcore::shootdown::Owed`: the
-/// acknowledgments it asked for and the frames kept until they arrive), and the allocator
-/// handle the frames go back through (this CPU's core).
+/// acknowledgments it asked for and the frames kept until they arrive). The frames go back
+/// through this CPU's own allocator handle (`PerCpu::frames`, beside it in the same entry).
 /// One per CPU, in its `arch::percpu::PerCpu`; only that CPU takes it.
 pub struct Owed {
     owed: shootdown::Owed<{ ipi::MAX_CPUS }>,
-    to: Option<Frames>,
 }
 
 impl Owed {
     pub const fn new() -> Self {
-        Owed { owed: shootdown::Owed::new(), to: None }
+        Owed { owed: shootdown::Owed::new() }
     }
 }
 
@@ -217,22 +216,21 @@ pub fn complete() {
     if OWING.load(Ordering::Acquire) & (1 << me) == 0 {
         return;
     }
-    let mut o = crate::arch::percpu::of(me).owed.lock();
+    let cpu = crate::arch::percpu::of(me);
+    let mut o = cpu.owed.lock();
     OWING.fetch_and(!(1 << me), Ordering::AcqRel);
     if o.owed.is_empty() {
         return;
     }
     let t0 = crate::platform::time::tsc();
-    let Owed { owed, to } = &mut *o;
-    owed.settle(ipi::mailboxes(), &ipi::Apic, |f| give_back(to, f));
+    let to = cpu.frames();
+    o.owed.settle(ipi::mailboxes(), &ipi::Apic, |f| give_back(&to, f));
     WAIT_SPENT.fetch_add(crate::platform::time::tsc() - t0, Ordering::Relaxed);
 }
 
-/// Frees a kept frame (`address | order`) through `to`.
-fn give_back(to: &Option<Frames>, f: u64) {
-    if let Some(to) = to {
-        morsel::FrameAlloc::free(to, morsel::HostPhysAddr::new(f & !0xfff), (f & 0xfff) as u32);
-    }
+/// Frees a kept frame (`address | order`) through `to` (this CPU's handle).
+fn give_back(to: &Frames, f: u64) {
+    morsel::FrameAlloc::free(to, morsel::HostPhysAddr::new(f & !0xfff), (f & 0xfff) as u32);
 }
 
 /// Waits until every shootdown any CPU started so far is acknowledged. With the world lock
@@ -255,13 +253,12 @@ impl morsel::FrameAlloc for After<'_> {
 
     fn free(&self, frame: morsel::HostPhysAddr, order: u32) {
         let me = ipi::me();
-        let mut o = crate::arch::percpu::of(me).owed.lock();
-        if o.to.is_none() {
-            o.to = Some(*self.0);
-        }
-        let Owed { owed, to } = &mut *o;
-        // No room: everything kept so far waits now (the world lock held), then goes.
-        let kept = owed.keep(frame.as_u64() | order as u64, ipi::mailboxes(), &ipi::Apic, any_ran_on(), |f| give_back(to, f));
+        let cpu = crate::arch::percpu::of(me);
+        let mut o = cpu.owed.lock();
+        // No room: everything kept so far waits now (the world lock held), then goes back
+        // through this CPU's handle.
+        let to = cpu.frames();
+        let kept = o.owed.keep(frame.as_u64() | order as u64, ipi::mailboxes(), &ipi::Apic, any_ran_on(), |f| give_back(&to, f));
         match kept {
             shootdown::Kept::Deferred => {
                 OWING.fetch_or(1 << me, Ordering::AcqRel);

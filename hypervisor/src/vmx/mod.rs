@@ -106,7 +106,8 @@ impl Backend for Vmx {
         caps::snapshot().controls().map_err(BackendError::from)
     }
 
-    fn enable(c: &Controls, frames: &Frames) -> Result<Self, BackendError> {
+    fn enable(c: &Controls) -> Result<Self, BackendError> {
+        let frames = &Frames::here();
         // IA32_FEATURE_CONTROL: lock it with VMX on if the firmware left it open (SDM Vol. 3C 24.7).
         if c.lock_feature_control {
             // SAFETY: the MSR exists with VMX and is unlocked (the snapshot said so);
@@ -174,7 +175,8 @@ impl Backend for Vmx {
         })
     }
 
-    fn create_vcpu(&mut self, s: &VcpuSetup, frames: &Frames) -> Result<Vcpu, BackendError> {
+    fn create_vcpu(&mut self, s: &VcpuSetup) -> Result<Vcpu, BackendError> {
+        let frames = &Frames::here();
         let vpid = s.id + 1; // VPID 0 belongs to the host (SDM Vol. 3C 29.1)
         require(vpid <= 0xffff, "a free VPID")?;
         let frame = frames.alloc_zeroed(Order::BASE).ok_or(BackendError::NoMemory)?;
@@ -371,7 +373,8 @@ impl Backend for Vmx {
         vcpu.exceptions = mask;
     }
 
-    fn destroy_vcpu(&mut self, mut vcpu: Vcpu, frames: &Frames) {
+    fn destroy_vcpu(&mut self, mut vcpu: Vcpu) {
+        let frames = &Frames::here();
         self.destroy_vcpu_inner(&mut vcpu);
         frames.free(vcpu.vmcs.pa(), Order::BASE);
     }
