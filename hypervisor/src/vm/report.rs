@@ -48,6 +48,25 @@ pub(super) fn stopped<B: Backend>(guest: &mut Guest<B>, why: &vmcore::vcpu::Stop
     }
 }
 
+/// After a stop's report: which vCPU stopped, on which CPU, and where its stack pointer was
+/// against the vCPUs' stack reserves (`abi::VCPU_STACK_RESERVE`): one in another vCPU's
+/// reserve means a stack ran over (as `guest-lib`'s once did, before the guard pages) or was
+/// switched by hand. No "stopped:" in it, so scenarios that count stop lines count one.
+pub(super) fn stopped_at<B: Backend>(guest: &Guest<B>, vcpu: u32, cpu: usize, rsp: u64) {
+    let (id, name, memory) = (guest.id, guest.spec.name, guest.spec.memory);
+    let r = abi::VCPU_STACK_RESERVE;
+    let own_top = memory.saturating_sub(u64::from(vcpu) * r);
+    let own = (own_top.saturating_sub(r), own_top);
+    match vmcore::loader::stack_owner(memory, guest.spec.vcpus, rsp) {
+        Some(v) if v == vcpu => log::error!(target: "vm",
+            "guest {id} ({name}): vCPU {vcpu} on cpu {cpu} at the stop, RSP {rsp:#x} (in its stack reserve {:#x}-{:#x})", own.0, own.1),
+        Some(v) => log::error!(target: "vm",
+            "guest {id} ({name}): vCPU {vcpu} on cpu {cpu} at the stop, RSP {rsp:#x}: in vCPU {v}'s stack reserve, not in its own ({:#x}-{:#x})", own.0, own.1),
+        None => log::error!(target: "vm",
+            "guest {id} ({name}): vCPU {vcpu} on cpu {cpu} at the stop, RSP {rsp:#x} (outside the vCPUs' stack reserves; its own: {:#x}-{:#x})", own.0, own.1),
+    }
+}
+
 /// Stops a misbehaving guest with a report naming the guest, the exit and the address.
 /// A RIP inside the hypervisor's image that is not in the guest's memory is printed as
 /// `hypervisor RIP 0x...` (xtask names it from the hypervisor's ELF, not the guest's); an

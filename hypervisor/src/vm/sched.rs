@@ -713,7 +713,8 @@ fn prepare<B: Backend>(w: &mut World<B>, s: &mut Slot<B>, me: usize, first: bool
     if crate::platform::time::tsc() >= deadline {
         let rip = B::regs(&mut s.vcpu).rip;
         s.core.exits[ExitKind::Preempted as usize] += 1;
-        vcpu::end_slice(&mut Locked { guest: &mut *guest, me }, rip);
+        let rsp = B::regs(&mut s.vcpu).rsp;
+        vcpu::end_slice(&mut Locked { guest: &mut *guest, me, vcpu: s.index, rsp }, rip);
         kick_if_stopped(guest, me);
         return Some(true);
     }
@@ -737,7 +738,8 @@ fn prepare<B: Backend>(w: &mut World<B>, s: &mut Slot<B>, me: usize, first: bool
 fn fold<B: Backend>(guest: &mut Guest<B>, s: &mut Slot<B>, me: usize) {
     let slices = s.core.fold(&mut guest.exits);
     if slices > 0 && guest.state == State::Runnable {
-        vcpu::check_budget(&mut Locked { guest: &mut *guest, me }, B::regs(&mut s.vcpu).rip);
+        let Regs { rip, rsp, .. } = *B::regs(&mut s.vcpu);
+        vcpu::check_budget(&mut Locked { guest: &mut *guest, me, vcpu: s.index, rsp }, rip);
         kick_if_stopped(guest, me);
     }
 }
@@ -841,7 +843,7 @@ fn handle<B: Backend>(guest: &mut Guest<B>, cx: &mut Context<B>, s: &mut Slot<B>
     unlocked: &mut Option<hypercall::Unlocked<B::Format>>) -> bool {
     let cr3 = B::guest_cr3(&mut s.vcpu);
     let mut regs = *B::regs(&mut s.vcpu);
-    let handled = vcpu::handle(&mut Locked { guest, me }, &mut s.core, &mut regs, cr3, exit,
+    let handled = vcpu::handle(&mut Locked { guest, me, vcpu: s.index, rsp: regs.rsp }, &mut s.core, &mut regs, cr3, exit,
         |g, regs| call(g.guest, cx, caller, regs, me, unlocked));
     *B::regs(&mut s.vcpu) = regs;
     match handled {
@@ -875,10 +877,13 @@ fn call<B: Backend>(guest: &mut Guest<B>, cx: &mut Context<B>, caller: Caller, r
     }
 }
 
-/// A guest under the world lock, as `vcpu::handle` sees it (`me`: this CPU).
+/// A guest under the world lock, as `vcpu::handle` sees it (`me`: this CPU), with the vCPU
+/// that exited and its stack pointer at the exit (for a stop's report).
 struct Locked<'a, B: Backend> {
     guest: &'a mut Guest<B>,
     me: usize,
+    vcpu: u32,
+    rsp: u64,
 }
 
 impl<B: Backend> vcpu::Guest for Locked<'_, B> {
@@ -912,6 +917,7 @@ impl<B: Backend> vcpu::Guest for Locked<'_, B> {
 
     fn report(&mut self, why: &vcpu::Stop) {
         stopped(self.guest, why);
+        super::report::stopped_at(self.guest, self.vcpu, self.me, self.rsp);
     }
 }
 

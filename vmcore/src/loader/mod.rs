@@ -114,17 +114,23 @@ fn write_page_tables<F: Format<Input = GuestPhysAddr>, M: DataMem>(mem: &mut Gue
     let _ = mem.write(GuestPhysAddr::new(pt), as_bytes(&page));
 }
 
+/// The vCPU whose stack reserve (`abi::VCPU_STACK_RESERVE` bytes, vCPU v's ending `v`
+/// reserves below the top of RAM, its guard page included) holds `addr`, if one does: where a
+/// stopped vCPU's stack pointer lies, for its report.
+pub fn stack_owner(memory: u64, vcpus: u32, addr: u64) -> Option<u32> {
+    let v = memory.checked_sub(addr)?.checked_sub(1)? / abi::VCPU_STACK_RESERVE;
+    (v < u64::from(vcpus.max(1))).then_some(v as u32)
+}
+
 /// The vCPU whose stack guard page holds guest-physical (and, identity-mapped, virtual)
 /// address `addr`, if one does: the lowest 4 KiB of each vCPU's stack reserve
 /// (`abi::VCPU_STACK_RESERVE`, vCPU v's reserve ending `v` reserves below the top of RAM)
 /// is not in the guest's page tables, so a stack that outgrows its reserve takes a page
 /// fault there instead of writing the next vCPU's stack (or, for the last vCPU, the heap).
 pub fn stack_guard(memory: u64, vcpus: u32, addr: u64) -> Option<u32> {
-    let r = abi::VCPU_STACK_RESERVE;
-    let below_top = memory.checked_sub(addr)?.checked_sub(1)?;
-    let v = below_top / r;
-    let guard = memory - (v + 1) * r;
-    (v < u64::from(vcpus.max(1)) && addr - guard < 0x1000).then_some(v as u32)
+    let v = stack_owner(memory, vcpus, addr)?;
+    let guard = memory - (u64::from(v) + 1) * abi::VCPU_STACK_RESERVE;
+    (addr - guard < 0x1000).then_some(v)
 }
 
 fn as_bytes(words: &[u64; 512]) -> &[u8] {

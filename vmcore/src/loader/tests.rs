@@ -143,7 +143,12 @@ fn each_vcpu_stack_has_a_guard_page_below_it_and_the_rest_is_identity() {
             assert_eq!(translate(&mem, guard + 0x1000), Some(guard + 0x1000), "its stack's lowest page");
             assert_eq!(translate(&mem, guard - 8), Some(guard - 8), "the page below the guard");
             assert_eq!(stack_guard(memory, vcpus, guard + 0x1000), None);
+            assert_eq!(stack_owner(memory, vcpus, guard), Some(v as u32), "the guard is in the reserve");
+            assert_eq!(stack_owner(memory, vcpus, guard + r - 1), Some(v as u32), "its top byte");
+            assert_eq!(stack_owner(memory, vcpus, guard + r), v.checked_sub(1).map(|o| o as u32), "the next vCPU's");
         }
+        assert_eq!(stack_owner(memory, vcpus, memory), None, "past RAM");
+        assert_eq!(stack_owner(memory, vcpus, memory - vcpus as u64 * r - 1), None, "the heap below the reserves");
         // Everything else that is RAM: identity, in 4 KiB, 2 MiB and 1 GiB pages alike.
         let guards = (0..vcpus as u64).map(|v| memory - (v + 1) * r).collect::<Vec<_>>();
         let mut at = memory - 4 * MIB;

@@ -32,6 +32,8 @@
 //!   recurses (1 KiB of stack per call) until its stack outgrows its 64 KiB reserve: the guard
 //!   page below it stops the guest before vCPU 0 writes vCPU 1's stack (the hypervisor names
 //!   the overflow); vCPU 1 prints if its canary changed.
+//! * 12 (two vCPUs): vCPU 0 moves its stack pointer into vCPU 1's stack reserve and executes
+//!   UD2: the stop's report names the reserve its RSP is in.
 #![no_std]
 #![no_main]
 
@@ -65,6 +67,7 @@ fn main(info: &BootInfo) -> i32 {
         6 => fault_main(info),
         7 => kicks_main(),
         11 => overflow_main(),
+        12 => foreign_stack_main(info),
         _ => 2,
     }
 }
@@ -565,4 +568,13 @@ fn canary_keeper() -> i32 {
             }
         }
     }
+}
+
+/// Arg 12, vCPU 0: RSP into the middle of vCPU 1's stack reserve, then UD2 (an exception the
+/// guest does not handle: the hypervisor stops it); never returns.
+fn foreign_stack_main(info: &BootInfo) -> i32 {
+    let sibling = info.memory_size - guest_lib::abi::VCPU_STACK_RESERVE - guest_lib::abi::VCPU_STACK_RESERVE / 2;
+    println!("smp: vcpu 0 moves its stack to {sibling:#x}, in vcpu 1's reserve, and faults");
+    // SAFETY: nothing runs on the new stack: UD2 stops the guest (no handler is installed).
+    unsafe { core::arch::asm!("mov rsp, {0}", "ud2", in(reg) sibling, options(noreturn)) }
 }
