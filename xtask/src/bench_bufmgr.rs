@@ -148,9 +148,7 @@ fn bochs(root: &std::path::Path, built: &images::Built) -> Result<()> {
         let mut cmd = emulator::bochs_command(root, &rc, true)?;
         let log = crate::bench_smp::bochs_log(&dir, &name, &mut cmd)?;
         cmd.current_dir(&dir).stdin(std::process::Stdio::null());
-        let starting = emulator::BochsStart::begin(root)?;
-        let mut m = Machine::spawn(cmd, SerialFrom::File(serial.clone()))?;
-        starting.listening(&log, || !matches!(m.try_wait(), Ok(None)));
+        let mut m = Machine::spawn_bochs(root, cmd, serial.clone(), Some(&log))?;
         let start = m.started;
         let (ended, text) = m.run_to_end(Some(Duration::from_secs(900)))?;
         if ended.is_none() {

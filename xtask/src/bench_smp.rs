@@ -12,7 +12,7 @@
 
 use crate::machine::{Machine, SerialFrom};
 use crate::emulator::{self, Accel, Config};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use crate::{bail, images, Context, Result};
 use std::process::ExitCode;
 
@@ -150,18 +150,11 @@ pub(crate) fn bochs_boot(root: &std::path::Path, built: &images::Built, name: &s
     let mut cmd = emulator::bochs_command(root, &rc, true)?;
     let log = bochs_log(&dir, name, &mut cmd)?;
     cmd.current_dir(&dir).stdin(std::process::Stdio::null());
-    let starting = emulator::BochsStart::begin(root)?;
-    let mut child = cmd.spawn().context(|| "cannot start bochs".to_string())?;
-    starting.listening(&log, || !matches!(child.try_wait(), Ok(None)));
-    let start = Instant::now();
-    while child.try_wait().ok().flatten().is_none() {
-        if start.elapsed() > Duration::from_secs(600) {
-            let _ = child.kill();
-            bail!("bochs with {cpus} CPU(s) did not finish in 600 s");
-        }
-        std::thread::sleep(Duration::from_millis(200));
+    let (ended, text) = Machine::spawn_bochs(root, cmd, serial, Some(&log))?.run_to_end(Some(Duration::from_secs(600)))?;
+    if ended.is_none() {
+        bail!("bochs with {cpus} CPU(s) did not finish in 600 s");
     }
-    Ok(std::fs::read_to_string(&serial).unwrap_or_default())
+    Ok(String::from_utf8_lossy(&text).into_owned())
 }
 
 /// Sends Bochs' own log (its stdout and stderr) to `dir/NAME.bochs.log`, which
@@ -271,10 +264,7 @@ fn bochs(root: &std::path::Path, built: &images::Built, log: &str) -> Result<()>
         let mut cmd = emulator::bochs_command(root, &rc, true)?;
         let log = bochs_log(&dir, &name, &mut cmd)?;
         cmd.current_dir(&dir).stdin(std::process::Stdio::null());
-        let starting = emulator::BochsStart::begin(root)?;
-        let mut m = Machine::spawn(cmd, SerialFrom::File(serial.clone()))?;
-        starting.listening(&log, || !matches!(m.try_wait(), Ok(None)));
-        let (ended, text) = m.run_to_end(Some(Duration::from_secs(900)))?;
+        let (ended, text) = Machine::spawn_bochs(root, cmd, serial.clone(), Some(&log))?.run_to_end(Some(Duration::from_secs(900)))?;
         if ended.is_none() {
             bail!("bochs with {cpus} CPU(s) did not finish in 900 s");
         }

@@ -89,6 +89,19 @@ impl Machine {
         Ok(Machine { child, serial, ended: None, started })
     }
 
+    /// Starts Bochs (`emulator::bochs_command`) with its serial port in `serial`, one start at
+    /// a time (`emulator::BochsStart`): the lock is given back once `log` (where the command
+    /// sends Bochs' stdout) says its display listens; None (the log goes to a terminal, where
+    /// it cannot be read): at once.
+    pub fn spawn_bochs(root: &std::path::Path, cmd: Command, serial: PathBuf, log: Option<&std::path::Path>) -> Result<Machine> {
+        let starting = crate::emulator::BochsStart::begin(root)?;
+        let mut m = Machine::spawn(cmd, SerialFrom::File(serial))?;
+        if let Some(log) = log {
+            starting.listening(log, || !matches!(m.try_wait(), Ok(None)));
+        }
+        Ok(m)
+    }
+
     #[cfg(test)]
     pub fn id(&self) -> u32 {
         self.child.id()

@@ -408,14 +408,8 @@ fn run_bochs(root: &Path, config: &Config, iso: &Path, cmdline: &str, o: &Option
         cmd.stdout(log.try_clone().context(|| "cannot dup log".to_string())?);
     }
     cmd.stderr(log);
-    // With `--gdb` Bochs' log goes to the terminal, where the lock cannot read it: given back at once.
-    let starting = emulator::BochsStart::begin(root)?;
-    let mut m = Machine::spawn(cmd, SerialFrom::File(serial.clone()))?;
-    if o.gdb {
-        drop(starting);
-    } else {
-        starting.listening(&log_path, || !matches!(m.try_wait(), Ok(None)));
-    }
+    // With `--gdb` Bochs' log goes to the terminal, where the start lock cannot read it.
+    let mut m = Machine::spawn_bochs(root, cmd, serial.clone(), (!o.gdb).then_some(log_path.as_path()))?;
     let mut pending = Vec::new();
     let mut timed_out = false;
     loop {

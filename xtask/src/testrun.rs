@@ -527,26 +527,12 @@ fn run_jobs(root: &Path, jobs: Vec<Job>, built: images::Built, workers: usize, t
             s.spawn(|| loop {
                 let Some(job) = queue.lock().unwrap_or_else(|p| p.into_inner()).pop_front() else { break };
                 let (mut ok, mut facts, mut details) = run_job(root, &job, &built, &logs);
-                if !ok && job.config.emulator == Emulator::Qemu && serial_logs(&job, &logs).iter().any(|l| met_emulator_fault(l)) {
-                    // Once more: the first run met QEMU's SVM world-switch fault, which the
-                    // hypervisor itself diagnosed (docs/src/notes/worldswitch.md).
+                if let Some(why) = (!ok).then(|| run_again(&job, &logs)).flatten() {
                     let first = details;
                     (ok, facts, details) = run_job(root, &job, &built, &logs);
-                    facts.push_str("  (run twice: the first met QEMU's SVM world-switch fault)");
+                    facts.push_str(&format!("  (run twice: the first {why})"));
                     if !ok {
                         details = format!("{first}    --- the second run ---\n{details}");
-                    }
-                }
-                if !ok && job.config.emulator == Emulator::Bochs {
-                    if let Some(panic) = bochs_start_failure(&job, &logs) {
-                        // Once more: Bochs stopped before the guest could print (a host-side
-                        // failure; Bochs itself is deterministic, so a fault of ours fails again).
-                        let first = details;
-                        (ok, facts, details) = run_job(root, &job, &built, &logs);
-                        facts.push_str(&format!("  (run twice: the first Bochs stopped before any serial output: {panic})"));
-                        if !ok {
-                            details = format!("{first}    --- the second run ---\n{details}");
-                        }
                     }
                 }
                 shared.lock().unwrap_or_else(|p| p.into_inner()).report(ok, &job.label, &facts, &details);
@@ -564,6 +550,20 @@ fn serial_logs(job: &Job, logs: &Path) -> Vec<String> {
         .filter_map(|boot| std::fs::read(logs.join(format!("{}.serial.log", file_stem(job, boot)))).ok())
         .map(|b| String::from_utf8_lossy(&b).into_owned())
         .collect()
+}
+
+/// Why a failed job runs once more, if it does: QEMU's SVM world-switch fault, which the
+/// hypervisor itself diagnosed (docs/src/notes/worldswitch.md), or a Bochs that stopped before
+/// the guest could print (a host-side failure; Bochs is deterministic, so a fault of ours
+/// fails again).
+fn run_again(job: &Job, logs: &Path) -> Option<String> {
+    match job.config.emulator {
+        Emulator::Qemu => serial_logs(job, logs)
+            .iter()
+            .any(|l| met_emulator_fault(l))
+            .then(|| "met QEMU's SVM world-switch fault".to_string()),
+        Emulator::Bochs => bochs_start_failure(job, logs).map(|panic| format!("Bochs stopped before any serial output: {panic}")),
+    }
 }
 
 /// A failed Bochs job whose first boot printed nothing: the panic Bochs gave (its log's first
@@ -1108,9 +1108,7 @@ fn run_bochs(job: &Job, s: &Scenario, boot: usize, launch: Launch) -> Result<Out
     let config = &job.config.name;
     let Launch { cmd, serial_path, emulator_log, .. } = launch;
     let read = |path: &Path| std::fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
-    let starting = emulator::BochsStart::begin(&crate::root())?;
-    let mut m = Machine::spawn(cmd, SerialFrom::File(serial_path.clone()))?;
-    starting.listening(&emulator_log, || !matches!(m.try_wait(), Ok(None)));
+    let mut m = Machine::spawn_bochs(&crate::root(), cmd, serial_path.clone(), Some(&emulator_log))?;
     let start = m.started;
     let mut ready = None;
     let mut ended_at: Option<Instant> = None;

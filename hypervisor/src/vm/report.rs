@@ -54,9 +54,7 @@ pub(super) fn stopped<B: Backend>(guest: &mut Guest<B>, why: &vmcore::vcpu::Stop
 /// switched by hand. No "stopped:" in it, so scenarios that count stop lines count one.
 pub(super) fn stopped_at<B: Backend>(guest: &Guest<B>, vcpu: u32, cpu: usize, rsp: u64) {
     let (id, name, memory) = (guest.id, guest.spec.name, guest.spec.memory);
-    let r = abi::VCPU_STACK_RESERVE;
-    let own_top = memory.saturating_sub(u64::from(vcpu) * r);
-    let own = (own_top.saturating_sub(r), own_top);
+    let own = vmcore::loader::stack_reserve(memory, vcpu);
     match vmcore::loader::stack_owner(memory, guest.spec.vcpus, rsp) {
         Some(v) if v == vcpu => log::error!(target: "vm",
             "guest {id} ({name}): vCPU {vcpu} on cpu {cpu} at the stop, RSP {rsp:#x} (in its stack reserve {:#x}-{:#x})", own.0, own.1),

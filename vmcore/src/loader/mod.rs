@@ -114,6 +114,13 @@ fn write_page_tables<F: Format<Input = GuestPhysAddr>, M: DataMem>(mem: &mut Gue
     let _ = mem.write(GuestPhysAddr::new(pt), as_bytes(&page));
 }
 
+/// vCPU `vcpu`'s stack reserve, [start, end): `abi::VCPU_STACK_RESERVE` bytes ending `vcpu`
+/// reserves below the top of RAM, its guard page the lowest 4 KiB.
+pub fn stack_reserve(memory: u64, vcpu: u32) -> (u64, u64) {
+    let end = memory.saturating_sub(u64::from(vcpu) * abi::VCPU_STACK_RESERVE);
+    (end.saturating_sub(abi::VCPU_STACK_RESERVE), end)
+}
+
 /// The vCPU whose stack reserve (`abi::VCPU_STACK_RESERVE` bytes, vCPU v's ending `v`
 /// reserves below the top of RAM, its guard page included) holds `addr`, if one does: where a
 /// stopped vCPU's stack pointer lies, for its report.
@@ -129,8 +136,7 @@ pub fn stack_owner(memory: u64, vcpus: u32, addr: u64) -> Option<u32> {
 /// fault there instead of writing the next vCPU's stack (or, for the last vCPU, the heap).
 pub fn stack_guard(memory: u64, vcpus: u32, addr: u64) -> Option<u32> {
     let v = stack_owner(memory, vcpus, addr)?;
-    let guard = memory - (u64::from(v) + 1) * abi::VCPU_STACK_RESERVE;
-    (addr - guard < 0x1000).then_some(v)
+    (addr - stack_reserve(memory, v).0 < 0x1000).then_some(v)
 }
 
 fn as_bytes(words: &[u64; 512]) -> &[u8] {
